@@ -1,0 +1,60 @@
+# tmrl: two commands on a fresh machine — `make demo` and `make test`. Everything else is here for operators.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+CONFIG ?=
+CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
+PACKAGES := libs/common services/relay services/worker services/trainer
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-fast lint demo run-relay run-trainer run-worker bench clean install-systemd help
+
+help:
+	@echo "make demo      set up, then run relay + trainer + 2 workers on the simulated track; writes a learning curve"
+	@echo "make test      set up, then run the whole test suite"
+	@echo "make install   create $(VENV) and install every package (torch==2.13.0 first, CPU wheel)"
+	@echo "make run-relay | run-trainer | run-worker   run one service in the foreground (CONFIG=path.toml)"
+	@echo "make bench     run the benchmark scripts in benchmarks/"
+
+install: $(STAMP)
+
+# torch==2.13.0 goes in first and alone: any looser spec may pull a multi-GB CUDA build.
+$(STAMP): $(foreach p,$(PACKAGES),$(p)/pyproject.toml) requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet hatchling editables
+	$(PIP) install --quiet --no-build-isolation $(foreach p,$(PACKAGES),-e $(p))
+	$(PIP) install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check libs services tests benchmarks
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py $(CONFIG_FLAG)
+
+run-relay: $(STAMP)
+	$(BIN)/tmrl-relay run $(CONFIG_FLAG)
+
+run-trainer: $(STAMP)
+	$(BIN)/tmrl-trainer run $(CONFIG_FLAG)
+
+run-worker: $(STAMP)
+	$(BIN)/tmrl-worker run $(CONFIG_FLAG)
+
+bench: $(STAMP)
+	for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+install-systemd:
+	sudo bash deploy/systemd/install.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,107 @@
+"""NumPy arrays on the wire without pickle.
+
+An array travels as a msgpack map ``{"dtype": str, "shape": [int], "codec": "raw"|"zlib", "data": bin}``.
+``data`` holds the C-order, little-endian bytes of the array (zlib-compressed when ``codec == "zlib"``).
+Decoding is zero-copy for ``raw`` arrays: the NumPy array is a read-only view on the received bytes.
+
+Validation happens when the model is built from wire data (see :meth:`WireArray.model_validate`): the dtype
+must be on the allow-list, the byte count must match ``shape``, the decoded size must stay under the limit in
+the validation context, and float arrays must be finite.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
+
+from tmrl_common.errors import ProtocolError
+
+WireDtype = Literal[
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64"
+]
+Codec = Literal["raw", "zlib"]
+
+#: Default bound on one decoded array when the caller gives no limit (64 MiB).
+DEFAULT_MAX_ARRAY_BYTES = 64 * 1024 * 1024
+MAX_NDIM = 8
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    dtype = np.dtype(name)
+    return dtype if dtype.itemsize == 1 else dtype.newbyteorder("<")
+
+
+class WireArray(BaseModel):
+    """A validated NumPy array in its wire form. Use :meth:`from_numpy` to build one and :attr:`array` to read it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    dtype: WireDtype
+    shape: list[int] = Field(max_length=MAX_NDIM)
+    codec: Codec = "raw"
+    data: bytes
+
+    _array: np.ndarray | None = PrivateAttr(default=None)
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray, codec: Codec = "raw", level: int = 1) -> WireArray:
+        """Wrap ``array`` for sending. ``codec="zlib"`` trades CPU for bytes on slow links."""
+        array = np.asarray(array)
+        if array.dtype.name not in WireDtype.__args__:  # type: ignore[attr-defined]
+            raise ProtocolError("schema", f"dtype {array.dtype} cannot be sent; allowed: {WireDtype.__args__}")  # type: ignore[attr-defined]
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        array = np.ascontiguousarray(array)
+        raw = array.tobytes() if codec == "zlib" else memoryview(array).cast("B")
+        data = zlib.compress(raw, level) if codec == "zlib" else raw
+        wire = cls.model_construct(dtype=array.dtype.name, shape=list(array.shape), codec=codec, data=data)
+        wire._array = array
+        return wire
+
+    @property
+    def array(self) -> np.ndarray:
+        """The decoded array (read-only when it came off the wire)."""
+        if self._array is None:  # built with model_construct from wire data; decode without limits
+            self._array = _decode(self.dtype, self.shape, self.codec, bytes(self.data), DEFAULT_MAX_ARRAY_BYTES)
+        return self._array
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack-ready map (``data`` may be a memoryview: msgpack packs it without an extra copy)."""
+        return {"dtype": self.dtype, "shape": self.shape, "codec": self.codec, "data": self.data}
+
+    @model_validator(mode="after")
+    def _decode_and_check(self, info: ValidationInfo) -> WireArray:
+        context = info.context or {}
+        limit = int(context.get("max_array_bytes", DEFAULT_MAX_ARRAY_BYTES))
+        self._array = _decode(self.dtype, self.shape, self.codec, self.data, limit)
+        return self
+
+
+def _decode(dtype_name: str, shape: list[int], codec: str, data: bytes, limit: int) -> np.ndarray:
+    if any(d < 0 for d in shape):
+        raise ProtocolError("schema", f"negative dimension in shape {shape}")
+    dtype = _numpy_dtype(dtype_name)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > limit:
+        raise ProtocolError("oversized", f"array of shape {shape} and dtype {dtype_name} is {nbytes} bytes, limit {limit}")
+    if codec == "zlib":
+        inflater = zlib.decompressobj()
+        try:
+            raw = inflater.decompress(data, nbytes + 1)  # bounded: a zip bomb stops at nbytes + 1
+        except zlib.error as exc:
+            raise ProtocolError("malformed", f"zlib data does not decompress: {exc}") from exc
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ProtocolError("malformed", f"zlib data inflates past the {nbytes} bytes its shape announces")
+    else:
+        raw = data
+    if len(raw) != nbytes:
+        raise ProtocolError("malformed", f"array data has {len(raw)} bytes, shape {shape} of {dtype_name} needs {nbytes}")
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if dtype.kind == "f" and array.size and not np.isfinite(array).all():
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise ProtocolError("non_finite", f"float array of shape {shape} holds {bad} NaN/inf values")
+    return array

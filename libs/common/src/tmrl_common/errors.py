@@ -1,0 +1,33 @@
+"""Exceptions raised when a frame or a message cannot be accepted.
+
+Every rejection carries a short machine-readable ``reason`` so services can count rejects per cause
+(``tmrl_relay_rejects_total{reason="oversized"}``) and a human-readable message that says what was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+RejectReason = Literal[
+    "oversized",  # a frame or a decoded array is larger than the configured limit
+    "malformed",  # not valid msgpack, wrong frame count, truncated data
+    "bad_version",  # protocol version this build does not speak
+    "unknown_type",  # message type name not in the protocol
+    "schema",  # valid msgpack but fields missing, of the wrong type or out of range
+    "non_finite",  # NaN or infinity in a float array or float field
+    "unknown_sender",  # sender not registered / not in the allow-list
+    "duplicate",  # a batch (sender, seq) already accepted
+]
+
+
+class ProtocolError(ValueError):
+    """A frame or message was rejected. ``reason`` is one of :data:`RejectReason`."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(f"[{reason}] {message}")
+        self.reason: RejectReason = reason
+        self.detail = message
+
+
+class ConfigError(ValueError):
+    """A configuration file or environment override could not be applied."""

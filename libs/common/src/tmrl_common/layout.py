@@ -1,0 +1,125 @@
+"""How an environment's observation is split into per-step frames on the wire and rebuilt afterwards.
+
+A worker sends only what is new at each step (the newest LIDAR scan, the speed, the action just applied).
+The trainer's replay memory stores each frame once and rebuilds full observations from an
+:class:`ObservationLayout`: history components are stacked oldest to newest, then the last
+``action_history`` actions follow, oldest to newest, exactly like rtgym's ``act_buf``.
+
+Rule at episode starts: history entries that would fall before the first row of an episode repeat that first
+row (its frame, and its action, which is the environment's default action).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_COMPONENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class ObservationComponent(BaseModel):
+    """One named part of the observation tuple (e.g. ``speed``, ``lidar``, ``image``)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    name: str
+    frame_shape: list[int] = Field(min_length=1, max_length=4)
+    dtype: str = "float32"
+    history: int = Field(default=1, ge=1, le=64)
+    """Frames stacked in the observation. 1: the observation part has ``frame_shape``;
+    more: it has ``(history, *frame_shape)``."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, value: str) -> str:
+        if not _COMPONENT_NAME.match(value):
+            raise ValueError(f"component name {value!r} must match {_COMPONENT_NAME.pattern}")
+        return value
+
+    @field_validator("frame_shape")
+    @classmethod
+    def _positive_dims(cls, value: list[int]) -> list[int]:
+        if any(d <= 0 for d in value):
+            raise ValueError(f"frame_shape {value} must have positive dimensions")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in ("float32", "uint8"):
+            raise ValueError(f"observation dtype {value!r} must be float32 or uint8")
+        return value
+
+    @property
+    def observation_shape(self) -> tuple[int, ...]:
+        return tuple(self.frame_shape) if self.history == 1 else (self.history, *self.frame_shape)
+
+    @property
+    def frame_size(self) -> int:
+        return math.prod(self.frame_shape)
+
+
+class ObservationLayout(BaseModel):
+    """The contract between an environment, the worker that sends its samples and the trainer that stores them."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    components: list[ObservationComponent] = Field(min_length=1, max_length=16)
+    action_dim: int = Field(ge=1, le=64)
+    action_history: int = Field(default=0, ge=0, le=16)
+    """Previous actions appended to the observation (rtgym ``act_buf_len``; 0 when ``act_in_obs`` is off)."""
+
+    @field_validator("components")
+    @classmethod
+    def _unique_names(cls, value: list[ObservationComponent]) -> list[ObservationComponent]:
+        names = [c.name for c in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"component names must be unique, got {names}")
+        return value
+
+    def observation_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the observation tuple the environment returns, in order."""
+        return [c.observation_shape for c in self.components] + [(self.action_dim,)] * self.action_history
+
+    def flat_size(self) -> int:
+        """Length of the observation once every part is flattened and concatenated (the MLP input size)."""
+        return sum(math.prod(shape) for shape in self.observation_shapes())
+
+
+def tm20_lidar_layout(img_hist_len: int = 4, beams: int = 19, act_buf_len: int = 2) -> ObservationLayout:
+    """TrackMania 2020 LIDAR observation: ``(speed (1,), lidar (4, 19), action (3,), action (3,))``."""
+    return ObservationLayout(
+        components=[
+            ObservationComponent(name="speed", frame_shape=[1]),
+            ObservationComponent(name="lidar", frame_shape=[beams], history=img_hist_len),
+        ],
+        action_dim=3,
+        action_history=act_buf_len,
+    )
+
+
+def tm20_lidar_progress_layout(img_hist_len: int = 4, beams: int = 19, act_buf_len: int = 2) -> ObservationLayout:
+    """TrackMania 2020 LIDAR + progress: ``(speed (1,), progress (1,), lidar (4, 19), action (3,), action (3,))``."""
+    return ObservationLayout(
+        components=[
+            ObservationComponent(name="speed", frame_shape=[1]),
+            ObservationComponent(name="progress", frame_shape=[1]),
+            ObservationComponent(name="lidar", frame_shape=[beams], history=img_hist_len),
+        ],
+        action_dim=3,
+        action_history=act_buf_len,
+    )
+
+
+def tm20_image_layout(img_hist_len: int = 4, height: int = 64, width: int = 64, act_buf_len: int = 2) -> ObservationLayout:
+    """TrackMania 2020 full (grayscale images): ``(speed (1,), images (4, 64, 64) uint8, action (3,), action (3,))``."""
+    return ObservationLayout(
+        components=[
+            ObservationComponent(name="speed", frame_shape=[1]),
+            ObservationComponent(name="image", frame_shape=[height, width], dtype="uint8", history=img_hist_len),
+        ],
+        action_dim=3,
+        action_history=act_buf_len,
+    )

@@ -1,0 +1,3 @@
+"""tmrl relay service."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""tmrl trainer service."""
+
+__version__ = "0.1.0"

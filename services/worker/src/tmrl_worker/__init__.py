@@ -1,0 +1,3 @@
+"""tmrl worker service."""
+
+__version__ = "0.1.0"
