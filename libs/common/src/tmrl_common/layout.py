@@ -123,3 +123,27 @@ def tm20_image_layout(img_hist_len: int = 4, height: int = 64, width: int = 64, 
         action_dim=3,
         action_history=act_buf_len,
     )
+
+
+def newest_frames(layout: ObservationLayout, observation: tuple | list) -> dict[str, "np.ndarray"]:
+    """The per-step frames of an observation tuple: the newest frame of each history component, the others whole.
+
+    ``observation`` is what the environment returned (components in layout order, then the action buffer).
+    """
+    import numpy as np
+
+    expected = len(layout.components) + layout.action_history
+    if len(observation) != expected:
+        raise ValueError(f"observation has {len(observation)} parts, layout expects {expected}")
+    frames: dict[str, np.ndarray] = {}
+    for component, part in zip(layout.components, observation):
+        array = np.asarray(part, dtype=component.dtype)
+        if array.shape != component.observation_shape:
+            raise ValueError(f"observation part {component.name!r} has shape {array.shape}, layout expects {component.observation_shape}")
+        frames[component.name] = array[-1] if component.history > 1 else array
+    return frames
+
+
+def layout_for_box(observation_size: int, action_dim: int) -> ObservationLayout:
+    """Layout of a plain vector-observation environment (e.g. Pendulum-v1): one component ``obs``, no history."""
+    return ObservationLayout(components=[ObservationComponent(name="obs", frame_shape=[observation_size])], action_dim=action_dim)

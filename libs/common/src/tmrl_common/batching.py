@@ -1,0 +1,73 @@
+"""Accumulate environment steps into a :class:`~tmrl_common.protocol.SampleBatch` (newest frame per step only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tmrl_common.arrays import Codec, WireArray
+from tmrl_common.layout import ObservationLayout, newest_frames
+from tmrl_common.protocol import SampleBatch
+
+
+class SampleBatchBuilder:
+    """Collects rows for one worker; :meth:`build` turns them into a batch and starts over.
+
+    Call :meth:`add_reset` with the observation ``reset()`` returned, then :meth:`add_step` after each ``step()``.
+    """
+
+    def __init__(self, layout: ObservationLayout, codec: Codec = "raw") -> None:
+        self.layout = layout
+        self.codec: Codec = codec
+        self._clear()
+
+    def _clear(self) -> None:
+        self._frames: dict[str, list[np.ndarray]] = {c.name: [] for c in self.layout.components}
+        self._first: list[bool] = []
+        self._actions: list[np.ndarray] = []
+        self._rewards: list[float] = []
+        self._terminated: list[bool] = []
+        self._truncated: list[bool] = []
+
+    def __len__(self) -> int:
+        return len(self._first)
+
+    def _add(self, observation, action, reward: float, terminated: bool, truncated: bool, first: bool) -> None:
+        for name, frame in newest_frames(self.layout, observation).items():
+            self._frames[name].append(frame)
+        action = np.asarray(action, dtype=np.float32).reshape(self.layout.action_dim)
+        self._first.append(first)
+        self._actions.append(action)
+        self._rewards.append(float(reward))
+        self._terminated.append(bool(terminated))
+        self._truncated.append(bool(truncated))
+
+    def add_reset(self, observation, default_action=None) -> None:
+        """Row for the observation returned by ``reset()``; ``default_action`` defaults to zeros (rtgym's default)."""
+        if default_action is None:
+            default_action = np.zeros(self.layout.action_dim, dtype=np.float32)
+        self._add(observation, default_action, 0.0, False, False, first=True)
+
+    def add_step(self, action, observation, reward: float, terminated: bool, truncated: bool) -> None:
+        """Row for the observation returned by ``step(action)``."""
+        self._add(observation, action, reward, terminated, truncated, first=False)
+
+    def build(self, seq: int, weights_version: int) -> SampleBatch:
+        """The rows collected so far as one batch; the builder is empty afterwards."""
+        if not self._first:
+            raise ValueError("no rows to build a batch from")
+
+        def wire(values, dtype) -> WireArray:
+            return WireArray.from_numpy(np.asarray(values, dtype=dtype), codec=self.codec)
+
+        batch = SampleBatch(
+            seq=seq,
+            weights_version=weights_version,
+            first=wire(self._first, np.bool_),
+            observations={name: WireArray.from_numpy(np.stack(frames), codec=self.codec) for name, frames in self._frames.items()},
+            actions=WireArray.from_numpy(np.stack(self._actions), codec=self.codec),
+            rewards=wire(self._rewards, np.float32),
+            terminated=wire(self._terminated, np.bool_),
+            truncated=wire(self._truncated, np.bool_),
+        )
+        self._clear()
+        return batch
