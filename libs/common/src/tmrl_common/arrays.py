@@ -2,11 +2,14 @@
 
 An array travels as a msgpack map ``{"dtype": str, "shape": [int], "codec": "raw"|"zlib", "data": bin}``.
 ``data`` holds the C-order, little-endian bytes of the array (zlib-compressed when ``codec == "zlib"``).
-Decoding is zero-copy for ``raw`` arrays: the NumPy array is a read-only view on the received bytes.
+Decoding is zero-copy for ``raw`` arrays: :func:`tmrl_common.protocol.decode` hands ``data`` over as a read-only
+``memoryview`` of the received body frame and the NumPy array is a read-only view on it.
 
 Validation happens when the model is built from wire data (see :meth:`WireArray.model_validate`): the dtype
 must be on the allow-list, the byte count must match ``shape``, the decoded size must stay under the limit in
-the validation context, and float arrays must be finite.
+the validation context (``max_array_bytes`` per array and, when the context carries a :class:`DecodeBudget`,
+a total over the whole message), zlib data must end exactly where the announced shape does, and float arrays must
+be finite.
 """
 
 from __future__ import annotations
@@ -30,6 +33,25 @@ DEFAULT_MAX_ARRAY_BYTES = 64 * 1024 * 1024
 MAX_NDIM = 8
 
 
+class DecodeBudget:
+    """Decoded bytes left for the arrays of one message, shared through the validation context (key ``budget``).
+
+    Bounds what a small body can make the decoder allocate: each zlib array may inflate up to ``max_array_bytes``,
+    but all arrays of one message together stay under ``remaining``.
+    """
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total_bytes = total_bytes
+        self.remaining = total_bytes
+
+    def spend(self, nbytes: int, what: str) -> None:
+        if nbytes > self.remaining:
+            raise ProtocolError(
+                "oversized", f"{what} would bring the message's decoded arrays past {self.total_bytes} bytes"
+            )
+        self.remaining -= nbytes
+
+
 def _numpy_dtype(name: str) -> np.dtype:
     dtype = np.dtype(name)
     return dtype if dtype.itemsize == 1 else dtype.newbyteorder("<")
@@ -43,7 +65,8 @@ class WireArray(BaseModel):
     dtype: WireDtype
     shape: list[int] = Field(max_length=MAX_NDIM)
     codec: Codec = "raw"
-    data: bytes
+    data: bytes | memoryview
+    """The encoded bytes; a read-only ``memoryview`` into the body frame when decoded, so no copy is made."""
 
     _array: np.ndarray | None = PrivateAttr(default=None)
 
@@ -55,8 +78,9 @@ class WireArray(BaseModel):
             raise ProtocolError("schema", f"dtype {array.dtype} cannot be sent; allowed: {WireDtype.__args__}")  # type: ignore[attr-defined]
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
-        array = np.ascontiguousarray(array)
-        raw = array.tobytes() if codec == "zlib" else memoryview(array).cast("B")
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")  # np.ascontiguousarray would turn a 0-d array into shape (1,)
+        raw = memoryview(array.reshape(-1).view(np.uint8))  # flat byte view: works for 0-d and empty arrays
         data = zlib.compress(raw, level) if codec == "zlib" else raw
         wire = cls.model_construct(dtype=array.dtype.name, shape=list(array.shape), codec=codec, data=data)
         wire._array = array
@@ -66,7 +90,7 @@ class WireArray(BaseModel):
     def array(self) -> np.ndarray:
         """The decoded array (read-only when it came off the wire)."""
         if self._array is None:  # built with model_construct from wire data; decode without limits
-            self._array = _decode(self.dtype, self.shape, self.codec, bytes(self.data), DEFAULT_MAX_ARRAY_BYTES)
+            self._array = _decode(self.dtype, self.shape, self.codec, self.data, DEFAULT_MAX_ARRAY_BYTES)
         return self._array
 
     def to_wire(self) -> dict[str, Any]:
@@ -77,30 +101,39 @@ class WireArray(BaseModel):
     def _decode_and_check(self, info: ValidationInfo) -> WireArray:
         context = info.context or {}
         limit = int(context.get("max_array_bytes", DEFAULT_MAX_ARRAY_BYTES))
-        self._array = _decode(self.dtype, self.shape, self.codec, self.data, limit)
+        self._array = _decode(self.dtype, self.shape, self.codec, self.data, limit, context.get("budget"))
         return self
 
 
-def _decode(dtype_name: str, shape: list[int], codec: str, data: bytes, limit: int) -> np.ndarray:
+def _decode(
+    dtype_name: str, shape: list[int], codec: str, data: bytes | memoryview, limit: int, budget: DecodeBudget | None = None
+) -> np.ndarray:
     if any(d < 0 for d in shape):
         raise ProtocolError("schema", f"negative dimension in shape {shape}")
     dtype = _numpy_dtype(dtype_name)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > limit:
         raise ProtocolError("oversized", f"array of shape {shape} and dtype {dtype_name} is {nbytes} bytes, limit {limit}")
+    if budget is not None:
+        budget.spend(nbytes, f"array of shape {shape} and dtype {dtype_name} ({nbytes} bytes)")
     if codec == "zlib":
         inflater = zlib.decompressobj()
         try:
             raw = inflater.decompress(data, nbytes + 1)  # bounded: a zip bomb stops at nbytes + 1
         except zlib.error as exc:
             raise ProtocolError("malformed", f"zlib data does not decompress: {exc}") from exc
-        if inflater.unconsumed_tail or not inflater.eof:
+        if inflater.unconsumed_tail or (inflater.eof is False and len(raw) > nbytes):
             raise ProtocolError("malformed", f"zlib data inflates past the {nbytes} bytes its shape announces")
+        if not inflater.eof:
+            raise ProtocolError("malformed", "zlib stream is truncated (no end-of-stream marker)")
+        if inflater.unused_data:
+            raise ProtocolError("malformed", f"{len(inflater.unused_data)} bytes follow the end of the zlib stream")
     else:
         raw = data
     if len(raw) != nbytes:
         raise ProtocolError("malformed", f"array data has {len(raw)} bytes, shape {shape} of {dtype_name} needs {nbytes}")
     array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    array.flags.writeable = False  # a view on the received frame (or on the inflated bytes): never written to
     if dtype.kind == "f" and array.size and not np.isfinite(array).all():
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         raise ProtocolError("non_finite", f"float array of shape {shape} holds {bad} NaN/inf values")

@@ -3,18 +3,24 @@
 Each service owns its config model (``tmrl_relay.config.RelayConfig`` ...) and reads its own table of one shared
 TOML file (``[relay]``, ``[worker]``, ``[trainer]``). Environment variables override file values:
 ``TMRL_RELAY__SAMPLES_PORT=6000`` sets ``samples_port`` of the ``relay`` table, ``TMRL_TRAINER__SAC__GAMMA=0.99``
-sets a nested field. Values are parsed as JSON when they parse (numbers, booleans, lists), else taken as strings.
+sets a nested field. Values are parsed as JSON when they parse (numbers, booleans, lists), else taken as strings;
+a field declared as ``str`` always gets the text as it is (``TMRL_WORKER__WORKER_ID=7`` is the string ``"7"``).
 """
 
 from __future__ import annotations
 
+import enum
 import json
+import math
 import os
+import re
 import tomllib
+import types
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
 
 from tmrl_common.errors import ConfigError
 
@@ -23,20 +29,58 @@ ENV_PREFIX = "TMRL_"
 NESTING = "__"
 
 
-def _env_overrides(section: str, environ: Mapping[str, str]) -> dict[str, Any]:
+def _field_annotation(model: type[BaseModel] | None, path: list[str]) -> Any:
+    """The annotation of the field at ``path`` inside ``model`` (None when the path does not name a field)."""
+    annotation: Any = model
+    for part in path:
+        annotation = _strip_optional(annotation)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        field = annotation.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+    return annotation
+
+
+def _strip_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def _wants_text(annotation: Any) -> bool:
+    annotation = _strip_optional(annotation)
+    if annotation in (str, Path):
+        return True
+    if get_origin(annotation) is Literal:
+        return all(isinstance(choice, str) for choice in get_args(annotation))
+    return isinstance(annotation, type) and issubclass(annotation, enum.Enum) and issubclass(annotation, str)
+
+
+def _env_overrides(section: str, environ: Mapping[str, str], model: type[BaseModel] | None = None) -> dict[str, Any]:
     prefix = f"{ENV_PREFIX}{section.upper()}{NESTING}"
     overrides: dict[str, Any] = {}
-    for key, text in environ.items():
+    for key, text in sorted(environ.items()):
         if not key.startswith(prefix):
             continue
         path = [part.lower() for part in key[len(prefix):].split(NESTING)]
-        try:
-            value: Any = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
+        value: Any = text
+        if not _wants_text(_field_annotation(model, path)):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
         node = overrides
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key} sets a field inside {prefix}{NESTING.join(path[:depth + 1]).upper()}, "
+                                  "which another variable sets to a plain value; unset one of them")
+        if isinstance(node.get(path[-1]), dict):
+            raise ConfigError(f"{key} sets a plain value where other {key}{NESTING}* variables set fields; unset one")
         node[path[-1]] = value
     return overrides
 
@@ -75,7 +119,7 @@ def load_config(
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}] in {path} must be a table")
         data = table
-    data = _merge(data, _env_overrides(section, os.environ if environ is None else environ))
+    data = _merge(data, _env_overrides(section, os.environ if environ is None else environ, model))
     data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return model.model_validate(data)
@@ -86,25 +130,79 @@ def load_config(
 
 
 def render_config(config: BaseModel, section: str) -> str:
-    """The effective config as a TOML table, for ``--show-config``."""
-    lines = [f"[{section}]"]
-    nested: list[tuple[str, dict[str, Any]]] = []
-    for key, value in config.model_dump(mode="json").items():
-        if isinstance(value, dict):
-            nested.append((key, value))
+    """The effective config as TOML, for ``--show-config``: ``tomllib`` parses it back to the same values.
+
+    Nested models and dicts become ``[section.field]`` tables. TOML has no null, so a field whose value is None
+    is written as a comment (``# field = (unset)``) and reads back as the field's default.
+    """
+    lines: list[str] = []
+    _render_table(config.model_dump(mode="python"), [section], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _render_table(table: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
+    lines.append("")
+    lines.append("[" + ".".join(_toml_key(part) for part in path) + "]")
+    tables: list[tuple[str, Mapping[str, Any]]] = []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            tables.append((key, value))
+        elif value is None:
+            lines.append(f"# {_toml_key(key)} = (unset)")
         else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for key, table in nested:
-        lines.append("")
-        lines.append(f"[{section}.{key}]")
-        for sub_key, sub_value in table.items():
-            lines.append(f"{sub_key} = {_toml_value(sub_value)}")
-    return "\n".join(lines) + "\n"
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, sub_table in tables:
+        _render_table(sub_table, [*path, key], lines)
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: Any) -> str:
+    key = str(key)
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    escaped = []
+    for char in text:
+        if char in ('"', "\\"):
+            escaped.append("\\" + char)
+        elif char == "\n":
+            escaped.append("\\n")
+        elif char == "\t":
+            escaped.append("\\t")
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            escaped.append(f"\\u{ord(char):04x}")
+        else:
+            escaped.append(char)
+    return '"' + "".join(escaped) + '"'
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, enum.Enum):
+        return _toml_value(value.value)
+    if isinstance(value, Path):
+        return _toml_string(str(value))
+    if isinstance(value, Mapping):
+        items = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        if any(item is None for item in value):
+            raise ConfigError(f"cannot write {value!r} as TOML: arrays cannot hold an unset (None) value")
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if value is None:
-        return '""  # unset'
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)
+        raise ConfigError("cannot write an unset (None) value inside a TOML inline table or array")
+    return _toml_value(to_jsonable_python(value))

@@ -34,7 +34,7 @@ class ObservationComponent(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_is_identifier(cls, value: str) -> str:
-        if not _COMPONENT_NAME.match(value):
+        if not _COMPONENT_NAME.fullmatch(value):
             raise ValueError(f"component name {value!r} must match {_COMPONENT_NAME.pattern}")
         return value
 

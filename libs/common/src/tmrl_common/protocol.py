@@ -18,13 +18,22 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import msgpack
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from tmrl_common.arrays import WireArray
+from tmrl_common.arrays import DecodeBudget, WireArray
 from tmrl_common.errors import ProtocolError, RejectReason
 from tmrl_common.layout import ObservationLayout
 
@@ -33,6 +42,8 @@ SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
 
 SENDER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 Role = Literal["worker", "trainer", "relay"]
+SeqNumber = Annotated[int, Field(ge=0, lt=2**63)]
+"""A batch sequence number: non-negative, fits a signed 64-bit integer."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,8 @@ class DecodeLimits:
     max_body_bytes: int = 64 * 1024 * 1024
     max_array_bytes: int = 64 * 1024 * 1024
     max_batch_steps: int = 100_000
+    max_decoded_bytes: int = 256 * 1024 * 1024
+    """Total decoded size of all arrays in one message (bounds zlib inflation of a small body)."""
 
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -53,7 +66,7 @@ class _Strict(BaseModel):
 
 
 def _check_sender(value: str) -> str:
-    if not SENDER_PATTERN.match(value):
+    if not isinstance(value, str) or not SENDER_PATTERN.fullmatch(value):
         raise ValueError(f"sender id {value!r} must match {SENDER_PATTERN.pattern}")
     return value
 
@@ -84,7 +97,7 @@ class Hello(Message):
     software: str = Field(max_length=64)
     layout: ObservationLayout | None = None
     """Workers say which observation layout their samples follow; the trainer rejects batches from a mismatch."""
-    next_seq: int = Field(default=0, ge=0)
+    next_seq: int = Field(default=0, ge=0, lt=2**63)
     """Sequence number of the next batch the worker will send (after a restart: continues, never reuses)."""
 
 
@@ -124,7 +137,7 @@ class SampleBatch(Message):
         _expect(self.terminated, "terminated", "bool", 1, steps)
         _expect(self.truncated, "truncated", "bool", 1, steps)
         for name, frames in self.observations.items():
-            if not re.match(r"^[a-z][a-z0-9_]{0,31}$", name):
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
                 raise ValueError(f"observation name {name!r} is not a component name")
             if frames.dtype not in ("float32", "uint8") or not frames.shape or frames.shape[0] != steps:
                 raise ValueError(f"observations[{name!r}] must be float32/uint8 with {steps} rows, got {frames.dtype}{frames.shape}")
@@ -159,12 +172,20 @@ class SampleAck(Message):
     type_name: ClassVar[str] = "sample_ack"
 
     worker: str
-    seqs: list[int] = Field(min_length=1, max_length=65536)
+    seqs: list[SeqNumber] = Field(min_length=1, max_length=65536)
 
     _worker_ok = field_validator("worker")(classmethod(lambda cls, v: _check_sender(v)))
 
 
 ArchitectureValue = Union[bool, int, float, str, list[int]]
+
+
+def _bytes_from_buffer(value: Any) -> Any:
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+WireBytes = Annotated[bytes, BeforeValidator(_bytes_from_buffer)]
+"""A msgpack ``bin`` field; the zero-copy decoder hands it over as a ``memoryview``, stored as ``bytes``."""
 
 
 class WeightsUpdate(Message):
@@ -175,7 +196,7 @@ class WeightsUpdate(Message):
     version: int = Field(ge=0, lt=2**63)
     architecture: dict[str, ArchitectureValue] = Field(max_length=64)
     """Everything needed to rebuild the network before loading tensors (see :mod:`tmrl_common.networks`)."""
-    tensors: bytes
+    tensors: WireBytes
     """A safetensors file, as bytes."""
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -240,10 +261,10 @@ def encode_envelope(type_name: str, sender: str, sent_at: float | None = None) -
     return msgpack.packb(envelope, use_bin_type=True)
 
 
-def encode(message: Message, sender: str) -> list[bytes]:
-    """The two frames ``[envelope, body]`` for ``message`` sent by ``sender``."""
+def encode(message: Message, sender: str, sent_at: float | None = None) -> list[bytes]:
+    """The two frames ``[envelope, body]`` for ``message`` sent by ``sender`` (``sent_at`` defaults to now)."""
     body = msgpack.packb(_to_wire(message), use_bin_type=True)
-    return [encode_envelope(message.type_name, sender), body]
+    return [encode_envelope(message.type_name, sender, sent_at), body]
 
 
 # --------------------------------------------------------------------------------------------------------- decoding
@@ -261,6 +282,92 @@ def _unpack_map(frame: bytes, limit: int, what: str) -> dict[str, Any]:
         raise ProtocolError("malformed", f"{what} frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError("malformed", f"{what} frame must be a msgpack map, got {type(obj).__name__}")
+    if not all(isinstance(key, str) for key in obj):
+        raise ProtocolError("malformed", f"{what} frame: map keys must be msgpack str")
+    return obj
+
+
+_BIN_HEADERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # bin 8/16/32: bytes of big-endian length after the type byte
+_MAP16, _MAP32 = 0xDE, 0xDF
+_WALK_MAX_DEPTH = 4  # body -> observations -> array map is depth 2; deeper maps are unpacked whole
+_WALK_MAX_MAP_LEN = 64  # larger maps are unpacked whole (in C): no message map that holds arrays is larger
+_WALK_MAX_NODES = 2048  # bound on the Python-level work per body, whatever the input
+
+
+class _ZeroCopyWalk:
+    """Unpack a body map, returning every ``bin`` inside nested maps as a read-only memoryview of the frame.
+
+    msgpack's own ``unpackb`` copies each ``bin`` into a new ``bytes`` object; for sample batches that would copy
+    every observation. Here maps are walked with :class:`msgpack.Unpacker`'s header API, ``bin`` values are
+    skipped by the unpacker and sliced out of the frame instead. Everything else is unpacked by msgpack itself.
+    """
+
+    def __init__(self, frame: memoryview) -> None:
+        self.frame = frame
+        self.nodes = 0
+        self.unpacker = msgpack.Unpacker(
+            None, raw=False, strict_map_key=True, use_list=True, max_ext_len=0, max_buffer_size=max(len(frame), 1),
+            max_str_len=min(len(frame), 1 << 20), max_array_len=min(len(frame), 1 << 20),
+            max_map_len=min(len(frame), 1 << 16),
+        )
+        self.unpacker.feed(frame)
+
+    def _header(self, position: int, width: int) -> int:
+        end = position + 1 + width
+        if end > len(self.frame):
+            raise ProtocolError("malformed", f"frame ends inside a msgpack header at byte {position}")
+        return int.from_bytes(self.frame[position + 1:end], "big")
+
+    def value(self, depth: int) -> Any:
+        self.nodes += 1
+        position = self.unpacker.tell()
+        if position >= len(self.frame):
+            raise ProtocolError("malformed", "frame ends where a msgpack value was expected")
+        kind = self.frame[position]
+        if kind in _BIN_HEADERS:
+            width = _BIN_HEADERS[kind]
+            start = position + 1 + width
+            end = start + self._header(position, width)
+            if end > len(self.frame):
+                raise ProtocolError("malformed", f"bin at byte {position} runs past the end of the frame")
+            self.unpacker.skip()
+            return self.frame[start:end]
+        if 0x80 <= kind <= 0x8F or kind in (_MAP16, _MAP32):
+            length = kind & 0x0F if kind <= 0x8F else self._header(position, 2 if kind == _MAP16 else 4)
+            if depth < _WALK_MAX_DEPTH and length <= _WALK_MAX_MAP_LEN and self.nodes + 2 * length <= _WALK_MAX_NODES:
+                return self.map(depth)
+        return self.unpacker.unpack()
+
+    def map(self, depth: int) -> dict[str, Any]:
+        length = self.unpacker.read_map_header()
+        result: dict[str, Any] = {}
+        for _ in range(length):
+            key = self.unpacker.unpack()
+            if not isinstance(key, str):
+                raise ProtocolError("malformed", f"map keys must be msgpack str, got {type(key).__name__}")
+            result[key] = self.value(depth + 1)
+        return result
+
+
+def _unpack_body(frame: Any, limit: int, what: str) -> dict[str, Any]:
+    """Like :func:`_unpack_map`, but ``bin`` values in maps are zero-copy memoryviews of ``frame``."""
+    view = memoryview(frame).cast("B").toreadonly()
+    if len(view) > limit:
+        raise ProtocolError("oversized", f"{what} frame is {len(view)} bytes, limit {limit}")
+    if not len(view) or not (0x80 <= view[0] <= 0x8F or view[0] in (_MAP16, _MAP32)):
+        return _unpack_map(bytes(view), limit, what)  # reports "not valid msgpack" or "must be a map"
+    try:
+        walk = _ZeroCopyWalk(view)
+        obj = walk.value(depth=0)
+        trailing = len(view) - walk.unpacker.tell()
+    except ProtocolError as exc:
+        raise ProtocolError(exc.reason, f"{what} frame: {exc.detail}") from exc
+    except Exception as exc:  # msgpack raises several unrelated exception types on hostile input
+        raise ProtocolError("malformed", f"{what} frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+    if trailing:
+        raise ProtocolError("malformed", f"{what} frame is not valid msgpack: {trailing} bytes follow the map")
+    if not isinstance(obj, dict):  # pragma: no cover - the first byte was a map header
+        raise ProtocolError("malformed", f"{what} frame must be a msgpack map, got {type(obj).__name__}")
     return obj
 
 
@@ -269,9 +376,11 @@ def _schema_error(exc: ValidationError, what: str) -> ProtocolError:
         cause = (error.get("ctx") or {}).get("error")
         if isinstance(cause, ProtocolError):
             return ProtocolError(cause.reason, f"{what}: {cause.detail}")
-    first = exc.errors()[0]
+    errors = exc.errors()
+    non_finite = [e for e in errors if e["type"] == "finite_number"]
+    first = non_finite[0] if non_finite else errors[0]  # NaN in a union field also fails its other branches
     where = ".".join(str(p) for p in first["loc"]) or "(root)"
-    reason: RejectReason = "non_finite" if first["type"] == "finite_number" else "schema"
+    reason: RejectReason = "non_finite" if non_finite else "schema"
     return ProtocolError(reason, f"{what} field {where}: {first['msg']} ({exc.error_count()} error(s))")
 
 
@@ -279,7 +388,7 @@ def decode_envelope(frame: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Enve
     """Check the first frame only: version, type name and sender. Cheap enough for every message at the relay."""
     raw = _unpack_map(bytes(frame), limits.max_envelope_bytes, "envelope")
     version = raw.get("v")
-    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:  # rejects True, 1.0 and "1" alike
         raise ProtocolError("bad_version", f"protocol version {version!r} is not supported (this build speaks {sorted(SUPPORTED_VERSIONS)})")
     try:
         envelope = Envelope.model_validate(raw)
@@ -292,10 +401,15 @@ def decode_envelope(frame: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Enve
 
 def decode_body(envelope: Envelope, frame: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Message:
     """Validate the body frame of a message whose envelope was already checked."""
-    raw = _unpack_map(frame, limits.max_body_bytes, f"{envelope.type} body")
+    raw = _unpack_body(frame, limits.max_body_bytes, f"{envelope.type} body")
     cls = MESSAGE_TYPES[envelope.type]
+    context = {
+        "limits": limits,
+        "max_array_bytes": limits.max_array_bytes,
+        "budget": DecodeBudget(limits.max_decoded_bytes),
+    }
     try:
-        return cls.model_validate(raw, context={"limits": limits, "max_array_bytes": limits.max_array_bytes})
+        return cls.model_validate(raw, context=context)
     except ValidationError as exc:
         raise _schema_error(exc, f"{envelope.type} from {envelope.sender}") from exc
 
