@@ -1,0 +1,156 @@
+"""ZeroMQ socket settings shared by relay, workers and trainer: transport options, CurveZMQ, endpoints.
+
+Every tmrl socket is configured the same way (see ``docs/architecture.md``):
+
+* :class:`TransportConfig` holds high-water marks, ``LINGER``, ZMTP heartbeats and reconnection intervals;
+  :func:`apply_transport` sets them on a socket before it binds or connects.
+* :class:`SecurityConfig` says where the CurveZMQ key files are; :func:`secure_server_socket` (relay side) and
+  :func:`secure_client_socket` (worker/trainer side) set the CURVE options, or nothing at all when
+  ``insecure=True``. Key files are ZeroMQ certificates written by :mod:`tmrl_common.curve`.
+* :func:`tcp_endpoint` builds ``tcp://host:port`` strings (IPv6 hosts are bracketed).
+
+Typical client::
+
+    socket = context.socket(zmq.DEALER)
+    apply_transport(socket, transport)
+    secure_client_socket(socket, security)  # before connect()
+    socket.connect(tcp_endpoint(host, port))
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import zmq
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tmrl_common.curve import load_public_key, load_secret_key
+
+
+class TransportConfig(BaseModel):
+    """Socket options applied to every tmrl socket (relay and clients alike). Times are milliseconds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    send_hwm: int = Field(default=1000, ge=0)
+    """Messages queued for sending per peer before sends block or fail with EAGAIN (0 = unlimited)."""
+    recv_hwm: int = Field(default=1000, ge=0)
+    """Messages queued on receipt per peer before ZeroMQ stops reading from that peer (0 = unlimited)."""
+    linger_ms: int = Field(default=500, ge=-1)
+    """How long ``close()`` waits to flush pending messages (-1 = forever; never use that in services)."""
+    heartbeat_ivl_ms: int = Field(default=1000, ge=0)
+    """ZMTP PING interval (0 disables ZMTP heartbeats)."""
+    heartbeat_timeout_ms: int = Field(default=5000, ge=0)
+    """A connection with no traffic for this long after a PING is closed (and reconnected by clients)."""
+    heartbeat_ttl_ms: int = Field(default=5000, ge=0, le=6_553_500)
+    """Asks the remote peer to drop the connection after this long without traffic (100 ms granularity)."""
+    reconnect_ivl_ms: int = Field(default=200, ge=0)
+    """First reconnection delay of a connecting socket."""
+    reconnect_ivl_max_ms: int = Field(default=5000, ge=0)
+    """Reconnection delay cap (exponential back-off up to it); 0 keeps ``reconnect_ivl_ms``."""
+    max_frame_bytes: int = Field(default=-1, ge=-1)
+    """``ZMQ_MAXMSGSIZE``: a peer sending a larger frame is disconnected by ZeroMQ (-1 = no limit)."""
+
+    @model_validator(mode="after")
+    def _reconnect_cap(self) -> TransportConfig:
+        if self.reconnect_ivl_max_ms and self.reconnect_ivl_max_ms < self.reconnect_ivl_ms:
+            raise ValueError(
+                f"reconnect_ivl_max_ms ({self.reconnect_ivl_max_ms}) must be 0 or >= reconnect_ivl_ms ({self.reconnect_ivl_ms})"
+            )
+        return self
+
+
+def apply_transport(socket: zmq.Socket, transport: TransportConfig) -> None:
+    """Set HWMs, LINGER, ZMTP heartbeats, reconnection and max frame size on ``socket`` (call before bind/connect)."""
+    socket.setsockopt(zmq.SNDHWM, transport.send_hwm)
+    socket.setsockopt(zmq.RCVHWM, transport.recv_hwm)
+    socket.setsockopt(zmq.LINGER, transport.linger_ms)
+    socket.setsockopt(zmq.HEARTBEAT_IVL, transport.heartbeat_ivl_ms)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, transport.heartbeat_timeout_ms)
+    socket.setsockopt(zmq.HEARTBEAT_TTL, transport.heartbeat_ttl_ms)
+    socket.setsockopt(zmq.RECONNECT_IVL, transport.reconnect_ivl_ms)
+    socket.setsockopt(zmq.RECONNECT_IVL_MAX, transport.reconnect_ivl_max_ms)
+    socket.setsockopt(zmq.MAXMSGSIZE, transport.max_frame_bytes)
+
+
+class SecurityError(ValueError):
+    """The CurveZMQ settings cannot secure a socket (missing key file, insecure mode not requested...)."""
+
+
+class SecurityConfig(BaseModel):
+    """Where the CurveZMQ key files are. Plain text needs an explicit ``insecure = true``.
+
+    * relay: ``secret_key_file`` (its own pair) and ``allowlist_dir`` (public keys of allowed workers/trainer);
+    * worker/trainer: ``secret_key_file`` (its own pair) and ``server_public_key_file`` (the relay's public key).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    insecure: bool = False
+    """Plain text, no authentication: for a trusted loopback or tests only."""
+    secret_key_file: Path | None = None
+    """This process's key pair: the ``<name>.key_secret`` certificate from ``tmrl-relay keys generate``."""
+    server_public_key_file: Path | None = None
+    """Clients only: the relay's public certificate (``<name>.key``)."""
+    allowlist_dir: Path | None = None
+    """Relay only: directory of allowed clients' public certificates (``*.key``), managed by ``tmrl-relay keys add``."""
+
+
+def _require(path: Path | None, what: str, field: str) -> Path:
+    if path is None:
+        raise SecurityError(
+            f"{what} is not set ({field}); generate keys with `tmrl-relay keys generate --dir DIR --name NAME` "
+            "and point the config at them, or pass --insecure for plain text on a trusted network"
+        )
+    return path
+
+
+def secure_server_socket(socket: zmq.Socket, security: SecurityConfig) -> None:
+    """Make ``socket`` a CURVE server with the key pair in ``security.secret_key_file`` (call before bind).
+
+    Which clients may connect is decided by a ZAP authenticator on the socket's context
+    (:func:`tmrl_common.curve.start_authenticator`). Does nothing when ``security.insecure``.
+    """
+    if security.insecure:
+        return
+    public, secret = load_secret_key(_require(security.secret_key_file, "the relay's secret key file", "secret_key_file"))
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_server = True
+
+
+def secure_client_socket(socket: zmq.Socket, security: SecurityConfig) -> None:
+    """Make ``socket`` a CURVE client of the relay (call before connect). Does nothing when ``security.insecure``."""
+    if security.insecure:
+        return
+    public, secret = load_secret_key(_require(security.secret_key_file, "this client's secret key file", "secret_key_file"))
+    server_public = load_public_key(
+        _require(security.server_public_key_file, "the relay's public key file", "server_public_key_file")
+    )
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_serverkey = server_public
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    """``tcp://host:port`` for bind or connect; IPv6 literals are bracketed. ``*`` binds every interface."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is not in 1..65535")
+    if not host:
+        raise ValueError("host is empty; use 127.0.0.1 for loopback or * for every interface")
+    try:
+        if isinstance(ipaddress.ip_address(host.strip("[]")), ipaddress.IPv6Address):
+            host = f"[{host.strip('[]')}]"
+    except ValueError:
+        pass  # a host name or "*"
+    return f"tcp://{host}:{port}"
+
+
+def enable_ipv6_if_needed(socket: zmq.Socket, host: str) -> None:
+    """Turn on ``ZMQ_IPV6`` when ``host`` is an IPv6 literal (ZeroMQ is IPv4-only otherwise)."""
+    try:
+        if isinstance(ipaddress.ip_address(host.strip("[]")), ipaddress.IPv6Address):
+            socket.setsockopt(zmq.IPV6, 1)
+    except ValueError:
+        pass

@@ -1,0 +1,115 @@
+"""CurveZMQ key files: generation in the ZeroMQ certificate format, loading, allow-list management, clear errors."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+import zmq
+import zmq.auth
+
+from tmrl_common.curve import (
+    KeyFileError,
+    allow_public_key,
+    generate_key_pair,
+    list_allowed_keys,
+    load_public_key,
+    load_secret_key,
+    revoke_public_key,
+)
+
+
+def test_generated_pair_is_a_zeromq_certificate_readable_by_pyzmq(tmp_path):
+    files = generate_key_pair(tmp_path, "relay")
+    assert files.public_file == tmp_path / "relay.key" and files.secret_file == tmp_path / "relay.key_secret"
+    text = files.secret_file.read_text()
+    assert "curve" in text and "secret-key" in text  # ZPL text, not pickle
+    public, secret = zmq.auth.load_certificate(files.secret_file)
+    assert load_secret_key(files.secret_file) == (public, secret)
+    assert load_public_key(files.public_file) == public
+    assert zmq.curve_public(secret) == public
+    assert stat.S_IMODE(files.secret_file.stat().st_mode) == 0o600
+
+
+def test_generate_refuses_to_overwrite_an_existing_pair(tmp_path):
+    first = generate_key_pair(tmp_path, "worker-1")
+    first_public = load_public_key(first.public_file)
+    with pytest.raises(KeyFileError, match="already exists"):
+        generate_key_pair(tmp_path, "worker-1")
+    second = generate_key_pair(tmp_path, "worker-1", overwrite=True)
+    assert load_public_key(second.public_file) != first_public
+    assert load_secret_key(second.secret_file)[0] == load_public_key(second.public_file)
+
+
+def test_key_names_that_are_not_file_names_are_refused(tmp_path):
+    with pytest.raises(KeyFileError, match="key name"):
+        generate_key_pair(tmp_path, "../escape")
+
+
+def test_missing_key_file_error_says_how_to_create_one(tmp_path):
+    with pytest.raises(KeyFileError, match="keys generate"):
+        load_public_key(tmp_path / "nope.key")
+
+
+def test_public_certificate_is_refused_where_a_secret_key_is_needed(tmp_path):
+    files = generate_key_pair(tmp_path, "w")
+    with pytest.raises(KeyFileError, match="no secret key"):
+        load_secret_key(files.public_file)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("hello world\n", "not a ZeroMQ certificate"),
+        ('curve\n    public-key = "short"\n', "characters"),
+        ('curve\n    public-key = "' + "~" * 40 + '"\n', "Z85"),
+    ],
+)
+def test_invalid_key_files_raise_key_file_error(tmp_path, content, match):
+    path = tmp_path / "bad.key"
+    path.write_text(content)
+    with pytest.raises(KeyFileError, match=match):
+        load_public_key(path)
+
+
+def test_mismatched_public_and_secret_keys_are_refused(tmp_path):
+    a, b = generate_key_pair(tmp_path, "a"), generate_key_pair(tmp_path, "b")
+    public_a, _ = load_secret_key(a.secret_file)
+    _, secret_b = load_secret_key(b.secret_file)
+    path = tmp_path / "mixed.key_secret"
+    path.write_text(f'curve\n    public-key = "{public_a.decode()}"\n    secret-key = "{secret_b.decode()}"\n')
+    with pytest.raises(KeyFileError, match="do not belong together"):
+        load_secret_key(path)
+
+
+def test_allow_list_add_list_revoke(tmp_path):
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    worker = generate_key_pair(keys, "worker-1")
+    entry = allow_public_key(allow, worker.secret_file, name="w1")  # only the public half is copied
+    assert entry.path == allow / "w1.key"
+    assert "secret-key" not in entry.path.read_text()
+    assert zmq.auth.load_certificates(allow) == {load_public_key(worker.public_file): True}
+    assert [(k.name, k.public_key) for k in list_allowed_keys(allow)] == [("w1", load_public_key(worker.public_file))]
+    # adding the same key again under the same name is idempotent; under another name it is refused
+    allow_public_key(allow, worker.public_file, name="w1")
+    with pytest.raises(KeyFileError, match="already allowed as 'w1'"):
+        allow_public_key(allow, worker.public_file, name="other")
+    other = generate_key_pair(keys, "worker-2")
+    with pytest.raises(KeyFileError, match="different key"):
+        allow_public_key(allow, other.public_file, name="w1")
+    assert allow_public_key(allow, other.public_file).name == "worker-2"  # name defaults to the file stem
+    revoke_public_key(allow, "w1")
+    assert [k.name for k in list_allowed_keys(allow)] == ["worker-2"]
+    with pytest.raises(KeyFileError, match="no key named"):
+        revoke_public_key(allow, "w1")
+
+
+def test_listing_a_missing_allow_list_says_how_to_create_it(tmp_path):
+    with pytest.raises(KeyFileError, match="keys add"):
+        list_allowed_keys(tmp_path / "missing")
+
+
+def test_listing_reports_a_corrupt_allow_list_entry(tmp_path):
+    (tmp_path / "broken.key").write_text("not a certificate\n")
+    with pytest.raises(KeyFileError, match="broken.key"):
+        list_allowed_keys(tmp_path)

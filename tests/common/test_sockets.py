@@ -1,0 +1,132 @@
+"""Shared socket settings: transport options land on the socket, CURVE works end to end, endpoints are well formed."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+
+from tmrl_common.curve import allow_public_key, generate_key_pair, load_public_key, start_authenticator
+from tmrl_common.sockets import (
+    SecurityConfig,
+    SecurityError,
+    TransportConfig,
+    apply_transport,
+    secure_client_socket,
+    secure_server_socket,
+    tcp_endpoint,
+)
+
+
+@pytest.fixture
+def context():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def test_apply_transport_sets_every_option(context):
+    transport = TransportConfig(send_hwm=11, recv_hwm=22, linger_ms=33, heartbeat_ivl_ms=444, heartbeat_timeout_ms=555,
+                                heartbeat_ttl_ms=600, reconnect_ivl_ms=77, reconnect_ivl_max_ms=888, max_frame_bytes=4096)
+    socket = context.socket(zmq.DEALER)
+    apply_transport(socket, transport)
+    assert socket.getsockopt(zmq.SNDHWM) == 11
+    assert socket.getsockopt(zmq.RCVHWM) == 22
+    assert socket.getsockopt(zmq.LINGER) == 33
+    assert socket.getsockopt(zmq.HEARTBEAT_IVL) == 444
+    assert socket.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 555
+    assert socket.getsockopt(zmq.RECONNECT_IVL) == 77
+    assert socket.getsockopt(zmq.RECONNECT_IVL_MAX) == 888
+    assert socket.getsockopt(zmq.MAXMSGSIZE) == 4096
+    socket.close()
+
+
+def test_reconnect_cap_below_first_interval_is_refused():
+    with pytest.raises(ValueError, match="reconnect_ivl_max_ms"):
+        TransportConfig(reconnect_ivl_ms=1000, reconnect_ivl_max_ms=10)
+
+
+@pytest.mark.parametrize("host, port, expected", [
+    ("127.0.0.1", 5555, "tcp://127.0.0.1:5555"),
+    ("*", 1, "tcp://*:1"),
+    ("relay.local", 65535, "tcp://relay.local:65535"),
+    ("::1", 5557, "tcp://[::1]:5557"),
+])
+def test_tcp_endpoint(host, port, expected):
+    assert tcp_endpoint(host, port) == expected
+
+
+@pytest.mark.parametrize("host, port", [("127.0.0.1", 0), ("127.0.0.1", 70000), ("", 5555)])
+def test_tcp_endpoint_refuses_bad_values(host, port):
+    with pytest.raises(ValueError):
+        tcp_endpoint(host, port)
+
+
+def _pair(context, server_security, client_security, domain=b"test"):
+    server = context.socket(zmq.ROUTER)
+    server.zap_domain = domain
+    secure_server_socket(server, server_security)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    client = context.socket(zmq.DEALER)
+    client.linger = 0
+    secure_client_socket(client, client_security)
+    client.connect(tcp_endpoint("127.0.0.1", port))
+    return server, client
+
+
+def _keys(tmp_path):
+    relay = generate_key_pair(tmp_path / "relay", "relay")
+    good = generate_key_pair(tmp_path / "clients", "good")
+    bad = generate_key_pair(tmp_path / "clients", "bad")
+    allow_public_key(tmp_path / "allow", good.public_file)
+    return relay, good, bad
+
+
+def test_allow_listed_client_talks_and_carries_its_public_key_as_user_id(context, tmp_path):
+    relay, good, _ = _keys(tmp_path)
+    auth = start_authenticator(context, {"test": tmp_path / "allow"})
+    try:
+        server, client = _pair(
+            context,
+            SecurityConfig(secret_key_file=relay.secret_file),
+            SecurityConfig(secret_key_file=good.secret_file, server_public_key_file=relay.public_file),
+        )
+        assert server.curve_server
+        client.send(b"hi")
+        assert server.poll(5000)
+        routing_id, payload = server.recv_multipart(copy=False)
+        assert payload.bytes == b"hi"
+        assert payload.get("User-Id") == load_public_key(good.public_file).decode()
+    finally:
+        auth.stop()
+
+
+def test_client_not_in_allow_list_delivers_nothing(context, tmp_path):
+    relay, _, bad = _keys(tmp_path)
+    auth = start_authenticator(context, {"test": tmp_path / "allow"})
+    try:
+        server, client = _pair(
+            context,
+            SecurityConfig(secret_key_file=relay.secret_file),
+            SecurityConfig(secret_key_file=bad.secret_file, server_public_key_file=relay.public_file),
+        )
+        client.send(b"let me in")
+        assert server.poll(700) == 0
+    finally:
+        auth.stop()
+
+
+def test_insecure_mode_sets_no_curve_options(context):
+    server, client = _pair(context, SecurityConfig(insecure=True), SecurityConfig(insecure=True))
+    assert not server.curve_server
+    client.send(b"plain")
+    assert server.poll(5000)
+    assert server.recv_multipart()[1] == b"plain"
+
+
+def test_secure_socket_without_keys_says_how_to_generate_them(context):
+    socket = context.socket(zmq.ROUTER)
+    with pytest.raises(SecurityError, match="keys generate.*--insecure"):
+        secure_server_socket(socket, SecurityConfig())
+    with pytest.raises(SecurityError, match="keys generate"):
+        secure_client_socket(socket, SecurityConfig())
+    socket.close()
