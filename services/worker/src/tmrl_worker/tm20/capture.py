@@ -1,0 +1,190 @@
+"""Screen capture of the game: ``FrameCapture.grab() -> uint8 frame`` (``HxWx3`` RGB or ``HxW`` gray).
+
+Backends:
+
+* :class:`DxcamCapture` — Windows, Desktop Duplication through dxcam (fast; the game must be on the primary monitor).
+* :class:`MssCapture` — anywhere with a screen (Linux/X11 under Proton), through mss.
+* :class:`RecordedFrames` — replays frames from an array, a ``.npy`` file or a folder of PNGs; used in tests and
+  to re-run the LIDAR on a recording.
+
+:func:`make_capture` finds the game window, optionally gives its client area the requested size, and captures
+exactly that client area.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterator, Literal, Protocol, Sequence
+
+import numpy as np
+
+from tmrl_worker.tm20.window import DEFAULT_WINDOW_TITLE, ClientArea, find_game_window
+from tmrl_worker.tm20.windows_only import import_windows_module
+
+ColorMode = Literal["rgb", "gray"]
+CaptureBackend = Literal["auto", "dxcam", "mss"]
+_GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class CaptureError(RuntimeError):
+    """The screen (or a recording) cannot be captured."""
+
+
+class FrameCapture(Protocol):
+    """One screenshot per call."""
+
+    def grab(self) -> np.ndarray:
+        """The newest frame, ``uint8``: ``(H, W, 3)`` RGB or ``(H, W)`` gray."""
+
+    def close(self) -> None: ...
+
+
+def to_gray(frame: np.ndarray) -> np.ndarray:
+    """``uint8`` luminance of an RGB(A) frame (a gray frame is returned unchanged)."""
+    frame = np.asarray(frame)
+    if frame.ndim == 2:
+        return frame
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        return frame[..., 0]
+    return (frame[..., :3].astype(np.float32) @ _GRAY_WEIGHTS).clip(0, 255).astype(np.uint8)
+
+
+def downscale(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``frame`` resized to ``height x width`` by box averaging (Pillow), keeping its dtype and channels."""
+    from PIL import Image
+
+    frame = np.ascontiguousarray(frame)
+    if frame.shape[:2] == (height, width):
+        return frame
+    return np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BOX))
+
+
+def _convert(frame: np.ndarray, color: ColorMode) -> np.ndarray:
+    return to_gray(frame) if color == "gray" else frame
+
+
+class DxcamCapture:
+    """Desktop Duplication capture of a screen region (Windows only; ``pip install dxcam``)."""
+
+    def __init__(self, region: ClientArea, color: ColorMode = "rgb", output_idx: int = 0) -> None:
+        dxcam = import_windows_module("dxcam", "dxcam screen capture")
+        self.region = region
+        self.color = color
+        self._camera = dxcam.create(output_idx=output_idx, output_color="GRAY" if color == "gray" else "RGB")
+        if self._camera is None:
+            raise CaptureError("dxcam could not open the display output (another process may hold it)")
+        self._last: np.ndarray | None = None
+
+    def grab(self) -> np.ndarray:
+        frame = self._camera.grab(region=self.region.as_ltrb())
+        if frame is None:  # dxcam returns None when the screen has not changed since the last grab
+            if self._last is None:
+                frame = self._wait_first_frame()
+            else:
+                return self._last
+        frame = np.asarray(frame)
+        self._last = frame[..., 0] if frame.ndim == 3 and frame.shape[2] == 1 else frame
+        return self._last
+
+    def _wait_first_frame(self) -> np.ndarray:
+        import time
+
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            frame = self._camera.grab(region=self.region.as_ltrb())
+            if frame is not None:
+                return frame
+            time.sleep(0.01)
+        raise CaptureError(f"dxcam returned no frame of region {self.region} in 2 s: is the game window visible "
+                           f"on the primary monitor?")
+
+    def close(self) -> None:
+        release = getattr(self._camera, "release", None)
+        if release is not None:
+            release()
+
+
+class MssCapture:
+    """Screenshot of a screen region with mss (Linux/X11 — e.g. TrackMania under Proton — macOS, Windows)."""
+
+    def __init__(self, region: ClientArea, color: ColorMode = "rgb") -> None:
+        import mss
+
+        self.region = region
+        self.color = color
+        try:
+            self._sct = mss.mss()
+        except Exception as exc:  # mss raises its own ScreenShotError, or XError without a display
+            raise CaptureError(f"mss cannot open the screen ({exc}): is $DISPLAY set and the game visible?") from exc
+
+    def grab(self) -> np.ndarray:
+        shot = np.asarray(self._sct.grab(self.region.as_mss_monitor()))  # BGRA
+        return _convert(np.ascontiguousarray(shot[..., 2::-1]), self.color)
+
+    def close(self) -> None:
+        self._sct.close()
+
+
+class RecordedFrames:
+    """Replays recorded frames in order (looping by default): an array ``(N, H, W[, C])``, a list of frames,
+    a ``.npy`` file (no pickle) or a folder of ``.png`` files read in name order."""
+
+    def __init__(self, frames: np.ndarray | Sequence[np.ndarray] | str | Path, color: ColorMode | None = None,
+                 loop: bool = True) -> None:
+        self.frames = self._load(frames)
+        if not self.frames:
+            raise CaptureError(f"no recorded frames in {frames!r}")
+        self.color = color
+        self.loop = loop
+        self.grabs = 0
+        self._order: Iterator[int] = itertools.cycle(range(len(self.frames))) if loop else iter(range(len(self.frames)))
+
+    @staticmethod
+    def _load(frames: np.ndarray | Sequence[np.ndarray] | str | Path) -> list[np.ndarray]:
+        if isinstance(frames, (str, Path)):
+            path = Path(frames)
+            if path.is_dir():
+                from PIL import Image
+
+                return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(path.glob("*.png"))]
+            if path.suffix == ".npy" and path.is_file():
+                return list(np.load(path, allow_pickle=False))
+            raise CaptureError(f"{path} is neither a folder of .png frames nor a .npy file")
+        return [np.asarray(f, dtype=np.uint8) for f in frames]
+
+    def grab(self) -> np.ndarray:
+        try:
+            index = next(self._order)
+        except StopIteration:
+            raise CaptureError(f"the recording has no more frames (all {len(self.frames)} replayed)") from None
+        self.grabs += 1
+        frame = self.frames[index]
+        return _convert(frame, self.color) if self.color else frame
+
+    def close(self) -> None:
+        pass
+
+
+def make_capture(backend: CaptureBackend = "auto", color: ColorMode = "rgb", window_title: str = DEFAULT_WINDOW_TITLE,
+                 region: ClientArea | None = None, window_size: tuple[int, int] | None = None) -> FrameCapture:
+    """Capture of the game window's client area.
+
+    ``backend``: ``dxcam`` (Windows), ``mss`` (any OS), ``auto`` (dxcam on Windows, mss elsewhere).
+    ``region``: capture this rectangle instead of looking for the window. ``window_size``: ``(width, height)`` the
+    window's client area is given first (at the top-left corner of the screen), e.g. ``(958, 488)`` for LIDAR.
+    """
+    from tmrl_worker.tm20.windows_only import is_windows
+
+    if backend == "auto":
+        backend = "dxcam" if is_windows() else "mss"
+    if region is None:
+        window = find_game_window(window_title)
+        if window_size is not None:
+            window.place(0, 0, *window_size)
+        region = window.client_area()
+    if backend == "dxcam":
+        return DxcamCapture(region, color)
+    if backend == "mss":
+        return MssCapture(region, color)
+    raise CaptureError(f"unknown capture backend {backend!r}: use auto, dxcam or mss")

@@ -1,0 +1,282 @@
+"""Telemetry from TrackMania 2020 through the TMRL OpenPlanet plugin (``services/worker/openplanet/``).
+
+Wire format (the single Python definition; the plugin's ``TMRL_Telemetry.as`` mirrors it, and
+``services/worker/openplanet/README.md`` documents it): the plugin listens on ``127.0.0.1:<port>`` (9000 by default)
+and, once a client connects, writes one packet per game frame. A packet is :data:`PACKET_FLOATS` = 15 little-endian
+float32 slots (:data:`PACKET_BYTES` = 60 bytes):
+
+====  ===========  ==========================================================================
+slot  name         meaning
+====  ===========  ==========================================================================
+0     magic        the 4 bytes ``b"TMRL"`` (written as uint32 0x4C524D54)
+1     version      :data:`PROTOCOL_VERSION` (1.0)
+2     sequence     frame counter, 0 .. 2**24 - 1 then wraps (exact in float32)
+3     speed        car speed as the game's script API reports it (m/s)
+4     distance     distance driven since the start of the run (m)
+5-7   x, y, z      car position in the map (m; y is up)
+8     steer        steering input, -1 (left) .. 1 (right)
+9     gas          gas input, 0 .. 1
+10    brake        1.0 while braking, else 0.0
+11    finished     1.0 once the finish line is crossed, else 0.0
+12    gear         current gear
+13    rpm          engine rpm
+14    end          the 4 bytes ``b"LRMT"`` (written as uint32 0x544D524C)
+====  ===========  ==========================================================================
+
+Resynchronisation: a packet is accepted only if it starts with ``b"TMRL"``, ends with ``b"LRMT"``, has version 1,
+an integral sequence in range, 0/1 flags and finite values. Anything else is garbage: the reader drops bytes up to
+the next ``b"TMRL"`` and tries again, counting what it dropped (:attr:`TelemetryStats.garbage_bytes`).
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+PROTOCOL_VERSION = 1.0
+DEFAULT_PORT = 9000
+MAGIC = b"TMRL"
+END = b"LRMT"
+FIELDS = ("magic", "version", "sequence", "speed", "distance", "x", "y", "z", "steer", "gas", "brake", "finished",
+          "gear", "rpm", "end")
+PACKET_FLOATS = len(FIELDS)
+PACKET_BYTES = 4 * PACKET_FLOATS
+SEQUENCE_MODULO = 1 << 24
+_SLOT = {name: i for i, name in enumerate(FIELDS)}
+_PACKET = struct.Struct("<" + "f" * PACKET_FLOATS)
+
+
+class TelemetryError(RuntimeError):
+    """Telemetry cannot be read."""
+
+
+class TelemetryTimeoutError(TelemetryError):
+    """No (fresh) telemetry packet arrived in time; the message names the likely cause."""
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """One decoded packet."""
+
+    sequence: int
+    speed: float
+    distance: float
+    position: tuple[float, float, float]
+    steer: float
+    gas: float
+    brake: float
+    finished: bool
+    gear: float
+    rpm: float
+    received_at: float = 0.0
+    """``time.monotonic()`` when the packet was read."""
+
+
+def encode_packet(sequence: int, speed: float = 0.0, distance: float = 0.0,
+                  position: tuple[float, float, float] = (0.0, 0.0, 0.0), steer: float = 0.0, gas: float = 0.0,
+                  brake: float = 0.0, finished: bool = False, gear: float = 1.0, rpm: float = 0.0) -> bytes:
+    """The bytes the plugin sends for these values (used by the replay server, fakes and tests)."""
+    values = [0.0] * PACKET_FLOATS
+    values[_SLOT["version"]] = PROTOCOL_VERSION
+    values[_SLOT["sequence"]] = float(sequence % SEQUENCE_MODULO)
+    values[_SLOT["speed"]], values[_SLOT["distance"]] = speed, distance
+    values[_SLOT["x"]], values[_SLOT["y"]], values[_SLOT["z"]] = position
+    values[_SLOT["steer"]], values[_SLOT["gas"]], values[_SLOT["brake"]] = steer, gas, brake
+    values[_SLOT["finished"]] = 1.0 if finished else 0.0
+    values[_SLOT["gear"]], values[_SLOT["rpm"]] = gear, rpm
+    packed = bytearray(_PACKET.pack(*values))
+    packed[0:4] = MAGIC
+    packed[-4:] = END
+    return bytes(packed)
+
+
+def decode_packet(data: bytes, received_at: float = 0.0) -> Telemetry | None:
+    """The packet in ``data[:PACKET_BYTES]``, or None when those bytes are not a valid packet."""
+    if len(data) < PACKET_BYTES or bytes(data[0:4]) != MAGIC or bytes(data[PACKET_BYTES - 4:PACKET_BYTES]) != END:
+        return None
+    v = _PACKET.unpack_from(data)
+    body = v[1:-1]
+    if not all(map(math.isfinite, body)) or v[_SLOT["version"]] != PROTOCOL_VERSION:
+        return None
+    seq = v[_SLOT["sequence"]]
+    if seq != int(seq) or not 0 <= seq < SEQUENCE_MODULO:
+        return None
+    if v[_SLOT["brake"]] not in (0.0, 1.0) or v[_SLOT["finished"]] not in (0.0, 1.0):
+        return None
+    return Telemetry(sequence=int(seq), speed=v[_SLOT["speed"]], distance=v[_SLOT["distance"]],
+                     position=(v[_SLOT["x"]], v[_SLOT["y"]], v[_SLOT["z"]]), steer=v[_SLOT["steer"]],
+                     gas=v[_SLOT["gas"]], brake=v[_SLOT["brake"]], finished=v[_SLOT["finished"]] == 1.0,
+                     gear=v[_SLOT["gear"]], rpm=v[_SLOT["rpm"]], received_at=received_at)
+
+
+class PacketParser:
+    """Splits a byte stream into packets, skipping garbage up to the next ``b"TMRL"`` (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.packets = 0
+        self.garbage_bytes = 0
+
+    def feed(self, data: bytes, received_at: float = 0.0) -> list[Telemetry]:
+        """Add received bytes; returns the complete valid packets they finish, oldest first."""
+        self._buffer += data
+        out: list[Telemetry] = []
+        buf = self._buffer
+        start = 0
+        while True:
+            found = buf.find(MAGIC, start)
+            if found < 0:  # keep up to 3 trailing bytes: they may be the start of a magic split across reads
+                keep = max(start, len(buf) - (len(MAGIC) - 1))
+                self.garbage_bytes += keep - start
+                start = keep
+                break
+            self.garbage_bytes += found - start
+            start = found
+            if len(buf) - start < PACKET_BYTES:
+                break
+            packet = decode_packet(bytes(buf[start:start + PACKET_BYTES]), received_at)
+            if packet is None:  # a false magic inside garbage: skip one byte and search again
+                self.garbage_bytes += 1
+                start += 1
+                continue
+            out.append(packet)
+            self.packets += 1
+            start += PACKET_BYTES
+        del buf[:start]
+        return out
+
+    def reset(self) -> None:
+        """Forget a partial packet (after a disconnect)."""
+        self.garbage_bytes += len(self._buffer)
+        self._buffer.clear()
+
+
+@dataclass
+class TelemetryStats:
+    packets: int = 0
+    garbage_bytes: int = 0
+    connects: int = 0
+    disconnects: int = 0
+    last_error: str = ""
+    connected: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class TelemetryClient:
+    """Connects to the plugin, keeps the newest packet from a background thread, reconnects on its own.
+
+    ``client.latest()`` returns the newest packet if it is at most ``timeout`` seconds old, else raises
+    :class:`TelemetryTimeoutError` naming the likely cause. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 5.0,
+                 reconnect_delay: float = 0.25, start: bool = True) -> None:
+        self.host, self.port = host, port
+        self.timeout = timeout
+        self.reconnect_delay = reconnect_delay
+        self.stats = TelemetryStats()
+        self._parser = PacketParser()
+        self._latest: Telemetry | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._created = time.monotonic()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"tm20-telemetry-{self.port}", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+
+    def __enter__(self) -> TelemetryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # reader thread ---------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock = socket.create_connection((self.host, self.port), timeout=1.0)
+            except OSError as exc:
+                self.stats.last_error = f"connection to {self.host}:{self.port} failed: {exc}"
+                self._stop.wait(self.reconnect_delay)
+                continue
+            self.stats.connects += 1
+            self.stats.connected = True
+            try:
+                self._read(sock)
+            finally:
+                sock.close()
+                self.stats.connected = False
+                self.stats.disconnects += 1
+                self._parser.reset()
+                self.stats.garbage_bytes = self._parser.garbage_bytes
+            self._stop.wait(self.reconnect_delay)
+
+    def _read(self, sock: socket.socket) -> None:
+        sock.settimeout(0.25)
+        while not self._stop.is_set():
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                self.stats.last_error = f"connection lost: {exc}"
+                return
+            if not chunk:
+                self.stats.last_error = "the plugin closed the connection"
+                return
+            packets = self._parser.feed(chunk, time.monotonic())
+            self.stats.garbage_bytes = self._parser.garbage_bytes
+            if packets:
+                with self._cond:
+                    self.stats.packets += len(packets)
+                    self._latest = packets[-1]
+                    self._cond.notify_all()
+
+    # consumer side ---------------------------------------------------------------------------------------------
+    def _timeout_error(self, waited: float) -> TelemetryTimeoutError:
+        state = ("connected, but no packet arrived (is a map loaded and the car on track?)" if self.stats.connected
+                 else self.stats.last_error or "not connected")
+        return TelemetryTimeoutError(
+            f"no telemetry from 127.0.0.1:{self.port} for {waited:.1f} s ({state}): is the game running with the "
+            f"TMRL OpenPlanet plugin enabled, on port {self.port}?")
+
+    def latest(self, timeout: float | None = None) -> Telemetry:
+        """The newest packet, waiting up to ``timeout`` (default: the client's) for one no older than that."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self._latest is not None and now - self._latest.received_at <= timeout:
+                    return self._latest
+                if now >= deadline:
+                    since = self._latest.received_at if self._latest is not None else self._created
+                    raise self._timeout_error(now - since)
+                self._cond.wait(deadline - now)
+
+    def newer_than(self, sequence: int | None, timeout: float | None = None) -> Telemetry:
+        """The first packet whose sequence differs from ``sequence`` (a fresh game frame), waiting up to ``timeout``."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._latest is None or self._latest.sequence == sequence:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    since = self._latest.received_at if self._latest is not None else self._created
+                    raise self._timeout_error(time.monotonic() - since)
+                self._cond.wait(remaining)
+            return self._latest

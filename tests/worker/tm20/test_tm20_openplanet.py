@@ -1,0 +1,149 @@
+"""OpenPlanet telemetry: packet format, resynchronisation on garbage, and the client against a fake plugin
+(real sockets on loopback, random ports) that disconnects mid-stream and sends garbage."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+from tmrl_worker.tm20.openplanet import (
+    END,
+    MAGIC,
+    PACKET_BYTES,
+    PACKET_FLOATS,
+    PacketParser,
+    TelemetryClient,
+    TelemetryTimeoutError,
+    decode_packet,
+    encode_packet,
+)
+from tmrl_worker.tm20.replay_server import TelemetryReplayServer
+
+
+def drive(n: int, start: int = 0) -> list[bytes]:
+    """Synthetic recording: a car accelerating along x."""
+    return [encode_packet(start + i, speed=0.5 * i, distance=0.1 * i * i, position=(10.0 + i, 9.5, -3.0 - i),
+                          steer=-0.25, gas=1.0, brake=0.0, finished=(i == n - 1), gear=2.0, rpm=5000.0 + i)
+            for i in range(n)]
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def test_packet_is_fifteen_little_endian_float32_framed_by_magic_bytes():
+    data = encode_packet(7, speed=12.5, distance=3.0, position=(1.0, 2.0, 3.0), steer=-1.0, gas=0.5, brake=1.0,
+                         finished=True, gear=3.0, rpm=9000.0)
+    assert PACKET_FLOATS == 15 and PACKET_BYTES == 60 and len(data) == 60
+    assert data[:4] == MAGIC == b"TMRL" and data[-4:] == END == b"LRMT"
+    floats = struct.unpack("<15f", data)
+    assert floats[1:14] == (1.0, 7.0, 12.5, 3.0, 1.0, 2.0, 3.0, -1.0, 0.5, 1.0, 1.0, 3.0, 9000.0)
+    packet = decode_packet(data)
+    assert packet.sequence == 7 and packet.position == (1.0, 2.0, 3.0) and packet.finished and packet.gear == 3.0
+
+
+def test_parser_splits_packets_arriving_in_arbitrary_pieces():
+    stream = b"".join(drive(20))
+    parser = PacketParser()
+    got = []
+    for i in range(0, len(stream), 7):
+        got += parser.feed(stream[i:i + 7])
+    assert [p.sequence for p in got] == list(range(20))
+    assert parser.garbage_bytes == 0
+
+
+def test_parser_resynchronises_after_garbage_and_false_magic():
+    packets = drive(4)
+    truncated = packets[1][:25]  # a packet cut short by a reconnect
+    false_magic = MAGIC + b"\x00" * 70  # looks like a header but is not a packet
+    stream = b"\xff\x13garbage" + packets[0] + truncated + false_magic + packets[2] + b"TM" + packets[3]
+    parser = PacketParser()
+    got = parser.feed(stream)
+    assert [p.sequence for p in got] == [0, 2, 3]
+    assert parser.garbage_bytes == len(stream) - 3 * PACKET_BYTES
+
+
+def test_parser_rejects_wrong_version_non_finite_values_and_bad_flags():
+    good = bytearray(encode_packet(1))
+    wrong_version = bytearray(good)
+    wrong_version[4:8] = struct.pack("<f", 2.0)
+    nan_speed = bytearray(good)
+    nan_speed[12:16] = struct.pack("<f", float("nan"))
+    bad_flag = bytearray(good)
+    bad_flag[44:48] = struct.pack("<f", 0.5)  # finished must be 0 or 1
+    for bad in (wrong_version, nan_speed, bad_flag):
+        assert decode_packet(bytes(bad)) is None
+    assert decode_packet(bytes(good)) is not None
+
+
+def test_client_follows_a_live_stream_and_keeps_the_newest_packet():
+    with TelemetryReplayServer(drive(50), rate_hz=200) as server, \
+            TelemetryClient(server.port, timeout=2.0, reconnect_delay=0.05) as client:
+        first = client.latest()
+        later = client.newer_than(first.sequence)
+        assert later.sequence != first.sequence
+        wait_until(lambda: client.stats.packets >= 20)
+        assert client.latest().position[1] == 9.5
+        assert client.stats.garbage_bytes == 0
+
+
+def test_client_reconnects_after_the_plugin_drops_the_connection_mid_stream():
+    with TelemetryReplayServer(drive(1000), rate_hz=200) as server, \
+            TelemetryClient(server.port, timeout=2.0, reconnect_delay=0.05) as client:
+        client.latest()
+        server.disconnect_client()
+        wait_until(lambda: server.connections >= 2 and client.stats.connects >= 2)
+        before = client.latest().sequence
+        assert client.newer_than(before).sequence > before
+        assert client.stats.disconnects >= 1
+
+
+def test_client_survives_garbage_and_packets_split_at_a_disconnect():
+    packets = drive(400)
+    chunks: list[bytes] = []
+    for i, packet in enumerate(packets):
+        if i % 10 == 3:
+            chunks.append(b"\x00\x01garbage\xfe")  # noise between packets
+        if i % 25 == 7:
+            chunks.append(packet[:30])  # half a packet, then the rest never comes
+            continue
+        chunks.append(packet)
+    with TelemetryReplayServer(chunks, rate_hz=400, loop=False) as server, \
+            TelemetryClient(server.port, timeout=2.0, reconnect_delay=0.02) as client:
+        wait_until(lambda: client.stats.packets >= 50)
+        server.disconnect_client()  # drop while the stream is full of junk
+        wait_until(lambda: client.stats.packets >= 150)
+        assert client.stats.garbage_bytes > 0
+        assert client.latest(timeout=2.0).gas == 1.0
+
+
+def test_client_with_nothing_listening_names_the_plugin_and_port():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with TelemetryClient(port, timeout=0.3, reconnect_delay=0.05) as client:
+        with pytest.raises(TelemetryTimeoutError, match=rf"TMRL OpenPlanet plugin enabled, on port {port}\?"):
+            client.latest()
+        assert "refused" in client.stats.last_error.lower() or "failed" in client.stats.last_error
+
+
+def test_client_connected_to_a_silent_plugin_says_no_packet_arrived():
+    with TelemetryReplayServer([], rate_hz=100) as server, TelemetryClient(server.port, timeout=0.3) as client:
+        wait_until(lambda: client.stats.connected)
+        with pytest.raises(TelemetryTimeoutError, match="connected, but no packet arrived"):
+            client.latest()
+
+
+def test_a_stale_packet_is_not_served_as_fresh():
+    with TelemetryReplayServer(drive(5), rate_hz=100, loop=False) as server, \
+            TelemetryClient(server.port, timeout=0.3) as client:
+        wait_until(lambda: client.stats.packets == 5)
+        time.sleep(0.4)  # the stream stopped: the newest packet is now too old
+        with pytest.raises(TelemetryTimeoutError):
+            client.latest()
