@@ -114,12 +114,15 @@ class MssCapture:
         self.region = region
         self.color = color
         try:
-            self._sct = mss.mss()
+            self._sct = mss.MSS() if hasattr(mss, "MSS") else mss.mss()
         except Exception as exc:  # mss raises its own ScreenShotError, or XError without a display
             raise CaptureError(f"mss cannot open the screen ({exc}): is $DISPLAY set and the game visible?") from exc
 
     def grab(self) -> np.ndarray:
-        shot = np.asarray(self._sct.grab(self.region.as_mss_monitor()))  # BGRA
+        try:
+            shot = np.asarray(self._sct.grab(self.region.as_mss_monitor()))  # BGRA
+        except Exception as exc:  # mss.exception.ScreenShotError: region off screen, display gone
+            raise CaptureError(f"mss could not capture {self.region}: {exc}") from exc
         return _convert(np.ascontiguousarray(shot[..., 2::-1]), self.color)
 
     def close(self) -> None:

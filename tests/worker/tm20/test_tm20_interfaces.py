@@ -1,0 +1,178 @@
+"""TrackMania rtgym interfaces end to end on this machine: recorded frames, a fake OpenPlanet plugin on loopback,
+a recording controller, and a short real rtgym run at 20 Hz."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tmrl_common.layout import tm20_image_layout, tm20_lidar_layout, tm20_lidar_progress_layout
+from tmrl_worker.reward import TrajectoryReward, TrajectoryRewardConfig
+from tmrl_worker.tm20.capture import RecordedFrames
+from tmrl_worker.tm20.control import RecordingController
+from tmrl_worker.tm20.interfaces import (
+    TM20ConfigError,
+    TM20FullInterface,
+    TM20LidarInterface,
+    TM20LidarProgressInterface,
+    make_tm20_env,
+    tm20_rtgym_config,
+)
+from tmrl_worker.tm20.lidar import Lidar
+from tmrl_worker.tm20.openplanet import TelemetryClient, encode_packet
+from tmrl_worker.tm20.replay_server import TelemetryReplayServer
+
+H, W = 120, 160
+SERVER_HZ = 100.0
+SPEED = 10.0  # m/s along x: 0.5 m per 50 ms step
+
+
+def corridor_frames() -> np.ndarray:
+    """Road between black walls that narrows frame after frame (so the LIDAR history changes)."""
+    frames = np.full((6, H, W, 3), 180, np.uint8)
+    for i in range(6):
+        frames[i, :, : 30 + 4 * i] = 0
+        frames[i, :, W - 30 - 4 * i:] = 0
+    return frames
+
+
+def telemetry_source(finish_at: int | None = None):
+    def packet(tick: int) -> bytes:
+        x = SPEED * tick / SERVER_HZ
+        return encode_packet(tick, speed=SPEED, distance=x, position=(x, 0.0, 5.0), gas=1.0,
+                             finished=finish_at is not None and tick >= finish_at)
+    return packet
+
+
+def straight_reward(**config) -> TrajectoryReward:
+    return TrajectoryReward.from_path([[0.0, 0.0, 5.0], [2000.0, 0.0, 5.0]], 0.5,
+                                      TrajectoryRewardConfig(grace_steps=1000, **config))
+
+
+@pytest.fixture
+def plugin():
+    with TelemetryReplayServer(telemetry_source(), rate_hz=SERVER_HZ) as server:
+        yield server
+
+
+def devices(server, **extra):
+    return dict(capture=RecordedFrames(corridor_frames()), telemetry=TelemetryClient(server.port, timeout=2.0),
+                controller=RecordingController(), reward=straight_reward(), sleep_time_at_reset=0.0, **extra)
+
+
+@pytest.mark.parametrize(("cls", "layout"), [
+    (TM20LidarInterface, tm20_lidar_layout()),
+    (TM20LidarProgressInterface, tm20_lidar_progress_layout()),
+    (TM20FullInterface, tm20_image_layout()),
+])
+def test_observation_spaces_match_the_common_layouts_exactly(plugin, cls, layout):
+    interface = cls(**devices(plugin))
+    try:
+        assert interface.layout == layout
+        space = interface.get_observation_space()
+        n = len(layout.components)
+        assert [s.shape for s in space.spaces] == layout.observation_shapes()[:n]
+        assert [s.dtype.name for s in space.spaces] == [c.dtype for c in layout.components]
+        obs, info = interface.reset()
+        assert space.contains(tuple(obs)) and info == {}
+        obs, reward, terminated, info = interface.get_obs_rew_terminated_info()
+        assert space.contains(tuple(obs)) and not terminated
+    finally:
+        interface.close()
+
+
+def test_lidar_observation_holds_the_scan_history_and_the_telemetry_speed(plugin):
+    interface = TM20LidarInterface(**devices(plugin))
+    try:
+        frames = corridor_frames()
+        lidar = Lidar()
+        obs, _ = interface.reset()
+        assert obs[0].tolist() == [SPEED]
+        np.testing.assert_array_equal(obs[1], np.stack([lidar.measure(frames[0])] * 4))  # first scan repeated
+        for _ in range(3):
+            obs, _, _, _ = interface.get_obs_rew_terminated_info()
+        np.testing.assert_array_equal(obs[1], np.stack([lidar.measure(f) for f in frames[:4]]))  # oldest first
+        assert obs[1][-1, 0] < obs[1][0, 0]  # walls closing in: the right beam shortens
+        assert interface.controller.respawns == 1
+    finally:
+        interface.close()
+
+
+def test_reset_respawns_and_wait_releases_then_respawns(plugin):
+    interface = TM20LidarInterface(**devices(plugin))
+    try:
+        interface.reset()
+        interface.wait()
+        names = [name for name, _ in interface.controller.calls]
+        assert names == ["apply", "respawn", "release", "respawn"]
+        np.testing.assert_array_equal(interface.controller.actions[0], [0, 0, 0])
+    finally:
+        interface.close()
+
+
+def test_game_finish_terminates_and_pays_the_finish_bonus_once():
+    with TelemetryReplayServer(telemetry_source(finish_at=0), rate_hz=SERVER_HZ) as server:
+        interface = TM20LidarInterface(**devices(server))
+        try:
+            interface.reset()
+            _, reward, terminated, info = interface.get_obs_rew_terminated_info()
+            assert terminated and info["finished_by_game"]
+            assert reward >= interface.reward.config.finish_bonus
+            _, again, _, _ = interface.get_obs_rew_terminated_info()
+            assert again < interface.reward.config.finish_bonus
+        finally:
+            interface.close()
+
+
+def test_full_interface_stacks_64x64_gray_frames(plugin):
+    interface = TM20FullInterface(**devices(plugin))
+    try:
+        obs, _ = interface.reset()
+        assert obs[1].shape == (4, 64, 64) and obs[1].dtype == np.uint8
+        assert obs[1][0, 32, 0] == 0 and obs[1][0, 32, 32] > 100  # black wall at the left edge, road in the middle
+    finally:
+        interface.close()
+
+
+def test_missing_reward_points_say_how_to_record_them(plugin):
+    with pytest.raises(TM20ConfigError, match="record-reward"):
+        TM20LidarInterface(capture=RecordedFrames(corridor_frames()), controller=RecordingController(),
+                           telemetry=TelemetryClient(plugin.port, start=False))
+
+
+def test_rtgym_config_carries_the_brief_timings():
+    config = tm20_rtgym_config("tm20-lidar-progress", reward_path="points.safetensors")
+    assert config["interface"] is TM20LidarProgressInterface
+    assert (config["time_step_duration"], config["start_obs_capture"], config["time_step_timeout_factor"]) == (0.05, 0.04, 1.0)
+    assert config["act_buf_len"] == 2 and config["wait_on_done"] and not config["benchmark"]
+    assert config["interface_kwargs"] == {"reward_path": "points.safetensors", "act_buf_len": 2}
+    with pytest.raises(TM20ConfigError, match="unknown TrackMania variant"):
+        tm20_rtgym_config("tm20-camera")
+
+
+def test_short_rtgym_run_at_20hz_pays_progress_and_applies_the_actions(plugin):
+    env = make_tm20_env("lidar-progress", ep_max_length=12, benchmark=True, **devices(plugin))
+    interface = env.unwrapped.interface
+    try:
+        obs, _ = env.reset()
+        assert [np.shape(o) for o in obs] == interface.layout.observation_shapes()
+        assert env.observation_space.contains(obs)
+        rewards, truncated, step = [], False, 0
+        while not truncated:
+            action = np.array([1.0, 0.0, 0.1 * (step % 3)], dtype=np.float32)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            assert env.observation_space.contains(obs) and not terminated
+            np.testing.assert_array_equal(obs[-1], action)  # rtgym appends the action buffer
+            rewards.append(reward)
+            step += 1
+        assert step == 12
+        assert sum(rewards) > 5  # ~1 point (0.5 m) per 50 ms step at 10 m/s
+        assert obs[1][0] > 0  # progress along the path
+        sent = interface.controller.actions
+        np.testing.assert_array_equal(sent[:2], np.zeros((2, 3)))  # default action: interface reset, rtgym reset
+        np.testing.assert_array_equal(sent[2], [1.0, 0.0, 0.0])  # then the policy's, in order
+        assert any(a[2] == pytest.approx(0.2) for a in sent)
+        bench = env.unwrapped.benchmarks()
+        assert bench["time_step_duration"][0] == pytest.approx(0.05, rel=0.5)
+    finally:
+        interface.close()
+        env.close()
