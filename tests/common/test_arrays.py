@@ -7,7 +7,6 @@ import zlib
 import numpy as np
 import pytest
 from pydantic import ValidationError
-
 from tmrl_common.arrays import DEFAULT_MAX_ARRAY_BYTES, MAX_NDIM, DecodeBudget, WireArray, WireDtype
 from tmrl_common.errors import ProtocolError
 

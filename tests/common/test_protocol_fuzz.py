@@ -14,7 +14,6 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from tmrl_common.arrays import WireArray
 from tmrl_common.errors import ProtocolError, RejectReason
 from tmrl_common.protocol import MESSAGE_TYPES, SampleBatch, decode, encode

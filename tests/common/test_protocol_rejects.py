@@ -8,7 +8,6 @@ import zlib
 import msgpack
 import numpy as np
 import pytest
-
 from tmrl_common.arrays import WireArray
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationComponent, ObservationLayout, tm20_lidar_layout, tm20_lidar_progress_layout

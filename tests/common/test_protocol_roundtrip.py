@@ -7,7 +7,6 @@ import hashlib
 import msgpack
 import numpy as np
 import pytest
-
 from tmrl_common.arrays import WireArray
 from tmrl_common.protocol import (
     MESSAGE_TYPES,

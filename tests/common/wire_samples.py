@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from pydantic import BaseModel
-
 from tmrl_common.arrays import WireArray
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import ObservationLayout, tm20_image_layout, tm20_lidar_layout

@@ -9,16 +9,18 @@ a field declared as ``str`` always gets the text as it is (``TMRL_WORKER__WORKER
 
 from __future__ import annotations
 
+import collections.abc
 import enum
 import json
 import math
 import os
 import re
-import tomllib
 import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
+import tomllib
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
@@ -34,6 +36,9 @@ def _field_annotation(model: type[BaseModel] | None, path: list[str]) -> Any:
     annotation: Any = model
     for part in path:
         annotation = _strip_optional(annotation)
+        if get_origin(annotation) in (dict, collections.abc.Mapping) and len(get_args(annotation)) == 2:
+            annotation = get_args(annotation)[1]  # TMRL_X__TAGS__SITE: a value of a dict field
+            continue
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         field = annotation.model_fields.get(part)

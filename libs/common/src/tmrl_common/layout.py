@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _COMPONENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
@@ -125,7 +129,7 @@ def tm20_image_layout(img_hist_len: int = 4, height: int = 64, width: int = 64, 
     )
 
 
-def newest_frames(layout: ObservationLayout, observation: tuple | list) -> dict[str, "np.ndarray"]:
+def newest_frames(layout: ObservationLayout, observation: tuple | list) -> dict[str, np.ndarray]:
     """The per-step frames of an observation tuple: the newest frame of each history component, the others whole.
 
     ``observation`` is what the environment returned (components in layout order, then the action buffer).
@@ -136,7 +140,7 @@ def newest_frames(layout: ObservationLayout, observation: tuple | list) -> dict[
     if len(observation) != expected:
         raise ValueError(f"observation has {len(observation)} parts, layout expects {expected}")
     frames: dict[str, np.ndarray] = {}
-    for component, part in zip(layout.components, observation):
+    for component, part in zip(layout.components, observation, strict=False):
         array = np.asarray(part, dtype=component.dtype)
         if array.shape != component.observation_shape:
             raise ValueError(f"observation part {component.name!r} has shape {array.shape}, layout expects {component.observation_shape}")

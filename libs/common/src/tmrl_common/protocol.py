@@ -18,7 +18,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgpack
 import numpy as np
@@ -177,7 +177,7 @@ class SampleAck(Message):
     _worker_ok = field_validator("worker")(classmethod(lambda cls, v: _check_sender(v)))
 
 
-ArchitectureValue = Union[bool, int, float, str, list[int]]
+ArchitectureValue = bool | int | float | str | list[int]
 
 
 def _bytes_from_buffer(value: Any) -> Any:

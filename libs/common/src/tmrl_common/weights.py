@@ -6,7 +6,7 @@ This module works on NumPy arrays so the relay and tools can inspect weights wit
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from safetensors import SafetensorError

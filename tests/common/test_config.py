@@ -1,0 +1,201 @@
+"""load_config: TOML table, then env vars, then flags; render_config writes TOML that parses back to the same values."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field
+from tmrl_common.config import load_config, render_config
+from tmrl_common.errors import ConfigError
+
+
+class SacConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gamma: float = 0.99
+    hidden: list[int] = [256, 256]
+    polyak: float = Field(default=0.995, gt=0, lt=1)
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ExampleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    worker_id: str = "worker-1"
+    port: int = Field(default=5555, ge=1, le=65535)
+    verbose: bool = False
+    mode: Literal["sim", "tm20"] = "sim"
+    device: Device = Device.cpu
+    checkpoint: Path | None = None
+    max_batches: int | None = None
+    tags: dict[str, str] = {}
+    sac: SacConfig = SacConfig()
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tmrl.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_when_there_is_no_file_no_env_and_no_flags():
+    assert load_config(ExampleConfig, "example", environ={}) == ExampleConfig()
+
+
+def test_values_come_from_the_services_own_table(tmp_path):
+    path = write(tmp_path, """
+[example]
+port = 6000
+worker_id = "w7"
+[example.sac]
+gamma = 0.9
+[other]
+port = 1
+""")
+    config = load_config(ExampleConfig, "example", path, environ={})
+    assert (config.port, config.worker_id, config.sac.gamma, config.sac.polyak) == (6000, "w7", 0.9, 0.995)
+
+
+def test_a_missing_table_means_defaults(tmp_path):
+    assert load_config(ExampleConfig, "example", write(tmp_path, "[other]\nx = 1\n"), environ={}) == ExampleConfig()
+
+
+def test_env_vars_override_the_file_including_nested_fields(tmp_path):
+    path = write(tmp_path, "[example]\nport = 6000\n[example.sac]\ngamma = 0.9\nhidden = [1]\n")
+    environ = {"TMRL_EXAMPLE__PORT": "7000", "TMRL_EXAMPLE__SAC__GAMMA": "0.5", "TMRL_OTHER__PORT": "1", "PATH": "/bin"}
+    config = load_config(ExampleConfig, "example", path, environ=environ)
+    assert (config.port, config.sac.gamma, config.sac.hidden) == (7000, 0.5, [1])
+
+
+def test_env_values_are_parsed_as_json():
+    environ = {"TMRL_EXAMPLE__VERBOSE": "true", "TMRL_EXAMPLE__SAC__HIDDEN": "[64, 32]",
+               "TMRL_EXAMPLE__TAGS": '{"site": "lab"}', "TMRL_EXAMPLE__MAX_BATCHES": "null"}
+    config = load_config(ExampleConfig, "example", environ=environ)
+    assert config.verbose is True and config.sac.hidden == [64, 32] and config.tags == {"site": "lab"}
+    assert config.max_batches is None
+
+
+def test_env_text_for_string_fields_is_kept_as_written():
+    environ = {"TMRL_EXAMPLE__WORKER_ID": "123", "TMRL_EXAMPLE__MODE": "tm20", "TMRL_EXAMPLE__DEVICE": "cuda",
+               "TMRL_EXAMPLE__CHECKPOINT": "/tmp/1", "TMRL_EXAMPLE__TAGS__SITE": "true"}
+    config = load_config(ExampleConfig, "example", environ=environ)
+    assert config.worker_id == "123" and config.mode == "tm20" and config.device is Device.cuda
+    assert config.checkpoint == Path("/tmp/1")
+    assert config.tags == {"site": "true"}  # a value of a dict[str, str] field is a str field too
+
+
+def test_lower_case_field_names_in_env_keys_work_too():
+    assert load_config(ExampleConfig, "example", environ={"TMRL_EXAMPLE__port": "6001"}).port == 6001
+
+
+def test_flags_override_env_and_none_flags_are_ignored():
+    environ = {"TMRL_EXAMPLE__PORT": "7000", "TMRL_EXAMPLE__WORKER_ID": "env"}
+    config = load_config(ExampleConfig, "example", overrides={"port": 8000, "worker_id": None}, environ=environ)
+    assert (config.port, config.worker_id) == (8000, "env")
+
+
+def test_process_environment_is_read_when_no_environ_is_given(monkeypatch):
+    monkeypatch.setenv("TMRL_EXAMPLE__PORT", "6123")
+    assert load_config(ExampleConfig, "example").port == 6123
+
+
+def test_unknown_keys_in_the_file_are_rejected_naming_the_field(tmp_path):
+    path = write(tmp_path, "[example]\nprot = 6000\n")
+    with pytest.raises(ConfigError, match="prot") as info:
+        load_config(ExampleConfig, "example", path, environ={})
+    assert str(path) in str(info.value)
+
+
+def test_unknown_nested_keys_are_rejected_naming_the_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"sac\.gama"):
+        load_config(ExampleConfig, "example", write(tmp_path, "[example.sac]\ngama = 0.9\n"), environ={})
+
+
+def test_unknown_env_keys_are_rejected_naming_the_field():
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(ExampleConfig, "example", environ={"TMRL_EXAMPLE__BOGUS": "1"})
+
+
+def test_values_out_of_range_or_of_the_wrong_type_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="port"):
+        load_config(ExampleConfig, "example", environ={"TMRL_EXAMPLE__PORT": "70000"})
+    with pytest.raises(ConfigError, match="polyak"):
+        load_config(ExampleConfig, "example", write(tmp_path, "[example.sac]\npolyak = 1.5\n"), environ={})
+    with pytest.raises(ConfigError, match="port"):
+        load_config(ExampleConfig, "example", environ={"TMRL_EXAMPLE__PORT": "many"})
+
+
+def test_missing_file_is_a_config_error_naming_it(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="nope.toml.*does not exist"):
+        load_config(ExampleConfig, "example", missing, environ={})
+
+
+def test_invalid_toml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(ExampleConfig, "example", write(tmp_path, "[example\nport = 1\n"), environ={})
+
+
+def test_a_section_that_is_not_a_table_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="must be a table"):
+        load_config(ExampleConfig, "example", write(tmp_path, "example = 3\n"), environ={})
+
+
+def test_conflicting_env_vars_are_a_config_error_not_a_crash():
+    environ = {"TMRL_EXAMPLE__SAC": "1", "TMRL_EXAMPLE__SAC__GAMMA": "0.5"}
+    with pytest.raises(ConfigError, match="TMRL_EXAMPLE__SAC"):
+        load_config(ExampleConfig, "example", environ=environ)
+
+
+def reparsed(config: BaseModel, section: str) -> dict:
+    return tomllib.loads(render_config(config, section))[section]
+
+
+def test_render_config_parses_back_to_the_same_model():
+    config = ExampleConfig(worker_id='odd "id" \\ é 😀\n\ttab\x01', port=6000, verbose=True, mode="tm20",
+                           device=Device.cuda, checkpoint=Path("/var/lib/tmrl/ckpt"), max_batches=3,
+                           tags={"a b": "c", "plain": "d"}, sac=SacConfig(gamma=1e-20, hidden=[]))
+    table = reparsed(config, "example")
+    assert ExampleConfig.model_validate(table) == config
+    assert table["sac"]["gamma"] == 1e-20 and table["tags"] == {"a b": "c", "plain": "d"}
+
+
+def test_render_config_writes_nested_models_as_sub_tables():
+    text = render_config(ExampleConfig(), "example")
+    assert "[example]\n" in text and "[example.sac]\n" in text
+    assert text.index("port = 5555") < text.index("[example.sac]")
+
+
+def test_render_config_marks_unset_values_and_they_read_back_as_the_default():
+    text = render_config(ExampleConfig(), "example")
+    assert "# checkpoint = (unset)" in text
+    table = reparsed(ExampleConfig(), "example")
+    assert "checkpoint" not in table and ExampleConfig.model_validate(table) == ExampleConfig()
+
+
+class Deep(BaseModel):
+    level3: dict[str, dict[str, int]] = {"x": {"y": 1}}
+    items: list[dict[str, int]] = [{"a": 1}, {"b": 2}]
+    ratio: float = math.inf
+    negative: float = -math.inf
+
+
+def test_render_config_handles_deep_tables_arrays_of_tables_and_infinities():
+    table = reparsed(Deep(), "deep")
+    assert table == {"level3": {"x": {"y": 1}}, "items": [{"a": 1}, {"b": 2}], "ratio": math.inf, "negative": -math.inf}
+
+
+def test_render_config_of_a_loaded_config_reloads_to_the_same_config(tmp_path):
+    environ = {"TMRL_EXAMPLE__SAC__HIDDEN": "[8]", "TMRL_EXAMPLE__WORKER_ID": "42"}
+    config = load_config(ExampleConfig, "example", environ=environ)
+    path = write(tmp_path, render_config(config, "example"))
+    assert load_config(ExampleConfig, "example", path, environ={}) == config

@@ -1,0 +1,84 @@
+"""Smoke tests of the three service CLIs: --help works and `run --show-config` prints the effective config."""
+
+from __future__ import annotations
+
+import pytest
+import tmrl_relay.cli
+import tmrl_trainer.cli
+import tmrl_worker.cli
+import tomllib
+from tmrl_relay.config import RelayConfig
+from tmrl_trainer.config import TrainerConfig
+from tmrl_worker.config import WorkerConfig
+from typer.testing import CliRunner
+
+SERVICES = {
+    "relay": (tmrl_relay.cli.app, RelayConfig),
+    "worker": (tmrl_worker.cli.app, WorkerConfig),
+    "trainer": (tmrl_trainer.cli.app, TrainerConfig),
+}
+# one override per service, on a field each config has had since the first commit
+ENV_OVERRIDES = {
+    "relay": ("TMRL_RELAY__WORKER_PORT", "6555", "worker_port", 6555),
+    "worker": ("TMRL_WORKER__WORKER_ID", "77", "worker_id", "77"),
+    "trainer": ("TMRL_TRAINER__TRAINER_ID", "trainer-b", "trainer_id", "trainer-b"),
+}
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.startswith("TMRL_"):
+            monkeypatch.delenv(key)
+    return CliRunner()
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_help_lists_the_run_command(service, runner):
+    app, _ = SERVICES[service]
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "run" in result.output
+    run_help = runner.invoke(app, ["run", "--help"])
+    assert run_help.exit_code == 0 and "--show-config" in run_help.output and "--config" in run_help.output
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_show_config_prints_the_defaults_as_toml(service, runner):
+    app, model = SERVICES[service]
+    result = runner.invoke(app, ["run", "--show-config"])
+    assert result.exit_code == 0, result.output
+    table = tomllib.loads(result.stdout)[service]
+    assert model.model_validate(table) == model()
+    for name, value in model().model_dump(mode="json", exclude_none=True).items():
+        assert table[name] == value, name
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_show_config_includes_an_env_override(service, runner):
+    app, model = SERVICES[service]
+    key, text, field, expected = ENV_OVERRIDES[service]
+    result = runner.invoke(app, ["run", "--show-config"], env={key: text})
+    assert result.exit_code == 0, result.output
+    table = tomllib.loads(result.stdout)[service]
+    assert table[field] == expected
+    assert model.model_validate(table) == model(**{field: expected})
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_show_config_reads_the_services_table_of_a_config_file(service, runner, tmp_path):
+    app, _ = SERVICES[service]
+    _, _, field, expected = ENV_OVERRIDES[service]
+    path = tmp_path / "tmrl.toml"
+    value = f'"{expected}"' if isinstance(expected, str) else expected
+    path.write_text(f"[{service}]\n{field} = {value}\n")
+    result = runner.invoke(app, ["run", "--config", str(path), "--show-config"])
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads(result.stdout)[service][field] == expected
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_a_missing_config_file_is_a_usage_error(service, runner, tmp_path):
+    app, _ = SERVICES[service]
+    result = runner.invoke(app, ["run", "--config", str(tmp_path / "missing.toml"), "--show-config"])
+    assert result.exit_code == 2
