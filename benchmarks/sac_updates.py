@@ -1,0 +1,113 @@
+"""SAC gradient updates per second on CPU: tmrl's learner versus Stable-Baselines3's SAC, measured in the same run.
+
+Both sides: batch 256, 83-dimensional observations (TrackMania LIDAR layout: speed, 4 x 19 LIDAR, 2 previous actions),
+3-dimensional actions, [256, 256] actor and twin critics, learned entropy coefficient, polyak targets, the same
+number of torch threads, a replay memory pre-filled with 20,000 random steps, and each update includes sampling
+its batch from that memory (SB3's ``train()`` does too). tmrl stores newest frames only and rebuilds the LIDAR
+history at sampling time.
+
+    .venv/bin/python benchmarks/sac_updates.py [--updates 300] [--threads 1] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from tmrl_common.batching import SampleBatchBuilder
+from tmrl_common.layout import tm20_lidar_layout
+from tmrl_trainer.memory import ReplayMemory
+from tmrl_trainer.sac import SACConfig, SACLearner
+
+BATCH = 256
+HIDDEN = [256, 256]
+PREFILL = 20_000
+
+
+def tmrl_updates_per_second(updates: int, repeats: int, seed: int = 0) -> float:
+    layout = tm20_lidar_layout()
+    rng = np.random.default_rng(seed)
+    memory = ReplayMemory(layout, capacity=PREFILL + 10, seed=seed)
+    builder = SampleBatchBuilder(layout)
+
+    def observation():
+        return (rng.random(1, dtype=np.float32), rng.random((4, 19), dtype=np.float32),
+                rng.uniform(-1, 1, 3).astype(np.float32), rng.uniform(-1, 1, 3).astype(np.float32))
+
+    builder.add_reset(observation())
+    for step in range(PREFILL - 1):
+        done = step % 1000 == 999
+        builder.add_step(rng.uniform(-1, 1, 3), observation(), float(rng.normal()), False, done)
+        if done:
+            builder.add_reset(observation())
+        if len(builder) >= 1000:
+            memory.add_batch("bench", builder.build(seq=step, weights_version=0))
+    memory.add_batch("bench", builder.build(seq=PREFILL, weights_version=0))
+    config = SACConfig(batch_size=BATCH, hidden_sizes=HIDDEN)
+    learner = SACLearner(config, config.architecture(layout), device="cpu", seed=seed)
+    for _ in range(20):  # warm-up
+        learner.update(memory.sample(BATCH), with_metrics=False)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(updates - 1):
+            learner.update(memory.sample(BATCH), with_metrics=False)
+        learner.update(memory.sample(BATCH))  # metrics once per measured block, as a trainer logging loop would
+        best = max(best, updates / (time.perf_counter() - start))
+    return best
+
+
+class _Box83(gym.Env):
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (83,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        return np.zeros(83, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(83, np.float32), 0.0, False, False, {}
+
+
+def sb3_updates_per_second(updates: int, repeats: int, seed: int = 0) -> float:
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.logger import Logger
+
+    model = SAC("MlpPolicy", _Box83(), batch_size=BATCH, learning_starts=0, buffer_size=PREFILL + 10,
+                policy_kwargs={"net_arch": HIDDEN}, device="cpu", seed=seed)
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    rng = np.random.default_rng(seed)
+    for step in range(PREFILL):
+        model.replay_buffer.add(rng.random((1, 83), dtype=np.float32), rng.random((1, 83), dtype=np.float32),
+                                rng.uniform(-1, 1, (1, 3)).astype(np.float32), np.array([rng.normal()]),
+                                np.array([step % 1000 == 999]), [{}])
+    model.train(gradient_steps=20, batch_size=BATCH)  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.train(gradient_steps=updates, batch_size=BATCH)
+        best = max(best, updates / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--updates", type=int, default=300, help="updates per timed block")
+    parser.add_argument("--repeats", type=int, default=3, help="timed blocks per side (best is reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both sides")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ours = tmrl_updates_per_second(args.updates, args.repeats)
+    peer = sb3_updates_per_second(args.updates, args.repeats)
+    print(f"SAC updates/s on CPU (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, {args.threads} torch thread(s), "
+          f"best of {args.repeats} x {args.updates} updates incl. sampling)")
+    print(f"  {'tmrl':<20} {ours:10.1f} updates/s")
+    print(f"  {'stable-baselines3':<20} {peer:10.1f} updates/s")
+    print(f"  ratio tmrl / sb3: {ours / peer:.2f}x (target >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

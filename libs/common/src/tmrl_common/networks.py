@@ -1,0 +1,370 @@
+"""Policy and critic networks, defined once for worker inference and trainer learning (needs the ``torch`` extra).
+
+* :class:`PolicyArchitecture` describes a network completely; it travels in
+  :attr:`WeightsUpdate.architecture <tmrl_common.protocol.WeightsUpdate.architecture>` as a flat dict
+  (:meth:`PolicyArchitecture.to_flat_dict` / :meth:`PolicyArchitecture.from_flat_dict`).
+* :class:`ObservationEncoder` turns the observation tuple into one feature vector: for ``mlp`` every part is
+  flattened and concatenated in layout order; for ``cnn`` the uint8 image history goes through a small CNN
+  (history frames as channels, scaled to [0, 1]) and the other parts are flattened and appended.
+* :class:`Actor` is the squashed-Gaussian SAC policy; :meth:`Actor.act` is what a worker calls each step.
+* :class:`CriticEnsemble` holds N Q-functions evaluated together with batched matrix products (critics never travel).
+* :func:`weights_update_from_actor`, :func:`actor_from_weights_update`, :func:`load_weights_into` convert between an
+  actor and the wire message (tensors as safetensors bytes, never pickle).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Mapping, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+try:
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+except ImportError as exc:  # the relay installs tmrl-common without the torch extra
+    raise ImportError("tmrl_common.networks needs torch: install tmrl-common[torch] (the relay never needs it)") from exc
+
+from tmrl_common.errors import ProtocolError
+from tmrl_common.layout import ObservationComponent, ObservationLayout
+from tmrl_common.protocol import ArchitectureValue, WeightsUpdate
+from tmrl_common.weights import tensors_from_bytes, tensors_to_bytes
+
+Activation = Literal["relu", "tanh", "elu", "silu"]
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
+_FUNCTIONAL: dict[str, object] = {"relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "silu": F.silu}
+
+
+def is_image_component(component: ObservationComponent) -> bool:
+    """Image parts (uint8 frames of 2 or 3 dimensions: ``[H, W]`` or ``[C, H, W]``) go through the CNN."""
+    return component.dtype == "uint8" and len(component.frame_shape) in (2, 3)
+
+
+class PolicyArchitecture(BaseModel):
+    """Everything needed to build a policy before loading its tensors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["mlp", "cnn"] = "mlp"
+    layout: ObservationLayout
+    hidden_sizes: list[int] = Field(default_factory=lambda: [256, 256], min_length=1, max_length=8)
+    activation: Activation = "relu"
+    log_std_min: float = -20.0
+    log_std_max: float = 2.0
+    conv_channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 64], min_length=1, max_length=8)
+    """CNN only: output channels of each 4x4 stride-2 convolution."""
+
+    @property
+    def action_dim(self) -> int:
+        return self.layout.action_dim
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicyArchitecture:
+        if any(h <= 0 for h in self.hidden_sizes) or any(c <= 0 for c in self.conv_channels):
+            raise ValueError("hidden_sizes and conv_channels must be positive")
+        if self.log_std_min >= self.log_std_max:
+            raise ValueError(f"log_std_min {self.log_std_min} must be below log_std_max {self.log_std_max}")
+        has_images = any(is_image_component(c) for c in self.layout.components)
+        if self.kind == "cnn" and not has_images:
+            raise ValueError("kind 'cnn' needs a uint8 image component ([H, W] or [C, H, W] frames) in the layout")
+        return self
+
+    @classmethod
+    def for_layout(cls, layout: ObservationLayout, **fields: object) -> PolicyArchitecture:
+        """The default architecture for ``layout``: ``cnn`` when it has image components, else ``mlp``."""
+        kind = "cnn" if any(is_image_component(c) for c in layout.components) else "mlp"
+        return cls(kind=fields.pop("kind", kind), layout=layout, **fields)  # type: ignore[arg-type]
+
+    def to_flat_dict(self) -> dict[str, ArchitectureValue]:
+        """Flat ``bool/int/float/str/list[int]`` values for :class:`WeightsUpdate`; the layout is one JSON string."""
+        return {
+            "kind": self.kind,
+            "layout": self.layout.model_dump_json(),
+            "action_dim": self.layout.action_dim,
+            "hidden_sizes": list(self.hidden_sizes),
+            "activation": self.activation,
+            "log_std_min": float(self.log_std_min),
+            "log_std_max": float(self.log_std_max),
+            "conv_channels": list(self.conv_channels),
+        }
+
+    @classmethod
+    def from_flat_dict(cls, values: Mapping[str, ArchitectureValue]) -> PolicyArchitecture:
+        """Inverse of :meth:`to_flat_dict`; raise :class:`ProtocolError` (reason ``schema``) on anything invalid."""
+        data = dict(values)
+        layout_text = data.pop("layout", None)
+        action_dim = data.pop("action_dim", None)
+        if not isinstance(layout_text, str):
+            raise ProtocolError("schema", "architecture has no 'layout' JSON string")
+        try:
+            layout = ObservationLayout.model_validate_json(layout_text)
+            architecture = cls.model_validate({**data, "layout": layout})
+        except ValidationError as exc:
+            raise ProtocolError("schema", f"architecture is invalid: {exc.errors()[0]['msg']} ({exc.error_count()} error(s))") from exc
+        if action_dim is not None and action_dim != layout.action_dim:
+            raise ProtocolError("schema", f"architecture action_dim {action_dim} disagrees with its layout ({layout.action_dim})")
+        return architecture
+
+
+# ------------------------------------------------------------------------------------------------ observation encoding
+
+
+def _conv_output_size(height: int, width: int, layers: int) -> tuple[int, int]:
+    for _ in range(layers):
+        height, width = (height - 4) // 2 + 1, (width - 4) // 2 + 1
+    return height, width
+
+
+class ObservationEncoder(nn.Module):
+    """Observation tuple (batched tensors, layout order, then the action buffer) → feature matrix ``(B, features)``.
+
+    ``mlp``: every part flattened (uint8 parts scaled to [0, 1]) and concatenated; no parameters.
+    ``cnn``: each image component's history is stacked as channels and passed through its own CNN; the rest is
+    flattened and appended to the CNN features.
+    """
+
+    def __init__(self, architecture: PolicyArchitecture) -> None:
+        super().__init__()
+        self.layout = architecture.layout
+        self._image_parts: list[int] = []
+        self.cnns = nn.ModuleList()
+        features = 0
+        shapes = self.layout.observation_shapes()
+        if architecture.kind == "cnn":
+            activation = _ACTIVATIONS[architecture.activation]
+            for index, component in enumerate(self.layout.components):
+                if not is_image_component(component):
+                    continue
+                *channels, height, width = component.frame_shape
+                in_channels = component.history * (channels[0] if channels else 1)
+                layers: list[nn.Module] = []
+                for out_channels in architecture.conv_channels:
+                    layers += [nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2), activation()]
+                    in_channels = out_channels
+                out_h, out_w = _conv_output_size(height, width, len(architecture.conv_channels))
+                if out_h <= 0 or out_w <= 0:
+                    raise ValueError(f"image {component.name!r} of {height}x{width} is too small for "
+                                     f"{len(architecture.conv_channels)} stride-2 convolutions")
+                self.cnns.append(nn.Sequential(*layers, nn.Flatten()))
+                self._image_parts.append(index)
+                features += in_channels * out_h * out_w
+        self._flat_parts = [i for i in range(len(shapes)) if i not in self._image_parts]
+        features += sum(math.prod(shapes[i]) for i in self._flat_parts)
+        self.features = features
+
+    def forward(self, observation: Sequence[torch.Tensor]) -> torch.Tensor:
+        batch = observation[0].shape[0]
+        parts: list[torch.Tensor] = []
+        for cnn, index in zip(self.cnns, self._image_parts):
+            images = observation[index]
+            images = images.reshape(batch, -1, *images.shape[-2:]).float().div_(255.0)
+            parts.append(cnn(images))
+        for index in self._flat_parts:
+            part = observation[index]
+            if part.dtype == torch.uint8:
+                part = part.float().div_(255.0)
+            parts.append(part.reshape(batch, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _mlp(sizes: Sequence[int], activation: Activation) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(fan_in, fan_out), _ACTIVATIONS[activation]()]
+    return nn.Sequential(*layers)
+
+
+# ------------------------------------------------------------------------------------------------------------- actor
+
+
+class Actor(nn.Module):
+    """Squashed-Gaussian policy: ``a = tanh(mu + sigma * eps)``, actions in ``[-1, 1]``.
+
+    :meth:`forward` is the batched, differentiable form used by the learner; :meth:`act` is the worker's
+    one-observation inference call.
+    """
+
+    def __init__(self, architecture: PolicyArchitecture) -> None:
+        super().__init__()
+        self.architecture = architecture
+        self.encoder = ObservationEncoder(architecture)
+        self.trunk = _mlp([self.encoder.features, *architecture.hidden_sizes], architecture.activation)
+        self.mean = nn.Linear(architecture.hidden_sizes[-1], architecture.action_dim)
+        self.log_std = nn.Linear(architecture.hidden_sizes[-1], architecture.action_dim)
+        self.noise_generator: torch.Generator | None = None
+        """Source of exploration noise for :meth:`act` (the global torch RNG when ``None``)."""
+
+    def forward(
+        self,
+        observation: Sequence[torch.Tensor],
+        deterministic: bool = False,
+        with_log_prob: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Actions ``(B, action_dim)`` and their log-probabilities ``(B,)`` under the squashed Gaussian."""
+        return self.policy(self.encoder(observation), deterministic, with_log_prob, generator)
+
+    def policy(
+        self,
+        features: torch.Tensor,
+        deterministic: bool = False,
+        with_log_prob: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` from already encoded observations (``self.encoder(observation)``)."""
+        hidden = self.trunk(features)
+        mean = self.mean(hidden)
+        log_std = self.log_std(hidden).clamp(self.architecture.log_std_min, self.architecture.log_std_max)
+        if deterministic:
+            return torch.tanh(mean), None
+        std = log_std.exp()
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        pre_tanh = mean + std * noise
+        action = torch.tanh(pre_tanh)
+        if not with_log_prob:
+            return action, None
+        # log N(pre_tanh; mean, std) minus log|d tanh/dx| = 2 (log 2 - x - softplus(-2x)), summed over dims
+        gaussian = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+        squash = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+        return action, (gaussian - squash).sum(dim=1)
+
+    @torch.no_grad()
+    def act(self, observation: Sequence[np.ndarray], deterministic: bool = False) -> np.ndarray:
+        """One action for one (unbatched) observation tuple: float32 in ``[-1, 1]``, computed on the CPU."""
+        expected = len(self.architecture.layout.observation_shapes())
+        if len(observation) != expected:
+            raise ValueError(f"observation has {len(observation)} parts, the policy's layout expects {expected}")
+        device = next(self.parameters()).device
+        batch = [torch.as_tensor(np.asarray(part)).unsqueeze(0).to(device) for part in observation]
+        batch = [part if part.dtype == torch.uint8 else part.float() for part in batch]
+        action, _ = self.forward(batch, deterministic=deterministic, with_log_prob=False, generator=self.noise_generator)
+        return action[0].cpu().numpy().astype(np.float32, copy=False)
+
+
+def build_actor(architecture: PolicyArchitecture) -> Actor:
+    """A freshly initialised :class:`Actor` for ``architecture`` (seed torch first for reproducible weights)."""
+    return Actor(architecture)
+
+
+# ----------------------------------------------------------------------------------------------------------- critics
+
+
+class CriticEnsemble(nn.Module):
+    """``n`` Q-functions ``Q_i(o, a)`` evaluated in one pass: each layer is a stacked weight tensor
+    ``(n, fan_in, fan_out)`` applied with one batched matrix product, instead of ``n`` separate MLPs.
+    Each member is initialised like an independent ``nn.Linear`` stack.
+
+    The first layer is split into an observation part and an action part, so a learner that evaluates the critics
+    at the same observations with two different actions (the replayed one and the policy's) computes the larger
+    observation part once: ``Q = head(observation_part(features), action)``.
+
+    For ``mlp`` architectures the encoder has no parameters and is shared; for ``cnn`` each critic has its own CNN.
+    """
+
+    def __init__(self, architecture: PolicyArchitecture, n: int = 2) -> None:
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"a critic ensemble needs at least 1 member, got {n}")
+        self.n = n
+        self.activation = _FUNCTIONAL[architecture.activation]
+        self.encoders = nn.ModuleList([ObservationEncoder(architecture) for _ in range(n if architecture.kind == "cnn" else 1)])
+        features, actions = self.encoders[0].features, architecture.action_dim
+        sizes = [features + actions, *architecture.hidden_sizes, 1]
+        weights, biases = [], []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            weight = torch.empty(n, fan_in, fan_out)
+            bias = torch.empty(n, 1, fan_out)
+            bound = 1.0 / math.sqrt(fan_in)
+            for member in range(n):  # same distribution as nn.Linear's default initialisation
+                nn.init.kaiming_uniform_(weight[member].T, a=math.sqrt(5))
+                nn.init.uniform_(bias[member], -bound, bound)
+            weights.append(weight)
+            biases.append(bias)
+        self.observation_weight = nn.Parameter(weights[0][:, :features].contiguous())
+        self.action_weight = nn.Parameter(weights[0][:, features:].contiguous())
+        self.first_bias = nn.Parameter(biases[0])
+        self.weights = nn.ParameterList([nn.Parameter(w) for w in weights[1:]])
+        self.biases = nn.ParameterList([nn.Parameter(b) for b in biases[1:]])
+
+    @property
+    def shares_encoder(self) -> bool:
+        """True when every member reads the same parameter-free features (``mlp``)."""
+        return len(self.encoders) == 1
+
+    def encode(self, observation: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Features ``(B, F)`` when the encoder is shared, else ``(n, B, F)`` (one CNN per member)."""
+        if self.shares_encoder:
+            return self.encoders[0](observation)
+        return torch.stack([encoder(observation) for encoder in self.encoders])
+
+    def forward(self, observation: Sequence[torch.Tensor], action: torch.Tensor) -> torch.Tensor:
+        """Q-values ``(n, B)``."""
+        return self.head(self.observation_part(self.encode(observation)), action)
+
+    def q_values(self, features: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Q-values ``(n, B)`` from :meth:`encode`'s features."""
+        return self.head(self.observation_part(features), action)
+
+    def observation_part(self, features: torch.Tensor) -> torch.Tensor:
+        """First-layer pre-activation from the observation alone (bias included): ``(n, B, hidden)``."""
+        if features.dim() == 2:
+            features = features.expand(self.n, -1, -1)
+        return torch.baddbmm(self.first_bias, features, self.observation_weight)
+
+    def head(self, observation_part: torch.Tensor, action: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Q-values ``(n, B)`` from :meth:`observation_part` and actions ``(B, action_dim)``.
+
+        ``frozen``: use detached weights, so gradients reach ``action`` but never the critics (policy loss).
+        """
+        action_weight = self.action_weight.detach() if frozen else self.action_weight
+        x = self.activation(torch.baddbmm(observation_part, action.expand(self.n, -1, -1), action_weight))
+        last = len(self.weights) - 1
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            if frozen:
+                weight, bias = weight.detach(), bias.detach()
+            x = torch.baddbmm(bias, x, weight)
+            if layer < last:
+                x = self.activation(x)
+        return x.squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------- weights on the wire
+
+
+def _actor_tensors(actor: Actor) -> dict[str, np.ndarray]:
+    return {name: tensor.detach().to("cpu", torch.float32).contiguous().numpy() for name, tensor in actor.state_dict().items()}
+
+
+def weights_update_from_actor(actor: Actor, version: int) -> WeightsUpdate:
+    """The :class:`WeightsUpdate` message carrying ``actor`` (float32 safetensors bytes + flat architecture)."""
+    data = tensors_to_bytes(_actor_tensors(actor), metadata={"format": "tmrl-actor"})
+    return WeightsUpdate.build(version=version, architecture=actor.architecture.to_flat_dict(), tensors=data)
+
+
+def load_weights_into(actor: Actor, update: WeightsUpdate) -> None:
+    """Swap ``update``'s tensors into ``actor`` in place; raise :class:`ProtocolError` (reason ``schema``) when the
+    architecture or any tensor name/shape differs (the actor is left untouched then)."""
+    architecture = PolicyArchitecture.from_flat_dict(update.architecture)
+    if architecture != actor.architecture:
+        raise ProtocolError("schema", f"weights version {update.version} are for a different architecture than this actor; "
+                                      "rebuild it with actor_from_weights_update")
+    tensors = tensors_from_bytes(update.tensors)
+    current = actor.state_dict()
+    if set(tensors) != set(current):
+        raise ProtocolError("schema", f"weights version {update.version} hold tensors {sorted(set(tensors) ^ set(current))} "
+                                      "that do not match the actor")
+    for name, target in current.items():
+        if tuple(tensors[name].shape) != tuple(target.shape):
+            raise ProtocolError("schema", f"weight {name!r} has shape {tuple(tensors[name].shape)}, actor expects {tuple(target.shape)}")
+    with torch.no_grad():
+        for name, target in current.items():
+            target.copy_(torch.from_numpy(np.array(tensors[name], copy=True)))
+
+
+def actor_from_weights_update(update: WeightsUpdate) -> Actor:
+    """A new :class:`Actor` built from ``update.architecture`` with ``update``'s tensors loaded (CPU, eval mode)."""
+    actor = build_actor(PolicyArchitecture.from_flat_dict(update.architecture))
+    load_weights_into(actor, update)
+    return actor.eval()

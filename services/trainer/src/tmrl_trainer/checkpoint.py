@@ -1,0 +1,117 @@
+"""Trainer checkpoints without pickle: one safetensors file, written atomically, that resumes bit-for-bit.
+
+Every tensor of :meth:`SACLearner.state_dict` (networks, target networks, ``log(alpha)``, Adam moments and step
+counts, the noise generator's state) is a safetensors entry; the rest of the tree (optimizer parameter groups,
+counters, the SAC config and the policy architecture) is a JSON document in the file's header metadata, where each
+tensor appears as ``{"$tensor": "<entry name>"}``. The replay memory, when saved, goes to a second file next to it
+(``<name>.memory.safetensors``), also written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from tmrl_trainer.memory import ReplayMemory
+from tmrl_trainer.sac import SACLearner
+from tmrl_trainer.tensor_file import TensorFileError, pack, read_file, write_atomically
+
+CHECKPOINT_FORMAT = "tmrl-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the learner it is loaded into."""
+
+
+class Checkpoint(BaseModel):
+    """What :func:`load_checkpoint` returns besides restoring the learner (and memory)."""
+
+    counters: dict[str, int]
+    """Caller-defined progress counters (environment steps, episodes, published weights version...)."""
+    sac_config: dict[str, Any]
+    architecture: dict[str, Any]
+    memory_restored: bool
+
+
+def memory_path_for(path: str | Path) -> Path:
+    """Where the replay memory of the checkpoint at ``path`` is saved."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".memory.safetensors")
+
+
+def _split(tree: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """JSON-able copy of ``tree`` with tensors moved into ``tensors``; tuples and non-string-keyed dicts are tagged."""
+    if isinstance(tree, torch.Tensor):
+        tensors[prefix] = tree
+        return {"$tensor": prefix}
+    if isinstance(tree, dict):
+        if all(isinstance(key, str) for key in tree):
+            return {key: _split(value, tensors, f"{prefix}.{key}") for key, value in tree.items()}
+        return {"$items": [[key, _split(value, tensors, f"{prefix}.{key}")] for key, value in tree.items()]}
+    if isinstance(tree, tuple):
+        return {"$tuple": [_split(value, tensors, f"{prefix}.{i}") for i, value in enumerate(tree)]}
+    if isinstance(tree, list):
+        return [_split(value, tensors, f"{prefix}.{i}") for i, value in enumerate(tree)]
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    raise TypeError(f"cannot store {type(tree).__name__} at {prefix!r} in a checkpoint")
+
+
+def _join(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {"$tensor"}:
+            return tensors[tree["$tensor"]]
+        if set(tree) == {"$items"}:
+            return {key: _join(value, tensors) for key, value in tree["$items"]}
+        if set(tree) == {"$tuple"}:
+            return tuple(_join(value, tensors) for value in tree["$tuple"])
+        return {key: _join(value, tensors) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_join(value, tensors) for value in tree]
+    return tree
+
+
+def save_checkpoint(path: str | Path, learner: SACLearner, counters: dict[str, int] | None = None,
+                    memory: ReplayMemory | None = None) -> Path:
+    """Write ``learner`` (and ``memory`` when given) to ``path`` atomically; return ``path``."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _split(learner.state_dict(), tensors, "learner")
+    document = {
+        "format": CHECKPOINT_FORMAT,
+        "learner": tree,
+        "counters": {key: int(value) for key, value in (counters or {}).items()},
+        "sac_config": learner.config.model_dump(mode="json"),
+        "architecture": learner.architecture.to_flat_dict(),
+        "memory": memory is not None,
+    }
+    if memory is not None:
+        memory.save(memory_path_for(path))
+    return write_atomically(path, pack(tensors, document))
+
+
+def load_checkpoint(path: str | Path, learner: SACLearner, memory: ReplayMemory | None = None) -> Checkpoint:
+    """Restore ``learner`` (and ``memory`` when given and saved) from ``path``; raise :class:`CheckpointError`."""
+    try:
+        tensors, document = read_file(path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {path} does not exist") from exc
+    except TensorFileError as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+    if document["architecture"] != learner.architecture.to_flat_dict():
+        raise CheckpointError(f"checkpoint {path} was written for another policy architecture; "
+                              "start with the same layout and hidden sizes, or from scratch")
+    try:
+        learner.load_state_dict(_join(document["learner"], tensors))
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this learner (different SAC config?): {exc}") from exc
+    restored = False
+    if memory is not None and document.get("memory"):
+        memory.load(memory_path_for(path))
+        restored = True
+    return Checkpoint(counters=document["counters"], sac_config=document["sac_config"],
+                      architecture=document["architecture"], memory_restored=restored)

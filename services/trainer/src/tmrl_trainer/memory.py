@@ -1,0 +1,252 @@
+"""Replay memory that stores each frame once and rebuilds observation histories when sampling.
+
+Rows arrive as :class:`~tmrl_common.protocol.SampleBatch` es (newest frame per step, see :mod:`tmrl_common.layout`).
+Each stored row remembers the absolute index of the previous row *of the same worker's episode* (``prev``);
+an episode's first row points at itself. Rebuilding the observation at a row is then a few vectorised hops along
+``prev``: a history component of length ``h`` takes the frames at hops ``h-1 … 0`` (oldest to newest) and the action
+buffer of length ``k`` takes the actions at hops ``k-1 … 0``. Because a first row points at itself, entries before
+an episode's start repeat its first row, which is the layout's rule. Rows of several workers may interleave freely.
+
+A transition is ``(observation at prev[t], action[t], reward[t], observation at t, terminated[t], truncated[t])``
+for every row ``t`` that has a previous row: it never crosses a reset. It can be sampled only while every row its
+two observations need is still in the ring buffer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from tmrl_common.layout import ObservationLayout
+from tmrl_common.protocol import SampleBatch
+from tmrl_trainer.tensor_file import TensorFileError, pack, unpack, write_atomically
+
+MEMORY_FORMAT = "tmrl-replay-memory-1"
+
+
+class MemoryFileError(ValueError):
+    """A saved replay memory could not be read back or does not fit this memory."""
+
+
+class TransitionBatch(NamedTuple):
+    """Transitions sampled from the memory, as tensors (CPU unless moved with :meth:`to`)."""
+
+    observation: tuple[torch.Tensor, ...]
+    action: torch.Tensor
+    reward: torch.Tensor
+    next_observation: tuple[torch.Tensor, ...]
+    terminated: torch.Tensor
+    """1.0 where the episode ended by reaching a terminal state (no bootstrap), else 0.0."""
+    truncated: torch.Tensor
+    """1.0 where the episode was cut by a time limit (the target still bootstraps), else 0.0."""
+
+    def to(self, device: torch.device | str) -> TransitionBatch:
+        """The same batch on ``device``."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return TransitionBatch(tuple(map(move, self.observation)), move(self.action), move(self.reward),
+                               tuple(map(move, self.next_observation)), move(self.terminated), move(self.truncated))
+
+
+class ReplayMemory:
+    """Ring buffer of newest-frame rows from any number of workers; samples full transitions.
+
+    ``capacity`` counts rows (one per environment step), not transitions.
+    """
+
+    def __init__(self, layout: ObservationLayout, capacity: int = 1_000_000, seed: int = 0) -> None:
+        if capacity < 2:
+            raise ValueError(f"replay memory capacity must be at least 2 rows, got {capacity}")
+        self.layout = layout
+        self.capacity = int(capacity)
+        self.depth = max([c.history for c in layout.components] + [layout.action_history, 1])
+        """Rows an observation spans: hops 0 … depth-1 along ``prev``."""
+        self._rng = np.random.default_rng(seed)
+        self._frames = {c.name: np.zeros((self.capacity, *c.frame_shape), dtype=c.dtype) for c in layout.components}
+        self._actions = np.zeros((self.capacity, layout.action_dim), dtype=np.float32)
+        self._rewards = np.zeros(self.capacity, dtype=np.float32)
+        self._terminated = np.zeros(self.capacity, dtype=bool)
+        self._truncated = np.zeros(self.capacity, dtype=bool)
+        self._prev = np.zeros(self.capacity, dtype=np.int64)
+        self._has_prev = np.zeros(self.capacity, dtype=bool)
+        self._oldest = np.zeros(self.capacity, dtype=np.int64)
+        """Absolute index of the oldest row the transition ending at this row needs."""
+        self._total = 0
+        self._tails: dict[str, list[int]] = {}
+        """Per worker: absolute indices of the last ``depth + 1`` rows of its open episode (empty: none open)."""
+        self.orphan_rows = 0
+        """Non-first rows whose predecessor is unknown (first batch of a worker lost, or a step after an episode end);
+        they start a new history and give no transition."""
+
+    # ---------------------------------------------------------------------------------------------------- storing
+
+    def __len__(self) -> int:
+        """Rows currently stored."""
+        return min(self._total, self.capacity)
+
+    @property
+    def rows_added(self) -> int:
+        """Rows ever added (including overwritten ones)."""
+        return self._total
+
+    def add_batch(self, worker_id: str, batch: SampleBatch) -> int:
+        """Store ``batch`` (rows of ``worker_id``, continuing that worker's open episode); return the rows stored.
+
+        Raises :class:`~tmrl_common.errors.ProtocolError` (reason ``schema``) if the batch does not match the layout;
+        nothing is stored then.
+        """
+        batch.check_layout(self.layout)
+        steps = batch.steps
+        first = batch.first.array
+        ended = batch.terminated.array | batch.truncated.array
+        prev = np.empty(steps, dtype=np.int64)
+        has_prev = np.empty(steps, dtype=bool)
+        oldest = np.empty(steps, dtype=np.int64)
+        tail = self._tails.get(worker_id, [])
+        keep = self.depth + 1
+        for row in range(steps):
+            index = self._total + row
+            if first[row] or not tail:
+                if not first[row]:
+                    self.orphan_rows += 1
+                tail = [index]
+                prev[row], has_prev[row] = index, False
+            else:
+                prev[row], has_prev[row] = tail[-1], True
+                tail.append(index)
+                if len(tail) > keep:
+                    del tail[0]
+            oldest[row] = tail[max(0, len(tail) - 1 - self.depth)]
+            if ended[row]:
+                tail = []
+        self._tails[worker_id] = tail
+
+        stored = min(steps, self.capacity)
+        positions = (self._total + np.arange(steps - stored, steps)) % self.capacity
+        rows = slice(steps - stored, steps)
+        for name, frames in self._frames.items():
+            frames[positions] = batch.observations[name].array[rows]
+        self._actions[positions] = batch.actions.array[rows]
+        self._rewards[positions] = batch.rewards.array[rows]
+        self._terminated[positions] = batch.terminated.array[rows]
+        self._truncated[positions] = batch.truncated.array[rows]
+        self._prev[positions] = prev[rows]
+        self._has_prev[positions] = has_prev[rows]
+        self._oldest[positions] = oldest[rows]
+        self._total += steps
+        return steps
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Close ``worker_id``'s open episode (e.g. it restarted): its next row must be a reset to give transitions."""
+        self._tails.pop(worker_id, None)
+
+    # --------------------------------------------------------------------------------------------------- sampling
+
+    def _sampleable(self, positions: np.ndarray) -> np.ndarray:
+        return self._has_prev[positions] & (self._oldest[positions] >= self._total - self.capacity)
+
+    def sampleable_positions(self) -> np.ndarray:
+        """Ring positions of every row that currently ends a sampleable transition (O(capacity); for tests/tools)."""
+        positions = np.arange(len(self))
+        return positions[self._sampleable(positions)]
+
+    def sample(self, batch_size: int) -> TransitionBatch:
+        """``batch_size`` transitions drawn uniformly (with replacement) from the sampleable ones."""
+        stored = len(self)
+        if stored == 0:
+            raise ValueError("cannot sample from an empty replay memory")
+        positions = self._rng.integers(0, stored, size=batch_size)
+        bad = ~self._sampleable(positions)
+        for _ in range(32):  # rejection sampling: cheap while most rows are sampleable, which is the normal case
+            if not bad.any():
+                break
+            positions[bad] = self._rng.integers(0, stored, size=int(bad.sum()))
+            bad = ~self._sampleable(positions)
+        if bad.any():
+            valid = self.sampleable_positions()
+            if valid.size == 0:
+                raise ValueError(f"the replay memory holds {stored} rows but no complete transition yet")
+            positions[bad] = valid[self._rng.integers(0, valid.size, size=int(bad.sum()))]
+        return self.transitions(positions)
+
+    def transitions(self, positions: np.ndarray) -> TransitionBatch:
+        """The transitions ending at ring ``positions`` (which must be sampleable)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        hops = np.empty((self.depth + 1, positions.size), dtype=np.int64)
+        hops[0] = positions
+        for hop in range(1, self.depth + 1):
+            hops[hop] = self._prev[hops[hop - 1]] % self.capacity
+        observation: list[np.ndarray] = []
+        next_observation: list[np.ndarray] = []
+        for component in self.layout.components:
+            frames, history = self._frames[component.name], component.history
+            if history == 1:
+                observation.append(frames[hops[1]])
+                next_observation.append(frames[hops[0]])
+            else:
+                gathered = frames[hops[: history + 1]]  # (history + 1, B, *frame): hop k at index k
+                observation.append(np.ascontiguousarray(np.swapaxes(gathered[history:0:-1], 0, 1)))
+                next_observation.append(np.ascontiguousarray(np.swapaxes(gathered[history - 1::-1], 0, 1)))
+        for age in range(self.layout.action_history - 1, -1, -1):  # oldest first, like rtgym's act_buf
+            observation.append(self._actions[hops[age + 1]])
+            next_observation.append(self._actions[hops[age]])
+        tensor = torch.from_numpy
+        return TransitionBatch(
+            observation=tuple(map(tensor, observation)),
+            action=tensor(self._actions[positions]),
+            reward=tensor(self._rewards[positions]),
+            next_observation=tuple(map(tensor, next_observation)),
+            terminated=tensor(self._terminated[positions].astype(np.float32)),
+            truncated=tensor(self._truncated[positions].astype(np.float32)),
+        )
+
+    # ----------------------------------------------------------------------------------------------- save / load
+
+    def to_bytes(self) -> bytes:
+        """The whole memory as a tensor file (:mod:`tmrl_trainer.tensor_file`): arrays plus counters and RNG state."""
+        stored = len(self)
+        arrays = {f"frames.{name}": frames[:stored] for name, frames in self._frames.items()}
+        arrays.update(actions=self._actions[:stored], rewards=self._rewards[:stored], terminated=self._terminated[:stored],
+                      truncated=self._truncated[:stored], prev=self._prev[:stored], has_prev=self._has_prev[:stored],
+                      oldest=self._oldest[:stored])
+        meta = {"format": MEMORY_FORMAT, "layout": self.layout.model_dump(mode="json"), "capacity": self.capacity,
+                "total": self._total, "tails": self._tails, "orphan_rows": self.orphan_rows,
+                "rng": self._rng.bit_generator.state}
+        return pack(arrays, meta)
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_bytes` to ``path`` atomically."""
+        return write_atomically(path, self.to_bytes())
+
+    def load_bytes(self, data: bytes) -> None:
+        """Replace this memory's content with a saved one (same layout and capacity); raise :class:`MemoryFileError`."""
+        try:
+            arrays, meta = unpack(data)
+        except TensorFileError as exc:
+            raise MemoryFileError(f"not a saved tmrl replay memory: {exc}") from exc
+        if not isinstance(meta, dict) or meta.get("format") != MEMORY_FORMAT:
+            raise MemoryFileError(f"saved memory format is not {MEMORY_FORMAT!r}")
+        if ObservationLayout.model_validate(meta["layout"]) != self.layout or meta["capacity"] != self.capacity:
+            raise MemoryFileError("saved memory has a different layout or capacity than this one")
+        stored = min(meta["total"], self.capacity)
+        try:
+            for name, frames in self._frames.items():
+                frames[:stored] = arrays[f"frames.{name}"].numpy()
+            for name in ("actions", "rewards", "terminated", "truncated", "prev", "has_prev", "oldest"):
+                getattr(self, f"_{name}")[:stored] = arrays[name].numpy()
+        except (KeyError, ValueError) as exc:
+            raise MemoryFileError(f"saved memory arrays do not match its header: {exc}") from exc
+        self._total = int(meta["total"])
+        self._tails = {str(k): [int(i) for i in v] for k, v in meta["tails"].items()}
+        self.orphan_rows = int(meta["orphan_rows"])
+        self._rng.bit_generator.state = meta["rng"]
+
+    def load(self, path: str | Path) -> None:
+        """Read a memory written by :meth:`save`."""
+        self.load_bytes(Path(path).read_bytes())
+

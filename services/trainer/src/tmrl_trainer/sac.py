@@ -1,0 +1,208 @@
+"""Soft Actor-Critic (Haarnoja et al. 2018, with learned entropy coefficient) and its REDQ variant (Chen et al. 2021).
+
+One :meth:`SACLearner.update` reads top to bottom:
+
+1. **critic target**  ``y = r + gamma * (1 - terminated) * (min_{i in M} Q'_i(s', a') - alpha * log pi(a'|s'))``
+   with ``a' ~ pi(.|s')``. Only *termination* stops the bootstrap: a time-limit truncation is not a terminal state,
+   so its target still includes the next state's value. ``M`` is all critics for SAC (twin critics, ``n = m = 2``)
+   or ``m`` of the ``n`` critics drawn at random each update for REDQ.
+2. **critic loss**  ``0.5 * sum_i mean_b (Q_i(s, a) - y)^2``.
+3. **actor loss**  ``mean_b (alpha * log pi(a~|s) - Q(s, a~))`` with ``a~ ~ pi(.|s)`` reparameterised; ``Q`` is the
+   min over the critics for SAC and their mean for REDQ; the critics' weights are detached here, so this loss only
+   trains the actor.
+4. **entropy coefficient loss**  ``-mean_b log(alpha) * (log pi(a~|s) + target_entropy)``: alpha grows when the
+   policy's entropy ``-log pi`` falls below ``target_entropy`` (default ``-action_dim``) and shrinks otherwise.
+   ``log pi`` is detached, so this loss only trains ``log(alpha)``.
+5. All three losses are computed at the same parameters and applied by one Adam step (as in the original SAC
+   implementation, which ran its three train ops together), then the **target critics** move by polyak averaging
+   ``theta' <- (1 - tau) * theta' + tau * theta``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tmrl_common.layout import ObservationLayout
+from tmrl_common.networks import Activation, Actor, CriticEnsemble, PolicyArchitecture, build_actor
+from tmrl_trainer.memory import TransitionBatch
+
+
+class SACConfig(BaseModel):
+    """Hyperparameters of the learner (table ``[trainer.sac]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gamma: float = Field(default=0.99, ge=0.0, le=1.0)
+    tau: float = Field(default=0.005, gt=0.0, le=1.0)
+    """Polyak coefficient of the target critics (1: hard copy every update)."""
+    actor_lr: float = Field(default=1e-3, gt=0.0)
+    critic_lr: float = Field(default=1e-3, gt=0.0)
+    alpha_lr: float = Field(default=1e-3, gt=0.0)
+    batch_size: int = Field(default=256, ge=1)
+    hidden_sizes: list[int] = Field(default_factory=lambda: [256, 256], min_length=1)
+    activation: Activation = "relu"
+    init_alpha: float = Field(default=1.0, gt=0.0)
+    learn_alpha: bool = True
+    target_entropy: float | None = None
+    """Entropy the learned alpha steers towards; ``None`` means ``-action_dim``."""
+    redq_n: int = Field(default=2, ge=1)
+    """Number of critics (2: twin critics of SAC)."""
+    redq_m: int = Field(default=2, ge=1)
+    """Critics the target takes the minimum over, drawn at random each update (``redq_m == redq_n``: plain SAC)."""
+    utd: float = Field(default=1.0, gt=0.0)
+    """Updates per environment step received (update-to-data ratio; REDQ uses large values like 20)."""
+    learning_starts: int = Field(default=1000, ge=1)
+    """Rows in the replay memory before the first update."""
+
+    @model_validator(mode="after")
+    def _subset_fits(self) -> SACConfig:
+        if self.redq_m > self.redq_n:
+            raise ValueError(f"redq_m ({self.redq_m}) cannot exceed redq_n ({self.redq_n})")
+        return self
+
+    def architecture(self, layout: ObservationLayout, **fields: Any) -> PolicyArchitecture:
+        """The policy architecture for ``layout`` with this config's hidden sizes and activation."""
+        return PolicyArchitecture.for_layout(layout, hidden_sizes=list(self.hidden_sizes), activation=self.activation, **fields)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+    return resolved
+
+
+class SACLearner:
+    """Actor, critic ensemble, target critics and entropy coefficient, with their optimizers.
+
+    Deterministic on CPU for a given ``seed`` (weights initialisation, exploration noise and REDQ subsets all come
+    from generators seeded here, never from the global RNG).
+    """
+
+    METRICS = ("critic_loss", "actor_loss", "alpha_loss", "alpha", "q_mean", "target_q_mean", "entropy")
+
+    def __init__(self, config: SACConfig, architecture: PolicyArchitecture, device: str | torch.device = "auto",
+                 seed: int = 0) -> None:
+        self.config = config
+        self.architecture = architecture
+        self.device = resolve_device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.actor: Actor = build_actor(architecture).to(self.device)
+            self.critics = CriticEnsemble(architecture, n=config.redq_n).to(self.device)
+        self.target_critics = copy.deepcopy(self.critics).requires_grad_(False)
+        self.log_alpha = torch.tensor(math.log(config.init_alpha), device=self.device, requires_grad=config.learn_alpha)
+        self.target_entropy = float(-architecture.action_dim if config.target_entropy is None else config.target_entropy)
+
+        groups = [{"params": list(self.critics.parameters()), "lr": config.critic_lr, "name": "critics"},
+                  {"params": list(self.actor.parameters()), "lr": config.actor_lr, "name": "actor"}]
+        if config.learn_alpha:
+            groups.append({"params": [self.log_alpha], "lr": config.alpha_lr, "name": "log_alpha"})
+        # One Adam over three parameter groups (own learning rates); the fused kernel updates every tensor in one pass.
+        self.optimizer = torch.optim.Adam(groups, fused=self.device.type in ("cpu", "cuda"))
+
+        self.generator = torch.Generator(self.device).manual_seed(seed + 1)
+        self.updates = 0
+        self._shared_features = self.critics.shares_encoder and not any(True for _ in self.actor.encoder.parameters())
+        self._critic_params = list(self.critics.parameters())
+        self._target_params = list(self.target_critics.parameters())
+
+    @property
+    def alpha(self) -> float:
+        return float(self.log_alpha.exp())
+
+    def _features(self, observation: tuple[torch.Tensor, ...], critics: CriticEnsemble) -> tuple[torch.Tensor, torch.Tensor]:
+        """(actor features, ``critics``' features); one flatten for both when no encoder has parameters (MLP)."""
+        if self._shared_features:
+            features = self.actor.encoder(observation)
+            return features, features
+        return self.actor.encoder(observation), critics.encode(observation)
+
+    def _critic_subset(self, q_values: torch.Tensor) -> torch.Tensor:
+        n, m = self.config.redq_n, self.config.redq_m
+        if m == n:
+            return q_values
+        subset = torch.randperm(n, generator=self.generator, device=self.device)[:m]
+        return q_values.index_select(0, subset)
+
+    def update(self, batch: TransitionBatch, with_metrics: bool = True) -> dict[str, float]:
+        """One gradient step on critics, actor and alpha, then a polyak step on the target critics.
+
+        Returns the metrics named in :attr:`METRICS` (an empty dict when ``with_metrics`` is False, which avoids a
+        device synchronisation per update on GPU).
+        """
+        batch = batch.to(self.device)
+        gamma, tau = self.config.gamma, self.config.tau
+        alpha = self.log_alpha.detach().exp()
+
+        # 1. critic target: bootstrap unless the episode terminated (a truncated episode still bootstraps)
+        with torch.no_grad():
+            next_actor_features, next_critic_features = self._features(batch.next_observation, self.target_critics)
+            next_action, next_log_prob = self.actor.policy(next_actor_features, generator=self.generator)
+            next_q = self._critic_subset(self.target_critics.q_values(next_critic_features, next_action)).min(dim=0).values
+            target_q = batch.reward + gamma * (1.0 - batch.terminated) * (next_q - alpha * next_log_prob)
+
+        # 2. critic loss
+        actor_features, critic_features = self._features(batch.observation, self.critics)
+        observation_part = self.critics.observation_part(critic_features)
+        q_values = self.critics.head(observation_part, batch.action)
+        critic_loss = 0.5 * (q_values - target_q).pow(2).mean(dim=1).sum()
+
+        # 3. actor loss: the critics act as fixed functions of the action (frozen weights, detached features)
+        action, log_prob = self.actor.policy(actor_features, generator=self.generator)
+        q_policy = self.critics.head(observation_part.detach(), action, frozen=True)
+        q_policy = q_policy.min(dim=0).values if self.config.redq_m == self.config.redq_n else q_policy.mean(dim=0)
+        actor_loss = (alpha * log_prob - q_policy).mean()
+
+        # 4. entropy coefficient loss
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+
+        # One backward and one Adam step for all three: each loss reaches only its own parameters.
+        total_loss = critic_loss + actor_loss + (alpha_loss if self.config.learn_alpha else 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        self.optimizer.step()
+
+        # 5. target critics
+        with torch.no_grad():
+            torch._foreach_lerp_(self._target_params, self._critic_params, tau)
+        self.updates += 1
+
+        if not with_metrics:
+            return {}
+        values = torch.stack([critic_loss.detach(), actor_loss.detach(), alpha_loss.detach(), alpha,
+                              q_values.detach().mean(), target_q.mean(), -log_prob.detach().mean()]).tolist()
+        return dict(zip(self.METRICS, values))
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-for-bit (nested dicts of tensors and plain values)."""
+        return {
+            "actor": self.actor.state_dict(),
+            "critics": self.critics.state_dict(),
+            "target_critics": self.target_critics.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (of a learner with the same config and architecture)."""
+        self.actor.load_state_dict(state["actor"])
+        self.critics.load_state_dict(state["critics"])
+        self.target_critics.load_state_dict(state["target_critics"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"].cpu())
+        self.updates = int(state["updates"])

@@ -1,0 +1,70 @@
+"""Files of named tensors plus JSON metadata (safetensors format, never pickle), written atomically.
+
+Checkpoints and saved replay memories are single safetensors files: the tensors are the file's entries and
+everything else (counters, configs, optimizer layout) is one JSON document stored in the header's metadata under
+the key ``tmrl``. Writing goes to a temporary file that replaces the target in one ``os.replace``, so a crash leaves
+either the previous file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_torch
+from safetensors.torch import save as save_torch
+
+METADATA_KEY = "tmrl"
+
+
+class TensorFileError(ValueError):
+    """A file is not a valid tmrl tensor file (truncated, not safetensors, metadata missing or not JSON)."""
+
+
+def pack(tensors: Mapping[str, torch.Tensor | np.ndarray], metadata: Any) -> bytes:
+    """Safetensors bytes holding ``tensors`` (moved to CPU) and ``metadata`` (JSON-serialisable) in the header."""
+    cpu = {name: (torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else t.detach().cpu().contiguous())
+           for name, t in tensors.items()}
+    return save_torch(cpu, metadata={METADATA_KEY: json.dumps(metadata)})
+
+
+def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], Any]:
+    """Inverse of :func:`pack`; raise :class:`TensorFileError` on anything unreadable."""
+    try:
+        tensors = load_torch(bytes(data))
+        if len(data) < 8:
+            raise ValueError("file too short for a safetensors header")
+        header_size = int.from_bytes(data[:8], "little")
+        header = json.loads(bytes(data[8 : 8 + header_size]))
+        metadata = json.loads((header.get("__metadata__") or {})[METADATA_KEY])
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise TensorFileError(f"not a tmrl tensor file: {type(exc).__name__}: {exc}") from exc
+    return tensors, metadata
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to a temporary file next to ``path``, fsync it, then ``os.replace`` it onto ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Any]:
+    """:func:`unpack` the file at ``path``; a missing file raises :class:`FileNotFoundError`."""
+    return unpack(Path(path).read_bytes())
