@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from tmrl_common.config import load_config, render_config
+from tmrl_common.curve import KeyFileError
+from tmrl_common.errors import ConfigError
+from tmrl_common.sockets import SecurityError
 from tmrl_relay.config import RelayConfig
+from tmrl_relay.keys import keys_app
 
 app = typer.Typer(help="tmrl relay: forwards sample batches from workers to the trainer and weights back to workers.",
                   no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+log = logging.getLogger("tmrl_relay")
 
 
 @app.callback()
@@ -23,16 +33,68 @@ ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the 
 
 
 @app.command()
-def run(config: Optional[Path] = ConfigOption,
-        show_config: bool = typer.Option(False, "--show-config", help="Print the effective config and exit.")) -> None:
-    """Run the relay in the foreground."""
-    effective = load_config(RelayConfig, "relay", config)
+def run(
+    config: Optional[Path] = ConfigOption,
+    show_config: bool = typer.Option(False, "--show-config", help="Print the effective config and exit."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain text, no CurveZMQ authentication (trusted loopback only)."),
+    bind_host: Optional[str] = typer.Option(None, "--bind-host", help="Interface to bind (* for all)."),
+    worker_port: Optional[int] = typer.Option(None, "--worker-port", help="Workers' ROUTER port (0: any free port)."),
+    trainer_port: Optional[int] = typer.Option(None, "--trainer-port", help="Trainer's ROUTER port (0: any free port)."),
+    weights_port: Optional[int] = typer.Option(None, "--weights-port", help="Weights XPUB port (0: any free port)."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Prometheus HTTP port (0: disabled)."),
+    secret_key: Optional[Path] = typer.Option(None, "--secret-key", help="The relay's NAME.key_secret file."),
+    allow_dir: Optional[Path] = typer.Option(None, "--allow-dir", help="Allow-list directory of client public keys."),
+    log_level: str = typer.Option("INFO", "--log-level"),
+) -> None:
+    """Run the relay in the foreground until SIGINT/SIGTERM."""
+    security = {"insecure": True if insecure else None, "secret_key_file": secret_key, "allowlist_dir": allow_dir}
+    overrides = {
+        "bind_host": bind_host, "worker_port": worker_port, "trainer_port": trainer_port, "weights_port": weights_port,
+        "metrics_port": metrics_port, "security": {k: v for k, v in security.items() if v is not None} or None,
+    }
+    try:
+        effective = load_config(RelayConfig, "relay", config, overrides=overrides)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(code=2) from exc
     if show_config:
         typer.echo(render_config(effective, "relay"))
         raise typer.Exit()
-    raise typer.Exit(code=_not_built("relay run"))
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise typer.Exit(code=serve(effective))
 
 
-def _not_built(what: str) -> int:
-    typer.echo(f"{what}: not implemented yet", err=True)
-    return 3
+def serve(config: RelayConfig) -> int:
+    """Bind, serve until SIGINT/SIGTERM, shut down cleanly; returns the process exit code."""
+    from tmrl_relay.broker import Relay, RelaySetupError
+    from tmrl_relay.metrics import MetricsServer, RelayMetrics
+
+    metrics = RelayMetrics()
+    relay = Relay(config, metrics)
+    try:
+        ports = relay.bind()
+    except (RelaySetupError, SecurityError, KeyFileError) as exc:
+        typer.echo(f"tmrl-relay: cannot start: {exc}", err=True)
+        return 2
+    server = None
+    if config.metrics_port:
+        try:
+            server = MetricsServer(metrics, config.metrics_host, config.metrics_port)
+        except OSError as exc:
+            typer.echo(f"tmrl-relay: cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}", err=True)
+            relay.stop()
+            relay.run()  # closes the bound sockets
+            return 2
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda received, _frame: (log.info("signal %d: shutting down", received), relay.stop()))
+    # One parseable line for scripts and tests that asked for port 0.
+    print(f"tmrl-relay ready worker_port={ports.worker_port} trainer_port={ports.trainer_port} "
+          f"weights_port={ports.weights_port} metrics_port={server.port if server else 0}", flush=True)
+    try:
+        relay.run()
+    finally:
+        if server is not None:
+            server.close()
+    log.info("relay stopped")
+    return 0

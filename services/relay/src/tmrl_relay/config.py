@@ -1,22 +1,76 @@
-"""Relay configuration (table ``[relay]`` of the TOML config; env ``TMRL_RELAY__<FIELD>``)."""
+"""Relay configuration (table ``[relay]`` of the TOML config; env ``TMRL_RELAY__<FIELD>``, nested with ``__``)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tmrl_common.protocol import DecodeLimits
+from tmrl_common.sockets import SecurityConfig, TransportConfig
+
+
+def _relay_transport() -> TransportConfig:
+    # Per-peer queues are bounded in messages; with 1 MiB batches 100 messages is 100 MiB per worker at worst.
+    return TransportConfig(send_hwm=100, recv_hwm=100, linger_ms=500)
 
 
 class RelayConfig(BaseModel):
-    """Where the relay listens and how much it holds."""
+    """Where the relay listens, what it accepts and how much it holds."""
 
     model_config = ConfigDict(extra="forbid")
 
     bind_host: str = "127.0.0.1"
-    worker_port: int = Field(default=5555, ge=1, le=65535)
-    """Workers connect here: samples in, acks out."""
-    trainer_port: int = Field(default=5556, ge=1, le=65535)
-    """The trainer connects here: samples out, acks and weights in."""
-    weights_port: int = Field(default=5557, ge=1, le=65535)
-    """Workers subscribe here for weights (pub/sub; late joiners get the latest)."""
+    """Interface the three sockets bind to (``*`` for every interface, ``127.0.0.1`` for loopback only)."""
+    worker_port: int = Field(default=5555, ge=0, le=65535)
+    """Workers connect here (ROUTER): hello/samples/heartbeats in, acks/errors/heartbeats out. 0 picks a free port."""
+    trainer_port: int = Field(default=5556, ge=0, le=65535)
+    """The trainer connects here (ROUTER): samples out; hello, acks, weights, heartbeats in. 0 picks a free port."""
+    weights_port: int = Field(default=5557, ge=0, le=65535)
+    """Workers subscribe here (XPUB) for weights; every new subscription gets the latest weights at once."""
+    metrics_host: str = "127.0.0.1"
+    """Interface of the Prometheus HTTP endpoint."""
     metrics_port: int = Field(default=9108, ge=0, le=65535)
-    """Prometheus metrics over HTTP; 0 disables."""
+    """Prometheus metrics over HTTP (``/metrics``); 0 disables."""
+
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest ``sample_batch`` body accepted (larger: rejected, reason ``oversized``)."""
+    max_weights_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    """Largest ``weights_update`` body accepted from the trainer."""
+    max_control_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest body of the small messages (``hello``, ``heartbeat``, ``sample_ack``)."""
+    max_pending_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """Sample batches held while no trainer is connected; past it the oldest are dropped (counted, logged).
+    Workers keep their own spool and resend unacknowledged batches, so this is a cache, not the only copy."""
+    max_workers: int = Field(default=1024, ge=1)
+    """Registered worker ids kept at once; beyond it the longest-silent one is forgotten (it must say hello again)."""
+    peer_timeout_s: float = Field(default=10.0, gt=0)
+    """A worker or trainer silent (no message, heartbeat included) for this long counts as disconnected."""
+    weights_send_hwm: int = Field(default=4, ge=1)
+    """Weights messages queued per subscriber; a slow subscriber skips to newer weights instead of piling them up."""
+    allowlist_reload_s: float = Field(default=2.0, gt=0)
+    """How often the allow-list directories are checked for changes (``keys add`` needs no restart)."""
+
+    transport: TransportConfig = Field(default_factory=_relay_transport)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    """``secret_key_file`` (the relay's pair) and ``allowlist_dir`` (clients' public keys), or ``insecure = true``."""
+    trainer_allowlist_dir: Path | None = None
+    """Keys allowed on the trainer socket, which can publish weights to every worker. Unset: ``security.allowlist_dir``.
+    Keeping trainer keys apart means a stolen worker key cannot publish weights."""
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> RelayConfig:
+        fixed = [p for p in (self.worker_port, self.trainer_port, self.weights_port) if p]
+        if len(set(fixed)) != len(fixed):
+            raise ValueError(f"worker_port, trainer_port and weights_port must differ, got {fixed}")
+        return self
+
+    def decode_limits(self) -> DecodeLimits:
+        """Limits for bodies the relay decodes fully (control messages and weights)."""
+        return DecodeLimits(max_body_bytes=max(self.max_weights_bytes, self.max_control_bytes),
+                            max_array_bytes=self.max_weights_bytes, max_decoded_bytes=self.max_weights_bytes)
+
+    def socket_frame_cap(self) -> int:
+        """``ZMQ_MAXMSGSIZE`` for the ROUTER sockets: frames up to twice the largest limit are read and counted
+        as ``oversized``; anything larger makes ZeroMQ drop the connection without buffering it."""
+        return 2 * max(self.max_body_bytes, self.max_weights_bytes, self.max_control_bytes)

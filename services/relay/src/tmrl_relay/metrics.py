@@ -1,0 +1,71 @@
+"""The relay's Prometheus metrics, in a registry of their own, served over HTTP (``/metrics``, text format).
+
+Rates (samples/s, bytes/s) are the ``rate()`` of the ``_total`` counters, as Prometheus computes them.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+LINKS = ("workers", "trainer", "weights")
+
+
+class RelayMetrics:
+    """Every counter and gauge the relay exports. Hot-path children (per link) are bound once here."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.batches = Counter("tmrl_relay_batches_forwarded", "Sample batches forwarded to the trainer.", registry=r)
+        self.steps = Counter("tmrl_relay_steps_forwarded", "Environment steps (samples) in forwarded batches.", registry=r)
+        self.batch_bytes = Counter("tmrl_relay_batch_bytes_forwarded", "Bytes of sample batches forwarded (envelope + body).", registry=r)
+        self.received_bytes = Counter("tmrl_relay_received_bytes", "Bytes received, per link.", ["link"], registry=r)
+        self.received_messages = Counter("tmrl_relay_received_messages", "Messages received, per link.", ["link"], registry=r)
+        self.rejects = Counter("tmrl_relay_rejects", "Messages rejected, per reason and link.", ["reason", "link"], registry=r)
+        self.dropped_batches = Counter("tmrl_relay_dropped_batches", "Pending batches dropped (oldest first) past max_pending_bytes.", registry=r)
+        self.dropped_bytes = Counter("tmrl_relay_dropped_bytes", "Bytes of pending batches dropped.", registry=r)
+        self.acks = Counter("tmrl_relay_acks_forwarded", "Sample acks routed from the trainer to a worker.", registry=r)
+        self.acks_undeliverable = Counter("tmrl_relay_acks_undeliverable", "Sample acks whose worker is not connected (it resends; the trainer re-acks).", registry=r)
+        self.weights_published = Counter("tmrl_relay_weights_published", "Weights messages published (new versions and re-publications for new subscribers).", registry=r)
+        self.subscriptions = Counter("tmrl_relay_weights_subscriptions", "Subscriptions seen on the weights socket.", registry=r)
+        self.handshake_failures = Counter("tmrl_relay_handshake_failures", "Connections refused during the ZMTP/CURVE handshake, per link and kind (auth = key not allow-listed).", ["link", "kind"], registry=r)
+        self.errors_sent = Counter("tmrl_relay_errors_sent", "error messages sent back to peers.", registry=r)
+        self.connected_workers = Gauge("tmrl_relay_connected_workers", "Workers that said hello and were heard from within peer_timeout_s.", registry=r)
+        self.trainer_connected = Gauge("tmrl_relay_trainer_connected", "1 while a trainer is registered and alive.", registry=r)
+        self.weights_version = Gauge("tmrl_relay_weights_version", "Version of the cached (latest) weights; -1 before any.", registry=r)
+        self.weights_version.set(-1)
+        self.pending_bytes = Gauge("tmrl_relay_pending_bytes", "Bytes of sample batches held for the trainer.", registry=r)
+        self.pending_batches = Gauge("tmrl_relay_pending_batches", "Sample batches held for the trainer.", registry=r)
+        self.cached_weights_bytes = Gauge("tmrl_relay_cached_weights_bytes", "Bytes of the cached latest weights message.", registry=r)
+        self.allowed_keys = Gauge("tmrl_relay_allowed_keys", "Public keys in the allow-list, per link (0 in --insecure mode).", ["link"], registry=r)
+        self.link_received_bytes = {link: self.received_bytes.labels(link=link) for link in LINKS}
+        self.link_received_messages = {link: self.received_messages.labels(link=link) for link in LINKS}
+
+    def reject(self, reason: str, link: str) -> None:
+        self.rejects.labels(reason=reason, link=link).inc()
+
+    def reject_count(self, reason: str, link: str) -> float:
+        """Current value of one reject counter (for tests and logs)."""
+        value = self.registry.get_sample_value("tmrl_relay_rejects_total", {"reason": reason, "link": link})
+        return value or 0.0
+
+
+class MetricsServer:
+    """The HTTP endpoint serving a registry; :meth:`close` stops it."""
+
+    def __init__(self, metrics: RelayMetrics, host: str, port: int) -> None:
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

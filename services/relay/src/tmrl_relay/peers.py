@@ -1,0 +1,76 @@
+"""Who is connected: workers and the trainer that said ``hello``, keyed by their ZeroMQ routing id.
+
+A sender id is bound to the connection (routing id) that said hello with it and, under CurveZMQ, to the public key
+that connection authenticated with: a message whose routing id did not say hello, or says another sender id, or
+comes from a different key than the one the sender id was first bound to, is rejected as ``unknown_sender``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tmrl_common.errors import ProtocolError
+
+
+@dataclass
+class Peer:
+    """A registered worker or trainer connection."""
+
+    sender: str
+    routing_id: bytes
+    user_id: str | None
+    """Z85 public key from CurveZMQ authentication (``None`` in --insecure mode)."""
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class PeerTable:
+    """Registered peers of one link. ``max_peers`` bounds memory: the longest-silent peer is forgotten first."""
+
+    def __init__(self, role: str, max_peers: int) -> None:
+        self.role = role
+        self.max_peers = max_peers
+        self.by_routing_id: dict[bytes, Peer] = {}
+        self.by_sender: dict[str, Peer] = {}
+        self.key_of_sender: dict[str, str] = {}
+        """Sender id → public key it was first registered with; a different key may never use that id."""
+
+    def register(self, routing_id: bytes, sender: str, user_id: str | None) -> tuple[Peer, Peer | None]:
+        """Bind ``sender`` to this connection; returns the new peer and the one it replaced (a reconnection)."""
+        bound_key = self.key_of_sender.get(sender)
+        if user_id is not None and bound_key is not None and bound_key != user_id:
+            raise ProtocolError("unknown_sender", f"{self.role} id {sender!r} is bound to another CurveZMQ key")
+        previous = self.by_sender.pop(sender, None)
+        if previous is not None:
+            self.by_routing_id.pop(previous.routing_id, None)
+        stale = self.by_routing_id.pop(routing_id, None)  # this connection said hello before under another id
+        if stale is not None and stale.sender != sender:
+            self.by_sender.pop(stale.sender, None)
+        peer = Peer(sender=sender, routing_id=routing_id, user_id=user_id)
+        self.by_routing_id[routing_id] = peer
+        self.by_sender[sender] = peer
+        if user_id is not None:
+            self.key_of_sender[sender] = user_id
+        while len(self.by_sender) > self.max_peers:
+            self.forget(min(self.by_sender.values(), key=lambda p: p.last_seen))
+        return peer, previous
+
+    def check(self, routing_id: bytes, sender: str, user_id: str | None) -> Peer:
+        """The peer behind ``routing_id`` if it registered as ``sender`` with this key; else ``unknown_sender``."""
+        peer = self.by_routing_id.get(routing_id)
+        if peer is None:
+            raise ProtocolError("unknown_sender", f"{sender!r} sent before saying hello on this connection")
+        if peer.sender != sender:
+            raise ProtocolError("unknown_sender", f"this connection said hello as {peer.sender!r}, not {sender!r}")
+        if peer.user_id != user_id:
+            raise ProtocolError("unknown_sender", f"{sender!r}: the connection's CurveZMQ key changed since hello")
+        return peer
+
+    def forget(self, peer: Peer) -> None:
+        self.by_routing_id.pop(peer.routing_id, None)
+        if self.by_sender.get(peer.sender) is peer:
+            del self.by_sender[peer.sender]
+
+    def alive(self, timeout_s: float, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        return sum(1 for peer in self.by_sender.values() if now - peer.last_seen <= timeout_s)
