@@ -1,0 +1,84 @@
+"""Simulator configuration: the track, the car, the sensors, the reward and the clock (pydantic, TOML-friendly)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tmrl_worker.reward import TrajectoryRewardConfig
+
+ObservationKind = Literal["lidar", "lidar_progress", "image"]
+
+
+class CarParams(BaseModel):
+    """A light rear-wheel-drive car with grippy tyres. SI units (m, s, rad)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine_accel: float = Field(default=12.0, gt=0)
+    """Acceleration at full throttle from standstill; it falls linearly to 0 at ``top_speed``."""
+    top_speed: float = Field(default=45.0, gt=0)
+    brake_decel: float = Field(default=18.0, gt=0)
+    coast_decel: float = Field(default=1.0, ge=0)
+    """Rolling resistance and drag when neither pedal is pressed."""
+    reverse_accel: float = Field(default=5.0, ge=0)
+    reverse_speed: float = Field(default=8.0, ge=0)
+    """Braking at a standstill reverses, up to this speed."""
+    wheelbase: float = Field(default=2.7, gt=0)
+    max_steer_deg: float = Field(default=32.0, gt=0, lt=80)
+    grip: float = Field(default=14.0, gt=0)
+    """Largest lateral acceleration the tyres hold (m/s²); asking for more makes the car understeer."""
+    scrub_decel: float = Field(default=0.25, ge=0)
+    """Speed lost per m/s² of lateral acceleration asked beyond ``grip`` (sliding tyres)."""
+    crash_speed: float = Field(default=5.0, ge=0)
+    """A hit with more than this speed (m/s) across the wall is a crash: the engine stalls for ``crash_stall`` s."""
+    crash_stall: float = Field(default=1.2, ge=0)
+    half_width: float = Field(default=1.0, gt=0)
+    wall_friction: float = Field(default=2.5, ge=0)
+    """On touching a wall the speed across it is lost and, on top, ``wall_friction`` times that much of the speed
+    along it: a 30° hit at 30 m/s leaves 30·cos30° − 30·sin30° ≈ 11 m/s, scraping along a wall costs a little per tick."""
+
+
+class SimConfig(BaseModel):
+    """Everything that defines a simulated race-track environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    track: str = "hairpins"
+    """A built-in track (``oval``, ``hairpins``, ``circuit``), ``random:SEED`` or ``random-open:SEED``."""
+    observation: ObservationKind = "lidar"
+    img_hist_len: int = Field(default=4, ge=1, le=16)
+    lidar_beams: int = Field(default=19, ge=2, le=181)
+    lidar_range: float = Field(default=80.0, gt=0)
+    """LIDAR distances are in metres, capped at this range (TrackMania's LIDAR counts pixels instead)."""
+    image_size: int = Field(default=64, ge=16, le=256)
+    image_metres_per_pixel: float = Field(default=0.75, gt=0)
+    physics_hz: float = Field(default=100.0, gt=0, le=2000)
+    time_step_duration: float = Field(default=0.05, gt=0)
+    """Seconds of simulated time per environment step (20 Hz like tmrl's TrackMania setup)."""
+    max_episode_steps: int = Field(default=1000, ge=1)
+    act_buf_len: int = Field(default=2, ge=0, le=16)
+    reward_spacing: float = Field(default=0.5, gt=0)
+    """Spacing of the reward points resampled from the centre line (metres)."""
+    reward: TrajectoryRewardConfig = TrajectoryRewardConfig(search_window=60, patience=20, grace_steps=40,
+                                                            no_progress_steps=40, finish_bonus=100.0)
+    start_jitter: float = Field(default=0.5, ge=0)
+    """Random lateral offset (metres, uniform ±) of the start position; the heading also varies by ±3° × this."""
+    car: CarParams = CarParams()
+
+    @model_validator(mode="after")
+    def _physics_divides_step(self) -> SimConfig:
+        ticks = self.time_step_duration * self.physics_hz
+        if abs(ticks - round(ticks)) > 1e-6 or round(ticks) < 1:
+            raise ValueError(f"time_step_duration ({self.time_step_duration} s) must be a whole number of physics ticks "
+                             f"at physics_hz={self.physics_hz}")
+        return self
+
+    @property
+    def ticks_per_step(self) -> int:
+        return round(self.time_step_duration * self.physics_hz)
+
+    @property
+    def tick_seconds(self) -> float:
+        return 1.0 / self.physics_hz
