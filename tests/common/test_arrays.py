@@ -151,3 +151,10 @@ def test_decoded_array_is_a_read_only_view_on_the_given_buffer():
     assert np.shares_memory(received, np.frombuffer(buffer, np.uint8))
     assert not received.flags.writeable
     np.testing.assert_array_equal(received, [[0, 1, 2], [3, 4, 5]])
+
+
+@pytest.mark.parametrize("codec", ["raw", "zlib"])
+def test_bool_bytes_other_than_zero_and_one_are_malformed(codec):
+    data = b"\x00\x01\x02"
+    wire = {"dtype": "bool", "shape": [3], "codec": codec, "data": zlib.compress(data) if codec == "zlib" else data}
+    assert reject_reason(wire) == "malformed"

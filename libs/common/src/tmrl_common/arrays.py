@@ -8,8 +8,8 @@ Decoding is zero-copy for ``raw`` arrays: :func:`tmrl_common.protocol.decode` ha
 Validation happens when the model is built from wire data (see :meth:`WireArray.model_validate`): the dtype
 must be on the allow-list, the byte count must match ``shape``, the decoded size must stay under the limit in
 the validation context (``max_array_bytes`` per array and, when the context carries a :class:`DecodeBudget`,
-a total over the whole message), zlib data must end exactly where the announced shape does, and float arrays must
-be finite.
+a total over the whole message), zlib data must end exactly where the announced shape does, bool bytes must be
+0 or 1, and float arrays must be finite.
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ def _decode(
         raw = data
     if len(raw) != nbytes:
         raise ProtocolError("malformed", f"array data has {len(raw)} bytes, shape {shape} of {dtype_name} needs {nbytes}")
+    if dtype.kind == "b" and nbytes and np.frombuffer(raw, dtype=np.uint8).max() > 1:
+        raise ProtocolError("malformed", f"bool array of shape {shape} holds bytes other than 0 and 1")
     array = np.frombuffer(raw, dtype=dtype).reshape(shape)
     array.flags.writeable = False  # a view on the received frame (or on the inflated bytes): never written to
     if dtype.kind == "f" and array.size and not np.isfinite(array).all():
