@@ -225,14 +225,18 @@ def interface_class(variant: str) -> type[TM20Interface]:
     return INTERFACES[name]
 
 
-def tm20_rtgym_config(variant: str = "lidar", *, time_step_duration: float = 0.05, start_obs_capture: float = 0.04,
+def tm20_rtgym_config(variant: str = "lidar", *, time_step_duration: float = 0.05, start_obs_capture: float | None = None,
                       time_step_timeout_factor: float = 1.0, act_buf_len: int = 2, ep_max_length: int = 1000,
                       benchmark: bool = False, wait_on_done: bool = True, **interface_kwargs: Any) -> dict[str, Any]:
     """The rtgym config dict of a TrackMania environment (20 Hz, observation captured 40 ms into each step).
 
+    ``start_obs_capture`` defaults to 80 % of ``time_step_duration`` (0.04 s at 20 Hz).
+
     ``interface_kwargs`` go to the interface (``capture``, ``telemetry``, ``controller``, ``reward`` or
     ``reward_path``, ``img_hist_len``, ``lidar``, ``telemetry_port``, ``sleep_time_at_reset``, ...).
     """
+    if start_obs_capture is None:
+        start_obs_capture = round(0.8 * time_step_duration, 6)
     config = dict(DEFAULT_CONFIG_DICT)
     config.update({
         "interface": interface_class(variant),

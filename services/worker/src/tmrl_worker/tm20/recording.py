@@ -1,0 +1,149 @@
+"""Recording a demonstration path for the trajectory reward (``tmrl-worker record-reward``), and raw telemetry.
+
+A person drives the track once, start to finish. Every fresh telemetry packet adds the car position; a respawn
+(the distance driven goes back down) starts the recording over; the finish flag ends it. The positions are
+resampled into equally spaced points (:func:`tmrl_worker.reward.resample_path`) and saved with
+:func:`tmrl_worker.reward.save_points` (safetensors, no pickle).
+
+Raw telemetry files are packets back to back, exactly as the plugin sends them (``*.tmtelemetry``), so a recording
+can be replayed by :class:`~tmrl_worker.tm20.replay_server.TelemetryReplayServer`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from tmrl_worker.reward import path_length, resample_path, save_points
+from tmrl_worker.tm20.openplanet import PacketParser, Telemetry, TelemetryClient, encode_packet
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+class RecordingError(RuntimeError):
+    """The demonstration could not be recorded."""
+
+
+@dataclass
+class Demonstration:
+    """What :func:`record_demonstration` collected."""
+
+    positions: np.ndarray
+    packets: list[Telemetry] = field(default_factory=list)
+    finished: bool = False
+    restarts: int = 0
+
+    @property
+    def length(self) -> float:
+        return path_length(self.positions) if len(self.positions) > 1 else 0.0
+
+
+def encode_telemetry(packet: Telemetry) -> bytes:
+    """The wire bytes of a decoded packet."""
+    return encode_packet(packet.sequence, packet.speed, packet.distance, packet.position, packet.steer, packet.gas,
+                         packet.brake, packet.finished, packet.gear, packet.rpm)
+
+
+def save_packets(path: str | Path, packets: list[Telemetry]) -> None:
+    """Write packets back to back in the plugin's wire format."""
+    Path(path).write_bytes(b"".join(encode_telemetry(p) for p in packets))
+
+
+def load_packets(path: str | Path) -> list[bytes]:
+    """The valid packets of a raw telemetry file (garbage skipped), as wire bytes for the replay server."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordingError(f"telemetry recording {path} does not exist")
+    parser = PacketParser()
+    packets = [encode_telemetry(p) for p in parser.feed(path.read_bytes())]
+    if not packets:
+        raise RecordingError(f"{path} holds no valid telemetry packet")
+    return packets
+
+
+def record_demonstration(telemetry: TelemetryClient, *, max_seconds: float = 900.0, min_move: float = 0.05,
+                         should_stop: Callable[[], bool] = lambda: False,
+                         on_packet: Callable[[Telemetry, int], None] | None = None) -> Demonstration:
+    """Collect car positions from ``telemetry`` until the finish, ``should_stop()``, or ``max_seconds``.
+
+    Positions closer than ``min_move`` to the previous kept one are skipped (a car waiting at the start).
+    ``on_packet(packet, kept)`` is called for every fresh packet (progress display).
+    """
+    positions: list[tuple[float, float, float]] = []
+    packets: list[Telemetry] = []
+    restarts = 0
+    last: Telemetry | None = None
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline and not should_stop():
+        packet = telemetry.newer_than(last.sequence if last else None)
+        if last is not None and packet.distance < last.distance - 1.0:  # respawned: start over
+            positions.clear()
+            packets.clear()
+            restarts += 1
+        last = packet
+        packets.append(packet)
+        if not positions or np.linalg.norm(np.subtract(packet.position, positions[-1])) >= min_move:
+            positions.append(packet.position)
+        if on_packet is not None:
+            on_packet(packet, len(positions))
+        if packet.finished:
+            return Demonstration(np.array(positions, dtype=np.float64), packets, True, restarts)
+    return Demonstration(np.array(positions, dtype=np.float64).reshape(-1, 3), packets, False, restarts)
+
+
+def save_demonstration(demonstration: Demonstration, output: str | Path, spacing: float = 0.5,
+                       raw_telemetry: str | Path | None = None) -> np.ndarray:
+    """Resample to points ``spacing`` metres apart, save them (safetensors) and optionally the raw packets."""
+    if len(demonstration.positions) < 2:
+        raise RecordingError("the car did not move while recording: drive the track from the start to the finish")
+    points = resample_path(demonstration.positions, spacing)
+    save_points(output, points, spacing)
+    if raw_telemetry is not None:
+        save_packets(raw_telemetry, demonstration.packets)
+    return points
+
+
+def record_reward_tool(output: Path, *, telemetry_port: int, spacing: float = 0.5, max_seconds: float = 900.0,
+                       raw_telemetry: Path | None = None, save_unfinished: bool = False, timeout: float = 30.0,
+                       console: Console | None = None) -> int:
+    """``tmrl-worker record-reward``: record while a person drives, save the points; returns the exit code."""
+    from rich.console import Console
+
+    from tmrl_worker.tm20.openplanet import TelemetryTimeoutError
+
+    console = console or Console(stderr=True)
+    console.print(f"Recording from the TMRL OpenPlanet plugin on port {telemetry_port}. Drive the track from the start "
+                  "to the finish line; a respawn starts the recording over; Ctrl-C aborts.")
+    with TelemetryClient(telemetry_port, timeout=timeout) as client:
+        shown = [0.0]
+
+        def progress(packet: Telemetry, kept: int) -> None:
+            if packet.received_at - shown[0] >= 1.0:
+                shown[0] = packet.received_at
+                console.print(f"  {kept:6d} positions, distance {packet.distance:8.1f} m, speed {packet.speed:6.1f}")
+
+        try:
+            demonstration = record_demonstration(client, max_seconds=max_seconds, on_packet=progress)
+        except TelemetryTimeoutError as exc:
+            console.print(f"[red]{exc}[/]")
+            return 2
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: nothing saved[/]")
+            return 1
+    if not demonstration.finished and not save_unfinished:
+        console.print(f"[yellow]the finish line was not reached in {max_seconds:.0f} s: nothing saved "
+                      "(--save-unfinished keeps a partial path)[/]")
+        return 1
+    try:
+        points = save_demonstration(demonstration, output, spacing, raw_telemetry)
+    except (RecordingError, ValueError) as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    console.print(f"saved {len(points)} points {spacing} m apart ({demonstration.length:.1f} m of track) to {output}"
+                  + (f"; raw telemetry to {raw_telemetry}" if raw_telemetry else ""))
+    return 0

@@ -1,0 +1,63 @@
+"""A synthetic TrackMania session for trying the tools without the game (``--synthetic``).
+
+Screenshots of a road between black borders that winds left and right, telemetry of a car driving along x at a
+constant speed served by :class:`~tmrl_worker.tm20.replay_server.TelemetryReplayServer` over loopback exactly as the
+plugin would, a controller that only records, and a straight reward path. Timings measured with it are those of
+the worker's own code path (capture stand-in, LIDAR, telemetry socket, rtgym), not of the game.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tmrl_worker.reward import TrajectoryReward, TrajectoryRewardConfig
+from tmrl_worker.tm20.capture import RecordedFrames
+from tmrl_worker.tm20.control import RecordingController
+from tmrl_worker.tm20.openplanet import TelemetryClient, encode_packet
+from tmrl_worker.tm20.replay_server import ChunkSource, TelemetryReplayServer
+
+
+def winding_road_frames(count: int = 16, height: int = 488, width: int = 958, road_width: float = 0.45) -> np.ndarray:
+    """RGB frames of a grey road with black borders whose centre sways left and right from frame to frame."""
+    frames = np.full((count, height, width, 3), 150, np.uint8)
+    rows = np.arange(height)[:, None]
+    cols = np.arange(width)[None, :]
+    for i in range(count):
+        bend = 0.25 * np.sin(2 * np.pi * i / count)  # fraction of the width at the top of the frame
+        centre = width * (0.5 + bend * (1 - rows / height))
+        off_road = np.abs(cols - centre) > road_width * width / 2 * (0.4 + 0.6 * rows / height)
+        frames[i][off_road] = 10
+    return frames
+
+
+def straight_drive(speed: float = 10.0, rate_hz: float = 100.0, y: float = 0.0) -> ChunkSource:
+    """Packets of a car driving along +x at ``speed`` m/s, one per server tick."""
+    def packet(tick: int) -> bytes:
+        x = speed * tick / rate_hz
+        return encode_packet(tick, speed=speed, distance=x, position=(x, y, 0.0), gas=1.0, gear=3.0, rpm=6000.0)
+    return packet
+
+
+class SyntheticSession:
+    """Context manager: ``with SyntheticSession() as s: make_tm20_env("lidar", **s.devices())``."""
+
+    def __init__(self, speed: float = 10.0, rate_hz: float = 100.0, frames: np.ndarray | None = None) -> None:
+        self.frames = winding_road_frames() if frames is None else frames
+        self.server = TelemetryReplayServer(straight_drive(speed, rate_hz), rate_hz=rate_hz)
+        self.speed = speed
+
+    def __enter__(self) -> SyntheticSession:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.close()
+
+    def devices(self, track_length: float = 2_000.0) -> dict[str, Any]:
+        """Interface keyword arguments: capture, telemetry, controller, reward, no sleep at reset."""
+        reward = TrajectoryReward.from_path([[0.0, 0.0, 0.0], [track_length, 0.0, 0.0]], 0.5,
+                                            TrajectoryRewardConfig(grace_steps=10**9))
+        return {"capture": RecordedFrames(self.frames), "telemetry": TelemetryClient(self.server.port, timeout=2.0),
+                "controller": RecordingController(), "reward": reward, "sleep_time_at_reset": 0.0}

@@ -1,0 +1,118 @@
+"""record-reward, check-env and benchmark against the fake plugin, recorded frames and the worker CLI."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+from tmrl_worker.cli import app
+from tmrl_worker.reward import TrajectoryReward, load_points
+from tmrl_worker.tm20.benchmark import benchmark_rows
+from tmrl_worker.tm20.capture import RecordedFrames
+from tmrl_worker.tm20.check_env import readings
+from tmrl_worker.tm20.lidar import Lidar
+from tmrl_worker.tm20.openplanet import TelemetryClient, encode_packet
+from tmrl_worker.tm20.recording import load_packets, record_demonstration, save_demonstration
+from tmrl_worker.tm20.replay_server import TelemetryReplayServer
+from tmrl_worker.tm20.synthetic import winding_road_frames
+
+
+def lap_with_a_respawn() -> list[bytes]:
+    """A false start (respawned after 5 m), then an L-shaped run: 20 m along x, 10 m along z, finish."""
+    packets, seq = [], 0
+    for i in range(11):  # false start
+        packets.append(encode_packet(seq, speed=5.0, distance=0.5 * i, position=(0.5 * i, 7.0, 0.0)))
+        seq += 1
+    for _ in range(5):  # waiting at the start after the respawn
+        packets.append(encode_packet(seq, distance=0.0, position=(0.0, 0.0, 0.0)))
+        seq += 1
+    for i in range(1, 41):
+        packets.append(encode_packet(seq, speed=10.0, distance=0.5 * i, position=(0.5 * i, 0.0, 0.0)))
+        seq += 1
+    for i in range(1, 21):
+        packets.append(encode_packet(seq, speed=10.0, distance=20 + 0.5 * i, position=(20.0, 0.0, 0.5 * i),
+                                     finished=(i == 20)))
+        seq += 1
+    return packets
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_record_demonstration_restarts_on_respawn_and_stops_at_the_finish(tmp_path):
+    with TelemetryReplayServer(lap_with_a_respawn(), rate_hz=400, loop=False) as server, \
+            TelemetryClient(server.port, timeout=2.0) as client:
+        demonstration = record_demonstration(client, max_seconds=10)
+    assert demonstration.finished and demonstration.restarts == 1
+    assert np.all(demonstration.positions[:, 1] == 0.0)  # nothing from the false start
+    assert demonstration.length == pytest.approx(30.0, abs=0.6)
+    points = save_demonstration(demonstration, tmp_path / "points.safetensors", spacing=1.0,
+                                raw_telemetry=tmp_path / "lap.tmtelemetry")
+    loaded = load_points(tmp_path / "points.safetensors")
+    np.testing.assert_array_equal(loaded, points)
+    gaps = np.linalg.norm(np.diff(loaded, axis=0), axis=1)
+    assert np.allclose(gaps[:19], 1.0, atol=1e-4)  # equally spaced along the first leg
+    assert len(load_packets(tmp_path / "lap.tmtelemetry")) == len(demonstration.packets)
+
+
+def test_record_reward_command_writes_points_from_the_plugin(tmp_path):
+    output = tmp_path / "track.safetensors"
+    with TelemetryReplayServer(lap_with_a_respawn(), rate_hz=400, loop=False) as server:
+        result = CliRunner().invoke(app, ["record-reward", "--output", str(output), "--telemetry-port", str(server.port),
+                                          "--spacing", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert len(load_points(output)) == 61  # 30 m every 0.5 m, both ends
+    assert TrajectoryReward.from_file(output).points.shape[1] == 3
+
+
+def test_record_reward_without_the_game_names_the_plugin_and_saves_nothing(tmp_path):
+    port = free_port()
+    output = tmp_path / "track.safetensors"
+    result = CliRunner().invoke(app, ["record-reward", "-o", str(output), "--telemetry-port", str(port), "--timeout", "0.3"])
+    assert result.exit_code == 2
+    assert f"TMRL OpenPlanet plugin enabled, on port {port}" in " ".join(result.output.split())
+    assert not output.exists()
+
+
+def test_check_env_readings_show_lidar_speed_and_reward(tmp_path):
+    frames = winding_road_frames(count=4, height=120, width=200)
+    packets = [encode_packet(i, speed=3.0, position=(0.5 * i, 0.0, 0.0)) for i in range(1000)]
+    reward = TrajectoryReward.from_path([[0.0, 0.0, 0.0], [1000.0, 0.0, 0.0]], 0.5)
+    with TelemetryReplayServer(packets, rate_hz=200) as server, TelemetryClient(server.port, timeout=2.0) as client:
+        got = list(readings(RecordedFrames(frames), client, Lidar(), reward, period=0.02, steps=6,
+                            save_frames=tmp_path / "frames", save_every=5))
+    lidar = Lidar()
+    for reading in got:
+        np.testing.assert_array_equal(reading.lidar, lidar.measure(frames[reading.step % 4]))
+        assert reading.speed == 3.0
+    assert got[-1].total_reward > 0 and got[-1].progress > 0
+    assert [r.frame_file.name for r in got if r.frame_file] == ["lidar_000000.png", "lidar_000005.png"]
+
+
+def test_check_env_and_benchmark_commands_run_on_a_synthetic_session():
+    runner = CliRunner()
+    checked = runner.invoke(app, ["check-env", "--synthetic", "--steps", "3"])
+    assert checked.exit_code == 0, checked.output
+    assert "lidar" in checked.output and "reward" in checked.output
+    benched = runner.invoke(app, ["benchmark", "--synthetic", "--steps", "10", "--env", "tm20-lidar-progress"])
+    assert benched.exit_code == 0, benched.output
+    for name in ("time_step_duration", "get_obs_duration", "send_control_duration"):
+        assert name in benched.output
+
+
+def test_benchmark_without_reward_points_says_how_to_record_them():
+    result = CliRunner().invoke(app, ["benchmark", "--telemetry-port", str(free_port()), "--controller", "none",
+                                      "--capture", "mss"])
+    assert result.exit_code == 2
+    assert "record-reward" in result.output
+
+
+def test_benchmark_rows_report_each_figure_against_the_nominal_step():
+    rows = benchmark_rows({"time_step_duration": (0.051, 0.001), "get_obs_duration": (None, 0.0)}, 0.05)
+    assert rows[0] == ("time_step_duration", "51.00", "1.00", "1.020")
+    assert rows[1] == ("get_obs_duration", "-", "-", "-")
