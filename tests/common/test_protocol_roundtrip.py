@@ -7,7 +7,11 @@ import hashlib
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tmrl_common.arrays import WireArray
+from tmrl_common.batching import SampleBatchBuilder
+from tmrl_common.layout import ObservationComponent, ObservationLayout
 from tmrl_common.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -138,3 +142,46 @@ def test_hello_layout_round_trips_as_a_model():
 def test_heartbeat_counters_keep_integer_values():
     _, received = decode(encode(Heartbeat(role="trainer", uptime_s=3, counters={"steps": 2**40}), "trainer"))
     assert received.counters == {"steps": 2**40} and received.uptime_s == 3.0
+
+
+# ------------------------------------------------------------------------------------- property-based round trips
+
+
+COMPONENTS = st.builds(
+    ObservationComponent,
+    name=st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True),
+    frame_shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    dtype=st.sampled_from(["float32", "uint8"]),
+    history=st.integers(1, 3),
+)
+LAYOUTS = st.builds(
+    ObservationLayout,
+    components=st.lists(COMPONENTS, min_size=1, max_size=3, unique_by=lambda c: c.name),
+    action_dim=st.integers(1, 4),
+    action_history=st.integers(0, 2),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(LAYOUTS, st.sampled_from(["raw", "zlib"]), st.lists(st.booleans(), min_size=1, max_size=12), st.integers(0, 2**32))
+def test_any_built_batch_round_trips_and_matches_its_layout(layout, codec, resets, seed):
+    rng = np.random.default_rng(seed)
+    builder = SampleBatchBuilder(layout, codec=codec)
+
+    def observation():
+        parts = [rng.uniform(-1e6, 1e6, c.observation_shape) if c.dtype == "float32"
+                 else rng.integers(0, 256, c.observation_shape) for c in layout.components]
+        return (*parts, *[rng.uniform(-1, 1, layout.action_dim) for _ in range(layout.action_history)])
+
+    builder.add_reset(observation())
+    for reset in resets:
+        if reset:
+            builder.add_reset(observation())
+        else:
+            builder.add_step(rng.uniform(-1, 1, layout.action_dim), observation(), float(rng.normal()),
+                             bool(rng.integers(2)), bool(rng.integers(2)))
+    sent = builder.build(seq=int(rng.integers(2**62)), weights_version=int(rng.integers(2**62)))
+    _, received = decode(encode(sent, SENDER))
+    assert_same_message(received, sent)
+    received.check_layout(layout)
+    assert received.steps == len(resets) + 1
