@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from tmrl_worker.tm20.capture import CaptureError, DxcamCapture, MssCapture, RecordedFrames, downscale, to_gray
 from tmrl_worker.tm20.control import GamepadController, SendInputKeySender
-from tmrl_worker.tm20.window import ClientArea, Win32GameWindow, WindowNotFoundError, XdotoolGameWindow, make_process_dpi_aware
+from tmrl_worker.tm20.window import (
+    ClientArea,
+    Win32GameWindow,
+    WindowNotFoundError,
+    XdotoolGameWindow,
+    make_process_dpi_aware,
+)
 from tmrl_worker.tm20.windows_only import WindowsOnlyError
 
 not_windows = pytest.mark.skipif(sys.platform == "win32", reason="checks the error raised on other systems")

@@ -6,7 +6,6 @@ import socket
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 from tmrl_worker.cli import app
 from tmrl_worker.reward import TrajectoryReward, load_points
 from tmrl_worker.tm20.benchmark import benchmark_rows
@@ -17,6 +16,7 @@ from tmrl_worker.tm20.openplanet import TelemetryClient, encode_packet
 from tmrl_worker.tm20.recording import load_packets, record_demonstration, save_demonstration
 from tmrl_worker.tm20.replay_server import TelemetryReplayServer
 from tmrl_worker.tm20.synthetic import winding_road_frames
+from typer.testing import CliRunner
 
 
 def lap_with_a_respawn() -> list[bytes]:

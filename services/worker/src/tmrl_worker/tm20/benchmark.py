@@ -7,8 +7,9 @@ Each figure is printed beside the nominal time step measured in the same run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import gymnasium
 import numpy as np

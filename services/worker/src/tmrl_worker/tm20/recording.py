@@ -12,9 +12,10 @@ can be replayed by :class:`~tmrl_worker.tm20.replay_server.TelemetryReplayServer
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 

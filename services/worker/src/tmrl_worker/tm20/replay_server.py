@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 ChunkSource = Callable[[int], bytes | None]
 

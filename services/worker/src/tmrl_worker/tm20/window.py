@@ -14,8 +14,9 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from tmrl_worker.tm20.windows_only import WindowsOnlyError, is_windows, require_windows
 
