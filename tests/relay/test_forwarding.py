@@ -1,0 +1,86 @@
+"""Samples flow worker → relay → trainer unchanged; acks flow back to the right worker; heartbeats are answered."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+
+from tmrl_common.protocol import Heartbeat, SampleAck, encode
+
+from .relay_harness import connected_trainer, connected_worker, insecure_config, make_batch, relay_in_thread, wait_until
+
+
+@pytest.fixture
+def context():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def test_batches_reach_the_trainer_byte_for_byte_with_the_worker_as_sender(context):
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        worker = connected_worker(context, relay, "worker-1")
+        sent = [encode(make_batch(seq), "worker-1") for seq in range(5)]
+        for frames in sent:
+            worker.send_frames(frames)
+        for frames in sent:
+            assert trainer.socket.poll(5000)
+            assert trainer.socket.recv_multipart() == frames
+        steps = sum(make_batch(seq).steps for seq in range(5))
+        value = relay.metrics.registry.get_sample_value
+        nbytes = sum(len(f[0]) + len(f[1]) for f in sent)
+        wait_until(lambda: (value("tmrl_relay_batches_forwarded_total"), value("tmrl_relay_steps_forwarded_total"),
+                            value("tmrl_relay_batch_bytes_forwarded_total")) == (5, steps, nbytes), what="counters")
+
+
+def test_acks_are_routed_to_the_worker_they_name(context):
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        first = connected_worker(context, relay, "worker-1")
+        second = connected_worker(context, relay, "worker-2")
+        first.send(make_batch(10))
+        second.send(make_batch(20))
+        received = {trainer.recv_type("sample_batch")[0].sender for _ in range(2)}
+        assert received == {"worker-1", "worker-2"}
+        trainer.send(SampleAck(worker="worker-2", seqs=[20]))
+        trainer.send(SampleAck(worker="worker-1", seqs=[10]))
+        assert second.recv_type("sample_ack")[1] == SampleAck(worker="worker-2", seqs=[20])
+        assert first.recv_type("sample_ack")[1] == SampleAck(worker="worker-1", seqs=[10])
+        assert relay.metrics.registry.get_sample_value("tmrl_relay_acks_forwarded_total") == 2
+
+
+def test_ack_for_an_unknown_worker_is_counted_not_fatal(context):
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        trainer.send(SampleAck(worker="worker-9", seqs=[1]))
+        value = relay.metrics.registry.get_sample_value
+        wait_until(lambda: value("tmrl_relay_acks_undeliverable_total") == 1)
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send(make_batch(0))
+        assert trainer.recv_type("sample_batch")[1].seq == 0
+
+
+def test_heartbeats_are_answered_by_the_relay(context):
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send(Heartbeat(role="worker", uptime_s=1.0, counters={"batches": 0}))
+        envelope, message = worker.recv_type("heartbeat")
+        assert envelope.sender == "relay" and message.role == "relay"
+        trainer.send(Heartbeat(role="trainer", uptime_s=1.0))
+        assert trainer.recv_type("heartbeat")[1].role == "relay"
+
+
+def test_a_reconnected_worker_gets_its_acks_on_the_new_connection(context):
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        old = connected_worker(context, relay, "worker-1")
+        old_routing_id = relay.workers.by_sender["worker-1"].routing_id
+        old.close()
+        new = connected_worker(context, relay, "worker-1")
+        wait_until(lambda: relay.workers.by_sender["worker-1"].routing_id != old_routing_id, what="re-registration")
+        new.send(make_batch(5))
+        assert trainer.recv_type("sample_batch")[1].seq == 5
+        trainer.send(SampleAck(worker="worker-1", seqs=[5]))
+        assert new.recv_type("sample_ack")[1].seqs == [5]

@@ -1,0 +1,91 @@
+"""Weights from the trainer reach every subscribed worker; a late joiner gets the latest at once; bad weights never."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+
+from tmrl_common.protocol import encode
+
+from .relay_harness import Peer, connected_trainer, connected_worker, insecure_config, make_weights, relay_in_thread, wait_until
+
+
+@pytest.fixture
+def context():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def _subscribers(context, relay, count):
+    subscribers = [Peer(context, relay.ports.weights_port, f"sub-{i}", zmq.SUB) for i in range(count)]
+    value = relay.metrics.registry.get_sample_value
+    wait_until(lambda: (value("tmrl_relay_weights_subscriptions_total") or 0) >= count, what="subscriptions")
+    return subscribers
+
+
+def test_weights_fan_out_to_every_subscriber_and_a_late_joiner_gets_the_latest_at_once(context):
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        subscribers = _subscribers(context, relay, 3)
+        for version in (1, 2):
+            frames = encode(make_weights(version), "trainer-1")
+            trainer.send_frames(frames)
+            for subscriber in subscribers:
+                assert subscriber.socket.poll(5000)
+                assert subscriber.socket.recv_multipart() == frames  # forwarded unchanged
+        assert relay.metrics.registry.get_sample_value("tmrl_relay_weights_version") == 2
+        started = time.monotonic()
+        late = Peer(context, relay.ports.weights_port, "late", zmq.SUB)
+        envelope, update = late.recv_type("weights_update", timeout_ms=2000)
+        assert update.version == 2 and envelope.sender == "trainer-1"
+        assert time.monotonic() - started < 2.0  # without waiting for the trainer's next publication
+
+
+def test_weights_with_a_wrong_sha256_are_rejected_and_not_cached(context):
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        (subscriber,) = _subscribers(context, relay, 1)
+        trainer.send(make_weights(1))
+        assert subscriber.recv_type("weights_update")[1].version == 1
+        poisoned = make_weights(2).model_copy(update={"sha256": "0" * 64})  # model_copy skips validation
+        trainer.send_frames(encode(poisoned, "trainer-1"))
+        error = trainer.recv_type("error")[1]
+        assert error.reason == "schema" and "sha256" in error.message and error.ref_type == "weights_update"
+        assert subscriber.nothing_within(300)
+        assert relay.metrics.reject_count("schema", "trainer") == 1
+        late = Peer(context, relay.ports.weights_port, "late", zmq.SUB)
+        assert late.recv_type("weights_update")[1].version == 1  # the cache still holds the good one
+
+
+def test_oversized_weights_are_rejected(context):
+    with relay_in_thread(insecure_config(max_weights_bytes=8192)) as relay:
+        trainer = connected_trainer(context, relay)
+        trainer.send(make_weights(1, nbytes=20_000))
+        assert trainer.recv_type("error")[1].reason == "oversized"
+        assert relay.metrics.registry.get_sample_value("tmrl_relay_weights_version") == -1
+
+
+def test_workers_cannot_publish_weights(context):
+    with relay_in_thread(insecure_config()) as relay:
+        (subscriber,) = _subscribers(context, relay, 1)
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send(make_weights(7))
+        assert worker.recv_type("error")[1].reason == "unknown_type"
+        assert subscriber.nothing_within(300)
+        assert relay.metrics.reject_count("unknown_type", "workers") == 1
+
+
+def test_non_subscription_messages_on_the_weights_socket_are_counted(context):
+    with relay_in_thread(insecure_config()) as relay:
+        hostile = context.socket(zmq.XSUB)
+        hostile.linger = 0
+        hostile.connect(f"tcp://127.0.0.1:{relay.ports.weights_port}")
+        hostile.send(b"\x05not a subscription")
+        wait_until(lambda: relay.metrics.reject_count("malformed", "weights") == 1, what="weights reject")
+        trainer = connected_trainer(context, relay)
+        (subscriber,) = _subscribers(context, relay, 1)
+        trainer.send(make_weights(3))
+        assert subscriber.recv_type("weights_update")[1].version == 3
