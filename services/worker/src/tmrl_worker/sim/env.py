@@ -83,7 +83,7 @@ class RaceTrackEnv(gym.Env):
         self._running = True
         parts, info = self.episode.start(self.car.pose())
         self.trajectory = [(x, y)]
-        return tuple(parts) + tuple(self._act_buf), info
+        return tuple(parts) + tuple(a.copy() for a in self._act_buf), info
 
     def step(self, action):
         if not self._running:
@@ -105,7 +105,7 @@ class RaceTrackEnv(gym.Env):
         truncated = not terminated and self._steps >= self.config.max_episode_steps
         self._running = not (terminated or truncated)
         self._act_buf.append(action)
-        return tuple(parts) + tuple(self._act_buf), reward, terminated, truncated, info
+        return tuple(parts) + tuple(a.copy() for a in self._act_buf), reward, terminated, truncated, info
 
     def render(self):
         """An RGB frame (``render_mode="rgb_array"``): the whole track, the car and its trail."""

@@ -1,0 +1,73 @@
+"""Real-time mode: rtgym interface contract, 20 Hz elastic clock, physics that never waits for the agent."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+from rtgym import RealTimeGymInterface
+from tmrl_worker.sim import RaceTrackEnv, RaceTrackInterface, close_realtime_env, make_realtime_env, realtime_config
+
+
+def test_realtime_config_copies_rtgym_defaults_with_the_interface_and_action_buffer():
+    config = realtime_config(track="oval", max_episode_steps=123)
+    assert config["interface"] is RaceTrackInterface
+    assert issubclass(config["interface"], RealTimeGymInterface)
+    assert config["interface_kwargs"]["config"]["track"] == "oval"
+    assert config["time_step_duration"] == pytest.approx(0.05)
+    assert config["start_obs_capture"] == pytest.approx(0.05)
+    assert config["act_buf_len"] == 2 and config["act_in_obs"] and config["reset_act_buf"]
+    assert config["ep_max_length"] == 123
+
+
+def test_interface_spaces_plus_action_buffer_equal_the_fast_env_spaces():
+    for observation in ("lidar", "lidar_progress", "image"):
+        interface = RaceTrackInterface({"observation": observation})
+        fast = RaceTrackEnv(observation=observation)
+        spaces = interface.get_observation_space().spaces + (interface.get_action_space(),) * 2
+        assert spaces == fast.observation_space.spaces
+        assert interface.layout == fast.layout
+        np.testing.assert_array_equal(interface.get_default_action(), np.zeros(3, np.float32))
+
+
+def test_physics_keeps_running_on_the_wall_clock_while_the_agent_is_away():
+    interface = RaceTrackInterface({"track": "oval", "start_jitter": 0.0})
+    try:
+        interface.reset(seed=0)
+        interface.send_control(np.array([1.0, 0.0, 0.0], np.float32))
+        start_ticks, start = interface.loop.ticks, time.perf_counter()
+        time.sleep(0.3)  # the agent "thinks"; the car must not wait
+        elapsed = time.perf_counter() - start
+        ticks = interface.loop.ticks - start_ticks
+        assert ticks >= 0.5 * elapsed * 100  # 100 Hz physics; tolerant bound for a loaded machine
+        assert interface.loop.pose().speed > 1.0
+    finally:
+        interface.close()
+    assert not interface.loop.running
+
+
+def test_bounded_realtime_run_steps_at_about_20_hz():
+    env = make_realtime_env(track="oval", benchmark=True, max_episode_steps=30, start_jitter=0.0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rtgym shares its default action between reset and step observations
+            obs, _ = env.reset(seed=0)
+            assert env.observation_space.contains(obs)
+            start = time.perf_counter()
+            steps, truncated = 0, False
+            while not truncated:
+                obs, reward, terminated, truncated, info = env.step(np.array([1.0, 0.0, 0.0], np.float32))
+                steps += 1
+                assert not terminated
+            elapsed = time.perf_counter() - start
+        assert steps == 30
+        assert 30 * 0.05 * 0.8 < elapsed < 30 * 0.05 * 2.0  # rtgym's elastic 20 Hz clock, tolerant bounds
+        assert env.unwrapped.benchmarks()["time_step_duration"][0] == pytest.approx(0.05, rel=0.3)
+        assert env.observation_space.contains(obs)
+        np.testing.assert_array_equal(obs[-1], [1.0, 0.0, 0.0])
+        assert info["progress"] > 0.01 and obs[0][0] > 20.0  # the car drove off at > 20 km/h
+        assert env.unwrapped.layout.observation_shapes() == [o.shape for o in obs]
+    finally:
+        close_realtime_env(env)

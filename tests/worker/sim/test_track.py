@@ -1,0 +1,99 @@
+"""Tracks: built-in designs, seeded generation, wall geometry, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tmrl_worker.sim.track import (
+    BUILTIN_TRACKS,
+    Arc,
+    Straight,
+    TrackDesign,
+    TrackError,
+    build_track,
+    generate_track,
+    load_track,
+    min_turn_radius,
+)
+
+
+@pytest.mark.parametrize("name", BUILTIN_TRACKS)
+def test_builtin_tracks_are_valid_and_evenly_sampled(name):
+    track = load_track(name)
+    track.check()
+    even = track.lengths if track.closed else track.lengths[:-1]  # an open track's last gap may be shorter
+    assert np.allclose(even, even.mean(), atol=0.02)
+    assert 0.9 < even.mean() <= 1.01
+    assert track.length > 300
+
+
+def test_there_are_at_least_three_builtin_tracks_one_open_with_hairpins():
+    assert len(BUILTIN_TRACKS) >= 3
+    hairpins = load_track("hairpins")
+    assert not hairpins.closed
+    assert min_turn_radius(hairpins.centre, hairpins.closed) < 10.0  # sharp turns
+    assert load_track("oval").closed and load_track("circuit").closed
+
+
+def test_closed_track_lap_path_returns_to_the_start():
+    track = load_track("circuit")
+    lap = track.lap_path()
+    np.testing.assert_allclose(lap[0], lap[-1])
+    assert np.linalg.norm(track.centre[-1] - track.centre[0]) < 1.1  # no seam jump
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_generated_tracks_depend_only_on_the_seed(closed):
+    first, again, other = generate_track(3, closed), generate_track(3, closed), generate_track(4, closed)
+    np.testing.assert_array_equal(first.centre, again.centre)
+    assert first.centre.shape != other.centre.shape or not np.allclose(first.centre, other.centre)
+    first.check()
+    assert first.closed == closed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_generated_tracks_pass_the_clearance_check(seed):
+    generate_track(seed, closed=True).check()
+    generate_track(seed, closed=False).check()
+
+
+def test_load_track_names_random_tracks_and_rejects_unknown_names():
+    assert load_track("random:5").name == "random:5"
+    assert not load_track("random-open:5").closed
+    with pytest.raises(TrackError, match="unknown track"):
+        load_track("monza")
+    with pytest.raises(TrackError, match="seed"):
+        load_track("random:abc")
+
+
+def test_designs_whose_walls_would_overlap_are_refused():
+    spiral = TrackDesign("tight", (Straight(20), Arc(8, 180), Straight(20)), width=20.0, closed=False)
+    with pytest.raises(TrackError):
+        build_track(spiral)
+    crossing = TrackDesign("cross", (Straight(50), Arc(10, 270), Straight(50)), width=8.0, closed=False)
+    with pytest.raises(TrackError, match="passes within"):
+        build_track(crossing)
+
+
+def test_open_track_walls_include_both_end_caps():
+    track = load_track("hairpins")
+    starts, ends = track.wall_segments()
+    left, right = track.walls()
+    caps = {tuple(np.round(s, 6)) + tuple(np.round(e, 6)) for s, e in zip(starts, ends, strict=True)}
+    assert tuple(np.round(left[0], 6)) + tuple(np.round(right[0], 6)) in caps
+    assert tuple(np.round(left[-1], 6)) + tuple(np.round(right[-1], 6)) in caps
+
+
+def test_walls_are_half_the_width_from_the_centre_line():
+    track = load_track("oval")
+    left, right = track.walls()
+    assert np.allclose(np.linalg.norm(left - right, axis=1), track.width, atol=0.05)
+
+
+def test_locate_follows_the_car_from_a_hint():
+    track = load_track("circuit")
+    for index in (0, 100, 300, track.segment_count - 1):
+        start = track.segment_starts[index] + track.directions[index] * 0.5 + track.normals[index] * 2.0
+        segment, along, lateral = track.locate(float(start[0]), float(start[1]), max(index - 2, 0))
+        assert segment == index
+        assert along == pytest.approx(0.5) and lateral == pytest.approx(2.0)
