@@ -176,3 +176,19 @@ def test_short_rtgym_run_at_20hz_pays_progress_and_applies_the_actions(plugin):
     finally:
         interface.close()
         env.close()
+
+
+def test_a_failing_device_closes_the_ones_already_built(plugin, monkeypatch):
+    import threading
+
+    from tmrl_worker.tm20 import interfaces
+    from tmrl_worker.tm20.capture import CaptureError
+
+    def no_screen(*args, **kwargs):
+        raise CaptureError("no screen here")
+
+    monkeypatch.setattr(interfaces, "make_capture", no_screen)
+    with pytest.raises(CaptureError, match="no screen"):
+        TM20LidarInterface(reward=straight_reward(), controller=RecordingController(), telemetry_port=plugin.port)
+    names = [t.name for t in threading.enumerate() if t.is_alive()]
+    assert f"tm20-telemetry-{plugin.port}" not in names

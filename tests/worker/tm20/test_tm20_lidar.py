@@ -134,3 +134,27 @@ def test_draw_marks_beams_in_red_up_to_the_measured_distance():
 def test_frames_of_the_wrong_shape_are_refused_clearly():
     with pytest.raises(LidarError, match="HxW"):
         Lidar().measure(np.zeros(10, np.uint8))
+
+
+def reference_walk(lidar: Lidar, frame: np.ndarray) -> np.ndarray:
+    """Step along each beam one pixel at a time in plain Python."""
+    h, w = frame.shape[:2]
+    row0, col0 = lidar.origin(h, w)
+    out = []
+    for angle in np.deg2rad(lidar.angles_deg()):
+        r = 0
+        while True:
+            y, x = int(round(row0 - r * math.sin(angle))), int(round(col0 + r * math.cos(angle)))
+            if not (0 <= y < h and 0 <= x < w) or frame[y, x, :3].max() < lidar.config.threshold:
+                break
+            r += 1
+        out.append(r)
+    return np.array(out, dtype=np.float32)
+
+
+def test_vectorised_scan_agrees_with_a_pixel_by_pixel_walk_on_winding_roads():
+    from tmrl_worker.tm20.synthetic import winding_road_frames
+
+    lidar = Lidar()
+    for frame in winding_road_frames(count=6, height=244, width=479):
+        np.testing.assert_allclose(lidar.measure(frame), reference_walk(lidar, frame), atol=1.0)

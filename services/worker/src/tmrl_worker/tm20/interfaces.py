@@ -93,10 +93,22 @@ class TM20Interface(RealTimeGymInterface):
         self.sleep_time_at_reset = sleep_time_at_reset
         self.lidar = Lidar(lidar)
         self.layout = self._make_layout()
-        self.telemetry = telemetry if telemetry is not None else TelemetryClient(telemetry_port, timeout=telemetry_timeout)
-        self.controller = controller if controller is not None else make_controller(controller_kind)  # type: ignore[arg-type]
-        self.capture = capture if capture is not None else make_capture(
-            capture_backend, self.capture_color, window_title, window_size=self.window_size)  # type: ignore[arg-type]
+        built: list[Any] = []  # devices built here are closed again if a later one fails
+        try:
+            if telemetry is None:
+                telemetry = TelemetryClient(telemetry_port, timeout=telemetry_timeout)
+                built.append(telemetry)
+            if controller is None:
+                controller = make_controller(controller_kind)  # type: ignore[arg-type]
+                built.append(controller)
+            if capture is None:
+                capture = make_capture(capture_backend, self.capture_color, window_title,  # type: ignore[arg-type]
+                                       window_size=self.window_size)
+        except BaseException:
+            for device in reversed(built):
+                device.close()
+            raise
+        self.telemetry, self.controller, self.capture = telemetry, controller, capture
         self.history: deque[np.ndarray] = deque(maxlen=img_hist_len)
         self.last_frame: np.ndarray | None = None
         self.last_telemetry = None

@@ -47,7 +47,7 @@ class Lidar:
     def __init__(self, config: LidarConfig | None = None) -> None:
         self.config = config or LidarConfig()
         self._shape: tuple[int, int] | None = None
-        self._rows = self._cols = self._in_frame = self._exit = None
+        self._rows = self._cols = self._flat = self._in_frame = self._exit = None
 
     @property
     def beams(self) -> int:
@@ -73,14 +73,18 @@ class Lidar:
             reach = min(reach, self.config.max_range + 1)
         theta = np.deg2rad(self.angles_deg())[:, None]
         radius = np.arange(reach, dtype=np.float64)[None, :]
-        rows = np.rint(row0 - radius * np.sin(theta)).astype(np.int64)
-        cols = np.rint(col0 + radius * np.cos(theta)).astype(np.int64)
+        rows = np.rint(row0 - radius * np.sin(theta)).astype(np.intp)
+        cols = np.rint(col0 + radius * np.cos(theta)).astype(np.intp)
         in_frame = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
         # a straight ray leaves a rectangle once: in_frame is a prefix of each beam
-        self._exit = in_frame.sum(axis=1).astype(np.float32)
+        exits = in_frame.sum(axis=1)
+        samples = max(int(exits.max()), 1)  # no beam needs more samples than the longest stays in the frame
+        self._exit = exits.astype(np.float32)
+        in_frame = in_frame[:, :samples]
         in_frame[:, : self.config.min_distance] = False
-        self._rows = np.clip(rows, 0, height - 1)
-        self._cols = np.clip(cols, 0, width - 1)
+        self._rows = np.clip(rows[:, :samples], 0, height - 1)
+        self._cols = np.clip(cols[:, :samples], 0, width - 1)
+        self._flat = self._rows * width + self._cols
         self._in_frame = in_frame
         self._shape = (height, width)
 
@@ -95,11 +99,16 @@ class Lidar:
         frame = np.asarray(frame)
         if frame.ndim not in (2, 3) or frame.shape[0] < 2 or frame.shape[1] < 2:
             raise LidarError(f"LIDAR needs an HxW or HxWxC frame, got shape {frame.shape}")
-        rows, cols, in_frame = self.beam_pixels(frame.shape[0], frame.shape[1])
-        samples = frame[rows, cols]
-        if samples.ndim == 3:
-            samples = samples[..., :3].max(axis=-1)  # dark when every colour channel is dark (alpha ignored)
-        hits = (samples < self.config.threshold) & in_frame
+        _, _, in_frame = self.beam_pixels(frame.shape[0], frame.shape[1])
+        threshold = self.config.threshold
+        if frame.ndim == 2:
+            hits = np.take(frame.reshape(-1), self._flat) < threshold
+        else:  # dark when every colour channel is dark (a 4th, alpha, channel is ignored)
+            pixels = np.take(frame.reshape(-1, frame.shape[2]), self._flat, axis=0)
+            hits = pixels[..., 0] < threshold
+            for channel in range(1, min(frame.shape[2], 3)):
+                hits &= pixels[..., channel] < threshold
+        hits &= in_frame
         first = hits.argmax(axis=1).astype(np.float32)
         return np.where(hits.any(axis=1), first, self._exit)
 
