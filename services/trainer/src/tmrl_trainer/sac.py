@@ -80,6 +80,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def soft_td_target(reward: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor, next_log_prob: torch.Tensor,
+                   alpha: torch.Tensor | float, gamma: float) -> torch.Tensor:
+    """``r + gamma * (1 - terminated) * (Q'(s', a') - alpha * log pi(a'|s'))``: no bootstrap past a terminal state;
+    a truncated (time-limit) step is not terminal, so it is not an argument here."""
+    return reward + gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
+
+
+def entropy_coefficient_loss(log_alpha: torch.Tensor, log_prob: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """``-mean(log(alpha) * (log pi + target_entropy))``: its gradient raises alpha while the policy's entropy
+    ``-log pi`` is below ``target_entropy`` and lowers it above."""
+    return -(log_alpha * (log_prob.detach() + target_entropy)).mean()
+
+
 class SACLearner:
     """Actor, critic ensemble, target critics and entropy coefficient, with their optimizers.
 
@@ -117,7 +130,7 @@ class SACLearner:
 
     @property
     def alpha(self) -> float:
-        return float(self.log_alpha.exp())
+        return float(self.log_alpha.detach().exp())
 
     def _features(self, observation: tuple[torch.Tensor, ...], critics: CriticEnsemble) -> tuple[torch.Tensor, torch.Tensor]:
         """(actor features, ``critics``' features); one flatten for both when no encoder has parameters (MLP)."""
@@ -148,7 +161,7 @@ class SACLearner:
             next_actor_features, next_critic_features = self._features(batch.next_observation, self.target_critics)
             next_action, next_log_prob = self.actor.policy(next_actor_features, generator=self.generator)
             next_q = self._critic_subset(self.target_critics.q_values(next_critic_features, next_action)).min(dim=0).values
-            target_q = batch.reward + gamma * (1.0 - batch.terminated) * (next_q - alpha * next_log_prob)
+            target_q = soft_td_target(batch.reward, batch.terminated, next_q, next_log_prob, alpha, gamma)
 
         # 2. critic loss
         actor_features, critic_features = self._features(batch.observation, self.critics)
@@ -163,7 +176,7 @@ class SACLearner:
         actor_loss = (alpha * log_prob - q_policy).mean()
 
         # 4. entropy coefficient loss
-        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        alpha_loss = entropy_coefficient_loss(self.log_alpha, log_prob, self.target_entropy)
 
         # One backward and one Adam step for all three: each loss reaches only its own parameters.
         total_loss = critic_loss + actor_loss + (alpha_loss if self.config.learn_alpha else 0.0)

@@ -1,0 +1,57 @@
+"""TensorBoard scalars for a training run: SAC losses, alpha, Q values, episode returns, updates/s and samples/s."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Mapping
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+class TrainingMetrics:
+    """Writes scalars under ``log_dir`` (``tensorboard --logdir <log_dir>``); a ``None`` directory logs nothing.
+
+    Tags: ``sac/<metric>`` for learner metrics, ``episode/return`` and ``episode/length`` for finished training
+    episodes, ``eval/return`` for deterministic evaluations, ``speed/updates_per_s`` and ``speed/samples_per_s``.
+    """
+
+    def __init__(self, log_dir: str | Path | None, flush_secs: int = 10) -> None:
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self._writer = SummaryWriter(str(self.log_dir), flush_secs=flush_secs) if self.log_dir is not None else None
+        self._rate_time = time.perf_counter()
+        self._rate_updates = 0
+        self._rate_samples = 0
+
+    def log_update(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Learner metrics (as returned by :meth:`SACLearner.update`) at ``step``."""
+        if self._writer is not None:
+            for name, value in metrics.items():
+                self._writer.add_scalar(f"sac/{name}", value, step)
+
+    def log_episode(self, step: int, episode_return: float, length: int) -> None:
+        """A finished training episode."""
+        if self._writer is not None:
+            self._writer.add_scalar("episode/return", episode_return, step)
+            self._writer.add_scalar("episode/length", length, step)
+
+    def log_evaluation(self, step: int, mean_return: float) -> None:
+        """The mean return of a deterministic evaluation."""
+        if self._writer is not None:
+            self._writer.add_scalar("eval/return", mean_return, step)
+
+    def log_rates(self, step: int, updates: int, samples: int) -> dict[str, float]:
+        """Updates/s and samples/s since the previous call, given the running totals ``updates`` and ``samples``."""
+        now = time.perf_counter()
+        elapsed = max(now - self._rate_time, 1e-9)
+        rates = {"updates_per_s": (updates - self._rate_updates) / elapsed,
+                 "samples_per_s": (samples - self._rate_samples) / elapsed}
+        self._rate_time, self._rate_updates, self._rate_samples = now, updates, samples
+        if self._writer is not None:
+            for name, value in rates.items():
+                self._writer.add_scalar(f"speed/{name}", value, step)
+        return rates
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,116 @@
+"""Policy networks shared by worker and trainer: architecture on the wire, weights round trip, inference contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tmrl_common.errors import ProtocolError
+from tmrl_common.layout import layout_for_box, tm20_image_layout, tm20_lidar_layout
+from tmrl_common.networks import (
+    CriticEnsemble,
+    PolicyArchitecture,
+    actor_from_weights_update,
+    build_actor,
+    load_weights_into,
+    weights_update_from_actor,
+)
+from tmrl_common.protocol import WeightsUpdate, decode, encode
+
+
+def _lidar_observation(rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    return (rng.random(1, dtype=np.float32), rng.random((4, 19), dtype=np.float32),
+            rng.uniform(-1, 1, 3).astype(np.float32), rng.uniform(-1, 1, 3).astype(np.float32))
+
+
+def test_architecture_round_trips_through_the_flat_dict_the_protocol_allows():
+    architecture = PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=[64, 32], activation="tanh")
+    flat = architecture.to_flat_dict()
+    assert all(isinstance(v, (bool, int, float, str)) or (isinstance(v, list) and all(isinstance(i, int) for i in v))
+               for v in flat.values())
+    assert PolicyArchitecture.from_flat_dict(flat) == architecture
+    assert architecture.kind == "mlp"
+    assert PolicyArchitecture.for_layout(tm20_image_layout(height=32, width=32)).kind == "cnn"
+
+
+@pytest.mark.parametrize("broken", [
+    {"layout": "{not json"},
+    {"hidden_sizes": [0]},
+    {"kind": "transformer"},
+    {"action_dim": 7},
+])
+def test_an_invalid_architecture_is_a_schema_protocol_error(broken):
+    flat = PolicyArchitecture.for_layout(tm20_lidar_layout()).to_flat_dict()
+    flat.update(broken)
+    with pytest.raises(ProtocolError) as info:
+        PolicyArchitecture.from_flat_dict(flat)
+    assert info.value.reason == "schema"
+
+
+def test_weights_travel_through_the_wire_protocol_and_rebuild_an_actor_with_identical_actions():
+    torch.manual_seed(0)
+    actor = build_actor(PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=[32, 32]))
+    update = weights_update_from_actor(actor, version=3)
+    _, received = decode(encode(update, sender="trainer"))
+    assert isinstance(received, WeightsUpdate) and received.version == 3
+    rebuilt = actor_from_weights_update(received)
+    observation = _lidar_observation(np.random.default_rng(1))
+    np.testing.assert_array_equal(actor.act(observation, deterministic=True), rebuilt.act(observation, deterministic=True))
+
+
+def test_load_weights_into_swaps_tensors_in_place_and_refuses_another_architecture():
+    architecture = PolicyArchitecture.for_layout(layout_for_box(3, 1), hidden_sizes=[16])
+    torch.manual_seed(0)
+    source, target = build_actor(architecture), build_actor(architecture)
+    observation = (np.array([0.1, -0.2, 0.3], np.float32),)
+    assert not np.array_equal(source.act(observation, True), target.act(observation, True))
+    parameter = next(target.parameters())
+    load_weights_into(target, weights_update_from_actor(source, version=1))
+    assert parameter is next(target.parameters())
+    np.testing.assert_array_equal(source.act(observation, True), target.act(observation, True))
+    other = build_actor(PolicyArchitecture.for_layout(layout_for_box(3, 1), hidden_sizes=[8]))
+    with pytest.raises(ProtocolError, match="different architecture"):
+        load_weights_into(other, weights_update_from_actor(source, version=2))
+
+
+def test_act_returns_float32_actions_in_the_unit_box_for_lidar_and_image_layouts():
+    rng = np.random.default_rng(0)
+    lidar = build_actor(PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=[32]))
+    for deterministic in (True, False):
+        action = lidar.act(_lidar_observation(rng), deterministic=deterministic)
+        assert action.dtype == np.float32 and action.shape == (3,) and np.all(np.abs(action) <= 1.0)
+    image_layout = tm20_image_layout(height=32, width=32)
+    image = build_actor(PolicyArchitecture.for_layout(image_layout, hidden_sizes=[32], conv_channels=[8, 16]))
+    observation = (np.array([0.5], np.float32), rng.integers(0, 256, (4, 32, 32), dtype=np.uint8),
+                   np.zeros(3, np.float32), np.zeros(3, np.float32))
+    action = image.act(observation, deterministic=True)
+    assert action.dtype == np.float32 and action.shape == (3,) and np.all(np.abs(action) <= 1.0)
+    with pytest.raises(ValueError, match="parts"):
+        image.act(observation[:2], deterministic=True)
+
+
+def test_deterministic_act_is_repeatable_and_stochastic_act_follows_its_noise_generator():
+    actor = build_actor(PolicyArchitecture.for_layout(layout_for_box(3, 2), hidden_sizes=[16]))
+    observation = (np.array([0.1, 0.2, 0.3], np.float32),)
+    assert np.array_equal(actor.act(observation, True), actor.act(observation, True))
+    actor.noise_generator = torch.Generator().manual_seed(5)
+    first = [actor.act(observation, False) for _ in range(3)]
+    actor.noise_generator = torch.Generator().manual_seed(5)
+    second = [actor.act(observation, False) for _ in range(3)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_critic_ensemble_gives_one_q_value_per_member_for_image_observations():
+    architecture = PolicyArchitecture.for_layout(tm20_image_layout(height=32, width=32), hidden_sizes=[16], conv_channels=[4, 8])
+    critics = CriticEnsemble(architecture, n=3)
+    observation = (torch.rand(5, 1), torch.randint(0, 256, (5, 4, 32, 32), dtype=torch.uint8), torch.zeros(5, 3), torch.zeros(5, 3))
+    assert critics(observation, torch.zeros(5, 3)).shape == (3, 5)
+    assert len(critics.encoders) == 3  # one CNN per critic
+
+
+def test_a_too_small_image_for_the_convolutions_is_a_clear_error():
+    architecture = PolicyArchitecture.for_layout(tm20_image_layout(height=8, width=8))
+    with pytest.raises(ValueError, match="too small"):
+        build_actor(architecture)

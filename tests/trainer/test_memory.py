@@ -1,0 +1,216 @@
+"""ReplayMemory (frames stored once, histories rebuilt at sampling) against a naive memory of full observations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tmrl_common.batching import SampleBatchBuilder
+from tmrl_common.errors import ProtocolError
+from tmrl_common.layout import ObservationComponent, ObservationLayout, layout_for_box
+from tmrl_trainer.memory import MemoryFileError, ReplayMemory
+
+LAYOUT = ObservationLayout(
+    components=[
+        ObservationComponent(name="speed", frame_shape=[1]),
+        ObservationComponent(name="lidar", frame_shape=[5], history=4),
+        ObservationComponent(name="image", frame_shape=[3, 4], dtype="uint8", history=2),
+    ],
+    action_dim=2,
+    action_history=2,
+)
+
+
+class NaiveEpisodeEnv:
+    """Builds full observations the way an rtgym environment does: histories and the action buffer start filled with
+    the reset frame and the default (zero) action, then shift by one each step (oldest first)."""
+
+    def __init__(self, layout: ObservationLayout, rng: np.random.Generator) -> None:
+        self.layout, self.rng = layout, rng
+
+    def _frame(self, component: ObservationComponent) -> np.ndarray:
+        if component.dtype == "uint8":
+            return self.rng.integers(0, 256, component.frame_shape, dtype=np.uint8)
+        return self.rng.standard_normal(component.frame_shape).astype(np.float32)
+
+    def reset(self) -> tuple[np.ndarray, ...]:
+        self.histories = [[self._frame(c)] * c.history for c in self.layout.components]
+        self.actions = [np.zeros(self.layout.action_dim, np.float32)] * self.layout.action_history
+        return self.observation()
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, ...]:
+        self.histories = [h[1:] + [self._frame(c)] for h, c in zip(self.histories, self.layout.components)]
+        self.actions = (self.actions[1:] + [action]) if self.layout.action_history else []
+        return self.observation()
+
+    def observation(self) -> tuple[np.ndarray, ...]:
+        parts = [np.stack(h) if c.history > 1 else h[0] for h, c in zip(self.histories, self.layout.components)]
+        return tuple(parts + list(self.actions))
+
+
+def _fill(memory: ReplayMemory, seed: int, workers: int = 3, rows_per_worker: int = 120):
+    """Random episodes from several workers, sent in random-sized batches that interleave between workers.
+
+    Returns ``(naive, expected_oldest)``: every transition keyed by its unique reward, and for each the absolute index
+    of the oldest row its two observations need (the row ``depth`` steps back in its episode, or the episode start).
+    """
+    rng = np.random.default_rng(seed)
+    depth = memory.depth
+    naive: dict[float, tuple] = {}
+    oldest: dict[float, int] = {}
+    envs, builders, observations, episode_rows, remaining, seqs = {}, {}, {}, {}, {}, {}
+    absolute = 0
+    for w in range(workers):
+        worker = f"worker-{w}"
+        envs[worker] = NaiveEpisodeEnv(memory.layout, rng)
+        builders[worker] = SampleBatchBuilder(memory.layout)
+        observations[worker] = envs[worker].reset()
+        builders[worker].add_reset(observations[worker])
+        episode_rows[worker] = [None]  # filled with the absolute index when the batch is sent
+        remaining[worker] = rows_per_worker
+        seqs[worker] = 0
+    pending: dict[str, list] = {w: [("reset", None)] for w in envs}
+    reward_id = 1.0
+    while any(remaining.values()):
+        worker = rng.choice([w for w, left in remaining.items() if left > 0])
+        for _ in range(int(rng.integers(1, 9))):
+            if remaining[worker] == 0:
+                break
+            remaining[worker] -= 1
+            action = rng.uniform(-1, 1, memory.layout.action_dim).astype(np.float32)
+            next_observation = envs[worker].step(action)
+            end = rng.random()
+            terminated, truncated = bool(end < 0.06), bool(0.06 <= end < 0.1)
+            builders[worker].add_step(action, next_observation, reward_id, terminated, truncated)
+            naive[reward_id] = (observations[worker], action, reward_id, next_observation, terminated, truncated)
+            pending[worker].append(("step", reward_id))
+            reward_id += 1.0
+            observations[worker] = next_observation
+            if terminated or truncated:
+                observations[worker] = envs[worker].reset()
+                builders[worker].add_reset(observations[worker])
+                pending[worker].append(("reset", None))
+        batch = builders[worker].build(seq=seqs[worker], weights_version=0)
+        seqs[worker] += 1
+        for kind, key in pending[worker]:
+            if kind == "reset":
+                episode_rows[worker] = [absolute]
+            else:
+                episode_rows[worker].append(absolute)
+                rows = episode_rows[worker]
+                oldest[key] = rows[max(0, len(rows) - 1 - depth)]
+            absolute += 1
+        pending[worker] = []
+        memory.add_batch(worker, batch)
+    return naive, oldest
+
+
+def _assert_transition_matches(memory: ReplayMemory, batch, index: int, naive: dict) -> float:
+    key = float(batch.reward[index])
+    observation, action, reward, next_observation, terminated, truncated = naive[key]
+    for got, want in zip(batch.observation, observation):
+        np.testing.assert_array_equal(got[index].numpy(), want)
+    for got, want in zip(batch.next_observation, next_observation):
+        np.testing.assert_array_equal(got[index].numpy(), want)
+    np.testing.assert_array_equal(batch.action[index].numpy(), action)
+    assert float(batch.terminated[index]) == float(terminated)
+    assert float(batch.truncated[index]) == float(truncated)
+    return key
+
+
+def test_every_transition_rebuilt_from_single_frames_equals_the_naive_full_observation_transition():
+    memory = ReplayMemory(LAYOUT, capacity=10_000, seed=0)
+    naive, _ = _fill(memory, seed=1)
+    positions = memory.sampleable_positions()
+    batch = memory.transitions(positions)
+    seen = {_assert_transition_matches(memory, batch, i, naive) for i in range(len(positions))}
+    assert seen == set(naive)
+    assert batch.observation[1].shape == (len(positions), 4, 5)
+    assert batch.observation[2].dtype.is_floating_point is False  # images stay uint8 until the encoder
+    assert len(batch.observation) == len(LAYOUT.observation_shapes())
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), capacity=st.sampled_from([9, 23, 64, 200, 5000]), workers=st.integers(1, 4))
+def test_ring_buffer_keeps_exactly_the_transitions_whose_rows_are_all_still_stored(seed, capacity, workers):
+    memory = ReplayMemory(LAYOUT, capacity=capacity, seed=seed)
+    naive, oldest = _fill(memory, seed=seed, workers=workers, rows_per_worker=60)
+    low_water = memory.rows_added - capacity
+    expected = {key for key, row in oldest.items() if row >= low_water}
+    positions = memory.sampleable_positions()
+    batch = memory.transitions(positions)
+    got = {_assert_transition_matches(memory, batch, i, naive) for i in range(len(positions))}
+    assert got == expected
+    if expected:
+        sampled = memory.sample(64)
+        for i in range(64):
+            assert _assert_transition_matches(memory, sampled, i, naive) in expected
+
+
+def test_sampled_batches_never_cross_a_reset_and_keep_terminated_distinct_from_truncated():
+    memory = ReplayMemory(LAYOUT, capacity=10_000, seed=3)
+    naive, _ = _fill(memory, seed=4)
+    batch = memory.sample(2000)
+    for i in range(2000):
+        _assert_transition_matches(memory, batch, i, naive)
+    assert batch.terminated.sum() > 0 and batch.truncated.sum() > 0
+    assert float((batch.terminated * batch.truncated).sum()) == 0.0
+
+
+def test_rows_of_a_worker_whose_episode_start_was_never_received_give_no_transition_until_their_next_step():
+    layout = layout_for_box(2, 1)
+    memory = ReplayMemory(layout, capacity=100)
+    builder = SampleBatchBuilder(layout)
+    builder.add_step([0.5], (np.ones(2, np.float32),), 1.0, False, False)  # no reset row: its predecessor is unknown
+    builder.add_step([0.25], (np.full(2, 2.0, np.float32),), 2.0, False, False)
+    memory.add_batch("late-joiner", builder.build(seq=0, weights_version=0))
+    assert memory.orphan_rows == 1
+    batch = memory.transitions(memory.sampleable_positions())
+    assert batch.reward.tolist() == [2.0]
+    np.testing.assert_array_equal(batch.observation[0].numpy(), [[1.0, 1.0]])
+
+
+def test_a_batch_that_does_not_match_the_layout_is_rejected_and_nothing_is_stored():
+    memory = ReplayMemory(layout_for_box(3, 1), capacity=100)
+    builder = SampleBatchBuilder(layout_for_box(2, 1))
+    builder.add_reset((np.zeros(2, np.float32),))
+    with pytest.raises(ProtocolError, match="layout expects"):
+        memory.add_batch("w", builder.build(seq=0, weights_version=0))
+    assert len(memory) == 0
+
+
+def test_sampling_before_any_complete_transition_says_why():
+    memory = ReplayMemory(layout_for_box(2, 1), capacity=10)
+    with pytest.raises(ValueError, match="empty"):
+        memory.sample(4)
+    builder = SampleBatchBuilder(memory.layout)
+    builder.add_reset((np.zeros(2, np.float32),))
+    memory.add_batch("w", builder.build(seq=0, weights_version=0))
+    with pytest.raises(ValueError, match="no complete transition"):
+        memory.sample(4)
+
+
+def test_saved_memory_loads_into_a_fresh_one_and_samples_identically(tmp_path):
+    memory = ReplayMemory(LAYOUT, capacity=150, seed=5)
+    _fill(memory, seed=6)
+    path = memory.save(tmp_path / "memory.safetensors")
+    restored = ReplayMemory(LAYOUT, capacity=150, seed=99)
+    restored.load(path)
+    assert len(restored) == len(memory) and restored.rows_added == memory.rows_added
+    first, second = memory.sample(32), restored.sample(32)
+    for a, b in zip(first.observation + first.next_observation, second.observation + second.next_observation):
+        assert np.array_equal(a.numpy(), b.numpy())
+    assert open(path, "rb").read(1) != b"\x80"  # not a pickle stream
+
+
+def test_loading_a_memory_saved_with_another_capacity_or_a_corrupt_file_raises_memory_file_error(tmp_path):
+    memory = ReplayMemory(LAYOUT, capacity=150)
+    _fill(memory, seed=7, workers=1, rows_per_worker=30)
+    path = memory.save(tmp_path / "memory.safetensors")
+    with pytest.raises(MemoryFileError, match="capacity"):
+        ReplayMemory(LAYOUT, capacity=151).load(path)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(MemoryFileError):
+        ReplayMemory(LAYOUT, capacity=150).load(tmp_path / "bad.safetensors")
