@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -23,15 +22,67 @@ ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the 
 
 
 @app.command()
-def run(config: Optional[Path] = ConfigOption,
-        show_config: bool = typer.Option(False, "--show-config", help="Print the effective config and exit.")) -> None:
-    """Run the worker in the foreground."""
-    effective = load_config(WorkerConfig, "worker", config)
+def run(
+    config: Path | None = ConfigOption,
+    show_config: bool = typer.Option(False, "--show-config", help="Print the effective config and exit."),
+    env: str | None = typer.Option(None, "--env", help="sim, sim-fast, tm20-lidar, tm20-lidar-progress, tm20-full, module:Class or gym:<id>."),
+    worker_id: str | None = typer.Option(None, "--worker-id", help="This worker's id (unique per worker)."),
+    relay_host: str | None = typer.Option(None, "--relay-host"),
+    worker_port: int | None = typer.Option(None, "--worker-port"),
+    weights_port: int | None = typer.Option(None, "--weights-port"),
+    test: bool = typer.Option(False, "--test", help="Send no samples; act deterministically with received weights."),
+    expert: bool = typer.Option(False, "--expert", help="Send samples, ignore weights: the env's scripted expert (or --policy) drives."),
+    policy: Path | None = typer.Option(None, "--policy", help="Safetensors policy file for --expert.", exists=True, dir_okay=False),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many environment steps."),
+    batch_steps: int | None = typer.Option(None, "--batch-steps", help="Send a batch every N steps (and at episode ends)."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="Where the sequence-number state file lives."),
+    seed: int | None = typer.Option(None, "--seed"),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain-text ZeroMQ, no CurveZMQ (trusted loopback only)."),
+    log_level: str = typer.Option("INFO", "--log-level"),
+) -> None:
+    """Run the worker in the foreground: roll out episodes, send samples to the relay, use the weights it broadcasts."""
+    import logging
+    import signal
+    import threading
+
+    from tmrl_common.errors import ConfigError
+
+    if test and expert:
+        raise typer.BadParameter("--test and --expert exclude each other")
+    overrides = {
+        "env": env, "worker_id": worker_id, "relay_host": relay_host, "worker_port": worker_port,
+        "weights_port": weights_port, "policy_file": policy, "max_steps": max_steps, "batch_steps": batch_steps,
+        "state_dir": state_dir, "seed": seed, "mode": "test" if test else "expert" if expert else None,
+    }
+    try:
+        effective = load_config(WorkerConfig, "worker", config, overrides=overrides)
+        if insecure:
+            effective = effective.model_copy(update={"security": effective.security.model_copy(update={"insecure": True})})
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(code=2) from exc
     if show_config:
         typer.echo(render_config(effective, "worker"))
         raise typer.Exit()
-    typer.echo("worker run: not implemented yet", err=True)
-    raise typer.Exit(code=3)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+    from tmrl_common.sockets import SecurityError
+
+    from tmrl_worker.envs import EnvSpecError
+    from tmrl_worker.runtime import PolicyFileError, run_worker
+    from tmrl_worker.spool import StateFileError
+
+    torch.set_num_threads(1)  # one observation at a time: extra threads only add latency
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        stats = run_worker(effective, stop=stop)
+    except (EnvSpecError, PolicyFileError, StateFileError, SecurityError) as exc:
+        typer.echo(f"tmrl-worker: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(f"{effective.worker_id}: {stats.steps} steps, {stats.episodes} episodes, "
+               f"{stats.batches_submitted} batches, weights version {stats.weights_version}", err=True)
 
 
 # TrackMania 2020 tools (logic in tmrl_worker.tm20; these functions only parse arguments) -----------------------------
@@ -47,7 +98,7 @@ def record_reward(
     telemetry_port: int = TelemetryPortOption,
     spacing: float = typer.Option(0.5, "--spacing", help="Distance between reward points (m)."),
     max_seconds: float = typer.Option(900.0, "--max-seconds", help="Give up after this long."),
-    raw_telemetry: Optional[Path] = typer.Option(None, "--raw-telemetry", help="Also save the raw packets (replayable).", dir_okay=False),
+    raw_telemetry: Path | None = typer.Option(None, "--raw-telemetry", help="Also save the raw packets (replayable).", dir_okay=False),
     save_unfinished: bool = typer.Option(False, "--save-unfinished", help="Save even if the finish line was not reached."),
     timeout: float = typer.Option(30.0, "--timeout", help="Give up when no telemetry arrives for this long (s)."),
 ) -> None:
@@ -63,10 +114,10 @@ def record_reward(
 def check_env(
     steps: int = typer.Option(0, "--steps", help="Readings to show (0: until Ctrl-C)."),
     telemetry_port: int = TelemetryPortOption,
-    reward: Optional[Path] = typer.Option(None, "--reward", help="Reward points file: also show rewards.", exists=True, dir_okay=False),
+    reward: Path | None = typer.Option(None, "--reward", help="Reward points file: also show rewards.", exists=True, dir_okay=False),
     capture: str = CaptureOption,
     window_title: str = WindowTitleOption,
-    save_frames: Optional[Path] = typer.Option(None, "--save-frames", help="Folder for PNG frames with the LIDAR beams drawn.", file_okay=False),
+    save_frames: Path | None = typer.Option(None, "--save-frames", help="Folder for PNG frames with the LIDAR beams drawn.", file_okay=False),
     synthetic: bool = SyntheticOption,
 ) -> None:
     """TrackMania 2020: show LIDAR, speed and rewards while you drive (nothing is sent to the game)."""
@@ -81,7 +132,7 @@ def check_env(
 def benchmark(
     env: str = typer.Option("tm20-lidar", "--env", help="tm20-lidar, tm20-lidar-progress or tm20-full."),
     steps: int = typer.Option(200, "--steps", help="Time steps to run."),
-    reward: Optional[Path] = typer.Option(None, "--reward", help="Reward points file (required with the game).", exists=True, dir_okay=False),
+    reward: Path | None = typer.Option(None, "--reward", help="Reward points file (required with the game).", exists=True, dir_okay=False),
     telemetry_port: int = TelemetryPortOption,
     controller: str = typer.Option("auto", "--controller", help="auto, gamepad, keyboard or none (drive nothing)."),
     capture: str = CaptureOption,

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+from tmrl_common.sockets import SecurityConfig, TransportConfig
+
+WorkerMode = Literal["train", "test", "expert"]
 
 
 class WorkerConfig(BaseModel):
-    """Which environment to run and where the relay is."""
+    """Which environment to run, where the relay is, and how samples are batched, spooled and resent."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -15,4 +21,44 @@ class WorkerConfig(BaseModel):
     worker_port: int = Field(default=5555, ge=1, le=65535)
     weights_port: int = Field(default=5557, ge=1, le=65535)
     env: str = "sim"
-    """``sim`` (built-in race track), ``tm20-lidar``, ``tm20-lidar-progress``, ``tm20-full``, or ``module:Class``."""
+    """``sim`` (built-in race track, real time), ``sim-fast`` (same track, synchronous), ``tm20-lidar``,
+    ``tm20-lidar-progress``, ``tm20-full``, ``module:Class`` (your rtgym interface) or ``gym:<id>`` (any gymnasium env)."""
+    env_options: dict[str, Any] = Field(default_factory=dict)
+    """Passed to the env: interface keyword arguments for rtgym envs (TrackMania: ``reward_path``,
+    ``telemetry_port``...), ``gymnasium.make`` keyword arguments for ``gym:`` and ``sim-fast``."""
+    mode: WorkerMode = "train"
+    """``train``: send samples, use received weights; ``test``: send nothing, use received weights;
+    ``expert``: send samples, ignore weights (scripted expert of the env, or ``policy_file``)."""
+    policy_file: Path | None = None
+    """A safetensors policy (weights + architecture metadata) used in ``expert`` mode instead of the env's expert."""
+    deterministic: bool = False
+    """Act with the policy's mean action instead of sampling (``test`` mode always acts deterministically)."""
+
+    # real-time settings (rtgym envs)
+    time_step_duration: float = Field(default=0.05, gt=0)
+    """Seconds per real-time step (0.05 = 20 Hz)."""
+    max_episode_steps: int = Field(default=1000, ge=1)
+    """Truncate episodes after this many steps (rtgym ``ep_max_length``; gymnasium envs keep their own limit too)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop the worker after this many environment steps (default: run until interrupted)."""
+    seed: int | None = None
+
+    # batching and delivery
+    batch_steps: int = Field(default=100, ge=1, le=100_000)
+    """Send a batch every this many steps (and at every episode end)."""
+    compress: bool = True
+    """zlib-compress sample arrays (newest frame per step only is always applied)."""
+    spool_max_batches: int = Field(default=1000, ge=1)
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    """Unacknowledged batches kept for resending; beyond either bound the oldest is dropped (counted, logged)."""
+    ack_timeout_s: float = Field(default=10.0, gt=0)
+    """Resend a batch that has not been acknowledged after this long."""
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    state_dir: Path = Path("~/.local/state/tmrl/worker")
+    """Holds ``<worker_id>.state.json`` (the sequence-number reservation that keeps ``seq`` unique across restarts)."""
+
+    # sockets
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    """CurveZMQ: ``secret_key_file`` (this worker's pair, allow-listed at the relay) and ``server_public_key_file``;
+    or ``insecure = true`` (``--insecure``) for plain text on a trusted loopback."""

@@ -1,0 +1,292 @@
+"""Environment factory: one spec string → a running environment, its observation layout and how to drive it.
+
+Specs (``[worker] env``):
+
+========================  ===========================================================================================
+``sim``                   built-in race track, real time (rtgym ``RaceTrackInterface``, ``time_step_duration`` s/step)
+``sim-fast``              the same track as a plain synchronous gymnasium env (``RaceTrackEnv``): as fast as the CPU
+``tm20-lidar``            TrackMania 2020, LIDAR observations (Windows, game running)
+``tm20-lidar-progress``   TrackMania 2020, LIDAR + track progress (Windows)
+``tm20-full``             TrackMania 2020, grayscale images (Windows)
+``module:Class``          your :class:`rtgym.RealTimeGymInterface` subclass, imported by path, run by rtgym in real time
+``gym:<id>``              any registered gymnasium env with Box actions, synchronous (e.g. ``gym:Pendulum-v1``)
+========================  ===========================================================================================
+
+:class:`EnvHandle` hides the differences from the rollout loop: observations are always a tuple of parts in layout
+order (then the action buffer), actions are always in ``[-1, 1]`` (rescaled to the env's bounds when they differ).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+from tmrl_common.layout import ObservationComponent, ObservationLayout, layout_for_box
+
+SIM_SPECS = ("sim", "sim-fast")
+TM20_SPECS = ("tm20-lidar", "tm20-lidar-progress", "tm20-full")
+SIM_GYM_ID = "tmrl_worker.sim:tmrl/RaceTrack-v0"
+RTGYM_ID = "real-time-gym-v1"
+
+ExpertPolicy = Callable[[tuple], np.ndarray]
+
+
+class EnvSpecError(ValueError):
+    """An ``env`` spec cannot be turned into an environment; the message says which specs exist and what failed."""
+
+
+def _spec_help() -> str:
+    return "valid specs: " + ", ".join((*SIM_SPECS, *TM20_SPECS, "module:Class", "gym:<gymnasium id>"))
+
+
+@dataclass
+class EnvHandle:
+    """A built environment plus what the worker needs to know about it."""
+
+    spec: str
+    env: gymnasium.Env
+    layout: ObservationLayout
+    realtime: bool
+    """True for rtgym envs: ``step`` paces itself to the time step; False: synchronous, as fast as possible."""
+    expert: ExpertPolicy | None = None
+    """A scripted driver (observation tuple → action in [-1, 1]) when the env offers one (the simulator does)."""
+    wrap_observation: bool = False
+    """True when the env returns one array (plain gymnasium Box envs): it is wrapped into a 1-tuple."""
+    closer: Callable[[], None] | None = None
+    """Replaces ``env.close()`` when the env needs more (the real-time simulator stops its physics thread)."""
+    reset_hooks: list[Callable[[], None]] = field(default_factory=list)
+    """Called before every reset (e.g. the expert forgets where the car was)."""
+
+    def __post_init__(self) -> None:
+        space = self.env.action_space
+        if not isinstance(space, spaces.Box):
+            raise EnvSpecError(f"env {self.spec!r} has action space {space}; tmrl's SAC needs a continuous Box")
+        low = np.asarray(space.low, dtype=np.float64).reshape(-1)
+        high = np.asarray(space.high, dtype=np.float64).reshape(-1)
+        self._action_shape = space.shape
+        self._rescale = bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high))
+                             and not (np.allclose(low, -1.0) and np.allclose(high, 1.0)))
+        self._low, self._high = low, high
+        self._default_action = np.zeros(self.layout.action_dim, dtype=np.float32)
+
+    @property
+    def action_dim(self) -> int:
+        return self.layout.action_dim
+
+    @property
+    def default_action(self) -> np.ndarray:
+        """The action rtgym puts in the buffer at reset (zeros): recorded as the reset row's action."""
+        return self._default_action
+
+    def to_env_action(self, action: np.ndarray) -> np.ndarray:
+        """Policy action in [-1, 1] → the env's action (clipped, rescaled to the Box bounds when they differ)."""
+        action = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+        if self._rescale:
+            action = self._low + (action + 1.0) * 0.5 * (self._high - self._low)
+        return action.astype(self.env.action_space.dtype, copy=False).reshape(self._action_shape)
+
+    def _observation(self, observation: Any) -> tuple:
+        return (observation,) if self.wrap_observation else tuple(observation)
+
+    def reset(self, seed: int | None = None) -> tuple:
+        for hook in self.reset_hooks:
+            hook()
+        observation, _info = self.env.reset(seed=seed)
+        return self._observation(observation)
+
+    def step(self, action: np.ndarray) -> tuple[tuple, float, bool, bool, dict]:
+        """Apply a policy action in [-1, 1]; return ``(observation tuple, reward, terminated, truncated, info)``."""
+        observation, reward, terminated, truncated, info = self.env.step(self.to_env_action(action))
+        return self._observation(observation), float(reward), bool(terminated), bool(truncated), info
+
+    def close(self) -> None:
+        if self.closer is not None:
+            self.closer()
+        else:
+            self.env.close()
+
+
+# ------------------------------------------------------------------------------------------------------- layouts
+
+
+def layout_from_spaces(observation_space: spaces.Space, action_space: spaces.Space, action_history: int = 0) -> ObservationLayout:
+    """A layout for envs that do not declare one: each observation part is a component ``part<i>`` (no history
+    stacking, so the whole part is sent every step). ``action_history`` trailing parts are the rtgym action buffer."""
+    if not isinstance(action_space, spaces.Box):
+        raise EnvSpecError(f"action space {action_space} is not a Box; tmrl's SAC needs continuous actions")
+    action_dim = math.prod(action_space.shape)
+    if isinstance(observation_space, spaces.Box):
+        return layout_for_box(math.prod(observation_space.shape), action_dim) if len(observation_space.shape) <= 1 else \
+            ObservationLayout(components=[_component("obs", observation_space)], action_dim=action_dim)
+    if isinstance(observation_space, spaces.Tuple):
+        parts = list(observation_space.spaces)
+        if action_history:
+            parts = parts[:-action_history]
+        if not parts or not all(isinstance(p, spaces.Box) for p in parts):
+            raise EnvSpecError(f"observation space {observation_space} must be a Box or a Tuple of Boxes")
+        return ObservationLayout(components=[_component(f"part{i}", p) for i, p in enumerate(parts)],
+                                 action_dim=action_dim, action_history=action_history)
+    raise EnvSpecError(f"observation space {observation_space} must be a Box or a Tuple of Boxes")
+
+
+def _component(name: str, box: spaces.Box) -> ObservationComponent:
+    shape = [int(d) for d in box.shape] or [1]
+    dtype = "uint8" if box.dtype == np.uint8 else "float32"
+    return ObservationComponent(name=name, frame_shape=shape, dtype=dtype)
+
+
+def _declared_layout(*candidates: Any) -> ObservationLayout | None:
+    for candidate in candidates:
+        layout = getattr(candidate, "layout", None)
+        if callable(layout):
+            layout = layout()
+        if isinstance(layout, ObservationLayout):
+            return layout
+    return None
+
+
+def _expert_of(*candidates: Any) -> ExpertPolicy | None:
+    for candidate in candidates:
+        expert = getattr(candidate, "expert_action", None)
+        if callable(expert):
+            return expert
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------- factories
+
+
+def rtgym_config(interface: type, time_step_duration: float = 0.05, max_episode_steps: int = 1000,
+                 act_buf_len: int = 2, interface_kwargs: dict | None = None) -> dict:
+    """An rtgym config dict for ``interface`` (a :class:`rtgym.RealTimeGymInterface` subclass)."""
+    from rtgym import DEFAULT_CONFIG_DICT
+
+    config = dict(DEFAULT_CONFIG_DICT)
+    config.update(
+        interface=interface,
+        interface_kwargs=dict(interface_kwargs or {}),
+        time_step_duration=time_step_duration,
+        start_obs_capture=time_step_duration,
+        time_step_timeout_factor=1.0,
+        ep_max_length=max_episode_steps,
+        act_in_obs=True,
+        act_buf_len=act_buf_len,
+        reset_act_buf=True,
+        wait_on_done=True,
+    )
+    return config
+
+
+def _make_rtgym(spec: str, config: dict) -> EnvHandle:
+    env = gymnasium.make(RTGYM_ID, config=config, disable_env_checker=True)
+    interface = env.unwrapped.interface
+    layout = _declared_layout(interface, env.unwrapped) or layout_from_spaces(
+        env.observation_space, env.action_space, action_history=config["act_buf_len"] if config["act_in_obs"] else 0
+    )
+    return EnvHandle(spec=spec, env=env, layout=layout, realtime=True, expert=_expert_of(interface))
+
+
+def _import_interface(spec: str) -> type:
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name or not class_name.isidentifier():
+        raise EnvSpecError(f"env {spec!r}: a plugged interface is written 'package.module:ClassName'; {_spec_help()}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EnvSpecError(f"env {spec!r}: cannot import module {module_name!r} ({exc}); "
+                           "is it installed or on PYTHONPATH?") from exc
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise EnvSpecError(f"env {spec!r}: module {module_name!r} has no attribute {class_name!r}")
+    from rtgym import RealTimeGymInterface
+
+    if not (isinstance(cls, type) and issubclass(cls, RealTimeGymInterface)):
+        raise EnvSpecError(f"env {spec!r}: {module_name}.{class_name} is not a subclass of rtgym.RealTimeGymInterface")
+    return cls
+
+
+def _make_gym(spec: str, gym_id: str, max_episode_steps: int | None, options: dict) -> EnvHandle:
+    if not gym_id:
+        raise EnvSpecError(f"env {spec!r}: write the gymnasium id after 'gym:', e.g. gym:Pendulum-v1")
+    if max_episode_steps:
+        options = {"max_episode_steps": max_episode_steps, **options}
+    try:
+        env = gymnasium.make(gym_id, **options)
+    except gymnasium.error.Error as exc:
+        raise EnvSpecError(f"env {spec!r}: gymnasium cannot make {gym_id!r}: {exc}") from exc
+    except ImportError as exc:
+        raise EnvSpecError(f"env {spec!r}: {gym_id!r} needs a package that is not installed: {exc}") from exc
+    except TypeError as exc:
+        raise EnvSpecError(f"env {spec!r}: {gym_id!r} does not accept the options {sorted(options)}: {exc}") from exc
+    layout = _declared_layout(env.unwrapped)
+    wrap = layout is None and isinstance(env.observation_space, spaces.Box)
+    if layout is None:
+        layout = layout_from_spaces(env.observation_space, env.action_space)
+    return EnvHandle(spec=spec, env=env, layout=layout, realtime=False, expert=_expert_of(env.unwrapped), wrap_observation=wrap)
+
+
+def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, options: dict) -> EnvHandle:
+    """The simulator; ``options`` are :class:`~tmrl_worker.sim.SimConfig` fields (``track``, ``physics_hz``...).
+    Its expert is the simulator's pure-pursuit driver, which reads the car's pose (not the observation)."""
+    from tmrl_worker.sim import PurePursuitDriver, close_realtime_env, realtime_config
+
+    settings = {"max_episode_steps": max_episode_steps, **options}
+    if spec == "sim-fast":
+        try:
+            env = gymnasium.make(SIM_GYM_ID, config=settings, disable_env_checker=True)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {exc}") from exc
+        sim = env.unwrapped
+        pose, track, car = sim.car.pose, sim.track, sim.config.car
+        handle = EnvHandle(spec=spec, env=env, layout=sim.layout, realtime=False)
+    else:
+        try:
+            config = realtime_config(None, time_step_duration=time_step_duration, **settings)
+        except ValueError as exc:
+            raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {exc}") from exc
+        env = gymnasium.make(RTGYM_ID, config=config, disable_env_checker=True)
+        interface = env.unwrapped.interface
+        pose, track, car = interface.loop.pose, interface.track, interface.config.car
+        handle = EnvHandle(spec=spec, env=env, layout=interface.layout, realtime=True,
+                           closer=lambda: close_realtime_env(env))
+    driver = PurePursuitDriver(track, car)
+    handle.expert = lambda observation: driver.act(pose())
+    handle.reset_hooks.append(driver.reset)
+    return handle
+
+
+def _make_tm20(spec: str, time_step_duration: float, max_episode_steps: int, options: dict) -> EnvHandle:
+    if sys.platform != "win32" and not options.get("allow_non_windows", False):
+        raise EnvSpecError(f"env {spec!r} drives TrackMania 2020 and runs on Windows only (this is {sys.platform}); "
+                           "use env = \"sim\" to train on the built-in simulator")
+    from tmrl_worker.tm20.interfaces import tm20_rtgym_config
+
+    kwargs = {k: v for k, v in options.items() if k != "allow_non_windows"}
+    config = tm20_rtgym_config(spec, time_step_duration=time_step_duration, ep_max_length=max_episode_steps, **kwargs)
+    return _make_rtgym(spec, config)
+
+
+def make_env(spec: str, time_step_duration: float = 0.05, max_episode_steps: int = 1000,
+             options: dict[str, Any] | None = None) -> EnvHandle:
+    """Build the environment named by ``spec`` (see the module docstring); raise :class:`EnvSpecError` when it
+    cannot be built, with what to change. ``options`` go to the env: interface kwargs for rtgym interfaces
+    (TrackMania's ``reward_path``, ``telemetry_port``...), keyword arguments of ``gymnasium.make`` otherwise."""
+    spec = spec.strip()
+    options = dict(options or {})
+    if spec in SIM_SPECS:
+        return _make_sim(spec, time_step_duration, max_episode_steps, options)
+    if spec in TM20_SPECS:
+        return _make_tm20(spec, time_step_duration, max_episode_steps, options)
+    if spec.startswith("gym:"):
+        return _make_gym(spec, spec[4:], None, options)  # a gymnasium env keeps its own time limit
+    if ":" in spec:
+        interface = _import_interface(spec)
+        return _make_rtgym(spec, rtgym_config(interface, time_step_duration, max_episode_steps, interface_kwargs=options))
+    raise EnvSpecError(f"unknown env {spec!r}; {_spec_help()}")

@@ -1,0 +1,314 @@
+"""The worker's rollout loop and the wiring around it (env, policy, sender thread, weights thread).
+
+:class:`RolloutLoop` runs on the main thread: before **every** step it asks the weights feed for a newly prepared actor
+(a lock and a pointer swap) and switches to it, so a weights update arriving mid-episode is used from the next step.
+It never touches the network: filled sample builders are handed to the sender thread (:class:`~tmrl_worker.relay_link.RelayLink`)
+every ``batch_steps`` steps and at every episode end. Real-time pacing is rtgym's job (``EnvHandle.realtime``);
+synchronous envs simply run as fast as the CPU allows.
+
+Until the first weights arrive the policy is uniform random in ``[-1, 1]`` (SAC's usual warm-up exploration).
+
+Modes: ``train`` (samples sent, received weights used), ``test`` (no samples, received weights used, deterministic),
+``expert`` (samples sent, weights ignored; the env's scripted expert or a safetensors policy file drives).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import zmq
+from tmrl_common.batching import SampleBatchBuilder
+from tmrl_common.errors import ProtocolError
+from tmrl_common.layout import ObservationLayout
+from tmrl_common.protocol import WeightsUpdate
+
+from tmrl_worker.config import WorkerConfig, WorkerMode
+from tmrl_worker.envs import EnvHandle, make_env
+from tmrl_worker.relay_link import RelayEndpoint, RelayLink
+from tmrl_worker.spool import SequenceCounter, Spool
+from tmrl_worker.weights_feed import PreparedPolicy, WeightsFeed
+
+log = logging.getLogger(__name__)
+
+
+class PolicyFileError(ValueError):
+    """A ``--policy`` file cannot be loaded as an actor."""
+
+
+# ---------------------------------------------------------------------------------------------------------- policies
+
+
+class Policy(Protocol):
+    """What drives the env: an action in [-1, 1] for an observation tuple, tagged with a weights version."""
+
+    version: int
+
+    def act(self, observation: tuple) -> np.ndarray: ...
+
+
+class UniformPolicy:
+    """Uniform random actions in [-1, 1]: the policy before any weights arrive (version 0)."""
+
+    def __init__(self, action_dim: int, seed: int | None = None) -> None:
+        self.version = 0
+        self.action_dim = action_dim
+        self._rng = np.random.default_rng(seed)
+
+    def act(self, observation: tuple) -> np.ndarray:
+        return self._rng.uniform(-1.0, 1.0, self.action_dim).astype(np.float32)
+
+
+class ActorPolicy:
+    """A torch :class:`~tmrl_common.networks.Actor` on the CPU (``Actor.act``)."""
+
+    def __init__(self, actor, version: int, deterministic: bool = False) -> None:
+        self.actor = actor
+        self.version = version
+        self.deterministic = deterministic
+
+    def act(self, observation: tuple) -> np.ndarray:
+        return self.actor.act(observation, deterministic=self.deterministic)
+
+
+class ScriptedPolicy:
+    """The env's own expert (e.g. the simulator's pure-pursuit driver); version 0."""
+
+    def __init__(self, expert) -> None:
+        self.version = 0
+        self._expert = expert
+
+    def act(self, observation: tuple) -> np.ndarray:
+        return np.asarray(self._expert(observation), dtype=np.float32)
+
+
+def load_policy_file(path: Path, layout: ObservationLayout) -> ActorPolicy:
+    """An actor from a safetensors file whose metadata ``architecture`` holds the JSON of
+    :meth:`PolicyArchitecture.to_flat_dict <tmrl_common.networks.PolicyArchitecture.to_flat_dict>` (optional
+    ``version``). This is the format :func:`save_policy_file` writes."""
+    from safetensors import safe_open
+    from tmrl_common.networks import actor_from_weights_update
+
+    try:
+        data = Path(path).read_bytes()
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+    except OSError as exc:
+        raise PolicyFileError(f"policy file {path} cannot be read: {exc}") from exc
+    except Exception as exc:  # safetensors raises its own error types on a bad header
+        raise PolicyFileError(f"policy file {path} is not a safetensors file: {exc}") from exc
+    if "architecture" not in metadata:
+        raise PolicyFileError(f"policy file {path} has no 'architecture' metadata; write it with save_policy_file")
+    try:
+        architecture = json.loads(metadata["architecture"])
+        update = WeightsUpdate.build(version=int(metadata.get("version", 0)), architecture=architecture, tensors=data)
+        actor = actor_from_weights_update(update)
+    except (ValueError, ProtocolError) as exc:
+        raise PolicyFileError(f"policy file {path} cannot be loaded: {exc}") from exc
+    if actor.architecture.layout != layout:
+        raise PolicyFileError(f"policy file {path} was trained for another observation layout than this env's")
+    return ActorPolicy(actor, version=update.version, deterministic=True)
+
+
+def save_policy_file(actor, path: Path, version: int = 0) -> Path:
+    """Write ``actor`` as a safetensors file :func:`load_policy_file` reads back (no pickle)."""
+    from tmrl_common.networks import weights_update_from_actor
+    from tmrl_common.weights import tensors_from_bytes, tensors_to_bytes
+
+    update = weights_update_from_actor(actor, version)
+    metadata = {"architecture": json.dumps(update.architecture), "version": str(version), "format": "tmrl-actor"}
+    Path(path).write_bytes(tensors_to_bytes(tensors_from_bytes(update.tensors), metadata=metadata))
+    return Path(path)
+
+
+# -------------------------------------------------------------------------------------------------------- rollout
+
+
+class SampleSink(Protocol):
+    def submit(self, builder: SampleBatchBuilder, weights_version: int) -> None: ...
+
+
+class PolicySource(Protocol):
+    def take_latest(self) -> PreparedPolicy | None: ...
+
+
+@dataclass
+class RolloutStats:
+    """What the loop did so far."""
+
+    steps: int = 0
+    episodes: int = 0
+    batches_submitted: int = 0
+    swaps: int = 0
+    weights_version: int = 0
+    episode_return: float = 0.0
+    recent_returns: deque = field(default_factory=lambda: deque(maxlen=20))
+    step_seconds: float = 0.0
+    """Total wall time spent inside ``env.step`` + inference, for steps/s reports."""
+
+
+class RolloutLoop:
+    """Runs episodes, swaps policies between steps, hands filled batches to the sink (see the module docstring)."""
+
+    def __init__(
+        self,
+        env: EnvHandle,
+        sink: SampleSink | None,
+        feed: PolicySource | None,
+        policy: Policy,
+        batch_steps: int = 100,
+        compress: bool = True,
+        deterministic: bool = False,
+        seed: int | None = None,
+        worker_id: str = "worker",
+    ) -> None:
+        self.env = env
+        self.sink = sink
+        self.feed = feed
+        self.policy = policy
+        self.batch_steps = batch_steps
+        self.codec = "zlib" if compress else "raw"
+        self.deterministic = deterministic
+        self.seed = seed
+        self.worker_id = worker_id
+        self.stats = RolloutStats(weights_version=policy.version)
+        self.action_versions: list[int] = []
+        """Weights version that chose each step's action (kept only when ``record_versions`` is set; for tests)."""
+        self.record_versions = False
+        self._builder = self._new_builder()
+
+    def _new_builder(self) -> SampleBatchBuilder:
+        return SampleBatchBuilder(self.env.layout, codec=self.codec)  # type: ignore[arg-type]
+
+    def _swap_policy(self) -> None:
+        if self.feed is None:
+            return
+        prepared = self.feed.take_latest()
+        if prepared is None or prepared.version <= self.policy.version:
+            return
+        self.policy = ActorPolicy(prepared.actor, prepared.version, self.deterministic)
+        self.stats.swaps += 1
+        self.stats.weights_version = prepared.version
+        log.info("%s: now acting with weights version %d (step %d)", self.worker_id, prepared.version, self.stats.steps)
+
+    def _flush(self) -> None:
+        if self.sink is None or not len(self._builder):
+            return
+        self.sink.submit(self._builder, self.policy.version)
+        self.stats.batches_submitted += 1
+        self._builder = self._new_builder()
+
+    def _reset(self, seed: int | None) -> tuple:
+        observation = self.env.reset(seed=seed)
+        self.stats.episode_return = 0.0
+        if self.sink is not None:
+            self._builder.add_reset(observation, self.env.default_action)
+        return observation
+
+    def run(self, max_steps: int | None = None, stop: threading.Event | None = None,
+            health_check=None) -> RolloutStats:
+        """Step until ``max_steps`` steps, ``stop`` is set, or ``health_check()`` raises. Sends what is left at the end."""
+        observation = self._reset(self.seed)
+        target = None if max_steps is None else self.stats.steps + max_steps
+        next_health = time.monotonic() + 1.0
+        try:
+            while (target is None or self.stats.steps < target) and not (stop is not None and stop.is_set()):
+                self._swap_policy()
+                started = time.perf_counter()
+                action = self.policy.act(observation)
+                if self.record_versions:
+                    self.action_versions.append(self.policy.version)
+                observation, reward, terminated, truncated, _info = self.env.step(action)
+                self.stats.step_seconds += time.perf_counter() - started
+                self.stats.steps += 1
+                self.stats.episode_return += reward
+                if self.sink is not None:
+                    self._builder.add_step(action, observation, reward, terminated, truncated)
+                done = terminated or truncated
+                if done or len(self._builder) >= self.batch_steps:
+                    self._flush()
+                if done:
+                    self.stats.episodes += 1
+                    self.stats.recent_returns.append(self.stats.episode_return)
+                    log.info("%s: episode %d ended after step %d: return %.2f (weights version %d)", self.worker_id,
+                             self.stats.episodes, self.stats.steps, self.stats.episode_return, self.policy.version)
+                    observation = self._reset(None)
+                if health_check is not None and time.monotonic() >= next_health:
+                    health_check()
+                    next_health = time.monotonic() + 1.0
+        finally:
+            self._flush()
+        return self.stats
+
+
+# ------------------------------------------------------------------------------------------------------- service
+
+
+def initial_policy(mode: WorkerMode, env: EnvHandle, policy_file: Path | None, seed: int | None) -> Policy:
+    """What acts before any weights arrive: the expert in expert mode, else uniform random."""
+    if mode == "expert":
+        if policy_file is not None:
+            return load_policy_file(policy_file, env.layout)
+        if env.expert is None:
+            raise PolicyFileError(f"env {env.spec!r} offers no scripted expert; give a trained policy with --policy FILE")
+        return ScriptedPolicy(env.expert)
+    return UniformPolicy(env.action_dim, seed)
+
+
+def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> RolloutStats:
+    """Build env, sender and weights threads from ``config`` and run the rollout loop until done or ``stop``."""
+    env = make_env(config.env, time_step_duration=config.time_step_duration, max_episode_steps=config.max_episode_steps,
+                   options=config.env_options)
+    context = zmq.Context()
+    link: RelayLink | None = None
+    feed: WeightsFeed | None = None
+    try:
+        policy = initial_policy(config.mode, env, config.policy_file, config.seed)
+        if config.mode in ("train", "expert"):
+            link = RelayLink(
+                worker_id=config.worker_id,
+                layout=env.layout,
+                endpoint=RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security),
+                sequence=SequenceCounter(config.state_dir, config.worker_id),
+                spool=Spool(config.spool_max_batches, config.spool_max_bytes, owner=config.worker_id),
+                ack_timeout_s=config.ack_timeout_s,
+                heartbeat_interval_s=config.heartbeat_interval_s,
+                context=context,
+            )
+            link.start()
+        if config.mode in ("train", "test"):
+            feed = WeightsFeed(config.worker_id, RelayEndpoint(config.relay_host, config.weights_port, config.transport,
+                                                               config.security), context=context)
+            feed.start()
+        loop = RolloutLoop(env, link, feed, policy, batch_steps=config.batch_steps, compress=config.compress,
+                           deterministic=config.deterministic or config.mode == "test", seed=config.seed,
+                           worker_id=config.worker_id)
+        log.info("%s: %s mode on env %s (%s, layout %s), relay %s", config.worker_id, config.mode, env.spec,
+                 "real time" if env.realtime else "synchronous",
+                 [c.name for c in env.layout.components], config.relay_host)
+
+        def health_check() -> None:
+            if link is not None and link.failure is not None:
+                raise RuntimeError(f"{config.worker_id}: sender thread failed: {link.failure}")
+
+        stats = loop.run(max_steps=config.max_steps, stop=stop, health_check=health_check)
+        if link is not None and not link.flush(timeout=5.0):
+            snapshot = link.snapshot()
+            log.warning("%s: stopping with %d unacknowledged batch(es) in the spool", config.worker_id, snapshot["spool_batches"])
+        return stats
+    finally:
+        try:
+            if feed is not None:
+                feed.stop()
+            if link is not None:
+                link.stop()
+        finally:
+            env.close()
+            context.destroy(linger=0)

@@ -1,0 +1,207 @@
+"""Unacknowledged sample batches kept for resending, and sequence numbers that are never reused.
+
+:class:`Spool` holds the encoded frames of every batch sent but not yet acknowledged by the trainer, bounded both in
+batch count and in bytes. When a bound is hit the **oldest** batch is dropped; drops are counted and logged, never
+silent. :meth:`Spool.due` says which batches to resend after the ack timeout; :meth:`Spool.pending` lists them all
+(resend everything after a reconnection).
+
+:class:`SequenceCounter` hands out ``seq`` numbers that a worker id never reuses, restarts included. It persists a
+*reservation* in a small JSON state file (``{"worker_id": ..., "reserved_until": N}``, written atomically with
+``os.replace``): numbers below ``reserved_until`` may have been used, so a restarted worker starts at
+``reserved_until`` and reserves the next block. One file write per ``block`` batches; a crash wastes at most one
+block of numbers (the trainer's dedupe tolerates gaps).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class StateFileError(RuntimeError):
+    """The worker state file exists but cannot be read; fix or delete it (deleting may reuse sequence numbers)."""
+
+
+@dataclass
+class SpooledBatch:
+    """One sent batch waiting for its acknowledgement."""
+
+    seq: int
+    frames: list[bytes]
+    nbytes: int
+    last_sent: float = 0.0
+    sends: int = 0
+
+
+@dataclass
+class SpoolCounters:
+    """Monotonic counters, reported in heartbeats and logs."""
+
+    added: int = 0
+    acked: int = 0
+    dropped: int = 0
+    dropped_bytes: int = 0
+    resent: int = 0
+    unknown_acks: int = 0
+
+
+class Spool:
+    """Bounded FIFO of unacknowledged batches (by count and by bytes); drops the oldest when full."""
+
+    def __init__(self, max_batches: int, max_bytes: int, owner: str = "worker") -> None:
+        if max_batches < 1 or max_bytes < 1:
+            raise ValueError(f"spool bounds must be positive, got max_batches={max_batches} max_bytes={max_bytes}")
+        self.max_batches = max_batches
+        self.max_bytes = max_bytes
+        self.owner = owner
+        self.counters = SpoolCounters()
+        self._batches: OrderedDict[int, SpooledBatch] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._batches
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def add(self, seq: int, frames: list[bytes]) -> list[int]:
+        """Keep ``frames`` until ``seq`` is acknowledged; return the seqs dropped to make room (oldest first)."""
+        if seq in self._batches:
+            raise ValueError(f"seq {seq} is already spooled")
+        nbytes = sum(len(f) for f in frames)
+        dropped: list[int] = []
+        while self._batches and (len(self._batches) >= self.max_batches or self._bytes + nbytes > self.max_bytes):
+            old_seq, old = self._batches.popitem(last=False)
+            self._bytes -= old.nbytes
+            self.counters.dropped += 1
+            self.counters.dropped_bytes += old.nbytes
+            dropped.append(old_seq)
+        if dropped:
+            log.warning(
+                "%s: spool full (%d batches / %d bytes max): dropped %d oldest unacknowledged batch(es) seq %s; "
+                "%d dropped in total", self.owner, self.max_batches, self.max_bytes, len(dropped),
+                _seq_ranges(dropped), self.counters.dropped,
+            )
+        self._batches[seq] = SpooledBatch(seq=seq, frames=frames, nbytes=nbytes)
+        self._bytes += nbytes
+        self.counters.added += 1
+        return dropped
+
+    def mark_sent(self, seq: int, now: float | None = None) -> None:
+        entry = self._batches.get(seq)
+        if entry is None:
+            return
+        if entry.sends:
+            self.counters.resent += 1
+        entry.sends += 1
+        entry.last_sent = time.monotonic() if now is None else now
+
+    def ack(self, seqs: list[int]) -> int:
+        """Forget acknowledged batches; return how many were spooled (acks for unknown seqs are counted apart)."""
+        removed = 0
+        for seq in seqs:
+            entry = self._batches.pop(seq, None)
+            if entry is None:
+                self.counters.unknown_acks += 1
+                continue
+            self._bytes -= entry.nbytes
+            removed += 1
+        self.counters.acked += removed
+        return removed
+
+    def due(self, ack_timeout_s: float, now: float | None = None) -> list[SpooledBatch]:
+        """Batches never sent, or sent more than ``ack_timeout_s`` ago without an ack, oldest first."""
+        now = time.monotonic() if now is None else now
+        return [b for b in self._batches.values() if b.sends == 0 or now - b.last_sent >= ack_timeout_s]
+
+    def pending(self) -> list[SpooledBatch]:
+        """Every unacknowledged batch, oldest first (resend them all after a reconnection)."""
+        return list(self._batches.values())
+
+
+def _seq_ranges(seqs: list[int]) -> str:
+    if len(seqs) <= 3:
+        return ",".join(map(str, seqs))
+    return f"{seqs[0]}..{seqs[-1]}"
+
+
+@dataclass
+class SequenceCounter:
+    """Thread-safe ``seq`` source persisted in ``state_dir/<worker_id>.state.json`` (see the module docstring)."""
+
+    state_dir: Path
+    worker_id: str
+    block: int = 1000
+    _next: int = field(init=False, default=0)
+    _reserved_until: int = field(init=False, default=0)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).expanduser()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._next = self._load()
+        self._reserved_until = self._next
+        self._reserve()
+
+    @property
+    def path(self) -> Path:
+        return self.state_dir / f"{self.worker_id}.state.json"
+
+    def _load(self) -> int:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return 0
+        try:
+            state = json.loads(text)
+            value = int(state["reserved_until"])
+            if value < 0 or state.get("worker_id") != self.worker_id:
+                raise ValueError(f"worker_id {state.get('worker_id')!r}, reserved_until {value}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateFileError(
+                f"worker state file {self.path} is unreadable ({exc}); fix it or delete it "
+                "(deleting restarts seq at 0, which the trainer may take for duplicates)"
+            ) from exc
+        return value
+
+    def _reserve(self) -> None:
+        self._reserved_until = self._next + self.block
+        payload = json.dumps({"worker_id": self.worker_id, "reserved_until": self._reserved_until})
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.worker_id}.", suffix=".tmp", dir=self.state_dir)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @property
+    def next_seq(self) -> int:
+        """The number the next :meth:`take` returns (announced in ``Hello.next_seq``)."""
+        with self._lock:
+            return self._next
+
+    def take(self) -> int:
+        """A fresh sequence number; persists a new reservation when the current block is used up."""
+        with self._lock:
+            if self._next >= self._reserved_until:
+                self._reserve()
+            seq = self._next
+            self._next += 1
+            return seq

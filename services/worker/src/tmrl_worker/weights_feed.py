@@ -1,0 +1,127 @@
+"""The worker's weights thread: receives ``weights_update`` on a SUB socket and prepares the new actor off the hot path.
+
+The rollout loop calls :meth:`WeightsFeed.take_latest` between two steps: it returns the newest prepared
+``(version, actor)`` at most once (or ``None``), which costs a lock and a pointer swap, never network I/O or
+network construction. Older versions and malformed updates are counted and skipped, never crash the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import zmq
+from tmrl_common.errors import ProtocolError
+from tmrl_common.networks import Actor, actor_from_weights_update
+from tmrl_common.protocol import DecodeLimits, WeightsUpdate, decode
+
+from tmrl_worker.relay_link import RelayEndpoint
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 50
+
+
+@dataclass
+class FeedCounters:
+    received: int = 0
+    prepared: int = 0
+    stale: int = 0
+    rejected: int = 0
+    swapped: int = 0
+
+
+@dataclass(frozen=True)
+class PreparedPolicy:
+    """A ready-to-use actor and the weights version it carries."""
+
+    version: int
+    actor: Actor
+
+
+class WeightsFeed:
+    """Mailbox of the newest prepared actor, filled by a SUB thread (:meth:`start`) or directly (:meth:`offer`)."""
+
+    def __init__(self, worker_id: str, endpoint: RelayEndpoint | None = None, context: zmq.Context | None = None,
+                 limits: DecodeLimits | None = None) -> None:
+        self.worker_id = worker_id
+        self.endpoint = endpoint
+        self.counters = FeedCounters()
+        self.limits = limits or DecodeLimits()
+        self._context = context or zmq.Context.instance()
+        self._lock = threading.Lock()
+        self._latest: PreparedPolicy | None = None
+        self._newest_version = -1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------------------------------- rollout-thread side
+
+    def take_latest(self) -> PreparedPolicy | None:
+        """The newest actor prepared since the last call, or ``None``. Cheap: call it before every step."""
+        with self._lock:
+            latest, self._latest = self._latest, None
+            if latest is not None:
+                self.counters.swapped += 1
+            return latest
+
+    # ------------------------------------------------------------------------------------------- feeding side
+
+    def offer(self, update: WeightsUpdate) -> bool:
+        """Build an actor from ``update`` (on the calling thread) and make it the latest; False when stale/invalid."""
+        self.counters.received += 1
+        if update.version <= self._newest_version:
+            self.counters.stale += 1
+            return False
+        try:
+            actor = actor_from_weights_update(update)
+        except ProtocolError as exc:
+            self.counters.rejected += 1
+            log.warning("%s: weights version %d rejected: %s", self.worker_id, update.version, exc)
+            return False
+        actor.requires_grad_(False)
+        with self._lock:
+            self._newest_version = update.version
+            self._latest = PreparedPolicy(version=update.version, actor=actor)
+            self.counters.prepared += 1
+        log.info("%s: weights version %d ready (%d bytes)", self.worker_id, update.version, len(update.tensors))
+        return True
+
+    def start(self) -> None:
+        if self.endpoint is None:
+            raise ValueError("WeightsFeed.start needs a relay endpoint")
+        self._thread = threading.Thread(target=self._run, name=f"{self.worker_id}-weights", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        assert self.endpoint is not None
+        socket, _ = self.endpoint.connect(self._context, zmq.SUB)
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+        try:
+            while not self._stop.is_set():
+                if not socket.poll(_POLL_MS):
+                    continue
+                frames = socket.recv_multipart()
+                try:
+                    envelope, message = decode(frames, self.limits)
+                except ProtocolError as exc:
+                    self.counters.rejected += 1
+                    log.warning("%s: ignored a malformed message on the weights feed: %s", self.worker_id, exc)
+                    continue
+                if not isinstance(message, WeightsUpdate):
+                    self.counters.rejected += 1
+                    log.warning("%s: ignored a %s from %s on the weights feed", self.worker_id, envelope.type, envelope.sender)
+                    continue
+                try:
+                    self.offer(message)
+                except Exception:  # a broken update must not stop the feed; count it and keep listening
+                    self.counters.rejected += 1
+                    log.exception("%s: could not prepare weights version %d", self.worker_id, message.version)
+        finally:
+            socket.close()

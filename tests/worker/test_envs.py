@@ -1,0 +1,139 @@
+"""The env factory: gymnasium envs, plugged rtgym interfaces by import path, and clear errors for bad specs."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from tmrl_common.layout import ObservationLayout
+from tmrl_worker.envs import EnvSpecError, make_env
+
+PLUGGED_INTERFACE = textwrap.dedent('''
+    import numpy as np
+    from gymnasium import spaces
+    from rtgym import RealTimeGymInterface
+
+
+    class PointInterface(RealTimeGymInterface):
+        """A point on a line that the action pushes; reward is minus the distance to 0."""
+
+        def __init__(self, start=3.0):
+            self.start = start
+            self.x = start
+            self.control = 0.0
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-10.0, 10.0, (1,), np.float32),))
+
+        def get_action_space(self):
+            return spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+        def get_default_action(self):
+            return np.zeros(1, dtype=np.float32)
+
+        def send_control(self, control):
+            if control is not None:
+                self.control = float(control[0])
+
+        def reset(self, seed=None, options=None):
+            self.x = self.start
+            return [np.array([self.x], dtype=np.float32)], {}
+
+        def get_obs_rew_terminated_info(self):
+            self.x += 0.5 * self.control
+            return [np.array([self.x], dtype=np.float32)], -abs(self.x), abs(self.x) > 9.0, {}
+
+
+    class NotAnInterface:
+        pass
+''')
+
+
+@pytest.fixture
+def plugged_module(tmp_path, monkeypatch):
+    (tmp_path / "my_point_robot.py").write_text(PLUGGED_INTERFACE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_point_robot"
+    sys.modules.pop("my_point_robot", None)
+
+
+def test_gym_spec_builds_a_synchronous_env_with_a_box_layout_and_rescaled_actions():
+    handle = make_env("gym:Pendulum-v1")
+    try:
+        assert handle.realtime is False
+        assert handle.layout.action_dim == 1 and [c.name for c in handle.layout.components] == ["obs"]
+        observation = handle.reset(seed=1)
+        assert isinstance(observation, tuple) and observation[0].shape == (3,)
+        np.testing.assert_allclose(handle.to_env_action(np.array([1.0])), [2.0])  # Pendulum torque is in [-2, 2]
+        np.testing.assert_allclose(handle.to_env_action(np.array([-5.0])), [-2.0])  # clipped first
+        next_observation, reward, terminated, truncated, _ = handle.step(np.array([0.5], dtype=np.float32))
+        assert next_observation[0].shape == (3,) and isinstance(reward, float)
+    finally:
+        handle.close()
+
+
+def test_module_class_spec_loads_the_interface_by_import_path_and_runs_it_in_real_time(plugged_module):
+    handle = make_env(f"{plugged_module}:PointInterface", time_step_duration=0.01, max_episode_steps=5,
+                      options={"start": 4.0})
+    try:
+        assert handle.realtime is True
+        # one observation part plus rtgym's action buffer (2 actions)
+        assert handle.layout.components[0].frame_shape == [1] and handle.layout.action_history == 2
+        observation = handle.reset()
+        assert len(observation) == 3 and float(observation[0][0]) == pytest.approx(4.0)
+        truncated = False
+        steps = 0
+        while not truncated:
+            observation, reward, terminated, truncated, _ = handle.step(np.array([-1.0], dtype=np.float32))
+            steps += 1
+            assert not terminated
+        assert steps == 5
+        assert reward < 0 and float(observation[0][0]) < 4.0  # the pushes moved the point towards 0
+        np.testing.assert_allclose(observation[-1], [-1.0])  # newest action last in the buffer
+    finally:
+        handle.close()
+
+
+def test_module_class_that_declares_a_layout_keeps_it(plugged_module, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(plugged_module)
+    declared = ObservationLayout.model_validate(
+        {"components": [{"name": "position", "frame_shape": [1]}], "action_dim": 1, "action_history": 2})
+    monkeypatch.setattr(module.PointInterface, "layout", declared, raising=False)
+    handle = make_env(f"{plugged_module}:PointInterface", time_step_duration=0.01, max_episode_steps=2)
+    try:
+        assert handle.layout == declared
+    finally:
+        handle.close()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nonsense", "unknown env 'nonsense'; valid specs: sim, sim-fast"),
+        ("no_such_module_xyz:Robot", "cannot import module 'no_such_module_xyz'"),
+        ("json:NoSuchClass", "module 'json' has no attribute 'NoSuchClass'"),
+        ("json:JSONDecoder", "is not a subclass of rtgym.RealTimeGymInterface"),
+        ("json:", "package.module:ClassName"),
+        ("gym:", "write the gymnasium id after 'gym:'"),
+        ("gym:NoSuchEnv-v9", "gymnasium cannot make 'NoSuchEnv-v9'"),
+        ("gym:CartPole-v1", "is not a Box; tmrl.s SAC needs continuous actions"),
+    ],
+)
+def test_bad_specs_raise_an_actionable_error(spec, message):
+    with pytest.raises(EnvSpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_env(spec)
+
+
+def test_plugged_class_that_is_not_an_interface_is_refused(plugged_module):
+    with pytest.raises(EnvSpecError, match="not a subclass of rtgym.RealTimeGymInterface"):
+        make_env(f"{plugged_module}:NotAnInterface")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="checks the message given on other platforms")
+def test_trackmania_specs_say_they_need_windows():
+    with pytest.raises(EnvSpecError, match="Windows only"):
+        make_env("tm20-lidar")

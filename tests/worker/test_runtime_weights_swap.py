@@ -1,0 +1,132 @@
+"""The rollout loop swaps in new weights between two steps, mid-episode, and tags batches with the version used."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from tmrl_common.networks import PolicyArchitecture, build_actor, weights_update_from_actor
+from tmrl_worker.envs import make_env
+from tmrl_worker.runtime import RolloutLoop, UniformPolicy
+from tmrl_worker.weights_feed import WeightsFeed
+
+
+class RecordingSink:
+    """Collects what the loop hands to the sender thread (builders are built here with made-up seqs)."""
+
+    def __init__(self) -> None:
+        self.batches = []
+
+    def submit(self, builder, weights_version: int) -> None:
+        self.batches.append(builder.build(seq=len(self.batches), weights_version=weights_version))
+
+
+class StepHook:
+    """Wraps an EnvHandle; calls ``hook(step_index)`` right after the env finished that step."""
+
+    def __init__(self, handle, hook) -> None:
+        self._handle = handle
+        self._hook = hook
+        self.steps = 0
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def step(self, action):
+        result = self._handle.step(action)
+        self._hook(self.steps)
+        self.steps += 1
+        return result
+
+
+def small_actor(layout, seed: int):
+    torch.manual_seed(seed)
+    return build_actor(PolicyArchitecture.for_layout(layout, hidden_sizes=[16]))
+
+
+@pytest.fixture
+def pendulum():
+    handle = make_env("gym:Pendulum-v1")  # 200-step episodes
+    yield handle
+    handle.close()
+
+
+def test_weights_arriving_mid_episode_are_used_from_the_next_step(pendulum):
+    feed = WeightsFeed("worker-t")
+    new_actor = small_actor(pendulum.layout, seed=3)
+    update = weights_update_from_actor(new_actor, version=1)
+    arrive_after = 50
+    env = StepHook(pendulum, lambda step: feed.offer(update) if step == arrive_after - 1 else None)
+    sink = RecordingSink()
+    loop = RolloutLoop(env, sink, feed, UniformPolicy(1, seed=0), batch_steps=30, deterministic=True, seed=7)
+    loop.record_versions = True
+    observations = []
+    original_act = loop.env.step
+
+    def remember(action):
+        result = original_act(action)
+        observations.append(result[0])
+        return result
+
+    loop.env.step = remember
+    stats = loop.run(max_steps=80)
+
+    assert stats.episodes == 0, "the update must land mid-episode for this test to mean anything"
+    assert loop.action_versions == [0] * arrive_after + [1] * 30
+    assert stats.swaps == 1 and stats.weights_version == 1
+    # the action right after the arrival is exactly what the received actor outputs for that observation
+    actions = np.concatenate([b.actions.array for b in sink.batches])[1:]  # actions[i]: action of step i (0-based)
+    expected = new_actor.act(observations[arrive_after - 1], deterministic=True)
+    np.testing.assert_allclose(actions[arrive_after], expected, rtol=1e-5, atol=1e-6)
+    before = new_actor.act(observations[arrive_after - 2], deterministic=True)
+    assert not np.allclose(actions[arrive_after - 1], before), "the step before the arrival still used the old policy"
+    # batches carry the version in use when they were handed over
+    assert [b.weights_version for b in sink.batches] == [0, 1, 1]
+    assert sum(b.steps for b in sink.batches) == 81  # 80 steps + the reset row
+
+
+def test_weights_offered_from_another_thread_are_picked_up_while_running(pendulum):
+    feed = WeightsFeed("worker-t")
+    updates = [weights_update_from_actor(small_actor(pendulum.layout, seed=s), version=v) for s, v in ((1, 1), (2, 2))]
+    stop = threading.Event()
+    loop = RolloutLoop(pendulum, RecordingSink(), feed, UniformPolicy(1, seed=0), batch_steps=50)
+
+    def deliver():
+        for update in updates:
+            feed.offer(update)
+            while feed.counters.swapped < update.version and not stop.is_set():
+                stop.wait(0.001)
+        stop.set()
+
+    thread = threading.Thread(target=deliver)
+    thread.start()
+    stats = loop.run(max_steps=100_000, stop=stop)
+    thread.join()
+    assert stats.weights_version == 2 and stats.swaps == 2
+    assert stats.steps < 100_000
+
+
+def test_stale_or_invalid_updates_are_counted_and_skipped(pendulum):
+    feed = WeightsFeed("worker-t")
+    assert feed.offer(weights_update_from_actor(small_actor(pendulum.layout, 1), version=5))
+    assert not feed.offer(weights_update_from_actor(small_actor(pendulum.layout, 2), version=4))
+    assert feed.counters.stale == 1
+    assert feed.take_latest().version == 5
+    assert feed.take_latest() is None  # handed over once
+
+
+def test_test_mode_sends_nothing_and_expert_mode_ignores_weights(pendulum):
+    feed = WeightsFeed("worker-t")
+    feed.offer(weights_update_from_actor(small_actor(pendulum.layout, 1), version=1))
+    silent = RolloutLoop(pendulum, None, feed, UniformPolicy(1, seed=0))
+    stats = silent.run(max_steps=20)
+    assert stats.batches_submitted == 0 and stats.weights_version == 1
+
+    sink = RecordingSink()
+    feed.offer(weights_update_from_actor(small_actor(pendulum.layout, 2), version=2))
+    expert = RolloutLoop(pendulum, sink, None, UniformPolicy(1, seed=0), batch_steps=10)
+    stats = expert.run(max_steps=20)
+    assert stats.weights_version == 0 and {b.weights_version for b in sink.batches} == {0}
+    assert sum(b.steps for b in sink.batches) == 21

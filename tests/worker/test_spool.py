@@ -1,0 +1,94 @@
+"""Spool bounds, drop-oldest accounting, resend timing, and sequence numbers that survive restarts."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from tmrl_worker.spool import SequenceCounter, Spool, StateFileError
+
+
+def frames(n: int) -> list[bytes]:
+    return [b"e" * 10, b"b" * (n - 10)]
+
+
+def test_spool_drops_oldest_when_count_bound_is_hit_and_counts_it(caplog):
+    spool = Spool(max_batches=3, max_bytes=10_000, owner="w1")
+    for seq in range(3):
+        assert spool.add(seq, frames(100)) == []
+    with caplog.at_level(logging.WARNING):
+        assert spool.add(3, frames(100)) == [0]
+    assert [b.seq for b in spool.pending()] == [1, 2, 3]
+    assert spool.counters.dropped == 1 and spool.counters.dropped_bytes == 100
+    assert "dropped 1 oldest" in caplog.text and "w1" in caplog.text
+
+
+def test_spool_drops_as_many_oldest_as_needed_to_fit_the_byte_bound():
+    spool = Spool(max_batches=100, max_bytes=1000)
+    for seq in range(4):
+        spool.add(seq, frames(250))
+    assert spool.nbytes == 1000
+    assert spool.add(4, frames(600)) == [0, 1, 2]
+    assert [b.seq for b in spool.pending()] == [3, 4]
+    assert spool.nbytes == 850
+    assert spool.counters.dropped == 3 and spool.counters.dropped_bytes == 750
+
+
+def test_ack_removes_batches_and_counts_unknown_acks():
+    spool = Spool(max_batches=10, max_bytes=10_000)
+    for seq in (5, 6, 7):
+        spool.add(seq, frames(100))
+    assert spool.ack([5, 7, 99]) == 2
+    assert [b.seq for b in spool.pending()] == [6]
+    assert spool.nbytes == 100
+    assert spool.counters.acked == 2 and spool.counters.unknown_acks == 1
+
+
+def test_due_returns_unsent_batches_then_only_those_past_the_ack_timeout():
+    spool = Spool(max_batches=10, max_bytes=10_000)
+    spool.add(0, frames(50))
+    spool.add(1, frames(50))
+    assert [b.seq for b in spool.due(ack_timeout_s=5.0, now=100.0)] == [0, 1]
+    spool.mark_sent(0, now=100.0)
+    spool.mark_sent(1, now=103.0)
+    assert spool.due(ack_timeout_s=5.0, now=104.0) == []
+    assert [b.seq for b in spool.due(ack_timeout_s=5.0, now=105.0)] == [0]
+    spool.mark_sent(0, now=105.0)  # the resend
+    assert spool.counters.resent == 1
+    assert [b.seq for b in spool.due(ack_timeout_s=5.0, now=108.5)] == [1]
+
+
+def test_spool_rejects_a_seq_twice_and_bad_bounds():
+    spool = Spool(max_batches=2, max_bytes=1000)
+    spool.add(1, frames(20))
+    with pytest.raises(ValueError, match="already spooled"):
+        spool.add(1, frames(20))
+    with pytest.raises(ValueError):
+        Spool(max_batches=0, max_bytes=10)
+
+
+def test_sequence_numbers_are_never_reused_across_restarts(tmp_path):
+    first = SequenceCounter(tmp_path, "worker-a", block=10)
+    used = [first.take() for _ in range(13)]
+    assert used == list(range(13))
+    # a crash now: the process never says how far it got; the reservation on disk covers it
+    second = SequenceCounter(tmp_path, "worker-a", block=10)
+    assert second.next_seq >= 13
+    assert second.take() not in used
+    state = json.loads((tmp_path / "worker-a.state.json").read_text())
+    assert state["worker_id"] == "worker-a" and state["reserved_until"] > second.next_seq - 1
+
+
+def test_sequence_state_is_per_worker_id(tmp_path):
+    SequenceCounter(tmp_path, "a", block=5).take()
+    assert SequenceCounter(tmp_path, "b", block=5).take() == 0
+
+
+def test_unreadable_state_file_is_a_clear_error(tmp_path):
+    (tmp_path / "w.state.json").write_text("{not json")
+    with pytest.raises(StateFileError, match="fix it or delete it"):
+        SequenceCounter(tmp_path, "w")
+    (tmp_path / "w.state.json").write_text(json.dumps({"worker_id": "other", "reserved_until": 3}))
+    with pytest.raises(StateFileError, match="other"):
+        SequenceCounter(tmp_path, "w")

@@ -1,0 +1,147 @@
+"""The sender thread over a real loopback socket: hello first, resend after the ack timeout and after a reconnection,
+acks empty the spool. A bare ROUTER socket plays the relay."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+from tmrl_common.batching import SampleBatchBuilder
+from tmrl_common.layout import layout_for_box
+from tmrl_common.protocol import Hello, SampleAck, SampleBatch, decode, encode
+from tmrl_common.sockets import SecurityConfig, TransportConfig
+from tmrl_worker.relay_link import RelayEndpoint, RelayLink
+from tmrl_worker.spool import SequenceCounter, Spool
+
+LAYOUT = layout_for_box(3, 1)
+
+
+def filled_builder(rows: int) -> SampleBatchBuilder:
+    builder = SampleBatchBuilder(LAYOUT)
+    builder.add_reset((np.zeros(3, np.float32),))
+    for i in range(rows - 1):
+        builder.add_step(np.array([0.1], np.float32), (np.full(3, i, np.float32),), 1.0, False, False)
+    return builder
+
+
+class FakeRelay:
+    def __init__(self, context: zmq.Context, port: int = 0) -> None:
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if port:  # rebinding a port just closed: ZeroMQ releases it asynchronously
+            deadline = time.monotonic() + 5.0
+            while True:
+                try:
+                    self.socket.bind(f"tcp://127.0.0.1:{port}")
+                    break
+                except zmq.ZMQError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        else:
+            port = self.socket.bind_to_random_port("tcp://127.0.0.1")
+        self.port = port
+
+    def receive(self, timeout_s: float = 5.0):
+        if not self.socket.poll(int(timeout_s * 1000)):
+            raise AssertionError(f"nothing received within {timeout_s}s")
+        routing_id, *frames = self.socket.recv_multipart()
+        envelope, message = decode(frames)
+        return routing_id, envelope, message
+
+    def receive_type(self, cls, timeout_s: float = 5.0):
+        while True:  # skip heartbeats
+            routing_id, envelope, message = self.receive(timeout_s)
+            if isinstance(message, cls):
+                return routing_id, envelope, message
+
+    def ack(self, routing_id: bytes, worker: str, seqs: list[int]) -> None:
+        self.socket.send_multipart([routing_id, *encode(SampleAck(worker=worker, seqs=seqs), "relay")])
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+@pytest.fixture
+def context():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def make_link(context, port: int, tmp_path, ack_timeout_s: float = 0.3, max_batches: int = 100) -> RelayLink:
+    transport = TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200, heartbeat_ivl_ms=200,
+                                heartbeat_timeout_ms=1000, linger_ms=0)
+    return RelayLink(
+        worker_id="w-test", layout=LAYOUT,
+        endpoint=RelayEndpoint("127.0.0.1", port, transport, SecurityConfig(insecure=True)),
+        sequence=SequenceCounter(tmp_path, "w-test", block=100),
+        spool=Spool(max_batches, 10_000_000, owner="w-test"),
+        ack_timeout_s=ack_timeout_s, heartbeat_interval_s=0.2, context=context,
+    )
+
+
+def test_hello_first_then_resend_until_acked(context, tmp_path):
+    relay = FakeRelay(context)
+    link = make_link(context, relay.port, tmp_path)
+    link.start()
+    try:
+        routing_id, envelope, hello = relay.receive_type(Hello)
+        assert envelope.sender == "w-test" and hello.role == "worker" and hello.layout == LAYOUT and hello.next_seq == 0
+        link.submit(filled_builder(5), weights_version=3)
+        _, _, batch = relay.receive_type(SampleBatch)
+        assert batch.seq == 0 and batch.steps == 5 and batch.weights_version == 3
+        _, _, again = relay.receive_type(SampleBatch, timeout_s=3.0)  # no ack: resent after the 0.3 s timeout
+        assert again.seq == 0
+        relay.ack(routing_id, "w-test", [0])
+        assert link.flush(timeout=3.0)
+        snapshot = link.snapshot()
+        assert snapshot["spool_acked"] == 1 and snapshot["spool_resent"] >= 1 and snapshot["spool_batches"] == 0
+    finally:
+        link.stop()
+        relay.close()
+
+
+def test_unacknowledged_batches_are_resent_after_a_reconnection(context, tmp_path):
+    relay = FakeRelay(context)
+    port = relay.port
+    link = make_link(context, port, tmp_path, ack_timeout_s=60.0)  # only the reconnection can trigger the resend
+    link.start()
+    try:
+        relay.receive_type(Hello)
+        link.submit(filled_builder(4), weights_version=1)
+        link.submit(filled_builder(2), weights_version=1)
+        seqs = {relay.receive_type(SampleBatch)[2].seq for _ in range(2)}
+        assert seqs == {0, 1}
+        relay.close()  # the relay goes away...
+        relay = FakeRelay(context, port)  # ...and comes back on the same port
+        routing_id, _, hello = relay.receive_type(Hello, timeout_s=10.0)
+        assert hello.next_seq == 2
+        resent = [relay.receive_type(SampleBatch)[2].seq for _ in range(2)]
+        assert resent == [0, 1]
+        relay.ack(routing_id, "w-test", [0, 1])
+        assert link.flush(timeout=3.0)
+        assert link.snapshot()["connections"] == 2
+    finally:
+        link.stop()
+        relay.close()
+
+
+def test_full_spool_drops_the_oldest_while_the_relay_is_away(context, tmp_path):
+    with zmq.Context() as probe:  # a port nobody listens on
+        socket = probe.socket(zmq.ROUTER)
+        port = socket.bind_to_random_port("tcp://127.0.0.1")
+        socket.close(linger=0)
+    link = make_link(context, port, tmp_path, max_batches=3)
+    link.start()
+    try:
+        for _ in range(5):
+            link.submit(filled_builder(3), weights_version=0)
+        assert not link.flush(timeout=0.5)
+        snapshot = link.snapshot()
+        assert snapshot["batches_built"] == 5 and snapshot["spool_batches"] == 3 and snapshot["spool_dropped"] == 2
+        assert [b.seq for b in link.spool.pending()] == [2, 3, 4]
+    finally:
+        link.stop()
