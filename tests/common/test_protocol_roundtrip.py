@@ -7,6 +7,7 @@ import hashlib
 import msgpack
 import numpy as np
 import pytest
+import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tmrl_common.arrays import WireArray
@@ -185,3 +186,14 @@ def test_any_built_batch_round_trips_and_matches_its_layout(layout, codec, reset
     assert_same_message(received, sent)
     received.check_layout(layout)
     assert received.steps == len(resets) + 1
+
+
+def test_zmq_frames_received_without_copy_decode_as_views_on_the_frame():
+    envelope_frame, body_frame = (zmq.Frame(f) for f in encode(CASES["sample_batch_raw_images"], SENDER))
+    for body in (body_frame, body_frame.buffer):
+        batch = decode_body(decode_envelope(envelope_frame.bytes), body)
+        image = batch.observations["image"].array
+        assert np.shares_memory(image, np.frombuffer(body_frame.buffer, dtype=np.uint8))
+        assert not image.flags.writeable
+    del body_frame
+    np.testing.assert_array_equal(image, CASES["sample_batch_raw_images"].observations["image"].array)  # kept alive
