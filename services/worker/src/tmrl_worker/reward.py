@@ -19,6 +19,7 @@ read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,7 @@ class TrajectoryReward:
             raise RewardPathError(f"a trajectory reward needs at least 2 points, got {len(self.points)}")
         self.config = config or TrajectoryRewardConfig()
         self.last_index = len(self.points) - 1
+        self._columns = [column.tolist() for column in self.points.T]  # scalar loop below is faster on lists
         self.reset()
 
     @classmethod
@@ -171,21 +173,43 @@ class TrajectoryReward:
         """Fraction of the path covered so far, in [0, 1]."""
         return self.index / self.last_index
 
-    def _nearest_ahead(self, position: np.ndarray) -> tuple[int, float]:
-        window = self.points[self.index:self.index + self.config.search_window + 1]
-        distances = np.linalg.norm(window - position, axis=1)
-        running_best = np.minimum.accumulate(distances)
-        improvements = np.flatnonzero(distances <= running_best)  # always holds index 0
-        gaps = np.diff(improvements)
-        stalled = np.flatnonzero(gaps > self.config.patience)
-        best = improvements[stalled[0]] if len(stalled) else improvements[-1]
-        return self.index + int(best), float(distances[best])
+    def _nearest_ahead(self, position: tuple[float, ...]) -> tuple[int, float]:
+        """Walk forward from the owned point: keep the nearest point seen, stop after ``patience`` points in a row
+        that are not nearer, or at the end of the search window. Few points are visited per step, so a plain loop
+        beats vectorised NumPy here."""
+        columns = self._columns
+        patience = self.config.patience
+        stop = min(self.index + self.config.search_window, self.last_index)
+
+        if len(columns) == 2:
+            (xs, ys), (px, py) = columns, position
+
+            def squared_distance(i: int) -> float:
+                return (xs[i] - px) ** 2 + (ys[i] - py) ** 2
+        else:
+            (xs, ys, zs), (px, py, pz) = columns, position
+
+            def squared_distance(i: int) -> float:
+                return (xs[i] - px) ** 2 + (ys[i] - py) ** 2 + (zs[i] - pz) ** 2
+
+        best, best_distance, since = self.index, squared_distance(self.index), 0
+        for i in range(self.index + 1, stop + 1):
+            distance = squared_distance(i)
+            if distance <= best_distance:
+                best, best_distance, since = i, distance, 0
+            else:
+                since += 1
+                if since >= patience:
+                    break
+        return best, best_distance ** 0.5
 
     def compute(self, position: Any) -> tuple[float, bool, dict[str, Any]]:
         """Reward, termination flag and info for the car now at ``position`` (same dimension as the points)."""
-        position = np.asarray(position, dtype=np.float64).reshape(-1)
-        if position.shape != (self.points.shape[1],):
-            raise RewardPathError(f"position has {position.shape[0]} coordinates, reward points have {self.points.shape[1]}")
+        position = tuple(float(c) for c in np.ravel(position)) if isinstance(position, np.ndarray) else tuple(map(float, position))
+        if len(position) != self.points.shape[1]:
+            raise RewardPathError(f"position has {len(position)} coordinates, reward points have {self.points.shape[1]}")
+        if not all(math.isfinite(c) for c in position):
+            raise RewardPathError(f"position {position} is not finite")
         self.steps += 1
         config = self.config
         best, distance = self._nearest_ahead(position)

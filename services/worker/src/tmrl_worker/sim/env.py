@@ -13,6 +13,7 @@ Each step advances the physics by ``time_step_duration`` seconds in ``physics_hz
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -65,7 +66,7 @@ class RaceTrackEnv(gym.Env):
         self._ticks = self.config.ticks_per_step
         self._dt = self.config.tick_seconds
         self._act_buf: deque[np.ndarray] = deque(maxlen=self.config.act_buf_len)
-        self._pending = default_action()
+        self._pending = [0.0, 0.0, 0.0]
         self._steps = 0
         self._running = False
         self._renderer = None
@@ -78,7 +79,7 @@ class RaceTrackEnv(gym.Env):
         self._act_buf.clear()
         for _ in range(self.config.act_buf_len):
             self._act_buf.append(default_action())
-        self._pending = default_action()
+        self._pending = [0.0, 0.0, 0.0]
         self._steps = 0
         self._running = True
         parts, info = self.episode.start(self.car.pose())
@@ -88,16 +89,17 @@ class RaceTrackEnv(gym.Env):
     def step(self, action):
         if not self._running:
             raise RuntimeError("the episode is over (terminated or truncated): call reset() before step()")
-        action = np.asarray(action, dtype=np.float32).reshape(3)
-        if not np.isfinite(action).all():
-            raise ValueError(f"action must be finite, got {action}")
-        action = np.clip(action, -1.0, 1.0)
-        applied = self._pending if self.delayed_actions else action
+        values = np.asarray(action, dtype=np.float32).reshape(3).tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"action must be 3 finite numbers, got {action!r}")
+        values = [min(max(v, -1.0), 1.0) for v in values]  # clipped into the action space
+        action = np.array(values, dtype=np.float32)
+        applied = self._pending if self.delayed_actions else values
+        self._pending = values
         car = self.car
         car.set_controls(applied[0], applied[1], applied[2])
         for _ in range(self._ticks):
             car.tick(self._dt)
-        self._pending = action
         pose = car.pose()
         self.trajectory.append((pose.x, pose.y))
         parts, reward, terminated, info = self.episode.observe(pose)

@@ -4,9 +4,9 @@ Beam 0 points to the car's left, the middle beam straight ahead, the last to the
 the car's centre, capped at ``max_range`` (TrackMania's LIDAR measures pixels on the screenshot instead; both grow
 with the free distance, which is what a policy uses).
 
-Speed: the walls are cut into segments once, and a grid over the track stores, for each cell, only the segments a
-beam starting in that cell can reach within ``max_range``. A scan intersects every beam with that short list at once
-with NumPy.
+Speed: the walls are cut into segments once, and a grid over the track stores, for each cell and each of
+``sectors`` heading sectors, only the segments a beam starting in that cell can reach within ``max_range``. A scan
+intersects every beam with that short list at once with NumPy.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from tmrl_worker.sim.track import Track
 class Lidar:
     """Raycaster for one track."""
 
-    def __init__(self, track: Track, beams: int = 19, max_range: float = 80.0, cell_size: float = 10.0) -> None:
+    def __init__(self, track: Track, beams: int = 19, max_range: float = 80.0, cell_size: float = 10.0,
+                 sectors: int = 8) -> None:
         if beams < 2:
             raise ValueError(f"a LIDAR needs at least 2 beams, got {beams}")
         self.beams = beams
@@ -39,26 +40,46 @@ class Lidar:
         centres_x = xmin + (np.arange(self._nx) + 0.5) * cell_size
         centres_y = ymin + (np.arange(self._ny) + 0.5) * cell_size
         reach = self.max_range + cell_size * math.sqrt(0.5)
+        # Beams only look ahead: per cell and per heading sector keep the segments that some beam of a car in that
+        # cell, heading within the sector, can reach. For a point p, origin o in the cell (|o - c| <= r) and heading
+        # u within half_sector of the sector's centre direction v:  (p - o).u >= (p - c).v cos(half) - |p - c| sin(half) - r
+        # is a lower bound, so keeping segments where max over endpoints of
+        # (p - c).v cos(half) + |p - c| sin(half) + r >= 0 never drops a visible wall (the left side is convex in p,
+        # so its maximum over a segment sits at an endpoint).
+        self.sectors = sectors
+        half = math.pi / sectors
+        directions = np.array([[math.cos(k * 2 * half), math.sin(k * 2 * half)] for k in range(sectors)])
+        cell_radius = cell_size * math.sqrt(0.5)
         self._cells: list[tuple[np.ndarray, ...]] = []
         for cx in centres_x:
             for cy in centres_y:
-                near = _segment_distance(np.array([cx, cy]), starts, ends) <= reach
-                self._cells.append(_pack(starts[near], ends[near]))
+                centre = np.array([cx, cy])
+                near = _segment_distance(centre, starts, ends) <= reach
+                ahead = np.zeros((len(starts), sectors), dtype=bool)
+                for points in (starts, ends):
+                    rel = points - centre
+                    bound = (rel @ directions.T) * math.cos(half) + (np.hypot(rel[:, 0], rel[:, 1]) * math.sin(half)
+                                                                     + cell_radius)[:, None]
+                    ahead |= bound >= 0.0
+                for k in range(sectors):
+                    keep = near & ahead[:, k]
+                    self._cells.append(_pack(starts[keep], ends[keep]))
 
-    def segments_near(self, x: float, y: float) -> int:
+    def segments_near(self, x: float, y: float, heading: float = 0.0) -> int:
         """How many wall segments a scan from ``(x, y)`` tests (for benchmarks and tests)."""
-        return len(self._cell(x, y)[0])
+        return len(self._cell(x, y, heading)[0])
 
-    def _cell(self, x: float, y: float) -> tuple[np.ndarray, ...]:
+    def _cell(self, x: float, y: float, heading: float) -> tuple[np.ndarray, ...]:
         i = int((x - self._x0) // self.cell_size)
         j = int((y - self._y0) // self.cell_size)
         if 0 <= i < self._nx and 0 <= j < self._ny:
-            return self._cells[i * self._ny + j]
+            sector = round(heading * self.sectors / math.tau) % self.sectors
+            return self._cells[(i * self._ny + j) * self.sectors + sector]
         return self._all
 
     def scan(self, x: float, y: float, heading: float) -> np.ndarray:
         """Distances (float32, shape ``(beams,)``) from ``(x, y)`` along the beams of a car heading ``heading``."""
-        px, py, ex, ey = self._cell(x, y)
+        px, py, ex, ey = self._cell(x, y, heading)
         ch, sh = math.cos(heading), math.sin(heading)
         ux = self._cos * ch - self._sin * sh  # (beams, 1) world directions
         uy = self._sin * ch + self._cos * sh
