@@ -104,10 +104,10 @@ class Peer:
     """A DEALER (or SUB) connected to one relay port."""
 
     def __init__(self, context: zmq.Context, port: int, sender: str, kind: int = zmq.DEALER,
-                 security: SecurityConfig | None = None) -> None:
+                 security: SecurityConfig | None = None, transport: TransportConfig = CLIENT_TRANSPORT) -> None:
         self.sender = sender
         self.socket = context.socket(kind)
-        apply_transport(self.socket, CLIENT_TRANSPORT)
+        apply_transport(self.socket, transport)
         secure_client_socket(self.socket, security or SecurityConfig(insecure=True))
         if kind == zmq.SUB:
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
@@ -154,8 +154,8 @@ def wait_until(predicate, timeout_s: float = 5.0, what: str = "condition") -> No
         time.sleep(0.01)
 
 
-def connected_trainer(context: zmq.Context, relay: Relay, name: str = "trainer-1") -> Peer:
-    trainer = Peer(context, relay.ports.trainer_port, name)
+def connected_trainer(context: zmq.Context, relay: Relay, name: str = "trainer-1", **peer_options) -> Peer:
+    trainer = Peer(context, relay.ports.trainer_port, name, **peer_options)
     trainer.hello("trainer")
     wait_until(lambda: relay.metrics.registry.get_sample_value("tmrl_relay_trainer_connected") == 1, what="trainer hello")
     return trainer

@@ -165,10 +165,14 @@ class Relay:
 
     def _start_authenticator(self) -> None:
         security = self.config.security
-        if security.allowlist_dir is None:
+        missing = [name for name, value in (("security.secret_key_file", security.secret_key_file),
+                                            ("security.allowlist_dir", security.allowlist_dir)) if value is None]
+        if missing:
             raise RelaySetupError(
-                "CurveZMQ needs an allow-list directory (security.allowlist_dir): add client keys with "
-                "`tmrl-relay keys add --allow-dir DIR CLIENT.key`, or run with --insecure on a trusted network"
+                f"CurveZMQ is on but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. "
+                "Generate the relay's key pair with `tmrl-relay keys generate --dir KEYS --name relay` (then "
+                "--secret-key KEYS/relay.key_secret), allow each client with `tmrl-relay keys add --allow-dir ALLOW "
+                "CLIENT.key` (then --allow-dir ALLOW), or run with --insecure on a trusted network"
             )
         try:
             self._authenticator = start_authenticator(self._context, self._allowlist_domains())

@@ -1,0 +1,151 @@
+"""``tmrl-relay`` as users run it: a real subprocess (forwarding, metrics, clean SIGTERM), key commands, refusals."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tomllib
+import urllib.request
+
+import pytest
+import zmq
+from typer.testing import CliRunner
+
+from tmrl_common.curve import list_allowed_keys, load_public_key
+from tmrl_common.protocol import SampleAck
+from tmrl_relay.cli import app
+
+from .relay_harness import Peer, make_batch, make_weights, relay_subprocess, wait_until
+
+
+@pytest.fixture
+def context():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.startswith("TMRL_"):
+            monkeypatch.delenv(key)
+    return CliRunner()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def _sample(text: str, name: str, labels: str = "") -> float | None:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{labels} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.split()[-1])
+    return None
+
+
+@pytest.mark.slow
+def test_relay_subprocess_forwards_serves_metrics_and_stops_cleanly_on_sigterm(context):
+    metrics_port = _free_port()
+    with relay_subprocess("--insecure", "--metrics-port", str(metrics_port)) as (process, ports):
+        assert ports["metrics_port"] == metrics_port
+        trainer = Peer(context, ports["trainer_port"], "trainer-1")
+        trainer.hello("trainer")
+        workers = [Peer(context, ports["worker_port"], f"worker-{i}") for i in (1, 2)]
+        subscriber = Peer(context, ports["weights_port"], "sub", zmq.SUB)
+        for worker in workers:
+            worker.hello("worker")
+        wait_until(lambda: _sample(_scrape(metrics_port), "tmrl_relay_trainer_connected") == 1, what="trainer hello")
+        for seq, worker in enumerate(workers):
+            worker.send(make_batch(seq, steps=6))
+        senders = {trainer.recv_type("sample_batch")[0].sender for _ in workers}
+        assert senders == {"worker-1", "worker-2"}
+        trainer.send(SampleAck(worker="worker-2", seqs=[1]))
+        assert workers[1].recv_type("sample_ack")[1].seqs == [1]
+        wait_until(lambda: _sample(_scrape(metrics_port), "tmrl_relay_weights_subscriptions_total") == 1)
+        trainer.send(make_weights(3))
+        assert subscriber.recv_type("weights_update")[1].version == 3
+        workers[0].send_frames([b"garbage"])
+        assert workers[0].recv_type("error")[1].reason == "malformed"
+
+        text = _scrape(metrics_port)
+        assert "# TYPE tmrl_relay_batches_forwarded_total counter" in text
+        assert _sample(text, "tmrl_relay_batches_forwarded_total") == 2
+        assert _sample(text, "tmrl_relay_steps_forwarded_total") == 12
+        assert _sample(text, "tmrl_relay_connected_workers") == 2
+        assert _sample(text, "tmrl_relay_weights_version") == 3
+        assert _sample(text, "tmrl_relay_acks_forwarded_total") == 1
+        assert _sample(text, "tmrl_relay_rejects_total", '{link="workers",reason="malformed"}') == 1
+        assert _sample(text, "tmrl_relay_received_bytes_total", '{link="workers"}') > 0
+        assert _sample(text, "tmrl_relay_pending_bytes") == 0
+        assert _sample(text, "tmrl_relay_dropped_batches_total") == 0
+
+        process.send_signal(__import__("signal").SIGTERM)
+        assert process.wait(10) == 0
+        assert "relay stopped" in process.stderr.read()
+
+
+def test_relay_refuses_to_start_without_keys_unless_insecure(tmp_path):
+    result = subprocess.run([sys.executable, "-c", "from tmrl_relay.cli import app; app()", "run", "--worker-port", "0",
+                             "--trainer-port", "0", "--weights-port", "0", "--metrics-port", "0"],
+                            capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert "keys generate" in result.stderr and "--insecure" in result.stderr
+
+
+def test_relay_subprocess_with_curve_keys_from_the_keys_commands(context, tmp_path, runner):
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    for name in ("relay", "worker-1", "trainer"):
+        assert runner.invoke(app, ["keys", "generate", "--dir", str(keys), "--name", name]).exit_code == 0
+    for name in ("worker-1", "trainer"):
+        assert runner.invoke(app, ["keys", "add", "--allow-dir", str(allow), str(keys / f"{name}.key")]).exit_code == 0
+    from tmrl_common.sockets import SecurityConfig
+
+    with relay_subprocess("--secret-key", str(keys / "relay.key_secret"), "--allow-dir", str(allow),
+                          "--metrics-port", "0") as (_, ports):
+        def security(name):
+            return SecurityConfig(secret_key_file=keys / f"{name}.key_secret", server_public_key_file=keys / "relay.key")
+
+        trainer = Peer(context, ports["trainer_port"], "trainer-1", security=security("trainer"))
+        trainer.hello("trainer")
+        worker = Peer(context, ports["worker_port"], "worker-1", security=security("worker-1"))
+        worker.hello("worker")
+        worker.send(make_batch(5))
+        assert trainer.recv_type("sample_batch")[1].seq == 5
+
+
+def test_keys_commands_generate_add_list_remove(runner, tmp_path):
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    result = runner.invoke(app, ["keys", "generate", "--dir", str(keys), "--name", "worker-1"])
+    assert result.exit_code == 0, result.output
+    assert (keys / "worker-1.key").is_file() and (keys / "worker-1.key_secret").is_file()
+    again = runner.invoke(app, ["keys", "generate", "--dir", str(keys), "--name", "worker-1"])
+    assert again.exit_code == 2 and "already exists" in again.output
+    added = runner.invoke(app, ["keys", "add", "--allow-dir", str(allow), str(keys / "worker-1.key"), "--name", "w1"])
+    assert added.exit_code == 0, added.output
+    assert [k.name for k in list_allowed_keys(allow)] == ["w1"]
+    listed = runner.invoke(app, ["keys", "list", "--allow-dir", str(allow)])
+    assert listed.exit_code == 0 and load_public_key(keys / "worker-1.key").decode() in listed.output
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[relay.security]\nallowlist_dir = "{allow}"\n')
+    assert "w1" in runner.invoke(app, ["keys", "list", "--config", str(config)]).output
+    bad = runner.invoke(app, ["keys", "add", "--allow-dir", str(allow), str(tmp_path / "missing.key")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+    assert runner.invoke(app, ["keys", "remove", "--allow-dir", str(allow), "w1"]).exit_code == 0
+    assert list_allowed_keys(allow) == []
+
+
+def test_run_flags_show_in_the_effective_config(runner, tmp_path):
+    result = runner.invoke(app, ["run", "--insecure", "--worker-port", "7001", "--allow-dir", str(tmp_path), "--show-config"])
+    assert result.exit_code == 0, result.output
+    table = tomllib.loads(result.stdout)["relay"]
+    assert table["worker_port"] == 7001
+    assert table["security"]["insecure"] is True and table["security"]["allowlist_dir"] == str(tmp_path)

@@ -1,0 +1,138 @@
+"""CurveZMQ at the relay: allow-listed keys work, others deliver nothing (counted), ids are bound to keys."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+
+from tmrl_common.curve import allow_public_key, generate_key_pair, load_public_key
+from tmrl_common.protocol import Hello
+from tmrl_common.sockets import SecurityConfig
+from tmrl_relay.broker import Relay, RelaySetupError
+from tmrl_relay.config import RelayConfig
+
+from .relay_harness import Peer, make_batch, make_weights, relay_in_thread, wait_until
+
+
+@pytest.fixture
+def context():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    made = {name: generate_key_pair(tmp_path / "keys", name) for name in ("relay", "worker-1", "worker-2", "trainer", "intruder")}
+    for name in ("worker-1", "worker-2"):
+        allow_public_key(tmp_path / "allow", made[name].public_file)
+    allow_public_key(tmp_path / "allow-trainer", made["trainer"].public_file)
+    return made
+
+
+def _config(tmp_path, keys, **fields) -> RelayConfig:
+    return RelayConfig(
+        bind_host="127.0.0.1", worker_port=0, trainer_port=0, weights_port=0, metrics_port=0,
+        security=SecurityConfig(secret_key_file=keys["relay"].secret_file, allowlist_dir=tmp_path / "allow"),
+        trainer_allowlist_dir=tmp_path / "allow-trainer", **fields,
+    )
+
+
+def _client(keys, name) -> SecurityConfig:
+    return SecurityConfig(secret_key_file=keys[name].secret_file, server_public_key_file=keys["relay"].public_file)
+
+
+def _peer(context, port, keys, key_name, sender, kind=zmq.DEALER) -> Peer:
+    return Peer(context, port, sender, kind, security=_client(keys, key_name))
+
+
+def test_allow_listed_worker_and_trainer_exchange_samples_acks_and_weights(context, tmp_path, keys):
+    with relay_in_thread(_config(tmp_path, keys)) as relay:
+        trainer = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
+        trainer.hello("trainer")
+        worker = _peer(context, relay.ports.worker_port, keys, "worker-1", "worker-1")
+        worker.hello("worker")
+        subscriber = _peer(context, relay.ports.weights_port, keys, "worker-1", "worker-1", zmq.SUB)
+        worker.send(make_batch(1))
+        assert trainer.recv_type("sample_batch")[1].seq == 1
+        from tmrl_common.protocol import SampleAck
+
+        trainer.send(SampleAck(worker="worker-1", seqs=[1]))
+        assert worker.recv_type("sample_ack")[1].seqs == [1]
+        trainer.send(make_weights(4))
+        assert subscriber.recv_type("weights_update")[1].version == 4
+        peer = relay.workers.by_sender["worker-1"]
+        assert peer.user_id == load_public_key(keys["worker-1"].public_file).decode()  # id bound to the key
+
+
+def test_a_key_not_in_the_allow_list_delivers_nothing_and_is_counted(context, tmp_path, keys):
+    with relay_in_thread(_config(tmp_path, keys)) as relay:
+        trainer = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
+        trainer.hello("trainer")
+        intruder = _peer(context, relay.ports.worker_port, keys, "intruder", "worker-1")
+        intruder.hello("worker")
+        intruder.send(make_batch(1))
+        value = relay.metrics.registry.get_sample_value
+        wait_until(lambda: (value("tmrl_relay_handshake_failures_total", {"link": "workers", "kind": "auth"}) or 0) >= 1,
+                   what="refused handshake")
+        assert trainer.nothing_within(300)
+        assert "worker-1" not in relay.workers.by_sender
+        assert value("tmrl_relay_received_messages_total", {"link": "workers"}) in (None, 0)
+
+
+def test_a_worker_key_cannot_connect_as_the_trainer(context, tmp_path, keys):
+    with relay_in_thread(_config(tmp_path, keys)) as relay:
+        fake_trainer = _peer(context, relay.ports.trainer_port, keys, "worker-1", "trainer-1")
+        fake_trainer.hello("trainer")
+        fake_trainer.send(make_weights(99))
+        value = relay.metrics.registry.get_sample_value
+        wait_until(lambda: (value("tmrl_relay_handshake_failures_total", {"link": "trainer", "kind": "auth"}) or 0) >= 1,
+                   what="refused handshake")
+        assert value("tmrl_relay_weights_version") == -1
+
+
+def test_a_worker_cannot_take_over_another_workers_id(context, tmp_path, keys):
+    with relay_in_thread(_config(tmp_path, keys)) as relay:
+        trainer = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
+        trainer.hello("trainer")
+        honest = _peer(context, relay.ports.worker_port, keys, "worker-1", "worker-1")
+        honest.hello("worker")
+        wait_until(lambda: "worker-1" in relay.workers.by_sender)
+        impostor = _peer(context, relay.ports.worker_port, keys, "worker-2", "worker-1")
+        impostor.send(Hello(role="worker", software="x"))
+        error = impostor.recv_type("error")[1]
+        assert error.reason == "unknown_sender" and "another CurveZMQ key" in error.message
+        impostor.send(make_batch(66))
+        assert impostor.recv_type("error")[1].reason == "unknown_sender"
+        assert trainer.nothing_within(300)
+        honest.send(make_batch(1))  # the real worker-1 is unaffected
+        assert trainer.recv_type("sample_batch")[1].seq == 1
+
+
+def test_a_plain_text_client_cannot_talk_to_a_curve_relay(context, tmp_path, keys):
+    with relay_in_thread(_config(tmp_path, keys)) as relay:
+        plain = Peer(context, relay.ports.worker_port, "worker-1")
+        plain.hello("worker")
+        plain.send(make_batch(1))
+        value = relay.metrics.registry.get_sample_value
+        wait_until(lambda: sum(value("tmrl_relay_handshake_failures_total", {"link": "workers", "kind": k}) or 0
+                               for k in ("auth", "protocol", "other")) >= 1, what="refused handshake")
+        assert "worker-1" not in relay.workers.by_sender
+
+
+def test_keys_added_while_running_are_accepted_after_the_reload(context, tmp_path, keys):
+    with relay_in_thread(_config(tmp_path, keys, allowlist_reload_s=0.1)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        assert value("tmrl_relay_allowed_keys", {"link": "workers"}) == 2
+        allow_public_key(tmp_path / "allow", keys["intruder"].public_file, name="worker-3")
+        wait_until(lambda: value("tmrl_relay_allowed_keys", {"link": "workers"}) == 3, what="allow-list reload")
+        newcomer = _peer(context, relay.ports.worker_port, keys, "intruder", "worker-3")
+        newcomer.hello("worker")
+        wait_until(lambda: "worker-3" in relay.workers.by_sender, what="hello from the newly allowed key")
+
+
+def test_the_relay_refuses_to_start_without_keys_and_says_how_to_make_them(tmp_path):
+    config = RelayConfig(worker_port=0, trainer_port=0, weights_port=0, metrics_port=0)
+    relay = Relay(config)
+    with pytest.raises(RelaySetupError, match="keys generate.*keys add.*--insecure"):
+        relay.bind()
