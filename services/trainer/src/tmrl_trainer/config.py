@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
+from tmrl_common.sockets import SecurityConfig, TransportConfig
+
+from tmrl_trainer.sac import SACConfig
 
 
 class TrainerConfig(BaseModel):
@@ -15,3 +20,33 @@ class TrainerConfig(BaseModel):
     trainer_port: int = Field(default=5556, ge=1, le=65535)
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``."""
+
+    # what is learned
+    env: str = "sim"
+    """The workers' env, which fixes the observation layout batches must follow: ``sim``/``sim-fast``/``tm20-lidar``
+    (TrackMania LIDAR layout), ``tm20-lidar-progress``, ``tm20-full``, ``gym:<id>`` (layout from the gymnasium env's
+    spaces). For ``module:Class`` envs set ``layout_file``."""
+    layout_file: Path | None = None
+    """A JSON :class:`~tmrl_common.layout.ObservationLayout`; overrides ``env``."""
+    sac: SACConfig = Field(default_factory=SACConfig)
+    """Learner hyperparameters; ``sac.learning_starts`` is the warm-up (rows stored before the first update) and
+    ``sac.utd`` the maximum number of updates per sample received."""
+    memory_capacity: int = Field(default=1_000_000, ge=2)
+    seed: int = 0
+
+    # service loop
+    publish_every: int = Field(default=100, ge=1)
+    """Publish the actor's weights every this many updates (the weights version increments each time)."""
+    checkpoint_every: int = Field(default=5000, ge=1)
+    """Save a checkpoint every this many updates (and when the trainer stops)."""
+    run_dir: Path = Path("runs/trainer")
+    """Holds ``status.json``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``; the trainer resumes from the
+    latest checkpoint found there."""
+    allowed_workers: list[str] = Field(default_factory=list)
+    """Worker ids whose batches are accepted (empty: any worker the relay lets through)."""
+    status_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    """CurveZMQ: ``secret_key_file`` (the trainer's pair, allow-listed at the relay) and ``server_public_key_file``;
+    or ``insecure = true`` (``--insecure``) for plain text on a trusted loopback."""

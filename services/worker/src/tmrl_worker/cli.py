@@ -38,6 +38,8 @@ def run(
     state_dir: Path | None = typer.Option(None, "--state-dir", help="Where the sequence-number state file lives."),
     seed: int | None = typer.Option(None, "--seed"),
     insecure: bool = typer.Option(False, "--insecure", help="Plain-text ZeroMQ, no CurveZMQ (trusted loopback only)."),
+    secret_key: Path | None = typer.Option(None, "--secret-key", help="This client's NAME.key_secret (CurveZMQ).", exists=True, dir_okay=False),
+    server_key: Path | None = typer.Option(None, "--server-key", help="The relay's public NAME.key (CurveZMQ).", exists=True, dir_okay=False),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Run the worker in the foreground: roll out episodes, send samples to the relay, use the weights it broadcasts."""
@@ -56,8 +58,10 @@ def run(
     }
     try:
         effective = load_config(WorkerConfig, "worker", config, overrides=overrides)
-        if insecure:
-            effective = effective.model_copy(update={"security": effective.security.model_copy(update={"insecure": True})})
+        security = {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key}
+        security = {k: v for k, v in security.items() if v is not None}
+        if security:
+            effective = effective.model_copy(update={"security": effective.security.model_copy(update=security)})
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(code=2) from exc

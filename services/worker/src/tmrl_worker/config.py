@@ -42,6 +42,9 @@ class WorkerConfig(BaseModel):
     max_steps: int | None = Field(default=None, ge=1)
     """Stop the worker after this many environment steps (default: run until interrupted)."""
     seed: int | None = None
+    max_steps_per_second: float | None = Field(default=None, gt=0)
+    """Cap the step rate of synchronous envs (``sim-fast``, ``gym:``), e.g. to leave CPU to a trainer on the same
+    machine; ``None``: as fast as possible. Real-time envs are paced by rtgym."""
 
     # batching and delivery
     batch_steps: int = Field(default=100, ge=1, le=100_000)

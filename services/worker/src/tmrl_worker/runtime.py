@@ -38,6 +38,8 @@ from tmrl_worker.weights_feed import PreparedPolicy, WeightsFeed
 
 log = logging.getLogger(__name__)
 
+PROGRESS_EVERY_S = 10.0
+
 
 class PolicyFileError(ValueError):
     """A ``--policy`` file cannot be loaded as an actor."""
@@ -168,6 +170,7 @@ class RolloutLoop:
         deterministic: bool = False,
         seed: int | None = None,
         worker_id: str = "worker",
+        max_steps_per_second: float | None = None,
     ) -> None:
         self.env = env
         self.sink = sink
@@ -178,6 +181,7 @@ class RolloutLoop:
         self.deterministic = deterministic
         self.seed = seed
         self.worker_id = worker_id
+        self.min_step_interval = 0.0 if max_steps_per_second is None or env.realtime else 1.0 / max_steps_per_second
         self.stats = RolloutStats(weights_version=policy.version)
         self.action_versions: list[int] = []
         """Weights version that chose each step's action (kept only when ``record_versions`` is set; for tests)."""
@@ -212,14 +216,28 @@ class RolloutLoop:
             self._builder.add_reset(observation, self.env.default_action)
         return observation
 
+    def _report(self, seconds: float, steps: int) -> None:
+        recent = self.stats.recent_returns
+        mean = f"{sum(recent) / len(recent):.2f} over the last {len(recent)}" if recent else "n/a"
+        log.info("%s: %d steps (%.0f steps/s), %d episodes, mean return %s, weights version %d, %d batches handed over",
+                 self.worker_id, self.stats.steps, steps / max(seconds, 1e-9), self.stats.episodes, mean,
+                 self.policy.version, self.stats.batches_submitted)
+
     def run(self, max_steps: int | None = None, stop: threading.Event | None = None,
             health_check=None) -> RolloutStats:
         """Step until ``max_steps`` steps, ``stop`` is set, or ``health_check()`` raises. Sends what is left at the end."""
         observation = self._reset(self.seed)
         target = None if max_steps is None else self.stats.steps + max_steps
         next_health = time.monotonic() + 1.0
+        next_step_at = report_from = time.monotonic()
+        next_report, report_steps = report_from + PROGRESS_EVERY_S, self.stats.steps
         try:
             while (target is None or self.stats.steps < target) and not (stop is not None and stop.is_set()):
+                if self.min_step_interval:
+                    delay = next_step_at - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    next_step_at = max(next_step_at, time.monotonic() - 1.0) + self.min_step_interval
                 self._swap_policy()
                 started = time.perf_counter()
                 action = self.policy.act(observation)
@@ -237,12 +255,17 @@ class RolloutLoop:
                 if done:
                     self.stats.episodes += 1
                     self.stats.recent_returns.append(self.stats.episode_return)
-                    log.info("%s: episode %d ended after step %d: return %.2f (weights version %d)", self.worker_id,
+                    log.debug("%s: episode %d ended after step %d: return %.2f (weights version %d)", self.worker_id,
                              self.stats.episodes, self.stats.steps, self.stats.episode_return, self.policy.version)
                     observation = self._reset(None)
-                if health_check is not None and time.monotonic() >= next_health:
-                    health_check()
-                    next_health = time.monotonic() + 1.0
+                now = time.monotonic()
+                if now >= next_health:
+                    if health_check is not None:
+                        health_check()
+                    next_health = now + 1.0
+                if now >= next_report:
+                    self._report(now - report_from, self.stats.steps - report_steps)
+                    report_from, report_steps, next_report = now, self.stats.steps, now + PROGRESS_EVERY_S
         finally:
             self._flush()
         return self.stats
@@ -289,7 +312,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
             feed.start()
         loop = RolloutLoop(env, link, feed, policy, batch_steps=config.batch_steps, compress=config.compress,
                            deterministic=config.deterministic or config.mode == "test", seed=config.seed,
-                           worker_id=config.worker_id)
+                           worker_id=config.worker_id, max_steps_per_second=config.max_steps_per_second)
         log.info("%s: %s mode on env %s (%s, layout %s), relay %s", config.worker_id, config.mode, env.spec,
                  "real time" if env.realtime else "synchronous",
                  [c.name for c in env.layout.components], config.relay_host)

@@ -1,0 +1,127 @@
+"""What the trainer reports while it runs, in three places under its ``run_dir``:
+
+* ``status.json``: a snapshot rewritten atomically every ``interval`` seconds (:class:`StatusFile`): updates done,
+  weights version published, samples stored, and per worker the batches/steps received, the weights version carried
+  by its latest batch, episodes and the last return. Other tools (the demo, the end-to-end test, an operator's
+  ``watch cat``) read it; they never see half a file.
+* ``metrics.jsonl``: one JSON object per line (:class:`RunRecorder`): ``{"kind": "episode", ...}`` for every finished
+  episode of every worker and ``{"kind": "train", ...}`` for learner metrics. Append-only; the demo's learning curve
+  is drawn from it.
+* ``tensorboard/``: the same values as TensorBoard scalars (``episode_return/<worker>``, ``train/<metric>``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tmrl_trainer.ingest import EpisodeRecord
+from tmrl_trainer.metrics import TrainingMetrics
+from tmrl_trainer.tensor_file import write_atomically
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class RunRecorder:
+    """Appends episode and training records to ``metrics.jsonl`` and TensorBoard
+    (:class:`~tmrl_trainer.metrics.TrainingMetrics`, plus ``episode_return/<worker>``). Thread-safe."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._metrics = open(self.run_dir / METRICS_FILE, "a", buffering=1, encoding="utf-8")
+        self._started = time.time()
+        self._board = TrainingMetrics(self.run_dir / TENSORBOARD_DIR if tensorboard else None)
+        self._samples = 0
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
+
+    def episode(self, record: EpisodeRecord) -> None:
+        self._write({
+            "kind": "episode", "time": record.finished_at, "elapsed_s": record.finished_at - self._started,
+            "worker": record.worker, "return": record.episode_return, "length": record.length,
+            "worker_steps": record.worker_steps, "weights_version": record.weights_version,
+        })
+        with self._lock:
+            self._board.log_episode(record.worker_steps, record.episode_return, record.length)
+            writer = self._board._writer
+            if writer is not None:
+                writer.add_scalar(f"episode_return/{record.worker}", record.episode_return, record.worker_steps)
+
+    def training(self, updates: int, samples: int, weights_version: int, metrics: dict[str, float]) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+        now = time.time()
+        with self._lock:
+            rates = self._board.log_rates(updates, updates, samples)
+            self._board.log_update(updates, finite)
+        self._write({"kind": "train", "time": now, "elapsed_s": now - self._started, "updates": updates,
+                     "samples": samples, "weights_version": weights_version, **finite, **rates})
+
+    def close(self) -> None:
+        with self._lock:
+            self._metrics.close()
+            self._board.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file; a torn last line (writer killed mid-write) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class StatusFile:
+    """Rewrites ``status.json`` atomically every ``interval_s`` seconds from ``snapshot()`` on its own thread."""
+
+    def __init__(self, path: Path, snapshot: Callable[[], dict[str, Any]], interval_s: float = 1.0) -> None:
+        self.path = Path(path)
+        self.snapshot = snapshot
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status-file", daemon=True)
+
+    def write_now(self) -> None:
+        status = {"updated_at": time.time(), **self.snapshot()}
+        write_atomically(self.path, json.dumps(status, indent=1, sort_keys=True, allow_nan=False).encode())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.write_now()
+            except Exception:  # a full disk must not stop training; say so and retry next interval
+                log.exception("could not write %s", self.path)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        self.write_now()
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """The last ``status.json`` written, or ``None`` when there is none yet."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
