@@ -1,0 +1,118 @@
+"""Checkpoints: safetensors + JSON (no pickle), atomic writes, bit-for-bit resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tmrl_common.batching import SampleBatchBuilder
+from tmrl_common.layout import tm20_lidar_layout
+from tmrl_trainer import tensor_file
+from tmrl_trainer.checkpoint import CheckpointError, load_checkpoint, memory_path_for, save_checkpoint
+from tmrl_trainer.memory import ReplayMemory
+from tmrl_trainer.sac import SACConfig, SACLearner
+
+LAYOUT = tm20_lidar_layout()
+
+
+def _setup(redq_n: int = 2, redq_m: int = 2, hidden: int = 32) -> tuple[ReplayMemory, SACLearner]:
+    memory = ReplayMemory(LAYOUT, capacity=2500, seed=0)
+    builder = SampleBatchBuilder(LAYOUT)
+    rng = np.random.default_rng(0)
+
+    def observation():
+        return (rng.random(1, dtype=np.float32), rng.random((4, 19), dtype=np.float32),
+                rng.uniform(-1, 1, 3).astype(np.float32), rng.uniform(-1, 1, 3).astype(np.float32))
+
+    builder.add_reset(observation())
+    for step in range(1500):
+        ended = step % 97 == 96
+        builder.add_step(rng.uniform(-1, 1, 3), observation(), float(rng.normal()), step % 7 == 0 and ended, ended)
+        if ended:
+            builder.add_reset(observation())
+        if len(builder) >= 300:
+            memory.add_batch("worker-1", builder.build(seq=step, weights_version=0))
+    config = SACConfig(hidden_sizes=[hidden, hidden], redq_n=redq_n, redq_m=redq_m)
+    return memory, SACLearner(config, config.architecture(LAYOUT), device="cpu", seed=0)
+
+
+def _train(learner: SACLearner, memory: ReplayMemory, updates: int) -> None:
+    for _ in range(updates):
+        learner.update(memory.sample(64), with_metrics=False)
+
+
+def _state(learner: SACLearner) -> list[torch.Tensor]:
+    tensors = [p.detach().clone() for m in (learner.actor, learner.critics, learner.target_critics) for p in m.parameters()]
+    for state in learner.optimizer.state.values():
+        tensors += [v.clone() for v in state.values()]
+    return tensors + [learner.log_alpha.detach().clone()]
+
+
+@pytest.mark.parametrize(("redq_n", "redq_m"), [(2, 2), (4, 2)])
+def test_resuming_from_a_checkpoint_continues_bit_for_bit(tmp_path, redq_n, redq_m):
+    memory, learner = _setup(redq_n, redq_m)
+    _train(learner, memory, 6)
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner, {"env_steps": 1500}, memory)
+    _train(learner, memory, 6)
+    uninterrupted = _state(learner)
+
+    fresh_memory, fresh_learner = _setup(redq_n, redq_m)
+    fresh_memory.sample(10)  # move its RNG: the checkpoint must restore it
+    restored = load_checkpoint(path, fresh_learner, fresh_memory)
+    assert restored.counters == {"env_steps": 1500} and restored.memory_restored
+    assert fresh_learner.updates == 6
+    _train(fresh_learner, fresh_memory, 6)
+    resumed = _state(fresh_learner)
+    assert len(resumed) == len(uninterrupted)
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
+
+
+def test_checkpoint_is_one_safetensors_file_with_json_metadata_and_no_pickle(tmp_path):
+    memory, learner = _setup()
+    _train(learner, memory, 2)
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner, {"updates": 2})
+    data = path.read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    document = json.loads(header["__metadata__"]["tmrl"])
+    assert document["format"] == "tmrl-checkpoint-1" and document["counters"] == {"updates": 2}
+    assert document["learner"]["optimizer"]["param_groups"][0]["name"] == "critics"
+    assert any(name.startswith("learner.optimizer.state.") for name in header)
+    assert b"\x80\x04\x95" not in data and b"torch._utils" not in data  # pickle protocol 4 / torch.save markers
+    assert not memory_path_for(path).exists()
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact_and_no_temporary_file(tmp_path, monkeypatch):
+    memory, learner = _setup()
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner, {"updates": 0})
+    before = path.read_bytes()
+    _train(learner, memory, 1)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tensor_file.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, learner, {"updates": 1})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.safetensors"]
+
+
+def test_loading_a_corrupt_missing_or_mismatched_checkpoint_raises_checkpoint_error(tmp_path):
+    memory, learner = _setup()
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors", learner)
+    (tmp_path / "corrupt.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path / "corrupt.safetensors", learner)
+    _, other = _setup(hidden=16)
+    with pytest.raises(CheckpointError, match="architecture"):
+        load_checkpoint(path, other)
+    _, redq = _setup(redq_n=3, redq_m=2)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(path, redq)
