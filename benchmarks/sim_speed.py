@@ -16,9 +16,7 @@ import time
 
 import gymnasium as gym
 import numpy as np
-
-import tmrl_worker.sim  # noqa: F401  (registers the tmrl/RaceTrack* ids)
-from tmrl_worker.sim import ENV_IDS
+from tmrl_worker.sim import ENV_IDS  # importing it registers the tmrl/RaceTrack* ids
 
 PEER_ID = "Pendulum-v1"
 

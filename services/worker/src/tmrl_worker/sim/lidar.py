@@ -28,7 +28,7 @@ class Lidar:
         self.beams = beams
         self.max_range = float(max_range)
         angles = np.linspace(math.pi / 2, -math.pi / 2, beams)  # left to right
-        self._cos, self._sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
+        self._cos, self._sin = np.cos(angles), np.sin(angles)
         starts, ends = track.wall_segments()
         self._all = _pack(starts, ends)
         self.segment_count = len(starts)
@@ -67,7 +67,7 @@ class Lidar:
 
     def segments_near(self, x: float, y: float, heading: float = 0.0) -> int:
         """How many wall segments a scan from ``(x, y)`` tests (for benchmarks and tests)."""
-        return len(self._cell(x, y, heading)[0])
+        return self._cell(x, y, heading)[0].shape[1]
 
     def _cell(self, x: float, y: float, heading: float) -> tuple[np.ndarray, ...]:
         i = int((x - self._x0) // self.cell_size)
@@ -78,25 +78,31 @@ class Lidar:
         return self._all
 
     def scan(self, x: float, y: float, heading: float) -> np.ndarray:
-        """Distances (float32, shape ``(beams,)``) from ``(x, y)`` along the beams of a car heading ``heading``."""
-        px, py, ex, ey = self._cell(x, y, heading)
+        """Distances (float32, shape ``(beams,)``) from ``(x, y)`` along the beams of a car heading ``heading``.
+
+        Beam ``b`` (unit direction ``u``) meets segment ``p + s e`` where ``x + t u = p + s e``:
+        ``t = (w x e) / (u x e)`` and ``s = (w x u) / (u x e)`` with ``w = p - (x, y)``; it hits when ``t > 0`` and
+        ``0 <= s <= 1``. Both cross products with ``u`` are one small matrix product each.
+        """
+        starts, edges_swapped, cross_t_x, cross_t_y = self._cell(x, y, heading)
         ch, sh = math.cos(heading), math.sin(heading)
-        ux = self._cos * ch - self._sin * sh  # (beams, 1) world directions
+        ux = self._cos * ch - self._sin * sh  # (beams,) world directions
         uy = self._sin * ch + self._cos * sh
-        wx, wy = px - x, py - y
+        w = starts - np.array([[x], [y]])  # (2, segments)
         with np.errstate(divide="ignore", invalid="ignore"):
-            denominator = ux * ey - uy * ex  # (beams, segments)
-            t = (wx * ey - wy * ex) / denominator  # distance along the beam
-            s = (wx * uy - wy * ux) / denominator  # position along the segment, 0..1 on it
+            inverse = 1.0 / (np.stack([ux, -uy], axis=1) @ edges_swapped)  # 1 / (u x e), (beams, segments)
+            t = (w[0] * cross_t_x + w[1] * cross_t_y) * inverse  # (w x e) / (u x e)
+            s = (np.stack([uy, -ux], axis=1) @ w) * inverse  # (w x u) / (u x e)
         hit = (s >= 0.0) & (s <= 1.0) & (t > 0.0)
-        distances = np.where(hit, t, self.max_range).min(axis=1, initial=self.max_range)
-        return distances.astype(np.float32)
+        return np.where(hit, t, self.max_range).min(axis=1, initial=self.max_range).astype(np.float32)
 
 
 def _pack(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Segment arrays in the form :meth:`Lidar.scan` uses: starts (2, S), edges as (ey, ex) rows (2, S), and the
+    factors of ``w x e = wx ey - wy ex`` (ey, -ex)."""
     edges = ends - starts
-    return (np.ascontiguousarray(starts[:, 0]), np.ascontiguousarray(starts[:, 1]),
-            np.ascontiguousarray(edges[:, 0]), np.ascontiguousarray(edges[:, 1]))
+    return (np.ascontiguousarray(starts.T), np.ascontiguousarray(edges[:, ::-1].T),
+            np.ascontiguousarray(edges[:, 1]), np.ascontiguousarray(-edges[:, 0]))
 
 
 def _segment_distance(point: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -33,10 +33,13 @@ def render_track_png(track: Track, path: str | Path, trajectory: np.ndarray | Se
     figure = Figure(figsize=(8, 6), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    road = np.concatenate([left, right[::-1]])
-    axes.fill(road[:, 0], road[:, 1], color="0.75", zorder=0)
-    if track.closed:
-        axes.fill(right[:, 0], right[:, 1], color="white", zorder=0)  # right wall encloses the infield of a circuit
+    if track.closed:  # a circuit: grey inside the outer wall, white inside the inner one
+        outer, inner = (left, right) if _area(left) > _area(right) else (right, left)
+        axes.fill(outer[:, 0], outer[:, 1], color="0.75", zorder=0)
+        axes.fill(inner[:, 0], inner[:, 1], color="white", zorder=0)
+    else:
+        road = np.concatenate([left, right[::-1]])
+        axes.fill(road[:, 0], road[:, 1], color="0.75", zorder=0)
     axes.plot(left[:, 0], left[:, 1], color="k", linewidth=1)
     axes.plot(right[:, 0], right[:, 1], color="k", linewidth=1)
     centre = track.lap_path()
@@ -57,6 +60,12 @@ def render_track_png(track: Track, path: str | Path, trajectory: np.ndarray | Se
     path = Path(path)
     figure.savefig(path, format="png")
     return path
+
+
+def _area(loop: np.ndarray) -> float:
+    """Unsigned area enclosed by a closed polyline (shoelace formula)."""
+    x, y = loop[:, 0], loop[:, 1]
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2.0
 
 
 class TrackFrameRenderer:

@@ -1,0 +1,34 @@
+"""``tmrl-worker sim`` commands: list tracks, render a driven track to PNG/GIF, drive the scripted expert."""
+
+from __future__ import annotations
+
+from PIL import Image
+from tmrl_worker.sim.cli import sim_app
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+
+def test_tracks_lists_every_builtin_track():
+    result = runner.invoke(sim_app, ["tracks"])
+    assert result.exit_code == 0
+    for name in ("oval", "hairpins", "circuit", "random:SEED"):
+        assert name in result.output
+
+
+def test_render_track_writes_png_and_gif_of_a_driven_lap(tmp_path):
+    png, gif = tmp_path / "lap.png", tmp_path / "lap.gif"
+    result = runner.invoke(sim_app, ["render-track", "-t", "oval", "-o", str(png), "--gif", str(gif)])
+    assert result.exit_code == 0, result.output
+    assert "finished" in result.output
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+    with Image.open(gif) as image:
+        assert image.format == "GIF" and image.n_frames > 10
+
+
+def test_drive_reports_the_lap_and_unknown_tracks_exit_with_code_2():
+    result = runner.invoke(sim_app, ["drive", "-t", "oval"])
+    assert result.exit_code == 0 and "finished" in result.output and "0 crash" in result.output
+    result = runner.invoke(sim_app, ["drive", "-t", "monza"])
+    assert result.exit_code == 2 and "unknown track" in result.output
