@@ -71,3 +71,63 @@ def run(
         typer.echo(f"tmrl-trainer: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     typer.echo(f"trainer stopped after {updates} updates, weights version {service.weights_version}", err=True)
+
+
+@app.command("train-local")
+def train_local_command(
+    env: str = typer.Option("Pendulum-v1", "--env", help="Any gymnasium id, e.g. Pendulum-v1 or module.path:ns/Env-v0."),
+    steps: int = typer.Option(10_000, "--steps", min=1, help="Environment steps."),
+    seed: int = typer.Option(0, "--seed"),
+    config: Path | None = ConfigOption,
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: the config's device)."),
+    utd: float | None = typer.Option(None, "--utd", help="Updates per environment step (default: sac.utd)."),
+    eval_episodes: int = typer.Option(10, "--eval-episodes", min=0, help="Deterministic episodes of each evaluation."),
+    eval_every: int = typer.Option(0, "--eval-every", min=0, help="Steps between evaluations (0: only at the end)."),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="tensorboard/ and checkpoints/ go here [runs/local/<env>-s<seed>]."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Steps between checkpoints (0: at the end)."),
+    save_memory: bool = typer.Option(False, "--save-memory", help="Save the replay memory with each checkpoint."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+) -> None:
+    """Train SAC synchronously in one process on a gymnasium env (quick experiments; no relay, no workers)."""
+    import re
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tmrl_common.errors import ConfigError
+    from tmrl_trainer.local import LocalTrainingConfig, UnsupportedEnvironmentError, train_local
+
+    try:
+        trainer = load_config(TrainerConfig, "trainer", config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(code=2) from exc
+    if threads is not None:
+        torch.set_num_threads(threads)
+    sac = trainer.sac if utd is None else trainer.sac.model_copy(update={"utd": utd})
+    run_dir = run_dir or Path("runs/local") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', env)}-s{seed}"
+    local = LocalTrainingConfig(sac=sac, memory_capacity=trainer.memory_capacity, device=device or trainer.device,
+                                eval_episodes=eval_episodes, eval_every=eval_every, run_dir=run_dir,
+                                checkpoint_every=checkpoint_every, save_memory=save_memory)
+    last = {"episode": float("nan"), "eval": float("nan")}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("episode return {task.fields[episode]:9.1f}  eval {task.fields[eval]:9.1f}"),
+                  TimeRemainingColumn()) as progress:
+        task = progress.add_task(f"{env} seed {seed}", total=steps, episode=last["episode"], eval=last["eval"])
+
+        def on_progress(step: int, info: dict[str, float]) -> None:
+            last["episode"] = info.get("episode_return", last["episode"])
+            last["eval"] = info.get("eval_return", last["eval"])
+            if step % 50 == 0 or info:
+                progress.update(task, completed=step, episode=last["episode"], eval=last["eval"])
+
+        try:
+            result = train_local(env, steps, seed, local, on_progress=on_progress)
+        except UnsupportedEnvironmentError as exc:
+            typer.echo(f"tmrl-trainer train-local: {exc}", err=True)
+            raise typer.Exit(code=2) from exc
+        progress.update(task, completed=steps, eval=result.final_return)
+    typer.echo(f"{env} seed {seed}: {steps} steps, {result.updates} updates, {result.episodes} episodes in "
+               f"{result.wall_s:.1f} s; final deterministic return {result.final_return:.1f} "
+               f"(mean of {len(result.final_returns)} episodes)")
+    typer.echo(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; checkpoint: {result.checkpoint}")
