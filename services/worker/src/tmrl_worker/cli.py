@@ -8,9 +8,11 @@ import typer
 
 from tmrl_common.config import load_config, render_config
 from tmrl_worker.config import WorkerConfig
+from tmrl_worker.sim.cli import sim_app
 
 app = typer.Typer(help="tmrl rollout worker: runs a real-time environment and sends samples to the relay.",
                   no_args_is_help=True)
+app.add_typer(sim_app, name="sim")  # built-in race-track simulator tools
 
 
 @app.callback()
