@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image
 from tmrl_worker.sim.cli import sim_app
 from typer.testing import CliRunner
@@ -32,3 +33,23 @@ def test_drive_reports_the_lap_and_unknown_tracks_exit_with_code_2():
     assert result.exit_code == 0 and "finished" in result.output and "0 crash" in result.output
     result = runner.invoke(sim_app, ["drive", "-t", "monza"])
     assert result.exit_code == 2 and "unknown track" in result.output
+
+
+def test_record_demo_saves_reward_points_the_env_can_follow(tmp_path):
+    from tmrl_worker.reward import load_points
+    from tmrl_worker.sim import PurePursuitDriver, RaceTrackEnv
+
+    demo = tmp_path / "demo.safetensors"
+    result = runner.invoke(sim_app, ["record-demo", "-t", "oval", "-o", str(demo)])
+    assert result.exit_code == 0, result.output
+    points = load_points(demo)
+    assert points.shape[1] == 2 and len(points) > 500
+    env = RaceTrackEnv(track="oval", demo_path=str(demo), start_jitter=0.0)
+    np.testing.assert_allclose(env.episode.reward.points, points, atol=1e-3)  # resampled at the same spacing
+    driver = PurePursuitDriver(env.track, env.config.car)
+    env.reset(seed=0)
+    done, info = False, {}
+    while not done:
+        _, _, terminated, truncated, info = env.step(driver.act(env.car.pose()))
+        done = terminated or truncated
+    assert info["finished"]

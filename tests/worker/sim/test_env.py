@@ -174,3 +174,9 @@ def test_rgb_render_shows_the_track():
     frame = env.render()
     assert frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
     assert len(np.unique(frame.reshape(-1, 3), axis=0)) >= 4  # grass, road, walls, car
+
+
+def test_an_explicit_observation_in_the_config_wins_over_the_id_variant():
+    env = gymnasium.make("tmrl_worker.sim:tmrl/RaceTrack-v0", config={"observation": "image", "track": "oval"})
+    assert env.unwrapped.config.observation == "image" and env.unwrapped.track.name == "oval"
+    assert gymnasium.make("tmrl_worker.sim:tmrl/RaceTrackImage-v0").unwrapped.config.observation == "image"

@@ -41,7 +41,7 @@ ENV_IDS: dict[str, ObservationKind] = {
 
 for _env_id, _observation in ENV_IDS.items():
     if _env_id not in registry:
-        register(id=_env_id, entry_point="tmrl_worker.sim.env:RaceTrackEnv", kwargs={"observation": _observation})
+        register(id=_env_id, entry_point="tmrl_worker.sim.env:RaceTrackEnv", kwargs={"variant": _observation})
 
 __all__ = [
     "BUILTIN_TRACKS", "ENV_IDS", "Car", "CarParams", "CarPose", "PhysicsLoop", "PurePursuitDriver", "RaceEpisode",

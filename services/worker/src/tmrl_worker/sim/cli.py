@@ -53,6 +53,24 @@ def render_track(
                + (f" and {gif}" if gif else ""))
 
 
+@sim_app.command("record-demo")
+def record_demo_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Reward points file to write (safetensors).", dir_okay=False)],
+    track: TrackOption = "hairpins",
+    spacing: Annotated[float, typer.Option("--spacing", help="Distance between reward points (m).", min=0.05)] = 0.5,
+) -> None:
+    """Record the scripted expert's path as a reward demonstration (use it with demo_path = FILE)."""
+    from tmrl_worker.sim.rollout import record_demo
+    from tmrl_worker.sim.track import TrackError
+
+    try:
+        record = record_demo(track, output, spacing=spacing)
+    except (TrackError, RuntimeError) as exc:
+        typer.echo(f"tmrl-worker sim: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(f"{track}: demonstration of {record.seconds:.2f} s saved to {output}")
+
+
 @sim_app.command("drive")
 def drive_command(
     track: TrackOption = "hairpins",

@@ -60,7 +60,10 @@ class SimConfig(BaseModel):
     max_episode_steps: int = Field(default=1000, ge=1)
     act_buf_len: int = Field(default=2, ge=0, le=16)
     reward_spacing: float = Field(default=0.5, gt=0)
-    """Spacing of the reward points resampled from the centre line (metres)."""
+    """Spacing of the reward points resampled from the demonstration (metres)."""
+    demo_path: str | None = None
+    """Reward demonstration: a points file (safetensors from ``tmrl-worker sim record-demo`` or a plain ``.npy``
+    of 2-D positions) driven on this track. None: the track's centre line, start to finish."""
     reward: TrajectoryRewardConfig = TrajectoryRewardConfig(search_window=60, patience=20, grace_steps=40,
                                                             no_progress_steps=40, finish_bonus=100.0)
     start_jitter: float = Field(default=0.5, ge=0)

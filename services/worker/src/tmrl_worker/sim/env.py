@@ -26,13 +26,17 @@ from tmrl_worker.sim.episode import RaceEpisode, action_space, default_action
 from tmrl_worker.sim.track import Track, load_track
 
 
-def sim_config(config: SimConfig | dict[str, Any] | None = None, **overrides: Any) -> SimConfig:
-    """A :class:`SimConfig` from a model, a dict (e.g. a TOML table) or defaults, with keyword overrides on top."""
+def sim_config(config: SimConfig | dict[str, Any] | None = None, defaults: dict[str, Any] | None = None,
+               **overrides: Any) -> SimConfig:
+    """A :class:`SimConfig` from ``defaults``, then a model or a dict (e.g. a TOML table), then keyword overrides.
+
+    ``defaults`` only fill fields the config does not set explicitly (a gymnasium id's observation variant).
+    """
     if isinstance(config, SimConfig):
-        base = config.model_dump()
+        explicit = config.model_dump(include=config.model_fields_set)
     else:
-        base = dict(config or {})
-    base.update(overrides)
+        explicit = dict(config or {})
+    base = {**(defaults or {}), **explicit, **overrides}
     return SimConfig.model_validate(base)
 
 
@@ -47,10 +51,12 @@ class RaceTrackEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
     def __init__(self, config: SimConfig | dict[str, Any] | None = None, render_mode: str | None = None,
-                 delayed_actions: bool = True, track: Track | str | None = None, **overrides: Any) -> None:
+                 delayed_actions: bool = True, track: Track | str | None = None, variant: str | None = None,
+                 **overrides: Any) -> None:
         if track is not None:
             overrides["track"] = track if isinstance(track, str) else track.name
-        self.config = sim_config(config, **overrides)
+        # ``variant`` is the observation a gymnasium id stands for; an explicit ``observation`` still wins
+        self.config = sim_config(config, defaults={"observation": variant} if variant else None, **overrides)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode {render_mode!r} is not supported; use 'rgb_array' or None")
         self.render_mode = render_mode

@@ -22,7 +22,7 @@ import gymnasium.spaces as spaces
 import numpy as np
 from tmrl_common.layout import ObservationLayout, tm20_image_layout, tm20_lidar_layout, tm20_lidar_progress_layout
 
-from tmrl_worker.reward import TrajectoryReward, resample_path
+from tmrl_worker.reward import RewardPathError, TrajectoryReward, load_points, resample_path
 from tmrl_worker.sim.camera import TopDownCamera
 from tmrl_worker.sim.car import CarPose
 from tmrl_worker.sim.config import SimConfig
@@ -42,6 +42,16 @@ def observation_layout(config: SimConfig) -> ObservationLayout:
     return tm20_image_layout(config.img_hist_len, config.image_size, config.image_size, config.act_buf_len)
 
 
+def demonstration(config: SimConfig, track: Track) -> np.ndarray:
+    """The path the reward follows: the recorded demo in ``config.demo_path``, else the track's centre line."""
+    if config.demo_path is None:
+        return track.lap_path()
+    points = load_points(config.demo_path)
+    if points.shape[1] != 2:
+        raise RewardPathError(f"demo path {config.demo_path} holds {points.shape[1]}-D points; the simulator needs 2-D (x, y)")
+    return points
+
+
 def action_space() -> spaces.Box:
     """``[gas, brake, steer]`` in [-1, 1]; gas and brake count as pressed by their positive part."""
     return spaces.Box(low=-1.0, high=1.0, shape=(3,), dtype=np.float32)
@@ -59,7 +69,7 @@ class RaceEpisode:
         self.config = config
         self.track = track
         self.layout = observation_layout(config)
-        self.reward = TrajectoryReward(resample_path(track.lap_path(), config.reward_spacing), config.reward)
+        self.reward = TrajectoryReward(resample_path(demonstration(config, track), config.reward_spacing), config.reward)
         self.lidar = Lidar(track, config.lidar_beams, config.lidar_range) if config.observation != "image" else None
         self.camera = (TopDownCamera(track, config.image_size, config.image_metres_per_pixel)
                        if config.observation == "image" else None)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tmrl_worker.reward import resample_path, save_points
 from tmrl_worker.sim.driver import PurePursuitDriver
 from tmrl_worker.sim.env import RaceTrackEnv
 from tmrl_worker.sim.render import render_track_png, write_gif
@@ -70,4 +71,17 @@ def render_drive(track: str, png: Path | None = None, gif: Path | None = None, b
                          title=f"{track}: {driver_name}, {outcome}, {record.crashes} crash(es)")
     if gif is not None:
         write_gif(record.frames[::gif_every], gif, fps=20.0 / gif_every)
+    return record
+
+
+def record_demo(track: str, output: Path, spacing: float = 0.5, seed: int = 0) -> EpisodeRecord:
+    """Drive ``track`` with the braking expert and save its path as reward points (safetensors) for ``demo_path``.
+    Raises ``RuntimeError`` if the expert does not reach the finish."""
+    env = RaceTrackEnv(track=track, max_episode_steps=5000, start_jitter=0.0)
+    record = drive_episode(env, brake=True, seed=seed)
+    if not record.finished:
+        raise RuntimeError(f"the scripted driver did not finish {track!r}; no demonstration saved")
+    finish = env.track.lap_path()[-1]
+    path = np.concatenate([record.positions, finish[None]])  # end exactly on the finish line
+    save_points(output, resample_path(path, spacing), spacing=spacing)
     return record
