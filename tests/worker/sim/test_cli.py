@@ -45,7 +45,7 @@ def test_record_demo_saves_reward_points_the_env_can_follow(tmp_path):
     points = load_points(demo)
     assert points.shape[1] == 2 and len(points) > 500
     env = RaceTrackEnv(track="oval", demo_path=str(demo), start_jitter=0.0)
-    np.testing.assert_allclose(env.episode.reward.points, points, atol=1e-3)  # resampled at the same spacing
+    np.testing.assert_array_equal(env.episode.reward.points, points)
     driver = PurePursuitDriver(env.track, env.config.car)
     env.reset(seed=0)
     done, info = False, {}

@@ -42,10 +42,11 @@ def observation_layout(config: SimConfig) -> ObservationLayout:
     return tm20_image_layout(config.img_hist_len, config.image_size, config.image_size, config.act_buf_len)
 
 
-def demonstration(config: SimConfig, track: Track) -> np.ndarray:
-    """The path the reward follows: the recorded demo in ``config.demo_path``, else the track's centre line."""
+def reward_points(config: SimConfig, track: Track) -> np.ndarray:
+    """The points the reward follows: those saved in ``config.demo_path`` (used as they are, like TrackMania's
+    recorded reward file), else the track's centre line resampled every ``reward_spacing`` metres."""
     if config.demo_path is None:
-        return track.lap_path()
+        return resample_path(track.lap_path(), config.reward_spacing)
     points = load_points(config.demo_path)
     if points.shape[1] != 2:
         raise RewardPathError(f"demo path {config.demo_path} holds {points.shape[1]}-D points; the simulator needs 2-D (x, y)")
@@ -69,7 +70,7 @@ class RaceEpisode:
         self.config = config
         self.track = track
         self.layout = observation_layout(config)
-        self.reward = TrajectoryReward(resample_path(demonstration(config, track), config.reward_spacing), config.reward)
+        self.reward = TrajectoryReward(reward_points(config, track), config.reward)
         self.lidar = Lidar(track, config.lidar_beams, config.lidar_range) if config.observation != "image" else None
         self.camera = (TopDownCamera(track, config.image_size, config.image_metres_per_pixel)
                        if config.observation == "image" else None)
