@@ -19,9 +19,9 @@ def test_tracks_lists_every_builtin_track():
 
 def test_render_track_writes_png_and_gif_of_a_driven_lap(tmp_path):
     png, gif = tmp_path / "lap.png", tmp_path / "lap.gif"
-    result = runner.invoke(sim_app, ["render-track", "-t", "oval", "-o", str(png), "--gif", str(gif)])
+    result = runner.invoke(sim_app, ["render-track", "-t", "oval", "-o", str(png), "--gif", str(gif), "--max-steps", "80"])
     assert result.exit_code == 0, result.output
-    assert "finished" in result.output
+    assert "did not finish in 80 steps" in result.output
     with Image.open(png) as image:
         assert image.format == "PNG"
     with Image.open(gif) as image:

@@ -41,7 +41,8 @@ def test_physics_keeps_running_on_the_wall_clock_while_the_agent_is_away():
         time.sleep(0.3)  # the agent "thinks"; the car must not wait
         elapsed = time.perf_counter() - start
         ticks = interface.loop.ticks - start_ticks
-        assert ticks >= 0.5 * elapsed * 100  # 100 Hz physics; tolerant bound for a loaded machine
+        assert ticks + interface.loop.dropped_ticks >= 0.9 * elapsed * 100  # 100 Hz of wall-clock physics
+        assert ticks >= 0.3 * elapsed * 100  # tolerant of a loaded machine
         assert interface.loop.pose().speed > 1.0
     finally:
         interface.close()
@@ -63,11 +64,23 @@ def test_bounded_realtime_run_steps_at_about_20_hz():
                 assert not terminated
             elapsed = time.perf_counter() - start
         assert steps == 30
-        assert 30 * 0.05 * 0.8 < elapsed < 30 * 0.05 * 2.0  # rtgym's elastic 20 Hz clock, tolerant bounds
-        assert env.unwrapped.benchmarks()["time_step_duration"][0] == pytest.approx(0.05, rel=0.3)
+        assert 30 * 0.05 * 0.8 < elapsed < 30 * 0.05 * 3.0  # rtgym's elastic 20 Hz clock; tolerant of a loaded machine
+        assert env.unwrapped.benchmarks()["time_step_duration"][0] == pytest.approx(0.05, rel=0.5)
         assert env.observation_space.contains(obs)
         np.testing.assert_array_equal(obs[-1], [1.0, 0.0, 0.0])
         assert info["progress"] > 0.01 and obs[0][0] > 20.0  # the car drove off at > 20 km/h
         assert env.unwrapped.layout.observation_shapes() == [o.shape for o in obs]
     finally:
         close_realtime_env(env)
+
+
+def test_malformed_controls_are_counted_and_replaced_by_the_default_action():
+    interface = RaceTrackInterface({"track": "oval"})
+    interface.send_control(np.array([1.0, 0.0, 0.5], np.float32))
+    assert interface.car.gas == 1.0
+    interface.send_control(np.array([np.nan, 0.0, 0.0]))
+    interface.send_control([1.0, 2.0])
+    assert interface.rejected_controls == 2
+    assert (interface.car.gas, interface.car.brake, interface.car.steer) == (0.0, 0.0, 0.0)
+    interface.send_control(None)  # rtgym's "do nothing"
+    assert interface.controls_sent == 3

@@ -33,6 +33,7 @@ def render_track(
     full_throttle: FullThrottleOption = False,
     gif: Annotated[Path | None, typer.Option("--gif", help="Also write a GIF of the episode.", dir_okay=False)] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Stop the drive after this many steps.", min=1)] = 2000,
 ) -> None:
     """Write a PNG of a track (with a driven trajectory coloured by speed) and optionally a GIF of the drive."""
     from tmrl_worker.sim.render import render_track_png
@@ -44,7 +45,7 @@ def render_track(
             render_track_png(load_track(track), output)
             typer.echo(f"wrote {output}")
             return
-        record = render_drive(track, png=output, gif=gif, brake=not full_throttle, seed=seed)
+        record = render_drive(track, png=output, gif=gif, brake=not full_throttle, seed=seed, max_episode_steps=max_steps)
     except TrackError as exc:
         typer.echo(f"tmrl-worker sim: {exc}", err=True)
         raise typer.Exit(code=2) from exc

@@ -116,6 +116,8 @@ class RaceTrackInterface(RealTimeGymInterface):
         self._rng = np.random.default_rng(seed)
         self._renderer = None
         self.controls_sent = 0
+        self.rejected_controls = 0
+        """Controls that were not 3 finite numbers (replaced by the default action)."""
 
     def get_observation_space(self):
         return self.episode.observation_space()
@@ -142,9 +144,16 @@ class RaceTrackInterface(RealTimeGymInterface):
     def send_control(self, control):
         if control is None:
             return
-        control = np.asarray(control, dtype=np.float32).reshape(3)
-        if not np.isfinite(control).all():
-            raise ValueError(f"control must be finite, got {control}")
+        try:
+            control = np.asarray(control, dtype=np.float32).reshape(3)
+            if not np.isfinite(control).all():
+                raise ValueError("non-finite values")
+        except (TypeError, ValueError) as exc:
+            # this runs on rtgym's time-step thread: an exception would stall the env, so release the pedals instead
+            self.rejected_controls += 1
+            logger.warning("control %r rejected (%s); pedals released, steering centred (%d rejected so far)",
+                           control, exc, self.rejected_controls)
+            control = default_action()
         self.loop.set_controls(float(control[0]), float(control[1]), float(control[2]))
         self.controls_sent += 1
 
