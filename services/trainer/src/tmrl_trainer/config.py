@@ -20,6 +20,9 @@ class TrainerConfig(BaseModel):
     trainer_port: int = Field(default=5556, ge=1, le=65535)
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads for torch; ``None``: half the CPU cores (at least 1, at most 8), leaving the rest to the
+    ingest thread and to workers on the same machine (oversubscribed cores make small SAC updates many times slower)."""
 
     # what is learned
     env: str = "sim"

@@ -10,7 +10,8 @@ Update schedule:
 * warm-up: no update until ``sac.learning_starts`` rows are stored;
 * ratio: never more than ``sac.utd`` updates per row received (``updates <= utd * rows_received``), so a slow
   worker fleet is not over-fitted; the loop idles a few milliseconds when it is ahead;
-* every ``publish_every`` updates the actor is published as a new ``weights_update`` (version + 1);
+* every ``publish_every`` updates the actor is published as a new ``weights_update`` (version + 1) and written to
+  ``run_dir/policy.safetensors`` (:func:`export_policy`, readable by ``tmrl-worker run --expert --policy``);
 * every ``checkpoint_every`` updates, and at shutdown, a checkpoint is saved (the last 3 are kept); at start the
   latest checkpoint under ``run_dir/checkpoints`` is restored (learner state, update count, weights version) and those
   weights are re-published at once so workers resume with them. The replay memory is not checkpointed: it refills
@@ -22,12 +23,15 @@ speak, so one misconfigured worker cannot poison the replay memory; mismatching 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import zmq
 from tmrl_common.errors import ConfigError
 from tmrl_common.layout import (
@@ -38,7 +42,8 @@ from tmrl_common.layout import (
     tm20_lidar_progress_layout,
 )
 from tmrl_common.networks import weights_update_from_actor
-from tmrl_common.protocol import SampleBatch
+from tmrl_common.protocol import SampleBatch, WeightsUpdate
+from tmrl_common.weights import tensors_from_bytes, tensors_to_bytes
 
 from tmrl_trainer.checkpoint import load_checkpoint, save_checkpoint
 from tmrl_trainer.config import TrainerConfig
@@ -47,12 +52,14 @@ from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.relay_link import TrainerLink
 from tmrl_trainer.sac import SACLearner, resolve_device
 from tmrl_trainer.status import STATUS_FILE, RunRecorder, StatusFile
+from tmrl_trainer.tensor_file import write_atomically
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 KEEP_CHECKPOINTS = 3
 PROGRESS_EVERY_S = 10.0
+POLICY_FILE = "policy.safetensors"
 
 _NAMED_LAYOUTS = {
     "sim": tm20_lidar_layout,
@@ -95,6 +102,13 @@ def layout_for_env(env: str, layout_file: Path | None = None) -> ObservationLayo
                       "or set layout_file to a JSON ObservationLayout")
 
 
+def export_policy(update: WeightsUpdate, path: Path) -> Path:
+    """Write the published actor as a standalone policy file: safetensors tensors, metadata ``architecture`` (JSON of
+    the flat architecture dict) and ``version``. ``tmrl-worker run --expert --policy FILE`` and the demo read it."""
+    metadata = {"architecture": json.dumps(update.architecture), "version": str(update.version), "format": "tmrl-actor"}
+    return write_atomically(path, tensors_to_bytes(tensors_from_bytes(update.tensors), metadata=metadata))
+
+
 class TrainerService:
     """Owns the memory, the learner, the ingest thread and the reports (see the module docstring)."""
 
@@ -102,6 +116,7 @@ class TrainerService:
         self.config = config
         self.layout = layout_for_env(config.env, config.layout_file)
         self.device = resolve_device(config.device)
+        torch.set_num_threads(config.torch_threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
         self.run_dir = Path(config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -185,6 +200,7 @@ class TrainerService:
         self.weights_version += 1
         update = weights_update_from_actor(self.learner.actor, self.weights_version)
         self.link.publish(update)
+        export_policy(update, self.run_dir / POLICY_FILE)
         log.info("published weights version %d after %d updates (%d samples received)", self.weights_version,
                  self.learner.updates, self.rows_received)
 

@@ -1,0 +1,368 @@
+"""``make demo``: relay + trainer + 2 workers on the simulated race track, as separate processes on loopback.
+
+What it does, in order:
+
+1. makes a working directory with CurveZMQ keys (``tmrl-relay keys generate`` for the relay, the trainer and two
+   workers; ``tmrl-relay keys add`` puts the three client keys in the relay's allow-list);
+2. starts ``tmrl-relay run``, ``tmrl-trainer run`` and two ``tmrl-worker run`` on free loopback ports; workers drive
+   the simulator in real time (20 Hz, rtgym) or, with ``--fast``, the synchronous simulator;
+3. shows a live progress display (samples, updates, weights version each worker is running on, recent returns) read
+   from the trainer's ``status.json`` and ``metrics.jsonl``;
+4. after ``--minutes`` (default 5) stops everything with SIGTERM (workers first, so their last batches are stored);
+5. writes ``learning_curve.png`` (episode return vs environment steps and vs time, per worker) and, when the trainer
+   published a policy, ``policy_drive.gif`` / ``policy_drive.png`` (the policy driving one lap attempt).
+
+Run ``python scripts/demo.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+WORKERS = ("worker-1", "worker-2")
+
+DEMO_CONFIG = """\
+# Written by scripts/demo.py: small networks and a short warm-up so learning shows within minutes on a laptop CPU.
+[trainer]
+env = "sim"
+publish_every = 50
+checkpoint_every = 2000
+memory_capacity = 200000
+
+[trainer.sac]
+hidden_sizes = [128, 128]
+batch_size = 128
+learning_starts = 1000
+utd = 2.0
+
+[worker]
+batch_steps = 50
+max_episode_steps = 1000
+"""
+
+FAST_WORKER_RATE = 150  # steps/s per --fast worker: leaves CPU to the trainer on small machines
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def run_cli(*args: str) -> None:
+    result = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+
+
+def make_keys(work: Path) -> tuple[Path, Path]:
+    keys, allowed = work / "keys", work / "allowed"
+    for name in ("relay", "trainer", *WORKERS):
+        run_cli("tmrl-relay", "keys", "generate", "--dir", str(keys), "--name", name)
+    for name in ("trainer", *WORKERS):
+        run_cli("tmrl-relay", "keys", "add", str(keys / f"{name}.key"), "--allow-dir", str(allowed))
+    return keys, allowed
+
+
+class Processes:
+    """The demo's child processes, each logging to ``<logs>/<name>.log``."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        with open(self.logs / f"{name}.log", "wb") as log:
+            self.children[name] = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    def dead(self) -> list[str]:
+        return [name for name, child in self.children.items() if child.poll() is not None]
+
+    def stop(self, name: str, timeout: float = 30.0) -> int | None:
+        child = self.children[name]
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        return child.returncode
+
+    def kill_all(self) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+class MetricsTail:
+    """Reads ``metrics.jsonl`` incrementally; keeps recent returns per worker."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.recent: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=10))
+        self.best: dict[str, float] = {}
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                handle.seek(self.offset)
+                while True:
+                    line = handle.readline()
+                    if not line.endswith("\n"):
+                        break
+                    self.offset = handle.tell()
+                    record = json.loads(line)
+                    if record.get("kind") == "episode":
+                        worker, value = record["worker"], record["return"]
+                        self.recent[worker].append(value)
+                        self.best[worker] = max(self.best.get(worker, value), value)
+        except FileNotFoundError:
+            pass
+
+
+def read_status(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def render_progress(status: dict, metrics: MetricsTail, elapsed: float, total: float, mode: str, dead: list[str]):
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+
+    header = Table.grid(padding=(0, 3))
+    for _ in range(4):
+        header.add_column()
+    header.add_row(
+        f"[bold]elapsed[/] {elapsed / 60:4.1f} / {total / 60:.1f} min",
+        f"[bold]updates[/] {status.get('updates', 0):,}",
+        f"[bold]samples[/] {status.get('samples_received', 0):,} received, {status.get('samples_stored', 0):,} stored",
+        f"[bold]weights[/] version {status.get('weights_version', 0)} published",
+    )
+    train = status.get("metrics") or {}
+    if train:
+        header.add_row(f"alpha {train.get('alpha', 0):.3f}", f"critic loss {train.get('critic_loss', 0):.3f}",
+                       f"Q {train.get('q_mean', 0):.2f}", f"duplicates {status.get('duplicates', 0)}, "
+                       f"rejects {sum((status.get('rejects') or {}).values())}")
+    table = Table(expand=True)
+    for column in ("worker", "batches", "env steps", "weights version", "episodes", "last return",
+                   "mean of last 10", "best"):
+        table.add_column(column, justify="right" if column != "worker" else "left")
+    workers = status.get("workers") or {}
+    for name in WORKERS:
+        w = workers.get(name, {})
+        recent = metrics.recent.get(name)
+        table.add_row(
+            name, str(w.get("batches", 0)), f"{w.get('steps', 0):,}", str(w.get("weights_version", 0)),
+            str(w.get("episodes", 0)),
+            "-" if w.get("last_return") is None else f"{w['last_return']:.1f}",
+            f"{sum(recent) / len(recent):.1f}" if recent else "-",
+            f"{metrics.best[name]:.1f}" if name in metrics.best else "-",
+        )
+    parts = [header, table]
+    if dead:
+        parts.append(f"[red]stopped unexpectedly: {', '.join(dead)} (see the logs)[/]")
+    return Panel(Group(*parts), title=f"tmrl demo: relay + trainer + 2 workers ({mode})", border_style="cyan")
+
+
+def plot_learning_curve(metrics_path: Path, output: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    episodes: dict[str, list[dict]] = defaultdict(list)
+    if metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("kind") == "episode":
+                episodes[record["worker"]].append(record)
+    if not episodes:
+        return False
+    figure, (by_steps, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for worker, records in sorted(episodes.items()):
+        steps = [r["worker_steps"] for r in records]
+        minutes = [r["elapsed_s"] / 60 for r in records]
+        returns = [r["return"] for r in records]
+        window = max(1, min(10, len(returns) // 5))
+        smooth = [sum(returns[max(0, i - window + 1):i + 1]) / len(returns[max(0, i - window + 1):i + 1])
+                  for i in range(len(returns))]
+        for axis, x in ((by_steps, steps), (by_time, minutes)):
+            line, = axis.plot(x, smooth, label=f"{worker} (mean of {window})")
+            axis.scatter(x, returns, s=6, alpha=0.3, color=line.get_color())
+    by_steps.set_xlabel("environment steps (per worker)")
+    by_time.set_xlabel("wall-clock time since the trainer started (min)")
+    for axis in (by_steps, by_time):
+        axis.set_ylabel("episode return")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle("SAC on the simulated race track: episode return per worker")
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def render_policy_drive(policy_path: Path, gif: Path, png: Path, max_steps: int = 600) -> tuple[float, int] | None:
+    """Drive the sim with the exported policy (deterministic); write a GIF and the final frame. None: no policy."""
+    if not policy_path.exists():
+        return None
+    import gymnasium
+    from PIL import Image
+
+    from tmrl_worker.envs import SIM_GYM_ID
+    from tmrl_worker.runtime import load_policy_file
+
+    env = gymnasium.make(SIM_GYM_ID, render_mode="rgb_array", config={"max_episode_steps": max_steps},
+                         disable_env_checker=True)
+    policy = load_policy_file(policy_path, env.unwrapped.layout)
+    observation, _ = env.reset(seed=0)
+    frames, total, steps = [], 0.0, 0
+    done = False
+    while not done:
+        observation, reward, terminated, truncated, _ = env.step(policy.act(tuple(observation)))
+        total += float(reward)
+        steps += 1
+        done = terminated or truncated
+        if steps % 3 == 0 or done:
+            frames.append(Image.fromarray(env.render()))
+    env.close()
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=150, loop=0, optimize=True)
+    frames[-1].save(png)
+    return total, steps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=5.0, help="how long to train (default 5)")
+    parser.add_argument("--fast", action="store_true", help=f"synchronous simulator workers ({FAST_WORKER_RATE} steps/s each) "
+                                                            "instead of real time (20 steps/s)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/demo-<time>)")
+    parser.add_argument("--config", type=Path, default=None, help="TOML file with [trainer]/[worker] tables to use "
+                                                                  "instead of the demo's settings")
+    parser.add_argument("--no-display", action="store_true", help="print a progress line every 10 s instead of the live display")
+    args = parser.parse_args()
+
+    out = (args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="tmrl-demo-"))
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    config = args.config.resolve() if args.config else work / "tmrl.toml"
+    if not args.config:
+        config.write_text(DEMO_CONFIG)
+    mode = f"--fast: synchronous sim, {FAST_WORKER_RATE} steps/s per worker" if args.fast else "real time, 20 Hz"
+
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]tmrl demo[/] ({mode}) for {args.minutes:g} min; outputs in {out}")
+    keys, allowed = make_keys(work)
+    console.print(f"CurveZMQ keys in {keys}; allow-list {allowed} (relay, trainer, {', '.join(WORKERS)})")
+    worker_port, trainer_port, weights_port = free_ports(3)
+    server_key = str(keys / "relay.key")
+    run_dir = out / "trainer"
+    processes = Processes(logs)
+    stopped_by_user = False
+    try:
+        processes.start("relay", "tmrl-relay", "run", "--worker-port", str(worker_port), "--trainer-port",
+                        str(trainer_port), "--weights-port", str(weights_port), "--metrics-port", "0",
+                        "--secret-key", str(keys / "relay.key_secret"), "--allow-dir", str(allowed))
+        processes.start("trainer", "tmrl-trainer", "run", "-c", str(config), "--env", "sim-fast" if args.fast else "sim",
+                        "--trainer-port", str(trainer_port), "--run-dir", str(run_dir),
+                        "--secret-key", str(keys / "trainer.key_secret"), "--server-key", server_key)
+        for index, worker in enumerate(WORKERS):
+            extra = {"TMRL_WORKER__MAX_STEPS_PER_SECOND": str(FAST_WORKER_RATE)} if args.fast else {}
+            processes.start(worker, "tmrl-worker", "run", "-c", str(config), "--env", "sim-fast" if args.fast else "sim",
+                            "--worker-id", worker, "--worker-port", str(worker_port), "--weights-port", str(weights_port),
+                            "--state-dir", str(work / "worker-state"), "--seed", str(index),
+                            "--secret-key", str(keys / f"{worker}.key_secret"), "--server-key", server_key,
+                            env={**extra, "OMP_NUM_THREADS": "1"})
+        metrics = MetricsTail(run_dir / "metrics.jsonl")
+        status_path = run_dir / "status.json"
+        total = args.minutes * 60
+        started = time.monotonic()
+
+        def frame():
+            metrics.poll()
+            return render_progress(read_status(status_path), metrics, time.monotonic() - started, total, mode,
+                                   processes.dead())
+
+        try:
+            if args.no_display:
+                next_line = started
+                while time.monotonic() - started < total:
+                    if time.monotonic() >= next_line:
+                        status = read_status(status_path)
+                        console.print(f"{(time.monotonic() - started) / 60:4.1f} min: {status.get('updates', 0)} updates, "
+                                      f"{status.get('samples_received', 0)} samples, weights v{status.get('weights_version', 0)}")
+                        next_line += 10
+                    time.sleep(0.5)
+            else:
+                from rich.live import Live
+
+                with Live(frame(), console=console, refresh_per_second=2) as live:
+                    while time.monotonic() - started < total:
+                        time.sleep(0.5)
+                        live.update(frame())
+        except KeyboardInterrupt:
+            stopped_by_user = True
+            console.print("interrupted: stopping the services")
+        console.print("stopping workers, then trainer, then relay ...")
+        codes = {name: processes.stop(name) for name in (*WORKERS, "trainer", "relay")}
+        unclean = {name: code for name, code in codes.items() if code != 0}
+        if unclean:
+            console.print(f"[yellow]exit codes: {unclean} (logs in {logs})[/]")
+    finally:
+        processes.kill_all()
+
+    final = read_status(status_path)
+    console.print(f"trainer: {final.get('updates', 0)} updates, {final.get('samples_received', 0)} samples, "
+                  f"weights version {final.get('weights_version', 0)}; per worker: "
+                  + ", ".join(f"{n} {w.get('batches', 0)} batches on v{w.get('weights_version', 0)}"
+                              for n, w in (final.get("workers") or {}).items()))
+    curve = out / "learning_curve.png"
+    if plot_learning_curve(run_dir / "metrics.jsonl", curve):
+        console.print(f"learning curve: {curve}")
+    else:
+        console.print("[yellow]no finished episode was recorded: no learning curve[/]")
+    drive = render_policy_drive(run_dir / "policy.safetensors", out / "policy_drive.gif", out / "policy_drive.png")
+    if drive is None:
+        console.print("[yellow]the trainer published no policy (warm-up not reached?): no policy animation[/]")
+    else:
+        console.print(f"policy drive: {out / 'policy_drive.gif'} and {out / 'policy_drive.png'} "
+                      f"(return {drive[0]:.1f} over {drive[1]} steps)")
+    console.print(f"trainer run (status.json, metrics.jsonl, tensorboard/, checkpoints/, policy.safetensors): {run_dir}")
+    console.print(f"service logs: {logs}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 130 if stopped_by_user else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
