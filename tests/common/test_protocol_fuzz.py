@@ -1,7 +1,8 @@
 """Fuzzing the decoder: whatever arrives, decode() either returns a valid message or raises ProtocolError.
 
 Any other exception (TypeError, KeyError, RecursionError, MemoryError, a msgpack or zlib error leaking out...)
-would crash a service loop that only catches ProtocolError, so it fails these tests.
+would crash a service loop that only catches ProtocolError, so it fails these tests. Every input goes through both
+body decoders (msgpack's C unpacker and the zero-copy reader), which must reach the same verdict.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tmrl_common.arrays import WireArray
 from tmrl_common.errors import ProtocolError, RejectReason
-from tmrl_common.protocol import MESSAGE_TYPES, SampleBatch, decode, encode
+from tmrl_common.protocol import MESSAGE_TYPES, DecodeLimits, SampleBatch, decode, encode
 
 from .wire_samples import SENDER, SENT_AT, valid_messages
 
@@ -24,23 +25,39 @@ REASONS = set(RejectReason.__args__)  # type: ignore[attr-defined]
 VALID_FRAMES = {case: encode(message, SENDER, sent_at=SENT_AT) for case, message in valid_messages().items()}
 CASES = sorted(VALID_FRAMES)
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FUZZ_STRUCTURED = settings(FUZZ, max_examples=120)  # generating nested msgpack values is the slow part
+FUZZ_STRUCTURED = settings(FUZZ, max_examples=80)  # generating nested msgpack values is the slow part
 
 
-def decode_or_reject(frames: list[bytes]) -> str:
-    """``"ok"`` when ``frames`` decode to a valid message, else the reject reason. Anything else fails the test."""
+MSGPACK_PATH = DecodeLimits(zero_copy_min_body_bytes=2**62)
+ZERO_COPY_PATH = DecodeLimits(zero_copy_min_body_bytes=0)
+
+
+def _outcome(frames: list[bytes], limits: DecodeLimits) -> tuple[str, list[bytes] | None]:
     try:
-        envelope, message = decode(frames)
+        envelope, message = decode(frames, limits)
     except ProtocolError as exc:
         assert exc.reason in REASONS, exc
-        return exc.reason
+        return exc.reason, None
     assert isinstance(message, MESSAGE_TYPES[envelope.type])
     if isinstance(message, SampleBatch):
         for array in (message.first, message.actions, message.rewards, *message.observations.values()):
             assert array.array.shape[0] == message.steps
-    again_envelope, again = decode(encode(message, envelope.sender, envelope.sent_at))  # a valid message re-encodes
+    reencoded = encode(message, envelope.sender, envelope.sent_at)
+    again_envelope, again = decode(reencoded)  # a valid message re-encodes to a valid message
     assert again_envelope == envelope and type(again) is type(message)
-    return "ok"
+    return "ok", reencoded
+
+
+def decode_or_reject(frames: list[bytes]) -> str:
+    """``"ok"`` when ``frames`` decode to a valid message, else the reject reason. Anything else fails the test.
+
+    Both body decoders (msgpack's C unpacker and the zero-copy reader) run on every input and must agree: same
+    reject reason, or the same message.
+    """
+    by_msgpack = _outcome(frames, MSGPACK_PATH)
+    by_zero_copy = _outcome(frames, ZERO_COPY_PATH)
+    assert by_msgpack == by_zero_copy, f"msgpack path: {by_msgpack[0]}, zero-copy path: {by_zero_copy[0]}"
+    return by_msgpack[0]
 
 
 # ------------------------------------------------------------------------------------------- byte-level mutations
@@ -95,10 +112,10 @@ def mutated_message(rng: random.Random) -> list[bytes]:
     return frames
 
 
-SEEDED_FUZZ_INPUTS = 30_000
+SEEDED_FUZZ_INPUTS = 20_000  # each one decoded by both body decoders
 
 
-def test_thirty_thousand_mutated_messages_only_ever_decode_or_raise_protocol_error():
+def test_twenty_thousand_mutated_messages_only_ever_decode_or_raise_protocol_error():
     rng = random.Random(20241125)
     outcomes: Counter[str] = Counter()
     started = time.perf_counter()

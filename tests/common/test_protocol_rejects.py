@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zlib
 
@@ -38,10 +39,16 @@ def body_map(case: str) -> dict:
 
 
 def reason_of(frames, limits: DecodeLimits | None = None) -> str:
-    with pytest.raises(ProtocolError) as info:
-        decode(frames) if limits is None else decode(frames, limits)
-    assert info.value.detail and str(info.value).startswith(f"[{info.value.reason}]")
-    return info.value.reason
+    """The reject reason; the msgpack path and the zero-copy path of the body decoder must agree on it."""
+    limits = limits or DecodeLimits()
+    reasons = []
+    for path_limits in (limits, dataclasses.replace(limits, zero_copy_min_body_bytes=0)):
+        with pytest.raises(ProtocolError) as info:
+            decode(frames, path_limits)
+        assert info.value.detail and str(info.value).startswith(f"[{info.value.reason}]")
+        reasons.append(info.value.reason)
+    assert reasons[0] == reasons[1], f"msgpack path says {reasons[0]}, zero-copy path says {reasons[1]}"
+    return reasons[0]
 
 
 def body_reason(type_name: str, body: dict, limits: DecodeLimits | None = None) -> str:

@@ -16,6 +16,7 @@ from tmrl_common.layout import ObservationComponent, ObservationLayout
 from tmrl_common.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    DecodeLimits,
     Heartbeat,
     SampleBatch,
     WeightsUpdate,
@@ -26,29 +27,33 @@ from tmrl_common.protocol import (
 )
 from tmrl_common.weights import tensors_from_bytes
 
-from .wire_samples import SENDER, SENT_AT, assert_same_message, valid_messages, weights_tensors
+from .wire_samples import SENDER, SENT_AT, assert_same_message, sample_batch, valid_messages, weights_tensors
 
 CASES = valid_messages()
+ZERO_COPY = DecodeLimits(zero_copy_min_body_bytes=0)  # every body through the zero-copy reader
+BOTH_PATHS = pytest.mark.parametrize("limits", [DecodeLimits(), ZERO_COPY], ids=["default", "zero-copy"])
 
 
 def test_examples_cover_every_message_type():
     assert {message.type_name for message in CASES.values()} == set(MESSAGE_TYPES)
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_message_survives_encode_then_decode(case):
+def test_message_survives_encode_then_decode(case, limits):
     sent = CASES[case]
     frames = encode(sent, SENDER, sent_at=SENT_AT)
     assert len(frames) == 2 and all(isinstance(f, bytes) for f in frames)
-    envelope, received = decode(frames)
+    envelope, received = decode(frames, limits)
     assert (envelope.v, envelope.type, envelope.sender, envelope.sent_at) == (PROTOCOL_VERSION, sent.type_name, SENDER, SENT_AT)
     assert_same_message(received, sent)
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_decoded_message_encodes_to_the_same_body(case):
+def test_decoded_message_encodes_to_the_same_body(case, limits):
     frames = encode(CASES[case], SENDER, sent_at=SENT_AT)
-    _, received = decode(frames)
+    _, received = decode(frames, limits)
     assert encode(received, SENDER, sent_at=SENT_AT) == frames
 
 
@@ -73,14 +78,17 @@ def test_encode_stamps_the_current_time_when_sent_at_is_not_given():
     assert before <= envelope.sent_at <= time.time()
 
 
+def _all_arrays(batch: SampleBatch) -> list[WireArray]:
+    return [batch.first, batch.actions, batch.rewards, batch.terminated, batch.truncated, *batch.observations.values()]
+
+
 @pytest.mark.parametrize("case", ["sample_batch_raw", "sample_batch_raw_images"])
 def test_raw_arrays_are_read_only_views_on_the_body_frame(case):
     frames = encode(CASES[case], SENDER, sent_at=SENT_AT)
-    _, batch = decode(frames)
+    _, batch = decode(frames, ZERO_COPY)
     assert isinstance(batch, SampleBatch)
     body = np.frombuffer(frames[1], dtype=np.uint8)
-    arrays = [batch.first, batch.actions, batch.rewards, batch.terminated, batch.truncated, *batch.observations.values()]
-    for wire in arrays:
+    for wire in _all_arrays(batch):
         assert isinstance(wire.data, memoryview)
         assert np.shares_memory(wire.array, body), f"{wire.dtype}{wire.shape} was copied out of the body"
         assert not wire.array.flags.writeable
@@ -88,11 +96,30 @@ def test_raw_arrays_are_read_only_views_on_the_body_frame(case):
             wire.array.flat[0] = 0
 
 
+def test_bodies_from_one_mebibyte_are_zero_copy_with_the_default_limits():
+    big = sample_batch("raw", images=True, steps=300, height=64, width=64)  # 300 x 64 x 64 uint8: 1.2 MB
+    frames = encode(big, SENDER)
+    assert len(frames[1]) >= DecodeLimits().zero_copy_min_body_bytes == 1024 * 1024
+    _, batch = decode(frames)
+    body = np.frombuffer(frames[1], dtype=np.uint8)
+    assert all(np.shares_memory(wire.array, body) for wire in _all_arrays(batch))
+    assert_same_message(batch, big)
+
+
+def test_small_bodies_are_copied_by_msgpack_and_still_read_only():
+    frames = encode(CASES["sample_batch_raw"], SENDER)
+    assert len(frames[1]) < DecodeLimits().zero_copy_min_body_bytes
+    _, batch = decode(frames)
+    for wire in _all_arrays(batch):
+        assert not np.shares_memory(wire.array, np.frombuffer(frames[1], dtype=np.uint8))
+        assert not wire.array.flags.writeable
+
+
 def test_raw_arrays_are_read_only_even_when_the_body_frame_is_writable():
     frames = encode(CASES["sample_batch_raw"], SENDER, sent_at=SENT_AT)
     body = bytearray(frames[1])
     envelope = decode_envelope(frames[0])
-    batch = decode_body(envelope, body)
+    batch = decode_body(envelope, body, ZERO_COPY)
     assert np.shares_memory(batch.actions.array, np.frombuffer(body, dtype=np.uint8))
     assert not batch.actions.array.flags.writeable
 
@@ -182,16 +209,17 @@ def test_any_built_batch_round_trips_and_matches_its_layout(layout, codec, reset
             builder.add_step(rng.uniform(-1, 1, layout.action_dim), observation(), float(rng.normal()),
                              bool(rng.integers(2)), bool(rng.integers(2)))
     sent = builder.build(seq=int(rng.integers(2**62)), weights_version=int(rng.integers(2**62)))
-    _, received = decode(encode(sent, SENDER))
-    assert_same_message(received, sent)
-    received.check_layout(layout)
+    for limits in (DecodeLimits(), ZERO_COPY):
+        _, received = decode(encode(sent, SENDER), limits)
+        assert_same_message(received, sent)
+        received.check_layout(layout)
     assert received.steps == len(resets) + 1
 
 
 def test_zmq_frames_received_without_copy_decode_as_views_on_the_frame():
     envelope_frame, body_frame = (zmq.Frame(f) for f in encode(CASES["sample_batch_raw_images"], SENDER))
     for body in (body_frame, body_frame.buffer):
-        batch = decode_body(decode_envelope(envelope_frame.bytes), body)
+        batch = decode_body(decode_envelope(envelope_frame.bytes), body, ZERO_COPY)
         image = batch.observations["image"].array
         assert np.shares_memory(image, np.frombuffer(body_frame.buffer, dtype=np.uint8))
         assert not image.flags.writeable

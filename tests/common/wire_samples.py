@@ -28,10 +28,11 @@ def image_observation(rng: np.random.Generator, layout: ObservationLayout) -> tu
     return (speed, images, *actions)
 
 
-def sample_batch(codec: str = "raw", images: bool = False, steps: int = 5, seed: int = 0) -> SampleBatch:
+def sample_batch(codec: str = "raw", images: bool = False, steps: int = 5, seed: int = 0,
+                 height: int = 8, width: int = 8) -> SampleBatch:
     """A batch built the way a worker builds one: a reset row, then ``steps - 1`` step rows."""
     rng = np.random.default_rng(seed)
-    layout = tm20_image_layout(height=8, width=8) if images else tm20_lidar_layout()
+    layout = tm20_image_layout(height=height, width=width) if images else tm20_lidar_layout()
     observe = image_observation if images else lidar_observation
     builder = SampleBatchBuilder(layout, codec=codec)  # type: ignore[arg-type]
     builder.add_reset(observe(rng, layout))

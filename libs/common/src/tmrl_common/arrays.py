@@ -2,8 +2,9 @@
 
 An array travels as a msgpack map ``{"dtype": str, "shape": [int], "codec": "raw"|"zlib", "data": bin}``.
 ``data`` holds the C-order, little-endian bytes of the array (zlib-compressed when ``codec == "zlib"``).
-Decoding is zero-copy for ``raw`` arrays: :func:`tmrl_common.protocol.decode` hands ``data`` over as a read-only
-``memoryview`` of the received body frame and the NumPy array is a read-only view on it.
+Decoded arrays are read-only. For large bodies (``DecodeLimits.zero_copy_min_body_bytes``, 1 MiB by default)
+:func:`tmrl_common.protocol.decode` hands ``data`` over as a read-only ``memoryview`` of the received body frame and
+the NumPy array of a ``raw`` array is a view on it: no copy at all.
 
 Validation happens when the model is built from wire data (see :meth:`WireArray.model_validate`): the dtype
 must be on the allow-list, the byte count must match ``shape``, the decoded size must stay under the limit in

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
@@ -56,6 +57,9 @@ class DecodeLimits:
     max_batch_steps: int = 100_000
     max_decoded_bytes: int = 256 * 1024 * 1024
     """Total decoded size of all arrays in one message (bounds zlib inflation of a small body)."""
+    zero_copy_min_body_bytes: int = 1024 * 1024
+    """Bodies from this size on are parsed without copying ``raw`` array data: arrays are read-only views on the
+    body frame. Smaller bodies go through msgpack's C unpacker, which copies array data but is faster below ~1 MiB."""
 
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -270,7 +274,7 @@ def encode(message: Message, sender: str, sent_at: float | None = None) -> list[
 # --------------------------------------------------------------------------------------------------------- decoding
 
 
-def _unpack_map(frame: bytes, limit: int, what: str) -> dict[str, Any]:
+def _unpack_map(frame: bytes | memoryview, limit: int, what: str) -> dict[str, Any]:
     if len(frame) > limit:
         raise ProtocolError("oversized", f"{what} frame is {len(frame)} bytes, limit {limit}")
     try:
@@ -287,87 +291,151 @@ def _unpack_map(frame: bytes, limit: int, what: str) -> dict[str, Any]:
     return obj
 
 
-_BIN_HEADERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # bin 8/16/32: bytes of big-endian length after the type byte
-_MAP16, _MAP32 = 0xDE, 0xDF
-_WALK_MAX_DEPTH = 4  # body -> observations -> array map is depth 2; deeper maps are unpacked whole
-_WALK_MAX_MAP_LEN = 64  # larger maps are unpacked whole (in C): no message map that holds arrays is larger
+_MAX_STR_BYTES = 1 << 20
+_WALK_MAX_DEPTH = 6  # body -> observations -> array map -> shape list is depth 3; deeper values go to msgpack itself
+_WALK_MAX_MAP_LEN = 64  # larger maps go to msgpack itself: no message map that holds arrays is larger
+_WALK_MAX_ARRAY_LEN = 16  # longer lists (sample_ack seqs...) go to msgpack itself
 _WALK_MAX_NODES = 2048  # bound on the Python-level work per body, whatever the input
+_UNPACK_FLOAT32, _UNPACK_FLOAT64 = struct.Struct(">f").unpack_from, struct.Struct(">d").unpack_from
+_INT_FORMATS = {0xCC: (1, False), 0xCD: (2, False), 0xCE: (4, False), 0xCF: (8, False),
+                0xD0: (1, True), 0xD1: (2, True), 0xD2: (4, True), 0xD3: (8, True)}
+_LENGTH_WIDTHS = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4, 0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4}
 
 
-class _ZeroCopyWalk:
-    """Unpack a body map, returning every ``bin`` inside nested maps as a read-only memoryview of the frame.
+def _msgpack_unpacker(size: int) -> msgpack.Unpacker:
+    """A C unpacker with the same caps as :func:`_unpack_map` (no ext types, bounded str/array/map sizes)."""
+    return msgpack.Unpacker(
+        None, raw=False, strict_map_key=True, use_list=True, max_ext_len=0, max_buffer_size=max(size, 1),
+        max_str_len=min(size, _MAX_STR_BYTES), max_array_len=min(size, 1 << 20), max_map_len=min(size, 1 << 16),
+    )
 
-    msgpack's own ``unpackb`` copies each ``bin`` into a new ``bytes`` object; for sample batches that would copy
-    every observation. Here maps are walked with :class:`msgpack.Unpacker`'s header API, ``bin`` values are
-    skipped by the unpacker and sliced out of the frame instead. Everything else is unpacked by msgpack itself.
+
+class _ZeroCopyReader:
+    """Parse a msgpack body, returning every ``bin`` as a read-only memoryview of the frame (no copy at all).
+
+    msgpack's own unpackers copy each ``bin`` into a new ``bytes`` object; for large sample batches that copies every
+    observation. The body's skeleton (a few dozen maps, strings and numbers) is read here in Python; long lists,
+    large maps and deep nesting are handed to msgpack's C unpacker, so the Python-level work stays bounded whatever
+    the input. It accepts exactly what :func:`_unpack_map` accepts (the fuzz tests compare the two).
     """
+
+    __slots__ = ("frame", "size", "position", "nodes")
 
     def __init__(self, frame: memoryview) -> None:
         self.frame = frame
+        self.size = len(frame)
+        self.position = 0
         self.nodes = 0
-        self.unpacker = msgpack.Unpacker(
-            None, raw=False, strict_map_key=True, use_list=True, max_ext_len=0, max_buffer_size=max(len(frame), 1),
-            max_str_len=min(len(frame), 1 << 20), max_array_len=min(len(frame), 1 << 20),
-            max_map_len=min(len(frame), 1 << 16),
-        )
-        self.unpacker.feed(frame)
 
-    def _header(self, position: int, width: int) -> int:
-        end = position + 1 + width
-        if end > len(self.frame):
-            raise ProtocolError("malformed", f"frame ends inside a msgpack header at byte {position}")
-        return int.from_bytes(self.frame[position + 1:end], "big")
+    def _truncated(self, what: str) -> ProtocolError:
+        return ProtocolError("malformed", f"frame ends inside a msgpack {what} at byte {self.position}")
 
-    def value(self, depth: int) -> Any:
+    def _text(self, start: int, end: int) -> str:
+        if end > self.size:
+            raise self._truncated("str")
+        if end - start > _MAX_STR_BYTES:
+            raise ProtocolError("malformed", f"string of {end - start} bytes, limit {_MAX_STR_BYTES}")
+        self.position = end
+        try:
+            return str(self.frame[start:end], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("malformed", f"string at byte {start} is not UTF-8: {exc.reason}") from exc
+
+    def read(self, depth: int = 0) -> Any:
+        frame, position = self.frame, self.position
+        if position >= self.size:
+            raise self._truncated("value")
+        kind = frame[position]
         self.nodes += 1
-        position = self.unpacker.tell()
-        if position >= len(self.frame):
-            raise ProtocolError("malformed", "frame ends where a msgpack value was expected")
-        kind = self.frame[position]
-        if kind in _BIN_HEADERS:
-            width = _BIN_HEADERS[kind]
-            start = position + 1 + width
-            end = start + self._header(position, width)
-            if end > len(self.frame):
-                raise ProtocolError("malformed", f"bin at byte {position} runs past the end of the frame")
-            self.unpacker.skip()
-            return self.frame[start:end]
-        if 0x80 <= kind <= 0x8F or kind in (_MAP16, _MAP32):
-            length = kind & 0x0F if kind <= 0x8F else self._header(position, 2 if kind == _MAP16 else 4)
-            if depth < _WALK_MAX_DEPTH and length <= _WALK_MAX_MAP_LEN and self.nodes + 2 * length <= _WALK_MAX_NODES:
-                return self.map(depth)
-        return self.unpacker.unpack()
+        if 0xA0 <= kind <= 0xBF:  # fixstr: most map keys
+            return self._text(position + 1, position + 1 + (kind & 0x1F))
+        if kind <= 0x7F:  # positive fixint
+            self.position = position + 1
+            return kind
+        if kind >= 0xE0:  # negative fixint
+            self.position = position + 1
+            return kind - 0x100
+        if kind <= 0x9F:  # fixmap / fixarray
+            self.position = position + 1
+            return self._map(kind & 0x0F, depth, position) if kind <= 0x8F else self._array(kind & 0x0F, depth, position)
+        if kind in _LENGTH_WIDTHS:  # bin, str, array and map with an explicit length
+            start = position + 1 + _LENGTH_WIDTHS[kind]
+            if start > self.size:
+                raise self._truncated("header")
+            length = int.from_bytes(frame[position + 1:start], "big")
+            self.position = start
+            if kind <= 0xC6:
+                if start + length > self.size:
+                    raise self._truncated("bin")
+                self.position = start + length
+                return frame[start:start + length]
+            if kind <= 0xDB:
+                return self._text(start, start + length)
+            return self._array(length, depth, position) if kind <= 0xDD else self._map(length, depth, position)
+        if kind in _INT_FORMATS:
+            width, signed = _INT_FORMATS[kind]
+            if position + 1 + width > self.size:
+                raise self._truncated("integer")
+            self.position = position + 1 + width
+            return int.from_bytes(frame[position + 1:position + 1 + width], "big", signed=signed)
+        if kind in (0xCA, 0xCB):
+            width = 4 if kind == 0xCA else 8
+            if position + 1 + width > self.size:
+                raise self._truncated("float")
+            self.position = position + 1 + width
+            return (_UNPACK_FLOAT32 if kind == 0xCA else _UNPACK_FLOAT64)(frame, position + 1)[0]
+        if kind in (0xC0, 0xC2, 0xC3):
+            self.position = position + 1
+            return None if kind == 0xC0 else kind == 0xC3
+        raise ProtocolError("malformed", f"msgpack type byte 0x{kind:02x} at byte {position} is not accepted")
 
-    def map(self, depth: int) -> dict[str, Any]:
-        length = self.unpacker.read_map_header()
-        result: dict[str, Any] = {}
+    def _map(self, length: int, depth: int, start: int) -> Any:
+        if depth >= _WALK_MAX_DEPTH or length > _WALK_MAX_MAP_LEN or self.nodes + 2 * length > _WALK_MAX_NODES:
+            return self._read_with_msgpack(start)
+        result: dict[Any, Any] = {}
         for _ in range(length):
-            key = self.unpacker.unpack()
-            if not isinstance(key, str):
-                raise ProtocolError("malformed", f"map keys must be msgpack str, got {type(key).__name__}")
-            result[key] = self.value(depth + 1)
+            key = self.read(depth + 1)
+            if type(key) is not str:  # like msgpack's strict_map_key: bin keys pass (the schema rejects them)
+                if type(key) is not memoryview:
+                    raise ProtocolError("malformed", f"map keys must be msgpack str, got {type(key).__name__}")
+                key = bytes(key)
+            result[key] = self.read(depth + 1)
         return result
 
+    def _array(self, length: int, depth: int, start: int) -> Any:
+        if depth >= _WALK_MAX_DEPTH or length > _WALK_MAX_ARRAY_LEN or self.nodes + length > _WALK_MAX_NODES:
+            return self._read_with_msgpack(start)
+        return [self.read(depth + 1) for _ in range(length)]
 
-def _unpack_body(frame: Any, limit: int, what: str) -> dict[str, Any]:
-    """Like :func:`_unpack_map`, but ``bin`` values in maps are zero-copy memoryviews of ``frame``."""
+    def _read_with_msgpack(self, start: int) -> Any:
+        """The value at ``start``, unpacked by msgpack (which copies the rest of the frame once)."""
+        rest = self.frame[start:]
+        unpacker = _msgpack_unpacker(len(rest))
+        unpacker.feed(rest)
+        value = unpacker.unpack()
+        self.position = start + unpacker.tell()
+        return value
+
+
+def _unpack_body(frame: Any, limits: DecodeLimits, what: str) -> dict[str, Any]:
+    """The body map; from ``limits.zero_copy_min_body_bytes`` on, every ``bin`` is a memoryview of ``frame``."""
     view = memoryview(frame).cast("B").toreadonly()
-    if len(view) > limit:
-        raise ProtocolError("oversized", f"{what} frame is {len(view)} bytes, limit {limit}")
-    if not len(view) or not (0x80 <= view[0] <= 0x8F or view[0] in (_MAP16, _MAP32)):
-        return _unpack_map(bytes(view), limit, what)  # reports "not valid msgpack" or "must be a map"
+    if len(view) > limits.max_body_bytes:
+        raise ProtocolError("oversized", f"{what} frame is {len(view)} bytes, limit {limits.max_body_bytes}")
+    is_map = len(view) > 0 and (0x80 <= view[0] <= 0x8F or view[0] in (0xDE, 0xDF))
+    if len(view) < limits.zero_copy_min_body_bytes or not is_map:
+        return _unpack_map(view, limits.max_body_bytes, what)  # also reports "not valid msgpack" / "must be a map"
+    reader = _ZeroCopyReader(view)
     try:
-        walk = _ZeroCopyWalk(view)
-        obj = walk.value(depth=0)
-        trailing = len(view) - walk.unpacker.tell()
+        obj = reader.read()
     except ProtocolError as exc:
-        raise ProtocolError(exc.reason, f"{what} frame: {exc.detail}") from exc
+        raise ProtocolError(exc.reason, f"{what} frame is not valid msgpack: {exc.detail}") from exc
     except Exception as exc:  # msgpack raises several unrelated exception types on hostile input
         raise ProtocolError("malformed", f"{what} frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
-    if trailing:
-        raise ProtocolError("malformed", f"{what} frame is not valid msgpack: {trailing} bytes follow the map")
-    if not isinstance(obj, dict):  # pragma: no cover - the first byte was a map header
-        raise ProtocolError("malformed", f"{what} frame must be a msgpack map, got {type(obj).__name__}")
+    if reader.position != len(view):
+        raise ProtocolError("malformed", f"{what} frame is not valid msgpack: {len(view) - reader.position} bytes follow the map")
+    if not all(type(key) is str for key in obj):
+        raise ProtocolError("malformed", f"{what} frame: map keys must be msgpack str")
     return obj
 
 
@@ -401,7 +469,7 @@ def decode_envelope(frame: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Enve
 
 def decode_body(envelope: Envelope, frame: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Message:
     """Validate the body frame of a message whose envelope was already checked."""
-    raw = _unpack_body(frame, limits.max_body_bytes, f"{envelope.type} body")
+    raw = _unpack_body(frame, limits, f"{envelope.type} body")
     cls = MESSAGE_TYPES[envelope.type]
     context = {
         "limits": limits,
