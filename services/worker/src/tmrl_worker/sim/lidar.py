@@ -28,7 +28,11 @@ class Lidar:
         self.beams = beams
         self.max_range = float(max_range)
         angles = np.linspace(math.pi / 2, -math.pi / 2, beams)  # left to right
-        self._cos, self._sin = np.cos(angles), np.sin(angles)
+        cos, sin = np.cos(angles), np.sin(angles)
+        # World beam directions u = (cos a ch - sin a sh, sin a ch + cos a sh) for a heading with cosine ch, sine sh.
+        # scan() needs the rows (ux, -uy) and (uy, -ux): both are linear in (ch, sh), so keep the two coefficients.
+        self._across_e = (np.stack([cos, -sin], axis=1), np.stack([-sin, -cos], axis=1))  # (ux, -uy) = A ch + B sh
+        self._across_w = (np.stack([sin, -cos], axis=1), np.stack([cos, sin], axis=1))  # (uy, -ux) = C ch + D sh
         starts, ends = track.wall_segments()
         self._all = _pack(starts, ends)
         self.segment_count = len(starts)
@@ -86,13 +90,12 @@ class Lidar:
         """
         starts, edges_swapped, cross_t_x, cross_t_y = self._cell(x, y, heading)
         ch, sh = math.cos(heading), math.sin(heading)
-        ux = self._cos * ch - self._sin * sh  # (beams,) world directions
-        uy = self._sin * ch + self._cos * sh
+        (a, b), (c, d) = self._across_e, self._across_w
         w = starts - np.array([[x], [y]])  # (2, segments)
         with np.errstate(divide="ignore", invalid="ignore"):
-            inverse = 1.0 / (np.stack([ux, -uy], axis=1) @ edges_swapped)  # 1 / (u x e), (beams, segments)
+            inverse = 1.0 / ((a * ch + b * sh) @ edges_swapped)  # 1 / (u x e), (beams, segments)
             t = (w[0] * cross_t_x + w[1] * cross_t_y) * inverse  # (w x e) / (u x e)
-            s = (np.stack([uy, -ux], axis=1) @ w) * inverse  # (w x u) / (u x e)
+            s = ((c * ch + d * sh) @ w) * inverse  # (w x u) / (u x e)
         hit = (s >= 0.0) & (s <= 1.0) & (t > 0.0)
         return np.where(hit, t, self.max_range).min(axis=1, initial=self.max_range).astype(np.float32)
 
