@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis.extra.numpy import arrays
 from tmrl_worker.reward import (
     RewardPathError,
     TrajectoryReward,
@@ -156,3 +159,22 @@ def test_corrupt_or_missing_points_files_raise_reward_path_error(tmp_path):
 def test_position_dimension_must_match_the_points():
     with pytest.raises(RewardPathError, match="coordinates"):
         straight().compute([1.0, 2.0, 3.0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=arrays(np.float64, st.tuples(st.integers(1, 12), st.just(2)), elements=st.floats(-20, 20)),
+    spacing=st.floats(0.1, 3.0),
+)
+def test_resampled_points_lie_on_the_path_spacing_apart(steps, spacing):
+    path = np.concatenate([[[0.0, 0.0]], np.cumsum(steps, axis=0)])
+    if path_length(path) < 1e-3:
+        with pytest.raises(RewardPathError):
+            resample_path(path, spacing)
+        return
+    points = resample_path(path, spacing).astype(np.float64)
+    np.testing.assert_allclose(points[0], path[0], atol=1e-4)
+    np.testing.assert_allclose(points[-1], path[-1], atol=1e-3)
+    gaps = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    assert (gaps <= spacing + 1e-3).all()  # a chord is never longer than the arc between two points
+    assert len(points) == int(np.ceil(path_length(path) / spacing - 1e-6)) + 1
