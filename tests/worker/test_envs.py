@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -137,3 +138,44 @@ def test_plugged_class_that_is_not_an_interface_is_refused(plugged_module):
 def test_trackmania_specs_say_they_need_windows():
     with pytest.raises(EnvSpecError, match="Windows only"):
         make_env("tm20-lidar")
+
+
+def test_sim_fast_has_the_trackmania_lidar_layout_and_an_expert_that_drives():
+    from tmrl_common.layout import tm20_lidar_layout
+
+    handle = make_env("sim-fast", max_episode_steps=150)
+    try:
+        assert handle.realtime is False and handle.layout == tm20_lidar_layout()
+        observation = handle.reset(seed=0)
+        assert [np.shape(p) for p in observation] == [(1,), (4, 19), (3,), (3,)]
+        expert_return = 0.0
+        for _ in range(150):
+            observation, reward, terminated, truncated, _ = handle.step(handle.expert(observation))
+            expert_return += reward
+            if terminated or truncated:
+                break
+        handle.reset(seed=0)
+        idle_return = 0.0
+        for _ in range(150):
+            observation, reward, terminated, truncated, _ = handle.step(np.zeros(3, np.float32))
+            idle_return += reward
+            if terminated or truncated:
+                break
+        assert expert_return > idle_return + 50  # the pure-pursuit driver makes real progress along the track
+    finally:
+        handle.close()
+
+
+def test_sim_runs_in_real_time_and_takes_simulator_options():
+    handle = make_env("sim", time_step_duration=0.05, max_episode_steps=5, options={"track": "oval"})
+    try:
+        assert handle.realtime is True and handle.env.unwrapped.interface.config.track == "oval"
+        handle.reset(seed=0)
+        started = time.perf_counter()
+        for _ in range(4):
+            handle.step(np.array([1.0, 0.0, 0.0], np.float32))
+        assert time.perf_counter() - started >= 0.15  # paced by rtgym, not as fast as possible
+    finally:
+        handle.close()
+    with pytest.raises(EnvSpecError, match="invalid simulator options"):
+        make_env("sim-fast", options={"no_such_field": 1})

@@ -1,0 +1,78 @@
+"""Policies the worker can start with: uniform random, the env's scripted expert, or a safetensors policy file
+(the format the trainer exports as ``policy.safetensors``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tmrl_common.layout import layout_for_box
+from tmrl_common.networks import PolicyArchitecture, build_actor, weights_update_from_actor
+from tmrl_trainer.service import export_policy
+from tmrl_worker.envs import make_env
+from tmrl_worker.runtime import (
+    PolicyFileError,
+    RolloutLoop,
+    ScriptedPolicy,
+    UniformPolicy,
+    initial_policy,
+    load_policy_file,
+    save_policy_file,
+)
+
+LAYOUT = layout_for_box(3, 1)
+
+
+def actor(seed: int = 0, layout=LAYOUT):
+    torch.manual_seed(seed)
+    return build_actor(PolicyArchitecture.for_layout(layout, hidden_sizes=[8]))
+
+
+def test_policy_file_round_trip_acts_like_the_saved_actor(tmp_path):
+    original = actor()
+    path = save_policy_file(original, tmp_path / "p.safetensors", version=7)
+    loaded = load_policy_file(path, LAYOUT)
+    observation = (np.array([0.1, -0.2, 0.3], np.float32),)
+    assert loaded.version == 7
+    np.testing.assert_allclose(loaded.act(observation), original.act(observation, deterministic=True), rtol=1e-6)
+
+
+def test_the_trainers_exported_policy_loads_in_the_worker(tmp_path):
+    original = actor(3)
+    path = export_policy(weights_update_from_actor(original, version=12), tmp_path / "policy.safetensors")
+    loaded = load_policy_file(path, LAYOUT)
+    observation = (np.array([1.0, 0.0, -1.0], np.float32),)
+    assert loaded.version == 12
+    np.testing.assert_allclose(loaded.act(observation), original.act(observation, deterministic=True), rtol=1e-6)
+
+
+def test_bad_policy_files_are_refused_with_a_reason(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(PolicyFileError, match="not a safetensors file"):
+        load_policy_file(junk, LAYOUT)
+    with pytest.raises(PolicyFileError, match="cannot be read"):
+        load_policy_file(tmp_path / "missing.safetensors", LAYOUT)
+    other = save_policy_file(actor(layout=layout_for_box(5, 1)), tmp_path / "other.safetensors")
+    with pytest.raises(PolicyFileError, match="another observation layout"):
+        load_policy_file(other, LAYOUT)
+
+
+def test_expert_mode_uses_the_envs_driver_or_demands_a_policy_file(tmp_path):
+    sim = make_env("sim-fast", max_episode_steps=100)
+    try:
+        expert = initial_policy("expert", sim, None, seed=0)
+        assert isinstance(expert, ScriptedPolicy) and expert.version == 0
+        stats = RolloutLoop(sim, None, None, expert).run(max_steps=100)
+        assert stats.episode_return > 50 or max(stats.recent_returns, default=0) > 50
+    finally:
+        sim.close()
+    pendulum = make_env("gym:Pendulum-v1")
+    try:
+        with pytest.raises(PolicyFileError, match="no scripted expert"):
+            initial_policy("expert", pendulum, None, seed=0)
+        path = save_policy_file(actor(), tmp_path / "p.safetensors", version=3)
+        assert initial_policy("expert", pendulum, path, seed=0).version == 3
+        assert isinstance(initial_policy("train", pendulum, None, seed=0), UniformPolicy)
+    finally:
+        pendulum.close()
