@@ -286,11 +286,12 @@ def _unpack_map(frame: bytes | memoryview, limit: int, what: str) -> dict[str, A
         raise ProtocolError("malformed", f"{what} frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError("malformed", f"{what} frame must be a msgpack map, got {type(obj).__name__}")
-    if not all(isinstance(key, str) for key in obj):
+    if not set(map(type, obj)) <= _STR_ONLY:
         raise ProtocolError("malformed", f"{what} frame: map keys must be msgpack str")
     return obj
 
 
+_STR_ONLY = frozenset({str})
 _MAX_STR_BYTES = 1 << 20
 _WALK_MAX_DEPTH = 6  # body -> observations -> array map -> shape list is depth 3; deeper values go to msgpack itself
 _WALK_MAX_MAP_LEN = 64  # larger maps go to msgpack itself: no message map that holds arrays is larger
@@ -419,12 +420,13 @@ class _ZeroCopyReader:
 
 def _unpack_body(frame: Any, limits: DecodeLimits, what: str) -> dict[str, Any]:
     """The body map; from ``limits.zero_copy_min_body_bytes`` on, every ``bin`` is a memoryview of ``frame``."""
-    view = memoryview(frame).cast("B").toreadonly()
-    if len(view) > limits.max_body_bytes:
-        raise ProtocolError("oversized", f"{what} frame is {len(view)} bytes, limit {limits.max_body_bytes}")
-    is_map = len(view) > 0 and (0x80 <= view[0] <= 0x8F or view[0] in (0xDE, 0xDF))
-    if len(view) < limits.zero_copy_min_body_bytes or not is_map:
-        return _unpack_map(view, limits.max_body_bytes, what)  # also reports "not valid msgpack" / "must be a map"
+    data = frame if type(frame) is bytes else memoryview(frame).cast("B")
+    if len(data) > limits.max_body_bytes:
+        raise ProtocolError("oversized", f"{what} frame is {len(data)} bytes, limit {limits.max_body_bytes}")
+    is_map = len(data) > 0 and (0x80 <= data[0] <= 0x8F or data[0] in (0xDE, 0xDF))
+    if len(data) < limits.zero_copy_min_body_bytes or not is_map:
+        return _unpack_map(data, limits.max_body_bytes, what)  # also reports "not valid msgpack" / "must be a map"
+    view = memoryview(data).toreadonly()
     reader = _ZeroCopyReader(view)
     try:
         obj = reader.read()
@@ -434,7 +436,7 @@ def _unpack_body(frame: Any, limits: DecodeLimits, what: str) -> dict[str, Any]:
         raise ProtocolError("malformed", f"{what} frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
     if reader.position != len(view):
         raise ProtocolError("malformed", f"{what} frame is not valid msgpack: {len(view) - reader.position} bytes follow the map")
-    if not all(type(key) is str for key in obj):
+    if not set(map(type, obj)) <= _STR_ONLY:
         raise ProtocolError("malformed", f"{what} frame: map keys must be msgpack str")
     return obj
 
