@@ -49,7 +49,8 @@ SeqNumber = Annotated[int, Field(ge=0, lt=2**63)]
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Bounds applied before and while decoding. Anything larger is rejected with reason ``oversized``."""
+    """Bounds applied before and while decoding. Anything larger is rejected with reason ``oversized``
+    (except ``max_batch_steps``: a batch with more rows is a ``schema`` error)."""
 
     max_envelope_bytes: int = 1024
     max_body_bytes: int = 64 * 1024 * 1024
