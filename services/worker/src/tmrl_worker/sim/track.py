@@ -318,8 +318,9 @@ BUILTIN_TRACKS = tuple(BUILTIN_DESIGNS)
 
 
 def generate_track(seed: int, closed: bool = True, width: float = 11.0, attempts: int = 200) -> Track:
-    """A random track from ``seed`` (same seed, same track). Closed: a wobbly loop about 600-900 m long;
-    open: about 500 m of random straights and bends. Raises :class:`TrackError` if no valid track is found."""
+    """A random track from ``seed`` (same seed, same track). Closed: a loop through random points around a circle,
+    roughly 400-800 m long; open: about 500 m of random straights and bends. Invalid candidates (walls overlapping,
+    turns too tight for the width) are redrawn; :class:`TrackError` if ``attempts`` draws all fail."""
     rng = np.random.default_rng(seed)
     name = f"random:{seed}" if closed else f"random-open:{seed}"
     last_error: TrackError | None = None
@@ -334,17 +335,38 @@ def generate_track(seed: int, closed: bool = True, width: float = 11.0, attempts
 
 
 def _random_loop(rng: np.random.Generator, name: str, width: float) -> Track:
-    radius = rng.uniform(90.0, 140.0)
-    angles = np.linspace(0.0, 2 * math.pi, 720, endpoint=False)
-    wobble = np.ones_like(angles)
-    for harmonic in range(2, 7):
-        amplitude = rng.uniform(0.0, 0.35 / harmonic)
-        wobble += amplitude * np.cos(harmonic * angles + rng.uniform(0, 2 * math.pi))
-    dense = np.stack([radius * wobble * np.cos(angles), radius * wobble * np.sin(angles)], axis=1)
+    """A closed loop through 8-14 random control points around a circle, smoothed by a periodic Catmull-Rom spline:
+    pulled-in points make tight bends and chicanes, pushed-out ones long sweepers."""
+    count = int(rng.integers(8, 15))
+    radius = rng.uniform(80.0, 130.0)
+    angles = (np.arange(count) + rng.uniform(-0.3, 0.3, count)) * (2 * math.pi / count)
+    radii = radius * rng.uniform(0.45, 1.0, count)
+    controls = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+    dense = _catmull_rom_loop(controls, samples_per_span=60)
     dense = np.concatenate([dense, dense[:1]])
     centre = resample_path(dense, dense_spacing(dense)).astype(np.float64)[:-1]
     start = int(rng.integers(len(centre)))
     return Track(name, np.roll(centre, -start, axis=0), width, closed=True)
+
+
+def _catmull_rom_loop(controls: np.ndarray, samples_per_span: int) -> np.ndarray:
+    """Points on the closed centripetal Catmull-Rom spline through ``controls`` (the first point is not repeated)."""
+    n = len(controls)
+    pieces = []
+    for i in range(n):
+        p0, p1, p2, p3 = (controls[(i + k) % n] for k in (-1, 0, 1, 2))
+        t0 = 0.0
+        t1 = t0 + np.linalg.norm(p1 - p0) ** 0.5
+        t2 = t1 + np.linalg.norm(p2 - p1) ** 0.5
+        t3 = t2 + np.linalg.norm(p3 - p2) ** 0.5
+        t = np.linspace(t1, t2, samples_per_span, endpoint=False)[:, None]
+        a1 = (t1 - t) / (t1 - t0) * p0 + (t - t0) / (t1 - t0) * p1
+        a2 = (t2 - t) / (t2 - t1) * p1 + (t - t1) / (t2 - t1) * p2
+        a3 = (t3 - t) / (t3 - t2) * p2 + (t - t2) / (t3 - t2) * p3
+        b1 = (t2 - t) / (t2 - t0) * a1 + (t - t0) / (t2 - t0) * a2
+        b2 = (t3 - t) / (t3 - t1) * a2 + (t - t1) / (t3 - t1) * a3
+        pieces.append((t2 - t) / (t2 - t1) * b1 + (t - t1) / (t2 - t1) * b2)
+    return np.concatenate(pieces)
 
 
 def _random_open(rng: np.random.Generator, name: str, width: float) -> Track:
