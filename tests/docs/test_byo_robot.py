@@ -1,0 +1,197 @@
+"""The bring-your-own-robot example (examples/byo_robot, docs/byo-robot.md) runs the way the tutorial says.
+
+* the worker's env factory builds it from its ``module:Class`` spec and rtgym steps it in real time;
+* the committed ``layout.json`` (the trainer's ``layout_file``) is the interface's layout;
+* rows a worker would send rebuild, in the trainer's replay memory, exactly the observations the env returned;
+* the whole pipeline (relay + trainer + worker processes, started with the tutorial's commands) trains it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tmrl_common.batching import SampleBatchBuilder
+from tmrl_common.layout import ObservationLayout
+from tmrl_trainer.memory import ReplayMemory
+from tmrl_trainer.service import layout_for_env
+from tmrl_worker.envs import make_env
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = "examples.byo_robot.robot:MyRobotInterface"
+LAYOUT_FILE = REPO / "examples" / "byo_robot" / "layout.json"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def robot_env(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))  # what PYTHONPATH=$PWD does for tmrl-worker in the tutorial
+    handle = make_env(SPEC, time_step_duration=0.02, max_episode_steps=25, options={"seed": 3})
+    try:
+        yield handle
+    finally:
+        handle.env.unwrapped.interface.close()  # stops the robot's physics thread
+        handle.close()
+
+
+def test_worker_env_factory_builds_the_robot_as_a_real_time_env(robot_env) -> None:
+    from examples.byo_robot.robot import LAYOUT
+
+    assert robot_env.realtime and robot_env.expert is not None
+    assert robot_env.layout == LAYOUT
+    observation = robot_env.reset(seed=3)
+    assert [np.shape(part) for part in observation] == LAYOUT.observation_shapes()
+    assert np.array_equal(observation[0][0], observation[0][1]), "an episode starts with its first reading repeated"
+
+
+def test_robot_steps_are_paced_by_the_wall_clock_and_the_robot_moves_meanwhile(robot_env) -> None:
+    robot = robot_env.env.unwrapped.interface.robot
+    robot_env.reset(seed=3)
+    ticks_before = robot.ticks
+    started = time.perf_counter()
+    for _ in range(10):
+        observation, reward, terminated, truncated, _ = robot_env.step(np.array([1.0], dtype=np.float32))
+        assert np.isfinite(reward) and not terminated and not truncated
+    elapsed = time.perf_counter() - started
+    assert elapsed >= 0.9 * 10 * 0.02, f"10 real-time steps of 20 ms took only {elapsed:.3f} s"
+    assert robot.ticks > ticks_before, "the physics thread did not run while the agent was stepping"
+    assert observation[0][-1][1] > 0.0, "full forward force for 0.2 s should give a positive velocity"
+
+
+def test_scripted_expert_earns_more_than_standing_still(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    handle = make_env(SPEC, time_step_duration=0.02, max_episode_steps=60, options={"seed": 0})
+    try:
+        seed = next(s for s in range(100) if abs(handle.reset(seed=s)[0][-1][0]) > 1.0)  # start far from the target
+
+        def episode_return(policy) -> float:
+            observation, total = handle.reset(seed=seed), 0.0
+            while True:
+                observation, reward, terminated, truncated, _ = handle.step(policy(observation))
+                total += reward
+                if terminated or truncated:
+                    return total
+
+        idle = episode_return(lambda _obs: np.zeros(1, dtype=np.float32))
+        expert = episode_return(handle.expert)
+    finally:
+        handle.env.unwrapped.interface.close()
+        handle.close()
+    assert expert > idle + 5.0, (expert, idle)
+
+
+def test_committed_layout_file_is_the_interface_layout_and_the_trainer_reads_it() -> None:
+    from examples.byo_robot.robot import LAYOUT
+
+    assert ObservationLayout.model_validate_json(LAYOUT_FILE.read_text()) == LAYOUT
+    assert layout_for_env(SPEC, LAYOUT_FILE) == LAYOUT
+
+
+def test_rows_rebuild_the_env_observations_in_the_trainer_replay_memory(robot_env) -> None:
+    builder = SampleBatchBuilder(robot_env.layout, codec="zlib")
+    rng = np.random.default_rng(0)
+    observations = [robot_env.reset(seed=5)]
+    builder.add_reset(observations[0], robot_env.default_action)
+    for _ in range(12):
+        action = rng.uniform(-1, 1, size=1).astype(np.float32)
+        observation, reward, terminated, truncated, _ = robot_env.step(action)
+        builder.add_step(action, observation, reward, terminated, truncated)
+        observations.append(observation)
+    memory = ReplayMemory(robot_env.layout, capacity=64)
+    assert memory.add_batch("worker-1", builder.build(seq=0, weights_version=0)) == 13
+    batch = memory.transitions(np.arange(1, 13))
+    for step in range(1, 13):
+        for part, expected in enumerate(observations[step - 1]):
+            np.testing.assert_array_equal(batch.observation[part][step - 1].numpy(), np.asarray(expected, np.float32))
+        for part, expected in enumerate(observations[step]):
+            np.testing.assert_array_equal(batch.next_observation[part][step - 1].numpy(), np.asarray(expected, np.float32))
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_tutorial_pipeline_trains_the_robot_through_relay_and_trainer(tmp_path) -> None:
+    """docs/byo-robot.md step 4, on loopback without keys (--insecure), shortened: the worker must act with
+    weights the trainer published from its samples."""
+    worker_port, trainer_port, weights_port = _free_ports(3)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    config = tmp_path / "robot.toml"
+    config.write_text(f"""
+[trainer]
+layout_file = "{LAYOUT_FILE.as_posix()}"
+device = "cpu"
+publish_every = 20
+status_interval_s = 0.5
+[trainer.sac]
+hidden_sizes = [32, 32]
+batch_size = 32
+learning_starts = 100
+[worker]
+env = "{SPEC}"
+time_step_duration = 0.02
+max_episode_steps = 50
+batch_steps = 25
+""")
+    processes: dict[str, subprocess.Popen] = {}
+
+    def start(name: str, *args: str) -> None:
+        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        processes[name] = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                           cwd=tmp_path, env=env)
+
+    def logs() -> str:
+        return "\n".join(f"--- {n}\n" + (tmp_path / f"{n}.log").read_text(errors="replace")[-3000:] for n in processes)
+
+    try:
+        start("relay", "tmrl-relay", "run", "--insecure", "--worker-port", str(worker_port), "--trainer-port",
+              str(trainer_port), "--weights-port", str(weights_port), "--metrics-port", "0")
+        start("trainer", "tmrl-trainer", "run", "-c", str(config), "--insecure", "--trainer-port", str(trainer_port),
+              "--run-dir", "run")
+        start("worker", "tmrl-worker", "run", "-c", str(config), "--insecure", "--worker-port", str(worker_port),
+              "--weights-port", str(weights_port), "--state-dir", "state", "--max-steps", "1500")
+        deadline = time.monotonic() + 90
+        swapped = None
+        while time.monotonic() < deadline:
+            for name, process in processes.items():
+                assert process.poll() is None or name == "worker", f"{name} exited early\n{logs()}"
+            swapped = re.search(r"now acting with weights version (\d+)", (tmp_path / "worker.log").read_text())
+            if swapped or processes["worker"].poll() is not None:
+                break
+            time.sleep(0.5)
+        assert swapped, f"the worker never acted with published weights\n{logs()}"
+        status: dict = {}
+        while time.monotonic() < deadline and status.get("weights_version", 0) < int(swapped.group(1)):
+            time.sleep(0.5)  # status.json is rewritten every status_interval_s
+            status_file = tmp_path / "run" / "status.json"
+            status = json.loads(status_file.read_text()) if status_file.exists() else {}
+        assert status["samples_received"] >= 100 and status["updates"] >= 20 and status["rejects"] == {}
+        for name in ("worker", "trainer", "relay"):
+            process = processes[name]
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0, f"{name} did not stop cleanly\n{logs()}"
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
