@@ -13,13 +13,14 @@ $ErrorActionPreference = "Stop"
 $exe = Join-Path $Venv "Scripts\tmrl-worker.exe"
 if (-not (Test-Path $exe)) { throw "no tmrl-worker.exe in $Venv\Scripts: install tmrl first" }
 $name = "tmrl-worker-$WorkerId"
-$action = New-ScheduledTaskAction -Execute $exe -Argument "run --config `"$Config`"" -WorkingDirectory (Split-Path $Config)
+# The worker id goes on the command line (not a user environment variable), so several worker tasks of one user
+# (one per game instance, each with its own config and telemetry port) keep distinct ids.
+$action = New-ScheduledTaskAction -Execute $exe -Argument "run --config `"$Config`" --worker-id $WorkerId" `
+    -WorkingDirectory (Split-Path $Config)
 $trigger = New-ScheduledTaskTrigger -AtLogOn -User $env:USERNAME
 $principal = New-ScheduledTaskPrincipal -UserId $env:USERNAME -LogonType Interactive -RunLevel Limited
 $settings = New-ScheduledTaskSettingsSet -RestartCount 99 -RestartInterval (New-TimeSpan -Minutes 1) `
     -ExecutionTimeLimit ([TimeSpan]::Zero) -AllowStartIfOnBatteries -DontStopIfGoingOnBatteries
-$environment = "TMRL_WORKER__WORKER_ID=$WorkerId"
 Register-ScheduledTask -TaskName $name -Action $action -Trigger $trigger -Principal $principal -Settings $settings `
-    -Description "tmrl rollout worker $WorkerId ($environment set by tmrl-worker's config)" -Force | Out-Null
-[Environment]::SetEnvironmentVariable("TMRL_WORKER__WORKER_ID", $WorkerId, "User")
+    -Description "tmrl rollout worker $WorkerId (tmrl-worker run --config $Config --worker-id $WorkerId)" -Force | Out-Null
 Write-Host "task $name registered: it starts at your next log-on (Start-ScheduledTask -TaskName $name to start now)"
