@@ -145,6 +145,9 @@ def test_non_finite_actions_are_refused_with_a_clear_error():
     env.reset(seed=0)
     with pytest.raises(ValueError, match="finite"):
         env.step(np.array([np.nan, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="3 numbers"):
+        env.step([1.0, 0.0])
+    env.step(np.zeros(3, np.float32))  # the env is still usable afterwards
 
 
 def test_braking_before_sharp_turns_beats_full_throttle_on_the_hairpin_track():

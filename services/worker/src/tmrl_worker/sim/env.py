@@ -95,9 +95,12 @@ class RaceTrackEnv(gym.Env):
     def step(self, action):
         if not self._running:
             raise RuntimeError("the episode is over (terminated or truncated): call reset() before step()")
-        values = np.asarray(action, dtype=np.float32).reshape(3).tolist()
+        try:
+            values = np.asarray(action, dtype=np.float32).reshape(3).tolist()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"action must be 3 numbers [gas, brake, steer], got {action!r}") from exc
         if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"action must be 3 finite numbers, got {action!r}")
+            raise ValueError(f"action must be 3 finite numbers [gas, brake, steer], got {action!r}")
         values = [min(max(v, -1.0), 1.0) for v in values]  # clipped into the action space
         action = np.array(values, dtype=np.float32)
         applied = self._pending if self.delayed_actions else values
