@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import layout_for_box, tm20_image_layout, tm20_lidar_layout
 from tmrl_common.networks import (
@@ -17,6 +16,15 @@ from tmrl_common.networks import (
     weights_update_from_actor,
 )
 from tmrl_common.protocol import WeightsUpdate, decode, encode
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Small networks run fastest on one thread, and OpenMP threads stall badly on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _lidar_observation(rng: np.random.Generator) -> tuple[np.ndarray, ...]:
@@ -98,7 +106,7 @@ def test_deterministic_act_is_repeatable_and_stochastic_act_follows_its_noise_ge
     first = [actor.act(observation, False) for _ in range(3)]
     actor.noise_generator = torch.Generator().manual_seed(5)
     second = [actor.act(observation, False) for _ in range(3)]
-    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     assert not np.array_equal(first[0], first[1])
 
 

@@ -8,13 +8,21 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import tm20_lidar_layout
 from tmrl_trainer import tensor_file
 from tmrl_trainer.checkpoint import CheckpointError, load_checkpoint, memory_path_for, save_checkpoint
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.sac import SACConfig, SACLearner
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Small networks run fastest on one thread, and OpenMP threads stall badly on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 LAYOUT = tm20_lidar_layout()
 
@@ -68,7 +76,7 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(tmp_path, redq_n, redq
     _train(fresh_learner, fresh_memory, 6)
     resumed = _state(fresh_learner)
     assert len(resumed) == len(uninterrupted)
-    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed, strict=True))
 
 
 def test_checkpoint_is_one_safetensors_file_with_json_metadata_and_no_pickle(tmp_path):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationComponent, ObservationLayout, layout_for_box
@@ -41,12 +40,12 @@ class NaiveEpisodeEnv:
         return self.observation()
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, ...]:
-        self.histories = [h[1:] + [self._frame(c)] for h, c in zip(self.histories, self.layout.components)]
+        self.histories = [h[1:] + [self._frame(c)] for h, c in zip(self.histories, self.layout.components, strict=True)]
         self.actions = (self.actions[1:] + [action]) if self.layout.action_history else []
         return self.observation()
 
     def observation(self) -> tuple[np.ndarray, ...]:
-        parts = [np.stack(h) if c.history > 1 else h[0] for h, c in zip(self.histories, self.layout.components)]
+        parts = [np.stack(h) if c.history > 1 else h[0] for h, c in zip(self.histories, self.layout.components, strict=True)]
         return tuple(parts + list(self.actions))
 
 
@@ -110,9 +109,9 @@ def _fill(memory: ReplayMemory, seed: int, workers: int = 3, rows_per_worker: in
 def _assert_transition_matches(memory: ReplayMemory, batch, index: int, naive: dict) -> float:
     key = float(batch.reward[index])
     observation, action, reward, next_observation, terminated, truncated = naive[key]
-    for got, want in zip(batch.observation, observation):
+    for got, want in zip(batch.observation, observation, strict=True):
         np.testing.assert_array_equal(got[index].numpy(), want)
-    for got, want in zip(batch.next_observation, next_observation):
+    for got, want in zip(batch.next_observation, next_observation, strict=True):
         np.testing.assert_array_equal(got[index].numpy(), want)
     np.testing.assert_array_equal(batch.action[index].numpy(), action)
     assert float(batch.terminated[index]) == float(terminated)
@@ -132,7 +131,7 @@ def test_every_transition_rebuilt_from_single_frames_equals_the_naive_full_obser
     assert len(batch.observation) == len(LAYOUT.observation_shapes())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**16), capacity=st.sampled_from([9, 23, 64, 200, 5000]), workers=st.integers(1, 4))
 def test_ring_buffer_keeps_exactly_the_transitions_whose_rows_are_all_still_stored(seed, capacity, workers):
     memory = ReplayMemory(LAYOUT, capacity=capacity, seed=seed)
@@ -200,7 +199,7 @@ def test_saved_memory_loads_into_a_fresh_one_and_samples_identically(tmp_path):
     restored.load(path)
     assert len(restored) == len(memory) and restored.rows_added == memory.rows_added
     first, second = memory.sample(32), restored.sample(32)
-    for a, b in zip(first.observation + first.next_observation, second.observation + second.next_observation):
+    for a, b in zip(first.observation + first.next_observation, second.observation + second.next_observation, strict=True):
         assert np.array_equal(a.numpy(), b.numpy())
     assert open(path, "rb").read(1) != b"\x80"  # not a pickle stream
 

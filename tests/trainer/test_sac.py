@@ -7,10 +7,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from tmrl_common.layout import layout_for_box, tm20_lidar_layout
 from tmrl_trainer.memory import TransitionBatch
 from tmrl_trainer.sac import SACConfig, SACLearner, entropy_coefficient_loss, resolve_device, soft_td_target
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Small networks run fastest on one thread, and OpenMP threads stall badly on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 LAYOUT = layout_for_box(4, 2)
 
@@ -58,7 +66,7 @@ def test_target_critics_move_by_polyak_averaging_towards_the_updated_critics():
     learner = _learner(tau=0.1)
     before = [p.detach().clone() for p in learner.target_critics.parameters()]
     learner.update(_batch())
-    for old, online, target in zip(before, learner.critics.parameters(), learner.target_critics.parameters()):
+    for old, online, target in zip(before, learner.critics.parameters(), learner.target_critics.parameters(), strict=True):
         torch.testing.assert_close(target, 0.9 * old + 0.1 * online.detach())
         assert not torch.equal(target, old)
 
@@ -117,8 +125,8 @@ def test_same_seed_gives_identical_weights_and_a_different_seed_does_not():
         for step in range(5):
             learner.update(_batch(seed=step), with_metrics=False)
         runs.append(_parameters(learner))
-    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
-    assert not all(torch.equal(a, c) for a, c in zip(runs[0], runs[2]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+    assert not all(torch.equal(a, c) for a, c in zip(runs[0], runs[2], strict=True))
 
 
 def test_redq_ensemble_learns_with_n_critics_and_m_sampled_in_the_target():
@@ -127,7 +135,7 @@ def test_redq_ensemble_learns_with_n_critics_and_m_sampled_in_the_target():
     before = _parameters(learner)
     metrics = learner.update(_batch())
     assert set(metrics) == set(SACLearner.METRICS) and all(math.isfinite(v) for v in metrics.values())
-    assert not all(torch.equal(a, b) for a, b in zip(before, _parameters(learner)))
+    assert not all(torch.equal(a, b) for a, b in zip(before, _parameters(learner), strict=True))
     with pytest.raises(ValueError, match="redq_m"):
         SACConfig(redq_n=2, redq_m=3)
 

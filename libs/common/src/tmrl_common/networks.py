@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -157,7 +158,7 @@ class ObservationEncoder(nn.Module):
     def forward(self, observation: Sequence[torch.Tensor]) -> torch.Tensor:
         batch = observation[0].shape[0]
         parts: list[torch.Tensor] = []
-        for cnn, index in zip(self.cnns, self._image_parts):
+        for cnn, index in zip(self.cnns, self._image_parts, strict=True):
             images = observation[index]
             images = images.reshape(batch, -1, *images.shape[-2:]).float().div_(255.0)
             parts.append(cnn(images))
@@ -171,7 +172,7 @@ class ObservationEncoder(nn.Module):
 
 def _mlp(sizes: Sequence[int], activation: Activation) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [nn.Linear(fan_in, fan_out), _ACTIVATIONS[activation]()]
     return nn.Sequential(*layers)
 
@@ -273,7 +274,7 @@ class CriticEnsemble(nn.Module):
         features, actions = self.encoders[0].features, architecture.action_dim
         sizes = [features + actions, *architecture.hidden_sizes, 1]
         weights, biases = [], []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
             weight = torch.empty(n, fan_in, fan_out)
             bias = torch.empty(n, 1, fan_out)
             bound = 1.0 / math.sqrt(fan_in)
@@ -321,7 +322,7 @@ class CriticEnsemble(nn.Module):
         action_weight = self.action_weight.detach() if frozen else self.action_weight
         x = self.activation(torch.baddbmm(observation_part, action.expand(self.n, -1, -1), action_weight))
         last = len(self.weights) - 1
-        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
             if frozen:
                 weight, bias = weight.detach(), bias.detach()
             x = torch.baddbmm(bias, x, weight)

@@ -57,6 +57,7 @@ def run(
         typer.echo(render_config(effective, "trainer"))
         raise typer.Exit()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tmrl_common.curve import KeyFileError
     from tmrl_common.sockets import SecurityError
 
     from tmrl_trainer.service import TrainerService
@@ -67,7 +68,7 @@ def run(
     try:
         service = TrainerService(effective)
         updates = service.run(stop=stop, max_updates=max_updates)
-    except (ConfigError, SecurityError) as exc:
+    except (ConfigError, SecurityError, KeyFileError) as exc:
         typer.echo(f"tmrl-trainer: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     typer.echo(f"trainer stopped after {updates} updates, weights version {service.weights_version}", err=True)
@@ -93,8 +94,8 @@ def train_local_command(
 
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from tmrl_common.errors import ConfigError
+
     from tmrl_trainer.local import LocalTrainingConfig, UnsupportedEnvironmentError, train_local
 
     try:

@@ -11,17 +11,17 @@ rescaled to the environment's ``Box`` bounds.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import gymnasium as gym
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import ObservationLayout, layout_for_box
+
 from tmrl_trainer.checkpoint import save_checkpoint
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.metrics import TrainingMetrics

@@ -19,9 +19,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.protocol import SampleBatch
+
 from tmrl_trainer.tensor_file import TensorFileError, pack, unpack, write_atomically
 
 MEMORY_FORMAT = "tmrl-replay-memory-1"

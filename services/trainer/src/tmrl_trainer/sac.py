@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import Activation, Actor, CriticEnsemble, PolicyArchitecture, build_actor
+
 from tmrl_trainer.memory import TransitionBatch
 
 
@@ -193,7 +193,7 @@ class SACLearner:
             return {}
         values = torch.stack([critic_loss.detach(), actor_loss.detach(), alpha_loss.detach(), alpha,
                               q_values.detach().mean(), target_q.mean(), -log_prob.detach().mean()]).tolist()
-        return dict(zip(self.METRICS, values))
+        return dict(zip(self.METRICS, values, strict=True))
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
