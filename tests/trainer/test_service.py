@@ -19,6 +19,16 @@ from tmrl_trainer.config import TrainerConfig
 from tmrl_trainer.service import TrainerService, layout_for_env
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """TrainerService sets torch's process-wide thread count; give other tests theirs back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_config(tmp_path, **fields) -> TrainerConfig:
     base = {
         "env": "gym:Pendulum-v1", "device": "cpu", "relay_host": "127.0.0.1", "trainer_port": 1,  # nobody listens

@@ -84,6 +84,11 @@ class TrainerLink:
         with self._lock:
             self._pending_weights = update
 
+    def check_security(self) -> None:
+        """Load the CurveZMQ key files now so a misconfiguration stops the trainer before it starts."""
+        with zmq.Context() as context, context.socket(zmq.DEALER) as probe:
+            secure_client_socket(probe, self.security)
+
     def describe(self) -> str:
         return f"{tcp_endpoint(self.host, self.port)} {'plain text' if self.security.insecure else 'CurveZMQ'}"
 

@@ -134,6 +134,7 @@ class TrainerService:
         self._context = zmq.Context()
         self.link = TrainerLink(config.trainer_id, config.relay_host, config.trainer_port, config.transport,
                                 config.security, self.ingestor, config.heartbeat_interval_s, context=self._context)
+        self.link.check_security()
         self.status = StatusFile(self.run_dir / STATUS_FILE, self.snapshot, config.status_interval_s)
         self.last_metrics: dict[str, float] = {}
         self._updates_at_start = 0

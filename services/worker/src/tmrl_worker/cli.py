@@ -72,6 +72,7 @@ def run(
         raise typer.Exit()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
+    from tmrl_common.curve import KeyFileError
     from tmrl_common.sockets import SecurityError
 
     from tmrl_worker.envs import EnvSpecError
@@ -84,7 +85,7 @@ def run(
         signal.signal(signum, lambda *_: stop.set())
     try:
         stats = run_worker(effective, stop=stop)
-    except (EnvSpecError, PolicyFileError, StateFileError, SecurityError) as exc:
+    except (EnvSpecError, PolicyFileError, StateFileError, SecurityError, KeyFileError) as exc:
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     typer.echo(f"{effective.worker_id}: {stats.steps} steps, {stats.episodes} episodes, "

@@ -49,6 +49,12 @@ class RelayEndpoint:
     def describe(self) -> str:
         return f"{tcp_endpoint(self.host, self.port)} {'plain text' if self.security.insecure else 'CurveZMQ'}"
 
+    def check_security(self) -> None:
+        """Load the CurveZMQ key files now (raises :class:`~tmrl_common.sockets.SecurityError` or
+        :class:`~tmrl_common.curve.KeyFileError`), so a misconfiguration stops the worker before it starts."""
+        with zmq.Context() as context, context.socket(zmq.DEALER) as probe:
+            secure_client_socket(probe, self.security)
+
     def connect(self, context: zmq.Context, socket_type: int, monitor_events: int = 0) -> tuple[zmq.Socket, zmq.Socket | None]:
         """A configured socket connected to the relay, and its monitor socket when ``monitor_events`` are asked for
         (attached before connecting, so the first connection's events are not missed).

@@ -287,6 +287,7 @@ def initial_policy(mode: WorkerMode, env: EnvHandle, policy_file: Path | None, s
 
 def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> RolloutStats:
     """Build env, sender and weights threads from ``config`` and run the rollout loop until done or ``stop``."""
+    RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security).check_security()
     env = make_env(config.env, time_step_duration=config.time_step_duration, max_episode_steps=config.max_episode_steps,
                    options=config.env_options)
     context = zmq.Context()
