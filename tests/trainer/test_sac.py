@@ -101,7 +101,18 @@ def test_policy_loss_does_not_train_the_critics():
     part = learner.critics.observation_part(learner.actor.encoder((torch.randn(5, 4),)))
     learner.critics.head(part.detach(), action, frozen=True).sum().backward()
     assert action.grad is not None and action.grad.abs().sum() > 0
-    assert all(p.grad is None for p in learner.critics.parameters())
+    assert all(p.grad is None or not p.grad.any() for p in learner.critics.parameters())
+
+
+def test_every_network_tensor_is_updated_by_one_learner_step():
+    learner = _learner()
+    before = {name: p.detach().clone() for name, p in learner.actor.named_parameters()}
+    before.update({f"critic.{name}": p.detach().clone() for name, p in learner.critics.named_parameters()})
+    learner.update(_batch())
+    after = {name: p for name, p in learner.actor.named_parameters()}
+    after.update({f"critic.{name}": p for name, p in learner.critics.named_parameters()})
+    unchanged = [name for name, p in after.items() if torch.equal(p, before[name])]
+    assert unchanged == []
 
 
 def test_squashed_gaussian_log_prob_matches_torch_distributions():

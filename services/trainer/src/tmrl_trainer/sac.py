@@ -80,6 +80,26 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def _flat_parameter(module: torch.nn.Module) -> torch.nn.Parameter:
+    """Re-home ``module``'s parameters (and their gradients, when they require one) as views of one flat tensor,
+    returned as a parameter whose ``grad`` is the flat gradient. Gradients must then be zeroed in place, never set to
+    ``None`` (autograd accumulates into the existing views)."""
+    parameters = list(module.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in parameters])
+    gradient = torch.zeros_like(flat)
+    offset = 0
+    for parameter in parameters:
+        size = parameter.numel()
+        parameter.data = flat[offset : offset + size].view_as(parameter)
+        if parameter.requires_grad:
+            parameter.grad = gradient[offset : offset + size].view_as(parameter)
+        offset += size
+    shared = torch.nn.Parameter(flat, requires_grad=parameters[0].requires_grad)
+    if shared.requires_grad:
+        shared.grad = gradient
+    return shared
+
+
 def soft_td_target(reward: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor, next_log_prob: torch.Tensor,
                    alpha: torch.Tensor | float, gamma: float) -> torch.Tensor:
     """``r + gamma * (1 - terminated) * (Q'(s', a') - alpha * log pi(a'|s'))``: no bootstrap past a terminal state;
@@ -115,18 +135,22 @@ class SACLearner:
         self.log_alpha = torch.tensor(math.log(config.init_alpha), device=self.device, requires_grad=config.learn_alpha)
         self.target_entropy = float(-architecture.action_dim if config.target_entropy is None else config.target_entropy)
 
-        groups = [{"params": list(self.critics.parameters()), "lr": config.critic_lr, "name": "critics"},
-                  {"params": list(self.actor.parameters()), "lr": config.actor_lr, "name": "actor"}]
+        # Each network's parameters become views of one flat tensor, so that Adam, zeroing gradients and the polyak
+        # step are one operation per network instead of one per weight tensor.
+        self._critic_flat = _flat_parameter(self.critics)
+        self._actor_flat = _flat_parameter(self.actor)
+        self._target_flat = _flat_parameter(self.target_critics)
+        groups = [{"params": [self._critic_flat], "lr": config.critic_lr, "name": "critics"},
+                  {"params": [self._actor_flat], "lr": config.actor_lr, "name": "actor"}]
         if config.learn_alpha:
+            self.log_alpha.grad = torch.zeros_like(self.log_alpha)
             groups.append({"params": [self.log_alpha], "lr": config.alpha_lr, "name": "log_alpha"})
-        # One Adam over three parameter groups (own learning rates); the fused kernel updates every tensor in one pass.
         self.optimizer = torch.optim.Adam(groups, fused=self.device.type in ("cpu", "cuda"))
+        self._gradients = [group["params"][0].grad for group in groups]
 
         self.generator = torch.Generator(self.device).manual_seed(seed + 1)
         self.updates = 0
         self._shared_features = self.critics.shares_encoder and not any(True for _ in self.actor.encoder.parameters())
-        self._critic_params = list(self.critics.parameters())
-        self._target_params = list(self.target_critics.parameters())
 
     @property
     def alpha(self) -> float:
@@ -180,13 +204,13 @@ class SACLearner:
 
         # One backward and one Adam step for all three: each loss reaches only its own parameters.
         total_loss = critic_loss + actor_loss + (alpha_loss if self.config.learn_alpha else 0.0)
-        self.optimizer.zero_grad(set_to_none=True)
+        torch._foreach_zero_(self._gradients)  # in place: the networks' gradients are views of these
         total_loss.backward()
         self.optimizer.step()
 
         # 5. target critics
         with torch.no_grad():
-            torch._foreach_lerp_(self._target_params, self._critic_params, tau)
+            self._target_flat.lerp_(self._critic_flat, tau)
         self.updates += 1
 
         if not with_metrics:

@@ -29,8 +29,9 @@ class TensorFileError(ValueError):
 
 
 def pack(tensors: Mapping[str, torch.Tensor | np.ndarray], metadata: Any) -> bytes:
-    """Safetensors bytes holding ``tensors`` (moved to CPU) and ``metadata`` (JSON-serialisable) in the header."""
-    cpu = {name: (torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else t.detach().cpu().contiguous())
+    """Safetensors bytes holding ``tensors`` (copied to the CPU: views of shared storage are allowed) and
+    ``metadata`` (JSON-serialisable) in the header."""
+    cpu = {name: (torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else t.detach().cpu().clone())
            for name, t in tensors.items()}
     return save_torch(cpu, metadata={METADATA_KEY: json.dumps(metadata)})
 
