@@ -13,7 +13,7 @@ from tmrl_worker.sim.track import load_track
 def brute_force(track, x, y, heading, beams, max_range):
     starts, ends = track.wall_segments()
     out = []
-    for angle in np.linspace(math.pi / 2, -math.pi / 2, beams):
+    for angle in np.linspace(-math.pi / 2, math.pi / 2, beams):  # beam 0 right, like TrackMania
         u = np.array([math.cos(heading + angle), math.sin(heading + angle)])
         best = max_range
         for p, q in zip(starts, ends, strict=True):
@@ -30,16 +30,16 @@ def brute_force(track, x, y, heading, beams, max_range):
     return np.array(out)
 
 
-def test_beams_fan_from_left_to_right_and_measure_metres():
+def test_beams_fan_from_right_to_left_like_trackmania_and_measure_metres():
     track = load_track("oval")  # width 12, first straight along +x from (0, 0)
     lidar = Lidar(track, beams=19, max_range=80.0)
     scan = lidar.scan(20.0, 0.0, 0.0)
     assert scan.dtype == np.float32 and scan.shape == (19,)
-    assert scan[0] == pytest.approx(6.0, abs=0.05)  # left wall
-    assert scan[-1] == pytest.approx(6.0, abs=0.05)  # right wall
+    assert scan[0] == pytest.approx(6.0, abs=0.05)  # right wall
+    assert scan[-1] == pytest.approx(6.0, abs=0.05)  # left wall
     assert scan[3] == pytest.approx(6.0 / math.cos(math.radians(30)), abs=0.05)
     offset = lidar.scan(20.0, 2.0, 0.0)  # 2 m left of the centre line
-    assert offset[0] == pytest.approx(4.0, abs=0.05) and offset[-1] == pytest.approx(8.0, abs=0.05)
+    assert offset[0] == pytest.approx(8.0, abs=0.05) and offset[-1] == pytest.approx(4.0, abs=0.05)  # beam 0 right
 
 
 def test_distances_are_capped_at_the_range():

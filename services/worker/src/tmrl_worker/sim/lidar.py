@@ -1,6 +1,6 @@
 """LIDAR: distances from the car to the walls along beams fanned over 180° ahead, like tmrl's TrackMania LIDAR.
 
-Beam 0 points to the car's left, the middle beam straight ahead, the last to the right. Distances are metres from
+Beam 0 points to the car's right, the middle beam straight ahead, the last to the left (TrackMania's order). Distances are metres from
 the car's centre, capped at ``max_range`` (TrackMania's LIDAR measures pixels on the screenshot instead; both grow
 with the free distance, which is what a policy uses).
 
@@ -27,7 +27,7 @@ class Lidar:
             raise ValueError(f"a LIDAR needs at least 2 beams, got {beams}")
         self.beams = beams
         self.max_range = float(max_range)
-        angles = np.linspace(math.pi / 2, -math.pi / 2, beams)  # left to right
+        angles = np.linspace(-math.pi / 2, math.pi / 2, beams)  # right to left, as in the TM20 LIDAR
         cos, sin = np.cos(angles), np.sin(angles)
         # World beam directions u = (cos a ch - sin a sh, sin a ch + cos a sh) for a heading with cosine ch, sine sh.
         # scan() needs the rows (ux, -uy) and (uy, -ux): both are linear in (ch, sh), so keep the two coefficients.
