@@ -237,7 +237,6 @@ def render_policy_drive(policy_path: Path, gif: Path, png: Path, max_steps: int 
         return None
     import gymnasium
     from PIL import Image
-
     from tmrl_worker.envs import SIM_GYM_ID
     from tmrl_worker.runtime import load_policy_file
 

@@ -57,6 +57,20 @@ def test_due_returns_unsent_batches_then_only_those_past_the_ack_timeout():
     spool.mark_sent(0, now=105.0)  # the resend
     assert spool.counters.resent == 1
     assert [b.seq for b in spool.due(ack_timeout_s=5.0, now=108.5)] == [1]
+    # after a resend the timeout doubles: seq 0 is due again 10 s after its resend, not 5 s
+    assert 0 not in [b.seq for b in spool.due(ack_timeout_s=5.0, now=114.0)]
+    assert 0 in [b.seq for b in spool.due(ack_timeout_s=5.0, now=115.0)]
+
+
+def test_resend_backoff_is_capped():
+    spool = Spool(max_batches=10, max_bytes=10_000)
+    spool.add(0, frames(50))
+    now = 0.0
+    for _ in range(10):
+        spool.mark_sent(0, now=now)
+        now += 1000.0
+    assert spool.due(ack_timeout_s=1.0, now=now - 1000.0 + 7.9) == []
+    assert [b.seq for b in spool.due(ack_timeout_s=1.0, now=now - 1000.0 + 8.0)] == [0]
 
 
 def test_spool_rejects_a_seq_twice_and_bad_bounds():

@@ -55,7 +55,8 @@ class WorkerConfig(BaseModel):
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     """Unacknowledged batches kept for resending; beyond either bound the oldest is dropped (counted, logged)."""
     ack_timeout_s: float = Field(default=10.0, gt=0)
-    """Resend a batch that has not been acknowledged after this long."""
+    """Resend a batch that has not been acknowledged after this long (doubling after each resend, up to 8x); every
+    unacknowledged batch is also resent at once after a reconnection."""
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     state_dir: Path = Path("~/.local/state/tmrl/worker")
     """Holds ``<worker_id>.state.json`` (the sequence-number reservation that keeps ``seq`` unique across restarts)."""

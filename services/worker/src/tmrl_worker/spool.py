@@ -26,6 +26,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+MAX_BACKOFF = 8
+"""A batch resent n times waits ``ack_timeout_s * min(2**n, MAX_BACKOFF)`` before its next resend."""
+
 
 class StateFileError(RuntimeError):
     """The worker state file exists but cannot be read; fix or delete it (deleting may reuse sequence numbers)."""
@@ -123,9 +126,12 @@ class Spool:
         return removed
 
     def due(self, ack_timeout_s: float, now: float | None = None) -> list[SpooledBatch]:
-        """Batches never sent, or sent more than ``ack_timeout_s`` ago without an ack, oldest first."""
+        """Batches never sent, or sent without an ack for longer than their timeout, oldest first. The timeout is
+        ``ack_timeout_s`` after the first send and doubles with each resend, up to ``MAX_BACKOFF`` times it, so a
+        trainer that is away for long is not flooded with the same batches."""
         now = time.monotonic() if now is None else now
-        return [b for b in self._batches.values() if b.sends == 0 or now - b.last_sent >= ack_timeout_s]
+        return [b for b in self._batches.values()
+                if b.sends == 0 or now - b.last_sent >= ack_timeout_s * min(2 ** (b.sends - 1), MAX_BACKOFF)]
 
     def pending(self) -> list[SpooledBatch]:
         """Every unacknowledged batch, oldest first (resend them all after a reconnection)."""
