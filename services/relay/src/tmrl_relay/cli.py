@@ -29,7 +29,7 @@ def main() -> None:
     """tmrl relay service. Every command takes --config FILE; TMRL_RELAY__<FIELD> env vars override it."""
 
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the [relay] table is read.", exists=True, dir_okay=False)
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the \\[relay] table is read.", exists=True, dir_okay=False)
 
 
 @app.command()

@@ -18,7 +18,7 @@ def main() -> None:
     """tmrl trainer service. Every command takes --config FILE; TMRL_TRAINER__<FIELD> env vars override it."""
 
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the [trainer] table is read.", exists=True, dir_okay=False)
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the \\[trainer] table is read.", exists=True, dir_okay=False)
 
 
 @app.command()

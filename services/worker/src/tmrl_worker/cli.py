@@ -20,7 +20,7 @@ def main() -> None:
     """tmrl worker service. Every command takes --config FILE; TMRL_WORKER__<FIELD> env vars override it."""
 
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the [worker] table is read.", exists=True, dir_okay=False)
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the \\[worker] table is read.", exists=True, dir_okay=False)
 
 
 @app.command()
