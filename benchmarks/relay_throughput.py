@@ -119,7 +119,7 @@ def _receive_loop(kind: int, endpoint: str, hello: bool, security: dict | None, 
     socket.close()
     context.term()
     elapsed = (last - first) if first is not None and last is not None and last > first else float("nan")
-    results.put((count / elapsed, nbytes / elapsed / 1e6) if count else (0.0, 0.0))
+    results.put((count / elapsed, nbytes / elapsed / 1e6, count) if count else (0.0, 0.0, 0))
 
 
 def _proxy(frontend_port, backend_port, ready) -> None:
@@ -166,41 +166,44 @@ class RelayProcess:
             self.process.kill()
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
+    if pid is None:
+        return float("nan")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def _run_pair(send_kind, send_endpoint, recv_kind, recv_endpoint, body_bytes, duration_s, hello=False,
-              sender_security=None, receiver_security=None) -> tuple[float, float]:
+              sender_security=None, receiver_security=None, broker_pid=None, receiver_binds=False) -> tuple[float, float, float]:
+    """(messages/s, MB/s, broker CPU microseconds per message) for one sender → [broker] → receiver run."""
     spawn = mp.get_context("spawn")
     ready, results = spawn.Event(), spawn.Queue()
-    receiver = spawn.Process(target=_receive_loop, args=(recv_kind, recv_endpoint, hello, receiver_security, ready, results))
+    receiver = spawn.Process(target=_receive_loop, args=(recv_kind, recv_endpoint, hello, receiver_security, ready,
+                                                         results, receiver_binds))
     receiver.start()
     if not ready.wait(READY_TIMEOUT_S):
         raise RuntimeError("receiver did not start")
     time.sleep(0.3)  # let the receiver's connection (and hello) settle
+    cpu_before = _cpu_seconds(broker_pid)
     sender = spawn.Process(target=_send_loop, args=(send_kind, send_endpoint, body_bytes, duration_s, hello, sender_security))
     sender.start()
     sender.join()
-    result = results.get(timeout=60)
+    rate, mbps, count = results.get(timeout=60)
+    cpu = _cpu_seconds(broker_pid) - cpu_before
     receiver.join()
-    return result
+    return rate, mbps, (1e6 * cpu / count) if count else float("nan")
 
 
-def direct(body_bytes: int, duration_s: float) -> tuple[float, float]:
-    port = _free_port()
-    spawn = mp.get_context("spawn")
-    ready, results = spawn.Event(), spawn.Queue()
-    endpoint = f"{LOOPBACK}:{port}"
-    receiver = spawn.Process(target=_receive_loop, args=(zmq.PULL, endpoint, False, None, ready, results, True))
-    receiver.start()
-    if not ready.wait(READY_TIMEOUT_S):
-        raise RuntimeError("receiver did not start")
-    sender = spawn.Process(target=_send_loop, args=(zmq.PUSH, endpoint, body_bytes, duration_s, False, None))
-    sender.start()
-    sender.join()
-    result = results.get(timeout=60)
-    receiver.join()
-    return result
+def direct(body_bytes: int, duration_s: float) -> tuple[float, float, float]:
+    endpoint = f"{LOOPBACK}:{_free_port()}"  # the PULL side binds, the PUSH side connects
+    return _run_pair(zmq.PUSH, endpoint, zmq.PULL, endpoint, body_bytes, duration_s, receiver_binds=True)
 
 
-def proxied(body_bytes: int, duration_s: float) -> tuple[float, float]:
+def proxied(body_bytes: int, duration_s: float) -> tuple[float, float, float]:
     spawn = mp.get_context("spawn")
     frontend, backend, ready = spawn.Value("i", 0), spawn.Value("i", 0), spawn.Event()
     broker = spawn.Process(target=_proxy, args=(frontend, backend, ready), daemon=True)
@@ -208,13 +211,14 @@ def proxied(body_bytes: int, duration_s: float) -> tuple[float, float]:
     if not ready.wait(READY_TIMEOUT_S):
         raise RuntimeError("proxy did not start")
     try:
-        return _run_pair(zmq.PUSH, f"{LOOPBACK}:{frontend.value}", zmq.PULL, f"{LOOPBACK}:{backend.value}", body_bytes, duration_s)
+        return _run_pair(zmq.PUSH, f"{LOOPBACK}:{frontend.value}", zmq.PULL, f"{LOOPBACK}:{backend.value}", body_bytes,
+                         duration_s, broker_pid=broker.pid)
     finally:
         broker.terminate()
         broker.join()
 
 
-def relayed(body_bytes: int, duration_s: float, keys: dict | None = None) -> tuple[float, float]:
+def relayed(body_bytes: int, duration_s: float, keys: dict | None = None) -> tuple[float, float, float]:
     if keys is None:
         relay = RelayProcess("--insecure")
         client_security = {"worker": None, "trainer": None}
@@ -225,7 +229,7 @@ def relayed(body_bytes: int, duration_s: float, keys: dict | None = None) -> tup
     try:
         return _run_pair(zmq.DEALER, f"{LOOPBACK}:{relay.worker_port}", zmq.DEALER, f"{LOOPBACK}:{relay.trainer_port}",
                          body_bytes, duration_s, hello=True, sender_security=client_security["worker"],
-                         receiver_security=client_security["trainer"])
+                         receiver_security=client_security["trainer"], broker_pid=relay.process.pid)
     finally:
         relay.close()
 
@@ -321,6 +325,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--model-mib", type=float, default=4.0)
     parser.add_argument("--no-curve", action="store_true", help="skip the CurveZMQ relay row")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--no-broadcast", action="store_true", help="skip the weight broadcast latency")
     args = parser.parse_args()
 
     print(f"relay throughput: {os.cpu_count()} CPU(s), pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}, "
@@ -328,26 +334,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         keys = None if args.no_curve else _make_keys(Path(tmp))
         for label, size in SIZES.items():
-            runs: dict[str, list[tuple[float, float]]] = {"direct": [], "proxy": [], "relay": [], "relay_curve": []}
+            if label not in args.sizes:
+                continue
+            runs: dict[str, list[tuple[float, float, float]]] = {"direct": [], "proxy": [], "relay": [], "relay_curve": []}
             for _ in range(args.repeats):
                 runs["direct"].append(direct(size, args.seconds))
                 runs["proxy"].append(proxied(size, args.seconds))
                 runs["relay"].append(relayed(size, args.seconds))
                 if keys is not None:
                     runs["relay_curve"].append(relayed(size, args.seconds, keys))
-            median = {name: (statistics.median(r[0] for r in values), statistics.median(r[1] for r in values))
+            median = {name: tuple(statistics.median(r[i] for r in values) for i in range(3))
                       for name, values in runs.items() if values}
             print(f"\nbatch {label}:")
-            print(f"  {'path':<26}{'msgs/s':>10}{'MB/s':>10}{'÷ direct':>10}{'÷ proxy':>10}")
+            print(f"  {'path':<26}{'msgs/s':>10}{'MB/s':>10}{'÷ direct':>10}{'÷ proxy':>10}{'broker CPU µs/msg':>20}")
             names = {"direct": "(a) direct PUSH→PULL", "proxy": "(b) zmq.proxy broker", "relay": "(c) tmrl-relay plain",
                      "relay_curve": "(c') tmrl-relay CurveZMQ"}
-            for name, (rate, mbps) in median.items():
+            for name, (rate, mbps, cpu) in median.items():
                 print(f"  {names[name]:<26}{rate:>10.0f}{mbps:>10.0f}{rate / median['direct'][0]:>10.2f}"
-                      f"{rate / median['proxy'][0]:>10.2f}")
+                      f"{rate / median['proxy'][0]:>10.2f}{cpu:>20.1f}")
             ratio = median["relay"][0] / median["proxy"][0]
-            print(f"  relay / proxy = {ratio:.2f} ({'meets' if ratio >= 0.9 else 'BELOW'} the 0.9 bar); "
-                  f"relay / direct = {median['relay'][0] / median['direct'][0]:.2f}")
+            per_run = ", ".join(f"{r[0] / p[0]:.2f}" for r, p in zip(runs["relay"], runs["proxy"]))
+            print(f"  relay / proxy = {ratio:.2f} ({'meets' if ratio >= 0.9 else 'BELOW'} the 0.9 bar; per repeat: {per_run}); "
+                  f"relay / direct = {median['relay'][0] / median['direct'][0]:.2f}; "
+                  f"broker CPU per message relay / proxy = {median['relay'][2] / median['proxy'][2]:.2f}")
 
+    if args.no_broadcast:
+        return
     model_bytes = int(args.model_mib * 1024 * 1024)
     print(f"\nweight broadcast: {args.model_mib:g} MiB model to {args.workers} SUB workers, {args.publications} publications, "
           "latency = trainer send → worker receipt")

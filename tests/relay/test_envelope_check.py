@@ -43,7 +43,7 @@ def test_check_envelope_agrees_with_decode_envelope_on_maps(envelope):
     assert _outcome(check_envelope, frame) == _outcome(lambda f, limits: decode_envelope(f, limits), frame)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(st.binary(max_size=1200))
 def test_check_envelope_agrees_with_decode_envelope_on_raw_bytes(frame):
     assert _outcome(check_envelope, frame) == _outcome(lambda f, limits: decode_envelope(f, limits), frame)
@@ -98,3 +98,59 @@ def test_batch_head_never_raises_anything_but_protocol_error(body):
         read_batch_head(body)
     except ProtocolError:
         pass
+
+
+def _checker_outcome(checker, frame):
+    try:
+        result = checker(frame)
+    except ProtocolError as exc:
+        return ("reject", exc.reason)
+    return ("ok", result.type, result.sender)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["hello", "sample_batch", "heartbeat"]), st.sampled_from(["worker-1", "w2"]),
+                          st.integers(0, 60), st.integers(0, 255), st.booleans()), min_size=1, max_size=8))
+def test_cached_envelope_checker_agrees_with_decode_envelope(mutations):
+    """Canonical envelopes seen before take the cached path; any byte changed must still get the full verdict."""
+    from tmrl_relay.envelope import EnvelopeChecker
+
+    checker = EnvelopeChecker(DEFAULT_LIMITS)
+    for type_name, sender, position, byte, mutate in mutations:
+        frame = bytearray(encode_envelope(type_name, sender))
+        checker(bytes(frame))  # warm the cache with the unmutated envelope
+        if mutate:
+            frame[position % len(frame)] = byte
+        expected = _outcome(lambda f, limits: decode_envelope(f, limits), bytes(frame))
+        assert _checker_outcome(checker, bytes(frame)) == expected
+        assert _checker_outcome(checker, memoryview(bytes(frame))) == expected
+
+
+def test_cached_envelope_checker_still_rejects_bad_timestamps_of_a_known_prefix():
+    import struct
+
+    from tmrl_relay.envelope import EnvelopeChecker
+
+    checker = EnvelopeChecker(DEFAULT_LIMITS)
+    good = encode_envelope("sample_batch", "worker-1")
+    assert checker(good) == ("sample_batch", "worker-1")
+    for bad in (float("nan"), float("inf"), -1.0):
+        frame = good[:-8] + struct.pack(">d", bad)
+        with pytest.raises(ProtocolError) as info:
+            checker(frame)
+        assert info.value.reason == _outcome(lambda f, limits: decode_envelope(f, limits), frame)[1]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.integers(0, 95), st.integers(0, 255), st.integers(1, 70000), st.integers(0, 2**63 - 1))
+def test_fast_batch_head_agrees_with_the_general_walk(position, byte, steps, seq):
+    from tmrl_relay.envelope import _canonical_batch_head, _walk_batch_head
+
+    body = msgpack.packb({"seq": seq, "weights_version": 3, "first": {"dtype": "bool", "shape": [steps], "codec": "raw",
+                                                                      "data": b"\x00" * 4}, "actions": 1}, use_bin_type=True)
+    frame = bytearray(body)
+    frame[position % len(frame)] = byte
+    fast = _canonical_batch_head(bytes(frame[:96]))
+    if fast is not None:  # whenever the fast path answers, the general walk gives the same answer
+        assert _walk_batch_head(memoryview(bytes(frame)), complete=True) == fast
+    assert _canonical_batch_head(body[:96]) == (seq, steps)

@@ -11,12 +11,13 @@ arrays, for the relay's counters and error messages; the trainer validates the w
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any, NamedTuple
 
 import msgpack
 
 from tmrl_common.errors import ProtocolError
-from tmrl_common.protocol import MESSAGE_TYPES, SENDER_PATTERN, SUPPORTED_VERSIONS, DecodeLimits
+from tmrl_common.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, SENDER_PATTERN, SUPPORTED_VERSIONS, DecodeLimits
 
 _ENVELOPE_KEYS = frozenset({"v", "type", "sender", "sent_at"})
 _TYPE_MAX_LENGTH = 32
@@ -28,6 +29,51 @@ class EnvelopeFields(NamedTuple):
 
     type: str
     sender: str
+
+
+_FLOAT64 = 0xCB
+_CACHE_LIMIT = 4096
+_double = struct.Struct(">d")
+
+
+class EnvelopeChecker:
+    """:func:`check_envelope` with a cache of canonical envelope prefixes already accepted.
+
+    ``encode_envelope`` packs ``{"v", "type", "sender", "sent_at"}`` in that order, ``sent_at`` last as a msgpack
+    float64 (``0xcb`` and 8 bytes), so one peer's envelopes differ only in those 8 bytes. When a frame passed the
+    full check and is byte for byte that canonical encoding, its prefix (everything before ``0xcb``) is remembered;
+    a later frame made of a remembered prefix, ``0xcb`` and 8 bytes decodes to the same fields with a new
+    ``sent_at``, so only that float is checked (finite, >= 0). Same verdicts as the full check, less work.
+    Other frames always get the full check. At most 4096 prefixes are kept (emptied when full).
+    """
+
+    def __init__(self, limits: DecodeLimits) -> None:
+        self.limits = limits
+        self._accepted: dict[bytes, EnvelopeFields] = {}
+
+    def __call__(self, frame: Any) -> EnvelopeFields:
+        size = len(frame)
+        if not 9 < size <= self.limits.max_envelope_bytes or frame[size - 9] != _FLOAT64:
+            return check_envelope(frame, self.limits)
+        prefix = bytes(frame[: size - 9])
+        fields = self._accepted.get(prefix)
+        if fields is not None:
+            sent_at = _double.unpack_from(frame, size - 8)[0]
+            if sent_at >= 0 and math.isfinite(sent_at):
+                return fields
+        fields = check_envelope(frame, self.limits)
+        if prefix == _canonical_prefix(fields):
+            if len(self._accepted) >= _CACHE_LIMIT:
+                self._accepted.clear()
+            self._accepted[prefix] = fields
+        return fields
+
+
+def _canonical_prefix(fields: EnvelopeFields) -> bytes:
+    """The bytes ``encode_envelope`` writes before the ``sent_at`` float64 for these fields."""
+    packed = msgpack.packb({"v": PROTOCOL_VERSION, "type": fields.type, "sender": fields.sender, "sent_at": 0.0},
+                           use_bin_type=True)
+    return packed[:-9]
 
 
 def check_envelope(frame: Any, limits: DecodeLimits) -> EnvelopeFields:
@@ -81,12 +127,53 @@ def read_batch_head(body: Any) -> BatchHead:
     one-dimensional ``first`` array. Reads only the first bytes when the fields come first, as ``encode`` writes them.
     """
     view = memoryview(body)
+    head = _canonical_batch_head(bytes(view[:_CANONICAL_HEAD_BYTES]))
+    if head is not None:
+        return head
     head = _walk_batch_head(view[:_HEAD_BYTES], complete=len(view) <= _HEAD_BYTES)
     if head is None:  # fields not in the first bytes: walk the whole body
         head = _walk_batch_head(view, complete=True)
     if head is None:  # pragma: no cover - a complete walk always decides
         raise ProtocolError("malformed", "sample_batch body: seq/first not found")
     return head
+
+
+_CANONICAL_HEAD_BYTES = 96
+_UINT_WIDTH = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+def _uint(data: bytes, position: int) -> tuple[int, int]:
+    """A msgpack unsigned integer at ``position``: (value, next position); (-1, -1) if it is not one."""
+    kind = data[position]
+    if kind < 0x80:
+        return kind, position + 1
+    width = _UINT_WIDTH.get(kind)
+    if width is None or position + 1 + width > len(data):
+        return -1, -1
+    return int.from_bytes(data[position + 1:position + 1 + width], "big"), position + 1 + width
+
+
+def _canonical_batch_head(data: bytes) -> BatchHead | None:
+    """Fast path for bodies laid out as ``encode`` writes them: ``{seq, weights_version, first: {dtype: "bool",
+    shape: [steps], ...}, ...}``. Returns None for anything else (the general walk then decides)."""
+    if len(data) < 40 or not 0x83 <= data[0] <= 0x8F or not data.startswith(b"\xa3seq", 1):
+        return None
+    seq, position = _uint(data, 5)
+    if position < 0 or seq >= 2**63 or not data.startswith(b"\xafweights_version", position):
+        return None
+    _, position = _uint(data, position + 16)
+    if position < 0 or not data.startswith(b"\xa5first", position):
+        return None
+    position += 6
+    if position >= len(data) or not 0x82 <= data[position] <= 0x8F:  # first: a map of at least dtype and shape
+        return None
+    position += 1
+    if not data.startswith(b"\xa5dtype\xa4bool\xa5shape\x91", position):
+        return None
+    steps, position = _uint(data, position + 18)
+    if position < 0 or steps < 1:
+        return None
+    return BatchHead(seq, steps)
 
 
 def _walk_batch_head(data: memoryview, complete: bool) -> BatchHead | None:

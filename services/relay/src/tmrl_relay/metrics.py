@@ -9,8 +9,38 @@ import threading
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 LINKS = ("workers", "trainer", "weights")
+
+
+class TrafficCounters:
+    """Counters bumped for every message, kept as plain integers (a prometheus ``Counter.inc`` takes a lock, which
+    costs more than the rest of forwarding a batch) and exported by a collector when the registry is scraped.
+    Only the relay's loop thread writes them."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.steps = 0
+        self.batch_bytes = 0
+        self.received_bytes = dict.fromkeys(LINKS, 0)
+        self.received_messages = dict.fromkeys(LINKS, 0)
+
+    def describe(self):
+        return list(self.collect())
+
+    def collect(self):
+        yield CounterMetricFamily("tmrl_relay_batches_forwarded", "Sample batches forwarded to the trainer.", value=self.batches)
+        yield CounterMetricFamily("tmrl_relay_steps_forwarded", "Environment steps (samples) in forwarded batches.", value=self.steps)
+        yield CounterMetricFamily("tmrl_relay_batch_bytes_forwarded", "Bytes of sample batches forwarded (envelope + body).",
+                                  value=self.batch_bytes)
+        received_bytes = CounterMetricFamily("tmrl_relay_received_bytes", "Bytes received, per link.", labels=["link"])
+        received_messages = CounterMetricFamily("tmrl_relay_received_messages", "Messages received, per link.", labels=["link"])
+        for link in LINKS:
+            received_bytes.add_metric([link], self.received_bytes[link])
+            received_messages.add_metric([link], self.received_messages[link])
+        yield received_bytes
+        yield received_messages
 
 
 class RelayMetrics:
@@ -19,11 +49,8 @@ class RelayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.batches = Counter("tmrl_relay_batches_forwarded", "Sample batches forwarded to the trainer.", registry=r)
-        self.steps = Counter("tmrl_relay_steps_forwarded", "Environment steps (samples) in forwarded batches.", registry=r)
-        self.batch_bytes = Counter("tmrl_relay_batch_bytes_forwarded", "Bytes of sample batches forwarded (envelope + body).", registry=r)
-        self.received_bytes = Counter("tmrl_relay_received_bytes", "Bytes received, per link.", ["link"], registry=r)
-        self.received_messages = Counter("tmrl_relay_received_messages", "Messages received, per link.", ["link"], registry=r)
+        self.traffic = TrafficCounters()
+        r.register(self.traffic)
         self.rejects = Counter("tmrl_relay_rejects", "Messages rejected, per reason and link.", ["reason", "link"], registry=r)
         self.dropped_batches = Counter("tmrl_relay_dropped_batches", "Pending batches dropped (oldest first) past max_pending_bytes.", registry=r)
         self.dropped_bytes = Counter("tmrl_relay_dropped_bytes", "Bytes of pending batches dropped.", registry=r)
@@ -41,8 +68,6 @@ class RelayMetrics:
         self.pending_batches = Gauge("tmrl_relay_pending_batches", "Sample batches held for the trainer.", registry=r)
         self.cached_weights_bytes = Gauge("tmrl_relay_cached_weights_bytes", "Bytes of the cached latest weights message.", registry=r)
         self.allowed_keys = Gauge("tmrl_relay_allowed_keys", "Public keys in the allow-list, per link (0 in --insecure mode).", ["link"], registry=r)
-        self.link_received_bytes = {link: self.received_bytes.labels(link=link) for link in LINKS}
-        self.link_received_messages = {link: self.received_messages.labels(link=link) for link in LINKS}
 
     def reject(self, reason: str, link: str) -> None:
         self.rejects.labels(reason=reason, link=link).inc()
