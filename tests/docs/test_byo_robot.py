@@ -168,7 +168,7 @@ batch_steps = 25
         start("trainer", "tmrl-trainer", "run", "-c", str(config), "--insecure", "--trainer-port", str(trainer_port),
               "--run-dir", "run")
         start("worker", "tmrl-worker", "run", "-c", str(config), "--insecure", "--worker-port", str(worker_port),
-              "--weights-port", str(weights_port), "--state-dir", "state", "--max-steps", "1500")
+              "--weights-port", str(weights_port), "--state-dir", "state", "--max-steps", "4000")
         deadline = time.monotonic() + 90
         swapped = None
         while time.monotonic() < deadline:
