@@ -104,3 +104,18 @@ def test_sac_learns_pendulum_within_4000_steps():
                                  sac=SACConfig(hidden_sizes=[64, 64], learning_starts=500))
     result = train_local("Pendulum-v1", steps=4000, seed=0, config=config)
     assert result.final_return > -300, result.evaluations
+
+
+def test_train_local_command_trains_and_reports_the_final_return(tmp_path):
+    from typer.testing import CliRunner
+
+    from tmrl_trainer.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "60", "--seed", "1",
+                                 "--eval-episodes", "1", "--run-dir", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "Pendulum-v1 seed 1: 60 steps" in result.output and "final deterministic return" in result.output
+    assert (tmp_path / "checkpoints" / "latest.safetensors").exists()
+    refused = runner.invoke(app, ["train-local", "--env", "CartPole-v1", "--steps", "5", "--run-dir", str(tmp_path)])
+    assert refused.exit_code == 2 and "Box action space" in refused.output
