@@ -142,6 +142,14 @@ class Peer:
     def nothing_within(self, timeout_ms: int) -> bool:
         return self.socket.poll(timeout_ms) == 0
 
+    def types_within(self, timeout_ms: int) -> list[str]:
+        """Envelope types of everything received within ``timeout_ms``."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        types = []
+        while (remaining := int((deadline - time.monotonic()) * 1000)) > 0 and self.socket.poll(remaining):
+            types.append(decode(self.socket.recv_multipart())[0].type)
+        return types
+
     def close(self) -> None:
         self.socket.close(linger=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import zmq
 
-from tmrl_common.protocol import Heartbeat, SampleAck, encode
+from tmrl_common.protocol import Heartbeat, SampleAck, decode_envelope, encode
 
 from .relay_harness import connected_trainer, connected_worker, insecure_config, make_batch, relay_in_thread, wait_until
 
@@ -24,9 +24,13 @@ def test_batches_reach_the_trainer_byte_for_byte_with_the_worker_as_sender(conte
         sent = [encode(make_batch(seq), "worker-1") for seq in range(5)]
         for frames in sent:
             worker.send_frames(frames)
-        for frames in sent:
+        received = []
+        while len(received) < len(sent):
             assert trainer.socket.poll(5000)
-            assert trainer.socket.recv_multipart() == frames
+            frames = trainer.socket.recv_multipart()
+            if decode_envelope(frames[0]).type == "sample_batch":  # the worker's hello is passed on too
+                received.append(frames)
+        assert received == sent
         steps = sum(make_batch(seq).steps for seq in range(5))
         value = relay.metrics.registry.get_sample_value
         nbytes = sum(len(f[0]) + len(f[1]) for f in sent)
@@ -84,3 +88,16 @@ def test_a_reconnected_worker_gets_its_acks_on_the_new_connection(context):
         assert trainer.recv_type("sample_batch")[1].seq == 5
         trainer.send(SampleAck(worker="worker-1", seqs=[5]))
         assert new.recv_type("sample_ack")[1].seqs == [5]
+
+
+def test_worker_hellos_are_passed_on_to_a_connected_trainer(context):
+    """connected_worker's own hello may be the first one seen; the explicit one carries the layout."""
+    from tmrl_common.layout import tm20_lidar_layout
+    from tmrl_common.protocol import Hello
+
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send(Hello(role="worker", software="w", layout=tm20_lidar_layout(), next_seq=12))
+        envelope, hello = trainer.recv_type("hello")
+        assert envelope.sender == "worker-1" and hello.role == "worker"

@@ -39,6 +39,7 @@ HOSTILE = {
     "envelope_not_a_map": ([msgpack.packb([1, 2, 3]), b"x"], "malformed"),
     "one_frame": ([b"lonely"], "malformed"),
     "three_frames": ([encode_envelope("sample_batch", "worker-1"), _batch_body(), b"extra"], "malformed"),
+    "many_frames": ([b"x"] * 50, "malformed"),
     "empty_frames": ([b"", b""], "malformed"),
     "body_not_msgpack": ([encode_envelope("sample_batch", "worker-1"), b"\xc1" * 32], "malformed"),
     "body_without_first": ([encode_envelope("sample_batch", "worker-1"), msgpack.packb({"seq": 1})], "malformed"),

@@ -345,11 +345,21 @@ class Relay:
             log.info("worker %s said hello (next_seq=%d, %s)%s", fields.sender, hello.next_seq, hello.software,
                      " again on a new connection" if previous is not None and previous.routing_id != routing_id else "")
             self.metrics.connected_workers.set(self.workers.alive(self.config.peer_timeout_s))
+            self._pass_hello_to_trainer(envelope, body)
         else:  # heartbeat
             peer = self.workers.check(routing_id, fields.sender, user_id)
             self._decode_control(envelope, body)
             peer.last_seen = time.monotonic()
             self._send_heartbeat(self.workers_socket, routing_id)
+
+    def _pass_hello_to_trainer(self, envelope: zmq.Frame, body: zmq.Frame) -> None:
+        """Workers' hellos go on to the trainer (best effort) so it can check their observation layout early."""
+        if self.trainer is None or not self._trainer_alive:
+            return
+        try:
+            self.trainer_socket.send_multipart([self.trainer.routing_id, envelope, body], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            pass
 
     def _user_id(self, frame: zmq.Frame) -> str | None:
         if not self._secure:
