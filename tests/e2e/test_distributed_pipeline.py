@@ -8,18 +8,12 @@ were swapped in while the workers kept running. Every process must then stop cle
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from process_stack import Stack, free_ports, read_status
 from tmrl_common.curve import allow_public_key, generate_key_pair
 
-BIN = Path(sys.executable).parent
 DEADLINE_S = 80.0
 
 CONFIG = """
@@ -43,65 +37,6 @@ max_episode_steps = 200
 max_steps_per_second = 400
 ack_timeout_s = 5.0
 """
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-class Stack:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, Path] = {}
-
-    def start(self, name: str, *args: str) -> None:
-        log_path = self.root / f"{name}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "wb") as log:
-            self.processes[name] = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                                    cwd=self.root, env=env)
-        self.logs[name] = log_path
-
-    def check_alive(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                raise AssertionError(f"{name} exited early with code {process.returncode}:\n{self.tail(name)}")
-
-    def tail(self, name: str, lines: int = 30) -> str:
-        return "\n".join(self.logs[name].read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, name: str, timeout: float = 20.0) -> int:
-        process = self.processes[name]
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                raise AssertionError(f"{name} ignored SIGTERM for {timeout}s:\n{self.tail(name)}") from None
-        return process.returncode
-
-    def kill_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-
-
-def read_status(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 @pytest.mark.slow
@@ -143,8 +78,7 @@ def test_two_workers_feed_the_trainer_and_run_on_published_weights(tmp_path):
             time.sleep(0.5)
         else:
             raise AssertionError(f"no batches with weights version >= 2 from both workers within {DEADLINE_S}s; "
-                                 f"last status: {json.dumps(status, indent=1)}\n"
-                                 + "\n".join(f"--- {n}\n{stack.tail(n)}" for n in stack.processes))
+                                 f"last status: {json.dumps(status, indent=1)}\n{stack.tails()}")
 
         assert status["weights_version"] >= 2 and status["updates"] >= 20
         assert status["rejects"] == {}

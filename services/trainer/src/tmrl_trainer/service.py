@@ -202,7 +202,7 @@ class TrainerService:
         update = weights_update_from_actor(self.learner.actor, self.weights_version)
         self.link.publish(update)
         export_policy(update, self.run_dir / POLICY_FILE)
-        log.info("published weights version %d after %d updates (%d samples received)", self.weights_version,
+        log.debug("published weights version %d after %d updates (%d samples received)", self.weights_version,
                  self.learner.updates, self.rows_received)
 
     def _report(self) -> None:

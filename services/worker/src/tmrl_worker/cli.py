@@ -88,8 +88,14 @@ def run(
     except (EnvSpecError, PolicyFileError, StateFileError, SecurityError, KeyFileError) as exc:
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=2) from exc
-    typer.echo(f"{effective.worker_id}: {stats.steps} steps, {stats.episodes} episodes, "
-               f"{stats.batches_submitted} batches, weights version {stats.weights_version}", err=True)
+    delivery = stats.delivery
+    summary = (f"{effective.worker_id}: {stats.steps} steps, {stats.episodes} episodes, "
+               f"{stats.batches_submitted} batches, weights version {stats.weights_version}")
+    if delivery:
+        summary += (f"; delivery: {delivery['steps_submitted']} rows in {delivery['batches_built']} batches, "
+                    f"{delivery['spool_acked']} acknowledged, {delivery['spool_resent']} resent, "
+                    f"{delivery['spool_dropped']} dropped, {delivery['spool_batches']} unacknowledged")
+    typer.echo(summary, err=True)
 
 
 # TrackMania 2020 tools (logic in tmrl_worker.tm20; these functions only parse arguments) -----------------------------

@@ -58,6 +58,8 @@ class WorkerConfig(BaseModel):
     """Resend a batch that has not been acknowledged after this long (doubling after each resend, up to 8x); every
     unacknowledged batch is also resent at once after a reconnection."""
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    flush_timeout_s: float = Field(default=10.0, ge=0)
+    """At shutdown, wait this long for the last batches to be acknowledged."""
     state_dir: Path = Path("~/.local/state/tmrl/worker")
     """Holds ``<worker_id>.state.json`` (the sequence-number reservation that keeps ``seq`` unique across restarts)."""
 

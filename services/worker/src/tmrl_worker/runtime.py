@@ -154,6 +154,8 @@ class RolloutStats:
     recent_returns: deque = field(default_factory=lambda: deque(maxlen=20))
     step_seconds: float = 0.0
     """Total wall time spent inside ``env.step`` + inference, for steps/s reports."""
+    delivery: dict[str, int] = field(default_factory=dict)
+    """The sender thread's counters at the end (:meth:`RelayLink.snapshot`); empty in test mode."""
 
 
 class RolloutLoop:
@@ -200,7 +202,7 @@ class RolloutLoop:
         self.policy = ActorPolicy(prepared.actor, prepared.version, self.deterministic)
         self.stats.swaps += 1
         self.stats.weights_version = prepared.version
-        log.info("%s: now acting with weights version %d (step %d)", self.worker_id, prepared.version, self.stats.steps)
+        log.debug("%s: now acting with weights version %d (step %d)", self.worker_id, prepared.version, self.stats.steps)
 
     def _flush(self) -> None:
         if self.sink is None or not len(self._builder):
@@ -323,9 +325,11 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
                 raise RuntimeError(f"{config.worker_id}: sender thread failed: {link.failure}")
 
         stats = loop.run(max_steps=config.max_steps, stop=stop, health_check=health_check)
-        if link is not None and not link.flush(timeout=5.0):
-            snapshot = link.snapshot()
-            log.warning("%s: stopping with %d unacknowledged batch(es) in the spool", config.worker_id, snapshot["spool_batches"])
+        if link is not None:
+            if not link.flush(timeout=config.flush_timeout_s):
+                log.warning("%s: stopping with %d unacknowledged batch(es) in the spool (lost with this process)",
+                            config.worker_id, link.snapshot()["spool_batches"])
+            stats.delivery = link.snapshot()
         return stats
     finally:
         try:

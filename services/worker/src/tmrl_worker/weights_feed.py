@@ -85,7 +85,7 @@ class WeightsFeed:
             self._newest_version = update.version
             self._latest = PreparedPolicy(version=update.version, actor=actor)
             self.counters.prepared += 1
-        log.info("%s: weights version %d ready (%d bytes)", self.worker_id, update.version, len(update.tensors))
+        log.debug("%s: weights version %d ready (%d bytes)", self.worker_id, update.version, len(update.tensors))
         return True
 
     def start(self) -> None:
