@@ -179,3 +179,19 @@ def test_sim_runs_in_real_time_and_takes_simulator_options():
         handle.close()
     with pytest.raises(EnvSpecError, match="invalid simulator options"):
         make_env("sim-fast", options={"no_such_field": 1})
+
+
+def test_layout_command_prints_json_the_trainer_accepts_as_layout_file(plugged_module, tmp_path):
+    from typer.testing import CliRunner
+
+    from tmrl_trainer.service import layout_for_env
+    from tmrl_worker.cli import app
+
+    result = CliRunner().invoke(app, ["layout", "--env", f"{plugged_module}:PointInterface"])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "layout.json"
+    path.write_text(result.stdout)
+    layout = layout_for_env(f"{plugged_module}:PointInterface", path)
+    assert layout.action_dim == 1 and layout.action_history == 2 and layout.components[0].frame_shape == [1]
+    bad = CliRunner().invoke(app, ["layout", "--env", "nonsense"])
+    assert bad.exit_code == 2 and "unknown env" in bad.output

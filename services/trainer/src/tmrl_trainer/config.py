@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tmrl_common.protocol import SENDER_PATTERN
 from tmrl_common.sockets import SecurityConfig, TransportConfig
 
 from tmrl_trainer.sac import SACConfig
@@ -53,3 +54,10 @@ class TrainerConfig(BaseModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     """CurveZMQ: ``secret_key_file`` (the trainer's pair, allow-listed at the relay) and ``server_public_key_file``;
     or ``insecure = true`` (``--insecure``) for plain text on a trusted loopback."""
+
+    @field_validator("trainer_id")
+    @classmethod
+    def _id_fits_the_wire(cls, value: str) -> str:
+        if not SENDER_PATTERN.match(value):
+            raise ValueError(f"trainer_id {value!r} must match {SENDER_PATTERN.pattern}")
+        return value

@@ -159,3 +159,24 @@ def benchmark(
     raise typer.Exit(code=benchmark_tool(variant=env, steps=steps, telemetry_port=telemetry_port, reward_path=reward,
                                          controller_kind=controller, capture_backend=capture, window_title=window_title,
                                          synthetic=synthetic, time_step_duration=time_step))
+
+
+@app.command()
+def layout(
+    config: Path | None = ConfigOption,
+    env: str | None = typer.Option(None, "--env", help="The env whose observation layout to print (default: the config's)."),
+) -> None:
+    """Print the env's observation layout as JSON (the trainer's ``layout_file`` for ``module:Class`` envs)."""
+    from tmrl_worker.envs import EnvSpecError, make_env
+
+    effective = load_config(WorkerConfig, "worker", config, overrides={"env": env})
+    try:
+        handle = make_env(effective.env, time_step_duration=effective.time_step_duration,
+                          max_episode_steps=effective.max_episode_steps, options=effective.env_options)
+    except EnvSpecError as exc:
+        typer.echo(f"tmrl-worker: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    try:
+        typer.echo(handle.layout.model_dump_json(indent=1))
+    finally:
+        handle.close()

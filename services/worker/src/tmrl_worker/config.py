@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tmrl_common.protocol import SENDER_PATTERN
 from tmrl_common.sockets import SecurityConfig, TransportConfig
 
 WorkerMode = Literal["train", "test", "expert"]
@@ -17,6 +18,8 @@ class WorkerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     worker_id: str = "worker-1"
+    """Unique per worker (letters, digits, ``_.:-``; at most 64 characters): it names the worker on the wire and its
+    sequence-number state file."""
     relay_host: str = "127.0.0.1"
     worker_port: int = Field(default=5555, ge=1, le=65535)
     weights_port: int = Field(default=5557, ge=1, le=65535)
@@ -68,3 +71,10 @@ class WorkerConfig(BaseModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     """CurveZMQ: ``secret_key_file`` (this worker's pair, allow-listed at the relay) and ``server_public_key_file``;
     or ``insecure = true`` (``--insecure``) for plain text on a trusted loopback."""
+
+    @field_validator("worker_id")
+    @classmethod
+    def _id_fits_the_wire(cls, value: str) -> str:
+        if not SENDER_PATTERN.match(value):
+            raise ValueError(f"worker_id {value!r} must match {SENDER_PATTERN.pattern}")
+        return value
