@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -34,8 +34,13 @@ from tmrl_common.protocol import ArchitectureValue, WeightsUpdate
 from tmrl_common.weights import tensors_from_bytes, tensors_to_bytes
 
 Activation = Literal["relu", "tanh", "elu", "silu"]
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
-_FUNCTIONAL: dict[str, object] = {"relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "silu": F.silu}
+# In place: each activation overwrites the fresh output of the layer before it (which that layer's backward does not
+# need), saving an allocation and a pass over memory per layer.
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True), "tanh": nn.Tanh, "elu": lambda: nn.ELU(inplace=True),
+    "silu": lambda: nn.SiLU(inplace=True)}
+_FUNCTIONAL: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu_, "tanh": torch.tanh_, "elu": lambda x: F.elu(x, inplace=True), "silu": lambda x: F.silu(x, inplace=True)}
 
 
 def is_image_component(component: ObservationComponent) -> bool:
