@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-
 from tmrl_common.arrays import WireArray
 from tmrl_common.protocol import Hello, SampleBatch, WeightsUpdate, decode_envelope, encode, encode_envelope
 from tmrl_common.weights import tensors_to_bytes
@@ -353,7 +352,7 @@ def main() -> None:
                 print(f"  {names[name]:<26}{rate:>10.0f}{mbps:>10.0f}{rate / median['direct'][0]:>10.2f}"
                       f"{rate / median['proxy'][0]:>10.2f}{cpu:>20.1f}")
             ratio = median["relay"][0] / median["proxy"][0]
-            per_run = ", ".join(f"{r[0] / p[0]:.2f}" for r, p in zip(runs["relay"], runs["proxy"]))
+            per_run = ", ".join(f"{r[0] / p[0]:.2f}" for r, p in zip(runs["relay"], runs["proxy"], strict=True))
             print(f"  relay / proxy = {ratio:.2f} ({'meets' if ratio >= 0.9 else 'BELOW'} the 0.9 bar; per repeat: {per_run}); "
                   f"relay / direct = {median['relay'][0] / median['direct'][0]:.2f}; "
                   f"broker CPU per message relay / proxy = {median['relay'][2] / median['proxy'][2]:.2f}")

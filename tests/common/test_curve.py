@@ -7,7 +7,6 @@ import stat
 import pytest
 import zmq
 import zmq.auth
-
 from tmrl_common.curve import (
     KeyFileError,
     allow_public_key,

@@ -11,11 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import zmq
-
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import tm20_lidar_layout
 from tmrl_common.protocol import Hello, Message, SampleBatch, WeightsUpdate, decode, encode
@@ -64,7 +63,7 @@ def relay_subprocess(*args: str, env: dict[str, str] | None = None) -> Iterator[
         if not match:
             process.kill()
             raise AssertionError(f"relay did not start: {line!r} {process.stderr.read()}")
-        ports = dict(zip(("worker_port", "trainer_port", "weights_port", "metrics_port"), map(int, match.groups())))
+        ports = dict(zip(("worker_port", "trainer_port", "weights_port", "metrics_port"), map(int, match.groups()), strict=True))
         yield process, ports
     finally:
         if process.poll() is None:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import tomllib
 import urllib.request
 
 import pytest
+import tomllib
 import zmq
-from typer.testing import CliRunner
-
 from tmrl_common.curve import list_allowed_keys, load_public_key
 from tmrl_common.protocol import SampleAck
 from tmrl_relay.cli import app
+from typer.testing import CliRunner
 
 from .relay_harness import Peer, make_batch, make_weights, relay_subprocess, wait_until
 

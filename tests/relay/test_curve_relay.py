@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import zmq
-
 from tmrl_common.curve import allow_public_key, generate_key_pair, load_public_key
 from tmrl_common.protocol import Hello
 from tmrl_common.sockets import SecurityConfig

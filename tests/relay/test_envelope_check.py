@@ -6,7 +6,6 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tmrl_common.errors import ProtocolError
 from tmrl_common.protocol import DEFAULT_LIMITS, decode_envelope, encode, encode_envelope
 from tmrl_relay.envelope import check_envelope, read_batch_head

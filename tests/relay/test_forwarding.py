@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import zmq
-
 from tmrl_common.protocol import Heartbeat, SampleAck, decode_envelope, encode
 
 from .relay_harness import connected_trainer, connected_worker, insecure_config, make_batch, relay_in_thread, wait_until

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import zmq
-
 from tmrl_common.protocol import encode
 from tmrl_relay.pending import PendingBatch, PendingBatches
 
@@ -120,9 +119,8 @@ def test_a_slow_trainer_back_pressures_workers_without_dropping(context):
             worker.send(big.model_copy(update={"seq": seq}))
         value = relay.metrics.registry.get_sample_value
         wait_until(lambda: value("tmrl_relay_pending_batches") >= 1, what="the trainer's queue to fill up")
-        from tmrl_relay.envelope import read_batch_head
-
         from tmrl_common.protocol import decode_envelope
+        from tmrl_relay.envelope import read_batch_head
 
         seqs = []
         while len(seqs) < count:

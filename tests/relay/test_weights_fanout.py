@@ -6,10 +6,17 @@ import time
 
 import pytest
 import zmq
-
 from tmrl_common.protocol import encode
 
-from .relay_harness import Peer, connected_trainer, connected_worker, insecure_config, make_weights, relay_in_thread, wait_until
+from .relay_harness import (
+    Peer,
+    connected_trainer,
+    connected_worker,
+    insecure_config,
+    make_weights,
+    relay_in_thread,
+    wait_until,
+)
 
 
 @pytest.fixture

@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
-
 from tmrl_common.curve import KeyFileError, reload_authenticator, start_authenticator
 from tmrl_common.errors import ProtocolError
 from tmrl_common.protocol import (
@@ -38,6 +36,8 @@ from tmrl_common.protocol import (
     encode,
 )
 from tmrl_common.sockets import apply_transport, enable_ipv6_if_needed, secure_server_socket, tcp_endpoint
+from zmq.utils.monitor import parse_monitor_message
+
 from tmrl_relay import __version__
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head
@@ -93,6 +93,8 @@ class _RateLimitedLog:
 
     def warning(self, key: Any, message: str, *args: Any) -> None:
         now = time.monotonic()
+        if len(self._last) > 4096:  # keys may carry peer-chosen ids: stay bounded
+            self._last.clear()
         last, suppressed = self._last.get(key, (float("-inf"), 0))
         if now - last >= self.interval_s:
             suffix = f" (+{suppressed} similar in the last {self.interval_s:.0f}s)" if suppressed else ""
@@ -265,25 +267,38 @@ class Relay:
         reading_workers = True
         next_housekeeping = 0.0
         while not self._stop.is_set():
-            events = dict(poller.poll(_BACKPRESSURE_POLL_MS if self._backpressured else _IDLE_POLL_MS))
-            if self.trainer_socket in events:
-                self._drain(self.trainer_socket, self._on_trainer_message, "trainer")
-            if self.pending:
-                self._flush_pending()
-            if self.workers_socket in events and not self._backpressured:
-                self._drain(self.workers_socket, self._on_worker_message, "workers")
-            if self.weights_socket in events:
-                self._drain_subscriptions()
-            for monitor, link in monitors.items():
-                if monitor in events:
-                    self._on_monitor_events(monitor, link)
-            if self._backpressured == reading_workers:  # stop polling the workers while the trainer is full
-                reading_workers = not self._backpressured
-                poller.modify(self.workers_socket, zmq.POLLIN if reading_workers else 0)
-            now = time.monotonic()
-            if now >= next_housekeeping:
-                self._housekeeping(now)
-                next_housekeeping = now + _HOUSEKEEPING_S
+            try:
+                reading_workers, next_housekeeping = self._serve_once(poller, monitors, reading_workers, next_housekeeping)
+            except zmq.ContextTerminated:
+                return
+            except Exception:  # never let one bad turn stop the relay: count, log, go on
+                self.metrics.reject("internal", "relay")
+                log.exception("relay loop: unexpected error; continuing")
+                time.sleep(0.01)
+
+    def _serve_once(self, poller: zmq.Poller, monitors: dict, reading_workers: bool,
+                    next_housekeeping: float) -> tuple[bool, float]:
+        """One turn of the poll loop; returns the loop state (are workers polled, next housekeeping time)."""
+        events = dict(poller.poll(_BACKPRESSURE_POLL_MS if self._backpressured else _IDLE_POLL_MS))
+        if self.trainer_socket in events:
+            self._drain(self.trainer_socket, self._on_trainer_message, "trainer")
+        if self.pending:
+            self._flush_pending()
+        if self.workers_socket in events and not self._backpressured:
+            self._drain(self.workers_socket, self._on_worker_message, "workers")
+        if self.weights_socket in events:
+            self._drain_subscriptions()
+        for monitor, link in monitors.items():
+            if monitor in events:
+                self._on_monitor_events(monitor, link)
+        if self._backpressured == reading_workers:  # stop polling the workers while the trainer is full
+            reading_workers = not self._backpressured
+            poller.modify(self.workers_socket, zmq.POLLIN if reading_workers else 0)
+        now = time.monotonic()
+        if now >= next_housekeeping:
+            self._housekeeping(now)
+            next_housekeeping = now + _HOUSEKEEPING_S
+        return reading_workers, next_housekeeping
 
     def _drain(self, socket: zmq.Socket, handle, link: str) -> None:
         traffic = self.metrics.traffic

@@ -6,14 +6,13 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
-
 from tmrl_common.config import load_config, render_config
 from tmrl_common.curve import KeyFileError
 from tmrl_common.errors import ConfigError
 from tmrl_common.sockets import SecurityError
+
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.keys import keys_app
 
@@ -34,16 +33,16 @@ ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the 
 
 @app.command()
 def run(
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
     show_config: bool = typer.Option(False, "--show-config", help="Print the effective config and exit."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain text, no CurveZMQ authentication (trusted loopback only)."),
-    bind_host: Optional[str] = typer.Option(None, "--bind-host", help="Interface to bind (* for all)."),
-    worker_port: Optional[int] = typer.Option(None, "--worker-port", help="Workers' ROUTER port (0: any free port)."),
-    trainer_port: Optional[int] = typer.Option(None, "--trainer-port", help="Trainer's ROUTER port (0: any free port)."),
-    weights_port: Optional[int] = typer.Option(None, "--weights-port", help="Weights XPUB port (0: any free port)."),
-    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Prometheus HTTP port (0: disabled)."),
-    secret_key: Optional[Path] = typer.Option(None, "--secret-key", help="The relay's NAME.key_secret file."),
-    allow_dir: Optional[Path] = typer.Option(None, "--allow-dir", help="Allow-list directory of client public keys."),
+    bind_host: str | None = typer.Option(None, "--bind-host", help="Interface to bind (* for all)."),
+    worker_port: int | None = typer.Option(None, "--worker-port", help="Workers' ROUTER port (0: any free port)."),
+    trainer_port: int | None = typer.Option(None, "--trainer-port", help="Trainer's ROUTER port (0: any free port)."),
+    weights_port: int | None = typer.Option(None, "--weights-port", help="Weights XPUB port (0: any free port)."),
+    metrics_port: int | None = typer.Option(None, "--metrics-port", help="Prometheus HTTP port (0: disabled)."),
+    secret_key: Path | None = typer.Option(None, "--secret-key", help="The relay's NAME.key_secret file."),
+    allow_dir: Path | None = typer.Option(None, "--allow-dir", help="Allow-list directory of client public keys."),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Run the relay in the foreground until SIGINT/SIGTERM."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from tmrl_common.protocol import DecodeLimits
 from tmrl_common.sockets import SecurityConfig, TransportConfig
 

@@ -15,7 +15,6 @@ import struct
 from typing import Any, NamedTuple
 
 import msgpack
-
 from tmrl_common.errors import ProtocolError
 from tmrl_common.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, SENDER_PATTERN, SUPPORTED_VERSIONS, DecodeLimits
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
-
 from tmrl_common.config import load_config
 from tmrl_common.curve import (
     KeyFileError,
@@ -44,7 +42,7 @@ def generate(
 def add(
     public_key_file: Path = typer.Argument(..., help="A client's public certificate (NAME.key)."),
     allow_dir: Path = typer.Option(..., "--allow-dir", help="The relay's allow-list directory."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name in the allow-list (default: the file's name)."),
+    name: str | None = typer.Option(None, "--name", help="Name in the allow-list (default: the file's name)."),
     force: bool = typer.Option(False, "--force", help="Replace a different key already allowed under that name."),
 ) -> None:
     """Allow a client's public key; a running relay picks it up within allowlist_reload_s."""
@@ -70,8 +68,8 @@ def remove(
 
 @keys_app.command("list")
 def list_keys(
-    allow_dir: Optional[Path] = typer.Option(None, "--allow-dir", help="The allow-list directory (default: from --config)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Relay TOML config: security.allowlist_dir is listed.",
+    allow_dir: Path | None = typer.Option(None, "--allow-dir", help="The allow-list directory (default: from --config)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Relay TOML config: security.allowlist_dir is listed.",
                                           exists=True, dir_okay=False),
 ) -> None:
     """List the allowed public keys."""

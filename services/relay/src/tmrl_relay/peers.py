@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from tmrl_common.errors import ProtocolError
 
+MAX_IDS_PER_KEY = 16
+"""Sender ids one CurveZMQ key may bind (bounds the binding table by the allow-list's size)."""
+
 
 @dataclass
 class Peer:
@@ -34,12 +37,19 @@ class PeerTable:
         self.by_sender: dict[str, Peer] = {}
         self.key_of_sender: dict[str, str] = {}
         """Sender id → public key it was first registered with; a different key may never use that id."""
+        self._ids_of_key: dict[str, set[str]] = {}
 
     def register(self, routing_id: bytes, sender: str, user_id: str | None) -> tuple[Peer, Peer | None]:
         """Bind ``sender`` to this connection; returns the new peer and the one it replaced (a reconnection)."""
         bound_key = self.key_of_sender.get(sender)
         if user_id is not None and bound_key is not None and bound_key != user_id:
             raise ProtocolError("unknown_sender", f"{self.role} id {sender!r} is bound to another CurveZMQ key")
+        if user_id is not None and bound_key is None:
+            ids = self._ids_of_key.setdefault(user_id, set())
+            if len(ids) >= MAX_IDS_PER_KEY:
+                raise ProtocolError("unknown_sender", f"this CurveZMQ key already uses {len(ids)} {self.role} ids "
+                                                      f"(at most {MAX_IDS_PER_KEY}); give each {self.role} its own key")
+            ids.add(sender)
         previous = self.by_sender.pop(sender, None)
         if previous is not None:
             self.by_routing_id.pop(previous.routing_id, None)
