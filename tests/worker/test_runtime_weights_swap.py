@@ -130,3 +130,45 @@ def test_test_mode_sends_nothing_and_expert_mode_ignores_weights(pendulum):
     stats = expert.run(max_steps=20)
     assert stats.weights_version == 0 and {b.weights_version for b in sink.batches} == {0}
     assert sum(b.steps for b in sink.batches) == 21
+
+
+def test_weights_feed_thread_receives_over_a_sub_socket_and_keeps_only_the_newest(pendulum):
+    import time
+
+    import zmq
+
+    from tmrl_common.protocol import encode
+    from tmrl_common.sockets import SecurityConfig, TransportConfig
+    from tmrl_worker.relay_link import RelayEndpoint
+
+    context = zmq.Context()
+    publisher = context.socket(zmq.PUB)
+    port = publisher.bind_to_random_port("tcp://127.0.0.1")
+    feed = WeightsFeed("worker-t", RelayEndpoint("127.0.0.1", port, TransportConfig(linger_ms=0),
+                                                 SecurityConfig(insecure=True)), context=context)
+    feed.start()
+    try:
+        updates = [weights_update_from_actor(small_actor(pendulum.layout, seed=v), version=v) for v in range(1, 6)]
+        deadline = time.monotonic() + 10
+        while feed.counters.prepared == 0:  # PUB drops messages until the subscription has arrived
+            assert time.monotonic() < deadline, "the feed never received the first update"
+            publisher.send_multipart(encode(updates[0], "relay"))
+            time.sleep(0.05)
+        assert feed.take_latest().version == 1
+        publisher.send_multipart([b"\x81\xa1v\x01", b"not msgpack"])
+        for update in updates[1:]:
+            publisher.send_multipart(encode(update, "relay"))
+        deadline = time.monotonic() + 10
+        latest = None
+        while latest is None or latest.version < 5:
+            assert time.monotonic() < deadline, "version 5 never became the latest"
+            latest = feed.take_latest() or latest
+            time.sleep(0.01)
+        assert feed.counters.rejected >= 1
+        observation = pendulum.reset(seed=0)
+        np.testing.assert_allclose(latest.actor.act(observation, deterministic=True),
+                                   small_actor(pendulum.layout, seed=5).act(observation, deterministic=True), rtol=1e-6)
+    finally:
+        feed.stop()
+        publisher.close(linger=0)
+        context.destroy(linger=0)

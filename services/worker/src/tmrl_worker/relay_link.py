@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import zmq
@@ -55,7 +56,8 @@ class RelayEndpoint:
         with zmq.Context() as context, context.socket(zmq.DEALER) as probe:
             secure_client_socket(probe, self.security)
 
-    def connect(self, context: zmq.Context, socket_type: int, monitor_events: int = 0) -> tuple[zmq.Socket, zmq.Socket | None]:
+    def connect(self, context: zmq.Context, socket_type: int, monitor_events: int = 0,
+                before_connect: Callable[[zmq.Socket], None] | None = None) -> tuple[zmq.Socket, zmq.Socket | None]:
         """A configured socket connected to the relay, and its monitor socket when ``monitor_events`` are asked for
         (attached before connecting, so the first connection's events are not missed).
         Raises :class:`~tmrl_common.sockets.SecurityError` when key files are missing."""
@@ -65,6 +67,8 @@ class RelayEndpoint:
             apply_transport(socket, self.transport)
             enable_ipv6_if_needed(socket, self.host)
             secure_client_socket(socket, self.security)
+            if before_connect is not None:
+                before_connect(socket)
             if monitor_events:
                 monitor = socket.get_monitor_socket(monitor_events)
             socket.connect(tcp_endpoint(self.host, self.port))

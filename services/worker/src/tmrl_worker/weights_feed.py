@@ -21,6 +21,8 @@ from tmrl_worker.relay_link import RelayEndpoint
 log = logging.getLogger(__name__)
 
 _POLL_MS = 50
+SUB_RCVHWM = 4
+"""Weights updates queued on receipt at most (each may be megabytes; only the newest matters)."""
 
 
 @dataclass
@@ -101,27 +103,47 @@ class WeightsFeed:
 
     def _run(self) -> None:
         assert self.endpoint is not None
-        socket, _ = self.endpoint.connect(self._context, zmq.SUB)
-        socket.setsockopt(zmq.SUBSCRIBE, b"")
+        socket, _ = self.endpoint.connect(self._context, zmq.SUB, before_connect=self._configure_sub)
         try:
             while not self._stop.is_set():
                 if not socket.poll(_POLL_MS):
                     continue
-                frames = socket.recv_multipart()
-                try:
-                    envelope, message = decode(frames, self.limits)
-                except ProtocolError as exc:
-                    self.counters.rejected += 1
-                    log.warning("%s: ignored a malformed message on the weights feed: %s", self.worker_id, exc)
+                newest = None
+                while True:  # drain: only the newest queued update is worth building an actor for
+                    try:
+                        frames = socket.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    update = self._decode(frames)
+                    if update is not None:
+                        if newest is not None:
+                            self.counters.received += 1
+                            self.counters.stale += 1
+                        newest = update
+                if newest is None:
                     continue
-                if not isinstance(message, WeightsUpdate):
-                    self.counters.rejected += 1
-                    log.warning("%s: ignored a %s from %s on the weights feed", self.worker_id, envelope.type, envelope.sender)
-                    continue
                 try:
-                    self.offer(message)
+                    self.offer(newest)
                 except Exception:  # a broken update must not stop the feed; count it and keep listening
                     self.counters.rejected += 1
-                    log.exception("%s: could not prepare weights version %d", self.worker_id, message.version)
+                    log.exception("%s: could not prepare weights version %d", self.worker_id, newest.version)
         finally:
             socket.close()
+
+    @staticmethod
+    def _configure_sub(socket: zmq.Socket) -> None:
+        socket.setsockopt(zmq.RCVHWM, SUB_RCVHWM)
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+
+    def _decode(self, frames: list[bytes]) -> WeightsUpdate | None:
+        try:
+            envelope, message = decode(frames, self.limits)
+        except ProtocolError as exc:
+            self.counters.rejected += 1
+            log.warning("%s: ignored a malformed message on the weights feed: %s", self.worker_id, exc)
+            return None
+        if not isinstance(message, WeightsUpdate):
+            self.counters.rejected += 1
+            log.warning("%s: ignored a %s from %s on the weights feed", self.worker_id, envelope.type, envelope.sender)
+            return None
+        return message
