@@ -148,3 +148,15 @@ def test_run_flags_show_in_the_effective_config(runner, tmp_path):
     table = tomllib.loads(result.stdout)["relay"]
     assert table["worker_port"] == 7001
     assert table["security"]["insecure"] is True and table["security"]["allowlist_dir"] == str(tmp_path)
+
+
+def test_relay_subprocess_stops_cleanly_on_sigint(context):
+    import signal
+
+    with relay_subprocess("--insecure", "--metrics-port", "0") as (process, ports):
+        worker = Peer(context, ports["worker_port"], "worker-1")
+        worker.hello("worker")
+        worker.send(make_batch(1))  # held: no trainer
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0
+        assert "relay stopped" in process.stderr.read()
