@@ -565,8 +565,9 @@ class Relay:
                     ref_seq = read_batch_head(frames[2].buffer).seq
             except ProtocolError:
                 pass
-        self._rate_log.warning((link, exc.reason, sender), "%s link: rejected %s from %s (routing id %s): %s",
-                               link, ref_type or "a message", sender, routing_id.hex()[:16], exc)
+        self._rate_log.warning((link, exc.reason, sender), "%s link: rejected %s%s from %s (routing id %s): %s",
+                               link, ref_type or "a message", f" seq {ref_seq}" if ref_seq is not None else "", sender,
+                               routing_id.hex()[:16], exc)
         error = Error(reason=exc.reason, message=str(exc)[:1024], ref_type=ref_type[:32], ref_seq=ref_seq)
         try:
             socket.send_multipart([routing_id, *encode(error, RELAY_SENDER)], zmq.NOBLOCK)
