@@ -6,7 +6,6 @@ import random
 
 import msgpack
 import zmq
-
 from tmrl_common.errors import ProtocolError
 from tmrl_common.protocol import Heartbeat, Hello, SampleAck, encode
 from tmrl_relay.broker import Relay

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import zmq
-
 from tmrl_common.errors import ProtocolError
 from tmrl_relay.peers import MAX_IDS_PER_KEY, PeerTable
 
