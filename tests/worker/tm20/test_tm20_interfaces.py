@@ -192,3 +192,19 @@ def test_a_failing_device_closes_the_ones_already_built(plugin, monkeypatch):
         TM20LidarInterface(reward=straight_reward(), controller=RecordingController(), telemetry_port=plugin.port)
     names = [t.name for t in threading.enumerate() if t.is_alive()]
     assert f"tm20-telemetry-{plugin.port}" not in names
+
+
+def test_lidar_settings_from_a_config_table_are_validated_and_used(plugin):
+    interface = TM20LidarInterface(**devices(plugin, lidar={"beams": 9, "threshold": 40}))
+    try:
+        assert interface.lidar.beams == 9 and interface.layout.components[1].frame_shape == [9]
+        obs, _ = interface.reset()
+        assert obs[1].shape == (4, 9)
+    finally:
+        interface.close()
+    rejected = devices(plugin, lidar={"beams": 0})
+    try:
+        with pytest.raises(ValueError, match="beams"):
+            TM20LidarInterface(**rejected)
+    finally:
+        rejected["telemetry"].close()

@@ -75,7 +75,7 @@ class TM20Interface(RealTimeGymInterface):
     def __init__(self, *, capture: FrameCapture | None = None, telemetry: TelemetryClient | None = None,
                  controller: Controller | None = None, reward: TrajectoryReward | None = None,
                  reward_path: str | Path | None = None, reward_config: TrajectoryRewardConfig | None = None,
-                 img_hist_len: int = 4, act_buf_len: int = 2, lidar: LidarConfig | None = None,
+                 img_hist_len: int = 4, act_buf_len: int = 2, lidar: LidarConfig | dict[str, Any] | None = None,
                  telemetry_port: int = DEFAULT_PORT, telemetry_timeout: float = 5.0,
                  window_title: str = "Trackmania", capture_backend: str = "auto", controller_kind: str = "auto",
                  sleep_time_at_reset: float = 1.5) -> None:
@@ -91,7 +91,8 @@ class TM20Interface(RealTimeGymInterface):
         self.img_hist_len = img_hist_len
         self.act_buf_len = act_buf_len
         self.sleep_time_at_reset = sleep_time_at_reset
-        self.lidar = Lidar(lidar)
+        # From a TOML config the LIDAR settings arrive as a table: validate them into a LidarConfig.
+        self.lidar = Lidar(LidarConfig.model_validate(lidar) if isinstance(lidar, dict) else lidar)
         self.layout = self._make_layout()
         built: list[Any] = []  # devices built here are closed again if a later one fails
         try:
