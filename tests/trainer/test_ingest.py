@@ -128,3 +128,17 @@ def test_hello_with_a_different_layout_is_logged(ingest, caplog):
     assert ingestor.handle(encode(hello, "w9")) == []
     assert "differs from the trainer's" in caplog.text
     assert ingestor.snapshot()["workers"]["w9"]["hellos"] == 1
+
+
+def test_a_workers_hello_moves_the_dedupe_window_past_a_restart_gap(ingest):
+    ingestor, _, _ = ingest
+    ingestor.handle(batch_frames("w1", 0, [1.0]))
+    ingestor.handle(batch_frames("w1", 1, [1.0]))
+    # the worker restarts: its state file reserved seqs up to 1000, so it continues there
+    ingestor.handle(encode(Hello(role="worker", software="test", layout=LAYOUT, next_seq=1000), "w1"))
+    assert ingestor.dedupe.watermark("w1") == 1000 and ingestor.dedupe.pending_above("w1") == 0
+    assert acked(ingestor.handle(batch_frames("w1", 1000, [1.0]))) == [("w1", [1000])]
+    assert ingestor.dedupe.watermark("w1") == 1001 and ingestor.dedupe.given_up == 0
+    # an old hello (lower next_seq, e.g. delivered late) never moves the window back
+    ingestor.handle(encode(Hello(role="worker", software="test", layout=LAYOUT, next_seq=3), "w1"))
+    assert ingestor.dedupe.watermark("w1") == 1001

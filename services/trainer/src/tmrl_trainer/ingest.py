@@ -48,7 +48,8 @@ class SeqDeduplicator:
     (batches a worker dropped from a full spool, numbers a restarted worker skipped) would keep that set growing, so
     once it holds ``max_above`` entries the watermark jumps to the smallest stored seq: the seqs skipped that way are
     given up on (counted in :attr:`given_up`; one still arriving later is treated as a duplicate).
-    Memory is ``O(workers × max_above)``.
+    Memory is ``O(workers × max_above)``. A worker's ``hello.next_seq`` (forwarded by the relay) moves the watermark
+    past such gaps at once (:meth:`advance_to`): the worker promises every lower seq is settled.
     """
 
     def __init__(self, max_above: int = 4096) -> None:
@@ -81,6 +82,16 @@ class SeqDeduplicator:
         while window.watermark in window.above:
             window.above.remove(window.watermark)
             window.watermark += 1
+
+    def advance_to(self, worker: str, seq: int) -> None:
+        """Every seq below ``seq`` is settled for ``worker`` (its ``hello.next_seq``: acknowledged, dropped by the
+        worker, or never used after a restart), so the window can move past gaps without giving anything up."""
+        window = self._windows.setdefault(worker, _WorkerWindow())
+        if seq <= window.watermark:
+            return
+        window.watermark = seq
+        window.above = {s for s in window.above if s >= seq}
+        self._advance(window)
 
     def watermark(self, worker: str) -> int:
         window = self._windows.get(worker)
@@ -234,6 +245,7 @@ class Ingestor:
             return
         with self._lock:
             self._worker(envelope.sender).hellos += 1
+            self.dedupe.advance_to(envelope.sender, hello.next_seq)
         if hello.layout is not None and hello.layout != self.layout:
             log.warning("%s announced an observation layout that differs from the trainer's; its batches will be "
                         "rejected (worker components %s, trainer components %s)", envelope.sender,

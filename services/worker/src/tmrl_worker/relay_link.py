@@ -218,15 +218,18 @@ class RelayLink:
             event = recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.counters.connections += 1
-                hello = Hello(role="worker", software=SOFTWARE, layout=self.layout, next_seq=self.sequence.next_seq)
-                self._send(socket, encode(hello, self.worker_id))
-                self.counters.hellos_sent += 1
                 with self._lock:
                     pending = self.spool.pending()
                     for entry in pending:  # resend everything unacknowledged: the old pipe's queue is gone
                         entry.last_sent = float("-inf")
+                # the next batch sent is the oldest unacknowledged one (resent first), else a new one: every seq
+                # below next_seq is acknowledged, dropped from the spool or was never used (restart reservation)
+                next_seq = min([entry.seq for entry in pending] + [self.sequence.next_seq])
+                hello = Hello(role="worker", software=SOFTWARE, layout=self.layout, next_seq=next_seq)
+                self._send(socket, encode(hello, self.worker_id))
+                self.counters.hellos_sent += 1
                 log.info("%s: connected to the relay (%s); hello sent with next_seq=%d, %d unacknowledged batch(es) "
-                         "to resend", self.worker_id, self.endpoint.describe(), self.sequence.next_seq, len(pending))
+                         "to resend", self.worker_id, self.endpoint.describe(), next_seq, len(pending))
                 self._connected.set()
             elif event == zmq.EVENT_DISCONNECTED:
                 self.counters.disconnections += 1
