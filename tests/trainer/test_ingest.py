@@ -142,3 +142,12 @@ def test_a_workers_hello_moves_the_dedupe_window_past_a_restart_gap(ingest):
     # an old hello (lower next_seq, e.g. delivered late) never moves the window back
     ingestor.handle(encode(Hello(role="worker", software="test", layout=LAYOUT, next_seq=3), "w1"))
     assert ingestor.dedupe.watermark("w1") == 1001
+
+
+def test_worker_stats_give_the_stored_seq_range(ingest):
+    ingestor, _, _ = ingest
+    for seq in (7, 5, 6, 6):  # out of order, one duplicate
+        ingestor.handle(batch_frames("w", seq, [1.0]))
+    stats = ingestor.snapshot()["workers"]["w"]
+    assert (stats["min_seq"], stats["max_seq"], stats["batches"], stats["duplicates"]) == (5, 7, 3, 1)
+    assert stats["batches"] == stats["max_seq"] - stats["min_seq"] + 1  # contiguous: nothing between lost or doubled

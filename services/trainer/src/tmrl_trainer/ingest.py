@@ -177,6 +177,10 @@ class WorkerStats:
     last_return: float | None = None
     hellos: int = 0
     last_seen: float = 0.0
+    min_seq: int | None = None
+    """Lowest and highest ``seq`` stored from this worker: with ``batches`` they show whether the stored seqs form
+    one contiguous range (``batches == max_seq - min_seq + 1``), i.e. nothing in between was lost or stored twice."""
+    max_seq: int | None = None
 
 
 class Ingestor:
@@ -279,6 +283,8 @@ class Ingestor:
             self.rows_stored += rows
             stats.batches += 1
             stats.steps += rows
+            stats.min_seq = batch.seq if stats.min_seq is None else min(stats.min_seq, batch.seq)
+            stats.max_seq = batch.seq if stats.max_seq is None else max(stats.max_seq, batch.seq)
             stats.weights_version = batch.weights_version
             stats.max_weights_version = max(stats.max_weights_version, batch.weights_version)
             for record in finished:
