@@ -188,7 +188,7 @@ class TrainerService:
             "connected": self.link.connected,
             "updates": self.learner.updates,
             "weights_version": self.weights_version,
-            "samples_received": self.rows_received,
+            "samples_received": ingest["rows_stored"],  # same snapshot as the per-worker counts
             "samples_stored": stored,
             "metrics": self.last_metrics,
             "link": vars(self.link.counters),
