@@ -1,0 +1,289 @@
+"""Fault scenarios on real processes (relay, trainer, workers on loopback, fast simulator), shared by the tests in
+this folder and ``benchmarks/reliability_report.py``. Each scenario raises :class:`AssertionError` (with the logs)
+when a guarantee does not hold and returns the figures it measured.
+
+Accounting, per worker id (what "nothing lost, nothing counted twice" means here):
+
+* worker side, from the summary line a worker prints when it exits (``delivery: R rows in B batches, A acknowledged,
+  S resent, D dropped, U unacknowledged``): ``B`` batches built and numbered, ``A`` acknowledged by a trainer (an ack is
+  only sent for a batch stored, or for a duplicate of one stored, by that trainer), ``D`` dropped from a full spool
+  (counted and logged), ``U`` still unacknowledged at exit. Nothing is lost when ``A + D == B`` and ``D == U == 0``.
+* trainer side, from ``status.json`` (``workers.<id>``): ``batches``/``steps`` stored, ``duplicates`` (resends of a
+  stored batch, acknowledged again, not stored), ``min_seq``/``max_seq`` of the stored batches. Every stored seq is
+  stored once; ``batches == max_seq - min_seq + 1`` says the stored seqs are one range without a hole.
+* relay side, from its Prometheus metrics: ``tmrl_relay_batches_forwarded_total`` (every batch handed to a trainer,
+  resends included) must equal the trainer's ``batches + duplicates + rejects`` while one trainer process ran.
+
+A worker killed with SIGKILL loses what only it held: its partly filled batch and the batches in its in-memory spool
+that had not reached the relay; everything that reached the relay is accounted for above. A restarted worker never
+reuses a seq (its state file reserves blocks of 1000), so the trainer cannot mistake new rows for old ones.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+from process_stack import Stack, free_ports, read_status, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+SUMMARY = re.compile(r"delivery: (\d+) rows in (\d+) batches, (\d+) acknowledged, (\d+) resent, (\d+) dropped, "
+                     r"(\d+) unacknowledged")
+RESUMED = re.compile(r"resumed from checkpoint \S+: (\d+) updates, weights version (\d+)")
+
+TRAINING_CONFIG = """
+[trainer]
+env = "sim-fast"
+device = "cpu"
+torch_threads = 1
+publish_every = 10
+checkpoint_every = {checkpoint_every}
+memory_capacity = 50000
+status_interval_s = 0.25
+
+[trainer.sac]
+hidden_sizes = [32, 32]
+batch_size = 32
+learning_starts = {learning_starts}
+utd = {utd}
+
+[worker]
+batch_steps = 25
+max_episode_steps = 200
+max_steps_per_second = {steps_per_second}
+ack_timeout_s = 2.0
+flush_timeout_s = 30.0
+"""
+
+
+def write_config(root: Path, checkpoint_every: int = 1_000_000, learning_starts: int = 200, utd: float = 0.5,
+                 steps_per_second: float = 300) -> Path:
+    path = root / "tmrl.toml"
+    path.write_text(TRAINING_CONFIG.format(checkpoint_every=checkpoint_every, learning_starts=learning_starts, utd=utd,
+                                           steps_per_second=steps_per_second))
+    return path
+
+
+def parse_summary(log: str) -> dict[str, int]:
+    """The last delivery summary in a worker log (AssertionError when there is none)."""
+    matches = SUMMARY.findall(log)
+    assert matches, f"no delivery summary in the worker log:\n{log[-3000:]}"
+    keys = ("rows", "batches", "acknowledged", "resent", "dropped", "unacknowledged")
+    return dict(zip(keys, map(int, matches[-1]), strict=True))
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The relay's Prometheus samples as ``{'name{label="v",...}': value}`` (labels sorted)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of ``name`` over every label set that contains ``labels``."""
+    total = 0.0
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
+
+
+class Pipeline:
+    """Relay, trainer and workers of one scenario, on fresh loopback ports, plain text (CurveZMQ is covered by the
+    hostile-input checks), logs in ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.stack = Stack(root)
+        self.worker_port, self.trainer_port, self.weights_port, self.metrics_port = free_ports(4)
+        self.status_path = root / "run" / "status.json"
+
+    def start_relay(self) -> None:
+        self.stack.start("relay", "tmrl-relay", "run", "--insecure", "--worker-port", str(self.worker_port),
+                         "--trainer-port", str(self.trainer_port), "--weights-port", str(self.weights_port),
+                         "--metrics-port", str(self.metrics_port))
+
+    def start_trainer(self) -> None:
+        self.stack.start("trainer", "tmrl-trainer", "run", "-c", "tmrl.toml", "--insecure", "--trainer-port",
+                         str(self.trainer_port), "--run-dir", "run")
+
+    def start_worker(self, worker_id: str, *extra: str, name: str | None = None) -> None:
+        self.stack.start(name or worker_id, "tmrl-worker", "run", "-c", "tmrl.toml", "--insecure", "--env", "sim-fast",
+                         "--worker-id", worker_id, "--worker-port", str(self.worker_port), "--weights-port",
+                         str(self.weights_port), "--state-dir", "state", *extra)
+
+    def status(self) -> dict:
+        return read_status(self.status_path) or {}
+
+    def worker_status(self, worker_id: str) -> dict:
+        return (self.status().get("workers") or {}).get(worker_id) or {}
+
+    def wait(self, condition, timeout: float, what: str, *alive: str):
+        return wait_until(condition, timeout, self.stack, what, *alive)
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.metrics_port)
+
+    def settled_status(self, seconds: float = 1.0, timeout: float = 20.0) -> dict:
+        """``status.json`` once its counters stopped moving for ``seconds`` (in-flight batches landed)."""
+        deadline = time.monotonic() + timeout
+        previous = None
+        while time.monotonic() < deadline:
+            current = self.status()
+            key = {w: (s.get("batches"), s.get("duplicates")) for w, s in (current.get("workers") or {}).items()}
+            if previous is not None and key == previous:
+                return current
+            previous = key
+            time.sleep(seconds)
+        raise AssertionError(f"the trainer's counters kept moving for {timeout}s\n{self.stack.tails()}")
+
+
+def check_relay_matches_trainer(pipeline: Pipeline) -> dict[str, float]:
+    """Every batch the relay forwarded is, at the trainer, exactly one of stored / duplicate / rejected."""
+    status = pipeline.settled_status()
+    forwarded = metric_sum(pipeline.metrics(), "tmrl_relay_batches_forwarded_total")
+    counted = status["batches_stored"] + status["duplicates"] + sum(status["rejects"].values())
+    assert forwarded == counted, f"relay forwarded {forwarded} batches, trainer counted {counted}: {status}"
+    return {"relay_forwarded": int(forwarded), "trainer_counted": int(counted)}
+
+
+# --------------------------------------------------------------------------------------------------- scenarios
+
+
+def relay_crash(root: Path, steps: int = 4500) -> dict:
+    """SIGKILL the relay while a worker sends, restart it: every row is stored exactly once (the e2e test
+    ``tests/e2e/test_delivery_across_restarts.py`` checks the same in ``make test``; this variant also reports)."""
+    write_config(root, learning_starts=200)
+    p = Pipeline(root)
+    try:
+        p.start_relay()
+        p.start_trainer()
+        p.start_worker("w1", "--max-steps", str(steps))
+        p.wait(lambda: p.worker_status("w1").get("batches", 0) >= 5, 90, "the first batches reaching the trainer")
+        before = p.status()
+        p.stack.stop("relay", sig=signal.SIGKILL)
+        time.sleep(1.5)  # the worker keeps stepping and spooling meanwhile
+        p.start_relay()
+        assert p.stack.wait("w1", timeout=120) == 0, p.stack.tail("w1")
+        worker = parse_summary(p.stack.logs["w1"].read_text())
+        assert worker["dropped"] == worker["unacknowledged"] == 0 and worker["acknowledged"] == worker["batches"], worker
+        stored = p.wait(lambda: (s := p.worker_status("w1")).get("batches") == worker["batches"] and s, 30,
+                        "the trainer storing every batch", "trainer")
+        assert stored["steps"] == worker["rows"], (stored, worker)
+        assert stored["batches"] == stored["max_seq"] - stored["min_seq"] + 1, stored
+        after = p.wait(lambda: (s := p.status()).get("weights_version", 0) > before.get("weights_version", 0) and s,
+                       60, "a newer weights version after the relay restart", "trainer")
+        assert p.stack.stop("trainer") == 0 and p.stack.stop("relay") == 0
+        return {"fault": "relay SIGKILL + restart", "worker": worker, "trainer_batches": stored["batches"],
+                "trainer_steps": stored["steps"], "duplicates": stored["duplicates"],
+                "weights_version_at_fault": before.get("weights_version", 0),
+                "weights_version_after": after["weights_version"], "lost": worker["rows"] - stored["steps"]}
+    finally:
+        p.stack.kill_all()
+
+
+def worker_crash(root: Path, restart_steps: int = 1500) -> dict:
+    """SIGKILL a worker mid-episode, restart it with the same id: its seqs are not reused, what reached the relay is
+    stored once, the restarted worker's batches all arrive, training goes on with newer weights."""
+    write_config(root, learning_starts=200)
+    p = Pipeline(root)
+    try:
+        p.start_relay()
+        p.start_trainer()
+        p.start_worker("w1", "--max-steps", "1000000", name="w1-first")
+        p.wait(lambda: p.status().get("weights_version", 0) >= 2 and p.worker_status("w1").get("batches", 0) >= 10,
+               90, "training on the first worker's batches", "trainer", "w1-first")
+        p.stack.stop("w1-first", sig=signal.SIGKILL)
+        before = p.settled_status()
+        first = before["workers"]["w1"]
+        # life 1: every seq from 0 to the last one stored, each once (nothing that reached the relay went missing)
+        assert first["min_seq"] == 0 and first["batches"] == first["max_seq"] + 1, first
+        relay_check_before = check_relay_matches_trainer(p)
+
+        p.start_worker("w1", "--max-steps", str(restart_steps), name="w1-second")
+        assert p.stack.wait("w1-second", timeout=120) == 0, p.stack.tail("w1-second")
+        second = parse_summary(p.stack.logs["w1-second"].read_text())
+        assert second["dropped"] == second["unacknowledged"] == 0 and second["acknowledged"] == second["batches"], second
+        total = first["batches"] + second["batches"]
+        stored = p.wait(lambda: (s := p.worker_status("w1")).get("batches") == total and s, 30,
+                        "the trainer storing the restarted worker's batches", "trainer")
+        assert stored["steps"] == first["steps"] + second["rows"], (stored, first, second)
+        # the restarted worker numbered from its reservation (>= 1000), not from a seq life 1 may have used
+        assert stored["max_seq"] >= 1000 + second["batches"] - 1, stored
+        relay_check = check_relay_matches_trainer(p)
+        after = p.wait(lambda: (s := p.status()).get("weights_version", 0) > before["weights_version"]
+                       and s["workers"]["w1"]["weights_version"] > before["weights_version"] and s, 60,
+                       "newer weights reaching the restarted worker", "trainer")
+        assert after["updates"] > before["updates"]
+        assert after["episodes_abandoned"] >= 1, "the killed worker's open episode should be counted as abandoned"
+        assert p.stack.stop("trainer") == 0 and p.stack.stop("relay") == 0
+        return {"fault": "worker SIGKILL mid-episode + restart (same id)", "first_life": first, "second_life": second,
+                "trainer_batches": stored["batches"], "trainer_steps": stored["steps"],
+                "duplicates": stored["duplicates"], "max_seq": stored["max_seq"], "relay": relay_check,
+                "relay_before_restart": relay_check_before, "updates_at_fault": before["updates"],
+                "updates_after": after["updates"], "weights_version_at_fault": before["weights_version"],
+                "weights_version_after": after["weights_version"], "episodes_abandoned": after["episodes_abandoned"],
+                "lost_after_reaching_relay": 0}
+    finally:
+        p.stack.kill_all()
+
+
+def trainer_crash(root: Path, checkpoint_every: int = 40) -> dict:
+    """SIGKILL the trainer after a checkpoint, restart it: it resumes from that checkpoint (updates and weights version
+    continue), the worker's unacknowledged batches are resent and stored once, training goes on with newer weights."""
+    write_config(root, checkpoint_every=checkpoint_every, learning_starts=200)
+    p = Pipeline(root)
+    checkpoints = root / "run" / "checkpoints"
+    try:
+        p.start_relay()
+        p.start_trainer()
+        p.start_worker("w1", "--max-steps", "1000000")
+        p.wait(lambda: p.status().get("updates", 0) >= checkpoint_every + 5, 120, "a checkpoint", "trainer", "w1")
+        p.stack.stop("trainer", sig=signal.SIGKILL)
+        killed_at = time.time()
+        before = p.status()
+        saved = sorted(checkpoints.glob("checkpoint-*.safetensors"))
+        assert saved, f"no checkpoint in {checkpoints}"
+        checkpoint_updates = int(saved[-1].stem.split("-")[1])
+        time.sleep(1.0)  # the worker keeps sending; the relay holds its batches for the trainer
+        p.start_trainer()
+        log_path = p.stack.logs["trainer"]
+        resumed = p.wait(lambda: RESUMED.findall(log_path.read_text()), 60, "the trainer resuming", "trainer")
+        resumed_updates, resumed_version = map(int, resumed[-1])
+        assert resumed_updates == checkpoint_updates > 0, (resumed_updates, checkpoint_updates)
+        assert resumed_version >= 1
+        first = p.wait(lambda: (s := p.status()).get("updated_at", 0) > killed_at and s.get("uptime_s", 1e9) < 30 and s,
+                       60, "a status from the restarted trainer", "trainer")
+        assert first["updates"] >= checkpoint_updates, f"restarted at {first['updates']} updates, not from the checkpoint"
+        after = p.wait(lambda: (s := p.status()).get("updates", 0) >= checkpoint_updates + 30
+                       and s["weights_version"] > resumed_version
+                       and s["workers"].get("w1", {}).get("weights_version", 0) > resumed_version and s, 120,
+                       "training going on after the restart, newer weights at the worker", "trainer", "w1")
+        assert p.stack.stop("w1") == 0, p.stack.tail("w1")
+        worker = parse_summary(p.stack.logs["w1"].read_text())
+        assert worker["dropped"] == worker["unacknowledged"] == 0 and worker["acknowledged"] == worker["batches"], worker
+        stored = p.wait(lambda: (s := p.worker_status("w1")).get("max_seq") == worker["batches"] - 1 and s, 30,
+                        "the restarted trainer storing the worker's last batch", "trainer")
+        stored = p.settled_status()["workers"]["w1"]
+        # the new trainer stored one contiguous range of seqs, each once; every seq below it was acknowledged by the
+        # killed trainer (the worker got an ack for every batch it built)
+        assert stored["batches"] == stored["max_seq"] - stored["min_seq"] + 1, stored
+        assert 0 < stored["min_seq"], stored
+        assert p.stack.stop("trainer") == 0 and p.stack.stop("relay") == 0
+        return {"fault": "trainer SIGKILL + restart from checkpoint", "worker": worker,
+                "checkpoint_updates": checkpoint_updates, "resumed_updates": resumed_updates,
+                "resumed_weights_version": resumed_version, "updates_at_kill_last_status": before.get("updates"),
+                "updates_after": after["updates"], "weights_version_after": after["weights_version"],
+                "new_trainer_seq_range": [stored["min_seq"], stored["max_seq"]],
+                "new_trainer_batches": stored["batches"], "new_trainer_duplicates": stored["duplicates"],
+                "acked_by_killed_trainer": stored["min_seq"], "lost": worker["batches"] - worker["acknowledged"]}
+    finally:
+        p.stack.kill_all()
