@@ -153,3 +153,14 @@ def test_fast_batch_head_agrees_with_the_general_walk(position, byte, steps, seq
     if fast is not None:  # whenever the fast path answers, the general walk gives the same answer
         assert _walk_batch_head(memoryview(bytes(frame)), complete=True) == fast
     assert _canonical_batch_head(body[:96]) == (seq, steps)
+
+
+def test_batch_head_of_a_truncated_canonical_body_is_a_protocol_error_not_an_index_error():
+    body = encode(make_batch(7), "worker-1")[1]
+    for length in range(len(body)):  # every cut, including inside the fast path's fixed-offset fields
+        try:
+            head = read_batch_head(body[:length])
+        except ProtocolError as exc:
+            assert exc.reason == "malformed"
+        else:
+            assert head.seq == 7

@@ -143,6 +143,8 @@ _UINT_WIDTH = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 
 def _uint(data: bytes, position: int) -> tuple[int, int]:
     """A msgpack unsigned integer at ``position``: (value, next position); (-1, -1) if it is not one."""
+    if position >= len(data):  # a truncated head: not canonical, the general walk decides
+        return -1, -1
     kind = data[position]
     if kind < 0x80:
         return kind, position + 1
