@@ -120,6 +120,7 @@ class RelayLink:
         self.counters = LinkCounters()
         self._context = context or zmq.Context.instance()
         self._inbox: queue.SimpleQueue[tuple[SampleBatchBuilder, int]] = queue.SimpleQueue()
+        self._submitted = 0  # builders handed over by submit(); written by the rollout thread only
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._lock = threading.Lock()  # guards spool + counters against snapshot readers
@@ -135,6 +136,7 @@ class RelayLink:
     def submit(self, builder: SampleBatchBuilder, weights_version: int) -> None:
         """Queue a filled builder (the caller must use a new one afterwards). Never blocks."""
         if len(builder):
+            self._submitted += 1
             self._inbox.put((builder, weights_version))
 
     @property
@@ -156,8 +158,8 @@ class RelayLink:
         """Wait until every submitted batch is acknowledged (or ``timeout``); True when the spool is empty."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self._lock:
-                if self._inbox.empty() and not len(self.spool):
+            with self._lock:  # every submitted builder is built and spooled, and the spool is empty
+                if self.counters.batches_built == self._submitted and not len(self.spool):
                     return True
             if not self._thread.is_alive():
                 return False
