@@ -4,7 +4,7 @@ every reject is counted, good traffic still flows afterwards (what is compared: 
 from __future__ import annotations
 
 import pytest
-from hostile import trainer_ingestor, curve_cases, ingest_fuzz, relay_edge_cases, relay_fuzz
+from hostile import curve_cases, ingest_fuzz, relay_edge_cases, relay_fuzz, trainer_ingestor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
