@@ -190,6 +190,7 @@ class Client:
         self.received: Counter[str] = Counter()
         self.batch_seqs: list[int | None] = []
         self.raw_batches: dict[int | None, list[bytes]] = {}
+        self.forwarded: list[list[bytes]] = []
 
     def send(self, frames: list[bytes]) -> None:
         self.socket.send_multipart(frames)
@@ -210,6 +211,7 @@ class Client:
                 seq = _batch_seq(frames[1])
                 self.batch_seqs.append(seq)
                 self.raw_batches[seq] = frames
+                self.forwarded.append(frames)
 
     def has_batch(self, seq: int) -> bool:
         self.drain(50)
@@ -298,10 +300,25 @@ def relay_fuzz(root: Path, count: int = 10_000, seed: int = 20261125) -> dict:
         assert not any(key.endswith("/internal") for key in rejects), rejects
         errors_sent = int(metric_sum(metrics, "tmrl_relay_errors_sent_total"))
         assert errors_sent <= sum(rejects.values())
+        # what the relay let through (it reads only a batch's head) goes on into the trainer's ingest: counted there
+        ingest, _ = trainer_ingestor()
+        ingest_log = logging.getLogger("tmrl_trainer.ingest")
+        level = ingest_log.level
+        ingest_log.setLevel(logging.ERROR)
+        try:
+            for frames in trainer.forwarded:
+                ingest.handle(frames)
+        finally:
+            ingest_log.setLevel(level)
+        at_trainer = ingest.snapshot()
+        trainer_buckets = {"stored": at_trainer["batches_stored"], "duplicate": at_trainer["duplicates"],
+                           **{f"rejected/{k}": v for k, v in at_trainer["rejects"].items()}}
+        assert sum(trainer_buckets.values()) == len(trainer.forwarded), (trainer_buckets, len(trainer.forwarded))
         assert relay.stop() == 0, "the relay did not stop cleanly after the fuzz run"
         return {"messages": count, "sent_per_link": dict(sent), "read_per_link": received, "rejects": rejects,
                 "rejected": sum(rejects.values()), "forwarded_batches": forwarded, "errors_sent": errors_sent,
-                "errors_received_by_worker": worker.received["error"], "seconds": round(fuzz_seconds, 2)}
+                "errors_received_by_worker": worker.received["error"], "forwarded_at_trainer_ingest": trainer_buckets,
+                "seconds": round(fuzz_seconds, 2)}
     finally:
         context.destroy(linger=0)
         relay.stack.kill_all()
