@@ -153,7 +153,7 @@ def render(results: dict, info: dict, command: str) -> str:
                         ("relay batches forwarded = trainer stored + duplicates + rejects",
                          f"{f['relay']['relay_forwarded']} = {f['relay']['trainer_counted']}"),
                         ("trainer duplicates", f["duplicates"]),
-                        ("killed worker's open episode, counted as abandoned", f["episodes_abandoned"]),
+                        ("episodes the trainer counts as abandoned (the killed worker's, if it had stored part of it)", f["episodes_abandoned"]),
                         ("updates at the fault → after", f"{f['updates_at_fault']} → {f['updates_after']}"),
                         ("weights version at the fault → after", f"{f['weights_version_at_fault']} → {f['weights_version_after']}"),
                         ("batches lost after reaching the relay", f["lost_after_reaching_relay"])]
