@@ -107,7 +107,7 @@ class Pipeline:
         self.status_path = root / "run" / "status.json"
 
     def start_relay(self) -> None:
-        self.stack.start("relay", "tmrl-relay", "run", "--insecure", "--worker-port", str(self.worker_port),
+        self.stack.start("relay", "tmrl-relay", "run", "-c", "tmrl.toml", "--insecure", "--worker-port", str(self.worker_port),
                          "--trainer-port", str(self.trainer_port), "--weights-port", str(self.weights_port),
                          "--metrics-port", str(self.metrics_port))
 
@@ -286,5 +286,42 @@ def trainer_crash(root: Path, checkpoint_every: int = 40) -> dict:
                 "new_trainer_seq_range": [stored["min_seq"], stored["max_seq"]],
                 "new_trainer_batches": stored["batches"], "new_trainer_duplicates": stored["duplicates"],
                 "acked_by_killed_trainer": stored["min_seq"], "lost": worker["batches"] - worker["acknowledged"]}
+    finally:
+        p.stack.kill_all()
+
+
+def trainer_absent(root: Path, steps: int = 1500, spool_batches: int = 8, relay_pending_bytes: int = 16384) -> dict:
+    """No trainer while a worker sends: the worker's spool (``spool_batches``) and the relay's hold
+    (``relay_pending_bytes``) overflow; every batch is then either stored by the late trainer or counted as dropped
+    (worker: acknowledged + dropped == built; what the trainer stored beyond the acknowledged ones are dropped
+    batches the relay still held and delivered; the relay counts its own drops)."""
+    config = write_config(root, learning_starts=200)
+    config.write_text(config.read_text() + f"spool_max_batches = {spool_batches}\n\n[relay]\n"
+                      f"max_pending_bytes = {relay_pending_bytes}\n")
+    p = Pipeline(root)
+    try:
+        p.start_relay()
+        p.start_worker("w1", "--max-steps", str(steps))
+        log = p.stack.logs["w1"]
+        p.wait(lambda: "spool full" in log.read_text(), 60, "the worker's spool overflowing", "relay", "w1")
+        p.wait(lambda: metric_sum(p.metrics(), "tmrl_relay_dropped_batches_total") > 0, 60,
+               "the relay's hold overflowing", "relay", "w1")
+        p.start_trainer()
+        assert p.stack.wait("w1", timeout=120) == 0, p.stack.tail("w1")
+        worker = parse_summary(log.read_text())
+        assert worker["unacknowledged"] == 0 and worker["dropped"] > 0, worker
+        assert worker["acknowledged"] + worker["dropped"] == worker["batches"], worker
+        status = p.settled_status()
+        stored = status["workers"]["w1"]
+        relay_dropped = int(metric_sum(p.metrics(), "tmrl_relay_dropped_batches_total"))
+        assert worker["acknowledged"] <= stored["batches"] <= worker["batches"], (worker, stored)
+        assert stored["duplicates"] + stored["batches"] >= worker["acknowledged"]
+        check_relay_matches_trainer(p)
+        assert p.stack.stop("trainer") == 0 and p.stack.stop("relay") == 0
+        return {"fault": "no trainer while a worker sends (spool and relay hold overflow)", "worker": worker,
+                "trainer_batches": stored["batches"], "trainer_steps": stored["steps"],
+                "duplicates": stored["duplicates"], "relay_dropped": relay_dropped,
+                "dropped_but_delivered": stored["batches"] - worker["acknowledged"],
+                "lost_uncounted": worker["batches"] - worker["acknowledged"] - worker["dropped"]}
     finally:
         p.stack.kill_all()
