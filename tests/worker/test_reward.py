@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis.extra.numpy import arrays
 from tmrl_worker.reward import (
+    MIN_PATH_LENGTH,
     RewardPathError,
     TrajectoryReward,
     TrajectoryRewardConfig,
@@ -168,7 +169,7 @@ def test_position_dimension_must_match_the_points():
 )
 def test_resampled_points_lie_on_the_path_spacing_apart(steps, spacing):
     path = np.concatenate([[[0.0, 0.0]], np.cumsum(steps, axis=0)])
-    if path_length(path) < 1e-3:
+    if path_length(path) < MIN_PATH_LENGTH:
         with pytest.raises(RewardPathError):
             resample_path(path, spacing)
         return
@@ -178,3 +179,8 @@ def test_resampled_points_lie_on_the_path_spacing_apart(steps, spacing):
     gaps = np.linalg.norm(np.diff(points, axis=0), axis=1)
     assert (gaps <= spacing + 1e-3).all()  # a chord is never longer than the arc between two points
     assert len(points) == int(np.ceil(path_length(path) / spacing - 1e-6)) + 1
+
+
+def test_a_path_that_barely_moves_is_rejected_as_standing_still():
+    with pytest.raises(RewardPathError, match="never moves"):
+        resample_path([[0.0, 0.0], [5.96e-8, 5.96e-8]], 1.0)

@@ -74,6 +74,10 @@ def path_length(positions: Any) -> float:
     return float(np.linalg.norm(np.diff(array, axis=0), axis=1).sum())
 
 
+MIN_PATH_LENGTH = 1e-3
+"""Shortest demonstration path accepted (same unit as the positions): anything shorter is a car standing still."""
+
+
 def resample_path(positions: Any, spacing: float) -> np.ndarray:
     """Points every ``spacing`` along the polyline through ``positions`` (shape ``(N, 2)`` or ``(N, 3)``).
 
@@ -89,10 +93,10 @@ def resample_path(positions: Any, spacing: float) -> np.ndarray:
     steps = np.linalg.norm(np.diff(array, axis=0), axis=1)
     keep = np.concatenate([[True], steps > 1e-9])
     array, steps = array[keep], steps[steps > 1e-9]
-    if len(array) < 2:
-        raise RewardPathError("the demonstration path never moves (all positions are equal)")
     arc = np.concatenate([[0.0], np.cumsum(steps)])
     total = arc[-1]
+    if len(array) < 2 or total < MIN_PATH_LENGTH:
+        raise RewardPathError(f"the demonstration path never moves (it covers {total:.3g}, less than {MIN_PATH_LENGTH})")
     targets = np.arange(0.0, total, spacing)
     if total - targets[-1] > 1e-6 * spacing:
         targets = np.append(targets, total)
