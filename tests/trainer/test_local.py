@@ -107,9 +107,8 @@ def test_sac_learns_pendulum_within_4000_steps():
 
 
 def test_train_local_command_trains_and_reports_the_final_return(tmp_path):
-    from typer.testing import CliRunner
-
     from tmrl_trainer.cli import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
     result = runner.invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "60", "--seed", "1",
