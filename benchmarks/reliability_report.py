@@ -132,7 +132,7 @@ def render(results: dict, info: dict, command: str) -> str:
                 "keeps the trainer away until the worker's spool and the relay's hold overflow: the oldest batches "
                 "are dropped, counted and logged, and every batch is either stored or counted as dropped.", ""]
         for name, outcome in results["faults"].items():
-            out.append(f"### {name}\n")
+            out.append(f"### {outcome.get('figures', {}).get('fault', name)}\n")
             if not outcome["ok"]:
                 out.append(_failed(outcome))
                 continue
@@ -253,7 +253,7 @@ def render(results: dict, info: dict, command: str) -> str:
                     "share the same cores.", "",
                     _table([("samples/s stored by the trainer", f"{f['samples_per_s']:,.0f}"),
                             ("per worker", f"{f['samples_per_s_per_worker']:,.0f}"),
-                            ("SAC updates/s", f["updates_per_s"]),
+                            *([("SAC updates/s", f["updates_per_s"])] if f["train"] else []),
                             ("relay peak RSS (VmHWM) / RSS at the end", f"{f['relay_peak_rss_mib']} / {f['relay_rss_mib_at_end']} MiB"),
                             ("relay CPU", f"{f['relay_cpu_percent']} % of one core"),
                             ("relay batches forwarded / dropped / rejected",
@@ -263,6 +263,12 @@ def render(results: dict, info: dict, command: str) -> str:
                             ("worker batches dropped / unacknowledged at exit / resent",
                              f"{f['worker_dropped_batches']} / {f['worker_unacknowledged']} / {f['resent']}"),
                             ("trainer duplicates", f["trainer_duplicates"])], ("", "")), ""]
+            if f["resent"]:
+                out += [f"The {f['resent']} resends are batches whose acknowledgement took longer than the workers' "
+                        "`ack_timeout_s` (10 s here): the trainer's ingest, sharing the cores with the uncapped "
+                        "workers, was the bottleneck, so queues grew. Each resend was acknowledged again and counted as "
+                        "a duplicate, none stored twice. On a real deployment, cap the workers' step rate or raise "
+                        "`ack_timeout_s` ([tuning.md](tuning.md)).", ""]
         else:
             out.append(_failed(outcome))
     return "\n".join(out).rstrip() + "\n"
