@@ -20,6 +20,8 @@ Typical client::
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -154,3 +156,45 @@ def enable_ipv6_if_needed(socket: zmq.Socket, host: str) -> None:
             socket.setsockopt(zmq.IPV6, 1)
     except ValueError:
         pass
+
+
+@dataclass(frozen=True)
+class RelayEndpoint:
+    """One relay socket to connect to, with the transport options and CurveZMQ settings every tmrl client uses."""
+
+    host: str
+    port: int
+    transport: TransportConfig
+    security: SecurityConfig
+
+    def describe(self) -> str:
+        return f"{tcp_endpoint(self.host, self.port)} {'plain text' if self.security.insecure else 'CurveZMQ'}"
+
+    def check_security(self) -> None:
+        """Load the CurveZMQ key files now (raises :class:`~tmrl_common.sockets.SecurityError` or
+        :class:`~tmrl_common.curve.KeyFileError`), so a misconfiguration stops the worker before it starts."""
+        with zmq.Context() as context, context.socket(zmq.DEALER) as probe:
+            secure_client_socket(probe, self.security)
+
+    def connect(self, context: zmq.Context, socket_type: int, monitor_events: int = 0,
+                before_connect: Callable[[zmq.Socket], None] | None = None) -> tuple[zmq.Socket, zmq.Socket | None]:
+        """A configured socket connected to the relay, and its monitor socket when ``monitor_events`` are asked for
+        (attached before connecting, so the first connection's events are not missed).
+        Raises :class:`~tmrl_common.sockets.SecurityError` when key files are missing."""
+        socket = context.socket(socket_type)
+        monitor = None
+        try:
+            apply_transport(socket, self.transport)
+            enable_ipv6_if_needed(socket, self.host)
+            secure_client_socket(socket, self.security)
+            if before_connect is not None:
+                before_connect(socket)
+            if monitor_events:
+                monitor = socket.get_monitor_socket(monitor_events)
+            socket.connect(tcp_endpoint(self.host, self.port))
+        except BaseException:
+            if monitor is not None:
+                monitor.close(linger=0)
+            socket.close(linger=0)
+            raise
+        return socket, monitor

@@ -15,14 +15,7 @@ from dataclasses import dataclass
 
 import zmq
 from tmrl_common.protocol import Heartbeat, Hello, WeightsUpdate, encode
-from tmrl_common.sockets import (
-    SecurityConfig,
-    TransportConfig,
-    apply_transport,
-    enable_ipv6_if_needed,
-    secure_client_socket,
-    tcp_endpoint,
-)
+from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
 from zmq.utils.monitor import recv_monitor_message
 
 from tmrl_trainer.ingest import Ingestor
@@ -50,10 +43,7 @@ class TrainerLink:
     def __init__(self, trainer_id: str, host: str, port: int, transport: TransportConfig, security: SecurityConfig,
                  ingestor: Ingestor, heartbeat_interval_s: float = 2.0, context: zmq.Context | None = None) -> None:
         self.trainer_id = trainer_id
-        self.host = host
-        self.port = port
-        self.transport = transport
-        self.security = security
+        self.endpoint = RelayEndpoint(host, port, transport, security)
         self.ingestor = ingestor
         self.heartbeat_interval_s = heartbeat_interval_s
         self.counters = TrainerLinkCounters()
@@ -86,29 +76,18 @@ class TrainerLink:
 
     def check_security(self) -> None:
         """Load the CurveZMQ key files now so a misconfiguration stops the trainer before it starts."""
-        with zmq.Context() as context, context.socket(zmq.DEALER) as probe:
-            secure_client_socket(probe, self.security)
+        self.endpoint.check_security()
 
     def describe(self) -> str:
-        return f"{tcp_endpoint(self.host, self.port)} {'plain text' if self.security.insecure else 'CurveZMQ'}"
+        return self.endpoint.describe()
 
     # ------------------------------------------------------------------------------------------------ thread
 
     def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
-        socket = self._context.socket(zmq.DEALER)
-        monitor = None
-        try:
-            apply_transport(socket, self.transport)
-            enable_ipv6_if_needed(socket, self.host)
-            secure_client_socket(socket, self.security)
-            # attached before connect(): the first handshake's event must not be missed
-            monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-            socket.connect(tcp_endpoint(self.host, self.port))
-        except BaseException:
-            if monitor is not None:
-                monitor.close(linger=0)
-            socket.close(linger=0)
-            raise
+        # the monitor is attached before connect(): the first handshake's event must not be missed
+        socket, monitor = self.endpoint.connect(self._context, zmq.DEALER,
+                                                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        assert monitor is not None
         return socket, monitor
 
     def _run(self) -> None:

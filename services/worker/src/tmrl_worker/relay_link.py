@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import zmq
@@ -21,14 +20,7 @@ from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.protocol import Error, Heartbeat, Hello, SampleAck, decode, encode
-from tmrl_common.sockets import (
-    SecurityConfig,
-    TransportConfig,
-    apply_transport,
-    enable_ipv6_if_needed,
-    secure_client_socket,
-    tcp_endpoint,
-)
+from tmrl_common.sockets import RelayEndpoint
 
 from tmrl_worker.spool import SequenceCounter, Spool
 
@@ -36,48 +28,6 @@ log = logging.getLogger(__name__)
 
 SOFTWARE = "tmrl-worker/0.1"
 _POLL_MS = 20
-
-
-@dataclass(frozen=True)
-class RelayEndpoint:
-    """One relay socket to connect to, with the transport options and CurveZMQ settings every tmrl client uses."""
-
-    host: str
-    port: int
-    transport: TransportConfig
-    security: SecurityConfig
-
-    def describe(self) -> str:
-        return f"{tcp_endpoint(self.host, self.port)} {'plain text' if self.security.insecure else 'CurveZMQ'}"
-
-    def check_security(self) -> None:
-        """Load the CurveZMQ key files now (raises :class:`~tmrl_common.sockets.SecurityError` or
-        :class:`~tmrl_common.curve.KeyFileError`), so a misconfiguration stops the worker before it starts."""
-        with zmq.Context() as context, context.socket(zmq.DEALER) as probe:
-            secure_client_socket(probe, self.security)
-
-    def connect(self, context: zmq.Context, socket_type: int, monitor_events: int = 0,
-                before_connect: Callable[[zmq.Socket], None] | None = None) -> tuple[zmq.Socket, zmq.Socket | None]:
-        """A configured socket connected to the relay, and its monitor socket when ``monitor_events`` are asked for
-        (attached before connecting, so the first connection's events are not missed).
-        Raises :class:`~tmrl_common.sockets.SecurityError` when key files are missing."""
-        socket = context.socket(socket_type)
-        monitor = None
-        try:
-            apply_transport(socket, self.transport)
-            enable_ipv6_if_needed(socket, self.host)
-            secure_client_socket(socket, self.security)
-            if before_connect is not None:
-                before_connect(socket)
-            if monitor_events:
-                monitor = socket.get_monitor_socket(monitor_events)
-            socket.connect(tcp_endpoint(self.host, self.port))
-        except BaseException:
-            if monitor is not None:
-                monitor.close(linger=0)
-            socket.close(linger=0)
-            raise
-        return socket, monitor
 
 
 @dataclass
