@@ -8,16 +8,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from process_stack import Stack, free_ports, read_status, wait_until
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import ObservationLayout
 from tmrl_trainer.memory import ReplayMemory
@@ -114,26 +111,12 @@ def test_rows_rebuild_the_env_observations_in_the_trainer_replay_memory(robot_en
             np.testing.assert_array_equal(batch.next_observation[part][step - 1].numpy(), np.asarray(expected, np.float32))
 
 
-def _free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_tutorial_pipeline_trains_the_robot_through_relay_and_trainer(tmp_path) -> None:
     """docs/byo-robot.md step 4, on loopback without keys (--insecure), shortened: the trainer must receive a batch
     the worker collected with weights the trainer published from the worker's own earlier samples."""
-    worker_port, trainer_port, weights_port = _free_ports(3)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    worker_port, trainer_port, weights_port = free_ports(3)
     config = tmp_path / "robot.toml"
     config.write_text(f"""
 [trainer]
@@ -151,45 +134,28 @@ time_step_duration = 0.02
 max_episode_steps = 50
 batch_steps = 25
 """)
-    processes: dict[str, subprocess.Popen] = {}
-
-    def start(name: str, *args: str) -> None:
-        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        processes[name] = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                           cwd=tmp_path, env=env)
-
-    def logs() -> str:
-        return "\n".join(f"--- {n}\n" + (tmp_path / f"{n}.log").read_text(errors="replace")[-3000:] for n in processes)
-
+    stack = Stack(tmp_path, env={"PYTHONPATH": str(REPO)})
     try:
-        start("relay", "tmrl-relay", "run", "--insecure", "--worker-port", str(worker_port), "--trainer-port",
-              str(trainer_port), "--weights-port", str(weights_port), "--metrics-port", "0")
-        start("trainer", "tmrl-trainer", "run", "-c", str(config), "--insecure", "--trainer-port", str(trainer_port),
-              "--run-dir", "run")
-        start("worker", "tmrl-worker", "run", "-c", str(config), "--insecure", "--worker-port", str(worker_port),
-              "--weights-port", str(weights_port), "--state-dir", "state", "--max-steps", "4000")
-        deadline = time.monotonic() + 90
-        status: dict = {}
+        stack.start("relay", "tmrl-relay", "run", "--insecure", "--worker-port", str(worker_port), "--trainer-port",
+                    str(trainer_port), "--weights-port", str(weights_port), "--metrics-port", "0")
+        stack.start("trainer", "tmrl-trainer", "run", "-c", str(config), "--insecure", "--trainer-port", str(trainer_port),
+                    "--run-dir", "run")
+        stack.start("worker", "tmrl-worker", "run", "-c", str(config), "--insecure", "--worker-port", str(worker_port),
+                    "--weights-port", str(weights_port), "--state-dir", "state", "--max-steps", "4000")
         status_file = tmp_path / "run" / "status.json"
-        while time.monotonic() < deadline:
-            for name, process in processes.items():
-                assert process.poll() is None or name == "worker", f"{name} exited early\n{logs()}"
-            status = json.loads(status_file.read_text()) if status_file.exists() else {}
-            worker = status.get("workers", {}).get("worker-1", {})
-            if worker.get("weights_version", 0) >= 1 or processes["worker"].poll() is not None:
-                break
-            time.sleep(0.5)  # status.json is rewritten every status_interval_s
-        worker = status.get("workers", {}).get("worker-1", {})
-        assert worker.get("weights_version", 0) >= 1, \
-            f"no batch collected with published weights reached the trainer\n{json.dumps(status)}\n{logs()}"
+
+        def collected_with_published_weights() -> dict | None:
+            status = read_status(status_file) or {}
+            if status.get("workers", {}).get("worker-1", {}).get("weights_version", 0) >= 1:
+                return status
+            assert stack.processes["worker"].poll() is None, f"the worker ended before using published weights\n{stack.tails()}"
+            return None
+
+        # status.json is rewritten every status_interval_s
+        status = wait_until(collected_with_published_weights, 90, stack,
+                            "a batch collected with published weights reaching the trainer", "relay", "trainer")
         assert status["samples_received"] >= 100 and status["updates"] >= 20 and status["rejects"] == {}
         for name in ("worker", "trainer", "relay"):
-            process = processes[name]
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            assert process.wait(30) == 0, f"{name} did not stop cleanly\n{logs()}"
+            assert stack.stop(name, timeout=30) == 0, f"{name} did not stop cleanly\n{stack.tails()}"
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        stack.kill_all()

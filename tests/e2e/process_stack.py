@@ -35,17 +35,17 @@ def read_status(path: Path) -> dict | None:
 class Stack:
     """Service processes started from the venv's console scripts, each logging to ``<root>/<name>.log``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
 
     def start(self, name: str, *args: str) -> None:
         log_path = self.root / f"{name}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as log:
             self.processes[name] = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                                    cwd=self.root, env=env)
+                                                    cwd=self.root, env=self.env)
         self.logs[name] = log_path
 
     def check_alive(self, *names: str) -> None:

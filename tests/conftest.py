@@ -1,0 +1,9 @@
+"""Test-suite set-up shared by every folder: the end-to-end process harness (``tests/e2e/process_stack.py``) is
+importable as ``process_stack`` from any test."""
+
+import sys
+from pathlib import Path
+
+_E2E = str(Path(__file__).resolve().parent / "e2e")
+if _E2E not in sys.path:
+    sys.path.insert(0, _E2E)
