@@ -22,6 +22,8 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+from tmrl_common.atomic_file import write_atomically
+
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -117,7 +119,7 @@ def load_secret_key(path: Path) -> tuple[bytes, bytes]:
 
 
 def _write_public_certificate(path: Path, public_key: bytes, name: str) -> None:
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     text = (
         f"#   ZeroMQ CURVE Public Certificate, allow-listed as {name!r} on {stamp} by tmrl-relay\n"
         "#   Exchange securely, or use a secure mechanism to verify the contents\n"
@@ -127,9 +129,7 @@ def _write_public_certificate(path: Path, public_key: bytes, name: str) -> None:
         "curve\n"
         f'    public-key = "{public_key.decode("ascii")}"\n'
     )
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(path, text.encode("utf-8"), mode=0o644)  # public: the relay's service user must read it
 
 
 def allow_public_key(allowlist_dir: Path, public_key_file: Path, name: str | None = None, *, overwrite: bool = False) -> AllowedKey:

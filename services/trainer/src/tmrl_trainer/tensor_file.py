@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_torch
 from safetensors.torch import save as save_torch
+from tmrl_common.atomic_file import write_atomically  # noqa: F401 - re-exported for checkpoint, memory, status
 
 METADATA_KEY = "tmrl"
 
@@ -48,23 +48,6 @@ def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], Any]:
     except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise TensorFileError(f"not a tmrl tensor file: {type(exc).__name__}: {exc}") from exc
     return tensors, metadata
-
-
-def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to a temporary file next to ``path``, fsync it, then ``os.replace`` it onto ``path``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def read_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Any]:

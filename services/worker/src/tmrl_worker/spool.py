@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tmrl_common.atomic_file import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -186,16 +186,7 @@ class SequenceCounter:
     def _reserve(self) -> None:
         self._reserved_until = self._next + self.block
         payload = json.dumps({"worker_id": self.worker_id, "reserved_until": self._reserved_until})
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.worker_id}.", suffix=".tmp", dir=self.state_dir)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.path, payload.encode())
 
     @property
     def next_seq(self) -> int:

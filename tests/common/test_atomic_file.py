@@ -1,0 +1,31 @@
+"""write_atomically: the target holds the old or the new bytes, never a torn file, with the asked permissions."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+from tmrl_common.atomic_file import write_atomically
+
+
+def test_write_replaces_the_content_and_sets_owner_only_mode_by_default(tmp_path):
+    target = tmp_path / "deep" / "state.json"
+    write_atomically(target, b"old")
+    write_atomically(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in target.parent.iterdir()] == ["state.json"]
+
+
+def test_mode_is_applied_for_files_others_must_read(tmp_path):
+    target = write_atomically(tmp_path / "relay.key", b"public", mode=0o644)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+def test_a_failed_write_keeps_the_old_content_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "status.json"
+    write_atomically(target, b"old")
+    with pytest.raises(TypeError):
+        write_atomically(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
