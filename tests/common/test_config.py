@@ -199,3 +199,11 @@ def test_render_config_of_a_loaded_config_reloads_to_the_same_config(tmp_path):
     config = load_config(ExampleConfig, "example", environ=environ)
     path = write(tmp_path, render_config(config, "example"))
     assert load_config(ExampleConfig, "example", path, environ={}) == config
+
+
+def test_unset_flags_in_nested_overrides_keep_file_values(tmp_path):
+    path = write(tmp_path, "[example.sac]\ngamma = 0.9\npolyak = 0.5\n")
+    config = load_config(ExampleConfig, "example", path, overrides={"sac": {"gamma": None, "polyak": 0.75}}, environ={})
+    assert config.sac.gamma == 0.9 and config.sac.polyak == 0.75
+    untouched = load_config(ExampleConfig, "example", path, overrides={"sac": {"gamma": None}}, environ={})
+    assert untouched.sac.gamma == 0.9 and untouched.sac.polyak == 0.5

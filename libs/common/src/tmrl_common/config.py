@@ -15,12 +15,12 @@ import json
 import math
 import os
 import re
+import tomllib
 import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-import tomllib
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
@@ -90,6 +90,17 @@ def _env_overrides(section: str, environ: Mapping[str, str], model: type[BaseMod
     return overrides
 
 
+def _without_unset(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Command-line overrides minus the flags left unset (None), at every nesting level."""
+    kept: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            value = _without_unset(value) or None
+        if value is not None:
+            kept[key] = value
+    return kept
+
+
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overrides.items():
@@ -125,7 +136,7 @@ def load_config(
             raise ConfigError(f"[{section}] in {path} must be a table")
         data = table
     data = _merge(data, _env_overrides(section, os.environ if environ is None else environ, model))
-    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    data = _merge(data, _without_unset(overrides or {}))
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -46,10 +46,10 @@ def run(
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Run the relay in the foreground until SIGINT/SIGTERM."""
-    security = {"insecure": True if insecure else None, "secret_key_file": secret_key, "allowlist_dir": allow_dir}
     overrides = {
         "bind_host": bind_host, "worker_port": worker_port, "trainer_port": trainer_port, "weights_port": weights_port,
-        "metrics_port": metrics_port, "security": {k: v for k, v in security.items() if v is not None} or None,
+        "metrics_port": metrics_port,
+        "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "allowlist_dir": allow_dir},
     }
     try:
         effective = load_config(RelayConfig, "relay", config, overrides=overrides)

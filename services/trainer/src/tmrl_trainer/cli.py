@@ -43,13 +43,12 @@ def run(
 
     from tmrl_common.errors import ConfigError
 
-    overrides = {"env": env, "relay_host": relay_host, "trainer_port": trainer_port, "run_dir": run_dir, "device": device}
+    overrides = {
+        "env": env, "relay_host": relay_host, "trainer_port": trainer_port, "run_dir": run_dir, "device": device,
+        "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key},
+    }
     try:
         effective = load_config(TrainerConfig, "trainer", config, overrides=overrides)
-        security = {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key}
-        security = {k: v for k, v in security.items() if v is not None}
-        if security:
-            effective = effective.model_copy(update={"security": effective.security.model_copy(update=security)})
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(code=2) from exc

@@ -57,13 +57,10 @@ def run(
         "env": env, "worker_id": worker_id, "relay_host": relay_host, "worker_port": worker_port,
         "weights_port": weights_port, "policy_file": policy, "max_steps": max_steps, "batch_steps": batch_steps,
         "state_dir": state_dir, "seed": seed, "mode": "test" if test else "expert" if expert else None,
+        "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key},
     }
     try:
         effective = load_config(WorkerConfig, "worker", config, overrides=overrides)
-        security = {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key}
-        security = {k: v for k, v in security.items() if v is not None}
-        if security:
-            effective = effective.model_copy(update={"security": effective.security.model_copy(update=security)})
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(code=2) from exc
