@@ -307,11 +307,11 @@ class CriticEnsemble(nn.Module):
 
     def forward(self, observation: Sequence[torch.Tensor], action: torch.Tensor) -> torch.Tensor:
         """Q-values ``(n, B)``."""
-        return self.head(self.observation_part(self.encode(observation)), action)
+        return self.head(self.observation_part(self.encode(observation)), action, consume=True)
 
     def q_values(self, features: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Q-values ``(n, B)`` from :meth:`encode`'s features."""
-        return self.head(self.observation_part(features), action)
+        return self.head(self.observation_part(features), action, consume=True)
 
     def observation_part(self, features: torch.Tensor) -> torch.Tensor:
         """First-layer pre-activation from the observation alone (bias included): ``(n, B, hidden)``."""
@@ -319,13 +319,20 @@ class CriticEnsemble(nn.Module):
             features = features.expand(self.n, -1, -1)
         return torch.baddbmm(self.first_bias, features, self.observation_weight)
 
-    def head(self, observation_part: torch.Tensor, action: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+    def head(self, observation_part: torch.Tensor, action: torch.Tensor, frozen: bool = False,
+             consume: bool = False) -> torch.Tensor:
         """Q-values ``(n, B)`` from :meth:`observation_part` and actions ``(B, action_dim)``.
 
         ``frozen``: use detached weights, so gradients reach ``action`` but never the critics (policy loss).
+        ``consume``: add the action part into ``observation_part`` in place instead of into a copy (saves a pass over
+        an ``(n, B, hidden)`` tensor); only for a tensor nothing reads afterwards and autograd has not saved.
         """
         action_weight = self.action_weight.detach() if frozen else self.action_weight
-        x = self.activation(torch.baddbmm(observation_part, action.expand(self.n, -1, -1), action_weight))
+        action = action.expand(self.n, -1, -1)
+        if consume:
+            x = self.activation(observation_part.baddbmm_(action, action_weight))
+        else:
+            x = self.activation(torch.baddbmm(observation_part, action, action_weight))
         *hidden, (last_weight, last_bias) = zip(self.weights, self.biases, strict=True)
         for weight, bias in hidden:
             if frozen:

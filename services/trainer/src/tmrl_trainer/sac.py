@@ -193,9 +193,10 @@ class SACLearner:
         q_values = self.critics.head(observation_part, batch.action)
         critic_loss = 0.5 * (q_values - target_q).pow(2).mean(dim=1).sum()
 
-        # 3. actor loss: the critics act as fixed functions of the action (frozen weights, detached features)
+        # 3. actor loss: the critics act as fixed functions of the action (frozen weights, detached features); the
+        # critic loss has read observation_part and autograd did not save it, so this head may overwrite it
         action, log_prob = self.actor.policy(actor_features, generator=self.generator)
-        q_policy = self.critics.head(observation_part.detach(), action, frozen=True)
+        q_policy = self.critics.head(observation_part.detach(), action, frozen=True, consume=True)
         q_policy = q_policy.min(dim=0).values if self.config.redq_m == self.config.redq_n else q_policy.mean(dim=0)
         actor_loss = (alpha * log_prob - q_policy).mean()
 
