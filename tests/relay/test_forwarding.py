@@ -50,7 +50,9 @@ def test_acks_are_routed_to_the_worker_they_name(context):
         trainer.send(SampleAck(worker="worker-1", seqs=[10]))
         assert second.recv_type("sample_ack")[1] == SampleAck(worker="worker-2", seqs=[20])
         assert first.recv_type("sample_ack")[1] == SampleAck(worker="worker-1", seqs=[10])
-        assert relay.metrics.registry.get_sample_value("tmrl_relay_acks_forwarded_total") == 2
+        # the relay thread counts an ack after sending it: wait for the count rather than race it
+        wait_until(lambda: relay.metrics.registry.get_sample_value("tmrl_relay_acks_forwarded_total") == 2,
+                   what="two acks counted")
 
 
 def test_ack_for_an_unknown_worker_is_counted_not_fatal(context):
