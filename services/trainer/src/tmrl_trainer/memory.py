@@ -175,30 +175,39 @@ class ReplayMemory:
         return self.transitions(positions)
 
     def transitions(self, positions: np.ndarray) -> TransitionBatch:
-        """The transitions ending at ring ``positions`` (which must be sampleable)."""
+        """The transitions ending at ring ``positions`` (which must be sampleable).
+
+        Each stored array is gathered once, at the rows both observations need (``(B, hops, *frame)``, oldest hop
+        first); the observation and next observation are then overlapping views of it (no further copies), and the
+        replayed action is the newest hop of the action gather.
+        """
         positions = np.asarray(positions, dtype=np.int64)
-        hops = np.empty((self.depth + 1, positions.size), dtype=np.int64)
+        depth = self.depth
+        hops = np.empty((depth + 1, positions.size), dtype=np.int64)  # hop k: k rows back along the episode
         hops[0] = positions
-        for hop in range(1, self.depth + 1):
-            hops[hop] = self._prev[hops[hop - 1]] % self.capacity
+        for hop in range(1, depth + 1):
+            np.remainder(self._prev[hops[hop - 1]], self.capacity, out=hops[hop])
+        oldest_first = hops[::-1].T  # (B, depth + 1): column j is hop depth - j
         observation: list[np.ndarray] = []
         next_observation: list[np.ndarray] = []
         for component in self.layout.components:
-            frames, history = self._frames[component.name], component.history
+            history = component.history
+            gathered = self._frames[component.name][oldest_first[:, depth - history:]]  # (B, history + 1, *frame)
             if history == 1:
-                observation.append(frames[hops[1]])
-                next_observation.append(frames[hops[0]])
+                observation.append(gathered[:, 0])
+                next_observation.append(gathered[:, 1])
             else:
-                gathered = frames[hops[: history + 1]]  # (history + 1, B, *frame): hop k at index k
-                observation.append(np.ascontiguousarray(np.swapaxes(gathered[history:0:-1], 0, 1)))
-                next_observation.append(np.ascontiguousarray(np.swapaxes(gathered[history - 1::-1], 0, 1)))
-        for age in range(self.layout.action_history - 1, -1, -1):  # oldest first, like rtgym's act_buf
-            observation.append(self._actions[hops[age + 1]])
-            next_observation.append(self._actions[hops[age]])
+                observation.append(gathered[:, :history])
+                next_observation.append(gathered[:, 1:])
+        history = self.layout.action_history
+        actions = self._actions[oldest_first[:, depth - max(history, 1):]]  # (B, max(history, 1) + 1, action_dim)
+        for age in range(history):  # oldest first, like rtgym's act_buf
+            observation.append(actions[:, age])
+            next_observation.append(actions[:, age + 1])
         tensor = torch.from_numpy
         return TransitionBatch(
             observation=tuple(map(tensor, observation)),
-            action=tensor(self._actions[positions]),
+            action=tensor(actions[:, -1]),
             reward=tensor(self._rewards[positions]),
             next_observation=tuple(map(tensor, next_observation)),
             terminated=tensor(self._terminated[positions].astype(np.float32)),
