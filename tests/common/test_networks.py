@@ -122,3 +122,20 @@ def test_a_too_small_image_for_the_convolutions_is_a_clear_error():
     architecture = PolicyArchitecture.for_layout(tm20_image_layout(height=8, width=8))
     with pytest.raises(ValueError, match="too small"):
         build_actor(architecture)
+
+
+@pytest.mark.parametrize(("hidden_sizes", "members"), [([32, 32], 2), ([16, 24, 8], 3), ([16], 2)])
+def test_frozen_min_matches_autograd_through_the_minimum_of_the_frozen_heads(hidden_sizes, members):
+    architecture = PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=hidden_sizes)
+    torch.manual_seed(0)
+    critics = CriticEnsemble(architecture, n=members)
+    part = critics.observation_part(torch.randn(64, 83)).detach()
+    action = (torch.rand(64, 3) * 2 - 1).requires_grad_(True)
+    fast = critics.frozen_min(part.clone(), action)
+    (fast_grad,) = torch.autograd.grad((fast * torch.linspace(-1, 2, 64)).sum(), action)
+    reference = critics.head(part.clone(), action, frozen=True).min(dim=0).values
+    (reference_grad,) = torch.autograd.grad((reference * torch.linspace(-1, 2, 64)).sum(), action)
+    assert torch.equal(fast, reference)
+    torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-5, atol=1e-7)
+    assert fast_grad.abs().sum() > 0
+    assert all(p.grad is None for p in critics.parameters())  # the critics stay frozen

@@ -344,6 +344,54 @@ class CriticEnsemble(nn.Module):
         # (and its backward, an outer product) takes CPU BLAS's slow matrix-vector paths, ~10% of a whole update.
         return (x * last_weight.transpose(1, 2)).sum(dim=-1) + last_bias.squeeze(-1)
 
+    def frozen_min(self, observation_part: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """``head(observation_part, action, frozen=True, consume=True).min(dim=0).values``: the policy loss's
+        ``min_i Q_i(s, a)`` with gradients reaching ``action`` only; ``observation_part`` is overwritten.
+
+        ReLU critics back-propagate through each row's minimising member only (see :class:`_FrozenReluCriticMin`).
+        """
+        if self.activation is torch.relu_ and torch.is_grad_enabled() and action.requires_grad:
+            return _FrozenReluCriticMin.apply(observation_part.detach(), action, self)
+        return self.head(observation_part, action, frozen=True, consume=True).min(dim=0).values
+
+
+class _FrozenReluCriticMin(torch.autograd.Function):
+    """``min_i Q_i(s, a)`` of a ReLU critic ensemble with frozen weights, differentiable with respect to ``a`` only.
+
+    The gradient of a minimum flows through the minimising critic alone, so autograd would back-propagate rows of
+    zeros through every other member. The backward here walks each member's layers for the rows it wins only
+    (``B`` rows in all instead of ``n * B``): the same gradient with ``1/n`` of the matrix products and passes.
+    """
+
+    @staticmethod
+    def forward(ctx, observation_part: torch.Tensor, action: torch.Tensor,  # type: ignore[override]
+                critics: CriticEnsemble) -> torch.Tensor:
+        weights = [w.detach() for w in critics.weights]
+        biases = [b.detach() for b in critics.biases]
+        action_weight = critics.action_weight.detach()
+        hidden = [observation_part.baddbmm_(action.expand(critics.n, -1, -1), action_weight).relu_()]
+        for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
+            hidden.append(torch.baddbmm(bias, hidden[-1], weight).relu_())
+        q_values = (hidden[-1] * weights[-1].transpose(1, 2)).sum(dim=-1) + biases[-1].squeeze(-1)
+        q_min, winner = q_values.min(dim=0)
+        ctx.save_for_backward(winner, action_weight, *weights, *hidden)
+        return q_min
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor):  # type: ignore[override]
+        winner, action_weight, *saved = ctx.saved_tensors
+        layers = len(saved) // 2
+        weights, hidden = saved[:layers], saved[layers:]
+        grad_action = torch.empty(grad_q.shape[0], action_weight.shape[1], dtype=grad_q.dtype, device=grad_q.device)
+        for member in range(action_weight.shape[0]):
+            rows = (winner == member).nonzero().squeeze(1)
+            grad = grad_q.index_select(0, rows).unsqueeze(1) * weights[-1][member].transpose(0, 1)
+            for layer in range(len(hidden) - 1, -1, -1):
+                grad = grad.mul_(hidden[layer][member].index_select(0, rows) > 0)  # ReLU's derivative
+                grad = grad.mm(weights[layer - 1][member].T if layer > 0 else action_weight[member].T)
+            grad_action.index_copy_(0, rows, grad)
+        return None, grad_action, None
+
 
 # ----------------------------------------------------------------------------------------------- weights on the wire
 

@@ -196,8 +196,10 @@ class SACLearner:
         # 3. actor loss: the critics act as fixed functions of the action (frozen weights, detached features); the
         # critic loss has read observation_part and autograd did not save it, so this head may overwrite it
         action, log_prob = self.actor.policy(actor_features, generator=self.generator)
-        q_policy = self.critics.head(observation_part.detach(), action, frozen=True, consume=True)
-        q_policy = q_policy.min(dim=0).values if self.config.redq_m == self.config.redq_n else q_policy.mean(dim=0)
+        if self.config.redq_m == self.config.redq_n:
+            q_policy = self.critics.frozen_min(observation_part.detach(), action)
+        else:
+            q_policy = self.critics.head(observation_part.detach(), action, frozen=True, consume=True).mean(dim=0)
         actor_loss = (alpha * log_prob - q_policy).mean()
 
         # 4. entropy coefficient loss
