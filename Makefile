@@ -36,7 +36,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check libs services tests benchmarks
+	$(BIN)/ruff check libs services tests benchmarks scripts tools examples
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py $(CONFIG_FLAG)

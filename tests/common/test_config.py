@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
+import tomllib
 from enum import Enum
 from pathlib import Path
 from typing import Literal
 
 import pytest
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field
 from tmrl_common.config import load_config, render_config
 from tmrl_common.errors import ConfigError
@@ -22,7 +22,7 @@ class SacConfig(BaseModel):
     polyak: float = Field(default=0.995, gt=0, lt=1)
 
 
-class Device(str, Enum):
+class Device(str, Enum):  # noqa: UP042 - configs written against Python 3.10-style str enums must keep working
     cpu = "cpu"
     cuda = "cuda"
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 import tmrl_relay.cli
 import tmrl_trainer.cli
 import tmrl_worker.cli
-import tomllib
 from tmrl_relay.config import RelayConfig
 from tmrl_trainer.config import TrainerConfig
 from tmrl_worker.config import WorkerConfig

@@ -5,10 +5,10 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tomllib
 import urllib.request
 
 import pytest
-import tomllib
 import zmq
 from tmrl_common.curve import list_allowed_keys, load_public_key
 from tmrl_common.protocol import SampleAck

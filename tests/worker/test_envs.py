@@ -182,10 +182,9 @@ def test_sim_runs_in_real_time_and_takes_simulator_options():
 
 
 def test_layout_command_prints_json_the_trainer_accepts_as_layout_file(plugged_module, tmp_path):
-    from typer.testing import CliRunner
-
     from tmrl_trainer.service import layout_for_env
     from tmrl_worker.cli import app
+    from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["layout", "--env", f"{plugged_module}:PointInterface"])
     assert result.exit_code == 0, result.output

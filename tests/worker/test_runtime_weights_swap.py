@@ -136,7 +136,6 @@ def test_weights_feed_thread_receives_over_a_sub_socket_and_keeps_only_the_newes
     import time
 
     import zmq
-
     from tmrl_common.protocol import encode
     from tmrl_common.sockets import SecurityConfig, TransportConfig
     from tmrl_worker.relay_link import RelayEndpoint

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 import struct
+import tomllib
 from pathlib import Path
 
-import tomllib
 from tmrl_worker.tm20.openplanet import END, FIELDS, MAGIC, PACKET_BYTES, PROTOCOL_VERSION, SEQUENCE_MODULO
 
 PLUGIN = Path(__file__).resolve().parents[3] / "services" / "worker" / "openplanet"

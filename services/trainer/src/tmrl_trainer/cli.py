@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
 from tmrl_common.config import load_config, render_config
+
 from tmrl_trainer.config import TrainerConfig
 
 app = typer.Typer(help="tmrl trainer: learns from worker samples with SAC and publishes policy weights.",

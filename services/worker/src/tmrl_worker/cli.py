@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
 from tmrl_common.config import load_config, render_config
+
 from tmrl_worker.config import WorkerConfig
 from tmrl_worker.sim.cli import sim_app
 
