@@ -332,15 +332,19 @@ class Relay:
 
     # ------------------------------------------------------------------------------------------------ workers
 
-    def _on_worker_message(self, frames: list) -> None:
+    def _open(self, frames: list, accepted: frozenset[str], source: str) -> tuple:
+        """Split ``[routing id, envelope, body]`` from a ROUTER, check the envelope and that ``source`` may send its
+        type; return ``(routing_id, envelope, body, fields, user_id)``."""
         if len(frames) != 3:
             raise ProtocolError("malformed", f"a message has 2 frames (envelope, body), got {_frame_count(frames)}")
-        routing_id = frames[0].bytes
         envelope, body = frames[1], frames[2]
         fields = self._check_envelope(envelope.buffer)
-        if fields.type not in WORKER_LINK_TYPES:
-            raise ProtocolError("unknown_type", f"{fields.type!r} is not accepted from workers (only {sorted(WORKER_LINK_TYPES)})")
-        user_id = self._user_id(envelope)
+        if fields.type not in accepted:
+            raise ProtocolError("unknown_type", f"{fields.type!r} is not accepted from {source} (only {sorted(accepted)})")
+        return frames[0].bytes, envelope, body, fields, self._user_id(envelope)
+
+    def _on_worker_message(self, frames: list) -> None:
+        routing_id, envelope, body, fields, user_id = self._open(frames, WORKER_LINK_TYPES, "workers")
         if fields.type == "sample_batch":
             if len(body) > self.config.max_body_bytes:
                 raise ProtocolError("oversized", f"sample_batch body is {len(body)} bytes, limit {self.config.max_body_bytes}")
@@ -449,14 +453,7 @@ class Relay:
     # ------------------------------------------------------------------------------------------------ trainer
 
     def _on_trainer_message(self, frames: list) -> None:
-        if len(frames) != 3:
-            raise ProtocolError("malformed", f"a message has 2 frames (envelope, body), got {_frame_count(frames)}")
-        routing_id = frames[0].bytes
-        envelope, body = frames[1], frames[2]
-        fields = self._check_envelope(envelope.buffer)
-        if fields.type not in TRAINER_LINK_TYPES:
-            raise ProtocolError("unknown_type", f"{fields.type!r} is not accepted from the trainer (only {sorted(TRAINER_LINK_TYPES)})")
-        user_id = self._user_id(envelope)
+        routing_id, envelope, body, fields, user_id = self._open(frames, TRAINER_LINK_TYPES, "the trainer")
         if fields.type == "hello":
             hello = self._decode_control(envelope, body)
             assert isinstance(hello, Hello)
