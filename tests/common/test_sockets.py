@@ -16,13 +16,6 @@ from tmrl_common.sockets import (
 )
 
 
-@pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
 def test_apply_transport_sets_every_option(context):
     transport = TransportConfig(send_hwm=11, recv_hwm=22, linger_ms=33, heartbeat_ivl_ms=444, heartbeat_timeout_ms=555,
                                 heartbeat_ttl_ms=600, reconnect_ivl_ms=77, reconnect_ivl_max_ms=888, max_frame_bytes=4096)

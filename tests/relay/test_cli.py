@@ -19,13 +19,6 @@ from .relay_harness import Peer, make_batch, make_weights, relay_subprocess, wai
 
 
 @pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
-@pytest.fixture
 def runner(monkeypatch):
     for key in list(__import__("os").environ):
         if key.startswith("TMRL_"):

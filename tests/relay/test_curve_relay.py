@@ -14,13 +14,6 @@ from .relay_harness import Peer, make_batch, make_weights, relay_in_thread, wait
 
 
 @pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
-
-@pytest.fixture
 def keys(tmp_path):
     made = {name: generate_key_pair(tmp_path / "keys", name) for name in ("relay", "worker-1", "worker-2", "trainer", "intruder")}
     for name in ("worker-1", "worker-2"):

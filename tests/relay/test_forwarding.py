@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-import zmq
 from tmrl_common.protocol import Heartbeat, SampleAck, decode_envelope, encode
 
 from .relay_harness import connected_trainer, connected_worker, insecure_config, make_batch, relay_in_thread, wait_until
-
-
-@pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
 
 
 def test_batches_reach_the_trainer_byte_for_byte_with_the_worker_as_sender(context):

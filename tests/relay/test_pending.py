@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import zmq
 from tmrl_common.protocol import encode
 from tmrl_relay.pending import PendingBatch, PendingBatches
 
 from .relay_harness import connected_trainer, connected_worker, insecure_config, make_batch, relay_in_thread, wait_until
-
-
-@pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
 
 
 def _item(seq: int, nbytes: int) -> PendingBatch:

@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-import zmq
 from tmrl_common.protocol import Hello, encode, encode_envelope
 
 from .relay_harness import connected_trainer, connected_worker, insecure_config, make_batch, relay_in_thread, wait_until
-
-
-@pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
 
 
 def _envelope(**fields) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import zmq
 from tmrl_common.protocol import encode
 
@@ -17,13 +16,6 @@ from .relay_harness import (
     relay_in_thread,
     wait_until,
 )
-
-
-@pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
 
 
 def _subscribers(context, relay, count):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 import zmq
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import layout_for_box
@@ -62,13 +61,6 @@ class FakeRelay:
 
     def close(self) -> None:
         self.socket.close(linger=0)
-
-
-@pytest.fixture
-def context():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
 
 
 def make_link(context, port: int, tmp_path, ack_timeout_s: float = 0.3, max_batches: int = 100) -> RelayLink:
