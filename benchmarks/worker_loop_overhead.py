@@ -25,9 +25,9 @@ import torch
 import zmq
 from tmrl_common.networks import PolicyArchitecture, build_actor
 from tmrl_common.protocol import SampleAck, decode, encode
-from tmrl_common.sockets import SecurityConfig, TransportConfig
+from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
 from tmrl_worker.envs import make_env
-from tmrl_worker.relay_link import RelayEndpoint, RelayLink
+from tmrl_worker.relay_link import RelayLink
 from tmrl_worker.runtime import ActorPolicy, RolloutLoop, UniformPolicy
 from tmrl_worker.spool import SequenceCounter, Spool
 

@@ -137,8 +137,7 @@ def test_weights_feed_thread_receives_over_a_sub_socket_and_keeps_only_the_newes
 
     import zmq
     from tmrl_common.protocol import encode
-    from tmrl_common.sockets import SecurityConfig, TransportConfig
-    from tmrl_worker.relay_link import RelayEndpoint
+    from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
 
     context = zmq.Context()
     publisher = context.socket(zmq.PUB)

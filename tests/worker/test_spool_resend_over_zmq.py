@@ -10,8 +10,8 @@ import zmq
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import layout_for_box
 from tmrl_common.protocol import Hello, SampleAck, SampleBatch, decode, encode
-from tmrl_common.sockets import SecurityConfig, TransportConfig
-from tmrl_worker.relay_link import RelayEndpoint, RelayLink
+from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
+from tmrl_worker.relay_link import RelayLink
 from tmrl_worker.spool import SequenceCounter, Spool
 
 LAYOUT = layout_for_box(3, 1)

@@ -29,10 +29,11 @@ from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.protocol import WeightsUpdate
+from tmrl_common.sockets import RelayEndpoint
 
 from tmrl_worker.config import WorkerConfig, WorkerMode
 from tmrl_worker.envs import EnvHandle, make_env
-from tmrl_worker.relay_link import RelayEndpoint, RelayLink
+from tmrl_worker.relay_link import RelayLink
 from tmrl_worker.spool import SequenceCounter, Spool
 from tmrl_worker.weights_feed import PreparedPolicy, WeightsFeed
 

@@ -15,8 +15,7 @@ import zmq
 from tmrl_common.errors import ProtocolError
 from tmrl_common.networks import Actor, actor_from_weights_update
 from tmrl_common.protocol import DecodeLimits, WeightsUpdate, decode
-
-from tmrl_worker.relay_link import RelayEndpoint
+from tmrl_common.sockets import RelayEndpoint
 
 log = logging.getLogger(__name__)
 
