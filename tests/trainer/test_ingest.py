@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import layout_for_box
 from tmrl_common.protocol import Hello, SampleAck, decode, encode
-from tmrl_trainer.ingest import Ingestor, SeqDeduplicator
+from tmrl_trainer.ingest import DedupeStateError, Ingestor, SeqDeduplicator
 from tmrl_trainer.memory import ReplayMemory
 
 LAYOUT = layout_for_box(3, 1)
@@ -151,3 +153,78 @@ def test_worker_stats_give_the_stored_seq_range(ingest):
     stats = ingestor.snapshot()["workers"]["w"]
     assert (stats["min_seq"], stats["max_seq"], stats["batches"], stats["duplicates"]) == (5, 7, 3, 1)
     assert stats["batches"] == stats["max_seq"] - stats["min_seq"] + 1  # contiguous: nothing between lost or doubled
+
+
+def test_dedupe_state_survives_a_json_round_trip():
+    dedupe = SeqDeduplicator(max_above=8)
+    for seq in (0, 1, 2, 5, 7):
+        dedupe.mark_stored("w1", seq)
+    for seq in range(1, 40, 2):  # odd seqs only: the window gives some even ones up
+        dedupe.mark_stored("w2", seq)
+    dedupe.advance_to("w3", 100)
+    restored = SeqDeduplicator(max_above=8)
+    restored.restore(json.loads(json.dumps(dedupe.state())))
+    assert restored.state() == dedupe.state() and restored.given_up == dedupe.given_up > 0
+    for worker in ("w1", "w2", "w3", "never-seen"):
+        assert restored.watermark(worker) == dedupe.watermark(worker)
+        assert restored.pending_above(worker) == dedupe.pending_above(worker)
+        assert [restored.is_duplicate(worker, s) for s in range(120)] == [dedupe.is_duplicate(worker, s) for s in range(120)]
+
+
+def test_a_dedupe_state_saved_with_a_larger_window_gives_up_its_lowest_gaps_when_restored():
+    wide = SeqDeduplicator(max_above=100)
+    for seq in range(1, 21, 2):  # seq 0, 2, 4... never arrive: 10 seqs held above watermark 0
+        wide.mark_stored("w", seq)
+    narrow = SeqDeduplicator(max_above=4)
+    narrow.restore(wide.state())
+    assert narrow.pending_above("w") <= 4 and narrow.given_up > 0
+    assert all(narrow.is_duplicate("w", seq) for seq in range(1, 21, 2))  # nothing stored is forgotten
+
+
+@pytest.mark.parametrize("garbage", [
+    None, [], "state", {},
+    {"format": "tmrl-dedupe-0", "given_up": 0, "workers": {}},
+    {"format": "tmrl-dedupe-1", "given_up": -1, "workers": {}},
+    {"format": "tmrl-dedupe-1", "given_up": 0, "workers": {"w": {"watermark": -3, "above": []}}},
+    {"format": "tmrl-dedupe-1", "given_up": 0, "workers": {"w": {"watermark": 5, "above": [4]}}},
+    {"format": "tmrl-dedupe-1", "given_up": 0, "workers": {"w": {"watermark": 5, "above": [7, 7]}}},
+    {"format": "tmrl-dedupe-1", "given_up": 0, "workers": {"w": {"watermark": "5", "above": []}}},
+    {"format": "tmrl-dedupe-1", "given_up": 0, "workers": {"w": {"watermark": True, "above": []}}},
+    {"format": "tmrl-dedupe-1", "given_up": 0, "workers": {"w": {"watermark": 1.5, "above": []}}},
+    {"format": "tmrl-dedupe-1", "given_up": 0, "workers": {"w": {"watermark": 0}}},
+    {"format": "tmrl-dedupe-1", "given_up": 0, "workers": {"w": {"watermark": 0, "above": [], "extra": 1}}},
+    {"format": "tmrl-dedupe-1", "given_up": 0, "workers": ["w"]},
+])
+def test_a_malformed_dedupe_state_is_rejected_and_changes_nothing(garbage):
+    dedupe = SeqDeduplicator()
+    dedupe.mark_stored("w", 0)
+    before = dedupe.state()
+    with pytest.raises(DedupeStateError, match="not a saved dedupe state"):
+        dedupe.restore(garbage)
+    assert dedupe.state() == before
+
+
+class _RecordingLock:
+    """A store lock that notes, when released, whether the batch being stored was already marked as stored."""
+
+    def __init__(self) -> None:
+        self.ingestor: Ingestor | None = None
+        self.marked_at_release: list[bool] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.marked_at_release.append(self.ingestor.dedupe.is_duplicate("w", len(self.marked_at_release)))
+
+
+def test_a_batch_is_stored_and_marked_stored_under_one_hold_of_the_store_lock():
+    memory = ReplayMemory(LAYOUT, capacity=100)
+    lock = _RecordingLock()
+    ingestor = Ingestor("trainer", LAYOUT, store=memory.add_batch, store_lock=lock)
+    lock.ingestor = ingestor
+    for seq in range(3):
+        ingestor.handle(batch_frames("w", seq, [1.0]))
+    ingestor.handle(batch_frames("w", 1, [1.0]))  # a duplicate never reaches the store (nor the lock)
+    assert lock.marked_at_release == [True, True, True] and len(memory) == 6
+    assert ingestor.dedupe_state()["workers"] == {"w": {"watermark": 3, "above": []}}

@@ -9,7 +9,9 @@ replies it returns), so every rule here is unit-testable:
 * a batch whose observation layout differs from the trainer's is rejected as ``schema`` **and acknowledged**: resending
   it could never succeed, so the worker may drop it from its spool; the trainer's counter and log keep it visible;
 * a batch already stored (same ``(worker, seq)``, e.g. resent after a lost ack) is acknowledged again and counted as a
-  duplicate, never stored twice (:class:`SeqDeduplicator`);
+  duplicate, never stored twice (:class:`SeqDeduplicator`). The trainer saves the dedupe state with the replay memory
+  (``save_memory``): storing a batch and marking its seq happen under one ``store_lock``, the lock the trainer holds
+  while it copies both, so a restored trainer knows exactly which batches its restored memory holds;
 * anything else is stored in the replay memory, acknowledged, and its rows feed per-worker episode returns
   (:class:`EpisodeTracker`).
 """
@@ -21,8 +23,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.protocol import DecodeLimits, Envelope, Heartbeat, Hello, SampleAck, SampleBatch, decode, encode
@@ -31,6 +36,34 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------------- dedupe
+
+
+DEDUPE_STATE_FORMAT = "tmrl-dedupe-1"
+
+
+class DedupeStateError(ValueError):
+    """A saved dedupe state (see :meth:`SeqDeduplicator.state`) is malformed."""
+
+
+class _SavedWindow(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    watermark: int = Field(ge=0)
+    above: list[int]
+
+    @model_validator(mode="after")
+    def _above_the_watermark_once(self) -> _SavedWindow:
+        if len(set(self.above)) != len(self.above) or any(seq < self.watermark for seq in self.above):
+            raise ValueError(f"above must hold distinct seqs at or above the watermark {self.watermark}")
+        return self
+
+
+class _DedupeState(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    format: Literal["tmrl-dedupe-1"]
+    given_up: int = Field(ge=0)
+    workers: dict[str, _SavedWindow]
 
 
 @dataclass
@@ -92,6 +125,36 @@ class SeqDeduplicator:
         window.watermark = seq
         window.above = {s for s in window.above if s >= seq}
         self._advance(window)
+
+    def state(self) -> dict[str, Any]:
+        """Everything :meth:`restore` needs, as plain JSON values (stored in the trainer's checkpoints)."""
+        return {
+            "format": DEDUPE_STATE_FORMAT,
+            "given_up": self.given_up,
+            "workers": {worker: {"watermark": window.watermark, "above": sorted(window.above)}
+                        for worker, window in sorted(self._windows.items())},
+        }
+
+    def restore(self, state: Any) -> None:
+        """Replace every worker's window with a :meth:`state` saved earlier; raise :class:`DedupeStateError` (and
+        change nothing) when ``state`` is not one. A saved window holding more than ``max_above`` seqs above its
+        watermark (saved with a larger window) gives the lowest ones up, as :meth:`mark_stored` would have."""
+        try:
+            saved = _DedupeState.model_validate(state)
+        except ValidationError as exc:
+            raise DedupeStateError(f"not a saved dedupe state ({DEDUPE_STATE_FORMAT}): {exc}") from exc
+        windows: dict[str, _WorkerWindow] = {}
+        given_up = saved.given_up
+        for worker, saved_window in saved.workers.items():
+            window = _WorkerWindow(saved_window.watermark, set(saved_window.above))
+            self._advance(window)
+            while len(window.above) > self.max_above:
+                lowest = min(window.above)
+                given_up += lowest - window.watermark
+                window.watermark = lowest
+                self._advance(window)
+            windows[worker] = window
+        self._windows, self.given_up = windows, given_up
 
     def watermark(self, worker: str) -> int:
         window = self._windows.get(worker)
@@ -196,10 +259,14 @@ class Ingestor:
         on_episode: Callable[[EpisodeRecord], None] | None = None,
         limits: DecodeLimits | None = None,
         dedupe_window: int = 4096,
+        store_lock: AbstractContextManager | None = None,
     ) -> None:
         self.trainer_id = trainer_id
         self.layout = layout
         self.store = store
+        self.store_lock = store_lock or nullcontext()
+        """Held around storing a batch *and* marking its seq stored, so whoever holds it (the trainer saving a
+        checkpoint) sees the memory and :meth:`dedupe_state` at one moment: a batch is in both or in neither."""
         self.allowed_workers = allowed_workers or None
         self.on_episode = on_episode
         self.limits = limits or DecodeLimits()
@@ -211,6 +278,17 @@ class Ingestor:
         self.rows_stored = 0
         self.duplicates = 0
         self._lock = threading.Lock()
+
+    def dedupe_state(self) -> dict[str, Any]:
+        """:meth:`SeqDeduplicator.state` of the stored seqs. To pair it with the memory's content, call it while
+        holding ``store_lock``."""
+        with self._lock:
+            return self.dedupe.state()
+
+    def restore_dedupe(self, state: Any) -> None:
+        """:meth:`SeqDeduplicator.restore` (raise :class:`DedupeStateError`, nothing changed, on a malformed state)."""
+        with self._lock:
+            self.dedupe.restore(state)
 
     def _worker(self, worker: str) -> WorkerStats:
         stats = self.workers.get(worker)
@@ -270,7 +348,10 @@ class Ingestor:
                 return [self._ack(worker, batch.seq)]
         try:
             batch.check_layout(self.layout)
-            rows = self.store(worker, batch)
+            with self.store_lock:
+                rows = self.store(worker, batch)
+                with self._lock:
+                    self.dedupe.mark_stored(worker, batch.seq)
         except ProtocolError as exc:
             self._reject(exc.reason, f"batch seq {batch.seq}: {exc.detail}", worker)
             with self._lock:
@@ -278,7 +359,6 @@ class Ingestor:
             return [self._ack(worker, batch.seq)]
         finished = self.episodes.add(worker, batch)
         with self._lock:
-            self.dedupe.mark_stored(worker, batch.seq)
             self.batches_stored += 1
             self.rows_stored += rows
             stats.batches += 1
