@@ -213,3 +213,29 @@ def test_loading_a_memory_saved_with_another_capacity_or_a_corrupt_file_raises_m
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(MemoryFileError):
         ReplayMemory(LAYOUT, capacity=150).load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("tamper", ["header key missing", "header value of the wrong type", "array missing",
+                                    "array shorter than the header says", "array of another dtype"])
+def test_a_saved_memory_whose_header_and_arrays_disagree_raises_memory_file_error_and_loads_nothing(tmp_path, tamper):
+    from tmrl_trainer.tensor_file import pack, unpack
+
+    source = ReplayMemory(LAYOUT, capacity=150)
+    _fill(source, seed=8, workers=1, rows_per_worker=30)
+    arrays, meta = unpack(source.to_bytes())
+    if tamper == "header key missing":
+        del meta["tails"]
+    elif tamper == "header value of the wrong type":
+        meta["total"] = "many"
+    elif tamper == "array missing":
+        del arrays["oldest"]
+    elif tamper == "array shorter than the header says":
+        arrays["rewards"] = arrays["rewards"][:-1]
+    else:
+        arrays["frames.lidar"] = arrays["frames.lidar"].double()
+    target = ReplayMemory(LAYOUT, capacity=150)
+    _fill(target, seed=9, workers=1, rows_per_worker=10)
+    before = target.to_bytes()
+    with pytest.raises(MemoryFileError):
+        target.load_bytes(pack(arrays, meta))
+    assert target.to_bytes() == before  # nothing half-loaded

@@ -240,20 +240,31 @@ class ReplayMemory:
             raise MemoryFileError(f"not a saved tmrl replay memory: {exc}") from exc
         if not isinstance(meta, dict) or meta.get("format") != MEMORY_FORMAT:
             raise MemoryFileError(f"saved memory format is not {MEMORY_FORMAT!r}")
-        if ObservationLayout.model_validate(meta["layout"]) != self.layout or meta["capacity"] != self.capacity:
-            raise MemoryFileError("saved memory has a different layout or capacity than this one")
-        stored = min(meta["total"], self.capacity)
         try:
-            for name, frames in self._frames.items():
-                frames[:stored] = arrays[f"frames.{name}"].numpy()
-            for name in ("actions", "rewards", "terminated", "truncated", "prev", "has_prev", "oldest"):
-                getattr(self, f"_{name}")[:stored] = arrays[name].numpy()
-        except (KeyError, ValueError) as exc:
-            raise MemoryFileError(f"saved memory arrays do not match its header: {exc}") from exc
-        self._total = int(meta["total"])
-        self._tails = {str(k): [int(i) for i in v] for k, v in meta["tails"].items()}
-        self.orphan_rows = int(meta["orphan_rows"])
-        self._rng.bit_generator.state = meta["rng"]
+            same = ObservationLayout.model_validate(meta["layout"]) == self.layout and meta["capacity"] == self.capacity
+            total, orphan_rows = int(meta["total"]), int(meta["orphan_rows"])
+            tails = {str(k): [int(i) for i in v] for k, v in meta["tails"].items()}
+            rng = np.random.default_rng()
+            rng.bit_generator.state = meta["rng"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
+            raise MemoryFileError(f"saved memory header is malformed: {type(exc).__name__}: {exc}") from exc
+        if not same:
+            raise MemoryFileError("saved memory has a different layout or capacity than this one")
+        stored = min(total, self.capacity)
+        targets = {f"frames.{name}": frames for name, frames in self._frames.items()}
+        targets.update({name: getattr(self, f"_{name}") for name in
+                        ("actions", "rewards", "terminated", "truncated", "prev", "has_prev", "oldest")})
+        loaded = {}
+        for name, target in targets.items():
+            array = arrays[name].numpy() if name in arrays else None
+            if array is None or array.shape != (stored, *target.shape[1:]) or array.dtype != target.dtype:
+                found = "missing" if array is None else f"{array.dtype}{list(array.shape)}"
+                raise MemoryFileError(f"saved memory array {name!r} is {found}, expected "
+                                      f"{target.dtype}{[stored, *target.shape[1:]]} (the header says {total} rows)")
+            loaded[name] = array
+        for name, target in targets.items():  # everything checked: nothing is half-loaded on error
+            target[:stored] = loaded[name]
+        self._total, self._tails, self.orphan_rows, self._rng = total, tails, orphan_rows, rng
 
     def load(self, path: str | Path) -> None:
         """Read a memory written by :meth:`save`."""
