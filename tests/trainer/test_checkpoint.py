@@ -124,3 +124,15 @@ def test_loading_a_corrupt_missing_or_mismatched_checkpoint_raises_checkpoint_er
     _, redq = _setup(redq_n=3, redq_m=2)
     with pytest.raises(CheckpointError, match="does not fit"):
         load_checkpoint(path, redq)
+
+
+def test_a_memory_snapshot_and_extra_json_state_ride_along_with_a_checkpoint(tmp_path):
+    memory, learner = _setup()
+    extra = {"dedupe": {"workers": {"worker-1": [1, 2]}}, "note": "taken under the memory lock"}
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner, {"updates": 0}, memory=memory.to_bytes(), extra=extra)
+    restored_memory = ReplayMemory(LAYOUT, capacity=2500, seed=1)
+    restored = load_checkpoint(path, learner, restored_memory)
+    assert restored.extra == extra and restored.memory_saved and restored.memory_restored
+    assert restored_memory.rows_added == memory.rows_added and memory_path_for(path).exists()
+    plain = load_checkpoint(save_checkpoint(tmp_path / "plain.safetensors", learner), learner)  # the local-mode call
+    assert plain.extra == {} and not plain.memory_saved

@@ -4,7 +4,9 @@ Every tensor of :meth:`SACLearner.state_dict` (networks, target networks, ``log(
 counts, the noise generator's state) is a safetensors entry; the rest of the tree (optimizer parameter groups,
 counters, the SAC config and the policy architecture) is a JSON document in the file's header metadata, where each
 tensor appears as ``{"$tensor": "<entry name>"}``. The replay memory, when saved, goes to a second file next to it
-(``<name>.memory.safetensors``), also written atomically.
+(``<name>.memory.safetensors``), also written atomically and always before the checkpoint itself, so a checkpoint
+never names a memory file that was not written yet. A caller's own JSON state (the distributed trainer's dedupe
+window) can ride along in the document as ``extra``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from tmrl_trainer.sac import SACLearner
 from tmrl_trainer.tensor_file import TensorFileError, pack, read_file, write_atomically
 
 CHECKPOINT_FORMAT = "tmrl-checkpoint-1"
+MEMORY_SUFFIX = ".memory.safetensors"
+"""How a checkpoint's replay memory file name ends (see :func:`memory_path_for`)."""
 
 
 class CheckpointError(ValueError):
@@ -34,12 +38,16 @@ class Checkpoint(BaseModel):
     sac_config: dict[str, Any]
     architecture: dict[str, Any]
     memory_restored: bool
+    memory_saved: bool = False
+    """Whether the checkpoint was written with a replay memory (whose file may since have gone missing)."""
+    extra: dict[str, Any] = {}
+    """The ``extra`` JSON document given to :func:`save_checkpoint` (empty when none was)."""
 
 
 def memory_path_for(path: str | Path) -> Path:
     """Where the replay memory of the checkpoint at ``path`` is saved."""
     path = Path(path)
-    return path.with_name(path.name.removesuffix(".safetensors") + ".memory.safetensors")
+    return path.with_name(path.name.removesuffix(".safetensors") + MEMORY_SUFFIX)
 
 
 def _split(tree: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
@@ -75,8 +83,12 @@ def _join(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(path: str | Path, learner: SACLearner, counters: dict[str, int] | None = None,
-                    memory: ReplayMemory | None = None) -> Path:
-    """Write ``learner`` (and ``memory`` when given) to ``path`` atomically; return ``path``."""
+                    memory: ReplayMemory | bytes | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``learner`` (and ``memory`` when given) to ``path`` atomically; return ``path``.
+
+    ``memory`` is a :class:`ReplayMemory` or its :meth:`ReplayMemory.to_bytes` taken earlier (a snapshot copied under
+    a lock, written here outside it). ``extra`` is any JSON-serialisable dict, returned as :attr:`Checkpoint.extra`.
+    """
     tensors: dict[str, torch.Tensor] = {}
     tree = _split(learner.state_dict(), tensors, "learner")
     document = {
@@ -86,8 +98,11 @@ def save_checkpoint(path: str | Path, learner: SACLearner, counters: dict[str, i
         "sac_config": learner.config.model_dump(mode="json"),
         "architecture": learner.architecture.to_flat_dict(),
         "memory": memory is not None,
+        "extra": extra or {},
     }
-    if memory is not None:
+    if isinstance(memory, bytes):
+        write_atomically(memory_path_for(path), memory)
+    elif memory is not None:
         memory.save(memory_path_for(path))
     return write_atomically(path, pack(tensors, document))
 
@@ -114,4 +129,5 @@ def load_checkpoint(path: str | Path, learner: SACLearner, memory: ReplayMemory 
         memory.load(memory_path_for(path))
         restored = True
     return Checkpoint(counters=document["counters"], sac_config=document["sac_config"],
-                      architecture=document["architecture"], memory_restored=restored)
+                      architecture=document["architecture"], memory_restored=restored,
+                      memory_saved=bool(document.get("memory")), extra=document.get("extra") or {})
