@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.errors import ConfigError
 from tmrl_common.layout import layout_for_box, tm20_image_layout, tm20_lidar_layout
@@ -134,3 +135,106 @@ def test_checkpoint_is_saved_and_a_restarted_trainer_resumes_from_it(tmp_path):
     assert second.run(max_updates=30) == 30  # continued from 25, not from 0
     assert second.weights_version == version + 1  # update 30 published, continuing the version sequence
     assert any(not np.allclose(actor_state[k].numpy(), v.numpy()) for k, v in second.learner.actor.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------- saved replay memory
+
+
+def _tensors(batch) -> list[torch.Tensor]:
+    """Every tensor of a TransitionBatch (observations are tuples of tensors)."""
+    return [t for field in batch for t in (field if isinstance(field, tuple) else (field,))]
+
+
+def _checkpoint_files(service: TrainerService) -> list[str]:
+    return sorted(p.name for p in (service.run_dir / "checkpoints").iterdir())
+
+
+def test_with_save_memory_a_restarted_trainer_gets_its_rows_and_dedupe_window_back(tmp_path):
+    config = make_config(tmp_path, save_memory=True)
+    first = TrainerService(config)
+    for seq in range(3):
+        first.ingestor.handle(pendulum_batch("w1", seq, 40))
+    first.ingestor.handle(pendulum_batch("w2", 0, 30))
+    assert first.run(max_updates=12) == 12  # 150 rows at utd 0.5: 75 allowed, 12 made, 63 still owed
+    positions = first.memory.sampleable_positions()
+    before = first.memory.transitions(positions)
+    rows, stored_before = len(first.memory), first.ingestor.snapshot()["batches_stored"]
+    actor = {k: v.clone() for k, v in first.learner.actor.state_dict().items()}
+
+    second = TrainerService(config)
+    assert second.learner.updates == 12 and second.weights_version == first.weights_version
+    assert all(torch.equal(actor[k], v) for k, v in second.learner.actor.state_dict().items())
+    assert len(second.memory) == rows == 150 and stored_before == 4
+    assert np.array_equal(second.memory.sampleable_positions(), positions)
+    after = second.memory.transitions(positions)
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(before), _tensors(after), strict=True))
+    # a batch stored before the checkpoint and resent after the restart (its ack was lost) is a duplicate
+    second.ingestor.handle(pendulum_batch("w1", 1, 40))
+    second.ingestor.handle(pendulum_batch("w2", 0, 30))
+    assert second.ingestor.snapshot()["duplicates"] == 2 and len(second.memory) == rows
+    second.ingestor.handle(pendulum_batch("w1", 3, 40))  # a new one is stored
+    assert len(second.memory) == rows + 40 and second.ingestor.snapshot()["batches_stored"] == 1
+    # no warm-up again, and the update budget carries over: 63 owed on the restored rows + 0.5 * 40 new ones
+    stop, thread, _ = run_in_thread(second)
+    try:
+        wait_for(lambda: second.learner.updates >= 12 + 63 + 20)
+        time.sleep(0.3)
+        assert second.learner.updates == 12 + 63 + 20
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "another memory"])
+def test_a_checkpoint_whose_memory_file_is_unusable_resumes_the_learner_with_an_empty_memory(tmp_path, caplog, damage):
+    from tmrl_trainer.memory import ReplayMemory
+
+    config = make_config(tmp_path, save_memory=True)
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=4) == 4
+    memory_file = first.run_dir / "checkpoints" / "checkpoint-000000000004.memory.safetensors"
+    if damage == "missing":
+        memory_file.unlink()
+    elif damage == "truncated":
+        memory_file.write_bytes(memory_file.read_bytes()[:200])
+    else:  # a readable memory, but not the one saved with this checkpoint
+        ReplayMemory(first.layout, capacity=config.memory_capacity).save(memory_file)
+
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    try:
+        assert second.learner.updates == 4 and len(second.memory) == 0
+        assert "could not be restored" in caplog.text and memory_file.name in caplog.text
+        second.ingestor.handle(pendulum_batch("w1", 0, 60))  # fresh dedupe window: stored again, not a duplicate
+        assert len(second.memory) == 60 and second.ingestor.snapshot()["duplicates"] == 0
+    finally:
+        second.shutdown()
+
+
+def test_pruned_checkpoints_take_their_memory_files_with_them(tmp_path):
+    config = make_config(tmp_path, save_memory=True, checkpoint_every=2)
+    service = TrainerService(config)
+    service.ingestor.handle(pendulum_batch("w1", 0, 60))
+    stray = service.run_dir / "checkpoints" / "checkpoint-000000000001.memory.safetensors"  # its checkpoint is gone
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"left over")
+    assert service.run(max_updates=9) == 9  # checkpoints at 2, 4, 6, 8 and 9 (shutdown)
+    assert _checkpoint_files(service) == [f"checkpoint-{n:012d}{suffix}" for n in (6, 8, 9)
+                                          for suffix in (".memory.safetensors", ".safetensors")]
+
+
+def test_without_save_memory_no_memory_file_is_written_and_a_restart_starts_empty(tmp_path):
+    config = make_config(tmp_path)
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=3) == 3
+    assert _checkpoint_files(first) == ["checkpoint-000000000003.safetensors"]
+    second = TrainerService(config)
+    try:
+        assert second.learner.updates == 3 and len(second.memory) == 0
+        second.ingestor.handle(pendulum_batch("w1", 0, 60))
+        assert len(second.memory) == 60
+    finally:
+        second.shutdown()

@@ -31,6 +31,7 @@ def run(
     run_dir: Path | None = typer.Option(None, "--run-dir", help="status.json, metrics.jsonl, tensorboard/, checkpoints/."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
     max_updates: int | None = typer.Option(None, "--max-updates", help="Stop after this many SAC updates."),
+    save_memory: bool = typer.Option(False, "--save-memory", help="Checkpoint the replay memory too; restore it on restart."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain-text ZeroMQ, no CurveZMQ (trusted loopback only)."),
     secret_key: Path | None = typer.Option(None, "--secret-key", help="This client's NAME.key_secret (CurveZMQ).", exists=True, dir_okay=False),
     server_key: Path | None = typer.Option(None, "--server-key", help="The relay's public NAME.key (CurveZMQ).", exists=True, dir_okay=False),
@@ -45,6 +46,7 @@ def run(
 
     overrides = {
         "env": env, "relay_host": relay_host, "trainer_port": trainer_port, "run_dir": run_dir, "device": device,
+        "save_memory": True if save_memory else None,
         "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key},
     }
     try:

@@ -36,6 +36,11 @@ class TrainerConfig(BaseModel):
     """Learner hyperparameters; ``sac.learning_starts`` is the warm-up (rows stored before the first update) and
     ``sac.utd`` the maximum number of updates per sample received."""
     memory_capacity: int = Field(default=1_000_000, ge=2)
+    save_memory: bool = False
+    """Save the replay memory and the ingest dedupe state with every checkpoint (``<checkpoint>.memory.safetensors``,
+    about the size of the stored rows, three kept) and restore them on restart: no second warm-up, and batches resent
+    after the restart that were already stored are recognised as duplicates. Off: a restarted trainer starts with an
+    empty memory and refills it from the workers."""
     seed: int = 0
 
     # service loop

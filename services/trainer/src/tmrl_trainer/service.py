@@ -12,10 +12,30 @@ Update schedule:
   worker fleet is not over-fitted; the loop idles a few milliseconds when it is ahead;
 * every ``publish_every`` updates the actor is published as a new ``weights_update`` (version + 1) and written to
   ``run_dir/policy.safetensors`` (:func:`export_policy`, readable by ``tmrl-worker run --expert --policy``);
-* every ``checkpoint_every`` updates, and at shutdown, a checkpoint is saved (the last 3 are kept); at start the
-  latest checkpoint under ``run_dir/checkpoints`` is restored (learner state, update count, weights version) and those
-  weights are re-published at once so workers resume with them. The replay memory is not checkpointed: it refills
-  from the workers (warm-up applies again).
+* every ``checkpoint_every`` updates, and at shutdown, a checkpoint is saved (the last 3 are kept, with their memory
+  files); when the service is built, the latest checkpoint under ``run_dir/checkpoints`` is restored (learner state,
+  update count, weights version) and those weights are re-published at once so workers resume with them.
+
+Replay memory across restarts:
+
+* ``save_memory = false`` (default): the memory is not checkpointed. A restarted trainer starts with an empty memory,
+  a fresh dedupe window and no update budget: it refills from the workers and the warm-up applies again.
+* ``save_memory = true``: each checkpoint also writes the memory (``<checkpoint>.memory.safetensors``) and, in the
+  checkpoint's JSON document, the ingest dedupe state. Both are copied under the memory lock, which the ingest thread
+  holds from storing a batch to marking its seq (:attr:`Ingestor.store_lock`), so a batch is in both or in neither;
+  the lock is held only for that in-memory copy (:meth:`ReplayMemory.to_bytes`), the file is written outside it.
+  The memory file also records how many rows were ever added, checked against the checkpoint on restore (a memory file
+  rewritten by a later save of the same name is not paired with an older dedupe state). On restart both come back
+  from the latest checkpoint: a batch stored before it and resent afterwards is a duplicate, not stored twice. If that
+  checkpoint's memory file is missing or unreadable, the learner still resumes and the trainer warns and starts with
+  an empty memory and a fresh dedupe window (as with ``save_memory = false``); older checkpoints' memories are not
+  used, since the warning already says the restored state is incomplete and the rows refill from the workers.
+* update budget with a restored memory: the warm-up is already met by the restored rows (when they are at least
+  ``sac.learning_starts``). The ratio ``updates <= utd * rows_received`` counts this run's rows, plus the budget the
+  previous run had not used at its checkpoint (``utd * rows received - updates``, saved as ``update_credit``), capped
+  at ``utd * restored rows``. So a restart neither grants fresh updates on data that was already trained on at the
+  full ratio (a trainer that kept up resumes updating as new rows arrive) nor forfeits updates a slower trainer was
+  still owed (it goes on training on the restored rows, as it would have without the restart).
 
 Observation layout: fixed by configuration (``env`` name or ``layout_file``), never taken from the first worker to
 speak, so one misconfigured worker cannot poison the replay memory; mismatching batches are rejected and counted.
@@ -45,10 +65,10 @@ from tmrl_common.networks import weights_update_from_actor
 from tmrl_common.protocol import SampleBatch, WeightsUpdate
 from tmrl_common.weights import tensors_from_bytes, tensors_to_bytes
 
-from tmrl_trainer.checkpoint import load_checkpoint, save_checkpoint
+from tmrl_trainer.checkpoint import MEMORY_SUFFIX, Checkpoint, load_checkpoint, memory_path_for, save_checkpoint
 from tmrl_trainer.config import TrainerConfig
-from tmrl_trainer.ingest import Ingestor
-from tmrl_trainer.memory import ReplayMemory
+from tmrl_trainer.ingest import DedupeStateError, Ingestor
+from tmrl_trainer.memory import MemoryFileError, ReplayMemory
 from tmrl_trainer.relay_link import TrainerLink
 from tmrl_trainer.sac import SACLearner, resolve_device
 from tmrl_trainer.status import STATUS_FILE, RunRecorder, StatusFile
@@ -123,13 +143,15 @@ class TrainerService:
         self.architecture = config.sac.architecture(self.layout)
         self.learner = SACLearner(config.sac, self.architecture, device=self.device, seed=config.seed)
         self.memory = ReplayMemory(self.layout, capacity=config.memory_capacity, seed=config.seed)
-        self.memory_lock = threading.Lock()
+        self.memory_lock = threading.RLock()
+        """Guards the memory and ``rows_received``; the ingestor also holds it from storing a batch to marking its seq
+        (re-entered by :meth:`_store`), so a checkpoint copies memory and dedupe state from one moment."""
         self.weights_version = 0
         self.rows_received = 0
         self.recorder = RunRecorder(self.run_dir)
         self.ingestor = Ingestor(
             config.trainer_id, self.layout, store=self._store, on_episode=self.recorder.episode,
-            allowed_workers=frozenset(config.allowed_workers) or None,
+            allowed_workers=frozenset(config.allowed_workers) or None, store_lock=self.memory_lock,
         )
         self._context = zmq.Context()
         self.link = TrainerLink(config.trainer_id, config.relay_host, config.trainer_port, config.transport,
@@ -137,8 +159,18 @@ class TrainerService:
         self.link.check_security()
         self.status = StatusFile(self.run_dir / STATUS_FILE, self.snapshot, config.status_interval_s)
         self.last_metrics: dict[str, float] = {}
-        self._updates_at_start = 0
+        self._carried_update_credit = 0
+        """Updates the checkpoint's run was still owed on the restored memory (see the module docstring)."""
         self._started = time.time()
+        try:
+            self._resume()  # before anything is ingested: a saved memory is loaded into the empty one
+        except BaseException:
+            self._context.destroy(linger=0)
+            raise
+        # the ratio counts the updates made beyond this baseline against this run's rows; a restored memory's unused
+        # budget moves the baseline up, so that many updates come on top of utd * rows received
+        self._ratio_baseline = self.learner.updates + self._carried_update_credit
+        """``updates - _ratio_baseline <= utd * rows_received`` is the update-to-data cap."""
 
     # ------------------------------------------------------------------------------------------------- memory
 
@@ -151,28 +183,83 @@ class TrainerService:
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def _checkpoint_paths(self) -> list[Path]:
-        return sorted(self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*.safetensors"),
+        """Checkpoints (not their memory files), oldest first."""
+        return sorted((p for p in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*.safetensors")
+                       if not p.name.endswith(MEMORY_SUFFIX)),
                       key=lambda p: p.name)  # zero-padded update counts: name order is update order
 
     def _resume(self) -> None:
-        paths = [p for p in self._checkpoint_paths() if not p.name.endswith(".memory.safetensors")]
+        paths = self._checkpoint_paths()
         if not paths:
             log.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
             return
         restored = load_checkpoint(paths[-1], self.learner)
         self.weights_version = int(restored.counters.get("weights_version", 0))
-        log.info("resumed from checkpoint %s: %d updates, weights version %d (the replay memory starts empty)",
-                 paths[-1], self.learner.updates, self.weights_version)
+        memory = "the replay memory starts empty"
+        if self.config.save_memory:
+            rows = self._restore_memory(paths[-1], restored)
+            if rows:
+                memory = (f"replay memory restored: {rows} rows, {self._carried_update_credit} updates still owed "
+                          "on them")
+        log.info("resumed from checkpoint %s: %d updates, weights version %d (%s)",
+                 paths[-1], self.learner.updates, self.weights_version, memory)
         if self.weights_version > 0:
             self.link.publish(weights_update_from_actor(self.learner.actor, self.weights_version))
 
+    def _restore_memory(self, path: Path, restored: Checkpoint) -> int:
+        """Load the memory and dedupe state saved with checkpoint ``path``; return the rows restored. Anything
+        missing or unreadable is logged as a warning and leaves the memory empty and the dedupe window fresh."""
+        memory_file = memory_path_for(path)
+        if not restored.memory_saved or "dedupe" not in restored.extra:
+            log.warning("checkpoint %s holds no replay memory (saved with save_memory off, or by local training): the "
+                        "replay memory starts empty and the warm-up applies again", path)
+            return 0
+        try:
+            self.memory.load(memory_file)  # into the empty memory (no second allocation); checked before it replaces
+            expected = restored.extra.get("memory_rows_added")
+            if self.memory.rows_added != expected:
+                raise MemoryFileError(f"it holds {self.memory.rows_added} rows ever added where the checkpoint "
+                                      f"expects {expected} (not the memory saved with this checkpoint)")
+            self.ingestor.restore_dedupe(restored.extra["dedupe"])  # last: it changes nothing when it fails
+        except (OSError, MemoryFileError, DedupeStateError) as exc:
+            log.warning("replay memory %s could not be restored (%s); the learner is resumed, but the replay memory "
+                        "starts empty with a fresh dedupe window and the warm-up applies again", memory_file, exc)
+            self.memory = ReplayMemory(self.layout, capacity=self.config.memory_capacity, seed=self.config.seed)
+            return 0
+        credit = max(0, int(restored.counters.get("update_credit", 0)))
+        self._carried_update_credit = min(credit, int(self.config.sac.utd * len(self.memory)))
+        return len(self.memory)
+
+    def _update_credit(self) -> int:
+        """Updates this run may still make at the utd ratio (call with the memory lock held)."""
+        allowed = self.config.sac.utd * self.rows_received
+        return max(0, int(allowed - (self.learner.updates - self._ratio_baseline)))
+
     def _checkpoint(self) -> None:
         path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.learner.updates:012d}.safetensors"
-        save_checkpoint(path, self.learner, counters={"weights_version": self.weights_version,
-                                                      "samples_received": self.rows_received})
-        for old in self._checkpoint_paths()[:-KEEP_CHECKPOINTS]:
+        counters = {"weights_version": self.weights_version, "samples_received": self.rows_received}
+        memory: bytes | None = None
+        extra: dict[str, Any] = {}
+        if self.config.save_memory:
+            with self.memory_lock:  # no batch is between being stored and being marked while this is held
+                memory = self.memory.to_bytes()
+                extra = {"dedupe": self.ingestor.dedupe_state(), "memory_rows_added": self.memory.rows_added}
+                counters["update_credit"] = self._update_credit()
+        save_checkpoint(path, self.learner, counters=counters, memory=memory, extra=extra)
+        self._prune_checkpoints()
+        log.info("checkpoint saved: %s (%d updates, weights version %d%s)", path, self.learner.updates,
+                 self.weights_version, f", {extra['memory_rows_added']} rows added to the memory" if extra else "")
+
+    def _prune_checkpoints(self) -> None:
+        """Keep the newest :data:`KEEP_CHECKPOINTS` checkpoints; delete older ones and every memory file that does not
+        belong to a kept checkpoint."""
+        paths = self._checkpoint_paths()
+        for old in paths[:-KEEP_CHECKPOINTS]:
             old.unlink(missing_ok=True)
-        log.info("checkpoint saved: %s (%d updates, weights version %d)", path, self.learner.updates, self.weights_version)
+        kept_memory = {memory_path_for(p) for p in paths[-KEEP_CHECKPOINTS:]}
+        for memory_file in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*{MEMORY_SUFFIX}"):
+            if memory_file not in kept_memory:
+                memory_file.unlink(missing_ok=True)
 
     # ----------------------------------------------------------------------------------------------- reports
 
@@ -218,13 +305,11 @@ class TrainerService:
         sac = self.config.sac
         with self.memory_lock:
             stored, received = len(self.memory), self.rows_received
-        return stored >= sac.learning_starts and self.learner.updates - self._updates_at_start < sac.utd * received
+        return stored >= sac.learning_starts and self.learner.updates - self._ratio_baseline < sac.utd * received
 
     def run(self, stop: threading.Event | None = None, max_updates: int | None = None) -> int:
         """Train until ``stop`` is set (or ``max_updates`` updates); return the number of updates done."""
         stop = stop or threading.Event()
-        self._resume()
-        self._updates_at_start = self.learner.updates  # the ratio counts updates made on this run's samples
         self.link.start()
         self.status.start()
         log.info("trainer %s on %s: layout %s, relay %s; warm-up %d rows, at most %.2f updates per row",
