@@ -135,7 +135,48 @@ def test_frozen_min_matches_autograd_through_the_minimum_of_the_frozen_heads(hid
     (fast_grad,) = torch.autograd.grad((fast * torch.linspace(-1, 2, 64)).sum(), action)
     reference = critics.head(part.clone(), action, frozen=True).min(dim=0).values
     (reference_grad,) = torch.autograd.grad((reference * torch.linspace(-1, 2, 64)).sum(), action)
-    assert torch.equal(fast, reference)
+    torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)  # same sums, another order
     torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-5, atol=1e-7)
     assert fast_grad.abs().sum() > 0
     assert all(p.grad is None for p in critics.parameters())  # the critics stay frozen
+
+
+def _member_q_with_autograd(critics: CriticEnsemble, features: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Reference Q-values ``(n, B)``: each member as a plain stack of linear layers and ReLUs, left to autograd."""
+    values = []
+    for member in range(critics.n):
+        x = torch.relu(features @ critics.observation_weight[member] + action @ critics.action_weight[member]
+                       + critics.first_bias[member])
+        for weight, bias in zip(critics.weights[:-1], critics.biases[:-1], strict=True):
+            x = torch.relu(x @ weight[member] + bias[member])
+        values.append((x @ critics.weights[-1][member] + critics.biases[-1][member]).squeeze(-1))
+    return torch.stack(values)
+
+
+@pytest.mark.parametrize(("hidden_sizes", "members"), [([32, 32], 2), ([16, 24, 8], 3), ([16], 2)])
+def test_relu_critic_training_head_gives_autograds_values_and_gradients(hidden_sizes, members):
+    architecture = PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=hidden_sizes)
+    torch.manual_seed(0)
+    critics = CriticEnsemble(architecture, n=members)
+    features, target = torch.randn(64, 83), torch.randn(members, 64)
+    action = (torch.rand(64, 3) * 2 - 1).requires_grad_(True)
+
+    fast = critics.head(critics.observation_part(features), action)  # the hand-written backward
+    fast_loss = (fast - target).pow(2).mean()
+    fast_grads = torch.autograd.grad(fast_loss, [action, *critics.parameters()])
+    reference = _member_q_with_autograd(critics, features, action)
+    reference_grads = torch.autograd.grad((reference - target).pow(2).mean(), [action, *critics.parameters()])
+
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    for name, fast_grad, reference_grad in zip(["action", *dict(critics.named_parameters())], fast_grads,
+                                               reference_grads, strict=True):
+        assert fast_grad.abs().sum() > 0, name
+        torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_relu_critic_training_head_refuses_a_second_backward_through_the_same_graph():
+    critics = CriticEnsemble(PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=[16]), n=2)
+    q_values = critics.head(critics.observation_part(torch.randn(8, 83)), torch.zeros(8, 3))
+    q_values.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        q_values.sum().backward()

@@ -326,7 +326,13 @@ class CriticEnsemble(nn.Module):
         ``frozen``: use detached weights, so gradients reach ``action`` but never the critics (policy loss).
         ``consume``: add the action part into ``observation_part`` in place instead of into a copy (saves a pass over
         an ``(n, B, hidden)`` tensor); only for a tensor nothing reads afterwards and autograd has not saved.
+
+        ReLU critics trained by back-propagation (gradients on, weights not frozen) go through
+        :class:`_ReluCriticQ`, which computes the same values and gradients with fewer passes over memory.
         """
+        if (self.activation is torch.relu_ and not frozen and torch.is_grad_enabled()
+                and self.action_weight.requires_grad):
+            return _ReluCriticQ.apply(observation_part, action, self.action_weight, *self.weights, *self.biases)
         action_weight = self.action_weight.detach() if frozen else self.action_weight
         action = action.expand(self.n, -1, -1)
         if consume:
@@ -340,8 +346,10 @@ class CriticEnsemble(nn.Module):
             x = self.activation(torch.baddbmm(bias, x, weight))
         if frozen:
             last_weight, last_bias = last_weight.detach(), last_bias.detach()
-        # The output layer (one unit) as multiply-and-sum: a batched matrix product with a single output column
-        # (and its backward, an outer product) takes CPU BLAS's slow matrix-vector paths, ~10% of a whole update.
+        if not torch.is_grad_enabled():
+            return _output_layer(x, last_weight, last_bias)
+        # With autograd, the output layer (one unit) is a multiply-and-sum: as a matrix product its backward would be
+        # an outer product, which takes CPU BLAS's slow paths.
         return (x * last_weight.transpose(1, 2)).sum(dim=-1) + last_bias.squeeze(-1)
 
     def frozen_min(self, observation_part: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -353,6 +361,60 @@ class CriticEnsemble(nn.Module):
         if self.activation is torch.relu_ and torch.is_grad_enabled() and action.requires_grad:
             return _FrozenReluCriticMin.apply(observation_part.detach(), action, self)
         return self.head(observation_part, action, frozen=True, consume=True).min(dim=0).values
+
+
+def _output_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The critics' one-unit output layer without autograd: ``(n, B, H)`` activations, ``(n, H, 1)`` weight and
+    ``(n, 1, 1)`` bias to Q-values ``(n, B)``. Written as ``weight^T x^T``, a product with a single *row*: CPU BLAS
+    computes that fast, while ``x weight`` (a single column) takes a matrix-vector path many times slower."""
+    return torch.baddbmm(bias, weight.transpose(1, 2), x.transpose(1, 2)).squeeze(1)
+
+
+class _ReluCriticQ(torch.autograd.Function):
+    """Q-values ``(n, B)`` of a ReLU critic ensemble from its observation part and actions, with a hand-written
+    backward that gives autograd's gradients with fewer large temporaries.
+
+    Autograd would allocate and fill a fresh ``(n, B, hidden)`` tensor for every step back through the output layer
+    and each ReLU. Here the backward turns each saved activation into the gradient in place (``sign`` of a ReLU
+    output is its derivative) and computes the output layer's weight gradient as a one-row product. It consumes its
+    saved activations, so the graph cannot be back-propagated twice (``retain_graph`` is refused).
+    """
+
+    @staticmethod
+    def forward(ctx, observation_part: torch.Tensor, action: torch.Tensor,  # type: ignore[override]
+                action_weight: torch.Tensor, *layers: torch.Tensor) -> torch.Tensor:
+        weights, biases = layers[: len(layers) // 2], layers[len(layers) // 2 :]
+        hidden = [torch.baddbmm(observation_part, action.expand(action_weight.shape[0], -1, -1), action_weight).relu_()]
+        for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
+            hidden.append(torch.baddbmm(bias, hidden[-1], weight).relu_())
+        ctx.save_for_backward(action, action_weight, *weights, *hidden)
+        ctx.consumed = False
+        return _output_layer(hidden[-1], weights[-1], biases[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q: torch.Tensor):  # type: ignore[override]
+        if ctx.consumed:
+            raise RuntimeError("the critic ensemble's backward consumes its saved activations: it cannot run twice "
+                               "(retain_graph is not supported)")
+        ctx.consumed = True
+        action, action_weight, *saved = ctx.saved_tensors
+        layers = len(saved) // 2
+        weights, hidden = saved[:layers], saved[layers:]
+        n = action_weight.shape[0]
+        grad_weights: list[torch.Tensor] = [torch.empty(0)] * layers
+        grad_biases: list[torch.Tensor] = [torch.empty(0)] * layers
+        grad_weights[-1] = torch.bmm(grad_q.unsqueeze(1), hidden[-1]).transpose(1, 2)  # (n, H, 1)
+        grad_biases[-1] = grad_q.sum(dim=1).view(n, 1, 1)
+        # gradient at the last hidden pre-activation, in place of that layer's output: relu'(z) = sign(relu(z))
+        grad = hidden[-1].sign_().mul_(grad_q.unsqueeze(-1)).mul_(weights[-1].transpose(1, 2))
+        for layer in range(layers - 1, 0, -1):
+            grad_weights[layer - 1] = torch.bmm(hidden[layer - 1].transpose(1, 2), grad)
+            grad_biases[layer - 1] = grad.sum(dim=1, keepdim=True)
+            grad = torch.bmm(grad, weights[layer - 1].transpose(1, 2)).mul_(hidden[layer - 1].sign_())
+        grad_action_weight = torch.bmm(action.expand(n, -1, -1).transpose(1, 2), grad)
+        grad_action = torch.bmm(grad, action_weight.transpose(1, 2)).sum(dim=0) if ctx.needs_input_grad[1] else None
+        return grad, grad_action, grad_action_weight, *grad_weights, *grad_biases
 
 
 class _FrozenReluCriticMin(torch.autograd.Function):
@@ -372,7 +434,7 @@ class _FrozenReluCriticMin(torch.autograd.Function):
         hidden = [observation_part.baddbmm_(action.expand(critics.n, -1, -1), action_weight).relu_()]
         for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
             hidden.append(torch.baddbmm(bias, hidden[-1], weight).relu_())
-        q_values = (hidden[-1] * weights[-1].transpose(1, 2)).sum(dim=-1) + biases[-1].squeeze(-1)
+        q_values = _output_layer(hidden[-1], weights[-1], biases[-1])
         q_min, winner = q_values.min(dim=0)
         ctx.save_for_backward(winner, action_weight, *weights, *hidden)
         return q_min
