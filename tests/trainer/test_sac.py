@@ -177,3 +177,33 @@ def test_auto_device_falls_back_to_cpu_and_unavailable_cuda_is_a_clear_error():
         assert resolve_device("auto").type == "cpu"
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_direct_fused_adam_steps_equal_the_optimizers_own_steps_also_after_loading_a_state():
+    direct, reference = _learner(seed=3), _learner(seed=3)
+    reference._adam_step = reference.optimizer.step  # the torch.optim.Adam.step path, every update
+    for step in range(4):
+        direct.update(_batch(seed=step), with_metrics=False)
+        reference.update(_batch(seed=step), with_metrics=False)
+    assert direct._adam_calls is not None  # the direct calls are in use from the second step
+    assert all(torch.equal(a, b) for a, b in zip(_parameters(direct), _parameters(reference), strict=True))
+
+    saved = _learner(seed=4)
+    saved.update(_batch(seed=9), with_metrics=False)
+    direct.load_state_dict(saved.state_dict())  # new optimizer state tensors: the direct calls must follow them
+    reference.load_state_dict(saved.state_dict())
+    for step in range(3):
+        direct.update(_batch(seed=10 + step), with_metrics=False)
+        reference.update(_batch(seed=10 + step), with_metrics=False)
+    assert all(torch.equal(a, b) for a, b in zip(_parameters(direct), _parameters(reference), strict=True))
+    assert direct.optimizer.state_dict()["state"][0]["step"] == reference.optimizer.state_dict()["state"][0]["step"] == 1 + 3
+
+
+def test_loading_a_live_learners_state_copies_its_optimizer_moments_instead_of_sharing_them():
+    source, copy = _learner(seed=1), _learner(seed=2)
+    source.update(_batch(seed=0), with_metrics=False)
+    copy.load_state_dict(source.state_dict())
+    moments_before = [t.clone() for state in source.optimizer.state.values() for t in state.values()]
+    copy.update(_batch(seed=1), with_metrics=False)
+    moments_after = [t for state in source.optimizer.state.values() for t in state.values()]
+    assert all(torch.equal(a, b) for a, b in zip(moments_before, moments_after, strict=True))
