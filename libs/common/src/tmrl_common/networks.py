@@ -363,6 +363,11 @@ class CriticEnsemble(nn.Module):
         return self.head(observation_part, action, frozen=True, consume=True).min(dim=0).values
 
 
+def _relu_backward(grad: torch.Tensor, relu_output: torch.Tensor) -> torch.Tensor:
+    """``grad`` where ``relu_output > 0``, else 0 (the gradient through a ReLU), in one pass: autograd's own kernel."""
+    return torch.ops.aten.threshold_backward(grad, relu_output, 0)
+
+
 def _output_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The critics' one-unit output layer without autograd: ``(n, B, H)`` activations, ``(n, H, 1)`` weight and
     ``(n, 1, 1)`` bias to Q-values ``(n, B)``. Written as ``weight^T x^T``, a product with a single *row*: CPU BLAS
@@ -449,7 +454,7 @@ class _FrozenReluCriticMin(torch.autograd.Function):
             rows = (winner == member).nonzero().squeeze(1)
             grad = grad_q.index_select(0, rows).unsqueeze(1) * weights[-1][member].transpose(0, 1)
             for layer in range(len(hidden) - 1, -1, -1):
-                grad = grad.mul_(hidden[layer][member].index_select(0, rows) > 0)  # ReLU's derivative
+                grad = _relu_backward(grad, hidden[layer][member].index_select(0, rows))
                 grad = grad.mm(weights[layer - 1][member].T if layer > 0 else action_weight[member].T)
             grad_action.index_copy_(0, rows, grad)
         return None, grad_action, None
