@@ -165,7 +165,9 @@ class ObservationEncoder(nn.Module):
         parts: list[torch.Tensor] = []
         for cnn, index in zip(self.cnns, self._image_parts, strict=True):
             images = observation[index]
-            images = images.reshape(batch, -1, *images.shape[-2:]).float().div_(255.0)
+            # a copy even when the images already are float32 (.float() would return them, and div_ would then
+            # scale the caller's tensor, or the numpy array Actor.act wrapped, in place)
+            images = images.reshape(batch, -1, *images.shape[-2:]).to(torch.float32, copy=True).div_(255.0)
             parts.append(cnn(images))
         for index in self._flat_parts:
             part = observation[index]
