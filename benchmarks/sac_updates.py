@@ -6,7 +6,7 @@ number of torch threads, a replay memory pre-filled with 20,000 random steps, an
 its batch from that memory (SB3's ``train()`` does too). tmrl stores newest frames only and rebuilds the LIDAR
 history at sampling time.
 
-    .venv/bin/python benchmarks/sac_updates.py [--updates 200] [--threads 1] [--repeats 5]
+    .venv/bin/python benchmarks/sac_updates.py [--updates 200] [--threads 1,2] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -109,18 +109,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=200, help="updates per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per side (best is reported)")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both sides")
+    parser.add_argument("--threads", default="1,2",
+                        help="comma-separated torch thread counts, each measured for both sides [1,2]")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    rates = measure({"tmrl": tmrl_update_block(), "stable-baselines3": sb3_update_block()}, args.updates, args.repeats)
-    print(f"SAC updates/s on CPU (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, {args.threads} torch thread(s), "
-          f"best of {args.repeats} alternating blocks of {args.updates} updates, sampling included)")
-    print(f"  {'':<20} {'wall clock':>12} {'CPU time':>12}")
-    for name, (wall, cpu) in rates.items():
-        print(f"  {name:<20} {wall:12.1f} {cpu:12.1f}")
-    (ours_wall, ours_cpu), (peer_wall, peer_cpu) = rates["tmrl"], rates["stable-baselines3"]
-    print(f"  ratio tmrl / sb3: {ours_wall / peer_wall:.2f}x wall clock, {ours_cpu / peer_cpu:.2f}x CPU time "
-          "(target >= 1.5x)")
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    blocks = {"tmrl": tmrl_update_block(), "stable-baselines3": sb3_update_block()}
+    print(f"SAC updates/s on CPU (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, best of {args.repeats} alternating "
+          f"blocks of {args.updates} updates, sampling included; both sides on the same torch thread count)")
+    print(f"  {'threads':>7} {'side':<20} {'wall clock':>12} {'CPU time':>12}")
+    ratios = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        rates = measure(blocks, args.updates, args.repeats)
+        for name, (wall, cpu) in rates.items():
+            print(f"  {threads:>7} {name:<20} {wall:12.1f} {cpu:12.1f}")
+        (ours_wall, ours_cpu), (peer_wall, peer_cpu) = rates["tmrl"], rates["stable-baselines3"]
+        ratios.append((threads, ours_wall / peer_wall, ours_cpu / peer_cpu))
+    for threads, wall, cpu in ratios:
+        print(f"  ratio tmrl / sb3 at {threads} thread(s): {wall:.2f}x wall clock, {cpu:.2f}x CPU time "
+              "(target >= 1.5x)")
 
 
 if __name__ == "__main__":
