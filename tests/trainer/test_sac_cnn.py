@@ -213,3 +213,11 @@ def test_train_local_on_the_simulators_image_env_trains_a_cnn_policy(tmp_path):
     load_checkpoint(result.checkpoint, learner)  # a CNN learner's tensors: names and shapes must all match
     assert learner.updates == result.updates
     assert not any(torch.equal(a, b) for a, b in zip(untrained, learner.actor.encoder.parameters(), strict=True))
+
+
+def test_sac_config_conv_channels_shape_the_cnns_of_actor_and_critics():
+    config = SACConfig(hidden_sizes=[8], conv_channels=[3, 5])
+    learner = SACLearner(config, config.architecture(LAYOUT), device="cpu", seed=0)
+    for encoder in (learner.actor.encoder, *learner.critics.encoders):
+        convolutions = [layer for layer in encoder.cnns[0] if isinstance(layer, torch.nn.Conv2d)]
+        assert [c.out_channels for c in convolutions] == [3, 5]

@@ -46,6 +46,8 @@ class SACConfig(BaseModel):
     batch_size: int = Field(default=256, ge=1)
     hidden_sizes: list[int] = Field(default_factory=lambda: [256, 256], min_length=1)
     activation: Activation = "relu"
+    conv_channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 64], min_length=1, max_length=8)
+    """Image observations only: output channels of each 4x4 stride-2 convolution of the CNNs (actor and each critic)."""
     init_alpha: float = Field(default=1.0, gt=0.0)
     learn_alpha: bool = True
     target_entropy: float | None = None
@@ -66,7 +68,8 @@ class SACConfig(BaseModel):
         return self
 
     def architecture(self, layout: ObservationLayout, **fields: Any) -> PolicyArchitecture:
-        """The policy architecture for ``layout`` with this config's hidden sizes and activation."""
+        """The policy architecture for ``layout`` with this config's hidden sizes, activation and convolutions."""
+        fields.setdefault("conv_channels", list(self.conv_channels))
         return PolicyArchitecture.for_layout(layout, hidden_sizes=list(self.hidden_sizes), activation=self.activation, **fields)
 
 
