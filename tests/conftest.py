@@ -1,5 +1,7 @@
 """Test-suite set-up shared by every folder: the end-to-end process harness (``tests/e2e/process_stack.py``) is
-importable as ``process_stack`` from any test, and ``context`` is a ZeroMQ context destroyed after each test."""
+importable as ``process_stack`` from any test, ``context`` is a ZeroMQ context destroyed after each test, and
+``one_torch_thread`` (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``) runs a module's tests on one
+torch thread."""
 
 import sys
 from pathlib import Path
@@ -17,3 +19,14 @@ def context():
     ctx = zmq.Context()
     yield ctx
     ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small networks run fastest on one thread, and OpenMP threads stall badly on a busy shared machine."""
+    import torch  # here, not at the top: the relay's tests must not need torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

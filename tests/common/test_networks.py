@@ -17,14 +17,7 @@ from tmrl_common.networks import (
 )
 from tmrl_common.protocol import WeightsUpdate, decode, encode
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small networks run fastest on one thread, and OpenMP threads stall badly on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _lidar_observation(rng: np.random.Generator) -> tuple[np.ndarray, ...]:

@@ -15,14 +15,7 @@ from tmrl_trainer.checkpoint import CheckpointError, load_checkpoint, memory_pat
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.sac import SACConfig, SACLearner
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small networks run fastest on one thread, and OpenMP threads stall badly on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LAYOUT = tm20_lidar_layout()
 

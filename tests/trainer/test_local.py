@@ -5,21 +5,13 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tmrl_common.layout import ObservationComponent, ObservationLayout
 from tmrl_trainer.checkpoint import load_checkpoint
 from tmrl_trainer.local import LocalTrainingConfig, UnsupportedEnvironmentError, train_local
 from tmrl_trainer.sac import SACConfig, SACLearner
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small networks run fastest on one thread, and OpenMP threads stall badly on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TupleLidarEnv(gym.Env):

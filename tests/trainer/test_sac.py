@@ -11,14 +11,7 @@ from tmrl_common.layout import layout_for_box, tm20_lidar_layout
 from tmrl_trainer.memory import TransitionBatch
 from tmrl_trainer.sac import SACConfig, SACLearner, entropy_coefficient_loss, resolve_device, soft_td_target
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small networks run fastest on one thread, and OpenMP threads stall badly on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LAYOUT = layout_for_box(4, 2)
 

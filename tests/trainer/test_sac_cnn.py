@@ -15,14 +15,7 @@ from tmrl_trainer.local import LocalTrainingConfig, train_local
 from tmrl_trainer.memory import ReplayMemory, TransitionBatch
 from tmrl_trainer.sac import SACConfig, SACLearner
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small networks run fastest on one thread, and OpenMP threads stall badly on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # speed (1,), 2 grayscale 16x16 frames, 2 past actions; two 4x4 stride-2 convolutions: 16 -> 7 -> 2
