@@ -121,3 +121,21 @@ def test_a_burst_of_random_frames_does_not_stop_the_relay(context):
         assert value("tmrl_relay_rejects_total", {"reason": "internal", "link": "workers"}) is None
         assert sum(relay.metrics.reject_count(reason, "workers") for reason in
                    ("malformed", "bad_version", "unknown_type", "schema", "unknown_sender", "oversized", "non_finite")) > 100
+
+
+def test_a_frame_over_the_socket_cap_drops_the_connection_and_is_counted_as_a_disconnect(context):
+    limits = dict(max_body_bytes=65_536, max_weights_bytes=65_536, max_control_bytes=65_536)
+    with relay_in_thread(insecure_config(**limits)) as relay:
+        trainer = connected_trainer(context, relay)
+        worker = connected_worker(context, relay, "worker-1")
+        assert relay.config.socket_frame_cap() == 131_072
+        worker.send_frames([encode_envelope("sample_batch", "worker-1"), b"\x00" * 1_000_000])  # ZeroMQ reads none of it
+
+        def disconnects() -> float:
+            return relay.metrics.registry.get_sample_value("tmrl_relay_disconnects_total", {"link": "workers"}) or 0.0
+
+        wait_until(lambda: disconnects() >= 1, what="the dropped connection to be counted")
+        assert relay.metrics.reject_count("oversized", "workers") == 0  # never read, so not a reject: a disconnect
+        other = connected_worker(context, relay, "worker-2")  # the relay goes on serving
+        other.send(make_batch(7))
+        assert trainer.recv_type("sample_batch")[1].seq == 7

@@ -60,6 +60,9 @@ _HOUSEKEEPING_S = 0.25
 _LOG_EVERY_S = 5.0
 _SUBSCRIBE, _UNSUBSCRIBE = 1, 0
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
+_SUBSCRIPTION_FRAME_CAP = 4096
+"""``ZMQ_MAXMSGSIZE`` of the weights socket: subscriptions are tiny, anything big is hostile."""
+
 _HANDSHAKE_EVENTS = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
@@ -147,7 +150,7 @@ class Relay:
             self._close()
             raise
         self._monitors = {
-            link: socket.get_monitor_socket(sum(_HANDSHAKE_EVENTS))
+            link: socket.get_monitor_socket(sum(_HANDSHAKE_EVENTS) | zmq.EVENT_DISCONNECTED)
             for link, socket in (("workers", self.workers_socket), ("trainer", self.trainer_socket),
                                  ("weights", self.weights_socket))
         }
@@ -209,7 +212,7 @@ class Relay:
         socket = self._context.socket(zmq.XPUB)
         apply_transport(socket, self.config.transport)
         socket.setsockopt(zmq.SNDHWM, self.config.weights_send_hwm)
-        socket.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscriptions are tiny; anything big is hostile
+        socket.setsockopt(zmq.MAXMSGSIZE, _SUBSCRIPTION_FRAME_CAP)
         socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only the first per topic
         self._secure_and_bind(socket, "weights", port)
         return socket
@@ -598,6 +601,9 @@ class Relay:
                 event = parse_monitor_message(message)
             except Exception:  # pragma: no cover - libzmq writes these frames itself
                 continue
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._on_disconnect(link, event.get("endpoint", b"?"))
+                continue
             kind = _HANDSHAKE_EVENTS.get(event["event"])
             if kind is None:
                 continue
@@ -605,6 +611,16 @@ class Relay:
             self._rate_log.warning(("handshake", link, kind), "%s link: refused a connection from %s during the "
                                    "handshake (%s%s)", link, event.get("endpoint", b"?"), kind,
                                    ": public key not in the allow-list" if kind == "auth" else "")
+
+    def _on_disconnect(self, link: str, endpoint: bytes) -> None:
+        """A connection ended. ZeroMQ does not say why: the peer closed or died, or it sent a frame over the socket's
+        cap (:meth:`RelayConfig.socket_frame_cap`), which ZeroMQ drops unread together with the connection. Either way
+        it is counted and logged here, so an oversized frame never goes unseen."""
+        self.metrics.disconnects.labels(link=link).inc()
+        self._rate_log.warning(("disconnect", link), "%s link: connection from %s closed (the peer left, or sent a "
+                               "frame over the %d-byte cap, which ZeroMQ drops unread)", link,
+                               endpoint.decode(errors="replace"),
+                               _SUBSCRIPTION_FRAME_CAP if link == "weights" else self.config.socket_frame_cap())
 
     def _housekeeping(self, now: float) -> None:
         timeout = self.config.peer_timeout_s

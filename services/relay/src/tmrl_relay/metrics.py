@@ -59,6 +59,9 @@ class RelayMetrics:
         self.weights_published = Counter("tmrl_relay_weights_published", "Weights messages published (new versions and re-publications for new subscribers).", registry=r)
         self.subscriptions = Counter("tmrl_relay_weights_subscriptions", "Subscriptions seen on the weights socket.", registry=r)
         self.handshake_failures = Counter("tmrl_relay_handshake_failures", "Connections refused during the ZMTP/CURVE handshake, per link and kind (auth = key not allow-listed).", ["link", "kind"], registry=r)
+        self.disconnects = Counter("tmrl_relay_disconnects", "Connections that ended, per link: peers leaving, and peers "
+                                   "dropped by ZeroMQ for a frame over the socket's cap (it does not tell which).",
+                                   ["link"], registry=r)
         self.errors_sent = Counter("tmrl_relay_errors_sent", "error messages sent back to peers.", registry=r)
         self.connected_workers = Gauge("tmrl_relay_connected_workers", "Workers that said hello and were heard from within peer_timeout_s.", registry=r)
         self.trainer_connected = Gauge("tmrl_relay_trainer_connected", "1 while a trainer is registered and alive.", registry=r)
