@@ -187,7 +187,7 @@ def render(results: dict, info: dict, command: str) -> str:
         out += ["What a SIGKILLed worker loses: only what it alone held, its partly filled batch and spooled batches "
                 "that had not reached the relay (the spool is in memory). Everything that reached the relay is "
                 "stored once. Across a trainer crash, batches the killed trainer stored but had not acknowledged are "
-                "resent and stored by the new trainer; its replay memory starts empty (not checkpointed), so such rows "
+                "resent and stored by the new trainer; its replay memory starts empty (`save_memory` is off here), so such rows "
                 "are in memory once.", ""]
 
     if "fuzz" in results:

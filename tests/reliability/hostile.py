@@ -350,13 +350,17 @@ def relay_edge_cases(root: Path) -> dict:
         results["protocol version 2"] = relay.rejects().get("workers/bad_version", 0)
 
         read_before = relay.value("tmrl_relay_received_messages_total", link="workers")
+        dropped_before = relay.value("tmrl_relay_disconnects_total", link="workers")
         intruder = Client(context, relay.worker_port, "edge-huge")
         intruder.send([encode(Heartbeat(role="worker", uptime_s=0.0), "edge-huge")[0], bytes(FRAME_CAP + 1024)])
-        time.sleep(0.5)
+        _wait(lambda: relay.value("tmrl_relay_disconnects_total", link="workers") > dropped_before, 10,
+              "the connection dropped for a frame over the cap to be counted")
         intruder.close()
         results["frame over the socket cap (connection dropped, not read)"] = int(
             relay.value("tmrl_relay_received_messages_total", link="workers") - read_before)
         assert results["frame over the socket cap (connection dropped, not read)"] == 0
+        results["dropped connections counted (tmrl_relay_disconnects_total)"] = int(
+            relay.value("tmrl_relay_disconnects_total", link="workers") - dropped_before)
 
         nan_frames = with_nan_rewards(encode(sample_batch(3), "edge-worker"))
         worker.send(nan_frames)
