@@ -230,9 +230,9 @@ class SACLearner:
 
     def _adam_step(self) -> None:
         """``self.optimizer.step()`` as the fused Adam kernel calls it makes, without the optimizer's per-step Python
-        bookkeeping (about 2% of a CPU update at batch 256). The first step, and any step while the optimizer is not
-        fused (other devices), goes through ``optimizer.step()``, which creates the state; results are bit-identical
-        (tested), and the state stays in ``self.optimizer``, so checkpoints are unchanged."""
+        bookkeeping (about 2% of a CPU update at batch 256). The first step, and every step off the CPU, goes through
+        ``optimizer.step()``, which creates the state; results are bit-identical (tested), and the state stays in
+        ``self.optimizer``, so checkpoints are unchanged."""
         if self._adam_calls is None:
             self.optimizer.step()
             if self.device.type == "cpu" and self.optimizer.defaults["fused"] and not self.optimizer.defaults["amsgrad"]:
