@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from tmrl_common.batching import SampleBatchBuilder
+from random_episodes import fill_with_random_episodes
 from tmrl_common.layout import tm20_lidar_layout
 from tmrl_trainer import tensor_file
 from tmrl_trainer.checkpoint import CheckpointError, load_checkpoint, memory_path_for, save_checkpoint
@@ -21,22 +20,7 @@ LAYOUT = tm20_lidar_layout()
 
 
 def _setup(redq_n: int = 2, redq_m: int = 2, hidden: int = 32) -> tuple[ReplayMemory, SACLearner]:
-    memory = ReplayMemory(LAYOUT, capacity=2500, seed=0)
-    builder = SampleBatchBuilder(LAYOUT)
-    rng = np.random.default_rng(0)
-
-    def observation():
-        return (rng.random(1, dtype=np.float32), rng.random((4, 19), dtype=np.float32),
-                rng.uniform(-1, 1, 3).astype(np.float32), rng.uniform(-1, 1, 3).astype(np.float32))
-
-    builder.add_reset(observation())
-    for step in range(1500):
-        ended = step % 97 == 96
-        builder.add_step(rng.uniform(-1, 1, 3), observation(), float(rng.normal()), step % 7 == 0 and ended, ended)
-        if ended:
-            builder.add_reset(observation())
-        if len(builder) >= 300:
-            memory.add_batch("worker-1", builder.build(seq=step, weights_version=0))
+    memory = fill_with_random_episodes(ReplayMemory(LAYOUT, capacity=2500, seed=0), steps=1500, batch_rows=300)
     config = SACConfig(hidden_sizes=[hidden, hidden], redq_n=redq_n, redq_m=redq_m)
     return memory, SACLearner(config, config.architecture(LAYOUT), device="cpu", seed=0)
 

@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from tmrl_common.batching import SampleBatchBuilder
+from random_episodes import fill_with_random_episodes
 from tmrl_common.layout import tm20_image_layout
 from tmrl_trainer.checkpoint import load_checkpoint, save_checkpoint
 from tmrl_trainer.local import LocalTrainingConfig, train_local
@@ -140,23 +140,7 @@ def test_cnn_encoders_never_scale_the_callers_float_images_in_place():
 
 
 def _image_memory() -> ReplayMemory:
-    memory = ReplayMemory(LAYOUT, capacity=600, seed=0)
-    builder = SampleBatchBuilder(LAYOUT)
-    rng = np.random.default_rng(0)
-
-    def observation():
-        return (rng.random(1, dtype=np.float32), rng.integers(0, 256, (2, 16, 16), dtype=np.uint8),
-                rng.uniform(-1, 1, 3).astype(np.float32), rng.uniform(-1, 1, 3).astype(np.float32))
-
-    builder.add_reset(observation())
-    for step in range(400):
-        ended = step % 97 == 96
-        builder.add_step(rng.uniform(-1, 1, 3), observation(), float(rng.normal()), step % 7 == 0 and ended, ended)
-        if ended:
-            builder.add_reset(observation())
-        if len(builder) >= 100:
-            memory.add_batch("worker-1", builder.build(seq=step, weights_version=0))
-    return memory
+    return fill_with_random_episodes(ReplayMemory(LAYOUT, capacity=600, seed=0), steps=400, batch_rows=100)
 
 
 def _state(learner: SACLearner) -> list[torch.Tensor]:
