@@ -93,3 +93,23 @@ def test_worker_hellos_are_passed_on_to_a_connected_trainer(context):
         worker.send(Hello(role="worker", software="w", layout=tm20_lidar_layout(), next_seq=12))
         envelope, hello = trainer.recv_type("hello")
         assert envelope.sender == "worker-1" and hello.role == "worker"
+
+
+def test_a_connection_claiming_another_connections_routing_id_gets_nothing_of_it(context):
+    import zmq
+    from tmrl_common.protocol import Hello
+    from tmrl_common.sockets import tcp_endpoint
+
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        victim = connected_worker(context, relay, "worker-1")
+        thief = context.socket(zmq.DEALER)
+        thief.setsockopt(zmq.LINGER, 0)
+        thief.setsockopt(zmq.ROUTING_ID, relay.workers.by_sender["worker-1"].routing_id)  # the relay-made id
+        thief.connect(tcp_endpoint("127.0.0.1", relay.ports.worker_port))
+        thief.send_multipart(encode(Hello(role="worker", software="thief"), "worker-9"))
+        trainer.send(SampleAck(worker="worker-1", seqs=[1]))
+        assert victim.recv_type("sample_ack")[1] == SampleAck(worker="worker-1", seqs=[1])
+        assert not thief.poll(500)  # neither the ack nor anything else reaches the thief
+        assert "worker-9" not in relay.workers.by_sender
+        thief.close()

@@ -204,7 +204,8 @@ class Relay:
         apply_transport(socket, self.config.transport)
         socket.setsockopt(zmq.MAXMSGSIZE, self.config.socket_frame_cap())
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises instead of dropping silently
-        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with a fixed identity takes over
+        # no ROUTER_HANDOVER: clients never set a routing id (the relay makes one per connection; a reconnect is a new
+        # connection that says hello again), so a connection claiming one already in use is refused, never given it
         self._secure_and_bind(socket, link, port)
         return socket
 
