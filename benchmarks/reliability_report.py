@@ -185,7 +185,7 @@ def render(results: dict, info: dict, command: str) -> str:
                         ("batches lost", f["lost"])]
             out += [_table(rows, ("", "")), f"\n({outcome['seconds']} s)\n"]
         out += ["What a SIGKILLed worker loses: only what it alone held, its partly filled batch and spooled batches "
-                "that had not reached the relay (the spool is in memory). Everything that reached the relay is "
+                "that had not reached the relay (the spool is in memory: `durable_spool` is off here). Everything that reached the relay is "
                 "stored once. Across a trainer crash, batches the killed trainer stored but had not acknowledged are "
                 "resent and stored by the new trainer; its replay memory starts empty (`save_memory` is off here), so such rows "
                 "are in memory once.", ""]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import msgpack
 import pytest
 from tmrl_worker.spool import SequenceCounter, Spool, StateFileError
 
@@ -106,3 +107,47 @@ def test_unreadable_state_file_is_a_clear_error(tmp_path):
     (tmp_path / "w.state.json").write_text(json.dumps({"worker_id": "other", "reserved_until": 3}))
     with pytest.raises(StateFileError, match="other"):
         SequenceCounter(tmp_path, "w")
+
+
+def test_a_durable_spool_keeps_unacknowledged_batches_on_disk_for_the_next_run(tmp_path):
+    first = Spool(max_batches=10, max_bytes=10_000, owner="w1", directory=tmp_path / "spool")
+    for seq in (3, 4, 5):
+        first.add(seq, [b"envelope-%d" % seq, b"body-%d" % seq])
+    first.ack([4])
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["000000000003.batch", "000000000005.batch"]
+
+    second = Spool(max_batches=10, max_bytes=10_000, owner="w1", directory=tmp_path / "spool")  # the worker restarted
+    assert [(b.seq, b.frames, b.sends) for b in second.pending()] == [(3, [b"envelope-3", b"body-3"], 0),
+                                                                      (5, [b"envelope-5", b"body-5"], 0)]
+    assert second.counters.restored == 2 and second.nbytes == first.nbytes
+    second.ack([3, 5])
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_a_durable_spool_deletes_the_files_of_batches_it_drops_to_stay_within_bounds(tmp_path):
+    spool = Spool(max_batches=2, max_bytes=10_000, directory=tmp_path)
+    for seq in range(4):
+        spool.add(seq, [b"e", b"b"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000000002.batch", "000000000003.batch"]
+    assert spool.counters.dropped == 2
+
+
+def test_an_unreadable_spool_file_is_set_aside_counted_and_never_sent(tmp_path):
+    Spool(max_batches=10, max_bytes=10_000, directory=tmp_path).add(1, [b"e", b"b"])
+    (tmp_path / "000000000002.batch").write_bytes(b"\xc1 not msgpack")
+    (tmp_path / "000000000003.batch").write_bytes(msgpack.packb(["a string", 7]))
+    (tmp_path / "notes.txt").write_text("not a batch: ignored")
+    spool = Spool(max_batches=10, max_bytes=10_000, directory=tmp_path)
+    assert [b.seq for b in spool.pending()] == [1]
+    assert spool.counters.unreadable_files == 2 and spool.counters.restored == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "000000000001.batch", "000000000002.batch.unreadable", "000000000003.batch.unreadable", "notes.txt"]
+
+
+def test_a_batch_that_cannot_be_written_stays_in_memory_and_is_counted(tmp_path):
+    directory = tmp_path / "spool"
+    spool = Spool(max_batches=10, max_bytes=10_000, directory=directory)
+    directory.rmdir()
+    directory.write_bytes(b"")  # a file where the directory was: every write fails (even as root)
+    spool.add(1, [b"e", b"b"])
+    assert [b.seq for b in spool.pending()] == [1] and spool.counters.write_errors == 1

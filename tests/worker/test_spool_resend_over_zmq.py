@@ -63,14 +63,15 @@ class FakeRelay:
         self.socket.close(linger=0)
 
 
-def make_link(context, port: int, tmp_path, ack_timeout_s: float = 0.3, max_batches: int = 100) -> RelayLink:
+def make_link(context, port: int, tmp_path, ack_timeout_s: float = 0.3, max_batches: int = 100,
+              spool_directory=None) -> RelayLink:
     transport = TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200, heartbeat_ivl_ms=200,
                                 heartbeat_timeout_ms=1000, linger_ms=0)
     return RelayLink(
         worker_id="w-test", layout=LAYOUT,
         endpoint=RelayEndpoint("127.0.0.1", port, transport, SecurityConfig(insecure=True)),
         sequence=SequenceCounter(tmp_path, "w-test", block=100),
-        spool=Spool(max_batches, 10_000_000, owner="w-test"),
+        spool=Spool(max_batches, 10_000_000, owner="w-test", directory=spool_directory),
         ack_timeout_s=ack_timeout_s, heartbeat_interval_s=0.2, context=context,
     )
 
@@ -137,3 +138,36 @@ def test_full_spool_drops_the_oldest_while_the_relay_is_away(context, tmp_path):
         assert [b.seq for b in link.spool.pending()] == [2, 3, 4]
     finally:
         link.stop()
+
+
+def test_a_worker_restarted_with_a_durable_spool_sends_what_its_previous_run_left_unacknowledged(context, tmp_path):
+    relay = FakeRelay(context)
+    spool_directory = tmp_path / "w-test.spool"
+    first = make_link(context, relay.port, tmp_path, ack_timeout_s=60.0, spool_directory=spool_directory)
+    first.start()
+    try:
+        relay.receive_type(Hello)
+        first.submit(filled_builder(4), weights_version=1)
+        first.submit(filled_builder(3), weights_version=1)
+        assert {relay.receive_type(SampleBatch)[2].seq for _ in range(2)} == {0, 1}
+    finally:
+        first.stop()  # dies with both batches unacknowledged (as a SIGKILL would leave them: on disk)
+    assert len(list(spool_directory.glob("*.batch"))) == 2
+
+    second = make_link(context, relay.port, tmp_path, ack_timeout_s=60.0, spool_directory=spool_directory)
+    second.start()
+    try:
+        routing_id, _, hello = relay.receive_type(Hello, timeout_s=10.0)
+        assert hello.next_seq == 0  # the restored batches come first
+        resent = [relay.receive_type(SampleBatch)[2] for _ in range(2)]
+        assert [(b.seq, b.steps) for b in resent] == [(0, 4), (1, 3)]
+        second.submit(filled_builder(2), weights_version=2)
+        new = relay.receive_type(SampleBatch)[2]
+        assert new.seq >= 100  # past the previous run's reservation (block 100): no seq reused
+        relay.ack(routing_id, "w-test", [0, 1, new.seq])
+        assert second.flush(timeout=3.0)
+        assert list(spool_directory.glob("*.batch")) == []
+        assert second.snapshot()["spool_restored"] == 2
+    finally:
+        second.stop()
+        relay.close()

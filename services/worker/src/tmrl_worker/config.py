@@ -57,6 +57,10 @@ class WorkerConfig(BaseModel):
     spool_max_batches: int = Field(default=1000, ge=1)
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     """Unacknowledged batches kept for resending; beyond either bound the oldest is dropped (counted, logged)."""
+    durable_spool: bool = False
+    """Also keep unacknowledged batches on disk (``state_dir/<worker_id>.spool/``, one file per batch, deleted on
+    acknowledgement) and resend them after a restart: a crashed or SIGKILLed worker then loses only its partly built
+    batch. One fsynced file write per batch, on the sender thread. Off: the spool lives in memory only."""
     ack_timeout_s: float = Field(default=10.0, gt=0)
     """Resend a batch that has not been acknowledged after this long (doubling after each resend, up to 8x); every
     unacknowledged batch is also resent at once after a reconnection."""
@@ -64,7 +68,8 @@ class WorkerConfig(BaseModel):
     flush_timeout_s: float = Field(default=10.0, ge=0)
     """At shutdown, wait this long for the last batches to be acknowledged."""
     state_dir: Path = Path("~/.local/state/tmrl/worker")
-    """Holds ``<worker_id>.state.json`` (the sequence-number reservation that keeps ``seq`` unique across restarts)."""
+    """Holds ``<worker_id>.state.json`` (the sequence-number reservation that keeps ``seq`` unique across restarts)
+    and, with ``durable_spool``, ``<worker_id>.spool/``."""
 
     # sockets
     transport: TransportConfig = Field(default_factory=TransportConfig)

@@ -261,5 +261,8 @@ class RelayLink:
                 "spooled": len(self.spool),
                 "dropped": self.spool.counters.dropped,
                 "resent": self.spool.counters.resent,
+                "restored": self.spool.counters.restored,
+                "unreadable_spool_files": self.spool.counters.unreadable_files,
+                "spool_write_errors": self.spool.counters.write_errors,
             }
         return Heartbeat(role="worker", uptime_s=time.monotonic() - self._started_at, counters=counters)

@@ -288,6 +288,11 @@ def initial_policy(mode: WorkerMode, env: EnvHandle, policy_file: Path | None, s
     return UniformPolicy(env.action_dim, seed)
 
 
+def spool_directory(config: WorkerConfig) -> Path | None:
+    """Where the durable spool keeps unacknowledged batches (``None`` unless ``durable_spool``)."""
+    return Path(config.state_dir).expanduser() / f"{config.worker_id}.spool" if config.durable_spool else None
+
+
 def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> RolloutStats:
     """Build env, sender and weights threads from ``config`` and run the rollout loop until done or ``stop``."""
     RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security).check_security()
@@ -304,7 +309,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
                 layout=env.layout,
                 endpoint=RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security),
                 sequence=SequenceCounter(config.state_dir, config.worker_id),
-                spool=Spool(config.spool_max_batches, config.spool_max_bytes, owner=config.worker_id),
+                spool=Spool(config.spool_max_batches, config.spool_max_bytes, owner=config.worker_id,
+                            directory=spool_directory(config)),
                 ack_timeout_s=config.ack_timeout_s,
                 heartbeat_interval_s=config.heartbeat_interval_s,
                 context=context,

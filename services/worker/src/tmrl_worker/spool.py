@@ -5,6 +5,13 @@ batch count and in bytes. When a bound is hit the **oldest** batch is dropped; d
 silent. :meth:`Spool.due` says which batches to resend after the ack timeout; :meth:`Spool.pending` lists them all
 (resend everything after a reconnection).
 
+With a ``directory`` (``durable_spool = true``), the spool also keeps each batch on disk until it is acknowledged:
+``<seq>.batch`` holds the batch's frames as one msgpack array of byte strings (never pickle), written atomically
+(fsync, then rename) before the batch is first sent, and deleted when it is acknowledged or dropped. A worker that
+restarts with the same directory, after a crash or a SIGKILL, loads those files and resends them; the trainer
+stores each ``(worker, seq)`` once. A file that cannot be read is renamed ``<name>.unreadable``, counted and logged,
+never resent; a failed write is counted and logged, and that batch stays in memory only.
+
 :class:`SequenceCounter` hands out ``seq`` numbers that a worker id never reuses, restarts included. It persists a
 *reservation* in a small JSON state file (``{"worker_id": ..., "reserved_until": N}``, written atomically with
 ``os.replace``): numbers below ``reserved_until`` may have been used, so a restarted worker starts at
@@ -16,12 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 from tmrl_common.atomic_file import write_atomically
 
 log = logging.getLogger(__name__)
@@ -55,12 +64,22 @@ class SpoolCounters:
     dropped_bytes: int = 0
     resent: int = 0
     unknown_acks: int = 0
+    restored: int = 0
+    """Batches loaded from the spool directory at start (sent again)."""
+    unreadable_files: int = 0
+    """Spool files that could not be read at start (renamed ``*.unreadable``, not sent)."""
+    write_errors: int = 0
+    """Batches that could not be written to the spool directory (kept in memory only)."""
+
+
+_BATCH_FILE = re.compile(r"^(\d{1,19})\.batch$")
 
 
 class Spool:
-    """Bounded FIFO of unacknowledged batches (by count and by bytes); drops the oldest when full."""
+    """Bounded FIFO of unacknowledged batches (by count and by bytes); drops the oldest when full. With a
+    ``directory``, batches are also kept on disk until acknowledged (see the module docstring)."""
 
-    def __init__(self, max_batches: int, max_bytes: int, owner: str = "worker") -> None:
+    def __init__(self, max_batches: int, max_bytes: int, owner: str = "worker", directory: Path | None = None) -> None:
         if max_batches < 1 or max_bytes < 1:
             raise ValueError(f"spool bounds must be positive, got max_batches={max_batches} max_bytes={max_bytes}")
         self.max_batches = max_batches
@@ -69,6 +88,57 @@ class Spool:
         self.counters = SpoolCounters()
         self._batches: OrderedDict[int, SpooledBatch] = OrderedDict()
         self._bytes = 0
+        self.directory = Path(directory).expanduser() if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._restore()
+
+    # ------------------------------------------------------------------------------------------------- on disk
+
+    def _file(self, seq: int) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{seq:012d}.batch"
+
+    def _restore(self) -> None:
+        """Load the batches a previous run left unacknowledged, oldest seq first."""
+        assert self.directory is not None
+        found = sorted((int(m.group(1)), path) for path in self.directory.iterdir()
+                       if (m := _BATCH_FILE.match(path.name)))
+        for seq, path in found:
+            try:
+                frames = msgpack.unpackb(path.read_bytes(), raw=False)
+                if not (isinstance(frames, list) and len(frames) == 2 and all(isinstance(f, bytes) for f in frames)):
+                    raise ValueError("not an array of 2 byte strings")
+            except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+                self.counters.unreadable_files += 1
+                log.warning("%s: spool file %s is unreadable (%s); renamed *.unreadable, not sent", self.owner, path,
+                            exc)
+                path.rename(path.with_name(path.name + ".unreadable"))
+                continue
+            self._keep(seq, frames, write=False)
+            self.counters.restored += 1
+        if found:
+            log.info("%s: %d unacknowledged batch(es) restored from %s, to be sent again", self.owner,
+                     self.counters.restored, self.directory)
+
+    def _write(self, seq: int, frames: list[bytes]) -> None:
+        if self.directory is None:
+            return
+        try:
+            write_atomically(self._file(seq), msgpack.packb(frames, use_bin_type=True))
+        except OSError as exc:
+            self.counters.write_errors += 1
+            log.warning("%s: could not write batch seq %d to the spool directory (%s); it is kept in memory only",
+                        self.owner, seq, exc)
+
+    def _forget(self, seq: int) -> None:
+        if self.directory is not None:
+            try:
+                self._file(seq).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("%s: could not delete spool file of seq %d: %s", self.owner, seq, exc)
+
+    # --------------------------------------------------------------------------------------------------- bookkeeping
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -84,11 +154,17 @@ class Spool:
         """Keep ``frames`` until ``seq`` is acknowledged; return the seqs dropped to make room (oldest first)."""
         if seq in self._batches:
             raise ValueError(f"seq {seq} is already spooled")
+        dropped = self._keep(seq, frames, write=True)
+        self.counters.added += 1
+        return dropped
+
+    def _keep(self, seq: int, frames: list[bytes], write: bool) -> list[int]:
         nbytes = sum(len(f) for f in frames)
         dropped: list[int] = []
         while self._batches and (len(self._batches) >= self.max_batches or self._bytes + nbytes > self.max_bytes):
             old_seq, old = self._batches.popitem(last=False)
             self._bytes -= old.nbytes
+            self._forget(old_seq)
             self.counters.dropped += 1
             self.counters.dropped_bytes += old.nbytes
             dropped.append(old_seq)
@@ -98,9 +174,10 @@ class Spool:
                 "%d dropped in total", self.owner, self.max_batches, self.max_bytes, len(dropped),
                 _seq_ranges(dropped), self.counters.dropped,
             )
+        if write:
+            self._write(seq, frames)
         self._batches[seq] = SpooledBatch(seq=seq, frames=frames, nbytes=nbytes)
         self._bytes += nbytes
-        self.counters.added += 1
         return dropped
 
     def mark_sent(self, seq: int, now: float | None = None) -> None:
@@ -121,6 +198,7 @@ class Spool:
                 self.counters.unknown_acks += 1
                 continue
             self._bytes -= entry.nbytes
+            self._forget(seq)
             removed += 1
         self.counters.acked += removed
         return removed
