@@ -113,7 +113,10 @@ class Spool:
                 self.counters.unreadable_files += 1
                 log.warning("%s: spool file %s is unreadable (%s); renamed *.unreadable, not sent", self.owner, path,
                             exc)
-                path.rename(path.with_name(path.name + ".unreadable"))
+                try:
+                    path.rename(path.with_name(path.name + ".unreadable"))
+                except OSError as rename_error:  # still never sent: it stays out of the spool
+                    log.warning("%s: could not rename %s: %s", self.owner, path, rename_error)
                 continue
             self._keep(seq, frames, write=False)
             self.counters.restored += 1
