@@ -83,3 +83,13 @@ def test_a_missing_config_file_is_a_usage_error(service, runner, tmp_path):
     app, _ = SERVICES[service]
     result = runner.invoke(app, ["run", "--config", str(tmp_path / "missing.toml"), "--show-config"])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize(("app", "command"), [(tmrl_worker.cli.app, ["layout"]),
+                                              (tmrl_trainer.cli.app, ["train-local", "--env", "Pendulum-v1"])])
+def test_other_commands_report_an_invalid_config_as_a_usage_error_naming_the_field(app, command, runner, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[worker]\nbatch_steps = "many"\n[trainer]\nmemory_capacity = "lots"\n')
+    result = runner.invoke(app, [*command, "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "invalid config" in result.output and ("batch_steps" in result.output or "memory_capacity" in result.output)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import sys
 import tomllib
 import types
 from collections.abc import Mapping
@@ -143,6 +144,27 @@ def load_config(
         source = f"{path} [{section}]" if path else f"[{section}] (defaults, env, flags)"
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid config {source}: {problems}") from exc
+
+
+def load_config_for_command(
+    model: type[ModelT],
+    section: str,
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    show_config: bool = False,
+) -> ModelT:
+    """:func:`load_config` as every service command starts: a :class:`ConfigError` is printed to stderr and ends the
+    command with status 2; with ``show_config`` the effective config is printed (:func:`render_config`) and the command
+    ends with status 0 (``--show-config``)."""
+    try:
+        effective = load_config(model, section, path, overrides=overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from exc
+    if show_config:
+        print(render_config(effective, section))
+        raise SystemExit(0)
+    return effective
 
 
 def render_config(config: BaseModel, section: str) -> str:

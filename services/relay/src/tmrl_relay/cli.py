@@ -8,9 +8,8 @@ import threading
 from pathlib import Path
 
 import typer
-from tmrl_common.config import load_config, render_config
+from tmrl_common.config import load_config_for_command
 from tmrl_common.curve import KeyFileError
-from tmrl_common.errors import ConfigError
 from tmrl_common.sockets import SecurityError
 
 from tmrl_relay.config import RelayConfig
@@ -51,14 +50,7 @@ def run(
         "metrics_port": metrics_port,
         "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "allowlist_dir": allow_dir},
     }
-    try:
-        effective = load_config(RelayConfig, "relay", config, overrides=overrides)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(code=2) from exc
-    if show_config:
-        typer.echo(render_config(effective, "relay"))
-        raise typer.Exit()
+    effective = load_config_for_command(RelayConfig, "relay", config, overrides=overrides, show_config=show_config)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise typer.Exit(code=serve(effective))
 

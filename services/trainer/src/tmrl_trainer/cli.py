@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from tmrl_common.config import load_config, render_config
+from tmrl_common.config import load_config_for_command
 
 from tmrl_trainer.config import TrainerConfig
 
@@ -49,14 +49,7 @@ def run(
         "save_memory": True if save_memory else None,
         "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key},
     }
-    try:
-        effective = load_config(TrainerConfig, "trainer", config, overrides=overrides)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(code=2) from exc
-    if show_config:
-        typer.echo(render_config(effective, "trainer"))
-        raise typer.Exit()
+    effective = load_config_for_command(TrainerConfig, "trainer", config, overrides=overrides, show_config=show_config)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tmrl_common.curve import KeyFileError
     from tmrl_common.sockets import SecurityError
@@ -95,15 +88,10 @@ def train_local_command(
 
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from tmrl_common.errors import ConfigError
 
     from tmrl_trainer.local import LocalTrainingConfig, UnsupportedEnvironmentError, train_local
 
-    try:
-        trainer = load_config(TrainerConfig, "trainer", config)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(code=2) from exc
+    trainer = load_config_for_command(TrainerConfig, "trainer", config)
     if threads is not None:
         torch.set_num_threads(threads)
     sac = trainer.sac if utd is None else trainer.sac.model_copy(update={"utd": utd})

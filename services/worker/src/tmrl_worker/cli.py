@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from tmrl_common.config import load_config, render_config
+from tmrl_common.config import load_config_for_command
 
 from tmrl_worker.config import WorkerConfig
 from tmrl_worker.sim.cli import sim_app
@@ -49,7 +49,6 @@ def run(
     import signal
     import threading
 
-    from tmrl_common.errors import ConfigError
 
     if test and expert:
         raise typer.BadParameter("--test and --expert exclude each other")
@@ -59,14 +58,7 @@ def run(
         "state_dir": state_dir, "seed": seed, "mode": "test" if test else "expert" if expert else None,
         "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key},
     }
-    try:
-        effective = load_config(WorkerConfig, "worker", config, overrides=overrides)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(code=2) from exc
-    if show_config:
-        typer.echo(render_config(effective, "worker"))
-        raise typer.Exit()
+    effective = load_config_for_command(WorkerConfig, "worker", config, overrides=overrides, show_config=show_config)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
     from tmrl_common.curve import KeyFileError
@@ -166,7 +158,7 @@ def layout(
     """Print the env's observation layout as JSON (the trainer's ``layout_file`` for ``module:Class`` envs)."""
     from tmrl_worker.envs import EnvSpecError, make_env
 
-    effective = load_config(WorkerConfig, "worker", config, overrides={"env": env})
+    effective = load_config_for_command(WorkerConfig, "worker", config, overrides={"env": env})
     try:
         handle = make_env(effective.env, time_step_duration=effective.time_step_duration,
                           max_episode_steps=effective.max_episode_steps, options=effective.env_options)
