@@ -370,6 +370,16 @@ def _relu_backward(grad: torch.Tensor, relu_output: torch.Tensor) -> torch.Tenso
     return torch.ops.aten.threshold_backward(grad, relu_output, 0)
 
 
+def _relu_hidden_layers(first: torch.Tensor, weights: Sequence[torch.Tensor],
+                        biases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The ReLU outputs of every hidden layer of a critic ensemble, from the first layer's pre-activation ``first``
+    (made the first output in place) through ``weights[:-1]``/``biases[:-1]`` (the output layer is not applied)."""
+    hidden = [first.relu_()]
+    for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
+        hidden.append(torch.baddbmm(bias, hidden[-1], weight).relu_())
+    return hidden
+
+
 def _output_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The critics' one-unit output layer without autograd: ``(n, B, H)`` activations, ``(n, H, 1)`` weight and
     ``(n, 1, 1)`` bias to Q-values ``(n, B)``. Written as ``weight^T x^T``, a product with a single *row*: CPU BLAS
@@ -391,9 +401,8 @@ class _ReluCriticQ(torch.autograd.Function):
     def forward(ctx, observation_part: torch.Tensor, action: torch.Tensor,  # type: ignore[override]
                 action_weight: torch.Tensor, *layers: torch.Tensor) -> torch.Tensor:
         weights, biases = layers[: len(layers) // 2], layers[len(layers) // 2 :]
-        hidden = [torch.baddbmm(observation_part, action.expand(action_weight.shape[0], -1, -1), action_weight).relu_()]
-        for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
-            hidden.append(torch.baddbmm(bias, hidden[-1], weight).relu_())
+        first = torch.baddbmm(observation_part, action.expand(action_weight.shape[0], -1, -1), action_weight)
+        hidden = _relu_hidden_layers(first, weights, biases)
         ctx.save_for_backward(action, action_weight, *weights, *hidden)
         ctx.consumed = False
         return _output_layer(hidden[-1], weights[-1], biases[-1])
@@ -438,9 +447,8 @@ class _FrozenReluCriticMin(torch.autograd.Function):
         weights = [w.detach() for w in critics.weights]
         biases = [b.detach() for b in critics.biases]
         action_weight = critics.action_weight.detach()
-        hidden = [observation_part.baddbmm_(action.expand(critics.n, -1, -1), action_weight).relu_()]
-        for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
-            hidden.append(torch.baddbmm(bias, hidden[-1], weight).relu_())
+        first = observation_part.baddbmm_(action.expand(critics.n, -1, -1), action_weight)
+        hidden = _relu_hidden_layers(first, weights, biases)
         q_values = _output_layer(hidden[-1], weights[-1], biases[-1])
         q_min, winner = q_values.min(dim=0)
         ctx.save_for_backward(winner, action_weight, *weights, *hidden)
