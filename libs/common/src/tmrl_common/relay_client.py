@@ -1,0 +1,199 @@
+"""One DEALER connection to the relay, run on its own thread: the part the worker's and the trainer's links share.
+
+:class:`RelayClient` owns the socket and its monitor and runs the loop; the link that creates it says what happens on
+that loop through four callables, each called on the client's thread:
+
+* ``on_connected()`` once per (re)connection (ZeroMQ handshake done), before :attr:`RelayClient.connected` turns true:
+  send the ``hello`` here (a relay that restarted knows nothing of this peer). It returns what to add to the
+  ``connected to the relay`` log line ("" for nothing);
+* ``on_message(frames)`` for every message received (multipart frames, not decoded: decoding and counting bad
+  messages is the link's business, since what counts as bad depends on the link); at most ``max_receive_per_turn``
+  messages are read per turn, so a flood cannot starve the link's sends and heartbeats;
+* ``on_turn()`` once per loop turn (about every ``poll_ms``), connected or not: spool, send what is due...;
+* ``send_heartbeat()`` every ``heartbeat_interval_s`` while connected.
+
+The callables send with :meth:`RelayClient.send`, which never blocks: a send refused by ZeroMQ (high-water mark
+reached, no peer) is counted in ``counters.send_blocked`` and reported as ``False``. Connections and disconnections
+(from the socket monitor) are counted in ``counters.connections`` / ``counters.disconnections`` and logged. The sockets
+are closed when the loop ends (:meth:`RelayClient.stop`, or an error). An exception escaping a callable ends the thread:
+it is logged and kept in :attr:`RelayClient.failure` for the owner to check (a link that must survive bad input counts
+and catches it inside its callable).
+
+Typical use (inside a link)::
+
+    self._client = RelayClient(self.worker_id, "sender", endpoint, self.counters, on_connected=self._say_hello,
+                               on_message=self._on_message, on_turn=self._on_turn,
+                               send_heartbeat=self._send_heartbeat, while_away="spooling until it comes back")
+    self._client.start()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from tmrl_common.sockets import RelayEndpoint
+
+log = logging.getLogger(__name__)
+
+MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+"""What the client watches: a handshake done is a (re)connection, a disconnection is the relay gone (for now)."""
+
+
+class ConnectionCounters(Protocol):
+    """The counters :class:`RelayClient` keeps up to date (a link's own counters dataclass has these fields)."""
+
+    connections: int
+    disconnections: int
+    send_blocked: int
+
+
+class RelayClient:
+    """A DEALER socket connected to the relay, served by one thread (see the module docstring)."""
+
+    def __init__(
+        self,
+        owner_id: str,
+        thread_role: str,
+        endpoint: RelayEndpoint,
+        counters: ConnectionCounters,
+        *,
+        on_connected: Callable[[], str],
+        on_message: Callable[[list[bytes]], None],
+        on_turn: Callable[[], None],
+        send_heartbeat: Callable[[], None],
+        while_away: str = "waiting for it to come back",
+        heartbeat_interval_s: float = 2.0,
+        poll_ms: int = 20,
+        max_receive_per_turn: int = 1000,
+        context: zmq.Context | None = None,
+    ) -> None:
+        """``owner_id`` (worker or trainer id) and ``thread_role`` ("sender", "ingest") name the thread and start every
+        log line; ``while_away`` ends the ``lost the relay connection`` warning (what the link does meanwhile)."""
+        if max_receive_per_turn < 1:
+            raise ValueError(f"max_receive_per_turn must be at least 1, got {max_receive_per_turn}")
+        self.owner_id = owner_id
+        self.thread_role = thread_role
+        self.endpoint = endpoint
+        self.counters = counters
+        self.while_away = while_away
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.poll_ms = poll_ms
+        self.max_receive_per_turn = max_receive_per_turn
+        self._on_connected = on_connected
+        self._on_message = on_message
+        self._on_turn = on_turn
+        self._send_heartbeat = send_heartbeat
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"{owner_id}-{thread_role}", daemon=True)
+
+    # ------------------------------------------------------------------------------------------------ owner side
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the loop to end and wait for it (up to ``timeout``); the sockets are closed on the way out."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The exception that ended the thread, or ``None``."""
+        return self._failure
+
+    def describe(self) -> str:
+        return self.endpoint.describe()
+
+    # ----------------------------------------------------------------------------------------- client-thread side
+
+    def send(self, frames: list[bytes]) -> bool:
+        """Send without blocking (call from the callables only); ``False``, and counted, when ZeroMQ refuses it."""
+        if self._socket is None:
+            raise RuntimeError(f"{self.owner_id}: RelayClient.send called outside the {self.thread_role} thread's loop")
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # high-water mark reached or no peer: the caller keeps it and tries again later
+            self.counters.send_blocked += 1
+            return False
+        return True
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # reported through failure; the owner checks it
+            log.exception("%s: %s thread stopped on an unexpected error", self.owner_id, self.thread_role)
+            self._failure = exc
+
+    def _loop(self) -> None:
+        # the monitor is attached before connect(): the first handshake's event must not be missed
+        socket, monitor = self.endpoint.connect(self._context, zmq.DEALER, MONITOR_EVENTS)
+        assert monitor is not None
+        self._socket = socket
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        next_heartbeat = time.monotonic() + self.heartbeat_interval_s
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(self.poll_ms))
+                if monitor in events:
+                    self._on_monitor(monitor)
+                if socket in events:
+                    self._receive(socket)
+                self._on_turn()
+                if self._connected.is_set():
+                    now = time.monotonic()
+                    if now >= next_heartbeat:
+                        self._send_heartbeat()
+                        next_heartbeat = now + self.heartbeat_interval_s
+        finally:
+            self._connected.clear()
+            self._socket = None
+            socket.disable_monitor()
+            monitor.close(linger=0)
+            socket.close()
+
+    def _on_monitor(self, monitor: zmq.Socket) -> None:
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.counters.connections += 1
+                detail = self._on_connected()
+                log.info("%s: connected to the relay (%s)%s", self.owner_id, self.describe(),
+                         f"; {detail}" if detail else "")
+                self._connected.set()
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.counters.disconnections += 1
+                if self._connected.is_set():
+                    log.warning("%s: lost the relay connection; %s", self.owner_id, self.while_away)
+                self._connected.clear()
+
+    def _receive(self, socket: zmq.Socket) -> None:
+        for _ in range(self.max_receive_per_turn):
+            try:
+                frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self._on_message(frames)

@@ -1,0 +1,222 @@
+"""The relay client shared by the worker's and the trainer's links, over real loopback sockets (a bare ROUTER plays
+the relay): (re)connections and disconnections are seen, counted and answered with the link's hello, heartbeats go out
+when due and only while connected, refused sends are counted, reads are bounded per turn, and an error in a link's
+callable is kept as the failure with the sockets closed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import zmq
+from tmrl_common.relay_client import RelayClient
+from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
+
+FAST = TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200, linger_ms=0)
+
+
+@dataclass
+class Counters:
+    connections: int = 0
+    disconnections: int = 0
+    send_blocked: int = 0
+
+
+@dataclass
+class RecordingLink:
+    """The callables a link gives the client: says hello on connection, records the rest."""
+
+    messages: list[list[bytes]] = field(default_factory=list)
+    per_turn: list[int] = field(default_factory=list)
+    heartbeats: int = 0
+    turns: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    client: RelayClient | None = None
+    to_send_on_turn: int = 0
+    send_results: list[bool] = field(default_factory=list)
+
+    def on_connected(self) -> str:
+        assert self.client is not None
+        self.client.send([b"hello"])
+        return "hello sent"
+
+    def on_message(self, frames: list[bytes]) -> None:
+        if frames == [b"boom"]:
+            raise ValueError("the link could not handle this")
+        with self.lock:
+            self.messages.append(frames)
+            self.per_turn[-1] += 1
+
+    def on_turn(self) -> None:
+        assert self.client is not None
+        with self.lock:
+            self.turns += 1
+            self.per_turn.append(0)
+        while self.to_send_on_turn:
+            self.to_send_on_turn -= 1
+            self.send_results.append(self.client.send([b"payload"]))
+
+    def send_heartbeat(self) -> None:
+        assert self.client is not None
+        self.heartbeats += 1
+        self.client.send([b"heartbeat"])
+
+
+def make_client(context, port: int, transport: TransportConfig = FAST, **options) -> tuple[RelayClient, RecordingLink,
+                                                                                          Counters]:
+    link, counters = RecordingLink(), Counters()
+    # per_turn[-1] is the current turn's count; messages read before the first turn land in this slot
+    link.per_turn.append(0)
+    link.client = RelayClient(
+        "peer-1", "test", RelayEndpoint("127.0.0.1", port, transport, SecurityConfig(insecure=True)), counters,
+        on_connected=link.on_connected, on_message=link.on_message, on_turn=link.on_turn,
+        send_heartbeat=link.send_heartbeat, while_away="holding on until it comes back", context=context, **options,
+    )
+    return link.client, link, counters
+
+
+def bind_router(context, port: int = 0) -> tuple[zmq.Socket, int]:
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    if not port:
+        return router, router.bind_to_random_port("tcp://127.0.0.1")
+    deadline = time.monotonic() + 5.0
+    while True:  # a port just closed is released asynchronously by ZeroMQ
+        try:
+            router.bind(f"tcp://127.0.0.1:{port}")
+            return router, port
+        except zmq.ZMQError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def unused_port(context) -> int:
+    probe = context.socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)
+    return port
+
+
+def receive(router: zmq.Socket, timeout_s: float = 5.0) -> tuple[bytes, list[bytes]]:
+    if not router.poll(int(timeout_s * 1000)):
+        raise AssertionError(f"the router received nothing within {timeout_s}s")
+    routing_id, *frames = router.recv_multipart()
+    return routing_id, frames
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def test_each_connection_is_counted_and_greeted_and_each_disconnection_counted_and_logged(context, caplog):
+    caplog.set_level(logging.INFO, logger="tmrl_common.relay_client")
+    router, port = bind_router(context)
+    client, _, counters = make_client(context, port)
+    client.start()
+    try:
+        assert receive(router)[1] == [b"hello"]
+        wait_for(lambda: client.connected)
+        assert (counters.connections, counters.disconnections) == (1, 0)
+        router.close(linger=0)  # the relay goes away...
+        wait_for(lambda: not client.connected)
+        assert counters.disconnections == 1
+        router, _ = bind_router(context, port)  # ...and comes back on the same port: a fresh hello
+        assert receive(router)[1] == [b"hello"]
+        wait_for(lambda: client.connected)
+        assert (counters.connections, counters.disconnections) == (2, 1)
+    finally:
+        client.stop()
+        router.close(linger=0)
+    assert not client.connected and not client.is_alive() and client.failure is None
+    lines = [r.getMessage() for r in caplog.records]
+    connected = f"peer-1: connected to the relay (tcp://127.0.0.1:{port} plain text); hello sent"
+    assert lines.count(connected) == 2
+    assert lines.count("peer-1: lost the relay connection; holding on until it comes back") == 1
+
+
+def test_heartbeats_go_out_when_due_while_connected(context):
+    router, port = bind_router(context)
+    client, link, _ = make_client(context, port, heartbeat_interval_s=0.1, poll_ms=5)
+    client.start()
+    try:
+        assert receive(router)[1] == [b"hello"]
+        beats = [receive(router)[1] for _ in range(3)]
+        assert beats == [[b"heartbeat"]] * 3
+    finally:
+        client.stop()
+        router.close(linger=0)
+    assert link.heartbeats >= 3 and link.turns >= 2 * link.heartbeats  # once per interval, not once per turn
+
+
+def test_no_heartbeat_while_no_relay_is_there(context):
+    client, link, counters = make_client(context, unused_port(context), heartbeat_interval_s=0.05)
+    client.start()
+    try:
+        wait_for(lambda: link.turns >= 10)
+        time.sleep(0.2)  # four intervals
+    finally:
+        client.stop()
+    assert link.heartbeats == 0 and counters.connections == 0 and not client.connected
+
+
+def test_a_send_zeromq_refuses_returns_false_and_is_counted_without_blocking(context):
+    # nobody listens and the queue holds one message: the rest of the sends are refused (EAGAIN)
+    client, link, counters = make_client(context, unused_port(context), FAST.model_copy(update={"send_hwm": 1}))
+    link.to_send_on_turn = 5
+    client.start()
+    try:
+        wait_for(lambda: len(link.send_results) == 5)
+    finally:
+        client.stop()
+    refused = link.send_results.count(False)
+    assert refused >= 3 and counters.send_blocked == refused and client.failure is None
+
+
+def test_reads_are_bounded_per_turn_and_delivered_in_order(context):
+    router, port = bind_router(context)
+    client, link, _ = make_client(context, port, max_receive_per_turn=7)
+    client.start()
+    try:
+        routing_id, _ = receive(router)
+        sent = [[b"message", str(i).encode()] for i in range(60)]
+        for frames in sent:
+            router.send_multipart([routing_id, *frames])
+        wait_for(lambda: len(link.messages) == 60)
+    finally:
+        client.stop()
+        router.close(linger=0)
+    with link.lock:
+        assert link.messages == sent
+        assert max(link.per_turn) <= 7 and sum(link.per_turn) == 60
+
+
+def test_an_error_in_a_callable_ends_the_thread_as_its_failure_and_closes_the_socket(context, caplog):
+    router, port = bind_router(context)
+    watch = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    client, _, _ = make_client(context, port)
+    client.start()
+    try:
+        routing_id, _ = receive(router)
+        router.send_multipart([routing_id, b"boom"])
+        wait_for(lambda: not client.is_alive())
+        assert isinstance(client.failure, ValueError) and not client.connected
+        assert watch.poll(5000), "the relay side never saw the connection close"
+        assert "peer-1: test thread stopped on an unexpected error" in caplog.text
+    finally:
+        client.stop()
+        watch.close(linger=0)
+        router.close(linger=0)
+
+
+def test_send_outside_the_loop_says_so(context):
+    client, _, _ = make_client(context, unused_port(context))
+    with pytest.raises(RuntimeError, match="outside the test thread's loop"):
+        client.send([b"too early"])
