@@ -171,3 +171,24 @@ def test_a_worker_restarted_with_a_durable_spool_sends_what_its_previous_run_lef
     finally:
         second.stop()
         relay.close()
+
+
+def test_malformed_and_misaddressed_messages_are_counted_as_rejected_and_the_link_goes_on(context, tmp_path):
+    relay = FakeRelay(context)
+    link = make_link(context, relay.port, tmp_path, ack_timeout_s=60.0)
+    link.start()
+    try:
+        routing_id, _, _ = relay.receive_type(Hello)
+        link.submit(filled_builder(3), weights_version=0)
+        assert relay.receive_type(SampleBatch)[2].seq == 0
+        relay.socket.send_multipart([routing_id, b"not an envelope", b"\xc1"])
+        relay.socket.send_multipart([routing_id, b"one frame only"])
+        relay.ack(routing_id, "someone-else", [0])
+        relay.ack(routing_id, "w-test", [0])  # the good ack after them still lands
+        assert link.flush(timeout=3.0)
+        snapshot = link.snapshot()
+        assert snapshot["rejected_messages"] == 3 and snapshot["acks_received"] == 1
+        assert link.connected and link.failure is None
+    finally:
+        link.stop()
+        relay.close()

@@ -1,5 +1,8 @@
 """The worker's sender thread: owns the DEALER socket to the relay, the spool of unacknowledged batches and the acks.
 
+The socket, its monitor, the thread, heartbeats and non-blocking sends are a :class:`~tmrl_common.relay_client.RelayClient`
+(shared with the trainer's link); this module says what the worker does on it.
+
 The rollout loop hands over a filled :class:`~tmrl_common.batching.SampleBatchBuilder` with :meth:`RelayLink.submit`
 (never blocks, no network I/O on the caller's thread). This thread then numbers the batch (:class:`SequenceCounter`),
 builds and encodes it (compression happens here, off the real-time loop), spools it and sends it when the relay is
@@ -20,6 +23,7 @@ from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.protocol import Error, Heartbeat, Hello, SampleAck, decode, encode
+from tmrl_common.relay_client import RelayClient
 from tmrl_common.sockets import RelayEndpoint
 
 from tmrl_worker.spool import SequenceCounter, Spool
@@ -68,20 +72,20 @@ class RelayLink:
         self.ack_timeout_s = ack_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.counters = LinkCounters()
-        self._context = context or zmq.Context.instance()
         self._inbox: queue.SimpleQueue[tuple[SampleBatchBuilder, int]] = queue.SimpleQueue()
         self._submitted = 0  # builders handed over by submit(); written by the rollout thread only
-        self._stop = threading.Event()
-        self._connected = threading.Event()
         self._lock = threading.Lock()  # guards spool + counters against snapshot readers
         self._started_at = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name=f"{worker_id}-sender", daemon=True)
-        self._failure: BaseException | None = None
+        self._client = RelayClient(
+            worker_id, "sender", endpoint, self.counters, on_connected=self._say_hello, on_message=self._on_message,
+            on_turn=self._on_turn, send_heartbeat=self._send_heartbeat, while_away="spooling until it comes back",
+            heartbeat_interval_s=heartbeat_interval_s, poll_ms=_POLL_MS, context=context,
+        )
 
     # ---------------------------------------------------------------------------------------- rollout-thread side
 
     def start(self) -> None:
-        self._thread.start()
+        self._client.start()
 
     def submit(self, builder: SampleBatchBuilder, weights_version: int) -> None:
         """Queue a filled builder (the caller must use a new one afterwards). Never blocks."""
@@ -91,10 +95,10 @@ class RelayLink:
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._client.connected
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        return self._client.wait_connected(timeout)
 
     def snapshot(self) -> dict[str, int]:
         """Counters of the link and the spool, plus the spool's current size."""
@@ -111,83 +115,43 @@ class RelayLink:
             with self._lock:  # every submitted builder is built and spooled, and the spool is empty
                 if self.counters.batches_built == self._submitted and not len(self.spool):
                     return True
-            if not self._thread.is_alive():
+            if not self._client.is_alive():
                 return False
             time.sleep(0.02)
         return False
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        if self._failure is not None:
-            raise RuntimeError(f"{self.worker_id}: sender thread failed: {self._failure}") from self._failure
+        self._client.stop(timeout)
+        if self.failure is not None:
+            raise RuntimeError(f"{self.worker_id}: sender thread failed: {self.failure}") from self.failure
 
     @property
     def failure(self) -> BaseException | None:
-        return self._failure
+        """The exception that stopped the sender thread, or ``None``."""
+        return self._client.failure
 
     # ------------------------------------------------------------------------------------------ sender-thread side
 
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:  # reported through stop()/failure; the rollout loop checks it
-            log.exception("%s: sender thread stopped on an unexpected error", self.worker_id)
-            self._failure = exc
+    def _say_hello(self) -> str:
+        with self._lock:
+            pending = self.spool.pending()
+            for entry in pending:  # resend everything unacknowledged: the old pipe's queue is gone
+                entry.last_sent = float("-inf")
+        # the next batch sent is the oldest unacknowledged one (resent first), else a new one: every seq
+        # below next_seq is acknowledged, dropped from the spool or was never used (restart reservation)
+        next_seq = min([entry.seq for entry in pending] + [self.sequence.next_seq])
+        hello = Hello(role="worker", software=SOFTWARE, layout=self.layout, next_seq=next_seq)
+        self._send(encode(hello, self.worker_id))
+        self.counters.hellos_sent += 1
+        return f"hello sent with next_seq={next_seq}, {len(pending)} unacknowledged batch(es) to resend"
 
-    def _loop(self) -> None:
-        socket, monitor = self.endpoint.connect(self._context, zmq.DEALER,
-                                                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        next_heartbeat = time.monotonic() + self.heartbeat_interval_s
-        try:
-            while not self._stop.is_set():
-                events = dict(poller.poll(_POLL_MS))
-                if monitor in events:
-                    self._on_monitor(socket, monitor)
-                if socket in events:
-                    self._receive_all(socket)
-                self._take_submissions()
-                if self._connected.is_set():
-                    self._send_due(socket)
-                    now = time.monotonic()
-                    if now >= next_heartbeat:
-                        self._send(socket, encode(self._heartbeat(), self.worker_id))
-                        next_heartbeat = now + self.heartbeat_interval_s
-        finally:
-            socket.disable_monitor()
-            monitor.close(linger=0)
-            socket.close()
-            self._connected.clear()
+    def _on_turn(self) -> None:
+        self._take_submissions()
+        if self._client.connected:
+            self._send_due()
 
-    def _on_monitor(self, socket: zmq.Socket, monitor: zmq.Socket) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        while monitor.poll(0):
-            event = recv_monitor_message(monitor)["event"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.counters.connections += 1
-                with self._lock:
-                    pending = self.spool.pending()
-                    for entry in pending:  # resend everything unacknowledged: the old pipe's queue is gone
-                        entry.last_sent = float("-inf")
-                # the next batch sent is the oldest unacknowledged one (resent first), else a new one: every seq
-                # below next_seq is acknowledged, dropped from the spool or was never used (restart reservation)
-                next_seq = min([entry.seq for entry in pending] + [self.sequence.next_seq])
-                hello = Hello(role="worker", software=SOFTWARE, layout=self.layout, next_seq=next_seq)
-                self._send(socket, encode(hello, self.worker_id))
-                self.counters.hellos_sent += 1
-                log.info("%s: connected to the relay (%s); hello sent with next_seq=%d, %d unacknowledged batch(es) "
-                         "to resend", self.worker_id, self.endpoint.describe(), next_seq, len(pending))
-                self._connected.set()
-            elif event == zmq.EVENT_DISCONNECTED:
-                self.counters.disconnections += 1
-                if self._connected.is_set():
-                    log.warning("%s: lost the relay connection; spooling until it comes back", self.worker_id)
-                self._connected.clear()
+    def _send_heartbeat(self) -> None:
+        self._send(encode(self._heartbeat(), self.worker_id))
 
     def _take_submissions(self) -> None:
         while True:
@@ -203,55 +167,45 @@ class RelayLink:
                 self.counters.batches_built += 1
                 self.counters.steps_submitted += steps
 
-    def _send_due(self, socket: zmq.Socket) -> None:
+    def _send_due(self) -> None:
         with self._lock:
             due = self.spool.due(self.ack_timeout_s)
         for entry in due:
-            if not self._send(socket, entry.frames):
+            if not self._send(entry.frames):
                 return
             with self._lock:
                 if entry.sends:
                     log.info("%s: resending batch seq %d (send #%d, no ack yet)", self.worker_id, entry.seq, entry.sends + 1)
                 self.spool.mark_sent(entry.seq)
 
-    def _send(self, socket: zmq.Socket, frames: list[bytes]) -> bool:
-        try:
-            socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # high-water mark reached or no peer: keep it spooled, try again later
-            self.counters.send_blocked += 1
+    def _send(self, frames: list[bytes]) -> bool:
+        if not self._client.send(frames):  # refused (counted as send_blocked): keep it spooled, try again later
             return False
         self.counters.sends += 1
         return True
 
-    def _receive_all(self, socket: zmq.Socket) -> None:
-        while True:
-            try:
-                frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+    def _on_message(self, frames: list[bytes]) -> None:
+        try:
+            envelope, message = decode(frames)
+        except ProtocolError as exc:
+            self.counters.rejected_messages += 1
+            log.warning("%s: ignored a message from the relay: %s", self.worker_id, exc)
+            return
+        if isinstance(message, SampleAck):
+            if message.worker != self.worker_id:
+                self.counters.rejected_messages += 1
+                log.warning("%s: ignored an ack addressed to %s", self.worker_id, message.worker)
                 return
-            try:
-                envelope, message = decode(frames)
-            except ProtocolError as exc:
-                self.counters.rejected_messages += 1
-                log.warning("%s: ignored a message from the relay: %s", self.worker_id, exc)
-                continue
-            if isinstance(message, SampleAck):
-                if message.worker != self.worker_id:
-                    self.counters.rejected_messages += 1
-                    log.warning("%s: ignored an ack addressed to %s", self.worker_id, message.worker)
-                    continue
-                with self._lock:
-                    self.spool.ack(message.seqs)
-                    self.counters.acks_received += 1
-            elif isinstance(message, Error):
-                self.counters.errors_received += 1
-                log.warning("%s: relay rejected our %s%s: [%s] %s", self.worker_id, message.ref_type or "message",
-                            f" seq {message.ref_seq}" if message.ref_seq is not None else "", message.reason, message.message)
-            elif isinstance(message, Heartbeat):
-                pass
-            else:
-                self.counters.rejected_messages += 1
-                log.warning("%s: unexpected %s from %s on the samples link", self.worker_id, envelope.type, envelope.sender)
+            with self._lock:
+                self.spool.ack(message.seqs)
+                self.counters.acks_received += 1
+        elif isinstance(message, Error):
+            self.counters.errors_received += 1
+            log.warning("%s: relay rejected our %s%s: [%s] %s", self.worker_id, message.ref_type or "message",
+                        f" seq {message.ref_seq}" if message.ref_seq is not None else "", message.reason, message.message)
+        elif not isinstance(message, Heartbeat):
+            self.counters.rejected_messages += 1
+            log.warning("%s: unexpected %s from %s on the samples link", self.worker_id, envelope.type, envelope.sender)
 
     def _heartbeat(self) -> Heartbeat:
         with self._lock:
