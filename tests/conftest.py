@@ -1,5 +1,6 @@
 """Test-suite set-up shared by every folder: the end-to-end process harness (``tests/e2e/process_stack.py``) is
-importable as ``process_stack`` from any test, ``context`` is a ZeroMQ context destroyed after each test, and
+importable as ``process_stack`` and the loopback relay stand-in (``tests/loopback_relay.py``) as ``loopback_relay``
+from any test, ``context`` is a ZeroMQ context destroyed after each test, and
 ``one_torch_thread`` (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``) runs a module's tests on one
 torch thread."""
 
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 import zmq
 
-_E2E = str(Path(__file__).resolve().parent / "e2e")
-if _E2E not in sys.path:
-    sys.path.insert(0, _E2E)
+_TESTS = Path(__file__).resolve().parent
+for _helpers in (str(_TESTS / "e2e"), str(_TESTS)):
+    if _helpers not in sys.path:
+        sys.path.insert(0, _helpers)
 
 
 @pytest.fixture

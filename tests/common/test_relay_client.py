@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import zmq
+from loopback_relay import bind_router, wait_for
 from tmrl_common.relay_client import RelayClient
 from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
 
@@ -78,22 +79,6 @@ def make_client(context, port: int, transport: TransportConfig = FAST, **options
     return link.client, link, counters
 
 
-def bind_router(context, port: int = 0) -> tuple[zmq.Socket, int]:
-    router = context.socket(zmq.ROUTER)
-    router.linger = 0
-    if not port:
-        return router, router.bind_to_random_port("tcp://127.0.0.1")
-    deadline = time.monotonic() + 5.0
-    while True:  # a port just closed is released asynchronously by ZeroMQ
-        try:
-            router.bind(f"tcp://127.0.0.1:{port}")
-            return router, port
-        except zmq.ZMQError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def unused_port(context) -> int:
     probe = context.socket(zmq.ROUTER)
     port = probe.bind_to_random_port("tcp://127.0.0.1")
@@ -106,14 +91,6 @@ def receive(router: zmq.Socket, timeout_s: float = 5.0) -> tuple[bytes, list[byt
         raise AssertionError(f"the router received nothing within {timeout_s}s")
     routing_id, *frames = router.recv_multipart()
     return routing_id, frames
-
-
-def wait_for(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 def test_each_connection_is_counted_and_greeted_and_each_disconnection_counted_and_logged(context, caplog):

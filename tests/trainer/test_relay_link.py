@@ -1,16 +1,14 @@
-"""The trainer's ingest thread over a real loopback socket (a bare ROUTER plays the relay): hello on every connection,
-batches acknowledged, bad messages counted by the ingestor without stopping the thread, published weights sent and
-re-published to a relay that came back."""
+"""The trainer's ingest thread over a real loopback socket (a bare ROUTER plays the relay, ``tests/loopback_relay.py``):
+hello on every connection, batches acknowledged, bad messages counted by the ingestor without stopping the thread,
+published weights sent and re-published to a relay that came back."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-import zmq
+from loopback_relay import FakeRelay, wait_for
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import layout_for_box
-from tmrl_common.protocol import Hello, SampleAck, WeightsUpdate, decode, encode
+from tmrl_common.protocol import Hello, SampleAck, WeightsUpdate, encode
 from tmrl_common.sockets import SecurityConfig, TransportConfig
 from tmrl_common.weights import tensors_to_bytes
 from tmrl_trainer.ingest import Ingestor
@@ -33,45 +31,6 @@ def weights(version: int) -> WeightsUpdate:
     return WeightsUpdate.build(version, {"kind": "test"}, tensors_to_bytes({"w": np.arange(4, dtype=np.float32)}))
 
 
-class Relay:
-    def __init__(self, context: zmq.Context, port: int = 0) -> None:
-        self.socket = context.socket(zmq.ROUTER)
-        self.socket.linger = 0
-        if not port:
-            port = self.socket.bind_to_random_port("tcp://127.0.0.1")
-        else:
-            deadline = time.monotonic() + 5.0
-            while True:  # a port just closed is released asynchronously by ZeroMQ
-                try:
-                    self.socket.bind(f"tcp://127.0.0.1:{port}")
-                    break
-                except zmq.ZMQError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-        self.port = port
-
-    def receive(self, cls, timeout_s: float = 5.0):
-        deadline = time.monotonic() + timeout_s
-        while self.socket.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-            routing_id, *frames = self.socket.recv_multipart()
-            _, message = decode(frames)
-            if isinstance(message, cls):  # heartbeats and others skipped
-                return routing_id, message
-        raise AssertionError(f"no {cls.__name__} within {timeout_s}s")
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
-
-
-def wait_for(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # counters move on the ingest thread, just after the send the relay already saw
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
 def make_link(context, port: int, ingestor: Ingestor) -> TrainerLink:
     return TrainerLink("trainer-t", "127.0.0.1", port, FAST, SecurityConfig(insecure=True), ingestor, context=context)
 
@@ -79,27 +38,27 @@ def make_link(context, port: int, ingestor: Ingestor) -> TrainerLink:
 def test_batches_are_acked_bad_messages_counted_and_weights_republished_after_a_relay_restart(context):
     memory = ReplayMemory(LAYOUT, capacity=100)
     ingestor = Ingestor("trainer-t", LAYOUT, store=memory.add_batch)
-    relay = Relay(context)
+    relay = FakeRelay(context)
     port = relay.port
     link = make_link(context, port, ingestor)
     link.start()
     try:
-        routing_id, hello = relay.receive(Hello)
+        routing_id, _, hello = relay.receive_type(Hello)
         assert hello.role == "trainer" and hello.layout == LAYOUT
         relay.socket.send_multipart([routing_id, b"garbage", b"\x00"])
         relay.socket.send_multipart([routing_id, *batch("w1", 0)])
-        _, ack = relay.receive(SampleAck)
+        _, _, ack = relay.receive_type(SampleAck)
         assert (ack.worker, ack.seqs) == ("w1", [0]) and len(memory) == 4
         assert ingestor.snapshot()["rejects"] == {"malformed": 1}
         wait_for(lambda: link.counters.acks_sent == 1)
         assert link.counters.received == 2
 
         link.publish(weights(1))
-        assert relay.receive(WeightsUpdate)[1].version == 1
+        assert relay.receive_type(WeightsUpdate)[2].version == 1
         relay.close()  # the relay restarts with an empty cache: the last weights go to it again, after a hello
-        relay = Relay(context, port)
-        relay.receive(Hello, timeout_s=10.0)
-        assert relay.receive(WeightsUpdate)[1].version == 1
+        relay = FakeRelay(context, port)
+        relay.receive_type(Hello, timeout_s=10.0)
+        assert relay.receive_type(WeightsUpdate)[2].version == 1
         wait_for(lambda: link.counters.weights_sent == 2)
         assert link.counters.connections == 2
         assert link.counters.disconnections == 1 and link.connected and link.failure is None
@@ -118,14 +77,14 @@ def test_an_error_inside_the_ingestor_is_counted_and_ingestion_goes_on(context):
         stored.append(message.seq)
         return memory.add_batch(worker, message)
 
-    relay = Relay(context)
+    relay = FakeRelay(context)
     link = make_link(context, relay.port, Ingestor("trainer-t", LAYOUT, store=store))
     link.start()
     try:
-        routing_id, _ = relay.receive(Hello)
+        routing_id, _, _ = relay.receive_type(Hello)
         relay.socket.send_multipart([routing_id, *batch("w1", 0)])
         relay.socket.send_multipart([routing_id, *batch("w1", 1)])
-        _, ack = relay.receive(SampleAck)
+        _, _, ack = relay.receive_type(SampleAck)
         assert ack.seqs == [1] and stored == [1]
         assert link.counters.internal_errors == 1 and link.failure is None
     finally:

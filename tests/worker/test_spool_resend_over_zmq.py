@@ -1,15 +1,14 @@
 """The sender thread over a real loopback socket: hello first, resend after the ack timeout and after a reconnection,
-acks empty the spool. A bare ROUTER socket plays the relay."""
+acks empty the spool. A bare ROUTER socket plays the relay (``tests/loopback_relay.py``)."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import zmq
+from loopback_relay import FakeRelay
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import layout_for_box
-from tmrl_common.protocol import Hello, SampleAck, SampleBatch, decode, encode
+from tmrl_common.protocol import Hello, SampleBatch
 from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
 from tmrl_worker.relay_link import RelayLink
 from tmrl_worker.spool import SequenceCounter, Spool
@@ -23,44 +22,6 @@ def filled_builder(rows: int) -> SampleBatchBuilder:
     for i in range(rows - 1):
         builder.add_step(np.array([0.1], np.float32), (np.full(3, i, np.float32),), 1.0, False, False)
     return builder
-
-
-class FakeRelay:
-    def __init__(self, context: zmq.Context, port: int = 0) -> None:
-        self.socket = context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        if port:  # rebinding a port just closed: ZeroMQ releases it asynchronously
-            deadline = time.monotonic() + 5.0
-            while True:
-                try:
-                    self.socket.bind(f"tcp://127.0.0.1:{port}")
-                    break
-                except zmq.ZMQError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-        else:
-            port = self.socket.bind_to_random_port("tcp://127.0.0.1")
-        self.port = port
-
-    def receive(self, timeout_s: float = 5.0):
-        if not self.socket.poll(int(timeout_s * 1000)):
-            raise AssertionError(f"nothing received within {timeout_s}s")
-        routing_id, *frames = self.socket.recv_multipart()
-        envelope, message = decode(frames)
-        return routing_id, envelope, message
-
-    def receive_type(self, cls, timeout_s: float = 5.0):
-        while True:  # skip heartbeats
-            routing_id, envelope, message = self.receive(timeout_s)
-            if isinstance(message, cls):
-                return routing_id, envelope, message
-
-    def ack(self, routing_id: bytes, worker: str, seqs: list[int]) -> None:
-        self.socket.send_multipart([routing_id, *encode(SampleAck(worker=worker, seqs=seqs), "relay")])
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
 
 
 def make_link(context, port: int, tmp_path, ack_timeout_s: float = 0.3, max_batches: int = 100,
