@@ -6,7 +6,10 @@ number of torch threads, a replay memory pre-filled with 20,000 random steps, an
 its batch from that memory (SB3's ``train()`` does too). tmrl stores newest frames only and rebuilds the LIDAR
 history at sampling time.
 
-    .venv/bin/python benchmarks/sac_updates.py [--updates 200] [--threads 1,2] [--repeats 5]
+    .venv/bin/python benchmarks/sac_updates.py [--updates 200] [--threads 1,N] [--repeats 5]
+
+By default both sides are measured at 1 torch thread and then at torch's default thread count ``N`` (the number of
+physical cores, what either library uses unless told otherwise).
 """
 
 from __future__ import annotations
@@ -109,8 +112,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=200, help="updates per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per side (best is reported)")
-    parser.add_argument("--threads", default="1,2",
-                        help="comma-separated torch thread counts, each measured for both sides [1,2]")
+    default_threads = torch.get_num_threads()
+    parser.add_argument("--threads", default=",".join(dict.fromkeys(["1", str(default_threads)])),
+                        help="comma-separated torch thread counts, each measured for both sides "
+                             f"[1 and torch's default here, {default_threads}]")
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     blocks = {"tmrl": tmrl_update_block(), "stable-baselines3": sb3_update_block()}
@@ -126,7 +131,8 @@ def main() -> None:
         (ours_wall, ours_cpu), (peer_wall, peer_cpu) = rates["tmrl"], rates["stable-baselines3"]
         ratios.append((threads, ours_wall / peer_wall, ours_cpu / peer_cpu))
     for threads, wall, cpu in ratios:
-        print(f"  ratio tmrl / sb3 at {threads} thread(s): {wall:.2f}x wall clock, {cpu:.2f}x CPU time "
+        default = " (torch's default)" if threads == default_threads else ""
+        print(f"  ratio tmrl / sb3 at {threads} thread(s){default}: {wall:.2f}x wall clock, {cpu:.2f}x CPU time "
               "(target >= 1.5x)")
 
 
