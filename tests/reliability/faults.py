@@ -325,3 +325,127 @@ def trainer_absent(root: Path, steps: int = 1500, spool_batches: int = 8, relay_
                 "lost_uncounted": worker["batches"] - worker["acknowledged"] - worker["dropped"]}
     finally:
         p.stack.kill_all()
+
+
+UNCLEAN_STOP = re.compile(r"at its last step it had taken (\d+) steps and (\d+) resets, built (\d+) rows, handed over "
+                          r"(\d+) rows in (\d+) batches, and had (\d+) rows in its unfinished batch")
+RESTORED = re.compile(r"(\d+) unacknowledged batch\(es\) restored from")
+
+
+def spooled_on_disk(spool_dir: Path) -> tuple[int, int]:
+    """Batches and rows in a durable spool directory (each ``<seq>.batch`` file decoded as the batch it holds)."""
+    import msgpack
+    from tmrl_common.protocol import SampleBatch, decode
+
+    batches = rows = 0
+    for path in sorted(spool_dir.glob("*.batch")) if spool_dir.is_dir() else []:
+        _, batch = decode(msgpack.unpackb(path.read_bytes(), raw=False))
+        assert isinstance(batch, SampleBatch), f"{path} holds a {type(batch).__name__}"
+        batches, rows = batches + 1, rows + batch.steps
+    return batches, rows
+
+
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of ``pid`` is stopped (state ``T`` in ``/proc/<pid>/task/*/stat``) after a SIGSTOP."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [stat.read_text().rsplit(")", 1)[1].split()[0] for stat in Path(f"/proc/{pid}/task").glob("*/stat")]
+        if states and all(state in "tT" for state in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop within {timeout}s of SIGSTOP")
+
+
+def worker_killed_holding_unacknowledged_batches(root: Path, durable_spool: bool = True, spooled_batches: int = 4,
+                                                 restart_steps: int = 300) -> dict:
+    """No relay while a worker steps, so nothing it builds can be acknowledged; SIGKILL it once it has handed over
+    ``spooled_batches`` batches and is part-way through the next, then restart it (same id, same ``state_dir``) with a
+    relay and a trainer up.
+
+    The worker's own account of its killed run is its progress file (``state_dir/<id>.progress.json``, rewritten after
+    every step; the restarted worker logs it): rows built, rows handed over in batches, rows of the batch it was still
+    filling. The kill is timed with SIGSTOP: the worker is frozen, its progress record and (``durable_spool``) its spool
+    directory are read, and it is SIGKILLed only while it is part-way through a batch and every batch it handed over is
+    on disk; otherwise it is let go on (SIGCONT) and tried again. Checked with ``durable_spool``: the trainer stores the
+    killed run's batches, each once, and ``rows built == rows stored + rows of the unfinished batch``; without it, the
+    trainer stores none of them (the in-memory spool died with the process) and the restarted worker still delivers
+    its own rows."""
+    config = write_config(root, learning_starts=1_000_000_000, steps_per_second=100)
+    config.write_text(config.read_text() + f"durable_spool = {'true' if durable_spool else 'false'}\n")
+    spool_dir, progress_file = root / "state" / "w1.spool", root / "state" / "w1.progress.json"
+    p = Pipeline(root)
+    try:
+        from tmrl_worker.progress import read_progress
+
+        p.start_worker("w1", "--max-steps", "1000000", "--seed", "1", name="w1-first")
+        first = p.stack.processes["w1-first"]
+        p.wait(lambda: progress_file.exists() and (r := read_progress(progress_file)) is not None
+               and r.batches_handed_over >= spooled_batches, 90, f"the worker handing over {spooled_batches} batches",
+               "w1-first")
+        attempts = 0
+        while True:
+            attempts += 1
+            assert attempts <= 500, f"never caught the worker part-way through a batch with its spool written:\n" \
+                                    f"{p.stack.tail('w1-first')}"
+            first.send_signal(signal.SIGSTOP)
+            wait_stopped(first.pid)
+            record = read_progress(progress_file)
+            on_disk = spooled_on_disk(spool_dir)
+            if record.rows_unfinished > 0 and (not durable_spool or on_disk[1] == record.rows_handed_over):
+                break
+            first.send_signal(signal.SIGCONT)
+            time.sleep(0.005)
+        p.stack.stop("w1-first", sig=signal.SIGKILL)
+        killed = read_progress(progress_file)  # the frozen worker wrote nothing more: the same record
+        assert killed == record and killed.running, (killed, record)
+        batches_on_disk, rows_on_disk = spooled_on_disk(spool_dir)
+        assert (batches_on_disk, rows_on_disk) == ((killed.batches_handed_over, killed.rows_handed_over) if durable_spool
+                                                   else (0, 0)), (batches_on_disk, rows_on_disk, killed)
+
+        p.start_relay()
+        p.start_trainer()
+        p.start_worker("w1", "--max-steps", str(restart_steps), "--seed", "2", name="w1-second")
+        assert p.stack.wait("w1-second", timeout=120) == 0, p.stack.tail("w1-second")
+        log = p.stack.logs["w1-second"].read_text()
+        second = parse_summary(log)
+        reported = UNCLEAN_STOP.findall(log)
+        assert reported, f"the restarted worker did not report the killed run:\n{log[-3000:]}"
+        reported = dict(zip(("steps", "resets", "rows_built", "rows_handed_over", "batches_handed_over",
+                             "rows_unfinished"), map(int, reported[-1]), strict=True))
+        assert reported == killed.model_dump(include=set(reported)), (reported, killed)
+        restored = int(RESTORED.findall(log)[-1]) if RESTORED.search(log) else 0
+        assert restored == batches_on_disk, (restored, batches_on_disk)
+        assert second["dropped"] == second["unacknowledged"] == 0, second
+        assert second["acknowledged"] == second["batches"] + restored, second
+        stored = p.wait(lambda: (s := p.worker_status("w1")).get("batches") == second["batches"] + restored and s, 30,
+                        "the trainer storing the restored and the new batches", "trainer")
+        stored = p.settled_status()["workers"]["w1"]
+        relay_check = check_relay_matches_trainer(p)
+        stored_first_rows = stored["steps"] - second["rows"]
+        stored_first_batches = stored["batches"] - second["batches"]
+        # each (worker, seq) at most once: the killed run's seqs start at 0, the restarted worker's at its reservation
+        assert stored_first_batches == restored and stored_first_rows == rows_on_disk, (stored, second, rows_on_disk)
+        assert stored["min_seq"] == (0 if durable_spool else 1000) and stored["max_seq"] == 1000 + second["batches"] - 1
+        assert killed.rows_built == killed.steps + killed.resets
+        lost = killed.rows_built - stored_first_rows
+        if durable_spool:
+            assert lost == killed.rows_unfinished > 0, (killed, stored_first_rows)
+            assert not list(spool_dir.glob("*.batch")), "acknowledged batches left in the spool directory"
+        else:
+            assert lost == killed.rows_built, (killed, stored_first_rows)
+        assert p.stack.stop("trainer") == 0 and p.stack.stop("relay") == 0
+        return {"fault": f"worker SIGKILL holding unacknowledged batches, durable_spool "
+                         f"{'on' if durable_spool else 'off'} (relay away, then restart with the same id)",
+                "durable_spool": durable_spool, "killed": killed.model_dump(exclude={"pid", "started_at", "updated_at"}),
+                "sigstop_attempts": attempts, "batches_on_disk_at_kill": batches_on_disk,
+                "rows_on_disk_at_kill": rows_on_disk, "restored": restored, "second_life": second,
+                "stored_first_life_batches": stored_first_batches, "stored_first_life_rows": stored_first_rows,
+                "trainer_batches": stored["batches"], "trainer_steps": stored["steps"],
+                "duplicates": stored["duplicates"], "relay": relay_check, "lost_rows": lost,
+                "lost_rows_unfinished_batch": killed.rows_unfinished,
+                "lost_rows_in_memory_spool": lost - killed.rows_unfinished}
+    finally:
+        for process in p.stack.processes.values():  # a frozen worker must not outlive the scenario
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+        p.stack.kill_all()

@@ -33,6 +33,7 @@ from tmrl_common.sockets import RelayEndpoint
 
 from tmrl_worker.config import WorkerConfig, WorkerMode
 from tmrl_worker.envs import EnvHandle, make_env
+from tmrl_worker.progress import ProgressFile, ProgressFileError, describe_unclean_stop, progress_path, read_progress
 from tmrl_worker.relay_link import RelayLink
 from tmrl_worker.spool import SequenceCounter, Spool
 from tmrl_worker.weights_feed import PreparedPolicy, WeightsFeed
@@ -155,6 +156,11 @@ class RolloutStats:
     recent_returns: deque = field(default_factory=lambda: deque(maxlen=20))
     step_seconds: float = 0.0
     """Total wall time spent inside ``env.step`` + inference, for steps/s reports."""
+    resets: int = 0
+    rows_built: int = 0
+    """Rows added to sample builders (one per reset and per step; 0 without a sample sink)."""
+    rows_handed_over: int = 0
+    """Rows in the batches handed to the sink; ``rows_built`` minus these are in the batch being filled."""
     delivery: dict[str, int] = field(default_factory=dict)
     """The sender thread's counters at the end (:meth:`RelayLink.snapshot`); empty in test mode."""
 
@@ -174,6 +180,7 @@ class RolloutLoop:
         seed: int | None = None,
         worker_id: str = "worker",
         max_steps_per_second: float | None = None,
+        progress: ProgressFile | None = None,
     ) -> None:
         self.env = env
         self.sink = sink
@@ -189,6 +196,8 @@ class RolloutLoop:
         self.action_versions: list[int] = []
         """Weights version that chose each step's action (kept only when ``record_versions`` is set; for tests)."""
         self.record_versions = False
+        self.progress = progress
+        """Rewritten after every step when given (``state_dir/<worker_id>.progress.json``, :mod:`tmrl_worker.progress`)."""
         self._builder = self._new_builder()
 
     def _new_builder(self) -> SampleBatchBuilder:
@@ -208,6 +217,7 @@ class RolloutLoop:
     def _flush(self) -> None:
         if self.sink is None or not len(self._builder):
             return
+        self.stats.rows_handed_over += len(self._builder)
         self.sink.submit(self._builder, self.policy.version)
         self.stats.batches_submitted += 1
         self._builder = self._new_builder()
@@ -215,9 +225,19 @@ class RolloutLoop:
     def _reset(self, seed: int | None) -> tuple:
         observation = self.env.reset(seed=seed)
         self.stats.episode_return = 0.0
+        self.stats.resets += 1
         if self.sink is not None:
             self._builder.add_reset(observation, self.env.default_action)
+            self.stats.rows_built += 1
         return observation
+
+    def record_progress(self, running: bool = True) -> None:
+        """Write the progress record (no-op without a progress file)."""
+        if self.progress is not None:
+            stats = self.stats
+            self.progress.update(steps=stats.steps, resets=stats.resets, rows_built=stats.rows_built,
+                                 rows_handed_over=stats.rows_handed_over, batches_handed_over=stats.batches_submitted,
+                                 rows_unfinished=len(self._builder), running=running)
 
     def _report(self, seconds: float, steps: int) -> None:
         recent = self.stats.recent_returns
@@ -230,6 +250,7 @@ class RolloutLoop:
             health_check=None) -> RolloutStats:
         """Step until ``max_steps`` steps, ``stop`` is set, or ``health_check()`` raises. Sends what is left at the end."""
         observation = self._reset(self.seed)
+        self.record_progress()
         target = None if max_steps is None else self.stats.steps + max_steps
         next_health = time.monotonic() + 1.0
         next_step_at = report_from = time.monotonic()
@@ -252,6 +273,7 @@ class RolloutLoop:
                 self.stats.episode_return += reward
                 if self.sink is not None:
                     self._builder.add_step(action, observation, reward, terminated, truncated)
+                    self.stats.rows_built += 1
                 done = terminated or truncated
                 if done or len(self._builder) >= self.batch_steps:
                     self._flush()
@@ -261,6 +283,7 @@ class RolloutLoop:
                     log.debug("%s: episode %d ended after step %d: return %.2f (weights version %d)", self.worker_id,
                              self.stats.episodes, self.stats.steps, self.stats.episode_return, self.policy.version)
                     observation = self._reset(None)
+                self.record_progress()
                 now = time.monotonic()
                 if now >= next_health:
                     if health_check is not None:
@@ -271,6 +294,7 @@ class RolloutLoop:
                     report_from, report_steps, next_report = now, self.stats.steps, now + PROGRESS_EVERY_S
         finally:
             self._flush()
+            self.record_progress()
         return self.stats
 
 
@@ -293,6 +317,20 @@ def spool_directory(config: WorkerConfig) -> Path | None:
     return Path(config.state_dir).expanduser() / f"{config.worker_id}.spool" if config.durable_spool else None
 
 
+def open_progress_file(config: WorkerConfig) -> ProgressFile:
+    """The progress file of ``config.worker_id`` in ``state_dir``; first logs what the previous run lost if it did not
+    stop cleanly (killed, crashed, power cut)."""
+    path = progress_path(config.state_dir, config.worker_id)
+    try:
+        previous = read_progress(path)
+    except ProgressFileError as exc:
+        log.warning("%s: %s; overwriting it", config.worker_id, exc)
+        previous = None
+    if previous is not None and previous.running:
+        log.warning("%s: %s", config.worker_id, describe_unclean_stop(previous, config.durable_spool))
+    return ProgressFile(path)
+
+
 def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> RolloutStats:
     """Build env, sender and weights threads from ``config`` and run the rollout loop until done or ``stop``."""
     RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security).check_security()
@@ -301,9 +339,11 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
     context = zmq.Context()
     link: RelayLink | None = None
     feed: WeightsFeed | None = None
+    progress: ProgressFile | None = None
     try:
         policy = initial_policy(config.mode, env, config.policy_file, config.seed)
         if config.mode in ("train", "expert"):
+            progress = open_progress_file(config)
             link = RelayLink(
                 worker_id=config.worker_id,
                 layout=env.layout,
@@ -322,7 +362,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
             feed.start()
         loop = RolloutLoop(env, link, feed, policy, batch_steps=config.batch_steps, compress=config.compress,
                            deterministic=config.deterministic or config.mode == "test", seed=config.seed,
-                           worker_id=config.worker_id, max_steps_per_second=config.max_steps_per_second)
+                           worker_id=config.worker_id, max_steps_per_second=config.max_steps_per_second,
+                           progress=progress)
         log.info("%s: %s mode on env %s (%s, layout %s), relay %s", config.worker_id, config.mode, env.spec,
                  "real time" if env.realtime else "synchronous",
                  [c.name for c in env.layout.components], config.relay_host)
@@ -337,8 +378,11 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
                 log.warning("%s: stopping with %d unacknowledged batch(es) in the spool (lost with this process)",
                             config.worker_id, link.snapshot()["spool_batches"])
             stats.delivery = link.snapshot()
+        loop.record_progress(running=False)
         return stats
     finally:
+        if progress is not None:
+            progress.close()
         try:
             if feed is not None:
                 feed.stop()

@@ -1,0 +1,123 @@
+"""How far a sending worker got, kept current on disk after every step, so that the next run can say what a crash lost.
+
+``state_dir/<worker_id>.progress.json`` holds one JSON object that the rollout loop rewrites in place after every step
+(one ``write`` of a fixed-size record at offset 0, no fsync: the page cache keeps it across a SIGKILL of the worker,
+which is the case it is for; a power loss may leave an older record):
+
+* ``pid``, ``started_at``, ``updated_at`` (unix seconds) and ``running`` (``false`` once the worker stopped cleanly);
+* ``steps`` and ``resets`` of the environment; each made one row, so ``rows_built == steps + resets``;
+* ``rows_handed_over`` and ``batches_handed_over``: rows in the batches given to the sender thread, which numbers,
+  spools (on disk too with ``durable_spool``) and sends them;
+* ``rows_unfinished``: rows of the batch being filled, not yet a batch: what dies with the process.
+
+A worker that starts and finds a record still ``running`` (its previous run was killed or crashed) logs what that run
+had built and what it lost (see :func:`describe_unclean_stop`) before it overwrites the record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+log = logging.getLogger(__name__)
+
+RECORD_BYTES = 512
+"""Fixed size of the record on disk (JSON padded with spaces): each update overwrites the whole previous one."""
+
+_FORMAT = ('{{"pid": {pid}, "started_at": {started_at:.3f}, "updated_at": {updated_at:.3f}, "running": {running}, '
+           '"steps": {steps}, "resets": {resets}, "rows_built": {rows_built}, "rows_handed_over": {rows_handed_over}, '
+           '"batches_handed_over": {batches_handed_over}, "rows_unfinished": {rows_unfinished}}}')
+
+
+class WorkerProgress(BaseModel):
+    """One progress record (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pid: int
+    started_at: float
+    updated_at: float
+    running: bool
+    steps: int
+    resets: int
+    rows_built: int
+    rows_handed_over: int
+    batches_handed_over: int
+    rows_unfinished: int
+
+
+class ProgressFileError(ValueError):
+    """A progress file exists but does not hold a progress record."""
+
+
+def progress_path(state_dir: Path, worker_id: str) -> Path:
+    return Path(state_dir).expanduser() / f"{worker_id}.progress.json"
+
+
+def read_progress(path: Path) -> WorkerProgress | None:
+    """The record in ``path``; ``None`` when there is no file (:class:`ProgressFileError` when it cannot be read)."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProgressFileError(f"progress file {path} cannot be read: {exc}") from exc
+    try:
+        return WorkerProgress.model_validate(json.loads(text))
+    except (ValueError, ValidationError) as exc:
+        raise ProgressFileError(f"progress file {path} holds no progress record: {exc}") from exc
+
+
+def describe_unclean_stop(previous: WorkerProgress, durable_spool: bool) -> str:
+    """What a run that did not stop cleanly had built and what it lost, for the log of the run after it."""
+    fate = ("the batches it handed over and had spooled on disk are sent again now" if durable_spool else
+            "the batches it handed over that were not acknowledged yet were in its in-memory spool and are lost "
+            "(durable_spool is off)")
+    return (f"the previous run (pid {previous.pid}) did not stop cleanly; at its last step it had taken "
+            f"{previous.steps} steps and {previous.resets} resets, built {previous.rows_built} rows, handed over "
+            f"{previous.rows_handed_over} rows in {previous.batches_handed_over} batches, and had "
+            f"{previous.rows_unfinished} rows in its unfinished batch (lost); {fate}")
+
+
+class ProgressFile:
+    """Writer of the progress record: :meth:`update` after every step, :meth:`close` at a clean stop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+        os.ftruncate(self._fd, RECORD_BYTES)
+        self._pid = os.getpid()
+        self._started_at = time.time()
+
+    def update(self, steps: int, resets: int, rows_built: int, rows_handed_over: int, batches_handed_over: int,
+               rows_unfinished: int, running: bool = True) -> None:
+        text = _FORMAT.format(pid=self._pid, started_at=self._started_at, updated_at=time.time(),
+                              running="true" if running else "false", steps=steps, resets=resets,
+                              rows_built=rows_built, rows_handed_over=rows_handed_over,
+                              batches_handed_over=batches_handed_over, rows_unfinished=rows_unfinished)
+        record = text.encode().ljust(RECORD_BYTES - 1) + b"\n"
+        if len(record) > RECORD_BYTES:  # ~250 bytes of JSON with 19-digit counters: cannot happen
+            raise ValueError(f"progress record over {RECORD_BYTES} bytes: {text}")
+        if self._fd < 0:
+            return
+        try:
+            if hasattr(os, "pwrite"):
+                os.pwrite(self._fd, record, 0)
+            else:  # Windows
+                os.lseek(self._fd, 0, os.SEEK_SET)
+                os.write(self._fd, record)
+        except OSError as exc:  # the record is a report, not the data: rollouts go on without it
+            log.warning("progress file %s cannot be written (%s); no longer updated in this run", self.path, exc)
+            self.close()
+
+    def close(self) -> None:
+        """Stop updating (the last record stays on disk)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,108 @@
+"""The worker's progress file: rewritten in place after every step, readable after a SIGKILL, and a restarted worker
+logs what a run that did not stop cleanly built and lost."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+from tmrl_common.batching import SampleBatchBuilder
+from tmrl_worker.config import WorkerConfig
+from tmrl_worker.envs import make_env
+from tmrl_worker.progress import RECORD_BYTES, ProgressFile, ProgressFileError, progress_path, read_progress
+from tmrl_worker.runtime import RolloutLoop, UniformPolicy, open_progress_file
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    def submit(self, builder: SampleBatchBuilder, weights_version: int) -> None:
+        self.rows.append(len(builder))
+
+
+def test_each_update_overwrites_the_whole_record_in_place(tmp_path):
+    progress = ProgressFile(tmp_path / "w.progress.json")
+    progress.update(steps=123456789, resets=5, rows_built=123456794, rows_handed_over=123456700,
+                    batches_handed_over=99, rows_unfinished=94)
+    progress.update(steps=7, resets=1, rows_built=8, rows_handed_over=0, batches_handed_over=0, rows_unfinished=8)
+    progress.close()
+    assert (tmp_path / "w.progress.json").stat().st_size == RECORD_BYTES
+    record = read_progress(tmp_path / "w.progress.json")
+    assert (record.steps, record.resets, record.rows_built, record.rows_unfinished, record.running) == (7, 1, 8, 8, True)
+
+
+def test_the_rollout_loop_records_rows_built_handed_over_and_unfinished(tmp_path):
+    env = make_env("sim-fast", max_episode_steps=40)
+    sink = ListSink()
+    progress = ProgressFile(tmp_path / "w.progress.json")
+    loop = RolloutLoop(env, sink, None, UniformPolicy(env.action_dim, seed=0), batch_steps=16, seed=0,
+                       progress=progress)
+    records = []
+    real_update = progress.update
+
+    def update_and_keep(**fields):
+        real_update(**fields)
+        records.append(read_progress(progress.path))
+
+    progress.update = update_and_keep
+    try:
+        loop.run(max_steps=150)
+    finally:
+        env.close()
+        progress.close()
+    assert len(records) == 150 + 2  # after the first reset, after every step, after the final flush
+    for record in records:
+        assert record.rows_built == record.steps + record.resets
+        assert record.rows_built == record.rows_handed_over + record.rows_unfinished
+    first, last = records[0], records[-1]
+    assert (first.steps, first.resets, first.rows_unfinished) == (0, 1, 1)
+    assert last.steps == 150 and last.resets == loop.stats.episodes + 1
+    assert last.rows_unfinished == 0 and last.rows_handed_over == sum(sink.rows) == last.rows_built
+    assert last.batches_handed_over == len(sink.rows)
+    assert any(0 < r.rows_unfinished < 16 for r in records[1:-1])
+
+
+def test_the_last_record_survives_a_sigkill_of_the_writer(tmp_path):
+    path = tmp_path / "w.progress.json"
+    script = (f"import os, signal; from tmrl_worker.progress import ProgressFile; p = ProgressFile({str(path)!r}); "
+              "[p.update(steps=s, resets=1, rows_built=s + 1, rows_handed_over=s - s % 10, batches_handed_over=s // 10, "
+              "rows_unfinished=s % 10 + 1) for s in range(1, 58)]; os.kill(os.getpid(), signal.SIGKILL)")
+    result = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert result.returncode == -9
+    record = read_progress(path)
+    assert record.running and (record.steps, record.rows_handed_over, record.rows_unfinished) == (57, 50, 8)
+
+
+def test_a_restarted_worker_logs_what_a_killed_run_built_and_lost(tmp_path, caplog):
+    config = WorkerConfig(worker_id="w7", state_dir=tmp_path, durable_spool=True)
+    ProgressFile(progress_path(tmp_path, "w7")).update(steps=310, resets=3, rows_built=313, rows_handed_over=300,
+                                                      batches_handed_over=12, rows_unfinished=13)
+    with caplog.at_level(logging.WARNING):
+        progress = open_progress_file(config)
+    progress.close()
+    message = caplog.text
+    assert "did not stop cleanly" in message and "built 313 rows, handed over 300 rows in 12 batches" in message
+    assert "13 rows in its unfinished batch (lost)" in message and "sent again now" in message
+
+
+def test_a_clean_stop_is_not_reported_and_an_unreadable_file_is_overwritten(tmp_path, caplog):
+    config = WorkerConfig(worker_id="w8", state_dir=tmp_path)
+    clean = ProgressFile(progress_path(tmp_path, "w8"))
+    clean.update(steps=5, resets=1, rows_built=6, rows_handed_over=6, batches_handed_over=1, rows_unfinished=0,
+                 running=False)
+    clean.close()
+    with caplog.at_level(logging.WARNING):
+        open_progress_file(config).close()
+    assert "did not stop cleanly" not in caplog.text
+
+    progress_path(tmp_path, "w8").write_bytes(b"\x00garbage")
+    with pytest.raises(ProgressFileError, match="holds no progress record"):
+        read_progress(progress_path(tmp_path, "w8"))
+    with caplog.at_level(logging.WARNING):
+        progress = open_progress_file(config)
+    progress.update(steps=1, resets=1, rows_built=2, rows_handed_over=0, batches_handed_over=0, rows_unfinished=2)
+    progress.close()
+    assert "holds no progress record" in caplog.text and read_progress(progress_path(tmp_path, "w8")).steps == 1
