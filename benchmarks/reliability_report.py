@@ -2,7 +2,8 @@
 ``docs/reliability.md``.
 
 * faults: SIGKILL + restart of the relay, of a worker (mid-episode, same id) and of the trainer (resume from its
-  checkpoint); each checks the delivery accounting defined in ``tests/reliability/faults.py``;
+  checkpoint), and of a worker holding unacknowledged batches with ``durable_spool`` on and off; each checks the
+  delivery accounting defined in ``tests/reliability/faults.py``;
 * fuzz: random and mutated messages over sockets into a relay process and into the trainer's ingest path, plus
   oversized frames, a wrong protocol version, NaN samples, a CurveZMQ key outside the allow-list and a worker
   impersonating another (``tests/reliability/hostile.py``);
@@ -33,7 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests" / "e2e"), str(ROOT / "tests" / "reliability")]
 
-from faults import relay_crash, trainer_absent, trainer_crash, worker_crash  # noqa: E402
+from faults import (  # noqa: E402
+    relay_crash,
+    trainer_absent,
+    trainer_crash,
+    worker_crash,
+    worker_killed_holding_unacknowledged_batches,
+)
 from hostile import curve_cases, ingest_fuzz, relay_edge_cases, relay_fuzz  # noqa: E402
 from load import load_run  # noqa: E402
 
@@ -106,9 +113,16 @@ def render(results: dict, info: dict, command: str) -> str:
         lost = sum(o["figures"].get("lost", o["figures"].get("lost_after_reaching_relay",
                                                             o["figures"].get("lost_uncounted", 0)))
                    for o in faults.values() if o["ok"])
-        summary.append(("faults survived (3 SIGKILL + restart, 1 trainer away past the bounds)",
+        summary.append((f"faults survived ({len(faults) - 1} SIGKILL + restart, 1 trainer away past the bounds)",
                         f"{survived} of {len(faults)}"))
         summary.append(("samples lost uncounted across the faults (after leaving a worker)", lost))
+        spools = [(o["figures"]["killed"], o["figures"]["lost_rows"], o["figures"]["durable_spool"])
+                  for name, o in faults.items() if name.startswith("spool ") and o["ok"]]
+        if spools:
+            summary.append(("rows a worker SIGKILLed with unacknowledged batches lost, of the rows it built",
+                            "; ".join(f"durable_spool {'on' if durable else 'off'}: {lost} of {k['rows_built']}"
+                                      f"{' (its unfinished batch)' if durable else ''}"
+                                      for k, lost, durable in spools)))
     if "fuzz" in results:
         fuzz = results["fuzz"]
         tried = sum(fuzz[k]["figures"]["messages"] for k in ("relay", "ingest") if fuzz[k]["ok"])
@@ -130,7 +144,9 @@ def render(results: dict, info: dict, command: str) -> str:
                 "accounting (worker summary line vs the trainer's `status.json` vs the relay's Prometheus counters), "
                 "then that training goes on (more updates, a newer weights version reaching the worker). The fourth "
                 "keeps the trainer away until the worker's spool and the relay's hold overflow: the oldest batches "
-                "are dropped, counted and logged, and every batch is either stored or counted as dropped.", ""]
+                "are dropped, counted and logged, and every batch is either stored or counted as dropped. The last "
+                "two SIGKILL a worker that holds unacknowledged batches (no relay yet, so no ack can come), with "
+                "`durable_spool` on and then off, and restart it with the same id and `state_dir`.", ""]
         for name, outcome in results["faults"].items():
             out.append(f"### {outcome.get('figures', {}).get('fault', name)}\n")
             if not outcome["ok"]:
@@ -161,6 +177,29 @@ def render(results: dict, info: dict, command: str) -> str:
                         ("updates at the fault → after", f"{f['updates_at_fault']} → {f['updates_after']}"),
                         ("weights version at the fault → after", f"{f['weights_version_at_fault']} → {f['weights_version_after']}"),
                         ("batches lost after reaching the relay", f["lost_after_reaching_relay"])]
+            elif name.startswith("spool "):
+                k, second = f["killed"], f["second_life"]
+                rows = [("killed run, from its progress file: steps + resets = rows built",
+                         f"{k['steps']} + {k['resets']} = {k['rows_built']}"),
+                        ("killed run: rows handed over in batches / rows of the batch it was still filling",
+                         f"{k['rows_handed_over']} in {k['batches_handed_over']} / {k['rows_unfinished']}"),
+                        ("spool directory at the kill (files decoded): batches / rows",
+                         f"{f['batches_on_disk_at_kill']} / {f['rows_on_disk_at_kill']}"),
+                        ("restarted worker: batches restored from disk and sent again", f["restored"]),
+                        ("restarted worker: rows / batches built, acknowledged (restored included), dropped",
+                         f"{second['rows']} / {second['batches']}, {second['acknowledged']}, {second['dropped']}"),
+                        ("trainer: batches / rows stored in all", f"{f['trainer_batches']} / {f['trainer_steps']}"),
+                        ("trainer: batches / rows stored from the killed run",
+                         f"{f['stored_first_life_batches']} / {f['stored_first_life_rows']}"),
+                        ("rows built by the killed run = stored + unfinished batch + in-memory spool",
+                         f"{k['rows_built']} = {f['stored_first_life_rows']} + {f['lost_rows_unfinished_batch']} + "
+                         f"{f['lost_rows_in_memory_spool']}"),
+                        ("trainer duplicates (resends acknowledged again, not stored)", f["duplicates"]),
+                        ("relay batches forwarded = trainer stored + duplicates + rejects",
+                         f"{f['relay']['relay_forwarded']} = {f['relay']['trainer_counted']}"),
+                        ("SIGSTOP tries to catch the worker part-way through a batch with its spool written",
+                         f["sigstop_attempts"]),
+                        ("rows lost (by design) / lost uncounted", f"{f['lost_rows']} / {f['lost_uncounted']}")]
             elif name == "trainer away":
                 w = f["worker"]
                 rows = [("worker (spool bound 8 batches): rows / batches built", f"{w['rows']} / {w['batches']}"),
@@ -185,8 +224,12 @@ def render(results: dict, info: dict, command: str) -> str:
                         ("batches lost", f["lost"])]
             out += [_table(rows, ("", "")), f"\n({outcome['seconds']} s)\n"]
         out += ["What a SIGKILLed worker loses: only what it alone held, its partly filled batch and spooled batches "
-                "that had not reached the relay (the spool is in memory: `durable_spool` is off here). Everything that reached the relay is "
-                "stored once. Across a trainer crash, batches the killed trainer stored but had not acknowledged are "
+                "that had not reached the relay (the spool is in memory: `durable_spool` is off, the default, in every "
+                "scenario but the one named so). With `durable_spool` on, the spooled batches are on disk and sent "
+                "again by the restarted worker, so it loses only the batch it was still filling; its progress file "
+                "(`state_dir/<worker_id>.progress.json`, logged by the restarted worker) says how many rows that was. "
+                "What the durable spool costs per batch: [tuning.md](tuning.md#durable-spool). Everything that "
+                "reached the relay is stored once. Across a trainer crash, batches the killed trainer stored but had not acknowledged are "
                 "resent and stored by the new trainer; its replay memory starts empty (`save_memory` is off here), so such rows "
                 "are in memory once.", ""]
 
@@ -294,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         results["faults"] = {"relay": run_part("relay SIGKILL + restart", relay_crash),
                              "worker": run_part("worker SIGKILL + restart", worker_crash),
                              "trainer": run_part("trainer SIGKILL + resume", trainer_crash),
-                             "trainer away": run_part("trainer away, bounds overflow", trainer_absent)}
+                             "trainer away": run_part("trainer away, bounds overflow", trainer_absent),
+                             "spool durable": run_part("worker SIGKILL holding unacknowledged batches, durable_spool on",
+                                                       worker_killed_holding_unacknowledged_batches, durable_spool=True),
+                             "spool in memory": run_part("worker SIGKILL holding unacknowledged batches, durable_spool off",
+                                                         worker_killed_holding_unacknowledged_batches,
+                                                         durable_spool=False)}
     if "fuzz" in parts:
         results["fuzz"] = {"relay": run_part("relay fuzz over sockets", relay_fuzz, count=args.fuzz_count),
                            "ingest": run_part("trainer ingest fuzz", ingest_fuzz, count=args.fuzz_count),

@@ -15,7 +15,10 @@ Accounting, per worker id (what "nothing lost, nothing counted twice" means here
   resends included) must equal the trainer's ``batches + duplicates + rejects`` while one trainer process ran.
 
 A worker killed with SIGKILL loses what only it held: its partly filled batch and the batches in its in-memory spool
-that had not reached the relay; everything that reached the relay is accounted for above. A restarted worker never
+that had not reached the relay; everything that reached the relay is accounted for above. With ``durable_spool`` the
+spooled batches are on disk and a restarted worker sends them again, so it loses only its partly filled batch; the
+worker's progress file (``state_dir/<id>.progress.json``) says how many rows that was
+(:func:`worker_killed_holding_unacknowledged_batches`). A restarted worker never
 reuses a seq (its state file reserves blocks of 1000), so the trainer cannot mistake new rows for old ones.
 """
 
@@ -443,7 +446,8 @@ def worker_killed_holding_unacknowledged_batches(root: Path, durable_spool: bool
                 "trainer_batches": stored["batches"], "trainer_steps": stored["steps"],
                 "duplicates": stored["duplicates"], "relay": relay_check, "lost_rows": lost,
                 "lost_rows_unfinished_batch": killed.rows_unfinished,
-                "lost_rows_in_memory_spool": lost - killed.rows_unfinished}
+                "lost_rows_in_memory_spool": lost - killed.rows_unfinished,
+                "lost_uncounted": lost - killed.rows_unfinished - (0 if durable_spool else killed.rows_handed_over)}
     finally:
         for process in p.stack.processes.values():  # a frozen worker must not outlive the scenario
             if process.poll() is None:
