@@ -144,6 +144,15 @@ def test_an_unreadable_spool_file_is_set_aside_counted_and_never_sent(tmp_path):
         "000000000001.batch", "000000000002.batch.unreadable", "000000000003.batch.unreadable", "notes.txt"]
 
 
+def test_a_write_cut_short_by_a_kill_leaves_no_temporary_file_behind_after_the_restart(tmp_path):
+    Spool(max_batches=10, max_bytes=10_000, directory=tmp_path).add(1, [b"e", b"b"])
+    (tmp_path / ".000000000002.batch.k3j9_x.tmp").write_bytes(b"\x92\xc4")  # killed between write and rename
+    (tmp_path / ".notes.tmp").write_text("not the spool's: kept")
+    spool = Spool(max_batches=10, max_bytes=10_000, directory=tmp_path)
+    assert [b.seq for b in spool.pending()] == [1] and spool.counters.unreadable_files == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "000000000001.batch"]
+
+
 def test_a_batch_that_cannot_be_written_stays_in_memory_and_is_counted(tmp_path):
     directory = tmp_path / "spool"
     spool = Spool(max_batches=10, max_bytes=10_000, directory=directory)

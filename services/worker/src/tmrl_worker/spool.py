@@ -10,7 +10,8 @@ With a ``directory`` (``durable_spool = true``), the spool also keeps each batch
 (fsync, then rename) before the batch is first sent, and deleted when it is acknowledged or dropped. A worker that
 restarts with the same directory, after a crash or a SIGKILL, loads those files and resends them; the trainer
 stores each ``(worker, seq)`` once. A file that cannot be read is renamed ``<name>.unreadable``, counted and logged,
-never resent; a failed write is counted and logged, and that batch stays in memory only.
+never resent; a failed write is counted and logged, and that batch stays in memory only. The temporary file of a
+write that a kill cut short (before its rename, so the batch was never sent) is removed at the next start.
 
 :class:`SequenceCounter` hands out ``seq`` numbers that a worker id never reuses, restarts included. It persists a
 *reservation* in a small JSON state file (``{"worker_id": ..., "reserved_until": N}``, written atomically with
@@ -73,6 +74,8 @@ class SpoolCounters:
 
 
 _BATCH_FILE = re.compile(r"^(\d{1,19})\.batch$")
+_UNFINISHED_WRITE = re.compile(r"^\.\d{1,19}\.batch\..+\.tmp$")
+"""A temporary file of ``write_atomically`` that a killed run left before renaming it (never a complete batch)."""
 
 
 class Spool:
@@ -102,6 +105,14 @@ class Spool:
     def _restore(self) -> None:
         """Load the batches a previous run left unacknowledged, oldest seq first."""
         assert self.directory is not None
+        for path in self.directory.iterdir():
+            if _UNFINISHED_WRITE.match(path.name):  # the run was killed while writing it: the batch was never sent
+                try:
+                    path.unlink()
+                    log.info("%s: removed %s, a spool file whose write was cut short by the end of the previous run",
+                             self.owner, path)
+                except OSError as exc:
+                    log.warning("%s: could not remove the unfinished spool file %s: %s", self.owner, path, exc)
         found = sorted((int(m.group(1)), path) for path in self.directory.iterdir()
                        if (m := _BATCH_FILE.match(path.name)))
         for seq, path in found:
