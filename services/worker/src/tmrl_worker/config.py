@@ -68,8 +68,9 @@ class WorkerConfig(BaseModel):
     flush_timeout_s: float = Field(default=10.0, ge=0)
     """At shutdown, wait this long for the last batches to be acknowledged."""
     state_dir: Path = Path("~/.local/state/tmrl/worker")
-    """Holds ``<worker_id>.state.json`` (the sequence-number reservation that keeps ``seq`` unique across restarts)
-    and, with ``durable_spool``, ``<worker_id>.spool/``."""
+    """Holds ``<worker_id>.state.json`` (the sequence-number reservation that keeps ``seq`` unique across restarts),
+    ``<worker_id>.progress.json`` (rewritten after every step; a restarted worker logs what a killed run lost) and,
+    with ``durable_spool``, ``<worker_id>.spool/``."""
 
     # sockets
     transport: TransportConfig = Field(default_factory=TransportConfig)

@@ -375,8 +375,10 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
         stats = loop.run(max_steps=config.max_steps, stop=stop, health_check=health_check)
         if link is not None:
             if not link.flush(timeout=config.flush_timeout_s):
-                log.warning("%s: stopping with %d unacknowledged batch(es) in the spool (lost with this process)",
-                            config.worker_id, link.snapshot()["spool_batches"])
+                fate = (f"kept in {link.spool.directory} for the next run" if link.spool.directory is not None
+                        else "lost with this process; durable_spool keeps them on disk")
+                log.warning("%s: stopping with %d unacknowledged batch(es) in the spool (%s)", config.worker_id,
+                            link.snapshot()["spool_batches"], fate)
             stats.delivery = link.snapshot()
         loop.record_progress(running=False)
         return stats
