@@ -378,13 +378,18 @@ def worker_killed_holding_unacknowledged_batches(root: Path, durable_spool: bool
     spool_dir, progress_file = root / "state" / "w1.spool", root / "state" / "w1.progress.json"
     p = Pipeline(root)
     try:
-        from tmrl_worker.progress import read_progress
+        from tmrl_worker.progress import ProgressFileError, read_progress
+
+        def progress_or_none():  # None before the first record, or for a record read while the worker rewrote it
+            try:
+                return read_progress(progress_file)
+            except ProgressFileError:
+                return None
 
         p.start_worker("w1", "--max-steps", "1000000", "--seed", "1", name="w1-first")
         first = p.stack.processes["w1-first"]
-        p.wait(lambda: progress_file.exists() and (r := read_progress(progress_file)) is not None
-               and r.batches_handed_over >= spooled_batches, 90, f"the worker handing over {spooled_batches} batches",
-               "w1-first")
+        p.wait(lambda: (r := progress_or_none()) is not None and r.batches_handed_over >= spooled_batches, 90,
+               f"the worker handing over {spooled_batches} batches", "w1-first")
         attempts = 0
         while True:
             attempts += 1
@@ -392,9 +397,9 @@ def worker_killed_holding_unacknowledged_batches(root: Path, durable_spool: bool
                                     f"{p.stack.tail('w1-first')}"
             first.send_signal(signal.SIGSTOP)
             wait_stopped(first.pid)
-            record = read_progress(progress_file)
+            record = progress_or_none()  # torn only if the stop caught the worker copying it: try again
             on_disk = spooled_on_disk(spool_dir)
-            if record.rows_unfinished > 0 and (not durable_spool or on_disk[1] == record.rows_handed_over):
+            if record is not None and record.rows_unfinished > 0 and (not durable_spool or on_disk[1] == record.rows_handed_over):
                 break
             first.send_signal(signal.SIGCONT)
             time.sleep(0.005)
