@@ -106,3 +106,25 @@ def test_a_clean_stop_is_not_reported_and_an_unreadable_file_is_overwritten(tmp_
     progress.update(steps=1, resets=1, rows_built=2, rows_handed_over=0, batches_handed_over=0, rows_unfinished=2)
     progress.close()
     assert "holds no progress record" in caplog.text and read_progress(progress_path(tmp_path, "w8")).steps == 1
+
+
+def test_a_new_progress_file_holds_a_record_from_the_start(tmp_path):
+    # the first record is a real write (the page is backed on disk before it is mapped, so a full disk shows up as an
+    # OSError at start and never as a SIGBUS on a later step)
+    progress = ProgressFile(tmp_path / "w.progress.json")
+    try:
+        record = read_progress(tmp_path / "w.progress.json")
+        assert record.running and (record.steps, record.resets, record.rows_built) == (0, 0, 0)
+    finally:
+        progress.close()
+
+
+def test_a_progress_file_that_cannot_be_written_is_logged_and_the_rollouts_go_on(tmp_path, caplog):
+    blocked = tmp_path / "w.progress.json"
+    blocked.mkdir()  # a directory where the file should be: opening it for writing fails
+    with caplog.at_level(logging.WARNING, logger="tmrl_worker.progress"):
+        progress = ProgressFile(blocked)
+    progress.update(steps=3, resets=1, rows_built=4, rows_handed_over=0, batches_handed_over=0, rows_unfinished=4)
+    progress.close()
+    assert blocked.is_dir()
+    assert any("cannot be written" in r.getMessage() and "no progress record" in r.getMessage() for r in caplog.records)

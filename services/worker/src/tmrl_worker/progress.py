@@ -18,12 +18,15 @@ had built and what it lost (see :func:`describe_unclean_stop`) before it overwri
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+log = logging.getLogger(__name__)
 
 RECORD_BYTES = 512
 """Fixed size of the record on disk (JSON padded with spaces): each update overwrites the whole previous one."""
@@ -88,26 +91,40 @@ class ProgressFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
-        try:
-            os.ftruncate(descriptor, RECORD_BYTES)
-            self._map: mmap.mmap | None = mmap.mmap(descriptor, RECORD_BYTES, access=mmap.ACCESS_WRITE)
-        finally:
-            os.close(descriptor)  # the mapping keeps the file
         self._pid = os.getpid()
         self._started_at = time.time()
+        self._map: mmap.mmap | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+            try:
+                # a real write first: the page is then backed on disk, so a full disk fails here, with an OSError,
+                # and never later as a SIGBUS when the mapped page is written (which is what a sparse page would risk)
+                first = self._record(0, 0, 0, 0, 0, 0, running=True)
+                if os.write(descriptor, first) != RECORD_BYTES:
+                    raise OSError(f"short write of the first {RECORD_BYTES}-byte record")
+                self._map = mmap.mmap(descriptor, RECORD_BYTES, access=mmap.ACCESS_WRITE)
+            finally:
+                os.close(descriptor)  # the mapping keeps the file
+        except OSError as exc:  # the record is a report, not the data: rollouts go on without it
+            log.warning("progress file %s cannot be written (%s); this run keeps no progress record", self.path, exc)
 
-    def update(self, steps: int, resets: int, rows_built: int, rows_handed_over: int, batches_handed_over: int,
-               rows_unfinished: int, running: bool = True) -> None:
-        if self._map is None:
-            return
+    def _record(self, steps: int, resets: int, rows_built: int, rows_handed_over: int, batches_handed_over: int,
+                rows_unfinished: int, running: bool) -> bytes:
         text = _FORMAT % (self._pid, self._started_at, time.time(), b"true" if running else b"false", steps, resets,
                           rows_built, rows_handed_over, batches_handed_over, rows_unfinished)
         record = text.ljust(RECORD_BYTES - 1) + b"\n"
         if len(record) > RECORD_BYTES:  # ~250 bytes of JSON with 19-digit counters: cannot happen
             raise ValueError(f"progress record over {RECORD_BYTES} bytes: {text!r}")
-        self._map[:] = record  # a copy into the shared page: no system call, so the GIL stays with the rollout loop
+        return record
+
+    def update(self, steps: int, resets: int, rows_built: int, rows_handed_over: int, batches_handed_over: int,
+               rows_unfinished: int, running: bool = True) -> None:
+        if self._map is None:
+            return
+        # a copy into the shared page: no system call, so the GIL stays with the rollout loop
+        self._map[:] = self._record(steps, resets, rows_built, rows_handed_over, batches_handed_over, rows_unfinished,
+                                    running)
 
     def close(self) -> None:
         """Stop updating (the last record stays in the file)."""
