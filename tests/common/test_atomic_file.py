@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 
 import pytest
@@ -29,3 +30,22 @@ def test_a_failed_write_keeps_the_old_content_and_leaves_no_temporary(tmp_path):
         write_atomically(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_the_directory_is_synced_after_the_rename_so_the_new_name_survives_a_power_cut(tmp_path, monkeypatch):
+    synced: list[tuple[str, bool]] = []  # (what was synced, was it a directory), in order
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        synced.append(("fsync", stat.S_ISDIR(os.fstat(descriptor).st_mode)))
+        real_fsync(descriptor)
+
+    def recording_replace(source, destination):
+        synced.append(("replace", False))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_atomically(tmp_path / "checkpoint.safetensors", b"tensors")
+    directory_sync = [("fsync", True)] if os.name == "posix" else []  # NTFS journals the rename itself
+    assert synced == [("fsync", False), ("replace", False), *directory_sync]
