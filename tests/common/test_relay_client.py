@@ -197,3 +197,26 @@ def test_send_outside_the_loop_says_so(context):
     client, _, _ = make_client(context, unused_port(context))
     with pytest.raises(RuntimeError, match="outside the test thread's loop"):
         client.send([b"too early"])
+
+
+def test_wake_runs_the_next_turn_at_once_instead_of_at_the_end_of_the_poll(context):
+    router, port = bind_router(context)
+    client, link, _ = make_client(context, port, poll_ms=3000)
+    client.start()
+    try:
+        assert receive(router)[1] == [b"hello"]
+        wait_for(lambda: link.turns >= 1)
+        time.sleep(0.2)  # the loop is now inside a 3 s poll
+        turns = link.turns
+        woken_at = time.monotonic()
+        client.wake()
+        wait_for(lambda: link.turns > turns, 2.0)
+        assert time.monotonic() - woken_at < 1.0  # far less than the 3 s poll it cut short
+        for _ in range(10_000):  # wake-ups pile up faster than the loop turns: none blocks, none raises
+            client.wake()
+        wait_for(lambda: link.turns > turns + 1, 2.0)
+    finally:
+        client.stop()
+        router.close(linger=0)
+    assert not client.is_alive()
+    client.wake()  # after the loop ended (its socket pair closed): a no-op

@@ -9,7 +9,8 @@ that loop through four callables, each called on the client's thread:
 * ``on_message(frames)`` for every message received (multipart frames, not decoded: decoding and counting bad
   messages is the link's business, since what counts as bad depends on the link); at most ``max_receive_per_turn``
   messages are read per turn, so a flood cannot starve the link's sends and heartbeats;
-* ``on_turn()`` once per loop turn (about every ``poll_ms``), connected or not: spool, send what is due...;
+* ``on_turn()`` once per loop turn (about every ``poll_ms``, and at once after :meth:`RelayClient.wake`), connected
+  or not: spool, send what is due...;
 * ``send_heartbeat()`` every ``heartbeat_interval_s`` while connected.
 
 The callables send with :meth:`RelayClient.send`, which never blocks: a send refused by ZeroMQ (high-water mark
@@ -30,6 +31,7 @@ Typical use (inside a link)::
 from __future__ import annotations
 
 import logging
+import socket as _socketlib
 import threading
 import time
 from collections.abc import Callable
@@ -95,6 +97,10 @@ class RelayClient:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._failure: BaseException | None = None
+        # a local socket pair the loop polls beside ZeroMQ: a byte written by wake() ends the current poll at once
+        self._wake_reader, self._wake_writer = _socketlib.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
         self._thread = threading.Thread(target=self._run, name=f"{owner_id}-{thread_role}", daemon=True)
 
     # ------------------------------------------------------------------------------------------------ owner side
@@ -110,6 +116,17 @@ class RelayClient:
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def wake(self) -> None:
+        """Run the next turn now instead of at the end of the current poll (any thread; never blocks). A link calls
+        it when it hands work to the loop, e.g. a worker's new batch, so the batch is spooled and sent within about a
+        millisecond rather than up to ``poll_ms`` later."""
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass  # the pair's buffer is full: a wake-up is pending already
+        except OSError:
+            pass  # the loop has ended and closed the pair: there is no turn left to run
 
     @property
     def connected(self) -> bool:
@@ -154,6 +171,7 @@ class RelayClient:
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
+        poller.register(self._wake_reader, zmq.POLLIN)
         next_heartbeat = time.monotonic() + self.heartbeat_interval_s
         try:
             while not self._stop.is_set():
@@ -162,6 +180,8 @@ class RelayClient:
                     self._on_monitor(monitor)
                 if socket in events:
                     self._receive(socket)
+                if self._wake_reader.fileno() in events:
+                    self._drain_wake_ups()
                 self._on_turn()
                 if self._connected.is_set():
                     now = time.monotonic()
@@ -174,6 +194,16 @@ class RelayClient:
             socket.disable_monitor()
             monitor.close(linger=0)
             socket.close()
+            self._wake_reader.close()
+            self._wake_writer.close()
+
+    def _drain_wake_ups(self) -> None:
+        while True:
+            try:
+                if not self._wake_reader.recv(4096):
+                    return
+            except (BlockingIOError, InterruptedError):
+                return
 
     def _on_monitor(self, monitor: zmq.Socket) -> None:
         while monitor.poll(0):

@@ -92,6 +92,7 @@ class RelayLink:
         if len(builder):
             self._submitted += 1
             self._inbox.put((builder, weights_version))
+            self._client.wake()  # spooled (on disk with durable_spool) now, not at the end of the sender's poll
 
     @property
     def connected(self) -> bool:
