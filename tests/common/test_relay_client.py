@@ -220,3 +220,10 @@ def test_wake_runs_the_next_turn_at_once_instead_of_at_the_end_of_the_poll(conte
         router.close(linger=0)
     assert not client.is_alive()
     client.wake()  # after the loop ended (its socket pair closed): a no-op
+
+
+def test_a_client_stopped_without_starting_closes_its_wake_up_pair(context):
+    client, _, _ = make_client(context, unused_port(context))
+    client.stop()
+    assert client._wake_reader.fileno() == client._wake_writer.fileno() == -1
+    client.wake()  # a no-op, not an error

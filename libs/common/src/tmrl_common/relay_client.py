@@ -113,6 +113,9 @@ class RelayClient:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        elif self._thread.ident is None:  # never started: no loop will close the wake-up pair
+            self._wake_reader.close()
+            self._wake_writer.close()
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
