@@ -157,10 +157,8 @@ class RolloutStats:
     step_seconds: float = 0.0
     """Total wall time spent inside ``env.step`` + inference, for steps/s reports."""
     resets: int = 0
-    rows_built: int = 0
-    """Rows added to sample builders (one per reset and per step; 0 without a sample sink)."""
     rows_handed_over: int = 0
-    """Rows in the batches handed to the sink; ``rows_built`` minus these are in the batch being filled."""
+    """Rows in the batches handed to the sink (the batch being filled holds the rest of the rows built)."""
     delivery: dict[str, int] = field(default_factory=dict)
     """The sender thread's counters at the end (:meth:`RelayLink.snapshot`); empty in test mode."""
 
@@ -228,16 +226,16 @@ class RolloutLoop:
         self.stats.resets += 1
         if self.sink is not None:
             self._builder.add_reset(observation, self.env.default_action)
-            self.stats.rows_built += 1
         return observation
 
     def record_progress(self, running: bool = True) -> None:
-        """Write the progress record (no-op without a progress file)."""
+        """Write the progress record (no-op without a progress file). Rows built are those handed over plus those of
+        the batch being filled (the record's readers check them against ``steps + resets``)."""
         if self.progress is not None:
-            stats = self.stats
-            self.progress.update(steps=stats.steps, resets=stats.resets, rows_built=stats.rows_built,
+            stats, unfinished = self.stats, len(self._builder)
+            self.progress.update(steps=stats.steps, resets=stats.resets, rows_built=stats.rows_handed_over + unfinished,
                                  rows_handed_over=stats.rows_handed_over, batches_handed_over=stats.batches_submitted,
-                                 rows_unfinished=len(self._builder), running=running)
+                                 rows_unfinished=unfinished, running=running)
 
     def _report(self, seconds: float, steps: int) -> None:
         recent = self.stats.recent_returns
@@ -273,7 +271,6 @@ class RolloutLoop:
                 self.stats.episode_return += reward
                 if self.sink is not None:
                     self._builder.add_step(action, observation, reward, terminated, truncated)
-                    self.stats.rows_built += 1
                 done = terminated or truncated
                 if done or len(self._builder) >= self.batch_steps:
                     self._flush()
