@@ -48,7 +48,6 @@ class TrainerLink:
         self.trainer_id = trainer_id
         self.endpoint = RelayEndpoint(host, port, transport, security)
         self.ingestor = ingestor
-        self.heartbeat_interval_s = heartbeat_interval_s
         self.counters = TrainerLinkCounters()
         self._lock = threading.Lock()
         self._pending_weights: WeightsUpdate | None = None

@@ -70,7 +70,6 @@ class RelayLink:
         self.sequence = sequence
         self.spool = spool
         self.ack_timeout_s = ack_timeout_s
-        self.heartbeat_interval_s = heartbeat_interval_s
         self.counters = LinkCounters()
         self._inbox: queue.SimpleQueue[tuple[SampleBatchBuilder, int]] = queue.SimpleQueue()
         self._submitted = 0  # builders handed over by submit(); written by the rollout thread only
