@@ -13,6 +13,10 @@ that loop through four callables, each called on the client's thread:
   or not: spool, send what is due...;
 * ``send_heartbeat()`` every ``heartbeat_interval_s`` while connected.
 
+A connection that fails its handshake (key not allow-listed, wrong ``--server-key``, ``--insecure`` on one side only)
+or a relay that never answers is diagnosed by a :class:`~tmrl_common.handshake.HandshakeWatch` (``client.handshake``):
+one error line within seconds naming the cause and the fix; a socket libzmq gave up on is rebuilt every ``retry_s``.
+
 The callables send with :meth:`RelayClient.send`, which never blocks: a send refused by ZeroMQ (high-water mark
 reached, no peer) is counted in ``counters.send_blocked`` and reported as ``False``. Connections and disconnections
 (from the socket monitor) are counted in ``counters.connections`` / ``counters.disconnections`` and logged. The sockets
@@ -40,12 +44,14 @@ from typing import Protocol
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from tmrl_common.handshake import WATCHED_EVENTS, HandshakeWatch
 from tmrl_common.sockets import RelayEndpoint
 
 log = logging.getLogger(__name__)
 
-MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-"""What the client watches: a handshake done is a (re)connection, a disconnection is the relay gone (for now)."""
+MONITOR_EVENTS = WATCHED_EVENTS
+"""What the client watches: a handshake done is a (re)connection, a disconnection is the relay gone (for now), TCP
+connections and failed handshakes feed the :class:`~tmrl_common.handshake.HandshakeWatch`."""
 
 
 class ConnectionCounters(Protocol):
@@ -71,13 +77,15 @@ class RelayClient:
         on_turn: Callable[[], None],
         send_heartbeat: Callable[[], None],
         while_away: str = "waiting for it to come back",
+        role: str = "worker",
         heartbeat_interval_s: float = 2.0,
         poll_ms: int = 20,
         max_receive_per_turn: int = 1000,
         context: zmq.Context | None = None,
     ) -> None:
         """``owner_id`` (worker or trainer id) and ``thread_role`` ("sender", "ingest") name the thread and start every
-        log line; ``while_away`` ends the ``lost the relay connection`` warning (what the link does meanwhile)."""
+        log line; ``while_away`` ends the ``lost the relay connection`` warning (what the link does meanwhile); ``role``
+        ("worker" or "trainer") names the allow-list in the advice logged when the relay refuses this client's key."""
         if max_receive_per_turn < 1:
             raise ValueError(f"max_receive_per_turn must be at least 1, got {max_receive_per_turn}")
         self.owner_id = owner_id
@@ -92,6 +100,8 @@ class RelayClient:
         self._on_message = on_message
         self._on_turn = on_turn
         self._send_heartbeat = send_heartbeat
+        # the relay answers every heartbeat: nothing back after a few intervals means it drops what we send
+        self.handshake = HandshakeWatch(owner_id, endpoint, role, reply_timeout_s=max(5.0, 3 * heartbeat_interval_s))
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
         self._stop = threading.Event()
@@ -166,15 +176,28 @@ class RelayClient:
             log.exception("%s: %s thread stopped on an unexpected error", self.owner_id, self.thread_role)
             self._failure = exc
 
-    def _loop(self) -> None:
+    def _open(self, poller: zmq.Poller) -> tuple[zmq.Socket, zmq.Socket]:
         # the monitor is attached before connect(): the first handshake's event must not be missed
         socket, monitor = self.endpoint.connect(self._context, zmq.DEALER, MONITOR_EVENTS)
         assert monitor is not None
         self._socket = socket
-        poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
+        return socket, monitor
+
+    def _close(self, poller: zmq.Poller, socket: zmq.Socket, monitor: zmq.Socket) -> None:
+        self._connected.clear()
+        self._socket = None
+        poller.unregister(socket)
+        poller.unregister(monitor)
+        socket.disable_monitor()
+        monitor.close(linger=0)
+        socket.close()
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
         poller.register(self._wake_reader, zmq.POLLIN)
+        socket, monitor = self._open(poller)
         next_heartbeat = time.monotonic() + self.heartbeat_interval_s
         try:
             while not self._stop.is_set():
@@ -185,6 +208,10 @@ class RelayClient:
                     self._receive(socket)
                 if self._wake_reader.fileno() in events:
                     self._drain_wake_ups()
+                self.handshake.check()
+                if self.handshake.due_for_new_socket():  # libzmq never reconnects a refused socket: a new one
+                    self._close(poller, socket, monitor)
+                    socket, monitor = self._open(poller)
                 self._on_turn()
                 if self._connected.is_set():
                     now = time.monotonic()
@@ -192,11 +219,7 @@ class RelayClient:
                         self._send_heartbeat()
                         next_heartbeat = now + self.heartbeat_interval_s
         finally:
-            self._connected.clear()
-            self._socket = None
-            socket.disable_monitor()
-            monitor.close(linger=0)
-            socket.close()
+            self._close(poller, socket, monitor)
             self._wake_reader.close()
             self._wake_writer.close()
 
@@ -210,7 +233,9 @@ class RelayClient:
 
     def _on_monitor(self, monitor: zmq.Socket) -> None:
         while monitor.poll(0):
-            event = recv_monitor_message(monitor)["event"]
+            message = recv_monitor_message(monitor)
+            event = message["event"]
+            self.handshake.on_event(event, message["value"])
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.counters.connections += 1
                 detail = self._on_connected()
@@ -229,4 +254,5 @@ class RelayClient:
                 frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
+            self.handshake.heard_from_relay()
             self._on_message(frames)

@@ -56,7 +56,7 @@ class TrainerLink:
         self._client = RelayClient(
             trainer_id, "ingest", self.endpoint, self.counters, on_connected=self._say_hello,
             on_message=self._on_message, on_turn=self._on_turn, send_heartbeat=self._send_heartbeat,
-            while_away="waiting for it to come back", heartbeat_interval_s=heartbeat_interval_s, poll_ms=_POLL_MS,
+            while_away="waiting for it to come back", role="trainer", heartbeat_interval_s=heartbeat_interval_s, poll_ms=_POLL_MS,
             context=context,
         )
 

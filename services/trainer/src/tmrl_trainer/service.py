@@ -299,7 +299,8 @@ class TrainerService:
                             for name, w in snapshot["workers"].items())
         log.info("%d updates, weights version %d, %d samples received (%d duplicates, %d rejected); %s",
                  self.learner.updates, self.weights_version, self.rows_received, snapshot["duplicates"],
-                 sum(snapshot["rejects"].values()), workers or "no worker yet")
+                 sum(snapshot["rejects"].values()),
+                 workers or ("no worker yet" if self.link.connected else "not connected to the relay (errors above say why)"))
 
     def _may_update(self) -> bool:
         sac = self.config.sac

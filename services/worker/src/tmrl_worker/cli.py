@@ -84,6 +84,9 @@ def run(
         summary += (f"; delivery: {delivery['steps_submitted']} rows in {delivery['batches_built']} batches, "
                     f"{delivery['spool_acked']} acknowledged, {delivery['spool_resent']} resent, "
                     f"{delivery['spool_dropped']} dropped, {delivery['spool_batches']} unacknowledged")
+        if delivery.get("handshake_refused"):
+            summary += (f"; the relay refused this worker's key {delivery['handshake_refused']} time(s): "
+                        "allow it with `tmrl-relay keys add` on the relay host")
     typer.echo(summary, err=True)
 
 

@@ -101,11 +101,12 @@ class RelayLink:
         return self._client.wait_connected(timeout)
 
     def snapshot(self) -> dict[str, int]:
-        """Counters of the link and the spool, plus the spool's current size."""
+        """Counters of the link, the spool (and its current size) and the handshake watch (``handshake_refused``...)."""
         with self._lock:
             values = {**asdict(self.counters), **{f"spool_{k}": v for k, v in asdict(self.spool.counters).items()}}
             values["spool_batches"] = len(self.spool)
             values["spool_bytes"] = self.spool.nbytes
+        values.update({f"handshake_{k}": v for k, v in asdict(self._client.handshake.counters).items()})
         return values
 
     def flush(self, timeout: float) -> bool:

@@ -3,6 +3,10 @@
 The rollout loop calls :meth:`WeightsFeed.take_latest` between two steps: it returns the newest prepared
 ``(version, actor)`` at most once (or ``None``), which costs a lock and a pointer swap, never network I/O or
 network construction. Older versions and malformed updates are counted and skipped, never crash the worker.
+
+A refused key stops libzmq from ever reconnecting the SUB socket: its :class:`~tmrl_common.handshake.HandshakeWatch`
+(silent: the sender thread's watch logs the advice for the same key) has it rebuilt every ``retry_s``, so weights
+flow as soon as the key is allowed.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from dataclasses import dataclass
 
 import zmq
 from tmrl_common.errors import ProtocolError
+from tmrl_common.handshake import WATCHED_EVENTS, HandshakeWatch
 from tmrl_common.networks import Actor, actor_from_weights_update
 from tmrl_common.protocol import DecodeLimits, WeightsUpdate, decode
 from tmrl_common.sockets import RelayEndpoint
+from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,7 @@ class WeightsFeed:
         self._newest_version = -1
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.handshake = HandshakeWatch(worker_id, endpoint, "worker", report=False) if endpoint is not None else None
 
     # ---------------------------------------------------------------------------------------- rollout-thread side
 
@@ -101,10 +108,16 @@ class WeightsFeed:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        assert self.endpoint is not None
-        socket, _ = self.endpoint.connect(self._context, zmq.SUB, before_connect=self._configure_sub)
+        assert self.endpoint is not None and self.handshake is not None
+        socket, monitor = self._connect()
         try:
             while not self._stop.is_set():
+                while monitor.poll(0):
+                    event = recv_monitor_message(monitor)
+                    self.handshake.on_event(event["event"], event["value"])
+                if self.handshake.due_for_new_socket():  # a refused SUB is never reconnected by libzmq
+                    self._close(socket, monitor)
+                    socket, monitor = self._connect()
                 if not socket.poll(_POLL_MS):
                     continue
                 newest = None
@@ -127,7 +140,19 @@ class WeightsFeed:
                     self.counters.rejected += 1
                     log.exception("%s: could not prepare weights version %d", self.worker_id, newest.version)
         finally:
-            socket.close()
+            self._close(socket, monitor)
+
+    def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
+        assert self.endpoint is not None
+        socket, monitor = self.endpoint.connect(self._context, zmq.SUB, WATCHED_EVENTS, before_connect=self._configure_sub)
+        assert monitor is not None
+        return socket, monitor
+
+    @staticmethod
+    def _close(socket: zmq.Socket, monitor: zmq.Socket) -> None:
+        socket.disable_monitor()
+        monitor.close(linger=0)
+        socket.close()
 
     @staticmethod
     def _configure_sub(socket: zmq.Socket) -> None:

@@ -1,0 +1,172 @@
+"""Why a client cannot reach the relay: read from its socket's monitor events, said in one error line with the fix.
+
+CurveZMQ gives a refused client no message of its own: its ``hello`` simply goes nowhere. The socket monitor tells
+the cases apart (measured with libzmq 4.3.5):
+
+* ``HANDSHAKE_FAILED_AUTH`` (status 400): the relay's ZAP handler refused this client's public key: it is not in the
+  allow-list (workers: ``<allow-dir>``, trainers: ``<allow-dir>/trainers``);
+* ``HANDSHAKE_FAILED_PROTOCOL``: the two sides speak different mechanisms: one runs ``--insecure``, the other CurveZMQ;
+* ``HANDSHAKE_FAILED_NO_DETAIL``, again and again: the relay drops the connection during the handshake because it
+  cannot read our ``HELLO``: ``--server-key`` is not the public key of the relay's ``--secret-key``;
+* TCP connected but no handshake after ``handshake_timeout_s``: whatever listens there is not answering ZMTP;
+* handshake done, but nothing at all from the relay after ``reply_timeout_s`` (it answers every heartbeat): the relay
+  drops what we send (its log and ``tmrl_relay_rejects_total`` say why).
+
+After the first two, libzmq never reconnects that socket: :meth:`HandshakeWatch.due_for_new_socket` tells its owner to
+build a new one after ``retry_s``, so a key allowed later (``tmrl-relay keys add``) is picked up without a restart.
+
+:class:`HandshakeWatch` only reads events and logs; the owner (:class:`~tmrl_common.relay_client.RelayClient`, the
+worker's weights feed) feeds it every monitor event and asks it once per loop turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from tmrl_common.curve import PUBLIC_SUFFIX, SECRET_SUFFIX
+from tmrl_common.sockets import RelayEndpoint, tcp_endpoint
+
+log = logging.getLogger(__name__)
+
+WATCHED_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+"""Monitor events a client socket must report for :class:`HandshakeWatch`."""
+
+FAILURE_KINDS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "mechanism",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "dropped",
+}
+
+
+@dataclass
+class HandshakeCounters:
+    """Failed handshakes by kind: ``refused`` (key not allow-listed), ``mechanism`` (plain text against CurveZMQ),
+    ``dropped`` (the relay could not read our handshake), ``silent`` (TCP up, no handshake in time), ``unanswered``
+    (handshake done, no reply in time); ``new_sockets``: sockets rebuilt after libzmq gave one up."""
+
+    refused: int = 0
+    mechanism: int = 0
+    dropped: int = 0
+    silent: int = 0
+    unanswered: int = 0
+    new_sockets: int = 0
+
+
+class HandshakeWatch:
+    """Diagnoses one client socket's failed handshakes from its monitor events (see the module docstring).
+
+    ``role`` ("worker" or "trainer") picks the allow-list named in the advice; ``report`` False counts without
+    logging (a second socket of the same client, whose first socket already says it); ``reply_timeout_s`` None: no
+    reply is expected (a SUB socket), else :meth:`heard_from_relay` is called on every message received."""
+
+    def __init__(self, owner_id: str, endpoint: RelayEndpoint, role: str, *, handshake_timeout_s: float = 5.0,
+                 reply_timeout_s: float | None = None, retry_s: float = 10.0, report_every_s: float = 30.0,
+                 report: bool = True) -> None:
+        self.owner_id = owner_id
+        self.endpoint = endpoint
+        self.role = role
+        self.handshake_timeout_s = handshake_timeout_s
+        self.reply_timeout_s = reply_timeout_s
+        self.retry_s = retry_s
+        self.report_every_s = report_every_s
+        self.report = report
+        self.counters = HandshakeCounters()
+        self._tcp_since: float | None = None  # TCP connected, handshake not done yet
+        self._dead_since: float | None = None  # libzmq gave this socket up (refused, mechanism)
+        self._quiet_since: float | None = None  # handshake done, nothing received since
+        self._last_report: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------------- events
+
+    def on_event(self, event: int, value: int = 0, now: float | None = None) -> None:
+        """Feed one monitor event (``zmq.EVENT_*``) of the watched socket."""
+        now = time.monotonic() if now is None else now
+        if event == zmq.EVENT_CONNECTED:
+            self._tcp_since = now
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._tcp_since = None
+            self._quiet_since = now
+            self._last_report.clear()  # a later failure is news again
+        elif event in FAILURE_KINDS:
+            kind = FAILURE_KINDS[event]
+            setattr(self.counters, kind, getattr(self.counters, kind) + 1)
+            self._tcp_since = None
+            if kind in ("refused", "mechanism"):
+                self._dead_since = now
+            self._say(kind, now)
+
+        elif event == zmq.EVENT_DISCONNECTED:
+            self._tcp_since = self._quiet_since = None
+
+    def heard_from_relay(self) -> None:
+        """A message arrived: the relay answers."""
+        self._quiet_since = None
+
+    def check(self, now: float | None = None) -> None:
+        """Call once per loop turn: reports a connection without a handshake, or a relay that never answers."""
+        now = time.monotonic() if now is None else now
+        if self._tcp_since is not None and now - self._tcp_since >= self.handshake_timeout_s:
+            self.counters.silent += 1
+            self._tcp_since = None
+            self._say("silent", now)
+        if (self.reply_timeout_s is not None and self._quiet_since is not None
+                and now - self._quiet_since >= self.reply_timeout_s):
+            self.counters.unanswered += 1
+            self._quiet_since = None
+            self._say("unanswered", now)
+
+    def due_for_new_socket(self, now: float | None = None) -> bool:
+        """True once, ``retry_s`` after libzmq gave the socket up (it never reconnects after a refusal): the owner
+        closes it and connects a new one, counted in ``counters.new_sockets``."""
+        now = time.monotonic() if now is None else now
+        if self._dead_since is None or now - self._dead_since < self.retry_s:
+            return False
+        self._dead_since = None
+        self.counters.new_sockets += 1
+        return True
+
+    # ------------------------------------------------------------------------------------------------ advice
+
+    def advice(self, kind: str) -> str:
+        """The error line for a failure ``kind``: what is wrong, the likely cause, the command that fixes it."""
+        where = tcp_endpoint(self.endpoint.host, self.endpoint.port)
+        if kind == "refused":
+            allow = "ALLOW/trainers" if self.role == "trainer" else "ALLOW"
+            return (f"the relay at {where} refused this {self.role}'s key: {self._public_key_file()} is not in its "
+                    f"{self.role} allow-list. On the relay host run `tmrl-relay keys add {self._public_key_file().name} "
+                    f"--allow-dir {allow}` (ALLOW: the relay's --allow-dir); retrying every {self.retry_s:.0f}s")
+        if kind == "mechanism":
+            mine = "plain text (--insecure)" if self.endpoint.security.insecure else "CurveZMQ"
+            theirs = "CurveZMQ" if self.endpoint.security.insecure else "plain text (--insecure)"
+            return (f"the relay at {where} speaks {theirs}, this {self.role} {mine}: run both with --insecure or both "
+                    f"with keys; retrying every {self.retry_s:.0f}s")
+        if kind == "dropped":
+            return (f"the relay at {where} drops the CurveZMQ handshake: --server-key "
+                    f"({self.endpoint.security.server_public_key_file}) is most likely not the public key of the "
+                    "relay's --secret-key (copy the relay's relay.key again); retrying")
+        if kind == "unanswered":
+            return (f"connected to {where}, but the relay has not answered our hello and heartbeats for "
+                    f"{self.reply_timeout_s:.0f}s: it drops what this {self.role} sends; its log (and "
+                    "tmrl_relay_rejects_total) says why, e.g. a worker key on the trainer port")
+        return (f"connected to {where}, but no handshake after {self.handshake_timeout_s:.0f}s: is a tmrl relay "
+                "listening on that port (not another service, not the relay's weights or metrics port)?")
+
+    def _public_key_file(self) -> Path:
+        secret = self.endpoint.security.secret_key_file
+        if secret is None:
+            return Path(f"{self.owner_id}{PUBLIC_SUFFIX}")
+        name = secret.name.removesuffix(SECRET_SUFFIX) if secret.name.endswith(SECRET_SUFFIX) else secret.stem
+        return secret.with_name(f"{name}{PUBLIC_SUFFIX}")
+
+    def _say(self, kind: str, now: float) -> None:
+        if not self.report or now - self._last_report.get(kind, float("-inf")) < self.report_every_s:
+            return
+        self._last_report[kind] = now
+        log.error("%s: %s", self.owner_id, self.advice(kind))
