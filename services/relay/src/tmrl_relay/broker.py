@@ -41,6 +41,7 @@ from zmq.utils.monitor import parse_monitor_message
 from tmrl_relay import __version__
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head
+from tmrl_relay.keys import role_allowlist_dir
 from tmrl_relay.metrics import RelayMetrics
 from tmrl_relay.peers import Peer, PeerTable
 from tmrl_relay.pending import PendingBatch, PendingBatches
@@ -95,13 +96,16 @@ class _RateLimitedLog:
         self._last: dict[Any, tuple[float, int]] = {}
 
     def warning(self, key: Any, message: str, *args: Any) -> None:
+        self.log(logging.WARNING, key, message, *args)
+
+    def log(self, level: int, key: Any, message: str, *args: Any) -> None:
         now = time.monotonic()
         if len(self._last) > 4096:  # keys may carry peer-chosen ids: stay bounded
             self._last.clear()
         last, suppressed = self._last.get(key, (float("-inf"), 0))
         if now - last >= self.interval_s:
             suffix = f" (+{suppressed} similar in the last {self.interval_s:.0f}s)" if suppressed else ""
-            log.warning(message + suffix, *args)
+            log.log(level, message + suffix, *args)
             self._last[key] = (now, 0)
         else:
             self._last[key] = (last, suppressed + 1)
@@ -196,7 +200,10 @@ class Relay:
     def _allowlist_domains(self) -> dict[str, Path]:
         shared = self.config.security.allowlist_dir
         assert shared is not None
-        trainer = self.config.trainer_allowlist_dir or shared
+        trainer = self.config.trainer_allowlist_dir
+        if trainer is None:  # <allow-dir>/trainers (what `keys init` writes); an allow-dir without one serves both
+            trainer = role_allowlist_dir(shared, "trainer")
+            trainer = trainer if trainer.is_dir() else shared
         return {ZAP_DOMAINS["workers"]: shared, ZAP_DOMAINS["weights"]: shared, ZAP_DOMAINS["trainer"]: trainer}
 
     def _router(self, link: str, port: int) -> zmq.Socket:
@@ -618,7 +625,8 @@ class Relay:
         cap (:meth:`RelayConfig.socket_frame_cap`), which ZeroMQ drops unread together with the connection. Either way
         it is counted and logged here, so an oversized frame never goes unseen."""
         self.metrics.disconnects.labels(link=link).inc()
-        self._rate_log.warning(("disconnect", link), "%s link: connection from %s closed (the peer left, or sent a "
+        # INFO: a peer leaving is routine (a worker stopped, a trainer restarted); the oversized case is counted too
+        self._rate_log.log(logging.INFO, ("disconnect", link), "%s link: connection from %s closed (the peer left, or sent a "
                                "frame over the %d-byte cap, which ZeroMQ drops unread)", link,
                                endpoint.decode(errors="replace"),
                                _SUBSCRIPTION_FRAME_CAP if link == "weights" else self.config.socket_frame_cap())

@@ -54,7 +54,8 @@ class RelayConfig(BaseModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     """``secret_key_file`` (the relay's pair) and ``allowlist_dir`` (clients' public keys), or ``insecure = true``."""
     trainer_allowlist_dir: Path | None = None
-    """Keys allowed on the trainer socket, which can publish weights to every worker. Unset: ``security.allowlist_dir``.
+    """Keys allowed on the trainer socket, which can publish weights to every worker. Unset: ``<allowlist_dir>/trainers``
+    (where ``keys init`` puts the trainer's key) when that folder exists, else ``security.allowlist_dir`` itself.
     Keeping trainer keys apart means a stolen worker key cannot publish weights."""
 
     @model_validator(mode="after")

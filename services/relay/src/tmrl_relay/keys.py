@@ -1,13 +1,25 @@
-"""``tmrl-relay keys ...``: CurveZMQ key pairs and the relay's allow-list (thin commands over :mod:`tmrl_common.curve`)."""
+"""``tmrl-relay keys ...``: CurveZMQ key pairs and the relay's allow-list (thin commands over :mod:`tmrl_common.curve`).
+
+Allow-list layout (one directory, ``--allow-dir``): worker keys are ``<allow-dir>/NAME.key``, trainer keys are
+``<allow-dir>/trainers/NAME.key`` (:func:`role_allowlist_dir`), so a worker's key never opens the trainer socket,
+which can publish weights to every worker. :func:`write_local_setup` makes every pair and entry of a one-machine
+setup (``tmrl-relay keys init``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import typer
 from tmrl_common.config import load_config
 from tmrl_common.curve import (
+    PUBLIC_SUFFIX,
+    SECRET_SUFFIX,
+    AllowedKey,
     KeyFileError,
+    KeyPairFiles,
     allow_public_key,
     generate_key_pair,
     list_allowed_keys,
@@ -16,6 +28,60 @@ from tmrl_common.curve import (
 from tmrl_common.errors import ConfigError
 
 keys_app = typer.Typer(help="CurveZMQ keys: generate key pairs, manage the relay's allow-list.", no_args_is_help=True)
+
+KeyRole = Literal["worker", "trainer"]
+TRAINER_ALLOWLIST_SUBDIR = "trainers"
+"""Trainer keys live in ``<allow-dir>/trainers/``: the relay's default trainer allow-list."""
+RELAY_KEY_NAME = "relay"
+
+
+def role_allowlist_dir(allow_dir: Path, role: KeyRole) -> Path:
+    """Where keys of ``role`` are allowed: ``allow_dir`` itself for workers, ``allow_dir/trainers`` for trainers."""
+    return Path(allow_dir) / TRAINER_ALLOWLIST_SUBDIR if role == "trainer" else Path(allow_dir)
+
+
+def allow_key_for_role(allow_dir: Path, public_key_file: Path, role: KeyRole, name: str | None = None, *,
+                       overwrite: bool = False) -> AllowedKey:
+    """Allow the public key in ``public_key_file`` for ``role`` (into :func:`role_allowlist_dir`)."""
+    return allow_public_key(role_allowlist_dir(allow_dir, role), public_key_file, name, overwrite=overwrite)
+
+
+@dataclass(frozen=True)
+class LocalSetup:
+    """What :func:`write_local_setup` made or found: ``pairs`` by name, ``allowed`` entries, ``kept`` pair names
+    that already existed (left untouched, so running the setup twice changes nothing)."""
+
+    pairs: dict[str, KeyPairFiles]
+    allowed: list[AllowedKey]
+    kept: list[str]
+
+
+def _pair_of(keys_dir: Path, name: str) -> tuple[KeyPairFiles, bool]:
+    """The pair ``name`` in ``keys_dir``, generated unless both files exist; the flag says whether it existed."""
+    files = KeyPairFiles(keys_dir / f"{name}{PUBLIC_SUFFIX}", keys_dir / f"{name}{SECRET_SUFFIX}")
+    if files.public_file.is_file() and files.secret_file.is_file():
+        return files, True
+    return generate_key_pair(keys_dir, name), False
+
+
+def write_local_setup(keys_dir: Path, allow_dir: Path, workers: list[str], trainer: str = "trainer") -> LocalSetup:
+    """Every key pair and allow-list entry of a one-machine setup: the relay's pair, the trainer's pair allowed in
+    ``allow_dir/trainers``, one pair per worker allowed in ``allow_dir``. Existing pairs are kept (and allowed)."""
+    if not workers:
+        raise KeyFileError("name at least one worker (e.g. --worker worker-1)")
+    keys_dir = Path(keys_dir)
+    pairs: dict[str, KeyPairFiles] = {}
+    kept: list[str] = []
+    allowed: list[AllowedKey] = []
+    plan: list[tuple[str, KeyRole | None]] = [(RELAY_KEY_NAME, None), (trainer, "trainer")]
+    plan += [(worker, "worker") for worker in workers]
+    for name, role in plan:
+        pairs[name], existed = _pair_of(keys_dir, name)
+        if existed:
+            kept.append(name)
+        if role is not None:
+            allowed.append(allow_key_for_role(allow_dir, pairs[name].public_file, role))
+    return LocalSetup(pairs=pairs, allowed=allowed, kept=kept)
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -27,15 +93,54 @@ def _fail(exc: Exception) -> typer.Exit:
 def generate(
     directory: Path = typer.Option(..., "--dir", help="Directory to write NAME.key (public) and NAME.key_secret into."),
     name: str = typer.Option(..., "--name", help="Key name, e.g. relay, trainer, worker-1."),
+    role: str | None = typer.Option(None, "--role", help="relay, trainer or worker: whose key it is, for the advice "
+                                    "printed (default: from the name: relay*, trainer*, else worker)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing pair of that name."),
 ) -> None:
-    """Generate a key pair (for the relay itself, the trainer or a worker)."""
+    """Generate a key pair (for the relay itself, the trainer or a worker) and say where each half goes."""
+    role = role or next((r for r in (RELAY_KEY_NAME, "trainer") if name.startswith(r)), "worker")
+    if role not in (RELAY_KEY_NAME, "trainer", "worker"):
+        raise _fail(KeyFileError(f"--role must be relay, trainer or worker, got {role!r}"))
     try:
         files = generate_key_pair(directory, name, overwrite=force)
     except KeyFileError as exc:
         raise _fail(exc) from exc
-    typer.echo(f"public key: {files.public_file}  (give it to the relay operator: tmrl-relay keys add)")
     typer.echo(f"secret key: {files.secret_file}  (keep it on this machine only; mode 600)")
+    if role == RELAY_KEY_NAME:
+        typer.echo(f"public key: {files.public_file}  (the relay's own key: copy it to every worker and trainer, "
+                   "which pass it as --server-key; it is not added to the allow-list)")
+        typer.echo(f"run: tmrl-relay run --secret-key {files.secret_file} --allow-dir ALLOW")
+        return
+    allow = f"ALLOW/{TRAINER_ALLOWLIST_SUBDIR}" if role == "trainer" else "ALLOW"
+    typer.echo(f"public key: {files.public_file}  (copy it to the relay host, which allows this {role} with: "
+               f"tmrl-relay keys add {files.public_file.name} --allow-dir {allow})")
+    typer.echo(f"run: tmrl-{role} run --secret-key {files.secret_file} --server-key relay.key ...  "
+               "(relay.key: the relay's public key)")
+
+
+@keys_app.command("init")
+def init(
+    directory: Path = typer.Option(Path("keys"), "--dir", help="Directory of the key pairs (relay, trainer, workers)."),
+    allow_dir: Path = typer.Option(Path("allow"), "--allow-dir",
+                                   help="The relay's allow-list: workers in it, the trainer in its trainers/ folder."),
+    workers: list[str] = typer.Option(["worker-1"], "--worker", help="A worker's name (repeat for more workers)."),
+    trainer: str = typer.Option("trainer", "--trainer", help="The trainer's key name."),
+) -> None:
+    """One machine, every key at once: the relay's pair, the trainer's and each worker's, all allow-listed.
+
+    Running it again keeps existing pairs (and allows them again). For several machines, generate each client's pair
+    where it runs (`keys generate`) and `keys add` its public key on the relay host instead."""
+    try:
+        setup = write_local_setup(directory, allow_dir, workers, trainer)
+    except KeyFileError as exc:
+        raise _fail(exc) from exc
+    for name, files in setup.pairs.items():
+        typer.echo(f"{'kept' if name in setup.kept else 'made'} {files.public_file} + {files.secret_file.name}")
+    for entry in setup.allowed:
+        typer.echo(f"allowed {entry.name} -> {entry.path}")
+    relay = setup.pairs[RELAY_KEY_NAME]
+    typer.echo(f"relay:   tmrl-relay run --secret-key {relay.secret_file} --allow-dir {allow_dir}")
+    typer.echo(f"clients: --secret-key {directory}/NAME.key_secret --server-key {relay.public_file}")
 
 
 @keys_app.command("add")

@@ -1,0 +1,58 @@
+"""``tmrl-relay keys init`` and ``keys generate``'s advice: one command makes every pair and allow-list entry of a
+one-machine setup in the layout the relay reads (workers in ``<allow-dir>``, trainers in ``<allow-dir>/trainers``),
+running it twice changes nothing, and ``generate`` says where each half of the key it made goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tmrl_common.curve import list_allowed_keys, load_public_key
+from tmrl_relay.cli import app
+from tmrl_relay.keys import role_allowlist_dir, write_local_setup
+from typer.testing import CliRunner
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_keys_init_makes_every_pair_and_allows_trainer_and_workers_apart(runner, tmp_path):
+    result = runner.invoke(app, ["keys", "init", "--dir", str(tmp_path / "keys"), "--allow-dir", str(tmp_path / "allow"),
+                                 "--worker", "worker-1", "--worker", "worker-2"])
+    assert result.exit_code == 0, result.output
+    for name in ("relay", "trainer", "worker-1", "worker-2"):
+        assert (tmp_path / "keys" / f"{name}.key").is_file() and (tmp_path / "keys" / f"{name}.key_secret").is_file()
+    workers = {entry.name: entry.public_key for entry in list_allowed_keys(tmp_path / "allow")}
+    trainers = {entry.name: entry.public_key for entry in list_allowed_keys(tmp_path / "allow" / "trainers")}
+    assert workers == {name: load_public_key(tmp_path / "keys" / f"{name}.key") for name in ("worker-1", "worker-2")}
+    assert trainers == {"trainer": load_public_key(tmp_path / "keys" / "trainer.key")}
+    assert "--secret-key" in result.output and "relay.key_secret" in result.output
+
+
+def test_keys_init_twice_keeps_the_existing_pairs(tmp_path):
+    first = write_local_setup(tmp_path / "keys", tmp_path / "allow", ["worker-1"])
+    key_before = load_public_key(first.pairs["worker-1"].public_file)
+    second = write_local_setup(tmp_path / "keys", tmp_path / "allow", ["worker-1", "worker-2"])
+    assert second.kept == ["relay", "trainer", "worker-1"]
+    assert load_public_key(second.pairs["worker-1"].public_file) == key_before
+    assert [entry.name for entry in list_allowed_keys(tmp_path / "allow")] == ["worker-1", "worker-2"]
+
+
+def test_role_allowlist_dir_puts_trainers_in_their_own_folder():
+    assert role_allowlist_dir(Path("allow"), "worker") == Path("allow")
+    assert role_allowlist_dir(Path("allow"), "trainer") == Path("allow/trainers")
+
+
+@pytest.mark.parametrize(("name", "expected", "absent"), [
+    ("relay", "it is not added to the allow-list", "keys add"),
+    ("trainer", "keys add trainer.key --allow-dir ALLOW/trainers", "--server-key relay.key\n"),
+    ("worker-3", "keys add worker-3.key --allow-dir ALLOW)", "ALLOW/trainers"),
+])
+def test_keys_generate_advice_fits_the_key_it_made(runner, tmp_path, name, expected, absent):
+    result = runner.invoke(app, ["keys", "generate", "--dir", str(tmp_path), "--name", name])
+    assert result.exit_code == 0, result.output
+    text = result.output.replace("\n", " ")
+    assert expected in text
+    assert absent not in result.output
