@@ -58,7 +58,7 @@ port = 6000
 worker_id = "w7"
 [example.sac]
 gamma = 0.9
-[other]
+[relay]
 port = 1
 """)
     config = load_config(ExampleConfig, "example", path, environ={})
@@ -66,7 +66,7 @@ port = 1
 
 
 def test_a_missing_table_means_defaults(tmp_path):
-    assert load_config(ExampleConfig, "example", write(tmp_path, "[other]\nx = 1\n"), environ={}) == ExampleConfig()
+    assert load_config(ExampleConfig, "example", write(tmp_path, "[relay]\nx = 1\n"), environ={}) == ExampleConfig()
 
 
 def test_env_vars_override_the_file_including_nested_fields(tmp_path):
@@ -123,6 +123,39 @@ def test_unknown_nested_keys_are_rejected_naming_the_path(tmp_path):
 def test_unknown_env_keys_are_rejected_naming_the_field():
     with pytest.raises(ConfigError, match="bogus"):
         load_config(ExampleConfig, "example", environ={"TMRL_EXAMPLE__BOGUS": "1"})
+
+
+def test_a_misspelt_table_is_an_error_listing_the_known_tables(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(ExampleConfig, "example", write(tmp_path, "[example]\nport = 1\n[trainr]\nx = 1\n"), environ={})
+    assert "unknown table [trainr] (did you mean [trainer]?)" in str(info.value)
+    assert "[relay], [worker], [trainer], [example]" in str(info.value)
+
+
+def test_errors_name_the_env_variable_and_the_value_it_gave_not_the_file(tmp_path):
+    path = write(tmp_path, "[example]\nport = 6000\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(ExampleConfig, "example", path, environ={"TMRL_EXAMPLE__SAC__GAMMA": "abc"})
+    assert "sac.gamma = 'abc' from environment variable TMRL_EXAMPLE__SAC__GAMMA" in str(info.value)
+    assert str(path) not in str(info.value)
+
+
+def test_errors_name_the_command_line_for_flag_values():
+    with pytest.raises(ConfigError, match=r"port = 70000 from the command line: .*less than or equal to 65535"):
+        load_config(ExampleConfig, "example", overrides={"port": 70000}, environ={})
+
+
+def test_file_errors_name_the_file_the_table_and_the_value(tmp_path):
+    path = write(tmp_path, "[example.sac]\npolyak = 1.5\n")
+    with pytest.raises(ConfigError, match=rf"sac.polyak = 1.5 in {path} \[example\]"):
+        load_config(ExampleConfig, "example", path, environ={})
+
+
+def test_unknown_fields_get_the_closest_known_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"sac.gama = 0.9 .*unknown field \(did you mean gamma\?\)"):
+        load_config(ExampleConfig, "example", write(tmp_path, "[example.sac]\ngama = 0.9\n"), environ={})
+    with pytest.raises(ConfigError, match=r"TMRL_EXAMPLE__PROT: unknown field \(did you mean port\?\)"):
+        load_config(ExampleConfig, "example", environ={"TMRL_EXAMPLE__PROT": "1"})
 
 
 def test_values_out_of_range_or_of_the_wrong_type_are_config_errors(tmp_path):

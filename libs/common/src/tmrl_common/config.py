@@ -5,11 +5,16 @@ TOML file (``[relay]``, ``[worker]``, ``[trainer]``). Environment variables over
 ``TMRL_RELAY__SAMPLES_PORT=6000`` sets ``samples_port`` of the ``relay`` table, ``TMRL_TRAINER__SAC__GAMMA=0.99``
 sets a nested field. Values are parsed as JSON when they parse (numbers, booleans, lists), else taken as strings;
 a field declared as ``str`` always gets the text as it is (``TMRL_WORKER__WORKER_ID=7`` is the string ``"7"``).
+
+Errors name where the bad value came from (the file and table, the environment variable, or the command line), the
+value given and, for an unknown field, the closest known name. A top-level table that is not a service's
+(``[trainr]``) is an error that lists the known ones, since a misspelt table would otherwise be silently ignored.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import difflib
 import enum
 import json
 import math
@@ -30,6 +35,8 @@ from tmrl_common.errors import ConfigError
 ModelT = TypeVar("ModelT", bound=BaseModel)
 ENV_PREFIX = "TMRL_"
 NESTING = "__"
+SERVICE_SECTIONS = ("relay", "worker", "trainer")
+"""The top-level tables of a tmrl config file; any other is reported (a misspelt ``[trainr]`` would be ignored)."""
 
 
 def _field_annotation(model: type[BaseModel] | None, path: list[str]) -> Any:
@@ -66,7 +73,9 @@ def _wants_text(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, enum.Enum) and issubclass(annotation, str)
 
 
-def _env_overrides(section: str, environ: Mapping[str, str], model: type[BaseModel] | None = None) -> dict[str, Any]:
+def _env_overrides(section: str, environ: Mapping[str, str], model: type[BaseModel] | None = None,
+                   names: dict[tuple[str, ...], str] | None = None) -> dict[str, Any]:
+    """The ``TMRL_<SECTION>__...`` variables as a nested dict; ``names`` (when given) maps each path to its variable."""
     prefix = f"{ENV_PREFIX}{section.upper()}{NESTING}"
     overrides: dict[str, Any] = {}
     for key, text in sorted(environ.items()):
@@ -88,6 +97,8 @@ def _env_overrides(section: str, environ: Mapping[str, str], model: type[BaseMod
         if isinstance(node.get(path[-1]), dict):
             raise ConfigError(f"{key} sets a plain value where other {key}{NESTING}* variables set fields; unset one")
         node[path[-1]] = value
+        if names is not None:
+            names[tuple(path)] = key
     return overrides
 
 
@@ -112,38 +123,104 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _read_table(path: Path, section: str, known_sections: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    known = (*known_sections, section) if section not in known_sections else known_sections
+    unknown = [name for name in document if name not in known]
+    if unknown:
+        hints = [f"[{name}]{_did_you_mean(name, known, '[{}]')}" for name in unknown]
+        raise ConfigError(f"config file {path}: unknown table {', '.join(hints)}; the known tables are "
+                          f"{', '.join(f'[{name}]' for name in known)}")
+    table = document.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}] in {path} must be a table")
+    return table
+
+
+def _did_you_mean(name: str, choices: Any, shown: str = "{}") -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {shown.format(close[0])}?)" if close else ""
+
+
+def _find(tree: Mapping[str, Any], loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any] | None:
+    """The longest prefix of ``loc`` that ``tree`` sets, and its value (None when it sets none)."""
+    node: Any = tree
+    for depth, part in enumerate(loc):
+        if not isinstance(node, Mapping) or part not in node:
+            return (tuple(loc[:depth]), node) if depth and not isinstance(node, Mapping) else None
+        node = node[part]
+    return tuple(loc), node
+
+
+class _Sources:
+    """Where each value came from, by precedence: command line, environment, file (defaults otherwise)."""
+
+    def __init__(self, section: str, path: Path | None, file_data: Mapping[str, Any], env_data: Mapping[str, Any],
+                 env_names: dict[tuple[str, ...], str], flag_data: Mapping[str, Any]) -> None:
+        self.section, self.path = section, path
+        self.file_data, self.env_data, self.env_names, self.flag_data = file_data, env_data, env_names, flag_data
+
+    def describe(self, loc: tuple[Any, ...]) -> str:
+        """``"a.b = 'x' from TMRL_...`` or ``... from the command line`` or ``... in FILE [table]``."""
+        field = ".".join(map(str, loc))
+        for where, data in (("the command line", self.flag_data), ("env", self.env_data), ("file", self.file_data)):
+            found = _find(data, loc)
+            if found is None:
+                continue
+            prefix, value = found
+            shown = f"{'.'.join(map(str, prefix)) or field} = {value!r}"
+            if where == "env":
+                name = next((self.env_names[prefix[:n]] for n in range(len(prefix), 0, -1)
+                             if prefix[:n] in self.env_names), f"{ENV_PREFIX}{self.section.upper()}__...")
+                return f"{shown} from environment variable {name}"
+            if where == "file":
+                return f"{shown} in {self.path} [{self.section}]"
+            return f"{shown} from {where}"
+        return f"{field} (default)"
+
+
+def _explain(model: type[BaseModel], error: Mapping[str, Any], sources: _Sources) -> str:
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent = _field_annotation(model, [str(p) for p in loc[:-1]])
+        fields = _strip_optional(parent).model_fields if isinstance(_strip_optional(parent), type) and issubclass(
+            _strip_optional(parent), BaseModel) else {}
+        return f"{sources.describe(loc)}: unknown field{_did_you_mean(loc[-1], fields)}"
+    return f"{sources.describe(loc)}: {error['msg']}"
+
+
 def load_config(
     model: type[ModelT],
     section: str,
     path: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    known_sections: tuple[str, ...] = SERVICE_SECTIONS,
 ) -> ModelT:
     """Build ``model`` from table ``section`` of the TOML file at ``path`` (optional), env vars and ``overrides``.
 
-    Raises :class:`ConfigError` naming the file and the offending field.
+    Raises :class:`ConfigError` naming where each bad value came from (file and table, environment variable or
+    command line), the value given, and the closest field name for an unknown one; and for a top-level table of the
+    file not in ``known_sections``.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as handle:
-                document = tomllib.load(handle)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {path} does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-        table = document.get(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"[{section}] in {path} must be a table")
-        data = table
-    data = _merge(data, _env_overrides(section, os.environ if environ is None else environ, model))
-    data = _merge(data, _without_unset(overrides or {}))
+    file_data = _read_table(path, section, known_sections) if path is not None else {}
+    env_names: dict[tuple[str, ...], str] = {}
+    env_data = _env_overrides(section, os.environ if environ is None else environ, model, env_names)
+    flag_data = _without_unset(overrides or {})
+    data = _merge(_merge(file_data, env_data), flag_data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        source = f"{path} [{section}]" if path else f"[{section}] (defaults, env, flags)"
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid config {source}: {problems}") from exc
+        sources = _Sources(section, path, file_data, env_data, env_names, flag_data)
+        problems = [_explain(model, e, sources) for e in exc.errors()]
+        raise ConfigError(f"invalid config [{section}]: " + (problems[0] if len(problems) == 1 else
+                                                             "".join(f"\n  {problem}" for problem in problems))) from exc
 
 
 def load_config_for_command(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -9,6 +10,15 @@ from tmrl_common.protocol import SENDER_PATTERN
 from tmrl_common.sockets import SecurityConfig, TransportConfig
 
 from tmrl_trainer.sac import SACConfig
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(value: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, else a ValueError naming them (checked before torch sees it)."""
+    if not DEVICE_PATTERN.match(value):
+        raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N (N: the GPU's index)")
+    return value
 
 
 class TrainerConfig(BaseModel):
@@ -59,6 +69,11 @@ class TrainerConfig(BaseModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     """CurveZMQ: ``secret_key_file`` (the trainer's pair, allow-listed at the relay) and ``server_public_key_file``;
     or ``insecure = true`` (``--insecure``) for plain text on a trusted loopback."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device(value)
 
     @field_validator("trainer_id")
     @classmethod
