@@ -93,3 +93,55 @@ def test_other_commands_report_an_invalid_config_as_a_usage_error_naming_the_fie
     result = runner.invoke(app, [*command, "--config", str(path)])
     assert result.exit_code == 2, result.output
     assert "invalid config" in result.output and ("batch_steps" in result.output or "memory_capacity" in result.output)
+
+
+def _options(app, command: str) -> dict[str, str]:
+    """``{"--name": help}`` of every option of ``command`` (``train-local``...), from the CLI as typer builds it."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    return {name: param.help or "" for param in group.commands[command].params
+            for name in getattr(param, "opts", []) if name.startswith("--")}
+
+
+RUN_COMMANDS = [(tmrl_relay.cli.app, "run"), (tmrl_worker.cli.app, "run"), (tmrl_trainer.cli.app, "run"),
+                (tmrl_trainer.cli.app, "train-local")]
+
+
+@pytest.mark.parametrize(("app", "command"), RUN_COMMANDS)
+def test_every_option_has_help_and_shared_options_share_their_help(app, command):
+    from tmrl_common.options import HELP
+
+    options = _options(app, command)
+    assert [name for name, text in options.items() if not text and name != "--help"] == []
+    for key, text in HELP.items():
+        name = "--" + key.replace("_", "-")
+        if name in options and (command, name) != ("train-local", "--env"):  # gymnasium envs only there
+            assert options[name].startswith(text), f"{command} {name}: {options[name]!r}"
+
+
+def test_train_local_has_show_config_log_level_and_the_run_option_names():
+    options = _options(tmrl_trainer.cli.app, "train-local")
+    assert {"--show-config", "--log-level", "--max-steps", "--torch-threads", "--seed", "--device"} <= set(options)
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_an_unknown_log_level_is_refused_before_anything_starts_listing_the_choices(service, runner):
+    app, _ = SERVICES[service]
+    result = runner.invoke(app, ["run", "--log-level", "LOUD"])
+    assert result.exit_code == 2
+    words = "".join(ch for ch in result.output if ch not in "│╭╮╰╯─").split()
+    assert "'LOUD' is not one of 'debug', 'info', 'warning', 'error'" in " ".join(words)
+
+
+def test_an_unknown_device_fails_show_config_naming_the_flag(runner):
+    result = runner.invoke(tmrl_trainer.cli.app, ["run", "--device", "gpu", "--show-config"])
+    assert result.exit_code == 2
+    assert "device = 'gpu' from the command line" in result.output and "cuda:N" in result.output
+
+
+def test_train_local_show_config_prints_the_trainer_table_with_its_flags(runner):
+    result = runner.invoke(tmrl_trainer.cli.app, ["train-local", "--show-config", "--seed", "7", "--torch-threads", "2"])
+    assert result.exit_code == 0, result.output
+    table = tomllib.loads(result.stdout)["trainer"]
+    assert (table["seed"], table["torch_threads"]) == (7, 2)

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from tmrl_common.config import load_config_for_command
 from tmrl_common.curve import KeyFileError
+from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
 from tmrl_common.sockets import SecurityError
 
 from tmrl_relay.config import RelayConfig
@@ -27,22 +28,24 @@ def main() -> None:
     """tmrl relay service. Every command takes --config FILE; TMRL_RELAY__<FIELD> env vars override it."""
 
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the \\[relay] table is read.", exists=True, dir_okay=False)
+ConfigOption = typer.Option(None, "--config", "-c", help=config_help("relay"), exists=True, dir_okay=False)
 
 
 @app.command()
 def run(
     config: Path | None = ConfigOption,
-    show_config: bool = typer.Option(False, "--show-config", help="Print the effective config and exit."),
-    insecure: bool = typer.Option(False, "--insecure", help="Plain text, no CurveZMQ authentication (trusted loopback only)."),
-    bind_host: str | None = typer.Option(None, "--bind-host", help="Interface to bind (* for all)."),
-    worker_port: int | None = typer.Option(None, "--worker-port", help="Workers' ROUTER port (0: any free port)."),
-    trainer_port: int | None = typer.Option(None, "--trainer-port", help="Trainer's ROUTER port (0: any free port)."),
-    weights_port: int | None = typer.Option(None, "--weights-port", help="Weights XPUB port (0: any free port)."),
+    show_config: bool = typer.Option(False, "--show-config", help=HELP["show_config"]),
+    insecure: bool = typer.Option(False, "--insecure", help=HELP["insecure"]),
+    bind_host: str | None = typer.Option(None, "--bind-host", help="Interface to bind: * for all, 127.0.0.1 for this "
+                                         "machine only [127.0.0.1]."),
+    worker_port: int | None = typer.Option(None, "--worker-port", help=HELP["worker_port"] + " 0: any free port."),
+    trainer_port: int | None = typer.Option(None, "--trainer-port", help=HELP["trainer_port"] + " 0: any free port."),
+    weights_port: int | None = typer.Option(None, "--weights-port", help=HELP["weights_port"] + " 0: any free port."),
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="Prometheus HTTP port (0: disabled)."),
-    secret_key: Path | None = typer.Option(None, "--secret-key", help="The relay's NAME.key_secret file."),
-    allow_dir: Path | None = typer.Option(None, "--allow-dir", help="Allow-list directory of client public keys."),
-    log_level: str = typer.Option("INFO", "--log-level"),
+    secret_key: Path | None = typer.Option(None, "--secret-key", help=HELP["secret_key"]),
+    allow_dir: Path | None = typer.Option(None, "--allow-dir", help="Allow-list directory: workers' public keys in it, "
+                                          "the trainer's in its trainers/ folder (`tmrl-relay keys init` / `keys add`)."),
+    log_level: LogLevel = typer.Option(LogLevel.INFO, "--log-level", case_sensitive=False, help=HELP["log_level"]),
 ) -> None:
     """Run the relay in the foreground until SIGINT/SIGTERM."""
     overrides = {
@@ -51,7 +54,7 @@ def run(
         "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "allowlist_dir": allow_dir},
     }
     effective = load_config_for_command(RelayConfig, "relay", config, overrides=overrides, show_config=show_config)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     raise typer.Exit(code=serve(effective))
 
 

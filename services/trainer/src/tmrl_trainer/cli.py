@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from tmrl_common.config import load_config_for_command
+from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
 
 from tmrl_trainer.config import TrainerConfig
 
@@ -18,27 +19,33 @@ def main() -> None:
     """tmrl trainer service. Every command takes --config FILE; TMRL_TRAINER__<FIELD> env vars override it."""
 
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the \\[trainer] table is read.", exists=True, dir_okay=False)
+ConfigOption = typer.Option(None, "--config", "-c", help=config_help("trainer"), exists=True, dir_okay=False)
+ShowConfigOption = typer.Option(False, "--show-config", help=HELP["show_config"])
+LogLevelOption = typer.Option(LogLevel.INFO, "--log-level", case_sensitive=False, help=HELP["log_level"])
 
 
 @app.command()
 def run(
     config: Path | None = ConfigOption,
-    show_config: bool = typer.Option(False, "--show-config", help="Print the effective config and exit."),
-    env: str | None = typer.Option(None, "--env", help="The workers' env (fixes the observation layout): sim, tm20-lidar, gym:<id>..."),
-    relay_host: str | None = typer.Option(None, "--relay-host"),
-    trainer_port: int | None = typer.Option(None, "--trainer-port"),
+    show_config: bool = ShowConfigOption,
+    env: str | None = typer.Option(None, "--env", help=HELP["env"] + " The workers' env: it fixes the observation "
+                                   "layout (module:Class envs need layout_file)."),
+    relay_host: str | None = typer.Option(None, "--relay-host", help=HELP["relay_host"]),
+    trainer_port: int | None = typer.Option(None, "--trainer-port", help=HELP["trainer_port"]),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="status.json, metrics.jsonl, tensorboard/, checkpoints/."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N]."),
+    device: str | None = typer.Option(None, "--device", help=HELP["device"]),
     max_updates: int | None = typer.Option(None, "--max-updates", help="Stop after this many SAC updates."),
-    save_memory: bool = typer.Option(False, "--save-memory", help="Checkpoint the replay memory too; restore it on restart."),
-    insecure: bool = typer.Option(False, "--insecure", help="Plain-text ZeroMQ, no CurveZMQ (trusted loopback only)."),
-    secret_key: Path | None = typer.Option(None, "--secret-key", help="This client's NAME.key_secret (CurveZMQ).", exists=True, dir_okay=False),
-    server_key: Path | None = typer.Option(None, "--server-key", help="The relay's public NAME.key (CurveZMQ).", exists=True, dir_okay=False),
-    log_level: str = typer.Option("INFO", "--log-level"),
+    save_memory: bool = typer.Option(False, "--save-memory", help=HELP["save_memory"]),
+    insecure: bool = typer.Option(False, "--insecure", help=HELP["insecure"]),
+    secret_key: Path | None = typer.Option(None, "--secret-key", help=HELP["secret_key"], exists=True, dir_okay=False),
+    server_key: Path | None = typer.Option(None, "--server-key", help=HELP["server_key"], exists=True, dir_okay=False),
+    log_level: LogLevel = LogLevelOption,
 ) -> None:
-    """Run the trainer in the foreground: ingest samples from the relay, train SAC, publish weights."""
-    import logging
+    """Run the trainer in the foreground: ingest samples from the relay, train SAC, publish weights.
+
+    It logs the device it trains on first. If the relay refuses this trainer's key (not in its ALLOW/trainers
+    allow-list), an error says so within a second with the `tmrl-relay keys add` command that fixes it, and the
+    trainer retries every 10 s."""
     import signal
     import threading
 
@@ -50,7 +57,7 @@ def run(
         "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key},
     }
     effective = load_config_for_command(TrainerConfig, "trainer", config, overrides=overrides, show_config=show_config)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     from tmrl_common.curve import KeyFileError
     from tmrl_common.sockets import SecurityError
 
@@ -60,6 +67,7 @@ def run(
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
+        log_device(effective.device)
         service = TrainerService(effective)
         updates = service.run(stop=stop, max_updates=max_updates)
     except (ConfigError, SecurityError, KeyFileError) as exc:
@@ -68,37 +76,74 @@ def run(
     typer.echo(f"trainer stopped after {updates} updates, weights version {service.weights_version}", err=True)
 
 
+def log_device(device: str) -> None:
+    """Log the device training will use (a GPU's name, or why it is the CPU); ConfigError when CUDA was asked for
+    and this torch cannot use it, instead of torch's traceback later."""
+    import logging
+
+    import torch
+    from tmrl_common.errors import ConfigError
+
+    from tmrl_trainer.sac import resolve_device
+
+    try:
+        resolved = resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"{exc}; this torch {torch.__version__} is {build} (a CUDA build: docs/deployment.md, "
+                          "'The trainer's GPU')") from exc
+    if resolved.type == "cuda":
+        detail = f"{torch.cuda.get_device_name(resolved)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    else:
+        detail = (f"torch {torch.__version__}; CUDA " + ("available but not asked for" if torch.cuda.is_available()
+                                                          else "not available: this torch build or machine has no GPU"))
+    logging.getLogger("tmrl_trainer").info("training on %s (%s)", resolved, detail)
+
+
 @app.command("train-local")
 def train_local_command(
-    env: str = typer.Option("Pendulum-v1", "--env", help="Any gymnasium id, e.g. Pendulum-v1 or module.path:ns/Env-v0."),
-    steps: int = typer.Option(10_000, "--steps", min=1, help="Environment steps."),
-    seed: int = typer.Option(0, "--seed"),
+    env: str = typer.Option("gym:Pendulum-v1", "--env", help="gym:<id>, any gymnasium env, e.g. gym:Pendulum-v1 or "
+                            "gym:module.path:ns/Env-v0 (a bare id works too)."),
+    max_steps: int = typer.Option(10_000, "--max-steps", "--steps", min=1, help=HELP["max_steps"]),
+    seed: int = typer.Option(0, "--seed", help=HELP["seed"]),
     config: Path | None = ConfigOption,
-    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: the config's device)."),
+    show_config: bool = ShowConfigOption,
+    device: str | None = typer.Option(None, "--device", help=HELP["device"] + " Default: the config's device."),
     utd: float | None = typer.Option(None, "--utd", help="Updates per environment step (default: sac.utd)."),
     eval_episodes: int = typer.Option(10, "--eval-episodes", min=0, help="Deterministic episodes of each evaluation."),
     eval_every: int = typer.Option(0, "--eval-every", min=0, help="Steps between evaluations (0: only at the end)."),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="tensorboard/ and checkpoints/ go here [runs/local/<env>-s<seed>]."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Steps between checkpoints (0: at the end)."),
-    save_memory: bool = typer.Option(False, "--save-memory", help="Save the replay memory with each checkpoint."),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+    save_memory: bool = typer.Option(False, "--save-memory", help=HELP["save_memory"]),
+    torch_threads: int | None = typer.Option(None, "--torch-threads", "--threads", min=1, help=HELP["torch_threads"]),
+    log_level: LogLevel = LogLevelOption,
 ) -> None:
     """Train SAC synchronously in one process on a gymnasium env (quick experiments; no relay, no workers)."""
     import re
 
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from tmrl_common.errors import ConfigError
 
     from tmrl_trainer.local import LocalTrainingConfig, UnsupportedEnvironmentError, train_local
 
-    trainer = load_config_for_command(TrainerConfig, "trainer", config)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    overrides = {"device": device, "torch_threads": torch_threads, "seed": seed, "save_memory": True if save_memory else None}
+    trainer = load_config_for_command(TrainerConfig, "trainer", config, overrides=overrides, show_config=show_config)
+    configure_logging(log_level)
+    try:
+        log_device(trainer.device)
+    except ConfigError as exc:
+        typer.echo(f"tmrl-trainer train-local: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    if trainer.torch_threads is not None:
+        torch.set_num_threads(trainer.torch_threads)
+    env = env.removeprefix("gym:")
+    steps = max_steps
     sac = trainer.sac if utd is None else trainer.sac.model_copy(update={"utd": utd})
     run_dir = run_dir or Path("runs/local") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', env)}-s{seed}"
-    local = LocalTrainingConfig(sac=sac, memory_capacity=trainer.memory_capacity, device=device or trainer.device,
+    local = LocalTrainingConfig(sac=sac, memory_capacity=trainer.memory_capacity, device=trainer.device,
                                 eval_episodes=eval_episodes, eval_every=eval_every, run_dir=run_dir,
-                                checkpoint_every=checkpoint_every, save_memory=save_memory)
+                                checkpoint_every=checkpoint_every, save_memory=trainer.save_memory)
     last = {"episode": float("nan"), "eval": float("nan")}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("episode return {task.fields[episode]:9.1f}  eval {task.fields[eval]:9.1f}"),

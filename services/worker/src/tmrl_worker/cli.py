@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from tmrl_common.config import load_config_for_command
+from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
 
 from tmrl_worker.config import WorkerConfig
 from tmrl_worker.sim.cli import sim_app
@@ -20,32 +21,36 @@ def main() -> None:
     """tmrl worker service. Every command takes --config FILE; TMRL_WORKER__<FIELD> env vars override it."""
 
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file; the \\[worker] table is read.", exists=True, dir_okay=False)
+ConfigOption = typer.Option(None, "--config", "-c", help=config_help("worker"), exists=True, dir_okay=False)
 
 
 @app.command()
 def run(
     config: Path | None = ConfigOption,
-    show_config: bool = typer.Option(False, "--show-config", help="Print the effective config and exit."),
-    env: str | None = typer.Option(None, "--env", help="sim, sim-fast, tm20-lidar, tm20-lidar-progress, tm20-full, module:Class or gym:<id>."),
+    show_config: bool = typer.Option(False, "--show-config", help=HELP["show_config"]),
+    env: str | None = typer.Option(None, "--env", help=HELP["env"]),
     worker_id: str | None = typer.Option(None, "--worker-id", help="This worker's id (unique per worker)."),
-    relay_host: str | None = typer.Option(None, "--relay-host"),
-    worker_port: int | None = typer.Option(None, "--worker-port"),
-    weights_port: int | None = typer.Option(None, "--weights-port"),
+    relay_host: str | None = typer.Option(None, "--relay-host", help=HELP["relay_host"]),
+    worker_port: int | None = typer.Option(None, "--worker-port", help=HELP["worker_port"]),
+    weights_port: int | None = typer.Option(None, "--weights-port", help=HELP["weights_port"]),
     test: bool = typer.Option(False, "--test", help="Send no samples; act deterministically with received weights."),
     expert: bool = typer.Option(False, "--expert", help="Send samples, ignore weights: the env's scripted expert (or --policy) drives."),
     policy: Path | None = typer.Option(None, "--policy", help="Safetensors policy file for --expert.", exists=True, dir_okay=False),
-    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many environment steps."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help=HELP["max_steps"]),
     batch_steps: int | None = typer.Option(None, "--batch-steps", help="Send a batch every N steps (and at episode ends)."),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help="Where the sequence-number state file lives."),
-    seed: int | None = typer.Option(None, "--seed"),
-    insecure: bool = typer.Option(False, "--insecure", help="Plain-text ZeroMQ, no CurveZMQ (trusted loopback only)."),
-    secret_key: Path | None = typer.Option(None, "--secret-key", help="This client's NAME.key_secret (CurveZMQ).", exists=True, dir_okay=False),
-    server_key: Path | None = typer.Option(None, "--server-key", help="The relay's public NAME.key (CurveZMQ).", exists=True, dir_okay=False),
-    log_level: str = typer.Option("INFO", "--log-level"),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="Keeps <worker-id>.state.json (sequence numbers "
+                                          "unique across restarts), <worker-id>.progress.json (what a killed run lost) "
+                                          "and, with durable_spool, <worker-id>.spool/ [~/.local/state/tmrl/worker]."),
+    seed: int | None = typer.Option(None, "--seed", help=HELP["seed"]),
+    insecure: bool = typer.Option(False, "--insecure", help=HELP["insecure"]),
+    secret_key: Path | None = typer.Option(None, "--secret-key", help=HELP["secret_key"], exists=True, dir_okay=False),
+    server_key: Path | None = typer.Option(None, "--server-key", help=HELP["server_key"], exists=True, dir_okay=False),
+    log_level: LogLevel = typer.Option(LogLevel.INFO, "--log-level", case_sensitive=False, help=HELP["log_level"]),
 ) -> None:
-    """Run the worker in the foreground: roll out episodes, send samples to the relay, use the weights it broadcasts."""
-    import logging
+    """Run the worker in the foreground: roll out episodes, send samples to the relay, use the weights it broadcasts.
+
+    If the relay refuses this worker's key (not in its allow-list), an error says so within a second with the
+    `tmrl-relay keys add` command that fixes it, and the worker retries every 10 s (its batches wait in the spool)."""
     import signal
     import threading
 
@@ -59,7 +64,7 @@ def run(
         "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key},
     }
     effective = load_config_for_command(WorkerConfig, "worker", config, overrides=overrides, show_config=show_config)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     import torch
     from tmrl_common.curve import KeyFileError
     from tmrl_common.sockets import SecurityError
@@ -156,7 +161,7 @@ def benchmark(
 @app.command()
 def layout(
     config: Path | None = ConfigOption,
-    env: str | None = typer.Option(None, "--env", help="The env whose observation layout to print (default: the config's)."),
+    env: str | None = typer.Option(None, "--env", help=HELP["env"] + " Default: the config's."),
 ) -> None:
     """Print the env's observation layout as JSON (the trainer's ``layout_file`` for ``module:Class`` envs)."""
     from tmrl_worker.envs import EnvSpecError, make_env

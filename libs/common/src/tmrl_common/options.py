@@ -1,0 +1,57 @@
+"""Help texts of the options the three command lines share, so one option reads the same in every ``--help``.
+
+Each CLI (``tmrl-relay``, ``tmrl-worker``, ``tmrl-trainer``) declares its own typer options and takes their help
+from here; ``tests/common/test_service_cli.py`` checks that an option of the same name has the same help everywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+from tmrl_common.errors import ConfigError
+
+
+class LogLevel(enum.StrEnum):
+    """``--log-level`` choices (typer lists them in ``--help`` and refuses others before anything starts)."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+LOG_LEVELS = tuple(level.value for level in LogLevel)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+HELP = {
+    "show_config": "Print the effective config (file, then TMRL_* environment variables, then flags) as TOML and exit.",
+    "insecure": "Plain-text ZeroMQ, no CurveZMQ keys: only on one trusted machine; relay, trainer and workers must agree.",
+    "secret_key": "This process's own key pair, NAME.key_secret (CurveZMQ; from `tmrl-relay keys init` or `keys generate`).",
+    "server_key": "The relay's public key, relay.key (CurveZMQ; from the relay host).",
+    "relay_host": "Host name or IP address of the relay.",
+    "worker_port": "The relay's port for workers: samples in, acks out.",
+    "trainer_port": "The relay's port for the trainer: samples out, acks and weights in.",
+    "weights_port": "The relay's port that publishes weights to workers.",
+    "seed": "Random seed (environment resets and exploration).",
+    "max_steps": "Stop after this many environment steps.",
+    "torch_threads": "torch CPU threads (config: torch_threads).",
+    "device": "auto (CUDA when available), cpu, cuda or cuda:N.",
+    "log_level": "How much to log (any case).",
+    "env": "sim, sim-fast, tm20-lidar, tm20-lidar-progress, tm20-full, module:Class or gym:<id>.",
+    "save_memory": "Save the replay memory with each checkpoint (and restore it on restart).",
+}
+
+
+def config_help(section: str) -> str:
+    """``--config``'s help for the service that reads table ``section``."""
+    return (f"TOML config file; its \\[{section}] table is read. TMRL_{section.upper()}__<FIELD> environment "
+            "variables override it, flags override both.")
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr at ``level`` (one of :data:`LOG_LEVELS`, any case); :class:`ConfigError` for another."""
+    name = str(level).upper()
+    if name not in LOG_LEVELS:
+        raise ConfigError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    logging.basicConfig(level=name, format=LOG_FORMAT)
