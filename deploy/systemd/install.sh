@@ -1,33 +1,71 @@
 #!/usr/bin/env bash
-# Install tmrl as systemd services on this Linux machine (run as root, from the repository root).
-#   sudo bash deploy/systemd/install.sh [relay] [trainer] [worker:ID ...]
+# Install tmrl as systemd services on this Linux machine (run as root, from a checkout of the repository).
+#   sudo bash deploy/systemd/install.sh [--dry-run] [relay] [trainer] [worker]
 # With no arguments, installs the relay and the trainer units. Nothing is started until you enable it:
 #   systemctl enable --now tmrl-relay tmrl-trainer tmrl-worker@worker-1
+# Each machine gets only what its roles need: the relay alone installs no torch.
+# Environment: PYTHON (an interpreter >= 3.11, default python3), TORCH_SPEC (default torch==2.13.0),
+# TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cu128 for a CUDA build on the trainer).
 set -euo pipefail
-[ "$(id -u)" -eq 0 ] || { echo "run as root (sudo)" >&2; exit 1; }
+dry_run=no; [ "${1:-}" = --dry-run ] && { dry_run=yes; shift; }
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 prefix=/opt/tmrl
-units=("$@"); [ ${#units[@]} -gt 0 ] || units=(relay trainer)
+python=${PYTHON:-python3}
+roles=("$@"); [ ${#roles[@]} -gt 0 ] || roles=(relay trainer)
+
+packages=("$repo/libs/common")
+needs_torch=no
+for role in "${roles[@]}"; do
+  case "$role" in
+    relay)   packages+=("$repo/services/relay") ;;
+    trainer) packages+=("$repo/services/trainer"); needs_torch=yes ;;
+    worker|worker:*) packages+=("$repo/services/worker"); needs_torch=yes ;;
+    *) echo "unknown role '$role' (relay, trainer, worker)" >&2; exit 2 ;;
+  esac
+done
+if [ "$dry_run" = yes ]; then  # what would be installed, for a look before the real run (and for the tests)
+  echo "torch: $needs_torch"; printf 'package: %s\n' "${packages[@]#"$repo"/}"; exit 0
+fi
+[ "$(id -u)" -eq 0 ] || { echo "run as root (sudo)" >&2; exit 1; }
+
+command -v "$python" >/dev/null || { echo "no $python: install Python >= 3.11 or set PYTHON=/path/to/python3.11" >&2; exit 1; }
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "$python is $("$python" -V 2>&1); tmrl needs >= 3.11: install python3.11 (or newer) and python3.11-venv," >&2
+  echo "then run again with PYTHON=python3.11 (docs/deployment.md, Prerequisites)" >&2; exit 1; }
+"$python" -c 'import ensurepip, venv' 2>/dev/null || {
+  echo "$python cannot create virtual environments: install its venv package (Debian/Ubuntu: apt install python3-venv," >&2
+  echo "or python3.11-venv for python3.11)" >&2; exit 1; }
 
 id tmrl >/dev/null 2>&1 || useradd --system --home-dir /var/lib/tmrl --shell /usr/sbin/nologin tmrl
 install -d -o root -g root -m 0755 "$prefix"
-# Copy the sources (no venv, no caches), then build the venv in place: torch==2.13.0 first, as `make install` does.
-tar -C "$repo" --exclude=.venv --exclude=.git --exclude='__pycache__' -cf - . | tar -C "$prefix" -xf -
-make -C "$prefix" install
+# The docs and the deploy files only (the venv is built from the checkout): a fresh copy each time, so files deleted
+# from the repository disappear here too; runs/, keys/, allow/ and the venv of the checkout are never copied.
+rm -rf "$prefix/docs" "$prefix/deploy"
+cp -r "$repo/docs" "$repo/deploy" "$prefix/"
+[ -x "$prefix/.venv/bin/python" ] || "$python" -m venv "$prefix/.venv"
+"$prefix/.venv/bin/python" -m pip install --quiet --upgrade pip
+if [ "$needs_torch" = yes ]; then
+  # torch first and alone: a looser spec pulled in by a package could fetch an unexpected build
+  "$prefix/.venv/bin/python" -m pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC:-torch==2.13.0}"
+fi
+# regular (not editable) installs: /opt/tmrl does not depend on the checkout afterwards; --force-reinstall of our
+# packages only, so an update with the same version number is installed too
+"$prefix/.venv/bin/python" -m pip install --quiet "${packages[@]}"
+"$prefix/.venv/bin/python" -m pip install --quiet --no-deps --force-reinstall "${packages[@]}"
+
 install -d -o root -g tmrl -m 0750 /etc/tmrl /etc/tmrl/keys
 [ -f /etc/tmrl/tmrl.toml ] || install -o root -g tmrl -m 0640 "$repo/deploy/tmrl.example.toml" /etc/tmrl/tmrl.toml
 [ -f /etc/tmrl/tmrl.env ] || install -o root -g tmrl -m 0640 /dev/null /etc/tmrl/tmrl.env
-install -d -o tmrl -g tmrl -m 0750 /var/lib/tmrl /var/lib/tmrl/trainer
+install -d -o tmrl -g tmrl -m 0750 /var/lib/tmrl  # state directories below it are made by systemd (StateDirectory=)
 
-for unit in "${units[@]}"; do
-  case "$unit" in
-    relay)   install -m 0644 "$repo/deploy/systemd/tmrl-relay.service" /etc/systemd/system/ ;;
-    trainer) install -m 0644 "$repo/deploy/systemd/tmrl-trainer.service" /etc/systemd/system/ ;;
-    worker:*)
-      install -m 0644 "$repo/deploy/systemd/tmrl-worker@.service" /etc/systemd/system/
-      install -d -o tmrl -g tmrl -m 0750 "/var/lib/tmrl/worker-${unit#worker:}" ;;
-    *) echo "unknown unit '$unit' (relay, trainer, worker:ID)" >&2; exit 2 ;;
+installed=()
+for role in "${roles[@]}"; do
+  case "$role" in
+    relay)   install -m 0644 "$repo/deploy/systemd/tmrl-relay.service" /etc/systemd/system/; installed+=(tmrl-relay) ;;
+    trainer) install -m 0644 "$repo/deploy/systemd/tmrl-trainer.service" /etc/systemd/system/; installed+=(tmrl-trainer) ;;
+    worker|worker:*) install -m 0644 "$repo/deploy/systemd/tmrl-worker@.service" /etc/systemd/system/
+                     installed+=("tmrl-worker@<id>") ;;
   esac
 done
 systemctl daemon-reload
-echo "installed: ${units[*]}. Keys: see docs/security.md; config: /etc/tmrl/tmrl.toml; then: systemctl enable --now <unit>"
+echo "installed: ${installed[*]}. Keys: docs/security.md; config: /etc/tmrl/tmrl.toml; then: systemctl enable --now <unit>"

@@ -1,8 +1,11 @@
-"""The systemd unit files parse cleanly and start the right CLI (checked with systemd-analyze where it exists)."""
+"""The systemd unit files parse cleanly, start the right CLI, start for any worker id, do not restart on a config
+error, and are sandboxed (``systemd-analyze verify`` and ``security --offline`` where the tool exists); the installer
+puts torch only where a role needs it."""
 
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -51,3 +54,64 @@ def test_systemd_analyze_verify_reports_nothing(unit: Path, tmp_path: Path) -> N
     result = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
+
+
+def _directives(unit: Path) -> list[tuple[str, str]]:
+    """Every ``Key=value`` line of the [Service] section in order (configparser keeps only the last of repeated keys)."""
+    section, found = None, []
+    for line in unit.read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif section == "Service" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            found.append((key, value))
+    return found
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_a_config_error_is_not_restarted_forever(unit: Path) -> None:
+    assert _unit(unit)["Service"]["RestartPreventExitStatus"] == "2"  # typer usage errors and ConfigError exit 2
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_unit_is_sandboxed(unit: Path) -> None:
+    service = dict(_directives(unit))
+    for key, value in {"NoNewPrivileges": "true", "ProtectSystem": "strict", "ProtectHome": "true",
+                       "PrivateTmp": "true", "CapabilityBoundingSet": "", "RestrictNamespaces": "true",
+                       "SystemCallArchitectures": "native", "ReadOnlyPaths": "/etc/tmrl"}.items():
+        assert service.get(key) == value, f"{unit.name}: {key}={service.get(key)!r}"
+    assert "ReadWritePaths" not in service, "state is writable through StateDirectory= only"
+
+
+@pytest.mark.parametrize("unit", [u for u in UNITS if "relay" not in u.name], ids=lambda p: p.name)
+def test_state_lives_in_a_state_directory_systemd_creates_for_any_instance(unit: Path) -> None:
+    service = _unit(unit)["Service"]
+    state = service["StateDirectory"]
+    assert service["WorkingDirectory"] == f"%S/{state}"
+    if "worker" in unit.name:
+        assert state == "tmrl/worker-%i"  # tmrl-worker@worker-2 starts without install.sh having seen worker-2
+        assert f"TMRL_WORKER__STATE_DIR=%S/{state}" in [v for k, v in _directives(unit) if k == "Environment"]
+
+
+def test_installer_puts_torch_only_where_a_role_needs_it() -> None:
+    def plan(*roles: str) -> str:
+        result = subprocess.run(["bash", str(REPO / "deploy/systemd/install.sh"), "--dry-run", *roles],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert plan("relay").splitlines() == ["torch: no", "package: libs/common", "package: services/relay"]
+    assert plan("trainer").splitlines()[0] == "torch: yes"
+    assert "package: services/worker" in plan("worker:worker-1")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed on this machine")
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_systemd_analyze_security_rates_the_unit_ok(unit: Path, tmp_path: Path) -> None:
+    local = tmp_path / unit.name.replace("@.", "@worker-2.")  # an instance, as systemctl would run it
+    local.write_text(unit.read_text())
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(local)], capture_output=True,
+                            text=True, timeout=60)
+    score = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", result.stdout + result.stderr)
+    assert score, result.stdout + result.stderr
+    assert float(score.group(1)) <= 2.0 and score.group(2) == "OK", score.group(0)
