@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,34 @@ def test_example_config_mentions_every_field_of_the_service(section: str) -> Non
     mentioned = _mentioned_paths(EXAMPLE.read_text())
     missing = sorted(_field_paths(SERVICES[section], section) - mentioned)
     assert not missing, f"deploy/tmrl.example.toml does not document {missing}: add them (set, or commented out)"
+
+
+def _set_values(text: str):
+    """``(table, key, line, comment lines just above)`` for every key the file sets."""
+    table, comments = "", []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if match := _TABLE.match(stripped):
+            table, comments = match.group(1), []
+        elif stripped.startswith("#"):
+            comments.append(stripped)
+        elif not stripped:
+            comments = []
+        elif match := re.match(r"^([a-z_][a-z0-9_]*)\s*=", stripped):
+            yield table, match.group(1), line, comments
+            comments = []
+
+
+def test_every_value_that_is_not_the_default_says_so() -> None:
+    document = tomllib.loads(EXAMPLE.read_text())
+    defaults = {section: model().model_dump(mode="json") for section, model in SERVICES.items()}
+    unmarked = []
+    for table, key, line, comments in _set_values(EXAMPLE.read_text()):
+        value, default = document, defaults
+        for part in table.split("."):
+            value, default = value[part], default.get(part, {}) if isinstance(default, dict) else {}
+        if not isinstance(default, dict) or key not in default:
+            continue  # a free-form table (env_options): no defaults to compare with
+        if value[key] != default[key] and not any("not the default" in text for text in [line, *comments]):
+            unmarked.append(f"[{table}] {key}")
+    assert not unmarked, f"set to a value other than the default without saying so: {unmarked}"
