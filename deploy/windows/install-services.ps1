@@ -1,19 +1,52 @@
-# Install the tmrl relay and/or trainer as Windows services (run in an elevated PowerShell).
+# Install the tmrl relay and/or trainer as Windows services (run in an elevated PowerShell, 5.1 or 7).
 #   .\install-services.ps1 -Venv C:\tmrl\.venv -Config C:\ProgramData\tmrl\tmrl.toml -Services relay,trainer
 # The worker is NOT a service: see install-worker-task.ps1 for why.
 param(
     [Parameter(Mandatory = $true)][string]$Venv,
     [Parameter(Mandatory = $true)][string]$Config,
-    [string[]]$Services = @("relay", "trainer")
+    [ValidateSet("relay", "trainer")][string[]]$Services = @("relay", "trainer")
 )
 $ErrorActionPreference = "Stop"
+
+# $ErrorActionPreference does not cover native commands in Windows PowerShell 5.1: check every exit code.
+function Invoke-Native {
+    param([Parameter(Mandatory = $true)][string]$What, [Parameter(Mandatory = $true)][scriptblock]$Command)
+    & $Command
+    if ($LASTEXITCODE -ne 0) { throw "$What failed (exit code $LASTEXITCODE); nothing after it was done" }
+}
+
+$identity = [Security.Principal.WindowsPrincipal][Security.Principal.WindowsIdentity]::GetCurrent()
+if (-not $identity.IsInRole([Security.Principal.WindowsBuiltInRole]::Administrator)) {
+    throw "run this script from an elevated PowerShell (Run as administrator)"
+}
+if (-not (Test-Path -LiteralPath $Venv)) { throw "venv $Venv does not exist: create it and install tmrl first" }
+if (-not (Test-Path -LiteralPath $Config)) { throw "config file $Config does not exist (start from deploy\tmrl.example.toml)" }
+$Venv = (Resolve-Path -LiteralPath $Venv).Path       # relative paths: the services run elsewhere
+$Config = (Resolve-Path -LiteralPath $Config).Path
 $python = Join-Path $Venv "Scripts\python.exe"
 $script = Join-Path $PSScriptRoot "tmrl_windows_service.py"
-if (-not (Test-Path $python)) { throw "no python.exe in $Venv\Scripts: create the venv and install tmrl first" }
-if (-not (Test-Path $Config)) { throw "config file $Config does not exist (start from deploy\tmrl.example.toml)" }
-& $python -m pip install --quiet "pywin32>=306"
+if (-not (Test-Path -LiteralPath $python)) { throw "no python.exe in $Venv\Scripts: create the venv and install tmrl first" }
+
+Invoke-Native "pip install pywin32" { & $python -m pip install --quiet "pywin32>=306" }
+# pywin32's post-install step (its README: "python Scripts/pywin32_postinstall.py -install"): run from an elevated
+# prompt it copies pywintypes3XX.dll and pythoncom3XX.dll to System32, where a LocalSystem service finds them.
+$postinstall = Join-Path $Venv "Scripts\pywin32_postinstall.py"
+if (Test-Path -LiteralPath $postinstall) {
+    Invoke-Native "pywin32 post-install" { & $python $postinstall -install -quiet }
+} else {
+    Invoke-Native "pywin32 post-install" { & $python -m pywin32_postinstall -install -quiet }
+}
+
 foreach ($service in $Services) {
-    & $python $script $service install --config $Config
-    & $python $script $service start
-    Write-Host "tmrl-$service installed and started (Services console: 'tmrl $service')"
+    # install also copies python3XX.dll and pywin32's DLLs next to pythonservice.exe (the venv root): with a per-user
+    # Python, LocalSystem cannot load them from anywhere else and the service fails with error 1053.
+    Invoke-Native "installing tmrl-$service" { & $python $script $service install --config $Config }
+    Invoke-Native "starting tmrl-$service" { & $python $script $service start }
+    try {
+        (Get-Service -Name "tmrl-$service").WaitForStatus("Running", [TimeSpan]::FromSeconds(30))
+    } catch {
+        throw "tmrl-$service did not reach Running within 30 s: see the Windows Event Log (Application, source " +
+            "tmrl-$service) and $(Split-Path $Config)\logs\tmrl-$service.log"
+    }
+    Write-Host "tmrl-$service installed and running (Services console: 'tmrl $service'; log: $(Split-Path $Config)\logs\tmrl-$service.log)"
 }

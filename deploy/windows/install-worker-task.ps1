@@ -10,17 +10,33 @@ param(
     [string]$WorkerId = "worker-1"
 )
 $ErrorActionPreference = "Stop"
+if (-not (Test-Path -LiteralPath $Venv)) { throw "venv $Venv does not exist: install tmrl first" }
+if (-not (Test-Path -LiteralPath $Config)) { throw "config file $Config does not exist (start from deploy\tmrl.example.toml)" }
+$Venv = (Resolve-Path -LiteralPath $Venv).Path       # the task does not run in this folder: absolute paths only
+$Config = (Resolve-Path -LiteralPath $Config).Path
 $exe = Join-Path $Venv "Scripts\tmrl-worker.exe"
-if (-not (Test-Path $exe)) { throw "no tmrl-worker.exe in $Venv\Scripts: install tmrl first" }
+$pythonw = Join-Path $Venv "Scripts\pythonw.exe"     # no console window (python.exe would open one)
+$supervisor = Join-Path $PSScriptRoot "tmrl_supervisor.py"
+foreach ($needed in @($exe, $pythonw, $supervisor)) {
+    if (-not (Test-Path -LiteralPath $needed)) { throw "$needed does not exist: install tmrl into $Venv first" }
+}
 $name = "tmrl-worker-$WorkerId"
-# The worker id goes on the command line (not a user environment variable), so several worker tasks of one user
-# (one per game instance, each with its own config and telemetry port) keep distinct ids.
-$action = New-ScheduledTaskAction -Execute $exe -Argument "run --config `"$Config`" --worker-id $WorkerId" `
-    -WorkingDirectory (Split-Path $Config)
+$workDir = Split-Path $Config
+$log = Join-Path $workDir "logs\$name.log"
+
+# Task Scheduler's restart settings only retry a task that failed to start, never a worker that exited with an error:
+# tmrl_supervisor.py keeps the worker running (restart after an error with a back-off of 5 s doubling to 60 s; not
+# after exit 0 or exit 2, a config error) and appends its output to $log. The worker id goes on the command line (not
+# a user environment variable), so several worker tasks of one user keep distinct ids.
+$arguments = "`"$supervisor`" --log `"$log`" --cwd `"$workDir`" -- `"$exe`" run --config `"$Config`" --worker-id $WorkerId"
+$action = New-ScheduledTaskAction -Execute $pythonw -Argument $arguments -WorkingDirectory $workDir
 $trigger = New-ScheduledTaskTrigger -AtLogOn -User $env:USERNAME
 $principal = New-ScheduledTaskPrincipal -UserId $env:USERNAME -LogonType Interactive -RunLevel Limited
-$settings = New-ScheduledTaskSettingsSet -RestartCount 99 -RestartInterval (New-TimeSpan -Minutes 1) `
-    -ExecutionTimeLimit ([TimeSpan]::Zero) -AllowStartIfOnBatteries -DontStopIfGoingOnBatteries
+# Priority 4 is normal (Task Scheduler's default, 7, is below normal): the worker must keep its real-time step next to
+# the game, which runs at normal priority; above normal (2-3) could take CPU from the game itself and make it stutter.
+$settings = New-ScheduledTaskSettingsSet -Priority 4 -MultipleInstances IgnoreNew -ExecutionTimeLimit ([TimeSpan]::Zero) `
+    -RestartCount 3 -RestartInterval (New-TimeSpan -Minutes 1) -AllowStartIfOnBatteries -DontStopIfGoingOnBatteries
 Register-ScheduledTask -TaskName $name -Action $action -Trigger $trigger -Principal $principal -Settings $settings `
-    -Description "tmrl rollout worker $WorkerId (tmrl-worker run --config $Config --worker-id $WorkerId)" -Force | Out-Null
-Write-Host "task $name registered: it starts at your next log-on (Start-ScheduledTask -TaskName $name to start now)"
+    -Description "tmrl rollout worker $WorkerId (tmrl-worker run --config $Config --worker-id $WorkerId; log $log)" `
+    -Force | Out-Null
+Write-Host "task $name registered: it starts at your next log-on (Start-ScheduledTask -TaskName $name to start now); log: $log"
