@@ -145,3 +145,23 @@ def test_train_local_show_config_prints_the_trainer_table_with_its_flags(runner)
     assert result.exit_code == 0, result.output
     table = tomllib.loads(result.stdout)["trainer"]
     assert (table["seed"], table["torch_threads"]) == (7, 2)
+
+
+def _leaf_commands(command, path: tuple[str, ...]):
+    if hasattr(command, "commands"):
+        for name, sub in command.commands.items():
+            yield from _leaf_commands(sub, (*path, name))
+    else:
+        yield path, command
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_every_option_of_every_command_has_help(service):
+    import typer.main
+
+    app, _ = SERVICES[service]
+    missing = [f"{' '.join(path)} {param.opts[0] if getattr(param, 'opts', None) else param.name}"
+               for path, command in _leaf_commands(typer.main.get_command(app), (service,))
+               for param in command.params if param.name != "help" and not getattr(param, "help", None)
+               and getattr(param, "param_type_name", "option") == "option"]
+    assert not missing, f"options without help: {missing}"

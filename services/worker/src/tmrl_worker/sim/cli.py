@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from tmrl_common.options import HELP
 
 sim_app = typer.Typer(help="Built-in race-track simulator: tracks, pictures, scripted drives.", no_args_is_help=True)
 
@@ -32,7 +33,7 @@ def render_track(
     drive: Annotated[bool, typer.Option("--drive/--no-drive", help="Draw the scripted driver's trajectory.")] = True,
     full_throttle: FullThrottleOption = False,
     gif: Annotated[Path | None, typer.Option("--gif", help="Also write a GIF of the episode.", dir_okay=False)] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help=HELP["seed"])] = 0,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Stop the drive after this many steps.", min=1)] = 2000,
 ) -> None:
     """Write a PNG of a track (with a driven trajectory coloured by speed) and optionally a GIF of the drive."""
@@ -75,7 +76,7 @@ def record_demo_command(
 @sim_app.command("drive")
 def drive_command(
     track: TrackOption = "hairpins",
-    episodes: Annotated[int, typer.Option("--episodes", "-n", min=1)] = 1,
+    episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes to drive.")] = 1,
     full_throttle: FullThrottleOption = False,
 ) -> None:
     """Drive the scripted expert in fast mode and print lap times and returns."""
