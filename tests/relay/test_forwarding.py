@@ -113,3 +113,15 @@ def test_a_connection_claiming_another_connections_routing_id_gets_nothing_of_it
         assert not thief.poll(500)  # neither the ack nor anything else reaches the thief
         assert "worker-9" not in relay.workers.by_sender
         thief.close()
+
+
+def test_a_peer_leaving_is_logged_at_info_not_warning(context, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="tmrl_relay")
+    with relay_in_thread(insecure_config()) as relay:
+        worker = connected_worker(context, relay, "worker-1")
+        worker.close()
+        wait_until(lambda: any("connection from" in r.getMessage() for r in caplog.records), what="the disconnect line")
+    [line] = [r for r in caplog.records if "connection from" in r.getMessage()]
+    assert line.levelno == logging.INFO

@@ -56,3 +56,36 @@ def test_keys_generate_advice_fits_the_key_it_made(runner, tmp_path, name, expec
     text = result.output.replace("\n", " ")
     assert expected in text
     assert absent not in result.output
+
+
+def test_a_relay_on_the_keys_init_layout_admits_the_trainer_only_on_the_trainer_socket(context, tmp_path):
+    import zmq
+    from tmrl_common.sockets import SecurityConfig
+    from tmrl_relay.config import RelayConfig
+
+    from .relay_harness import Peer, relay_in_thread, wait_until
+
+    setup = write_local_setup(tmp_path / "keys", tmp_path / "allow", ["worker-1"])
+    relay_public = setup.pairs["relay"].public_file
+
+    def peer(port: int, name: str) -> Peer:
+        security = SecurityConfig(secret_key_file=setup.pairs[name].secret_file, server_public_key_file=relay_public)
+        return Peer(context, port, name, zmq.DEALER, security=security)
+
+    config = RelayConfig(bind_host="127.0.0.1", worker_port=0, trainer_port=0, weights_port=0, metrics_port=0,
+                         security=SecurityConfig(secret_key_file=setup.pairs["relay"].secret_file,
+                                                 allowlist_dir=tmp_path / "allow"))  # no trainer_allowlist_dir
+    with relay_in_thread(config) as relay:
+        trainer, worker = peer(relay.ports.trainer_port, "trainer"), peer(relay.ports.worker_port, "worker-1")
+        trainer.hello("trainer")
+        wait_until(lambda: relay.trainer is not None and relay.trainer.sender == "trainer", what="trainer hello")
+        worker.hello("worker")
+        wait_until(lambda: "worker-1" in relay.workers.by_sender, what="worker hello")
+        intruder = peer(relay.ports.trainer_port, "worker-1")  # a worker's key on the trainer socket
+        intruder.hello("trainer")
+        failures = relay.metrics.registry.get_sample_value
+        wait_until(lambda: failures("tmrl_relay_handshake_failures_total", {"link": "trainer", "kind": "auth"}) == 1,
+                   what="the worker key refused on the trainer socket")
+        assert relay.trainer.sender == "trainer"
+        for client in (trainer, worker, intruder):
+            client.close()
