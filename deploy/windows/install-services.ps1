@@ -8,11 +8,16 @@ param(
 )
 $ErrorActionPreference = "Stop"
 
-# $ErrorActionPreference does not cover native commands in Windows PowerShell 5.1: check every exit code.
+# $ErrorActionPreference does not cover native commands in Windows PowerShell 5.1: check every exit code. While one
+# runs, "Continue": where 5.1 turns a native command's stderr into error records (ISE, redirection, remoting), a
+# warning pip prints on stderr must not stop the script; the exit code decides.
 function Invoke-Native {
     param([Parameter(Mandatory = $true)][string]$What, [Parameter(Mandatory = $true)][scriptblock]$Command)
+    $ErrorActionPreference = "Continue"
     & $Command
-    if ($LASTEXITCODE -ne 0) { throw "$What failed (exit code $LASTEXITCODE); nothing after it was done" }
+    $code = $LASTEXITCODE
+    $ErrorActionPreference = "Stop"
+    if ($code -ne 0) { throw "$What failed (exit code $code); nothing after it was done" }
 }
 
 $identity = [Security.Principal.WindowsPrincipal][Security.Principal.WindowsIdentity]::GetCurrent()

@@ -38,7 +38,7 @@ def test_every_native_command_of_the_service_installer_is_checked():
     assert calls, "no native command found: the check below would pass vacuously"
     unchecked = [line for line in calls if not (line.startswith("Invoke-Native") or line == "& $Command")]
     assert not unchecked, f"native commands whose exit code nobody checks: {unchecked}"
-    assert "if ($LASTEXITCODE -ne 0) { throw" in text
+    assert "$code = $LASTEXITCODE" in text and "if ($code -ne 0) { throw" in text
 
 
 def test_installed_is_printed_only_after_the_service_is_seen_running():
