@@ -43,15 +43,28 @@ if (Test-Path -LiteralPath $postinstall) {
 }
 
 foreach ($service in $Services) {
+    # Running again (an update): stop the service first, so its DLLs can be replaced and `start` does not fail with
+    # 1056 (already running). pywin32's install updates a service that exists.
+    $existing = Get-Service -Name "tmrl-$service" -ErrorAction SilentlyContinue
+    if ($existing -and $existing.Status -ne "Stopped") {
+        Stop-Service -Name "tmrl-$service"
+        Write-Host "stopped tmrl-$service to update it"
+    }
     # install also copies python3XX.dll and pywin32's DLLs next to pythonservice.exe (the venv root): with a per-user
     # Python, LocalSystem cannot load them from anywhere else and the service fails with error 1053.
     Invoke-Native "installing tmrl-$service" { & $python $script $service install --config $Config }
     Invoke-Native "starting tmrl-$service" { & $python $script $service start }
+    $log = Join-Path (Split-Path $Config) "logs\tmrl-$service.log"
     try {
         (Get-Service -Name "tmrl-$service").WaitForStatus("Running", [TimeSpan]::FromSeconds(30))
     } catch {
         throw "tmrl-$service did not reach Running within 30 s: see the Windows Event Log (Application, source " +
-            "tmrl-$service) and $(Split-Path $Config)\logs\tmrl-$service.log"
+            "tmrl-$service) and $log"
     }
-    Write-Host "tmrl-$service installed and running (Services console: 'tmrl $service'; log: $(Split-Path $Config)\logs\tmrl-$service.log)"
+    # pywin32 reports Running before the child starts: a config error (exit 2) stops the service seconds later
+    Start-Sleep -Seconds 5
+    if ((Get-Service -Name "tmrl-$service").Status -ne "Running") {
+        throw "tmrl-$service stopped right after starting: its log $log says why (a config error exits 2)"
+    }
+    Write-Host "tmrl-$service installed and running (Services console: 'tmrl $service'; log: $log)"
 }
