@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tmrl_common.curve import list_allowed_keys, load_public_key
 from tmrl_relay.cli import app
-from tmrl_relay.keys import role_allowlist_dir, write_local_setup
+from tmrl_relay.keys import role_dir, write_local_setup
 from typer.testing import CliRunner
 
 
@@ -40,9 +40,9 @@ def test_keys_init_twice_keeps_the_existing_pairs(tmp_path):
     assert [entry.name for entry in list_allowed_keys(tmp_path / "allow")] == ["worker-1", "worker-2"]
 
 
-def test_role_allowlist_dir_puts_trainers_in_their_own_folder():
-    assert role_allowlist_dir(Path("allow"), "worker") == Path("allow")
-    assert role_allowlist_dir(Path("allow"), "trainer") == Path("allow/trainers")
+def test_role_dir_puts_trainers_in_their_own_folder():
+    assert role_dir(Path("allow"), "worker") == Path("allow")
+    assert role_dir(Path("allow"), "trainer") == Path("allow/trainers")
 
 
 @pytest.mark.parametrize(("name", "expected", "absent"), [

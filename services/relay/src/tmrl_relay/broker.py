@@ -41,7 +41,7 @@ from zmq.utils.monitor import parse_monitor_message
 from tmrl_relay import __version__
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head
-from tmrl_relay.keys import role_allowlist_dir
+from tmrl_relay.keys import role_dir
 from tmrl_relay.metrics import RelayMetrics
 from tmrl_relay.peers import Peer, PeerTable
 from tmrl_relay.pending import PendingBatch, PendingBatches
@@ -202,7 +202,7 @@ class Relay:
         assert shared is not None
         trainer = self.config.trainer_allowlist_dir
         if trainer is None:  # <allow-dir>/trainers (what `keys init` writes); an allow-dir without one serves both
-            trainer = role_allowlist_dir(shared, "trainer")
+            trainer = role_dir(shared, "trainer")
             trainer = trainer if trainer.is_dir() else shared
         return {ZAP_DOMAINS["workers"]: shared, ZAP_DOMAINS["weights"]: shared, ZAP_DOMAINS["trainer"]: trainer}
 

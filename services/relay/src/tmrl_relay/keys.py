@@ -1,7 +1,7 @@
 """``tmrl-relay keys ...``: CurveZMQ key pairs and the relay's allow-list (thin commands over :mod:`tmrl_common.curve`).
 
 Allow-list layout (one directory, ``--allow-dir``): worker keys are ``<allow-dir>/NAME.key``, trainer keys are
-``<allow-dir>/trainers/NAME.key`` (:func:`role_allowlist_dir`), so a worker's key never opens the trainer socket,
+``<allow-dir>/trainers/NAME.key`` (:func:`role_dir`), so a worker's key never opens the trainer socket,
 which can publish weights to every worker. :func:`write_local_setup` makes every pair and entry of a one-machine
 setup (``tmrl-relay keys init``).
 """
@@ -35,15 +35,15 @@ TRAINER_ALLOWLIST_SUBDIR = "trainers"
 RELAY_KEY_NAME = "relay"
 
 
-def role_allowlist_dir(allow_dir: Path, role: KeyRole) -> Path:
+def role_dir(allow_dir: Path, role: KeyRole) -> Path:
     """Where keys of ``role`` are allowed: ``allow_dir`` itself for workers, ``allow_dir/trainers`` for trainers."""
     return Path(allow_dir) / TRAINER_ALLOWLIST_SUBDIR if role == "trainer" else Path(allow_dir)
 
 
 def allow_key_for_role(allow_dir: Path, public_key_file: Path, role: KeyRole, name: str | None = None, *,
                        overwrite: bool = False) -> AllowedKey:
-    """Allow the public key in ``public_key_file`` for ``role`` (into :func:`role_allowlist_dir`)."""
-    return allow_public_key(role_allowlist_dir(allow_dir, role), public_key_file, name, overwrite=overwrite)
+    """Allow the public key in ``public_key_file`` for ``role`` (into :func:`role_dir`)."""
+    return allow_public_key(role_dir(allow_dir, role), public_key_file, name, overwrite=overwrite)
 
 
 @dataclass(frozen=True)
