@@ -10,7 +10,13 @@ import torch
 from random_episodes import fill_with_random_episodes
 from tmrl_common.layout import tm20_lidar_layout
 from tmrl_trainer import tensor_file
-from tmrl_trainer.checkpoint import CheckpointError, load_checkpoint, memory_path_for, save_checkpoint
+from tmrl_trainer.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    load_checkpoint,
+    memory_path_for,
+    save_checkpoint,
+)
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.sac import SACConfig, SACLearner
 
@@ -96,10 +102,10 @@ def test_loading_a_corrupt_missing_or_mismatched_checkpoint_raises_checkpoint_er
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(tmp_path / "corrupt.safetensors", learner)
     _, other = _setup(hidden=16)
-    with pytest.raises(CheckpointError, match="architecture"):
+    with pytest.raises(CheckpointMismatchError, match="architecture"):
         load_checkpoint(path, other)
     _, redq = _setup(redq_n=3, redq_m=2)
-    with pytest.raises(CheckpointError, match="does not fit"):
+    with pytest.raises(CheckpointMismatchError, match="does not fit"):
         load_checkpoint(path, redq)
 
 
@@ -113,3 +119,33 @@ def test_a_memory_snapshot_and_extra_json_state_ride_along_with_a_checkpoint(tmp
     assert restored_memory.rows_added == memory.rows_added and memory_path_for(path).exists()
     plain = load_checkpoint(save_checkpoint(tmp_path / "plain.safetensors", learner), learner)  # the local-mode call
     assert plain.extra == {} and not plain.memory_saved
+
+
+def with_a_nan(path, tensor: str = "learner.actor.mean.weight"):
+    """Rewrite the checkpoint at ``path`` with one NaN in ``tensor`` (what a learner poisoned before the guard wrote)."""
+    tensors, document = tensor_file.read_file(path)
+    tensors[tensor][0, 0] = float("nan")
+    path.write_bytes(tensor_file.pack(tensors, document))
+    return path
+
+
+def test_a_checkpoint_holding_a_non_finite_tensor_is_refused_before_the_learner_is_touched(tmp_path):
+    memory, learner = _setup()
+    _train(learner, memory, 2)
+    path = with_a_nan(save_checkpoint(tmp_path / "ckpt.safetensors", learner))
+    _, fresh = _setup()
+    before = _state(fresh)
+    with pytest.raises(CheckpointError, match=r"ckpt.safetensors holds a non-finite value in learner.actor.mean.weight"):
+        load_checkpoint(path, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(fresh), strict=True)) and fresh.updates == 0
+
+
+def test_a_learner_holding_a_non_finite_value_is_never_written_to_a_checkpoint(tmp_path):
+    memory, learner = _setup()
+    _train(learner, memory, 1)
+    previous = save_checkpoint(tmp_path / "ckpt.safetensors", learner).read_bytes()
+    with torch.no_grad():
+        learner.critics.weights[0][0].view(-1)[0] = float("inf")
+    with pytest.raises(CheckpointError, match="refusing to write checkpoint .*ckpt.safetensors: learner.critics"):
+        save_checkpoint(tmp_path / "ckpt.safetensors", learner)
+    assert (tmp_path / "ckpt.safetensors").read_bytes() == previous

@@ -51,6 +51,7 @@ def test_short_pendulum_run_writes_tensorboard_scalars_and_a_loadable_checkpoint
     result = train_local("Pendulum-v1", steps=300, seed=0, config=config)
     assert result.updates == 202  # one per step from step 99, when the memory holds 100 rows (the reset row included)
     assert result.episodes == 1 and len(result.final_returns) == 1 and np.isfinite(result.final_return)
+    assert result.updates_rejected == 0  # Pendulum is sane: the guard lets every update through
     assert result.checkpoint is not None and result.checkpoint.exists()
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))

@@ -174,10 +174,19 @@ def test_auto_device_falls_back_to_cpu_and_unavailable_cuda_is_a_clear_error():
 
 def test_direct_fused_adam_steps_equal_the_optimizers_own_steps_also_after_loading_a_state():
     direct, reference = _learner(seed=3), _learner(seed=3)
-    reference._adam_step = reference.optimizer.step  # the torch.optim.Adam.step path, every update
+
+    def reference_step(rejected: torch.Tensor) -> None:  # the torch.optim.Adam.step path, every update
+        reference.optimizer.found_inf = rejected
+        reference.optimizer.step()
+
+    reference._adam_step = reference_step
     for step in range(4):
-        direct.update(_batch(seed=step), with_metrics=False)
-        reference.update(_batch(seed=step), with_metrics=False)
+        batch = _batch(seed=step)
+        if step == 2:  # a rejected update in between (the guard): both paths must skip it the same way
+            batch = batch._replace(reward=torch.full_like(batch.reward, 3e38))
+        direct.update(batch, with_metrics=False)
+        reference.update(batch, with_metrics=False)
+    assert direct.guard.rejected_updates() == reference.guard.rejected_updates() == 1
     assert direct._adam_calls is not None  # the direct calls are in use from the second step
     assert all(torch.equal(a, b) for a, b in zip(_parameters(direct), _parameters(reference), strict=True))
 

@@ -238,3 +238,114 @@ def test_without_save_memory_no_memory_file_is_written_and_a_restart_starts_empt
         assert len(second.memory) == 60
     finally:
         second.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ the learner guard
+
+
+def absurd_pendulum_batch(worker: str, seq: int, rows: int, reward: float = 3e38):
+    """A decoded batch whose rewards are finite but absurd (ingest bounds are not this test's subject: the rows go
+    straight into the memory, as a batch that got past ingest would)."""
+    rng = np.random.default_rng(seq)
+    builder = SampleBatchBuilder(layout_for_box(3, 1))
+    builder.add_reset((rng.normal(size=3).astype(np.float32),))
+    for _ in range(rows - 1):
+        builder.add_step(rng.uniform(-1, 1, 1).astype(np.float32), (rng.normal(size=3).astype(np.float32),), reward,
+                         False, False)
+    return builder.build(seq=seq, weights_version=0)
+
+
+def test_a_trainer_fed_absurd_rewards_keeps_running_counts_rejected_updates_and_saves_finite_state(tmp_path, caplog):
+    config = make_config(tmp_path, checkpoint_every=10)
+    service = TrainerService(config)
+    service._store("w1", absurd_pendulum_batch("w1", 0, 100))  # every minibatch is poisoned
+    with caplog.at_level("WARNING", logger="tmrl_trainer.guard"):
+        assert service.run(max_updates=10) == 10
+    status = json.loads((service.run_dir / "status.json").read_text())
+    assert status["learner"] == {"updates_rejected": 10, "publishes_refused": 0, "checkpoints_refused": 0}
+    trains = [json.loads(line) for line in (service.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["updates_rejected"] for r in trains if r["kind"] == "train"] == [5, 10]
+    assert "5 SAC update(s) not applied" in caplog.text and "critic_loss inf" in caplog.text
+    assert service.weights_version == 2  # the unchanged, finite weights were still published
+
+    resumed = TrainerService(config)  # the checkpoint written at 10 updates is finite and loads
+    try:
+        assert resumed.learner.updates == 10 and resumed.weights_version == 2
+        assert all(torch.isfinite(p).all() for p in resumed.learner.actor.parameters())
+    finally:
+        resumed.shutdown()
+
+
+def test_weights_holding_a_nan_are_neither_published_nor_checkpointed(tmp_path, caplog):
+    service = TrainerService(make_config(tmp_path))
+    service.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert service.run(max_updates=10) == 10  # published twice, checkpointed once
+    saved = _checkpoint_files(service)
+    with torch.no_grad():
+        next(service.learner.actor.parameters()).view(-1)[0] = float("nan")  # what the guard exists to prevent
+    with caplog.at_level("ERROR", logger="tmrl_trainer.service"):
+        service._publish()
+        service._checkpoint()
+    assert service.weights_version == 2 and _checkpoint_files(service) == saved
+    assert service.snapshot()["learner"] == {"updates_rejected": 0, "publishes_refused": 1, "checkpoints_refused": 1}
+    assert "weights not published after 10 updates: actor tensor" in caplog.text
+    assert "checkpoint at 10 updates not saved" in caplog.text and "non-finite" in caplog.text
+
+
+def test_resume_refuses_a_non_finite_or_unreadable_checkpoint_and_uses_the_previous_good_one(tmp_path, caplog):
+    from test_checkpoint import with_a_nan
+
+    config = make_config(tmp_path, checkpoint_every=4)
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=12) == 12  # checkpoints at 4, 8, 12
+    directory = first.run_dir / "checkpoints"
+    good, truncated, poisoned = (directory / f"checkpoint-{n:012d}.safetensors" for n in (4, 8, 12))
+    with_a_nan(poisoned)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    expected = load_state(good)
+
+    with caplog.at_level("INFO", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    try:
+        assert second.learner.updates == 4 and second.weights_version == 0  # published every 5: none by update 4
+        assert all(torch.equal(v, expected[k]) for k, v in second.learner.actor.state_dict().items())
+        assert f"refusing checkpoint {poisoned}: checkpoint {poisoned} holds a non-finite value" in caplog.text
+        assert f"refusing checkpoint {truncated}: checkpoint {truncated} is unreadable" in caplog.text
+        assert f"resumed from checkpoint {good}" in caplog.text
+        assert sorted(p.name for p in directory.iterdir()) == [
+            good.name, truncated.name + ".refused", poisoned.name + ".refused"]
+    finally:
+        second.shutdown()
+
+
+def test_with_every_checkpoint_refused_the_trainer_starts_from_scratch_and_says_so(tmp_path, caplog):
+    config = make_config(tmp_path, checkpoint_every=4)
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=4) == 4
+    only = first.run_dir / "checkpoints" / "checkpoint-000000000004.safetensors"
+    only.write_bytes(b"not a checkpoint")
+    with caplog.at_level("ERROR", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    try:
+        assert second.learner.updates == 0
+        assert fresh_actor_state(config) == {k: v.tolist() for k, v in second.learner.actor.state_dict().items()}
+        assert "no usable checkpoint" in caplog.text and str(only) in caplog.text
+    finally:
+        second.shutdown()
+
+
+def load_state(path) -> dict[str, torch.Tensor]:
+    """The actor tensors saved in the checkpoint at ``path``."""
+    from tmrl_trainer.tensor_file import read_file
+
+    tensors, _ = read_file(path)
+    return {k.removeprefix("learner.actor."): v for k, v in tensors.items() if k.startswith("learner.actor.")}
+
+
+def fresh_actor_state(config: TrainerConfig) -> dict[str, list]:
+    from tmrl_trainer.sac import SACLearner
+
+    learner = SACLearner(config.sac, config.sac.architecture(layout_for_box(3, 1)), device="cpu", seed=config.seed)
+    return {k: v.tolist() for k, v in learner.actor.state_dict().items()}

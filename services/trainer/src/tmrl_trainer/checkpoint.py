@@ -7,6 +7,9 @@ tensor appears as ``{"$tensor": "<entry name>"}``. The replay memory, when saved
 (``<name>.memory.safetensors``), also written atomically and always before the checkpoint itself, so a checkpoint
 never names a memory file that was not written yet. A caller's own JSON state (the distributed trainer's dedupe
 window) can ride along in the document as ``extra``.
+
+Non-finite state is refused both ways: :func:`save_checkpoint` raises rather than write a learner holding an inf or a
+NaN, and :func:`load_checkpoint` raises rather than load one (before touching the learner).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.sac import SACLearner
 from tmrl_trainer.tensor_file import TensorFileError, pack, read_file, write_atomically
@@ -27,7 +31,12 @@ MEMORY_SUFFIX = ".memory.safetensors"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the learner it is loaded into."""
+    """A checkpoint cannot be read, holds non-finite values, or does not fit the learner it is loaded into."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint written for another policy architecture or SAC config (a configuration error: every
+    checkpoint of the same run would fail the same way)."""
 
 
 class Checkpoint(BaseModel):
@@ -91,6 +100,9 @@ def save_checkpoint(path: str | Path, learner: SACLearner, counters: dict[str, i
     """
     tensors: dict[str, torch.Tensor] = {}
     tree = _split(learner.state_dict(), tensors, "learner")
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"refusing to write checkpoint {path}: {bad} holds a non-finite value")
     document = {
         "format": CHECKPOINT_FORMAT,
         "learner": tree,
@@ -117,13 +129,17 @@ def load_checkpoint(path: str | Path, learner: SACLearner, memory: ReplayMemory 
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file")
-    if document["architecture"] != learner.architecture.to_flat_dict():
-        raise CheckpointError(f"checkpoint {path} was written for another policy architecture; "
-                              "start with the same layout and hidden sizes, or from scratch")
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} holds a non-finite value in {bad}")
+    if document.get("architecture") != learner.architecture.to_flat_dict():
+        raise CheckpointMismatchError(f"checkpoint {path} was written for another policy architecture; "
+                                      "start with the same layout and hidden sizes, or from scratch")
     try:
         learner.load_state_dict(_join(document["learner"], tensors))
     except (KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit this learner (different SAC config?): {exc}") from exc
+        raise CheckpointMismatchError(f"checkpoint {path} does not fit this learner (different SAC config?): "
+                                      f"{exc}") from exc
     restored = False
     if memory is not None and document.get("memory"):
         memory.load(memory_path_for(path))

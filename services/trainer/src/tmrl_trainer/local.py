@@ -66,6 +66,8 @@ class LocalTrainingResult:
     evaluations: list[tuple[int, float]] = field(default_factory=list)
     """(environment step, mean deterministic return) of every evaluation, the final one included."""
     updates: int = 0
+    updates_rejected: int = 0
+    """Updates the learner guard did not apply (a non-finite loss or gradient; see :mod:`tmrl_trainer.guard`)."""
     episodes: int = 0
     wall_s: float = 0.0
     checkpoint: Path | None = None
@@ -199,6 +201,7 @@ def train_local(
                     log_now = (learner.updates + 1) % config.log_every == 0
                     update_metrics = learner.update(memory.sample(config.sac.batch_size), with_metrics=log_now)
                     if log_now:
+                        update_metrics["updates_rejected"] = learner.guard.report(learner.updates)
                         metrics.log_update(step, update_metrics)
                         metrics.log_rates(step, learner.updates, step)
 
@@ -217,5 +220,6 @@ def train_local(
         env.close()
         eval_env.close()
     result.updates = learner.updates
+    result.updates_rejected = learner.guard.report(learner.updates)
     result.wall_s = time.perf_counter() - started
     return result

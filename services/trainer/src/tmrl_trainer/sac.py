@@ -16,6 +16,10 @@ One :meth:`SACLearner.update` reads top to bottom:
 5. All three losses are computed at the same parameters and applied by one Adam step (as in the original SAC
    implementation, which ran its three train ops together), then the **target critics** move by polyak averaging
    ``theta' <- (1 - tau) * theta' + tau * theta``.
+6. **The guard** (:mod:`tmrl_trainer.guard`): between the backward pass and the Adam step, an update whose losses or
+   gradients are not finite is marked rejected; Adam then leaves weights and moments as they were and the target
+   critics do not move. Rejected updates still count in :attr:`SACLearner.updates` (the update-to-data cap and the
+   publishing cadence do not change) and are counted apart by :attr:`SACLearner.guard`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import Activation, Actor, CriticEnsemble, PolicyArchitecture, build_actor
 
+from tmrl_trainer.guard import UpdateGuard
 from tmrl_trainer.memory import TransitionBatch
 
 
@@ -155,7 +160,9 @@ class SACLearner:
         ``None`` until the optimizer has state, and again after :meth:`load_state_dict` replaces it."""
 
         self.generator = torch.Generator(self.device).manual_seed(seed + 1)
+        self.guard = UpdateGuard(self.device)
         self.updates = 0
+        """Update steps taken, the ones :attr:`guard` rejected included."""
         self._shared_features = self.critics.shares_encoder and not any(True for _ in self.actor.encoder.parameters())
 
     @property
@@ -212,14 +219,17 @@ class SACLearner:
         alpha_loss = entropy_coefficient_loss(self.log_alpha, log_prob, self.target_entropy)
 
         # One backward and one Adam step for all three: each loss reaches only its own parameters.
-        total_loss = critic_loss + actor_loss + (alpha_loss if self.config.learn_alpha else 0.0)
+        learned_alpha_loss = alpha_loss if self.config.learn_alpha else None
+        total_loss = critic_loss + actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)
         torch._foreach_zero_(self._gradients)  # in place: the networks' gradients are views of these
         total_loss.backward()
-        self._adam_step()
+        # 6. the guard: 1.0 when a loss or gradient is not finite; Adam and the polyak step then change nothing
+        rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, self._gradients)
+        self._adam_step(rejected)
 
         # 5. target critics
         with torch.no_grad():
-            self._target_flat.lerp_(self._critic_flat, tau)
+            self._target_flat.lerp_(self._critic_flat, tau * (1.0 - rejected))
         self.updates += 1
 
         if not with_metrics:
@@ -228,12 +238,18 @@ class SACLearner:
                               q_values.detach().mean(), target_q.mean(), -log_prob.detach().mean()]).tolist()
         return dict(zip(self.METRICS, values, strict=True))
 
-    def _adam_step(self) -> None:
+    def _adam_step(self, rejected: torch.Tensor) -> None:
         """``self.optimizer.step()`` as the fused Adam kernel calls it makes, without the optimizer's per-step Python
         bookkeeping (about 2% of a CPU update at batch 256). The first step, and every step off the CPU, goes through
         ``optimizer.step()``, which creates the state; results are bit-identical (tested), and the state stays in
-        ``self.optimizer``, so checkpoints are unchanged."""
+        ``self.optimizer``, so checkpoints are unchanged. ``rejected`` (1.0 or 0.0, from the guard) is the fused
+        kernel's ``found_inf``: at 1.0 weights, moments and step count stay as they were."""
+        if not self.optimizer.defaults["fused"]:  # only the fused kernels take found_inf; elsewhere, ask the host
+            if not bool(rejected):
+                self.optimizer.step()
+            return
         if self._adam_calls is None:
+            self.optimizer.found_inf = rejected  # read by Adam.step, as GradScaler sets it
             self.optimizer.step()
             if self.device.type == "cpu" and self.optimizer.defaults["fused"] and not self.optimizer.defaults["amsgrad"]:
                 self._adam_calls = []
@@ -245,10 +261,10 @@ class SACLearner:
             return
         for group, (parameter, gradient, exp_avg, exp_avg_sq, step) in self._adam_calls:
             beta1, beta2 = group["betas"]
-            step.add_(1)
+            step.add_(1.0 - rejected)
             torch._fused_adam_([parameter], [gradient], [exp_avg], [exp_avg_sq], [], [step], amsgrad=group["amsgrad"],
                                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                               eps=group["eps"], maximize=group["maximize"])
+                               eps=group["eps"], maximize=group["maximize"], found_inf=rejected)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 

@@ -16,6 +16,15 @@ Update schedule:
   files); when the service is built, the latest checkpoint under ``run_dir/checkpoints`` is restored (learner state,
   update count, weights version) and those weights are re-published at once so workers resume with them.
 
+Learner guard (:mod:`tmrl_trainer.guard`): an update whose loss or gradient is not finite is not applied; such
+updates are counted (``learner.updates_rejected`` in ``status.json``, ``updates_rejected`` in the ``train`` records of
+``metrics.jsonl`` and TensorBoard) and logged at most every 10 s. Weights holding an inf or a NaN are never published
+nor checkpointed (refused, counted as ``publishes_refused`` / ``checkpoints_refused``, logged). On resume, a checkpoint
+that cannot be read or holds non-finite tensors is refused with an error naming it, renamed ``<name>.refused`` (kept
+for inspection, never tried again) and the previous one is used; with none left the trainer starts from scratch. A
+checkpoint written for another architecture or SAC config still stops the trainer (a configuration error, not
+damage). Learning rates: the config's, not the checkpoint's (a change is logged).
+
 Replay memory across restarts:
 
 * ``save_memory = false`` (default): the memory is not checkpointed. A restarted trainer starts with an empty memory,
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -65,8 +75,17 @@ from tmrl_common.networks import weights_update_from_actor
 from tmrl_common.protocol import SampleBatch, WeightsUpdate
 from tmrl_common.weights import tensors_from_bytes, tensors_to_bytes
 
-from tmrl_trainer.checkpoint import MEMORY_SUFFIX, Checkpoint, load_checkpoint, memory_path_for, save_checkpoint
+from tmrl_trainer.checkpoint import (
+    MEMORY_SUFFIX,
+    Checkpoint,
+    CheckpointError,
+    CheckpointMismatchError,
+    load_checkpoint,
+    memory_path_for,
+    save_checkpoint,
+)
 from tmrl_trainer.config import TrainerConfig
+from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.ingest import DedupeStateError, Ingestor
 from tmrl_trainer.memory import MemoryFileError, ReplayMemory
 from tmrl_trainer.relay_link import TrainerLink
@@ -78,6 +97,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 KEEP_CHECKPOINTS = 3
+REFUSED_SUFFIX = ".refused"
+"""Appended to a checkpoint refused on resume (unreadable or non-finite): kept for inspection, never tried again."""
 PROGRESS_EVERY_S = 10.0
 POLICY_FILE = "policy.safetensors"
 
@@ -159,6 +180,8 @@ class TrainerService:
         self.link.check_security()
         self.status = StatusFile(self.run_dir / STATUS_FILE, self.snapshot, config.status_interval_s)
         self.last_metrics: dict[str, float] = {}
+        self.guard_counts = {"updates_rejected": 0, "publishes_refused": 0, "checkpoints_refused": 0}
+        """The learner guard's counters as of the last report (``learner`` in ``status.json``)."""
         self._carried_update_credit = 0
         """Updates the checkpoint's run was still owed on the restored memory (see the module docstring)."""
         self._started = time.time()
@@ -189,20 +212,39 @@ class TrainerService:
                       key=lambda p: p.name)  # zero-padded update counts: name order is update order
 
     def _resume(self) -> None:
+        """Restore the newest checkpoint that loads and is finite; refuse (and set aside) the ones after it."""
         paths = self._checkpoint_paths()
         if not paths:
             log.info("no checkpoint in %s: starting from scratch", self.checkpoint_dir)
             return
-        restored = load_checkpoint(paths[-1], self.learner)
+        for path in reversed(paths):
+            try:
+                restored = load_checkpoint(path, self.learner)
+            except CheckpointMismatchError:
+                raise  # written for another configuration: every older one was too; the operator must choose
+            except CheckpointError as exc:
+                refused = path.with_name(path.name + REFUSED_SUFFIX)
+                path.replace(refused)
+                log.error("refusing checkpoint %s: %s; set aside as %s, trying the previous one", path, exc,
+                          refused.name)
+                continue
+            self._resumed_from(path, restored)
+            return
+        log.error("no usable checkpoint in %s (every one was refused, see above): starting from scratch",
+                  self.checkpoint_dir)
+        # a refused checkpoint may have been partly loaded before its fault showed: start from a fresh learner
+        self.learner = SACLearner(self.config.sac, self.architecture, device=self.device, seed=self.config.seed)
+
+    def _resumed_from(self, path: Path, restored: Checkpoint) -> None:
         self.weights_version = int(restored.counters.get("weights_version", 0))
         memory = "the replay memory starts empty"
         if self.config.save_memory:
-            rows = self._restore_memory(paths[-1], restored)
+            rows = self._restore_memory(path, restored)
             if rows:
                 memory = (f"replay memory restored: {rows} rows, {self._carried_update_credit} updates still owed "
                           "on them")
         log.info("resumed from checkpoint %s: %d updates, weights version %d (%s)",
-                 paths[-1], self.learner.updates, self.weights_version, memory)
+                 path, self.learner.updates, self.weights_version, memory)
         if self.weights_version > 0:
             self.link.publish(weights_update_from_actor(self.learner.actor, self.weights_version))
 
@@ -245,7 +287,13 @@ class TrainerService:
                 memory = self.memory.to_bytes()
                 extra = {"dedupe": self.ingestor.dedupe_state(), "memory_rows_added": self.memory.rows_added}
                 counters["update_credit"] = self._update_credit()
-        save_checkpoint(path, self.learner, counters=counters, memory=memory, extra=extra)
+        try:
+            save_checkpoint(path, self.learner, counters=counters, memory=memory, extra=extra)
+        except CheckpointError as exc:  # non-finite state: keep the previous checkpoints, say why
+            self.guard_counts["checkpoints_refused"] += 1
+            log.error("checkpoint at %d updates not saved: %s; the previous checkpoints are kept",
+                      self.learner.updates, exc)
+            return
         self._prune_checkpoints()
         log.info("checkpoint saved: %s (%d updates, weights version %d%s)", path, self.learner.updates,
                  self.weights_version, f", {extra['memory_rows_added']} rows added to the memory" if extra else "")
@@ -278,6 +326,7 @@ class TrainerService:
             "samples_received": ingest["rows_stored"],  # same snapshot as the per-worker counts
             "samples_stored": stored,
             "metrics": self.last_metrics,
+            "learner": dict(self.guard_counts),
             "link": vars(self.link.counters),
             **ingest,
         }
@@ -285,6 +334,13 @@ class TrainerService:
     # -------------------------------------------------------------------------------------------------- loop
 
     def _publish(self) -> None:
+        bad = first_non_finite(self.learner.actor.state_dict())
+        if bad is not None:  # the guard should make this impossible; if it happens, workers keep their weights
+            self.guard_counts["publishes_refused"] += 1
+            log.error("weights not published after %d updates: actor tensor %s holds a non-finite value "
+                      "(%d publications refused so far)", self.learner.updates, bad,
+                      self.guard_counts["publishes_refused"])
+            return
         self.weights_version += 1
         update = weights_update_from_actor(self.learner.actor, self.weights_version)
         self.link.publish(update)
@@ -333,7 +389,10 @@ class TrainerService:
                 metrics = self.learner.update(batch.to(self.device), with_metrics=publishing)
                 updates = self.learner.updates
                 if publishing:
-                    self.last_metrics = {k: float(v) for k, v in metrics.items()}
+                    self.guard_counts["updates_rejected"] = self.learner.guard.report(updates)
+                    # status.json is strict JSON: a rejected update's inf loss is left out (the guard counted it)
+                    self.last_metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+                    self.last_metrics["updates_rejected"] = self.guard_counts["updates_rejected"]
                     self._publish()
                     self.recorder.training(updates, self.rows_received, self.weights_version, self.last_metrics)
                 if updates % self.config.checkpoint_every == 0:
