@@ -149,3 +149,32 @@ def test_a_learner_holding_a_non_finite_value_is_never_written_to_a_checkpoint(t
     with pytest.raises(CheckpointError, match="refusing to write checkpoint .*ckpt.safetensors: learner.critics"):
         save_checkpoint(tmp_path / "ckpt.safetensors", learner)
     assert (tmp_path / "ckpt.safetensors").read_bytes() == previous
+
+
+def test_resuming_with_changed_learning_rates_uses_the_configs_and_logs_each_change(tmp_path, caplog):
+    memory, learner = _setup()
+    _train(learner, memory, 2)
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner)
+    config = learner.config.model_copy(update={"actor_lr": 3e-4, "alpha_lr": 5e-4})
+    changed = SACLearner(config, config.architecture(LAYOUT), device="cpu", seed=0)
+    with caplog.at_level("INFO", logger="tmrl_trainer.checkpoint"):
+        load_checkpoint(path, changed)
+    rates = {group["name"]: group["lr"] for group in changed.optimizer.param_groups}
+    assert rates == {"critics": 1e-3, "actor": 3e-4, "log_alpha": 5e-4}
+    assert changed.learning_rates_overridden == {"actor_lr": (1e-3, 3e-4), "alpha_lr": (1e-3, 5e-4)}
+    assert "saved with actor_lr = 0.001; the config's 0.0003 is used" in caplog.text
+    assert "alpha_lr = 0.001; the config's 0.0005" in caplog.text and "critic_lr" not in caplog.text
+
+
+def test_a_resumed_learner_steps_with_the_configured_rate_not_the_saved_one(tmp_path):
+    memory, learner = _setup()
+    _train(learner, memory, 2)  # from here on the direct fused Adam calls are in use
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner)
+    config = learner.config.model_copy(update={"actor_lr": 1e-12})  # Adam steps of about 1e-12: no visible change
+    slowed = SACLearner(config, config.architecture(LAYOUT), device="cpu", seed=0)
+    load_checkpoint(path, slowed)
+    actor = [p.detach().clone() for p in slowed.actor.parameters()]
+    _train(slowed, memory, 3)
+    _train(learner, memory, 3)
+    assert max((a - p).abs().max().item() for a, p in zip(actor, slowed.actor.parameters(), strict=True)) < 1e-9
+    assert max((a - p).abs().max().item() for a, p in zip(actor, learner.actor.parameters(), strict=True)) > 1e-4

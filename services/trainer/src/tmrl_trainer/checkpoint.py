@@ -9,11 +9,14 @@ never names a memory file that was not written yet. A caller's own JSON state (t
 window) can ride along in the document as ``extra``.
 
 Non-finite state is refused both ways: :func:`save_checkpoint` raises rather than write a learner holding an inf or a
-NaN, and :func:`load_checkpoint` raises rather than load one (before touching the learner).
+NaN, and :func:`load_checkpoint` raises rather than load one (before touching the learner). Learning rates are the
+one part of the saved optimizer state that does not win on load: the learner's config does (an operator who changed
+``actor_lr`` means it), and :func:`load_checkpoint` logs every rate it changed.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,9 @@ from tmrl_trainer.tensor_file import TensorFileError, pack, read_file, write_ato
 CHECKPOINT_FORMAT = "tmrl-checkpoint-1"
 MEMORY_SUFFIX = ".memory.safetensors"
 """How a checkpoint's replay memory file name ends (see :func:`memory_path_for`)."""
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -140,6 +146,8 @@ def load_checkpoint(path: str | Path, learner: SACLearner, memory: ReplayMemory 
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointMismatchError(f"checkpoint {path} does not fit this learner (different SAC config?): "
                                       f"{exc}") from exc
+    for name, (saved, configured) in learner.learning_rates_overridden.items():
+        log.info("checkpoint %s was saved with %s = %g; the config's %g is used", path, name, saved, configured)
     restored = False
     if memory is not None and document.get("memory"):
         memory.load(memory_path_for(path))

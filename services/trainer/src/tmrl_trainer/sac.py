@@ -36,6 +36,9 @@ from tmrl_common.networks import Activation, Actor, CriticEnsemble, PolicyArchit
 from tmrl_trainer.guard import UpdateGuard
 from tmrl_trainer.memory import TransitionBatch
 
+LEARNING_RATE_FIELDS = {"critics": "critic_lr", "actor": "actor_lr", "log_alpha": "alpha_lr"}
+"""The :class:`SACConfig` field holding the learning rate of each optimizer parameter group."""
+
 
 class SACConfig(BaseModel):
     """Hyperparameters of the learner (table ``[trainer.sac]``)."""
@@ -155,6 +158,9 @@ class SACLearner:
             groups.append({"params": [self.log_alpha], "lr": config.alpha_lr, "name": "log_alpha"})
         self.optimizer = torch.optim.Adam(groups, fused=self.device.type in ("cpu", "cuda"))
         self._gradients = [group["params"][0].grad for group in groups]
+        self.learning_rates_overridden: dict[str, tuple[float, float]] = {}
+        """``{config field: (saved rate, configured rate in use)}`` for each rate the config changed at the last
+        :meth:`load_state_dict`: the saved optimizer state brings its own rates, and the config wins."""
         self._adam_calls: list[tuple[dict[str, Any], list[torch.Tensor]]] | None = None
         """Per parameter group: its hyperparameters and the tensor lists of one fused Adam call (see :meth:`_adam_step`);
         ``None`` until the optimizer has state, and again after :meth:`load_state_dict` replaces it."""
@@ -291,5 +297,12 @@ class SACLearner:
         # would tie this learner's Adam moments to whoever else holds them (a live learner's state_dict(), say)
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self._adam_calls = None  # the loaded state tensors replace the ones the direct calls held
+        self.learning_rates_overridden = {}
+        for group in self.optimizer.param_groups:  # the config wins over the saved rates (issue 13, finding 7)
+            field = LEARNING_RATE_FIELDS[group["name"]]
+            configured = getattr(self.config, field)
+            if group["lr"] != configured:
+                self.learning_rates_overridden[field] = (group["lr"], configured)
+                group["lr"] = configured
         self.generator.set_state(state["generator"].cpu())
         self.updates = int(state["updates"])
