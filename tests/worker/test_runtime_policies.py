@@ -76,3 +76,36 @@ def test_expert_mode_uses_the_envs_driver_or_demands_a_policy_file(tmp_path):
         assert isinstance(initial_policy("train", pendulum, None, seed=0), UniformPolicy)
     finally:
         pendulum.close()
+
+
+def _exploring_actions(seed: int | None, global_seed: int, steps: int = 40) -> list[list[float]]:
+    """Actions a train-mode rollout loop takes with weights version 1 (sampled, not the mean), with torch's global RNG
+    seeded ``global_seed`` just before: only the loop's ``seed`` may decide the noise."""
+    from tmrl_worker.weights_feed import WeightsFeed
+
+    env = make_env("gym:Pendulum-v1")
+    try:
+        taken = []
+        step = env.step
+
+        def recording_step(action):
+            taken.append(np.asarray(action).tolist())
+            return step(action)
+
+        env.step = recording_step
+        feed = WeightsFeed("worker-noise")
+        assert feed.offer(weights_update_from_actor(actor(seed=5), version=1))
+        loop = RolloutLoop(env, None, feed, UniformPolicy(1, seed=0), deterministic=False, seed=seed)
+        torch.manual_seed(global_seed)
+        loop.run(max_steps=steps)
+        assert loop.stats.weights_version == 1
+        return taken
+    finally:
+        env.close()
+
+
+def test_exploration_noise_follows_the_workers_seed_and_nothing_else():
+    same = _exploring_actions(seed=3, global_seed=1), _exploring_actions(seed=3, global_seed=2)
+    assert same[0] == same[1]
+    other = _exploring_actions(seed=4, global_seed=1)
+    assert other != same[0]

@@ -45,6 +45,8 @@ class WorkerConfig(BaseModel):
     max_steps: int | None = Field(default=None, ge=1)
     """Stop the worker after this many environment steps (default: run until interrupted)."""
     seed: int | None = None
+    """Seeds the first env reset, the random warm-up policy and the exploration noise of the received actors (two
+    workers with the same seed and weights take the same actions); ``None``: fresh randomness every run."""
     max_steps_per_second: float | None = Field(default=None, gt=0)
     """Cap the step rate of synchronous envs (``sim-fast``, ``gym:``), e.g. to leave CPU to a trainer on the same
     machine; ``None``: as fast as possible. Real-time envs are paced by rtgym."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 import zmq
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.errors import ProtocolError
@@ -71,12 +72,15 @@ class UniformPolicy:
 
 
 class ActorPolicy:
-    """A torch :class:`~tmrl_common.networks.Actor` on the CPU (``Actor.act``)."""
+    """A torch :class:`~tmrl_common.networks.Actor` on the CPU (``Actor.act``); its exploration noise comes from
+    ``noise`` (a seeded generator the rollout loop keeps across weight swaps) or, when ``None``, torch's global RNG."""
 
-    def __init__(self, actor, version: int, deterministic: bool = False) -> None:
+    def __init__(self, actor, version: int, deterministic: bool = False, noise: torch.Generator | None = None) -> None:
         self.actor = actor
         self.version = version
         self.deterministic = deterministic
+        if noise is not None:
+            actor.noise_generator = noise
 
     def act(self, observation: tuple) -> np.ndarray:
         return self.actor.act(observation, deterministic=self.deterministic)
@@ -188,6 +192,9 @@ class RolloutLoop:
         self.codec = "zlib" if compress else "raw"
         self.deterministic = deterministic
         self.seed = seed
+        self.noise = None if seed is None else torch.Generator().manual_seed(seed)
+        """Exploration noise of every actor this loop swaps in, one sequence across swaps: ``seed`` fixes it (issue
+        13, finding 7: it used to come from torch's global RNG whatever the seed)."""
         self.worker_id = worker_id
         self.min_step_interval = 0.0 if max_steps_per_second is None or env.realtime else 1.0 / max_steps_per_second
         self.stats = RolloutStats(weights_version=policy.version)
@@ -207,7 +214,7 @@ class RolloutLoop:
         prepared = self.feed.take_latest()
         if prepared is None or prepared.version <= self.policy.version:
             return
-        self.policy = ActorPolicy(prepared.actor, prepared.version, self.deterministic)
+        self.policy = ActorPolicy(prepared.actor, prepared.version, self.deterministic, self.noise)
         self.stats.swaps += 1
         self.stats.weights_version = prepared.version
         log.debug("%s: now acting with weights version %d (step %d)", self.worker_id, prepared.version, self.stats.steps)
