@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 CONFIG ?=
 CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
-PACKAGES := libs/common services/relay services/worker services/trainer
+PACKAGES := libs/common libs/stack services/relay services/worker services/trainer
 STAMP  := $(VENV)/.installed
 
 .PHONY: install test test-fast lint demo run-relay run-trainer run-worker bench clean install-systemd help

@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests" / "e2e"), str(ROOT / "tests" / "reliability")]
+sys.path[:0] = [str(ROOT / "tests" / "reliability")]  # the scenarios; processes are started by tmrl_stack
 
 from faults import (  # noqa: E402
     relay_crash,

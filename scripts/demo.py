@@ -2,10 +2,11 @@
 
 What it does, in order:
 
-1. makes a working directory with CurveZMQ keys (``tmrl-relay keys generate`` for the relay, the trainer and two
-   workers; ``tmrl-relay keys add`` puts the three client keys in the relay's allow-list);
-2. starts ``tmrl-relay run``, ``tmrl-trainer run`` and two ``tmrl-worker run`` on free loopback ports; workers drive
-   the simulator in real time (20 Hz, rtgym) or, with ``--fast``, the synchronous simulator;
+1. makes a working directory with CurveZMQ keys for the relay, the trainer and two workers, the three client keys
+   in the relay's allow-list (what ``tmrl-relay keys generate`` and ``tmrl-relay keys add`` do);
+2. starts ``tmrl-relay run``, ``tmrl-trainer run`` and two ``tmrl-worker run`` on free loopback ports
+   (:class:`tmrl_stack.LocalStack`, the launcher the end-to-end tests and the reliability scenarios use too); workers
+   drive the simulator in real time (20 Hz, rtgym) or, with ``--fast``, the synchronous simulator;
 3. shows a live progress display (samples, updates, weights version each worker is running on, recent returns) read
    from the trainer's ``status.json`` and ``metrics.jsonl``;
 4. after ``--minutes`` (default 5) stops everything with SIGTERM (workers first, so their last batches are stored);
@@ -19,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict, deque
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from tmrl_stack import LocalStack, StackError, read_status
+
 WORKERS = ("worker-1", "worker-2")
 
 DEMO_CONFIG = """\
@@ -53,65 +51,6 @@ max_episode_steps = 1000
 """
 
 FAST_WORKER_RATE = 150  # steps/s per --fast worker: leaves CPU to the trainer on small machines
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def run_cli(*args: str) -> None:
-    result = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-
-
-def make_keys(work: Path) -> tuple[Path, Path]:
-    keys, allowed = work / "keys", work / "allowed"
-    for name in ("relay", "trainer", *WORKERS):
-        run_cli("tmrl-relay", "keys", "generate", "--dir", str(keys), "--name", name)
-    for name in ("trainer", *WORKERS):
-        run_cli("tmrl-relay", "keys", "add", str(keys / f"{name}.key"), "--allow-dir", str(allowed))
-    return keys, allowed
-
-
-class Processes:
-    """The demo's child processes, each logging to ``<logs>/<name>.log``."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.children: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
-        with open(self.logs / f"{name}.log", "wb") as log:
-            self.children[name] = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-
-    def dead(self) -> list[str]:
-        return [name for name, child in self.children.items() if child.poll() is not None]
-
-    def stop(self, name: str, timeout: float = 30.0) -> int | None:
-        child = self.children[name]
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        return child.returncode
-
-    def kill_all(self) -> None:
-        for child in self.children.values():
-            if child.poll() is None:
-                child.kill()
-                child.wait()
 
 
 class MetricsTail:
@@ -139,13 +78,6 @@ class MetricsTail:
                         self.best[worker] = max(self.best.get(worker, value), value)
         except FileNotFoundError:
             pass
-
-
-def read_status(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def render_progress(status: dict, metrics: MetricsTail, elapsed: float, total: float, mode: str, dead: list[str]):
@@ -289,43 +221,32 @@ def main() -> int:
 
     console = Console()
     console.print(f"[bold]tmrl demo[/] ({mode}) for {args.minutes:g} min; outputs in {out}")
-    keys, allowed = make_keys(work)
-    console.print(f"CurveZMQ keys in {keys}; allow-list {allowed} (relay, trainer, {', '.join(WORKERS)})")
-    worker_port, trainer_port, weights_port = free_ports(3)
-    server_key = str(keys / "relay.key")
     run_dir = out / "trainer"
-    processes = Processes(logs)
+    env_name = "sim-fast" if args.fast else "sim"
+    stack = LocalStack(work, config=config, curve_clients=("trainer", *WORKERS), run_dir=run_dir,
+                       state_dir="worker-state", logs=logs)
+    console.print(f"CurveZMQ keys in {stack.keys[0]}; allow-list {stack.keys[1]} (relay, trainer, {', '.join(WORKERS)})")
     stopped_by_user = False
     try:
-        processes.start("relay", "tmrl-relay", "run", "--worker-port", str(worker_port), "--trainer-port",
-                        str(trainer_port), "--weights-port", str(weights_port), "--metrics-port", "0",
-                        "--secret-key", str(keys / "relay.key_secret"), "--allow-dir", str(allowed))
-        processes.start("trainer", "tmrl-trainer", "run", "-c", str(config), "--env", "sim-fast" if args.fast else "sim",
-                        "--trainer-port", str(trainer_port), "--run-dir", str(run_dir),
-                        "--secret-key", str(keys / "trainer.key_secret"), "--server-key", server_key)
+        stack.start_relay()
+        stack.start_trainer("--env", env_name)
         for index, worker in enumerate(WORKERS):
-            extra = {"TMRL_WORKER__MAX_STEPS_PER_SECOND": str(FAST_WORKER_RATE)} if args.fast else {}
-            processes.start(worker, "tmrl-worker", "run", "-c", str(config), "--env", "sim-fast" if args.fast else "sim",
-                            "--worker-id", worker, "--worker-port", str(worker_port), "--weights-port", str(weights_port),
-                            "--state-dir", str(work / "worker-state"), "--seed", str(index),
-                            "--secret-key", str(keys / f"{worker}.key_secret"), "--server-key", server_key,
-                            env={**extra, "OMP_NUM_THREADS": "1"})
+            rate = {"TMRL_WORKER__MAX_STEPS_PER_SECOND": str(FAST_WORKER_RATE)} if args.fast else {}
+            stack.start_worker(worker, "--env", env_name, "--seed", str(index), env=rate)
         metrics = MetricsTail(run_dir / "metrics.jsonl")
-        status_path = run_dir / "status.json"
         total = args.minutes * 60
         started = time.monotonic()
 
         def frame():
             metrics.poll()
-            return render_progress(read_status(status_path), metrics, time.monotonic() - started, total, mode,
-                                   processes.dead())
+            return render_progress(stack.status(), metrics, time.monotonic() - started, total, mode, stack.dead())
 
         try:
             if args.no_display:
                 next_line = started
                 while time.monotonic() - started < total:
                     if time.monotonic() >= next_line:
-                        status = read_status(status_path)
+                        status = stack.status()
                         console.print(f"{(time.monotonic() - started) / 60:4.1f} min: {status.get('updates', 0)} updates, "
                                       f"{status.get('samples_received', 0)} samples, weights v{status.get('weights_version', 0)}")
                         next_line += 10
@@ -341,14 +262,19 @@ def main() -> int:
             stopped_by_user = True
             console.print("interrupted: stopping the services")
         console.print("stopping workers, then trainer, then relay ...")
-        codes = {name: processes.stop(name) for name in (*WORKERS, "trainer", "relay")}
+        codes: dict[str, int | str] = {}
+        for name in (*WORKERS, "trainer", "relay"):
+            try:
+                codes[name] = stack.stop(name, timeout=30.0)
+            except StackError:
+                codes[name] = "killed after 30 s"
         unclean = {name: code for name, code in codes.items() if code != 0}
         if unclean:
             console.print(f"[yellow]exit codes: {unclean} (logs in {logs})[/]")
     finally:
-        processes.kill_all()
+        stack.kill_all()
 
-    final = read_status(status_path)
+    final = read_status(stack.status_path) or {}
     console.print(f"trainer: {final.get('updates', 0)} updates, {final.get('samples_received', 0)} samples, "
                   f"weights version {final.get('weights_version', 0)}; per worker: "
                   + ", ".join(f"{n} {w.get('batches', 0)} batches on v{w.get('weights_version', 0)}"

@@ -1,6 +1,6 @@
-"""Test-suite set-up shared by every folder: the end-to-end process harness (``tests/e2e/process_stack.py``) is
-importable as ``process_stack`` and the loopback relay stand-in (``tests/loopback_relay.py``) as ``loopback_relay``
-from any test, ``context`` is a ZeroMQ context destroyed after each test, and
+"""Test-suite set-up shared by every folder: the loopback relay stand-in (``tests/loopback_relay.py``) is importable
+as ``loopback_relay`` from any test (tests that need real processes use :mod:`tmrl_stack`, the launcher ``make demo``
+uses too), ``context`` is a ZeroMQ context destroyed after each test, and
 ``one_torch_thread`` (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``) runs a module's tests on one
 torch thread."""
 
@@ -11,9 +11,8 @@ import pytest
 import zmq
 
 _TESTS = Path(__file__).resolve().parent
-for _helpers in (str(_TESTS / "e2e"), str(_TESTS)):
-    if _helpers not in sys.path:
-        sys.path.insert(0, _helpers)
+if str(_TESTS) not in sys.path:
+    sys.path.insert(0, str(_TESTS))
 
 
 @pytest.fixture

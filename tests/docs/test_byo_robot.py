@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from process_stack import Stack, free_ports, read_status, wait_until
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import ObservationLayout
+from tmrl_stack import LocalStack, wait_until
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.service import layout_for_env
 from tmrl_worker.envs import make_env
@@ -116,7 +116,6 @@ def test_rows_rebuild_the_env_observations_in_the_trainer_replay_memory(robot_en
 def test_tutorial_pipeline_trains_the_robot_through_relay_and_trainer(tmp_path) -> None:
     """docs/byo-robot.md step 4, on loopback without keys (--insecure), shortened: the trainer must receive a batch
     the worker collected with weights the trainer published from the worker's own earlier samples."""
-    worker_port, trainer_port, weights_port = free_ports(3)
     config = tmp_path / "robot.toml"
     config.write_text(f"""
 [trainer]
@@ -134,18 +133,13 @@ time_step_duration = 0.02
 max_episode_steps = 50
 batch_steps = 25
 """)
-    stack = Stack(tmp_path, env={"PYTHONPATH": str(REPO)})
-    try:
-        stack.start("relay", "tmrl-relay", "run", "--insecure", "--worker-port", str(worker_port), "--trainer-port",
-                    str(trainer_port), "--weights-port", str(weights_port), "--metrics-port", "0")
-        stack.start("trainer", "tmrl-trainer", "run", "-c", str(config), "--insecure", "--trainer-port", str(trainer_port),
-                    "--run-dir", "run")
-        stack.start("worker", "tmrl-worker", "run", "-c", str(config), "--insecure", "--worker-port", str(worker_port),
-                    "--weights-port", str(weights_port), "--state-dir", "state", "--max-steps", "4000")
-        status_file = tmp_path / "run" / "status.json"
+    with LocalStack(tmp_path, config=config, env={"PYTHONPATH": str(REPO)}) as stack:
+        stack.start_relay()
+        stack.start_trainer()
+        stack.start_worker("worker-1", "--max-steps", "4000", name="worker")
 
         def collected_with_published_weights() -> dict | None:
-            status = read_status(status_file) or {}
+            status = stack.status()
             if status.get("workers", {}).get("worker-1", {}).get("weights_version", 0) >= 1:
                 return status
             assert stack.processes["worker"].poll() is None, f"the worker ended before using published weights\n{stack.tails()}"
@@ -157,5 +151,3 @@ batch_steps = 25
         assert status["samples_received"] >= 100 and status["updates"] >= 20 and status["rejects"] == {}
         for name in ("worker", "trainer", "relay"):
             assert stack.stop(name, timeout=30) == 0, f"{name} did not stop cleanly\n{stack.tails()}"
-    finally:
-        stack.kill_all()

@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from process_stack import Stack, free_ports, read_status, wait_until
+from tmrl_stack import LocalStack, wait_until
 
 CONFIG = """
 [trainer]
@@ -34,41 +34,31 @@ SUMMARY = re.compile(r"delivery: (\d+) rows in (\d+) batches, (\d+) acknowledged
 @pytest.mark.timeout(150)
 def test_a_relay_crash_mid_run_loses_and_duplicates_nothing(tmp_path):
     (tmp_path / "tmrl.toml").write_text(CONFIG)
-    worker_port, trainer_port, weights_port = free_ports(3)
-    relay_args = ("tmrl-relay", "run", "--insecure", "--worker-port", str(worker_port), "--trainer-port",
-                  str(trainer_port), "--weights-port", str(weights_port), "--metrics-port", "0")
-    stack = Stack(tmp_path)
-    status_path = tmp_path / "run" / "status.json"
-    try:
-        stack.start("relay", *relay_args)
-        stack.start("trainer", "tmrl-trainer", "run", "-c", "tmrl.toml", "--insecure", "--trainer-port",
-                    str(trainer_port), "--run-dir", "run")
-        stack.start("worker", "tmrl-worker", "run", "-c", "tmrl.toml", "--insecure", "--env", "sim-fast",
-                    "--worker-id", "w1", "--worker-port", str(worker_port), "--weights-port", str(weights_port),
-                    "--state-dir", "state", "--max-steps", "4500")
+    with LocalStack(tmp_path, config=tmp_path / "tmrl.toml") as stack:
+        stack.start_relay()
+        stack.start_trainer()
+        stack.start_worker("w1", "--env", "sim-fast", "--max-steps", "4500")
 
         def stored_batches() -> int:
-            return ((read_status(status_path) or {}).get("workers", {}).get("w1") or {}).get("batches", 0)
+            return stack.worker_status("w1").get("batches", 0)
 
         wait_until(lambda: stored_batches() >= 5, 60, stack, "the first batches reaching the trainer")
         stack.stop("relay", sig=signal.SIGKILL)
         time.sleep(1.5)  # the worker keeps stepping and spooling meanwhile
-        stack.start("relay", *relay_args)
+        stack.start_relay()
 
-        assert stack.wait("worker", timeout=90) == 0, stack.tail("worker")
-        log = stack.logs["worker"].read_text()
+        assert stack.wait("w1", timeout=90) == 0, stack.tail("w1")
+        log = stack.logs["w1"].read_text()
         match = SUMMARY.search(log)
-        assert match, f"no delivery summary in the worker log:\n{stack.tail('worker')}"
+        assert match, f"no delivery summary in the worker log:\n{stack.tail('w1')}"
         rows, batches, acknowledged, resent, dropped, unacknowledged = map(int, match.groups())
         assert (dropped, unacknowledged) == (0, 0) and acknowledged == batches
         assert log.count("connected to the relay") >= 2, "the worker should have reconnected to the new relay"
 
         def complete():
-            worker = ((read_status(status_path) or {}).get("workers") or {}).get("w1") or {}
+            worker = stack.worker_status("w1")
             return worker if worker.get("batches") == batches else None
 
         stored = wait_until(complete, 30, stack, "the trainer storing every batch", "trainer")
         assert stored["steps"] == rows  # every row exactly once, resends deduplicated
         assert stack.stop("trainer") == 0 and stack.stop("relay") == 0
-    finally:
-        stack.kill_all()

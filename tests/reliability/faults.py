@@ -30,8 +30,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from process_stack import Stack, free_ports, read_status, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+from tmrl_stack import LocalStack, wait_until
 
 SUMMARY = re.compile(r"delivery: (\d+) rows in (\d+) batches, (\d+) acknowledged, (\d+) resent, (\d+) dropped, "
                      r"(\d+) unacknowledged")
@@ -100,40 +100,35 @@ def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
 
 
 class Pipeline:
-    """Relay, trainer and workers of one scenario, on fresh loopback ports, plain text (CurveZMQ is covered by the
-    hostile-input checks), logs in ``root``."""
+    """Relay, trainer and workers of one scenario (a :class:`~tmrl_stack.LocalStack`: fresh loopback ports, plain
+    text, since CurveZMQ is covered by the hostile-input checks, ``root/tmrl.toml``, logs in ``root``), with the
+    accounting reads the scenarios share."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.stack = Stack(root)
-        self.worker_port, self.trainer_port, self.weights_port, self.metrics_port = free_ports(4)
-        self.status_path = root / "run" / "status.json"
+        self.stack = LocalStack(root, config=root / "tmrl.toml", metrics=True)
+        self.status_path = self.stack.status_path
 
     def start_relay(self) -> None:
-        self.stack.start("relay", "tmrl-relay", "run", "-c", "tmrl.toml", "--insecure", "--worker-port", str(self.worker_port),
-                         "--trainer-port", str(self.trainer_port), "--weights-port", str(self.weights_port),
-                         "--metrics-port", str(self.metrics_port))
+        self.stack.start_relay()
 
     def start_trainer(self) -> None:
-        self.stack.start("trainer", "tmrl-trainer", "run", "-c", "tmrl.toml", "--insecure", "--trainer-port",
-                         str(self.trainer_port), "--run-dir", "run")
+        self.stack.start_trainer()
 
     def start_worker(self, worker_id: str, *extra: str, name: str | None = None) -> None:
-        self.stack.start(name or worker_id, "tmrl-worker", "run", "-c", "tmrl.toml", "--insecure", "--env", "sim-fast",
-                         "--worker-id", worker_id, "--worker-port", str(self.worker_port), "--weights-port",
-                         str(self.weights_port), "--state-dir", "state", *extra)
+        self.stack.start_worker(worker_id, "--env", "sim-fast", *extra, name=name)
 
     def status(self) -> dict:
-        return read_status(self.status_path) or {}
+        return self.stack.status()
 
     def worker_status(self, worker_id: str) -> dict:
-        return (self.status().get("workers") or {}).get(worker_id) or {}
+        return self.stack.worker_status(worker_id)
 
     def wait(self, condition, timeout: float, what: str, *alive: str):
         return wait_until(condition, timeout, self.stack, what, *alive)
 
     def metrics(self) -> dict[str, float]:
-        return scrape(self.metrics_port)
+        return scrape(self.stack.ports.metrics)
 
     def settled_status(self, seconds: float = 1.0, timeout: float = 20.0) -> dict:
         """``status.json`` once its counters stopped moving for ``seconds`` (in-flight batches landed)."""
@@ -454,7 +449,4 @@ def worker_killed_holding_unacknowledged_batches(root: Path, durable_spool: bool
                 "lost_rows_in_memory_spool": lost - killed.rows_unfinished,
                 "lost_uncounted": lost - killed.rows_unfinished - (0 if durable_spool else killed.rows_handed_over)}
     finally:
-        for process in p.stack.processes.values():  # a frozen worker must not outlive the scenario
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)
-        p.stack.kill_all()
+        p.stack.kill_all()  # SIGKILL: a frozen worker does not outlive the scenario

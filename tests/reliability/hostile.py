@@ -23,9 +23,8 @@ import msgpack
 import numpy as np
 import zmq
 from faults import metric_sum, scrape
-from process_stack import Stack, free_ports, wait_until
 from tmrl_common.batching import SampleBatchBuilder
-from tmrl_common.curve import allow_public_key, generate_key_pair
+from tmrl_common.curve import generate_key_pair
 from tmrl_common.layout import tm20_lidar_layout
 from tmrl_common.protocol import (
     Heartbeat,
@@ -38,6 +37,7 @@ from tmrl_common.protocol import (
 )
 from tmrl_common.sockets import SecurityConfig, TransportConfig, apply_transport, secure_client_socket, tcp_endpoint
 from tmrl_common.weights import tensors_to_bytes
+from tmrl_stack import LocalStack, wait_until
 from tmrl_trainer.ingest import Ingestor
 from tmrl_trainer.memory import ReplayMemory
 
@@ -127,18 +127,16 @@ def mutate(rng: random.Random, frames: list[bytes], senders: list[str]) -> list[
 
 
 class RelayProcess:
-    """``tmrl-relay run`` as a child process on fresh loopback ports, with its Prometheus endpoint."""
+    """``tmrl-relay run`` alone (a :class:`~tmrl_stack.LocalStack` of one) on fresh loopback ports, with its
+    Prometheus endpoint; CurveZMQ with keys for ``curve_clients`` (in ``root/keys``, allow-listed) when given."""
 
-    def __init__(self, root: Path, name: str = "relay", curve: tuple[Path, Path] | None = None) -> None:
-        self.stack = Stack(root)
-        self.name = name
-        self.worker_port, self.trainer_port, self.weights_port, self.metrics_port = free_ports(4)
+    def __init__(self, root: Path, name: str = "relay", curve_clients: tuple[str, ...] | None = None) -> None:
         config = root / f"{name}.toml"
         config.write_text(RELAY_CONFIG)
-        security = ["--insecure"] if curve is None else ["--secret-key", str(curve[0]), "--allow-dir", str(curve[1])]
-        self.stack.start(name, "tmrl-relay", "run", "-c", str(config), "--worker-port", str(self.worker_port),
-                         "--trainer-port", str(self.trainer_port), "--weights-port", str(self.weights_port),
-                         "--metrics-port", str(self.metrics_port), *security)
+        self.stack = LocalStack(root, config=config, curve_clients=curve_clients, metrics=True)
+        self.name = name
+        self.worker_port, self.trainer_port, self.weights_port, self.metrics_port = self.stack.ports
+        self.stack.start_relay(name=name)
         wait_until(self._serving, 30, self.stack, "the relay serving metrics", name)
 
     def _serving(self) -> bool:
@@ -384,12 +382,9 @@ def relay_edge_cases(root: Path) -> dict:
 def curve_cases(root: Path) -> dict:
     """CurveZMQ on: a client whose key is not allow-listed cannot get a message in; an allow-listed worker that
     claims another worker's id is rejected (``unknown_sender``); the real workers' batches still go through."""
-    keys, allowed = root / "keys", root / "allowed"
-    for name in ("relay", "trainer", "worker-a", "worker-b", "intruder"):
-        files = generate_key_pair(keys, name)
-        if name not in ("relay", "intruder"):
-            allow_public_key(allowed, files.public_file)
-    relay = RelayProcess(root, "relay-curve", curve=(keys / "relay.key_secret", allowed))
+    relay = RelayProcess(root, "relay-curve", curve_clients=("trainer", "worker-a", "worker-b"))
+    keys, _ = relay.stack.keys
+    generate_key_pair(keys, "intruder")  # a valid key pair, not in the allow-list
 
     def security(name: str) -> SecurityConfig:
         return SecurityConfig(secret_key_file=keys / f"{name}.key_secret", server_public_key_file=keys / "relay.key")
