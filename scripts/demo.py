@@ -27,7 +27,7 @@ import time
 from collections import defaultdict, deque
 from pathlib import Path
 
-from tmrl_stack import LocalStack, StackError, read_status
+from tmrl_stack import LocalStack, StackError
 
 WORKERS = ("worker-1", "worker-2")
 
@@ -274,7 +274,7 @@ def main() -> int:
     finally:
         stack.kill_all()
 
-    final = read_status(stack.status_path) or {}
+    final = stack.status()
     console.print(f"trainer: {final.get('updates', 0)} updates, {final.get('samples_received', 0)} samples, "
                   f"weights version {final.get('weights_version', 0)}; per worker: "
                   + ", ".join(f"{n} {w.get('batches', 0)} batches on v{w.get('weights_version', 0)}"

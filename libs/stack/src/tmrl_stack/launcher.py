@@ -21,7 +21,6 @@ A process that must stay up is checked by :func:`wait_until` while it polls; fai
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -63,14 +62,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def read_status(path: Path) -> dict[str, Any] | None:
-    """The trainer's last ``status.json``, or ``None`` before the first one."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def wait_until(condition: Callable[[], T], timeout: float, stack: LocalStack, what: str, *alive: str) -> T:
@@ -176,6 +167,8 @@ class LocalStack:
 
     def status(self) -> dict[str, Any]:
         """The trainer's latest ``status.json`` (empty before the first)."""
+        from tmrl_trainer.status import read_status  # here: ``import tmrl_stack`` stays light (no torch)
+
         return read_status(self.status_path) or {}
 
     def worker_status(self, worker_id: str) -> dict[str, Any]:
