@@ -7,7 +7,9 @@
 * fuzz: random and mutated messages over sockets into a relay process and into the trainer's ingest path, plus
   oversized frames, a wrong protocol version, NaN samples, a CurveZMQ key outside the allow-list and a worker
   impersonating another (``tests/reliability/hostile.py``);
-* load: N workers on the fast simulator through one relay (``tests/reliability/load.py``).
+* load: N workers on the fast simulator through one relay (``tests/reliability/load.py``);
+* rogue: a worker sending absurd but finite values (rewards 3e38, LIDAR or speed 1e30) among two honest workers while
+  the trainer trains on the simulator, against the same run without it (``tests/reliability/rogue.py``).
 
 The same scenario code runs, smaller, in ``make test`` (``tests/reliability/``). Bounded: the defaults take about
 3-5 minutes on 2 cores. A scenario whose guarantee fails is reported as failed (with its message) and the script
@@ -43,8 +45,9 @@ from faults import (  # noqa: E402
 )
 from hostile import curve_cases, ingest_fuzz, relay_edge_cases, relay_fuzz  # noqa: E402
 from load import load_run  # noqa: E402
+from rogue import rogue_worker  # noqa: E402
 
-PARTS = ("faults", "fuzz", "load")
+PARTS = ("faults", "fuzz", "load", "rogue")
 
 
 def run_part(name: str, function, *args, **kwargs) -> dict:
@@ -136,6 +139,12 @@ def render(results: dict, info: dict, command: str) -> str:
                         f"{load['samples_per_s']:,.0f}"))
         summary.append(("load: relay peak RSS (VmHWM)", f"{load['relay_peak_rss_mib']} MiB"))
         summary.append(("load: rows lost", load["lost_rows"]))
+    if "rogue" in results and results["rogue"]["ok"]:
+        rogue = results["rogue"]["figures"]
+        summary.append(("rogue worker among 2 honest ones: policy return without / with it",
+                        f"{rogue['return_without']} / {rogue['return_with']}"))
+        summary.append(("rogue worker: honest rows lost / stored twice", f"{rogue['lost']} / "
+                        f"{rogue['with_rogue']['honest_rows_stored_twice']}"))
     out += ["## Summary", "", _table(summary, ("", "figure")), ""]
 
     if "faults" in results:
@@ -316,6 +325,30 @@ def render(results: dict, info: dict, command: str) -> str:
                         "`ack_timeout_s` ([tuning.md](tuning.md)).", ""]
         else:
             out.append(_failed(outcome))
+    if "rogue" in results:
+        out += ["## A rogue worker among honest ones", ""]
+        outcome = results["rogue"]
+        if outcome["ok"]:
+            f = outcome["figures"]
+            runs = (f["without_rogue"], f["with_rogue"])
+
+            def row(label: str, key: str) -> tuple:
+                return (label, *(run[key] for run in runs))
+
+            out += ["Two honest workers (`sim-fast`, seeds 1 and 2) train one trainer to the same number of updates, "
+                    "once alone and once beside a third worker whose env reports rewards of 3e38 and, by episode, "
+                    "LIDAR or speed of 1e30: finite, so well-formed on the wire. The policy published at that update "
+                    "count is then driven deterministically on the same reset seeds.", "",
+                    _table([row("updates when the policy was taken", "updates_at_evaluation"),
+                            row("deterministic return of that policy (mean of 3 episodes)", "return"),
+                            row("rejected at ingest (by reason)", "rejects"),
+                            row("rogue rows stored in the replay memory", "rogue_rows_stored"),
+                            row("updates not applied by the learner guard", "updates_rejected"),
+                            row("honest rows lost", "honest_rows_lost"),
+                            row("honest rows stored twice", "honest_rows_stored_twice")],
+                           ("", "without the rogue", "with the rogue")), f"\n({outcome['seconds']} s)\n"]
+        else:
+            out.append(_failed(outcome))
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -326,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-workers", type=int, default=8)
     parser.add_argument("--load-seconds", type=float, default=60.0)
     parser.add_argument("--load-train", action="store_true", help="run SAC updates during the load run")
+    parser.add_argument("--rogue-updates", type=int, default=3000, help="updates each rogue-scenario run trains")
     parser.add_argument("--out", default=str(ROOT / "docs" / "reliability.md"), help="markdown file, or - for stdout")
     args = parser.parse_args(argv)
     parts = args.only or list(PARTS)
@@ -353,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     if "load" in parts:
         results["load"] = run_part(f"load: {args.load_workers} workers", load_run, workers=args.load_workers,
                                    seconds=args.load_seconds, train=args.load_train)
+    if "rogue" in parts:
+        results["rogue"] = run_part("rogue worker among honest ones", rogue_worker, updates=args.rogue_updates)
     text = render(results, info, command)
     if args.out == "-":
         print(text)
