@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from process_stack import free_ports, read_status
+from tmrl_stack import free_ports
+from tmrl_trainer.status import read_status
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent
