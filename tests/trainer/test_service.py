@@ -336,6 +336,27 @@ def test_with_every_checkpoint_refused_the_trainer_starts_from_scratch_and_says_
         second.shutdown()
 
 
+def test_a_refused_checkpoint_that_cannot_be_renamed_is_still_skipped(tmp_path, caplog, monkeypatch):
+    config = make_config(tmp_path, checkpoint_every=4)
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=8) == 8
+    newest = first.run_dir / "checkpoints" / "checkpoint-000000000008.safetensors"
+    newest.write_bytes(b"damaged")
+
+    def read_only(self, target):
+        raise PermissionError(f"read-only: {self}")
+
+    monkeypatch.setattr(type(newest), "replace", read_only)
+    with caplog.at_level("ERROR", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    try:
+        assert second.learner.updates == 4 and newest.exists()
+        assert "could not set it aside (read-only" in caplog.text
+    finally:
+        second.shutdown()
+
+
 def load_state(path) -> dict[str, torch.Tensor]:
     """The actor tensors saved in the checkpoint at ``path``."""
     from tmrl_trainer.tensor_file import read_file

@@ -223,10 +223,7 @@ class TrainerService:
             except CheckpointMismatchError:
                 raise  # written for another configuration: every older one was too; the operator must choose
             except CheckpointError as exc:
-                refused = path.with_name(path.name + REFUSED_SUFFIX)
-                path.replace(refused)
-                log.error("refusing checkpoint %s: %s; set aside as %s, trying the previous one", path, exc,
-                          refused.name)
+                log.error("refusing checkpoint %s: %s; %s, trying the previous one", path, exc, self._set_aside(path))
                 continue
             self._resumed_from(path, restored)
             return
@@ -234,6 +231,16 @@ class TrainerService:
                   self.checkpoint_dir)
         # a refused checkpoint may have been partly loaded before its fault showed: start from a fresh learner
         self.learner = SACLearner(self.config.sac, self.architecture, device=self.device, seed=self.config.seed)
+
+    @staticmethod
+    def _set_aside(path: Path) -> str:
+        """Rename a refused checkpoint ``<name>.refused`` (never tried again, kept for inspection); say what happened."""
+        refused = path.with_name(path.name + REFUSED_SUFFIX)
+        try:
+            path.replace(refused)
+        except OSError as exc:  # a read-only run directory: it will be refused again next time, which is harmless
+            return f"could not set it aside ({exc})"
+        return f"set aside as {refused.name}"
 
     def _resumed_from(self, path: Path, restored: Checkpoint) -> None:
         self.weights_version = int(restored.counters.get("weights_version", 0))
