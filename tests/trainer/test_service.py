@@ -292,14 +292,19 @@ def test_weights_holding_a_nan_are_neither_published_nor_checkpointed(tmp_path, 
     assert "checkpoint at 10 updates not saved" in caplog.text and "non-finite" in caplog.text
 
 
-def test_resume_refuses_a_non_finite_or_unreadable_checkpoint_and_uses_the_previous_good_one(tmp_path, caplog):
-    from test_checkpoint import with_a_nan
-
+def checkpointed_every_4(tmp_path, updates: int):
+    """A trainer's config and checkpoint folder after ``updates`` updates with a checkpoint every 4."""
     config = make_config(tmp_path, checkpoint_every=4)
     first = TrainerService(config)
     first.ingestor.handle(pendulum_batch("w1", 0, 60))
-    assert first.run(max_updates=12) == 12  # checkpoints at 4, 8, 12
-    directory = first.run_dir / "checkpoints"
+    assert first.run(max_updates=updates) == updates
+    return config, first.run_dir / "checkpoints"
+
+
+def test_resume_refuses_a_non_finite_or_unreadable_checkpoint_and_uses_the_previous_good_one(tmp_path, caplog):
+    from test_checkpoint import with_a_nan
+
+    config, directory = checkpointed_every_4(tmp_path, updates=12)  # checkpoints at 4, 8, 12
     good, truncated, poisoned = (directory / f"checkpoint-{n:012d}.safetensors" for n in (4, 8, 12))
     with_a_nan(poisoned)
     truncated.write_bytes(truncated.read_bytes()[:300])
@@ -320,11 +325,8 @@ def test_resume_refuses_a_non_finite_or_unreadable_checkpoint_and_uses_the_previ
 
 
 def test_with_every_checkpoint_refused_the_trainer_starts_from_scratch_and_says_so(tmp_path, caplog):
-    config = make_config(tmp_path, checkpoint_every=4)
-    first = TrainerService(config)
-    first.ingestor.handle(pendulum_batch("w1", 0, 60))
-    assert first.run(max_updates=4) == 4
-    only = first.run_dir / "checkpoints" / "checkpoint-000000000004.safetensors"
+    config, directory = checkpointed_every_4(tmp_path, updates=4)
+    only = directory / "checkpoint-000000000004.safetensors"
     only.write_bytes(b"not a checkpoint")
     with caplog.at_level("ERROR", logger="tmrl_trainer.service"):
         second = TrainerService(config)
@@ -337,11 +339,8 @@ def test_with_every_checkpoint_refused_the_trainer_starts_from_scratch_and_says_
 
 
 def test_a_refused_checkpoint_that_cannot_be_renamed_is_still_skipped(tmp_path, caplog, monkeypatch):
-    config = make_config(tmp_path, checkpoint_every=4)
-    first = TrainerService(config)
-    first.ingestor.handle(pendulum_batch("w1", 0, 60))
-    assert first.run(max_updates=8) == 8
-    newest = first.run_dir / "checkpoints" / "checkpoint-000000000008.safetensors"
+    config, directory = checkpointed_every_4(tmp_path, updates=8)
+    newest = directory / "checkpoint-000000000008.safetensors"
     newest.write_bytes(b"damaged")
 
     def read_only(self, target):
