@@ -1,4 +1,5 @@
-"""CurveZMQ at the relay: allow-listed keys work, others deliver nothing (counted), ids are bound to keys."""
+"""CurveZMQ at the relay: allow-listed keys work, others deliver nothing (counted), ids are bound to keys, and only
+trainer keys (``ALLOW/trainers``, ``keys add --role trainer``) reach the trainer socket."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from tmrl_common.protocol import Hello
 from tmrl_common.sockets import SecurityConfig
 from tmrl_relay.broker import Relay, RelaySetupError
 from tmrl_relay.config import RelayConfig
+from tmrl_relay.keys import allow_key_for_role
 
 from .relay_harness import Peer, make_batch, make_weights, relay_in_thread, wait_until
 
@@ -17,16 +19,15 @@ from .relay_harness import Peer, make_batch, make_weights, relay_in_thread, wait
 def keys(tmp_path):
     made = {name: generate_key_pair(tmp_path / "keys", name) for name in ("relay", "worker-1", "worker-2", "trainer", "intruder")}
     for name in ("worker-1", "worker-2"):
-        allow_public_key(tmp_path / "allow", made[name].public_file)
-    allow_public_key(tmp_path / "allow-trainer", made["trainer"].public_file)
+        allow_key_for_role(tmp_path / "allow", made[name].public_file, "worker")
+    allow_key_for_role(tmp_path / "allow", made["trainer"].public_file, "trainer")  # into allow/trainers
     return made
 
 
 def _config(tmp_path, keys, **fields) -> RelayConfig:
     return RelayConfig(
         bind_host="127.0.0.1", worker_port=0, trainer_port=0, weights_port=0, metrics_port=0,
-        security=SecurityConfig(secret_key_file=keys["relay"].secret_file, allowlist_dir=tmp_path / "allow"),
-        trainer_allowlist_dir=tmp_path / "allow-trainer", **fields,
+        security=SecurityConfig(secret_key_file=keys["relay"].secret_file, allowlist_dir=tmp_path / "allow"), **fields,
     )
 
 
@@ -72,15 +73,79 @@ def test_a_key_not_in_the_allow_list_delivers_nothing_and_is_counted(context, tm
         assert value("tmrl_relay_received_messages_total", {"link": "workers"}) in (None, 0)
 
 
-def test_a_worker_key_cannot_connect_as_the_trainer(context, tmp_path, keys):
+def test_a_worker_key_on_the_trainer_port_is_refused_and_counted_by_default(context, tmp_path, keys):
+    """Issue 14's takeover: an allow-listed worker key said hello as ``evil-trainer`` and published version 1e9."""
     with relay_in_thread(_config(tmp_path, keys)) as relay:
-        fake_trainer = _peer(context, relay.ports.trainer_port, keys, "worker-1", "trainer-1")
-        fake_trainer.hello("trainer")
-        fake_trainer.send(make_weights(99))
         value = relay.metrics.registry.get_sample_value
+        trainer = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
+        trainer.hello("trainer")
+        wait_until(lambda: value("tmrl_relay_trainer_connected") == 1, what="the real trainer")
+        fake_trainer = _peer(context, relay.ports.trainer_port, keys, "worker-1", "evil-trainer")
+        fake_trainer.hello("trainer")
+        fake_trainer.send(make_weights(10**9))
         wait_until(lambda: (value("tmrl_relay_handshake_failures_total", {"link": "trainer", "kind": "auth"}) or 0) >= 1,
                    what="refused handshake")
         assert value("tmrl_relay_weights_version") == -1
+        assert relay.trainer.peer.sender == "trainer-1" and value("tmrl_relay_trainer_connected") == 1
+        assert value("tmrl_relay_allowed_keys", {"link": "trainer"}) == 1
+        worker = _peer(context, relay.ports.worker_port, keys, "worker-1", "worker-1")
+        worker.hello("worker")
+        worker.send(make_batch(1))
+        assert trainer.recv_type("sample_batch")[1].seq == 1  # batches still go to the real trainer
+
+
+def test_a_second_trainer_key_is_refused_while_the_trainer_is_alive(context, tmp_path, keys):
+    second = generate_key_pair(tmp_path / "keys", "trainer-b")
+    allow_key_for_role(tmp_path / "allow", second.public_file, "trainer")
+    keys["trainer-b"] = second
+    with relay_in_thread(_config(tmp_path, keys)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        trainer = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
+        trainer.hello("trainer")
+        wait_until(lambda: value("tmrl_relay_trainer_connected") == 1, what="the first trainer")
+        other = _peer(context, relay.ports.trainer_port, keys, "trainer-b", "trainer-2")
+        other.hello("trainer")
+        error = other.recv_type("error")[1]
+        assert error.reason == "unknown_sender" and "alive" in error.message and error.ref_type == "hello"
+        assert value("tmrl_relay_role_refusals_total", {"link": "trainer", "why": "trainer_alive"}) == 1
+        other.send(make_weights(5))
+        assert other.recv_type("error")[1].reason == "unknown_sender"
+        assert value("tmrl_relay_weights_version") == -1 and relay.trainer.peer.sender == "trainer-1"
+
+
+def test_the_same_trainer_key_on_a_new_connection_takes_over_at_once(context, tmp_path, keys):
+    with relay_in_thread(_config(tmp_path, keys)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        old = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
+        old.hello("trainer")
+        wait_until(lambda: value("tmrl_relay_trainer_connected") == 1, what="the first trainer")
+        old_routing_id = relay.trainer.peer.routing_id
+        restarted = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")  # old one still open
+        restarted.hello("trainer")
+        wait_until(lambda: relay.trainer.peer.routing_id != old_routing_id, what="the takeover")
+        worker = _peer(context, relay.ports.worker_port, keys, "worker-1", "worker-1")
+        worker.hello("worker")
+        worker.send(make_batch(3))
+        assert restarted.recv_type("sample_batch")[1].seq == 3
+        old.send(make_weights(7))  # the replaced connection is told so; it would say hello again
+        assert old.recv_type("error")[1].reason == "unknown_sender"
+        assert value("tmrl_relay_weights_version") == -1
+
+
+def test_another_trainer_key_takes_the_role_once_the_trainer_is_silent(context, tmp_path, keys):
+    second = generate_key_pair(tmp_path / "keys", "trainer-b")
+    allow_key_for_role(tmp_path / "allow", second.public_file, "trainer")
+    keys["trainer-b"] = second
+    with relay_in_thread(_config(tmp_path, keys, peer_timeout_s=0.3)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        first = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
+        first.hello("trainer")
+        wait_until(lambda: value("tmrl_relay_trainer_connected") == 1, what="the first trainer")
+        wait_until(lambda: value("tmrl_relay_trainer_connected") == 0, what="the first trainer to go silent")
+        standby = _peer(context, relay.ports.trainer_port, keys, "trainer-b", "trainer-2")
+        standby.hello("trainer")
+        wait_until(lambda: relay.trainer.peer is not None and relay.trainer.peer.sender == "trainer-2", what="standby")
+        assert value("tmrl_relay_trainer_connected") == 1
 
 
 def test_a_worker_cannot_take_over_another_workers_id(context, tmp_path, keys):
@@ -123,8 +188,48 @@ def test_keys_added_while_running_are_accepted_after_the_reload(context, tmp_pat
         wait_until(lambda: "worker-3" in relay.workers.by_sender, what="hello from the newly allowed key")
 
 
+def test_the_relay_refuses_to_start_secure_without_a_trainer_key_and_says_what_to_run(tmp_path, keys):
+    for key in (tmp_path / "allow" / "trainers").glob("*.key"):
+        key.unlink()
+    relay = Relay(_config(tmp_path, keys))
+    with pytest.raises(RelaySetupError, match=r"no trainer key.*keys add trainer.key --allow-dir .* --role trainer"):
+        relay.bind()
+
+
+def test_an_explicit_trainer_allowlist_dir_overrides_the_default(context, tmp_path, keys):
+    allow_public_key(tmp_path / "elsewhere", keys["trainer"].public_file)
+    for key in (tmp_path / "allow" / "trainers").glob("*.key"):
+        key.unlink()
+    with relay_in_thread(_config(tmp_path, keys, trainer_allowlist_dir=tmp_path / "elsewhere")) as relay:
+        trainer = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
+        trainer.hello("trainer")
+        wait_until(lambda: relay.metrics.registry.get_sample_value("tmrl_relay_trainer_connected") == 1,
+                   what="the trainer from the overriding list")
+
+
 def test_the_relay_refuses_to_start_without_keys_and_says_how_to_make_them(tmp_path):
     config = RelayConfig(worker_port=0, trainer_port=0, weights_port=0, metrics_port=0)
     relay = Relay(config)
     with pytest.raises(RelaySetupError, match="keys generate.*keys add.*--insecure"):
         relay.bind()
+
+
+def test_removing_the_trainer_key_revokes_the_live_trainer_without_a_restart(context, tmp_path, keys):
+    from tmrl_relay.cli import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    with relay_in_thread(_config(tmp_path, keys, allowlist_reload_s=0.1)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        trainer = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
+        trainer.hello("trainer")
+        wait_until(lambda: value("tmrl_relay_trainer_connected") == 1, what="the trainer")
+        removed = runner.invoke(app, ["keys", "remove", "trainer", "--allow-dir", str(tmp_path / "allow"), "--role", "trainer"])
+        assert removed.exit_code == 0, removed.output
+        wait_until(lambda: value("tmrl_relay_trainer_connected") == 0, what="the revocation")
+        trainer.send(make_weights(3))  # its open connection can no longer publish...
+        assert trainer.recv_type("error")[1].reason == "unknown_sender"
+        trainer.hello("trainer")  # ...nor take the role back
+        assert "not in the relay's trainer allow-list" in trainer.recv_type("error")[1].message
+        assert value("tmrl_relay_role_refusals_total", {"link": "trainer", "why": "not_a_trainer_key"}) == 1
+        assert value("tmrl_relay_weights_version") == -1

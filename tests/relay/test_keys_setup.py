@@ -47,8 +47,8 @@ def test_role_dir_puts_trainers_in_their_own_folder():
 
 @pytest.mark.parametrize(("name", "expected", "absent"), [
     ("relay", "it is not added to the allow-list", "keys add"),
-    ("trainer", "keys add trainer.key --allow-dir ALLOW/trainers", "--server-key relay.key\n"),
-    ("worker-3", "keys add worker-3.key --allow-dir ALLOW)", "ALLOW/trainers"),
+    ("trainer", "keys add trainer.key --allow-dir ALLOW --role trainer", "--server-key relay.key\n"),
+    ("worker-3", "keys add worker-3.key --allow-dir ALLOW --role worker)", "--role trainer"),
 ])
 def test_keys_generate_advice_fits_the_key_it_made(runner, tmp_path, name, expected, absent):
     result = runner.invoke(app, ["keys", "generate", "--dir", str(tmp_path), "--name", name])
@@ -78,7 +78,7 @@ def test_a_relay_on_the_keys_init_layout_admits_the_trainer_only_on_the_trainer_
     with relay_in_thread(config) as relay:
         trainer, worker = peer(relay.ports.trainer_port, "trainer"), peer(relay.ports.worker_port, "worker-1")
         trainer.hello("trainer")
-        wait_until(lambda: relay.trainer is not None and relay.trainer.sender == "trainer", what="trainer hello")
+        wait_until(lambda: relay.trainer.ready and relay.trainer.peer.sender == "trainer", what="trainer hello")
         worker.hello("worker")
         wait_until(lambda: "worker-1" in relay.workers.by_sender, what="worker hello")
         intruder = peer(relay.ports.trainer_port, "worker-1")  # a worker's key on the trainer socket
@@ -86,6 +86,6 @@ def test_a_relay_on_the_keys_init_layout_admits_the_trainer_only_on_the_trainer_
         failures = relay.metrics.registry.get_sample_value
         wait_until(lambda: failures("tmrl_relay_handshake_failures_total", {"link": "trainer", "kind": "auth"}) == 1,
                    what="the worker key refused on the trainer socket")
-        assert relay.trainer.sender == "trainer"
+        assert relay.trainer.peer.sender == "trainer"
         for client in (trainer, worker, intruder):
             client.close()

@@ -1,4 +1,5 @@
-"""Weights from the trainer reach every subscribed worker; a late joiner gets the latest at once; bad weights never."""
+"""Weights from the trainer reach every subscribed worker; a worker gets the latest over its own link after hello
+(no re-publication to every subscriber); subscriptions never make the relay publish; bad weights never go out."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def _subscribers(context, relay, count):
     return subscribers
 
 
-def test_weights_fan_out_to_every_subscriber_and_a_late_joiner_gets_the_latest_at_once(context):
-    with relay_in_thread(insecure_config()) as relay:
+def test_weights_fan_out_to_every_subscriber_unchanged(context):
+    with relay_in_thread(insecure_config(weights_min_interval_s=0)) as relay:
         trainer = connected_trainer(context, relay)
         subscribers = _subscribers(context, relay, 3)
         for version in (1, 2):
@@ -36,11 +37,59 @@ def test_weights_fan_out_to_every_subscriber_and_a_late_joiner_gets_the_latest_a
                 assert subscriber.socket.poll(5000)
                 assert subscriber.socket.recv_multipart() == frames  # forwarded unchanged
         assert relay.metrics.registry.get_sample_value("tmrl_relay_weights_version") == 2
+
+
+def test_a_late_worker_gets_the_latest_weights_over_its_link_at_once_and_once_per_version(context):
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        (subscriber,) = _subscribers(context, relay, 1)
+        trainer.send(make_weights(2))
+        assert subscriber.recv_type("weights_update")[1].version == 2
         started = time.monotonic()
-        late = Peer(context, relay.ports.weights_port, "late", zmq.SUB)
+        late = Peer(context, relay.ports.worker_port, "worker-late")
+        late.hello("worker")
         envelope, update = late.recv_type("weights_update", timeout_ms=2000)
         assert update.version == 2 and envelope.sender == "trainer-1"
         assert time.monotonic() - started < 2.0  # without waiting for the trainer's next publication
+        late.hello("worker")  # the same connection again: it has this version already
+        assert "weights_update" not in late.types_within(300)
+        assert subscriber.nothing_within(100)  # nobody else got a copy
+        value = relay.metrics.registry.get_sample_value
+        assert value("tmrl_relay_weights_handovers_total", {"result": "sent"}) == 1
+        assert value("tmrl_relay_weights_published_total") == 1
+
+
+def test_a_flood_of_subscriptions_gives_a_good_subscriber_no_extra_copies(context):
+    """Issue 14: 2,000 subscribes from one XSUB once gave a good subscriber 116 copies in 2 s."""
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        (good,) = _subscribers(context, relay, 1)
+        trainer.send(make_weights(1))
+        assert good.recv_type("weights_update")[1].version == 1
+        hostile = context.socket(zmq.XSUB)
+        hostile.linger = 0
+        hostile.setsockopt(zmq.SNDHWM, 0)  # queue the whole flood, drop none
+        hostile.connect(f"tcp://127.0.0.1:{relay.ports.weights_port}")
+        for _ in range(2000):
+            hostile.send(b"\x01")  # subscribe to everything, again and again (XPUB_VERBOSE shows each)
+        value = relay.metrics.registry.get_sample_value
+        wait_until(lambda: value("tmrl_relay_weights_subscriptions_total") >= 2001, what="the flood to be read")
+        copies = len([t for t in good.types_within(2000) if t == "weights_update"])
+        assert copies == 0
+        assert value("tmrl_relay_weights_published_total") == 1
+
+
+def test_weights_faster_than_the_interval_are_coalesced_to_the_latest(context):
+    with relay_in_thread(insecure_config(weights_min_interval_s=0.5)) as relay:
+        trainer = connected_trainer(context, relay)
+        (subscriber,) = _subscribers(context, relay, 1)
+        for version in range(1, 11):
+            trainer.send(make_weights(version))
+        versions = [subscriber.recv_type("weights_update")[1].version]
+        versions.append(subscriber.recv_type("weights_update", timeout_ms=2000)[1].version)
+        assert versions[0] == 1 and versions[-1] == 10  # the first at once, then only the latest
+        assert subscriber.nothing_within(700)
+        assert relay.metrics.registry.get_sample_value("tmrl_relay_weights_published_total") == 2
 
 
 def test_weights_with_a_wrong_sha256_are_rejected_and_not_cached(context):
@@ -55,7 +104,7 @@ def test_weights_with_a_wrong_sha256_are_rejected_and_not_cached(context):
         assert error.reason == "schema" and "sha256" in error.message and error.ref_type == "weights_update"
         assert subscriber.nothing_within(300)
         assert relay.metrics.reject_count("schema", "trainer") == 1
-        late = Peer(context, relay.ports.weights_port, "late", zmq.SUB)
+        late = connected_worker(context, relay, "worker-late")
         assert late.recv_type("weights_update")[1].version == 1  # the cache still holds the good one
 
 

@@ -4,8 +4,14 @@
   ``sample_ack``, ``error`` and ``heartbeat`` go back to the worker's routing id.
 * ``trainer`` (ROUTER, ``trainer_port``): sample batches go out, frames unchanged (zero-copy); the trainer's
   ``hello``, ``sample_ack``, ``weights_update`` and ``heartbeat`` come in.
-* ``weights`` (XPUB, ``weights_port``): every validated ``weights_update`` is published and cached; each new
-  subscription (``XPUB_VERBOSE``) re-publishes the cached one, so a late joiner gets the latest weights at once.
+* ``weights`` (XPUB, ``weights_port``): every validated ``weights_update`` is cached and published, at most once per
+  ``weights_min_interval_s``; subscriptions are counted and never cause a publication. A worker gets the latest
+  weights at once over its own link after its ``hello`` (once per version and connection), not by a re-publication
+  to every subscriber.
+
+The state that belongs together lives in small objects with verbs: :class:`~tmrl_relay.trainer_seat.TrainerSeat`
+(who holds the trainer role, alive, back-pressured; role rules), :class:`~tmrl_relay.weights_cache.WeightsCache`
+(latest weights, publication rate) and :class:`~tmrl_relay.allowlist.AllowlistWatcher` (ZAP, trainer keys, reloads).
 
 Every message's envelope is checked (version, type allowed on that link, registered sender, size) before anything
 else; a reject is counted per reason, logged (rate-limited) and answered with an ``error`` message. Sample batches
@@ -19,11 +25,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import zmq
-from tmrl_common.curve import KeyFileError, reload_authenticator, start_authenticator
 from tmrl_common.errors import ProtocolError
 from tmrl_common.protocol import (
     Error,
@@ -39,12 +43,14 @@ from tmrl_common.sockets import apply_transport, enable_ipv6_if_needed, secure_s
 from zmq.utils.monitor import parse_monitor_message
 
 from tmrl_relay import __version__
+from tmrl_relay.allowlist import ZAP_DOMAINS, AllowlistWatcher, RelaySetupError, require_keys_configured
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head
-from tmrl_relay.keys import role_dir
 from tmrl_relay.metrics import RelayMetrics
 from tmrl_relay.peers import Peer, PeerTable
 from tmrl_relay.pending import PendingBatch, PendingBatches
+from tmrl_relay.trainer_seat import RoleRefused, TrainerSeat
+from tmrl_relay.weights_cache import WeightsCache
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,6 @@ RELAY_SENDER = "relay"
 SOFTWARE = f"tmrl-relay/{__version__}"
 WORKER_LINK_TYPES = frozenset({"hello", "sample_batch", "heartbeat"})
 TRAINER_LINK_TYPES = frozenset({"hello", "sample_ack", "weights_update", "heartbeat"})
-ZAP_DOMAINS = {"workers": "tmrl-workers", "trainer": "tmrl-trainer", "weights": "tmrl-weights"}
 _DRAIN_BUDGET = 512  # messages read from one socket before the loop looks at the others
 _MAX_FRAMES = 4  # routing id + envelope + body, and one more to tell "too many frames"
 _IDLE_POLL_MS = 100
@@ -73,10 +78,6 @@ _HANDSHAKE_EVENTS = {
 
 def _frame_count(frames: list) -> str:
     return f"{len(frames) - 1}+" if len(frames) >= _MAX_FRAMES else str(len(frames) - 1)
-
-
-class RelaySetupError(RuntimeError):
-    """The relay cannot start (ports in use, keys missing...). The message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -122,18 +123,14 @@ class Relay:
         self._context = zmq.Context()
         self._stop = threading.Event()
         self._secure = not config.security.insecure
-        self._authenticator = None
-        self._allowlist_signature: tuple = ()
+        self.allowlist: AllowlistWatcher | None = None
         self._sockets_open = False
         self.ports: RelayPorts | None = None
         self.workers = PeerTable("worker", config.max_workers)
         self.trainers = PeerTable("trainer", 8)
-        self.trainer: Peer | None = None
-        self._trainer_alive = False
+        self.trainer = TrainerSeat(config.peer_timeout_s)
         self.pending = PendingBatches(config.max_pending_bytes)
-        self._backpressured = False
-        self._weights: tuple[Any, Any] | None = None
-        self._weights_version = -1
+        self.weights = WeightsCache(config.weights_min_interval_s)
         self._started = time.monotonic()
         self._rate_log = _RateLimitedLog()
         self._heartbeat_frames: list[bytes] | None = None
@@ -164,7 +161,18 @@ class Relay:
         log.info("relay listening on %s: workers %d, trainer %d, weights %d (%s)", config.bind_host,
                  self.ports.worker_port, self.ports.trainer_port, self.ports.weights_port,
                  "CurveZMQ" if self._secure else "PLAIN TEXT, --insecure")
+        if not self._secure:
+            self._warn_insecure()
         return self.ports
+
+    def _warn_insecure(self) -> None:
+        host = self.config.bind_host
+        loopback = host in ("127.0.0.1", "::1", "localhost")
+        log.warning("INSECURE: no CurveZMQ, no authentication, no encryption. Any process that reaches %s can send "
+                    "samples, subscribe to weights and say hello as the trainer (which publishes the policy every "
+                    "worker runs).%s", host, "" if loopback else
+                    f" {host} is NOT loopback: use this only on a network you fully trust, or drop --insecure "
+                    "(docs/security.md)")
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (thread- and signal-safe)."""
@@ -180,31 +188,9 @@ class Relay:
             self._close()
 
     def _start_authenticator(self) -> None:
-        security = self.config.security
-        missing = [name for name, value in (("security.secret_key_file", security.secret_key_file),
-                                            ("security.allowlist_dir", security.allowlist_dir)) if value is None]
-        if missing:
-            raise RelaySetupError(
-                f"CurveZMQ is on but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. "
-                "Generate the relay's key pair with `tmrl-relay keys generate --dir KEYS --name relay` (then "
-                "--secret-key KEYS/relay.key_secret), allow each client with `tmrl-relay keys add --allow-dir ALLOW "
-                "CLIENT.key` (then --allow-dir ALLOW), or run with --insecure on a trusted network"
-            )
-        try:
-            self._authenticator = start_authenticator(self._context, self._allowlist_domains())
-        except KeyFileError as exc:
-            raise RelaySetupError(str(exc)) from exc
-        self._allowlist_signature = self._allowlist_state()
-        self._count_allowed_keys()
-
-    def _allowlist_domains(self) -> dict[str, Path]:
-        shared = self.config.security.allowlist_dir
-        assert shared is not None
-        trainer = self.config.trainer_allowlist_dir
-        if trainer is None:  # <allow-dir>/trainers (what `keys init` writes); an allow-dir without one serves both
-            trainer = role_dir(shared, "trainer")
-            trainer = trainer if trainer.is_dir() else shared
-        return {ZAP_DOMAINS["workers"]: shared, ZAP_DOMAINS["weights"]: shared, ZAP_DOMAINS["trainer"]: trainer}
+        require_keys_configured(self.config)
+        self.allowlist = AllowlistWatcher(self.config, self.metrics)
+        self.allowlist.start(self._context)
 
     def _router(self, link: str, port: int) -> zmq.Socket:
         socket = self._context.socket(zmq.ROUTER)
@@ -259,9 +245,8 @@ class Relay:
         for socket in sockets:
             if socket is not None and not socket.closed:
                 socket.close(linger=self.config.transport.linger_ms)
-        if self._authenticator is not None:
-            self._authenticator.stop()
-            self._authenticator = None
+        if self.allowlist is not None:
+            self.allowlist.stop()
         self._sockets_open = False
         self._context.term()
 
@@ -290,22 +275,25 @@ class Relay:
     def _serve_once(self, poller: zmq.Poller, monitors: dict, reading_workers: bool,
                     next_housekeeping: float) -> tuple[bool, float]:
         """One turn of the poll loop; returns the loop state (are workers polled, next housekeeping time)."""
-        events = dict(poller.poll(_BACKPRESSURE_POLL_MS if self._backpressured else _IDLE_POLL_MS))
+        events = dict(poller.poll(_BACKPRESSURE_POLL_MS if self.trainer.backpressured or self.weights.waiting
+                                  else _IDLE_POLL_MS))
         if self.trainer_socket in events:
             self._drain(self.trainer_socket, self._on_trainer_message, "trainer")
         if self.pending:
             self._flush_pending()
-        if self.workers_socket in events and not self._backpressured:
+        if self.workers_socket in events and not self.trainer.backpressured:
             self._drain(self.workers_socket, self._on_worker_message, "workers")
         if self.weights_socket in events:
             self._drain_subscriptions()
         for monitor, link in monitors.items():
             if monitor in events:
                 self._on_monitor_events(monitor, link)
-        if self._backpressured == reading_workers:  # stop polling the workers while the trainer is full
-            reading_workers = not self._backpressured
+        if self.trainer.backpressured == reading_workers:  # stop polling the workers while the trainer is full
+            reading_workers = not self.trainer.backpressured
             poller.modify(self.workers_socket, zmq.POLLIN if reading_workers else 0)
         now = time.monotonic()
+        if self.weights.publish_due(now):
+            self._publish_weights(now)
         if now >= next_housekeeping:
             self._housekeeping(now)
             next_housekeeping = now + _HOUSEKEEPING_S
@@ -338,7 +326,7 @@ class Relay:
             except Exception:  # a bug must not take the relay down; count it and keep serving
                 self.metrics.reject("internal", link)
                 log.exception("%s link: unexpected error while handling a message; dropped", link)
-            if self._backpressured and link == "workers":
+            if self.trainer.backpressured and link == "workers":
                 return
 
     # ------------------------------------------------------------------------------------------------ workers
@@ -363,19 +351,19 @@ class Relay:
             seq, steps = read_batch_head(body.buffer)
             peer.last_seen = time.monotonic()
             nbytes = len(envelope) + len(body)
-            if self.pending or not self._trainer_alive or not self._send_batch(envelope, body, steps, nbytes):
+            if self.pending or not self.trainer.ready or not self._send_batch(envelope, body, steps, nbytes):
                 self._hold(PendingBatch(fields.sender, seq, steps, envelope, body, nbytes))
                 self._flush_pending()
         elif fields.type == "hello":
             hello = self._decode_control(envelope, body)
             assert isinstance(hello, Hello)
-            if hello.role != "worker":
-                raise ProtocolError("schema", f"hello on the workers socket must have role 'worker', got {hello.role!r}")
+            self._check_hello_role(hello, "worker", "workers")
             peer, previous = self.workers.register(routing_id, fields.sender, user_id)
             log.info("worker %s said hello (next_seq=%d, %s)%s", fields.sender, hello.next_seq, hello.software,
                      " again on a new connection" if previous is not None and previous.routing_id != routing_id else "")
             self.metrics.connected_workers.set(self.workers.alive(self.config.peer_timeout_s))
             self._pass_hello_to_trainer(envelope, body)
+            self._hand_over_weights(peer)
         else:  # heartbeat
             peer = self.workers.check(routing_id, fields.sender, user_id)
             self._decode_control(envelope, body)
@@ -384,10 +372,10 @@ class Relay:
 
     def _pass_hello_to_trainer(self, envelope: zmq.Frame, body: zmq.Frame) -> None:
         """Workers' hellos go on to the trainer (best effort) so it can check their observation layout early."""
-        if self.trainer is None or not self._trainer_alive:
+        if not self.trainer.ready:
             return
         try:
-            self.trainer_socket.send_multipart([self.trainer.routing_id, envelope, body], zmq.NOBLOCK, copy=False)
+            self.trainer_socket.send_multipart([self.trainer.peer.routing_id, envelope, body], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
             pass
 
@@ -408,7 +396,7 @@ class Relay:
 
     def _send_batch(self, envelope: zmq.Frame, body: zmq.Frame, steps: int, nbytes: int) -> bool:
         """Try to hand a batch to the trainer's socket (zero-copy); False when it cannot take it now."""
-        trainer = self.trainer
+        trainer = self.trainer.peer
         if trainer is None:
             return False
         send = self.trainer_socket.send
@@ -419,14 +407,15 @@ class Relay:
             send(envelope, _NOBLOCK_MORE, copy=False)
             send(body, zmq.NOBLOCK, copy=False)
         except zmq.Again:  # the trainer's queue is full: hold the batch and stop reading workers until it drains
-            self._backpressured = True
+            self.trainer.backpressured = True
             return False
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             log.warning("trainer %s disconnected; holding sample batches (up to %d bytes) until a trainer says hello",
                         trainer.sender, self.config.max_pending_bytes)
-            self._set_trainer(None)
+            self.trainer.mark_gone()
+            self.metrics.trainer_connected.set(0)
             return False
         traffic = self.metrics.traffic
         traffic.batches += 1
@@ -445,7 +434,7 @@ class Relay:
         self._update_pending_gauges()
 
     def _flush_pending(self) -> None:
-        if not self._trainer_alive:
+        if not self.trainer.ready:
             return
         pending = self.pending
         while pending:
@@ -459,31 +448,22 @@ class Relay:
         self.metrics.pending_bytes.set(self.pending.nbytes)
         self.metrics.pending_batches.set(len(self.pending))
         if not self.pending:
-            self._backpressured = False
+            self.trainer.backpressured = False
 
     # ------------------------------------------------------------------------------------------------ trainer
 
     def _on_trainer_message(self, frames: list) -> None:
         routing_id, envelope, body, fields, user_id = self._open(frames, TRAINER_LINK_TYPES, "the trainer")
         if fields.type == "hello":
-            hello = self._decode_control(envelope, body)
-            assert isinstance(hello, Hello)
-            if hello.role != "trainer":
-                raise ProtocolError("schema", f"hello on the trainer socket must have role 'trainer', got {hello.role!r}")
-            peer, _ = self.trainers.register(routing_id, fields.sender, user_id)
-            if self.trainer is not None and self.trainer.routing_id != routing_id:
-                log.warning("trainer %s replaces trainer %s (latest hello wins)", fields.sender, self.trainer.sender)
-            log.info("trainer %s said hello (%s); %d held batch(es) to deliver", fields.sender, hello.software, len(self.pending))
-            self._set_trainer(peer)
-            self._flush_pending()
+            self._on_trainer_hello(routing_id, envelope, body, fields.sender, user_id)
             return
         peer = self.trainers.check(routing_id, fields.sender, user_id)
-        peer.last_seen = time.monotonic()
-        if peer is not self.trainer:
-            raise ProtocolError("unknown_sender", f"trainer {fields.sender!r} was replaced by a newer trainer's hello")
-        if not self._trainer_alive:
+        if not self.trainer.holds(peer):
+            raise ProtocolError("unknown_sender", f"trainer {fields.sender!r} does not hold the trainer role on this "
+                                                  "connection (another trainer took it, or it went silent); say hello again")
+        if self.trainer.heard_from():
             log.info("trainer %s is back; %d held batch(es) to deliver", peer.sender, len(self.pending))
-            self._set_trainer(peer)
+            self.metrics.trainer_connected.set(1)
         if fields.type == "sample_ack":
             ack = self._decode_control(envelope, body)
             assert isinstance(ack, SampleAck)
@@ -494,12 +474,32 @@ class Relay:
             self._decode_control(envelope, body)
             self._send_heartbeat(self.trainer_socket, routing_id)
 
-    def _set_trainer(self, peer: Peer | None) -> None:
-        self.trainer = peer
-        self._trainer_alive = peer is not None
-        if peer is None:
-            self._backpressured = False
-        self.metrics.trainer_connected.set(1 if self._trainer_alive else 0)
+    def _on_trainer_hello(self, routing_id: bytes, envelope: zmq.Frame, body: zmq.Frame, sender: str,
+                          user_id: str | None) -> None:
+        """Give the trainer role to this connection if the role rules allow it (:mod:`tmrl_relay.trainer_seat`)."""
+        hello = self._decode_control(envelope, body)
+        assert isinstance(hello, Hello)
+        self._check_hello_role(hello, "trainer", "trainer")
+        trainer_keys = self.allowlist.trainer_keys if self.allowlist is not None else None
+        try:
+            restart = self.trainer.check_claim(sender, user_id, trainer_keys)
+        except RoleRefused as refused:
+            self.metrics.role_refusals.labels(link="trainer", why=refused.why).inc()
+            raise
+        previous = self.trainer.peer
+        peer, _ = self.trainers.register(routing_id, sender, user_id)
+        if restart and previous is not None and previous.routing_id != routing_id:
+            log.warning("trainer %s said hello on a new connection with the same identity: a restart, it takes over "
+                        "from its old connection", sender)
+        log.info("trainer %s said hello (%s); %d held batch(es) to deliver", sender, hello.software, len(self.pending))
+        self.trainer.take(peer)
+        self.metrics.trainer_connected.set(1)
+        self._flush_pending()
+
+    def _check_hello_role(self, hello: Hello, role: str, link: str) -> None:
+        if hello.role != role:
+            self.metrics.role_refusals.labels(link=link, why="wrong_role").inc()
+            raise ProtocolError("schema", f"hello on the {link} socket must have role {role!r}, got {hello.role!r}")
 
     def _route_ack(self, ack: SampleAck, envelope: zmq.Frame, body: zmq.Frame) -> None:
         worker = self.workers.by_sender.get(ack.worker)
@@ -522,21 +522,36 @@ class Relay:
             raise ProtocolError("oversized", f"weights_update body is {len(body)} bytes, limit {self.config.max_weights_bytes}")
         update = decode_body(decode_envelope(envelope.bytes, self.limits), body.buffer, self.limits)
         assert isinstance(update, WeightsUpdate)  # sha256 of the tensors checked by the model
-        if update.version < self._weights_version:
+        if update.version < self.weights.version:
             log.warning("weights version went back from %d to %d (trainer restarted?); publishing it",
-                        self._weights_version, update.version)
-        self._weights = (envelope, body)
-        self._weights_version = update.version
+                        self.weights.version, update.version)
+        self.weights.store(envelope, body, update.version)
         self.metrics.weights_version.set(update.version)
         self.metrics.cached_weights_bytes.set(len(envelope) + len(body))
-        log.info("weights version %d (%d bytes) published", update.version, len(body))
-        self._publish_weights()
+        now = time.monotonic()
+        if self.weights.publish_due(now):
+            self._publish_weights(now)
 
-    def _publish_weights(self) -> None:
-        if self._weights is None:
-            return
-        self.weights_socket.send_multipart(list(self._weights), zmq.NOBLOCK, copy=False)  # XPUB drops at HWM, never blocks
+    def _publish_weights(self, now: float) -> None:
+        assert self.weights.frames is not None
+        self.weights_socket.send_multipart(list(self.weights.frames), zmq.NOBLOCK, copy=False)  # XPUB drops at HWM
+        self.weights.mark_published(now)
         self.metrics.weights_published.inc()
+        log.info("weights version %d (%d bytes) published", self.weights.version, len(self.weights.frames[1]))
+
+    def _hand_over_weights(self, worker: Peer) -> None:
+        """A worker that said hello gets the latest weights on its own connection, once per version: a late joiner
+        starts from them at once without a re-publication to every subscriber."""
+        if not self.weights.owed_to(worker):
+            return
+        assert self.weights.frames is not None
+        try:
+            self.workers_socket.send_multipart([worker.routing_id, *self.weights.frames], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:  # its queue is full or it left: it gets the next version from the weights socket
+            self.metrics.weights_handovers.labels(result="blocked").inc()
+            return
+        worker.weights_version = self.weights.version
+        self.metrics.weights_handovers.labels(result="sent").inc()
 
     # ------------------------------------------------------------------------------------------------ weights
 
@@ -550,8 +565,7 @@ class Relay:
             self.metrics.traffic.received_messages["weights"] += 1
             self.metrics.traffic.received_bytes["weights"] += sum(len(f) for f in frames)
             if len(frames) == 1 and frames[0][:1] == bytes([_SUBSCRIBE]):
-                self.metrics.subscriptions.inc()
-                self._publish_weights()  # last-value cache: the new subscriber gets the latest weights now
+                self.metrics.subscriptions.inc()  # never a publication: workers get the latest after hello
             elif len(frames) == 1 and frames[0][:1] == bytes([_UNSUBSCRIBE]):
                 continue
             else:
@@ -588,7 +602,7 @@ class Relay:
         if self._heartbeat_frames is None or now - self._heartbeat_built > 1.0:
             heartbeat = Heartbeat(role="relay", uptime_s=now - self._started, counters={
                 "workers": len(self.workers.by_sender), "pending_batches": len(self.pending),
-                "weights_version": max(self._weights_version, 0),
+                "weights_version": max(self.weights.version, 0),
             })
             self._heartbeat_frames = encode(heartbeat, RELAY_SENDER)
             self._heartbeat_built = now
@@ -632,49 +646,23 @@ class Relay:
                                _SUBSCRIPTION_FRAME_CAP if link == "weights" else self.config.socket_frame_cap())
 
     def _housekeeping(self, now: float) -> None:
-        timeout = self.config.peer_timeout_s
-        self.metrics.connected_workers.set(self.workers.alive(timeout, now))
-        trainer = self.trainer
-        if trainer is not None and self._trainer_alive and now - trainer.last_seen > timeout:
-            log.warning("trainer %s silent for %.1fs; holding sample batches until it is heard from again",
-                        trainer.sender, now - trainer.last_seen)
-            self._trainer_alive = False
-            self._backpressured = False
+        self.metrics.connected_workers.set(self.workers.alive(self.config.peer_timeout_s, now))
+        if self.trainer.is_silent(now):
+            peer = self.trainer.peer
+            assert peer is not None
+            log.warning("trainer %s silent for %.1fs; holding sample batches until it is heard from again (another "
+                        "trainer may take the role now)", peer.sender, now - peer.last_seen)
+            self.trainer.mark_silent()
             self.metrics.trainer_connected.set(0)
-        if self._authenticator is not None:
-            self._maybe_reload_allowlist()
+        if self.allowlist is not None and self.allowlist.maybe_reload(now):
+            self._drop_revoked_trainer()
 
-    def _allowlist_state(self) -> tuple:
-        state = []
-        for directory in sorted(set(self._allowlist_domains().values())):
-            try:
-                state.extend((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(Path(directory).glob("*.key")))
-            except OSError:
-                state.append((str(directory), "missing"))
-        return tuple(state)
-
-    def _maybe_reload_allowlist(self) -> None:
-        now = time.monotonic()
-        if now - getattr(self, "_allowlist_checked", 0.0) < self.config.allowlist_reload_s:
+    def _drop_revoked_trainer(self) -> None:
+        """A trainer whose key left the trainer allow-list loses the role now, on its open connection too."""
+        peer = self.trainer.peer
+        if peer is None or self.allowlist is None or peer.user_id in self.allowlist.trainer_keys:
             return
-        self._allowlist_checked = now
-        state = self._allowlist_state()
-        if state == self._allowlist_signature:
-            return
-        self._allowlist_signature = state
-        try:
-            counts = reload_authenticator(self._authenticator, self._allowlist_domains())
-        except KeyFileError as exc:
-            log.error("allow-list changed but cannot be loaded, keeping the previous one: %s", exc)
-            return
-        log.info("allow-list reloaded: %s", counts)
-        self._count_allowed_keys()
-
-    def _count_allowed_keys(self) -> None:
-        from tmrl_common.curve import list_allowed_keys
-
-        for link, domain in ZAP_DOMAINS.items():
-            try:
-                self.metrics.allowed_keys.labels(link=link).set(len(list_allowed_keys(self._allowlist_domains()[domain])))
-            except KeyFileError:
-                pass
+        log.warning("trainer %s: its key was removed from the trainer allow-list; it no longer holds the role",
+                    peer.sender)
+        self.trainer.mark_gone()
+        self.metrics.trainer_connected.set(0)

@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tmrl_common.protocol import DecodeLimits
 from tmrl_common.sockets import SecurityConfig, TransportConfig
 
+TRAINER_ALLOWLIST_SUBDIR = "trainers"
+"""Trainer keys live in ``<allowlist_dir>/trainers`` unless ``trainer_allowlist_dir`` says otherwise."""
+
 
 def _relay_transport() -> TransportConfig:
     # Per-peer queues are bounded in messages; with 1 MiB batches 100 messages is 100 MiB per worker at worst.
@@ -26,7 +29,7 @@ class RelayConfig(BaseModel):
     trainer_port: int = Field(default=5556, ge=0, le=65535)
     """The trainer connects here (ROUTER): samples out; hello, acks, weights, heartbeats in. 0 picks a free port."""
     weights_port: int = Field(default=5557, ge=0, le=65535)
-    """Workers subscribe here (XPUB) for weights; every new subscription gets the latest weights at once."""
+    """Workers subscribe here (XPUB) for new weights; a worker gets the latest ones over its own link after hello."""
     metrics_host: str = "127.0.0.1"
     """Interface of the Prometheus HTTP endpoint."""
     metrics_port: int = Field(default=9108, ge=0, le=65535)
@@ -47,6 +50,9 @@ class RelayConfig(BaseModel):
     """A worker or trainer silent (no message, heartbeat included) for this long counts as disconnected."""
     weights_send_hwm: int = Field(default=4, ge=1)
     """Weights messages queued per subscriber; a slow subscriber skips to newer weights instead of piling them up."""
+    weights_min_interval_s: float = Field(default=0.05, ge=0)
+    """Weights are published at most once per this interval; a newer update arriving sooner waits for its end (only
+    the latest is kept). Subscriptions never cause a publication, so this bounds everything the weights socket sends."""
     allowlist_reload_s: float = Field(default=2.0, gt=0)
     """How often the allow-list directories are checked for changes (``keys add`` needs no restart)."""
 
@@ -54,9 +60,9 @@ class RelayConfig(BaseModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     """``secret_key_file`` (the relay's pair) and ``allowlist_dir`` (clients' public keys), or ``insecure = true``."""
     trainer_allowlist_dir: Path | None = None
-    """Keys allowed on the trainer socket, which can publish weights to every worker. Unset: ``<allowlist_dir>/trainers``
-    (where ``keys init`` puts the trainer's key) when that folder exists, else ``security.allowlist_dir`` itself.
-    Keeping trainer keys apart means a stolen worker key cannot publish weights."""
+    """Keys that may be the trainer (the only keys the trainer socket admits; the trainer publishes weights to every
+    worker). Unset: ``<security.allowlist_dir>/trainers``, where ``keys add --role trainer`` and ``keys init`` put them.
+    Under CurveZMQ the relay refuses to start with no key there, so a worker key can never act as the trainer."""
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> RelayConfig:
@@ -64,6 +70,14 @@ class RelayConfig(BaseModel):
         if len(set(fixed)) != len(fixed):
             raise ValueError(f"worker_port, trainer_port and weights_port must differ, got {fixed}")
         return self
+
+    def trainer_allowlist(self) -> Path:
+        """The trainer allow-list directory (``trainer_allowlist_dir``, else ``<allowlist_dir>/trainers``)."""
+        if self.trainer_allowlist_dir is not None:
+            return Path(self.trainer_allowlist_dir)
+        if self.security.allowlist_dir is None:
+            raise ValueError("no trainer allow-list: set security.allowlist_dir or trainer_allowlist_dir")
+        return Path(self.security.allowlist_dir) / TRAINER_ALLOWLIST_SUBDIR
 
     def decode_limits(self) -> DecodeLimits:
         """Limits for bodies the relay decodes fully (control messages and weights)."""

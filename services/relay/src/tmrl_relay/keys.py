@@ -1,14 +1,16 @@
 """``tmrl-relay keys ...``: CurveZMQ key pairs and the relay's allow-list (thin commands over :mod:`tmrl_common.curve`).
 
 Allow-list layout (one directory, ``--allow-dir``): worker keys are ``<allow-dir>/NAME.key``, trainer keys are
-``<allow-dir>/trainers/NAME.key`` (:func:`role_dir`), so a worker's key never opens the trainer socket,
-which can publish weights to every worker. :func:`write_local_setup` makes every pair and entry of a one-machine
-setup (``tmrl-relay keys init``).
+``<allow-dir>/trainers/NAME.key`` (:func:`role_dir`; ``keys add --role trainer``), so a worker's key never opens the
+trainer socket, which can publish weights to every worker. One key has one role: adding a key that the other role's
+list already holds is refused. :func:`write_local_setup` makes every pair and entry of a one-machine setup
+(``tmrl-relay keys init``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -23,26 +25,45 @@ from tmrl_common.curve import (
     allow_public_key,
     generate_key_pair,
     list_allowed_keys,
+    load_public_key,
     revoke_public_key,
 )
 from tmrl_common.errors import ConfigError
 
+from tmrl_relay.config import TRAINER_ALLOWLIST_SUBDIR
+
 keys_app = typer.Typer(help="CurveZMQ keys: generate key pairs, manage the relay's allow-list.", no_args_is_help=True)
 
 KeyRole = Literal["worker", "trainer"]
-TRAINER_ALLOWLIST_SUBDIR = "trainers"
-"""Trainer keys live in ``<allow-dir>/trainers/``: the relay's default trainer allow-list."""
 RELAY_KEY_NAME = "relay"
 
 
-def role_dir(allow_dir: Path, role: KeyRole) -> Path:
+class Role(StrEnum):
+    """Which relay socket a key may use."""
+
+    worker = "worker"
+    trainer = "trainer"
+
+
+def role_dir(allow_dir: Path, role: Role | KeyRole) -> Path:
     """Where keys of ``role`` are allowed: ``allow_dir`` itself for workers, ``allow_dir/trainers`` for trainers."""
-    return Path(allow_dir) / TRAINER_ALLOWLIST_SUBDIR if role == "trainer" else Path(allow_dir)
+    return Path(allow_dir) / TRAINER_ALLOWLIST_SUBDIR if Role(role) is Role.trainer else Path(allow_dir)
 
 
-def allow_key_for_role(allow_dir: Path, public_key_file: Path, role: KeyRole, name: str | None = None, *,
-                       overwrite: bool = False) -> AllowedKey:
-    """Allow the public key in ``public_key_file`` for ``role`` (into :func:`role_dir`)."""
+def allow_key_for_role(allow_dir: Path, public_key_file: Path, role: Role | KeyRole = Role.worker,
+                       name: str | None = None, *, overwrite: bool = False) -> AllowedKey:
+    """Allow the public key in ``public_key_file`` for ``role`` (into :func:`role_dir`); raises
+    :class:`KeyFileError` if the other role's list holds it."""
+    role = Role(role)
+    other = Role.worker if role is Role.trainer else Role.trainer
+    key = load_public_key(public_key_file)
+    other_dir = role_dir(allow_dir, other)
+    if other_dir.is_dir():
+        for entry in list_allowed_keys(other_dir):
+            if entry.public_key == key:
+                raise KeyFileError(f"this key is allowed as a {other.value} ({entry.path}); one key has one role: remove "
+                                   f"it with `tmrl-relay keys remove {entry.name} --allow-dir {allow_dir} --role "
+                                   f"{other.value}` or give the {role.value} its own key pair")
     return allow_public_key(role_dir(allow_dir, role), public_key_file, name, overwrite=overwrite)
 
 
@@ -111,9 +132,8 @@ def generate(
                    "which pass it as --server-key; it is not added to the allow-list)")
         typer.echo(f"run: tmrl-relay run --secret-key {files.secret_file} --allow-dir ALLOW")
         return
-    allow = f"ALLOW/{TRAINER_ALLOWLIST_SUBDIR}" if role == "trainer" else "ALLOW"
     typer.echo(f"public key: {files.public_file}  (copy it to the relay host, which allows this {role} with: "
-               f"tmrl-relay keys add {files.public_file.name} --allow-dir {allow})")
+               f"tmrl-relay keys add {files.public_file.name} --allow-dir ALLOW --role {role})")
     typer.echo(f"run: tmrl-{role} run --secret-key {files.secret_file} --server-key relay.key ...  "
                "(relay.key: the relay's public key)")
 
@@ -149,23 +169,26 @@ def add(
     allow_dir: Path = typer.Option(..., "--allow-dir", help="The relay's allow-list directory."),
     name: str | None = typer.Option(None, "--name", help="Name in the allow-list (default: the file's name)."),
     force: bool = typer.Option(False, "--force", help="Replace a different key already allowed under that name."),
+    role: Role = typer.Option(Role.worker, "--role", help="worker: workers and weights sockets; trainer: the trainer "
+                                                          "socket (kept in ALLOW/trainers)."),
 ) -> None:
-    """Allow a client's public key; a running relay picks it up within allowlist_reload_s."""
+    """Allow a client's public key for a role; a running relay picks it up within allowlist_reload_s."""
     try:
-        entry = allow_public_key(allow_dir, public_key_file, name, overwrite=force)
+        entry = allow_key_for_role(allow_dir, public_key_file, role, name, overwrite=force)
     except KeyFileError as exc:
         raise _fail(exc) from exc
-    typer.echo(f"allowed {entry.name}: {entry.public_key.decode()} -> {entry.path}")
+    typer.echo(f"allowed {entry.name} as {role.value}: {entry.public_key.decode()} -> {entry.path}")
 
 
 @keys_app.command("remove")
 def remove(
     name: str = typer.Argument(..., help="Name of the allowed key."),
     allow_dir: Path = typer.Option(..., "--allow-dir", help="The relay's allow-list directory."),
+    role: Role = typer.Option(Role.worker, "--role", help="The role the key was added for."),
 ) -> None:
     """Remove a key from the allow-list (new connections with it are refused; open ones last until they drop)."""
     try:
-        path = revoke_public_key(allow_dir, name)
+        path = revoke_public_key(role_dir(allow_dir, role), name)
     except KeyFileError as exc:
         raise _fail(exc) from exc
     typer.echo(f"removed {path}")
@@ -176,11 +199,11 @@ def list_keys(
     allow_dir: Path | None = typer.Option(None, "--allow-dir", help="The allow-list directory (default: from --config)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="Relay TOML config: security.allowlist_dir is listed.",
                                           exists=True, dir_okay=False),
+    role: Role = typer.Option(Role.worker, "--role", help="Which role's keys to list."),
 ) -> None:
-    """List the allowed public keys."""
+    """List the allowed public keys of a role."""
     try:
-        if allow_dir is None:
-            allow_dir = _configured_allow_dir(config)
+        allow_dir = role_dir(allow_dir, role) if allow_dir is not None else _configured_allow_dir(config, role)
         entries = list_allowed_keys(allow_dir)
     except (KeyFileError, ConfigError) as exc:
         raise _fail(exc) from exc
@@ -190,10 +213,12 @@ def list_keys(
         typer.echo(f"(no keys allowed in {allow_dir})", err=True)
 
 
-def _configured_allow_dir(config: Path | None) -> Path:
+def _configured_allow_dir(config: Path | None, role: Role) -> Path:
     from tmrl_relay.config import RelayConfig
 
     relay_config = load_config(RelayConfig, "relay", config)
+    if role is Role.trainer and relay_config.trainer_allowlist_dir is not None:
+        return relay_config.trainer_allowlist_dir
     if relay_config.security.allowlist_dir is None:
         raise ConfigError("no allow-list directory: pass --allow-dir DIR or set [relay.security] allowlist_dir")
-    return relay_config.security.allowlist_dir
+    return role_dir(relay_config.security.allowlist_dir, role)

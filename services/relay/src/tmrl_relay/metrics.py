@@ -56,8 +56,10 @@ class RelayMetrics:
         self.dropped_bytes = Counter("tmrl_relay_dropped_bytes", "Bytes of pending batches dropped.", registry=r)
         self.acks = Counter("tmrl_relay_acks_forwarded", "Sample acks routed from the trainer to a worker.", registry=r)
         self.acks_undeliverable = Counter("tmrl_relay_acks_undeliverable", "Sample acks whose worker is not connected (it resends; the trainer re-acks).", registry=r)
-        self.weights_published = Counter("tmrl_relay_weights_published", "Weights messages published (new versions and re-publications for new subscribers).", registry=r)
-        self.subscriptions = Counter("tmrl_relay_weights_subscriptions", "Subscriptions seen on the weights socket.", registry=r)
+        self.weights_published = Counter("tmrl_relay_weights_published", "Weights messages published on the weights socket (new versions only, at most one per weights_min_interval_s).", registry=r)
+        self.weights_handovers = Counter("tmrl_relay_weights_handovers", "Latest weights handed to a worker over its own link after hello, per result (sent, blocked = its queue was full).", ["result"], registry=r)
+        self.subscriptions = Counter("tmrl_relay_weights_subscriptions", "Subscriptions seen on the weights socket (they never cause a publication).", registry=r)
+        self.role_refusals = Counter("tmrl_relay_role_refusals", "Hellos refused a role, per link and why (trainer_alive: another trainer holds the role; not_a_trainer_key; wrong_role: the hello names the other socket's role).", ["link", "why"], registry=r)
         self.handshake_failures = Counter("tmrl_relay_handshake_failures", "Connections refused during the ZMTP/CURVE handshake, per link and kind (auth = key not allow-listed).", ["link", "kind"], registry=r)
         self.disconnects = Counter("tmrl_relay_disconnects", "Connections that ended, per link: peers leaving, and peers "
                                    "dropped by ZeroMQ for a frame over the socket's cap (it does not tell which).",

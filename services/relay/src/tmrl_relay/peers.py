@@ -25,6 +25,8 @@ class Peer:
     user_id: str | None
     """Z85 public key from CurveZMQ authentication (``None`` in --insecure mode)."""
     last_seen: float = field(default_factory=time.monotonic)
+    weights_version: int = -1
+    """Latest weights version handed over on this connection (-1: none yet); each version at most once."""
 
 
 class PeerTable:
@@ -57,6 +59,9 @@ class PeerTable:
         if stale is not None and stale.sender != sender:
             self.by_sender.pop(stale.sender, None)
         peer = Peer(sender=sender, routing_id=routing_id, user_id=user_id)
+        same_connection = [p for p in (previous, stale) if p is not None and p.routing_id == routing_id]
+        if same_connection:  # a hello again on one connection is not owed the weights it already got
+            peer.weights_version = same_connection[0].weights_version
         self.by_routing_id[routing_id] = peer
         self.by_sender[sender] = peer
         if user_id is not None:

@@ -1,0 +1,131 @@
+"""The relay's allow-lists under CurveZMQ: which keys each socket admits, who may be the trainer, live reloads.
+
+Worker keys live in ``security.allowlist_dir`` (``NAME.key``) and admit a client on the workers and weights sockets;
+trainer keys live in ``trainer_allowlist_dir`` (default ``<allowlist_dir>/trainers``) and are the only keys the
+trainer socket admits. The relay refuses to start with no trainer key. The directories are checked every
+``allowlist_reload_s``: an added key connects from then on, a removed key's new connections are refused, and a
+directory that becomes unreadable or holds a malformed file keeps the previous lists (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import zmq
+from tmrl_common.curve import KeyFileError, list_allowed_keys, reload_authenticator, start_authenticator
+
+from tmrl_relay.config import RelayConfig
+from tmrl_relay.metrics import RelayMetrics
+
+log = logging.getLogger(__name__)
+
+ZAP_DOMAINS = {"workers": "tmrl-workers", "trainer": "tmrl-trainer", "weights": "tmrl-weights"}
+
+
+class RelaySetupError(RuntimeError):
+    """The relay cannot start (ports in use, keys missing...). The message says what to fix."""
+
+
+def require_keys_configured(config: RelayConfig) -> None:
+    """Raise :class:`RelaySetupError`, saying what to run, when CurveZMQ is on but a key setting is missing."""
+    security = config.security
+    missing = [name for name, value in (("security.secret_key_file", security.secret_key_file),
+                                        ("security.allowlist_dir", security.allowlist_dir)) if value is None]
+    if missing:
+        raise RelaySetupError(
+            f"CurveZMQ is on but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. "
+            "Generate the relay's key pair with `tmrl-relay keys generate --dir KEYS --name relay` (then "
+            "--secret-key KEYS/relay.key_secret), allow each client with `tmrl-relay keys add --allow-dir ALLOW "
+            "CLIENT.key` (the trainer's with `--role trainer`; then --allow-dir ALLOW), or run with --insecure on a "
+            "trusted network"
+        )
+
+
+class AllowlistWatcher:
+    """Runs the ZAP authenticator over the allow-list directories and reloads it when they change."""
+
+    def __init__(self, config: RelayConfig, metrics: RelayMetrics) -> None:
+        security = config.security
+        assert security.allowlist_dir is not None
+        self.worker_dir = Path(security.allowlist_dir)
+        self.trainer_dir = config.trainer_allowlist()
+        self.reload_s = config.allowlist_reload_s
+        self.metrics = metrics
+        self.trainer_keys: frozenset[str] = frozenset()
+        """Z85 public keys that may hold the trainer role."""
+        self._authenticator = None
+        self._signature: tuple = ()
+        self._checked = 0.0
+
+    def domains(self) -> dict[str, Path]:
+        return {ZAP_DOMAINS["workers"]: self.worker_dir, ZAP_DOMAINS["weights"]: self.worker_dir,
+                ZAP_DOMAINS["trainer"]: self.trainer_dir}
+
+    def start(self, context: zmq.Context) -> None:
+        """Check that a trainer key exists, then start the authenticator (raises :class:`RelaySetupError`)."""
+        self._require_a_trainer_key()
+        try:
+            self._authenticator = start_authenticator(context, self.domains())
+        except KeyFileError as exc:
+            raise RelaySetupError(str(exc)) from exc
+        self._signature = self._state()
+        self._count_keys()
+
+    def stop(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
+
+    def maybe_reload(self, now: float | None = None) -> bool:
+        """Reload the authenticator if a directory changed since the last look (at most every ``reload_s``);
+        True when the lists were reloaded."""
+        now = time.monotonic() if now is None else now
+        if self._authenticator is None or now - self._checked < self.reload_s:
+            return False
+        self._checked = now
+        state = self._state()
+        if state == self._signature:
+            return False
+        self._signature = state
+        try:
+            counts = reload_authenticator(self._authenticator, self.domains())
+        except KeyFileError as exc:
+            log.error("allow-list changed but cannot be loaded, keeping the previous one: %s", exc)
+            return False
+        log.info("allow-list reloaded: %s", counts)
+        self._count_keys()
+        return True
+
+    def _require_a_trainer_key(self) -> None:
+        try:
+            keys = list_allowed_keys(self.trainer_dir)
+        except KeyFileError as exc:
+            keys, detail = [], f" ({exc})"
+        else:
+            detail = ""
+        if not keys:
+            raise RelaySetupError(
+                f"CurveZMQ is on but no trainer key is allowed in {self.trainer_dir}{detail}. Only keys there may be "
+                f"the trainer. Run `tmrl-relay keys add trainer.key --allow-dir {self.worker_dir} --role trainer` "
+                "(the trainer's public key), or run with --insecure on a trusted network")
+
+    def _state(self) -> tuple:
+        state = []
+        for directory in sorted({self.worker_dir, self.trainer_dir}):
+            try:
+                state.extend((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(directory.glob("*.key")))
+            except OSError:
+                state.append((str(directory), "missing"))
+        return tuple(state)
+
+    def _count_keys(self) -> None:
+        for link, domain in ZAP_DOMAINS.items():
+            try:
+                keys = list_allowed_keys(self.domains()[domain])
+            except KeyFileError:
+                continue
+            self.metrics.allowed_keys.labels(link=link).set(len(keys))
+            if link == "trainer":
+                self.trainer_keys = frozenset(entry.public_key.decode("ascii") for entry in keys)

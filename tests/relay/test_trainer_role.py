@@ -1,0 +1,61 @@
+"""The trainer role without CurveZMQ (the sender id is the identity): one trainer at a time, a restart takes over at
+once, another id is refused while the trainer is alive and counted, a hello naming the wrong role is counted."""
+
+from __future__ import annotations
+
+from tmrl_common.protocol import Hello
+
+from .relay_harness import (
+    Peer,
+    connected_trainer,
+    connected_worker,
+    insecure_config,
+    make_batch,
+    make_weights,
+    relay_in_thread,
+    wait_until,
+)
+
+
+def test_another_trainer_id_is_refused_while_the_trainer_is_alive(context):
+    with relay_in_thread(insecure_config()) as relay:
+        value = relay.metrics.registry.get_sample_value
+        trainer = connected_trainer(context, relay, "trainer-1")
+        evil = Peer(context, relay.ports.trainer_port, "evil-trainer")
+        evil.hello("trainer")
+        assert evil.recv_type("error")[1].reason == "unknown_sender"
+        evil.send(make_weights(10**9))
+        assert evil.recv_type("error")[1].reason == "unknown_sender"
+        assert value("tmrl_relay_role_refusals_total", {"link": "trainer", "why": "trainer_alive"}) == 1
+        assert value("tmrl_relay_weights_version") == -1
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send(make_batch(4))
+        assert trainer.recv_type("sample_batch")[1].seq == 4
+
+
+def test_the_same_trainer_id_on_a_new_connection_takes_over_at_once(context):
+    with relay_in_thread(insecure_config()) as relay:
+        old = connected_trainer(context, relay, "trainer-1")
+        old_routing_id = relay.trainer.peer.routing_id
+        restarted = Peer(context, relay.ports.trainer_port, "trainer-1")
+        restarted.hello("trainer")
+        wait_until(lambda: relay.trainer.peer.routing_id != old_routing_id, what="the takeover")
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send(make_batch(2))
+        assert restarted.recv_type("sample_batch")[1].seq == 2
+        old.send(make_weights(3))
+        assert old.recv_type("error")[1].reason == "unknown_sender"  # a trainer link says hello again on it
+
+
+def test_a_hello_with_the_wrong_role_is_refused_and_counted_on_either_socket(context):
+    with relay_in_thread(insecure_config()) as relay:
+        value = relay.metrics.registry.get_sample_value
+        as_worker = Peer(context, relay.ports.trainer_port, "worker-1")
+        as_worker.send(Hello(role="worker", software="test"))
+        assert as_worker.recv_type("error")[1].reason == "schema"
+        as_trainer = Peer(context, relay.ports.worker_port, "trainer-1")
+        as_trainer.send(Hello(role="trainer", software="test"))
+        assert as_trainer.recv_type("error")[1].reason == "schema"
+        assert value("tmrl_relay_role_refusals_total", {"link": "trainer", "why": "wrong_role"}) == 1
+        assert value("tmrl_relay_role_refusals_total", {"link": "workers", "why": "wrong_role"}) == 1
+        assert value("tmrl_relay_trainer_connected") in (None, 0)
