@@ -8,6 +8,9 @@ The rollout loop hands over a filled :class:`~tmrl_common.batching.SampleBatchBu
 builds and encodes it (compression happens here, off the real-time loop), spools it and sends it when the relay is
 connected. A ``sample_ack`` removes batches from the spool; batches still unacknowledged after ``ack_timeout_s``
 are resent, and every unacknowledged batch is resent after a reconnection (after a fresh ``hello``).
+
+After each ``hello`` the relay hands the latest ``weights_update`` over this link; it goes to ``on_weights`` (the
+worker's :meth:`~tmrl_worker.weights_feed.WeightsFeed.hand_over`), or is counted and dropped when there is none.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import zmq
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
-from tmrl_common.protocol import Error, Heartbeat, Hello, SampleAck, decode, encode
+from tmrl_common.protocol import Error, Heartbeat, Hello, SampleAck, WeightsUpdate, decode, encode
 from tmrl_common.relay_client import RelayClient
 from tmrl_common.sockets import RelayEndpoint
 
@@ -48,6 +52,7 @@ class LinkCounters:
     connections: int = 0
     disconnections: int = 0
     hellos_sent: int = 0
+    weights_received: int = 0
 
 
 class RelayLink:
@@ -63,8 +68,10 @@ class RelayLink:
         ack_timeout_s: float = 10.0,
         heartbeat_interval_s: float = 2.0,
         context: zmq.Context | None = None,
+        on_weights: Callable[[WeightsUpdate], None] | None = None,
     ) -> None:
         self.worker_id = worker_id
+        self.on_weights = on_weights
         self.layout = layout
         self.endpoint = endpoint
         self.sequence = sequence
@@ -204,6 +211,10 @@ class RelayLink:
             self.counters.errors_received += 1
             log.warning("%s: relay rejected our %s%s: [%s] %s", self.worker_id, message.ref_type or "message",
                         f" seq {message.ref_seq}" if message.ref_seq is not None else "", message.reason, message.message)
+        elif isinstance(message, WeightsUpdate):
+            self.counters.weights_received += 1
+            if self.on_weights is not None:
+                self.on_weights(message)
         elif not isinstance(message, Heartbeat):
             self.counters.rejected_messages += 1
             log.warning("%s: unexpected %s from %s on the samples link", self.worker_id, envelope.type, envelope.sender)

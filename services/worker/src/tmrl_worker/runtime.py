@@ -346,6 +346,10 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
     progress: ProgressFile | None = None
     try:
         policy = initial_policy(config.mode, env, config.policy_file, config.seed)
+        if config.mode in ("train", "test"):
+            feed = WeightsFeed(config.worker_id, RelayEndpoint(config.relay_host, config.weights_port, config.transport,
+                                                               config.security), context=context)
+            feed.start()
         if config.mode in ("train", "expert"):
             progress = open_progress_file(config)
             link = RelayLink(
@@ -358,12 +362,9 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
                 ack_timeout_s=config.ack_timeout_s,
                 heartbeat_interval_s=config.heartbeat_interval_s,
                 context=context,
+                on_weights=feed.hand_over if feed is not None else None,  # the relay's latest weights after hello
             )
             link.start()
-        if config.mode in ("train", "test"):
-            feed = WeightsFeed(config.worker_id, RelayEndpoint(config.relay_host, config.weights_port, config.transport,
-                                                               config.security), context=context)
-            feed.start()
         loop = RolloutLoop(env, link, feed, policy, batch_steps=config.batch_steps, compress=config.compress,
                            deterministic=config.deterministic or config.mode == "test", seed=config.seed,
                            worker_id=config.worker_id, max_steps_per_second=config.max_steps_per_second,

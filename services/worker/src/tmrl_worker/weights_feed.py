@@ -7,6 +7,10 @@ network construction. Older versions and malformed updates are counted and skipp
 A refused key stops libzmq from ever reconnecting the SUB socket: its :class:`~tmrl_common.handshake.HandshakeWatch`
 (silent: the sender thread's watch logs the advice for the same key) has it rebuilt every ``retry_s``, so weights
 flow as soon as the key is allowed.
+
+Weights come from the SUB socket (every new version the relay publishes) and from the worker's samples link: after
+each ``hello`` the relay hands the latest weights over that link (:meth:`WeightsFeed.hand_over`), so a worker starts
+from them at once. Both are prepared on this thread; a version already prepared is skipped as stale.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class WeightsFeed:
         self._context = context or zmq.Context.instance()
         self._lock = threading.Lock()
         self._latest: PreparedPolicy | None = None
+        self._handed: WeightsUpdate | None = None
         self._newest_version = -1
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -96,6 +101,16 @@ class WeightsFeed:
         log.debug("%s: weights version %d ready (%d bytes)", self.worker_id, update.version, len(update.tensors))
         return True
 
+    def hand_over(self, update: WeightsUpdate) -> None:
+        """Weights received another way than the SUB socket (the samples link): prepared on the weights thread, or
+        at once on the caller's thread when the feed has no thread. Never blocks on the network; newest wins."""
+        if self._thread is None:
+            self._prepare(update)
+            return
+        with self._lock:
+            if self._handed is None or update.version > self._handed.version:
+                self._handed = update
+
     def start(self) -> None:
         if self.endpoint is None:
             raise ValueError("WeightsFeed.start needs a relay endpoint")
@@ -118,29 +133,30 @@ class WeightsFeed:
                 if self.handshake.due_for_new_socket():  # a refused SUB is never reconnected by libzmq
                     self._close(socket, monitor)
                     socket, monitor = self._connect()
-                if not socket.poll(_POLL_MS):
-                    continue
-                newest = None
-                while True:  # drain: only the newest queued update is worth building an actor for
-                    try:
-                        frames = socket.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    update = self._decode(frames)
-                    if update is not None:
-                        if newest is not None:
-                            self.counters.received += 1
-                            self.counters.stale += 1
-                        newest = update
-                if newest is None:
-                    continue
-                try:
-                    self.offer(newest)
-                except Exception:  # a broken update must not stop the feed; count it and keep listening
-                    self.counters.rejected += 1
-                    log.exception("%s: could not prepare weights version %d", self.worker_id, newest.version)
+                with self._lock:
+                    handed, self._handed = self._handed, None
+                if handed is not None:
+                    self._prepare(handed)
+                newest = self._newest_queued(socket) if socket.poll(_POLL_MS) else None
+                if newest is not None:
+                    self._prepare(newest)
         finally:
             self._close(socket, monitor)
+
+    def _newest_queued(self, socket: zmq.Socket) -> WeightsUpdate | None:
+        """Drain the SUB socket: only the newest queued update is worth building an actor for."""
+        newest = None
+        while True:
+            try:
+                frames = socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return newest
+            update = self._decode(frames)
+            if update is not None:
+                if newest is not None:
+                    self.counters.received += 1
+                    self.counters.stale += 1
+                newest = update
 
     def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
         assert self.endpoint is not None
@@ -153,6 +169,13 @@ class WeightsFeed:
         socket.disable_monitor()
         monitor.close(linger=0)
         socket.close()
+
+    def _prepare(self, update: WeightsUpdate) -> None:
+        try:
+            self.offer(update)
+        except Exception:  # a broken update must not stop the feed; count it and keep listening
+            self.counters.rejected += 1
+            log.exception("%s: could not prepare weights version %d", self.worker_id, update.version)
 
     @staticmethod
     def _configure_sub(socket: zmq.Socket) -> None:
