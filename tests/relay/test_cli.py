@@ -97,8 +97,9 @@ def test_relay_subprocess_with_curve_keys_from_the_keys_commands(context, tmp_pa
     keys, allow = tmp_path / "keys", tmp_path / "allow"
     for name in ("relay", "worker-1", "trainer"):
         assert runner.invoke(app, ["keys", "generate", "--dir", str(keys), "--name", name]).exit_code == 0
-    for name in ("worker-1", "trainer"):
-        assert runner.invoke(app, ["keys", "add", "--allow-dir", str(allow), str(keys / f"{name}.key")]).exit_code == 0
+    assert runner.invoke(app, ["keys", "add", "--allow-dir", str(allow), str(keys / "worker-1.key")]).exit_code == 0
+    added = runner.invoke(app, ["keys", "add", str(keys / "trainer.key"), "--allow-dir", str(allow), "--role", "trainer"])
+    assert added.exit_code == 0 and (allow / "trainers" / "trainer.key").is_file(), added.output
     from tmrl_common.sockets import SecurityConfig
 
     with relay_subprocess("--secret-key", str(keys / "relay.key_secret"), "--allow-dir", str(allow),
@@ -133,6 +134,24 @@ def test_keys_commands_generate_add_list_remove(runner, tmp_path):
     assert bad.exit_code == 2 and "does not exist" in bad.output
     assert runner.invoke(app, ["keys", "remove", "--allow-dir", str(allow), "w1"]).exit_code == 0
     assert list_allowed_keys(allow) == []
+
+
+def test_keys_add_binds_a_role_to_a_key_and_refuses_one_key_in_both_roles(runner, tmp_path):
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    for name in ("trainer", "worker-1"):
+        assert runner.invoke(app, ["keys", "generate", "--dir", str(keys), "--name", name]).exit_code == 0
+    as_trainer = runner.invoke(app, ["keys", "add", str(keys / "trainer.key"), "--allow-dir", str(allow), "--role", "trainer"])
+    assert as_trainer.exit_code == 0 and "as trainer" in as_trainer.output
+    assert [k.name for k in list_allowed_keys(allow / "trainers")] == ["trainer"]
+    assert runner.invoke(app, ["keys", "add", str(keys / "worker-1.key"), "--allow-dir", str(allow)]).exit_code == 0
+    assert [k.name for k in list_allowed_keys(allow)] == ["worker-1"]  # trainers/ is not in the workers' list
+    both = runner.invoke(app, ["keys", "add", str(keys / "worker-1.key"), "--allow-dir", str(allow), "--role", "trainer",
+                               "--name", "sneaky"])
+    assert both.exit_code == 2 and "allowed as a worker" in both.output and "one key has one role" in both.output
+    listed = runner.invoke(app, ["keys", "list", "--allow-dir", str(allow), "--role", "trainer"])
+    assert listed.exit_code == 0 and "trainer\t" in listed.output and "worker-1" not in listed.output
+    removed = runner.invoke(app, ["keys", "remove", "trainer", "--allow-dir", str(allow), "--role", "trainer"])
+    assert removed.exit_code == 0 and list_allowed_keys(allow / "trainers") == []
 
 
 def test_run_flags_show_in_the_effective_config(runner, tmp_path):

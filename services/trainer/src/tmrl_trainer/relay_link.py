@@ -5,6 +5,12 @@ and sends back the acks it returns, sends heartbeats, and publishes the weights 
 :meth:`TrainerLink.publish` (only the newest pending update is kept; it is re-published after a reconnection so a
 restarted relay's last-value cache is refilled at once).
 
+A trainer always recovers its role (issue 14): an ``error`` from the relay with reason ``unknown_sender`` means "you
+do not hold the trainer role on this connection now" (another trainer took it, the relay forgot this connection, or
+it refused this hello because another trainer is alive). The link logs why and says hello again after a backoff
+(:class:`HelloBackoff`: 0.2 s, doubling up to 5 s, back to 0.2 s once the relay answers a heartbeat, which it only
+does for the trainer that holds the role). Other errors are logged and counted.
+
 The socket, its monitor, the thread, heartbeats and non-blocking sends are a :class:`~tmrl_common.relay_client.RelayClient`
 (shared with the worker's link); this module says what the trainer does on it.
 """
@@ -17,7 +23,8 @@ import time
 from dataclasses import dataclass
 
 import zmq
-from tmrl_common.protocol import Heartbeat, Hello, WeightsUpdate, encode
+from tmrl_common.errors import ProtocolError
+from tmrl_common.protocol import Error, Heartbeat, Hello, WeightsUpdate, decode, decode_envelope, encode
 from tmrl_common.relay_client import RelayClient
 from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
 
@@ -38,6 +45,40 @@ class TrainerLinkCounters:
     connections: int = 0
     disconnections: int = 0
     internal_errors: int = 0
+    errors_received: int = 0
+    hellos_sent: int = 0
+    role_lost: int = 0
+    """``unknown_sender`` errors from the relay: this connection did not hold the trainer role (a hello follows)."""
+
+
+class HelloBackoff:
+    """When to say hello again after the relay said this trainer does not hold the role: the first refusal
+    schedules a hello ``first_s`` later, each further one before an acceptance doubles the wait up to ``max_s``."""
+
+    def __init__(self, first_s: float = 0.2, max_s: float = 5.0) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.delay_s = first_s
+        self.due_at: float | None = None
+
+    def refused(self, now: float) -> float | None:
+        """Schedule a hello (unless one is scheduled); returns the wait, or None when one was already scheduled."""
+        if self.due_at is not None:
+            return None
+        wait, self.due_at = self.delay_s, now + self.delay_s
+        self.delay_s = min(self.delay_s * 2, self.max_s)
+        return wait
+
+    def take_due(self, now: float) -> bool:
+        """True once when the scheduled hello is due."""
+        if self.due_at is None or now < self.due_at:
+            return False
+        self.due_at = None
+        return True
+
+    def accepted(self) -> None:
+        """The relay treats this connection as the trainer again: the next refusal waits ``first_s``."""
+        self.delay_s = self.first_s
 
 
 class TrainerLink:
@@ -53,6 +94,7 @@ class TrainerLink:
         self._pending_weights: WeightsUpdate | None = None
         self._last_weights: WeightsUpdate | None = None
         self._started_at = time.monotonic()
+        self._backoff = HelloBackoff()
         self._client = RelayClient(
             trainer_id, "ingest", self.endpoint, self.counters, on_connected=self._say_hello,
             on_message=self._on_message, on_turn=self._on_turn, send_heartbeat=self._send_heartbeat,
@@ -91,6 +133,7 @@ class TrainerLink:
 
     def _say_hello(self) -> str:
         self._client.send(encode(Hello(role="trainer", software=SOFTWARE, layout=self.ingestor.layout), self.trainer_id))
+        self.counters.hellos_sent += 1
         with self._lock:
             if self._pending_weights is None and self._last_weights is not None:
                 self._pending_weights = self._last_weights  # refill a restarted relay's cache
@@ -98,6 +141,9 @@ class TrainerLink:
 
     def _on_turn(self) -> None:
         if self._client.connected:
+            if self._backoff.take_due(time.monotonic()):
+                log.info("%s: saying hello again to take back the trainer role", self.trainer_id)
+                self._say_hello()
             self._send_weights()
 
     def _send_heartbeat(self) -> None:
@@ -122,6 +168,12 @@ class TrainerLink:
 
     def _on_message(self, frames: list[bytes]) -> None:
         self.counters.received += 1
+        kind = self._peek_type(frames)
+        if kind == "error":
+            self._on_error(frames)
+            return
+        if kind == "heartbeat":  # the relay answers heartbeats of the trainer that holds the role only
+            self._backoff.accepted()
         try:
             replies = self.ingestor.handle(frames)
         except Exception:  # a bug on one message must not stop ingestion: count, log, go on
@@ -131,3 +183,31 @@ class TrainerLink:
         for reply in replies:
             if self._client.send(reply):
                 self.counters.acks_sent += 1
+
+    @staticmethod
+    def _peek_type(frames: list[bytes]) -> str | None:
+        """The envelope's type (cheap: the envelope only), or None when it does not decode (the ingestor counts it)."""
+        if len(frames) != 2:
+            return None
+        try:
+            return decode_envelope(frames[0]).type
+        except ProtocolError:
+            return None
+
+    def _on_error(self, frames: list[bytes]) -> None:
+        self.counters.errors_received += 1
+        try:
+            _, error = decode(frames)
+        except ProtocolError as exc:
+            log.warning("%s: ignored an undecodable error message from the relay: %s", self.trainer_id, exc)
+            return
+        assert isinstance(error, Error)
+        if error.reason != "unknown_sender":
+            log.warning("%s: relay rejected our %s: [%s] %s", self.trainer_id, error.ref_type or "message",
+                        error.reason, error.message)
+            return
+        self.counters.role_lost += 1
+        wait = self._backoff.refused(time.monotonic())
+        if wait is not None:
+            log.warning("%s: the relay says this connection does not hold the trainer role (%s: %s); saying hello "
+                        "again in %.1fs", self.trainer_id, error.ref_type or "message", error.message, wait)

@@ -1,0 +1,122 @@
+"""A trainer always recovers its role (issue 14): on an ``unknown_sender`` error from the relay ("you do not hold the
+trainer role now") the trainer's link says hello again with backoff, and against a real relay
+``tmrl_relay_trainer_connected`` is back within seconds after a takeover and after a relay restart."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from loopback_relay import FakeRelay, wait_for
+from relay.relay_harness import Peer, insecure_config, relay_in_thread
+from tmrl_common.layout import layout_for_box
+from tmrl_common.protocol import Error, Heartbeat, Hello, encode
+from tmrl_common.sockets import SecurityConfig, TransportConfig
+from tmrl_relay.broker import Relay, RelaySetupError
+from tmrl_relay.metrics import RelayMetrics
+from tmrl_trainer.ingest import Ingestor
+from tmrl_trainer.memory import ReplayMemory
+from tmrl_trainer.relay_link import HelloBackoff, TrainerLink
+
+LAYOUT = layout_for_box(3, 1)
+FAST = TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200, linger_ms=0)
+
+
+def make_link(context, port: int, heartbeat_interval_s: float = 2.0) -> TrainerLink:
+    ingestor = Ingestor("trainer-1", LAYOUT, store=ReplayMemory(LAYOUT, capacity=100).add_batch)
+    return TrainerLink("trainer-1", "127.0.0.1", port, FAST, SecurityConfig(insecure=True), ingestor,
+                       heartbeat_interval_s=heartbeat_interval_s, context=context)
+
+
+def not_the_trainer(ref_type: str = "heartbeat") -> list[bytes]:
+    return encode(Error(reason="unknown_sender", message="does not hold the trainer role", ref_type=ref_type), "relay")
+
+
+def test_hello_backoff_doubles_up_to_its_cap_and_resets_on_acceptance():
+    backoff = HelloBackoff(first_s=0.2, max_s=0.5)
+    assert backoff.refused(10.0) == 0.2
+    assert backoff.refused(10.1) is None  # one hello scheduled at a time
+    assert not backoff.take_due(10.1) and backoff.take_due(10.2) and not backoff.take_due(10.3)
+    assert backoff.refused(11.0) == 0.4 and backoff.take_due(11.4)
+    assert backoff.refused(12.0) == 0.5  # capped
+    backoff.accepted()
+    assert backoff.take_due(12.5) and backoff.refused(13.0) == 0.2
+
+
+def test_an_unknown_sender_error_makes_the_link_say_hello_again_and_other_errors_do_not(context):
+    relay = FakeRelay(context)
+    link = make_link(context, relay.port)
+    link.start()
+    try:
+        routing_id, _, hello = relay.receive_type(Hello)
+        assert hello.role == "trainer"
+        relay.socket.send_multipart([routing_id, *encode(Error(reason="schema", message="bad weights"), "relay")])
+        relay.socket.send_multipart([routing_id, *not_the_trainer()])
+        started = time.monotonic()
+        _, _, again = relay.receive_type(Hello)
+        waited = time.monotonic() - started
+        assert again.role == "trainer" and 0.1 <= waited < 2.0
+        wait_for(lambda: link.counters.hellos_sent == 2)  # counted just after the send
+        assert link.counters.errors_received == 2 and link.counters.role_lost == 1
+        assert link.ingestor.snapshot()["rejects"] == {}  # errors are the link's business, not counted as bad input
+        relay.socket.send_multipart([routing_id, *not_the_trainer()])
+        started = time.monotonic()
+        relay.receive_type(Hello)
+        assert time.monotonic() - started >= 0.3  # the second refusal in a row waits longer (0.4 s)
+        relay.socket.send_multipart([routing_id, *encode(Heartbeat(role="relay", uptime_s=1.0), "relay")])
+        wait_for(lambda: link._backoff.delay_s == link._backoff.first_s)
+    finally:
+        link.stop()
+        relay.close()
+
+
+def _trainer_connected(relay) -> bool:
+    return relay.metrics.registry.get_sample_value("tmrl_relay_trainer_connected") == 1
+
+
+def _relay_on(ports, config) -> Relay:
+    """A relay bound to the ports a stopped one used (ZeroMQ may take a moment to release them)."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        relay = Relay(config.model_copy(update={"worker_port": ports.worker_port, "trainer_port": ports.trainer_port,
+                                                "weights_port": ports.weights_port}), RelayMetrics())
+        try:
+            relay.bind()
+            return relay
+        except RelaySetupError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_the_trainer_is_back_within_seconds_after_a_takeover_and_after_a_relay_restart(context):
+    config = insecure_config(peer_timeout_s=30.0)  # far longer than the test: only the re-hello can bring it back
+    with relay_in_thread(config) as relay:
+        ports = relay.ports
+        link = make_link(context, ports.trainer_port, heartbeat_interval_s=0.3)
+        link.start()
+        try:
+            wait_for(lambda: _trainer_connected(relay))
+            real_routing_id = relay.trainer.peer.routing_id
+            impostor = Peer(context, ports.trainer_port, "trainer-1")  # same id: without CurveZMQ, a "restart"
+            impostor.hello("trainer")
+            wait_for(lambda: relay.trainer.peer.routing_id != real_routing_id)
+            impostor.close()  # and it leaves; the real trainer's next heartbeat is refused, so it says hello again
+            started = time.monotonic()
+            wait_for(lambda: relay.trainer.peer.routing_id == real_routing_id, timeout_s=5.0)
+            assert time.monotonic() - started < 5.0 and _trainer_connected(relay)
+            assert link.counters.role_lost >= 1 and link.counters.hellos_sent >= 2
+        except BaseException:
+            link.stop()
+            raise
+    restarted = _relay_on(ports, config)
+    thread = threading.Thread(target=restarted.run, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        wait_for(lambda: _trainer_connected(restarted), timeout_s=10.0)
+        assert time.monotonic() - started < 10.0 and restarted.trainer.peer.sender == "trainer-1"
+    finally:
+        link.stop()
+        restarted.stop()
+        thread.join(10)
