@@ -252,8 +252,8 @@ def _make_keys(directory: Path) -> dict:
     from tmrl_common.curve import allow_public_key, generate_key_pair
 
     pairs = {name: generate_key_pair(directory / "keys", name) for name in ("relay", "worker", "trainer")}
-    for name in ("worker", "trainer"):
-        allow_public_key(directory / "allow", pairs[name].public_file)
+    allow_public_key(directory / "allow", pairs["worker"].public_file)
+    allow_public_key(directory / "allow" / "trainers", pairs["trainer"].public_file)  # keys add --role trainer
     return {"relay_secret": pairs["relay"].secret_file, "relay_public": pairs["relay"].public_file,
             "worker_secret": pairs["worker"].secret_file, "trainer_secret": pairs["trainer"].secret_file,
             "allow": directory / "allow"}

@@ -23,7 +23,8 @@ def test_with_curve_clients_each_gets_a_key_pair_and_a_place_in_the_relays_allow
     keys, allowed = stack.keys
     assert sorted(p.name for p in keys.iterdir()) == ["relay.key", "relay.key_secret", "trainer.key",
                                                       "trainer.key_secret", "worker-1.key", "worker-1.key_secret"]
-    assert sorted(p.name for p in allowed.iterdir()) == ["trainer.key", "worker-1.key"]
+    assert sorted(p.relative_to(allowed).as_posix() for p in allowed.rglob("*.key")) == ["trainers/trainer.key",
+                                                                                       "worker-1.key"]
     assert stack.ports.metrics == 0 and len(set(stack.ports[:3])) == 3
 
 

@@ -8,8 +8,9 @@ Every service is started from the console script installed next to the running P
 * **ports**: four free loopback ports picked at construction (:class:`StackPorts`; the relay's Prometheus port only
   when ``metrics`` is on, else ``--metrics-port 0``);
 * **security**: with ``curve_clients`` a CurveZMQ key pair per client and the relay's (``<root>/keys``), the clients'
-  public keys in the relay's allow-list (``<root>/allowed``), and the matching ``--secret-key`` / ``--server-key`` /
-  ``--allow-dir`` options; without, ``--insecure`` everywhere (plain text on loopback);
+  public keys in the relay's allow-list (``<root>/allowed``; the trainer's in ``<root>/allowed/trainers``), and the
+  matching ``--secret-key`` / ``--server-key`` / ``--allow-dir`` options; without, ``--insecure`` everywhere (plain
+  text on loopback);
 * **where things go**: processes run in ``root``; the trainer's ``--run-dir`` and the workers' ``--state-dir`` are
   ``run_dir`` and ``state_dir`` (relative to ``root`` unless absolute); each process logs to ``<logs>/<name>.log``;
 * **life cycle**: :meth:`LocalStack.wait_ready` (relay listening, trainer's first ``status.json``, worker connected),
@@ -83,8 +84,9 @@ def _make_keys(root: Path, clients: Sequence[str]) -> tuple[Path, Path]:
 
     keys, allowed = root / "keys", root / "allowed"
     generate_key_pair(keys, "relay")
-    for client in clients:
-        allow_public_key(allowed, generate_key_pair(keys, client).public_file)
+    for client in clients:  # the trainer's key goes in allowed/trainers (`keys add --role trainer`): only it may train
+        role_dir = allowed / "trainers" if client == "trainer" else allowed
+        allow_public_key(role_dir, generate_key_pair(keys, client).public_file)
     return keys, allowed
 
 
