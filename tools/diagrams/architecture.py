@@ -79,7 +79,8 @@ def draw(output: Path) -> Path:
     sender = box(ax, 0.08, 0.30, 0.37, 0.16, "sender thread: DEALER", [
         "numbers batches (seq, persisted in state_dir)",
         "encodes + zlib off the hot path, spools until acked",
-        "resends after ack_timeout_s or a reconnection",
+        "resends after ack_timeout_s or a reconnection;",
+        "gets the latest weights after its hello",
     ])
     feed = box(ax, 0.08, 0.10, 0.37, 0.13, "weights thread: SUB", [
         "decodes weights_update (safetensors)",
@@ -102,8 +103,8 @@ def draw(output: Path) -> Path:
     ], fill=SERVICE_FILL["relay"], title_size=11.5, text_size=8.8)
     r_trainer = box(ax, 0.64, 0.52, 0.32, 0.10, "ROUTER :5556", ["trainer_port"])
     r_workers = box(ax, 0.64, 0.32, 0.32, 0.12, "ROUTER :5555", ["worker_port"])
-    r_weights = box(ax, 0.64, 0.14, 0.32, 0.12, "XPUB :5557", ["weights_port; last-value cache:",
-                                                               "a new subscriber gets the latest"])
+    r_weights = box(ax, 0.64, 0.14, 0.32, 0.12, "XPUB :5557", ["weights_port; new versions only,",
+                                                               "at most one per 0.05 s"])
     box(ax, 0.64, 0.085, 0.32, 0.035, "metrics thread: HTTP :9108 /metrics", [], title_size=8.5, bold=False,
         dashed=True)
     arrow(ax, (0.74, r_workers[1] + r_workers[3]), (0.74, r_trainer[1]), SAMPLES)
@@ -138,9 +139,9 @@ def draw(output: Path) -> Path:
     arrow(ax, (sender[0] + sender[2], 0.42), (r_workers[0], 0.42), SAMPLES)
     label(ax, 0.545, 0.435, "hello, sample_batch,\nheartbeat", SAMPLES, size=8)
     arrow(ax, (r_workers[0], 0.34), (sender[0] + sender[2], 0.34), SAMPLES)
-    label(ax, 0.545, 0.355, "sample_ack, error,\nheartbeat", SAMPLES, size=8)
+    label(ax, 0.545, 0.355, "sample_ack, error, heartbeat,\nlatest weights after hello", SAMPLES, size=8)
     arrow(ax, (r_weights[0], 0.17), (feed[0] + feed[2], 0.17), WEIGHTS)
-    label(ax, 0.545, 0.19, "weights_update\n(latest on join)", WEIGHTS, size=8)
+    label(ax, 0.545, 0.19, "weights_update\n(new versions)", WEIGHTS, size=8)
     arrow(ax, (r_trainer[0] + r_trainer[2], 0.60), (ingest[0], 0.70), SAMPLES)
     label(ax, 1.05, 0.695, "sample_batch (unchanged,\nsender = worker id)", SAMPLES, size=8)
     arrow(ax, (ingest[0], 0.60), (r_trainer[0] + r_trainer[2], 0.555), SAMPLES)

@@ -194,7 +194,8 @@ WireBytes = Annotated[bytes, BeforeValidator(_bytes_from_buffer)]
 
 
 class WeightsUpdate(Message):
-    """Trainer → relay → every worker: a new policy. The relay keeps the latest one for late joiners."""
+    """Trainer → relay → every worker: a new policy. The relay keeps the latest one and hands it to each worker after
+    its ``hello``, so a late joiner starts from it."""
 
     type_name: ClassVar[str] = "weights_update"
 

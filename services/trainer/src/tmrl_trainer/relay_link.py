@@ -3,7 +3,7 @@
 It says ``hello`` on every (re)connection, feeds every received message to the :class:`~tmrl_trainer.ingest.Ingestor`
 and sends back the acks it returns, sends heartbeats, and publishes the weights the main thread hands over with
 :meth:`TrainerLink.publish` (only the newest pending update is kept; it is re-published after a reconnection so a
-restarted relay's last-value cache is refilled at once).
+restarted relay's weights cache is refilled at once).
 
 A trainer always recovers its role (issue 14): an ``error`` from the relay with reason ``unknown_sender`` means "you
 do not hold the trainer role on this connection now" (another trainer took it, the relay forgot this connection, or
