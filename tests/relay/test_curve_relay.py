@@ -3,10 +3,12 @@ trainer keys (``ALLOW/trainers``, ``keys add --role trainer``) reach the trainer
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import zmq
 from tmrl_common.curve import allow_public_key, generate_key_pair, load_public_key
-from tmrl_common.protocol import Hello
+from tmrl_common.protocol import Hello, encode
 from tmrl_common.sockets import SecurityConfig
 from tmrl_relay.broker import Relay, RelaySetupError
 from tmrl_relay.config import RelayConfig
@@ -37,6 +39,19 @@ def _client(keys, name) -> SecurityConfig:
 
 def _peer(context, port, keys, key_name, sender, kind=zmq.DEALER) -> Peer:
     return Peer(context, port, sender, kind, security=_client(keys, key_name))
+
+
+def _trainer(context, relay, keys, key_name="trainer", sender="trainer-1") -> Peer:
+    """A trainer with ``key_name``'s key that said hello and holds the role."""
+    trainer = _peer(context, relay.ports.trainer_port, keys, key_name, sender)
+    trainer.hello("trainer")
+    wait_until(lambda: relay.trainer.ready and relay.trainer.peer.sender == sender, what=f"trainer {sender}")
+    return trainer
+
+
+def _second_trainer_key(tmp_path, keys) -> None:
+    keys["trainer-b"] = generate_key_pair(tmp_path / "keys", "trainer-b")
+    allow_key_for_role(tmp_path / "allow", keys["trainer-b"].public_file, "trainer")
 
 
 def test_allow_listed_worker_and_trainer_exchange_samples_acks_and_weights(context, tmp_path, keys):
@@ -77,9 +92,7 @@ def test_a_worker_key_on_the_trainer_port_is_refused_and_counted_by_default(cont
     """Issue 14's takeover: an allow-listed worker key said hello as ``evil-trainer`` and published version 1e9."""
     with relay_in_thread(_config(tmp_path, keys)) as relay:
         value = relay.metrics.registry.get_sample_value
-        trainer = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
-        trainer.hello("trainer")
-        wait_until(lambda: value("tmrl_relay_trainer_connected") == 1, what="the real trainer")
+        trainer = _trainer(context, relay, keys)
         fake_trainer = _peer(context, relay.ports.trainer_port, keys, "worker-1", "evil-trainer")
         fake_trainer.hello("trainer")
         fake_trainer.send(make_weights(10**9))
@@ -95,14 +108,10 @@ def test_a_worker_key_on_the_trainer_port_is_refused_and_counted_by_default(cont
 
 
 def test_a_second_trainer_key_is_refused_while_the_trainer_is_alive(context, tmp_path, keys):
-    second = generate_key_pair(tmp_path / "keys", "trainer-b")
-    allow_key_for_role(tmp_path / "allow", second.public_file, "trainer")
-    keys["trainer-b"] = second
+    _second_trainer_key(tmp_path, keys)
     with relay_in_thread(_config(tmp_path, keys)) as relay:
         value = relay.metrics.registry.get_sample_value
-        trainer = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
-        trainer.hello("trainer")
-        wait_until(lambda: value("tmrl_relay_trainer_connected") == 1, what="the first trainer")
+        _trainer(context, relay, keys)
         other = _peer(context, relay.ports.trainer_port, keys, "trainer-b", "trainer-2")
         other.hello("trainer")
         error = other.recv_type("error")[1]
@@ -116,9 +125,7 @@ def test_a_second_trainer_key_is_refused_while_the_trainer_is_alive(context, tmp
 def test_the_same_trainer_key_on_a_new_connection_takes_over_at_once(context, tmp_path, keys):
     with relay_in_thread(_config(tmp_path, keys)) as relay:
         value = relay.metrics.registry.get_sample_value
-        old = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
-        old.hello("trainer")
-        wait_until(lambda: value("tmrl_relay_trainer_connected") == 1, what="the first trainer")
+        old = _trainer(context, relay, keys)
         old_routing_id = relay.trainer.peer.routing_id
         restarted = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")  # old one still open
         restarted.hello("trainer")
@@ -133,18 +140,12 @@ def test_the_same_trainer_key_on_a_new_connection_takes_over_at_once(context, tm
 
 
 def test_another_trainer_key_takes_the_role_once_the_trainer_is_silent(context, tmp_path, keys):
-    second = generate_key_pair(tmp_path / "keys", "trainer-b")
-    allow_key_for_role(tmp_path / "allow", second.public_file, "trainer")
-    keys["trainer-b"] = second
+    _second_trainer_key(tmp_path, keys)
     with relay_in_thread(_config(tmp_path, keys, peer_timeout_s=0.3)) as relay:
         value = relay.metrics.registry.get_sample_value
-        first = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
-        first.hello("trainer")
-        wait_until(lambda: value("tmrl_relay_trainer_connected") == 1, what="the first trainer")
+        _trainer(context, relay, keys)
         wait_until(lambda: value("tmrl_relay_trainer_connected") == 0, what="the first trainer to go silent")
-        standby = _peer(context, relay.ports.trainer_port, keys, "trainer-b", "trainer-2")
-        standby.hello("trainer")
-        wait_until(lambda: relay.trainer.peer is not None and relay.trainer.peer.sender == "trainer-2", what="standby")
+        _trainer(context, relay, keys, "trainer-b", "trainer-2")
         assert value("tmrl_relay_trainer_connected") == 1
 
 
@@ -169,8 +170,10 @@ def test_a_worker_cannot_take_over_another_workers_id(context, tmp_path, keys):
 def test_a_plain_text_client_cannot_talk_to_a_curve_relay(context, tmp_path, keys):
     with relay_in_thread(_config(tmp_path, keys)) as relay:
         plain = Peer(context, relay.ports.worker_port, "worker-1")
-        plain.hello("worker")
-        plain.send(make_batch(1))
+        for message in (Hello(role="worker", software="plain"), make_batch(1)):
+            # once the handshake has failed the DEALER has no pipe left and a blocking send would wait forever
+            with contextlib.suppress(zmq.Again):
+                plain.socket.send_multipart(encode(message, "worker-1"), zmq.NOBLOCK)
         value = relay.metrics.registry.get_sample_value
         wait_until(lambda: sum(value("tmrl_relay_handshake_failures_total", {"link": "workers", "kind": k}) or 0
                                for k in ("auth", "protocol", "other")) >= 1, what="refused handshake")
@@ -201,10 +204,7 @@ def test_an_explicit_trainer_allowlist_dir_overrides_the_default(context, tmp_pa
     for key in (tmp_path / "allow" / "trainers").glob("*.key"):
         key.unlink()
     with relay_in_thread(_config(tmp_path, keys, trainer_allowlist_dir=tmp_path / "elsewhere")) as relay:
-        trainer = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
-        trainer.hello("trainer")
-        wait_until(lambda: relay.metrics.registry.get_sample_value("tmrl_relay_trainer_connected") == 1,
-                   what="the trainer from the overriding list")
+        _trainer(context, relay, keys)  # admitted through the overriding list
 
 
 def test_the_relay_refuses_to_start_without_keys_and_says_how_to_make_them(tmp_path):
@@ -221,9 +221,7 @@ def test_removing_the_trainer_key_revokes_the_live_trainer_without_a_restart(con
     runner = CliRunner()
     with relay_in_thread(_config(tmp_path, keys, allowlist_reload_s=0.1)) as relay:
         value = relay.metrics.registry.get_sample_value
-        trainer = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")
-        trainer.hello("trainer")
-        wait_until(lambda: value("tmrl_relay_trainer_connected") == 1, what="the trainer")
+        trainer = _trainer(context, relay, keys)
         removed = runner.invoke(app, ["keys", "remove", "trainer", "--allow-dir", str(tmp_path / "allow"), "--role", "trainer"])
         assert removed.exit_code == 0, removed.output
         wait_until(lambda: value("tmrl_relay_trainer_connected") == 0, what="the revocation")

@@ -26,6 +26,24 @@ def _subscribers(context, relay, count):
     return subscribers
 
 
+def _published(context, relay, version: int) -> tuple[Peer, Peer]:
+    """A trainer and one subscriber that has received the trainer's weights ``version``."""
+    trainer = connected_trainer(context, relay)
+    (subscriber,) = _subscribers(context, relay, 1)
+    trainer.send(make_weights(version))
+    assert subscriber.recv_type("weights_update")[1].version == version
+    return trainer, subscriber
+
+
+def _raw_xsub(context, relay) -> zmq.Socket:
+    """An XSUB on the weights socket: it sends whatever frames it likes (subscriptions or not)."""
+    hostile = context.socket(zmq.XSUB)
+    hostile.linger = 0
+    hostile.setsockopt(zmq.SNDHWM, 0)  # queue everything, drop nothing
+    hostile.connect(f"tcp://127.0.0.1:{relay.ports.weights_port}")
+    return hostile
+
+
 def test_weights_fan_out_to_every_subscriber_unchanged(context):
     with relay_in_thread(insecure_config(weights_min_interval_s=0)) as relay:
         trainer = connected_trainer(context, relay)
@@ -41,10 +59,7 @@ def test_weights_fan_out_to_every_subscriber_unchanged(context):
 
 def test_a_late_worker_gets_the_latest_weights_over_its_link_at_once_and_once_per_version(context):
     with relay_in_thread(insecure_config()) as relay:
-        trainer = connected_trainer(context, relay)
-        (subscriber,) = _subscribers(context, relay, 1)
-        trainer.send(make_weights(2))
-        assert subscriber.recv_type("weights_update")[1].version == 2
+        _, subscriber = _published(context, relay, 2)
         started = time.monotonic()
         late = Peer(context, relay.ports.worker_port, "worker-late")
         late.hello("worker")
@@ -62,14 +77,8 @@ def test_a_late_worker_gets_the_latest_weights_over_its_link_at_once_and_once_pe
 def test_a_flood_of_subscriptions_gives_a_good_subscriber_no_extra_copies(context):
     """Issue 14: 2,000 subscribes from one XSUB once gave a good subscriber 116 copies in 2 s."""
     with relay_in_thread(insecure_config()) as relay:
-        trainer = connected_trainer(context, relay)
-        (good,) = _subscribers(context, relay, 1)
-        trainer.send(make_weights(1))
-        assert good.recv_type("weights_update")[1].version == 1
-        hostile = context.socket(zmq.XSUB)
-        hostile.linger = 0
-        hostile.setsockopt(zmq.SNDHWM, 0)  # queue the whole flood, drop none
-        hostile.connect(f"tcp://127.0.0.1:{relay.ports.weights_port}")
+        _, good = _published(context, relay, 1)
+        hostile = _raw_xsub(context, relay)
         for _ in range(2000):
             hostile.send(b"\x01")  # subscribe to everything, again and again (XPUB_VERBOSE shows each)
         value = relay.metrics.registry.get_sample_value
@@ -94,10 +103,7 @@ def test_weights_faster_than_the_interval_are_coalesced_to_the_latest(context):
 
 def test_weights_with_a_wrong_sha256_are_rejected_and_not_cached(context):
     with relay_in_thread(insecure_config()) as relay:
-        trainer = connected_trainer(context, relay)
-        (subscriber,) = _subscribers(context, relay, 1)
-        trainer.send(make_weights(1))
-        assert subscriber.recv_type("weights_update")[1].version == 1
+        trainer, subscriber = _published(context, relay, 1)
         poisoned = make_weights(2).model_copy(update={"sha256": "0" * 64})  # model_copy skips validation
         trainer.send_frames(encode(poisoned, "trainer-1"))
         error = trainer.recv_type("error")[1]
@@ -128,9 +134,7 @@ def test_workers_cannot_publish_weights(context):
 
 def test_non_subscription_messages_on_the_weights_socket_are_counted(context):
     with relay_in_thread(insecure_config()) as relay:
-        hostile = context.socket(zmq.XSUB)
-        hostile.linger = 0
-        hostile.connect(f"tcp://127.0.0.1:{relay.ports.weights_port}")
+        hostile = _raw_xsub(context, relay)
         hostile.send(b"\x05not a subscription")
         wait_until(lambda: relay.metrics.reject_count("malformed", "weights") == 1, what="weights reject")
         trainer = connected_trainer(context, relay)
