@@ -60,3 +60,27 @@ def test_weights_on_the_link_without_a_feed_are_counted_not_fatal(context, tmp_p
             assert link.failure is None and link.counters.rejected_messages == 0
         finally:
             link.stop()
+
+
+def test_a_test_mode_worker_joining_late_acts_with_the_latest_weights_and_sends_no_samples(context, tmp_path):
+    from tmrl_worker.config import WorkerConfig
+    from tmrl_worker.envs import make_env
+    from tmrl_worker.runtime import run_worker
+
+    probe = make_env("sim-fast")
+    layout = probe.layout
+    probe.close()
+    torch.manual_seed(0)
+    update = weights_update_from_actor(build_actor(PolicyArchitecture.for_layout(layout, hidden_sizes=[8])), version=7)
+    with relay_in_thread(insecure_config()) as relay:
+        connected_trainer(context, relay).send(update)
+        value = relay.metrics.registry.get_sample_value
+        wait_for(lambda: value("tmrl_relay_weights_version") == 7)
+        config = WorkerConfig(worker_id="w-test", env="sim-fast", mode="test", max_steps=300, max_steps_per_second=100,
+                              worker_port=relay.ports.worker_port, weights_port=relay.ports.weights_port,
+                              state_dir=tmp_path, transport=FAST, security=SecurityConfig(insecure=True))
+        stats = run_worker(config)
+        assert stats.weights_version == 7  # handed over after hello; the trainer published nothing new
+        assert value("tmrl_relay_weights_published_total") == 1
+        assert value("tmrl_relay_weights_handovers_total", {"result": "sent"}) == 1
+        assert (value("tmrl_relay_batches_forwarded_total") or 0) == 0 and relay.pending.nbytes == 0

@@ -30,8 +30,8 @@ class WorkerConfig(BaseModel):
     """Passed to the env: interface keyword arguments for rtgym envs (TrackMania: ``reward_path``,
     ``telemetry_port``...), ``gymnasium.make`` keyword arguments for ``gym:`` and ``sim-fast``."""
     mode: WorkerMode = "train"
-    """``train``: send samples, use received weights; ``test``: send nothing, use received weights;
-    ``expert``: send samples, ignore weights (scripted expert of the env, or ``policy_file``)."""
+    """``train``: send samples, use received weights; ``test``: send no samples (its hello fetches the latest weights),
+    use received weights; ``expert``: send samples, ignore weights (scripted expert of the env, or ``policy_file``)."""
     policy_file: Path | None = None
     """A safetensors policy (weights + architecture metadata) used in ``expert`` mode instead of the env's expert."""
     deterministic: bool = False

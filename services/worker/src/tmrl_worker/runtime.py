@@ -352,20 +352,22 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
             feed.start()
         if config.mode in ("train", "expert"):
             progress = open_progress_file(config)
-            link = RelayLink(
-                worker_id=config.worker_id,
-                layout=env.layout,
-                endpoint=RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security),
-                sequence=SequenceCounter(config.state_dir, config.worker_id),
-                spool=Spool(config.spool_max_batches, config.spool_max_bytes, owner=config.worker_id,
-                            directory=spool_directory(config)),
-                ack_timeout_s=config.ack_timeout_s,
-                heartbeat_interval_s=config.heartbeat_interval_s,
-                context=context,
-                on_weights=feed.hand_over if feed is not None else None,  # the relay's latest weights after hello
-            )
-            link.start()
-        loop = RolloutLoop(env, link, feed, policy, batch_steps=config.batch_steps, compress=config.compress,
+        # every mode opens the samples link: the relay answers its hello with the latest weights (issue 14)
+        link = RelayLink(
+            worker_id=config.worker_id,
+            layout=env.layout,
+            endpoint=RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security),
+            sequence=SequenceCounter(config.state_dir, config.worker_id),
+            spool=Spool(config.spool_max_batches, config.spool_max_bytes, owner=config.worker_id,
+                        directory=spool_directory(config)),
+            ack_timeout_s=config.ack_timeout_s,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            context=context,
+            on_weights=feed.hand_over if feed is not None else None,
+        )
+        link.start()
+        samples_sink = None if config.mode == "test" else link  # a test worker sends no samples
+        loop = RolloutLoop(env, samples_sink, feed, policy, batch_steps=config.batch_steps, compress=config.compress,
                            deterministic=config.deterministic or config.mode == "test", seed=config.seed,
                            worker_id=config.worker_id, max_steps_per_second=config.max_steps_per_second,
                            progress=progress)
