@@ -99,12 +99,13 @@ class AllowlistWatcher:
         return True
 
     def _require_a_trainer_key(self) -> None:
-        try:
-            keys = list_allowed_keys(self.trainer_dir)
-        except KeyFileError as exc:
-            keys, detail = [], f" ({exc})"
+        if not self.trainer_dir.is_dir():
+            keys, detail = [], " (the folder does not exist)"
         else:
-            detail = ""
+            try:
+                keys, detail = list_allowed_keys(self.trainer_dir), ""
+            except KeyFileError as exc:  # a malformed file: say which
+                keys, detail = [], f" ({exc})"
         if not keys:
             raise RelaySetupError(
                 f"CurveZMQ is on but no trainer key is allowed in {self.trainer_dir}{detail}. Only keys there may be "
