@@ -59,3 +59,22 @@ def test_a_hello_with_the_wrong_role_is_refused_and_counted_on_either_socket(con
         assert value("tmrl_relay_role_refusals_total", {"link": "trainer", "why": "wrong_role"}) == 1
         assert value("tmrl_relay_role_refusals_total", {"link": "workers", "why": "wrong_role"}) == 1
         assert value("tmrl_relay_trainer_connected") in (None, 0)
+
+
+def test_an_insecure_relay_warns_loudly_at_start_and_louder_off_loopback(caplog):
+    import logging
+
+    from tmrl_relay.broker import Relay
+    from tmrl_relay.config import RelayConfig
+
+    caplog.set_level(logging.WARNING, logger="tmrl_relay")
+    for host in ("127.0.0.1", "0.0.0.0"):
+        caplog.clear()
+        relay = Relay(insecure_config(bind_host=host))
+        relay.bind()
+        relay.stop()
+        relay.run()  # returns at once and closes the sockets
+        [warning] = [r.getMessage() for r in caplog.records if "INSECURE" in r.getMessage()]
+        assert "say hello as the trainer" in warning
+        assert ("NOT loopback" in warning) == (host == "0.0.0.0")
+    assert RelayConfig().bind_host == "127.0.0.1"  # loopback unless told otherwise
