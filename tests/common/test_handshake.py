@@ -83,7 +83,7 @@ def test_a_refused_key_is_reported_with_the_keys_add_command_and_connects_once_a
     assert not client.connected
     [message] = errors(caplog)
     assert "refused this worker's key" in message
-    assert "tmrl-relay keys add worker-9.key --allow-dir ALLOW" in message
+    assert "tmrl-relay keys add worker-9.key --allow-dir ALLOW --role worker" in message
 
     shutil.copy(keys / "keys" / "worker-9.key", keys / "allow" / "worker-9.key")
     reload_authenticator(authenticator, {"tmrl-workers": keys / "allow"})
@@ -94,7 +94,7 @@ def test_a_refused_key_is_reported_with_the_keys_add_command_and_connects_once_a
 def test_a_refused_trainer_key_names_the_trainers_allow_list(keys, curve_relay, start_client, caplog):
     start_client(curve_relay[0], client_keys(keys), role="trainer")
     wait_for(lambda: errors(caplog), 5)
-    assert "--allow-dir ALLOW/trainers" in errors(caplog)[0]
+    assert "--allow-dir ALLOW --role trainer" in errors(caplog)[0]
 
 
 def test_a_wrong_server_key_is_reported_as_such(keys, curve_relay, start_client, caplog):

@@ -4,7 +4,7 @@ CurveZMQ gives a refused client no message of its own: its ``hello`` simply goes
 the cases apart (measured with libzmq 4.3.5):
 
 * ``HANDSHAKE_FAILED_AUTH`` (status 400): the relay's ZAP handler refused this client's public key: it is not in the
-  allow-list (workers: ``<allow-dir>``, trainers: ``<allow-dir>/trainers``);
+  allow-list (workers: ``<allow-dir>``, trainers: ``<allow-dir>/trainers``, both through ``keys add --role``);
 * ``HANDSHAKE_FAILED_PROTOCOL``: the two sides speak different mechanisms: one runs ``--insecure``, the other CurveZMQ;
 * ``HANDSHAKE_FAILED_NO_DETAIL``, again and again: the relay drops the connection during the handshake because it
   cannot read our ``HELLO``: ``--server-key`` is not the public key of the relay's ``--secret-key``;
@@ -138,10 +138,10 @@ class HandshakeWatch:
         """The error line for a failure ``kind``: what is wrong, the likely cause, the command that fixes it."""
         where = tcp_endpoint(self.endpoint.host, self.endpoint.port)
         if kind == "refused":
-            allow = "ALLOW/trainers" if self.role == "trainer" else "ALLOW"
             return (f"the relay at {where} refused this {self.role}'s key: {self._public_key_file()} is not in its "
                     f"{self.role} allow-list. On the relay host run `tmrl-relay keys add {self._public_key_file().name} "
-                    f"--allow-dir {allow}` (ALLOW: the relay's --allow-dir); retrying every {self.retry_s:.0f}s")
+                    f"--allow-dir ALLOW --role {self.role}` (ALLOW: the relay's --allow-dir); retrying every "
+                    f"{self.retry_s:.0f}s")
         if kind == "mechanism":
             mine = "plain text (--insecure)" if self.endpoint.security.insecure else "CurveZMQ"
             theirs = "CurveZMQ" if self.endpoint.security.insecure else "plain text (--insecure)"
