@@ -3,6 +3,8 @@ a recording controller, and a short real rtgym run at 20 Hz."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from tmrl_common.layout import tm20_image_layout, tm20_lidar_layout, tm20_lidar_progress_layout
@@ -18,8 +20,10 @@ from tmrl_worker.tm20.interfaces import (
     tm20_rtgym_config,
 )
 from tmrl_worker.tm20.lidar import Lidar
-from tmrl_worker.tm20.openplanet import TelemetryClient, encode_packet
+from tmrl_worker.tm20.openplanet import TelemetryClient
 from tmrl_worker.tm20.replay_server import TelemetryReplayServer
+from tmrl_worker.tm20.synthetic import StraightDrive
+from tmrl_worker.tm20.window import ClientArea
 
 H, W = 120, 160
 SERVER_HZ = 100.0
@@ -35,12 +39,9 @@ def corridor_frames() -> np.ndarray:
     return frames
 
 
-def telemetry_source(finish_at: int | None = None):
-    def packet(tick: int) -> bytes:
-        x = SPEED * tick / SERVER_HZ
-        return encode_packet(tick, speed=SPEED, distance=x, position=(x, 0.0, 5.0), gas=1.0,
-                             finished=finish_at is not None and tick >= finish_at)
-    return packet
+def telemetry_source(finish_at: float | None = None) -> StraightDrive:
+    """The car drives along x at SPEED m/s; a respawn puts it back at x = 0 (finish flag from ``finish_at`` m)."""
+    return StraightDrive(SPEED, SERVER_HZ, z=5.0, finish_at=finish_at)
 
 
 def straight_reward(**config) -> TrajectoryReward:
@@ -48,15 +49,41 @@ def straight_reward(**config) -> TrajectoryReward:
                                       TrajectoryRewardConfig(grace_steps=1000, **config))
 
 
+class FakeWindow:
+    """A game window that records focus requests; ``in_front`` says whether focusing it works."""
+
+    title = "Trackmania"
+
+    def __init__(self, in_front: bool = True) -> None:
+        self.in_front = in_front
+        self.focus_calls = 0
+        self.placed: list[tuple[int, int, int, int]] = []
+
+    def client_area(self) -> ClientArea:
+        return ClientArea(0, 0, W, H)
+
+    def place(self, x: int, y: int, width: int, height: int) -> None:
+        self.placed.append((x, y, width, height))
+
+    def focus(self) -> None:
+        self.focus_calls += 1
+
+    def is_foreground(self) -> bool:
+        return self.in_front
+
+
 @pytest.fixture
 def plugin():
-    with TelemetryReplayServer(telemetry_source(), rate_hz=SERVER_HZ) as server:
+    drive = telemetry_source()
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        server.drive = drive
         yield server
 
 
 def devices(server, **extra):
     return dict(capture=RecordedFrames(corridor_frames()), telemetry=TelemetryClient(server.port, timeout=2.0),
-                controller=RecordingController(), reward=straight_reward(), sleep_time_at_reset=0.0, **extra)
+                controller=RecordingController(on_respawn=server.drive.respawn), reward=straight_reward(),
+                sleep_time_at_reset=0.0, **extra)
 
 
 @pytest.mark.parametrize(("cls", "layout"), [
@@ -110,10 +137,13 @@ def test_reset_respawns_and_wait_releases_then_respawns(plugin):
 
 
 def test_game_finish_terminates_and_pays_the_finish_bonus_once():
-    with TelemetryReplayServer(telemetry_source(finish_at=0), rate_hz=SERVER_HZ) as server:
+    drive = telemetry_source(finish_at=0.5)
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        server.drive = drive
         interface = TM20LidarInterface(**devices(server))
         try:
             interface.reset()
+            time.sleep(0.1)  # 1 m driven: past the finish
             _, reward, terminated, info = interface.get_obs_rew_terminated_info()
             assert terminated and info["finished_by_game"]
             assert reward >= interface.reward.config.finish_bonus
@@ -189,7 +219,8 @@ def test_a_failing_device_closes_the_ones_already_built(plugin, monkeypatch):
 
     monkeypatch.setattr(interfaces, "make_capture", no_screen)
     with pytest.raises(CaptureError, match="no screen"):
-        TM20LidarInterface(reward=straight_reward(), controller=RecordingController(), telemetry_port=plugin.port)
+        TM20LidarInterface(reward=straight_reward(), controller=RecordingController(), telemetry_port=plugin.port,
+                           window=FakeWindow())
     names = [t.name for t in threading.enumerate() if t.is_alive()]
     assert f"tm20-telemetry-{plugin.port}" not in names
 

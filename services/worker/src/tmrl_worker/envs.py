@@ -34,6 +34,8 @@ SIM_SPECS = ("sim", "sim-fast")
 TM20_SPECS = ("tm20-lidar", "tm20-lidar-progress", "tm20-full")
 SIM_GYM_ID = "tmrl_worker.sim:tmrl/RaceTrack-v0"
 RTGYM_ID = "real-time-gym-v1"
+TRUNCATED_REASON = "truncated_reason"
+"""``info`` key an rtgym interface sets (with the reason) when its ``terminated`` means "truncated"."""
 
 ExpertPolicy = Callable[[tuple], np.ndarray]
 
@@ -102,8 +104,14 @@ class EnvHandle:
         return self._observation(observation)
 
     def step(self, action: np.ndarray) -> tuple[tuple, float, bool, bool, dict]:
-        """Apply a policy action in [-1, 1]; return ``(observation tuple, reward, terminated, truncated, info)``."""
+        """Apply a policy action in [-1, 1]; return ``(observation tuple, reward, terminated, truncated, info)``.
+
+        An rtgym interface can only end an episode through ``terminated``; one that ends it for a reason outside the
+        task (the game's plugin or window went away) also sets ``info[TRUNCATED_REASON]``, and the step is then
+        reported as truncated, so the trainer bootstraps through it instead of learning a false terminal state."""
         observation, reward, terminated, truncated, info = self.env.step(self.to_env_action(action))
+        if terminated and isinstance(info, dict) and info.get(TRUNCATED_REASON):
+            terminated, truncated = False, True
         return self._observation(observation), float(reward), bool(terminated), bool(truncated), info
 
     def close(self) -> None:

@@ -44,6 +44,9 @@ class Controller(Protocol):
     def respawn(self) -> None:
         """Press the game's respawn control once (restarts the run / the car at the start)."""
 
+    def close_finish_popup(self) -> None:
+        """Press the control that closes the end-of-race pop-up (gamepad A, keyboard Enter), as upstream tmrl does."""
+
     def release(self) -> None:
         """Release every input (car coasts)."""
 
@@ -80,10 +83,12 @@ class GamepadController:
         if respawn_button not in XUSB_BUTTONS:
             raise ControlError(f"unknown gamepad button {respawn_button!r}: one of {sorted(XUSB_BUTTONS)}")
         self._button: Any = XUSB_BUTTONS[respawn_button]
+        self._popup_button: Any = XUSB_BUTTONS["A"]
         if pad is None:
             vgamepad = import_windows_module("vgamepad", "the Xbox 360 virtual gamepad")
             pad = vgamepad.VX360Gamepad()
             self._button = getattr(vgamepad.XUSB_BUTTON, f"XUSB_GAMEPAD_{respawn_button}")
+            self._popup_button = vgamepad.XUSB_BUTTON.XUSB_GAMEPAD_A
         self.pad = pad
         self.press_seconds = press_seconds
 
@@ -94,12 +99,19 @@ class GamepadController:
         self.pad.left_joystick_float(x_value_float=command.steer, y_value_float=0.0)
         self.pad.update()
 
-    def respawn(self) -> None:
-        self.pad.press_button(button=self._button)
+    def _press(self, button: Any) -> None:
+        self.pad.press_button(button=button)
         self.pad.update()
         time.sleep(self.press_seconds)
-        self.pad.release_button(button=self._button)
+        self.pad.release_button(button=button)
         self.pad.update()
+
+    def respawn(self) -> None:
+        self._press(self._button)
+
+    def close_finish_popup(self) -> None:
+        self.pad.reset()  # upstream releases everything first: a held trigger would drive off again
+        self._press(self._popup_button)
 
     def release(self) -> None:
         self.pad.reset()
@@ -235,10 +247,17 @@ class KeyboardController:
     def apply(self, action: np.ndarray) -> None:
         self._hold(self.keys_for(action))
 
-    def respawn(self) -> None:
-        self.sender.key_down(self.respawn_key)
+    def _tap(self, key: str) -> None:
+        self.sender.key_down(key)
         time.sleep(self.press_seconds)
-        self.sender.key_up(self.respawn_key)
+        self.sender.key_up(key)
+
+    def respawn(self) -> None:
+        self._tap(self.respawn_key)
+
+    def close_finish_popup(self) -> None:
+        self.release()
+        self._tap("enter")
 
     def release(self) -> None:
         self._hold(set())
@@ -248,12 +267,18 @@ class KeyboardController:
 
 
 class RecordingController:
-    """Drives nothing; records ``calls`` as ``(name, value)`` and the applied ``actions`` (tests, dry runs)."""
+    """Drives nothing; records ``calls`` as ``(name, value)`` and the applied ``actions`` (tests, dry runs).
 
-    def __init__(self) -> None:
+    ``on_respawn`` / ``on_close_popup`` are called on those presses, so a fake game can react to them.
+    """
+
+    def __init__(self, on_respawn: Callable[[], None] | None = None,
+                 on_close_popup: Callable[[], None] | None = None) -> None:
         self.calls: list[tuple[str, Any]] = []
         self.actions: list[np.ndarray] = []
         self.respawns = 0
+        self.on_respawn = on_respawn
+        self.on_close_popup = on_close_popup
 
     def apply(self, action: np.ndarray) -> None:
         analog_command(action)  # same validation as the real backends
@@ -264,6 +289,13 @@ class RecordingController:
     def respawn(self) -> None:
         self.respawns += 1
         self.calls.append(("respawn", None))
+        if self.on_respawn is not None:
+            self.on_respawn()
+
+    def close_finish_popup(self) -> None:
+        self.calls.append(("close_finish_popup", None))
+        if self.on_close_popup is not None:
+            self.on_close_popup()
 
     def release(self) -> None:
         self.calls.append(("release", None))

@@ -21,22 +21,29 @@ capture, plugin on ``telemetry_port``, gamepad on Windows / keyboard elsewhere, 
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import gymnasium
 import numpy as np
 from gymnasium import spaces
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rtgym import DEFAULT_CONFIG_DICT, RealTimeGymInterface
 from tmrl_common.layout import ObservationLayout, tm20_image_layout, tm20_lidar_layout, tm20_lidar_progress_layout
 
+from tmrl_worker.envs import TRUNCATED_REASON
 from tmrl_worker.reward import RewardPathError, TrajectoryReward, TrajectoryRewardConfig
-from tmrl_worker.tm20.capture import FrameCapture, downscale, make_capture, to_gray
+from tmrl_worker.tm20.capture import CaptureError, FrameCapture, downscale, make_capture, to_gray
 from tmrl_worker.tm20.control import Controller, make_controller
-from tmrl_worker.tm20.lidar import Lidar, LidarConfig
-from tmrl_worker.tm20.openplanet import DEFAULT_PORT, TelemetryClient
+from tmrl_worker.tm20.lidar import Lidar, LidarConfig, LidarError
+from tmrl_worker.tm20.openplanet import DEFAULT_PORT, Telemetry, TelemetryClient, TelemetryError
+from tmrl_worker.tm20.window import GameWindow, WindowNotFoundError, find_game_window
+
+log = logging.getLogger(__name__)
 
 Variant = Literal["lidar", "lidar-progress", "full"]
 LIDAR_WINDOW_SIZE = (958, 488)
@@ -57,6 +64,65 @@ class TM20ConfigError(ValueError):
     """A TrackMania environment cannot be built from these settings."""
 
 
+class RaceRestartError(RuntimeError):
+    """After a respawn, telemetry never showed the race restarted (the respawn control is not bound, or a pop-up
+    stays open)."""
+
+
+class TM20GameLostError(RuntimeError):
+    """The game (plugin or window) did not come back within ``recovery.give_up_after_s``."""
+
+
+DEVICE_ERRORS = (TelemetryError, CaptureError, WindowNotFoundError, LidarError)
+"""What the game's devices raise when the plugin, the window or a frame goes away or goes wrong: each ends the
+episode (truncated) instead of escaping rtgym's observation thread."""
+
+
+def _fault_kind(exc: BaseException) -> str:
+    kinds = ((TelemetryError, "telemetry"), (CaptureError, "capture"), (WindowNotFoundError, "window"),
+             (LidarError, "frame"))
+    return next((name for cls, name in kinds if isinstance(exc, cls)), "unexpected")
+
+
+class RecoveryConfig(BaseModel):
+    """How a TrackMania interface notices a lost game, waits for it, and restarts the race (``env_options.recovery``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step_telemetry_timeout_s: float = Field(default=1.0, gt=0)
+    """During a step, a packet older than this (and none arriving in this time) ends the episode as truncated."""
+    probe_timeout_s: float = Field(default=1.0, gt=0)
+    """While waiting for the game, how long one attempt waits for a fresh packet."""
+    first_retry_s: float = Field(default=0.5, gt=0)
+    """Delay after the first failed attempt; it doubles after each one, up to ``max_retry_s``."""
+    max_retry_s: float = Field(default=8.0, gt=0)
+    give_up_after_s: float | None = Field(default=None, gt=0)
+    """Raise :class:`TM20GameLostError` after waiting this long (None: wait for the game for ever, logging why)."""
+    restart_timeout_s: float = Field(default=10.0, gt=0)
+    """After the respawn, how long telemetry may take to show the race restarted before :class:`RaceRestartError`."""
+    restart_distance_m: float = Field(default=1.0, ge=0)
+    """The race counts as restarted when a packet read after the respawn has ``distance`` within this of 0."""
+    popup_delay_s: float = Field(default=0.5, ge=0)
+    """After a finish, wait this long after the respawn before closing the end-of-race pop-up (as upstream does)."""
+    focus_window: bool = True
+    """Bring the game window to the front when the env starts and at every reset."""
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def _validated(model: type[Model], value: Model | dict[str, Any] | None, name: str) -> Model:
+    """``value`` as a ``model``: a TOML table is validated (a bad field raises :class:`TM20ConfigError` naming it)."""
+    if value is None:
+        return model()
+    if isinstance(value, model):
+        return value
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise TM20ConfigError(f"env_options.{name} is not valid: {exc}") from exc
+
+
 def observation_space_for(layout: ObservationLayout) -> spaces.Tuple:
     """The rtgym interface observation space of ``layout`` (without the action buffer)."""
     parts = []
@@ -67,24 +133,35 @@ def observation_space_for(layout: ObservationLayout) -> spaces.Tuple:
 
 
 class TM20Interface(RealTimeGymInterface):
-    """Shared logic of the TrackMania interfaces; subclasses say what a frame becomes and what the layout is."""
+    """Shared logic of the TrackMania interfaces; subclasses say what a frame becomes and what the layout is.
+
+    A device failure during a step (telemetry lost, capture failed, window gone) never escapes the observation
+    method: rtgym runs it in its own thread under a lock that an exception would never release, so the worker would
+    hang. Instead the step ends the episode with ``info["truncated_reason"]`` (the worker records it as truncated,
+    not terminated), and the next :meth:`reset` waits for the game with backoff, logging a status line per attempt,
+    before it restarts the race.
+    """
 
     window_size: tuple[int, int] = LIDAR_WINDOW_SIZE
     capture_color = "rgb"
 
     def __init__(self, *, capture: FrameCapture | None = None, telemetry: TelemetryClient | None = None,
                  controller: Controller | None = None, reward: TrajectoryReward | None = None,
-                 reward_path: str | Path | None = None, reward_config: TrajectoryRewardConfig | None = None,
+                 window: GameWindow | None = None,
+                 reward_path: str | Path | None = None,
+                 reward_config: TrajectoryRewardConfig | dict[str, Any] | None = None,
                  img_hist_len: int = 4, act_buf_len: int = 2, lidar: LidarConfig | dict[str, Any] | None = None,
                  telemetry_port: int = DEFAULT_PORT, telemetry_timeout: float = 5.0,
                  window_title: str = "Trackmania", capture_backend: str = "auto", controller_kind: str = "auto",
-                 sleep_time_at_reset: float = 1.5) -> None:
+                 sleep_time_at_reset: float = 1.5, recovery: RecoveryConfig | dict[str, Any] | None = None) -> None:
+        self.recovery = _validated(RecoveryConfig, recovery, "recovery")
         if reward is None:
             if reward_path is None:
                 raise TM20ConfigError("a TrackMania environment needs reward points: pass reward_path (record them "
                                       "with `tmrl-worker record-reward --output points.safetensors`) or reward=")
             try:
-                reward = TrajectoryReward.from_file(reward_path, reward_config)
+                reward = TrajectoryReward.from_file(reward_path, _validated(TrajectoryRewardConfig, reward_config,
+                                                                            "reward_config"))
             except RewardPathError as exc:
                 raise TM20ConfigError(str(exc)) from exc
         self.reward = reward
@@ -92,8 +169,9 @@ class TM20Interface(RealTimeGymInterface):
         self.act_buf_len = act_buf_len
         self.sleep_time_at_reset = sleep_time_at_reset
         # From a TOML config the LIDAR settings arrive as a table: validate them into a LidarConfig.
-        self.lidar = Lidar(LidarConfig.model_validate(lidar) if isinstance(lidar, dict) else lidar)
+        self.lidar = Lidar(_validated(LidarConfig, lidar, "lidar"))
         self.layout = self._make_layout()
+        self._open_capture: Callable[[], FrameCapture] | None = None
         built: list[Any] = []  # devices built here are closed again if a later one fails
         try:
             if telemetry is None:
@@ -103,17 +181,31 @@ class TM20Interface(RealTimeGymInterface):
                 controller = make_controller(controller_kind)  # type: ignore[arg-type]
                 built.append(controller)
             if capture is None:
-                capture = make_capture(capture_backend, self.capture_color, window_title,  # type: ignore[arg-type]
-                                       window_size=self.window_size)
+                window = window or find_game_window(window_title)
+                self._open_capture = self._capture_opener(window, capture_backend)
+                capture = self._open_capture()
         except BaseException:
             for device in reversed(built):
                 device.close()
             raise
-        self.telemetry, self.controller, self.capture = telemetry, controller, capture
+        self.telemetry, self.controller, self.capture, self.window = telemetry, controller, capture, window
         self.history: deque[np.ndarray] = deque(maxlen=img_hist_len)
         self.last_frame: np.ndarray | None = None
-        self.last_telemetry = None
+        self.last_telemetry: Telemetry | None = None
+        self.faults: Counter[str] = Counter()
+        """Device failures that ended an episode, by kind (``telemetry``, ``capture``, ``window``, ``frame``...)."""
+        self.status = "starting"
+        """What the interface is doing now, e.g. ``waiting for the game: ... (attempt 3)``; also logged."""
+        self._pending_fault: str | None = None
         self._default_action = np.zeros(3, dtype=np.float32)
+        self.bring_to_front()
+
+    def _capture_opener(self, window: GameWindow, backend: str) -> Callable[[], FrameCapture]:
+        """How to (re)open capture of ``window``'s client area, sized for this variant."""
+        def open_capture() -> FrameCapture:
+            window.place(0, 0, *self.window_size)
+            return make_capture(backend, self.capture_color, region=window.client_area())  # type: ignore[arg-type]
+        return open_capture
 
     # what subclasses define ------------------------------------------------------------------------------------
     def _make_layout(self) -> ObservationLayout:
@@ -141,25 +233,47 @@ class TM20Interface(RealTimeGymInterface):
         if control is not None:
             self.controller.apply(control)
 
-    def _capture(self) -> None:
-        self.last_frame = self.capture.grab()
-        self.last_telemetry = self.telemetry.latest()
-        self.history.append(self.frame_feature(self.last_frame))
+    def _capture(self, telemetry_timeout: float | None = None) -> None:
+        frame = self.capture.grab()
+        telemetry = self.telemetry.latest(timeout=telemetry_timeout)
+        feature = self.frame_feature(frame)
+        self.last_frame, self.last_telemetry = frame, telemetry
+        self.history.append(feature)
 
     def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[list[np.ndarray], dict]:
-        self.controller.apply(self._default_action)
-        self.controller.respawn()
-        if self.sleep_time_at_reset > 0:
-            time.sleep(self.sleep_time_at_reset)
-        self.reward.reset()
-        self.history.clear()
-        self._capture()
+        """Wait for the game if a device failed, bring its window to the front, restart the race and wait until
+        telemetry shows it restarted, then capture the first observation."""
+        while True:
+            if self._pending_fault is not None:
+                self.wait_for_game(self._pending_fault)
+            try:
+                self.bring_to_front()
+                self._restart_race()
+                if self.sleep_time_at_reset > 0:
+                    time.sleep(self.sleep_time_at_reset)
+                self.reward.reset()
+                self.history.clear()
+                self._capture()
+                break
+            except DEVICE_ERRORS as exc:
+                self._pending_fault = self._fault(exc)
         while len(self.history) < self.img_hist_len:  # an episode starts with its first frame repeated
             self.history.append(self.history[-1])
+        self.status = "running"
         return self._observation(), {}
 
     def get_obs_rew_terminated_info(self) -> tuple[list[np.ndarray], float, bool, dict[str, Any]]:
-        self._capture()
+        # rtgym calls this in its own thread while holding a lock that an exception would never release
+        try:
+            return self._step_result()
+        except DEVICE_ERRORS as exc:
+            return self._truncated(self._fault(exc))
+        except Exception as exc:  # a bug here must end the episode loudly, not hang the worker
+            log.exception("tm20: unexpected error while reading the game")
+            return self._truncated(self._fault(exc, kind="unexpected"))
+
+    def _step_result(self) -> tuple[list[np.ndarray], float, bool, dict[str, Any]]:
+        self._capture(self.recovery.step_telemetry_timeout_s)
         reward, terminated, info = self.reward.compute(self.last_telemetry.position)
         info["finished_by_game"] = self.last_telemetry.finished
         if self.last_telemetry.finished and not self.reward.finished:
@@ -180,6 +294,98 @@ class TM20Interface(RealTimeGymInterface):
         self.controller.close()
         self.telemetry.close()
         self.capture.close()
+
+    # failures and recovery -------------------------------------------------------------------------------------
+    def _fault(self, exc: BaseException, kind: str | None = None) -> str:
+        """Count and log a device failure; the reason text that ends the episode and starts the recovery."""
+        kind = kind or _fault_kind(exc)
+        self.faults[kind] += 1
+        reason = f"{kind}: {exc}"
+        log.warning("tm20: %s (%s failures so far: %d)", reason, kind, self.faults[kind])
+        return reason
+
+    def _truncated(self, reason: str) -> tuple[list[np.ndarray], float, bool, dict[str, Any]]:
+        """The step that ends an episode on a device failure: the last good observation, no reward, and the reason
+        (the worker turns ``truncated_reason`` into ``truncated=True``)."""
+        self._pending_fault = reason
+        self.status = f"episode truncated: {reason}"
+        return self._observation(), 0.0, True, {TRUNCATED_REASON: reason}
+
+    def _probe(self) -> str | None:
+        """None when a fresh packet arrives and a frame can be grabbed and measured; else what is wrong."""
+        try:
+            self.telemetry.latest(timeout=self.recovery.probe_timeout_s)
+        except TelemetryError as exc:
+            return f"telemetry: {exc}"
+        try:
+            self.frame_feature(self.capture.grab())
+        except DEVICE_ERRORS as exc:
+            if self._open_capture is None:
+                return f"{_fault_kind(exc)}: {exc}"
+            try:  # the window may have moved, been resized or restarted: find it and open capture again
+                self.capture.close()
+                self.capture = self._open_capture()
+                self.frame_feature(self.capture.grab())
+            except DEVICE_ERRORS as again:
+                return f"{_fault_kind(again)}: {again}"
+        return None
+
+    def wait_for_game(self, reason: str) -> None:
+        """Block until telemetry and capture work again, retrying with exponential backoff and logging a status line
+        at every attempt; raise :class:`TM20GameLostError` after ``recovery.give_up_after_s`` (None: never)."""
+        settings = self.recovery
+        started, attempt, delay = time.monotonic(), 0, settings.first_retry_s
+        problem: str | None = reason
+        while True:
+            problem = self._probe()
+            waited = time.monotonic() - started
+            if problem is None:
+                self._pending_fault = None
+                self.status = "game back"
+                log.info("tm20: the game is back after %.1f s (%d attempt(s)); resuming", waited, attempt + 1)
+                return
+            attempt += 1
+            if settings.give_up_after_s is not None and waited >= settings.give_up_after_s:
+                raise TM20GameLostError(f"the game did not come back in {waited:.0f} s: {problem}")
+            self.status = (f"waiting for the game (attempt {attempt}, {waited:.0f} s so far, next try in {delay:.1f} s):"
+                           f" {problem}")
+            log.warning("tm20: %s", self.status)
+            time.sleep(delay)
+            delay = min(delay * 2.0, settings.max_retry_s)
+
+    def bring_to_front(self) -> None:
+        """Give the game window the keyboard focus, so keyboard input reaches it; warn when it stays behind."""
+        if self.window is None or not self.recovery.focus_window:
+            return
+        self.window.focus()
+        if not self.window.is_foreground():
+            log.warning("tm20: the game window %r is not in front after focusing it: keyboard input goes to the "
+                        "window that has the focus", self.window.title)
+
+    def _restart_race(self) -> None:
+        """Respawn (closing the finish pop-up first as the game needs) and wait until telemetry shows the race
+        restarted: not finished and distance near 0, in a packet read after the respawn."""
+        settings = self.recovery
+        finished = self.last_telemetry is not None and self.last_telemetry.finished
+        self.controller.apply(self._default_action)
+        pressed = time.monotonic()
+        self.controller.respawn()
+        if finished:  # the end-of-race pop-up takes a moment to accept input
+            time.sleep(settings.popup_delay_s)
+            self.controller.close_finish_popup()
+        deadline = pressed + settings.restart_timeout_s
+        while True:
+            packet = self.telemetry.latest(timeout=settings.probe_timeout_s)
+            if packet.received_at >= pressed and not packet.finished and abs(packet.distance) <= settings.restart_distance_m:
+                self.last_telemetry = packet
+                return
+            if time.monotonic() >= deadline:
+                raise RaceRestartError(
+                    f"the race did not restart within {settings.restart_timeout_s:.0f} s of the respawn (last packet: "
+                    f"finished={int(packet.finished)}, distance {packet.distance:.1f} m): check that the respawn control "
+                    f"(gamepad B, keyboard Delete) restarts the run from the start line in the game's settings and "
+                    f"that the finish pop-up closes with gamepad A / Enter")
+            time.sleep(0.01)
 
 
 class TM20LidarInterface(TM20Interface):

@@ -181,6 +181,7 @@ class TelemetryClient:
         self.stats = TelemetryStats()
         self._parser = PacketParser()
         self._latest: Telemetry | None = None
+        self._last_received_at: float | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -219,7 +220,11 @@ class TelemetryClient:
                 self._read(sock)
             finally:
                 sock.close()
-                self.stats.connected = False
+                with self._cond:  # what the lost connection sent is history now: latest() must not serve it
+                    self.stats.connected = False
+                    if self._latest is not None:
+                        self._last_received_at = self._latest.received_at
+                    self._latest = None
                 self.stats.disconnects += 1
                 self._parser.reset()
                 self.stats.garbage_bytes = self._parser.garbage_bytes
@@ -247,6 +252,12 @@ class TelemetryClient:
                     self._cond.notify_all()
 
     # consumer side ---------------------------------------------------------------------------------------------
+    def _since(self) -> float:
+        """When the newest packet arrived (on this or the lost connection), or when the client was created."""
+        if self._latest is not None:
+            return self._latest.received_at
+        return self._last_received_at if self._last_received_at is not None else self._created
+
     def _timeout_error(self, waited: float) -> TelemetryTimeoutError:
         state = ("connected, but no packet arrived (is a map loaded and the car on track?)" if self.stats.connected
                  else self.stats.last_error or "not connected")
@@ -264,8 +275,7 @@ class TelemetryClient:
                 if self._latest is not None and now - self._latest.received_at <= timeout:
                     return self._latest
                 if now >= deadline:
-                    since = self._latest.received_at if self._latest is not None else self._created
-                    raise self._timeout_error(now - since)
+                    raise self._timeout_error(now - self._since())
                 self._cond.wait(deadline - now)
 
     def newer_than(self, sequence: int | None, timeout: float | None = None) -> Telemetry:
@@ -276,7 +286,6 @@ class TelemetryClient:
             while self._latest is None or self._latest.sequence == sequence:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    since = self._latest.received_at if self._latest is not None else self._created
-                    raise self._timeout_error(time.monotonic() - since)
+                    raise self._timeout_error(time.monotonic() - self._since())
                 self._cond.wait(remaining)
             return self._latest

@@ -16,7 +16,7 @@ from tmrl_worker.reward import TrajectoryReward, TrajectoryRewardConfig
 from tmrl_worker.tm20.capture import RecordedFrames
 from tmrl_worker.tm20.control import RecordingController
 from tmrl_worker.tm20.openplanet import TelemetryClient, encode_packet
-from tmrl_worker.tm20.replay_server import ChunkSource, TelemetryReplayServer
+from tmrl_worker.tm20.replay_server import TelemetryReplayServer
 
 
 def winding_road_frames(count: int = 16, height: int = 488, width: int = 958, road_width: float = 0.45) -> np.ndarray:
@@ -32,12 +32,32 @@ def winding_road_frames(count: int = 16, height: int = 488, width: int = 958, ro
     return frames
 
 
-def straight_drive(speed: float = 10.0, rate_hz: float = 100.0, y: float = 0.0) -> ChunkSource:
-    """Packets of a car driving along +x at ``speed`` m/s, one per server tick."""
-    def packet(tick: int) -> bytes:
-        x = speed * tick / rate_hz
-        return encode_packet(tick, speed=speed, distance=x, position=(x, y, 0.0), gas=1.0, gear=3.0, rpm=6000.0)
-    return packet
+class StraightDrive:
+    """Telemetry of a car driving along +x at ``speed`` m/s, one packet per server tick (:meth:`packet` is the
+    server's chunk source). Like the game, :meth:`respawn` puts the car back at the start (distance 0, not
+    finished) and ``finish_at`` metres raise the finish flag, which stays up until the next respawn."""
+
+    def __init__(self, speed: float = 10.0, rate_hz: float = 100.0, y: float = 0.0, z: float = 0.0,
+                 finish_at: float | None = None, countdown_s: float = 0.0) -> None:
+        self.speed, self.rate_hz, self.y, self.z, self.finish_at = speed, rate_hz, y, z, finish_at
+        self.countdown_ticks = round(countdown_s * rate_hz)
+        """After a respawn the car stands at the start this long, like the game's 3-2-1 countdown."""
+        self.respawns = 0
+        self._start_tick = 0
+        self._respawn_pending = False
+
+    def respawn(self) -> None:
+        self._respawn_pending = True
+        self.respawns += 1
+
+    def packet(self, tick: int) -> bytes:
+        if self._respawn_pending:
+            self._respawn_pending, self._start_tick = False, tick
+        driving = tick - self._start_tick - (self.countdown_ticks if self.respawns else 0)
+        x = self.speed * max(driving, 0) / self.rate_hz
+        finished = self.finish_at is not None and x >= self.finish_at
+        return encode_packet(tick, speed=self.speed if driving >= 0 else 0.0, distance=x, position=(x, self.y, self.z), gas=1.0,
+                             finished=finished, gear=3.0, rpm=6000.0)
 
 
 class SyntheticSession:
@@ -45,7 +65,8 @@ class SyntheticSession:
 
     def __init__(self, speed: float = 10.0, rate_hz: float = 100.0, frames: np.ndarray | None = None) -> None:
         self.frames = winding_road_frames() if frames is None else frames
-        self.server = TelemetryReplayServer(straight_drive(speed, rate_hz), rate_hz=rate_hz)
+        self.drive = StraightDrive(speed, rate_hz)
+        self.server = TelemetryReplayServer(self.drive.packet, rate_hz=rate_hz)
         self.speed = speed
 
     def __enter__(self) -> SyntheticSession:
@@ -60,4 +81,5 @@ class SyntheticSession:
         reward = TrajectoryReward.from_path([[0.0, 0.0, 0.0], [track_length, 0.0, 0.0]], 0.5,
                                             TrajectoryRewardConfig(grace_steps=10**9))
         return {"capture": RecordedFrames(self.frames), "telemetry": TelemetryClient(self.server.port, timeout=2.0),
-                "controller": RecordingController(), "reward": reward, "sleep_time_at_reset": 0.0}
+                "controller": RecordingController(on_respawn=self.drive.respawn), "reward": reward,
+                "sleep_time_at_reset": 0.0}

@@ -60,7 +60,11 @@ class GameWindow(Protocol):
     def place(self, x: int, y: int, width: int, height: int) -> None:
         """Move the window so its client area starts at ``(x, y)`` on screen and is ``width x height``."""
 
-    def focus(self) -> None: ...
+    def focus(self) -> None:
+        """Bring the window to the front and give it the keyboard focus."""
+
+    def is_foreground(self) -> bool:
+        """True when this window has the keyboard focus (input from the keyboard controller reaches it)."""
 
 
 def make_process_dpi_aware() -> None:
@@ -79,6 +83,7 @@ class Win32GameWindow:
     _GWL_EXSTYLE = -20
     _SWP_NOZORDER = 0x0004
     _SWP_NOACTIVATE = 0x0010
+    _SW_RESTORE = 9
 
     def __init__(self, title: str = DEFAULT_WINDOW_TITLE, dpi_aware: bool = True) -> None:
         require_windows("finding the game window")
@@ -110,7 +115,14 @@ class Win32GameWindow:
                                   rect.bottom - rect.top, self._SWP_NOZORDER | self._SWP_NOACTIVATE)
 
     def focus(self) -> None:
+        if not self._user32.IsWindow(self.hwnd):
+            raise WindowNotFoundError(self.title, "the window closed")
+        if self._user32.IsIconic(self.hwnd):  # minimised: restore it first, or it stays an icon
+            self._user32.ShowWindow(self.hwnd, self._SW_RESTORE)
         self._user32.SetForegroundWindow(self.hwnd)
+
+    def is_foreground(self) -> bool:
+        return int(self._user32.GetForegroundWindow() or 0) == int(self.hwnd)
 
 
 Runner = Callable[[list[str]], str]
@@ -155,6 +167,12 @@ class XdotoolGameWindow:
 
     def focus(self) -> None:
         self._run(["xdotool", "windowactivate", self.window_id])
+
+    def is_foreground(self) -> bool:
+        try:
+            return self._run(["xdotool", "getactivewindow"]).strip() == self.window_id
+        except subprocess.CalledProcessError:
+            return False
 
 
 def find_game_window(title: str = DEFAULT_WINDOW_TITLE) -> GameWindow:
