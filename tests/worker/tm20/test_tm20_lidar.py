@@ -1,4 +1,5 @@
-"""LIDAR on synthetic frames whose black-border geometry is known exactly."""
+"""LIDAR on synthetic frames whose black-border geometry is known exactly (the ``radial`` variant; the default,
+upstream tmrl's reading, is checked in ``test_tm20_lidar_upstream.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from tmrl_worker.tm20.lidar import Lidar, LidarConfig, LidarError
 
 H, W = 200, 300
+RADIAL = LidarConfig(mode="radial")
 ROAD, BORDER = 200, 0
 
 
@@ -49,13 +51,13 @@ def expected(lidar: Lidar, *, left=None, right=None, top=None) -> np.ndarray:
 
 
 def test_beams_fan_from_right_through_ahead_to_left():
-    angles = Lidar().angles_deg()
+    angles = Lidar(RADIAL).angles_deg()
     assert len(angles) == 19
     assert angles[0] == pytest.approx(0.0) and angles[9] == pytest.approx(90.0) and angles[18] == pytest.approx(180.0)
 
 
 def test_straight_corridor_distances_match_geometry_within_two_pixels():
-    lidar = Lidar(LidarConfig(origin_y=0.9))
+    lidar = Lidar(LidarConfig(mode="radial", origin_y=0.9))
     walls = {"left": 100, "right": 200}
     distances = lidar.measure(frame_with(**walls))
     assert distances.shape == (19,) and distances.dtype == np.float32
@@ -69,7 +71,7 @@ def test_straight_corridor_distances_match_geometry_within_two_pixels():
 
 
 def test_right_turn_shortens_the_left_and_ahead_beams_only():
-    lidar = Lidar()
+    lidar = Lidar(RADIAL)
     geometry = {"left": 110, "top": 60}  # road bends right: wall ahead and on the left, open to the right
     distances = lidar.measure(frame_with(**geometry))
     np.testing.assert_allclose(distances, expected(lidar, **geometry), atol=2.0)
@@ -79,7 +81,7 @@ def test_right_turn_shortens_the_left_and_ahead_beams_only():
 
 
 def test_ring_of_border_at_known_radius_reads_the_radius_on_every_beam():
-    lidar = Lidar(LidarConfig(origin_y=0.5, origin_x=0.5, beams=37, fov_deg=180))
+    lidar = Lidar(LidarConfig(mode="radial", origin_y=0.5, origin_x=0.5, beams=37, fov_deg=180))
     row0, col0 = lidar.origin(H, W)
     rows, cols = np.mgrid[0:H, 0:W]
     frame = np.full((H, W), ROAD, np.uint8)
@@ -88,7 +90,7 @@ def test_ring_of_border_at_known_radius_reads_the_radius_on_every_beam():
 
 
 def test_colour_pixel_is_border_only_when_every_channel_is_below_threshold():
-    lidar = Lidar(LidarConfig(threshold=55))
+    lidar = Lidar(LidarConfig(mode="radial", threshold=55))
     frame = np.full((H, W, 3), ROAD, np.uint8)
     frame[:100, :] = (50, 50, 200)  # dark red/green but bright blue: not a border
     frame[:40, :] = (54, 54, 54)
@@ -100,30 +102,30 @@ def test_alpha_channel_of_bgra_frames_is_ignored():
     frame = np.full((H, W, 4), ROAD, np.uint8)
     frame[..., 3] = 0
     frame[:50] = (0, 0, 0, 255)
-    lidar = Lidar()
+    lidar = Lidar(RADIAL)
     assert lidar.measure(frame)[9] == pytest.approx(lidar.origin(H, W)[0] - 49, abs=1)
 
 
 def test_max_range_caps_open_beams_and_min_distance_skips_the_cars_bonnet():
-    lidar = Lidar(LidarConfig(max_range=40, min_distance=15))
+    lidar = Lidar(LidarConfig(mode="radial", max_range=40, min_distance=15))
     frame = frame_with()
     row0, col0 = lidar.origin(H, W)
     frame[row0 - 10:row0 + 1, col0 - 10:col0 + 10] = BORDER  # dark bonnet right in front of the origin
     distances = lidar.measure(frame)
     assert distances.max() <= 41
     assert distances[9] == pytest.approx(41, abs=1)  # bonnet ignored, open road capped
-    assert Lidar(LidarConfig(max_range=40)).measure(frame)[9] == 0  # without min_distance the bonnet is a wall
+    assert Lidar(LidarConfig(mode="radial", max_range=40)).measure(frame)[9] == 0  # without min_distance the bonnet is a wall
 
 
 def test_coordinates_are_recomputed_when_the_frame_size_changes():
-    lidar = Lidar()
+    lidar = Lidar(RADIAL)
     small = np.full((100, 150), ROAD, np.uint8)
     assert lidar.measure(small)[9] == pytest.approx(lidar.origin(100, 150)[0] + 1, abs=1)
     assert lidar.measure(frame_with())[9] == pytest.approx(lidar.origin(H, W)[0] + 1, abs=1)
 
 
 def test_draw_marks_beams_in_red_up_to_the_measured_distance():
-    lidar = Lidar()
+    lidar = Lidar(RADIAL)
     frame = frame_with(left=100, right=200)
     image = lidar.draw(frame)
     red = (image[..., 0] == 255) & (image[..., 1] == 0)
@@ -133,7 +135,7 @@ def test_draw_marks_beams_in_red_up_to_the_measured_distance():
 
 def test_frames_of_the_wrong_shape_are_refused_clearly():
     with pytest.raises(LidarError, match="HxW"):
-        Lidar().measure(np.zeros(10, np.uint8))
+        Lidar(RADIAL).measure(np.zeros(10, np.uint8))
 
 
 def reference_walk(lidar: Lidar, frame: np.ndarray) -> np.ndarray:
@@ -155,6 +157,6 @@ def reference_walk(lidar: Lidar, frame: np.ndarray) -> np.ndarray:
 def test_vectorised_scan_agrees_with_a_pixel_by_pixel_walk_on_winding_roads():
     from tmrl_worker.tm20.synthetic import winding_road_frames
 
-    lidar = Lidar()
+    lidar = Lidar(RADIAL)
     for frame in winding_road_frames(count=6, height=244, width=479):
         np.testing.assert_allclose(lidar.measure(frame), reference_walk(lidar, frame), atol=1.0)

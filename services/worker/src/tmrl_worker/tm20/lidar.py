@@ -3,15 +3,30 @@
 Beams fan out over ``fov_deg`` (180 by default) from a fixed origin near the bottom centre of the frame. Beam ``i``
 points at ``i * fov / (beams - 1)`` degrees counter-clockwise from the frame's right-hand side (+x) when the fan
 spans 180: **beam 0 points right, the middle beam straight ahead (up the frame), the last beam left** — the order
-the original TrackMania LIDAR uses and the built-in simulator mirrors. Each value is the distance in pixels from
-the origin to the first sampled pixel darker than ``threshold`` (every colour channel below it), or, when the beam
-meets no dark pixel, to where it leaves the frame or reaches ``max_range``.
+the original TrackMania LIDAR uses and the built-in simulator mirrors. A pixel is a border when every colour channel
+is below ``threshold``.
 
-All beam pixel coordinates are computed once per frame size (one sample per pixel of beam length), so measuring
-one frame is a single fancy-indexing gather, a comparison and an ``argmax``.
+Two ways to walk a beam (``LidarConfig.mode``):
+
+* ``tmrl`` (default) reads what upstream tmrl 0.7 reads, so policies and settings carry over: the origin is the
+  pixel ``(44 * h // 49, w // 2)`` (row, column); a beam's samples start ``start_distance`` (20) pixels out, one
+  per pixel of length, at ``int()``-truncated coordinates; the beam stops before the first sample on the top row,
+  the left column or the right column (edge pixels are never read); the value is the index of the first dark
+  sample counted from that start, or the number of samples minus one when the beam meets none. The 20 pixels
+  skipped are where the car's own dark bonnet is.
+* ``radial`` (this project's first variant): origin at the rounded fractions ``origin_y``/``origin_x`` (0.9, 0.5)
+  of the frame, samples from the origin itself at rounded coordinates, value = distance in pixels from the origin
+  to the first dark sample (about 20 px more than ``tmrl``), or to where the beam leaves the frame; pixels nearer
+  than ``min_distance`` are ignored.
+
+All beam pixel coordinates are computed once per frame size, so measuring one frame is a single fancy-indexing
+gather, a comparison and an ``argmax``.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,19 +41,24 @@ class LidarConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    mode: Literal["tmrl", "radial"] = "tmrl"
+    """``tmrl``: upstream tmrl's reading (see the module docstring); ``radial``: distances from the origin."""
     beams: int = Field(default=19, ge=1, le=361)
     fov_deg: float = Field(default=180.0, gt=0.0, le=360.0)
     """Angle covered by the fan, centred on straight ahead (up the frame)."""
-    origin_x: float = Field(default=0.5, ge=0.0, le=1.0)
-    """Origin column as a fraction of the frame width (0.5: centre)."""
-    origin_y: float = Field(default=0.9, ge=0.0, le=1.0)
-    """Origin row as a fraction of the frame height (0.9: near the bottom, just above the car's nose)."""
+    origin_x: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Origin column as a fraction of the frame width. None: ``w // 2`` (tmrl), 0.5 of ``w - 1`` rounded (radial)."""
+    origin_y: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Origin row as a fraction of the frame height. None: ``44 * h // 49`` (tmrl), 0.9 of ``h - 1`` rounded
+    (radial): near the bottom, just above the car's nose."""
     threshold: int = Field(default=55, ge=1, le=256)
     """A pixel is a border when every channel is strictly below this value (TM's borders are black)."""
+    start_distance: int = Field(default=20, ge=0)
+    """``tmrl`` mode: beams start this many pixels out and distances count from there (upstream: 20)."""
     min_distance: int = Field(default=0, ge=0)
-    """Pixels nearer than this to the origin are ignored (e.g. the car's own dark bonnet)."""
+    """``radial`` mode: pixels nearer than this to the origin are ignored (e.g. the car's own dark bonnet)."""
     max_range: int | None = Field(default=None, ge=1)
-    """Longest distance measured, in pixels (None: until the beam leaves the frame)."""
+    """Most samples read per beam beyond the first (None: until the beam leaves the frame)."""
 
 
 class Lidar:
@@ -47,7 +67,7 @@ class Lidar:
     def __init__(self, config: LidarConfig | None = None) -> None:
         self.config = config or LidarConfig()
         self._shape: tuple[int, int] | None = None
-        self._rows = self._cols = self._flat = self._in_frame = self._exit = None
+        self._rows = self._cols = self._flat = self._in_frame = self._exit = self._counts = None
 
     @property
     def beams(self) -> int:
@@ -62,26 +82,49 @@ class Lidar:
 
     def origin(self, height: int, width: int) -> tuple[int, int]:
         """Origin pixel ``(row, col)`` in a frame of this size."""
-        row = min(int(round(self.config.origin_y * (height - 1))), height - 1)
-        col = min(int(round(self.config.origin_x * (width - 1))), width - 1)
-        return row, col
+        c = self.config
+        if c.mode == "tmrl":
+            row = 44 * height // 49 if c.origin_y is None else int(c.origin_y * height)
+            col = width // 2 if c.origin_x is None else int(c.origin_x * width)
+        else:
+            row = int(round((0.9 if c.origin_y is None else c.origin_y) * (height - 1)))
+            col = int(round((0.5 if c.origin_x is None else c.origin_x) * (width - 1)))
+        return min(row, height - 1), min(col, width - 1)
 
-    def _prepare(self, height: int, width: int) -> None:
+    def _beam_samples(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sample ``(rows, cols, in_frame)`` of every beam before any padding, each ``(beams, reach)``."""
         row0, col0 = self.origin(height, width)
         reach = int(np.ceil(np.hypot(height, width))) + 1
         if self.config.max_range is not None:
             reach = min(reach, self.config.max_range + 1)
-        theta = np.deg2rad(self.angles_deg())[:, None]
-        radius = np.arange(reach, dtype=np.float64)[None, :]
-        rows = np.rint(row0 - radius * np.sin(theta)).astype(np.intp)
-        cols = np.rint(col0 + radius * np.cos(theta)).astype(np.intp)
-        in_frame = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
-        # a straight ray leaves a rectangle once: in_frame is a prefix of each beam
-        exits = in_frame.sum(axis=1)
-        samples = max(int(exits.max()), 1)  # no beam needs more samples than the longest stays in the frame
-        self._exit = exits.astype(np.float32)
+        if self.config.mode == "tmrl":
+            # upstream walks (row, col) += d * (cos, sin) of (angle + 90) degrees and truncates with int()
+            radians = [math.radians(a + 90.0) for a in self.angles_deg().tolist()]
+            d_row = np.array([math.cos(r) for r in radians])[:, None]
+            d_col = np.array([math.sin(r) for r in radians])[:, None]
+            radius = np.arange(self.config.start_distance, self.config.start_distance + reach, dtype=np.float64)[None, :]
+            rows = np.trunc(row0 + radius * d_row).astype(np.intp)
+            cols = np.trunc(col0 + radius * d_col).astype(np.intp)
+            inside = (rows > 0) & (rows < height - 1) & (cols > 0) & (cols < width - 1)
+        else:
+            theta = np.deg2rad(self.angles_deg())[:, None]
+            radius = np.arange(reach, dtype=np.float64)[None, :]
+            rows = np.rint(row0 - radius * np.sin(theta)).astype(np.intp)
+            cols = np.rint(col0 + radius * np.cos(theta)).astype(np.intp)
+            inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+        in_frame = np.cumprod(inside, axis=1).astype(bool)  # a beam stops at its first sample outside
+        return rows, cols, in_frame
+
+    def _prepare(self, height: int, width: int) -> None:
+        rows, cols, in_frame = self._beam_samples(height, width)
+        counts = in_frame.sum(axis=1)
+        self._counts = counts[:, None]
+        samples = max(int(counts.max()), 1)  # no beam needs more samples than the longest stays in the frame
+        # no dark sample: tmrl reads the last sample's index, radial the distance where the beam leaves the frame
+        self._exit = (np.maximum(counts - 1, 0) if self.config.mode == "tmrl" else counts).astype(np.float32)
         in_frame = in_frame[:, :samples]
-        in_frame[:, : self.config.min_distance] = False
+        if self.config.mode == "radial":
+            in_frame[:, : self.config.min_distance] = False
         self._rows = np.clip(rows[:, :samples], 0, height - 1)
         self._cols = np.clip(cols[:, :samples], 0, width - 1)
         self._flat = self._rows * width + self._cols
@@ -89,7 +132,8 @@ class Lidar:
         self._shape = (height, width)
 
     def beam_pixels(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sampled ``(rows, cols, in_frame)`` of every beam, each ``(beams, samples)``; sample ``k`` is ``k`` px out."""
+        """Sampled ``(rows, cols, in_frame)`` of every beam, each ``(beams, samples)``; sample ``k`` reads as
+        distance ``k``."""
         if self._shape != (height, width):
             self._prepare(height, width)
         return self._rows, self._cols, self._in_frame
@@ -120,6 +164,6 @@ class Lidar:
         image = np.repeat(frame[..., None], 3, axis=2) if frame.ndim == 2 else frame[..., :3].copy()
         rows, cols, in_frame = self.beam_pixels(frame.shape[0], frame.shape[1])
         steps = np.arange(rows.shape[1])[None, :]
-        mask = (steps < np.asarray(distances)[:, None]) & (steps < self._exit[:, None])
+        mask = (steps < np.asarray(distances)[:, None]) & (steps < self._counts)
         image[rows[mask], cols[mask]] = (255, 0, 0)
         return image
