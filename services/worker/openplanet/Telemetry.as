@@ -1,9 +1,12 @@
 // TMRL telemetry for TrackMania 2020.
 //
-// Listens on 127.0.0.1:<port> and, while a client (the tmrl worker) is connected and a car is driving,
-// writes one packet per game frame. A packet is 15 little-endian float32 slots (60 bytes); the layout is
-// defined in services/worker/src/tmrl_worker/tm20/openplanet.py and documented in README.md next to this file.
-// Each "slot N: name" comment below is checked against the Python definition by the test suite.
+// Listens on 127.0.0.1:<port>. When a client (the tmrl worker) connects, writes a 16-byte greeting that carries
+// the protocol version (the worker refuses a plugin of another version, saying so), then, while a car is driving,
+// one packet per game frame. A packet is 15 little-endian float32 slots (60 bytes); the layout is defined in
+// services/worker/src/tmrl_worker/tm20/openplanet.py and documented in README.md next to this file.
+// Each "slot N: name" / "hello N: name" comment below is checked against the Python definition by the test suite.
+// A client that hangs up is noticed at once (also while no car is on track), and a new client that connects
+// while one is served replaces it (a restarted worker whose old connection the system has not closed yet).
 
 [Setting category="Connection" name="Port" description="TCP port on 127.0.0.1 (tmrl-worker --telemetry-port). If it is taken (another game instance), the next free port up to Port + 7 is used; the menu shows which." min=1024 max=65535]
 int Setting_Port = 9000;
@@ -13,7 +16,10 @@ bool Setting_Enabled = true;
 
 const uint MAGIC = 0x4C524D54;      // bytes "TMRL" once written little-endian
 const uint END = 0x544D524C;        // bytes "LRMT"
-const float PROTOCOL_VERSION = 1.0f;
+const uint HELLO_MAGIC = 0x49484D54;  // bytes "TMHI"
+const uint HELLO_END = 0x544D4849;    // bytes "IHMT"
+const uint PROTOCOL_VERSION = 2;
+const uint PACKET_BYTES = 60;
 const uint SEQUENCE_MODULO = 16777216;  // 2^24: every value is exact in a float32
 const int PORT_ATTEMPTS = 8;
 
@@ -58,7 +64,9 @@ CSmScriptPlayer@ DrivingPlayer(CSmArenaClient@ &out playground)
     if (app is null) return null;
     @playground = cast<CSmArenaClient>(app.CurrentPlayground);
     if (playground is null || playground.Arena is null || playground.Arena.Players.Length == 0) return null;
-    return cast<CSmScriptPlayer>(playground.Arena.Players[0].ScriptAPI);
+    auto player = playground.Arena.Players[0];
+    if (player is null) return null;  // the list can hold a null entry while the map loads or a player leaves
+    return cast<CSmScriptPlayer>(player.ScriptAPI);
 }
 
 bool RaceFinished(CSmArenaClient@ playground)
@@ -71,7 +79,7 @@ void WritePacket(MemoryBuffer@ buf, CSmScriptPlayer@ car, bool finished)
 {
     buf.Seek(0, 0);
     buf.Write(MAGIC);                                   // slot 0: magic
-    buf.Write(PROTOCOL_VERSION);                        // slot 1: version
+    buf.Write(float(PROTOCOL_VERSION));                 // slot 1: version
     buf.Write(float(g_sequence));                       // slot 2: sequence
     buf.Write(float(car.Speed));                        // slot 3: speed
     buf.Write(float(car.Distance));                     // slot 4: distance
@@ -89,25 +97,55 @@ void WritePacket(MemoryBuffer@ buf, CSmScriptPlayer@ car, bool finished)
     g_sequence = (g_sequence + 1) % SEQUENCE_MODULO;
 }
 
-// Stream packets to one connected worker until it leaves, the plugin is disabled or the port changes.
-void Serve(Net::Socket@ client)
+// The greeting sent once to each new client: the worker checks the version before it reads any packet.
+bool WriteHello(Net::Socket@ client)
+{
+    MemoryBuffer@ hello = MemoryBuffer(16);
+    hello.Write(HELLO_MAGIC);                           // hello 0: magic
+    hello.Write(PROTOCOL_VERSION);                      // hello 1: version
+    hello.Write(PACKET_BYTES);                          // hello 2: packet_bytes
+    hello.Write(HELLO_END);                             // hello 3: end
+    hello.Seek(0, 0);
+    return client.Write(hello);
+}
+
+// Stream packets to one worker until it hangs up, another worker connects, the plugin is disabled or the port
+// changes. Returns the worker that replaced this one, or null.
+Net::Socket@ Serve(Net::Socket@ listener, Net::Socket@ client)
 {
     g_clientConnected = true;
-    MemoryBuffer@ buf = MemoryBuffer(60);
-    while (!g_restart) {
-        CSmArenaClient@ playground = null;
-        auto car = DrivingPlayer(playground);
-        if (car !is null) {
-            WritePacket(buf, car, RaceFinished(playground));
-            if (!client.Write(buf)) {
+    Net::Socket@ next = null;
+    MemoryBuffer@ buf = MemoryBuffer(PACKET_BYTES);
+    if (!WriteHello(client)) {
+        print("TMRL telemetry: the worker left before the greeting");
+    } else {
+        while (!g_restart) {
+            if (client.IsHungUp()) {  // noticed even while nothing is written (menus, loading)
                 print("TMRL telemetry: worker disconnected");
                 break;
             }
+            if (listener.CanRead()) {  // a new worker: it replaces this one
+                @next = listener.Accept();
+                if (next !is null) {
+                    print("TMRL telemetry: a new worker connected; closing the previous connection");
+                    break;
+                }
+            }
+            CSmArenaClient@ playground = null;
+            auto car = DrivingPlayer(playground);
+            if (car !is null) {
+                WritePacket(buf, car, RaceFinished(playground));
+                if (!client.Write(buf)) {
+                    print("TMRL telemetry: worker disconnected");
+                    break;
+                }
+            }
+            yield();  // next game frame
         }
-        yield();  // next game frame
     }
     client.Close();
     g_clientConnected = false;
+    return next;
 }
 
 void Main()
@@ -127,7 +165,7 @@ void Main()
         while (!g_restart) {
             if (listener.CanRead()) {  // a worker is connecting
                 auto client = listener.Accept();
-                if (client !is null) Serve(client);
+                while (client !is null) @client = Serve(listener, client);
             }
             yield();
         }

@@ -14,9 +14,11 @@ from tmrl_worker.tm20.openplanet import (
     PACKET_BYTES,
     PACKET_FLOATS,
     PacketParser,
+    PluginVersionError,
     TelemetryClient,
     TelemetryTimeoutError,
     decode_packet,
+    encode_hello,
     encode_packet,
 )
 from tmrl_worker.tm20.replay_server import TelemetryReplayServer
@@ -43,7 +45,7 @@ def test_packet_is_fifteen_little_endian_float32_framed_by_magic_bytes():
     assert PACKET_FLOATS == 15 and PACKET_BYTES == 60 and len(data) == 60
     assert data[:4] == MAGIC == b"TMRL" and data[-4:] == END == b"LRMT"
     floats = struct.unpack("<15f", data)
-    assert floats[1:14] == (1.0, 7.0, 12.5, 3.0, 1.0, 2.0, 3.0, -1.0, 0.5, 1.0, 1.0, 3.0, 9000.0)
+    assert floats[1:14] == (2.0, 7.0, 12.5, 3.0, 1.0, 2.0, 3.0, -1.0, 0.5, 1.0, 1.0, 3.0, 9000.0)
     packet = decode_packet(data)
     assert packet.sequence == 7 and packet.position == (1.0, 2.0, 3.0) and packet.finished and packet.gear == 3.0
 
@@ -72,7 +74,7 @@ def test_parser_resynchronises_after_garbage_and_false_magic():
 def test_parser_rejects_wrong_version_non_finite_values_and_bad_flags():
     good = bytearray(encode_packet(1))
     wrong_version = bytearray(good)
-    wrong_version[4:8] = struct.pack("<f", 2.0)
+    wrong_version[4:8] = struct.pack("<f", 1.0)  # a version-1 packet
     nan_speed = bytearray(good)
     nan_speed[12:16] = struct.pack("<f", float("nan"))
     bad_flag = bytearray(good)
@@ -147,3 +149,30 @@ def test_a_stale_packet_is_not_served_as_fresh():
         time.sleep(0.4)  # the stream stopped: the newest packet is now too old
         with pytest.raises(TelemetryTimeoutError):
             client.latest()
+
+
+def test_a_version_1_plugin_without_greeting_is_refused_with_what_to_install(caplog):
+    with TelemetryReplayServer(drive(50), rate_hz=200, hello=b"") as server, \
+            TelemetryClient(server.port, timeout=0.5, version_retry_delay=0.2) as client:
+        with pytest.raises(PluginVersionError, match=r"protocol 1 .*without a greeting.*Telemetry.as, version 2"):
+            client.latest()
+        assert client.stats.version_errors >= 1 and client.stats.packets == 0
+        assert sum("speaks protocol 1" in r.getMessage() for r in caplog.records) == 1  # logged once, not per retry
+
+
+def test_a_plugin_of_another_version_is_refused_and_a_stranger_on_the_port_is_named():
+    with TelemetryReplayServer(drive(50), rate_hz=200, hello=encode_hello(version=3)) as server, \
+            TelemetryClient(server.port, timeout=0.5, version_retry_delay=0.2) as client:
+        with pytest.raises(PluginVersionError, match=r"speaks protocol 3 .*this worker speaks 2"):
+            client.latest()
+    with TelemetryReplayServer([b"HTTP/1.1 200 OK\r\n\r\n"], rate_hz=50, hello=b"") as server, \
+            TelemetryClient(server.port, timeout=0.5, version_retry_delay=0.2) as client:
+        with pytest.raises(PluginVersionError, match="is not the TMRL plugin"):
+            client.latest()
+
+
+def test_the_greeting_of_this_version_is_accepted_and_packets_right_behind_it_are_read():
+    with TelemetryReplayServer(drive(5), rate_hz=200, loop=False) as server, \
+            TelemetryClient(server.port, timeout=2.0) as client:
+        wait_until(lambda: client.stats.packets == 5)
+        assert client.latest().sequence == 4 and client.stats.version_errors == 0

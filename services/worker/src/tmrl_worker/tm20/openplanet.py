@@ -1,15 +1,19 @@
 """Telemetry from TrackMania 2020 through the TMRL OpenPlanet plugin (``services/worker/openplanet/``).
 
-Wire format (the single Python definition; the plugin's ``TMRL_Telemetry.as`` mirrors it, and
-``services/worker/openplanet/README.md`` documents it): the plugin listens on ``127.0.0.1:<port>`` (9000 by default)
-and, once a client connects, writes one packet per game frame. A packet is :data:`PACKET_FLOATS` = 15 little-endian
-float32 slots (:data:`PACKET_BYTES` = 60 bytes):
+Wire format (the single Python definition; the plugin's ``Telemetry.as`` mirrors it, and
+``services/worker/openplanet/README.md`` documents it): the plugin listens on ``127.0.0.1:<port>`` (9000 by default).
+To each client that connects it first writes a greeting of :data:`HELLO_BYTES` = 16 bytes, four little-endian
+uint32: ``b"TMHI"``, the protocol version (:data:`PROTOCOL_VERSION`), the packet size (60) and ``b"IHMT"``. The
+client refuses a plugin whose greeting is missing (a version-1 plugin starts with a packet) or carries another
+version, with a message that says which plugin file to install (:class:`PluginVersionError`). Then the plugin
+writes one packet per game frame. A packet is :data:`PACKET_FLOATS` = 15 little-endian float32 slots
+(:data:`PACKET_BYTES` = 60 bytes):
 
 ====  ===========  ==========================================================================
 slot  name         meaning
 ====  ===========  ==========================================================================
 0     magic        the 4 bytes ``b"TMRL"`` (written as uint32 0x4C524D54)
-1     version      :data:`PROTOCOL_VERSION` (1.0)
+1     version      :data:`PROTOCOL_VERSION` (2.0)
 2     sequence     frame counter, 0 .. 2**24 - 1 then wraps (exact in float32)
 3     speed        car speed as the game's script API reports it (m/s)
 4     distance     distance driven since the start of the run (m)
@@ -23,13 +27,14 @@ slot  name         meaning
 14    end          the 4 bytes ``b"LRMT"`` (written as uint32 0x544D524C)
 ====  ===========  ==========================================================================
 
-Resynchronisation: a packet is accepted only if it starts with ``b"TMRL"``, ends with ``b"LRMT"``, has version 1,
+Resynchronisation: a packet is accepted only if it starts with ``b"TMRL"``, ends with ``b"LRMT"``, has version 2,
 an integral sequence in range, 0/1 flags and finite values. Anything else is garbage: the reader drops bytes up to
 the next ``b"TMRL"`` and tries again, counting what it dropped (:attr:`TelemetryStats.garbage_bytes`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import struct
@@ -37,10 +42,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 1.0
+PROTOCOL_VERSION = 2
 DEFAULT_PORT = 9000
 MAGIC = b"TMRL"
 END = b"LRMT"
+HELLO_MAGIC = b"TMHI"
+HELLO_END = b"IHMT"
+HELLO_FIELDS = ("magic", "version", "packet_bytes", "end")
+_HELLO = struct.Struct("<4sII4s")
+HELLO_BYTES = _HELLO.size
+PLUGIN_SOURCE = "services/worker/openplanet/Telemetry.as"
 FIELDS = ("magic", "version", "sequence", "speed", "distance", "x", "y", "z", "steer", "gas", "brake", "finished",
           "gear", "rpm", "end")
 PACKET_FLOATS = len(FIELDS)
@@ -48,6 +59,7 @@ PACKET_BYTES = 4 * PACKET_FLOATS
 SEQUENCE_MODULO = 1 << 24
 _SLOT = {name: i for i, name in enumerate(FIELDS)}
 _PACKET = struct.Struct("<" + "f" * PACKET_FLOATS)
+log = logging.getLogger(__name__)
 
 
 class TelemetryError(RuntimeError):
@@ -56,6 +68,32 @@ class TelemetryError(RuntimeError):
 
 class TelemetryTimeoutError(TelemetryError):
     """No (fresh) telemetry packet arrived in time; the message names the likely cause."""
+
+
+class PluginVersionError(TelemetryTimeoutError):
+    """The program on the telemetry port is not the TMRL plugin of this version (no greeting, or another version),
+    so no telemetry can come from it."""
+
+
+def encode_hello(version: int = PROTOCOL_VERSION, packet_bytes: int | None = None) -> bytes:
+    """The greeting the plugin writes to each new client (used by the fake plugin and tests)."""
+    return _HELLO.pack(HELLO_MAGIC, version, PACKET_BYTES if packet_bytes is None else packet_bytes, HELLO_END)
+
+
+def check_hello(data: bytes, port: int) -> None:
+    """Raise :class:`PluginVersionError` unless ``data`` is this version's greeting (``len(data) == HELLO_BYTES``)."""
+    install = (f"install the plugin of this tmrl ({PLUGIN_SOURCE}, version {PROTOCOL_VERSION}) into "
+               f"OpenplanetNext/Plugins/TMRL_Telemetry/ and reload it")
+    if data[:4] == MAGIC:
+        raise PluginVersionError(f"the plugin on port {port} speaks protocol 1 (it sends packets without a "
+                                 f"greeting): {install}")
+    magic, version, packet_bytes, end = _HELLO.unpack(data[:HELLO_BYTES])
+    if magic != HELLO_MAGIC or end != HELLO_END:
+        raise PluginVersionError(f"the program on port {port} is not the TMRL plugin (it sent {data[:16]!r} instead "
+                                 f"of a greeting): check --telemetry-port, or {install}")
+    if version != PROTOCOL_VERSION or packet_bytes != PACKET_BYTES:
+        raise PluginVersionError(f"the plugin on port {port} speaks protocol {version} ({packet_bytes}-byte packets); "
+                                 f"this worker speaks {PROTOCOL_VERSION} ({PACKET_BYTES} bytes): {install}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +201,8 @@ class TelemetryStats:
     disconnects: int = 0
     last_error: str = ""
     connected: bool = False
+    version_errors: int = 0
+    """Connections refused because the plugin's greeting was missing or of another version."""
     extra: dict = field(default_factory=dict)
 
 
@@ -174,14 +214,19 @@ class TelemetryClient:
     """
 
     def __init__(self, port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 5.0,
-                 reconnect_delay: float = 0.25, start: bool = True) -> None:
+                 reconnect_delay: float = 0.25, start: bool = True, hello_timeout: float = 2.0,
+                 version_retry_delay: float = 5.0) -> None:
         self.host, self.port = host, port
         self.timeout = timeout
         self.reconnect_delay = reconnect_delay
+        self.hello_timeout = hello_timeout
+        self.version_retry_delay = version_retry_delay
+        """A plugin of another version does not change by itself: retry less often (and log once per message)."""
         self.stats = TelemetryStats()
         self._parser = PacketParser()
         self._latest: Telemetry | None = None
         self._last_received_at: float | None = None
+        self._version_problem: PluginVersionError | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -214,10 +259,23 @@ class TelemetryClient:
                 self.stats.last_error = f"connection to {self.host}:{self.port} failed: {exc}"
                 self._stop.wait(self.reconnect_delay)
                 continue
+            try:
+                leftover = self._greeting(sock)
+            except (PluginVersionError, OSError) as exc:
+                sock.close()
+                if isinstance(exc, PluginVersionError):
+                    if str(exc) != self.stats.last_error:
+                        log.error("tm20 telemetry: %s", exc)
+                    self.stats.version_errors += 1
+                self._version_problem = exc if isinstance(exc, PluginVersionError) else None
+                self.stats.last_error = str(exc)
+                self._stop.wait(self.version_retry_delay if isinstance(exc, PluginVersionError) else self.reconnect_delay)
+                continue
             self.stats.connects += 1
             self.stats.connected = True
+            self._version_problem = None
             try:
-                self._read(sock)
+                self._read(sock, leftover)
             finally:
                 sock.close()
                 with self._cond:  # what the lost connection sent is history now: latest() must not serve it
@@ -230,8 +288,32 @@ class TelemetryClient:
                 self.stats.garbage_bytes = self._parser.garbage_bytes
             self._stop.wait(self.reconnect_delay)
 
-    def _read(self, sock: socket.socket) -> None:
+    def _greeting(self, sock: socket.socket) -> bytes:
+        """Read and check the plugin's greeting; returns any bytes received after it (the first packets)."""
+        data = b""
+        deadline = time.monotonic() + self.hello_timeout
+        while len(data) < HELLO_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stop.is_set():
+                raise PluginVersionError(f"no greeting from port {self.port} in {self.hello_timeout:.0f} s: is the "
+                                         f"TMRL plugin (protocol {PROTOCOL_VERSION}) the program listening there?")
+            sock.settimeout(min(remaining, 0.25))
+            try:
+                chunk = sock.recv(HELLO_BYTES - len(data))
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise OSError("the plugin closed the connection before its greeting")
+            data += chunk
+            if data[:4] == MAGIC:
+                break  # a version-1 plugin: packets straight away, no greeting
+        check_hello(data, self.port)
+        return data[HELLO_BYTES:]
+
+    def _read(self, sock: socket.socket, leftover: bytes = b"") -> None:
         sock.settimeout(0.25)
+        if leftover:
+            self._deliver(self._parser.feed(leftover, time.monotonic()))
         while not self._stop.is_set():
             try:
                 chunk = sock.recv(65536)
@@ -243,13 +325,15 @@ class TelemetryClient:
             if not chunk:
                 self.stats.last_error = "the plugin closed the connection"
                 return
-            packets = self._parser.feed(chunk, time.monotonic())
-            self.stats.garbage_bytes = self._parser.garbage_bytes
-            if packets:
-                with self._cond:
-                    self.stats.packets += len(packets)
-                    self._latest = packets[-1]
-                    self._cond.notify_all()
+            self._deliver(self._parser.feed(chunk, time.monotonic()))
+
+    def _deliver(self, packets: list[Telemetry]) -> None:
+        self.stats.garbage_bytes = self._parser.garbage_bytes
+        if packets:
+            with self._cond:
+                self.stats.packets += len(packets)
+                self._latest = packets[-1]
+                self._cond.notify_all()
 
     # consumer side ---------------------------------------------------------------------------------------------
     def _since(self) -> float:
@@ -261,6 +345,9 @@ class TelemetryClient:
     def _timeout_error(self, waited: float) -> TelemetryTimeoutError:
         state = ("connected, but no packet arrived (is a map loaded and the car on track?)" if self.stats.connected
                  else self.stats.last_error or "not connected")
+        if self._version_problem is not None and not self.stats.connected:
+            return PluginVersionError(f"no telemetry from 127.0.0.1:{self.port} for {waited:.1f} s: "
+                                      f"{self._version_problem}")
         return TelemetryTimeoutError(
             f"no telemetry from 127.0.0.1:{self.port} for {waited:.1f} s ({state}): is the game running with the "
             f"TMRL OpenPlanet plugin enabled, on port {self.port}?")

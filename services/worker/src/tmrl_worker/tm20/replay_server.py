@@ -1,6 +1,7 @@
 """A stand-in for the OpenPlanet plugin: serves recorded (or synthetic) telemetry over TCP on loopback.
 
-It behaves like the plugin: listens on ``127.0.0.1:<port>``, serves one client at a time, writes one chunk per tick
+It behaves like the plugin: listens on ``127.0.0.1:<port>``, serves one client at a time, greets each client with
+the plugin's greeting (:func:`~tmrl_worker.tm20.openplanet.encode_hello`), writes one chunk per tick
 (``rate_hz``), and when the client goes away waits for the next one, resuming the stream where it stopped. Chunks
 are normally packets (:func:`~tmrl_worker.tm20.openplanet.encode_packet` or a recording read with
 :func:`~tmrl_worker.tm20.recording.load_packets`) but may be any bytes, which is how tests inject garbage.
@@ -13,6 +14,8 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 
+from tmrl_worker.tm20.openplanet import encode_hello
+
 ChunkSource = Callable[[int], bytes | None]
 
 
@@ -20,10 +23,13 @@ class TelemetryReplayServer:
     """Serve ``chunks`` (a list, or a function ``tick -> bytes | None``) at ``rate_hz`` to one client at a time.
 
     ``loop``: start again after the last chunk (list source). ``port=0`` picks a free port (see :attr:`port`).
+    ``hello``: the greeting written to each new client first (default: this version's; ``b""``: none, like a
+    version-1 plugin).
     """
 
     def __init__(self, chunks: Sequence[bytes] | ChunkSource, rate_hz: float = 100.0, port: int = 0,
-                 loop: bool = True) -> None:
+                 loop: bool = True, hello: bytes | None = None) -> None:
+        self.hello = encode_hello() if hello is None else hello
         self._source: ChunkSource = chunks if callable(chunks) else self._list_source(list(chunks), loop)
         self.period = 1.0 / rate_hz
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -81,6 +87,11 @@ class TelemetryReplayServer:
                 self._stream(client)
 
     def _stream(self, client: socket.socket) -> None:
+        if self.hello:
+            try:
+                client.sendall(self.hello)
+            except OSError:
+                return
         while not self._stop.is_set() and not self._drop.is_set():
             chunk = self._source(self.tick)
             if chunk is None:
