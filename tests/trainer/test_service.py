@@ -13,7 +13,7 @@ import pytest
 import torch
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.errors import ConfigError
-from tmrl_common.layout import layout_for_box, tm20_image_layout, tm20_lidar_layout
+from tmrl_common.layout import layout_for_box, tm20_full_layout, tm20_lidar_layout
 from tmrl_common.protocol import encode
 from tmrl_common.sockets import SecurityConfig
 from tmrl_trainer.config import TrainerConfig
@@ -69,7 +69,7 @@ def wait_for(condition, timeout: float = 20.0) -> None:
 
 def test_layout_comes_from_the_configured_env_name():
     assert layout_for_env("sim") == tm20_lidar_layout()
-    assert layout_for_env("tm20-full") == tm20_image_layout()
+    assert layout_for_env("tm20-full") == tm20_full_layout()  # speed, gear, rpm, images: upstream's full env
     assert layout_for_env("gym:Pendulum-v1") == layout_for_box(3, 1)
     with pytest.raises(ConfigError, match="no built-in layout"):
         layout_for_env("my_robot:Interface")

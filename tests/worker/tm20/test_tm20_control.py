@@ -131,3 +131,35 @@ def test_recording_controller_records_actions_and_respawns():
     assert [name for name, _ in control.calls] == ["apply", "respawn", "release"]
     np.testing.assert_allclose(control.actions[0], [0.5, 0.0, 0.1])
     assert control.respawns == 1
+
+
+def test_missing_vigembus_names_the_driver_link_and_falls_back_to_the_keyboard(tmp_path, monkeypatch, caplog):
+    """vgamepad connects to ViGEmBus when imported and raises a bare Exception('VIGEM_ERROR_BUS_NOT_FOUND')."""
+    import sys
+
+    from tmrl_worker.tm20 import control, windows_only
+
+    (tmp_path / "vgamepad.py").write_text("raise Exception('VIGEM_ERROR_BUS_NOT_FOUND')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "vgamepad", raising=False)
+    monkeypatch.setattr(windows_only, "is_windows", lambda: True)
+    monkeypatch.setattr(control, "is_windows", lambda: True)
+    sent: list[tuple[str, str]] = []
+
+    class FakeSendInput:
+        def key_down(self, key: str) -> None:
+            sent.append(("down", key))
+
+        def key_up(self, key: str) -> None:
+            sent.append(("up", key))
+
+    monkeypatch.setattr(control, "SendInputKeySender", FakeSendInput)
+    with pytest.raises(control.GamepadUnavailableError, match=r"ViGEmBus .*VIGEM_ERROR_BUS_NOT_FOUND.*github.com/nefarius/ViGEmBus"):
+        GamepadController()
+    for kind in ("auto", "gamepad"):
+        controller = control.make_controller(kind)
+        assert isinstance(controller, KeyboardController)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("Falling back to the keyboard" in w and control.VIGEMBUS_URL in w for w in warnings)
+    controller.apply(np.array([1.0, 0.0, -1.0]))
+    assert sent == [("down", "left"), ("down", "up")]

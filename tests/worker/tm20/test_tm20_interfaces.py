@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from tmrl_common.layout import tm20_image_layout, tm20_lidar_layout, tm20_lidar_progress_layout
+from tmrl_common.layout import tm20_full_layout, tm20_lidar_layout, tm20_lidar_progress_layout
 from tmrl_worker.reward import TrajectoryReward, TrajectoryRewardConfig
 from tmrl_worker.tm20.capture import RecordedFrames
 from tmrl_worker.tm20.control import RecordingController
@@ -89,7 +89,7 @@ def devices(server, **extra):
 @pytest.mark.parametrize(("cls", "layout"), [
     (TM20LidarInterface, tm20_lidar_layout()),
     (TM20LidarProgressInterface, tm20_lidar_progress_layout()),
-    (TM20FullInterface, tm20_image_layout()),
+    (TM20FullInterface, tm20_full_layout()),
 ])
 def test_observation_spaces_match_the_common_layouts_exactly(plugin, cls, layout):
     interface = cls(**devices(plugin))
@@ -153,12 +153,13 @@ def test_game_finish_terminates_and_pays_the_finish_bonus_once():
             interface.close()
 
 
-def test_full_interface_stacks_64x64_gray_frames(plugin):
+def test_full_interface_stacks_64x64_gray_frames_with_speed_gear_and_rpm(plugin):
     interface = TM20FullInterface(**devices(plugin))
     try:
         obs, _ = interface.reset()
-        assert obs[1].shape == (4, 64, 64) and obs[1].dtype == np.uint8
-        assert obs[1][0, 32, 0] == 0 and obs[1][0, 32, 32] > 100  # black wall at the left edge, road in the middle
+        assert [o.shape for o in obs] == [(1,), (1,), (1,), (4, 64, 64)] and obs[3].dtype == np.uint8
+        assert (obs[1][0], obs[2][0]) == (3.0, 6000.0)  # gear and rpm of the telemetry packet, like upstream
+        assert obs[3][0, 32, 0] == 0 and obs[3][0, 32, 32] > 100  # black wall at the left edge, road in the middle
     finally:
         interface.close()
 

@@ -110,3 +110,81 @@ def test_mss_without_a_display_gives_a_capture_error(monkeypatch):
         pytest.skip("checks the X11 error path")
     with pytest.raises(CaptureError, match="DISPLAY"):
         MssCapture(ClientArea(0, 0, 64, 64)).grab()
+
+
+class FakeCamera:
+    """dxcam.DXCamera's surface: width/height of the output, channel_size, grab(region=...), release()."""
+
+    def __init__(self, output_idx, output_color: str, width: int = 1920, height: int = 1080) -> None:
+        self.output_idx, self.width, self.height = output_idx, width, height
+        self.channel_size = 1 if output_color == "GRAY" else len(output_color)
+        self.released = False
+        self.grabs = 0
+
+    def grab(self, region):
+        self.grabs += 1
+        left, top, right, bottom = region
+        if not (self.width >= right > left >= 0 and self.height >= bottom > top >= 0):
+            raise ValueError(f"Invalid Region: Region should be in {self.width}x{self.height}")
+        frame = np.zeros((bottom - top, right - left, self.channel_size), np.uint8)
+        frame[..., 0] = 200  # reddish: gray = 0.299 * 200
+        return frame
+
+    def release(self) -> None:
+        self.released = True
+
+
+class FakeDxcam:
+    """dxcam's module surface: create() caches one camera per output and returns it whatever colour is asked."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.created: list[dict] = []
+        self.cache: dict = {}
+        self.fail = fail
+
+    def create(self, device_idx=0, output_idx=None, region=None, output_color="RGB", max_buffer_len=8):
+        self.created.append({"output_idx": output_idx, "output_color": output_color})
+        if self.fail is not None:
+            raise self.fail
+        cached = self.cache.get(output_idx)
+        if cached is not None and not cached.released:
+            return cached  # dxcam: "returning existing instance", old parameters kept
+        self.cache[output_idx] = FakeCamera(output_idx, output_color)
+        return self.cache[output_idx]
+
+
+@pytest.fixture
+def fake_dxcam(monkeypatch):
+    from tmrl_worker.tm20 import windows_only
+
+    fake = FakeDxcam()
+    monkeypatch.setattr(windows_only, "is_windows", lambda: True)
+    monkeypatch.setitem(sys.modules, "dxcam", fake)
+    return fake
+
+
+def test_dxcam_defaults_to_the_primary_output_and_gray_is_not_lost_to_a_cached_rgb_camera(fake_dxcam):
+    rgb = DxcamCapture(ClientArea(10, 20, 64, 32))
+    assert fake_dxcam.created[0] == {"output_idx": None, "output_color": "RGB"}  # None: dxcam's primary output
+    assert rgb.grab().shape == (32, 64, 3)
+    gray = DxcamCapture(ClientArea(10, 20, 64, 32), color="gray")  # dxcam hands back the cached RGB camera
+    frame = gray.grab()
+    assert frame.shape == (32, 64) and frame[0, 0] == int(0.299 * 200)
+    fake_dxcam.cache[None] = FakeCamera(None, "GRAY")  # a camera another part of the process made in GRAY
+    replaced = DxcamCapture(ClientArea(0, 0, 8, 8), color="rgb")
+    assert fake_dxcam.cache[None].channel_size == 3 and replaced.grab().shape == (8, 8, 3)
+
+
+def test_dxcam_region_off_the_output_and_create_failures_are_capture_errors_with_advice(fake_dxcam):
+    with pytest.raises(CaptureError, match=r"not inside the primary display \(1920x1080\).*move the game"):
+        DxcamCapture(ClientArea(1900, 0, 958, 488))
+    fake_dxcam.fail = RuntimeError("No primary output found for device index 0")
+    with pytest.raises(CaptureError, match=r"could not open display output 1 \(RuntimeError: No primary output.*primary monitor"):
+        DxcamCapture(ClientArea(0, 0, 64, 64), output_idx=1)
+
+
+def test_dxcam_grab_errors_become_capture_errors(fake_dxcam):
+    capture = DxcamCapture(ClientArea(0, 0, 64, 64))
+    capture.region = ClientArea(0, 0, 4000, 64)  # the output shrank under the window (display mode change)
+    with pytest.raises(CaptureError, match="dxcam could not capture.*Invalid Region"):
+        capture.grab()

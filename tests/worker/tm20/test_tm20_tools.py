@@ -10,7 +10,7 @@ from tmrl_worker.cli import app
 from tmrl_worker.reward import TrajectoryReward, load_points
 from tmrl_worker.tm20.benchmark import benchmark_rows
 from tmrl_worker.tm20.capture import RecordedFrames
-from tmrl_worker.tm20.check_env import readings
+from tmrl_worker.tm20.check_env import describe, readings
 from tmrl_worker.tm20.lidar import Lidar
 from tmrl_worker.tm20.openplanet import TelemetryClient, encode_packet
 from tmrl_worker.tm20.recording import load_packets, record_demonstration, save_demonstration
@@ -92,6 +92,20 @@ def test_check_env_readings_show_lidar_speed_and_reward(tmp_path):
         assert reading.speed == 3.0
     assert got[-1].total_reward > 0 and got[-1].progress > 0
     assert [r.frame_file.name for r in got if r.frame_file] == ["lidar_000000.png", "lidar_000005.png"]
+
+
+def test_check_env_readings_warn_while_the_game_window_is_not_in_front():
+    from test_tm20_interfaces import FakeWindow
+
+    window = FakeWindow(in_front=False)
+    packets = [encode_packet(i, speed=3.0) for i in range(100)]
+    with TelemetryReplayServer(packets, rate_hz=200) as server, TelemetryClient(server.port, timeout=2.0) as client:
+        frames = RecordedFrames(winding_road_frames(count=2, height=120, width=200))
+        behind = next(readings(frames, client, Lidar(), period=0.0, steps=1, window=window))
+        window.in_front = True
+        in_front = next(readings(frames, client, Lidar(), period=0.0, steps=1, window=window))
+    assert behind.window_in_front is False and "game window not in front" in describe(behind)
+    assert in_front.window_in_front is True and "not in front" not in describe(in_front)
 
 
 def test_check_env_and_benchmark_commands_run_on_a_synthetic_session():

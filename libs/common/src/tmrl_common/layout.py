@@ -118,10 +118,26 @@ def tm20_lidar_progress_layout(img_hist_len: int = 4, beams: int = 19, act_buf_l
 
 
 def tm20_image_layout(img_hist_len: int = 4, height: int = 64, width: int = 64, act_buf_len: int = 2) -> ObservationLayout:
-    """TrackMania 2020 full (grayscale images): ``(speed (1,), images (4, 64, 64) uint8, action (3,), action (3,))``."""
+    """Grayscale images and speed: ``(speed (1,), images (4, 64, 64) uint8, action (3,), action (3,))`` (the
+    simulator's image env; the TrackMania full env adds gear and rpm: :func:`tm20_full_layout`)."""
     return ObservationLayout(
         components=[
             ObservationComponent(name="speed", frame_shape=[1]),
+            ObservationComponent(name="image", frame_shape=[height, width], dtype="uint8", history=img_hist_len),
+        ],
+        action_dim=3,
+        action_history=act_buf_len,
+    )
+
+
+def tm20_full_layout(img_hist_len: int = 4, height: int = 64, width: int = 64, act_buf_len: int = 2) -> ObservationLayout:
+    """TrackMania 2020 full env, as upstream tmrl's: ``(speed (1,), gear (1,), rpm (1,), images (4, 64, 64) uint8,
+    action (3,), action (3,))``."""
+    return ObservationLayout(
+        components=[
+            ObservationComponent(name="speed", frame_shape=[1]),
+            ObservationComponent(name="gear", frame_shape=[1]),
+            ObservationComponent(name="rpm", frame_shape=[1]),
             ObservationComponent(name="image", frame_shape=[height, width], dtype="uint8", history=img_hist_len),
         ],
         action_dim=3,

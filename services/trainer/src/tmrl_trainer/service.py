@@ -67,7 +67,7 @@ from tmrl_common.errors import ConfigError
 from tmrl_common.layout import (
     ObservationLayout,
     layout_for_box,
-    tm20_image_layout,
+    tm20_full_layout,
     tm20_lidar_layout,
     tm20_lidar_progress_layout,
 )
@@ -107,7 +107,7 @@ _NAMED_LAYOUTS = {
     "sim-fast": tm20_lidar_layout,
     "tm20-lidar": tm20_lidar_layout,
     "tm20-lidar-progress": tm20_lidar_progress_layout,
-    "tm20-full": tm20_image_layout,
+    "tm20-full": tm20_full_layout,
 }
 
 

@@ -2,7 +2,7 @@
 
 Backends:
 
-* :class:`DxcamCapture` — Windows, Desktop Duplication through dxcam (fast; the game must be on the primary monitor).
+* :class:`DxcamCapture` — Windows, Desktop Duplication through dxcam (fast; the primary display by default).
 * :class:`MssCapture` — anywhere with a screen (Linux/X11 under Proton), through mss.
 * :class:`RecordedFrames` — replays frames from an array, a ``.npy`` file or a folder of PNGs; used in tests and
   to re-run the LIDAR on a recording.
@@ -13,10 +13,11 @@ exactly that client area.
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -66,26 +67,76 @@ def _convert(frame: np.ndarray, color: ColorMode) -> np.ndarray:
 
 
 class DxcamCapture:
-    """Desktop Duplication capture of a screen region (Windows only; ``pip install dxcam``)."""
+    """Desktop Duplication capture of a screen region (Windows only; ``pip install dxcam``).
 
-    def __init__(self, region: ClientArea, color: ColorMode = "rgb", output_idx: int = 0) -> None:
+    ``output_idx=None`` is dxcam's own default, the primary display. dxcam keeps one camera per output and returns
+    that cached camera, with the colour mode it was first created with, to every later ``create()``: this class
+    therefore always asks for RGB, converts to gray itself, and replaces a cached camera of another colour mode.
+    Failures to open the output, a region off the output and failed grabs are :class:`CaptureError` with advice.
+    """
+
+    def __init__(self, region: ClientArea, color: ColorMode = "rgb", output_idx: int | None = None) -> None:
         dxcam = import_windows_module("dxcam", "dxcam screen capture")
         self.region = region
         self.color = color
-        self._camera = dxcam.create(output_idx=output_idx, output_color="GRAY" if color == "gray" else "RGB")
-        if self._camera is None:
-            raise CaptureError("dxcam could not open the display output (another process may hold it)")
+        self.output_idx = output_idx
+        self._camera = self._open(dxcam)
+        self._check_region()
         self._last: np.ndarray | None = None
 
+    def _output_name(self) -> str:
+        return "the primary display" if self.output_idx is None else f"display output {self.output_idx}"
+
+    def _create(self, dxcam: Any) -> Any:
+        try:
+            camera = dxcam.create(output_idx=self.output_idx, output_color="RGB")
+        except Exception as exc:  # dxcam raises RuntimeError, IndexError or COM errors from DXGI
+            raise CaptureError(
+                f"dxcam could not open {self._output_name()} ({type(exc).__name__}: {exc}): run the game on the "
+                f"primary monitor (or pick its output), close other screen-duplication programs (OBS display "
+                f"capture, another worker on this output), and update the graphics driver") from exc
+        if camera is None:
+            raise CaptureError(f"dxcam could not open {self._output_name()} (another process may hold it)")
+        return camera
+
+    def _open(self, dxcam: Any) -> Any:
+        camera = self._create(dxcam)
+        if getattr(camera, "channel_size", 3) != 3:  # a cached camera made with another output_color
+            camera.release()
+            del camera
+            gc.collect()  # dxcam's cache holds cameras weakly: drop ours so create() builds a new one
+            camera = self._create(dxcam)
+            if getattr(camera, "channel_size", 3) != 3:
+                raise CaptureError(f"dxcam keeps a camera of {self._output_name()} in another colour mode (made "
+                                   f"elsewhere in this process); capture it from one place only")
+        return camera
+
+    def _check_region(self) -> None:
+        width, height = getattr(self._camera, "width", None), getattr(self._camera, "height", None)
+        if width is None or height is None:
+            return
+        left, top, right, bottom = self.region.as_ltrb()
+        if not (0 <= left < right <= width and 0 <= top < bottom <= height):
+            raise CaptureError(
+                f"the game window's client area {self.region} is not inside {self._output_name()} ({width}x{height}): "
+                f"move the game onto that monitor (the worker places its window at the top-left corner), and check "
+                f"that Windows display scaling did not resize it")
+
+    def _grab(self) -> Any:
+        try:
+            return self._camera.grab(region=self.region.as_ltrb())
+        except Exception as exc:  # dxcam: ValueError for a bad region, COM errors when the display mode changes
+            raise CaptureError(f"dxcam could not capture {self.region}: {type(exc).__name__}: {exc}") from exc
+
     def grab(self) -> np.ndarray:
-        frame = self._camera.grab(region=self.region.as_ltrb())
+        frame = self._grab()
         if frame is None:  # dxcam returns None when the screen has not changed since the last grab
             if self._last is None:
                 frame = self._wait_first_frame()
             else:
                 return self._last
         frame = np.asarray(frame)
-        self._last = frame[..., 0] if frame.ndim == 3 and frame.shape[2] == 1 else frame
+        self._last = frame[..., 0] if frame.ndim == 3 and frame.shape[2] == 1 else _convert(frame[..., :3], self.color)
         return self._last
 
     def _wait_first_frame(self) -> np.ndarray:
@@ -93,12 +144,12 @@ class DxcamCapture:
 
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
-            frame = self._camera.grab(region=self.region.as_ltrb())
+            frame = self._grab()
             if frame is not None:
                 return frame
             time.sleep(0.01)
         raise CaptureError(f"dxcam returned no frame of region {self.region} in 2 s: is the game window visible "
-                           f"on the primary monitor?")
+                           f"on {self._output_name()}?")
 
     def close(self) -> None:
         release = getattr(self._camera, "release", None)
@@ -171,12 +222,14 @@ class RecordedFrames:
 
 
 def make_capture(backend: CaptureBackend = "auto", color: ColorMode = "rgb", window_title: str = DEFAULT_WINDOW_TITLE,
-                 region: ClientArea | None = None, window_size: tuple[int, int] | None = None) -> FrameCapture:
+                 region: ClientArea | None = None, window_size: tuple[int, int] | None = None,
+                 output_idx: int | None = None) -> FrameCapture:
     """Capture of the game window's client area.
 
     ``backend``: ``dxcam`` (Windows), ``mss`` (any OS), ``auto`` (dxcam on Windows, mss elsewhere).
     ``region``: capture this rectangle instead of looking for the window. ``window_size``: ``(width, height)`` the
     window's client area is given first (at the top-left corner of the screen), e.g. ``(958, 488)`` for LIDAR.
+    ``output_idx``: dxcam's display output (None: the primary display, dxcam's default).
     """
     from tmrl_worker.tm20.windows_only import is_windows
 
@@ -188,7 +241,7 @@ def make_capture(backend: CaptureBackend = "auto", color: ColorMode = "rgb", win
             window.place(0, 0, *window_size)
         region = window.client_area()
     if backend == "dxcam":
-        return DxcamCapture(region, color)
+        return DxcamCapture(region, color, output_idx)
     if backend == "mss":
         return MssCapture(region, color)
     raise CaptureError(f"unknown capture backend {backend!r}: use auto, dxcam or mss")

@@ -19,6 +19,7 @@ from tmrl_worker.reward import TrajectoryReward
 from tmrl_worker.tm20.capture import FrameCapture
 from tmrl_worker.tm20.lidar import Lidar
 from tmrl_worker.tm20.openplanet import TelemetryClient
+from tmrl_worker.tm20.window import GameWindow
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -38,14 +39,17 @@ class Reading:
     progress: float | None = None
     terminated: bool = False
     frame_file: Path | None = None
+    window_in_front: bool | None = None
+    """Whether the game window had the focus (None: not checked, e.g. ``--synthetic``)."""
 
 
 def readings(capture: FrameCapture, telemetry: TelemetryClient, lidar: Lidar, reward: TrajectoryReward | None = None,
              *, period: float = 0.05, steps: int | None = None, save_frames: Path | None = None, save_every: int = 20,
-             should_stop: Callable[[], bool] = lambda: False) -> Iterator[Reading]:
+             should_stop: Callable[[], bool] = lambda: False, window: GameWindow | None = None) -> Iterator[Reading]:
     """Capture every ``period`` seconds and yield a :class:`Reading` (``steps=None``: until ``should_stop()``).
 
-    A terminated episode (no progress, finish) restarts the reward count, like an environment reset would.
+    A terminated episode (no progress, finish) restarts the reward count, like an environment reset would. With
+    ``window``, every reading says whether the game window has the focus (input from an agent would go elsewhere).
     """
     if save_frames is not None:
         save_frames.mkdir(parents=True, exist_ok=True)
@@ -56,7 +60,8 @@ def readings(capture: FrameCapture, telemetry: TelemetryClient, lidar: Lidar, re
         frame = capture.grab()
         packet = telemetry.latest()
         scan = lidar.measure(frame)
-        reading = Reading(step, packet.speed, scan, packet.position, packet.finished)
+        reading = Reading(step, packet.speed, scan, packet.position, packet.finished,
+                          window_in_front=None if window is None else window.is_foreground())
         if reward is not None:
             value, terminated, _ = reward.compute(packet.position)
             total += value
@@ -84,6 +89,8 @@ def describe(reading: Reading) -> str:
         line += f"  reward {reading.reward:5.1f} total {reading.total_reward:7.1f} progress {100 * reading.progress:5.1f}%"
     if reading.terminated:
         line += "  [red]episode end[/]"
+    if reading.window_in_front is False:
+        line += "  [yellow]game window not in front: an agent's keys would go to another window[/]"
     return line
 
 
@@ -99,10 +106,11 @@ def check_env_tool(*, steps: int | None, telemetry_port: int, reward_path: Path 
     from tmrl_worker.tm20.interfaces import LIDAR_WINDOW_SIZE
     from tmrl_worker.tm20.openplanet import TelemetryTimeoutError
     from tmrl_worker.tm20.synthetic import SyntheticSession
-    from tmrl_worker.tm20.window import WindowNotFoundError
+    from tmrl_worker.tm20.window import WindowNotFoundError, find_game_window
     from tmrl_worker.tm20.windows_only import WindowsOnlyError
 
     console = console or Console()
+    window: GameWindow | None = None
     with ExitStack() as stack:
         try:
             if synthetic:
@@ -111,12 +119,19 @@ def check_env_tool(*, steps: int | None, telemetry_port: int, reward_path: Path 
                 capture, telemetry = devices["capture"], devices["telemetry"]
                 reward = devices["reward"] if reward_path is None else TrajectoryReward.from_file(reward_path)
             else:
-                capture = make_capture(capture_backend, "rgb", window_title, window_size=LIDAR_WINDOW_SIZE)  # type: ignore[arg-type]
+                window = find_game_window(window_title)
+                window.place(0, 0, *LIDAR_WINDOW_SIZE)
+                capture = make_capture(capture_backend, "rgb", region=window.client_area())  # type: ignore[arg-type]
                 telemetry = TelemetryClient(telemetry_port)
                 reward = TrajectoryReward.from_file(reward_path) if reward_path is not None else None
+                if not window.is_foreground():
+                    console.print(f"[yellow]warning: the game window {window_title!r} is not in front. check-env "
+                                  f"only watches, but a worker's keyboard input goes to the focused window: the "
+                                  f"worker brings the game to the front at every reset[/]")
             stack.callback(telemetry.close)
             stack.callback(capture.close)
-            for reading in readings(capture, telemetry, Lidar(), reward, period=period, steps=steps, save_frames=save_frames):
+            for reading in readings(capture, telemetry, Lidar(), reward, period=period, steps=steps,
+                                    save_frames=save_frames, window=window):
                 console.print(describe(reading))
         except (TelemetryTimeoutError, CaptureError, WindowNotFoundError, WindowsOnlyError, ValueError) as exc:
             console.print(f"[red]{exc}[/]")

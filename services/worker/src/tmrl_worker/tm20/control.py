@@ -6,7 +6,8 @@ Mapping (shared with the built-in simulator):
 * brake -> left trigger ``clip(brake, 0, 1)``
 * steer -> left stick X ``clip(steer, -1, 1)`` (-1 full left, 1 full right), stick Y stays 0
 
-Backends: :class:`GamepadController` (an emulated Xbox 360 pad through vgamepad, Windows only, analog),
+Backends: :class:`GamepadController` (an emulated Xbox 360 pad through vgamepad, Windows only, analog; without the
+ViGEmBus driver :func:`make_controller` says where to get it and falls back to the keyboard),
 :class:`KeyboardController` (binary arrows: a value beyond ``threshold`` presses the key) over a :class:`KeySender`
 (:class:`SendInputKeySender` on Windows, :class:`XdotoolKeySender` on Linux/Proton), and
 :class:`RecordingController`, which drives nothing and records every call (tests, dry runs).
@@ -15,6 +16,7 @@ Backends: :class:`GamepadController` (an emulated Xbox 360 pad through vgamepad,
 from __future__ import annotations
 
 import ctypes
+import logging
 import shutil
 import subprocess
 import time
@@ -24,7 +26,11 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from tmrl_worker.tm20.windows_only import import_windows_module, is_windows, require_windows
+from tmrl_worker.tm20.windows_only import WindowsOnlyError, import_windows_module, is_windows, require_windows
+
+log = logging.getLogger(__name__)
+VIGEMBUS_URL = "https://github.com/nefarius/ViGEmBus/releases"
+"""Where the ViGEmBus driver that vgamepad needs is published (vgamepad tests version 1.17.333)."""
 
 # XInput button bits (XUSB_GAMEPAD_*), the values vgamepad's XUSB_BUTTON enum carries
 XUSB_BUTTONS = {"DPAD_UP": 0x0001, "DPAD_DOWN": 0x0002, "DPAD_LEFT": 0x0004, "DPAD_RIGHT": 0x0008,
@@ -33,6 +39,28 @@ XUSB_BUTTONS = {"DPAD_UP": 0x0001, "DPAD_DOWN": 0x0002, "DPAD_LEFT": 0x0004, "DP
 
 class ControlError(ValueError):
     """An action or a controller setting cannot be used."""
+
+
+class GamepadUnavailableError(RuntimeError):
+    """vgamepad cannot create a virtual pad, usually because the ViGEmBus driver is missing."""
+
+
+def open_virtual_pad() -> tuple[Any, Any]:
+    """``(vgamepad module, VX360Gamepad)``; :class:`GamepadUnavailableError` naming what to install when the
+    ViGEmBus driver is missing (vgamepad raises a bare ``Exception('VIGEM_ERROR_BUS_NOT_FOUND')`` when imported)."""
+    try:
+        vgamepad = import_windows_module("vgamepad", "the Xbox 360 virtual gamepad")
+        return vgamepad, vgamepad.VX360Gamepad()
+    except WindowsOnlyError:
+        raise
+    except Exception as exc:  # vgamepad reports driver problems as bare Exception / AssertionError
+        text = str(exc) or type(exc).__name__
+        if "VIGEM" in text.upper():
+            raise GamepadUnavailableError(
+                f"the ViGEmBus driver that the virtual gamepad needs is not installed or not running ({text}): "
+                f"install ViGEmBus from {VIGEMBUS_URL} (vgamepad's installer normally does; 1.17.333 is the version "
+                f"vgamepad tests), then restart the worker") from exc
+        raise GamepadUnavailableError(f"vgamepad could not create a virtual Xbox 360 pad: {text}") from exc
 
 
 class Controller(Protocol):
@@ -85,8 +113,7 @@ class GamepadController:
         self._button: Any = XUSB_BUTTONS[respawn_button]
         self._popup_button: Any = XUSB_BUTTONS["A"]
         if pad is None:
-            vgamepad = import_windows_module("vgamepad", "the Xbox 360 virtual gamepad")
-            pad = vgamepad.VX360Gamepad()
+            vgamepad, pad = open_virtual_pad()
             self._button = getattr(vgamepad.XUSB_BUTTON, f"XUSB_GAMEPAD_{respawn_button}")
             self._popup_button = vgamepad.XUSB_BUTTON.XUSB_GAMEPAD_A
         self.pad = pad
@@ -309,11 +336,17 @@ ControllerKind = Literal["auto", "gamepad", "keyboard", "none"]
 
 def make_controller(kind: ControllerKind = "auto") -> Controller:
     """``gamepad`` (analog, Windows), ``keyboard`` (binary arrows), ``none`` (records only), ``auto`` (gamepad on
-    Windows, keyboard elsewhere)."""
+    Windows, keyboard elsewhere). A gamepad that vgamepad cannot create (ViGEmBus missing) falls back to the
+    keyboard with a warning that says what to install."""
     if kind == "auto":
         kind = "gamepad" if is_windows() else "keyboard"
     if kind == "gamepad":
-        return GamepadController()
+        try:
+            return GamepadController()
+        except GamepadUnavailableError as exc:
+            log.warning("%s. Falling back to the keyboard controller: binary arrow keys instead of analog control, "
+                        "and the game window must keep the focus", exc)
+            return KeyboardController()
     if kind == "keyboard":
         return KeyboardController()
     if kind == "none":

@@ -6,8 +6,8 @@ actions itself):
 * :class:`TM20LidarInterface` — ``(speed (1,), lidar (img_hist_len, beams))`` float32 (``tm20_lidar_layout``)
 * :class:`TM20LidarProgressInterface` — ``(speed (1,), progress (1,), lidar (img_hist_len, beams))``
   (``tm20_lidar_progress_layout``); progress is the fraction of the reward path covered, in [0, 1]
-* :class:`TM20FullInterface` — ``(speed (1,), image (img_hist_len, 64, 64) uint8)`` grayscale screenshots
-  (``tm20_image_layout``)
+* :class:`TM20FullInterface` — ``(speed (1,), gear (1,), rpm (1,), image (img_hist_len, 64, 64) uint8)``:
+  grayscale screenshots plus the engine state from telemetry, as upstream tmrl's full env (``tm20_full_layout``)
 
 Actions are ``[gas, brake, steer]`` in [-1, 1] (see :mod:`tmrl_worker.tm20.control`). The reward is
 :class:`tmrl_worker.reward.TrajectoryReward` on the car position from telemetry; an episode also terminates when the
@@ -33,7 +33,7 @@ import numpy as np
 from gymnasium import spaces
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rtgym import DEFAULT_CONFIG_DICT, RealTimeGymInterface
-from tmrl_common.layout import ObservationLayout, tm20_image_layout, tm20_lidar_layout, tm20_lidar_progress_layout
+from tmrl_common.layout import ObservationLayout, tm20_full_layout, tm20_lidar_layout, tm20_lidar_progress_layout
 
 from tmrl_worker.envs import TRUNCATED_REASON
 from tmrl_worker.reward import RewardPathError, TrajectoryReward, TrajectoryRewardConfig
@@ -152,7 +152,8 @@ class TM20Interface(RealTimeGymInterface):
                  reward_config: TrajectoryRewardConfig | dict[str, Any] | None = None,
                  img_hist_len: int = 4, act_buf_len: int = 2, lidar: LidarConfig | dict[str, Any] | None = None,
                  telemetry_port: int = DEFAULT_PORT, telemetry_timeout: float = 5.0,
-                 window_title: str = "Trackmania", capture_backend: str = "auto", controller_kind: str = "auto",
+                 window_title: str = "Trackmania", capture_backend: str = "auto", capture_output: int | None = None,
+                 controller_kind: str = "auto",
                  sleep_time_at_reset: float = 1.5, recovery: RecoveryConfig | dict[str, Any] | None = None) -> None:
         self.recovery = _validated(RecoveryConfig, recovery, "recovery")
         if reward is None:
@@ -182,7 +183,7 @@ class TM20Interface(RealTimeGymInterface):
                 built.append(controller)
             if capture is None:
                 window = window or find_game_window(window_title)
-                self._open_capture = self._capture_opener(window, capture_backend)
+                self._open_capture = self._capture_opener(window, capture_backend, capture_output)
                 capture = self._open_capture()
         except BaseException:
             for device in reversed(built):
@@ -200,11 +201,12 @@ class TM20Interface(RealTimeGymInterface):
         self._default_action = np.zeros(3, dtype=np.float32)
         self.bring_to_front()
 
-    def _capture_opener(self, window: GameWindow, backend: str) -> Callable[[], FrameCapture]:
+    def _capture_opener(self, window: GameWindow, backend: str, output: int | None) -> Callable[[], FrameCapture]:
         """How to (re)open capture of ``window``'s client area, sized for this variant."""
         def open_capture() -> FrameCapture:
             window.place(0, 0, *self.window_size)
-            return make_capture(backend, self.capture_color, region=window.client_area())  # type: ignore[arg-type]
+            return make_capture(backend, self.capture_color, region=window.client_area(),  # type: ignore[arg-type]
+                                output_idx=output)
         return open_capture
 
     # what subclasses define ------------------------------------------------------------------------------------
@@ -413,7 +415,7 @@ class TM20LidarProgressInterface(TM20LidarInterface):
 
 
 class TM20FullInterface(TM20Interface):
-    """Grayscale screenshot history + speed (``tm20_image_layout``)."""
+    """Grayscale screenshot history + speed, gear and rpm (``tm20_full_layout``, as upstream tmrl's full env)."""
 
     window_size = FULL_WINDOW_SIZE
     capture_color = "gray"
@@ -423,10 +425,15 @@ class TM20FullInterface(TM20Interface):
         super().__init__(**kwargs)
 
     def _make_layout(self) -> ObservationLayout:
-        return tm20_image_layout(self.img_hist_len, self.image_height, self.image_width, self.act_buf_len)
+        return tm20_full_layout(self.img_hist_len, self.image_height, self.image_width, self.act_buf_len)
 
     def frame_feature(self, frame: np.ndarray) -> np.ndarray:
         return downscale(to_gray(frame), self.image_height, self.image_width)
+
+    def _observation(self) -> list[np.ndarray]:
+        speed, images = super()._observation()
+        engine = self.last_telemetry
+        return [speed, np.array([engine.gear], dtype=np.float32), np.array([engine.rpm], dtype=np.float32), images]
 
 
 INTERFACES: dict[str, type[TM20Interface]] = {
