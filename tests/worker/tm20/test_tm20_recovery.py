@@ -50,6 +50,13 @@ class Game:
         return TelemetryReplayServer(self.drive.packet, rate_hz=SERVER_HZ, port=port)
 
 
+def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
 class RecordingEnv:
     """Wraps an EnvHandle's step to keep what each step returned (the rollout loop drops ``info``)."""
 
@@ -190,8 +197,7 @@ def test_after_a_finish_reset_closes_the_popup_and_waits_for_the_race_to_restart
                                        reward=straight_reward(), sleep_time_at_reset=0.0, recovery=FAST_RECOVERY)
         try:
             interface.reset()
-            time.sleep(1.2)  # the countdown, then 2 m: past the finish line
-            assert interface.telemetry.latest().finished
+            wait_for(lambda: interface.telemetry.latest().finished)  # the countdown, then 1 m: the finish line
             _, reward, terminated, info = interface.get_obs_rew_terminated_info()
             assert terminated and info["finished_by_game"] and reward >= 100.0
             interface.wait()
@@ -261,7 +267,7 @@ def test_reward_config_from_a_toml_table_is_validated_and_used(tmp_path):
         try:
             assert interface.reward.config == TrajectoryRewardConfig(patience=5, max_stray=30.0, grace_steps=1000)
             interface.reset()
-            time.sleep(1.2)  # the countdown, then 2 m
+            wait_for(lambda: interface.telemetry.latest().distance > 1.0)  # the countdown, then 1 m
             _, reward, terminated, info = interface.get_obs_rew_terminated_info()  # crashed here before
             assert reward > 0 and not terminated and info["points_passed"] >= 1
         finally:
@@ -269,3 +275,24 @@ def test_reward_config_from_a_toml_table_is_validated_and_used(tmp_path):
         with pytest.raises(TM20ConfigError, match=r"(?s)env_options.reward_config.*patience"):
             TM20LidarInterface(capture=RecordedFrames(corridor_frames()), telemetry=TelemetryClient(server.port, start=False),
                                controller=game.controller(), reward_path=points, reward_config={"patience": 0})
+
+
+def test_a_stop_request_ends_the_wait_for_a_lost_game_and_the_rollout_cleanly():
+    game = Game()
+    server = game.serve().start()
+    handle = make_env("tm20-lidar", options={
+        "allow_non_windows": True, "capture": RecordedFrames(corridor_frames()),
+        "telemetry": TelemetryClient(server.port, reconnect_delay=0.1), "controller": game.controller(),
+        "reward": straight_reward(), "sleep_time_at_reset": 0.0, "recovery": FAST_RECOVERY})
+    stop = threading.Event()
+    handle.attach_stop(stop)
+    loop = RolloutLoop(handle, None, None, UniformPolicy(3, seed=0), batch_steps=1000, compress=False,
+                       deterministic=False, seed=0, worker_id="tm20-test")
+    threading.Timer(0.5, server.close).start()  # the game goes away for good
+    threading.Timer(3.0, stop.set).start()  # then the operator presses Ctrl-C (the CLI sets this event)
+    started = time.monotonic()
+    try:
+        stats = loop.run(max_steps=10_000, stop=stop)
+    finally:
+        handle.close()
+    assert 3.0 <= time.monotonic() - started < 5.0 and stats.episodes == 1 and stats.steps < 10_000

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,10 @@ TRUNCATED_REASON = "truncated_reason"
 """``info`` key an rtgym interface sets (with the reason) when its ``terminated`` means "truncated"."""
 
 ExpertPolicy = Callable[[tuple], np.ndarray]
+
+
+class EnvInterrupted(RuntimeError):
+    """An env gave up waiting (e.g. for a lost game) because the worker is stopping; the rollout ends cleanly."""
 
 
 class EnvSpecError(ValueError):
@@ -113,6 +118,13 @@ class EnvHandle:
         if terminated and isinstance(info, dict) and info.get(TRUNCATED_REASON):
             terminated, truncated = False, True
         return self._observation(observation), float(reward), bool(terminated), bool(truncated), info
+
+    def attach_stop(self, stop: threading.Event) -> None:
+        """Let an rtgym interface that may wait a long time (TrackMania waiting for the game) see ``stop``: it then
+        raises :class:`EnvInterrupted` instead of waiting on after the worker was asked to stop."""
+        interface = getattr(self.env.unwrapped, "interface", None)
+        if interface is not None and hasattr(interface, "stop_event"):
+            interface.stop_event = stop
 
     def close(self) -> None:
         if self.closer is not None:

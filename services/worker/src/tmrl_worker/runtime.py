@@ -33,7 +33,7 @@ from tmrl_common.protocol import WeightsUpdate
 from tmrl_common.sockets import RelayEndpoint
 
 from tmrl_worker.config import WorkerConfig, WorkerMode
-from tmrl_worker.envs import EnvHandle, make_env
+from tmrl_worker.envs import EnvHandle, EnvInterrupted, make_env
 from tmrl_worker.progress import ProgressFile, ProgressFileError, describe_unclean_stop, progress_path, read_progress
 from tmrl_worker.relay_link import RelayLink
 from tmrl_worker.spool import SequenceCounter, Spool
@@ -286,7 +286,11 @@ class RolloutLoop:
                     self.stats.recent_returns.append(self.stats.episode_return)
                     log.debug("%s: episode %d ended after step %d: return %.2f (weights version %d)", self.worker_id,
                              self.stats.episodes, self.stats.steps, self.stats.episode_return, self.policy.version)
-                    observation = self._reset(None)
+                    try:
+                        observation = self._reset(None)
+                    except EnvInterrupted as exc:  # stop requested while the env waited (e.g. for the game)
+                        log.info("%s: %s", self.worker_id, exc)
+                        break
                 self.record_progress()
                 now = time.monotonic()
                 if now >= next_health:
@@ -379,6 +383,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
             if link is not None and link.failure is not None:
                 raise RuntimeError(f"{config.worker_id}: sender thread failed: {link.failure}")
 
+        if stop is not None:
+            env.attach_stop(stop)
         stats = loop.run(max_steps=config.max_steps, stop=stop, health_check=health_check)
         if link is not None:
             if not link.flush(timeout=config.flush_timeout_s):

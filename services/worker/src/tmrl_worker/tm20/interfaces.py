@@ -22,6 +22,7 @@ capture, plugin on ``telemetry_port``, gamepad on Windows / keyboard elsewhere, 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rtgym import DEFAULT_CONFIG_DICT, RealTimeGymInterface
 from tmrl_common.layout import ObservationLayout, tm20_full_layout, tm20_lidar_layout, tm20_lidar_progress_layout
 
-from tmrl_worker.envs import TRUNCATED_REASON
+from tmrl_worker.envs import TRUNCATED_REASON, EnvInterrupted
 from tmrl_worker.reward import RewardPathError, TrajectoryReward, TrajectoryRewardConfig
 from tmrl_worker.tm20.capture import CaptureError, FrameCapture, downscale, make_capture, to_gray
 from tmrl_worker.tm20.control import Controller, make_controller
@@ -198,6 +199,8 @@ class TM20Interface(RealTimeGymInterface):
         self.status = "starting"
         """What the interface is doing now, e.g. ``waiting for the game: ... (attempt 3)``; also logged."""
         self._pending_fault: str | None = None
+        self.stop_event: threading.Event | None = None
+        """Set by the worker (``EnvHandle.attach_stop``): waiting for the game then ends with EnvInterrupted."""
         self._default_action = np.zeros(3, dtype=np.float32)
         self.bring_to_front()
 
@@ -352,7 +355,10 @@ class TM20Interface(RealTimeGymInterface):
             self.status = (f"waiting for the game (attempt {attempt}, {waited:.0f} s so far, next try in {delay:.1f} s):"
                            f" {problem}")
             log.warning("tm20: %s", self.status)
-            time.sleep(delay)
+            if self.stop_event is not None and self.stop_event.wait(delay):
+                raise EnvInterrupted(f"stopped while waiting for the game ({problem})")
+            if self.stop_event is None:
+                time.sleep(delay)
             delay = min(delay * 2.0, settings.max_retry_s)
 
     def bring_to_front(self) -> None:
