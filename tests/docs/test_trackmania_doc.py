@@ -1,0 +1,27 @@
+"""docs/trackmania.md and deploy/tmrl.example.toml document every TrackMania reward and recovery setting."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tmrl_worker.reward import TrajectoryRewardConfig
+from tmrl_worker.tm20.interfaces import RecoveryConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_reward_config_field_is_in_the_trackmania_table_and_the_example_config():
+    doc = (REPO / "docs" / "trackmania.md").read_text()
+    table = set(re.findall(r"^\| `(\w+)` \|", doc, flags=re.M))
+    example = (REPO / "deploy" / "tmrl.example.toml").read_text()
+    in_example = set(re.findall(r"^#\s+(\w+) = ", example, flags=re.M))
+    fields = set(TrajectoryRewardConfig.model_fields)
+    assert fields <= table, f"docs/trackmania.md does not describe {sorted(fields - table)}"
+    assert fields <= in_example, f"deploy/tmrl.example.toml does not describe {sorted(fields - in_example)}"
+
+
+def test_every_recovery_field_is_named_in_the_trackmania_doc():
+    doc = (REPO / "docs" / "trackmania.md").read_text()
+    missing = [name for name in RecoveryConfig.model_fields if f"`{name}`" not in doc and f"{name} =" not in doc]
+    assert not missing, f"docs/trackmania.md does not name {missing}"
