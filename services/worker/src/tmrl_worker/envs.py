@@ -283,14 +283,58 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
 
 
 def _make_tm20(spec: str, time_step_duration: float, max_episode_steps: int, options: dict) -> EnvHandle:
-    if sys.platform != "win32" and not options.get("allow_non_windows", False):
+    """TrackMania through its rtgym interfaces; with ``emulated_game`` (a table, possibly empty) against an
+    :class:`~tmrl_worker.tm20.emulated_game.EmulatedGame` started here, on any OS."""
+    emulated = options.get("emulated_game")
+    if emulated is None and sys.platform != "win32" and not options.get("allow_non_windows", False):
         raise EnvSpecError(f"env {spec!r} drives TrackMania 2020 and runs on Windows only (this is {sys.platform}); "
-                           "use env = \"sim\" to train on the built-in simulator")
+                           "use env = \"sim\" to train on the built-in simulator, or emulated_game = {} in "
+                           "env_options to run the TrackMania path against the emulated game")
     from tmrl_worker.tm20.interfaces import tm20_rtgym_config
 
-    kwargs = {k: v for k, v in options.items() if k != "allow_non_windows"}
-    config = tm20_rtgym_config(spec, time_step_duration=time_step_duration, ep_max_length=max_episode_steps, **kwargs)
-    return _make_rtgym(spec, config)
+    kwargs = {k: v for k, v in options.items() if k not in ("allow_non_windows", "emulated_game")}
+    if emulated is None:
+        config = tm20_rtgym_config(spec, time_step_duration=time_step_duration, ep_max_length=max_episode_steps, **kwargs)
+        return _make_rtgym(spec, config)
+    game = _start_emulated_game(spec, emulated, kwargs)
+    try:
+        config = tm20_rtgym_config(spec, time_step_duration=time_step_duration, ep_max_length=max_episode_steps, **kwargs)
+        handle = _make_rtgym(spec, config)
+    except BaseException:
+        game.close()
+        raise
+
+    def close() -> None:
+        try:
+            handle.env.unwrapped.interface.close()
+            handle.env.close()
+        finally:
+            game.close()
+
+    handle.closer = close
+    return handle
+
+
+def _start_emulated_game(spec: str, settings: Any, kwargs: dict) -> Any:
+    """Start the emulated game and put its devices (and, unless given, its centre line as the reward path) into
+    the interface ``kwargs``."""
+    from pydantic import ValidationError
+
+    from tmrl_worker.reward import TrajectoryReward, TrajectoryRewardConfig
+    from tmrl_worker.tm20.emulated_game import EmulatedGame
+    from tmrl_worker.tm20.interfaces import interface_class, validated_settings
+
+    try:
+        game = EmulatedGame(settings).start()
+    except (ValidationError, ValueError, OSError) as exc:
+        raise EnvSpecError(f"env {spec!r}: cannot start the emulated game {settings!r}: {exc}") from exc
+    interface = interface_class(spec)
+    for name, device in game.devices(interface.window_size, interface.capture_color).items():
+        kwargs.setdefault(name, device)
+    if "reward" not in kwargs and "reward_path" not in kwargs:
+        config = validated_settings(TrajectoryRewardConfig, kwargs.pop("reward_config", None), "reward_config")
+        kwargs["reward"] = TrajectoryReward.from_path(game.reward_path(), 0.5, config)
+    return game
 
 
 def make_env(spec: str, time_step_duration: float = 0.05, max_episode_steps: int = 1000,

@@ -112,7 +112,7 @@ class RecoveryConfig(BaseModel):
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def _validated(model: type[Model], value: Model | dict[str, Any] | None, name: str) -> Model:
+def validated_settings(model: type[Model], value: Model | dict[str, Any] | None, name: str) -> Model:
     """``value`` as a ``model``: a TOML table is validated (a bad field raises :class:`TM20ConfigError` naming it)."""
     if value is None:
         return model()
@@ -156,13 +156,13 @@ class TM20Interface(RealTimeGymInterface):
                  window_title: str = "Trackmania", capture_backend: str = "auto", capture_output: int | None = None,
                  controller_kind: str = "auto",
                  sleep_time_at_reset: float = 1.5, recovery: RecoveryConfig | dict[str, Any] | None = None) -> None:
-        self.recovery = _validated(RecoveryConfig, recovery, "recovery")
+        self.recovery = validated_settings(RecoveryConfig, recovery, "recovery")
         if reward is None:
             if reward_path is None:
                 raise TM20ConfigError("a TrackMania environment needs reward points: pass reward_path (record them "
                                       "with `tmrl-worker record-reward --output points.safetensors`) or reward=")
             try:
-                reward = TrajectoryReward.from_file(reward_path, _validated(TrajectoryRewardConfig, reward_config,
+                reward = TrajectoryReward.from_file(reward_path, validated_settings(TrajectoryRewardConfig, reward_config,
                                                                             "reward_config"))
             except RewardPathError as exc:
                 raise TM20ConfigError(str(exc)) from exc
@@ -171,7 +171,7 @@ class TM20Interface(RealTimeGymInterface):
         self.act_buf_len = act_buf_len
         self.sleep_time_at_reset = sleep_time_at_reset
         # From a TOML config the LIDAR settings arrive as a table: validate them into a LidarConfig.
-        self.lidar = Lidar(_validated(LidarConfig, lidar, "lidar"))
+        self.lidar = Lidar(validated_settings(LidarConfig, lidar, "lidar"))
         self.layout = self._make_layout()
         self._open_capture: Callable[[], FrameCapture] | None = None
         built: list[Any] = []  # devices built here are closed again if a later one fails

@@ -1,0 +1,158 @@
+"""The emulated game: the real TrackMania interfaces (LIDAR from rendered pixels, telemetry client over TCP, analog
+controls, resets) against a simulated car, and the game's failures injected into it."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+from tmrl_worker.envs import make_env
+from tmrl_worker.runtime import RolloutLoop, UniformPolicy
+from tmrl_worker.tm20.emulated_game import EmulatedGame
+from tmrl_worker.tm20.lidar import Lidar, LidarConfig
+from tmrl_worker.tm20.openplanet import TelemetryClient
+
+FAST_RECOVERY = {"first_retry_s": 0.2, "max_retry_s": 1.0, "probe_timeout_s": 0.5, "step_telemetry_timeout_s": 0.5}
+GAS = np.array([1.0, 0.0, 0.0], np.float32)
+
+
+def emulated_env(spec: str = "tm20-lidar", **game):
+    options = {"emulated_game": {"port": 0, "countdown_s": 0.3, **game}, "sleep_time_at_reset": 0.0,
+               "recovery": FAST_RECOVERY}
+    handle = make_env(spec, max_episode_steps=10_000, options=options)
+    return handle, handle.env.unwrapped.interface
+
+
+def game_of(interface) -> EmulatedGame:
+    return interface.controller.game
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_rendered_cockpit_frames_have_the_window_size_and_the_lidar_sees_the_borders():
+    with EmulatedGame({"port": 0}) as game:
+        frame = game.render(488, 958)
+        assert frame.shape == (488, 958, 3) and frame.dtype == np.uint8
+        assert tuple(frame[0, 0]) == (90, 140, 200)  # sky
+        reading = Lidar().measure(frame)
+        assert reading[9] > 200  # straight down a 110 m straight: the beam reaches the far road
+        # the car starts on the centre line of a 10 m road: the borders are about as far on both sides
+        assert reading[4] == pytest.approx(reading[14], rel=0.05)
+        assert Lidar(LidarConfig(mode="radial")).measure(frame)[9] == 0  # the bonnet: why upstream starts 20 px out
+        assert game.render(128, 256).shape == (128, 256, 3)
+
+
+def test_the_tm20_env_drives_the_emulated_car_through_the_real_interface_and_pays_progress():
+    handle, interface = emulated_env()
+    game = game_of(interface)
+    try:
+        handle.reset()
+        assert interface.telemetry.stats.connects == 1 and game.respawns >= 1
+        total = 0.0
+        for _ in range(60):
+            observation, reward, terminated, truncated, _ = handle.step(GAS)
+            total += reward
+            assert not (terminated or truncated)
+        assert observation[0][0] > 5.0  # speed from the plugin packets, in m/s
+        assert total > 20  # about 2 per metre driven
+        assert game.distance > 10 and abs(game.car.y - game.track.centre[0, 1]) < 1.0  # straight ahead, on the road
+    finally:
+        handle.close()
+
+
+def test_the_finish_popup_is_closed_and_the_race_restarted_before_the_next_episode():
+    handle, interface = emulated_env()
+    game = game_of(interface)
+    try:
+        handle.reset()
+        end = game.track.centre[-1]
+        heading = math.atan2(*(game.track.centre[-1] - game.track.centre[-2])[::-1])
+        with game.lock:  # put the car 5 m before the finish line (the reward path's end)
+            game.car.place(end[0] - 7 * math.cos(heading), end[1] - 7 * math.sin(heading), heading, speed=10.0)
+            game._lap_progress = game.track.length - 7.0
+        interface.reward.index = interface.reward.last_index - 14
+        for _ in range(40):
+            _, reward, terminated, _, info = handle.step(GAS)
+            if terminated:
+                break
+        assert terminated and info["finished_by_game"] and reward >= 100 and game.popup_open
+        handle.reset()
+        assert not game.popup_open and not game.finished and game.distance < 1.0
+        _, reward, terminated, _, info = handle.step(GAS)
+        assert not info["finished_by_game"] and reward < 100 and not terminated
+    finally:
+        handle.close()
+
+
+@pytest.mark.parametrize("failure", ["plugin", "window", "freeze"])
+def test_a_game_failure_mid_episode_truncates_and_the_rollout_resumes_when_the_game_is_back(failure):
+    handle, interface = emulated_env()
+    game = game_of(interface)
+    break_game, repair = {
+        "plugin": (game.kill_plugin, game.start_plugin),  # plugin unloaded, reloaded on the same port
+        "window": (game.close_window, game.open_window),  # window gone: capture fails
+        "freeze": (game.freeze, lambda: game.freeze(False)),  # hung game: no packets, the same picture
+    }[failure]
+    steps = []
+
+    def step(action):
+        result = original(action)
+        steps.append((result[2], result[3], dict(result[4])))
+        return result
+
+    original, handle.step = handle.step, step
+
+    def chaos() -> None:
+        time.sleep(0.5)
+        break_game()
+        time.sleep(1.5)
+        repair()
+
+    loop = RolloutLoop(handle, None, None, UniformPolicy(3, seed=1), batch_steps=1000, compress=False,
+                       deterministic=False, seed=1, worker_id="emulated")
+    threading.Thread(target=chaos, daemon=True).start()
+    try:
+        stats = loop.run(max_steps=60)
+    finally:
+        handle.close()
+    assert stats.steps == 60
+    truncated = [info["truncated_reason"] for _, trunc, info in steps if trunc]
+    kind = {"plugin": "telemetry", "window": "capture", "freeze": "telemetry"}[failure]
+    assert truncated and truncated[0].startswith(kind) and interface.faults[kind] >= 1
+    assert interface.status == "running"
+
+
+def test_two_emulated_games_side_by_side_each_worker_drives_its_own_car():
+    first, first_interface = emulated_env(window_title="Trackmania")
+    second, second_interface = emulated_env(window_title="Trackmania (2)", track="oval")
+    games = game_of(first_interface), game_of(second_interface)
+    try:
+        assert games[0].port != games[1].port
+        assert first_interface.window.title != second_interface.window.title
+        first.reset()
+        second.reset()
+        for _ in range(40):
+            first.step(GAS)  # one worker drives, the other leaves the pedals alone
+            second.step(np.zeros(3, np.float32))
+        assert games[0].distance > 5.0 and games[1].distance < 1.0
+        assert first_interface.telemetry.latest().speed > 5.0 and second_interface.telemetry.latest().speed < 1.0
+    finally:
+        first.close()
+        second.close()
+
+
+def test_the_emulated_plugin_speaks_the_plugin_protocol_to_a_plain_client():
+    with EmulatedGame({"port": 0, "countdown_s": 0.0}) as game, TelemetryClient(game.port, timeout=2.0) as client:
+        game.set_inputs(1.0, 0.0, 0.0)
+        wait_for(lambda: client.latest().speed > 2.0)
+        packet = client.latest()
+        assert packet.position[1] == game.config.height_m and packet.gas == 1.0 and packet.gear >= 1
+        assert packet.distance > 0 and not packet.finished
