@@ -160,14 +160,14 @@ def test_a_version_1_plugin_without_greeting_is_refused_with_what_to_install(cap
         assert sum("speaks protocol 1" in r.getMessage() for r in caplog.records) == 1  # logged once, not per retry
 
 
-def test_a_plugin_of_another_version_is_refused_and_a_stranger_on_the_port_is_named():
-    with TelemetryReplayServer(drive(50), rate_hz=200, hello=encode_hello(version=3)) as server, \
+@pytest.mark.parametrize(("chunks", "hello", "message"), [
+    (drive(50), encode_hello(version=3), r"speaks protocol 3 .*this worker speaks 2"),
+    ([b"HTTP/1.1 200 OK\r\n\r\n"], b"", "is not the TMRL plugin"),
+], ids=["another version", "a stranger on the port"])
+def test_a_plugin_of_another_version_or_a_stranger_on_the_port_is_refused_by_name(chunks, hello, message):
+    with TelemetryReplayServer(chunks, rate_hz=100, hello=hello) as server, \
             TelemetryClient(server.port, timeout=0.5, version_retry_delay=0.2) as client:
-        with pytest.raises(PluginVersionError, match=r"speaks protocol 3 .*this worker speaks 2"):
-            client.latest()
-    with TelemetryReplayServer([b"HTTP/1.1 200 OK\r\n\r\n"], rate_hz=50, hello=b"") as server, \
-            TelemetryClient(server.port, timeout=0.5, version_retry_delay=0.2) as client:
-        with pytest.raises(PluginVersionError, match="is not the TMRL plugin"):
+        with pytest.raises(PluginVersionError, match=message):
             client.latest()
 
 
