@@ -156,3 +156,18 @@ def test_the_emulated_plugin_speaks_the_plugin_protocol_to_a_plain_client():
         packet = client.latest()
         assert packet.position[1] == game.config.height_m and packet.gas == 1.0 and packet.gear >= 1
         assert packet.distance > 0 and not packet.finished
+
+
+def test_tm20_full_against_the_emulated_game_sees_64x64_frames_and_the_engine_state():
+    handle, interface = emulated_env("tm20-full")
+    try:
+        assert interface.window.area.width == 256 and interface.window.area.height == 128  # tm20-full's window
+        handle.reset()
+        for _ in range(30):
+            observation, *_ = handle.step(GAS)
+        speed, gear, rpm, images = observation[:4]
+        assert images.shape == (4, 64, 64) and images.dtype == np.uint8
+        assert speed[0] > 3.0 and gear[0] >= 1.0 and rpm[0] >= 2000.0
+        assert images[-1, 5, 32] > images[-1, 40, 2]  # bright sky at the top, dark scenery at the side
+    finally:
+        handle.close()
