@@ -171,3 +171,31 @@ def test_tm20_full_against_the_emulated_game_sees_64x64_frames_and_the_engine_st
         assert images[-1, 5, 32] > images[-1, 40, 2]  # bright sky at the top, dark scenery at the side
     finally:
         handle.close()
+
+
+@pytest.mark.slow
+def test_record_reward_records_the_emulated_track_driven_by_the_scripted_driver(tmp_path):
+    from tmrl_worker.cli import app
+    from tmrl_worker.reward import load_points
+    from typer.testing import CliRunner
+
+    with EmulatedGame({"port": 0, "speedup": 10, "countdown_s": 0.2}) as game:
+        threading.Timer(1.0, game.start_autodrive).start()  # the recorder is listening: drive from the start line
+        result = CliRunner().invoke(app, ["record-reward", "--output", str(tmp_path / "track.safetensors"),
+                                          "--telemetry-port", str(game.port), "--max-seconds", "60"])
+    assert result.exit_code == 0, result.output
+    points = load_points(tmp_path / "track.safetensors")
+    length = float(np.linalg.norm(np.diff(points, axis=0), axis=1).sum())
+    assert length == pytest.approx(game.track.length, rel=0.1)
+    start = game.position(*game.track.centre[0])
+    assert np.linalg.norm(points[0] - np.array(start)) < 2.0
+
+
+def test_emulate_game_command_serves_the_plugin_and_autodrives():
+    from tmrl_worker.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["emulate-game", "--telemetry-port", "0", "--autodrive", "--seconds", "0.5",
+                                      "--track", "oval"])
+    assert result.exit_code == 0, result.output
+    assert "emulated TrackMania: track oval" in result.output and "plugin on 127.0.0.1:" in result.output

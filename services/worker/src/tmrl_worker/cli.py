@@ -158,6 +158,37 @@ def benchmark(
                                          synthetic=synthetic, time_step_duration=time_step))
 
 
+@app.command("emulate-game")
+def emulate_game(
+    track: str = typer.Option("hairpins", "--track", help="Simulator track: oval, hairpins, circuit, random:SEED, random-open:SEED."),
+    telemetry_port: int = TelemetryPortOption,
+    window_title: str = WindowTitleOption,
+    autodrive: bool = typer.Option(False, "--autodrive", help="The simulator's scripted driver drives laps (respawning after each finish)."),
+    speedup: int = typer.Option(1, "--speedup", help="Simulated seconds per wall-clock second."),
+    seconds: float = typer.Option(0.0, "--seconds", help="Stop after this long (0: until Ctrl-C)."),
+) -> None:
+    """TrackMania 2020 without the game: serve the OpenPlanet plugin protocol from a simulated car (e.g. to record a
+    reward path with record-reward while --autodrive drives). A worker runs the emulated game itself with
+    env_options.emulated_game."""
+    import time
+
+    from tmrl_worker.tm20.emulated_game import EmulatedGame
+
+    config = {"track": track, "port": telemetry_port, "window_title": window_title, "speedup": speedup}
+    with EmulatedGame(config) as game:
+        if autodrive:
+            game.start_autodrive()
+        typer.echo(f"emulated TrackMania: track {track} ({game.track.length:.0f} m), plugin on 127.0.0.1:{game.port}"
+                   f"{', driving laps' if autodrive else ''}; Ctrl-C to stop")
+        deadline = time.monotonic() + seconds if seconds > 0 else float("inf")
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+        except KeyboardInterrupt:
+            pass
+        typer.echo(f"{game.finishes} finish(es), {game.respawns} respawn(s)")
+
+
 @app.command()
 def layout(
     config: Path | None = ConfigOption,

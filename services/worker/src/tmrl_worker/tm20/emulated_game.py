@@ -27,6 +27,9 @@ Failures can be injected, as the failure tests do: :meth:`EmulatedGame.kill_plug
 hangs: no packets, the screen does not change).
 
 Several games run side by side, each with its own window title and plugin port (:class:`EmulatedGameConfig`).
+:meth:`EmulatedGame.start_autodrive` lets the simulator's scripted driver drive laps, so ``tmrl-worker
+record-reward`` records a reward path from the emulated plugin exactly as from the game
+(``tmrl-worker emulate-game --autodrive``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class EmulatedGameConfig(BaseModel):
     """Plugin port on 127.0.0.1 (0: a free one, see :attr:`EmulatedGame.port`)."""
     window_title: str = "Trackmania"
     physics_hz: float = Field(default=100.0, gt=0, le=1000)
+    speedup: int = Field(default=1, ge=1, le=50)
+    """Simulated seconds per wall-clock second (1: real time; more for scripted laps, e.g. recording a path)."""
     frame_hz: float = Field(default=100.0, gt=0, le=1000)
     """Game frames (telemetry packets) per second."""
     countdown_s: float = Field(default=1.5, ge=0)
@@ -166,6 +171,7 @@ class EmulatedGame:
         self._plugin: TelemetryReplayServer | None = None
         self._renderers: dict[tuple[int, int], CockpitRenderer] = {}
         self._stop = threading.Event()
+        self._driver_thread: threading.Thread | None = None
         self._thread = threading.Thread(target=self._run, name=f"emulated-game-{self.config.window_title}", daemon=True)
 
     # lifecycle -------------------------------------------------------------------------------------------------
@@ -177,6 +183,8 @@ class EmulatedGame:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2.0)
+        if self._driver_thread is not None:
+            self._driver_thread.join(timeout=2.0)
         self.kill_plugin()
 
     def __enter__(self) -> EmulatedGame:
@@ -184,6 +192,28 @@ class EmulatedGame:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def start_autodrive(self) -> None:
+        """Let the simulator's scripted driver drive laps: respawn after each finish and go again (what a person
+        does while ``tmrl-worker record-reward`` records the reward path)."""
+        if self._driver_thread is None:
+            self._driver_thread = threading.Thread(target=self._autodrive, name="emulated-driver", daemon=True)
+            self._driver_thread.start()
+
+    def _autodrive(self) -> None:
+        from tmrl_worker.sim.driver import PurePursuitDriver
+
+        driver = PurePursuitDriver(self.track, self.config.car)
+        while not self._stop.wait(0.01 / self.config.speedup):
+            if self.finished:
+                self._stop.wait(0.5)
+                self.respawn()
+                driver.reset()
+                continue
+            with self.lock:
+                pose = self.car.pose()
+            command = analog_command(driver.act(pose))
+            self.set_inputs(command.gas_trigger, command.brake_trigger, command.steer)
 
     # failure injection -----------------------------------------------------------------------------------------
     def kill_plugin(self) -> None:
@@ -221,7 +251,8 @@ class EmulatedGame:
                 next_tick = time.perf_counter()
             if not self.frozen:
                 with self.lock:
-                    self._tick(period)
+                    for _ in range(self.config.speedup):
+                        self._tick(period)
 
     def _tick(self, dt: float) -> None:
         if self._countdown > 0.0:
