@@ -336,11 +336,11 @@ class TM20Interface(RealTimeGymInterface):
         return None
 
     def wait_for_game(self, reason: str) -> None:
-        """Block until telemetry and capture work again, retrying with exponential backoff and logging a status line
-        at every attempt; raise :class:`TM20GameLostError` after ``recovery.give_up_after_s`` (None: never)."""
+        """Block until telemetry and capture work again after ``reason`` (already logged), retrying with exponential
+        backoff and logging a status line at every attempt; raise :class:`TM20GameLostError` after
+        ``recovery.give_up_after_s`` (None: never)."""
         settings = self.recovery
         started, attempt, delay = time.monotonic(), 0, settings.first_retry_s
-        problem: str | None = reason
         while True:
             problem = self._probe()
             waited = time.monotonic() - started
