@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import msgpack
 import numpy as np
 import pytest
+from tmrl_common.arrays import WireArray
 from tmrl_common.batching import SampleBatchBuilder
-from tmrl_common.layout import layout_for_box
+from tmrl_common.layout import layout_for_box, tm20_lidar_layout
 from tmrl_common.protocol import Hello, SampleAck, decode, encode
-from tmrl_trainer.ingest import DedupeStateError, Ingestor, SeqDeduplicator
+from tmrl_trainer.ingest import DedupeStateError, Ingestor, SeqDeduplicator, ValueBounds
 from tmrl_trainer.memory import ReplayMemory
 
 LAYOUT = layout_for_box(3, 1)
@@ -35,33 +37,43 @@ def ingest():
     return ingestor, memory, episodes
 
 
-def acked(replies) -> list[tuple[str, list[int]]]:
+def answers(replies) -> list[tuple[str, list[int], str, str]]:
+    """``(worker, seqs, outcome, reason)`` of each ``sample_ack`` in ``replies``."""
     out = []
     for reply in replies:
         _, message = decode(reply)
         assert isinstance(message, SampleAck)
-        out.append((message.worker, message.seqs))
+        out.append((message.worker, message.seqs, message.outcome, message.reason))
     return out
 
 
-def test_dedupe_keeps_a_watermark_and_a_small_set_above_it():
-    dedupe = SeqDeduplicator(max_above=4)
+def acked(replies) -> list[tuple[str, list[int]]]:
+    """``(worker, seqs)`` of each answer, which must say stored or duplicate."""
+    found = answers(replies)
+    assert all(outcome in ("stored", "duplicate") for _, _, outcome, _ in found), found
+    return [(worker, seqs) for worker, seqs, _, _ in found]
+
+
+def test_dedupe_keeps_stored_seqs_as_intervals_one_per_gap():
+    dedupe = SeqDeduplicator(max_gaps=4)
     for seq in (0, 1, 3, 5):
         dedupe.mark_stored("w", seq)
-    assert dedupe.watermark("w") == 2 and dedupe.pending_above("w") == 2
+    assert dedupe.tracked_intervals("w") == 3  # [0, 2) [3, 4) [5, 6)
     assert dedupe.is_duplicate("w", 1) and dedupe.is_duplicate("w", 3) and not dedupe.is_duplicate("w", 2)
     dedupe.mark_stored("w", 2)
-    assert dedupe.watermark("w") == 4 and dedupe.pending_above("w") == 1
+    dedupe.mark_stored("w", 4)
+    assert dedupe.tracked_intervals("w") == 1 and dedupe.state()["workers"]["w"]["stored"] == [[0, 6]]
     assert not dedupe.is_duplicate("other", 0)
 
 
 def test_dedupe_memory_stays_bounded_when_seqs_never_arrive():
-    dedupe = SeqDeduplicator(max_above=8)
+    dedupe = SeqDeduplicator(max_gaps=8)
     for seq in range(1, 1000, 2):  # every even seq is lost (dropped by a full spool, say)
         dedupe.mark_stored("w", seq)
-        assert dedupe.pending_above("w") <= 8
-    assert dedupe.given_up > 0
-    assert dedupe.is_duplicate("w", 999) and not dedupe.is_duplicate("w", 1001)
+        assert dedupe.tracked_intervals("w") <= 9
+    assert dedupe.given_up > 0 and dedupe.horizon("w") > 900
+    assert dedupe.is_duplicate("w", 999) and dedupe.status("w", 1001) == "new"
+    assert dedupe.status("w", 2) == "stale" and dedupe.status("w", 3) == "stale"  # too old to tell: never a duplicate
 
 
 def test_batches_are_stored_once_and_duplicates_acked_again(ingest):
@@ -89,7 +101,8 @@ def test_garbage_and_non_finite_values_are_rejected_and_counted_without_crashing
     envelope, body = batch_frames("w1", 0, [1.0, 1234.5])  # the builder refuses NaN, so corrupt the wire bytes
     marker = np.float32(1234.5).tobytes()
     assert body.count(marker) == 1
-    assert ingestor.handle([envelope, body.replace(marker, np.float32("nan").tobytes())]) == []
+    assert answers(ingestor.handle([envelope, body.replace(marker, np.float32("nan").tobytes())])) == [
+        ("w1", [0], "rejected", "non_finite")]  # the sender and seq still read: the batch is answered
     rejects = ingestor.snapshot()["rejects"]
     assert rejects["malformed"] == 2 and rejects["non_finite"] == 1
     assert memory.rows_added == 0
@@ -97,18 +110,18 @@ def test_garbage_and_non_finite_values_are_rejected_and_counted_without_crashing
     assert acked(ingestor.handle(batch_frames("w1", 1, [1.0]))) == [("w1", [1])]
 
 
-def test_batches_with_another_layout_are_rejected_but_acknowledged(ingest):
+def test_batches_with_another_layout_are_answered_rejected_and_never_marked_stored(ingest):
     ingestor, memory, _ = ingest
     other = layout_for_box(5, 1)
-    assert acked(ingestor.handle(batch_frames("w1", 0, [1.0], layout=other))) == [("w1", [0])]
-    assert memory.rows_added == 0
+    assert answers(ingestor.handle(batch_frames("w1", 0, [1.0], layout=other))) == [("w1", [0], "rejected", "schema")]
+    assert memory.rows_added == 0 and not ingestor.dedupe.is_duplicate("w1", 0)
     assert ingestor.snapshot()["rejects"] == {"schema": 1}
 
 
 def test_unknown_senders_are_rejected_when_an_allow_list_is_set():
     memory = ReplayMemory(LAYOUT, capacity=100)
     ingestor = Ingestor("trainer", LAYOUT, store=memory.add_batch, allowed_workers=frozenset({"w1"}))
-    assert ingestor.handle(batch_frames("intruder", 0, [1.0])) == []
+    assert answers(ingestor.handle(batch_frames("intruder", 0, [1.0]))) == [("intruder", [0], "rejected", "unknown_sender")]
     assert ingestor.snapshot()["rejects"] == {"unknown_sender": 1} and memory.rows_added == 0
     assert acked(ingestor.handle(batch_frames("w1", 0, [1.0]))) == [("w1", [0])]
 
@@ -132,18 +145,16 @@ def test_hello_with_a_different_layout_is_logged(ingest, caplog):
     assert ingestor.snapshot()["workers"]["w9"]["hellos"] == 1
 
 
-def test_a_workers_hello_moves_the_dedupe_window_past_a_restart_gap(ingest):
+def test_a_restart_gap_costs_one_interval_and_the_hello_next_seq_is_reported(ingest):
     ingestor, _, _ = ingest
     ingestor.handle(batch_frames("w1", 0, [1.0]))
     ingestor.handle(batch_frames("w1", 1, [1.0]))
     # the worker restarts: its state file reserved seqs up to 1000, so it continues there
     ingestor.handle(encode(Hello(role="worker", software="test", layout=LAYOUT, next_seq=1000), "w1"))
-    assert ingestor.dedupe.watermark("w1") == 1000 and ingestor.dedupe.pending_above("w1") == 0
+    assert ingestor.snapshot()["workers"]["w1"]["next_seq"] == 1000
     assert acked(ingestor.handle(batch_frames("w1", 1000, [1.0]))) == [("w1", [1000])]
-    assert ingestor.dedupe.watermark("w1") == 1001 and ingestor.dedupe.given_up == 0
-    # an old hello (lower next_seq, e.g. delivered late) never moves the window back
-    ingestor.handle(encode(Hello(role="worker", software="test", layout=LAYOUT, next_seq=3), "w1"))
-    assert ingestor.dedupe.watermark("w1") == 1001
+    assert ingestor.dedupe.tracked_intervals("w1") == 2 and ingestor.dedupe.given_up == 0
+    assert ingestor.dedupe.state()["workers"]["w1"]["stored"] == [[0, 2], [1000, 1001]]
 
 
 def test_worker_stats_give_the_stored_seq_range(ingest):
@@ -156,29 +167,36 @@ def test_worker_stats_give_the_stored_seq_range(ingest):
 
 
 def test_dedupe_state_survives_a_json_round_trip():
-    dedupe = SeqDeduplicator(max_above=8)
+    dedupe = SeqDeduplicator(max_gaps=8)
     for seq in (0, 1, 2, 5, 7):
         dedupe.mark_stored("w1", seq)
-    for seq in range(1, 40, 2):  # odd seqs only: the window gives some even ones up
+    for seq in range(1, 40, 2):  # odd seqs only: the window closes some even ones
         dedupe.mark_stored("w2", seq)
-    dedupe.advance_to("w3", 100)
-    restored = SeqDeduplicator(max_above=8)
+    dedupe.mark_stored("w3", 100)
+    restored = SeqDeduplicator(max_gaps=8)
     restored.restore(json.loads(json.dumps(dedupe.state())))
     assert restored.state() == dedupe.state() and restored.given_up == dedupe.given_up > 0
     for worker in ("w1", "w2", "w3", "never-seen"):
-        assert restored.watermark(worker) == dedupe.watermark(worker)
-        assert restored.pending_above(worker) == dedupe.pending_above(worker)
-        assert [restored.is_duplicate(worker, s) for s in range(120)] == [dedupe.is_duplicate(worker, s) for s in range(120)]
+        assert restored.horizon(worker) == dedupe.horizon(worker)
+        assert [restored.status(worker, s) for s in range(120)] == [dedupe.status(worker, s) for s in range(120)]
 
 
-def test_a_dedupe_state_saved_with_a_larger_window_gives_up_its_lowest_gaps_when_restored():
-    wide = SeqDeduplicator(max_above=100)
-    for seq in range(1, 21, 2):  # seq 0, 2, 4... never arrive: 10 seqs held above watermark 0
+def test_a_dedupe_state_saved_with_a_larger_window_closes_its_lowest_gaps_when_restored():
+    wide = SeqDeduplicator(max_gaps=100)
+    for seq in range(1, 21, 2):  # seq 0, 2, 4... never arrive: 10 gaps
         wide.mark_stored("w", seq)
-    narrow = SeqDeduplicator(max_above=4)
+    narrow = SeqDeduplicator(max_gaps=4)
     narrow.restore(wide.state())
-    assert narrow.pending_above("w") <= 4 and narrow.given_up > 0
-    assert all(narrow.is_duplicate("w", seq) for seq in range(1, 21, 2))  # nothing stored is forgotten
+    assert narrow.tracked_intervals("w") <= 5 and narrow.given_up > 0
+    assert all(narrow.status("w", seq) != "new" for seq in range(1, 21, 2))  # nothing stored becomes storable again
+    assert all(narrow.is_duplicate("w", seq) for seq in range(11, 21, 2))
+
+
+def test_a_format_1_dedupe_state_is_read_with_its_watermark_as_stored():
+    dedupe = SeqDeduplicator()
+    dedupe.restore({"format": "tmrl-dedupe-1", "given_up": 2, "workers": {"w": {"watermark": 5, "above": [7, 8]}}})
+    assert [dedupe.status("w", s) for s in range(10)] == ["stored"] * 5 + ["new", "new", "stored", "stored", "new"]
+    assert dedupe.given_up == 2
 
 
 @pytest.mark.parametrize("garbage", [
@@ -194,6 +212,12 @@ def test_a_dedupe_state_saved_with_a_larger_window_gives_up_its_lowest_gaps_when
     {"format": "tmrl-dedupe-1", "given_up": 0, "workers": {"w": {"watermark": 0}}},
     {"format": "tmrl-dedupe-1", "given_up": 0, "workers": {"w": {"watermark": 0, "above": [], "extra": 1}}},
     {"format": "tmrl-dedupe-1", "given_up": 0, "workers": ["w"]},
+    {"format": "tmrl-dedupe-2", "given_up": 0, "workers": {"w": {"horizon": 0, "stored": [[3, 2]]}}},
+    {"format": "tmrl-dedupe-2", "given_up": 0, "workers": {"w": {"horizon": 0, "stored": [[0, 2], [2, 4]]}}},
+    {"format": "tmrl-dedupe-2", "given_up": 0, "workers": {"w": {"horizon": 0, "stored": [[5, 8], [0, 2]]}}},
+    {"format": "tmrl-dedupe-2", "given_up": 0, "workers": {"w": {"horizon": 4, "stored": [[0, 2]]}}},
+    {"format": "tmrl-dedupe-2", "given_up": 0, "workers": {"w": {"horizon": 0, "stored": [[0, 2, 4]]}}},
+    {"format": "tmrl-dedupe-2", "given_up": 0, "workers": {"w": {"horizon": -1, "stored": []}}},
 ])
 def test_a_malformed_dedupe_state_is_rejected_and_changes_nothing(garbage):
     dedupe = SeqDeduplicator()
@@ -227,4 +251,125 @@ def test_a_batch_is_stored_and_marked_stored_under_one_hold_of_the_store_lock():
         ingestor.handle(batch_frames("w", seq, [1.0]))
     ingestor.handle(batch_frames("w", 1, [1.0]))  # a duplicate never reaches the store (nor the lock)
     assert lock.marked_at_release == [True, True, True] and len(memory) == 6
-    assert ingestor.dedupe_state()["workers"] == {"w": {"watermark": 3, "above": []}}
+    assert ingestor.dedupe_state()["workers"] == {"w": {"horizon": 0, "stored": [[0, 3]]}}
+
+
+# ------------------------------------------------------------------------------------- exact dedupe (issue 13)
+
+
+def stored_seqs(ingestor: Ingestor, worker: str, seqs) -> list[int]:
+    return [seq for seq in seqs if ingestor.dedupe.is_duplicate(worker, seq)]
+
+
+def test_a_late_never_stored_batch_is_stored_even_after_the_window_overflowed():
+    memory = ReplayMemory(LAYOUT, capacity=1000)
+    ingestor = Ingestor("trainer", LAYOUT, store=memory.add_batch, dedupe_window=4)
+    for seq in range(10, 30):  # seqs 0..9 are held up (a relay died holding them) while newer ones are stored
+        ingestor.handle(batch_frames("w", seq, [1.0]))
+    rows = memory.rows_added
+    assert acked(ingestor.handle(batch_frames("w", 7, [1.0]))) == [("w", [7])]
+    assert memory.rows_added == rows + 2, "the late batch 7 was never stored, so it must be stored now"
+    assert ingestor.snapshot()["duplicates"] == 0
+    assert acked(ingestor.handle(batch_frames("w", 7, [1.0]))) == [("w", [7])]  # now it is a duplicate
+    assert memory.rows_added == rows + 2 and ingestor.snapshot()["duplicates"] == 1
+
+
+def test_a_hello_never_turns_a_never_stored_seq_into_a_duplicate(ingest):
+    ingestor, memory, _ = ingest
+    ingestor.handle(batch_frames("w", 10, [1.0]))
+    # a client that reads next_seq as "my next new seq" while it still holds seq 7 unacknowledged
+    ingestor.handle(encode(Hello(role="worker", software="test", layout=LAYOUT, next_seq=11), "w"))
+    ingestor.handle(batch_frames("w", 7, [1.0]))
+    assert memory.rows_added == 4 and ingestor.snapshot()["duplicates"] == 0
+
+
+def test_dedupe_is_exact_under_random_reordering_and_gaps_in_bounded_memory():
+    rng = np.random.default_rng(3)
+    dedupe = SeqDeduplicator(max_gaps=512)
+    seqs = [s for s in range(5000) if rng.random() > 0.05]  # 5 % never arrive (dropped by a full spool)
+    order = np.array(seqs)
+    for start in range(0, len(order), 50):  # reordered within windows of 50
+        rng.shuffle(order[start:start + 50])
+    stored: set[int] = set()
+    for seq in order.tolist():
+        assert not dedupe.is_duplicate("w", seq)
+        dedupe.mark_stored("w", seq)
+        stored.add(seq)
+    assert [s for s in range(5100) if dedupe.is_duplicate("w", s)] == sorted(stored)
+    assert dedupe.tracked_intervals("w") <= 512 + 1 and dedupe.given_up == 0
+
+
+# ------------------------------------------------------------------- one answer per batch, values bounded (issue 13)
+
+
+def corrupted_batch(worker: str, seq: int, what: str, value: float, layout=LAYOUT) -> list[bytes]:
+    """A batch whose ``what`` (``rewards``, ``actions`` or an observation component) holds ``value`` in one row."""
+    builder = SampleBatchBuilder(layout)
+    parts = lambda fill: tuple(np.full(c.observation_shape, fill, np.float32) for c in layout.components) + tuple(  # noqa: E731
+        np.zeros(layout.action_dim, np.float32) for _ in range(layout.action_history))
+    builder.add_reset(parts(0.5))
+    for step in range(3):
+        action = np.full(layout.action_dim, value if what == "actions" and step == 1 else 0.1, np.float32)
+        reward = value if what == "rewards" and step == 1 else 1.0
+        builder.add_step(action, parts(0.5), reward, False, False)
+    batch = builder.build(seq=seq, weights_version=0)
+    if what not in ("rewards", "actions"):
+        frames = batch.observations[what].array.copy()
+        frames[2] = value
+        batch = batch.model_copy(update={"observations": {**batch.observations, what: WireArray.from_numpy(frames)}})
+    return encode(batch, worker)
+
+
+@pytest.mark.parametrize(("what", "value", "reason"), [
+    ("rewards", 3e38, "reward_out_of_bounds"),
+    ("rewards", -2e4, "reward_out_of_bounds"),
+    ("actions", 1e30, "action_out_of_bounds"),
+    ("actions", -1.01, "action_out_of_bounds"),
+    ("obs", 1e30, "observation_out_of_bounds"),
+])
+def test_finite_but_absurd_values_are_refused_with_their_own_reason_counted_and_answered(ingest, what, value, reason):
+    ingestor, memory, _ = ingest
+    assert answers(ingestor.handle(corrupted_batch("w", 4, what, value))) == [("w", [4], "rejected", reason)]
+    snapshot = ingestor.snapshot()
+    assert memory.rows_added == 0 and snapshot["rejects"] == {reason: 1} and snapshot["workers"]["w"]["rejected"] == 1
+    assert not ingestor.dedupe.is_duplicate("w", 4) and snapshot["answers"] == {"rejected": 1}
+    assert acked(ingestor.handle(batch_frames("w", 5, [1.0]))) == [("w", [5])]  # the next honest batch is stored
+
+
+def test_observation_bounds_declared_by_the_layout_are_enforced_per_component():
+    layout = tm20_lidar_layout()
+    memory = ReplayMemory(layout, capacity=100)
+    ingestor = Ingestor("trainer", layout, store=memory.add_batch)
+    assert answers(ingestor.handle(corrupted_batch("w", 0, "lidar", 2e4, layout)))[0][3] == "observation_out_of_bounds"
+    assert answers(ingestor.handle(corrupted_batch("w", 1, "speed", -1001.0, layout)))[0][3] == "observation_out_of_bounds"
+    assert answers(ingestor.handle(corrupted_batch("w", 2, "lidar", 70.0, layout)))[0][2] == "stored"
+    assert memory.rows_added == 4
+
+
+def test_a_reward_bound_is_configurable():
+    memory = ReplayMemory(LAYOUT, capacity=100)
+    ingestor = Ingestor("trainer", LAYOUT, store=memory.add_batch, bounds=ValueBounds(max_abs_reward=10.0))
+    assert answers(ingestor.handle(corrupted_batch("w", 0, "rewards", 11.0)))[0][3] == "reward_out_of_bounds"
+    assert answers(ingestor.handle(corrupted_batch("w", 1, "rewards", 9.0)))[0][2] == "stored"
+
+
+@pytest.mark.parametrize("field", ["wrong_dtype", "missing_field"])
+def test_a_batch_that_fails_to_decode_is_answered_rejected_when_its_seq_can_be_read(ingest, field):
+    ingestor, memory, _ = ingest
+    envelope, body = batch_frames("w", 9, [1.0])
+    raw = msgpack.unpackb(body)
+    if field == "wrong_dtype":
+        raw["rewards"]["dtype"] = "float64"
+        raw["rewards"]["data"] = raw["rewards"]["data"] * 2
+    else:
+        del raw["terminated"]
+    assert answers(ingestor.handle([envelope, msgpack.packb(raw)])) == [("w", [9], "rejected", "schema")]
+    assert memory.rows_added == 0 and ingestor.snapshot()["rejects"] == {"schema": 1}
+
+
+def test_every_batch_gets_exactly_one_answer_stored_duplicate_or_rejected(ingest):
+    ingestor, _, _ = ingest
+    outcomes = [answers(ingestor.handle(frames)) for frames in (
+        batch_frames("w", 0, [1.0]), batch_frames("w", 0, [1.0]), corrupted_batch("w", 1, "rewards", 3e38))]
+    assert [[(seqs, outcome) for _, seqs, outcome, _ in reply] for reply in outcomes] == [
+        [([0], "stored")], [([0], "duplicate")], [([1], "rejected")]]

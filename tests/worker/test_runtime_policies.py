@@ -20,7 +20,7 @@ from tmrl_worker.runtime import (
     save_policy_file,
 )
 
-LAYOUT = layout_for_box(3, 1)
+LAYOUT = layout_for_box(3, 1, -8.0, 8.0)  # Pendulum-v1's, bounds included
 
 
 def actor(seed: int = 0, layout=LAYOUT):

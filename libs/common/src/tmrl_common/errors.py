@@ -17,6 +17,10 @@ RejectReason = Literal[
     "non_finite",  # NaN or infinity in a float array or float field
     "unknown_sender",  # sender not registered / not in the allow-list
     "duplicate",  # a batch (sender, seq) already accepted
+    "stale",  # a batch seq below the trainer's horizon for that worker: too old to tell whether it was stored
+    "observation_out_of_bounds",  # an observation value outside its layout component's declared bounds
+    "action_out_of_bounds",  # an action outside the policy's action space [-1, 1]
+    "reward_out_of_bounds",  # a reward whose magnitude exceeds the trainer's configured bound
 ]
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,6 +34,15 @@ class ObservationComponent(BaseModel):
     history: int = Field(default=1, ge=1, le=64)
     """Frames stacked in the observation. 1: the observation part has ``frame_shape``;
     more: it has ``(history, *frame_shape)``."""
+    low: float | None = None
+    """Smallest value a frame may hold (the env's observation space); ``None``: not declared. The trainer refuses a
+    batch with a value outside ``[low, high]`` (reason ``observation_out_of_bounds``); for an undeclared bound it
+    applies its own ``max_abs_observation``."""
+    high: float | None = None
+    """Largest value a frame may hold; ``None``: not declared (see ``low``)."""
+
+    wire_optional: ClassVar[frozenset[str]] = frozenset({"low", "high"})
+    """Added to protocol version 1 after it was published: left off the wire while undeclared (``None``)."""
 
     @field_validator("name")
     @classmethod
@@ -55,6 +64,15 @@ class ObservationComponent(BaseModel):
         if value not in ("float32", "uint8"):
             raise ValueError(f"observation dtype {value!r} must be float32 or uint8")
         return value
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> ObservationComponent:
+        for bound in (self.low, self.high):
+            if bound is not None and not math.isfinite(bound):
+                raise ValueError(f"component {self.name!r}: bounds must be finite (leave one out for none), got {bound}")
+        if self.low is not None and self.high is not None and not self.low <= self.high:
+            raise ValueError(f"component {self.name!r}: low {self.low} must not exceed high {self.high}")
+        return self
 
     @property
     def observation_shape(self) -> tuple[int, ...]:
@@ -92,26 +110,31 @@ class ObservationLayout(BaseModel):
         return sum(math.prod(shape) for shape in self.observation_shapes())
 
 
+SPEED_BOUND = 1000.0
+"""Speeds are in km/h within ``[-SPEED_BOUND, SPEED_BOUND]`` (TrackMania clips to it; the simulator stays below)."""
+LIDAR_BOUND = 10_000.0
+"""LIDAR distances lie in ``[0, LIDAR_BOUND]``: pixels of a 958-pixel-wide window in TrackMania, metres up to the
+beam range (80 by default) in the simulator; any larger value is not a measurement."""
+
+
+def _speed() -> ObservationComponent:
+    return ObservationComponent(name="speed", frame_shape=[1], low=-SPEED_BOUND, high=SPEED_BOUND)
+
+
+def _lidar(beams: int, history: int) -> ObservationComponent:
+    return ObservationComponent(name="lidar", frame_shape=[beams], history=history, low=0.0, high=LIDAR_BOUND)
+
+
 def tm20_lidar_layout(img_hist_len: int = 4, beams: int = 19, act_buf_len: int = 2) -> ObservationLayout:
     """TrackMania 2020 LIDAR observation: ``(speed (1,), lidar (4, 19), action (3,), action (3,))``."""
-    return ObservationLayout(
-        components=[
-            ObservationComponent(name="speed", frame_shape=[1]),
-            ObservationComponent(name="lidar", frame_shape=[beams], history=img_hist_len),
-        ],
-        action_dim=3,
-        action_history=act_buf_len,
-    )
+    return ObservationLayout(components=[_speed(), _lidar(beams, img_hist_len)], action_dim=3, action_history=act_buf_len)
 
 
 def tm20_lidar_progress_layout(img_hist_len: int = 4, beams: int = 19, act_buf_len: int = 2) -> ObservationLayout:
     """TrackMania 2020 LIDAR + progress: ``(speed (1,), progress (1,), lidar (4, 19), action (3,), action (3,))``."""
     return ObservationLayout(
-        components=[
-            ObservationComponent(name="speed", frame_shape=[1]),
-            ObservationComponent(name="progress", frame_shape=[1]),
-            ObservationComponent(name="lidar", frame_shape=[beams], history=img_hist_len),
-        ],
+        components=[_speed(), ObservationComponent(name="progress", frame_shape=[1], low=0.0, high=1.0),
+                    _lidar(beams, img_hist_len)],
         action_dim=3,
         action_history=act_buf_len,
     )
@@ -122,7 +145,7 @@ def tm20_image_layout(img_hist_len: int = 4, height: int = 64, width: int = 64, 
     simulator's image env; the TrackMania full env adds gear and rpm: :func:`tm20_full_layout`)."""
     return ObservationLayout(
         components=[
-            ObservationComponent(name="speed", frame_shape=[1]),
+            _speed(),
             ObservationComponent(name="image", frame_shape=[height, width], dtype="uint8", history=img_hist_len),
         ],
         action_dim=3,
@@ -164,6 +187,17 @@ def newest_frames(layout: ObservationLayout, observation: tuple | list) -> dict[
     return frames
 
 
-def layout_for_box(observation_size: int, action_dim: int) -> ObservationLayout:
-    """Layout of a plain vector-observation environment (e.g. Pendulum-v1): one component ``obs``, no history."""
-    return ObservationLayout(components=[ObservationComponent(name="obs", frame_shape=[observation_size])], action_dim=action_dim)
+def box_bounds(low, high) -> tuple[float | None, float | None]:
+    """Scalar bounds of a Box space (its smallest ``low``, its largest ``high``), ``None`` where infinite."""
+    import numpy as np
+
+    smallest, largest = float(np.min(low)), float(np.max(high))
+    return (smallest if math.isfinite(smallest) else None), (largest if math.isfinite(largest) else None)
+
+
+def layout_for_box(observation_size: int, action_dim: int, low: float | None = None,
+                   high: float | None = None) -> ObservationLayout:
+    """Layout of a plain vector-observation environment (e.g. Pendulum-v1): one component ``obs``, no history;
+    ``low``/``high`` are its declared bounds (:func:`box_bounds` of the observation space)."""
+    return ObservationLayout(components=[ObservationComponent(name="obs", frame_shape=[observation_size], low=low,
+                                                              high=high)], action_dim=action_dim)

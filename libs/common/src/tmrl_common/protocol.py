@@ -91,6 +91,9 @@ class Message(_Strict):
     """Base of every message body. ``type_name`` is the envelope's ``type``."""
 
     type_name: ClassVar[str]
+    wire_optional: ClassVar[frozenset[str]] = frozenset()
+    """Fields added to version 1 after it was published: left off the wire while they hold their default, so a
+    message that does not use them is exactly what a first-release version-1 peer sends and accepts."""
 
 
 class Hello(Message):
@@ -164,6 +167,29 @@ class SampleBatch(Message):
         if self.actions.shape[1] != layout.action_dim:
             raise ProtocolError("schema", f"actions have {self.actions.shape[1]} dims, layout expects {layout.action_dim}")
 
+    def check_bounds(self, layout: ObservationLayout, max_abs_reward: float, max_abs_observation: float) -> None:
+        """Raise :class:`ProtocolError` unless every value is one an honest worker can send (call after
+        :meth:`check_layout`): each observation frame within its component's declared ``[low, high]`` (``±
+        max_abs_observation`` where a bound is not declared; reason ``observation_out_of_bounds``), each action within
+        the policy's action space ``[-1, 1]`` (``action_out_of_bounds``), each reward within ``±max_abs_reward``
+        (``reward_out_of_bounds``). Finite but absurd values (3e38 rewards) would otherwise reach the learner."""
+        for component in layout.components:
+            low = -max_abs_observation if component.low is None else component.low
+            high = max_abs_observation if component.high is None else component.high
+            if component.dtype == "uint8" and low <= 0 and high >= 255:
+                continue  # every byte is in bounds
+            frames = self.observations[component.name].array
+            _check_range(frames, low, high, "observation_out_of_bounds", f"observations[{component.name!r}]")
+        _check_range(self.actions.array, -1.0, 1.0, "action_out_of_bounds", "actions")
+        _check_range(self.rewards.array, -max_abs_reward, max_abs_reward, "reward_out_of_bounds", "rewards")
+
+
+def _check_range(values: np.ndarray, low: float, high: float, reason: RejectReason, what: str) -> None:
+    smallest, largest = values.min(), values.max()
+    if smallest < low or largest > high:
+        raise ProtocolError(reason, f"{what} hold values in [{float(smallest):.6g}, {float(largest):.6g}], "
+                                    f"outside the allowed [{low:.6g}, {high:.6g}]")
+
 
 def _expect(array: WireArray, name: str, dtype: str, ndim: int, rows: int | None = None) -> None:
     if array.dtype != dtype or len(array.shape) != ndim or (rows is not None and array.shape[0] != rows):
@@ -171,15 +197,38 @@ def _expect(array: WireArray, name: str, dtype: str, ndim: int, rows: int | None
         raise ValueError(f"{name} must be {want}, got {array.dtype}{array.shape}")
 
 
+AckOutcome = Literal["stored", "duplicate", "rejected"]
+
+
 class SampleAck(Message):
-    """Trainer → relay → worker: these batches of ``worker`` are stored (or were duplicates); drop them from the spool."""
+    """Trainer → relay → worker: the trainer's one answer to each of these batches of ``worker``.
+
+    ``stored`` (stored now) and ``duplicate`` (stored earlier): the worker drops them from its spool as delivered.
+    ``rejected``: refused for ``reason`` (one of :data:`~tmrl_common.errors.RejectReason`) and never stored; the worker
+    drops them from its spool, counts them by reason and never resends them. The three fields added to version 1
+    are left off the wire at their defaults (:data:`Message.wire_optional`), so an answer ``stored`` is byte for byte
+    the version-1 ``sample_ack``.
+    """
 
     type_name: ClassVar[str] = "sample_ack"
+    wire_optional: ClassVar[frozenset[str]] = frozenset({"outcome", "reason", "detail"})
 
     worker: str
     seqs: list[SeqNumber] = Field(min_length=1, max_length=65536)
+    outcome: AckOutcome = "stored"
+    reason: str = Field(default="", max_length=32)
+    """Why the batches were rejected (``rejected`` only; empty otherwise)."""
+    detail: str = Field(default="", max_length=1024)
+    """Human-readable detail of a rejection."""
 
     _worker_ok = field_validator("worker")(classmethod(lambda cls, v: _check_sender(v)))
+
+    @model_validator(mode="after")
+    def _reason_iff_rejected(self) -> SampleAck:
+        if (self.outcome == "rejected") != bool(self.reason):
+            raise ValueError(f"a sample_ack has a reason exactly when its outcome is 'rejected' "
+                             f"(outcome {self.outcome!r}, reason {self.reason!r})")
+        return self
 
 
 ArchitectureValue = bool | int | float | str | list[int]
@@ -250,7 +299,10 @@ def _to_wire(value: Any) -> Any:
     if isinstance(value, WireArray):
         return value.to_wire()
     if isinstance(value, BaseModel):
-        return {name: _to_wire(getattr(value, name)) for name in type(value).model_fields}
+        fields = type(value).model_fields
+        optional = getattr(type(value), "wire_optional", frozenset())
+        return {name: _to_wire(getattr(value, name)) for name, info in fields.items()
+                if name not in optional or getattr(value, name) != info.default}
     if isinstance(value, dict):
         return {key: _to_wire(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -484,6 +536,23 @@ def decode_body(envelope: Envelope, frame: bytes, limits: DecodeLimits = DEFAULT
         return cls.model_validate(raw, context=context)
     except ValidationError as exc:
         raise _schema_error(exc, f"{envelope.type} from {envelope.sender}") from exc
+
+
+def batch_seq_of(body: bytes | memoryview) -> int | None:
+    """The ``seq`` of a ``sample_batch`` body that failed to decode, so the refusal can name the batch; ``None``
+    when the body holds no valid seq (then no particular batch can be answered). Reads the map's entries in order
+    and stops at ``seq``, which :func:`encode` writes first."""
+    try:
+        unpacker = _msgpack_unpacker(len(body))
+        unpacker.feed(body)
+        for _ in range(min(unpacker.read_map_header(), len(SampleBatch.model_fields))):
+            if unpacker.unpack() == "seq":
+                seq = unpacker.unpack()
+                return seq if type(seq) is int and 0 <= seq < 2**63 else None
+            unpacker.skip()
+    except Exception:  # msgpack raises several unrelated exception types on hostile input
+        return None
+    return None
 
 
 def decode(frames: list[bytes], limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[Envelope, Message]:

@@ -61,6 +61,12 @@ class TrainerConfig(BaseModel):
     run_dir: Path = Path("runs/trainer")
     """Holds ``status.json``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``; the trainer resumes from the
     latest checkpoint found there."""
+    max_abs_reward: float = Field(default=1e4, gt=0)
+    """A batch holding a reward of larger magnitude is refused at ingest (``reward_out_of_bounds``): finite but
+    absurd values (3e38) would otherwise overflow the learner's losses."""
+    max_abs_observation: float = Field(default=1e6, gt=0)
+    """Bound on the observation values of layout components that declare no ``low``/``high`` of their own (refused
+    as ``observation_out_of_bounds``); components that declare bounds are held to those."""
     allowed_workers: list[str] = Field(default_factory=list)
     """Worker ids whose batches are accepted (empty: any worker the relay lets through)."""
     status_interval_s: float = Field(default=1.0, gt=0)

@@ -1,23 +1,28 @@
-"""What the trainer does with each message the relay forwards: validate, dedupe, store, acknowledge, account.
+"""What the trainer does with each message the relay forwards: validate, dedupe, store, answer, account.
 
 :class:`Ingestor` is socket-free (the ingest thread in :mod:`tmrl_trainer.relay_link` feeds it frames and sends the
-replies it returns), so every rule here is unit-testable:
+replies it returns), so every rule here is unit-testable. **Every sample batch gets exactly one answer**, a
+``sample_ack`` whose ``outcome`` is:
 
-* a message that does not decode (malformed, oversized, NaN/inf, bad schema...) is counted under its reject reason
-  and logged; nothing is stored and nothing crashes;
-* a batch from a sender outside ``allowed_workers`` (when that list is set) is rejected as ``unknown_sender``;
-* a batch whose observation layout differs from the trainer's is rejected as ``schema`` **and acknowledged**: resending
-  it could never succeed, so the worker may drop it from its spool; the trainer's counter and log keep it visible;
-* a batch already stored (same ``(worker, seq)``, e.g. resent after a lost ack) is acknowledged again and counted as a
-  duplicate, never stored twice (:class:`SeqDeduplicator`). The trainer saves the dedupe state with the replay memory
-  (``save_memory``): storing a batch and marking its seq happen under one ``store_lock``, the lock the trainer holds
-  while it copies both, so a restored trainer knows exactly which batches its restored memory holds;
-* anything else is stored in the replay memory, acknowledged, and its rows feed per-worker episode returns
-  (:class:`EpisodeTracker`).
+* ``stored``: it passed every check and its rows are in the replay memory;
+* ``duplicate``: that exact ``(worker, seq)`` was stored before (a resend after a lost ack); nothing is stored twice
+  (:class:`SeqDeduplicator`, exact in bounded memory: a late batch that was never stored is stored);
+* ``rejected`` with a reason, never stored: it does not decode (``malformed``, ``non_finite``, ``schema``... answered
+  whenever the sender and ``seq`` can still be read), its sender is outside ``allowed_workers`` (``unknown_sender``),
+  it does not match the observation layout (``schema``), a value is outside what an honest worker can send
+  (``observation_out_of_bounds``, ``action_out_of_bounds``, ``reward_out_of_bounds``: :class:`ValueBounds`), or its
+  seq is below the worker's dedupe horizon (``stale``). Resending it could never succeed, so the worker drops it
+  and counts it by reason; the trainer counts and logs it too.
+
+A message that is not a sample batch and does not decode is counted and logged only. Nothing crashes the loop.
+The trainer saves the dedupe state with the replay memory (``save_memory``): storing a batch and marking its seq
+happen under one ``store_lock``, the lock the trainer holds while it copies both, so a restored trainer knows exactly
+which batches its restored memory holds. Stored rows feed per-worker episode returns (:class:`EpisodeTracker`).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -30,7 +35,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
-from tmrl_common.protocol import DecodeLimits, Envelope, Heartbeat, Hello, SampleAck, SampleBatch, decode, encode
+from tmrl_common.protocol import (
+    AckOutcome,
+    DecodeLimits,
+    Envelope,
+    Heartbeat,
+    Hello,
+    SampleAck,
+    SampleBatch,
+    batch_seq_of,
+    decode,
+    decode_envelope,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,131 +55,198 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------------- dedupe
 
 
-DEDUPE_STATE_FORMAT = "tmrl-dedupe-1"
+DEDUPE_STATE_FORMAT = "tmrl-dedupe-2"
+_OLD_DEDUPE_STATE_FORMAT = "tmrl-dedupe-1"
+"""Read for compatibility: ``watermark`` + ``above`` (every seq below the watermark counted as stored)."""
+
+SeqStatus = Literal["new", "stored", "stale"]
+"""What the trainer knows of one ``(worker, seq)``: never stored, stored, or below the worker's horizon (too old to
+tell: refused, never stored again and never claimed stored)."""
 
 
 class DedupeStateError(ValueError):
     """A saved dedupe state (see :meth:`SeqDeduplicator.state`) is malformed."""
 
 
+def _interval_pairs(value: list[list[int]]) -> list[list[int]]:
+    previous_end = None
+    for pair in value:
+        if len(pair) != 2 or not 0 <= pair[0] < pair[1] or (previous_end is not None and pair[0] <= previous_end):
+            raise ValueError(f"stored must hold sorted, disjoint, non-adjacent [start, end) pairs, got {value}")
+        previous_end = pair[1]
+    return value
+
+
 class _SavedWindow(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    watermark: int = Field(ge=0)
-    above: list[int]
+    horizon: int = Field(ge=0)
+    stored: list[list[int]]
 
     @model_validator(mode="after")
-    def _above_the_watermark_once(self) -> _SavedWindow:
-        if len(set(self.above)) != len(self.above) or any(seq < self.watermark for seq in self.above):
-            raise ValueError(f"above must hold distinct seqs at or above the watermark {self.watermark}")
+    def _intervals_above_the_horizon(self) -> _SavedWindow:
+        _interval_pairs(self.stored)
+        if self.stored and self.stored[0][0] < self.horizon:
+            raise ValueError(f"stored intervals must start at or above the horizon {self.horizon}")
         return self
 
 
 class _DedupeState(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    format: Literal["tmrl-dedupe-1"]
+    format: Literal["tmrl-dedupe-2"]
     given_up: int = Field(ge=0)
     workers: dict[str, _SavedWindow]
 
 
+class _OldSavedWindow(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    watermark: int = Field(ge=0)
+    above: list[int]
+
+    @model_validator(mode="after")
+    def _above_the_watermark_once(self) -> _OldSavedWindow:
+        if len(set(self.above)) != len(self.above) or any(seq < self.watermark for seq in self.above):
+            raise ValueError(f"above must hold distinct seqs at or above the watermark {self.watermark}")
+        return self
+
+
+class _OldDedupeState(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    format: Literal["tmrl-dedupe-1"]
+    given_up: int = Field(ge=0)
+    workers: dict[str, _OldSavedWindow]
+
+
 @dataclass
 class _WorkerWindow:
-    watermark: int = 0
-    """Every seq below this is stored (or was given up on, see :class:`SeqDeduplicator`)."""
-    above: set[int] = field(default_factory=set)
-    """Stored seqs at or above the watermark (out-of-order arrivals, gaps left by dropped batches or restarts)."""
+    """One worker's stored seqs: sorted, disjoint, non-adjacent half-open intervals ``[start, end)``, all at or above
+    ``horizon``. Seqs below the horizon were closed when the window overflowed (status ``stale``)."""
+
+    horizon: int = 0
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+
+    def status(self, seq: int) -> SeqStatus:
+        if seq < self.horizon:
+            return "stale"
+        index = bisect.bisect_right(self.starts, seq) - 1
+        return "stored" if index >= 0 and seq < self.ends[index] else "new"
+
+    def add(self, seq: int) -> None:
+        """Mark ``seq`` (status ``new``) stored, merging it with the intervals it touches."""
+        starts, ends = self.starts, self.ends
+        if ends and ends[-1] == seq:  # the usual case: the next seq in order
+            ends[-1] += 1
+            return
+        index = bisect.bisect_right(starts, seq)  # starts[index - 1] <= seq < starts[index]
+        joins_left = index > 0 and ends[index - 1] == seq
+        joins_right = index < len(starts) and starts[index] == seq + 1
+        if joins_left and joins_right:
+            ends[index - 1] = ends[index]
+            del starts[index], ends[index]
+        elif joins_left:
+            ends[index - 1] += 1
+        elif joins_right:
+            starts[index] = seq
+        else:
+            starts.insert(index, seq)
+            ends.insert(index, seq + 1)
+
+    def close_lowest_gap(self) -> int:
+        """Raise the horizon to the end of the lowest interval (forgetting it); return the never-stored seqs closed."""
+        gap = self.starts[0] - self.horizon
+        self.horizon = self.ends[0]
+        del self.starts[0], self.ends[0]
+        return gap
 
 
 class SeqDeduplicator:
-    """Remembers which ``(worker, seq)`` were stored, in bounded memory.
+    """Remembers exactly which ``(worker, seq)`` were stored, in bounded memory.
 
-    Per worker: a contiguous *watermark* (every seq below it is done) plus the set of stored seqs above it. Gaps
-    (batches a worker dropped from a full spool, numbers a restarted worker skipped) would keep that set growing, so
-    once it holds ``max_above`` entries the watermark jumps to the smallest stored seq: the seqs skipped that way are
-    given up on (counted in :attr:`given_up`; one still arriving later is treated as a duplicate).
-    Memory is ``O(workers × max_above)``. A worker's ``hello.next_seq`` (forwarded by the relay) moves the watermark
-    past such gaps at once (:meth:`advance_to`): the worker promises every lower seq is settled.
+    Per worker, the stored seqs are kept as sorted intervals ``[start, end)``: a worker whose batches arrive in order
+    costs one interval, and each gap (a batch still in flight, one a full spool dropped, the numbers a restarted
+    worker skipped) costs one more. A seq is a duplicate only if it lies in an interval; a late batch that fills a gap
+    is stored. Once a worker holds more than ``max_gaps`` gaps, the lowest interval is forgotten and the worker's
+    *horizon* rises to its end: a seq below the horizon is ``stale``, refused (never stored twice, never claimed
+    stored); the never-stored seqs closed that way are counted in :attr:`given_up` and logged.
+    Memory is ``O(workers × max_gaps)``. ``hello.next_seq`` never moves the window: a batch is judged by its own seq.
     """
 
-    def __init__(self, max_above: int = 4096) -> None:
-        if max_above < 1:
-            raise ValueError(f"max_above must be at least 1, got {max_above}")
-        self.max_above = max_above
+    def __init__(self, max_gaps: int = 4096) -> None:
+        if max_gaps < 1:
+            raise ValueError(f"max_gaps must be at least 1, got {max_gaps}")
+        self.max_gaps = max_gaps
         self.given_up = 0
         self._windows: dict[str, _WorkerWindow] = {}
 
-    def is_duplicate(self, worker: str, seq: int) -> bool:
+    def status(self, worker: str, seq: int) -> SeqStatus:
         window = self._windows.get(worker)
-        return window is not None and (seq < window.watermark or seq in window.above)
+        return "new" if window is None else window.status(seq)
+
+    def is_duplicate(self, worker: str, seq: int) -> bool:
+        return self.status(worker, seq) == "stored"
 
     def mark_stored(self, worker: str, seq: int) -> None:
         window = self._windows.setdefault(worker, _WorkerWindow())
-        if seq < window.watermark or seq in window.above:
+        if window.status(seq) != "new":
             return
-        window.above.add(seq)
-        self._advance(window)
-        if len(window.above) > self.max_above:
-            lowest = min(window.above)
-            self.given_up += lowest - window.watermark
-            log.warning("%s: giving up on seqs %d..%d (never received; %d stored above them)", worker,
-                        window.watermark, lowest - 1, len(window.above))
-            window.watermark = lowest
-            self._advance(window)
+        window.add(seq)
+        self._bound(worker, window)
 
-    @staticmethod
-    def _advance(window: _WorkerWindow) -> None:
-        while window.watermark in window.above:
-            window.above.remove(window.watermark)
-            window.watermark += 1
-
-    def advance_to(self, worker: str, seq: int) -> None:
-        """Every seq below ``seq`` is settled for ``worker`` (its ``hello.next_seq``: acknowledged, dropped by the
-        worker, or never used after a restart), so the window can move past gaps without giving anything up."""
-        window = self._windows.setdefault(worker, _WorkerWindow())
-        if seq <= window.watermark:
-            return
-        window.watermark = seq
-        window.above = {s for s in window.above if s >= seq}
-        self._advance(window)
+    def _bound(self, worker: str, window: _WorkerWindow) -> None:
+        while len(window.starts) > self.max_gaps + 1:
+            below = window.horizon
+            closed = window.close_lowest_gap()
+            self.given_up += closed
+            log.warning("%s: more than %d gaps in the stored seqs; seqs below %d are now refused as stale "
+                        "(%d of them, from %d up, never arrived)", worker, self.max_gaps, window.horizon, closed, below)
 
     def state(self) -> dict[str, Any]:
         """Everything :meth:`restore` needs, as plain JSON values (stored in the trainer's checkpoints)."""
         return {
             "format": DEDUPE_STATE_FORMAT,
             "given_up": self.given_up,
-            "workers": {worker: {"watermark": window.watermark, "above": sorted(window.above)}
+            "workers": {worker: {"horizon": window.horizon,
+                                 "stored": [list(pair) for pair in zip(window.starts, window.ends, strict=True)]}
                         for worker, window in sorted(self._windows.items())},
         }
 
     def restore(self, state: Any) -> None:
-        """Replace every worker's window with a :meth:`state` saved earlier; raise :class:`DedupeStateError` (and
-        change nothing) when ``state`` is not one. A saved window holding more than ``max_above`` seqs above its
-        watermark (saved with a larger window) gives the lowest ones up, as :meth:`mark_stored` would have."""
+        """Replace every worker's window with a :meth:`state` saved earlier (or one of format ``tmrl-dedupe-1``);
+        raise :class:`DedupeStateError` (and change nothing) when ``state`` is not one. A saved window holding more
+        gaps than ``max_gaps`` closes its lowest ones, as :meth:`mark_stored` would have."""
+        windows: dict[str, _WorkerWindow] = {}
         try:
-            saved = _DedupeState.model_validate(state)
+            if isinstance(state, dict) and state.get("format") == _OLD_DEDUPE_STATE_FORMAT:
+                old = _OldDedupeState.model_validate(state)
+                given_up = old.given_up
+                for worker, saved_old in old.workers.items():
+                    watermark = saved_old.watermark
+                    window = windows[worker] = _WorkerWindow(0, [0] if watermark else [], [watermark] if watermark else [])
+                    for seq in sorted(saved_old.above):
+                        window.add(seq)
+            else:
+                saved = _DedupeState.model_validate(state)
+                given_up = saved.given_up
+                for worker, saved_window in saved.workers.items():
+                    windows[worker] = _WorkerWindow(saved_window.horizon, [p[0] for p in saved_window.stored],
+                                                    [p[1] for p in saved_window.stored])
         except ValidationError as exc:
             raise DedupeStateError(f"not a saved dedupe state ({DEDUPE_STATE_FORMAT}): {exc}") from exc
-        windows: dict[str, _WorkerWindow] = {}
-        given_up = saved.given_up
-        for worker, saved_window in saved.workers.items():
-            window = _WorkerWindow(saved_window.watermark, set(saved_window.above))
-            self._advance(window)
-            while len(window.above) > self.max_above:
-                lowest = min(window.above)
-                given_up += lowest - window.watermark
-                window.watermark = lowest
-                self._advance(window)
-            windows[worker] = window
         self._windows, self.given_up = windows, given_up
+        for worker, window in windows.items():
+            self._bound(worker, window)
 
-    def watermark(self, worker: str) -> int:
+    def horizon(self, worker: str) -> int:
         window = self._windows.get(worker)
-        return 0 if window is None else window.watermark
+        return 0 if window is None else window.horizon
 
-    def pending_above(self, worker: str) -> int:
+    def tracked_intervals(self, worker: str) -> int:
         window = self._windows.get(worker)
-        return 0 if window is None else len(window.above)
+        return 0 if window is None else len(window.starts)
 
 
 # ----------------------------------------------------------------------------------------------------- episodes
@@ -244,10 +328,21 @@ class WorkerStats:
     """Lowest and highest ``seq`` stored from this worker: with ``batches`` they show whether the stored seqs form
     one contiguous range (``batches == max_seq - min_seq + 1``), i.e. nothing in between was lost or stored twice."""
     max_seq: int | None = None
+    next_seq: int | None = None
+    """``next_seq`` of this worker's latest hello: the lowest seq it may still send (informational)."""
+
+
+@dataclass(frozen=True)
+class ValueBounds:
+    """What an honest batch can hold beyond the layout's shapes (:meth:`SampleBatch.check_bounds`)."""
+
+    max_abs_reward: float = 1e4
+    max_abs_observation: float = 1e6
+    """Applies to observation components that declare no ``low``/``high`` of their own."""
 
 
 class Ingestor:
-    """Turns forwarded frames into stored rows and replies (see the module docstring). Thread-safe per instance:
+    """Turns forwarded frames into stored rows and answers (see the module docstring). Thread-safe per instance:
     call :meth:`handle` from one thread; :meth:`snapshot` may be called from any."""
 
     def __init__(
@@ -260,6 +355,7 @@ class Ingestor:
         limits: DecodeLimits | None = None,
         dedupe_window: int = 4096,
         store_lock: AbstractContextManager | None = None,
+        bounds: ValueBounds | None = ValueBounds(),  # noqa: B008 - frozen, shared safely
     ) -> None:
         self.trainer_id = trainer_id
         self.layout = layout
@@ -270,6 +366,8 @@ class Ingestor:
         self.allowed_workers = allowed_workers or None
         self.on_episode = on_episode
         self.limits = limits or DecodeLimits()
+        self.bounds = bounds
+        """``None`` skips the value checks (only for measuring what they cost: ``benchmarks/ingest_checks.py``)."""
         self.dedupe = SeqDeduplicator(dedupe_window)
         self.episodes = EpisodeTracker()
         self.rejects: Counter[str] = Counter()
@@ -277,6 +375,8 @@ class Ingestor:
         self.batches_stored = 0
         self.rows_stored = 0
         self.duplicates = 0
+        self.answers: Counter[str] = Counter()
+        """Answers sent, by outcome (``stored``, ``duplicate``, ``rejected``)."""
         self._lock = threading.Lock()
 
     def dedupe_state(self) -> dict[str, Any]:
@@ -300,20 +400,27 @@ class Ingestor:
     def _reject(self, reason: str, message: str, worker: str | None = None) -> None:
         with self._lock:
             self.rejects[reason] += 1
-            if worker is not None and worker in self.workers:
-                self.workers[worker].rejected += 1
+            if worker is not None:
+                self._worker(worker).rejected += 1
         log.warning("rejected a message%s: [%s] %s", f" from {worker}" if worker else "", reason, message)
 
-    def _ack(self, worker: str, seq: int) -> list[bytes]:
-        return encode(SampleAck(worker=worker, seqs=[seq]), self.trainer_id)
+    def _answer(self, worker: str, seq: int, outcome: AckOutcome, reason: str = "", detail: str = "") -> list[bytes]:
+        with self._lock:
+            self.answers[outcome] += 1
+        ack = SampleAck(worker=worker, seqs=[seq], outcome=outcome, reason=reason, detail=detail[:1024])
+        return encode(ack, self.trainer_id)
+
+    def _refuse(self, worker: str, seq: int, reason: str, detail: str) -> list[list[bytes]]:
+        """Count, log and answer a batch that is not stored (the worker drops it and never resends it)."""
+        self._reject(reason, f"batch seq {seq}: {detail}", worker)
+        return [self._answer(worker, seq, "rejected", reason, detail)]
 
     def handle(self, frames: list[bytes]) -> list[list[bytes]]:
-        """Process one message from the relay; return the messages to send back (acks)."""
+        """Process one message from the relay; return the messages to send back (one answer per sample batch)."""
         try:
             envelope, message = decode(frames, self.limits)
         except ProtocolError as exc:
-            self._reject(exc.reason, exc.detail)
-            return []
+            return self._refuse_undecodable(frames, exc)
         if isinstance(message, SampleBatch):
             return self._handle_batch(envelope, message)
         if isinstance(message, Hello):
@@ -322,12 +429,26 @@ class Ingestor:
             self._reject("unknown_type", f"{envelope.type} is not expected on the trainer link", envelope.sender)
         return []
 
+    def _refuse_undecodable(self, frames: list[bytes], exc: ProtocolError) -> list[list[bytes]]:
+        """A message that does not decode: a sample batch whose sender and seq can still be read is answered
+        ``rejected`` (NaN rewards, a wrong dtype, a missing field...); anything else is only counted and logged."""
+        try:
+            envelope = decode_envelope(frames[0], self.limits) if len(frames) == 2 else None
+        except ProtocolError:
+            envelope = None
+        seq = batch_seq_of(frames[1]) if envelope is not None and envelope.type == "sample_batch" else None
+        if envelope is None or seq is None:
+            self._reject(exc.reason, exc.detail)
+            return []
+        return self._refuse(envelope.sender, seq, exc.reason, exc.detail)
+
     def _handle_hello(self, envelope: Envelope, hello: Hello) -> None:
         if hello.role != "worker":
             return
         with self._lock:
-            self._worker(envelope.sender).hellos += 1
-            self.dedupe.advance_to(envelope.sender, hello.next_seq)
+            stats = self._worker(envelope.sender)
+            stats.hellos += 1
+            stats.next_seq = hello.next_seq
         if hello.layout is not None and hello.layout != self.layout:
             log.warning("%s announced an observation layout that differs from the trainer's; its batches will be "
                         "rejected (worker components %s, trainer components %s)", envelope.sender,
@@ -335,36 +456,39 @@ class Ingestor:
         log.info("%s said hello (next_seq %d)", envelope.sender, hello.next_seq)
 
     def _handle_batch(self, envelope: Envelope, batch: SampleBatch) -> list[list[bytes]]:
-        worker = envelope.sender
+        worker, seq = envelope.sender, batch.seq
         if self.allowed_workers is not None and worker not in self.allowed_workers:
-            self._reject("unknown_sender", f"worker {worker!r} is not in allowed_workers", worker)
-            return []
+            return self._refuse(worker, seq, "unknown_sender", f"worker {worker!r} is not in allowed_workers")
         with self._lock:
             stats = self._worker(worker)
-            if self.dedupe.is_duplicate(worker, batch.seq):
+            status = self.dedupe.status(worker, seq)
+            if status == "stored":
                 self.duplicates += 1
                 stats.duplicates += 1
-                log.debug("%s: duplicate batch seq %d acknowledged again", worker, batch.seq)
-                return [self._ack(worker, batch.seq)]
+        if status == "stored":
+            log.debug("%s: duplicate batch seq %d acknowledged again", worker, seq)
+            return [self._answer(worker, seq, "duplicate")]
+        if status == "stale":
+            return self._refuse(worker, seq, "stale", f"below this worker's horizon {self.dedupe.horizon(worker)} "
+                                "(more gaps than the dedupe window holds): cannot tell whether it was stored")
         try:
             batch.check_layout(self.layout)
+            if self.bounds is not None:
+                batch.check_bounds(self.layout, self.bounds.max_abs_reward, self.bounds.max_abs_observation)
             with self.store_lock:
                 rows = self.store(worker, batch)
                 with self._lock:
-                    self.dedupe.mark_stored(worker, batch.seq)
-        except ProtocolError as exc:
-            self._reject(exc.reason, f"batch seq {batch.seq}: {exc.detail}", worker)
-            with self._lock:
-                self.dedupe.mark_stored(worker, batch.seq)  # acknowledged: resending cannot make it fit
-            return [self._ack(worker, batch.seq)]
+                    self.dedupe.mark_stored(worker, seq)
+        except ProtocolError as exc:  # resending cannot make it fit: refused for good
+            return self._refuse(worker, seq, exc.reason, exc.detail)
         finished = self.episodes.add(worker, batch)
         with self._lock:
             self.batches_stored += 1
             self.rows_stored += rows
             stats.batches += 1
             stats.steps += rows
-            stats.min_seq = batch.seq if stats.min_seq is None else min(stats.min_seq, batch.seq)
-            stats.max_seq = batch.seq if stats.max_seq is None else max(stats.max_seq, batch.seq)
+            stats.min_seq = seq if stats.min_seq is None else min(stats.min_seq, seq)
+            stats.max_seq = seq if stats.max_seq is None else max(stats.max_seq, seq)
             stats.weights_version = batch.weights_version
             stats.max_weights_version = max(stats.max_weights_version, batch.weights_version)
             for record in finished:
@@ -375,7 +499,7 @@ class Ingestor:
                      record.length, record.weights_version)
             if self.on_episode is not None:
                 self.on_episode(record)
-        return [self._ack(worker, batch.seq)]
+        return [self._answer(worker, seq, "stored")]
 
     def snapshot(self) -> dict:
         """Counters and per-worker stats as plain JSON-ready values."""
@@ -385,6 +509,7 @@ class Ingestor:
                 "rows_stored": self.rows_stored,
                 "duplicates": self.duplicates,
                 "rejects": dict(self.rejects),
+                "answers": dict(self.answers),
                 "dedupe_given_up": self.dedupe.given_up,
                 "episodes_abandoned": self.episodes.abandoned,
                 "workers": {name: {**vars(stats)} for name, stats in sorted(self.workers.items())},

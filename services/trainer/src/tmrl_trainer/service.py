@@ -66,6 +66,7 @@ import zmq
 from tmrl_common.errors import ConfigError
 from tmrl_common.layout import (
     ObservationLayout,
+    box_bounds,
     layout_for_box,
     tm20_full_layout,
     tm20_lidar_layout,
@@ -86,7 +87,7 @@ from tmrl_trainer.checkpoint import (
 )
 from tmrl_trainer.config import TrainerConfig
 from tmrl_trainer.guard import first_non_finite
-from tmrl_trainer.ingest import DedupeStateError, Ingestor
+from tmrl_trainer.ingest import DedupeStateError, Ingestor, ValueBounds
 from tmrl_trainer.memory import MemoryFileError, ReplayMemory
 from tmrl_trainer.relay_link import TrainerLink
 from tmrl_trainer.sac import SACLearner, resolve_device
@@ -136,7 +137,8 @@ def layout_for_env(env: str, layout_file: Path | None = None) -> ObservationLayo
                 return declared
             if not isinstance(probe.observation_space, spaces.Box) or not isinstance(probe.action_space, spaces.Box):
                 raise ConfigError(f"env {env!r} needs Box observation and action spaces; set layout_file instead")
-            return layout_for_box(math.prod(probe.observation_space.shape), math.prod(probe.action_space.shape))
+            return layout_for_box(math.prod(probe.observation_space.shape), math.prod(probe.action_space.shape),
+                                  *box_bounds(probe.observation_space.low, probe.observation_space.high))
         finally:
             probe.close()
     raise ConfigError(f"env {env!r} has no built-in layout; use one of {sorted(_NAMED_LAYOUTS)} or gym:<id>, "
@@ -173,6 +175,7 @@ class TrainerService:
         self.ingestor = Ingestor(
             config.trainer_id, self.layout, store=self._store, on_episode=self.recorder.episode,
             allowed_workers=frozenset(config.allowed_workers) or None, store_lock=self.memory_lock,
+            bounds=ValueBounds(config.max_abs_reward, config.max_abs_observation),
         )
         self._context = zmq.Context()
         self.link = TrainerLink(config.trainer_id, config.relay_host, config.trainer_port, config.transport,

@@ -29,7 +29,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 from gymnasium import spaces
-from tmrl_common.layout import ObservationComponent, ObservationLayout, layout_for_box
+from tmrl_common.layout import ObservationComponent, ObservationLayout, box_bounds, layout_for_box
 
 SIM_SPECS = ("sim", "sim-fast")
 TM20_SPECS = ("tm20-lidar", "tm20-lidar-progress", "tm20-full")
@@ -143,7 +143,8 @@ def layout_from_spaces(observation_space: spaces.Space, action_space: spaces.Spa
         raise EnvSpecError(f"action space {action_space} is not a Box; tmrl's SAC needs continuous actions")
     action_dim = math.prod(action_space.shape)
     if isinstance(observation_space, spaces.Box):
-        return layout_for_box(math.prod(observation_space.shape), action_dim) if len(observation_space.shape) <= 1 else \
+        return layout_for_box(math.prod(observation_space.shape), action_dim,
+                              *box_bounds(observation_space.low, observation_space.high)) if len(observation_space.shape) <= 1 else \
             ObservationLayout(components=[_component("obs", observation_space)], action_dim=action_dim)
     if isinstance(observation_space, spaces.Tuple):
         parts = list(observation_space.spaces)
@@ -159,7 +160,8 @@ def layout_from_spaces(observation_space: spaces.Space, action_space: spaces.Spa
 def _component(name: str, box: spaces.Box) -> ObservationComponent:
     shape = [int(d) for d in box.shape] or [1]
     dtype = "uint8" if box.dtype == np.uint8 else "float32"
-    return ObservationComponent(name=name, frame_shape=shape, dtype=dtype)
+    low, high = box_bounds(box.low, box.high)
+    return ObservationComponent(name=name, frame_shape=shape, dtype=dtype, low=low, high=high)
 
 
 def _declared_layout(*candidates: Any) -> ObservationLayout | None:
