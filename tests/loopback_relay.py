@@ -59,8 +59,9 @@ class FakeRelay:
             if isinstance(message, cls):
                 return routing_id, envelope, message
 
-    def ack(self, routing_id: bytes, worker: str, seqs: list[int]) -> None:
-        self.socket.send_multipart([routing_id, *encode(SampleAck(worker=worker, seqs=seqs), "relay")])
+    def ack(self, routing_id: bytes, worker: str, seqs: list[int], outcome: str = "stored", reason: str = "") -> None:
+        ack = SampleAck(worker=worker, seqs=seqs, outcome=outcome, reason=reason)
+        self.socket.send_multipart([routing_id, *encode(ack, "relay")])
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -3,6 +3,8 @@ acks empty the spool. A bare ROUTER socket plays the relay (``tests/loopback_rel
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import zmq
 from loopback_relay import FakeRelay
@@ -150,6 +152,33 @@ def test_malformed_and_misaddressed_messages_are_counted_as_rejected_and_the_lin
         snapshot = link.snapshot()
         assert snapshot["rejected_messages"] == 3 and snapshot["acks_received"] == 1
         assert link.connected and link.failure is None
+    finally:
+        link.stop()
+        relay.close()
+
+
+def test_a_batch_the_trainer_rejects_is_dropped_counted_by_reason_and_never_resent(context, tmp_path):
+    relay = FakeRelay(context)
+    link = make_link(context, relay.port, tmp_path, ack_timeout_s=0.2)
+    link.start()
+    try:
+        routing_id, _, _ = relay.receive_type(Hello)
+        link.submit(filled_builder(3), weights_version=0)
+        link.submit(filled_builder(3), weights_version=0)
+        _, _, first = relay.receive_type(SampleBatch)
+        _, _, second = relay.receive_type(SampleBatch)
+        relay.ack(routing_id, "w-test", [first.seq], outcome="rejected", reason="reward_out_of_bounds")
+        relay.ack(routing_id, "w-test", [second.seq], outcome="duplicate")
+        assert link.flush(timeout=3.0)
+        resent, until = [], time.monotonic() + 1.2  # six ack timeouts: no batch comes back (heartbeats do)
+        while time.monotonic() < until:
+            message = relay.receive(timeout_s=1.0)[2]
+            if isinstance(message, SampleBatch):
+                resent.append(message.seq)
+        snapshot = link.snapshot()
+        assert resent == []
+        assert snapshot["batches_rejected"] == 1 and snapshot["rejected.reward_out_of_bounds"] == 1
+        assert snapshot["batches_stored"] == 1 and snapshot["spool_acked"] == 1 and snapshot["spool_refused"] == 1
     finally:
         link.stop()
         relay.close()

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -35,6 +36,9 @@ from tmrl_worker.spool import SequenceCounter, Spool
 log = logging.getLogger(__name__)
 
 SOFTWARE = "tmrl-worker/0.1"
+FINAL_AT_RELAY = frozenset({"oversized", "malformed"})
+"""Reasons for which a relay ``error`` about one of our batches is final: those bytes can never pass. Other relay
+errors (an unregistered sender after a relay restart, say) are about the link: the batch stays spooled."""
 _POLL_MS = 20
 
 
@@ -53,6 +57,10 @@ class LinkCounters:
     disconnections: int = 0
     hellos_sent: int = 0
     weights_received: int = 0
+    batches_stored: int = 0
+    """Batches the trainer answered ``stored`` or ``duplicate`` (delivered)."""
+    batches_rejected: int = 0
+    """Batches refused for good (the trainer's ``rejected`` answer, or the relay's ``oversized``): never resent."""
 
 
 class RelayLink:
@@ -78,6 +86,8 @@ class RelayLink:
         self.spool = spool
         self.ack_timeout_s = ack_timeout_s
         self.counters = LinkCounters()
+        self.rejects: Counter[str] = Counter()
+        """Batches refused for good, by reason."""
         self._inbox: queue.SimpleQueue[tuple[SampleBatchBuilder, int]] = queue.SimpleQueue()
         self._submitted = 0  # builders handed over by submit(); written by the rollout thread only
         self._lock = threading.Lock()  # guards spool + counters against snapshot readers
@@ -113,6 +123,7 @@ class RelayLink:
             values = {**asdict(self.counters), **{f"spool_{k}": v for k, v in asdict(self.spool.counters).items()}}
             values["spool_batches"] = len(self.spool)
             values["spool_bytes"] = self.spool.nbytes
+            values.update({f"rejected.{reason}": count for reason, count in self.rejects.items()})
         values.update({f"handshake_{k}": v for k, v in asdict(self._client.handshake.counters).items()})
         return values
 
@@ -204,13 +215,18 @@ class RelayLink:
                 self.counters.rejected_messages += 1
                 log.warning("%s: ignored an ack addressed to %s", self.worker_id, message.worker)
                 return
+            self.counters.acks_received += 1
+            if message.outcome == "rejected":
+                self._refused(message.seqs, message.reason, f"the trainer refused it: {message.detail}")
+                return
             with self._lock:
-                self.spool.ack(message.seqs)
-                self.counters.acks_received += 1
+                self.counters.batches_stored += self.spool.ack(message.seqs)
         elif isinstance(message, Error):
             self.counters.errors_received += 1
             log.warning("%s: relay rejected our %s%s: [%s] %s", self.worker_id, message.ref_type or "message",
                         f" seq {message.ref_seq}" if message.ref_seq is not None else "", message.reason, message.message)
+            if message.ref_type == "sample_batch" and message.ref_seq is not None and message.reason in FINAL_AT_RELAY:
+                self._refused([message.ref_seq], message.reason, f"the relay refused it: {message.message}")
         elif isinstance(message, WeightsUpdate):
             self.counters.weights_received += 1
             if self.on_weights is not None:
@@ -218,6 +234,16 @@ class RelayLink:
         elif not isinstance(message, Heartbeat):
             self.counters.rejected_messages += 1
             log.warning("%s: unexpected %s from %s on the samples link", self.worker_id, envelope.type, envelope.sender)
+
+    def _refused(self, seqs: list[int], reason: str, detail: str) -> None:
+        """Batches refused for good: dropped from the spool, counted by reason, never resent, never counted stored."""
+        with self._lock:
+            removed = self.spool.refuse(seqs)
+            self.counters.batches_rejected += removed
+            self.rejects[reason] += removed
+        if removed:
+            log.warning("%s: batch seq %s refused [%s], dropped without resending: %s", self.worker_id,
+                        ",".join(map(str, seqs)), reason, detail)
 
     def _heartbeat(self) -> Heartbeat:
         with self._lock:
@@ -230,5 +256,8 @@ class RelayLink:
                 "restored": self.spool.counters.restored,
                 "unreadable_spool_files": self.spool.counters.unreadable_files,
                 "spool_write_errors": self.spool.counters.write_errors,
+                "stored": self.counters.batches_stored,
+                "rejected": self.counters.batches_rejected,
+                **{f"rejected.{reason}": count for reason, count in sorted(self.rejects.items())[:40]},
             }
         return Heartbeat(role="worker", uptime_s=time.monotonic() - self._started_at, counters=counters)

@@ -65,6 +65,8 @@ class SpoolCounters:
     dropped_bytes: int = 0
     resent: int = 0
     unknown_acks: int = 0
+    refused: int = 0
+    """Batches the trainer answered ``rejected`` (dropped, never resent, not counted in ``acked``)."""
     restored: int = 0
     """Batches loaded from the spool directory at start (sent again)."""
     unreadable_files: int = 0
@@ -215,6 +217,19 @@ class Spool:
             self._forget(seq)
             removed += 1
         self.counters.acked += removed
+        return removed
+
+    def refuse(self, seqs: list[int]) -> int:
+        """Forget batches the trainer refused for good (they are never resent); return how many were spooled."""
+        removed = 0
+        for seq in seqs:
+            entry = self._batches.pop(seq, None)
+            if entry is None:
+                continue
+            self._bytes -= entry.nbytes
+            self._forget(seq)
+            removed += 1
+        self.counters.refused += removed
         return removed
 
     def due(self, ack_timeout_s: float, now: float | None = None) -> list[SpooledBatch]:
