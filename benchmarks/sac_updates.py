@@ -43,14 +43,16 @@ def tmrl_update_block(seed: int = 0) -> Callable[[int], None]:
                 rng.uniform(-1, 1, 3).astype(np.float32), rng.uniform(-1, 1, 3).astype(np.float32))
 
     builder.add_reset(observation())
+    seq = 0
     for step in range(PREFILL - 1):
         done = step % 1000 == 999
         builder.add_step(rng.uniform(-1, 1, 3), observation(), float(rng.normal()), False, done)
         if done:
             builder.add_reset(observation())
         if len(builder) >= 1000:
-            memory.add_batch("bench", builder.build(seq=step, weights_version=0))
-    memory.add_batch("bench", builder.build(seq=PREFILL, weights_version=0))
+            memory.add_batch("bench", builder.build(seq=seq, weights_version=0))
+            seq += 1  # consecutive: the memory links batch seq to batch seq - 1
+    memory.add_batch("bench", builder.build(seq=seq, weights_version=0))
     config = SACConfig(batch_size=BATCH, hidden_sizes=HIDDEN)
     learner = SACLearner(config, config.architecture(layout), device="cpu", seed=seed)
 

@@ -32,6 +32,7 @@ def fill_with_random_episodes(memory: ReplayMemory, steps: int, batch_rows: int,
         return tuple(parts)
 
     builder.add_reset(observation())
+    batches = 0  # consecutive seqs: the memory links batch seq to batch seq - 1
     for step in range(steps):
         ended = step % EPISODE_STEPS == EPISODE_STEPS - 1
         builder.add_step(rng.uniform(-1, 1, layout.action_dim), observation(), float(rng.normal()),
@@ -39,5 +40,6 @@ def fill_with_random_episodes(memory: ReplayMemory, steps: int, batch_rows: int,
         if ended:
             builder.add_reset(observation())
         if len(builder) >= batch_rows:
-            memory.add_batch("worker-1", builder.build(seq=step, weights_version=0))
+            memory.add_batch("worker-1", builder.build(seq=batches, weights_version=0))
+            batches += 1
     return memory

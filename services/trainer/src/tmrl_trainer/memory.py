@@ -5,11 +5,23 @@ Each stored row remembers the absolute index of the previous row *of the same wo
 an episode's first row points at itself. Rebuilding the observation at a row is then a few vectorised hops along
 ``prev``: a history component of length ``h`` takes the frames at hops ``h-1 … 0`` (oldest to newest) and the action
 buffer of length ``k`` takes the actions at hops ``k-1 … 0``. Because a first row points at itself, entries before
-an episode's start repeat its first row, which is the layout's rule. Rows of several workers may interleave freely.
+an episode's start repeat its first row, which is the layout's rule (rtgym fills its buffers that way at reset).
+Rows of several workers may interleave freely.
+
+**Histories are never invented.** Batches are linked by ``seq``, not by arrival order: the first row of batch ``s``
+continues the last row of batch ``s - 1`` of the same worker, and only if that batch is stored (its tail is kept for
+the last :data:`TAILS_KEPT` seqs of each worker). A non-first row whose predecessor is not stored (a batch lost or
+still in flight, a trainer restarted without its memory, a worker that joined mid-episode) is an *orphan*: it starts
+a chain with no real frames behind it. Each row counts the real rows behind it (``known``: an episode's first row
+counts as complete, by the layout's rule; an orphan counts 0; any other row one more than its predecessor), and a
+transition is sampleable only once both its observations are made of real frames (``known >= depth``). A late batch
+that fills a gap is linked to its own predecessor and stored; the batch after it, stored earlier with an orphan
+first row, is **not relinked**: its first ``depth`` rows stay unsampleable, so nothing wrong is built from either
+(the price: at most ``depth`` transitions per reordered batch).
 
 A transition is ``(observation at prev[t], action[t], reward[t], observation at t, terminated[t], truncated[t])``
-for every row ``t`` that has a previous row: it never crosses a reset. It can be sampled only while every row its
-two observations need is still in the ring buffer.
+for every complete row ``t``: it never crosses a reset or a gap. It can be sampled only while every row its two
+observations need is still in the ring buffer.
 """
 
 from __future__ import annotations
@@ -24,7 +36,9 @@ from tmrl_common.protocol import SampleBatch
 
 from tmrl_trainer.tensor_file import TensorFileError, pack, unpack, write_atomically
 
-MEMORY_FORMAT = "tmrl-replay-memory-1"
+MEMORY_FORMAT = "tmrl-replay-memory-2"
+TAILS_KEPT = 64
+"""Per worker, the tails of this many most recent seqs are kept, so a batch arriving that late still links."""
 
 
 class MemoryFileError(ValueError):
@@ -53,6 +67,14 @@ class TransitionBatch(NamedTuple):
                                tuple(map(move, self.next_observation)), move(self.terminated), move(self.truncated))
 
 
+class _Tail(NamedTuple):
+    """How one stored batch ends: the absolute indices of its episode's last ``depth + 1`` rows (empty when the
+    episode ended with the batch) and the ``known`` count of its last row."""
+
+    indices: list[int]
+    known: int
+
+
 class ReplayMemory:
     """Ring buffer of newest-frame rows from any number of workers; samples full transitions.
 
@@ -73,15 +95,16 @@ class ReplayMemory:
         self._terminated = np.zeros(self.capacity, dtype=bool)
         self._truncated = np.zeros(self.capacity, dtype=bool)
         self._prev = np.zeros(self.capacity, dtype=np.int64)
-        self._has_prev = np.zeros(self.capacity, dtype=bool)
+        self._complete = np.zeros(self.capacity, dtype=bool)
+        """The transition ending at this row is made of real frames only (see the module docstring)."""
         self._oldest = np.zeros(self.capacity, dtype=np.int64)
         """Absolute index of the oldest row the transition ending at this row needs."""
         self._total = 0
-        self._tails: dict[str, list[int]] = {}
-        """Per worker: absolute indices of the last ``depth + 1`` rows of its open episode (empty: none open)."""
+        self._tails: dict[str, dict[int, _Tail]] = {}
+        """Per worker, per stored seq: how that batch ends (for the batch ``seq + 1``)."""
         self.orphan_rows = 0
-        """Non-first rows whose predecessor is unknown (first batch of a worker lost, or a step after an episode end);
-        they start a new history and give no transition."""
+        """Non-first rows whose predecessor is not stored (see the module docstring); they start a chain with no real
+        frames behind it, and the ``depth`` rows after them give no transition."""
 
     # ---------------------------------------------------------------------------------------------------- storing
 
@@ -95,7 +118,8 @@ class ReplayMemory:
         return self._total
 
     def add_batch(self, worker_id: str, batch: SampleBatch) -> int:
-        """Store ``batch`` (rows of ``worker_id``, continuing that worker's open episode); return the rows stored.
+        """Store ``batch`` (rows of ``worker_id``, continuing its batch ``seq - 1`` when that one is stored); return
+        the rows stored.
 
         Raises :class:`~tmrl_common.errors.ProtocolError` (reason ``schema``) if the batch does not match the layout;
         nothing is stored then.
@@ -105,26 +129,32 @@ class ReplayMemory:
         first = batch.first.array
         ended = batch.terminated.array | batch.truncated.array
         prev = np.empty(steps, dtype=np.int64)
-        has_prev = np.empty(steps, dtype=bool)
+        complete = np.empty(steps, dtype=bool)
         oldest = np.empty(steps, dtype=np.int64)
-        tail = self._tails.get(worker_id, [])
-        keep = self.depth + 1
+        tails = self._tails.setdefault(worker_id, {})
+        before = tails.get(batch.seq - 1)
+        tail, known = (list(before.indices), before.known) if before is not None else ([], 0)
+        depth, keep = self.depth, self.depth + 1
         for row in range(steps):
             index = self._total + row
             if first[row] or not tail:
                 if not first[row]:
                     self.orphan_rows += 1
-                tail = [index]
-                prev[row], has_prev[row] = index, False
+                tail, known = [index], (depth if first[row] else 0)
+                prev[row], complete[row] = index, False
             else:
-                prev[row], has_prev[row] = tail[-1], True
+                prev[row] = tail[-1]
+                known = min(depth, known + 1)
+                complete[row] = known >= depth
                 tail.append(index)
                 if len(tail) > keep:
                     del tail[0]
-            oldest[row] = tail[max(0, len(tail) - 1 - self.depth)]
+            oldest[row] = tail[max(0, len(tail) - 1 - depth)]
             if ended[row]:
-                tail = []
-        self._tails[worker_id] = tail
+                tail, known = [], 0
+        tails[batch.seq] = _Tail(tail, known)
+        if len(tails) > TAILS_KEPT:
+            del tails[min(tails)]
 
         stored = min(steps, self.capacity)
         positions = (self._total + np.arange(steps - stored, steps)) % self.capacity
@@ -136,19 +166,19 @@ class ReplayMemory:
         self._terminated[positions] = batch.terminated.array[rows]
         self._truncated[positions] = batch.truncated.array[rows]
         self._prev[positions] = prev[rows]
-        self._has_prev[positions] = has_prev[rows]
+        self._complete[positions] = complete[rows]
         self._oldest[positions] = oldest[rows]
         self._total += steps
         return steps
 
     def forget_worker(self, worker_id: str) -> None:
-        """Close ``worker_id``'s open episode (e.g. it restarted): its next row must be a reset to give transitions."""
+        """Forget how ``worker_id``'s batches ended (e.g. it restarted): its next rows link to nothing stored before."""
         self._tails.pop(worker_id, None)
 
     # --------------------------------------------------------------------------------------------------- sampling
 
     def _sampleable(self, positions: np.ndarray) -> np.ndarray:
-        return self._has_prev[positions] & (self._oldest[positions] >= self._total - self.capacity)
+        return self._complete[positions] & (self._oldest[positions] >= self._total - self.capacity)
 
     def sampleable_positions(self) -> np.ndarray:
         """Ring positions of every row that currently ends a sampleable transition (O(capacity); for tests/tools)."""
@@ -221,10 +251,12 @@ class ReplayMemory:
         stored = len(self)
         arrays = {f"frames.{name}": frames[:stored] for name, frames in self._frames.items()}
         arrays.update(actions=self._actions[:stored], rewards=self._rewards[:stored], terminated=self._terminated[:stored],
-                      truncated=self._truncated[:stored], prev=self._prev[:stored], has_prev=self._has_prev[:stored],
+                      truncated=self._truncated[:stored], prev=self._prev[:stored], complete=self._complete[:stored],
                       oldest=self._oldest[:stored])
+        tails = {worker: {str(seq): [tail.known, *tail.indices] for seq, tail in by_seq.items()}
+                 for worker, by_seq in self._tails.items()}
         meta = {"format": MEMORY_FORMAT, "layout": self.layout.model_dump(mode="json"), "capacity": self.capacity,
-                "total": self._total, "tails": self._tails, "orphan_rows": self.orphan_rows,
+                "total": self._total, "tails": tails, "orphan_rows": self.orphan_rows,
                 "rng": self._rng.bit_generator.state}
         return pack(arrays, meta)
 
@@ -243,7 +275,9 @@ class ReplayMemory:
         try:
             same = ObservationLayout.model_validate(meta["layout"]) == self.layout and meta["capacity"] == self.capacity
             total, orphan_rows = int(meta["total"]), int(meta["orphan_rows"])
-            tails = {str(k): [int(i) for i in v] for k, v in meta["tails"].items()}
+            tails = {str(worker): {int(seq): _Tail([int(i) for i in saved[1:]], int(saved[0]))
+                                   for seq, saved in by_seq.items()}
+                     for worker, by_seq in meta["tails"].items()}
             rng = np.random.default_rng()
             rng.bit_generator.state = meta["rng"]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
@@ -253,7 +287,7 @@ class ReplayMemory:
         stored = min(total, self.capacity)
         targets = {f"frames.{name}": frames for name, frames in self._frames.items()}
         targets.update({name: getattr(self, f"_{name}") for name in
-                        ("actions", "rewards", "terminated", "truncated", "prev", "has_prev", "oldest")})
+                        ("actions", "rewards", "terminated", "truncated", "prev", "complete", "oldest")})
         loaded = {}
         for name, target in targets.items():
             array = arrays[name].numpy() if name in arrays else None
