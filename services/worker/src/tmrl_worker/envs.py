@@ -14,6 +14,12 @@ Specs (``[worker] env``):
 
 :class:`EnvHandle` hides the differences from the rollout loop: observations are always a tuple of parts in layout
 order (then the action buffer), actions are always in ``[-1, 1]`` (rescaled to the env's bounds when they differ).
+
+The action buffer is the handle's own, in policy units: rtgym appends the *env*-unit action to its buffer (and its
+``get_default_action()`` at reset), while batches carry the policy-unit action the actor chose (clipped to
+``[-1, 1]``) and the reset row carries the default action converted to policy units. The handle therefore replaces
+the env's buffer parts with the last ``action_history`` policy-unit actions (the converted default action at reset),
+so the actor sees exactly the history the trainer rebuilds from the batches, whatever the env's action bounds.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import importlib
 import math
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +88,10 @@ class EnvHandle:
         self._rescale = bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high))
                              and not (np.allclose(low, -1.0) and np.allclose(high, 1.0)))
         self._low, self._high = low, high
-        self._default_action = np.zeros(self.layout.action_dim, dtype=np.float32)
+        env_default = getattr(self.env.unwrapped, "default_action", None)  # rtgym's get_default_action(), env units
+        self._default_action = (np.zeros(self.layout.action_dim, dtype=np.float32) if env_default is None
+                                else self.to_policy_action(env_default))
+        self._action_buffer: deque = deque(maxlen=self.layout.action_history)
 
     @property
     def action_dim(self) -> int:
@@ -89,8 +99,14 @@ class EnvHandle:
 
     @property
     def default_action(self) -> np.ndarray:
-        """The action rtgym puts in the buffer at reset (zeros): recorded as the reset row's action."""
+        """The env's default action (rtgym's ``get_default_action()``, else zeros) in policy units: what the action
+        buffer holds at reset, recorded as the reset row's action."""
         return self._default_action
+
+    @staticmethod
+    def policy_action(action: np.ndarray) -> np.ndarray:
+        """The action as applied and recorded: float32, clipped to [-1, 1]."""
+        return np.clip(np.asarray(action, dtype=np.float32).reshape(-1), -1.0, 1.0)
 
     def to_env_action(self, action: np.ndarray) -> np.ndarray:
         """Policy action in [-1, 1] → the env's action (clipped, rescaled to the Box bounds when they differ)."""
@@ -99,13 +115,25 @@ class EnvHandle:
             action = self._low + (action + 1.0) * 0.5 * (self._high - self._low)
         return action.astype(self.env.action_space.dtype, copy=False).reshape(self._action_shape)
 
+    def to_policy_action(self, env_action: np.ndarray) -> np.ndarray:
+        """The env's action → policy units (the inverse of :meth:`to_env_action`, clipped to [-1, 1])."""
+        action = np.asarray(env_action, dtype=np.float64).reshape(-1)
+        if self._rescale:
+            action = 2.0 * (action - self._low) / (self._high - self._low) - 1.0
+        return self.policy_action(action)
+
     def _observation(self, observation: Any) -> tuple:
-        return (observation,) if self.wrap_observation else tuple(observation)
+        parts = (observation,) if self.wrap_observation else tuple(observation)
+        history = self.layout.action_history
+        if not history or len(parts) != len(self.layout.components) + history:
+            return parts
+        return (*parts[:-history], *(action.copy() for action in self._action_buffer))
 
     def reset(self, seed: int | None = None) -> tuple:
         for hook in self.reset_hooks:
             hook()
         observation, _info = self.env.reset(seed=seed)
+        self._action_buffer.extend([self._default_action] * self.layout.action_history)
         return self._observation(observation)
 
     def step(self, action: np.ndarray) -> tuple[tuple, float, bool, bool, dict]:
@@ -117,6 +145,7 @@ class EnvHandle:
         observation, reward, terminated, truncated, info = self.env.step(self.to_env_action(action))
         if terminated and isinstance(info, dict) and info.get(TRUNCATED_REASON):
             terminated, truncated = False, True
+        self._action_buffer.append(self.policy_action(action))
         return self._observation(observation), float(reward), bool(terminated), bool(truncated), info
 
     def attach_stop(self, stop: threading.Event) -> None:

@@ -269,7 +269,7 @@ class RolloutLoop:
                     next_step_at = max(next_step_at, time.monotonic() - 1.0) + self.min_step_interval
                 self._swap_policy()
                 started = time.perf_counter()
-                action = self.policy.act(observation)
+                action = self.env.policy_action(self.policy.act(observation))  # as applied, and as recorded
                 if self.record_versions:
                     self.action_versions.append(self.policy.version)
                 observation, reward, terminated, truncated, _info = self.env.step(action)
