@@ -178,16 +178,16 @@ class SampleBatch(Message):
             high = max_abs_observation if component.high is None else component.high
             if component.dtype == "uint8" and low <= 0 and high >= 255:
                 continue  # every byte is in bounds
-            frames = self.observations[component.name].array
-            _check_range(frames, low, high, "observation_out_of_bounds", f"observations[{component.name!r}]")
-        _check_range(self.actions.array, -1.0, 1.0, "action_out_of_bounds", "actions")
-        _check_range(self.rewards.array, -max_abs_reward, max_abs_reward, "reward_out_of_bounds", "rewards")
+            _check_range(self.observations[component.name], low, high, "observation_out_of_bounds",
+                         f"observations[{component.name!r}]")
+        _check_range(self.actions, -1.0, 1.0, "action_out_of_bounds", "actions")
+        _check_range(self.rewards, -max_abs_reward, max_abs_reward, "reward_out_of_bounds", "rewards")
 
 
-def _check_range(values: np.ndarray, low: float, high: float, reason: RejectReason, what: str) -> None:
-    smallest, largest = values.min(), values.max()
+def _check_range(values: WireArray, low: float, high: float, reason: RejectReason, what: str) -> None:
+    smallest, largest = values.value_range()  # computed while decoding: no second pass over the data
     if smallest < low or largest > high:
-        raise ProtocolError(reason, f"{what} hold values in [{float(smallest):.6g}, {float(largest):.6g}], "
+        raise ProtocolError(reason, f"{what} hold values in [{smallest:.6g}, {largest:.6g}], "
                                     f"outside the allowed [{low:.6g}, {high:.6g}]")
 
 
