@@ -14,8 +14,9 @@ from collections import deque
 
 import numpy as np
 import pytest
+from tmrl_common.arrays import WireArray
 from tmrl_common.batching import SampleBatchBuilder
-from tmrl_common.layout import ObservationComponent, ObservationLayout
+from tmrl_common.layout import ObservationComponent, ObservationLayout, observation_digest
 from tmrl_common.protocol import SampleBatch
 from tmrl_trainer.memory import ReplayMemory
 
@@ -187,3 +188,45 @@ def test_a_ring_buffer_that_wrapped_keeps_only_real_histories():
         if rng.random() > 0.1:
             memory.add_batch(worker, batch)
     assert check_every_sampleable_transition(memory, truth, previous) > 0
+
+
+# -------------------------------------------------------------------------------------------- verification mode
+
+
+def digest_batches(steps: int = 300, max_batch: int = 7) -> tuple[dict, dict, list[SampleBatch]]:
+    """One worker's batches built in verification mode (each row carries its full-observation digest)."""
+    truth, previous = {}, {}
+    batches = worker_batches(0, steps, 4, truth, previous, max_batch=max_batch)
+    rebuilt = []
+    for batch in batches:  # the same rows, with the digest of the env's observation at each row
+        stamps = [int(s) for s in batch.observations["stamp"].array[:, 0]]
+        digests = np.frombuffer(b"".join(observation_digest(LAYOUT, truth[s]) for s in stamps), np.uint8)
+        rebuilt.append(batch.model_copy(update={"digests": WireArray.from_numpy(digests.reshape(len(stamps), 8))}))
+    return truth, previous, rebuilt
+
+
+def test_verification_mode_finds_every_rebuilt_observation_equal_across_gaps_and_reordering():
+    _, _, batches = digest_batches()
+    rng = np.random.default_rng(11)
+    arrivals = [b for b in batches if rng.random() > 0.1]
+    for start in range(0, len(arrivals) - 2, 3):
+        arrivals[start], arrivals[start + 1] = arrivals[start + 1], arrivals[start]
+    memory = ReplayMemory(LAYOUT, capacity=10_000)
+    for batch in arrivals:
+        memory.add_batch("w", batch)
+    counts = memory.verification
+    assert counts.mismatched_rows == 0 and counts.verified_rows > 0.5 * sum(b.steps for b in arrivals)
+    assert counts.unverifiable_rows > 0  # the rows after each gap: not rebuildable, never sampled
+
+
+def test_verification_mode_counts_a_rebuilt_observation_that_differs_from_the_envs():
+    _, _, batches = digest_batches(max_batch=30)
+    memory = ReplayMemory(LAYOUT, capacity=10_000)
+    target = next(i for i, b in enumerate(batches) if b.steps >= 10 and not b.first.array[:6].any())
+    for index, batch in enumerate(batches):
+        if index == target:  # a frame that is not what the env returned (as an arrival-order link would produce)
+            lidar = batch.observations["lidar"].array.copy()
+            lidar[2] += 1.0
+            batch = batch.model_copy(update={"observations": {**batch.observations, "lidar": WireArray.from_numpy(lidar)}})
+        memory.add_batch("w", batch)
+    assert memory.verification.mismatched_rows == 4  # that row and the 3 whose LIDAR history holds it

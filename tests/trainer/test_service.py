@@ -369,3 +369,18 @@ def fresh_actor_state(config: TrainerConfig) -> dict[str, list]:
 
     learner = SACLearner(config.sac, config.sac.architecture(layout_for_box(3, 1)), device="cpu", seed=config.seed)
     return {k: v.tolist() for k, v in learner.actor.state_dict().items()}
+
+
+def test_status_reports_the_verification_of_batches_that_carry_observation_digests(tmp_path):
+    service = TrainerService(make_config(tmp_path))
+    try:
+        rng = np.random.default_rng(0)
+        builder = SampleBatchBuilder(layout_for_box(3, 1), digests=True)
+        builder.add_reset((rng.normal(size=3).astype(np.float32),))
+        for _ in range(9):
+            builder.add_step(rng.uniform(-1, 1, 1).astype(np.float32), (rng.normal(size=3).astype(np.float32),),
+                             0.5, False, False)
+        service.ingestor.handle(encode(builder.build(seq=0, weights_version=0), "w1"))
+        assert service.snapshot()["verification"] == {"verified_rows": 10, "mismatched_rows": 0, "unverifiable_rows": 0}
+    finally:
+        service.shutdown()

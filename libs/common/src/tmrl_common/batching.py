@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from tmrl_common.arrays import Codec, WireArray
-from tmrl_common.layout import ObservationLayout, newest_frames
+from tmrl_common.layout import ObservationLayout, newest_frames, observation_digest
 from tmrl_common.protocol import SampleBatch
 
 
@@ -15,9 +15,11 @@ class SampleBatchBuilder:
     Call :meth:`add_reset` with the observation ``reset()`` returned, then :meth:`add_step` after each ``step()``.
     """
 
-    def __init__(self, layout: ObservationLayout, codec: Codec = "raw") -> None:
+    def __init__(self, layout: ObservationLayout, codec: Codec = "raw", digests: bool = False) -> None:
         self.layout = layout
         self.codec: Codec = codec
+        self.digests = digests
+        """Verification mode: also send each row's full-observation digest (``SampleBatch.digests``)."""
         self._clear()
 
     def _clear(self) -> None:
@@ -27,6 +29,7 @@ class SampleBatchBuilder:
         self._rewards: list[float] = []
         self._terminated: list[bool] = []
         self._truncated: list[bool] = []
+        self._digests: list[bytes] = []
 
     def __len__(self) -> int:
         return len(self._first)
@@ -34,6 +37,8 @@ class SampleBatchBuilder:
     def _add(self, observation, action, reward: float, terminated: bool, truncated: bool, first: bool) -> None:
         for name, frame in newest_frames(self.layout, observation).items():
             self._frames[name].append(frame)
+        if self.digests:
+            self._digests.append(observation_digest(self.layout, observation))
         action = np.asarray(action, dtype=np.float32).reshape(self.layout.action_dim)
         self._first.append(first)
         self._actions.append(action)
@@ -68,6 +73,8 @@ class SampleBatchBuilder:
             rewards=wire(self._rewards, np.float32),
             terminated=wire(self._terminated, np.bool_),
             truncated=wire(self._truncated, np.bool_),
+            digests=(WireArray.from_numpy(np.frombuffer(b"".join(self._digests), np.uint8).reshape(len(self._first), -1))
+                     if self.digests else None),
         )
         self._clear()
         return batch

@@ -187,6 +187,26 @@ def newest_frames(layout: ObservationLayout, observation: tuple | list) -> dict[
     return frames
 
 
+DIGEST_BYTES = 8
+
+
+def observation_digest(layout: ObservationLayout, observation: tuple | list) -> bytes:
+    """An 8-byte BLAKE2b digest of a full observation tuple (components in layout order, each cast to its dtype,
+    then the action buffer as float32). Workers in verification mode send one per row; the trainer digests the
+    observation it rebuilds for that row and counts any mismatch (``SampleBatch.digests``)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    dtypes = [c.dtype for c in layout.components] + ["float32"] * layout.action_history
+    if len(observation) != len(dtypes):
+        raise ValueError(f"observation has {len(observation)} parts, layout expects {len(dtypes)}")
+    for part, dtype in zip(observation, dtypes, strict=True):
+        digest.update(np.ascontiguousarray(part, dtype=dtype).tobytes())
+    return digest.digest()
+
+
 def box_bounds(low, high) -> tuple[float | None, float | None]:
     """Scalar bounds of a Box space (its smallest ``low``, its largest ``high``), ``None`` where infinite."""
     import numpy as np

@@ -36,7 +36,7 @@ from pydantic import (
 
 from tmrl_common.arrays import DecodeBudget, WireArray
 from tmrl_common.errors import ProtocolError, RejectReason
-from tmrl_common.layout import ObservationLayout
+from tmrl_common.layout import DIGEST_BYTES, ObservationLayout
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
@@ -119,6 +119,7 @@ class SampleBatch(Message):
     """
 
     type_name: ClassVar[str] = "sample_batch"
+    wire_optional: ClassVar[frozenset[str]] = frozenset({"digests"})
 
     seq: int = Field(ge=0, lt=2**63)
     weights_version: int = Field(ge=0, lt=2**63)
@@ -128,6 +129,9 @@ class SampleBatch(Message):
     rewards: WireArray
     terminated: WireArray
     truncated: WireArray
+    digests: WireArray | None = None
+    """Verification mode only: ``uint8 [N, 8]``, the :func:`~tmrl_common.layout.observation_digest` of the full
+    observation the env returned at each row. The trainer compares the observation it rebuilds."""
 
     @property
     def steps(self) -> int:
@@ -144,6 +148,10 @@ class SampleBatch(Message):
         _expect(self.rewards, "rewards", "float32", 1, steps)
         _expect(self.terminated, "terminated", "bool", 1, steps)
         _expect(self.truncated, "truncated", "bool", 1, steps)
+        if self.digests is not None:
+            _expect(self.digests, "digests", "uint8", 2, steps)
+            if self.digests.shape[1] != DIGEST_BYTES:
+                raise ValueError(f"digests must have {DIGEST_BYTES} bytes per row, got {self.digests.shape[1]}")
         for name, frames in self.observations.items():
             if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
                 raise ValueError(f"observation name {name!r} is not a component name")

@@ -26,15 +26,19 @@ observations need is still in the ring buffer.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from tmrl_common.layout import ObservationLayout
+from tmrl_common.layout import ObservationLayout, observation_digest
 from tmrl_common.protocol import SampleBatch
 
 from tmrl_trainer.tensor_file import TensorFileError, pack, unpack, write_atomically
+
+log = logging.getLogger(__name__)
 
 MEMORY_FORMAT = "tmrl-replay-memory-2"
 TAILS_KEPT = 64
@@ -67,6 +71,17 @@ class TransitionBatch(NamedTuple):
                                tuple(map(move, self.next_observation)), move(self.terminated), move(self.truncated))
 
 
+@dataclass
+class VerificationCounts:
+    """Rows of batches carrying digests: rebuilt observation equal to the env's, different, or not rebuildable."""
+
+    verified_rows: int = 0
+    mismatched_rows: int = 0
+    """Must stay 0: a rebuilt observation that differs from what the env returned at that step."""
+    unverifiable_rows: int = 0
+    """Rows without enough real frames behind them (never sampled)."""
+
+
 class _Tail(NamedTuple):
     """How one stored batch ends: the absolute indices of its episode's last ``depth + 1`` rows (empty when the
     episode ended with the batch) and the ``known`` count of its last row."""
@@ -95,6 +110,9 @@ class ReplayMemory:
         self._terminated = np.zeros(self.capacity, dtype=bool)
         self._truncated = np.zeros(self.capacity, dtype=bool)
         self._prev = np.zeros(self.capacity, dtype=np.int64)
+        self._known = np.zeros(self.capacity, dtype=np.int16)
+        """Real rows behind this one (capped at ``depth``); its observation is rebuilt from real frames when this is at
+        least ``depth - 1``."""
         self._complete = np.zeros(self.capacity, dtype=bool)
         """The transition ending at this row is made of real frames only (see the module docstring)."""
         self._oldest = np.zeros(self.capacity, dtype=np.int64)
@@ -102,6 +120,8 @@ class ReplayMemory:
         self._total = 0
         self._tails: dict[str, dict[int, _Tail]] = {}
         """Per worker, per stored seq: how that batch ends (for the batch ``seq + 1``)."""
+        self.verification = VerificationCounts()
+        """Batches with ``digests`` (workers in verification mode): rebuilt observations compared with the env's."""
         self.orphan_rows = 0
         """Non-first rows whose predecessor is not stored (see the module docstring); they start a chain with no real
         frames behind it, and the ``depth`` rows after them give no transition."""
@@ -129,6 +149,7 @@ class ReplayMemory:
         first = batch.first.array
         ended = batch.terminated.array | batch.truncated.array
         prev = np.empty(steps, dtype=np.int64)
+        known_at = np.empty(steps, dtype=np.int16)
         complete = np.empty(steps, dtype=bool)
         oldest = np.empty(steps, dtype=np.int64)
         tails = self._tails.setdefault(worker_id, {})
@@ -150,6 +171,7 @@ class ReplayMemory:
                 if len(tail) > keep:
                     del tail[0]
             oldest[row] = tail[max(0, len(tail) - 1 - depth)]
+            known_at[row] = known
             if ended[row]:
                 tail, known = [], 0
         tails[batch.seq] = _Tail(tail, known)
@@ -166,10 +188,31 @@ class ReplayMemory:
         self._terminated[positions] = batch.terminated.array[rows]
         self._truncated[positions] = batch.truncated.array[rows]
         self._prev[positions] = prev[rows]
+        self._known[positions] = known_at[rows]
         self._complete[positions] = complete[rows]
         self._oldest[positions] = oldest[rows]
         self._total += steps
+        if batch.digests is not None:
+            self._verify(batch.digests.array[rows], positions)
         return steps
+
+    def _verify(self, digests: np.ndarray, positions: np.ndarray) -> None:
+        """Compare the observation rebuilt at each of ``positions`` (just stored) with the worker's digest of the
+        env's. Rows whose observation cannot be rebuilt from real frames are never sampled: counted apart."""
+        rebuildable = (self._known[positions] >= self.depth - 1) & (self._oldest[positions] >= self._total - self.capacity)
+        counts = self.verification
+        counts.unverifiable_rows += int((~rebuildable).sum())
+        if not rebuildable.any():
+            return
+        rebuilt = self.transitions(positions[rebuildable]).next_observation  # the observation at each row itself
+        for i, expected in enumerate(digests[rebuildable]):
+            observation = [part[i].numpy() for part in rebuilt]
+            if observation_digest(self.layout, observation) != expected.tobytes():
+                counts.mismatched_rows += 1
+            else:
+                counts.verified_rows += 1
+        if counts.mismatched_rows:
+            log.warning("verification: %d rebuilt observation(s) differ from the env's so far", counts.mismatched_rows)
 
     def forget_worker(self, worker_id: str) -> None:
         """Forget how ``worker_id``'s batches ended (e.g. it restarted): its next rows link to nothing stored before."""
@@ -251,7 +294,7 @@ class ReplayMemory:
         stored = len(self)
         arrays = {f"frames.{name}": frames[:stored] for name, frames in self._frames.items()}
         arrays.update(actions=self._actions[:stored], rewards=self._rewards[:stored], terminated=self._terminated[:stored],
-                      truncated=self._truncated[:stored], prev=self._prev[:stored], complete=self._complete[:stored],
+                      truncated=self._truncated[:stored], prev=self._prev[:stored], known=self._known[:stored], complete=self._complete[:stored],
                       oldest=self._oldest[:stored])
         tails = {worker: {str(seq): [tail.known, *tail.indices] for seq, tail in by_seq.items()}
                  for worker, by_seq in self._tails.items()}
@@ -287,7 +330,7 @@ class ReplayMemory:
         stored = min(total, self.capacity)
         targets = {f"frames.{name}": frames for name, frames in self._frames.items()}
         targets.update({name: getattr(self, f"_{name}") for name in
-                        ("actions", "rewards", "terminated", "truncated", "prev", "complete", "oldest")})
+                        ("actions", "rewards", "terminated", "truncated", "prev", "known", "complete", "oldest")})
         loaded = {}
         for name, target in targets.items():
             array = arrays[name].numpy() if name in arrays else None

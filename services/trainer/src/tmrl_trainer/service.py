@@ -325,6 +325,7 @@ class TrainerService:
         ingest = self.ingestor.snapshot()
         with self.memory_lock:
             stored = len(self.memory)
+            verification = vars(self.memory.verification).copy()
         return {
             "trainer_id": self.config.trainer_id,
             "env": self.config.env,
@@ -335,6 +336,7 @@ class TrainerService:
             "weights_version": self.weights_version,
             "samples_received": ingest["rows_stored"],  # same snapshot as the per-worker counts
             "samples_stored": stored,
+            "verification": verification,
             "metrics": self.last_metrics,
             "learner": dict(self.guard_counts),
             "link": vars(self.link.counters),

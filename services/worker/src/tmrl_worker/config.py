@@ -56,6 +56,10 @@ class WorkerConfig(BaseModel):
     """Send a batch every this many steps (and at every episode end)."""
     compress: bool = True
     """zlib-compress sample arrays (newest frame per step only is always applied)."""
+    verify_observations: bool = False
+    """Verification mode: each row also carries an 8-byte digest of the full observation the env returned, and the
+    trainer counts rebuilt observations that differ (``verification`` in its ``status.json``; must stay 0). Costs one
+    BLAKE2b per step on the rollout thread and 8 bytes per row."""
     spool_max_batches: int = Field(default=1000, ge=1)
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     """Unacknowledged batches kept for resending; beyond either bound the oldest is dropped (counted, logged)."""

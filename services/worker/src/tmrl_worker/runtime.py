@@ -183,6 +183,7 @@ class RolloutLoop:
         worker_id: str = "worker",
         max_steps_per_second: float | None = None,
         progress: ProgressFile | None = None,
+        verify_observations: bool = False,
     ) -> None:
         self.env = env
         self.sink = sink
@@ -190,6 +191,8 @@ class RolloutLoop:
         self.policy = policy
         self.batch_steps = batch_steps
         self.codec = "zlib" if compress else "raw"
+        self.verify_observations = verify_observations
+        """Batches carry each row's full-observation digest (``WorkerConfig.verify_observations``)."""
         self.deterministic = deterministic
         self.seed = seed
         self.noise = None if seed is None else torch.Generator().manual_seed(seed)
@@ -206,7 +209,7 @@ class RolloutLoop:
         self._builder = self._new_builder()
 
     def _new_builder(self) -> SampleBatchBuilder:
-        return SampleBatchBuilder(self.env.layout, codec=self.codec)  # type: ignore[arg-type]
+        return SampleBatchBuilder(self.env.layout, codec=self.codec, digests=self.verify_observations)  # type: ignore[arg-type]
 
     def _swap_policy(self) -> None:
         if self.feed is None:
@@ -374,7 +377,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
         loop = RolloutLoop(env, samples_sink, feed, policy, batch_steps=config.batch_steps, compress=config.compress,
                            deterministic=config.deterministic or config.mode == "test", seed=config.seed,
                            worker_id=config.worker_id, max_steps_per_second=config.max_steps_per_second,
-                           progress=progress)
+                           progress=progress, verify_observations=config.verify_observations)
         log.info("%s: %s mode on env %s (%s, layout %s), relay %s", config.worker_id, config.mode, env.spec,
                  "real time" if env.realtime else "synchronous",
                  [c.name for c in env.layout.components], config.relay_host)
