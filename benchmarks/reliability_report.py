@@ -7,6 +7,9 @@
 * fuzz: random and mutated messages over sockets into a relay process and into the trainer's ingest path, plus
   oversized frames, a wrong protocol version, NaN samples, a CurveZMQ key outside the allow-list and a worker
   impersonating another (``tests/reliability/hostile.py``);
+* integrity: a relay SIGKILLed holding batches, a worker's spool overflowing (real gaps), a trainer restarted
+  without its memory mid-episode, with workers in verification mode: rows lost, batches stored twice and rebuilt
+  observations that differ from the env's (``tests/reliability/integrity.py``);
 * load: N workers on the fast simulator through one relay (``tests/reliability/load.py``);
 * rogue: a worker sending absurd but finite values (rewards 3e38, LIDAR or speed 1e30) among two honest workers while
   the trainer trains on the simulator, against the same run without it (``tests/reliability/rogue.py``).
@@ -44,10 +47,11 @@ from faults import (  # noqa: E402
     worker_killed_holding_unacknowledged_batches,
 )
 from hostile import curve_cases, ingest_fuzz, relay_edge_cases, relay_fuzz  # noqa: E402
+from integrity import relay_killed_holding_batches, spool_overflow_gap, trainer_restart_without_memory  # noqa: E402
 from load import load_run  # noqa: E402
 from rogue import rogue_worker  # noqa: E402
 
-PARTS = ("faults", "fuzz", "load", "rogue")
+PARTS = ("faults", "integrity", "fuzz", "load", "rogue")
 
 
 def run_part(name: str, function, *args, **kwargs) -> dict:
@@ -126,6 +130,15 @@ def render(results: dict, info: dict, command: str) -> str:
                             "; ".join(f"durable_spool {'on' if durable else 'off'}: {lost} of {k['rows_built']}"
                                       f"{' (its unfinished batch)' if durable else ''}"
                                       for k, lost, durable in spools)))
+    if "integrity" in results:
+        integrity = results["integrity"]
+        ok = [o["figures"] for o in integrity.values() if o["ok"]]
+        summary.append(("integrity scenarios passed (relay killed holding batches, spool gaps, trainer restart "
+                        "without memory)", f"{len(ok)} of {len(integrity)}"))
+        summary.append(("integrity: lost / batches stored twice / rebuilt observations differing from the env's",
+                        " / ".join(str(sum(f[k] or 0 for f in ok)) for k in
+                                   ("rows_lost", "batches_stored_twice", "mismatched_observations"))
+                        + f" (of {sum(f['observations_checked'] for f in ok):,} observations checked)"))
     if "fuzz" in results:
         fuzz = results["fuzz"]
         tried = sum(fuzz[k]["figures"]["messages"] for k in ("relay", "ingest") if fuzz[k]["ok"])
@@ -243,6 +256,41 @@ def render(results: dict, info: dict, command: str) -> str:
                 "reached the relay is stored once. Across a trainer crash, batches the killed trainer stored but had not acknowledged are "
                 "resent and stored by the new trainer; its replay memory starts empty (`save_memory` is off here), so such rows "
                 "are in memory once.", ""]
+
+    if "integrity" in results:
+        out += ["## Delivery and replay integrity", "",
+                "Workers run in verification mode (`verify_observations`): each row carries a digest of the full "
+                "observation the env returned, and the trainer compares the observation its replay memory rebuilds "
+                "for every row it can rebuild from real frames (the only ones a sampled transition ever uses). Rows "
+                "after a gap or a restart cannot be rebuilt until enough real frames follow; they are stored, counted "
+                "and never sampled. `lost` counts what was neither stored nor counted as dropped by a full spool (rows "
+                "where one trainer ran throughout, else batches); "
+                "`batches stored twice` is the trainer's batches stored minus distinct seqs stored.", ""]
+        for key, outcome in results["integrity"].items():
+            out.append(f"### {outcome.get('figures', {}).get('fault', key)}\n")
+            if not outcome["ok"]:
+                out.append(_failed(outcome))
+                continue
+            f = outcome["figures"]
+            w = f["worker"]
+            rows = [("worker: rows / batches built", f"{w['rows']} / {w['batches']}"),
+                    ("worker: acknowledged / resent / dropped (full spool) / unacknowledged",
+                     f"{w['acknowledged']} / {w['resent']} / {w['dropped']} / {w['unacknowledged']}"),
+                    *([("relay: batches held when it was killed", f["relay_held_at_kill"])]
+                      if "relay_held_at_kill" in f else []),
+                    *([("trainer: batches / rows stored", f"{f['trainer_batches']} / {f['trainer_steps']}")]
+                      if "trainer_batches" in f else
+                      [("restarted trainer: seqs stored (contiguous) / acknowledged by the killed one",
+                        f"{f['new_trainer_seq_range'][0]}..{f['new_trainer_seq_range'][1]} / below "
+                        f"{f['acked_by_killed_trainer']}")]),
+                    ("rows not rebuildable from real frames (never sampled) / orphan rows",
+                     f"{f['rows_not_rebuildable']} / {f['orphan_rows']}"),
+                    ("observations checked against the env's digest", f"{f['observations_checked']:,}"),
+                    *([("worker batches dropped by its full spool but still delivered from the relay",
+                        f["dropped_but_delivered"])] if "dropped_but_delivered" in f else []),
+                    ("**lost / batches stored twice / observations differing**",
+                     f"**{f['rows_lost']} / {f['batches_stored_twice']} / {f['mismatched_observations']}**")]
+            out += [_table(rows, ("", "")), f"\n({outcome['seconds']} s)\n"]
 
     if "fuzz" in results:
         fuzz = results["fuzz"]
@@ -379,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
                              "spool in memory": run_part("worker SIGKILL holding unacknowledged batches, durable_spool off",
                                                          worker_killed_holding_unacknowledged_batches,
                                                          durable_spool=False)}
+    if "integrity" in parts:
+        results["integrity"] = {
+            "relay": run_part("relay SIGKILLed holding batches", relay_killed_holding_batches),
+            "gaps": run_part("spool overflow gaps", spool_overflow_gap),
+            "trainer": run_part("trainer restart without memory", trainer_restart_without_memory)}
     if "fuzz" in parts:
         results["fuzz"] = {"relay": run_part("relay fuzz over sockets", relay_fuzz, count=args.fuzz_count),
                            "ingest": run_part("trainer ingest fuzz", ingest_fuzz, count=args.fuzz_count),

@@ -163,6 +163,7 @@ def test_worker_stats_give_the_stored_seq_range(ingest):
         ingestor.handle(batch_frames("w", seq, [1.0]))
     stats = ingestor.snapshot()["workers"]["w"]
     assert (stats["min_seq"], stats["max_seq"], stats["batches"], stats["duplicates"]) == (5, 7, 3, 1)
+    assert stats["distinct_seqs"] == stats["batches"]  # nothing stored twice
     assert stats["batches"] == stats["max_seq"] - stats["min_seq"] + 1  # contiguous: nothing between lost or doubled
 
 

@@ -77,9 +77,11 @@ def _interval_pairs(value: list[list[int]]) -> list[list[int]]:
     return value
 
 
-class _SavedWindow(BaseModel):
+class _Saved(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+
+class _SavedWindow(_Saved):
     horizon: int = Field(ge=0)
     stored: list[list[int]]
 
@@ -91,17 +93,13 @@ class _SavedWindow(BaseModel):
         return self
 
 
-class _DedupeState(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class _DedupeState(_Saved):
     format: Literal["tmrl-dedupe-2"]
     given_up: int = Field(ge=0)
     workers: dict[str, _SavedWindow]
 
 
-class _OldSavedWindow(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class _OldSavedWindow(_Saved):
     watermark: int = Field(ge=0)
     above: list[int]
 
@@ -112,12 +110,9 @@ class _OldSavedWindow(BaseModel):
         return self
 
 
-class _OldDedupeState(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    format: Literal["tmrl-dedupe-1"]
-    given_up: int = Field(ge=0)
-    workers: dict[str, _OldSavedWindow]
+class _OldDedupeState(_DedupeState):
+    format: Literal["tmrl-dedupe-1"]  # type: ignore[assignment]
+    workers: dict[str, _OldSavedWindow]  # type: ignore[assignment]
 
 
 @dataclass
@@ -244,6 +239,11 @@ class SeqDeduplicator:
         window = self._windows.get(worker)
         return 0 if window is None else window.horizon
 
+    def stored_count(self, worker: str) -> int:
+        """Distinct seqs of ``worker`` known stored (above its horizon)."""
+        window = self._windows.get(worker)
+        return 0 if window is None else sum(end - start for start, end in zip(window.starts, window.ends, strict=True))
+
     def tracked_intervals(self, worker: str) -> int:
         window = self._windows.get(worker)
         return 0 if window is None else len(window.starts)
@@ -326,7 +326,9 @@ class WorkerStats:
     last_seen: float = 0.0
     min_seq: int | None = None
     """Lowest and highest ``seq`` stored from this worker: with ``batches`` they show whether the stored seqs form
-    one contiguous range (``batches == max_seq - min_seq + 1``), i.e. nothing in between was lost or stored twice."""
+    one contiguous range (``batches == max_seq - min_seq + 1``), i.e. nothing in between was lost or stored twice.
+    The snapshot adds ``distinct_seqs`` (the dedupe's count of distinct seqs stored): ``batches - distinct_seqs`` is
+    the number of batches stored twice, which must be 0."""
     max_seq: int | None = None
     next_seq: int | None = None
     """``next_seq`` of this worker's latest hello: the lowest seq it may still send (informational)."""
@@ -512,5 +514,6 @@ class Ingestor:
                 "answers": dict(self.answers),
                 "dedupe_given_up": self.dedupe.given_up,
                 "episodes_abandoned": self.episodes.abandoned,
-                "workers": {name: {**vars(stats)} for name, stats in sorted(self.workers.items())},
+                "workers": {name: {**vars(stats), "distinct_seqs": self.dedupe.stored_count(name)}
+                            for name, stats in sorted(self.workers.items())},
             }

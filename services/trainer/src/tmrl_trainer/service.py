@@ -325,7 +325,7 @@ class TrainerService:
         ingest = self.ingestor.snapshot()
         with self.memory_lock:
             stored = len(self.memory)
-            verification = vars(self.memory.verification).copy()
+            verification = {**vars(self.memory.verification), "orphan_rows": self.memory.orphan_rows}
         return {
             "trainer_id": self.config.trainer_id,
             "env": self.config.env,

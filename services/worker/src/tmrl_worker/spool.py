@@ -207,29 +207,25 @@ class Spool:
 
     def ack(self, seqs: list[int]) -> int:
         """Forget acknowledged batches; return how many were spooled (acks for unknown seqs are counted apart)."""
-        removed = 0
-        for seq in seqs:
-            entry = self._batches.pop(seq, None)
-            if entry is None:
-                self.counters.unknown_acks += 1
-                continue
-            self._bytes -= entry.nbytes
-            self._forget(seq)
-            removed += 1
+        removed = self._remove(seqs)
         self.counters.acked += removed
+        self.counters.unknown_acks += len(seqs) - removed
         return removed
 
     def refuse(self, seqs: list[int]) -> int:
         """Forget batches the trainer refused for good (they are never resent); return how many were spooled."""
+        removed = self._remove(seqs)
+        self.counters.refused += removed
+        return removed
+
+    def _remove(self, seqs: list[int]) -> int:
         removed = 0
         for seq in seqs:
             entry = self._batches.pop(seq, None)
-            if entry is None:
-                continue
-            self._bytes -= entry.nbytes
-            self._forget(seq)
-            removed += 1
-        self.counters.refused += removed
+            if entry is not None:
+                self._bytes -= entry.nbytes
+                self._forget(seq)
+                removed += 1
         return removed
 
     def due(self, ack_timeout_s: float, now: float | None = None) -> list[SpooledBatch]:
