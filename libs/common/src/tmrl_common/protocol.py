@@ -106,7 +106,9 @@ class Hello(Message):
     layout: ObservationLayout | None = None
     """Workers say which observation layout their samples follow; the trainer rejects batches from a mismatch."""
     next_seq: int = Field(default=0, ge=0, lt=2**63)
-    """Sequence number of the next batch the worker will send (after a restart: continues, never reuses)."""
+    """The lowest ``seq`` this worker may still send: its oldest unacknowledged batch, else the number of its next new
+    batch (every lower seq was acknowledged or will never be sent). Reported by the trainer, not used to decide
+    duplicates (``docs/protocol.md`` §5.3.1)."""
 
 
 class SampleBatch(Message):
