@@ -89,7 +89,7 @@ def run(
         summary += (f"; delivery: {delivery['steps_submitted']} rows in {delivery['batches_built']} batches, "
                     f"{delivery['spool_acked']} acknowledged, {delivery['spool_resent']} resent, "
                     f"{delivery['spool_dropped']} dropped, {delivery['spool_batches']} unacknowledged, "
-                    f"{delivery['batches_rejected']} refused")  # refused last: log parsers read the fields before it
+                    f"{delivery['batches_rejected']} rejected")  # last: log parsers read the fields before it
         if delivery.get("handshake_refused"):
             summary += (f"; the relay refused this worker's key {delivery['handshake_refused']} time(s): "
                         "allow it with `tmrl-relay keys add` on the relay host")

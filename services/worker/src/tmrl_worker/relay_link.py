@@ -242,7 +242,7 @@ class RelayLink:
             self.counters.batches_rejected += removed
             self.rejects[reason] += removed
         if removed:
-            log.warning("%s: batch seq %s refused [%s], dropped without resending: %s", self.worker_id,
+            log.warning("%s: batch seq %s rejected [%s], dropped without resending: %s", self.worker_id,
                         ",".join(map(str, seqs)), reason, detail)
 
     def _heartbeat(self) -> Heartbeat:
