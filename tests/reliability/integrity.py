@@ -164,3 +164,109 @@ def trainer_restart_without_memory(root: Path, checkpoint_every: int = 40) -> di
                 "rows_lost": worker["batches"] - worker["acknowledged"], **figures}
     finally:
         p.stack.kill_all()
+
+
+POISON = {  # what a rogue worker sends: finite values far outside what an honest worker can (issue 13, finding 4)
+    "reward_out_of_bounds": ("rewards", 3e38),
+    "action_out_of_bounds": ("actions", 1e30),
+    "observation_out_of_bounds": ("lidar", 1e30),
+}
+
+
+def _poisoned_batch(seq: int, what: str, value: float):
+    """A simulator-layout batch, honest but for ``what`` holding ``value`` in one row."""
+    import numpy as np
+    from tmrl_common.arrays import WireArray
+    from tmrl_common.batching import SampleBatchBuilder
+    from tmrl_common.layout import tm20_lidar_layout
+
+    layout, rng = tm20_lidar_layout(), np.random.default_rng(seq)
+    observation = lambda: (rng.uniform(0, 300, (1,)).astype(np.float32),  # noqa: E731
+                           rng.uniform(0, 80, (4, 19)).astype(np.float32), np.zeros(3, np.float32), np.zeros(3, np.float32))
+    builder = SampleBatchBuilder(layout)
+    builder.add_reset(observation())
+    for row in range(1, 25):
+        action = np.full(3, value if what == "actions" and row == 5 else 0.1, np.float32)
+        builder.add_step(action, observation(), value if what == "rewards" and row == 5 else 1.0, False, False)
+    batch = builder.build(seq=seq, weights_version=0)
+    if what == "lidar":
+        frames = batch.observations["lidar"].array.copy()
+        frames[5, 3] = value
+        batch = batch.model_copy(update={"observations": {**batch.observations, "lidar": WireArray.from_numpy(frames)}})
+    return batch
+
+
+def rogue_worker_among_honest(root: Path, steps: int = 3000, poisoned_per_kind: int = 10) -> dict:
+    """Two honest workers train the learner on the simulator while a rogue worker (a registered sender, its own
+    DEALER socket) sends batches whose rewards are 3e38, actions 1e30 or LIDAR 1e30: every poisoned batch is refused
+    at ingest with its own reason and answered, the trainer keeps training (finite losses, new weights), and the honest
+    workers lose nothing. (Whether training then reaches the same return as without the rogue is not measured here.)"""
+    import math
+
+    import msgpack
+    import zmq
+    from hostile import Client
+    from tmrl_common.layout import tm20_lidar_layout
+    from tmrl_common.protocol import Hello, SampleAck, decode, encode
+
+    config = write_config(root, learning_starts=200)
+    config.write_text(config.read_text() + VERIFY)
+    p = Pipeline(root)
+    context = zmq.Context()
+    rogue = None
+    try:
+        p.start_relay()
+        p.start_trainer()
+        p.wait(lambda: p.status().get("connected"), 90, "the trainer connecting", "trainer")
+        for worker_id in ("w1", "w2"):
+            p.start_worker(worker_id, "--max-steps", str(steps))
+        p.wait(lambda: p.status().get("updates", 0) >= 20, 120, "training on the honest workers' batches", "trainer")
+        rogue = Client(context, p.worker_port, "rogue")
+        rogue.send(encode(Hello(role="worker", software="rogue", layout=tm20_lidar_layout(), next_seq=0), "rogue"))
+        time.sleep(0.3)
+        sent: dict[str, int] = {}
+        seq = 0
+        for _ in range(poisoned_per_kind):
+            for reason, (what, value) in POISON.items():
+                rogue.send(encode(_poisoned_batch(seq, what, value), "rogue"))
+                sent[reason] = sent.get(reason, 0) + 1
+                seq += 1
+        answers: dict[str, int] = {}
+        deadline = time.monotonic() + 30
+        while sum(answers.values()) < seq and time.monotonic() < deadline:
+            if rogue.socket.poll(250):
+                frames = rogue.socket.recv_multipart()
+                if msgpack.unpackb(frames[0]).get("type") == "sample_ack":
+                    _, ack = decode(frames)
+                    assert isinstance(ack, SampleAck) and ack.outcome == "rejected", ack
+                    answers[ack.reason] = answers.get(ack.reason, 0) + len(ack.seqs)
+            p.stack.check_alive("trainer")
+        assert answers == sent, f"answers to the rogue {answers}, sent {sent}"
+        at_poison = p.status()
+        for worker_id in ("w1", "w2"):
+            assert p.stack.wait(worker_id, timeout=180) == 0, p.stack.tail(worker_id)
+        after = p.wait(lambda: (s := p.status()).get("updates", 0) > at_poison["updates"] + 20 and s, 60,
+                       "training going on after the poison", "trainer")
+        assert all(math.isfinite(v) for v in after["metrics"].values()), after["metrics"]
+        status = p.settled_status()
+        rejects = {reason: status["rejects"].get(reason, 0) for reason in POISON}
+        assert rejects == sent and status["workers"]["rogue"]["batches"] == 0, (rejects, status["workers"]["rogue"])
+        honest = {}
+        for worker_id in ("w1", "w2"):
+            worker = parse_summary(p.stack.logs[worker_id].read_text())
+            stored = status["workers"][worker_id]
+            assert worker["acknowledged"] == worker["batches"] and stored["steps"] == worker["rows"], (worker, stored)
+            honest[worker_id] = {"rows": worker["rows"], "stored": stored["steps"]}
+        figures = _integrity(status, "w1")
+        assert status["workers"]["w2"]["batches"] == status["workers"]["w2"]["distinct_seqs"]
+        assert p.stack.stop("trainer") == 0 and p.stack.stop("relay") == 0
+        return {"fault": "a rogue worker sending finite but absurd values among two honest workers, while training",
+                "poisoned_sent": sent, "rejected_and_answered": answers, "trainer_rejects": rejects,
+                "honest_workers": honest, "updates_at_poison": at_poison["updates"], "updates_after": after["updates"],
+                "weights_version_after": after["weights_version"], "losses_finite": True,
+                "rows_lost": sum(h["rows"] - h["stored"] for h in honest.values()), **figures}
+    finally:
+        if rogue is not None:
+            rogue.close()
+        context.term()
+        p.stack.kill_all()
