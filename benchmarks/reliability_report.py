@@ -283,9 +283,10 @@ def render(results: dict, info: dict, command: str) -> str:
                          "; ".join(f"{r}: {n} / {f['rejected_and_answered'].get(r, 0)}" for r, n in f["poisoned_sent"].items())),
                         ("honest workers: rows built / stored",
                          ", ".join(f"{w}: {h['rows']} / {h['stored']}" for w, h in f["honest_workers"].items())),
-                        ("SAC updates when the poison was sent → at the end (losses finite throughout the status)",
+                        ("SAC updates when the poison was sent → at the end (losses in the last status finite)",
                          f"{f['updates_at_poison']} → {f['updates_after']}"),
-                        ("observations checked against the env's digest (w1)", f"{f['observations_checked']:,}"),
+                        ("observations checked against the env's digest (both honest workers)",
+                         f"{f['observations_checked']:,}"),
                         ("**lost / batches stored twice / observations differing**",
                          f"**{f['rows_lost']} / {f['batches_stored_twice']} / {f['mismatched_observations']}**")]
                 out += [_table(rows, ("", "")), f"\n({outcome['seconds']} s)\n"]
