@@ -48,12 +48,7 @@ from faults import (  # noqa: E402
     worker_killed_holding_unacknowledged_batches,
 )
 from hostile import curve_cases, ingest_fuzz, relay_edge_cases, relay_fuzz  # noqa: E402
-from integrity import (  # noqa: E402
-    relay_killed_holding_batches,
-    rogue_worker_among_honest,
-    spool_overflow_gap,
-    trainer_restart_without_memory,
-)
+from integrity import relay_killed_holding_batches, spool_overflow_gap, trainer_restart_without_memory  # noqa: E402
 from load import load_run  # noqa: E402
 from rogue import rogue_worker  # noqa: E402
 
@@ -140,7 +135,7 @@ def render(results: dict, info: dict, command: str) -> str:
         integrity = results["integrity"]
         ok = [o["figures"] for o in integrity.values() if o["ok"]]
         summary.append(("integrity scenarios passed (relay killed holding batches, spool gaps, trainer restart "
-                        "without memory, rogue worker)", f"{len(ok)} of {len(integrity)}"))
+                        "without memory)", f"{len(ok)} of {len(integrity)}"))
         summary.append(("integrity: lost / batches stored twice / rebuilt observations differing from the env's",
                         " / ".join(str(sum(f[k] or 0 for f in ok)) for k in
                                    ("rows_lost", "batches_stored_twice", "mismatched_observations"))
@@ -278,19 +273,6 @@ def render(results: dict, info: dict, command: str) -> str:
                 out.append(_failed(outcome))
                 continue
             f = outcome["figures"]
-            if "poisoned_sent" in f:
-                rows = [("rogue batches sent / refused and answered, by reason",
-                         "; ".join(f"{r}: {n} / {f['rejected_and_answered'].get(r, 0)}" for r, n in f["poisoned_sent"].items())),
-                        ("honest workers: rows built / stored",
-                         ", ".join(f"{w}: {h['rows']} / {h['stored']}" for w, h in f["honest_workers"].items())),
-                        ("SAC updates when the poison was sent → at the end (losses in the last status finite)",
-                         f"{f['updates_at_poison']} → {f['updates_after']}"),
-                        ("observations checked against the env's digest (both honest workers)",
-                         f"{f['observations_checked']:,}"),
-                        ("**lost / batches stored twice / observations differing**",
-                         f"**{f['rows_lost']} / {f['batches_stored_twice']} / {f['mismatched_observations']}**")]
-                out += [_table(rows, ("", "")), f"\n({outcome['seconds']} s)\n"]
-                continue
             w = f["worker"]
             rows = [("worker: rows / batches built", f"{w['rows']} / {w['batches']}"),
                     ("worker: acknowledged / resent / dropped (full spool) / unacknowledged",
@@ -450,8 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         results["integrity"] = {
             "relay": run_part("relay SIGKILLed holding batches", relay_killed_holding_batches),
             "gaps": run_part("spool overflow gaps", spool_overflow_gap),
-            "trainer": run_part("trainer restart without memory", trainer_restart_without_memory),
-            "rogue": run_part("rogue worker among honest ones", rogue_worker_among_honest)}
+            "trainer": run_part("trainer restart without memory", trainer_restart_without_memory)}
     if "fuzz" in parts:
         results["fuzz"] = {"relay": run_part("relay fuzz over sockets", relay_fuzz, count=args.fuzz_count),
                            "ingest": run_part("trainer ingest fuzz", ingest_fuzz, count=args.fuzz_count),
