@@ -158,8 +158,8 @@ def tm20_full_layout(img_hist_len: int = 4, height: int = 64, width: int = 64, a
     action (3,), action (3,))``."""
     return ObservationLayout(
         components=[
-            ObservationComponent(name="speed", frame_shape=[1]),
-            ObservationComponent(name="gear", frame_shape=[1]),
+            _speed(),
+            ObservationComponent(name="gear", frame_shape=[1]),  # gear and rpm: the trainer's max_abs_observation
             ObservationComponent(name="rpm", frame_shape=[1]),
             ObservationComponent(name="image", frame_shape=[height, width], dtype="uint8", history=img_hist_len),
         ],
