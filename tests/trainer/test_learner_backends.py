@@ -141,6 +141,24 @@ def test_the_cuda_graph_applies_the_guard_without_asking_the_host():
     _train([graph], [MEMORY.sample(64) for _ in range(4)])
     before = _state(graph)
     poisoned = MEMORY.sample(64)
-    graph.update(poisoned._replace(reward=torch.full_like(poisoned.reward, 3e38)), with_metrics=False)
+    poisoned = poisoned._replace(reward=torch.full_like(poisoned.reward, 3e38)).to("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside the update raises
+    try:
+        graph.update(poisoned, with_metrics=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert graph.graph_captured and graph.guard.rejected_updates() == 1
     _assert_agree(before, _state(graph))
+
+
+@needs_cuda
+def test_the_cuda_graph_is_recorded_again_after_a_checkpoint_loads(tmp_path):
+    reference, graph = _learner("reference", device="cuda"), _learner("cuda-graph", device="cuda")
+    _train([reference, graph], [MEMORY.sample(64) for _ in range(5)])
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", reference, {})
+    load_checkpoint(path, graph)
+    assert not graph.graph_captured
+    _train([reference, graph], [MEMORY.sample(64) for _ in range(5)])
+    assert graph.graph_captured
+    _assert_agree(_state(reference), _state(graph))

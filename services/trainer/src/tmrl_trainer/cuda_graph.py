@@ -15,7 +15,7 @@ into the graph's static input tensors (``non_blocking`` from pinned host memory)
 
 The first :data:`WARMUP_UPDATES` updates run eagerly on a side stream (CUDA graphs need their kernels initialised,
 and Adam needs its state) and count as real updates. Loading a checkpoint drops the graph (the optimizer's state
-tensors are replaced); the next update records it again.
+tensors are replaced); the graph is recorded again after as many eager updates.
 
 On a CPU device, or with ``capture=False``, the same step runs eagerly: that is how its maths is tested against the
 reference on a machine without a GPU (``tests/trainer/test_learner_backends.py``); the graph itself is tested only
@@ -51,6 +51,7 @@ class CudaGraphLearner(ReferenceLearner):
             raise ValueError(f"CUDA graph capture needs a CUDA device, not {self.device}")
         self._zero_gradients()  # gradients are allocated once and zeroed in place: the graph holds their addresses
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._warmup_left = WARMUP_UPDATES
         self._inputs: TransitionBatch | None = None
         self._metrics: torch.Tensor | None = None
 
@@ -86,8 +87,9 @@ class CudaGraphLearner(ReferenceLearner):
     def update(self, batch: TransitionBatch, with_metrics: bool = True) -> dict[str, float]:
         if not self.capture:
             metrics = self.step(batch.to(self.device))
-        elif self._graph is None and self.updates < WARMUP_UPDATES:
+        elif self._graph is None and self._warmup_left > 0:
             metrics = self._eager_on_side_stream(batch)
+            self._warmup_left -= 1
         else:
             if self._graph is None:
                 self._record(batch)
@@ -128,6 +130,7 @@ class CudaGraphLearner(ReferenceLearner):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._graph, self._inputs, self._metrics = None, None, None  # recorded around the replaced Adam state
+        self._warmup_left = WARMUP_UPDATES
         self._zero_gradients()
 
 
