@@ -11,11 +11,12 @@ import torch
 from random_episodes import fill_with_random_episodes
 from tmrl_common.layout import tm20_image_layout, tm20_lidar_layout
 from tmrl_trainer.checkpoint import load_checkpoint, save_checkpoint
+from tmrl_trainer.cpu_fast import SACLearner
 from tmrl_trainer.cuda_graph import CudaGraphLearner
 from tmrl_trainer.learner import BACKENDS, make_learner
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.reference import ReferenceLearner
-from tmrl_trainer.sac import SACConfig, SACLearner
+from tmrl_trainer.sac import SACConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,8 +8,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tmrl_common.layout import ObservationComponent, ObservationLayout
 from tmrl_trainer.checkpoint import load_checkpoint
+from tmrl_trainer.cpu_fast import SACLearner
 from tmrl_trainer.local import LocalTrainingConfig, UnsupportedEnvironmentError, train_local
-from tmrl_trainer.sac import SACConfig, SACLearner
+from tmrl_trainer.sac import SACConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

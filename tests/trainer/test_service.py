@@ -365,7 +365,7 @@ def load_state(path) -> dict[str, torch.Tensor]:
 
 
 def fresh_actor_state(config: TrainerConfig) -> dict[str, list]:
-    from tmrl_trainer.sac import SACLearner
+    from tmrl_trainer.cpu_fast import SACLearner
 
     learner = SACLearner(config.sac, config.sac.architecture(layout_for_box(3, 1)), device="cpu", seed=config.seed)
     return {k: v.tolist() for k, v in learner.actor.state_dict().items()}

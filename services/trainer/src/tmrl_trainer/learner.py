@@ -1,15 +1,12 @@
 """The learner seam: :func:`make_learner` is the one place that chooses how the SAC update is computed.
 
-=============== ============================================== ==================================================
-backend         class                                          what it is
-=============== ============================================== ==================================================
-``reference``   :class:`~tmrl_trainer.reference.ReferenceLearner` plain PyTorch, the oracle every other is tested against
-``cpu-fast``    :class:`~tmrl_trainer.sac.SACLearner`            flat parameters, hand-written critic backward passes,
-                                                               direct fused Adam calls (the CPU default)
-``cuda-graph``  :class:`~tmrl_trainer.cuda_graph.CudaGraphLearner` the reference update captured in a CUDA graph (the
-                                                               CUDA default; runs eagerly on a CPU device)
-``auto``        one of the two defaults                         ``cuda-graph`` on CUDA, ``cpu-fast`` elsewhere
-=============== ============================================== ==================================================
+* ``reference``: :class:`~tmrl_trainer.reference.ReferenceLearner`, plain PyTorch, the oracle the others are tested
+  against;
+* ``cpu-fast``: :class:`~tmrl_trainer.cpu_fast.SACLearner`, flat parameters, hand-written critic backward passes,
+  direct fused Adam calls (the CPU default);
+* ``cuda-graph``: :class:`~tmrl_trainer.cuda_graph.CudaGraphLearner`, the reference update recorded once as a CUDA
+  graph and replayed (the CUDA default; its step runs eagerly on a CPU device);
+* ``auto``: ``cuda-graph`` on a CUDA device, ``cpu-fast`` elsewhere.
 
 All of them take the same seed to the same initial weights and random draws, give parameters that agree to float
 tolerance after the same batches, apply the learner guard, and read and write the same checkpoints
@@ -23,11 +20,12 @@ from typing import Any, Protocol
 import torch
 from tmrl_common.networks import Actor, CriticEnsemble, PolicyArchitecture
 
+from tmrl_trainer.cpu_fast import SACLearner
 from tmrl_trainer.cuda_graph import CudaGraphLearner
 from tmrl_trainer.guard import UpdateGuard
 from tmrl_trainer.memory import TransitionBatch
 from tmrl_trainer.reference import ReferenceLearner
-from tmrl_trainer.sac import Backend, SACConfig, SACLearner, resolve_device
+from tmrl_trainer.sac import Backend, SACConfig, resolve_device
 
 BACKENDS: dict[str, type] = {"reference": ReferenceLearner, "cpu-fast": SACLearner, "cuda-graph": CudaGraphLearner}
 
