@@ -115,6 +115,9 @@ class CudaGraphLearner(ReferenceLearner):
         self._inputs = _static_copy(batch, self.device)
         torch.cuda.synchronize(self.device)
         self._graph = torch.cuda.CUDAGraph()
+        if not hasattr(self._graph, "register_generator_state"):  # torch < 2.4: only the default generator replays
+            raise RuntimeError(f"the cuda-graph backend needs torch >= 2.4 (CUDAGraph.register_generator_state); "
+                               f"this is torch {torch.__version__}: use backend 'cpu-fast' or 'reference'")
         self._graph.register_generator_state(self.generator)
         with torch.cuda.graph(self._graph):
             self._metrics = self.step(self._inputs)
