@@ -78,7 +78,7 @@ def rollouts(policy: Callable[[tuple, Any, Any], np.ndarray], episodes: int, see
 def trained_actor(checkpoint: Path, sac) -> Any:
     """The actor ``train_local`` saved in ``checkpoint``."""
     from tmrl_trainer.checkpoint import load_checkpoint
-    from tmrl_trainer.sac import SACLearner
+    from tmrl_trainer.cpu_fast import SACLearner
 
     env = gym.make(ENV_ID)
     layout = env.unwrapped.layout

@@ -6,7 +6,10 @@ number of torch threads, a replay memory pre-filled with 20,000 random steps, an
 its batch from that memory (SB3's ``train()`` does too). tmrl stores newest frames only and rebuilds the LIDAR
 history at sampling time.
 
-    .venv/bin/python benchmarks/sac_updates.py [--updates 200] [--threads 1,N] [--repeats 5]
+    .venv/bin/python benchmarks/sac_updates.py [--updates 200] [--threads 1,N] [--repeats 5] [--backend auto]
+
+tmrl's learner is built through the trainer's seam, ``make_learner`` (``--backend``: ``auto`` is ``cpu-fast`` on
+CPU; ``reference`` times the plain PyTorch update the fast backends are tested against).
 
 By default both sides are measured at 1 torch thread and then at torch's default thread count ``N`` (the number of
 physical cores, what either library uses unless told otherwise).
@@ -23,15 +26,16 @@ import numpy as np
 import torch
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import tm20_lidar_layout
+from tmrl_trainer.learner import make_learner
 from tmrl_trainer.memory import ReplayMemory
-from tmrl_trainer.sac import SACConfig, SACLearner
+from tmrl_trainer.sac import SACConfig
 
 BATCH = 256
 HIDDEN = [256, 256]
 PREFILL = 20_000
 
 
-def tmrl_update_block(seed: int = 0) -> Callable[[int], None]:
+def tmrl_update_block(seed: int = 0, backend: str = "auto") -> Callable[[int], None]:
     """A function running ``n`` tmrl updates (sampling included) on a pre-filled memory."""
     layout = tm20_lidar_layout()
     rng = np.random.default_rng(seed)
@@ -54,7 +58,7 @@ def tmrl_update_block(seed: int = 0) -> Callable[[int], None]:
             seq += 1  # consecutive: the memory links batch seq to batch seq - 1
     memory.add_batch("bench", builder.build(seq=seq, weights_version=0))
     config = SACConfig(batch_size=BATCH, hidden_sizes=HIDDEN)
-    learner = SACLearner(config, config.architecture(layout), device="cpu", seed=seed)
+    learner = make_learner(config, config.architecture(layout), device="cpu", seed=seed, backend=backend)
 
     def block(updates: int) -> None:
         for _ in range(updates - 1):
@@ -118,10 +122,12 @@ def main() -> None:
     parser.add_argument("--threads", default=",".join(dict.fromkeys(["1", str(default_threads)])),
                         help="comma-separated torch thread counts, each measured for both sides "
                              f"[1 and torch's default here, {default_threads}]")
+    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu-fast", "cuda-graph"],
+                        help="tmrl learner backend (make_learner) [auto: cpu-fast on CPU]")
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
-    blocks = {"tmrl": tmrl_update_block(), "stable-baselines3": sb3_update_block()}
-    print(f"SAC updates/s on CPU (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, best of {args.repeats} alternating "
+    blocks = {"tmrl": tmrl_update_block(backend=args.backend), "stable-baselines3": sb3_update_block()}
+    print(f"SAC updates/s on CPU, tmrl backend {args.backend!r} (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, best of {args.repeats} alternating "
           f"blocks of {args.updates} updates, sampling included; both sides on the same torch thread count)")
     print(f"  {'threads':>7} {'side':<20} {'wall clock':>12} {'CPU time':>12}")
     ratios = []

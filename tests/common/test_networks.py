@@ -173,3 +173,18 @@ def test_relu_critic_training_head_refuses_a_second_backward_through_the_same_gr
     q_values.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="cannot run twice"):
         q_values.sum().backward()
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_plain_critic_forward_gives_the_per_member_stack_and_the_fast_heads_values(activation):
+    architecture = PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=[16, 24], activation=activation)
+    torch.manual_seed(0)
+    critics = CriticEnsemble(architecture, n=3)
+    observation = (torch.rand(64, 1), torch.rand(64, 4, 19), torch.rand(64, 3), torch.rand(64, 3))
+    action = torch.rand(64, 3) * 2 - 1
+    plain = critics(observation, action)
+    fast = critics.q_values(critics.encode(observation), action)
+    torch.testing.assert_close(plain, fast, rtol=1e-5, atol=1e-6)
+    if activation == "relu":
+        torch.testing.assert_close(plain, _member_q_with_autograd(critics, critics.encode(observation), action),
+                                   rtol=1e-5, atol=1e-6)

@@ -17,8 +17,9 @@ from tmrl_trainer.checkpoint import (
     memory_path_for,
     save_checkpoint,
 )
+from tmrl_trainer.cpu_fast import SACLearner
 from tmrl_trainer.memory import ReplayMemory
-from tmrl_trainer.sac import SACConfig, SACLearner
+from tmrl_trainer.sac import SACConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

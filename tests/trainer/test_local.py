@@ -5,11 +5,13 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tmrl_common.layout import ObservationComponent, ObservationLayout
 from tmrl_trainer.checkpoint import load_checkpoint
+from tmrl_trainer.cpu_fast import SACLearner
 from tmrl_trainer.local import LocalTrainingConfig, UnsupportedEnvironmentError, train_local
-from tmrl_trainer.sac import SACConfig, SACLearner
+from tmrl_trainer.sac import SACConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -116,3 +118,22 @@ def test_train_local_command_trains_and_reports_the_final_return(tmp_path):
     assert (tmp_path / "checkpoints" / "latest.safetensors").exists()
     refused = runner.invoke(app, ["train-local", "--env", "CartPole-v1", "--steps", "5", "--run-dir", str(tmp_path)])
     assert refused.exit_code == 2 and "Box action space" in refused.output
+
+
+def test_local_training_builds_the_configured_backend_and_another_resumes_its_checkpoint(tmp_path, monkeypatch):
+    from tmrl_trainer import local
+    from tmrl_trainer.reference import ReferenceLearner
+
+    built = []
+    make_learner = local.make_learner
+    monkeypatch.setattr(local, "make_learner", lambda *args, **kwargs: built.append(make_learner(*args, **kwargs)) or built[-1])
+    sac = SACConfig(hidden_sizes=[16, 16], batch_size=32, learning_starts=100, backend="reference")
+    result = train_local("Pendulum-v1", steps=150, seed=0,
+                         config=LocalTrainingConfig(sac=sac, device="cpu", run_dir=tmp_path, eval_episodes=0))
+    (reference,) = built
+    assert type(reference) is ReferenceLearner and result.updates == reference.updates == 52
+    fast = SACLearner(sac, sac.architecture(_pendulum_layout()), device="cpu")
+    load_checkpoint(result.checkpoint, fast)
+    assert fast.updates == 52
+    for name, tensor in reference.critics.state_dict().items():
+        assert torch.equal(fast.critics.state_dict()[name], tensor), name

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from tmrl_common.layout import layout_for_box, tm20_lidar_layout
+from tmrl_trainer.cpu_fast import SACLearner
 from tmrl_trainer.memory import TransitionBatch
-from tmrl_trainer.sac import SACConfig, SACLearner, entropy_coefficient_loss, resolve_device, soft_td_target
+from tmrl_trainer.sac import SACConfig, entropy_coefficient_loss, resolve_device, soft_td_target
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,9 +11,10 @@ import torch
 from random_episodes import fill_with_random_episodes
 from tmrl_common.layout import tm20_image_layout
 from tmrl_trainer.checkpoint import load_checkpoint, save_checkpoint
+from tmrl_trainer.cpu_fast import SACLearner
 from tmrl_trainer.local import LocalTrainingConfig, train_local
 from tmrl_trainer.memory import ReplayMemory, TransitionBatch
-from tmrl_trainer.sac import SACConfig, SACLearner
+from tmrl_trainer.sac import SACConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -365,7 +365,7 @@ def load_state(path) -> dict[str, torch.Tensor]:
 
 
 def fresh_actor_state(config: TrainerConfig) -> dict[str, list]:
-    from tmrl_trainer.sac import SACLearner
+    from tmrl_trainer.cpu_fast import SACLearner
 
     learner = SACLearner(config.sac, config.sac.architecture(layout_for_box(3, 1)), device="cpu", seed=config.seed)
     return {k: v.tolist() for k, v in learner.actor.state_dict().items()}
@@ -385,3 +385,21 @@ def test_status_reports_the_verification_of_batches_that_carry_observation_diges
                                                        "orphan_rows": 0}
     finally:
         service.shutdown()
+
+
+def test_the_service_trains_with_the_backend_its_config_names_and_resumes_with_another(tmp_path):
+    from tmrl_trainer.cpu_fast import SACLearner
+    from tmrl_trainer.reference import ReferenceLearner
+
+    sac = {"hidden_sizes": [16], "batch_size": 16, "learning_starts": 50, "utd": 0.5}
+    first = TrainerService(make_config(tmp_path, sac={**sac, "backend": "reference"}))
+    assert type(first.learner) is ReferenceLearner
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=6) == 6  # checkpoint at shutdown
+    second = TrainerService(make_config(tmp_path, sac=sac))  # auto: cpu-fast on CPU
+    try:
+        assert type(second.learner) is SACLearner and second.learner.updates == 6
+        for name, tensor in first.learner.actor.state_dict().items():
+            assert torch.equal(second.learner.actor.state_dict()[name], tensor), name
+    finally:
+        second.shutdown()

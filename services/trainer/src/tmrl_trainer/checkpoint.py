@@ -1,7 +1,8 @@
 """Trainer checkpoints without pickle: one safetensors file, written atomically, that resumes bit-for-bit.
 
-Every tensor of :meth:`SACLearner.state_dict` (networks, target networks, ``log(alpha)``, Adam moments and step
-counts, the noise generator's state) is a safetensors entry; the rest of the tree (optimizer parameter groups,
+Every tensor of a learner's ``state_dict()`` (networks, target networks, ``log(alpha)``, Adam moments and step
+counts, the noise generator's state; the same form for every backend of :mod:`tmrl_trainer.learner`, so a checkpoint
+written by one loads into any other) is a safetensors entry; the rest of the tree (optimizer parameter groups,
 counters, the SAC config and the policy architecture) is a JSON document in the file's header metadata, where each
 tensor appears as ``{"$tensor": "<entry name>"}``. The replay memory, when saved, goes to a second file next to it
 (``<name>.memory.safetensors``), also written atomically and always before the checkpoint itself, so a checkpoint
@@ -24,8 +25,8 @@ import torch
 from pydantic import BaseModel
 
 from tmrl_trainer.guard import first_non_finite
+from tmrl_trainer.learner import Learner
 from tmrl_trainer.memory import ReplayMemory
-from tmrl_trainer.sac import SACLearner
 from tmrl_trainer.tensor_file import TensorFileError, pack, read_file, write_atomically
 
 CHECKPOINT_FORMAT = "tmrl-checkpoint-1"
@@ -97,7 +98,7 @@ def _join(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
-def save_checkpoint(path: str | Path, learner: SACLearner, counters: dict[str, int] | None = None,
+def save_checkpoint(path: str | Path, learner: Learner, counters: dict[str, int] | None = None,
                     memory: ReplayMemory | bytes | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write ``learner`` (and ``memory`` when given) to ``path`` atomically; return ``path``.
 
@@ -125,7 +126,7 @@ def save_checkpoint(path: str | Path, learner: SACLearner, counters: dict[str, i
     return write_atomically(path, pack(tensors, document))
 
 
-def load_checkpoint(path: str | Path, learner: SACLearner, memory: ReplayMemory | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | None = None) -> Checkpoint:
     """Restore ``learner`` (and ``memory`` when given and saved) from ``path``; raise :class:`CheckpointError`."""
     try:
         tensors, document = read_file(path)

@@ -23,9 +23,10 @@ from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import ObservationLayout, layout_for_box
 
 from tmrl_trainer.checkpoint import save_checkpoint
+from tmrl_trainer.learner import make_learner
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.metrics import TrainingMetrics
-from tmrl_trainer.sac import SACConfig, SACLearner
+from tmrl_trainer.sac import SACConfig
 
 LOCAL_WORKER_ID = "local"
 
@@ -140,7 +141,7 @@ def train_local(
     adapter, eval_adapter = _EnvAdapter(env), _EnvAdapter(eval_env)
     layout = adapter.layout
 
-    learner = SACLearner(config.sac, config.sac.architecture(layout), device=config.device, seed=seed)
+    learner = make_learner(config.sac, config.sac.architecture(layout), device=config.device, seed=seed)
     learner.actor.noise_generator = torch.Generator(learner.device).manual_seed(seed + 2)
     memory = ReplayMemory(layout, capacity=config.memory_capacity, seed=seed + 3)
     builder = SampleBatchBuilder(layout)

@@ -24,7 +24,7 @@ class TrainingMetrics:
         self._rate_samples = 0
 
     def log_update(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Learner metrics (as returned by :meth:`SACLearner.update`) at ``step``."""
+        """Learner metrics (as returned by :meth:`Learner.update <tmrl_trainer.learner.Learner.update>`) at ``step``."""
         if self._writer is not None:
             for name, value in metrics.items():
                 self._writer.add_scalar(f"sac/{name}", value, step)

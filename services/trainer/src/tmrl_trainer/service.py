@@ -88,9 +88,10 @@ from tmrl_trainer.checkpoint import (
 from tmrl_trainer.config import TrainerConfig
 from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.ingest import DedupeStateError, Ingestor, ValueBounds
+from tmrl_trainer.learner import make_learner
 from tmrl_trainer.memory import MemoryFileError, ReplayMemory
 from tmrl_trainer.relay_link import TrainerLink
-from tmrl_trainer.sac import SACLearner, resolve_device
+from tmrl_trainer.sac import resolve_device
 from tmrl_trainer.status import STATUS_FILE, RunRecorder, StatusFile
 from tmrl_trainer.tensor_file import write_atomically
 
@@ -164,7 +165,7 @@ class TrainerService:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.architecture = config.sac.architecture(self.layout)
-        self.learner = SACLearner(config.sac, self.architecture, device=self.device, seed=config.seed)
+        self.learner = make_learner(config.sac, self.architecture, device=self.device, seed=config.seed)
         self.memory = ReplayMemory(self.layout, capacity=config.memory_capacity, seed=config.seed)
         self.memory_lock = threading.RLock()
         """Guards the memory and ``rows_received``; the ingestor also holds it from storing a batch to marking its seq
@@ -233,7 +234,7 @@ class TrainerService:
         log.error("no usable checkpoint in %s (every one was refused, see above): starting from scratch",
                   self.checkpoint_dir)
         # a refused checkpoint may have been partly loaded before its fault showed: start from a fresh learner
-        self.learner = SACLearner(self.config.sac, self.architecture, device=self.device, seed=self.config.seed)
+        self.learner = make_learner(self.config.sac, self.architecture, device=self.device, seed=self.config.seed)
 
     @staticmethod
     def _set_aside(path: Path) -> str:

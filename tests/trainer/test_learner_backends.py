@@ -1,0 +1,165 @@
+"""The learner seam (issue 16): every backend computes the reference update. On the same seeds and batches the
+``cpu-fast`` backend and the ``cuda-graph`` backend's step (eager on CPU) end with the reference's actor, critics,
+target critics, log alpha and Adam moments to float tolerance; a checkpoint written by one backend loads into another
+and training continues the same; ``make_learner`` picks the backend the config names. The CUDA graph itself is
+tested where CUDA is available and skipped with a reason elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from random_episodes import fill_with_random_episodes
+from tmrl_common.layout import tm20_image_layout, tm20_lidar_layout
+from tmrl_trainer.checkpoint import load_checkpoint, save_checkpoint
+from tmrl_trainer.cpu_fast import SACLearner
+from tmrl_trainer.cuda_graph import CudaGraphLearner
+from tmrl_trainer.learner import BACKENDS, make_learner
+from tmrl_trainer.memory import ReplayMemory
+from tmrl_trainer.reference import ReferenceLearner
+from tmrl_trainer.sac import SACConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LAYOUT = tm20_lidar_layout()
+IMAGE_LAYOUT = tm20_image_layout(img_hist_len=2, height=16, width=16, act_buf_len=2)
+MEMORY = fill_with_random_episodes(ReplayMemory(LAYOUT, capacity=2000, seed=0), steps=800, batch_rows=100)
+FAST = ["cpu-fast", "cuda-graph"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; this machine "
+                                "has none (the graph's maths is tested eagerly on CPU above)")
+
+
+def _learner(backend: str, layout=LAYOUT, device: str = "cpu", **fields):
+    config = SACConfig(hidden_sizes=[32, 32], **fields)
+    return make_learner(config, config.architecture(layout, conv_channels=[4, 8]), device=device, seed=0,
+                        backend=backend)
+
+
+def _state(learner) -> dict[str, torch.Tensor]:
+    """Every tensor of the learner's checkpoint state: weights, targets, log alpha, Adam moments and steps."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(tree, prefix):
+        if isinstance(tree, torch.Tensor):
+            tensors[prefix] = tree.detach().cpu().clone()
+        elif isinstance(tree, dict):
+            for key, value in tree.items():
+                walk(value, f"{prefix}.{key}")
+
+    state = learner.state_dict()
+    for key in ("actor", "critics", "target_critics", "log_alpha", "optimizer"):
+        walk(state[key], key)
+    return tensors
+
+
+def _assert_agree(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name].float(), value.float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _train(learners, batches) -> None:
+    for batch in batches:
+        for learner in learners:
+            learner.update(batch, with_metrics=False)
+
+
+def test_make_learner_builds_the_backend_the_config_names_and_auto_is_cpu_fast_on_cpu():
+    assert BACKENDS == {"reference": ReferenceLearner, "cpu-fast": SACLearner, "cuda-graph": CudaGraphLearner}
+    assert type(_learner("auto")) is SACLearner
+    config = SACConfig(hidden_sizes=[8], backend="reference")
+    assert type(make_learner(config, config.architecture(LAYOUT), device="cpu")) is ReferenceLearner
+    with pytest.raises(ValueError, match="backend"):
+        SACConfig(backend="tpu")
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize(("redq_n", "redq_m"), [(2, 2), (4, 2)])
+def test_a_fast_backend_ends_where_the_reference_does_after_the_same_batches(backend, redq_n, redq_m):
+    reference, fast = _learner("reference", redq_n=redq_n, redq_m=redq_m), _learner(backend, redq_n=redq_n, redq_m=redq_m)
+    before = _state(reference)
+    _assert_agree(before, _state(fast))  # same seed, same initial weights
+    _train([reference, fast], [MEMORY.sample(64) for _ in range(8)])
+    after = _state(reference)
+    assert not torch.equal(before["actor.mean.weight"], after["actor.mean.weight"])  # it did learn
+    assert not torch.equal(before["target_critics.first_bias"], after["target_critics.first_bias"])
+    _assert_agree(after, _state(fast))
+    assert reference.updates == fast.updates == 8
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_a_fast_backend_agrees_with_the_reference_on_image_observations_with_fixed_alpha(backend):
+    memory = fill_with_random_episodes(ReplayMemory(IMAGE_LAYOUT, capacity=400, seed=0), steps=300, batch_rows=100)
+    reference = _learner("reference", IMAGE_LAYOUT, learn_alpha=False, redq_n=3)
+    fast = _learner(backend, IMAGE_LAYOUT, learn_alpha=False, redq_n=3)
+    _train([reference, fast], [memory.sample(16) for _ in range(4)])
+    _assert_agree(_state(reference), _state(fast))
+
+
+@pytest.mark.parametrize(("writer", "reader"), [("reference", "cpu-fast"), ("cpu-fast", "reference"),
+                                                ("cpu-fast", "cuda-graph"), ("cuda-graph", "reference")])
+def test_a_checkpoint_of_one_backend_loads_into_another_and_training_continues_the_same(tmp_path, writer, reader):
+    first = _learner(writer, redq_n=4, redq_m=2)
+    _train([first], [MEMORY.sample(64) for _ in range(4)])
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", first, {"env_steps": 1})
+    second = _learner(reader, redq_n=4, redq_m=2)
+    load_checkpoint(path, second)
+    _assert_agree(_state(first), _state(second))
+    assert second.updates == 4
+    _train([first, second], [MEMORY.sample(64) for _ in range(4)])  # the generator state came along too
+    _assert_agree(_state(first), _state(second))
+
+
+def test_the_reference_update_is_plain_pytorch_adam_over_module_parameters():
+    learner = _learner("reference")
+    assert isinstance(learner.optimizer, torch.optim.Adam)
+    assert not any(learner.optimizer.defaults[flag] for flag in ("fused", "capturable"))
+    grouped = [p for group in learner.optimizer.param_groups for p in group["params"]]
+    assert grouped == [*learner.critics.parameters(), *learner.actor.parameters(), learner.log_alpha]
+
+
+def test_the_cuda_graph_backend_on_cpu_runs_its_step_eagerly():
+    learner = _learner("cuda-graph")
+    assert not learner.capture
+    metrics = learner.update(MEMORY.sample(32))
+    assert set(metrics) == set(learner.METRICS) and not learner.graph_captured
+    with pytest.raises(ValueError, match="CUDA device"):
+        CudaGraphLearner(learner.config, learner.architecture, device="cpu", capture=True)
+
+
+@needs_cuda
+def test_the_cuda_graph_replays_the_reference_update_on_the_gpu():
+    reference, graph = _learner("reference", device="cuda"), _learner("cuda-graph", device="cuda")
+    assert graph.capture
+    batches = [MEMORY.sample(64) for _ in range(8)]
+    _train([reference, graph], batches)
+    assert graph.graph_captured
+    _assert_agree(_state(reference), _state(graph))
+
+
+@needs_cuda
+def test_the_cuda_graph_applies_the_guard_without_asking_the_host():
+    graph = _learner("cuda-graph", device="cuda")
+    _train([graph], [MEMORY.sample(64) for _ in range(4)])
+    before = _state(graph)
+    poisoned = MEMORY.sample(64)
+    poisoned = poisoned._replace(reward=torch.full_like(poisoned.reward, 3e38)).to("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside the update raises
+    try:
+        graph.update(poisoned, with_metrics=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert graph.graph_captured and graph.guard.rejected_updates() == 1
+    _assert_agree(before, _state(graph))
+
+
+@needs_cuda
+def test_the_cuda_graph_is_recorded_again_after_a_checkpoint_loads(tmp_path):
+    reference, graph = _learner("reference", device="cuda"), _learner("cuda-graph", device="cuda")
+    _train([reference, graph], [MEMORY.sample(64) for _ in range(5)])
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", reference, {})
+    load_checkpoint(path, graph)
+    assert not graph.graph_captured
+    _train([reference, graph], [MEMORY.sample(64) for _ in range(5)])
+    assert graph.graph_captured
+    _assert_agree(_state(reference), _state(graph))
