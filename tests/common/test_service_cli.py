@@ -165,3 +165,15 @@ def test_every_option_of_every_command_has_help(service):
                for param in command.params if param.name != "help" and not getattr(param, "help", None)
                and getattr(param, "param_type_name", "option") == "option"]
     assert not missing, f"options without help: {missing}"
+
+
+def test_trainer_run_takes_seed_and_torch_threads_from_the_command_line(runner):
+    result = runner.invoke(tmrl_trainer.cli.app, ["run", "--seed", "7", "--torch-threads", "3", "--show-config"])
+    assert result.exit_code == 0, result.output
+    shown = tomllib.loads(result.output)["trainer"]
+    assert shown["seed"] == 7 and shown["torch_threads"] == 3
+
+
+def test_trainer_run_refuses_zero_torch_threads(runner):
+    result = runner.invoke(tmrl_trainer.cli.app, ["run", "--torch-threads", "0", "--show-config"])
+    assert result.exit_code == 2

@@ -35,6 +35,8 @@ def run(
     run_dir: Path | None = typer.Option(None, "--run-dir", help="status.json, metrics.jsonl, tensorboard/, checkpoints/."),
     device: str | None = typer.Option(None, "--device", help=HELP["device"]),
     max_updates: int | None = typer.Option(None, "--max-updates", help="Stop after this many SAC updates."),
+    seed: int | None = typer.Option(None, "--seed", help=HELP["seed"]),
+    torch_threads: int | None = typer.Option(None, "--torch-threads", "--threads", min=1, help=HELP["torch_threads"]),
     save_memory: bool = typer.Option(False, "--save-memory", help=HELP["save_memory"]),
     insecure: bool = typer.Option(False, "--insecure", help=HELP["insecure"]),
     secret_key: Path | None = typer.Option(None, "--secret-key", help=HELP["secret_key"], exists=True, dir_okay=False),
@@ -53,7 +55,7 @@ def run(
 
     overrides = {
         "env": env, "relay_host": relay_host, "trainer_port": trainer_port, "run_dir": run_dir, "device": device,
-        "save_memory": True if save_memory else None,
+        "seed": seed, "torch_threads": torch_threads, "save_memory": True if save_memory else None,
         "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key},
     }
     effective = load_config_for_command(TrainerConfig, "trainer", config, overrides=overrides, show_config=show_config)
