@@ -163,37 +163,21 @@ def plot_learning_curve(metrics_path: Path, output: Path) -> bool:
 
 def render_policy_drive(policy_path: Path, gif: Path, png: Path, max_steps: int = 1000,
                         attempts: int = 3) -> tuple[float, int, int] | None:
-    """Drive the fast sim with the exported policy (deterministic) from ``attempts`` start positions; write the best
-    attempt as a GIF and its final frame as a PNG. Returns (return, steps, seed), or None when there is no policy."""
+    """Drive the fast sim with the exported policy (deterministic) from ``attempts`` start positions
+    (``tmrl-worker eval``'s core); write the best attempt as a GIF and its final frame as a PNG.
+    Returns (return, steps, seed), or None when there is no policy."""
     if not policy_path.exists():
         return None
-    import gymnasium
     from PIL import Image
-    from tmrl_worker.envs import SIM_GYM_ID
-    from tmrl_worker.runtime import load_policy_file
+    from tmrl_worker.evaluate import EvalConfig, evaluate
 
-    env = gymnasium.make(SIM_GYM_ID, render_mode="rgb_array", config={"max_episode_steps": max_steps},
-                         disable_env_checker=True)
-    policy = load_policy_file(policy_path, env.unwrapped.layout)
-    best: tuple[float, int, int, list] | None = None
-    for seed in range(attempts):
-        observation, _ = env.reset(seed=seed)
-        frames, total, steps, done = [], 0.0, 0, False
-        while not done:
-            observation, reward, terminated, truncated, _ = env.step(policy.act(tuple(observation)))
-            total += float(reward)
-            steps += 1
-            done = terminated or truncated
-            if steps % 3 == 0 or done:
-                frames.append(env.render())
-        if best is None or total > best[0]:
-            best = (total, steps, seed, frames)
-    env.close()
-    total, steps, seed, frames = best
-    images = [Image.fromarray(frame) for frame in frames]
-    images[0].save(gif, save_all=True, append_images=images[1:], duration=150, loop=0, optimize=True)
-    images[-1].save(png)
-    return total, steps, seed
+    summary = evaluate(EvalConfig(policy=policy_path, env="sim", episodes=attempts, seed=0,
+                                  max_episode_steps=max_steps, gif=gif))
+    with Image.open(gif) as image:
+        image.seek(image.n_frames - 1)
+        image.convert("RGB").save(png)
+    best = summary.episodes[summary.best_episode]
+    return best.episode_return, best.steps, best.seed
 
 
 def main() -> int:

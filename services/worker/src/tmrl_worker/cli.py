@@ -9,11 +9,13 @@ from tmrl_common.config import load_config_for_command
 from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
 
 from tmrl_worker.config import WorkerConfig
+from tmrl_worker.eval_cli import eval_command
 from tmrl_worker.sim.cli import sim_app
 
 app = typer.Typer(help="tmrl rollout worker: runs a real-time environment and sends samples to the relay.",
                   no_args_is_help=True)
 app.add_typer(sim_app, name="sim")  # built-in race-track simulator tools
+app.command("eval")(eval_command)  # evaluate a saved policy, no relay (tmrl_worker.evaluate)
 
 
 @app.callback()

@@ -77,6 +77,9 @@ class EnvHandle:
     """Replaces ``env.close()`` when the env needs more (the real-time simulator stops its physics thread)."""
     reset_hooks: list[Callable[[], None]] = field(default_factory=list)
     """Called before every reset (e.g. the expert forgets where the car was)."""
+    step_seconds: float | None = None
+    """Seconds of env time per step (the rtgym time step, the simulator's ``time_step_duration``, a gymnasium env's
+    ``dt``); ``None`` when the env does not say."""
 
     def __post_init__(self) -> None:
         space = self.env.action_space
@@ -241,7 +244,8 @@ def _make_rtgym(spec: str, config: dict) -> EnvHandle:
     layout = _declared_layout(interface, env.unwrapped) or layout_from_spaces(
         env.observation_space, env.action_space, action_history=config["act_buf_len"] if config["act_in_obs"] else 0
     )
-    return EnvHandle(spec=spec, env=env, layout=layout, realtime=True, expert=_expert_of(interface))
+    return EnvHandle(spec=spec, env=env, layout=layout, realtime=True, expert=_expert_of(interface),
+                     step_seconds=float(config["time_step_duration"]))
 
 
 def _import_interface(spec: str) -> type:
@@ -263,11 +267,23 @@ def _import_interface(spec: str) -> type:
     return cls
 
 
-def _make_gym(spec: str, gym_id: str, max_episode_steps: int | None, options: dict) -> EnvHandle:
+def _gym_step_seconds(env: gymnasium.Env) -> float | None:
+    """A gymnasium env's seconds per step: its ``dt`` (classic control, MuJoCo), else ``1 / render_fps``."""
+    dt = getattr(env.unwrapped, "dt", None)
+    if isinstance(dt, (int, float)) and dt > 0:
+        return float(dt)
+    fps = (env.metadata or {}).get("render_fps")
+    return 1.0 / float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
+
+
+def _make_gym(spec: str, gym_id: str, max_episode_steps: int | None, options: dict,
+              render_mode: str | None = None) -> EnvHandle:
     if not gym_id:
         raise EnvSpecError(f"env {spec!r}: write the gymnasium id after 'gym:', e.g. gym:Pendulum-v1")
     if max_episode_steps:
         options = {"max_episode_steps": max_episode_steps, **options}
+    if render_mode is not None:
+        options = {"render_mode": render_mode, **options}
     try:
         env = gymnasium.make(gym_id, **options)
     except gymnasium.error.Error as exc:
@@ -280,10 +296,12 @@ def _make_gym(spec: str, gym_id: str, max_episode_steps: int | None, options: di
     wrap = layout is None and isinstance(env.observation_space, spaces.Box)
     if layout is None:
         layout = layout_from_spaces(env.observation_space, env.action_space)
-    return EnvHandle(spec=spec, env=env, layout=layout, realtime=False, expert=_expert_of(env.unwrapped), wrap_observation=wrap)
+    return EnvHandle(spec=spec, env=env, layout=layout, realtime=False, expert=_expert_of(env.unwrapped),
+                     wrap_observation=wrap, step_seconds=_gym_step_seconds(env))
 
 
-def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, options: dict) -> EnvHandle:
+def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, options: dict,
+              render_mode: str | None = None) -> EnvHandle:
     """The simulator; ``options`` are :class:`~tmrl_worker.sim.SimConfig` fields (``track``, ``physics_hz``...).
     Its expert is the simulator's pure-pursuit driver, which reads the car's pose (not the observation)."""
     from tmrl_worker.sim import PurePursuitDriver, close_realtime_env, realtime_config
@@ -291,12 +309,13 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
     settings = {"max_episode_steps": max_episode_steps, **options}
     if spec == "sim-fast":
         try:
-            env = gymnasium.make(SIM_GYM_ID, config=settings, disable_env_checker=True)
+            env = gymnasium.make(SIM_GYM_ID, config=settings, render_mode=render_mode, disable_env_checker=True)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {exc}") from exc
         sim = env.unwrapped
         pose, track, car = sim.car.pose, sim.track, sim.config.car
-        handle = EnvHandle(spec=spec, env=env, layout=sim.layout, realtime=False)
+        handle = EnvHandle(spec=spec, env=env, layout=sim.layout, realtime=False,
+                           step_seconds=sim.config.time_step_duration)
     else:
         try:
             config = realtime_config(None, time_step_duration=time_step_duration, **settings)
@@ -306,7 +325,7 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
         interface = env.unwrapped.interface
         pose, track, car = interface.loop.pose, interface.track, interface.config.car
         handle = EnvHandle(spec=spec, env=env, layout=interface.layout, realtime=True,
-                           closer=lambda: close_realtime_env(env))
+                           closer=lambda: close_realtime_env(env), step_seconds=float(config["time_step_duration"]))
     driver = PurePursuitDriver(track, car)
     handle.expert = lambda observation: driver.act(pose())
     handle.reset_hooks.append(driver.reset)
@@ -369,18 +388,23 @@ def _start_emulated_game(spec: str, settings: Any, kwargs: dict) -> Any:
 
 
 def make_env(spec: str, time_step_duration: float = 0.05, max_episode_steps: int = 1000,
-             options: dict[str, Any] | None = None) -> EnvHandle:
+             options: dict[str, Any] | None = None, render_mode: str | None = None) -> EnvHandle:
     """Build the environment named by ``spec`` (see the module docstring); raise :class:`EnvSpecError` when it
     cannot be built, with what to change. ``options`` go to the env: interface kwargs for rtgym interfaces
-    (TrackMania's ``reward_path``, ``telemetry_port``...), keyword arguments of ``gymnasium.make`` otherwise."""
+    (TrackMania's ``reward_path``, ``telemetry_port``...), keyword arguments of ``gymnasium.make`` otherwise.
+    ``render_mode`` (``"rgb_array"``) is given to synchronous envs (``sim-fast``, ``gym:``), which then draw frames
+    on ``env.render()``; rtgym envs draw none and refuse it."""
     spec = spec.strip()
     options = dict(options or {})
+    if render_mode is not None and (spec == "sim" or spec in TM20_SPECS or (":" in spec and not spec.startswith("gym:"))):
+        raise EnvSpecError(f"env {spec!r} runs through rtgym and draws no frames; rendering works with sim-fast "
+                           "and gym:<id> envs")
     if spec in SIM_SPECS:
-        return _make_sim(spec, time_step_duration, max_episode_steps, options)
+        return _make_sim(spec, time_step_duration, max_episode_steps, options, render_mode)
     if spec in TM20_SPECS:
         return _make_tm20(spec, time_step_duration, max_episode_steps, options)
     if spec.startswith("gym:"):
-        return _make_gym(spec, spec[4:], None, options)  # a gymnasium env keeps its own time limit
+        return _make_gym(spec, spec[4:], None, options, render_mode)  # a gymnasium env keeps its own time limit
     if ":" in spec:
         interface = _import_interface(spec)
         return _make_rtgym(spec, rtgym_config(interface, time_step_duration, max_episode_steps, interface_kwargs=options))

@@ -97,6 +97,12 @@ class ScriptedPolicy:
         return np.asarray(self._expert(observation), dtype=np.float32)
 
 
+def describe_layout(layout: ObservationLayout) -> str:
+    """``observation (1,) (4, 19) (3,) (3,) -> 3 actions``: a layout on one line, for error messages."""
+    parts = " ".join(str(shape) for shape in layout.observation_shapes())
+    return f"observation {parts} -> {layout.action_dim} action{'s' if layout.action_dim != 1 else ''}"
+
+
 def load_policy_file(path: Path, layout: ObservationLayout) -> ActorPolicy:
     """An actor from a safetensors file whose metadata ``architecture`` holds the JSON of
     :meth:`PolicyArchitecture.to_flat_dict <tmrl_common.networks.PolicyArchitecture.to_flat_dict>` (optional
@@ -121,7 +127,8 @@ def load_policy_file(path: Path, layout: ObservationLayout) -> ActorPolicy:
     except (ValueError, ProtocolError) as exc:
         raise PolicyFileError(f"policy file {path} cannot be loaded: {exc}") from exc
     if actor.architecture.layout != layout:
-        raise PolicyFileError(f"policy file {path} was trained for another observation layout than this env's")
+        raise PolicyFileError(f"policy file {path} was trained for another observation layout than this env's: "
+                              f"policy {describe_layout(actor.architecture.layout)}; env {describe_layout(layout)}")
     return ActorPolicy(actor, version=update.version, deterministic=True)
 
 

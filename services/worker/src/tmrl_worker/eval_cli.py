@@ -1,0 +1,48 @@
+"""``tmrl-worker eval``: the command-line entry of :mod:`tmrl_worker.evaluate` (argument parsing only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def eval_command(
+    policy: Path = typer.Option(..., "--policy", help="Safetensors policy file (a trainer run's policy.safetensors).",
+                                exists=True, dir_okay=False),
+    env: str | None = typer.Option(None, "--env", help="sim (evaluated synchronously), gym:<id>, module:Class, tm20-... "
+                                                       "[default: the config's, else sim]."),
+    track: str | None = typer.Option(None, "--track", "-t", help="sim only: oval, hairpins, circuit, random:SEED or random-open:SEED."),
+    episodes: int = typer.Option(5, "--episodes", "-n", min=1, help="Episodes to run."),
+    seed: int = typer.Option(0, "--seed", help="Episode i is reset with seed SEED + i."),
+    gif: Path | None = typer.Option(None, "--gif", help="Write a GIF of the best episode here (sim, gym:<id>).", dir_okay=False),
+    json_output: bool = typer.Option(False, "--json", help="Print the JSON summary on stdout (episode lines go to stderr)."),
+    max_episode_steps: int | None = typer.Option(None, "--max-episode-steps", min=1, help="Truncate episodes after this many steps [config's]."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file; the \\[worker] table gives env, env_options, "
+                                                                    "time_step_duration, max_episode_steps.", exists=True, dir_okay=False),
+) -> None:
+    """Evaluate a saved policy deterministically: one line per episode, the mean and spread, optionally a GIF and a
+    JSON summary. No relay, no trainer. module:Class envs run in real time (rtgym paces them)."""
+    import torch
+    from tmrl_common.config import load_config_for_command
+
+    from tmrl_worker.config import WorkerConfig
+    from tmrl_worker.envs import EnvSpecError
+    from tmrl_worker.evaluate import EvalConfig, episode_line, evaluate, summary_line
+    from tmrl_worker.runtime import PolicyFileError
+    from tmrl_worker.sim.track import TrackError
+
+    worker = load_config_for_command(WorkerConfig, "worker", config,
+                                     overrides={"env": env, "max_episode_steps": max_episode_steps})
+    settings = EvalConfig(policy=policy, env=worker.env, track=track, episodes=episodes, seed=seed,
+                          time_step_duration=worker.time_step_duration, max_episode_steps=worker.max_episode_steps,
+                          env_options=worker.env_options, gif=gif)
+    torch.set_num_threads(1)  # one observation at a time: extra threads only add latency
+    try:
+        summary = evaluate(settings, on_episode=lambda result: typer.echo(episode_line(result), err=json_output))
+    except (EnvSpecError, PolicyFileError, TrackError) as exc:
+        typer.echo(f"tmrl-worker eval: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(summary_line(summary) + (f"; GIF: {summary.gif}" if summary.gif else ""), err=json_output)
+    if json_output:
+        typer.echo(summary.to_json())

@@ -1,0 +1,244 @@
+"""``tmrl-worker eval``: run a saved policy deterministically for a few episodes, no relay and no trainer.
+
+What it runs:
+
+* ``sim`` (any ``track``, ``random:SEED`` included) is evaluated on the simulator's **synchronous** mode
+  (``sim-fast``: same observations, actions and one-step action delay as the real-time mode, see
+  :mod:`tmrl_worker.sim.env`), so an episode takes milliseconds of CPU instead of its simulated duration;
+* ``gym:<id>`` envs are synchronous anyway;
+* ``module:Class`` interfaces (and ``tm20-*``) run through rtgym in **real time**: each step lasts
+  ``time_step_duration`` of wall-clock time, as in training, because the interface's machine runs against the clock.
+
+Episode ``i`` is reset with seed ``seed + i``. The GIF shows the best episode (highest return): it is driven a second
+time with the same seed while frames are drawn, which reproduces it exactly on synchronous envs (the replayed return
+is checked against the first run).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from tmrl_worker.envs import EnvHandle, EnvSpecError, make_env
+from tmrl_worker.runtime import ActorPolicy, load_policy_file
+
+GIF_MAX_FRAMES = 200
+"""A GIF keeps at most this many frames (every k-th step of the episode)."""
+
+
+class EvalConfig(BaseModel):
+    """What to evaluate and on which env (the ``[worker]`` table gives the env defaults, the command line the rest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Path
+    """A safetensors policy file (``policy.safetensors`` of a trainer run, or :func:`save_policy_file`)."""
+    env: str = "sim"
+    track: str | None = None
+    """``sim`` only: the track (``oval``, ``hairpins``, ``circuit``, ``random:SEED``, ``random-open:SEED``)."""
+    episodes: int = Field(default=5, ge=1, le=10_000)
+    seed: int = 0
+    time_step_duration: float = Field(default=0.05, gt=0)
+    max_episode_steps: int = Field(default=1000, ge=1)
+    env_options: dict[str, Any] = Field(default_factory=dict)
+    gif: Path | None = None
+
+
+class EpisodeResult(BaseModel):
+    """One deterministic episode."""
+
+    episode: int
+    seed: int
+    episode_return: float = Field(serialization_alias="return")
+    steps: int
+    ended: str
+    """``terminated`` (a terminal state: finish line, crash, off the rail...) or ``truncated`` (time limit)."""
+    finished: bool | None
+    """Whether the env says the task was completed (the simulator's finish line: ``info["finished"]``);
+    ``None`` when the env does not report it."""
+    seconds: float | None
+    """``steps`` at the env's step rate; ``None`` when the env gives no step duration."""
+    lap_time_s: float | None
+    """``seconds`` of a finished episode, else ``None``."""
+    wall_contacts: int | None
+    """Physics ticks spent touching a wall (the simulator's ``info["wall_hits"]``); ``None`` when not reported."""
+
+
+class EvalSummary(BaseModel):
+    """All episodes, their mean and spread, and where the GIF went: the ``--json`` document."""
+
+    policy: str
+    policy_version: int
+    env: str
+    evaluated_as: str
+    """The env spec actually run (``sim`` is evaluated as ``sim-fast``)."""
+    track: str | None
+    realtime: bool
+    step_seconds: float | None
+    seed: int
+    episodes: list[EpisodeResult]
+    mean_return: float
+    std_return: float
+    """Population standard deviation of the returns (0 for one episode)."""
+    min_return: float
+    max_return: float
+    finished: int | None
+    """Episodes finished (``None`` when the env does not report it)."""
+    mean_lap_time_s: float | None
+    best_episode: int
+    gif: str | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=1)
+
+
+def evaluated_spec(config: EvalConfig) -> tuple[str, dict[str, Any]]:
+    """The env spec and options to build: ``sim`` becomes the synchronous ``sim-fast`` with the same time step and
+    track; ``track`` on any other env is an :class:`EnvSpecError`."""
+    options = dict(config.env_options)
+    spec = config.env.strip()
+    if spec in ("sim", "sim-fast"):
+        options.setdefault("time_step_duration", config.time_step_duration)
+        if config.track is not None:
+            options["track"] = config.track
+        return "sim-fast", options
+    if config.track is not None:
+        raise EnvSpecError(f"--track applies to the simulator (sim) only, not to env {spec!r}")
+    return spec, options
+
+
+def run_episode(env: EnvHandle, policy: ActorPolicy, seed: int, on_frame: Callable[[], None] | None = None
+                ) -> tuple[float, int, bool, dict]:
+    """Drive one episode from ``env.reset(seed)``; return ``(return, steps, terminated, last info)``.
+    ``on_frame`` is called after the reset and after every step (to draw frames)."""
+    observation = env.reset(seed=seed)
+    if on_frame is not None:
+        on_frame()
+    total, steps, info = 0.0, 0, {}
+    while True:
+        observation, reward, terminated, truncated, info = env.step(policy.act(observation))
+        total += reward
+        steps += 1
+        if on_frame is not None:
+            on_frame()
+        if terminated or truncated:
+            return total, steps, terminated, info
+
+
+def _result(index: int, seed: int, outcome: tuple[float, int, bool, dict], step_seconds: float | None) -> EpisodeResult:
+    total, steps, terminated, info = outcome
+    finished = bool(info["finished"]) if "finished" in info else None
+    seconds = steps * step_seconds if step_seconds else None
+    wall = info.get("wall_hits")
+    return EpisodeResult(episode=index, seed=seed, episode_return=total, steps=steps,
+                         ended="terminated" if terminated else "truncated", finished=finished, seconds=seconds,
+                         lap_time_s=seconds if finished else None,
+                         wall_contacts=int(wall) if isinstance(wall, (int, np.integer)) else None)
+
+
+def summarise(config: EvalConfig, spec: str, env: EnvHandle, policy: ActorPolicy,
+              results: list[EpisodeResult]) -> EvalSummary:
+    returns = [r.episode_return for r in results]
+    finished = [r for r in results if r.finished]
+    reported = any(r.finished is not None for r in results)
+    best = max(results, key=lambda r: r.episode_return)
+    return EvalSummary(
+        policy=str(config.policy), policy_version=policy.version, env=config.env, evaluated_as=spec,
+        track=env.env.unwrapped.track.name if spec == "sim-fast" else None, realtime=env.realtime,
+        step_seconds=env.step_seconds, seed=config.seed, episodes=results, mean_return=statistics.fmean(returns),
+        std_return=statistics.pstdev(returns), min_return=min(returns), max_return=max(returns),
+        finished=len(finished) if reported else None,
+        mean_lap_time_s=statistics.fmean(r.lap_time_s for r in finished) if finished else None,
+        best_episode=best.episode)
+
+
+def record_gif(env: EnvHandle, policy: ActorPolicy, best: EpisodeResult, path: Path) -> Path:
+    """Drive ``best`` again (same seed) while drawing frames; write every k-th frame (at most
+    :data:`GIF_MAX_FRAMES`) as a looping GIF at the env's pace."""
+    from tmrl_worker.sim.render import write_gif
+
+    frames: list[np.ndarray] = []
+    every = max(1, math.ceil((best.steps + 1) / GIF_MAX_FRAMES))
+    counter = {"n": 0}
+
+    def draw() -> None:
+        if counter["n"] % every == 0:
+            frame = env.env.render()
+            if frame is None:
+                raise EnvSpecError(f"env {env.spec!r} returned no frame from render(); it cannot make a GIF")
+            frames.append(np.asarray(frame, dtype=np.uint8))
+        counter["n"] += 1
+
+    total, steps, _, _ = run_episode(env, policy, best.seed, on_frame=draw)
+    if steps != best.steps or not math.isclose(total, best.episode_return, rel_tol=1e-6, abs_tol=1e-6):
+        raise RuntimeError(f"replaying episode {best.episode} (seed {best.seed}) for the GIF gave return {total:.3f} "
+                           f"in {steps} steps instead of {best.episode_return:.3f} in {best.steps}: "
+                           f"env {env.spec!r} is not reproducible from its seed")
+    fps = 1.0 / (env.step_seconds * every) if env.step_seconds else 20.0
+    return write_gif(frames, path, fps=fps)
+
+
+def evaluate(config: EvalConfig, on_episode: Callable[[EpisodeResult], None] | None = None) -> EvalSummary:
+    """Run ``config.episodes`` deterministic episodes of ``config.policy`` on ``config.env``.
+
+    Raises :class:`~tmrl_worker.envs.EnvSpecError` (env cannot be built or cannot render) and
+    :class:`~tmrl_worker.runtime.PolicyFileError` (unreadable policy, or one whose layout is not the env's)."""
+    spec, options = evaluated_spec(config)
+    env = make_env(spec, time_step_duration=config.time_step_duration, max_episode_steps=config.max_episode_steps,
+                   options=options, render_mode="rgb_array" if config.gif is not None else None)
+    try:
+        policy = load_policy_file(config.policy, env.layout)
+        results = []
+        for index in range(config.episodes):
+            seed = config.seed + index
+            results.append(_result(index, seed, run_episode(env, policy, seed), env.step_seconds))
+            if on_episode is not None:
+                on_episode(results[-1])
+        summary = summarise(config, spec, env, policy, results)
+        if config.gif is not None:
+            best = results[summary.best_episode]
+            summary.gif = str(record_gif(env, policy, best, config.gif))
+        return summary
+    finally:
+        env.close()
+        _stop_interface(env)
+
+
+def _stop_interface(env: EnvHandle) -> None:
+    """Call an rtgym interface's own ``close()`` when it has one (the worker never does: it runs until killed, but
+    an evaluation ends, and a robot interface's threads should end with it)."""
+    close = getattr(getattr(env.env.unwrapped, "interface", None), "close", None)
+    if callable(close):
+        close()
+
+
+def episode_line(result: EpisodeResult) -> str:
+    """One human-readable line per episode."""
+    outcome = {True: "finished", False: "not finished", None: result.ended}[result.finished]
+    line = f"episode {result.episode} (seed {result.seed}): return {result.episode_return:9.2f}, {outcome:12s} " \
+           f"{result.steps:5d} steps"
+    if result.lap_time_s is not None:
+        line += f", lap {result.lap_time_s:.2f} s"
+    elif result.seconds is not None:
+        line += f", {result.seconds:.2f} s"
+    if result.wall_contacts is not None:
+        line += f", {result.wall_contacts} wall contacts"
+    return line
+
+
+def summary_line(summary: EvalSummary) -> str:
+    """The mean and spread of the returns (plus finishes and mean lap time when the env reports them)."""
+    n = len(summary.episodes)
+    line = (f"{n} episodes: mean return {summary.mean_return:.2f} ± {summary.std_return:.2f} "
+            f"(min {summary.min_return:.2f}, max {summary.max_return:.2f}); best: episode {summary.best_episode}")
+    if summary.finished is not None:
+        line += f"; finished {summary.finished}/{n}"
+    if summary.mean_lap_time_s is not None:
+        line += f", mean lap {summary.mean_lap_time_s:.2f} s"
+    return line
