@@ -9,13 +9,17 @@
 * :class:`Actor` is the squashed-Gaussian SAC policy; :meth:`Actor.act` is what a worker calls each step.
 * :class:`CriticEnsemble` holds N Q-functions evaluated together with batched matrix products (critics never travel).
 * :func:`weights_update_from_actor`, :func:`actor_from_weights_update`, :func:`load_weights_into` convert between an
-  actor and the wire message (tensors as safetensors bytes, never pickle).
+  actor and the wire message (tensors as safetensors bytes, never pickle); :func:`read_policy_file` reads a policy
+  file (the same tensors, the architecture and version in the safetensors metadata).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -525,3 +529,37 @@ def actor_from_weights_update(update: WeightsUpdate) -> Actor:
     actor = build_actor(PolicyArchitecture.from_flat_dict(update.architecture))
     load_weights_into(actor, update)
     return actor.eval()
+
+
+# ------------------------------------------------------------------------------------------------------- policy files
+
+POLICY_FILE_FORMAT = "tmrl-actor"
+"""``format`` metadata of a policy file: the actor's tensors (as in :func:`weights_update_from_actor`), metadata
+``architecture`` (JSON of :meth:`PolicyArchitecture.to_flat_dict`) and ``version``."""
+
+
+class PolicyFileError(ValueError):
+    """A policy file cannot be loaded as an actor (unreadable, not safetensors, no architecture, tensors that do not
+    fit it), or does not fit the env it is meant for."""
+
+
+def read_policy_file(path: str | os.PathLike[str]) -> tuple[Actor, int]:
+    """The actor (CPU, eval mode) and weights version of a policy file; raise :class:`PolicyFileError`."""
+    from safetensors import safe_open
+
+    try:
+        data = Path(path).read_bytes()
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+    except OSError as exc:
+        raise PolicyFileError(f"policy file {path} cannot be read: {exc}") from exc
+    except Exception as exc:  # safetensors raises its own error types on a bad header
+        raise PolicyFileError(f"policy file {path} is not a safetensors file: {exc}") from exc
+    if "architecture" not in metadata:
+        raise PolicyFileError(f"policy file {path} has no 'architecture' metadata; write it with save_policy_file")
+    try:
+        architecture = json.loads(metadata["architecture"])
+        update = WeightsUpdate.build(version=int(metadata.get("version", 0)), architecture=architecture, tensors=data)
+        return actor_from_weights_update(update), update.version
+    except (ValueError, ProtocolError) as exc:
+        raise PolicyFileError(f"policy file {path} cannot be loaded: {exc}") from exc

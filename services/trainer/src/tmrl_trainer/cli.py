@@ -9,9 +9,11 @@ from tmrl_common.config import load_config_for_command
 from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
 
 from tmrl_trainer.config import TrainerConfig
+from tmrl_trainer.export_cli import export_command
 
 app = typer.Typer(help="tmrl trainer: learns from worker samples with SAC and publishes policy weights.",
                   no_args_is_help=True)
+app.command("export")(export_command)  # ONNX / policy file from a run (tmrl_trainer.policy_export)
 
 
 @app.callback()

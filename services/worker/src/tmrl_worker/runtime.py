@@ -27,9 +27,8 @@ import numpy as np
 import torch
 import zmq
 from tmrl_common.batching import SampleBatchBuilder
-from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
-from tmrl_common.protocol import WeightsUpdate
+from tmrl_common.networks import PolicyFileError
 from tmrl_common.sockets import RelayEndpoint
 
 from tmrl_worker.config import WorkerConfig, WorkerMode
@@ -42,10 +41,6 @@ from tmrl_worker.weights_feed import PreparedPolicy, WeightsFeed
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 10.0
-
-
-class PolicyFileError(ValueError):
-    """A ``--policy`` file cannot be loaded as an actor."""
 
 
 # ---------------------------------------------------------------------------------------------------------- policies
@@ -104,32 +99,15 @@ def describe_layout(layout: ObservationLayout) -> str:
 
 
 def load_policy_file(path: Path, layout: ObservationLayout) -> ActorPolicy:
-    """An actor from a safetensors file whose metadata ``architecture`` holds the JSON of
-    :meth:`PolicyArchitecture.to_flat_dict <tmrl_common.networks.PolicyArchitecture.to_flat_dict>` (optional
-    ``version``). This is the format :func:`save_policy_file` writes."""
-    from safetensors import safe_open
-    from tmrl_common.networks import actor_from_weights_update
+    """The deterministic actor of a policy file (:func:`~tmrl_common.networks.read_policy_file`: safetensors, metadata
+    ``architecture`` and ``version``, the format :func:`save_policy_file` writes) whose layout must be ``layout``."""
+    from tmrl_common.networks import read_policy_file
 
-    try:
-        data = Path(path).read_bytes()
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
-    except OSError as exc:
-        raise PolicyFileError(f"policy file {path} cannot be read: {exc}") from exc
-    except Exception as exc:  # safetensors raises its own error types on a bad header
-        raise PolicyFileError(f"policy file {path} is not a safetensors file: {exc}") from exc
-    if "architecture" not in metadata:
-        raise PolicyFileError(f"policy file {path} has no 'architecture' metadata; write it with save_policy_file")
-    try:
-        architecture = json.loads(metadata["architecture"])
-        update = WeightsUpdate.build(version=int(metadata.get("version", 0)), architecture=architecture, tensors=data)
-        actor = actor_from_weights_update(update)
-    except (ValueError, ProtocolError) as exc:
-        raise PolicyFileError(f"policy file {path} cannot be loaded: {exc}") from exc
+    actor, version = read_policy_file(path)
     if actor.architecture.layout != layout:
         raise PolicyFileError(f"policy file {path} was trained for another observation layout than this env's: "
                               f"policy {describe_layout(actor.architecture.layout)}; env {describe_layout(layout)}")
-    return ActorPolicy(actor, version=update.version, deterministic=True)
+    return ActorPolicy(actor, version=version, deterministic=True)
 
 
 def save_policy_file(actor, path: Path, version: int = 0) -> Path:

@@ -1,0 +1,47 @@
+"""``tmrl-trainer export``: the command-line entry of :mod:`tmrl_trainer.policy_export` (argument parsing only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def export_command(
+    source: Path = typer.Argument(..., help="A run's policy.safetensors, or a checkpoint (checkpoints/checkpoint-*.safetensors).",
+                                  exists=True, dir_okay=False),
+    onnx: Path | None = typer.Option(None, "--onnx", help="Write the deterministic actor as ONNX here.", dir_okay=False),
+    policy: Path | None = typer.Option(None, "--policy", help="Write a policy file here (what tmrl-worker eval and "
+                                                              "--expert --policy read).", dir_okay=False),
+    check: bool = typer.Option(True, "--check/--no-check", help="Run the ONNX file with onnxruntime beside torch and "
+                                                                "print the largest difference."),
+) -> None:
+    """Export the policy of a trainer run: ONNX (a robot loop without Python or torch) and/or a policy file."""
+    from tmrl_common.networks import weights_update_from_actor
+
+    from tmrl_trainer.policy_export import ExportError, check_onnx, export_onnx, load_actor
+    from tmrl_trainer.service import export_policy
+
+    if onnx is None and policy is None:
+        raise typer.BadParameter("give --onnx FILE and/or --policy FILE")
+    try:
+        actor, version = load_actor(source)
+        if policy is not None:
+            export_policy(weights_update_from_actor(actor, version), policy)
+            typer.echo(f"policy file (weights version {version}): {policy}")
+        if onnx is not None:
+            export_onnx(actor, onnx, version)
+            typer.echo(f"ONNX (weights version {version}, inputs in observation order): {onnx}")
+    except ExportError as exc:
+        typer.echo(f"tmrl-trainer export: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    if onnx is not None and check:
+        try:
+            difference = check_onnx(actor, onnx)
+        except ImportError:
+            typer.echo("onnxruntime is not installed: the ONNX file was not run (pip install onnxruntime)", err=True)
+            return
+        typer.echo(f"onnxruntime vs torch on 64 random observations: largest |difference| {difference:.2e}")
+        if difference > 1e-5:
+            typer.echo("tmrl-trainer export: onnxruntime disagrees with torch by more than 1e-5", err=True)
+            raise typer.Exit(code=1)

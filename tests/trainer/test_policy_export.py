@@ -1,0 +1,114 @@
+"""``tmrl-trainer export``: the deterministic actor as ONNX, run by onnxruntime, agrees with torch to 1e-5 on the
+same observations (real simulator observations and random ones), for the MLP (LIDAR) and the CNN (image) actors;
+inputs are named and ordered as the observation tuple; a checkpoint exports like the policy file it came from."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from tmrl_common.layout import tm20_image_layout, tm20_lidar_layout
+from tmrl_common.networks import PolicyArchitecture, build_actor, read_policy_file
+from tmrl_trainer.checkpoint import save_checkpoint
+from tmrl_trainer.cli import app
+from tmrl_trainer.policy_export import export_onnx, input_names
+from tmrl_trainer.sac import SACConfig, SACLearner
+from tmrl_worker.envs import make_env
+from tmrl_worker.runtime import save_policy_file
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+runner = CliRunner()
+
+
+def sim_observations(observation: str, steps: int = 24) -> list[np.ndarray]:
+    """``steps`` observations of the synchronous simulator under random actions, batched part by part."""
+    env = make_env("sim-fast", max_episode_steps=500, options={"observation": observation})
+    rng = np.random.default_rng(0)
+    rows = [env.reset(seed=0)]
+    while len(rows) < steps:
+        observation_tuple, _, terminated, truncated, _ = env.step(rng.uniform(-1, 1, 3))
+        rows.append(env.reset(seed=len(rows)) if terminated or truncated else observation_tuple)
+    env.close()
+    return [np.stack([np.asarray(row[i]) for row in rows]) for i in range(len(rows[0]))]
+
+
+def run_onnx(path, names, parts) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["action"], dict(zip(names, parts, strict=True)))[0]
+
+
+@pytest.mark.parametrize(("observation", "layout", "kind"), [
+    ("lidar", tm20_lidar_layout(), "mlp"),
+    ("image", tm20_image_layout(), "cnn"),
+])
+def test_onnxruntime_agrees_with_torch_on_simulator_observations(tmp_path, observation, layout, kind):
+    torch.manual_seed(1)
+    actor = build_actor(PolicyArchitecture.for_layout(layout)).eval()
+    assert actor.architecture.kind == kind
+    path = export_onnx(actor, tmp_path / "policy.onnx", version=9)
+    parts = sim_observations(observation)
+    onnx_actions = run_onnx(path, input_names(layout), parts)
+    with torch.no_grad():
+        torch_actions = actor([torch.from_numpy(p) for p in parts], deterministic=True, with_log_prob=False)[0].numpy()
+    assert onnx_actions.shape == (len(parts[0]), 3) and onnx_actions.dtype == np.float32
+    np.testing.assert_allclose(onnx_actions, torch_actions, atol=1e-5, rtol=0)
+    assert np.abs(onnx_actions).max() <= 1.0
+    # the worker's one-observation call (Actor.act) and a batch of one through onnxruntime
+    single = [p[5:6] for p in parts]
+    np.testing.assert_allclose(run_onnx(path, input_names(layout), single)[0],
+                               actor.act([p[0] for p in single], deterministic=True), atol=1e-5, rtol=0)
+
+
+def test_inputs_are_the_observation_tuple_in_order_and_metadata_rebuilds_the_architecture(tmp_path):
+    layout = tm20_image_layout()
+    actor = build_actor(PolicyArchitecture.for_layout(layout, hidden_sizes=[32]))
+    model = onnx.load(str(export_onnx(actor, tmp_path / "p.onnx", version=3)))
+    inputs = [(i.name, i.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim])
+              for i in model.graph.input]
+    assert inputs == [("speed", onnx.TensorProto.FLOAT, ["batch", 1]),
+                      ("image", onnx.TensorProto.UINT8, ["batch", 4, 64, 64]),
+                      ("action_0", onnx.TensorProto.FLOAT, ["batch", 3]),
+                      ("action_1", onnx.TensorProto.FLOAT, ["batch", 3])]
+    assert [o.name for o in model.graph.output] == ["action"]
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata["tmrl_version"] == "3"
+    assert PolicyArchitecture.from_flat_dict(json.loads(metadata["tmrl_architecture"])) == actor.architecture
+
+
+def test_a_checkpoint_exports_the_same_policy_as_its_policy_file(tmp_path):
+    config = SACConfig(hidden_sizes=[32, 32])
+    learner = SACLearner(config, config.architecture(tm20_lidar_layout()), device="cpu", seed=4)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint-1.safetensors", learner, {"weights_version": 6})
+    result = runner.invoke(app, ["export", str(checkpoint), "--onnx", str(tmp_path / "c.onnx"),
+                                 "--policy", str(tmp_path / "c.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "largest |difference|" in result.output
+    exported, version = read_policy_file(tmp_path / "c.safetensors")
+    assert version == 6
+    for name, tensor in learner.actor.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], tensor, rtol=0, atol=0)
+    parts = sim_observations("lidar", steps=8)
+    with torch.no_grad():
+        expected = learner.actor([torch.from_numpy(p) for p in parts], deterministic=True, with_log_prob=False)[0]
+    np.testing.assert_allclose(run_onnx(tmp_path / "c.onnx", input_names(tm20_lidar_layout()), parts),
+                               expected.numpy(), atol=1e-5, rtol=0)
+
+
+def test_a_policy_file_exports_from_the_command_line_and_bad_sources_are_one_line_errors(tmp_path):
+    torch.manual_seed(0)
+    policy = save_policy_file(build_actor(PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=[16])),
+                              tmp_path / "policy.safetensors", version=2)
+    result = runner.invoke(app, ["export", str(policy), "--onnx", str(tmp_path / "p.onnx")])
+    assert result.exit_code == 0 and (tmp_path / "p.onnx").stat().st_size > 0
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a tensor file")
+    result = runner.invoke(app, ["export", str(junk), "--onnx", str(tmp_path / "j.onnx")])
+    assert result.exit_code == 2 and "neither a policy file nor a trainer checkpoint" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "j.onnx").exists()
+    result = runner.invoke(app, ["export", str(policy)])
+    assert result.exit_code == 2 and "--onnx" in result.output
