@@ -16,6 +16,7 @@ from tmrl_common.layout import layout_for_box, tm20_lidar_layout
 from tmrl_common.networks import PolicyArchitecture, build_actor
 from tmrl_worker.cli import app
 from tmrl_worker.envs import make_env
+from tmrl_worker.evaluate import episode_line, episode_result
 from tmrl_worker.runtime import save_policy_file
 from typer.testing import CliRunner
 
@@ -83,6 +84,22 @@ def test_gym_pendulum_reports_returns_without_finish_or_walls(tmp_path):
     assert all(-200 * 16.3 <= e["return"] <= 0 for e in summary["episodes"])  # Pendulum's reward bounds per step
 
 
+def test_a_gif_of_a_gym_env_is_written_or_refused_in_one_line(tmp_path):
+    policy = policy_file(tmp_path / "pendulum.safetensors", layout_for_box(3, 1))
+    gif = tmp_path / "pendulum.gif"
+    code, summary, stderr = run_eval("--policy", str(policy), "--env", "gym:Pendulum-v1", "--episodes", "1",
+                                     "--gif", str(gif))
+    try:
+        import pygame  # noqa: F401 - Pendulum draws its frames with pygame
+    except ImportError:
+        assert code == 2 and "cannot draw frames for --gif" in stderr and "pygame" in stderr
+        assert stderr.strip().count("\n") == 0 and not gif.exists()
+    else:
+        assert code == 0, stderr
+        with Image.open(summary["gif"]) as image:
+            assert image.format == "GIF" and image.n_frames >= 2
+
+
 def test_a_module_interface_runs_in_real_time_from_the_worker_config(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))  # the tutorial's PYTHONPATH=$PWD
     from examples.byo_robot.robot import LAYOUT
@@ -116,3 +133,12 @@ def test_bad_env_choices_are_one_line_errors(tmp_path, args, message):
     policy = policy_file(tmp_path / "pendulum.safetensors", layout_for_box(3, 1))
     code, _, stderr = run_eval("--policy", str(policy), *args)
     assert code == 2 and message in stderr and stderr.strip().count("\n") == 0
+
+
+def test_a_finished_episode_has_a_lap_time_at_the_envs_step_rate():
+    result = episode_result(2, 9, (512.5, 640, True, {"finished": True, "wall_hits": 3}), step_seconds=0.05)
+    assert (result.finished, result.lap_time_s, result.seconds, result.wall_contacts) == (True, 32.0, 32.0, 3)
+    assert episode_line(result) == ("episode 2 (seed 9): return    512.50, finished       640 steps, lap 32.00 s, "
+                                    "3 wall contacts")
+    crashed = episode_result(0, 0, (-3.0, 40, True, {"finished": False}), step_seconds=0.05)
+    assert (crashed.finished, crashed.lap_time_s, crashed.ended) == (False, None, "terminated")

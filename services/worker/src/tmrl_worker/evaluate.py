@@ -131,7 +131,8 @@ def run_episode(env: EnvHandle, policy: ActorPolicy, seed: int, on_frame: Callab
             return total, steps, terminated, info
 
 
-def _result(index: int, seed: int, outcome: tuple[float, int, bool, dict], step_seconds: float | None) -> EpisodeResult:
+def episode_result(index: int, seed: int, outcome: tuple[float, int, bool, dict], step_seconds: float | None) -> EpisodeResult:
+    """The :class:`EpisodeResult` of ``run_episode``'s ``outcome`` at ``step_seconds`` per step."""
     total, steps, terminated, info = outcome
     finished = bool(info["finished"]) if "finished" in info else None
     seconds = steps * step_seconds if step_seconds else None
@@ -158,6 +159,19 @@ def summarise(config: EvalConfig, spec: str, env: EnvHandle, policy: ActorPolicy
         best_episode=best.episode)
 
 
+def render_frame(env: EnvHandle) -> np.ndarray:
+    """One RGB frame of ``env`` (built with ``render_mode="rgb_array"``); :class:`EnvSpecError` when it draws none."""
+    import gymnasium
+
+    try:
+        frame = env.env.render()
+    except gymnasium.error.DependencyNotInstalled as exc:
+        raise EnvSpecError(f"env {env.spec!r} cannot draw frames for --gif: {exc}") from exc
+    if frame is None:
+        raise EnvSpecError(f"env {env.spec!r} returned no frame from render(); it cannot make a GIF")
+    return np.asarray(frame, dtype=np.uint8)
+
+
 def record_gif(env: EnvHandle, policy: ActorPolicy, best: EpisodeResult, path: Path) -> Path:
     """Drive ``best`` again (same seed) while drawing frames; write every k-th frame (at most
     :data:`GIF_MAX_FRAMES`) as a looping GIF at the env's pace."""
@@ -169,10 +183,7 @@ def record_gif(env: EnvHandle, policy: ActorPolicy, best: EpisodeResult, path: P
 
     def draw() -> None:
         if counter["n"] % every == 0:
-            frame = env.env.render()
-            if frame is None:
-                raise EnvSpecError(f"env {env.spec!r} returned no frame from render(); it cannot make a GIF")
-            frames.append(np.asarray(frame, dtype=np.uint8))
+            frames.append(render_frame(env))
         counter["n"] += 1
 
     total, steps, _, _ = run_episode(env, policy, best.seed, on_frame=draw)
@@ -194,10 +205,13 @@ def evaluate(config: EvalConfig, on_episode: Callable[[EpisodeResult], None] | N
                    options=options, render_mode="rgb_array" if config.gif is not None else None)
     try:
         policy = load_policy_file(config.policy, env.layout)
+        if config.gif is not None:  # fail before the episodes, not after them
+            env.reset(seed=config.seed)
+            render_frame(env)
         results = []
         for index in range(config.episodes):
             seed = config.seed + index
-            results.append(_result(index, seed, run_episode(env, policy, seed), env.step_seconds))
+            results.append(episode_result(index, seed, run_episode(env, policy, seed), env.step_seconds))
             if on_episode is not None:
                 on_episode(results[-1])
         summary = summarise(config, spec, env, policy, results)
