@@ -11,13 +11,13 @@ def eval_command(
     policy: Path = typer.Option(..., "--policy", help="Safetensors policy file (a trainer run's policy.safetensors).",
                                 exists=True, dir_okay=False),
     env: str | None = typer.Option(None, "--env", help="sim (evaluated synchronously), gym:<id>, module:Class, tm20-... "
-                                                       "[default: the config's, else sim]."),
+                                                       "(default: the config's env, else sim)."),
     track: str | None = typer.Option(None, "--track", "-t", help="sim only: oval, hairpins, circuit, random:SEED or random-open:SEED."),
     episodes: int = typer.Option(5, "--episodes", "-n", min=1, help="Episodes to run."),
     seed: int = typer.Option(0, "--seed", help="Episode i is reset with seed SEED + i."),
     gif: Path | None = typer.Option(None, "--gif", help="Write a GIF of the best episode here (sim, gym:<id>).", dir_okay=False),
     json_output: bool = typer.Option(False, "--json", help="Print the JSON summary on stdout (episode lines go to stderr)."),
-    max_episode_steps: int | None = typer.Option(None, "--max-episode-steps", min=1, help="Truncate episodes after this many steps [config's]."),
+    max_episode_steps: int | None = typer.Option(None, "--max-episode-steps", min=1, help="Truncate episodes after this many steps (default: the config's, else 1000)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file; the \\[worker] table gives env, env_options, "
                                                                     "time_step_duration, max_episode_steps.", exists=True, dir_okay=False),
 ) -> None:
