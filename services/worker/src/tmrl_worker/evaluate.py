@@ -92,6 +92,7 @@ class EvalSummary(BaseModel):
     """Episodes finished (``None`` when the env does not report it)."""
     mean_lap_time_s: float | None
     best_episode: int
+    """Highest return (the fewest steps among equal returns): the episode the GIF shows."""
     gif: str | None = None
 
     def to_json(self) -> str:
@@ -148,7 +149,7 @@ def summarise(config: EvalConfig, spec: str, env: EnvHandle, policy: ActorPolicy
     returns = [r.episode_return for r in results]
     finished = [r for r in results if r.finished]
     reported = any(r.finished is not None for r in results)
-    best = max(results, key=lambda r: r.episode_return)
+    best = max(results, key=lambda r: (r.episode_return, -r.steps))  # equal returns: the quicker episode
     return EvalSummary(
         policy=str(config.policy), policy_version=policy.version, env=config.env, evaluated_as=spec,
         track=env.env.unwrapped.track.name if spec == "sim-fast" else None, realtime=env.realtime,
