@@ -105,7 +105,7 @@ def _options(app, command: str) -> dict[str, str]:
 
 
 RUN_COMMANDS = [(tmrl_relay.cli.app, "run"), (tmrl_worker.cli.app, "run"), (tmrl_trainer.cli.app, "run"),
-                (tmrl_trainer.cli.app, "train-local")]
+                (tmrl_trainer.cli.app, "train-local"), (tmrl_worker.cli.app, "eval"), (tmrl_trainer.cli.app, "export")]
 
 
 @pytest.mark.parametrize(("app", "command"), RUN_COMMANDS)

@@ -85,7 +85,7 @@ def test_a_checkpoint_exports_the_same_policy_as_its_policy_file(tmp_path):
     learner = SACLearner(config, config.architecture(tm20_lidar_layout()), device="cpu", seed=4)
     checkpoint = save_checkpoint(tmp_path / "checkpoint-1.safetensors", learner, {"weights_version": 6})
     result = runner.invoke(app, ["export", str(checkpoint), "--onnx", str(tmp_path / "c.onnx"),
-                                 "--policy", str(tmp_path / "c.safetensors")])
+                                 "--policy-out", str(tmp_path / "c.safetensors")])
     assert result.exit_code == 0, result.output
     assert "largest |difference|" in result.output
     exported, version = read_policy_file(tmp_path / "c.safetensors")

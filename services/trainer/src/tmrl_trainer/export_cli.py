@@ -11,7 +11,7 @@ def export_command(
     source: Path = typer.Argument(..., help="A run's policy.safetensors, or a checkpoint (checkpoints/checkpoint-*.safetensors).",
                                   exists=True, dir_okay=False),
     onnx: Path | None = typer.Option(None, "--onnx", help="Write the deterministic actor as ONNX here.", dir_okay=False),
-    policy: Path | None = typer.Option(None, "--policy", help="Write a policy file here (what tmrl-worker eval and "
+    policy: Path | None = typer.Option(None, "--policy-out", help="Write a policy file here (what tmrl-worker eval and "
                                                               "--expert --policy read).", dir_okay=False),
     check: bool = typer.Option(True, "--check/--no-check", help="Run the ONNX file with onnxruntime beside torch and "
                                                                 "print the largest difference."),
@@ -23,7 +23,7 @@ def export_command(
     from tmrl_trainer.service import export_policy
 
     if onnx is None and policy is None:
-        raise typer.BadParameter("give --onnx FILE and/or --policy FILE")
+        raise typer.BadParameter("give --onnx FILE and/or --policy-out FILE")
     try:
         actor, version = load_actor(source)
         if policy is not None:

@@ -5,21 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from tmrl_common.options import HELP, config_help
 
 
 def eval_command(
     policy: Path = typer.Option(..., "--policy", help="Safetensors policy file (a trainer run's policy.safetensors).",
                                 exists=True, dir_okay=False),
-    env: str | None = typer.Option(None, "--env", help="sim (evaluated synchronously), gym:<id>, module:Class, tm20-... "
+    env: str | None = typer.Option(None, "--env", help=HELP["env"] + " sim is evaluated synchronously, as sim-fast "
                                                        "(default: the config's env, else sim)."),
     track: str | None = typer.Option(None, "--track", "-t", help="sim only: oval, hairpins, circuit, random:SEED or random-open:SEED."),
     episodes: int = typer.Option(5, "--episodes", "-n", min=1, help="Episodes to run."),
-    seed: int = typer.Option(0, "--seed", help="Episode i is reset with seed SEED + i."),
+    seed: int = typer.Option(0, "--seed", help=HELP["seed"] + " Episode i is reset with seed SEED + i."),
     gif: Path | None = typer.Option(None, "--gif", help="Write a GIF of the best episode here (sim, gym:<id>).", dir_okay=False),
     json_output: bool = typer.Option(False, "--json", help="Print the JSON summary on stdout (episode lines go to stderr)."),
     max_episode_steps: int | None = typer.Option(None, "--max-episode-steps", min=1, help="Truncate episodes after this many steps (default: the config's, else 1000)."),
-    config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file; the \\[worker] table gives env, env_options, "
-                                                                    "time_step_duration, max_episode_steps.", exists=True, dir_okay=False),
+    config: Path | None = typer.Option(None, "--config", "-c", help=config_help("worker") + " Eval reads env, env_options, "
+                                       "time_step_duration and max_episode_steps.", exists=True, dir_okay=False),
 ) -> None:
     """Evaluate a saved policy deterministically: one line per episode, the mean and spread, optionally a GIF and a
     JSON summary. No relay, no trainer. module:Class envs run in real time (rtgym paces them)."""
