@@ -26,6 +26,7 @@ from tmrl_common.protocol import DecodeLimits, Heartbeat, SampleAck, SampleBatch
 from tmrl_common.sockets import TransportConfig
 from tmrl_relay.config import RelayConfig
 from tmrl_trainer.config import TrainerConfig
+from tmrl_trainer.relay_link import HelloBackoff
 from tmrl_trainer.sac import SACConfig
 from tmrl_trainer.service import layout_for_env
 from tmrl_worker.config import WorkerConfig
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[2]
 DOC = (REPO / "docs" / "protocol.md").read_text()
 DEFAULTS = {"DecodeLimits": DecodeLimits(), "RelayConfig": RelayConfig(), "WorkerConfig": WorkerConfig(),
-            "TrainerConfig": TrainerConfig(), "TransportConfig": TransportConfig()}
+            "TrainerConfig": TrainerConfig(), "TransportConfig": TransportConfig(), "HelloBackoff": HelloBackoff()}
 MODELS = {"SampleBatch": SampleBatch, "SampleAck": SampleAck, "WeightsUpdate": WeightsUpdate, "Heartbeat": Heartbeat,
           "ObservationLayout": ObservationLayout}
 UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
