@@ -63,8 +63,10 @@ def tables(text: str) -> list[list[dict[str, str]]]:
             for row in lines[i + 2:]:
                 if not row.startswith("|"):
                     break
-                rows.append(dict(zip(header, (c.strip() for c in row.strip().strip("|").split("|")), strict=True)))
-            found.append(rows)
+                cells = [c.strip() for c in re.split(r"(?<!\\)\|", row.strip().strip("|"))]
+                rows.append(dict(zip(header, cells, strict=False)) if len(cells) == len(header) else None)
+            if None not in rows:  # a table with a ragged row is not one of those this test reads
+                found.append(rows)
     return found
 
 
