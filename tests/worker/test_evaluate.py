@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tmrl_common.layout import layout_for_box, tm20_lidar_layout
+from tmrl_common.layout import tm20_lidar_layout
 from tmrl_common.networks import PolicyArchitecture, build_actor
 from tmrl_worker.cli import app
 from tmrl_worker.envs import make_env
@@ -28,6 +28,13 @@ runner = CliRunner()
 def policy_file(path: Path, layout, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     return save_policy_file(build_actor(PolicyArchitecture.for_layout(layout, hidden_sizes=[16, 16])), path, version=4)
+
+
+def pendulum_layout():
+    """The layout the worker builds for gym:Pendulum-v1 (one component ``obs``, bounds from its space)."""
+    env = make_env("gym:Pendulum-v1")
+    env.close()
+    return env.layout
 
 
 def run_eval(*args: str) -> tuple[int, dict | None, str]:
@@ -73,7 +80,7 @@ def test_sim_on_a_random_track_reports_each_episode_and_writes_a_readable_gif(tm
 
 
 def test_gym_pendulum_reports_returns_without_finish_or_walls(tmp_path):
-    policy = policy_file(tmp_path / "pendulum.safetensors", layout_for_box(3, 1))
+    policy = policy_file(tmp_path / "pendulum.safetensors", pendulum_layout())
     code, summary, stderr = run_eval("--policy", str(policy), "--env", "gym:Pendulum-v1", "--episodes", "2", "--seed", "1")
     assert code == 0, stderr
     assert [(e["steps"], e["ended"], e["finished"], e["wall_contacts"]) for e in summary["episodes"]] == \
@@ -84,7 +91,7 @@ def test_gym_pendulum_reports_returns_without_finish_or_walls(tmp_path):
 
 
 def test_a_gif_of_a_gym_env_is_written_or_refused_in_one_line(tmp_path):
-    policy = policy_file(tmp_path / "pendulum.safetensors", layout_for_box(3, 1))
+    policy = policy_file(tmp_path / "pendulum.safetensors", pendulum_layout())
     gif = tmp_path / "pendulum.gif"
     code, summary, stderr = run_eval("--policy", str(policy), "--env", "gym:Pendulum-v1", "--episodes", "1",
                                      "--gif", str(gif))
@@ -115,7 +122,7 @@ def test_a_module_interface_runs_in_real_time_from_the_worker_config(tmp_path, m
 
 
 def test_a_policy_for_another_layout_is_a_one_line_error(tmp_path):
-    policy = policy_file(tmp_path / "pendulum.safetensors", layout_for_box(3, 1))
+    policy = policy_file(tmp_path / "pendulum.safetensors", pendulum_layout())
     code, _, stderr = run_eval("--policy", str(policy), "--env", "sim", "--episodes", "1")
     assert code == 2
     assert stderr.strip().count("\n") == 0 and "Traceback" not in stderr
@@ -129,7 +136,7 @@ def test_a_policy_for_another_layout_is_a_one_line_error(tmp_path):
     (["--env", "examples.byo_robot.robot:MyRobotInterface", "--gif", "robot.gif"], "draws no frames"),
 ])
 def test_bad_env_choices_are_one_line_errors(tmp_path, args, message):
-    policy = policy_file(tmp_path / "pendulum.safetensors", layout_for_box(3, 1))
+    policy = policy_file(tmp_path / "pendulum.safetensors", pendulum_layout())
     code, _, stderr = run_eval("--policy", str(policy), *args)
     assert code == 2 and message in stderr and stderr.strip().count("\n") == 0
 

@@ -105,8 +105,9 @@ def load_policy_file(path: Path, layout: ObservationLayout) -> ActorPolicy:
 
     actor, version = read_policy_file(path)
     if actor.architecture.layout != layout:
-        raise PolicyFileError(f"policy file {path} was trained for another observation layout than this env's: "
-                              f"policy {describe_layout(actor.architecture.layout)}; env {describe_layout(layout)}")
+        policy, env = describe_layout(actor.architecture.layout), describe_layout(layout)
+        detail = f"policy {policy}; env {env}" if policy != env else f"both {env}, but component names, dtypes or value bounds differ"
+        raise PolicyFileError(f"policy file {path} was trained for another observation layout than this env's: {detail}")
     return ActorPolicy(actor, version=version, deterministic=True)
 
 
