@@ -6,6 +6,7 @@ callable is kept as the failure with the sockets closed."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -79,11 +80,18 @@ def make_client(context, port: int, transport: TransportConfig = FAST, **options
     return link.client, link, counters
 
 
-def unused_port(context) -> int:
-    probe = context.socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
-    return port
+@pytest.fixture
+def unused_port():
+    """A loopback port nobody listens on, held for the test by a bound, non-listening socket: connections to it are
+    refused, and the kernel never picks it as the source port of a connect. A port merely closed again is not enough:
+    it lies in the ephemeral range, so ZeroMQ's reconnects now and then connect the DEALER to itself (a TCP
+    self-connect, about 1 in 8,000 tries measured here), and the client then counts a connection and heartbeats."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    try:
+        yield holder.getsockname()[1]
+    finally:
+        holder.close()
 
 
 def receive(router: zmq.Socket, timeout_s: float = 5.0) -> tuple[bytes, list[bytes]]:
@@ -133,8 +141,8 @@ def test_heartbeats_go_out_when_due_while_connected(context):
     assert link.heartbeats >= 3 and link.turns >= 2 * link.heartbeats  # once per interval, not once per turn
 
 
-def test_no_heartbeat_while_no_relay_is_there(context):
-    client, link, counters = make_client(context, unused_port(context), heartbeat_interval_s=0.05)
+def test_no_heartbeat_while_no_relay_is_there(context, unused_port):
+    client, link, counters = make_client(context, unused_port, heartbeat_interval_s=0.05)
     client.start()
     try:
         wait_for(lambda: link.turns >= 10)
@@ -144,9 +152,9 @@ def test_no_heartbeat_while_no_relay_is_there(context):
     assert link.heartbeats == 0 and counters.connections == 0 and not client.connected
 
 
-def test_a_send_zeromq_refuses_returns_false_and_is_counted_without_blocking(context):
+def test_a_send_zeromq_refuses_returns_false_and_is_counted_without_blocking(context, unused_port):
     # nobody listens and the queue holds one message: the rest of the sends are refused (EAGAIN)
-    client, link, counters = make_client(context, unused_port(context), FAST.model_copy(update={"send_hwm": 1}))
+    client, link, counters = make_client(context, unused_port, FAST.model_copy(update={"send_hwm": 1}))
     link.to_send_on_turn = 5
     client.start()
     try:
@@ -193,8 +201,8 @@ def test_an_error_in_a_callable_ends_the_thread_as_its_failure_and_closes_the_so
         router.close(linger=0)
 
 
-def test_send_outside_the_loop_says_so(context):
-    client, _, _ = make_client(context, unused_port(context))
+def test_send_outside_the_loop_says_so(context, unused_port):
+    client, _, _ = make_client(context, unused_port)
     with pytest.raises(RuntimeError, match="outside the test thread's loop"):
         client.send([b"too early"])
 
@@ -222,8 +230,8 @@ def test_wake_runs_the_next_turn_at_once_instead_of_at_the_end_of_the_poll(conte
     client.wake()  # after the loop ended (its socket pair closed): a no-op
 
 
-def test_a_client_stopped_without_starting_closes_its_wake_up_pair(context):
-    client, _, _ = make_client(context, unused_port(context))
+def test_a_client_stopped_without_starting_closes_its_wake_up_pair(context, unused_port):
+    client, _, _ = make_client(context, unused_port)
     client.stop()
     assert client._wake_reader.fileno() == client._wake_writer.fileno() == -1
     client.wake()  # a no-op, not an error
