@@ -114,13 +114,14 @@ def test_the_workers_link_frame_cap_is_stated_as_it_is_set():
 
 # ----------------------------------------------------------------------------------------------------- layouts
 
-COMPONENT = re.compile(r"`([a-z][a-z0-9_]*) \[([\d, ]+)\] (float32|uint8) ×(\d+)`")
+COMPONENT = re.compile(r"`([a-z][a-z0-9_]*) \[([\d, ]+)\] (float32|uint8) ×(\d+)(?: in \[(-?[\d.]+), (-?[\d.]+)\])?`")
 
 
 def doc_layout(row: dict[str, str]) -> ObservationLayout:
     components = [ObservationComponent(name=name, frame_shape=[int(d) for d in shape.split(",")], dtype=dtype,
-                                       history=int(history))
-                  for name, shape, dtype, history in COMPONENT.findall(row["components"])]
+                                       history=int(history), low=float(low) if low else None,
+                                       high=float(high) if high else None)
+                  for name, shape, dtype, history, low, high in COMPONENT.findall(row["components"])]
     return ObservationLayout(components=components, action_dim=int(row["A"]), action_history=int(row["action_history"]))
 
 
@@ -155,8 +156,9 @@ def layout_rows() -> list[dict[str, str]]:
 
 
 def shape_of(layout: ObservationLayout) -> tuple:
-    """What the table states: each component's name, frame shape, dtype and history, A and the action history."""
-    fields = {"name", "frame_shape", "dtype", "history"}
+    """What the table states: each component's name, frame shape, dtype, history and declared bounds, A and the
+    action history."""
+    fields = {"name", "frame_shape", "dtype", "history", "low", "high"}
     return [c.model_dump(include=fields) for c in layout.components], layout.action_dim, layout.action_history
 
 
