@@ -15,8 +15,9 @@ import pytest
 import zmq
 from loopback_relay import wait_for
 from tmrl_common.curve import generate_key_pair, load_secret_key, reload_authenticator, start_authenticator
+from tmrl_common.handshake import HandshakeWatch
 from tmrl_common.relay_client import RelayClient
-from tmrl_common.sockets import RelayEndpoint, SecurityConfig
+from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
 
 from .test_relay_client import FAST, Counters
 
@@ -140,3 +141,14 @@ def test_a_relay_that_never_answers_is_reported_and_one_that_answers_is_not(cont
             routing_id, *_ = router.recv_multipart()
             router.send_multipart([routing_id, b"heartbeat"])
     assert answered.handshake.counters.unanswered == 0 and not errors(caplog)
+
+
+def test_a_refused_trainer_key_warns_against_allowing_a_workers_key_as_the_trainer(tmp_path):
+    # Found by hand (README quick start, a worker's key given to `tmrl-trainer run --secret-key`): the advice was only
+    # `keys add worker-1.key --role trainer`, which `keys add` refuses (one key, one role): a second wrong step.
+    security = SecurityConfig(secret_key_file=tmp_path / "keys" / "worker-1.key_secret",
+                              server_public_key_file=tmp_path / "keys" / "relay.key")
+    watch = HandshakeWatch("trainer", RelayEndpoint("127.0.0.1", 5556, TransportConfig(), security), "trainer")
+    advice = watch.advice("refused")
+    assert "keys add worker-1.key --allow-dir ALLOW --role trainer" in advice
+    assert "a worker's key" in advice and "trainer.key_secret" in advice

@@ -138,10 +138,15 @@ class HandshakeWatch:
         """The error line for a failure ``kind``: what is wrong, the likely cause, the command that fixes it."""
         where = tcp_endpoint(self.endpoint.host, self.endpoint.port)
         if kind == "refused":
+            # A worker's key given to the trainer is refused the same way, and `keys add --role trainer` then refuses
+            # it too (one key, one role): the trainer's advice names its own pair first.
+            own_pair = ("If that is a worker's key, do not allow it as the trainer: start the trainer with its own pair "
+                        "(`tmrl-relay keys init` made keys/trainer.key_secret). Otherwise, on" if self.role == "trainer"
+                        else "On")
             return (f"the relay at {where} refused this {self.role}'s key: {self._public_key_file()} is not in its "
-                    f"{self.role} allow-list. On the relay host run `tmrl-relay keys add {self._public_key_file().name} "
-                    f"--allow-dir ALLOW --role {self.role}` (ALLOW: the relay's --allow-dir); retrying every "
-                    f"{self.retry_s:.0f}s")
+                    f"{self.role} allow-list. {own_pair} the relay host run `tmrl-relay keys add "
+                    f"{self._public_key_file().name} --allow-dir ALLOW --role {self.role}` (ALLOW: the relay's "
+                    f"--allow-dir); retrying every {self.retry_s:.0f}s")
         if kind == "mechanism":
             mine = "plain text (--insecure)" if self.endpoint.security.insecure else "CurveZMQ"
             theirs = "CurveZMQ" if self.endpoint.security.insecure else "plain text (--insecure)"
