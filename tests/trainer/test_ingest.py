@@ -145,6 +145,24 @@ def test_hello_with_a_different_layout_is_logged(ingest, caplog):
     assert ingestor.snapshot()["workers"]["w9"]["hellos"] == 1
 
 
+def test_a_hello_layout_differing_only_in_bounds_is_not_said_to_be_rejected(ingest, caplog):
+    # Found by hand (docs/protocol.md client, hello layout without the bounds of §6.1): the trainer logged "its batches
+    # will be rejected", named the same components twice, then stored every batch (shapes match; its own bounds apply).
+    ingestor, memory, _ = ingest
+    declared = layout_for_box(3, 1, low=-10.0, high=10.0)
+    ingestor.handle(encode(Hello(role="worker", software="test", layout=declared, next_seq=0), "w1"))
+    assert "will be rejected" not in caplog.text
+    assert "obs.low" in caplog.text and "obs.high" in caplog.text  # what differs, not only the component names
+    assert answers(ingestor.handle(batch_frames("w1", 0, [1.0]))) == [("w1", [0], "stored", "")]
+
+
+def test_a_hello_layout_with_other_frame_shapes_names_them_and_says_rejected(ingest, caplog):
+    ingestor, _, _ = ingest
+    ingestor.handle(encode(Hello(role="worker", software="test", layout=layout_for_box(7, 2), next_seq=0), "w9"))
+    assert "will be rejected" in caplog.text
+    assert "obs.frame_shape" in caplog.text and "action_dim" in caplog.text
+
+
 def test_a_restart_gap_costs_one_interval_and_the_hello_next_seq_is_reported(ingest):
     ingestor, _, _ = ingest
     ingestor.handle(batch_frames("w1", 0, [1.0]))

@@ -343,6 +343,32 @@ class ValueBounds:
     """Applies to observation components that declare no ``low``/``high`` of their own."""
 
 
+def layout_differences(worker: ObservationLayout, trainer: ObservationLayout) -> tuple[list[str], bool]:
+    """What differs between a worker's announced layout and the trainer's, as ``field: worker vs trainer`` lines,
+    and whether :meth:`SampleBatch.check_layout` will reject that worker's batches (components, frame shapes, dtypes,
+    action size). Histories and bounds are the trainer's to apply: a worker that declares other ones is still stored.
+    """
+    lines: list[str] = []
+    rejected = False
+    mine = {c.name: c for c in trainer.components}
+    theirs = {c.name: c for c in worker.components}
+    if list(theirs) != list(mine):
+        lines.append(f"components {list(theirs)} vs {list(mine)}")
+        rejected = set(theirs) != set(mine)
+    for name in [n for n in mine if n in theirs]:
+        for attr in ("frame_shape", "dtype", "history", "low", "high"):
+            a, b = getattr(theirs[name], attr), getattr(mine[name], attr)
+            if a != b:
+                lines.append(f"{name}.{attr} {a} vs {b}")
+                rejected = rejected or attr in ("frame_shape", "dtype")
+    for attr in ("action_dim", "action_history"):
+        a, b = getattr(worker, attr), getattr(trainer, attr)
+        if a != b:
+            lines.append(f"{attr} {a} vs {b}")
+            rejected = rejected or attr == "action_dim"
+    return lines, rejected
+
+
 class Ingestor:
     """Turns forwarded frames into stored rows and answers (see the module docstring). Thread-safe per instance:
     call :meth:`handle` from one thread; :meth:`snapshot` may be called from any."""
@@ -452,9 +478,11 @@ class Ingestor:
             stats.hellos += 1
             stats.next_seq = hello.next_seq
         if hello.layout is not None and hello.layout != self.layout:
-            log.warning("%s announced an observation layout that differs from the trainer's; its batches will be "
-                        "rejected (worker components %s, trainer components %s)", envelope.sender,
-                        [c.name for c in hello.layout.components], [c.name for c in self.layout.components])
+            differences, rejected = layout_differences(hello.layout, self.layout)
+            consequence = ("its batches will be rejected (schema)" if rejected else "its batches still match the "
+                           "trainer's frames and are judged by the trainer's layout (its histories and bounds)")
+            log.warning("%s announced an observation layout that differs from the trainer's (worker vs trainer: %s); "
+                        "%s", envelope.sender, "; ".join(differences), consequence)
         log.info("%s said hello (next_seq %d)", envelope.sender, hello.next_seq)
 
     def _handle_batch(self, envelope: Envelope, batch: SampleBatch) -> list[list[bytes]]:
