@@ -19,9 +19,9 @@ from tmrl_worker.tm20.synthetic import winding_road_frames
 from typer.testing import CliRunner
 
 
-def lap_with_a_respawn() -> list[bytes]:
+def lap_with_a_respawn(first_seq: int = 0) -> list[bytes]:
     """A false start (respawned after 5 m), then an L-shaped run: 20 m along x, 10 m along z, finish."""
-    packets, seq = [], 0
+    packets, seq = [], first_seq
     for i in range(11):  # false start
         packets.append(encode_packet(seq, speed=5.0, distance=0.5 * i, position=(0.5 * i, 7.0, 0.0)))
         seq += 1
@@ -58,6 +58,19 @@ def test_record_demonstration_restarts_on_respawn_and_stops_at_the_finish(tmp_pa
     gaps = np.linalg.norm(np.diff(loaded, axis=0), axis=1)
     assert np.allclose(gaps[:19], 1.0, atol=1e-4)  # equally spaced along the first leg
     assert len(load_packets(tmp_path / "lap.tmtelemetry")) == len(demonstration.packets)
+
+
+def test_record_demonstration_joined_mid_run_waits_for_a_run_from_the_start():
+    # Found by hand: docs/trackmania.md's `emulate-game --autodrive --speedup 10 &` then `record-reward` joined a lap
+    # at its finish packet and failed ("the car did not move"); joined earlier, it would save a partial path.
+    tail = [encode_packet(i, speed=10.0, distance=25 + 0.5 * i, position=(20.0, 3.0, 5 + 0.5 * i), finished=(i == 10))
+            for i in range(11)]
+    with TelemetryReplayServer(tail + lap_with_a_respawn(first_seq=11), rate_hz=400, loop=False) as server, \
+            TelemetryClient(server.port, timeout=2.0) as client:
+        demonstration = record_demonstration(client, max_seconds=10)
+    assert demonstration.finished
+    assert np.all(demonstration.positions[:, 1] == 0.0)  # nothing from the run it joined, nor the false start
+    assert demonstration.length == pytest.approx(30.0, abs=0.6)
 
 
 def test_record_reward_command_writes_points_from_the_plugin(tmp_path):

@@ -68,25 +68,35 @@ def load_packets(path: str | Path) -> list[bytes]:
 
 
 def record_demonstration(telemetry: TelemetryClient, *, max_seconds: float = 900.0, min_move: float = 0.05,
-                         should_stop: Callable[[], bool] = lambda: False,
+                         start_distance_m: float = 1.0, should_stop: Callable[[], bool] = lambda: False,
                          on_packet: Callable[[Telemetry, int], None] | None = None) -> Demonstration:
     """Collect car positions from ``telemetry`` until the finish, ``should_stop()``, or ``max_seconds``.
 
     Positions closer than ``min_move`` to the previous kept one are skipped (a car waiting at the start).
-    ``on_packet(packet, kept)`` is called for every fresh packet (progress display).
+    Joined mid-run (the first packet more than ``start_distance_m`` into the run), nothing is kept until the next
+    respawn: the path must start at the start line. ``on_packet(packet, kept)`` is called for every fresh packet
+    (progress display; ``kept`` stays 0 while waiting for a run from the start).
     """
     positions: list[tuple[float, float, float]] = []
     packets: list[Telemetry] = []
     restarts = 0
     last: Telemetry | None = None
+    mid_run = False
     deadline = time.monotonic() + max_seconds
     while time.monotonic() < deadline and not should_stop():
         packet = telemetry.newer_than(last.sequence if last else None)
-        if last is not None and packet.distance < last.distance - 1.0:  # respawned: start over
+        if last is None:
+            mid_run = packet.distance > start_distance_m
+        elif packet.distance < last.distance - 1.0:  # respawned: start over
             positions.clear()
             packets.clear()
             restarts += 1
+            mid_run = False
         last = packet
+        if mid_run:  # e.g. emulate-game --autodrive lapping before record-reward connected
+            if on_packet is not None:
+                on_packet(packet, 0)
+            continue
         packets.append(packet)
         if not positions or np.linalg.norm(np.subtract(packet.position, positions[-1])) >= min_move:
             positions.append(packet.position)
@@ -126,6 +136,10 @@ def record_reward_tool(output: Path, *, telemetry_port: int, spacing: float = 0.
         def progress(packet: Telemetry, kept: int) -> None:
             if packet.received_at - shown[0] >= 1.0:
                 shown[0] = packet.received_at
+                if kept == 0 and packet.distance > 1.0:
+                    console.print(f"  the car is {packet.distance:.1f} m into a run: waiting for a run from the start "
+                                  "(restart the race)")
+                    return
                 console.print(f"  {kept:6d} positions, distance {packet.distance:8.1f} m, speed {packet.speed:6.1f}")
 
         try:
