@@ -4,6 +4,7 @@ trainer keys (``ALLOW/trainers``, ``keys add --role trainer``) reach the trainer
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import pytest
 import zmq
@@ -86,6 +87,21 @@ def test_a_key_not_in_the_allow_list_delivers_nothing_and_is_counted(context, tm
         assert trainer.nothing_within(300)
         assert "worker-1" not in relay.workers.by_sender
         assert value("tmrl_relay_received_messages_total", {"link": "workers"}) in (None, 0)
+
+
+def test_a_refused_handshake_is_logged_with_the_relays_own_endpoint_as_text(context, tmp_path, keys, caplog):
+    # Found by hand: "refused a connection from b'tcp://127.0.0.1:5556'": a bytes repr, and that endpoint is the
+    # relay's end of the connection (libzmq gives no peer address), not where the refused client is.
+    caplog.set_level(logging.WARNING, logger="tmrl_relay")
+    with relay_in_thread(_config(tmp_path, keys)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        fake_trainer = _peer(context, relay.ports.trainer_port, keys, "worker-1", "evil-trainer")
+        fake_trainer.hello("trainer")
+        wait_until(lambda: (value("tmrl_relay_handshake_failures_total", {"link": "trainer", "kind": "auth"}) or 0) >= 1,
+                   what="refused handshake")
+        wait_until(lambda: any("during the handshake" in r.getMessage() for r in caplog.records), what="the log line")
+    [line] = [r.getMessage() for r in caplog.records if "during the handshake" in r.getMessage()]
+    assert f"refused a connection on tcp://127.0.0.1:{relay.ports.trainer_port} " in line and "b'" not in line
 
 
 def test_a_worker_key_on_the_trainer_port_is_refused_and_counted_by_default(context, tmp_path, keys):

@@ -122,6 +122,6 @@ def test_a_peer_leaving_is_logged_at_info_not_warning(context, caplog):
     with relay_in_thread(insecure_config()) as relay:
         worker = connected_worker(context, relay, "worker-1")
         worker.close()
-        wait_until(lambda: any("connection from" in r.getMessage() for r in caplog.records), what="the disconnect line")
-    [line] = [r for r in caplog.records if "connection from" in r.getMessage()]
+        wait_until(lambda: any("a connection on" in r.getMessage() for r in caplog.records), what="the disconnect line")
+    [line] = [r for r in caplog.records if "a connection on" in r.getMessage()]
     assert line.levelno == logging.INFO

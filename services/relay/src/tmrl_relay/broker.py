@@ -630,9 +630,10 @@ class Relay:
             if kind is None:
                 continue
             self.metrics.handshake_failures.labels(link=link, kind=kind).inc()
-            self._rate_log.warning(("handshake", link, kind), "%s link: refused a connection from %s during the "
-                                   "handshake (%s%s)", link, event.get("endpoint", b"?"), kind,
-                                   ": public key not in the allow-list" if kind == "auth" else "")
+            # libzmq's endpoint is this relay's end of the connection; the client's address is not given
+            self._rate_log.warning(("handshake", link, kind), "%s link: refused a connection on %s during the "
+                                   "handshake (%s%s)", link, event.get("endpoint", b"?").decode(errors="replace"),
+                                   kind, ": public key not in the allow-list" if kind == "auth" else "")
 
     def _on_disconnect(self, link: str, endpoint: bytes) -> None:
         """A connection ended. ZeroMQ does not say why: the peer closed or died, or it sent a frame over the socket's
@@ -640,7 +641,7 @@ class Relay:
         it is counted and logged here, so an oversized frame never goes unseen."""
         self.metrics.disconnects.labels(link=link).inc()
         # INFO: a peer leaving is routine (a worker stopped, a trainer restarted); the oversized case is counted too
-        self._rate_log.log(logging.INFO, ("disconnect", link), "%s link: connection from %s closed (the peer left, or sent a "
+        self._rate_log.log(logging.INFO, ("disconnect", link), "%s link: a connection on %s closed (the peer left, or sent a "
                                "frame over the %d-byte cap, which ZeroMQ drops unread)", link,
                                endpoint.decode(errors="replace"),
                                _SUBSCRIPTION_FRAME_CAP if link == "weights" else self.config.socket_frame_cap())
