@@ -123,6 +123,8 @@ class _WorkerWindow:
     horizon: int = 0
     starts: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
+    forgotten: int = 0
+    """Stored seqs in the intervals forgotten below the horizon (in this process), so counts stay whole."""
 
     def status(self, seq: int) -> SeqStatus:
         if seq < self.horizon:
@@ -153,6 +155,7 @@ class _WorkerWindow:
     def close_lowest_gap(self) -> int:
         """Raise the horizon to the end of the lowest interval (forgetting it); return the never-stored seqs closed."""
         gap = self.starts[0] - self.horizon
+        self.forgotten += self.ends[0] - self.starts[0]
         self.horizon = self.ends[0]
         del self.starts[0], self.ends[0]
         return gap
@@ -240,9 +243,11 @@ class SeqDeduplicator:
         return 0 if window is None else window.horizon
 
     def stored_count(self, worker: str) -> int:
-        """Distinct seqs of ``worker`` known stored (above its horizon)."""
+        """Distinct seqs of ``worker`` stored: those in its intervals, and those forgotten below its horizon."""
         window = self._windows.get(worker)
-        return 0 if window is None else sum(end - start for start, end in zip(window.starts, window.ends, strict=True))
+        if window is None:
+            return 0
+        return window.forgotten + sum(end - start for start, end in zip(window.starts, window.ends, strict=True))
 
     def tracked_intervals(self, worker: str) -> int:
         window = self._windows.get(worker)
