@@ -185,6 +185,20 @@ def test_worker_stats_give_the_stored_seq_range(ingest):
     assert stats["batches"] == stats["max_seq"] - stats["min_seq"] + 1  # contiguous: nothing between lost or doubled
 
 
+def test_distinct_seqs_counts_this_runs_seqs_after_a_restored_dedupe_state(ingest):
+    # a trainer restarted with save_memory restores the dedupe state, while its batch counters start again at 0
+    first, _, _ = ingest
+    for seq in range(5):
+        first.handle(batch_frames("w", seq, [1.0]))
+    memory = ReplayMemory(LAYOUT, capacity=1000)
+    second = Ingestor("trainer", LAYOUT, store=memory.add_batch)
+    second.restore_dedupe(json.loads(json.dumps(first.dedupe_state())))
+    for seq in (3, 5, 6, 9):  # one duplicate of the first run, three new
+        second.handle(batch_frames("w", seq, [1.0]))
+    stats = second.snapshot()["workers"]["w"]
+    assert (stats["batches"], stats["duplicates"], stats["distinct_seqs"]) == (3, 1, 3)
+
+
 def test_dedupe_state_survives_a_json_round_trip():
     dedupe = SeqDeduplicator(max_gaps=8)
     for seq in (0, 1, 2, 5, 7):

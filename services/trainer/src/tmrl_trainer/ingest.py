@@ -249,6 +249,10 @@ class SeqDeduplicator:
             return 0
         return window.forgotten + sum(end - start for start, end in zip(window.starts, window.ends, strict=True))
 
+    def workers(self) -> list[str]:
+        """Workers with a window (a seq stored or restored)."""
+        return list(self._windows)
+
     def tracked_intervals(self, worker: str) -> int:
         window = self._windows.get(worker)
         return 0 if window is None else len(window.starts)
@@ -332,8 +336,8 @@ class WorkerStats:
     min_seq: int | None = None
     """Lowest and highest ``seq`` stored from this worker: with ``batches`` they show whether the stored seqs form
     one contiguous range (``batches == max_seq - min_seq + 1``), i.e. nothing in between was lost or stored twice.
-    The snapshot adds ``distinct_seqs`` (the dedupe's count of distinct seqs stored): ``batches - distinct_seqs`` is
-    the number of batches stored twice, which must be 0."""
+    The snapshot adds ``distinct_seqs`` (the dedupe's count of distinct seqs stored by this run, those of a restored
+    dedupe state left out): ``batches - distinct_seqs`` is the number of batches stored twice, which must be 0."""
     max_seq: int | None = None
     next_seq: int | None = None
     """``next_seq`` of this worker's latest hello: the lowest seq it may still send (informational)."""
@@ -402,6 +406,8 @@ class Ingestor:
         self.bounds = bounds
         """``None`` skips the value checks (only for measuring what they cost: ``benchmarks/ingest_checks.py``)."""
         self.dedupe = SeqDeduplicator(dedupe_window)
+        self._restored_seqs: dict[str, int] = {}
+        """Distinct seqs per worker that a restored dedupe state brought in: not stored by this run's ``batches``."""
         self.episodes = EpisodeTracker()
         self.rejects: Counter[str] = Counter()
         self.workers: dict[str, WorkerStats] = {}
@@ -422,6 +428,10 @@ class Ingestor:
         """:meth:`SeqDeduplicator.restore` (raise :class:`DedupeStateError`, nothing changed, on a malformed state)."""
         with self._lock:
             self.dedupe.restore(state)
+            self._restored_seqs = {worker: self.dedupe.stored_count(worker) for worker in self.dedupe.workers()}
+
+    def _distinct_seqs_this_run(self, worker: str) -> int:
+        return self.dedupe.stored_count(worker) - self._restored_seqs.get(worker, 0)
 
     def _worker(self, worker: str) -> WorkerStats:
         stats = self.workers.get(worker)
@@ -547,6 +557,6 @@ class Ingestor:
                 "answers": dict(self.answers),
                 "dedupe_given_up": self.dedupe.given_up,
                 "episodes_abandoned": self.episodes.abandoned,
-                "workers": {name: {**vars(stats), "distinct_seqs": self.dedupe.stored_count(name)}
+                "workers": {name: {**vars(stats), "distinct_seqs": self._distinct_seqs_this_run(name)}
                             for name, stats in sorted(self.workers.items())},
             }
