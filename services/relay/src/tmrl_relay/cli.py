@@ -65,6 +65,11 @@ def serve(config: RelayConfig) -> int:
 
     metrics = RelayMetrics()
     relay = Relay(config, metrics)
+    # Before bind: bind logs the "listening" line that launchers wait for, and a SIGTERM sent right after it must
+    # stop the relay cleanly (exit 0), not kill it with the default action (seen as exit -15 in tests/stack).
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda received, _frame: (log.info("signal %d: shutting down", received), relay.stop()))
     try:
         ports = relay.bind()
     except (RelaySetupError, SecurityError, KeyFileError) as exc:
@@ -79,9 +84,6 @@ def serve(config: RelayConfig) -> int:
             relay.stop()
             relay.run()  # closes the bound sockets
             return 2
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda received, _frame: (log.info("signal %d: shutting down", received), relay.stop()))
     # One parseable line for scripts and tests that asked for port 0.
     print(f"tmrl-relay ready worker_port={ports.worker_port} trainer_port={ports.trainer_port} "
           f"weights_port={ports.weights_port} metrics_port={server.port if server else 0}", flush=True)
