@@ -118,7 +118,7 @@ class SACLearner(ReferenceLearner):
         # 4. entropy coefficient loss
         alpha_loss = entropy_coefficient_loss(self.log_alpha, log_prob, self.target_entropy)
 
-        # One backward and one Adam step for all three: each loss reaches only its own parameters.
+        # 5. one backward and one Adam step for all three: each loss reaches only its own parameters
         learned_alpha_loss = alpha_loss if self.config.learn_alpha else None
         total_loss = critic_loss + actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)
         torch._foreach_zero_(self._flat_gradients)  # in place: the networks' gradients are views of these
@@ -127,7 +127,7 @@ class SACLearner(ReferenceLearner):
         rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, self._flat_gradients)
         self._adam_step(rejected)
 
-        # 5. target critics
+        # 7. target critics (a polyak step of zero when the guard rejected the update)
         with torch.no_grad():
             self._target_flat.lerp_(self._critic_flat, tau * (1.0 - rejected))
         self.updates += 1
