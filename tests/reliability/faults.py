@@ -130,6 +130,17 @@ class Pipeline:
     def metrics(self) -> dict[str, float]:
         return scrape(self.stack.ports.metrics)
 
+    def kill_trainer_after_a_checkpoint(self, checkpoint_every: int, worker_id: str = "w1") -> float:
+        """Start relay, trainer and one worker, wait until the trainer is past its first checkpoint, SIGKILL it;
+        returns when it was killed (``time.time()``)."""
+        self.start_relay()
+        self.start_trainer()
+        self.start_worker(worker_id, "--max-steps", "1000000")
+        self.wait(lambda: self.status().get("updates", 0) >= checkpoint_every + 5, 120, "a checkpoint", "trainer",
+                  worker_id)
+        self.stack.stop("trainer", sig=signal.SIGKILL)
+        return time.time()
+
     def settled_status(self, seconds: float = 1.0, timeout: float = 20.0) -> dict:
         """``status.json`` once its counters stopped moving for ``seconds`` (in-flight batches landed)."""
         deadline = time.monotonic() + timeout
@@ -242,12 +253,7 @@ def trainer_crash(root: Path, checkpoint_every: int = 40) -> dict:
     p = Pipeline(root)
     checkpoints = root / "run" / "checkpoints"
     try:
-        p.start_relay()
-        p.start_trainer()
-        p.start_worker("w1", "--max-steps", "1000000")
-        p.wait(lambda: p.status().get("updates", 0) >= checkpoint_every + 5, 120, "a checkpoint", "trainer", "w1")
-        p.stack.stop("trainer", sig=signal.SIGKILL)
-        killed_at = time.time()
+        killed_at = p.kill_trainer_after_a_checkpoint(checkpoint_every)
         before = p.status()
         saved = sorted(checkpoints.glob("checkpoint-*.safetensors"))
         assert saved, f"no checkpoint in {checkpoints}"

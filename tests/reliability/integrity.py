@@ -135,12 +135,7 @@ def trainer_restart_without_memory(root: Path, checkpoint_every: int = 40) -> di
     config.write_text(config.read_text() + VERIFY)
     p = Pipeline(root)
     try:
-        p.start_relay()
-        p.start_trainer()
-        p.start_worker("w1", "--max-steps", "1000000")
-        p.wait(lambda: p.status().get("updates", 0) >= checkpoint_every + 5, 120, "a checkpoint", "trainer", "w1")
-        p.stack.stop("trainer", sig=signal.SIGKILL)
-        killed_at = time.time()
+        killed_at = p.kill_trainer_after_a_checkpoint(checkpoint_every)
         time.sleep(1.0)
         p.start_trainer()
         p.wait(lambda: (s := p.status()).get("updated_at", 0) > killed_at and s.get("uptime_s", 1e9) < 60
