@@ -73,10 +73,7 @@ def relay_killed_holding_batches(root: Path, steps: int = 3000) -> dict:
                 "trainer_steps": stored["steps"], "duplicates": stored["duplicates"],
                 "rows_lost": worker["rows"] - stored["steps"], **figures}
     finally:
-        for process in p.stack.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)
-        p.stack.kill_all()
+        p.stack.kill_all()  # SIGKILL also ends a process still frozen by SIGSTOP
 
 
 def spool_overflow_gap(root: Path, steps: int = 3000, spool_batches: int = 6) -> dict:
@@ -121,10 +118,7 @@ def spool_overflow_gap(root: Path, steps: int = 3000, spool_batches: int = 6) ->
                 "batches_dropped_counted": worker["dropped"],
                 "dropped_but_delivered": stored["batches"] - worker["acknowledged"], **figures}
     finally:
-        for process in p.stack.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)
-        p.stack.kill_all()
+        p.stack.kill_all()  # SIGKILL also ends a process still frozen by SIGSTOP
 
 
 def trainer_restart_without_memory(root: Path, checkpoint_every: int = 40) -> dict:
