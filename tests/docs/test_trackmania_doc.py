@@ -1,4 +1,5 @@
-"""docs/trackmania.md and deploy/tmrl.example.toml document every TrackMania reward and recovery setting."""
+"""docs/trackmania.md and deploy/tmrl.example.toml document every TrackMania reward, recovery and stale-frames
+setting."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from tmrl_worker.reward import TrajectoryRewardConfig
 from tmrl_worker.tm20.interfaces import RecoveryConfig
+from tmrl_worker.tm20.stale_frames import StaleFrameConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,3 +27,14 @@ def test_every_recovery_field_is_named_in_the_trackmania_doc():
     doc = (REPO / "docs" / "trackmania.md").read_text()
     missing = [name for name in RecoveryConfig.model_fields if f"`{name}`" not in doc and f"{name} =" not in doc]
     assert not missing, f"docs/trackmania.md does not name {missing}"
+
+
+def test_every_stale_frames_field_is_in_the_trackmania_table_and_every_recovery_field_in_the_example_config():
+    doc = (REPO / "docs" / "trackmania.md").read_text()
+    table = set(re.findall(r"^\| `(\w+)` \|", doc, flags=re.M))
+    example = (REPO / "deploy" / "tmrl.example.toml").read_text()
+    in_example = set(re.findall(r"^#\s+(\w+) = ", example, flags=re.M))
+    stale = set(StaleFrameConfig.model_fields)
+    assert stale <= table, f"docs/trackmania.md does not describe {sorted(stale - table)}"
+    documented = stale | set(RecoveryConfig.model_fields)
+    assert documented <= in_example, f"deploy/tmrl.example.toml does not describe {sorted(documented - in_example)}"

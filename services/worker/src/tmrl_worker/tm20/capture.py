@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -83,6 +84,9 @@ class DxcamCapture:
         self._camera = self._open(dxcam)
         self._check_region()
         self._last: np.ndarray | None = None
+        self.last_new_frame_at: float | None = None
+        """``time.monotonic()`` of the last grab that brought a new frame (dxcam gives None while nothing on the
+        display changed): the interface's stale-screen check reads it."""
 
     def _output_name(self) -> str:
         return "the primary display" if self.output_idx is None else f"display output {self.output_idx}"
@@ -135,13 +139,12 @@ class DxcamCapture:
                 frame = self._wait_first_frame()
             else:
                 return self._last
+        self.last_new_frame_at = time.monotonic()
         frame = np.asarray(frame)
         self._last = frame[..., 0] if frame.ndim == 3 and frame.shape[2] == 1 else _convert(frame[..., :3], self.color)
         return self._last
 
     def _wait_first_frame(self) -> np.ndarray:
-        import time
-
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             frame = self._grab()

@@ -11,8 +11,8 @@ the game's four faces to the real TrackMania interface, each behind the same int
 * **the window**: :class:`EmulatedWindow` (title, client area, focus) — a :class:`~tmrl_worker.tm20.window.GameWindow`;
 * **the screen**: :class:`EmulatedCapture` — a :class:`~tmrl_worker.tm20.capture.FrameCapture` whose frames are
   rendered from the car's pose like the game's cockpit view at the window's size (958 x 488 or 256 x 128): sky
-  above the horizon, a grey road, black borders and black scenery, the car's dark bonnet at the bottom centre, and
-  the end-of-race pop-up while it is open;
+  above the horizon, a grey road, black borders and black scenery, the car's dark bonnet at the bottom centre, the
+  HUD's race clock (:func:`draw_race_clock`) and the end-of-race pop-up while it is open;
 * **the gamepad**: :class:`EmulatedController` — a :class:`~tmrl_worker.tm20.control.Controller` whose analog
   ``[gas, brake, steer]`` drive the simulated car; the respawn button puts the car back at the start, the pop-up
   button closes the end-of-race pop-up.
@@ -24,7 +24,8 @@ pop-up button is pressed; respawning restarts the race and clears the flag.
 Failures can be injected, as the failure tests do: :meth:`EmulatedGame.kill_plugin` / :meth:`~EmulatedGame.start_plugin`
 (the plugin unloaded and reloaded on the same port), :meth:`~EmulatedGame.close_window` / :meth:`~EmulatedGame.open_window`
 (capture then fails with :class:`~tmrl_worker.tm20.capture.CaptureError`), :meth:`~EmulatedGame.freeze` (the game
-hangs: no packets, the screen does not change).
+hangs: no packets, the screen does not change), :meth:`~EmulatedGame.freeze_screen` (the picture stops changing while
+the car drives on and the plugin keeps sending: a minimised or covered window, a hung renderer).
 
 Several games run side by side, each with its own window title and plugin port (:class:`EmulatedGameConfig`).
 :meth:`EmulatedGame.start_autodrive` lets the simulator's scripted driver drive laps, so ``tmrl-worker
@@ -58,6 +59,7 @@ SCENERY = (25, 35, 25)  # dark, like the black borders: the LIDAR stops at the e
 BONNET = (30, 30, 35)
 POPUP = (225, 225, 225)
 POPUP_TITLE = (20, 20, 60)
+CLOCK_ON, CLOCK_OFF = (250, 250, 250), (170, 190, 215)  # light: the LIDAR (dark pixels) never stops on the clock
 
 
 class EmulatedGameConfig(BaseModel):
@@ -143,6 +145,18 @@ class CockpitRenderer:
         return image
 
 
+def draw_race_clock(image: np.ndarray, race_time: float) -> np.ndarray:
+    """The HUD's race clock in the top-left corner of ``image``: the race time in hundredths of a second as 16
+    binary cells. Like the game's chrono it changes every frame while the race runs (a still car's picture too),
+    shows 0 during the countdown and stops at the finish, so a picture that stops changing while the car drives is
+    a frozen screen here as in the game, even on a straight road of flat colour."""
+    ticks, cell = int(race_time * 100), max(2, image.shape[1] // 120)
+    for bit in range(16):
+        left = (bit + 1) * cell
+        image[cell:2 * cell, left:left + cell] = CLOCK_ON if ticks >> bit & 1 else CLOCK_OFF
+    return image
+
+
 class EmulatedGame:
     """A simulated car behind the game's faces: plugin over TCP, window, screen, gamepad (see the module docstring).
 
@@ -162,9 +176,12 @@ class EmulatedGame:
         self.respawns = 0
         self.finishes = 0
         self._countdown = self.config.countdown_s
+        self.race_time = 0.0
+        """Seconds since the countdown ended (stops at the finish), shown by the HUD's race clock."""
         self._lap_progress = 0.0
         self._inputs = (0.0, 0.0, 0.0)
         self.frozen = False
+        self.screen_frozen = False
         self.window_open = True
         self.focused = True
         self.port = self.config.port
@@ -238,6 +255,11 @@ class EmulatedGame:
         """A hung game: the car stops moving, the plugin sends nothing, the screen stays as it was."""
         self.frozen = frozen
 
+    def freeze_screen(self, frozen: bool = True) -> None:
+        """Stale frames: capture keeps returning the last picture (no new frame) while the car drives on and the
+        plugin keeps sending, as dxcam does for a minimised window or a renderer that stopped presenting."""
+        self.screen_frozen = frozen
+
     # the race --------------------------------------------------------------------------------------------------
     def _run(self) -> None:
         period = 1.0 / self.config.physics_hz
@@ -258,6 +280,8 @@ class EmulatedGame:
         if self._countdown > 0.0:
             self._countdown -= dt
             return
+        if not self.finished:
+            self.race_time += dt
         car = self.car
         gas, brake, steer = self._inputs if not self.finished else (0.0, 1.0, 0.0)
         car.set_controls(gas, brake, steer)
@@ -286,6 +310,7 @@ class EmulatedGame:
             self.distance = self._lap_progress = 0.0
             self.finished = False
             self._countdown = self.config.countdown_s
+            self.race_time = 0.0
             self.respawns += 1
 
     def close_popup(self) -> None:
@@ -319,8 +344,8 @@ class EmulatedGame:
             renderer = self._renderers[(height, width)] = CockpitRenderer(
                 self.track, height, width, self.config.camera_height_m, self.config.horizon)
         with self.lock:
-            x, y, heading, popup = self.car.x, self.car.y, self.car.heading, self.popup_open
-        return renderer.frame(x, y, heading, popup)
+            x, y, heading, popup, race_time = self.car.x, self.car.y, self.car.heading, self.popup_open, self.race_time
+        return draw_race_clock(renderer.frame(x, y, heading, popup), race_time)
 
     def reward_path(self) -> np.ndarray:
         """The track's centre line from start to finish in game coordinates (what driving it once would record)."""
@@ -365,21 +390,24 @@ class EmulatedWindow:
 
 
 class EmulatedCapture:
-    """Screenshots of the emulated game's client area: rendered cockpit frames (a frozen game repeats its last)."""
+    """Screenshots of the emulated game's client area: rendered cockpit frames (a frozen game or screen repeats its
+    last, and then, like dxcam, reports no new frame in :attr:`last_new_frame_at`)."""
 
     def __init__(self, game: EmulatedGame, window: EmulatedWindow, color: ColorMode = "rgb") -> None:
         self.game, self.window, self.color = game, window, color
         self.grabs = 0
         self._last: np.ndarray | None = None
+        self.last_new_frame_at: float | None = None
 
     def grab(self) -> np.ndarray:
         if not self.game.window_open:
             raise CaptureError(f"the window {self.window.title!r} is gone (closed or minimised)")
-        if self.game.frozen and self._last is not None:
+        if (self.game.frozen or self.game.screen_frozen) and self._last is not None:
             return self._last  # what screen capture returns when the picture does not change
         area = self.window.area
         frame = self.game.render(area.height, area.width)
         self._last = to_gray(frame) if self.color == "gray" else frame
+        self.last_new_frame_at = time.monotonic()
         self.grabs += 1
         return self._last
 

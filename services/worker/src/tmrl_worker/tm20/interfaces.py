@@ -42,6 +42,7 @@ from tmrl_worker.tm20.capture import CaptureError, FrameCapture, downscale, make
 from tmrl_worker.tm20.control import Controller, make_controller
 from tmrl_worker.tm20.lidar import Lidar, LidarConfig, LidarError
 from tmrl_worker.tm20.openplanet import DEFAULT_PORT, Telemetry, TelemetryClient, TelemetryError
+from tmrl_worker.tm20.stale_frames import StaleFrameConfig, StaleFrameDetector, StaleFrameError
 from tmrl_worker.tm20.window import GameWindow, WindowNotFoundError, find_game_window
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ episode (truncated) instead of escaping rtgym's observation thread."""
 
 
 def _fault_kind(exc: BaseException) -> str:
-    kinds = ((TelemetryError, "telemetry"), (CaptureError, "capture"), (WindowNotFoundError, "window"),
-             (LidarError, "frame"))
+    kinds = ((TelemetryError, "telemetry"), (StaleFrameError, "stale"), (CaptureError, "capture"),
+             (WindowNotFoundError, "window"), (LidarError, "frame"))
     return next((name for cls, name in kinds if isinstance(exc, cls)), "unexpected")
 
 
@@ -155,8 +156,12 @@ class TM20Interface(RealTimeGymInterface):
                  telemetry_port: int = DEFAULT_PORT, telemetry_timeout: float = 5.0,
                  window_title: str = "Trackmania", capture_backend: str = "auto", capture_output: int | None = None,
                  controller_kind: str = "auto",
-                 sleep_time_at_reset: float = 1.5, recovery: RecoveryConfig | dict[str, Any] | None = None) -> None:
+                 sleep_time_at_reset: float = 1.5, recovery: RecoveryConfig | dict[str, Any] | None = None,
+                 stale_frames: StaleFrameConfig | dict[str, Any] | None = None) -> None:
         self.recovery = validated_settings(RecoveryConfig, recovery, "recovery")
+        self.stale_frames = StaleFrameDetector(validated_settings(StaleFrameConfig, stale_frames, "stale_frames"))
+        self._stale_frame: np.ndarray | None = None
+        """The frozen picture of the last stale-screen fault, until live frames come back."""
         if reward is None:
             if reward_path is None:
                 raise TM20ConfigError("a TrackMania environment needs reward points: pass reward_path (record them "
@@ -195,7 +200,8 @@ class TM20Interface(RealTimeGymInterface):
         self.last_frame: np.ndarray | None = None
         self.last_telemetry: Telemetry | None = None
         self.faults: Counter[str] = Counter()
-        """Device failures that ended an episode, by kind (``telemetry``, ``capture``, ``window``, ``frame``...)."""
+        """Device failures that ended an episode, by kind (``telemetry``, ``stale``, ``capture``, ``window``,
+        ``frame``...)."""
         self.status = "starting"
         """What the interface is doing now, e.g. ``waiting for the game: ... (attempt 3)``; also logged."""
         self._pending_fault: str | None = None
@@ -238,9 +244,18 @@ class TM20Interface(RealTimeGymInterface):
         if control is not None:
             self.controller.apply(control)
 
+    def _new_frame_at(self) -> float | None:
+        """When the capture backend last delivered a new frame (None: the backend cannot tell)."""
+        return getattr(self.capture, "last_new_frame_at", None)
+
     def _capture(self, telemetry_timeout: float | None = None) -> None:
         frame = self.capture.grab()
         telemetry = self.telemetry.latest(timeout=telemetry_timeout)
+        try:
+            self.stale_frames.check(frame, telemetry, self._new_frame_at())
+        except StaleFrameError:
+            self._stale_frame = frame
+            raise
         feature = self.frame_feature(frame)
         self.last_frame, self.last_telemetry = frame, telemetry
         self.history.append(feature)
@@ -258,6 +273,7 @@ class TM20Interface(RealTimeGymInterface):
                     time.sleep(self.sleep_time_at_reset)
                 self.reward.reset()
                 self.history.clear()
+                self.stale_frames.reset()
                 self._capture()
                 break
             except DEVICE_ERRORS as exc:
@@ -317,23 +333,33 @@ class TM20Interface(RealTimeGymInterface):
         return self._observation(), 0.0, True, {TRUNCATED_REASON: reason}
 
     def _probe(self) -> str | None:
-        """None when a fresh packet arrives and a frame can be grabbed and measured; else what is wrong."""
+        """None when a fresh packet arrives and a live frame can be grabbed and measured; else what is wrong."""
         try:
             self.telemetry.latest(timeout=self.recovery.probe_timeout_s)
         except TelemetryError as exc:
             return f"telemetry: {exc}"
-        try:
-            self.frame_feature(self.capture.grab())
-        except DEVICE_ERRORS as exc:
-            if self._open_capture is None:
-                return f"{_fault_kind(exc)}: {exc}"
+        problem = self._probe_frame()
+        if problem is not None and self._open_capture is not None:
             try:  # the window may have moved, been resized or restarted: find it and open capture again
                 self.capture.close()
                 self.capture = self._open_capture()
-                self.frame_feature(self.capture.grab())
-            except DEVICE_ERRORS as again:
-                return f"{_fault_kind(again)}: {again}"
-        return None
+            except DEVICE_ERRORS as exc:
+                return f"{_fault_kind(exc)}: {exc}"
+            problem = self._probe_frame()
+        if problem is None:
+            self._stale_frame = None
+        return problem
+
+    def _probe_frame(self) -> str | None:
+        """None when a frame can be grabbed and measured and, after a stale screen, is live again."""
+        try:
+            frame = self.capture.grab()
+            self.frame_feature(frame)
+        except DEVICE_ERRORS as exc:
+            return f"{_fault_kind(exc)}: {exc}"
+        if self._stale_frame is None:
+            return None
+        return self.stale_frames.is_live(frame, self._new_frame_at(), self._stale_frame)
 
     def wait_for_game(self, reason: str) -> None:
         """Block until telemetry and capture work again after ``reason`` (already logged), retrying with exponential
