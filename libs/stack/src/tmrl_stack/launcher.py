@@ -145,9 +145,11 @@ class LocalStack:
                    "--trainer-port", str(self.ports.trainer), "--run-dir", str(self.run_dir), *extra, role="trainer")
 
     def start_worker(self, worker_id: str, *extra: str, name: str | None = None,
-                     env: dict[str, str] | None = None) -> None:
-        """``tmrl-worker run`` as ``worker_id`` (process name ``name``, default the id), state in ``state_dir``."""
-        self.start(name or worker_id, "tmrl-worker", "run", *self._config_args(), *self._client_security(worker_id),
+                     env: dict[str, str] | None = None, config: Path | None = None) -> None:
+        """``tmrl-worker run`` as ``worker_id`` (process name ``name``, default the id), state in ``state_dir``;
+        ``config``: a config file of its own instead of the stack's (e.g. its own ``[worker.env_options]``)."""
+        config_args = ["-c", str(config)] if config is not None else self._config_args()
+        self.start(name or worker_id, "tmrl-worker", "run", *config_args, *self._client_security(worker_id),
                    "--worker-id", worker_id, "--worker-port", str(self.ports.worker), "--weights-port",
                    str(self.ports.weights), "--state-dir", str(self.state_dir), *extra, role="worker", env=env)
 

@@ -412,6 +412,11 @@ class TM20Interface(RealTimeGymInterface):
             packet = self.telemetry.latest(timeout=settings.probe_timeout_s)
             if packet.received_at >= pressed and not packet.finished and abs(packet.distance) <= settings.restart_distance_m:
                 self.last_telemetry = packet
+                x, y, z = packet.position
+                # one line per episode: where the respawn put the car (the start line, not a checkpoint?), and
+                # which plugin said so (several games on one machine)
+                log.info("tm20: race restarted: the plugin on port %d puts the car at (%.1f, %.1f, %.1f)",
+                         getattr(self.telemetry, "port", -1), x, y, z)
                 return
             if time.monotonic() >= deadline:
                 raise RaceRestartError(
