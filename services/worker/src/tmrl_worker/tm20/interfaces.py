@@ -154,7 +154,9 @@ class TM20Interface(RealTimeGymInterface):
                  reward_config: TrajectoryRewardConfig | dict[str, Any] | None = None,
                  img_hist_len: int = 4, act_buf_len: int = 2, lidar: LidarConfig | dict[str, Any] | None = None,
                  telemetry_port: int = DEFAULT_PORT, telemetry_timeout: float = 5.0,
-                 window_title: str = "Trackmania", capture_backend: str = "auto", capture_output: int | None = None,
+                 window_title: str = "Trackmania", window_pid: int | None = None,
+                 window_position: tuple[int, int] = (0, 0),
+                 capture_backend: str = "auto", capture_output: int | None = None,
                  controller_kind: str = "auto",
                  sleep_time_at_reset: float = 1.5, recovery: RecoveryConfig | dict[str, Any] | None = None,
                  stale_frames: StaleFrameConfig | dict[str, Any] | None = None) -> None:
@@ -187,15 +189,19 @@ class TM20Interface(RealTimeGymInterface):
             if controller is None:
                 controller = make_controller(controller_kind)  # type: ignore[arg-type]
                 built.append(controller)
+            self.window = window
+            if len(window_position) != 2:
+                raise TM20ConfigError(f"window_position is [x, y] (screen pixels of the client area's top-left "
+                                      f"corner), got {window_position!r}")
             if capture is None:
-                window = window or find_game_window(window_title)
-                self._open_capture = self._capture_opener(window, capture_backend, capture_output)
+                self._open_capture = self._capture_opener(lambda: find_game_window(window_title, pid=window_pid),
+                                                          tuple(window_position), capture_backend, capture_output)
                 capture = self._open_capture()
         except BaseException:
             for device in reversed(built):
                 device.close()
             raise
-        self.telemetry, self.controller, self.capture, self.window = telemetry, controller, capture, window
+        self.telemetry, self.controller, self.capture = telemetry, controller, capture
         self.history: deque[np.ndarray] = deque(maxlen=img_hist_len)
         self.last_frame: np.ndarray | None = None
         self.last_telemetry: Telemetry | None = None
@@ -210,11 +216,20 @@ class TM20Interface(RealTimeGymInterface):
         self._default_action = np.zeros(3, dtype=np.float32)
         self.bring_to_front()
 
-    def _capture_opener(self, window: GameWindow, backend: str, output: int | None) -> Callable[[], FrameCapture]:
-        """How to (re)open capture of ``window``'s client area, sized for this variant."""
+    def _capture_opener(self, find_window: Callable[[], GameWindow], position: tuple[int, int], backend: str,
+                        output: int | None) -> Callable[[], FrameCapture]:
+        """How to (re)open capture of the game window's client area, placed at ``position`` and sized for this
+        variant; the window is looked for again when the one we had is gone (a restarted game has a new one)."""
         def open_capture() -> FrameCapture:
-            window.place(0, 0, *self.window_size)
-            return make_capture(backend, self.capture_color, region=window.client_area(),  # type: ignore[arg-type]
+            if self.window is not None:
+                try:
+                    self.window.client_area()
+                except WindowNotFoundError:
+                    self.window = None
+            if self.window is None:
+                self.window = find_window()
+            self.window.place(*position, *self.window_size)
+            return make_capture(backend, self.capture_color, region=self.window.client_area(),  # type: ignore[arg-type]
                                 output_idx=output)
         return open_capture
 
@@ -338,7 +353,7 @@ class TM20Interface(RealTimeGymInterface):
             self.telemetry.latest(timeout=self.recovery.probe_timeout_s)
         except TelemetryError as exc:
             return f"telemetry: {exc}"
-        problem = self._probe_frame()
+        problem = self._probe_window() or self._probe_frame()
         if problem is not None and self._open_capture is not None:
             try:  # the window may have moved, been resized or restarted: find it and open capture again
                 self.capture.close()
@@ -349,6 +364,16 @@ class TM20Interface(RealTimeGymInterface):
         if problem is None:
             self._stale_frame = None
         return problem
+
+    def _probe_window(self) -> str | None:
+        """None when the game window (if we know it) is still there; else what is wrong."""
+        if self.window is None:
+            return None
+        try:
+            self.window.client_area()
+        except WindowNotFoundError as exc:
+            return f"window: {exc}"
+        return None
 
     def _probe_frame(self) -> str | None:
         """None when a frame can be grabbed and measured and, after a stale screen, is live again."""

@@ -1,4 +1,5 @@
-"""The game window: find it by title, read its client area in screen pixels, move/size it, focus it.
+"""The game window: find it by title (or by the game's process id), read its client area in screen pixels,
+move/size it, focus it.
 
 Two backends share :class:`GameWindow`:
 
@@ -24,13 +25,18 @@ DEFAULT_WINDOW_TITLE = "Trackmania"
 
 
 class WindowNotFoundError(RuntimeError):
-    """No open window has the expected title."""
+    """No open window has the expected title (or belongs to the expected process)."""
 
-    def __init__(self, title: str, detail: str = "") -> None:
-        message = (f"no window titled {title!r} is open: start TrackMania 2020 in windowed mode "
-                   f"(or pass the right --window-title)")
+    def __init__(self, title: str, detail: str = "", pid: int | None = None) -> None:
+        if pid is None:
+            message = (f"no window titled {title!r} is open: start TrackMania 2020 in windowed mode "
+                       f"(or pass the right --window-title)")
+        else:
+            message = (f"no visible window belongs to process {pid}: is it the game's process id (Task Manager, "
+                       f"Details), and the game running in windowed mode? A restarted game has a new id")
         super().__init__(message + (f"; {detail}" if detail else ""))
         self.title = title
+        self.pid = pid
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ class Win32GameWindow:
     _SWP_NOACTIVATE = 0x0010
     _SW_RESTORE = 9
 
-    def __init__(self, title: str = DEFAULT_WINDOW_TITLE, dpi_aware: bool = True) -> None:
+    def __init__(self, title: str = DEFAULT_WINDOW_TITLE, dpi_aware: bool = True, pid: int | None = None) -> None:
         require_windows("finding the game window")
         from ctypes import wintypes
 
@@ -94,9 +100,29 @@ class Win32GameWindow:
         if dpi_aware:
             make_process_dpi_aware()
         self.title = title
-        self.hwnd = self._user32.FindWindowW(None, title)
+        self.hwnd = self._user32.FindWindowW(None, title) if pid is None else self._window_of_process(pid)
         if not self.hwnd:
-            raise WindowNotFoundError(title)
+            raise WindowNotFoundError(title, pid=pid)
+        if pid is not None:
+            buffer = ctypes.create_unicode_buffer(256)
+            self._user32.GetWindowTextW(self.hwnd, buffer, len(buffer))
+            self.title = buffer.value
+
+    def _window_of_process(self, pid: int) -> int:
+        """The first visible, titled top-level window of process ``pid`` (0: none)."""
+        wintypes, user32, found = self._wintypes, self._user32, []
+
+        def visit(hwnd: int, _: int) -> bool:
+            owner = wintypes.DWORD()
+            user32.GetWindowThreadProcessId(hwnd, ctypes.byref(owner))
+            if owner.value == pid and user32.IsWindowVisible(hwnd) and user32.GetWindowTextLengthW(hwnd) > 0:
+                found.append(hwnd)
+                return False  # stop enumerating
+            return True
+
+        callback = ctypes.WINFUNCTYPE(wintypes.BOOL, wintypes.HWND, wintypes.LPARAM)(visit)  # type: ignore[attr-defined]
+        user32.EnumWindows(callback, 0)
+        return found[0] if found else 0
 
     def client_area(self) -> ClientArea:
         rect = self._wintypes.RECT()
@@ -135,21 +161,24 @@ def _run_xdotool(args: list[str]) -> str:
 class XdotoolGameWindow:
     """The game window on Linux/X11 (TrackMania under Proton), through the ``xdotool`` command."""
 
-    def __init__(self, title: str = DEFAULT_WINDOW_TITLE, run: Runner | None = None) -> None:
+    def __init__(self, title: str = DEFAULT_WINDOW_TITLE, run: Runner | None = None, pid: int | None = None) -> None:
         if run is None:
             if shutil.which("xdotool") is None:
                 raise WindowNotFoundError(title, "xdotool is not installed (apt install xdotool), or give the "
-                                                 "capture region explicitly")
+                                                 "capture region explicitly", pid=pid)
             run = _run_xdotool
         self._run = run
         self.title = title
+        search = ["--name", f"^{title}$"] if pid is None else ["--onlyvisible", "--pid", str(pid)]
         try:
-            found = self._run(["xdotool", "search", "--name", f"^{title}$"]).split()
+            found = self._run(["xdotool", "search", *search]).split()
         except subprocess.CalledProcessError:
             found = []
         if not found:
-            raise WindowNotFoundError(title)
+            raise WindowNotFoundError(title, pid=pid)
         self.window_id = found[0]
+        if pid is not None:
+            self.title = self._run(["xdotool", "getwindowname", self.window_id]).strip()
 
     def client_area(self) -> ClientArea:
         fields: dict[str, int] = {}
@@ -175,9 +204,10 @@ class XdotoolGameWindow:
             return False
 
 
-def find_game_window(title: str = DEFAULT_WINDOW_TITLE) -> GameWindow:
-    """The game window with this OS's backend (:class:`Win32GameWindow` or :class:`XdotoolGameWindow`)."""
-    return Win32GameWindow(title) if is_windows() else XdotoolGameWindow(title)
+def find_game_window(title: str = DEFAULT_WINDOW_TITLE, pid: int | None = None) -> GameWindow:
+    """The game window titled ``title`` — or, with ``pid``, the game process's window whatever its title (several
+    games with the same title) — with this OS's backend (:class:`Win32GameWindow` or :class:`XdotoolGameWindow`)."""
+    return Win32GameWindow(title, pid=pid) if is_windows() else XdotoolGameWindow(title, pid=pid)
 
 
 __all__ = ["ClientArea", "DEFAULT_WINDOW_TITLE", "GameWindow", "Win32GameWindow", "WindowNotFoundError",
