@@ -143,3 +143,14 @@ def test_benchmark_rows_report_each_figure_against_the_nominal_step():
     rows = benchmark_rows({"time_step_duration": (0.051, 0.001), "get_obs_duration": (None, 0.0)}, 0.05)
     assert rows[0] == ("time_step_duration", "51.00", "1.00", "1.020")
     assert rows[1] == ("get_obs_duration", "-", "-", "-")
+
+
+def test_check_env_readings_warn_when_the_picture_freezes_while_the_car_drives():
+    frame = winding_road_frames(count=1, height=120, width=200)[0]
+    packets = [encode_packet(i, speed=3.0, position=(0.015 * i, 0.0, 0.0)) for i in range(1000)]
+    with TelemetryReplayServer(packets, rate_hz=200) as server, TelemetryClient(server.port, timeout=2.0) as client:
+        got = list(readings(RecordedFrames([frame]), client, Lidar(), period=0.05, steps=14))
+    warned = [r.step for r in got if r.stale is not None]
+    assert warned and 9 <= warned[0] <= 12  # 0.5 s of the same picture at 3 m/s
+    assert "stale screen: the picture has not changed" in describe(got[warned[0]])
+    assert all(r.stale is None for r in got[:9])

@@ -1,4 +1,4 @@
-"""``tmrl-worker check-env``: watch the LIDAR, speed and reward while a person drives.
+"""``tmrl-worker check-env``: watch the LIDAR, speed and reward while a person drives, and whether the screen is stale.
 
 Nothing is sent to the game: the person drives with their own controller, the tool captures the window at
 ``period`` and prints what an agent would see. Frames with the beams drawn can be written as PNGs to check the
@@ -19,6 +19,7 @@ from tmrl_worker.reward import TrajectoryReward
 from tmrl_worker.tm20.capture import FrameCapture
 from tmrl_worker.tm20.lidar import Lidar
 from tmrl_worker.tm20.openplanet import TelemetryClient
+from tmrl_worker.tm20.stale_frames import StaleFrameDetector, StaleFrameError
 from tmrl_worker.tm20.window import GameWindow
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ class Reading:
     frame_file: Path | None = None
     window_in_front: bool | None = None
     """Whether the game window had the focus (None: not checked, e.g. ``--synthetic``)."""
+    stale: str | None = None
+    """Why the picture looks stale (frozen while the car drives, no new frame), as a worker would end the episode."""
 
 
 def readings(capture: FrameCapture, telemetry: TelemetryClient, lidar: Lidar, reward: TrajectoryReward | None = None,
@@ -53,6 +56,7 @@ def readings(capture: FrameCapture, telemetry: TelemetryClient, lidar: Lidar, re
     """
     if save_frames is not None:
         save_frames.mkdir(parents=True, exist_ok=True)
+    stale_frames = StaleFrameDetector()
     total = 0.0
     step = 0
     next_time = time.monotonic()
@@ -62,6 +66,11 @@ def readings(capture: FrameCapture, telemetry: TelemetryClient, lidar: Lidar, re
         scan = lidar.measure(frame)
         reading = Reading(step, packet.speed, scan, packet.position, packet.finished,
                           window_in_front=None if window is None else window.is_foreground())
+        try:
+            stale_frames.check(frame, packet, getattr(capture, "last_new_frame_at", None))
+        except StaleFrameError as exc:
+            reading.stale = str(exc)
+            stale_frames.reset()  # warn again only after another full period of evidence
         if reward is not None:
             value, terminated, _ = reward.compute(packet.position)
             total += value
@@ -89,6 +98,8 @@ def describe(reading: Reading) -> str:
         line += f"  reward {reading.reward:5.1f} total {reading.total_reward:7.1f} progress {100 * reading.progress:5.1f}%"
     if reading.terminated:
         line += "  [red]episode end[/]"
+    if reading.stale is not None:
+        line += f"  [yellow]stale screen: {reading.stale}[/]"
     if reading.window_in_front is False:
         line += "  [yellow]game window not in front: an agent's keys would go to another window[/]"
     return line
