@@ -133,6 +133,8 @@ def test_client_with_nothing_listening_names_the_plugin_and_port():
         with pytest.raises(TelemetryTimeoutError, match=rf"TMRL OpenPlanet plugin enabled, on port {port}\?"):
             client.latest()
         assert "refused" in client.stats.last_error.lower() or "failed" in client.stats.last_error
+        with pytest.raises(TelemetryTimeoutError, match=r"Nothing listens on that port: load TMRL Telemetry .*F3"):
+            client.latest()
 
 
 def test_client_connected_to_a_silent_plugin_says_no_packet_arrived():

@@ -348,9 +348,14 @@ class TelemetryClient:
         if self._version_problem is not None and not self.stats.connected:
             return PluginVersionError(f"no telemetry from 127.0.0.1:{self.port} for {waited:.1f} s: "
                                       f"{self._version_problem}")
+        hint = ""
+        if not self.stats.connected and "refused" in (self.stats.last_error or "").lower():
+            # nothing listens: the most frequent upstream complaint, the plugin not loaded or on another port
+            hint = (" Nothing listens on that port: load TMRL Telemetry from the OpenPlanet overlay (F3, Developer "
+                    "menu, signature mode Developer) and check that its port setting is the same")
         return TelemetryTimeoutError(
             f"no telemetry from 127.0.0.1:{self.port} for {waited:.1f} s ({state}): is the game running with the "
-            f"TMRL OpenPlanet plugin enabled, on port {self.port}?")
+            f"TMRL OpenPlanet plugin enabled, on port {self.port}?{hint}")
 
     def latest(self, timeout: float | None = None) -> Telemetry:
         """The newest packet, waiting up to ``timeout`` (default: the client's) for one no older than that."""
