@@ -59,7 +59,6 @@ SCENERY = (25, 35, 25)  # dark, like the black borders: the LIDAR stops at the e
 BONNET = (30, 30, 35)
 POPUP = (225, 225, 225)
 POPUP_TITLE = (20, 20, 60)
-CLOCK_ON, CLOCK_OFF = (250, 250, 250), (170, 190, 215)  # light: the LIDAR (dark pixels) never stops on the clock
 
 
 class EmulatedGameConfig(BaseModel):
@@ -143,6 +142,9 @@ class CockpitRenderer:
             image[self._popup] = POPUP
             image[self._popup_title] = POPUP_TITLE
         return image
+
+
+CLOCK_ON, CLOCK_OFF = (250, 250, 250), (170, 190, 215)  # light: the LIDAR (dark pixels) never stops on the clock
 
 
 def draw_race_clock(image: np.ndarray, race_time: float) -> np.ndarray:
