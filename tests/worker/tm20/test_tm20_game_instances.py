@@ -3,6 +3,8 @@ where it asks (not every window at the top-left corner), and finds it again afte
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from test_tm20_interfaces import corridor_frames, straight_reward
@@ -110,5 +112,55 @@ def test_after_the_game_restarted_the_worker_finds_its_new_window_and_captures_i
             assert found[1][0].placed == [(960, 0, 958, 488)] and regions[-1] == ClientArea(960, 0, 958, 488)
             _, _, terminated, _ = interface.get_obs_rew_terminated_info()
             assert not terminated and np.isfinite(interface.history[-1]).all()
+        finally:
+            interface.close()
+
+
+class MinimisableCapture(RecordedFrames):
+    """Live frames, except while its window is minimised: then the same black picture (what capture shows of a
+    minimised game window, over and over)."""
+
+    def __init__(self, window: GameWindowStandIn) -> None:
+        super().__init__(corridor_frames())
+        self.window, self.black = window, np.zeros_like(corridor_frames()[0])
+
+    def grab(self) -> np.ndarray:
+        return self.black if self.window.minimised else super().grab()
+
+
+def test_a_minimised_window_is_a_stale_screen_and_the_wait_restores_it(monkeypatch):
+    windows: list[GameWindowStandIn] = []
+
+    def find_game_window(title, pid=None):
+        windows.append(GameWindowStandIn(len(windows) + 1))
+        windows[-1].minimised = False
+
+        def focus() -> None:
+            windows[-1].minimised = False  # as SW_RESTORE does
+
+        windows[-1].focus = focus
+        return windows[-1]
+
+    monkeypatch.setattr(interfaces, "find_game_window", find_game_window)
+    monkeypatch.setattr(interfaces, "make_capture", lambda *args, **kwargs: MinimisableCapture(windows[-1]))
+    drive = StraightDrive(10.0, 100.0, z=5.0)
+    with TelemetryReplayServer(drive.packet, rate_hz=100.0) as server:
+        interface = TM20LidarInterface(telemetry=TelemetryClient(server.port), reward=straight_reward(),
+                                       controller=RecordingController(on_respawn=drive.respawn),
+                                       sleep_time_at_reset=0.0, recovery={**FAST_RECOVERY, "give_up_after_s": 5.0})
+        try:
+            interface.reset()
+            windows[0].minimised = True  # the user minimised the game; the car drives on
+            for _ in range(30):
+                time.sleep(0.05)
+                _, _, terminated, info = interface.get_obs_rew_terminated_info()
+                if terminated:
+                    break
+            assert info["truncated_reason"].startswith("stale: the picture has not changed")
+            interface.wait()
+            interface.reset()  # the wait restores the window and captures it again
+            assert not windows[0].minimised and len(windows) == 1 and interface.faults == {"stale": 1}
+            time.sleep(0.05)
+            assert not interface.get_obs_rew_terminated_info()[2]
         finally:
             interface.close()

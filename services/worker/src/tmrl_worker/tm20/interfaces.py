@@ -355,7 +355,9 @@ class TM20Interface(RealTimeGymInterface):
             return f"telemetry: {exc}"
         problem = self._probe_window() or self._probe_frame()
         if problem is not None and self._open_capture is not None:
-            try:  # the window may have moved, been resized or restarted: find it and open capture again
+            try:  # the window may have moved, been resized, minimised or restarted: find it and open capture again
+                if self._stale_frame is not None:
+                    self.bring_to_front()  # a minimised window shows nothing until it is restored
                 self.capture.close()
                 self.capture = self._open_capture()
             except DEVICE_ERRORS as exc:
