@@ -156,7 +156,7 @@ def test_dxcam_frames_stopping_while_the_car_drives_truncate_and_reset_waits_for
                     break
             assert terminated and reward == 0.0
             assert info["truncated_reason"].startswith("stale: the picture has not changed for 0.5 s")
-            assert 0.45 <= time.monotonic() - stopped < 1.5 and interface.faults == {"stale": 1}
+            assert 0.45 <= time.monotonic() - stopped < 3.0 and interface.faults == {"stale": 1}  # 0.5 s, not minutes
             threading.Timer(1.0, setattr, (camera, "presenting", True)).start()  # the window is restored
             started = time.monotonic()
             interface.wait()
@@ -216,7 +216,7 @@ def test_emulated_screen_frozen_while_the_plugin_sends_truncates_and_the_run_res
             if terminated or truncated:
                 break
         assert truncated and not terminated and info["truncated_reason"].startswith("stale: the picture")
-        assert time.monotonic() - frozen_at < 1.5 and interface.faults["stale"] == 1
+        assert time.monotonic() - frozen_at < 3.0 and interface.faults["stale"] == 1  # 0.5 s, not minutes
         assert interface.telemetry.stats.packets > packets_before + 20  # the plugin kept sending all along
         threading.Timer(1.5, game.freeze_screen, (False,)).start()
         started = time.monotonic()
@@ -232,17 +232,22 @@ def test_emulated_screen_frozen_while_the_plugin_sends_truncates_and_the_run_res
 
 
 def test_emulated_countdown_and_standing_start_show_one_picture_and_are_not_stale():
-    handle, interface = emulated_env(countdown_s=1.5)  # the game's 3-2-1
+    handle, interface = emulated_env(countdown_s=2.5)  # a long 3-2-1, so that a loaded machine still sees it
     game = interface.controller.game
     try:
         handle.reset()
-        pictures = []
-        for action in [GAS] * 25 + [STILL] * 40:  # gas held through the countdown, then a standing start
-            _, _, terminated, truncated, info = handle.step(action)
+        countdown_pictures = []
+        for step in range(60):
+            # gas held through the countdown (released 0.8 s before its end: steps run late on a busy machine),
+            # then a standing start: no input at all
+            holding = step < 40 and game._countdown > 0.8
+            _, _, terminated, truncated, info = handle.step(GAS if holding else STILL)
             assert not (terminated or truncated), info
-            pictures.append(interface.last_frame)
-        assert all(np.array_equal(pictures[0], p) for p in pictures[:20])  # the countdown: one picture for 1 s
-        assert game.distance < 0.1 and not interface.faults
+            if game.race_time == 0.0:
+                countdown_pictures.append(interface.last_frame)
+        assert len(countdown_pictures) >= 10  # at least 0.5 s of the countdown was watched
+        assert all(np.array_equal(countdown_pictures[0], p) for p in countdown_pictures)  # one picture all along
+        assert game.distance < 0.1 and not interface.faults  # the car never moved, nothing was stale
         for _ in range(30):  # then it drives off: the picture follows, still nothing stale
             _, _, terminated, truncated, info = handle.step(GAS)
             assert not (terminated or truncated), info
