@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from tmrl_common.layout import tm20_full_layout, tm20_lidar_layout, tm20_lidar_progress_layout
+from tmrl_common.layout import tm20_full_layout, tm20_pixel_lidar_layout, tm20_pixel_lidar_progress_layout
 from tmrl_worker.reward import TrajectoryReward, TrajectoryRewardConfig
 from tmrl_worker.tm20.capture import RecordedFrames
 from tmrl_worker.tm20.control import RecordingController
@@ -87,8 +87,8 @@ def devices(server, **extra):
 
 
 @pytest.mark.parametrize(("cls", "layout"), [
-    (TM20LidarInterface, tm20_lidar_layout()),
-    (TM20LidarProgressInterface, tm20_lidar_progress_layout()),
+    (TM20LidarInterface, tm20_pixel_lidar_layout()),
+    (TM20LidarProgressInterface, tm20_pixel_lidar_progress_layout()),
     (TM20FullInterface, tm20_full_layout()),
 ])
 def test_observation_spaces_match_the_common_layouts_exactly(plugin, cls, layout):

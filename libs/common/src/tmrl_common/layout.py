@@ -40,8 +40,12 @@ class ObservationComponent(BaseModel):
     applies its own ``max_abs_observation``."""
     high: float | None = None
     """Largest value a frame may hold; ``None``: not declared (see ``low``)."""
+    scale: float | None = Field(default=None, gt=0)
+    """The networks multiply the component by this before their first layer (``None``: as it is), so that inputs in
+    large units (TrackMania's LIDAR counts hundreds of pixels) do not saturate an untrained policy. Data on the wire
+    and in the replay memory stay in the env's units."""
 
-    wire_optional: ClassVar[frozenset[str]] = frozenset({"low", "high"})
+    wire_optional: ClassVar[frozenset[str]] = frozenset({"low", "high", "scale"})
     """Added to protocol version 1 after it was published: left off the wire while undeclared (``None``)."""
 
     @field_validator("name")
@@ -121,23 +125,49 @@ def _speed() -> ObservationComponent:
     return ObservationComponent(name="speed", frame_shape=[1], low=-SPEED_BOUND, high=SPEED_BOUND)
 
 
-def _lidar(beams: int, history: int) -> ObservationComponent:
-    return ObservationComponent(name="lidar", frame_shape=[beams], history=history, low=0.0, high=LIDAR_BOUND)
+TM20_LIDAR_SCALE = 0.01
+"""The networks' factor for TrackMania's LIDAR (pixels: about 170 to 490 on a 958 x 488 frame, 1.7 to 4.9 once
+scaled). Unscaled, an untrained actor's pre-tanh means on such inputs are so large that every action saturates:
+a policy entropy of -38 to -161 against -3 to -10 on the simulator's LIDAR in metres (5 seeds), which drives the
+learned entropy coefficient up and the Q-values far below zero (measured: alpha 1.8, Q -186), until ending
+episodes early by standing still pays best. Upstream tmrl trains on the raw pixels with learning rates 10 to 100
+times smaller instead. See docs/trackmania.md, "A learning run"."""
 
 
-def tm20_lidar_layout(img_hist_len: int = 4, beams: int = 19, act_buf_len: int = 2) -> ObservationLayout:
-    """TrackMania 2020 LIDAR observation: ``(speed (1,), lidar (4, 19), action (3,), action (3,))``."""
-    return ObservationLayout(components=[_speed(), _lidar(beams, img_hist_len)], action_dim=3, action_history=act_buf_len)
+def _lidar(beams: int, history: int, scale: float | None = None) -> ObservationComponent:
+    return ObservationComponent(name="lidar", frame_shape=[beams], history=history, low=0.0, high=LIDAR_BOUND,
+                                scale=scale)
 
 
-def tm20_lidar_progress_layout(img_hist_len: int = 4, beams: int = 19, act_buf_len: int = 2) -> ObservationLayout:
-    """TrackMania 2020 LIDAR + progress: ``(speed (1,), progress (1,), lidar (4, 19), action (3,), action (3,))``."""
+def tm20_lidar_layout(img_hist_len: int = 4, beams: int = 19, act_buf_len: int = 2,
+                      lidar_scale: float | None = None) -> ObservationLayout:
+    """LIDAR observation: ``(speed (1,), lidar (4, 19), action (3,), action (3,))``; the simulator's (metres) as it
+    is, TrackMania's (pixels) with ``lidar_scale=TM20_LIDAR_SCALE`` (:func:`tm20_pixel_lidar_layout`)."""
+    return ObservationLayout(components=[_speed(), _lidar(beams, img_hist_len, lidar_scale)], action_dim=3,
+                             action_history=act_buf_len)
+
+
+def tm20_lidar_progress_layout(img_hist_len: int = 4, beams: int = 19, act_buf_len: int = 2,
+                               lidar_scale: float | None = None) -> ObservationLayout:
+    """LIDAR + progress: ``(speed (1,), progress (1,), lidar (4, 19), action (3,), action (3,))``; ``lidar_scale`` as
+    in :func:`tm20_lidar_layout`."""
     return ObservationLayout(
         components=[_speed(), ObservationComponent(name="progress", frame_shape=[1], low=0.0, high=1.0),
-                    _lidar(beams, img_hist_len)],
+                    _lidar(beams, img_hist_len, lidar_scale)],
         action_dim=3,
         action_history=act_buf_len,
     )
+
+
+def tm20_pixel_lidar_layout(img_hist_len: int = 4, beams: int = 19, act_buf_len: int = 2) -> ObservationLayout:
+    """TrackMania 2020's LIDAR env (``tm20-lidar``): :func:`tm20_lidar_layout` with the pixel distances scaled by
+    :data:`TM20_LIDAR_SCALE` in the networks."""
+    return tm20_lidar_layout(img_hist_len, beams, act_buf_len, lidar_scale=TM20_LIDAR_SCALE)
+
+
+def tm20_pixel_lidar_progress_layout(img_hist_len: int = 4, beams: int = 19, act_buf_len: int = 2) -> ObservationLayout:
+    """TrackMania 2020's ``tm20-lidar-progress``: :func:`tm20_lidar_progress_layout` with :data:`TM20_LIDAR_SCALE`."""
+    return tm20_lidar_progress_layout(img_hist_len, beams, act_buf_len, lidar_scale=TM20_LIDAR_SCALE)
 
 
 def tm20_image_layout(img_hist_len: int = 4, height: int = 64, width: int = 64, act_buf_len: int = 2) -> ObservationLayout:
@@ -159,8 +189,10 @@ def tm20_full_layout(img_hist_len: int = 4, height: int = 64, width: int = 64, a
     return ObservationLayout(
         components=[
             _speed(),
-            ObservationComponent(name="gear", frame_shape=[1]),  # gear and rpm: the trainer's max_abs_observation
-            ObservationComponent(name="rpm", frame_shape=[1]),
+            # gear and rpm: the trainer's max_abs_observation; scaled in the networks as upstream's preprocessor
+            # does (gear / 10, rpm / 10000): an rpm of 11000 unscaled saturates an untrained policy
+            ObservationComponent(name="gear", frame_shape=[1], scale=0.1),
+            ObservationComponent(name="rpm", frame_shape=[1], scale=1e-4),
             ObservationComponent(name="image", frame_shape=[height, width], dtype="uint8", history=img_hist_len),
         ],
         action_dim=3,

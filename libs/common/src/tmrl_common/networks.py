@@ -4,7 +4,8 @@
   :attr:`WeightsUpdate.architecture <tmrl_common.protocol.WeightsUpdate.architecture>` as a flat dict
   (:meth:`PolicyArchitecture.to_flat_dict` / :meth:`PolicyArchitecture.from_flat_dict`).
 * :class:`ObservationEncoder` turns the observation tuple into one feature vector: for ``mlp`` every part is
-  flattened and concatenated in layout order; for ``cnn`` the uint8 image history goes through a small CNN
+  flattened (and multiplied by its component's ``scale`` when the layout declares one) and concatenated in layout
+  order; for ``cnn`` the uint8 image history goes through a small CNN
   (history frames as channels, scaled to [0, 1]) and the other parts are flattened and appended.
 * :class:`Actor` is the squashed-Gaussian SAC policy; :meth:`Actor.act` is what a worker calls each step.
 * :class:`CriticEnsemble` holds N Q-functions evaluated together with batched matrix products (critics never travel).
@@ -132,7 +133,8 @@ def _conv_output_size(height: int, width: int, layers: int) -> tuple[int, int]:
 class ObservationEncoder(nn.Module):
     """Observation tuple (batched tensors, layout order, then the action buffer) → feature matrix ``(B, features)``.
 
-    ``mlp``: every part flattened (uint8 parts scaled to [0, 1]) and concatenated; no parameters.
+    ``mlp``: every part flattened (uint8 parts scaled to [0, 1], a component with a ``scale`` multiplied by it) and
+    concatenated; no parameters.
     ``cnn``: each image component's history is stacked as channels and passed through its own CNN; the rest is
     flattened and appended to the CNN features.
     """
@@ -165,6 +167,10 @@ class ObservationEncoder(nn.Module):
         self._flat_parts = [i for i in range(len(shapes)) if i not in self._image_parts]
         features += sum(math.prod(shapes[i]) for i in self._flat_parts)
         self.features = features
+        components = self.layout.components
+        self._scales = {i: components[i].scale for i in self._flat_parts
+                        if i < len(components) and components[i].scale is not None}
+        """Flat parts the layout asks to scale (:attr:`ObservationComponent.scale`), by position."""
 
     def forward(self, observation: Sequence[torch.Tensor]) -> torch.Tensor:
         batch = observation[0].shape[0]
@@ -179,6 +185,8 @@ class ObservationEncoder(nn.Module):
             part = observation[index]
             if part.dtype == torch.uint8:
                 part = part.float().div_(255.0)
+            if index in self._scales:
+                part = part * self._scales[index]  # a new tensor: the caller's observation stays as it was
             parts.append(part.reshape(batch, -1))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 

@@ -70,7 +70,8 @@ from tmrl_common.layout import (
     layout_for_box,
     tm20_full_layout,
     tm20_lidar_layout,
-    tm20_lidar_progress_layout,
+    tm20_pixel_lidar_layout,
+    tm20_pixel_lidar_progress_layout,
 )
 from tmrl_common.networks import weights_update_from_actor
 from tmrl_common.protocol import SampleBatch, WeightsUpdate
@@ -107,8 +108,8 @@ POLICY_FILE = "policy.safetensors"
 _NAMED_LAYOUTS = {
     "sim": tm20_lidar_layout,
     "sim-fast": tm20_lidar_layout,
-    "tm20-lidar": tm20_lidar_layout,
-    "tm20-lidar-progress": tm20_lidar_progress_layout,
+    "tm20-lidar": tm20_pixel_lidar_layout,  # pixel distances, scaled in the networks (TM20_LIDAR_SCALE)
+    "tm20-lidar-progress": tm20_pixel_lidar_progress_layout,
     "tm20-full": tm20_full_layout,
 }
 

@@ -3,9 +3,10 @@
 Three observation spaces, each the tuple of :mod:`tmrl_common.layout` (rtgym appends the ``act_buf_len`` previous
 actions itself):
 
-* :class:`TM20LidarInterface` — ``(speed (1,), lidar (img_hist_len, beams))`` float32 (``tm20_lidar_layout``)
+* :class:`TM20LidarInterface` — ``(speed (1,), lidar (img_hist_len, beams))`` float32 (``tm20_pixel_lidar_layout``:
+  the networks scale the pixel distances by ``TM20_LIDAR_SCALE``)
 * :class:`TM20LidarProgressInterface` — ``(speed (1,), progress (1,), lidar (img_hist_len, beams))``
-  (``tm20_lidar_progress_layout``); progress is the fraction of the reward path covered, in [0, 1]
+  (``tm20_pixel_lidar_progress_layout``); progress is the fraction of the reward path covered, in [0, 1]
 * :class:`TM20FullInterface` — ``(speed (1,), gear (1,), rpm (1,), image (img_hist_len, 64, 64) uint8)``:
   grayscale screenshots plus the engine state from telemetry, as upstream tmrl's full env (``tm20_full_layout``)
 
@@ -34,7 +35,12 @@ import numpy as np
 from gymnasium import spaces
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rtgym import DEFAULT_CONFIG_DICT, RealTimeGymInterface
-from tmrl_common.layout import ObservationLayout, tm20_full_layout, tm20_lidar_layout, tm20_lidar_progress_layout
+from tmrl_common.layout import (
+    ObservationLayout,
+    tm20_full_layout,
+    tm20_pixel_lidar_layout,
+    tm20_pixel_lidar_progress_layout,
+)
 
 from tmrl_worker.envs import TRUNCATED_REASON, EnvInterrupted
 from tmrl_worker.reward import RewardPathError, TrajectoryReward, TrajectoryRewardConfig
@@ -455,10 +461,10 @@ class TM20Interface(RealTimeGymInterface):
 
 
 class TM20LidarInterface(TM20Interface):
-    """LIDAR history + speed (``tm20_lidar_layout``)."""
+    """LIDAR history + speed (``tm20_pixel_lidar_layout``)."""
 
     def _make_layout(self) -> ObservationLayout:
-        return tm20_lidar_layout(self.img_hist_len, self.lidar.beams, self.act_buf_len)
+        return tm20_pixel_lidar_layout(self.img_hist_len, self.lidar.beams, self.act_buf_len)
 
     def frame_feature(self, frame: np.ndarray) -> np.ndarray:
         return self.lidar.measure(frame)
@@ -468,10 +474,10 @@ class TM20LidarInterface(TM20Interface):
 
 
 class TM20LidarProgressInterface(TM20LidarInterface):
-    """LIDAR history + speed + progress along the reward path (``tm20_lidar_progress_layout``)."""
+    """LIDAR history + speed + progress along the reward path (``tm20_pixel_lidar_progress_layout``)."""
 
     def _make_layout(self) -> ObservationLayout:
-        return tm20_lidar_progress_layout(self.img_hist_len, self.lidar.beams, self.act_buf_len)
+        return tm20_pixel_lidar_progress_layout(self.img_hist_len, self.lidar.beams, self.act_buf_len)
 
     def _observation(self) -> list[np.ndarray]:
         speed, lidar = super()._observation()
