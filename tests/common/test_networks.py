@@ -188,3 +188,42 @@ def test_plain_critic_forward_gives_the_per_member_stack_and_the_fast_heads_valu
     if activation == "relu":
         torch.testing.assert_close(plain, _member_q_with_autograd(critics, critics.encode(observation), action),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_a_component_scale_multiplies_it_before_the_first_layer_for_actor_and_critics():
+    from tmrl_common.layout import tm20_pixel_lidar_layout
+
+    scaled_layout, plain_layout = tm20_pixel_lidar_layout(), tm20_lidar_layout()
+    scale = scaled_layout.components[1].scale
+    assert scale == 0.01 and plain_layout.components[1].scale is None
+    torch.manual_seed(0)
+    scaled = build_actor(PolicyArchitecture.for_layout(scaled_layout, hidden_sizes=[16]))
+    plain = build_actor(PolicyArchitecture.for_layout(plain_layout, hidden_sizes=[16]))
+    plain.load_state_dict(scaled.state_dict())
+    speed, lidar, *actions = _lidar_observation(np.random.default_rng(2))
+    pixels = lidar * 400.0
+    kept = pixels.copy()
+    np.testing.assert_allclose(scaled.act((speed, pixels, *actions), deterministic=True),
+                               plain.act((speed, pixels * scale, *actions), deterministic=True), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pixels, kept)  # the caller's observation is not scaled in place
+    critics = CriticEnsemble(PolicyArchitecture.for_layout(scaled_layout, hidden_sizes=[16]), n=2)
+    plain_critics = CriticEnsemble(PolicyArchitecture.for_layout(plain_layout, hidden_sizes=[16]), n=2)
+    plain_critics.load_state_dict(critics.state_dict())
+    batch = [torch.from_numpy(part)[None] for part in (speed, pixels, *actions)]
+    plain_batch = [batch[0], batch[1] * scale, *batch[2:]]
+    action = torch.zeros(1, 3)
+    torch.testing.assert_close(critics(batch, action), plain_critics(plain_batch, action))
+
+
+def test_a_scaled_layout_travels_in_the_architecture_and_an_unscaled_one_stays_off_the_wire():
+    from tmrl_common.layout import tm20_pixel_lidar_layout
+    from tmrl_common.protocol import Hello
+
+    architecture = PolicyArchitecture.for_layout(tm20_pixel_lidar_layout(), hidden_sizes=[8])
+    assert PolicyArchitecture.from_flat_dict(architecture.to_flat_dict()).layout.components[1].scale == 0.01
+    _, hello = decode(encode(Hello(role="worker", software="w", layout=tm20_pixel_lidar_layout(), next_seq=0),
+                             sender="w"))
+    assert hello.layout == tm20_pixel_lidar_layout()
+    plain = encode(Hello(role="worker", software="w", layout=tm20_lidar_layout(), next_seq=0), sender="w",
+                   sent_at=1.0)
+    assert b"scale" not in b"".join(plain)
