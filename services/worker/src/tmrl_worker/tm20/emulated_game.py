@@ -35,6 +35,7 @@ record-reward`` records a reward path from the emulated plugin exactly as from t
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -52,6 +53,8 @@ from tmrl_worker.tm20.control import analog_command
 from tmrl_worker.tm20.openplanet import DEFAULT_PORT, encode_packet
 from tmrl_worker.tm20.replay_server import TelemetryReplayServer
 from tmrl_worker.tm20.window import ClientArea, WindowNotFoundError
+
+log = logging.getLogger(__name__)
 
 SKY = (90, 140, 200)
 ROAD_RGB = (120, 120, 125)
@@ -187,6 +190,8 @@ class EmulatedGame:
         self.popup_open = False
         self.respawns = 0
         self.finishes = 0
+        self.lap_times: list[float] = []
+        """Race time of every finish (simulated seconds from the end of the countdown to the finish line)."""
         self._countdown = self.config.countdown_s
         self.race_time = 0.0
         """Seconds since the countdown ended (stops at the finish), shown by the HUD's race clock."""
@@ -314,6 +319,8 @@ class EmulatedGame:
         if not self.finished and self._lap_progress >= self.finish_progress:
             self.finished = self.popup_open = True
             self.finishes += 1
+            self.lap_times.append(car.time)
+            log.info("emulated game %r: finish %d, race time %.2f s", self.config.window_title, self.finishes, car.time)
 
     def respawn(self) -> None:
         """The respawn button: back to the start line, countdown, race restarted (a pop-up stays open)."""

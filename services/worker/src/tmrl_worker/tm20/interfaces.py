@@ -322,6 +322,8 @@ class TM20Interface(RealTimeGymInterface):
             self.reward.finished = True
             reward += self.reward.config.finish_bonus
             terminated = True
+        if self.reward.finished:
+            log.info("tm20: finish line reached at step %d of the episode", self.reward.steps)
         return self._observation(), reward, terminated, info
 
     def wait(self) -> None:
