@@ -322,6 +322,32 @@ class EmulatedGame:
             self.lap_times.append(car.time)
             log.info("emulated game %r: finish %d, race time %.2f s", self.config.window_title, self.finishes, car.time)
 
+    def advance(self, seconds: float) -> None:
+        """Run the race for ``seconds`` of simulated time at once, on the caller's thread (for a game that was not
+        started: scripted laps timed without the wall clock, tests)."""
+        period = 1.0 / self.config.physics_hz
+        with self.lock:
+            for _ in range(round(seconds * self.config.physics_hz)):
+                self._tick(period)
+
+    def scripted_lap_time(self, control_hz: float = 20.0, max_seconds: float = 300.0) -> float | None:
+        """Race time of one lap by the simulator's scripted driver (pure pursuit on the true pose), its command
+        renewed ``control_hz`` times per simulated second and applied at once: from the respawn to the finish,
+        independent of the machine's load. None when it does not finish within ``max_seconds``."""
+        from tmrl_worker.sim.driver import PurePursuitDriver
+
+        driver = PurePursuitDriver(self.track, self.config.car)
+        self.respawn()
+        finishes, elapsed = self.finishes, 0.0
+        while self.finishes == finishes and elapsed < max_seconds + self.config.countdown_s:
+            with self.lock:
+                pose = self.car.pose()
+            command = analog_command(driver.act(pose))
+            self.set_inputs(command.gas_trigger, command.brake_trigger, command.steer)
+            self.advance(1.0 / control_hz)
+            elapsed += 1.0 / control_hz
+        return self.lap_times[-1] if self.finishes > finishes else None
+
     def respawn(self) -> None:
         """The respawn button: back to the start line, countdown, race restarted (a pop-up stays open)."""
         with self.lock:

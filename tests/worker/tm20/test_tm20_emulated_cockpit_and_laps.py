@@ -1,4 +1,5 @@
-"""The emulated game's cockpit frames: each ground pixel shows the track map where its camera ray meets the ground."""
+"""The emulated game's cockpit frames (each ground pixel shows the track map where its camera ray meets the ground)
+and its scripted laps timed in simulated time."""
 
 from __future__ import annotations
 
@@ -58,3 +59,14 @@ def test_the_bonnet_and_the_finish_popup_are_drawn_over_the_road():
     with_popup = renderer.frame(x, y, track.start_heading, popup=True)
     assert tuple(with_popup[250, 479]) != tuple(plain[250, 479])
     assert Lidar().measure(plain)[9] > 200  # the road ahead is long and clear
+
+
+def test_the_scripted_driver_laps_the_emulated_game_in_simulated_time():
+    from tmrl_worker.tm20.emulated_game import EmulatedGame
+
+    game = EmulatedGame({"track": "hairpins", "port": 0})  # not started: no threads, no plugin, no wall clock
+    lap = game.scripted_lap_time()
+    # the simulator's expert needs 508 steps of 50 ms on hairpins (docs/tuning.md): the same car, the same lap
+    assert lap is not None and 23.0 < lap < 28.0
+    assert game.finishes == 1 and game.lap_times == [lap] and game.popup_open
+    assert game.scripted_lap_time() == pytest.approx(lap)  # deterministic: the respawn starts it over
