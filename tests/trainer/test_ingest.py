@@ -156,6 +156,15 @@ def test_a_hello_layout_differing_only_in_bounds_is_not_said_to_be_rejected(inge
     assert answers(ingestor.handle(batch_frames("w1", 0, [1.0]))) == [("w1", [0], "stored", "")]
 
 
+def test_a_worker_layout_without_the_trainers_lidar_scale_is_named_and_its_batches_stored(caplog):
+    from tmrl_common.layout import tm20_pixel_lidar_layout
+
+    memory = ReplayMemory(tm20_pixel_lidar_layout(), capacity=100)
+    ingestor = Ingestor("trainer", tm20_pixel_lidar_layout(), store=memory.add_batch)
+    ingestor.handle(encode(Hello(role="worker", software="test", layout=tm20_lidar_layout(), next_seq=0), "w1"))
+    assert "lidar.scale None vs 0.01" in caplog.text and "will be rejected" not in caplog.text
+
+
 def test_a_hello_layout_with_other_frame_shapes_names_them_and_says_rejected(ingest, caplog):
     ingestor, _, _ = ingest
     ingestor.handle(encode(Hello(role="worker", software="test", layout=layout_for_box(7, 2), next_seq=0), "w9"))

@@ -355,7 +355,8 @@ class ValueBounds:
 def layout_differences(worker: ObservationLayout, trainer: ObservationLayout) -> tuple[list[str], bool]:
     """What differs between a worker's announced layout and the trainer's, as ``field: worker vs trainer`` lines,
     and whether :meth:`SampleBatch.check_layout` will reject that worker's batches (components, frame shapes, dtypes,
-    action size). Histories and bounds are the trainer's to apply: a worker that declares other ones is still stored.
+    action size). Histories, bounds and scales are the trainer's to apply: a worker that declares other ones is still
+    stored.
     """
     lines: list[str] = []
     rejected = False
@@ -365,7 +366,7 @@ def layout_differences(worker: ObservationLayout, trainer: ObservationLayout) ->
         lines.append(f"components {list(theirs)} vs {list(mine)}")
         rejected = set(theirs) != set(mine)
     for name in [n for n in mine if n in theirs]:
-        for attr in ("frame_shape", "dtype", "history", "low", "high"):
+        for attr in ("frame_shape", "dtype", "history", "low", "high", "scale"):
             a, b = getattr(theirs[name], attr), getattr(mine[name], attr)
             if a != b:
                 lines.append(f"{name}.{attr} {a} vs {b}")
@@ -495,7 +496,7 @@ class Ingestor:
         if hello.layout is not None and hello.layout != self.layout:
             differences, rejected = layout_differences(hello.layout, self.layout)
             consequence = ("its batches will be rejected (schema)" if rejected else "its batches still match the "
-                           "trainer's frames and are judged by the trainer's layout (its histories and bounds)")
+                           "trainer's frames and are judged by the trainer's layout (its histories, bounds and scales)")
             log.warning("%s announced an observation layout that differs from the trainer's (worker vs trainer: %s); "
                         "%s", envelope.sender, "; ".join(differences), consequence)
         log.info("%s said hello (next_seq %d)", envelope.sender, hello.next_seq)
