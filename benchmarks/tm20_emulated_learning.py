@@ -68,23 +68,31 @@ def toml_inline(value: object) -> str:
 
 
 def scripted_lap_time(track: str) -> float:
-    """Race time of the scripted driver's first lap on the emulated game (simulated seconds, 10x real time)."""
+    """Race time of the scripted driver's lap on the emulated game, in simulated time (20 Hz commands)."""
     from tmrl_worker.tm20.emulated_game import EmulatedGame
 
-    with EmulatedGame({"track": track, "port": 0, "speedup": 10, "countdown_s": 0.0}) as game:
-        game.start_autodrive()
-        deadline = time.monotonic() + 120
-        while not game.lap_times and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return game.lap_times[0] if game.lap_times else float("nan")
+    lap = EmulatedGame({"track": track, "port": 0}).scripted_lap_time()
+    return float("nan") if lap is None else lap
 
 
-def first_finish(stack: LocalStack, workers: list[str]) -> tuple[str, float] | None:
-    for worker in workers:
-        match = FINISH.search(stack.logs[worker].read_text(errors="replace"))
-        if match:
-            return worker, float(match.group(2))
-    return None
+class FinishWatch:
+    """Reads the workers' logs as they grow (from where it stopped) for the emulated game's first finish line."""
+
+    def __init__(self, stack: LocalStack, workers: list[str]) -> None:
+        self.stack, self.offsets = stack, dict.fromkeys(workers, 0)
+
+    def first(self) -> tuple[str, float] | None:
+        """``(worker, race time)`` of a finish logged since the last call, else None."""
+        for worker, offset in self.offsets.items():
+            with open(self.stack.logs[worker], "rb") as log:
+                log.seek(offset)
+                text = log.read()
+            complete = text.rfind(b"\n") + 1  # a line still being written is read next time
+            self.offsets[worker] = offset + complete
+            match = FINISH.search(text[:complete].decode(errors="replace"))
+            if match:
+                return worker, float(match.group(2))
+        return None
 
 
 def episodes(run_dir: Path) -> list[dict]:
@@ -137,11 +145,12 @@ def main() -> int:
                 "TMRL_WORKER__ENV_OPTIONS__EMULATED_GAME__WINDOW_TITLE": title})
         stack.wait_ready(*workers, timeout=120)
         started = time.monotonic()
+        watch = FinishWatch(stack, workers)
         print(f"{len(workers)} workers running (load average {os.getloadavg()[0]:.2f})", flush=True)
         next_report = started
         while time.monotonic() - started < args.minutes * 60:
             stack.check_alive()
-            found = first_finish(stack, workers)
+            found = watch.first()
             now = time.monotonic()
             if found:
                 break
