@@ -130,8 +130,7 @@ TM20_LIDAR_SCALE = 0.01
 scaled). Unscaled, an untrained actor's pre-tanh means on such inputs are so large that every action saturates:
 a policy entropy of -38 to -161 against -3 to -10 on the simulator's LIDAR in metres (5 seeds), which drives the
 learned entropy coefficient up and the Q-values far below zero (measured: alpha 1.8, Q -186), until ending
-episodes early by standing still pays best. Upstream tmrl trains on the raw pixels with learning rates 10 to 100
-times smaller instead. See docs/trackmania.md, "A learning run"."""
+episodes early by standing still pays best. See docs/trackmania.md, "A learning run to the finish"."""
 
 
 def _lidar(beams: int, history: int, scale: float | None = None) -> ObservationComponent:
