@@ -30,7 +30,8 @@ the car drives on and the plugin keeps sending: a minimised or covered window, a
 Several games run side by side, each with its own window title and plugin port (:class:`EmulatedGameConfig`).
 :meth:`EmulatedGame.start_autodrive` lets the simulator's scripted driver drive laps, so ``tmrl-worker
 record-reward`` records a reward path from the emulated plugin exactly as from the game
-(``tmrl-worker emulate-game --autodrive``).
+(``tmrl-worker emulate-game --autodrive``). :meth:`EmulatedGame.scripted_lap_time` times that driver's lap in
+simulated time, on the caller's thread, whatever the load; every finish's race time is kept in ``lap_times``.
 """
 
 from __future__ import annotations
