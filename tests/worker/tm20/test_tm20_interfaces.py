@@ -143,7 +143,9 @@ def test_game_finish_terminates_and_pays_the_finish_bonus_once():
         interface = TM20LidarInterface(**devices(server))
         try:
             interface.reset()
-            time.sleep(0.1)  # 1 m driven: past the finish
+            deadline = time.monotonic() + 5.0  # 0.1 s drives 1 m, past the finish; a loaded machine may take longer
+            while not interface.telemetry.latest().finished and time.monotonic() < deadline:
+                time.sleep(0.01)
             _, reward, terminated, info = interface.get_obs_rew_terminated_info()
             assert terminated and info["finished_by_game"]
             assert reward >= interface.reward.config.finish_bonus
