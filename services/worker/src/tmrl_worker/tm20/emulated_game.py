@@ -320,8 +320,9 @@ class EmulatedGame:
         if not self.finished and self._lap_progress >= self.finish_progress:
             self.finished = self.popup_open = True
             self.finishes += 1
-            self.lap_times.append(car.time)
-            log.info("emulated game %r: finish %d, race time %.2f s", self.config.window_title, self.finishes, car.time)
+            self.lap_times.append(self.race_time)  # what the race clock shows from now on
+            log.info("emulated game %r: finish %d, race time %.2f s", self.config.window_title, self.finishes,
+                     self.race_time)
 
     def advance(self, seconds: float) -> None:
         """Run the race for ``seconds`` of simulated time at once, on the caller's thread (for a game that was not
