@@ -1,40 +1,51 @@
 """The ``cuda-graph`` backend: the reference update, recorded once as a CUDA graph and replayed for every minibatch.
 
-What is captured: the whole of :meth:`ReferenceLearner.losses <tmrl_trainer.reference.ReferenceLearner.losses>`
-(critic target, critic, actor and entropy losses), the backward pass, the learner guard, one fused Adam step and the
-polyak step. Nothing in it asks the host anything, so an update is one ``graph.replay()`` plus the copy of the batch
-into the graph's static input tensors (``non_blocking`` from pinned host memory):
+What is captured: drawing and gathering the minibatch from a device-resident mirror of the replay memory
+(:meth:`CudaGraphLearner.update_sampled`, :class:`~tmrl_trainer.device_replay.DeviceReplay`), the whole of
+:meth:`ReferenceLearner.losses <tmrl_trainer.reference.ReferenceLearner.losses>` (critic target, critic, actor and
+entropy losses), the backward pass, the learner guard, one fused Adam step and the polyak step. Nothing in it asks
+the host anything, so an update is one ``graph.replay()``. The host-sampled path stays as the fallback
+(:meth:`CudaGraphLearner.update`): the batch sampled by :meth:`ReplayMemory.sample
+<tmrl_trainer.memory.ReplayMemory.sample>` is copied into the graph's static input tensors, then the graph (without
+the sampling) is replayed. Either way:
 
 * Adam is ``torch.optim.Adam(fused=True, capturable=True)``: step counts live on the device, and the guard's verdict
   is the fused kernel's ``found_inf`` (weights, moments and step count unchanged when it is 1);
 * the polyak step is ``lerp`` by ``tau * (1 - rejected)``, a device tensor, instead of an ``if``;
-* random draws (policy noise, REDQ subsets) come from the learner's own generator, registered with the graph so that
-  every replay draws fresh numbers;
+* random draws (policy noise, REDQ subsets) come from the learner's own generator, and the minibatch's from the
+  mirror's, both registered with the graph so that every replay draws fresh numbers;
 * metrics stay in a static device tensor; :meth:`CudaGraphLearner.update` reads it (one synchronisation) only when
   ``with_metrics`` is asked for, which the trainer does every ``publish_every`` updates.
 
 The first :data:`WARMUP_UPDATES` updates run eagerly on a side stream (CUDA graphs need their kernels initialised,
-and Adam needs its state) and count as real updates. Loading a checkpoint drops the graph (the optimizer's state
-tensors are replaced); the graph is recorded again after as many eager updates.
+and Adam needs its state) and count as real updates. Loading a checkpoint, or switching between the two sources of
+batches, drops the graph (the optimizer's state tensors are replaced; the graph reads other tensors); it is recorded
+again after as many eager updates.
 
 On a CPU device, or with ``capture=False``, the same step runs eagerly: that is how its maths is tested against the
 reference on a machine without a GPU (``tests/trainer/test_learner_backends.py``); the graph itself is tested only
 where CUDA is available.
 
-Not done yet (issue 16): sampling the minibatch on the device from a device-resident copy of the replay memory; today
-the batch is sampled on the host and copied into the graph's inputs.
+Not measured yet: no session has had a GPU since this was written, so neither graph has run on CUDA; the
+device-sampling path is tested on CPU (eager, against the reference on the same batches) and its graph tests skip
+without CUDA (``tests/trainer/test_device_replay.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from tmrl_common.networks import PolicyArchitecture
 
+from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.memory import TransitionBatch
 from tmrl_trainer.reference import ReferenceLearner
 from tmrl_trainer.sac import SACConfig
+
+_HOST = "host"
+"""The graph's batch is sampled on the host and copied into its static inputs (:meth:`CudaGraphLearner.update`)."""
 
 WARMUP_UPDATES = 3
 """Eager updates before the graph is recorded (the documented CUDA-graph recipe uses a few on a side stream)."""
@@ -54,6 +65,8 @@ class CudaGraphLearner(ReferenceLearner):
         self._warmup_left = WARMUP_UPDATES
         self._inputs: TransitionBatch | None = None
         self._metrics: torch.Tensor | None = None
+        self._source: object = None
+        """Where the recorded graph's batch comes from: :data:`_HOST` or the :class:`DeviceReplay` it samples."""
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self._parameter_groups(), fused=True, capturable=self.device.type == "cuda")
@@ -85,17 +98,26 @@ class CudaGraphLearner(ReferenceLearner):
         return losses.metrics()
 
     def update(self, batch: TransitionBatch, with_metrics: bool = True) -> dict[str, float]:
+        """One update on ``batch`` (sampled on the host): copied into the graph's static inputs, then replayed."""
         if not self.capture:
             metrics = self.step(batch.to(self.device))
-        elif self._graph is None and self._warmup_left > 0:
-            metrics = self._eager_on_side_stream(batch)
-            self._warmup_left -= 1
         else:
-            if self._graph is None:
-                self._record(batch)
-            self._copy_into_inputs(batch)
-            self._graph.replay()  # type: ignore[union-attr]
-            metrics = self._metrics  # type: ignore[assignment]
+            metrics = self._run(_HOST, lambda: self.step(batch.to(self.device)), batch)
+        return self._finish(metrics, with_metrics)
+
+    def update_sampled(self, replay: DeviceReplay, with_metrics: bool = True) -> dict[str, float]:
+        """One update on a batch that ``replay`` (on this learner's device) draws and gathers; with capture, the
+        drawing and gathering are part of the graph, so an update is one ``graph.replay()`` and nothing else."""
+        if replay.device != self.device:
+            raise ValueError(f"the replay mirror is on {replay.device}, this learner on {self.device}")
+        batch_size = self.config.batch_size
+        if not self.capture:
+            metrics = self.step(replay.sample(batch_size))
+        else:
+            metrics = self._run(replay, lambda: self.step(replay.sample(batch_size)), None)
+        return self._finish(metrics, with_metrics)
+
+    def _finish(self, metrics: torch.Tensor, with_metrics: bool) -> dict[str, float]:
         self.updates += 1
         if not with_metrics:
             return {}
@@ -103,24 +125,48 @@ class CudaGraphLearner(ReferenceLearner):
 
     # ----------------------------------------------------------------------------------------------- the graph
 
-    def _eager_on_side_stream(self, batch: TransitionBatch) -> torch.Tensor:
+    def _run(self, source: object, eager_step: Callable[[], torch.Tensor], batch: TransitionBatch | None) -> torch.Tensor:
+        """Warm-up, recording or replay of the graph whose batch comes from ``source`` (:data:`_HOST`: ``batch``,
+        copied into static inputs; a :class:`DeviceReplay`: drawn inside the graph). A new source is recorded
+        again, after as many warm-up updates."""
+        if self._source is not source:
+            self._graph, self._inputs, self._metrics, self._source = None, None, None, source
+            self._warmup_left = WARMUP_UPDATES
+        if self._graph is None and self._warmup_left > 0:
+            self._warmup_left -= 1
+            return self._eager_on_side_stream(eager_step)
+        if self._graph is None:
+            self._record(source, batch)
+        if batch is not None:
+            self._copy_into_inputs(batch)
+        self._graph.replay()  # type: ignore[union-attr]
+        return self._metrics  # type: ignore[return-value]
+
+    def _eager_on_side_stream(self, eager_step: Callable[[], torch.Tensor]) -> torch.Tensor:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            metrics = self.step(batch.to(self.device))
+            metrics = eager_step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return metrics
 
-    def _record(self, batch: TransitionBatch) -> None:
-        self._inputs = _static_copy(batch, self.device)
+    def _record(self, source: object, batch: TransitionBatch | None) -> None:
         torch.cuda.synchronize(self.device)
         self._graph = torch.cuda.CUDAGraph()
         if not hasattr(self._graph, "register_generator_state"):  # torch < 2.4: only the default generator replays
             raise RuntimeError(f"the cuda-graph backend needs torch >= 2.4 (CUDAGraph.register_generator_state); "
                                f"this is torch {torch.__version__}: use backend 'cpu-fast' or 'reference'")
         self._graph.register_generator_state(self.generator)
-        with torch.cuda.graph(self._graph):
-            self._metrics = self.step(self._inputs)
+        if batch is not None:
+            self._inputs = _static_copy(batch, self.device)
+            torch.cuda.synchronize(self.device)
+            with torch.cuda.graph(self._graph):
+                self._metrics = self.step(self._inputs)
+        else:
+            replay: DeviceReplay = source  # type: ignore[assignment]
+            self._graph.register_generator_state(replay.generator)
+            with torch.cuda.graph(self._graph):
+                self._metrics = self.step(replay.sample(self.config.batch_size))
 
     def _copy_into_inputs(self, batch: TransitionBatch) -> None:
         assert self._inputs is not None
@@ -132,7 +178,8 @@ class CudaGraphLearner(ReferenceLearner):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._graph, self._inputs, self._metrics = None, None, None  # recorded around the replaced Adam state
+        # recorded around the replaced Adam state
+        self._graph, self._inputs, self._metrics, self._source = None, None, None, None
         self._warmup_left = WARMUP_UPDATES
         self._zero_gradients()
 

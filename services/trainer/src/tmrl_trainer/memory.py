@@ -125,6 +125,9 @@ class ReplayMemory:
         self.orphan_rows = 0
         """Non-first rows whose predecessor is not stored (see the module docstring); they start a chain with no real
         frames behind it, and the ``depth`` rows after them give no transition."""
+        self.generation = 0
+        """Bumped when :meth:`load_bytes` replaces the content: a mirror (:mod:`tmrl_trainer.device_replay`) then copies
+        every stored row again instead of the rows added since its last copy."""
 
     # ---------------------------------------------------------------------------------------------------- storing
 
@@ -213,6 +216,17 @@ class ReplayMemory:
                 counts.verified_rows += 1
         if counts.mismatched_rows:
             log.warning("verification: %d rebuilt observation(s) differ from the env's so far", counts.mismatched_rows)
+
+    def ring_arrays(self) -> dict[str, np.ndarray]:
+        """The storage itself, indexed by ring position (absolute row index modulo ``capacity``), for a mirror to
+        copy (:mod:`tmrl_trainer.device_replay`); read it under the lock that guards :meth:`add_batch`. Rows never
+        change after they are stored, only when the ring overwrites them. ``prev`` and ``oldest`` hold absolute row
+        indices; ``complete`` says the transition ending at the row is made of real frames (sampleable while
+        ``oldest >= rows_added - capacity``)."""
+        arrays = {f"frames.{name}": frames for name, frames in self._frames.items()}
+        arrays.update(actions=self._actions, rewards=self._rewards, terminated=self._terminated,
+                      truncated=self._truncated, prev=self._prev, complete=self._complete, oldest=self._oldest)
+        return arrays
 
     def forget_worker(self, worker_id: str) -> None:
         """Forget how ``worker_id``'s batches ended (e.g. it restarted): its next rows link to nothing stored before."""
@@ -342,6 +356,7 @@ class ReplayMemory:
         for name, target in targets.items():  # everything checked: nothing is half-loaded on error
             target[:stored] = loaded[name]
         self._total, self._tails, self.orphan_rows, self._rng = total, tails, orphan_rows, rng
+        self.generation += 1
 
     def load(self, path: str | Path) -> None:
         """Read a memory written by :meth:`save`."""

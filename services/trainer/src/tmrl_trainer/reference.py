@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tmrl_common.networks import Actor, CriticEnsemble, PolicyArchitecture, build_actor
@@ -42,6 +42,9 @@ from tmrl_trainer.sac import (
     soft_td_target,
     with_own_implementation_flags,
 )
+
+if TYPE_CHECKING:
+    from tmrl_trainer.device_replay import DeviceReplay
 
 METRICS = ("critic_loss", "actor_loss", "alpha_loss", "alpha", "q_mean", "target_q_mean", "entropy")
 
@@ -154,6 +157,11 @@ class ReferenceLearner:
         if not with_metrics:
             return {}
         return dict(zip(self.METRICS, losses.metrics().tolist(), strict=True))
+
+    def update_sampled(self, replay: DeviceReplay, with_metrics: bool = True) -> dict[str, float]:
+        """:meth:`update` on a batch of ``config.batch_size`` transitions drawn by ``replay`` on this learner's device
+        (:class:`~tmrl_trainer.device_replay.DeviceReplay`; the ``cuda-graph`` backend draws it inside its graph)."""
+        return self.update(replay.sample(self.config.batch_size), with_metrics)
 
     def _gradients(self) -> list[torch.Tensor]:
         return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]

@@ -1,0 +1,277 @@
+"""A device-resident mirror of the replay memory, sampled on the device: the batch of a CUDA-graph update is drawn and
+gathered inside the graph (issue 16).
+
+:class:`DeviceReplay` holds, in device tensors, a copy of every row of a :class:`~tmrl_trainer.memory.ReplayMemory`
+ring (newest frames, actions, rewards, termination flags, the ring position of each row's predecessor, and what
+makes its transition sampleable), and an **index of sampleable rows** on the device: the ring positions where
+``complete & (oldest >= total - capacity)``, in ascending order, and their count. With these,
+:meth:`DeviceReplay.sample` is a fixed sequence of device operations with fixed shapes and no host synchronisation:
+
+1. ``k = floor(u * count)`` for ``u`` uniform in [0, 1) (float64, drawn from :attr:`DeviceReplay.generator`):
+   uniform, with replacement, over the sampleable rows, as :meth:`ReplayMemory.sample` draws;
+2. the transition's rows: hop 0 is ``index[k]``, hop ``j`` is ``prev[hop j-1]``, as in
+   :meth:`ReplayMemory.transitions`;
+3. each stored column gathered at those rows, and the same views taken (observation: hops ``history … 1``, next
+   observation: hops ``history - 1 … 0``; the action buffer likewise; the replayed action at hop 0).
+
+So the batch for given positions is the host sampler's batch, component by component and bit for bit, and the index
+is the host's :meth:`ReplayMemory.sampleable_positions` (``tests/trainer/test_device_replay.py``, on the cases of
+``test_memory_histories.py``: gaps, reordering, orphans, episode ends, a ring that wrapped). The rule that histories
+are never invented is the host memory's: the mirror copies the host's verdict per row (``complete``, ``oldest``) and
+recomputes nothing.
+
+**Keeping the mirror current** (:meth:`DeviceReplay.sync`, called by the learner's thread between updates): rows
+never change after the host stores them (only the ring overwrites them), so the mirror copies the rows added since
+its last sync, at most :attr:`DeviceReplay.chunk_rows` at a time. Under the memory's lock (the one the ingest thread
+holds while storing a batch) a chunk is copied from the host ring into a staging buffer, host memory to host memory;
+the lock is then released, and the staging buffer goes to the device with ``non_blocking`` copies on a side stream.
+On CUDA the staging buffers are pinned, two of them take turns, and a buffer is written again only once its previous
+copy has finished (the learner's thread waits for that outside the lock): the ingest thread never waits for the GPU.
+After the copies, the index is rebuilt on the same side stream with fixed-shape operations (``cumsum`` and a scatter;
+O(capacity), once per sync that brought rows); the side stream first waits for the updates already queued (they
+read the tensors it overwrites), and the updates queued after the sync wait for it: both are waits between streams
+on the GPU, not on the host. A memory that was loaded from a file (its ``generation`` changed) is copied again whole.
+
+The same code runs on a CPU device (plain tensors, no stream): that is how it is tested here. On CPU it is not the
+default: the rebuild of the index costs O(capacity) per sync, and host sampling (:meth:`ReplayMemory.sample`) is
+about as fast at batch 256 (see ``benchmarks/README.md``).
+
+One limit: the mirror is as of its last sync (the updates between two syncs do not see rows stored in between), and
+an index that is empty gives position 0's row; :meth:`DeviceReplay.ready` (one synchronisation) says whether the
+index holds a row, and the trainer asks it until it does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from tmrl_trainer.memory import ReplayMemory, TransitionBatch
+
+DEFAULT_CHUNK_ROWS = 16_384
+"""Rows copied per staging buffer (a sync that is further behind copies several chunks)."""
+
+_TORCH_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
+
+
+class _Column(NamedTuple):
+    """One mirrored array: the host ring array's key in :meth:`ReplayMemory.ring_arrays`, and the device tensor."""
+
+    host: str
+    device: torch.Tensor
+
+
+class _Chunk(NamedTuple):
+    """Rows staged for one upload: the staging buffer, and ring segments ``(ring_start, staging_start, rows)``."""
+
+    staging: int
+    segments: list[tuple[int, int, int]]
+
+
+class DeviceReplay:
+    """The rows of ``memory`` in tensors on ``device``, an index of its sampleable transitions there, and a sampler
+    that needs neither the host nor a host synchronisation (see the module docstring)."""
+
+    def __init__(self, memory: ReplayMemory, device: str | torch.device, seed: int = 0,
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+        self.memory = memory
+        self.layout = memory.layout
+        self.capacity = memory.capacity
+        self.depth = memory.depth
+        self.device = torch.device(device)
+        self.chunk_rows = max(1, min(int(chunk_rows), self.capacity))
+        cuda = self.device.type == "cuda"
+
+        def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+
+        capacity = self.capacity
+        self.frames = {c.name: zeros(capacity, *c.frame_shape, dtype=_TORCH_DTYPES[c.dtype])
+                       for c in self.layout.components}
+        self.actions = zeros(capacity, self.layout.action_dim, dtype=torch.float32)
+        self.rewards = zeros(capacity, dtype=torch.float32)
+        self.terminated = zeros(capacity, dtype=torch.float32)
+        """1.0 / 0.0, as the batch carries it."""
+        self.truncated = zeros(capacity, dtype=torch.float32)
+        self.prev = zeros(capacity, dtype=torch.int64)
+        """Ring position of each row's predecessor in its episode (the host holds absolute indices)."""
+        self.complete = zeros(capacity, dtype=torch.bool)
+        self.oldest = zeros(capacity, dtype=torch.int64)
+        """Absolute index of the oldest row the transition ending at each row needs."""
+        self.total = zeros(dtype=torch.int64)
+        """Rows ever added to the memory as of the last sync (``rows_added``), on the device."""
+        self.index = zeros(capacity + 1, dtype=torch.int64)
+        """Sampleable ring positions in ascending order in ``index[:count]``; the last slot takes the scatter's
+        writes of rows that are not sampleable."""
+        self.count = zeros(dtype=torch.int64)
+        self._positions = torch.arange(capacity, device=self.device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        """The source of :meth:`sample`'s draws (register it with a CUDA graph that captures :meth:`sample`)."""
+
+        self._columns = [_Column(f"frames.{name}", tensor) for name, tensor in self.frames.items()]
+        self._columns += [_Column(name, getattr(self, name)) for name in
+                          ("actions", "rewards", "terminated", "truncated", "prev", "complete", "oldest")]
+        self._staging = [[torch.empty((self.chunk_rows, *column.device.shape[1:]), dtype=column.device.dtype,
+                                      pin_memory=cuda) for column in self._columns] for _ in range(2)]
+        self._stream = torch.cuda.Stream(self.device) if cuda else None
+        self._copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        """Per staging buffer: recorded after its last upload (the buffer may be written again once it completes)."""
+        self._next_staging = 0
+        self._synced_rows = 0
+        """``memory.rows_added`` as of the last staged chunk."""
+        self._target: int | None = None
+        """The row count the sync in progress copies up to (see :meth:`_stage`)."""
+        self._generation = memory.generation
+        self._reindex = False
+        self._ready = False
+
+    # ------------------------------------------------------------------------------------------------------ sync
+
+    def sync(self, lock: contextlib.AbstractContextManager | None = None) -> int:
+        """Copy the rows the memory gained since the last sync and rebuild the index; return the rows copied.
+
+        ``lock`` is the lock that guards the memory against the ingest thread (held only while a chunk is copied
+        host to host; see the module docstring)."""
+        lock = lock if lock is not None else contextlib.nullcontext()
+        copied, self._target = 0, None
+        while True:
+            staging = self._next_staging
+            if self._copied[staging] is not None:
+                self._copied[staging].synchronize()  # outside the lock: ingest goes on meanwhile
+            with lock:
+                chunk = self._stage(staging)
+            if chunk is None:
+                break
+            self._next_staging = 1 - staging
+            self._upload(chunk)
+            copied += sum(rows for _, _, rows in chunk.segments)
+        self._target = None
+        if copied or self._reindex:
+            self._reindex = False
+            with self._on_side_stream():
+                self.total.fill_(self._synced_rows)
+                self._rebuild_index()
+        return copied
+
+    def _stage(self, staging: int) -> _Chunk | None:
+        """Copy the next chunk of new rows into staging buffer ``staging`` (call with the memory's lock held).
+
+        The chunks of one sync run up to the memory's row count when the sync began (its target), so that a sync
+        ends; if the ring has meanwhile overwritten rows not copied yet, the copy skips to the oldest row still
+        stored and the target moves to the current count: when the sync ends, every row the ring holds as of the
+        target has been copied."""
+        memory = self.memory
+        total = memory.rows_added
+        if memory.generation != self._generation or total < self._synced_rows:  # loaded from a file: all rows new
+            self._generation, self._synced_rows, self._reindex = memory.generation, 0, True
+            self.complete.zero_()  # ring positions the loaded memory does not fill hold nothing sampleable
+        if self._target is None:
+            self._target = total
+        first = max(self._synced_rows, total - self.capacity)
+        if first > self._synced_rows:
+            self._target = total
+        if first >= self._target:
+            return None
+        stop = min(self._target, first + self.chunk_rows)
+        start_position, rows = first % self.capacity, stop - first
+        head = min(rows, self.capacity - start_position)
+        segments = [(start_position, 0, head)] + ([(0, head, rows - head)] if rows > head else [])
+        host = memory.ring_arrays()
+        for column, buffer in zip(self._columns, self._staging[staging], strict=True):
+            array = host[column.host]
+            for ring_start, staged_start, count in segments:
+                source = array[ring_start : ring_start + count]
+                if column.host == "prev":
+                    source = np.remainder(source, self.capacity)
+                buffer[staged_start : staged_start + count].copy_(torch.from_numpy(np.ascontiguousarray(source)))
+        self._synced_rows = stop
+        return _Chunk(staging, segments)
+
+    def _upload(self, chunk: _Chunk) -> None:
+        """Copy a staged chunk into the device tensors (on the side stream on CUDA)."""
+        with self._on_side_stream():
+            for column, buffer in zip(self._columns, self._staging[chunk.staging], strict=True):
+                for ring_start, staged_start, count in chunk.segments:
+                    column.device[ring_start : ring_start + count].copy_(buffer[staged_start : staged_start + count],
+                                                                         non_blocking=True)
+            if self._copied[chunk.staging] is not None:
+                self._copied[chunk.staging].record()
+
+    @contextlib.contextmanager
+    def _on_side_stream(self):
+        if self._stream is None:
+            yield
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(compute)  # the updates queued so far read what this overwrites
+        with torch.cuda.stream(self._stream):
+            yield
+        compute.wait_stream(self._stream)  # the updates queued from now on read what this wrote
+
+    def _rebuild_index(self) -> None:
+        """``index[:count]`` = the sampleable ring positions, ascending: fixed shapes, no host synchronisation."""
+        sampleable = self.complete & (self.oldest >= self.total - self.capacity)
+        rank = sampleable.cumsum(0)
+        slot = torch.where(sampleable, rank - 1, self.capacity)
+        self.index.scatter_(0, slot, self._positions)
+        self.count.copy_(rank[-1])
+
+    # --------------------------------------------------------------------------------------------------- sampling
+
+    def ready(self) -> bool:
+        """Whether the index holds a sampleable row (reads the device count, one synchronisation, until it does)."""
+        if not self._ready:
+            self._ready = int(self.count) > 0
+        return self._ready
+
+    def sampleable_positions(self) -> torch.Tensor:
+        """The sampleable ring positions as of the last sync (``index[:count]``; reads the count: for tests/tools)."""
+        return self.index[: int(self.count)].clone()
+
+    def sample_positions(self, batch_size: int) -> torch.Tensor:
+        """``batch_size`` ring positions drawn uniformly, with replacement, from the index (device ops only)."""
+        draw = torch.rand(batch_size, dtype=torch.float64, generator=self.generator, device=self.device)
+        k = (draw * self.count).long()  # float64: exact for any count a ring holds
+        k = torch.minimum(k, self.count - 1).clamp_(min=0)
+        return self.index[k]
+
+    def sample(self, batch_size: int) -> TransitionBatch:
+        """``batch_size`` transitions drawn uniformly from the sampleable ones, gathered on the device."""
+        return self.gather(self.sample_positions(batch_size))
+
+    def gather(self, positions: torch.Tensor) -> TransitionBatch:
+        """The transitions ending at ring ``positions`` (sampleable ones), as :meth:`ReplayMemory.transitions` builds
+        them from the host arrays: the same components, shapes, dtypes and values."""
+        positions = torch.as_tensor(positions, dtype=torch.int64, device=self.device)
+        depth = self.depth
+        hops = [positions]  # hop k: k rows back along the episode
+        for _ in range(depth):
+            hops.append(self.prev[hops[-1]])
+        oldest_first = torch.stack(hops[::-1], dim=1)  # (B, depth + 1): column j is hop depth - j
+        observation: list[torch.Tensor] = []
+        next_observation: list[torch.Tensor] = []
+        for component in self.layout.components:
+            history = component.history
+            gathered = self.frames[component.name][oldest_first[:, depth - history :]]  # (B, history + 1, *frame)
+            if history == 1:
+                observation.append(gathered[:, 0])
+                next_observation.append(gathered[:, 1])
+            else:
+                observation.append(gathered[:, :history])
+                next_observation.append(gathered[:, 1:])
+        history = self.layout.action_history
+        actions = self.actions[oldest_first[:, depth - max(history, 1) :]]  # (B, max(history, 1) + 1, action_dim)
+        for age in range(history):  # oldest first, like rtgym's act_buf
+            observation.append(actions[:, age])
+            next_observation.append(actions[:, age + 1])
+        return TransitionBatch(
+            observation=tuple(observation),
+            action=actions[:, -1],
+            reward=self.rewards[positions],
+            next_observation=tuple(next_observation),
+            terminated=self.terminated[positions],
+            truncated=self.truncated[positions],
+        )
