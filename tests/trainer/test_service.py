@@ -403,3 +403,32 @@ def test_the_service_trains_with_the_backend_its_config_names_and_resumes_with_a
             assert torch.equal(second.learner.actor.state_dict()[name], tensor), name
     finally:
         second.shutdown()
+
+
+def test_with_device_sampling_the_service_trains_from_a_mirror_kept_equal_to_its_memory(tmp_path):
+    auto = TrainerService(make_config(tmp_path / "auto"))
+    try:
+        assert auto.replay is None  # auto on CPU: sampled on the host
+    finally:
+        auto.shutdown()
+    service = TrainerService(make_config(tmp_path, sac={"hidden_sizes": [16], "batch_size": 16, "learning_starts": 50,
+                                                        "utd": 0.5, "sampling": "device"}))
+    assert service.replay is not None and service.replay.device == service.device
+    stop, thread, _ = run_in_thread(service)
+    try:
+        service.ingestor.handle(pendulum_batch("w1", 0, 40))  # below the warm-up: the mirror is not even asked
+        time.sleep(0.3)
+        assert service.learner.updates == 0
+        service.ingestor.handle(pendulum_batch("w1", 1, 40))  # ingest goes on while the main thread syncs
+        service.ingestor.handle(pendulum_batch("w2", 0, 40))
+        wait_for(lambda: service.learner.updates >= 60)
+        time.sleep(0.3)
+        assert service.learner.updates == 60  # the update-to-data cap holds as with host sampling
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    service.replay.sync(service.memory_lock)
+    positions = service.memory.sampleable_positions()
+    assert np.array_equal(service.replay.sampleable_positions().numpy(), positions) and positions.size == 117
+    assert all(np.isfinite(v) for v in service.last_metrics.values())

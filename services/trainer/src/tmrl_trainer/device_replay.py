@@ -24,13 +24,14 @@ recomputes nothing.
 never change after the host stores them (only the ring overwrites them), so the mirror copies the rows added since
 its last sync, at most :attr:`DeviceReplay.chunk_rows` at a time. Under the memory's lock (the one the ingest thread
 holds while storing a batch) a chunk is copied from the host ring into a staging buffer, host memory to host memory;
-the lock is then released, and the staging buffer goes to the device with ``non_blocking`` copies on a side stream.
-On CUDA the staging buffers are pinned, two of them take turns, and a buffer is written again only once its previous
-copy has finished (the learner's thread waits for that outside the lock): the ingest thread never waits for the GPU.
-After the copies, the index is rebuilt on the same side stream with fixed-shape operations (``cumsum`` and a scatter;
-O(capacity), once per sync that brought rows); the side stream first waits for the updates already queued (they
-read the tensors it overwrites), and the updates queued after the sync wait for it: both are waits between streams
-on the GPU, not on the host. A memory that was loaded from a file (its ``generation`` changed) is copied again whole.
+the lock is then released, and the staging buffer goes to a buffer on the device with a ``non_blocking`` copy on a
+side stream, which overlaps the updates in flight. On CUDA the staging buffers are pinned, two of them take turns,
+and a buffer is written again only once its previous copy has finished (the learner's thread waits for that outside
+the lock): the ingest thread never waits for the GPU. Then, still on the side stream but only after the updates
+already queued (they read the ring), the landed rows are copied into the ring and the index is rebuilt with
+fixed-shape operations (``cumsum`` and a scatter; O(capacity), once per sync that brought rows); the updates queued
+after the sync wait for that. These are waits between streams on the GPU, not on the host. A memory that was loaded
+from a file (its ``generation`` changed) is copied again whole.
 
 The same code runs on a CPU device (plain tensors, no stream): that is how it is tested here. On CPU it is not the
 default: the rebuild of the index costs O(capacity) per sync, and host sampling (:meth:`ReplayMemory.sample`) is
@@ -116,6 +117,9 @@ class DeviceReplay:
                           ("actions", "rewards", "terminated", "truncated", "prev", "complete", "oldest")]
         self._staging = [[torch.empty((self.chunk_rows, *column.device.shape[1:]), dtype=column.device.dtype,
                                       pin_memory=cuda) for column in self._columns] for _ in range(2)]
+        self._landing = [[torch.empty_like(buffer, device=self.device) for buffer in buffers]
+                         for buffers in self._staging]
+        """Per staging buffer, its copy on the device: the host-to-device copy lands here while updates run."""
         self._stream = torch.cuda.Stream(self.device) if cuda else None
         self._copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
         """Per staging buffer: recorded after its last upload (the buffer may be written again once it completes)."""
@@ -191,25 +195,33 @@ class DeviceReplay:
         return _Chunk(staging, segments)
 
     def _upload(self, chunk: _Chunk) -> None:
-        """Copy a staged chunk into the device tensors (on the side stream on CUDA)."""
-        with self._on_side_stream():
-            for column, buffer in zip(self._columns, self._staging[chunk.staging], strict=True):
-                for ring_start, staged_start, count in chunk.segments:
-                    column.device[ring_start : ring_start + count].copy_(buffer[staged_start : staged_start + count],
-                                                                         non_blocking=True)
+        """Copy a staged chunk into the device tensors: host to a device staging buffer first (on CUDA, on the side
+        stream, overlapping the updates in flight), then, once those updates are done with the ring, into it."""
+        landed = self._landing[chunk.staging]
+        with self._on_side_stream(wait_for_updates=False):
+            for buffer, target in zip(self._staging[chunk.staging], landed, strict=True):
+                target.copy_(buffer, non_blocking=True)
             if self._copied[chunk.staging] is not None:
                 self._copied[chunk.staging].record()
+        with self._on_side_stream():
+            for column, buffer in zip(self._columns, landed, strict=True):
+                for ring_start, staged_start, count in chunk.segments:
+                    column.device[ring_start : ring_start + count].copy_(buffer[staged_start : staged_start + count])
 
     @contextlib.contextmanager
-    def _on_side_stream(self):
+    def _on_side_stream(self, wait_for_updates: bool = True):
+        """On CUDA, run the block on the side stream; with ``wait_for_updates``, after the updates queued so far
+        (they read what it overwrites), and before the ones queued from now on (they read what it wrote)."""
         if self._stream is None:
             yield
             return
         compute = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(compute)  # the updates queued so far read what this overwrites
+        if wait_for_updates:
+            self._stream.wait_stream(compute)
         with torch.cuda.stream(self._stream):
             yield
-        compute.wait_stream(self._stream)  # the updates queued from now on read what this wrote
+        if wait_for_updates:
+            compute.wait_stream(self._stream)
 
     def _rebuild_index(self) -> None:
         """``index[:count]`` = the sampleable ring positions, ascending: fixed shapes, no host synchronisation."""

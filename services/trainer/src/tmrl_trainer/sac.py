@@ -37,6 +37,7 @@ from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import Activation, PolicyArchitecture
 
 Backend = Literal["auto", "reference", "cpu-fast", "cuda-graph"]
+Sampling = Literal["auto", "host", "device"]
 """Which learner runs the update (:func:`tmrl_trainer.learner.make_learner`); ``auto``: ``cuda-graph`` on a CUDA
 device, ``cpu-fast`` otherwise."""
 
@@ -75,6 +76,11 @@ class SACConfig(BaseModel):
     backend: Backend = "auto"
     """The learner implementation: ``reference`` (plain PyTorch, the oracle), ``cpu-fast``, ``cuda-graph`` or
     ``auto``. Every backend computes the same update and reads and writes the same checkpoints."""
+    sampling: Sampling = "auto"
+    """Where the trainer service draws its minibatches: ``host`` (:meth:`ReplayMemory.sample
+    <tmrl_trainer.memory.ReplayMemory.sample>`), ``device`` (a mirror of the replay memory on the learner's device,
+    :mod:`tmrl_trainer.device_replay`; the ``cuda-graph`` backend draws inside its graph) or ``auto``: ``device``
+    for the ``cuda-graph`` backend on CUDA, ``host`` otherwise. Both draw uniformly from the same transitions."""
 
     @model_validator(mode="after")
     def _subset_fits(self) -> SACConfig:

@@ -5,6 +5,11 @@ replay memory and acknowledges them; the main thread (:meth:`TrainerService.run`
 weights; a small thread rewrites ``status.json`` every second. The replay memory is shared under one lock (adding a
 batch and sampling a minibatch are short; the SAC update itself runs outside the lock).
 
+Sampling (``sac.sampling``): on the host by default; with the ``cuda-graph`` backend on CUDA (``auto``), minibatches
+are drawn on the GPU from a mirror of the memory (:mod:`tmrl_trainer.device_replay`) inside the update's CUDA graph.
+The main thread syncs the mirror every :data:`REPLAY_SYNC_EVERY` updates; it holds the memory lock only while it
+copies the new rows into a host staging buffer, so the ingest thread never waits for the GPU.
+
 Update schedule:
 
 * warm-up: no update until ``sac.learning_starts`` rows are stored;
@@ -87,6 +92,8 @@ from tmrl_trainer.checkpoint import (
     save_checkpoint,
 )
 from tmrl_trainer.config import TrainerConfig
+from tmrl_trainer.cuda_graph import CudaGraphLearner
+from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.ingest import DedupeStateError, Ingestor, ValueBounds
 from tmrl_trainer.learner import make_learner
@@ -103,6 +110,8 @@ KEEP_CHECKPOINTS = 3
 REFUSED_SUFFIX = ".refused"
 """Appended to a checkpoint refused on resume (unreadable or non-finite): kept for inspection, never tried again."""
 PROGRESS_EVERY_S = 10.0
+REPLAY_SYNC_EVERY = 8
+"""With device sampling, the mirror copies the rows received since its last sync every this many updates."""
 POLICY_FILE = "policy.safetensors"
 
 _NAMED_LAYOUTS = {
@@ -199,6 +208,17 @@ class TrainerService:
         # budget moves the baseline up, so that many updates come on top of utd * rows received
         self._ratio_baseline = self.learner.updates + self._carried_update_credit
         """``updates - _ratio_baseline <= utd * rows_received`` is the update-to-data cap."""
+        self.replay = self._make_replay()
+        """The memory's mirror on the learner's device when minibatches are drawn there (``sac.sampling``), else
+        ``None``."""
+
+    def _make_replay(self) -> DeviceReplay | None:
+        sampling = self.config.sac.sampling
+        if sampling == "auto":
+            sampling = "device" if isinstance(self.learner, CudaGraphLearner) and self.learner.capture else "host"
+        if sampling == "host":
+            return None
+        return DeviceReplay(self.memory, self.device, seed=self.config.seed + 1)
 
     # ------------------------------------------------------------------------------------------------- memory
 
@@ -397,10 +417,18 @@ class TrainerService:
                 if not self._may_update():
                     stop.wait(0.005)
                     continue
-                with self.memory_lock:
-                    batch = self.memory.sample(self.config.sac.batch_size)
                 publishing = (self.learner.updates + 1) % self.config.publish_every == 0
-                metrics = self.learner.update(batch.to(self.device), with_metrics=publishing)
+                if self.replay is not None:
+                    if self.learner.updates % REPLAY_SYNC_EVERY == 0 or not self.replay.ready():
+                        self.replay.sync(self.memory_lock)  # the memory lock only while a chunk is copied on the host
+                        if not self.replay.ready():
+                            stop.wait(0.005)
+                            continue
+                    metrics = self.learner.update_sampled(self.replay, with_metrics=publishing)
+                else:
+                    with self.memory_lock:
+                        batch = self.memory.sample(self.config.sac.batch_size)
+                    metrics = self.learner.update(batch.to(self.device), with_metrics=publishing)
                 updates = self.learner.updates
                 if publishing:
                     self.guard_counts["updates_rejected"] = self.learner.guard.report(updates)
