@@ -5,14 +5,15 @@ Prints, on one CUDA device:
 
 1. SAC updates/s (sampling included on both sides) at batch 256 and 1024 for the MLP (obs 83, act 3, [256, 256]) and
    the CNN (4 x 64 x 64 uint8 frames, convolutions [16, 32, 64, 64], [256, 256]): tmrl through ``make_learner``
-   (``auto``: the ``cuda-graph`` backend on CUDA) and SB3's ``SAC.train`` with the same nets and batch, and the ratio
-   (target: at least 5x at batch 256 for the MLP);
+   (``auto``: the ``cuda-graph`` backend on CUDA), its batch sampled on the host and copied in, and drawn on the
+   device from a :class:`~tmrl_trainer.device_replay.DeviceReplay` mirror inside the CUDA graph; SB3's ``SAC.train``
+   with the same nets and batch; and the ratios (target: at least 5x at batch 256 for the MLP);
 2. the trainer service's updates/s on the GPU while 8 ``sim-fast`` workers feed it through the relay (real processes,
-   :class:`tmrl_stack.LocalStack`);
+   :class:`tmrl_stack.LocalStack`; ``sac.sampling`` ``auto``, so on CUDA it samples from its device mirror);
 3. the peak GPU memory allocated by this process's learners (the service runs in its own process).
 
     python3 benchmarks/gpu_check.py                 # on a CUDA machine (see benchmarks/gpu_check.sh)
-    .venv/bin/python benchmarks/gpu_check.py --device cpu --quick   # the script itself, on any machine
+    .venv/bin/python benchmarks/gpu_check.py --device cpu --quick --nets mlp   # the script itself, on any machine
 
 It stops at once, with exit status 2, when ``--device cuda`` is asked for and torch sees no CUDA device. The CNN
 sides differ in one respect: tmrl's layout adds speed and the two previous actions to the frames, and each of its
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import ObservationLayout, tm20_image_layout, tm20_lidar_layout
+from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.learner import make_learner
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.sac import SACConfig
@@ -86,11 +88,25 @@ def filled_memory(layout: ObservationLayout, rows: int, seed: int = 0) -> Replay
     return memory
 
 
-def tmrl_block(net: str, batch: int, device: torch.device, rows: int) -> Callable[[int], None]:
+def tmrl_block(net: str, batch: int, device: torch.device, rows: int, sampling: str) -> Callable[[int], None]:
+    """tmrl's updates, the batch sampled on the host (``sampling="host"``: ``ReplayMemory.sample``, copied in) or on
+    the device (``"device"``: a ``DeviceReplay`` mirror, drawn inside the CUDA graph)."""
     layout = _layouts()[net]
     memory = filled_memory(layout, rows)
     config = SACConfig(batch_size=batch, hidden_sizes=HIDDEN, conv_channels=CONV)
     learner = make_learner(config, config.architecture(layout), device=device, seed=0)
+    if sampling == "device":
+        replay = DeviceReplay(memory, device)
+        replay.sync()
+        if not replay.ready():
+            raise RuntimeError("the device mirror holds no sampleable transition")
+
+        def block(updates: int) -> None:
+            for _ in range(updates - 1):
+                learner.update_sampled(replay, with_metrics=False)
+            learner.update_sampled(replay)  # metrics once per block: one synchronisation
+
+        return block
 
     def block(updates: int) -> None:
         for _ in range(updates - 1):
@@ -196,6 +212,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small blocks, batch 256 only, a short service run")
     parser.add_argument("--no-service", action="store_true", help="skip the trainer service with 8 workers")
     parser.add_argument("--no-sb3", action="store_true", help="skip Stable-Baselines3 (when it is not installed)")
+    parser.add_argument("--nets", default="mlp,cnn", help="comma-separated nets to time [mlp,cnn] (the CNN at batch "
+                        "256 takes minutes on a CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -214,17 +232,23 @@ def main() -> int:
     results: dict = {"device": card, "torch": torch.__version__, "learner": []}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    print(f"  {'net':<4} {'batch':>5} {'tmrl upd/s':>11} {'sb3 upd/s':>10} {'ratio':>6}")
-    for net in ("mlp", "cnn"):
+    print("  tmrl host: batch sampled on the host and copied in; tmrl device: drawn from the DeviceReplay mirror "
+          "(inside the CUDA graph on CUDA)")
+    print(f"  {'net':<4} {'batch':>5} {'tmrl host':>10} {'tmrl device':>12} {'sb3 upd/s':>10} {'host/sb3':>9} "
+          f"{'device/sb3':>11}")
+    for net in args.nets.split(","):
         for batch in batches:
-            blocks = {"tmrl": tmrl_block(net, batch, device, rows[net])}
+            blocks = {"tmrl host": tmrl_block(net, batch, device, rows[net], "host"),
+                      "tmrl device": tmrl_block(net, batch, device, rows[net], "device")}
             if not args.no_sb3:
                 blocks["sb3"] = sb3_block(net, batch, device, rows[net])
             rate = best_rate(blocks, updates, repeats, device)
-            sb3 = rate.get("sb3", float("nan"))
-            ratio = "-" if args.no_sb3 else f"{rate['tmrl'] / sb3:.2f}x"
-            print(f"  {net:<4} {batch:>5} {rate['tmrl']:11.1f} {sb3:10.1f} {ratio:>6}", flush=True)
-            results["learner"].append({"net": net, "batch": batch, "tmrl": rate["tmrl"], "sb3": sb3})
+            host, on_device, sb3 = rate["tmrl host"], rate["tmrl device"], rate.get("sb3", float("nan"))
+            ratios = ["-", "-"] if args.no_sb3 else [f"{host / sb3:.2f}x", f"{on_device / sb3:.2f}x"]
+            print(f"  {net:<4} {batch:>5} {host:10.1f} {on_device:12.1f} {sb3:10.1f} {ratios[0]:>9} {ratios[1]:>11}",
+                  flush=True)
+            results["learner"].append({"net": net, "batch": batch, "tmrl_host_sampled": host,
+                                       "tmrl_device_sampled": on_device, "sb3": sb3})
     if device.type == "cuda":
         results["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         print(f"  peak GPU memory of these learners: {results['peak_memory_mib']:.0f} MiB")
