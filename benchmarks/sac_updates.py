@@ -7,6 +7,7 @@ its batch from that memory (SB3's ``train()`` does too). tmrl stores newest fram
 history at sampling time.
 
     .venv/bin/python benchmarks/sac_updates.py [--updates 200] [--threads 1,N] [--repeats 5] [--backend auto]
+        [--sampling host]
 
 tmrl's learner is built through the trainer's seam, ``make_learner`` (``--backend``: ``auto`` is ``cpu-fast`` on
 CPU; ``reference`` times the plain PyTorch update the fast backends are tested against).
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import tm20_lidar_layout
+from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.learner import make_learner
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.sac import SACConfig
@@ -35,8 +37,10 @@ HIDDEN = [256, 256]
 PREFILL = 20_000
 
 
-def tmrl_update_block(seed: int = 0, backend: str = "auto") -> Callable[[int], None]:
-    """A function running ``n`` tmrl updates (sampling included) on a pre-filled memory."""
+def tmrl_update_block(seed: int = 0, backend: str = "auto", sampling: str = "host") -> Callable[[int], None]:
+    """A function running ``n`` tmrl updates (sampling included) on a pre-filled memory, sampled by the memory
+    (``sampling="host"``, what the trainer does on CPU) or drawn from its ``DeviceReplay`` mirror on the CPU
+    (``"device"``, the GPU path's sampler run here)."""
     layout = tm20_lidar_layout()
     rng = np.random.default_rng(seed)
     memory = ReplayMemory(layout, capacity=PREFILL + 10, seed=seed)
@@ -59,6 +63,16 @@ def tmrl_update_block(seed: int = 0, backend: str = "auto") -> Callable[[int], N
     memory.add_batch("bench", builder.build(seq=seq, weights_version=0))
     config = SACConfig(batch_size=BATCH, hidden_sizes=HIDDEN)
     learner = make_learner(config, config.architecture(layout), device="cpu", seed=seed, backend=backend)
+    if sampling == "device":
+        replay = DeviceReplay(memory, "cpu", seed=seed)
+        replay.sync()
+
+        def block_on_mirror(updates: int) -> None:
+            for _ in range(updates - 1):
+                learner.update_sampled(replay, with_metrics=False)
+            learner.update_sampled(replay)
+
+        return block_on_mirror
 
     def block(updates: int) -> None:
         for _ in range(updates - 1):
@@ -124,10 +138,13 @@ def main() -> None:
                              f"[1 and torch's default here, {default_threads}]")
     parser.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu-fast", "cuda-graph"],
                         help="tmrl learner backend (make_learner) [auto: cpu-fast on CPU]")
+    parser.add_argument("--sampling", default="host", choices=["host", "device"],
+                        help="tmrl's sampler: the replay memory's [host], or its DeviceReplay mirror on the CPU")
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
-    blocks = {"tmrl": tmrl_update_block(backend=args.backend), "stable-baselines3": sb3_update_block()}
-    print(f"SAC updates/s on CPU, tmrl backend {args.backend!r} (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, best of {args.repeats} alternating "
+    blocks = {"tmrl": tmrl_update_block(backend=args.backend, sampling=args.sampling),
+              "stable-baselines3": sb3_update_block()}
+    print(f"SAC updates/s on CPU, tmrl backend {args.backend!r}, {args.sampling} sampling (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, best of {args.repeats} alternating "
           f"blocks of {args.updates} updates, sampling included; both sides on the same torch thread count)")
     print(f"  {'threads':>7} {'side':<20} {'wall clock':>12} {'CPU time':>12}")
     ratios = []
