@@ -7,7 +7,7 @@ its batch from that memory (SB3's ``train()`` does too). tmrl stores newest fram
 history at sampling time.
 
     .venv/bin/python benchmarks/sac_updates.py [--updates 200] [--threads 1,N] [--repeats 5] [--backend auto]
-        [--sampling host]
+        [--sampling host] [--profile]
 
 tmrl's learner is built through the trainer's seam, ``make_learner`` (``--backend``: ``auto`` is ``cpu-fast`` on
 CPU; ``reference`` times the plain PyTorch update the fast backends are tested against).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -37,10 +38,8 @@ HIDDEN = [256, 256]
 PREFILL = 20_000
 
 
-def tmrl_update_block(seed: int = 0, backend: str = "auto", sampling: str = "host") -> Callable[[int], None]:
-    """A function running ``n`` tmrl updates (sampling included) on a pre-filled memory, sampled by the memory
-    (``sampling="host"``, what the trainer does on CPU) or drawn from its ``DeviceReplay`` mirror on the CPU
-    (``"device"``, the GPU path's sampler run here)."""
+def tmrl_memory_and_learner(seed: int = 0, backend: str = "auto") -> tuple[ReplayMemory, Any]:
+    """A replay memory pre-filled with :data:`PREFILL` random steps, and tmrl's learner from ``make_learner``."""
     layout = tm20_lidar_layout()
     rng = np.random.default_rng(seed)
     memory = ReplayMemory(layout, capacity=PREFILL + 10, seed=seed)
@@ -62,7 +61,14 @@ def tmrl_update_block(seed: int = 0, backend: str = "auto", sampling: str = "hos
             seq += 1  # consecutive: the memory links batch seq to batch seq - 1
     memory.add_batch("bench", builder.build(seq=seq, weights_version=0))
     config = SACConfig(batch_size=BATCH, hidden_sizes=HIDDEN)
-    learner = make_learner(config, config.architecture(layout), device="cpu", seed=seed, backend=backend)
+    return memory, make_learner(config, config.architecture(layout), device="cpu", seed=seed, backend=backend)
+
+
+def tmrl_update_block(seed: int = 0, backend: str = "auto", sampling: str = "host") -> Callable[[int], None]:
+    """A function running ``n`` tmrl updates (sampling included) on a pre-filled memory, sampled by the memory
+    (``sampling="host"``, what the trainer does on CPU) or drawn from its ``DeviceReplay`` mirror on the CPU
+    (``"device"``, the GPU path's sampler run here)."""
+    memory, learner = tmrl_memory_and_learner(seed, backend)
     if sampling == "device":
         replay = DeviceReplay(memory, "cpu", seed=seed)
         replay.sync()
@@ -128,6 +134,38 @@ def measure(blocks: dict[str, Callable[[int], None]], updates: int, repeats: int
     return best
 
 
+def profile_tmrl(backend: str, updates: int, repeats: int) -> None:
+    """Where a tmrl update's time goes at the current thread count: CPU time per call (best of ``repeats`` blocks) of
+    sampling alone, of the update on one fixed batch, of both in turn, and of the mirror's sampling; then the
+    operators taking the most CPU time (``torch.profiler``, self time) over ``updates`` updates with sampling."""
+    from torch.profiler import ProfilerActivity, profile
+
+    memory, learner = tmrl_memory_and_learner(backend=backend)
+    replay = DeviceReplay(memory, "cpu")
+    replay.sync()
+    fixed = memory.sample(BATCH)
+    parts: dict[str, tuple[Callable[[], Any], int]] = {
+        "host sampling alone (ReplayMemory.sample)": (lambda: memory.sample(BATCH), 10 * updates),
+        "mirror sampling alone (DeviceReplay.sample)": (lambda: replay.sample(BATCH), 10 * updates),
+        "update on one fixed batch": (lambda: learner.update(fixed, with_metrics=False), updates),
+        "host sampling + update": (lambda: learner.update(memory.sample(BATCH), with_metrics=False), updates),
+    }
+    best = dict.fromkeys(parts, float("inf"))
+    for _ in range(repeats):
+        for name, (call, calls) in parts.items():
+            started = time.process_time()
+            for _ in range(calls):
+                call()
+            best[name] = min(best[name], (time.process_time() - started) / calls)
+    print(f"  profile of tmrl ({backend!r}, {torch.get_num_threads()} thread(s)), CPU ms per call, best of {repeats}:")
+    for name, seconds in best.items():
+        print(f"    {name:<45} {seconds * 1e3:8.3f}")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(updates):
+            learner.update(memory.sample(BATCH), with_metrics=False)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=200, help="updates per timed block")
@@ -140,8 +178,15 @@ def main() -> None:
                         help="tmrl learner backend (make_learner) [auto: cpu-fast on CPU]")
     parser.add_argument("--sampling", default="host", choices=["host", "device"],
                         help="tmrl's sampler: the replay memory's [host], or its DeviceReplay mirror on the CPU")
+    parser.add_argument("--profile", action="store_true", help="only profile tmrl's side: sampling against update "
+                        "(CPU time), then torch.profiler's top operators, at each thread count")
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
+    if args.profile:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            profile_tmrl(args.backend, args.updates, args.repeats)
+        return
     blocks = {"tmrl": tmrl_update_block(backend=args.backend, sampling=args.sampling),
               "stable-baselines3": sb3_update_block()}
     print(f"SAC updates/s on CPU, tmrl backend {args.backend!r}, {args.sampling} sampling (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, best of {args.repeats} alternating "
