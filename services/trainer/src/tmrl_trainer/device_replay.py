@@ -37,9 +37,11 @@ The same code runs on a CPU device (plain tensors, no stream): that is how it is
 default: the rebuild of the index costs O(capacity) per sync, and host sampling (:meth:`ReplayMemory.sample`) is
 faster there (0.08 against 0.14 ms per batch of 256, ``benchmarks/README.md``).
 
-One limit: the mirror is as of its last sync (the updates between two syncs do not see rows stored in between), and
-an index that is empty gives position 0's row; :meth:`DeviceReplay.ready` (one synchronisation) says whether the
-index holds a row, and the trainer asks it until it does.
+Limits: the mirror is as of its last sync (the updates between two syncs do not see rows stored in between), and
+an empty index gives whatever row ``index[0]`` names. :meth:`DeviceReplay.ready` (one synchronisation) says whether
+the index holds a row, and the trainer asks it until it does, not after: an index that held rows empties again only
+if the ring is overwritten whole by rows none of which ends a complete transition (every batch an orphan shorter
+than the history depth, say), which nothing in the trainer checks for on the device.
 """
 
 from __future__ import annotations
