@@ -7,7 +7,8 @@ What runs is what an operator runs (:class:`tmrl_stack.LocalStack`, the launcher
 :class:`~tmrl_worker.tm20.emulated_game.EmulatedGame` (its own plugin port and window title) and the real TrackMania
 interface: the telemetry client over TCP, the LIDAR measured on rendered 958 x 488 frames, the analog controls, the
 respawns and the finish pop-up. The reward path is the track's centre line (the emulated game's default without
-``reward_path``).
+``reward_path``), or with ``--record-reward`` one recorded as an operator records it on the game: ``tmrl-worker
+emulate-game --autodrive`` (the scripted driver's lap) with ``tmrl-worker record-reward`` beside it, before the run.
 
 The run stops at the first finish line crossed (the emulated game logs ``finish 1, race time ...``) or after
 ``--minutes``. It prints, side by side:
@@ -35,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tmrl_stack import LocalStack
+from tmrl_stack import LocalStack, free_ports
 
 FINISH = re.compile(r"emulated game '.*': finish (\d+), race time ([0-9.]+) s")
 
@@ -51,6 +52,8 @@ def config_text(args: argparse.Namespace) -> str:
         sac[key] = json.loads(value)
     reward = json.loads(args.reward_config) if args.reward_config else DEFAULT_REWARD
     options = {"emulated_game": {"track": args.track}, "sleep_time_at_reset": args.sleep_time_at_reset}
+    if args.reward_path is not None:
+        options["reward_path"] = str(args.reward_path)
     if reward:
         options["reward_config"] = reward
     return "\n".join([
@@ -65,6 +68,30 @@ def toml_inline(value: object) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {toml_inline(v)}" for k, v in value.items()) + " }"
     return json.dumps(value)
+
+
+def record_reward_path(track: str, output: Path, logs: Path) -> Path:
+    """Record the reward path the operator's way: the scripted driver laps the emulated game, ``record-reward`` listens."""
+    import subprocess
+
+    port = free_ports(1)[0]
+    bin_dir = Path(sys.executable).parent
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "emulate-game.log", "wb") as game_log, open(logs / "record-reward.log", "wb") as record_log:
+        game = subprocess.Popen([bin_dir / "tmrl-worker", "emulate-game", "--track", track, "--telemetry-port", str(port),
+                                 "--autodrive", "--speedup", "10"], stdout=game_log, stderr=subprocess.STDOUT)
+        try:
+            recorder = subprocess.run([bin_dir / "tmrl-worker", "record-reward", "--output", str(output),
+                                       "--telemetry-port", str(port), "--max-seconds", "300"],
+                                      stdout=record_log, stderr=subprocess.STDOUT, timeout=360)
+        finally:
+            game.terminate()
+            game.wait(timeout=30)
+    if recorder.returncode != 0 or not output.exists():
+        raise SystemExit(f"record-reward failed (exit {recorder.returncode}); see {logs / 'record-reward.log'}")
+    said = " ".join((logs / "record-reward.log").read_text().rpartition("saved ")[2].split())
+    print(f"reward path recorded by record-reward on the emulated {track!r}: saved {said}", flush=True)
+    return output
 
 
 def scripted_lap_time(track: str) -> float:
@@ -119,6 +146,8 @@ def main() -> int:
     parser.add_argument("--max-episode-steps", type=int, default=1000)
     parser.add_argument("--sleep-time-at-reset", type=float, default=1.5)
     parser.add_argument("--reward-config", default=None, help="the workers' reward_config as JSON")
+    parser.add_argument("--record-reward", action="store_true",
+                        help="record the reward path with emulate-game --autodrive and record-reward first, and use it")
     parser.add_argument("--trainer-sac", action="append", default=[], metavar="KEY=JSON",
                         help="override a [trainer.sac] field, e.g. utd=1.0")
     parser.add_argument("--out", type=Path, default=None, help="logs and the trainer's run (default: a temp dir)")
@@ -126,6 +155,8 @@ def main() -> int:
 
     out = (args.out or Path(tempfile.mkdtemp(prefix="tmrl-tm20-learning-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    args.reward_path = (record_reward_path(args.track, out / f"{args.track}-reward.safetensors", out / "logs")
+                        if args.record_reward else None)
     config = out / "tmrl.toml"
     config.write_text(config_text(args))
     workers = [f"worker-{i + 1}" for i in range(args.workers)]
@@ -174,7 +205,8 @@ def main() -> int:
         stack.kill_all()
     loads.append(os.getloadavg()[0])
     print()
-    print(f"{args.env} against the emulated {args.track!r}, {len(workers)} workers at 20 Hz, trainer "
+    print(f"{args.env} against the emulated {args.track!r}, {len(workers)} workers at 20 Hz, reward path "
+          f"{args.reward_path or 'the centre line'}, trainer "
           f"{dict(item.split('=', 1) for item in args.trainer_sac) or 'as make demo'}; outputs in {out}")
     if found:
         print(f"  first finish      {elapsed / 60:6.2f} min after the workers started ({found[0]}), "
