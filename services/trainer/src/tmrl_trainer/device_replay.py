@@ -52,7 +52,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from tmrl_trainer.memory import ReplayMemory, TransitionBatch
+from tmrl_trainer.memory import ReplayMemory, TransitionBatch, gather_histories
 
 DEFAULT_CHUNK_ROWS = 16_384
 """Rows copied per staging buffer (a sync that is further behind copies several chunks)."""
@@ -265,25 +265,10 @@ class DeviceReplay:
         for _ in range(depth):
             hops.append(self.prev[hops[-1]])
         oldest_first = torch.stack(hops[::-1], dim=1)  # (B, depth + 1): column j is hop depth - j
-        observation: list[torch.Tensor] = []
-        next_observation: list[torch.Tensor] = []
-        for component in self.layout.components:
-            history = component.history
-            gathered = self.frames[component.name][oldest_first[:, depth - history :]]  # (B, history + 1, *frame)
-            if history == 1:
-                observation.append(gathered[:, 0])
-                next_observation.append(gathered[:, 1])
-            else:
-                observation.append(gathered[:, :history])
-                next_observation.append(gathered[:, 1:])
-        history = self.layout.action_history
-        actions = self.actions[oldest_first[:, depth - max(history, 1) :]]  # (B, max(history, 1) + 1, action_dim)
-        for age in range(history):  # oldest first, like rtgym's act_buf
-            observation.append(actions[:, age])
-            next_observation.append(actions[:, age + 1])
+        observation, next_observation, action = gather_histories(self.layout, self.frames, self.actions, oldest_first)
         return TransitionBatch(
             observation=tuple(observation),
-            action=actions[:, -1],
+            action=action,
             reward=self.rewards[positions],
             next_observation=tuple(next_observation),
             terminated=self.terminated[positions],

@@ -90,6 +90,34 @@ class _Tail(NamedTuple):
     known: int
 
 
+def gather_histories(layout, frames, actions, oldest_first):
+    """Observation, next observation and replayed action of transitions, gathered from stored rows.
+
+    ``oldest_first`` is ``(B, depth + 1)`` ring positions, column ``j`` the row ``depth - j`` hops back along each
+    transition's episode (the last column the transition's own row). Each stored array is gathered once, at the rows
+    both observations need (``(B, history + 1, *frame)``); the observation and next observation are overlapping views
+    of it. Works alike on numpy arrays (the host sampler) and torch tensors (:mod:`tmrl_trainer.device_replay`).
+    """
+    depth = oldest_first.shape[1] - 1
+    observation: list = []
+    next_observation: list = []
+    for component in layout.components:
+        history = component.history
+        gathered = frames[component.name][oldest_first[:, depth - history:]]  # (B, history + 1, *frame)
+        if history == 1:
+            observation.append(gathered[:, 0])
+            next_observation.append(gathered[:, 1])
+        else:
+            observation.append(gathered[:, :history])
+            next_observation.append(gathered[:, 1:])
+    history = layout.action_history
+    gathered_actions = actions[oldest_first[:, depth - max(history, 1):]]  # (B, max(history, 1) + 1, action_dim)
+    for age in range(history):  # oldest first, like rtgym's act_buf
+        observation.append(gathered_actions[:, age])
+        next_observation.append(gathered_actions[:, age + 1])
+    return observation, next_observation, gathered_actions[:, -1]
+
+
 class ReplayMemory:
     """Ring buffer of newest-frame rows from any number of workers; samples full transitions.
 
@@ -275,26 +303,11 @@ class ReplayMemory:
         for hop in range(1, depth + 1):
             np.remainder(self._prev[hops[hop - 1]], self.capacity, out=hops[hop])
         oldest_first = hops[::-1].T  # (B, depth + 1): column j is hop depth - j
-        observation: list[np.ndarray] = []
-        next_observation: list[np.ndarray] = []
-        for component in self.layout.components:
-            history = component.history
-            gathered = self._frames[component.name][oldest_first[:, depth - history:]]  # (B, history + 1, *frame)
-            if history == 1:
-                observation.append(gathered[:, 0])
-                next_observation.append(gathered[:, 1])
-            else:
-                observation.append(gathered[:, :history])
-                next_observation.append(gathered[:, 1:])
-        history = self.layout.action_history
-        actions = self._actions[oldest_first[:, depth - max(history, 1):]]  # (B, max(history, 1) + 1, action_dim)
-        for age in range(history):  # oldest first, like rtgym's act_buf
-            observation.append(actions[:, age])
-            next_observation.append(actions[:, age + 1])
+        observation, next_observation, action = gather_histories(self.layout, self._frames, self._actions, oldest_first)
         tensor = torch.from_numpy
         return TransitionBatch(
             observation=tuple(map(tensor, observation)),
-            action=tensor(actions[:, -1]),
+            action=tensor(action),
             reward=tensor(self._rewards[positions]),
             next_observation=tuple(map(tensor, next_observation)),
             terminated=tensor(self._terminated[positions].astype(np.float32)),
