@@ -313,7 +313,8 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {exc}") from exc
         sim = env.unwrapped
-        pose, track, car = sim.car.pose, sim.track, sim.config.car
+        pose, car = (lambda: sim.car.pose()), sim.config.car
+        current_track = lambda: sim.track  # noqa: E731  (episode_tracks: a new track per episode)
         handle = EnvHandle(spec=spec, env=env, layout=sim.layout, realtime=False,
                            step_seconds=sim.config.time_step_duration)
     else:
@@ -323,12 +324,19 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
             raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {exc}") from exc
         env = gymnasium.make(RTGYM_ID, config=config, disable_env_checker=True)
         interface = env.unwrapped.interface
-        pose, track, car = interface.loop.pose, interface.track, interface.config.car
+        pose, car = interface.loop.pose, interface.config.car
+        current_track = lambda: interface.track  # noqa: E731
         handle = EnvHandle(spec=spec, env=env, layout=interface.layout, realtime=True,
                            closer=lambda: close_realtime_env(env), step_seconds=float(config["time_step_duration"]))
-    driver = PurePursuitDriver(track, car)
-    handle.expert = lambda observation: driver.act(pose())
-    handle.reset_hooks.append(driver.reset)
+    drivers = [PurePursuitDriver(current_track(), car)]
+
+    def expert(observation: tuple) -> np.ndarray:
+        if drivers[0].track is not current_track():  # the episode runs on another track: plan for that one
+            drivers[0] = PurePursuitDriver(current_track(), car)
+        return drivers[0].act(pose())
+
+    handle.expert = expert
+    handle.reset_hooks.append(lambda: drivers[0].reset())
     return handle
 
 

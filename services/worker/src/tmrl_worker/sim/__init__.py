@@ -30,7 +30,7 @@ from tmrl_worker.sim.realtime import (
     make_realtime_env,
     realtime_config,
 )
-from tmrl_worker.sim.track import BUILTIN_TRACKS, Track, TrackError, generate_track, load_track
+from tmrl_worker.sim.track import BUILTIN_TRACKS, HELD_OUT_TRACK_SEEDS, Track, TrackError, generate_track, load_track
 
 #: gymnasium ids (fast mode) and the observation each one gives.
 ENV_IDS: dict[str, ObservationKind] = {
@@ -44,7 +44,7 @@ for _env_id, _observation in ENV_IDS.items():
         register(id=_env_id, entry_point="tmrl_worker.sim.env:RaceTrackEnv", kwargs={"variant": _observation})
 
 __all__ = [
-    "BUILTIN_TRACKS", "ENV_IDS", "Car", "CarParams", "CarPose", "PhysicsLoop", "PurePursuitDriver", "RaceEpisode",
+    "BUILTIN_TRACKS", "ENV_IDS", "HELD_OUT_TRACK_SEEDS", "Car", "CarParams", "CarPose", "PhysicsLoop", "PurePursuitDriver", "RaceEpisode",
     "RaceTrackEnv", "RaceTrackInterface", "SimConfig", "Track", "TrackError", "close_realtime_env", "generate_track",
     "load_track", "make_realtime_env", "observation_layout", "realtime_config", "sim_config", "speed_plan",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tmrl_worker.reward import TrajectoryRewardConfig
 
@@ -47,6 +47,11 @@ class SimConfig(BaseModel):
 
     track: str = "hairpins"
     """A built-in track (``oval``, ``hairpins``, ``circuit``), ``random:SEED`` or ``random-open:SEED``."""
+    episode_tracks: str | None = None
+    """A new track at every reset, drawn with the env's seeded generator from a comma list of tracks and seed ranges
+    (``random:1000-100000``: a procedural track with a seed from 1000 to 99999; ``hairpins,circuit``), see
+    :mod:`tmrl_worker.sim.track_pool`. Never one of the held-out evaluation tracks ``random:0`` to ``random:19``.
+    None: always ``track``."""
     observation: ObservationKind = "lidar"
     img_hist_len: int = Field(default=4, ge=1, le=16)
     lidar_beams: int = Field(default=19, ge=2, le=181)
@@ -69,6 +74,15 @@ class SimConfig(BaseModel):
     start_jitter: float = Field(default=0.5, ge=0)
     """Random lateral offset (metres, uniform ±) of the start position; the heading also varies by ±3° × this."""
     car: CarParams = CarParams()
+
+    @field_validator("episode_tracks")
+    @classmethod
+    def _episode_tracks_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            from tmrl_worker.sim.track_pool import parse_episode_tracks
+
+            parse_episode_tracks(value)  # a TrackError is a ValueError: pydantic reports it with the field's name
+        return value
 
     @model_validator(mode="after")
     def _physics_divides_step(self) -> SimConfig:

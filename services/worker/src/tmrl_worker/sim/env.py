@@ -24,6 +24,7 @@ from tmrl_worker.sim.car import Car
 from tmrl_worker.sim.config import SimConfig
 from tmrl_worker.sim.episode import RaceEpisode, action_space, default_action
 from tmrl_worker.sim.track import Track, load_track
+from tmrl_worker.sim.track_pool import TrackPool
 
 
 def sim_config(config: SimConfig | dict[str, Any] | None = None, defaults: dict[str, Any] | None = None,
@@ -61,6 +62,7 @@ class RaceTrackEnv(gym.Env):
             raise ValueError(f"render_mode {render_mode!r} is not supported; use 'rgb_array' or None")
         self.render_mode = render_mode
         self.delayed_actions = delayed_actions
+        self.track_pool = TrackPool(self.config.episode_tracks) if self.config.episode_tracks else None
         self.track = track if isinstance(track, Track) else load_track(self.config.track)
         self.car = Car(self.track, self.config.car)
         self.episode = RaceEpisode(self.config, self.track)
@@ -80,6 +82,8 @@ class RaceTrackEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
+        if self.track_pool is not None:
+            self._use_track(self.track_pool.track(self.track_pool.draw(self.np_random)))
         x, y, heading = self.episode.start_pose(self.np_random)
         self.car.place(x, y, heading)
         self._act_buf.clear()
@@ -91,6 +95,15 @@ class RaceTrackEnv(gym.Env):
         parts, info = self.episode.start(self.car.pose())
         self.trajectory = [(x, y)]
         return tuple(parts) + tuple(a.copy() for a in self._act_buf), info
+
+    def _use_track(self, track: Track) -> None:
+        """Drive ``track`` from the next reset on (``episode_tracks``): new car, sensors and reward points."""
+        if track is self.track:
+            return
+        self.track = track
+        self.car = Car(track, self.config.car)
+        self.episode = RaceEpisode(self.config, track)
+        self._renderer = None
 
     def step(self, action):
         if not self._running:

@@ -28,6 +28,7 @@ from tmrl_worker.sim.config import SimConfig
 from tmrl_worker.sim.env import sim_config
 from tmrl_worker.sim.episode import RaceEpisode, action_space, default_action
 from tmrl_worker.sim.track import load_track
+from tmrl_worker.sim.track_pool import TrackPool
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,11 @@ class PhysicsLoop:
         with self.lock:
             self.car.set_controls(gas, brake, steer)
 
-    def place(self, x: float, y: float, heading: float) -> None:
+    def place(self, x: float, y: float, heading: float, car: Car | None = None) -> None:
+        """Put the car (``car``: this one from now on, e.g. on another track) at ``(x, y)`` facing ``heading``."""
         with self.lock:
+            if car is not None:
+                self.car = car
             self.car.place(x, y, heading)
 
 
@@ -108,6 +112,7 @@ class RaceTrackInterface(RealTimeGymInterface):
 
     def __init__(self, config: SimConfig | dict[str, Any] | None = None, seed: int | None = None) -> None:
         self.config = sim_config(config)
+        self.track_pool = TrackPool(self.config.episode_tracks) if self.config.episode_tracks else None
         self.track = load_track(self.config.track)
         self.car = Car(self.track, self.config.car)
         self.episode = RaceEpisode(self.config, self.track)
@@ -131,8 +136,14 @@ class RaceTrackInterface(RealTimeGymInterface):
     def reset(self, seed=None, options=None):
         if seed is not None:
             self._rng = np.random.default_rng(seed)
+        new_car = None
+        if self.track_pool is not None:  # a new track per episode: the physics thread gets the new car at place()
+            track = self.track_pool.track(self.track_pool.draw(self._rng))
+            if track is not self.track:
+                self.track, new_car = track, Car(track, self.config.car)
+                self.car, self.episode, self._renderer = new_car, RaceEpisode(self.config, track), None
         x, y, heading = self.episode.start_pose(self._rng)
-        self.loop.place(x, y, heading)
+        self.loop.place(x, y, heading, car=new_car)
         self.loop.start()
         parts, info = self.episode.start(self.loop.pose())
         return parts, info

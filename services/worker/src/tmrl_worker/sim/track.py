@@ -316,6 +316,10 @@ BUILTIN_DESIGNS: dict[str, TrackDesign] = {
 #: Names accepted by :func:`load_track` besides ``random:SEED`` and ``random-open:SEED``.
 BUILTIN_TRACKS = tuple(BUILTIN_DESIGNS)
 
+#: Seeds of the procedural tracks kept for evaluation (``random:0`` ... ``random:19``): training with a new track per
+#: episode (``SimConfig.episode_tracks``) never draws them, so they measure how a policy drives tracks it never saw.
+HELD_OUT_TRACK_SEEDS = range(20)
+
 
 def generate_track(seed: int, closed: bool = True, width: float = 11.0, attempts: int = 200) -> Track:
     """A random track from ``seed`` (same seed, same track). Closed: a loop through random points around a circle,

@@ -1,0 +1,94 @@
+"""A new track per episode: the tracks a simulator draws from at every reset (``SimConfig.episode_tracks``).
+
+The spec is a comma list of items, each drawn with equal probability:
+
+* a track name (``hairpins``, ``random:1234``, ``random-open:7``): that track;
+* ``random:LOW-HIGH`` (or ``random-open:LOW-HIGH``): a procedural track whose seed is drawn uniformly from
+  ``LOW`` to ``HIGH - 1``.
+
+So ``random:1000-100000`` gives a policy 99,000 different closed tracks to learn from, and ``hairpins,circuit`` two
+built-in ones. The draw uses the env's seeded generator, so a reset seed gives the same track every time.
+
+The closed procedural tracks of :data:`~tmrl_worker.sim.track.HELD_OUT_TRACK_SEEDS` (``random:0`` to ``random:19``)
+are kept for evaluation: a spec that could draw one of them is refused, so "drives tracks it never saw" holds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from tmrl_worker.sim.track import BUILTIN_TRACKS, HELD_OUT_TRACK_SEEDS, Track, TrackError, load_track
+
+_RANGE = re.compile(r"^(random|random-open):(\d+)-(\d+)$")
+_SEED = re.compile(r"^random:(\d+)$")
+_NAMED_SEED = re.compile(r"^(random|random-open):\d+$")
+
+TRACK_CACHE_SIZE = 32
+"""Built tracks kept in memory (a procedural one takes tens of milliseconds to generate)."""
+
+
+@dataclass(frozen=True)
+class SeedRange:
+    """``prefix:LOW-HIGH``: procedural tracks with seeds ``LOW`` to ``HIGH - 1``."""
+
+    prefix: str
+    low: int
+    high: int
+
+    def draw(self, rng: np.random.Generator) -> str:
+        return f"{self.prefix}:{int(rng.integers(self.low, self.high))}"
+
+
+def parse_episode_tracks(spec: str) -> tuple[str | SeedRange, ...]:
+    """The items of an ``episode_tracks`` spec; :class:`TrackError` for an empty spec, an unknown track, an empty
+    seed range, or one that includes a held-out seed (``random:0`` to ``random:19``)."""
+    held_out = HELD_OUT_TRACK_SEEDS
+    items: list[str | SeedRange] = []
+    for text in (part.strip() for part in spec.split(",")):
+        if not text:
+            raise TrackError(f"episode_tracks {spec!r} has an empty item; write tracks separated by commas")
+        match = _RANGE.match(text)
+        if match:
+            prefix, low, high = match.group(1), int(match.group(2)), int(match.group(3))
+            if high <= low:
+                raise TrackError(f"episode_tracks item {text!r}: the range {low}-{high} is empty (HIGH is excluded)")
+            if prefix == "random" and low < held_out.stop and high > held_out.start:
+                raise TrackError(f"episode_tracks item {text!r} includes the held-out evaluation tracks random:"
+                                 f"{held_out.start}..{held_out.stop - 1}; start the range at {held_out.stop} or above")
+            items.append(SeedRange(prefix, low, high))
+            continue
+        seed = _SEED.match(text)
+        if seed and int(seed.group(1)) in held_out:
+            raise TrackError(f"episode_tracks item {text!r} is a held-out evaluation track (random:"
+                             f"{held_out.start}..{held_out.stop - 1}); train on other seeds")
+        if text not in BUILTIN_TRACKS and not _NAMED_SEED.match(text):  # refused when the config is read
+            raise TrackError(f"episode_tracks item {text!r} is not a track: use {', '.join(BUILTIN_TRACKS)}, "
+                             "random:SEED, random-open:SEED or a range random:LOW-HIGH")
+        items.append(text)
+    return tuple(items)
+
+
+class TrackPool:
+    """Draws the next episode's track from an ``episode_tracks`` spec and builds it (recent tracks cached)."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.items = parse_episode_tracks(spec)
+        self._cache: OrderedDict[str, Track] = OrderedDict()
+
+    def draw(self, rng: np.random.Generator) -> str:
+        """The name of a track drawn with ``rng``: an item uniformly, then a seed uniformly within a range."""
+        item = self.items[int(rng.integers(len(self.items)))]
+        return item.draw(rng) if isinstance(item, SeedRange) else item
+
+    def track(self, name: str) -> Track:
+        """The built track ``name`` (from the cache when it was built recently)."""
+        track = self._cache.pop(name, None) or load_track(name)
+        self._cache[name] = track
+        while len(self._cache) > TRACK_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return track

@@ -1,0 +1,110 @@
+"""A new track per episode (``episode_tracks``): draws from the training range only, never a held-out evaluation
+track, the same tracks for the same reset seeds, in the fast env, the real-time interface and the worker's expert."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from tmrl_worker.envs import make_env
+from tmrl_worker.sim import HELD_OUT_TRACK_SEEDS, RaceTrackEnv, RaceTrackInterface, SimConfig
+from tmrl_worker.sim.track import TrackError
+from tmrl_worker.sim.track_pool import SeedRange, TrackPool, parse_episode_tracks
+
+
+def _seed(name: str) -> int:
+    return int(name.split(":")[1])
+
+
+def test_a_seed_range_draws_only_seeds_inside_it_and_never_a_held_out_one():
+    pool = TrackPool("random:20-60")
+    rng = np.random.default_rng(0)
+    seeds = [_seed(pool.draw(rng)) for _ in range(2000)]
+    assert min(seeds) == 20 and max(seeds) == 59  # HIGH is excluded; 2000 draws cover all 40 seeds
+    assert not set(seeds) & set(HELD_OUT_TRACK_SEEDS)
+
+
+def test_the_same_generator_seed_draws_the_same_tracks():
+    pool = TrackPool("random:1000-100000,hairpins")
+
+    def draws(seed: int) -> list[str]:
+        rng = np.random.default_rng(seed)
+        return [pool.draw(rng) for _ in range(20)]
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_a_list_draws_each_item_and_a_range_item_a_seed_in_its_range():
+    pool = TrackPool("hairpins, circuit ,random-open:5-8")
+    assert pool.items == ("hairpins", "circuit", SeedRange("random-open", 5, 8))
+    rng = np.random.default_rng(1)
+    names = {pool.draw(rng) for _ in range(300)}
+    assert names == {"hairpins", "circuit", "random-open:5", "random-open:6", "random-open:7"}
+
+
+@pytest.mark.parametrize("spec", ["random:0-1000", "random:19-25", "random:5", "hairpins,random:12"])
+def test_a_spec_that_could_draw_a_held_out_track_is_refused(spec):
+    with pytest.raises(TrackError, match="held-out"):
+        parse_episode_tracks(spec)
+    with pytest.raises(ValidationError, match="held-out"):
+        SimConfig(episode_tracks=spec)
+
+
+@pytest.mark.parametrize("spec", ["", "hairpins,", "random:50-50", "nowhere", "random:x-9"])
+def test_an_empty_or_unknown_item_is_refused_when_the_config_is_read(spec):
+    with pytest.raises(TrackError):
+        parse_episode_tracks(spec)
+
+
+def test_open_procedural_seeds_are_not_the_held_out_closed_tracks():
+    assert parse_episode_tracks("random-open:0-20") == (SeedRange("random-open", 0, 20),)
+
+
+def test_the_fast_env_drives_a_new_track_per_episode_and_repeats_them_for_the_same_seeds():
+    env = RaceTrackEnv(episode_tracks="random:1000-100000", max_episode_steps=5)
+    names = []
+    for seed in range(4):
+        env.reset(seed=seed)
+        names.append(env.track.name)
+        assert env.car.track is env.track and env.episode.track is env.track
+        env.step(np.array([1.0, 0.0, 0.0], np.float32))
+        assert env.car.pose().speed >= 0.0
+    assert len(set(names)) == 4 and all(1000 <= _seed(n) < 100000 for n in names)
+    again = RaceTrackEnv(episode_tracks="random:1000-100000")
+    assert [(again.reset(seed=seed), again.track.name)[1] for seed in range(4)] == names
+
+
+def test_without_episode_tracks_every_episode_is_on_the_configured_track():
+    env = RaceTrackEnv(track="oval")
+    for seed in range(3):
+        env.reset(seed=seed)
+        assert env.track.name == "oval"
+
+
+def test_the_realtime_interface_draws_the_same_tracks_and_hands_the_car_to_the_physics_thread():
+    fast = RaceTrackEnv(episode_tracks="random:1000-100000")
+    interface = RaceTrackInterface({"episode_tracks": "random:1000-100000"})
+    try:
+        for seed in (3, 4):
+            fast.reset(seed=seed)
+            interface.reset(seed=seed)
+            assert interface.track.name == fast.track.name
+            assert interface.loop.car is interface.car and interface.car.track is interface.track
+            assert interface.loop.pose().x == pytest.approx(fast.car.pose().x, abs=2.0)
+    finally:
+        interface.close()
+
+
+def test_the_workers_expert_follows_the_track_of_each_episode_to_the_finish():
+    handle = make_env("sim-fast", max_episode_steps=1500, options={"episode_tracks": "random:1000-100000"})
+    tracks = []
+    for seed in range(2):
+        observation = handle.reset(seed=seed)
+        tracks.append(handle.env.unwrapped.track.name)
+        done, info = False, {}
+        while not done:
+            observation, _, terminated, truncated, info = handle.step(handle.expert(observation))
+            done = terminated or truncated
+        assert info["finished"], f"the expert did not finish {tracks[-1]}"
+    assert tracks[0] != tracks[1]
