@@ -162,16 +162,16 @@ def plot_learning_curve(metrics_path: Path, output: Path) -> bool:
 
 
 def render_policy_drive(policy_path: Path, gif: Path, png: Path, max_steps: int = 1000,
-                        attempts: int = 3) -> tuple[float, int, int] | None:
-    """Drive the fast sim with the exported policy (deterministic) from ``attempts`` start positions
-    (``tmrl-worker eval``'s core); write the best attempt as a GIF and its final frame as a PNG.
+                        attempts: int = 3, track: str | None = None) -> tuple[float, int, int] | None:
+    """Drive the fast sim (``track``, default the sim's) with the exported policy (deterministic) from ``attempts``
+    start positions (``tmrl-worker eval``'s core); write the best attempt as a GIF and its final frame as a PNG.
     Returns (return, steps, seed), or None when there is no policy."""
     if not policy_path.exists():
         return None
     from PIL import Image
     from tmrl_worker.evaluate import EvalConfig, evaluate
 
-    summary = evaluate(EvalConfig(policy=policy_path, env="sim", episodes=attempts, seed=0,
+    summary = evaluate(EvalConfig(policy=policy_path, env="sim", track=track, episodes=attempts, seed=0,
                                   max_episode_steps=max_steps, gif=gif))
     with Image.open(gif) as image:
         image.seek(image.n_frames - 1)
@@ -188,6 +188,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/demo-<time>)")
     parser.add_argument("--config", type=Path, default=None, help="TOML file with [trainer]/[worker] tables to use "
                                                                   "instead of the demo's settings")
+    parser.add_argument("--episode-tracks", default=None, metavar="SPEC",
+                        help="a new track per episode for the workers (env_options.episode_tracks), e.g. "
+                             "random:1000-100000; the final drive is then on the held-out track random:0")
     parser.add_argument("--no-display", action="store_true", help="print a progress line every 10 s instead of the live display")
     args = parser.parse_args()
 
@@ -215,8 +218,10 @@ def main() -> int:
         stack.start_relay()
         stack.start_trainer("--env", env_name)
         for index, worker in enumerate(WORKERS):
-            rate = {"TMRL_WORKER__MAX_STEPS_PER_SECOND": str(FAST_WORKER_RATE)} if args.fast else {}
-            stack.start_worker(worker, "--env", env_name, "--seed", str(index), env=rate)
+            settings = {"TMRL_WORKER__MAX_STEPS_PER_SECOND": str(FAST_WORKER_RATE)} if args.fast else {}
+            if args.episode_tracks:
+                settings["TMRL_WORKER__ENV_OPTIONS__EPISODE_TRACKS"] = args.episode_tracks
+            stack.start_worker(worker, "--env", env_name, "--seed", str(index), env=settings)
         metrics = MetricsTail(run_dir / "metrics.jsonl")
         total = args.minutes * 60
         started = time.monotonic()
@@ -268,7 +273,8 @@ def main() -> int:
         console.print(f"learning curve: {curve}")
     else:
         console.print("[yellow]no finished episode was recorded: no learning curve[/]")
-    drive = render_policy_drive(run_dir / "policy.safetensors", out / "policy_drive.gif", out / "policy_drive.png")
+    drive = render_policy_drive(run_dir / "policy.safetensors", out / "policy_drive.gif", out / "policy_drive.png",
+                                track="random:0" if args.episode_tracks else None)
     if drive is None:
         console.print("[yellow]the trainer published no policy (warm-up not reached?): no policy animation[/]")
     else:
