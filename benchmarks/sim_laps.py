@@ -16,7 +16,9 @@ ended (a loaded machine gives fewer updates per minute). ``--json FILE`` keeps t
     .venv/bin/python benchmarks/sim_laps.py --minutes 15                        # hairpins, as make demo trains
     .venv/bin/python benchmarks/sim_laps.py --minutes 15 --set trainer.sac.gamma=0.995
     .venv/bin/python benchmarks/sim_laps.py --minutes 15 --train-tracks random:1000-100000 \\
-        --eval-tracks held-out --eval-every 3                                   # procedural, 20 held-out seeds
+        --eval-tracks held-out --eval-episodes 1 --eval-every 3                 # procedural, 20 held-out seeds
+    .venv/bin/python benchmarks/sim_laps.py --policy run/policy.safetensors --eval-tracks held-out --eval-episodes 1
+    .venv/bin/python benchmarks/sim_laps.py --reward-table                      # what a faster lap is worth
 
 ``--set SECTION.FIELD=VALUE`` (repeatable) sets ``TMRL_<SECTION>__<FIELD>`` for the services (``trainer.sac.utd=4``,
 ``worker.env_options.reward.step_penalty=0.5``). ``--train-tracks`` sets the workers' ``episode_tracks``
@@ -144,6 +146,30 @@ def compare(policy: dict[str, int | None], scripted: dict[str, int | None]) -> d
     return row
 
 
+def reward_table(track: str, gammas: tuple[float, ...] = (0.98, 0.99, 0.995, 0.999)) -> None:
+    """What the upstream reward pays for speed: the scripted driver with its planned bend speeds scaled down, one
+    lap each, its undiscounted return and its discounted return from the start at several discounts."""
+    import numpy as np
+    from tmrl_worker.sim import PurePursuitDriver, RaceTrackEnv
+
+    print(f"{track}: scripted driver with its bend speeds scaled, return from the start (reward: points passed "
+          "per step, +100 at the finish)")
+    print(f"{'scale':>5} {'steps':>6} {'return':>7} " + " ".join(f"{'gamma ' + str(g):>12}" for g in gammas))
+    for scale in (1.0, 0.9, 0.8, 0.7, 0.6):
+        env = RaceTrackEnv(track=track)
+        driver = PurePursuitDriver(env.track, env.config.car)
+        driver.plan = driver.plan * scale
+        env.reset(seed=0)
+        rewards, done = [], False
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(driver.act(env.car.pose()))
+            rewards.append(reward)
+            done = terminated or truncated
+        rewards = np.asarray(rewards)
+        discounted = [float((rewards * g ** np.arange(len(rewards))).sum()) for g in gammas]
+        print(f"{scale:5.1f} {len(rewards):6d} {rewards.sum():7.1f} " + " ".join(f"{d:12.1f}" for d in discounted))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=15.0)
@@ -158,18 +184,28 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="default runs/sim-laps-<time>")
     parser.add_argument("--evaluate-only", type=Path, default=None, metavar="RUN_JSON",
                         help="skip training: evaluate the snapshots listed in a previous run's --json file")
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="skip training: evaluate this policy file (e.g. a run's policy.safetensors)")
     parser.add_argument("--json", type=Path, default=None, help="write the table here")
+    parser.add_argument("--reward-table", action="store_true",
+                        help="only print what the reward pays for a faster lap of the first --eval-tracks track")
     args = parser.parse_args()
+    if args.reward_table:
+        reward_table(eval_tracks(args.eval_tracks)[0])
+        return 0
 
     variables = env_overrides(args.assignments)
     if args.train_tracks:
         variables["TMRL_WORKER__ENV_OPTIONS__EPISODE_TRACKS"] = args.train_tracks
     out = (args.out or ROOT / "runs" / time.strftime("sim-laps-%Y%m%d-%H%M%S")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"sim_laps: {args.minutes:g} min real time, 2 workers at 20 Hz, settings {variables or 'as make demo'}; "
-          f"outputs in {out}", flush=True)
+    if not args.policy:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"sim_laps: {args.minutes:g} min real time, 2 workers at 20 Hz, settings {variables or 'as make demo'}; "
+              f"outputs in {out}", flush=True)
     load_before = load_average()
-    if args.evaluate_only:
+    if args.policy:
+        snapshots, load_after = [{"minutes": 0.0, "updates": 0, "samples": 0, "policy": str(args.policy)}], load_before
+    elif args.evaluate_only:
         previous = json.loads(args.evaluate_only.read_text())
         snapshots, load_before, load_after = previous["snapshots"], previous["load_before"], previous["load_after"]
     else:
