@@ -11,6 +11,9 @@ Real-time mode (physics thread at 100 Hz, rtgym at 20 Hz)::
 
     env = make_realtime_env(track="hairpins")     # gymnasium.make("real-time-gym-v1", config=realtime_config(...))
 
+``episode_tracks="random:1000-100000"`` (either mode) drives a new track every episode, never one of the held-out
+evaluation tracks ``random:0`` to ``random:19`` (:data:`HELD_OUT_TRACK_SEEDS`, :mod:`.track_pool`).
+
 Both expose the same spaces and an :class:`~tmrl_common.layout.ObservationLayout` (``env.unwrapped.layout``).
 """
 
