@@ -77,6 +77,23 @@ def test_an_update_on_absurd_but_finite_data_is_not_applied_and_changes_no_weigh
     assert learner.guard.rejected_updates() == 1 and learner.updates == after_updates + 1
 
 
+@pytest.mark.parametrize("what", POISONS)
+@pytest.mark.parametrize("after_updates", [0, 2])
+@pytest.mark.parametrize("backend_name", ["reference", "cpu-fast"])  # cuda-graph has the joint order only
+def test_in_the_critic_first_order_a_poisoned_update_changes_nothing_either(what, after_updates, backend_name):
+    learner = _learner(backend_name, update_order="critic-first")
+    for _ in range(after_updates):
+        learner.update(MEMORY.sample(32), with_metrics=False)
+    before = _state(learner)
+    learner.update(_poisoned(MEMORY.sample(32), what), with_metrics=False)
+    after = _state(learner)
+    assert [name for name in before if not torch.equal(before[name], after[name])] == []
+    assert all(not after[name].any() for name in after.keys() - before.keys())  # Adam state created at rest
+    assert learner.guard.rejected_updates() == 1 and learner.updates == after_updates + 1
+    learner.update(MEMORY.sample(32), with_metrics=False)
+    assert not torch.equal(before["actor.mean.weight"], _state(learner)["actor.mean.weight"])  # and then trains
+
+
 def test_ten_poisoned_batches_among_sane_ones_leave_a_finite_learner_that_still_trains(backend):
     learner = _learner(backend)
     for step in range(30):

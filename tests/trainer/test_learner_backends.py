@@ -95,6 +95,50 @@ def test_a_fast_backend_agrees_with_the_reference_on_image_observations_with_fix
     _assert_agree(_state(reference), _state(fast))
 
 
+@pytest.mark.parametrize(("redq_n", "redq_m"), [(2, 2), (4, 2)])
+def test_the_critic_first_order_ends_the_same_on_cpu_fast_as_on_the_reference(redq_n, redq_m):
+    fields = {"redq_n": redq_n, "redq_m": redq_m, "update_order": "critic-first"}
+    reference, fast = _learner("reference", **fields), _learner("cpu-fast", **fields)
+    before = _state(reference)
+    _train([reference, fast], [MEMORY.sample(64) for _ in range(8)])
+    after = _state(reference)
+    assert not torch.equal(before["actor.mean.weight"], after["actor.mean.weight"])  # it did learn
+    _assert_agree(after, _state(fast))
+    assert reference.updates == fast.updates == 8
+
+
+def test_in_the_critic_first_order_only_the_actor_sees_the_updated_critics():
+    """One update from the same seed: critics, targets and alpha step as in the joint order (their losses do not
+    depend on the order), the actor does not (its loss reads the critics after their step). Adam's first step moves
+    each weight by about its learning rate times the sign of its gradient: the actor's weights whose gradient changed
+    sign against the updated critics (a large critic rate makes them many) differ by about twice the actor's rate."""
+    batch = MEMORY.sample(64)
+    joint = _learner("reference", critic_lr=0.05)
+    critic_first = _learner("reference", critic_lr=0.05, update_order="critic-first")
+    _train([joint, critic_first], [batch])
+    expected, actual = _state(joint), _state(critic_first)
+    for name in expected:
+        if name.startswith(("critics.", "target_critics.", "log_alpha", "optimizer.state.0", "optimizer.state.2")):
+            torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    difference = (actual["actor.mean.weight"] - expected["actor.mean.weight"]).abs()
+    assert difference.max() > 1.5 * joint.config.actor_lr
+
+
+def test_the_critic_first_order_agrees_on_image_observations_with_fixed_alpha():
+    memory = fill_with_random_episodes(ReplayMemory(IMAGE_LAYOUT, capacity=400, seed=0), steps=300, batch_rows=100)
+    fields = {"learn_alpha": False, "redq_n": 3, "update_order": "critic-first"}
+    reference, fast = _learner("reference", IMAGE_LAYOUT, **fields), _learner("cpu-fast", IMAGE_LAYOUT, **fields)
+    _train([reference, fast], [memory.sample(16) for _ in range(4)])
+    _assert_agree(_state(reference), _state(fast))
+
+
+def test_the_cuda_graph_backend_refuses_the_critic_first_order_with_a_clear_error():
+    with pytest.raises(ValueError, match="'joint' update order only"):
+        _learner("cuda-graph", update_order="critic-first")
+    with pytest.raises(ValueError, match="update_order"):
+        SACConfig(update_order="actor-first")
+
+
 @pytest.mark.parametrize(("writer", "reader"), [("reference", "cpu-fast"), ("cpu-fast", "reference"),
                                                 ("cpu-fast", "cuda-graph"), ("cuda-graph", "reference")])
 def test_a_checkpoint_of_one_backend_loads_into_another_and_training_continues_the_same(tmp_path, writer, reader):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tmrl_common.networks import CriticEnsemble, PolicyArchitecture
 
+from tmrl_trainer.guard import non_finite
 from tmrl_trainer.memory import TransitionBatch
 from tmrl_trainer.reference import ReferenceLearner
 from tmrl_trainer.sac import SACConfig, critic_subset, entropy_coefficient_loss, soft_td_target
@@ -105,6 +106,16 @@ class SACLearner(ReferenceLearner):
         observation_part = self.critics.observation_part(critic_features)
         q_values = self.critics.head(observation_part, batch.action)
         critic_loss = 0.5 * (q_values - target_q).pow(2).mean(dim=1).sum()
+        critic_rejected = None
+        if self.config.update_order == "critic-first":  # 5 for the critics first; the actor's loss then sees them
+            torch._foreach_zero_(self._flat_gradients)
+            critic_loss.backward()
+            critic_rejected = non_finite(critic_loss, [self._critic_flat.grad])
+            self._adam_step(critic_rejected, groups=("critics",))
+            with torch.no_grad():
+                if not self._shared_features:
+                    critic_features = self.critics.encode(batch.observation)
+                observation_part = self.critics.observation_part(critic_features)
 
         # 3. actor loss: the critics act as fixed functions of the action (frozen weights, detached features); the
         # critic loss has read observation_part and autograd did not save it, so this head may overwrite it
@@ -120,12 +131,16 @@ class SACLearner(ReferenceLearner):
 
         # 5. one backward and one Adam step for all three: each loss reaches only its own parameters
         learned_alpha_loss = alpha_loss if self.config.learn_alpha else None
-        total_loss = critic_loss + actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)
-        torch._foreach_zero_(self._flat_gradients)  # in place: the networks' gradients are views of these
-        total_loss.backward()
+        if critic_rejected is None:
+            total_loss = critic_loss + actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)
+            torch._foreach_zero_(self._flat_gradients)  # in place: the networks' gradients are views of these
+            total_loss.backward()
+        else:  # critic-first: the critics have stepped; their gradient stays for the guard, untouched by this one
+            (actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)).backward()
         # 6. the guard: 1.0 when a loss or gradient is not finite; Adam and the polyak step then change nothing
-        rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, self._flat_gradients)
-        self._adam_step(rejected)
+        rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, self._flat_gradients,
+                                    rejected_before=critic_rejected)
+        self._adam_step(rejected, groups=None if critic_rejected is None else ("actor", "log_alpha"))
 
         # 7. target critics (a polyak step of zero when the guard rejected the update)
         with torch.no_grad():
@@ -138,20 +153,22 @@ class SACLearner(ReferenceLearner):
                               q_values.detach().mean(), target_q.mean(), -log_prob.detach().mean()]).tolist()
         return dict(zip(self.METRICS, values, strict=True))
 
-    def _adam_step(self, rejected: torch.Tensor) -> None:
+    def _adam_step(self, rejected: torch.Tensor, groups: tuple[str, ...] | None = None) -> None:
         """``self.optimizer.step()`` as the fused Adam kernel calls it makes, without the optimizer's per-step Python
         bookkeeping (about 2% of a CPU update at batch 256). The first step, and every step off the CPU, goes through
         ``optimizer.step()``, which creates the state; results are bit-identical (tested), and the state stays in
         ``self.optimizer``, so checkpoints are unchanged. ``rejected`` (1.0 or 0.0, from the guard) is the fused
-        kernel's ``found_inf``: at 1.0 weights, moments and step count stay as they were."""
+        kernel's ``found_inf``: at 1.0 weights, moments and step count stay as they were. ``groups`` names the
+        parameter groups to step (``None``: all)."""
         if not self.optimizer.defaults["fused"]:  # only the fused kernels take found_inf; elsewhere, ask the host
             if not bool(rejected):
-                self.optimizer.step()
+                self._optimizer_step(groups)
             return
         if self._adam_calls is None:
             self.optimizer.found_inf = rejected  # read by Adam.step, as GradScaler sets it
-            self.optimizer.step()
-            if self.device.type == "cpu" and self.optimizer.defaults["fused"] and not self.optimizer.defaults["amsgrad"]:
+            self._optimizer_step(groups)
+            if (self.device.type == "cpu" and self.optimizer.defaults["fused"] and not self.optimizer.defaults["amsgrad"]
+                    and all(group["params"][0] in self.optimizer.state for group in self.optimizer.param_groups)):
                 self._adam_calls = []
                 for group in self.optimizer.param_groups:
                     (parameter,) = group["params"]
@@ -160,11 +177,27 @@ class SACLearner(ReferenceLearner):
                                                      state["exp_avg_sq"], state["step"]]))
             return
         for group, (parameter, gradient, exp_avg, exp_avg_sq, step) in self._adam_calls:
+            if groups is not None and group["name"] not in groups:
+                continue
             beta1, beta2 = group["betas"]
             step.add_(1.0 - rejected)
             torch._fused_adam_([parameter], [gradient], [exp_avg], [exp_avg_sq], [], [step], amsgrad=group["amsgrad"],
                                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                                eps=group["eps"], maximize=group["maximize"], found_inf=rejected)
+
+    def _optimizer_step(self, groups: tuple[str, ...] | None) -> None:
+        """``self.optimizer.step()`` for the parameter groups named in ``groups`` only (``None``: all): Adam skips a
+        parameter without a gradient, so the others' flat gradients are set aside for the step."""
+        hidden = [] if groups is None else [group["params"][0] for group in self.optimizer.param_groups
+                                            if group["name"] not in groups]
+        gradients = [parameter.grad for parameter in hidden]
+        for parameter in hidden:
+            parameter.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            for parameter, gradient in zip(hidden, gradients, strict=True):
+                parameter.grad = gradient
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

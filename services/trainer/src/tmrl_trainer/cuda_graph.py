@@ -56,6 +56,9 @@ class CudaGraphLearner(ReferenceLearner):
 
     def __init__(self, config: SACConfig, architecture: PolicyArchitecture, device: str | torch.device = "auto",
                  seed: int = 0, capture: bool | None = None) -> None:
+        if config.update_order != "joint":
+            raise ValueError(f"the cuda-graph backend computes the 'joint' update order only, not "
+                             f"{config.update_order!r}: use backend 'cpu-fast' or 'reference' for it")
         super().__init__(config, architecture, device=device, seed=seed)
         self.capture = self.device.type == "cuda" if capture is None else capture
         if self.capture and self.device.type != "cuda":

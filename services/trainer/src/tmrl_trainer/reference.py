@@ -10,7 +10,8 @@ It states the update the way CleanRL's ``sac_continuous_action.py`` does, with t
 3. actor loss ``mean_b (alpha * log pi(a~|s) - Q(s, a~))``, ``Q`` the min (SAC) or mean (REDQ) of the critics, whose
    weights do not learn from this loss;
 4. entropy coefficient loss ``-mean_b log(alpha) * (log pi(a~|s) + target_entropy)``;
-5. one Adam step for the three losses, then polyak averaging of the target critics;
+5. one Adam step for the three losses (``update_order = "critic-first"``: the critics' step first, then the actor's
+   loss against the updated critics and the actor's and alpha's step), then polyak averaging of the target critics;
 6. the learner guard (:mod:`tmrl_trainer.guard`): a non-finite loss or gradient skips step 5 entirely.
 
 Nothing here is tuned for speed: no flat parameters, no in-place tricks, no hand-written backward. A new critic
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tmrl_common.networks import Actor, CriticEnsemble, PolicyArchitecture, build_actor
 
-from tmrl_trainer.guard import UpdateGuard
+from tmrl_trainer.guard import UpdateGuard, non_finite
 from tmrl_trainer.memory import TransitionBatch
 from tmrl_trainer.sac import (
     LEARNING_RATE_FIELDS,
@@ -112,7 +113,12 @@ class ReferenceLearner:
     def losses(self, batch: TransitionBatch) -> Losses:
         """Steps 1-4 of the module docstring, at the current parameters."""
         alpha = self.log_alpha.detach().exp()
+        critic_loss, q_values, target_q = self._critic_loss(batch, alpha)
+        actor_loss, alpha_loss, log_prob = self._actor_losses(batch, alpha)
+        return Losses(critic_loss, actor_loss, alpha_loss, alpha, q_values, target_q, log_prob)
 
+    def _critic_loss(self, batch: TransitionBatch, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1-2: (critic loss, Q values of the batch's actions, target)."""
         # 1. critic target: bootstrap unless the episode terminated (a truncated episode still bootstraps)
         with torch.no_grad():
             next_action, next_log_prob = self.actor(batch.next_observation, generator=self.generator)
@@ -123,7 +129,10 @@ class ReferenceLearner:
         # 2. critic loss
         q_values = self.critics(batch.observation, batch.action)  # (n, B)
         critic_loss = 0.5 * (q_values - target_q).pow(2).mean(dim=1).sum()
+        return critic_loss, q_values, target_q
 
+    def _actor_losses(self, batch: TransitionBatch, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 3-4 against the critics as they are now: (actor loss, entropy coefficient loss, log pi)."""
         # 3. actor loss: the critics are fixed functions of the action here (their weights learn from step 2 only)
         action, log_prob = self.actor(batch.observation, generator=self.generator)
         self.critics.requires_grad_(False)
@@ -134,12 +143,14 @@ class ReferenceLearner:
 
         # 4. entropy coefficient loss (log pi detached inside: it trains log alpha only)
         alpha_loss = entropy_coefficient_loss(self.log_alpha, log_prob, self.target_entropy)
-        return Losses(critic_loss, actor_loss, alpha_loss, alpha, q_values, target_q, log_prob)
+        return actor_loss, alpha_loss, log_prob
 
     def update(self, batch: TransitionBatch, with_metrics: bool = True) -> dict[str, float]:
         """One gradient step on critics, actor and alpha, then a polyak step on the target critics (both skipped
         when the guard rejects the update). Returns the metrics named in :attr:`METRICS` (empty without
         ``with_metrics``)."""
+        if self.config.update_order == "critic-first":
+            return self._update_critic_first(batch.to(self.device), with_metrics)
         losses = self.losses(batch.to(self.device))
         learned_alpha_loss = losses.alpha if self.config.learn_alpha else None
 
@@ -162,6 +173,36 @@ class ReferenceLearner:
         """:meth:`update` on a batch of ``config.batch_size`` transitions drawn by ``replay`` on this learner's device
         (:class:`~tmrl_trainer.device_replay.DeviceReplay`; the ``cuda-graph`` backend draws it inside its graph)."""
         return self.update(replay.sample(self.config.batch_size), with_metrics)
+
+    def _update_critic_first(self, batch: TransitionBatch, with_metrics: bool) -> dict[str, float]:
+        """:meth:`update` in the ``critic-first`` order: the critics' Adam step, then the actor's loss against the
+        updated critics and one Adam step for the actor and alpha (Stable-Baselines3's order)."""
+        alpha = self.log_alpha.detach().exp()
+        critic_loss, q_values, target_q = self._critic_loss(batch, alpha)
+        self.optimizer.zero_grad()  # to None: Adam skips the actor and alpha, which have no gradient yet
+        critic_loss.backward()
+        critic_gradients = self._gradients()
+        critic_rejected = non_finite(critic_loss, critic_gradients)
+        if not bool(critic_rejected):
+            self.optimizer.step()
+        for parameter in self.critics.parameters():  # kept in critic_gradients; the next step leaves the critics be
+            parameter.grad = None
+
+        actor_loss, alpha_loss, log_prob = self._actor_losses(batch, alpha)
+        learned_alpha_loss = alpha_loss if self.config.learn_alpha else None
+        (actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)).backward()
+        rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, critic_gradients + self._gradients(),
+                                    rejected_before=critic_rejected)
+        if not bool(rejected):
+            self.optimizer.step()
+            with torch.no_grad():
+                for target, online in zip(self.target_critics.parameters(), self.critics.parameters(), strict=True):
+                    target.lerp_(online, self.config.tau)
+        self.updates += 1
+        if not with_metrics:
+            return {}
+        losses = Losses(critic_loss, actor_loss, alpha_loss, alpha, q_values, target_q, log_prob)
+        return dict(zip(self.METRICS, losses.metrics().tolist(), strict=True))
 
     def _gradients(self) -> list[torch.Tensor]:
         return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]

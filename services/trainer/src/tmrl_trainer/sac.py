@@ -14,12 +14,17 @@ The update, whichever backend computes it (:func:`tmrl_trainer.learner.make_lear
 4. **entropy coefficient loss**  ``-mean_b log(alpha) * (log pi(a~|s) + target_entropy)``: alpha grows when the
    policy's entropy ``-log pi`` falls below ``target_entropy`` (default ``-action_dim``) and shrinks otherwise.
    ``log pi`` is detached, so this loss only trains ``log(alpha)``.
-5. All three losses are computed at the same parameters and applied by one Adam step (as in the original SAC
-   implementation, which ran its three train ops together), then the **target critics** move by polyak averaging
-   ``theta' <- (1 - tau) * theta' + tau * theta``.
+5. With ``update_order = "joint"`` (the default) all three losses are computed at the same parameters and applied by
+   one Adam step (as in the original SAC implementation, which ran its three train ops together). With
+   ``"critic-first"`` the critics take their Adam step first and the actor's loss (step 3) is then computed against
+   the critics just updated, as Stable-Baselines3, SpinningUp and CleanRL do (alpha's loss does not involve the
+   critics, so it is the same in both orders; the target and the actor loss use the alpha from before the update in
+   both). Then the **target critics** move by polyak averaging ``theta' <- (1 - tau) * theta' + tau * theta``.
 6. **The guard** (:mod:`tmrl_trainer.guard`): between the backward pass and the Adam step, an update whose losses or
    gradients are not finite is marked rejected; Adam then leaves weights and moments as they were and the target
-   critics do not move. Rejected updates still count in the learner's ``updates`` (the update-to-data cap and the
+   critics do not move. In the ``critic-first`` order a non-finite critic loss or gradient skips the whole update
+   likewise; a non-finite actor or alpha loss or gradient, which is only known after the critics have stepped, skips
+   the actor's and alpha's steps and the polyak step. Rejected updates still count in the learner's ``updates`` (the update-to-data cap and the
    publishing cadence do not change) and are counted apart by its ``guard``.
 
 :class:`tmrl_trainer.reference.ReferenceLearner` writes this in plain PyTorch and is the truth the other backends
@@ -35,6 +40,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import Activation, PolicyArchitecture
+
+UpdateOrder = Literal["joint", "critic-first"]
+"""When the actor's loss is computed (module docstring, step 5): at the same critics as the critic loss and applied
+by one Adam step (``joint``), or after the critics' Adam step, against the updated critics (``critic-first``)."""
 
 Backend = Literal["auto", "reference", "cpu-fast", "cuda-graph"]
 Sampling = Literal["auto", "host", "device"]
@@ -73,6 +82,9 @@ class SACConfig(BaseModel):
     """Updates per environment step received (update-to-data ratio; REDQ uses large values like 20)."""
     learning_starts: int = Field(default=1000, ge=1)
     """Rows in the replay memory before the first update."""
+    update_order: UpdateOrder = "joint"
+    """``joint``: the three losses at the same parameters, one Adam step; ``critic-first``: the critics step first and
+    the actor learns against the updated critics (Stable-Baselines3's order). Not available on ``cuda-graph``."""
     backend: Backend = "auto"
     """The learner implementation: ``reference`` (plain PyTorch, the oracle), ``cpu-fast``, ``cuda-graph`` or
     ``auto``. Every backend computes the same update and reads and writes the same checkpoints."""
