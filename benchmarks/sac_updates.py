@@ -38,7 +38,7 @@ HIDDEN = [256, 256]
 PREFILL = 20_000
 
 
-def tmrl_memory_and_learner(seed: int = 0, backend: str = "auto") -> tuple[ReplayMemory, Any]:
+def tmrl_memory_and_learner(seed: int = 0, backend: str = "auto", update_order: str = "joint") -> tuple[ReplayMemory, Any]:
     """A replay memory pre-filled with :data:`PREFILL` random steps, and tmrl's learner from ``make_learner``."""
     layout = tm20_lidar_layout()
     rng = np.random.default_rng(seed)
@@ -60,15 +60,16 @@ def tmrl_memory_and_learner(seed: int = 0, backend: str = "auto") -> tuple[Repla
             memory.add_batch("bench", builder.build(seq=seq, weights_version=0))
             seq += 1  # consecutive: the memory links batch seq to batch seq - 1
     memory.add_batch("bench", builder.build(seq=seq, weights_version=0))
-    config = SACConfig(batch_size=BATCH, hidden_sizes=HIDDEN)
+    config = SACConfig(batch_size=BATCH, hidden_sizes=HIDDEN, update_order=update_order)
     return memory, make_learner(config, config.architecture(layout), device="cpu", seed=seed, backend=backend)
 
 
-def tmrl_update_block(seed: int = 0, backend: str = "auto", sampling: str = "host") -> Callable[[int], None]:
+def tmrl_update_block(seed: int = 0, backend: str = "auto", sampling: str = "host",
+                      update_order: str = "joint") -> Callable[[int], None]:
     """A function running ``n`` tmrl updates (sampling included) on a pre-filled memory, sampled by the memory
     (``sampling="host"``, what the trainer does on CPU) or drawn from its ``DeviceReplay`` mirror on the CPU
     (``"device"``, the GPU path's sampler run here)."""
-    memory, learner = tmrl_memory_and_learner(seed, backend)
+    memory, learner = tmrl_memory_and_learner(seed, backend, update_order)
     if sampling == "device":
         replay = DeviceReplay(memory, "cpu", seed=seed)
         replay.sync()
@@ -180,6 +181,8 @@ def main() -> None:
                         help="tmrl's sampler: the replay memory's [host], or its DeviceReplay mirror on the CPU")
     parser.add_argument("--profile", action="store_true", help="only profile tmrl's side: sampling against update "
                         "(CPU time), then torch.profiler's top operators, at each thread count")
+    parser.add_argument("--update-order", default="joint", choices=["joint", "critic-first"],
+                        help="tmrl's SACConfig.update_order [joint]")
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     if args.profile:
@@ -187,9 +190,10 @@ def main() -> None:
             torch.set_num_threads(threads)
             profile_tmrl(args.backend, args.updates, args.repeats)
         return
-    blocks = {"tmrl": tmrl_update_block(backend=args.backend, sampling=args.sampling),
+    blocks = {"tmrl": tmrl_update_block(backend=args.backend, sampling=args.sampling, update_order=args.update_order),
               "stable-baselines3": sb3_update_block()}
-    print(f"SAC updates/s on CPU, tmrl backend {args.backend!r}, {args.sampling} sampling (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, best of {args.repeats} alternating "
+    print(f"SAC updates/s on CPU, tmrl backend {args.backend!r}, {args.sampling} sampling, update order "
+          f"{args.update_order!r} (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, best of {args.repeats} alternating "
           f"blocks of {args.updates} updates, sampling included; both sides on the same torch thread count)")
     print(f"  {'threads':>7} {'side':<20} {'wall clock':>12} {'CPU time':>12}")
     ratios = []
