@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 import torch
@@ -124,6 +124,10 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {name: [pool.submit(runner, seed, args.steps, args.episodes, overrides) for seed in args.seeds]
                    for name, runner in runners}
+        names = {job: (name, seed) for name, jobs in futures.items() for job, seed in zip(jobs, args.seeds, strict=True)}
+        for job in as_completed(names):  # each seed as it ends, for runs cut short on a busy machine
+            name, seed = names[job]
+            print(f"  ({name} seed {seed}: {job.result()[0]:.1f} after {job.result()[2]:.0f} s)", flush=True)
         for name, jobs in futures.items():
             results[name] = [job.result() for job in jobs]
 
