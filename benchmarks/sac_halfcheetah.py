@@ -125,7 +125,8 @@ def sb3_settings(overrides: dict) -> dict:
         "ent_coef": f"auto_{sac.init_alpha}",
         "target_entropy": "auto" if sac.target_entropy is None else sac.target_entropy,
         "policy_kwargs": {"net_arch": list(sac.hidden_sizes),
-                          "activation_fn": {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "elu": torch.nn.ELU}[sac.activation]},
+                          "activation_fn": {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "elu": torch.nn.ELU,
+                                            "silu": torch.nn.SiLU}[sac.activation]},
     }
 
 

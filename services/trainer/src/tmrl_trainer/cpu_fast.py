@@ -140,7 +140,10 @@ class SACLearner(ReferenceLearner):
         # 6. the guard: 1.0 when a loss or gradient is not finite; Adam and the polyak step then change nothing
         rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, self._flat_gradients,
                                     rejected_before=critic_rejected)
-        self._adam_step(rejected, groups=None if critic_rejected is None else ("actor", "log_alpha"))
+        if critic_rejected is None:
+            self._adam_step(rejected)
+        else:
+            self._adam_step(rejected, groups=("actor", "log_alpha"))
 
         # 7. target critics (a polyak step of zero when the guard rejected the update)
         with torch.no_grad():
