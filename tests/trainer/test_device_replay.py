@@ -220,11 +220,16 @@ def test_syncing_from_the_learners_thread_while_the_ingest_thread_stores_batches
     lock = threading.Lock()
     arrivals = interleave(streams, np.random.default_rng(2))
     done = threading.Event()
+    synced = threading.Semaphore(0)  # one release per sync: ingest waits for one every 5 batches, so the two interleave
+    ingest_waits = 0
 
     def ingest() -> None:
-        for worker, batch in arrivals:
+        nonlocal ingest_waits
+        for index, (worker, batch) in enumerate(arrivals):
             with lock:
                 memory.add_batch(worker, batch)
+            if index % 5 == 4:  # outside the lock: the syncer copies while the next batches are being stored
+                ingest_waits += synced.acquire(timeout=10)
         done.set()
 
     thread = threading.Thread(target=ingest)
@@ -233,11 +238,12 @@ def test_syncing_from_the_learners_thread_while_the_ingest_thread_stores_batches
     while not done.is_set():
         replay.sync(lock)
         syncs += 1
+        synced.release()
         if replay.ready():
             assert_batch_is_real(replay.sample(32), truth, previous)  # what an update reads between two syncs
     thread.join()
     replay.sync(lock)
-    assert syncs > 1 and memory.rows_added > memory.capacity
+    assert ingest_waits == len(arrivals) // 5 and syncs >= ingest_waits > 1 and memory.rows_added > memory.capacity
     assert assert_mirror_equals_host(memory, replay) > 0
     check_every_sampleable_transition(memory, truth, previous)
 
