@@ -7,15 +7,22 @@ CONFIG ?=
 CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
 PACKAGES := libs/common libs/stack services/relay services/worker services/trainer
 STAMP  := $(VENV)/.installed
+# benchmarks/: `make bench` runs the speed figures (minutes), `make bench-long` the learning runs and the reliability
+# report (over an hour; sac_halfcheetah.py also needs `pip install "gymnasium[mujoco]"`). gpu_check.sh is for a GPU.
+BENCH_SPEED := relay_throughput protocol_decode ingest_checks policy_latency sac_updates sim_speed spool_durability \
+               worker_loop_overhead tm20_lidar tm20_emulated_render
+BENCH_LONG  := reliability_report sac_pendulum sac_image sac_halfcheetah sim_laps tm20_pixel_lidar_learning \
+               tm20_emulated_learning
 
-.PHONY: install test test-fast lint demo run-relay run-trainer run-worker bench clean install-systemd help
+.PHONY: install test test-fast lint demo run-relay run-trainer run-worker bench bench-long clean install-systemd help
 
 help:
 	@echo "make demo      set up, then run relay + trainer + 2 workers on the simulated track; writes a learning curve"
 	@echo "make test      set up, then run the whole test suite"
 	@echo "make install   create $(VENV) and install every package (torch==2.13.0 first, CPU wheel)"
 	@echo "make run-relay | run-trainer | run-worker   run one service in the foreground (CONFIG=path.toml)"
-	@echo "make bench     run the benchmark scripts in benchmarks/"
+	@echo "make bench     run the speed benchmarks in benchmarks/ (minutes)"
+	@echo "make bench-long   run the learning benchmarks and the reliability report (over an hour)"
 
 install: $(STAMP)
 
@@ -51,7 +58,10 @@ run-worker: $(STAMP)
 	$(BIN)/tmrl-worker run $(CONFIG_FLAG)
 
 bench: $(STAMP)
-	for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	for name in $(BENCH_SPEED); do echo "== benchmarks/$$name.py"; $(BIN)/python benchmarks/$$name.py || exit 1; done
+
+bench-long: $(STAMP)
+	for name in $(BENCH_LONG); do echo "== benchmarks/$$name.py"; $(BIN)/python benchmarks/$$name.py || exit 1; done
 
 install-systemd:
 	sudo bash deploy/systemd/install.sh
