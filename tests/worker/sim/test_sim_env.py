@@ -183,3 +183,21 @@ def test_an_explicit_observation_in_the_config_wins_over_the_id_variant():
     env = gymnasium.make("tmrl_worker.sim:tmrl/RaceTrack-v0", config={"observation": "image", "track": "oval"})
     assert env.unwrapped.config.observation == "image" and env.unwrapped.track.name == "oval"
     assert gymnasium.make("tmrl_worker.sim:tmrl/RaceTrackImage-v0").unwrapped.config.observation == "image"
+
+
+def test_a_partial_reward_table_keeps_the_simulators_other_reward_settings():
+    from tmrl_worker.envs import make_env
+    from tmrl_worker.reward import TrajectoryRewardConfig
+    from tmrl_worker.sim import SimConfig
+    from tmrl_worker.sim.config import SIM_REWARD
+
+    config = SimConfig(reward={"step_penalty": 0.5})
+    assert config.reward == SIM_REWARD.model_copy(update={"step_penalty": 0.5})
+    # not TrackMania's defaults, whose 10-step no-progress cut would end the simulator's episodes at the first hairpin
+    assert config.reward.no_progress_steps == 40 != TrajectoryRewardConfig().no_progress_steps
+    handle = make_env("sim-fast", options={"reward": {"step_penalty": 0.5}})
+    try:
+        reward = handle.env.unwrapped.config.reward
+        assert (reward.step_penalty, reward.no_progress_steps, reward.grace_steps, reward.search_window) == (0.5, 40, 40, 60)
+    finally:
+        handle.env.close()

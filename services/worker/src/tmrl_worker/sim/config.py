@@ -10,6 +10,11 @@ from tmrl_worker.reward import TrajectoryRewardConfig
 
 ObservationKind = Literal["lidar", "lidar_progress", "image"]
 
+SIM_REWARD = TrajectoryRewardConfig(search_window=60, patience=20, grace_steps=40, no_progress_steps=40,
+                                    finish_bonus=100.0)
+"""The simulator's reward settings (a 30 m search window, 2 s of grace, 2 s without progress end an episode);
+fields a config leaves out keep these values."""
+
 
 class CarParams(BaseModel):
     """A light rear-wheel-drive car with grippy tyres. SI units (m, s, rad)."""
@@ -69,11 +74,19 @@ class SimConfig(BaseModel):
     demo_path: str | None = None
     """Reward demonstration: a points file (safetensors from ``tmrl-worker sim record-demo`` or a plain ``.npy``
     of 2-D positions) driven on this track. None: the track's centre line, start to finish."""
-    reward: TrajectoryRewardConfig = TrajectoryRewardConfig(search_window=60, patience=20, grace_steps=40,
-                                                            no_progress_steps=40, finish_bonus=100.0)
+    reward: TrajectoryRewardConfig = SIM_REWARD
+    """The simulator's reward settings. A table that sets some fields (``reward = { step_penalty = 0.5 }``) keeps
+    the others at the simulator's values (:data:`SIM_REWARD`), not at TrackMania's defaults."""
     start_jitter: float = Field(default=0.5, ge=0)
     """Random lateral offset (metres, uniform ±) of the start position; the heading also varies by ±3° × this."""
     car: CarParams = CarParams()
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _reward_over_sim_defaults(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {**SIM_REWARD.model_dump(), **value}
+        return value
 
     @field_validator("episode_tracks")
     @classmethod
