@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sac_pendulum import EVAL_SEED_OFFSET, parse_overrides, tmrl_config  # noqa: E402
+from sac_pendulum import EVAL_SEED_OFFSET, evaluate_sb3, parse_overrides, tmrl_config  # noqa: E402
 
 LIBRARIES = ("tmrl", "stable-baselines3")
 
@@ -92,25 +92,6 @@ def run_tmrl(env_id: str, seed: int, steps: int, episodes: int, eval_every: int,
                time.process_time() - cpu_started)
 
 
-def evaluate_sb3(model, env_id: str, episodes: int, seed: int) -> float:
-    """``model``'s mean deterministic return on the reset seeds tmrl's :func:`~tmrl_trainer.local.evaluate` uses."""
-    import gymnasium as gym
-
-    env = gym.make(env_id)
-    returns = []
-    for episode in range(episodes):
-        observation, _ = env.reset(seed=seed + EVAL_SEED_OFFSET + episode)
-        total, done = 0.0, False
-        while not done:
-            action, _ = model.predict(observation, deterministic=True)
-            observation, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return float(np.mean(returns))
-
-
 def sb3_settings(overrides: dict) -> dict:
     """SB3 ``SAC`` keyword arguments equal to the tmrl side's :class:`SACConfig` (after ``overrides``)."""
     config = tmrl_config(1, overrides)
@@ -146,7 +127,7 @@ def run_sb3(env_id: str, seed: int, steps: int, episodes: int, eval_every: int, 
         # reset_num_timesteps=False: the chunks continue one run (same env episode, same counters)
         model.learn(total_timesteps=chunk, reset_num_timesteps=done_steps == 0)
         done_steps += chunk
-        curve.append((done_steps, evaluate_sb3(model, env_id, episodes, seed)))
+        curve.append((done_steps, float(np.mean(evaluate_sb3(model, episodes, seed, env_id)))))
         log.point(*curve[-1])
     return Run("stable-baselines3", seed, curve, time.perf_counter() - started, time.process_time() - cpu_started)
 

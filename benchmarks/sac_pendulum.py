@@ -69,11 +69,11 @@ def run_tmrl(seed: int, steps: int, episodes: int, overrides: dict) -> tuple[flo
     return result.final_return, float("nan"), result.wall_s
 
 
-def evaluate_sb3(model, episodes: int, seed: int) -> list[float]:
+def evaluate_sb3(model, episodes: int, seed: int, env_id: str = "Pendulum-v1") -> list[float]:
     """``model``'s deterministic returns on the reset seeds tmrl's :func:`~tmrl_trainer.local.evaluate` uses."""
     import gymnasium as gym
 
-    env = gym.make("Pendulum-v1")
+    env = gym.make(env_id)
     returns = []
     for episode in range(episodes):
         observation, _ = env.reset(seed=seed + EVAL_SEED_OFFSET + episode)
