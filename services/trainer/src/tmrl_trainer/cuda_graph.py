@@ -94,10 +94,7 @@ class CudaGraphLearner(ReferenceLearner):
         rejected = self.guard.check(losses.critic, losses.actor, learned_alpha_loss, self._gradients())
         self.optimizer.found_inf = rejected  # read by the fused Adam kernel, as GradScaler sets it
         self.optimizer.step()
-        with torch.no_grad():
-            weight = self.config.tau * (1.0 - rejected)
-            for target, online in zip(self.target_critics.parameters(), self.critics.parameters(), strict=True):
-                target.lerp_(online, weight)
+        self._soft_update_targets(self.config.tau * (1.0 - rejected))  # a rejected update moves nothing
         return losses.metrics()
 
     def update(self, batch: TransitionBatch, with_metrics: bool = True) -> dict[str, float]:

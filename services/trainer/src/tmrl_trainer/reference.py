@@ -161,9 +161,7 @@ class ReferenceLearner:
         rejected = self.guard.check(losses.critic, losses.actor, learned_alpha_loss, self._gradients())
         if not bool(rejected):
             self.optimizer.step()
-            with torch.no_grad():
-                for target, online in zip(self.target_critics.parameters(), self.critics.parameters(), strict=True):
-                    target.lerp_(online, self.config.tau)
+            self._soft_update_targets(self.config.tau)
         self.updates += 1
         if not with_metrics:
             return {}
@@ -195,14 +193,18 @@ class ReferenceLearner:
                                     rejected_before=critic_rejected)
         if not bool(rejected):
             self.optimizer.step()
-            with torch.no_grad():
-                for target, online in zip(self.target_critics.parameters(), self.critics.parameters(), strict=True):
-                    target.lerp_(online, self.config.tau)
+            self._soft_update_targets(self.config.tau)
         self.updates += 1
         if not with_metrics:
             return {}
         losses = Losses(critic_loss, actor_loss, alpha_loss, alpha, q_values, target_q, log_prob)
         return dict(zip(self.METRICS, losses.metrics().tolist(), strict=True))
+
+    @torch.no_grad()
+    def _soft_update_targets(self, weight: float | torch.Tensor) -> None:
+        """Polyak averaging: every target critic parameter moves ``weight`` (tau, or a device tensor) toward its critic."""
+        for target, online in zip(self.target_critics.parameters(), self.critics.parameters(), strict=True):
+            target.lerp_(online, weight)
 
     def _gradients(self) -> list[torch.Tensor]:
         return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
