@@ -13,11 +13,18 @@ from tmrl_worker.tm20.stale_frames import StaleFrameConfig
 REPO = Path(__file__).resolve().parents[2]
 
 
+def trackmania_table_fields() -> set[str]:
+    """Field names in the first column of docs/trackmania.md's tables."""
+    return set(re.findall(r"^\| `(\w+)` \|", (REPO / "docs" / "trackmania.md").read_text(), flags=re.M))
+
+
+def example_config_fields() -> set[str]:
+    """Field names commented in deploy/tmrl.example.toml (``#   name = value``)."""
+    return set(re.findall(r"^#\s+(\w+) = ", (REPO / "deploy" / "tmrl.example.toml").read_text(), flags=re.M))
+
+
 def test_every_reward_config_field_is_in_the_trackmania_table_and_the_example_config():
-    doc = (REPO / "docs" / "trackmania.md").read_text()
-    table = set(re.findall(r"^\| `(\w+)` \|", doc, flags=re.M))
-    example = (REPO / "deploy" / "tmrl.example.toml").read_text()
-    in_example = set(re.findall(r"^#\s+(\w+) = ", example, flags=re.M))
+    table, in_example = trackmania_table_fields(), example_config_fields()
     fields = set(TrajectoryRewardConfig.model_fields)
     assert fields <= table, f"docs/trackmania.md does not describe {sorted(fields - table)}"
     assert fields <= in_example, f"deploy/tmrl.example.toml does not describe {sorted(fields - in_example)}"
@@ -30,10 +37,7 @@ def test_every_recovery_field_is_named_in_the_trackmania_doc():
 
 
 def test_every_stale_frames_field_is_in_the_trackmania_table_and_every_recovery_field_in_the_example_config():
-    doc = (REPO / "docs" / "trackmania.md").read_text()
-    table = set(re.findall(r"^\| `(\w+)` \|", doc, flags=re.M))
-    example = (REPO / "deploy" / "tmrl.example.toml").read_text()
-    in_example = set(re.findall(r"^#\s+(\w+) = ", example, flags=re.M))
+    table, in_example = trackmania_table_fields(), example_config_fields()
     stale = set(StaleFrameConfig.model_fields)
     assert stale <= table, f"docs/trackmania.md does not describe {sorted(stale - table)}"
     documented = stale | set(RecoveryConfig.model_fields)
