@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tmrl_common import networks
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import layout_for_box, tm20_image_layout, tm20_lidar_layout
 from tmrl_common.networks import (
@@ -227,3 +228,44 @@ def test_a_scaled_layout_travels_in_the_architecture_and_an_unscaled_one_stays_o
     plain = encode(Hello(role="worker", software="w", layout=tm20_lidar_layout(), next_seq=0), sender="w",
                    sent_at=1.0)
     assert b"scale" not in b"".join(plain)
+
+
+@pytest.mark.parametrize(("hidden_sizes", "activation"), [([32, 32], "relu"), ([16, 24, 8], "relu"), ([16], "relu"),
+                                                          ([32, 32], "tanh")])
+def test_policy_pair_matches_policy_at_both_batches_with_gradients_through_the_current_one_only(hidden_sizes,
+                                                                                                activation):
+    architecture = PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=hidden_sizes, activation=activation)
+    torch.manual_seed(0)
+    actor = build_actor(architecture)
+    with torch.no_grad():  # a wide log-std head, so that some rows hit the clamp at both ends
+        actor.log_std.weight.mul_(20.0)
+    features = torch.randn(64, 83, requires_grad=True)  # as an encoder with parameters would give them
+    next_features = torch.randn(64, 83)
+    noise, next_noise = torch.randn(64, 3), torch.randn(64, 3)
+    action, log_prob, next_action, next_log_prob = actor.policy_pair(features, next_features, noise, next_noise)
+    assert not next_action.requires_grad and not next_log_prob.requires_grad
+
+    def plain(features, noise):  # Actor.policy's maths, with the noise given
+        mean, log_std = actor._mean_and_log_std(features)
+        return networks._squashed_gaussian(mean, log_std, noise, True)
+
+    expected_action, expected_log_prob = plain(features, noise)
+    expected_next_action, expected_next_log_prob = plain(next_features, next_noise)
+    torch.testing.assert_close(action, expected_action, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(log_prob, expected_log_prob, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(next_action, expected_next_action.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(next_log_prob, expected_next_log_prob.detach(), rtol=1e-5, atol=1e-5)
+    raw_log_std = actor.log_std(actor.trunk(features)).detach()
+    clamped = (raw_log_std < architecture.log_std_min) | (raw_log_std > architecture.log_std_max)
+    assert clamped.any() and not clamped.all()
+
+    def gradients(action, log_prob):
+        loss = (action * torch.linspace(-1, 1, 3)).sum() + (log_prob * torch.linspace(-2, 1, 64)).sum()
+        return torch.autograd.grad(loss, [features, *actor.parameters()])
+
+    for name, fast, reference in zip(["features", *(n for n, _ in actor.named_parameters())],
+                                     gradients(action, log_prob), gradients(expected_action, expected_log_prob),
+                                     strict=True):
+        scale = float(reference.abs().max())  # sums of hundreds of terms in another order: float error scales with it
+        torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-6 * scale, msg=name)
+        assert reference.abs().sum() > 0, name

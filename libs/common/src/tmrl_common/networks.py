@@ -241,16 +241,34 @@ class Actor(nn.Module):
         log_std = self.log_std(hidden).clamp(self.architecture.log_std_min, self.architecture.log_std_max)
         if deterministic:
             return torch.tanh(mean), None
-        std = log_std.exp()
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        pre_tanh = mean + std * noise
-        action = torch.tanh(pre_tanh)
-        if not with_log_prob:
-            return action, None
-        # log N(pre_tanh; mean, std) minus log|d tanh/dx| = 2 (log 2 - x - softplus(-2x)), summed over dims
-        gaussian = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
-        squash = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
-        return action, (gaussian - squash).sum(dim=1)
+        return _squashed_gaussian(mean, log_std, noise, with_log_prob)
+
+    def policy_pair(self, features: torch.Tensor, next_features: torch.Tensor, noise: torch.Tensor,
+                    next_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(action, log_prob, next_action, next_log_prob)``: :meth:`policy` at ``features`` and, without gradient, at
+        ``next_features``, with the standard normal draws given (``(B, action_dim)`` each; the caller draws them, in
+        its order). A learner needs both every update (the critic target at the next observations, the policy loss
+        at the current ones).
+
+        A ReLU actor computes both in one pass of twice the rows, with a hand-written backward through the current
+        rows only (:class:`_ReluPolicyPair`): the same values and gradients as :meth:`policy`, in about a third of the
+        operations; other activations call :meth:`policy`'s maths twice."""
+        if self.architecture.activation == "relu":
+            linears = [layer for layer in self.trunk if isinstance(layer, nn.Linear)]
+            return _ReluPolicyPair.apply(features, next_features, noise, next_noise, self.architecture.log_std_min,
+                                         self.architecture.log_std_max, self.mean.weight, self.mean.bias,
+                                         self.log_std.weight, self.log_std.bias,
+                                         *(linear.weight for linear in linears), *(linear.bias for linear in linears))
+        with torch.no_grad():
+            next_action, next_log_prob = _squashed_gaussian(*self._mean_and_log_std(next_features), next_noise, True)
+        action, log_prob = _squashed_gaussian(*self._mean_and_log_std(features), noise, True)
+        return action, log_prob, next_action, next_log_prob
+
+    def _mean_and_log_std(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.trunk(features)
+        log_std = self.log_std(hidden).clamp(self.architecture.log_std_min, self.architecture.log_std_max)
+        return self.mean(hidden), log_std
 
     @torch.no_grad()
     def act(self, observation: Sequence[np.ndarray], deterministic: bool = False) -> np.ndarray:
@@ -263,6 +281,79 @@ class Actor(nn.Module):
         batch = [part if part.dtype == torch.uint8 else part.float() for part in batch]
         action, _ = self.forward(batch, deterministic=deterministic, with_log_prob=False, generator=self.noise_generator)
         return action[0].cpu().numpy().astype(np.float32, copy=False)
+
+
+def _squashed_gaussian(mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor,
+                       with_log_prob: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``a = tanh(mean + exp(log_std) * noise)`` and, with ``with_log_prob``, ``log pi(a)`` summed over dims."""
+    pre_tanh = mean + log_std.exp() * noise
+    action = torch.tanh(pre_tanh)
+    if not with_log_prob:
+        return action, None
+    # log N(pre_tanh; mean, std) minus log|d tanh/dx| = 2 (log 2 - x - softplus(-2x)), summed over dims
+    gaussian = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    squash = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return action, (gaussian - squash).sum(dim=1)
+
+
+class _ReluPolicyPair(torch.autograd.Function):
+    """:meth:`Actor.policy_pair` of a ReLU actor: the squashed-Gaussian policy at the current and the next features
+    in one pass of ``2B`` rows (one matrix product per layer, the mean and log-std heads as one product), with a
+    hand-written backward through the current rows only (the next ones carry no gradient).
+
+    Gradients, with ``x = mean + std * noise``, ``a = tanh(x)``, ``g_a`` and ``g_l`` the gradients reaching ``a``
+    and ``log pi``: ``d log pi / dx = 2 tanh(x) = 2a`` (the derivative of ``-2 (log 2 - x - softplus(-2x))``), so
+    ``g_x = g_a (1 - a^2) + 2 a g_l``; ``g_mean = g_x``; ``g_log_std = g_x std noise - g_l`` where the clamp of
+    the log-std passes it, else 0. Autograd's graph of :meth:`Actor.policy` computes the same gradients in about
+    three times as many operations (tested against it)."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, next_features: torch.Tensor, noise: torch.Tensor,  # type: ignore[override]
+                next_noise: torch.Tensor, log_std_min: float, log_std_max: float, mean_weight: torch.Tensor,
+                mean_bias: torch.Tensor, log_std_weight: torch.Tensor, log_std_bias: torch.Tensor,
+                *trunk: torch.Tensor):
+        rows, actions = features.shape[0], mean_weight.shape[0]
+        weights, biases = trunk[: len(trunk) // 2], trunk[len(trunk) // 2 :]
+        layers = [torch.cat([features, next_features])]
+        for weight, bias in zip(weights, biases, strict=True):
+            layers.append(torch.addmm(bias, layers[-1], weight.t()).relu_())
+        head_weight = torch.cat([mean_weight, log_std_weight])
+        heads = torch.addmm(torch.cat([mean_bias, log_std_bias]), layers[-1], head_weight.t())
+        mean, raw_log_std = heads[:, :actions], heads[:, actions:]
+        log_std = raw_log_std.clamp(log_std_min, log_std_max)
+        action, log_prob = _squashed_gaussian(mean, log_std, torch.cat([noise, next_noise]), True)
+        current = slice(0, rows)
+        ctx.save_for_backward(*(layer[current] for layer in layers), head_weight, *weights, action[current],
+                              log_std[current].exp(), noise, log_std[current] == raw_log_std[current])
+        next_action, next_log_prob = action[rows:], log_prob[rows:]
+        ctx.mark_non_differentiable(next_action, next_log_prob)
+        return action[current], log_prob[current], next_action, next_log_prob
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_action: torch.Tensor, grad_log_prob: torch.Tensor, *_next):  # type: ignore[override]
+        *saved, action, std, noise, unclamped = ctx.saved_tensors
+        layers = (len(saved) - 1) // 2 + 1  # input and hidden outputs; then the head weight and the trunk weights
+        outputs, head_weight, weights = saved[:layers], saved[layers], saved[layers + 1 :]
+        grad_log_prob = grad_log_prob.unsqueeze(1)
+        grad_x = (1.0 - action * action).mul_(grad_action).addcmul_(action, grad_log_prob, value=2.0)
+        grad_log_std = (grad_x * std).mul_(noise).sub_(grad_log_prob).mul_(unclamped)
+        grad_heads = torch.cat([grad_x, grad_log_std], dim=1)
+        grad_head_weight = grad_heads.t().mm(outputs[-1])
+        grad_head_bias = grad_heads.sum(dim=0)
+        actions = grad_x.shape[1]
+        grad = grad_heads.mm(head_weight)
+        grad_weights: list[torch.Tensor] = [torch.empty(0)] * len(weights)
+        grad_biases: list[torch.Tensor] = [torch.empty(0)] * len(weights)
+        for layer in range(len(weights) - 1, -1, -1):
+            grad = _relu_backward(grad, outputs[layer + 1])
+            grad_weights[layer] = grad.t().mm(outputs[layer])
+            grad_biases[layer] = grad.sum(dim=0)
+            if layer > 0 or ctx.needs_input_grad[0]:
+                grad = grad.mm(weights[layer])
+        grad_features = grad if ctx.needs_input_grad[0] else None
+        return (grad_features, None, None, None, None, None, grad_head_weight[:actions], grad_head_bias[:actions],
+                grad_head_weight[actions:], grad_head_bias[actions:], *grad_weights, *grad_biases)
 
 
 def build_actor(architecture: PolicyArchitecture) -> Actor:

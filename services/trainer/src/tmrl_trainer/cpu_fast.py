@@ -27,7 +27,7 @@ from tmrl_common.networks import CriticEnsemble, PolicyArchitecture
 from tmrl_trainer.guard import non_finite
 from tmrl_trainer.memory import TransitionBatch
 from tmrl_trainer.reference import ReferenceLearner
-from tmrl_trainer.sac import SACConfig, critic_subset, entropy_coefficient_loss, soft_td_target
+from tmrl_trainer.sac import SACConfig, draw_critic_subset, entropy_coefficient_loss, soft_td_target
 
 
 def _flat_parameter(module: torch.nn.Module) -> torch.nn.Parameter:
@@ -83,6 +83,11 @@ class SACLearner(ReferenceLearner):
             return features, features
         return self.actor.encoder(observation), critics.encode(observation)
 
+    def _standard_normal(self, like: torch.Tensor) -> torch.Tensor:
+        """The policy's noise for one batch, drawn as :meth:`Actor.policy <tmrl_common.networks.Actor.policy>` draws it."""
+        return torch.randn(like.shape[0], self.architecture.action_dim, generator=self.generator, device=self.device,
+                           dtype=like.dtype)
+
     def update(self, batch: TransitionBatch, with_metrics: bool = True) -> dict[str, float]:
         """One gradient step on critics, actor and alpha, then a polyak step on the target critics.
 
@@ -93,16 +98,23 @@ class SACLearner(ReferenceLearner):
         gamma, tau = self.config.gamma, self.config.tau
         alpha = self.log_alpha.detach().exp()
 
-        # 1. critic target: bootstrap unless the episode terminated (a truncated episode still bootstraps)
+        # the policy at the next and the current observations in one pass; the random draws in the reference's order
         with torch.no_grad():
             next_actor_features, next_critic_features = self._features(batch.next_observation, self.target_critics)
-            next_action, next_log_prob = self.actor.policy(next_actor_features, generator=self.generator)
+        actor_features, critic_features = self._features(batch.observation, self.critics)
+        next_noise = self._standard_normal(batch.action)
+        subset = draw_critic_subset(self.config.redq_n, self.config.redq_m, self.generator, self.device)
+        noise = self._standard_normal(batch.action)
+        action, log_prob, next_action, next_log_prob = self.actor.policy_pair(actor_features, next_actor_features,
+                                                                              noise, next_noise)
+
+        # 1. critic target: bootstrap unless the episode terminated (a truncated episode still bootstraps)
+        with torch.no_grad():
             next_q = self.target_critics.q_values(next_critic_features, next_action)
-            next_q = critic_subset(next_q, self.config.redq_m, self.generator).min(dim=0).values
+            next_q = (next_q if subset is None else next_q.index_select(0, subset)).min(dim=0).values
             target_q = soft_td_target(batch.reward, batch.terminated, next_q, next_log_prob, alpha, gamma)
 
         # 2. critic loss
-        actor_features, critic_features = self._features(batch.observation, self.critics)
         observation_part = self.critics.observation_part(critic_features)
         q_values = self.critics.head(observation_part, batch.action)
         critic_loss = 0.5 * (q_values - target_q).pow(2).mean(dim=1).sum()
@@ -119,7 +131,6 @@ class SACLearner(ReferenceLearner):
 
         # 3. actor loss: the critics act as fixed functions of the action (frozen weights, detached features); the
         # critic loss has read observation_part and autograd did not save it, so this head may overwrite it
-        action, log_prob = self.actor.policy(actor_features, generator=self.generator)
         if self.config.redq_m == self.config.redq_n:
             q_policy = self.critics.frozen_min(observation_part.detach(), action)
         else:

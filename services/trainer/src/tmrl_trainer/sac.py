@@ -127,11 +127,16 @@ def critic_subset(q_values: torch.Tensor, m: int, generator: torch.Generator) ->
     """REDQ: ``m`` of the ``n`` rows of ``q_values`` drawn without replacement (all of them, untouched, when ``m == n``).
     Drawn as the first ``m`` of a random permutation made by sorting ``n`` uniforms, which is graph-capturable on CUDA
     (``randperm`` is not) and gives every backend the same draw from the same generator state."""
-    n = q_values.shape[0]
+    subset = draw_critic_subset(q_values.shape[0], m, generator, q_values.device)
+    return q_values if subset is None else q_values.index_select(0, subset)
+
+
+def draw_critic_subset(n: int, m: int, generator: torch.Generator, device: torch.device) -> torch.Tensor | None:
+    """The rows :func:`critic_subset` keeps (``None``: all of them, nothing drawn), drawn from ``generator`` as it
+    draws them: for a learner that must take this draw before others that it computes earlier."""
     if m == n:
-        return q_values
-    subset = torch.rand(n, generator=generator, device=q_values.device).argsort()[:m]
-    return q_values.index_select(0, subset)
+        return None
+    return torch.rand(n, generator=generator, device=device).argsort()[:m]
 
 
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
