@@ -118,10 +118,12 @@ class SACLearner(ReferenceLearner):
         observation_part = self.critics.observation_part(critic_features)
         q_values = self.critics.head(observation_part, batch.action)
         critic_loss = 0.5 * (q_values - target_q).pow(2).mean(dim=1).sum()
+        # its gradient now, while the critics' activations are still in cache (the losses reach disjoint parameters,
+        # so two backward passes give the joint order's gradients); in place: the networks' gradients are views
+        torch._foreach_zero_(self._flat_gradients)
+        critic_loss.backward()
         critic_rejected = None
         if self.config.update_order == "critic-first":  # 5 for the critics first; the actor's loss then sees them
-            torch._foreach_zero_(self._flat_gradients)
-            critic_loss.backward()
             critic_rejected = non_finite(critic_loss, [self._critic_flat.grad])
             self._adam_step(critic_rejected, groups=("critics",))
             with torch.no_grad():
@@ -140,14 +142,10 @@ class SACLearner(ReferenceLearner):
         # 4. entropy coefficient loss
         alpha_loss = entropy_coefficient_loss(self.log_alpha, log_prob, self.target_entropy)
 
-        # 5. one backward and one Adam step for all three: each loss reaches only its own parameters
+        # 5. the actor's and alpha's gradients (each loss reaches only its own parameters), then one Adam step for all
+        # three (critic-first: for these two; the critics' gradient stays for the guard, untouched by this backward)
         learned_alpha_loss = alpha_loss if self.config.learn_alpha else None
-        if critic_rejected is None:
-            total_loss = critic_loss + actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)
-            torch._foreach_zero_(self._flat_gradients)  # in place: the networks' gradients are views of these
-            total_loss.backward()
-        else:  # critic-first: the critics have stepped; their gradient stays for the guard, untouched by this one
-            (actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)).backward()
+        (actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)).backward()
         # 6. the guard: 1.0 when a loss or gradient is not finite; Adam and the polyak step then change nothing
         rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, self._flat_gradients,
                                     rejected_before=critic_rejected)
