@@ -490,6 +490,11 @@ def _relu_backward(grad: torch.Tensor, relu_output: torch.Tensor) -> torch.Tenso
     return torch.ops.aten.threshold_backward(grad, relu_output, 0)
 
 
+def _relu_backward_(grad: torch.Tensor, relu_output: torch.Tensor) -> torch.Tensor:
+    """:func:`_relu_backward` written into ``grad`` (one pass, no new tensor)."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, relu_output, 0, grad_input=grad)
+
+
 def _relu_hidden_layers(first: torch.Tensor, weights: Sequence[torch.Tensor],
                         biases: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The ReLU outputs of every hidden layer of a critic ensemble, from the first layer's pre-activation ``first``
@@ -512,9 +517,9 @@ class _ReluCriticQ(torch.autograd.Function):
     backward that gives autograd's gradients with fewer large temporaries.
 
     Autograd would allocate and fill a fresh ``(n, B, hidden)`` tensor for every step back through the output layer
-    and each ReLU. Here the backward turns each saved activation into the gradient in place (``sign`` of a ReLU
-    output is its derivative) and computes the output layer's weight gradient as a one-row product. It consumes its
-    saved activations, so the graph cannot be back-propagated twice (``retain_graph`` is refused).
+    and each ReLU, and mask it in another pass. Here each step back is one product whose result is masked in place
+    (:func:`_relu_backward_`, one pass reading the saved ReLU output), and the output layer's weight gradient is a
+    one-row product. The saved activations are only read, so the graph can be back-propagated again.
     """
 
     @staticmethod
@@ -524,16 +529,11 @@ class _ReluCriticQ(torch.autograd.Function):
         first = torch.baddbmm(observation_part, action.expand(action_weight.shape[0], -1, -1), action_weight)
         hidden = _relu_hidden_layers(first, weights, biases)
         ctx.save_for_backward(action, action_weight, *weights, *hidden)
-        ctx.consumed = False
         return _output_layer(hidden[-1], weights[-1], biases[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_q: torch.Tensor):  # type: ignore[override]
-        if ctx.consumed:
-            raise RuntimeError("the critic ensemble's backward consumes its saved activations: it cannot run twice "
-                               "(retain_graph is not supported)")
-        ctx.consumed = True
         action, action_weight, *saved = ctx.saved_tensors
         layers = len(saved) // 2
         weights, hidden = saved[:layers], saved[layers:]
@@ -542,12 +542,12 @@ class _ReluCriticQ(torch.autograd.Function):
         grad_biases: list[torch.Tensor] = [torch.empty(0)] * layers
         grad_weights[-1] = torch.bmm(grad_q.unsqueeze(1), hidden[-1]).transpose(1, 2)  # (n, H, 1)
         grad_biases[-1] = grad_q.sum(dim=1).view(n, 1, 1)
-        # gradient at the last hidden pre-activation, in place of that layer's output: relu'(z) = sign(relu(z))
-        grad = hidden[-1].sign_().mul_(grad_q.unsqueeze(-1)).mul_(weights[-1].transpose(1, 2))
+        # gradient at the last hidden pre-activation: the output layer's, where that layer's ReLU passed
+        grad = _relu_backward_(grad_q.unsqueeze(-1) * weights[-1].transpose(1, 2), hidden[-1])
         for layer in range(layers - 1, 0, -1):
             grad_weights[layer - 1] = torch.bmm(hidden[layer - 1].transpose(1, 2), grad)
             grad_biases[layer - 1] = grad.sum(dim=1, keepdim=True)
-            grad = torch.bmm(grad, weights[layer - 1].transpose(1, 2)).mul_(hidden[layer - 1].sign_())
+            grad = _relu_backward_(torch.bmm(grad, weights[layer - 1].transpose(1, 2)), hidden[layer - 1])
         grad_action_weight = torch.bmm(action.expand(n, -1, -1).transpose(1, 2), grad)
         grad_action = torch.bmm(grad, action_weight.transpose(1, 2)).sum(dim=0) if ctx.needs_input_grad[1] else None
         return grad, grad_action, grad_action_weight, *grad_weights, *grad_biases
