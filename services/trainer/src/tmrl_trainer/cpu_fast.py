@@ -1,5 +1,6 @@
 """The ``cpu-fast`` learner backend: the reference update (:mod:`tmrl_trainer.reference`) computed with fewer passes
-over memory, 1.4-1.55x Stable-Baselines3 on CPU (``benchmarks/sac_updates.py``).
+over memory: about 1.4x Stable-Baselines3 at one CPU thread, 1.8-1.9x at two (``benchmarks/sac_updates.py``,
+benchmarks/README.md).
 
 What makes it fast, each checked against the reference on the same seeds and batches
 (``tests/trainer/test_learner_backends.py``: parameters, targets, log alpha and Adam moments agree to float
@@ -11,6 +12,11 @@ tolerance, checkpoints cross between backends):
   policy loss, and an action part; ReLU critics go through hand-written backward passes
   (:class:`~tmrl_common.networks.CriticEnsemble`'s ``head`` and ``frozen_min``), and the policy loss overwrites the
   observation part in place;
+* the policy runs once per update for both the next observations (critic target) and the current ones (policy
+  loss): :meth:`~tmrl_common.networks.Actor.policy_pair`, one pass of twice the rows with a hand-written backward
+  for a ReLU actor; the learner draws the noise itself, in the reference's order;
+* the critic loss is back-propagated as soon as it is computed, while the critics' activations are still in cache
+  (the losses reach disjoint parameters, so two backward passes give the one-backward gradients);
 * after the first step, Adam is called as ``torch._fused_adam_`` directly (:meth:`SACLearner._adam_step`), without
   the optimizer's per-step Python bookkeeping; the guard's verdict is its ``found_inf``.
 

@@ -2,8 +2,8 @@
 
 * ``reference``: :class:`~tmrl_trainer.reference.ReferenceLearner`, plain PyTorch, the oracle the others are tested
   against;
-* ``cpu-fast``: :class:`~tmrl_trainer.cpu_fast.SACLearner`, flat parameters, hand-written critic backward passes,
-  direct fused Adam calls (the CPU default);
+* ``cpu-fast``: :class:`~tmrl_trainer.cpu_fast.SACLearner`, flat parameters, hand-written critic and policy backward
+  passes, direct fused Adam calls (the CPU default);
 * ``cuda-graph``: :class:`~tmrl_trainer.cuda_graph.CudaGraphLearner`, the reference update recorded once as a CUDA
   graph and replayed (the CUDA default; its step runs eagerly on a CPU device);
 * ``auto``: ``cuda-graph`` on a CUDA device, ``cpu-fast`` elsewhere.
