@@ -252,8 +252,8 @@ class Actor(nn.Module):
         at the current ones).
 
         A ReLU actor computes both in one pass of twice the rows, with a hand-written backward through the current
-        rows only (:class:`_ReluPolicyPair`): the same values and gradients as :meth:`policy`, in about a third of the
-        operations; other activations call :meth:`policy`'s maths twice."""
+        rows only (:class:`_ReluPolicyPair`): the same values and gradients as :meth:`policy`, in about a third fewer
+        dispatched operations; other activations call :meth:`policy`'s maths twice."""
         if self.architecture.activation == "relu":
             linears = [layer for layer in self.trunk if isinstance(layer, nn.Linear)]
             return _ReluPolicyPair.apply(features, next_features, noise, next_noise, self.architecture.log_std_min,
@@ -304,8 +304,9 @@ class _ReluPolicyPair(torch.autograd.Function):
     Gradients, with ``x = mean + std * noise``, ``a = tanh(x)``, ``g_a`` and ``g_l`` the gradients reaching ``a``
     and ``log pi``: ``d log pi / dx = 2 tanh(x) = 2a`` (the derivative of ``-2 (log 2 - x - softplus(-2x))``), so
     ``g_x = g_a (1 - a^2) + 2 a g_l``; ``g_mean = g_x``; ``g_log_std = g_x std noise - g_l`` where the clamp of
-    the log-std passes it, else 0. Autograd's graph of :meth:`Actor.policy` computes the same gradients in about
-    three times as many operations (tested against it)."""
+    the log-std passes it, else 0. Two :meth:`Actor.policy` calls and autograd's graph compute the same values and
+    gradients (tested against them) in 113 operators and 35 autograd nodes, this in 88 and 12 (``torch.profiler``,
+    [256, 256] actor, a loss summing both outputs)."""
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, next_features: torch.Tensor, noise: torch.Tensor,  # type: ignore[override]
