@@ -1,5 +1,5 @@
 """The ``cpu-fast`` learner backend: the reference update (:mod:`tmrl_trainer.reference`) computed with fewer passes
-over memory: about 1.4x Stable-Baselines3 at one CPU thread, 1.8-1.9x at two (``benchmarks/sac_updates.py``,
+over memory: about 1.4x Stable-Baselines3 at one CPU thread, 1.45-1.9x at two (``benchmarks/sac_updates.py``,
 benchmarks/README.md).
 
 What makes it fast, each checked against the reference on the same seeds and batches
