@@ -257,6 +257,17 @@ def _lidar_learners(*backends: str):
             for backend in backends]
 
 
+def _update_on_the_same_draws(reference, learner, replay: DeviceReplay, updates: int) -> None:
+    """``updates`` steps of ``learner`` sampling from ``replay`` itself, and of ``reference`` fed the batches those
+    same draws give (drawn first, then the generator rewound)."""
+    state = replay.generator.get_state()
+    batches = [replay.sample(reference.config.batch_size) for _ in range(updates)]
+    replay.generator.set_state(state)
+    for batch in batches:
+        reference.update(batch, with_metrics=False)
+        learner.update_sampled(replay, with_metrics=False)
+
+
 @pytest.mark.parametrize("backend", ["cpu-fast", "cuda-graph"])
 def test_a_learner_fed_by_device_sampling_ends_where_the_reference_fed_the_same_batches_does(backend):
     memory = fill_with_random_episodes(ReplayMemory(tm20_lidar_layout(), capacity=1000, seed=0), steps=900,
@@ -264,12 +275,7 @@ def test_a_learner_fed_by_device_sampling_ends_where_the_reference_fed_the_same_
     replay = DeviceReplay(memory, "cpu", seed=3)
     replay.sync()
     reference, learner = _lidar_learners("reference", backend)
-    state = replay.generator.get_state()
-    batches = [replay.sample(64) for _ in range(6)]
-    replay.generator.set_state(state)
-    for batch in batches:
-        reference.update(batch, with_metrics=False)
-        learner.update_sampled(replay, with_metrics=False)
+    _update_on_the_same_draws(reference, learner, replay, updates=6)
     for name, want in reference.state_dict()["actor"].items():
         torch.testing.assert_close(learner.state_dict()["actor"][name], want, rtol=1e-4, atol=1e-5, msg=name)
     for name, want in reference.state_dict()["critics"].items():
@@ -296,12 +302,7 @@ def test_the_cuda_graph_samples_inside_the_graph_and_matches_the_reference_on_th
     architecture = config.architecture(tm20_lidar_layout())
     reference = make_learner(config, architecture, device="cuda", seed=0, backend="reference")
     graph = make_learner(config, architecture, device="cuda", seed=0, backend="cuda-graph")
-    state = replay.generator.get_state()
-    batches = [replay.sample(64) for _ in range(8)]
-    replay.generator.set_state(state)
-    for batch in batches:
-        reference.update(batch, with_metrics=False)
-        graph.update_sampled(replay, with_metrics=False)
+    _update_on_the_same_draws(reference, graph, replay, updates=8)
     assert graph.graph_captured
     for name, want in reference.state_dict()["actor"].items():
         torch.testing.assert_close(graph.state_dict()["actor"][name], want, rtol=1e-4, atol=1e-5, msg=name)
