@@ -138,7 +138,8 @@ def measure(blocks: dict[str, Callable[[int], None]], updates: int, repeats: int
 def profile_tmrl(backend: str, updates: int, repeats: int) -> None:
     """Where a tmrl update's time goes at the current thread count: CPU time per call (best of ``repeats`` blocks) of
     sampling alone, of the update on one fixed batch, of both in turn, and of the mirror's sampling; then the
-    operators taking the most CPU time (``torch.profiler``, self time) over ``updates`` updates with sampling."""
+    operators taking the most CPU time (``torch.profiler``, self time) over ``updates`` updates with sampling; then
+    the matrix products' FLOPs and time per update on both sides (:func:`matrix_product_cost`)."""
     from torch.profiler import ProfilerActivity, profile
 
     memory, learner = tmrl_memory_and_learner(backend=backend)
@@ -165,6 +166,29 @@ def profile_tmrl(backend: str, updates: int, repeats: int) -> None:
         for _ in range(updates):
             learner.update(memory.sample(BATCH), with_metrics=False)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    sb3_block = sb3_update_block()
+    sb3_block(20)  # warm-up
+    sides = {"tmrl": lambda: [learner.update(memory.sample(BATCH), with_metrics=False) for _ in range(updates)],
+             "stable-baselines3": lambda: sb3_block(updates)}
+    print(f"  matrix products per update (torch.profiler's FLOP count and self CPU time, {updates} updates):")
+    for name, run in sides.items():
+        megaflops, milliseconds = matrix_product_cost(run, updates)
+        print(f"    {name:<20} {megaflops:8.1f} MFLOP in {milliseconds:6.2f} ms ({megaflops / milliseconds:5.1f} GFLOP/s)")
+
+
+MATRIX_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::baddbmm_", "aten::addmm_")
+
+
+def matrix_product_cost(run: Callable[[], Any], updates: int) -> tuple[float, float]:
+    """(MFLOP, self CPU milliseconds) of the matrix-product operators per update while ``run()`` does ``updates``
+    updates: the work an exact SAC update cannot skip, and how fast this CPU does it in place."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        run()
+    events = [event for event in prof.key_averages() if event.key in MATRIX_PRODUCTS]
+    flops = sum(event.flops for event in events)
+    return flops / updates / 1e6, sum(event.self_cpu_time_total for event in events) / updates / 1e3
 
 
 def main() -> None:
@@ -179,8 +203,9 @@ def main() -> None:
                         help="tmrl learner backend (make_learner) [auto: cpu-fast on CPU]")
     parser.add_argument("--sampling", default="host", choices=["host", "device"],
                         help="tmrl's sampler: the replay memory's [host], or its DeviceReplay mirror on the CPU")
-    parser.add_argument("--profile", action="store_true", help="only profile tmrl's side: sampling against update "
-                        "(CPU time), then torch.profiler's top operators, at each thread count")
+    parser.add_argument("--profile", action="store_true", help="profile instead of racing: tmrl's sampling against its "
+                        "update (CPU time), torch.profiler's top operators, then both sides' matrix-product FLOPs and "
+                        "time per update, at each thread count")
     parser.add_argument("--update-order", default="joint", choices=["joint", "critic-first"],
                         help="tmrl's SACConfig.update_order [joint]")
     args = parser.parse_args()

@@ -148,3 +148,63 @@ def test_a_finished_episode_has_a_lap_time_at_the_envs_step_rate():
                                     "3 wall contacts")
     crashed = episode_result(0, 0, (-3.0, 40, True, {"finished": False}), step_seconds=0.05)
     assert (crashed.finished, crashed.lap_time_s, crashed.ended) == (False, None, "terminated")
+
+
+def onnx_export(policy: Path) -> Path:
+    """``policy`` exported as ONNX beside it (what ``tmrl-trainer export --onnx`` writes)."""
+    from tmrl_common.networks import read_policy_file
+    from tmrl_trainer.policy_export import export_onnx
+
+    actor, version = read_policy_file(policy)
+    return export_onnx(actor, policy.with_suffix(".onnx"), version=version)
+
+
+def test_an_onnx_export_drives_the_same_episodes_as_its_policy_file(tmp_path):
+    policy = policy_file(tmp_path / "sim.safetensors", tm20_lidar_layout(), seed=3)
+    exported = onnx_export(policy)
+    args = ("--env", "sim", "--track", "random:11", "--episodes", "2", "--seed", "4", "--max-episode-steps", "80")
+    code, from_torch, stderr = run_eval("--policy", str(policy), *args)
+    assert code == 0, stderr
+    code, from_onnx, stderr = run_eval("--policy", str(exported), *args)
+    assert code == 0, stderr
+    assert from_onnx["policy"] == str(exported) and from_onnx["policy_version"] == 4
+    for ours, theirs in zip(from_onnx["episodes"], from_torch["episodes"], strict=True):
+        assert (ours["seed"], ours["steps"], ours["ended"], ours["finished"]) == \
+            (theirs["seed"], theirs["steps"], theirs["ended"], theirs["finished"])
+        assert ours["return"] == pytest.approx(theirs["return"], rel=1e-4, abs=1e-3)
+
+
+def test_the_onnx_policy_acts_as_the_torch_actor_on_the_envs_observations(tmp_path):
+    from tmrl_worker.runtime import load_onnx_policy, load_policy_file
+
+    layout = tm20_lidar_layout()
+    policy = policy_file(tmp_path / "sim.safetensors", layout, seed=5)
+    torch_policy, onnx_policy = load_policy_file(policy, layout), load_onnx_policy(onnx_export(policy), layout)
+    env = make_env("sim-fast", options={"track": "hairpins"})
+    try:
+        observation = env.reset(seed=0)
+        for _ in range(40):
+            action = torch_policy.act(observation)
+            assert onnx_policy.act(observation) == pytest.approx(action, abs=1e-5)
+            observation, *_ = env.step(action)
+    finally:
+        env.close()
+
+
+def test_an_onnx_file_for_another_layout_or_not_from_tmrl_is_a_one_line_error(tmp_path):
+    exported = onnx_export(policy_file(tmp_path / "pendulum.safetensors", pendulum_layout()))
+    code, _, stderr = run_eval("--policy", str(exported), "--env", "sim", "--episodes", "1")
+    assert code == 2 and "another observation layout" in stderr and "(3,) -> 1 action" in stderr
+    assert stderr.strip().count("\n") == 0 and "Traceback" not in stderr
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07not a model")
+    code, _, stderr = run_eval("--policy", str(garbage), "--env", "sim", "--episodes", "1")
+    assert code == 2 and "not a readable ONNX model" in stderr and stderr.strip().count("\n") == 0
+
+    import onnx
+
+    model = onnx.load(str(exported))
+    del model.metadata_props[:]
+    onnx.save_model(model, str(tmp_path / "foreign.onnx"))
+    code, _, stderr = run_eval("--policy", str(tmp_path / "foreign.onnx"), "--env", "gym:Pendulum-v1", "--episodes", "1")
+    assert code == 2 and "without tmrl's metadata" in stderr and stderr.strip().count("\n") == 0

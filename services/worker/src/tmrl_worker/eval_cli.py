@@ -9,7 +9,8 @@ from tmrl_common.options import HELP, config_help
 
 
 def eval_command(
-    policy: Path = typer.Option(..., "--policy", help="Safetensors policy file (a trainer run's policy.safetensors).",
+    policy: Path = typer.Option(..., "--policy", help="Policy file: safetensors (a trainer run's policy.safetensors) or ONNX "
+                                "(tmrl-trainer export --onnx, name ending in .onnx; needs onnxruntime).",
                                 exists=True, dir_okay=False),
     env: str | None = typer.Option(None, "--env", help=HELP["env"] + " sim is evaluated synchronously, as sim-fast "
                                                        "(default: the config's env, else sim)."),

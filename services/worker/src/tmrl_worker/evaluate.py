@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from tmrl_worker.envs import EnvHandle, EnvSpecError, make_env
-from tmrl_worker.runtime import ActorPolicy, load_policy_file
+from tmrl_worker.runtime import Policy, load_evaluated_policy
 
 GIF_MAX_FRAMES = 200
 """A GIF keeps at most this many frames (every k-th step of the episode)."""
@@ -38,7 +38,8 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: Path
-    """A safetensors policy file (``policy.safetensors`` of a trainer run, or :func:`save_policy_file`)."""
+    """A safetensors policy file (``policy.safetensors`` of a trainer run, or :func:`save_policy_file`), or an ONNX
+    export of one (``tmrl-trainer export --onnx``, run by onnxruntime; the name must end in ``.onnx``)."""
     env: str = "sim"
     track: str | None = None
     """``sim`` only: the track (``oval``, ``hairpins``, ``circuit``, ``random:SEED``, ``random-open:SEED``)."""
@@ -114,7 +115,7 @@ def evaluated_spec(config: EvalConfig) -> tuple[str, dict[str, Any]]:
     return spec, options
 
 
-def run_episode(env: EnvHandle, policy: ActorPolicy, seed: int, on_frame: Callable[[], None] | None = None
+def run_episode(env: EnvHandle, policy: Policy, seed: int, on_frame: Callable[[], None] | None = None
                 ) -> tuple[float, int, bool, dict]:
     """Drive one episode from ``env.reset(seed)``; return ``(return, steps, terminated, last info)``.
     ``on_frame`` is called after the reset and after every step (to draw frames)."""
@@ -144,7 +145,7 @@ def episode_result(index: int, seed: int, outcome: tuple[float, int, bool, dict]
                          wall_contacts=int(wall) if isinstance(wall, (int, np.integer)) else None)
 
 
-def summarise(config: EvalConfig, spec: str, env: EnvHandle, policy: ActorPolicy,
+def summarise(config: EvalConfig, spec: str, env: EnvHandle, policy: Policy,
               results: list[EpisodeResult]) -> EvalSummary:
     returns = [r.episode_return for r in results]
     finished = [r for r in results if r.finished]
@@ -173,7 +174,7 @@ def render_frame(env: EnvHandle) -> np.ndarray:
     return np.asarray(frame, dtype=np.uint8)
 
 
-def record_gif(env: EnvHandle, policy: ActorPolicy, best: EpisodeResult, path: Path) -> Path:
+def record_gif(env: EnvHandle, policy: Policy, best: EpisodeResult, path: Path) -> Path:
     """Drive ``best`` again (same seed) while drawing frames; write every k-th frame (at most
     :data:`GIF_MAX_FRAMES`) as a looping GIF at the env's pace."""
     from tmrl_worker.sim.render import write_gif
@@ -205,7 +206,7 @@ def evaluate(config: EvalConfig, on_episode: Callable[[EpisodeResult], None] | N
     env = make_env(spec, time_step_duration=config.time_step_duration, max_episode_steps=config.max_episode_steps,
                    options=options, render_mode="rgb_array" if config.gif is not None else None)
     try:
-        policy = load_policy_file(config.policy, env.layout)
+        policy = load_evaluated_policy(config.policy, env.layout)
         if config.gif is not None:  # fail before the episodes, not after them
             env.reset(seed=config.seed)
             render_frame(env)

@@ -105,10 +105,78 @@ def load_policy_file(path: Path, layout: ObservationLayout) -> ActorPolicy:
 
     actor, version = read_policy_file(path)
     if actor.architecture.layout != layout:
-        policy, env = describe_layout(actor.architecture.layout), describe_layout(layout)
-        detail = f"policy {policy}; env {env}" if policy != env else f"both {env}, but component names, dtypes or value bounds differ"
-        raise PolicyFileError(f"policy file {path} was trained for another observation layout than this env's: {detail}")
+        _refuse_layout(path, actor.architecture.layout, layout)
     return ActorPolicy(actor, version=version, deterministic=True)
+
+
+class OnnxPolicy:
+    """The deterministic policy of an ONNX file written by ``tmrl-trainer export --onnx``, run by onnxruntime on the
+    CPU: the same ``act`` as :class:`ActorPolicy` (one observation tuple in, an action in ``[-1, 1]`` out)."""
+
+    def __init__(self, session, layout: ObservationLayout, version: int) -> None:
+        self.version = version
+        self._session = session
+        self._names = [node.name for node in session.get_inputs()]
+        self._dtypes = [np.dtype(component.dtype) for component in layout.components]
+        self._dtypes += [np.dtype(np.float32)] * layout.action_history
+        self._output = session.get_outputs()[0].name
+
+    def act(self, observation: tuple) -> np.ndarray:
+        if len(observation) != len(self._names):
+            raise ValueError(f"observation has {len(observation)} parts, the ONNX policy expects {len(self._names)}")
+        feed = {name: np.asarray(part, dtype=dtype)[None]
+                for name, part, dtype in zip(self._names, observation, self._dtypes, strict=True)}
+        (action,) = self._session.run([self._output], feed)
+        return np.asarray(action[0], dtype=np.float32)
+
+
+def load_onnx_policy(path: Path, layout: ObservationLayout) -> OnnxPolicy:
+    """The policy of an ONNX export (:class:`OnnxPolicy`), whose layout (the ``tmrl_architecture`` metadata the export
+    writes) must be ``layout``. Needs onnxruntime; :class:`PolicyFileError` when it is missing, when the file is not
+    an ONNX model, or when the model was not exported by tmrl."""
+    from tmrl_common.networks import PolicyArchitecture
+
+    try:
+        import onnxruntime
+    except ImportError:
+        raise PolicyFileError(f"{path} is an ONNX model: running it needs onnxruntime (pip install onnxruntime)") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # one observation at a time, as Actor.act on one torch thread
+    options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types, one per failure  # noqa: BLE001
+        raise PolicyFileError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    metadata = session.get_modelmeta().custom_metadata_map
+    if "tmrl_architecture" not in metadata:
+        raise PolicyFileError(f"{path} is an ONNX model without tmrl's metadata (tmrl_architecture): export the policy "
+                              "with tmrl-trainer export --onnx")
+    try:
+        architecture = PolicyArchitecture.from_flat_dict(json.loads(metadata["tmrl_architecture"]))
+        version = int(metadata.get("tmrl_version", "0"))
+    except (ValueError, TypeError) as exc:
+        raise PolicyFileError(f"{path}: its tmrl_architecture metadata is not a policy architecture: "
+                              f"{str(exc).splitlines()[0]}") from None
+    if architecture.layout != layout:
+        _refuse_layout(path, architecture.layout, layout)
+    expected = len(layout.observation_shapes())
+    if len(session.get_inputs()) != expected:
+        raise PolicyFileError(f"{path} takes {len(session.get_inputs())} inputs; its metadata's layout has {expected} parts")
+    return OnnxPolicy(session, layout, version)
+
+
+def load_evaluated_policy(path: Path, layout: ObservationLayout) -> Policy:
+    """A policy file to drive deterministically: ONNX (:func:`load_onnx_policy`) when its name ends in ``.onnx``,
+    else a safetensors policy file (:func:`load_policy_file`)."""
+    if Path(path).suffix.lower() == ".onnx":
+        return load_onnx_policy(path, layout)
+    return load_policy_file(path, layout)
+
+
+def _refuse_layout(path: Path, policy_layout: ObservationLayout, env_layout: ObservationLayout) -> None:
+    policy, env = describe_layout(policy_layout), describe_layout(env_layout)
+    detail = f"policy {policy}; env {env}" if policy != env else f"both {env}, but component names, dtypes or value bounds differ"
+    raise PolicyFileError(f"policy file {path} was trained for another observation layout than this env's: {detail}")
 
 
 def save_policy_file(actor, path: Path, version: int = 0) -> Path:
