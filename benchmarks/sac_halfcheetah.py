@@ -236,6 +236,7 @@ def main() -> None:
     for library in libraries:
         mine = [run for run in runs if run.library == library]
         print(f"  {library:>18}: final mean {np.mean(finals[library]):8.1f} +- {np.std(finals[library]):6.1f} (std), "
+              f"median {np.median(finals[library]):8.1f}, "
               f"wall {sum(run.wall_s for run in mine):6.0f} s, CPU {sum(run.cpu_s for run in mine):6.0f} s in all")
     if len(libraries) == 2:
         tmrl_runs = [run for run in runs if run.library == "tmrl"]
@@ -246,7 +247,8 @@ def main() -> None:
         print(f"  tmrl vs SB3: final return {ratio}{mean_tmrl - mean_sb3:+.1f} -> {verdict} (target: tmrl's mean >= SB3's); "
               f"wall clock {sum(r.wall_s for r in sb3_runs) / sum(r.wall_s for r in tmrl_runs):.2f}x faster, "
               f"CPU time {sum(r.cpu_s for r in sb3_runs) / sum(r.cpu_s for r in tmrl_runs):.2f}x")
-    note = f"{len(args.seeds)} seeds x {args.steps:,} steps, shaded: min..max"
+    seeds = len({run.seed for run in runs})  # --report: the runs the progress file holds, not --seeds
+    note = f"{seeds} seed{'s' if seeds != 1 else ''} x {max(run.curve[-1][0] for run in runs):,} steps, shaded: min..max"
     plot(runs, args.env, args.plot, note)
     print(f"  plot: {args.plot}")
     if args.json:
