@@ -36,6 +36,9 @@ def run(
     worker_port: int | None = typer.Option(None, "--worker-port", help=HELP["worker_port"]),
     weights_port: int | None = typer.Option(None, "--weights-port", help=HELP["weights_port"]),
     test: bool = typer.Option(False, "--test", help="Send no samples; act deterministically with received weights."),
+    keep_best: bool = typer.Option(False, "--keep-best", help="With --test: keep the policy of the best episode so far "
+                                   "in STATE_DIR/<worker-id>.best-policy.safetensors (finished beats unfinished, then "
+                                   "fewer steps, then higher return); weights change at episode starts only."),
     expert: bool = typer.Option(False, "--expert", help="Send samples, ignore weights: the env's scripted expert (or --policy) drives."),
     policy: Path | None = typer.Option(None, "--policy", help="Safetensors policy file for --expert.", exists=True, dir_okay=False),
     max_steps: int | None = typer.Option(None, "--max-steps", help=HELP["max_steps"]),
@@ -63,6 +66,7 @@ def run(
         "env": env, "worker_id": worker_id, "relay_host": relay_host, "worker_port": worker_port,
         "weights_port": weights_port, "policy_file": policy, "max_steps": max_steps, "batch_steps": batch_steps,
         "state_dir": state_dir, "seed": seed, "mode": "test" if test else "expert" if expert else None,
+        "keep_best": True if keep_best else None,
         "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key},
     }
     effective = load_config_for_command(WorkerConfig, "worker", config, overrides=overrides, show_config=show_config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tmrl_common.protocol import SENDER_PATTERN
 from tmrl_common.sockets import SecurityConfig, TransportConfig
 
@@ -36,6 +36,11 @@ class WorkerConfig(BaseModel):
     """A safetensors policy (weights + architecture metadata) used in ``expert`` mode instead of the env's expert."""
     deterministic: bool = False
     """Act with the policy's mean action instead of sampling (``test`` mode always acts deterministically)."""
+    keep_best: bool = False
+    """``test`` mode only: keep the policy of the best episode driven so far in
+    ``state_dir/<worker_id>.best-policy.safetensors``, with ``.best-policy.json`` saying what it did
+    (:class:`~tmrl_worker.runtime.BestPolicyKeeper`). Received weights are then swapped in at episode starts only, so
+    that each episode is driven by one version."""
 
     # real-time settings (rtgym envs)
     time_step_duration: float = Field(default=0.05, gt=0)
@@ -83,6 +88,13 @@ class WorkerConfig(BaseModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     """CurveZMQ: ``secret_key_file`` (this worker's pair, allow-listed at the relay) and ``server_public_key_file``;
     or ``insecure = true`` (``--insecure``) for plain text on a trusted loopback."""
+
+    @model_validator(mode="after")
+    def _keep_best_needs_test_mode(self) -> WorkerConfig:
+        if self.keep_best and self.mode != "test":
+            raise ValueError(f"keep_best needs test mode (--test), not {self.mode!r}: only a test worker drives the "
+                             "received weights deterministically, episode by episode")
+        return self
 
     @field_validator("worker_id")
     @classmethod

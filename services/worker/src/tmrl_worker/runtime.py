@@ -201,6 +201,59 @@ class PolicySource(Protocol):
     def take_latest(self) -> PreparedPolicy | None: ...
 
 
+@dataclass(frozen=True)
+class EpisodeOutcome:
+    """How one episode went, as :class:`BestPolicyKeeper` ranks it."""
+
+    episode_return: float
+    steps: int
+    finished: bool | None
+    """The env's ``info["finished"]`` at the last step (the simulator's and TrackMania's finish line); ``None`` when
+    the env does not report it."""
+
+    def rank(self) -> tuple[bool, int, float]:
+        """Larger is better: a finished episode beats an unfinished one, then fewer steps (a faster lap), then the
+        higher return; an env that reports no finish is ranked by its return alone."""
+        return bool(self.finished), -self.steps if self.finished else 0, self.episode_return
+
+
+class BestPolicyKeeper:
+    """Keeps the policy of the best episode a test worker has driven (``WorkerConfig.keep_best``): its actor in
+    ``<directory>/<worker_id>.best-policy.safetensors`` (what ``tmrl-worker eval --policy`` and ``--expert --policy``
+    read) and what it did in ``.best-policy.json``. Both files are replaced atomically, the policy first.
+
+    One deterministic episode is a noisy score (the start position varies, and one lucky lap can win); evaluate the
+    kept file on a few seeds with ``tmrl-worker eval`` before trusting it."""
+
+    def __init__(self, directory: Path, worker_id: str) -> None:
+        directory = Path(directory).expanduser()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.policy_path = directory / f"{worker_id}.best-policy.safetensors"
+        self.summary_path = directory / f"{worker_id}.best-policy.json"
+        self.best: EpisodeOutcome | None = None
+        self.best_version: int | None = None
+        self.saved = 0
+        """Policies written so far (each one beat the one before)."""
+
+    def consider(self, policy: Policy, outcome: EpisodeOutcome) -> bool:
+        """Save ``policy`` when ``outcome`` (an episode it drove from start to end) beats the best so far; only a
+        received actor (not the random warm-up policy) can be kept. True when it was saved."""
+        actor = getattr(policy, "actor", None)
+        if actor is None or (self.best is not None and outcome.rank() <= self.best.rank()):
+            return False
+        temporary = self.policy_path.with_name(self.policy_path.name + ".tmp")
+        save_policy_file(actor, temporary, version=policy.version)
+        temporary.replace(self.policy_path)
+        summary = {"version": policy.version, "return": outcome.episode_return, "steps": outcome.steps,
+                   "finished": outcome.finished, "saved_at": time.time(), "policy": str(self.policy_path)}
+        temporary = self.summary_path.with_name(self.summary_path.name + ".tmp")
+        temporary.write_text(json.dumps(summary, indent=1) + "\n")
+        temporary.replace(self.summary_path)
+        self.best, self.best_version = outcome, policy.version
+        self.saved += 1
+        return True
+
+
 @dataclass
 class RolloutStats:
     """What the loop did so far."""
@@ -238,6 +291,7 @@ class RolloutLoop:
         max_steps_per_second: float | None = None,
         progress: ProgressFile | None = None,
         verify_observations: bool = False,
+        best: BestPolicyKeeper | None = None,
     ) -> None:
         self.env = env
         self.sink = sink
@@ -260,6 +314,12 @@ class RolloutLoop:
         self.record_versions = False
         self.progress = progress
         """Rewritten after every step when given (``state_dir/<worker_id>.progress.json``, :mod:`tmrl_worker.progress`)."""
+        self.best = best
+        """Keeps the policy of the best whole episode (test mode, ``keep_best``); weights are then swapped in at
+        episode starts only, so that each episode has one version to credit."""
+        self._episode_steps = 0
+        self._episode_versions: set[int] = set()
+        """Weights versions that chose this episode's actions (one, for an episode :attr:`best` may credit)."""
         self._builder = self._new_builder()
 
     def _new_builder(self) -> SampleBatchBuilder:
@@ -268,6 +328,8 @@ class RolloutLoop:
     def _swap_policy(self) -> None:
         if self.feed is None:
             return
+        if self.best is not None and self._episode_steps and self.policy.version:
+            return  # mid-episode: the new weights wait for the next episode (the random warm-up policy gives way now)
         prepared = self.feed.take_latest()
         if prepared is None or prepared.version <= self.policy.version:
             return
@@ -287,6 +349,8 @@ class RolloutLoop:
     def _reset(self, seed: int | None) -> tuple:
         observation = self.env.reset(seed=seed)
         self.stats.episode_return = 0.0
+        self._episode_steps = 0
+        self._episode_versions = set()
         self.stats.resets += 1
         if self.sink is not None:
             self._builder.add_reset(observation, self.env.default_action)
@@ -307,6 +371,15 @@ class RolloutLoop:
         log.info("%s: %d steps (%.0f steps/s), %d episodes, mean return %s, weights version %d, %d batches handed over",
                  self.worker_id, self.stats.steps, steps / max(seconds, 1e-9), self.stats.episodes, mean,
                  self.policy.version, self.stats.batches_submitted)
+
+    def _keep_if_best(self, info: dict) -> None:
+        finished = info.get("finished")
+        outcome = EpisodeOutcome(self.stats.episode_return, self._episode_steps,
+                                 None if finished is None else bool(finished))
+        if self.best is not None and self.best.consider(self.policy, outcome):
+            ending = f"finished in {outcome.steps} steps" if outcome.finished else f"{outcome.steps} steps"
+            log.info("%s: best episode so far (weights version %d, return %.2f, %s): policy kept in %s", self.worker_id,
+                     self.policy.version, outcome.episode_return, ending, self.best.policy_path)
 
     def run(self, max_steps: int | None = None, stop: threading.Event | None = None,
             health_check=None) -> RolloutStats:
@@ -329,9 +402,11 @@ class RolloutLoop:
                 action = self.env.policy_action(self.policy.act(observation))  # as applied, and as recorded
                 if self.record_versions:
                     self.action_versions.append(self.policy.version)
-                observation, reward, terminated, truncated, _info = self.env.step(action)
+                observation, reward, terminated, truncated, info = self.env.step(action)
                 self.stats.step_seconds += time.perf_counter() - started
                 self.stats.steps += 1
+                self._episode_steps += 1
+                self._episode_versions.add(self.policy.version)
                 self.stats.episode_return += reward
                 if self.sink is not None:
                     self._builder.add_step(action, observation, reward, terminated, truncated)
@@ -341,6 +416,8 @@ class RolloutLoop:
                 if done:
                     self.stats.episodes += 1
                     self.stats.recent_returns.append(self.stats.episode_return)
+                    if self.best is not None and len(self._episode_versions) == 1:
+                        self._keep_if_best(info)
                     log.debug("%s: episode %d ended after step %d: return %.2f (weights version %d)", self.worker_id,
                              self.stats.episodes, self.stats.steps, self.stats.episode_return, self.policy.version)
                     try:
@@ -431,7 +508,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
         loop = RolloutLoop(env, samples_sink, feed, policy, batch_steps=config.batch_steps, compress=config.compress,
                            deterministic=config.deterministic or config.mode == "test", seed=config.seed,
                            worker_id=config.worker_id, max_steps_per_second=config.max_steps_per_second,
-                           progress=progress, verify_observations=config.verify_observations)
+                           progress=progress, verify_observations=config.verify_observations,
+                           best=BestPolicyKeeper(config.state_dir, config.worker_id) if config.keep_best else None)
         log.info("%s: %s mode on env %s (%s, layout %s), relay %s", config.worker_id, config.mode, env.spec,
                  "real time" if env.realtime else "synchronous",
                  [c.name for c in env.layout.components], config.relay_host)
