@@ -11,7 +11,9 @@ reads the true pose and brakes before bends) drives the same tracks from the sam
 
 Printed per snapshot: minutes, updates, samples, finished episodes, the policy's mean lap (steps, over the tracks it
 finished), the driver's mean lap on those same tracks, and the ratio; plus the load average when the run started and
-ended (a loaded machine gives fewer updates per minute). ``--json FILE`` keeps the table.
+ended (a loaded machine gives fewer updates per minute). ``--json FILE`` keeps the table. ``--keep-best`` adds a
+third, test-mode worker (``tmrl-worker run --test --keep-best``: deterministic laps with the weights it receives,
+the best one's policy kept) and evaluates that kept policy after the snapshots.
 
     .venv/bin/python benchmarks/sim_laps.py --minutes 15                        # hairpins, as make demo trains
     .venv/bin/python benchmarks/sim_laps.py --minutes 15 --set trainer.sac.gamma=0.995
@@ -19,6 +21,7 @@ ended (a loaded machine gives fewer updates per minute). ``--json FILE`` keeps t
         --eval-tracks held-out --eval-episodes 1 --eval-every 3                 # procedural, 20 held-out seeds
     .venv/bin/python benchmarks/sim_laps.py --policy run/policy.safetensors --eval-tracks held-out --eval-episodes 1
     .venv/bin/python benchmarks/sim_laps.py --reward-table                      # what a faster lap is worth
+    .venv/bin/python benchmarks/sim_laps.py --minutes 15 --keep-best            # + a test worker keeping its best lap
 
 ``--set SECTION.FIELD=VALUE`` (repeatable) sets ``TMRL_<SECTION>__<FIELD>`` for the services (``trainer.sac.utd=4``,
 ``worker.env_options.reward.step_penalty=0.5``). ``--train-tracks`` sets the workers' ``episode_tracks``
@@ -67,8 +70,13 @@ def eval_tracks(spec: str) -> list[str]:
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
-def train(out: Path, minutes: float, snapshot_s: float, variables: dict[str, str]) -> list[dict]:
-    """Run the demo's stack for ``minutes``; return the snapshots (path, minutes, updates, samples)."""
+VIEWER = "viewer"
+"""The test worker ``--keep-best`` adds (``tmrl-worker run --test --keep-best``)."""
+
+
+def train(out: Path, minutes: float, snapshot_s: float, variables: dict[str, str], keep_best: bool = False) -> list[dict]:
+    """Run the demo's stack for ``minutes``; return the snapshots (path, minutes, updates, samples). ``keep_best``
+    adds a test worker keeping the policy of its best lap, copied to ``out`` at the end."""
     from tmrl_stack import LocalStack
 
     work = Path(tempfile.mkdtemp(prefix="tmrl-sim-laps-"))
@@ -76,7 +84,8 @@ def train(out: Path, minutes: float, snapshot_s: float, variables: dict[str, str
     config.write_text(DEMO_CONFIG)
     snapshots_dir = out / "snapshots"
     snapshots_dir.mkdir(parents=True, exist_ok=True)
-    stack = LocalStack(work, config=config, curve_clients=("trainer", *WORKERS), run_dir=out / "trainer",
+    clients = ("trainer", *WORKERS, *((VIEWER,) if keep_best else ()))
+    stack = LocalStack(work, config=config, curve_clients=clients, run_dir=out / "trainer",
                        state_dir="worker-state", logs=out / "logs", env=variables)
     snapshots: list[dict] = []
     try:
@@ -84,6 +93,8 @@ def train(out: Path, minutes: float, snapshot_s: float, variables: dict[str, str
         stack.start_trainer("--env", "sim")
         for index, worker in enumerate(WORKERS):
             stack.start_worker(worker, "--env", "sim", "--seed", str(index))
+        if keep_best:
+            stack.start_worker(VIEWER, "--env", "sim", "--test", "--keep-best", "--seed", "100")
         started = time.monotonic()
         policy = stack.run_dir / "policy.safetensors"
         for k in range(1, int(minutes * 60 / snapshot_s) + 1):
@@ -100,8 +111,12 @@ def train(out: Path, minutes: float, snapshot_s: float, variables: dict[str, str
             snapshots.append(entry)
             print(f"{entry['minutes']:5.1f} min: {entry['updates']} updates, {entry['samples']} samples, "
                   f"load {load_average()}", flush=True)
-        for name in (*WORKERS, "trainer", "relay"):
+        for name in (*((VIEWER,) if keep_best else ()), *WORKERS, "trainer", "relay"):
             stack.stop(name, timeout=30.0)
+        for suffix in (".best-policy.safetensors", ".best-policy.json"):
+            kept = stack.state_dir / f"{VIEWER}{suffix}"
+            if keep_best and kept.exists():
+                shutil.copyfile(kept, out / kept.name)
     finally:
         stack.kill_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -187,6 +202,8 @@ def main() -> int:
     parser.add_argument("--policy", type=Path, default=None,
                         help="skip training: evaluate this policy file (e.g. a run's policy.safetensors)")
     parser.add_argument("--json", type=Path, default=None, help="write the table here")
+    parser.add_argument("--keep-best", action="store_true",
+                        help="also run a test worker with --keep-best, and evaluate the policy of its best lap last")
     parser.add_argument("--reward-table", action="store_true",
                         help="only print what the reward pays for a faster lap of the first --eval-tracks track")
     args = parser.parse_args()
@@ -200,7 +217,8 @@ def main() -> int:
     out = (args.out or ROOT / "runs" / time.strftime("sim-laps-%Y%m%d-%H%M%S")).resolve()
     if not args.policy:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"sim_laps: {args.minutes:g} min real time, 2 workers at 20 Hz, settings {variables or 'as make demo'}; "
+        viewer = " + a test worker keeping its best lap" if args.keep_best else ""
+        print(f"sim_laps: {args.minutes:g} min real time, 2 workers at 20 Hz{viewer}, settings {variables or 'as make demo'}; "
               f"outputs in {out}", flush=True)
     load_before = load_average()
     if args.policy:
@@ -209,7 +227,7 @@ def main() -> int:
         previous = json.loads(args.evaluate_only.read_text())
         snapshots, load_before, load_after = previous["snapshots"], previous["load_before"], previous["load_after"]
     else:
-        snapshots = train(out, args.minutes, args.snapshot_s, variables)
+        snapshots = train(out, args.minutes, args.snapshot_s, variables, keep_best=args.keep_best)
         load_after = load_average()
 
     import torch
@@ -239,6 +257,18 @@ def main() -> int:
         print(f"last snapshot: ratio {rows[-1]['ratio']:.3f}, finished {rows[-1]['finished']}/{rows[-1]['episodes']}; "
               f"mean ratio of the last {len(tail)} evaluations {statistics.fmean(tail):.3f}; best ratio with every "
               f"episode finished {min(ratios) if ratios else float('nan'):.3f}")
+    kept = out / f"{VIEWER}.best-policy.safetensors"
+    if args.keep_best and not args.policy:
+        if kept.exists():
+            found = json.loads((out / f"{VIEWER}.best-policy.json").read_text())
+            laps = policy_laps(kept, tracks, args.eval_seed, args.eval_episodes, args.max_episode_steps)
+            row = {"policy": str(kept), "kept": found, **compare(laps, scripted), "laps": laps}
+            rows.append(row)
+            ratio = f"ratio {row['ratio']:.3f}" if "ratio" in row else "no lap finished"
+            print(f"kept by the test worker (weights version {found['version']}, its lap {found['steps']} steps, "
+                  f"finished {found['finished']}): {row['finished']}/{row['episodes']} finished, {ratio}")
+        else:
+            print("the test worker kept no policy (no whole episode driven by received weights)")
     if args.json:
         args.json.write_text(json.dumps({"settings": variables, "load_before": load_before, "load_after": load_after,
                                          "snapshots": snapshots, "rows": rows, "scripted": scripted}, indent=1))
