@@ -115,6 +115,15 @@ class Peer:
     def send(self, message: Message, sender: str | None = None) -> None:
         self.socket.send_multipart(encode(message, sender or self.sender))
 
+    def try_send(self, message: Message, sender: str | None = None) -> bool:
+        """:meth:`send` without waiting: False when the socket has no connection to queue on (a client whose CURVE
+        handshake was refused has none once the refusal arrives: libzmq ends the session)."""
+        try:
+            self.socket.send_multipart(encode(message, sender or self.sender), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
     def send_frames(self, frames: list[bytes]) -> None:
         self.socket.send_multipart(frames)
 
