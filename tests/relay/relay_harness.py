@@ -110,6 +110,7 @@ class Peer:
         secure_client_socket(self.socket, security or SecurityConfig(insecure=True))
         if kind == zmq.SUB:
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.setsockopt(zmq.SNDTIMEO, 10_000)  # a send with nowhere to go fails the test instead of hanging it
         self.socket.connect(tcp_endpoint("127.0.0.1", port))
 
     def send(self, message: Message, sender: str | None = None) -> None:
