@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tmrl_common.config import load_config, render_config
 from tmrl_common.errors import ConfigError
 
@@ -143,6 +143,25 @@ def test_errors_name_the_env_variable_and_the_value_it_gave_not_the_file(tmp_pat
 def test_errors_name_the_command_line_for_flag_values():
     with pytest.raises(ConfigError, match=r"port = 70000 from the command line: .*less than or equal to 65535"):
         load_config(ExampleConfig, "example", overrides={"port": 70000}, environ={})
+
+
+class PairedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: str = "train"
+    keep: bool = False
+
+    @model_validator(mode="after")
+    def _keep_needs_test(self) -> PairedConfig:
+        if self.keep and self.mode != "test":
+            raise ValueError("keep needs mode test")
+        return self
+
+
+def test_an_error_across_fields_is_its_message_alone():
+    with pytest.raises(ConfigError) as caught:
+        load_config(PairedConfig, "example", overrides={"keep": True}, environ={})
+    assert str(caught.value) == "invalid config [example]: keep needs mode test"
 
 
 def test_file_errors_name_the_file_the_table_and_the_value(tmp_path):

@@ -192,6 +192,8 @@ def _explain(model: type[BaseModel], error: Mapping[str, Any], sources: _Sources
         fields = _strip_optional(parent).model_fields if isinstance(_strip_optional(parent), type) and issubclass(
             _strip_optional(parent), BaseModel) else {}
         return f"{sources.describe(loc)}: unknown field{_did_you_mean(loc[-1], fields)}"
+    if not loc:  # a check across fields (a model validator): no one value to quote, the message says which
+        return str(error["msg"]).removeprefix("Value error, ")
     return f"{sources.describe(loc)}: {error['msg']}"
 
 
