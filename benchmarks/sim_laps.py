@@ -84,7 +84,8 @@ def train(out: Path, minutes: float, snapshot_s: float, variables: dict[str, str
     config.write_text(DEMO_CONFIG)
     snapshots_dir = out / "snapshots"
     snapshots_dir.mkdir(parents=True, exist_ok=True)
-    clients = ("trainer", *WORKERS, *((VIEWER,) if keep_best else ()))
+    viewers = (VIEWER,) if keep_best else ()
+    clients = ("trainer", *WORKERS, *viewers)
     stack = LocalStack(work, config=config, curve_clients=clients, run_dir=out / "trainer",
                        state_dir="worker-state", logs=out / "logs", env=variables)
     snapshots: list[dict] = []
@@ -111,12 +112,13 @@ def train(out: Path, minutes: float, snapshot_s: float, variables: dict[str, str
             snapshots.append(entry)
             print(f"{entry['minutes']:5.1f} min: {entry['updates']} updates, {entry['samples']} samples, "
                   f"load {load_average()}", flush=True)
-        for name in (*((VIEWER,) if keep_best else ()), *WORKERS, "trainer", "relay"):
+        for name in (*viewers, *WORKERS, "trainer", "relay"):
             stack.stop(name, timeout=30.0)
-        for suffix in (".best-policy.safetensors", ".best-policy.json"):
-            kept = stack.state_dir / f"{VIEWER}{suffix}"
-            if keep_best and kept.exists():
-                shutil.copyfile(kept, out / kept.name)
+        for viewer in viewers:
+            for suffix in (".best-policy.safetensors", ".best-policy.json"):
+                kept = stack.state_dir / f"{viewer}{suffix}"
+                if kept.exists():
+                    shutil.copyfile(kept, out / kept.name)
     finally:
         stack.kill_all()
         shutil.rmtree(work, ignore_errors=True)

@@ -109,6 +109,10 @@ class ObservationLayout(BaseModel):
         """Shapes of the observation tuple the environment returns, in order."""
         return [c.observation_shape for c in self.components] + [(self.action_dim,)] * self.action_history
 
+    def observation_dtypes(self) -> list[str]:
+        """Dtypes of the observation tuple's parts, in order: each component's, then float32 for the action buffer."""
+        return [c.dtype for c in self.components] + ["float32"] * self.action_history
+
     def flat_size(self) -> int:
         """Length of the observation once every part is flattened and concatenated (the MLP input size)."""
         return sum(math.prod(shape) for shape in self.observation_shapes())
@@ -230,7 +234,7 @@ def observation_digest(layout: ObservationLayout, observation: tuple | list) -> 
     import numpy as np
 
     digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
-    dtypes = [c.dtype for c in layout.components] + ["float32"] * layout.action_history
+    dtypes = layout.observation_dtypes()
     if len(observation) != len(dtypes):
         raise ValueError(f"observation has {len(observation)} parts, layout expects {len(dtypes)}")
     for part, dtype in zip(observation, dtypes, strict=True):

@@ -46,7 +46,7 @@ def input_names(layout: ObservationLayout) -> list[str]:
 
 
 def input_dtypes(layout: ObservationLayout) -> list[np.dtype]:
-    return [np.dtype(c.dtype) for c in layout.components] + [np.dtype(np.float32)] * layout.action_history
+    return [np.dtype(dtype) for dtype in layout.observation_dtypes()]
 
 
 def random_observations(layout: ObservationLayout, batch: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 import torch
 import zmq
+from tmrl_common.atomic_file import write_atomically
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import PolicyFileError
@@ -117,8 +118,7 @@ class OnnxPolicy:
         self.version = version
         self._session = session
         self._names = [node.name for node in session.get_inputs()]
-        self._dtypes = [np.dtype(component.dtype) for component in layout.components]
-        self._dtypes += [np.dtype(np.float32)] * layout.action_history
+        self._dtypes = [np.dtype(dtype) for dtype in layout.observation_dtypes()]
         self._output = session.get_outputs()[0].name
 
     def act(self, observation: tuple) -> np.ndarray:
@@ -181,13 +181,18 @@ def _refuse_layout(path: Path, policy_layout: ObservationLayout, env_layout: Obs
 
 def save_policy_file(actor, path: Path, version: int = 0) -> Path:
     """Write ``actor`` as a safetensors file :func:`load_policy_file` reads back (no pickle)."""
+    Path(path).write_bytes(policy_file_bytes(actor, version))
+    return Path(path)
+
+
+def policy_file_bytes(actor, version: int = 0) -> bytes:
+    """What :func:`save_policy_file` writes."""
     from tmrl_common.networks import weights_update_from_actor
     from tmrl_common.weights import tensors_from_bytes, tensors_to_bytes
 
     update = weights_update_from_actor(actor, version)
     metadata = {"architecture": json.dumps(update.architecture), "version": str(version), "format": "tmrl-actor"}
-    Path(path).write_bytes(tensors_to_bytes(tensors_from_bytes(update.tensors), metadata=metadata))
-    return Path(path)
+    return tensors_to_bytes(tensors_from_bytes(update.tensors), metadata=metadata)
 
 
 # -------------------------------------------------------------------------------------------------------- rollout
@@ -241,14 +246,10 @@ class BestPolicyKeeper:
         actor = getattr(policy, "actor", None)
         if actor is None or (self.best is not None and outcome.rank() <= self.best.rank()):
             return False
-        temporary = self.policy_path.with_name(self.policy_path.name + ".tmp")
-        save_policy_file(actor, temporary, version=policy.version)
-        temporary.replace(self.policy_path)
+        write_atomically(self.policy_path, policy_file_bytes(actor, policy.version), mode=0o644)
         summary = {"version": policy.version, "return": outcome.episode_return, "steps": outcome.steps,
                    "finished": outcome.finished, "saved_at": time.time(), "policy": str(self.policy_path)}
-        temporary = self.summary_path.with_name(self.summary_path.name + ".tmp")
-        temporary.write_text(json.dumps(summary, indent=1) + "\n")
-        temporary.replace(self.summary_path)
+        write_atomically(self.summary_path, (json.dumps(summary, indent=1) + "\n").encode(), mode=0o644)
         self.best, self.best_version = outcome, policy.version
         self.saved += 1
         return True
@@ -372,14 +373,14 @@ class RolloutLoop:
                  self.worker_id, self.stats.steps, steps / max(seconds, 1e-9), self.stats.episodes, mean,
                  self.policy.version, self.stats.batches_submitted)
 
-    def _keep_if_best(self, info: dict) -> None:
+    def _keep_if_best(self, keeper: BestPolicyKeeper, info: dict) -> None:
         finished = info.get("finished")
         outcome = EpisodeOutcome(self.stats.episode_return, self._episode_steps,
                                  None if finished is None else bool(finished))
-        if self.best is not None and self.best.consider(self.policy, outcome):
+        if keeper.consider(self.policy, outcome):
             ending = f"finished in {outcome.steps} steps" if outcome.finished else f"{outcome.steps} steps"
             log.info("%s: best episode so far (weights version %d, return %.2f, %s): policy kept in %s", self.worker_id,
-                     self.policy.version, outcome.episode_return, ending, self.best.policy_path)
+                     self.policy.version, outcome.episode_return, ending, keeper.policy_path)
 
     def run(self, max_steps: int | None = None, stop: threading.Event | None = None,
             health_check=None) -> RolloutStats:
@@ -417,7 +418,7 @@ class RolloutLoop:
                     self.stats.episodes += 1
                     self.stats.recent_returns.append(self.stats.episode_return)
                     if self.best is not None and len(self._episode_versions) == 1:
-                        self._keep_if_best(info)
+                        self._keep_if_best(self.best, info)
                     log.debug("%s: episode %d ended after step %d: return %.2f (weights version %d)", self.worker_id,
                              self.stats.episodes, self.stats.steps, self.stats.episode_return, self.policy.version)
                     try:
