@@ -236,9 +236,7 @@ class Actor(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`forward` from already encoded observations (``self.encoder(observation)``)."""
-        hidden = self.trunk(features)
-        mean = self.mean(hidden)
-        log_std = self.log_std(hidden).clamp(self.architecture.log_std_min, self.architecture.log_std_max)
+        mean, log_std = self._mean_and_log_std(features)
         if deterministic:
             return torch.tanh(mean), None
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -266,6 +264,7 @@ class Actor(nn.Module):
         return action, log_prob, next_action, next_log_prob
 
     def _mean_and_log_std(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian's mean and its log-std clamped to the architecture's bounds, before the tanh squash."""
         hidden = self.trunk(features)
         log_std = self.log_std(hidden).clamp(self.architecture.log_std_min, self.architecture.log_std_max)
         return self.mean(hidden), log_std

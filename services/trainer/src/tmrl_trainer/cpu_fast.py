@@ -33,7 +33,7 @@ from tmrl_common.networks import CriticEnsemble, PolicyArchitecture
 from tmrl_trainer.guard import non_finite
 from tmrl_trainer.memory import TransitionBatch
 from tmrl_trainer.reference import ReferenceLearner
-from tmrl_trainer.sac import SACConfig, draw_critic_subset, entropy_coefficient_loss, soft_td_target
+from tmrl_trainer.sac import SACConfig, draw_critic_subset, entropy_coefficient_loss, keep_critics, soft_td_target
 
 
 def _flat_parameter(module: torch.nn.Module) -> torch.nn.Parameter:
@@ -117,7 +117,7 @@ class SACLearner(ReferenceLearner):
         # 1. critic target: bootstrap unless the episode terminated (a truncated episode still bootstraps)
         with torch.no_grad():
             next_q = self.target_critics.q_values(next_critic_features, next_action)
-            next_q = (next_q if subset is None else next_q.index_select(0, subset)).min(dim=0).values
+            next_q = keep_critics(next_q, subset).min(dim=0).values
             target_q = soft_td_target(batch.reward, batch.terminated, next_q, next_log_prob, alpha, gamma)
 
         # 2. critic loss

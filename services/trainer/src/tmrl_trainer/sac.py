@@ -127,7 +127,11 @@ def critic_subset(q_values: torch.Tensor, m: int, generator: torch.Generator) ->
     """REDQ: ``m`` of the ``n`` rows of ``q_values`` drawn without replacement (all of them, untouched, when ``m == n``).
     Drawn as the first ``m`` of a random permutation made by sorting ``n`` uniforms, which is graph-capturable on CUDA
     (``randperm`` is not) and gives every backend the same draw from the same generator state."""
-    subset = draw_critic_subset(q_values.shape[0], m, generator, q_values.device)
+    return keep_critics(q_values, draw_critic_subset(q_values.shape[0], m, generator, q_values.device))
+
+
+def keep_critics(q_values: torch.Tensor, subset: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``q_values`` that :func:`draw_critic_subset` drew (all of them for ``None``)."""
     return q_values if subset is None else q_values.index_select(0, subset)
 
 
