@@ -173,12 +173,13 @@ def test_auto_device_falls_back_to_cpu_and_unavailable_cuda_is_a_clear_error():
             resolve_device("cuda")
 
 
-def test_direct_fused_adam_steps_equal_the_optimizers_own_steps_also_after_loading_a_state():
-    direct, reference = _learner(seed=3), _learner(seed=3)
+@pytest.mark.parametrize("update_order", ["critic-first", "joint"])
+def test_direct_fused_adam_steps_equal_the_optimizers_own_steps_also_after_loading_a_state(update_order):
+    direct, reference = _learner(seed=3, update_order=update_order), _learner(seed=3, update_order=update_order)
 
-    def reference_step(rejected: torch.Tensor) -> None:  # the torch.optim.Adam.step path, every update
-        reference.optimizer.found_inf = rejected
-        reference.optimizer.step()
+    def reference_step(rejected: torch.Tensor, groups: tuple[str, ...] | None = None) -> None:
+        reference.optimizer.found_inf = rejected  # the torch.optim.Adam.step path, every update
+        reference._step_groups(groups)
 
     reference._adam_step = reference_step
     for step in range(4):
@@ -191,7 +192,7 @@ def test_direct_fused_adam_steps_equal_the_optimizers_own_steps_also_after_loadi
     assert direct._adam_calls is not None  # the direct calls are in use from the second step
     assert all(torch.equal(a, b) for a, b in zip(_parameters(direct), _parameters(reference), strict=True))
 
-    saved = _learner(seed=4)
+    saved = _learner(seed=4, update_order=update_order)
     saved.update(_batch(seed=9), with_metrics=False)
     direct.load_state_dict(saved.state_dict())  # new optimizer state tensors: the direct calls must follow them
     reference.load_state_dict(saved.state_dict())

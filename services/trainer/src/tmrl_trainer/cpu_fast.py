@@ -180,11 +180,11 @@ class SACLearner(ReferenceLearner):
         parameter groups to step (``None``: all)."""
         if not self.optimizer.defaults["fused"]:  # only the fused kernels take found_inf; elsewhere, ask the host
             if not bool(rejected):
-                self._optimizer_step(groups)
+                self._step_groups(groups)
             return
         if self._adam_calls is None:
             self.optimizer.found_inf = rejected  # read by Adam.step, as GradScaler sets it
-            self._optimizer_step(groups)
+            self._step_groups(groups)
             if (self.device.type == "cpu" and self.optimizer.defaults["fused"] and not self.optimizer.defaults["amsgrad"]
                     and all(group["params"][0] in self.optimizer.state for group in self.optimizer.param_groups)):
                 self._adam_calls = []
@@ -202,20 +202,6 @@ class SACLearner(ReferenceLearner):
             torch._fused_adam_([parameter], [gradient], [exp_avg], [exp_avg_sq], [], [step], amsgrad=group["amsgrad"],
                                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                                eps=group["eps"], maximize=group["maximize"], found_inf=rejected)
-
-    def _optimizer_step(self, groups: tuple[str, ...] | None) -> None:
-        """``self.optimizer.step()`` for the parameter groups named in ``groups`` only (``None``: all): Adam skips a
-        parameter without a gradient, so the others' flat gradients are set aside for the step."""
-        hidden = [] if groups is None else [group["params"][0] for group in self.optimizer.param_groups
-                                            if group["name"] not in groups]
-        gradients = [parameter.grad for parameter in hidden]
-        for parameter in hidden:
-            parameter.grad = None
-        try:
-            self.optimizer.step()
-        finally:
-            for parameter, gradient in zip(hidden, gradients, strict=True):
-                parameter.grad = gradient
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

@@ -3,7 +3,9 @@
 What is captured: drawing and gathering the minibatch from a device-resident mirror of the replay memory
 (:meth:`CudaGraphLearner.update_sampled`, :class:`~tmrl_trainer.device_replay.DeviceReplay`), the whole of
 :meth:`ReferenceLearner.losses <tmrl_trainer.reference.ReferenceLearner.losses>` (critic target, critic, actor and
-entropy losses), the backward pass, the learner guard, one fused Adam step and the polyak step. Nothing in it asks
+entropy losses), the backward pass, the learner guard, one fused Adam step and the polyak step; in the
+``critic-first`` order, the critic loss, its backward pass and the critics' Adam step, then the actor's and alpha's
+losses against the stepped critics, their backward pass and Adam step, then the polyak step. Nothing in it asks
 the host anything, so an update is one ``graph.replay()``. The host-sampled path stays as the fallback
 (:meth:`CudaGraphLearner.update`): the batch sampled by :meth:`ReplayMemory.sample
 <tmrl_trainer.memory.ReplayMemory.sample>` is copied into the graph's static input tensors, then the graph (without
@@ -40,8 +42,9 @@ import torch
 from tmrl_common.networks import PolicyArchitecture
 
 from tmrl_trainer.device_replay import DeviceReplay
+from tmrl_trainer.guard import non_finite
 from tmrl_trainer.memory import TransitionBatch
-from tmrl_trainer.reference import ReferenceLearner
+from tmrl_trainer.reference import Losses, ReferenceLearner
 from tmrl_trainer.sac import SACConfig
 
 _HOST = "host"
@@ -56,9 +59,6 @@ class CudaGraphLearner(ReferenceLearner):
 
     def __init__(self, config: SACConfig, architecture: PolicyArchitecture, device: str | torch.device = "auto",
                  seed: int = 0, capture: bool | None = None) -> None:
-        if config.update_order != "joint":
-            raise ValueError(f"the cuda-graph backend computes the 'joint' update order only, not "
-                             f"{config.update_order!r}: use backend 'cpu-fast' or 'reference' for it")
         super().__init__(config, architecture, device=device, seed=seed)
         self.capture = self.device.type == "cuda" if capture is None else capture
         if self.capture and self.device.type != "cuda":
@@ -87,6 +87,8 @@ class CudaGraphLearner(ReferenceLearner):
 
     def step(self, batch: TransitionBatch) -> torch.Tensor:
         """One guarded update without a host synchronisation; returns the metrics tensor (on the device)."""
+        if self.config.update_order == "critic-first":
+            return self._step_critic_first(batch)
         losses = self.losses(batch)
         learned_alpha_loss = losses.alpha if self.config.learn_alpha else None
         self._zero_gradients()
@@ -96,6 +98,28 @@ class CudaGraphLearner(ReferenceLearner):
         self.optimizer.step()
         self._soft_update_targets(self.config.tau * (1.0 - rejected))  # a rejected update moves nothing
         return losses.metrics()
+
+    def _step_critic_first(self, batch: TransitionBatch) -> torch.Tensor:
+        """:meth:`step` in the ``critic-first`` order: the critics' Adam step (skipped by the fused kernel when their
+        loss or gradient is not finite), then the actor's loss against the stepped critics and one Adam step for the
+        actor and alpha, then the polyak step; both verdicts stay on the device."""
+        alpha = self.log_alpha.detach().exp()
+        critic_loss, q_values, target_q = self._critic_loss(batch, alpha)
+        self._zero_gradients()
+        critic_loss.backward()
+        critic_rejected = non_finite(critic_loss, [p.grad for p in self.critics.parameters()])
+        self.optimizer.found_inf = critic_rejected
+        self._step_groups(("critics",))
+
+        actor_loss, alpha_loss, log_prob = self._actor_losses(batch, alpha)
+        learned_alpha_loss = alpha_loss if self.config.learn_alpha else None
+        (actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)).backward()
+        rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, self._gradients(),
+                                    rejected_before=critic_rejected)
+        self.optimizer.found_inf = rejected
+        self._step_groups(("actor", "log_alpha"))
+        self._soft_update_targets(self.config.tau * (1.0 - rejected))
+        return Losses(critic_loss, actor_loss, alpha_loss, alpha, q_values, target_q, log_prob).metrics()
 
     def update(self, batch: TransitionBatch, with_metrics: bool = True) -> dict[str, float]:
         """One update on ``batch`` (sampled on the host): copied into the graph's static inputs, then replayed."""

@@ -206,6 +206,21 @@ class ReferenceLearner:
         for target, online in zip(self.target_critics.parameters(), self.critics.parameters(), strict=True):
             target.lerp_(online, weight)
 
+    def _step_groups(self, groups: tuple[str, ...] | None) -> None:
+        """``self.optimizer.step()`` for the parameter groups named in ``groups`` only (``None``: all): Adam skips a
+        parameter without a gradient, so the other groups' gradients are set aside for the step (the same tensors go
+        back, so a CUDA graph that recorded this step keeps their addresses)."""
+        hidden = [] if groups is None else [parameter for group in self.optimizer.param_groups
+                                            if group["name"] not in groups for parameter in group["params"]]
+        gradients = [parameter.grad for parameter in hidden]
+        for parameter in hidden:
+            parameter.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            for parameter, gradient in zip(hidden, gradients, strict=True):
+                parameter.grad = gradient
+
     def _gradients(self) -> list[torch.Tensor]:
         return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
 

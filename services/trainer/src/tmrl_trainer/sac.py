@@ -84,7 +84,7 @@ class SACConfig(BaseModel):
     """Rows in the replay memory before the first update."""
     update_order: UpdateOrder = "joint"
     """``joint``: the three losses at the same parameters, one Adam step; ``critic-first``: the critics step first and
-    the actor learns against the updated critics (Stable-Baselines3's order). Not available on ``cuda-graph``."""
+    the actor learns against the updated critics (Stable-Baselines3's order). Every backend computes both."""
     backend: Backend = "auto"
     """The learner implementation: ``reference`` (plain PyTorch, the oracle), ``cpu-fast``, ``cuda-graph`` or
     ``auto``. Every backend computes the same update and reads and writes the same checkpoints."""
