@@ -236,9 +236,9 @@ class Actor(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`forward` from already encoded observations (``self.encoder(observation)``)."""
+        if deterministic:  # the mean alone: the log-std head is not needed
+            return torch.tanh(self.mean(self.trunk(features))), None
         mean, log_std = self._mean_and_log_std(features)
-        if deterministic:
-            return torch.tanh(mean), None
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return _squashed_gaussian(mean, log_std, noise, with_log_prob)
 
