@@ -77,7 +77,7 @@ VIEWER = "viewer"
 def train(out: Path, minutes: float, snapshot_s: float, variables: dict[str, str], keep_best: bool = False) -> list[dict]:
     """Run the demo's stack for ``minutes``; return the snapshots (path, minutes, updates, samples). ``keep_best``
     adds a test worker keeping the policy of its best lap, copied to ``out`` at the end."""
-    from tmrl_stack import LocalStack
+    from tmrl_stack import LocalStack, raise_on_sigterm
 
     work = Path(tempfile.mkdtemp(prefix="tmrl-sim-laps-"))
     config = work / "tmrl.toml"
@@ -89,6 +89,7 @@ def train(out: Path, minutes: float, snapshot_s: float, variables: dict[str, str
     stack = LocalStack(work, config=config, curve_clients=clients, run_dir=out / "trainer",
                        state_dir="worker-state", logs=out / "logs", env=variables)
     snapshots: list[dict] = []
+    raise_on_sigterm()  # `kill` of this script takes its services down too (the finally below)
     try:
         stack.start_relay()
         stack.start_trainer("--env", "sim")

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tmrl_stack import LocalStack, free_ports
+from tmrl_stack import LocalStack, free_ports, raise_on_sigterm
 
 FINISH = re.compile(r"emulated game '.*': finish (\d+), race time ([0-9.]+) s")
 
@@ -164,6 +164,7 @@ def main() -> int:
     stack = LocalStack(out, config=config, curve_clients=("trainer", *workers), run_dir="trainer", logs=out / "logs")
     loads: list[float] = []
     found = None
+    raise_on_sigterm()  # `kill` of this script takes its services down too (the finally below)
     try:
         stack.start_relay()
         stack.start_trainer()

@@ -27,7 +27,7 @@ import time
 from collections import defaultdict, deque
 from pathlib import Path
 
-from tmrl_stack import LocalStack, StackError
+from tmrl_stack import LocalStack, StackError, raise_on_sigterm
 
 WORKERS = ("worker-1", "worker-2")
 
@@ -214,6 +214,7 @@ def main() -> int:
                        state_dir="worker-state", logs=logs)
     console.print(f"CurveZMQ keys in {stack.keys[0]}; allow-list {stack.keys[1]} (relay, trainer, {', '.join(WORKERS)})")
     stopped_by_user = False
+    raise_on_sigterm(interrupt=True)  # `kill` stops the services as Ctrl-C does, instead of orphaning them
     try:
         stack.start_relay()
         stack.start_trainer("--env", env_name)

@@ -53,3 +53,69 @@ def test_a_process_ignoring_sigterm_is_killed_and_reported(tmp_path):
         with pytest.raises(StackError, match="stubborn ignored signal"):
             stack.stop("stubborn", timeout=0.5, sig=signal.SIGTERM)
         assert stack.processes["stubborn"].returncode == -signal.SIGKILL
+
+
+WITH_STACK = """
+with LocalStack(root) as stack:
+    stack.start("sleeper", sys.executable, "-c", "import time; time.sleep(120)")
+    print(stack.processes["sleeper"].pid, flush=True)
+    time.sleep(120)
+"""
+SCRIPT_WITH_FINALLY = """
+stack = LocalStack(root)
+raise_on_sigterm(interrupt=INTERRUPT)
+try:
+    stack.start("sleeper", sys.executable, "-c", "import time; time.sleep(120)")
+    print(stack.processes["sleeper"].pid, flush=True)
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+finally:
+    stack.kill_all()
+"""
+
+
+@pytest.mark.parametrize(("launcher_code", "interrupt", "exit_code"),
+                         [(WITH_STACK, False, 128 + signal.SIGTERM), (SCRIPT_WITH_FINALLY, False, 128 + signal.SIGTERM),
+                          (SCRIPT_WITH_FINALLY, True, 0)],
+                         ids=["with-LocalStack", "raise_on_sigterm", "raise_on_sigterm-as-Ctrl-C"])
+def test_a_launcher_stopped_by_sigterm_takes_its_services_down_with_it(tmp_path, launcher_code, interrupt, exit_code):
+    """``kill <launcher>`` (an operator, a CI timeout) used to end the launcher and leave its services running."""
+    import subprocess
+    import sys
+    import time
+
+    prelude = (f"import sys, time\nfrom pathlib import Path\nfrom tmrl_stack import LocalStack, raise_on_sigterm\n"
+               f"root = Path({str(tmp_path)!r})\nINTERRUPT = {interrupt}\n")
+    launcher = subprocess.Popen([sys.executable, "-c", prelude + launcher_code], stdout=subprocess.PIPE, text=True)
+    child = int(launcher.stdout.readline())
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == exit_code
+    assert ("interrupted" in launcher.stdout.read()) is interrupt  # as Ctrl-C: the script's own stopping path runs
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _running(child):
+        time.sleep(0.05)
+    assert not _running(child)
+
+
+def test_the_stack_puts_the_previous_sigterm_handler_back_on_exit(tmp_path):
+    def previous(signum, frame):
+        pass
+
+    saved = signal.signal(signal.SIGTERM, previous)
+    try:
+        with LocalStack(tmp_path):
+            assert signal.getsignal(signal.SIGTERM) is not previous
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -15,7 +15,8 @@ Every service is started from the console script installed next to the running P
   ``run_dir`` and ``state_dir`` (relative to ``root`` unless absolute); each process logs to ``<logs>/<name>.log``;
 * **life cycle**: :meth:`LocalStack.wait_ready` (relay listening, trainer's first ``status.json``, worker connected),
   :meth:`LocalStack.stop` (a signal, then SIGKILL past a timeout, reported as :class:`StackError`),
-  :meth:`LocalStack.kill_all`; used as a context manager it kills whatever is left on exit.
+  :meth:`LocalStack.kill_all`; used as a context manager it kills whatever is left on exit, also when the
+  launcher itself is stopped by SIGTERM (in the main thread, SIGTERM becomes ``SystemExit`` inside the ``with``).
 
 A process that must stay up is checked by :func:`wait_until` while it polls; failures carry the tails of the logs.
 """
@@ -27,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -90,6 +92,21 @@ def _make_keys(root: Path, clients: Sequence[str]) -> tuple[Path, Path]:
     return keys, allowed
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _interrupt_on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def raise_on_sigterm(interrupt: bool = False) -> None:
+    """For a launcher script (call it in the main thread): SIGTERM raises ``SystemExit(143)``, or with ``interrupt``
+    ``KeyboardInterrupt`` as Ctrl-C would, so the script's ``finally`` and ``with`` blocks stop its services instead
+    of leaving them running after ``kill`` or a CI timeout."""
+    signal.signal(signal.SIGTERM, _interrupt_on_signal if interrupt else _exit_on_signal)
+
+
 class LocalStack:
     """Relay, trainer and workers of one test, demo or scenario (see the module docstring)."""
 
@@ -115,10 +132,19 @@ class LocalStack:
         self.roles: dict[str, str] = {}
 
     def __enter__(self) -> LocalStack:
+        # SIGTERM to the launcher (``kill``, a CI timeout) would end it without running __exit__ and leave the
+        # services running; in the main thread it becomes SystemExit, so they are killed on the way out
+        self._previous_sigterm: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_signal) or signal.SIG_DFL
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.kill_all()
+        try:
+            self.kill_all()
+        finally:
+            if self._previous_sigterm is not None:  # None: not installed (not the main thread)
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     # ---------------------------------------------------------------------------------------------- starting
 
