@@ -36,9 +36,11 @@ from tmrl_trainer.sac import SACConfig
 BATCH = 256
 HIDDEN = [256, 256]
 PREFILL = 20_000
+DEFAULT_ORDER = SACConfig.model_fields["update_order"].default
+"""The update order tmrl trains in unless told otherwise (the one measured by default)."""
 
 
-def tmrl_memory_and_learner(seed: int = 0, backend: str = "auto", update_order: str = "joint") -> tuple[ReplayMemory, Any]:
+def tmrl_memory_and_learner(seed: int = 0, backend: str = "auto", update_order: str = DEFAULT_ORDER) -> tuple[ReplayMemory, Any]:
     """A replay memory pre-filled with :data:`PREFILL` random steps, and tmrl's learner from ``make_learner``."""
     layout = tm20_lidar_layout()
     rng = np.random.default_rng(seed)
@@ -65,7 +67,7 @@ def tmrl_memory_and_learner(seed: int = 0, backend: str = "auto", update_order: 
 
 
 def tmrl_update_block(seed: int = 0, backend: str = "auto", sampling: str = "host",
-                      update_order: str = "joint") -> Callable[[int], None]:
+                      update_order: str = DEFAULT_ORDER) -> Callable[[int], None]:
     """A function running ``n`` tmrl updates (sampling included) on a pre-filled memory, sampled by the memory
     (``sampling="host"``, what the trainer does on CPU) or drawn from its ``DeviceReplay`` mirror on the CPU
     (``"device"``, the GPU path's sampler run here)."""
@@ -206,8 +208,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile instead of racing: tmrl's sampling against its "
                         "update (CPU time), torch.profiler's top operators, then both sides' matrix-product FLOPs and "
                         "time per update, at each thread count")
-    parser.add_argument("--update-order", default="joint", choices=["joint", "critic-first"],
-                        help="tmrl's SACConfig.update_order [joint]")
+    parser.add_argument("--update-order", default=DEFAULT_ORDER, choices=["joint", "critic-first"],
+                        help=f"tmrl's SACConfig.update_order [{DEFAULT_ORDER}]")
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     if args.profile:

@@ -101,6 +101,10 @@ def test_a_fast_backend_agrees_with_the_reference_on_image_observations_with_fix
     _assert_agree(_state(reference), _state(fast))
 
 
+def test_the_default_update_order_is_the_critics_first_as_in_sb3_and_cleanrl():
+    assert SACConfig().update_order == "critic-first"
+
+
 def test_in_the_critic_first_order_only_the_actor_sees_the_updated_critics():
     """One update from the same seed: critics, targets and alpha step as in the joint order (their losses do not
     depend on the order), the actor does not (its loss reads the critics after their step). Adam's first step moves

@@ -1,6 +1,6 @@
 """The ``cpu-fast`` learner backend: the reference update (:mod:`tmrl_trainer.reference`) computed with fewer passes
-over memory: about 1.4x Stable-Baselines3 at one CPU thread, 1.45-1.9x at two (``benchmarks/sac_updates.py``,
-benchmarks/README.md).
+over memory: about 1.3x Stable-Baselines3 at one CPU thread in the default ``critic-first`` order, 1.4-1.45x in the
+``joint`` order (``benchmarks/sac_updates.py``, benchmarks/README.md).
 
 What makes it fast, each checked against the reference on the same seeds and batches
 (``tests/trainer/test_learner_backends.py``: parameters, targets, log alpha and Adam moments agree to float

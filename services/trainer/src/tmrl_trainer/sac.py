@@ -14,10 +14,10 @@ The update, whichever backend computes it (:func:`tmrl_trainer.learner.make_lear
 4. **entropy coefficient loss**  ``-mean_b log(alpha) * (log pi(a~|s) + target_entropy)``: alpha grows when the
    policy's entropy ``-log pi`` falls below ``target_entropy`` (default ``-action_dim``) and shrinks otherwise.
    ``log pi`` is detached, so this loss only trains ``log(alpha)``.
-5. With ``update_order = "joint"`` (the default) all three losses are computed at the same parameters and applied by
-   one Adam step (as in the original SAC implementation, which ran its three train ops together). With
-   ``"critic-first"`` the critics take their Adam step first and the actor's loss (step 3) is then computed against
-   the critics just updated, as Stable-Baselines3, SpinningUp and CleanRL do (alpha's loss does not involve the
+5. With ``update_order = "critic-first"`` (the default) the critics take their Adam step first and the actor's loss
+   (step 3) is then computed against the critics just updated, as Stable-Baselines3, SpinningUp and CleanRL do. With
+   ``"joint"`` all three losses are computed at the same parameters and applied by one Adam step (as in the original
+   SAC implementation, which ran its three train ops together). (Alpha's loss does not involve the
    critics, so it is the same in both orders; the target and the actor loss use the alpha from before the update in
    both). Then the **target critics** move by polyak averaging ``theta' <- (1 - tau) * theta' + tau * theta``.
 6. **The guard** (:mod:`tmrl_trainer.guard`): between the backward pass and the Adam step, an update whose losses or
@@ -82,9 +82,10 @@ class SACConfig(BaseModel):
     """Updates per environment step received (update-to-data ratio; REDQ uses large values like 20)."""
     learning_starts: int = Field(default=1000, ge=1)
     """Rows in the replay memory before the first update."""
-    update_order: UpdateOrder = "joint"
-    """``joint``: the three losses at the same parameters, one Adam step; ``critic-first``: the critics step first and
-    the actor learns against the updated critics (Stable-Baselines3's order). Every backend computes both."""
+    update_order: UpdateOrder = "critic-first"
+    """``critic-first``: the critics step first and the actor learns against the updated critics (the order of
+    Stable-Baselines3, SpinningUp and CleanRL); ``joint``: the three losses at the same parameters, one Adam step (the
+    original SAC code's order, about 3 % faster on CPU). Every backend computes both."""
     backend: Backend = "auto"
     """The learner implementation: ``reference`` (plain PyTorch, the oracle), ``cpu-fast``, ``cuda-graph`` or
     ``auto``. Every backend computes the same update and reads and writes the same checkpoints."""
