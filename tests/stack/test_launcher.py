@@ -66,8 +66,8 @@ stack = LocalStack(root)
 raise_on_sigterm(interrupt=INTERRUPT)
 try:
     stack.start("sleeper", sys.executable, "-c", "import time; time.sleep(120)")
-    print(stack.processes["sleeper"].pid, flush=True)
-    try:
+    try:  # the pid is printed inside: the test's SIGTERM may arrive as soon as it is read
+        print(stack.processes["sleeper"].pid, flush=True)
         time.sleep(120)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
