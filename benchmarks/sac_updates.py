@@ -208,8 +208,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile instead of racing: tmrl's sampling against its "
                         "update (CPU time), torch.profiler's top operators, then both sides' matrix-product FLOPs and "
                         "time per update, at each thread count")
-    parser.add_argument("--update-order", default=DEFAULT_ORDER, choices=["joint", "critic-first"],
-                        help=f"tmrl's SACConfig.update_order [{DEFAULT_ORDER}]")
+    parser.add_argument("--update-order", default=DEFAULT_ORDER, choices=["joint", "critic-first", "both"],
+                        help=f"tmrl's SACConfig.update_order [{DEFAULT_ORDER}]; both: tmrl in each order and SB3, "
+                             "alternating in one process")
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     if args.profile:
@@ -217,10 +218,13 @@ def main() -> None:
             torch.set_num_threads(threads)
             profile_tmrl(args.backend, args.updates, args.repeats)
         return
-    blocks = {"tmrl": tmrl_update_block(backend=args.backend, sampling=args.sampling, update_order=args.update_order),
-              "stable-baselines3": sb3_update_block()}
+    orders = ["critic-first", "joint"] if args.update_order == "both" else [args.update_order]
+    sides = {"tmrl" if len(orders) == 1 else f"tmrl {order}": order for order in orders}
+    blocks = {side: tmrl_update_block(backend=args.backend, sampling=args.sampling, update_order=order)
+              for side, order in sides.items()}
+    blocks["stable-baselines3"] = sb3_update_block()
     print(f"SAC updates/s on CPU, tmrl backend {args.backend!r}, {args.sampling} sampling, update order "
-          f"{args.update_order!r} (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, best of {args.repeats} alternating "
+          f"{' and '.join(map(repr, orders))} (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, best of {args.repeats} alternating "
           f"blocks of {args.updates} updates, sampling included; both sides on the same torch thread count)")
     print(f"  {'threads':>7} {'side':<20} {'wall clock':>12} {'CPU time':>12}")
     ratios = []
@@ -229,11 +233,13 @@ def main() -> None:
         rates = measure(blocks, args.updates, args.repeats)
         for name, (wall, cpu) in rates.items():
             print(f"  {threads:>7} {name:<20} {wall:12.1f} {cpu:12.1f}")
-        (ours_wall, ours_cpu), (peer_wall, peer_cpu) = rates["tmrl"], rates["stable-baselines3"]
-        ratios.append((threads, ours_wall / peer_wall, ours_cpu / peer_cpu))
-    for threads, wall, cpu in ratios:
+        peer_wall, peer_cpu = rates["stable-baselines3"]
+        for side in sides:
+            ours_wall, ours_cpu = rates[side]
+            ratios.append((threads, side, ours_wall / peer_wall, ours_cpu / peer_cpu))
+    for threads, side, wall, cpu in ratios:
         default = " (torch's default)" if threads == default_threads else ""
-        print(f"  ratio tmrl / sb3 at {threads} thread(s){default}: {wall:.2f}x wall clock, {cpu:.2f}x CPU time "
+        print(f"  ratio {side} / sb3 at {threads} thread(s){default}: {wall:.2f}x wall clock, {cpu:.2f}x CPU time "
               "(target >= 1.5x)")
 
 
