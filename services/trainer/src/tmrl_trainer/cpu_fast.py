@@ -1,6 +1,6 @@
 """The ``cpu-fast`` learner backend: the reference update (:mod:`tmrl_trainer.reference`) computed with fewer passes
-over memory: about 1.3x Stable-Baselines3 at one CPU thread in the default ``critic-first`` order, 1.4-1.45x in the
-``joint`` order (``benchmarks/sac_updates.py``, benchmarks/README.md).
+over memory: 1.3-1.4x Stable-Baselines3 at one CPU thread and 1.35-1.55x at two in the default ``critic-first``
+order, a few per cent more in the ``joint`` order (``benchmarks/sac_updates.py``, benchmarks/README.md).
 
 What makes it fast, each checked against the reference on the same seeds and batches
 (``tests/trainer/test_learner_backends.py``: parameters, targets, log alpha and Adam moments agree to float

@@ -85,7 +85,7 @@ class SACConfig(BaseModel):
     update_order: UpdateOrder = "critic-first"
     """``critic-first``: the critics step first and the actor learns against the updated critics (the order of
     Stable-Baselines3, SpinningUp and CleanRL); ``joint``: the three losses at the same parameters, one Adam step (the
-    original SAC code's order; one product fewer: about 7 % faster at one CPU thread, 1 % at two). Every backend
+    original SAC code's order; one product fewer: 2-8 % faster at one CPU thread, no faster at two). Every backend
     computes both."""
     backend: Backend = "auto"
     """The learner implementation: ``reference`` (plain PyTorch, the oracle), ``cpu-fast``, ``cuda-graph`` or
