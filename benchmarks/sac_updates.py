@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 import gymnasium as gym
 import numpy as np
@@ -31,7 +31,7 @@ from tmrl_common.layout import tm20_lidar_layout
 from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.learner import make_learner
 from tmrl_trainer.memory import ReplayMemory
-from tmrl_trainer.sac import SACConfig
+from tmrl_trainer.sac import SACConfig, UpdateOrder
 
 BATCH = 256
 HIDDEN = [256, 256]
@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile instead of racing: tmrl's sampling against its "
                         "update (CPU time), torch.profiler's top operators, then both sides' matrix-product FLOPs and "
                         "time per update, at each thread count")
-    parser.add_argument("--update-order", default=DEFAULT_ORDER, choices=["joint", "critic-first", "both"],
+    parser.add_argument("--update-order", default=DEFAULT_ORDER, choices=[*get_args(UpdateOrder), "both"],
                         help=f"tmrl's SACConfig.update_order [{DEFAULT_ORDER}]; both: tmrl in each order and SB3, "
                              "alternating in one process")
     args = parser.parse_args()
@@ -218,7 +218,7 @@ def main() -> None:
             torch.set_num_threads(threads)
             profile_tmrl(args.backend, args.updates, args.repeats)
         return
-    orders = ["critic-first", "joint"] if args.update_order == "both" else [args.update_order]
+    orders = list(get_args(UpdateOrder)) if args.update_order == "both" else [args.update_order]
     sides = {"tmrl" if len(orders) == 1 else f"tmrl {order}": order for order in orders}
     blocks = {side: tmrl_update_block(backend=args.backend, sampling=args.sampling, update_order=order)
               for side, order in sides.items()}

@@ -78,6 +78,7 @@ def train(out: Path, minutes: float, snapshot_s: float, variables: dict[str, str
     """Run the demo's stack for ``minutes``; return the snapshots (path, minutes, updates, samples). ``keep_best``
     adds a test worker keeping the policy of its best lap, copied to ``out`` at the end."""
     from tmrl_stack import LocalStack, raise_on_sigterm
+    from tmrl_worker.runtime import best_policy_paths
 
     work = Path(tempfile.mkdtemp(prefix="tmrl-sim-laps-"))
     config = work / "tmrl.toml"
@@ -116,8 +117,7 @@ def train(out: Path, minutes: float, snapshot_s: float, variables: dict[str, str
         for name in (*viewers, *WORKERS, "trainer", "relay"):
             stack.stop(name, timeout=30.0)
         for viewer in viewers:
-            for suffix in (".best-policy.safetensors", ".best-policy.json"):
-                kept = stack.state_dir / f"{viewer}{suffix}"
+            for kept in best_policy_paths(stack.state_dir, viewer):
                 if kept.exists():
                     shutil.copyfile(kept, out / kept.name)
     finally:
@@ -260,10 +260,12 @@ def main() -> int:
         print(f"last snapshot: ratio {rows[-1]['ratio']:.3f}, finished {rows[-1]['finished']}/{rows[-1]['episodes']}; "
               f"mean ratio of the last {len(tail)} evaluations {statistics.fmean(tail):.3f}; best ratio with every "
               f"episode finished {min(ratios) if ratios else float('nan'):.3f}")
-    kept = out / f"{VIEWER}.best-policy.safetensors"
     if args.keep_best and not args.policy:
+        from tmrl_worker.runtime import best_policy_paths
+
+        kept, kept_summary = best_policy_paths(out, VIEWER)
         if kept.exists():
-            found = json.loads((out / f"{VIEWER}.best-policy.json").read_text())
+            found = json.loads(kept_summary.read_text())
             laps = policy_laps(kept, tracks, args.eval_seed, args.eval_episodes, args.max_episode_steps)
             row = {"policy": str(kept), "kept": found, **compare(laps, scripted), "laps": laps}
             rows.append(row)

@@ -222,6 +222,11 @@ class EpisodeOutcome:
         return bool(self.finished), -self.steps if self.finished else 0, self.episode_return
 
 
+def best_policy_paths(directory: Path, worker_id: str) -> tuple[Path, Path]:
+    """Where :class:`BestPolicyKeeper` keeps ``worker_id``'s best policy and its summary: ``(policy, summary)``."""
+    return directory / f"{worker_id}.best-policy.safetensors", directory / f"{worker_id}.best-policy.json"
+
+
 class BestPolicyKeeper:
     """Keeps the policy of the best episode a test worker has driven (``WorkerConfig.keep_best``): its actor in
     ``<directory>/<worker_id>.best-policy.safetensors`` (what ``tmrl-worker eval --policy`` and ``--expert --policy``
@@ -233,8 +238,7 @@ class BestPolicyKeeper:
     def __init__(self, directory: Path, worker_id: str) -> None:
         directory = Path(directory).expanduser()
         directory.mkdir(parents=True, exist_ok=True)
-        self.policy_path = directory / f"{worker_id}.best-policy.safetensors"
-        self.summary_path = directory / f"{worker_id}.best-policy.json"
+        self.policy_path, self.summary_path = best_policy_paths(directory, worker_id)
         self.best: EpisodeOutcome | None = None
         self.best_version: int | None = None
         self.saved = 0
