@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from tmrl_stack import LocalStack, StackError, free_ports, wait_until
+from tmrl_stack import LocalStack, StackError, free_ports, launcher, wait_until
 
 
 def test_free_ports_are_distinct_and_bindable():
@@ -26,6 +26,21 @@ def test_with_curve_clients_each_gets_a_key_pair_and_a_place_in_the_relays_allow
     assert sorted(p.relative_to(allowed).as_posix() for p in allowed.rglob("*.key")) == ["trainers/trainer.key",
                                                                                        "worker-1.key"]
     assert stack.ports.metrics == 0 and len(set(stack.ports[:3])) == 3
+
+
+def test_console_scripts_come_from_beside_the_interpreter_else_from_path(tmp_path, monkeypatch):
+    beside, on_path = tmp_path / "venv-bin", tmp_path / "target-bin"
+    beside.mkdir()
+    on_path.mkdir()
+    for folder, name in ((beside, "tmrl-relay"), (on_path, "tmrl-relay"), (on_path, "tmrl-trainer")):
+        (folder / name).write_text("#!/bin/sh\n")
+        (folder / name).chmod(0o755)
+    monkeypatch.setattr(launcher, "BIN", beside)
+    monkeypatch.setenv("PATH", str(on_path))
+    assert launcher.console_script("tmrl-relay") == beside / "tmrl-relay"  # the environment's own wins
+    assert launcher.console_script("tmrl-trainer") == on_path / "tmrl-trainer"  # pip --target: its bin on PATH
+    with pytest.raises(FileNotFoundError, match="'tmrl-worker' is neither in .*venv-bin nor on PATH"):
+        launcher.console_script("tmrl-worker")
 
 
 @pytest.mark.slow

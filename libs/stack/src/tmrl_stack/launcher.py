@@ -24,6 +24,7 @@ A process that must stay up is checked by :func:`wait_until` while it polls; fai
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,7 +36,21 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 BIN = Path(sys.executable).parent
-"""Where the console scripts of the running environment are."""
+"""Where the console scripts of the running environment are (a virtual environment's ``bin``)."""
+
+
+def console_script(name: str) -> Path:
+    """The console script ``name``: beside the running interpreter (:data:`BIN`), else the first on ``PATH`` (packages
+    installed with ``pip install --target`` or ``--user`` put their scripts elsewhere, as on the GPU machine of
+    ``benchmarks/gpu_check.sh``); a clear error when neither has it."""
+    beside = BIN / name
+    if beside.exists():
+        return beside
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"the console script {name!r} is neither in {BIN} nor on PATH: install tmrl's "
+                                "packages (make install) in the environment that runs this")
+    return Path(found)
 
 T = TypeVar("T")
 
@@ -183,7 +198,7 @@ class LocalStack:
         """Any console script (``args[0]``) as process ``name``, appending to ``<logs>/<name>.log``."""
         log_path = self.logs_dir / f"{name}.log"
         with open(log_path, "ab") as log:
-            self.processes[name] = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log,
+            self.processes[name] = subprocess.Popen([str(console_script(args[0])), *args[1:]], stdout=log,
                                                     stderr=subprocess.STDOUT, cwd=self.root,
                                                     env={**self.env, **(env or {})})
         self.logs[name] = log_path
