@@ -27,7 +27,9 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -88,13 +90,14 @@ def filled_memory(layout: ObservationLayout, rows: int, seed: int = 0) -> Replay
     return memory
 
 
-def tmrl_block(net: str, batch: int, device: torch.device, rows: int, sampling: str) -> Callable[[int], None]:
-    """tmrl's updates, the batch sampled on the host (``sampling="host"``: ``ReplayMemory.sample``, copied in) or on
-    the device (``"device"``: a ``DeviceReplay`` mirror, drawn inside the CUDA graph)."""
+def tmrl_block(net: str, batch: int, device: torch.device, memory: ReplayMemory, sampling: str,
+               backend: str = "auto") -> Callable[[int], None]:
+    """tmrl's updates through ``make_learner`` (``backend``), the batch sampled on the host (``sampling="host"``:
+    ``ReplayMemory.sample``, copied in) or on the device (``"device"``: a ``DeviceReplay`` mirror, drawn inside the
+    CUDA graph)."""
     layout = _layouts()[net]
-    memory = filled_memory(layout, rows)
     config = SACConfig(batch_size=batch, hidden_sizes=HIDDEN, conv_channels=CONV)
-    learner = make_learner(config, config.architecture(layout), device=device, seed=0)
+    learner = make_learner(config, config.architecture(layout), device=device, seed=0, backend=backend)
     if sampling == "device":
         replay = DeviceReplay(memory, device)
         replay.sync()
@@ -167,19 +170,38 @@ def sb3_block(net: str, batch: int, device: torch.device, rows: int) -> Callable
     return block
 
 
-def best_rate(blocks: dict[str, Callable[[int], None]], updates: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Best updates/s of each side over ``repeats`` timed blocks, the sides taking turns."""
-    for block in blocks.values():
-        block(20)  # warm-up (and, for tmrl on CUDA, the graph's recording)
+def _failed(what: str, errors: dict[str, str], name: str) -> None:
+    """Record and print the error of one side: the other sides' figures still come (a GPU run is short and rare)."""
+    errors[name] = traceback.format_exc()
+    print(f"  {what} failed:\n{errors[name]}", file=sys.stderr, flush=True)
+
+
+def best_rate(builders: dict[str, Callable[[], Callable[[int], None]]], updates: int, repeats: int,
+              device: torch.device, errors: dict[str, str]) -> dict[str, float]:
+    """Best updates/s of each side over ``repeats`` timed blocks, the sides taking turns; a side that fails to build
+    or to run is left out, its traceback in ``errors``."""
+    blocks: dict[str, Callable[[int], None]] = {}
+    for name, build in builders.items():
+        try:
+            blocks[name] = build()
+            blocks[name](20)  # warm-up (and, for tmrl on CUDA, the graph's recording)
+        except Exception:
+            blocks.pop(name, None)
+            _failed(name, errors, name)
     best = dict.fromkeys(blocks, 0.0)
     for _ in range(repeats):
-        for name, block in blocks.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            block(updates)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+        for name, block in list(blocks.items()):
+            try:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                block(updates)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            except Exception:
+                del blocks[name], best[name]
+                _failed(name, errors, name)
+                continue
             best[name] = max(best[name], updates / (time.perf_counter() - started))
     return best
 
@@ -214,7 +236,10 @@ def main() -> int:
     parser.add_argument("--no-sb3", action="store_true", help="skip Stable-Baselines3 (when it is not installed)")
     parser.add_argument("--nets", default="mlp,cnn", help="comma-separated nets to time [mlp,cnn] (the CNN at batch "
                         "256 takes minutes on a CPU)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--service-seconds", type=float, default=None, help="how long the service's rate is measured, "
+                        "after its first update (default 30; 10 with --quick)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file (after "
+                        "each row, so that a run stopped midway keeps what it measured)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -229,35 +254,57 @@ def main() -> int:
     batches = [256] if args.quick else [256, 1024]
     print(f"gpu_check on {card}: torch {torch.__version__}; best of {repeats} alternating blocks of {updates} updates, "
           "sampling included")
-    results: dict = {"device": card, "torch": torch.__version__, "learner": []}
+    results: dict = {"device": card, "torch": torch.__version__, "learner": [], "errors": {}}
+    errors: dict[str, str] = results["errors"]
+
+    def save() -> None:
+        if args.json is not None:
+            args.json.write_text(json.dumps(results, indent=2))
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     print("  tmrl host: batch sampled on the host and copied in; tmrl device: drawn from the DeviceReplay mirror "
-          "(inside the CUDA graph on CUDA)")
-    print(f"  {'net':<4} {'batch':>5} {'tmrl host':>10} {'tmrl device':>12} {'sb3 upd/s':>10} {'host/sb3':>9} "
-          f"{'device/sb3':>11}")
+          "(inside the CUDA graph on CUDA); reference: the plain-PyTorch update, eager, host-sampled")
+    sides = ["tmrl host", "tmrl device", "reference"] + ([] if args.no_sb3 else ["sb3"])
+    print(f"  {'net':<4} {'batch':>5} {'tmrl host':>10} {'tmrl device':>12} {'reference':>10} {'sb3 upd/s':>10} "
+          f"{'host/sb3':>9} {'device/sb3':>11}", flush=True)
     for net in args.nets.split(","):
+        memory = filled_memory(_layouts()[net], rows[net])
         for batch in batches:
-            blocks = {"tmrl host": tmrl_block(net, batch, device, rows[net], "host"),
-                      "tmrl device": tmrl_block(net, batch, device, rows[net], "device")}
+            builders = {"tmrl host": partial(tmrl_block, net, batch, device, memory, "host"),
+                        "tmrl device": partial(tmrl_block, net, batch, device, memory, "device"),
+                        "reference": partial(tmrl_block, net, batch, device, memory, "host", backend="reference")}
             if not args.no_sb3:
-                blocks["sb3"] = sb3_block(net, batch, device, rows[net])
-            rate = best_rate(blocks, updates, repeats, device)
-            host, on_device, sb3 = rate["tmrl host"], rate["tmrl device"], rate.get("sb3", float("nan"))
-            ratios = ["-", "-"] if args.no_sb3 else [f"{host / sb3:.2f}x", f"{on_device / sb3:.2f}x"]
-            print(f"  {net:<4} {batch:>5} {host:10.1f} {on_device:12.1f} {sb3:10.1f} {ratios[0]:>9} {ratios[1]:>11}",
+                builders["sb3"] = partial(sb3_block, net, batch, device, rows[net])
+            row_errors: dict[str, str] = {}
+            rate = best_rate(builders, updates, repeats, device, row_errors)
+            errors.update({f"{net} {batch} {name}": text for name, text in row_errors.items()})
+            figures = {side: rate.get(side, float("nan")) for side in sides}
+            sb3 = figures.get("sb3", float("nan"))
+            ratio = {side: "-" if args.no_sb3 else f"{figures[side] / sb3:.2f}x" for side in sides}
+            print(f"  {net:<4} {batch:>5} {figures['tmrl host']:10.1f} {figures['tmrl device']:12.1f} "
+                  f"{figures['reference']:10.1f} {sb3:10.1f} {ratio['tmrl host']:>9} {ratio['tmrl device']:>11}",
                   flush=True)
-            results["learner"].append({"net": net, "batch": batch, "tmrl_host_sampled": host,
-                                       "tmrl_device_sampled": on_device, "sb3": sb3})
+            results["learner"].append({"net": net, "batch": batch, "tmrl_host_sampled": figures["tmrl host"],
+                                       "tmrl_device_sampled": figures["tmrl device"],
+                                       "reference_eager": figures["reference"], "sb3": sb3})
+            save()
     if device.type == "cuda":
         results["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         print(f"  peak GPU memory of these learners: {results['peak_memory_mib']:.0f} MiB")
     if not args.no_service:
-        rate, samples = service_rate(device, workers=8, seconds=10.0 if args.quick else 45.0)
-        results["service"] = {"updates_per_s": rate, "samples_received": samples, "workers": 8}
-        print(f"  trainer service on {card}, 8 sim-fast workers: {rate:.1f} updates/s ({samples} samples received)")
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2))
+        seconds = args.service_seconds if args.service_seconds is not None else 10.0 if args.quick else 30.0
+        try:
+            rate, samples = service_rate(device, workers=8, seconds=seconds)
+            results["service"] = {"updates_per_s": rate, "samples_received": samples, "workers": 8, "seconds": seconds}
+            print(f"  trainer service on {card}, 8 sim-fast workers: {rate:.1f} updates/s over {seconds:.0f} s "
+                  f"({samples} samples received)")
+        except Exception:
+            _failed("the trainer service", errors, "service")
+    save()
+    if errors:
+        print(f"gpu_check: {len(errors)} part(s) failed: {', '.join(errors)} (tracebacks above)", file=sys.stderr)
+        return 1
     return 0
 
 
