@@ -28,9 +28,10 @@ On a CPU device, or with ``capture=False``, the same step runs eagerly: that is 
 reference on a machine without a GPU (``tests/trainer/test_learner_backends.py``); the graph itself is tested only
 where CUDA is available.
 
-Not measured yet: no session has had a GPU since this was written, so neither graph has run on CUDA; the
-device-sampling path is tested on CPU (eager, against the reference on the same batches) and its graph tests skip
-without CUDA (``tests/trainer/test_device_replay.py``).
+Measured on an NVIDIA H200 (``benchmarks/gpu_check.sh``, benchmarks/README.md): the host-fed graph, in both orders,
+replayed the eager step bit for bit and ended within 5e-8 of the reference after 8 updates; the graph that draws its
+own batch matched the reference on the same draws to the tests' tolerance. The MLP's update (batch 256) ran at about
+1,400 per second drawn inside the graph, 14.7-16.3x Stable-Baselines3 on the same GPU.
 """
 
 from __future__ import annotations
