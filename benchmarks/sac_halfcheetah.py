@@ -115,11 +115,13 @@ def run_sb3(env_id: str, seed: int, steps: int, episodes: int, eval_every: int, 
             progress: Path | None = None) -> Run:
     import gymnasium as gym
     from stable_baselines3 import SAC
+    from stable_baselines3.common.logger import Logger
 
     torch.set_num_threads(1)
     log = ProgressLog(progress, "stable-baselines3", seed)
     started, cpu_started = time.perf_counter(), time.process_time()
     model = SAC("MlpPolicy", gym.make(env_id), seed=seed, device="cpu", verbose=0, **sb3_settings(overrides))
+    model.set_logger(Logger(folder=None, output_formats=[]))  # else learn() leaves an empty /tmp/SB3-<date> folder
     curve = []
     done_steps = 0
     while done_steps < steps:

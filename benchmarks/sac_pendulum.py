@@ -92,10 +92,12 @@ def run_sb3(seed: int, steps: int, episodes: int, overrides: dict) -> tuple[floa
     import gymnasium as gym
     from stable_baselines3 import SAC
     from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.logger import Logger
 
     torch.set_num_threads(1)
     started = time.perf_counter()
     model = SAC("MlpPolicy", gym.make("Pendulum-v1"), seed=seed, device="cpu", verbose=0)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # else learn() leaves an empty /tmp/SB3-<date> folder
     model.learn(total_timesteps=steps)
     same_protocol = float(np.mean(evaluate_sb3(model, episodes, seed)))
     wall_s = time.perf_counter() - started
