@@ -32,7 +32,7 @@ from tmrl_common.networks import CriticEnsemble, PolicyArchitecture
 
 from tmrl_trainer.guard import non_finite
 from tmrl_trainer.memory import TransitionBatch
-from tmrl_trainer.reference import ReferenceLearner
+from tmrl_trainer.reference import ReferenceLearner, summed_losses
 from tmrl_trainer.sac import SACConfig, draw_critic_subset, entropy_coefficient_loss, keep_critics, soft_td_target
 
 
@@ -151,7 +151,7 @@ class SACLearner(ReferenceLearner):
         # 5. the actor's and alpha's gradients (each loss reaches only its own parameters), then one Adam step for all
         # three (critic-first: for these two; the critics' gradient stays for the guard, untouched by this backward)
         learned_alpha_loss = alpha_loss if self.config.learn_alpha else None
-        (actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)).backward()
+        summed_losses(actor_loss, learned_alpha_loss).backward()
         # 6. the guard: 1.0 when a loss or gradient is not finite; Adam and the polyak step then change nothing
         rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, self._flat_gradients,
                                     rejected_before=critic_rejected)

@@ -45,7 +45,7 @@ from tmrl_common.networks import PolicyArchitecture
 from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.guard import non_finite
 from tmrl_trainer.memory import TransitionBatch
-from tmrl_trainer.reference import Losses, ReferenceLearner
+from tmrl_trainer.reference import Losses, ReferenceLearner, summed_losses
 from tmrl_trainer.sac import SACConfig
 
 _HOST = "host"
@@ -93,7 +93,7 @@ class CudaGraphLearner(ReferenceLearner):
         losses = self.losses(batch)
         learned_alpha_loss = losses.alpha if self.config.learn_alpha else None
         self._zero_gradients()
-        (losses.critic + losses.actor + (0.0 if learned_alpha_loss is None else learned_alpha_loss)).backward()
+        summed_losses(losses.critic, losses.actor, learned_alpha_loss).backward()
         rejected = self.guard.check(losses.critic, losses.actor, learned_alpha_loss, self._gradients())
         self.optimizer.found_inf = rejected  # read by the fused Adam kernel, as GradScaler sets it
         self.optimizer.step()
@@ -114,7 +114,7 @@ class CudaGraphLearner(ReferenceLearner):
 
         actor_loss, alpha_loss, log_prob = self._actor_losses(batch, alpha)
         learned_alpha_loss = alpha_loss if self.config.learn_alpha else None
-        (actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)).backward()
+        summed_losses(actor_loss, learned_alpha_loss).backward()
         rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, self._gradients(),
                                     rejected_before=critic_rejected)
         self.optimizer.found_inf = rejected

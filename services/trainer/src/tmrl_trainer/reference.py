@@ -156,7 +156,7 @@ class ReferenceLearner:
 
         # 5. one backward and one Adam step for all three: each loss reaches only its own parameters
         self.optimizer.zero_grad()
-        (losses.critic + losses.actor + (0.0 if learned_alpha_loss is None else learned_alpha_loss)).backward()
+        summed_losses(losses.critic, losses.actor, learned_alpha_loss).backward()
         # 6. the guard; asking the host is fine in the reference (the fast backends keep the verdict on the device)
         rejected = self.guard.check(losses.critic, losses.actor, learned_alpha_loss, self._gradients())
         if not bool(rejected):
@@ -188,7 +188,7 @@ class ReferenceLearner:
 
         actor_loss, alpha_loss, log_prob = self._actor_losses(batch, alpha)
         learned_alpha_loss = alpha_loss if self.config.learn_alpha else None
-        (actor_loss + (0.0 if learned_alpha_loss is None else learned_alpha_loss)).backward()
+        summed_losses(actor_loss, learned_alpha_loss).backward()
         rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, critic_gradients + self._gradients(),
                                     rejected_before=critic_rejected)
         if not bool(rejected):
@@ -259,6 +259,18 @@ class ReferenceLearner:
 
 
 # ---------------------------------------------------------------------------------- the canonical Adam state
+
+
+def summed_losses(*losses: torch.Tensor | None) -> torch.Tensor:
+    """The sum of ``losses`` in the order given, leaving out ``None`` (alpha's loss when alpha is fixed): the tensor
+    whose ``backward()`` one step takes."""
+    total = None
+    for loss in losses:
+        if loss is not None:
+            total = loss if total is None else total + loss
+    if total is None:
+        raise ValueError("no loss to sum")
+    return total
 
 
 def flat_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
