@@ -111,6 +111,17 @@ def test_a_fast_backend_agrees_with_the_reference_on_image_observations_with_fix
     _assert_agree(_state(reference), _state(fast))
 
 
+@pytest.mark.parametrize("backend", FAST)
+def test_a_fast_backend_agrees_with_the_reference_with_a_reward_scale(backend):
+    reference, fast = _learner("reference", reward_scale=0.2), _learner(backend, reward_scale=0.2)
+    unscaled = _learner("reference")
+    batches = _own_batches(4)
+    _train([reference, fast, unscaled], batches)
+    _assert_agree(_state(reference), _state(fast))
+    difference = (_state(unscaled)["critics.observation_weight"] - _state(reference)["critics.observation_weight"])
+    assert difference.abs().max() > 1e-4  # the scale reached the critics' targets
+
+
 def test_the_default_update_order_is_the_critics_first_as_in_sb3_and_cleanrl():
     assert SACConfig().update_order == "critic-first"
 

@@ -48,6 +48,15 @@ def test_td_target_stops_bootstrapping_only_on_termination():
     assert target.tolist() == pytest.approx([1.0, 1.0 + 0.9 * (10.0 + 1.0), 1.0 + 0.9 * (4.0 - 0.5)])
 
 
+def test_the_reward_scale_multiplies_the_reward_and_nothing_else_in_the_target():
+    reward, terminated = torch.tensor([2.0, 2.0]), torch.tensor([1.0, 0.0])
+    next_q, next_log_prob = torch.tensor([10.0, 10.0]), torch.tensor([-2.0, -2.0])
+    target = soft_td_target(reward, terminated, next_q, next_log_prob, alpha=0.5, gamma=0.9, reward_scale=5.0)
+    assert target.tolist() == pytest.approx([10.0, 10.0 + 0.9 * (10.0 + 1.0)])
+    terminated_only = _learner(reward_scale=5.0).update(_batch(terminated=1.0), with_metrics=True)
+    assert terminated_only["target_q_mean"] == pytest.approx(5.0 * float(_batch().reward.mean()), abs=1e-5)
+
+
 def test_learner_target_equals_reward_on_terminated_steps_but_bootstraps_truncated_ones():
     terminated = _learner().update(_batch(terminated=1.0), with_metrics=True)
     batch = _batch(terminated=0.0, truncated=1.0)

@@ -118,7 +118,8 @@ class SACLearner(ReferenceLearner):
         with torch.no_grad():
             next_q = self.target_critics.q_values(next_critic_features, next_action)
             next_q = keep_critics(next_q, subset).min(dim=0).values
-            target_q = soft_td_target(batch.reward, batch.terminated, next_q, next_log_prob, alpha, gamma)
+            target_q = soft_td_target(batch.reward, batch.terminated, next_q, next_log_prob, alpha, gamma,
+                                      self.config.reward_scale)
 
         # 2. critic loss
         observation_part = self.critics.observation_part(critic_features)

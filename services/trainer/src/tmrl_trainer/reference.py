@@ -124,7 +124,8 @@ class ReferenceLearner:
             next_action, next_log_prob = self.actor(batch.next_observation, generator=self.generator)
             next_q = self.target_critics(batch.next_observation, next_action)
             next_q = critic_subset(next_q, self.config.redq_m, self.generator).min(dim=0).values
-            target_q = soft_td_target(batch.reward, batch.terminated, next_q, next_log_prob, alpha, self.config.gamma)
+            target_q = soft_td_target(batch.reward, batch.terminated, next_q, next_log_prob, alpha, self.config.gamma,
+                                      self.config.reward_scale)
 
         # 2. critic loss
         q_values = self.critics(batch.observation, batch.action)  # (n, B)

@@ -60,6 +60,9 @@ class SACConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gamma: float = Field(default=0.99, ge=0.0, le=1.0)
+    reward_scale: float = Field(default=1.0, gt=0.0)
+    """Every reward is multiplied by this in the critics' target (the SAC paper's reward scale; Q values, and with a
+    learned alpha alpha itself, come out in scaled units). 1: rewards as the env gives them."""
     tau: float = Field(default=0.005, gt=0.0, le=1.0)
     """Polyak coefficient of the target critics (1: hard copy every update)."""
     actor_lr: float = Field(default=1e-3, gt=0.0)
@@ -119,10 +122,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def soft_td_target(reward: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor, next_log_prob: torch.Tensor,
-                   alpha: torch.Tensor | float, gamma: float) -> torch.Tensor:
-    """``r + gamma * (1 - terminated) * (Q'(s', a') - alpha * log pi(a'|s'))``: no bootstrap past a terminal state;
-    a truncated (time-limit) step is not terminal, so it is not an argument here."""
-    return reward + gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
+                   alpha: torch.Tensor | float, gamma: float, reward_scale: float = 1.0) -> torch.Tensor:
+    """``reward_scale * r + gamma * (1 - terminated) * (Q'(s', a') - alpha * log pi(a'|s'))``: no bootstrap past a
+    terminal state; a truncated (time-limit) step is not terminal, so it is not an argument here."""
+    scaled = reward if reward_scale == 1.0 else reward * reward_scale
+    return scaled + gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
 
 
 def critic_subset(q_values: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
