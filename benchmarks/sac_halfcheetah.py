@@ -100,6 +100,8 @@ def sb3_settings(overrides: dict) -> dict:
         raise SystemExit("SB3 has one learning rate: set sac.actor_lr, sac.critic_lr and sac.alpha_lr alike")
     if sac.redq_n != 2 or sac.redq_m != 2 or sac.utd != 1.0 or not sac.learn_alpha:
         raise SystemExit("the SB3 peer is plain SAC with learned alpha and one update per step")
+    if sac.reward_scale != 1.0:
+        raise SystemExit("SB3's SAC has no reward scale: leave sac.reward_scale at 1 (or run with --no-sb3)")
     return {
         "learning_rate": sac.actor_lr, "buffer_size": config.memory_capacity, "learning_starts": sac.learning_starts,
         "batch_size": sac.batch_size, "tau": sac.tau, "gamma": sac.gamma, "train_freq": 1, "gradient_steps": 1,

@@ -259,9 +259,6 @@ class ReferenceLearner:
         self.updates = int(state["updates"])
 
 
-# ---------------------------------------------------------------------------------- the canonical Adam state
-
-
 def summed_losses(*losses: torch.Tensor | None) -> torch.Tensor:
     """The sum of ``losses`` in the order given, leaving out ``None`` (alpha's loss when alpha is fixed): the tensor
     whose ``backward()`` one step takes."""
@@ -272,6 +269,9 @@ def summed_losses(*losses: torch.Tensor | None) -> torch.Tensor:
     if total is None:
         raise ValueError("no loss to sum")
     return total
+
+
+# ---------------------------------------------------------------------------------- the canonical Adam state
 
 
 def flat_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
