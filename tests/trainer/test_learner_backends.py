@@ -180,7 +180,7 @@ def test_the_cuda_graph_backend_on_cpu_runs_its_step_eagerly():
 
 
 @needs_cuda
-@pytest.mark.parametrize("update_order", ["joint", "critic-first"])
+@pytest.mark.parametrize("update_order", ORDERS)
 def test_the_cuda_graph_replays_the_reference_update_on_the_gpu(update_order):
     reference = _learner("reference", device="cuda", update_order=update_order)
     graph = _learner("cuda-graph", device="cuda", update_order=update_order)
@@ -193,7 +193,7 @@ def test_the_cuda_graph_replays_the_reference_update_on_the_gpu(update_order):
 
 
 @needs_cuda
-@pytest.mark.parametrize("update_order", ["joint", "critic-first"])
+@pytest.mark.parametrize("update_order", ORDERS)
 def test_the_cuda_graph_applies_the_guard_without_asking_the_host(update_order):
     graph = _learner("cuda-graph", device="cuda", update_order=update_order)
     *batches, poisoned = _own_batches(5)
