@@ -270,3 +270,32 @@ def test_policy_pair_matches_policy_at_both_batches_with_gradients_through_the_c
         scale = float(reference.abs().max())  # sums of hundreds of terms in another order: float error scales with it
         torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-6 * scale, msg=name)
         assert reference.abs().sum() > 0, name
+
+
+def test_critics_with_layer_norm_normalise_each_hidden_layer_per_member_before_the_activation():
+    architecture = PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=[16, 8])
+    torch.manual_seed(3)
+    critics = CriticEnsemble(architecture, n=2, layer_norm=True)
+    torch.manual_seed(3)
+    plain = CriticEnsemble(architecture, n=2)
+    for name, tensor in plain.state_dict().items():  # the norms are drawn after everything else
+        assert torch.equal(critics.state_dict()[name], tensor)
+    with torch.no_grad():
+        for parameter in [*critics.norm_weights, *critics.norm_biases]:
+            parameter.uniform_(-2, 2)
+    observation = (torch.rand(5, 1), torch.rand(5, 4, 19), torch.rand(5, 3), torch.rand(5, 3))
+    action = torch.rand(5, 3) * 2 - 1
+    features = torch.cat([part.reshape(5, -1) for part in observation], dim=1)
+    for member in range(2):  # one member at a time, with torch.nn's own LayerNorm
+        first = torch.cat([critics.observation_weight[member], critics.action_weight[member]]).T
+        x = torch.cat([features, action], dim=1) @ first.T + critics.first_bias[member]
+        for layer in range(2):
+            norm = torch.nn.LayerNorm(x.shape[-1])
+            with torch.no_grad():
+                norm.weight.copy_(critics.norm_weights[layer][member, 0])
+                norm.bias.copy_(critics.norm_biases[layer][member, 0])
+            x = torch.relu(norm(x)) @ critics.weights[layer][member] + critics.biases[layer][member]
+        torch.testing.assert_close(critics(observation, action)[member], x.squeeze(-1).detach(), rtol=1e-5, atol=1e-6)
+    for fast_path in (lambda: critics.observation_part(features), lambda: critics.q_values(features, action)):
+        with pytest.raises(ValueError, match="LayerNorm"):
+            fast_path()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from random_episodes import fill_with_random_episodes
 from tmrl_common.layout import tm20_image_layout, tm20_lidar_layout
-from tmrl_trainer.checkpoint import load_checkpoint, save_checkpoint
+from tmrl_trainer.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
 from tmrl_trainer.cpu_fast import SACLearner
 from tmrl_trainer.cuda_graph import CudaGraphLearner
-from tmrl_trainer.learner import BACKENDS, make_learner
+from tmrl_trainer.learner import BACKENDS, backend_name, make_learner
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.reference import ReferenceLearner
 from tmrl_trainer.sac import SACConfig
@@ -120,6 +120,38 @@ def test_a_fast_backend_agrees_with_the_reference_with_a_reward_scale(backend):
     _assert_agree(_state(reference), _state(fast))
     difference = (_state(unscaled)["critics.observation_weight"] - _state(reference)["critics.observation_weight"])
     assert difference.abs().max() > 1e-4  # the scale reached the critics' targets
+
+
+def test_critics_with_layer_norm_train_on_the_reference_and_cuda_graph_backends_and_auto_picks_the_reference():
+    assert type(_learner("auto", critic_layer_norm=True)) is ReferenceLearner  # cpu-fast computes plain critics only
+    assert backend_name(_learner("auto", critic_layer_norm=True)) == "reference"
+    assert backend_name(_learner("auto")) == "cpu-fast"  # what the trainer's start-up line names
+    with pytest.raises(ValueError, match="critic_layer_norm needs the reference or cuda-graph backend"):
+        _learner("cpu-fast", critic_layer_norm=True)
+    reference, graph = _learner("reference", critic_layer_norm=True), _learner("cuda-graph", critic_layer_norm=True)
+    plain = _learner("reference")
+    before = _state(reference)
+    assert {name for name in before if "norm_" in name} == {
+        f"{critics}.norm_{kind}.{layer}" for critics in ("critics", "target_critics")
+        for kind in ("weights", "biases") for layer in (0, 1)}
+    _assert_agree({k: v for k, v in before.items() if "norm_" not in k}, _state(plain))  # same seed, same weights
+    _train([reference, graph, plain], _own_batches(6))
+    after = _state(reference)
+    assert not torch.equal(before["critics.norm_weights.0"], after["critics.norm_weights.0"])  # the gains learn
+    assert not torch.equal(before["target_critics.norm_biases.1"], after["target_critics.norm_biases.1"])
+    _assert_agree(after, _state(graph))
+    assert (after["critics.weights.0"] - _state(plain)["critics.weights.0"]).abs().max() > 1e-4
+
+
+def test_a_checkpoint_with_critic_layer_norm_does_not_load_into_plain_critics(tmp_path):
+    normed = _learner("reference", critic_layer_norm=True)
+    _train([normed], _own_batches(2))
+    path = save_checkpoint(tmp_path / "normed.safetensors", normed)
+    again = _learner("auto", critic_layer_norm=True)
+    load_checkpoint(path, again)
+    _assert_agree(_state(normed), _state(again))
+    with pytest.raises(CheckpointMismatchError, match="different SAC config"):
+        load_checkpoint(path, _learner("auto"))
 
 
 def test_the_default_update_order_is_the_critics_first_as_in_sb3_and_cleanrl():

@@ -374,13 +374,18 @@ class CriticEnsemble(nn.Module):
     observation part once: ``Q = head(observation_part(features), action)``.
 
     For ``mlp`` architectures the encoder has no parameters and is shared; for ``cnn`` each critic has its own CNN.
+
+    ``layer_norm``: each hidden layer's pre-activation goes through a LayerNorm (per member, with its own gain and
+    bias) before the activation, as the critics of RLPD and DroQ do; only :meth:`forward` computes it (the faster
+    methods below are for plain critics and refuse such an ensemble).
     """
 
-    def __init__(self, architecture: PolicyArchitecture, n: int = 2) -> None:
+    def __init__(self, architecture: PolicyArchitecture, n: int = 2, layer_norm: bool = False) -> None:
         super().__init__()
         if n < 1:
             raise ValueError(f"a critic ensemble needs at least 1 member, got {n}")
         self.n = n
+        self.layer_norm = layer_norm
         self.activation = _FUNCTIONAL[architecture.activation]
         self.activation_name = architecture.activation
         self.encoders = nn.ModuleList([ObservationEncoder(architecture) for _ in range(n if architecture.kind == "cnn" else 1)])
@@ -401,6 +406,10 @@ class CriticEnsemble(nn.Module):
         self.first_bias = nn.Parameter(biases[0])
         self.weights = nn.ParameterList([nn.Parameter(w) for w in weights[1:]])
         self.biases = nn.ParameterList([nn.Parameter(b) for b in biases[1:]])
+        # after the random draws above, so an ensemble with LayerNorm starts from the same weights as one without
+        hidden = architecture.hidden_sizes if layer_norm else []
+        self.norm_weights = nn.ParameterList([nn.Parameter(torch.ones(n, 1, size)) for size in hidden])
+        self.norm_biases = nn.ParameterList([nn.Parameter(torch.zeros(n, 1, size)) for size in hidden])
 
     @property
     def shares_encoder(self) -> bool:
@@ -424,19 +433,31 @@ class CriticEnsemble(nn.Module):
         activation = _PLAIN[self.activation_name]
         x = torch.cat([features, action.expand(self.n, -1, -1)], dim=-1)  # (n, B, features + action_dim)
         first_weight = torch.cat([self.observation_weight, self.action_weight], dim=1)
-        x = activation(torch.baddbmm(self.first_bias, x, first_weight))
+        x = activation(self._normalised(0, torch.baddbmm(self.first_bias, x, first_weight)))
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = torch.baddbmm(bias, x, weight)
             if layer < len(self.weights) - 1:
-                x = activation(x)
+                x = activation(self._normalised(layer + 1, x))
         return x.squeeze(-1)
+
+    def _normalised(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Hidden layer ``layer``'s pre-activation ``(n, B, H)`` through its LayerNorm (unchanged without one)."""
+        if not self.layer_norm:
+            return x
+        return torch.addcmul(self.norm_biases[layer], F.layer_norm(x, x.shape[-1:]), self.norm_weights[layer])
+
+    def _plain_only(self) -> None:
+        if self.layer_norm:
+            raise ValueError("this critic ensemble has LayerNorm, which only forward() computes")
 
     def q_values(self, features: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Q-values ``(n, B)`` from :meth:`encode`'s features."""
+        self._plain_only()
         return self.head(self.observation_part(features), action, consume=True)
 
     def observation_part(self, features: torch.Tensor) -> torch.Tensor:
         """First-layer pre-activation from the observation alone (bias included): ``(n, B, hidden)``."""
+        self._plain_only()
         if features.dim() == 2:
             features = features.expand(self.n, -1, -1)
         return torch.baddbmm(self.first_bias, features, self.observation_weight)
@@ -452,6 +473,7 @@ class CriticEnsemble(nn.Module):
         ReLU critics trained by back-propagation (gradients on, weights not frozen) go through
         :class:`_ReluCriticQ`, which computes the same values and gradients with fewer passes over memory.
         """
+        self._plain_only()
         if (self.activation is torch.relu_ and not frozen and torch.is_grad_enabled()
                 and self.action_weight.requires_grad):
             return _ReluCriticQ.apply(observation_part, action, self.action_weight, *self.weights, *self.biases)
@@ -480,6 +502,7 @@ class CriticEnsemble(nn.Module):
 
         ReLU critics back-propagate through each row's minimising member only (see :class:`_FrozenReluCriticMin`).
         """
+        self._plain_only()
         if self.activation is torch.relu_ and torch.is_grad_enabled() and action.requires_grad:
             return _FrozenReluCriticMin.apply(observation_part.detach(), action, self)
         return self.head(observation_part, action, frozen=True, consume=True).min(dim=0).values

@@ -61,6 +61,9 @@ class SACLearner(ReferenceLearner):
 
     def __init__(self, config: SACConfig, architecture: PolicyArchitecture, device: str | torch.device = "auto",
                  seed: int = 0) -> None:
+        if config.critic_layer_norm:
+            raise ValueError("the cpu-fast backend computes plain critics; critic_layer_norm needs the reference or "
+                             "cuda-graph backend (backend = \"auto\" picks reference on a CPU)")
         self._adam_calls: list[tuple[dict[str, Any], list[torch.Tensor]]] | None = None
         """Per parameter group: its hyperparameters and the tensor lists of one fused Adam call (see :meth:`_adam_step`);
         ``None`` until the optimizer has state, and again after :meth:`load_state_dict` replaces it."""

@@ -6,7 +6,8 @@
   passes, direct fused Adam calls (the CPU default);
 * ``cuda-graph``: :class:`~tmrl_trainer.cuda_graph.CudaGraphLearner`, the reference update recorded once as a CUDA
   graph and replayed (the CUDA default; its step runs eagerly on a CPU device);
-* ``auto``: ``cuda-graph`` on a CUDA device, ``cpu-fast`` elsewhere.
+* ``auto``: ``cuda-graph`` on a CUDA device, ``cpu-fast`` elsewhere (``reference`` for critics with LayerNorm,
+  ``sac.critic_layer_norm``, which ``cpu-fast`` does not compute).
 
 All of them take the same seed to the same initial weights and random draws, give parameters that agree to float
 tolerance after the same batches, apply the learner guard, and read and write the same checkpoints
@@ -51,10 +52,13 @@ class Learner(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def resolve_backend(backend: Backend, device: torch.device) -> str:
-    """``auto`` → ``cuda-graph`` on a CUDA device, ``cpu-fast`` otherwise; any other name is returned as is."""
+def resolve_backend(backend: Backend, device: torch.device, config: SACConfig | None = None) -> str:
+    """``auto`` → ``cuda-graph`` on a CUDA device, otherwise ``cpu-fast`` (``reference`` when ``config`` asks for
+    critics with LayerNorm, which ``cpu-fast`` does not compute); any other name is returned as is."""
     if backend == "auto":
-        return "cuda-graph" if device.type == "cuda" else "cpu-fast"
+        if device.type == "cuda":
+            return "cuda-graph"
+        return "reference" if config is not None and config.critic_layer_norm else "cpu-fast"
     return backend
 
 
@@ -62,5 +66,10 @@ def make_learner(config: SACConfig, architecture: PolicyArchitecture, device: st
                  seed: int = 0, backend: Backend | None = None) -> Learner:
     """The learner for ``config`` on ``device``, computed by ``backend`` (default: ``config.backend``)."""
     resolved_device = resolve_device(device)
-    name = resolve_backend(backend or config.backend, resolved_device)
+    name = resolve_backend(backend or config.backend, resolved_device, config)
     return BACKENDS[name](config, architecture, device=resolved_device, seed=seed)
+
+
+def backend_name(learner: Learner) -> str:
+    """The :data:`BACKENDS` name of ``learner``'s implementation (what ``auto`` resolved to)."""
+    return next((name for name, cls in BACKENDS.items() if type(learner) is cls), type(learner).__name__)

@@ -81,7 +81,7 @@ class ReferenceLearner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.actor: Actor = build_actor(architecture).to(self.device)
-            self.critics = CriticEnsemble(architecture, n=config.redq_n).to(self.device)
+            self.critics = CriticEnsemble(architecture, n=config.redq_n, layer_norm=config.critic_layer_norm).to(self.device)
         self.target_critics = copy.deepcopy(self.critics).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(config.init_alpha), device=self.device, requires_grad=config.learn_alpha)
         self.target_entropy = float(-architecture.action_dim if config.target_entropy is None else config.target_entropy)

@@ -77,6 +77,10 @@ class SACConfig(BaseModel):
     learn_alpha: bool = True
     target_entropy: float | None = None
     """Entropy the learned alpha steers towards; ``None`` means ``-action_dim``."""
+    critic_layer_norm: bool = False
+    """A LayerNorm (per critic, with its own gain and bias) on each hidden layer of the critics, before the activation
+    (the critics of RLPD and DroQ): it bounds how far Q values can drift from what the batch shows. The ``cpu-fast``
+    backend computes plain critics only, so on a CPU ``auto`` then picks ``reference``."""
     redq_n: int = Field(default=2, ge=1)
     """Number of critics (2: twin critics of SAC)."""
     redq_m: int = Field(default=2, ge=1)

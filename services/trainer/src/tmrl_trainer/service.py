@@ -96,7 +96,7 @@ from tmrl_trainer.cuda_graph import CudaGraphLearner
 from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.ingest import DedupeStateError, Ingestor, ValueBounds
-from tmrl_trainer.learner import make_learner
+from tmrl_trainer.learner import backend_name, make_learner
 from tmrl_trainer.memory import MemoryFileError, ReplayMemory
 from tmrl_trainer.relay_link import TrainerLink
 from tmrl_trainer.sac import resolve_device
@@ -403,8 +403,9 @@ class TrainerService:
         stop = stop or threading.Event()
         self.link.start()
         self.status.start()
-        log.info("trainer %s on %s: layout %s, relay %s; warm-up %d rows, at most %.2f updates per row",
-                 self.config.trainer_id, self.device, [c.name for c in self.layout.components], self.link.describe(),
+        log.info("trainer %s on %s (%s learner): layout %s, relay %s; warm-up %d rows, at most %.2f updates per row",
+                 self.config.trainer_id, self.device, backend_name(self.learner), [c.name for c in self.layout.components],
+                 self.link.describe(),
                  self.config.sac.learning_starts, self.config.sac.utd)
         next_report = time.monotonic() + PROGRESS_EVERY_S
         try:
