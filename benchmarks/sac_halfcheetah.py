@@ -102,6 +102,8 @@ def sb3_settings(overrides: dict) -> dict:
         raise SystemExit("the SB3 peer is plain SAC with learned alpha and one update per step")
     if sac.reward_scale != 1.0:
         raise SystemExit("SB3's SAC has no reward scale: leave sac.reward_scale at 1 (or run with --no-sb3)")
+    if sac.critic_layer_norm:
+        raise SystemExit("SB3's SAC critics have no LayerNorm: leave sac.critic_layer_norm off (or run with --no-sb3)")
     return {
         "learning_rate": sac.actor_lr, "buffer_size": config.memory_capacity, "learning_starts": sac.learning_starts,
         "batch_size": sac.batch_size, "tau": sac.tau, "gamma": sac.gamma, "train_freq": 1, "gradient_steps": 1,

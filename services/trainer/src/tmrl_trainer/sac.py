@@ -79,8 +79,9 @@ class SACConfig(BaseModel):
     """Entropy the learned alpha steers towards; ``None`` means ``-action_dim``."""
     critic_layer_norm: bool = False
     """A LayerNorm (per critic, with its own gain and bias) on each hidden layer of the critics, before the activation
-    (the critics of RLPD and DroQ): it bounds how far Q values can drift from what the batch shows. The ``cpu-fast``
-    backend computes plain critics only, so on a CPU ``auto`` then picks ``reference``."""
+    (the critics of RLPD and DroQ, meant to keep Q values from drifting at high update rates; on the simulator's
+    ``hairpins`` it did not help, docs/tuning.md). The ``cpu-fast`` backend computes plain critics only, so on a CPU
+    ``auto`` then picks ``reference``."""
     redq_n: int = Field(default=2, ge=1)
     """Number of critics (2: twin critics of SAC)."""
     redq_m: int = Field(default=2, ge=1)
