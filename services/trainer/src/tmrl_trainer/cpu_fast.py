@@ -61,7 +61,7 @@ class SACLearner(ReferenceLearner):
 
     def __init__(self, config: SACConfig, architecture: PolicyArchitecture, device: str | torch.device = "auto",
                  seed: int = 0) -> None:
-        if config.critic_layer_norm:
+        if not self.computes(config):
             raise ValueError("the cpu-fast backend computes plain critics; critic_layer_norm needs the reference or "
                              "cuda-graph backend (backend = \"auto\" picks reference on a CPU)")
         self._adam_calls: list[tuple[dict[str, Any], list[torch.Tensor]]] | None = None
@@ -69,6 +69,12 @@ class SACLearner(ReferenceLearner):
         ``None`` until the optimizer has state, and again after :meth:`load_state_dict` replaces it."""
         super().__init__(config, architecture, device=device, seed=seed)
         self._shared_features = self.critics.shares_encoder and not any(True for _ in self.actor.encoder.parameters())
+
+    @staticmethod
+    def computes(config: SACConfig) -> bool:
+        """Whether this backend computes ``config``'s update: its hand-written passes are for plain critics, not
+        critics with LayerNorm (``critic_layer_norm``)."""
+        return not config.critic_layer_norm
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         # Each network's parameters become views of one flat tensor, so that Adam, zeroing gradients and the polyak

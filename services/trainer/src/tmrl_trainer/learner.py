@@ -53,12 +53,12 @@ class Learner(Protocol):
 
 
 def resolve_backend(backend: Backend, device: torch.device, config: SACConfig | None = None) -> str:
-    """``auto`` → ``cuda-graph`` on a CUDA device, otherwise ``cpu-fast`` (``reference`` when ``config`` asks for
-    critics with LayerNorm, which ``cpu-fast`` does not compute); any other name is returned as is."""
+    """``auto`` → ``cuda-graph`` on a CUDA device, otherwise ``cpu-fast``, or ``reference`` when ``config`` is an
+    update ``cpu-fast`` does not compute (:meth:`SACLearner.computes`); any other name is returned as is."""
     if backend == "auto":
         if device.type == "cuda":
             return "cuda-graph"
-        return "reference" if config is not None and config.critic_layer_norm else "cpu-fast"
+        return "cpu-fast" if config is None or SACLearner.computes(config) else "reference"
     return backend
 
 
