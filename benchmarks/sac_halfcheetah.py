@@ -104,7 +104,14 @@ def sb3_settings(overrides: dict) -> dict:
         raise SystemExit("SB3's SAC has no reward scale: leave sac.reward_scale at 1 (or run with --no-sb3)")
     if sac.critic_layer_norm:
         raise SystemExit("SB3's SAC critics have no LayerNorm: leave sac.critic_layer_norm off (or run with --no-sb3)")
+    n_step = {}
+    if sac.n_step > 1:  # SB3's own n-step buffer: the same returns, cut at episode ends, and discount per transition
+        from stable_baselines3.common.buffers import NStepReplayBuffer
+
+        n_step = {"replay_buffer_class": NStepReplayBuffer,
+                  "replay_buffer_kwargs": {"n_steps": sac.n_step, "gamma": sac.gamma}}
     return {
+        **n_step,
         "learning_rate": sac.actor_lr, "buffer_size": config.memory_capacity, "learning_starts": sac.learning_starts,
         "batch_size": sac.batch_size, "tau": sac.tau, "gamma": sac.gamma, "train_freq": 1, "gradient_steps": 1,
         "ent_coef": f"auto_{sac.init_alpha}",

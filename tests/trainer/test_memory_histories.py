@@ -57,11 +57,17 @@ class StampedEnv:
         return self._observation()
 
 
+def reward_of(stamp: int) -> float:
+    """The reward of the step that produced ``stamp``: distinct from its neighbours', exact in float32."""
+    return ((stamp * 7) % 11) / 4.0 - 1.0
+
+
 def worker_batches(first_stamp: int, steps: int, seed: int, truth: dict, previous: dict,
                    max_batch: int = 7) -> list[SampleBatch]:
     """One worker's batches (seq 0, 1, ...) over ``steps`` steps: random batch sizes 1..max_batch (often below the history
     depth), a batch cut at every episode end as the worker does; episodes of 3..25 steps. Fills ``truth`` (stamp →
-    observation) and ``previous`` (stamp → (stamp before it in its episode, action applied))."""
+    observation) and ``previous`` (stamp → (stamp before it in its episode, action applied)); the step that produced
+    a stamp is rewarded :func:`reward_of` it, and ends its episode (terminated or truncated, in turns) every 3..25 steps."""
     rng = np.random.default_rng(seed)
     env = StampedEnv(first_stamp, rng)
     builder, batches = SampleBatchBuilder(LAYOUT), []
@@ -76,7 +82,7 @@ def worker_batches(first_stamp: int, steps: int, seed: int, truth: dict, previou
         truth[env.stamp], previous[env.stamp] = observation, (before, action)
         length -= 1
         done = length == 0
-        builder.add_step(action, observation, 1.0, done and step % 2 == 0, done and step % 2 == 1)
+        builder.add_step(action, observation, reward_of(env.stamp), done and step % 2 == 0, done and step % 2 == 1)
         if done or len(builder) >= size or step == steps - 1:
             batches.append(builder.build(seq=len(batches), weights_version=0))
             size = int(rng.integers(1, max_batch + 1))

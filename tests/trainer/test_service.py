@@ -142,7 +142,7 @@ def test_checkpoint_is_saved_and_a_restarted_trainer_resumes_from_it(tmp_path):
 
 def _tensors(batch) -> list[torch.Tensor]:
     """Every tensor of a TransitionBatch (observations are tuples of tensors)."""
-    return [t for field in batch for t in (field if isinstance(field, tuple) else (field,))]
+    return [t for field in batch if field is not None for t in (field if isinstance(field, tuple) else (field,))]
 
 
 def _checkpoint_files(service: TrainerService) -> list[str]:
@@ -432,3 +432,28 @@ def test_with_device_sampling_the_service_trains_from_a_mirror_kept_equal_to_its
     positions = service.memory.sampleable_positions()
     assert np.array_equal(service.replay.sampleable_positions().numpy(), positions) and positions.size == 117
     assert all(np.isfinite(v) for v in service.last_metrics.values())
+
+
+@pytest.mark.parametrize("sampling", ["host", "device"])
+def test_the_service_trains_on_n_step_returns_when_its_config_asks(tmp_path, sampling):
+    sac = {"hidden_sizes": [16], "batch_size": 16, "learning_starts": 50, "utd": 0.5, "n_step": 3, "gamma": 0.95,
+           "sampling": sampling}
+    service = TrainerService(make_config(tmp_path, save_memory=True, sac=sac))
+    assert (service.memory.n_step, service.memory.gamma) == (3, 0.95)
+    service.ingestor.handle(pendulum_batch("w1", 0, 120))
+    try:
+        assert service.run(max_updates=20) == 20
+        batch = service.memory.sample(64)  # three rewards, fewer from the episode's newest two rows
+        assert batch.discount is not None
+        assert {round(float(d), 6) for d in batch.discount} <= {round(0.95**k, 6) for k in (1, 2, 3)}
+        assert float((batch.discount < 0.95**2 - 1e-6).float().mean()) > 0.9
+        assert all(np.isfinite(v) for v in service.last_metrics.values())
+    finally:
+        service.shutdown()
+    resumed = TrainerService(make_config(tmp_path, save_memory=True, sac=sac))  # the memory file carries no n_step
+    try:
+        assert resumed.memory.n_step == 3 and len(resumed.memory) == 120
+        assert torch.equal(resumed.memory.transitions(np.arange(1, 100)).reward,
+                           service.memory.transitions(np.arange(1, 100)).reward)
+    finally:
+        resumed.shutdown()

@@ -33,7 +33,14 @@ from tmrl_common.networks import CriticEnsemble, PolicyArchitecture
 from tmrl_trainer.guard import non_finite
 from tmrl_trainer.memory import TransitionBatch
 from tmrl_trainer.reference import ReferenceLearner, summed_losses
-from tmrl_trainer.sac import SACConfig, draw_critic_subset, entropy_coefficient_loss, keep_critics, soft_td_target
+from tmrl_trainer.sac import (
+    SACConfig,
+    bootstrap_discount,
+    draw_critic_subset,
+    entropy_coefficient_loss,
+    keep_critics,
+    soft_td_target,
+)
 
 
 def _flat_parameter(module: torch.nn.Module) -> torch.nn.Parameter:
@@ -127,7 +134,8 @@ class SACLearner(ReferenceLearner):
         with torch.no_grad():
             next_q = self.target_critics.q_values(next_critic_features, next_action)
             next_q = keep_critics(next_q, subset).min(dim=0).values
-            target_q = soft_td_target(batch.reward, batch.terminated, next_q, next_log_prob, alpha, gamma,
+            target_q = soft_td_target(batch.reward, batch.terminated, next_q, next_log_prob, alpha,
+                                      bootstrap_discount(batch, gamma),
                                       self.config.reward_scale)
 
         # 2. critic loss

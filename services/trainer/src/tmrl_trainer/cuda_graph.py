@@ -210,11 +210,14 @@ class CudaGraphLearner(ReferenceLearner):
 
 
 def _flat(batch: TransitionBatch) -> list[torch.Tensor]:
-    return [*batch.observation, batch.action, batch.reward, *batch.next_observation, batch.terminated, batch.truncated]
+    discount = [] if batch.discount is None else [batch.discount]
+    return [*batch.observation, batch.action, batch.reward, *batch.next_observation, batch.terminated, batch.truncated,
+            *discount]
 
 
 def _static_copy(batch: TransitionBatch, device: torch.device) -> TransitionBatch:
     """Device tensors shaped like ``batch``'s, holding its values: the graph's inputs."""
     clone = lambda t: t.to(device, copy=True)  # noqa: E731
     return TransitionBatch(tuple(map(clone, batch.observation)), clone(batch.action), clone(batch.reward),
-                           tuple(map(clone, batch.next_observation)), clone(batch.terminated), clone(batch.truncated))
+                           tuple(map(clone, batch.next_observation)), clone(batch.terminated), clone(batch.truncated),
+                           None if batch.discount is None else clone(batch.discount))

@@ -14,6 +14,9 @@ makes its transition sampleable), and an **index of sampleable rows** on the dev
 3. each stored column gathered at those rows, and the same views taken (observation: hops ``history … 1``, next
    observation: hops ``history - 1 … 0``; the action buffer likewise; the replayed action at hop 0).
 
+With n-step returns (the memory's ``n_step > 1``), step 2 is taken from the sampled row and again from the end of
+its walk forward along ``next`` (:func:`~tmrl_trainer.memory.n_step_returns`, the host's function on tensors).
+
 So the batch for given positions is the host sampler's batch, component by component and bit for bit, and the index
 is the host's :meth:`ReplayMemory.sampleable_positions` (``tests/trainer/test_device_replay.py``, on the cases of
 ``test_memory_histories.py``: gaps, reordering, orphans, episode ends, a ring that wrapped). The rule that histories
@@ -28,8 +31,9 @@ the lock is then released, and the staging buffer goes to a buffer on the device
 side stream, which overlaps the updates in flight. On CUDA the staging buffers are pinned, two of them take turns,
 and a buffer is written again only once its previous copy has finished (the learner's thread waits for that outside
 the lock): the ingest thread never waits for the GPU. Then, still on the side stream but only after the updates
-already queued (they read the ring), the landed rows are copied into the ring and the index is rebuilt with
-fixed-shape operations (``cumsum`` and a scatter; O(capacity), once per sync that brought rows); the updates queued
+already queued (they read the ring), the landed rows are copied into the ring, their successor links are set from
+their predecessors (the only stored field that changes after a row is stored is its successor, so the mirror
+derives it rather than copying it), and the index is rebuilt with fixed-shape operations (``cumsum`` and a scatter; O(capacity), once per sync that brought rows); the updates queued
 after the sync wait for that. These are waits between streams on the GPU, not on the host. A memory that was loaded
 from a file (its ``generation`` changed) is copied again whole.
 
@@ -52,7 +56,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from tmrl_trainer.memory import ReplayMemory, TransitionBatch, gather_histories
+from tmrl_trainer.memory import ReplayMemory, TransitionBatch, gather_histories, link_rows, n_step_returns
 
 DEFAULT_CHUNK_ROWS = 16_384
 """Rows copied per staging buffer (a sync that is further behind copies several chunks)."""
@@ -61,17 +65,23 @@ _TORCH_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
 
 
 class _Column(NamedTuple):
-    """One mirrored array: the host ring array's key in :meth:`ReplayMemory.ring_arrays`, and the device tensor."""
+    """One mirrored array: the host ring array's key in :meth:`ReplayMemory.ring_arrays`, and the device tensor
+    (``None``: staged for the upload only, not kept)."""
 
     host: str
-    device: torch.Tensor
+    device: torch.Tensor | None
+    ring_positions: bool = False
+    """The host holds absolute row indices, the device ring positions."""
 
 
 class _Chunk(NamedTuple):
-    """Rows staged for one upload: the staging buffer, and ring segments ``(ring_start, staging_start, rows)``."""
+    """Rows staged for one upload: the staging buffer, ring segments ``(ring_start, staging_start, rows)``, and the
+    absolute indices of its first row and of the row after its last."""
 
     staging: int
     segments: list[tuple[int, int, int]]
+    first: int
+    stop: int
 
 
 class DeviceReplay:
@@ -101,6 +111,10 @@ class DeviceReplay:
         self.truncated = zeros(capacity, dtype=torch.float32)
         self.prev = zeros(capacity, dtype=torch.int64)
         """Ring position of each row's predecessor in its episode (the host holds absolute indices)."""
+        self.next = torch.full((capacity + 1,), -1, dtype=torch.int64, device=self.device)
+        """Ring position of each row's successor in its episode, -1 while none is stored (n-step returns walk it):
+        rebuilt from each chunk's predecessors as the host builds its own (:func:`~tmrl_trainer.memory.link_rows`).
+        The last slot takes the writes of rows that link nothing."""
         self.complete = zeros(capacity, dtype=torch.bool)
         self.oldest = zeros(capacity, dtype=torch.int64)
         """Absolute index of the oldest row the transition ending at each row needs."""
@@ -115,9 +129,10 @@ class DeviceReplay:
         """The source of :meth:`sample`'s draws (register it with a CUDA graph that captures :meth:`sample`)."""
 
         self._columns = [_Column(f"frames.{name}", tensor) for name, tensor in self.frames.items()]
-        self._columns += [_Column(name, getattr(self, name)) for name in
+        self._columns += [_Column(name, getattr(self, name), ring_positions=name == "prev") for name in
                           ("actions", "rewards", "terminated", "truncated", "prev", "complete", "oldest")]
-        self._staging = [[torch.empty((self.chunk_rows, *column.device.shape[1:]), dtype=column.device.dtype,
+        self._columns.append(_Column("prev", None))  # absolute: what links each chunk's rows (see _upload)
+        self._staging = [[torch.empty((self.chunk_rows, *self._row_shape(column)), dtype=self._dtype(column),
                                       pin_memory=cuda) for column in self._columns] for _ in range(2)]
         self._landing = [[torch.empty_like(buffer, device=self.device) for buffer in buffers]
                          for buffers in self._staging]
@@ -133,6 +148,12 @@ class DeviceReplay:
         self._generation = memory.generation
         self._reindex = False
         self._ready = False
+
+    def _row_shape(self, column: _Column) -> tuple[int, ...]:
+        return tuple(column.device.shape[1:]) if column.device is not None else ()
+
+    def _dtype(self, column: _Column) -> torch.dtype:
+        return column.device.dtype if column.device is not None else torch.int64
 
     # ------------------------------------------------------------------------------------------------------ sync
 
@@ -174,6 +195,7 @@ class DeviceReplay:
         if memory.generation != self._generation or total < self._synced_rows:  # loaded from a file: all rows new
             self._generation, self._synced_rows, self._reindex = memory.generation, 0, True
             self.complete.zero_()  # ring positions the loaded memory does not fill hold nothing sampleable
+            self.next.fill_(-1)
         if self._target is None:
             self._target = total
         first = max(self._synced_rows, total - self.capacity)
@@ -190,11 +212,11 @@ class DeviceReplay:
             array = host[column.host]
             for ring_start, staged_start, count in segments:
                 source = array[ring_start : ring_start + count]
-                if column.host == "prev":
+                if column.ring_positions:
                     source = np.remainder(source, self.capacity)
                 buffer[staged_start : staged_start + count].copy_(torch.from_numpy(np.ascontiguousarray(source)))
         self._synced_rows = stop
-        return _Chunk(staging, segments)
+        return _Chunk(staging, segments, first, stop)
 
     def _upload(self, chunk: _Chunk) -> None:
         """Copy a staged chunk into the device tensors: host to a device staging buffer first (on CUDA, on the side
@@ -207,8 +229,15 @@ class DeviceReplay:
                 self._copied[chunk.staging].record()
         with self._on_side_stream():
             for column, buffer in zip(self._columns, landed, strict=True):
+                if column.device is None:
+                    continue
                 for ring_start, staged_start, count in chunk.segments:
                     column.device[ring_start : ring_start + count].copy_(buffer[staged_start : staged_start + count])
+            rows = chunk.stop - chunk.first
+            for ring_start, _, count in chunk.segments:
+                self.next[ring_start : ring_start + count].fill_(-1)
+            absolute = torch.arange(chunk.first, chunk.stop, device=self.device)
+            link_rows(self.next, absolute, landed[-1][:rows], self.capacity, chunk.stop)
 
     @contextlib.contextmanager
     def _on_side_stream(self, wait_for_updates: bool = True):
@@ -260,17 +289,29 @@ class DeviceReplay:
         """The transitions ending at ring ``positions`` (sampleable ones), as :meth:`ReplayMemory.transitions` builds
         them from the host arrays: the same components, shapes, dtypes and values."""
         positions = torch.as_tensor(positions, dtype=torch.int64, device=self.device)
-        depth = self.depth
-        hops = [positions]  # hop k: k rows back along the episode
-        for _ in range(depth):
-            hops.append(self.prev[hops[-1]])
-        oldest_first = torch.stack(hops[::-1], dim=1)  # (B, depth + 1): column j is hop depth - j
-        observation, next_observation, action = gather_histories(self.layout, self.frames, self.actions, oldest_first)
+        observation, next_observation, action = self._gather(positions)
+        reward, discount, end = self.rewards[positions], None, positions
+        if self.memory.n_step > 1:
+            end, reward, discount = n_step_returns(positions, self.next, self.rewards, self._ended, self.memory.n_step,
+                                                   self.memory.gamma)
+            next_observation = self._gather(end)[1]
         return TransitionBatch(
             observation=tuple(observation),
             action=action,
-            reward=self.rewards[positions],
+            reward=reward,
             next_observation=tuple(next_observation),
-            terminated=self.terminated[positions],
-            truncated=self.truncated[positions],
+            terminated=self.terminated[end],
+            truncated=self.truncated[end],
+            discount=discount,
         )
+
+    def _ended(self, positions: torch.Tensor) -> torch.Tensor:
+        return (self.terminated[positions] + self.truncated[positions]) > 0.0
+
+    def _gather(self, positions: torch.Tensor) -> tuple[list, list, torch.Tensor]:
+        """(observation, next observation, replayed action) of the one-step transitions ending at ``positions``."""
+        hops = [positions]  # hop k: k rows back along the episode
+        for _ in range(self.depth):
+            hops.append(self.prev[hops[-1]])
+        oldest_first = torch.stack(hops[::-1], dim=1)  # (B, depth + 1): column j is hop depth - j
+        return gather_histories(self.layout, self.frames, self.actions, oldest_first)

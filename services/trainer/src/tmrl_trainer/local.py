@@ -143,7 +143,8 @@ def train_local(
 
     learner = make_learner(config.sac, config.sac.architecture(layout), device=config.device, seed=seed)
     learner.actor.noise_generator = torch.Generator(learner.device).manual_seed(seed + 2)
-    memory = ReplayMemory(layout, capacity=config.memory_capacity, seed=seed + 3)
+    memory = ReplayMemory(layout, capacity=config.memory_capacity, seed=seed + 3, n_step=config.sac.n_step,
+                          gamma=config.sac.gamma)
     builder = SampleBatchBuilder(layout)
     metrics = TrainingMetrics(config.run_dir / "tensorboard" if config.run_dir else None)
     checkpoint_path = config.run_dir / "checkpoints" / "latest.safetensors" if config.run_dir else None

@@ -22,6 +22,15 @@ first row, is **not relinked**: its first ``depth`` rows stay unsampleable, so n
 A transition is ``(observation at prev[t], action[t], reward[t], observation at t, terminated[t], truncated[t])``
 for every complete row ``t``: it never crosses a reset or a gap. It can be sampled only while every row its two
 observations need is still in the ring buffer.
+
+**n-step returns** (``n_step > 1``): the transition starting at a sampled row ``t`` runs forward along the episode
+(each stored row also knows its successor, ``next``) for up to ``n_step`` rows ``t = t_0, t_1, …, t_{k-1}``, stopping
+early at the row that ended the episode and at the newest row stored of an episode still running; its reward is
+``r[t_0] + γ r[t_1] + … + γ^(k-1) r[t_{k-1}]``, its next observation the one at ``t_{k-1}``, its termination flags
+that row's, and it carries ``discount = γ^k`` for the bootstrap (:attr:`TransitionBatch.discount`). The walk follows
+the same links as the histories, so it never crosses a reset or a gap either (a late batch that fills a gap links
+forward to nothing after it: walks stop at its end). Each sampleable row starts exactly one transition, so the rows
+are drawn as uniformly as with one-step transitions.
 """
 
 from __future__ import annotations
@@ -60,6 +69,9 @@ class TransitionBatch(NamedTuple):
     """1.0 where the episode ended by reaching a terminal state (no bootstrap), else 0.0."""
     truncated: torch.Tensor
     """1.0 where the episode was cut by a time limit (the target still bootstraps), else 0.0."""
+    discount: torch.Tensor | None = None
+    """n-step returns: per transition, ``γ^k`` for its ``k`` summed rewards, the factor of the bootstrap term;
+    ``None`` for one-step transitions (the learner's ``gamma``)."""
 
     def to(self, device: torch.device | str) -> TransitionBatch:
         """The same batch on ``device``."""
@@ -68,7 +80,8 @@ class TransitionBatch(NamedTuple):
             return self
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return TransitionBatch(tuple(map(move, self.observation)), move(self.action), move(self.reward),
-                               tuple(map(move, self.next_observation)), move(self.terminated), move(self.truncated))
+                               tuple(map(move, self.next_observation)), move(self.terminated), move(self.truncated),
+                               None if self.discount is None else move(self.discount))
 
 
 @dataclass
@@ -88,6 +101,19 @@ class _Tail(NamedTuple):
 
     indices: list[int]
     known: int
+
+
+def link_rows(successor, rows, prev, capacity: int, stored_until: int) -> None:
+    """Record in ``successor`` (ring positions, -1 for none) that each of the absolute ``rows`` follows its ``prev``
+    in its episode, once the memory holds every row before ``stored_until``: a first row (``prev`` is itself) links
+    nothing, and neither does a row whose predecessor the ring has overwritten by then (``prev + capacity <
+    stored_until``). Rows stored later reset their own positions before linking, so a position links to the
+    successor of the row it holds. Works alike on numpy arrays and torch tensors (the mirror calls it per chunk)."""
+    linked = (prev != rows) & (prev + capacity >= stored_until)
+    if isinstance(rows, np.ndarray):
+        successor[prev[linked] % capacity] = rows[linked] % capacity
+    else:  # fixed shapes: the rows that link nothing write into the spare last slot
+        successor.scatter_(0, torch.where(linked, prev % capacity, capacity), rows % capacity)
 
 
 def gather_histories(layout, frames, actions, oldest_first):
@@ -118,16 +144,43 @@ def gather_histories(layout, frames, actions, oldest_first):
     return observation, next_observation, gathered_actions[:, -1]
 
 
+def n_step_returns(positions, successor, rewards, ended, n_step: int, gamma: float):
+    """The n-step part of the transitions starting at ring ``positions`` (module docstring): ``(end rows, discounted
+    reward sums, discounts γ^k)``. ``successor`` holds each row's successor in its episode (-1: none stored),
+    ``ended(rows)`` says which rows ended their episode. The same operations, in the same order, on numpy arrays (the
+    host sampler) and torch tensors (:mod:`tmrl_trainer.device_replay`, fixed shapes, no host synchronisation), so
+    both give the same float32 values."""
+    xp = np if isinstance(positions, np.ndarray) else torch
+    end = positions
+    reward = rewards[positions]
+    discount = xp.full_like(reward, gamma)
+    going = ~ended(positions)
+    for _ in range(n_step - 1):
+        after = successor[end]  # -1 reads the last row, which the mask below discards
+        going = going & (after >= 0)
+        end = xp.where(going, after, end)
+        reward = reward + xp.where(going, discount * rewards[after], 0.0)
+        discount = xp.where(going, discount * gamma, discount)
+        going = going & ~ended(after)
+    return end, reward, discount
+
+
 class ReplayMemory:
     """Ring buffer of newest-frame rows from any number of workers; samples full transitions.
 
-    ``capacity`` counts rows (one per environment step), not transitions.
+    ``capacity`` counts rows (one per environment step), not transitions. ``n_step`` rewards are summed per sampled
+    transition, discounted by ``gamma`` (module docstring; 1: one-step transitions, ``gamma`` unused).
     """
 
-    def __init__(self, layout: ObservationLayout, capacity: int = 1_000_000, seed: int = 0) -> None:
+    def __init__(self, layout: ObservationLayout, capacity: int = 1_000_000, seed: int = 0, n_step: int = 1,
+                 gamma: float = 0.99) -> None:
         if capacity < 2:
             raise ValueError(f"replay memory capacity must be at least 2 rows, got {capacity}")
+        if n_step < 1:
+            raise ValueError(f"n_step must be at least 1, got {n_step}")
         self.layout = layout
+        self.n_step = int(n_step)
+        self.gamma = float(gamma)
         self.capacity = int(capacity)
         self.depth = max([c.history for c in layout.components] + [layout.action_history, 1])
         """Rows an observation spans: hops 0 … depth-1 along ``prev``."""
@@ -138,6 +191,8 @@ class ReplayMemory:
         self._terminated = np.zeros(self.capacity, dtype=bool)
         self._truncated = np.zeros(self.capacity, dtype=bool)
         self._prev = np.zeros(self.capacity, dtype=np.int64)
+        self._next = np.full(self.capacity, -1, dtype=np.int64)
+        """Ring position of each row's successor in its episode; -1 while none is stored (see :func:`link_rows`)."""
         self._known = np.zeros(self.capacity, dtype=np.int16)
         """Real rows behind this one (capped at ``depth``); its observation is rebuilt from real frames when this is at
         least ``depth - 1``."""
@@ -222,6 +277,8 @@ class ReplayMemory:
         self._known[positions] = known_at[rows]
         self._complete[positions] = complete[rows]
         self._oldest[positions] = oldest[rows]
+        self._next[positions] = -1
+        link_rows(self._next, self._total + np.arange(steps), prev, self.capacity, self._total + steps)
         self._total += steps
         if batch.digests is not None:
             self._verify(batch.digests.array[rows], positions)
@@ -235,7 +292,7 @@ class ReplayMemory:
         counts.unverifiable_rows += int((~rebuildable).sum())
         if not rebuildable.any():
             return
-        rebuilt = self.transitions(positions[rebuildable]).next_observation  # the observation at each row itself
+        rebuilt = self.transitions(positions[rebuildable], n_step=1).next_observation  # the observation at each row
         for i, expected in enumerate(digests[rebuildable]):
             observation = [part[i].numpy() for part in rebuilt]
             if observation_digest(self.layout, observation) != expected.tobytes():
@@ -289,30 +346,45 @@ class ReplayMemory:
             positions[bad] = valid[self._rng.integers(0, valid.size, size=int(bad.sum()))]
         return self.transitions(positions)
 
-    def transitions(self, positions: np.ndarray) -> TransitionBatch:
-        """The transitions ending at ring ``positions`` (which must be sampleable).
+    def transitions(self, positions: np.ndarray, n_step: int | None = None) -> TransitionBatch:
+        """The transitions starting at ring ``positions`` (which must be sampleable), over ``n_step`` rewards (``None``:
+        the memory's ``n_step``; 1: the transitions ending at ``positions``).
 
         Each stored array is gathered once, at the rows both observations need (``(B, hops, *frame)``, oldest hop
         first); the observation and next observation are then overlapping views of it (no further copies), and the
-        replayed action is the newest hop of the action gather.
+        replayed action is the newest hop of the action gather. With n-step returns the next observation is gathered
+        again, at the end of each walk.
         """
         positions = np.asarray(positions, dtype=np.int64)
+        n_step = self.n_step if n_step is None else n_step
+        observation, next_observation, action = self._gather(positions)
+        reward, discount, end = self._rewards[positions], None, positions
+        if n_step > 1:
+            end, reward, discount = n_step_returns(positions, self._next, self._rewards, self._ended, n_step, self.gamma)
+            next_observation = self._gather(end)[1]
+        tensor = torch.from_numpy
+        return TransitionBatch(
+            observation=tuple(map(tensor, observation)),
+            action=tensor(action),
+            reward=tensor(reward),
+            next_observation=tuple(map(tensor, next_observation)),
+            terminated=tensor(self._terminated[end].astype(np.float32)),
+            truncated=tensor(self._truncated[end].astype(np.float32)),
+            discount=None if discount is None else tensor(discount),
+        )
+
+    def _ended(self, positions: np.ndarray) -> np.ndarray:
+        return self._terminated[positions] | self._truncated[positions]
+
+    def _gather(self, positions: np.ndarray) -> tuple[list, list, np.ndarray]:
+        """(observation, next observation, replayed action) of the one-step transitions ending at ``positions``."""
         depth = self.depth
         hops = np.empty((depth + 1, positions.size), dtype=np.int64)  # hop k: k rows back along the episode
         hops[0] = positions
         for hop in range(1, depth + 1):
             np.remainder(self._prev[hops[hop - 1]], self.capacity, out=hops[hop])
         oldest_first = hops[::-1].T  # (B, depth + 1): column j is hop depth - j
-        observation, next_observation, action = gather_histories(self.layout, self._frames, self._actions, oldest_first)
-        tensor = torch.from_numpy
-        return TransitionBatch(
-            observation=tuple(map(tensor, observation)),
-            action=tensor(action),
-            reward=tensor(self._rewards[positions]),
-            next_observation=tuple(map(tensor, next_observation)),
-            terminated=tensor(self._terminated[positions].astype(np.float32)),
-            truncated=tensor(self._truncated[positions].astype(np.float32)),
-        )
+        return gather_histories(self.layout, self._frames, self._actions, oldest_first)
 
     # ----------------------------------------------------------------------------------------------- save / load
 
@@ -369,6 +441,9 @@ class ReplayMemory:
         for name, target in targets.items():  # everything checked: nothing is half-loaded on error
             target[:stored] = loaded[name]
         self._total, self._tails, self.orphan_rows, self._rng = total, tails, orphan_rows, rng
+        self._next.fill(-1)
+        rows = np.arange(total - stored, total)
+        link_rows(self._next, rows, self._prev[rows % self.capacity], self.capacity, total)
         self.generation += 1
 
     def load(self, path: str | Path) -> None:

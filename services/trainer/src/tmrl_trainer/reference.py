@@ -37,6 +37,7 @@ from tmrl_trainer.memory import TransitionBatch
 from tmrl_trainer.sac import (
     LEARNING_RATE_FIELDS,
     SACConfig,
+    bootstrap_discount,
     critic_subset,
     entropy_coefficient_loss,
     resolve_device,
@@ -124,7 +125,8 @@ class ReferenceLearner:
             next_action, next_log_prob = self.actor(batch.next_observation, generator=self.generator)
             next_q = self.target_critics(batch.next_observation, next_action)
             next_q = critic_subset(next_q, self.config.redq_m, self.generator).min(dim=0).values
-            target_q = soft_td_target(batch.reward, batch.terminated, next_q, next_log_prob, alpha, self.config.gamma,
+            target_q = soft_td_target(batch.reward, batch.terminated, next_q, next_log_prob, alpha,
+                                      bootstrap_discount(batch, self.config.gamma),
                                       self.config.reward_scale)
 
         # 2. critic loss

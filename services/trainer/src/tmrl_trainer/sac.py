@@ -6,7 +6,9 @@ The update, whichever backend computes it (:func:`tmrl_trainer.learner.make_lear
 1. **critic target**  ``y = r + gamma * (1 - terminated) * (min_{i in M} Q'_i(s', a') - alpha * log pi(a'|s'))``
    with ``a' ~ pi(.|s')``. Only *termination* stops the bootstrap: a time-limit truncation is not a terminal state,
    so its target still includes the next state's value. ``M`` is all critics for SAC (twin critics, ``n = m = 2``)
-   or ``m`` of the ``n`` critics drawn at random each update for REDQ.
+   or ``m`` of the ``n`` critics drawn at random each update for REDQ. With n-step returns (``n_step > 1``) ``r`` is
+   the discounted sum of up to ``n_step`` rewards, ``s'`` the state after the last of them and ``gamma`` becomes
+   ``gamma^k`` for the ``k`` rewards summed (:attr:`TransitionBatch.discount <tmrl_trainer.memory.TransitionBatch.discount>`).
 2. **critic loss**  ``0.5 * sum_i mean_b (Q_i(s, a) - y)^2``.
 3. **actor loss**  ``mean_b (alpha * log pi(a~|s) - Q(s, a~))`` with ``a~ ~ pi(.|s)`` reparameterised; ``Q`` is the
    min over the critics for SAC and their mean for REDQ; the critics' weights are detached here, so this loss only
@@ -34,12 +36,15 @@ The update, whichever backend computes it (:func:`tmrl_trainer.learner.make_lear
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import Activation, PolicyArchitecture
+
+if TYPE_CHECKING:
+    from tmrl_trainer.memory import TransitionBatch
 
 UpdateOrder = Literal["joint", "critic-first"]
 """When the actor's loss is computed (module docstring, step 5): at the same critics as the critic loss and applied
@@ -60,6 +65,11 @@ class SACConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gamma: float = Field(default=0.99, ge=0.0, le=1.0)
+    n_step: int = Field(default=1, ge=1, le=64)
+    """Rewards summed per sampled transition before the critics' target bootstraps (n-step returns, discounted by
+    ``gamma``, with ``gamma^k`` on the bootstrap; cut short where the episode ended: :mod:`tmrl_trainer.memory`).
+    1: the one-step target of SAC. Larger values carry a reward back faster, at the price of a bias (the rewards
+    are those of the policy that acted, not of the current one; nothing corrects for it)."""
     reward_scale: float = Field(default=1.0, gt=0.0)
     """Every reward is multiplied by this in the critics' target (the SAC paper's reward scale; Q values, and with a
     learned alpha alpha itself, come out in scaled units). 1: rewards as the env gives them."""
@@ -127,11 +137,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def soft_td_target(reward: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor, next_log_prob: torch.Tensor,
-                   alpha: torch.Tensor | float, gamma: float, reward_scale: float = 1.0) -> torch.Tensor:
+                   alpha: torch.Tensor | float, gamma: torch.Tensor | float, reward_scale: float = 1.0) -> torch.Tensor:
     """``reward_scale * r + gamma * (1 - terminated) * (Q'(s', a') - alpha * log pi(a'|s'))``: no bootstrap past a
-    terminal state; a truncated (time-limit) step is not terminal, so it is not an argument here."""
+    terminal state; a truncated (time-limit) step is not terminal, so it is not an argument here. ``gamma`` is a
+    number, or per transition ``γ^k`` for n-step returns (:attr:`TransitionBatch.discount
+    <tmrl_trainer.memory.TransitionBatch.discount>`)."""
     scaled = reward if reward_scale == 1.0 else reward * reward_scale
     return scaled + gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
+
+
+def bootstrap_discount(batch: TransitionBatch, gamma: float) -> torch.Tensor | float:
+    """The factor of ``batch``'s bootstrap term: its per-transition ``γ^k`` (n-step returns), else ``gamma``."""
+    return gamma if batch.discount is None else batch.discount
 
 
 def critic_subset(q_values: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:

@@ -176,7 +176,7 @@ class TrainerService:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.architecture = config.sac.architecture(self.layout)
         self.learner = make_learner(config.sac, self.architecture, device=self.device, seed=config.seed)
-        self.memory = ReplayMemory(self.layout, capacity=config.memory_capacity, seed=config.seed)
+        self.memory = self._empty_memory()
         self.memory_lock = threading.RLock()
         """Guards the memory and ``rows_received``; the ingestor also holds it from storing a batch to marking its seq
         (re-entered by :meth:`_store`), so a checkpoint copies memory and dedupe state from one moment."""
@@ -211,6 +211,11 @@ class TrainerService:
         self.replay = self._make_replay()
         """The memory's mirror on the learner's device when minibatches are drawn there (``sac.sampling``), else
         ``None``."""
+
+    def _empty_memory(self) -> ReplayMemory:
+        sac = self.config.sac
+        return ReplayMemory(self.layout, capacity=self.config.memory_capacity, seed=self.config.seed, n_step=sac.n_step,
+                            gamma=sac.gamma)
 
     def _make_replay(self) -> DeviceReplay | None:
         sampling = self.config.sac.sampling
@@ -298,7 +303,7 @@ class TrainerService:
         except (OSError, MemoryFileError, DedupeStateError) as exc:
             log.warning("replay memory %s could not be restored (%s); the learner is resumed, but the replay memory "
                         "starts empty with a fresh dedupe window and the warm-up applies again", memory_file, exc)
-            self.memory = ReplayMemory(self.layout, capacity=self.config.memory_capacity, seed=self.config.seed)
+            self.memory = self._empty_memory()
             return 0
         credit = max(0, int(restored.counters.get("update_credit", 0)))
         self._carried_update_credit = min(credit, int(self.config.sac.utd * len(self.memory)))
@@ -403,10 +408,10 @@ class TrainerService:
         stop = stop or threading.Event()
         self.link.start()
         self.status.start()
-        log.info("trainer %s on %s (%s learner): layout %s, relay %s; warm-up %d rows, at most %.2f updates per row",
-                 self.config.trainer_id, self.device, backend_name(self.learner), [c.name for c in self.layout.components],
-                 self.link.describe(),
-                 self.config.sac.learning_starts, self.config.sac.utd)
+        log.info("trainer %s on %s (%s learner): layout %s, relay %s; warm-up %d rows, at most %.2f updates per row, "
+                 "%d-step returns", self.config.trainer_id, self.device, backend_name(self.learner),
+                 [c.name for c in self.layout.components], self.link.describe(), self.config.sac.learning_starts,
+                 self.config.sac.utd, self.memory.n_step)
         next_report = time.monotonic() + PROGRESS_EVERY_S
         try:
             while not stop.is_set() and (max_updates is None or self.learner.updates < max_updates):
