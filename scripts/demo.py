@@ -44,6 +44,7 @@ hidden_sizes = [128, 128]
 batch_size = 128
 learning_starts = 1000
 utd = 2.0
+n_step = 3
 
 [worker]
 batch_steps = 50

@@ -286,8 +286,9 @@ class DeviceReplay:
         return self.gather(self.sample_positions(batch_size))
 
     def gather(self, positions: torch.Tensor) -> TransitionBatch:
-        """The transitions ending at ring ``positions`` (sampleable ones), as :meth:`ReplayMemory.transitions` builds
-        them from the host arrays: the same components, shapes, dtypes and values."""
+        """The transitions of ring ``positions`` (sampleable ones; over the memory's ``n_step`` rewards), as
+        :meth:`ReplayMemory.transitions` builds them from the host arrays: the same components, shapes, dtypes and
+        values."""
         positions = torch.as_tensor(positions, dtype=torch.int64, device=self.device)
         observation, next_observation, action = self._gather(positions)
         reward, discount, end = self.rewards[positions], None, positions
