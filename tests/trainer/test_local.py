@@ -85,6 +85,26 @@ def test_same_seed_gives_the_same_local_run():
     assert first.final_returns == second.final_returns
 
 
+def test_n_step_returns_reach_the_local_learner(monkeypatch):
+    import tmrl_trainer.local as local
+
+    memories = []
+    made = local.ReplayMemory
+
+    def recording(*args, **kwargs):
+        memories.append(made(*args, **kwargs))
+        return memories[-1]
+
+    monkeypatch.setattr(local, "ReplayMemory", recording)
+    one_step = train_local("Pendulum-v1", steps=150, seed=3, config=_small(eval_episodes=1))
+    config = _small(eval_episodes=1)
+    config.sac = SACConfig.model_validate({**config.sac.model_dump(), "n_step": 3, "gamma": 0.95})
+    three_step = train_local("Pendulum-v1", steps=150, seed=3, config=config)
+    assert [(m.n_step, m.gamma) for m in memories] == [(1, 0.99), (3, 0.95)]
+    assert memories[1].sample(8).discount is not None
+    assert three_step.updates == one_step.updates and three_step.final_returns != one_step.final_returns
+
+
 def test_unsupported_environments_are_refused_with_a_reason():
     with pytest.raises(UnsupportedEnvironmentError, match="Box action space"):
         train_local("CartPole-v1", steps=10, config=_small())
