@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 from random_episodes import fill_with_random_episodes
-from test_memory_histories import LAYOUT, check_every_sampleable_transition, interleave, two_workers, worker_batches
+from test_memory_histories import (
+    LAYOUT,
+    check_every_sampleable_transition,
+    interleave,
+    lost_and_reordered,
+    two_workers,
+    worker_batches,
+)
 from tmrl_common.layout import tm20_image_layout, tm20_lidar_layout
 from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.learner import make_learner
@@ -80,12 +87,8 @@ def test_the_mirror_of_in_order_batches_samples_what_the_host_samples(sync_every
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_mirror_keeps_the_hosts_verdict_across_lost_and_reordered_batches(seed):
-    rng = np.random.default_rng(seed)
     _, _, streams = two_workers()
-    arrivals = [(w, b) for w, b in interleave(streams, rng) if rng.random() > 0.15]
-    for start in range(0, len(arrivals) - 3, 4):
-        if rng.random() < 0.5:
-            arrivals[start], arrivals[start + 2] = arrivals[start + 2], arrivals[start]
+    arrivals = lost_and_reordered(streams, np.random.default_rng(seed))
     memory = ReplayMemory(LAYOUT, capacity=10_000)
     replay = DeviceReplay(memory, "cpu", chunk_rows=64)
     _deliver(memory, replay, arrivals, sync_every=5)

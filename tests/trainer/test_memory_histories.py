@@ -131,6 +131,17 @@ def interleave(streams: dict[str, list[SampleBatch]], rng: np.random.Generator) 
     return out
 
 
+def lost_and_reordered(streams: dict[str, list[SampleBatch]], rng: np.random.Generator,
+                       loss: float = 0.15) -> list[tuple[str, SampleBatch]]:
+    """The workers' batches interleaved, about ``loss`` of them lost, and in every group of four the first and third
+    swapped half the time (a resend arriving after newer batches)."""
+    arrivals = [(w, b) for w, b in interleave(streams, rng) if rng.random() > loss]
+    for start in range(0, len(arrivals) - 3, 4):
+        if rng.random() < 0.5:
+            arrivals[start], arrivals[start + 2] = arrivals[start + 2], arrivals[start]
+    return arrivals
+
+
 def test_in_order_delivery_gives_every_transition_and_all_are_the_envs():
     truth, previous, streams = two_workers()
     memory = ReplayMemory(LAYOUT, capacity=10_000)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from random_episodes import fill_with_random_episodes
-from test_memory_histories import LAYOUT, interleave, reward_of, two_workers
+from test_memory_histories import LAYOUT, interleave, lost_and_reordered, reward_of, two_workers
 from tmrl_common.layout import tm20_lidar_layout
 from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.learner import make_learner
@@ -80,12 +80,8 @@ def test_in_order_delivery_sums_n_rewards_up_to_the_episode_end(n_step):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_n_step_walks_stop_at_lost_and_reordered_batches(seed):
-    rng = np.random.default_rng(seed)
     _, previous, streams = two_workers()
-    arrivals = [(w, b) for w, b in interleave(streams, rng) if rng.random() > 0.15]
-    for start in range(0, len(arrivals) - 3, 4):
-        if rng.random() < 0.5:
-            arrivals[start], arrivals[start + 2] = arrivals[start + 2], arrivals[start]
+    arrivals = lost_and_reordered(streams, np.random.default_rng(seed))
     memory = ReplayMemory(LAYOUT, capacity=10_000, n_step=4, gamma=GAMMA)
     for worker, batch in arrivals:
         memory.add_batch(worker, batch)
