@@ -34,10 +34,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the mirro
                                 "CPU above)")
 
 
-def _flat(batch: TransitionBatch) -> list[torch.Tensor]:
-    return [*batch.observation, batch.action, batch.reward, *batch.next_observation, batch.terminated, batch.truncated]
-
-
 def assert_mirror_equals_host(memory: ReplayMemory, replay: DeviceReplay) -> int:
     """The mirror's index is the host's, and its batch at every indexed position is the host's; return the count."""
     positions = memory.sampleable_positions()
@@ -46,7 +42,7 @@ def assert_mirror_equals_host(memory: ReplayMemory, replay: DeviceReplay) -> int
     if positions.size == 0:
         return 0
     expected, actual = memory.transitions(positions), replay.gather(torch.from_numpy(positions).to(replay.device))
-    for index, (want, got) in enumerate(zip(_flat(expected), _flat(actual), strict=True)):
+    for index, (want, got) in enumerate(zip(expected.tensors(), actual.tensors(), strict=True)):
         assert got.dtype == want.dtype and got.shape == want.shape, f"part {index}: {got.dtype}{tuple(got.shape)}"
         assert torch.equal(got.cpu(), want), f"part {index} differs from the host sampler's"
     return int(positions.size)
@@ -212,7 +208,7 @@ def test_device_sampling_draws_only_sampleable_rows_uniformly_and_gathers_the_ho
     assert counts.min() > 0 and abs(counts.mean() - expected) < 1e-9 and counts.std() < 3 * np.sqrt(expected)
     replay.generator.set_state(state)
     first = replay.sample(256)  # the same draw: the batch at the first 256 positions
-    for want, got in zip(_flat(memory.transitions(positions[:256].numpy())), _flat(first), strict=True):
+    for want, got in zip(memory.transitions(positions[:256].numpy()).tensors(), first.tensors(), strict=True):
         assert torch.equal(got, want)
 
 

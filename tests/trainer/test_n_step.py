@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 from random_episodes import fill_with_random_episodes
+from test_device_replay import assert_mirror_equals_host
 from test_memory_histories import LAYOUT, interleave, lost_and_reordered, reward_of, two_workers
 from tmrl_common.layout import tm20_lidar_layout
 from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.learner import make_learner
-from tmrl_trainer.memory import ReplayMemory, TransitionBatch
+from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.sac import SACConfig, soft_td_target
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -130,7 +131,7 @@ def test_a_saved_memory_reloads_with_the_same_n_step_transitions():
     loaded.load_bytes(memory.to_bytes())
     positions = memory.sampleable_positions()
     np.testing.assert_array_equal(loaded.sampleable_positions(), positions)
-    for got, want in zip(_parts(loaded.transitions(positions)), _parts(memory.transitions(positions)), strict=True):
+    for got, want in zip(loaded.transitions(positions).tensors(), memory.transitions(positions).tensors(), strict=True):
         assert torch.equal(got, want)
 
 
@@ -143,21 +144,21 @@ def test_one_step_memories_give_no_discount_and_n_step_1_is_the_one_step_batch()
         ReplayMemory(LAYOUT, capacity=300, n_step=0)
 
 
+def test_a_batch_lists_and_maps_its_tensors_with_the_discount_only_when_it_has_one():
+    for n_step in (1, 3):
+        memory = fill_with_random_episodes(ReplayMemory(LAYOUT, capacity=300, seed=0, n_step=n_step, gamma=GAMMA),
+                                           steps=400, batch_rows=30)
+        batch = memory.sample(16)
+        parts = [*batch.observation, batch.action, batch.reward, *batch.next_observation, batch.terminated,
+                 batch.truncated] + ([] if n_step == 1 else [batch.discount])
+        assert [id(t) for t in batch.tensors()] == [id(t) for t in parts]
+        doubled = batch.map(lambda t: t * 2)
+        assert (doubled.discount is None) == (n_step == 1)
+        for got, want in zip(doubled.tensors(), parts, strict=True):
+            assert torch.equal(got, want * 2)
+
+
 # ----------------------------------------------------------------------------------------------- the device mirror
-
-
-def _parts(batch: TransitionBatch) -> list[torch.Tensor]:
-    return [*batch.observation, batch.action, batch.reward, *batch.next_observation, batch.terminated, batch.truncated,
-            batch.discount]
-
-
-def assert_mirror_equals_host(memory: ReplayMemory, replay: DeviceReplay) -> int:
-    positions = memory.sampleable_positions()
-    np.testing.assert_array_equal(replay.sampleable_positions().cpu().numpy(), positions)
-    expected, actual = memory.transitions(positions), replay.gather(torch.from_numpy(positions))
-    for index, (want, got) in enumerate(zip(_parts(expected), _parts(actual), strict=True)):
-        assert got.dtype == want.dtype and torch.equal(got.cpu(), want), f"part {index} differs from the host's"
-    return int(positions.size)
 
 
 @pytest.mark.parametrize(("capacity", "chunk_rows", "sync_every", "loss"),

@@ -140,11 +140,6 @@ def test_checkpoint_is_saved_and_a_restarted_trainer_resumes_from_it(tmp_path):
 # ------------------------------------------------------------------------------------- saved replay memory
 
 
-def _tensors(batch) -> list[torch.Tensor]:
-    """Every tensor of a TransitionBatch (observations are tuples of tensors)."""
-    return [t for field in batch if field is not None for t in (field if isinstance(field, tuple) else (field,))]
-
-
 def _checkpoint_files(service: TrainerService) -> list[str]:
     return sorted(p.name for p in (service.run_dir / "checkpoints").iterdir())
 
@@ -167,7 +162,7 @@ def test_with_save_memory_a_restarted_trainer_gets_its_rows_and_dedupe_window_ba
     assert len(second.memory) == rows == 150 and stored_before == 4
     assert np.array_equal(second.memory.sampleable_positions(), positions)
     after = second.memory.transitions(positions)
-    assert all(torch.equal(a, b) for a, b in zip(_tensors(before), _tensors(after), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before.tensors(), after.tensors(), strict=True))
     # a batch stored before the checkpoint and resent after the restart (its ack was lost) is a duplicate
     second.ingestor.handle(pendulum_batch("w1", 1, 40))
     second.ingestor.handle(pendulum_batch("w2", 0, 30))

@@ -198,7 +198,7 @@ class CudaGraphLearner(ReferenceLearner):
         if batch.action.shape != self._inputs.action.shape:
             raise ValueError(f"a CUDA graph replays one batch shape: recorded {tuple(self._inputs.action.shape)}, "
                              f"given {tuple(batch.action.shape)} (keep sac.batch_size fixed)")
-        for static, new in zip(_flat(self._inputs), _flat(batch), strict=True):
+        for static, new in zip(self._inputs.tensors(), batch.tensors(), strict=True):
             static.copy_(new, non_blocking=True)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -209,15 +209,6 @@ class CudaGraphLearner(ReferenceLearner):
         self._zero_gradients()
 
 
-def _flat(batch: TransitionBatch) -> list[torch.Tensor]:
-    discount = [] if batch.discount is None else [batch.discount]
-    return [*batch.observation, batch.action, batch.reward, *batch.next_observation, batch.terminated, batch.truncated,
-            *discount]
-
-
 def _static_copy(batch: TransitionBatch, device: torch.device) -> TransitionBatch:
     """Device tensors shaped like ``batch``'s, holding its values: the graph's inputs."""
-    clone = lambda t: t.to(device, copy=True)  # noqa: E731
-    return TransitionBatch(tuple(map(clone, batch.observation)), clone(batch.action), clone(batch.reward),
-                           tuple(map(clone, batch.next_observation)), clone(batch.terminated), clone(batch.truncated),
-                           None if batch.discount is None else clone(batch.discount))
+    return batch.map(lambda t: t.to(device, copy=True))

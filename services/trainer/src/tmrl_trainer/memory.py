@@ -36,6 +36,7 @@ are drawn as uniformly as with one-step transitions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -73,15 +74,25 @@ class TransitionBatch(NamedTuple):
     """n-step returns: per transition, ``γ^k`` for its ``k`` summed rewards, the factor of the bootstrap term;
     ``None`` for one-step transitions (the learner's ``gamma``)."""
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch, in field order (observation parts one by one; no ``discount`` when ``None``)."""
+        return [t for field in self if field is not None for t in (field if isinstance(field, tuple) else (field,))]
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> TransitionBatch:
+        """The batch with ``function`` applied to each of its tensors (a ``None`` discount stays ``None``)."""
+        def apply(field):
+            if field is None:
+                return None
+            return tuple(map(function, field)) if isinstance(field, tuple) else function(field)
+
+        return TransitionBatch(*(apply(field) for field in self))
+
     def to(self, device: torch.device | str) -> TransitionBatch:
         """The same batch on ``device``."""
         device = torch.device(device)
         if device.type == "cpu":
             return self
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return TransitionBatch(tuple(map(move, self.observation)), move(self.action), move(self.reward),
-                               tuple(map(move, self.next_observation)), move(self.terminated), move(self.truncated),
-                               None if self.discount is None else move(self.discount))
+        return self.map(lambda t: t.to(device, non_blocking=True))
 
 
 @dataclass
