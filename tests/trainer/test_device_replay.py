@@ -62,7 +62,8 @@ def assert_batch_is_real(batch: TransitionBatch, truth: dict, previous: dict) ->
     return int(batch.action.shape[0])
 
 
-def _deliver(memory: ReplayMemory, replay: DeviceReplay, arrivals, sync_every: int | None) -> None:
+def deliver(memory: ReplayMemory, replay: DeviceReplay, arrivals, sync_every: int | None) -> None:
+    """Store ``arrivals`` in ``memory``; every ``sync_every`` batches sync the mirror and check it against the host."""
     for count, (worker, batch) in enumerate(arrivals, start=1):
         memory.add_batch(worker, batch)
         if sync_every is not None and count % sync_every == 0:
@@ -76,7 +77,7 @@ def test_the_mirror_of_in_order_batches_samples_what_the_host_samples(sync_every
     truth, previous, streams = two_workers()
     memory = ReplayMemory(LAYOUT, capacity=10_000)
     replay = DeviceReplay(memory, "cpu", chunk_rows=50)  # several chunks per sync
-    _deliver(memory, replay, interleave(streams, np.random.default_rng(0)), sync_every)
+    deliver(memory, replay, interleave(streams, np.random.default_rng(0)), sync_every)
     assert assert_mirror_equals_host(memory, replay) == len(previous)
     assert check_every_sampleable_transition(memory, truth, previous) == len(previous)
 
@@ -87,7 +88,7 @@ def test_the_mirror_keeps_the_hosts_verdict_across_lost_and_reordered_batches(se
     arrivals = lost_and_reordered(streams, np.random.default_rng(seed))
     memory = ReplayMemory(LAYOUT, capacity=10_000)
     replay = DeviceReplay(memory, "cpu", chunk_rows=64)
-    _deliver(memory, replay, arrivals, sync_every=5)
+    deliver(memory, replay, arrivals, sync_every=5)
     assert assert_mirror_equals_host(memory, replay) > 0
     assert memory.orphan_rows > 0  # gaps were there, and the mirror left the same rows out
 
@@ -97,7 +98,7 @@ def test_the_mirror_of_a_trainer_restarted_mid_episode_invents_no_history_either
     arrivals = interleave(streams, np.random.default_rng(5))
     memory = ReplayMemory(LAYOUT, capacity=10_000)
     replay = DeviceReplay(memory, "cpu")
-    _deliver(memory, replay, arrivals[len(arrivals) // 2 :], sync_every=3)
+    deliver(memory, replay, arrivals[len(arrivals) // 2 :], sync_every=3)
     assert memory.orphan_rows > 0 and assert_mirror_equals_host(memory, replay) > 0
 
 
@@ -119,7 +120,7 @@ def test_a_mirror_of_a_ring_that_wrapped_holds_only_what_the_ring_holds(chunk_ro
     replay = DeviceReplay(memory, "cpu", chunk_rows=chunk_rows)
     rng = np.random.default_rng(9)
     arrivals = [(w, b) for w, b in interleave(streams, rng) if rng.random() > 0.1]
-    _deliver(memory, replay, arrivals, sync_every)
+    deliver(memory, replay, arrivals, sync_every)
     assert memory.rows_added > 5 * memory.capacity
     assert assert_mirror_equals_host(memory, replay) > 0
     assert check_every_sampleable_transition(memory, truth, previous) > 0
@@ -130,7 +131,7 @@ def test_a_mirror_synced_after_the_ring_overwrote_unsynced_rows_catches_up_whole
     replay = DeviceReplay(memory, "cpu", chunk_rows=10)
     _, _, streams = two_workers(steps=300)
     arrivals = interleave(streams, np.random.default_rng(3))
-    _deliver(memory, replay, arrivals[:20], sync_every=None)
+    deliver(memory, replay, arrivals[:20], sync_every=None)
     for worker, batch in arrivals[20:]:  # several capacities' worth of rows before the next sync
         memory.add_batch(worker, batch)
     assert replay.sync() == memory.capacity
@@ -193,7 +194,7 @@ def test_device_sampling_draws_only_sampleable_rows_uniformly_and_gathers_the_ho
     _, _, streams = two_workers()
     memory = ReplayMemory(LAYOUT, capacity=10_000)
     rng = np.random.default_rng(1)
-    _deliver(memory, DeviceReplay(memory, "cpu"), [(w, b) for w, b in interleave(streams, rng) if rng.random() > 0.2],
+    deliver(memory, DeviceReplay(memory, "cpu"), [(w, b) for w, b in interleave(streams, rng) if rng.random() > 0.2],
              sync_every=None)
     replay = DeviceReplay(memory, "cpu", seed=7)
     assert not replay.ready()  # nothing synced yet: the index is empty
@@ -287,7 +288,7 @@ def test_the_mirror_on_a_cuda_device_matches_the_host():
     truth, previous, streams = two_workers(steps=600)
     memory = ReplayMemory(LAYOUT, capacity=97)
     replay = DeviceReplay(memory, "cuda", chunk_rows=13)
-    _deliver(memory, replay, interleave(streams, np.random.default_rng(9)), sync_every=3)
+    deliver(memory, replay, interleave(streams, np.random.default_rng(9)), sync_every=3)
     assert assert_mirror_equals_host(memory, replay) > 0
 
 

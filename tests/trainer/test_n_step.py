@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from random_episodes import fill_with_random_episodes
-from test_device_replay import assert_mirror_equals_host
+from test_device_replay import assert_mirror_equals_host, deliver
 from test_memory_histories import LAYOUT, interleave, lost_and_reordered, reward_of, two_workers
 from tmrl_common.layout import tm20_lidar_layout
 from tmrl_trainer.device_replay import DeviceReplay
@@ -169,14 +169,7 @@ def test_the_mirror_builds_the_hosts_n_step_batches(capacity, chunk_rows, sync_e
     memory = ReplayMemory(LAYOUT, capacity=capacity, n_step=3, gamma=GAMMA)
     replay = DeviceReplay(memory, "cpu", chunk_rows=chunk_rows)
     rng = np.random.default_rng(capacity + chunk_rows)
-    arrivals = [(w, b) for w, b in interleave(streams, rng) if rng.random() >= loss]
-    checked = 0
-    for count, (worker, batch) in enumerate(arrivals, start=1):
-        memory.add_batch(worker, batch)
-        if sync_every is not None and count % sync_every == 0:
-            replay.sync()
-            checked += assert_mirror_equals_host(memory, replay)
-    replay.sync()
+    deliver(memory, replay, [(w, b) for w, b in interleave(streams, rng) if rng.random() >= loss], sync_every)
     assert assert_mirror_equals_host(memory, replay) > 0
     np.testing.assert_array_equal(replay.next[:capacity].numpy(), memory._next)
 
