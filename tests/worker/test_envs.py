@@ -140,6 +140,27 @@ def test_trackmania_specs_say_they_need_windows():
         make_env("tm20-lidar")
 
 
+def test_a_trackmania_env_that_cannot_be_built_is_one_env_spec_error_naming_the_cause(tmp_path):
+    missing = tmp_path / "nowhere.safetensors"
+    with pytest.raises(EnvSpecError, match=r"env 'tm20-lidar': reward points file .*nowhere.safetensors does not exist"):
+        make_env("tm20-lidar", options={"allow_non_windows": True, "reward_path": str(missing)})
+
+
+def test_an_env_that_gives_up_while_running_stops_the_worker_with_its_message_and_no_traceback(monkeypatch):
+    from tmrl_worker import runtime
+    from tmrl_worker.cli import app
+    from tmrl_worker.envs import EnvFailure
+    from typer.testing import CliRunner
+
+    def give_up(config, stop=None):
+        raise EnvFailure("the race did not restart within 10 s of the respawn")
+
+    monkeypatch.setattr(runtime, "run_worker", give_up)
+    result = CliRunner().invoke(app, ["run", "--env", "sim", "--insecure"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "tmrl-worker: the race did not restart within 10 s of the respawn"
+
+
 def test_sim_fast_has_the_trackmania_lidar_layout_and_an_expert_that_drives():
     from tmrl_common.layout import tm20_lidar_layout
 

@@ -124,6 +124,20 @@ def test_straying_too_far_terminates_when_enabled():
     assert terminated and info["strayed"]
 
 
+def test_the_straying_step_pays_nothing_for_the_points_nearest_to_the_car():
+    reward = straight(length=100.0, max_stray=3.0)
+    value, terminated, info = reward.compute([40.0, 10.0])  # 10 m beside the path, 40 m down it
+    assert terminated and info["strayed"] and value == 0.0
+    assert info["points_passed"] == 0 and reward.index == 0
+
+
+def test_repeated_reward_points_are_refused_since_they_would_pay_a_standing_car():
+    with pytest.raises(RewardPathError, match=r"points 1 and 2 are the same point.*record-reward"):
+        TrajectoryReward([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    with pytest.raises(RewardPathError, match=r"points 0 and 1 are the same point"):
+        TrajectoryReward(np.zeros((5, 3)))
+
+
 def test_reset_starts_again_at_the_first_point():
     reward = straight()
     reward.compute([5.0, 0.0])

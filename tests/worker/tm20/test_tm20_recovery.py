@@ -19,7 +19,13 @@ from tmrl_worker.reward import TrajectoryReward, TrajectoryRewardConfig, save_po
 from tmrl_worker.runtime import RolloutLoop, UniformPolicy
 from tmrl_worker.tm20.capture import CaptureError, RecordedFrames
 from tmrl_worker.tm20.control import RecordingController
-from tmrl_worker.tm20.interfaces import RaceRestartError, TM20ConfigError, TM20LidarInterface, make_tm20_env
+from tmrl_worker.tm20.interfaces import (
+    RaceRestartError,
+    RewardPathMismatchError,
+    TM20ConfigError,
+    TM20LidarInterface,
+    make_tm20_env,
+)
 from tmrl_worker.tm20.openplanet import TelemetryClient
 from tmrl_worker.tm20.replay_server import TelemetryReplayServer
 from tmrl_worker.tm20.synthetic import StraightDrive
@@ -200,6 +206,7 @@ def test_after_a_finish_reset_closes_the_popup_and_waits_for_the_race_to_restart
             wait_for(lambda: interface.telemetry.latest().finished)  # the countdown, then 1 m: the finish line
             _, reward, terminated, info = interface.get_obs_rew_terminated_info()
             assert terminated and info["finished_by_game"] and reward >= 100.0
+            assert info["finished"]  # the game's finish, before the recorded path's end, is a finished lap
             interface.wait()
             interface.reset()
             names = [name for name, _ in interface.controller.calls]
@@ -227,6 +234,34 @@ def test_a_respawn_that_does_not_restart_the_race_fails_reset_with_what_to_check
             assert time.monotonic() - started < 2.0
         finally:
             interface.close()
+
+
+def test_reward_points_of_another_map_stop_the_env_at_the_restart_instead_of_paying_a_car_that_stands():
+    game = Game()  # the car starts at (0, 0, 5)
+    elsewhere = TrajectoryReward.from_path([[500.0, 300.0, 5.0], [2500.0, 300.0, 5.0]], 0.5)
+    with game.serve() as server:
+        for tolerance in (20.0, None):
+            interface = TM20LidarInterface(capture=RecordedFrames(corridor_frames()),
+                                           telemetry=TelemetryClient(server.port), controller=game.controller(),
+                                           reward=elsewhere, sleep_time_at_reset=0.0,
+                                           recovery={**FAST_RECOVERY, "start_tolerance_m": tolerance})
+            try:
+                if tolerance is not None:
+                    with pytest.raises(RewardPathMismatchError, match=r"starts 583 m from the reward path's first "
+                                                                      r"point.*record-reward"):
+                        interface.reset()
+                else:  # unchecked, as asked
+                    interface.reset()
+                    assert interface.last_telemetry.distance <= 1.0
+            finally:
+                interface.close()
+
+
+def test_two_dimensional_reward_points_are_refused_when_the_env_is_built():
+    flat = TrajectoryReward.from_path([[0.0, 0.0], [100.0, 0.0]], 0.5)
+    with pytest.raises(TM20ConfigError, match=r"2-D; TrackMania positions are \(x, y, z\)"):
+        TM20LidarInterface(capture=RecordedFrames(corridor_frames()), telemetry=TelemetryClient(1, start=False),
+                           controller=RecordingController(), reward=flat)
 
 
 def test_the_window_is_brought_to_front_at_start_and_each_reset_and_a_window_left_behind_is_logged(caplog):

@@ -75,7 +75,7 @@ def run(
     from tmrl_common.curve import KeyFileError
     from tmrl_common.sockets import SecurityError
 
-    from tmrl_worker.envs import EnvSpecError
+    from tmrl_worker.envs import EnvFailure, EnvSpecError
     from tmrl_worker.runtime import PolicyFileError, run_worker
     from tmrl_worker.spool import StateFileError
 
@@ -88,6 +88,9 @@ def run(
     except (EnvSpecError, PolicyFileError, StateFileError, SecurityError, KeyFileError) as exc:
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=2) from exc
+    except EnvFailure as exc:  # the env gave up while running (e.g. the game did not restart); samples were flushed
+        typer.echo(f"tmrl-worker: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
     delivery = stats.delivery
     summary = (f"{effective.worker_id}: {stats.steps} steps, {stats.episodes} episodes, "
                f"{stats.batches_submitted} batches, weights version {stats.weights_version}")

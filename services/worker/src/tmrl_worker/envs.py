@@ -52,6 +52,11 @@ class EnvInterrupted(RuntimeError):
     """An env gave up waiting (e.g. for a lost game) because the worker is stopping; the rollout ends cleanly."""
 
 
+class EnvFailure(RuntimeError):
+    """The environment cannot go on (a game that does not restart, does not come back, or does not fit its reward
+    path): the worker flushes the samples it sent and stops with this message, without a traceback."""
+
+
 class EnvSpecError(ValueError):
     """An ``env`` spec cannot be turned into an environment; the message says which specs exist and what failed."""
 
@@ -348,16 +353,31 @@ def _make_tm20(spec: str, time_step_duration: float, max_episode_steps: int, opt
         raise EnvSpecError(f"env {spec!r} drives TrackMania 2020 and runs on Windows only (this is {sys.platform}); "
                            "use env = \"sim\" to train on the built-in simulator, or emulated_game = {} in "
                            "env_options to run the TrackMania path against the emulated game")
-    from tmrl_worker.tm20.interfaces import tm20_rtgym_config
+    from tmrl_worker.tm20.capture import CaptureError
+    from tmrl_worker.tm20.control import ControlError, GamepadUnavailableError
+    from tmrl_worker.tm20.interfaces import TM20ConfigError, tm20_rtgym_config
+    from tmrl_worker.tm20.window import WindowNotFoundError
+    from tmrl_worker.tm20.windows_only import WindowsOnlyError
 
+    # what building the game's devices raises when a setting, a driver, the window or the screen is wrong: a one-line
+    # EnvSpecError naming it, not a traceback
+    device_setup_errors = (TM20ConfigError, ControlError, GamepadUnavailableError, WindowNotFoundError, CaptureError,
+                           WindowsOnlyError)
     kwargs = {k: v for k, v in options.items() if k not in ("allow_non_windows", "emulated_game")}
     if emulated is None:
-        config = tm20_rtgym_config(spec, time_step_duration=time_step_duration, ep_max_length=max_episode_steps, **kwargs)
-        return _make_rtgym(spec, config)
+        try:
+            config = tm20_rtgym_config(spec, time_step_duration=time_step_duration, ep_max_length=max_episode_steps,
+                                       **kwargs)
+            return _make_rtgym(spec, config)
+        except device_setup_errors as exc:
+            raise EnvSpecError(f"env {spec!r}: {exc}") from exc
     game = _start_emulated_game(spec, emulated, kwargs)
     try:
         config = tm20_rtgym_config(spec, time_step_duration=time_step_duration, ep_max_length=max_episode_steps, **kwargs)
         handle = _make_rtgym(spec, config)
+    except device_setup_errors as exc:
+        game.close()
+        raise EnvSpecError(f"env {spec!r}: {exc}") from exc
     except BaseException:
         game.close()
         raise

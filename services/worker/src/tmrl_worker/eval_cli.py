@@ -29,7 +29,7 @@ def eval_command(
     from tmrl_common.config import load_config_for_command
 
     from tmrl_worker.config import WorkerConfig
-    from tmrl_worker.envs import EnvSpecError
+    from tmrl_worker.envs import EnvFailure, EnvSpecError
     from tmrl_worker.evaluate import EvalConfig, episode_line, evaluate, summary_line
     from tmrl_worker.runtime import PolicyFileError
     from tmrl_worker.sim.track import TrackError
@@ -45,6 +45,9 @@ def eval_command(
     except (EnvSpecError, PolicyFileError, TrackError) as exc:
         typer.echo(f"tmrl-worker eval: {exc}", err=True)
         raise typer.Exit(code=2) from exc
+    except EnvFailure as exc:  # the env gave up while running (e.g. the game did not restart)
+        typer.echo(f"tmrl-worker eval: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
     typer.echo(summary_line(summary) + (f"; GIF: {summary.gif}" if summary.gif else ""), err=json_output)
     if json_output:
         typer.echo(summary.to_json())

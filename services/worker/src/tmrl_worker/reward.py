@@ -11,7 +11,8 @@ The episode terminates when
 * the car makes no progress for ``no_progress_steps`` consecutive steps (counted only once
   ``grace_steps`` steps have passed, so a standing start is not punished), or
 * the car reaches the last point (the finish): ``finish_bonus`` is added to that step's reward, or
-* the car strays further than ``max_stray`` from the nearest point in the window (optional).
+* the car strays further than ``max_stray`` from the nearest point in the window (optional): that step pays
+  nothing, since where the car is says nothing about progress along the path.
 
 Points are stored as safetensors (never pickle): :func:`save_points` / :func:`load_points`; ``.npy`` files are
 read with ``allow_pickle=False``.
@@ -150,6 +151,12 @@ class TrajectoryReward:
         self.points = _as_positions(points, "reward points").astype(np.float64)
         if len(self.points) < 2:
             raise RewardPathError(f"a trajectory reward needs at least 2 points, got {len(self.points)}")
+        gaps = np.linalg.norm(np.diff(self.points, axis=0), axis=1)
+        if not (gaps > 0).all():  # the forward search walks over equal points for free: a car would be paid standing
+            first = int(np.argmin(gaps > 0))
+            raise RewardPathError(f"reward points {first} and {first + 1} are the same point: reward points must be "
+                                  "spaced along the path (resample a recording with resample_path, or record it with "
+                                  "`tmrl-worker record-reward`)")
         self.config = config or TrajectoryRewardConfig()
         self.last_index = len(self.points) - 1
         self._columns = [column.tolist() for column in self.points.T]  # scalar loop below is faster on lists
@@ -217,6 +224,9 @@ class TrajectoryReward:
         self.steps += 1
         config = self.config
         best, distance = self._nearest_ahead(position)
+        strayed = config.max_stray is not None and distance > config.max_stray
+        if strayed:  # off the path, the nearest point ahead says nothing about progress: pay nothing
+            best = self.index
         passed = best - self.index
         self.index = best
         reward = passed * config.reward_per_point - config.step_penalty
@@ -230,7 +240,6 @@ class TrajectoryReward:
             self.finished = True
             reward += config.finish_bonus
             terminated = True
-        strayed = config.max_stray is not None and distance > config.max_stray
         terminated = terminated or strayed
         info = {
             "points_passed": passed,

@@ -33,7 +33,7 @@ from tmrl_common.networks import PolicyFileError
 from tmrl_common.sockets import RelayEndpoint
 
 from tmrl_worker.config import WorkerConfig, WorkerMode
-from tmrl_worker.envs import EnvHandle, EnvInterrupted, make_env
+from tmrl_worker.envs import EnvFailure, EnvHandle, EnvInterrupted, make_env
 from tmrl_worker.progress import ProgressFile, ProgressFileError, describe_unclean_stop, progress_path, read_progress
 from tmrl_worker.relay_link import RelayLink
 from tmrl_worker.spool import SequenceCounter, Spool
@@ -448,6 +448,15 @@ class RolloutLoop:
 # ------------------------------------------------------------------------------------------------------- service
 
 
+def _flush_before_stop(link: RelayLink | None, config: WorkerConfig) -> None:
+    """Wait up to ``flush_timeout_s`` for the relay to acknowledge every batch sent; warn about what stays unacknowledged."""
+    if link is not None and not link.flush(timeout=config.flush_timeout_s):
+        fate = (f"kept in {link.spool.directory} for the next run" if link.spool.directory is not None
+                else "lost with this process; durable_spool keeps them on disk")
+        log.warning("%s: stopping with %d unacknowledged batch(es) in the spool (%s)", config.worker_id,
+                    link.snapshot()["spool_batches"], fate)
+
+
 def initial_policy(mode: WorkerMode, env: EnvHandle, policy_file: Path | None, seed: int | None) -> Policy:
     """What acts before any weights arrive: the expert in expert mode, else uniform random."""
     if mode == "expert":
@@ -525,13 +534,14 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
 
         if stop is not None:
             env.attach_stop(stop)
-        stats = loop.run(max_steps=config.max_steps, stop=stop, health_check=health_check)
+        try:
+            stats = loop.run(max_steps=config.max_steps, stop=stop, health_check=health_check)
+        except EnvFailure:  # the env cannot go on: what was sent still reaches the trainer before the worker stops
+            _flush_before_stop(link, config)
+            loop.record_progress(running=False)
+            raise
+        _flush_before_stop(link, config)
         if link is not None:
-            if not link.flush(timeout=config.flush_timeout_s):
-                fate = (f"kept in {link.spool.directory} for the next run" if link.spool.directory is not None
-                        else "lost with this process; durable_spool keeps them on disk")
-                log.warning("%s: stopping with %d unacknowledged batch(es) in the spool (%s)", config.worker_id,
-                            link.snapshot()["spool_batches"], fate)
             stats.delivery = link.snapshot()
         loop.record_progress(running=False)
         return stats

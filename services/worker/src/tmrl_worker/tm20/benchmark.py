@@ -62,7 +62,9 @@ def benchmark_tool(*, variant: str, steps: int, telemetry_port: int, reward_path
     from rich.console import Console
     from rich.table import Table
 
+    from tmrl_worker.envs import EnvFailure
     from tmrl_worker.tm20.capture import CaptureError
+    from tmrl_worker.tm20.control import ControlError, GamepadUnavailableError
     from tmrl_worker.tm20.interfaces import TM20ConfigError, make_tm20_env
     from tmrl_worker.tm20.openplanet import TelemetryTimeoutError
     from tmrl_worker.tm20.synthetic import SyntheticSession
@@ -84,7 +86,8 @@ def benchmark_tool(*, variant: str, steps: int, telemetry_port: int, reward_path
             env = make_tm20_env(variant, benchmark=True, time_step_duration=time_step_duration, **kwargs)
             stack.callback(env.unwrapped.interface.close)
             result = run_benchmark(env, steps)
-        except (TM20ConfigError, TelemetryTimeoutError, CaptureError, WindowNotFoundError, WindowsOnlyError) as exc:
+        except (TM20ConfigError, TelemetryTimeoutError, CaptureError, WindowNotFoundError, WindowsOnlyError, ControlError,
+                GamepadUnavailableError, EnvFailure) as exc:
             console.print(f"[red]{exc}[/]")
             return 2
     table = Table(title=f"rtgym timings, {variant}{' (synthetic session)' if synthetic else ''}: "

@@ -42,7 +42,7 @@ from tmrl_common.layout import (
     tm20_pixel_lidar_progress_layout,
 )
 
-from tmrl_worker.envs import TRUNCATED_REASON, EnvInterrupted
+from tmrl_worker.envs import TRUNCATED_REASON, EnvFailure, EnvInterrupted
 from tmrl_worker.reward import RewardPathError, TrajectoryReward, TrajectoryRewardConfig
 from tmrl_worker.tm20.capture import CaptureError, FrameCapture, downscale, make_capture, to_gray
 from tmrl_worker.tm20.control import Controller, make_controller
@@ -72,13 +72,18 @@ class TM20ConfigError(ValueError):
     """A TrackMania environment cannot be built from these settings."""
 
 
-class RaceRestartError(RuntimeError):
+class RaceRestartError(EnvFailure):
     """After a respawn, telemetry never showed the race restarted (the respawn control is not bound, or a pop-up
     stays open)."""
 
 
-class TM20GameLostError(RuntimeError):
+class TM20GameLostError(EnvFailure):
     """The game (plugin or window) did not come back within ``recovery.give_up_after_s``."""
+
+
+class RewardPathMismatchError(EnvFailure):
+    """The restarted car is far from the reward path's first point: the points were recorded on another map or from
+    another start, and would pay for nothing."""
 
 
 DEVICE_ERRORS = (TelemetryError, CaptureError, WindowNotFoundError, LidarError)
@@ -110,6 +115,9 @@ class RecoveryConfig(BaseModel):
     """After the respawn, how long telemetry may take to show the race restarted before :class:`RaceRestartError`."""
     restart_distance_m: float = Field(default=1.0, ge=0)
     """The race counts as restarted when a packet read after the respawn has ``distance`` within this of 0."""
+    start_tolerance_m: float | None = Field(default=20.0, gt=0)
+    """After each restart the car must be within this of the reward path's first point (None: not checked); further
+    away, :class:`RewardPathMismatchError` stops the worker (points recorded on another map or from another start)."""
     popup_delay_s: float = Field(default=0.5, ge=0)
     """After a finish, wait this long after the respawn before closing the end-of-race pop-up (as upstream does)."""
     focus_window: bool = True
@@ -179,6 +187,10 @@ class TM20Interface(RealTimeGymInterface):
                                                                             "reward_config"))
             except RewardPathError as exc:
                 raise TM20ConfigError(str(exc)) from exc
+        if reward.points.shape[1] != 3:
+            raise TM20ConfigError(f"the reward points{f' in {reward_path}' if reward_path is not None else ''} are "
+                                  f"{reward.points.shape[1]}-D; TrackMania positions are (x, y, z): record them with "
+                                  "`tmrl-worker record-reward`")
         self.reward = reward
         self.img_hist_len = img_hist_len
         self.act_buf_len = act_buf_len
@@ -322,6 +334,7 @@ class TM20Interface(RealTimeGymInterface):
             self.reward.finished = True
             reward += self.reward.config.finish_bonus
             terminated = True
+            info["finished"] = True  # the game's finish is a finish, even where the recorded path ends later
         if self.reward.finished:
             log.info("tm20: finish line reached at step %d of the episode", self.reward.steps)
         return self._observation(), reward, terminated, info
@@ -452,6 +465,7 @@ class TM20Interface(RealTimeGymInterface):
                 # which plugin said so (several games on one machine)
                 log.info("tm20: race restarted: the plugin on port %d puts the car at (%.1f, %.1f, %.1f)",
                          getattr(self.telemetry, "port", -1), x, y, z)
+                self._check_start(packet.position)
                 return
             if time.monotonic() >= deadline:
                 raise RaceRestartError(
@@ -460,6 +474,19 @@ class TM20Interface(RealTimeGymInterface):
                     f"(gamepad B, keyboard Delete) restarts the run from the start line in the game's settings and "
                     f"that the finish pop-up closes with gamepad A / Enter")
             time.sleep(0.01)
+
+
+    def _check_start(self, position: tuple[float, float, float]) -> None:
+        """Raise :class:`RewardPathMismatchError` when the restarted car is further than
+        ``recovery.start_tolerance_m`` from the reward path's first point."""
+        tolerance = self.recovery.start_tolerance_m
+        start = self.reward.points[0]
+        offset = float(np.linalg.norm(np.asarray(position, dtype=np.float64) - start))
+        if tolerance is not None and offset > tolerance:
+            raise RewardPathMismatchError(
+                f"the car starts {offset:.0f} m from the reward path's first point ({start[0]:.1f}, {start[1]:.1f}, "
+                f"{start[2]:.1f}), more than recovery.start_tolerance_m = {tolerance:g}: the reward points were "
+                "recorded on another map or from another start; record this map's with `tmrl-worker record-reward`")
 
 
 class TM20LidarInterface(TM20Interface):

@@ -1,0 +1,90 @@
+"""An env that gives up while running (TrackMania's race that does not restart, a game that does not come back):
+the worker still delivers what it sent, then stops with the env's message."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import threading
+
+import pytest
+from relay.relay_harness import connected_trainer, insecure_config, relay_in_thread
+from tmrl_common.protocol import SampleAck
+from tmrl_common.sockets import SecurityConfig, TransportConfig
+
+GIVES_UP = textwrap.dedent('''
+    import numpy as np
+    from gymnasium import spaces
+    from rtgym import RealTimeGymInterface
+    from tmrl_worker.envs import EnvFailure
+
+
+    class GivesUpAfterOneEpisode(RealTimeGymInterface):
+        """Three steps, then a reset that gives up, as a game whose race does not restart."""
+
+        def __init__(self):
+            self.resets = 0
+            self.steps = 0
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-10.0, 10.0, (1,), np.float32),))
+
+        def get_action_space(self):
+            return spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+        def get_default_action(self):
+            return np.zeros(1, dtype=np.float32)
+
+        def send_control(self, control):
+            pass
+
+        def reset(self, seed=None, options=None):
+            self.resets += 1
+            if self.resets > 1:
+                raise EnvFailure("the race did not restart")
+            self.steps = 0
+            return [np.zeros(1, dtype=np.float32)], {}
+
+        def get_obs_rew_terminated_info(self):
+            self.steps += 1
+            return [np.full(1, self.steps, dtype=np.float32)], 1.0, self.steps >= 3, {}
+''')
+
+
+@pytest.fixture
+def giving_up_module(tmp_path, monkeypatch):
+    (tmp_path / "gives_up_robot.py").write_text(GIVES_UP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "gives_up_robot"
+    sys.modules.pop("gives_up_robot", None)
+
+
+def test_an_env_that_gives_up_stops_the_worker_only_after_the_relay_acknowledged_what_it_sent(
+        context, tmp_path, giving_up_module):
+    from tmrl_worker.config import WorkerConfig
+    from tmrl_worker.envs import EnvFailure
+    from tmrl_worker.runtime import run_worker
+
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        acked: list[int] = []
+
+        def acknowledge_late() -> None:  # the trainer stand-in answers 0.5 s after the batch, when the env gave up
+            envelope, batch = trainer.recv_type("sample_batch", timeout_ms=20_000)
+            threading.Event().wait(0.5)
+            trainer.send(SampleAck(worker=envelope.sender, seqs=[batch.seq], outcome="stored"))
+            acked.append(batch.seq)
+
+        answering = threading.Thread(target=acknowledge_late, daemon=True)
+        answering.start()
+        config = WorkerConfig(worker_id="w-gives-up", env=f"{giving_up_module}:GivesUpAfterOneEpisode",
+                              worker_port=relay.ports.worker_port, weights_port=relay.ports.weights_port,
+                              state_dir=tmp_path, durable_spool=True, flush_timeout_s=10.0,
+                              transport=TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200, linger_ms=0),
+                              security=SecurityConfig(insecure=True))
+        with pytest.raises(EnvFailure, match="the race did not restart"):
+            run_worker(config)
+        answering.join(timeout=10.0)
+        assert len(acked) == 1
+        spooled = sorted((tmp_path / "w-gives-up.spool").glob("*"))
+        assert spooled == []  # acknowledged before the worker stopped: nothing left to resend
