@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tmrl_common.errors import ProtocolError
-from tmrl_common.protocol import DEFAULT_LIMITS, decode_envelope, encode, encode_envelope
-from tmrl_relay.envelope import check_envelope, read_batch_head
+from tmrl_common.protocol import DEFAULT_LIMITS, batch_seq_of, decode, decode_envelope, encode, encode_envelope
+from tmrl_relay.envelope import check_envelope, read_batch_head, read_batch_seq
 
 from .relay_harness import make_batch
 
@@ -77,17 +77,106 @@ def test_batch_head_when_fields_come_after_the_arrays():
     assert (head.seq, head.steps) == (9, 300)
 
 
+def _body_with(**fields) -> bytes:
+    """A canonical sample_batch body (seq 5) with some fields replaced (``None``: left out)."""
+    body = msgpack.unpackb(encode(make_batch(5), "worker-1")[1])
+    for name, value in fields.items():
+        if value is None:
+            del body[name]
+        else:
+            body[name] = value
+    return msgpack.packb(body, use_bin_type=True)
+
+
 @pytest.mark.parametrize("body", [
-    b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"seq": 1}), msgpack.packb({"first": {"shape": [2]}}),
-    msgpack.packb({"seq": "1", "first": {"shape": [2]}}), msgpack.packb({"seq": 1, "first": {"shape": [0]}}),
-    msgpack.packb({"seq": 1, "first": {"shape": [2, 2]}}), msgpack.packb({"seq": 1, "first": [2]}),
-    msgpack.packb({"seq": 2**63, "first": {"shape": [1]}}), msgpack.packb({"seq": 1, "first": {"dtype": "bool"}}),
-    msgpack.packb({"seq": 1, "first": {"shape": [1]}})[:-2],
+    b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb("seq"), msgpack.packb({"seq": 1, "first": {"shape": [1]}})[:-2],
+    msgpack.packb({"seq": 1, "first": {"shape": [1]}})[:1],
 ])
-def test_malformed_batch_heads_are_rejected(body):
+def test_batch_bodies_that_are_not_msgpack_maps_are_malformed(body):
     with pytest.raises(ProtocolError) as info:
         read_batch_head(body)
     assert info.value.reason == "malformed"
+
+
+def test_the_malformed_message_says_what_the_body_is_instead_of_a_map():
+    with pytest.raises(ProtocolError, match="must be a msgpack map, it starts with an array"):
+        read_batch_head(msgpack.packb([1, 2]))
+    with pytest.raises(ProtocolError, match="byte 0xc1"):
+        read_batch_head(b"\xc1" * 8)
+
+
+@pytest.mark.parametrize("seq", [None, "1", 5.0, -1, 2**63, True])
+def test_a_missing_or_invalid_seq_is_a_schema_error(seq):
+    """docs/protocol.md §2, §9: a field missing, of the wrong type or out of range is ``schema``."""
+    with pytest.raises(ProtocolError) as info:
+        read_batch_head(_body_with(seq=seq))
+    assert info.value.reason == "schema"
+    assert "seq" in str(info.value)
+
+
+@pytest.mark.parametrize("first", [
+    None,  # missing
+    "nope",
+    [5],
+    {"dtype": "bool", "codec": "raw", "data": b"\x00"},  # no shape
+    {"dtype": "bool", "shape": [5, 1], "codec": "raw", "data": b"\x00" * 5},
+    {"dtype": "bool", "shape": [0], "codec": "raw", "data": b""},
+    {"dtype": "bool", "shape": ["5"], "codec": "raw", "data": b"\x00" * 5},
+    {"dtype": "bool", "shape": [100_001], "codec": "raw", "data": b"\x00" * 100_001},
+])
+def test_a_batch_with_a_wrong_first_is_read_with_its_seq_and_zero_steps(first):
+    """The trainer judges every field but seq: the relay forwards the batch, and the trainer refuses it with
+    ``schema`` in an answer naming its seq (what tmrl_common.protocol.decode and batch_seq_of give it)."""
+    body = _body_with(seq=77, first=first)
+    assert read_batch_head(body) == (77, 0)
+    with pytest.raises(ProtocolError) as info:
+        decode([encode_envelope("sample_batch", "worker-1"), body])
+    assert info.value.reason == "schema"
+    assert batch_seq_of(body) == 77
+
+
+def test_a_batch_head_counts_up_to_max_steps_rows():
+    assert read_batch_head(_body_with(seq=3), max_steps=4) == (3, 4)
+    assert read_batch_head(_body_with(seq=3), max_steps=3) == (3, 0)
+
+
+@pytest.mark.parametrize("body", [
+    msgpack.packb({"seq": 9, "first": {"shape": [1]}})[:-3],  # truncated
+    msgpack.packb({"seq": 9, "weights_version": 0}),  # fields missing
+    b"\x83\xa3seq\x09\xafweights_version\xc1\xc1",  # not msgpack after seq
+    b"\x82\xa3seq\x09\xa5first" + msgpack.packb(msgpack.ExtType(1, b"x")),
+    msgpack.packb({"observations": {"x": b"\x00" * 2000}, "seq": 9, "first": "nope"}),  # seq after the first bytes
+])
+def test_read_batch_seq_finds_the_seq_of_a_broken_body(body):
+    assert read_batch_seq(body) == 9 == batch_seq_of(body)
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"\xc1", msgpack.packb([9]), msgpack.packb({"seq": -9}), msgpack.packb({"seq": 9.0}),
+    msgpack.packb({"first": b"x", "seq": True}), msgpack.packb({"observations": b"\xc1" * 600})[:-1],
+    msgpack.packb({f"k{i}": 0 for i in range(9)} | {"seq": 9}),  # beyond the fields a sample_batch has
+])
+def test_read_batch_seq_is_none_without_an_int63_seq_before_the_first_problem(body):
+    assert read_batch_seq(body) is None
+    assert batch_seq_of(body) is None
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.integers(0, 2000), st.integers(0, 255), st.integers(0, 3000), st.booleans())
+def test_read_batch_seq_agrees_with_batch_seq_of_on_mutated_bodies(position, byte, cut, reorder):
+    body = msgpack.unpackb(encode(make_batch(31, steps=40), "worker-1")[1])
+    if reorder:  # seq after the arrays, beyond the first bytes
+        body = {"observations": body.pop("observations"), **body}
+    frame = bytearray(msgpack.packb(body, use_bin_type=True))
+    frame[position % len(frame)] = byte
+    del frame[len(frame) - cut % len(frame):]
+    assert read_batch_seq(bytes(frame)) == batch_seq_of(bytes(frame))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=600))
+def test_read_batch_seq_agrees_with_batch_seq_of_on_random_bytes(body):
+    assert read_batch_seq(body) == batch_seq_of(body)
 
 
 @settings(max_examples=1000, deadline=None)
@@ -149,10 +238,10 @@ def test_fast_batch_head_agrees_with_the_general_walk(position, byte, steps, seq
                                                                       "data": b"\x00" * 4}, "actions": 1}, use_bin_type=True)
     frame = bytearray(body)
     frame[position % len(frame)] = byte
-    fast = _canonical_batch_head(bytes(frame[:96]))
+    fast = _canonical_batch_head(bytes(frame[:96]), 100_000)
     if fast is not None:  # whenever the fast path answers, the general walk gives the same answer
-        assert _walk_batch_head(memoryview(bytes(frame)), complete=True) == fast
-    assert _canonical_batch_head(body[:96]) == (seq, steps)
+        assert _walk_batch_head(memoryview(bytes(frame)), len(frame), 100_000, complete=True) == fast
+    assert _canonical_batch_head(body[:96], 100_000) == (seq, steps)
 
 
 def test_batch_head_of_a_truncated_canonical_body_is_a_protocol_error_not_an_index_error():

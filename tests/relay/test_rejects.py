@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from tmrl_common.protocol import Hello, encode, encode_envelope
+from tmrl_common.errors import ProtocolError
+from tmrl_common.protocol import Hello, batch_seq_of, decode, encode, encode_envelope
 
 from .relay_harness import connected_trainer, connected_worker, insecure_config, make_batch, relay_in_thread, wait_until
 
@@ -33,9 +34,10 @@ HOSTILE = {
     "many_frames": ([b"x"] * 50, "malformed"),
     "empty_frames": ([b"", b""], "malformed"),
     "body_not_msgpack": ([encode_envelope("sample_batch", "worker-1"), b"\xc1" * 32], "malformed"),
-    "body_without_first": ([encode_envelope("sample_batch", "worker-1"), msgpack.packb({"seq": 1})], "malformed"),
+    "body_not_a_map": ([encode_envelope("sample_batch", "worker-1"), msgpack.packb([1, {"seq": 1}])], "malformed"),
+    "body_without_seq": ([encode_envelope("sample_batch", "worker-1"), msgpack.packb({"first": {"shape": [1]}})], "schema"),
     "negative_seq": ([encode_envelope("sample_batch", "worker-1"),
-                      msgpack.packb({"seq": -1, "first": {"shape": [1]}})], "malformed"),
+                      msgpack.packb({"seq": -1, "first": {"shape": [1]}})], "schema"),
     "nan_timestamp": ([_envelope(sent_at=float("nan")), _batch_body()], "non_finite"),
     "bad_sender_id": ([_envelope(sender="../../etc"), _batch_body()], "schema"),
     "extra_envelope_field": ([_envelope(admin=True), _batch_body()], "schema"),
@@ -59,6 +61,78 @@ def test_hostile_worker_message_is_rejected_counted_and_answered(context, case):
         worker.send(make_batch(42))
         assert trainer.recv_type("sample_batch")[1].seq == 42
         wait_until(lambda: relay.metrics.registry.get_sample_value("tmrl_relay_batches_forwarded_total") == 1)
+
+
+def _body_with(**fields) -> bytes:
+    """A canonical sample_batch body (seq 5) with some fields replaced (``None``: left out)."""
+    body = msgpack.unpackb(_batch_body(5))
+    for name, value in fields.items():
+        if value is None:
+            del body[name]
+        else:
+            body[name] = value
+    return msgpack.packb(body, use_bin_type=True)
+
+
+BROKEN_AFTER_SEQ = {  # the relay cannot read these bodies' heads, but they name their batch: the error does too
+    "not_msgpack_after_seq": b"\x83\xa3seq\x0b\xafweights_version\xc1\xc1\xc1",
+    "ext_type_key_after_seq": b"\x83\xa3seq\x0b" + msgpack.packb(msgpack.ExtType(1, b"x")) + b"\x01",
+    "truncated_inside_first": msgpack.packb({"seq": 11, "first": {"dtype": "bool", "shape": [1]}})[:-4],
+    "truncated_before_first": msgpack.packb({"seq": 11, "observations": {"x": b"\x00" * 600}, "first": {}})[:-300],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_AFTER_SEQ))
+def test_a_batch_that_breaks_after_its_seq_is_answered_malformed_naming_the_seq(context, case):
+    """§5.3.1: the relay's malformed error about a batch is final, so it must name the batch (the worker drops it)."""
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send_frames([encode_envelope("sample_batch", "worker-1"), BROKEN_AFTER_SEQ[case]])
+        error = worker.recv_type("error")[1]
+        assert (error.reason, error.ref_type, error.ref_seq) == ("malformed", "sample_batch", 11), error.message
+        assert trainer.types_within(200) == ["hello"]  # the worker's hello, passed on; not the batch
+
+
+@pytest.mark.parametrize("seq", [None, 5.0, -1, 2**63, True, "5"])
+def test_a_batch_without_a_valid_seq_is_answered_schema_with_no_seq(context, seq):
+    """§2, §9: a missing, wrong-type or out-of-range seq is ``schema``; there is no batch to name."""
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send_frames([encode_envelope("sample_batch", "worker-1"), _body_with(seq=seq)])
+        error = worker.recv_type("error")[1]
+        assert (error.reason, error.ref_type, error.ref_seq) == ("schema", "sample_batch", None), error.message
+        assert relay.metrics.reject_count("schema", "workers") == 1
+        assert trainer.types_within(200) == ["hello"]  # the worker's hello, passed on; not the batch
+
+
+WRONG_FIRST = {
+    "missing": None,
+    "a_str": "nope",
+    "two_dimensional": {"dtype": "bool", "shape": [5, 1], "codec": "raw", "data": b"\x00" * 5},
+    "no_rows": {"dtype": "bool", "shape": [0], "codec": "raw", "data": b""},
+    "too_many_rows": {"dtype": "bool", "shape": [100_001], "codec": "raw", "data": b"\x00" * 100_001},
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_FIRST))
+def test_a_batch_with_a_valid_seq_and_a_wrong_first_goes_to_the_trainer_which_refuses_it_by_seq(context, case):
+    """The relay judges only seq; the trainer refuses the batch (``schema``) in a sample_ack naming seq 5, which the
+    worker takes as final. The relay sends no error: one that is not final would have the worker resend forever."""
+    frames = [encode_envelope("sample_batch", "worker-1"), _body_with(first=WRONG_FIRST[case])]
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        worker = connected_worker(context, relay, "worker-1")
+        trainer.recv_type("hello")  # the worker's, passed on
+        worker.send_frames(frames)
+        assert trainer.socket.poll(5000)
+        forwarded = trainer.socket.recv_multipart()
+        assert forwarded == frames
+        assert worker.types_within(300) == []
+    with pytest.raises(ProtocolError) as info:  # what the trainer's ingest does with it (tmrl_trainer.ingest)
+        decode(forwarded)
+    assert (info.value.reason, batch_seq_of(forwarded[1])) == ("schema", 5)
 
 
 def test_a_sample_batch_before_hello_is_rejected_as_unknown_sender(context):

@@ -45,7 +45,7 @@ from zmq.utils.monitor import parse_monitor_message
 from tmrl_relay import __version__
 from tmrl_relay.allowlist import ZAP_DOMAINS, AllowlistWatcher, RelaySetupError, require_keys_configured
 from tmrl_relay.config import RelayConfig
-from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head
+from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head, read_batch_seq
 from tmrl_relay.metrics import RelayMetrics
 from tmrl_relay.peers import Peer, PeerTable
 from tmrl_relay.pending import PendingBatch, PendingBatches
@@ -348,7 +348,7 @@ class Relay:
             if len(body) > self.config.max_body_bytes:
                 raise ProtocolError("oversized", f"sample_batch body is {len(body)} bytes, limit {self.config.max_body_bytes}")
             peer = self.workers.check(routing_id, fields.sender, user_id)
-            seq, steps = read_batch_head(body.buffer)
+            seq, steps = read_batch_head(body.buffer, self.limits.max_batch_steps)
             peer.last_seen = time.monotonic()
             nbytes = len(envelope) + len(body)
             if self.pending or not self.trainer.ready or not self._send_batch(envelope, body, steps, nbytes):
@@ -583,8 +583,8 @@ class Relay:
             try:
                 fields = check_envelope(frames[1].buffer, self.limits)
                 ref_type, sender = fields.type, fields.sender
-                if fields.type == "sample_batch" and len(frames) == 3:
-                    ref_seq = read_batch_head(frames[2].buffer).seq
+                if fields.type == "sample_batch" and len(frames) == 3:  # scanned no further than the body cap
+                    ref_seq = read_batch_seq(frames[2].buffer[:self.config.max_body_bytes])
             except ProtocolError:
                 pass
         self._rate_log.warning((link, exc.reason, sender), "%s link: rejected %s%s from %s (routing id %s): %s",

@@ -5,7 +5,8 @@ the same reject reasons (a property test holds the two together), but without bu
 relay checks every message, and the model costs more than forwarding a 64 KiB batch.
 
 :func:`read_batch_head` reads ``seq`` and the number of steps from a ``sample_batch`` body without decoding the
-arrays, for the relay's counters and error messages; the trainer validates the whole body.
+arrays, for the relay's counters and error messages; the trainer validates the whole body. :func:`read_batch_seq`
+finds the ``seq`` of a body that is broken, so that the relay's ``error`` about it names the batch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from typing import Any, NamedTuple
 
 import msgpack
 from tmrl_common.errors import ProtocolError
-from tmrl_common.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, SENDER_PATTERN, SUPPORTED_VERSIONS, DecodeLimits
+from tmrl_common.protocol import (
+    DEFAULT_LIMITS,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    SENDER_PATTERN,
+    SUPPORTED_VERSIONS,
+    DecodeLimits,
+    SampleBatch,
+)
 
 _ENVELOPE_KEYS = frozenset({"v", "type", "sender", "sent_at"})
 _TYPE_MAX_LENGTH = 32
@@ -114,27 +123,86 @@ class BatchHead(NamedTuple):
 
     seq: int
     steps: int
+    """``N`` of ``first.shape == [N]``; 0 when ``first`` is missing, is not an array map, or its shape is not
+    ``[N]`` with ``1 <= N <= max_steps``. The relay forwards such a batch: the trainer refuses it (``schema``) in a
+    ``sample_ack`` naming its ``seq``, which the worker takes as final (``docs/protocol.md`` §5.3.1)."""
 
 
 _HEAD_BYTES = 512  # a canonically encoded body (tmrl_common.protocol.encode) has seq and first.shape well within this
+_SAMPLE_BATCH_FIELDS = len(SampleBatch.model_fields)
 
 
-def read_batch_head(body: Any) -> BatchHead:
-    """``seq`` and ``len(first)`` of a ``sample_batch`` body, skipping every array's bytes.
+def read_batch_head(body: Any, max_steps: int = DEFAULT_LIMITS.max_batch_steps) -> BatchHead:
+    """``seq`` and the number of steps of a ``sample_batch`` body, skipping every array's bytes.
 
-    Raises :class:`ProtocolError` (``malformed``) if the body is not a map with an integer ``seq`` and a
-    one-dimensional ``first`` array. Reads only the first bytes when the fields come first, as ``encode`` writes them.
+    Raises :class:`ProtocolError`: ``malformed`` when the body is not a msgpack map, or its bytes stop being msgpack
+    before ``seq`` and ``first`` are read; ``schema`` when the map has no ``seq`` or one that is not an int63. Any
+    other field is the trainer's to judge (a bad ``first`` gives ``steps == 0``, see :class:`BatchHead`). Reads only
+    the first bytes when the fields come first, as ``encode`` writes them.
     """
     view = memoryview(body)
-    head = _canonical_batch_head(bytes(view[:_CANONICAL_HEAD_BYTES]))
+    head = _canonical_batch_head(bytes(view[:_CANONICAL_HEAD_BYTES]), max_steps)
     if head is not None:
         return head
-    head = _walk_batch_head(view[:_HEAD_BYTES], complete=len(view) <= _HEAD_BYTES)
+    size = len(view)
+    head = _walk_batch_head(view[:_HEAD_BYTES], size, max_steps, complete=size <= _HEAD_BYTES)
     if head is None:  # fields not in the first bytes: walk the whole body
-        head = _walk_batch_head(view, complete=True)
+        head = _walk_batch_head(view, size, max_steps, complete=True)
     if head is None:  # pragma: no cover - a complete walk always decides
         raise ProtocolError("malformed", "sample_batch body: seq/first not found")
     return head
+
+
+def read_batch_seq(body: Any) -> int | None:
+    """The ``seq`` of a ``sample_batch`` body however broken the rest of it is, so that an ``error`` about the batch
+    can name it (``ref_seq``); None when the body holds no int63 ``seq`` before its first problem.
+
+    Same verdict as :func:`tmrl_common.protocol.batch_seq_of`, by which the trainer names the batches it refuses:
+    the first entries of the top-level map, in order, up to ``seq`` (at most as many entries as a ``sample_batch``
+    has fields; values before ``seq`` are skipped, never decoded). When ``seq`` comes first, as ``encode`` writes
+    it, only the first bytes are read.
+    """
+    view = memoryview(body)
+    size = len(view)
+    try:
+        return _scan_seq(view[:_HEAD_BYTES], size)
+    except msgpack.OutOfData:
+        if size <= _HEAD_BYTES:
+            return None
+    try:
+        return _scan_seq(view, size)
+    except msgpack.OutOfData:
+        return None
+
+
+def _scan_seq(data: memoryview, size: int) -> int | None:
+    """:func:`read_batch_seq` on ``data``, the body or its first bytes; raises ``msgpack.OutOfData`` when they end
+    before an answer."""
+    unpacker = _unpacker(size)
+    unpacker.feed(data)
+    try:
+        for _ in range(min(unpacker.read_map_header(), _SAMPLE_BATCH_FIELDS)):
+            if unpacker.unpack() == "seq":
+                seq = unpacker.unpack()
+                return seq if _is_int63(seq) else None
+            unpacker.skip()
+    except msgpack.OutOfData:
+        raise
+    except Exception:  # msgpack raises several unrelated exception types on hostile input
+        return None
+    return None
+
+
+def _unpacker(size: int) -> msgpack.Unpacker:
+    """A C unpacker for a body of ``size`` bytes (fed whole or in part) with the caps of ``docs/protocol.md`` §2, those
+    of the trainer's decoder: no ext types; str up to 1 MiB, arrays up to 1 Mi elements, maps up to 65 536 entries."""
+    return msgpack.Unpacker(None, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
+                            max_buffer_size=max(size, 1), max_str_len=min(size, 1 << 20),
+                            max_array_len=min(size, 1 << 20), max_map_len=min(size, 1 << 16))
+
+
+def _is_int63(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 2**63
 
 
 _CANONICAL_HEAD_BYTES = 96
@@ -154,7 +222,7 @@ def _uint(data: bytes, position: int) -> tuple[int, int]:
     return int.from_bytes(data[position + 1:position + 1 + width], "big"), position + 1 + width
 
 
-def _canonical_batch_head(data: bytes) -> BatchHead | None:
+def _canonical_batch_head(data: bytes, max_steps: int) -> BatchHead | None:
     """Fast path for bodies laid out as ``encode`` writes them: ``{seq, weights_version, first: {dtype: "bool",
     shape: [steps], ...}, ...}``. Returns None for anything else (the general walk then decides)."""
     if len(data) < 40 or not 0x83 <= data[0] <= 0x8F or not data.startswith(b"\xa3seq", 1):
@@ -172,27 +240,28 @@ def _canonical_batch_head(data: bytes) -> BatchHead | None:
     if not data.startswith(b"\xa5dtype\xa4bool\xa5shape\x91", position):
         return None
     steps, position = _uint(data, position + 18)
-    if position < 0 or steps < 1:
+    if position < 0 or not 1 <= steps <= max_steps:
         return None
     return BatchHead(seq, steps)
 
 
-def _walk_batch_head(data: memoryview, complete: bool) -> BatchHead | None:
-    unpacker = msgpack.Unpacker(None, raw=False, strict_map_key=True, max_ext_len=0, max_buffer_size=max(len(data), 1),
-                                max_str_len=len(data), max_array_len=len(data), max_map_len=len(data))
+def _walk_batch_head(data: memoryview, size: int, max_steps: int, complete: bool) -> BatchHead | None:
+    """The general reader, for fields in any order: walks the top-level map of the body (``data``: all ``size``
+    bytes of it, or its first bytes when not ``complete``), skipping what it does not need. None when the first
+    bytes end before it can decide."""
+    if len(data) and not _is_map(data[0]):
+        raise ProtocolError("malformed", f"sample_batch body must be a msgpack map, it starts with {_msgpack_kind(data[0])}")
+    unpacker = _unpacker(size)
     unpacker.feed(data)
     seq: int | None = None
     steps: int | None = None
     try:
-        entries = unpacker.read_map_header()
-        for _ in range(entries):
+        for _ in range(unpacker.read_map_header()):
             key = unpacker.unpack()
             if key == "seq":
-                seq = unpacker.unpack()
-                if type(seq) is not int or not 0 <= seq < 2**63:
-                    raise ProtocolError("malformed", f"sample_batch body: seq must be an integer in [0, 2**63), got {seq!r}")
+                seq = _checked_seq(unpacker.unpack())
             elif key == "first":
-                steps, unread = _first_steps(unpacker)
+                steps, unread = _first_steps(unpacker, data, max_steps)
                 if seq is None:  # keep walking: skip the rest of first (its data) to reach seq
                     for _ in range(2 * unread):
                         unpacker.skip()
@@ -206,22 +275,63 @@ def _walk_batch_head(data: memoryview, complete: bool) -> BatchHead | None:
         return None
     except ProtocolError:
         raise
-    except Exception as exc:  # hostile input: wrong header kinds, limits exceeded...
-        raise ProtocolError("malformed", f"sample_batch body is not a msgpack map: {type(exc).__name__}: {exc}") from exc
-    if complete:
-        raise ProtocolError("malformed", "sample_batch body has no seq or no first field")
-    return None
+    except Exception as exc:  # hostile input: bytes that are not msgpack, ext types, limits exceeded...
+        raise ProtocolError("malformed", f"sample_batch body is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+    if seq is None:  # the whole map was read
+        raise ProtocolError("schema", "sample_batch body has no seq field")
+    return BatchHead(seq, 0)  # no first field: the trainer refuses the batch, naming seq
 
 
-def _first_steps(unpacker: msgpack.Unpacker) -> tuple[int, int]:
-    """Steps from ``first.shape``, and how many entries of the ``first`` map are left unread after it."""
+def _checked_seq(value: Any) -> int:
+    if not _is_int63(value):
+        raise ProtocolError("schema", f"sample_batch field seq must be an integer in [0, 2**63), got {type(value).__name__} "
+                                      f"{repr(value)[:40]}")
+    return value
+
+
+def _first_steps(unpacker: msgpack.Unpacker, data: memoryview, max_steps: int) -> tuple[int, int]:
+    """Steps from ``first.shape`` (0 unless ``first`` is a map whose shape is ``[N]``, ``1 <= N <= max_steps``), and
+    how many entries of the ``first`` map are left unread after it."""
+    if not _is_map(_next_byte(unpacker, data)):
+        unpacker.skip()
+        return 0, 0
     entries = unpacker.read_map_header()
     for index in range(entries):
         key = unpacker.unpack()
-        if key == "shape":
+        if key == "shape" and _is_array(_next_byte(unpacker, data)):
             shape = unpacker.unpack()
-            if type(shape) is not list or len(shape) != 1 or type(shape[0]) is not int or shape[0] < 1:
-                raise ProtocolError("malformed", f"sample_batch body: first.shape must be [steps >= 1], got {shape!r}")
-            return shape[0], entries - index - 1
+            valid = len(shape) == 1 and type(shape[0]) is int and 1 <= shape[0] <= max_steps
+            return (shape[0] if valid else 0), entries - index - 1
         unpacker.skip()
-    raise ProtocolError("malformed", "sample_batch body: first has no shape")
+    return 0, 0
+
+
+def _next_byte(unpacker: msgpack.Unpacker, data: memoryview) -> int:
+    """The first byte of the value the unpacker reads next (``data`` is what it was fed, from its start)."""
+    position = unpacker.tell()
+    if position >= len(data):
+        raise msgpack.OutOfData
+    return data[position]
+
+
+def _is_map(first_byte: int) -> bool:
+    return 0x80 <= first_byte <= 0x8F or first_byte in (0xDE, 0xDF)
+
+
+def _is_array(first_byte: int) -> bool:
+    return 0x90 <= first_byte <= 0x9F or first_byte in (0xDC, 0xDD)
+
+
+def _msgpack_kind(first_byte: int) -> str:
+    """What a msgpack value starting with this byte is, for error messages."""
+    if first_byte <= 0x7F or first_byte >= 0xE0 or 0xCC <= first_byte <= 0xD3:
+        return "an integer"
+    if _is_array(first_byte):
+        return "an array"
+    if 0xA0 <= first_byte <= 0xBF or 0xD9 <= first_byte <= 0xDB:
+        return "a str"
+    if 0xC4 <= first_byte <= 0xC6:
+        return "a bin"
+    kinds = {0xC0: "nil", 0xC1: "byte 0xc1 (never used by msgpack)", 0xC2: "a boolean", 0xC3: "a boolean",
+             0xCA: "a float", 0xCB: "a float"}
+    return kinds.get(first_byte, "an ext type")
