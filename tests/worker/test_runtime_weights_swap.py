@@ -170,3 +170,62 @@ def test_weights_feed_thread_receives_over_a_sub_socket_and_keeps_only_the_newes
         feed.stop()
         publisher.close(linger=0)
         context.destroy(linger=0)
+
+
+def test_a_restarted_trainers_lower_versions_on_the_sub_socket_are_followed_and_swapped_in(pendulum):
+    import time
+
+    import zmq
+    from tmrl_common.protocol import encode
+    from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
+
+    context = zmq.Context()
+    publisher = context.socket(zmq.PUB)
+    port = publisher.bind_to_random_port("tcp://127.0.0.1")
+    feed = WeightsFeed("worker-r", RelayEndpoint("127.0.0.1", port, TransportConfig(linger_ms=0),
+                                                 SecurityConfig(insecure=True)), context=context)
+    feed.start()
+
+    def latest_reaching(version: int):
+        deadline = time.monotonic() + 10
+        while (prepared := feed.take_latest()) is None or prepared.version != version:
+            assert time.monotonic() < deadline, f"version {version} never became the latest"
+            time.sleep(0.01)
+        return prepared
+
+    try:
+        old_run = weights_update_from_actor(small_actor(pendulum.layout, seed=143), version=143)
+        deadline = time.monotonic() + 10
+        while feed.counters.prepared == 0:  # PUB drops messages until the subscription has arrived
+            assert time.monotonic() < deadline, "the feed never received the first update"
+            publisher.send_multipart(encode(old_run, "relay"))
+            time.sleep(0.05)
+        before = latest_reaching(143)
+        stale = feed.counters.stale
+        feed.hand_over(weights_update_from_actor(small_actor(pendulum.layout, seed=7), version=142))  # hello's, late
+        deadline = time.monotonic() + 10
+        while feed.counters.stale == stale:
+            assert time.monotonic() < deadline, "the late hand-over was never looked at"
+            time.sleep(0.01)
+        publisher.send_multipart(encode(weights_update_from_actor(small_actor(pendulum.layout, seed=5), version=5),
+                                        "relay"))  # the trainer restarted from an older checkpoint
+        after = latest_reaching(5)
+        assert (before.generation, after.generation) == (0, 1) and feed.counters.trainer_restarts == 1
+        assert feed.take_latest() is None  # nothing after 5: the old run's 142 stayed skipped
+
+        class Replayed:  # the two prepared policies again, one per call, as the loop takes them
+            def __init__(self, prepared) -> None:
+                self.prepared = list(prepared)
+
+            def take_latest(self):
+                return self.prepared.pop(0) if self.prepared else None
+
+        loop = RolloutLoop(pendulum, None, Replayed([before, after]), UniformPolicy(pendulum.action_dim, seed=0))
+        loop._swap_policy()
+        assert loop.policy.version == 143
+        loop._swap_policy()  # version 5 of the restarted trainer replaces 143
+        assert loop.policy.version == 5 and loop.stats.weights_version == 5
+    finally:
+        feed.stop()
+        publisher.close(linger=0)
+        context.destroy(linger=0)

@@ -302,6 +302,8 @@ class RolloutLoop:
         self.sink = sink
         self.feed = feed
         self.policy = policy
+        self._generation = 0
+        """The trainer restarts behind the acting policy (:attr:`PreparedPolicy.generation`)."""
         self.batch_steps = batch_steps
         self.codec = "zlib" if compress else "raw"
         self.verify_observations = verify_observations
@@ -336,8 +338,9 @@ class RolloutLoop:
         if self.best is not None and self._episode_steps and self.policy.version:
             return  # mid-episode: the new weights wait for the next episode (the random warm-up policy gives way now)
         prepared = self.feed.take_latest()
-        if prepared is None or prepared.version <= self.policy.version:
+        if prepared is None or (prepared.generation, prepared.version) <= (self._generation, self.policy.version):
             return
+        self._generation = prepared.generation  # a restarted trainer's lower versions replace the old ones
         self.policy = ActorPolicy(prepared.actor, prepared.version, self.deterministic, self.noise)
         self.stats.swaps += 1
         self.stats.weights_version = prepared.version

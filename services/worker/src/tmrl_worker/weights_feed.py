@@ -11,6 +11,11 @@ flow as soon as the key is allowed.
 Weights come from the SUB socket (every new version the relay publishes) and from the worker's samples link: after
 each ``hello`` the relay hands the latest weights over that link (:meth:`WeightsFeed.hand_over`), so a worker starts
 from them at once. Both are prepared on this thread; a version already prepared is skipped as stale.
+
+A trainer that restarts (from an older checkpoint, or a new run) publishes lower versions again, and the relay
+publishes them as they come. The SUB socket delivers in the relay's order, so a version lower than the previous one
+*on that socket* means a restarted trainer, not a late message: the feed then follows the new versions (a new
+:attr:`PreparedPolicy.generation`) and logs it, instead of ignoring every update until they pass the old peak.
 """
 
 from __future__ import annotations
@@ -41,14 +46,18 @@ class FeedCounters:
     stale: int = 0
     rejected: int = 0
     swapped: int = 0
+    trainer_restarts: int = 0
+    """Times the SUB socket delivered a lower version than before it (a restarted trainer), followed since."""
 
 
 @dataclass(frozen=True)
 class PreparedPolicy:
-    """A ready-to-use actor and the weights version it carries."""
+    """A ready-to-use actor, the weights version it carries and the trainer restarts seen before it (``generation``:
+    a policy of a later generation replaces one of a higher version)."""
 
     version: int
     actor: Actor
+    generation: int = 0
 
 
 class WeightsFeed:
@@ -65,6 +74,9 @@ class WeightsFeed:
         self._latest: PreparedPolicy | None = None
         self._handed: WeightsUpdate | None = None
         self._newest_version = -1
+        self._feed_version: int | None = None
+        """The version the SUB socket delivered last (its order is the relay's)."""
+        self._generation = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.handshake = HandshakeWatch(worker_id, endpoint, "worker", report=False) if endpoint is not None else None
@@ -96,7 +108,7 @@ class WeightsFeed:
         actor.requires_grad_(False)
         with self._lock:
             self._newest_version = update.version
-            self._latest = PreparedPolicy(version=update.version, actor=actor)
+            self._latest = PreparedPolicy(version=update.version, actor=actor, generation=self._generation)
             self.counters.prepared += 1
         log.debug("%s: weights version %d ready (%d bytes)", self.worker_id, update.version, len(update.tensors))
         return True
@@ -139,6 +151,7 @@ class WeightsFeed:
                     self._prepare(handed)
                 newest = self._newest_queued(socket) if socket.poll(_POLL_MS) else None
                 if newest is not None:
+                    self._follow_published(newest)
                     self._prepare(newest)
         finally:
             self._close(socket, monitor)
@@ -157,6 +170,19 @@ class WeightsFeed:
                     self.counters.received += 1
                     self.counters.stale += 1
                 newest = update
+
+    def _follow_published(self, update: WeightsUpdate) -> None:
+        """Before preparing what the SUB socket delivered: a version below the one it delivered before means the
+        trainer restarted, so versions start again from this one (module docstring)."""
+        previous, self._feed_version = self._feed_version, update.version
+        if previous is not None and update.version < previous:
+            self._generation += 1
+            self._newest_version = -1
+            with self._lock:
+                self._handed = None  # a hand-over still queued is the old run's latest
+            self.counters.trainer_restarts += 1
+            log.warning("%s: the relay now publishes weights version %d after %d: the trainer restarted; following "
+                        "its versions from here", self.worker_id, update.version, previous)
 
     def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
         assert self.endpoint is not None
