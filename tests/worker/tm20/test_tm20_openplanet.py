@@ -153,6 +153,29 @@ def test_a_stale_packet_is_not_served_as_fresh():
             client.latest()
 
 
+def test_a_plugin_that_stops_sending_fails_a_step_read_as_its_packet_turns_stale_without_holding_the_step():
+    with TelemetryReplayServer(drive(5), rate_hz=100, loop=False) as server, \
+            TelemetryClient(server.port, timeout=2.0) as client:
+        wait_until(lambda: client.stats.packets == 5)
+        last = client.current(0.3)  # fresh: served at once
+        assert last.sequence == 4
+        time.sleep(max(0.0, last.received_at + 0.35 - time.monotonic()))
+        started = time.monotonic()
+        with pytest.raises(TelemetryTimeoutError, match=r"connected, but its newest packet is 0\.[3-9] s old: the "
+                                                         r"plugin stopped sending"):
+            client.current(0.3)
+        assert time.monotonic() - started < 0.05  # the read does not wait a further 0.3 s for a packet
+
+
+def test_a_plugin_sending_only_invalid_bytes_is_told_apart_from_one_sending_nothing():
+    garbage = [b"TMRL" + b"\xff" * (PACKET_BYTES - 4)] * 3  # the magic, then values that are no packet (NaN)
+    with TelemetryReplayServer(garbage, rate_hz=100, loop=False) as server, \
+            TelemetryClient(server.port, timeout=0.3) as client:
+        wait_until(lambda: client.stats.garbage_bytes > 0)
+        with pytest.raises(TelemetryTimeoutError, match=r"connected, but the \d+ bytes received are no valid packet"):
+            client.latest()
+
+
 def test_a_version_1_plugin_without_greeting_is_refused_with_what_to_install(caplog):
     with TelemetryReplayServer(drive(50), rate_hz=200, hello=b"") as server, \
             TelemetryClient(server.port, timeout=0.5, version_retry_delay=0.2) as client:

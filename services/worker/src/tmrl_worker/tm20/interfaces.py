@@ -103,7 +103,8 @@ class RecoveryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     step_telemetry_timeout_s: float = Field(default=1.0, gt=0)
-    """During a step, a packet older than this (and none arriving in this time) ends the episode as truncated."""
+    """During a step, a newest packet older than this ends the episode as truncated (the step does not wait for a
+    fresh one: it would hold rtgym's clock)."""
     probe_timeout_s: float = Field(default=1.0, gt=0)
     """While waiting for the game, how long one attempt waits for a fresh packet."""
     first_retry_s: float = Field(default=0.5, gt=0)
@@ -281,9 +282,15 @@ class TM20Interface(RealTimeGymInterface):
         """When the capture backend last delivered a new frame (None: the backend cannot tell)."""
         return getattr(self.capture, "last_new_frame_at", None)
 
-    def _capture(self, telemetry_timeout: float | None = None) -> None:
+    def _capture(self, step_telemetry_timeout: float | None = None) -> None:
+        """The next frame and telemetry into the history: in a step, telemetry at most ``step_telemetry_timeout``
+        old, without waiting longer than that for it (:meth:`TelemetryClient.current`); at a reset, the client's
+        waiting read."""
         frame = self.capture.grab()
-        telemetry = self.telemetry.latest(timeout=telemetry_timeout)
+        if step_telemetry_timeout is None:
+            telemetry = self.telemetry.latest()
+        else:
+            telemetry = self.telemetry.current(step_telemetry_timeout)
         try:
             self.stale_frames.check(frame, telemetry, self._new_frame_at())
         except StaleFrameError:

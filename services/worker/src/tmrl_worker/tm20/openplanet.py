@@ -231,6 +231,8 @@ class TelemetryClient:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._created = time.monotonic()
+        self._garbage_at_connect = 0
+        """:attr:`PacketParser.garbage_bytes` when the current connection was made (what it sent that was no packet)."""
         if start:
             self.start()
 
@@ -272,6 +274,7 @@ class TelemetryClient:
                 self._stop.wait(self.version_retry_delay if isinstance(exc, PluginVersionError) else self.reconnect_delay)
                 continue
             self.stats.connects += 1
+            self._garbage_at_connect = self._parser.garbage_bytes
             self.stats.connected = True
             self._version_problem = None
             try:
@@ -342,9 +345,19 @@ class TelemetryClient:
             return self._latest.received_at
         return self._last_received_at if self._last_received_at is not None else self._created
 
+    def _connected_state(self) -> str:
+        """Why a connected plugin gives no fresh packet: it stopped sending, sends only garbage, or sent nothing."""
+        garbage = self._parser.garbage_bytes - self._garbage_at_connect
+        if self._latest is not None:
+            return (f"connected, but its newest packet is {time.monotonic() - self._latest.received_at:.1f} s old: the "
+                    "plugin stopped sending (game paused, loading or frozen?)")
+        if garbage > 0:
+            return (f"connected, but the {garbage} bytes received are no valid packet (another program on this port, "
+                    "or packets holding NaN or infinite values?)")
+        return "connected, but no packet arrived (is a map loaded and the car on track?)"
+
     def _timeout_error(self, waited: float) -> TelemetryTimeoutError:
-        state = ("connected, but no packet arrived (is a map loaded and the car on track?)" if self.stats.connected
-                 else self.stats.last_error or "not connected")
+        state = self._connected_state() if self.stats.connected else self.stats.last_error or "not connected"
         if self._version_problem is not None and not self.stats.connected:
             return PluginVersionError(f"no telemetry from 127.0.0.1:{self.port} for {waited:.1f} s: "
                                       f"{self._version_problem}")
@@ -366,6 +379,20 @@ class TelemetryClient:
                 now = time.monotonic()
                 if self._latest is not None and now - self._latest.received_at <= timeout:
                     return self._latest
+                if now >= deadline:
+                    raise self._timeout_error(now - self._since())
+                self._cond.wait(deadline - now)
+
+    def current(self, max_age: float) -> Telemetry:
+        """The newest packet if it is no older than ``max_age``; else wait for a fresh one only until the newest packet
+        received (on this connection or a lost one) is ``max_age`` old, then raise. Unlike :meth:`latest`, a plugin
+        silent for ``max_age`` fails at once: a real-time step is never held for a further ``max_age``."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self._latest is not None and now - self._latest.received_at <= max_age:
+                    return self._latest
+                deadline = self._since() + max_age
                 if now >= deadline:
                     raise self._timeout_error(now - self._since())
                 self._cond.wait(deadline - now)
