@@ -138,6 +138,18 @@ def test_frames_of_the_wrong_shape_are_refused_clearly():
         Lidar(RADIAL).measure(np.zeros(10, np.uint8))
 
 
+@pytest.mark.parametrize(("frame", "message"), [
+    (np.full((488, 958, 3), 0.7, np.float32), "needs uint8 frames .*got float32"),
+    (np.ones((488, 958, 3), bool), "needs uint8 frames .*got bool"),
+    (np.zeros((3, 488, 958), np.uint8), r"HxWx3 / HxWx4 .*\(channels first\? move them last\)"),
+    (np.zeros((488, 958, 2), np.uint8), r"HxWx3 / HxWx4 colour frame, got shape \(488, 958, 2\)"),
+    (np.zeros((3, 3, 3), np.uint8), "3x3 frame is too small for the LIDAR"),
+])
+def test_frames_the_lidar_would_read_as_all_zero_are_refused_with_the_reason(frame, message):
+    with pytest.raises(LidarError, match=message):
+        Lidar().measure(frame)
+
+
 def reference_walk(lidar: Lidar, frame: np.ndarray) -> np.ndarray:
     """Step along each beam one pixel at a time in plain Python."""
     h, w = frame.shape[:2]

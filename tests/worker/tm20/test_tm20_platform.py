@@ -94,6 +94,14 @@ def test_recorded_frames_from_png_folder_and_npy_file(tmp_path):
         RecordedFrames(tmp_path / "missing.bin")
 
 
+def test_recorded_frames_that_are_not_uint8_pixels_are_refused_instead_of_cast(tmp_path):
+    with pytest.raises(CaptureError, match=r"the recorded frames must be uint8 pixels \(0-255\).*got float32"):
+        RecordedFrames(np.full((2, 8, 10, 3), 0.5, np.float32))  # cast, 0-1 values would all read black
+    np.save(tmp_path / "wide.npy", np.full((2, 8, 10, 3), 300, np.int32))
+    with pytest.raises(CaptureError, match=r"wide.npy must be uint8 pixels.*got int32"):
+        RecordedFrames(tmp_path / "wide.npy")
+
+
 def test_gray_conversion_and_box_downscale():
     frame = np.zeros((128, 256, 3), np.uint8)
     frame[:, :128] = (255, 255, 255)

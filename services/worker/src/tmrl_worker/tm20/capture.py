@@ -207,9 +207,18 @@ class RecordedFrames:
 
                 return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(path.glob("*.png"))]
             if path.suffix == ".npy" and path.is_file():
-                return list(np.load(path, allow_pickle=False))
+                return RecordedFrames._checked(list(np.load(path, allow_pickle=False)), str(path))
             raise CaptureError(f"{path} is neither a folder of .png frames nor a .npy file")
-        return [np.asarray(f, dtype=np.uint8) for f in frames]
+        return RecordedFrames._checked([np.asarray(f) for f in frames], "the recorded frames")
+
+    @staticmethod
+    def _checked(frames: list[np.ndarray], what: str) -> list[np.ndarray]:
+        """The frames, refused unless they are uint8 pixels as a screen capture delivers them (a cast would turn
+        0-1 floats black, and wrap larger values)."""
+        dtypes = {str(frame.dtype) for frame in frames}
+        if dtypes - {"uint8"}:
+            raise CaptureError(f"{what} must be uint8 pixels (0-255), as captured; got {', '.join(sorted(dtypes))}")
+        return frames
 
     def grab(self) -> np.ndarray:
         try:

@@ -143,7 +143,15 @@ class Lidar:
         frame = np.asarray(frame)
         if frame.ndim not in (2, 3) or frame.shape[0] < 2 or frame.shape[1] < 2:
             raise LidarError(f"LIDAR needs an HxW or HxWxC frame, got shape {frame.shape}")
+        if frame.ndim == 3 and frame.shape[2] not in (3, 4):
+            raise LidarError(f"LIDAR needs an HxW gray or HxWx3 / HxWx4 colour frame, got shape {frame.shape}"
+                             + (" (channels first? move them last)" if frame.shape[0] in (3, 4) else ""))
+        if frame.dtype != np.uint8:  # the threshold is on 0-255 pixel values: other dtypes would read all dark or none
+            raise LidarError(f"LIDAR needs uint8 frames (pixel values 0-255), got {frame.dtype}")
         _, _, in_frame = self.beam_pixels(frame.shape[0], frame.shape[1])
+        if not in_frame.any():
+            raise LidarError(f"a {frame.shape[0]}x{frame.shape[1]} frame is too small for the LIDAR: no beam sample "
+                             "lies inside it")
         threshold = self.config.threshold
         if frame.ndim == 2:
             hits = np.take(frame.reshape(-1), self._flat) < threshold
