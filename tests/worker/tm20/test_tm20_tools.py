@@ -73,6 +73,34 @@ def test_record_demonstration_joined_mid_run_waits_for_a_run_from_the_start():
     assert demonstration.length == pytest.approx(30.0, abs=0.6)
 
 
+def test_record_demonstration_ignores_a_respawn_at_a_checkpoint_and_a_finish_flag_left_from_the_last_run():
+    seq = 0
+
+    def packet(**fields) -> bytes:
+        nonlocal seq
+        seq += 1
+        return encode_packet(seq, **fields)
+
+    checkpoint = [packet(speed=10.0, distance=0.5 * i, position=(0.5 * i, 5.0, 0.0)) for i in range(1, 400)]
+    checkpoint += [packet(speed=10.0, distance=150.0 + 0.5 * i, position=(150.0 + 0.5 * i, 9.0, 0.0))
+                   for i in range(10)]  # respawned at the 150 m checkpoint: not a start
+    lingering = [packet(distance=0.0, position=(0.0, 0.0, 0.0), finished=True) for _ in range(5)]
+    with TelemetryReplayServer(checkpoint + lingering + lap_with_a_respawn(first_seq=seq + 1), rate_hz=800,
+                               loop=False) as server, TelemetryClient(server.port, timeout=2.0) as client:
+        demonstration = record_demonstration(client, max_seconds=10)
+    assert demonstration.finished
+    assert np.all(demonstration.positions[:, 1] == 0.0)  # nothing from the checkpoint run or the false start
+    assert demonstration.positions[0].tolist() == [0.0, 0.0, 0.0]  # the path starts at the start line
+    assert demonstration.length == pytest.approx(30.0, abs=0.6)
+    finish_from_checkpoint = checkpoint + [packet(speed=10.0, distance=160.0, position=(160.0, 9.0, 0.0), finished=True)]
+    with TelemetryReplayServer(finish_from_checkpoint, rate_hz=800, loop=False) as server, \
+            TelemetryClient(server.port, timeout=2.0) as client:
+        seen: list = []
+        partial = record_demonstration(client, max_seconds=10, on_packet=lambda packet, kept: seen.append(packet),
+                                       should_stop=lambda: bool(seen) and seen[-1].finished)
+    assert not partial.finished and len(partial.positions) == 0  # a lap from a checkpoint is no demonstration
+
+
 def test_record_reward_command_writes_points_from_the_plugin(tmp_path):
     output = tmp_path / "track.safetensors"
     with TelemetryReplayServer(lap_with_a_respawn(), rate_hz=400, loop=False) as server:

@@ -73,8 +73,9 @@ def record_demonstration(telemetry: TelemetryClient, *, max_seconds: float = 900
     """Collect car positions from ``telemetry`` until the finish, ``should_stop()``, or ``max_seconds``.
 
     Positions closer than ``min_move`` to the previous kept one are skipped (a car waiting at the start).
-    Joined mid-run (the first packet more than ``start_distance_m`` into the run), nothing is kept until the next
-    respawn: the path must start at the start line. ``on_packet(packet, kept)`` is called for every fresh packet
+    Joined mid-run (the first packet more than ``start_distance_m`` into the run), or respawned at a checkpoint
+    rather than the start, nothing is kept until the next respawn at the start: the path must start at the start
+    line. A finish flag within ``start_distance_m`` of the start is the previous run's, not yet cleared: ignored. ``on_packet(packet, kept)`` is called for every fresh packet
     (progress display; ``kept`` stays 0 while waiting for a run from the start).
     """
     positions: list[tuple[float, float, float]] = []
@@ -87,11 +88,11 @@ def record_demonstration(telemetry: TelemetryClient, *, max_seconds: float = 900
         packet = telemetry.newer_than(last.sequence if last else None)
         if last is None:
             mid_run = packet.distance > start_distance_m
-        elif packet.distance < last.distance - 1.0:  # respawned: start over
+        elif packet.distance < last.distance - 1.0:  # respawned: start over, from the start line only
             positions.clear()
             packets.clear()
             restarts += 1
-            mid_run = False
+            mid_run = packet.distance > start_distance_m  # at a checkpoint: wait for a restart from the start
         last = packet
         if mid_run:  # e.g. emulate-game --autodrive lapping before record-reward connected
             if on_packet is not None:
@@ -102,7 +103,7 @@ def record_demonstration(telemetry: TelemetryClient, *, max_seconds: float = 900
             positions.append(packet.position)
         if on_packet is not None:
             on_packet(packet, len(positions))
-        if packet.finished:
+        if packet.finished and packet.distance > start_distance_m:  # at the start, a finish flag is the last run's
             return Demonstration(np.array(positions, dtype=np.float64), packets, True, restarts)
     return Demonstration(np.array(positions, dtype=np.float64).reshape(-1, 3), packets, False, restarts)
 
