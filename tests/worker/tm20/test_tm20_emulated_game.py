@@ -199,3 +199,20 @@ def test_emulate_game_command_serves_the_plugin_and_autodrives():
                                       "--track", "oval"])
     assert result.exit_code == 0, result.output
     assert "emulated TrackMania: track oval" in result.output and "plugin on 127.0.0.1:" in result.output
+
+
+def test_emulate_game_command_reports_a_bad_track_or_a_port_in_use_in_one_line():
+    import socket
+
+    from tmrl_worker.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["emulate-game", "--track", "nope", "--seconds", "0.1"])
+    assert result.exit_code == 2 and result.output.startswith("tmrl-worker emulate-game: unknown track 'nope'")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["emulate-game", "--telemetry-port", str(port), "--seconds", "0.1"])
+    assert result.exit_code == 2 and "Address already in use" in result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)  # typer.Exit(2), no error

@@ -185,7 +185,16 @@ def emulate_game(
     from tmrl_worker.tm20.emulated_game import EmulatedGame
 
     config = {"track": track, "port": telemetry_port, "window_title": window_title, "speedup": speedup}
-    with EmulatedGame(config) as game:
+    game: EmulatedGame | None = None
+    try:
+        game = EmulatedGame(config)
+        game.start()
+    except (ValueError, OSError) as exc:  # a bad track or setting (pydantic's errors are ValueErrors), a port in use
+        if game is not None:
+            game.close()
+        typer.echo(f"tmrl-worker emulate-game: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    try:
         if autodrive:
             game.start_autodrive()
         typer.echo(f"emulated TrackMania: track {track} ({game.track.length:.0f} m), plugin on 127.0.0.1:{game.port}"
@@ -197,6 +206,8 @@ def emulate_game(
         except KeyboardInterrupt:
             pass
         typer.echo(f"{game.finishes} finish(es), {game.respawns} respawn(s)")
+    finally:
+        game.close()
 
 
 @app.command()
