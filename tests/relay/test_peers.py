@@ -16,8 +16,10 @@ def test_an_id_stays_bound_to_its_first_key_across_reconnections():
     peer, previous = table.register(b"conn-2", "worker-1", "KEY-A")  # same key, new connection: fine
     assert previous is not None and previous.routing_id == b"conn-1"
     assert table.check(b"conn-2", "worker-1", "KEY-A") is peer
+    with pytest.raises(ProtocolError, match="said hello on another connection since this one did"):
+        table.check(b"conn-1", "worker-1", "KEY-A")  # the old connection is forgotten, and told why
     with pytest.raises(ProtocolError, match="sent before saying hello"):
-        table.check(b"conn-1", "worker-1", "KEY-A")  # the old connection is forgotten
+        table.check(b"conn-9", "worker-9", "KEY-A")  # an id never registered
     with pytest.raises(ProtocolError, match="bound to another"):
         table.register(b"conn-3", "worker-1", "KEY-B")
 

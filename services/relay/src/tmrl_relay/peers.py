@@ -74,6 +74,9 @@ class PeerTable:
         """The peer behind ``routing_id`` if it registered as ``sender`` with this key; else ``unknown_sender``."""
         peer = self.by_routing_id.get(routing_id)
         if peer is None:
+            if sender in self.by_sender:  # its id was taken over by a newer connection's hello
+                raise ProtocolError("unknown_sender", f"{sender!r} said hello on another connection since this one did "
+                                                      "(two processes under one id?); say hello again to take it back")
             raise ProtocolError("unknown_sender", f"{sender!r} sent before saying hello on this connection")
         if peer.sender != sender:
             raise ProtocolError("unknown_sender", f"this connection said hello as {peer.sender!r}, not {sender!r}")
