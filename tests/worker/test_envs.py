@@ -215,3 +215,146 @@ def test_layout_command_prints_json_the_trainer_accepts_as_layout_file(plugged_m
     assert layout.action_dim == 1 and layout.action_history == 2 and layout.components[0].frame_shape == [1]
     bad = CliRunner().invoke(app, ["layout", "--env", "nonsense"])
     assert bad.exit_code == 2 and "unknown env" in bad.output
+
+
+FAILING_INTERFACES = textwrap.dedent('''
+    import numpy as np
+    from gymnasium import spaces
+    from rtgym import RealTimeGymInterface
+
+
+    class Sensor(RealTimeGymInterface):
+        def __init__(self, fail_in=""):
+            self.fail_in = fail_in
+            self.steps = 0
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-10.0, 10.0, (1,), np.float32),))
+
+        def get_action_space(self):
+            return spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+        def get_default_action(self):
+            return np.zeros(1, dtype=np.float32)
+
+        def send_control(self, control):
+            if self.fail_in == "send_control" and control is not None and self.steps >= 2:
+                raise RuntimeError("motor driver gone")
+
+        def reset(self, seed=None, options=None):
+            return [np.zeros(1, dtype=np.float32)], {}
+
+        def get_obs_rew_terminated_info(self):
+            self.steps += 1
+            if self.fail_in == "observation" and self.steps >= 3:
+                raise RuntimeError("sensor unplugged")
+            return [np.zeros(1, dtype=np.float32)], 0.0, False, {}
+
+
+    class RaisesWhenBuilt(Sensor):
+        def __init__(self):
+            raise RuntimeError("no such device /dev/ttyUSB0")
+
+
+    class BareBoxObservation(Sensor):
+        def get_observation_space(self):
+            return spaces.Box(-10.0, 10.0, (1,), np.float32)
+''')
+
+
+@pytest.fixture
+def failing_module(tmp_path, monkeypatch):
+    (tmp_path / "failing_robot.py").write_text(FAILING_INTERFACES)
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('calibration file missing')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "failing_robot"
+    for name in ("failing_robot", "raises_on_import"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize(("method", "message"), [("observation", "get_obs_rew_terminated_info raised RuntimeError: "
+                                                                   "sensor unplugged"),
+                                                  ("send_control", "send_control raised RuntimeError: motor driver gone")])
+def test_an_interface_raising_on_rtgyms_thread_stops_the_episode_with_env_failure_instead_of_hanging(
+        failing_module, method, message):
+    from tmrl_worker.envs import EnvFailure
+
+    handle = make_env(f"{failing_module}:Sensor", time_step_duration=0.02, options={"fail_in": method})
+    try:
+        handle.reset()
+        started = time.monotonic()
+        with pytest.raises(EnvFailure, match=rf"env 'failing_robot:Sensor': Sensor\.{message}"):
+            for _ in range(10):
+                handle.step(np.zeros(1, np.float32))
+        assert time.monotonic() - started < 2.0
+    finally:
+        handle.close()
+
+
+@pytest.mark.parametrize(("spec", "options", "message"), [
+    ("raises_on_import:Anything", {}, r"importing module 'raises_on_import' failed: RuntimeError: calibration file"),
+    ("failing_robot:RaisesWhenBuilt", {}, r"building it failed: RuntimeError: no such device /dev/ttyUSB0"),
+    ("failing_robot:Sensor", {"gain_typo": 2}, r"building it failed: TypeError: .*unexpected keyword argument 'gain_typo'"),
+    ("failing_robot:BareBoxObservation", {}, r"get_observation_space returns a gymnasium.spaces.Tuple"),
+])
+def test_an_interface_that_cannot_be_imported_or_built_is_one_env_spec_error(failing_module, spec, options, message):
+    with pytest.raises(EnvSpecError, match=message):
+        make_env(spec, options=options)
+
+
+def test_the_real_time_simulator_takes_its_time_step_from_its_options_too():
+    handle = make_env("sim", time_step_duration=0.05, max_episode_steps=3, options={"time_step_duration": 0.02})
+    try:
+        assert handle.step_seconds == pytest.approx(0.02)
+    finally:
+        handle.close()
+
+
+NON_FINITE = textwrap.dedent('''
+    import numpy as np
+    from gymnasium import spaces
+    from rtgym import RealTimeGymInterface
+
+
+    class Broken(RealTimeGymInterface):
+        def __init__(self, bad="observation"):
+            self.bad = bad
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-10.0, 10.0, (2,), np.float32),))
+
+        def get_action_space(self):
+            return spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+        def get_default_action(self):
+            return np.zeros(1, dtype=np.float32)
+
+        def send_control(self, control):
+            pass
+
+        def reset(self, seed=None, options=None):
+            return [np.zeros(2, dtype=np.float32)], {}
+
+        def get_obs_rew_terminated_info(self):
+            if self.bad == "observation":
+                return [np.array([0.0, np.nan], dtype=np.float32)], 0.0, False, {}
+            return [np.zeros(2, dtype=np.float32)], float("inf"), False, {}
+''')
+
+
+@pytest.mark.parametrize(("bad", "message"), [("observation", r"NaN or infinite values in observation part 'part0' at "
+                                                              r"a step"),
+                                              ("reward", r"returned reward inf at a step")])
+def test_a_non_finite_observation_or_reward_stops_the_env_naming_it(tmp_path, monkeypatch, bad, message):
+    from tmrl_worker.envs import EnvFailure
+
+    (tmp_path / "broken_robot.py").write_text(NON_FINITE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    handle = make_env("broken_robot:Broken", time_step_duration=0.02, options={"bad": bad})
+    try:
+        handle.reset()
+        with pytest.raises(EnvFailure, match=message):
+            handle.step(np.zeros(1, np.float32))
+    finally:
+        handle.close()
+        sys.modules.pop("broken_robot", None)

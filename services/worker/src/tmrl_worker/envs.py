@@ -25,6 +25,7 @@ so the actor sees exactly the history the trainer rebuilds from the batches, wha
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import sys
 import threading
@@ -37,6 +38,8 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 from tmrl_common.layout import ObservationComponent, ObservationLayout, box_bounds, layout_for_box
+
+log = logging.getLogger(__name__)
 
 SIM_SPECS = ("sim", "sim-fast")
 TM20_SPECS = ("tm20-lidar", "tm20-lidar-progress", "tm20-full")
@@ -142,7 +145,21 @@ class EnvHandle:
             hook()
         observation, _info = self.env.reset(seed=seed)
         self._action_buffer.extend([self._default_action] * self.layout.action_history)
-        return self._observation(observation)
+        return self._finite(self._observation(observation), 0.0, "the reset")
+
+    def _finite(self, observation: tuple, reward: float, when: str) -> tuple:
+        """``observation``, after checking that it and ``reward`` hold no NaN or infinity: such a value would make
+        every batch holding it be refused, so the env cannot go on (:class:`EnvFailure`, naming the part)."""
+        if not math.isfinite(reward):
+            raise EnvFailure(f"env {self.spec!r} returned reward {reward} at {when}: NaN and infinite rewards cannot "
+                             "be learned from; fix or clip the env's reward")
+        names = [component.name for component in self.layout.components]
+        for index, part in enumerate(observation[: len(names)]):
+            values = np.asarray(part)
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                raise EnvFailure(f"env {self.spec!r} returned NaN or infinite values in observation part "
+                                 f"{names[index]!r} at {when}: fix or clip the env's observation")
+        return observation
 
     def step(self, action: np.ndarray) -> tuple[tuple, float, bool, bool, dict]:
         """Apply a policy action in [-1, 1]; return ``(observation tuple, reward, terminated, truncated, info)``.
@@ -151,10 +168,14 @@ class EnvHandle:
         task (the game's plugin or window went away) also sets ``info[TRUNCATED_REASON]``, and the step is then
         reported as truncated, so the trainer bootstraps through it instead of learning a false terminal state."""
         observation, reward, terminated, truncated, info = self.env.step(self.to_env_action(action))
+        failure = getattr(getattr(self.env.unwrapped, "interface", None), "failure", None)
+        if failure is not None:  # the interface failed on rtgym's thread (_guarded_interface): it cannot go on
+            raise EnvFailure(f"env {self.spec!r}: {failure}")
         if terminated and isinstance(info, dict) and info.get(TRUNCATED_REASON):
             terminated, truncated = False, True
         self._action_buffer.append(self.policy_action(action))
-        return self._observation(observation), float(reward), bool(terminated), bool(truncated), info
+        reward = float(reward)
+        return self._finite(self._observation(observation), reward, "a step"), reward, bool(terminated), bool(truncated), info
 
     def attach_stop(self, stop: threading.Event) -> None:
         """Let an rtgym interface that may wait a long time (TrackMania waiting for the game) see ``stop``: it then
@@ -243,8 +264,71 @@ def rtgym_config(interface: type, time_step_duration: float = 0.05, max_episode_
     return config
 
 
-def _make_rtgym(spec: str, config: dict) -> EnvHandle:
-    env = gymnasium.make(RTGYM_ID, config=config, disable_env_checker=True)
+def _guarded_interface(interface: type) -> type:
+    """``interface`` with what rtgym calls on its own thread guarded: an exception there would end that thread and
+    leave the worker waiting for an observation for ever. Instead the first failure is logged with its traceback
+    and kept (:attr:`failure`), the step ends the episode, and :meth:`EnvHandle.step` raises :class:`EnvFailure`."""
+    if getattr(interface, "guards_rtgym_thread", False):
+        return interface
+
+    class Guarded(interface):  # type: ignore[misc, valid-type]
+        guards_rtgym_thread = True
+        failure: str | None = None
+        """``"Class.method raised Error: message"`` once a guarded method failed."""
+        _last_observation: Any = None
+
+        def _failed(self, method: str, exc: Exception) -> None:
+            log.error("%s.%s raised on rtgym's thread", interface.__name__, method, exc_info=exc)
+            if self.failure is None:
+                self.failure = f"{interface.__name__}.{method} raised {type(exc).__name__}: {exc}"
+
+        def reset(self, *args: Any, **kwargs: Any) -> Any:
+            observation, info = super().reset(*args, **kwargs)
+            self._last_observation = observation
+            return observation, info
+
+        def send_control(self, control: Any) -> None:
+            if self.failure is None:
+                try:
+                    super().send_control(control)
+                except Exception as exc:  # noqa: BLE001 - any error of the interface, reported by EnvHandle.step
+                    self._failed("send_control", exc)
+
+        def get_obs_rew_terminated_info(self) -> Any:
+            if self.failure is None:
+                try:
+                    result = super().get_obs_rew_terminated_info()
+                    self._last_observation = result[0]
+                    return result
+                except Exception as exc:  # noqa: BLE001 - any error of the interface, reported by EnvHandle.step
+                    self._failed("get_obs_rew_terminated_info", exc)
+            return self._last_observation, 0.0, True, {}
+
+    Guarded.__name__, Guarded.__qualname__, Guarded.__module__ = interface.__name__, interface.__qualname__, interface.__module__
+    return Guarded
+
+
+def _rtgym_env(spec: str, config: dict, setup_errors: tuple[type[BaseException], ...] = ()) -> gymnasium.Env:
+    """``gymnasium.make`` of rtgym with ``config``'s interface guarded (:func:`_guarded_interface`); whatever building
+    the interface raises becomes an :class:`EnvSpecError` naming it: ``setup_errors`` (whose messages say what to
+    fix) by their message, anything else with its type (and its traceback at debug level)."""
+    config = {**config, "interface": _guarded_interface(config["interface"])}
+    try:
+        return gymnasium.make(RTGYM_ID, config=config, disable_env_checker=True)
+    except EnvSpecError:
+        raise
+    except setup_errors as exc:
+        raise EnvSpecError(f"env {spec!r}: {exc}") from exc
+    except Exception as exc:  # the interface's own code: anything may go wrong in it
+        log.debug("building env %r failed", spec, exc_info=exc)
+        hint = ""
+        if isinstance(exc, AttributeError) and "spaces" in str(exc):
+            hint = " (an rtgym interface's get_observation_space returns a gymnasium.spaces.Tuple of Boxes)"
+        raise EnvSpecError(f"env {spec!r}: building it failed: {type(exc).__name__}: {exc}{hint}") from exc
+
+
+def _make_rtgym(spec: str, config: dict, setup_errors: tuple[type[BaseException], ...] = ()) -> EnvHandle:
+    env = _rtgym_env(spec, config, setup_errors)
     interface = env.unwrapped.interface
     layout = _declared_layout(interface, env.unwrapped) or layout_from_spaces(
         env.observation_space, env.action_space, action_history=config["act_buf_len"] if config["act_in_obs"] else 0
@@ -262,6 +346,9 @@ def _import_interface(spec: str) -> type:
     except ImportError as exc:
         raise EnvSpecError(f"env {spec!r}: cannot import module {module_name!r} ({exc}); "
                            "is it installed or on PYTHONPATH?") from exc
+    except Exception as exc:  # the module's own code failed while importing (a syntax error, an error at import)
+        log.debug("importing %r failed", module_name, exc_info=exc)
+        raise EnvSpecError(f"env {spec!r}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
     cls = getattr(module, class_name, None)
     if cls is None:
         raise EnvSpecError(f"env {spec!r}: module {module_name!r} has no attribute {class_name!r}")
@@ -323,11 +410,13 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
         handle = EnvHandle(spec=spec, env=env, layout=sim.layout, realtime=False,
                            step_seconds=sim.config.time_step_duration)
     else:
+        # time_step_duration is a SimConfig field too: given as an option, it is the rtgym step
+        step = settings.pop("time_step_duration", time_step_duration)
         try:
-            config = realtime_config(None, time_step_duration=time_step_duration, **settings)
+            config = realtime_config(None, time_step_duration=step, **settings)
         except ValueError as exc:
             raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {exc}") from exc
-        env = gymnasium.make(RTGYM_ID, config=config, disable_env_checker=True)
+        env = _rtgym_env(spec, config)
         interface = env.unwrapped.interface
         pose, car = interface.loop.pose, interface.config.car
         current_track = lambda: interface.track  # noqa: E731
@@ -368,13 +457,13 @@ def _make_tm20(spec: str, time_step_duration: float, max_episode_steps: int, opt
         try:
             config = tm20_rtgym_config(spec, time_step_duration=time_step_duration, ep_max_length=max_episode_steps,
                                        **kwargs)
-            return _make_rtgym(spec, config)
         except device_setup_errors as exc:
             raise EnvSpecError(f"env {spec!r}: {exc}") from exc
+        return _make_rtgym(spec, config, device_setup_errors)
     game = _start_emulated_game(spec, emulated, kwargs)
     try:
         config = tm20_rtgym_config(spec, time_step_duration=time_step_duration, ep_max_length=max_episode_steps, **kwargs)
-        handle = _make_rtgym(spec, config)
+        handle = _make_rtgym(spec, config, device_setup_errors)
     except device_setup_errors as exc:
         game.close()
         raise EnvSpecError(f"env {spec!r}: {exc}") from exc
