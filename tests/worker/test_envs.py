@@ -358,3 +358,19 @@ def test_a_non_finite_observation_or_reward_stops_the_env_naming_it(tmp_path, mo
     finally:
         handle.close()
         sys.modules.pop("broken_robot", None)
+
+
+def test_a_scalar_observation_part_is_sent_as_the_layouts_one_value_component(tmp_path, monkeypatch):
+    scalar = NON_FINITE.replace("(2,)", "()").replace("np.zeros(2, dtype=np.float32)", "np.float32(0.5)")
+    (tmp_path / "scalar_robot.py").write_text(scalar.replace('float("inf")', "1.0"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    handle = make_env("scalar_robot:Broken", time_step_duration=0.02, options={"bad": "none"})
+    try:
+        assert handle.layout.components[0].observation_shape == (1,)
+        observation = handle.reset()
+        assert observation[0].shape == (1,) and observation[0][0] == np.float32(0.5)
+        step_observation = handle.step(np.zeros(1, np.float32))[0]
+        assert step_observation[0].shape == (1,)
+    finally:
+        handle.close()
+        sys.modules.pop("scalar_robot", None)

@@ -135,6 +135,8 @@ class EnvHandle:
 
     def _observation(self, observation: Any) -> tuple:
         parts = (observation,) if self.wrap_observation else tuple(observation)
+        # a scalar part (a Box of shape ()) is the layout's 1-value component (layout_from_spaces)
+        parts = tuple(np.reshape(part, (1,)) if np.ndim(part) == 0 else part for part in parts)
         history = self.layout.action_history
         if not history or len(parts) != len(self.layout.components) + history:
             return parts
