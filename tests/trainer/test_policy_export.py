@@ -112,3 +112,22 @@ def test_a_policy_file_exports_from_the_command_line_and_bad_sources_are_one_lin
     assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "j.onnx").exists()
     result = runner.invoke(app, ["export", str(policy)])
     assert result.exit_code == 2 and "--onnx" in result.output
+
+
+def test_outputs_in_missing_folders_are_created_and_unwritable_ones_are_one_line_errors(tmp_path):
+    torch.manual_seed(0)
+    policy = save_policy_file(build_actor(PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=[16])),
+                              tmp_path / "policy.safetensors", version=2)
+    onnx_out, policy_out = tmp_path / "a" / "b" / "p.onnx", tmp_path / "c" / "d" / "p.safetensors"
+    result = runner.invoke(app, ["export", str(policy), "--onnx", str(onnx_out), "--policy-out", str(policy_out),
+                                 "--no-check"])
+    assert result.exit_code == 0, result.output
+    assert onnx.load(str(onnx_out)).graph.output[0].name == "action"
+    assert read_policy_file(policy_out)[1] == 2
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for option in ("--onnx", "--policy-out"):
+        target = blocker / "sub" / ("p.onnx" if option == "--onnx" else "p.safetensors")
+        result = runner.invoke(app, ["export", str(policy), option, str(target)])
+        assert result.exit_code == 2 and result.stderr.startswith(f"tmrl-trainer export: cannot write {target}: ")
+        assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr

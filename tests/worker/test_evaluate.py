@@ -208,3 +208,95 @@ def test_an_onnx_file_for_another_layout_or_not_from_tmrl_is_a_one_line_error(tm
     onnx.save_model(model, str(tmp_path / "foreign.onnx"))
     code, _, stderr = run_eval("--policy", str(tmp_path / "foreign.onnx"), "--env", "gym:Pendulum-v1", "--episodes", "1")
     assert code == 2 and "without tmrl's metadata" in stderr and stderr.strip().count("\n") == 0
+
+
+SHORT_SIM = ("--env", "sim", "--track", "random:7", "--episodes", "2", "--max-episode-steps", "60")
+
+
+def test_a_gif_in_a_missing_folder_is_written_there(tmp_path):
+    policy = policy_file(tmp_path / "sim.safetensors", tm20_lidar_layout())
+    gif = tmp_path / "not" / "yet" / "best.gif"
+    code, summary, stderr = run_eval("--policy", str(policy), *SHORT_SIM, "--gif", str(gif))
+    assert code == 0, stderr
+    assert summary["gif"] == str(gif)
+    with Image.open(gif) as image:
+        assert image.format == "GIF" and image.n_frames >= 2
+
+
+@pytest.mark.parametrize("name", ["best.png", "best", "best.gif.txt"])
+def test_a_gif_name_not_ending_in_gif_is_refused_before_any_episode(tmp_path, name):
+    policy = policy_file(tmp_path / "sim.safetensors", tm20_lidar_layout())
+    code, _, stderr = run_eval("--policy", str(policy), *SHORT_SIM, "--gif", str(tmp_path / name))
+    assert code == 2 and "its name must end in .gif" in stderr
+    assert stderr.strip().count("\n") == 0 and "episode 0" not in stderr  # one line, no episode run
+    assert not (tmp_path / name).exists()
+
+
+def test_a_gif_folder_that_cannot_be_created_fails_before_any_episode(tmp_path):
+    policy = policy_file(tmp_path / "sim.safetensors", tm20_lidar_layout())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, stderr = run_eval("--policy", str(policy), *SHORT_SIM, "--gif", str(blocker / "sub" / "best.gif"))
+    assert code == 2 and "cannot write the GIF there" in stderr
+    assert stderr.strip().count("\n") == 0 and "episode 0" not in stderr and "Traceback" not in stderr
+    assert blocker.read_text() == "not a folder"
+
+
+def test_the_gif_path_check_leaves_no_empty_file_behind(tmp_path):
+    from tmrl_worker.evaluate import prepare_gif_path
+
+    gif = tmp_path / "new" / "best.gif"
+    assert prepare_gif_path(gif) == gif
+    assert gif.parent.is_dir() and not gif.exists()
+    kept = tmp_path / "old.gif"
+    kept.write_bytes(b"GIF89a earlier")
+    prepare_gif_path(kept)
+    assert kept.read_bytes() == b"GIF89a earlier"
+
+
+def test_a_gif_write_that_fails_after_the_episodes_is_one_line(tmp_path, monkeypatch):
+    import tmrl_worker.sim.render
+
+    def disk_full(frames, path, fps=20.0):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(tmrl_worker.sim.render, "write_gif", disk_full)
+    policy = policy_file(tmp_path / "sim.safetensors", tm20_lidar_layout())
+    code, _, stderr = run_eval("--policy", str(policy), *SHORT_SIM, "--gif", str(tmp_path / "best.gif"))
+    lines = stderr.strip().splitlines()
+    assert code == 2 and [line.split(":")[0] for line in lines[:2]] == ["episode 0 (seed 0)", "episode 1 (seed 1)"]
+    assert lines[2:] == [f"tmrl-worker eval: --gif '{tmp_path / 'best.gif'}': writing the GIF failed after the "
+                         "episodes: No space left on device"]
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["--seed", "-1"], "'--seed'"),
+    (["--episodes", "0"], "'--episodes'"),
+    (["--episodes", "10001"], "'--episodes'"),
+    (["--max-episode-steps", "0"], "'--max-episode-steps'"),
+])
+def test_out_of_range_options_are_refused_by_the_command_line(tmp_path, args, option):
+    policy = policy_file(tmp_path / "sim.safetensors", tm20_lidar_layout())
+    code, _, stderr = run_eval("--policy", str(policy), "--env", "sim", *args)
+    assert code == 2 and f"Invalid value for {option}" in stderr and "Traceback" not in stderr
+
+
+def test_the_command_lines_episode_bound_is_the_evaluations():
+    from tmrl_worker import eval_cli, evaluate
+
+    assert eval_cli.MAX_EPISODES == evaluate.MAX_EPISODES
+    assert evaluate.EvalConfig.model_fields["episodes"].metadata[-1].le == evaluate.MAX_EPISODES
+
+
+def test_settings_the_evaluation_refuses_are_one_line_errors(tmp_path, capsys):
+    """Values that pass the command line's own checks (here: called without typer) but not :class:`EvalConfig`."""
+    import typer
+    from tmrl_worker.eval_cli import eval_command
+
+    policy = policy_file(tmp_path / "sim.safetensors", tm20_lidar_layout())
+    with pytest.raises(typer.Exit) as exit_info:
+        eval_command(policy=policy, env="sim", track=None, episodes=5, seed=-1, gif=None, json_output=False,
+                     max_episode_steps=None, config=None)
+    assert exit_info.value.exit_code == 2
+    assert capsys.readouterr().err == "tmrl-worker eval: invalid settings: seed: Input should be greater than or " \
+                                      "equal to 0\n"

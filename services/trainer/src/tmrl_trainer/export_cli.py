@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -10,9 +12,11 @@ import typer
 def export_command(
     source: Path = typer.Argument(..., help="A run's policy.safetensors, or a checkpoint (checkpoints/checkpoint-*.safetensors).",
                                   exists=True, dir_okay=False),
-    onnx: Path | None = typer.Option(None, "--onnx", help="Write the deterministic actor as ONNX here.", dir_okay=False),
+    onnx: Path | None = typer.Option(None, "--onnx", help="Write the deterministic actor as ONNX here (its folder is "
+                                                          "created if missing).", dir_okay=False),
     policy: Path | None = typer.Option(None, "--policy-out", help="Write a policy file here (what tmrl-worker eval and "
-                                                              "--expert --policy read).", dir_okay=False),
+                                                              "--expert --policy read; its folder is created if missing).",
+                                       dir_okay=False),
     check: bool = typer.Option(True, "--check/--no-check", help="Run the ONNX file with onnxruntime beside torch and "
                                                                 "print the largest difference."),
 ) -> None:
@@ -26,15 +30,20 @@ def export_command(
         raise typer.BadParameter("give --onnx FILE and/or --policy-out FILE")
     try:
         actor, version = load_actor(source)
-        if policy is not None:
-            export_policy(weights_update_from_actor(actor, version), policy)
-            typer.echo(f"policy file (weights version {version}): {policy}")
-        if onnx is not None:
-            export_onnx(actor, onnx, version)
-            typer.echo(f"ONNX (weights version {version}, inputs in observation order): {onnx}")
     except ExportError as exc:
         typer.echo(f"tmrl-trainer export: {exc}", err=True)
         raise typer.Exit(code=2) from exc
+    except OSError as exc:  # e.g. no permission to read it
+        typer.echo(f"tmrl-trainer export: cannot read {source}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    if policy is not None:
+        with _one_line_write_error(policy):
+            export_policy(weights_update_from_actor(actor, version), policy)
+        typer.echo(f"policy file (weights version {version}): {policy}")
+    if onnx is not None:
+        with _one_line_write_error(onnx):
+            export_onnx(actor, onnx, version)
+        typer.echo(f"ONNX (weights version {version}, inputs in observation order): {onnx}")
     if onnx is not None and check:
         try:
             difference = check_onnx(actor, onnx)
@@ -45,3 +54,20 @@ def export_command(
         if difference > 1e-5:
             typer.echo("tmrl-trainer export: onnxruntime disagrees with torch by more than 1e-5", err=True)
             raise typer.Exit(code=1)
+
+
+@contextmanager
+def _one_line_write_error(output: Path) -> Iterator[None]:
+    """Turn the export's errors while writing ``output`` into one line on stderr and exit status 2: an
+    :class:`~tmrl_trainer.policy_export.ExportError`, or an :class:`OSError` (its folder cannot be created, no
+    permission, disk full...)."""
+    from tmrl_trainer.policy_export import ExportError
+
+    try:
+        yield
+    except ExportError as exc:
+        typer.echo(f"tmrl-trainer export: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    except OSError as exc:
+        typer.echo(f"tmrl-trainer export: cannot write {output}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(code=2) from exc

@@ -103,11 +103,14 @@ class DeterministicActor(torch.nn.Module):
 
 
 def export_onnx(actor: Actor, path: Path, version: int = 0) -> Path:
-    """Write ``actor``'s deterministic policy as ONNX (see the module docstring); batch size is dynamic."""
+    """Write ``actor``'s deterministic policy as ONNX (see the module docstring); batch size is dynamic. The file's
+    folder is created first when missing (an :class:`OSError` when it cannot be), as for a policy file."""
     try:
         import onnx
     except ImportError as exc:
         raise ExportError("ONNX export needs the onnx extra: pip install onnx onnxscript (or tmrl-trainer[onnx])") from exc
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # before the export, which takes seconds
     layout = actor.architecture.layout
     names = input_names(layout)
     example = tuple(torch.from_numpy(part) for part in random_observations(layout, 2, np.random.default_rng(0)))
@@ -125,7 +128,6 @@ def export_onnx(actor: Actor, path: Path, version: int = 0) -> Path:
                        ("tmrl_version", str(version))):
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
-    path = Path(path)
     onnx.save_model(model, str(path))
     return path
 

@@ -7,6 +7,10 @@ from pathlib import Path
 import typer
 from tmrl_common.options import HELP, config_help
 
+MAX_EPISODES = 10_000
+"""``--episodes``' upper bound: :data:`tmrl_worker.evaluate.MAX_EPISODES` (not imported here, so that ``--help``
+needs no torch)."""
+
 
 def eval_command(
     policy: Path = typer.Option(..., "--policy", help="Policy file: safetensors (a trainer run's policy.safetensors) or ONNX "
@@ -15,34 +19,44 @@ def eval_command(
     env: str | None = typer.Option(None, "--env", help=HELP["env"] + " sim is evaluated synchronously, as sim-fast "
                                                        "(default: the config's env, else sim)."),
     track: str | None = typer.Option(None, "--track", "-t", help="sim only: oval, hairpins, circuit, random:SEED or random-open:SEED."),
-    episodes: int = typer.Option(5, "--episodes", "-n", min=1, help="Episodes to run."),
-    seed: int = typer.Option(0, "--seed", help=HELP["seed"] + " Episode i is reset with seed SEED + i."),
-    gif: Path | None = typer.Option(None, "--gif", help="Write a GIF of the best episode here (sim, gym:<id>).", dir_okay=False),
+    episodes: int = typer.Option(5, "--episodes", "-n", min=1, max=MAX_EPISODES, help="Episodes to run."),
+    seed: int = typer.Option(0, "--seed", min=0, help=HELP["seed"] + " Episode i is reset with seed SEED + i."),
+    gif: Path | None = typer.Option(None, "--gif", help="Write a GIF of the best episode here (sim, gym:<id>; a name "
+                                    "ending in .gif, its folder created if missing).", dir_okay=False),
     json_output: bool = typer.Option(False, "--json", help="Print the JSON summary on stdout (episode lines go to stderr)."),
-    max_episode_steps: int | None = typer.Option(None, "--max-episode-steps", min=1, help="Truncate episodes after this many steps (default: the config's, else 1000)."),
+    max_episode_steps: int | None = typer.Option(None, "--max-episode-steps", min=1, help="Truncate sim and module:Class "
+                                                 "episodes after this many steps (default: the config's, else 1000); a "
+                                                 "gym:<id> env keeps its own time limit (env_options max_episode_steps "
+                                                 "changes it)."),
     config: Path | None = typer.Option(None, "--config", "-c", help=config_help("worker") + " Eval reads env, env_options, "
                                        "time_step_duration and max_episode_steps.", exists=True, dir_okay=False),
 ) -> None:
     """Evaluate a saved policy deterministically: one line per episode, the mean and spread, optionally a GIF and a
     JSON summary. No relay, no trainer. module:Class envs run in real time (rtgym paces them)."""
     import torch
+    from pydantic import ValidationError
     from tmrl_common.config import load_config_for_command
 
     from tmrl_worker.config import WorkerConfig
     from tmrl_worker.envs import EnvFailure, EnvSpecError
-    from tmrl_worker.evaluate import EvalConfig, episode_line, evaluate, summary_line
+    from tmrl_worker.evaluate import EvalConfig, GifPathError, episode_line, evaluate, summary_line
     from tmrl_worker.runtime import PolicyFileError
     from tmrl_worker.sim.track import TrackError
 
     worker = load_config_for_command(WorkerConfig, "worker", config,
                                      overrides={"env": env, "max_episode_steps": max_episode_steps})
-    settings = EvalConfig(policy=policy, env=worker.env, track=track, episodes=episodes, seed=seed,
-                          time_step_duration=worker.time_step_duration, max_episode_steps=worker.max_episode_steps,
-                          env_options=worker.env_options, gif=gif)
+    try:
+        settings = EvalConfig(policy=policy, env=worker.env, track=track, episodes=episodes, seed=seed,
+                              time_step_duration=worker.time_step_duration, max_episode_steps=worker.max_episode_steps,
+                              env_options=worker.env_options, gif=gif)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+        typer.echo(f"tmrl-worker eval: invalid settings: {problems}", err=True)
+        raise typer.Exit(code=2) from exc
     torch.set_num_threads(1)  # one observation at a time: extra threads only add latency
     try:
         summary = evaluate(settings, on_episode=lambda result: typer.echo(episode_line(result), err=json_output))
-    except (EnvSpecError, PolicyFileError, TrackError) as exc:
+    except (EnvSpecError, PolicyFileError, TrackError, GifPathError) as exc:
         typer.echo(f"tmrl-worker eval: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     except EnvFailure as exc:  # the env gave up while running (e.g. the game did not restart)

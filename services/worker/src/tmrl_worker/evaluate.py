@@ -11,7 +11,11 @@ What it runs:
 
 Episode ``i`` is reset with seed ``seed + i``. The GIF shows the best episode (highest return): it is driven a second
 time with the same seed while frames are drawn, which reproduces it exactly on synchronous envs (the replayed return
-is checked against the first run).
+is checked against the first run). The GIF's path is checked before the env is built (a name ending in ``.gif``, its
+folder created, a file creatable there), so a bad path fails before the episodes, not after them.
+
+``max_episode_steps`` truncates ``sim`` and ``module:Class`` episodes; a ``gym:<id>`` env keeps its own time limit
+(``env_options = {max_episode_steps = N}`` is given to ``gymnasium.make`` and changes it).
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ from tmrl_worker.runtime import Policy, load_evaluated_policy
 GIF_MAX_FRAMES = 200
 """A GIF keeps at most this many frames (every k-th step of the episode)."""
 
+MAX_EPISODES = 10_000
+"""The most episodes one evaluation runs."""
+
+
+class GifPathError(ValueError):
+    """The GIF cannot be written where asked: a name not ending in ``.gif``, a folder that cannot be created or
+    written, or a write that failed after the episodes."""
+
 
 class EvalConfig(BaseModel):
     """What to evaluate and on which env (the ``[worker]`` table gives the env defaults, the command line the rest)."""
@@ -43,12 +55,15 @@ class EvalConfig(BaseModel):
     env: str = "sim"
     track: str | None = None
     """``sim`` only: the track (``oval``, ``hairpins``, ``circuit``, ``random:SEED``, ``random-open:SEED``)."""
-    episodes: int = Field(default=5, ge=1, le=10_000)
-    seed: int = 0
+    episodes: int = Field(default=5, ge=1, le=MAX_EPISODES)
+    seed: int = Field(default=0, ge=0)
+    """Episode ``i`` is reset with seed ``seed + i`` (gymnasium takes no negative seed)."""
     time_step_duration: float = Field(default=0.05, gt=0)
     max_episode_steps: int = Field(default=1000, ge=1)
+    """Truncates ``sim`` and ``module:Class`` episodes; a ``gym:<id>`` env keeps its own time limit."""
     env_options: dict[str, Any] = Field(default_factory=dict)
     gif: Path | None = None
+    """Where to write the GIF of the best episode; the name must end in ``.gif`` (see :func:`prepare_gif_path`)."""
 
 
 class EpisodeResult(BaseModel):
@@ -174,9 +189,30 @@ def render_frame(env: EnvHandle) -> np.ndarray:
     return np.asarray(frame, dtype=np.uint8)
 
 
+def prepare_gif_path(path: Path) -> Path:
+    """Check, before any episode runs, that the GIF can be written at ``path``: the name ends in ``.gif`` (the file is
+    GIF data whatever its name), its folder exists or is created (as ``tmrl-trainer export`` creates its outputs'), and
+    a file can be created there (created and removed again when it did not exist). Raises :class:`GifPathError`."""
+    path = Path(path)
+    if path.suffix.lower() != ".gif":
+        raise GifPathError(f"--gif {str(path)!r}: the file is written as a GIF, so its name must end in .gif")
+    if path.is_dir():
+        raise GifPathError(f"--gif {str(path)!r} is a directory; give a file name ending in .gif")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise GifPathError(f"--gif {str(path)!r}: cannot write the GIF there: {exc.strerror or exc}") from exc
+    if not existed:
+        path.unlink(missing_ok=True)
+    return path
+
+
 def record_gif(env: EnvHandle, policy: Policy, best: EpisodeResult, path: Path) -> Path:
     """Drive ``best`` again (same seed) while drawing frames; write every k-th frame (at most
-    :data:`GIF_MAX_FRAMES`) as a looping GIF at the env's pace."""
+    :data:`GIF_MAX_FRAMES`) as a looping GIF at the env's pace. A failed write is a :class:`GifPathError`."""
     from tmrl_worker.sim.render import write_gif
 
     frames: list[np.ndarray] = []
@@ -194,14 +230,21 @@ def record_gif(env: EnvHandle, policy: Policy, best: EpisodeResult, path: Path) 
                            f"in {steps} steps instead of {best.episode_return:.3f} in {best.steps}: "
                            f"env {env.spec!r} is not reproducible from its seed")
     fps = 1.0 / (env.step_seconds * every) if env.step_seconds else 20.0
-    return write_gif(frames, path, fps=fps)
+    try:
+        return write_gif(frames, path, fps=fps)
+    except OSError as exc:
+        raise GifPathError(f"--gif {str(path)!r}: writing the GIF failed after the episodes: "
+                           f"{exc.strerror or exc}") from exc
 
 
 def evaluate(config: EvalConfig, on_episode: Callable[[EpisodeResult], None] | None = None) -> EvalSummary:
     """Run ``config.episodes`` deterministic episodes of ``config.policy`` on ``config.env``.
 
-    Raises :class:`~tmrl_worker.envs.EnvSpecError` (env cannot be built or cannot render) and
-    :class:`~tmrl_worker.runtime.PolicyFileError` (unreadable policy, or one whose layout is not the env's)."""
+    Raises :class:`~tmrl_worker.envs.EnvSpecError` (env cannot be built or cannot render),
+    :class:`~tmrl_worker.runtime.PolicyFileError` (unreadable policy, or one whose layout is not the env's) and
+    :class:`GifPathError` (the GIF cannot be written: checked before the env is built, and at the end)."""
+    if config.gif is not None:
+        prepare_gif_path(config.gif)
     spec, options = evaluated_spec(config)
     env = make_env(spec, time_step_duration=config.time_step_duration, max_episode_steps=config.max_episode_steps,
                    options=options, render_mode="rgb_array" if config.gif is not None else None)
