@@ -299,7 +299,8 @@ class TelemetryClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stop.is_set():
                 raise PluginVersionError(f"no greeting from port {self.port} in {self.hello_timeout:.0f} s: is the "
-                                         f"TMRL plugin (protocol {PROTOCOL_VERSION}) the program listening there?")
+                                         f"TMRL plugin (protocol {PROTOCOL_VERSION}) the program listening there, and is the game "
+                                         "not frozen or loading?")
             sock.settimeout(min(remaining, 0.25))
             try:
                 chunk = sock.recv(HELLO_BYTES - len(data))
