@@ -33,6 +33,8 @@ def test_drive_reports_the_lap_and_unknown_tracks_exit_with_code_2():
     assert result.exit_code == 0 and "finished" in result.output and "0 crash" in result.output
     result = runner.invoke(sim_app, ["drive", "-t", "monza"])
     assert result.exit_code == 2 and "unknown track" in result.output
+    result = runner.invoke(sim_app, ["drive", "-t", "random:²"])
+    assert result.exit_code == 2 and "digits 0-9" in result.output
 
 
 def test_record_demo_saves_reward_points_the_env_can_follow(tmp_path):

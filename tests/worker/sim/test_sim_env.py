@@ -201,3 +201,34 @@ def test_a_partial_reward_table_keeps_the_simulators_other_reward_settings():
         assert (reward.step_penalty, reward.no_progress_steps, reward.grace_steps, reward.search_window) == (0.5, 40, 40, 60)
     finally:
         handle.env.close()
+
+
+@pytest.mark.parametrize(("observation", "history_part", "frame_shape"),
+                         [("lidar", 1, (19,)), ("lidar_progress", 2, (19,)), ("image", 1, (64, 64))])
+def test_a_history_of_one_has_the_frame_shape_of_the_layout(observation, history_part, frame_shape):
+    env = RaceTrackEnv(observation=observation, img_hist_len=1)
+    assert env.layout.observation_shapes()[history_part] == frame_shape
+    assert env.observation_space.spaces[history_part].shape == frame_shape
+    obs, _ = env.reset(seed=0)
+    assert [part.shape for part in obs] == env.layout.observation_shapes()
+    assert env.observation_space.contains(obs)
+    obs, *_ = env.step(env.action_space.sample())
+    assert env.observation_space.contains(obs)
+    assert newest_frames(env.layout, obs)[env.layout.components[history_part].name].shape == frame_shape
+
+
+def test_a_history_of_one_shows_the_newest_scan_and_keeps_earlier_observations_unchanged():
+    env = RaceTrackEnv(track="circuit", start_jitter=0.0, img_hist_len=1)
+    history_four = RaceTrackEnv(track="circuit", start_jitter=0.0)
+    driver = PurePursuitDriver(env.track, env.config.car)
+    obs, _ = env.reset(seed=0)
+    history_four.reset(seed=0)
+    earlier = []
+    for _ in range(60):  # into the first bend
+        action = driver.act(env.car.pose())
+        obs, *_ = env.step(action)
+        reference, *_ = history_four.step(action)
+        earlier.append((obs[1], obs[1].copy()))
+        np.testing.assert_array_equal(obs[1], reference[1][-1])  # the newest of the four-scan history
+    assert all(np.array_equal(kept, copy) for kept, copy in earlier)
+    assert not np.array_equal(earlier[0][1], earlier[-1][1])

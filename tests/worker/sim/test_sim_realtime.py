@@ -84,3 +84,18 @@ def test_malformed_controls_are_counted_and_replaced_by_the_default_action():
     assert (interface.car.gas, interface.car.brake, interface.car.steer) == (0.0, 0.0, 0.0)
     interface.send_control(None)  # rtgym's "do nothing"
     assert interface.controls_sent == 3
+
+
+@pytest.mark.parametrize("observation", ["lidar", "lidar_progress", "image"])
+def test_a_history_of_one_gives_the_interface_observations_the_layout_shapes(observation):
+    interface = RaceTrackInterface({"observation": observation, "img_hist_len": 1, "track": "oval"})
+    try:
+        space = interface.get_observation_space()
+        layout_shapes = interface.layout.observation_shapes()[:len(space.spaces)]  # the action buffer is rtgym's
+        assert [s.shape for s in space.spaces] == layout_shapes
+        parts, _ = interface.reset(seed=0)
+        assert [p.shape for p in parts] == layout_shapes and space.contains(tuple(parts))
+        parts, *_ = interface.get_obs_rew_terminated_info()
+        assert [p.shape for p in parts] == layout_shapes and space.contains(tuple(parts))
+    finally:
+        interface.close()

@@ -66,6 +66,17 @@ def test_load_track_names_random_tracks_and_rejects_unknown_names():
         load_track("random:abc")
 
 
+@pytest.mark.parametrize("name", ["random:²", "random:١٢", "random-open:１２", "random:+5", "random: 5", "random:"])
+def test_load_track_accepts_only_ascii_digit_seeds(name):
+    with pytest.raises(TrackError, match="digits 0-9"):
+        load_track(name)
+
+
+def test_a_seed_too_long_for_python_to_read_is_a_track_error():
+    with pytest.raises(TrackError, match="too many to read"):
+        load_track("random:" + "7" * 5000)
+
+
 def test_designs_whose_walls_would_overlap_are_refused():
     spiral = TrackDesign("tight", (Straight(20), Arc(8, 180), Straight(20)), width=20.0, closed=False)
     with pytest.raises(TrackError):
@@ -97,3 +108,23 @@ def test_locate_follows_the_car_from_a_hint():
         segment, along, lateral = track.locate(float(start[0]), float(start[1]), max(index - 2, 0))
         assert segment == index
         assert along == pytest.approx(0.5) and lateral == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("name", ["monza", "random:²", "random:١٢", "HAIRPINS"])
+def test_sim_config_refuses_a_track_it_could_not_load_when_read(name):
+    from pydantic import ValidationError
+    from tmrl_worker.sim import RaceTrackInterface, SimConfig
+
+    with pytest.raises(ValidationError, match="track"):
+        SimConfig(track=name)
+    with pytest.raises(ValidationError, match="track"):  # the real-time env builds its track in the interface
+        RaceTrackInterface({"track": name})
+
+
+def test_the_fast_env_drives_a_custom_track_object_and_records_its_name():
+    from tmrl_worker.sim import RaceTrackEnv
+
+    design = TrackDesign("my_straight", (Straight(60),), width=10, closed=False)
+    env = RaceTrackEnv(track=build_track(design), max_episode_steps=5)
+    env.reset(seed=0)
+    assert env.track.name == "my_straight" and env.config.track == "my_straight"

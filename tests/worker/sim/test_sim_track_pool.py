@@ -108,3 +108,31 @@ def test_the_workers_expert_follows_the_track_of_each_episode_to_the_finish():
             done = terminated or truncated
         assert info["finished"], f"the expert did not finish {tracks[-1]}"
     assert tracks[0] != tracks[1]
+
+
+def test_a_range_above_64_bits_is_refused_when_the_config_is_read_naming_the_largest_high():
+    for spec in ("random:1000-99999999999999999999999", "random-open:99999999999999999999999-99999999999999999999999"
+                 "9", f"random:1000-{2**63 + 1}"):
+        with pytest.raises(TrackError, match=f"at most {2**63}"):
+            parse_episode_tracks(spec)
+        with pytest.raises(ValidationError, match=f"at most {2**63}"):
+            SimConfig(episode_tracks=spec)
+
+
+def test_a_range_up_to_two_to_the_63_draws_the_largest_64_bit_seed():
+    env = RaceTrackEnv(episode_tracks=f"random:{2**63 - 1}-{2**63}", max_episode_steps=5)
+    env.reset(seed=0)
+    assert env.track.name == f"random:{2**63 - 1}"
+
+
+def test_a_single_seed_larger_than_64_bits_is_still_a_track():
+    seed = "9" * 30
+    env = RaceTrackEnv(episode_tracks=f"random:{seed}", max_episode_steps=5)
+    env.reset(seed=0)
+    assert env.track.name == f"random:{seed}" and env.track.closed
+
+
+@pytest.mark.parametrize("spec", ["random:١٢", "random:٢٠-٣٠", "random:²", "random-open:１２"])
+def test_seeds_in_other_than_ascii_digits_are_refused(spec):
+    with pytest.raises(TrackError, match="digits 0-9"):
+        parse_episode_tracks(spec)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tmrl_worker.reward import TrajectoryRewardConfig
+from tmrl_worker.sim.track import check_track_name
 
 ObservationKind = Literal["lidar", "lidar_progress", "image"]
 
@@ -51,7 +52,9 @@ class SimConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     track: str = "hairpins"
-    """A built-in track (``oval``, ``hairpins``, ``circuit``), ``random:SEED`` or ``random-open:SEED``."""
+    """A built-in track (``oval``, ``hairpins``, ``circuit``), ``random:SEED`` or ``random-open:SEED`` (SEED in the
+    digits 0-9); another name is refused when the config is read. (:class:`~tmrl_worker.sim.env.RaceTrackEnv` given a
+    :class:`~tmrl_worker.sim.track.Track` object records that track's own name here.)"""
     episode_tracks: str | None = None
     """A new track at every reset, drawn with the env's seeded generator from a comma list of tracks and seed ranges
     (``random:1000-100000``: a procedural track with a seed from 1000 to 99999; ``hairpins,circuit``), see
@@ -87,6 +90,11 @@ class SimConfig(BaseModel):
         if isinstance(value, dict):
             return {**SIM_REWARD.model_dump(), **value}
         return value
+
+    @field_validator("track")
+    @classmethod
+    def _track_name_known(cls, value: str) -> str:
+        return check_track_name(value)  # a TrackError is a ValueError: pydantic reports it with the field's name
 
     @field_validator("episode_tracks")
     @classmethod

@@ -23,7 +23,7 @@ import numpy as np
 from tmrl_worker.sim.car import Car
 from tmrl_worker.sim.config import SimConfig
 from tmrl_worker.sim.episode import RaceEpisode, action_space, default_action
-from tmrl_worker.sim.track import Track, load_track
+from tmrl_worker.sim.track import Track, check_track_name, load_track
 from tmrl_worker.sim.track_pool import TrackPool
 
 
@@ -54,10 +54,12 @@ class RaceTrackEnv(gym.Env):
     def __init__(self, config: SimConfig | dict[str, Any] | None = None, render_mode: str | None = None,
                  delayed_actions: bool = True, track: Track | str | None = None, variant: str | None = None,
                  **overrides: Any) -> None:
-        if track is not None:
-            overrides["track"] = track if isinstance(track, str) else track.name
+        if isinstance(track, str):
+            overrides["track"] = check_track_name(track)  # TrackError itself, not pydantic's wrapping of it
         # ``variant`` is the observation a gymnasium id stands for; an explicit ``observation`` still wins
         self.config = sim_config(config, defaults={"observation": variant} if variant else None, **overrides)
+        if isinstance(track, Track):  # a custom track's name is no loadable track name: recorded, not validated
+            self.config = self.config.model_copy(update={"track": track.name})
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode {render_mode!r} is not supported; use 'rgb_array' or None")
         self.render_mode = render_mode

@@ -8,6 +8,9 @@ or :class:`~tmrl_worker.sim.env.RaceTrackEnv` append) and into the trajectory re
   layout :func:`~tmrl_common.layout.tm20_lidar_progress_layout`;
 * ``image``: ``(speed (1,), image (img_hist_len, size, size) uint8)``, layout :func:`~tmrl_common.layout.tm20_image_layout`.
 
+With ``img_hist_len = 1`` there is no history axis: the LIDAR is ``(beams,)`` and the image ``(size, size)``, as a
+layout component with history 1 has its frame shape (:attr:`~tmrl_common.layout.ObservationComponent.observation_shape`).
+
 Speed is in km/h (|m/s| × 3.6) like TrackMania's speedometer; LIDAR distances are metres (see :mod:`.lidar`);
 progress is the fraction of the lap covered. Histories are oldest first; at the start of an episode they hold the
 first frame repeated.
@@ -74,20 +77,25 @@ class RaceEpisode:
         self.lidar = Lidar(track, config.lidar_beams, config.lidar_range) if config.observation != "image" else None
         self.camera = (TopDownCamera(track, config.image_size, config.image_metres_per_pixel)
                        if config.observation == "image" else None)
-        self._history: np.ndarray | None = None
+        self._history: np.ndarray | None = None  # always (img_hist_len, *frame_shape), oldest first
 
     def observation_space(self) -> spaces.Tuple:
         """The observation tuple without the action buffer (what an rtgym interface returns)."""
         c = self.config
         speed = spaces.Box(low=0.0, high=MAX_SPEED_KMH, shape=(1,), dtype=np.float32)
         if c.observation == "image":
-            image = spaces.Box(low=0, high=255, shape=(c.img_hist_len, c.image_size, c.image_size), dtype=np.uint8)
+            image = spaces.Box(low=0, high=255, shape=self._history_shape((c.image_size, c.image_size)), dtype=np.uint8)
             return spaces.Tuple((speed, image))
-        lidar = spaces.Box(low=0.0, high=c.lidar_range, shape=(c.img_hist_len, c.lidar_beams), dtype=np.float32)
+        lidar = spaces.Box(low=0.0, high=c.lidar_range, shape=self._history_shape((c.lidar_beams,)), dtype=np.float32)
         if c.observation == "lidar_progress":
             progress = spaces.Box(low=0.0, high=1.0, shape=(1,), dtype=np.float32)
             return spaces.Tuple((speed, progress, lidar))
         return spaces.Tuple((speed, lidar))
+
+    def _history_shape(self, frame_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``(img_hist_len, *frame_shape)``, or ``frame_shape`` alone for a history of 1 (the layout's convention)."""
+        hist_len = self.config.img_hist_len
+        return frame_shape if hist_len == 1 else (hist_len, *frame_shape)
 
     def start_pose(self, rng: np.random.Generator) -> tuple[float, float, float]:
         """Start position and heading: the start line, shifted sideways by up to ``start_jitter`` metres."""
@@ -106,7 +114,7 @@ class RaceEpisode:
 
     def _parts(self, pose: CarPose) -> list[np.ndarray]:
         speed = np.array([min(abs(pose.speed) * KMH_PER_MS, MAX_SPEED_KMH)], dtype=np.float32)
-        history = self._history.copy()
+        history = self._history.copy() if self.config.img_hist_len > 1 else self._history[0].copy()
         if self.config.observation == "lidar_progress":
             return [speed, np.array([self.reward.progress], dtype=np.float32), history]
         return [speed, history]

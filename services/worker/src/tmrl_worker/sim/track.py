@@ -391,14 +391,35 @@ def _random_open(rng: np.random.Generator, name: str, width: float) -> Track:
     return Track(name, resample_path(dense, CENTRE_LINE_SPACING).astype(np.float64), width, closed=False)
 
 
+def parse_seed(name: str, prefix: str) -> int:
+    """The seed of ``name`` = ``prefix`` + ASCII digits (``random:`` + ``1234``); :class:`TrackError` for anything
+    else (no digits, a sign, spaces, non-ASCII digits such as ``²`` or ``١٢``, more digits than Python converts)."""
+    text = name[len(prefix):]
+    if not (text.isascii() and text.isdigit()):
+        raise TrackError(f"track {name!r}: the seed after {prefix!r} must be a non-negative integer written in "
+                         "the digits 0-9")
+    try:
+        return int(text)
+    except ValueError as exc:  # beyond sys.get_int_max_str_digits()
+        raise TrackError(f"track {name!r}: the seed has {len(text)} digits, too many to read") from exc
+
+
+def check_track_name(name: str) -> str:
+    """``name`` when :func:`load_track` accepts it (a built-in track, ``random:SEED``, ``random-open:SEED``), without
+    building the track; :class:`TrackError` otherwise."""
+    if name in BUILTIN_DESIGNS:
+        return name
+    for prefix in ("random:", "random-open:"):
+        if name.startswith(prefix):
+            parse_seed(name, prefix)
+            return name
+    raise TrackError(f"unknown track {name!r}; use one of {', '.join(BUILTIN_TRACKS)}, random:SEED or random-open:SEED")
+
+
 def load_track(name: str) -> Track:
     """A built-in track by name, or ``random:SEED`` / ``random-open:SEED`` for a generated one."""
+    check_track_name(name)
     if name in BUILTIN_DESIGNS:
         return build_track(BUILTIN_DESIGNS[name])
-    for prefix, closed in (("random:", True), ("random-open:", False)):
-        if name.startswith(prefix):
-            text = name[len(prefix):]
-            if not text.isdigit():
-                raise TrackError(f"track {name!r}: the seed after {prefix!r} must be a non-negative integer")
-            return generate_track(int(text), closed=closed)
-    raise TrackError(f"unknown track {name!r}; use one of {', '.join(BUILTIN_TRACKS)}, random:SEED or random-open:SEED")
+    closed = name.startswith("random:")
+    return generate_track(parse_seed(name, "random:" if closed else "random-open:"), closed=closed)

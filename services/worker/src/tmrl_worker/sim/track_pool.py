@@ -4,7 +4,10 @@ The spec is a comma list of items, each drawn with equal probability:
 
 * a track name (``hairpins``, ``random:1234``, ``random-open:7``): that track;
 * ``random:LOW-HIGH`` (or ``random-open:LOW-HIGH``): a procedural track whose seed is drawn uniformly from
-  ``LOW`` to ``HIGH - 1``.
+  ``LOW`` to ``HIGH - 1``; ``HIGH`` is at most :data:`MAX_RANGE_HIGH` (2**63: the draw is a 64-bit integer), while a
+  single ``random:SEED`` may be any size.
+
+Seeds are written in the ASCII digits 0-9.
 
 So ``random:1000-100000`` gives a policy 99,000 different closed tracks to learn from, and ``hairpins,circuit`` two
 built-in ones. The draw uses the env's seeded generator, so a reset seed gives the same track every time.
@@ -21,11 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tmrl_worker.sim.track import BUILTIN_TRACKS, HELD_OUT_TRACK_SEEDS, Track, TrackError, load_track
+from tmrl_worker.sim.track import BUILTIN_TRACKS, HELD_OUT_TRACK_SEEDS, Track, TrackError, check_track_name, load_track
 
-_RANGE = re.compile(r"^(random|random-open):(\d+)-(\d+)$")
-_SEED = re.compile(r"^random:(\d+)$")
-_NAMED_SEED = re.compile(r"^(random|random-open):\d+$")
+_RANGE = re.compile(r"^(random|random-open):([0-9]+)-([0-9]+)$")
+_SEED = re.compile(r"^random:([0-9]+)$")
+
+MAX_RANGE_HIGH = 2**63
+"""Largest ``HIGH`` of a seed range ``random:LOW-HIGH`` (exclusive): seeds are drawn as 64-bit integers."""
 
 TRACK_CACHE_SIZE = 32
 """Built tracks kept in memory (a procedural one takes tens of milliseconds to generate)."""
@@ -45,7 +50,7 @@ class SeedRange:
 
 def parse_episode_tracks(spec: str) -> tuple[str | SeedRange, ...]:
     """The items of an ``episode_tracks`` spec; :class:`TrackError` for an empty spec, an unknown track, an empty
-    seed range, or one that includes a held-out seed (``random:0`` to ``random:19``)."""
+    seed range, one above :data:`MAX_RANGE_HIGH`, or one that includes a held-out seed (``random:0`` to ``random:19``)."""
     held_out = HELD_OUT_TRACK_SEEDS
     items: list[str | SeedRange] = []
     for text in (part.strip() for part in spec.split(",")):
@@ -53,7 +58,7 @@ def parse_episode_tracks(spec: str) -> tuple[str | SeedRange, ...]:
             raise TrackError(f"episode_tracks {spec!r} has an empty item; write tracks separated by commas")
         match = _RANGE.match(text)
         if match:
-            prefix, low, high = match.group(1), int(match.group(2)), int(match.group(3))
+            prefix, low, high = match.group(1), _range_bound(match.group(2), text), _range_bound(match.group(3), text)
             if high <= low:
                 raise TrackError(f"episode_tracks item {text!r}: the range {low}-{high} is empty (HIGH is excluded)")
             if prefix == "random" and low < held_out.stop and high > held_out.start:
@@ -61,15 +66,27 @@ def parse_episode_tracks(spec: str) -> tuple[str | SeedRange, ...]:
                                  f"{held_out.start}..{held_out.stop - 1}; start the range at {held_out.stop} or above")
             items.append(SeedRange(prefix, low, high))
             continue
+        try:  # refused when the config is read
+            check_track_name(text)
+        except TrackError:
+            raise TrackError(f"episode_tracks item {text!r} is not a track: use {', '.join(BUILTIN_TRACKS)}, "
+                             "random:SEED, random-open:SEED (SEED in the digits 0-9) or a range random:LOW-HIGH "
+                             f"(HIGH at most {MAX_RANGE_HIGH})") from None
         seed = _SEED.match(text)
         if seed and int(seed.group(1)) in held_out:
             raise TrackError(f"episode_tracks item {text!r} is a held-out evaluation track (random:"
                              f"{held_out.start}..{held_out.stop - 1}); train on other seeds")
-        if text not in BUILTIN_TRACKS and not _NAMED_SEED.match(text):  # refused when the config is read
-            raise TrackError(f"episode_tracks item {text!r} is not a track: use {', '.join(BUILTIN_TRACKS)}, "
-                             "random:SEED, random-open:SEED or a range random:LOW-HIGH")
         items.append(text)
     return tuple(items)
+
+
+def _range_bound(digits: str, item: str) -> int:
+    """``LOW`` or ``HIGH`` of the range ``item``; :class:`TrackError` beyond :data:`MAX_RANGE_HIGH`."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(MAX_RANGE_HIGH)) or int(significant) > MAX_RANGE_HIGH:
+        raise TrackError(f"episode_tracks item {item!r}: range bounds must be at most {MAX_RANGE_HIGH} (2**63, seeds "
+                         f"are drawn as 64-bit integers); for a larger seed name the track alone, random:SEED")
+    return int(significant)
 
 
 class TrackPool:

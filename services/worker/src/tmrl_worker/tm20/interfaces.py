@@ -10,6 +10,9 @@ actions itself):
 * :class:`TM20FullInterface` — ``(speed (1,), gear (1,), rpm (1,), image (img_hist_len, 64, 64) uint8)``:
   grayscale screenshots plus the engine state from telemetry, as upstream tmrl's full env (``tm20_full_layout``)
 
+With ``img_hist_len = 1`` the LIDAR or image has no history axis (``(beams,)``, ``(64, 64)``), as the layout's
+component with history 1 has its frame shape.
+
 Actions are ``[gas, brake, steer]`` in [-1, 1] (see :mod:`tmrl_worker.tm20.control`). The reward is
 :class:`tmrl_worker.reward.TrajectoryReward` on the car position from telemetry; an episode also terminates when the
 game reports the finish line (the finish bonus is paid once, even if the recorded path ends a little before or after).
@@ -262,7 +265,9 @@ class TM20Interface(RealTimeGymInterface):
 
     def _observation(self) -> list[np.ndarray]:
         speed = np.array([np.clip(self.last_telemetry.speed, -SPEED_LIMIT, SPEED_LIMIT)], dtype=np.float32)
-        return [speed, np.stack(self.history)]
+        # a history of 1 has no history axis: the layout's (and the observation space's) shape is the frame's
+        frames = np.stack(self.history) if self.img_hist_len > 1 else self.history[-1].copy()
+        return [speed, frames]
 
     # rtgym contract --------------------------------------------------------------------------------------------
     def get_observation_space(self) -> spaces.Tuple:
