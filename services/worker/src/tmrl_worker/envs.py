@@ -394,6 +394,17 @@ def _make_gym(spec: str, gym_id: str, max_episode_steps: int | None, options: di
                      wrap_observation=wrap, step_seconds=_gym_step_seconds(env))
 
 
+def _one_line(exc: Exception) -> str:
+    """``exc``'s message on one line: a pydantic ValidationError's errors as ``field: message; ...``."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors())
+        except (TypeError, KeyError):
+            pass
+    return " ".join(str(exc).split())
+
+
 def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, options: dict,
               render_mode: str | None = None) -> EnvHandle:
     """The simulator; ``options`` are :class:`~tmrl_worker.sim.SimConfig` fields (``track``, ``physics_hz``...).
@@ -405,7 +416,7 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
         try:
             env = gymnasium.make(SIM_GYM_ID, config=settings, render_mode=render_mode, disable_env_checker=True)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {exc}") from exc
+            raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {_one_line(exc)}") from exc
         sim = env.unwrapped
         pose, car = (lambda: sim.car.pose()), sim.config.car
         current_track = lambda: sim.track  # noqa: E731  (episode_tracks: a new track per episode)
@@ -417,7 +428,7 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
         try:
             config = realtime_config(None, time_step_duration=step, **settings)
         except ValueError as exc:
-            raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {exc}") from exc
+            raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {_one_line(exc)}") from exc
         env = _rtgym_env(spec, config)
         interface = env.unwrapped.interface
         pose, car = interface.loop.pose, interface.config.car
