@@ -170,7 +170,7 @@ class EnvHandle:
         task (the game's plugin or window went away) also sets ``info[TRUNCATED_REASON]``, and the step is then
         reported as truncated, so the trainer bootstraps through it instead of learning a false terminal state."""
         observation, reward, terminated, truncated, info = self.env.step(self.to_env_action(action))
-        failure = getattr(getattr(self.env.unwrapped, "interface", None), "failure", None)
+        failure = getattr(getattr(self.env.unwrapped, "interface", None), "rtgym_thread_failure", None)
         if failure is not None:  # the interface failed on rtgym's thread (_guarded_interface): it cannot go on
             raise EnvFailure(f"env {self.spec!r}: {failure}")
         if terminated and isinstance(info, dict) and info.get(TRUNCATED_REASON):
@@ -269,42 +269,42 @@ def rtgym_config(interface: type, time_step_duration: float = 0.05, max_episode_
 def _guarded_interface(interface: type) -> type:
     """``interface`` with what rtgym calls on its own thread guarded: an exception there would end that thread and
     leave the worker waiting for an observation for ever. Instead the first failure is logged with its traceback
-    and kept (:attr:`failure`), the step ends the episode, and :meth:`EnvHandle.step` raises :class:`EnvFailure`."""
+    and kept (``rtgym_thread_failure``), the step ends the episode, and :meth:`EnvHandle.step` raises :class:`EnvFailure`."""
     if getattr(interface, "guards_rtgym_thread", False):
         return interface
 
     class Guarded(interface):  # type: ignore[misc, valid-type]
         guards_rtgym_thread = True
-        failure: str | None = None
-        """``"Class.method raised Error: message"`` once a guarded method failed."""
-        _last_observation: Any = None
+        rtgym_thread_failure: str | None = None
+        """``"Class.method raised Error: message"`` once a guarded method failed (a name no interface uses)."""
+        _guard_last_observation: Any = None
 
         def _failed(self, method: str, exc: Exception) -> None:
             log.error("%s.%s raised on rtgym's thread", interface.__name__, method, exc_info=exc)
-            if self.failure is None:
-                self.failure = f"{interface.__name__}.{method} raised {type(exc).__name__}: {exc}"
+            if self.rtgym_thread_failure is None:
+                self.rtgym_thread_failure = f"{interface.__name__}.{method} raised {type(exc).__name__}: {exc}"
 
         def reset(self, *args: Any, **kwargs: Any) -> Any:
             observation, info = super().reset(*args, **kwargs)
-            self._last_observation = observation
+            self._guard_last_observation = observation
             return observation, info
 
         def send_control(self, control: Any) -> None:
-            if self.failure is None:
+            if self.rtgym_thread_failure is None:
                 try:
                     super().send_control(control)
                 except Exception as exc:  # noqa: BLE001 - any error of the interface, reported by EnvHandle.step
                     self._failed("send_control", exc)
 
         def get_obs_rew_terminated_info(self) -> Any:
-            if self.failure is None:
+            if self.rtgym_thread_failure is None:
                 try:
                     result = super().get_obs_rew_terminated_info()
-                    self._last_observation = result[0]
+                    self._guard_last_observation = result[0]
                     return result
                 except Exception as exc:  # noqa: BLE001 - any error of the interface, reported by EnvHandle.step
                     self._failed("get_obs_rew_terminated_info", exc)
-            return self._last_observation, 0.0, True, {}
+            return self._guard_last_observation, 0.0, True, {}
 
     Guarded.__name__, Guarded.__qualname__, Guarded.__module__ = interface.__name__, interface.__qualname__, interface.__module__
     return Guarded
