@@ -94,6 +94,20 @@ def make_batch(seq: int, steps: int = 4, pad_bytes: int = 0, seed: int = 0) -> S
     return builder.build(seq=seq, weights_version=0)
 
 
+def batch_body_with(**fields) -> bytes:
+    """The msgpack body of :func:`make_batch` ``(5)`` from ``worker-1`` with some fields replaced (``None``: left
+    out; ``seq`` too), for bodies the relay must judge."""
+    import msgpack
+
+    body = msgpack.unpackb(encode(make_batch(5), "worker-1")[1])
+    for name, value in fields.items():
+        if value is None:
+            del body[name]
+        else:
+            body[name] = value
+    return msgpack.packb(body, use_bin_type=True)
+
+
 def make_weights(version: int, nbytes: int = 4096) -> WeightsUpdate:
     tensors = {"w": np.random.default_rng(version).normal(size=(max(1, nbytes // 4),)).astype(np.float32)}
     return WeightsUpdate.build(version=version, architecture={"kind": "test"}, tensors=tensors_to_bytes(tensors))

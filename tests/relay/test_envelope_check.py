@@ -10,7 +10,7 @@ from tmrl_common.errors import ProtocolError
 from tmrl_common.protocol import DEFAULT_LIMITS, batch_seq_of, decode, decode_envelope, encode, encode_envelope
 from tmrl_relay.envelope import check_envelope, read_batch_head, read_batch_seq
 
-from .relay_harness import make_batch
+from .relay_harness import batch_body_with, make_batch
 
 
 def _outcome(function, frame):
@@ -77,17 +77,6 @@ def test_batch_head_when_fields_come_after_the_arrays():
     assert (head.seq, head.steps) == (9, 300)
 
 
-def _body_with(**fields) -> bytes:
-    """A canonical sample_batch body (seq 5) with some fields replaced (``None``: left out)."""
-    body = msgpack.unpackb(encode(make_batch(5), "worker-1")[1])
-    for name, value in fields.items():
-        if value is None:
-            del body[name]
-        else:
-            body[name] = value
-    return msgpack.packb(body, use_bin_type=True)
-
-
 @pytest.mark.parametrize("body", [
     b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb("seq"), msgpack.packb({"seq": 1, "first": {"shape": [1]}})[:-2],
     msgpack.packb({"seq": 1, "first": {"shape": [1]}})[:1],
@@ -109,7 +98,7 @@ def test_the_malformed_message_says_what_the_body_is_instead_of_a_map():
 def test_a_missing_or_invalid_seq_is_a_schema_error(seq):
     """docs/protocol.md §2, §9: a field missing, of the wrong type or out of range is ``schema``."""
     with pytest.raises(ProtocolError) as info:
-        read_batch_head(_body_with(seq=seq))
+        read_batch_head(batch_body_with(seq=seq))
     assert info.value.reason == "schema"
     assert "seq" in str(info.value)
 
@@ -127,7 +116,7 @@ def test_a_missing_or_invalid_seq_is_a_schema_error(seq):
 def test_a_batch_with_a_wrong_first_is_read_with_its_seq_and_zero_steps(first):
     """The trainer judges every field but seq: the relay forwards the batch, and the trainer refuses it with
     ``schema`` in an answer naming its seq (what tmrl_common.protocol.decode and batch_seq_of give it)."""
-    body = _body_with(seq=77, first=first)
+    body = batch_body_with(seq=77, first=first)
     assert read_batch_head(body) == (77, 0)
     with pytest.raises(ProtocolError) as info:
         decode([encode_envelope("sample_batch", "worker-1"), body])
@@ -136,8 +125,8 @@ def test_a_batch_with_a_wrong_first_is_read_with_its_seq_and_zero_steps(first):
 
 
 def test_a_batch_head_counts_up_to_max_steps_rows():
-    assert read_batch_head(_body_with(seq=3), max_steps=4) == (3, 4)
-    assert read_batch_head(_body_with(seq=3), max_steps=3) == (3, 0)
+    assert read_batch_head(batch_body_with(seq=3), max_steps=4) == (3, 4)
+    assert read_batch_head(batch_body_with(seq=3), max_steps=3) == (3, 0)
 
 
 @pytest.mark.parametrize("body", [

@@ -7,7 +7,15 @@ import pytest
 from tmrl_common.errors import ProtocolError
 from tmrl_common.protocol import Hello, batch_seq_of, decode, encode, encode_envelope
 
-from .relay_harness import connected_trainer, connected_worker, insecure_config, make_batch, relay_in_thread, wait_until
+from .relay_harness import (
+    batch_body_with,
+    connected_trainer,
+    connected_worker,
+    insecure_config,
+    make_batch,
+    relay_in_thread,
+    wait_until,
+)
 
 
 def _envelope(**fields) -> bytes:
@@ -63,17 +71,6 @@ def test_hostile_worker_message_is_rejected_counted_and_answered(context, case):
         wait_until(lambda: relay.metrics.registry.get_sample_value("tmrl_relay_batches_forwarded_total") == 1)
 
 
-def _body_with(**fields) -> bytes:
-    """A canonical sample_batch body (seq 5) with some fields replaced (``None``: left out)."""
-    body = msgpack.unpackb(_batch_body(5))
-    for name, value in fields.items():
-        if value is None:
-            del body[name]
-        else:
-            body[name] = value
-    return msgpack.packb(body, use_bin_type=True)
-
-
 BROKEN_AFTER_SEQ = {  # the relay cannot read these bodies' heads, but they name their batch: the error does too
     "not_msgpack_after_seq": b"\x83\xa3seq\x0b\xafweights_version\xc1\xc1\xc1",
     "ext_type_key_after_seq": b"\x83\xa3seq\x0b" + msgpack.packb(msgpack.ExtType(1, b"x")) + b"\x01",
@@ -100,7 +97,7 @@ def test_a_batch_without_a_valid_seq_is_answered_schema_with_no_seq(context, seq
     with relay_in_thread(insecure_config()) as relay:
         trainer = connected_trainer(context, relay)
         worker = connected_worker(context, relay, "worker-1")
-        worker.send_frames([encode_envelope("sample_batch", "worker-1"), _body_with(seq=seq)])
+        worker.send_frames([encode_envelope("sample_batch", "worker-1"), batch_body_with(seq=seq)])
         error = worker.recv_type("error")[1]
         assert (error.reason, error.ref_type, error.ref_seq) == ("schema", "sample_batch", None), error.message
         assert relay.metrics.reject_count("schema", "workers") == 1
@@ -120,7 +117,7 @@ WRONG_FIRST = {
 def test_a_batch_with_a_valid_seq_and_a_wrong_first_goes_to_the_trainer_which_refuses_it_by_seq(context, case):
     """The relay judges only seq; the trainer refuses the batch (``schema``) in a sample_ack naming seq 5, which the
     worker takes as final. The relay sends no error: one that is not final would have the worker resend forever."""
-    frames = [encode_envelope("sample_batch", "worker-1"), _body_with(first=WRONG_FIRST[case])]
+    frames = [encode_envelope("sample_batch", "worker-1"), batch_body_with(first=WRONG_FIRST[case])]
     with relay_in_thread(insecure_config()) as relay:
         trainer = connected_trainer(context, relay)
         worker = connected_worker(context, relay, "worker-1")

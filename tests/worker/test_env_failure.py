@@ -3,8 +3,6 @@ the worker still delivers what it sent, then stops with the env's message."""
 
 from __future__ import annotations
 
-import sys
-import textwrap
 import threading
 
 import pytest
@@ -12,14 +10,11 @@ from relay.relay_harness import connected_trainer, insecure_config, relay_in_thr
 from tmrl_common.protocol import SampleAck
 from tmrl_common.sockets import SecurityConfig, TransportConfig
 
-GIVES_UP = textwrap.dedent('''
-    import numpy as np
-    from gymnasium import spaces
-    from rtgym import RealTimeGymInterface
+GIVES_UP = '''
     from tmrl_worker.envs import EnvFailure
 
 
-    class GivesUpAfterOneEpisode(RealTimeGymInterface):
+    class GivesUpAfterOneEpisode(OneActionInterface):
         """Three steps, then a reset that gives up, as a game whose race does not restart."""
 
         def __init__(self):
@@ -28,15 +23,6 @@ GIVES_UP = textwrap.dedent('''
 
         def get_observation_space(self):
             return spaces.Tuple((spaces.Box(-10.0, 10.0, (1,), np.float32),))
-
-        def get_action_space(self):
-            return spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-        def get_default_action(self):
-            return np.zeros(1, dtype=np.float32)
-
-        def send_control(self, control):
-            pass
 
         def reset(self, seed=None, options=None):
             self.resets += 1
@@ -48,19 +34,11 @@ GIVES_UP = textwrap.dedent('''
         def get_obs_rew_terminated_info(self):
             self.steps += 1
             return [np.full(1, self.steps, dtype=np.float32)], 1.0, self.steps >= 3, {}
-''')
-
-
-@pytest.fixture
-def giving_up_module(tmp_path, monkeypatch):
-    (tmp_path / "gives_up_robot.py").write_text(GIVES_UP)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "gives_up_robot"
-    sys.modules.pop("gives_up_robot", None)
+'''
 
 
 def test_an_env_that_gives_up_stops_the_worker_only_after_the_relay_acknowledged_what_it_sent(
-        context, tmp_path, giving_up_module):
+        context, tmp_path, plug_interface):
     from tmrl_worker.config import WorkerConfig
     from tmrl_worker.envs import EnvFailure
     from tmrl_worker.runtime import run_worker
@@ -77,7 +55,7 @@ def test_an_env_that_gives_up_stops_the_worker_only_after_the_relay_acknowledged
 
         answering = threading.Thread(target=acknowledge_late, daemon=True)
         answering.start()
-        config = WorkerConfig(worker_id="w-gives-up", env=f"{giving_up_module}:GivesUpAfterOneEpisode",
+        config = WorkerConfig(worker_id="w-gives-up", env=f"{plug_interface('gives_up_robot', GIVES_UP)}:GivesUpAfterOneEpisode",
                               worker_port=relay.ports.worker_port, weights_port=relay.ports.weights_port,
                               state_dir=tmp_path, durable_spool=True, flush_timeout_s=10.0,
                               transport=TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200, linger_ms=0),

@@ -217,25 +217,14 @@ def test_layout_command_prints_json_the_trainer_accepts_as_layout_file(plugged_m
     assert bad.exit_code == 2 and "unknown env" in bad.output
 
 
-FAILING_INTERFACES = textwrap.dedent('''
-    import numpy as np
-    from gymnasium import spaces
-    from rtgym import RealTimeGymInterface
-
-
-    class Sensor(RealTimeGymInterface):
+FAILING_INTERFACES = '''
+    class Sensor(OneActionInterface):
         def __init__(self, fail_in=""):
             self.fail_in = fail_in
             self.steps = 0
 
         def get_observation_space(self):
             return spaces.Tuple((spaces.Box(-10.0, 10.0, (1,), np.float32),))
-
-        def get_action_space(self):
-            return spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-        def get_default_action(self):
-            return np.zeros(1, dtype=np.float32)
 
         def send_control(self, control):
             if self.fail_in == "send_control" and control is not None and self.steps >= 2:
@@ -259,17 +248,14 @@ FAILING_INTERFACES = textwrap.dedent('''
     class BareBoxObservation(Sensor):
         def get_observation_space(self):
             return spaces.Box(-10.0, 10.0, (1,), np.float32)
-''')
+'''
 
 
 @pytest.fixture
-def failing_module(tmp_path, monkeypatch):
-    (tmp_path / "failing_robot.py").write_text(FAILING_INTERFACES)
+def failing_module(plug_interface, tmp_path):
     (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('calibration file missing')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "failing_robot"
-    for name in ("failing_robot", "raises_on_import"):
-        sys.modules.pop(name, None)
+    yield plug_interface("failing_robot", FAILING_INTERFACES)
+    sys.modules.pop("raises_on_import", None)
 
 
 @pytest.mark.parametrize(("method", "message"), [("observation", "get_obs_rew_terminated_info raised RuntimeError: "
@@ -310,27 +296,13 @@ def test_the_real_time_simulator_takes_its_time_step_from_its_options_too():
         handle.close()
 
 
-NON_FINITE = textwrap.dedent('''
-    import numpy as np
-    from gymnasium import spaces
-    from rtgym import RealTimeGymInterface
-
-
-    class Broken(RealTimeGymInterface):
+NON_FINITE = '''
+    class Broken(OneActionInterface):
         def __init__(self, bad="observation"):
             self.bad = bad
 
         def get_observation_space(self):
             return spaces.Tuple((spaces.Box(-10.0, 10.0, (2,), np.float32),))
-
-        def get_action_space(self):
-            return spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-        def get_default_action(self):
-            return np.zeros(1, dtype=np.float32)
-
-        def send_control(self, control):
-            pass
 
         def reset(self, seed=None, options=None):
             return [np.zeros(2, dtype=np.float32)], {}
@@ -338,33 +310,32 @@ NON_FINITE = textwrap.dedent('''
         def get_obs_rew_terminated_info(self):
             if self.bad == "observation":
                 return [np.array([0.0, np.nan], dtype=np.float32)], 0.0, False, {}
-            return [np.zeros(2, dtype=np.float32)], float("inf"), False, {}
-''')
+            if self.bad == "reward":
+                return [np.zeros(2, dtype=np.float32)], float("inf"), False, {}
+            return [np.zeros(2, dtype=np.float32)], 1.0, False, {}
+'''
 
 
 @pytest.mark.parametrize(("bad", "message"), [("observation", r"NaN or infinite values in observation part 'part0' at "
                                                               r"a step"),
                                               ("reward", r"returned reward inf at a step")])
-def test_a_non_finite_observation_or_reward_stops_the_env_naming_it(tmp_path, monkeypatch, bad, message):
+def test_a_non_finite_observation_or_reward_stops_the_env_naming_it(plug_interface, bad, message):
     from tmrl_worker.envs import EnvFailure
 
-    (tmp_path / "broken_robot.py").write_text(NON_FINITE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    handle = make_env("broken_robot:Broken", time_step_duration=0.02, options={"bad": bad})
+    handle = make_env(f"{plug_interface('broken_robot', NON_FINITE)}:Broken", time_step_duration=0.02,
+                      options={"bad": bad})
     try:
         handle.reset()
         with pytest.raises(EnvFailure, match=message):
             handle.step(np.zeros(1, np.float32))
     finally:
         handle.close()
-        sys.modules.pop("broken_robot", None)
 
 
-def test_a_scalar_observation_part_is_sent_as_the_layouts_one_value_component(tmp_path, monkeypatch):
+def test_a_scalar_observation_part_is_sent_as_the_layouts_one_value_component(plug_interface):
     scalar = NON_FINITE.replace("(2,)", "()").replace("np.zeros(2, dtype=np.float32)", "np.float32(0.5)")
-    (tmp_path / "scalar_robot.py").write_text(scalar.replace('float("inf")', "1.0"))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    handle = make_env("scalar_robot:Broken", time_step_duration=0.02, options={"bad": "none"})
+    handle = make_env(f"{plug_interface('scalar_robot', scalar)}:Broken", time_step_duration=0.02,
+                      options={"bad": "none"})
     try:
         assert handle.layout.components[0].observation_shape == (1,)
         observation = handle.reset()
@@ -373,4 +344,3 @@ def test_a_scalar_observation_part_is_sent_as_the_layouts_one_value_component(tm
         assert step_observation[0].shape == (1,)
     finally:
         handle.close()
-        sys.modules.pop("scalar_robot", None)

@@ -132,7 +132,10 @@ def test_test_mode_sends_nothing_and_expert_mode_ignores_weights(pendulum):
     assert sum(b.steps for b in sink.batches) == 21
 
 
-def test_weights_feed_thread_receives_over_a_sub_socket_and_keeps_only_the_newest(pendulum):
+@pytest.fixture
+def published_feed():
+    """``(publish, feed)``: a started :class:`WeightsFeed` subscribed to a PUB socket standing in for the relay's
+    weights port; ``publish(update)`` sends one update (the first is resent until the subscription is up)."""
     import time
 
     import zmq
@@ -145,87 +148,78 @@ def test_weights_feed_thread_receives_over_a_sub_socket_and_keeps_only_the_newes
     feed = WeightsFeed("worker-t", RelayEndpoint("127.0.0.1", port, TransportConfig(linger_ms=0),
                                                  SecurityConfig(insecure=True)), context=context)
     feed.start()
+
+    def publish(update) -> None:
+        if feed.counters.received == 0:  # PUB drops messages until the subscription has arrived
+            deadline = time.monotonic() + 10
+            while feed.counters.received == 0:
+                assert time.monotonic() < deadline, "the feed never received the first update"
+                publisher.send_multipart(encode(update, "relay"))
+                time.sleep(0.05)
+            return
+        publisher.send_multipart(encode(update, "relay"))
+
+    publish.raw = publisher.send_multipart  # type: ignore[attr-defined]
     try:
-        updates = [weights_update_from_actor(small_actor(pendulum.layout, seed=v), version=v) for v in range(1, 6)]
-        deadline = time.monotonic() + 10
-        while feed.counters.prepared == 0:  # PUB drops messages until the subscription has arrived
-            assert time.monotonic() < deadline, "the feed never received the first update"
-            publisher.send_multipart(encode(updates[0], "relay"))
-            time.sleep(0.05)
-        assert feed.take_latest().version == 1
-        publisher.send_multipart([b"\x81\xa1v\x01", b"not msgpack"])
-        for update in updates[1:]:
-            publisher.send_multipart(encode(update, "relay"))
-        deadline = time.monotonic() + 10
-        latest = None
-        while latest is None or latest.version < 5:
-            assert time.monotonic() < deadline, "version 5 never became the latest"
-            latest = feed.take_latest() or latest
-            time.sleep(0.01)
-        assert feed.counters.rejected >= 1
-        observation = pendulum.reset(seed=0)
-        np.testing.assert_allclose(latest.actor.act(observation, deterministic=True),
-                                   small_actor(pendulum.layout, seed=5).act(observation, deterministic=True), rtol=1e-6)
+        yield publish, feed
     finally:
         feed.stop()
         publisher.close(linger=0)
         context.destroy(linger=0)
 
 
-def test_a_restarted_trainers_lower_versions_on_the_sub_socket_are_followed_and_swapped_in(pendulum):
+def latest_reaching(feed: WeightsFeed, version: int):
+    """Wait for the feed's newest prepared policy to be ``version`` (AssertionError after 10 s)."""
     import time
 
-    import zmq
-    from tmrl_common.protocol import encode
-    from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
+    deadline = time.monotonic() + 10
+    while (prepared := feed.take_latest()) is None or prepared.version != version:
+        assert time.monotonic() < deadline, f"version {version} never became the latest"
+        time.sleep(0.01)
+    return prepared
 
-    context = zmq.Context()
-    publisher = context.socket(zmq.PUB)
-    port = publisher.bind_to_random_port("tcp://127.0.0.1")
-    feed = WeightsFeed("worker-r", RelayEndpoint("127.0.0.1", port, TransportConfig(linger_ms=0),
-                                                 SecurityConfig(insecure=True)), context=context)
-    feed.start()
 
-    def latest_reaching(version: int):
-        deadline = time.monotonic() + 10
-        while (prepared := feed.take_latest()) is None or prepared.version != version:
-            assert time.monotonic() < deadline, f"version {version} never became the latest"
-            time.sleep(0.01)
-        return prepared
+def test_weights_feed_thread_receives_over_a_sub_socket_and_keeps_only_the_newest(pendulum, published_feed):
+    publish, feed = published_feed
+    updates = [weights_update_from_actor(small_actor(pendulum.layout, seed=v), version=v) for v in range(1, 6)]
+    publish(updates[0])
+    assert latest_reaching(feed, 1).version == 1
+    publish.raw([b"\x81\xa1v\x01", b"not msgpack"])
+    for update in updates[1:]:
+        publish(update)
+    latest = latest_reaching(feed, 5)
+    assert feed.counters.rejected >= 1
+    observation = pendulum.reset(seed=0)
+    np.testing.assert_allclose(latest.actor.act(observation, deterministic=True),
+                               small_actor(pendulum.layout, seed=5).act(observation, deterministic=True), rtol=1e-6)
 
-    try:
-        old_run = weights_update_from_actor(small_actor(pendulum.layout, seed=143), version=143)
-        deadline = time.monotonic() + 10
-        while feed.counters.prepared == 0:  # PUB drops messages until the subscription has arrived
-            assert time.monotonic() < deadline, "the feed never received the first update"
-            publisher.send_multipart(encode(old_run, "relay"))
-            time.sleep(0.05)
-        before = latest_reaching(143)
-        stale = feed.counters.stale
-        feed.hand_over(weights_update_from_actor(small_actor(pendulum.layout, seed=7), version=142))  # hello's, late
-        deadline = time.monotonic() + 10
-        while feed.counters.stale == stale:
-            assert time.monotonic() < deadline, "the late hand-over was never looked at"
-            time.sleep(0.01)
-        publisher.send_multipart(encode(weights_update_from_actor(small_actor(pendulum.layout, seed=5), version=5),
-                                        "relay"))  # the trainer restarted from an older checkpoint
-        after = latest_reaching(5)
-        assert (before.generation, after.generation) == (0, 1) and feed.counters.trainer_restarts == 1
-        assert feed.take_latest() is None  # nothing after 5: the old run's 142 stayed skipped
 
-        class Replayed:  # the two prepared policies again, one per call, as the loop takes them
-            def __init__(self, prepared) -> None:
-                self.prepared = list(prepared)
+def test_a_restarted_trainers_lower_versions_on_the_sub_socket_are_followed_and_swapped_in(pendulum, published_feed):
+    import time
 
-            def take_latest(self):
-                return self.prepared.pop(0) if self.prepared else None
+    publish, feed = published_feed
+    publish(weights_update_from_actor(small_actor(pendulum.layout, seed=143), version=143))
+    before = latest_reaching(feed, 143)
+    stale = feed.counters.stale
+    feed.hand_over(weights_update_from_actor(small_actor(pendulum.layout, seed=7), version=142))  # hello's, late
+    deadline = time.monotonic() + 10
+    while feed.counters.stale == stale:
+        assert time.monotonic() < deadline, "the late hand-over was never looked at"
+        time.sleep(0.01)
+    publish(weights_update_from_actor(small_actor(pendulum.layout, seed=5), version=5))  # the trainer restarted
+    after = latest_reaching(feed, 5)
+    assert (before.generation, after.generation) == (0, 1) and feed.counters.trainer_restarts == 1
+    assert feed.take_latest() is None  # nothing after 5: the old run's 142 stayed skipped
 
-        loop = RolloutLoop(pendulum, None, Replayed([before, after]), UniformPolicy(pendulum.action_dim, seed=0))
-        loop._swap_policy()
-        assert loop.policy.version == 143
-        loop._swap_policy()  # version 5 of the restarted trainer replaces 143
-        assert loop.policy.version == 5 and loop.stats.weights_version == 5
-    finally:
-        feed.stop()
-        publisher.close(linger=0)
-        context.destroy(linger=0)
+    class Replayed:  # the two prepared policies again, one per call, as the loop takes them
+        def __init__(self, prepared) -> None:
+            self.prepared = list(prepared)
+
+        def take_latest(self):
+            return self.prepared.pop(0) if self.prepared else None
+
+    loop = RolloutLoop(pendulum, None, Replayed([before, after]), UniformPolicy(pendulum.action_dim, seed=0))
+    loop._swap_policy()
+    assert loop.policy.version == 143
+    loop._swap_policy()  # version 5 of the restarted trainer replaces 143
+    assert loop.policy.version == 5 and loop.stats.weights_version == 5
