@@ -146,14 +146,16 @@ def test_a_trackmania_env_that_cannot_be_built_is_one_env_spec_error_naming_the_
         make_env("tm20-lidar", options={"allow_non_windows": True, "reward_path": str(missing)})
 
 
-def test_an_env_that_gives_up_while_running_stops_the_worker_with_its_message_and_no_traceback(monkeypatch):
-    from tmrl_worker import runtime
+@pytest.mark.parametrize("failure", ["EnvFailure", "SenderFailure"])
+def test_an_env_that_gives_up_or_a_dead_sender_stops_the_worker_with_its_message_and_no_traceback(monkeypatch, failure):
+    from tmrl_worker import envs, relay_link, runtime
     from tmrl_worker.cli import app
-    from tmrl_worker.envs import EnvFailure
     from typer.testing import CliRunner
 
+    error = {"EnvFailure": envs.EnvFailure, "SenderFailure": relay_link.SenderFailure}[failure]
+
     def give_up(config, stop=None):
-        raise EnvFailure("the race did not restart within 10 s of the respawn")
+        raise error("the race did not restart within 10 s of the respawn")
 
     monkeypatch.setattr(runtime, "run_worker", give_up)
     result = CliRunner().invoke(app, ["run", "--env", "sim", "--insecure"])

@@ -76,6 +76,7 @@ def run(
     from tmrl_common.sockets import SecurityError
 
     from tmrl_worker.envs import EnvFailure, EnvSpecError
+    from tmrl_worker.relay_link import SenderFailure
     from tmrl_worker.runtime import PolicyFileError, run_worker
     from tmrl_worker.spool import StateFileError
 
@@ -88,7 +89,8 @@ def run(
     except (EnvSpecError, PolicyFileError, StateFileError, SecurityError, KeyFileError) as exc:
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=2) from exc
-    except EnvFailure as exc:  # the env gave up while running (e.g. the game did not restart); samples were flushed
+    except (EnvFailure, SenderFailure) as exc:  # the env gave up while running (e.g. the game did not restart; what
+        # was sent is delivered first), or the sender thread died (its traceback is logged): one line, exit 1
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=1) from exc
     delivery = stats.delivery

@@ -42,6 +42,11 @@ errors (an unregistered sender after a relay restart, say) are about the link: t
 _POLL_MS = 20
 
 
+class SenderFailure(RuntimeError):
+    """The sender thread stopped on an unexpected error (logged with its traceback where it happened): the worker
+    cannot deliver samples any more and stops."""
+
+
 @dataclass
 class LinkCounters:
     """What the sender thread did, for heartbeats, logs and tests."""
@@ -142,7 +147,7 @@ class RelayLink:
     def stop(self, timeout: float = 5.0) -> None:
         self._client.stop(timeout)
         if self.failure is not None:
-            raise RuntimeError(f"{self.worker_id}: sender thread failed: {self.failure}") from self.failure
+            raise SenderFailure(f"{self.worker_id}: sender thread failed: {self.failure}") from self.failure
 
     @property
     def failure(self) -> BaseException | None:

@@ -35,7 +35,7 @@ from tmrl_common.sockets import RelayEndpoint
 from tmrl_worker.config import WorkerConfig, WorkerMode
 from tmrl_worker.envs import EnvFailure, EnvHandle, EnvInterrupted, make_env
 from tmrl_worker.progress import ProgressFile, ProgressFileError, describe_unclean_stop, progress_path, read_progress
-from tmrl_worker.relay_link import RelayLink
+from tmrl_worker.relay_link import RelayLink, SenderFailure
 from tmrl_worker.spool import SequenceCounter, Spool
 from tmrl_worker.weights_feed import PreparedPolicy, WeightsFeed
 
@@ -533,7 +533,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
 
         def health_check() -> None:
             if link is not None and link.failure is not None:
-                raise RuntimeError(f"{config.worker_id}: sender thread failed: {link.failure}")
+                raise SenderFailure(f"{config.worker_id}: sender thread failed: {link.failure}")
 
         if stop is not None:
             env.attach_stop(stop)
