@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 from tmrl_common.errors import ProtocolError
-from tmrl_common.protocol import Hello, batch_seq_of, decode, encode, encode_envelope
+from tmrl_common.protocol import Heartbeat, Hello, batch_seq_of, decode, encode, encode_envelope
 
 from .relay_harness import (
     batch_body_with,
@@ -51,6 +51,7 @@ HOSTILE = {
     "extra_envelope_field": ([_envelope(admin=True), _batch_body()], "schema"),
     "other_workers_id": ([encode_envelope("sample_batch", "worker-2"), _batch_body()], "unknown_sender"),
     "hello_claiming_trainer_role": (encode(Hello(role="trainer", software="x"), "worker-1"), "schema"),
+    "heartbeat_claiming_trainer_role": (encode(Heartbeat(role="trainer", uptime_s=1.0), "worker-1"), "schema"),
     "garbage_hello_body": ([encode_envelope("hello", "worker-1"), b"\x93\x01\x02\x03"], "malformed"),
 }
 

@@ -366,7 +366,7 @@ class Relay:
             self._hand_over_weights(peer)
         else:  # heartbeat
             peer = self.workers.check(routing_id, fields.sender, user_id)
-            self._decode_control(envelope, body)
+            self._check_heartbeat_role(self._decode_control(envelope, body), "worker", "workers")
             peer.last_seen = time.monotonic()
             self._send_heartbeat(self.workers_socket, routing_id)
 
@@ -471,7 +471,7 @@ class Relay:
         elif fields.type == "weights_update":
             self._on_weights(envelope, body)
         else:  # heartbeat
-            self._decode_control(envelope, body)
+            self._check_heartbeat_role(self._decode_control(envelope, body), "trainer", "trainer")
             self._send_heartbeat(self.trainer_socket, routing_id)
 
     def _on_trainer_hello(self, routing_id: bytes, envelope: zmq.Frame, body: zmq.Frame, sender: str,
@@ -500,6 +500,11 @@ class Relay:
         if hello.role != role:
             self.metrics.role_refusals.labels(link=link, why="wrong_role").inc()
             raise ProtocolError("schema", f"hello on the {link} socket must have role {role!r}, got {hello.role!r}")
+
+    @staticmethod
+    def _check_heartbeat_role(heartbeat: Heartbeat, role: str, link: str) -> None:
+        if heartbeat.role != role:
+            raise ProtocolError("schema", f"heartbeat on the {link} socket must have role {role!r}, got {heartbeat.role!r}")
 
     def _route_ack(self, ack: SampleAck, envelope: zmq.Frame, body: zmq.Frame) -> None:
         worker = self.workers.by_sender.get(ack.worker)
