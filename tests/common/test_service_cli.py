@@ -177,3 +177,19 @@ def test_trainer_run_takes_seed_and_torch_threads_from_the_command_line(runner):
 def test_trainer_run_refuses_zero_torch_threads(runner):
     result = runner.invoke(tmrl_trainer.cli.app, ["run", "--torch-threads", "0", "--show-config"])
     assert result.exit_code == 2
+
+
+def test_a_checkpoint_of_another_architecture_stops_the_trainer_in_one_line(runner, monkeypatch, tmp_path):
+    from tmrl_trainer import service
+    from tmrl_trainer.checkpoint import CheckpointMismatchError
+
+    class WrongCheckpoint:
+        def __init__(self, config) -> None:
+            raise CheckpointMismatchError("checkpoint-000000000010.safetensors was written for another policy "
+                                          "architecture; start with the same layout and hidden sizes, or from scratch")
+
+    monkeypatch.setattr(service, "TrainerService", WrongCheckpoint)
+    result = runner.invoke(tmrl_trainer.cli.app, ["run", "--insecure", "--device", "cpu", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("tmrl-trainer: checkpoint-000000000010.safetensors was written for another")
+    assert "Traceback" not in result.output

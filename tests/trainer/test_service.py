@@ -257,7 +257,8 @@ def test_a_trainer_fed_absurd_rewards_keeps_running_counts_rejected_updates_and_
     with caplog.at_level("WARNING", logger="tmrl_trainer.guard"):
         assert service.run(max_updates=10) == 10
     status = json.loads((service.run_dir / "status.json").read_text())
-    assert status["learner"] == {"updates_rejected": 10, "publishes_refused": 0, "checkpoints_refused": 0}
+    assert status["learner"] == {"updates_rejected": 10, "publishes_refused": 0, "checkpoints_refused": 0,
+                                 "checkpoints_failed": 0}
     trains = [json.loads(line) for line in (service.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["updates_rejected"] for r in trains if r["kind"] == "train"] == [5, 10]
     assert "5 SAC update(s) not applied" in caplog.text and "critic_loss inf" in caplog.text
@@ -282,9 +283,46 @@ def test_weights_holding_a_nan_are_neither_published_nor_checkpointed(tmp_path, 
         service._publish()
         service._checkpoint()
     assert service.weights_version == 2 and _checkpoint_files(service) == saved
-    assert service.snapshot()["learner"] == {"updates_rejected": 0, "publishes_refused": 1, "checkpoints_refused": 1}
+    assert service.snapshot()["learner"] == {"updates_rejected": 0, "publishes_refused": 1, "checkpoints_refused": 1,
+                                             "checkpoints_failed": 0}
     assert "weights not published after 10 updates: actor tensor" in caplog.text
     assert "checkpoint at 10 updates not saved" in caplog.text and "non-finite" in caplog.text
+
+
+def test_a_checkpoint_the_disk_refuses_is_logged_and_counted_and_training_goes_on(tmp_path, caplog, monkeypatch):
+    from tmrl_trainer import service as service_module
+
+    service = TrainerService(make_config(tmp_path))
+    service.ingestor.handle(pendulum_batch("w1", 0, 60))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(service_module, "save_checkpoint", disk_full)
+    with caplog.at_level("ERROR", logger="tmrl_trainer.service"):
+        assert service.run(max_updates=20) == 20  # checkpoints at 10, 20 and at shutdown all fail; training goes on
+    assert _checkpoint_files(service) == []
+    assert service.snapshot()["learner"]["checkpoints_failed"] == 3
+    assert "checkpoint at 10 updates could not be written ([Errno 28] No space left on device)" in caplog.text
+
+
+def test_a_run_dir_where_checkpoints_cannot_be_written_is_a_config_error_at_start(tmp_path):
+    from tmrl_common.errors import ConfigError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("a file where the checkpoint folder should be")
+    with pytest.raises(ConfigError, match=r"cannot write in .*checkpoints .*choose another run_dir"):
+        TrainerService(make_config(tmp_path))
+
+
+def test_a_warm_up_larger_than_the_memory_and_non_positive_layer_sizes_are_refused_as_config():
+    from pydantic import ValidationError
+    from tmrl_trainer.config import TrainerConfig
+
+    with pytest.raises(ValidationError, match=r"sac.learning_starts \(200\) exceeds memory_capacity \(150\)"):
+        TrainerConfig.model_validate({"memory_capacity": 150, "sac": {"learning_starts": 200}})
+    with pytest.raises(ValidationError, match=r"hidden_sizes \[0, -3\] .* must be positive"):
+        TrainerConfig.model_validate({"sac": {"hidden_sizes": [0, -3]}})
 
 
 def checkpointed_every_4(tmp_path, updates: int):

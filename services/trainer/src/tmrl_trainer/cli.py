@@ -65,6 +65,7 @@ def run(
     from tmrl_common.curve import KeyFileError
     from tmrl_common.sockets import SecurityError
 
+    from tmrl_trainer.checkpoint import CheckpointMismatchError
     from tmrl_trainer.service import TrainerService
 
     stop = threading.Event()
@@ -74,7 +75,7 @@ def run(
         log_device(effective.device)
         service = TrainerService(effective)
         updates = service.run(stop=stop, max_updates=max_updates)
-    except (ConfigError, SecurityError, KeyFileError) as exc:
+    except (ConfigError, SecurityError, KeyFileError, CheckpointMismatchError) as exc:  # what to fix, in one line
         typer.echo(f"tmrl-trainer: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     typer.echo(f"trainer stopped after {updates} updates, weights version {service.weights_version}", err=True)

@@ -118,6 +118,8 @@ class SACConfig(BaseModel):
     def _subset_fits(self) -> SACConfig:
         if self.redq_m > self.redq_n:
             raise ValueError(f"redq_m ({self.redq_m}) cannot exceed redq_n ({self.redq_n})")
+        if any(size < 1 for size in self.hidden_sizes) or any(channels < 1 for channels in self.conv_channels):
+            raise ValueError(f"hidden_sizes {self.hidden_sizes} and conv_channels {self.conv_channels} must be positive")
         return self
 
     def architecture(self, layout: ObservationLayout, **fields: Any) -> PolicyArchitecture:

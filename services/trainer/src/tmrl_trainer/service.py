@@ -61,6 +61,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -163,6 +164,18 @@ def export_policy(update: WeightsUpdate, path: Path) -> Path:
     return write_atomically(path, tensors_to_bytes(tensors_from_bytes(update.tensors), metadata=metadata))
 
 
+def writable_directory(directory: Path) -> None:
+    """Create ``directory`` if needed and check that a file can be written in it; :class:`ConfigError` naming it
+    (and the OS's reason) otherwise."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write in {directory} ({exc}): the trainer keeps its checkpoints there; choose "
+                          "another run_dir or fix its permissions") from exc
+
+
 class TrainerService:
     """Owns the memory, the learner, the ingest thread and the reports (see the module docstring)."""
 
@@ -172,8 +185,8 @@ class TrainerService:
         self.device = resolve_device(config.device)
         torch.set_num_threads(config.torch_threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
         self.run_dir = Path(config.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        writable_directory(self.checkpoint_dir)  # now, not at the first checkpoint minutes later
         self.architecture = config.sac.architecture(self.layout)
         self.learner = make_learner(config.sac, self.architecture, device=self.device, seed=config.seed)
         self.memory = self._empty_memory()
@@ -194,7 +207,8 @@ class TrainerService:
         self.link.check_security()
         self.status = StatusFile(self.run_dir / STATUS_FILE, self.snapshot, config.status_interval_s)
         self.last_metrics: dict[str, float] = {}
-        self.guard_counts = {"updates_rejected": 0, "publishes_refused": 0, "checkpoints_refused": 0}
+        self.guard_counts = {"updates_rejected": 0, "publishes_refused": 0, "checkpoints_refused": 0,
+                             "checkpoints_failed": 0}
         """The learner guard's counters as of the last report (``learner`` in ``status.json``)."""
         self._carried_update_credit = 0
         """Updates the checkpoint's run was still owed on the restored memory (see the module docstring)."""
@@ -330,6 +344,11 @@ class TrainerService:
             self.guard_counts["checkpoints_refused"] += 1
             log.error("checkpoint at %d updates not saved: %s; the previous checkpoints are kept",
                       self.learner.updates, exc)
+            return
+        except OSError as exc:  # a full disk, a quota, permissions: training goes on, the next checkpoint tries again
+            self.guard_counts["checkpoints_failed"] += 1
+            log.error("checkpoint at %d updates could not be written (%s); the previous checkpoints are kept and "
+                      "training goes on: free disk space or fix %s", self.learner.updates, exc, self.checkpoint_dir)
             return
         self._prune_checkpoints()
         log.info("checkpoint saved: %s (%d updates, weights version %d%s)", path, self.learner.updates,
