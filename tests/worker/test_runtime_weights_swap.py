@@ -223,3 +223,19 @@ def test_a_restarted_trainers_lower_versions_on_the_sub_socket_are_followed_and_
     assert loop.policy.version == 143
     loop._swap_policy()  # version 5 of the restarted trainer replaces 143
     assert loop.policy.version == 5 and loop.stats.weights_version == 5
+
+
+def test_weights_for_another_observation_layout_stop_the_worker_naming_both_layouts(pendulum):
+    from tmrl_common.layout import layout_for_box
+    from tmrl_worker.runtime import WeightsLayoutError
+    from tmrl_worker.weights_feed import PreparedPolicy
+
+    class OneUpdate:
+        def take_latest(self):
+            return PreparedPolicy(version=3, actor=small_actor(layout_for_box(7, 1), seed=0))  # obs 7, not 3
+
+    loop = RolloutLoop(pendulum, None, OneUpdate(), UniformPolicy(pendulum.action_dim, seed=0))
+    with pytest.raises(WeightsLayoutError, match=r"weights \(version 3\) are for another observation layout .*"
+                                                 r"same img_hist_len"):
+        loop._swap_policy()
+    assert loop.policy.version == 0  # still the random policy: nothing was swapped in

@@ -173,6 +173,11 @@ def load_evaluated_policy(path: Path, layout: ObservationLayout) -> Policy:
     return load_policy_file(path, layout)
 
 
+class WeightsLayoutError(EnvFailure):
+    """The trainer publishes a policy for other observation shapes than this worker's env returns: the worker
+    delivers what it sent, then stops with the two layouts."""
+
+
 def _refuse_layout(path: Path, policy_layout: ObservationLayout, env_layout: ObservationLayout) -> None:
     policy, env = describe_layout(policy_layout), describe_layout(env_layout)
     detail = f"policy {policy}; env {env}" if policy != env else f"both {env}, but component names, dtypes or value bounds differ"
@@ -332,6 +337,18 @@ class RolloutLoop:
     def _new_builder(self) -> SampleBatchBuilder:
         return SampleBatchBuilder(self.env.layout, codec=self.codec, digests=self.verify_observations)  # type: ignore[arg-type]
 
+    def _check_policy_layout(self, prepared: PreparedPolicy) -> None:
+        """Raise :class:`WeightsLayoutError` when the trainer's policy reads other observation shapes than this
+        worker's env returns (e.g. another ``img_hist_len``): acting with it would fail at the first step."""
+        policy_layout, env_layout = prepared.actor.architecture.layout, self.env.layout
+        if (policy_layout.observation_shapes(), policy_layout.action_dim) != (env_layout.observation_shapes(),
+                                                                              env_layout.action_dim):
+            raise WeightsLayoutError(
+                f"{self.worker_id}: the trainer's weights (version {prepared.version}) are for another observation "
+                f"layout than this worker's env: policy {describe_layout(policy_layout)}; env "
+                f"{describe_layout(env_layout)}; give the worker the env options the trainer's layout was made with "
+                "(e.g. the same img_hist_len)")
+
     def _swap_policy(self) -> None:
         if self.feed is None:
             return
@@ -340,6 +357,7 @@ class RolloutLoop:
         prepared = self.feed.take_latest()
         if prepared is None or (prepared.generation, prepared.version) <= (self._generation, self.policy.version):
             return
+        self._check_policy_layout(prepared)
         self._generation = prepared.generation  # a restarted trainer's lower versions replace the old ones
         self.policy = ActorPolicy(prepared.actor, prepared.version, self.deterministic, self.noise)
         self.stats.swaps += 1
