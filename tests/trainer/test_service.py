@@ -135,6 +135,8 @@ def test_checkpoint_is_saved_and_a_restarted_trainer_resumes_from_it(tmp_path):
     assert second.run(max_updates=30) == 30  # continued from 25, not from 0
     assert second.weights_version == version + 1  # update 30 published, continuing the version sequence
     assert any(not np.allclose(actor_state[k].numpy(), v.numpy()) for k, v in second.learner.actor.state_dict().items())
+    status = second.snapshot()  # samples counted across restarts, as updates are; and this run's alone
+    assert (status["samples_received_total"], status["samples_received"]) == (200, 100)
 
 
 # ------------------------------------------------------------------------------------- saved replay memory

@@ -195,6 +195,9 @@ class TrainerService:
         (re-entered by :meth:`_store`), so a checkpoint copies memory and dedupe state from one moment."""
         self.weights_version = 0
         self.rows_received = 0
+        self.samples_before_run = 0
+        """Rows the runs before this one received (from the checkpoint resumed): ``updates`` counts across restarts,
+        and ``samples_received_total`` with it."""
         self.recorder = RunRecorder(self.run_dir)
         self.ingestor = Ingestor(
             config.trainer_id, self.layout, store=self._store, on_episode=self.recorder.episode,
@@ -288,6 +291,7 @@ class TrainerService:
 
     def _resumed_from(self, path: Path, restored: Checkpoint) -> None:
         self.weights_version = int(restored.counters.get("weights_version", 0))
+        self.samples_before_run = int(restored.counters.get("samples_received", 0))
         memory = "the replay memory starts empty"
         if self.config.save_memory:
             rows = self._restore_memory(path, restored)
@@ -330,7 +334,8 @@ class TrainerService:
 
     def _checkpoint(self) -> None:
         path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.learner.updates:012d}.safetensors"
-        counters = {"weights_version": self.weights_version, "samples_received": self.rows_received}
+        counters = {"weights_version": self.weights_version,
+                    "samples_received": self.samples_before_run + self.rows_received}  # across restarts
         memory: bytes | None = None
         extra: dict[str, Any] = {}
         if self.config.save_memory:
@@ -380,7 +385,8 @@ class TrainerService:
             "connected": self.link.connected,
             "updates": self.learner.updates,
             "weights_version": self.weights_version,
-            "samples_received": ingest["rows_stored"],  # same snapshot as the per-worker counts
+            "samples_received": ingest["rows_stored"],  # this run's; same snapshot as the per-worker counts
+            "samples_received_total": self.samples_before_run + ingest["rows_stored"],  # across restarts, as updates
             "samples_stored": stored,
             "verification": verification,
             "metrics": self.last_metrics,
