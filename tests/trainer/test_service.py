@@ -492,3 +492,13 @@ def test_the_service_trains_on_n_step_returns_when_its_config_asks(tmp_path, sam
                            service.memory.transitions(np.arange(1, 100)).reward)
     finally:
         resumed.shutdown()
+
+
+def test_the_progress_line_of_a_trainer_without_relay_names_where_it_looks_for_one(tmp_path, caplog):
+    service = TrainerService(make_config(tmp_path))  # trainer_port 1: nobody listens
+    try:
+        with caplog.at_level("INFO", logger="tmrl_trainer.service"):
+            service._report()
+        assert "not connected to the relay at tcp://127.0.0.1:1 plain text (is it running there" in caplog.text
+    finally:
+        service.shutdown()

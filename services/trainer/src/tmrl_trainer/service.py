@@ -420,7 +420,9 @@ class TrainerService:
         log.info("%d updates, weights version %d, %d samples received (%d duplicates, %d rejected); %s",
                  self.learner.updates, self.weights_version, self.rows_received, snapshot["duplicates"],
                  sum(snapshot["rejects"].values()),
-                 workers or ("no worker yet" if self.link.connected else "not connected to the relay (errors above say why)"))
+                 workers or ("no worker yet" if self.link.connected else
+                             f"not connected to the relay at {self.link.describe()} (is it running there, on that port, "
+                             "with the same --insecure or keys?)"))
 
     def _may_update(self) -> bool:
         sac = self.config.sac
