@@ -502,3 +502,13 @@ def test_the_progress_line_of_a_trainer_without_relay_names_where_it_looks_for_o
         assert "not connected to the relay at tcp://127.0.0.1:1 plain text (is it running there" in caplog.text
     finally:
         service.shutdown()
+
+
+@pytest.mark.parametrize(("field", "value"), [("sac", {"actor_lr": float("inf")}), ("sac", {"utd": float("inf")}),
+                                              ("sac", {"gamma": float("nan")}), ("max_abs_reward", float("inf"))])
+def test_an_infinite_or_nan_setting_is_refused_as_config(field, value):
+    from pydantic import ValidationError
+    from tmrl_trainer.config import TrainerConfig
+
+    with pytest.raises(ValidationError, match="finite number"):
+        TrainerConfig.model_validate({field: value})

@@ -24,7 +24,7 @@ def check_device(value: str) -> str:
 class TrainerConfig(BaseModel):
     """Where the relay is and how to train."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite rate, bound or interval is a typo
 
     trainer_id: str = "trainer"
     relay_host: str = "127.0.0.1"
@@ -69,7 +69,7 @@ class TrainerConfig(BaseModel):
     as ``observation_out_of_bounds``); components that declare bounds are held to those."""
     allowed_workers: list[str] = Field(default_factory=list)
     """Worker ids whose batches are accepted (empty: any worker the relay lets through)."""
-    status_interval_s: float = Field(default=1.0, gt=0)
+    status_interval_s: float = Field(default=1.0, ge=0.01)
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     transport: TransportConfig = Field(default_factory=TransportConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)

@@ -62,7 +62,7 @@ LEARNING_RATE_FIELDS = {"critics": "critic_lr", "actor": "actor_lr", "log_alpha"
 class SACConfig(BaseModel):
     """Hyperparameters of the learner (table ``[trainer.sac]``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or infinity is never a learning setting
 
     gamma: float = Field(default=0.99, ge=0.0, le=1.0)
     n_step: int = Field(default=1, ge=1, le=64)
