@@ -512,3 +512,24 @@ def test_an_infinite_or_nan_setting_is_refused_as_config(field, value):
 
     with pytest.raises(ValidationError, match="finite number"):
         TrainerConfig.model_validate({field: value})
+
+
+def test_a_restart_after_a_kill_says_how_far_the_last_run_got_beyond_its_checkpoint(tmp_path, caplog):
+    config = make_config(tmp_path)
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 100))
+    assert first.run(max_updates=25) == 25  # checkpoints at 10, 20 and 25
+    status = json.loads((first.run_dir / "status.json").read_text())
+    status.update(updates=37, weights_version=7)  # what a killed run's last status.json says: it got further
+    (first.run_dir / "status.json").write_text(json.dumps(status))
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    try:
+        assert ("the last run reached 37 updates and weights version 7 (status.json), 100 samples received, but this "
+                "one resumes from 25 updates and version 5") in caplog.text
+    finally:
+        second.shutdown()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):  # a clean stop loses nothing: no warning
+        TrainerService(config).shutdown()
+    assert "the last run reached" not in caplog.text

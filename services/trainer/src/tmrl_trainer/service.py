@@ -164,6 +164,15 @@ def export_policy(update: WeightsUpdate, path: Path) -> Path:
     return write_atomically(path, tensors_to_bytes(tensors_from_bytes(update.tensors), metadata=metadata))
 
 
+def read_previous_status(path: Path) -> dict[str, Any] | None:
+    """The last ``status.json`` a run left in ``path`` (None when there is none or it does not read)."""
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
 def writable_directory(directory: Path) -> None:
     """Create ``directory`` if needed and check that a file can be written in it; :class:`ConfigError` naming it
     (and the OS's reason) otherwise."""
@@ -216,11 +225,13 @@ class TrainerService:
         self._carried_update_credit = 0
         """Updates the checkpoint's run was still owed on the restored memory (see the module docstring)."""
         self._started = time.time()
+        previous_run = read_previous_status(self.run_dir / STATUS_FILE)  # before this run's status replaces it
         try:
             self._resume()  # before anything is ingested: a saved memory is loaded into the empty one
         except BaseException:
             self._context.destroy(linger=0)
             raise
+        self._report_lost_progress(previous_run)
         # the ratio counts the updates made beyond this baseline against this run's rows; a restored memory's unused
         # budget moves the baseline up, so that many updates come on top of utd * rows received
         self._ratio_baseline = self.learner.updates + self._carried_update_credit
@@ -228,6 +239,21 @@ class TrainerService:
         self.replay = self._make_replay()
         """The memory's mirror on the learner's device when minibatches are drawn there (``sac.sampling``), else
         ``None``."""
+
+    def _report_lost_progress(self, previous_run: dict[str, Any] | None) -> None:
+        """Warn when the last run got further than the checkpoint resumed (killed, crashed, power cut): its updates,
+        weights versions and acknowledged rows after that checkpoint are lost, and the versions will be reused."""
+        if not previous_run:
+            return
+        updates, version = int(previous_run.get("updates", 0)), int(previous_run.get("weights_version", 0))
+        if updates <= self.learner.updates:
+            return
+        samples = previous_run.get("samples_received_total", previous_run.get("samples_received"))
+        log.warning("the last run reached %d updates and weights version %d (status.json)%s, but this one resumes "
+                    "from %d updates and version %d: it did not stop cleanly, and what it learned and stored after its "
+                    "last checkpoint is lost (a SIGTERM or Ctrl-C saves one; checkpoint_every sets how often)",
+                    updates, version, f", {samples} samples received" if samples is not None else "",
+                    self.learner.updates, self.weights_version)
 
     def _empty_memory(self) -> ReplayMemory:
         sac = self.config.sac
