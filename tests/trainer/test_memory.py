@@ -239,3 +239,66 @@ def test_a_saved_memory_whose_header_and_arrays_disagree_raises_memory_file_erro
     with pytest.raises(MemoryFileError):
         target.load_bytes(pack(arrays, meta))
     assert target.to_bytes() == before  # nothing half-loaded
+
+
+def _overwrite_one_value_with_ff_bytes(data: bytes, array_name: str) -> bytes:
+    """``data`` (a saved memory) with the middle element of ``array_name`` overwritten with 0xFF bytes, as a disk
+    error would: NaN for a float32, -1 for an integer, 255 for a bool."""
+    import json
+
+    header_size = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8 : 8 + header_size])[array_name]
+    begin, end = (8 + header_size + offset for offset in entry["data_offsets"])
+    itemsize = {"F32": 4, "I64": 8, "I16": 2, "BOOL": 1}[entry["dtype"]]
+    middle = begin + ((end - begin) // itemsize // 2) * itemsize
+    return data[:middle] + b"\xff" * itemsize + data[middle + itemsize :]
+
+
+@pytest.mark.parametrize("array_name", ["frames.speed", "frames.lidar", "actions", "rewards", "terminated",
+                                        "truncated", "complete", "prev", "oldest", "known"])
+def test_a_saved_memory_with_one_corrupted_value_is_refused_whole_naming_the_array_and_loads_nothing(array_name):
+    source = ReplayMemory(LAYOUT, capacity=150)
+    _fill(source, seed=10, workers=2, rows_per_worker=100)  # 200 rows through a ring of 150
+    corrupted = _overwrite_one_value_with_ff_bytes(source.to_bytes(), array_name)
+    target = ReplayMemory(LAYOUT, capacity=150)
+    _fill(target, seed=11, workers=1, rows_per_worker=10)
+    before = target.to_bytes()
+    with pytest.raises(MemoryFileError, match=f"array '{array_name}' holds .* in 1 of its 150 rows.*corrupt"):
+        target.load_bytes(corrupted)
+    assert target.to_bytes() == before and target.generation == 0  # nothing half-loaded
+
+
+def test_a_saved_memory_holding_a_nan_frame_is_refused_when_loaded_from_a_file(tmp_path):
+    source = ReplayMemory(LAYOUT, capacity=150)
+    _fill(source, seed=12, workers=1, rows_per_worker=40)
+    path = tmp_path / "memory.safetensors"
+    path.write_bytes(_overwrite_one_value_with_ff_bytes(source.to_bytes(), "frames.lidar"))
+    with pytest.raises(MemoryFileError, match="'frames.lidar' holds NaN or inf"):
+        ReplayMemory(LAYOUT, capacity=150).load(path)
+
+
+def test_with_the_ingest_bounds_a_saved_memory_holding_a_value_no_batch_may_hold_is_refused():
+    from tmrl_trainer.ingest import ValueBounds
+
+    layout = layout_for_box(2, 1)
+    source = ReplayMemory(layout, capacity=100)
+    builder = SampleBatchBuilder(layout)
+    builder.add_reset((np.zeros(2, np.float32),))
+    builder.add_step([0.5], (np.ones(2, np.float32),), 2e4, False, False)  # add_batch stores it; ingest would not
+    source.add_batch("w", builder.build(seq=0, weights_version=0))
+    saved = source.to_bytes()
+
+    ReplayMemory(layout, capacity=100).load_bytes(saved)  # no bounds given: only finiteness and links are checked
+    ReplayMemory(layout, capacity=100).load_bytes(saved, ValueBounds(max_abs_reward=1e5))
+    with pytest.raises(MemoryFileError, match=r"'rewards' holds values outside the ingest's bounds \[-10000, 10000\]"):
+        ReplayMemory(layout, capacity=100).load_bytes(saved, ValueBounds())
+
+
+def test_an_honest_saved_memory_passes_the_value_checks_with_the_ingest_bounds():
+    from tmrl_trainer.ingest import ValueBounds
+
+    source = ReplayMemory(LAYOUT, capacity=150, seed=13)
+    _fill(source, seed=14)  # 360 rows through a ring of 150: links into overwritten rows are fine
+    restored = ReplayMemory(LAYOUT, capacity=150, seed=13)
+    restored.load_bytes(source.to_bytes(), ValueBounds())
+    assert restored.to_bytes() == source.to_bytes()

@@ -31,6 +31,14 @@ that row's, and it carries ``discount = γ^k`` for the bootstrap (:attr:`Transit
 the same links as the histories, so it never crosses a reset or a gap either (a late batch that fills a gap links
 forward to nothing after it: walks stop at its end). Each sampleable row starts exactly one transition, so the rows
 are drawn as uniformly as with one-step transitions.
+
+**A saved memory is checked before it replaces anything** (:meth:`ReplayMemory.load_bytes`): besides its layout,
+capacity and array shapes, every stored value must be one a sound file holds: float arrays finite (and, given the
+ingest's :class:`~tmrl_trainer.ingest.ValueBounds`, within the bounds ingested batches are held to), flags 0 or 1,
+``prev`` and ``oldest`` at the row itself or an earlier one, ``known`` within ``[0, depth]``. A file that fails any
+check is refused whole, not row by row: the damage that made one value invalid also leaves values no check can see
+(bytes that decode to finite, plausible floats; links into the wrong episode; any byte of a ``uint8`` frame), so no
+row of it can be trusted, and the caller's fallback for an unreadable file applies.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import torch
 from tmrl_common.layout import ObservationLayout, observation_digest
 from tmrl_common.protocol import SampleBatch
 
+from tmrl_trainer.ingest import ValueBounds
 from tmrl_trainer.tensor_file import TensorFileError, pack, unpack, write_atomically
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,8 @@ log = logging.getLogger(__name__)
 MEMORY_FORMAT = "tmrl-replay-memory-2"
 TAILS_KEPT = 64
 """Per worker, the tails of this many most recent seqs are kept, so a batch arriving that late still links."""
+CHECK_CHUNK_ROWS = 65_536
+"""A saved memory's values are checked this many rows at a time (:meth:`ReplayMemory.load_bytes`)."""
 
 
 class MemoryFileError(ValueError):
@@ -417,8 +428,12 @@ class ReplayMemory:
         """Write :meth:`to_bytes` to ``path`` atomically."""
         return write_atomically(path, self.to_bytes())
 
-    def load_bytes(self, data: bytes) -> None:
-        """Replace this memory's content with a saved one (same layout and capacity); raise :class:`MemoryFileError`."""
+    def load_bytes(self, data: bytes, bounds: ValueBounds | None = None) -> None:
+        """Replace this memory's content with a saved one (same layout and capacity); raise :class:`MemoryFileError`
+        and change nothing when the file is not one, does not fit, or holds a value no stored row can hold (module
+        docstring): NaN or inf, a flag other than 0/1, a link to a later row. With ``bounds`` (the ingest's), values
+        outside the bounds a batch is held to are refused too (:meth:`SampleBatch.check_bounds
+        <tmrl_common.protocol.SampleBatch.check_bounds>`)."""
         try:
             arrays, meta = unpack(data)
         except TensorFileError as exc:
@@ -449,6 +464,7 @@ class ReplayMemory:
                 raise MemoryFileError(f"saved memory array {name!r} is {found}, expected "
                                       f"{target.dtype}{[stored, *target.shape[1:]]} (the header says {total} rows)")
             loaded[name] = array
+        self._check_values(loaded, total, bounds)
         for name, target in targets.items():  # everything checked: nothing is half-loaded on error
             target[:stored] = loaded[name]
         self._total, self._tails, self.orphan_rows, self._rng = total, tails, orphan_rows, rng
@@ -457,7 +473,55 @@ class ReplayMemory:
         link_rows(self._next, rows, self._prev[rows % self.capacity], self.capacity, total)
         self.generation += 1
 
-    def load(self, path: str | Path) -> None:
-        """Read a memory written by :meth:`save`."""
-        self.load_bytes(Path(path).read_bytes())
+    def _check_values(self, arrays: dict[str, np.ndarray], total: int, bounds: ValueBounds | None) -> None:
+        """Raise :class:`MemoryFileError` naming the first array of a saved memory (``arrays`` by name, indexed by ring
+        position, of a memory that added ``total`` rows) that holds a value no stored row can hold."""
+        stored = min(total, self.capacity)
+        absolute = np.empty(stored, dtype=np.int64)  # the absolute row index held at each ring position
+        rows = np.arange(total - stored, total)
+        absolute[rows % self.capacity] = rows
+
+        def refuse(name: str, is_bad: Callable[[slice], np.ndarray], what: str) -> None:
+            """Raise unless ``is_bad(rows)`` (elementwise, for a slice of ring positions) is false everywhere; checked
+            in chunks of rows, so the temporary arrays stay small for a memory of any size."""
+            bad_rows = 0
+            first = None
+            for begin in range(0, stored, CHECK_CHUNK_ROWS):
+                chunk = slice(begin, min(begin + CHECK_CHUNK_ROWS, stored))
+                bad = is_bad(chunk).reshape(chunk.stop - begin, -1).any(axis=1)
+                if bad.any():
+                    bad_rows += int(bad.sum())
+                    first = begin + int(np.argmax(bad)) if first is None else first
+            if bad_rows:
+                raise MemoryFileError(f"saved memory array {name!r} holds {what} in {bad_rows} of its {stored} rows "
+                                      f"(the first at ring position {first}): the file is corrupt, none of it is "
+                                      "loaded")
+
+        for name, array in arrays.items():
+            if array.dtype.kind == "f":
+                refuse(name, lambda chunk, array=array: ~np.isfinite(array[chunk]), "NaN or inf")
+        if bounds is not None:  # the ranges SampleBatch.check_bounds holds every ingested batch to
+            limits = {"actions": (-1.0, 1.0), "rewards": (-bounds.max_abs_reward, bounds.max_abs_reward)}
+            for component in self.layout.components:
+                low = -bounds.max_abs_observation if component.low is None else component.low
+                high = bounds.max_abs_observation if component.high is None else component.high
+                if not (component.dtype == "uint8" and low <= 0 and high >= 255):  # else every byte is in bounds
+                    limits[f"frames.{component.name}"] = (low, high)
+            for name, (low, high) in limits.items():
+                array = arrays[name]
+                refuse(name, lambda chunk, array=array, low=low, high=high: (array[chunk] < low) | (array[chunk] > high),
+                       f"values outside the ingest's bounds [{low:.6g}, {high:.6g}]")
+        for name in ("terminated", "truncated", "complete"):
+            flags = arrays[name].view(np.uint8)
+            refuse(name, lambda chunk, flags=flags: flags[chunk] > 1, "flags other than 0 or 1")
+        for name in ("prev", "oldest"):  # a row of the same episode: an earlier one, or the row itself
+            links = arrays[name]
+            refuse(name, lambda chunk, links=links: (links[chunk] < 0) | (links[chunk] > absolute[chunk]),
+                   "links to no earlier row")
+        known = arrays["known"]
+        refuse("known", lambda chunk: (known[chunk] < 0) | (known[chunk] > self.depth), f"counts outside [0, {self.depth}]")
+
+    def load(self, path: str | Path, bounds: ValueBounds | None = None) -> None:
+        """Read a memory written by :meth:`save` (checked as :meth:`load_bytes` says)."""
+        self.load_bytes(Path(path).read_bytes(), bounds)
 

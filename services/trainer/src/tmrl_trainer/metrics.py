@@ -14,14 +14,23 @@ class TrainingMetrics:
 
     Tags: ``sac/<metric>`` for learner metrics, ``episode/return`` and ``episode/length`` for finished training
     episodes, ``eval/return`` for deterministic evaluations, ``speed/updates_per_s`` and ``speed/samples_per_s``.
+
+    Rates are measured from a baseline: the counts ``updates_at_start`` and ``samples_at_start`` at construction, or
+    those given to :meth:`set_rate_baseline` (a resumed run, whose update count continues the checkpoint's), then the
+    previous :meth:`log_rates` call. So the first rates of a run count only that run's progress.
     """
 
-    def __init__(self, log_dir: str | Path | None, flush_secs: int = 10) -> None:
+    def __init__(self, log_dir: str | Path | None, flush_secs: int = 10, updates_at_start: int = 0,
+                 samples_at_start: int = 0) -> None:
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self._writer = SummaryWriter(str(self.log_dir), flush_secs=flush_secs) if self.log_dir is not None else None
+        self.set_rate_baseline(updates_at_start, samples_at_start)
+
+    def set_rate_baseline(self, updates: int, samples: int) -> None:
+        """Measure the next rates from now and these running totals (e.g. the updates a resumed learner starts from)."""
         self._rate_time = time.perf_counter()
-        self._rate_updates = 0
-        self._rate_samples = 0
+        self._rate_updates = updates
+        self._rate_samples = samples
 
     def log_update(self, step: int, metrics: Mapping[str, float]) -> None:
         """Learner metrics (as returned by :meth:`Learner.update <tmrl_trainer.learner.Learner.update>`) at ``step``."""
@@ -41,7 +50,8 @@ class TrainingMetrics:
             self._writer.add_scalar("eval/return", mean_return, step)
 
     def log_rates(self, step: int, updates: int, samples: int) -> dict[str, float]:
-        """Updates/s and samples/s since the previous call, given the running totals ``updates`` and ``samples``."""
+        """Updates/s and samples/s since the previous call (the first call: since the baseline), given the running
+        totals ``updates`` and ``samples``."""
         now = time.perf_counter()
         elapsed = max(now - self._rate_time, 1e-9)
         rates = {"updates_per_s": (updates - self._rate_updates) / elapsed,

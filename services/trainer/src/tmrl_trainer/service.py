@@ -231,6 +231,8 @@ class TrainerService:
         except BaseException:
             self._context.destroy(linger=0)
             raise
+        # metrics.jsonl / TensorBoard rates count this run's progress: updates continue the checkpoint's count
+        self.recorder.set_rate_baseline(self.learner.updates, self.rows_received)
         self._report_lost_progress(previous_run)
         # the ratio counts the updates made beyond this baseline against this run's rows; a restored memory's unused
         # budget moves the baseline up, so that many updates come on top of utd * rows received
@@ -338,7 +340,8 @@ class TrainerService:
                         "replay memory starts empty and the warm-up applies again", path)
             return 0
         try:
-            self.memory.load(memory_file)  # into the empty memory (no second allocation); checked before it replaces
+            # into the empty memory (no second allocation), its values held to the ingest's bounds before it replaces
+            self.memory.load(memory_file, bounds=self.ingestor.bounds)
             expected = restored.extra.get("memory_rows_added")
             if self.memory.rows_added != expected:
                 raise MemoryFileError(f"it holds {self.memory.rows_added} rows ever added where the checkpoint "

@@ -34,7 +34,12 @@ TENSORBOARD_DIR = "tensorboard"
 
 class RunRecorder:
     """Appends episode and training records to ``metrics.jsonl`` and TensorBoard
-    (:class:`~tmrl_trainer.metrics.TrainingMetrics`, plus ``episode_return/<worker>``). Thread-safe."""
+    (:class:`~tmrl_trainer.metrics.TrainingMetrics`, plus ``episode_return/<worker>``). Thread-safe.
+
+    The ``updates_per_s`` and ``samples_per_s`` of a ``train`` record are measured since the previous one; the first
+    record's since the rate baseline: 0 updates and 0 samples when the recorder was made, unless a resumed trainer
+    calls :meth:`set_rate_baseline` with the update count it resumed from.
+    """
 
     def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
@@ -60,6 +65,12 @@ class RunRecorder:
             writer = self._board._writer
             if writer is not None:
                 writer.add_scalar(f"episode_return/{record.worker}", record.episode_return, record.worker_steps)
+
+    def set_rate_baseline(self, updates: int, samples: int) -> None:
+        """Measure the next rates from now and these running totals: call it once a resumed trainer knows the update
+        count its learner continues from (``samples``: the count this run's :meth:`training` calls start from)."""
+        with self._lock:
+            self._board.set_rate_baseline(updates, samples)
 
     def training(self, updates: int, samples: int, weights_version: int, metrics: dict[str, float]) -> None:
         finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}

@@ -1,0 +1,52 @@
+"""The run recorder's ``train`` records: updates/s and samples/s measure this run's progress, also after a resume."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import tmrl_trainer.metrics as metrics_module
+from tmrl_trainer.metrics import TrainingMetrics
+from tmrl_trainer.status import METRICS_FILE, RunRecorder, read_metrics
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The rate clock of :mod:`tmrl_trainer.metrics`, set by the test (seconds)."""
+    now = SimpleNamespace(seconds=100.0)
+    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(perf_counter=lambda: now.seconds))
+    return now
+
+
+def train_records(run_dir):
+    return [r for r in read_metrics(run_dir / METRICS_FILE) if r["kind"] == "train"]
+
+
+def test_the_first_train_record_after_a_resume_counts_only_the_updates_and_samples_of_this_run(tmp_path, clock):
+    recorder = RunRecorder(tmp_path, tensorboard=False)  # made before the checkpoint is loaded, as the trainer does
+    clock.seconds += 5.0  # loading the checkpoint and its memory
+    recorder.set_rate_baseline(updates=3000, samples=0)  # the learner resumed at 3000 updates; no row received yet
+    clock.seconds += 2.0
+    recorder.training(3200, 400, weights_version=61, metrics={"critic_loss": 0.5})
+    clock.seconds += 4.0
+    recorder.training(3600, 1200, weights_version=62, metrics={"critic_loss": 0.4})
+    recorder.close()
+    first, second = train_records(tmp_path)
+    assert first["updates"] == 3200 and first["updates_per_s"] == pytest.approx(100.0)
+    assert first["samples_per_s"] == pytest.approx(200.0)
+    assert second["updates_per_s"] == pytest.approx(100.0) and second["samples_per_s"] == pytest.approx(200.0)
+
+
+def test_a_fresh_run_measures_its_first_rates_from_zero_when_the_recorder_was_made(tmp_path, clock):
+    recorder = RunRecorder(tmp_path, tensorboard=False)
+    clock.seconds += 10.0
+    recorder.training(500, 2000, weights_version=10, metrics={})
+    recorder.close()
+    (record,) = train_records(tmp_path)
+    assert record["updates_per_s"] == pytest.approx(50.0) and record["samples_per_s"] == pytest.approx(200.0)
+
+
+def test_training_metrics_made_with_the_counts_a_run_starts_from_measure_its_first_rates_from_them(clock):
+    board = TrainingMetrics(None, updates_at_start=3000, samples_at_start=0)
+    clock.seconds += 2.0
+    assert board.log_rates(3200, 3200, 400) == pytest.approx({"updates_per_s": 100.0, "samples_per_s": 200.0})
