@@ -317,14 +317,24 @@ def test_a_run_dir_where_checkpoints_cannot_be_written_is_a_config_error_at_star
         TrainerService(make_config(tmp_path))
 
 
-def test_a_warm_up_larger_than_the_memory_and_non_positive_layer_sizes_are_refused_as_config():
+def test_non_positive_layer_sizes_are_refused_as_config():
     from pydantic import ValidationError
     from tmrl_trainer.config import TrainerConfig
 
-    with pytest.raises(ValidationError, match=r"sac.learning_starts \(200\) exceeds memory_capacity \(150\)"):
-        TrainerConfig.model_validate({"memory_capacity": 150, "sac": {"learning_starts": 200}})
     with pytest.raises(ValidationError, match=r"hidden_sizes \[0, -3\] .* must be positive"):
         TrainerConfig.model_validate({"sac": {"hidden_sizes": [0, -3]}})
+
+
+def test_a_warm_up_larger_than_the_memory_is_said_at_start_since_such_a_trainer_never_trains(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):  # an ingest-only trainer is a use; a typo is not
+        service = TrainerService(make_config(tmp_path, memory_capacity=150))  # learning_starts 50: fits
+        service.shutdown()
+        assert "exceeds memory_capacity" not in caplog.text
+        service = TrainerService(make_config(tmp_path / "b", memory_capacity=150,
+                                             sac={"hidden_sizes": [16], "learning_starts": 200}))
+        service.shutdown()
+    assert "sac.learning_starts (200) exceeds memory_capacity (150): this trainer stores samples but will never " \
+           "train" in caplog.text
 
 
 def checkpointed_every_4(tmp_path, updates: int):

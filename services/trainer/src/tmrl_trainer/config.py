@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tmrl_common.protocol import SENDER_PATTERN
 from tmrl_common.sockets import SecurityConfig, TransportConfig
 
@@ -80,13 +80,6 @@ class TrainerConfig(BaseModel):
     @classmethod
     def _known_device(cls, value: str) -> str:
         return check_device(value)
-
-    @model_validator(mode="after")
-    def _warm_up_fits_the_memory(self) -> TrainerConfig:
-        if self.sac.learning_starts > self.memory_capacity:
-            raise ValueError(f"sac.learning_starts ({self.sac.learning_starts}) exceeds memory_capacity "
-                             f"({self.memory_capacity}): the memory could never hold enough rows to start training")
-        return self
 
     @field_validator("trainer_id")
     @classmethod

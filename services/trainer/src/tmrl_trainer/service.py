@@ -234,6 +234,9 @@ class TrainerService:
         # metrics.jsonl / TensorBoard rates count this run's progress: updates continue the checkpoint's count
         self.recorder.set_rate_baseline(self.learner.updates, self.rows_received)
         self._report_lost_progress(previous_run)
+        if config.sac.learning_starts > config.memory_capacity:  # an ingest-only trainer, or a typo: say which it is
+            log.warning("sac.learning_starts (%d) exceeds memory_capacity (%d): this trainer stores samples but will "
+                        "never train", config.sac.learning_starts, config.memory_capacity)
         # the ratio counts the updates made beyond this baseline against this run's rows; a restored memory's unused
         # budget moves the baseline up, so that many updates come on top of utd * rows received
         self._ratio_baseline = self.learner.updates + self._carried_update_credit
