@@ -208,7 +208,9 @@ def test_emulate_game_command_reports_a_bad_track_or_a_port_in_use_in_one_line()
     from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["emulate-game", "--track", "nope", "--seconds", "0.1"])
-    assert result.exit_code == 2 and result.output.startswith("tmrl-worker emulate-game: unknown track 'nope'")
+    assert result.exit_code == 2 and result.output.startswith("tmrl-worker emulate-game: track: Value error, unknown "
+                                                              "track 'nope'")
+    assert result.output.strip().count("\n") == 0
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -216,3 +218,12 @@ def test_emulate_game_command_reports_a_bad_track_or_a_port_in_use_in_one_line()
         result = CliRunner().invoke(app, ["emulate-game", "--telemetry-port", str(port), "--seconds", "0.1"])
     assert result.exit_code == 2 and "Address already in use" in result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)  # typer.Exit(2), no error
+
+
+def test_an_emulated_games_unknown_track_is_refused_when_its_config_is_read():
+    from pydantic import ValidationError
+    from tmrl_worker.tm20.emulated_game import EmulatedGameConfig
+
+    with pytest.raises(ValidationError, match=r"unknown track 'nope'"):
+        EmulatedGameConfig(track="nope")
+    assert EmulatedGameConfig(track="random:5").track == "random:5"

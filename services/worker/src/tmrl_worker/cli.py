@@ -184,6 +184,7 @@ def emulate_game(
     env_options.emulated_game."""
     import time
 
+    from tmrl_worker.envs import one_line_message
     from tmrl_worker.tm20.emulated_game import EmulatedGame
 
     config = {"track": track, "port": telemetry_port, "window_title": window_title, "speedup": speedup}
@@ -194,7 +195,7 @@ def emulate_game(
     except (ValueError, OSError) as exc:  # a bad track or setting (pydantic's errors are ValueErrors), a port in use
         if game is not None:
             game.close()
-        typer.echo(f"tmrl-worker emulate-game: {exc}", err=True)
+        typer.echo(f"tmrl-worker emulate-game: {one_line_message(exc)}", err=True)
         raise typer.Exit(code=2) from exc
     try:
         if autodrive:

@@ -394,7 +394,7 @@ def _make_gym(spec: str, gym_id: str, max_episode_steps: int | None, options: di
                      wrap_observation=wrap, step_seconds=_gym_step_seconds(env))
 
 
-def _one_line(exc: Exception) -> str:
+def one_line_message(exc: Exception) -> str:
     """``exc``'s message on one line: a pydantic ValidationError's errors as ``field: message; ...``."""
     errors = getattr(exc, "errors", None)
     if callable(errors):
@@ -416,7 +416,7 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
         try:
             env = gymnasium.make(SIM_GYM_ID, config=settings, render_mode=render_mode, disable_env_checker=True)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {_one_line(exc)}") from exc
+            raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {one_line_message(exc)}") from exc
         sim = env.unwrapped
         pose, car = (lambda: sim.car.pose()), sim.config.car
         current_track = lambda: sim.track  # noqa: E731  (episode_tracks: a new track per episode)
@@ -428,7 +428,7 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
         try:
             config = realtime_config(None, time_step_duration=step, **settings)
         except ValueError as exc:
-            raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {_one_line(exc)}") from exc
+            raise EnvSpecError(f"env {spec!r}: invalid simulator options {options}: {one_line_message(exc)}") from exc
         env = _rtgym_env(spec, config)
         interface = env.unwrapped.interface
         pose, car = interface.loop.pose, interface.config.car
@@ -507,7 +507,7 @@ def _start_emulated_game(spec: str, settings: Any, kwargs: dict) -> Any:
     try:
         game = EmulatedGame(settings).start()
     except (ValidationError, ValueError, OSError) as exc:
-        raise EnvSpecError(f"env {spec!r}: cannot start the emulated game {settings!r}: {exc}") from exc
+        raise EnvSpecError(f"env {spec!r}: cannot start the emulated game {settings!r}: {one_line_message(exc)}") from exc
     interface = interface_class(spec)
     for name, device in game.devices(interface.window_size, interface.capture_color).items():
         kwargs.setdefault(name, device)

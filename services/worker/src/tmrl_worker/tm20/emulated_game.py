@@ -43,12 +43,12 @@ import time
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tmrl_worker.sim.camera import ROAD, WALL, rasterize_track
 from tmrl_worker.sim.car import Car
 from tmrl_worker.sim.config import CarParams
-from tmrl_worker.sim.track import Track, load_track
+from tmrl_worker.sim.track import Track, check_track_name, load_track
 from tmrl_worker.tm20.capture import CaptureError, ColorMode, to_gray
 from tmrl_worker.tm20.control import analog_command
 from tmrl_worker.tm20.openplanet import DEFAULT_PORT, encode_packet
@@ -74,6 +74,7 @@ class EmulatedGameConfig(BaseModel):
 
     track: str = "hairpins"
     """A simulator track: ``oval``, ``hairpins``, ``circuit``, ``random:SEED``, ``random-open:SEED``."""
+
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     """Plugin port on 127.0.0.1 (0: a free one, see :attr:`EmulatedGame.port`)."""
     window_title: str = "Trackmania"
@@ -90,6 +91,11 @@ class EmulatedGameConfig(BaseModel):
     horizon: float = Field(default=0.35, gt=0, lt=0.8)
     """Horizon row as a fraction of the frame height."""
     car: CarParams = CarParams()
+
+    @field_validator("track")
+    @classmethod
+    def _known_track(cls, value: str) -> str:
+        return check_track_name(value)  # when the config is read, not when the game is built
 
 
 class CockpitRenderer:
