@@ -7,7 +7,10 @@ from here; ``tests/common/test_service_cli.py`` checks that an option of the sam
 from __future__ import annotations
 
 import enum
+import faulthandler
 import logging
+import signal
+import sys
 
 from tmrl_common.errors import ConfigError
 
@@ -50,8 +53,16 @@ def config_help(section: str) -> str:
 
 
 def configure_logging(level: str) -> None:
-    """Log to stderr at ``level`` (one of :data:`LOG_LEVELS`, any case); :class:`ConfigError` for another."""
+    """Log to stderr at ``level`` (one of :data:`LOG_LEVELS`, any case); :class:`ConfigError` for another.
+
+    Where the OS has ``SIGUSR1`` (not Windows), that signal also makes the service print every thread's stack to
+    stderr and go on (``kill -USR1 PID``): what a process that does not stop is doing."""
     name = str(level).upper()
     if name not in LOG_LEVELS:
         raise ConfigError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
     logging.basicConfig(level=name, format=LOG_FORMAT)
+    if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:
+        try:  # the process's own stderr: a test harness may have replaced sys.stderr by a buffer without a file
+            faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+        except (OSError, ValueError):  # no usable file descriptor: the service runs on without the dump
+            pass

@@ -259,9 +259,13 @@ class LocalStack:
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
+                if hasattr(signal, "SIGUSR1"):  # the services print every thread's stack on it: where it is stuck
+                    process.send_signal(signal.SIGUSR1)
+                    time.sleep(1.0)
                 process.kill()
                 process.wait()
-                raise StackError(f"{name} ignored signal {sig} for {timeout}s:\n{self.tail(name)}") from None
+                raise StackError(f"{name} ignored signal {sig} for {timeout}s (its threads' stacks at the end):\n"
+                                 f"{self.tail(name, lines=80)}") from None
         return process.returncode
 
     def wait(self, name: str, timeout: float) -> int:
