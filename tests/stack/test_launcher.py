@@ -70,6 +70,18 @@ def test_a_process_ignoring_sigterm_is_killed_and_reported(tmp_path):
         assert stack.processes["stubborn"].returncode == -signal.SIGKILL
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="Windows has no SIGUSR1")
+def test_a_service_ignoring_sigterm_is_reported_with_its_threads_stacks(tmp_path):
+    with LocalStack(tmp_path) as stack:
+        stack.start("stuck", "python", "-c", "import signal, time\nfrom tmrl_common.options import configure_logging\n"
+                                             "configure_logging('INFO')\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                             "print('ready', flush=True)\ntime.sleep(60)", role="trainer")
+        wait_until(lambda: "ready" in stack.logs["stuck"].read_text(), 30, stack, "the child starting", "stuck")
+        with pytest.raises(StackError, match=r"(?s)stuck ignored signal .*its threads' stacks.*Current thread 0x"):
+            stack.stop("stuck", timeout=0.5, sig=signal.SIGTERM)
+        assert stack.processes["stuck"].returncode == -signal.SIGKILL  # the dump did not end it: the kill did
+
+
 WITH_STACK = """
 with LocalStack(root) as stack:
     stack.start("sleeper", sys.executable, "-c", "import time; time.sleep(120)")

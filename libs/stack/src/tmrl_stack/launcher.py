@@ -259,8 +259,8 @@ class LocalStack:
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
-                if hasattr(signal, "SIGUSR1"):  # the services print every thread's stack on it: where it is stuck
-                    process.send_signal(signal.SIGUSR1)
+                if hasattr(signal, "SIGUSR1") and self.roles.get(name):  # a tmrl service prints every thread's
+                    process.send_signal(signal.SIGUSR1)  # stack on it (configure_logging): where it is stuck
                     time.sleep(1.0)
                 process.kill()
                 process.wait()
