@@ -24,7 +24,7 @@ from tmrl_common.protocol import (
     SENDER_PATTERN,
     SUPPORTED_VERSIONS,
     DecodeLimits,
-    SampleBatch,
+    batch_seq_of,
 )
 
 _ENVELOPE_KEYS = frozenset({"v", "type", "sender", "sent_at"})
@@ -129,7 +129,6 @@ class BatchHead(NamedTuple):
 
 
 _HEAD_BYTES = 512  # a canonically encoded body (tmrl_common.protocol.encode) has seq and first.shape well within this
-_SAMPLE_BATCH_FIELDS = len(SampleBatch.model_fields)
 
 
 def read_batch_head(body: Any, max_steps: int = DEFAULT_LIMITS.max_batch_steps) -> BatchHead:
@@ -157,40 +156,16 @@ def read_batch_seq(body: Any) -> int | None:
     """The ``seq`` of a ``sample_batch`` body however broken the rest of it is, so that an ``error`` about the batch
     can name it (``ref_seq``); None when the body holds no int63 ``seq`` before its first problem.
 
-    Same verdict as :func:`tmrl_common.protocol.batch_seq_of`, by which the trainer names the batches it refuses:
-    the first entries of the top-level map, in order, up to ``seq`` (at most as many entries as a ``sample_batch``
-    has fields; values before ``seq`` are skipped, never decoded). When ``seq`` comes first, as ``encode`` writes
-    it, only the first bytes are read.
+    The trainer's own reading, :func:`tmrl_common.protocol.batch_seq_of`, first on the body's first bytes (where
+    ``encode`` writes ``seq``): a seq found there is the one the whole body gives, and only a body that does not
+    answer there is read whole.
     """
     view = memoryview(body)
-    size = len(view)
-    try:
-        return _scan_seq(view[:_HEAD_BYTES], size)
-    except msgpack.OutOfData:
-        if size <= _HEAD_BYTES:
-            return None
-    try:
-        return _scan_seq(view, size)
-    except msgpack.OutOfData:
-        return None
-
-
-def _scan_seq(data: memoryview, size: int) -> int | None:
-    """:func:`read_batch_seq` on ``data``, the body or its first bytes; raises ``msgpack.OutOfData`` when they end
-    before an answer."""
-    unpacker = _unpacker(size)
-    unpacker.feed(data)
-    try:
-        for _ in range(min(unpacker.read_map_header(), _SAMPLE_BATCH_FIELDS)):
-            if unpacker.unpack() == "seq":
-                seq = unpacker.unpack()
-                return seq if _is_int63(seq) else None
-            unpacker.skip()
-    except msgpack.OutOfData:
-        raise
-    except Exception:  # msgpack raises several unrelated exception types on hostile input
-        return None
-    return None
+    if len(view) > _HEAD_BYTES:
+        seq = batch_seq_of(view[:_HEAD_BYTES])
+        if seq is not None:
+            return seq
+    return batch_seq_of(view)
 
 
 def _unpacker(size: int) -> msgpack.Unpacker:
