@@ -38,7 +38,7 @@ def eval_command(
     from tmrl_common.config import load_config_for_command
 
     from tmrl_worker.config import WorkerConfig
-    from tmrl_worker.envs import EnvFailure, EnvSpecError
+    from tmrl_worker.envs import EnvFailure, EnvSpecError, one_line_message
     from tmrl_worker.evaluate import EvalConfig, GifPathError, episode_line, evaluate, summary_line
     from tmrl_worker.runtime import PolicyFileError
     from tmrl_worker.sim.track import TrackError
@@ -50,8 +50,7 @@ def eval_command(
                               time_step_duration=worker.time_step_duration, max_episode_steps=worker.max_episode_steps,
                               env_options=worker.env_options, gif=gif)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
-        typer.echo(f"tmrl-worker eval: invalid settings: {problems}", err=True)
+        typer.echo(f"tmrl-worker eval: invalid settings: {one_line_message(exc)}", err=True)
         raise typer.Exit(code=2) from exc
     torch.set_num_threads(1)  # one observation at a time: extra threads only add latency
     try:
