@@ -374,26 +374,23 @@ class TelemetryClient:
     def latest(self, timeout: float | None = None) -> Telemetry:
         """The newest packet, waiting up to ``timeout`` (default: the client's) for one no older than that."""
         timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                if self._latest is not None and now - self._latest.received_at <= timeout:
-                    return self._latest
-                if now >= deadline:
-                    raise self._timeout_error(now - self._since())
-                self._cond.wait(deadline - now)
+        return self._fresh(timeout, wait_until=time.monotonic() + timeout)
 
     def current(self, max_age: float) -> Telemetry:
         """The newest packet if it is no older than ``max_age``; else wait for a fresh one only until the newest packet
         received (on this connection or a lost one) is ``max_age`` old, then raise. Unlike :meth:`latest`, a plugin
         silent for ``max_age`` fails at once: a real-time step is never held for a further ``max_age``."""
+        return self._fresh(max_age, wait_until=None)
+
+    def _fresh(self, max_age: float, wait_until: float | None) -> Telemetry:
+        """The newest packet once it is at most ``max_age`` old, waiting until ``wait_until`` (``None``: until the
+        newest packet received is ``max_age`` old); :class:`TelemetryTimeoutError` after that."""
         with self._cond:
             while True:
                 now = time.monotonic()
                 if self._latest is not None and now - self._latest.received_at <= max_age:
                     return self._latest
-                deadline = self._since() + max_age
+                deadline = self._since() + max_age if wait_until is None else wait_until
                 if now >= deadline:
                     raise self._timeout_error(now - self._since())
                 self._cond.wait(deadline - now)
