@@ -103,6 +103,10 @@ class EnvHandle:
         self._default_action = (np.zeros(self.layout.action_dim, dtype=np.float32) if env_default is None
                                 else self.to_policy_action(env_default))
         self._action_buffer: deque = deque(maxlen=self.layout.action_history)
+        self._part_names = [component.name for component in self.layout.components]
+        """The observation parts :meth:`_finite` checks, by name (the action buffer's parts follow them)."""
+        self._interface = getattr(self.env.unwrapped, "interface", None)
+        """The rtgym interface (``None`` for other envs), whose guard :meth:`step` asks after every step."""
 
     @property
     def action_dim(self) -> int:
@@ -155,12 +159,11 @@ class EnvHandle:
         if not math.isfinite(reward):
             raise EnvFailure(f"env {self.spec!r} returned reward {reward} at {when}: NaN and infinite rewards cannot "
                              "be learned from; fix or clip the env's reward")
-        names = [component.name for component in self.layout.components]
-        for index, part in enumerate(observation[: len(names)]):
+        for name, part in zip(self._part_names, observation, strict=False):
             values = np.asarray(part)
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 raise EnvFailure(f"env {self.spec!r} returned NaN or infinite values in observation part "
-                                 f"{names[index]!r} at {when}: fix or clip the env's observation")
+                                 f"{name!r} at {when}: fix or clip the env's observation")
         return observation
 
     def step(self, action: np.ndarray) -> tuple[tuple, float, bool, bool, dict]:
@@ -170,7 +173,7 @@ class EnvHandle:
         task (the game's plugin or window went away) also sets ``info[TRUNCATED_REASON]``, and the step is then
         reported as truncated, so the trainer bootstraps through it instead of learning a false terminal state."""
         observation, reward, terminated, truncated, info = self.env.step(self.to_env_action(action))
-        failure = getattr(getattr(self.env.unwrapped, "interface", None), "rtgym_thread_failure", None)
+        failure = getattr(self._interface, "rtgym_thread_failure", None)
         if failure is not None:  # the interface failed on rtgym's thread (_guarded_interface): it cannot go on
             raise EnvFailure(f"env {self.spec!r}: {failure}")
         if terminated and isinstance(info, dict) and info.get(TRUNCATED_REASON):
