@@ -183,15 +183,22 @@ class SampleBatch(Message):
         max_abs_observation`` where a bound is not declared; reason ``observation_out_of_bounds``), each action within
         the policy's action space ``[-1, 1]`` (``action_out_of_bounds``), each reward within ``±max_abs_reward``
         (``reward_out_of_bounds``). Finite but absurd values (3e38 rewards) would otherwise reach the learner."""
-        for component in layout.components:
-            low = -max_abs_observation if component.low is None else component.low
-            high = max_abs_observation if component.high is None else component.high
-            if component.dtype == "uint8" and low <= 0 and high >= 255:
-                continue  # every byte is in bounds
-            _check_range(self.observations[component.name], low, high, "observation_out_of_bounds",
-                         f"observations[{component.name!r}]")
+        for name, (low, high) in observation_bounds(layout, max_abs_observation).items():
+            _check_range(self.observations[name], low, high, "observation_out_of_bounds", f"observations[{name!r}]")
         _check_range(self.actions, -1.0, 1.0, "action_out_of_bounds", "actions")
         _check_range(self.rewards, -max_abs_reward, max_abs_reward, "reward_out_of_bounds", "rewards")
+
+
+def observation_bounds(layout: ObservationLayout, max_abs_observation: float) -> dict[str, tuple[float, float]]:
+    """``{component name: (low, high)}`` every stored frame must lie in: its declared bounds, ``±max_abs_observation``
+    where one is not declared; a ``uint8`` component whose bounds hold every byte is left out (nothing to check)."""
+    bounds = {}
+    for component in layout.components:
+        low = -max_abs_observation if component.low is None else component.low
+        high = max_abs_observation if component.high is None else component.high
+        if not (component.dtype == "uint8" and low <= 0 and high >= 255):
+            bounds[component.name] = (low, high)
+    return bounds
 
 
 def _check_range(values: WireArray, low: float, high: float, reason: RejectReason, what: str) -> None:

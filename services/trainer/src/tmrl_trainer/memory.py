@@ -52,7 +52,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from tmrl_common.layout import ObservationLayout, observation_digest
-from tmrl_common.protocol import SampleBatch
+from tmrl_common.protocol import SampleBatch, observation_bounds
 
 from tmrl_trainer.ingest import ValueBounds
 from tmrl_trainer.tensor_file import TensorFileError, pack, unpack, write_atomically
@@ -501,12 +501,9 @@ class ReplayMemory:
             if array.dtype.kind == "f":
                 refuse(name, lambda chunk, array=array: ~np.isfinite(array[chunk]), "NaN or inf")
         if bounds is not None:  # the ranges SampleBatch.check_bounds holds every ingested batch to
-            limits = {"actions": (-1.0, 1.0), "rewards": (-bounds.max_abs_reward, bounds.max_abs_reward)}
-            for component in self.layout.components:
-                low = -bounds.max_abs_observation if component.low is None else component.low
-                high = bounds.max_abs_observation if component.high is None else component.high
-                if not (component.dtype == "uint8" and low <= 0 and high >= 255):  # else every byte is in bounds
-                    limits[f"frames.{component.name}"] = (low, high)
+            limits = {"actions": (-1.0, 1.0), "rewards": (-bounds.max_abs_reward, bounds.max_abs_reward),
+                      **{f"frames.{name}": limit
+                         for name, limit in observation_bounds(self.layout, bounds.max_abs_observation).items()}}
             for name, (low, high) in limits.items():
                 array = arrays[name]
                 refuse(name, lambda chunk, array=array, low=low, high=high: (array[chunk] < low) | (array[chunk] > high),
