@@ -295,10 +295,64 @@ def _squashed_gaussian(mean: torch.Tensor, log_std: torch.Tensor, noise: torch.T
     return action, (gaussian - squash).sum(dim=1)
 
 
+def relu_policy_pair(features: torch.Tensor, next_features: torch.Tensor, noise: torch.Tensor,
+                     next_noise: torch.Tensor, log_std_min: float, log_std_max: float, mean_weight: torch.Tensor,
+                     mean_bias: torch.Tensor, log_std_weight: torch.Tensor, log_std_bias: torch.Tensor,
+                     weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A ReLU actor's squashed-Gaussian policy at the current and the next features in one pass of ``2B`` rows (one
+    matrix product per layer, the mean and log-std heads as one product), without autograd:
+    ``(action, log_prob, next_action, next_log_prob, saved)``, where ``saved`` is what :func:`relu_policy_backward`
+    reads to back-propagate through the current rows (:class:`_ReluPolicyPair` and the ``cpu-compiled`` learner)."""
+    rows, actions = features.shape[0], mean_weight.shape[0]
+    layers = [torch.cat([features, next_features])]
+    for weight, bias in zip(weights, biases, strict=True):
+        layers.append(torch.addmm(bias, layers[-1], weight.t()).relu_())
+    head_weight = torch.cat([mean_weight, log_std_weight])
+    heads = torch.addmm(torch.cat([mean_bias, log_std_bias]), layers[-1], head_weight.t())
+    mean, raw_log_std = heads[:, :actions], heads[:, actions:]
+    log_std = raw_log_std.clamp(log_std_min, log_std_max)
+    action, log_prob = _squashed_gaussian(mean, log_std, torch.cat([noise, next_noise]), True)
+    current = slice(0, rows)
+    saved = (*(layer[current] for layer in layers), head_weight, *weights, action[current], log_std[current].exp(),
+             noise, log_std[current] == raw_log_std[current])
+    return action[current], log_prob[current], action[rows:], log_prob[rows:], saved
+
+
+def relu_policy_backward(saved: Sequence[torch.Tensor], grad_action: torch.Tensor, grad_log_prob: torch.Tensor,
+                         input_gradient: bool,
+                         ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    list[torch.Tensor], list[torch.Tensor]]:
+    """The gradients of :func:`relu_policy_pair`'s current rows, given ``grad_action`` ``(B, action_dim)`` and
+    ``grad_log_prob`` ``(B,)`` reaching its action and log-probability: ``(grad_features`` (``None`` unless
+    ``input_gradient``), ``grad_mean_weight, grad_mean_bias, grad_log_std_weight, grad_log_std_bias, grad_weights,
+    grad_biases)``. See :class:`_ReluPolicyPair` for the maths."""
+    *saved, action, std, noise, unclamped = saved
+    layers = (len(saved) - 1) // 2 + 1  # input and hidden outputs; then the head weight and the trunk weights
+    outputs, head_weight, weights = saved[:layers], saved[layers], saved[layers + 1 :]
+    grad_log_prob = grad_log_prob.unsqueeze(1)
+    grad_x = (1.0 - action * action).mul_(grad_action).addcmul_(action, grad_log_prob, value=2.0)
+    grad_log_std = (grad_x * std).mul_(noise).sub_(grad_log_prob).mul_(unclamped)
+    grad_heads = torch.cat([grad_x, grad_log_std], dim=1)
+    grad_head_weight = grad_heads.t().mm(outputs[-1])
+    grad_head_bias = grad_heads.sum(dim=0)
+    actions = grad_x.shape[1]
+    grad = grad_heads.mm(head_weight)
+    grad_weights: list[torch.Tensor] = [torch.empty(0)] * len(weights)
+    grad_biases: list[torch.Tensor] = [torch.empty(0)] * len(weights)
+    for layer in range(len(weights) - 1, -1, -1):
+        grad = _relu_backward(grad, outputs[layer + 1])
+        grad_weights[layer] = grad.t().mm(outputs[layer])
+        grad_biases[layer] = grad.sum(dim=0)
+        if layer > 0 or input_gradient:
+            grad = grad.mm(weights[layer])
+    return (grad if input_gradient else None, grad_head_weight[:actions], grad_head_bias[:actions],
+            grad_head_weight[actions:], grad_head_bias[actions:], grad_weights, grad_biases)
+
+
 class _ReluPolicyPair(torch.autograd.Function):
-    """:meth:`Actor.policy_pair` of a ReLU actor: the squashed-Gaussian policy at the current and the next features
-    in one pass of ``2B`` rows (one matrix product per layer, the mean and log-std heads as one product), with a
-    hand-written backward through the current rows only (the next ones carry no gradient).
+    """:meth:`Actor.policy_pair` of a ReLU actor: :func:`relu_policy_pair`'s one pass of ``2B`` rows, with
+    :func:`relu_policy_backward` through the current rows only (the next ones carry no gradient).
 
     Gradients, with ``x = mean + std * noise``, ``a = tanh(x)``, ``g_a`` and ``g_l`` the gradients reaching ``a``
     and ``log pi``: ``d log pi / dx = 2 tanh(x) = 2a`` (the derivative of ``-2 (log 2 - x - softplus(-2x))``), so
@@ -312,48 +366,21 @@ class _ReluPolicyPair(torch.autograd.Function):
                 next_noise: torch.Tensor, log_std_min: float, log_std_max: float, mean_weight: torch.Tensor,
                 mean_bias: torch.Tensor, log_std_weight: torch.Tensor, log_std_bias: torch.Tensor,
                 *trunk: torch.Tensor):
-        rows, actions = features.shape[0], mean_weight.shape[0]
         weights, biases = trunk[: len(trunk) // 2], trunk[len(trunk) // 2 :]
-        layers = [torch.cat([features, next_features])]
-        for weight, bias in zip(weights, biases, strict=True):
-            layers.append(torch.addmm(bias, layers[-1], weight.t()).relu_())
-        head_weight = torch.cat([mean_weight, log_std_weight])
-        heads = torch.addmm(torch.cat([mean_bias, log_std_bias]), layers[-1], head_weight.t())
-        mean, raw_log_std = heads[:, :actions], heads[:, actions:]
-        log_std = raw_log_std.clamp(log_std_min, log_std_max)
-        action, log_prob = _squashed_gaussian(mean, log_std, torch.cat([noise, next_noise]), True)
-        current = slice(0, rows)
-        ctx.save_for_backward(*(layer[current] for layer in layers), head_weight, *weights, action[current],
-                              log_std[current].exp(), noise, log_std[current] == raw_log_std[current])
-        next_action, next_log_prob = action[rows:], log_prob[rows:]
+        action, log_prob, next_action, next_log_prob, saved = relu_policy_pair(
+            features, next_features, noise, next_noise, log_std_min, log_std_max, mean_weight, mean_bias,
+            log_std_weight, log_std_bias, weights, biases)
+        ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(next_action, next_log_prob)
-        return action[current], log_prob[current], next_action, next_log_prob
+        return action, log_prob, next_action, next_log_prob
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_action: torch.Tensor, grad_log_prob: torch.Tensor, *_next):  # type: ignore[override]
-        *saved, action, std, noise, unclamped = ctx.saved_tensors
-        layers = (len(saved) - 1) // 2 + 1  # input and hidden outputs; then the head weight and the trunk weights
-        outputs, head_weight, weights = saved[:layers], saved[layers], saved[layers + 1 :]
-        grad_log_prob = grad_log_prob.unsqueeze(1)
-        grad_x = (1.0 - action * action).mul_(grad_action).addcmul_(action, grad_log_prob, value=2.0)
-        grad_log_std = (grad_x * std).mul_(noise).sub_(grad_log_prob).mul_(unclamped)
-        grad_heads = torch.cat([grad_x, grad_log_std], dim=1)
-        grad_head_weight = grad_heads.t().mm(outputs[-1])
-        grad_head_bias = grad_heads.sum(dim=0)
-        actions = grad_x.shape[1]
-        grad = grad_heads.mm(head_weight)
-        grad_weights: list[torch.Tensor] = [torch.empty(0)] * len(weights)
-        grad_biases: list[torch.Tensor] = [torch.empty(0)] * len(weights)
-        for layer in range(len(weights) - 1, -1, -1):
-            grad = _relu_backward(grad, outputs[layer + 1])
-            grad_weights[layer] = grad.t().mm(outputs[layer])
-            grad_biases[layer] = grad.sum(dim=0)
-            if layer > 0 or ctx.needs_input_grad[0]:
-                grad = grad.mm(weights[layer])
-        grad_features = grad if ctx.needs_input_grad[0] else None
-        return (grad_features, None, None, None, None, None, grad_head_weight[:actions], grad_head_bias[:actions],
-                grad_head_weight[actions:], grad_head_bias[actions:], *grad_weights, *grad_biases)
+        (grad_features, grad_mean_weight, grad_mean_bias, grad_log_std_weight, grad_log_std_bias, grad_weights,
+         grad_biases) = relu_policy_backward(ctx.saved_tensors, grad_action, grad_log_prob, ctx.needs_input_grad[0])
+        return (grad_features, None, None, None, None, None, grad_mean_weight, grad_mean_bias, grad_log_std_weight,
+                grad_log_std_bias, *grad_weights, *grad_biases)
 
 
 def build_actor(architecture: PolicyArchitecture) -> Actor:
@@ -514,7 +541,10 @@ def _relu_backward(grad: torch.Tensor, relu_output: torch.Tensor) -> torch.Tenso
 
 
 def _relu_backward_(grad: torch.Tensor, relu_output: torch.Tensor) -> torch.Tensor:
-    """:func:`_relu_backward` written into ``grad`` (one pass, no new tensor)."""
+    """:func:`_relu_backward` written into ``grad`` (one pass, no new tensor); out of place where ``torch.compile``
+    traces it, which plans its own buffers."""
+    if torch.compiler.is_compiling():
+        return _relu_backward(grad, relu_output)
     return torch.ops.aten.threshold_backward.grad_input(grad, relu_output, 0, grad_input=grad)
 
 
@@ -535,9 +565,67 @@ def _output_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     return torch.baddbmm(bias, weight.transpose(1, 2), x.transpose(1, 2)).squeeze(1)
 
 
+def relu_critic_q(observation_part: torch.Tensor, action: torch.Tensor, action_weight: torch.Tensor,
+                  weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Q-values ``(n, B)`` of a ReLU critic ensemble from :meth:`CriticEnsemble.observation_part` and actions
+    ``(B, action_dim)``, without autograd, and the hidden ReLU outputs that :func:`relu_critic_backward` and
+    :func:`relu_critic_action_gradient` read; ``observation_part`` is only read."""
+    first = torch.baddbmm(observation_part, action.expand(action_weight.shape[0], -1, -1), action_weight)
+    hidden = _relu_hidden_layers(first, weights, biases)
+    return _output_layer(hidden[-1], weights[-1], biases[-1]), hidden
+
+
+def relu_critic_backward(grad_q: torch.Tensor, action: torch.Tensor, action_weight: torch.Tensor,
+                         weights: Sequence[torch.Tensor], hidden: Sequence[torch.Tensor], action_gradient: bool,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[torch.Tensor],
+                                    list[torch.Tensor]]:
+    """The gradients of :func:`relu_critic_q` given ``grad_q`` ``(n, B)``: ``(grad_observation_part, grad_action``
+    (``None`` unless ``action_gradient``), ``grad_action_weight, grad_weights, grad_biases)``. Each step back is one
+    product whose result is masked in place; the output layer's weight gradient is a one-row product."""
+    layers = len(weights)
+    n = action_weight.shape[0]
+    grad_weights: list[torch.Tensor] = [torch.empty(0)] * layers
+    grad_biases: list[torch.Tensor] = [torch.empty(0)] * layers
+    grad_weights[-1] = torch.bmm(grad_q.unsqueeze(1), hidden[-1]).transpose(1, 2)  # (n, H, 1)
+    grad_biases[-1] = grad_q.sum(dim=1).view(n, 1, 1)
+    # gradient at the last hidden pre-activation: the output layer's, where that layer's ReLU passed
+    grad = _relu_backward_(grad_q.unsqueeze(-1) * weights[-1].transpose(1, 2), hidden[-1])
+    for layer in range(layers - 1, 0, -1):
+        grad_weights[layer - 1] = torch.bmm(hidden[layer - 1].transpose(1, 2), grad)
+        grad_biases[layer - 1] = grad.sum(dim=1, keepdim=True)
+        grad = _relu_backward_(torch.bmm(grad, weights[layer - 1].transpose(1, 2)), hidden[layer - 1])
+    grad_action_weight = torch.bmm(action.expand(n, -1, -1).transpose(1, 2), grad)
+    grad_action = torch.bmm(grad, action_weight.transpose(1, 2)).sum(dim=0) if action_gradient else None
+    return grad, grad_action, grad_action_weight, grad_weights, grad_biases
+
+
+def relu_critic_action_gradient(grad_q: torch.Tensor, action_weight: torch.Tensor, weights: Sequence[torch.Tensor],
+                                hidden: Sequence[torch.Tensor], winner: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient ``(B, action_dim)`` reaching the actions of :func:`relu_critic_q` with frozen weights: from
+    ``grad_q`` ``(n, B)`` through every member, or, with ``winner`` ``(B,)``, from ``grad_q`` ``(B,)`` through each
+    row's winning member only (the gradient of a minimum: ``B`` rows in all instead of ``n * B``; the rows each member
+    wins are counted here, so this form does not go into ``torch.compile``'s static graphs)."""
+    if winner is None:
+        grad = _relu_backward(grad_q.unsqueeze(-1) * weights[-1].transpose(1, 2), hidden[-1])
+        for layer in range(len(hidden) - 1, 0, -1):
+            grad = _relu_backward(torch.bmm(grad, weights[layer - 1].transpose(1, 2)), hidden[layer - 1])
+        return torch.bmm(grad, action_weight.transpose(1, 2)).sum(dim=0)
+    grad_action = torch.empty(grad_q.shape[0], action_weight.shape[1], dtype=grad_q.dtype, device=grad_q.device)
+    for member in range(action_weight.shape[0]):
+        rows = (winner == member).nonzero().squeeze(1)
+        grad = grad_q.index_select(0, rows).unsqueeze(1) * weights[-1][member].transpose(0, 1)
+        for layer in range(len(hidden) - 1, -1, -1):
+            grad = _relu_backward(grad, hidden[layer][member].index_select(0, rows))
+            grad = grad.mm(weights[layer - 1][member].T if layer > 0 else action_weight[member].T)
+        grad_action.index_copy_(0, rows, grad)
+    return grad_action
+
+
 class _ReluCriticQ(torch.autograd.Function):
-    """Q-values ``(n, B)`` of a ReLU critic ensemble from its observation part and actions, with a hand-written
-    backward that gives autograd's gradients with fewer large temporaries.
+    """Q-values ``(n, B)`` of a ReLU critic ensemble from its observation part and actions (:func:`relu_critic_q`),
+    with a hand-written backward (:func:`relu_critic_backward`) that gives autograd's gradients with fewer large
+    temporaries.
 
     Autograd would allocate and fill a fresh ``(n, B, hidden)`` tensor for every step back through the output layer
     and each ReLU, and mask it in another pass. Here each step back is one product whose result is masked in place
@@ -549,30 +637,17 @@ class _ReluCriticQ(torch.autograd.Function):
     def forward(ctx, observation_part: torch.Tensor, action: torch.Tensor,  # type: ignore[override]
                 action_weight: torch.Tensor, *layers: torch.Tensor) -> torch.Tensor:
         weights, biases = layers[: len(layers) // 2], layers[len(layers) // 2 :]
-        first = torch.baddbmm(observation_part, action.expand(action_weight.shape[0], -1, -1), action_weight)
-        hidden = _relu_hidden_layers(first, weights, biases)
+        q_values, hidden = relu_critic_q(observation_part, action, action_weight, weights, biases)
         ctx.save_for_backward(action, action_weight, *weights, *hidden)
-        return _output_layer(hidden[-1], weights[-1], biases[-1])
+        return q_values
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_q: torch.Tensor):  # type: ignore[override]
         action, action_weight, *saved = ctx.saved_tensors
         layers = len(saved) // 2
-        weights, hidden = saved[:layers], saved[layers:]
-        n = action_weight.shape[0]
-        grad_weights: list[torch.Tensor] = [torch.empty(0)] * layers
-        grad_biases: list[torch.Tensor] = [torch.empty(0)] * layers
-        grad_weights[-1] = torch.bmm(grad_q.unsqueeze(1), hidden[-1]).transpose(1, 2)  # (n, H, 1)
-        grad_biases[-1] = grad_q.sum(dim=1).view(n, 1, 1)
-        # gradient at the last hidden pre-activation: the output layer's, where that layer's ReLU passed
-        grad = _relu_backward_(grad_q.unsqueeze(-1) * weights[-1].transpose(1, 2), hidden[-1])
-        for layer in range(layers - 1, 0, -1):
-            grad_weights[layer - 1] = torch.bmm(hidden[layer - 1].transpose(1, 2), grad)
-            grad_biases[layer - 1] = grad.sum(dim=1, keepdim=True)
-            grad = _relu_backward_(torch.bmm(grad, weights[layer - 1].transpose(1, 2)), hidden[layer - 1])
-        grad_action_weight = torch.bmm(action.expand(n, -1, -1).transpose(1, 2), grad)
-        grad_action = torch.bmm(grad, action_weight.transpose(1, 2)).sum(dim=0) if ctx.needs_input_grad[1] else None
+        grad, grad_action, grad_action_weight, grad_weights, grad_biases = relu_critic_backward(
+            grad_q, action, action_weight, saved[:layers], saved[layers:], ctx.needs_input_grad[1])
         return grad, grad_action, grad_action_weight, *grad_weights, *grad_biases
 
 
@@ -580,8 +655,9 @@ class _FrozenReluCriticMin(torch.autograd.Function):
     """``min_i Q_i(s, a)`` of a ReLU critic ensemble with frozen weights, differentiable with respect to ``a`` only.
 
     The gradient of a minimum flows through the minimising critic alone, so autograd would back-propagate rows of
-    zeros through every other member. The backward here walks each member's layers for the rows it wins only
-    (``B`` rows in all instead of ``n * B``): the same gradient with ``1/n`` of the matrix products and passes.
+    zeros through every other member. The backward here (:func:`relu_critic_action_gradient` with ``winner``) walks
+    each member's layers for the rows it wins only (``B`` rows in all instead of ``n * B``): the same gradient with
+    ``1/n`` of the matrix products and passes.
     """
 
     @staticmethod
@@ -601,16 +677,7 @@ class _FrozenReluCriticMin(torch.autograd.Function):
     def backward(ctx, grad_q: torch.Tensor):  # type: ignore[override]
         winner, action_weight, *saved = ctx.saved_tensors
         layers = len(saved) // 2
-        weights, hidden = saved[:layers], saved[layers:]
-        grad_action = torch.empty(grad_q.shape[0], action_weight.shape[1], dtype=grad_q.dtype, device=grad_q.device)
-        for member in range(action_weight.shape[0]):
-            rows = (winner == member).nonzero().squeeze(1)
-            grad = grad_q.index_select(0, rows).unsqueeze(1) * weights[-1][member].transpose(0, 1)
-            for layer in range(len(hidden) - 1, -1, -1):
-                grad = _relu_backward(grad, hidden[layer][member].index_select(0, rows))
-                grad = grad.mm(weights[layer - 1][member].T if layer > 0 else action_weight[member].T)
-            grad_action.index_copy_(0, rows, grad)
-        return None, grad_action, None
+        return None, relu_critic_action_gradient(grad_q, action_weight, saved[:layers], saved[layers:], winner), None
 
 
 # ----------------------------------------------------------------------------------------------- weights on the wire
