@@ -48,11 +48,14 @@ class UpdateGuard:
         self._reported_at = -math.inf
 
     def check(self, critic_loss: torch.Tensor, actor_loss: torch.Tensor, alpha_loss: torch.Tensor | None,
-              gradients: Iterable[torch.Tensor], rejected_before: torch.Tensor | None = None) -> torch.Tensor:
+              gradients: Iterable[torch.Tensor] = (), rejected_before: torch.Tensor | None = None,
+              square_norm: torch.Tensor | None = None) -> torch.Tensor:
         """0-d float tensor on the device: 1.0 when the update with these losses (``alpha_loss`` ``None`` when alpha
         is fixed) and ``gradients`` must not be applied, else 0.0. ``rejected_before`` (a :func:`non_finite` verdict
-        taken earlier in the same update: the critics' in the ``critic-first`` order) rejects it too."""
-        gradient_norm = _square_norm(gradients)
+        taken earlier in the same update: the critics' in the ``critic-first`` order) rejects it too.
+        ``square_norm``: the gradients' squared norm, where the learner has computed it already (``gradients`` is
+        then not read)."""
+        gradient_norm = _square_norm(gradients) if square_norm is None else square_norm
         values = torch.stack([critic_loss.detach(), actor_loss.detach(),
                               self._zero if alpha_loss is None else alpha_loss.detach(), gradient_norm])
         rejected = values.sum().isfinite().logical_not()  # any inf or NaN (or an overflowing sum) makes the sum one
@@ -86,11 +89,14 @@ def _square_norm(gradients: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.dot(g.view(-1), g.view(-1)) for g in gradients]).sum()
 
 
-def non_finite(loss: torch.Tensor, gradients: Iterable[torch.Tensor]) -> torch.Tensor:
-    """0-d float tensor on the device, 1.0 when ``loss`` or the squared norm of ``gradients`` is not finite: the
-    critics' part of :meth:`UpdateGuard.check`, for the ``critic-first`` order, whose critics step before the actor's
-    loss exists. Counts nothing (the update's :meth:`UpdateGuard.check` does, given this as ``rejected_before``)."""
-    return (loss.detach() + _square_norm(gradients)).isfinite().logical_not().float()
+def non_finite(loss: torch.Tensor, gradients: Iterable[torch.Tensor] = (),
+               square_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """0-d float tensor on the device, 1.0 when ``loss`` or the squared norm of ``gradients`` (or ``square_norm``,
+    computed already) is not finite: the critics' part of :meth:`UpdateGuard.check`, for the ``critic-first`` order,
+    whose critics step before the actor's loss exists. Counts nothing (the update's :meth:`UpdateGuard.check` does,
+    given this as ``rejected_before``)."""
+    norm = _square_norm(gradients) if square_norm is None else square_norm
+    return (loss.detach() + norm).isfinite().logical_not().float()
 
 
 def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
