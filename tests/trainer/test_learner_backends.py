@@ -11,6 +11,7 @@ import torch
 from random_episodes import fill_with_random_episodes
 from tmrl_common.layout import tm20_image_layout, tm20_lidar_layout
 from tmrl_trainer.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
+from tmrl_trainer.cpu_compiled import CompiledLearner
 from tmrl_trainer.cpu_fast import SACLearner
 from tmrl_trainer.cuda_graph import CudaGraphLearner
 from tmrl_trainer.learner import BACKENDS, backend_name, make_learner
@@ -74,7 +75,8 @@ def _train(learners, batches) -> None:
 
 
 def test_make_learner_builds_the_backend_the_config_names_and_auto_is_cpu_fast_on_cpu():
-    assert BACKENDS == {"reference": ReferenceLearner, "cpu-fast": SACLearner, "cuda-graph": CudaGraphLearner}
+    assert BACKENDS == {"reference": ReferenceLearner, "cpu-fast": SACLearner, "cpu-compiled": CompiledLearner,
+                        "cuda-graph": CudaGraphLearner}
     assert type(_learner("auto")) is SACLearner
     config = SACConfig(hidden_sizes=[8], backend="reference")
     assert type(make_learner(config, config.architecture(LAYOUT), device="cpu")) is ReferenceLearner
@@ -181,7 +183,8 @@ def test_an_unknown_update_order_is_a_config_error():
 
 
 @pytest.mark.parametrize(("writer", "reader"), [("reference", "cpu-fast"), ("cpu-fast", "reference"),
-                                                ("cpu-fast", "cuda-graph"), ("cuda-graph", "reference")])
+                                                ("cpu-fast", "cuda-graph"), ("cuda-graph", "reference"),
+                                                ("cpu-compiled", "reference"), ("reference", "cpu-compiled")])
 def test_a_checkpoint_of_one_backend_loads_into_another_and_training_continues_the_same(tmp_path, writer, reader):
     first = _learner(writer, redq_n=4, redq_m=2)
     _train([first], [MEMORY.sample(64) for _ in range(4)])

@@ -4,6 +4,10 @@
   against;
 * ``cpu-fast``: :class:`~tmrl_trainer.cpu_fast.SACLearner`, flat parameters, hand-written critic and policy backward
   passes, direct fused Adam calls (the CPU default);
+* ``cpu-compiled``: :class:`~tmrl_trainer.cpu_compiled.CompiledLearner`, cpu-fast's passes called without autograd
+  and compiled by ``torch.compile`` into three graphs (MLP observations, ReLU, plain critics; 4-12 % faster than
+  ``cpu-fast`` at batch 256 and one thread, 10-18 % at two, after seconds of compiling per process; on request
+  only);
 * ``cuda-graph``: :class:`~tmrl_trainer.cuda_graph.CudaGraphLearner`, the reference update recorded once as a CUDA
   graph and replayed (the CUDA default; its step runs eagerly on a CPU device);
 * ``auto``: ``cuda-graph`` on a CUDA device, ``cpu-fast`` elsewhere (``reference`` for critics with LayerNorm,
@@ -21,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from tmrl_common.networks import Actor, CriticEnsemble, PolicyArchitecture
 
+from tmrl_trainer.cpu_compiled import CompiledLearner
 from tmrl_trainer.cpu_fast import SACLearner
 from tmrl_trainer.cuda_graph import CudaGraphLearner
 from tmrl_trainer.guard import UpdateGuard
@@ -28,7 +33,8 @@ from tmrl_trainer.memory import TransitionBatch
 from tmrl_trainer.reference import ReferenceLearner
 from tmrl_trainer.sac import Backend, SACConfig, resolve_device
 
-BACKENDS: dict[str, type] = {"reference": ReferenceLearner, "cpu-fast": SACLearner, "cuda-graph": CudaGraphLearner}
+BACKENDS: dict[str, type] = {"reference": ReferenceLearner, "cpu-fast": SACLearner, "cpu-compiled": CompiledLearner,
+                             "cuda-graph": CudaGraphLearner}
 
 
 class Learner(Protocol):

@@ -50,7 +50,7 @@ UpdateOrder = Literal["joint", "critic-first"]
 """When the actor's loss is computed (module docstring, step 5): at the same critics as the critic loss and applied
 by one Adam step (``joint``), or after the critics' Adam step, against the updated critics (``critic-first``)."""
 
-Backend = Literal["auto", "reference", "cpu-fast", "cuda-graph"]
+Backend = Literal["auto", "reference", "cpu-fast", "cpu-compiled", "cuda-graph"]
 Sampling = Literal["auto", "host", "device"]
 """Which learner runs the update (:func:`tmrl_trainer.learner.make_learner`); ``auto``: ``cuda-graph`` on a CUDA
 device, ``cpu-fast`` otherwise."""
@@ -106,8 +106,10 @@ class SACConfig(BaseModel):
     original SAC code's order; one product fewer: 2-8 % faster at one CPU thread, no faster at two). Every backend
     computes both."""
     backend: Backend = "auto"
-    """The learner implementation: ``reference`` (plain PyTorch, the oracle), ``cpu-fast``, ``cuda-graph`` or
-    ``auto``. Every backend computes the same update and reads and writes the same checkpoints."""
+    """The learner implementation: ``reference`` (plain PyTorch, the oracle), ``cpu-fast``, ``cpu-compiled`` (cpu-fast
+    compiled by ``torch.compile``: faster on a CPU, but each process compiles first, which takes seconds and a C++
+    compiler), ``cuda-graph`` or ``auto``. Every backend computes the same update and reads and writes the same
+    checkpoints."""
     sampling: Sampling = "auto"
     """Where the trainer service draws its minibatches: ``host`` (:meth:`ReplayMemory.sample
     <tmrl_trainer.memory.ReplayMemory.sample>`), ``device`` (a mirror of the replay memory on the learner's device,
