@@ -31,7 +31,7 @@ from tmrl_common.layout import tm20_lidar_layout
 from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.learner import make_learner
 from tmrl_trainer.memory import ReplayMemory
-from tmrl_trainer.sac import SACConfig, UpdateOrder
+from tmrl_trainer.sac import Backend, SACConfig, UpdateOrder
 
 BATCH = 256
 HIDDEN = [256, 256]
@@ -126,8 +126,10 @@ def measure(blocks: dict[str, Callable[[int], None]], updates: int, repeats: int
     """Best (wall, CPU-time) updates/s of each side over ``repeats`` blocks, the sides taking turns so that a change
     in machine load hits both. CPU time (``time.process_time``) is the steadier figure on a shared machine."""
     best = {name: (0.0, 0.0) for name in blocks}
-    for block in blocks.values():
-        block(20)  # warm-up
+    for name, block in blocks.items():
+        start = time.perf_counter()
+        block(20)  # warm-up (the cpu-compiled backend compiles here)
+        print(f"  {name}: warm-up of 20 updates {time.perf_counter() - start:.1f} s")
     for _ in range(repeats):
         for name, block in blocks.items():
             wall, cpu = time.perf_counter(), time.process_time()
@@ -201,8 +203,9 @@ def main() -> None:
     parser.add_argument("--threads", default=",".join(dict.fromkeys(["1", str(default_threads)])),
                         help="comma-separated torch thread counts, each measured for both sides "
                              f"[1 and torch's default here, {default_threads}]")
-    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu-fast", "cuda-graph"],
-                        help="tmrl learner backend (make_learner) [auto: cpu-fast on CPU]")
+    parser.add_argument("--backend", default="auto",
+                        help="tmrl learner backend (make_learner), or several, comma-separated, each raced as its own "
+                             f"side: {', '.join(get_args(Backend))} [auto: cpu-fast on CPU]")
     parser.add_argument("--sampling", default="host", choices=["host", "device"],
                         help="tmrl's sampler: the replay memory's [host], or its DeviceReplay mirror on the CPU")
     parser.add_argument("--profile", action="store_true", help="profile instead of racing: tmrl's sampling against its "
@@ -212,18 +215,23 @@ def main() -> None:
                         help=f"tmrl's SACConfig.update_order [{DEFAULT_ORDER}]; both: tmrl in each order and SB3, "
                              "alternating in one process")
     args = parser.parse_args()
+    backends = args.backend.split(",")
+    if unknown := [backend for backend in backends if backend not in get_args(Backend)]:
+        parser.error(f"unknown backend {', '.join(unknown)} (choose from {', '.join(get_args(Backend))})")
     thread_counts = [int(t) for t in args.threads.split(",")]
     if args.profile:
         for threads in thread_counts:
             torch.set_num_threads(threads)
-            profile_tmrl(args.backend, args.updates, args.repeats)
+            for backend in backends:
+                profile_tmrl(backend, args.updates, args.repeats)
         return
     orders = list(get_args(UpdateOrder)) if args.update_order == "both" else [args.update_order]
-    sides = {"tmrl" if len(orders) == 1 else f"tmrl {order}": order for order in orders}
-    blocks = {side: tmrl_update_block(backend=args.backend, sampling=args.sampling, update_order=order)
-              for side, order in sides.items()}
+    sides = {" ".join(["tmrl", *([backend] if len(backends) > 1 else []), *([order] if len(orders) > 1 else [])]):
+             (backend, order) for backend in backends for order in orders}
+    blocks = {side: tmrl_update_block(backend=backend, sampling=args.sampling, update_order=order)
+              for side, (backend, order) in sides.items()}
     blocks["stable-baselines3"] = sb3_update_block()
-    print(f"SAC updates/s on CPU, tmrl backend {args.backend!r}, {args.sampling} sampling, update order "
+    print(f"SAC updates/s on CPU, tmrl backend {' and '.join(map(repr, backends))}, {args.sampling} sampling, update order "
           f"{' and '.join(map(repr, orders))} (batch {BATCH}, obs 83, act 3, nets {HIDDEN}, best of {args.repeats} alternating "
           f"blocks of {args.updates} updates, sampling included; both sides on the same torch thread count)")
     print(f"  {'threads':>7} {'side':<20} {'wall clock':>12} {'CPU time':>12}")
