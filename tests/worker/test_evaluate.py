@@ -269,6 +269,29 @@ def test_a_gif_write_that_fails_after_the_episodes_is_one_line(tmp_path, monkeyp
                          "episodes: No space left on device"]
 
 
+def test_an_env_that_does_not_replay_its_best_episode_keeps_the_results_writes_no_gif_and_exits_1(tmp_path,
+                                                                                                monkeypatch):
+    import tmrl_worker.evaluate
+
+    real_run_episode = tmrl_worker.evaluate.run_episode
+
+    def replay_differs(env, policy, seed, on_frame=None):  # as an env whose episodes do not follow from their seed
+        total, steps, *rest = real_run_episode(env, policy, seed, on_frame=on_frame)
+        return (total + (1.0 if on_frame is not None else 0.0), steps, *rest)
+
+    monkeypatch.setattr(tmrl_worker.evaluate, "run_episode", replay_differs)
+    policy = policy_file(tmp_path / "sim.safetensors", tm20_lidar_layout())
+    gif = tmp_path / "best.gif"
+    result = runner.invoke(app, ["eval", "--policy", str(policy), *SHORT_SIM, "--gif", str(gif), "--json"])
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)  # the episodes' results are printed all the same
+    assert len(summary["episodes"]) == 2 and summary["gif"] is None and not gif.exists()
+    assert "is not reproducible from its seed" in summary["gif_error"]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tmrl-worker eval: no GIF written: replaying episode ") and last.endswith(
+        "is not reproducible from its seed")
+
+
 @pytest.mark.parametrize(("args", "option"), [
     (["--seed", "-1"], "'--seed'"),
     (["--episodes", "0"], "'--episodes'"),

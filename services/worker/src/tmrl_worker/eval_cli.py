@@ -64,3 +64,6 @@ def eval_command(
     typer.echo(summary_line(summary) + (f"; GIF: {summary.gif}" if summary.gif else ""), err=json_output)
     if json_output:
         typer.echo(summary.to_json())
+    if summary.gif_error is not None:  # the results above stand, but the GIF asked for was not written
+        typer.echo(f"tmrl-worker eval: no GIF written: {summary.gif_error}", err=True)
+        raise typer.Exit(code=1)

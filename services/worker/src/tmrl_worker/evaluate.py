@@ -110,6 +110,8 @@ class EvalSummary(BaseModel):
     best_episode: int
     """Highest return (the fewest steps among equal returns): the episode the GIF shows."""
     gif: str | None = None
+    gif_error: str | None = None
+    """Why the GIF asked for was not written although every episode ran (:class:`GifReplayError`)."""
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, indent=1)
@@ -210,9 +212,15 @@ def prepare_gif_path(path: Path) -> Path:
     return path
 
 
+class GifReplayError(RuntimeError):
+    """The best episode, driven again from its seed to draw the GIF, did not repeat: the env is not reproducible from
+    its seed, so no GIF is written (it would show another episode than the one reported)."""
+
+
 def record_gif(env: EnvHandle, policy: Policy, best: EpisodeResult, path: Path) -> Path:
     """Drive ``best`` again (same seed) while drawing frames; write every k-th frame (at most
-    :data:`GIF_MAX_FRAMES`) as a looping GIF at the env's pace. A failed write is a :class:`GifPathError`."""
+    :data:`GIF_MAX_FRAMES`) as a looping GIF at the env's pace. A failed write is a :class:`GifPathError`; a replay
+    that differs from ``best`` is a :class:`GifReplayError`."""
     from tmrl_worker.sim.render import write_gif
 
     frames: list[np.ndarray] = []
@@ -226,7 +234,7 @@ def record_gif(env: EnvHandle, policy: Policy, best: EpisodeResult, path: Path) 
 
     total, steps, _, _ = run_episode(env, policy, best.seed, on_frame=draw)
     if steps != best.steps or not math.isclose(total, best.episode_return, rel_tol=1e-6, abs_tol=1e-6):
-        raise RuntimeError(f"replaying episode {best.episode} (seed {best.seed}) for the GIF gave return {total:.3f} "
+        raise GifReplayError(f"replaying episode {best.episode} (seed {best.seed}) for the GIF gave return {total:.3f} "
                            f"in {steps} steps instead of {best.episode_return:.3f} in {best.steps}: "
                            f"env {env.spec!r} is not reproducible from its seed")
     fps = 1.0 / (env.step_seconds * every) if env.step_seconds else 20.0
@@ -262,7 +270,10 @@ def evaluate(config: EvalConfig, on_episode: Callable[[EpisodeResult], None] | N
         summary = summarise(config, spec, env, policy, results)
         if config.gif is not None:
             best = results[summary.best_episode]
-            summary.gif = str(record_gif(env, policy, best, config.gif))
+            try:
+                summary.gif = str(record_gif(env, policy, best, config.gif))
+            except GifReplayError as exc:  # the episodes' results stand; only the GIF cannot show them
+                summary.gif_error = str(exc)
         return summary
     finally:
         env.close()
