@@ -14,6 +14,7 @@ from random_episodes import fill_with_random_episodes
 from test_learner_backends import MEMORY, _assert_agree, _learner, _own_batches, _state, _train
 from tmrl_common.layout import tm20_image_layout
 from tmrl_trainer import cpu_compiled
+from tmrl_trainer.checkpoint import load_checkpoint, save_checkpoint
 from tmrl_trainer.cpu_compiled import CompiledLearner
 from tmrl_trainer.learner import make_learner
 from tmrl_trainer.memory import ReplayMemory
@@ -24,7 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _compiled(compiled: bool, **fields) -> CompiledLearner:
     config = SACConfig(hidden_sizes=[32, 32], **fields)
-    return CompiledLearner(config, config.architecture(MEMORY.layout), device="cpu", seed=0, compiled=compiled)
+    # the architecture of test_learner_backends._learner, so that their checkpoints cross
+    return CompiledLearner(config, config.architecture(MEMORY.layout, conv_channels=[4, 8]), device="cpu", seed=0,
+                           compiled=compiled)
 
 
 def _check_against_the_reference(learner: CompiledLearner, batches, **fields) -> None:
@@ -84,9 +87,8 @@ def test_the_compiled_update_reports_the_metrics_of_the_reference():
             assert actual[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
 
 
-@pytest.mark.parametrize("failing", ["critic_step", "policy_critics", "actor_step"])
-def test_a_learner_that_cannot_compile_goes_on_with_cpu_fast_from_the_same_random_state(monkeypatch, caplog,
-                                                                                       failing):
+def _compile_failing_for(monkeypatch, failing: str) -> None:
+    """``torch.compile`` as the cpu-compiled module sees it: the graph named ``failing`` raises a compiler error."""
     def compile_failing(function, **_options):
         if function.__name__ != failing:
             return function
@@ -98,6 +100,12 @@ def test_a_learner_that_cannot_compile_goes_on_with_cpu_fast_from_the_same_rando
 
     monkeypatch.setattr(CompiledLearner, "GRAPHS", {})
     monkeypatch.setattr(cpu_compiled.torch, "compile", compile_failing)
+
+
+@pytest.mark.parametrize("failing", ["critic_step", "policy_critics", "actor_step"])
+def test_a_learner_that_cannot_compile_goes_on_with_cpu_fast_from_the_same_random_state(monkeypatch, caplog,
+                                                                                       failing):
+    _compile_failing_for(monkeypatch, failing)
     learner, fast = _compiled(True), _learner("cpu-fast")
     batches = _own_batches(3)
     with caplog.at_level(logging.WARNING, logger="tmrl_trainer.cpu_compiled"):
@@ -109,6 +117,20 @@ def test_a_learner_that_cannot_compile_goes_on_with_cpu_fast_from_the_same_rando
     expected, actual = _state(fast), _state(learner)
     assert all(torch.equal(actual[name], value) for name, value in expected.items())  # the very same update
     assert learner.updates == 3
+
+
+def test_a_learner_resumed_from_a_checkpoint_that_cannot_compile_goes_on_with_cpu_fast(monkeypatch, tmp_path):
+    writer = _learner("reference")
+    _train([writer], _own_batches(2))
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", writer, {"env_steps": 1})
+    _compile_failing_for(monkeypatch, "critic_step")
+    learner, fast = _compiled(True), _learner("cpu-fast")
+    load_checkpoint(path, learner)
+    load_checkpoint(path, fast)
+    _train([learner, fast], _own_batches(2, seed=2))
+    assert learner.compile_failure == "RuntimeError: Compiler: cc1plus not found" and learner.updates == 4
+    expected, actual = _state(fast), _state(learner)
+    assert all(torch.equal(actual[name], value) for name, value in expected.items())
 
 
 def test_it_refuses_what_it_does_not_compute():

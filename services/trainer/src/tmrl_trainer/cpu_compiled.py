@@ -177,6 +177,9 @@ class CompiledLearner(SACLearner):
         them)."""
         self.compile_failure: str | None = None
         """Why compiling failed (then this learner computes ``cpu-fast``'s update); ``None`` while it has not."""
+        self._compiled_once = False
+        """Whether this learner's first update ran its compiled graphs (the first one of a process, or after a
+        checkpoint, compiles them or finds them compiled)."""
         self._actor_shapes = parameter_shapes(self.actor)
         self._critic_shapes = parameter_shapes(self.critics)
 
@@ -199,7 +202,7 @@ class CompiledLearner(SACLearner):
         """One update, as :meth:`SACLearner.update <tmrl_trainer.cpu_fast.SACLearner.update>` computes it."""
         if self.compile_failure is not None:
             return super().update(batch, with_metrics)
-        if not self.compiled or self.updates > 0:
+        if not self.compiled or self._compiled_once:
             return self._update(batch, with_metrics)
         log.info("cpu-compiled: the first update compiles the learner's update (seconds; torch keeps the result on "
                  "disk, and a later start with the same nets and batch size finds it)")
@@ -214,6 +217,7 @@ class CompiledLearner(SACLearner):
                         "update, which computes the same", self.compile_failure)
             self.generator.set_state(generator_state)
             return super().update(batch, with_metrics)
+        self._compiled_once = True
         log.info("cpu-compiled: first update done in %.1f s", time.monotonic() - started)
         return metrics
 
@@ -236,7 +240,7 @@ class CompiledLearner(SACLearner):
                 alpha, subset, self._actor_flat.detach(), critics, self._target_flat.detach(), self._critic_flat.grad,
                 self._actor_shapes, self._critic_shapes, self.architecture.log_std_min, self.architecture.log_std_max,
                 config.reward_scale)
-            if self.compiled and self.updates == 0 and config.update_order == "critic-first":
+            if self.compiled and not self._compiled_once and config.update_order == "critic-first":
                 # compile the actor's graphs before anything changes weights, so that a failure to compile them can
                 # still fall back to cpu-fast (update); their results at the critics before the step are dropped
                 self._actor_gradient(features, action_pi, log_prob, alpha, critics, saved)
