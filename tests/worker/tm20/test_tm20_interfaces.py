@@ -3,15 +3,20 @@ a recording controller, and a short real rtgym run at 20 Hz."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import pytest
 from tmrl_common.layout import tm20_full_layout, tm20_pixel_lidar_layout, tm20_pixel_lidar_progress_layout
+from tmrl_common.protocol import observation_bounds
+from tmrl_trainer.ingest import ValueBounds
 from tmrl_worker.reward import TrajectoryReward, TrajectoryRewardConfig
 from tmrl_worker.tm20.capture import RecordedFrames
 from tmrl_worker.tm20.control import RecordingController
 from tmrl_worker.tm20.interfaces import (
+    GEAR_BOUNDS,
+    RPM_BOUNDS,
     TM20ConfigError,
     TM20FullInterface,
     TM20LidarInterface,
@@ -162,6 +167,42 @@ def test_full_interface_stacks_64x64_gray_frames_with_speed_gear_and_rpm(plugin)
         assert [o.shape for o in obs] == [(1,), (1,), (1,), (4, 64, 64)] and obs[3].dtype == np.uint8
         assert (obs[1][0], obs[2][0]) == (3.0, 6000.0)  # gear and rpm of the telemetry packet, like upstream
         assert obs[3][0, 32, 0] == 0 and obs[3][0, 32, 32] > 100  # black wall at the left edge, road in the middle
+    finally:
+        interface.close()
+
+
+@pytest.mark.parametrize(("gear", "rpm", "clipped"), [
+    (1e30, 1e9, (GEAR_BOUNDS[1], RPM_BOUNDS[1])),  # finite, far above what a car reports
+    (-5.0, -300.0, (GEAR_BOUNDS[0], RPM_BOUNDS[0])),  # below: no gear or rpm is negative
+])
+def test_full_interface_clips_gear_and_rpm_out_of_range_into_its_bounds_counting_them_and_warning_once(
+        gear, rpm, clipped, caplog):
+    drive = StraightDrive(SPEED, SERVER_HZ, z=5.0, gear=gear, rpm=rpm)
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        server.drive = drive
+        interface = TM20FullInterface(**devices(server))
+        try:
+            with caplog.at_level(logging.WARNING, logger="tmrl_worker.tm20.interfaces"):
+                observations = [interface.reset()[0]] + [interface.get_obs_rew_terminated_info()[0] for _ in range(3)]
+            space = interface.get_observation_space()
+            limits = observation_bounds(interface.layout, ValueBounds().max_abs_observation)  # what the trainer holds
+            for obs in observations:
+                assert (obs[1][0], obs[2][0]) == clipped
+                assert space.contains(tuple(obs))
+                for name, part in zip(("speed", "gear", "rpm"), obs, strict=False):
+                    assert limits[name][0] <= part[0] <= limits[name][1]
+            assert interface.clipped["gear"] == interface.clipped["rpm"] == len(observations)
+            warnings = [r.getMessage() for r in caplog.records if "outside" in r.getMessage()]
+            assert len(warnings) == 2 and any("gear" in w for w in warnings) and any("rpm" in w for w in warnings)
+        finally:
+            interface.close()
+
+
+def test_gear_and_rpm_in_range_pass_unchanged_and_count_nothing(plugin):
+    interface = TM20FullInterface(**devices(plugin))
+    try:
+        obs, _ = interface.reset()
+        assert (obs[1][0], obs[2][0]) == (3.0, 6000.0) and not interface.clipped
     finally:
         interface.close()
 

@@ -84,6 +84,16 @@ def test_parser_rejects_wrong_version_non_finite_values_and_bad_flags():
     assert decode_packet(bytes(good)) is not None
 
 
+@pytest.mark.parametrize("field", ["gear", "rpm"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_packet_with_a_non_finite_gear_or_rpm_is_garbage_not_telemetry(field, value):
+    packet = encode_packet(1, **{field: value})
+    assert decode_packet(packet) is None
+    parser = PacketParser()  # dropped as garbage, the next packet read
+    assert [p.sequence for p in parser.feed(packet + encode_packet(2))] == [2]
+    assert parser.garbage_bytes == PACKET_BYTES
+
+
 def test_client_follows_a_live_stream_and_keeps_the_newest_packet():
     with TelemetryReplayServer(drive(50), rate_hz=200) as server, \
             TelemetryClient(server.port, timeout=2.0, reconnect_delay=0.05) as client:

@@ -7,7 +7,7 @@ import socket
 import numpy as np
 import pytest
 from tmrl_worker.cli import app
-from tmrl_worker.reward import TrajectoryReward, load_points
+from tmrl_worker.reward import TrajectoryReward, load_points, save_points
 from tmrl_worker.tm20.benchmark import benchmark_rows
 from tmrl_worker.tm20.capture import RecordedFrames
 from tmrl_worker.tm20.check_env import describe, readings
@@ -165,6 +165,49 @@ def test_benchmark_without_reward_points_says_how_to_record_them():
                                       "--capture", "mss"])
     assert result.exit_code == 2
     assert "record-reward" in result.output
+
+
+@pytest.fixture
+def window_search(monkeypatch):
+    """Records every search for the game window (none must happen before a bad option is refused)."""
+    import tmrl_worker.tm20.capture
+    import tmrl_worker.tm20.interfaces
+    import tmrl_worker.tm20.window
+
+    searches: list[str] = []
+
+    def find_game_window(title="Trackmania", *args, **kwargs):
+        searches.append(title)
+        raise tmrl_worker.tm20.window.WindowNotFoundError(title)
+
+    for module in (tmrl_worker.tm20.window, tmrl_worker.tm20.capture, tmrl_worker.tm20.interfaces):
+        monkeypatch.setattr(module, "find_game_window", find_game_window)
+    return searches
+
+
+def _one_line_naming_the_backends(output: str) -> bool:
+    lines = [line for line in output.splitlines() if line.strip()]
+    return len(lines) == 1 and "'bogus'" in lines[0] and all(name in lines[0] for name in ("auto", "dxcam", "mss"))
+
+
+@pytest.mark.parametrize("command", [["check-env", "--steps", "1"],
+                                     ["benchmark", "--controller", "none", "--steps", "1"]])
+def test_an_unknown_capture_backend_is_refused_in_one_line_before_any_window_search(command, window_search, tmp_path):
+    points = tmp_path / "points.safetensors"
+    save_points(points, [[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]], 0.5)
+    result = CliRunner().invoke(app, [*command, "--capture", "bogus", "--reward", str(points),
+                                      "--telemetry-port", str(free_port())])
+    assert result.exit_code == 2, result.output
+    assert _one_line_naming_the_backends(result.output), result.output
+    assert window_search == []
+
+
+def test_make_capture_refuses_an_unknown_backend_before_looking_for_the_window(window_search):
+    from tmrl_worker.tm20.capture import CaptureError, make_capture
+
+    with pytest.raises(CaptureError, match=r"unknown capture backend 'bogus'.*auto, dxcam, mss"):
+        make_capture("bogus")  # type: ignore[arg-type]
+    assert window_search == []
 
 
 def test_benchmark_rows_report_each_figure_against_the_nominal_step():

@@ -110,7 +110,22 @@ def run(
 # TrackMania 2020 tools (logic in tmrl_worker.tm20; these functions only parse arguments) -----------------------------
 TelemetryPortOption = typer.Option(9000, "--telemetry-port", help="Port of the TMRL OpenPlanet plugin on 127.0.0.1.")
 SyntheticOption = typer.Option(False, "--synthetic", help="No game: synthetic frames and telemetry served over loopback.")
-CaptureOption = typer.Option("auto", "--capture", help="Screen capture: auto (dxcam on Windows, mss elsewhere), dxcam, mss.")
+
+
+def _capture_backend(value: str) -> str:
+    """``--capture``, checked as it is read: an unknown backend ends the command (one line, status 2) before the game
+    window is looked for."""
+    from tmrl_worker.tm20.capture import CaptureError, check_capture_backend
+
+    try:
+        return check_capture_backend(value, "--capture")
+    except CaptureError as exc:
+        typer.echo(f"tmrl-worker: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+
+
+CaptureOption = typer.Option("auto", "--capture", callback=_capture_backend,
+                             help="Screen capture: auto (dxcam on Windows, mss elsewhere), dxcam, mss.")
 WindowTitleOption = typer.Option("Trackmania", "--window-title", help="Title of the game window.")
 
 
@@ -218,11 +233,17 @@ def layout(
     config: Path | None = ConfigOption,
     env: str | None = typer.Option(None, "--env", help=HELP["env"] + " Default: the config's."),
 ) -> None:
-    """Print the env's observation layout as JSON (the trainer's ``layout_file`` for ``module:Class`` envs)."""
-    from tmrl_worker.envs import EnvSpecError, make_env
+    """Print the env's observation layout as JSON (the trainer's ``layout_file`` for ``module:Class`` envs, or for
+    TrackMania envs whose ``env_options`` change it). TrackMania's is read from the config alone, on any OS: no game,
+    window or Windows-only package is needed; other envs are built to ask them."""
+    from tmrl_worker.envs import TM20_SPECS, EnvSpecError, make_env, tm20_layout
 
     effective = load_config_for_command(WorkerConfig, "worker", config, overrides={"env": env})
+    spec = effective.env.strip()
     try:
+        if spec in TM20_SPECS:
+            typer.echo(tm20_layout(spec, effective.env_options).model_dump_json(indent=1))
+            return
         handle = make_env(effective.env, time_step_duration=effective.time_step_duration,
                           max_episode_steps=effective.max_episode_steps, options=effective.env_options)
     except EnvSpecError as exc:

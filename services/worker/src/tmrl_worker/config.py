@@ -96,6 +96,21 @@ class WorkerConfig(BaseModel):
                              "received weights deterministically, episode by episode")
         return self
 
+    @model_validator(mode="after")
+    def _tm20_capture_backend_is_known(self) -> WorkerConfig:
+        """A TrackMania env's ``env_options.capture_backend`` is checked as the config is read: unchecked, a typo
+        would surface only after the game window was looked for."""
+        from tmrl_worker.envs import TM20_SPECS
+
+        if self.env.strip() in TM20_SPECS and "capture_backend" in self.env_options:
+            from tmrl_worker.tm20.capture import CaptureError, check_capture_backend
+
+            try:
+                check_capture_backend(self.env_options["capture_backend"], "env_options.capture_backend")
+            except CaptureError as exc:
+                raise ValueError(str(exc)) from exc
+        return self
+
     @field_validator("worker_id")
     @classmethod
     def _id_fits_the_wire(cls, value: str) -> str:

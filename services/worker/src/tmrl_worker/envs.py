@@ -452,7 +452,14 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
 
 def _make_tm20(spec: str, time_step_duration: float, max_episode_steps: int, options: dict) -> EnvHandle:
     """TrackMania through its rtgym interfaces; with ``emulated_game`` (a table, possibly empty) against an
-    :class:`~tmrl_worker.tm20.emulated_game.EmulatedGame` started here, on any OS."""
+    :class:`~tmrl_worker.tm20.emulated_game.EmulatedGame` started here, on any OS. The settings are checked first,
+    before anything is started (an unknown ``capture_backend`` is refused before a window search)."""
+    from tmrl_worker.tm20.interfaces import TM20ConfigError, checked_capture_backend, tm20_rtgym_config
+
+    try:
+        checked_capture_backend(options.get("capture_backend", "auto"))
+    except TM20ConfigError as exc:
+        raise EnvSpecError(f"env {spec!r}: {exc}") from exc
     emulated = options.get("emulated_game")
     if emulated is None and sys.platform != "win32" and not options.get("allow_non_windows", False):
         raise EnvSpecError(f"env {spec!r} drives TrackMania 2020 and runs on Windows only (this is {sys.platform}); "
@@ -460,7 +467,6 @@ def _make_tm20(spec: str, time_step_duration: float, max_episode_steps: int, opt
                            "env_options to run the TrackMania path against the emulated game")
     from tmrl_worker.tm20.capture import CaptureError
     from tmrl_worker.tm20.control import ControlError, GamepadUnavailableError
-    from tmrl_worker.tm20.interfaces import TM20ConfigError, tm20_rtgym_config
     from tmrl_worker.tm20.window import WindowNotFoundError
     from tmrl_worker.tm20.windows_only import WindowsOnlyError
 
@@ -496,6 +502,19 @@ def _make_tm20(spec: str, time_step_duration: float, max_episode_steps: int, opt
 
     handle.closer = close
     return handle
+
+
+def tm20_layout(spec: str, options: dict[str, Any] | None = None) -> ObservationLayout:
+    """The observation layout of TrackMania env ``spec`` with these ``env_options``, from the settings alone: nothing
+    is started (no game, window, capture or controller, no Windows-only package), so it works on any OS. The
+    interface builds its own with the same code (:meth:`~tmrl_worker.tm20.interfaces.TM20Interface.layout_for`);
+    :class:`EnvSpecError` for settings that give no layout."""
+    from tmrl_worker.tm20.interfaces import interface_class
+
+    try:
+        return interface_class(spec).layout_for(**dict(options or {}))
+    except ValueError as exc:  # TM20ConfigError, or pydantic's ValidationError (a history or a size out of range)
+        raise EnvSpecError(f"env {spec!r}: {one_line_message(exc)}") from exc
 
 
 def _start_emulated_game(spec: str, settings: Any, kwargs: dict) -> Any:

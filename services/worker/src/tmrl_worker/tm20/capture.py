@@ -8,7 +8,8 @@ Backends:
   to re-run the LIDAR on a recording.
 
 :func:`make_capture` finds the game window, optionally gives its client area the requested size, and captures
-exactly that client area.
+exactly that client area. A backend name is checked (:func:`check_capture_backend`) where a setting or an option is
+read, and again by :func:`make_capture` before it looks for the window.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import itertools
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
@@ -27,11 +28,22 @@ from tmrl_worker.tm20.windows_only import import_windows_module
 
 ColorMode = Literal["rgb", "gray"]
 CaptureBackend = Literal["auto", "dxcam", "mss"]
+CAPTURE_BACKENDS: tuple[str, ...] = get_args(CaptureBackend)
 _GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 class CaptureError(RuntimeError):
     """The screen (or a recording) cannot be captured."""
+
+
+def check_capture_backend(backend: object, setting: str = "") -> CaptureBackend:
+    """``backend`` when it is one of :data:`CAPTURE_BACKENDS`; else :class:`CaptureError` naming them (and the
+    ``setting`` it came from, e.g. ``--capture``), so that a typo is refused where it is read, before any window
+    search or game connection."""
+    if not isinstance(backend, str) or backend not in CAPTURE_BACKENDS:
+        source = f" ({setting})" if setting else ""
+        raise CaptureError(f"unknown capture backend {backend!r}{source}: use one of {', '.join(CAPTURE_BACKENDS)}")
+    return backend  # type: ignore[return-value]
 
 
 class FrameCapture(Protocol):
@@ -245,6 +257,7 @@ def make_capture(backend: CaptureBackend = "auto", color: ColorMode = "rgb", win
     """
     from tmrl_worker.tm20.windows_only import is_windows
 
+    backend = check_capture_backend(backend)
     if backend == "auto":
         backend = "dxcam" if is_windows() else "mss"
     if region is None:
@@ -254,6 +267,4 @@ def make_capture(backend: CaptureBackend = "auto", color: ColorMode = "rgb", win
         region = window.client_area()
     if backend == "dxcam":
         return DxcamCapture(region, color, output_idx)
-    if backend == "mss":
-        return MssCapture(region, color)
-    raise CaptureError(f"unknown capture backend {backend!r}: use auto, dxcam or mss")
+    return MssCapture(region, color)

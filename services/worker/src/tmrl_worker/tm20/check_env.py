@@ -113,7 +113,7 @@ def check_env_tool(*, steps: int | None, telemetry_port: int, reward_path: Path 
 
     from rich.console import Console
 
-    from tmrl_worker.tm20.capture import CaptureError, make_capture
+    from tmrl_worker.tm20.capture import CaptureError, check_capture_backend, make_capture
     from tmrl_worker.tm20.interfaces import LIDAR_WINDOW_SIZE
     from tmrl_worker.tm20.openplanet import TelemetryTimeoutError
     from tmrl_worker.tm20.synthetic import SyntheticSession
@@ -130,6 +130,7 @@ def check_env_tool(*, steps: int | None, telemetry_port: int, reward_path: Path 
                 capture, telemetry = devices["capture"], devices["telemetry"]
                 reward = devices["reward"] if reward_path is None else TrajectoryReward.from_file(reward_path)
             else:
+                check_capture_backend(capture_backend)  # a typo is refused before the window search
                 window = find_game_window(window_title)
                 window.place(0, 0, *LIDAR_WINDOW_SIZE)
                 capture = make_capture(capture_backend, "rgb", region=window.client_area())  # type: ignore[arg-type]

@@ -11,7 +11,14 @@ actions itself):
   grayscale screenshots plus the engine state from telemetry, as upstream tmrl's full env (``tm20_full_layout``)
 
 With ``img_hist_len = 1`` the LIDAR or image has no history axis (``(beams,)``, ``(64, 64)``), as the layout's
-component with history 1 has its frame shape.
+component with history 1 has its frame shape. The layout is known from the settings alone
+(:meth:`TM20Interface.layout_for`: ``tmrl-worker layout`` prints it on any OS, without the game).
+
+Telemetry values enter the observation inside the observation space's bounds: speed in ``[-SPEED_LIMIT,
+SPEED_LIMIT]``, gear in :data:`GEAR_BOUNDS`, rpm in :data:`RPM_BOUNDS`. A finite value outside them (a plugin that
+misreports) is clipped into them, counted in :attr:`TM20Interface.clipped` and logged the first time for each field,
+so that no batch is refused by the trainer (which holds gear and rpm to its ``max_abs_observation``) nor trains on
+nonsense; a packet holding NaN or infinity never gets here (the telemetry reader drops it as garbage).
 
 Actions are ``[gas, brake, steer]`` in [-1, 1] (see :mod:`tmrl_worker.tm20.control`). The reward is
 :class:`tmrl_worker.reward.TrajectoryReward` on the car position from telemetry; an episode also terminates when the
@@ -47,7 +54,14 @@ from tmrl_common.layout import (
 
 from tmrl_worker.envs import TRUNCATED_REASON, EnvFailure, EnvInterrupted
 from tmrl_worker.reward import RewardPathError, TrajectoryReward, TrajectoryRewardConfig
-from tmrl_worker.tm20.capture import CaptureError, FrameCapture, downscale, make_capture, to_gray
+from tmrl_worker.tm20.capture import (
+    CaptureError,
+    FrameCapture,
+    check_capture_backend,
+    downscale,
+    make_capture,
+    to_gray,
+)
 from tmrl_worker.tm20.control import Controller, make_controller
 from tmrl_worker.tm20.lidar import Lidar, LidarConfig, LidarError
 from tmrl_worker.tm20.openplanet import DEFAULT_PORT, Telemetry, TelemetryClient, TelemetryError
@@ -62,10 +76,17 @@ LIDAR_WINDOW_SIZE = (958, 488)
 FULL_WINDOW_SIZE = (256, 128)
 """Client-area size (width, height) for the image variant (frames are then reduced to 64x64 gray)."""
 SPEED_LIMIT = 1000.0
+GEAR_BOUNDS = (0.0, 10.0)
+"""The gears a car reports (the game's ``EngineCurGear``, an unsigned count of a handful of gears), with room to spare:
+the networks scale gear by 0.1 (``tm20_full_layout``), so the bounds give inputs in [0, 1]."""
+RPM_BOUNDS = (0.0, 20_000.0)
+"""Engine rpm (the game's ``EngineRpm``, up to about 11 000), with room to spare; scaled by 1e-4 in the networks."""
 
 _BOUNDS: dict[str, tuple[float, float]] = {
     "speed": (-SPEED_LIMIT, SPEED_LIMIT),
     "progress": (0.0, 1.0),
+    "gear": GEAR_BOUNDS,
+    "rpm": RPM_BOUNDS,
     "lidar": (0.0, np.inf),
     "image": (0, 255),
 }
@@ -143,6 +164,15 @@ def validated_settings(model: type[Model], value: Model | dict[str, Any] | None,
         raise TM20ConfigError(f"env_options.{name} is not valid: {exc}") from exc
 
 
+def checked_capture_backend(backend: object) -> str:
+    """``backend`` when it names a capture backend, else :class:`TM20ConfigError` naming those that do: checked where
+    the settings are read, before the plugin, the controller or the game window is reached."""
+    try:
+        return check_capture_backend(backend, "capture_backend")
+    except CaptureError as exc:
+        raise TM20ConfigError(str(exc)) from exc
+
+
 def observation_space_for(layout: ObservationLayout) -> spaces.Tuple:
     """The rtgym interface observation space of ``layout`` (without the action buffer)."""
     parts = []
@@ -178,6 +208,7 @@ class TM20Interface(RealTimeGymInterface):
                  controller_kind: str = "auto",
                  sleep_time_at_reset: float = 1.5, recovery: RecoveryConfig | dict[str, Any] | None = None,
                  stale_frames: StaleFrameConfig | dict[str, Any] | None = None) -> None:
+        capture_backend = checked_capture_backend(capture_backend)
         self.recovery = validated_settings(RecoveryConfig, recovery, "recovery")
         self.stale_frames = StaleFrameDetector(validated_settings(StaleFrameConfig, stale_frames, "stale_frames"))
         self._stale_frame: np.ndarray | None = None
@@ -230,6 +261,9 @@ class TM20Interface(RealTimeGymInterface):
         self.faults: Counter[str] = Counter()
         """Device failures that ended an episode, by kind (``telemetry``, ``stale``, ``capture``, ``window``,
         ``frame``...)."""
+        self.clipped: Counter[str] = Counter()
+        """Telemetry values that were outside the observation space's bounds and clipped into them, by field
+        (``speed``, ``gear``, ``rpm``); the first of each field is logged."""
         self.status = "starting"
         """What the interface is doing now, e.g. ``waiting for the game: ... (attempt 3)``; also logged."""
         self._pending_fault: str | None = None
@@ -256,15 +290,37 @@ class TM20Interface(RealTimeGymInterface):
         return open_capture
 
     # what subclasses define ------------------------------------------------------------------------------------
-    def _make_layout(self) -> ObservationLayout:
+    @classmethod
+    def layout_for(cls, *, img_hist_len: int = 4, act_buf_len: int = 2,
+                   lidar: LidarConfig | dict[str, Any] | None = None, **settings: Any) -> ObservationLayout:
+        """The observation layout this interface has with these keyword arguments (those that do not shape it are
+        ignored), from the settings alone: nothing is built or started, so no game, window or Windows-only package
+        is needed. The interface builds its own :attr:`layout` with it."""
         raise NotImplementedError
+
+    def _make_layout(self) -> ObservationLayout:
+        return self.layout_for(img_hist_len=self.img_hist_len, act_buf_len=self.act_buf_len, lidar=self.lidar.config)
 
     def frame_feature(self, frame: np.ndarray) -> np.ndarray:
         """What one screenshot contributes to the history (a LIDAR scan, a small gray image)."""
         raise NotImplementedError
 
+    def _telemetry_part(self, name: str) -> np.ndarray:
+        """Telemetry field ``name`` of the newest packet as a 1-value float32 observation part, clipped into
+        ``_BOUNDS[name]`` (see the module docstring); a clipped value is counted in :attr:`clipped`, the first of
+        each field logged."""
+        value = float(getattr(self.last_telemetry, name))
+        low, high = _BOUNDS[name]
+        if value < low or value > high:
+            self.clipped[name] += 1
+            if self.clipped[name] == 1:
+                log.warning("tm20: the plugin on port %d sent %s %g, outside [%g, %g]: clipped into them (further "
+                            "values out of range are counted in `clipped`, not logged)",
+                            getattr(self.telemetry, "port", -1), name, value, low, high)
+        return np.array([min(max(value, low), high)], dtype=np.float32)
+
     def _observation(self) -> list[np.ndarray]:
-        speed = np.array([np.clip(self.last_telemetry.speed, -SPEED_LIMIT, SPEED_LIMIT)], dtype=np.float32)
+        speed = self._telemetry_part("speed")
         # a history of 1 has no history axis: the layout's (and the observation space's) shape is the frame's
         frames = np.stack(self.history) if self.img_hist_len > 1 else self.history[-1].copy()
         return [speed, frames]
@@ -504,8 +560,10 @@ class TM20Interface(RealTimeGymInterface):
 class TM20LidarInterface(TM20Interface):
     """LIDAR history + speed (``tm20_pixel_lidar_layout``)."""
 
-    def _make_layout(self) -> ObservationLayout:
-        return tm20_pixel_lidar_layout(self.img_hist_len, self.lidar.beams, self.act_buf_len)
+    @classmethod
+    def layout_for(cls, *, img_hist_len: int = 4, act_buf_len: int = 2,
+                   lidar: LidarConfig | dict[str, Any] | None = None, **settings: Any) -> ObservationLayout:
+        return tm20_pixel_lidar_layout(img_hist_len, validated_settings(LidarConfig, lidar, "lidar").beams, act_buf_len)
 
     def frame_feature(self, frame: np.ndarray) -> np.ndarray:
         return self.lidar.measure(frame)
@@ -517,8 +575,11 @@ class TM20LidarInterface(TM20Interface):
 class TM20LidarProgressInterface(TM20LidarInterface):
     """LIDAR history + speed + progress along the reward path (``tm20_pixel_lidar_progress_layout``)."""
 
-    def _make_layout(self) -> ObservationLayout:
-        return tm20_pixel_lidar_progress_layout(self.img_hist_len, self.lidar.beams, self.act_buf_len)
+    @classmethod
+    def layout_for(cls, *, img_hist_len: int = 4, act_buf_len: int = 2,
+                   lidar: LidarConfig | dict[str, Any] | None = None, **settings: Any) -> ObservationLayout:
+        beams = validated_settings(LidarConfig, lidar, "lidar").beams
+        return tm20_pixel_lidar_progress_layout(img_hist_len, beams, act_buf_len)
 
     def _observation(self) -> list[np.ndarray]:
         speed, lidar = super()._observation()
@@ -535,16 +596,21 @@ class TM20FullInterface(TM20Interface):
         self.image_height, self.image_width = image_height, image_width
         super().__init__(**kwargs)
 
+    @classmethod
+    def layout_for(cls, *, img_hist_len: int = 4, act_buf_len: int = 2, image_height: int = 64, image_width: int = 64,
+                   **settings: Any) -> ObservationLayout:
+        return tm20_full_layout(img_hist_len, image_height, image_width, act_buf_len)
+
     def _make_layout(self) -> ObservationLayout:
-        return tm20_full_layout(self.img_hist_len, self.image_height, self.image_width, self.act_buf_len)
+        return self.layout_for(img_hist_len=self.img_hist_len, act_buf_len=self.act_buf_len,
+                               image_height=self.image_height, image_width=self.image_width)
 
     def frame_feature(self, frame: np.ndarray) -> np.ndarray:
         return downscale(to_gray(frame), self.image_height, self.image_width)
 
     def _observation(self) -> list[np.ndarray]:
         speed, images = super()._observation()
-        engine = self.last_telemetry
-        return [speed, np.array([engine.gear], dtype=np.float32), np.array([engine.rpm], dtype=np.float32), images]
+        return [speed, self._telemetry_part("gear"), self._telemetry_part("rpm"), images]
 
 
 INTERFACES: dict[str, type[TM20Interface]] = {
@@ -572,11 +638,13 @@ def tm20_rtgym_config(variant: str = "lidar", *, time_step_duration: float = 0.0
     ``interface_kwargs`` go to the interface (``capture``, ``telemetry``, ``controller``, ``reward`` or
     ``reward_path``, ``img_hist_len``, ``lidar``, ``telemetry_port``, ``sleep_time_at_reset``, ...).
     """
+    interface = interface_class(variant)
+    checked_capture_backend(interface_kwargs.get("capture_backend", "auto"))
     if start_obs_capture is None:
         start_obs_capture = round(0.8 * time_step_duration, 6)
     config = dict(DEFAULT_CONFIG_DICT)
     config.update({
-        "interface": interface_class(variant),
+        "interface": interface,
         "interface_args": (),
         "interface_kwargs": {**interface_kwargs, "act_buf_len": act_buf_len},
         "time_step_duration": time_step_duration,

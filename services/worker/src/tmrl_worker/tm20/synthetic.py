@@ -35,11 +35,14 @@ def winding_road_frames(count: int = 16, height: int = 488, width: int = 958, ro
 class StraightDrive:
     """Telemetry of a car driving along +x at ``speed`` m/s, one packet per server tick (:meth:`packet` is the
     server's chunk source). Like the game, :meth:`respawn` puts the car back at the start (distance 0, not
-    finished) and ``finish_at`` metres raise the finish flag, which stays up until the next respawn."""
+    finished) and ``finish_at`` metres raise the finish flag, which stays up until the next respawn. ``gear`` and
+    ``rpm`` are sent as they are (tests set values no game sends)."""
 
     def __init__(self, speed: float = 10.0, rate_hz: float = 100.0, y: float = 0.0, z: float = 0.0,
-                 finish_at: float | None = None, countdown_s: float = 0.0) -> None:
+                 finish_at: float | None = None, countdown_s: float = 0.0, gear: float = 3.0,
+                 rpm: float = 6000.0) -> None:
         self.speed, self.rate_hz, self.y, self.z, self.finish_at = speed, rate_hz, y, z, finish_at
+        self.gear, self.rpm = gear, rpm
         self.countdown_ticks = round(countdown_s * rate_hz)
         """After a respawn the car stands at the start this long, like the game's 3-2-1 countdown."""
         self.respawns = 0
@@ -57,7 +60,7 @@ class StraightDrive:
         x = self.speed * max(driving, 0) / self.rate_hz
         finished = self.finish_at is not None and x >= self.finish_at
         return encode_packet(tick, speed=self.speed if driving >= 0 else 0.0, distance=x, position=(x, self.y, self.z), gas=1.0,
-                             finished=finished, gear=3.0, rpm=6000.0)
+                             finished=finished, gear=self.gear, rpm=self.rpm)
 
 
 class SyntheticSession:

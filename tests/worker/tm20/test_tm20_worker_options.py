@@ -1,0 +1,106 @@
+"""The worker's TrackMania settings read from its config: a bad capture backend is refused when the config is read,
+and ``tmrl-worker layout`` prints a TrackMania layout from the config alone, on any OS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tmrl_common.layout import (
+    ObservationLayout,
+    tm20_full_layout,
+    tm20_pixel_lidar_layout,
+    tm20_pixel_lidar_progress_layout,
+)
+from tmrl_worker.cli import app
+from tmrl_worker.reward import TrajectoryReward
+from tmrl_worker.tm20.capture import RecordedFrames
+from tmrl_worker.tm20.control import RecordingController
+from tmrl_worker.tm20.interfaces import interface_class
+from tmrl_worker.tm20.openplanet import TelemetryClient
+from typer.testing import CliRunner
+
+
+@pytest.fixture
+def no_devices(monkeypatch):
+    """Any attempt to reach the game (plugin, controller, window, capture, emulated game, rtgym) fails the test."""
+    import tmrl_worker.envs
+    import tmrl_worker.tm20.emulated_game
+    import tmrl_worker.tm20.interfaces
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a device or an environment was started")
+
+    for name in ("TelemetryClient", "make_controller", "make_capture", "find_game_window"):
+        monkeypatch.setattr(tmrl_worker.tm20.interfaces, name, refuse)
+    monkeypatch.setattr(tmrl_worker.tm20.emulated_game.EmulatedGame, "start", refuse)
+    monkeypatch.setattr(tmrl_worker.envs, "make_env", refuse)
+
+
+def write_config(tmp_path, body: str):
+    path = tmp_path / "tmrl.toml"
+    path.write_text(body)
+    return path
+
+
+# capture backend ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [["run", "--insecure"], ["layout"]])
+def test_an_unknown_capture_backend_in_env_options_is_refused_when_the_config_is_read(command, no_devices, tmp_path,
+                                                                                      monkeypatch):
+    import tmrl_worker.runtime
+
+    monkeypatch.setattr(tmrl_worker.runtime, "run_worker", lambda *a, **k: pytest.fail("the worker was started"))
+    config = write_config(tmp_path, '[worker]\nenv = "tm20-lidar"\n[worker.env_options]\ncapture_backend = "bogus"\n')
+    result = CliRunner().invoke(app, [*command, "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "capture_backend" in lines[0] and "'bogus'" in lines[0], result.output
+    assert all(name in lines[0] for name in ("auto", "dxcam", "mss")), result.output
+
+
+def test_make_env_refuses_an_unknown_capture_backend_before_starting_the_emulated_game(no_devices):
+    from tmrl_worker.envs import EnvSpecError, _make_tm20
+
+    with pytest.raises(EnvSpecError, match=r"unknown capture backend 'bogus' \(capture_backend\): use one of auto, dxcam, mss"):
+        _make_tm20("tm20-lidar", 0.05, 100, {"capture_backend": "bogus", "emulated_game": {}})
+
+
+# layout ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("env", "layout"), [("tm20-lidar", tm20_pixel_lidar_layout()),
+                                             ("tm20-lidar-progress", tm20_pixel_lidar_progress_layout()),
+                                             ("tm20-full", tm20_full_layout())])
+def test_layout_command_prints_a_tm20_layout_on_any_os_without_starting_the_game(env, layout, no_devices):
+    result = CliRunner().invoke(app, ["layout", "--env", env])
+    assert result.exit_code == 0, result.output
+    assert ObservationLayout.model_validate_json(result.stdout) == layout
+
+
+@pytest.mark.parametrize(("env", "options"), [
+    ("tm20-lidar", 'img_hist_len = 1\nact_buf_len = 1\nreward_path = "not-read.safetensors"\n[worker.env_options.lidar]\nbeams = 9\n'),
+    ("tm20-lidar-progress", 'img_hist_len = 2\n[worker.env_options.lidar]\nbeams = 7\n'),
+    ("tm20-full", 'img_hist_len = 3\nact_buf_len = 3\nimage_height = 32\nimage_width = 48\n'),
+], ids=["lidar-1-scan-9-beams", "progress-2-scans-7-beams", "full-3-images-32x48"])
+def test_layout_command_prints_the_layout_the_interface_builds_from_the_same_env_options(env, options, no_devices,
+                                                                                        tmp_path):
+    import tomllib
+
+    config = write_config(tmp_path, f'[worker]\nenv = "{env}"\n[worker.env_options]\n{options}')
+    result = CliRunner().invoke(app, ["layout", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    printed = ObservationLayout.model_validate_json(result.stdout)
+    kwargs = tomllib.loads(config.read_text())["worker"]["env_options"]
+    kwargs.pop("reward_path", None)
+    interface = interface_class(env)(capture=RecordedFrames(np.zeros((2, 48, 64, 3), np.uint8)),
+                                     telemetry=TelemetryClient(1, start=False), controller=RecordingController(),
+                                     reward=TrajectoryReward.from_path([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]]), **kwargs)
+    try:
+        assert printed == interface.layout
+    finally:
+        interface.close()
+
+
+def test_layout_command_refuses_tm20_env_options_that_give_no_layout_in_one_line(no_devices, tmp_path):
+    config = write_config(tmp_path, '[worker]\nenv = "tm20-lidar"\n[worker.env_options]\nimg_hist_len = 0\n')
+    result = CliRunner().invoke(app, ["layout", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "tm20-lidar" in lines[0] and "history" in lines[0], result.output
