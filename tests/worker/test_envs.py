@@ -154,7 +154,7 @@ def test_an_env_that_gives_up_or_a_dead_sender_stops_the_worker_with_its_message
 
     error = {"EnvFailure": envs.EnvFailure, "SenderFailure": relay_link.SenderFailure}[failure]
 
-    def give_up(config, stop=None):
+    def give_up(config, stop=None, exit_if_stuck=False):
         raise error("the race did not restart within 10 s of the respawn")
 
     monkeypatch.setattr(runtime, "run_worker", give_up)

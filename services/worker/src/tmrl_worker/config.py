@@ -78,6 +78,11 @@ class WorkerConfig(BaseModel):
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     flush_timeout_s: float = Field(default=10.0, ge=0)
     """At shutdown, wait this long for the last batches to be acknowledged."""
+    stop_grace_s: float = Field(default=15.0, gt=0)
+    """After a stop request (SIGTERM, Ctrl-C), how long ``tmrl-worker run`` lets the env's current reset or step take
+    to return: an env that blocks without seeing the stop (a robot interface waiting on its hardware) would otherwise
+    keep the worker from stopping. Past it, the worker delivers what it sent (``flush_timeout_s``) and exits with
+    status 1, naming the call it was stuck in."""
     state_dir: Path = Path("~/.local/state/tmrl/worker")
     """Holds ``<worker_id>.state.json`` (the sequence-number reservation that keeps ``seq`` unique across restarts),
     ``<worker_id>.progress.json`` (rewritten after every step; a restarted worker logs what a killed run lost) and,

@@ -88,6 +88,9 @@ class EnvHandle:
     step_seconds: float | None = None
     """Seconds of env time per step (the rtgym time step, the simulator's ``time_step_duration``, a gymnasium env's
     ``dt``); ``None`` when the env does not say."""
+    in_call: str | None = field(default=None, init=False)
+    """``"reset"`` or ``"step"`` while the env is in that call (read by the worker's stop watchdog, which names the
+    call an env is stuck in); ``None`` between calls."""
 
     def __post_init__(self) -> None:
         space = self.env.action_space
@@ -149,7 +152,9 @@ class EnvHandle:
     def reset(self, seed: int | None = None) -> tuple:
         for hook in self.reset_hooks:
             hook()
+        self.in_call = "reset"
         observation, _info = self.env.reset(seed=seed)
+        self.in_call = None
         self._action_buffer.extend([self._default_action] * self.layout.action_history)
         return self._finite(self._observation(observation), 0.0, "the reset")
 
@@ -172,7 +177,9 @@ class EnvHandle:
         An rtgym interface can only end an episode through ``terminated``; one that ends it for a reason outside the
         task (the game's plugin or window went away) also sets ``info[TRUNCATED_REASON]``, and the step is then
         reported as truncated, so the trainer bootstraps through it instead of learning a false terminal state."""
+        self.in_call = "step"
         observation, reward, terminated, truncated, info = self.env.step(self.to_env_action(action))
+        self.in_call = None
         failure = getattr(self._interface, "rtgym_thread_failure", None)
         if failure is not None:  # the interface failed on rtgym's thread (_guarded_interface): it cannot go on
             raise EnvFailure(f"env {self.spec!r}: {failure}")

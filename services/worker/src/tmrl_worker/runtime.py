@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -478,6 +480,26 @@ def _flush_before_stop(link: RelayLink | None, config: WorkerConfig) -> None:
                     link.snapshot()["spool_batches"], fate)
 
 
+def _end_a_stuck_rollout(stop: threading.Event, returned: threading.Event, env: EnvHandle, link: RelayLink,
+                         config: WorkerConfig) -> None:
+    """The stop watchdog of ``tmrl-worker run``: once ``stop`` is set, give the rollout ``stop_grace_s`` to return
+    from the env; if it has not (a reset or step that blocks without seeing the stop), deliver what was sent
+    (:func:`_flush_before_stop`, on this thread: the sender thread still runs) and end the process with status 1.
+    The env is not closed: it is the thing that is stuck."""
+    stop.wait()
+    if returned.wait(config.stop_grace_s):
+        return
+    message = (f"{config.worker_id}: the env's {env.in_call or 'current call'} did not return within "
+               f"{config.stop_grace_s:g} s of the stop request (it does not see the stop); stopping without it")
+    log.error(message)
+    _flush_before_stop(link, config)
+    delivery = link.snapshot()
+    print(f"tmrl-worker: {message}; {delivery['spool_acked']} batch(es) acknowledged, {delivery['spool_batches']} "
+          "unacknowledged", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)
+
+
 def initial_policy(mode: WorkerMode, env: EnvHandle, policy_file: Path | None, seed: int | None) -> Policy:
     """What acts before any weights arrive: the expert in expert mode, else uniform random."""
     if mode == "expert":
@@ -508,8 +530,12 @@ def open_progress_file(config: WorkerConfig) -> ProgressFile:
     return ProgressFile(path)
 
 
-def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> RolloutStats:
-    """Build env, sender and weights threads from ``config`` and run the rollout loop until done or ``stop``."""
+def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_if_stuck: bool = False) -> RolloutStats:
+    """Build env, sender and weights threads from ``config`` and run the rollout loop until done or ``stop``.
+
+    ``exit_if_stuck`` (the ``tmrl-worker run`` process, never a library caller: it ends the process): when ``stop``
+    is set and the env's current call has not returned ``stop_grace_s`` later, :func:`_end_a_stuck_rollout` delivers
+    what was sent and exits with status 1."""
     RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security).check_security()
     env = make_env(config.env, time_step_duration=config.time_step_duration, max_episode_steps=config.max_episode_steps,
                    options=config.env_options)
@@ -553,10 +579,17 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> Rol
             if link is not None and link.failure is not None:
                 raise SenderFailure(f"{config.worker_id}: sender thread failed: {link.failure}")
 
+        returned = threading.Event()
         if stop is not None:
             env.attach_stop(stop)
+            if exit_if_stuck:
+                threading.Thread(target=_end_a_stuck_rollout, args=(stop, returned, env, link, config),
+                                 name="stop-watchdog", daemon=True).start()
         try:
-            stats = loop.run(max_steps=config.max_steps, stop=stop, health_check=health_check)
+            try:
+                stats = loop.run(max_steps=config.max_steps, stop=stop, health_check=health_check)
+            finally:
+                returned.set()
         except EnvFailure:  # the env cannot go on: what was sent still reaches the trainer before the worker stops
             _flush_before_stop(link, config)
             loop.record_progress(running=False)
