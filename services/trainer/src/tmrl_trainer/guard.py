@@ -77,8 +77,10 @@ class UpdateGuard:
         if rejected > self._reported and now - self._reported_at >= LOG_EVERY_S:
             last = dict(zip(GUARDED_VALUES, self._last_rejected.tolist(), strict=True))
             log.warning("%d SAC update(s) not applied since the last report (%d of %d in all): a loss or gradient was "
-                        "not finite (last one: %s). Weights and Adam state were left as they were; the replay "
-                        "memory holds extreme values (see the trainer's rejects and each worker's data)",
+                        "not finite (last one: %s). Weights and Adam state were left as they were. Either the replay "
+                        "memory holds extreme but accepted values (ingest's bounds, max_abs_observation and "
+                        "max_abs_reward, passed them: look at the workers' data) or the learning diverged (lower the "
+                        "learning rates or reward_scale)",
                         rejected - self._reported, rejected, updates,
                         ", ".join(f"{name} {value:.3g}" for name, value in last.items()))
             self._reported, self._reported_at = rejected, now
