@@ -127,7 +127,7 @@ def test_a_second_trainer_key_is_refused_while_the_trainer_is_alive(context, tmp
     _second_trainer_key(tmp_path, keys)
     with relay_in_thread(_config(tmp_path, keys)) as relay:
         value = relay.metrics.registry.get_sample_value
-        _trainer(context, relay, keys)
+        trainer = _trainer(context, relay, keys)  # kept open: a closed connection would free the role at once
         other = _peer(context, relay.ports.trainer_port, keys, "trainer-b", "trainer-2")
         other.hello("trainer")
         error = other.recv_type("error")[1]
@@ -136,6 +136,7 @@ def test_a_second_trainer_key_is_refused_while_the_trainer_is_alive(context, tmp
         other.send(make_weights(5))
         assert other.recv_type("error")[1].reason == "unknown_sender"
         assert value("tmrl_relay_weights_version") == -1 and relay.trainer.peer.sender == "trainer-1"
+        trainer.close()
 
 
 def test_the_same_trainer_key_on_a_new_connection_takes_over_at_once(context, tmp_path, keys):

@@ -3,6 +3,8 @@ once, another id is refused while the trainer is alive and counted, a hello nami
 
 from __future__ import annotations
 
+import time
+
 from tmrl_common.protocol import Hello
 
 from .relay_harness import (
@@ -78,3 +80,33 @@ def test_an_insecure_relay_warns_loudly_at_start_and_louder_off_loopback(caplog)
         assert "say hello as the trainer" in warning
         assert ("NOT loopback" in warning) == (host == "0.0.0.0")
     assert RelayConfig().bind_host == "127.0.0.1"  # loopback unless told otherwise
+
+
+def test_a_trainer_that_left_frees_the_role_for_another_id_without_waiting_for_the_peer_timeout(context):
+    with relay_in_thread(insecure_config(peer_timeout_s=60.0)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        first = connected_trainer(context, relay, "trainer-1")
+        first.close()  # a clean stop: the connection closes, nothing is silent for peer_timeout_s yet
+        second = Peer(context, relay.ports.trainer_port, "trainer-2")
+        started = time.monotonic()
+        while relay.trainer.peer is None or relay.trainer.peer.sender != "trainer-2":
+            assert time.monotonic() - started < 10.0, "trainer-2 did not get the role well before peer_timeout_s"
+            second.hello("trainer")  # as a refused trainer does, with its backoff
+            time.sleep(0.2)
+        assert value("tmrl_relay_trainer_connected") == 1
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send(make_batch(7))
+        assert second.recv_type("sample_batch")[1].seq == 7
+
+
+def test_another_id_is_still_refused_while_the_trainers_connection_is_open(context):
+    with relay_in_thread(insecure_config(peer_timeout_s=60.0)) as relay:
+        trainer = connected_trainer(context, relay, "trainer-1")  # open, and heard from just now
+        other = Peer(context, relay.ports.trainer_port, "trainer-2")
+        for _ in range(3):
+            other.hello("trainer")
+            assert other.recv_type("error")[1].reason == "unknown_sender"
+        assert relay.trainer.peer.sender == "trainer-1"
+        trainer.send(make_weights(1))  # it still holds the role
+        wait_until(lambda: relay.metrics.registry.get_sample_value("tmrl_relay_weights_version") == 1,
+                   what="the holder's weights")

@@ -481,6 +481,9 @@ class Relay:
         assert isinstance(hello, Hello)
         self._check_hello_role(hello, "trainer", "trainer")
         trainer_keys = self.allowlist.trainer_keys if self.allowlist is not None else None
+        holder = self.trainer.peer
+        if holder is not None and holder.routing_id != routing_id and self.trainer.holds_live():
+            self._release_the_role_if_its_connection_is_gone(holder)
         try:
             restart = self.trainer.check_claim(sender, user_id, trainer_keys)
         except RoleRefused as refused:
@@ -495,6 +498,20 @@ class Relay:
         self.trainer.take(peer)
         self.metrics.trainer_connected.set(1)
         self._flush_pending()
+
+    def _release_the_role_if_its_connection_is_gone(self, holder: Peer) -> None:
+        """Before another connection's hello is judged: a trainer that stopped cleanly left no silence to wait for,
+        only a closed connection, so ask the socket. A heartbeat to the holder (``ROUTER_MANDATORY``) that finds no
+        route frees the role now instead of after ``peer_timeout_s``; one that is queued or finds the queue full
+        leaves it held."""
+        try:
+            self.trainer_socket.send_multipart([holder.routing_id, *self._heartbeat_body()], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                return
+            log.warning("trainer %s: its connection is gone; the trainer role is free", holder.sender)
+            self.trainer.mark_gone()
+            self.metrics.trainer_connected.set(0)
 
     def _check_hello_role(self, hello: Hello, role: str, link: str) -> None:
         if hello.role != role:
@@ -602,7 +619,8 @@ class Relay:
         except zmq.ZMQError:  # peer gone or its queue full: the count and the log are what is left
             pass
 
-    def _send_heartbeat(self, socket: zmq.Socket, routing_id: bytes) -> None:
+    def _heartbeat_body(self) -> list[bytes]:
+        """The relay's heartbeat frames, rebuilt at most once a second."""
         now = time.monotonic()
         if self._heartbeat_frames is None or now - self._heartbeat_built > 1.0:
             heartbeat = Heartbeat(role="relay", uptime_s=now - self._started, counters={
@@ -611,8 +629,11 @@ class Relay:
             })
             self._heartbeat_frames = encode(heartbeat, RELAY_SENDER)
             self._heartbeat_built = now
+        return self._heartbeat_frames
+
+    def _send_heartbeat(self, socket: zmq.Socket, routing_id: bytes) -> None:
         try:
-            socket.send_multipart([routing_id, *self._heartbeat_frames], zmq.NOBLOCK)
+            socket.send_multipart([routing_id, *self._heartbeat_body()], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
