@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import time
@@ -114,6 +115,37 @@ def test_client_reconnects_after_the_plugin_drops_the_connection_mid_stream():
         before = client.latest().sequence
         assert client.newer_than(before).sequence > before
         assert client.stats.disconnects >= 1
+
+
+BUMPED = "another client is connected to the same port"
+
+
+def test_two_clients_on_one_plugin_port_are_told_that_another_client_takes_turns_with_them(caplog):
+    # the plugin (and its stand-in here) serves one client: one that connects replaces the one being served
+    with TelemetryReplayServer(drive(1000), rate_hz=200) as server, \
+            caplog.at_level(logging.WARNING, logger="tmrl_worker.tm20.openplanet"), \
+            TelemetryClient(server.port, timeout=0.5, reconnect_delay=0.05) as first, \
+            TelemetryClient(server.port, timeout=0.5, reconnect_delay=0.05) as second:
+        wait_until(lambda: any(BUMPED in record.getMessage() for record in caplog.records), timeout=10.0)
+        warning = next(record.getMessage() for record in caplog.records if BUMPED in record.getMessage())
+        assert f"the plugin on port {server.port} closed this connection 3 times within 10 s" in warning
+        assert "telemetry_port" in warning
+        assert first._bumped() or second._bumped()
+        error = (first if first._bumped() else second)._timeout_error(0.5)
+        assert BUMPED in str(error) and f"127.0.0.1:{server.port}" in str(error)
+
+
+def test_a_plugin_reloaded_twice_is_not_taken_for_another_client(caplog):
+    with TelemetryReplayServer(drive(1000), rate_hz=200) as server, \
+            caplog.at_level(logging.WARNING, logger="tmrl_worker.tm20.openplanet"), \
+            TelemetryClient(server.port, timeout=2.0, reconnect_delay=0.05) as client:
+        for connections in (2, 3):
+            client.latest()
+            server.disconnect_client()
+            wait_until(lambda connections=connections: server.connections >= connections)
+        client.latest()
+        assert client.stats.disconnects == 2 and not client._bumped()
+        assert not any(BUMPED in record.getMessage() for record in caplog.records)
 
 
 def test_client_survives_garbage_and_packets_split_at_a_disconnect():

@@ -40,6 +40,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 PROTOCOL_VERSION = 2
@@ -60,6 +61,11 @@ SEQUENCE_MODULO = 1 << 24
 _SLOT = {name: i for i, name in enumerate(FIELDS)}
 _PACKET = struct.Struct("<" + "f" * PACKET_FLOATS)
 log = logging.getLogger(__name__)
+
+BUMPED_CLOSES = 3
+BUMPED_WINDOW_S = 10.0
+"""The plugin closing a client's connection this many times within this many seconds is read as another client
+taking turns with it on the same port (:meth:`TelemetryClient._bumped`)."""
 
 
 class TelemetryError(RuntimeError):
@@ -233,6 +239,9 @@ class TelemetryClient:
         self._created = time.monotonic()
         self._garbage_at_connect = 0
         """:attr:`PacketParser.garbage_bytes` when the current connection was made (what it sent that was no packet)."""
+        self._closed_by_plugin: deque[float] = deque(maxlen=BUMPED_CLOSES)
+        """When the plugin last closed this client's connections (it replaces a client when another connects)."""
+        self._bumped_warned_at = -math.inf
         if start:
             self.start()
 
@@ -328,6 +337,10 @@ class TelemetryClient:
                 return
             if not chunk:
                 self.stats.last_error = "the plugin closed the connection"
+                self._closed_by_plugin.append(time.monotonic())
+                if self._bumped() and time.monotonic() - self._bumped_warned_at >= 60.0:
+                    self._bumped_warned_at = time.monotonic()
+                    log.warning("tm20 telemetry: %s", self._bumped_hint())
                 return
             self._deliver(self._parser.feed(chunk, time.monotonic()))
 
@@ -338,6 +351,18 @@ class TelemetryClient:
                 self.stats.packets += len(packets)
                 self._latest = packets[-1]
                 self._cond.notify_all()
+
+    def _bumped(self) -> bool:
+        """The plugin closed this client's connection :data:`BUMPED_CLOSES` times within :data:`BUMPED_WINDOW_S`:
+        it serves one client and a newcomer replaces it, so another client is most likely connected too."""
+        closes = self._closed_by_plugin
+        return len(closes) == BUMPED_CLOSES and time.monotonic() - closes[0] <= BUMPED_WINDOW_S
+
+    def _bumped_hint(self) -> str:
+        return (f"the plugin on port {self.port} closed this connection {BUMPED_CLOSES} times within "
+                f"{BUMPED_WINDOW_S:.0f} s: it serves one client at a time and a newly connected one replaces the "
+                "other, so another client is connected to the same port (a second worker, or check-env?); give each "
+                "worker its own game and plugin port (env_options telemetry_port)")
 
     # consumer side ---------------------------------------------------------------------------------------------
     def _since(self) -> float:
@@ -363,7 +388,9 @@ class TelemetryClient:
             return PluginVersionError(f"no telemetry from 127.0.0.1:{self.port} for {waited:.1f} s: "
                                       f"{self._version_problem}")
         hint = ""
-        if not self.stats.connected and "refused" in (self.stats.last_error or "").lower():
+        if self._bumped():
+            hint = f" Likely cause: {self._bumped_hint()}"
+        elif not self.stats.connected and "refused" in (self.stats.last_error or "").lower():
             # nothing listens: the most frequent upstream complaint, the plugin not loaded or on another port
             hint = (" Nothing listens on that port: load TMRL Telemetry from the OpenPlanet overlay (F3, Developer "
                     "menu, signature mode Developer) and check that its port setting is the same")

@@ -10,6 +10,7 @@ Used by the tests, and by ``tmrl-worker benchmark --replay`` to exercise the env
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -20,7 +21,8 @@ ChunkSource = Callable[[int], bytes | None]
 
 
 class TelemetryReplayServer:
-    """Serve ``chunks`` (a list, or a function ``tick -> bytes | None``) at ``rate_hz`` to one client at a time.
+    """Serve ``chunks`` (a list, or a function ``tick -> bytes | None``) at ``rate_hz`` to one client at a time; as
+    the plugin does, a client that connects while another is served replaces it (the old connection is closed).
 
     ``loop``: start again after the last chunk (list source). ``port=0`` picks a free port (see :attr:`port`).
     ``hello``: the greeting written to each new client first (default: this version's; ``b""``: none, like a
@@ -93,6 +95,8 @@ class TelemetryReplayServer:
             except OSError:
                 return
         while not self._stop.is_set() and not self._drop.is_set():
+            if select.select([self._listener], [], [], 0)[0]:  # a new client: it replaces this one (_serve accepts)
+                return
             chunk = self._source(self.tick)
             if chunk is None:
                 self._stop.wait(self.period)
