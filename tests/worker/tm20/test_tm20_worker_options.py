@@ -42,26 +42,34 @@ def write_config(tmp_path, body: str):
     return path
 
 
-# capture backend ------------------------------------------------------------------------------------------------
+# device names: capture backend and controller -----------------------------------------------------------------
+DEVICE_SETTINGS = [("capture_backend", ("auto", "dxcam", "mss")), ("controller_kind", ("auto", "gamepad", "keyboard", "none"))]
+
+
+@pytest.mark.parametrize(("setting", "accepted"), DEVICE_SETTINGS)
 @pytest.mark.parametrize("command", [["run", "--insecure"], ["layout"]])
-def test_an_unknown_capture_backend_in_env_options_is_refused_when_the_config_is_read(command, no_devices, tmp_path,
-                                                                                      monkeypatch):
+def test_an_unknown_device_name_in_env_options_is_refused_when_the_config_is_read(command, setting, accepted,
+                                                                                  no_devices, tmp_path, monkeypatch):
     import tmrl_worker.runtime
 
     monkeypatch.setattr(tmrl_worker.runtime, "run_worker", lambda *a, **k: pytest.fail("the worker was started"))
-    config = write_config(tmp_path, '[worker]\nenv = "tm20-lidar"\n[worker.env_options]\ncapture_backend = "bogus"\n')
+    config = write_config(tmp_path, f'[worker]\nenv = "tm20-lidar"\n[worker.env_options]\n{setting} = "bogus"\n')
     result = CliRunner().invoke(app, [*command, "--config", str(config)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "capture_backend" in lines[0] and "'bogus'" in lines[0], result.output
-    assert all(name in lines[0] for name in ("auto", "dxcam", "mss")), result.output
+    assert len(lines) == 1 and setting in lines[0] and "'bogus'" in lines[0], result.output
+    assert all(name in lines[0] for name in accepted), result.output
 
 
-def test_make_env_refuses_an_unknown_capture_backend_before_starting_the_emulated_game(no_devices):
+@pytest.mark.parametrize(("setting", "message"), [
+    ("capture_backend", r"unknown capture backend 'bogus' \(capture_backend\): use one of auto, dxcam, mss"),
+    ("controller_kind", r"unknown controller 'bogus' \(controller_kind\): use one of auto, gamepad, keyboard, none"),
+])
+def test_make_env_refuses_an_unknown_device_name_before_starting_the_emulated_game(setting, message, no_devices):
     from tmrl_worker.envs import EnvSpecError, _make_tm20
 
-    with pytest.raises(EnvSpecError, match=r"unknown capture backend 'bogus' \(capture_backend\): use one of auto, dxcam, mss"):
-        _make_tm20("tm20-lidar", 0.05, 100, {"capture_backend": "bogus", "emulated_game": {}})
+    with pytest.raises(EnvSpecError, match=message):
+        _make_tm20("tm20-lidar", 0.05, 100, {setting: "bogus", "emulated_game": {}})
 
 
 # layout ---------------------------------------------------------------------------------------------------------

@@ -102,18 +102,23 @@ class WorkerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _tm20_capture_backend_is_known(self) -> WorkerConfig:
-        """A TrackMania env's ``env_options.capture_backend`` is checked as the config is read: unchecked, a typo
-        would surface only after the game window was looked for."""
+    def _tm20_device_names_are_known(self) -> WorkerConfig:
+        """A TrackMania env's ``env_options.capture_backend`` and ``controller_kind`` are checked as the config is
+        read: unchecked, a typo would surface only after the plugin or the game window was reached."""
         from tmrl_worker.envs import TM20_SPECS
 
-        if self.env.strip() in TM20_SPECS and "capture_backend" in self.env_options:
-            from tmrl_worker.tm20.capture import CaptureError, check_capture_backend
+        if self.env.strip() not in TM20_SPECS:
+            return self
+        from tmrl_worker.tm20.capture import CaptureError, check_capture_backend
+        from tmrl_worker.tm20.control import ControlError, check_controller_kind
 
-            try:
+        try:
+            if "capture_backend" in self.env_options:
                 check_capture_backend(self.env_options["capture_backend"], "env_options.capture_backend")
-            except CaptureError as exc:
-                raise ValueError(str(exc)) from exc
+            if "controller_kind" in self.env_options:
+                check_controller_kind(self.env_options["controller_kind"], "env_options.controller_kind")
+        except (CaptureError, ControlError) as exc:
+            raise ValueError(str(exc)) from exc
         return self
 
     @field_validator("worker_id")

@@ -22,7 +22,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
@@ -334,6 +334,19 @@ class RecordingController:
 ControllerKind = Literal["auto", "gamepad", "keyboard", "none"]
 
 
+CONTROLLER_KINDS: tuple[str, ...] = get_args(ControllerKind)
+
+
+def check_controller_kind(kind: object, setting: str = "") -> ControllerKind:
+    """``kind`` when it is one of :data:`CONTROLLER_KINDS`; else :class:`ControlError` naming them (and the
+    ``setting`` it came from), so that a typo is refused where it is read, before the plugin or the window is
+    reached."""
+    if not isinstance(kind, str) or kind not in CONTROLLER_KINDS:
+        source = f" ({setting})" if setting else ""
+        raise ControlError(f"unknown controller {kind!r}{source}: use one of {', '.join(CONTROLLER_KINDS)}")
+    return kind  # type: ignore[return-value]
+
+
 def make_controller(kind: ControllerKind = "auto") -> Controller:
     """``gamepad`` (analog, Windows), ``keyboard`` (binary arrows), ``none`` (records only), ``auto`` (gamepad on
     Windows, keyboard elsewhere). A gamepad that vgamepad cannot create (ViGEmBus missing) falls back to the
@@ -351,4 +364,4 @@ def make_controller(kind: ControllerKind = "auto") -> Controller:
         return KeyboardController()
     if kind == "none":
         return RecordingController()
-    raise ControlError(f"unknown controller {kind!r}: use auto, gamepad, keyboard or none")
+    raise ControlError(f"unknown controller {kind!r}: use one of {', '.join(CONTROLLER_KINDS)}")

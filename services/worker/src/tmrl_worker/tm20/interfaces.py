@@ -62,7 +62,7 @@ from tmrl_worker.tm20.capture import (
     make_capture,
     to_gray,
 )
-from tmrl_worker.tm20.control import Controller, make_controller
+from tmrl_worker.tm20.control import ControlError, Controller, check_controller_kind, make_controller
 from tmrl_worker.tm20.lidar import Lidar, LidarConfig, LidarError
 from tmrl_worker.tm20.openplanet import DEFAULT_PORT, Telemetry, TelemetryClient, TelemetryError
 from tmrl_worker.tm20.stale_frames import StaleFrameConfig, StaleFrameDetector, StaleFrameError
@@ -209,6 +209,10 @@ class TM20Interface(RealTimeGymInterface):
                  sleep_time_at_reset: float = 1.5, recovery: RecoveryConfig | dict[str, Any] | None = None,
                  stale_frames: StaleFrameConfig | dict[str, Any] | None = None) -> None:
         capture_backend = checked_capture_backend(capture_backend)
+        try:  # before the plugin, the window or a device is reached
+            check_controller_kind(controller_kind, "controller_kind")
+        except ControlError as exc:
+            raise TM20ConfigError(str(exc)) from exc
         self.recovery = validated_settings(RecoveryConfig, recovery, "recovery")
         self.stale_frames = StaleFrameDetector(validated_settings(StaleFrameConfig, stale_frames, "stale_frames"))
         self._stale_frame: np.ndarray | None = None
