@@ -241,17 +241,23 @@ def test_a_saved_memory_whose_header_and_arrays_disagree_raises_memory_file_erro
     assert target.to_bytes() == before  # nothing half-loaded
 
 
-def _overwrite_one_value_with_ff_bytes(data: bytes, array_name: str) -> bytes:
-    """``data`` (a saved memory) with the middle element of ``array_name`` overwritten with 0xFF bytes, as a disk
-    error would: NaN for a float32, -1 for an integer, 255 for a bool."""
+def _overwrite_one_value(data: bytes, array_name: str, value: bytes | None = None) -> bytes:
+    """``data`` (a saved memory) with the middle element of ``array_name`` overwritten with ``value`` (default 0xFF
+    bytes, as a disk error would write: NaN for a float32, -1 for an integer, 255 for a bool)."""
     import json
 
     header_size = int.from_bytes(data[:8], "little")
     entry = json.loads(data[8 : 8 + header_size])[array_name]
     begin, end = (8 + header_size + offset for offset in entry["data_offsets"])
-    itemsize = {"F32": 4, "I64": 8, "I16": 2, "BOOL": 1}[entry["dtype"]]
+    itemsize = {"F32": 4, "I64": 8, "I16": 2, "BOOL": 1, "U8": 1}[entry["dtype"]]
     middle = begin + ((end - begin) // itemsize // 2) * itemsize
-    return data[:middle] + b"\xff" * itemsize + data[middle + itemsize :]
+    value = b"\xff" * itemsize if value is None else value
+    assert len(value) == itemsize and data[middle : middle + itemsize] != value  # a change, of one element
+    return data[:middle] + value + data[middle + itemsize :]
+
+
+def _overwrite_one_value_with_ff_bytes(data: bytes, array_name: str) -> bytes:
+    return _overwrite_one_value(data, array_name)
 
 
 @pytest.mark.parametrize("array_name", ["frames.speed", "frames.lidar", "actions", "rewards", "terminated",
@@ -266,6 +272,50 @@ def test_a_saved_memory_with_one_corrupted_value_is_refused_whole_naming_the_arr
     with pytest.raises(MemoryFileError, match=f"array '{array_name}' holds .* in 1 of its 150 rows.*corrupt"):
         target.load_bytes(corrupted)
     assert target.to_bytes() == before and target.generation == 0  # nothing half-loaded
+
+
+def _image_memory_bytes() -> bytes:
+    from random_episodes import fill_with_random_episodes
+    from tmrl_common.layout import tm20_image_layout
+
+    layout = tm20_image_layout(img_hist_len=2, height=16, width=16, act_buf_len=2)
+    return fill_with_random_episodes(ReplayMemory(layout, capacity=300, seed=0), steps=200, batch_rows=50).to_bytes()
+
+
+@pytest.mark.parametrize(("array_name", "value"), [
+    ("frames.lidar", np.float32(0.123).tobytes()),  # a finite, plausible LIDAR reading: no value check sees it
+    ("frames.image", bytes([7])),  # any byte of a uint8 frame is a valid pixel
+])
+def test_damage_no_value_check_can_see_is_refused_by_the_crc32_saved_with_the_array(array_name, value):
+    if array_name == "frames.image":
+        from tmrl_common.layout import tm20_image_layout
+
+        data = _image_memory_bytes()
+        target = ReplayMemory(tm20_image_layout(img_hist_len=2, height=16, width=16, act_buf_len=2), capacity=300)
+    else:
+        source = ReplayMemory(LAYOUT, capacity=150)
+        _fill(source, seed=14, workers=1, rows_per_worker=60)
+        data = source.to_bytes()
+        target = ReplayMemory(LAYOUT, capacity=150)
+    before = target.to_bytes()
+    damaged = _overwrite_one_value(data, array_name, value)
+    with pytest.raises(MemoryFileError, match=f"array '{array_name}' does not match the CRC-32 saved with it"):
+        target.load_bytes(damaged)
+    assert target.to_bytes() == before and target.generation == 0  # nothing loaded
+    target.load_bytes(data)  # the undamaged file loads
+    assert target.generation == 1
+
+
+def test_a_memory_saved_before_the_crc32s_were_written_loads_on_the_value_checks_alone():
+    from tmrl_trainer.tensor_file import pack, unpack
+
+    source = ReplayMemory(LAYOUT, capacity=150, seed=15)
+    _fill(source, seed=15, workers=1, rows_per_worker=60)
+    arrays, meta = unpack(source.to_bytes())
+    del meta["crc32"]
+    target = ReplayMemory(LAYOUT, capacity=150, seed=15)
+    target.load_bytes(pack(arrays, meta))
+    assert target.to_bytes() == source.to_bytes()  # the same memory, now saved with its CRCs again
 
 
 def test_a_saved_memory_holding_a_nan_frame_is_refused_when_loaded_from_a_file(tmp_path):

@@ -38,12 +38,15 @@ ingest's :class:`~tmrl_trainer.ingest.ValueBounds`, within the bounds ingested b
 ``prev`` and ``oldest`` at the row itself or an earlier one, ``known`` within ``[0, depth]``. A file that fails any
 check is refused whole, not row by row: the damage that made one value invalid also leaves values no check can see
 (bytes that decode to finite, plausible floats; links into the wrong episode; any byte of a ``uint8`` frame), so no
-row of it can be trusted, and the caller's fallback for an unreadable file applies.
+row of it can be trusted, and the caller's fallback for an unreadable file applies. Those invisible values are
+caught by a CRC-32 of each array, written in the header when the memory is saved and compared after the value
+checks when it is loaded (a file saved before the CRCs were written has none, and loads on the value checks alone).
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,7 +424,7 @@ class ReplayMemory:
                  for worker, by_seq in self._tails.items()}
         meta = {"format": MEMORY_FORMAT, "layout": self.layout.model_dump(mode="json"), "capacity": self.capacity,
                 "total": self._total, "tails": tails, "orphan_rows": self.orphan_rows,
-                "rng": self._rng.bit_generator.state}
+                "rng": self._rng.bit_generator.state, "crc32": {name: _crc32(array) for name, array in arrays.items()}}
         return pack(arrays, meta)
 
     def save(self, path: str | Path) -> Path:
@@ -465,6 +468,7 @@ class ReplayMemory:
                                       f"{target.dtype}{[stored, *target.shape[1:]]} (the header says {total} rows)")
             loaded[name] = array
         self._check_values(loaded, total, bounds)
+        _check_crc32(loaded, meta.get("crc32"))
         for name, target in targets.items():  # everything checked: nothing is half-loaded on error
             target[:stored] = loaded[name]
         self._total, self._tails, self.orphan_rows, self._rng = total, tails, orphan_rows, rng
@@ -521,4 +525,22 @@ class ReplayMemory:
     def load(self, path: str | Path, bounds: ValueBounds | None = None) -> None:
         """Read a memory written by :meth:`save` (checked as :meth:`load_bytes` says)."""
         self.load_bytes(Path(path).read_bytes(), bounds)
+
+
+def _crc32(array: np.ndarray) -> int:
+    """CRC-32 of an array's bytes in C order (what the tensor file stores)."""
+    return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def _check_crc32(arrays: dict[str, np.ndarray], saved: object) -> None:
+    """Raise :class:`MemoryFileError` naming the first array whose bytes differ from the CRC-32 saved with it
+    (``saved``: the header's ``crc32`` map; ``None`` for a file saved before it was written)."""
+    if saved is None:
+        return
+    if not isinstance(saved, dict) or set(saved) != set(arrays) or not all(type(crc) is int for crc in saved.values()):
+        raise MemoryFileError("saved memory header is malformed: its crc32 map does not name every array once")
+    for name, array in arrays.items():
+        if _crc32(array) != saved[name]:
+            raise MemoryFileError(f"saved memory array {name!r} does not match the CRC-32 saved with it: the file was "
+                                  "damaged after it was written, none of it is loaded")
 
