@@ -109,16 +109,9 @@ class WorkerConfig(BaseModel):
 
         if self.env.strip() not in TM20_SPECS:
             return self
-        from tmrl_worker.tm20.capture import CaptureError, check_capture_backend
-        from tmrl_worker.tm20.control import ControlError, check_controller_kind
+        from tmrl_worker.tm20.interfaces import check_device_names
 
-        try:
-            if "capture_backend" in self.env_options:
-                check_capture_backend(self.env_options["capture_backend"], "env_options.capture_backend")
-            if "controller_kind" in self.env_options:
-                check_controller_kind(self.env_options["controller_kind"], "env_options.controller_kind")
-        except (CaptureError, ControlError) as exc:
-            raise ValueError(str(exc)) from exc
+        check_device_names(self.env_options, prefix="env_options.")  # a TM20ConfigError is a ValueError: one line
         return self
 
     @field_validator("worker_id")

@@ -461,13 +461,12 @@ def _make_tm20(spec: str, time_step_duration: float, max_episode_steps: int, opt
     """TrackMania through its rtgym interfaces; with ``emulated_game`` (a table, possibly empty) against an
     :class:`~tmrl_worker.tm20.emulated_game.EmulatedGame` started here, on any OS. The settings are checked first,
     before anything is started (an unknown ``capture_backend`` is refused before a window search)."""
-    from tmrl_worker.tm20.control import ControlError, GamepadUnavailableError, check_controller_kind
-    from tmrl_worker.tm20.interfaces import TM20ConfigError, checked_capture_backend, tm20_rtgym_config
+    from tmrl_worker.tm20.control import ControlError, GamepadUnavailableError
+    from tmrl_worker.tm20.interfaces import TM20ConfigError, check_device_names, tm20_rtgym_config
 
     try:
-        checked_capture_backend(options.get("capture_backend", "auto"))
-        check_controller_kind(options.get("controller_kind", "auto"), "controller_kind")
-    except (TM20ConfigError, ControlError) as exc:
+        check_device_names(options)
+    except TM20ConfigError as exc:
         raise EnvSpecError(f"env {spec!r}: {exc}") from exc
     emulated = options.get("emulated_game")
     if emulated is None and sys.platform != "win32" and not options.get("allow_non_windows", False):

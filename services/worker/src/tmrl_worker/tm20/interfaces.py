@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -164,12 +164,15 @@ def validated_settings(model: type[Model], value: Model | dict[str, Any] | None,
         raise TM20ConfigError(f"env_options.{name} is not valid: {exc}") from exc
 
 
-def checked_capture_backend(backend: object) -> str:
-    """``backend`` when it names a capture backend, else :class:`TM20ConfigError` naming those that do: checked where
-    the settings are read, before the plugin, the controller or the game window is reached."""
+def check_device_names(settings: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise :class:`TM20ConfigError` unless ``settings``' ``capture_backend`` and ``controller_kind`` (``auto`` when
+    absent) name a capture backend and a controller: the one check of both names wherever settings are read (the
+    worker config, ``make_env``, :func:`tm20_rtgym_config`, the interface), before the plugin, the controller or the
+    game window is reached. ``prefix`` goes before the setting's name in the message (``env_options.``)."""
     try:
-        return check_capture_backend(backend, "capture_backend")
-    except CaptureError as exc:
+        check_capture_backend(settings.get("capture_backend", "auto"), f"{prefix}capture_backend")
+        check_controller_kind(settings.get("controller_kind", "auto"), f"{prefix}controller_kind")
+    except (CaptureError, ControlError) as exc:
         raise TM20ConfigError(str(exc)) from exc
 
 
@@ -208,11 +211,7 @@ class TM20Interface(RealTimeGymInterface):
                  controller_kind: str = "auto",
                  sleep_time_at_reset: float = 1.5, recovery: RecoveryConfig | dict[str, Any] | None = None,
                  stale_frames: StaleFrameConfig | dict[str, Any] | None = None) -> None:
-        capture_backend = checked_capture_backend(capture_backend)
-        try:  # before the plugin, the window or a device is reached
-            check_controller_kind(controller_kind, "controller_kind")
-        except ControlError as exc:
-            raise TM20ConfigError(str(exc)) from exc
+        check_device_names({"capture_backend": capture_backend, "controller_kind": controller_kind})
         self.recovery = validated_settings(RecoveryConfig, recovery, "recovery")
         self.stale_frames = StaleFrameDetector(validated_settings(StaleFrameConfig, stale_frames, "stale_frames"))
         self._stale_frame: np.ndarray | None = None
@@ -643,7 +642,7 @@ def tm20_rtgym_config(variant: str = "lidar", *, time_step_duration: float = 0.0
     ``reward_path``, ``img_hist_len``, ``lidar``, ``telemetry_port``, ``sleep_time_at_reset``, ...).
     """
     interface = interface_class(variant)
-    checked_capture_backend(interface_kwargs.get("capture_backend", "auto"))
+    check_device_names(interface_kwargs)
     if start_obs_capture is None:
         start_obs_capture = round(0.8 * time_step_duration, 6)
     config = dict(DEFAULT_CONFIG_DICT)
