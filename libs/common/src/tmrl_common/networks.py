@@ -485,9 +485,7 @@ class CriticEnsemble(nn.Module):
     def observation_part(self, features: torch.Tensor) -> torch.Tensor:
         """First-layer pre-activation from the observation alone (bias included): ``(n, B, hidden)``."""
         self._plain_only()
-        if features.dim() == 2:
-            features = features.expand(self.n, -1, -1)
-        return torch.baddbmm(self.first_bias, features, self.observation_weight)
+        return critic_observation_part(features, self.first_bias, self.observation_weight)
 
     def head(self, observation_part: torch.Tensor, action: torch.Tensor, frozen: bool = False,
              consume: bool = False) -> torch.Tensor:
@@ -563,6 +561,15 @@ def _output_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     ``(n, 1, 1)`` bias to Q-values ``(n, B)``. Written as ``weight^T x^T``, a product with a single *row*: CPU BLAS
     computes that fast, while ``x weight`` (a single column) takes a matrix-vector path many times slower."""
     return torch.baddbmm(bias, weight.transpose(1, 2), x.transpose(1, 2)).squeeze(1)
+
+
+def critic_observation_part(features: torch.Tensor, first_bias: torch.Tensor,
+                            observation_weight: torch.Tensor) -> torch.Tensor:
+    """:meth:`CriticEnsemble.observation_part` from the ensemble's first bias ``(n, 1, H)`` and observation weight
+    ``(n, F, H)``: features ``(B, F)`` (shared by every member) or ``(n, B, F)``."""
+    if features.dim() == 2:
+        features = features.expand(observation_weight.shape[0], -1, -1)
+    return torch.baddbmm(first_bias, features, observation_weight)
 
 
 def relu_critic_q(observation_part: torch.Tensor, action: torch.Tensor, action_weight: torch.Tensor,

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from tmrl_common.networks import (
     PolicyArchitecture,
+    critic_observation_part,
     relu_critic_action_gradient,
     relu_critic_backward,
     relu_critic_q,
@@ -79,10 +80,6 @@ def _split_critics(flat: torch.Tensor, shapes: Shapes) -> tuple[Any, ...]:
     return observation_weight, action_weight, first_bias, layers[: len(layers) // 2], layers[len(layers) // 2 :]
 
 
-def _observation_part(features: torch.Tensor, first_bias: torch.Tensor, observation_weight: torch.Tensor) -> torch.Tensor:
-    return torch.baddbmm(first_bias, features.expand(observation_weight.shape[0], -1, -1), observation_weight)
-
-
 def _write_flat(out: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Write ``tensors`` one after another into the flat ``out``; returns their squared norm (for the guard)."""
     flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
@@ -106,13 +103,13 @@ def critic_step(features: torch.Tensor, next_features: torch.Tensor, action: tor
         log_std_bias, weights, biases)
     # 1. critic target: bootstrap unless the episode terminated
     observation_weight, action_weight, first_bias, weights, biases = _split_critics(targets, critic_shapes)
-    next_q, _ = relu_critic_q(_observation_part(next_features, first_bias, observation_weight), next_action,
+    next_q, _ = relu_critic_q(critic_observation_part(next_features, first_bias, observation_weight), next_action,
                               action_weight, weights, biases)
     next_q = keep_critics(next_q, subset).min(dim=0).values
     target_q = soft_td_target(reward, terminated, next_q, next_log_prob, alpha, discount, reward_scale)
     # 2. critic loss 0.5 * sum_i mean_b (Q_i - y)^2 and its gradient
     observation_weight, action_weight, first_bias, weights, biases = _split_critics(critics, critic_shapes)
-    q_values, hidden = relu_critic_q(_observation_part(features, first_bias, observation_weight), action,
+    q_values, hidden = relu_critic_q(critic_observation_part(features, first_bias, observation_weight), action,
                                      action_weight, weights, biases)
     error = q_values - target_q
     critic_loss = 0.5 * error.pow(2).mean(dim=1).sum()
@@ -131,7 +128,7 @@ def policy_critics(features: torch.Tensor, action_pi: torch.Tensor, log_prob: to
     the action gradient of ``mean_i Q_i`` (REDQ, ``mean_of_critics``), or what the eager minimum's backward needs."""
     rows = features.shape[0]
     observation_weight, action_weight, first_bias, weights, biases = _split_critics(critics, critic_shapes)
-    q_values, hidden = relu_critic_q(_observation_part(features, first_bias, observation_weight), action_pi,
+    q_values, hidden = relu_critic_q(critic_observation_part(features, first_bias, observation_weight), action_pi,
                                      action_weight, weights, biases)
     alpha_loss = entropy_coefficient_loss(log_alpha, log_prob, target_entropy)
     grad_log_alpha = -(log_prob + target_entropy).mean()
@@ -256,19 +253,10 @@ class CompiledLearner(SACLearner):
                 self.log_alpha.grad.copy_(grad_log_alpha)
                 learned_alpha_loss = alpha_loss
                 square_norm = square_norm + grad_log_alpha.square()
-            rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, rejected_before=critic_rejected,
-                                        square_norm=square_norm)
-            if critic_rejected is None:
-                self._adam_step(rejected)
-            else:
-                self._adam_step(rejected, groups=("actor", "log_alpha"))
-            self._target_flat.lerp_(self._critic_flat, config.tau * (1.0 - rejected))
-        self.updates += 1
+            self._guarded_step(critic_loss, actor_loss, learned_alpha_loss, critic_rejected, square_norm)
         if not with_metrics:
             return {}
-        values = torch.stack([critic_loss, actor_loss, alpha_loss, alpha, q_mean, target_mean,
-                              -log_prob.mean()]).tolist()
-        return dict(zip(self.METRICS, values, strict=True))
+        return self._metrics(critic_loss, actor_loss, alpha_loss, alpha, q_mean, target_mean, log_prob)
 
     def _actor_gradient(self, features: torch.Tensor, action_pi: torch.Tensor, log_prob: torch.Tensor,
                         alpha: torch.Tensor, critics: torch.Tensor, saved: Sequence[torch.Tensor],

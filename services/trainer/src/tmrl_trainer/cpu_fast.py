@@ -117,7 +117,7 @@ class SACLearner(ReferenceLearner):
         device synchronisation per update on GPU).
         """
         batch = batch.to(self.device)
-        gamma, tau = self.config.gamma, self.config.tau
+        gamma = self.config.gamma
         alpha = self.log_alpha.detach().exp()
 
         # the policy at the next and the current observations in one pass; the random draws in the reference's order
@@ -170,23 +170,35 @@ class SACLearner(ReferenceLearner):
         # three (critic-first: for these two; the critics' gradient stays for the guard, untouched by this backward)
         learned_alpha_loss = alpha_loss if self.config.learn_alpha else None
         summed_losses(actor_loss, learned_alpha_loss).backward()
-        # 6. the guard: 1.0 when a loss or gradient is not finite; Adam and the polyak step then change nothing
+        self._guarded_step(critic_loss, actor_loss, learned_alpha_loss, critic_rejected)
+        if not with_metrics:
+            return {}
+        return self._metrics(critic_loss, actor_loss, alpha_loss, alpha, q_values.detach().mean(), target_q.mean(),
+                             log_prob)
+
+    def _guarded_step(self, critic_loss: torch.Tensor, actor_loss: torch.Tensor,
+                      learned_alpha_loss: torch.Tensor | None, critic_rejected: torch.Tensor | None,
+                      square_norm: torch.Tensor | None = None) -> None:
+        """Steps 6 and 7 of an update whose gradients are in the flat gradients: the guard (1.0 when a loss or
+        gradient is not finite; Adam and the polyak step then change nothing), one Adam step for what has not stepped
+        yet (``critic_rejected`` is the critics' verdict when they stepped first), the polyak step of the target
+        critics, and the update counted. ``square_norm``: the gradients' squared norm when the caller has it."""
         rejected = self.guard.check(critic_loss, actor_loss, learned_alpha_loss, self._flat_gradients,
-                                    rejected_before=critic_rejected)
+                                    rejected_before=critic_rejected, square_norm=square_norm)
         if critic_rejected is None:
             self._adam_step(rejected)
         else:
             self._adam_step(rejected, groups=("actor", "log_alpha"))
-
-        # 7. target critics (a polyak step of zero when the guard rejected the update)
-        with torch.no_grad():
-            self._target_flat.lerp_(self._critic_flat, tau * (1.0 - rejected))
+        with torch.no_grad():  # a polyak step of zero when the guard rejected the update
+            self._target_flat.lerp_(self._critic_flat, self.config.tau * (1.0 - rejected))
         self.updates += 1
 
-        if not with_metrics:
-            return {}
-        values = torch.stack([critic_loss.detach(), actor_loss.detach(), alpha_loss.detach(), alpha,
-                              q_values.detach().mean(), target_q.mean(), -log_prob.detach().mean()]).tolist()
+    def _metrics(self, critic_loss: torch.Tensor, actor_loss: torch.Tensor, alpha_loss: torch.Tensor,
+                 alpha: torch.Tensor, q_mean: torch.Tensor, target_mean: torch.Tensor,
+                 log_prob: torch.Tensor) -> dict[str, float]:
+        """:attr:`METRICS` of one update, read from the device at once."""
+        values = torch.stack([critic_loss.detach(), actor_loss.detach(), alpha_loss.detach(), alpha, q_mean,
+                              target_mean, -log_prob.detach().mean()]).tolist()
         return dict(zip(self.METRICS, values, strict=True))
 
     def _adam_step(self, rejected: torch.Tensor, groups: tuple[str, ...] | None = None) -> None:
