@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tmrl_common.arrays import WireArray
 from tmrl_common.errors import ProtocolError, RejectReason
-from tmrl_common.protocol import MESSAGE_TYPES, DecodeLimits, SampleBatch, decode, encode
+from tmrl_common.protocol import MESSAGE_TYPES, DecodeLimits, SampleBatch, _ZeroCopyReader, decode, encode
 
-from .wire_samples import SENDER, SENT_AT, valid_messages
+from .wire_samples import SENDER, SENT_AT, Pairs, pack_tree, valid_messages
 
 REASONS = set(RejectReason.__args__)  # type: ignore[attr-defined]
 VALID_FRAMES = {case: encode(message, SENDER, sent_at=SENT_AT) for case, message in valid_messages().items()}
@@ -207,6 +207,67 @@ def test_one_field_of_a_valid_body_replaced_by_anything_never_escapes_protocol_e
     path = data.draw(st.sampled_from(paths))
     _set_path(tree, path, data.draw(MSGPACK_VALUES))
     decode_or_reject([envelope, msgpack.packb(tree)])
+
+
+def _map_paths(node, prefix=()):
+    """The path of every non-empty map in ``node``: ``()`` for ``node`` itself."""
+    if isinstance(node, dict):
+        if node:
+            yield prefix
+        for key, child in node.items():
+            yield from _map_paths(child, (*prefix, key))
+    elif isinstance(node, list):
+        for index, child in enumerate(node):
+            yield from _map_paths(child, (*prefix, index))
+
+
+@FUZZ_STRUCTURED
+@given(st.sampled_from(CASES), st.integers(0, 1), st.data())
+def test_a_key_repeated_in_any_map_of_a_valid_message_is_malformed_on_both_paths(case, frame_index, data):
+    """docs/protocol.md §2: a key twice in one map is ``malformed``, at any depth, whether the repeat holds the same
+    value or another one, before or after the first."""
+    frames = list(VALID_FRAMES[case])
+    tree = msgpack.unpackb(frames[frame_index])
+    path = data.draw(st.sampled_from(list(_map_paths(tree))))
+    node = tree
+    for key in path:
+        node = node[key]
+    entries = Pairs(node.items())
+    key, value = entries[data.draw(st.integers(0, len(entries) - 1))]
+    repeat = value if data.draw(st.booleans()) else data.draw(MSGPACK_VALUES)
+    entries.insert(data.draw(st.integers(0, len(entries))), (key, repeat))
+    if path:
+        _set_path(tree, path, entries)
+    frames[frame_index] = pack_tree(tree if path else entries)
+    too_large = frame_index == 0 and len(frames[0]) > DecodeLimits().max_envelope_bytes
+    assert decode_or_reject(frames) == ("oversized" if too_large else "malformed")
+
+
+def _nested(depth: int, innermost):
+    return innermost if depth == 0 else {"a": _nested(depth - 1, innermost)}
+
+
+REPEATED_KEY_IN_A_MAP_THE_READER_HANDS_TO_MSGPACK = {  # _ZeroCopyReader walks maps of <= 64 entries, lists of <= 16
+    "map_with_more_entries": ("heartbeat", {"role": "worker", "uptime_s": 1.0,
+                                            "counters": Pairs([(f"c{i}", i) for i in range(70)] + [("c3", 3)])}),
+    "map_nested_deeper": ("heartbeat", {"role": "worker", "uptime_s": 1.0,
+                                        "counters": _nested(8, Pairs([("c", 1), ("c", 2)]))}),
+    "map_in_a_longer_list": ("sample_ack", {"worker": "worker-1", "seqs": [*range(20), Pairs([("s", 1), ("s", 1)])]}),
+    "repeat_inside_the_larger_map": ("heartbeat", {"role": "worker", "uptime_s": 1.0, "counters": Pairs(
+        [(f"c{i}", _nested(2, Pairs([("x", 0), ("x", 0)])) if i == 40 else i) for i in range(70)])}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPEATED_KEY_IN_A_MAP_THE_READER_HANDS_TO_MSGPACK))
+def test_a_key_repeated_in_a_map_left_to_msgpacks_unpacker_is_malformed_on_both_paths(case, monkeypatch):
+    type_name, body = REPEATED_KEY_IN_A_MAP_THE_READER_HANDS_TO_MSGPACK[case]
+    handed_to_msgpack = []
+    read_with_msgpack = _ZeroCopyReader._read_with_msgpack
+    monkeypatch.setattr(_ZeroCopyReader, "_read_with_msgpack",
+                        lambda reader, start: handed_to_msgpack.append(start) or read_with_msgpack(reader, start))
+    envelope = msgpack.packb({"v": 1, "type": type_name, "sender": SENDER, "sent_at": SENT_AT})
+    assert decode_or_reject([envelope, pack_tree(body)]) == "malformed"
+    assert handed_to_msgpack, "the zero-copy reader walked this map itself: the case does not test what it says"
 
 
 @pytest.mark.parametrize("depth", [10, 200, 5000])

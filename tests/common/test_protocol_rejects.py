@@ -24,7 +24,7 @@ from tmrl_common.protocol import (
 )
 from tmrl_common.weights import tensors_from_bytes, tensors_to_bytes
 
-from .wire_samples import SENDER, SENT_AT, sample_batch, valid_messages, weights_update
+from .wire_samples import SENDER, SENT_AT, Pairs, pack_tree, sample_batch, valid_messages, weights_update
 
 pack = msgpack.packb
 
@@ -164,6 +164,30 @@ def test_map_keys_that_are_not_strings_are_malformed(key):
     env = envelope_map()
     env[key] = 1
     assert reason_of([pack(env), pack(HEARTBEAT_BODY)]) == "malformed"
+
+
+@pytest.mark.parametrize("where", ["envelope", "body", "observations", "array_map"])
+def test_a_key_twice_in_one_map_is_malformed_in_the_same_words_on_both_paths(where):
+    """§2: msgpack alone keeps a repeated key's last value, a reader stopping at the first key its first one: any
+    frame holding a key twice in one map is refused instead, even when both values are the same."""
+    envelope, body = Pairs(envelope_map("sample_batch").items()), body_map("sample_batch_raw")
+    if where == "envelope":
+        key, envelope = "sender", Pairs([*envelope, ("sender", "worker-2")])
+    elif where == "body":
+        key, body = "seq", Pairs([("seq", body["seq"]), *body.items()])
+    elif where == "observations":
+        key, body["observations"] = "lidar", Pairs([*body["observations"].items(), ("lidar", body["observations"]["lidar"])])
+    else:
+        key, body["rewards"] = "dtype", Pairs([("dtype", "float32"), *body["rewards"].items()])
+    frames = [pack_tree(envelope), pack_tree(body)]
+    assert reason_of(frames) == "malformed"
+    details = set()
+    for limits in (DecodeLimits(), DecodeLimits(zero_copy_min_body_bytes=0)):
+        with pytest.raises(ProtocolError) as info:
+            decode(frames, limits)
+        details.add(info.value.detail)
+    frame = "envelope frame" if where == "envelope" else "sample_batch body frame"
+    assert details == {f"{frame}: duplicate key {key!r} in one map"}
 
 
 @pytest.mark.parametrize("field", ["type", "sender", "sent_at"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 from pydantic import BaseModel
 from tmrl_common.arrays import WireArray
@@ -75,6 +76,23 @@ def valid_messages() -> dict[str, Message]:
         "error": Error(reason="schema", message="actions must be float32", ref_type="sample_batch", ref_seq=7),
         "error_minimal": Error(reason="oversized", message=""),
     }
+
+
+class Pairs(list):
+    """A msgpack map given as its ``(key, value)`` entries in order, so that it can hold a key twice (a dict cannot)."""
+
+
+def pack_tree(value) -> bytes:
+    """``msgpack.packb(value)``, except that a :class:`Pairs` anywhere in ``value`` is written as a map of exactly
+    its entries, repeated keys included."""
+    packer = msgpack.Packer(use_bin_type=True)
+    if isinstance(value, dict):
+        value = Pairs(value.items())
+    if isinstance(value, Pairs):
+        return packer.pack_map_header(len(value)) + b"".join(packer.pack(key) + pack_tree(item) for key, item in value)
+    if isinstance(value, list):
+        return packer.pack_array_header(len(value)) + b"".join(pack_tree(item) for item in value)
+    return packer.pack(value)
 
 
 def assert_same_message(received: BaseModel, sent: BaseModel) -> None:

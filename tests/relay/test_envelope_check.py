@@ -7,8 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tmrl_common.errors import ProtocolError
-from tmrl_common.protocol import DEFAULT_LIMITS, batch_seq_of, decode, decode_envelope, encode, encode_envelope
-from tmrl_relay.envelope import check_envelope, read_batch_head, read_batch_seq
+from tmrl_common.protocol import (
+    DEFAULT_LIMITS,
+    DecodeLimits,
+    batch_seq_of,
+    decode,
+    decode_envelope,
+    encode,
+    encode_envelope,
+)
+from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head, read_batch_seq
 
 from .relay_harness import batch_body_with, make_batch
 
@@ -54,6 +62,43 @@ def test_check_envelope_agrees_on_mutated_valid_envelopes(position, byte):
     frame = bytearray(encode_envelope("sample_batch", "worker-1"))
     frame[position % len(frame)] = byte
     assert _outcome(check_envelope, bytes(frame)) == _outcome(lambda f, limits: decode_envelope(f, limits), bytes(frame))
+
+
+def _packed_pairs(pairs) -> bytes:
+    """A msgpack map of exactly these ``(key, value)`` entries, in order: a key may come twice."""
+    return msgpack.Packer(use_bin_type=True).pack_map_pairs(pairs)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.tuples(keys, st.one_of(values, st.sampled_from(["hello", "worker-1", 1, 1.5]))), max_size=7))
+def test_check_envelope_agrees_with_decode_envelope_on_maps_with_repeated_keys(pairs):
+    """docs/protocol.md §2: a key twice in the envelope is ``malformed`` for both, never the last (or first) value."""
+    frame = _packed_pairs(pairs)
+    outcome = _outcome(check_envelope, frame)
+    assert outcome == _outcome(lambda f, limits: decode_envelope(f, limits), frame)
+    if len({key for key, _ in pairs}) < len(pairs) and len(frame) <= DEFAULT_LIMITS.max_envelope_bytes:
+        assert outcome == ("reject", "malformed")
+
+
+CANONICAL_ENVELOPE = [("v", 1), ("type", "sample_batch"), ("sender", "worker-1"), ("sent_at", 1.0)]
+ENVELOPES_WITH_A_KEY_TWICE = {
+    "same_value_again": [*CANONICAL_ENVELOPE, ("sender", "worker-1")],
+    "other_sender_last": [*CANONICAL_ENVELOPE[:3], ("sender", "worker-2"), ("sent_at", 1.0)],
+    "version_twice_before_the_rest": [("v", 1), *CANONICAL_ENVELOPE],
+    "sent_at_twice_last": [*CANONICAL_ENVELOPE, ("sent_at", 2.0)],  # ends like a canonical one: 0xcb and 8 bytes
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENVELOPES_WITH_A_KEY_TWICE))
+def test_an_envelope_with_a_key_twice_is_malformed_for_every_envelope_check(case):
+    frame = _packed_pairs(ENVELOPES_WITH_A_KEY_TWICE[case])
+    checker = EnvelopeChecker(DEFAULT_LIMITS)
+    checker(encode_envelope("sample_batch", "worker-1"))  # the canonical prefix of this sender is cached
+    for check in (check_envelope, lambda f, limits: decode_envelope(f, limits), lambda f, limits: checker(f)):
+        with pytest.raises(ProtocolError) as info:
+            check(frame, DEFAULT_LIMITS)
+        assert info.value.reason == "malformed"
+        assert "duplicate key" in info.value.detail
 
 
 def test_check_envelope_accepts_a_memoryview_of_the_frame():
@@ -122,6 +167,44 @@ def test_a_batch_with_a_wrong_first_is_read_with_its_seq_and_zero_steps(first):
         decode([encode_envelope("sample_batch", "worker-1"), body])
     assert info.value.reason == "schema"
     assert batch_seq_of(body) == 77
+
+
+def _batch_with_seq_twice(case: str) -> bytes:
+    """The body of :func:`make_batch` ``(5)``, 20 steps, holding ``seq`` a second time (9, or not an int)."""
+    entries = list(msgpack.unpackb(encode(make_batch(5, steps=20), "worker-1")[1]).items())
+    if case == "second_after_the_arrays":  # the head reads as a canonical one
+        entries.append(("seq", 9))
+    elif case == "second_right_after_the_first":
+        entries.insert(1, ("seq", 9))
+    elif case == "second_not_an_int":
+        entries.insert(1, ("seq", "nine"))
+    else:  # both after the observations, beyond the first bytes the relay reads, and before first
+        entries = [entries[3], entries[0], ("seq", 9), *entries[1:3], *entries[4:]]
+    return _packed_pairs(entries)
+
+
+@pytest.mark.parametrize("case", ["second_after_the_arrays", "second_right_after_the_first", "second_not_an_int",
+                                  "both_after_the_observations"])
+def test_a_batch_with_seq_twice_is_malformed_for_the_trainer_and_named_by_its_first_seq_everywhere(case):
+    """docs/protocol.md §2: the relay counts and forwards the batch under its first seq; the trainer refuses it
+    (``malformed``, on both of its body decoders) and names that same seq in its answer (batch_seq_of)."""
+    body = _batch_with_seq_twice(case)
+    frames = [encode_envelope("sample_batch", "worker-1"), body]
+    for limits in (DEFAULT_LIMITS, DecodeLimits(zero_copy_min_body_bytes=0)):
+        with pytest.raises(ProtocolError) as info:
+            decode(frames, limits)
+        assert info.value.reason == "malformed"
+        assert "duplicate key 'seq'" in info.value.detail
+    assert read_batch_head(body) == (5, 20)
+    assert read_batch_seq(body) == 5 == batch_seq_of(body)
+
+
+def test_a_batch_head_takes_its_steps_from_the_first_of_a_repeated_first_or_shape():
+    first = {"dtype": "bool", "shape": [20], "codec": "raw", "data": bytes(20)}
+    assert read_batch_head(_packed_pairs([("first", {**first, "shape": [3]}), ("first", first), ("seq", 5)])) == (5, 3)
+    shape_twice = _packed_pairs([("dtype", "bool"), ("shape", "20"), ("shape", [20]), ("codec", "raw"), ("data", bytes(20))])
+    body = b"\x82" + msgpack.packb("first") + shape_twice + msgpack.packb("seq") + msgpack.packb(5)
+    assert read_batch_head(body) == (5, 0)
 
 
 def test_a_batch_head_counts_up_to_max_steps_rows():

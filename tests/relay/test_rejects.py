@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 from tmrl_common.errors import ProtocolError
-from tmrl_common.protocol import Heartbeat, Hello, batch_seq_of, decode, encode, encode_envelope
+from tmrl_common.protocol import Heartbeat, Hello, SampleAck, batch_seq_of, decode, encode, encode_envelope
 
 from .relay_harness import (
     batch_body_with,
@@ -131,6 +131,29 @@ def test_a_batch_with_a_valid_seq_and_a_wrong_first_goes_to_the_trainer_which_re
     with pytest.raises(ProtocolError) as info:  # what the trainer's ingest does with it (tmrl_trainer.ingest)
         decode(forwarded)
     assert (info.value.reason, batch_seq_of(forwarded[1])) == ("schema", 5)
+
+
+def test_a_batch_with_seq_twice_gets_one_rejected_answer_naming_its_first_seq(context):
+    """§2: the relay forwards the batch under its first seq (no error of its own); the trainer's decoder refuses it
+    ``malformed`` and answers by batch_seq_of, which names that first seq: the worker gets exactly one answer."""
+    entries = list(msgpack.unpackb(_batch_body(seq=5)).items())
+    body = msgpack.Packer().pack_map_pairs([entries[0], ("seq", 6), *entries[1:]])
+    frames = [encode_envelope("sample_batch", "worker-1"), body]
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        worker = connected_worker(context, relay, "worker-1")
+        trainer.recv_type("hello")  # the worker's, passed on
+        worker.send_frames(frames)
+        assert trainer.socket.poll(5000)
+        forwarded = trainer.socket.recv_multipart()
+        assert forwarded == frames
+        with pytest.raises(ProtocolError) as info:  # what the trainer's ingest does with it (tmrl_trainer.ingest)
+            decode(forwarded)
+        trainer.send(SampleAck(worker="worker-1", seqs=[batch_seq_of(forwarded[1])], outcome="rejected",
+                               reason=info.value.reason, detail=info.value.detail))
+        answer = worker.recv_type("sample_ack")[1]
+        assert (answer.seqs, answer.outcome, answer.reason) == ([5], "rejected", "malformed")
+        assert worker.types_within(300) == []
 
 
 def test_a_sample_batch_before_hello_is_rejected_as_unknown_sender(context):

@@ -419,6 +419,18 @@ def test_a_batch_that_fails_to_decode_is_answered_rejected_when_its_seq_can_be_r
     assert memory.rows_added == 0 and ingestor.snapshot()["rejects"] == {"schema": 1}
 
 
+def test_a_batch_with_seq_twice_is_answered_rejected_malformed_under_its_first_seq_and_stores_nothing(ingest):
+    """docs/protocol.md §2: the relay counts such a batch under its first seq; the trainer names that one too, and
+    neither seq is marked stored (a later batch 9 is stored, not answered duplicate)."""
+    ingestor, memory, _ = ingest
+    envelope, body = batch_frames("w", 4, [1.0])
+    entries = list(msgpack.unpackb(body).items())
+    twice = msgpack.Packer().pack_map_pairs([entries[0], ("seq", 9), *entries[1:]])
+    assert answers(ingestor.handle([envelope, twice])) == [("w", [4], "rejected", "malformed")]
+    assert memory.rows_added == 0 and ingestor.snapshot()["rejects"] == {"malformed": 1}
+    assert answers(ingestor.handle(batch_frames("w", 9, [1.0]))) == [("w", [9], "stored", "")]
+
+
 def test_every_batch_gets_exactly_one_answer_stored_duplicate_or_rejected(ingest):
     ingestor, _, _ = ingest
     outcomes = [answers(ingestor.handle(frames)) for frames in (

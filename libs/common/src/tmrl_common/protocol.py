@@ -345,6 +345,28 @@ def encode(message: Message, sender: str, sent_at: float | None = None) -> list[
 # --------------------------------------------------------------------------------------------------------- decoding
 
 
+class DuplicateKeyError(ProtocolError):
+    """A map holds the same key twice: ``malformed`` (``docs/protocol.md`` §2), whichever map of the frame it is."""
+
+    def __init__(self, key: Any) -> None:
+        super().__init__("malformed", f"duplicate key {repr(key)[:64]} in one map")
+
+
+def dict_refusing_duplicate_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """The ``object_pairs_hook`` of the msgpack unpackers that decode a frame (here and in the relay's envelope
+    check): the map as a dict, or :class:`DuplicateKeyError` when a key appears twice in it. msgpack alone lets the
+    last one win, while the readers that stop at a body's first ``seq`` see the first (:func:`batch_seq_of`):
+    refusing such a map keeps every receiver on one verdict. One Python call per map, none per key."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[Any] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
+    return result
+
+
 def _unpack_map(frame: bytes | memoryview, limit: int, what: str) -> dict[str, Any]:
     if len(frame) > limit:
         raise ProtocolError("oversized", f"{what} frame is {len(frame)} bytes, limit {limit}")
@@ -352,7 +374,10 @@ def _unpack_map(frame: bytes | memoryview, limit: int, what: str) -> dict[str, A
         obj = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
             max_str_len=min(len(frame), 1 << 20), max_array_len=min(len(frame), 1 << 20), max_map_len=min(len(frame), 1 << 16),
+            object_pairs_hook=dict_refusing_duplicate_keys,
         )
+    except DuplicateKeyError as exc:
+        raise ProtocolError(exc.reason, f"{what} frame: {exc.detail}") from exc
     except Exception as exc:  # msgpack raises several unrelated exception types on hostile input
         raise ProtocolError("malformed", f"{what} frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict):
@@ -374,11 +399,13 @@ _INT_FORMATS = {0xCC: (1, False), 0xCD: (2, False), 0xCE: (4, False), 0xCF: (8, 
 _LENGTH_WIDTHS = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4, 0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4}
 
 
-def _msgpack_unpacker(size: int) -> msgpack.Unpacker:
-    """A C unpacker with the same caps as :func:`_unpack_map` (no ext types, bounded str/array/map sizes)."""
+def _msgpack_unpacker(size: int, refuse_duplicate_keys: bool = True) -> msgpack.Unpacker:
+    """A C unpacker with the same caps as :func:`_unpack_map` (no ext types, bounded str/array/map sizes) and, unless
+    told otherwise, the same refusal of duplicate keys."""
     return msgpack.Unpacker(
         None, raw=False, strict_map_key=True, use_list=True, max_ext_len=0, max_buffer_size=max(size, 1),
         max_str_len=min(size, _MAX_STR_BYTES), max_array_len=min(size, 1 << 20), max_map_len=min(size, 1 << 16),
+        object_pairs_hook=dict_refusing_duplicate_keys if refuse_duplicate_keys else None,
     )
 
 
@@ -471,6 +498,8 @@ class _ZeroCopyReader:
                 if type(key) is not memoryview:
                     raise ProtocolError("malformed", f"map keys must be msgpack str, got {type(key).__name__}")
                 key = bytes(key)
+            if key in result:  # as dict_refusing_duplicate_keys does for the maps msgpack unpacks
+                raise DuplicateKeyError(key)
             result[key] = self.read(depth + 1)
         return result
 
@@ -501,6 +530,8 @@ def _unpack_body(frame: Any, limits: DecodeLimits, what: str) -> dict[str, Any]:
     reader = _ZeroCopyReader(view)
     try:
         obj = reader.read()
+    except DuplicateKeyError as exc:  # the same words as _unpack_map
+        raise ProtocolError(exc.reason, f"{what} frame: {exc.detail}") from exc
     except ProtocolError as exc:
         raise ProtocolError(exc.reason, f"{what} frame is not valid msgpack: {exc.detail}") from exc
     except Exception as exc:  # msgpack raises several unrelated exception types on hostile input
@@ -558,9 +589,10 @@ def decode_body(envelope: Envelope, frame: bytes, limits: DecodeLimits = DEFAULT
 def batch_seq_of(body: bytes | memoryview) -> int | None:
     """The ``seq`` of a ``sample_batch`` body that failed to decode, so the refusal can name the batch; ``None``
     when the body holds no valid seq (then no particular batch can be answered). Reads the map's entries in order
-    and stops at ``seq``, which :func:`encode` writes first."""
+    and stops at ``seq``, which :func:`encode` writes first: a body holding ``seq`` twice (``malformed``) is named
+    by the first one, as the relay counts it (``tmrl_relay.envelope.read_batch_head``)."""
     try:
-        unpacker = _msgpack_unpacker(len(body))
+        unpacker = _msgpack_unpacker(len(body), refuse_duplicate_keys=False)
         unpacker.feed(body)
         for _ in range(min(unpacker.read_map_header(), len(SampleBatch.model_fields))):
             if unpacker.unpack() == "seq":

@@ -24,7 +24,9 @@ from tmrl_common.protocol import (
     SENDER_PATTERN,
     SUPPORTED_VERSIONS,
     DecodeLimits,
+    DuplicateKeyError,
     batch_seq_of,
+    dict_refusing_duplicate_keys,
 )
 
 _ENVELOPE_KEYS = frozenset({"v", "type", "sender", "sent_at"})
@@ -91,7 +93,10 @@ def check_envelope(frame: Any, limits: DecodeLimits) -> EnvelopeFields:
         raise ProtocolError("oversized", f"envelope frame is {size} bytes, limit {limits.max_envelope_bytes}")
     try:
         raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
-                              max_str_len=size, max_array_len=size, max_map_len=size)
+                              max_str_len=size, max_array_len=size, max_map_len=size,
+                              object_pairs_hook=dict_refusing_duplicate_keys)
+    except DuplicateKeyError as exc:
+        raise ProtocolError(exc.reason, f"envelope frame: {exc.detail}") from exc
     except Exception as exc:  # msgpack raises several unrelated exception types on hostile input
         raise ProtocolError("malformed", f"envelope frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
     if type(raw) is not dict:
@@ -137,7 +142,8 @@ def read_batch_head(body: Any, max_steps: int = DEFAULT_LIMITS.max_batch_steps) 
     Raises :class:`ProtocolError`: ``malformed`` when the body is not a msgpack map, or its bytes stop being msgpack
     before ``seq`` and ``first`` are read; ``schema`` when the map has no ``seq`` or one that is not an int63. Any
     other field is the trainer's to judge (a bad ``first`` gives ``steps == 0``, see :class:`BatchHead`). Reads only
-    the first bytes when the fields come first, as ``encode`` writes them.
+    the first bytes when the fields come first, as ``encode`` writes them. Of a key given twice the first counts: a
+    body with two ``seq`` is counted under the first, which the trainer's refusal (``malformed``) names too.
     """
     view = memoryview(body)
     head = _canonical_batch_head(bytes(view[:_CANONICAL_HEAD_BYTES]), max_steps)
@@ -233,9 +239,9 @@ def _walk_batch_head(data: memoryview, size: int, max_steps: int, complete: bool
     try:
         for _ in range(unpacker.read_map_header()):
             key = unpacker.unpack()
-            if key == "seq":
+            if key == "seq" and seq is None:  # a repeated key is skipped: the first one counts, as in batch_seq_of
                 seq = _checked_seq(unpacker.unpack())
-            elif key == "first":
+            elif key == "first" and steps is None:
                 steps, unread = _first_steps(unpacker, data, max_steps)
                 if seq is None:  # keep walking: skip the rest of first (its data) to reach seq
                     for _ in range(2 * unread):
@@ -273,7 +279,10 @@ def _first_steps(unpacker: msgpack.Unpacker, data: memoryview, max_steps: int) -
     entries = unpacker.read_map_header()
     for index in range(entries):
         key = unpacker.unpack()
-        if key == "shape" and _is_array(_next_byte(unpacker, data)):
+        if key == "shape":  # the first one counts, should the key be repeated
+            if not _is_array(_next_byte(unpacker, data)):
+                unpacker.skip()
+                return 0, entries - index - 1
             shape = unpacker.unpack()
             valid = len(shape) == 1 and type(shape[0]) is int and 1 <= shape[0] <= max_steps
             return (shape[0] if valid else 0), entries - index - 1
