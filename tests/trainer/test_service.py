@@ -210,6 +210,63 @@ def test_a_checkpoint_whose_memory_file_is_unusable_resumes_the_learner_with_an_
         second.shutdown()
 
 
+def _saved_memory_then_resumed(tmp_path, caplog, **second_config):
+    """A trainer saves 60 rows at 4 updates; a second one resumes that checkpoint (``second_config`` changed)."""
+    first = TrainerService(make_config(tmp_path, save_memory=True))
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=4) == 4
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        second = TrainerService(make_config(tmp_path, **second_config))
+    assert second.learner.updates == 4
+    return first.run_dir / "checkpoints" / "checkpoint-000000000004.memory.safetensors", second
+
+
+def test_a_restart_without_save_memory_keeps_the_saved_memory_and_says_it_is_there(tmp_path, caplog):
+    """A run that resumed with save_memory off and made no update used to rewrite the checkpoint at the same update
+    count without its memory, deleting the saved one."""
+    memory_file, second = _saved_memory_then_resumed(tmp_path, caplog, save_memory=False)
+    assert "holds a saved replay memory, but save_memory is off" in caplog.text
+    assert len(second.memory) == 0
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        second.shutdown()  # no update since resuming: the checkpoint it would write has the same name
+    assert "not replaced" in caplog.text and memory_file.exists()
+    third = TrainerService(make_config(tmp_path, save_memory=True))
+    try:
+        assert len(third.memory) == 60
+    finally:
+        third.shutdown()
+
+
+def test_a_memory_that_failed_to_load_once_is_not_replaced_by_an_empty_one(tmp_path, caplog):
+    memory_file, second = _saved_memory_then_resumed(tmp_path, caplog, save_memory=True)
+    assert len(second.memory) == 60
+    second.shutdown()  # no update and the same rows: rewritten as it was
+    aside = memory_file.with_name("elsewhere")
+    memory_file.replace(aside)  # unreadable for one start (a disk not mounted yet, say)
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        resumed = TrainerService(make_config(tmp_path, save_memory=True))
+    assert len(resumed.memory) == 0 and "could not be restored" in caplog.text
+    resumed.shutdown()  # no update, no memory restored: the checkpoint at 4 updates stays as it was
+    aside.replace(memory_file)
+    again = TrainerService(make_config(tmp_path, save_memory=True))
+    try:
+        assert len(again.memory) == 60
+    finally:
+        again.shutdown()
+
+
+def test_a_restart_with_new_rows_and_no_update_saves_them_over_its_checkpoint(tmp_path, caplog):
+    _, second = _saved_memory_then_resumed(tmp_path, caplog, save_memory=True)
+    assert len(second.memory) == 60
+    second.ingestor.handle(pendulum_batch("w1", 1, 40))
+    second.shutdown()
+    third = TrainerService(make_config(tmp_path, save_memory=True))
+    try:
+        assert third.learner.updates == 4 and len(third.memory) == 100
+    finally:
+        third.shutdown()
+
+
 def test_pruned_checkpoints_take_their_memory_files_with_them(tmp_path):
     config = make_config(tmp_path, save_memory=True, checkpoint_every=2)
     service = TrainerService(config)

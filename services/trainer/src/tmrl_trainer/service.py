@@ -223,6 +223,9 @@ class TrainerService:
                              "checkpoints_failed": 0}
         """The learner guard's counters as of the last report (``learner`` in ``status.json``)."""
         self._carried_update_credit = 0
+        self._resumed_memory: tuple[Path, int] | None = None
+        """(checkpoint resumed from, rows ever added to the replay memory saved with it) when it holds one: a
+        checkpoint at the same update count (no update since) would replace it, and must not with less memory."""
         """Updates the checkpoint's run was still owed on the restored memory (see the module docstring)."""
         self._started = time.time()
         previous_run = read_previous_status(self.run_dir / STATUS_FILE)  # before this run's status replaces it
@@ -324,6 +327,12 @@ class TrainerService:
         self.weights_version = int(restored.counters.get("weights_version", 0))
         self.samples_before_run = int(restored.counters.get("samples_received", 0))
         memory = "the replay memory starts empty"
+        if restored.memory_saved:
+            self._resumed_memory = (path, int(restored.extra.get("memory_rows_added", 0)))
+            if not self.config.save_memory:
+                log.warning("checkpoint %s holds a saved replay memory, but save_memory is off: the replay memory "
+                            "starts empty (set save_memory = true to restore it); the saved one is kept until newer "
+                            "checkpoints replace it", path)
         if self.config.save_memory:
             rows = self._restore_memory(path, restored)
             if rows:
@@ -375,6 +384,14 @@ class TrainerService:
                 memory = self.memory.to_bytes()
                 extra = {"dedupe": self.ingestor.dedupe_state(), "memory_rows_added": self.memory.rows_added}
                 counters["update_credit"] = self._update_credit()
+        if self._resumed_memory is not None and self._resumed_memory[0] == path:  # no update since resuming
+            saved_rows = self._resumed_memory[1]
+            rows = extra.get("memory_rows_added", 0) if memory is not None else 0
+            if rows < saved_rows:
+                log.warning("checkpoint %s not replaced: no update since it was resumed, and it holds a replay memory "
+                            "of %d rows ever added where this run would save %s", path, saved_rows,
+                            f"{rows}" if memory is not None else "none (save_memory is off)")
+                return
         try:
             save_checkpoint(path, self.learner, counters=counters, memory=memory, extra=extra)
         except CheckpointError as exc:  # non-finite state: keep the previous checkpoints, say why
