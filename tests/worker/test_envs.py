@@ -334,6 +334,111 @@ def test_a_non_finite_observation_or_reward_stops_the_env_naming_it(plug_interfa
         handle.close()
 
 
+FAULTY = '''
+    class Faulty(OneActionInterface):
+        def __init__(self, fault="none", default_action_size=1):
+            self.fault = fault
+            self.default_action_size = default_action_size
+
+        def get_default_action(self):
+            return np.zeros(self.default_action_size, dtype=np.float32)
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-10.0, 10.0, (2,), np.float32),))
+
+        def reset(self, seed=None, options=None):
+            if self.fault == "reset raises":
+                raise RuntimeError("homing failed")
+            if self.fault == "reset returns the observation alone":
+                return [np.zeros(2, dtype=np.float32)]
+            if self.fault == "reset shape":
+                return [np.zeros(5, dtype=np.float32)], {}
+            return [np.zeros(2, dtype=np.float32)], {}
+
+        def get_obs_rew_terminated_info(self):
+            observation = [np.zeros(2, dtype=np.float32)]
+            if self.fault == "step shape":
+                observation = [np.zeros((3, 2), dtype=np.float32)]
+            if self.fault == "extra part":
+                observation = [np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.float32)]
+            if self.fault == "reward None":
+                return observation, None, False, {}
+            if self.fault == "reward array":
+                return observation, np.array([1.0]), False, {}
+            if self.fault == "three values":
+                return observation, 0.0, False
+            return observation, 0.0, False, {}
+'''
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    ("reset raises", r"its reset raised RuntimeError: homing failed$"),
+    ("reset returns the observation alone", r"Faulty.reset returned 1 value\(s\); rtgym expects 2: \(observation list, info"),
+    ("reset shape", r"returned observation part 'part0' of shape \(5,\) at the reset; its layout declares \(2,\)"),
+])
+def test_a_reset_that_raises_or_returns_the_wrong_thing_stops_the_env_in_one_line(plug_interface, fault, message):
+    """Not a traceback out of the rollout loop, nor a batch the trainer will refuse: EnvFailure, which the worker
+    reports in one line after delivering what it sent."""
+    from tmrl_worker.envs import EnvFailure
+
+    handle = make_env(f"{plug_interface('faulty_robot', FAULTY)}:Faulty", time_step_duration=0.02,
+                      options={"fault": fault})
+    try:
+        with pytest.raises(EnvFailure, match=message):
+            handle.reset()
+        assert handle.in_call is None
+    finally:
+        handle.close()
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    ("step shape", r"returned observation part 'part0' of shape \(3, 2\) at a step; its layout declares \(2,\)"),
+    ("extra part", r"returned an observation of 4 part\(s\) at a step; its layout has 3 \(part0, then 2 action"),
+    ("reward None", r"returned reward None at a step, which is not one number"),
+    ("reward array", r"returned reward array\(\[1.\]\) at a step, which is not one number"),
+    ("three values", r"Faulty.get_obs_rew_terminated_info returned 3 value\(s\); rtgym expects 4"),
+])
+def test_a_step_that_returns_the_wrong_thing_stops_the_env_in_one_line(plug_interface, fault, message):
+    """Three values from get_obs_rew_terminated_info used to kill rtgym's thread and leave the worker waiting for
+    ever; the others went on to the batch builder and out as a traceback."""
+    from tmrl_worker.envs import EnvFailure
+
+    handle = make_env(f"{plug_interface('faulty_robot', FAULTY)}:Faulty", time_step_duration=0.02,
+                      options={"fault": fault})
+    try:
+        handle.reset()
+        started = time.monotonic()
+        with pytest.raises(EnvFailure, match=message):
+            for _ in range(3):  # rtgym returns the observation captured one step earlier
+                handle.step(np.zeros(1, np.float32))
+        assert time.monotonic() - started < 5.0
+    finally:
+        handle.close()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"default_action_size": 3}, r"default action has 3 value\(s\), its action space .* has 1"),
+])
+def test_a_default_action_of_the_wrong_size_is_refused_when_the_env_is_built(plug_interface, options, message):
+    with pytest.raises(EnvSpecError, match=message):
+        make_env(f"{plug_interface('faulty_robot', FAULTY)}:Faulty", time_step_duration=0.02, options=options)
+
+
+def test_a_declared_layout_with_another_action_dim_than_the_action_space_is_refused(plug_interface):
+    declared = FAULTY + '''
+    from tmrl_common.layout import ObservationComponent, ObservationLayout
+
+
+    class TwoActionLayout(Faulty):
+        def layout(self):
+            return ObservationLayout(components=[ObservationComponent(name="part0", frame_shape=[2])], action_dim=2,
+                                     action_history=2)
+'''
+    with pytest.raises(EnvSpecError, match=r"has an action space of 1 value\(s\) .* but its layout declares "
+                                           r"action_dim 2"):
+        make_env(f"{plug_interface('declared_robot', declared)}:TwoActionLayout", time_step_duration=0.02)
+
+
 def test_a_scalar_observation_part_is_sent_as_the_layouts_one_value_component(plug_interface):
     scalar = NON_FINITE.replace("(2,)", "()").replace("np.zeros(2, dtype=np.float32)", "np.float32(0.5)")
     handle = make_env(f"{plug_interface('scalar_robot', scalar)}:Broken", time_step_duration=0.02,

@@ -102,12 +102,18 @@ class EnvHandle:
         self._rescale = bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high))
                              and not (np.allclose(low, -1.0) and np.allclose(high, 1.0)))
         self._low, self._high = low, high
+        if low.size != self.layout.action_dim:
+            raise EnvSpecError(f"env {self.spec!r} has an action space of {low.size} value(s) {space}, but its layout "
+                               f"declares action_dim {self.layout.action_dim}: make the two agree")
         env_default = getattr(self.env.unwrapped, "default_action", None)  # rtgym's get_default_action(), env units
+        if env_default is not None and np.size(env_default) != low.size:
+            raise EnvSpecError(f"env {self.spec!r}'s default action has {np.size(env_default)} value(s), its action "
+                               f"space {space} has {low.size}: make get_default_action() return one value per action")
         self._default_action = (np.zeros(self.layout.action_dim, dtype=np.float32) if env_default is None
                                 else self.to_policy_action(env_default))
         self._action_buffer: deque = deque(maxlen=self.layout.action_history)
         self._part_names = [component.name for component in self.layout.components]
-        """The observation parts :meth:`_finite` checks, by name (the action buffer's parts follow them)."""
+        """The observation parts :meth:`_checked` checks, by name (the action buffer's parts follow them)."""
         self._interface = getattr(self.env.unwrapped, "interface", None)
         """The rtgym interface (``None`` for other envs), whose guard :meth:`step` asks after every step."""
 
@@ -153,14 +159,46 @@ class EnvHandle:
         for hook in self.reset_hooks:
             hook()
         self.in_call = "reset"
-        observation, _info = self.env.reset(seed=seed)
-        self.in_call = None
+        try:
+            observation, _info = self.env.reset(seed=seed)
+        except (EnvFailure, EnvInterrupted):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the env's own code: anything may go wrong in it
+            raise self._env_raised("reset", exc) from exc
+        finally:
+            self.in_call = None
         self._action_buffer.extend([self._default_action] * self.layout.action_history)
-        return self._finite(self._observation(observation), 0.0, "the reset")
+        return self._checked(self._env_observation(observation, "the reset"), 0.0, "the reset")
 
-    def _finite(self, observation: tuple, reward: float, when: str) -> tuple:
-        """``observation``, after checking that it and ``reward`` hold no NaN or infinity: such a value would make
-        every batch holding it be refused, so the env cannot go on (:class:`EnvFailure`, naming the part)."""
+    def _env_observation(self, observation: Any, when: str) -> tuple:
+        """:meth:`_observation`, or :class:`EnvFailure` when what the env returned is not a sequence of arrays."""
+        try:
+            return self._observation(observation)
+        except Exception as exc:  # noqa: BLE001 - whatever the env returned
+            raise EnvFailure(f"env {self.spec!r} returned an observation that is not a tuple of arrays at {when} "
+                             f"({type(exc).__name__}: {one_line_message(exc)})") from exc
+
+    def _env_raised(self, call: str, exc: Exception) -> EnvFailure:
+        """The :class:`EnvFailure` for an exception out of the env's ``call`` (its traceback goes to the log, as
+        the rtgym thread guard logs one): the worker then stops with one line naming it, not a traceback."""
+        if isinstance(exc, InterfaceReturnError):  # its message says it all
+            return EnvFailure(f"env {self.spec!r}: {exc}")
+        log.error("env %r: its %s raised", self.spec, call, exc_info=exc)
+        return EnvFailure(f"env {self.spec!r}: its {call} raised {type(exc).__name__}: {one_line_message(exc)}")
+
+    def _checked(self, observation: tuple, reward: float, when: str) -> tuple:
+        """``observation``, after checking that it has the layout's parts and shapes, and that it and ``reward``
+        hold no NaN or infinity: a value that breaks either would make every batch holding it be refused, so the env
+        cannot go on (:class:`EnvFailure`, naming the part)."""
+        expected = len(self.layout.components) + self.layout.action_history
+        if len(observation) != expected:
+            raise EnvFailure(f"env {self.spec!r} returned an observation of {len(observation)} part(s) at {when}; its "
+                             f"layout has {expected} ({', '.join(self._part_names)}"
+                             f"{f', then {self.layout.action_history} action(s)' if self.layout.action_history else ''})")
+        for component, part in zip(self.layout.components, observation, strict=False):
+            if np.shape(part) != component.observation_shape:
+                raise EnvFailure(f"env {self.spec!r} returned observation part {component.name!r} of shape "
+                                 f"{np.shape(part)} at {when}; its layout declares {component.observation_shape}")
         if not math.isfinite(reward):
             raise EnvFailure(f"env {self.spec!r} returned reward {reward} at {when}: NaN and infinite rewards cannot "
                              "be learned from; fix or clip the env's reward")
@@ -178,16 +216,27 @@ class EnvHandle:
         task (the game's plugin or window went away) also sets ``info[TRUNCATED_REASON]``, and the step is then
         reported as truncated, so the trainer bootstraps through it instead of learning a false terminal state."""
         self.in_call = "step"
-        observation, reward, terminated, truncated, info = self.env.step(self.to_env_action(action))
-        self.in_call = None
+        try:
+            observation, reward, terminated, truncated, info = self.env.step(self.to_env_action(action))
+        except (EnvFailure, EnvInterrupted):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the env's own code: anything may go wrong in it
+            raise self._env_raised("step", exc) from exc
+        finally:
+            self.in_call = None
         failure = getattr(self._interface, "rtgym_thread_failure", None)
         if failure is not None:  # the interface failed on rtgym's thread (_guarded_interface): it cannot go on
             raise EnvFailure(f"env {self.spec!r}: {failure}")
         if terminated and isinstance(info, dict) and info.get(TRUNCATED_REASON):
             terminated, truncated = False, True
         self._action_buffer.append(self.policy_action(action))
-        reward = float(reward)
-        return self._finite(self._observation(observation), reward, "a step"), reward, bool(terminated), bool(truncated), info
+        observation = self._env_observation(observation, "a step")
+        try:
+            reward = float(reward)
+        except (TypeError, ValueError) as exc:
+            raise EnvFailure(f"env {self.spec!r} returned reward {reward!r} at a step, which is not one number "
+                             f"({type(exc).__name__}: {exc})") from exc
+        return self._checked(observation, reward, "a step"), reward, bool(terminated), bool(truncated), info
 
     def attach_stop(self, stop: threading.Event) -> None:
         """Let an rtgym interface that may wait a long time (TrackMania waiting for the game) see ``stop``: it then
@@ -276,6 +325,21 @@ def rtgym_config(interface: type, time_step_duration: float = 0.05, max_episode_
     return config
 
 
+class InterfaceReturnError(TypeError):
+    """An rtgym interface method returned something rtgym cannot unpack (the message names the method)."""
+
+
+def _returned(method: str, result: Any, expected: str) -> tuple:
+    """``result`` when it is a tuple (or list) of as many values as ``expected`` names; else
+    :class:`InterfaceReturnError` saying what the rtgym interface method returned: rtgym would fail unpacking it, on
+    its own thread for a step, and leave the worker waiting."""
+    count = expected.count(",") + 1
+    if not isinstance(result, (tuple, list)) or len(result) != count:
+        got = f"{len(result)} value(s)" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}"
+        raise InterfaceReturnError(f"{method} returned {got}; rtgym expects {count}: {expected}")
+    return tuple(result)
+
+
 def _guarded_interface(interface: type) -> type:
     """``interface`` with what rtgym calls on its own thread guarded: an exception there would end that thread and
     leave the worker waiting for an observation for ever. Instead the first failure is logged with its traceback
@@ -290,12 +354,17 @@ def _guarded_interface(interface: type) -> type:
         _guard_last_observation: Any = None
 
         def _failed(self, method: str, exc: Exception) -> None:
-            log.error("%s.%s raised on rtgym's thread", interface.__name__, method, exc_info=exc)
+            if isinstance(exc, InterfaceReturnError):  # its message says it all
+                log.error("%s", exc)
+            else:
+                log.error("%s.%s raised on rtgym's thread", interface.__name__, method, exc_info=exc)
             if self.rtgym_thread_failure is None:
-                self.rtgym_thread_failure = f"{interface.__name__}.{method} raised {type(exc).__name__}: {exc}"
+                self.rtgym_thread_failure = (str(exc) if isinstance(exc, InterfaceReturnError)
+                                             else f"{interface.__name__}.{method} raised {type(exc).__name__}: {exc}")
 
         def reset(self, *args: Any, **kwargs: Any) -> Any:
-            observation, info = super().reset(*args, **kwargs)
+            observation, info = _returned(f"{interface.__name__}.reset", super().reset(*args, **kwargs),
+                                          "(observation list, info dict)")
             self._guard_last_observation = observation
             return observation, info
 
@@ -309,7 +378,9 @@ def _guarded_interface(interface: type) -> type:
         def get_obs_rew_terminated_info(self) -> Any:
             if self.rtgym_thread_failure is None:
                 try:
-                    result = super().get_obs_rew_terminated_info()
+                    result = _returned(f"{interface.__name__}.get_obs_rew_terminated_info",
+                                       super().get_obs_rew_terminated_info(),
+                                       "(observation list, reward, terminated, info dict)")
                     self._guard_last_observation = result[0]
                     return result
                 except Exception as exc:  # noqa: BLE001 - any error of the interface, reported by EnvHandle.step
