@@ -223,10 +223,10 @@ class TrainerService:
                              "checkpoints_failed": 0}
         """The learner guard's counters as of the last report (``learner`` in ``status.json``)."""
         self._carried_update_credit = 0
+        """Updates the checkpoint's run was still owed on the restored memory (see the module docstring)."""
         self._resumed_memory: tuple[Path, int] | None = None
         """(checkpoint resumed from, rows ever added to the replay memory saved with it) when it holds one: a
         checkpoint at the same update count (no update since) would replace it, and must not with less memory."""
-        """Updates the checkpoint's run was still owed on the restored memory (see the module docstring)."""
         self._started = time.time()
         previous_run = read_previous_status(self.run_dir / STATUS_FILE)  # before this run's status replaces it
         try:
