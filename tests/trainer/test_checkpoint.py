@@ -141,6 +141,46 @@ def test_a_checkpoint_holding_a_non_finite_tensor_is_refused_before_the_learner_
     assert all(torch.equal(a, b) for a, b in zip(before, _state(fresh), strict=True)) and fresh.updates == 0
 
 
+def _flip_an_exponent_bit(path, tensor: str) -> float:
+    """Flip one exponent bit of the first float of ``tensor`` in the file at ``path`` (a disk error that leaves the
+    value finite: 0.0177 becomes about 6e36, as an outside probe saw); returns the damaged value."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8 : 8 + header_size])[tensor]
+    assert entry["dtype"] == "F32"
+    begin = 8 + header_size + entry["data_offsets"][0]
+    data[begin + 3] ^= 0x40  # little endian: byte 3 holds the sign and the high exponent bits
+    path.write_bytes(bytes(data))
+    return struct.unpack_from("<f", data, begin)[0]
+
+
+def test_a_checkpoint_damaged_into_other_finite_values_is_refused_before_the_learner_is_touched(tmp_path):
+    memory, learner = _setup()
+    _train(learner, memory, 2)
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner)
+    damaged = _flip_an_exponent_bit(path, "learner.actor.mean.weight")
+    assert torch.isfinite(torch.tensor(damaged))  # the value checks alone let it through
+    _, fresh = _setup()
+    before = _state(fresh)
+    with pytest.raises(CheckpointError, match=r"tensor learner.actor.mean.weight does not match the CRC-32 saved"):
+        load_checkpoint(path, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(fresh), strict=True)) and fresh.updates == 0
+
+
+def test_a_checkpoint_written_before_crcs_were_saved_still_loads(tmp_path):
+    memory, learner = _setup()
+    _train(learner, memory, 2)
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner)
+    tensors, document = tensor_file.read_file(path)
+    del document["crc32"]
+    path.write_bytes(tensor_file.pack(tensors, document))
+    _, fresh = _setup()
+    load_checkpoint(path, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(_state(learner), _state(fresh), strict=True))
+
+
 def test_a_learner_holding_a_non_finite_value_is_never_written_to_a_checkpoint(tmp_path):
     memory, learner = _setup()
     _train(learner, memory, 1)

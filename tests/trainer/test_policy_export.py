@@ -5,6 +5,7 @@ inputs are named and ordered as the observation tuple; a checkpoint exports like
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -97,6 +98,26 @@ def test_a_checkpoint_exports_the_same_policy_as_its_policy_file(tmp_path):
         expected = learner.actor([torch.from_numpy(p) for p in parts], deterministic=True, with_log_prob=False)[0]
     np.testing.assert_allclose(run_onnx(tmp_path / "c.onnx", input_names(tm20_lidar_layout()), parts),
                                expected.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("changed value", r"tensor learner.actor.mean.weight does not match the CRC-32 saved with it"),
+    ("nan", r"holds a non-finite value in learner.actor.mean.weight"),
+])
+def test_a_damaged_checkpoint_is_not_exported_and_the_one_line_error_says_why(tmp_path, damage, message):
+    """What the trainer would refuse to resume from is not exported either (an outside probe exported a checkpoint
+    whose actor weight a flipped bit had made 6e36)."""
+    from tmrl_trainer import tensor_file
+
+    config = SACConfig(hidden_sizes=[16])
+    learner = SACLearner(config, config.architecture(tm20_lidar_layout()), device="cpu", seed=4)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint-1.safetensors", learner)
+    tensors, document = tensor_file.read_file(checkpoint)  # document: the CRCs of the values as saved
+    tensors["learner.actor.mean.weight"][0, 0] = 6.0e36 if damage == "changed value" else float("nan")
+    checkpoint.write_bytes(tensor_file.pack(tensors, document))
+    result = runner.invoke(app, ["export", str(checkpoint), "--onnx", str(tmp_path / "c.onnx")])
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0
+    assert re.search(message, result.stderr) and not (tmp_path / "c.onnx").exists()
 
 
 def test_a_policy_file_exports_from_the_command_line_and_bad_sources_are_one_line_errors(tmp_path):

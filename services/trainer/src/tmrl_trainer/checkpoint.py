@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.learner import Learner
 from tmrl_trainer.memory import ReplayMemory
-from tmrl_trainer.tensor_file import TensorFileError, pack, read_file, write_atomically
+from tmrl_trainer.tensor_file import TensorFileError, crc32_of, pack, read_file, write_atomically
 
 CHECKPOINT_FORMAT = "tmrl-checkpoint-1"
 MEMORY_SUFFIX = ".memory.safetensors"
@@ -118,12 +118,27 @@ def save_checkpoint(path: str | Path, learner: Learner, counters: dict[str, int]
         "architecture": learner.architecture.to_flat_dict(),
         "memory": memory is not None,
         "extra": extra or {},
+        "crc32": {name: crc32_of(tensor) for name, tensor in tensors.items()},
     }
     if isinstance(memory, bytes):
         write_atomically(memory_path_for(path), memory)
     elif memory is not None:
         memory.save(memory_path_for(path))
     return write_atomically(path, pack(tensors, document))
+
+
+def check_crc32(path: str | Path, tensors: dict[str, torch.Tensor], saved: object) -> None:
+    """Raise :class:`CheckpointError` naming the first tensor whose bytes differ from the CRC-32 saved with it
+    (``saved``: the document's ``crc32`` map; ``None`` for a checkpoint written before it was, which loads on the value
+    checks alone). Checked after the non-finite check, whose message stays first, and before the learner is touched."""
+    if saved is None:
+        return
+    if not isinstance(saved, dict) or set(saved) != set(tensors) or not all(type(crc) is int for crc in saved.values()):
+        raise CheckpointError(f"checkpoint {path} is malformed: its crc32 map does not name every tensor once")
+    for name, tensor in tensors.items():
+        if crc32_of(tensor) != saved[name]:
+            raise CheckpointError(f"checkpoint {path}: tensor {name} does not match the CRC-32 saved with it (the file "
+                                  "was damaged after it was written)")
 
 
 def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | None = None) -> Checkpoint:
@@ -139,6 +154,7 @@ def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | N
     bad = first_non_finite(tensors)
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} holds a non-finite value in {bad}")
+    check_crc32(path, tensors, document.get("crc32"))
     if document.get("architecture") != learner.architecture.to_flat_dict():
         raise CheckpointMismatchError(f"checkpoint {path} was written for another policy architecture; "
                                       "start with the same layout and hidden sizes, or from scratch")

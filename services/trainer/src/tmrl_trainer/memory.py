@@ -46,7 +46,6 @@ checks when it is loaded (a file saved before the CRCs were written has none, an
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,7 @@ from tmrl_common.layout import ObservationLayout, observation_digest
 from tmrl_common.protocol import SampleBatch, observation_bounds
 
 from tmrl_trainer.ingest import ValueBounds
-from tmrl_trainer.tensor_file import TensorFileError, pack, unpack, write_atomically
+from tmrl_trainer.tensor_file import TensorFileError, crc32_of, pack, unpack, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +423,7 @@ class ReplayMemory:
                  for worker, by_seq in self._tails.items()}
         meta = {"format": MEMORY_FORMAT, "layout": self.layout.model_dump(mode="json"), "capacity": self.capacity,
                 "total": self._total, "tails": tails, "orphan_rows": self.orphan_rows,
-                "rng": self._rng.bit_generator.state, "crc32": {name: _crc32(array) for name, array in arrays.items()}}
+                "rng": self._rng.bit_generator.state, "crc32": {name: crc32_of(array) for name, array in arrays.items()}}
         return pack(arrays, meta)
 
     def save(self, path: str | Path) -> Path:
@@ -527,11 +526,6 @@ class ReplayMemory:
         self.load_bytes(Path(path).read_bytes(), bounds)
 
 
-def _crc32(array: np.ndarray) -> int:
-    """CRC-32 of an array's bytes in C order (what the tensor file stores)."""
-    return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-
-
 def _check_crc32(arrays: dict[str, np.ndarray], saved: object) -> None:
     """Raise :class:`MemoryFileError` naming the first array whose bytes differ from the CRC-32 saved with it
     (``saved``: the header's ``crc32`` map; ``None`` for a file saved before it was written)."""
@@ -540,7 +534,7 @@ def _check_crc32(arrays: dict[str, np.ndarray], saved: object) -> None:
     if not isinstance(saved, dict) or set(saved) != set(arrays) or not all(type(crc) is int for crc in saved.values()):
         raise MemoryFileError("saved memory header is malformed: its crc32 map does not name every array once")
     for name, array in arrays.items():
-        if _crc32(array) != saved[name]:
+        if crc32_of(array) != saved[name]:
             raise MemoryFileError(f"saved memory array {name!r} does not match the CRC-32 saved with it: the file was "
                                   "damaged after it was written, none of it is loaded")
 

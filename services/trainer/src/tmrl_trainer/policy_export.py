@@ -28,7 +28,8 @@ import torch
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import Actor, PolicyArchitecture, PolicyFileError, build_actor
 
-from tmrl_trainer.checkpoint import CHECKPOINT_FORMAT
+from tmrl_trainer.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_crc32
+from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.tensor_file import TensorFileError, read_file
 
 ACTOR_PREFIX = "learner.actor."
@@ -38,6 +39,11 @@ OUTPUT_NAME = "action"
 
 class ExportError(ValueError):
     """The source cannot be exported (unreadable, not a policy or checkpoint) or the ONNX tools are missing."""
+
+
+class DamagedCheckpointError(ExportError):
+    """A trainer checkpoint that the trainer would not resume from either: a non-finite value, or bytes that do not
+    match the CRC-32 saved with them."""
 
 
 def input_names(layout: ObservationLayout) -> list[str]:
@@ -68,6 +74,13 @@ def actor_from_checkpoint(path: Path) -> tuple[Actor, int]:
         raise ExportError(f"checkpoint {path} cannot be read: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
         raise ExportError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+    bad = first_non_finite(tensors)
+    if bad is not None:  # what the trainer refuses to resume from is not exported either
+        raise DamagedCheckpointError(f"checkpoint {path} holds a non-finite value in {bad}")
+    try:
+        check_crc32(path, tensors, document.get("crc32"))
+    except CheckpointError as exc:
+        raise DamagedCheckpointError(str(exc)) from exc
     actor = build_actor(PolicyArchitecture.from_flat_dict(document["architecture"]))
     state = {name[len(ACTOR_PREFIX):]: tensor for name, tensor in tensors.items() if name.startswith(ACTOR_PREFIX)}
     try:
@@ -86,6 +99,8 @@ def load_actor(path: Path) -> tuple[Actor, int]:
     except PolicyFileError as policy_error:
         try:
             return actor_from_checkpoint(path)
+        except DamagedCheckpointError:
+            raise
         except ExportError:
             raise ExportError(f"{path} is neither a policy file nor a trainer checkpoint ({policy_error})") from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,14 @@ METADATA_KEY = "tmrl"
 
 class TensorFileError(ValueError):
     """A file is not a valid tmrl tensor file (truncated, not safetensors, metadata missing or not JSON)."""
+
+
+def crc32_of(tensor: torch.Tensor | np.ndarray) -> int:
+    """CRC-32 of a tensor's or an array's bytes in C order (what the file stores for it): saved beside the values,
+    it catches damage that leaves them valid (a flipped exponent bit, an image byte), which no value check sees."""
+    if isinstance(tensor, torch.Tensor):
+        tensor = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return zlib.crc32(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
 
 
 def pack(tensors: Mapping[str, torch.Tensor | np.ndarray], metadata: Any) -> bytes:
