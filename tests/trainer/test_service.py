@@ -600,3 +600,17 @@ def test_a_restart_after_a_kill_says_how_far_the_last_run_got_beyond_its_checkpo
     with caplog.at_level("WARNING", logger="tmrl_trainer.service"):  # a clean stop loses nothing: no warning
         TrainerService(config).shutdown()
     assert "the last run reached" not in caplog.text
+
+
+def test_a_second_trainer_in_a_run_directory_in_use_is_refused_until_the_first_stops(tmp_path):
+    """A probe ran two trainers in one run directory: both wrote and pruned checkpoints there and took the trainer
+    role from each other at the relay about every 0.3 s."""
+    config = make_config(tmp_path)
+    first = TrainerService(config)
+    try:
+        with pytest.raises(ConfigError, match=r"is in use by another trainer .*trainer.lock.*another run_dir"):
+            TrainerService(config)
+    finally:
+        first.shutdown()
+    second = TrainerService(config)  # the first one stopped: its lock is free
+    second.shutdown()

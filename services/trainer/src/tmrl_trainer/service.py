@@ -69,6 +69,7 @@ from typing import Any
 
 import torch
 import zmq
+from filelock import FileLock, Timeout
 from tmrl_common.errors import ConfigError
 from tmrl_common.layout import (
     ObservationLayout,
@@ -185,6 +186,24 @@ def writable_directory(directory: Path) -> None:
                           "another run_dir or fix its permissions") from exc
 
 
+RUN_LOCK = "trainer.lock"
+"""The lock file a running trainer holds in its run directory (:func:`lock_run_directory`)."""
+
+
+def lock_run_directory(run_dir: Path) -> FileLock:
+    """Hold ``run_dir``'s lock file for this trainer: released at :meth:`TrainerService.shutdown`, or by the OS
+    when the process ends however it ends. Two trainers in one run directory would write, prune and resume each
+    other's checkpoints (and take the trainer role from each other at the relay); :class:`ConfigError` when another
+    trainer holds it."""
+    lock = FileLock(str(run_dir / RUN_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise ConfigError(f"run directory {run_dir} is in use by another trainer (it holds {run_dir / RUN_LOCK}): "
+                          "stop that trainer first, or give this one another run_dir (--run-dir)") from exc
+    return lock
+
+
 class TrainerService:
     """Owns the memory, the learner, the ingest thread and the reports (see the module docstring)."""
 
@@ -196,6 +215,7 @@ class TrainerService:
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         writable_directory(self.checkpoint_dir)  # now, not at the first checkpoint minutes later
+        self._run_lock = lock_run_directory(self.run_dir)
         self.architecture = config.sac.architecture(self.layout)
         self.learner = make_learner(config.sac, self.architecture, device=self.device, seed=config.seed)
         self.memory = self._empty_memory()
@@ -233,6 +253,7 @@ class TrainerService:
             self._resume()  # before anything is ingested: a saved memory is loaded into the empty one
         except BaseException:
             self._context.destroy(linger=0)
+            self._run_lock.release()
             raise
         # metrics.jsonl / TensorBoard rates count this run's progress: updates continue the checkpoint's count
         self.recorder.set_rate_baseline(self.learner.updates, self.rows_received)
@@ -534,4 +555,5 @@ class TrainerService:
             self.status.stop()
             self.recorder.close()
             self._context.destroy(linger=0)
+            self._run_lock.release()
 
