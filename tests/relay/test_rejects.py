@@ -114,19 +114,26 @@ WRONG_FIRST = {
 }
 
 
+def _forwarded_by_the_relay(context, relay, frames):
+    """A trainer and worker-1 connected to ``relay``; worker-1 sends ``frames``, which must reach the trainer unchanged.
+    Returns (trainer, worker, the frames the trainer received)."""
+    trainer = connected_trainer(context, relay)
+    worker = connected_worker(context, relay, "worker-1")
+    trainer.recv_type("hello")  # the worker's, passed on
+    worker.send_frames(frames)
+    assert trainer.socket.poll(5000)
+    forwarded = trainer.socket.recv_multipart()
+    assert forwarded == frames
+    return trainer, worker, forwarded
+
+
 @pytest.mark.parametrize("case", sorted(WRONG_FIRST))
 def test_a_batch_with_a_valid_seq_and_a_wrong_first_goes_to_the_trainer_which_refuses_it_by_seq(context, case):
     """The relay judges only seq; the trainer refuses the batch (``schema``) in a sample_ack naming seq 5, which the
     worker takes as final. The relay sends no error: one that is not final would have the worker resend forever."""
     frames = [encode_envelope("sample_batch", "worker-1"), batch_body_with(first=WRONG_FIRST[case])]
     with relay_in_thread(insecure_config()) as relay:
-        trainer = connected_trainer(context, relay)
-        worker = connected_worker(context, relay, "worker-1")
-        trainer.recv_type("hello")  # the worker's, passed on
-        worker.send_frames(frames)
-        assert trainer.socket.poll(5000)
-        forwarded = trainer.socket.recv_multipart()
-        assert forwarded == frames
+        _, worker, forwarded = _forwarded_by_the_relay(context, relay, frames)
         assert worker.types_within(300) == []
     with pytest.raises(ProtocolError) as info:  # what the trainer's ingest does with it (tmrl_trainer.ingest)
         decode(forwarded)
@@ -140,13 +147,7 @@ def test_a_batch_with_seq_twice_gets_one_rejected_answer_naming_its_first_seq(co
     body = msgpack.Packer().pack_map_pairs([entries[0], ("seq", 6), *entries[1:]])
     frames = [encode_envelope("sample_batch", "worker-1"), body]
     with relay_in_thread(insecure_config()) as relay:
-        trainer = connected_trainer(context, relay)
-        worker = connected_worker(context, relay, "worker-1")
-        trainer.recv_type("hello")  # the worker's, passed on
-        worker.send_frames(frames)
-        assert trainer.socket.poll(5000)
-        forwarded = trainer.socket.recv_multipart()
-        assert forwarded == frames
+        trainer, worker, forwarded = _forwarded_by_the_relay(context, relay, frames)
         with pytest.raises(ProtocolError) as info:  # what the trainer's ingest does with it (tmrl_trainer.ingest)
             decode(forwarded)
         trainer.send(SampleAck(worker="worker-1", seqs=[batch_seq_of(forwarded[1])], outcome="rejected",

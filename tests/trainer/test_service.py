@@ -221,6 +221,17 @@ def _saved_memory_then_resumed(tmp_path, caplog, **second_config):
     return first.run_dir / "checkpoints" / "checkpoint-000000000004.memory.safetensors", second
 
 
+def _rows_restored_by_the_next_start(tmp_path) -> int:
+    """The rows in the replay memory of a trainer started with save_memory on the run of ``tmp_path`` (at 4
+    updates: a start that does not resume would report 0 rows anyway)."""
+    service = TrainerService(make_config(tmp_path, save_memory=True))
+    try:
+        assert service.learner.updates == 4
+        return len(service.memory)
+    finally:
+        service.shutdown()
+
+
 def test_a_restart_without_save_memory_keeps_the_saved_memory_and_says_it_is_there(tmp_path, caplog):
     """A run that resumed with save_memory off and made no update used to rewrite the checkpoint at the same update
     count without its memory, deleting the saved one."""
@@ -230,11 +241,7 @@ def test_a_restart_without_save_memory_keeps_the_saved_memory_and_says_it_is_the
     with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
         second.shutdown()  # no update since resuming: the checkpoint it would write has the same name
     assert "not replaced" in caplog.text and memory_file.exists()
-    third = TrainerService(make_config(tmp_path, save_memory=True))
-    try:
-        assert len(third.memory) == 60
-    finally:
-        third.shutdown()
+    assert _rows_restored_by_the_next_start(tmp_path) == 60
 
 
 def test_a_memory_that_failed_to_load_once_is_not_replaced_by_an_empty_one(tmp_path, caplog):
@@ -248,11 +255,7 @@ def test_a_memory_that_failed_to_load_once_is_not_replaced_by_an_empty_one(tmp_p
     assert len(resumed.memory) == 0 and "could not be restored" in caplog.text
     resumed.shutdown()  # no update, no memory restored: the checkpoint at 4 updates stays as it was
     aside.replace(memory_file)
-    again = TrainerService(make_config(tmp_path, save_memory=True))
-    try:
-        assert len(again.memory) == 60
-    finally:
-        again.shutdown()
+    assert _rows_restored_by_the_next_start(tmp_path) == 60
 
 
 def test_a_restart_with_new_rows_and_no_update_saves_them_over_its_checkpoint(tmp_path, caplog):
@@ -260,11 +263,7 @@ def test_a_restart_with_new_rows_and_no_update_saves_them_over_its_checkpoint(tm
     assert len(second.memory) == 60
     second.ingestor.handle(pendulum_batch("w1", 1, 40))
     second.shutdown()
-    third = TrainerService(make_config(tmp_path, save_memory=True))
-    try:
-        assert third.learner.updates == 4 and len(third.memory) == 100
-    finally:
-        third.shutdown()
+    assert _rows_restored_by_the_next_start(tmp_path) == 100
 
 
 def test_pruned_checkpoints_take_their_memory_files_with_them(tmp_path):

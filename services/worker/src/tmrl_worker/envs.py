@@ -158,15 +158,7 @@ class EnvHandle:
     def reset(self, seed: int | None = None) -> tuple:
         for hook in self.reset_hooks:
             hook()
-        self.in_call = "reset"
-        try:
-            observation, _info = self.env.reset(seed=seed)
-        except (EnvFailure, EnvInterrupted):
-            raise
-        except Exception as exc:  # noqa: BLE001 - the env's own code: anything may go wrong in it
-            raise self._env_raised("reset", exc) from exc
-        finally:
-            self.in_call = None
+        observation, _info = self._call_env("reset", self.env.reset, seed=seed)
         self._action_buffer.extend([self._default_action] * self.layout.action_history)
         return self._checked(self._env_observation(observation, "the reset"), 0.0, "the reset")
 
@@ -178,13 +170,24 @@ class EnvHandle:
             raise EnvFailure(f"env {self.spec!r} returned an observation that is not a tuple of arrays at {when} "
                              f"({type(exc).__name__}: {one_line_message(exc)})") from exc
 
-    def _env_raised(self, call: str, exc: Exception) -> EnvFailure:
-        """The :class:`EnvFailure` for an exception out of the env's ``call`` (its traceback goes to the log, as
-        the rtgym thread guard logs one): the worker then stops with one line naming it, not a traceback."""
-        if isinstance(exc, InterfaceReturnError):  # its message says it all
-            return EnvFailure(f"env {self.spec!r}: {exc}")
-        log.error("env %r: its %s raised", self.spec, call, exc_info=exc)
-        return EnvFailure(f"env {self.spec!r}: its {call} raised {type(exc).__name__}: {one_line_message(exc)}")
+    def _call_env(self, call: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``method(*args, **kwargs)``, the env's ``call`` (``"reset"`` or ``"step"``, in :attr:`in_call` meanwhile),
+        with any exception out of it but :class:`EnvFailure` and :class:`EnvInterrupted` turned into an
+        :class:`EnvFailure` naming it (its traceback goes to the log, as the rtgym thread guard logs one): the worker
+        then stops with one line, not a traceback."""
+        self.in_call = call
+        try:
+            return method(*args, **kwargs)
+        except (EnvFailure, EnvInterrupted):
+            raise
+        except InterfaceReturnError as exc:  # its message says it all
+            raise EnvFailure(f"env {self.spec!r}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the env's own code: anything may go wrong in it
+            log.error("env %r: its %s raised", self.spec, call, exc_info=exc)
+            raise EnvFailure(f"env {self.spec!r}: its {call} raised {type(exc).__name__}: "
+                             f"{one_line_message(exc)}") from exc
+        finally:
+            self.in_call = None
 
     def _checked(self, observation: tuple, reward: float, when: str) -> tuple:
         """``observation``, after checking that it has the layout's parts and shapes, and that it and ``reward``
@@ -215,15 +218,8 @@ class EnvHandle:
         An rtgym interface can only end an episode through ``terminated``; one that ends it for a reason outside the
         task (the game's plugin or window went away) also sets ``info[TRUNCATED_REASON]``, and the step is then
         reported as truncated, so the trainer bootstraps through it instead of learning a false terminal state."""
-        self.in_call = "step"
-        try:
-            observation, reward, terminated, truncated, info = self.env.step(self.to_env_action(action))
-        except (EnvFailure, EnvInterrupted):
-            raise
-        except Exception as exc:  # noqa: BLE001 - the env's own code: anything may go wrong in it
-            raise self._env_raised("step", exc) from exc
-        finally:
-            self.in_call = None
+        observation, reward, terminated, truncated, info = self._call_env("step", self.env.step,
+                                                                          self.to_env_action(action))
         failure = getattr(self._interface, "rtgym_thread_failure", None)
         if failure is not None:  # the interface failed on rtgym's thread (_guarded_interface): it cannot go on
             raise EnvFailure(f"env {self.spec!r}: {failure}")
