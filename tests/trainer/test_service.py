@@ -613,3 +613,23 @@ def test_a_second_trainer_in_a_run_directory_in_use_is_refused_until_the_first_s
         first.shutdown()
     second = TrainerService(config)  # the first one stopped: its lock is free
     second.shutdown()
+
+
+@pytest.mark.parametrize("blocked", ["metrics.jsonl", "status.json", "policy.safetensors", "tensorboard"])
+def test_a_run_directory_whose_record_files_cannot_be_written_is_a_one_line_config_error(tmp_path, blocked):
+    """A probe found a folder where metrics.jsonl, status.json or policy.safetensors go (or a file where tensorboard/
+    goes) crashed the trainer with a traceback, at start or at its first publication."""
+    config = make_config(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if blocked == "tensorboard":
+        (run_dir / blocked).write_text("not a folder")
+    else:
+        (run_dir / blocked).mkdir()
+    with pytest.raises(ConfigError, match=r"cannot write the run's records in .*choose another run_dir"):
+        TrainerService(config)
+    if blocked == "tensorboard":
+        (run_dir / blocked).unlink()
+    else:
+        (run_dir / blocked).rmdir()
+    TrainerService(config).shutdown()  # the lock was released with the refusal

@@ -102,7 +102,7 @@ from tmrl_trainer.learner import backend_name, make_learner
 from tmrl_trainer.memory import MemoryFileError, ReplayMemory
 from tmrl_trainer.relay_link import TrainerLink
 from tmrl_trainer.sac import resolve_device
-from tmrl_trainer.status import STATUS_FILE, RunRecorder, StatusFile
+from tmrl_trainer.status import METRICS_FILE, STATUS_FILE, TENSORBOARD_DIR, RunRecorder, StatusFile
 from tmrl_trainer.tensor_file import write_atomically
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ class TrainerService:
         self.samples_before_run = 0
         """Rows the runs before this one received (from the checkpoint resumed): ``updates`` counts across restarts,
         and ``samples_received_total`` with it."""
-        self.recorder = RunRecorder(self.run_dir)
+        self.recorder = self._run_recorder()
         self.ingestor = Ingestor(
             config.trainer_id, self.layout, store=self._store, on_episode=self.recorder.episode,
             allowed_workers=frozenset(config.allowed_workers) or None, store_lock=self.memory_lock,
@@ -306,6 +306,21 @@ class TrainerService:
         return rows
 
     # ------------------------------------------------------------------------------------------ checkpoints
+
+    def _run_recorder(self) -> RunRecorder:
+        """The run's records (``metrics.jsonl``, ``tensorboard/``), after checking that the files the trainer rewrites
+        later (``status.json``, ``policy.safetensors``) are not folders: a run directory the trainer cannot write its
+        records in is a :class:`ConfigError` now, in one line, rather than a traceback now or a failure later."""
+        try:
+            for name in (STATUS_FILE, POLICY_FILE):
+                if (self.run_dir / name).is_dir():
+                    raise IsADirectoryError(f"{self.run_dir / name} is a folder, where the trainer writes a file")
+            return RunRecorder(self.run_dir)
+        except OSError as exc:
+            self._run_lock.release()
+            raise ConfigError(f"cannot write the run's records in {self.run_dir} ({exc}): {METRICS_FILE}, "
+                              f"{STATUS_FILE} and {POLICY_FILE} must be writable files there and {TENSORBOARD_DIR} a "
+                              "writable folder; fix them or choose another run_dir") from exc
 
     def _checkpoint_paths(self) -> list[Path]:
         """Checkpoints (not their memory files), oldest first."""
