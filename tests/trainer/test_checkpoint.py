@@ -102,6 +102,9 @@ def test_loading_a_corrupt_missing_or_mismatched_checkpoint_raises_checkpoint_er
     (tmp_path / "corrupt.safetensors").write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(tmp_path / "corrupt.safetensors", learner)
+    (tmp_path / "folder.safetensors").mkdir()  # an OS error other than a missing file (a probe's traceback)
+    with pytest.raises(CheckpointError, match="folder.safetensors cannot be read: .*Is a directory"):
+        load_checkpoint(tmp_path / "folder.safetensors", learner)
     _, other = _setup(hidden=16)
     with pytest.raises(CheckpointMismatchError, match="architecture"):
         load_checkpoint(path, other)

@@ -633,3 +633,18 @@ def test_a_run_directory_whose_record_files_cannot_be_written_is_a_one_line_conf
     else:
         (run_dir / blocked).rmdir()
     TrainerService(config).shutdown()  # the lock was released with the refusal
+
+
+def test_a_folder_in_place_of_the_newest_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path, caplog):
+    """A probe's IsADirectoryError went up as a traceback: an OS error reading a checkpoint refuses that one only."""
+    config, directory = checkpointed_every_4(tmp_path, updates=12)  # checkpoints at 4, 8, 12
+    newest = directory / "checkpoint-000000000012.safetensors"
+    newest.unlink()
+    newest.mkdir()
+    with caplog.at_level("INFO", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    try:
+        assert second.learner.updates == 8 and f"refusing checkpoint {newest}: checkpoint {newest} cannot be read" in caplog.text
+        assert (directory / (newest.name + ".refused")).is_dir()
+    finally:
+        second.shutdown()

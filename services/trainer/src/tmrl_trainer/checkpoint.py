@@ -149,6 +149,8 @@ def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | N
         raise CheckpointError(f"checkpoint {path} does not exist") from exc
     except TensorFileError as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
+    except OSError as exc:  # a folder in its place, no permission, a disk error: this one cannot be resumed from
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file")
     bad = first_non_finite(tensors)
