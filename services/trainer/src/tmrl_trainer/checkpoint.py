@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.learner import Learner
 from tmrl_trainer.memory import ReplayMemory
-from tmrl_trainer.tensor_file import TensorFileError, crc32_of, pack, read_file, write_atomically
+from tmrl_trainer.tensor_file import TensorFileError, crc32_of, crc32_problem, pack, read_file, write_atomically
 
 CHECKPOINT_FORMAT = "tmrl-checkpoint-1"
 MEMORY_SUFFIX = ".memory.safetensors"
@@ -127,18 +127,22 @@ def save_checkpoint(path: str | Path, learner: Learner, counters: dict[str, int]
     return write_atomically(path, pack(tensors, document))
 
 
-def check_crc32(path: str | Path, tensors: dict[str, torch.Tensor], saved: object) -> None:
-    """Raise :class:`CheckpointError` naming the first tensor whose bytes differ from the CRC-32 saved with it
-    (``saved``: the document's ``crc32`` map; ``None`` for a checkpoint written before it was, which loads on the value
-    checks alone). Checked after the non-finite check, whose message stays first, and before the learner is touched."""
-    if saved is None:
+def check_tensors(path: str | Path, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` when a checkpoint's tensors hold a non-finite value, or bytes that differ from
+    the CRC-32 saved with them (the document's ``crc32`` map; a checkpoint written before it was has none and is held
+    to the value check alone): what neither resuming nor exporting may use. The non-finite check comes first, so
+    that its message names a NaN as such."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} holds a non-finite value in {bad}")
+    problem = crc32_problem(tensors, document.get("crc32"))
+    if problem is None:
         return
-    if not isinstance(saved, dict) or set(saved) != set(tensors) or not all(type(crc) is int for crc in saved.values()):
+    kind, name = problem
+    if kind == "malformed":
         raise CheckpointError(f"checkpoint {path} is malformed: its crc32 map does not name every tensor once")
-    for name, tensor in tensors.items():
-        if crc32_of(tensor) != saved[name]:
-            raise CheckpointError(f"checkpoint {path}: tensor {name} does not match the CRC-32 saved with it (the file "
-                                  "was damaged after it was written)")
+    raise CheckpointError(f"checkpoint {path}: tensor {name} does not match the CRC-32 saved with it (the file was "
+                          "damaged after it was written)")
 
 
 def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | None = None) -> Checkpoint:
@@ -153,10 +157,7 @@ def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | N
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file")
-    bad = first_non_finite(tensors)
-    if bad is not None:
-        raise CheckpointError(f"checkpoint {path} holds a non-finite value in {bad}")
-    check_crc32(path, tensors, document.get("crc32"))
+    check_tensors(path, tensors, document)
     if document.get("architecture") != learner.architecture.to_flat_dict():
         raise CheckpointMismatchError(f"checkpoint {path} was written for another policy architecture; "
                                       "start with the same layout and hidden sizes, or from scratch")

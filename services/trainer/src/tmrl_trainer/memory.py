@@ -57,7 +57,7 @@ from tmrl_common.layout import ObservationLayout, observation_digest
 from tmrl_common.protocol import SampleBatch, observation_bounds
 
 from tmrl_trainer.ingest import ValueBounds
-from tmrl_trainer.tensor_file import TensorFileError, crc32_of, pack, unpack, write_atomically
+from tmrl_trainer.tensor_file import TensorFileError, crc32_of, crc32_problem, pack, unpack, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -529,12 +529,12 @@ class ReplayMemory:
 def _check_crc32(arrays: dict[str, np.ndarray], saved: object) -> None:
     """Raise :class:`MemoryFileError` naming the first array whose bytes differ from the CRC-32 saved with it
     (``saved``: the header's ``crc32`` map; ``None`` for a file saved before it was written)."""
-    if saved is None:
+    problem = crc32_problem(arrays, saved)
+    if problem is None:
         return
-    if not isinstance(saved, dict) or set(saved) != set(arrays) or not all(type(crc) is int for crc in saved.values()):
+    kind, name = problem
+    if kind == "malformed":
         raise MemoryFileError("saved memory header is malformed: its crc32 map does not name every array once")
-    for name, array in arrays.items():
-        if crc32_of(array) != saved[name]:
-            raise MemoryFileError(f"saved memory array {name!r} does not match the CRC-32 saved with it: the file was "
-                                  "damaged after it was written, none of it is loaded")
+    raise MemoryFileError(f"saved memory array {name!r} does not match the CRC-32 saved with it: the file was "
+                          "damaged after it was written, none of it is loaded")
 

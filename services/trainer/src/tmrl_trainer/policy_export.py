@@ -28,8 +28,7 @@ import torch
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import Actor, PolicyArchitecture, PolicyFileError, build_actor
 
-from tmrl_trainer.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_crc32
-from tmrl_trainer.guard import first_non_finite
+from tmrl_trainer.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_tensors
 from tmrl_trainer.tensor_file import TensorFileError, read_file
 
 ACTOR_PREFIX = "learner.actor."
@@ -74,11 +73,8 @@ def actor_from_checkpoint(path: Path) -> tuple[Actor, int]:
         raise ExportError(f"checkpoint {path} cannot be read: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
         raise ExportError(f"{path} is not a {CHECKPOINT_FORMAT} file")
-    bad = first_non_finite(tensors)
-    if bad is not None:  # what the trainer refuses to resume from is not exported either
-        raise DamagedCheckpointError(f"checkpoint {path} holds a non-finite value in {bad}")
-    try:
-        check_crc32(path, tensors, document.get("crc32"))
+    try:  # what the trainer refuses to resume from is not exported either
+        check_tensors(path, tensors, document)
     except CheckpointError as exc:
         raise DamagedCheckpointError(str(exc)) from exc
     actor = build_actor(PolicyArchitecture.from_flat_dict(document["architecture"]))

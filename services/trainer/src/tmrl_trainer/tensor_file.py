@@ -37,6 +37,18 @@ def crc32_of(tensor: torch.Tensor | np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
 
 
+def crc32_problem(tensors: Mapping[str, torch.Tensor | np.ndarray], saved: object) -> tuple[str, str] | None:
+    """What is wrong with ``tensors`` against ``saved``, the CRC-32 map written with them (:func:`crc32_of`):
+    ``("malformed", "")`` when the map does not name every tensor once with an int, ``("mismatch", name)`` for the
+    first tensor whose bytes differ; ``None`` when all match or there is no map (a file written before the maps were).
+    The callers say it in their own words (a checkpoint, a saved replay memory)."""
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or set(saved) != set(tensors) or not all(type(crc) is int for crc in saved.values()):
+        return "malformed", ""
+    return next((("mismatch", name) for name, tensor in tensors.items() if crc32_of(tensor) != saved[name]), None)
+
+
 def pack(tensors: Mapping[str, torch.Tensor | np.ndarray], metadata: Any) -> bytes:
     """Safetensors bytes holding ``tensors`` (copied to the CPU: views of shared storage are allowed) and
     ``metadata`` (JSON-serialisable) in the header."""
