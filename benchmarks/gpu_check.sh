@@ -29,7 +29,8 @@ tests=0
 if [ "${GPU_CHECK_TESTS:-1}" = 1 ]; then
   # the cuda-graph backend against the reference, the device mirror, device selection: every test named for CUDA
   "$python" -m pytest -q -p no:cacheprovider --tb=short -k cuda tests/trainer/test_learner_backends.py \
-    tests/trainer/test_device_replay.py tests/trainer/test_guard.py tests/trainer/test_sac.py || tests=$?
+    tests/trainer/test_device_replay.py tests/trainer/test_guard.py tests/trainer/test_sac.py tests/trainer/test_n_step.py \
+    || tests=$?
 fi
 status=0
 "$python" benchmarks/gpu_check.py "$@" || status=$?

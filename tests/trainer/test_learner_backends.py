@@ -256,3 +256,30 @@ def test_the_cuda_graph_is_recorded_again_after_a_checkpoint_loads(tmp_path):
     _train([reference, graph], batches[5:])
     assert graph.graph_captured
     _assert_agree(_state(reference), _state(graph))
+
+
+@needs_cuda
+def test_critics_with_layer_norm_replay_the_reference_update_in_the_cuda_graph():
+    reference = _learner("reference", device="cuda", critic_layer_norm=True)
+    graph = _learner("cuda-graph", device="cuda", critic_layer_norm=True)
+    _train([reference, graph], _own_batches(8))
+    assert graph.graph_captured
+    _assert_agree(_state(reference), _state(graph))
+
+
+@needs_cuda
+@pytest.mark.parametrize("update_order", ORDERS)
+def test_the_cuda_graph_replays_the_reference_update_on_image_observations(update_order):
+    memory = fill_with_random_episodes(ReplayMemory(IMAGE_LAYOUT, capacity=400, seed=0), steps=300, batch_rows=100)
+    batches = [memory.sample(16) for _ in range(6)]
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions (cuDNN's default) round each side differently
+    try:
+        fields = {"redq_n": 3, "update_order": update_order}
+        reference = _learner("reference", IMAGE_LAYOUT, device="cuda", **fields)
+        graph = _learner("cuda-graph", IMAGE_LAYOUT, device="cuda", **fields)
+        _train([reference, graph], batches)
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed
+    assert graph.graph_captured
+    _assert_agree(_state(reference), _state(graph))

@@ -228,3 +228,33 @@ def test_a_discount_of_gamma_everywhere_is_the_one_step_update():
         discounted.update(batch._replace(discount=torch.full_like(batch.reward, config.gamma)), with_metrics=False)
     for want, got in zip(plain.critics.parameters(), discounted.critics.parameters(), strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the n-step walk inside a CUDA graph needs a CUDA device")
+def test_the_cuda_graph_draws_n_step_batches_on_the_device_as_the_reference_learns_from_them():
+    memory = _lidar_memory(n_step=3)
+    replay = DeviceReplay(memory, "cuda", seed=5)
+    replay.sync()
+    config = SACConfig(batch_size=32, hidden_sizes=[32, 32])
+    architecture = config.architecture(memory.layout)
+    reference = make_learner(config, architecture, device="cuda", seed=0, backend="reference")
+    graph = make_learner(config, architecture, device="cuda", seed=0, backend="cuda-graph")
+    state = replay.generator.get_state()
+    batches = [replay.sample(32) for _ in range(6)]
+    replay.generator.set_state(state)
+    assert all(batch.discount is not None for batch in batches)
+    assert float(torch.cat([batch.discount for batch in batches]).min()) < 0.99**3 + 1e-6
+    for batch in batches:
+        reference.update(batch, with_metrics=False)
+        graph.update_sampled(replay, with_metrics=False)
+    assert graph.graph_captured
+    for (name, want), got in zip(reference.critics.state_dict().items(), graph.critics.state_dict().values(),
+                                 strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the n-step walk inside the graph asks the host nothing
+    try:
+        graph.update_sampled(replay, with_metrics=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert graph.updates == 7
