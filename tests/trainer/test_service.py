@@ -457,6 +457,47 @@ def test_a_refused_checkpoint_that_cannot_be_renamed_is_still_skipped(tmp_path, 
         second.shutdown()
 
 
+
+def test_a_refused_checkpoints_memory_file_is_set_aside_with_it_and_outlives_the_next_prunes(tmp_path, caplog):
+    from test_checkpoint import with_a_nan
+
+    config = make_config(tmp_path, checkpoint_every=4, save_memory=True)
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=8) == 8  # checkpoints at 4 and 8, each with its memory file
+    directory = first.run_dir / "checkpoints"
+    newest = directory / "checkpoint-000000000008.safetensors"
+    memory_bytes = (directory / "checkpoint-000000000008.memory.safetensors").read_bytes()
+    with_a_nan(newest)
+    with caplog.at_level("ERROR", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    assert second.learner.updates == 4
+    assert ("set aside as checkpoint-000000000008.safetensors.refused, its replay memory file as "
+            "checkpoint-000000000008.memory.safetensors.refused") in caplog.text
+    second.ingestor.handle(pendulum_batch("w1", 1, 60))
+    assert second.run(max_updates=12) == 12  # to update 16: checkpoints at 8, 12, 16, each followed by a prune
+    refused_memory = directory / "checkpoint-000000000008.memory.safetensors.refused"
+    assert refused_memory.read_bytes() == memory_bytes  # kept as it was, for inspection or recovery
+    assert (directory / "checkpoint-000000000008.safetensors.refused").exists()
+
+
+def test_the_lost_progress_warning_after_a_refused_checkpoint_names_it_instead_of_an_unclean_stop(tmp_path, caplog):
+    from test_checkpoint import with_a_nan
+
+    config, directory = checkpointed_every_4(tmp_path, updates=12)  # stopped cleanly: checkpoint and status at 12
+    newest = directory / "checkpoint-000000000012.safetensors"
+    with_a_nan(newest)
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    try:
+        assert second.learner.updates == 8
+        assert ("the last run reached 12 updates and weights version 2 (status.json), 60 samples received, but this "
+                "one resumes from 8 updates and version 1: the newer checkpoint(s) checkpoint-000000000012.safetensors "
+                "were refused (above)") in caplog.text
+        assert "did not stop cleanly" not in caplog.text
+    finally:
+        second.shutdown()
+
 def load_state(path) -> dict[str, torch.Tensor]:
     """The actor tensors saved in the checkpoint at ``path``."""
     from tmrl_trainer.tensor_file import read_file

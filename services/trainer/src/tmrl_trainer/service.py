@@ -26,7 +26,7 @@ updates are counted (``learner.updates_rejected`` in ``status.json``, ``updates_
 ``metrics.jsonl`` and TensorBoard) and logged at most every 10 s. Weights holding an inf or a NaN are never published
 nor checkpointed (refused, counted as ``publishes_refused`` / ``checkpoints_refused``, logged). On resume, a checkpoint
 that cannot be read or holds non-finite tensors is refused with an error naming it, renamed ``<name>.refused`` (kept
-for inspection, never tried again) and the previous one is used; with none left the trainer starts from scratch. A
+for inspection, never tried again; its replay memory file likewise) and the previous one is used; with none left the trainer starts from scratch. A
 checkpoint written for another architecture or SAC config still stops the trainer (a configuration error, not
 damage). Learning rates: the config's, not the checkpoint's (a change is logged).
 
@@ -247,6 +247,8 @@ class TrainerService:
         self._resumed_memory: tuple[Path, int] | None = None
         """(checkpoint resumed from, rows ever added to the replay memory saved with it) when it holds one: a
         checkpoint at the same update count (no update since) would replace it, and must not with less memory."""
+        self._refused_on_resume: list[Path] = []
+        """Checkpoints refused (and set aside) by this start, newest first: the lost-progress warning names them."""
         self._started = time.time()
         previous_run = read_previous_status(self.run_dir / STATUS_FILE)  # before this run's status replaces it
         try:
@@ -278,11 +280,16 @@ class TrainerService:
         if updates <= self.learner.updates:
             return
         samples = previous_run.get("samples_received_total", previous_run.get("samples_received"))
+        if self._refused_on_resume:  # the last run may well have stopped cleanly: its newest checkpoints were refused
+            cause = (f"the newer checkpoint(s) {', '.join(p.name for p in self._refused_on_resume)} were refused "
+                     "(above), and what the last run learned and stored after the one resumed is lost")
+        else:
+            cause = ("it did not stop cleanly, and what it learned and stored after its last checkpoint is lost (a "
+                     "SIGTERM or Ctrl-C saves one; checkpoint_every sets how often)")
         log.warning("the last run reached %d updates and weights version %d (status.json)%s, but this one resumes "
-                    "from %d updates and version %d: it did not stop cleanly, and what it learned and stored after its "
-                    "last checkpoint is lost (a SIGTERM or Ctrl-C saves one; checkpoint_every sets how often)",
-                    updates, version, f", {samples} samples received" if samples is not None else "",
-                    self.learner.updates, self.weights_version)
+                    "from %d updates and version %d: %s", updates, version,
+                    f", {samples} samples received" if samples is not None else "", self.learner.updates,
+                    self.weights_version, cause)
 
     def _empty_memory(self) -> ReplayMemory:
         sac = self.config.sac
@@ -341,6 +348,7 @@ class TrainerService:
                 raise  # written for another configuration: every older one was too; the operator must choose
             except CheckpointError as exc:
                 log.error("refusing checkpoint %s: %s; %s, trying the previous one", path, exc, self._set_aside(path))
+                self._refused_on_resume.append(path)
                 continue
             self._resumed_from(path, restored)
             return
@@ -351,13 +359,23 @@ class TrainerService:
 
     @staticmethod
     def _set_aside(path: Path) -> str:
-        """Rename a refused checkpoint ``<name>.refused`` (never tried again, kept for inspection); say what happened."""
+        """Rename a refused checkpoint ``<name>.refused`` (never tried again, kept for inspection), and its replay
+        memory file with it: the memory was not what was refused and may be intact, and under its own name the next
+        prune would delete it as belonging to no checkpoint. Say what happened."""
         refused = path.with_name(path.name + REFUSED_SUFFIX)
         try:
             path.replace(refused)
         except OSError as exc:  # a read-only run directory: it will be refused again next time, which is harmless
             return f"could not set it aside ({exc})"
-        return f"set aside as {refused.name}"
+        memory_file = memory_path_for(path)
+        if not memory_file.exists():
+            return f"set aside as {refused.name}"
+        memory_refused = memory_file.with_name(memory_file.name + REFUSED_SUFFIX)
+        try:
+            memory_file.replace(memory_refused)
+        except OSError as exc:
+            return f"set aside as {refused.name}; its replay memory file could not be ({exc})"
+        return f"set aside as {refused.name}, its replay memory file as {memory_refused.name}"
 
     def _resumed_from(self, path: Path, restored: Checkpoint) -> None:
         self.weights_version = int(restored.counters.get("weights_version", 0))
