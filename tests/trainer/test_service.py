@@ -689,3 +689,25 @@ def test_a_folder_in_place_of_the_newest_checkpoint_is_set_aside_and_the_previou
         assert (directory / (newest.name + ".refused")).is_dir()
     finally:
         second.shutdown()
+
+
+def test_a_layout_file_that_overrides_a_named_envs_layout_says_so_and_the_start_line_names_its_source(tmp_path,
+                                                                                                       caplog):
+    """A probe ran `tmrl-trainer run --env sim` with a config whose layout_file held another layout: the file won and
+    nothing said so, and every batch of the sim workers was then refused."""
+    path = tmp_path / "layout.json"
+    path.write_text(layout_for_box(7, 2).model_dump_json())
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        assert layout_for_env("sim", path) == layout_for_box(7, 2)
+    assert (f"layout_file {path} overrides the layout of env 'sim' ([speed 1, lidar 4x19, 2 previous action(s); "
+            "action 3]) with [obs 7; action 2]: batches in that env's own layout will be refused") in caplog.text
+    caplog.clear()
+    path.write_text(tm20_lidar_layout().model_dump_json())  # the same layout as the env's own: nothing to say
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        assert layout_for_env("sim", path) == tm20_lidar_layout()
+        assert layout_for_env("my_robot:Interface", path) == tm20_lidar_layout()  # no layout of its own to override
+    assert caplog.text == ""
+    service = TrainerService(make_config(tmp_path, layout_file=str(path)))
+    with caplog.at_level("INFO", logger="tmrl_trainer.service"):
+        service.run(max_updates=0)
+    assert f"layout [speed 1, lidar 4x19, 2 previous action(s); action 3] from layout_file {path}" in caplog.text

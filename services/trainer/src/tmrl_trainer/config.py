@@ -41,7 +41,8 @@ class TrainerConfig(BaseModel):
     (TrackMania LIDAR layout), ``tm20-lidar-progress``, ``tm20-full``, ``gym:<id>`` (layout from the gymnasium env's
     spaces). For ``module:Class`` envs set ``layout_file``."""
     layout_file: Path | None = None
-    """A JSON :class:`~tmrl_common.layout.ObservationLayout`; overrides ``env``."""
+    """A JSON :class:`~tmrl_common.layout.ObservationLayout`; overrides ``env`` (with a warning at start when ``env``
+    names a layout of its own that differs: its workers must then be set to send the file's)."""
     sac: SACConfig = Field(default_factory=SACConfig)
     """Learner hyperparameters; ``sac.learning_starts`` is the warm-up (rows stored before the first update) and
     ``sac.utd`` the maximum number of updates per sample received."""

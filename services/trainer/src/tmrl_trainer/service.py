@@ -129,9 +129,15 @@ def layout_for_env(env: str, layout_file: Path | None = None) -> ObservationLayo
     """The observation layout the trainer expects (see :attr:`TrainerConfig.env`); raise :class:`ConfigError`."""
     if layout_file is not None:
         try:
-            return ObservationLayout.model_validate_json(Path(layout_file).read_text())
+            layout = ObservationLayout.model_validate_json(Path(layout_file).read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"layout_file {layout_file} is not a readable ObservationLayout JSON: {exc}") from exc
+        own = _NAMED_LAYOUTS[env]() if env in _NAMED_LAYOUTS else None
+        if own is not None and own != layout:  # legitimate (a TrackMania image size), but never silent: --env says one
+            log.warning("layout_file %s overrides the layout of env %r (%s) with %s: batches in that env's own "
+                        "layout will be refused, so its workers' env_options must make them send the file's",
+                        layout_file, env, describe_layout(own), describe_layout(layout))
+        return layout
     if env in _NAMED_LAYOUTS:
         return _NAMED_LAYOUTS[env]()
     if env.startswith("gym:"):
@@ -156,6 +162,15 @@ def layout_for_env(env: str, layout_file: Path | None = None) -> ObservationLayo
             probe.close()
     raise ConfigError(f"env {env!r} has no built-in layout; use one of {sorted(_NAMED_LAYOUTS)} or gym:<id>, "
                       "or set layout_file to a JSON ObservationLayout")
+
+
+def describe_layout(layout: ObservationLayout) -> str:
+    """``layout`` in a few words: each component's name and shape, the actions kept in the observation, the action
+    size."""
+    parts = [f"{c.name} {'x'.join(map(str, c.observation_shape))}" for c in layout.components]
+    if layout.action_history:
+        parts.append(f"{layout.action_history} previous action(s)")
+    return f"[{', '.join(parts)}; action {layout.action_dim}]"
 
 
 def export_policy(update: WeightsUpdate, path: Path) -> Path:
@@ -538,9 +553,11 @@ class TrainerService:
         stop = stop or threading.Event()
         self.link.start()
         self.status.start()
-        log.info("trainer %s on %s (%s learner): layout %s, relay %s; warm-up %d rows, at most %.2f updates per row, "
-                 "%d-step returns", self.config.trainer_id, self.device, backend_name(self.learner),
-                 [c.name for c in self.layout.components], self.link.describe(), self.config.sac.learning_starts,
+        source = (f"layout_file {self.config.layout_file}" if self.config.layout_file is not None
+                  else f"env {self.config.env!r}")
+        log.info("trainer %s on %s (%s learner): layout %s from %s, relay %s; warm-up %d rows, at most %.2f updates "
+                 "per row, %d-step returns", self.config.trainer_id, self.device, backend_name(self.learner),
+                 describe_layout(self.layout), source, self.link.describe(), self.config.sac.learning_starts,
                  self.config.sac.utd, self.memory.n_step)
         next_report = time.monotonic() + PROGRESS_EVERY_S
         try:
