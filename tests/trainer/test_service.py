@@ -364,6 +364,32 @@ def test_a_checkpoint_the_disk_refuses_is_logged_and_counted_and_training_goes_o
     assert "checkpoint at 10 updates could not be written ([Errno 28] No space left on device)" in caplog.text
 
 
+
+def test_a_disk_too_full_for_one_more_checkpoint_gets_room_from_the_older_ones_and_keeps_the_newest(tmp_path, caplog,
+                                                                                                   monkeypatch):
+    """A probe filled the disk: no checkpoint could be written again, since pruning only follows a successful save."""
+    from tmrl_trainer import service as service_module
+
+    config, directory = checkpointed_every_4(tmp_path, updates=12)  # checkpoints at 4, 8 and 12
+    real_save = service_module.save_checkpoint
+
+    def disk_with_room_for_two(path, *args, **kwargs):
+        if len(list(directory.glob("checkpoint-*.safetensors"))) >= 2:
+            raise OSError(28, "No space left on device")
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(service_module, "save_checkpoint", disk_with_room_for_two)
+    second = TrainerService(config)
+    second.ingestor.handle(pendulum_batch("w1", 1, 60))
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        assert second.run(max_updates=20) == 20  # checkpoints at 16, 20 and 20 again at shutdown, each making room
+    assert sorted(p.name for p in directory.iterdir()) == ["checkpoint-000000000020.safetensors"]
+    assert second.snapshot()["learner"]["checkpoints_failed"] == 0
+    assert ("checkpoint at 16 updates could not be written ([Errno 28] No space left on device): deleted "
+            "checkpoint-000000000004.safetensors, checkpoint-000000000008.safetensors to make room, keeping the newest "
+            "checkpoint, and trying once more") in caplog.text
+    assert load_state(directory / "checkpoint-000000000020.safetensors")  # whole and readable
+
 def test_a_run_dir_where_checkpoints_cannot_be_written_is_a_config_error_at_start(tmp_path):
     from tmrl_common.errors import ConfigError
 
@@ -475,7 +501,7 @@ def test_a_refused_checkpoints_memory_file_is_set_aside_with_it_and_outlives_the
     assert ("set aside as checkpoint-000000000008.safetensors.refused, its replay memory file as "
             "checkpoint-000000000008.memory.safetensors.refused") in caplog.text
     second.ingestor.handle(pendulum_batch("w1", 1, 60))
-    assert second.run(max_updates=12) == 12  # to update 16: checkpoints at 8, 12, 16, each followed by a prune
+    assert second.run(max_updates=16) == 16  # checkpoints at 8, 12, 16 and 16 at shutdown, each followed by a prune
     refused_memory = directory / "checkpoint-000000000008.memory.safetensors.refused"
     assert refused_memory.read_bytes() == memory_bytes  # kept as it was, for inspection or recovery
     assert (directory / "checkpoint-000000000008.safetensors.refused").exists()

@@ -57,6 +57,7 @@ speak, so one misconfigured worker cannot poison the replay memory; mismatching 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -109,6 +110,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 KEEP_CHECKPOINTS = 3
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""A checkpoint that fails with these is tried once more after deleting all but the newest checkpoint."""
 REFUSED_SUFFIX = ".refused"
 """Appended to a checkpoint refused on resume (unreadable or non-finite): kept for inspection, never tried again."""
 PROGRESS_EVERY_S = 10.0
@@ -462,7 +465,12 @@ class TrainerService:
                             f"{rows}" if memory is not None else "none (save_memory is off)")
                 return
         try:
-            save_checkpoint(path, self.learner, counters=counters, memory=memory, extra=extra)
+            try:
+                save_checkpoint(path, self.learner, counters=counters, memory=memory, extra=extra)
+            except OSError as exc:
+                if exc.errno not in DISK_FULL_ERRNOS or not self._make_room(exc):
+                    raise
+                save_checkpoint(path, self.learner, counters=counters, memory=memory, extra=extra)
         except CheckpointError as exc:  # non-finite state: keep the previous checkpoints, say why
             self.guard_counts["checkpoints_refused"] += 1
             log.error("checkpoint at %d updates not saved: %s; the previous checkpoints are kept",
@@ -477,16 +485,30 @@ class TrainerService:
         log.info("checkpoint saved: %s (%d updates, weights version %d%s)", path, self.learner.updates,
                  self.weights_version, f", {extra['memory_rows_added']} rows added to the memory" if extra else "")
 
-    def _prune_checkpoints(self) -> None:
-        """Keep the newest :data:`KEEP_CHECKPOINTS` checkpoints; delete older ones and every memory file that does not
-        belong to a kept checkpoint."""
+    def _prune_checkpoints(self, keep: int = KEEP_CHECKPOINTS) -> list[str]:
+        """Keep the newest ``keep`` checkpoints; delete older ones and every memory file that does not belong to a
+        kept checkpoint (one written for a checkpoint that failed, say). Return the names deleted."""
         paths = self._checkpoint_paths()
-        for old in paths[:-KEEP_CHECKPOINTS]:
+        deleted = []
+        for old in paths[:-keep]:
             old.unlink(missing_ok=True)
-        kept_memory = {memory_path_for(p) for p in paths[-KEEP_CHECKPOINTS:]}
+            deleted.append(old.name)
+        kept_memory = {memory_path_for(p) for p in paths[-keep:]}
         for memory_file in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*{MEMORY_SUFFIX}"):
             if memory_file not in kept_memory:
                 memory_file.unlink(missing_ok=True)
+                deleted.append(memory_file.name)
+        return deleted
+
+    def _make_room(self, exc: OSError) -> bool:
+        """On a full disk, delete every checkpoint but the newest (and memory files of none kept), so that the
+        checkpoint can be tried once more: pruning otherwise follows a successful save, and a disk that cannot hold
+        one more checkpoint beside the kept ones would never get a new one. Return whether anything was deleted."""
+        deleted = self._prune_checkpoints(keep=1)
+        if deleted:
+            log.warning("checkpoint at %d updates could not be written (%s): deleted %s to make room, keeping the "
+                        "newest checkpoint, and trying once more", self.learner.updates, exc, ", ".join(deleted))
+        return bool(deleted)
 
     # ----------------------------------------------------------------------------------------------- reports
 
