@@ -18,6 +18,7 @@ from tmrl_trainer.checkpoint import (
     save_checkpoint,
 )
 from tmrl_trainer.cpu_fast import SACLearner
+from tmrl_trainer.learner import make_learner
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.sac import SACConfig
 
@@ -206,8 +207,8 @@ def test_resuming_with_changed_learning_rates_uses_the_configs_and_logs_each_cha
     rates = {group["name"]: group["lr"] for group in changed.optimizer.param_groups}
     assert rates == {"critics": 1e-3, "actor": 3e-4, "log_alpha": 5e-4}
     assert changed.learning_rates_overridden == {"actor_lr": (1e-3, 3e-4), "alpha_lr": (1e-3, 5e-4)}
-    assert "saved with actor_lr = 0.001; the config's 0.0003 is used" in caplog.text
-    assert "alpha_lr = 0.001; the config's 0.0005" in caplog.text and "critic_lr" not in caplog.text
+    assert "the config's are used from here on: actor_lr: 0.001 -> 0.0003, alpha_lr: 0.001 -> 0.0005" in caplog.text
+    assert "critic_lr" not in caplog.text
 
 
 def test_a_resumed_learner_steps_with_the_configured_rate_not_the_saved_one(tmp_path):
@@ -222,3 +223,104 @@ def test_a_resumed_learner_steps_with_the_configured_rate_not_the_saved_one(tmp_
     _train(learner, memory, 3)
     assert max((a - p).abs().max().item() for a, p in zip(actor, slowed.actor.parameters(), strict=True)) < 1e-9
     assert max((a - p).abs().max().item() for a, p in zip(actor, learner.actor.parameters(), strict=True)) > 1e-4
+
+
+def _learner(**fields):
+    """A learner of ``_setup``'s architecture whose config differs from the default in ``fields`` (its backend the
+    one ``sac.backend`` picks: ``cpu-fast``, or ``reference`` for LayerNorm critics)."""
+    config = SACConfig(hidden_sizes=[32, 32], **fields)
+    return make_learner(config, config.architecture(LAYOUT), device="cpu", seed=0)
+
+
+def _mismatch_message(path, learner) -> str:
+    with pytest.raises(CheckpointMismatchError) as raised:
+        load_checkpoint(path, learner)
+    return str(raised.value)
+
+
+def _warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records
+            if record.name == "tmrl_trainer.checkpoint" and record.levelname == "WARNING"]
+
+
+def _rewrite_saved_config(path, edit) -> None:
+    """Rewrite the ``sac_config`` of the checkpoint at ``path`` as ``edit`` returns it (``None``: drop it, as
+    checkpoints written before it was saved lack it)."""
+    tensors, document = tensor_file.read_file(path)
+    config = edit(document.pop("sac_config"))
+    if config is not None:
+        document["sac_config"] = config
+    path.write_bytes(tensor_file.pack(tensors, document))
+
+
+def test_a_checkpoint_with_another_number_of_critics_is_refused_in_one_line_naming_redq_n(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", _learner(redq_n=2, redq_m=2))
+    message = _mismatch_message(path, _learner(redq_n=4, redq_m=2))
+    assert "\n" not in message and "size mismatch" not in message
+    assert "ckpt.safetensors does not fit this learner" in message
+    assert "redq_n = 2 where the config has 4" in message and "redq_m" not in message
+
+
+def test_a_checkpoint_with_layer_normed_critics_is_refused_in_one_line_naming_critic_layer_norm(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", _learner(critic_layer_norm=True))
+    message = _mismatch_message(path, _learner(backend="reference", gamma=0.9))
+    assert "\n" not in message and "Unexpected key" not in message
+    assert "critic_layer_norm = True where the config has False" in message and "gamma" not in message
+
+
+def test_resuming_with_another_gamma_and_reward_scale_loads_and_warns_once_naming_both(tmp_path, caplog):
+    memory, learner = _setup()
+    _train(learner, memory, 2)
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner)
+    changed = _learner(gamma=0.95, reward_scale=2.0)
+    with caplog.at_level("INFO", logger="tmrl_trainer.checkpoint"):
+        load_checkpoint(path, changed)
+    assert changed.updates == 2 and changed.config.gamma == 0.95
+    [warning] = _warnings(caplog)
+    assert "\n" not in warning and "the config's are used from here on" in warning
+    assert "gamma: 0.99 -> 0.95, reward_scale: 1.0 -> 2.0" in warning
+    assert "Q values re-fit" in warning
+
+
+def test_resuming_with_the_same_settings_on_another_backend_logs_no_warning(tmp_path, caplog):
+    memory, learner = _setup()
+    _train(learner, memory, 2)
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner)
+    with caplog.at_level("INFO", logger="tmrl_trainer.checkpoint"):
+        load_checkpoint(path, _learner())
+        load_checkpoint(path, _learner(backend="reference", sampling="host"))  # how, not what
+    assert _warnings(caplog) == [] and caplog.text == ""
+
+
+def test_a_checkpoint_without_a_saved_config_loads_and_names_no_differences(tmp_path, caplog):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", _learner())
+    _rewrite_saved_config(path, lambda config: None)
+    with caplog.at_level("INFO", logger="tmrl_trainer.checkpoint"):
+        restored = load_checkpoint(path, _learner(gamma=0.9))
+    assert restored.sac_config == {} and _warnings(caplog) == []
+    message = _mismatch_message(path, _learner(redq_n=3))
+    assert "\n" not in message and "the checkpoint records none" in message
+    assert message.endswith("Error(s) in loading state_dict for CriticEnsemble: 7 size mismatches")
+
+
+def test_fields_a_saved_config_lacks_or_today_has_not_are_not_reported_as_differences(tmp_path, caplog):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", _learner())
+
+    def older(config):
+        del config["update_order"], config["n_step"]  # written before these fields existed
+        return {**config, "retired_knob": 3}  # a field since removed
+
+    _rewrite_saved_config(path, older)
+    with caplog.at_level("INFO", logger="tmrl_trainer.checkpoint"):
+        restored = load_checkpoint(path, _learner(update_order="joint", n_step=3, tau=0.01))
+    assert restored.sac_config["retired_knob"] == 3
+    [warning] = _warnings(caplog)
+    assert warning.endswith("the config's are used from here on: tau: 0.005 -> 0.01")
+
+
+def test_tensors_that_do_not_fit_a_matching_saved_config_are_summed_up_in_one_line(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", _learner())
+    _rewrite_saved_config(path, lambda config: {**config, "redq_n": 3})  # says 3 critics, holds 2
+    message = _mismatch_message(path, _learner(redq_n=3))
+    assert "\n" not in message and "its saved SAC config matches this learner's" in message
+    assert "7 size mismatches" in message

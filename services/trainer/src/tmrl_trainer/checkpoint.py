@@ -10,14 +10,22 @@ never names a memory file that was not written yet. A caller's own JSON state (t
 window) can ride along in the document as ``extra``.
 
 Non-finite state is refused both ways: :func:`save_checkpoint` raises rather than write a learner holding an inf or a
-NaN, and :func:`load_checkpoint` raises rather than load one (before touching the learner). Learning rates are the
-one part of the saved optimizer state that does not win on load: the learner's config does (an operator who changed
-``actor_lr`` means it), and :func:`load_checkpoint` logs every rate it changed.
+NaN, and :func:`load_checkpoint` raises rather than load one (before touching the learner).
+
+Settings do not come back with a checkpoint: the learner's config wins (an operator who changed ``actor_lr`` or
+``gamma`` means it, and the learning rates in the saved optimizer state are replaced by the config's). So that a
+resumed run never trains under other settings unnoticed, :func:`load_checkpoint` compares the SAC config saved in the
+checkpoint with the learner's: a checkpoint whose tensors do not fit raises a one-line
+:class:`CheckpointMismatchError` naming the fields that shape them (``redq_n``, ``critic_layer_norm``...) with both
+values, and one that loads under other settings (``gamma``, ``batch_size``, a learning rate...) logs one warning
+listing each ``field: saved -> config``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,7 @@ from pydantic import BaseModel
 from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.learner import Learner
 from tmrl_trainer.memory import ReplayMemory
+from tmrl_trainer.sac import LEARNING_RATE_FIELDS, SACConfig
 from tmrl_trainer.tensor_file import TensorFileError, crc32_of, crc32_problem, pack, read_file, write_atomically
 
 CHECKPOINT_FORMAT = "tmrl-checkpoint-1"
@@ -145,8 +154,101 @@ def check_tensors(path: str | Path, tensors: dict[str, torch.Tensor], document: 
                           "damaged after it was written)")
 
 
+SHAPING_FIELDS = frozenset({"redq_n", "critic_layer_norm", "learn_alpha", "hidden_sizes", "activation", "conv_channels"})
+"""The :class:`SACConfig` fields that decide a learner's tensors (how many critics, which parameters they hold, the
+optimizer's parameter groups, the networks' sizes): a checkpoint written under other values of them cannot load."""
+
+NOT_COMPARED_ON_RESUME = frozenset({"backend", "sampling", "init_alpha"})
+"""Fields a resumed run may change without a word: ``backend`` and ``sampling`` say how the update is computed, never
+what; ``init_alpha`` only starts a fresh learner (a resumed one keeps the checkpoint's alpha)."""
+
+WHY_IT_MATTERS = {
+    "gamma": "the critics' targets change, so their Q values re-fit first",
+    "n_step": "the critics' targets change, so their Q values re-fit first",
+    "reward_scale": "the critics' targets change, so their Q values re-fit first",
+    "redq_m": "the critics' targets change, so their Q values re-fit first",
+    "target_entropy": "alpha moves towards the new entropy target",
+}
+"""A few words on what changing a field on a resumed run does, for the warning :func:`load_checkpoint` logs."""
+
+
+def config_differences(saved: Any, configured: SACConfig) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved value, configured value)}`` for each field of ``configured`` that a checkpoint's saved
+    ``sac_config`` holds with another value. Not compared: a field today's :class:`SACConfig` does not have, one the
+    saved config lacks (it was written before the field existed; what the code then did is not known), and anything
+    when no config was saved."""
+    if not isinstance(saved, dict):
+        return {}
+    current = configured.model_dump(mode="json")
+    return {name: (saved[name], value) for name, value in current.items() if name in saved and saved[name] != value}
+
+
+def _listed(differences: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{name}: {saved!r} -> {configured!r}" for name, (saved, configured) in sorted(differences.items()))
+
+
+def torch_error_summary(exc: BaseException) -> str:
+    """One line for a :meth:`load_state_dict` error: torch's first line and how many keys of each kind its dump lists
+    (the dump itself runs to dozens of lines)."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    problems: Counter[str] = Counter()
+    for line in lines[1:]:
+        kind = re.match(r"(size mismatch|missing key|unexpected key)", line, re.IGNORECASE)
+        if kind is None:
+            problems["other line"] += 1
+        elif kind.group(1) == "size mismatch":
+            problems["size mismatch"] += 1
+        else:  # one line lists every key of its kind, each quoted
+            problems[kind.group(1).lower()] += max(1, line.count('"') // 2)
+    counted = ", ".join(f"{count} {kind}" + ("" if count == 1 else "es" if kind.endswith("h") else "s")
+                        for kind, count in problems.items())
+    return f"{lines[0]} {counted}".strip()
+
+
+def mismatch_error(path: str | Path, saved_config: Any, learner: Learner, exc: BaseException) -> CheckpointMismatchError:
+    """The one-line error for a checkpoint whose tensors do not fit ``learner``: the config fields that explain it with
+    both values, else a summary of torch's error."""
+    differences = {name: values for name, values in config_differences(saved_config, learner.config).items()
+                   if name not in NOT_COMPARED_ON_RESUME}
+    shaping = {name: values for name, values in differences.items() if name in SHAPING_FIELDS}
+    if shaping:
+        fields = "; ".join(f"{name} = {saved!r} where the config has {configured!r}"
+                           for name, (saved, configured) in sorted(shaping.items()))
+        return CheckpointMismatchError(f"checkpoint {path} does not fit this learner (different SAC config: it was "
+                                       f"written with {fields}): start with the checkpoint's values, or from scratch "
+                                       "in a new run_dir")
+    if not isinstance(saved_config, dict):
+        reason = "different SAC config? the checkpoint records none"
+    elif differences:  # none of them should change a tensor, but a field added since might
+        reason = f"different SAC config? saved -> config: {_listed(differences)}"
+    else:
+        reason = "its saved SAC config matches this learner's"
+    return CheckpointMismatchError(f"checkpoint {path} does not fit this learner ({reason}): {torch_error_summary(exc)}")
+
+
+def warn_of_changed_settings(path: str | Path, saved_config: Any, learner: Learner) -> None:
+    """Log one warning listing each setting the loaded ``learner`` uses in place of the checkpoint's (nothing when
+    none differs). Learning rates come from what the learner replaced in the saved optimizer state."""
+    differences = {name: values for name, values in config_differences(saved_config, learner.config).items()
+                   if name not in NOT_COMPARED_ON_RESUME | SHAPING_FIELDS | set(LEARNING_RATE_FIELDS.values())}
+    differences.update(learner.learning_rates_overridden)
+    if not differences:
+        return
+    why: dict[str, list[str]] = {}
+    for name in sorted(differences):
+        if name in WHY_IT_MATTERS:
+            why.setdefault(WHY_IT_MATTERS[name], []).append(name)
+    notes = "".join(f"; {', '.join(names)}: {note}" for note, names in why.items())
+    log.warning("checkpoint %s was trained with other settings; the config's are used from here on: %s%s",
+                path, _listed(differences), notes)
+
+
 def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | None = None) -> Checkpoint:
-    """Restore ``learner`` (and ``memory`` when given and saved) from ``path``; raise :class:`CheckpointError`."""
+    """Restore ``learner`` (and ``memory`` when given and saved) from ``path``; raise :class:`CheckpointError`.
+
+    A checkpoint written under other settings than ``learner.config`` raises :class:`CheckpointMismatchError` when
+    its tensors do not fit, and otherwise loads with one warning naming each setting that differs (the config's win).
+    """
     try:
         tensors, document = read_file(path)
     except FileNotFoundError as exc:
@@ -161,17 +263,16 @@ def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | N
     if document.get("architecture") != learner.architecture.to_flat_dict():
         raise CheckpointMismatchError(f"checkpoint {path} was written for another policy architecture; "
                                       "start with the same layout and hidden sizes, or from scratch")
+    saved_config = document.get("sac_config")
     try:
         learner.load_state_dict(_join(document["learner"], tensors))
     except (KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointMismatchError(f"checkpoint {path} does not fit this learner (different SAC config?): "
-                                      f"{exc}") from exc
-    for name, (saved, configured) in learner.learning_rates_overridden.items():
-        log.info("checkpoint %s was saved with %s = %g; the config's %g is used", path, name, saved, configured)
+        raise mismatch_error(path, saved_config, learner, exc) from exc
+    warn_of_changed_settings(path, saved_config, learner)
     restored = False
     if memory is not None and document.get("memory"):
         memory.load(memory_path_for(path))
         restored = True
-    return Checkpoint(counters=document["counters"], sac_config=document["sac_config"],
+    return Checkpoint(counters=document["counters"], sac_config=saved_config if isinstance(saved_config, dict) else {},
                       architecture=document["architecture"], memory_restored=restored,
                       memory_saved=bool(document.get("memory")), extra=document.get("extra") or {})
