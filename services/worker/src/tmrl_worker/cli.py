@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from tmrl_common.config import load_config_for_command
@@ -11,6 +12,9 @@ from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
 from tmrl_worker.config import WorkerConfig
 from tmrl_worker.eval_cli import eval_command
 from tmrl_worker.sim.cli import sim_app
+
+if TYPE_CHECKING:  # runtime imports torch: only the run command loads it
+    from tmrl_worker.runtime import RolloutStats
 
 app = typer.Typer(help="tmrl rollout worker: runs a real-time environment and sends samples to the relay.",
                   no_args_is_help=True)
@@ -55,7 +59,9 @@ def run(
     """Run the worker in the foreground: roll out episodes, send samples to the relay, use the weights it broadcasts.
 
     If the relay refuses this worker's key (not in its allow-list), an error says so within a second with the
-    `tmrl-relay keys add` command that fixes it, and the worker retries every 10 s (its batches wait in the spool)."""
+    `tmrl-relay keys add` command that fixes it, and the worker retries every 10 s (its batches wait in the spool).
+    If `max_consecutive_refusals` batches in a row are refused for good (another layout, rewards out of bounds...),
+    the worker stops with its summary, one line naming the reasons and what to fix, and exit status 1."""
     import signal
     import threading
 
@@ -77,7 +83,7 @@ def run(
 
     from tmrl_worker.envs import EnvFailure, EnvSpecError
     from tmrl_worker.relay_link import SenderFailure
-    from tmrl_worker.runtime import PolicyFileError, run_worker
+    from tmrl_worker.runtime import BatchesRefused, PolicyFileError, run_worker
     from tmrl_worker.spool import StateFileError
 
     torch.set_num_threads(1)  # one observation at a time: extra threads only add latency
@@ -89,22 +95,36 @@ def run(
     except (EnvSpecError, PolicyFileError, StateFileError, SecurityError, KeyFileError) as exc:
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=2) from exc
+    except BatchesRefused as exc:  # nothing it sends can be stored: what it did, then why and what to fix; exit 1
+        typer.echo(run_summary(effective.worker_id, exc.stats), err=True)
+        typer.echo(f"tmrl-worker: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
     except (EnvFailure, SenderFailure) as exc:  # the env gave up while running (e.g. the game did not restart; what
         # was sent is delivered first), or the sender thread died (its traceback is logged): one line, exit 1
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=1) from exc
+    typer.echo(run_summary(effective.worker_id, stats), err=True)
+
+
+def run_summary(worker_id: str, stats: RolloutStats) -> str:
+    """The line ``tmrl-worker run`` prints at the end: what the rollout did and, when it sent samples, what became of
+    them (refused batches by reason)."""
     delivery = stats.delivery
-    summary = (f"{effective.worker_id}: {stats.steps} steps, {stats.episodes} episodes, "
+    summary = (f"{worker_id}: {stats.steps} steps, {stats.episodes} episodes, "
                f"{stats.batches_submitted} batches, weights version {stats.weights_version}")
     if delivery:
         summary += (f"; delivery: {delivery['steps_submitted']} rows in {delivery['batches_built']} batches, "
                     f"{delivery['spool_acked']} acknowledged, {delivery['spool_resent']} resent, "
                     f"{delivery['spool_dropped']} dropped, {delivery['spool_batches']} unacknowledged, "
                     f"{delivery['batches_rejected']} rejected")  # last: log parsers read the fields before it
+        reasons = sorted((key.removeprefix("rejected."), count) for key, count in delivery.items()
+                         if key.startswith("rejected.") and count)
+        if reasons:
+            summary += f" ({', '.join(f'{reason}: {count}' for reason, count in reasons)})"
         if delivery.get("handshake_refused"):
             summary += (f"; the relay refused this worker's key {delivery['handshake_refused']} time(s): "
                         "allow it with `tmrl-relay keys add` on the relay host")
-    typer.echo(summary, err=True)
+    return summary
 
 
 # TrackMania 2020 tools (logic in tmrl_worker.tm20; these functions only parse arguments) -----------------------------

@@ -75,6 +75,14 @@ class WorkerConfig(BaseModel):
     ack_timeout_s: float = Field(default=10.0, gt=0)
     """Resend a batch that has not been acknowledged after this long (doubling after each resend, up to 8x); every
     unacknowledged batch is also resent at once after a reconnection."""
+    max_consecutive_refusals: int = Field(default=5, ge=1)
+    """Stop the worker when this many batches in a row were refused for good, none stored in between: by the trainer
+    (its ``rejected`` answer: another observation layout, rewards over its ``max_abs_reward``, values out of bounds,
+    a worker outside its ``allowed_workers``...) or by the relay (``oversized``, ``malformed``). Such a worker's data
+    can never be stored, so it logs one error naming the reasons and what to fix, delivers what it can
+    (``flush_timeout_s``; what stays unacknowledged stays in the spool) and exits with status 1. Refusals as
+    ``stale`` or ``duplicate`` (late resends of batches the trainer may have stored) neither count nor reset the
+    count."""
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     flush_timeout_s: float = Field(default=10.0, ge=0)
     """At shutdown, wait this long for the last batches to be acknowledged."""

@@ -11,6 +11,11 @@ are resent, and every unacknowledged batch is resent after a reconnection (after
 
 After each ``hello`` the relay hands the latest ``weights_update`` over this link; it goes to ``on_weights`` (the
 worker's :meth:`~tmrl_worker.weights_feed.WeightsFeed.hand_over`), or is counted and dropped when there is none.
+
+A batch refused for good (the trainer's ``rejected`` answer, or a relay ``error`` in :data:`FINAL_AT_RELAY`) is
+dropped and counted by reason. When ``max_consecutive_refusals`` of them come in a row with none stored in between
+(:class:`RefusalStreak`), nothing this worker makes can be stored: this thread logs one error saying why and what to
+do, and calls ``on_give_up`` (the worker's stop event), so the rollout stops as on any stop request.
 """
 
 from __future__ import annotations
@@ -39,6 +44,15 @@ SOFTWARE = "tmrl-worker/0.1"
 FINAL_AT_RELAY = frozenset({"oversized", "malformed"})
 """Reasons for which a relay ``error`` about one of our batches is final: those bytes can never pass. Other relay
 errors (an unregistered sender after a relay restart, say) are about the link: the batch stays spooled."""
+BENIGN_REFUSALS = frozenset({"stale", "duplicate"})
+"""Refusals that say nothing about the data this worker makes now: they neither count towards
+``max_consecutive_refusals`` nor reset the count. ``stale``: a seq below the trainer's dedupe horizon, too old for it
+to tell whether it was stored (docs/protocol.md §5.3.1), i.e. an old batch resent late, e.g. from a durable spool
+after a restart; ``duplicate``: that ``(worker, seq)`` is stored already (the trainer answers it ``duplicate``, not
+``rejected``; a service refusing one with that reason says the same). Every other reason is about the batch's content
+(``schema``: another layout; ``*_out_of_bounds``, ``non_finite``, the relay's ``oversized`` and ``malformed``) or
+about this worker (``unknown_sender``: outside the trainer's ``allowed_workers``): the next batch, made the same way,
+is refused the same way."""
 _POLL_MS = 20
 
 
@@ -65,7 +79,48 @@ class LinkCounters:
     batches_stored: int = 0
     """Batches the trainer answered ``stored`` or ``duplicate`` (delivered)."""
     batches_rejected: int = 0
-    """Batches refused for good (the trainer's ``rejected`` answer, or the relay's ``oversized``): never resent."""
+    """Batches refused for good (the trainer's ``rejected`` answer, or the relay's ``oversized``/``malformed``): never
+    resent."""
+
+
+class RefusalStreak:
+    """Batches refused for good since the last one stored, by reason (:data:`BENIGN_REFUSALS` left out), and the
+    detail of the last: at ``limit`` of them (``WorkerConfig.max_consecutive_refusals``; ``None``: no limit) this
+    worker's data cannot be stored and it gives up. Only ``stored`` ends a streak: a ``duplicate`` answers a resend of
+    a batch stored earlier (perhaps by a trainer configured otherwise), which says nothing about the batches made now."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.reasons: Counter[str] = Counter()
+        self.last_detail = ""
+
+    @property
+    def length(self) -> int:
+        """Batches refused in a row so far."""
+        return sum(self.reasons.values())
+
+    def refused(self, reason: str, batches: int, detail: str) -> bool:
+        """Count ``batches`` refused for ``reason``; True when they make the streak reach the limit."""
+        if reason in BENIGN_REFUSALS or not batches:
+            return False
+        before = self.length
+        self.reasons[reason] += batches
+        self.last_detail = " ".join(detail.split())  # the trainer's detail may span lines; the error is one line
+        return self.limit is not None and before < self.limit <= self.length
+
+    def stored(self) -> None:
+        """A batch was stored: the data this worker makes can be stored, the streak is over."""
+        self.reasons.clear()
+        self.last_detail = ""
+
+    def describe(self, worker_id: str) -> str:
+        """The error a worker that gives up logs: how many, why, the last refusal's detail, what to do."""
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in self.reasons.most_common())
+        return (f"{worker_id}: {self.length} batches in a row were refused for good, none stored in between "
+                f"({reasons}); the last: {self.last_detail}; nothing this worker sends can be stored, so it stops: "
+                "fix what the reason names, in the env (its observation layout, values or rewards) or in the "
+                "trainer's config (layout_file, max_abs_reward, max_abs_observation, allowed_workers), then restart "
+                f"the worker (max_consecutive_refusals = {self.limit})")
 
 
 class RelayLink:
@@ -82,9 +137,14 @@ class RelayLink:
         heartbeat_interval_s: float = 2.0,
         context: zmq.Context | None = None,
         on_weights: Callable[[WeightsUpdate], None] | None = None,
+        max_consecutive_refusals: int | None = None,
+        on_give_up: Callable[[], None] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.on_weights = on_weights
+        self.on_give_up = on_give_up
+        """Called once, on this thread, when ``max_consecutive_refusals`` batches in a row were refused (the
+        worker's stop event's ``set``): must be thread-safe and must not block."""
         self.layout = layout
         self.endpoint = endpoint
         self.sequence = sequence
@@ -93,6 +153,9 @@ class RelayLink:
         self.counters = LinkCounters()
         self.rejects: Counter[str] = Counter()
         """Batches refused for good, by reason."""
+        self.refusals = RefusalStreak(max_consecutive_refusals)
+        """Batches refused in a row (guarded by ``_lock``)."""
+        self._gave_up: str | None = None
         self._inbox: queue.SimpleQueue[tuple[SampleBatchBuilder, int]] = queue.SimpleQueue()
         self._submitted = 0  # builders handed over by submit(); written by the rollout thread only
         self._lock = threading.Lock()  # guards spool + counters against snapshot readers
@@ -129,6 +192,7 @@ class RelayLink:
             values["spool_batches"] = len(self.spool)
             values["spool_bytes"] = self.spool.nbytes
             values.update({f"rejected.{reason}": count for reason, count in self.rejects.items()})
+            values["refused_in_a_row"] = self.refusals.length
         values.update({f"handshake_{k}": v for k, v in asdict(self._client.handshake.counters).items()})
         return values
 
@@ -148,6 +212,13 @@ class RelayLink:
         self._client.stop(timeout)
         if self.failure is not None:
             raise SenderFailure(f"{self.worker_id}: sender thread failed: {self.failure}") from self.failure
+
+    @property
+    def gave_up(self) -> str | None:
+        """The error logged when ``max_consecutive_refusals`` batches in a row were refused for good (the worker
+        then stops with it), else ``None``."""
+        with self._lock:
+            return self._gave_up
 
     @property
     def failure(self) -> BaseException | None:
@@ -226,6 +297,8 @@ class RelayLink:
                 return
             with self._lock:
                 self.counters.batches_stored += self.spool.ack(message.seqs)
+                if message.outcome == "stored":  # not "duplicate": see RefusalStreak
+                    self.refusals.stored()
         elif isinstance(message, Error):
             self.counters.errors_received += 1
             log.warning("%s: relay rejected our %s%s: [%s] %s", self.worker_id, message.ref_type or "message",
@@ -241,14 +314,24 @@ class RelayLink:
             log.warning("%s: unexpected %s from %s on the samples link", self.worker_id, envelope.type, envelope.sender)
 
     def _refused(self, seqs: list[int], reason: str, detail: str) -> None:
-        """Batches refused for good: dropped from the spool, counted by reason, never resent, never counted stored."""
+        """Batches refused for good: dropped from the spool, counted by reason, never resent, never counted stored;
+        the ``max_consecutive_refusals``-th in a row makes the worker give up (once)."""
+        batches = ",".join(map(str, seqs))
         with self._lock:
-            removed = self.spool.refuse(seqs)
+            removed = self.spool.refuse(seqs)  # 0 for a second answer about a batch already dropped: counted once
             self.counters.batches_rejected += removed
             self.rejects[reason] += removed
+            reached = self.refusals.refused(reason, removed, f"batch seq {batches} [{reason}]: {detail}")
+            gives_up = reached and self._gave_up is None  # once: a later streak (after a stored batch) changes nothing
+            if gives_up:
+                self._gave_up = self.refusals.describe(self.worker_id)
         if removed:
-            log.warning("%s: batch seq %s rejected [%s], dropped without resending: %s", self.worker_id,
-                        ",".join(map(str, seqs)), reason, detail)
+            log.warning("%s: batch seq %s rejected [%s], dropped without resending: %s", self.worker_id, batches,
+                        reason, detail)
+        if gives_up:
+            log.error("%s", self._gave_up)
+            if self.on_give_up is not None:
+                self.on_give_up()
 
     def _heartbeat(self) -> Heartbeat:
         with self._lock:

@@ -286,6 +286,17 @@ class RolloutStats:
     """The sender thread's counters at the end (:meth:`RelayLink.snapshot`); empty in test mode."""
 
 
+class BatchesRefused(RuntimeError):
+    """``max_consecutive_refusals`` batches in a row were refused for good, none stored in between: nothing this worker
+    makes can be stored. The worker stopped as on a stop request (env closed, what it sent delivered or left in the
+    spool); the message is the error the sender thread logged, ``stats`` what the run did (``delivery`` counts the
+    refusals by reason)."""
+
+    def __init__(self, message: str, stats: RolloutStats) -> None:
+        super().__init__(message)
+        self.stats = stats
+
+
 class RolloutLoop:
     """Runs episodes, swaps policies between steps, hands filled batches to the sink (see the module docstring)."""
 
@@ -533,10 +544,16 @@ def open_progress_file(config: WorkerConfig) -> ProgressFile:
 def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_if_stuck: bool = False) -> RolloutStats:
     """Build env, sender and weights threads from ``config`` and run the rollout loop until done or ``stop``.
 
+    When ``max_consecutive_refusals`` batches in a row are refused for good, the sender thread sets ``stop`` (one of
+    its own when none is given): the rollout stops, what was sent is delivered (``flush_timeout_s``), and
+    :class:`BatchesRefused` is raised with the error it logged.
+
     ``exit_if_stuck`` (the ``tmrl-worker run`` process, never a library caller: it ends the process): when ``stop``
     is set and the env's current call has not returned ``stop_grace_s`` later, :func:`_end_a_stuck_rollout` delivers
     what was sent and exits with status 1."""
     RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security).check_security()
+    if stop is None:
+        stop = threading.Event()  # still needed: the sender thread sets it when it gives up
     env = make_env(config.env, time_step_duration=config.time_step_duration, max_episode_steps=config.max_episode_steps,
                    options=config.env_options)
     context = zmq.Context()
@@ -563,6 +580,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
             heartbeat_interval_s=config.heartbeat_interval_s,
             context=context,
             on_weights=feed.hand_over if feed is not None else None,
+            max_consecutive_refusals=config.max_consecutive_refusals,
+            on_give_up=stop.set,  # the rollout loop and a waiting env see it as any stop request
         )
         link.start()
         samples_sink = None if config.mode == "test" else link  # a test worker sends no samples
@@ -580,11 +599,10 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
                 raise SenderFailure(f"{config.worker_id}: sender thread failed: {link.failure}")
 
         returned = threading.Event()
-        if stop is not None:
-            env.attach_stop(stop)
-            if exit_if_stuck:
-                threading.Thread(target=_end_a_stuck_rollout, args=(stop, returned, env, link, config),
-                                 name="stop-watchdog", daemon=True).start()
+        env.attach_stop(stop)
+        if exit_if_stuck:
+            threading.Thread(target=_end_a_stuck_rollout, args=(stop, returned, env, link, config),
+                             name="stop-watchdog", daemon=True).start()
         try:
             try:
                 stats = loop.run(max_steps=config.max_steps, stop=stop, health_check=health_check)
@@ -598,6 +616,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
         if link is not None:
             stats.delivery = link.snapshot()
         loop.record_progress(running=False)
+        if link is not None and link.gave_up is not None:
+            raise BatchesRefused(link.gave_up, stats)
         return stats
     finally:
         if progress is not None:
