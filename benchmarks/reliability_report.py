@@ -386,7 +386,9 @@ def render(results: dict, info: dict, command: str) -> str:
 
             out += ["Two honest workers (`sim-fast`, seeds 1 and 2) train one trainer to the same number of updates, "
                     "once alone and once beside a third worker whose env reports rewards of 3e38 and, by episode, "
-                    "LIDAR or speed of 1e30: finite, so well-formed on the wire. The policy published at that update "
+                    "LIDAR or speed of 1e30: finite, so well-formed on the wire. The rogue runs with "
+                    "`max_consecutive_refusals` set out of reach: a reference worker whose batches are all refused "
+                    "stops by itself after 5 in a row, and a rogue would not. The policy published at that update "
                     "count is then driven deterministically on the same reset seeds. The runs are asynchronous, so "
                     "seeds do not make them repeat: three honest runs of 3000 updates on an idle machine returned "
                     "148.7, 175.0 and 228.0 (`tests/reliability/rogue.py`); the check is therefore that the run "

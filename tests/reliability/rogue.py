@@ -117,8 +117,11 @@ def train(root: Path, rogue: bool, updates: int, steps_per_second: float) -> dic
         stack.start_trainer()
         for seed, worker in enumerate(HONEST, start=1):
             stack.start_worker(worker, "--env", "sim-fast", "--seed", str(seed))
-        if rogue:
-            stack.start_worker("rogue", "--env", ROGUE_ENV, "--seed", "9")
+        if rogue:  # a rogue does not give up: an honest worker stops after max_consecutive_refusals refusals in a row
+            rogue_config = root / "rogue.toml"
+            rogue_config.write_text(CONFIG.format(steps_per_second=steps_per_second).replace(
+                "[worker]\n", "[worker]\nmax_consecutive_refusals = 1000000000\n"))
+            stack.start_worker("rogue", "--env", ROGUE_ENV, "--seed", "9", config=rogue_config)
         alive = ("relay", "trainer", *HONEST)
         status = wait_until(lambda: (s := stack.status()).get("updates", 0) >= updates and s, 900, stack,
                             f"{updates} updates", *alive)
