@@ -365,6 +365,16 @@ FAULTY = '''
                 return observation, None, False, {}
             if self.fault == "reward array":
                 return observation, np.array([1.0]), False, {}
+            if self.fault == "reward string":
+                return observation, "1.5", False, {}
+            if self.fault == "reward bool":
+                return observation, True, False, {}
+            if self.fault == "terminated None":
+                return observation, 0.0, None, {}
+            if self.fault == "terminated string":
+                return observation, 0.0, "False", {}
+            if self.fault == "numpy types":  # accepted: numpy's scalars, and 0/1 for terminated
+                return observation, np.float32(0.5), np.int64(0), {}
             if self.fault == "three values":
                 return observation, 0.0, False
             return observation, 0.0, False, {}
@@ -396,6 +406,10 @@ def test_a_reset_that_raises_or_returns_the_wrong_thing_stops_the_env_in_one_lin
     ("extra part", r"returned an observation of 4 part\(s\) at a step; its layout has 3 \(part0, then 2 action"),
     ("reward None", r"returned reward None at a step, which is not one number"),
     ("reward array", r"returned reward array\(\[1.\]\) at a step, which is not one number"),
+    ("reward string", r"returned reward '1.5' at a step, which is not one number \(a str\): return a float$"),
+    ("reward bool", r"returned reward True at a step, which is not one number \(a bool\)"),
+    ("terminated None", r"returned terminated None \(NoneType\) at a step, which is not a bool"),
+    ("terminated string", r"returned terminated 'False' \(str\) at a step, which is not a bool"),
     ("three values", r"Faulty.get_obs_rew_terminated_info returned 3 value\(s\); rtgym expects 4"),
 ])
 def test_a_step_that_returns_the_wrong_thing_stops_the_env_in_one_line(plug_interface, fault, message):
@@ -414,6 +428,55 @@ def test_a_step_that_returns_the_wrong_thing_stops_the_env_in_one_line(plug_inte
         assert time.monotonic() - started < 5.0
     finally:
         handle.close()
+
+
+def test_numpy_rewards_and_a_terminated_of_0_or_1_are_taken_as_a_float_and_a_bool(plug_interface):
+    handle = make_env(f"{plug_interface('faulty_robot', FAULTY)}:Faulty", time_step_duration=0.02,
+                      options={"fault": "numpy types"})
+    try:
+        handle.reset()
+        for _ in range(3):
+            _, reward, terminated, truncated, _ = handle.step(np.zeros(1, np.float32))
+        assert type(reward) is float and reward == 0.5 and terminated is False and truncated is False
+    finally:
+        handle.close()
+
+
+DECLARED_LAYOUTS = '''
+    class DictLayout(Faulty):
+        layout = {"components": [], "action_dim": 1}
+
+    class RaisingLayout(Faulty):
+        def layout(self):
+            raise KeyError("lidar_beams")
+
+    class NoLayout(Faulty):
+        layout = None
+'''
+
+
+@pytest.mark.parametrize(("interface", "message"), [
+    ("DictLayout", r"DictLayout.layout is a dict, not a tmrl_common.layout.ObservationLayout"),
+    ("RaisingLayout", r"RaisingLayout.layout\(\) raised KeyError: 'lidar_beams'"),
+])
+def test_a_declared_layout_that_is_not_an_observation_layout_is_refused_not_ignored(plug_interface, interface, message):
+    """It used to be ignored: the layout was derived from the spaces, and the worker trained without the histories
+    and bounds its author declared."""
+    module = plug_interface("declared_layouts", FAULTY + DECLARED_LAYOUTS)
+    with pytest.raises(EnvSpecError, match=rf"^env '{module}:{interface}': {message}"):
+        make_env(f"{module}:{interface}", time_step_duration=0.02)
+    handle = make_env(f"{module}:NoLayout", time_step_duration=0.02)  # None: declares none, the spaces decide
+    handle.close()
+
+
+def test_an_interface_refusing_the_env_options_says_so_in_one_line_without_the_rtgym_config(plug_interface):
+    """gymnasium re-raises the interface's TypeError with the whole rtgym config (about 15 keys) in its message."""
+    module = plug_interface("faulty_robot", FAULTY)
+    with pytest.raises(EnvSpecError) as raised:
+        make_env(f"{module}:Faulty", time_step_duration=0.02, options={"colour": "red", "fault": "none"})
+    assert str(raised.value) == (f"env '{module}:Faulty': building it failed: TypeError: Faulty.__init__() got an "
+                                 "unexpected keyword argument 'colour' (the interface is given env_options as "
+                                 "keyword arguments: colour, fault)")
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -227,12 +227,27 @@ class EnvHandle:
             terminated, truncated = False, True
         self._action_buffer.append(self.policy_action(action))
         observation = self._env_observation(observation, "a step")
-        try:
-            reward = float(reward)
-        except (TypeError, ValueError) as exc:
-            raise EnvFailure(f"env {self.spec!r} returned reward {reward!r} at a step, which is not one number "
-                             f"({type(exc).__name__}: {exc})") from exc
-        return self._checked(observation, reward, "a step"), reward, bool(terminated), bool(truncated), info
+        reward = self._reward(reward)
+        terminated, truncated = self._flag("terminated", terminated), self._flag("truncated", truncated)
+        return self._checked(observation, reward, "a step"), reward, terminated, truncated, info
+
+    def _reward(self, reward: Any) -> float:
+        """``reward`` as a float when it is one real number, a Python or numpy int or float; else
+        :class:`EnvFailure`. A string, a bool, an array or ``None`` is refused rather than converted (``float`` would
+        read ``"1.5"``, and a bool reward is a bug more often than a choice)."""
+        if isinstance(reward, (bool, np.bool_)) or not isinstance(reward, (int, float, np.integer, np.floating)):
+            raise EnvFailure(f"env {self.spec!r} returned reward {reward!r} at a step, which is not one number (a "
+                             f"{type(reward).__name__}): return a float")
+        return float(reward)
+
+    def _flag(self, name: str, value: Any) -> bool:
+        """``value`` (``terminated`` or ``truncated``) when it is a bool (Python's or numpy's) or an int 0 or 1 (which
+        older envs return); else :class:`EnvFailure`: ``bool(None)`` is False and ``bool("False")`` True, so
+        converting would hide the bug."""
+        if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+            return bool(value)
+        raise EnvFailure(f"env {self.spec!r} returned {name} {value!r} ({type(value).__name__}) at a step, which is "
+                         "not a bool: return True or False")
 
     def attach_stop(self, stop: threading.Event) -> None:
         """Let an rtgym interface that may wait a long time (TrackMania waiting for the game) see ``stop``: it then
@@ -279,13 +294,25 @@ def _component(name: str, box: spaces.Box) -> ObservationComponent:
     return ObservationComponent(name=name, frame_shape=shape, dtype=dtype, low=low, high=high)
 
 
-def _declared_layout(*candidates: Any) -> ObservationLayout | None:
+def _declared_layout(spec: str, *candidates: Any) -> ObservationLayout | None:
+    """The :class:`ObservationLayout` the first of ``candidates`` (an env, an rtgym interface) declares as its
+    ``layout`` attribute or method; ``None`` when none declares one. A declared layout of another type (a dict, a
+    JSON string...) is an :class:`EnvSpecError`: ignoring it would train silently without its histories and bounds."""
     for candidate in candidates:
         layout = getattr(candidate, "layout", None)
         if callable(layout):
-            layout = layout()
-        if isinstance(layout, ObservationLayout):
-            return layout
+            try:
+                layout = layout()
+            except Exception as exc:  # noqa: BLE001 - the env's own code
+                raise EnvSpecError(f"env {spec!r}: {type(candidate).__name__}.layout() raised {type(exc).__name__}: "
+                                   f"{one_line_message(exc)}") from exc
+        if layout is None:
+            continue
+        if not isinstance(layout, ObservationLayout):
+            raise EnvSpecError(f"env {spec!r}: {type(candidate).__name__}.layout is a {type(layout).__name__}, not a "
+                               "tmrl_common.layout.ObservationLayout (build one, e.g. ObservationLayout.model_validate("
+                               "...), or remove the attribute to derive the layout from the observation space)")
+        return layout
     return None
 
 
@@ -319,6 +346,10 @@ def rtgym_config(interface: type, time_step_duration: float = 0.05, max_episode_
         wait_on_done=True,
     )
     return config
+
+
+GYMNASIUM_REWRAPPED = " was raised from the environment creator for "
+"""How ``gymnasium.make`` extends the message of a ``TypeError`` out of an env's constructor (then the whole config)."""
 
 
 class InterfaceReturnError(TypeError):
@@ -403,13 +434,22 @@ def _rtgym_env(spec: str, config: dict, setup_errors: tuple[type[BaseException],
         hint = ""
         if isinstance(exc, AttributeError) and "spaces" in str(exc):
             hint = " (an rtgym interface's get_observation_space returns a gymnasium.spaces.Tuple of Boxes)"
-        raise EnvSpecError(f"env {spec!r}: building it failed: {type(exc).__name__}: {exc}{hint}") from exc
+        if isinstance(exc, TypeError) and GYMNASIUM_REWRAPPED in str(exc):
+            # gymnasium re-raised the interface's TypeError with the whole rtgym config in its message: say only
+            # what the interface said, and the keyword arguments it was given (the worker's env_options)
+            original = exc.__context__ if isinstance(exc.__context__, TypeError) else exc
+            message = str(original).split(GYMNASIUM_REWRAPPED)[0]
+            given = ", ".join(sorted(config.get("interface_kwargs") or {})) or "none"
+            raise EnvSpecError(f"env {spec!r}: building it failed: TypeError: {one_line_message(TypeError(message))} "
+                               f"(the interface is given env_options as keyword arguments: {given})") from exc
+        raise EnvSpecError(f"env {spec!r}: building it failed: {type(exc).__name__}: {one_line_message(exc)}"
+                           f"{hint}") from exc
 
 
 def _make_rtgym(spec: str, config: dict, setup_errors: tuple[type[BaseException], ...] = ()) -> EnvHandle:
     env = _rtgym_env(spec, config, setup_errors)
     interface = env.unwrapped.interface
-    layout = _declared_layout(interface, env.unwrapped) or layout_from_spaces(
+    layout = _declared_layout(spec, interface, env.unwrapped) or layout_from_spaces(
         env.observation_space, env.action_space, action_history=config["act_buf_len"] if config["act_in_obs"] else 0
     )
     return EnvHandle(spec=spec, env=env, layout=layout, realtime=True, expert=_expert_of(interface),
@@ -463,7 +503,7 @@ def _make_gym(spec: str, gym_id: str, max_episode_steps: int | None, options: di
         raise EnvSpecError(f"env {spec!r}: {gym_id!r} needs a package that is not installed: {exc}") from exc
     except TypeError as exc:
         raise EnvSpecError(f"env {spec!r}: {gym_id!r} does not accept the options {sorted(options)}: {exc}") from exc
-    layout = _declared_layout(env.unwrapped)
+    layout = _declared_layout(spec, env.unwrapped)
     wrap = layout is None and isinstance(env.observation_space, spaces.Box)
     if layout is None:
         layout = layout_from_spaces(env.observation_space, env.action_space)
