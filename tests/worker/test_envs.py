@@ -479,6 +479,75 @@ def test_an_interface_refusing_the_env_options_says_so_in_one_line_without_the_r
                                  "keyword arguments: colour, fault)")
 
 
+HISTORIES = '''
+    from collections import deque
+
+    from tmrl_common.layout import ObservationComponent, ObservationLayout
+
+
+    class Stacked(OneActionInterface):
+        """Three frames of two values, oldest first, as the layout declares: the reset frame repeated at a reset,
+        shifted by one each step (``stacking="right"``), or stacked otherwise."""
+
+        def __init__(self, stacking="right"):
+            self.stacking, self.count = stacking, 0
+
+        def layout(self):
+            return ObservationLayout(components=[ObservationComponent(name="frames", frame_shape=[2], history=3)],
+                                     action_dim=1, action_history=2)
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-1e6, 1e6, (3, 2), np.float32),))
+
+        def _frame(self):
+            self.count += 1
+            return np.full(2, self.count, dtype=np.float32)
+
+        def reset(self, seed=None, options=None):
+            first = self._frame()
+            self.frames = deque([np.zeros(2, np.float32) if self.stacking == "zero padding" else first] * 2 + [first],
+                                maxlen=3)
+            return [np.stack(self.frames)], {}
+
+        def get_obs_rew_terminated_info(self):
+            if self.stacking == "two frames a step":  # captured twice as often as it steps: the history moves by two
+                self.frames.append(self._frame())
+            self.frames.append(self._frame())
+            return [np.stack(self.frames)], 0.0, False, {}
+'''
+
+
+@pytest.mark.parametrize(("stacking", "when", "rule"), [
+    ("zero padding", "the reset", "every frame the reset's"),
+    ("two frames a step", "a step", "the previous step's frames shifted by one"),
+])
+def test_a_history_that_does_not_shift_frame_by_frame_stops_the_env_naming_the_part(plug_interface, stacking, when,
+                                                                                     rule):
+    """Only each step's newest frame is sent and the trainer rebuilds the history from them: a history stacked
+    otherwise used to be learned from silently as other observations than the policy acted on."""
+    from tmrl_worker.envs import EnvFailure
+
+    module = plug_interface("stacked_robot", HISTORIES)
+    handle = make_env(f"{module}:Stacked", time_step_duration=0.02, options={"stacking": stacking})
+    try:
+        with pytest.raises(EnvFailure, match=rf"returned observation part 'frames' at {when} with frames that are not "
+                                             rf"{rule}"):
+            handle.reset()
+            for _ in range(3):
+                handle.step(np.zeros(1, np.float32))
+    finally:
+        handle.close()
+    handle = make_env(f"{module}:Stacked", time_step_duration=0.02)  # kept as the layout says: runs
+    try:
+        for _ in range(2):
+            handle.reset()
+            for _ in range(5):
+                observation, *_ = handle.step(np.zeros(1, np.float32))
+        assert observation[0].shape == (3, 2) and observation[0][2, 0] - observation[0][0, 0] == 2.0
+    finally:
+        handle.close()
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"default_action_size": 3}, r"default action has 3 value\(s\), its action space .* has 1"),
 ])

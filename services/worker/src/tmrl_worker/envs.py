@@ -114,6 +114,10 @@ class EnvHandle:
         self._action_buffer: deque = deque(maxlen=self.layout.action_history)
         self._part_names = [component.name for component in self.layout.components]
         """The observation parts :meth:`_checked` checks, by name (the action buffer's parts follow them)."""
+        self._histories = [index for index, component in enumerate(self.layout.components) if component.history > 1]
+        """The parts that hold a history of frames, whose shifting :meth:`_check_histories` checks."""
+        self._previous_histories: dict[int, np.ndarray] = {}
+        """Those parts as the last reset or step returned them."""
         self._interface = getattr(self.env.unwrapped, "interface", None)
         """The rtgym interface (``None`` for other envs), whose guard :meth:`step` asks after every step."""
 
@@ -189,10 +193,11 @@ class EnvHandle:
         finally:
             self.in_call = None
 
-    def _checked(self, observation: tuple, reward: float, when: str) -> tuple:
+    def _checked(self, observation: tuple, reward: float, when: str, ends_episode: bool = False) -> tuple:
         """``observation``, after checking that it has the layout's parts and shapes, and that it and ``reward``
         hold no NaN or infinity: a value that breaks either would make every batch holding it be refused, so the env
-        cannot go on (:class:`EnvFailure`, naming the part)."""
+        cannot go on (:class:`EnvFailure`, naming the part). Parts holding a history of frames are checked to follow
+        the layout's rule (:meth:`_check_histories`), except in the observation that ends an episode."""
         expected = len(self.layout.components) + self.layout.action_history
         if len(observation) != expected:
             raise EnvFailure(f"env {self.spec!r} returned an observation of {len(observation)} part(s) at {when}; its "
@@ -210,7 +215,30 @@ class EnvHandle:
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 raise EnvFailure(f"env {self.spec!r} returned NaN or infinite values in observation part "
                                  f"{name!r} at {when}: fix or clip the env's observation")
+        if not ends_episode:  # no action is taken on a last observation (a lost game's repeats the one before)
+            self._check_histories(observation, when)
         return observation
+
+    def _check_histories(self, observation: tuple, when: str) -> None:
+        """Check the layout's rule for a part holding a history of frames, oldest first: at a reset every frame is
+        the reset's, and each step drops the oldest and appends one. Only the newest frame of a step is sent, and the
+        trainer rebuilds each history by that rule, so a part that breaks it (frames skipped, stacked otherwise,
+        padded with zeros) would be learned from as other observations than the policy acted on:
+        :class:`EnvFailure`, naming the part."""
+        reset = when == "the reset"
+        for index in self._histories:
+            frames = np.asarray(observation[index])
+            follows = (frames[:-1] == frames[-1]).all() if reset else (
+                index in self._previous_histories and (frames[:-1] == self._previous_histories[index][1:]).all())
+            if not follows:
+                rule = ("every frame the reset's (its first frame repeated)" if reset
+                        else "the previous step's frames shifted by one, the new frame last")
+                raise EnvFailure(f"env {self.spec!r} returned observation part {self._part_names[index]!r} at {when} "
+                                 f"with frames that are not {rule}: the layout declares it a history of "
+                                 f"{len(frames)} frames, which the trainer rebuilds by that rule from the newest "
+                                 "frame of each step; keep the history that way, or declare history 1 and the "
+                                 "whole stack as its frame")
+            self._previous_histories[index] = frames.copy()
 
     def step(self, action: np.ndarray) -> tuple[tuple, float, bool, bool, dict]:
         """Apply a policy action in [-1, 1]; return ``(observation tuple, reward, terminated, truncated, info)``.
@@ -229,7 +257,8 @@ class EnvHandle:
         observation = self._env_observation(observation, "a step")
         reward = self._reward(reward)
         terminated, truncated = self._flag("terminated", terminated), self._flag("truncated", truncated)
-        return self._checked(observation, reward, "a step"), reward, terminated, truncated, info
+        return (self._checked(observation, reward, "a step", ends_episode=terminated or truncated), reward, terminated,
+                truncated, info)
 
     def _reward(self, reward: Any) -> float:
         """``reward`` as a float when it is one real number, a Python or numpy int or float; else
