@@ -375,6 +375,8 @@ FAULTY = '''
                 return observation, 0.0, "False", {}
             if self.fault == "numpy types":  # accepted: numpy's scalars, and 0/1 for terminated
                 return observation, np.float32(0.5), np.int64(0), {}
+            if self.fault == "0-d array":  # accepted: one number
+                return observation, np.array(0.5), np.bool_(False), {}
             if self.fault == "three values":
                 return observation, 0.0, False
             return observation, 0.0, False, {}
@@ -430,9 +432,10 @@ def test_a_step_that_returns_the_wrong_thing_stops_the_env_in_one_line(plug_inte
         handle.close()
 
 
-def test_numpy_rewards_and_a_terminated_of_0_or_1_are_taken_as_a_float_and_a_bool(plug_interface):
+@pytest.mark.parametrize("fault", ["numpy types", "0-d array"])
+def test_numpy_rewards_and_a_terminated_of_0_or_1_are_taken_as_a_float_and_a_bool(plug_interface, fault):
     handle = make_env(f"{plug_interface('faulty_robot', FAULTY)}:Faulty", time_step_duration=0.02,
-                      options={"fault": "numpy types"})
+                      options={"fault": fault})
     try:
         handle.reset()
         for _ in range(3):

@@ -261,9 +261,11 @@ class EnvHandle:
                 truncated, info)
 
     def _reward(self, reward: Any) -> float:
-        """``reward`` as a float when it is one real number, a Python or numpy int or float; else
-        :class:`EnvFailure`. A string, a bool, an array or ``None`` is refused rather than converted (``float`` would
-        read ``"1.5"``, and a bool reward is a bug more often than a choice)."""
+        """``reward`` as a float when it is one real number: a Python or numpy int or float, or a 0-d numpy array of
+        one; else :class:`EnvFailure`. A string, a bool, an array of values or ``None`` is refused rather than
+        converted (``float`` would read ``"1.5"``, and a bool reward is a bug more often than a choice)."""
+        if isinstance(reward, np.ndarray) and reward.ndim == 0 and reward.dtype.kind in "iuf":
+            reward = reward[()]
         if isinstance(reward, (bool, np.bool_)) or not isinstance(reward, (int, float, np.integer, np.floating)):
             raise EnvFailure(f"env {self.spec!r} returned reward {reward!r} at a step, which is not one number (a "
                              f"{type(reward).__name__}): return a float")
