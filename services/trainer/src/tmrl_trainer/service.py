@@ -26,9 +26,10 @@ updates are counted (``learner.updates_rejected`` in ``status.json``, ``updates_
 ``metrics.jsonl`` and TensorBoard) and logged at most every 10 s. Weights holding an inf or a NaN are never published
 nor checkpointed (refused, counted as ``publishes_refused`` / ``checkpoints_refused``, logged). On resume, a checkpoint
 that cannot be read or holds non-finite tensors is refused with an error naming it, renamed ``<name>.refused`` (kept
-for inspection, never tried again; its replay memory file likewise) and the previous one is used; with none left the trainer starts from scratch. A
-checkpoint written for another architecture or SAC config still stops the trainer (a configuration error, not
-damage). Learning rates: the config's, not the checkpoint's (a change is logged).
+for inspection, never tried again; its replay memory file likewise) and the previous one is used; with none left the
+trainer starts from scratch. A checkpoint written for another architecture or SAC config whose tensors do not fit
+still stops the trainer (a configuration error, not damage). Settings: the config's, not the checkpoint's (the
+changes are logged in one warning). On a full disk, all checkpoints but the newest are deleted to make room.
 
 Replay memory across restarts:
 
