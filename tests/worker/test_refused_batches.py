@@ -36,14 +36,19 @@ class LinkUnderTest:
     """A real :class:`RelayLink` (``max_consecutive_refusals = 3``) to a relay stand-in; :meth:`send_one` hands it a
     batch and answers it as told."""
 
-    def __init__(self, context, tmp_path) -> None:
+    def __init__(self, context, tmp_path, earlier_batches: int = 0) -> None:
+        """``earlier_batches``: batches of an earlier run already in the spool (a durable spool's after a restart)."""
         self.relay = FakeRelay(context)
         self.give_ups = 0
         transport = TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200, linger_ms=0)
+        sequence, spool = SequenceCounter(tmp_path, "w-test"), Spool(100, 10_000_000, owner="w-test")
+        for _ in range(earlier_batches):
+            batch = filled_builder(3).build(seq=sequence.take(), weights_version=0)
+            spool.add(batch.seq, encode(batch, "w-test"))
         self.link = RelayLink(
             worker_id="w-test", layout=LAYOUT,
             endpoint=RelayEndpoint("127.0.0.1", self.relay.port, transport, SecurityConfig(insecure=True)),
-            sequence=SequenceCounter(tmp_path, "w-test"), spool=Spool(100, 10_000_000, owner="w-test"),
+            sequence=sequence, spool=spool,
             ack_timeout_s=60.0, context=context, max_consecutive_refusals=3, on_give_up=self._gave_up,
         )
         self.link.start()
@@ -122,6 +127,25 @@ def test_stale_refusals_and_duplicate_answers_neither_count_nor_end_a_refusal_st
     assert under_test.give_ups == 1
     assert "3 batches in a row" in under_test.link.gave_up and "(schema: 3)" in under_test.link.gave_up
 
+
+
+def test_refusals_of_an_earlier_runs_batches_resent_from_the_spool_do_not_count_towards_the_streak(context, tmp_path):
+    """A worker restarted after its cause was fixed first resends what its durable spool kept; those old batches are
+    refused again, which says nothing about the data it makes now."""
+    under_test = LinkUnderTest(context, tmp_path, earlier_batches=4)
+    try:
+        for _ in range(4):
+            seq = under_test.relay.receive_type(SampleBatch)[2].seq
+            answer(under_test.relay, under_test.routing_id, seq, "rejected", "schema", "another layout")
+        wait_for(lambda: under_test.link.snapshot()["acks_received"] == 4)
+        snapshot = under_test.link.snapshot()
+        assert snapshot["batches_rejected"] == snapshot["rejected.schema"] == 4 and snapshot["refused_in_a_row"] == 0
+        assert under_test.link.gave_up is None
+        for _ in range(3):
+            under_test.send_one("rejected", "schema", "another layout")
+        assert under_test.give_ups == 1 and "(schema: 3)" in under_test.link.gave_up
+    finally:
+        under_test.close()
 
 # ---------------------------------------------------------------------------------------------- the whole worker
 

@@ -81,8 +81,8 @@ class WorkerConfig(BaseModel):
     a worker outside its ``allowed_workers``...) or by the relay (``oversized``, ``malformed``). Such a worker's data
     can never be stored, so it logs one error naming the reasons and what to fix, delivers what it can
     (``flush_timeout_s``; what stays unacknowledged stays in the spool) and exits with status 1. Refusals as
-    ``stale`` or ``duplicate`` (late resends of batches the trainer may have stored) neither count nor reset the
-    count."""
+    ``stale`` or ``duplicate`` (late resends of batches the trainer may have stored), and refusals of batches an
+    earlier run made (a durable spool's), neither count nor reset the count."""
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     flush_timeout_s: float = Field(default=10.0, ge=0)
     """At shutdown, wait this long for the last batches to be acknowledged."""

@@ -155,6 +155,9 @@ class RelayLink:
         """Batches refused for good, by reason."""
         self.refusals = RefusalStreak(max_consecutive_refusals)
         """Batches refused in a row (guarded by ``_lock``)."""
+        self._first_seq_of_run = sequence.next_seq
+        """Batches below it were made by an earlier run (a durable spool's, resent after a restart): their refusals
+        are counted by reason but say nothing about the data made now, so they do not lengthen the streak."""
         self._gave_up: str | None = None
         self._inbox: queue.SimpleQueue[tuple[SampleBatchBuilder, int]] = queue.SimpleQueue()
         self._submitted = 0  # builders handed over by submit(); written by the rollout thread only
@@ -317,11 +320,13 @@ class RelayLink:
         """Batches refused for good: dropped from the spool, counted by reason, never resent, never counted stored;
         the ``max_consecutive_refusals``-th in a row makes the worker give up (once)."""
         batches = ",".join(map(str, seqs))
-        with self._lock:
-            removed = self.spool.refuse(seqs)  # 0 for a second answer about a batch already dropped: counted once
+        this_run = [seq for seq in seqs if seq >= self._first_seq_of_run]
+        with self._lock:  # refuse() is 0 for a second answer about a batch already dropped: counted once
+            removed_this_run = self.spool.refuse(this_run) if this_run else 0
+            removed = removed_this_run + self.spool.refuse([seq for seq in seqs if seq < self._first_seq_of_run])
             self.counters.batches_rejected += removed
             self.rejects[reason] += removed
-            reached = self.refusals.refused(reason, removed, f"batch seq {batches} [{reason}]: {detail}")
+            reached = self.refusals.refused(reason, removed_this_run, f"batch seq {batches} [{reason}]: {detail}")
             gives_up = reached and self._gave_up is None  # once: a later streak (after a stored batch) changes nothing
             if gives_up:
                 self._gave_up = self.refusals.describe(self.worker_id)
