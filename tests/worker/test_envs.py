@@ -282,7 +282,8 @@ def test_an_interface_raising_on_rtgyms_thread_stops_the_episode_with_env_failur
 @pytest.mark.parametrize(("spec", "options", "message"), [
     ("raises_on_import:Anything", {}, r"importing module 'raises_on_import' failed: RuntimeError: calibration file"),
     ("failing_robot:RaisesWhenBuilt", {}, r"building it failed: RuntimeError: no such device /dev/ttyUSB0"),
-    ("failing_robot:Sensor", {"gain_typo": 2}, r"building it failed: TypeError: .*unexpected keyword argument 'gain_typo'"),
+    ("failing_robot:Sensor", {"gain_typo": 2}, r"building interface Sensor raised TypeError: .*unexpected keyword "
+                                               r"argument 'gain_typo'"),
     ("failing_robot:BareBoxObservation", {}, r"get_observation_space returns a gymnasium.spaces.Tuple"),
 ])
 def test_an_interface_that_cannot_be_imported_or_built_is_one_env_spec_error(failing_module, spec, options, message):
@@ -369,6 +370,12 @@ FAULTY = '''
                 return observation, "1.5", False, {}
             if self.fault == "reward bool":
                 return observation, True, False, {}
+            if self.fault == "reward complex":
+                return observation, 1 + 2j, False, {}
+            if self.fault == "reward 2-d array":
+                return observation, np.zeros((4, 30)), False, {}
+            if self.fault == "terminated array":  # rtgym's `if not terminated` raised on it, naming no value
+                return observation, 0.0, np.array([False, True]), {}
             if self.fault == "terminated None":
                 return observation, 0.0, None, {}
             if self.fault == "terminated string":
@@ -406,12 +413,17 @@ def test_a_reset_that_raises_or_returns_the_wrong_thing_stops_the_env_in_one_lin
 @pytest.mark.parametrize(("fault", "message"), [
     ("step shape", r"returned observation part 'part0' of shape \(3, 2\) at a step; its layout declares \(2,\)"),
     ("extra part", r"returned an observation of 4 part\(s\) at a step; its layout has 3 \(part0, then 2 action"),
-    ("reward None", r"returned reward None at a step, which is not one number"),
-    ("reward array", r"returned reward array\(\[1.\]\) at a step, which is not one number"),
-    ("reward string", r"returned reward '1.5' at a step, which is not one number \(a str\): return a float$"),
-    ("reward bool", r"returned reward True at a step, which is not one number \(a bool\)"),
-    ("terminated None", r"returned terminated None \(NoneType\) at a step, which is not a bool"),
-    ("terminated string", r"returned terminated 'False' \(str\) at a step, which is not a bool"),
+    ("reward None", r"Faulty.get_obs_rew_terminated_info returned reward None, which is not one number"),
+    ("reward array", r"returned reward array\(\[1.\]\), which is not one number \(a numpy array of shape \(1,\)\)"),
+    ("reward string", r"returned reward '1.5', which is not one number \(a str\): return a float$"),
+    ("reward bool", r"returned reward True, which is not one number \(a bool\)"),
+    ("reward complex", r"returned reward \(1\+2j\), which is not one number \(a complex\)"),
+    ("reward 2-d array", r"returned reward array\(\[\[0\., 0\., 0\.,.{30,50}\.\.\., which is not one number \(a numpy "
+                         r"array of shape \(4, 30\)\): return a float$"),
+    ("terminated None", r"returned terminated None \(a NoneType\), which is not a bool"),
+    ("terminated string", r"returned terminated 'False' \(a str\), which is not a bool"),
+    ("terminated array", r"Faulty.get_obs_rew_terminated_info returned terminated array\(\[False, True\]\) \(a numpy "
+                         r"array of shape \(2,\)\), which is not a bool: return True or False$"),
     ("three values", r"Faulty.get_obs_rew_terminated_info returned 3 value\(s\); rtgym expects 4"),
 ])
 def test_a_step_that_returns_the_wrong_thing_stops_the_env_in_one_line(plug_interface, fault, message):
@@ -455,12 +467,24 @@ DECLARED_LAYOUTS = '''
 
     class NoLayout(Faulty):
         layout = None
+
+    class MethodReturningAString(Faulty):
+        def layout(self):
+            return '{"components": [], "action_dim": 1}'
+
+    class PropertyRaising(Faulty):
+        @property
+        def layout(self):
+            raise FileNotFoundError("layout.json")
 '''
 
 
 @pytest.mark.parametrize(("interface", "message"), [
     ("DictLayout", r"DictLayout.layout is a dict, not a tmrl_common.layout.ObservationLayout"),
     ("RaisingLayout", r"RaisingLayout.layout\(\) raised KeyError: 'lidar_beams'"),
+    ("MethodReturningAString", r"MethodReturningAString.layout\(\) returned a str, not a tmrl_common.layout."
+                               r"ObservationLayout \(build one"),
+    ("PropertyRaising", r"PropertyRaising.layout raised FileNotFoundError: layout.json$"),
 ])
 def test_a_declared_layout_that_is_not_an_observation_layout_is_refused_not_ignored(plug_interface, interface, message):
     """It used to be ignored: the layout was derived from the spaces, and the worker trained without the histories
@@ -477,9 +501,103 @@ def test_an_interface_refusing_the_env_options_says_so_in_one_line_without_the_r
     module = plug_interface("faulty_robot", FAULTY)
     with pytest.raises(EnvSpecError) as raised:
         make_env(f"{module}:Faulty", time_step_duration=0.02, options={"colour": "red", "fault": "none"})
-    assert str(raised.value) == (f"env '{module}:Faulty': building it failed: TypeError: Faulty.__init__() got an "
-                                 "unexpected keyword argument 'colour' (the interface is given env_options as "
-                                 "keyword arguments: colour, fault)")
+    assert str(raised.value) == (f"env '{module}:Faulty': building interface Faulty raised TypeError: "
+                                 "Faulty.__init__() got an unexpected keyword argument 'colour' (its keyword "
+                                 "arguments, from env_options: colour, fault)")
+
+
+def test_an_interface_raising_its_own_type_error_on_an_option_is_named_with_the_option_names(plug_interface):
+    """Its own message names no class (unlike Python's "Faulty.__init__() got an unexpected keyword argument"),
+    and the values given stay out of the line (a device or a reward object prints as many lines)."""
+    module = plug_interface("picky_robot", FAULTY + '''
+    class Picky(Faulty):
+        def __init__(self, gain=1.0, fault="none"):
+            if not isinstance(gain, float):
+                raise TypeError(f"gain must be a float,\\n got {type(gain).__name__}")
+            super().__init__(fault)
+    ''')
+    with pytest.raises(EnvSpecError) as raised:
+        make_env(f"{module}:Picky", time_step_duration=0.02, options={"gain": "high\nvery", "fault": "none"})
+    assert str(raised.value) == (f"env '{module}:Picky': building interface Picky raised TypeError: gain must be a "
+                                 "float, got str (its keyword arguments, from env_options: fault, gain)")
+
+
+def test_a_gymnasium_env_refusing_the_options_is_named_without_their_values():
+    with pytest.raises(EnvSpecError) as raised:
+        make_env("gym:Pendulum-v1", options={"colour": "red", "g": 9.81})
+    assert str(raised.value) == ("env 'gym:Pendulum-v1': 'Pendulum-v1' does not accept the options ['colour', 'g']: "
+                                 "PendulumEnv.__init__() got an unexpected keyword argument 'colour'")
+
+
+FAULTY_GYM = '''
+    import gymnasium
+
+
+    class FaultyGym(gymnasium.Env):
+        """A plain gymnasium env (no rtgym guard in front of it): EnvHandle's own checks see what it returns."""
+
+        observation_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
+        action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+        def __init__(self, fault="none"):
+            self.fault = fault
+
+        def reset(self, seed=None, options=None):
+            if self.fault == "reset returns the observation alone":  # the old gym API
+                return np.zeros(3, np.float32)
+            return np.zeros(3, np.float32), {}
+
+        def step(self, action):
+            observation = np.zeros(3, np.float32)
+            if self.fault == "terminated array":
+                return observation, 0.0, np.array([False, True]), False, {}
+            if self.fault == "truncated None":
+                return observation, 0.0, False, None, {}
+            if self.fault == "reward string":
+                return observation, "1.5", False, False, {}
+            if self.fault == "numpy types":  # accepted, as from an interface
+                return observation, np.float64(0.5), np.bool_(False), 0, {}
+            return observation, 0.0, False, False, {}
+'''
+
+
+@pytest.fixture
+def faulty_gym(plug_interface):
+    import gymnasium
+
+    module = plug_interface("faulty_gym_env", FAULTY_GYM)
+    gymnasium.register("tmrl-test/FaultyGym-v0", entry_point=f"{module}:FaultyGym", disable_env_checker=True)
+    yield "gym:tmrl-test/FaultyGym-v0"
+    gymnasium.registry.pop("tmrl-test/FaultyGym-v0", None)
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    ("reset returns the observation alone", r"its reset returned a numpy array of shape \(3,\); gymnasium expects 2: "
+                                            r"\(observation, info\)$"),
+    ("terminated array", r"terminated array\(\[False, True\]\) \(a numpy array of shape \(2,\)\), which is not a bool"),
+    ("truncated None", r"truncated None .*which is not a bool"),
+    ("reward string", r"reward '1.5'.* which is not one number \(a str\)"),
+])
+def test_a_gymnasium_env_returning_the_wrong_thing_stops_in_one_line_as_an_interface_does(faulty_gym, fault, message):
+    """The array of flags used to raise ValueError out of EnvHandle.step (a traceback), as did unpacking an
+    observation of three values returned alone by reset."""
+    from tmrl_worker.envs import EnvFailure
+
+    handle = make_env(faulty_gym, options={"fault": fault})
+    try:
+        with pytest.raises(EnvFailure, match=rf"^env '{faulty_gym}'.*{message}") as raised:
+            handle.reset()
+            handle.step(np.zeros(1, np.float32))
+        assert "\n" not in str(raised.value)
+    finally:
+        handle.close()
+    handle = make_env(faulty_gym, options={"fault": "numpy types"})
+    try:
+        handle.reset()
+        _, reward, terminated, truncated, _ = handle.step(np.zeros(1, np.float32))
+        assert type(reward) is float and reward == 0.5 and terminated is False and truncated is False
+    finally:
+        handle.close()
 
 
 HISTORIES = '''

@@ -64,6 +64,45 @@ class EnvSpecError(ValueError):
     """An ``env`` spec cannot be turned into an environment; the message says which specs exist and what failed."""
 
 
+class ReturnedValueError(TypeError):
+    """A reward or a ``terminated``/``truncated`` an env returned is not of a type tmrl takes; the message names the
+    value, its type and what to return instead."""
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one line, cut at ``limit`` characters (an array's repr spans lines)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def _kind(value: Any) -> str:
+    """``value``'s type name, with its shape when it is an array."""
+    return f"numpy array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+
+
+def _one_number(reward: Any) -> float:
+    """``reward`` as a float when it is one real number: a Python or numpy int or float, or a 0-d numpy array of
+    one; else :class:`ReturnedValueError`. A string, a bool, a complex, an array of values (even of one: a
+    vectorised env's reward, wrongly unwrapped) or ``None`` is refused rather than converted (``float`` would read
+    ``"1.5"``, and a bool reward is a bug more often than a choice)."""
+    if isinstance(reward, np.ndarray) and reward.ndim == 0 and reward.dtype.kind in "iuf":
+        reward = reward[()]
+    if isinstance(reward, (bool, np.bool_)) or not isinstance(reward, (int, float, np.integer, np.floating)):
+        raise ReturnedValueError(f"reward {_shown(reward)}, which is not one number (a {_kind(reward)}): "
+                                 "return a float")
+    return float(reward)
+
+
+def _one_flag(name: str, value: Any) -> bool:
+    """``value`` (``terminated`` or ``truncated``) as a bool when it is one (Python's or numpy's) or an int 0 or 1:
+    envs written for the old gym API return ``done`` as 0/1 (gymnasium's own checker only warns), and 0/1 cannot
+    mean anything but False/True. Anything else is :class:`ReturnedValueError`: ``bool(None)`` is False and
+    ``bool("False")`` True, so converting would hide the bug, and an array of flags has no truth value."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise ReturnedValueError(f"{name} {_shown(value)} (a {_kind(value)}), which is not a bool: return True or False")
+
+
 def _spec_help() -> str:
     return "valid specs: " + ", ".join((*SIM_SPECS, *TM20_SPECS, "module:Class", "gym:<gymnasium id>"))
 
@@ -162,7 +201,8 @@ class EnvHandle:
     def reset(self, seed: int | None = None) -> tuple:
         for hook in self.reset_hooks:
             hook()
-        observation, _info = self._call_env("reset", self.env.reset, seed=seed)
+        observation, _info = self._unpacked("reset", self._call_env("reset", self.env.reset, seed=seed),
+                                            "(observation, info)")
         self._action_buffer.extend([self._default_action] * self.layout.action_history)
         return self._checked(self._env_observation(observation, "the reset"), 0.0, "the reset")
 
@@ -246,39 +286,33 @@ class EnvHandle:
         An rtgym interface can only end an episode through ``terminated``; one that ends it for a reason outside the
         task (the game's plugin or window went away) also sets ``info[TRUNCATED_REASON]``, and the step is then
         reported as truncated, so the trainer bootstraps through it instead of learning a false terminal state."""
-        observation, reward, terminated, truncated, info = self._call_env("step", self.env.step,
-                                                                          self.to_env_action(action))
+        observation, reward, terminated, truncated, info = self._unpacked(
+            "step", self._call_env("step", self.env.step, self.to_env_action(action)),
+            "(observation, reward, terminated, truncated, info)")
         failure = getattr(self._interface, "rtgym_thread_failure", None)
         if failure is not None:  # the interface failed on rtgym's thread (_guarded_interface): it cannot go on
             raise EnvFailure(f"env {self.spec!r}: {failure}")
+        try:  # before anything tests them: `if terminated` raises on an array of flags, and is True for "False"
+            reward = _one_number(reward)
+            terminated, truncated = _one_flag("terminated", terminated), _one_flag("truncated", truncated)
+        except ReturnedValueError as exc:
+            raise EnvFailure(f"env {self.spec!r}: its step returned {exc}") from exc
         if terminated and isinstance(info, dict) and info.get(TRUNCATED_REASON):
             terminated, truncated = False, True
         self._action_buffer.append(self.policy_action(action))
         observation = self._env_observation(observation, "a step")
-        reward = self._reward(reward)
-        terminated, truncated = self._flag("terminated", terminated), self._flag("truncated", truncated)
         return (self._checked(observation, reward, "a step", ends_episode=terminated or truncated), reward, terminated,
                 truncated, info)
 
-    def _reward(self, reward: Any) -> float:
-        """``reward`` as a float when it is one real number: a Python or numpy int or float, or a 0-d numpy array of
-        one; else :class:`EnvFailure`. A string, a bool, an array of values or ``None`` is refused rather than
-        converted (``float`` would read ``"1.5"``, and a bool reward is a bug more often than a choice)."""
-        if isinstance(reward, np.ndarray) and reward.ndim == 0 and reward.dtype.kind in "iuf":
-            reward = reward[()]
-        if isinstance(reward, (bool, np.bool_)) or not isinstance(reward, (int, float, np.integer, np.floating)):
-            raise EnvFailure(f"env {self.spec!r} returned reward {reward!r} at a step, which is not one number (a "
-                             f"{type(reward).__name__}): return a float")
-        return float(reward)
-
-    def _flag(self, name: str, value: Any) -> bool:
-        """``value`` (``terminated`` or ``truncated``) when it is a bool (Python's or numpy's) or an int 0 or 1 (which
-        older envs return); else :class:`EnvFailure`: ``bool(None)`` is False and ``bool("False")`` True, so
-        converting would hide the bug."""
-        if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
-            return bool(value)
-        raise EnvFailure(f"env {self.spec!r} returned {name} {value!r} ({type(value).__name__}) at a step, which is "
-                         "not a bool: return True or False")
+    def _unpacked(self, call: str, result: Any, expected: str) -> tuple:
+        """``result`` of the env's ``call`` when it is a tuple (or list) of as many values as ``expected`` names;
+        else :class:`EnvFailure`: unpacking it would raise out of the rollout loop with a traceback (an env written
+        for the old gym API returns the observation alone from reset, four values from step)."""
+        count = expected.count(",") + 1
+        if not isinstance(result, (tuple, list)) or len(result) != count:
+            got = f"{len(result)} value(s)" if isinstance(result, (tuple, list)) else f"a {_kind(result)}"
+            raise EnvFailure(f"env {self.spec!r}: its {call} returned {got}; gymnasium expects {count}: {expected}")
+        return tuple(result)
 
     def attach_stop(self, stop: threading.Event) -> None:
         """Let an rtgym interface that may wait a long time (TrackMania waiting for the game) see ``stop``: it then
@@ -330,19 +364,22 @@ def _declared_layout(spec: str, *candidates: Any) -> ObservationLayout | None:
     ``layout`` attribute or method; ``None`` when none declares one. A declared layout of another type (a dict, a
     JSON string...) is an :class:`EnvSpecError`: ignoring it would train silently without its histories and bounds."""
     for candidate in candidates:
-        layout = getattr(candidate, "layout", None)
-        if callable(layout):
-            try:
+        owner = type(candidate).__name__
+        declared = f"{owner}.layout"
+        try:  # a property may raise (an AttributeError out of it reads as "not declared", as getattr has it)
+            layout = getattr(candidate, "layout", None)
+            if callable(layout):
+                declared = f"{owner}.layout()"
                 layout = layout()
-            except Exception as exc:  # noqa: BLE001 - the env's own code
-                raise EnvSpecError(f"env {spec!r}: {type(candidate).__name__}.layout() raised {type(exc).__name__}: "
-                                   f"{one_line_message(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001 - the env's own code
+            raise EnvSpecError(f"env {spec!r}: {declared} raised {type(exc).__name__}: {one_line_message(exc)}") from exc
         if layout is None:
             continue
         if not isinstance(layout, ObservationLayout):
-            raise EnvSpecError(f"env {spec!r}: {type(candidate).__name__}.layout is a {type(layout).__name__}, not a "
+            got = "returned" if declared.endswith("()") else "is"
+            raise EnvSpecError(f"env {spec!r}: {declared} {got} a {_kind(layout)}, not a "
                                "tmrl_common.layout.ObservationLayout (build one, e.g. ObservationLayout.model_validate("
-                               "...), or remove the attribute to derive the layout from the observation space)")
+                               "...), or remove it to derive the layout from the observation space)")
         return layout
     return None
 
@@ -381,6 +418,13 @@ def rtgym_config(interface: type, time_step_duration: float = 0.05, max_episode_
 
 GYMNASIUM_REWRAPPED = " was raised from the environment creator for "
 """How ``gymnasium.make`` extends the message of a ``TypeError`` out of an env's constructor (then the whole config)."""
+
+
+def _creator_type_error(exc: TypeError) -> str:
+    """The message of the ``TypeError`` an env's constructor raised, on one line, without what ``gymnasium.make``
+    appends to it (the env id and every keyword argument with its value: for rtgym, the whole config)."""
+    original = exc.__cause__ if isinstance(exc.__cause__, TypeError) else exc
+    return one_line_message(TypeError(str(original).split(GYMNASIUM_REWRAPPED)[0]))
 
 
 class InterfaceReturnError(TypeError):
@@ -436,9 +480,14 @@ def _guarded_interface(interface: type) -> type:
         def get_obs_rew_terminated_info(self) -> Any:
             if self.rtgym_thread_failure is None:
                 try:
-                    result = _returned(f"{interface.__name__}.get_obs_rew_terminated_info",
-                                       super().get_obs_rew_terminated_info(),
+                    method = f"{interface.__name__}.get_obs_rew_terminated_info"
+                    result = _returned(method, super().get_obs_rew_terminated_info(),
                                        "(observation list, reward, terminated, info dict)")
+                    try:  # rtgym tests `terminated` in its step: an array of flags would raise there, unnamed
+                        _one_number(result[1])
+                        _one_flag("terminated", result[2])
+                    except ReturnedValueError as exc:
+                        raise InterfaceReturnError(f"{method} returned {exc}") from exc
                     self._guard_last_observation = result[0]
                     return result
                 except Exception as exc:  # noqa: BLE001 - any error of the interface, reported by EnvHandle.step
@@ -466,13 +515,11 @@ def _rtgym_env(spec: str, config: dict, setup_errors: tuple[type[BaseException],
         if isinstance(exc, AttributeError) and "spaces" in str(exc):
             hint = " (an rtgym interface's get_observation_space returns a gymnasium.spaces.Tuple of Boxes)"
         if isinstance(exc, TypeError) and GYMNASIUM_REWRAPPED in str(exc):
-            # gymnasium re-raised the interface's TypeError with the whole rtgym config in its message: say only
-            # what the interface said, and the keyword arguments it was given (the worker's env_options)
-            original = exc.__context__ if isinstance(exc.__context__, TypeError) else exc
-            message = str(original).split(GYMNASIUM_REWRAPPED)[0]
+            # the interface refused its keyword arguments (the worker's env_options): gymnasium re-raised its TypeError
+            # with the whole rtgym config; say what the interface said, and the names of the arguments it was given
             given = ", ".join(sorted(config.get("interface_kwargs") or {})) or "none"
-            raise EnvSpecError(f"env {spec!r}: building it failed: TypeError: {one_line_message(TypeError(message))} "
-                               f"(the interface is given env_options as keyword arguments: {given})") from exc
+            raise EnvSpecError(f"env {spec!r}: building interface {config['interface'].__name__} raised TypeError: "
+                               f"{_creator_type_error(exc)} (its keyword arguments, from env_options: {given})") from exc
         raise EnvSpecError(f"env {spec!r}: building it failed: {type(exc).__name__}: {one_line_message(exc)}"
                            f"{hint}") from exc
 
@@ -533,7 +580,8 @@ def _make_gym(spec: str, gym_id: str, max_episode_steps: int | None, options: di
     except ImportError as exc:
         raise EnvSpecError(f"env {spec!r}: {gym_id!r} needs a package that is not installed: {exc}") from exc
     except TypeError as exc:
-        raise EnvSpecError(f"env {spec!r}: {gym_id!r} does not accept the options {sorted(options)}: {exc}") from exc
+        raise EnvSpecError(f"env {spec!r}: {gym_id!r} does not accept the options {sorted(options)}: "
+                           f"{_creator_type_error(exc)}") from exc
     layout = _declared_layout(spec, env.unwrapped)
     wrap = layout is None and isinstance(env.observation_space, spaces.Box)
     if layout is None:
