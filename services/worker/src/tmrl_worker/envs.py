@@ -308,11 +308,10 @@ class EnvHandle:
         """``result`` of the env's ``call`` when it is a tuple (or list) of as many values as ``expected`` names;
         else :class:`EnvFailure`: unpacking it would raise out of the rollout loop with a traceback (an env written
         for the old gym API returns the observation alone from reset, four values from step)."""
-        count = expected.count(",") + 1
-        if not isinstance(result, (tuple, list)) or len(result) != count:
-            got = f"{len(result)} value(s)" if isinstance(result, (tuple, list)) else f"a {_kind(result)}"
-            raise EnvFailure(f"env {self.spec!r}: its {call} returned {got}; gymnasium expects {count}: {expected}")
-        return tuple(result)
+        try:
+            return _returned(f"its {call}", result, expected, expecting="gymnasium")
+        except InterfaceReturnError as exc:
+            raise EnvFailure(f"env {self.spec!r}: {exc}") from exc
 
     def attach_stop(self, stop: threading.Event) -> None:
         """Let an rtgym interface that may wait a long time (TrackMania waiting for the game) see ``stop``: it then
@@ -431,14 +430,14 @@ class InterfaceReturnError(TypeError):
     """An rtgym interface method returned something rtgym cannot unpack (the message names the method)."""
 
 
-def _returned(method: str, result: Any, expected: str) -> tuple:
+def _returned(method: str, result: Any, expected: str, expecting: str = "rtgym") -> tuple:
     """``result`` when it is a tuple (or list) of as many values as ``expected`` names; else
-    :class:`InterfaceReturnError` saying what the rtgym interface method returned: rtgym would fail unpacking it, on
-    its own thread for a step, and leave the worker waiting."""
+    :class:`InterfaceReturnError` saying what ``method`` returned and what ``expecting`` expects: for an rtgym
+    interface method, rtgym would fail unpacking it, on its own thread for a step, and leave the worker waiting."""
     count = expected.count(",") + 1
     if not isinstance(result, (tuple, list)) or len(result) != count:
-        got = f"{len(result)} value(s)" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}"
-        raise InterfaceReturnError(f"{method} returned {got}; rtgym expects {count}: {expected}")
+        got = f"{len(result)} value(s)" if isinstance(result, (tuple, list)) else f"a {_kind(result)}"
+        raise InterfaceReturnError(f"{method} returned {got}; {expecting} expects {count}: {expected}")
     return tuple(result)
 
 
