@@ -1,5 +1,6 @@
-"""The worker's TrackMania settings read from its config: a bad capture backend is refused when the config is read,
-and ``tmrl-worker layout`` prints a TrackMania layout from the config alone, on any OS."""
+"""The worker's TrackMania settings read from its config: an unknown option, a bad settings table or a bad capture
+backend is refused when the config is read, and ``tmrl-worker layout`` prints a TrackMania layout from the config
+alone, on any OS."""
 
 from __future__ import annotations
 
@@ -62,14 +63,75 @@ def test_an_unknown_device_name_in_env_options_is_refused_when_the_config_is_rea
 
 
 @pytest.mark.parametrize(("setting", "message"), [
-    ("capture_backend", r"unknown capture backend 'bogus' \(capture_backend\): use one of auto, dxcam, mss"),
-    ("controller_kind", r"unknown controller 'bogus' \(controller_kind\): use one of auto, gamepad, keyboard, none"),
+    ("capture_backend", r"unknown capture backend 'bogus' \(env_options\.capture_backend\): use one of auto, dxcam, mss"),
+    ("controller_kind", r"unknown controller 'bogus' \(env_options\.controller_kind\): use one of auto, gamepad, "
+                        r"keyboard, none"),
 ])
 def test_make_env_refuses_an_unknown_device_name_before_starting_the_emulated_game(setting, message, no_devices):
     from tmrl_worker.envs import EnvSpecError, _make_tm20
 
     with pytest.raises(EnvSpecError, match=message):
         _make_tm20("tm20-lidar", 0.05, 100, {setting: "bogus", "emulated_game": {}})
+
+
+# every other option ---------------------------------------------------------------------------------------------
+BAD_OPTIONS = [
+    ("tm20-lidar", "recovry = {give_up_after_s = 30}",
+     "env_options.recovry: unknown option for env tm20-lidar (did you mean recovery?)"),
+    ("tm20-lidar", "recovery = {give_up_after = 30}",
+     "env_options.recovery.give_up_after: unknown field (did you mean give_up_after_s?)"),
+    ("tm20-lidar", "recovery = {first_retry_s = -1}", "env_options.recovery.first_retry_s = -1: Input should be greater"),
+    ("tm20-lidar", "stale_frames = 3", "env_options.stale_frames must be a table of StaleFrameConfig settings, not int 3"),
+    ("tm20-lidar-progress", "lidar = {beams = 0}", "env_options.lidar.beams = 0: Input should be greater than or equal"),
+    ("tm20-lidar", 'emulated_game = {trak = "oval"}', "env_options.emulated_game.trak: unknown field (did you mean track?)"),
+    ("tm20-full", "reward_config = {finish_bonuss = 1.0}", "env_options.reward_config.finish_bonuss: unknown field"),
+    ("tm20-lidar", "image_height = 32", "env_options.image_height: unknown option for env tm20-lidar"),
+    ("tm20-full", "time_step_duration = 0.1",
+     "env_options.time_step_duration is not an env option: set worker.time_step_duration"),
+]
+
+
+@pytest.mark.parametrize(("env", "option", "message"), BAD_OPTIONS,
+                         ids=["unknown-option", "unknown-recovery-field", "recovery-value", "table-not-a-table",
+                              "lidar-beams", "emulated-game-field", "reward-config-field", "option-of-another-variant",
+                              "option-the-worker-sets"])
+@pytest.mark.parametrize("command", [["run", "--insecure"], ["layout"]])
+def test_a_bad_tm20_env_option_is_refused_in_one_line_when_the_config_is_read(command, env, option, message,
+                                                                              no_devices, tmp_path, monkeypatch):
+    import tmrl_worker.runtime
+
+    monkeypatch.setattr(tmrl_worker.runtime, "run_worker", lambda *a, **k: pytest.fail("the worker was started"))
+    config = write_config(tmp_path, f'[worker]\nenv = "{env}"\n[worker.env_options]\n{option}\n')
+    result = CliRunner().invoke(app, [*command, "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_every_documented_kind_of_tm20_env_option_is_accepted_when_the_config_is_read(tmp_path):
+    from tmrl_common.config import load_config
+    from tmrl_worker.config import WorkerConfig
+
+    config = write_config(tmp_path, '[worker]\nenv = "tm20-full"\n[worker.env_options]\n'
+                          'reward_path = "points.safetensors"\nimg_hist_len = 2\nact_buf_len = 3\nimage_height = 32\n'
+                          'image_width = 48\ntelemetry_port = 9001\ntelemetry_timeout = 2.0\nwindow_title = "TM"\n'
+                          'window_position = [10, 20]\ncapture_backend = "mss"\ncapture_output = 1\n'
+                          'controller_kind = "keyboard"\nsleep_time_at_reset = 1.0\nstart_obs_capture = 0.03\n'
+                          'time_step_timeout_factor = 2.0\nwait_on_done = true\nbenchmark = false\n'
+                          'allow_non_windows = true\n'
+                          '[worker.env_options.recovery]\ngive_up_after_s = 30\n'
+                          '[worker.env_options.stale_frames]\n[worker.env_options.reward_config]\n'
+                          '[worker.env_options.emulated_game]\ntrack = "oval"\n')
+    loaded = load_config(WorkerConfig, "worker", config)
+    assert loaded.env_options["recovery"] == {"give_up_after_s": 30} and loaded.env_options["image_height"] == 32
+
+
+def test_make_env_refuses_an_unknown_option_before_starting_the_emulated_game(no_devices):
+    from tmrl_worker.envs import EnvSpecError, _make_tm20
+
+    with pytest.raises(EnvSpecError, match=r"env_options\.recovry: unknown option for env tm20-lidar \(did you mean "
+                                           r"recovery\?\)"):
+        _make_tm20("tm20-lidar", 0.05, 100, {"recovry": {}, "emulated_game": {}})
 
 
 # layout ---------------------------------------------------------------------------------------------------------

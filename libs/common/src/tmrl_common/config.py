@@ -148,6 +148,29 @@ def _did_you_mean(name: str, choices: Any, shown: str = "{}") -> str:
     return f" (did you mean {shown.format(close[0])}?)" if close else ""
 
 
+def did_you_mean(name: str, choices: Any) -> str:
+    """`` (did you mean X?)`` with the choice closest to ``name``, or ``""`` when none is close."""
+    return _did_you_mean(name, choices)
+
+
+def validation_problems(model: type[BaseModel], exc: ValidationError, prefix: str = "") -> str:
+    """``exc`` (from validating ``model``) on one line, each error as ``prefix.field: message``, and an unknown
+    field as ``prefix.field: unknown field (did you mean ...?)``: for a settings table that is validated apart from
+    its service's config (a TrackMania env's ``recovery``...), in the words :func:`load_config` uses."""
+    problems = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        field = ".".join(part for part in (prefix, *loc) if part) or prefix or "value"
+        if error["type"] == "extra_forbidden":
+            parent = _strip_optional(_field_annotation(model, list(loc[:-1])))
+            fields = parent.model_fields if isinstance(parent, type) and issubclass(parent, BaseModel) else {}
+            problems.append(f"{field}: unknown field{_did_you_mean(loc[-1], fields)}")
+        else:
+            shown = f" = {error['input']!r}" if loc and not isinstance(error.get("input"), Mapping) else ""
+            problems.append(f"{field}{shown}: {error['msg']}")
+    return "; ".join(problems)
+
+
 def _find(tree: Mapping[str, Any], loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any] | None:
     """The longest prefix of ``loc`` that ``tree`` sets, and its value (None when it sets none)."""
     node: Any = tree

@@ -110,16 +110,17 @@ class WorkerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _tm20_device_names_are_known(self) -> WorkerConfig:
-        """A TrackMania env's ``env_options.capture_backend`` and ``controller_kind`` are checked as the config is
-        read: unchecked, a typo would surface only after the plugin or the game window was reached."""
+    def _tm20_options_are_valid(self) -> WorkerConfig:
+        """A TrackMania env's ``env_options`` are checked as the config is read (option names, the ``recovery``,
+        ``stale_frames``, ``lidar``, ``reward_config`` and ``emulated_game`` tables, ``capture_backend`` and
+        ``controller_kind``): unchecked, a typo would surface only when the env is built."""
         from tmrl_worker.envs import TM20_SPECS
 
         if self.env.strip() not in TM20_SPECS:
             return self
-        from tmrl_worker.tm20.interfaces import check_device_names
+        from tmrl_worker.tm20.interfaces import check_options
 
-        check_device_names(self.env_options, prefix="env_options.")  # a TM20ConfigError is a ValueError: one line
+        check_options(self.env.strip(), self.env_options)  # a TM20ConfigError is a ValueError: one line
         return self
 
     @field_validator("worker_id")

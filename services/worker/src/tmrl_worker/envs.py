@@ -645,12 +645,12 @@ def _make_sim(spec: str, time_step_duration: float, max_episode_steps: int, opti
 def _make_tm20(spec: str, time_step_duration: float, max_episode_steps: int, options: dict) -> EnvHandle:
     """TrackMania through its rtgym interfaces; with ``emulated_game`` (a table, possibly empty) against an
     :class:`~tmrl_worker.tm20.emulated_game.EmulatedGame` started here, on any OS. The settings are checked first,
-    before anything is started (an unknown ``capture_backend`` is refused before a window search)."""
+    before anything is started (an unknown option or ``capture_backend`` is refused before a window search)."""
     from tmrl_worker.tm20.control import ControlError, GamepadUnavailableError
-    from tmrl_worker.tm20.interfaces import TM20ConfigError, check_device_names, tm20_rtgym_config
+    from tmrl_worker.tm20.interfaces import TM20ConfigError, check_options, tm20_rtgym_config
 
     try:
-        check_device_names(options)
+        check_options(spec, options)
     except TM20ConfigError as exc:
         raise EnvSpecError(f"env {spec!r}: {exc}") from exc
     emulated = options.get("emulated_game")

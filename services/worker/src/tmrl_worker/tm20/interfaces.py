@@ -32,6 +32,7 @@ capture, plugin on ``telemetry_port``, gamepad on Windows / keyboard elsewhere, 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ import numpy as np
 from gymnasium import spaces
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rtgym import DEFAULT_CONFIG_DICT, RealTimeGymInterface
+from tmrl_common.config import did_you_mean, validation_problems
 from tmrl_common.layout import (
     ObservationLayout,
     tm20_full_layout,
@@ -153,15 +155,63 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 def validated_settings(model: type[Model], value: Model | dict[str, Any] | None, name: str) -> Model:
-    """``value`` as a ``model``: a TOML table is validated (a bad field raises :class:`TM20ConfigError` naming it)."""
+    """``value`` as a ``model``: a TOML table is validated (a bad field raises :class:`TM20ConfigError`, one line
+    naming it: ``env_options.recovery.first_retry_s = -1: ...``, or an unknown one with the closest known name)."""
     if value is None:
         return model()
     if isinstance(value, model):
         return value
+    if not isinstance(value, Mapping):
+        raise TM20ConfigError(f"env_options.{name} must be a table of {model.__name__} settings, not "
+                              f"{type(value).__name__} {value!r}")
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        raise TM20ConfigError(f"env_options.{name} is not valid: {exc}") from exc
+        raise TM20ConfigError(validation_problems(model, exc, f"env_options.{name}")) from exc
+
+
+def _setting_tables() -> dict[str, type[BaseModel]]:
+    from tmrl_worker.tm20.emulated_game import EmulatedGameConfig
+
+    return {"recovery": RecoveryConfig, "stale_frames": StaleFrameConfig, "lidar": LidarConfig,
+            "reward_config": TrajectoryRewardConfig, "emulated_game": EmulatedGameConfig}
+
+
+WORKER_SET_OPTIONS = {"time_step_duration": "worker.time_step_duration", "ep_max_length": "worker.max_episode_steps"}
+"""rtgym settings of a TrackMania env that come from the worker's own config, not from ``env_options``."""
+
+
+def option_names(variant: str) -> set[str]:
+    """Every ``env_options`` key a TrackMania env of ``variant`` takes: its interface's keyword arguments (the
+    subclass's and :class:`TM20Interface`'s), :func:`tm20_rtgym_config`'s rtgym settings (but those the worker's own
+    config sets, :data:`WORKER_SET_OPTIONS`), and the worker's ``emulated_game`` and ``allow_non_windows``."""
+    names = {"emulated_game", "allow_non_windows"}
+    for cls in interface_class(variant).__mro__:
+        if "__init__" in vars(cls) and issubclass(cls, TM20Interface):
+            names.update(name for name, parameter in inspect.signature(cls.__init__).parameters.items()
+                         if name != "self" and parameter.kind is inspect.Parameter.KEYWORD_ONLY)
+    names.update(name for name, parameter in inspect.signature(tm20_rtgym_config).parameters.items()
+                 if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
+    return names - set(WORKER_SET_OPTIONS)
+
+
+def check_options(variant: str, options: Mapping[str, Any], prefix: str = "env_options.") -> None:
+    """Raise :class:`TM20ConfigError` (one line) unless ``options`` can configure a TrackMania env of ``variant``:
+    every key is one it takes (an unknown one is named with the closest known one), the settings tables
+    (``recovery``, ``stale_frames``, ``lidar``, ``reward_config``, ``emulated_game``) validate, and the device names
+    are known (:func:`check_device_names`). From the settings alone, nothing started: the worker runs it as its config
+    is read, so that a typo is reported before the plugin, the game window or the relay is reached."""
+    known = option_names(variant)
+    for name in options:
+        if name in WORKER_SET_OPTIONS:
+            raise TM20ConfigError(f"{prefix}{name} is not an env option: set {WORKER_SET_OPTIONS[name]}")
+        if name not in known:
+            raise TM20ConfigError(f"{prefix}{name}: unknown option for env tm20-{variant.removeprefix('tm20-')}"
+                                  f"{did_you_mean(name, known)}")
+    for name, model in _setting_tables().items():
+        if options.get(name) is not None:
+            validated_settings(model, options[name], name)
+    check_device_names(options, prefix)
 
 
 def check_device_names(settings: Mapping[str, Any], prefix: str = "") -> None:
