@@ -259,3 +259,18 @@ def test_unset_flags_in_nested_overrides_keep_file_values(tmp_path):
     assert config.sac.gamma == 0.9 and config.sac.polyak == 0.75
     untouched = load_config(ExampleConfig, "example", path, overrides={"sac": {"gamma": None}}, environ={})
     assert untouched.sac.gamma == 0.9 and untouched.sac.polyak == 0.5
+
+
+def test_validation_problems_put_a_table_validated_apart_on_one_line_with_paths_and_closest_names():
+    from pydantic import ValidationError
+    from tmrl_common.config import validation_problems
+
+    with pytest.raises(ValidationError) as caught:
+        ExampleConfig.model_validate({"port": 0, "sac": {"gama": 0.9}, "worker_id": ["x" * 100]})
+    problems = validation_problems(ExampleConfig, caught.value, "env_options.example")
+    assert "\n" not in problems
+    parts = problems.split("; ")
+    assert parts[0].startswith("env_options.example.worker_id = ['xxxxxxx") and "...: " in parts[0]
+    assert len(parts[0].split(":")[0]) < 100  # a long value is cut, not quoted whole
+    assert parts[1].startswith("env_options.example.port = 0: Input should be greater than or equal to 1")
+    assert parts[2] == "env_options.example.sac.gama: unknown field (did you mean gamma?)"

@@ -166,7 +166,9 @@ def validation_problems(model: type[BaseModel], exc: ValidationError, prefix: st
             fields = parent.model_fields if isinstance(parent, type) and issubclass(parent, BaseModel) else {}
             problems.append(f"{field}: unknown field{_did_you_mean(loc[-1], fields)}")
         else:
-            shown = f" = {error['input']!r}" if loc and not isinstance(error.get("input"), Mapping) else ""
+            value = repr(error.get("input"))
+            value = value if len(value) <= 60 else f"{value[:57]}..."
+            shown = f" = {value}" if loc and not isinstance(error.get("input"), Mapping) else ""
             problems.append(f"{field}{shown}: {error['msg']}")
     return "; ".join(problems)
 
