@@ -128,3 +128,96 @@ def test_the_fast_env_drives_a_custom_track_object_and_records_its_name():
     env = RaceTrackEnv(track=build_track(design), max_episode_steps=5)
     env.reset(seed=0)
     assert env.track.name == "my_straight" and env.config.track == "my_straight"
+
+
+# track files ----------------------------------------------------------------------------------------------------
+HAIRPINS_FILE = """width = 10.0
+closed = false
+pieces = [
+  {straight = 110}, {radius = 9, degrees = -180}, {straight = 100}, {radius = 9, degrees = 180},
+  {straight = 100}, {radius = 9, degrees = -180}, {straight = 70},
+]
+"""
+
+
+def test_a_track_file_of_pieces_builds_the_same_track_as_the_same_built_in_design(tmp_path):
+    path = tmp_path / "my-hairpins.toml"
+    path.write_text(HAIRPINS_FILE)
+    track = load_track(f"file:{path}")
+    assert track.name == f"file:{path}" and not track.closed and track.width == 10.0
+    np.testing.assert_array_equal(track.centre, load_track("hairpins").centre)
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_a_track_file_of_points_is_a_smooth_line_through_them_sampled_every_metre(tmp_path, closed):
+    points = [[0, 0], [100, 0], [150, 50], [100, 100], [0, 100], [-50, 50]]
+    path = tmp_path / "points.toml"
+    path.write_text(f"width = 12\nclosed = {str(closed).lower()}\ncentre = {points}\n")
+    track = load_track(f"file:{path}")
+    assert track.closed is closed
+    gaps = [np.linalg.norm(track.centre - point, axis=1).min() for point in points]
+    assert max(gaps) < 0.6  # it passes through every given point
+    assert min_turn_radius(track.centre, closed) > 10  # rounded (16 m here), not the polygon's corners (about 2 m)
+    spans = track.lengths if closed else track.lengths[:-1]  # an open line ends with what is left of a metre
+    assert np.allclose(spans, 1.0, rtol=0.02)
+    if not closed:
+        np.testing.assert_allclose(track.centre[[0, -1]], [points[0], points[-1]], atol=1e-9)
+
+
+def test_a_closed_track_file_may_repeat_its_first_point_at_the_end(tmp_path):
+    points = [[0, 0], [100, 0], [150, 50], [100, 100], [0, 100], [-50, 50]]
+    (tmp_path / "a.toml").write_text(f"width = 12\nclosed = true\ncentre = {points}\n")
+    (tmp_path / "b.toml").write_text(f"width = 12\nclosed = true\ncentre = {[*points, points[0]]}\n")
+    np.testing.assert_array_equal(load_track(f"file:{tmp_path / 'a.toml'}").centre,
+                                  load_track(f"file:{tmp_path / 'b.toml'}").centre)
+
+
+BAD_TRACK_FILES = [
+    (None, "cannot read"),
+    ("width = 10\nclosed = false\npieces = [{straight = 50}\n", "is not a TOML file"),
+    ("width = 10\nclosed = false\n", "give either pieces or centre"),
+    ("width = 10\nclosed = false\npieces = [{straigth = 50}]\n", "pieces.0"),
+    ("width = 10\nclosd = false\npieces = [{straight = 50}]\n", "closd: unknown field (did you mean closed?)"),
+    ("width = 10\nclosed = false\npieces = [{straight = 50}, {radius = 9, degrees = 0}]\n", "a bend must turn"),
+    ("width = 10\nclosed = false\npieces = [{straight = 50}, {radius = 3, degrees = 90}, {straight = 50}]\n",
+     "too tight for width"),
+    ("width = 10\nclosed = true\npieces = [{straight = 50}, {radius = 20, degrees = 90}]\n", "must end at its start"),
+    ("width = 10\nclosed = false\ncentre = [[0, 0], [50, 0], [50, 0], [100, 0]]\n", "the same point twice in a row"),
+    ("width = 10\nclosed = false\ncentre = [[0, 0], [2000, 0], [4000, 0]]\n", "a track file's points must fit in"),
+    ("width = 10\nclosed = false\npieces = [" + ", ".join(["{straight = 1000}"] * 6) + "]\n",
+     "a track file may describe at most 5000 m"),
+    ("width = 10\nclosed = false\npieces = [{straight = 100}, {radius = 20, degrees = 270}, {straight = 100}]\n",
+     "passes within"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_TRACK_FILES,
+                         ids=["missing", "not-toml", "no-shape", "bad-piece", "unknown-field", "bend-of-0-degrees",
+                              "turn-too-tight", "closed-not-closing", "repeated-point", "too-large", "too-long",
+                              "walls-overlap"])
+def test_a_bad_track_file_is_a_one_line_track_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(TrackError) as caught:
+        load_track(f"file:{path}")
+    assert message in str(caught.value) and "\n" not in str(caught.value) and "bad.toml" in str(caught.value)
+
+
+def test_a_track_file_is_read_when_the_sim_config_is_and_drives_like_a_built_in_track(tmp_path):
+    from pydantic import ValidationError
+    from tmrl_worker.sim import RaceTrackEnv, SimConfig
+    from tmrl_worker.sim.track_pool import parse_episode_tracks
+
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text(HAIRPINS_FILE)
+    bad.write_text("width = 10\nclosed = false\npieces = [{straight = 50}, {radius = 3, degrees = 90}]\n")
+    with pytest.raises(ValidationError, match="too tight for width"):
+        SimConfig(track=f"file:{bad}")
+    with pytest.raises(TrackError, match="too tight for width"):  # its own reason, not "is not a track"
+        parse_episode_tracks(f"hairpins,file:{bad}")
+    assert parse_episode_tracks(f"hairpins,file:{good}") == ("hairpins", f"file:{good}")
+    env = RaceTrackEnv(track=f"file:{good}", max_episode_steps=5)
+    observation, _ = env.reset(seed=0)
+    assert env.track.name == f"file:{good}" and env.track.length == pytest.approx(load_track("hairpins").length)
+    env.close()

@@ -207,7 +207,7 @@ def benchmark(
 
 @app.command("emulate-game")
 def emulate_game(
-    track: str = typer.Option("hairpins", "--track", help="Simulator track: oval, hairpins, circuit, random:SEED, random-open:SEED."),
+    track: str = typer.Option("hairpins", "--track", help="Simulator track: oval, hairpins, circuit, random:SEED, random-open:SEED, file:PATH."),
     telemetry_port: int = TelemetryPortOption,
     window_title: str = WindowTitleOption,
     autodrive: bool = typer.Option(False, "--autodrive", help="The simulator's scripted driver drives laps (respawning after each finish)."),

@@ -18,7 +18,7 @@ def eval_command(
                                 exists=True, dir_okay=False),
     env: str | None = typer.Option(None, "--env", help=HELP["env"] + " sim is evaluated synchronously, as sim-fast "
                                                        "(default: the config's env, else sim)."),
-    track: str | None = typer.Option(None, "--track", "-t", help="sim only: oval, hairpins, circuit, random:SEED or random-open:SEED."),
+    track: str | None = typer.Option(None, "--track", "-t", help="sim only: oval, hairpins, circuit, random:SEED, random-open:SEED or file:PATH."),
     episodes: int = typer.Option(5, "--episodes", "-n", min=1, max=MAX_EPISODES, help="Episodes to run."),
     seed: int = typer.Option(0, "--seed", min=0, help=HELP["seed"] + " Episode i is reset with seed SEED + i."),
     gif: Path | None = typer.Option(None, "--gif", help="Write a GIF of the best episode here (sim, gym:<id>; a name "

@@ -54,7 +54,8 @@ class EvalConfig(BaseModel):
     export of one (``tmrl-trainer export --onnx``, run by onnxruntime; the name must end in ``.onnx``)."""
     env: str = "sim"
     track: str | None = None
-    """``sim`` only: the track (``oval``, ``hairpins``, ``circuit``, ``random:SEED``, ``random-open:SEED``)."""
+    """``sim`` only: the track (``oval``, ``hairpins``, ``circuit``, ``random:SEED``, ``random-open:SEED``,
+    ``file:PATH``)."""
     episodes: int = Field(default=5, ge=1, le=MAX_EPISODES)
     seed: int = Field(default=0, ge=0)
     """Episode ``i`` is reset with seed ``seed + i`` (gymnasium takes no negative seed)."""

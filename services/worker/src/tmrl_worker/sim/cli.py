@@ -10,7 +10,7 @@ from tmrl_common.options import HELP
 
 sim_app = typer.Typer(help="Built-in race-track simulator: tracks, pictures, scripted drives.", no_args_is_help=True)
 
-TrackOption = Annotated[str, typer.Option("--track", "-t", help="oval, hairpins, circuit, random:SEED or random-open:SEED.")]
+TrackOption = Annotated[str, typer.Option("--track", "-t", help="oval, hairpins, circuit, random:SEED, random-open:SEED or file:PATH (a track file).")]
 FullThrottleOption = Annotated[bool, typer.Option("--full-throttle", help="The driver never brakes.")]
 
 
@@ -24,6 +24,7 @@ def tracks() -> None:
         typer.echo(f"{name:10s} {track.length:6.0f} m  {'closed' if track.closed else 'open  '}  width {track.width:4.1f} m"
                    f"  tightest turn radius {min_turn_radius(track.centre, track.closed):5.1f} m")
     typer.echo("random:SEED / random-open:SEED   a generated closed / open track")
+    typer.echo("file:PATH                        a track of your own, from a TOML file (docs/tuning.md)")
 
 
 @sim_app.command("render-track")

@@ -53,7 +53,8 @@ class SimConfig(BaseModel):
 
     track: str = "hairpins"
     """A built-in track (``oval``, ``hairpins``, ``circuit``), ``random:SEED`` or ``random-open:SEED`` (SEED in the
-    digits 0-9); another name is refused when the config is read. (:class:`~tmrl_worker.sim.env.RaceTrackEnv` given a
+    digits 0-9), or ``file:PATH``, a track of your own (:class:`~tmrl_worker.sim.track.TrackFile`); another name, or a
+    file that holds no usable track, is refused when the config is read. (:class:`~tmrl_worker.sim.env.RaceTrackEnv` given a
     :class:`~tmrl_worker.sim.track.Track` object records that track's own name here.)"""
     episode_tracks: str | None = None
     """A new track at every reset, drawn with the env's seeded generator from a comma list of tracks and seed ranges

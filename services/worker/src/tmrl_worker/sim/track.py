@@ -7,7 +7,8 @@ finish and have a wall across each end.
 Built-in tracks (:data:`BUILTIN_TRACKS`): ``oval`` (two straights, two wide bends), ``hairpins`` (open: long
 straights joined by tight 180° hairpins, the track where braking pays off), ``circuit`` (closed, mixed corners and an
 S-bend). :func:`generate_track` draws a closed or open track from a seed; :func:`load_track` understands the
-built-in names plus ``random:SEED`` (closed) and ``random-open:SEED``.
+built-in names plus ``random:SEED`` (closed) and ``random-open:SEED``, and ``file:PATH`` for a track of your own
+(:class:`TrackFile`: a TOML file of pieces or of centre-line points).
 
 Units are metres; headings are radians counter-clockwise from +x.
 """
@@ -15,9 +16,14 @@ Units are metres; headings are radians counter-clockwise from +x.
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from tmrl_common.config import validation_problems
 
 from tmrl_worker.reward import resample_path
 
@@ -216,17 +222,19 @@ class Track:
         plus a wall margin (the walls would overlap), or when a turn is tighter than half the width."""
         centre = self.centre
         arc = np.concatenate([[0.0], np.cumsum(self.lengths)])[: len(centre)]
-        gaps = np.linalg.norm(centre[:, None, :] - centre[None, :, :], axis=2)
-        along = np.abs(arc[:, None] - arc[None, :])
-        if self.closed:
-            along = np.minimum(along, self.length - along)
-        far_along = along > math.pi * self.width
         clearance = self.width + 2.0
-        if (gaps[far_along] < clearance).any():
-            i, j = np.argwhere(far_along & (gaps < clearance))[0]
-            raise TrackError(
-                f"track {self.name!r}: the track passes within {gaps[i, j]:.1f} m of itself near "
-                f"({centre[i, 0]:.0f}, {centre[i, 1]:.0f}); walls need {clearance:.1f} m")
+        for first in range(0, len(centre), 512):  # in blocks of rows: memory stays O(N), not O(N^2), for long tracks
+            rows = slice(first, first + 512)
+            gaps = np.linalg.norm(centre[rows, None, :] - centre[None, :, :], axis=2)
+            along = np.abs(arc[rows, None] - arc[None, :])
+            if self.closed:
+                along = np.minimum(along, self.length - along)
+            too_close = (along > math.pi * self.width) & (gaps < clearance)
+            if too_close.any():
+                i, j = np.argwhere(too_close)[0]
+                raise TrackError(
+                    f"track {self.name!r}: the track passes within {gaps[i, j]:.1f} m of itself near "
+                    f"({centre[first + i, 0]:.0f}, {centre[first + i, 1]:.0f}); walls need {clearance:.1f} m")
         radius = min_turn_radius(centre, self.closed)
         if radius < self.half_width + 1.0:
             raise TrackError(f"track {self.name!r}: a turn of radius {radius:.1f} m is too tight for width {self.width} m")
@@ -353,24 +361,43 @@ def _random_loop(rng: np.random.Generator, name: str, width: float) -> Track:
     return Track(name, np.roll(centre, -start, axis=0), width, closed=True)
 
 
-def _catmull_rom_loop(controls: np.ndarray, samples_per_span: int) -> np.ndarray:
-    """Points on the closed centripetal Catmull-Rom spline through ``controls`` (the first point is not repeated)."""
+def _catmull_rom(controls: np.ndarray, closed: bool, spacing: float = 0.25) -> np.ndarray:
+    """Points about ``spacing`` metres apart on the centripetal Catmull-Rom spline through ``controls``: closed, the
+    first point is not repeated at the end; open, the line runs from the first control point to the last."""
+    if closed:
+        return _catmull_rom_loop(controls, 0, spacing)
+    phantoms = np.concatenate([[2 * controls[0] - controls[1]], controls, [2 * controls[-1] - controls[-2]]])
+    pieces = [_catmull_rom_span(*phantoms[i : i + 4], None, spacing) for i in range(len(controls) - 1)]
+    return np.concatenate([*pieces, controls[-1:]])
+
+
+def _catmull_rom_loop(controls: np.ndarray, samples_per_span: int, spacing: float | None = None) -> np.ndarray:
+    """Points on the closed centripetal Catmull-Rom spline through ``controls`` (the first point is not repeated):
+    ``samples_per_span`` per span, or, when it is 0, about ``spacing`` metres apart."""
     n = len(controls)
     pieces = []
     for i in range(n):
         p0, p1, p2, p3 = (controls[(i + k) % n] for k in (-1, 0, 1, 2))
-        t0 = 0.0
-        t1 = t0 + np.linalg.norm(p1 - p0) ** 0.5
-        t2 = t1 + np.linalg.norm(p2 - p1) ** 0.5
-        t3 = t2 + np.linalg.norm(p3 - p2) ** 0.5
-        t = np.linspace(t1, t2, samples_per_span, endpoint=False)[:, None]
-        a1 = (t1 - t) / (t1 - t0) * p0 + (t - t0) / (t1 - t0) * p1
-        a2 = (t2 - t) / (t2 - t1) * p1 + (t - t1) / (t2 - t1) * p2
-        a3 = (t3 - t) / (t3 - t2) * p2 + (t - t2) / (t3 - t2) * p3
-        b1 = (t2 - t) / (t2 - t0) * a1 + (t - t0) / (t2 - t0) * a2
-        b2 = (t3 - t) / (t3 - t1) * a2 + (t - t1) / (t3 - t1) * a3
-        pieces.append((t2 - t) / (t2 - t1) * b1 + (t - t1) / (t2 - t1) * b2)
+        pieces.append(_catmull_rom_span(p0, p1, p2, p3, samples_per_span or None, spacing))
     return np.concatenate(pieces)
+
+
+def _catmull_rom_span(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, p3: np.ndarray, samples: int | None,
+                      spacing: float | None) -> np.ndarray:
+    """The span from ``p1`` to ``p2`` (``p2`` excluded): ``samples`` points, or one about every ``spacing`` metres."""
+    if samples is None:
+        samples = max(2, math.ceil(float(np.linalg.norm(p2 - p1)) / float(spacing or 0.25)))
+    t0 = 0.0
+    t1 = t0 + np.linalg.norm(p1 - p0) ** 0.5
+    t2 = t1 + np.linalg.norm(p2 - p1) ** 0.5
+    t3 = t2 + np.linalg.norm(p3 - p2) ** 0.5
+    t = np.linspace(t1, t2, samples, endpoint=False)[:, None]
+    a1 = (t1 - t) / (t1 - t0) * p0 + (t - t0) / (t1 - t0) * p1
+    a2 = (t2 - t) / (t2 - t1) * p1 + (t - t1) / (t2 - t1) * p2
+    a3 = (t3 - t) / (t3 - t2) * p2 + (t - t2) / (t3 - t2) * p3
+    b1 = (t2 - t) / (t2 - t0) * a1 + (t - t0) / (t2 - t0) * a2
+    b2 = (t3 - t) / (t3 - t1) * a2 + (t - t1) / (t3 - t1) * a3
+    return (t2 - t) / (t2 - t1) * b1 + (t - t1) / (t2 - t1) * b2
 
 
 def _random_open(rng: np.random.Generator, name: str, width: float) -> Track:
@@ -391,6 +418,133 @@ def _random_open(rng: np.random.Generator, name: str, width: float) -> Track:
     return Track(name, resample_path(dense, CENTRE_LINE_SPACING).astype(np.float64), width, closed=False)
 
 
+TRACK_FILE_PREFIX = "file:"
+"""``file:PATH``: a track of your own, read from the TOML file at ``PATH`` (:class:`TrackFile`)."""
+MAX_TRACK_FILE_BYTES = 1024 * 1024
+MAX_TRACK_LENGTH_M = 5_000.0
+"""Longest track a file may describe (the built-in and procedural ones are 300-800 m)."""
+MAX_TRACK_EXTENT_M = 1_000.0
+"""Largest side of a track file's bounding box: the image observations draw the whole track on a grid of 0.25 m
+cells, so the extent bounds that grid's memory."""
+
+_Metres = Annotated[float, Field(gt=0, le=MAX_TRACK_LENGTH_M)]
+
+
+class StraightPiece(BaseModel):
+    """``{straight = 110}``: a straight of 110 m."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    straight: _Metres
+
+
+class ArcPiece(BaseModel):
+    """``{radius = 9, degrees = -180}``: a bend of radius 9 m turning 180° to the right (positive: left)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    radius: _Metres
+    degrees: float = Field(ge=-360, le=360)
+
+    @field_validator("degrees")
+    @classmethod
+    def _turns(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("a bend must turn: degrees is 0 (use a straight)")
+        return value
+
+
+class TrackFile(BaseModel):
+    """A track of your own (``track = "file:my-track.toml"``), described by ``pieces`` driven one after another from
+    the origin heading +x (as the built-in tracks are), or by ``centre``, the centre line's points in metres (resampled
+    every metre; a closed track's last point joins its first). The track is checked like the built-in ones: walls
+    that overlap or turns tighter than half the width plus a metre are refused, naming where."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    width: float = Field(gt=2, le=100)
+    """Metres between the walls."""
+    closed: bool
+    """True: a circuit (laps); False: a start and a finish, with a wall across each end."""
+    pieces: list[StraightPiece | ArcPiece] | None = Field(default=None, min_length=1, max_length=10_000)
+    centre: list[tuple[float, float]] | None = Field(default=None, min_length=3, max_length=100_000)
+    point_symmetric: bool = False
+    """Closed ``pieces`` only: they are the first half (turning by 180° in all); the second half is the first turned
+    by 180° about the midpoint, which closes the circuit exactly."""
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> TrackFile:
+        if (self.pieces is None) == (self.centre is None):
+            raise ValueError("give either pieces or centre (not both)")
+        if self.point_symmetric and self.pieces is None:
+            raise ValueError("point_symmetric needs pieces")
+        return self
+
+    def build(self, name: str) -> Track:
+        """The :class:`Track` named ``name``, checked; :class:`TrackError` for one too long, too large or unusable."""
+        if self.pieces is not None:
+            pieces = tuple(Straight(p.straight) if isinstance(p, StraightPiece) else Arc(p.radius, p.degrees)
+                           for p in self.pieces)
+            length = sum(p.length if isinstance(p, Straight) else p.radius * math.radians(abs(p.degrees)) for p in pieces)
+            _check_size(name, length * (2 if self.point_symmetric else 1))
+            return build_track(TrackDesign(name, pieces, self.width, self.closed, self.point_symmetric))
+        points = np.asarray(self.centre, dtype=np.float64)
+        if self.closed and len(points) > 3 and np.array_equal(points[0], points[-1]):
+            points = points[:-1]  # the loop written back to its start
+        joined = np.concatenate([points, points[:1]]) if self.closed else points
+        steps = np.linalg.norm(np.diff(joined, axis=0), axis=1)
+        _check_size(name, float(steps.sum()), points)
+        if (steps < 1e-9).any():
+            raise TrackError(f"track {name!r}: the centre line has the same point twice in a row")
+        dense = _catmull_rom(points, self.closed)  # a smooth line through the points, not a polygon's corners
+        if self.closed:
+            dense = np.concatenate([dense, dense[:1]])
+            centre = resample_path(dense, dense_spacing(dense)).astype(np.float64)[:-1]
+        else:
+            centre = resample_path(dense, CENTRE_LINE_SPACING).astype(np.float64)
+        _check_size(name, float(np.linalg.norm(np.diff(dense, axis=0), axis=1).sum()), dense)
+        track = Track(name, centre, self.width, self.closed)
+        track.check()
+        return track
+
+
+def _check_size(name: str, length: float, points: np.ndarray | None = None) -> None:
+    if length > MAX_TRACK_LENGTH_M:
+        raise TrackError(f"track {name!r} is {length:.0f} m long; a track file may describe at most "
+                         f"{MAX_TRACK_LENGTH_M:.0f} m")
+    if points is None:
+        return
+    extent = float((points.max(axis=0) - points.min(axis=0)).max())
+    if extent > MAX_TRACK_EXTENT_M:
+        raise TrackError(f"track {name!r} spans {extent:.0f} m; a track file's points must fit in "
+                         f"{MAX_TRACK_EXTENT_M:.0f} m x {MAX_TRACK_EXTENT_M:.0f} m")
+
+
+def read_track_file(name: str) -> Track:
+    """The track of ``name`` = ``file:PATH``; :class:`TrackError` (one line, naming the file) for a file that is
+    missing, too big, not TOML, not a :class:`TrackFile`, or whose track is unusable."""
+    path = Path(name[len(TRACK_FILE_PREFIX):]).expanduser()
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_TRACK_FILE_BYTES + 1)
+    except OSError as exc:
+        raise TrackError(f"track {name!r}: cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_TRACK_FILE_BYTES:
+        raise TrackError(f"track {name!r}: {path} is larger than {MAX_TRACK_FILE_BYTES} bytes")
+    try:
+        table = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise TrackError(f"track {name!r}: {path} is not a TOML file: {exc}") from exc
+    try:
+        design = TrackFile.model_validate(table)
+    except ValidationError as exc:
+        raise TrackError(f"track {name!r}: {validation_problems(TrackFile, exc, str(path))}") from exc
+    track = design.build(name)
+    if design.pieces is not None:
+        _check_size(name, track.length, track.centre)
+    return track
+
+
 def parse_seed(name: str, prefix: str) -> int:
     """The seed of ``name`` = ``prefix`` + ASCII digits (``random:`` + ``1234``); :class:`TrackError` for anything
     else (no digits, a sign, spaces, non-ASCII digits such as ``²`` or ``١٢``, more digits than Python converts)."""
@@ -405,19 +559,27 @@ def parse_seed(name: str, prefix: str) -> int:
 
 
 def check_track_name(name: str) -> str:
-    """``name`` when :func:`load_track` accepts it (a built-in track, ``random:SEED``, ``random-open:SEED``), without
-    building the track; :class:`TrackError` otherwise."""
+    """``name`` when :func:`load_track` accepts it (a built-in track, ``random:SEED``, ``random-open:SEED``, or
+    ``file:PATH`` whose file holds a usable track, which is read and built to know), without building a built-in
+    or generated track; :class:`TrackError` otherwise."""
     if name in BUILTIN_DESIGNS:
+        return name
+    if name.startswith(TRACK_FILE_PREFIX):
+        read_track_file(name)
         return name
     for prefix in ("random:", "random-open:"):
         if name.startswith(prefix):
             parse_seed(name, prefix)
             return name
-    raise TrackError(f"unknown track {name!r}; use one of {', '.join(BUILTIN_TRACKS)}, random:SEED or random-open:SEED")
+    raise TrackError(f"unknown track {name!r}; use one of {', '.join(BUILTIN_TRACKS)}, random:SEED, random-open:SEED "
+                     "or file:PATH")
 
 
 def load_track(name: str) -> Track:
-    """A built-in track by name, or ``random:SEED`` / ``random-open:SEED`` for a generated one."""
+    """A built-in track by name, ``random:SEED`` / ``random-open:SEED`` for a generated one, or ``file:PATH`` for one
+    of your own (:class:`TrackFile`)."""
+    if name.startswith(TRACK_FILE_PREFIX):
+        return read_track_file(name)
     check_track_name(name)
     if name in BUILTIN_DESIGNS:
         return build_track(BUILTIN_DESIGNS[name])

@@ -2,7 +2,7 @@
 
 The spec is a comma list of items, each drawn with equal probability:
 
-* a track name (``hairpins``, ``random:1234``, ``random-open:7``): that track;
+* a track name (``hairpins``, ``random:1234``, ``random-open:7``, ``file:my-track.toml``): that track;
 * ``random:LOW-HIGH`` (or ``random-open:LOW-HIGH``): a procedural track whose seed is drawn uniformly from
   ``LOW`` to ``HIGH - 1``; ``HIGH`` is at most :data:`MAX_RANGE_HIGH` (2**63: the draw is a 64-bit integer), while a
   single ``random:SEED`` may be any size.
@@ -24,7 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tmrl_worker.sim.track import BUILTIN_TRACKS, HELD_OUT_TRACK_SEEDS, Track, TrackError, check_track_name, load_track
+from tmrl_worker.sim.track import (
+    BUILTIN_TRACKS,
+    HELD_OUT_TRACK_SEEDS,
+    TRACK_FILE_PREFIX,
+    Track,
+    TrackError,
+    check_track_name,
+    load_track,
+)
 
 _RANGE = re.compile(r"^(random|random-open):([0-9]+)-([0-9]+)$")
 _SEED = re.compile(r"^random:([0-9]+)$")
@@ -66,11 +74,15 @@ def parse_episode_tracks(spec: str) -> tuple[str | SeedRange, ...]:
                                  f"{held_out.start}..{held_out.stop - 1}; start the range at {held_out.stop} or above")
             items.append(SeedRange(prefix, low, high))
             continue
+        if text.startswith(TRACK_FILE_PREFIX):
+            check_track_name(text)  # its own error says what is wrong with the file
+            items.append(text)
+            continue
         try:  # refused when the config is read
             check_track_name(text)
         except TrackError:
             raise TrackError(f"episode_tracks item {text!r} is not a track: use {', '.join(BUILTIN_TRACKS)}, "
-                             "random:SEED, random-open:SEED (SEED in the digits 0-9) or a range random:LOW-HIGH "
+                             "random:SEED, random-open:SEED (SEED in the digits 0-9), file:PATH or a range random:LOW-HIGH "
                              f"(HIGH at most {MAX_RANGE_HIGH})") from None
         seed = _SEED.match(text)
         if seed and int(seed.group(1)) in held_out:

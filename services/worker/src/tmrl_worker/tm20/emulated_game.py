@@ -73,7 +73,7 @@ class EmulatedGameConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     track: str = "hairpins"
-    """A simulator track: ``oval``, ``hairpins``, ``circuit``, ``random:SEED``, ``random-open:SEED``."""
+    """A simulator track: ``oval``, ``hairpins``, ``circuit``, ``random:SEED``, ``random-open:SEED``, ``file:PATH``."""
 
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     """Plugin port on 127.0.0.1 (0: a free one, see :attr:`EmulatedGame.port`)."""
