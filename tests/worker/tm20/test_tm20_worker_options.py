@@ -51,15 +51,22 @@ DEVICE_SETTINGS = [("capture_backend", ("auto", "dxcam", "mss")), ("controller_k
 @pytest.mark.parametrize("command", [["run", "--insecure"], ["layout"]])
 def test_an_unknown_device_name_in_env_options_is_refused_when_the_config_is_read(command, setting, accepted,
                                                                                   no_devices, tmp_path, monkeypatch):
+    line = refusal_when_read(command, f'[worker]\nenv = "tm20-lidar"\n[worker.env_options]\n{setting} = "bogus"\n',
+                             tmp_path, monkeypatch)
+    assert setting in line and "'bogus'" in line and all(name in line for name in accepted), line
+
+
+def refusal_when_read(command: list[str], config_text: str, tmp_path, monkeypatch) -> str:
+    """The one line ``tmrl-worker <command>`` prints when it refuses this config with status 2 (the worker is not
+    started: the test fails if it is)."""
     import tmrl_worker.runtime
 
     monkeypatch.setattr(tmrl_worker.runtime, "run_worker", lambda *a, **k: pytest.fail("the worker was started"))
-    config = write_config(tmp_path, f'[worker]\nenv = "tm20-lidar"\n[worker.env_options]\n{setting} = "bogus"\n')
-    result = CliRunner().invoke(app, [*command, "--config", str(config)])
+    result = CliRunner().invoke(app, [*command, "--config", str(write_config(tmp_path, config_text))])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and setting in lines[0] and "'bogus'" in lines[0], result.output
-    assert all(name in lines[0] for name in accepted), result.output
+    assert len(lines) == 1, result.output
+    return lines[0]
 
 
 @pytest.mark.parametrize(("setting", "message"), [
@@ -98,14 +105,9 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize("command", [["run", "--insecure"], ["layout"]])
 def test_a_bad_tm20_env_option_is_refused_in_one_line_when_the_config_is_read(command, env, option, message,
                                                                               no_devices, tmp_path, monkeypatch):
-    import tmrl_worker.runtime
-
-    monkeypatch.setattr(tmrl_worker.runtime, "run_worker", lambda *a, **k: pytest.fail("the worker was started"))
-    config = write_config(tmp_path, f'[worker]\nenv = "{env}"\n[worker.env_options]\n{option}\n')
-    result = CliRunner().invoke(app, [*command, "--config", str(config)])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.output
+    line = refusal_when_read(command, f'[worker]\nenv = "{env}"\n[worker.env_options]\n{option}\n', tmp_path,
+                             monkeypatch)
+    assert message in line, line
 
 
 def test_every_documented_kind_of_tm20_env_option_is_accepted_when_the_config_is_read(tmp_path):
