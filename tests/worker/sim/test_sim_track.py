@@ -174,10 +174,10 @@ def test_a_closed_track_file_may_repeat_its_first_point_at_the_end(tmp_path):
 
 BAD_TRACK_FILES = [
     (None, "cannot read"),
-    ("width = 10\nclosed = false\npieces = [{straight = 50}\n", "is not a TOML file"),
-    ("width = 10\nclosed = false\n", "give either pieces or centre"),
+    ("width = 10\nclosed = false\npieces = [{straight = 50}\n", "not a TOML file"),
+    ("width = 10\nclosed = false\n", "bad.toml': give either pieces or centre"),
     ("width = 10\nclosed = false\npieces = [{straigth = 50}]\n", "pieces.0"),
-    ("width = 10\nclosd = false\npieces = [{straight = 50}]\n", "closd: unknown field (did you mean closed?)"),
+    ("width = 10\nclosd = false\npieces = [{straight = 50}]\n", "closed: Field required; closd: unknown field (did you mean closed?)"),
     ("width = 10\nclosed = false\npieces = [{straight = 50}, {radius = 9, degrees = 0}]\n", "a bend must turn"),
     ("width = 10\nclosed = false\npieces = [{straight = 50}, {radius = 3, degrees = 90}, {straight = 50}]\n",
      "too tight for width"),

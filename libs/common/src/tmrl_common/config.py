@@ -160,16 +160,20 @@ def validation_problems(model: type[BaseModel], exc: ValidationError, prefix: st
     problems = []
     for error in exc.errors():
         loc = tuple(str(part) for part in error["loc"])
-        field = ".".join(part for part in (prefix, *loc) if part) or prefix or "value"
+        field = ".".join(part for part in (prefix, *loc) if part)
         if error["type"] == "extra_forbidden":
             parent = _strip_optional(_field_annotation(model, list(loc[:-1])))
             fields = parent.model_fields if isinstance(parent, type) and issubclass(parent, BaseModel) else {}
             problems.append(f"{field}: unknown field{_did_you_mean(loc[-1], fields)}")
-        else:
-            value = repr(error.get("input"))
-            value = value if len(value) <= 60 else f"{value[:57]}..."
-            shown = f" = {value}" if loc and not isinstance(error.get("input"), Mapping) else ""
-            problems.append(f"{field}{shown}: {error['msg']}")
+            continue
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if not loc:  # a check across fields: its message says which
+            problems.append(f"{field}: {message}" if field else message)
+            continue
+        value = repr(error.get("input"))
+        value = value if len(value) <= 60 else f"{value[:57]}..."
+        shown = "" if isinstance(error.get("input"), Mapping) else f" = {value}"
+        problems.append(f"{field}{shown}: {message}")
     return "; ".join(problems)
 
 

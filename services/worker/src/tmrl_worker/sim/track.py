@@ -528,17 +528,17 @@ def read_track_file(name: str) -> Track:
         with path.open("rb") as file:
             data = file.read(MAX_TRACK_FILE_BYTES + 1)
     except OSError as exc:
-        raise TrackError(f"track {name!r}: cannot read {path}: {exc.strerror or exc}") from exc
+        raise TrackError(f"track {name!r}: cannot read the file: {exc.strerror or exc}") from exc
     if len(data) > MAX_TRACK_FILE_BYTES:
-        raise TrackError(f"track {name!r}: {path} is larger than {MAX_TRACK_FILE_BYTES} bytes")
+        raise TrackError(f"track {name!r}: the file is larger than {MAX_TRACK_FILE_BYTES} bytes")
     try:
         table = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise TrackError(f"track {name!r}: {path} is not a TOML file: {exc}") from exc
+        raise TrackError(f"track {name!r}: not a TOML file: {exc}") from exc
     try:
         design = TrackFile.model_validate(table)
     except ValidationError as exc:
-        raise TrackError(f"track {name!r}: {validation_problems(TrackFile, exc, str(path))}") from exc
+        raise TrackError(f"track {name!r}: {validation_problems(TrackFile, exc)}") from exc
     track = design.build(name)
     if design.pieces is not None:
         _check_size(name, track.length, track.centre)
