@@ -42,3 +42,17 @@ def test_every_stale_frames_field_is_in_the_trackmania_table_and_every_recovery_
     assert stale <= table, f"docs/trackmania.md does not describe {sorted(stale - table)}"
     documented = stale | set(RecoveryConfig.model_fields)
     assert documented <= in_example, f"deploy/tmrl.example.toml does not describe {sorted(documented - in_example)}"
+
+
+def test_the_just_the_environment_block_runs_as_written_against_the_emulated_game(tmp_path):
+    import subprocess
+    import sys
+
+    section = (REPO / "docs" / "trackmania.md").read_text().split("## Just the environment", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    script = tmp_path / "own_loop.py"
+    script.write_text(block)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    steps, episode_return = re.fullmatch(r"return after (\d+) steps: (\S+)\n", done.stdout).groups()
+    assert 1 <= int(steps) <= 100 and float(episode_return) > 0, done.stdout
