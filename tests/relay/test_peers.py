@@ -20,8 +20,16 @@ def test_an_id_stays_bound_to_its_first_key_across_reconnections():
         table.check(b"conn-1", "worker-1", "KEY-A")  # the old connection is forgotten, and told why
     with pytest.raises(ProtocolError, match="sent before saying hello"):
         table.check(b"conn-9", "worker-9", "KEY-A")  # an id never registered
+    with pytest.raises(ProtocolError, match="sent before saying hello on this connection"):
+        table.check(b"conn-4", "worker-1", "KEY-A")  # a new connection (a reconnection) under a bound id, no hello yet
     with pytest.raises(ProtocolError, match="bound to another"):
         table.register(b"conn-3", "worker-1", "KEY-B")
+    with pytest.raises(ProtocolError, match="sent before saying hello on this connection"):
+        table.check(b"conn-3", "worker-1", "KEY-B")  # its hello was refused: it never said one
+    table.register(b"conn-1", "worker-1", "KEY-A")  # the displaced connection takes its id back
+    assert table.check(b"conn-1", "worker-1", "KEY-A").routing_id == b"conn-1"
+    with pytest.raises(ProtocolError, match="said hello on another connection since this one did"):
+        table.check(b"conn-2", "worker-1", "KEY-A")  # and now the other one is the displaced one
 
 
 def test_one_key_may_bind_a_bounded_number_of_ids():

@@ -14,6 +14,8 @@ from tmrl_common.errors import ProtocolError
 
 MAX_IDS_PER_KEY = 16
 """Sender ids one CurveZMQ key may bind (bounds the binding table by the allow-list's size)."""
+MAX_DISPLACED = 4096
+"""Connections remembered as displaced by a newer connection's hello under their id (oldest forgotten first)."""
 
 
 @dataclass
@@ -40,6 +42,9 @@ class PeerTable:
         self.key_of_sender: dict[str, str] = {}
         """Sender id → public key it was first registered with; a different key may never use that id."""
         self._ids_of_key: dict[str, set[str]] = {}
+        self._displaced: dict[bytes, str] = {}
+        """Routing id → the sender id a newer connection has said hello with since this one did: what it is told
+        when it sends again (two processes under one id), as against a connection that never said hello."""
 
     def register(self, routing_id: bytes, sender: str, user_id: str | None) -> tuple[Peer, Peer | None]:
         """Bind ``sender`` to this connection; returns the new peer and the one it replaced (a reconnection)."""
@@ -55,6 +60,11 @@ class PeerTable:
         previous = self.by_sender.pop(sender, None)
         if previous is not None:
             self.by_routing_id.pop(previous.routing_id, None)
+            if previous.routing_id != routing_id:
+                self._displaced[previous.routing_id] = sender
+                while len(self._displaced) > MAX_DISPLACED:
+                    del self._displaced[next(iter(self._displaced))]
+        self._displaced.pop(routing_id, None)
         stale = self.by_routing_id.pop(routing_id, None)  # this connection said hello before under another id
         if stale is not None and stale.sender != sender:
             self.by_sender.pop(stale.sender, None)
@@ -74,10 +84,11 @@ class PeerTable:
         """The peer behind ``routing_id`` if it registered as ``sender`` with this key; else ``unknown_sender``."""
         peer = self.by_routing_id.get(routing_id)
         if peer is None:
-            if sender in self.by_sender:  # its id was taken over by a newer connection's hello
+            if self._displaced.get(routing_id) == sender:  # its id was taken over by a newer connection's hello
                 raise ProtocolError("unknown_sender", f"{sender!r} said hello on another connection since this one did "
                                                       "(two processes under one id?); say hello again to take it back")
-            raise ProtocolError("unknown_sender", f"{sender!r} sent before saying hello on this connection")
+            raise ProtocolError("unknown_sender", f"{sender!r} sent before saying hello on this connection (every new "
+                                                  "connection, a reconnection too, says hello first)")
         if peer.sender != sender:
             raise ProtocolError("unknown_sender", f"this connection said hello as {peer.sender!r}, not {sender!r}")
         if peer.user_id != user_id:
