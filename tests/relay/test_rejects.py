@@ -235,3 +235,22 @@ def test_a_frame_over_the_socket_cap_drops_the_connection_and_is_counted_as_a_di
         other = connected_worker(context, relay, "worker-2")  # the relay goes on serving
         other.send(make_batch(7))
         assert trainer.recv_type("sample_batch")[1].seq == 7
+
+
+def test_rejects_under_ever_new_envelope_sender_ids_do_not_flood_the_log_and_the_burst_is_reported(context, caplog):
+    """The log is limited per connection (the id it said hello with), not per envelope sender, which a peer chooses
+    freely; the count of a burst that ends is still logged once its interval is over."""
+    caplog.set_level("WARNING", logger="tmrl_relay.broker")
+    with relay_in_thread(insecure_config()) as relay:
+        relay._rate_log.interval_s = 60.0  # the whole burst inside one interval, however slow this machine is
+        connected_trainer(context, relay)
+        worker = connected_worker(context, relay, "worker-1")
+        for index in range(200):
+            worker.send_frames([encode_envelope("sample_batch", f"spoof-{index}"), _batch_body(index)])
+        wait_until(lambda: relay.metrics.reject_count("unknown_sender", "workers") == 200)
+        lines = [record.getMessage() for record in caplog.records if "rejected" in record.getMessage()]
+        assert len(lines) == 1 and "spoof-0 " in lines[0] and "said hello as worker-1" in lines[0], lines
+        relay._rate_log.interval_s = 0.1  # the interval is over: housekeeping reports the rest
+        wait_until(lambda: any("like it in" in record.getMessage() for record in caplog.records), timeout_s=5)
+        (summary,) = [record.getMessage() for record in caplog.records if "like it in" in record.getMessage()]
+        assert "spoof-199 " in summary and "the last of 199 like it" in summary, summary

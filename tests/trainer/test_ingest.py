@@ -437,3 +437,23 @@ def test_every_batch_gets_exactly_one_answer_stored_duplicate_or_rejected(ingest
         batch_frames("w", 0, [1.0]), batch_frames("w", 0, [1.0]), corrupted_batch("w", 1, "rewards", 3e38))]
     assert [[(seqs, outcome) for _, seqs, outcome, _ in reply] for reply in outcomes] == [
         [([0], "stored")], [([0], "duplicate")], [([1], "rejected")]]
+
+
+def test_a_worker_sending_bad_batches_flat_out_costs_a_log_line_per_reason_and_interval_not_one_per_batch(ingest,
+                                                                                                         caplog):
+    ingestor, memory, _ = ingest
+    caplog.set_level("WARNING", logger="tmrl_trainer.ingest")
+    ingestor._reject_log.interval_s = 60.0  # the whole flood inside one interval
+    other = layout_for_box(5, 1)
+    for seq in range(300):
+        assert answers(ingestor.handle(batch_frames("w1", seq, [1.0], layout=other))) == [
+            ("w1", [seq], "rejected", "schema")]  # every batch is still answered with its reason
+    assert acked(ingestor.handle(batch_frames("w2", 0, [1.0]))) == [("w2", [0])]
+    assert answers(ingestor.handle(batch_frames("w2", 1, [1.0], layout=other)))[0][3] == "schema"
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2 and "from w1" in lines[0] and "batch seq 0:" in lines[0] and "from w2" in lines[1], lines
+    assert ingestor.snapshot()["rejects"] == {"schema": 301} and ingestor.workers["w1"].rejected == 300
+    ingestor._reject_log.interval_s = 0.0  # the interval is over: the next snapshot reports the count held back
+    ingestor.snapshot()
+    (summary,) = [record.getMessage() for record in caplog.records][2:]
+    assert "from w1" in summary and "batch seq 299:" in summary and "the last of 299 like it" in summary, summary

@@ -25,10 +25,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import zmq
 from tmrl_common.errors import ProtocolError
+from tmrl_common.log_limit import RateLimitedLog
 from tmrl_common.protocol import (
     Error,
     Heartbeat,
@@ -63,7 +63,6 @@ _MAX_FRAMES = 4  # routing id + envelope + body, and one more to tell "too many 
 _IDLE_POLL_MS = 100
 _BACKPRESSURE_POLL_MS = 1
 _HOUSEKEEPING_S = 0.25
-_LOG_EVERY_S = 5.0
 _SUBSCRIBE, _UNSUBSCRIBE = 1, 0
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 _SUBSCRIPTION_FRAME_CAP = 4096
@@ -89,29 +88,6 @@ class RelayPorts:
     weights_port: int
 
 
-class _RateLimitedLog:
-    """Logs the first occurrence of each key, then at most one line per interval with the count in between."""
-
-    def __init__(self, interval_s: float = _LOG_EVERY_S) -> None:
-        self.interval_s = interval_s
-        self._last: dict[Any, tuple[float, int]] = {}
-
-    def warning(self, key: Any, message: str, *args: Any) -> None:
-        self.log(logging.WARNING, key, message, *args)
-
-    def log(self, level: int, key: Any, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if len(self._last) > 4096:  # keys may carry peer-chosen ids: stay bounded
-            self._last.clear()
-        last, suppressed = self._last.get(key, (float("-inf"), 0))
-        if now - last >= self.interval_s:
-            suffix = f" (+{suppressed} similar in the last {self.interval_s:.0f}s)" if suppressed else ""
-            log.log(level, message + suffix, *args)
-            self._last[key] = (now, 0)
-        else:
-            self._last[key] = (last, suppressed + 1)
-
-
 class Relay:
     """The broker. ``bind()`` then ``run()`` (blocks until :meth:`stop`); ``run()`` closes everything on exit."""
 
@@ -132,7 +108,7 @@ class Relay:
         self.pending = PendingBatches(config.max_pending_bytes)
         self.weights = WeightsCache(config.weights_min_interval_s)
         self._started = time.monotonic()
-        self._rate_log = _RateLimitedLog()
+        self._rate_log = RateLimitedLog(log)
         self._heartbeat_frames: list[bytes] | None = None
         self._heartbeat_built = 0.0
 
@@ -609,9 +585,15 @@ class Relay:
                     ref_seq = read_batch_seq(frames[2].buffer[:self.config.max_body_bytes])
             except ProtocolError:
                 pass
-        self._rate_log.warning((link, exc.reason, sender), "%s link: rejected %s%s from %s (routing id %s): %s",
+        # limited per connection (the id it said hello with), never per envelope sender, which the peer chooses: a
+        # peer that varies it would otherwise get a log line per message
+        table = self.workers if link == "workers" else self.trainers if link == "trainer" else None
+        bound = table.by_routing_id.get(routing_id) if table is not None else None
+        connection = bound.sender if bound is not None else "?"
+        self._rate_log.warning((link, exc.reason, connection),
+                               "%s link: rejected %s%s from %s (routing id %s, said hello as %s): %s",
                                link, ref_type or "a message", f" seq {ref_seq}" if ref_seq is not None else "", sender,
-                               routing_id.hex()[:16], exc)
+                               routing_id.hex()[:16], connection, exc)
         error = Error(reason=exc.reason, message=str(exc)[:1024], ref_type=ref_type[:32], ref_seq=ref_seq)
         try:
             socket.send_multipart([routing_id, *encode(error, RELAY_SENDER)], zmq.NOBLOCK)
@@ -673,6 +655,7 @@ class Relay:
                                _SUBSCRIPTION_FRAME_CAP if link == "weights" else self.config.socket_frame_cap())
 
     def _housekeeping(self, now: float) -> None:
+        self._rate_log.flush(now)
         self.metrics.connected_workers.set(self.workers.alive(self.config.peer_timeout_s, now))
         if self.trainer.is_silent(now):
             peer = self.trainer.peer

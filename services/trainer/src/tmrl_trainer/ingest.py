@@ -35,6 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
+from tmrl_common.log_limit import RateLimitedLog
 from tmrl_common.protocol import (
     AckOutcome,
     DecodeLimits,
@@ -411,6 +412,7 @@ class Ingestor:
         """Distinct seqs per worker that a restored dedupe state brought in: not stored by this run's ``batches``."""
         self.episodes = EpisodeTracker()
         self.rejects: Counter[str] = Counter()
+        self._reject_log = RateLimitedLog(log)
         self.workers: dict[str, WorkerStats] = {}
         self.batches_stored = 0
         self.rows_stored = 0
@@ -446,7 +448,10 @@ class Ingestor:
             self.rejects[reason] += 1
             if worker is not None:
                 self._worker(worker).rejected += 1
-        log.warning("rejected a message%s: [%s] %s", f" from {worker}" if worker else "", reason, message)
+        # at most a line per worker and reason every few seconds: a worker sending bad batches flat out cannot flood
+        # the log (the counters and each refusal's answer carry every one)
+        self._reject_log.warning((worker, reason), "rejected a message%s: [%s] %s", f" from {worker}" if worker else "",
+                                 reason, message)
 
     def _answer(self, worker: str, seq: int, outcome: AckOutcome, reason: str = "", detail: str = "") -> list[bytes]:
         with self._lock:
@@ -548,7 +553,9 @@ class Ingestor:
         return [self._answer(worker, seq, "stored")]
 
     def snapshot(self) -> dict:
-        """Counters and per-worker stats as plain JSON-ready values."""
+        """Counters and per-worker stats as plain JSON-ready values (and the held-back reject counts logged: the
+        status writer and the heartbeat call this every few seconds)."""
+        self._reject_log.flush()
         with self._lock:
             return {
                 "batches_stored": self.batches_stored,

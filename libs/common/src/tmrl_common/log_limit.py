@@ -1,0 +1,64 @@
+"""A log that a peer cannot flood: the first message of each key is logged, later ones within an interval are only
+counted, and the count is logged with the next one after the interval or, when none comes, by :meth:`flush`.
+
+The relay keys its rejects by (link, reason, connection) and the trainer its refused batches by (worker, reason): a
+peer that sends a thousand bad messages a second costs a line every few seconds, while the counters (and the
+``error`` or ``sample_ack`` answers) still carry every one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+LOG_EVERY_S = 5.0
+MAX_KEYS = 4096
+"""Keys remembered at once; past this the counts are reported and forgotten (keys may hold ids a peer picked)."""
+
+
+class RateLimitedLog:
+    """Logs to ``logger``: the first occurrence of each key, then at most one line per ``interval_s`` with the count
+    of those in between. Thread-safe; :meth:`flush` (call it now and then) reports the count of a key that stopped
+    coming, with the last message it held back, so that no burst ends unreported."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = LOG_EVERY_S) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[Any, tuple[float, int]] = {}
+        self._held: dict[Any, tuple[int, str, tuple[Any, ...]]] = {}
+        """Key → the last message held back under it (level, format, arguments), until its count is reported."""
+
+    def warning(self, key: Any, message: str, *args: Any) -> None:
+        self.log(logging.WARNING, key, message, *args)
+
+    def log(self, level: int, key: Any, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._last) > MAX_KEYS:
+                self._flush(now, everything=True)
+                self._last.clear()
+            last, held = self._last.get(key, (float("-inf"), 0))
+            if now - last < self.interval_s:
+                self._last[key] = (last, held + 1)
+                self._held[key] = (level, message, args)
+                return
+            self._last[key] = (now, 0)
+            self._held.pop(key, None)
+        suffix = f" (+{held} similar in the last {self.interval_s:.0f}s)" if held else ""
+        self.logger.log(level, message + suffix, *args)
+
+    def flush(self, now: float | None = None) -> None:
+        """Log each key's held-back count whose interval is over, with the last message it held back."""
+        with self._lock:
+            self._flush(time.monotonic() if now is None else now)
+
+    def _flush(self, now: float, everything: bool = False) -> None:
+        for key, (level, message, args) in list(self._held.items()):
+            last, held = self._last.get(key, (now, 0))
+            if everything or now - last >= self.interval_s:
+                del self._held[key]
+                self._last[key] = (now, 0)
+                self.logger.log(level, message + f" (the last of {held} like it in {self.interval_s:.0f}s)", *args)
