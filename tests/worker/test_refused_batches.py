@@ -246,3 +246,15 @@ def test_batches_still_unanswered_when_the_worker_gives_up_stay_in_its_durable_s
     assert len(list((tmp_path / "w-refused.spool").glob("*.batch"))) == delivery["spool_batches"]
     assert stopped.value.stats.steps < 1500
     assert read_progress(progress_path(tmp_path, "w-refused")).running is False  # an orderly stop, not a crash
+
+
+@pytest.mark.parametrize(("acked", "advice"), [(0, ": allow it with `tmrl-relay keys add` on the relay host"),
+                                               (9, " before it was allowed")])
+def test_the_summary_advises_allowing_a_refused_key_only_while_nothing_was_acknowledged(acked, advice):
+    from tmrl_worker.cli import run_summary
+    from tmrl_worker.runtime import RolloutStats
+
+    delivery = {"steps_submitted": 900, "batches_built": 9, "spool_acked": acked, "spool_resent": 0,
+                "spool_dropped": 0, "spool_batches": 9 - acked, "batches_rejected": 0, "handshake_refused": 2}
+    summary = run_summary("worker-2", RolloutStats(steps=900, delivery=delivery))
+    assert summary.endswith(f"; the relay refused this worker's key 2 time(s){advice}"), summary

@@ -145,8 +145,8 @@ class HandshakeWatch:
                         else "On")
             return (f"the relay at {where} refused this {self.role}'s key: {self._public_key_file()} is not in its "
                     f"{self.role} allow-list. {own_pair} the relay host run `tmrl-relay keys add "
-                    f"{self._public_key_file().name} --allow-dir ALLOW --role {self.role}` (ALLOW: the relay's "
-                    f"--allow-dir); retrying every {self.retry_s:.0f}s")
+                    f"{self._public_key_file()} --allow-dir ALLOW --role {self.role}` (ALLOW: the relay's "
+                    f"--allow-dir; from another host, copy that file there first); retrying every {self.retry_s:.0f}s")
         if kind == "mechanism":
             mine = "plain text (--insecure)" if self.endpoint.security.insecure else "CurveZMQ"
             theirs = "CurveZMQ" if self.endpoint.security.insecure else "plain text (--insecure)"

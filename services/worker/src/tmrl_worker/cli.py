@@ -122,8 +122,9 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
         if reasons:
             summary += f" ({', '.join(f'{reason}: {count}' for reason, count in reasons)})"
         if delivery.get("handshake_refused"):
-            summary += (f"; the relay refused this worker's key {delivery['handshake_refused']} time(s): "
-                        "allow it with `tmrl-relay keys add` on the relay host")
+            summary += f"; the relay refused this worker's key {delivery['handshake_refused']} time(s)"
+            summary += (" before it was allowed" if delivery["spool_acked"] else
+                        ": allow it with `tmrl-relay keys add` on the relay host")
     return summary
 
 
