@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 CONFIG ?=
 CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
+DEMO_ARGS ?=
 PACKAGES := libs/common libs/stack services/relay services/worker services/trainer
 STAMP  := $(VENV)/.installed
 # benchmarks/: `make bench` runs the speed figures (minutes), `make bench-long` the learning runs and the reliability
@@ -18,11 +19,16 @@ BENCH_LONG  := reliability_report sac_pendulum sac_image sac_halfcheetah sim_lap
 
 help:
 	@echo "make demo      set up, then run relay + trainer + 2 workers on the simulated track; writes a learning curve"
+	@echo "               (DEMO_ARGS=\"--minutes 1\": scripts/demo.py's options, see its --help)"
 	@echo "make test      set up, then run the whole test suite"
 	@echo "make install   create $(VENV) and install every package (torch==2.13.0 first, CPU wheel)"
 	@echo "make run-relay | run-trainer | run-worker   run one service in the foreground (CONFIG=path.toml)"
 	@echo "make bench     run the speed benchmarks in benchmarks/ (minutes)"
 	@echo "make bench-long   run the learning benchmarks and the reliability report (over an hour)"
+	@echo "make test-fast the test suite without the tests marked slow"
+	@echo "make lint      ruff over the packages, tests, benchmarks, scripts, tools and examples"
+	@echo "make install-systemd   install the systemd units (sudo; deploy/systemd/install.sh)"
+	@echo "make clean     remove $(VENV) and the test caches"
 
 install: $(STAMP)
 
@@ -46,7 +52,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check libs services tests benchmarks scripts tools examples
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py $(CONFIG_FLAG)
+	$(BIN)/python scripts/demo.py $(CONFIG_FLAG) $(DEMO_ARGS)
 
 run-relay: $(STAMP)
 	$(BIN)/tmrl-relay run $(CONFIG_FLAG)
