@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from tmrl_common.config import load_config_for_command
 from tmrl_common.curve import KeyFileError
 from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
 from tmrl_common.sockets import SecurityError
+from tmrl_common.stop_signals import ignore_stop_signals, install_stop_signals
 
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.keys import keys_app
@@ -67,9 +67,9 @@ def serve(config: RelayConfig) -> int:
     relay = Relay(config, metrics)
     # Before bind: bind logs the "listening" line that launchers wait for, and a SIGTERM sent right after it must
     # stop the relay cleanly (exit 0), not kill it with the default action (seen as exit -15 in tests/stack).
+    # (Through tmrl_common.stop_signals: relay.stop() sets an Event, which a Python signal handler must not do.)
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda received, _frame: (log.info("signal %d: shutting down", received), relay.stop()))
+        install_stop_signals(lambda received: (log.info("signal %d: shutting down", received), relay.stop()))
     try:
         ports = relay.bind()
     except (RelaySetupError, SecurityError, KeyFileError) as exc:
@@ -92,5 +92,7 @@ def serve(config: RelayConfig) -> int:
     finally:
         if server is not None:
             server.close()
+    if threading.current_thread() is threading.main_thread():
+        ignore_stop_signals()  # stopped cleanly: a repeated SIGTERM must not turn exit 0 into death by that signal
     log.info("relay stopped")
     return 0

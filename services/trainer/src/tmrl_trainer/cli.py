@@ -50,11 +50,17 @@ def run(
     It logs the device it trains on first. If the relay refuses this trainer's key (not in its ALLOW/trainers
     allow-list), an error says so within a second with the `tmrl-relay keys add` command that fixes it, and the
     trainer retries every 10 s."""
-    import signal
+    import logging
     import threading
 
     from tmrl_common.errors import ConfigError
+    from tmrl_common.stop_signals import ignore_stop_signals, install_stop_signals
 
+    stop = threading.Event()
+    # first: a SIGTERM during the imports below stops the trainer cleanly instead of killing it; and never
+    # stop.set() inside a signal handler, which can deadlock on the lock stop.wait() holds (tmrl_common.stop_signals)
+    install_stop_signals(lambda signum: (logging.getLogger("tmrl_trainer").info("signal %d: stopping", signum),
+                                         stop.set()))
     overrides = {
         "env": env, "relay_host": relay_host, "trainer_port": trainer_port, "run_dir": run_dir, "device": device,
         "seed": seed, "torch_threads": torch_threads, "save_memory": True if save_memory else None,
@@ -68,9 +74,6 @@ def run(
     from tmrl_trainer.checkpoint import CheckpointMismatchError
     from tmrl_trainer.service import TrainerService
 
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     try:
         log_device(effective.device)
         service = TrainerService(effective)
@@ -78,7 +81,11 @@ def run(
     except (ConfigError, SecurityError, KeyFileError, CheckpointMismatchError) as exc:  # what to fix, in one line
         typer.echo(f"tmrl-trainer: {exc}", err=True)
         raise typer.Exit(code=2) from exc
+    ignore_stop_signals()  # stopped cleanly: a repeated SIGTERM must not turn exit 0 into death by that signal
     typer.echo(f"trainer stopped after {updates} updates, weights version {service.weights_version}", err=True)
+    if service.final_checkpoint_missing:  # logged above with why: status 1, so that a supervisor notices
+        typer.echo("tmrl-trainer: the final checkpoint could not be saved (see the error above)", err=True)
+        raise typer.Exit(code=1)
 
 
 def log_device(device: str) -> None:

@@ -62,9 +62,17 @@ def run(
     `tmrl-relay keys add` command that fixes it, and the worker retries every 10 s (its batches wait in the spool).
     If `max_consecutive_refusals` batches in a row are refused for good (another layout, rewards out of bounds...),
     the worker stops with its summary, one line naming the reasons and what to fix, and exit status 1."""
-    import signal
+    import logging
     import threading
 
+    from tmrl_common.stop_signals import install_stop_signals
+
+    stop = threading.Event()
+    # first: importing torch below takes seconds, and a SIGTERM then must stop the worker cleanly, not kill it; and
+    # never stop.set() inside a signal handler, which can deadlock on the lock stop.wait() holds
+    # (tmrl_common.stop_signals)
+    install_stop_signals(lambda signum: (logging.getLogger("tmrl_worker").info("signal %d: stopping", signum),
+                                         stop.set()))
 
     if test and expert:
         raise typer.BadParameter("--test and --expert exclude each other")
@@ -87,9 +95,6 @@ def run(
     from tmrl_worker.spool import StateFileError
 
     torch.set_num_threads(1)  # one observation at a time: extra threads only add latency
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     try:
         stats = run_worker(effective, stop=stop, exit_if_stuck=True)
     except (EnvSpecError, PolicyFileError, StateFileError, SecurityError, KeyFileError) as exc:

@@ -1,0 +1,71 @@
+"""SIGINT and SIGTERM as a callback on a thread of their own, never inside a Python signal handler.
+
+CPython runs a Python signal handler in the main thread between two bytecodes, wherever that thread is. A handler
+that calls ``threading.Event.set`` takes the Event's internal lock, a plain, non-reentrant ``Lock``; when the signal
+lands while the main thread holds that very lock (inside ``stop.wait(timeout)``, just after the timed wait has taken
+it back, which the trainer's loop does every few milliseconds while it waits for data), the handler waits for a lock
+its own thread holds, and the process never stops: each further SIGTERM stacks one more blocked handler. A stress
+probe hit it about once in 1,500 stops of a loop like the trainer's, and a trainer with the window widened hung on
+every stop; it is the likeliest cause of a trainer once seen hanging after SIGTERM.
+
+So the Python handler here does nothing. The interpreter's C-level handler writes the signal's number to a wake-up
+socket (:func:`signal.set_wakeup_fd`), and a daemon thread reading that socket calls the callback: an ordinary
+thread, which at worst waits a few microseconds for the main thread to let go of a lock.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+from collections.abc import Callable
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_installed: tuple[socket.socket, socket.socket, threading.Thread] | None = None
+"""The wake-up socket pair and its reader thread, kept for the life of the process (a collected writer would close
+the interpreter's wake-up fd under it); a new :func:`install_stop_signals` closes the previous ones."""
+
+
+def install_stop_signals(on_signal: Callable[[int], None], name: str = "stop-signals") -> None:
+    """From now on SIGINT and SIGTERM call ``on_signal(signum)`` on a daemon thread (call from the main thread; a
+    second call replaces the first). ``on_signal`` may take locks: it runs outside any signal handler."""
+    global _installed
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    wanted = {int(signum) for signum in STOP_SIGNALS}
+
+    def watch() -> None:
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:  # closed by a later install
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in wanted:
+                    on_signal(signum)
+
+    thread = threading.Thread(target=watch, name=name, daemon=True)
+    thread.start()
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _do_nothing)  # a Python handler must be set for the C handler to write the wake-up byte
+    previous, _installed = _installed, (reader, writer, thread)
+    if previous is not None:
+        previous[1].close()  # its reader sees the end of the stream and its thread returns
+        previous[2].join(1.0)
+        previous[0].close()
+
+
+def ignore_stop_signals() -> None:
+    """Ignore SIGINT and SIGTERM from now on (a service that has stopped cleanly: a repeated signal during the
+    interpreter's teardown, which puts back the default action of signals with a Python handler, would otherwise turn
+    its exit status 0 into death by that signal)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _do_nothing(signum: int, frame: object) -> None:  # noqa: ARG001 - takes no lock and does no I/O: module docstring
+    return None
