@@ -362,6 +362,54 @@ def test_a_checkpoint_the_disk_refuses_is_logged_and_counted_and_training_goes_o
     assert _checkpoint_files(service) == []
     assert service.snapshot()["learner"]["checkpoints_failed"] == 3
     assert "checkpoint at 10 updates could not be written ([Errno 28] No space left on device)" in caplog.text
+    # at shutdown there is no training to go on: said plainly, and flagged for the exit status
+    assert service.final_checkpoint_missing
+    assert ("checkpoint at 20 updates could not be written ([Errno 28] No space left on device); the previous "
+            "checkpoints are kept: free disk space") in caplog.text
+    assert ("stopping without a final checkpoint (above): this run reached 20 updates, and no checkpoint was saved, "
+            "a restart starts from scratch") in caplog.text
+
+
+def test_a_final_checkpoint_that_fails_names_the_one_a_restart_resumes_from(tmp_path, caplog, monkeypatch):
+    from tmrl_trainer import service as service_module
+
+    service = TrainerService(make_config(tmp_path))
+    service.ingestor.handle(pendulum_batch("w1", 0, 60))
+    real_save = service_module.save_checkpoint
+
+    def read_only_after_10(path, *args, **kwargs):
+        if "000000000010" not in path.name:
+            raise PermissionError(13, "Permission denied")
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(service_module, "save_checkpoint", read_only_after_10)
+    with caplog.at_level("ERROR", logger="tmrl_trainer.service"):
+        assert service.run(max_updates=15) == 15
+    assert service.final_checkpoint_missing and service.last_checkpoint_updates == 10
+
+    fine = TrainerService(make_config(tmp_path / "fine"))  # and a final checkpoint that is saved is not missing
+    fine.ingestor.handle(pendulum_batch("w1", 0, 60))
+    monkeypatch.setattr(service_module, "save_checkpoint", real_save)
+    assert fine.run(max_updates=15) == 15
+    assert not fine.final_checkpoint_missing and fine.last_checkpoint_updates == 15
+    assert ("stopping without a final checkpoint (above): this run reached 15 updates, and a restart resumes from "
+            "the newest one kept, at 10 updates") in caplog.text
+
+
+def test_a_run_dir_gone_read_only_does_not_cut_the_shutdown_short(tmp_path, caplog, monkeypatch):
+    from tmrl_trainer import status as status_module
+
+    service = TrainerService(make_config(tmp_path))
+    service.ingestor.handle(pendulum_batch("w1", 0, 60))
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(status_module, "write_atomically", read_only)
+    with caplog.at_level("ERROR", logger="tmrl_trainer.status"):
+        assert service.run(max_updates=10) == 10  # before: status.json's last write raised out of shutdown()
+    assert "could not write the final" in caplog.text and "status.json" in caplog.text
+    assert not service._run_lock.is_locked  # the rest of the shutdown ran: the run directory's lock is released
 
 
 

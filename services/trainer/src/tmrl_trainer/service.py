@@ -268,6 +268,10 @@ class TrainerService:
         checkpoint at the same update count (no update since) would replace it, and must not with less memory."""
         self._refused_on_resume: list[Path] = []
         """Checkpoints refused (and set aside) by this start, newest first: the lost-progress warning names them."""
+        self.last_checkpoint_updates: int | None = None
+        """Updates of the newest checkpoint saved or resumed by this service (None: none yet)."""
+        self.final_checkpoint_missing = False
+        """True when the checkpoint at shutdown could not be saved (``tmrl-trainer run`` then exits with status 1)."""
         self._started = time.time()
         previous_run = read_previous_status(self.run_dir / STATUS_FILE)  # before this run's status replaces it
         try:
@@ -397,6 +401,7 @@ class TrainerService:
         return f"set aside as {refused.name}, its replay memory file as {memory_refused.name}"
 
     def _resumed_from(self, path: Path, restored: Checkpoint) -> None:
+        self.last_checkpoint_updates = self.learner.updates
         self.weights_version = int(restored.counters.get("weights_version", 0))
         self.samples_before_run = int(restored.counters.get("samples_received", 0))
         memory = "the replay memory starts empty"
@@ -446,7 +451,9 @@ class TrainerService:
         allowed = self.config.sac.utd * self.rows_received
         return max(0, int(allowed - (self.learner.updates - self._ratio_baseline)))
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, final: bool = False) -> bool:
+        """Save a checkpoint of the learner (and the replay memory with ``save_memory``); False when none could be
+        saved, which is logged (``final``: at shutdown, where training does not go on). The previous ones stay."""
         path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.learner.updates:012d}.safetensors"
         counters = {"weights_version": self.weights_version,
                     "samples_received": self.samples_before_run + self.rows_received}  # across restarts
@@ -464,7 +471,7 @@ class TrainerService:
                 log.warning("checkpoint %s not replaced: no update since it was resumed, and it holds a replay memory "
                             "of %d rows ever added where this run would save %s", path, saved_rows,
                             f"{rows}" if memory is not None else "none (save_memory is off)")
-                return
+                return True  # it holds this learner's state already
         try:
             try:
                 save_checkpoint(path, self.learner, counters=counters, memory=memory, extra=extra)
@@ -476,15 +483,18 @@ class TrainerService:
             self.guard_counts["checkpoints_refused"] += 1
             log.error("checkpoint at %d updates not saved: %s; the previous checkpoints are kept",
                       self.learner.updates, exc)
-            return
+            return False
         except OSError as exc:  # a full disk, a quota, permissions: training goes on, the next checkpoint tries again
             self.guard_counts["checkpoints_failed"] += 1
-            log.error("checkpoint at %d updates could not be written (%s); the previous checkpoints are kept and "
-                      "training goes on: free disk space or fix %s", self.learner.updates, exc, self.checkpoint_dir)
-            return
+            log.error("checkpoint at %d updates could not be written (%s); the previous checkpoints are kept%s: free "
+                      "disk space or fix %s", self.learner.updates, exc, "" if final else " and training goes on",
+                      self.checkpoint_dir)
+            return False
         self._prune_checkpoints()
+        self.last_checkpoint_updates = self.learner.updates
         log.info("checkpoint saved: %s (%d updates, weights version %d%s)", path, self.learner.updates,
                  self.weights_version, f", {extra['memory_rows_added']} rows added to the memory" if extra else "")
+        return True
 
     def _prune_checkpoints(self, keep: int = KEEP_CHECKPOINTS) -> list[str]:
         """Keep the newest ``keep`` checkpoints; delete older ones and every memory file that does not belong to a
@@ -621,8 +631,13 @@ class TrainerService:
 
     def shutdown(self) -> None:
         try:
-            if self.learner.updates:
-                self._checkpoint()
+            if self.learner.updates and not self._checkpoint(final=True):
+                self.final_checkpoint_missing = True
+                kept = (f"a restart resumes from the newest one kept, at {self.last_checkpoint_updates} updates"
+                        if self.last_checkpoint_updates is not None else "no checkpoint was saved, a restart starts "
+                        "from scratch")
+                log.error("stopping without a final checkpoint (above): this run reached %d updates, and %s",
+                          self.learner.updates, kept)
         finally:
             self.link.stop()
             self.status.stop()

@@ -127,7 +127,10 @@ class StatusFile:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5.0)
-        self.write_now()
+        try:  # the last snapshot: a run directory gone read-only must not cut the rest of the shutdown short
+            self.write_now()
+        except OSError as exc:
+            log.error("could not write the final %s (%s)", self.path, exc)
 
 
 def read_status(path: Path) -> dict[str, Any] | None:
