@@ -134,7 +134,7 @@ def _read_table(path: Path, section: str, known_sections: tuple[str, ...]) -> di
     known = (*known_sections, section) if section not in known_sections else known_sections
     unknown = [name for name in document if name not in known]
     if unknown:
-        hints = [f"[{name}]{_did_you_mean(name, known, '[{}]')}" for name in unknown]
+        hints = [f"[{name}]{did_you_mean(name, known, '[{}]')}" for name in unknown]
         raise ConfigError(f"config file {path}: unknown table {', '.join(hints)}; the known tables are "
                           f"{', '.join(f'[{name}]' for name in known)}")
     table = document.get(section, {})
@@ -143,14 +143,25 @@ def _read_table(path: Path, section: str, known_sections: tuple[str, ...]) -> di
     return table
 
 
-def _did_you_mean(name: str, choices: Any, shown: str = "{}") -> str:
+def did_you_mean(name: str, choices: Any, shown: str = "{}") -> str:
+    """`` (did you mean X?)`` with the choice closest to ``name`` (written through ``shown``), or ``""`` when none is
+    close."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {shown.format(close[0])}?)" if close else ""
 
 
-def did_you_mean(name: str, choices: Any) -> str:
-    """`` (did you mean X?)`` with the choice closest to ``name``, or ``""`` when none is close."""
-    return _did_you_mean(name, choices)
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one line (an array's repr spans lines), cut to ``limit`` characters with ``...``: a value
+    quoted in a one-line error."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def _unknown_field(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """``unknown field`` with the closest field name of the (nested) model that ``loc[:-1]`` names in ``model``."""
+    parent = _strip_optional(_field_annotation(model, [str(part) for part in loc[:-1]]))
+    fields = parent.model_fields if isinstance(parent, type) and issubclass(parent, BaseModel) else {}
+    return f"unknown field{did_you_mean(loc[-1], fields)}"
 
 
 def validation_problems(model: type[BaseModel], exc: ValidationError, prefix: str = "") -> str:
@@ -162,17 +173,13 @@ def validation_problems(model: type[BaseModel], exc: ValidationError, prefix: st
         loc = tuple(str(part) for part in error["loc"])
         field = ".".join(part for part in (prefix, *loc) if part)
         if error["type"] == "extra_forbidden":
-            parent = _strip_optional(_field_annotation(model, list(loc[:-1])))
-            fields = parent.model_fields if isinstance(parent, type) and issubclass(parent, BaseModel) else {}
-            problems.append(f"{field}: unknown field{_did_you_mean(loc[-1], fields)}")
+            problems.append(f"{field}: {_unknown_field(model, loc)}")
             continue
         message = str(error["msg"]).removeprefix("Value error, ")
         if not loc:  # a check across fields: its message says which
             problems.append(f"{field}: {message}" if field else message)
             continue
-        value = repr(error.get("input"))
-        value = value if len(value) <= 60 else f"{value[:57]}..."
-        shown = "" if isinstance(error.get("input"), Mapping) else f" = {value}"
+        shown = "" if isinstance(error.get("input"), Mapping) else f" = {short_repr(error.get('input'))}"
         problems.append(f"{field}{shown}: {message}")
     return "; ".join(problems)
 
@@ -217,10 +224,7 @@ class _Sources:
 def _explain(model: type[BaseModel], error: Mapping[str, Any], sources: _Sources) -> str:
     loc = tuple(error["loc"])
     if error["type"] == "extra_forbidden":
-        parent = _field_annotation(model, [str(p) for p in loc[:-1]])
-        fields = _strip_optional(parent).model_fields if isinstance(_strip_optional(parent), type) and issubclass(
-            _strip_optional(parent), BaseModel) else {}
-        return f"{sources.describe(loc)}: unknown field{_did_you_mean(loc[-1], fields)}"
+        return f"{sources.describe(loc)}: {_unknown_field(model, loc)}"
     if not loc:  # a check across fields (a model validator): no one value to quote, the message says which
         return str(error["msg"]).removeprefix("Value error, ")
     return f"{sources.describe(loc)}: {error['msg']}"

@@ -15,6 +15,7 @@ thread, which at worst waits a few microseconds for the main thread to let go of
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import threading
@@ -57,6 +58,17 @@ def install_stop_signals(on_signal: Callable[[int], None], name: str = "stop-sig
         previous[1].close()  # its reader sees the end of the stream and its thread returns
         previous[2].join(1.0)
         previous[0].close()
+
+
+def stopping(stop: Callable[[], None], logger: logging.Logger) -> Callable[[int], None]:
+    """The ``on_signal`` of a service: log ``signal N: stopping`` to ``logger``, then call ``stop`` (an Event's
+    ``set``, a relay's ``stop``)."""
+
+    def on_signal(signum: int) -> None:
+        logger.info("signal %d: stopping", signum)
+        stop()
+
+    return on_signal
 
 
 def ignore_stop_signals() -> None:

@@ -11,7 +11,7 @@ from tmrl_common.config import load_config_for_command
 from tmrl_common.curve import KeyFileError
 from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
 from tmrl_common.sockets import SecurityError
-from tmrl_common.stop_signals import ignore_stop_signals, install_stop_signals
+from tmrl_common.stop_signals import ignore_stop_signals, install_stop_signals, stopping
 
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.keys import keys_app
@@ -69,7 +69,7 @@ def serve(config: RelayConfig) -> int:
     # stop the relay cleanly (exit 0), not kill it with the default action (seen as exit -15 in tests/stack).
     # (Through tmrl_common.stop_signals: relay.stop() sets an Event, which a Python signal handler must not do.)
     if threading.current_thread() is threading.main_thread():
-        install_stop_signals(lambda received: (log.info("signal %d: shutting down", received), relay.stop()))
+        install_stop_signals(stopping(relay.stop, log))
     try:
         ports = relay.bind()
     except (RelaySetupError, SecurityError, KeyFileError) as exc:

@@ -54,13 +54,12 @@ def run(
     import threading
 
     from tmrl_common.errors import ConfigError
-    from tmrl_common.stop_signals import ignore_stop_signals, install_stop_signals
+    from tmrl_common.stop_signals import ignore_stop_signals, install_stop_signals, stopping
 
     stop = threading.Event()
     # first: a SIGTERM during the imports below stops the trainer cleanly instead of killing it; and never
     # stop.set() inside a signal handler, which can deadlock on the lock stop.wait() holds (tmrl_common.stop_signals)
-    install_stop_signals(lambda signum: (logging.getLogger("tmrl_trainer").info("signal %d: stopping", signum),
-                                         stop.set()))
+    install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_trainer")))
     overrides = {
         "env": env, "relay_host": relay_host, "trainer_port": trainer_port, "run_dir": run_dir, "device": device,
         "seed": seed, "torch_threads": torch_threads, "save_memory": True if save_memory else None,

@@ -65,14 +65,13 @@ def run(
     import logging
     import threading
 
-    from tmrl_common.stop_signals import install_stop_signals
+    from tmrl_common.stop_signals import install_stop_signals, stopping
 
     stop = threading.Event()
     # first: importing torch below takes seconds, and a SIGTERM then must stop the worker cleanly, not kill it; and
     # never stop.set() inside a signal handler, which can deadlock on the lock stop.wait() holds
     # (tmrl_common.stop_signals)
-    install_stop_signals(lambda signum: (logging.getLogger("tmrl_worker").info("signal %d: stopping", signum),
-                                         stop.set()))
+    install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_worker")))
 
     if test and expert:
         raise typer.BadParameter("--test and --expert exclude each other")

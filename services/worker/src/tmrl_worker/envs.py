@@ -37,6 +37,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 from gymnasium import spaces
+from tmrl_common.config import short_repr
 from tmrl_common.layout import ObservationComponent, ObservationLayout, box_bounds, layout_for_box
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,6 @@ class ReturnedValueError(TypeError):
     value, its type and what to return instead."""
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` on one line, cut at ``limit`` characters (an array's repr spans lines)."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else f"{text[:limit - 3]}..."
-
-
 def _kind(value: Any) -> str:
     """``value``'s type name, with its shape when it is an array."""
     return f"numpy array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
@@ -88,7 +83,7 @@ def _one_number(reward: Any) -> float:
     if isinstance(reward, np.ndarray) and reward.ndim == 0 and reward.dtype.kind in "iuf":
         reward = reward[()]
     if isinstance(reward, (bool, np.bool_)) or not isinstance(reward, (int, float, np.integer, np.floating)):
-        raise ReturnedValueError(f"reward {_shown(reward)}, which is not one number (a {_kind(reward)}): "
+        raise ReturnedValueError(f"reward {short_repr(reward)}, which is not one number (a {_kind(reward)}): "
                                  "return a float")
     return float(reward)
 
@@ -100,7 +95,7 @@ def _one_flag(name: str, value: Any) -> bool:
     ``bool("False")`` True, so converting would hide the bug, and an array of flags has no truth value."""
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         return bool(value)
-    raise ReturnedValueError(f"{name} {_shown(value)} (a {_kind(value)}), which is not a bool: return True or False")
+    raise ReturnedValueError(f"{name} {short_repr(value)} (a {_kind(value)}), which is not a bool: return True or False")
 
 
 def _spec_help() -> str:

@@ -486,8 +486,10 @@ class TrackFile(BaseModel):
             pieces = tuple(Straight(p.straight) if isinstance(p, StraightPiece) else Arc(p.radius, p.degrees)
                            for p in self.pieces)
             length = sum(p.length if isinstance(p, Straight) else p.radius * math.radians(abs(p.degrees)) for p in pieces)
-            _check_size(name, length * (2 if self.point_symmetric else 1))
-            return build_track(TrackDesign(name, pieces, self.width, self.closed, self.point_symmetric))
+            _check_size(name, length * (2 if self.point_symmetric else 1))  # before the check's N x N work
+            track = build_track(TrackDesign(name, pieces, self.width, self.closed, self.point_symmetric))
+            _check_size(name, track.length, track.centre)
+            return track
         points = np.asarray(self.centre, dtype=np.float64)
         if self.closed and len(points) > 3 and np.array_equal(points[0], points[-1]):
             points = points[:-1]  # the loop written back to its start
@@ -539,10 +541,7 @@ def read_track_file(name: str) -> Track:
         design = TrackFile.model_validate(table)
     except ValidationError as exc:
         raise TrackError(f"track {name!r}: {validation_problems(TrackFile, exc)}") from exc
-    track = design.build(name)
-    if design.pieces is not None:
-        _check_size(name, track.length, track.centre)
-    return track
+    return design.build(name)
 
 
 def parse_seed(name: str, prefix: str) -> int:
