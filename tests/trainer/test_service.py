@@ -685,6 +685,26 @@ def test_the_progress_line_of_a_trainer_without_relay_names_where_it_looks_for_o
         service.shutdown()
 
 
+def test_the_progress_line_names_a_few_sending_workers_and_counts_the_others(tmp_path, caplog):
+    service = TrainerService(make_config(tmp_path))
+    try:
+        for index in range(11):
+            service.ingestor.handle(pendulum_batch(f"w{index:02d}", 0, 10))
+        wrong_shape = SampleBatchBuilder(layout_for_box(4, 1))  # Pendulum's observations have 3 values
+        wrong_shape.add_reset((np.zeros(4, np.float32),))
+        wrong_shape.add_step(np.zeros(1, np.float32), (np.zeros(4, np.float32),), 0.0, False, False)
+        service.ingestor.handle(encode(wrong_shape.build(seq=0, weights_version=0), "refused-only"))
+        with caplog.at_level("INFO", logger="tmrl_trainer.service"):
+            service._report()
+        line = caplog.records[-1].getMessage()
+        assert "w00: 1 batches" in line and "w07: 1 batches" in line and "w08" not in line
+        assert "3 more worker(s) with batches (status.json lists every one)" in line
+        assert "1 worker(s) without a stored batch yet" in line and "refused-only" not in line
+        assert len(service.snapshot()["workers"]) == 12  # status.json still has every one
+    finally:
+        service.shutdown()
+
+
 @pytest.mark.parametrize(("field", "value"), [("sac", {"actor_lr": float("inf")}), ("sac", {"utd": float("inf")}),
                                               ("sac", {"gamma": float("nan")}), ("max_abs_reward", float("inf"))])
 def test_an_infinite_or_nan_setting_is_refused_as_config(field, value):

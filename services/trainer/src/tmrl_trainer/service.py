@@ -116,6 +116,8 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 REFUSED_SUFFIX = ".refused"
 """Appended to a checkpoint refused on resume (unreadable or non-finite): kept for inspection, never tried again."""
 PROGRESS_EVERY_S = 10.0
+WORKERS_SHOWN = 8
+"""The progress line names at most this many workers (``status.json`` has every one)."""
 REPLAY_SYNC_EVERY = 8
 """With device sampling, the mirror copies the rows received since its last sync every this many updates."""
 POLICY_FILE = "policy.safetensors"
@@ -175,6 +177,21 @@ def describe_layout(layout: ObservationLayout) -> str:
     if layout.action_history:
         parts.append(f"{layout.action_history} previous action(s)")
     return f"[{', '.join(parts)}; action {layout.action_dim}]"
+
+
+def workers_summary(workers: dict[str, dict[str, Any]], shown: int = WORKERS_SHOWN) -> str:
+    """The progress line's part on workers, from the ingest snapshot's ``workers``: the first ``shown`` workers (by
+    name) that have a batch stored, then how many more there are, and how many said hello or sent only refused
+    batches. ``status.json`` lists them all."""
+    senders = [(name, stats) for name, stats in workers.items() if stats["batches"]]
+    parts = [f"{name}: {stats['batches']} batches, v{stats['weights_version']}, last return "
+             f"{'n/a' if stats['last_return'] is None else format(stats['last_return'], '.2f')}"
+             for name, stats in senders[:shown]]
+    if len(senders) > shown:
+        parts.append(f"{len(senders) - shown} more worker(s) with batches (status.json lists every one)")
+    if len(workers) > len(senders):
+        parts.append(f"{len(workers) - len(senders)} worker(s) without a stored batch yet")
+    return ", ".join(parts)
 
 
 def export_policy(update: WeightsUpdate, path: Path) -> Path:
@@ -565,9 +582,7 @@ class TrainerService:
 
     def _report(self) -> None:
         snapshot = self.ingestor.snapshot()
-        workers = ", ".join(f"{name}: {w['batches']} batches, v{w['weights_version']}, last return "
-                            f"{'n/a' if w['last_return'] is None else format(w['last_return'], '.2f')}"
-                            for name, w in snapshot["workers"].items())
+        workers = workers_summary(snapshot["workers"])
         log.info("%d updates, weights version %d, %d samples received (%d duplicates, %d rejected); %s",
                  self.learner.updates, self.weights_version, self.rows_received, snapshot["duplicates"],
                  sum(snapshot["rejects"].values()),
