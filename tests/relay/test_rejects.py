@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+import zmq
 from tmrl_common.errors import ProtocolError
 from tmrl_common.protocol import Heartbeat, Hello, SampleAck, batch_seq_of, decode, encode, encode_envelope
 
@@ -235,6 +236,28 @@ def test_a_frame_over_the_socket_cap_drops_the_connection_and_is_counted_as_a_di
         other = connected_worker(context, relay, "worker-2")  # the relay goes on serving
         other.send(make_batch(7))
         assert trainer.recv_type("sample_batch")[1].seq == 7
+
+
+@pytest.mark.parametrize(("link", "port", "socket_type", "takes"), [
+    ("weights", "weights_port", zmq.DEALER, "SUB or XSUB"),
+    ("workers", "worker_port", zmq.SUB, "DEALER"),
+    ("trainer", "trainer_port", zmq.PUSH, "DEALER"),
+])
+def test_a_wrong_socket_type_is_counted_and_the_log_names_the_kind_the_port_takes(context, caplog, link, port,
+                                                                                  socket_type, takes):
+    caplog.set_level("INFO", logger="tmrl_relay.broker")
+    with relay_in_thread(insecure_config()) as relay:
+        wrong = context.socket(socket_type)  # ZeroMQ closes it during the handshake, and says little more
+        wrong.connect(f"tcp://127.0.0.1:{getattr(relay.ports, port)}")
+        try:
+            wait_until(lambda: (relay.metrics.registry.get_sample_value("tmrl_relay_disconnects_total",
+                                                                        {"link": link}) or 0.0) >= 1,
+                       what="the refused connection to be counted")
+        finally:
+            wrong.close(0)
+        wait_until(lambda: f"{link} link: a connection on" in caplog.text, what="the disconnect's log line")
+        assert f"not a {takes} socket" in caplog.text
+        assert "Traceback" not in caplog.text
 
 
 def test_rejects_under_ever_new_envelope_sender_ids_do_not_flood_the_log_and_the_burst_is_reported(context, caplog):

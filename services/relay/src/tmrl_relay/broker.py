@@ -67,6 +67,9 @@ _SUBSCRIBE, _UNSUBSCRIBE = 1, 0
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 _SUBSCRIPTION_FRAME_CAP = 4096
 """``ZMQ_MAXMSGSIZE`` of the weights socket: subscriptions are tiny, anything big is hostile."""
+_PEER_SOCKET_TYPES = {"workers": "DEALER", "trainer": "DEALER", "weights": "SUB or XSUB"}
+"""The ZeroMQ socket types each link's peers must use: ZeroMQ closes any other kind during the handshake, and says
+only that the connection closed."""
 
 _HANDSHAKE_EVENTS = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
@@ -640,8 +643,17 @@ class Relay:
             self.metrics.handshake_failures.labels(link=link, kind=kind).inc()
             # libzmq's endpoint is this relay's end of the connection; the client's address is not given
             self._rate_log.warning(("handshake", link, kind), "%s link: refused a connection on %s during the "
-                                   "handshake (%s%s)", link, event.get("endpoint", b"?").decode(errors="replace"),
-                                   kind, ": public key not in the allow-list" if kind == "auth" else "")
+                                   "handshake (%s: %s)", link, event.get("endpoint", b"?").decode(errors="replace"),
+                                   kind, self._handshake_hint(link, kind))
+
+    @staticmethod
+    def _handshake_hint(link: str, kind: str) -> str:
+        """What a handshake failure of ``kind`` on ``link`` most likely means, for its log line."""
+        if kind == "auth":
+            return "public key not in the allow-list"
+        if kind == "protocol":
+            return "one side runs --insecure and the other CurveZMQ, or the peer's handshake was malformed"
+        return f"a peer that is not a {_PEER_SOCKET_TYPES[link]} socket, or does not speak ZeroMQ's protocol"
 
     def _on_disconnect(self, link: str, endpoint: bytes) -> None:
         """A connection ended. ZeroMQ does not say why: the peer closed or died, or it sent a frame over the socket's
@@ -649,10 +661,11 @@ class Relay:
         it is counted and logged here, so an oversized frame never goes unseen."""
         self.metrics.disconnects.labels(link=link).inc()
         # INFO: a peer leaving is routine (a worker stopped, a trainer restarted); the oversized case is counted too
-        self._rate_log.log(logging.INFO, ("disconnect", link), "%s link: a connection on %s closed (the peer left, or sent a "
-                               "frame over the %d-byte cap, which ZeroMQ drops unread)", link,
-                               endpoint.decode(errors="replace"),
-                               _SUBSCRIPTION_FRAME_CAP if link == "weights" else self.config.socket_frame_cap())
+        self._rate_log.log(logging.INFO, ("disconnect", link), "%s link: a connection on %s closed (the peer left; or "
+                           "it sent a frame over the %d-byte cap, which ZeroMQ drops unread; or it is not a %s socket, "
+                           "the only kind this port takes)", link, endpoint.decode(errors="replace"),
+                           _SUBSCRIPTION_FRAME_CAP if link == "weights" else self.config.socket_frame_cap(),
+                           _PEER_SOCKET_TYPES[link])
 
     def _housekeeping(self, now: float) -> None:
         self._rate_log.flush(now)
