@@ -9,8 +9,12 @@ log file, in a given working directory) and decides what an exit means:
 * any other exit: restarted after a back-off that doubles from ``first_delay_s`` up to ``max_delay_s`` and starts
   over once a child has run for ``stable_after_s``.
 
-A stop request (:meth:`Supervisor.stop`, from the service's stop control or Ctrl-C) ends the child and is honoured
-during the back-off too: no child is started after it. On Windows the child is also put in a job object that ends it
+A stop request (:meth:`Supervisor.stop`, from the service's stop control or Ctrl-C) asks the child to stop by closing
+its stdin (the child runs with ``TMRL_STOP_ON_STDIN_CLOSE=1``, which makes a tmrl service take stdin's end as it takes
+SIGTERM: the trainer saves its final checkpoint, the worker hands over its last batch; see
+``tmrl_common.stop_signals``), waits up to ``stop_timeout_s`` for it to exit, and only then terminates it (on Windows
+``TerminateProcess``, a kill). A service's child has no console, so Ctrl-C or Ctrl-Break cannot be sent to it. A
+stop is honoured during the back-off too: no child is started after it. On Windows the child is also put in a job object that ends it
 when the supervisor ends, since ``Stop-ScheduledTask`` terminates the task's own process only. Task Scheduler's own "restart on failure" only retries a task
 that failed to *start*, never a worker that exited with an error, hence this loop in the task's command.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import subprocess
 import sys
 import threading
@@ -32,6 +37,12 @@ from pathlib import Path
 
 NO_RESTART_CODES = (0, 2)
 """0: finished on purpose; 2: usage or config error (restarting cannot fix it)."""
+STOP_TIMEOUT_S = 120.0
+"""How long a stop waits for the child to exit before terminating it: the trainer's final checkpoint (with
+``save_memory``, its whole replay memory) must fit in it."""
+STOP_ON_STDIN_CLOSE = "TMRL_STOP_ON_STDIN_CLOSE"
+"""Set to 1 in the child's environment: it stops cleanly when its stdin closes (``tmrl_common.stop_signals``, whose
+constant of the same name this copies: this script runs without importing tmrl)."""
 # Windows process creation flags (subprocess defines them on Windows only): no console window for the console-mode
 # child, and normal priority whatever the parent's, e.g. a task started below normal (Task Scheduler's default 7)
 CREATE_NO_WINDOW = 0x08000000
@@ -45,7 +56,7 @@ class Supervisor:
     service passes a wait on its stop event); ``log(message)`` records what happens (the log file by default)."""
 
     def __init__(self, command: list[str], log_file: Path, cwd: Path, *, first_delay_s: float = 5.0,
-                 max_delay_s: float = 60.0, stable_after_s: float = 300.0, stop_timeout_s: float = 15.0,
+                 max_delay_s: float = 60.0, stable_after_s: float = 300.0, stop_timeout_s: float = STOP_TIMEOUT_S,
                  wait: Callable[[float], bool] | None = None, log: Callable[[str], None] | None = None,
                  clock: Callable[[], float] | None = None) -> None:
         import time
@@ -65,11 +76,19 @@ class Supervisor:
         self.exit_codes: list[int] = []
 
     def stop(self) -> None:
-        """Ask :meth:`run` to end the child and return (any thread)."""
+        """Ask :meth:`run` to end the child and return (any thread): the child is asked to stop at once, and
+        :meth:`run` waits for it (:meth:`end_child`)."""
         self._stop.set()
+        self._ask_child_to_stop()
+
+    def _ask_child_to_stop(self) -> None:
         child = self._child
-        if child is not None and child.poll() is None:
-            child.terminate()
+        if child is None or child.stdin is None:
+            return
+        try:
+            child.stdin.close()  # the child's watcher reads the end of its stdin and stops as on SIGTERM
+        except (OSError, ValueError):  # already closed (maybe by another thread), or the pipe broke as the child exited
+            pass
 
     def _stopping(self) -> bool:
         return self._stop.is_set()
@@ -101,27 +120,37 @@ class Supervisor:
         with open(self.log_file, "ab") as output:
             self._log(f"starting: {subprocess.list2cmdline(self.command)} (in {self.cwd})")
             self._child = subprocess.Popen(self.command, cwd=self.cwd, stdout=output, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, creationflags=flags)
+                                           stdin=subprocess.PIPE, creationflags=flags,
+                                           env={**os.environ, STOP_ON_STDIN_CLOSE: "1"})
         self.starts += 1
         if sys.platform == "win32":
             self._job = _end_with_this_process(self._child, self._log)
         while self._child.poll() is None:
             if self._wait(0.5) or self._stopping():
-                self._end_child()
+                self.end_child()
                 return None
         self.exit_codes.append(self._child.returncode)
         return self._child.returncode
 
-    def _end_child(self) -> None:
-        assert self._child is not None
-        if self._child.poll() is None:
-            self._child.terminate()
+    def end_child(self) -> None:
+        """Ask the running child to stop, wait up to ``stop_timeout_s`` for it, then terminate it (module docstring);
+        nothing when no child runs."""
+        child = self._child
+        if child is None or child.poll() is not None:
+            return
+        self._log(f"asking {self._name()} to stop (its stdin closed); waiting up to {self.stop_timeout_s:.0f}s")
+        self._ask_child_to_stop()
         try:
-            self._child.wait(timeout=self.stop_timeout_s)
+            child.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:
-            self._child.kill()
-            self._child.wait()
-        self._log(f"{self._name()} stopped (service or task stop)")
+            self._log(f"{self._name()} did not stop within {self.stop_timeout_s:.0f}s: terminating it")
+            child.terminate()
+            try:
+                child.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        self._log(f"{self._name()} stopped with code {child.returncode} (service or task stop)")
 
     def _name(self) -> str:
         return Path(self.command[0]).stem
@@ -179,6 +208,7 @@ def main(argv: list[str]) -> int:
         return supervisor.run()
     except KeyboardInterrupt:
         supervisor.stop()
+        supervisor.end_child()
         return 0
 
 

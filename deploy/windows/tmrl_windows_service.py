@@ -2,8 +2,9 @@
 
 The service host keeps the service's CLI (``tmrl-relay run`` / ``tmrl-trainer run``) running as a child process with
 :class:`tmrl_supervisor.Supervisor` (next to this file): restarted after an error exit with a back-off (5 s doubling
-to 60 s), not restarted after exit 0 (finished) or 2 (a config error a restart cannot fix), ended when Windows asks
-the service to stop, also during the back-off.
+to 60 s), not restarted after exit 0 (finished) or 2 (a config error a restart cannot fix), asked to stop when Windows
+stops the service (its stdin closed: the trainer saves its final checkpoint; terminated after 120 s if still running),
+also during the back-off.
 
 ``install`` records, in the service's registry parameters, the absolute path of the CLI next to the python.exe that
 ran it (``<venv>\\Scripts\\tmrl-relay.exe``) and the config file: the running service is hosted by pywin32's
@@ -27,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tmrl_supervisor, also when pythonservice.exe imports us
-from tmrl_supervisor import Supervisor  # noqa: E402
+from tmrl_supervisor import STOP_TIMEOUT_S, Supervisor  # noqa: E402
 
 try:
     import servicemanager
@@ -73,7 +74,8 @@ class _TmrlService(win32serviceutil.ServiceFramework):
         return win32event.WaitForSingleObject(self._stop_event, int(seconds * 1000)) == win32event.WAIT_OBJECT_0
 
     def SvcStop(self) -> None:
-        self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING)
+        # the supervisor asks the child to stop and waits for it (the trainer's final checkpoint) before terminating it
+        self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING, waitHint=int((STOP_TIMEOUT_S + 10) * 1000))
         win32event.SetEvent(self._stop_event)
         if self._supervisor is not None:
             self._supervisor.stop()

@@ -3,6 +3,7 @@ can deadlock on the Event's own lock, held by the main thread it interrupted."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -57,3 +58,50 @@ def test_sigint_and_sigterm_reach_the_callback_by_number_and_a_new_install_repla
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+
+
+STOP_WHEN_ASKED = textwrap.dedent("""
+    import sys, threading
+    from tmrl_common.stop_signals import install_stop_signals
+    stopped, received = threading.Event(), []
+    install_stop_signals(lambda signum: (received.append(signum), stopped.set()))
+    print("ready", flush=True)
+    print(received if stopped.wait(float(sys.argv[1])) else "not stopped", flush=True)
+""")
+
+
+def test_with_the_supervisors_variable_a_closed_stdin_calls_the_callback_as_a_stop():
+    child = subprocess.Popen([sys.executable, "-c", STOP_WHEN_ASKED, "20"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMRL_STOP_ON_STDIN_CLOSE": "1"})
+    assert child.stdout.readline() == "ready\n"
+    child.stdin.write("anything written first is read and dropped\n")
+    child.stdin.flush()
+    child.stdin.close()
+    assert child.stdout.readline() == "[0]\n"  # STDIN_CLOSED
+    assert child.wait(20) == 0
+
+
+def test_without_it_a_closed_stdin_is_no_stop():
+    environment = {name: value for name, value in os.environ.items() if name != "TMRL_STOP_ON_STDIN_CLOSE"}
+    child = subprocess.Popen([sys.executable, "-c", STOP_WHEN_ASKED, "1.5"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=environment)
+    assert child.stdout.readline() == "ready\n"
+    child.stdin.close()
+    assert child.stdout.readline() == "not stopped\n"
+    assert child.wait(20) == 0
+
+
+def test_the_stopping_callback_names_what_asked_for_the_stop(caplog):
+    import logging
+    import threading
+
+    from tmrl_common.stop_signals import STDIN_CLOSED, stopping
+
+    stop = threading.Event()
+    with caplog.at_level("INFO", logger="stop-test"):
+        stopping(stop.set, logging.getLogger("stop-test"))(STDIN_CLOSED)
+        stopping(stop.set, logging.getLogger("stop-test"))(15)
+    assert stop.is_set()
+    assert [record.getMessage() for record in caplog.records] == ["stdin closed by the supervisor: stopping",
+                                                                  "signal 15: stopping"]

@@ -33,7 +33,7 @@ class FakeServiceUtil(types.ModuleType):
             def __init__(self, args) -> None:
                 self.args = args
 
-            def ReportServiceStatus(self, status) -> None:  # noqa: N802 - pywin32's name
+            def ReportServiceStatus(self, status, waitHint=5000, win32ExitCode=0, svcExitCode=0) -> None:  # noqa: N802, N803 - pywin32's names
                 pass
 
         self.ServiceFramework = ServiceFramework
@@ -201,13 +201,79 @@ def test_a_stop_during_the_restart_delay_starts_no_new_child(tmp_path) -> None:
     assert "stop requested during the restart delay" in (tmp_path / "logs" / "child.log").read_text()
 
 
-def test_stop_ends_a_running_child(tmp_path) -> None:
+# stops cleanly when its stdin closes, as the tmrl services do under the supervisor (tmrl_common.stop_signals)
+STOPS_WHEN_ASKED = """
+import pathlib, threading
+from tmrl_common.stop_signals import install_stop_signals
+stopped = threading.Event()
+install_stop_signals(lambda signum: stopped.set())
+pathlib.Path("started").touch()
+if stopped.wait(60):
+    pathlib.Path("stopped-cleanly").write_text("saved the final checkpoint here")
+"""
+
+
+def _stop_after_start(supervisor, tmp_path) -> float:
     import threading
     import time
 
-    supervisor = _supervisor(SCRIPT.parent, tmp_path, "import time; time.sleep(60)")
-    stopper = threading.Timer(1.0, supervisor.stop)
-    stopper.start()
+    def stop_once_started() -> None:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        supervisor.stop()
+
+    threading.Thread(target=stop_once_started, daemon=True).start()
     started = time.monotonic()
     assert supervisor.run() == 0
-    assert time.monotonic() - started < 20 and supervisor.starts == 1 and supervisor._child.poll() is not None
+    return time.monotonic() - started
+
+
+def test_stop_asks_the_child_to_stop_and_it_finishes_its_own_shutdown(tmp_path) -> None:
+    supervisor = _supervisor(SCRIPT.parent, tmp_path, STOPS_WHEN_ASKED)
+    assert _stop_after_start(supervisor, tmp_path) < 30
+    assert (tmp_path / "stopped-cleanly").read_text() == "saved the final checkpoint here"
+    assert supervisor.starts == 1 and supervisor._child.returncode == 0  # its own exit, not a termination
+    log = (tmp_path / "logs" / "child.log").read_text()
+    assert "asking python to stop (its stdin closed)" in log and "python stopped with code 0" in log
+    assert "terminating" not in log
+
+
+def test_a_child_that_does_not_stop_when_asked_is_terminated_after_the_timeout(tmp_path) -> None:
+    supervisor = _supervisor(SCRIPT.parent, tmp_path, "import pathlib, time; pathlib.Path('started').touch(); "
+                             "time.sleep(60)", stop_timeout_s=1.0)
+    assert _stop_after_start(supervisor, tmp_path) < 20
+    assert supervisor.starts == 1 and supervisor._child.poll() not in (None, 0)
+    assert "python did not stop within 1s: terminating it" in (tmp_path / "logs" / "child.log").read_text()
+
+
+def test_a_trainer_under_the_supervisor_stops_cleanly_when_the_service_stops(tmp_path) -> None:
+    """The whole chain of a Windows service stop, on real processes: supervisor → stdin closed → the trainer's stop
+    flag → its own shutdown and exit 0 (before, the supervisor terminated it: no final checkpoint)."""
+    import threading
+    import time
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from tmrl_supervisor import Supervisor
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    trainer = Path(sys.executable).with_name("tmrl-trainer")
+    log_file = tmp_path / "logs" / "tmrl-trainer.log"
+    supervisor = Supervisor([str(trainer), "run", "--insecure", "--env", "gym:Pendulum-v1", "--device", "cpu",
+                             "--relay-host", "127.0.0.1", "--trainer-port", "1", "--run-dir", str(tmp_path / "run")],
+                            log_file, tmp_path, stop_timeout_s=60.0)
+
+    def stop_once_training() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if log_file.exists() and "training on cpu" in log_file.read_text():
+                break
+            time.sleep(0.1)
+        supervisor.stop()
+
+    threading.Thread(target=stop_once_training, daemon=True).start()
+    assert supervisor.run() == 0
+    log = log_file.read_text()
+    assert "stdin closed by the supervisor: stopping" in log and "trainer stopped after 0 updates" in log, log
+    assert supervisor._child.returncode == 0 and "terminating" not in log

@@ -11,21 +11,35 @@ every stop; it is the likeliest cause of a trainer once seen hanging after SIGTE
 So the Python handler here does nothing. The interpreter's C-level handler writes the signal's number to a wake-up
 socket (:func:`signal.set_wakeup_fd`), and a daemon thread reading that socket calls the callback: an ordinary
 thread, which at worst waits a few microseconds for the main thread to let go of a lock.
+
+A supervisor can also ask for a stop by closing the service's stdin, when it started the service with
+``TMRL_STOP_ON_STDIN_CLOSE=1`` in its environment (:data:`STOP_ON_STDIN_CLOSE`). The Windows services' supervisor
+does (``deploy/windows/tmrl_supervisor.py``): there a service's child has no console to send Ctrl-C or Ctrl-Break
+to, and ``Popen.terminate`` is ``TerminateProcess``, a kill that leaves the trainer no time for its final checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
 from collections.abc import Callable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_ON_STDIN_CLOSE = "TMRL_STOP_ON_STDIN_CLOSE"
+"""Environment variable: ``1`` makes :func:`install_stop_signals` also stop the service when its stdin reaches its
+end (the supervisor closed it), calling the callback with :data:`STDIN_CLOSED`."""
+STDIN_CLOSED = 0
+"""The ``signum`` the callback gets for a stop asked by closing stdin (no signal has number 0)."""
 
 _installed: tuple[socket.socket, socket.socket, threading.Thread] | None = None
 """The wake-up socket pair and its reader thread, kept for the life of the process (a collected writer would close
 the interpreter's wake-up fd under it); a new :func:`install_stop_signals` closes the previous ones."""
+_stdin_callback: Callable[[int], None] | None = None
+"""The callback of the latest :func:`install_stop_signals`, which the stdin watcher (one per process) calls."""
+_stdin_watcher: threading.Thread | None = None
 
 
 def install_stop_signals(on_signal: Callable[[int], None], name: str = "stop-signals") -> None:
@@ -58,6 +72,28 @@ def install_stop_signals(on_signal: Callable[[int], None], name: str = "stop-sig
         previous[1].close()  # its reader sees the end of the stream and its thread returns
         previous[2].join(1.0)
         previous[0].close()
+    if os.environ.get(STOP_ON_STDIN_CLOSE) == "1":
+        _watch_stdin(on_signal)
+
+
+def _watch_stdin(on_signal: Callable[[int], None]) -> None:
+    """Call the latest ``on_signal`` with :data:`STDIN_CLOSED` once stdin reaches its end (module docstring)."""
+    global _stdin_callback, _stdin_watcher
+    _stdin_callback = on_signal
+    if _stdin_watcher is not None:
+        return
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):  # a supervisor writes nothing; whatever comes is read and dropped
+                pass
+        except OSError:  # no usable stdin: nobody can ask for a stop this way
+            return
+        if _stdin_callback is not None:
+            _stdin_callback(STDIN_CLOSED)
+
+    _stdin_watcher = threading.Thread(target=watch, name="stop-on-stdin-close", daemon=True)
+    _stdin_watcher.start()
 
 
 def stopping(stop: Callable[[], None], logger: logging.Logger) -> Callable[[int], None]:
@@ -65,7 +101,10 @@ def stopping(stop: Callable[[], None], logger: logging.Logger) -> Callable[[int]
     ``set``, a relay's ``stop``)."""
 
     def on_signal(signum: int) -> None:
-        logger.info("signal %d: stopping", signum)
+        if signum == STDIN_CLOSED:
+            logger.info("stdin closed by the supervisor: stopping")
+        else:
+            logger.info("signal %d: stopping", signum)
         stop()
 
     return on_signal
