@@ -140,6 +140,49 @@ def test_train_local_command_trains_and_reports_the_final_return(tmp_path):
     assert refused.exit_code == 2 and "Box action space" in refused.output
 
 
+def test_a_stop_ends_local_training_after_its_step_with_a_checkpoint_and_no_final_evaluation(tmp_path):
+    import threading
+
+    stop = threading.Event()
+
+    def stop_at_step_250(step: int, info: dict) -> None:
+        if step == 250:
+            stop.set()
+
+    config = _small(run_dir=tmp_path, eval_episodes=3)
+    result = train_local("Pendulum-v1", steps=10_000, seed=0, config=config, on_progress=stop_at_step_250, stop=stop)
+    assert result.stopped and result.steps == 250 and result.updates == 152  # one per step from step 99
+    assert result.final_returns == [] and np.isnan(result.final_return)  # the final evaluation was skipped
+    learner = SACLearner(config.sac, config.sac.architecture(_pendulum_layout()), device="cpu")
+    restored = load_checkpoint(result.checkpoint, learner)
+    assert restored.counters["env_steps"] == 250 and learner.updates == 152
+
+
+def test_train_local_command_stops_on_sigint_saves_its_checkpoint_and_exits_0(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    command = [str(Path(sys.executable).with_name("tmrl-trainer")), "train-local", "--env", "Pendulum-v1",
+               "--steps", "1000000", "--run-dir", str(tmp_path), "--device", "cpu", "--threads", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (tmp_path / "tensorboard").exists():
+            time.sleep(0.1)
+        time.sleep(1.0)  # a few hundred steps
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "signal 2: stopping" in output and "stopped at step" in output and "of 1000000" in output, output
+    assert (tmp_path / "checkpoints" / "latest.safetensors").exists()
+
+
 def test_local_training_builds_the_configured_backend_and_another_resumes_its_checkpoint(tmp_path, monkeypatch):
     from tmrl_trainer import local
     from tmrl_trainer.reference import ReferenceLearner

@@ -129,9 +129,18 @@ def train_local_command(
     torch_threads: int | None = typer.Option(None, "--torch-threads", "--threads", min=1, help=HELP["torch_threads"]),
     log_level: LogLevel = LogLevelOption,
 ) -> None:
-    """Train SAC synchronously in one process on a gymnasium env (quick experiments; no relay, no workers)."""
-    import re
+    """Train SAC synchronously in one process on a gymnasium env (quick experiments; no relay, no workers).
 
+    Ctrl-C (or SIGTERM) ends the run after the current step: it saves the checkpoint, skips the final evaluation and
+    exits 0."""
+    import logging
+    import re
+    import threading
+
+    from tmrl_common.stop_signals import ignore_stop_signals, install_stop_signals, stopping
+
+    stop = threading.Event()  # first, as in run: a signal during the imports below stops the run cleanly
+    install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_trainer")))
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from tmrl_common.errors import ConfigError
@@ -168,12 +177,17 @@ def train_local_command(
                 progress.update(task, completed=step, episode=last["episode"], eval=last["eval"])
 
         try:
-            result = train_local(env, steps, seed, local, on_progress=on_progress)
+            result = train_local(env, steps, seed, local, on_progress=on_progress, stop=stop)
         except UnsupportedEnvironmentError as exc:
             typer.echo(f"tmrl-trainer train-local: {exc}", err=True)
             raise typer.Exit(code=2) from exc
-        progress.update(task, completed=steps, eval=result.final_return)
-    typer.echo(f"{env} seed {seed}: {steps} steps, {result.updates} updates, {result.episodes} episodes in "
-               f"{result.wall_s:.1f} s; final deterministic return {result.final_return:.1f} "
-               f"(mean of {len(result.final_returns)} episodes)")
+        progress.update(task, completed=result.steps, eval=result.final_return)
+    ignore_stop_signals()  # stopped cleanly: a repeated Ctrl-C must not turn exit 0 into death by that signal
+    if result.stopped:
+        typer.echo(f"{env} seed {seed}: stopped at step {result.steps} of {steps}, {result.updates} updates, "
+                   f"{result.episodes} episodes in {result.wall_s:.1f} s (no final evaluation)")
+    else:
+        typer.echo(f"{env} seed {seed}: {steps} steps, {result.updates} updates, {result.episodes} episodes in "
+                   f"{result.wall_s:.1f} s; final deterministic return {result.final_return:.1f} "
+                   f"(mean of {len(result.final_returns)} episodes)")
     typer.echo(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; checkpoint: {result.checkpoint}")

@@ -10,6 +10,7 @@ rescaled to the environment's ``Box`` bounds.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +67,11 @@ class LocalTrainingResult:
     final_returns: list[float]
     evaluations: list[tuple[int, float]] = field(default_factory=list)
     """(environment step, mean deterministic return) of every evaluation, the final one included."""
+    steps: int = 0
+    """Environment steps taken: the budget, or fewer when a stop was asked for."""
+    stopped: bool = False
+    """Whether a stop (``stop`` set: Ctrl-C, SIGTERM) ended the run before its step budget; the run then saved its
+    checkpoint but skipped the final evaluation."""
     updates: int = 0
     updates_rejected: int = 0
     """Updates the learner guard did not apply (a non-finite loss or gradient; see :mod:`tmrl_trainer.guard`)."""
@@ -126,11 +132,13 @@ def train_local(
     seed: int = 0,
     config: LocalTrainingConfig | None = None,
     on_progress: Callable[[int, dict[str, float]], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> LocalTrainingResult:
     """Train SAC on ``env_id`` for ``steps`` environment steps; evaluate deterministically at the end.
 
     ``on_progress(step, info)`` is called after every step (``info`` holds ``episode_return`` when one finished,
-    ``eval_return`` after an evaluation): the CLI drives a progress bar with it.
+    ``eval_return`` after an evaluation): the CLI drives a progress bar with it. Once ``stop`` is set the run ends
+    after the step it is in: it saves its checkpoint and skips the final evaluation (``result.stopped``).
     """
     config = config or LocalTrainingConfig()
     started = time.perf_counter()
@@ -175,6 +183,10 @@ def train_local(
 
     try:
         for step in range(1, steps + 1):
+            if stop is not None and stop.is_set():
+                result.stopped = True
+                break
+            result.steps = step
             info: dict[str, float] = {}
             if len(memory) < config.sac.learning_starts:
                 action = exploration.uniform(-1.0, 1.0, layout.action_dim).astype(np.float32)
@@ -214,9 +226,9 @@ def train_local(
             if on_progress is not None:
                 on_progress(step, info)
 
-        if config.eval_episodes:
+        if config.eval_episodes and not result.stopped:
             result.final_return = evaluation(steps)
-        checkpoint(steps)
+        checkpoint(result.steps)
     finally:
         metrics.close()
         env.close()
