@@ -2,8 +2,11 @@
 as ``loopback_relay`` from any test (tests that need real processes use :mod:`tmrl_stack`, the launcher ``make demo``
 uses too), ``context`` is a ZeroMQ context destroyed after each test, and
 ``one_torch_thread`` (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``) runs a module's tests on one
-torch thread."""
+torch thread. Every test gets SIGINT, SIGTERM and the signal wake-up fd back as they were before it: a service CLI
+called in process (``CliRunner``) installs its stop signals and, after a clean stop, ignores them, which would
+otherwise leave the rest of the session deaf to Ctrl-C and SIGTERM."""
 
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +16,17 @@ import zmq
 _TESTS = Path(__file__).resolve().parent
 if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
+
+
+@pytest.fixture(autouse=True)
+def restore_stop_signals():
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    wakeup_fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup_fd)
+    yield
+    signal.set_wakeup_fd(wakeup_fd)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture
