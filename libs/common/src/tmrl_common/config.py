@@ -37,6 +37,12 @@ ENV_PREFIX = "TMRL_"
 NESTING = "__"
 SERVICE_SECTIONS = ("relay", "worker", "trainer")
 """The top-level tables of a tmrl config file; any other is reported (a misspelt ``[trainr]`` would be ignored)."""
+MAX_DURATION_S = 86_400.0
+"""The longest any tmrl interval or timeout setting may be: a day. Longer is a typo, and past about 9.2e9 s Python's
+waits raise (``threading.TIMEOUT_MAX``) in a thread, far from the setting."""
+MAX_SEED = 2**62
+"""The largest seed a config takes: numpy and torch take any seed up to 2**63 - 1, including the offsets tmrl adds to
+it for each of its random streams."""
 
 
 def _field_annotation(model: type[BaseModel] | None, path: list[str]) -> Any:

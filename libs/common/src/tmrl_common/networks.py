@@ -55,6 +55,13 @@ def is_image_component(component: ObservationComponent) -> bool:
     return component.dtype == "uint8" and len(component.frame_shape) in (2, 3)
 
 
+MAX_LAYER_WIDTH = 65_536
+"""The widest hidden layer, and (``MAX_CONV_CHANNELS``) the most convolution channels, a policy may have: one
+65,536-wide square layer already holds 16 GiB of float32 weights, so anything beyond is a typo (or a hostile
+architecture), refused before any tensor is allocated."""
+MAX_CONV_CHANNELS = 4_096
+
+
 class PolicyArchitecture(BaseModel):
     """Everything needed to build a policy before loading its tensors."""
 
@@ -77,6 +84,9 @@ class PolicyArchitecture(BaseModel):
     def _consistent(self) -> PolicyArchitecture:
         if any(h <= 0 for h in self.hidden_sizes) or any(c <= 0 for c in self.conv_channels):
             raise ValueError("hidden_sizes and conv_channels must be positive")
+        if max(self.hidden_sizes) > MAX_LAYER_WIDTH or max(self.conv_channels) > MAX_CONV_CHANNELS:
+            raise ValueError(f"hidden_sizes {self.hidden_sizes} and conv_channels {self.conv_channels} may be at most "
+                             f"{MAX_LAYER_WIDTH} and {MAX_CONV_CHANNELS} wide")
         if self.log_std_min >= self.log_std_max:
             raise ValueError(f"log_std_min {self.log_std_min} must be below log_std_max {self.log_std_max}")
         has_images = any(is_image_component(c) for c in self.layout.components)

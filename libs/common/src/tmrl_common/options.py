@@ -36,7 +36,7 @@ HELP = {
     "worker_port": "The relay's port for workers: samples in, acks out.",
     "trainer_port": "The relay's port for the trainer: samples out, acks and weights in.",
     "weights_port": "The relay's port that publishes weights to workers.",
-    "seed": "Random seed (environment resets and exploration).",
+    "seed": "Random seed.",
     "max_steps": "Stop after this many environment steps.",
     "torch_threads": "torch CPU threads (config: torch_threads).",
     "device": "auto (CUDA when available), cpu, cuda or cuda:N.",

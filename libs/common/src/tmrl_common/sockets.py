@@ -20,6 +20,7 @@ Typical client::
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,29 +30,34 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tmrl_common.curve import load_public_key, load_secret_key
 
+ZMQ_INT_MAX = 2**31 - 1
+"""The largest value of ZeroMQ's ``int`` socket options (all of :class:`TransportConfig`'s but ``max_frame_bytes``):
+a larger one makes ``setsockopt`` raise, so the config refuses it instead."""
+ZMQ_INT64_MAX = 2**63 - 1
+
 
 class TransportConfig(BaseModel):
     """Socket options applied to every tmrl socket (relay and clients alike). Times are milliseconds."""
 
     model_config = ConfigDict(extra="forbid")
 
-    send_hwm: int = Field(default=1000, ge=0)
+    send_hwm: int = Field(default=1000, ge=0, le=ZMQ_INT_MAX)
     """Messages queued for sending per peer before sends block or fail with EAGAIN (0 = unlimited)."""
-    recv_hwm: int = Field(default=1000, ge=0)
+    recv_hwm: int = Field(default=1000, ge=0, le=ZMQ_INT_MAX)
     """Messages queued on receipt per peer before ZeroMQ stops reading from that peer (0 = unlimited)."""
-    linger_ms: int = Field(default=500, ge=-1)
+    linger_ms: int = Field(default=500, ge=-1, le=ZMQ_INT_MAX)
     """How long ``close()`` waits to flush pending messages (-1 = forever; never use that in services)."""
-    heartbeat_ivl_ms: int = Field(default=1000, ge=0)
+    heartbeat_ivl_ms: int = Field(default=1000, ge=0, le=ZMQ_INT_MAX)
     """ZMTP PING interval (0 disables ZMTP heartbeats)."""
-    heartbeat_timeout_ms: int = Field(default=5000, ge=0)
+    heartbeat_timeout_ms: int = Field(default=5000, ge=0, le=ZMQ_INT_MAX)
     """A connection with no traffic for this long after a PING is closed (and reconnected by clients)."""
     heartbeat_ttl_ms: int = Field(default=5000, ge=0, le=6_553_500)
     """Asks the remote peer to drop the connection after this long without traffic (100 ms granularity)."""
-    reconnect_ivl_ms: int = Field(default=200, ge=0)
+    reconnect_ivl_ms: int = Field(default=200, ge=0, le=ZMQ_INT_MAX)
     """First reconnection delay of a connecting socket."""
-    reconnect_ivl_max_ms: int = Field(default=5000, ge=0)
+    reconnect_ivl_max_ms: int = Field(default=5000, ge=0, le=ZMQ_INT_MAX)
     """Reconnection delay cap (exponential back-off up to it); 0 keeps ``reconnect_ivl_ms``."""
-    max_frame_bytes: int = Field(default=-1, ge=-1)
+    max_frame_bytes: int = Field(default=-1, ge=-1, le=ZMQ_INT64_MAX)
     """``ZMQ_MAXMSGSIZE``: a peer sending a larger frame is disconnected by ZeroMQ (-1 = no limit)."""
 
     @model_validator(mode="after")
@@ -133,6 +139,26 @@ def secure_client_socket(socket: zmq.Socket, security: SecurityConfig) -> None:
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_serverkey = server_public
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})")
+
+
+def check_host(value: str, setting: str, bind: bool = False) -> str:
+    """``value`` if it is a host name, an IPv4 or IPv6 address (IPv6 optionally bracketed) or, to ``bind``, ``*``;
+    else a ValueError naming ``setting`` (checked when the config is read: ZeroMQ would raise only when a thread
+    connects, far from the setting)."""
+    if bind and value == "*":
+        return value
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return value
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(value):
+        what = "a host name or IP address" + (", or * for every interface" if bind else "")
+        raise ValueError(f"{setting} {value!r} is not {what}")
+    return value
 
 
 def tcp_endpoint(host: str, port: int) -> str:

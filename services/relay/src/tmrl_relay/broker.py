@@ -21,9 +21,11 @@ one would reach every worker. Nothing a peer sends stops the loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import zmq
@@ -173,9 +175,10 @@ class Relay:
 
     def _router(self, link: str, port: int) -> zmq.Socket:
         socket = self._context.socket(zmq.ROUTER)
-        apply_transport(socket, self.config.transport)
-        socket.setsockopt(zmq.MAXMSGSIZE, self.config.socket_frame_cap())
-        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises instead of dropping silently
+        with self._closed_on_error(socket):
+            apply_transport(socket, self.config.transport)
+            socket.setsockopt(zmq.MAXMSGSIZE, self.config.socket_frame_cap())
+            socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises instead of dropping silently
         # no ROUTER_HANDOVER: clients never set a routing id (the relay makes one per connection; a reconnect is a new
         # connection that says hello again), so a connection claiming one already in use is refused, never given it
         self._secure_and_bind(socket, link, port)
@@ -183,12 +186,24 @@ class Relay:
 
     def _xpub(self, port: int) -> zmq.Socket:
         socket = self._context.socket(zmq.XPUB)
-        apply_transport(socket, self.config.transport)
-        socket.setsockopt(zmq.SNDHWM, self.config.weights_send_hwm)
-        socket.setsockopt(zmq.MAXMSGSIZE, _SUBSCRIPTION_FRAME_CAP)
-        socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only the first per topic
+        with self._closed_on_error(socket):
+            apply_transport(socket, self.config.transport)
+            socket.setsockopt(zmq.SNDHWM, self.config.weights_send_hwm)
+            socket.setsockopt(zmq.MAXMSGSIZE, _SUBSCRIPTION_FRAME_CAP)
+            socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only the first per topic
         self._secure_and_bind(socket, "weights", port)
         return socket
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _closed_on_error(socket: zmq.Socket) -> Iterator[None]:
+        """Close ``socket`` if setting it up fails: a socket never handed to the relay would otherwise stay open, and
+        ``context.term()`` at shutdown would wait for it for ever (a relay that hangs silently at start)."""
+        try:
+            yield
+        except BaseException:
+            socket.close(linger=0)
+            raise
 
     def _secure_and_bind(self, socket: zmq.Socket, link: str, port: int) -> None:
         host = self.config.bind_host

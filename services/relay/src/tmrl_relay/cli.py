@@ -42,7 +42,7 @@ def run(
     trainer_port: int | None = typer.Option(None, "--trainer-port", help=HELP["trainer_port"] + " 0: any free port."),
     weights_port: int | None = typer.Option(None, "--weights-port", help=HELP["weights_port"] + " 0: any free port."),
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="Prometheus HTTP port (0: disabled)."),
-    secret_key: Path | None = typer.Option(None, "--secret-key", help=HELP["secret_key"]),
+    secret_key: Path | None = typer.Option(None, "--secret-key", help=HELP["secret_key"], exists=True, dir_okay=False),
     allow_dir: Path | None = typer.Option(None, "--allow-dir", help="Allow-list directory: workers' public keys in it, "
                                           "the trainer's in its trainers/ folder (`tmrl-relay keys init` / `keys add`)."),
     log_level: LogLevel = typer.Option(LogLevel.INFO, "--log-level", case_sensitive=False, help=HELP["log_level"]),

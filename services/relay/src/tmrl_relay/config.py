@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from tmrl_common.config import MAX_DURATION_S
 from tmrl_common.protocol import DecodeLimits
-from tmrl_common.sockets import SecurityConfig, TransportConfig
+from tmrl_common.sockets import ZMQ_INT_MAX, SecurityConfig, TransportConfig, check_host
 
 TRAINER_ALLOWLIST_SUBDIR = "trainers"
 """Trainer keys live in ``<allowlist_dir>/trainers`` unless ``trainer_allowlist_dir`` says otherwise."""
@@ -17,10 +18,14 @@ def _relay_transport() -> TransportConfig:
     return TransportConfig(send_hwm=100, recv_hwm=100, linger_ms=500)
 
 
+MAX_LIMIT_BYTES = 2**40
+"""The largest byte limit the relay takes (1 TiB): twice it must still fit ZeroMQ's 64-bit ``ZMQ_MAXMSGSIZE``."""
+
+
 class RelayConfig(BaseModel):
     """Where the relay listens, what it accepts and how much it holds."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite interval or timeout is a typo
 
     bind_host: str = "127.0.0.1"
     """Interface the three sockets bind to (``*`` for every interface, ``127.0.0.1`` for loopback only)."""
@@ -35,25 +40,25 @@ class RelayConfig(BaseModel):
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     """Prometheus metrics over HTTP (``/metrics``); 0 disables."""
 
-    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=MAX_LIMIT_BYTES)
     """Largest ``sample_batch`` body accepted (larger: rejected, reason ``oversized``)."""
-    max_weights_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    max_weights_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=MAX_LIMIT_BYTES)
     """Largest ``weights_update`` body accepted from the trainer."""
-    max_control_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_control_bytes: int = Field(default=1024 * 1024, ge=1024, le=MAX_LIMIT_BYTES)
     """Largest body of the small messages (``hello``, ``heartbeat``, ``sample_ack``)."""
     max_pending_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     """Sample batches held while no trainer is connected; past it the oldest are dropped (counted, logged).
     Workers keep their own spool and resend unacknowledged batches, so this is a cache, not the only copy."""
     max_workers: int = Field(default=1024, ge=1)
     """Registered worker ids kept at once; beyond it the longest-silent one is forgotten (it must say hello again)."""
-    peer_timeout_s: float = Field(default=10.0, gt=0)
+    peer_timeout_s: float = Field(default=10.0, gt=0, le=MAX_DURATION_S)
     """A worker or trainer silent (no message, heartbeat included) for this long counts as disconnected."""
-    weights_send_hwm: int = Field(default=4, ge=1)
+    weights_send_hwm: int = Field(default=4, ge=1, le=ZMQ_INT_MAX)
     """Weights messages queued per subscriber; a slow subscriber skips to newer weights instead of piling them up."""
-    weights_min_interval_s: float = Field(default=0.05, ge=0)
+    weights_min_interval_s: float = Field(default=0.05, ge=0, le=MAX_DURATION_S)
     """Weights are published at most once per this interval; a newer update arriving sooner waits for its end (only
     the latest is kept). Subscriptions never cause a publication, so this bounds everything the weights socket sends."""
-    allowlist_reload_s: float = Field(default=2.0, gt=0)
+    allowlist_reload_s: float = Field(default=2.0, gt=0, le=MAX_DURATION_S)
     """How often the allow-list directories are checked for changes (``keys add`` needs no restart)."""
 
     transport: TransportConfig = Field(default_factory=_relay_transport)
@@ -63,6 +68,11 @@ class RelayConfig(BaseModel):
     """Keys that may be the trainer (the only keys the trainer socket admits; the trainer publishes weights to every
     worker). Unset: ``<security.allowlist_dir>/trainers``, where ``keys add --role trainer`` and ``keys init`` put them.
     Under CurveZMQ the relay refuses to start with no key there, so a worker key can never act as the trainer."""
+
+    @field_validator("bind_host", "metrics_host")
+    @classmethod
+    def _host_given(cls, value: str, info: ValidationInfo) -> str:
+        return check_host(value, info.field_name, bind=True)
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> RelayConfig:

@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tmrl_common.config import MAX_DURATION_S, MAX_SEED
 from tmrl_common.protocol import SENDER_PATTERN
-from tmrl_common.sockets import SecurityConfig, TransportConfig
+from tmrl_common.sockets import SecurityConfig, TransportConfig, check_host
 
 from tmrl_trainer.sac import SACConfig
 
@@ -52,7 +53,7 @@ class TrainerConfig(BaseModel):
     about the size of the stored rows, three kept) and restore them on restart: no second warm-up, and batches resent
     after the restart that were already stored are recognised as duplicates. Off: a restarted trainer starts with an
     empty memory and refills it from the workers."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     # service loop
     publish_every: int = Field(default=100, ge=1)
@@ -70,8 +71,8 @@ class TrainerConfig(BaseModel):
     as ``observation_out_of_bounds``); components that declare bounds are held to those."""
     allowed_workers: list[str] = Field(default_factory=list)
     """Worker ids whose batches are accepted (empty: any worker the relay lets through)."""
-    status_interval_s: float = Field(default=1.0, ge=0.01)
-    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    status_interval_s: float = Field(default=1.0, ge=0.01, le=MAX_DURATION_S)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0, le=MAX_DURATION_S)
     transport: TransportConfig = Field(default_factory=TransportConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     """CurveZMQ: ``secret_key_file`` (the trainer's pair, allow-listed at the relay) and ``server_public_key_file``;
@@ -88,3 +89,16 @@ class TrainerConfig(BaseModel):
         if not SENDER_PATTERN.match(value):
             raise ValueError(f"trainer_id {value!r} must match {SENDER_PATTERN.pattern}")
         return value
+
+    @field_validator("allowed_workers")
+    @classmethod
+    def _worker_ids_fit_the_wire(cls, value: list[str]) -> list[str]:
+        unusable = [worker for worker in value if not SENDER_PATTERN.match(worker)]
+        if unusable:  # no worker can say hello under such an id, so the entry could only be a typo
+            raise ValueError(f"allowed_workers {unusable} can never match a worker: ids must match {SENDER_PATTERN.pattern}")
+        return value
+
+    @field_validator("relay_host")
+    @classmethod
+    def _host_given(cls, value: str) -> str:
+        return check_host(value, "relay_host")

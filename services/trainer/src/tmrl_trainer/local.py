@@ -39,7 +39,7 @@ class UnsupportedEnvironmentError(ValueError):
 class LocalTrainingConfig(BaseModel):
     """Settings of :func:`train_local` besides the environment, the step budget and the seed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sac: SACConfig = Field(default_factory=SACConfig)
     memory_capacity: int = Field(default=1_000_000, ge=2)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tmrl_common.layout import ObservationLayout
-from tmrl_common.networks import Activation, PolicyArchitecture
+from tmrl_common.networks import MAX_CONV_CHANNELS, MAX_LAYER_WIDTH, Activation, PolicyArchitecture
 
 if TYPE_CHECKING:
     from tmrl_trainer.memory import TransitionBatch
@@ -78,8 +78,8 @@ class SACConfig(BaseModel):
     actor_lr: float = Field(default=1e-3, gt=0.0)
     critic_lr: float = Field(default=1e-3, gt=0.0)
     alpha_lr: float = Field(default=1e-3, gt=0.0)
-    batch_size: int = Field(default=256, ge=1)
-    hidden_sizes: list[int] = Field(default_factory=lambda: [256, 256], min_length=1)
+    batch_size: int = Field(default=256, ge=1, le=2**20)
+    hidden_sizes: list[int] = Field(default_factory=lambda: [256, 256], min_length=1, max_length=8)
     activation: Activation = "relu"
     conv_channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 64], min_length=1, max_length=8)
     """Image observations only: output channels of each 4x4 stride-2 convolution of the CNNs (actor and each critic)."""
@@ -122,6 +122,9 @@ class SACConfig(BaseModel):
             raise ValueError(f"redq_m ({self.redq_m}) cannot exceed redq_n ({self.redq_n})")
         if any(size < 1 for size in self.hidden_sizes) or any(channels < 1 for channels in self.conv_channels):
             raise ValueError(f"hidden_sizes {self.hidden_sizes} and conv_channels {self.conv_channels} must be positive")
+        if max(self.hidden_sizes) > MAX_LAYER_WIDTH or max(self.conv_channels) > MAX_CONV_CHANNELS:
+            raise ValueError(f"hidden_sizes {self.hidden_sizes} and conv_channels {self.conv_channels} may be at most "
+                             f"{MAX_LAYER_WIDTH} and {MAX_CONV_CHANNELS} wide")
         return self
 
     def architecture(self, layout: ObservationLayout, **fields: Any) -> PolicyArchitecture:

@@ -50,7 +50,7 @@ def run(
     state_dir: Path | None = typer.Option(None, "--state-dir", help="Keeps <worker-id>.state.json (sequence numbers "
                                           "unique across restarts), <worker-id>.progress.json (what a killed run lost) "
                                           "and, with durable_spool, <worker-id>.spool/ [~/.local/state/tmrl/worker]."),
-    seed: int | None = typer.Option(None, "--seed", help=HELP["seed"]),
+    seed: int | None = typer.Option(None, "--seed", help=HELP["seed"] + " It draws environment resets and exploration."),
     insecure: bool = typer.Option(False, "--insecure", help=HELP["insecure"]),
     secret_key: Path | None = typer.Option(None, "--secret-key", help=HELP["secret_key"], exists=True, dir_okay=False),
     server_key: Path | None = typer.Option(None, "--server-key", help=HELP["server_key"], exists=True, dir_okay=False),

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from tmrl_common.config import MAX_DURATION_S, MAX_SEED
 from tmrl_common.protocol import SENDER_PATTERN
-from tmrl_common.sockets import SecurityConfig, TransportConfig
+from tmrl_common.sockets import SecurityConfig, TransportConfig, check_host
 
 WorkerMode = Literal["train", "test", "expert"]
 
@@ -15,7 +16,7 @@ WorkerMode = Literal["train", "test", "expert"]
 class WorkerConfig(BaseModel):
     """Which environment to run, where the relay is, and how samples are batched, spooled and resent."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite interval or timeout is a typo
 
     worker_id: str = "worker-1"
     """Unique per worker (letters, digits, ``_.:-``; at most 64 characters): it names the worker on the wire and its
@@ -43,13 +44,13 @@ class WorkerConfig(BaseModel):
     that each episode is driven by one version."""
 
     # real-time settings (rtgym envs)
-    time_step_duration: float = Field(default=0.05, gt=0)
+    time_step_duration: float = Field(default=0.05, gt=0, le=MAX_DURATION_S)
     """Seconds per real-time step (0.05 = 20 Hz)."""
     max_episode_steps: int = Field(default=1000, ge=1)
     """Truncate episodes after this many steps (rtgym ``ep_max_length``; gymnasium envs keep their own limit too)."""
     max_steps: int | None = Field(default=None, ge=1)
     """Stop the worker after this many environment steps (default: run until interrupted)."""
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     """Seeds the first env reset, the random warm-up policy and the exploration noise of the received actors (two
     workers with the same seed and weights take the same actions); ``None``: fresh randomness every run."""
     max_steps_per_second: float | None = Field(default=None, gt=0)
@@ -72,7 +73,7 @@ class WorkerConfig(BaseModel):
     """Also keep unacknowledged batches on disk (``state_dir/<worker_id>.spool/``, one file per batch, deleted on
     acknowledgement) and resend them after a restart: a crashed or SIGKILLed worker then loses only its partly built
     batch. One fsynced file write per batch, on the sender thread. Off: the spool lives in memory only."""
-    ack_timeout_s: float = Field(default=10.0, gt=0)
+    ack_timeout_s: float = Field(default=10.0, gt=0, le=MAX_DURATION_S)
     """Resend a batch that has not been acknowledged after this long (doubling after each resend, up to 8x); every
     unacknowledged batch is also resent at once after a reconnection."""
     max_consecutive_refusals: int = Field(default=5, ge=1)
@@ -83,10 +84,10 @@ class WorkerConfig(BaseModel):
     (``flush_timeout_s``; what stays unacknowledged stays in the spool) and exits with status 1. Refusals as
     ``stale`` or ``duplicate`` (late resends of batches the trainer may have stored), and refusals of batches an
     earlier run made (a durable spool's), neither count nor reset the count."""
-    heartbeat_interval_s: float = Field(default=2.0, gt=0)
-    flush_timeout_s: float = Field(default=10.0, ge=0)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0, le=MAX_DURATION_S)
+    flush_timeout_s: float = Field(default=10.0, ge=0, le=MAX_DURATION_S)
     """At shutdown, wait this long for the last batches to be acknowledged."""
-    stop_grace_s: float = Field(default=15.0, gt=0)
+    stop_grace_s: float = Field(default=15.0, gt=0, le=MAX_DURATION_S)
     """After a stop request (SIGTERM, Ctrl-C), how long ``tmrl-worker run`` lets the env's current reset or step take
     to return: an env that blocks without seeing the stop (a robot interface waiting on its hardware) would otherwise
     keep the worker from stopping. Past it, the worker delivers what it sent (``flush_timeout_s``) and exits with
@@ -122,6 +123,18 @@ class WorkerConfig(BaseModel):
 
         check_options(self.env.strip(), self.env_options)  # a TM20ConfigError is a ValueError: one line
         return self
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> WorkerConfig:
+        if self.worker_port == self.weights_port:
+            raise ValueError(f"worker_port and weights_port must differ (both {self.worker_port}): the relay binds a "
+                             "different socket to each")
+        return self
+
+    @field_validator("relay_host")
+    @classmethod
+    def _host_given(cls, value: str) -> str:
+        return check_host(value, "relay_host")
 
     @field_validator("worker_id")
     @classmethod

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from tmrl_common.config import MAX_DURATION_S
 
 from tmrl_worker.envs import EnvHandle, EnvSpecError, make_env
 from tmrl_worker.runtime import Policy, load_evaluated_policy
@@ -47,7 +48,7 @@ class GifPathError(ValueError):
 class EvalConfig(BaseModel):
     """What to evaluate and on which env (the ``[worker]`` table gives the env defaults, the command line the rest)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     policy: Path
     """A safetensors policy file (``policy.safetensors`` of a trainer run, or :func:`save_policy_file`), or an ONNX
@@ -59,7 +60,7 @@ class EvalConfig(BaseModel):
     episodes: int = Field(default=5, ge=1, le=MAX_EPISODES)
     seed: int = Field(default=0, ge=0)
     """Episode ``i`` is reset with seed ``seed + i`` (gymnasium takes no negative seed)."""
-    time_step_duration: float = Field(default=0.05, gt=0)
+    time_step_duration: float = Field(default=0.05, gt=0, le=MAX_DURATION_S)
     max_episode_steps: int = Field(default=1000, ge=1)
     """Truncates ``sim`` and ``module:Class`` episodes; a ``gym:<id>`` env keeps its own time limit."""
     env_options: dict[str, Any] = Field(default_factory=dict)

@@ -39,7 +39,7 @@ class RewardPathError(ValueError):
 class TrajectoryRewardConfig(BaseModel):
     """Parameters of :class:`TrajectoryReward` (all distances in the units of the positions: metres in TM and sim)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     search_window: int = Field(default=100, ge=1)
     """How many points ahead of the owned one are examined at each step (bounds the cost and the jump)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from tmrl_common.config import MAX_DURATION_S
 
 from tmrl_worker.reward import TrajectoryRewardConfig
 from tmrl_worker.sim.track import check_track_name
@@ -20,7 +21,7 @@ fields a config leaves out keep these values."""
 class CarParams(BaseModel):
     """A light rear-wheel-drive car with grippy tyres. SI units (m, s, rad)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     engine_accel: float = Field(default=12.0, gt=0)
     """Acceleration at full throttle from standstill; it falls linearly to 0 at ``top_speed``."""
@@ -49,7 +50,7 @@ class CarParams(BaseModel):
 class SimConfig(BaseModel):
     """Everything that defines a simulated race-track environment."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     track: str = "hairpins"
     """A built-in track (``oval``, ``hairpins``, ``circuit``), ``random:SEED`` or ``random-open:SEED`` (SEED in the
@@ -69,7 +70,7 @@ class SimConfig(BaseModel):
     image_size: int = Field(default=64, ge=16, le=256)
     image_metres_per_pixel: float = Field(default=0.75, gt=0)
     physics_hz: float = Field(default=100.0, gt=0, le=2000)
-    time_step_duration: float = Field(default=0.05, gt=0)
+    time_step_duration: float = Field(default=0.05, gt=0, le=MAX_DURATION_S)
     """Seconds of simulated time per environment step (20 Hz like tmrl's TrackMania setup)."""
     max_episode_steps: int = Field(default=1000, ge=1)
     act_buf_len: int = Field(default=2, ge=0, le=16)

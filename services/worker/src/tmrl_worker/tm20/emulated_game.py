@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tmrl_common.config import MAX_DURATION_S
 
 from tmrl_worker.sim.camera import ROAD, WALL, rasterize_track
 from tmrl_worker.sim.car import Car
@@ -70,7 +71,7 @@ _PIXEL = np.dtype("V3")
 class EmulatedGameConfig(BaseModel):
     """One emulated game instance (``env_options.emulated_game`` of a ``tm20-*`` worker)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     track: str = "hairpins"
     """A simulator track: ``oval``, ``hairpins``, ``circuit``, ``random:SEED``, ``random-open:SEED``, ``file:PATH``."""
@@ -83,7 +84,7 @@ class EmulatedGameConfig(BaseModel):
     """Simulated seconds per wall-clock second (1: real time; more for scripted laps, e.g. recording a path)."""
     frame_hz: float = Field(default=100.0, gt=0, le=1000)
     """Game frames (telemetry packets) per second."""
-    countdown_s: float = Field(default=1.5, ge=0)
+    countdown_s: float = Field(default=1.5, ge=0, le=MAX_DURATION_S)
     """After a respawn the car stands at the start this long (the game's 3-2-1)."""
     height_m: float = 9.0
     """The track's constant height: the ``y`` of every position packet."""

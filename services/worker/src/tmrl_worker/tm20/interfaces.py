@@ -46,7 +46,7 @@ import numpy as np
 from gymnasium import spaces
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rtgym import DEFAULT_CONFIG_DICT, RealTimeGymInterface
-from tmrl_common.config import did_you_mean, validation_problems
+from tmrl_common.config import MAX_DURATION_S, did_you_mean, validation_problems
 from tmrl_common.layout import (
     ObservationLayout,
     tm20_full_layout,
@@ -126,26 +126,26 @@ def _fault_kind(exc: BaseException) -> str:
 class RecoveryConfig(BaseModel):
     """How a TrackMania interface notices a lost game, waits for it, and restarts the race (``env_options.recovery``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    step_telemetry_timeout_s: float = Field(default=1.0, gt=0)
+    step_telemetry_timeout_s: float = Field(default=1.0, gt=0, le=MAX_DURATION_S)
     """During a step, a newest packet older than this ends the episode as truncated (the step does not wait for a
     fresh one: it would hold rtgym's clock)."""
-    probe_timeout_s: float = Field(default=1.0, gt=0)
+    probe_timeout_s: float = Field(default=1.0, gt=0, le=MAX_DURATION_S)
     """While waiting for the game, how long one attempt waits for a fresh packet."""
-    first_retry_s: float = Field(default=0.5, gt=0)
+    first_retry_s: float = Field(default=0.5, gt=0, le=MAX_DURATION_S)
     """Delay after the first failed attempt; it doubles after each one, up to ``max_retry_s``."""
-    max_retry_s: float = Field(default=8.0, gt=0)
-    give_up_after_s: float | None = Field(default=None, gt=0)
+    max_retry_s: float = Field(default=8.0, gt=0, le=MAX_DURATION_S)
+    give_up_after_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
     """Raise :class:`TM20GameLostError` after waiting this long (None: wait for the game for ever, logging why)."""
-    restart_timeout_s: float = Field(default=10.0, gt=0)
+    restart_timeout_s: float = Field(default=10.0, gt=0, le=MAX_DURATION_S)
     """After the respawn, how long telemetry may take to show the race restarted before :class:`RaceRestartError`."""
     restart_distance_m: float = Field(default=1.0, ge=0)
     """The race counts as restarted when a packet read after the respawn has ``distance`` within this of 0."""
     start_tolerance_m: float | None = Field(default=20.0, gt=0)
     """After each restart the car must be within this of the reward path's first point (None: not checked); further
     away, :class:`RewardPathMismatchError` stops the worker (points recorded on another map or from another start)."""
-    popup_delay_s: float = Field(default=0.5, ge=0)
+    popup_delay_s: float = Field(default=0.5, ge=0, le=MAX_DURATION_S)
     """After a finish, wait this long after the respawn before closing the end-of-race pop-up (as upstream does)."""
     focus_window: bool = True
     """Bring the game window to the front when the env starts and at every reset."""

@@ -39,7 +39,7 @@ class LidarError(ValueError):
 class LidarConfig(BaseModel):
     """Where the beams start, how many there are, and what counts as a border."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Literal["tmrl", "radial"] = "tmrl"
     """``tmrl``: upstream tmrl's reading (see the module docstring); ``radial``: distances from the origin."""

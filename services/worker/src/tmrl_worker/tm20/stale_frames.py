@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from tmrl_common.config import MAX_DURATION_S
 
 from tmrl_worker.tm20.capture import CaptureError
 from tmrl_worker.tm20.openplanet import Telemetry
@@ -39,15 +40,15 @@ class StaleFrameError(CaptureError):
 class StaleFrameConfig(BaseModel):
     """When a TrackMania interface decides the screen is stale (``env_options.stale_frames``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = True
     """False: never check (e.g. a recording replayed with a single frame)."""
-    frozen_picture_s: float = Field(default=0.5, gt=0)
+    frozen_picture_s: float = Field(default=0.5, gt=0, le=MAX_DURATION_S)
     """The picture unchanged this long while every packet says the car moves: stale (10 steps at 20 Hz)."""
     moving_speed_mps: float = Field(default=1.0, gt=0)
     """A packet with a speed (m/s) at or above this says the car moves; a slower one restarts the count."""
-    no_new_frame_s: float | None = Field(default=3.0, gt=0)
+    no_new_frame_s: float | None = Field(default=3.0, gt=0, le=MAX_DURATION_S)
     """The capture backend delivered no new frame this long, car moving or not: stale (None: never). Only backends
     that can tell (dxcam, the emulated game's screen) report it."""
 

@@ -1,0 +1,39 @@
+"""Worker settings that ZeroMQ, Python's waits or the wire cannot take are refused when the config is read, one line
+each, naming the setting (before, each surfaced later as a traceback in a thread, or a worker deaf to SIGTERM)."""
+
+from __future__ import annotations
+
+import pytest
+from tmrl_common.config import load_config
+from tmrl_common.errors import ConfigError
+from tmrl_worker.config import WorkerConfig
+
+
+@pytest.mark.parametrize(("setting", "value", "says"), [
+    ("time_step_duration", "inf", "time_step_duration"),
+    ("time_step_duration", "1e12", "time_step_duration"),
+    ("stop_grace_s", "1e12", "stop_grace_s"),
+    ("flush_timeout_s", "inf", "flush_timeout_s"),
+    ("ack_timeout_s", "nan", "ack_timeout_s"),
+    ("heartbeat_interval_s", "inf", "heartbeat_interval_s"),
+    ("max_steps_per_second", "inf", "max_steps_per_second"),
+    ("seed", "-1", "seed"),
+    ("seed", "100000000000000000000000", "seed"),
+    ("relay_host", '""', "relay_host '' is not a host name or IP address"),
+    ("relay_host", '"no such host!"', "relay_host 'no such host!' is not a host name or IP address"),
+    ("weights_port", "5555", "worker_port and weights_port must differ (both 5555)"),
+    ("transport.recv_hwm", "3000000000", "transport.recv_hwm"),
+])
+def test_a_setting_the_worker_cannot_use_is_a_one_line_config_error(tmp_path, setting, value, says):
+    table, _, field = setting.rpartition(".")
+    path = tmp_path / "worker.toml"
+    path.write_text(f"[worker{'.' + table if table else ''}]\n{field} = {value}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(WorkerConfig, "worker", path, environ={})
+    assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_largest_settings_a_worker_may_have_are_accepted(tmp_path):
+    config = WorkerConfig(time_step_duration=86_400, stop_grace_s=86_400, flush_timeout_s=0, seed=2**62,
+                          relay_host="relay-1.example.org", transport={"send_hwm": 2**31 - 1})
+    assert config.seed == 2**62 and config.transport.send_hwm == 2**31 - 1
