@@ -124,7 +124,27 @@ def test_each_connection_is_counted_and_greeted_and_each_disconnection_counted_a
     lines = [r.getMessage() for r in caplog.records]
     connected = f"peer-1: connected to the relay (tcp://127.0.0.1:{port} plain text); hello sent"
     assert lines.count(connected) == 2
-    assert lines.count("peer-1: lost the relay connection; holding on until it comes back") == 1
+    assert lines.count("peer-1: lost the relay connection (the relay stopped, or the network dropped); holding on "
+                       "until it comes back") == 1
+
+
+def test_a_frame_over_the_clients_own_cap_is_named_when_the_connection_drops(context, caplog):
+    """ZeroMQ drops a frame over ``max_frame_bytes`` together with the connection and says nothing more: the
+    warning names the setting, since nothing else would."""
+    caplog.set_level(logging.INFO, logger="tmrl_common.relay_client")
+    router, port = bind_router(context)
+    client, _, counters = make_client(context, port, FAST.model_copy(update={"max_frame_bytes": 4096}))
+    client.start()
+    try:
+        routing_id, frames = receive(router)
+        wait_for(lambda: client.connected)
+        router.send_multipart([routing_id, b"x" * 10_000])
+        wait_for(lambda: counters.disconnections >= 1)
+    finally:
+        client.stop()
+        router.close(linger=0)
+    assert any("lost the relay connection (the relay stopped, or the network dropped; or the relay sent a frame over "
+               "this side's transport.max_frame_bytes (4096 bytes)" in record.getMessage() for record in caplog.records)
 
 
 def test_heartbeats_go_out_when_due_while_connected(context):

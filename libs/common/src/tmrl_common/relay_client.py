@@ -245,7 +245,8 @@ class RelayClient:
             elif event == zmq.EVENT_DISCONNECTED:
                 self.counters.disconnections += 1
                 if self._connected.is_set():
-                    log.warning("%s: lost the relay connection; %s", self.owner_id, self.while_away)
+                    log.warning("%s: lost the relay connection (the relay stopped, or the network dropped%s); %s",
+                                self.owner_id, self.endpoint.frame_cap_hint(), self.while_away)
                 self._connected.clear()
 
     def _receive(self, socket: zmq.Socket) -> None:

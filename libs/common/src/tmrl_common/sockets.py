@@ -196,6 +196,15 @@ class RelayEndpoint:
     def describe(self) -> str:
         return f"{tcp_endpoint(self.host, self.port)} {'plain text' if self.security.insecure else 'CurveZMQ'}"
 
+    def frame_cap_hint(self) -> str:
+        """For a line about a connection that closed: nothing without a frame cap on this side, else that a frame
+        from the relay over ``transport.max_frame_bytes`` ends the connection (ZeroMQ drops both, saying nothing)."""
+        cap = self.transport.max_frame_bytes
+        if cap < 0:
+            return ""
+        return (f"; or the relay sent a frame over this side's transport.max_frame_bytes ({cap} bytes), which ZeroMQ "
+                "drops together with the connection (weights updates are the largest frames): raise it, or -1")
+
     def check_security(self) -> None:
         """Load the CurveZMQ key files now (raises :class:`~tmrl_common.sockets.SecurityError` or
         :class:`~tmrl_common.curve.KeyFileError`), so a misconfiguration stops the worker before it starts."""

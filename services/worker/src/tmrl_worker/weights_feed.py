@@ -27,12 +27,14 @@ from dataclasses import dataclass
 import zmq
 from tmrl_common.errors import ProtocolError
 from tmrl_common.handshake import WATCHED_EVENTS, HandshakeWatch
+from tmrl_common.log_limit import RateLimitedLog
 from tmrl_common.networks import Actor, actor_from_weights_update
 from tmrl_common.protocol import DecodeLimits, WeightsUpdate, decode
 from tmrl_common.sockets import RelayEndpoint
 from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger(__name__)
+_disconnect_log = RateLimitedLog(log, interval_s=60.0)
 
 _POLL_MS = 50
 SUB_RCVHWM = 4
@@ -142,6 +144,11 @@ class WeightsFeed:
                 while monitor.poll(0):
                     event = recv_monitor_message(monitor)
                     self.handshake.on_event(event["event"], event["value"])
+                    if event["event"] == zmq.EVENT_DISCONNECTED and self.endpoint.frame_cap_hint():
+                        # the one case ZeroMQ says nothing about: every publication then closes the feed again
+                        _disconnect_log.warning(self.worker_id, "%s: the weights feed's connection closed (the relay "
+                                                "stopped, or the network dropped%s)", self.worker_id,
+                                                self.endpoint.frame_cap_hint())
                 if self.handshake.due_for_new_socket():  # a refused SUB is never reconnected by libzmq
                     self._close(socket, monitor)
                     socket, monitor = self._connect()
