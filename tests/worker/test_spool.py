@@ -109,6 +109,14 @@ def test_unreadable_state_file_is_a_clear_error(tmp_path):
         SequenceCounter(tmp_path, "w")
 
 
+@pytest.mark.parametrize("blocked", ["a file", "under a file"])
+def test_a_state_dir_that_cannot_be_a_folder_is_a_one_line_state_file_error(tmp_path, blocked):
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    state_dir = tmp_path / "taken" if blocked == "a file" else tmp_path / "taken" / "state"
+    with pytest.raises(StateFileError, match=rf"state_dir {state_dir} cannot hold this worker's state file: .*Errno"):
+        SequenceCounter(state_dir, "w")
+
+
 def test_a_durable_spool_keeps_unacknowledged_batches_on_disk_for_the_next_run(tmp_path):
     first = Spool(max_batches=10, max_bytes=10_000, owner="w1", directory=tmp_path / "spool")
     for seq in (3, 4, 5):

@@ -260,10 +260,14 @@ class SequenceCounter:
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._next = self._load()
-        self._reserved_until = self._next
-        self._reserve()
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._next = self._load()
+            self._reserved_until = self._next
+            self._reserve()
+        except OSError as exc:  # a file where the folder should be, no permission, a read-only disk: one line
+            raise StateFileError(f"state_dir {self.state_dir} cannot hold this worker's state file: {exc} (set "
+                                 "[worker] state_dir to a folder this user can write)") from exc
 
     @property
     def path(self) -> Path:
