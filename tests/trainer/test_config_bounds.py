@@ -1,4 +1,5 @@
-"""Trainer settings it cannot use are refused when the config is read (one line each, naming the setting)."""
+"""Trainer settings it cannot use are refused when the config is read (one line each, naming the setting), and a
+config too large for this machine's memory is a one-line error with status 2 instead of a traceback."""
 
 from __future__ import annotations
 
@@ -29,3 +30,15 @@ def test_a_setting_the_trainer_cannot_use_is_a_one_line_config_error(tmp_path, s
         load_config(TrainerConfig, "trainer", path, environ={})
     assert says in str(refused.value) and "\n" not in str(refused.value)
 
+
+def test_a_replay_memory_too_large_for_this_machine_is_a_one_line_error_with_status_2(tmp_path):
+    from tmrl_trainer.cli import app
+    from typer.testing import CliRunner
+
+    config = tmp_path / "trainer.toml"
+    config.write_text("[trainer]\nmemory_capacity = 1000000000000\n")
+    result = CliRunner().invoke(app, ["run", "--config", str(config), "--insecure", "--env", "gym:Pendulum-v1",
+                                      "--device", "cpu", "--trainer-port", "1", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "tmrl-trainer: not enough memory for this config (Unable to allocate" in result.output
+    assert "memory_capacity = 1000000000000 rows" in result.output and "Traceback" not in result.output

@@ -80,6 +80,14 @@ def run(
     except (ConfigError, SecurityError, KeyFileError, CheckpointMismatchError) as exc:  # what to fix, in one line
         typer.echo(f"tmrl-trainer: {exc}", err=True)
         raise typer.Exit(code=2) from exc
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):  # torch's CPU allocator says "allocate"
+            raise
+        first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        typer.echo(f"tmrl-trainer: not enough memory for this config ({first_line}): memory_capacity = "
+                   f"{effective.memory_capacity} rows, sac.batch_size = {effective.sac.batch_size}, sac.hidden_sizes "
+                   f"= {effective.sac.hidden_sizes}; lower the one that is too large", err=True)
+        raise typer.Exit(code=2) from exc
     ignore_stop_signals()  # stopped cleanly: a repeated SIGTERM must not turn exit 0 into death by that signal
     typer.echo(f"trainer stopped after {updates} updates, weights version {service.weights_version}", err=True)
     if service.final_checkpoint_missing:  # logged above with why: status 1, so that a supervisor notices
