@@ -164,6 +164,19 @@ def test_an_error_across_fields_is_its_message_alone():
     assert str(caught.value) == "invalid config [example]: keep needs mode test"
 
 
+class NestedPairConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pair: PairedConfig = PairedConfig()
+
+
+def test_an_error_across_the_fields_of_a_sub_table_names_the_table_not_its_contents(tmp_path):
+    path = write(tmp_path, "[example.pair]\nkeep = true\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(NestedPairConfig, "example", path, environ={})
+    assert str(caught.value) == f"invalid config [example]: pair in {path} [example]: keep needs mode test"
+
+
 def test_file_errors_name_the_file_the_table_and_the_value(tmp_path):
     path = write(tmp_path, "[example.sac]\npolyak = 1.5\n")
     with pytest.raises(ConfigError, match=rf"sac.polyak = 1.5 in {path} \[example\]"):

@@ -216,7 +216,9 @@ class _Sources:
             if found is None:
                 continue
             prefix, value = found
-            shown = f"{'.'.join(map(str, prefix)) or field} = {value!r}"
+            shown = f"{'.'.join(map(str, prefix)) or field}"
+            if not isinstance(value, Mapping):  # a table's check across its fields: its message quotes the values
+                shown += f" = {value!r}"
             if where == "env":
                 name = next((self.env_names[prefix[:n]] for n in range(len(prefix), 0, -1)
                              if prefix[:n] in self.env_names), f"{ENV_PREFIX}{self.section.upper()}__...")
@@ -233,7 +235,7 @@ def _explain(model: type[BaseModel], error: Mapping[str, Any], sources: _Sources
         return f"{sources.describe(loc)}: {_unknown_field(model, loc)}"
     if not loc:  # a check across fields (a model validator): no one value to quote, the message says which
         return str(error["msg"]).removeprefix("Value error, ")
-    return f"{sources.describe(loc)}: {error['msg']}"
+    return f"{sources.describe(loc)}: {str(error['msg']).removeprefix('Value error, ')}"
 
 
 def load_config(
