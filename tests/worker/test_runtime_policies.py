@@ -78,6 +78,18 @@ def test_expert_mode_uses_the_envs_driver_or_demands_a_policy_file(tmp_path):
         pendulum.close()
 
 
+def test_a_policy_file_outside_expert_mode_is_said_to_be_unused(tmp_path, caplog):
+    pendulum = make_env("gym:Pendulum-v1")
+    try:
+        path = save_policy_file(actor(), tmp_path / "p.safetensors")
+        with caplog.at_level("WARNING", logger="tmrl_worker.runtime"):
+            assert isinstance(initial_policy("train", pendulum, path, seed=0), UniformPolicy)
+    finally:
+        pendulum.close()
+    assert (f"policy_file {path} is not used: only an expert worker (--expert) acts with a policy file; this train "
+            "worker acts with the trainer's weights") in caplog.text
+
+
 def _exploring_actions(seed: int | None, global_seed: int, steps: int = 40) -> list[list[float]]:
     """Actions a train-mode rollout loop takes with weights version 1 (sampled, not the mean), with torch's global RNG
     seeded ``global_seed`` just before: only the loop's ``seed`` may decide the noise."""

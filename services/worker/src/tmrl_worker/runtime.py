@@ -519,6 +519,9 @@ def initial_policy(mode: WorkerMode, env: EnvHandle, policy_file: Path | None, s
         if env.expert is None:
             raise PolicyFileError(f"env {env.spec!r} offers no scripted expert; give a trained policy with --policy FILE")
         return ScriptedPolicy(env.expert)
+    if policy_file is not None:  # a shared config file's, or --policy without --expert
+        log.warning("policy_file %s is not used: only an expert worker (--expert) acts with a policy file; this %s "
+                    "worker acts with the trainer's weights", policy_file, mode)
     return UniformPolicy(env.action_dim, seed)
 
 
