@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo
 from pydantic_core import to_jsonable_python
 
 from tmrl_common.errors import ConfigError
@@ -168,6 +168,14 @@ def _unknown_field(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
     parent = _strip_optional(_field_annotation(model, [str(part) for part in loc[:-1]]))
     fields = parent.model_fields if isinstance(parent, type) and issubclass(parent, BaseModel) else {}
     return f"unknown field{did_you_mean(loc[-1], fields)}"
+
+
+def refuse_empty_path(value: Any, info: ValidationInfo) -> Any:
+    """A ``field_validator(..., mode="before")`` for path settings: an empty string would become ``Path(".")``, the
+    working folder, and a key file or state folder set to ``""`` would then fail later with a message about ``.``."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"{info.field_name} is empty: give a path, or leave the setting out")
+    return value
 
 
 def validation_problems(model: type[BaseModel], exc: ValidationError, prefix: str = "") -> str:

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tmrl_common.config import refuse_empty_path
 from tmrl_common.curve import load_public_key, load_secret_key
 
 ZMQ_INT_MAX = 2**31 - 1
@@ -103,6 +104,9 @@ class SecurityConfig(BaseModel):
     """Clients only: the relay's public certificate (``<name>.key``)."""
     allowlist_dir: Path | None = None
     """Relay only: directory of allowed clients' public certificates (``*.key``), managed by ``tmrl-relay keys add``."""
+
+    _paths_given = field_validator("secret_key_file", "server_public_key_file", "allowlist_dir", mode="before")(
+        refuse_empty_path)
 
 
 def _require(path: Path | None, what: str, field: str) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from tmrl_common.config import MAX_DURATION_S
+from tmrl_common.config import MAX_DURATION_S, refuse_empty_path
 from tmrl_common.protocol import DecodeLimits
 from tmrl_common.sockets import ZMQ_INT_MAX, SecurityConfig, TransportConfig, check_host
 
@@ -68,6 +68,8 @@ class RelayConfig(BaseModel):
     """Keys that may be the trainer (the only keys the trainer socket admits; the trainer publishes weights to every
     worker). Unset: ``<security.allowlist_dir>/trainers``, where ``keys add --role trainer`` and ``keys init`` put them.
     Under CurveZMQ the relay refuses to start with no key there, so a worker key can never act as the trainer."""
+
+    _paths_given = field_validator("trainer_allowlist_dir", mode="before")(refuse_empty_path)
 
     @field_validator("bind_host", "metrics_host")
     @classmethod

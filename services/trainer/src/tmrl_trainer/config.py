@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tmrl_common.config import MAX_DURATION_S, MAX_SEED
+from tmrl_common.config import MAX_DURATION_S, MAX_SEED, refuse_empty_path
 from tmrl_common.protocol import SENDER_PATTERN
 from tmrl_common.sockets import SecurityConfig, TransportConfig, check_host
 
@@ -77,6 +77,8 @@ class TrainerConfig(BaseModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     """CurveZMQ: ``secret_key_file`` (the trainer's pair, allow-listed at the relay) and ``server_public_key_file``;
     or ``insecure = true`` (``--insecure``) for plain text on a trusted loopback."""
+
+    _paths_given = field_validator("layout_file", "run_dir", mode="before")(refuse_empty_path)
 
     @field_validator("device")
     @classmethod

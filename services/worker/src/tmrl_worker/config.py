@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from tmrl_common.config import MAX_DURATION_S, MAX_SEED
+from tmrl_common.config import MAX_DURATION_S, MAX_SEED, refuse_empty_path
 from tmrl_common.protocol import SENDER_PATTERN
 from tmrl_common.sockets import SecurityConfig, TransportConfig, check_host
 
@@ -102,6 +102,8 @@ class WorkerConfig(BaseModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     """CurveZMQ: ``secret_key_file`` (this worker's pair, allow-listed at the relay) and ``server_public_key_file``;
     or ``insecure = true`` (``--insecure``) for plain text on a trusted loopback."""
+
+    _paths_given = field_validator("policy_file", "state_dir", mode="before")(refuse_empty_path)
 
     @model_validator(mode="after")
     def _keep_best_needs_test_mode(self) -> WorkerConfig:

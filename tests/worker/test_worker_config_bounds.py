@@ -23,6 +23,8 @@ from tmrl_worker.config import WorkerConfig
     ("relay_host", '"no such host!"', "relay_host 'no such host!' is not a host name or IP address"),
     ("weights_port", "5555", "worker_port and weights_port must differ (both 5555)"),
     ("transport.recv_hwm", "3000000000", "transport.recv_hwm"),
+    ("state_dir", '""', "state_dir is empty: give a path, or leave the setting out"),
+    ("security.server_public_key_file", '""', "server_public_key_file is empty"),
 ])
 def test_a_setting_the_worker_cannot_use_is_a_one_line_config_error(tmp_path, setting, value, says):
     table, _, field = setting.rpartition(".")

@@ -28,6 +28,8 @@ from .relay_harness import insecure_config
     ("transport.send_hwm", "3000000000", "transport.send_hwm"),
     ("transport.heartbeat_ivl_ms", str(2**31), "transport.heartbeat_ivl_ms"),
     ("transport.max_frame_bytes", str(2**63), "transport.max_frame_bytes"),
+    ("security.secret_key_file", '""', "security.secret_key_file = '' in"),
+    ("trainer_allowlist_dir", '" "', "trainer_allowlist_dir is empty: give a path, or leave the setting out"),
 ])
 def test_a_setting_out_of_what_the_relay_can_use_is_a_one_line_config_error(tmp_path, setting, value, says):
     table, _, field = setting.rpartition(".")

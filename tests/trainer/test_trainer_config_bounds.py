@@ -21,6 +21,7 @@ from tmrl_trainer.config import TrainerConfig
     ("sac.conv_channels", "[100000]", "may be at most 65536 and 4096 wide"),
     ("sac.batch_size", "1000000000000", "sac.batch_size"),
     ("transport.linger_ms", str(2**31), "transport.linger_ms"),
+    ("run_dir", '""', "run_dir is empty: give a path, or leave the setting out"),
 ])
 def test_a_setting_the_trainer_cannot_use_is_a_one_line_config_error(tmp_path, setting, value, says):
     table, _, field = setting.rpartition(".")
