@@ -152,3 +152,73 @@ def test_outputs_in_missing_folders_are_created_and_unwritable_ones_are_one_line
         result = runner.invoke(app, ["export", str(policy), option, str(target)])
         assert result.exit_code == 2 and result.stderr.startswith(f"tmrl-trainer export: cannot write {target}: ")
         assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def _small_checkpoint(tmp_path, hidden=(16,)):
+    config = SACConfig(hidden_sizes=list(hidden))
+    learner = SACLearner(config, config.architecture(tm20_lidar_layout()), device="cpu", seed=4)
+    return save_checkpoint(tmp_path / "checkpoint-1.safetensors", learner), learner
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ("no architecture", "has no valid architecture"),
+    ("bad architecture", "has no valid architecture"),
+    ("missing actor tensor", "holds no actor that fits its architecture: Error(s) in loading state_dict"),
+    ("another architecture's actor", "holds no actor that fits its architecture"),
+])
+def test_a_checkpoint_that_reads_but_cannot_be_exported_says_what_is_wrong_with_it(tmp_path, change, says):
+    """An outside probe: a checkpoint missing its architecture was a KeyError traceback, and every other problem
+    was reported as 'neither a policy file nor a trainer checkpoint ... write it with save_policy_file'."""
+    from tmrl_trainer import tensor_file
+
+    checkpoint, _ = _small_checkpoint(tmp_path)
+    tensors, document = tensor_file.read_file(checkpoint)
+    if change == "no architecture":
+        del document["architecture"]
+    elif change == "bad architecture":
+        document["architecture"]["hidden_sizes"] = "wide"
+    elif change == "missing actor tensor":
+        del tensors["learner.actor.mean.weight"]
+    else:
+        other, _ = _small_checkpoint(tmp_path / "other", hidden=(8,))
+        other_tensors, _ = tensor_file.read_file(other)
+        tensors.update({name: tensor for name, tensor in other_tensors.items() if name.startswith("learner.actor.")})
+    document["crc32"] = {name: tensor_file.crc32_of(tensor) for name, tensor in tensors.items()}  # consistent again
+    checkpoint.write_bytes(tensor_file.pack(tensors, document))
+    result = runner.invoke(app, ["export", str(checkpoint), "--policy-out", str(tmp_path / "p.safetensors")])
+    assert result.exit_code == 2, result.output
+    assert says in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "neither a policy file" not in result.stderr and "Traceback" not in result.output
+
+
+def test_export_never_writes_over_its_source_a_device_or_its_other_output(tmp_path):
+    checkpoint, _ = _small_checkpoint(tmp_path)
+    before = checkpoint.read_bytes()
+    for arguments, says in (
+        (["--policy-out", str(checkpoint)], f"{checkpoint} is the source"),
+        (["--policy-out", str(tmp_path / "." / checkpoint.name)], "is the source"),
+        (["--onnx", str(tmp_path / "x"), "--policy-out", str(tmp_path / "x")], "is the other output"),
+        (["--policy-out", "/dev/null"], "/dev/null exists and is not a regular file"),
+    ):
+        result = runner.invoke(app, ["export", str(checkpoint), *arguments, "--no-check"])
+        assert result.exit_code == 2 and says in result.stderr, (arguments, result.output)
+    assert checkpoint.read_bytes() == before and not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_given_where_a_policy_file_is_wanted_is_told_how_to_export_it(tmp_path):
+    from tmrl_common.networks import PolicyFileError
+
+    checkpoint, _ = _small_checkpoint(tmp_path)
+    with pytest.raises(PolicyFileError, match="a trainer checkpoint: `tmrl-trainer export` it with --policy-out FILE"):
+        read_policy_file(checkpoint)
+
+
+def test_the_onnx_policy_stays_within_the_action_bounds_on_far_out_observations(tmp_path):
+    torch.manual_seed(0)
+    actor = build_actor(PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=[32]))
+    path = export_onnx(actor, tmp_path / "p.onnx")
+    rng = np.random.default_rng(1)  # observations that sweep the mean through tanh's saturation
+    parts = [(rng.standard_normal((65536, *shape)) * 30).astype(np.float32)
+             for shape in tm20_lidar_layout().observation_shapes()]
+    actions = run_onnx(path, input_names(tm20_lidar_layout()), parts)
+    assert np.abs(actions).max() <= 1.0  # without the clamp: 554 actions at 1.0000001 here

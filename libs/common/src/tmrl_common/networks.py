@@ -762,7 +762,11 @@ def read_policy_file(path: str | os.PathLike[str]) -> tuple[Actor, int]:
     except Exception as exc:  # safetensors raises its own error types on a bad header
         raise PolicyFileError(f"policy file {path} is not a safetensors file: {exc}") from exc
     if "architecture" not in metadata:
-        raise PolicyFileError(f"policy file {path} has no 'architecture' metadata; write it with save_policy_file")
+        hint = (" (a trainer checkpoint: `tmrl-trainer export` it with --policy-out FILE)"
+                if '"tmrl-checkpoint' in metadata.get("tmrl", "") else
+                " (a run writes its policy file as policy.safetensors; `tmrl-trainer export` writes one from a "
+                "checkpoint)")
+        raise PolicyFileError(f"policy file {path} has no 'architecture' metadata{hint}")
     try:
         architecture = json.loads(metadata["architecture"])
         update = WeightsUpdate.build(version=int(metadata.get("version", 0)), architecture=architecture, tensors=data)

@@ -28,6 +28,7 @@ def export_command(
 
     if onnx is None and policy is None:
         raise typer.BadParameter("give --onnx FILE and/or --policy-out FILE")
+    _refuse_clobbering(source, [output for output in (policy, onnx) if output is not None])
     try:
         actor, version = load_actor(source)
     except ExportError as exc:
@@ -54,6 +55,22 @@ def export_command(
         if difference > 1e-5:
             typer.echo("tmrl-trainer export: onnxruntime disagrees with torch by more than 1e-5", err=True)
             raise typer.Exit(code=1)
+
+
+def _refuse_clobbering(source: Path, outputs: list[Path]) -> None:
+    """Exit 2 before anything is written when an output is the source (a checkpoint would be replaced by its actor
+    alone), both outputs are one file, or an output exists and is not a regular file (a device, a folder): the
+    export replaces its output by renaming a new file over it."""
+    seen = {source.resolve(): "the source"}
+    for output in outputs:
+        resolved = output.resolve()
+        if resolved in seen:
+            typer.echo(f"tmrl-trainer export: {output} is {seen[resolved]}; write to another file", err=True)
+            raise typer.Exit(code=2)
+        if output.exists() and not output.is_file():
+            typer.echo(f"tmrl-trainer export: {output} exists and is not a regular file; write to a file", err=True)
+            raise typer.Exit(code=2)
+        seen[resolved] = "the other output"
 
 
 @contextmanager

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import Actor, PolicyArchitecture, PolicyFileError, build_actor
 
-from tmrl_trainer.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_tensors
+from tmrl_trainer.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_tensors, torch_error_summary
 from tmrl_trainer.tensor_file import TensorFileError, read_file
 
 ACTOR_PREFIX = "learner.actor."
@@ -38,6 +39,10 @@ OUTPUT_NAME = "action"
 
 class ExportError(ValueError):
     """The source cannot be exported (unreadable, not a policy or checkpoint) or the ONNX tools are missing."""
+
+
+class NotACheckpointError(ExportError):
+    """The file does not read as a trainer checkpoint at all (so it may be something else, a policy file)."""
 
 
 class DamagedCheckpointError(ExportError):
@@ -70,19 +75,23 @@ def actor_from_checkpoint(path: Path) -> tuple[Actor, int]:
     try:
         tensors, document = read_file(path)
     except (FileNotFoundError, TensorFileError) as exc:
-        raise ExportError(f"checkpoint {path} cannot be read: {exc}") from exc
+        raise NotACheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
-        raise ExportError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+        raise NotACheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file")
     try:  # what the trainer refuses to resume from is not exported either
         check_tensors(path, tensors, document)
     except CheckpointError as exc:
         raise DamagedCheckpointError(str(exc)) from exc
-    actor = build_actor(PolicyArchitecture.from_flat_dict(document["architecture"]))
+    try:
+        actor = build_actor(PolicyArchitecture.from_flat_dict(document["architecture"]))
+    except (KeyError, TypeError, ValueError, ProtocolError) as exc:  # no architecture, or one that does not validate
+        raise ExportError(f"checkpoint {path} has no valid architecture: {exc}") from exc
     state = {name[len(ACTOR_PREFIX):]: tensor for name, tensor in tensors.items() if name.startswith(ACTOR_PREFIX)}
     try:
         actor.load_state_dict(state)
     except RuntimeError as exc:
-        raise ExportError(f"checkpoint {path} holds no actor that fits its architecture: {exc}") from exc
+        raise ExportError(f"checkpoint {path} holds no actor that fits its architecture: "
+                          f"{torch_error_summary(exc)}") from exc
     return actor.eval(), int(document.get("counters", {}).get("weights_version", 0))
 
 
@@ -95,9 +104,7 @@ def load_actor(path: Path) -> tuple[Actor, int]:
     except PolicyFileError as policy_error:
         try:
             return actor_from_checkpoint(path)
-        except DamagedCheckpointError:
-            raise
-        except ExportError:
+        except NotACheckpointError:  # neither: the policy file's reason is the one to give
             raise ExportError(f"{path} is neither a policy file nor a trainer checkpoint ({policy_error})") from None
 
 
@@ -110,7 +117,7 @@ class DeterministicActor(torch.nn.Module):
 
     def forward(self, *observation: torch.Tensor) -> torch.Tensor:
         action, _ = self.actor(list(observation), deterministic=True, with_log_prob=False)
-        return action
+        return action.clamp(-1.0, 1.0)  # onnxruntime's tanh can land a float ulp past 1 where torch's gives 1
 
 
 def export_onnx(actor: Actor, path: Path, version: int = 0) -> Path:
