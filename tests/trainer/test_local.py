@@ -70,7 +70,7 @@ def test_short_pendulum_run_writes_tensorboard_scalars_and_a_loadable_checkpoint
 def _pendulum_layout() -> ObservationLayout:
     from tmrl_common.layout import layout_for_box
 
-    return layout_for_box(3, 1)
+    return layout_for_box(3, 1, -8.0, 8.0)  # with the Box's bounds, as the worker and the trainer service build it
 
 
 def test_an_env_exposing_a_layout_is_trained_on_its_tuple_observations():
@@ -136,8 +136,15 @@ def test_train_local_command_trains_and_reports_the_final_return(tmp_path):
     assert result.exit_code == 0, result.output
     assert "Pendulum-v1 seed 1: 60 steps" in result.output and "final deterministic return" in result.output
     assert (tmp_path / "checkpoints" / "latest.safetensors").exists()
-    refused = runner.invoke(app, ["train-local", "--env", "CartPole-v1", "--steps", "5", "--run-dir", str(tmp_path)])
+    refused = runner.invoke(app, ["train-local", "--env", "CartPole-v1", "--steps", "5", "--run-dir",
+                                  str(tmp_path / "cartpole")])
     assert refused.exit_code == 2 and "Box action space" in refused.output
+    again = runner.invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "5", "--run-dir", str(tmp_path)])
+    assert again.exit_code == 2 and "holds the checkpoint of an earlier run" in again.output and "--overwrite" in \
+        again.output
+    over = runner.invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "5", "--seed", "1", "--eval-episodes",
+                               "0", "--run-dir", str(tmp_path), "--device", "cpu", "--overwrite"])
+    assert over.exit_code == 0 and "Pendulum-v1 seed 1: 5 steps" in over.output, over.output
 
 
 def test_a_stop_ends_local_training_after_its_step_with_a_checkpoint_and_no_final_evaluation(tmp_path):
@@ -181,6 +188,37 @@ def test_train_local_command_stops_on_sigint_saves_its_checkpoint_and_exits_0(tm
     assert process.returncode == 0, output
     assert "signal 2: stopping" in output and "stopped at step" in output and "of 1000000" in output, output
     assert (tmp_path / "checkpoints" / "latest.safetensors").exists()
+
+
+def test_a_policy_trained_locally_on_a_bounded_box_env_is_evaluated_by_the_worker(tmp_path):
+    """An outside probe: train-local built Pendulum's layout without the Box's bounds, the worker with them, so
+    `tmrl-worker eval` refused every policy trained locally on a bounded env ("another observation layout")."""
+    from tmrl_trainer.cli import app as trainer_app
+    from tmrl_worker.cli import app as worker_app
+    from typer.testing import CliRunner
+
+    result = train_local("Pendulum-v1", steps=120, seed=0, config=_small(run_dir=tmp_path, eval_episodes=0))
+    runner = CliRunner()
+    exported = runner.invoke(trainer_app, ["export", str(result.checkpoint), "--policy-out",
+                                           str(tmp_path / "policy.safetensors")])
+    assert exported.exit_code == 0, exported.output
+    evaluated = runner.invoke(worker_app, ["eval", "--policy", str(tmp_path / "policy.safetensors"), "--env",
+                                           "gym:Pendulum-v1", "--episodes", "1"])
+    assert evaluated.exit_code == 0, evaluated.output
+
+
+def test_train_local_refuses_an_unusable_run_dir_or_env_module_before_training_in_one_line(tmp_path):
+    from tmrl_trainer.cli import app
+    from typer.testing import CliRunner
+
+    (tmp_path / "a-file").write_text("not a folder")
+    runner = CliRunner()
+    blocked = runner.invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "1000000", "--run-dir",
+                                  str(tmp_path / "a-file" / "run"), "--device", "cpu"])
+    assert blocked.exit_code == 2 and "cannot write in" in blocked.output and "Traceback" not in blocked.output
+    missing = runner.invoke(app, ["train-local", "--env", "gym:tmrl_worker.nosuch:X-v0", "--steps", "5", "--run-dir",
+                                  str(tmp_path / "run"), "--device", "cpu"])
+    assert missing.exit_code == 2 and "gymnasium cannot make 'tmrl_worker.nosuch:X-v0'" in missing.output
 
 
 def test_local_training_builds_the_configured_backend_and_another_resumes_its_checkpoint(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ HELP = {
     "device": "auto (CUDA when available), cpu, cuda or cuda:N.",
     "log_level": "How much to log (any case).",
     "env": "sim, sim-fast, tm20-lidar, tm20-lidar-progress, tm20-full, module:Class or gym:<id>.",
-    "save_memory": "Save the replay memory with each checkpoint (and restore it on restart).",
+    "save_memory": "Save the replay memory with each checkpoint.",
 }
 
 

@@ -39,7 +39,7 @@ def run(
     max_updates: int | None = typer.Option(None, "--max-updates", min=1, help="Stop after this many SAC updates."),
     seed: int | None = typer.Option(None, "--seed", help=HELP["seed"] + " It draws the networks' initial weights and the minibatches."),
     torch_threads: int | None = typer.Option(None, "--torch-threads", "--threads", min=1, help=HELP["torch_threads"]),
-    save_memory: bool = typer.Option(False, "--save-memory", help=HELP["save_memory"]),
+    save_memory: bool = typer.Option(False, "--save-memory", help=HELP["save_memory"] + " A restart restores it."),
     insecure: bool = typer.Option(False, "--insecure", help=HELP["insecure"]),
     secret_key: Path | None = typer.Option(None, "--secret-key", help=HELP["secret_key"], exists=True, dir_okay=False),
     server_key: Path | None = typer.Option(None, "--server-key", help=HELP["server_key"], exists=True, dir_okay=False),
@@ -131,9 +131,12 @@ def train_local_command(
     utd: float | None = typer.Option(None, "--utd", help="Updates per environment step (default: sac.utd)."),
     eval_episodes: int = typer.Option(10, "--eval-episodes", min=0, help="Deterministic episodes of each evaluation."),
     eval_every: int = typer.Option(0, "--eval-every", min=0, help="Steps between evaluations (0: only at the end)."),
-    run_dir: Path | None = typer.Option(None, "--run-dir", help="tensorboard/ and checkpoints/ go here [runs/local/<env>-s<seed>]."),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="tensorboard/ and checkpoints/ go here \\[runs/local/<env>-s<seed>]."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Steps between checkpoints (0: at the end)."),
-    save_memory: bool = typer.Option(False, "--save-memory", help=HELP["save_memory"]),
+    save_memory: bool = typer.Option(False, "--save-memory", help=HELP["save_memory"] + " train-local never resumes "
+                                     "from it: each run starts afresh."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run directory that holds a checkpoint "
+                                   "of an earlier run (replacing it); without it such a run directory is refused."),
     torch_threads: int | None = typer.Option(None, "--torch-threads", "--threads", min=1, help=HELP["torch_threads"]),
     log_level: LogLevel = LogLevelOption,
 ) -> None:
@@ -153,7 +156,13 @@ def train_local_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from tmrl_common.errors import ConfigError
 
-    from tmrl_trainer.local import LocalTrainingConfig, UnsupportedEnvironmentError, train_local
+    from tmrl_trainer.local import (
+        LATEST_LOCAL_CHECKPOINT,
+        LocalTrainingConfig,
+        UnsupportedEnvironmentError,
+        train_local,
+    )
+    from tmrl_trainer.service import writable_directory
 
     overrides = {"device": device, "torch_threads": torch_threads, "seed": seed, "save_memory": True if save_memory else None}
     trainer = load_config_for_command(TrainerConfig, "trainer", config, overrides=overrides, show_config=show_config)
@@ -169,6 +178,18 @@ def train_local_command(
     steps = max_steps
     sac = trainer.sac if utd is None else trainer.sac.model_copy(update={"utd": utd})
     run_dir = run_dir or Path("runs/local") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', env)}-s{seed}"
+    earlier = run_dir / "checkpoints" / LATEST_LOCAL_CHECKPOINT
+    if earlier.exists() and not overwrite:
+        typer.echo(f"tmrl-trainer train-local: {run_dir} holds the checkpoint of an earlier run ({earlier}); "
+                   "train-local does not resume: pass --overwrite to start over there, or give another --run-dir",
+                   err=True)
+        raise typer.Exit(code=2)
+    try:  # before training, not at its end: a run directory that cannot hold the checkpoint loses the whole run
+        for folder in (run_dir / "checkpoints", run_dir / "tensorboard"):
+            writable_directory(folder)
+    except ConfigError as exc:
+        typer.echo(f"tmrl-trainer train-local: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
     local = LocalTrainingConfig(sac=sac, memory_capacity=trainer.memory_capacity, device=trainer.device,
                                 eval_episodes=eval_episodes, eval_every=eval_every, run_dir=run_dir,
                                 checkpoint_every=checkpoint_every, save_memory=trainer.save_memory)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tmrl_common.batching import SampleBatchBuilder
-from tmrl_common.layout import ObservationLayout, layout_for_box
+from tmrl_common.layout import ObservationLayout, box_bounds, layout_for_box
 
 from tmrl_trainer.checkpoint import save_checkpoint
 from tmrl_trainer.learner import make_learner
@@ -30,6 +30,8 @@ from tmrl_trainer.metrics import TrainingMetrics
 from tmrl_trainer.sac import SACConfig
 
 LOCAL_WORKER_ID = "local"
+LATEST_LOCAL_CHECKPOINT = "latest.safetensors"
+"""The checkpoint of a local run, in ``<run_dir>/checkpoints/`` (rewritten at each save)."""
 
 
 class UnsupportedEnvironmentError(ValueError):
@@ -96,7 +98,10 @@ class _EnvAdapter:
         if isinstance(layout, ObservationLayout):
             self.layout, self.flat = layout, False
         elif isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1:
-            self.layout, self.flat = layout_for_box(int(env.observation_space.shape[0]), int(space.shape[0])), True
+            # with the space's bounds, as the trainer service and the worker build it: a policy trained here is then
+            # the same layout that `tmrl-worker eval` and a worker on this env expect
+            bounds = box_bounds(env.observation_space.low, env.observation_space.high)
+            self.layout, self.flat = layout_for_box(int(env.observation_space.shape[0]), int(space.shape[0]), *bounds), True
         else:
             raise UnsupportedEnvironmentError(f"observation space {env.observation_space} is neither a flat Box nor described by an "
                                    "ObservationLayout attribute 'layout' on the unwrapped environment")
@@ -144,7 +149,7 @@ def train_local(
     started = time.perf_counter()
     try:
         env, eval_env = gym.make(env_id), gym.make(env_id)
-    except gym.error.Error as exc:
+    except (gym.error.Error, ImportError) as exc:  # an unknown id, or gym:module:Id whose module does not import
         raise UnsupportedEnvironmentError(f"gymnasium cannot make {env_id!r}: {exc}") from exc
     adapter, eval_adapter = _EnvAdapter(env), _EnvAdapter(eval_env)
     layout = adapter.layout
@@ -155,7 +160,7 @@ def train_local(
                           gamma=config.sac.gamma)
     builder = SampleBatchBuilder(layout)
     metrics = TrainingMetrics(config.run_dir / "tensorboard" if config.run_dir else None)
-    checkpoint_path = config.run_dir / "checkpoints" / "latest.safetensors" if config.run_dir else None
+    checkpoint_path = config.run_dir / "checkpoints" / LATEST_LOCAL_CHECKPOINT if config.run_dir else None
     exploration = np.random.default_rng(seed + 4)
     env.action_space.seed(seed)
 
