@@ -153,3 +153,20 @@ def test_a_refused_trainer_key_warns_against_allowing_a_workers_key_as_the_train
     advice = watch.advice("refused")
     assert f"keys add {tmp_path / 'keys' / 'worker-1.key'} --allow-dir ALLOW --role trainer" in advice
     assert "a worker's key" in advice and "trainer.key_secret" in advice
+
+
+def test_a_relay_that_stalls_mid_handshake_after_an_earlier_one_is_not_called_a_wrong_port(caplog):
+    """A soak probe SIGSTOPped the relay for 20 s: every client then logged 'is a tmrl relay listening on that port
+    (not another service ...)?', which sends an operator looking for a wrong port on a relay that was only paused."""
+    watch = HandshakeWatch("worker-1", RelayEndpoint("127.0.0.1", 5555, TransportConfig(), SecurityConfig(insecure=True)),
+                           "worker")
+    assert "is a tmrl relay listening on that port" in watch.advice("silent")  # never shook hands: maybe the port
+    watch.on_event(zmq.EVENT_CONNECTED, now=0.0)
+    watch.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED, now=0.1)
+    watch.on_event(zmq.EVENT_DISCONNECTED, now=50.0)
+    watch.on_event(zmq.EVENT_CONNECTED, now=51.0)  # the paused relay's kernel still accepts the TCP connection
+    with caplog.at_level("ERROR", logger="tmrl_common.handshake"):
+        watch.check(now=57.0)
+    assert watch.counters.silent == 1
+    assert "the relay has not finished the handshake in 5s, as it did before: it is paused, overloaded or " \
+           "restarting" in caplog.text and "listening on that port" not in caplog.text

@@ -82,6 +82,9 @@ class HandshakeWatch:
         self._dead_since: float | None = None  # libzmq gave this socket up (refused, mechanism)
         self._quiet_since: float | None = None  # handshake done, nothing received since
         self._last_report: dict[str, float] = {}
+        self.handshakes = 0
+        """Handshakes this socket completed: after one, a relay that goes silent mid-handshake is the same relay
+        paused, overloaded or restarting, not a wrong port."""
 
     # ------------------------------------------------------------------------------------------------- events
 
@@ -91,6 +94,7 @@ class HandshakeWatch:
         if event == zmq.EVENT_CONNECTED:
             self._tcp_since = now
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.handshakes += 1
             self._tcp_since = None
             self._quiet_since = now
             self._last_report.clear()  # a later failure is news again
@@ -160,6 +164,10 @@ class HandshakeWatch:
             return (f"connected to {where}, but the relay has not answered our hello and heartbeats for "
                     f"{self.reply_timeout_s:.0f}s: it drops what this {self.role} sends; its log (and "
                     "tmrl_relay_rejects_total) says why, e.g. a worker key on the trainer port")
+        if self.handshakes:
+            return (f"connected to {where} again, but the relay has not finished the handshake in "
+                    f"{self.handshake_timeout_s:.0f}s, as it did before: it is paused, overloaded or restarting; "
+                    "retrying")
         return (f"connected to {where}, but no handshake after {self.handshake_timeout_s:.0f}s: is a tmrl relay "
                 "listening on that port (not another service, not the relay's weights or metrics port)?")
 

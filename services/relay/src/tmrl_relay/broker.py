@@ -553,7 +553,8 @@ class Relay:
         self.weights_socket.send_multipart(list(self.weights.frames), zmq.NOBLOCK, copy=False)  # XPUB drops at HWM
         self.weights.mark_published(now)
         self.metrics.weights_published.inc()
-        log.info("weights version %d (%d bytes) published", self.weights.version, len(self.weights.frames[1]))
+        # debug: up to 1 / weights_min_interval_s lines a second otherwise (tmrl_relay_weights_published_total counts)
+        log.debug("weights version %d (%d bytes) published", self.weights.version, len(self.weights.frames[1]))
 
     def _hand_over_weights(self, worker: Peer) -> None:
         """A worker that said hello gets the latest weights on its own connection, once per version: a late joiner
