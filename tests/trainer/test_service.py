@@ -34,7 +34,7 @@ def make_config(tmp_path, **fields) -> TrainerConfig:
     base = {
         "env": "gym:Pendulum-v1", "device": "cpu", "relay_host": "127.0.0.1", "trainer_port": 1,  # nobody listens
         "run_dir": str(tmp_path / "run"), "publish_every": 5, "checkpoint_every": 10, "memory_capacity": 5000,
-        "status_interval_s": 0.1, "torch_threads": 1,
+        "status_interval_s": 0.1, "torch_threads": 1, "train_record_every_s": 0.0,
         "sac": {"hidden_sizes": [16], "batch_size": 16, "learning_starts": 50, "utd": 0.5},
         "security": SecurityConfig(insecure=True),
     }

@@ -50,3 +50,19 @@ def test_training_metrics_made_with_the_counts_a_run_starts_from_measure_its_fir
     board = TrainingMetrics(None, updates_at_start=3000, samples_at_start=0)
     clock.seconds += 2.0
     assert board.log_rates(3200, 3200, 400) == pytest.approx({"updates_per_s": 100.0, "samples_per_s": 200.0})
+
+
+def test_train_records_are_thinned_to_one_per_interval_and_the_next_rates_cover_the_gap(tmp_path, clock, monkeypatch):
+    from tmrl_trainer import status as status_module
+
+    monotonic = SimpleNamespace(seconds=0.0)
+    monkeypatch.setattr(status_module.time, "monotonic", lambda: monotonic.seconds)
+    recorder = RunRecorder(tmp_path, tensorboard=False, train_every_s=1.0)
+    for publication in range(1, 25):  # eight publications a second for three seconds
+        clock.seconds += 0.125
+        monotonic.seconds += 0.125
+        recorder.training(100 * publication, 10 * publication, weights_version=publication, metrics={"q": 1.0})
+    recorder.close()
+    records = train_records(tmp_path)
+    assert [record["weights_version"] for record in records] == [1, 9, 17]
+    assert records[1]["updates_per_s"] == pytest.approx(800.0)  # (900 - 100) updates over the 1 s between records

@@ -72,6 +72,10 @@ class TrainerConfig(BaseModel):
     allowed_workers: list[str] = Field(default_factory=list)
     """Worker ids whose batches are accepted (empty: any worker the relay lets through)."""
     status_interval_s: float = Field(default=1.0, ge=0.01, le=MAX_DURATION_S)
+    train_record_every_s: float = Field(default=1.0, ge=0, le=MAX_DURATION_S)
+    """At most one learner record (a ``train`` line of ``metrics.jsonl`` and its TensorBoard points) per this many
+    seconds; 0: one at every weights publication: at 1,000 updates/s and publish_every 100, about 400 MB of records a day.
+    Episode records are never thinned."""
     heartbeat_interval_s: float = Field(default=2.0, gt=0, le=MAX_DURATION_S)
     transport: TransportConfig = Field(default_factory=TransportConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)

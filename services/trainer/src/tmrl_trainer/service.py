@@ -362,7 +362,7 @@ class TrainerService:
             for name in (STATUS_FILE, POLICY_FILE):
                 if (self.run_dir / name).is_dir():
                     raise IsADirectoryError(f"{self.run_dir / name} is a folder, where the trainer writes a file")
-            return RunRecorder(self.run_dir)
+            return RunRecorder(self.run_dir, train_every_s=self.config.train_record_every_s)
         except OSError as exc:
             self._run_lock.release()
             raise ConfigError(f"cannot write the run's records in {self.run_dir} ({exc}): {METRICS_FILE}, "
