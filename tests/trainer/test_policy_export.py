@@ -197,12 +197,14 @@ def test_export_never_writes_over_its_source_a_device_or_its_other_output(tmp_pa
     for arguments, says in (
         (["--policy-out", str(checkpoint)], f"{checkpoint} is the source"),
         (["--policy-out", str(tmp_path / "." / checkpoint.name)], "is the source"),
-        (["--onnx", str(tmp_path / "x"), "--policy-out", str(tmp_path / "x")], "is the other output"),
+        (["--onnx", str(tmp_path / "x.onnx"), "--policy-out", str(tmp_path / "x.onnx")], "is the other output"),
+        (["--onnx", str(tmp_path / "model.bin")], "an ONNX file's name must end in .onnx"),
         (["--policy-out", "/dev/null"], "/dev/null exists and is not a regular file"),
     ):
         result = runner.invoke(app, ["export", str(checkpoint), *arguments, "--no-check"])
         assert result.exit_code == 2 and says in result.stderr, (arguments, result.output)
-    assert checkpoint.read_bytes() == before and not (tmp_path / "x").exists()
+    assert checkpoint.read_bytes() == before and not (tmp_path / "x.onnx").exists()
+    assert not (tmp_path / "model.bin").exists()
 
 
 def test_a_checkpoint_given_where_a_policy_file_is_wanted_is_told_how_to_export_it(tmp_path):

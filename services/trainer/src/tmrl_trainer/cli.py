@@ -36,7 +36,8 @@ def run(
     trainer_port: int | None = typer.Option(None, "--trainer-port", help=HELP["trainer_port"]),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="status.json, metrics.jsonl, tensorboard/, checkpoints/."),
     device: str | None = typer.Option(None, "--device", help=HELP["device"]),
-    max_updates: int | None = typer.Option(None, "--max-updates", min=1, help="Stop after this many SAC updates."),
+    max_updates: int | None = typer.Option(None, "--max-updates", min=1, help="Stop once the learner has made this many SAC "
+                                             "updates in all (a resumed run counts its checkpoint's)."),
     seed: int | None = typer.Option(None, "--seed", help=HELP["seed"] + " It draws the networks' initial weights and the minibatches."),
     torch_threads: int | None = typer.Option(None, "--torch-threads", "--threads", min=1, help=HELP["torch_threads"]),
     save_memory: bool = typer.Option(False, "--save-memory", help=HELP["save_memory"] + " A restart restores it."),

@@ -12,8 +12,8 @@ import typer
 def export_command(
     source: Path = typer.Argument(..., help="A run's policy.safetensors, or a checkpoint (checkpoints/checkpoint-*.safetensors).",
                                   exists=True, dir_okay=False),
-    onnx: Path | None = typer.Option(None, "--onnx", help="Write the deterministic actor as ONNX here (its folder is "
-                                                          "created if missing).", dir_okay=False),
+    onnx: Path | None = typer.Option(None, "--onnx", help="Write the deterministic actor as ONNX here (a name ending "
+                                                          "in .onnx; its folder is created if missing).", dir_okay=False),
     policy: Path | None = typer.Option(None, "--policy-out", help="Write a policy file here (what tmrl-worker eval and "
                                                               "--expert --policy read; its folder is created if missing).",
                                        dir_okay=False),
@@ -28,6 +28,9 @@ def export_command(
 
     if onnx is None and policy is None:
         raise typer.BadParameter("give --onnx FILE and/or --policy-out FILE")
+    if onnx is not None and onnx.suffix.lower() != ".onnx":  # tmrl-worker eval tells the two formats by the name
+        typer.echo(f"tmrl-trainer export: --onnx {onnx}: an ONNX file's name must end in .onnx", err=True)
+        raise typer.Exit(code=2)
     _refuse_clobbering(source, [output for output in (policy, onnx) if output is not None])
     try:
         actor, version = load_actor(source)
