@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import zmq
-from loopback_relay import FakeRelay
+from loopback_relay import FakeRelay, wait_for
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import layout_for_box
 from tmrl_common.protocol import Hello, SampleBatch
@@ -60,7 +60,8 @@ def test_hello_first_then_resend_until_acked(context, tmp_path):
         relay.close()
 
 
-def test_unacknowledged_batches_are_resent_after_a_reconnection(context, tmp_path):
+def test_unacknowledged_batches_are_resent_after_a_reconnection(context, tmp_path, caplog):
+    caplog.set_level("INFO", logger="tmrl_common.relay_client")
     relay = FakeRelay(context)
     port = relay.port
     link = make_link(context, port, tmp_path, ack_timeout_s=60.0)  # only the reconnection can trigger the resend
@@ -72,12 +73,15 @@ def test_unacknowledged_batches_are_resent_after_a_reconnection(context, tmp_pat
         seqs = {relay.receive_type(SampleBatch)[2].seq for _ in range(2)}
         assert seqs == {0, 1}
         relay.close()  # the relay goes away...
+        wait_for(lambda: not link.connected)
+        link.submit(filled_builder(3), weights_version=1)  # built while it is away: never sent before
         relay = FakeRelay(context, port)  # ...and comes back on the same port
         routing_id, _, hello = relay.receive_type(Hello, timeout_s=10.0)
         assert hello.next_seq == 0  # the oldest unacknowledged batch is what it sends next
-        resent = [relay.receive_type(SampleBatch)[2].seq for _ in range(2)]
-        assert resent == [0, 1]
-        relay.ack(routing_id, "w-test", [0, 1])
+        resent = [relay.receive_type(SampleBatch)[2].seq for _ in range(3)]
+        assert resent == [0, 1, 2]
+        assert "unacknowledged batches: 2 to resend, 1 not sent yet" in caplog.text
+        relay.ack(routing_id, "w-test", [0, 1, 2])
         assert link.flush(timeout=3.0)
         assert link.snapshot()["connections"] == 2
     finally:

@@ -241,7 +241,9 @@ class RelayLink:
         hello = Hello(role="worker", software=SOFTWARE, layout=self.layout, next_seq=next_seq)
         self._send(encode(hello, self.worker_id))
         self.counters.hellos_sent += 1
-        return f"hello sent with next_seq={next_seq}, {len(pending)} unacknowledged batch(es) to resend"
+        resent = sum(1 for entry in pending if entry.sends)
+        return (f"hello sent with next_seq={next_seq}; unacknowledged batches: {resent} to resend, "
+                f"{len(pending) - resent} not sent yet")
 
     def _on_turn(self) -> None:
         self._take_submissions()
