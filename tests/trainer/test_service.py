@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +85,13 @@ def test_layout_file_overrides_the_env_name(tmp_path):
     path.write_text("{}")
     with pytest.raises(ConfigError, match="not a readable ObservationLayout"):
         layout_for_env("sim", path)
+
+
+def test_a_relative_layout_file_that_is_missing_names_the_folder_it_was_looked_for_in(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"layout_file layout.json \({tmp_path / 'layout.json'}: a relative path is "
+                                          r"read from the working directory, not the config's\)"):
+        layout_for_env("my_robot:Interface", Path("layout.json"))
 
 
 @pytest.mark.slow

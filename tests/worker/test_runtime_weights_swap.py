@@ -239,3 +239,20 @@ def test_weights_for_another_observation_layout_stop_the_worker_naming_both_layo
                                                  r"same img_hist_len"):
         loop._swap_policy()
     assert loop.policy.version == 0  # still the random policy: nothing was swapped in
+
+
+def test_for_a_module_class_env_the_layout_error_points_at_the_trainers_layout_file(pendulum, monkeypatch):
+    """A robot author's usual cause (outside probe): an old layout_file the trainer still reads, not env options."""
+    from tmrl_common.layout import layout_for_box
+    from tmrl_worker.runtime import WeightsLayoutError
+    from tmrl_worker.weights_feed import PreparedPolicy
+
+    class OneUpdate:
+        def take_latest(self):
+            return PreparedPolicy(version=3, actor=small_actor(layout_for_box(7, 1), seed=0))
+
+    monkeypatch.setattr(pendulum, "spec", "my_robot:CartInterface")
+    loop = RolloutLoop(pendulum, None, OneUpdate(), UniformPolicy(pendulum.action_dim, seed=0))
+    with pytest.raises(WeightsLayoutError, match=r"the trainer's layout_file is not your interface's layout: write it "
+                                                 r"again from the interface \(`tmrl-worker layout"):
+        loop._swap_policy()

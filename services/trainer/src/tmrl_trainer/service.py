@@ -137,7 +137,10 @@ def layout_for_env(env: str, layout_file: Path | None = None) -> ObservationLayo
         try:
             layout = ObservationLayout.model_validate_json(Path(layout_file).read_text())
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"layout_file {layout_file} is not a readable ObservationLayout JSON: {exc}") from exc
+            where = "" if Path(layout_file).is_absolute() else f" ({Path(layout_file).absolute()}: a relative path is " \
+                                                                 "read from the working directory, not the config's)"
+            raise ConfigError(f"layout_file {layout_file}{where} is not a readable ObservationLayout JSON: "
+                              f"{exc}") from exc
         own = _NAMED_LAYOUTS[env]() if env in _NAMED_LAYOUTS else None
         if own is not None and own != layout:  # legitimate (a TrackMania image size), but never silent: --env says one
             log.warning("layout_file %s overrides the layout of env %r (%s) with %s: batches in that env's own "

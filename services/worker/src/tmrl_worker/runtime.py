@@ -359,8 +359,11 @@ class RolloutLoop:
             raise WeightsLayoutError(
                 f"{self.worker_id}: the trainer's weights (version {prepared.version}) are for another observation "
                 f"layout than this worker's env: policy {describe_layout(policy_layout)}; env "
-                f"{describe_layout(env_layout)}; give the worker the env options the trainer's layout was made with "
-                "(e.g. the same img_hist_len)")
+                f"{describe_layout(env_layout)}; " + (
+                    "the trainer's layout_file is not your interface's layout: write it again from the interface "
+                    "(`tmrl-worker layout --env ...`) and restart the trainer with a fresh run_dir"
+                    if ":" in self.env.spec and not self.env.spec.startswith("gym:") else
+                    "give the worker the env options the trainer's layout was made with (e.g. the same img_hist_len)"))
 
     def _swap_policy(self) -> None:
         if self.feed is None:
