@@ -248,3 +248,57 @@ def test_removing_the_trainer_key_revokes_the_live_trainer_without_a_restart(con
         assert "not in the relay's trainer allow-list" in trainer.recv_type("error")[1].message
         assert value("tmrl_relay_role_refusals_total", {"link": "trainer", "why": "not_a_trainer_key"}) == 1
         assert value("tmrl_relay_weights_version") == -1
+
+
+def _admitted(context, relay, keys, key_name: str, sender: str) -> bool:
+    """Whether a new connection with ``key_name``'s key gets its hello through (within 3 s)."""
+    peer = _peer(context, relay.ports.worker_port, keys, key_name, sender)
+    try:
+        peer.hello("worker")
+        wait_until(lambda: sender in relay.workers.by_sender, timeout_s=3.0, what=f"{sender}'s hello")
+        return True
+    except AssertionError:
+        return False
+    finally:
+        peer.close()
+
+
+def test_a_removal_applies_even_while_another_allow_list_file_is_malformed(context, tmp_path, keys, caplog):
+    """An outside probe: a truncated worker-3.key made every reload fail ('keeping the previous one'), so removing
+    worker-1 did nothing and a new connection with worker-1's key was still admitted."""
+    caplog.set_level(logging.ERROR, logger="tmrl_relay.allowlist")
+    with relay_in_thread(_config(tmp_path, keys, allowlist_reload_s=0.1)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        (tmp_path / "allow" / "worker-3.key").write_text("public-key = \"trunc")  # malformed: admits no one
+        (tmp_path / "allow" / "worker-1.key").unlink()  # revoked
+        wait_until(lambda: value("tmrl_relay_allowed_keys", {"link": "workers"}) == 1, what="the reload")
+        assert not _admitted(context, relay, keys, "worker-1", "worker-1b")
+        assert _admitted(context, relay, keys, "worker-2", "worker-2b")
+        assert "worker-3.key" in caplog.text and "keys remove worker-3" in caplog.text
+
+
+def test_an_allow_list_folder_that_cannot_be_read_keeps_the_previous_lists(context, tmp_path, keys, caplog):
+    caplog.set_level(logging.ERROR, logger="tmrl_relay.allowlist")
+    with relay_in_thread(_config(tmp_path, keys, allowlist_reload_s=0.1)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        allow = tmp_path / "allow"
+        allow.rename(tmp_path / "allow-moved")
+        allow.write_text("a file where the allow-list folder was")  # listing it fails (as it does without permission)
+        wait_until(lambda: "cannot be read, keeping the previous lists" in caplog.text, what="the failed reload")
+        assert value("tmrl_relay_allowed_keys", {"link": "workers"}) == 2  # not emptied
+        assert _admitted(context, relay, keys, "worker-1", "worker-1b")
+
+
+def test_a_trainer_key_copied_by_hand_into_the_worker_list_admits_no_one(context, tmp_path, keys, caplog):
+    """`keys add` refuses a key in two roles; a file copied by hand is caught at the reload (outside probe: the
+    trainer's key then worked as a worker)."""
+    import shutil
+
+    caplog.set_level(logging.ERROR, logger="tmrl_relay.allowlist")
+    with relay_in_thread(_config(tmp_path, keys, allowlist_reload_s=0.1)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        shutil.copy(keys["trainer"].public_file, tmp_path / "allow" / "sneaky.key")
+        wait_until(lambda: "one key is allowed in two roles" in caplog.text, what="the reload")
+        assert not _admitted(context, relay, keys, "trainer", "sneaky-worker")
+        assert value("tmrl_relay_allowed_keys", {"link": "trainer"}) == 0
+        assert _admitted(context, relay, keys, "worker-2", "worker-2b")

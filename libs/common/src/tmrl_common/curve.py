@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,16 +165,83 @@ def revoke_public_key(allowlist_dir: Path, name: str) -> Path:
 
 def list_allowed_keys(allowlist_dir: Path) -> list[AllowedKey]:
     """Every ``*.key`` in ``allowlist_dir``, validated and sorted by name; raises :class:`KeyFileError` on a bad one."""
+    keys, problems = read_allowed_keys(allowlist_dir)
+    if problems:
+        raise KeyFileError(problems[0])
+    return keys
+
+
+def read_allowed_keys(allowlist_dir: Path) -> tuple[list[AllowedKey], list[str]]:
+    """The valid ``*.key`` entries of ``allowlist_dir`` sorted by name, and one line per entry that is not (a
+    malformed file, a folder, an unreadable file: it admits no one, and the line says how to clear it). Raises
+    :class:`KeyFileError` when the directory itself cannot be listed (missing, unreadable): then nothing in it can
+    be trusted to be complete."""
     allowlist_dir = Path(allowlist_dir)
-    if not allowlist_dir.is_dir():
+    try:
+        names = sorted(name for name in os.listdir(allowlist_dir) if name.endswith(PUBLIC_SUFFIX))
+    except FileNotFoundError as exc:
         raise KeyFileError(
             f"allow-list directory {allowlist_dir} does not exist; add a client with "
             f"`tmrl-relay keys add --allow-dir {allowlist_dir} CLIENT.key`"
-        )
-    return [
-        AllowedKey(name=path.name[: -len(PUBLIC_SUFFIX)], public_key=load_public_key(path), path=path)
-        for path in sorted(allowlist_dir.glob(f"*{PUBLIC_SUFFIX}"))
-    ]
+        ) from exc
+    except OSError as exc:  # no permission, not a directory: os.listdir says so where Path.glob says nothing
+        raise KeyFileError(f"allow-list directory {allowlist_dir} cannot be read: {exc.strerror or exc}") from exc
+    keys, problems = [], []
+    for file_name in names:
+        path, name = allowlist_dir / file_name, file_name[: -len(PUBLIC_SUFFIX)]
+        try:
+            keys.append(AllowedKey(name=name, public_key=load_public_key(path), path=path))
+        except (KeyFileError, OSError) as exc:
+            problems.append(f"{exc} (it admits no one; `tmrl-relay keys remove {name} --allow-dir {allowlist_dir}` "
+                            "clears it)")
+    return keys, problems
+
+
+class AllowedKeySets:
+    """The keys each ZAP domain admits, for the authenticator's CURVE callback (``configure_curve_callback``):
+    replaced as a whole on each reload, so a client is checked against one consistent set of lists."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, frozenset[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def replace(self, keys: dict[str, frozenset[bytes]]) -> None:
+        with self._lock:
+            self._keys = dict(keys)
+
+    def allowed(self, domain: str) -> frozenset[bytes]:
+        with self._lock:
+            return self._keys.get(domain, frozenset())
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """pyzmq's credentials-provider hook: ``key`` is the client's Z85 public key."""
+        return key in self.allowed(domain)
+
+
+def read_domains(domains: dict[str, Path], exclusive: tuple[set[str], set[str]] | None = None,
+                 ) -> tuple[dict[str, frozenset[bytes]], list[str]]:
+    """Each ZAP domain's allowed Z85 keys, read from its directory, and a line per problem (see
+    :func:`read_allowed_keys`; a directory that cannot be listed raises :class:`KeyFileError`). ``exclusive``: two
+    groups of domains (the workers' and the trainer's) no key may be in both of: such a key is dropped from every
+    domain, with a line saying so (one key, one role; ``keys add`` refuses it, a file copied by hand is caught
+    here)."""
+    keys: dict[str, frozenset[bytes]] = {}
+    problems: list[str] = []
+    names: dict[bytes, set[str]] = {}
+    for domain, directory in domains.items():
+        entries, found = read_allowed_keys(directory)
+        problems.extend(problem for problem in found if problem not in problems)
+        keys[domain] = frozenset(entry.public_key for entry in entries)
+        for entry in entries:
+            names.setdefault(entry.public_key, set()).add(str(entry.path))
+    if exclusive is not None:
+        first = frozenset().union(*(keys.get(domain, frozenset()) for domain in exclusive[0]))
+        second = frozenset().union(*(keys.get(domain, frozenset()) for domain in exclusive[1]))
+        for both in sorted(first & second):
+            problems.append(f"one key is allowed in two roles ({', '.join(sorted(names[both]))}): it admits no one "
+                            "until one of them is removed (`tmrl-relay keys remove`)")
+            keys = {domain: allowed - {both} for domain, allowed in keys.items()}
+    return keys, problems
 
 
 def user_id_of(public_key: bytes) -> str:
@@ -181,29 +249,42 @@ def user_id_of(public_key: bytes) -> str:
     return public_key.decode("ascii")
 
 
-def start_authenticator(context: zmq.Context, domains: dict[str, Path]):  # -> zmq.auth.thread.ThreadAuthenticator
+def start_authenticator(context: zmq.Context, domains: dict[str, Path],
+                        exclusive: tuple[set[str], set[str]] | None = None):  # -> ThreadAuthenticator
     """Start a ZAP handler on ``context`` admitting, per ZAP domain, only the keys in that domain's allow-list dir.
 
-    Every allow-list is validated first (:func:`list_allowed_keys`), so a malformed file fails loudly here instead
-    of silently locking every client out. Call :func:`reload_authenticator` after the directories change.
-    Sockets choose their domain with ``socket.zap_domain = b"..."`` before ``bind``.
+    Every allow-list is validated first, so a malformed file fails loudly here (:class:`KeyFileError`, its problem
+    line) instead of silently locking a client out. Call :func:`reload_authenticator` after the directories change.
+    Sockets choose their domain with ``socket.zap_domain = b"..."`` before ``bind``. ``exclusive``: see
+    :func:`read_domains`. The returned authenticator's ``tmrl_keys`` is its :class:`AllowedKeySets`.
     """
     from zmq.auth.thread import ThreadAuthenticator
 
+    keys, problems = read_domains(domains, exclusive)
+    if problems:
+        raise KeyFileError(problems[0])
     authenticator = ThreadAuthenticator(context)
     authenticator.start()
     try:
-        reload_authenticator(authenticator, domains)
+        authenticator.tmrl_keys = AllowedKeySets()
+        authenticator.tmrl_keys.replace(keys)
+        for domain in domains:
+            authenticator.configure_curve_callback(domain=domain, credentials_provider=authenticator.tmrl_keys)
     except Exception:
         authenticator.stop()
         raise
     return authenticator
 
 
-def reload_authenticator(authenticator, domains: dict[str, Path]) -> dict[str, int]:
-    """Re-read each domain's allow-list directory; returns how many keys each domain now allows."""
-    counts: dict[str, int] = {}
-    for domain, directory in domains.items():
-        counts[domain] = len(list_allowed_keys(directory))
-        authenticator.configure_curve(domain=domain, location=str(directory))
-    return counts
+def reload_authenticator(authenticator, domains: dict[str, Path], exclusive: tuple[set[str], set[str]] | None = None,
+                         ) -> tuple[dict[str, int], list[str]]:
+    """Re-read each domain's allow-list directory and admit exactly its valid keys from now on: an entry that is
+    not valid admits no one, and every other change (a removal above all) applies even so. Returns how many keys
+    each domain now allows and a line per problem. A directory that cannot be listed raises :class:`KeyFileError`
+    and changes nothing (its listing could be incomplete, so the previous lists stay)."""
+    keys, problems = read_domains(domains, exclusive)
+    authenticator.tmrl_keys.replace(keys)
+    for domain in domains:  # a domain the previous start did not configure
+        if domain not in authenticator.credentials_providers:
+            authenticator.configure_curve_callback(domain=domain, credentials_provider=authenticator.tmrl_keys)
+    return {domain: len(allowed) for domain, allowed in keys.items()}, problems

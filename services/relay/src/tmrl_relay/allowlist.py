@@ -3,8 +3,10 @@
 Worker keys live in ``security.allowlist_dir`` (``NAME.key``) and admit a client on the workers and weights sockets;
 trainer keys live in ``trainer_allowlist_dir`` (default ``<allowlist_dir>/trainers``) and are the only keys the
 trainer socket admits. The relay refuses to start with no trainer key. The directories are checked every
-``allowlist_reload_s``: an added key connects from then on, a removed key's new connections are refused, and a
-directory that becomes unreadable or holds a malformed file keeps the previous lists (logged).
+``allowlist_reload_s``: an added key connects from then on, a removed key's new connections are refused. A file that
+is not a valid key admits no one and is logged with the command that clears it; every other change applies all the
+same (a removal above all). A directory that cannot be listed keeps the previous lists (logged). A key in both the
+workers' and the trainer's list admits no one (one key, one role; logged).
 """
 
 from __future__ import annotations
@@ -63,11 +65,16 @@ class AllowlistWatcher:
         return {ZAP_DOMAINS["workers"]: self.worker_dir, ZAP_DOMAINS["weights"]: self.worker_dir,
                 ZAP_DOMAINS["trainer"]: self.trainer_dir}
 
+    @staticmethod
+    def roles() -> tuple[set[str], set[str]]:
+        """The two groups of domains no key may be in both of: the workers' sockets and the trainer's."""
+        return {ZAP_DOMAINS["workers"], ZAP_DOMAINS["weights"]}, {ZAP_DOMAINS["trainer"]}
+
     def start(self, context: zmq.Context) -> None:
         """Check that a trainer key exists, then start the authenticator (raises :class:`RelaySetupError`)."""
         self._require_a_trainer_key()
         try:
-            self._authenticator = start_authenticator(context, self.domains())
+            self._authenticator = start_authenticator(context, self.domains(), self.roles())
         except KeyFileError as exc:
             raise RelaySetupError(str(exc)) from exc
         self._signature = self._state()
@@ -90,10 +97,12 @@ class AllowlistWatcher:
             return False
         self._signature = state
         try:
-            counts = reload_authenticator(self._authenticator, self.domains())
+            counts, problems = reload_authenticator(self._authenticator, self.domains(), self.roles())
         except KeyFileError as exc:
-            log.error("allow-list changed but cannot be loaded, keeping the previous one: %s", exc)
+            log.error("allow-list changed but cannot be read, keeping the previous lists: %s", exc)
             return False
+        for problem in problems:
+            log.error("allow-list: %s", problem)
         log.info("allow-list reloaded: %s", counts)
         self._count_keys()
         return True
@@ -122,11 +131,10 @@ class AllowlistWatcher:
         return tuple(state)
 
     def _count_keys(self) -> None:
+        """The metrics and :attr:`trainer_keys` from the sets the authenticator admits now."""
+        assert self._authenticator is not None
         for link, domain in ZAP_DOMAINS.items():
-            try:
-                keys = list_allowed_keys(self.domains()[domain])
-            except KeyFileError:
-                continue
+            keys = self._authenticator.tmrl_keys.allowed(domain)
             self.metrics.allowed_keys.labels(link=link).set(len(keys))
             if link == "trainer":
-                self.trainer_keys = frozenset(entry.public_key.decode("ascii") for entry in keys)
+                self.trainer_keys = frozenset(key.decode("ascii") for key in keys)

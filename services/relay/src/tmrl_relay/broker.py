@@ -668,7 +668,8 @@ class Relay:
         if kind == "auth":
             return "public key not in the allow-list"
         if kind == "protocol":
-            return "one side runs --insecure and the other CurveZMQ, or the peer's handshake was malformed"
+            return ("the client's --server-key is not this relay's public key (after a relay key rotation: give "
+                    "clients the new one), one side runs --insecure and the other CurveZMQ, or a malformed handshake")
         return f"a peer that is not a {_PEER_SOCKET_TYPES[link]} socket, or does not speak ZeroMQ's protocol"
 
     def _on_disconnect(self, link: str, endpoint: bytes) -> None:
