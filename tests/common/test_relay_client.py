@@ -255,3 +255,31 @@ def test_a_client_stopped_without_starting_closes_its_wake_up_pair(context, unus
     client.stop()
     assert client._wake_reader.fileno() == client._wake_writer.fileno() == -1
     client.wake()  # a no-op, not an error
+
+
+def test_a_key_file_that_breaks_before_a_socket_is_rebuilt_is_the_failure_reported(context, monkeypatch):
+    """An outside probe corrupted a worker's own key file while it ran: the socket rebuilt after a refusal raised
+    KeyFileError, and closing the old, already closed socket again then raised over it, so the worker's last line
+    named a closed zmq.Socket instead of the key file."""
+    from tmrl_common.curve import KeyFileError
+
+    router, port = bind_router(context)
+    client, _, _ = make_client(context, port)
+    real_connect, calls = RelayEndpoint.connect, []
+
+    def connect(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyFileError("keys/worker-1.key_secret is not a ZeroMQ certificate")
+        return real_connect(self, *args, **kwargs)
+
+    monkeypatch.setattr(RelayEndpoint, "connect", connect)
+    due = iter([False, True])
+    monkeypatch.setattr(client.handshake, "due_for_new_socket", lambda now=None: next(due, False))
+    client.start()
+    try:
+        wait_for(lambda: not client.is_alive())
+    finally:
+        client.stop()
+        router.close(linger=0)
+    assert isinstance(client.failure, KeyFileError), client.failure

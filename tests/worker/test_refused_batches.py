@@ -249,7 +249,8 @@ def test_batches_still_unanswered_when_the_worker_gives_up_stay_in_its_durable_s
 
 
 @pytest.mark.parametrize(("acked", "advice"), [(0, ": allow it with `tmrl-relay keys add` on the relay host"),
-                                               (9, " before it was allowed")])
+                                               (9, " (and allowed it at other times: the key was added late, or "
+                                                   "removed while this worker ran)")])
 def test_the_summary_advises_allowing_a_refused_key_only_while_nothing_was_acknowledged(acked, advice):
     from tmrl_worker.cli import run_summary
     from tmrl_worker.runtime import RolloutStats

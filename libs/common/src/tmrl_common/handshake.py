@@ -146,7 +146,8 @@ class HandshakeWatch:
             # it too (one key, one role): the trainer's advice names its own pair first.
             own_pair = ("If that is a worker's key, do not allow it as the trainer: start the trainer with its own pair "
                         "(`tmrl-relay keys init` made keys/trainer.key_secret). Otherwise, on" if self.role == "trainer"
-                        else "On")
+                        else "If that is the trainer's key, do not allow it as a worker: give this worker its own pair "
+                        "(`tmrl-relay keys generate`). If it was removed on purpose, stop this worker. Otherwise, on")
             return (f"the relay at {where} refused this {self.role}'s key: {self._public_key_file()} is not in its "
                     f"{self.role} allow-list. {own_pair} the relay host run `tmrl-relay keys add "
                     f"{self._public_key_file()} --allow-dir ALLOW --role {self.role}` (ALLOW: the relay's "

@@ -211,6 +211,7 @@ class RelayClient:
                 self.handshake.check()
                 if self.handshake.due_for_new_socket():  # libzmq never reconnects a refused socket: a new one
                     self._close(poller, socket, monitor)
+                    socket = monitor = None  # if opening the new one raises (a key file gone bad), that error stands
                     socket, monitor = self._open(poller)
                 self._on_turn()
                 if self._connected.is_set():
@@ -219,7 +220,8 @@ class RelayClient:
                         self._send_heartbeat()
                         next_heartbeat = now + self.heartbeat_interval_s
         finally:
-            self._close(poller, socket, monitor)
+            if socket is not None and monitor is not None:
+                self._close(poller, socket, monitor)
             self._wake_reader.close()
             self._wake_writer.close()
 

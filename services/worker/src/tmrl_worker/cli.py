@@ -127,8 +127,8 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
             summary += f" ({', '.join(f'{reason}: {count}' for reason, count in reasons)})"
         if delivery.get("handshake_refused"):
             summary += f"; the relay refused this worker's key {delivery['handshake_refused']} time(s)"
-            summary += (" before it was allowed" if delivery["spool_acked"] else
-                        ": allow it with `tmrl-relay keys add` on the relay host")
+            summary += (" (and allowed it at other times: the key was added late, or removed while this worker ran)"
+                        if delivery["spool_acked"] else ": allow it with `tmrl-relay keys add` on the relay host")
     return summary
 
 

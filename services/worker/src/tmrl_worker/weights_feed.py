@@ -151,6 +151,7 @@ class WeightsFeed:
                                                 self.endpoint.frame_cap_hint())
                 if self.handshake.due_for_new_socket():  # a refused SUB is never reconnected by libzmq
                     self._close(socket, monitor)
+                    socket = monitor = None  # if connecting again raises (a key file gone bad), that error stands
                     socket, monitor = self._connect()
                 with self._lock:
                     handed, self._handed = self._handed, None
@@ -161,7 +162,8 @@ class WeightsFeed:
                     self._follow_published(newest)
                     self._prepare(newest)
         finally:
-            self._close(socket, monitor)
+            if socket is not None and monitor is not None:
+                self._close(socket, monitor)
 
     def _newest_queued(self, socket: zmq.Socket) -> WeightsUpdate | None:
         """Drain the SUB socket: only the newest queued update is worth building an actor for."""
