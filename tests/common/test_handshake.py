@@ -170,3 +170,36 @@ def test_a_relay_that_stalls_mid_handshake_after_an_earlier_one_is_not_called_a_
     assert watch.counters.silent == 1
     assert "the relay has not finished the handshake in 5s, as it did before: it is paused, overloaded or " \
            "restarting" in caplog.text and "listening on that port" not in caplog.text
+
+
+def test_a_dropped_handshake_rebuilds_the_socket_after_the_retry_delay_unless_a_retry_gets_through():
+    """A rebuilt socket reads the key files again: a client given the rotated relay's new public key in place then
+    reconnects without a restart (an outside probe restarted the clients, and one lost its in-memory spool)."""
+    endpoint = RelayEndpoint("127.0.0.1", 5555, TransportConfig(), SecurityConfig(insecure=True))
+    watch = HandshakeWatch("worker-1", endpoint, "worker", retry_s=10.0, report=False)
+    for second in range(12):  # libzmq's own retries, all dropped
+        watch.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, now=float(second))
+        assert watch.due_for_new_socket(now=float(second)) is (second == 10), second
+    assert watch.counters.dropped == 12 and watch.counters.new_sockets == 1
+    transient = HandshakeWatch("worker-1", endpoint, "worker", retry_s=10.0, report=False)
+    transient.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, now=0.0)
+    transient.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED, now=1.0)  # a retry got through
+    assert not transient.due_for_new_socket(now=20.0)
+
+
+def test_a_client_given_the_relays_new_public_key_in_place_reconnects_without_a_restart(keys, curve_relay,
+                                                                                        start_client):
+    """A key rotation, end to end: the client's --server-key file held another relay's key (dropped handshakes);
+    once the file holds this relay's key, the rebuilt socket reads it and connects."""
+    shutil.copy(keys / "keys" / "worker-9.key", keys / "allow" / "worker-9.key")
+    port, authenticator = curve_relay
+    reload_authenticator(authenticator, {"tmrl-workers": keys / "allow"})
+    server_key = keys / "keys" / "server.key"
+    shutil.copy(keys / "keys" / "other-relay.key", server_key)  # the old relay's public key
+    client = start_client(port, SecurityConfig(secret_key_file=keys / "keys" / "worker-9.key_secret",
+                                               server_public_key_file=server_key))
+    wait_for(lambda: client.handshake.counters.dropped >= 1, 5)
+    assert not client.connected
+    shutil.copy(keys / "keys" / "relay.key", server_key)  # the operator copies the new one over it
+    assert client.wait_connected(10), "the client kept the old server key"
+    assert client.handshake.counters.new_sockets >= 1

@@ -14,6 +14,9 @@ the cases apart (measured with libzmq 4.3.5):
 
 After the first two, libzmq never reconnects that socket: :meth:`HandshakeWatch.due_for_new_socket` tells its owner to
 build a new one after ``retry_s``, so a key allowed later (``tmrl-relay keys add``) is picked up without a restart.
+After the third, libzmq retries by itself but with the same keys, so the socket is rebuilt ``retry_s`` after the first
+drop too (unless a retry got through meanwhile): building it reads the key files again, and a client whose
+``--server-key`` file was replaced by the relay's new public key (a key rotation) reconnects without a restart.
 
 :class:`HandshakeWatch` only reads events and logs; the owner (:class:`~tmrl_common.relay_client.RelayClient`, the
 worker's weights feed) feeds it every monitor event and asks it once per loop turn.
@@ -95,7 +98,7 @@ class HandshakeWatch:
             self._tcp_since = now
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.handshakes += 1
-            self._tcp_since = None
+            self._tcp_since = self._dead_since = None  # a dropped handshake that libzmq's retry got through
             self._quiet_since = now
             self._last_report.clear()  # a later failure is news again
         elif event in FAILURE_KINDS:
@@ -103,6 +106,10 @@ class HandshakeWatch:
             setattr(self.counters, kind, getattr(self.counters, kind) + 1)
             self._tcp_since = None
             if kind in ("refused", "mechanism"):
+                self._dead_since = now
+            elif kind == "dropped" and self._dead_since is None:
+                # libzmq retries a dropped handshake itself, with the same keys: a socket rebuilt after retry_s reads
+                # the key files again, so a client given the relay's new public key (a rotation) needs no restart
                 self._dead_since = now
             self._say(kind, now)
 
@@ -160,7 +167,8 @@ class HandshakeWatch:
         if kind == "dropped":
             return (f"the relay at {where} drops the CurveZMQ handshake: --server-key "
                     f"({self.endpoint.security.server_public_key_file}) is most likely not the public key of the "
-                    "relay's --secret-key (copy the relay's relay.key again); retrying")
+                    f"relay's --secret-key (copy the relay's relay.key again: the file is read again every "
+                    f"{self.retry_s:.0f}s, no restart needed); retrying")
         if kind == "unanswered":
             return (f"connected to {where}, but the relay has not answered our hello and heartbeats for "
                     f"{self.reply_timeout_s:.0f}s: it drops what this {self.role} sends; its log (and "
