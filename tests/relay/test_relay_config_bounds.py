@@ -6,8 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from tmrl_common.config import load_config
-from tmrl_common.errors import ConfigError
+from config_refusal import assert_refused_in_one_line
 from tmrl_relay.broker import Relay
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.metrics import RelayMetrics
@@ -32,12 +31,7 @@ from .relay_harness import insecure_config
     ("trainer_allowlist_dir", '" "', "trainer_allowlist_dir is empty: give a path, or leave the setting out"),
 ])
 def test_a_setting_out_of_what_the_relay_can_use_is_a_one_line_config_error(tmp_path, setting, value, says):
-    table, _, field = setting.rpartition(".")
-    path = tmp_path / "relay.toml"
-    path.write_text(f"[relay{'.' + table if table else ''}]\n{field} = {value}\n")
-    with pytest.raises(ConfigError) as refused:
-        load_config(RelayConfig, "relay", path, environ={})
-    assert says in str(refused.value) and "\n" not in str(refused.value)
+    assert_refused_in_one_line(RelayConfig, "relay", tmp_path, setting, value, says)
 
 
 @pytest.mark.parametrize("host", ["*", "0.0.0.0", "::1", "[::1]", "relay.example.org", "localhost", "my_host-2"])

@@ -4,8 +4,7 @@ config too large for this machine's memory is a one-line error with status 2 ins
 from __future__ import annotations
 
 import pytest
-from tmrl_common.config import load_config
-from tmrl_common.errors import ConfigError
+from config_refusal import assert_refused_in_one_line
 from tmrl_trainer.config import TrainerConfig
 
 
@@ -24,12 +23,7 @@ from tmrl_trainer.config import TrainerConfig
     ("run_dir", '""', "run_dir is empty: give a path, or leave the setting out"),
 ])
 def test_a_setting_the_trainer_cannot_use_is_a_one_line_config_error(tmp_path, setting, value, says):
-    table, _, field = setting.rpartition(".")
-    path = tmp_path / "trainer.toml"
-    path.write_text(f"[trainer{'.' + table if table else ''}]\n{field} = {value}\n")
-    with pytest.raises(ConfigError) as refused:
-        load_config(TrainerConfig, "trainer", path, environ={})
-    assert says in str(refused.value) and "\n" not in str(refused.value)
+    assert_refused_in_one_line(TrainerConfig, "trainer", tmp_path, setting, value, says)
 
 
 def test_a_replay_memory_too_large_for_this_machine_is_a_one_line_error_with_status_2(tmp_path):

@@ -4,8 +4,7 @@ each, naming the setting (before, each surfaced later as a traceback in a thread
 from __future__ import annotations
 
 import pytest
-from tmrl_common.config import load_config
-from tmrl_common.errors import ConfigError
+from config_refusal import assert_refused_in_one_line
 from tmrl_worker.config import WorkerConfig
 
 
@@ -27,12 +26,7 @@ from tmrl_worker.config import WorkerConfig
     ("security.server_public_key_file", '""', "server_public_key_file is empty"),
 ])
 def test_a_setting_the_worker_cannot_use_is_a_one_line_config_error(tmp_path, setting, value, says):
-    table, _, field = setting.rpartition(".")
-    path = tmp_path / "worker.toml"
-    path.write_text(f"[worker{'.' + table if table else ''}]\n{field} = {value}\n")
-    with pytest.raises(ConfigError) as refused:
-        load_config(WorkerConfig, "worker", path, environ={})
-    assert says in str(refused.value) and "\n" not in str(refused.value)
+    assert_refused_in_one_line(WorkerConfig, "worker", tmp_path, setting, value, says)
 
 
 def test_the_largest_settings_a_worker_may_have_are_accepted(tmp_path):
