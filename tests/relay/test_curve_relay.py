@@ -302,3 +302,27 @@ def test_a_trainer_key_copied_by_hand_into_the_worker_list_admits_no_one(context
         assert not _admitted(context, relay, keys, "trainer", "sneaky-worker")
         assert value("tmrl_relay_allowed_keys", {"link": "trainer"}) == 0
         assert _admitted(context, relay, keys, "worker-2", "worker-2b")
+
+
+def test_a_removed_worker_keys_open_connection_gets_nothing_through(context, tmp_path, keys):
+    """ZeroMQ authenticates a connection once; the relay checks each message's key against the reloaded list, so a
+    revoked worker's batches stop at once instead of when its connection drops (an outside probe: they went on)."""
+    with relay_in_thread(_config(tmp_path, keys, allowlist_reload_s=0.1)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        trainer = _trainer(context, relay, keys)
+        worker = _peer(context, relay.ports.worker_port, keys, "worker-1", "worker-1")
+        worker.hello("worker")
+        wait_until(lambda: "worker-1" in relay.workers.by_sender, what="worker-1's hello")
+        worker.send(make_batch(1))
+        assert trainer.recv_type("sample_batch")[1].seq == 1
+        (tmp_path / "allow" / "worker-1.key").unlink()
+        wait_until(lambda: value("tmrl_relay_allowed_keys", {"link": "workers"}) == 1, what="the reload")
+        worker.send(make_batch(2))
+        error = worker.recv_type("error")[1]
+        assert error.reason == "unknown_sender" and "removed from the relay's worker allow-list" in error.message
+        assert not trainer.socket.poll(300)  # nothing reached the trainer
+        other = _peer(context, relay.ports.worker_port, keys, "worker-2", "worker-2")
+        other.hello("worker")
+        wait_until(lambda: "worker-2" in relay.workers.by_sender, what="worker-2's hello")
+        other.send(make_batch(3))
+        assert trainer.recv_type("sample_batch")[1].seq == 3

@@ -57,6 +57,8 @@ class AllowlistWatcher:
         self.metrics = metrics
         self.trainer_keys: frozenset[str] = frozenset()
         """Z85 public keys that may hold the trainer role."""
+        self.worker_keys: frozenset[str] = frozenset()
+        """Z85 public keys the workers' socket admits now (a removed key's open connection is refused by message)."""
         self._authenticator = None
         self._signature: tuple = ()
         self._checked = 0.0
@@ -138,3 +140,5 @@ class AllowlistWatcher:
             self.metrics.allowed_keys.labels(link=link).set(len(keys))
             if link == "trainer":
                 self.trainer_keys = frozenset(key.decode("ascii") for key in keys)
+            elif link == "workers":
+                self.worker_keys = frozenset(key.decode("ascii") for key in keys)

@@ -338,6 +338,11 @@ class Relay:
 
     def _on_worker_message(self, frames: list) -> None:
         routing_id, envelope, body, fields, user_id = self._open(frames, WORKER_LINK_TYPES, "workers")
+        if self.allowlist is not None and user_id not in self.allowlist.worker_keys:
+            # ZeroMQ authenticates a connection once: a key removed since then still has its open connection, but
+            # nothing it sends passes any more (the trainer's key loses its role the same way, _drop_revoked_trainer)
+            raise ProtocolError("unknown_sender", "this connection's key was removed from the relay's worker "
+                                "allow-list; nothing it sends is accepted (allow the key again, or stop this worker)")
         if fields.type == "sample_batch":
             if len(body) > self.config.max_body_bytes:
                 raise ProtocolError("oversized", f"sample_batch body is {len(body)} bytes, limit {self.config.max_body_bytes}")
