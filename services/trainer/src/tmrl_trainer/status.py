@@ -42,8 +42,8 @@ class RunRecorder:
 
     ``train_every_s`` > 0 keeps at most one ``train`` record (file and TensorBoard) per that many seconds: the
     trainer calls :meth:`training` at every weights publication, which a fast trainer does ten times a second or
-    more (at 1,000 updates/s and ``publish_every`` 100, about 400 MB of records a day otherwise). A record left out is not lost work: the next
-    one's rates cover its span, and its losses are those of the update it was made at.
+    more (at 1,000 updates/s and ``publish_every`` 100, about 400 MB of records a day otherwise). A record left out
+    is not lost work: the next one's rates cover its span, and its losses are those of the update it was made at.
     """
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, train_every_s: float = 0.0) -> None:
