@@ -225,22 +225,23 @@ def read_domains(domains: dict[str, Path], exclusive: tuple[set[str], set[str]] 
     groups of domains (the workers' and the trainer's) no key may be in both of: such a key is dropped from every
     domain, with a line saying so (one key, one role; ``keys add`` refuses it, a file copied by hand is caught
     here)."""
-    keys: dict[str, frozenset[bytes]] = {}
     problems: list[str] = []
     names: dict[bytes, set[str]] = {}
-    for domain, directory in domains.items():
+    by_directory: dict[Path, frozenset[bytes]] = {}
+    for directory in dict.fromkeys(Path(directory) for directory in domains.values()):  # each once (workers, weights)
         entries, found = read_allowed_keys(directory)
-        problems.extend(problem for problem in found if problem not in problems)
-        keys[domain] = frozenset(entry.public_key for entry in entries)
+        problems.extend(found)
+        by_directory[directory] = frozenset(entry.public_key for entry in entries)
         for entry in entries:
             names.setdefault(entry.public_key, set()).add(str(entry.path))
+    keys = {domain: by_directory[Path(directory)] for domain, directory in domains.items()}
     if exclusive is not None:
         first = frozenset().union(*(keys.get(domain, frozenset()) for domain in exclusive[0]))
         second = frozenset().union(*(keys.get(domain, frozenset()) for domain in exclusive[1]))
-        for both in sorted(first & second):
-            problems.append(f"one key is allowed in two roles ({', '.join(sorted(names[both]))}): it admits no one "
-                            "until one of them is removed (`tmrl-relay keys remove`)")
-            keys = {domain: allowed - {both} for domain, allowed in keys.items()}
+        both = first & second
+        problems.extend(f"one key is allowed in two roles ({', '.join(sorted(names[key]))}): it admits no one until "
+                        "one of them is removed (`tmrl-relay keys remove`)" for key in sorted(both))
+        keys = {domain: allowed - both for domain, allowed in keys.items()}
     return keys, problems
 
 
