@@ -224,3 +224,17 @@ def test_the_onnx_policy_stays_within_the_action_bounds_on_far_out_observations(
              for shape in tm20_lidar_layout().observation_shapes()]
     actions = run_onnx(path, input_names(tm20_lidar_layout()), parts)
     assert np.abs(actions).max() <= 1.0  # without the clamp: 554 actions at 1.0000001 here
+
+
+def test_check_asked_for_by_name_fails_without_onnxruntime_while_the_default_only_says_so(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    policy = save_policy_file(build_actor(PolicyArchitecture.for_layout(tm20_lidar_layout(), hidden_sizes=[16])),
+                              tmp_path / "policy.safetensors", version=2)
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    default = runner.invoke(app, ["export", str(policy), "--onnx", str(tmp_path / "default.onnx")])
+    assert default.exit_code == 0 and "onnxruntime is not installed" in default.stderr
+    asked = runner.invoke(app, ["export", str(policy), "--onnx", str(tmp_path / "asked.onnx"), "--check"])
+    assert asked.exit_code == 1 and "--check needs onnxruntime" in asked.stderr
+    assert asked.stderr.strip().count("\n") == 0 and (tmp_path / "asked.onnx").stat().st_size > 0
+    skipped = runner.invoke(app, ["export", str(policy), "--onnx", str(tmp_path / "skipped.onnx"), "--no-check"])
+    assert skipped.exit_code == 0 and "onnxruntime" not in skipped.output

@@ -17,8 +17,10 @@ def export_command(
     policy: Path | None = typer.Option(None, "--policy-out", help="Write a policy file here (what tmrl-worker eval and "
                                                               "--expert --policy read; its folder is created if missing).",
                                        dir_okay=False),
-    check: bool = typer.Option(True, "--check/--no-check", help="Run the ONNX file with onnxruntime beside torch and "
-                                                                "print the largest difference."),
+    check: bool | None = typer.Option(None, "--check/--no-check", show_default=False,
+                                      help="Run the ONNX file with onnxruntime beside torch and print the largest "
+                                           "difference. Default: when onnxruntime is installed; --check fails (exit 1) "
+                                           "without it."),
 ) -> None:
     """Export the policy of a trainer run: ONNX (a robot loop without Python or torch) and/or a policy file."""
     from tmrl_common.networks import weights_update_from_actor
@@ -48,10 +50,14 @@ def export_command(
         with _one_line_write_error(onnx):
             export_onnx(actor, onnx, version)
         typer.echo(f"ONNX (weights version {version}, inputs in observation order): {onnx}")
-    if onnx is not None and check:
+    if onnx is not None and check is not False:
         try:
             difference = check_onnx(actor, onnx)
         except ImportError:
+            if check:  # asked for by name: an export that could not be checked is not the export asked for
+                typer.echo("tmrl-trainer export: --check needs onnxruntime, which is not installed (pip install "
+                           "onnxruntime); the ONNX file was written but not run", err=True)
+                raise typer.Exit(code=1) from None
             typer.echo("onnxruntime is not installed: the ONNX file was not run (pip install onnxruntime)", err=True)
             return
         typer.echo(f"onnxruntime vs torch on 64 random observations: largest |difference| {difference:.2e}")
