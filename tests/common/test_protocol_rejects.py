@@ -435,3 +435,12 @@ def test_message_constructors_validate_like_the_decoder():
         SampleAck(worker="bad id", seqs=[1])
     with pytest.raises(ValueError):
         Heartbeat(role="worker", uptime_s=float("nan"))
+
+
+def test_a_heartbeat_counter_name_over_64_characters_is_rejected_at_decode():
+    frames = encode(Heartbeat(role="worker", uptime_s=1.0, counters={"c" * 64: 1}), "worker-1")
+    assert decode(frames)[1].counters == {"c" * 64: 1}
+    long_name = msgpack.packb({"role": "worker", "uptime_s": 1.0, "counters": {"c" * 65: 1}})
+    with pytest.raises(ProtocolError) as info:
+        decode([frames[0], long_name])
+    assert info.value.reason == "schema"

@@ -290,7 +290,7 @@ class Heartbeat(Message):
 
     role: Role
     uptime_s: float = Field(ge=0)
-    counters: dict[str, int] = Field(default_factory=dict, max_length=64)
+    counters: dict[Annotated[str, Field(max_length=64)], int] = Field(default_factory=dict, max_length=64)
 
 
 class Error(Message):
