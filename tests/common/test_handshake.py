@@ -15,7 +15,7 @@ import pytest
 import zmq
 from loopback_relay import wait_for
 from tmrl_common.curve import generate_key_pair, load_secret_key, reload_authenticator, start_authenticator
-from tmrl_common.handshake import HandshakeWatch
+from tmrl_common.handshake import DROPS_BEFORE_PAUSE, HandshakeWatch
 from tmrl_common.relay_client import RelayClient
 from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
 
@@ -185,6 +185,45 @@ def test_a_dropped_handshake_rebuilds_the_socket_after_the_retry_delay_unless_a_
     transient.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, now=0.0)
     transient.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED, now=1.0)  # a retry got through
     assert not transient.due_for_new_socket(now=20.0)
+
+
+def test_dropped_handshakes_pause_libzmqs_retries_until_the_socket_is_rebuilt():
+    endpoint = RelayEndpoint("127.0.0.1", 5555, TransportConfig(), SecurityConfig(insecure=True))
+    watch = HandshakeWatch("worker-1", endpoint, "worker", retry_s=10.0, report=False)
+    pauses = []
+    for second in range(DROPS_BEFORE_PAUSE + 2):
+        watch.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, now=0.1 * second)
+        pauses.append(watch.pause_due())
+    assert pauses == [False] * (DROPS_BEFORE_PAUSE - 1) + [True, False, False]  # once per streak
+    assert watch.due_for_new_socket(now=10.0)
+    for _ in range(DROPS_BEFORE_PAUSE):  # the new socket's drops start a new streak
+        watch.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, now=10.1)
+    assert watch.pause_due()
+    through = HandshakeWatch("worker-1", endpoint, "worker", retry_s=10.0, report=False)
+    for _ in range(DROPS_BEFORE_PAUSE - 1):
+        through.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, now=0.0)
+    through.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED, now=0.1)  # a retry got through: the streak is over
+    through.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, now=0.2)
+    assert not through.pause_due()
+
+
+def test_a_client_with_a_wrong_server_key_stops_retrying_between_rebuilds(keys, curve_relay, context):
+    """libzmq retries a dropped handshake every reconnect interval (50 ms here), whatever its back-off: without the
+    pause this client made about 20 attempts a second; with it, DROPS_BEFORE_PAUSE per rebuild."""
+    shutil.copy(keys / "keys" / "worker-9.key", keys / "allow" / "worker-9.key")
+    client = RelayClient("worker-9", "test", RelayEndpoint("127.0.0.1", curve_relay[0], FAST,
+                                                           client_keys(keys, server="other-relay")),
+                         Counters(), on_connected=lambda: "", on_message=lambda frames: None, on_turn=lambda: None,
+                         send_heartbeat=lambda: None, role="worker", heartbeat_interval_s=0.2, context=context)
+    client.handshake.retry_s = 1.5
+    client.start()
+    try:
+        time.sleep(2.5)  # one rebuild at about 1.5 s
+        dropped = client.handshake.counters.dropped
+    finally:
+        client.stop()
+    assert client.handshake.counters.new_sockets == 1
+    assert DROPS_BEFORE_PAUSE <= dropped <= 2 * DROPS_BEFORE_PAUSE, dropped
 
 
 def test_a_client_given_the_relays_new_public_key_in_place_reconnects_without_a_restart(keys, curve_relay,

@@ -17,6 +17,10 @@ build a new one after ``retry_s``, so a key allowed later (``tmrl-relay keys add
 After the third, libzmq retries by itself but with the same keys, so the socket is rebuilt ``retry_s`` after the first
 drop too (unless a retry got through meanwhile): building it reads the key files again, and a client whose
 ``--server-key`` file was replaced by the relay's new public key (a key rotation) reconnects without a restart.
+libzmq's own retries of a dropped handshake come every ``reconnect_ivl_ms`` (its back-off only applies to TCP
+connections that fail), about five a second, each costing the relay a handshake that cannot succeed with those keys:
+after :data:`DROPS_BEFORE_PAUSE` in a row :meth:`HandshakeWatch.pause_due` tells the owner to disconnect the endpoint
+until the rebuild, so a misconfigured client tries a few times per ``retry_s``.
 
 :class:`HandshakeWatch` only reads events and logs; the owner (:class:`~tmrl_common.relay_client.RelayClient`, the
 worker's weights feed) feeds it every monitor event and asks it once per loop turn.
@@ -35,6 +39,11 @@ from tmrl_common.curve import PUBLIC_SUFFIX, SECRET_SUFFIX
 from tmrl_common.sockets import RelayEndpoint, tcp_endpoint
 
 log = logging.getLogger(__name__)
+
+DROPS_BEFORE_PAUSE = 3
+"""Dropped handshakes in a row after which a socket stops libzmq's retries until it is rebuilt: enough for a relay
+restart's transient drop to be retried at once, few enough that a wrong ``--server-key`` costs the relay a handful of
+handshakes per ``retry_s`` instead of about fifty."""
 
 WATCHED_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                   | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -84,6 +93,7 @@ class HandshakeWatch:
         self._tcp_since: float | None = None  # TCP connected, handshake not done yet
         self._dead_since: float | None = None  # libzmq gave this socket up (refused, mechanism)
         self._quiet_since: float | None = None  # handshake done, nothing received since
+        self._drops_in_a_row = 0  # dropped handshakes since the last success or new socket
         self._last_report: dict[str, float] = {}
         self.handshakes = 0
         """Handshakes this socket completed: after one, a relay that goes silent mid-handshake is the same relay
@@ -99,6 +109,7 @@ class HandshakeWatch:
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.handshakes += 1
             self._tcp_since = self._dead_since = None  # a dropped handshake that libzmq's retry got through
+            self._drops_in_a_row = 0
             self._quiet_since = now
             self._last_report.clear()  # a later failure is news again
         elif event in FAILURE_KINDS:
@@ -107,10 +118,13 @@ class HandshakeWatch:
             self._tcp_since = None
             if kind in ("refused", "mechanism"):
                 self._dead_since = now
-            elif kind == "dropped" and self._dead_since is None:
-                # libzmq retries a dropped handshake itself, with the same keys: a socket rebuilt after retry_s reads
-                # the key files again, so a client given the relay's new public key (a rotation) needs no restart
-                self._dead_since = now
+            elif kind == "dropped":
+                self._drops_in_a_row += 1
+                if self._dead_since is None:
+                    # libzmq retries a dropped handshake itself, with the same keys: a socket rebuilt after retry_s
+                    # reads the key files again, so a client given the relay's new public key (a rotation) needs no
+                    # restart
+                    self._dead_since = now
             self._say(kind, now)
 
         elif event == zmq.EVENT_DISCONNECTED:
@@ -133,6 +147,15 @@ class HandshakeWatch:
             self._quiet_since = None
             self._say("unanswered", now)
 
+    def pause_due(self) -> bool:
+        """True once, at the :data:`DROPS_BEFORE_PAUSE`-th dropped handshake in a row: the owner disconnects the
+        socket's endpoint (``socket.disconnect``), which ends libzmq's retries; :meth:`due_for_new_socket` still comes
+        ``retry_s`` after the first drop and the new socket tries again, with the key files read again."""
+        if self._drops_in_a_row != DROPS_BEFORE_PAUSE:
+            return False
+        self._drops_in_a_row += 1  # once per streak
+        return True
+
     def due_for_new_socket(self, now: float | None = None) -> bool:
         """True once, ``retry_s`` after libzmq gave the socket up (it never reconnects after a refusal): the owner
         closes it and connects a new one, counted in ``counters.new_sockets``."""
@@ -140,6 +163,7 @@ class HandshakeWatch:
         if self._dead_since is None or now - self._dead_since < self.retry_s:
             return False
         self._dead_since = None
+        self._drops_in_a_row = 0
         self.counters.new_sockets += 1
         return True
 
@@ -168,7 +192,7 @@ class HandshakeWatch:
             return (f"the relay at {where} drops the CurveZMQ handshake: --server-key "
                     f"({self.endpoint.security.server_public_key_file}) is most likely not the public key of the "
                     f"relay's --secret-key (copy the relay's relay.key again: the file is read again every "
-                    f"{self.retry_s:.0f}s, no restart needed); retrying")
+                    f"{self.retry_s:.0f}s, no restart needed); retrying every {self.retry_s:.0f}s")
         if kind == "unanswered":
             return (f"connected to {where}, but the relay has not answered our hello and heartbeats for "
                     f"{self.reply_timeout_s:.0f}s: it drops what this {self.role} sends; its log (and "

@@ -209,6 +209,8 @@ class RelayClient:
                 if self._wake_reader.fileno() in events:
                     self._drain_wake_ups()
                 self.handshake.check()
+                if self.handshake.pause_due():  # libzmq would retry a dropped handshake ~5 times a second
+                    self.endpoint.stop_retrying(socket)
                 if self.handshake.due_for_new_socket():  # libzmq never reconnects a refused socket: a new one
                     self._close(poller, socket, monitor)
                     socket = monitor = None  # if opening the new one raises (a key file gone bad), that error stands

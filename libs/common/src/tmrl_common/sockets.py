@@ -209,6 +209,14 @@ class RelayEndpoint:
         return (f"; or the relay sent a frame over this side's transport.max_frame_bytes ({cap} bytes), which ZeroMQ "
                 "drops together with the connection (weights updates are the largest frames): raise it, or -1")
 
+    def stop_retrying(self, socket: zmq.Socket) -> None:
+        """End libzmq's reconnection attempts of ``socket`` to this endpoint (a socket connected by :meth:`connect`);
+        its owner closes it and connects a new one later."""
+        try:
+            socket.disconnect(tcp_endpoint(self.host, self.port))
+        except zmq.ZMQError:  # already gone: nothing is being retried
+            pass
+
     def check_security(self) -> None:
         """Load the CurveZMQ key files now (raises :class:`~tmrl_common.sockets.SecurityError` or
         :class:`~tmrl_common.curve.KeyFileError`), so a misconfiguration stops the worker before it starts."""

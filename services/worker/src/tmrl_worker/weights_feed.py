@@ -149,6 +149,8 @@ class WeightsFeed:
                         _disconnect_log.warning(self.worker_id, "%s: the weights feed's connection closed (the relay "
                                                 "stopped, or the network dropped%s)", self.worker_id,
                                                 self.endpoint.frame_cap_hint())
+                if self.handshake.pause_due():  # libzmq would retry a dropped handshake ~5 times a second
+                    self.endpoint.stop_retrying(socket)
                 if self.handshake.due_for_new_socket():  # a refused SUB is never reconnected by libzmq
                     self._close(socket, monitor)
                     socket = monitor = None  # if connecting again raises (a key file gone bad), that error stands
