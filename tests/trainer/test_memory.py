@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationComponent, ObservationLayout, layout_for_box
-from tmrl_trainer.memory import MemoryFileError, ReplayMemory
+from tmrl_trainer.memory import MemoryFileError, NoTransitionYet, ReplayMemory
 
 LAYOUT = ObservationLayout(
     components=[
@@ -187,7 +187,7 @@ def test_sampling_before_any_complete_transition_says_why():
     builder = SampleBatchBuilder(memory.layout)
     builder.add_reset((np.zeros(2, np.float32),))
     memory.add_batch("w", builder.build(seq=0, weights_version=0))
-    with pytest.raises(ValueError, match="no complete transition"):
+    with pytest.raises(NoTransitionYet, match="none ends a complete transition"):
         memory.sample(4)
 
 

@@ -813,3 +813,33 @@ def test_a_layout_file_that_overrides_a_named_envs_layout_says_so_and_the_start_
     with caplog.at_level("INFO", logger="tmrl_trainer.service"):
         service.run(max_updates=0)
     assert f"layout [speed 1, lidar 4x19, 2 previous action(s); action 3] from layout_file {path}" in caplog.text
+
+
+def first_rows_only_batch(seq: int, rows: int):
+    """A valid batch in which every row starts an episode: rows, but no transition (a worker whose env resets on
+    every step, or a rogue one)."""
+    rng = np.random.default_rng(seq)
+    builder = SampleBatchBuilder(layout_for_box(3, 1))
+    for _ in range(rows):
+        builder.add_reset((rng.normal(size=3).astype(np.float32),))
+    return builder.build(seq=seq, weights_version=0)
+
+
+def test_rows_that_form_no_transition_make_the_trainer_wait_and_say_so_not_stop(tmp_path, caplog):
+    """An outside probe stored five such batches past the warm-up: the trainer's sampler raised and the trainer
+    exited 1, before its first update and again once the ring was overwritten in steady state."""
+    service = TrainerService(make_config(tmp_path, status_interval_s=1.0))
+    for seq in range(4):
+        service._store("w1", first_rows_only_batch(seq, 20))  # 80 rows, past the 50-row warm-up
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        stop, thread, result = run_in_thread(service, max_updates=5)
+        try:
+            wait_for(lambda: "none ends a complete transition" in caplog.text, 10)
+            assert thread.is_alive() and service.learner.updates == 0
+            service.ingestor.handle(pendulum_batch("w2", 0, 40))  # real transitions arrive
+            thread.join(60)
+        finally:
+            stop.set()
+            thread.join(30)
+    assert result["updates"] == 5
+    assert "waiting for more samples" in caplog.text

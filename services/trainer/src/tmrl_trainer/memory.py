@@ -72,6 +72,11 @@ class MemoryFileError(ValueError):
     """A saved replay memory could not be read back or does not fit this memory."""
 
 
+class NoTransitionYet(ValueError):
+    """The memory holds rows but none ends a transition that can be sampled (every row starts an episode, follows a
+    gap, or needs rows the ring has overwritten): wait for more rows, nothing is wrong with the learner."""
+
+
 class TransitionBatch(NamedTuple):
     """Transitions sampled from the memory, as tensors (CPU unless moved with :meth:`to`)."""
 
@@ -366,7 +371,7 @@ class ReplayMemory:
         if bad.any():
             valid = self.sampleable_positions()
             if valid.size == 0:
-                raise ValueError(f"the replay memory holds {stored} rows but no complete transition yet")
+                raise NoTransitionYet(f"the replay memory holds {stored} rows but none ends a complete transition")
             positions[bad] = valid[self._rng.integers(0, valid.size, size=int(bad.sum()))]
         return self.transitions(positions)
 

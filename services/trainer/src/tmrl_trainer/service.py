@@ -82,6 +82,7 @@ from tmrl_common.layout import (
     tm20_pixel_lidar_layout,
     tm20_pixel_lidar_progress_layout,
 )
+from tmrl_common.log_limit import RateLimitedLog
 from tmrl_common.networks import weights_update_from_actor
 from tmrl_common.protocol import SampleBatch, WeightsUpdate
 from tmrl_common.weights import tensors_from_bytes, tensors_to_bytes
@@ -101,7 +102,7 @@ from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.ingest import DedupeStateError, Ingestor, ValueBounds
 from tmrl_trainer.learner import backend_name, make_learner
-from tmrl_trainer.memory import MemoryFileError, ReplayMemory
+from tmrl_trainer.memory import MemoryFileError, NoTransitionYet, ReplayMemory
 from tmrl_trainer.relay_link import TrainerLink
 from tmrl_trainer.sac import resolve_device
 from tmrl_trainer.status import METRICS_FILE, STATUS_FILE, TENSORBOARD_DIR, RunRecorder, StatusFile
@@ -261,6 +262,7 @@ class TrainerService:
         self.memory_lock = threading.RLock()
         """Guards the memory and ``rows_received``; the ingestor also holds it from storing a batch to marking its seq
         (re-entered by :meth:`_store`), so a checkpoint copies memory and dedupe state from one moment."""
+        self._waiting_log = RateLimitedLog(log, interval_s=30.0)
         self.weights_version = 0
         self.rows_received = 0
         self.samples_before_run = 0
@@ -631,7 +633,15 @@ class TrainerService:
                     metrics = self.learner.update_sampled(self.replay, with_metrics=publishing)
                 else:
                     with self.memory_lock:
-                        batch = self.memory.sample(self.config.sac.batch_size)
+                        try:
+                            batch = self.memory.sample(self.config.sac.batch_size)
+                        except NoTransitionYet as exc:  # e.g. a worker that sent only first rows: wait for more
+                            self._waiting_log.warning("no transition", "%s: waiting for more samples (every row "
+                                                      "stored so far starts an episode or follows a gap)", exc)
+                            batch = None
+                    if batch is None:
+                        stop.wait(0.05)
+                        continue
                     metrics = self.learner.update(batch.to(self.device), with_metrics=publishing)
                 updates = self.learner.updates
                 if publishing:
