@@ -214,6 +214,12 @@ class TrajectoryReward:
                     break
         return best, best_distance ** 0.5
 
+    def hold(self) -> tuple[float, bool, dict[str, Any]]:
+        """A step without a new position (the game sent no new frame): the car is where it was, so it neither passes
+        points nor counts towards ``no_progress_steps``; ``step_penalty`` applies as on every step."""
+        self.steps += 1
+        return -self.config.step_penalty, False, self._info(0, float("nan"), strayed=False)
+
     def compute(self, position: Any) -> tuple[float, bool, dict[str, Any]]:
         """Reward, termination flag and info for the car now at ``position`` (same dimension as the points)."""
         position = tuple(float(c) for c in np.ravel(position)) if isinstance(position, np.ndarray) else tuple(map(float, position))
@@ -241,7 +247,10 @@ class TrajectoryReward:
             reward += config.finish_bonus
             terminated = True
         terminated = terminated or strayed
-        info = {
+        return float(reward), terminated, self._info(passed, distance, strayed)
+
+    def _info(self, passed: int, distance: float, strayed: bool) -> dict[str, Any]:
+        return {
             "points_passed": passed,
             "progress": self.progress,
             "path_index": self.index,
@@ -250,4 +259,3 @@ class TrajectoryReward:
             "finished": self.finished,
             "strayed": strayed,
         }
-        return float(reward), terminated, info

@@ -426,7 +426,11 @@ class RolloutLoop:
     def run(self, max_steps: int | None = None, stop: threading.Event | None = None,
             health_check=None) -> RolloutStats:
         """Step until ``max_steps`` steps, ``stop`` is set, or ``health_check()`` raises. Sends what is left at the end."""
-        observation = self._reset(self.seed)
+        try:
+            observation = self._reset(self.seed)
+        except EnvInterrupted as exc:  # stopped while the first reset waited (e.g. for the game to start)
+            log.info("%s: %s", self.worker_id, exc)
+            return self.stats
         self.record_progress()
         target = None if max_steps is None else self.stats.steps + max_steps
         next_health = time.monotonic() + 1.0

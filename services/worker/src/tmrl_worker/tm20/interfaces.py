@@ -99,8 +99,17 @@ class TM20ConfigError(ValueError):
 
 
 class RaceRestartError(EnvFailure):
-    """After a respawn, telemetry never showed the race restarted (the respawn control is not bound, or a pop-up
-    stays open)."""
+    """After a respawn, telemetry never showed the race restarted (the game paused in a menu, the respawn control not
+    bound, a pop-up that stays open). :meth:`TM20Interface.reset` retries it, under ``recovery.give_up_after_s``."""
+
+
+class RaceRestartedError(TelemetryError):
+    """Mid-episode, telemetry shows a new run (the distance driven went back): the race was restarted outside the
+    worker (by hand, by the game, by a plugin reload), so the episode ends before it mixes two runs."""
+
+
+RUN_DISTANCE_SLACK_M = 1.0
+"""Within a run the distance driven never decreases; a packet more than this below the previous one is a new run."""
 
 
 class TM20GameLostError(EnvFailure):
@@ -118,7 +127,8 @@ episode (truncated) instead of escaping rtgym's observation thread."""
 
 
 def _fault_kind(exc: BaseException) -> str:
-    kinds = ((TelemetryError, "telemetry"), (StaleFrameError, "stale"), (CaptureError, "capture"),
+    kinds = ((RaceRestartedError, "restarted"), (TelemetryError, "telemetry"), (StaleFrameError, "stale"),
+             (CaptureError, "capture"),
              (WindowNotFoundError, "window"), (LidarError, "frame"))
     return next((name for cls, name in kinds if isinstance(exc, cls)), "unexpected")
 
@@ -137,9 +147,11 @@ class RecoveryConfig(BaseModel):
     """Delay after the first failed attempt; it doubles after each one, up to ``max_retry_s``."""
     max_retry_s: float = Field(default=8.0, gt=0, le=MAX_DURATION_S)
     give_up_after_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
-    """Raise :class:`TM20GameLostError` after waiting this long (None: wait for the game for ever, logging why)."""
+    """Raise :class:`TM20GameLostError` after waiting this long for a lost game, or :class:`RaceRestartError` after
+    failing to restart the race this long (None: wait and retry for ever, logging why)."""
     restart_timeout_s: float = Field(default=10.0, gt=0, le=MAX_DURATION_S)
-    """After the respawn, how long telemetry may take to show the race restarted before :class:`RaceRestartError`."""
+    """After the respawn, how long telemetry may take to show the race restarted before the attempt counts as failed
+    (logged; the respawn is tried again)."""
     restart_distance_m: float = Field(default=1.0, ge=0)
     """The race counts as restarted when a packet read after the respawn has ``distance`` within this of 0."""
     start_tolerance_m: float | None = Field(default=20.0, gt=0)
@@ -320,6 +332,13 @@ class TM20Interface(RealTimeGymInterface):
         self.status = "starting"
         """What the interface is doing now, e.g. ``waiting for the game: ... (attempt 3)``; also logged."""
         self._pending_fault: str | None = None
+        self._restart_failing_since: float | None = None
+        """When the first of the race restarts failing in a row failed (None: the last one worked)."""
+        self._frame_shape: tuple[int, ...] | None = None
+        """The shape of the first frame measured: a later frame of another size (a resized window) is refused."""
+        self.repeated_packets = 0
+        """Steps that got the same telemetry packet as the step before (no new game frame in between)."""
+        self._repeated_logged_at = float("-inf")
         self.stop_event: threading.Event | None = None
         """Set by the worker (``EnvHandle.attach_stop``): waiting for the game then ends with EnvInterrupted."""
         self._default_action = np.zeros(3, dtype=np.float32)
@@ -400,11 +419,12 @@ class TM20Interface(RealTimeGymInterface):
         """The next frame and telemetry into the history: in a step, telemetry at most ``step_telemetry_timeout``
         old, without waiting longer than that for it (:meth:`TelemetryClient.current`); at a reset, the client's
         waiting read."""
-        frame = self.capture.grab()
+        frame = self._checked_frame(self.capture.grab())
         if step_telemetry_timeout is None:
             telemetry = self.telemetry.latest()
         else:
             telemetry = self.telemetry.current(step_telemetry_timeout)
+            self._check_same_run(telemetry)
         try:
             self.stale_frames.check(frame, telemetry, self._new_frame_at())
         except StaleFrameError:
@@ -414,15 +434,40 @@ class TM20Interface(RealTimeGymInterface):
         self.last_frame, self.last_telemetry = frame, telemetry
         self.history.append(feature)
 
+    def _checked_frame(self, frame: Any) -> np.ndarray:
+        """``frame``, unless capture returned nothing or a frame of another size than the first one measured (the
+        window was resized: the LIDAR's beams would change scale mid-history): :class:`CaptureError` then."""
+        if not isinstance(frame, np.ndarray) or frame.ndim not in (2, 3):
+            got = "nothing" if frame is None else f"a {type(frame).__name__}" if not isinstance(frame, np.ndarray) \
+                else f"an array of shape {frame.shape}"
+            raise CaptureError(f"the screen capture returned {got} instead of a frame")
+        if self._frame_shape is None:
+            self._frame_shape = frame.shape
+        elif frame.shape != self._frame_shape:
+            raise CaptureError(f"the captured frame is {frame.shape[1]}x{frame.shape[0]} pixels, the first ones were "
+                               f"{self._frame_shape[1]}x{self._frame_shape[0]}: the game window was resized (or the "
+                               "screen's resolution or scaling changed); set it back")
+        return frame
+
+    def _check_same_run(self, telemetry: Telemetry) -> None:
+        """Raise :class:`RaceRestartedError` when ``telemetry`` belongs to another run than the step before's."""
+        previous = self.last_telemetry
+        if previous is not None and telemetry.distance < previous.distance - RUN_DISTANCE_SLACK_M:
+            raise RaceRestartedError(f"the race restarted outside the worker (distance driven {previous.distance:.1f} m,"
+                                     f" then {telemetry.distance:.1f} m): a respawn by hand, the game, or a plugin "
+                                     "reload; the episode ends here")
+
     def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[list[np.ndarray], dict]:
         """Wait for the game if a device failed, bring its window to the front, restart the race and wait until
-        telemetry shows it restarted, then capture the first observation."""
+        telemetry shows it restarted (again and again while it does not: a paused game), then capture the first
+        observation."""
         while True:
             if self._pending_fault is not None:
                 self.wait_for_game(self._pending_fault)
             try:
                 self.bring_to_front()
                 self._restart_race()
+                self._restart_failing_since = None
                 if self.sleep_time_at_reset > 0:
                     time.sleep(self.sleep_time_at_reset)
                 self.reward.reset()
@@ -432,6 +477,8 @@ class TM20Interface(RealTimeGymInterface):
                 break
             except DEVICE_ERRORS as exc:
                 self._pending_fault = self._fault(exc)
+            except RaceRestartError as exc:
+                self._restart_failed(exc)
         while len(self.history) < self.img_hist_len:  # an episode starts with its first frame repeated
             self.history.append(self.history[-1])
         self.status = "running"
@@ -448,8 +495,13 @@ class TM20Interface(RealTimeGymInterface):
             return self._truncated(self._fault(exc, kind="unexpected"))
 
     def _step_result(self) -> tuple[list[np.ndarray], float, bool, dict[str, Any]]:
+        previous = self.last_telemetry
         self._capture(self.recovery.step_telemetry_timeout_s)
-        reward, terminated, info = self.reward.compute(self.last_telemetry.position)
+        if self.last_telemetry is previous:  # no new game frame since the last step: no progress can be measured
+            self._note_repeated_packet()
+            reward, terminated, info = self.reward.hold()
+        else:
+            reward, terminated, info = self.reward.compute(self.last_telemetry.position)
         info["finished_by_game"] = self.last_telemetry.finished
         if self.last_telemetry.finished and not self.reward.finished:
             self.reward.finished = True
@@ -481,6 +533,28 @@ class TM20Interface(RealTimeGymInterface):
         reason = f"{kind}: {exc}"
         log.warning("tm20: %s (%s failures so far: %d)", reason, kind, self.faults[kind])
         return reason
+
+    def _note_repeated_packet(self) -> None:
+        """Count a step that got the step before's packet; say so once in a while (a plugin sending slower than the
+        step rate, or a game hitching), since those steps neither pay nor count towards ``no_progress_steps``."""
+        self.repeated_packets += 1
+        now = time.monotonic()
+        if now - self._repeated_logged_at >= 30.0:
+            self._repeated_logged_at = now
+            log.warning("tm20: %d step(s) so far got no new telemetry packet since the step before (a game hitch, "
+                        "or the plugin sends slower than the steps come): they pay nothing and do not count as "
+                        "steps without progress", self.repeated_packets)
+
+    def _restart_failed(self, exc: RaceRestartError) -> None:
+        """A respawn did not restart the race: log it and try again after the game probe, unless the restarts have
+        failed for ``recovery.give_up_after_s`` (then ``exc`` stops the worker)."""
+        now = time.monotonic()
+        if self._restart_failing_since is None:
+            self._restart_failing_since = now
+        give_up = self.recovery.give_up_after_s
+        if give_up is not None and now - self._restart_failing_since >= give_up:
+            raise exc
+        self._pending_fault = self._fault(exc, kind="restart")
 
     def _truncated(self, reason: str) -> tuple[list[np.ndarray], float, bool, dict[str, Any]]:
         """The step that ends an episode on a device failure: the last good observation, no reward, and the reason
@@ -578,6 +652,8 @@ class TM20Interface(RealTimeGymInterface):
             self.controller.close_finish_popup()
         deadline = pressed + settings.restart_timeout_s
         while True:
+            if self.stop_event is not None and self.stop_event.is_set():
+                raise EnvInterrupted("stopped while waiting for the race to restart")
             packet = self.telemetry.latest(timeout=settings.probe_timeout_s)
             if packet.received_at >= pressed and not packet.finished and abs(packet.distance) <= settings.restart_distance_m:
                 self.last_telemetry = packet
@@ -591,9 +667,10 @@ class TM20Interface(RealTimeGymInterface):
             if time.monotonic() >= deadline:
                 raise RaceRestartError(
                     f"the race did not restart within {settings.restart_timeout_s:.0f} s of the respawn (last packet: "
-                    f"finished={int(packet.finished)}, distance {packet.distance:.1f} m): check that the respawn control "
-                    f"(gamepad B, keyboard Delete) restarts the run from the start line in the game's settings and "
-                    f"that the finish pop-up closes with gamepad A / Enter")
+                    f"finished={int(packet.finished)}, distance {packet.distance:.1f} m): is the game paused or a menu "
+                    f"open? Otherwise check that the respawn control (gamepad B, keyboard Delete) restarts the run "
+                    f"from the start line in the game's settings and that the finish pop-up closes with gamepad A / "
+                    f"Enter")
             time.sleep(0.01)
 
 

@@ -28,7 +28,7 @@ slot  name         meaning
 ====  ===========  ==========================================================================
 
 Resynchronisation: a packet is accepted only if it starts with ``b"TMRL"``, ends with ``b"LRMT"``, has version 2,
-an integral sequence in range, 0/1 flags and finite values. Anything else is garbage: the reader drops bytes up to
+an integral sequence in range, 0/1 flags, finite values and a position within :data:`MAX_COORDINATE_M` of the origin. Anything else is garbage: the reader drops bytes up to
 the next ``b"TMRL"`` and tries again, counting what it dropped (:attr:`TelemetryStats.garbage_bytes`).
 """
 
@@ -58,6 +58,9 @@ FIELDS = ("magic", "version", "sequence", "speed", "distance", "x", "y", "z", "s
 PACKET_FLOATS = len(FIELDS)
 PACKET_BYTES = 4 * PACKET_FLOATS
 SEQUENCE_MODULO = 1 << 24
+MAX_COORDINATE_M = 1e6
+"""A packet whose position is further than this from the map's origin on any axis is garbage (maps span a few
+kilometres; float32 can hold up to 3e38)."""
 _SLOT = {name: i for i, name in enumerate(FIELDS)}
 _PACKET = struct.Struct("<" + "f" * PACKET_FLOATS)
 log = logging.getLogger(__name__)
@@ -146,6 +149,8 @@ def decode_packet(data: bytes, received_at: float = 0.0) -> Telemetry | None:
     body = v[1:-1]
     if not all(map(math.isfinite, body)) or v[_SLOT["version"]] != PROTOCOL_VERSION:
         return None
+    if not all(abs(v[_SLOT[axis]]) <= MAX_COORDINATE_M for axis in ("x", "y", "z")):
+        return None  # no map is that large: a position there would be paid as progress along the whole path
     seq = v[_SLOT["sequence"]]
     if seq != int(seq) or not 0 <= seq < SEQUENCE_MODULO:
         return None
@@ -239,6 +244,8 @@ class TelemetryClient:
         self._created = time.monotonic()
         self._garbage_at_connect = 0
         """:attr:`PacketParser.garbage_bytes` when the current connection was made (what it sent that was no packet)."""
+        self._garbage_at_latest = 0
+        """:attr:`PacketParser.garbage_bytes` when the newest packet was delivered."""
         self._closed_by_plugin: deque[float] = deque(maxlen=BUMPED_CLOSES)
         """When the plugin last closed this client's connections (it replaces a client when another connects)."""
         self._bumped_warned_at = -math.inf
@@ -350,6 +357,7 @@ class TelemetryClient:
             with self._cond:
                 self.stats.packets += len(packets)
                 self._latest = packets[-1]
+                self._garbage_at_latest = self._parser.garbage_bytes
                 self._cond.notify_all()
 
     def _bumped(self) -> bool:
@@ -375,8 +383,13 @@ class TelemetryClient:
         """Why a connected plugin gives no fresh packet: it stopped sending, sends only garbage, or sent nothing."""
         garbage = self._parser.garbage_bytes - self._garbage_at_connect
         if self._latest is not None:
-            return (f"connected, but its newest packet is {time.monotonic() - self._latest.received_at:.1f} s old: the "
-                    "plugin stopped sending (game paused, loading or frozen?)")
+            age = time.monotonic() - self._latest.received_at
+            since = self._parser.garbage_bytes - self._garbage_at_latest
+            if since > 0:
+                return (f"connected, but its newest valid packet is {age:.1f} s old and the {since} bytes received "
+                        "since are no valid packet (packets holding NaN, infinite or out-of-range values?)")
+            return (f"connected, but its newest packet is {age:.1f} s old: the plugin stopped sending (game paused, "
+                    "loading or frozen?)")
         if garbage > 0:
             return (f"connected, but the {garbage} bytes received are no valid packet (another program on this port, "
                     "or packets holding NaN or infinite values?)")

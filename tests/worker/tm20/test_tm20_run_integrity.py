@@ -1,0 +1,188 @@
+"""What the game sends mid-episode must not reach the trainer as something else (an outside probe's findings): a
+step without a new packet is no step without progress; a race restarted outside the worker ends the episode before
+it mixes two runs; a frame of another size, no frame, or a position no map holds is a device fault, not data; a
+stop during the first wait for the game ends the worker cleanly."""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from test_tm20_interfaces import corridor_frames, straight_reward
+from tmrl_worker.envs import TRUNCATED_REASON, make_env
+from tmrl_worker.reward import TrajectoryReward, TrajectoryRewardConfig
+from tmrl_worker.runtime import RolloutLoop, UniformPolicy
+from tmrl_worker.tm20.capture import RecordedFrames
+from tmrl_worker.tm20.control import RecordingController
+from tmrl_worker.tm20.interfaces import TM20LidarInterface
+from tmrl_worker.tm20.openplanet import (
+    MAX_COORDINATE_M,
+    PacketParser,
+    TelemetryClient,
+    TelemetryTimeoutError,
+    decode_packet,
+    encode_packet,
+)
+from tmrl_worker.tm20.replay_server import TelemetryReplayServer
+from tmrl_worker.tm20.synthetic import StraightDrive
+
+SERVER_HZ = 100.0
+RECOVERY = {"first_retry_s": 0.2, "max_retry_s": 1.0, "probe_timeout_s": 0.5, "step_telemetry_timeout_s": 1.0}
+
+
+class PausableDrive(StraightDrive):
+    """A car driving along x whose packets stop while ``paused`` (a game that hitches) and come back after."""
+
+    def __init__(self) -> None:
+        super().__init__(10.0, SERVER_HZ, z=5.0)
+        self.paused = False
+
+    def packet(self, tick: int) -> bytes | None:
+        return None if self.paused else super().packet(tick)
+
+
+class SwitchableCapture:
+    """Returns ``frame`` until the test replaces it (a resized window, or a capture that returns nothing)."""
+
+    def __init__(self, frame) -> None:
+        self.frame = frame
+
+    def grab(self):
+        return self.frame
+
+    def close(self) -> None:
+        pass
+
+
+def lidar_interface(server: TelemetryReplayServer, drive: StraightDrive, capture=None,
+                    reward: TrajectoryReward | None = None) -> TM20LidarInterface:
+    return TM20LidarInterface(capture=capture or RecordedFrames(corridor_frames()),
+                              telemetry=TelemetryClient(server.port, timeout=2.0),
+                              controller=RecordingController(on_respawn=drive.respawn),
+                              reward=reward or straight_reward(), sleep_time_at_reset=0.0, recovery=RECOVERY)
+
+
+def drive_until(interface: TM20LidarInterface, metres: float) -> None:
+    deadline = time.monotonic() + 10.0
+    while interface.telemetry.latest().distance < metres:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_steps_without_a_new_packet_pay_nothing_and_do_not_end_the_episode_as_no_progress():
+    """The probe: a 0.5-1 s telemetry stall while driving ended the episode *terminated* (no progress for 10 steps),
+    a label the trainer does not bootstrap through."""
+    drive = PausableDrive()
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        strict = TrajectoryReward.from_path([[0.0, 0.0, 5.0], [2000.0, 0.0, 5.0]], 0.5,
+                                            TrajectoryRewardConfig(grace_steps=0, no_progress_steps=3))
+        interface = lidar_interface(server, drive, reward=strict)
+        try:
+            interface.reset()
+            drive_until(interface, 1.0)
+            drive.paused = True
+            time.sleep(0.05)  # the last packet in flight arrives
+            interface.get_obs_rew_terminated_info()
+            results = [interface.get_obs_rew_terminated_info() for _ in range(6)]  # within the 1 s packet age
+            assert [terminated for _, _, terminated, _ in results] == [False] * 6
+            assert [reward for _, reward, _, _ in results] == [0.0] * 6 and interface.repeated_packets >= 6
+            assert all(TRUNCATED_REASON not in info for _, _, _, info in results)
+            drive.paused = False
+            time.sleep(0.1)
+            _, reward, terminated, _ = interface.get_obs_rew_terminated_info()
+            assert reward > 0 and not terminated  # the car moved on during the stall: paid once packets return
+        finally:
+            interface.close()
+
+
+def test_a_race_restarted_outside_the_worker_ends_the_episode_as_truncated_with_the_last_runs_observation():
+    drive = StraightDrive(10.0, SERVER_HZ, z=5.0)
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        interface = lidar_interface(server, drive)
+        try:
+            interface.reset()
+            drive_until(interface, 3.0)
+            before, _, terminated, _ = interface.get_obs_rew_terminated_info()
+            assert not terminated
+            drive.respawn()  # the player pressed respawn, or the game restarted the run
+            time.sleep(0.05)
+            observation, reward, terminated, info = interface.get_obs_rew_terminated_info()
+            assert terminated and reward == 0.0 and "restarted outside the worker" in info[TRUNCATED_REASON]
+            assert interface.faults["restarted"] == 1
+            np.testing.assert_array_equal(observation[1], before[1])  # no frame of the new run in this episode
+            assert observation[0] == before[0]
+            interface.reset()  # the next episode starts normally
+            _, _, terminated, _ = interface.get_obs_rew_terminated_info()
+            assert not terminated
+        finally:
+            interface.close()
+
+
+@pytest.mark.parametrize(("replacement", "says"), [
+    (np.zeros((240, 320, 3), np.uint8), "the captured frame is 320x240 pixels, the first ones were 160x120"),
+    (None, "the screen capture returned nothing instead of a frame"),
+])
+def test_a_frame_of_another_size_or_none_truncates_the_step_instead_of_entering_the_history(replacement, says):
+    drive = StraightDrive(10.0, SERVER_HZ, z=5.0)
+    capture = SwitchableCapture(corridor_frames()[0])
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        interface = lidar_interface(server, drive, capture=capture)
+        try:
+            interface.reset()
+            before, _, _, _ = interface.get_obs_rew_terminated_info()
+            capture.frame = replacement
+            observation, _, terminated, info = interface.get_obs_rew_terminated_info()
+            assert terminated and says in info[TRUNCATED_REASON] and interface.faults["capture"] == 1
+            np.testing.assert_array_equal(observation[1], before[1])
+        finally:
+            interface.close()
+
+
+def test_a_position_no_map_holds_is_garbage_not_progress():
+    assert decode_packet(encode_packet(1, position=(MAX_COORDINATE_M, -MAX_COORDINATE_M, 0.0))) is not None
+    for position in [(3e38, 0.0, 0.0), (0.0, -2e6, 0.0), (0.0, 0.0, 1.5e6)]:
+        assert decode_packet(encode_packet(1, position=position)) is None
+    parser = PacketParser()
+    packets = parser.feed(encode_packet(1, position=(3e38, 0.0, 0.0)) + encode_packet(2, position=(5.0, 0.0, 0.0)))
+    assert [p.sequence for p in packets] == [2] and parser.garbage_bytes >= 60
+
+
+def test_a_plugin_sending_only_invalid_packets_is_said_to_do_so_not_to_have_stopped():
+    good, bad = encode_packet(1, position=(1.0, 0.0, 0.0)), encode_packet(2, speed=math.nan)
+    with TelemetryReplayServer(lambda tick: good if tick < 5 else bad, rate_hz=SERVER_HZ) as server:
+        client = TelemetryClient(server.port, timeout=2.0)
+        try:
+            client.latest()
+            time.sleep(0.5)
+            with pytest.raises(TelemetryTimeoutError, match=r"newest valid packet is .* s old and the \d+ bytes "
+                                                            r"received since are no valid packet"):
+                client.current(0.2)
+        finally:
+            client.close()
+
+
+def test_a_stop_while_the_first_reset_waits_for_the_game_ends_the_rollout_without_an_error():
+    """The probe: Ctrl-C before the game was up gave a traceback and exit 1 (the first reset was outside the rollout's
+    handling of a stop), and left the progress file saying the worker still ran."""
+    with socket.socket() as unused:  # nothing listens on it: the game is not started yet
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    handle = make_env("tm20-lidar", options={
+        "allow_non_windows": True, "capture": RecordedFrames(corridor_frames()),
+        "telemetry": TelemetryClient(port, reconnect_delay=0.1), "controller": RecordingController(),
+        "reward": straight_reward(), "sleep_time_at_reset": 0.0, "recovery": RECOVERY})
+    stop = threading.Event()
+    handle.attach_stop(stop)
+    loop = RolloutLoop(handle, None, None, UniformPolicy(3, seed=0), batch_steps=1000, compress=False,
+                       deterministic=False, seed=0, worker_id="tm20-test")
+    threading.Timer(1.0, stop.set).start()
+    started = time.monotonic()
+    try:
+        stats = loop.run(max_steps=100, stop=stop)
+    finally:
+        handle.close()
+    assert time.monotonic() - started < 4.0 and stats.steps == 0 and stats.episodes == 0
