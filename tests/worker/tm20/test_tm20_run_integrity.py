@@ -186,3 +186,22 @@ def test_a_stop_while_the_first_reset_waits_for_the_game_ends_the_rollout_withou
     finally:
         handle.close()
     assert time.monotonic() - started < 4.0 and stats.steps == 0 and stats.episodes == 0
+
+
+def test_the_wait_for_the_game_goes_on_while_frames_keep_another_size_and_ends_when_they_are_back():
+    drive = StraightDrive(10.0, SERVER_HZ, z=5.0)
+    right = corridor_frames()[0]
+    capture = SwitchableCapture(right)
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        interface = lidar_interface(server, drive, capture=capture)
+        try:
+            interface.reset()
+            capture.frame = np.zeros((240, 320, 3), np.uint8)
+            _, _, terminated, _ = interface.get_obs_rew_terminated_info()
+            assert terminated
+            threading.Timer(1.5, lambda: setattr(capture, "frame", right)).start()  # the window is set back
+            started = time.monotonic()
+            interface.reset()  # waits with back-off (not a reset, fail, reset loop) until the frames fit again
+            assert 1.5 <= time.monotonic() - started < 5.0 and interface.faults["capture"] <= 3
+        finally:
+            interface.close()

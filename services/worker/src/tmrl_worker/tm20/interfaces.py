@@ -596,7 +596,7 @@ class TM20Interface(RealTimeGymInterface):
     def _probe_frame(self) -> str | None:
         """None when a frame can be grabbed and measured and, after a stale screen, is live again."""
         try:
-            frame = self.capture.grab()
+            frame = self._checked_frame(self.capture.grab())  # a frame of another size is no game back
             self.frame_feature(frame)
         except DEVICE_ERRORS as exc:
             return f"{_fault_kind(exc)}: {exc}"
