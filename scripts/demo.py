@@ -195,8 +195,11 @@ def main() -> int:
     parser.add_argument("--no-display", action="store_true", help="print a progress line every 10 s instead of the live display")
     args = parser.parse_args()
 
-    out = (args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if args.out is not None:
+        out = args.out.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out = new_run_folder(Path("runs").resolve(), time.strftime("demo-%Y%m%d-%H%M%S"))
     work = Path(tempfile.mkdtemp(prefix="tmrl-demo-"))
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
@@ -232,10 +235,19 @@ def main() -> int:
             metrics.poll()
             return render_progress(stack.status(), metrics, time.monotonic() - started, total, mode, stack.dead())
 
+        def service_died() -> str | None:
+            """A line naming the services that exited on their own, or None (the demo stops on it)."""
+            dead = stack.dead()
+            if not dead:
+                return None
+            return "; ".join(f"{name} exited with code {stack.processes[name].returncode} ({stack.tail(name, 1).strip()!r}"
+                             f"; the whole log: {logs / f'{name}.log'})" for name in dead)
+
+        died = None
         try:
             if args.no_display:
                 next_line = started
-                while time.monotonic() - started < total:
+                while time.monotonic() - started < total and (died := service_died()) is None:
                     if time.monotonic() >= next_line:
                         status = stack.status()
                         console.print(f"{(time.monotonic() - started) / 60:4.1f} min: {status.get('updates', 0)} updates, "
@@ -246,12 +258,14 @@ def main() -> int:
                 from rich.live import Live
 
                 with Live(frame(), console=console, refresh_per_second=2) as live:
-                    while time.monotonic() - started < total:
+                    while time.monotonic() - started < total and (died := service_died()) is None:
                         time.sleep(0.5)
                         live.update(frame())
         except KeyboardInterrupt:
             stopped_by_user = True
             console.print("interrupted: stopping the services")
+        if died is not None:
+            console.print(f"[red]stopping early: {died}[/]")
         console.print("stopping workers, then trainer, then relay ...")
         codes: dict[str, int | str] = {}
         for name in (*WORKERS, "trainer", "relay"):
@@ -285,7 +299,23 @@ def main() -> int:
     console.print(f"trainer run (status.json, metrics.jsonl, tensorboard/, checkpoints/, policy.safetensors): {run_dir}")
     console.print(f"service logs: {logs}")
     shutil.rmtree(work, ignore_errors=True)
-    return 130 if stopped_by_user else 0
+    if stopped_by_user:
+        return 130
+    return 1 if unclean else 0
+
+
+def new_run_folder(parent: Path, name: str) -> Path:
+    """``parent/name``, or ``name-2``, ``name-3``, ... when it exists: two demos started in the same second each get
+    their own (before, the second wrote its logs into the first's and its trainer was refused the run directory)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        folder = parent / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise SystemExit(f"demo: {parent} already holds 999 folders named {name}*: pass --out")
 
 
 if __name__ == "__main__":

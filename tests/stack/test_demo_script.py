@@ -1,0 +1,50 @@
+"""``make demo`` (scripts/demo.py) as an operator meets it: two demos started in the same second each get their own
+output folder, and a demo whose trainer dies at start stops at once and exits 1 with the trainer's own last line
+(an outside probe: the second demo shared the first's folder and logs, and a demo whose trainer exited 2 ran its
+full time and exited 0)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "scripts" / "demo.py"
+
+
+def demo_module():
+    spec = importlib.util.spec_from_file_location("tmrl_demo_script", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demos_started_in_the_same_second_get_folders_of_their_own(tmp_path):
+    new_run_folder = demo_module().new_run_folder
+    folders = [new_run_folder(tmp_path / "runs", "demo-20261129-032421") for _ in range(3)]
+    assert [f.name for f in folders] == ["demo-20261129-032421", "demo-20261129-032421-2", "demo-20261129-032421-3"]
+    assert all(f.is_dir() for f in folders)
+
+
+@pytest.mark.slow
+def test_a_demo_whose_trainer_dies_at_start_stops_at_once_and_exits_1_naming_why(tmp_path):
+    config = tmp_path / "too_big.toml"
+    config.write_text('[trainer]\nenv = "sim"\nmemory_capacity = 1000000000000\n')  # no machine has that memory
+    started = time.monotonic()
+    demo = subprocess.Popen([sys.executable, str(DEMO), "--config", str(config), "--minutes", "3", "--fast",
+                             "--no-display", "--out", str(tmp_path / "out")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "400"})
+    try:
+        output, _ = demo.communicate(timeout=150)
+    except subprocess.TimeoutExpired:  # SIGTERM: the demo stops its services (SIGKILL would orphan them)
+        demo.terminate()
+        output, _ = demo.communicate(timeout=90)
+    took = time.monotonic() - started
+    assert demo.returncode == 1 and took < 120, output  # not the 3 minutes asked for
+    assert "stopping early: trainer exited with code 2" in output and "memory_capacity" in output
