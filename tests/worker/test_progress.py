@@ -128,3 +128,27 @@ def test_a_progress_file_that_cannot_be_written_is_logged_and_the_rollouts_go_on
     progress.close()
     assert blocked.is_dir()
     assert any("cannot be written" in r.getMessage() and "no progress record" in r.getMessage() for r in caplog.records)
+
+
+def test_a_worker_that_cannot_reach_the_relay_says_so_in_its_progress_line_and_summary(tmp_path, monkeypatch, caplog):
+    """An outside probe: a worker started before the relay, or given a wrong port, logged only its steps and
+    'batches handed over' for 50 s, and its final line did not say it never connected."""
+    from tmrl_common.sockets import SecurityConfig, TransportConfig
+    from tmrl_stack import free_ports
+    from tmrl_worker import runtime
+    from tmrl_worker.cli import run_summary
+
+    monkeypatch.setattr(runtime, "PROGRESS_EVERY_S", 0.5)
+    worker_port, weights_port = free_ports(2)  # nothing listens on them
+    config = WorkerConfig(worker_id="early", env="sim-fast", max_steps=400, max_steps_per_second=200,
+                          batch_steps=50, worker_port=worker_port, weights_port=weights_port, state_dir=tmp_path,
+                          flush_timeout_s=0.2, transport=TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200,
+                                                                         linger_ms=0),
+                          security=SecurityConfig(insecure=True))
+    with caplog.at_level("INFO", logger="tmrl_worker.runtime"):
+        stats = runtime.run_worker(config)
+    lines = [r for r in caplog.records if "steps/s" in r.getMessage()]
+    assert lines and all(r.levelname == "WARNING" for r in lines)
+    assert f"not connected to the relay at tcp://127.0.0.1:{worker_port} plain text yet (is it running there" \
+           in lines[-1].getMessage() and "batch(es) waiting to be delivered" in lines[-1].getMessage()
+    assert "it never connected to the relay" in run_summary("early", stats)

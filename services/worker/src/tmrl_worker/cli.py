@@ -125,6 +125,8 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
                          if key.startswith("rejected.") and count)
         if reasons:
             summary += f" ({', '.join(f'{reason}: {count}' for reason, count in reasons)})"
+        if not delivery.get("connections") and delivery["steps_submitted"] and not delivery.get("handshake_refused"):
+            summary += "; it never connected to the relay (is it running, on this worker's relay_host and worker_port?)"
         if delivery.get("handshake_refused"):
             summary += f"; the relay refused this worker's key {delivery['handshake_refused']} time(s)"
             summary += (" (and allowed it at other times: the key was added late, or removed while this worker ran)"

@@ -188,6 +188,16 @@ class RelayLink:
     def wait_connected(self, timeout: float) -> bool:
         return self._client.wait_connected(timeout)
 
+    def delivery_problem(self) -> str | None:
+        """For the worker's progress line: None while connected to the relay, else that it is not and what waits."""
+        if self._client.connected:
+            return None
+        with self._lock:
+            waiting = len(self.spool) + self._submitted - self.counters.batches_built
+        ever = "any more" if self.counters.connections else "yet"
+        return (f"not connected to the relay at {self._client.describe()} {ever} (is it running there, on that port, "
+                f"with the same --insecure or keys?): {waiting} batch(es) waiting to be delivered")
+
     def snapshot(self) -> dict[str, int]:
         """Counters of the link, the spool (and its current size) and the handshake watch (``handshake_refused``...)."""
         with self._lock:

@@ -410,9 +410,11 @@ class RolloutLoop:
     def _report(self, seconds: float, steps: int) -> None:
         recent = self.stats.recent_returns
         mean = f"{sum(recent) / len(recent):.2f} over the last {len(recent)}" if recent else "n/a"
-        log.info("%s: %d steps (%.0f steps/s), %d episodes, mean return %s, weights version %d, %d batches handed over",
-                 self.worker_id, self.stats.steps, steps / max(seconds, 1e-9), self.stats.episodes, mean,
-                 self.policy.version, self.stats.batches_submitted)
+        problem = getattr(self.sink, "delivery_problem", lambda: None)()  # a RelayLink says when it cannot deliver
+        log.log(logging.WARNING if problem else logging.INFO,
+                "%s: %d steps (%.0f steps/s), %d episodes, mean return %s, weights version %d, %d batches handed over%s",
+                self.worker_id, self.stats.steps, steps / max(seconds, 1e-9), self.stats.episodes, mean,
+                self.policy.version, self.stats.batches_submitted, f"; {problem}" if problem else "")
 
     def _keep_if_best(self, keeper: BestPolicyKeeper, info: dict) -> None:
         finished = info.get("finished")
