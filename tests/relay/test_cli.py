@@ -172,3 +172,26 @@ def test_relay_subprocess_stops_cleanly_on_sigint(context):
         process.send_signal(signal.SIGINT)
         assert process.wait(10) == 0
         assert "relay stopped" in process.stderr.read()
+
+
+def _relay_run(*options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from tmrl_relay.cli import app; app()", "run", "--insecure",
+                           "--log-level", "info", *options], capture_output=True, text=True, timeout=60)
+
+
+def test_a_busy_port_stops_the_relay_naming_the_option_that_moves_it_and_before_it_says_it_listens():
+    """An outside first-hour probe: the README's relay command on a machine whose 9108 was taken logged 'relay
+    listening on ...' and then failed with 'Address already in use' and no way out."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        metrics = _relay_run("--worker-port", "0", "--trainer-port", "0", "--weights-port", "0", "--metrics-port", port)
+        workers = _relay_run("--worker-port", port, "--trainer-port", "0", "--weights-port", "0", "--metrics-port", "0")
+    assert metrics.returncode == 2 and "relay listening" not in metrics.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use (another relay?): choose another with " \
+           "--metrics-port N (metrics_port in [relay]), or 0 to turn the metrics off" in metrics.stderr
+    assert workers.returncode == 2
+    assert f"cannot bind the workers socket on 127.0.0.1:{port}" in workers.stderr
+    assert "choose another port with --worker-port N (worker_port in [relay]; its clients must use the same)" \
+           in workers.stderr

@@ -218,7 +218,12 @@ class Relay:
                 socket.bind(tcp_endpoint(host, port))
         except zmq.ZMQError as exc:
             socket.close(linger=0)
-            raise RelaySetupError(f"cannot bind the {link} socket on {host}:{port}: {exc}") from exc
+            hint = ""
+            if exc.errno == zmq.EADDRINUSE:
+                option = {"workers": "worker_port", "trainer": "trainer_port", "weights": "weights_port"}[link]
+                hint = (f" (another relay, or another program, holds that port): stop it, or choose another port "
+                        f"with --{option.replace('_', '-')} N ({option} in [relay]; its clients must use the same)")
+            raise RelaySetupError(f"cannot bind the {link} socket on {host}:{port}: {exc}{hint}") from exc
         except BaseException:
             socket.close(linger=0)
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from pathlib import Path
@@ -70,20 +71,23 @@ def serve(config: RelayConfig) -> int:
     # (Through tmrl_common.stop_signals: relay.stop() sets an Event, which a Python signal handler must not do.)
     if threading.current_thread() is threading.main_thread():
         install_stop_signals(stopping(relay.stop, log))
+    server = None
+    if config.metrics_port:  # first: a busy metrics port stops the relay before it says it listens
+        try:
+            server = MetricsServer(metrics, config.metrics_host, config.metrics_port)
+        except OSError as exc:
+            hint = (" (another relay?): choose another with --metrics-port N (metrics_port in [relay]), or 0 to turn "
+                    "the metrics off") if exc.errno == errno.EADDRINUSE else ""
+            typer.echo(f"tmrl-relay: cannot serve metrics on {config.metrics_host}:{config.metrics_port}: "
+                       f"{exc.strerror or exc}{hint}", err=True)
+            return 2
     try:
         ports = relay.bind()
     except (RelaySetupError, SecurityError, KeyFileError) as exc:
         typer.echo(f"tmrl-relay: cannot start: {exc}", err=True)
+        if server is not None:
+            server.close()
         return 2
-    server = None
-    if config.metrics_port:
-        try:
-            server = MetricsServer(metrics, config.metrics_host, config.metrics_port)
-        except OSError as exc:
-            typer.echo(f"tmrl-relay: cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}", err=True)
-            relay.stop()
-            relay.run()  # closes the bound sockets
-            return 2
     # One parseable line for scripts and tests that asked for port 0.
     print(f"tmrl-relay ready worker_port={ports.worker_port} trainer_port={ports.trainer_port} "
           f"weights_port={ports.weights_port} metrics_port={server.port if server else 0}", flush=True)
