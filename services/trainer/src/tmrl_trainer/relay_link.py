@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import zmq
-from tmrl_common.errors import ProtocolError
+from tmrl_common.errors import ConfigError, ProtocolError
 from tmrl_common.protocol import Error, Heartbeat, Hello, WeightsUpdate, decode, decode_envelope, encode
 from tmrl_common.relay_client import RelayClient
 from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
@@ -34,6 +35,14 @@ log = logging.getLogger(__name__)
 
 SOFTWARE = "tmrl-trainer/0.1"
 _POLL_MS = 10
+CONTESTED_LOSSES = 3
+CONTESTED_WINDOW_S = 60.0
+"""Losing the trainer role this many times within this many seconds, each time after holding it, means another live
+trainer takes it back as often: two trainers under one key (an outside probe saw 22 takeovers in 23 s, for ever)."""
+
+
+class TrainerRoleContested(ConfigError):
+    """Another live trainer with this trainer's key keeps taking the role back: this one stops (status 2)."""
 
 
 @dataclass
@@ -90,6 +99,11 @@ class TrainerLink:
         self.endpoint = RelayEndpoint(host, port, transport, security)
         self.ingestor = ingestor
         self.counters = TrainerLinkCounters()
+        self._losses: deque[float] = deque(maxlen=CONTESTED_LOSSES)
+        self._holding = False  # the relay answered a heartbeat, which it does for the role's holder only
+        self.contested: str | None = None
+        """Set (the reason) once the role was lost :data:`CONTESTED_LOSSES` times within :data:`CONTESTED_WINDOW_S`
+        after holding it; the service then stops with :class:`TrainerRoleContested`."""
         self._lock = threading.Lock()
         self._pending_weights: WeightsUpdate | None = None
         self._last_weights: WeightsUpdate | None = None
@@ -134,6 +148,7 @@ class TrainerLink:
     def _say_hello(self) -> str:
         self._client.send(encode(Hello(role="trainer", software=SOFTWARE, layout=self.ingestor.layout), self.trainer_id))
         self.counters.hellos_sent += 1
+        self._send_heartbeat()  # answered only if the hello took the role: the holder knows it holds it at once
         with self._lock:
             if self._pending_weights is None and self._last_weights is not None:
                 self._pending_weights = self._last_weights  # refill a restarted relay's cache
@@ -174,6 +189,7 @@ class TrainerLink:
             return
         if kind == "heartbeat":  # the relay answers heartbeats of the trainer that holds the role only
             self._backoff.accepted()
+            self._holding = True
         try:
             replies = self.ingestor.handle(frames)
         except Exception:  # a bug on one message must not stop ingestion: count, log, go on
@@ -183,6 +199,17 @@ class TrainerLink:
         for reply in replies:
             if self._client.send(reply):
                 self.counters.acks_sent += 1
+
+    def _note_loss(self, now: float, message: str) -> None:
+        self._losses.append(now)
+        if len(self._losses) == CONTESTED_LOSSES and now - self._losses[0] <= CONTESTED_WINDOW_S \
+                and self.contested is None:
+            self.contested = (
+                f"{self.trainer_id} lost the trainer role {CONTESTED_LOSSES} times in {now - self._losses[0]:.0f} s, "
+                f"each time after holding it (the relay: {message}): another trainer with this key "
+                f"({self.endpoint.security.secret_key_file or 'no key, --insecure'}) is running and takes the role "
+                "back as often; stop one of them, or give each its own key pair and trainer_id (a relay allows one "
+                "trainer at a time)")
 
     @staticmethod
     def _peek_type(frames: list[bytes]) -> str | None:
@@ -207,7 +234,11 @@ class TrainerLink:
                         error.reason, error.message)
             return
         self.counters.role_lost += 1
-        wait = self._backoff.refused(time.monotonic())
+        now = time.monotonic()
+        if self._holding:  # lost after the relay answered as to the holder (not a claim refused, a standby trainer)
+            self._holding = False
+            self._note_loss(now, error.message)
+        wait = self._backoff.refused(now)
         if wait is not None:
             log.warning("%s: the relay says this connection does not hold the trainer role (%s: %s); saying hello "
                         "again in %.1fs", self.trainer_id, error.ref_type or "message", error.message, wait)

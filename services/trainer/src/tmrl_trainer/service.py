@@ -103,7 +103,7 @@ from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.ingest import DedupeStateError, Ingestor, ValueBounds
 from tmrl_trainer.learner import backend_name, make_learner
 from tmrl_trainer.memory import MemoryFileError, NoTransitionYet, ReplayMemory
-from tmrl_trainer.relay_link import TrainerLink
+from tmrl_trainer.relay_link import TrainerLink, TrainerRoleContested
 from tmrl_trainer.sac import resolve_device
 from tmrl_trainer.status import METRICS_FILE, STATUS_FILE, TENSORBOARD_DIR, RunRecorder, StatusFile
 from tmrl_trainer.tensor_file import write_atomically
@@ -620,6 +620,8 @@ class TrainerService:
                     next_report = time.monotonic() + PROGRESS_EVERY_S
                 if self.link.failure is not None:
                     raise RuntimeError(f"ingest thread failed: {self.link.failure}") from self.link.failure
+                if self.link.contested is not None:
+                    raise TrainerRoleContested(self.link.contested)
                 if not self._may_update():
                     stop.wait(0.005)
                     continue
