@@ -843,3 +843,21 @@ def test_rows_that_form_no_transition_make_the_trainer_wait_and_say_so_not_stop(
             thread.join(30)
     assert result["updates"] == 5
     assert "waiting for more samples" in caplog.text
+
+
+def test_a_contested_trainer_role_stops_the_service_with_a_config_error_after_its_final_checkpoint(tmp_path):
+    from tmrl_common.errors import ConfigError
+    from tmrl_trainer.relay_link import TrainerRoleContested
+
+    service = TrainerService(make_config(tmp_path))
+    service._store("w1", absurd_pendulum_batch("w1", 0, 100, reward=0.5))  # 50 updates at utd 0.5
+
+    def contest() -> None:
+        wait_for(lambda: service.learner.updates >= 3)
+        service.link.contested = "trainer-1 lost the trainer role 3 times in 4 s"
+
+    threading.Thread(target=contest, daemon=True).start()
+    with pytest.raises(TrainerRoleContested, match="lost the trainer role") as raised:
+        service.run()
+    assert isinstance(raised.value, ConfigError)  # the CLI's one line and status 2
+    assert _checkpoint_files(service)  # shutdown saved the final checkpoint
