@@ -112,6 +112,25 @@ def test_insecure_client_against_a_curve_relay_is_told_to_match_the_other_side(c
     wait_for(lambda: errors(caplog), 5)
     assert "speaks CurveZMQ, this worker plain text (--insecure)" in errors(caplog)[0]
     assert client.handshake.counters.mechanism >= 1
+    time.sleep(0.5)
+    assert not [e for e in errors(caplog) if "--server-key" in e]  # a plain-text client has no server key to blame
+
+
+def test_a_refused_key_may_also_be_a_client_on_the_other_roles_port():
+    """An outside probe pointed a trainer at the workers' port: the advice named only `keys add --role trainer`,
+    which then said the key was already allowed."""
+    endpoint = RelayEndpoint("127.0.0.1", 5555, TransportConfig(), SecurityConfig(insecure=False))
+    for role in ("trainer", "worker"):
+        advice = HandshakeWatch("t", endpoint, role).advice("refused")
+        assert f"Or port 5555 is not the relay's {role}_port: each port admits its own role's keys only" in advice
+
+
+def test_a_dropped_handshake_of_a_plain_text_client_is_blamed_on_the_mechanism_not_a_server_key():
+    """The probe's --insecure worker against a CurveZMQ relay first logged '--server-key (None) is most likely not
+    the public key of the relay's --secret-key': libzmq may report a drop before the mechanism mismatch."""
+    plain = RelayEndpoint("127.0.0.1", 5555, TransportConfig(), SecurityConfig(insecure=True))
+    advice = HandshakeWatch("w", plain, "worker").advice("dropped")
+    assert "speaks CurveZMQ, this worker plain text (--insecure)" in advice and "--server-key" not in advice
 
 
 def test_a_port_where_nothing_speaks_zmtp_is_reported_after_the_handshake_timeout(start_client, caplog):

@@ -182,8 +182,12 @@ class HandshakeWatch:
             return (f"the relay at {where} refused this {self.role}'s key: {self._public_key_file()} is not in its "
                     f"{self.role} allow-list. {own_pair} the relay host run `tmrl-relay keys add "
                     f"{self._public_key_file()} --allow-dir ALLOW --role {self.role}` (ALLOW: the relay's "
-                    f"--allow-dir; from another host, copy that file there first); retrying every {self.retry_s:.0f}s")
-        if kind == "mechanism":
+                    f"--allow-dir; from another host, copy that file there first). Or port {self.endpoint.port} is not "
+                    f"the relay's {self.role}_port: each port admits its own role's keys only; retrying every "
+                    f"{self.retry_s:.0f}s")
+        if kind == "mechanism" or (kind == "dropped" and self.endpoint.security.insecure):
+            # a plain-text client against a CurveZMQ relay sees a drop before the mechanism mismatch: no server key
+            # is involved
             mine = "plain text (--insecure)" if self.endpoint.security.insecure else "CurveZMQ"
             theirs = "CurveZMQ" if self.endpoint.security.insecure else "plain text (--insecure)"
             return (f"the relay at {where} speaks {theirs}, this {self.role} {mine}: run both with --insecure or both "
