@@ -101,9 +101,9 @@ def render_progress(status: dict, metrics: MetricsTail, elapsed: float, total: f
                        f"Q {train.get('q_mean', 0):.2f}", f"duplicates {status.get('duplicates', 0)}, "
                        f"rejects {sum((status.get('rejects') or {}).values())}")
     table = Table(expand=True)
-    for column in ("worker", "batches", "env steps", "weights version", "episodes", "last return",
-                   "mean of last 10", "best"):
-        table.add_column(column, justify="right" if column != "worker" else "left")
+    table.add_column("worker", no_wrap=True, min_width=max(map(len, WORKERS)))  # never cut to "worker…"
+    for column in ("batches", "env steps", "weights version", "episodes", "last return", "mean of last 10", "best"):
+        table.add_column(column, justify="right")  # headers wrap on a narrow terminal, names do not
     workers = status.get("workers") or {}
     for name in WORKERS:
         w = workers.get(name, {})

@@ -48,3 +48,16 @@ def test_a_demo_whose_trainer_dies_at_start_stops_at_once_and_exits_1_naming_why
     took = time.monotonic() - started
     assert demo.returncode == 1 and took < 120, output  # not the 3 minutes asked for
     assert "stopping early: trainer exited with code 2" in output and "memory_capacity" in output
+
+
+def test_the_live_display_keeps_worker_names_whole_on_an_80_column_terminal():
+    from rich.console import Console
+
+    demo = demo_module()
+    metrics = demo.MetricsTail(Path("missing.jsonl"))
+    status = {"workers": {name: {"batches": 1234, "steps": 123456, "weights_version": 321, "episodes": 99,
+                                 "last_return": -123.4} for name in demo.WORKERS}}
+    console = Console(width=80, record=True, color_system=None)
+    console.print(demo.render_progress(status, metrics, 61.0, 300.0, "real time, 20 Hz", []))
+    text = console.export_text()
+    assert all(name in text for name in demo.WORKERS), text
