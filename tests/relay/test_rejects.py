@@ -9,6 +9,7 @@ from tmrl_common.errors import ProtocolError
 from tmrl_common.protocol import Heartbeat, Hello, SampleAck, batch_seq_of, decode, encode, encode_envelope
 
 from .relay_harness import (
+    Peer,
     batch_body_with,
     connected_trainer,
     connected_worker,
@@ -277,3 +278,16 @@ def test_rejects_under_ever_new_envelope_sender_ids_do_not_flood_the_log_and_the
         wait_until(lambda: any("like it in" in record.getMessage() for record in caplog.records), timeout_s=5)
         (summary,) = [record.getMessage() for record in caplog.records if "like it in" in record.getMessage()]
         assert "spoof-199 " in summary and "the last of 199 like it" in summary, summary
+
+
+def test_an_error_message_carries_the_reason_once_in_its_own_field_not_again_in_the_text(context):
+    """An outside probe's worker log read 'relay rejected our heartbeat: [unknown_sender] [unknown_sender] ...': the
+    relay put the tagged exception text into ``message`` beside ``reason``."""
+    with relay_in_thread(insecure_config()) as relay:
+        stranger = Peer(context, relay.ports.worker_port, "worker-7")
+        try:
+            stranger.send(Heartbeat(role="worker", uptime_s=1.0))  # no hello first
+            _, error = stranger.recv_type("error")
+        finally:
+            stranger.close()
+    assert error.reason == "unknown_sender" and not error.message.startswith("[")

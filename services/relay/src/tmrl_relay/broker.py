@@ -623,7 +623,7 @@ class Relay:
                                "%s link: rejected %s%s from %s (routing id %s, said hello as %s): %s",
                                link, ref_type or "a message", f" seq {ref_seq}" if ref_seq is not None else "", sender,
                                routing_id.hex()[:16], connection, exc)
-        error = Error(reason=exc.reason, message=str(exc)[:1024], ref_type=ref_type[:32], ref_seq=ref_seq)
+        error = Error(reason=exc.reason, message=exc.detail[:1024], ref_type=ref_type[:32], ref_seq=ref_seq)
         try:
             socket.send_multipart([routing_id, *encode(error, RELAY_SENDER)], zmq.NOBLOCK)
             self.metrics.errors_sent.inc()
