@@ -291,3 +291,19 @@ def test_an_error_message_carries_the_reason_once_in_its_own_field_not_again_in_
         finally:
             stranger.close()
     assert error.reason == "unknown_sender" and not error.message.startswith("[")
+
+
+def test_acks_for_many_unknown_worker_ids_cost_one_log_line_not_one_per_id(context, caplog):
+    """An outside probe: one connection cycling through 5,000 worker ids made the relay log 4,988 'not delivered'
+    lines, limited per worker id (the peers' choice)."""
+    with caplog.at_level("WARNING", logger="tmrl_relay.broker"), relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        try:
+            for index in range(300):
+                trainer.send(SampleAck(worker=f"gone-{index}", seqs=[1]))
+            wait_until(lambda: relay.metrics.registry.get_sample_value("tmrl_relay_acks_undeliverable_total") == 300,
+                       what="300 undeliverable acks")
+        finally:
+            trainer.close()
+    lines = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+    assert 1 <= len(lines) <= 2 and "worker not connected" in lines[0]

@@ -529,19 +529,21 @@ class Relay:
 
     def _route_ack(self, ack: SampleAck, envelope: zmq.Frame, body: zmq.Frame) -> None:
         worker = self.workers.by_sender.get(ack.worker)
+        why = "worker not connected"
         if worker is not None:
             try:
                 self.workers_socket.send_multipart([worker.routing_id, envelope, body], zmq.NOBLOCK, copy=False)
                 self.metrics.acks.inc()
                 return
             except zmq.Again:
-                pass
+                why = "the worker's queue is full (it does not read its socket)"
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EHOSTUNREACH:
                     raise
         self.metrics.acks_undeliverable.inc()
-        self._rate_log.warning(("ack", ack.worker), "ack for worker %s (seqs %d..%d) not delivered: worker not connected; "
-                               "it resends and the trainer acks again", ack.worker, min(ack.seqs), max(ack.seqs))
+        # limited per cause, not per worker id: ids are the peers' choice, and one connection may cycle through many
+        self._rate_log.warning(("ack", why), "ack for worker %s (seqs %d..%d) not delivered: %s; it resends and the "
+                               "trainer acks again", ack.worker, min(ack.seqs), max(ack.seqs), why)
 
     def _on_weights(self, envelope: zmq.Frame, body: zmq.Frame) -> None:
         if len(body) > self.config.max_weights_bytes:
