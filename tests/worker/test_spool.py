@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import msgpack
 import pytest
@@ -84,7 +85,7 @@ def test_spool_rejects_a_seq_twice_and_bad_bounds():
 
 
 def test_sequence_numbers_are_never_reused_across_restarts(tmp_path):
-    first = SequenceCounter(tmp_path, "worker-a", block=10)
+    first = SequenceCounter(tmp_path, "worker-a", block=10, first_seq=0)
     used = [first.take() for _ in range(13)]
     assert used == list(range(13))
     # a crash now: the process never says how far it got; the reservation on disk covers it
@@ -96,8 +97,20 @@ def test_sequence_numbers_are_never_reused_across_restarts(tmp_path):
 
 
 def test_sequence_state_is_per_worker_id(tmp_path):
-    SequenceCounter(tmp_path, "a", block=5).take()
-    assert SequenceCounter(tmp_path, "b", block=5).take() == 0
+    SequenceCounter(tmp_path, "a", block=5, first_seq=0).take()
+    assert SequenceCounter(tmp_path, "b", block=5, first_seq=0).take() == 0
+
+
+def test_a_worker_without_its_state_file_numbers_above_every_batch_of_its_earlier_runs(tmp_path):
+    """A container without a persistent state_dir, or a deleted state file: an outside probe's worker started again
+    at seq 0 and the trainer answered its first batches `duplicate` (stored already: the earlier run's), so they were
+    dropped as delivered. Without a state file the numbering now starts at the clock (microseconds)."""
+    earlier = SequenceCounter(tmp_path / "first-run", "w", block=10)
+    used = [earlier.take() for _ in range(500)]  # far more batches than a worker sends per microsecond
+    time.sleep(0.01)
+    later = SequenceCounter(tmp_path / "state-lost", "w", block=10)  # same id, no state file
+    assert later.take() > max(used)
+    assert 1.7e15 < used[0] < 2**62  # microseconds since 1970, far inside the protocol's int63
 
 
 def test_unreadable_state_file_is_a_clear_error(tmp_path):

@@ -33,7 +33,7 @@ def make_link(context, port: int, tmp_path, ack_timeout_s: float = 0.3, max_batc
     return RelayLink(
         worker_id="w-test", layout=LAYOUT,
         endpoint=RelayEndpoint("127.0.0.1", port, transport, SecurityConfig(insecure=True)),
-        sequence=SequenceCounter(tmp_path, "w-test", block=100),
+        sequence=SequenceCounter(tmp_path, "w-test", block=100, first_seq=0),
         spool=Spool(max_batches, 10_000_000, owner="w-test", directory=spool_directory),
         ack_timeout_s=ack_timeout_s, heartbeat_interval_s=0.2, context=context,
     )

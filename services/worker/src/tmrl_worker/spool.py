@@ -17,7 +17,11 @@ write that a kill cut short (before its rename, so the batch was never sent) is 
 *reservation* in a small JSON state file (``{"worker_id": ..., "reserved_until": N}``, written atomically with
 ``os.replace``): numbers below ``reserved_until`` may have been used, so a restarted worker starts at
 ``reserved_until`` and reserves the next block. One file write per ``block`` batches; a crash wastes at most one
-block of numbers (the trainer's dedupe tolerates gaps).
+block of numbers (the trainer's dedupe tolerates gaps). A worker without a state file (a first start, a container
+without a persistent ``state_dir``, a file deleted) starts at the clock, in microseconds since 1970: above every
+number an earlier run under that id can have used (it sent far fewer than one batch per microsecond), so the trainer
+never takes its batches for duplicates of the earlier run's and drops them (an outside probe lost a restarted
+worker's first batches that way when it started again at 0).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ MAX_BACKOFF = 8
 
 
 class StateFileError(RuntimeError):
-    """The worker state file exists but cannot be read; fix or delete it (deleting may reuse sequence numbers)."""
+    """The worker state file exists but cannot be read; fix or delete it (deleting it restarts the numbering from the clock)."""
 
 
 @dataclass
@@ -254,6 +258,8 @@ class SequenceCounter:
     state_dir: Path
     worker_id: str
     block: int = 1000
+    first_seq: int | None = None
+    """Where a worker without a state file starts (None: the clock, see the module docstring; tests pass 0)."""
     _next: int = field(init=False, default=0)
     _reserved_until: int = field(init=False, default=0)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
@@ -277,7 +283,7 @@ class SequenceCounter:
         try:
             text = self.path.read_text()
         except FileNotFoundError:
-            return 0
+            return time.time_ns() // 1000 if self.first_seq is None else self.first_seq
         try:
             state = json.loads(text)
             value = int(state["reserved_until"])
@@ -286,7 +292,7 @@ class SequenceCounter:
         except (ValueError, KeyError, TypeError) as exc:
             raise StateFileError(
                 f"worker state file {self.path} is unreadable ({exc}); fix it or delete it "
-                "(deleting restarts seq at 0, which the trainer may take for duplicates)"
+                "(deleting it starts the numbering again from the clock, above every number used before)"
             ) from exc
         return value
 
