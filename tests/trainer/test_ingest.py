@@ -457,3 +457,25 @@ def test_a_worker_sending_bad_batches_flat_out_costs_a_log_line_per_reason_and_i
     ingestor.snapshot()
     (summary,) = [record.getMessage() for record in caplog.records][2:]
     assert "from w1" in summary and "batch seq 299:" in summary and "the last of 299 like it" in summary, summary
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("rewards", np.array([7.0, 1.0], np.float32), "holds reward 7, terminated False"),
+    ("terminated", np.array([True, False]), "terminated True"),
+    ("truncated", np.array([True, False]), "truncated True"),
+])
+def test_a_first_row_with_a_reward_or_an_ending_is_refused_as_schema(ingest, field, value, says):
+    """docs/protocol.md section 6.2: the row reset() returned has reward 0 and neither flag. An outside probe's such
+    batches were stored without a word (a reward for no step; an episode that ends where it starts)."""
+    ingestor, memory, _ = ingest
+    builder = SampleBatchBuilder(LAYOUT)
+    builder.add_reset((np.zeros(LAYOUT.components[0].frame_shape[0], np.float32),))
+    builder.add_step(np.array([0.5], np.float32), (np.ones(LAYOUT.components[0].frame_shape[0], np.float32),), 1.0,
+                     False, False)
+    batch = builder.build(seq=0, weights_version=0)
+    forged = batch.model_copy(update={field: WireArray.from_numpy(value)})
+    replies = ingestor.handle(encode(forged, "w1"))
+    assert answers(replies) == [("w1", [0], "rejected", "schema")]
+    _, ack = decode(replies[0])
+    assert says in ack.detail and "starts an episode" in ack.detail and memory.rows_added == 0
+    assert acked(ingestor.handle(encode(batch.model_copy(update={"seq": 1}), "w1"))) == [("w1", [1])]  # honest: stored

@@ -177,6 +177,21 @@ class SampleBatch(Message):
         if self.actions.shape[1] != layout.action_dim:
             raise ProtocolError("schema", f"actions have {self.actions.shape[1]} dims, layout expects {layout.action_dim}")
 
+    def check_first_rows(self) -> None:
+        """Raise :class:`ProtocolError` (reason ``schema``) when a row marked ``first`` (what ``reset()`` returned)
+        holds a reward other than 0 or a termination flag (docs/protocol.md section 6.2): a receiver would store a
+        reward for no step, or an episode that ends where it starts."""
+        first = self.first.array
+        if not first.any():
+            return
+        rewards, terminated, truncated = self.rewards.array, self.terminated.array, self.truncated.array
+        bad = first & ((rewards != 0) | terminated | truncated)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ProtocolError("schema", f"row {row} starts an episode (first) but holds reward {float(rewards[row]):g}"
+                                          f", terminated {bool(terminated[row])}, truncated {bool(truncated[row])}: a "
+                                          "first row is what reset() returned, with reward 0 and neither flag")
+
     def check_bounds(self, layout: ObservationLayout, max_abs_reward: float, max_abs_observation: float) -> None:
         """Raise :class:`ProtocolError` unless every value is one an honest worker can send (call after
         :meth:`check_layout`): each observation frame within its component's declared ``[low, high]`` (``±

@@ -524,6 +524,7 @@ class Ingestor:
                                 "(more gaps than the dedupe window holds): cannot tell whether it was stored")
         try:
             batch.check_layout(self.layout)
+            batch.check_first_rows()
             if self.bounds is not None:
                 batch.check_bounds(self.layout, self.bounds.max_abs_reward, self.bounds.max_abs_observation)
             with self.store_lock:
