@@ -352,3 +352,29 @@ def test_an_honest_saved_memory_passes_the_value_checks_with_the_ingest_bounds()
     restored = ReplayMemory(LAYOUT, capacity=150, seed=13)
     restored.load_bytes(source.to_bytes(), ValueBounds())
     assert restored.to_bytes() == source.to_bytes()
+
+
+def test_has_transition_says_exactly_whether_a_sampleable_row_is_stored():
+    """O(1) against the O(capacity) scan, through episodes, first-rows-only batches (no transition), gaps and a
+    ring overwritten many times."""
+    layout = layout_for_box(2, 1)
+    memory = ReplayMemory(layout, capacity=40)
+    rng = np.random.default_rng(3)
+    assert not memory.has_transition()
+    states = []
+    for seq in range(300):
+        builder = SampleBatchBuilder(layout)
+        kind = rng.integers(0, 3)
+        for row in range(int(rng.integers(1, 12))):
+            if kind == 0 or row == 0 and kind == 1:  # kind 0: every row starts an episode (no transition)
+                builder.add_reset((rng.normal(size=2).astype(np.float32),))
+            else:
+                builder.add_step(rng.uniform(-1, 1, 1).astype(np.float32), (rng.normal(size=2).astype(np.float32),),
+                                 1.0, bool(rng.random() < 0.1), False)
+        memory.add_batch("w", builder.build(seq=seq + int(rng.random() < 0.1), weights_version=0))  # some gaps
+        assert memory.has_transition() == (memory.sampleable_positions().size > 0), seq
+        states.append(memory.has_transition())
+    assert any(before and not after for before, after in zip(states[:-1], states[1:], strict=True))  # overwritten too
+    restored = ReplayMemory(layout, capacity=40)
+    restored.load_bytes(memory.to_bytes())
+    assert restored.has_transition() == memory.has_transition()

@@ -861,3 +861,28 @@ def test_a_contested_trainer_role_stops_the_service_with_a_config_error_after_it
         service.run()
     assert isinstance(raised.value, ConfigError)  # the CLI's one line and status 2
     assert _checkpoint_files(service)  # shutdown saved the final checkpoint
+
+
+def test_with_device_sampling_rows_that_overwrite_every_transition_pause_training_until_new_ones_come(tmp_path, caplog):
+    """The mirror on the learner's device counted its sampleable rows once: after rows forming no transition had
+    overwritten the whole ring it would have drawn stale positions. It now waits, as the host path does."""
+    config = make_config(tmp_path, memory_capacity=200, sac={"hidden_sizes": [16], "batch_size": 16,
+                                                              "learning_starts": 50, "utd": 0.5, "sampling": "device"})
+    service = TrainerService(config)
+    assert service.replay is not None
+    service.ingestor.handle(pendulum_batch("w1", 0, 100))  # 50 updates allowed
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        stop, thread, _ = run_in_thread(service)
+        try:
+            wait_for(lambda: service.learner.updates >= 10)
+            service._store("w2", first_rows_only_batch(0, 200))  # the whole ring: no transition left
+            wait_for(lambda: "none ends a complete transition" in caplog.text, 10)
+            paused_at = service.learner.updates
+            time.sleep(0.5)
+            assert service.learner.updates == paused_at and paused_at < 50
+            service.ingestor.handle(pendulum_batch("w1", 1, 100))  # real transitions again
+            wait_for(lambda: service.learner.updates > paused_at + 5)
+        finally:
+            stop.set()
+            thread.join(30)
+    assert not thread.is_alive()

@@ -270,6 +270,11 @@ class DeviceReplay:
             self._ready = int(self.count) > 0
         return self._ready
 
+    def forget_ready(self) -> None:
+        """The host memory holds no sampleable row any more (rows that form no transition overwrote the ring): the
+        next :meth:`ready` reads the device count again instead of trusting that it once was positive."""
+        self._ready = False
+
     def sampleable_positions(self) -> torch.Tensor:
         """The sampleable ring positions as of the last sync (``index[:count]``; reads the count: for tests/tools)."""
         return self.index[: int(self.count)].clone()

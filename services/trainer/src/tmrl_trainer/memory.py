@@ -230,6 +230,9 @@ class ReplayMemory:
         self._oldest = np.zeros(self.capacity, dtype=np.int64)
         """Absolute index of the oldest row the transition ending at this row needs."""
         self._total = 0
+        self._max_complete_oldest = -1
+        """The largest ``oldest`` of any complete row stored: a sampleable row exists exactly while it is at least
+        ``rows_added - capacity`` (that row itself is then sampleable), which :meth:`has_transition` reads in O(1)."""
         self._tails: dict[str, dict[int, _Tail]] = {}
         """Per worker, per stored seq: how that batch ends (for the batch ``seq + 1``)."""
         self.verification = VerificationCounts()
@@ -309,6 +312,8 @@ class ReplayMemory:
         self._next[positions] = -1
         link_rows(self._next, self._total + np.arange(steps), prev, self.capacity, self._total + steps)
         self._total += steps
+        if complete[rows].any():
+            self._max_complete_oldest = max(self._max_complete_oldest, int(oldest[rows][complete[rows]].max()))
         if batch.digests is not None:
             self._verify(batch.digests.array[rows], positions)
         return steps
@@ -350,6 +355,11 @@ class ReplayMemory:
 
     def _sampleable(self, positions: np.ndarray) -> np.ndarray:
         return self._complete[positions] & (self._oldest[positions] >= self._total - self.capacity)
+
+    def has_transition(self) -> bool:
+        """Whether any stored row ends a sampleable transition (O(1); :meth:`sample` raises
+        :class:`NoTransitionYet` exactly when this is False and rows are stored)."""
+        return self._max_complete_oldest >= max(0, self._total - self.capacity)
 
     def sampleable_positions(self) -> np.ndarray:
         """Ring positions of every row that currently ends a sampleable transition (O(capacity); for tests/tools)."""
@@ -476,6 +486,8 @@ class ReplayMemory:
         for name, target in targets.items():  # everything checked: nothing is half-loaded on error
             target[:stored] = loaded[name]
         self._total, self._tails, self.orphan_rows, self._rng = total, tails, orphan_rows, rng
+        complete_oldest = self._oldest[:stored][self._complete[:stored]]
+        self._max_complete_oldest = int(complete_oldest.max()) if complete_oldest.size else -1
         self._next.fill(-1)
         rows = np.arange(total - stored, total)
         link_rows(self._next, rows, self._prev[rows % self.capacity], self.capacity, total)

@@ -627,6 +627,12 @@ class TrainerService:
                     continue
                 publishing = (self.learner.updates + 1) % self.config.publish_every == 0
                 if self.replay is not None:
+                    if not self.memory.has_transition():  # rows forming no transition overwrote the whole ring
+                        self.replay.forget_ready()  # the mirror's index is stale: count it again once rows come
+                        self._waiting_log.warning("no transition", "the replay memory holds %d rows but none ends a "
+                                                  "complete transition: waiting for more samples", len(self.memory))
+                        stop.wait(0.05)
+                        continue
                     if self.learner.updates % REPLAY_SYNC_EVERY == 0 or not self.replay.ready():
                         self.replay.sync(self.memory_lock)  # the memory lock only while a chunk is copied on the host
                         if not self.replay.ready():
