@@ -110,3 +110,17 @@ def test_another_id_is_still_refused_while_the_trainers_connection_is_open(conte
         trainer.send(make_weights(1))  # it still holds the role
         wait_until(lambda: relay.metrics.registry.get_sample_value("tmrl_relay_weights_version") == 1,
                    what="the holder's weights")
+
+
+def test_a_trainer_that_stops_cleanly_is_said_to_have_left_at_once_not_to_be_silent_later(context, caplog):
+    """After a trainer's clean stop the relay logged, 10 s later, 'trainer ... silent for 10.1s' at WARNING (an
+    outside probe): its connection closing now frees the role at once, said at INFO."""
+    with caplog.at_level("INFO", logger="tmrl_relay.broker"), \
+            relay_in_thread(insecure_config(peer_timeout_s=1.0)) as relay:
+        trainer = connected_trainer(context, relay, "trainer-1")
+        trainer.close()
+        wait_until(lambda: relay.metrics.registry.get_sample_value("tmrl_relay_trainer_connected") == 0,
+                   what="the role freed")
+        time.sleep(1.5)  # past peer_timeout_s: a trainer still counted as holding the role would be called silent
+    assert "trainer trainer-1: its connection closed (it stopped, or restarted); the trainer role is free" in caplog.text
+    assert "silent for" not in caplog.text

@@ -513,7 +513,8 @@ class Relay:
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 return
-            log.warning("trainer %s: its connection is gone; the trainer role is free", holder.sender)
+            log.info("trainer %s: its connection closed (it stopped, or restarted); the trainer role is free, sample "
+                     "batches are held until a trainer says hello", holder.sender)
             self.trainer.mark_gone()
             self.metrics.trainer_connected.set(0)
 
@@ -695,6 +696,10 @@ class Relay:
                            "the only kind this port takes)", link, endpoint.decode(errors="replace"),
                            _SUBSCRIPTION_FRAME_CAP if link == "weights" else self.config.socket_frame_cap(),
                            _PEER_SOCKET_TYPES[link])
+        holder = self.trainer.peer
+        if link == "trainer" and holder is not None and self.trainer.holds_live():
+            # the trainer that stopped cleanly, most often: say so now rather than "silent" peer_timeout_s later
+            self._release_the_role_if_its_connection_is_gone(holder)
 
     def _housekeeping(self, now: float) -> None:
         self._rate_log.flush(now)
