@@ -24,6 +24,7 @@ reuses a seq (its state file reserves blocks of 1000), so the trainer cannot mis
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -116,6 +117,12 @@ class Pipeline:
         self.stack.start_trainer()
 
     def start_worker(self, worker_id: str, *extra: str, name: str | None = None) -> None:
+        """A worker's first start numbers its batches from 0 (a state file reserving nothing yet), so the scenarios'
+        seq figures read as batch counts; without a state file a worker starts at the clock (tmrl_worker.spool)."""
+        state = self.stack.state_dir / f"{worker_id}.state.json"
+        if not state.exists():
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_text(json.dumps({"worker_id": worker_id, "reserved_until": 0}))
         self.stack.start_worker(worker_id, "--env", "sim-fast", *extra, name=name)
 
     def status(self) -> dict:
