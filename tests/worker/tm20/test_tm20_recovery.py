@@ -6,6 +6,7 @@ fake plugin speaking the plugin protocol on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -218,63 +219,51 @@ def test_after_a_finish_reset_closes_the_popup_and_waits_for_the_race_to_restart
             interface.close()
 
 
+@contextlib.contextmanager
+def car_down_the_track_with_a_dead_respawn(**recovery):
+    """``(game, interface)``: the car is 2 m down the track and the respawn does nothing (a game paused in its menu)
+    until the test sets ``game.respawn_works``."""
+    game = Game(respawn_works=False)
+    with game.serve() as server:
+        interface = TM20LidarInterface(capture=RecordedFrames(corridor_frames()),
+                                       telemetry=TelemetryClient(server.port), controller=game.controller(),
+                                       reward=straight_reward(), sleep_time_at_reset=0.0,
+                                       recovery={**FAST_RECOVERY, **recovery})
+        try:
+            while interface.telemetry.latest().distance < 2.0:
+                time.sleep(0.01)
+            yield game, interface
+        finally:
+            interface.close()
+
+
 def test_a_respawn_that_does_not_restart_the_race_is_retried_until_the_game_restarts_it():
     """A game paused in its menu ignores the respawn: the reset logs what to check and tries again, and the race
     restarts once the game is back (an outside probe: the worker exited after 10 s, needing a manual restart)."""
-    game = Game(respawn_works=False)
-    with game.serve() as server:
-        recovery = {**FAST_RECOVERY, "restart_timeout_s": 0.3}
-        interface = TM20LidarInterface(capture=RecordedFrames(corridor_frames()),
-                                       telemetry=TelemetryClient(server.port), controller=game.controller(),
-                                       reward=straight_reward(), sleep_time_at_reset=0.0, recovery=recovery)
-        try:
-            while interface.telemetry.latest().distance < 2.0:  # the car is down the track; respawn does nothing
-                time.sleep(0.01)
-            threading.Timer(1.5, lambda: setattr(game, "respawn_works", True)).start()  # the player unpauses
-            started = time.monotonic()
-            interface.reset()
-            assert 1.5 <= time.monotonic() - started < 6.0
-            assert interface.faults["restart"] >= 2 and interface.last_telemetry.distance <= 1.0
-        finally:
-            interface.close()
+    with car_down_the_track_with_a_dead_respawn(restart_timeout_s=0.3) as (game, interface):
+        threading.Timer(1.5, lambda: setattr(game, "respawn_works", True)).start()  # the player unpauses
+        started = time.monotonic()
+        interface.reset()
+        assert 1.5 <= time.monotonic() - started < 6.0
+        assert interface.faults["restart"] >= 2 and interface.last_telemetry.distance <= 1.0
 
 
 def test_restarts_failing_for_give_up_after_s_stop_the_env_with_what_to_check():
-    game = Game(respawn_works=False)
-    with game.serve() as server:
-        recovery = {**FAST_RECOVERY, "restart_timeout_s": 0.3, "give_up_after_s": 1.0}
-        interface = TM20LidarInterface(capture=RecordedFrames(corridor_frames()),
-                                       telemetry=TelemetryClient(server.port), controller=game.controller(),
-                                       reward=straight_reward(), sleep_time_at_reset=0.0, recovery=recovery)
-        try:
-            while interface.telemetry.latest().distance < 2.0:
-                time.sleep(0.01)
-            started = time.monotonic()
-            with pytest.raises(RaceRestartError, match=r"did not restart.*game paused.*gamepad B, keyboard Delete"):
-                interface.reset()
-            assert 1.0 <= time.monotonic() - started < 4.0
-        finally:
-            interface.close()
+    with car_down_the_track_with_a_dead_respawn(restart_timeout_s=0.3, give_up_after_s=1.0) as (_, interface):
+        started = time.monotonic()
+        with pytest.raises(RaceRestartError, match=r"did not restart.*game paused.*gamepad B, keyboard Delete"):
+            interface.reset()
+        assert 1.0 <= time.monotonic() - started < 4.0
 
 
 def test_a_stop_request_ends_the_wait_for_the_race_to_restart_at_once():
-    game = Game(respawn_works=False)
-    with game.serve() as server:
-        recovery = {**FAST_RECOVERY, "restart_timeout_s": 30.0}
-        interface = TM20LidarInterface(capture=RecordedFrames(corridor_frames()),
-                                       telemetry=TelemetryClient(server.port), controller=game.controller(),
-                                       reward=straight_reward(), sleep_time_at_reset=0.0, recovery=recovery)
+    with car_down_the_track_with_a_dead_respawn(restart_timeout_s=30.0) as (_, interface):
         interface.stop_event = threading.Event()
-        try:
-            while interface.telemetry.latest().distance < 2.0:
-                time.sleep(0.01)
-            threading.Timer(0.5, interface.stop_event.set).start()
-            started = time.monotonic()
-            with pytest.raises(EnvInterrupted, match="waiting for the race to restart"):
-                interface.reset()
-            assert time.monotonic() - started < 2.0
-        finally:
-            interface.close()
+        threading.Timer(0.5, interface.stop_event.set).start()
+        started = time.monotonic()
+        with pytest.raises(EnvInterrupted, match="waiting for the race to restart"):
+            interface.reset()
+        assert time.monotonic() - started < 2.0
 
 
 def test_reward_points_of_another_map_stop_the_env_at_the_restart_instead_of_paying_a_car_that_stands():

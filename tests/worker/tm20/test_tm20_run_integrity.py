@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from test_tm20_interfaces import corridor_frames, straight_reward
+from test_tm20_interfaces import SERVER_HZ, corridor_frames, straight_reward
+from test_tm20_recovery import FAST_RECOVERY
 from tmrl_worker.envs import TRUNCATED_REASON, make_env
 from tmrl_worker.reward import TrajectoryReward, TrajectoryRewardConfig
 from tmrl_worker.runtime import RolloutLoop, UniformPolicy
@@ -30,8 +31,7 @@ from tmrl_worker.tm20.openplanet import (
 from tmrl_worker.tm20.replay_server import TelemetryReplayServer
 from tmrl_worker.tm20.synthetic import StraightDrive
 
-SERVER_HZ = 100.0
-RECOVERY = {"first_retry_s": 0.2, "max_retry_s": 1.0, "probe_timeout_s": 0.5, "step_telemetry_timeout_s": 1.0}
+RECOVERY = {**FAST_RECOVERY, "step_telemetry_timeout_s": 1.0}  # six steps in a row fit within one packet's age
 
 
 class PausableDrive(StraightDrive):
