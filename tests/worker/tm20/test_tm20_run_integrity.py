@@ -59,11 +59,12 @@ class SwitchableCapture:
 
 
 def lidar_interface(server: TelemetryReplayServer, drive: StraightDrive, capture=None,
-                    reward: TrajectoryReward | None = None) -> TM20LidarInterface:
+                    reward: TrajectoryReward | None = None, **recovery) -> TM20LidarInterface:
     return TM20LidarInterface(capture=capture or RecordedFrames(corridor_frames()),
                               telemetry=TelemetryClient(server.port, timeout=2.0),
                               controller=RecordingController(on_respawn=drive.respawn),
-                              reward=reward or straight_reward(), sleep_time_at_reset=0.0, recovery=RECOVERY)
+                              reward=reward or straight_reward(), sleep_time_at_reset=0.0,
+                              recovery={**RECOVERY, **recovery})
 
 
 def drive_until(interface: TM20LidarInterface, metres: float) -> None:
@@ -193,15 +194,40 @@ def test_the_wait_for_the_game_goes_on_while_frames_keep_another_size_and_ends_w
     right = corridor_frames()[0]
     capture = SwitchableCapture(right)
     with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
-        interface = lidar_interface(server, drive, capture=capture)
+        interface = lidar_interface(server, drive, capture=capture, first_retry_s=0.6)  # checks at 0, 0.6, 1.8 s
         try:
             interface.reset()
             capture.frame = np.zeros((240, 320, 3), np.uint8)
             _, _, terminated, _ = interface.get_obs_rew_terminated_info()
             assert terminated
-            threading.Timer(1.5, lambda: setattr(capture, "frame", right)).start()  # the window is set back
+            threading.Timer(1.0, lambda: setattr(capture, "frame", right)).start()  # the window is set back
             started = time.monotonic()
             interface.reset()  # waits with back-off (not a reset, fail, reset loop) until the frames fit again
-            assert 1.5 <= time.monotonic() - started < 5.0 and interface.faults["capture"] <= 3
+            assert 1.0 <= time.monotonic() - started < 5.0 and interface.faults["capture"] <= 3
+            assert interface.last_frame.shape == right.shape
+        finally:
+            interface.close()
+
+
+def test_a_new_frame_size_that_lasts_is_measured_at_from_the_next_episode_on(caplog):
+    """The re-check of the fixes above: a worker whose first frames came at a transient size (a window still
+    being sized) refused the right size for ever, telling the user to go back to the wrong one."""
+    drive = StraightDrive(10.0, SERVER_HZ, z=5.0)
+    small, right = np.zeros((60, 80, 3), np.uint8), corridor_frames()[0]
+    capture = SwitchableCapture(small)
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        interface = lidar_interface(server, drive, capture=capture)
+        try:
+            interface.reset()  # measured at 80x60
+            capture.frame = right  # for good
+            _, _, terminated, info = interface.get_obs_rew_terminated_info()
+            assert terminated and "set it back, or the worker measures at the new size" in info[TRUNCATED_REASON]
+            with caplog.at_level("WARNING", logger="tmrl_worker.tm20.interfaces"):
+                started = time.monotonic()
+                interface.reset()
+            assert time.monotonic() - started < 5.0 and interface.last_frame.shape == right.shape
+            assert "have been 160x120 pixels for 3 checks in a row (the first ones were 80x60)" in caplog.text
+            _, _, terminated, _ = interface.get_obs_rew_terminated_info()
+            assert not terminated
         finally:
             interface.close()

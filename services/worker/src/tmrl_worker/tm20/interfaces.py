@@ -108,6 +108,10 @@ class RaceRestartedError(TelemetryError):
     worker (by hand, by the game, by a plugin reload), so the episode ends before it mixes two runs."""
 
 
+SIZE_CHECKS_BEFORE_ADOPTING = 3
+"""The game probe's checks in a row that must see one new frame size before it is measured at (a window resized for
+good, or a first frame taken at a transient size); episodes never mix sizes."""
+
 RUN_DISTANCE_SLACK_M = 1.0
 """Within a run the distance driven never decreases; a packet more than this below the previous one is a new run."""
 
@@ -333,9 +337,12 @@ class TM20Interface(RealTimeGymInterface):
         """What the interface is doing now, e.g. ``waiting for the game: ... (attempt 3)``; also logged."""
         self._pending_fault: str | None = None
         self._restart_failing_since: float | None = None
+        self._restart_failures = 0
         """When the first of the race restarts failing in a row failed (None: the last one worked)."""
         self._frame_shape: tuple[int, ...] | None = None
-        """The shape of the first frame measured: a later frame of another size (a resized window) is refused."""
+        """The shape of the first frame measured: a later frame of another size (a resized window) is refused until
+        the game probe has seen the new size :data:`SIZE_CHECKS_BEFORE_ADOPTING` times in a row."""
+        self._new_size_checks: tuple[tuple[int, ...] | None, int] = (None, 0)
         self.repeated_packets = 0
         """Steps that got the same telemetry packet as the step before (no new game frame in between)."""
         self._repeated_logged_at = float("-inf")
@@ -446,8 +453,20 @@ class TM20Interface(RealTimeGymInterface):
         elif frame.shape != self._frame_shape:
             raise CaptureError(f"the captured frame is {frame.shape[1]}x{frame.shape[0]} pixels, the first ones were "
                                f"{self._frame_shape[1]}x{self._frame_shape[0]}: the game window was resized (or the "
-                               "screen's resolution or scaling changed); set it back")
+                               f"screen's resolution or scaling changed); set it back, or the worker measures at the "
+                               f"new size after {SIZE_CHECKS_BEFORE_ADOPTING} checks in a row")
         return frame
+
+    def _adopt_a_lasting_size(self, frame: Any) -> bool:
+        """Count the game probe's frames of one new size in a row; True at the :data:`SIZE_CHECKS_BEFORE_ADOPTING`-th
+        (a worker started while the window had another size must not wait for that size for ever)."""
+        shape = getattr(frame, "shape", None)
+        if not isinstance(frame, np.ndarray) or self._frame_shape is None or shape == self._frame_shape:
+            self._new_size_checks = (None, 0)
+            return False
+        seen, count = self._new_size_checks
+        self._new_size_checks = (shape, count + 1 if shape == seen else 1)
+        return self._new_size_checks[1] >= SIZE_CHECKS_BEFORE_ADOPTING
 
     def _check_same_run(self, telemetry: Telemetry) -> None:
         """Raise :class:`RaceRestartedError` when ``telemetry`` belongs to another run than the step before's."""
@@ -546,15 +565,25 @@ class TM20Interface(RealTimeGymInterface):
                         "steps without progress", self.repeated_packets)
 
     def _restart_failed(self, exc: RaceRestartError) -> None:
-        """A respawn did not restart the race: log it and try again after the game probe, unless the restarts have
-        failed for ``recovery.give_up_after_s`` (then ``exc`` stops the worker)."""
+        """A respawn did not restart the race: log it (the whole advice once per streak, then one short line) and
+        let the reset press respawn again, unless the attempts have taken ``recovery.give_up_after_s`` (counted from
+        the first failing attempt's respawn; ``exc`` then stops the worker, saying how long it tried)."""
         now = time.monotonic()
-        if self._restart_failing_since is None:
-            self._restart_failing_since = now
+        first = self._restart_failing_since is None
+        if first:
+            self._restart_failing_since = now - self.recovery.restart_timeout_s  # when that attempt's respawn came
+        trying = now - self._restart_failing_since
         give_up = self.recovery.give_up_after_s
-        if give_up is not None and now - self._restart_failing_since >= give_up:
-            raise exc
-        self._pending_fault = self._fault(exc, kind="restart")
+        if give_up is not None and trying >= give_up:
+            raise RaceRestartError(f"{exc} (gave up after {trying:.0f} s of respawns, recovery.give_up_after_s = "
+                                   f"{give_up:g})") from exc
+        self.faults["restart"] += 1
+        self._restart_failures = 1 if first else self._restart_failures + 1
+        if first:
+            log.warning("tm20: restart: %s; pressing respawn again", exc)
+        else:
+            log.warning("tm20: the race has not restarted for %.0f s (%d respawns): is the game paused or a menu "
+                        "open? pressing respawn again", trying, self._restart_failures)
 
     def _truncated(self, reason: str) -> tuple[list[np.ndarray], float, bool, dict[str, Any]]:
         """The step that ends an episode on a device failure: the last good observation, no reward, and the reason
@@ -596,7 +625,14 @@ class TM20Interface(RealTimeGymInterface):
     def _probe_frame(self) -> str | None:
         """None when a frame can be grabbed and measured and, after a stale screen, is live again."""
         try:
-            frame = self._checked_frame(self.capture.grab())  # a frame of another size is no game back
+            frame = self.capture.grab()
+            if self._adopt_a_lasting_size(frame):
+                log.warning("tm20: the captured frames have been %dx%d pixels for %d checks in a row (the first ones "
+                            "were %dx%d): measuring at this size from the next episode on, so the LIDAR's distances "
+                            "in pixels change scale with it", frame.shape[1], frame.shape[0], SIZE_CHECKS_BEFORE_ADOPTING,
+                            self._frame_shape[1], self._frame_shape[0])
+                self._frame_shape = frame.shape
+            frame = self._checked_frame(frame)  # a frame of another size is no game back
             self.frame_feature(frame)
         except DEVICE_ERRORS as exc:
             return f"{_fault_kind(exc)}: {exc}"
