@@ -101,9 +101,11 @@ def test_the_trainer_is_back_within_seconds_after_a_takeover_and_after_a_relay_r
             impostor = Peer(context, ports.trainer_port, "trainer-1")  # same id: without CurveZMQ, a "restart"
             impostor.hello("trainer")
             wait_for(lambda: relay.trainer.peer.routing_id != real_routing_id)
-            impostor.close()  # and it leaves; the real trainer's next heartbeat is refused, so it says hello again
+            impostor.close()  # and it leaves (the role is free at once); the real trainer's next heartbeat is
+            # refused, so it says hello again
             started = time.monotonic()
-            wait_for(lambda: relay.trainer.peer.routing_id == real_routing_id, timeout_s=5.0)
+            wait_for(lambda: relay.trainer.peer is not None and relay.trainer.peer.routing_id == real_routing_id,
+                     timeout_s=5.0)
             assert time.monotonic() - started < 5.0 and _trainer_connected(relay)
             # the link counts a hello just after its send returns, so the relay may act on it first (seen under load)
             wait_for(lambda: link.counters.hellos_sent >= 2, timeout_s=2.0)
