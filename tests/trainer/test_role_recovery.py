@@ -156,3 +156,30 @@ def test_two_live_trainers_under_one_identity_end_with_one_of_them_told_why_whil
         finally:
             for link in links:
                 link.stop()
+
+
+def test_relay_restarts_in_a_row_are_no_contest_for_the_trainer_role(context):
+    """Each restart ends the trainer's hold on a connection that then closes: the losses that count towards a
+    contest are those on the connection that held the role, so a relay restarting three times within a minute does
+    not stop the trainer."""
+    config = insecure_config(peer_timeout_s=30.0)
+    with relay_in_thread(config) as relay:
+        ports = relay.ports
+        link = make_link(context, ports.trainer_port, heartbeat_interval_s=0.2)
+        link.start()
+        wait_for(lambda: _trainer_connected(relay))
+        time.sleep(0.5)  # heartbeats answered: the link holds the role
+    try:
+        for _ in range(3):
+            restarted = _relay_on(ports, config)
+            thread = threading.Thread(target=restarted.run, daemon=True)
+            thread.start()
+            try:
+                wait_for(lambda: _trainer_connected(restarted), timeout_s=10.0)  # noqa: B023 (used at once)
+                time.sleep(0.5)
+            finally:
+                restarted.stop()
+                thread.join(10)
+        assert link.contested is None and link.counters.connections >= 4
+    finally:
+        link.stop()

@@ -100,7 +100,9 @@ class TrainerLink:
         self.ingestor = ingestor
         self.counters = TrainerLinkCounters()
         self._losses: deque[float] = deque(maxlen=CONTESTED_LOSSES)
-        self._holding = False  # the relay answered a heartbeat, which it does for the role's holder only
+        self._holding: int | None = None
+        """``counters.connections`` when the relay last answered a heartbeat (it does for the role's holder only);
+        None once the role was lost. A loss on a newer connection (a relay restart) is no contest."""
         self.contested: str | None = None
         """Set (the reason) once the role was lost :data:`CONTESTED_LOSSES` times within :data:`CONTESTED_WINDOW_S`
         after holding it; the service then stops with :class:`TrainerRoleContested`."""
@@ -189,7 +191,7 @@ class TrainerLink:
             return
         if kind == "heartbeat":  # the relay answers heartbeats of the trainer that holds the role only
             self._backoff.accepted()
-            self._holding = True
+            self._holding = self.counters.connections
         try:
             replies = self.ingestor.handle(frames)
         except Exception:  # a bug on one message must not stop ingestion: count, log, go on
@@ -235,9 +237,9 @@ class TrainerLink:
             return
         self.counters.role_lost += 1
         now = time.monotonic()
-        if self._holding:  # lost after the relay answered as to the holder (not a claim refused, a standby trainer)
-            self._holding = False
-            self._note_loss(now, error.message)
+        if self._holding == self.counters.connections:  # lost on the connection that held it: not a claim refused
+            self._note_loss(now, error.message)  # (a standby trainer), nor a relay that restarted (a new connection)
+        self._holding = None
         wait = self._backoff.refused(now)
         if wait is not None:
             log.warning("%s: the relay says this connection does not hold the trainer role (%s: %s); saying hello "
