@@ -247,3 +247,22 @@ def test_verification_mode_counts_a_rebuilt_observation_that_differs_from_the_en
             batch = batch.model_copy(update={"observations": {**batch.observations, "lidar": WireArray.from_numpy(lidar)}})
         memory.add_batch("w", batch)
     assert memory.verification.mismatched_rows == 4  # that row and the 3 whose LIDAR history holds it
+    assert memory.verification.mismatched_by_worker == {"w": 4}
+
+
+def test_forged_digests_are_counted_against_the_worker_that_sent_them_and_logged_once_per_batch(caplog):
+    """An outside probe's client sent batches with made-up digests: the one global counter that must stay 0 rose, as
+    a fault of the memory would make it, and every later clean batch logged the warning again."""
+    _, _, batches = digest_batches(max_batch=30)
+    memory = ReplayMemory(LAYOUT, capacity=10_000)
+    forger = "forger"
+    with caplog.at_level("WARNING", logger="tmrl_trainer.memory"):
+        for index, batch in enumerate(batches):
+            if index == 5:
+                forged = np.zeros_like(batch.digests.array)
+                memory.add_batch(forger, batch.model_copy(update={"digests": WireArray.from_numpy(forged), "seq": 0}))
+            memory.add_batch("w", batch)
+    counts = memory.verification
+    assert counts.mismatched_by_worker == {forger: counts.mismatched_rows} and counts.mismatched_rows > 0
+    lines = [r.getMessage() for r in caplog.records if "verification" in r.getMessage()]
+    assert len(lines) == 1 and f"worker {forger}'s batch" in lines[0]

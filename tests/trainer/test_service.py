@@ -606,7 +606,7 @@ def test_status_reports_the_verification_of_batches_that_carry_observation_diges
                              0.5, False, False)
         service.ingestor.handle(encode(builder.build(seq=0, weights_version=0), "w1"))
         assert service.snapshot()["verification"] == {"verified_rows": 10, "mismatched_rows": 0, "unverifiable_rows": 0,
-                                                       "orphan_rows": 0}
+                                                       "mismatched_by_worker": {}, "orphan_rows": 0}
     finally:
         service.shutdown()
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -113,6 +113,10 @@ class TransitionBatch(NamedTuple):
         return self.map(lambda t: t.to(device, non_blocking=True))
 
 
+MAX_WORKERS_COUNTED = 64
+"""Workers named in :attr:`VerificationCounts.mismatched_by_worker` at most (ids are the workers' choice)."""
+
+
 @dataclass
 class VerificationCounts:
     """Rows of batches carrying digests: rebuilt observation equal to the env's, different, or not rebuildable."""
@@ -122,6 +126,9 @@ class VerificationCounts:
     """Must stay 0: a rebuilt observation that differs from what the env returned at that step."""
     unverifiable_rows: int = 0
     """Rows without enough real frames behind them (never sampled)."""
+    mismatched_by_worker: dict[str, int] = field(default_factory=dict)
+    """``mismatched_rows`` by the worker whose batch held them: one worker's wrong digests (a bug in its env's
+    observation, or a forged digest) stand apart from a fault of the memory, which would show in every worker's."""
 
 
 class _Tail(NamedTuple):
@@ -315,10 +322,10 @@ class ReplayMemory:
         if complete[rows].any():
             self._max_complete_oldest = max(self._max_complete_oldest, int(oldest[rows][complete[rows]].max()))
         if batch.digests is not None:
-            self._verify(batch.digests.array[rows], positions)
+            self._verify(worker_id, batch.digests.array[rows], positions)
         return steps
 
-    def _verify(self, digests: np.ndarray, positions: np.ndarray) -> None:
+    def _verify(self, worker_id: str, digests: np.ndarray, positions: np.ndarray) -> None:
         """Compare the observation rebuilt at each of ``positions`` (just stored) with the worker's digest of the
         env's. Rows whose observation cannot be rebuilt from real frames are never sampled: counted apart."""
         rebuildable = (self._known[positions] >= self.depth - 1) & (self._oldest[positions] >= self._total - self.capacity)
@@ -327,14 +334,21 @@ class ReplayMemory:
         if not rebuildable.any():
             return
         rebuilt = self.transitions(positions[rebuildable], n_step=1).next_observation  # the observation at each row
+        mismatched = 0
         for i, expected in enumerate(digests[rebuildable]):
             observation = [part[i].numpy() for part in rebuilt]
             if observation_digest(self.layout, observation) != expected.tobytes():
-                counts.mismatched_rows += 1
+                mismatched += 1
             else:
                 counts.verified_rows += 1
-        if counts.mismatched_rows:
-            log.warning("verification: %d rebuilt observation(s) differ from the env's so far", counts.mismatched_rows)
+        if mismatched:  # logged per batch that holds some, not again for every clean batch after it
+            counts.mismatched_rows += mismatched
+            by_worker = counts.mismatched_by_worker
+            if worker_id in by_worker or len(by_worker) < MAX_WORKERS_COUNTED:
+                by_worker[worker_id] = by_worker.get(worker_id, 0) + mismatched
+            log.warning("verification: %d rebuilt observation(s) of worker %s's batch differ from the digests it sent "
+                        "(%d from this worker, %d in all so far)", mismatched, worker_id,
+                        by_worker.get(worker_id, 0), counts.mismatched_rows)
 
     def ring_arrays(self) -> dict[str, np.ndarray]:
         """The storage itself, indexed by ring position (absolute row index modulo ``capacity``), for a mirror to

@@ -549,7 +549,9 @@ class TrainerService:
         ingest = self.ingestor.snapshot()
         with self.memory_lock:
             stored = len(self.memory)
-            verification = {**vars(self.memory.verification), "orphan_rows": self.memory.orphan_rows}
+            counts = self.memory.verification
+            verification = {**vars(counts), "mismatched_by_worker": dict(counts.mismatched_by_worker),  # a copy
+                            "orphan_rows": self.memory.orphan_rows}
         return {
             "trainer_id": self.config.trainer_id,
             "env": self.config.env,
