@@ -92,6 +92,7 @@ def test_steps_without_a_new_packet_pay_nothing_and_do_not_end_the_episode_as_no
             assert [terminated for _, _, terminated, _ in results] == [False] * 6
             assert [reward for _, reward, _, _ in results] == [0.0] * 6 and interface.repeated_packets >= 6
             assert all(TRUNCATED_REASON not in info for _, _, _, info in results)
+            assert all(math.isfinite(info["distance_to_path"]) for _, _, _, info in results)
             drive.paused = False
             time.sleep(0.1)
             _, reward, terminated, _ = interface.get_obs_rew_terminated_info()

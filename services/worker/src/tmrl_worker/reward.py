@@ -214,11 +214,13 @@ class TrajectoryReward:
                     break
         return best, best_distance ** 0.5
 
-    def hold(self) -> tuple[float, bool, dict[str, Any]]:
-        """A step without a new position (the game sent no new frame): the car is where it was, so it neither passes
-        points nor counts towards ``no_progress_steps``; ``step_penalty`` applies as on every step."""
+    def hold(self, position: Any) -> tuple[float, bool, dict[str, Any]]:
+        """A step without a new position (the game sent no new frame; ``position`` is the step before's): the car is
+        where it was, so it neither passes points nor counts towards ``no_progress_steps``; ``step_penalty`` applies as
+        on every step. ``distance_to_path`` is the distance to the owned point."""
         self.steps += 1
-        return -self.config.step_penalty, False, self._info(0, float("nan"), strayed=False)
+        distance = float(np.linalg.norm(np.asarray(position, dtype=np.float64).ravel() - self.points[self.index]))
+        return -self.config.step_penalty, False, self._info(0, distance, strayed=False)
 
     def compute(self, position: Any) -> tuple[float, bool, dict[str, Any]]:
         """Reward, termination flag and info for the car now at ``position`` (same dimension as the points)."""

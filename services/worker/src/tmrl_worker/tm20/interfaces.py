@@ -337,8 +337,8 @@ class TM20Interface(RealTimeGymInterface):
         """What the interface is doing now, e.g. ``waiting for the game: ... (attempt 3)``; also logged."""
         self._pending_fault: str | None = None
         self._restart_failing_since: float | None = None
+        """When the respawn of the first of the race restarts failing in a row came (None: the last one worked)."""
         self._restart_failures = 0
-        """When the first of the race restarts failing in a row failed (None: the last one worked)."""
         self._frame_shape: tuple[int, ...] | None = None
         """The shape of the first frame measured: a later frame of another size (a resized window) is refused until
         the game probe has seen the new size :data:`SIZE_CHECKS_BEFORE_ADOPTING` times in a row."""
@@ -518,7 +518,7 @@ class TM20Interface(RealTimeGymInterface):
         self._capture(self.recovery.step_telemetry_timeout_s)
         if self.last_telemetry is previous:  # no new game frame since the last step: no progress can be measured
             self._note_repeated_packet()
-            reward, terminated, info = self.reward.hold()
+            reward, terminated, info = self.reward.hold(self.last_telemetry.position)
         else:
             reward, terminated, info = self.reward.compute(self.last_telemetry.position)
         info["finished_by_game"] = self.last_telemetry.finished
