@@ -385,6 +385,8 @@ class ReplayMemory:
         stored = len(self)
         if stored == 0:
             raise ValueError("cannot sample from an empty replay memory")
+        if not self.has_transition():
+            raise NoTransitionYet(f"the replay memory holds {stored} rows but none ends a complete transition")
         positions = self._rng.integers(0, stored, size=batch_size)
         bad = ~self._sampleable(positions)
         for _ in range(32):  # rejection sampling: cheap while most rows are sampleable, which is the normal case
@@ -393,9 +395,7 @@ class ReplayMemory:
             positions[bad] = self._rng.integers(0, stored, size=int(bad.sum()))
             bad = ~self._sampleable(positions)
         if bad.any():
-            valid = self.sampleable_positions()
-            if valid.size == 0:
-                raise NoTransitionYet(f"the replay memory holds {stored} rows but none ends a complete transition")
+            valid = self.sampleable_positions()  # not empty: has_transition() said so
             positions[bad] = valid[self._rng.integers(0, valid.size, size=int(bad.sum()))]
         return self.transitions(positions)
 

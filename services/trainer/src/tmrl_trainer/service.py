@@ -102,7 +102,7 @@ from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.ingest import DedupeStateError, Ingestor, ValueBounds
 from tmrl_trainer.learner import backend_name, make_learner
-from tmrl_trainer.memory import MemoryFileError, NoTransitionYet, ReplayMemory
+from tmrl_trainer.memory import MemoryFileError, ReplayMemory
 from tmrl_trainer.relay_link import TrainerLink, TrainerRoleContested
 from tmrl_trainer.sac import resolve_device
 from tmrl_trainer.status import METRICS_FILE, STATUS_FILE, TENSORBOARD_DIR, RunRecorder, StatusFile
@@ -628,13 +628,15 @@ class TrainerService:
                     stop.wait(0.005)
                     continue
                 publishing = (self.learner.updates + 1) % self.config.publish_every == 0
-                if self.replay is not None:
-                    if not self.memory.has_transition():  # rows forming no transition overwrote the whole ring
+                if not self.memory.has_transition():  # e.g. a worker that sent only first rows, over the whole ring
+                    if self.replay is not None:
                         self.replay.forget_ready()  # the mirror's index is stale: count it again once rows come
-                        self._waiting_log.warning("no transition", "the replay memory holds %d rows but none ends a "
-                                                  "complete transition: waiting for more samples", len(self.memory))
-                        stop.wait(0.05)
-                        continue
+                    self._waiting_log.warning("no transition", "the replay memory holds %d rows but none ends a "
+                                              "complete transition (each starts an episode or follows a gap): "
+                                              "waiting for more samples", len(self.memory))
+                    stop.wait(0.05)
+                    continue
+                if self.replay is not None:
                     if self.learner.updates % REPLAY_SYNC_EVERY == 0 or not self.replay.ready():
                         self.replay.sync(self.memory_lock)  # the memory lock only while a chunk is copied on the host
                         if not self.replay.ready():
@@ -643,15 +645,7 @@ class TrainerService:
                     metrics = self.learner.update_sampled(self.replay, with_metrics=publishing)
                 else:
                     with self.memory_lock:
-                        try:
-                            batch = self.memory.sample(self.config.sac.batch_size)
-                        except NoTransitionYet as exc:  # e.g. a worker that sent only first rows: wait for more
-                            self._waiting_log.warning("no transition", "%s: waiting for more samples (every row "
-                                                      "stored so far starts an episode or follows a gap)", exc)
-                            batch = None
-                    if batch is None:
-                        stop.wait(0.05)
-                        continue
+                        batch = self.memory.sample(self.config.sac.batch_size)
                     metrics = self.learner.update(batch.to(self.device), with_metrics=publishing)
                 updates = self.learner.updates
                 if publishing:
