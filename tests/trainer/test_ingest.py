@@ -479,3 +479,36 @@ def test_a_first_row_with_a_reward_or_an_ending_is_refused_as_schema(ingest, fie
     _, ack = decode(replies[0])
     assert says in ack.detail and "starts an episode" in ack.detail and memory.rows_added == 0
     assert acked(ingestor.handle(encode(batch.model_copy(update={"seq": 1}), "w1"))) == [("w1", [1])]  # honest: stored
+
+
+def test_worker_ids_beyond_max_workers_are_not_answered_and_cost_no_state(caplog):
+    memory = ReplayMemory(LAYOUT, capacity=1000)
+    ingestor = Ingestor("trainer", LAYOUT, store=memory.add_batch, max_workers=3)
+    for index in range(3):
+        assert acked(ingestor.handle(batch_frames(f"w{index}", 0, [1.0]))) == [(f"w{index}", [0])]
+    with caplog.at_level("WARNING"):
+        for index in range(3, 50):  # a client inventing ids: each one new
+            ingestor.handle(encode(Hello(role="worker", software="test", next_seq=0), f"w{index}"))
+            assert ingestor.handle(batch_frames(f"w{index}", 0, [1.0])) == []  # unanswered: the worker resends
+    snapshot = ingestor.snapshot()
+    assert sorted(snapshot["workers"]) == ["w0", "w1", "w2"] and snapshot["over_max_workers"] == 94
+    assert ingestor.dedupe.workers() == ["w0", "w1", "w2"] and snapshot["rows_stored"] == 6
+    turned_away = [r.getMessage() for r in caplog.records if "max_workers" in r.getMessage()]
+    assert len(turned_away) == 1 and "max_workers = 3" in turned_away[0]  # one line, not one per message
+    # the tracked workers go on as before, and a rejected batch from a new id is still answered, with no state kept
+    assert acked(ingestor.handle(batch_frames("w1", 1, [2.0], first=False))) == [("w1", [1])]
+    other_layout = batch_frames("w99", 0, [1.0], layout=layout_for_box(5, 1))
+    assert answers(ingestor.handle(other_layout)) == [("w99", [0], "rejected", "schema")]
+    assert "w99" not in ingestor.snapshot()["workers"]
+
+
+def test_a_worker_held_by_a_restored_dedupe_state_is_admitted_beyond_max_workers():
+    memory = ReplayMemory(LAYOUT, capacity=1000)
+    ingestor = Ingestor("trainer", LAYOUT, store=memory.add_batch, max_workers=1)
+    saved = SeqDeduplicator()
+    saved.mark_stored("old", 0)
+    ingestor.restore_dedupe(saved.state())
+    assert acked(ingestor.handle(batch_frames("new", 0, [1.0]))) == [("new", [0])]
+    assert ingestor.handle(batch_frames("newer", 0, [1.0])) == []
+    assert answers(ingestor.handle(batch_frames("old", 0, [1.0]))) == [("old", [0], "duplicate", "")]
+    assert acked(ingestor.handle(batch_frames("old", 1, [1.0]))) == [("old", [1])]

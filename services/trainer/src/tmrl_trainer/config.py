@@ -10,6 +10,7 @@ from tmrl_common.config import MAX_DURATION_S, MAX_SEED, refuse_empty_path
 from tmrl_common.protocol import SENDER_PATTERN
 from tmrl_common.sockets import SecurityConfig, TransportConfig, check_host
 
+from tmrl_trainer.ingest import DEFAULT_MAX_WORKERS
 from tmrl_trainer.sac import SACConfig
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -71,6 +72,10 @@ class TrainerConfig(BaseModel):
     as ``observation_out_of_bounds``); components that declare bounds are held to those."""
     allowed_workers: list[str] = Field(default_factory=list)
     """Worker ids whose batches are accepted (empty: any worker the relay lets through)."""
+    max_workers: int = Field(default=DEFAULT_MAX_WORKERS, ge=1, le=1_000_000)
+    """Worker ids this trainer keeps state for (counters, dedupe window, episode, how each batch ended). A new id
+    beyond them is not answered (its batches stay in its spool and are resent) and is counted in ``status.json``
+    (``over_max_workers``): in ``--insecure`` mode any client can invent ids, and each would cost state for the run."""
     status_interval_s: float = Field(default=1.0, ge=0.01, le=MAX_DURATION_S)
     train_record_every_s: float = Field(default=1.0, ge=0, le=MAX_DURATION_S)
     """At most one learner record (a ``train`` line of ``metrics.jsonl`` and its TensorBoard points) per this many

@@ -14,7 +14,9 @@ replies it returns), so every rule here is unit-testable. **Every sample batch g
   seq is below the worker's dedupe horizon (``stale``). Resending it could never succeed, so the worker drops it
   and counts it by reason; the trainer counts and logs it too.
 
-A message that is not a sample batch and does not decode is counted and logged only. Nothing crashes the loop.
+One exception: a batch from a *new* worker id once ``max_workers`` ids are tracked, which could be stored, is not
+answered (the worker keeps it and resends it), counted as ``over_max_workers`` and logged. A message that is not a
+sample batch and does not decode is counted and logged only. Nothing crashes the loop.
 The trainer saves the dedupe state with the replay memory (``save_memory``): storing a batch and marking its seq
 happen under one ``store_lock``, the lock the trainer holds while it copies both, so a restored trainer knows exactly
 which batches its restored memory holds. Stored rows feed per-worker episode returns (:class:`EpisodeTracker`).
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 
 
 DEDUPE_STATE_FORMAT = "tmrl-dedupe-2"
+DEFAULT_MAX_WORKERS = 1024
+"""Worker ids one trainer keeps state for (``TrainerConfig.max_workers``), as many as a relay registers."""
 _OLD_DEDUPE_STATE_FORMAT = "tmrl-dedupe-1"
 """Read for compatibility: ``watermark`` + ``above`` (every seq below the watermark counted as stored)."""
 
@@ -254,6 +258,10 @@ class SeqDeduplicator:
         """Workers with a window (a seq stored or restored)."""
         return list(self._windows)
 
+    def knows(self, worker: str) -> bool:
+        """Whether ``worker`` has a window (a seq stored or restored)."""
+        return worker in self._windows
+
     def tracked_intervals(self, worker: str) -> int:
         window = self._windows.get(worker)
         return 0 if window is None else len(window.starts)
@@ -395,6 +403,7 @@ class Ingestor:
         dedupe_window: int = 4096,
         store_lock: AbstractContextManager | None = None,
         bounds: ValueBounds | None = ValueBounds(),  # noqa: B008 - frozen, shared safely
+        max_workers: int = DEFAULT_MAX_WORKERS,
     ) -> None:
         self.trainer_id = trainer_id
         self.layout = layout
@@ -414,6 +423,12 @@ class Ingestor:
         self.rejects: Counter[str] = Counter()
         self._reject_log = RateLimitedLog(log)
         self.workers: dict[str, WorkerStats] = {}
+        self.max_workers = max_workers
+        """Worker ids this trainer keeps state for (stats, dedupe window, episode, batch tails); see
+        :meth:`_admit`."""
+        self.over_worker_cap = 0
+        """Messages from a new worker id left unanswered because ``max_workers`` ids are already tracked."""
+        self._cap_log = RateLimitedLog(log, interval_s=30.0)
         self.batches_stored = 0
         self.rows_stored = 0
         self.duplicates = 0
@@ -436,18 +451,36 @@ class Ingestor:
     def _distinct_seqs_this_run(self, worker: str) -> int:
         return self.dedupe.stored_count(worker) - self._restored_seqs.get(worker, 0)
 
-    def _worker(self, worker: str) -> WorkerStats:
+    def _admit(self, worker: str) -> WorkerStats | None:
+        """The stats of ``worker`` (created for a new id), or ``None`` when it is new and ``max_workers`` ids are
+        already tracked (call with ``_lock`` held). Ids are the senders' choice: in ``--insecure`` mode anyone can
+        invent them, and every id stored from costs state for the whole run (saved in checkpoints too), so the
+        count is bounded. A worker whose seqs a restored checkpoint holds is always admitted."""
         stats = self.workers.get(worker)
         if stats is None:
+            if len(self.workers) >= self.max_workers and not self.dedupe.knows(worker):
+                return None
             stats = self.workers[worker] = WorkerStats()
         stats.last_seen = time.time()
         return stats
 
+    def _turn_away(self, worker: str, what: str) -> None:
+        """Count and log a message from a worker id :meth:`_admit` refused. It is not answered: its batch stays in
+        the worker's spool and is sent again, so nothing is lost if room is made (a trainer restarted with a larger
+        ``max_workers``)."""
+        with self._lock:
+            self.over_worker_cap += 1
+            count = self.over_worker_cap
+        self._cap_log.warning("cap", "%s: this trainer already keeps state for max_workers = %d worker ids (messages "
+                              "turned away so far: %d); raise max_workers in the trainer's config if the fleet is that "
+                              "large, or look for a client inventing ids", what, self.max_workers, count)
+
     def _reject(self, reason: str, message: str, worker: str | None = None) -> None:
         with self._lock:
             self.rejects[reason] += 1
-            if worker is not None:
-                self._worker(worker).rejected += 1
+            stats = self._admit(worker) if worker is not None else None
+            if stats is not None:
+                stats.rejected += 1
         # at most a line per worker and reason every few seconds: a worker sending bad batches flat out cannot flood
         # the log (the counters and each refusal's answer carry every one)
         self._reject_log.warning((worker, reason), "rejected a message%s: [%s] %s", f" from {worker}" if worker else "",
@@ -495,7 +528,11 @@ class Ingestor:
         if hello.role != "worker":
             return
         with self._lock:
-            stats = self._worker(envelope.sender)
+            stats = self._admit(envelope.sender)
+        if stats is None:
+            self._turn_away(envelope.sender, f"hello from {envelope.sender} ignored")
+            return
+        with self._lock:
             stats.hellos += 1
             stats.next_seq = hello.next_seq
         if hello.layout is not None and hello.layout != self.layout:
@@ -511,7 +548,15 @@ class Ingestor:
         if self.allowed_workers is not None and worker not in self.allowed_workers:
             return self._refuse(worker, seq, "unknown_sender", f"worker {worker!r} is not in allowed_workers")
         with self._lock:
-            stats = self._worker(worker)
+            stats = self._admit(worker)
+        if stats is None:  # a batch no trainer could store is still refused, so the worker drops it
+            try:
+                self._check(batch)
+            except ProtocolError as exc:
+                return self._refuse(worker, seq, exc.reason, exc.detail)
+            self._turn_away(worker, f"batch seq {seq} from {worker} not answered (the worker keeps it and resends)")
+            return []
+        with self._lock:
             status = self.dedupe.status(worker, seq)
             if status == "stored":
                 self.duplicates += 1
@@ -523,10 +568,7 @@ class Ingestor:
             return self._refuse(worker, seq, "stale", f"below this worker's horizon {self.dedupe.horizon(worker)} "
                                 "(more gaps than the dedupe window holds): cannot tell whether it was stored")
         try:
-            batch.check_layout(self.layout)
-            batch.check_first_rows()
-            if self.bounds is not None:
-                batch.check_bounds(self.layout, self.bounds.max_abs_reward, self.bounds.max_abs_observation)
+            self._check(batch)
             with self.store_lock:
                 rows = self.store(worker, batch)
                 with self._lock:
@@ -553,6 +595,13 @@ class Ingestor:
                 self.on_episode(record)
         return [self._answer(worker, seq, "stored")]
 
+    def _check(self, batch: SampleBatch) -> None:
+        """Raise :class:`ProtocolError` unless ``batch`` fits the layout, the protocol's first rows and the bounds."""
+        batch.check_layout(self.layout)
+        batch.check_first_rows()
+        if self.bounds is not None:
+            batch.check_bounds(self.layout, self.bounds.max_abs_reward, self.bounds.max_abs_observation)
+
     def snapshot(self) -> dict:
         """Counters and per-worker stats as plain JSON-ready values (and the held-back reject counts logged: the
         status writer and the heartbeat call this every few seconds)."""
@@ -566,6 +615,7 @@ class Ingestor:
                 "answers": dict(self.answers),
                 "dedupe_given_up": self.dedupe.given_up,
                 "episodes_abandoned": self.episodes.abandoned,
+                "over_max_workers": self.over_worker_cap,
                 "workers": {name: {**vars(stats), "distinct_seqs": self._distinct_seqs_this_run(name)}
                             for name, stats in sorted(self.workers.items())},
             }

@@ -272,7 +272,7 @@ class TrainerService:
         self.ingestor = Ingestor(
             config.trainer_id, self.layout, store=self._store, on_episode=self.recorder.episode,
             allowed_workers=frozenset(config.allowed_workers) or None, store_lock=self.memory_lock,
-            bounds=ValueBounds(config.max_abs_reward, config.max_abs_observation),
+            bounds=ValueBounds(config.max_abs_reward, config.max_abs_observation), max_workers=config.max_workers,
         )
         self._context = zmq.Context()
         self.link = TrainerLink(config.trainer_id, config.relay_host, config.trainer_port, config.transport,
