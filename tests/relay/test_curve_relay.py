@@ -326,3 +326,29 @@ def test_a_removed_worker_keys_open_connection_gets_nothing_through(context, tmp
         wait_until(lambda: "worker-2" in relay.workers.by_sender, what="worker-2's hello")
         other.send(make_batch(3))
         assert trainer.recv_type("sample_batch")[1].seq == 3
+
+
+def test_a_revoked_workers_id_is_free_for_its_new_key_without_a_restart(context, tmp_path, keys, caplog):
+    """docs/security.md: revoke the key, then give the worker a new pair. Its id stayed bound to the revoked key for
+    the relay's lifetime (an outside probe: refused until a relay restart)."""
+    keys["worker-1b"] = generate_key_pair(tmp_path / "keys", "worker-1b")
+    with caplog.at_level(logging.INFO), relay_in_thread(_config(tmp_path, keys, allowlist_reload_s=0.1)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        trainer = _trainer(context, relay, keys)
+        old = _peer(context, relay.ports.worker_port, keys, "worker-1", "worker-1")
+        old.hello("worker")
+        wait_until(lambda: "worker-1" in relay.workers.by_sender, what="worker-1's hello")
+        (tmp_path / "allow" / "worker-1.key").unlink()
+        allow_key_for_role(tmp_path / "allow", keys["worker-1b"].public_file, "worker")
+        wait_until(lambda: "their key left the worker allow-list" in caplog.text, what="the reload")
+        assert value("tmrl_relay_allowed_keys", {"link": "workers"}) == 2
+        new = _peer(context, relay.ports.worker_port, keys, "worker-1b", "worker-1")
+        new.hello("worker")
+        wait_until(lambda: relay.workers.by_sender.get("worker-1") is not None
+                   and relay.workers.by_sender["worker-1"].user_id == load_public_key(keys["worker-1b"].public_file).decode(),
+                   what="the new key's hello")
+        new.send(make_batch(7))
+        assert trainer.recv_type("sample_batch")[1].seq == 7
+        old.send(make_batch(8))  # the revoked connection still gets nothing through
+        assert old.recv_type("error")[1].reason == "unknown_sender"
+        assert not trainer.socket.poll(300)

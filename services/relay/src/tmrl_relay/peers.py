@@ -95,6 +95,16 @@ class PeerTable:
             raise ProtocolError("unknown_sender", f"{sender!r}: the connection's CurveZMQ key changed since hello")
         return peer
 
+    def release_keys(self, allowed: frozenset[str]) -> list[str]:
+        """Unbind every sender id bound to a key no longer in ``allowed`` (a revoked key): the id may then be used by
+        the worker's new key pair, as docs/security.md advises after a revocation. Returns the ids released."""
+        released = [sender for sender, key in self.key_of_sender.items() if key not in allowed]
+        for sender in released:
+            del self.key_of_sender[sender]
+        for key in [key for key in self._ids_of_key if key not in allowed]:
+            del self._ids_of_key[key]
+        return released
+
     def forget(self, peer: Peer) -> None:
         self.by_routing_id.pop(peer.routing_id, None)
         if self.by_sender.get(peer.sender) is peer:
