@@ -30,6 +30,37 @@ def test_generated_pair_is_a_zeromq_certificate_readable_by_pyzmq(tmp_path):
     assert stat.S_IMODE(files.secret_file.stat().st_mode) == 0o600
 
 
+def test_a_secret_key_is_written_where_only_its_owner_can_reach_it_and_nothing_else_is_left(tmp_path, monkeypatch):
+    """pyzmq writes under the umask (most often 0644) before any chmod: the folder it writes in must be private."""
+    folders = []
+    create = zmq.auth.create_certificates
+
+    def recording(directory, name, metadata=None):
+        folders.append((directory, stat.S_IMODE(directory.stat().st_mode)))
+        return create(directory, name, metadata)
+
+    monkeypatch.setattr(zmq.auth, "create_certificates", recording)
+    files = generate_key_pair(tmp_path / "keys", "worker-1")
+    [(folder, mode)] = folders
+    assert folder != tmp_path / "keys" and mode == 0o700
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["worker-1.key", "worker-1.key_secret"]
+    assert stat.S_IMODE(files.secret_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(files.public_file.stat().st_mode) == 0o644
+    assert load_secret_key(files.secret_file)[0] == load_public_key(files.public_file)
+
+
+def test_a_secret_key_others_can_read_is_loaded_with_a_warning_naming_the_fix(tmp_path, caplog):
+    files = generate_key_pair(tmp_path, "worker-1")
+    with caplog.at_level("WARNING"):
+        load_secret_key(files.secret_file)
+    assert not caplog.records
+    files.secret_file.chmod(0o644)
+    with caplog.at_level("WARNING"):
+        load_secret_key(files.secret_file)
+    [record] = caplog.records
+    assert "mode 644" in record.getMessage() and f"chmod 600 {files.secret_file}" in record.getMessage()
+
+
 def test_generate_refuses_to_overwrite_an_existing_pair(tmp_path):
     first = generate_key_pair(tmp_path, "worker-1")
     first_public = load_public_key(first.public_file)

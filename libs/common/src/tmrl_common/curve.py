@@ -13,8 +13,11 @@ those keys.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,8 @@ PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _Z85_KEY_LENGTH = 40
+
+log = logging.getLogger(__name__)
 
 
 class KeyFileError(ValueError):
@@ -94,9 +99,18 @@ def generate_key_pair(directory: Path, name: str, *, overwrite: bool = False) ->
     public_file, secret_file = directory / f"{name}{PUBLIC_SUFFIX}", directory / f"{name}{SECRET_SUFFIX}"
     if not overwrite and (public_file.exists() or secret_file.exists()):
         raise KeyFileError(f"a key pair named {name!r} already exists in {directory}; pick another name or pass overwrite")
-    public_path, secret_path = zmq.auth.create_certificates(directory, name)
-    os.chmod(secret_path, 0o600)
-    return KeyPairFiles(public_file=Path(public_path), secret_file=Path(secret_path))
+    # pyzmq writes both files under the umask (0644 most often) and only then could they be chmod-ed: write them in a
+    # private folder (mkdtemp: 0700) and move them into place, so the secret is never readable by others on the way
+    private = Path(tempfile.mkdtemp(prefix=".keygen-", dir=directory))
+    try:
+        public_path, secret_path = (Path(path) for path in zmq.auth.create_certificates(private, name))
+        os.chmod(secret_path, 0o600)
+        os.chmod(public_path, 0o644)
+        os.replace(secret_path, secret_file)
+        os.replace(public_path, public_file)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return KeyPairFiles(public_file=public_file, secret_file=secret_file)
 
 
 def load_public_key(path: Path) -> bytes:
@@ -108,6 +122,7 @@ def load_public_key(path: Path) -> bytes:
 def load_secret_key(path: Path) -> tuple[bytes, bytes]:
     """``(public, secret)`` Z85 keys from a ``.key_secret`` certificate; raises :class:`KeyFileError`."""
     public, secret = _read_certificate(Path(path))
+    _warn_if_others_may_read(Path(path))
     if not secret:
         raise KeyFileError(
             f"{path} holds no secret key: it is a public certificate; use the matching {SECRET_SUFFIX} file"
@@ -117,6 +132,20 @@ def load_secret_key(path: Path) -> tuple[bytes, bytes]:
     if zmq.curve_public(secret) != public:
         raise KeyFileError(f"the public and secret keys in {path} do not belong together")
     return public, secret
+
+
+def _warn_if_others_may_read(path: Path) -> None:
+    """Warn when a secret key file's mode lets its group or others in (POSIX; on Windows the folder's ACL decides,
+    docs/deployment.md): whoever can read it can act as that key."""
+    if os.name != "posix":
+        return
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning("secret key file %s has mode %03o: users other than its owner can read it and act as this key; "
+                    "run `chmod 600 %s` as its owner", path, mode, path)
 
 
 def _write_public_certificate(path: Path, public_key: bytes, name: str) -> None:
