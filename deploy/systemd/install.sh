@@ -36,7 +36,17 @@ command -v "$python" >/dev/null || { echo "no $python: install Python >= 3.11 or
   echo "$python cannot create virtual environments: install its venv package (Debian/Ubuntu: apt install python3-venv," >&2
   echo "or python3.11-venv for python3.11)" >&2; exit 1; }
 
+# The venv's python is a link to this interpreter, which the units run as tmrl with ProtectHome=true: one under /root,
+# /home or /run/user (pyenv, conda, uv) fails every unit with status 203/EXEC, so refuse it before installing anything.
+real_python=$("$python" -c 'import os, sys; print(os.path.realpath(sys.executable))')
+case "$real_python" in /root/*|/home/*|/run/user/*)
+  echo "$python is $real_python, in a home folder: the units (User=tmrl, ProtectHome=true) cannot run it. Install" >&2
+  echo "Python >= 3.11 system-wide (e.g. /usr/bin/python3.11) and run again with PYTHON=that path" >&2; exit 1 ;;
+esac
 id tmrl >/dev/null 2>&1 || useradd --system --home-dir /var/lib/tmrl --shell /usr/sbin/nologin tmrl
+runuser -u tmrl -- "$real_python" -c pass 2>/dev/null || {
+  echo "user tmrl cannot run $real_python: make it (and its standard library) readable and executable by other" >&2
+  echo "users, or use another system-wide Python (PYTHON=...)" >&2; exit 1; }
 install -d -o root -g root -m 0755 "$prefix"
 # The docs and the deploy files only (the venv is built from the checkout): a fresh copy each time, so files deleted
 # from the repository disappear here too; runs/, keys/, allow/ and the venv of the checkout are never copied.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -195,3 +196,19 @@ def test_a_busy_port_stops_the_relay_naming_the_option_that_moves_it_and_before_
     assert f"cannot bind the workers socket on 127.0.0.1:{port}" in workers.stderr
     assert "choose another port with --worker-port N (worker_port in [relay]; its clients must use the same)" \
            in workers.stderr
+
+
+def test_an_address_this_machine_does_not_have_exits_1_so_a_service_manager_retries():
+    """A relay set to a LAN address that starts before DHCP gave exit 2, which systemd and the Windows supervisor
+    never restart (deployment probe). 192.0.2.0/24 is TEST-NET-1: no machine holds it."""
+    workers = _relay_run("--bind-host", "192.0.2.99", "--worker-port", "0", "--trainer-port", "0", "--weights-port",
+                         "0", "--metrics-port", "0")
+    metrics = subprocess.run([sys.executable, "-c", "from tmrl_relay.cli import app; app()", "run", "--insecure",
+                              "--worker-port", "0", "--trainer-port", "0", "--weights-port", "0", "--metrics-port",
+                              "9"], env={**os.environ, "TMRL_RELAY__METRICS_HOST": "192.0.2.99"},
+                             capture_output=True, text=True, timeout=60)
+    for run in (workers, metrics):
+        assert run.returncode == 1, run.stderr
+        assert "this machine has no such address or interface now" in run.stderr and "relay listening" not in run.stderr
+    assert "cannot bind the workers socket on 192.0.2.99" in workers.stderr
+    assert "cannot serve metrics on 192.0.2.99" in metrics.stderr

@@ -59,6 +59,14 @@ def run(
     raise typer.Exit(code=serve(effective))
 
 
+_ADDRESS_NOT_UP_YET = frozenset({errno.EADDRNOTAVAIL, errno.ENODEV})
+"""Bind errors of an address (or interface) this machine does not have *yet*: at boot before DHCP, or while an
+interface is down. Exit status 1 for those, not 2 (a config error, which systemd's RestartPreventExitStatus=2 and
+the Windows supervisor never restart), so a relay set to a LAN address comes up once the address does."""
+_ADDRESS_NOT_UP_YET_HINT = (" (this machine has no such address or interface now: if it is still coming up, a service "
+                            "manager restarts the relay, exit status 1; otherwise fix bind_host)")
+
+
 def serve(config: RelayConfig) -> int:
     """Bind, serve until SIGINT/SIGTERM, shut down cleanly; returns the process exit code."""
     from tmrl_relay.broker import Relay, RelaySetupError
@@ -78,16 +86,19 @@ def serve(config: RelayConfig) -> int:
         except OSError as exc:
             hint = (" (another relay?): choose another with --metrics-port N (metrics_port in [relay]), or 0 to turn "
                     "the metrics off") if exc.errno == errno.EADDRINUSE else ""
+            if exc.errno in _ADDRESS_NOT_UP_YET:
+                hint = _ADDRESS_NOT_UP_YET_HINT
             typer.echo(f"tmrl-relay: cannot serve metrics on {config.metrics_host}:{config.metrics_port}: "
                        f"{exc.strerror or exc}{hint}", err=True)
-            return 2
+            return 1 if exc.errno in _ADDRESS_NOT_UP_YET else 2
     try:
         ports = relay.bind()
     except (RelaySetupError, SecurityError, KeyFileError) as exc:
-        typer.echo(f"tmrl-relay: cannot start: {exc}", err=True)
+        not_up_yet = getattr(exc.__cause__, "errno", None) in _ADDRESS_NOT_UP_YET
+        typer.echo(f"tmrl-relay: cannot start: {exc}{_ADDRESS_NOT_UP_YET_HINT if not_up_yet else ''}", err=True)
         if server is not None:
             server.close()
-        return 2
+        return 1 if not_up_yet else 2
     # One parseable line for scripts and tests that asked for port 0.
     print(f"tmrl-relay ready worker_port={ports.worker_port} trainer_port={ports.trainer_port} "
           f"weights_port={ports.weights_port} metrics_port={server.port if server else 0}", flush=True)
