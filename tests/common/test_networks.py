@@ -7,7 +7,13 @@ import pytest
 import torch
 from tmrl_common import networks
 from tmrl_common.errors import ProtocolError
-from tmrl_common.layout import layout_for_box, tm20_image_layout, tm20_lidar_layout
+from tmrl_common.layout import (
+    ObservationComponent,
+    ObservationLayout,
+    layout_for_box,
+    tm20_image_layout,
+    tm20_lidar_layout,
+)
 from tmrl_common.networks import (
     CriticEnsemble,
     PolicyArchitecture,
@@ -33,7 +39,7 @@ def test_architecture_round_trips_through_the_flat_dict_the_protocol_allows():
                for v in flat.values())
     assert PolicyArchitecture.from_flat_dict(flat) == architecture
     assert architecture.kind == "mlp"
-    assert PolicyArchitecture.for_layout(tm20_image_layout(height=32, width=32)).kind == "cnn"
+    assert PolicyArchitecture.for_layout(tm20_image_layout(height=64, width=64)).kind == "cnn"
 
 
 @pytest.mark.parametrize("broken", [
@@ -112,10 +118,23 @@ def test_critic_ensemble_gives_one_q_value_per_member_for_image_observations():
     assert len(critics.encoders) == 3  # one CNN per critic
 
 
-def test_a_too_small_image_for_the_convolutions_is_a_clear_error():
-    architecture = PolicyArchitecture.for_layout(tm20_image_layout(height=8, width=8))
-    with pytest.raises(ValueError, match="too small"):
-        build_actor(architecture)
+def test_an_image_too_small_for_the_convolutions_is_refused_with_the_smallest_size_that_fits():
+    with pytest.raises(ValueError, match=r"image 'image' of 45x64 pixels is too small for 4 stride-2 convolutions "
+                                         r"\(conv_channels \[16, 32, 64, 64\]\), which need at least 46x46"):
+        PolicyArchitecture.for_layout(tm20_image_layout(height=45, width=64))
+    PolicyArchitecture.for_layout(tm20_image_layout(height=46, width=46))  # the smallest that fits
+    PolicyArchitecture.for_layout(tm20_image_layout(height=10, width=10), conv_channels=[8, 8])
+    with pytest.raises(ValueError, match="need at least 10x10"):
+        PolicyArchitecture.for_layout(tm20_image_layout(height=9, width=9), conv_channels=[8, 8])
+
+
+def test_a_channels_last_camera_frame_is_named_as_such():
+    """An outside probe: a [64, 64, 3] frame was reported as an image of 64x3, too small, with a traceback."""
+    camera = ObservationLayout(components=[ObservationComponent(name="cam", frame_shape=[64, 64, 3], dtype="uint8")],
+                               action_dim=2)
+    with pytest.raises(ValueError, match=r"'cam' of 64x3 pixels .* looks like the channels of an \[H, W, C\] camera "
+                                         r"frame: frames are \[C, H, W\]"):
+        PolicyArchitecture.for_layout(camera)
 
 
 @pytest.mark.parametrize(("hidden_sizes", "members"), [([32, 32], 2), ([16, 24, 8], 3), ([16], 2)])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.errors import ConfigError
-from tmrl_common.layout import layout_for_box, tm20_full_layout, tm20_lidar_layout
+from tmrl_common.layout import layout_for_box, tm20_full_layout, tm20_image_layout, tm20_lidar_layout
 from tmrl_common.protocol import encode
 from tmrl_common.sockets import SecurityConfig
 from tmrl_trainer.config import TrainerConfig
@@ -92,6 +92,17 @@ def test_a_relative_layout_file_that_is_missing_names_the_folder_it_was_looked_f
     with pytest.raises(ConfigError, match=rf"layout_file layout.json \({tmp_path / 'layout.json'}: a relative path is "
                                           r"read from the working directory, not the config's\)"):
         layout_for_env("my_robot:Interface", Path("layout.json"))
+
+
+def test_a_layout_the_networks_cannot_take_is_a_config_error_before_anything_is_written(tmp_path):
+    """An outside probe: a 32x32 camera made the trainer print a 60-line traceback after creating its run folder."""
+    path = tmp_path / "layout.json"
+    path.write_text(tm20_image_layout(height=32, width=32).model_dump_json())
+    config = make_config(tmp_path, env="my_robot:Camera", layout_file=str(path))
+    with pytest.raises(ConfigError, match=r"^\[trainer.sac\] does not fit the observation layout: .*image 'image' of "
+                                          r"32x32 pixels is too small .* at least 46x46: use fewer conv_channels"):
+        TrainerService(config)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -92,7 +92,31 @@ class PolicyArchitecture(BaseModel):
         has_images = any(is_image_component(c) for c in self.layout.components)
         if self.kind == "cnn" and not has_images:
             raise ValueError("kind 'cnn' needs a uint8 image component ([H, W] or [C, H, W] frames) in the layout")
+        if self.kind == "cnn":
+            self._check_image_sizes()
         return self
+
+    def _check_image_sizes(self) -> None:
+        """Each image side must survive the 4x4 stride-2 convolutions: at least 4 pixels before the last, and
+        ``2 * n + 2`` before one that needs ``n`` (46 for the default four)."""
+        layers = len(self.conv_channels)
+        smallest = 4
+        for _ in range(layers - 1):
+            smallest = 2 * smallest + 2
+        for component in self.layout.components:
+            if not is_image_component(component):
+                continue
+            *channels, height, width = component.frame_shape
+            if min(height, width) >= smallest:
+                continue
+            last = component.frame_shape[-1]
+            channels_last = (f"; a last dimension of {last} looks like the channels of an [H, W, C] camera frame: "
+                             "frames are [C, H, W] (np.transpose(frame, (2, 0, 1)))" if last in (1, 3, 4) and channels
+                             else "")
+            raise ValueError(f"image {component.name!r} of {height}x{width} pixels is too small for {layers} stride-2 "
+                             f"convolutions (conv_channels {list(self.conv_channels)}), which need at least "
+                             f"{smallest}x{smallest}: use fewer conv_channels ([trainer.sac]) or larger frames"
+                             f"{channels_last}")
 
     @classmethod
     def for_layout(cls, layout: ObservationLayout, **fields: object) -> PolicyArchitecture:
@@ -168,9 +192,7 @@ class ObservationEncoder(nn.Module):
                     layers += [nn.Conv2d(in_channels, out_channels, kernel_size=4, stride=2), activation()]
                     in_channels = out_channels
                 out_h, out_w = _conv_output_size(height, width, len(architecture.conv_channels))
-                if out_h <= 0 or out_w <= 0:
-                    raise ValueError(f"image {component.name!r} of {height}x{width} is too small for "
-                                     f"{len(architecture.conv_channels)} stride-2 convolutions")
+                assert out_h > 0 and out_w > 0, "PolicyArchitecture checks the image sizes"
                 self.cnns.append(nn.Sequential(*layers, nn.Flatten()))
                 self._image_parts.append(index)
                 features += in_channels * out_h * out_w

@@ -72,6 +72,7 @@ from typing import Any
 import torch
 import zmq
 from filelock import FileLock, Timeout
+from pydantic import ValidationError
 from tmrl_common.errors import ConfigError
 from tmrl_common.layout import (
     ObservationLayout,
@@ -250,13 +251,16 @@ class TrainerService:
     def __init__(self, config: TrainerConfig) -> None:
         self.config = config
         self.layout = layout_for_env(config.env, config.layout_file)
+        try:
+            self.architecture = config.sac.architecture(self.layout)
+        except ValidationError as exc:  # the networks cannot take this layout (an image too small for the CNN)
+            raise ConfigError(f"[trainer.sac] does not fit the observation layout: {exc.errors()[0]['msg']}") from exc
         self.device = resolve_device(config.device)
         torch.set_num_threads(config.torch_threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
         self.run_dir = Path(config.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         writable_directory(self.checkpoint_dir)  # now, not at the first checkpoint minutes later
         self._run_lock = lock_run_directory(self.run_dir)
-        self.architecture = config.sac.architecture(self.layout)
         self.learner = make_learner(config.sac, self.architecture, device=self.device, seed=config.seed)
         self.memory = self._empty_memory()
         self.memory_lock = threading.RLock()
