@@ -250,14 +250,29 @@ FAILING_INTERFACES = '''
     class BareBoxObservation(Sensor):
         def get_observation_space(self):
             return spaces.Box(-10.0, 10.0, (1,), np.float32)
+
+
+    class DictObservation(Sensor):
+        def get_observation_space(self):
+            return spaces.Dict({"position": spaces.Box(-10.0, 10.0, (1,), np.float32)})
+
+
+    class DeclaresALayout(Sensor):
+        def __init__(self, action_history=2, size=1):
+            from tmrl_common.layout import ObservationComponent, ObservationLayout
+
+            self.layout = ObservationLayout(components=[ObservationComponent(name="position", frame_shape=[size])],
+                                            action_dim=1, action_history=action_history)
 '''
 
 
 @pytest.fixture
 def failing_module(plug_interface, tmp_path):
     (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('calibration file missing')\n")
+    (tmp_path / "needs_a_driver.py").write_text("import vendor_motor_driver_sdk\n")
     yield plug_interface("failing_robot", FAILING_INTERFACES)
     sys.modules.pop("raises_on_import", None)
+    sys.modules.pop("needs_a_driver", None)
 
 
 @pytest.mark.parametrize(("method", "message"), [("observation", "get_obs_rew_terminated_info raised RuntimeError: "
@@ -285,6 +300,14 @@ def test_an_interface_raising_on_rtgyms_thread_stops_the_episode_with_env_failur
     ("failing_robot:Sensor", {"gain_typo": 2}, r"building interface Sensor raised TypeError: .*unexpected keyword "
                                                r"argument 'gain_typo'"),
     ("failing_robot:BareBoxObservation", {}, r"get_observation_space returns a gymnasium.spaces.Tuple"),
+    ("failing_robot:DictObservation", {}, r"building it failed: TypeError: position does not inherit from "
+                                          r"`gymnasium.Space`.* a Dict's Boxes in a Tuple"),
+    ("failing_robot:DeclaresALayout", {"action_history": 1}, r"layout declares action_history 1, but rtgym appends "
+                                                             r"the last 2 actions .* declare action_history = 2"),
+    ("failing_robot:DeclaresALayout", {"size": 3}, r"part 'position' has shape \(1,\) in get_observation_space, its "
+                                                   r"layout declares \(3,\)"),
+    ("needs_a_driver:Anything", {}, r"importing module 'needs_a_driver' failed: No module named "
+                                    r"'vendor_motor_driver_sdk' \(install 'vendor_motor_driver_sdk' in this worker"),
 ])
 def test_an_interface_that_cannot_be_imported_or_built_is_one_env_spec_error(failing_module, spec, options, message):
     with pytest.raises(EnvSpecError, match=message):
@@ -333,6 +356,142 @@ def test_a_non_finite_observation_or_reward_stops_the_env_naming_it(plug_interfa
             handle.step(np.zeros(1, np.float32))
     finally:
         handle.close()
+
+
+CAMERA = '''
+    class Camera(OneActionInterface):
+        def __init__(self, frames="uint8"):
+            self.frames = frames
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(0, 255, (1, 8, 8), np.uint8), spaces.Box(-10.0, 10.0, (2,), np.float32)))
+
+        def _observation(self):
+            ramp = np.arange(64, dtype=np.float64).reshape(1, 8, 8)  # whole numbers 0..63
+            frame = {"uint8": ramp.astype(np.uint8), "whole floats": ramp, "unit floats": ramp / 255.0,
+                     "wrapping ints": ramp.astype(np.int32) * 10}[self.frames]
+            return [frame, [0.5, -0.25]]  # the flat part as a list of Python floats
+
+        def reset(self, seed=None, options=None):
+            return self._observation(), {}
+
+        def get_obs_rew_terminated_info(self):
+            return self._observation(), 0.0, False, {}
+'''
+
+
+@pytest.mark.parametrize("frames", ["uint8", "whole floats"])
+def test_observation_parts_reach_the_policy_in_the_layouts_dtypes_when_the_cast_loses_nothing(plug_interface, frames):
+    """The trainer stores each part in its layout dtype: the policy must act on the same values."""
+    handle = make_env(f"{plug_interface('camera_robot', CAMERA)}:Camera", time_step_duration=0.02,
+                      options={"frames": frames})
+    try:
+        for observation in (handle.reset(), handle.step(np.zeros(1, np.float32))[0]):
+            image, flat = observation[0], observation[1]
+            assert image.dtype == np.uint8 and image.ravel().tolist() == list(range(64))
+            assert flat.dtype == np.float32 and flat.tolist() == [0.5, -0.25]
+    finally:
+        handle.close()
+
+
+@pytest.mark.parametrize(("frames", "shown"), [("unit floats", r"float64 with values in \[0.0, 0.24"),
+                                               ("wrapping ints", r"int32 with values in \[0, 630\]")])
+def test_an_image_part_whose_values_uint8_cannot_hold_stops_the_env_at_the_reset_naming_the_fix(plug_interface, frames,
+                                                                                                shown):
+    """An outside probe: frames normalised to [0, 1] under a uint8 Box were stored as zeros, silently."""
+    from tmrl_worker.envs import EnvFailure
+
+    handle = make_env(f"{plug_interface('camera_robot', CAMERA)}:Camera", time_step_duration=0.02,
+                      options={"frames": frames})
+    try:
+        with pytest.raises(EnvFailure, match=rf"part 'part0' as {shown}.* at the reset; its layout declares uint8.*"
+                                             r"\(frame \* 255\)\.astype\(np\.uint8\)"):
+            handle.reset()
+    finally:
+        handle.close()
+
+
+GLITCHY = '''
+    class Glitchy(OneActionInterface):
+        """Declares readings in [-1, 1]; its second and third steps read 1.5 and -7 (a sensor glitch)."""
+
+        def __init__(self):
+            self.steps = 0
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-1.0, 1.0, (2,), np.float32),))
+
+        def reset(self, seed=None, options=None):
+            self.steps = 0
+            return [np.zeros(2, dtype=np.float32)], {}
+
+        def get_obs_rew_terminated_info(self):
+            self.steps += 1
+            reading = {2: 1.5, 3: -7.0}.get(self.steps, 0.25)
+            return [np.array([reading, 0.5], dtype=np.float32)], 0.0, False, {}
+'''
+
+
+def test_a_reading_outside_the_declared_bounds_is_clipped_into_them_counted_and_logged_once(plug_interface, caplog):
+    """An outside probe: one reading of 1.5 under Box(-1, 1) made the trainer refuse its whole batch (50 steps)."""
+    handle = make_env(f"{plug_interface('glitchy_robot', GLITCHY)}:Glitchy", time_step_duration=0.02)
+    try:
+        handle.reset()
+        with caplog.at_level("WARNING"):
+            readings = [handle.step(np.zeros(1, np.float32))[0][0].tolist() for _ in range(4)]
+        assert readings == [[0.25, 0.5], [1.0, 0.5], [-1.0, 0.5], [0.25, 0.5]]
+        assert handle.clipped_observations == 2
+        [line] = [r.getMessage() for r in caplog.records if "clipped" in r.getMessage()]
+        assert "part 'part0' with values in [0.5, 1.5] at a step, outside its layout's [-1.0, 1.0]" in line
+    finally:
+        handle.close()
+
+
+BOUNDED = '''
+    class Bounded(OneActionInterface):
+        def __init__(self, low=(0.0, -1.0, -np.inf), high=(10.0, 1.0, np.inf), default=None):
+            self.low, self.high = np.array(low, np.float32), np.array(high, np.float32)
+            self.default = default
+
+        def get_action_space(self):
+            return spaces.Box(self.low, self.high, dtype=np.float32)
+
+        def get_default_action(self):
+            return np.zeros(len(self.low), np.float32) if self.default is None else np.array(self.default, np.float32)
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-10.0, 10.0, (2,), np.float32),))
+
+        def reset(self, seed=None, options=None):
+            return [np.zeros(2, dtype=np.float32)], {}
+
+        def get_obs_rew_terminated_info(self):
+            return [np.zeros(2, dtype=np.float32)], 0.0, False, {}
+'''
+
+
+def test_each_action_dimension_with_bounds_is_rescaled_to_them_and_one_without_takes_the_policys_value(plug_interface):
+    """An outside probe: one unbounded dimension turned rescaling off for all, sending [-1, 1] to a servo in [0, 180]."""
+    handle = make_env(f"{plug_interface('bounded_robot', BOUNDED)}:Bounded", time_step_duration=0.02,
+                      options={"default": [5.0, 0.5, 0.25]})
+    try:
+        np.testing.assert_allclose(handle.to_env_action(np.array([1.0, 0.5, -0.75])), [10.0, 0.5, -0.75])
+        np.testing.assert_allclose(handle.to_env_action(np.array([-1.0, -2.0, 3.0])), [0.0, -1.0, 1.0])
+        np.testing.assert_allclose(handle.default_action, [0.0, 0.5, 0.25])  # [5, 0.5, 0.25] in policy units
+        np.testing.assert_allclose(handle.to_policy_action(handle.to_env_action(np.array([0.2, -0.3, 0.4]))),
+                                   [0.2, -0.3, 0.4], rtol=1e-6)
+    finally:
+        handle.close()
+
+
+@pytest.mark.parametrize(("low", "high", "message"), [
+    ((0.0, 0.0), (np.inf, 180.0), r"one infinite bound in dimension\(s\) \[0\].*give it both bounds"),
+    ((0.0, 2.0), (1.0, 2.0), r"dimension\(s\) \[1\] have high <= low"),
+])
+def test_an_action_space_that_cannot_be_rescaled_is_refused_when_the_env_is_built(plug_interface, low, high, message):
+    with pytest.raises(EnvSpecError, match=message):
+        make_env(f"{plug_interface('bounded_robot', BOUNDED)}:Bounded", time_step_duration=0.02,
+                 options={"low": low, "high": high})
 
 
 FAULTY = '''

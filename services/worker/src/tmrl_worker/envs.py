@@ -39,8 +39,10 @@ import numpy as np
 from gymnasium import spaces
 from tmrl_common.config import short_repr
 from tmrl_common.layout import ObservationComponent, ObservationLayout, box_bounds, layout_for_box
+from tmrl_common.log_limit import RateLimitedLog
 
 log = logging.getLogger(__name__)
+_clip_log = RateLimitedLog(log, interval_s=30.0)
 
 SIM_SPECS = ("sim", "sim-fast")
 TM20_SPECS = ("tm20-lidar", "tm20-lidar-progress", "tm20-full")
@@ -133,9 +135,23 @@ class EnvHandle:
         low = np.asarray(space.low, dtype=np.float64).reshape(-1)
         high = np.asarray(space.high, dtype=np.float64).reshape(-1)
         self._action_shape = space.shape
-        self._rescale = bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high))
-                             and not (np.allclose(low, -1.0) and np.allclose(high, 1.0)))
-        self._low, self._high = low, high
+        half_open = np.isfinite(low) != np.isfinite(high)
+        if half_open.any():
+            raise EnvSpecError(f"env {self.spec!r} has action space {space} with one infinite bound in dimension(s) "
+                               f"{np.flatnonzero(half_open).tolist()}: the policy's actions lie in [-1, 1] and are "
+                               "rescaled to each dimension's finite bounds, which such a dimension does not have; give "
+                               "it both bounds (e.g. [0, max_thrust])")
+        flat = np.isfinite(low) & (high <= low)
+        if flat.any():
+            raise EnvSpecError(f"env {self.spec!r} has action space {space} whose dimension(s) "
+                               f"{np.flatnonzero(flat).tolist()} have high <= low: no action there could be learned; "
+                               "leave such a dimension out of the action space")
+        self._rescaled = np.isfinite(low) & ~(np.isclose(low, -1.0) & np.isclose(high, 1.0))
+        """Dimensions mapped from [-1, 1] to their bounds; the others (bounds [-1, 1], or none) take [-1, 1] as is."""
+        self._rescale = bool(self._rescaled.any())
+        self._low = np.where(self._rescaled, low, -1.0)
+        self._span = np.where(self._rescaled, high - low, 2.0)
+        """``low`` and ``high - low`` of the rescaled dimensions, -1 and 2 (the identity) for the others."""
         if low.size != self.layout.action_dim:
             raise EnvSpecError(f"env {self.spec!r} has an action space of {low.size} value(s) {space}, but its layout "
                                f"declares action_dim {self.layout.action_dim}: make the two agree")
@@ -154,6 +170,8 @@ class EnvHandle:
         """Those parts as the last reset or step returned them."""
         self._interface = getattr(self.env.unwrapped, "interface", None)
         """The rtgym interface (``None`` for other envs), whose guard :meth:`step` asks after every step."""
+        self.clipped_observations = 0
+        """Observations that held a value outside their component's declared ``low``/``high``, clipped into them."""
 
     @property
     def action_dim(self) -> int:
@@ -174,14 +192,14 @@ class EnvHandle:
         """Policy action in [-1, 1] → the env's action (clipped, rescaled to the Box bounds when they differ)."""
         action = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
         if self._rescale:
-            action = self._low + (action + 1.0) * 0.5 * (self._high - self._low)
+            action = self._low + (action + 1.0) * 0.5 * self._span
         return action.astype(self.env.action_space.dtype, copy=False).reshape(self._action_shape)
 
     def to_policy_action(self, env_action: np.ndarray) -> np.ndarray:
         """The env's action → policy units (the inverse of :meth:`to_env_action`, clipped to [-1, 1])."""
         action = np.asarray(env_action, dtype=np.float64).reshape(-1)
         if self._rescale:
-            action = 2.0 * (action - self._low) / (self._high - self._low) - 1.0
+            action = 2.0 * (action - self._low) / self._span - 1.0
         return self.policy_action(action)
 
     def _observation(self, observation: Any) -> tuple:
@@ -250,9 +268,57 @@ class EnvHandle:
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 raise EnvFailure(f"env {self.spec!r} returned NaN or infinite values in observation part "
                                  f"{name!r} at {when}: fix or clip the env's observation")
+        observation = self._as_layout_dtypes(observation, when)
         if not ends_episode:  # no action is taken on a last observation (a lost game's repeats the one before)
             self._check_histories(observation, when)
         return observation
+
+    def _as_layout_dtypes(self, observation: tuple, when: str) -> tuple:
+        """The observation's parts in the layout's dtypes: the trainer stores them so, and the policy must act on the
+        same values. A ``uint8`` part (an image) returned as another dtype must hold whole numbers in 0..255, else
+        :class:`EnvFailure`: frames normalised to [0, 1] would all be stored as 0 (and the policy, fed the floats,
+        would act on other inputs than the trainer learns from). A ``float32`` part of another dtype (float64, int,
+        bool, a list) is cast, as a float32 Box's values are."""
+        parts = list(observation)
+        for index, component in enumerate(self.layout.components):
+            values = np.asarray(parts[index])
+            if values.dtype == component.dtype:
+                parts[index] = values
+                continue
+            if component.dtype == "uint8":
+                lossless = values.dtype.kind in "biuf" and bool(
+                    values.size == 0 or (values.min() >= 0 and values.max() <= 255 and (values == np.round(values)).all()))
+                if not lossless:
+                    low, high = (values.min(), values.max()) if values.size and values.dtype.kind in "biuf" else ("?", "?")
+                    raise EnvFailure(f"env {self.spec!r} returned observation part {component.name!r} as {values.dtype} "
+                                     f"with values in [{low}, {high}] at {when}; its layout declares uint8 (an image, "
+                                     "stored as whole numbers 0..255): return np.uint8 frames (e.g. (frame * 255)"
+                                     ".astype(np.uint8) for frames in [0, 1]), or declare the part a float32 Box")
+            parts[index] = values.astype(component.dtype)
+        return self._within_bounds(parts, when)
+
+    def _within_bounds(self, parts: list, when: str) -> tuple:
+        """``parts`` with the values outside a component's declared ``low``/``high`` clipped into them, counted and
+        logged (at most a line per part every 30 s). The trainer refuses a whole batch holding such a value
+        (``observation_out_of_bounds``), so one sensor glitch would lose every step of its batch; clipped here, the
+        policy acts on what the trainer stores."""
+        clipped = False
+        for index, component in enumerate(self.layout.components):
+            if component.low is None and component.high is None:
+                continue
+            values = parts[index]
+            low = -np.inf if component.low is None else component.low
+            high = np.inf if component.high is None else component.high
+            if values.size and (values.min() < low or values.max() > high):
+                _clip_log.warning(("clip", self.spec, component.name), "env %r returned observation part %r with "
+                                  "values in [%.6g, %.6g] at %s, outside its layout's [%s, %s]: clipped into them "
+                                  "(%d observation(s) clipped so far); widen the bounds if such values are real",
+                                  self.spec, component.name, values.min(), values.max(), when, component.low,
+                                  component.high, self.clipped_observations + 1)
+                parts[index] = np.clip(values, low, high).astype(values.dtype, copy=False)
+                clipped = True
+        self.clipped_observations += clipped
+        return tuple(parts)
 
     def _check_histories(self, observation: tuple, when: str) -> None:
         """Check the layout's rule for a part holding a history of frames, oldest first: at a reset every frame is
@@ -410,6 +476,8 @@ def rtgym_config(interface: type, time_step_duration: float = 0.05, max_episode_
     return config
 
 
+NOT_A_SPACE = "does not inherit from `gymnasium.Space`"
+"""gymnasium's TypeError when rtgym builds its Tuple from an observation space that is no Tuple (a Dict's keys)."""
 GYMNASIUM_REWRAPPED = " was raised from the environment creator for "
 """How ``gymnasium.make`` extends the message of a ``TypeError`` out of an env's constructor (then the whole config)."""
 
@@ -506,8 +574,14 @@ def _rtgym_env(spec: str, config: dict, setup_errors: tuple[type[BaseException],
     except Exception as exc:  # the interface's own code: anything may go wrong in it
         log.debug("building env %r failed", spec, exc_info=exc)
         hint = ""
+        tuple_of_boxes = (" (an rtgym interface's get_observation_space returns a gymnasium.spaces.Tuple of Boxes: a "
+                          "single Box goes in a 1-tuple, a Dict's Boxes in a Tuple, in a fixed order)")
         if isinstance(exc, AttributeError) and "spaces" in str(exc):
-            hint = " (an rtgym interface's get_observation_space returns a gymnasium.spaces.Tuple of Boxes)"
+            hint = tuple_of_boxes
+        if isinstance(exc, TypeError) and NOT_A_SPACE in str(exc):
+            # rtgym joins the observation space's .spaces with the action space's into a Tuple: a Dict gives its keys
+            raise EnvSpecError(f"env {spec!r}: building it failed: TypeError: {_creator_type_error(exc)}"
+                               f"{tuple_of_boxes}") from exc
         if isinstance(exc, TypeError) and GYMNASIUM_REWRAPPED in str(exc):
             # the interface refused its keyword arguments (the worker's env_options): gymnasium re-raised its TypeError
             # with the whole rtgym config; say what the interface said, and the names of the arguments it was given
@@ -521,11 +595,33 @@ def _rtgym_env(spec: str, config: dict, setup_errors: tuple[type[BaseException],
 def _make_rtgym(spec: str, config: dict, setup_errors: tuple[type[BaseException], ...] = ()) -> EnvHandle:
     env = _rtgym_env(spec, config, setup_errors)
     interface = env.unwrapped.interface
-    layout = _declared_layout(spec, interface, env.unwrapped) or layout_from_spaces(
-        env.observation_space, env.action_space, action_history=config["act_buf_len"] if config["act_in_obs"] else 0
-    )
+    action_history = config["act_buf_len"] if config["act_in_obs"] else 0
+    layout = _declared_layout(spec, interface, env.unwrapped)
+    if layout is None:
+        layout = layout_from_spaces(env.observation_space, env.action_space, action_history=action_history)
+    else:
+        _check_declared_layout(spec, layout, env.observation_space, action_history)
     return EnvHandle(spec=spec, env=env, layout=layout, realtime=True, expert=_expert_of(interface),
                      step_seconds=float(config["time_step_duration"]))
+
+
+def _check_declared_layout(spec: str, layout: ObservationLayout, space: spaces.Space, action_history: int) -> None:
+    """An :class:`EnvSpecError` now, when the env is built, for a declared layout that the env's observations can
+    never match (else the first reset fails with a count that mixes the interface's parts and rtgym's actions)."""
+    if layout.action_history != action_history:
+        raise EnvSpecError(f"env {spec!r}: its layout declares action_history {layout.action_history}, but rtgym "
+                           f"appends the last {action_history} actions to every observation of a module:Class "
+                           f"interface (act_buf_len): declare action_history = {action_history}")
+    parts = list(space.spaces) if isinstance(space, spaces.Tuple) else [space]
+    ours = parts[:len(parts) - action_history]
+    if len(ours) != len(layout.components):
+        raise EnvSpecError(f"env {spec!r}: get_observation_space has {len(ours)} part(s), its layout declares "
+                           f"{len(layout.components)} component(s) ({', '.join(c.name for c in layout.components)})")
+    for component, part in zip(layout.components, ours, strict=True):
+        shape, declared = tuple(getattr(part, "shape", None) or ()), tuple(component.observation_shape)
+        if shape != declared and not (shape == () and declared == (1,)):  # a scalar Box is a 1-value component
+            raise EnvSpecError(f"env {spec!r}: observation part {component.name!r} has shape {shape} in "
+                               f"get_observation_space, its layout declares {declared}")
 
 
 def _import_interface(spec: str) -> type:
@@ -535,6 +631,11 @@ def _import_interface(spec: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        missing = getattr(exc, "name", None) or ""
+        if missing and not (module_name == missing or module_name.startswith(f"{missing}.")):
+            # the module was found; something it imports was not
+            raise EnvSpecError(f"env {spec!r}: importing module {module_name!r} failed: {exc} (install {missing!r} "
+                               "in this worker's Python environment)") from exc
         raise EnvSpecError(f"env {spec!r}: cannot import module {module_name!r} ({exc}); "
                            "is it installed or on PYTHONPATH?") from exc
     except Exception as exc:  # the module's own code failed while importing (a syntax error, an error at import)
