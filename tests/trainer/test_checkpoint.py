@@ -107,7 +107,8 @@ def test_loading_a_corrupt_missing_or_mismatched_checkpoint_raises_checkpoint_er
     with pytest.raises(CheckpointError, match="folder.safetensors cannot be read: .*Is a directory"):
         load_checkpoint(tmp_path / "folder.safetensors", learner)
     _, other = _setup(hidden=16)
-    with pytest.raises(CheckpointMismatchError, match="architecture"):
+    with pytest.raises(CheckpointMismatchError, match=r"another policy architecture \(hidden_sizes = \[32, 32\] "
+                                                      r"where the config has \[16, 16\]\)"):
         load_checkpoint(path, other)
     _, redq = _setup(redq_n=3, redq_m=2)
     with pytest.raises(CheckpointMismatchError, match="does not fit"):
@@ -171,6 +172,31 @@ def test_a_checkpoint_damaged_into_other_finite_values_is_refused_before_the_lea
     with pytest.raises(CheckpointError, match=r"tensor learner.actor.mean.weight does not match the CRC-32 saved"):
         load_checkpoint(path, fresh)
     assert all(torch.equal(a, b) for a, b in zip(before, _state(fresh), strict=True)) and fresh.updates == 0
+
+
+@pytest.mark.parametrize(("field", "old", "new"), [("the update count", b'updates\\": 2', b'updates\\": 7'),
+                                                  ("Adam's eps", b'eps\\": 1e-08', b'eps\\": 1.000')])
+def test_a_checkpoint_whose_json_header_was_damaged_is_refused_before_the_learner_is_touched(tmp_path, field, old, new):
+    """An outside probe: one flipped bit in the header resumed at another update count, or with Adam's eps at 1.0,
+    silently, and saved it again (only the tensors had CRCs)."""
+    memory, learner = _setup()
+    _train(learner, memory, 2)
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner, {"updates": 2})
+    data = path.read_bytes()
+    assert data.count(old) >= 1 and len(old) == len(new)  # same length: the safetensors header stays readable
+    path.write_bytes(data.replace(old, new, 1))
+    _, fresh = _setup()
+    before = _state(fresh)
+    with pytest.raises(CheckpointError, match=r"does not match the CRC-32 saved in it .*the header was damaged"):
+        load_checkpoint(path, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(fresh), strict=True)) and fresh.updates == 0
+
+
+def test_the_same_state_is_saved_as_the_same_bytes(tmp_path):
+    memory, learner = _setup()
+    _train(learner, memory, 1)
+    first = save_checkpoint(tmp_path / "a.safetensors", learner, {"updates": 1}).read_bytes()
+    assert save_checkpoint(tmp_path / "b.safetensors", learner, {"updates": 1}).read_bytes() == first
 
 
 def test_a_checkpoint_written_before_crcs_were_saved_still_loads(tmp_path):

@@ -208,7 +208,7 @@ def test_loading_a_memory_saved_with_another_capacity_or_a_corrupt_file_raises_m
     memory = ReplayMemory(LAYOUT, capacity=150)
     _fill(memory, seed=7, workers=1, rows_per_worker=30)
     path = memory.save(tmp_path / "memory.safetensors")
-    with pytest.raises(MemoryFileError, match="capacity"):
+    with pytest.raises(MemoryFileError, match=r"saved capacity 150, configured 151; set memory_capacity back"):
         ReplayMemory(LAYOUT, capacity=151).load(path)
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(MemoryFileError):

@@ -260,8 +260,13 @@ def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | N
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file")
     check_tensors(path, tensors, document)
-    if document.get("architecture") != learner.architecture.to_flat_dict():
-        raise CheckpointMismatchError(f"checkpoint {path} was written for another policy architecture; "
+    saved_architecture, current = document.get("architecture"), learner.architecture.to_flat_dict()
+    if saved_architecture != current:
+        saved_architecture = saved_architecture if isinstance(saved_architecture, dict) else {}
+        fields = "; ".join(f"{name} = {saved_architecture.get(name)!r} where the config has {current.get(name)!r}"
+                           for name in sorted(set(saved_architecture) | set(current))
+                           if saved_architecture.get(name) != current.get(name))
+        raise CheckpointMismatchError(f"checkpoint {path} was written for another policy architecture ({fields}); "
                                       "start with the same layout and hidden sizes, or from scratch")
     saved_config = document.get("sac_config")
     try:

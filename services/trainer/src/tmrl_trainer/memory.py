@@ -482,7 +482,9 @@ class ReplayMemory:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
             raise MemoryFileError(f"saved memory header is malformed: {type(exc).__name__}: {exc}") from exc
         if not same:
-            raise MemoryFileError("saved memory has a different layout or capacity than this one")
+            raise MemoryFileError(f"saved memory has a different layout or capacity than this one (saved capacity "
+                                  f"{meta['capacity']}, configured {self.capacity}; set memory_capacity back to "
+                                  "restore it: a memory cannot be resized on resume)")
         stored = min(total, self.capacity)
         targets = {f"frames.{name}": frames for name, frames in self._frames.items()}
         targets.update({name: getattr(self, f"_{name}") for name in

@@ -23,6 +23,12 @@ from safetensors.torch import save as save_torch
 from tmrl_common.atomic_file import write_atomically  # noqa: F401 - re-exported for checkpoint, memory, status
 
 METADATA_KEY = "tmrl"
+DOCUMENT_CRC_FIELD = "document_crc32"
+"""Field :func:`pack` adds to a dict document: the CRC-32 of the JSON text of the document without it. Counters, the
+update count and the optimizer's hyper-parameters live in the document, outside the per-tensor CRCs, so damage there
+would otherwise load silently (and be saved again). A document without it (a file written before it) is not checked.
+It sits inside the one JSON value so that the file stays byte-for-byte the same for the same content (safetensors
+writes the header's metadata keys in no fixed order) and any JSON reader still reads it."""
 
 
 class TensorFileError(ValueError):
@@ -54,7 +60,14 @@ def pack(tensors: Mapping[str, torch.Tensor | np.ndarray], metadata: Any) -> byt
     ``metadata`` (JSON-serialisable) in the header."""
     cpu = {name: (torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else t.detach().cpu().clone())
            for name, t in tensors.items()}
+    if isinstance(metadata, dict):
+        metadata = {**metadata, DOCUMENT_CRC_FIELD: _document_crc(metadata)}
     return save_torch(cpu, metadata={METADATA_KEY: json.dumps(metadata)})
+
+
+def _document_crc(document: dict) -> int:
+    """CRC-32 of ``document``'s JSON text (what :func:`json.dumps` writes, which a load and dump gives back)."""
+    return zlib.crc32(json.dumps(document).encode("utf-8"))
 
 
 def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], Any]:
@@ -66,6 +79,11 @@ def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], Any]:
         header_size = int.from_bytes(data[:8], "little")
         header = json.loads(bytes(data[8 : 8 + header_size]))
         metadata = json.loads((header.get("__metadata__") or {})[METADATA_KEY])
+        if isinstance(metadata, dict) and DOCUMENT_CRC_FIELD in metadata:
+            saved = metadata.pop(DOCUMENT_CRC_FIELD)
+            if saved != _document_crc(metadata):
+                raise ValueError(f"its JSON document does not match the CRC-32 saved in it ({saved!r}): the header "
+                                 "was damaged (counters, update count or optimizer settings)")
     except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise TensorFileError(f"not a tmrl tensor file: {type(exc).__name__}: {exc}") from exc
     return tensors, metadata
