@@ -297,6 +297,69 @@ def test_pruned_checkpoints_take_their_memory_files_with_them(tmp_path):
                                           for suffix in (".memory.safetensors", ".safetensors")]
 
 
+def test_a_trainer_stopped_during_its_warm_up_with_save_memory_keeps_the_rows_it_acknowledged(tmp_path):
+    """An outside probe: SIGTERM before the first update saved nothing, so 2,287 acknowledged rows were gone."""
+    config = make_config(tmp_path, save_memory=True)  # learning_starts 50
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 30))
+    first.shutdown()
+    assert _checkpoint_files(first) == ["checkpoint-000000000000.memory.safetensors",
+                                        "checkpoint-000000000000.safetensors"]
+    second = TrainerService(config)
+    try:
+        assert second.learner.updates == 0 and len(second.memory) == 30
+        second.ingestor.handle(pendulum_batch("w1", 0, 30))  # the resend of an acknowledged batch
+        assert second.ingestor.snapshot()["duplicates"] == 1 and len(second.memory) == 30
+    finally:
+        second.shutdown()
+    third = TrainerService(make_config(tmp_path / "without", save_memory=False))  # nothing to keep: no checkpoint
+    third.ingestor.handle(pendulum_batch("w1", 0, 30))
+    third.shutdown()
+    assert not list((third.run_dir / "checkpoints").iterdir())
+
+
+def test_a_checkpoint_just_saved_is_never_pruned_and_leftovers_of_interrupted_writes_are(tmp_path):
+    """Outside probe: a run resumed from a checkpoint named above its update count deleted each checkpoint it
+    wrote (pruning goes by name); and the temporary files of writes a SIGKILL cut short piled up for ever."""
+    first = TrainerService(make_config(tmp_path, save_memory=True))
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=4) == 4
+    checkpoints = first.run_dir / "checkpoints"
+    saved = checkpoints / "checkpoint-000000000004.safetensors"
+    for name in ("checkpoint-000000000700", "checkpoint-000000000800", "checkpoint-000000000900"):  # copied in by hand
+        (checkpoints / f"{name}.safetensors").write_bytes(saved.read_bytes())
+    saved.unlink()
+    (checkpoints / "checkpoint-000000000004.memory.safetensors").unlink()
+    leftover = checkpoints / ".checkpoint-000000000005.memory.safetensors.x1y2.tmp"
+    leftover.write_bytes(b"half a memory")
+    second = TrainerService(make_config(tmp_path, checkpoint_every=1000))
+    assert second.learner.updates == 4  # resumed from the one named 900
+    second.ingestor.handle(pendulum_batch("w1", 1, 60))
+    assert second.run(max_updates=6) == 6
+    assert _checkpoint_files(second) == ["checkpoint-000000000006.safetensors", "checkpoint-000000000800.safetensors",
+                                         "checkpoint-000000000900.safetensors"]
+
+
+def test_a_deleted_run_directory_is_reported_once(tmp_path, caplog):
+    """An outside probe: the folder deleted under a running trainer went unnoticed, and a second trainer then
+    started in the re-created one beside it."""
+    import shutil
+
+    service = TrainerService(make_config(tmp_path))
+    try:
+        with caplog.at_level("ERROR", logger="tmrl_trainer.service"):
+            service._check_run_directory()
+            assert not caplog.records
+            shutil.rmtree(service.run_dir)
+            service._check_run_directory()
+            service._check_run_directory()
+        [record] = caplog.records
+        assert f"the run directory {service.run_dir} or its lock file" in record.getMessage()
+        assert "another trainer could now start in it" in record.getMessage()
+    finally:
+        service.shutdown()
+
+
 def test_without_save_memory_no_memory_file_is_written_and_a_restart_starts_empty(tmp_path):
     config = make_config(tmp_path)
     first = TrainerService(config)

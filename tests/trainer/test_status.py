@@ -66,3 +66,31 @@ def test_train_records_are_thinned_to_one_per_interval_and_the_next_rates_cover_
     records = train_records(tmp_path)
     assert [record["weights_version"] for record in records] == [1, 9, 17]
     assert records[1]["updates_per_s"] == pytest.approx(800.0)  # (900 - 100) updates over the 1 s between records
+
+
+def test_a_status_file_that_cannot_be_written_is_logged_once_without_a_traceback_then_its_recovery(tmp_path, caplog):
+    """An outside probe: a full disk logged a 15-line traceback every second (1.3 M lines a day)."""
+    import time
+
+    from tmrl_trainer.status import StatusFile
+
+    full = {"disk": True}
+
+    def snapshot():
+        if full["disk"]:
+            raise OSError(28, "No space left on device")
+        return {"updates": 1}
+
+    status = StatusFile(tmp_path / "status.json", snapshot, interval_s=0.01)
+    with caplog.at_level("INFO", logger="tmrl_trainer.status"):
+        status.start()
+        time.sleep(0.3)
+        full["disk"] = False
+        deadline = time.monotonic() + 5
+        while not (tmp_path / "status.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status.stop()
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert "No space left on device" in errors[0].getMessage() and "1 failure(s) in a row" in errors[0].getMessage()
+    assert any("written again after" in r.getMessage() for r in caplog.records)

@@ -245,6 +245,15 @@ def lock_run_directory(run_dir: Path) -> FileLock:
     return lock
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of ``path``; ``None`` when it cannot be read (deleted)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 class TrainerService:
     """Owns the memory, the learner, the ingest thread and the reports (see the module docstring)."""
 
@@ -261,6 +270,9 @@ class TrainerService:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         writable_directory(self.checkpoint_dir)  # now, not at the first checkpoint minutes later
         self._run_lock = lock_run_directory(self.run_dir)
+        self._lock_identity = _file_identity(self.run_dir / RUN_LOCK)
+        """Device and inode of the lock file this trainer holds: another file there means the folder was replaced."""
+        self._run_directory_lost = False
         self.learner = make_learner(config.sac, self.architecture, device=self.device, seed=config.seed)
         self.memory = self._empty_memory()
         self.memory_lock = threading.RLock()
@@ -516,20 +528,27 @@ class TrainerService:
                       "disk space or fix %s", self.learner.updates, exc, "" if final else " and training goes on",
                       self.checkpoint_dir)
             return False
-        self._prune_checkpoints()
+        self._prune_checkpoints(just_saved=path)
         self.last_checkpoint_updates = self.learner.updates
         log.info("checkpoint saved: %s (%d updates, weights version %d%s)", path, self.learner.updates,
                  self.weights_version, f", {extra['memory_rows_added']} rows added to the memory" if extra else "")
         return True
 
-    def _prune_checkpoints(self, keep: int = KEEP_CHECKPOINTS) -> list[str]:
-        """Keep the newest ``keep`` checkpoints; delete older ones and every memory file that does not belong to a
-        kept checkpoint (one written for a checkpoint that failed, say). Return the names deleted."""
-        paths = self._checkpoint_paths()
+    def _prune_checkpoints(self, keep: int = KEEP_CHECKPOINTS, just_saved: Path | None = None) -> list[str]:
+        """Keep the newest ``keep`` checkpoints (and ``just_saved``, whatever its name sorts as: a run resumed from a
+        checkpoint whose counters say fewer updates than its name must not delete what it just wrote); delete older
+        ones, every memory file that does not belong to a kept checkpoint (one written for a checkpoint that failed,
+        say), and temporary files left by a write that a SIGKILL or power cut interrupted. Return the names deleted."""
+        paths = [p for p in self._checkpoint_paths() if p != just_saved]
+        if just_saved is not None:
+            paths.append(just_saved)  # newest by definition: it is what this learner holds now
         deleted = []
         for old in paths[:-keep]:
             old.unlink(missing_ok=True)
             deleted.append(old.name)
+        for stale in self.checkpoint_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # write_atomically's leftovers
+            stale.unlink(missing_ok=True)
+            deleted.append(stale.name)
         kept_memory = {memory_path_for(p) for p in paths[-keep:]}
         for memory_file in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*{MEMORY_SUFFIX}"):
             if memory_file not in kept_memory:
@@ -591,7 +610,21 @@ class TrainerService:
         log.debug("published weights version %d after %d updates (%d samples received)", self.weights_version,
                  self.learner.updates, self.rows_received)
 
+    def _check_run_directory(self) -> None:
+        """Say so (an error, once) when the run directory or its lock file was deleted or replaced while this
+        trainer runs: its later files go to a re-created folder, and another trainer could take that folder."""
+        if self._run_directory_lost:
+            return
+        lock_path = self.run_dir / RUN_LOCK
+        if _file_identity(lock_path) != self._lock_identity:
+            self._run_directory_lost = True
+            log.error("the run directory %s or its lock file %s was deleted or replaced while this trainer runs: "
+                      "another trainer could now start in it, and this one's status, metrics and checkpoints go to "
+                      "a re-created folder; stop this trainer (its final checkpoint is saved) and restart it",
+                      self.run_dir, lock_path)
+
     def _report(self) -> None:
+        self._check_run_directory()
         snapshot = self.ingestor.snapshot()
         workers = workers_summary(snapshot["workers"])
         log.info("%d updates, weights version %d, %d samples received (%d duplicates, %d rejected); %s",
@@ -667,7 +700,9 @@ class TrainerService:
 
     def shutdown(self) -> None:
         try:
-            if self.learner.updates and not self._checkpoint(final=True):
+            holds_memory = self.config.save_memory and self.memory.rows_added > (
+                self._resumed_memory[1] if self._resumed_memory is not None else 0)
+            if (self.learner.updates or holds_memory) and not self._checkpoint(final=True):
                 self.final_checkpoint_missing = True
                 kept = (f"a restart resumes from the newest one kept, at {self.last_checkpoint_updates} updates"
                         if self.last_checkpoint_updates is not None else "no checkpoint was saved, a restart starts "

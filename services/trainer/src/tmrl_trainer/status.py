@@ -110,6 +110,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+ERROR_LOG_INTERVAL_S = 60.0
+"""A status file that cannot be written (a full disk) is logged at most once per this long, without a traceback."""
+
+
 class StatusFile:
     """Rewrites ``status.json`` atomically every ``interval_s`` seconds from ``snapshot()`` on its own thread."""
 
@@ -119,6 +123,9 @@ class StatusFile:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="status-file", daemon=True)
+        self._failures = 0
+        """Writes that failed in a row (a full disk, a folder gone read-only)."""
+        self._last_error_log = -math.inf
 
     def write_now(self) -> None:
         status = {"updated_at": time.time(), **self.snapshot()}
@@ -128,8 +135,18 @@ class StatusFile:
         while not self._stop.wait(self.interval_s):
             try:
                 self.write_now()
-            except Exception:  # a full disk must not stop training; say so and retry next interval
-                log.exception("could not write %s", self.path)
+            except Exception as exc:  # noqa: BLE001 - a full disk must not stop training: say so (once a minute), retry
+                self._failures += 1
+                now = time.monotonic()
+                if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
+                    self._last_error_log = now
+                    log.error("could not write %s (%s: %s); %d failure(s) in a row, retrying every %g s (said again "
+                              "at most once a minute)", self.path, type(exc).__name__, exc, self._failures,
+                              self.interval_s)
+            else:
+                if self._failures:
+                    log.info("%s written again after %d failed attempt(s)", self.path, self._failures)
+                self._failures, self._last_error_log = 0, -math.inf
 
     def start(self) -> None:
         self._thread.start()
