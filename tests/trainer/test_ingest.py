@@ -502,6 +502,18 @@ def test_worker_ids_beyond_max_workers_are_not_answered_and_cost_no_state(caplog
     assert "w99" not in ingestor.snapshot()["workers"]
 
 
+def test_a_worker_that_never_stored_a_batch_makes_room_for_a_new_id_the_longest_silent_first():
+    """Probes: ids that only said hello (a churn of short connections) filled the table for the run."""
+    memory = ReplayMemory(LAYOUT, capacity=1000)
+    ingestor = Ingestor("trainer", LAYOUT, store=memory.add_batch, max_workers=2)
+    assert acked(ingestor.handle(batch_frames("stores", 0, [1.0]))) == [("stores", [0])]
+    ingestor.handle(encode(Hello(role="worker", software="test", next_seq=0), "hello-only"))
+    assert acked(ingestor.handle(batch_frames("newcomer", 0, [1.0]))) == [("newcomer", [0])]
+    assert sorted(ingestor.snapshot()["workers"]) == ["newcomer", "stores"]
+    assert ingestor.handle(batch_frames("third", 0, [1.0])) == []  # both tracked ids have stored rows: kept
+    assert ingestor.snapshot()["over_max_workers"] == 1
+
+
 def test_a_worker_held_by_a_restored_dedupe_state_is_admitted_beyond_max_workers():
     memory = ReplayMemory(LAYOUT, capacity=1000)
     ingestor = Ingestor("trainer", LAYOUT, store=memory.add_batch, max_workers=1)

@@ -458,11 +458,21 @@ class Ingestor:
         count is bounded. A worker whose seqs a restored checkpoint holds is always admitted."""
         stats = self.workers.get(worker)
         if stats is None:
-            if len(self.workers) >= self.max_workers and not self.dedupe.knows(worker):
+            if len(self.workers) >= self.max_workers and not self.dedupe.knows(worker) and not self._forget_one():
                 return None
             stats = self.workers[worker] = WorkerStats()
         stats.last_seen = time.time()
         return stats
+
+    def _forget_one(self) -> bool:
+        """Make room for a new id by forgetting the longest-silent worker that never had a batch stored (it said
+        hello, or sent only refused batches: no dedupe window, no rows, nothing a resend could be judged against);
+        False when every tracked worker has stored rows, which are kept for the run."""
+        idle = [(stats.last_seen, name) for name, stats in self.workers.items() if not self.dedupe.knows(name)]
+        if not idle:
+            return False
+        del self.workers[min(idle)[1]]
+        return True
 
     def _turn_away(self, worker: str, what: str) -> None:
         """Count and log a message from a worker id :meth:`_admit` refused. It is not answered: its batch stays in
@@ -471,9 +481,10 @@ class Ingestor:
         with self._lock:
             self.over_worker_cap += 1
             count = self.over_worker_cap
-        self._cap_log.warning("cap", "%s: this trainer already keeps state for max_workers = %d worker ids (messages "
-                              "turned away so far: %d); raise max_workers in the trainer's config if the fleet is that "
-                              "large, or look for a client inventing ids", what, self.max_workers, count)
+        self._cap_log.warning("cap", "%s: this trainer already keeps state for max_workers = %d worker ids that have "
+                              "stored rows, kept until it restarts (messages turned away so far: %d); raise max_workers "
+                              "in the trainer's config if the fleet is that large, give workers stable ids, or look for "
+                              "a client inventing ids", what, self.max_workers, count)
 
     def _reject(self, reason: str, message: str, worker: str | None = None) -> None:
         with self._lock:
