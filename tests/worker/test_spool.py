@@ -181,3 +181,28 @@ def test_a_batch_that_cannot_be_written_stays_in_memory_and_is_counted(tmp_path)
     directory.write_bytes(b"")  # a file where the directory was: every write fails (even as root)
     spool.add(1, [b"e", b"b"])
     assert [b.seq for b in spool.pending()] == [1] and spool.counters.write_errors == 1
+
+
+def test_a_second_process_under_one_worker_id_and_state_folder_is_refused_until_the_first_ends(tmp_path):
+    """An outside probe started two workers with one id and state_dir by mistake: the second only warned that the
+    previous run 'did not stop cleanly' and took the same seqs, which the trainer answers as duplicates."""
+    from tmrl_common.sockets import SecurityConfig, TransportConfig
+    from tmrl_stack import free_ports
+    from tmrl_worker.config import WorkerConfig
+    from tmrl_worker.runtime import run_worker
+    from tmrl_worker.spool import StateFileError, lock_worker_state
+
+    worker_port, weights_port = free_ports(2)
+    config = WorkerConfig(worker_id="twin", env="sim-fast", max_steps=20, max_steps_per_second=200, batch_steps=10,
+                          worker_port=worker_port, weights_port=weights_port, state_dir=tmp_path, flush_timeout_s=0.1,
+                          transport=TransportConfig(linger_ms=0), security=SecurityConfig(insecure=True))
+    held = lock_worker_state(tmp_path, "twin")  # the first process
+    try:
+        with pytest.raises(StateFileError, match=rf"another worker process runs as 'twin' with state_dir {tmp_path} "
+                                                 r"\(it holds .*twin.lock\): .* give this one another worker_id"):
+            run_worker(config)
+        assert not (tmp_path / "twin.state.json").exists()  # refused before taking any seq
+    finally:
+        held.release()
+    assert run_worker(config).steps == 20
+    lock_worker_state(tmp_path, "twin").release()  # the run let go of it

@@ -38,7 +38,7 @@ from tmrl_worker.config import WorkerConfig, WorkerMode
 from tmrl_worker.envs import EnvFailure, EnvHandle, EnvInterrupted, make_env
 from tmrl_worker.progress import ProgressFile, ProgressFileError, describe_unclean_stop, progress_path, read_progress
 from tmrl_worker.relay_link import RelayLink, SenderFailure
-from tmrl_worker.spool import SequenceCounter, Spool
+from tmrl_worker.spool import SequenceCounter, Spool, lock_worker_state
 from tmrl_worker.weights_feed import PreparedPolicy, WeightsFeed
 
 log = logging.getLogger(__name__)
@@ -566,8 +566,13 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
     RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security).check_security()
     if stop is None:
         stop = threading.Event()  # still needed: the sender thread sets it when it gives up
-    env = make_env(config.env, time_step_duration=config.time_step_duration, max_episode_steps=config.max_episode_steps,
-                   options=config.env_options)
+    state_lock = lock_worker_state(config.state_dir, config.worker_id)  # one process per worker id and state folder
+    try:
+        env = make_env(config.env, time_step_duration=config.time_step_duration,
+                       max_episode_steps=config.max_episode_steps, options=config.env_options)
+    except BaseException:
+        state_lock.release()
+        raise
     context = zmq.Context()
     link: RelayLink | None = None
     feed: WeightsFeed | None = None
@@ -642,3 +647,4 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
         finally:
             env.close()
             context.destroy(linger=0)
+            state_lock.release()

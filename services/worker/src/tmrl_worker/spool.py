@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
+from filelock import FileLock, Timeout
 from tmrl_common.atomic_file import write_atomically
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class Spool:
             log.warning(
                 "%s: spool full (%d batches / %d bytes max): dropped %d oldest unacknowledged batch(es) seq %s; "
                 "%d dropped in total", self.owner, self.max_batches, self.max_bytes, len(dropped),
-                _seq_ranges(dropped), self.counters.dropped,
+                seq_ranges(dropped), self.counters.dropped,
             )
         if write:
             self._write(seq, frames)
@@ -245,10 +246,33 @@ class Spool:
         return list(self._batches.values())
 
 
-def _seq_ranges(seqs: list[int]) -> str:
+def seq_ranges(seqs: list[int]) -> str:
+    """Up to three seqs as a list, more as their first and last (``12..40``)."""
     if len(seqs) <= 3:
         return ",".join(map(str, seqs))
     return f"{seqs[0]}..{seqs[-1]}"
+
+
+def lock_worker_state(state_dir: Path, worker_id: str) -> FileLock:
+    """Hold ``state_dir/<worker_id>.lock`` for this process (released by :meth:`FileLock.release`, or by the OS when
+    the process ends however it ends). Two processes under one id and state folder would take the same seqs from
+    the state file, and the trainer would answer one's batches as duplicates of the other's: lost, though counted
+    delivered. :class:`StateFileError` when another process holds it."""
+    directory = Path(state_dir).expanduser()
+    path = directory / f"{worker_id}.lock"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise StateFileError(f"another worker process runs as {worker_id!r} with state_dir {directory} (it holds "
+                             f"{path}): two processes under one id would number their batches alike and the trainer "
+                             "would drop one's as the other's duplicates; stop it, or give this one another "
+                             "worker_id") from exc
+    except OSError as exc:
+        raise StateFileError(f"state_dir {directory} cannot hold this worker's lock file: {exc} (set [worker] "
+                             "state_dir to a folder this user can write)") from exc
+    return lock
 
 
 @dataclass
