@@ -186,3 +186,40 @@ def test_a_batch_the_trainer_rejects_is_dropped_counted_by_reason_and_never_rese
     finally:
         link.stop()
         relay.close()
+
+
+def test_batches_resent_for_lack_of_acks_cost_one_log_line_per_interval_not_one_per_batch(context, tmp_path, caplog):
+    """An outside probe: a worker logged 3,627 'resending batch' lines in six minutes of trainer restarts."""
+    relay = FakeRelay(context)
+    link = make_link(context, relay.port, tmp_path, ack_timeout_s=0.1)
+    link.start()
+    try:
+        with caplog.at_level("INFO", logger="tmrl_worker.relay_link"):
+            relay.receive_type(Hello)
+            for _ in range(6):
+                link.submit(filled_builder(3), weights_version=1)
+            wait_for(lambda: link.snapshot()["spool_resent"] >= 18, timeout_s=8.0)  # every batch resent 3 times or so
+        lines = [r.getMessage() for r in caplog.records if "resending" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("w-test: resending ") and "batch(es) with no ack yet (seq " in lines[0]
+    finally:
+        link.stop()
+        relay.close()
+
+
+def test_a_link_that_never_reached_the_relay_does_not_wait_out_its_flush_timeout(context, tmp_path):
+    """An outside probe: a worker stopped without ever connecting (no relay there, or its key refused) still waited
+    the whole flush_timeout_s (10 s) for acknowledgements that could not come."""
+    from tmrl_stack import free_ports
+
+    [port] = free_ports(1)  # nothing listens there
+    link = make_link(context, port, tmp_path, ack_timeout_s=60.0)
+    link.start()
+    try:
+        link.submit(filled_builder(3), weights_version=1)
+        started = time.monotonic()
+        assert link.flush(timeout=5.0) is False
+        assert time.monotonic() - started < 1.0
+        assert link.snapshot()["spool_batches"] == 1  # still spooled, not dropped
+    finally:
+        link.stop()

@@ -32,13 +32,16 @@ import zmq
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
+from tmrl_common.log_limit import RateLimitedLog
 from tmrl_common.protocol import Error, Heartbeat, Hello, SampleAck, WeightsUpdate, decode, encode
 from tmrl_common.relay_client import RelayClient
 from tmrl_common.sockets import RelayEndpoint
 
-from tmrl_worker.spool import SequenceCounter, Spool
+from tmrl_worker.spool import SequenceCounter, Spool, seq_ranges
 
 log = logging.getLogger(__name__)
+RESEND_LOG_INTERVAL_S = 10.0
+"""At most one line about resent batches per this long (the counters carry every resend)."""
 
 SOFTWARE = "tmrl-worker/0.1"
 FINAL_AT_RELAY = frozenset({"oversized", "malformed"})
@@ -151,6 +154,7 @@ class RelayLink:
         self.spool = spool
         self.ack_timeout_s = ack_timeout_s
         self.counters = LinkCounters()
+        self._resend_log = RateLimitedLog(log, interval_s=RESEND_LOG_INTERVAL_S)
         self.rejects: Counter[str] = Counter()
         """Batches refused for good, by reason."""
         self.refusals = RefusalStreak(max_consecutive_refusals)
@@ -210,12 +214,17 @@ class RelayLink:
         return values
 
     def flush(self, timeout: float) -> bool:
-        """Wait until every submitted batch is acknowledged (or ``timeout``); True when the spool is empty."""
+        """Wait until every submitted batch is acknowledged (or ``timeout``); True when the spool is empty. A link
+        that never connected returns False as soon as every batch is spooled: no acknowledgement can be coming (a
+        stopped worker that never reached the relay, or whose key it refuses, would otherwise wait it out)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:  # every submitted builder is built and spooled, and the spool is empty
-                if self.counters.batches_built == self._submitted and not len(self.spool):
+                built = self.counters.batches_built == self._submitted
+                if built and not len(self.spool):
                     return True
+                if built and not self.counters.connections:  # never reached the relay: no ack can be on its way
+                    return False
             if not self._client.is_alive():
                 return False
             time.sleep(0.02)
@@ -280,13 +289,21 @@ class RelayLink:
     def _send_due(self) -> None:
         with self._lock:
             due = self.spool.due(self.ack_timeout_s)
-        for entry in due:
-            if not self._send(entry.frames):
-                return
-            with self._lock:
-                if entry.sends:
-                    log.info("%s: resending batch seq %d (send #%d, no ack yet)", self.worker_id, entry.seq, entry.sends + 1)
-                self.spool.mark_sent(entry.seq)
+        resent: list[tuple[int, int]] = []
+        try:
+            for entry in due:
+                if not self._send(entry.frames):
+                    return
+                with self._lock:
+                    if entry.sends:
+                        resent.append((entry.seq, entry.sends + 1))
+                    self.spool.mark_sent(entry.seq)
+        finally:
+            if resent:  # one line per round, at most one every RESEND_LOG_INTERVAL_S (a trainer away for minutes)
+                seqs = sorted(seq for seq, _ in resent)
+                self._resend_log.log(logging.INFO, "resend", "%s: resending %d batch(es) with no ack yet (seq %s, "
+                                     "up to send #%d)", self.worker_id, len(resent), seq_ranges(seqs),
+                                     max(sends for _, sends in resent))
 
     def _send(self, frames: list[bytes]) -> bool:
         if not self._client.send(frames):  # refused (counted as send_blocked): keep it spooled, try again later
