@@ -152,3 +152,41 @@ def test_a_worker_that_cannot_reach_the_relay_says_so_in_its_progress_line_and_s
     assert f"not connected to the relay at tcp://127.0.0.1:{worker_port} plain text yet (is it running there" \
            in lines[-1].getMessage() and "batch(es) waiting to be delivered" in lines[-1].getMessage()
     assert "it never connected to the relay" in run_summary("early", stats)
+
+
+SLOW_SENSOR = '''
+    import time
+
+
+    class SlowSensor(OneActionInterface):
+        """Its readings take 40 ms, at a 20 ms time step."""
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-1.0, 1.0, (1,), np.float32),))
+
+        def reset(self, seed=None, options=None):
+            return [np.zeros(1, dtype=np.float32)], {}
+
+        def get_obs_rew_terminated_info(self):
+            time.sleep(0.04)
+            return [np.zeros(1, dtype=np.float32)], 0.0, False, {}
+'''
+
+
+def test_a_real_time_env_slower_than_its_time_step_is_named_in_the_progress_line(plug_interface, monkeypatch, caplog):
+    """An outside probe: 250 steps of an 80 ms sensor at 50 ms steps gave 496 lines of rtgym warnings and a progress
+    line of '8 steps/s' that never said it should have been 20."""
+    from tmrl_worker import runtime
+
+    monkeypatch.setattr(runtime, "PROGRESS_EVERY_S", 0.5)
+    env = make_env(f"{plug_interface('slow_sensor', SLOW_SENSOR)}:SlowSensor", time_step_duration=0.02,
+                   max_episode_steps=1000)
+    loop = RolloutLoop(env, ListSink(), None, UniformPolicy(env.action_dim, seed=0), batch_steps=16, seed=0)
+    try:
+        with caplog.at_level("INFO", logger="tmrl_worker.runtime"):
+            loop.run(max_steps=40)
+    finally:
+        env.close()
+    lines = [r for r in caplog.records if "steps/s" in r.getMessage()]
+    assert lines and all(r.levelname == "WARNING" for r in lines)
+    assert "slower than the 50 steps/s of time_step_duration 0.02 s: the env's calls" in lines[-1].getMessage()

@@ -84,6 +84,11 @@ def run(
     }
     effective = load_config_for_command(WorkerConfig, "worker", config, overrides=overrides, show_config=show_config)
     configure_logging(log_level)
+    import warnings
+
+    # rtgym warns at every step that overran its time step, each with its own text (so Python shows them all): an
+    # env slower than its rate is said once per progress line instead (WorkerRuntime._report)
+    warnings.filterwarnings("ignore", message="Time-step timed out", category=UserWarning)
     import torch
     from tmrl_common.curve import KeyFileError
     from tmrl_common.sockets import SecurityError

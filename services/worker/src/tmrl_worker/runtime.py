@@ -266,6 +266,10 @@ class BestPolicyKeeper:
         return True
 
 
+SLOW_STEPS_FRACTION = 0.8
+"""A real-time env stepping at less than this fraction of its rate (1 / time_step_duration) is reported as slow."""
+
+
 @dataclass
 class RolloutStats:
     """What the loop did so far."""
@@ -410,10 +414,18 @@ class RolloutLoop:
     def _report(self, seconds: float, steps: int) -> None:
         recent = self.stats.recent_returns
         mean = f"{sum(recent) / len(recent):.2f} over the last {len(recent)}" if recent else "n/a"
-        problem = getattr(self.sink, "delivery_problem", lambda: None)()  # a RelayLink says when it cannot deliver
+        problems = [getattr(self.sink, "delivery_problem", lambda: None)()]  # a RelayLink says when it cannot deliver
+        rate = steps / max(seconds, 1e-9)
+        step_seconds = self.env.step_seconds if self.env.realtime else None
+        if step_seconds and steps >= 3 and rate < SLOW_STEPS_FRACTION / step_seconds:
+            # rtgym stretches a step whose calls overran it (it warns at every such step: the CLI hides those)
+            problems.append(f"slower than the {1 / step_seconds:.0f} steps/s of time_step_duration {step_seconds:g} "
+                            f"s: the env's calls (get_obs_rew_terminated_info, send_control) or the policy take "
+                            f"longer than a step, about {seconds / steps:.3f} s each")
+        problem = "; ".join(p for p in problems if p)
         log.log(logging.WARNING if problem else logging.INFO,
                 "%s: %d steps (%.0f steps/s), %d episodes, mean return %s, weights version %d, %d batches handed over%s",
-                self.worker_id, self.stats.steps, steps / max(seconds, 1e-9), self.stats.episodes, mean,
+                self.worker_id, self.stats.steps, rate, self.stats.episodes, mean,
                 self.policy.version, self.stats.batches_submitted, f"; {problem}" if problem else "")
 
     def _keep_if_best(self, keeper: BestPolicyKeeper, info: dict) -> None:
