@@ -352,3 +352,25 @@ def test_a_revoked_workers_id_is_free_for_its_new_key_without_a_restart(context,
         old.send(make_batch(8))  # the revoked connection still gets nothing through
         assert old.recv_type("error")[1].reason == "unknown_sender"
         assert not trainer.socket.poll(300)
+
+
+def test_a_refused_key_is_logged_with_the_key_and_the_link_that_allows_it(context, tmp_path, keys, caplog):
+    """Deployment probe: a refused handshake was logged without the client's key, so the operator could not tell
+    which client it was, nor that it was an allowed worker pointed at the trainer's port."""
+    caplog.set_level(logging.WARNING, logger="tmrl_common.curve")
+    with relay_in_thread(_config(tmp_path, keys)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        lost_worker = _peer(context, relay.ports.trainer_port, keys, "worker-1", "worker-1")
+        lost_worker.hello("trainer")
+        stranger = _peer(context, relay.ports.worker_port, keys, "intruder", "worker-9")
+        stranger.hello("worker")
+        wait_until(lambda: (value("tmrl_relay_handshake_failures_total", {"link": "trainer", "kind": "auth"}) or 0) >= 1
+                   and (value("tmrl_relay_handshake_failures_total", {"link": "workers", "kind": "auth"}) or 0) >= 1,
+                   what="both refusals")
+    lines = [r.getMessage() for r in caplog.records if "refused the CurveZMQ key" in r.getMessage()]
+    worker_key = load_public_key(keys["worker-1"].public_file).decode()
+    intruder_key = load_public_key(keys["intruder"].public_file).decode()
+    assert any(worker_key in line and "on tmrl-trainer" in line and "allowed on tmrl-weights, tmrl-workers: a client "
+               "pointed at the wrong port?" in line for line in lines), lines
+    assert any(intruder_key in line and "on tmrl-workers: not in its allow-list" in line and "allowed on" not in line
+               for line in lines), lines

@@ -27,6 +27,7 @@ import zmq.auth
 from zmq.utils import z85
 
 from tmrl_common.atomic_file import write_atomically
+from tmrl_common.log_limit import RateLimitedLog
 
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
@@ -233,6 +234,7 @@ class AllowedKeySets:
     def __init__(self) -> None:
         self._keys: dict[str, frozenset[bytes]] = {}
         self._lock = threading.Lock()
+        self._refusal_log = RateLimitedLog(log, interval_s=30.0)
 
     def replace(self, keys: dict[str, frozenset[bytes]]) -> None:
         with self._lock:
@@ -243,8 +245,19 @@ class AllowedKeySets:
             return self._keys.get(domain, frozenset())
 
     def callback(self, domain: str, key: bytes) -> bool:
-        """pyzmq's credentials-provider hook: ``key`` is the client's Z85 public key."""
-        return key in self.allowed(domain)
+        """pyzmq's credentials-provider hook: ``key`` is the client's Z85 public key. A refusal is logged with the
+        key (at most once per key and domain every 30 s), and the domains that do allow it: a key allowed elsewhere
+        is most often a client pointed at the wrong port."""
+        with self._lock:
+            keys = self._keys
+        if key in keys.get(domain, frozenset()):
+            return True
+        elsewhere = sorted(other for other, allowed in keys.items() if other != domain and key in allowed)
+        self._refusal_log.warning((domain, key), "refused the CurveZMQ key %s on %s: not in its allow-list%s",
+                                  key.decode("ascii", errors="replace"), domain,
+                                  f" (allowed on {', '.join(elsewhere)}: a client pointed at the wrong port?)"
+                                  if elsewhere else "")
+        return False
 
 
 def read_domains(domains: dict[str, Path], exclusive: tuple[set[str], set[str]] | None = None,
