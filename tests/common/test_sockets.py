@@ -122,3 +122,19 @@ def test_secure_socket_without_keys_says_how_to_generate_them(context):
     with pytest.raises(SecurityError, match="keys generate"):
         secure_client_socket(socket, SecurityConfig())
     socket.close()
+
+
+def test_a_relay_host_name_that_does_not_resolve_is_warned_about_and_addresses_are_not_looked_up(caplog):
+    """Deployment probe: a relay_host that does not resolve gave only 'not connected ... (is it running there)'."""
+    from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
+
+    def endpoint(host: str) -> RelayEndpoint:
+        return RelayEndpoint(host, 5555, TransportConfig(), SecurityConfig(insecure=True))
+
+    with caplog.at_level("WARNING", logger="tmrl_common.sockets"):
+        assert endpoint("127.0.0.1").warn_if_unresolvable() and endpoint("::1").warn_if_unresolvable()
+        assert endpoint("localhost").warn_if_unresolvable()
+        assert not caplog.records
+        assert not endpoint("relay-host.invalid").warn_if_unresolvable()  # .invalid never resolves (RFC 2606)
+    [record] = caplog.records
+    assert "relay_host 'relay-host.invalid' does not resolve" in record.getMessage()

@@ -20,16 +20,20 @@ Typical client::
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from socket import SOCK_STREAM, getaddrinfo
 
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tmrl_common.config import refuse_empty_path
 from tmrl_common.curve import load_public_key, load_secret_key
+
+log = logging.getLogger(__name__)
 
 ZMQ_INT_MAX = 2**31 - 1
 """The largest value of ZeroMQ's ``int`` socket options (all of :class:`TransportConfig`'s but ``max_frame_bytes``):
@@ -216,6 +220,23 @@ class RelayEndpoint:
             socket.disconnect(tcp_endpoint(self.host, self.port))
         except zmq.ZMQError:  # already gone: nothing is being retried
             pass
+
+    def warn_if_unresolvable(self) -> bool:
+        """Log a warning when :attr:`host` is a name that does not resolve now (a typo, or DNS not up yet): ZeroMQ
+        would only retry it silently, and the client would say it is not connected. False in that case."""
+        try:
+            ipaddress.ip_address(self.host.strip("[]"))
+            return True  # an address: nothing to resolve
+        except ValueError:
+            pass
+        try:
+            getaddrinfo(self.host, self.port, type=SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            log.warning("relay_host %r does not resolve (%s): check the name; the connection is retried, so a name "
+                        "that resolves later (DNS still coming up) is used then", self.host,
+                        getattr(exc, "strerror", None) or exc)
+            return False
+        return True
 
     def check_security(self) -> None:
         """Load the CurveZMQ key files now (raises :class:`~tmrl_common.sockets.SecurityError` or

@@ -139,8 +139,10 @@ class TrainerLink:
             self._pending_weights = update
 
     def check_security(self) -> None:
-        """Load the CurveZMQ key files now so a misconfiguration stops the trainer before it starts."""
+        """Load the CurveZMQ key files now so a misconfiguration stops the trainer before it starts (and warn when
+        the relay's host name does not resolve)."""
         self.endpoint.check_security()
+        self.endpoint.warn_if_unresolvable()
 
     def describe(self) -> str:
         return self.endpoint.describe()

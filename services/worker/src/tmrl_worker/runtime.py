@@ -575,7 +575,9 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
     ``exit_if_stuck`` (the ``tmrl-worker run`` process, never a library caller: it ends the process): when ``stop``
     is set and the env's current call has not returned ``stop_grace_s`` later, :func:`_end_a_stuck_rollout` delivers
     what was sent and exits with status 1."""
-    RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security).check_security()
+    endpoint = RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security)
+    endpoint.check_security()
+    endpoint.warn_if_unresolvable()
     if stop is None:
         stop = threading.Event()  # still needed: the sender thread sets it when it gives up
     state_lock = lock_worker_state(config.state_dir, config.worker_id)  # one process per worker id and state folder
