@@ -122,7 +122,10 @@ def test_a_refused_key_may_also_be_a_client_on_the_other_roles_port():
     endpoint = RelayEndpoint("127.0.0.1", 5555, TransportConfig(), SecurityConfig(insecure=False))
     for role in ("trainer", "worker"):
         advice = HandshakeWatch("t", endpoint, role).advice("refused")
-        assert f"Or port 5555 is not the relay's {role}_port: each port admits its own role's keys only" in advice
+        assert f"either port 5555 is not the relay's {role}_port (each port admits its own role's keys only; the " \
+               "relay's log names the port that allows this key), or the key is not in its" in advice
+    trainer = HandshakeWatch("t", endpoint, "trainer").advice("refused")
+    assert "`tmrl-relay keys generate --name trainer` on another host" in trainer  # not only the one-machine keys init
 
 
 def test_a_dropped_handshake_of_a_plain_text_client_is_blamed_on_the_mechanism_not_a_server_key():

@@ -176,14 +176,16 @@ class HandshakeWatch:
             # A worker's key given to the trainer is refused the same way, and `keys add --role trainer` then refuses
             # it too (one key, one role): the trainer's advice names its own pair first.
             own_pair = ("If that is a worker's key, do not allow it as the trainer: start the trainer with its own pair "
-                        "(`tmrl-relay keys init` made keys/trainer.key_secret). Otherwise, on" if self.role == "trainer"
+                        "(`tmrl-relay keys init` makes keys/trainer.key_secret on a one-machine setup, `tmrl-relay "
+                        "keys generate --name trainer` on another host). Otherwise, on" if self.role == "trainer"
                         else "If that is the trainer's key, do not allow it as a worker: give this worker its own pair "
                         "(`tmrl-relay keys generate`). If it was removed on purpose, stop this worker. Otherwise, on")
-            return (f"the relay at {where} refused this {self.role}'s key: {self._public_key_file()} is not in its "
+            return (f"the relay at {where} refused this {self.role}'s key {self._public_key_file()}: either port "
+                    f"{self.endpoint.port} is not the relay's {self.role}_port (each port admits its own role's keys "
+                    f"only; the relay's log names the port that allows this key), or the key is not in its "
                     f"{self.role} allow-list. {own_pair} the relay host run `tmrl-relay keys add "
                     f"{self._public_key_file()} --allow-dir ALLOW --role {self.role}` (ALLOW: the relay's "
-                    f"--allow-dir; from another host, copy that file there first). Or port {self.endpoint.port} is not "
-                    f"the relay's {self.role}_port: each port admits its own role's keys only; retrying every "
+                    f"--allow-dir; from another host, copy that file there first); retrying every "
                     f"{self.retry_s:.0f}s")
         if kind == "mechanism" or (kind == "dropped" and self.endpoint.security.insecure):
             # a plain-text client against a CurveZMQ relay sees a drop before the mechanism mismatch: no server key
