@@ -190,3 +190,18 @@ def test_a_real_time_env_slower_than_its_time_step_is_named_in_the_progress_line
     lines = [r for r in caplog.records if "steps/s" in r.getMessage()]
     assert lines and all(r.levelname == "WARNING" for r in lines)
     assert "slower than the 50 steps/s of time_step_duration 0.02 s: the env's calls" in lines[-1].getMessage()
+
+
+def test_the_summary_of_a_worker_that_never_connected_names_the_handshake_that_failed():
+    """Deployment probe: after a wrong server key the summary still asked whether the relay was running."""
+    from tmrl_worker.cli import run_summary
+    from tmrl_worker.runtime import RolloutStats
+
+    delivery = {"steps_submitted": 40, "batches_built": 2, "spool_acked": 0, "spool_resent": 0, "spool_dropped": 0,
+                "spool_batches": 2, "batches_rejected": 0, "connections": 0, "handshake_refused": 0}
+    stats = RolloutStats(steps=40, delivery={**delivery, "handshake_dropped": 3})
+    assert run_summary("w", stats).endswith("; it never connected to the relay: the relay dropped its CurveZMQ "
+                                            "handshake: is server_public_key_file the relay's key? (3 time(s))")
+    stats = RolloutStats(steps=40, delivery=delivery)  # nothing answered at all
+    assert run_summary("w", stats).endswith("; it never connected to the relay (is it running, on this worker's "
+                                            "relay_host and worker_port?)")

@@ -131,7 +131,14 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
         if reasons:
             summary += f" ({', '.join(f'{reason}: {count}' for reason, count in reasons)})"
         if not delivery.get("connections") and delivery["steps_submitted"] and not delivery.get("handshake_refused"):
-            summary += "; it never connected to the relay (is it running, on this worker's relay_host and worker_port?)"
+            failed = [(delivery.get(f"handshake_{kind}") or 0, why) for kind, why in (
+                ("dropped", "the relay dropped its CurveZMQ handshake: is server_public_key_file the relay's key?"),
+                ("mechanism", "one side runs --insecure, the other CurveZMQ"),
+                ("silent", "something answered TCP there but no ZeroMQ handshake: is it the relay's worker_port?"))]
+            failed = [f"{why} ({count} time(s))" for count, why in failed if count]
+            summary += ("; it never connected to the relay: " + "; ".join(failed) if failed else
+                        "; it never connected to the relay (is it running, on this worker's relay_host and "
+                        "worker_port?)")
         if delivery.get("handshake_refused"):
             summary += f"; the relay refused this worker's key {delivery['handshake_refused']} time(s)"
             summary += (" (and allowed it at other times: the key was added late, or removed while this worker ran)"
