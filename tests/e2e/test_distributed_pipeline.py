@@ -75,7 +75,7 @@ def test_two_workers_feed_the_trainer_and_run_on_published_weights(tmp_path):
         assert list((tmp_path / "trainer-run" / "checkpoints").glob("checkpoint-*.safetensors"))
         metrics = (tmp_path / "trainer-run" / "metrics.jsonl").read_text().splitlines()
         kinds = {json.loads(line)["kind"] for line in metrics}
-        assert kinds == {"episode", "train"}
+        assert kinds == {"start", "episode", "train"}
         for worker in workers:
             state = json.loads((tmp_path / "worker-state" / f"{worker}.state.json").read_text())
             assert state["worker_id"] == worker and state["reserved_until"] > 0

@@ -340,6 +340,20 @@ def test_a_checkpoint_just_saved_is_never_pruned_and_leftovers_of_interrupted_wr
                                          "checkpoint-000000000900.safetensors"]
 
 
+def test_each_trainer_process_marks_where_its_metrics_records_begin(tmp_path):
+    """Persistence probe: after a crash, metrics.jsonl kept the killed run's records past its last checkpoint and
+    the next run's 'updates' went back (12,800 -> 12,650) with nothing to say why."""
+    from tmrl_trainer.status import METRICS_FILE, read_metrics
+
+    first = TrainerService(make_config(tmp_path))
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=4) == 4
+    second = TrainerService(make_config(tmp_path))
+    second.shutdown()
+    starts = [r for r in read_metrics(first.run_dir / METRICS_FILE) if r["kind"] == "start"]
+    assert [(r["updates"], r["checkpoint"]) for r in starts] == [(0, None), (4, "checkpoint-000000000004.safetensors")]
+
+
 def test_a_deleted_run_directory_is_reported_once(tmp_path, caplog):
     """An outside probe: the folder deleted under a running trainer went unnoticed, and a second trainer then
     started in the re-created one beside it."""

@@ -312,6 +312,8 @@ class TrainerService:
         """True when the checkpoint at shutdown could not be saved (``tmrl-trainer run`` then exits with status 1)."""
         self._started = time.time()
         previous_run = read_previous_status(self.run_dir / STATUS_FILE)  # before this run's status replaces it
+        self._resumed_checkpoint: str | None = None
+        """The name of the checkpoint this run resumed from (``None``: a fresh start)."""
         try:
             self._resume()  # before anything is ingested: a saved memory is loaded into the empty one
         except BaseException:
@@ -320,6 +322,7 @@ class TrainerService:
             raise
         # metrics.jsonl / TensorBoard rates count this run's progress: updates continue the checkpoint's count
         self.recorder.set_rate_baseline(self.learner.updates, self.rows_received)
+        self.recorder.start(self.learner.updates, self.weights_version, self._resumed_checkpoint)
         self._report_lost_progress(previous_run)
         if config.sac.learning_starts > config.memory_capacity:  # an ingest-only trainer, or a typo: say which it is
             log.warning("sac.learning_starts (%d) exceeds memory_capacity (%d): this trainer stores samples but will "
@@ -439,6 +442,7 @@ class TrainerService:
         return f"set aside as {refused.name}, its replay memory file as {memory_refused.name}"
 
     def _resumed_from(self, path: Path, restored: Checkpoint) -> None:
+        self._resumed_checkpoint = path.name
         self.last_checkpoint_updates = self.learner.updates
         self.weights_version = int(restored.counters.get("weights_version", 0))
         self.samples_before_run = int(restored.counters.get("samples_received", 0))

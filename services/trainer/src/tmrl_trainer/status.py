@@ -5,7 +5,8 @@
   by its latest batch, episodes and the last return. Other tools (the demo, the end-to-end test, an operator's
   ``watch cat``) read it; they never see half a file.
 * ``metrics.jsonl``: one JSON object per line (:class:`RunRecorder`): ``{"kind": "episode", ...}`` for every finished
-  episode of every worker and ``{"kind": "train", ...}`` for learner metrics. Append-only; the demo's learning curve
+  episode of every worker, ``{"kind": "train", ...}`` for learner metrics and ``{"kind": "start", ...}`` where each
+  trainer process begins (the update count and checkpoint it resumed from). Append-only; the demo's learning curve
   is drawn from it.
 * ``tensorboard/``: the same values as TensorBoard scalars (``episode_return/<worker>``, ``train/<metric>``).
 """
@@ -60,6 +61,13 @@ class RunRecorder:
     def _write(self, record: dict[str, Any]) -> None:
         with self._lock:
             self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
+
+    def start(self, updates: int, weights_version: int, checkpoint: str | None) -> None:
+        """A ``start`` record: where this process's records continue from. After a crash, the records the killed
+        run wrote past its last checkpoint stay in the file, so ``updates`` may go back at this line."""
+        now = time.time()
+        self._write({"kind": "start", "time": now, "elapsed_s": 0.0, "updates": updates,
+                     "weights_version": weights_version, "checkpoint": checkpoint})
 
     def episode(self, record: EpisodeRecord) -> None:
         self._write({
