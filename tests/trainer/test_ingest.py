@@ -524,3 +524,21 @@ def test_a_worker_held_by_a_restored_dedupe_state_is_admitted_beyond_max_workers
     assert ingestor.handle(batch_frames("newer", 0, [1.0])) == []
     assert answers(ingestor.handle(batch_frames("old", 0, [1.0]))) == [("old", [0], "duplicate", "")]
     assert acked(ingestor.handle(batch_frames("old", 1, [1.0]))) == [("old", [1])]
+
+
+def test_a_batch_claiming_weights_newer_than_any_published_is_stored_counted_and_logged_once(caplog):
+    """Adversarial probe: a client's absurd weights_version (2**62) showed in status.json as if it were true. An
+    honest worker can claim more too (it still holds the weights of a previous trainer run), so it is stored."""
+    published = {"version": 7}
+    memory = ReplayMemory(LAYOUT, capacity=1000)
+    ingestor = Ingestor("trainer", LAYOUT, store=memory.add_batch, published_version=lambda: published["version"])
+    with caplog.at_level("WARNING"):
+        acked(ingestor.handle(batch_frames("w1", 0, [1.0], version=7)))
+        acked(ingestor.handle(batch_frames("w1", 1, [1.0], first=False, version=2**62)))
+        acked(ingestor.handle(batch_frames("w1", 2, [1.0], first=False, version=2**62)))
+        published["version"] = 9
+        acked(ingestor.handle(batch_frames("w1", 3, [1.0], first=False, version=9)))
+    stats = ingestor.snapshot()["workers"]["w1"]
+    assert stats["batches"] == 4 and stats["batches_ahead"] == 2 and stats["weights_version"] == 9
+    lines = [r.getMessage() for r in caplog.records if "has published up to" in r.getMessage()]
+    assert len(lines) == 1 and f"weights version {2**62}, but this trainer has published up to 7" in lines[0]

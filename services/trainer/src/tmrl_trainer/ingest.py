@@ -338,6 +338,9 @@ class WorkerStats:
     weights_version: int = 0
     """Weights version carried by this worker's most recent stored batch."""
     max_weights_version: int = 0
+    batches_ahead: int = 0
+    """Stored batches whose ``weights_version`` is above every version this trainer had published when they came:
+    the worker acts with another trainer run's weights (a new run folder), or misreports its version."""
     episodes: int = 0
     last_return: float | None = None
     hellos: int = 0
@@ -404,6 +407,7 @@ class Ingestor:
         store_lock: AbstractContextManager | None = None,
         bounds: ValueBounds | None = ValueBounds(),  # noqa: B008 - frozen, shared safely
         max_workers: int = DEFAULT_MAX_WORKERS,
+        published_version: Callable[[], int] | None = None,
     ) -> None:
         self.trainer_id = trainer_id
         self.layout = layout
@@ -429,6 +433,9 @@ class Ingestor:
         self.over_worker_cap = 0
         """Messages from a new worker id left unanswered because ``max_workers`` ids are already tracked."""
         self._cap_log = RateLimitedLog(log, interval_s=30.0)
+        self.published_version = published_version
+        """The newest weights version this trainer has published (``None``: batches' versions are not judged)."""
+        self._ahead_log = RateLimitedLog(log, interval_s=300.0)
         self.batches_stored = 0
         self.rows_stored = 0
         self.duplicates = 0
@@ -596,9 +603,18 @@ class Ingestor:
             stats.max_seq = seq if stats.max_seq is None else max(stats.max_seq, seq)
             stats.weights_version = batch.weights_version
             stats.max_weights_version = max(stats.max_weights_version, batch.weights_version)
+            published = self.published_version() if self.published_version is not None else None
+            ahead = published is not None and batch.weights_version > published
+            stats.batches_ahead += ahead
             for record in finished:
                 stats.episodes += 1
                 stats.last_return = record.episode_return
+        if ahead:
+            self._ahead_log.warning(("ahead", worker), "%s: batch seq %d says it was collected with weights version "
+                                    "%d, but this trainer has published up to %d: the worker acts with another "
+                                    "trainer run's weights (it follows this one's as they come) or misreports its "
+                                    "version (stored; counted per worker as batches_ahead)", worker, seq,
+                                    batch.weights_version, published)
         for record in finished:
             log.debug("%s: episode return %.2f over %d steps (weights version %d)", worker, record.episode_return,
                      record.length, record.weights_version)

@@ -289,6 +289,7 @@ class TrainerService:
             config.trainer_id, self.layout, store=self._store, on_episode=self.recorder.episode,
             allowed_workers=frozenset(config.allowed_workers) or None, store_lock=self.memory_lock,
             bounds=ValueBounds(config.max_abs_reward, config.max_abs_observation), max_workers=config.max_workers,
+            published_version=lambda: self.weights_version,
         )
         self._context = zmq.Context()
         self.link = TrainerLink(config.trainer_id, config.relay_host, config.trainer_port, config.transport,
