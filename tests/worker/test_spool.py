@@ -206,3 +206,53 @@ def test_a_second_process_under_one_worker_id_and_state_folder_is_refused_until_
         held.release()
     assert run_worker(config).steps == 20
     lock_worker_state(tmp_path, "twin").release()  # the run let go of it
+
+
+def test_a_state_file_older_than_the_durable_spool_moves_the_numbering_above_the_spooled_seqs(tmp_path, caplog):
+    """Worker persistence probe: a state file whose next number was at or below a batch restored from the durable
+    spool crashed the sender thread ('seq ... is already spooled', a traceback, exit 1)."""
+    import json as json_module
+
+    from tmrl_common.sockets import SecurityConfig, TransportConfig
+    from tmrl_stack import free_ports
+    from tmrl_worker.config import WorkerConfig
+    from tmrl_worker.runtime import run_worker, spool_directory
+
+    worker_port, weights_port = free_ports(2)  # no relay: everything stays spooled
+    config = WorkerConfig(worker_id="old", env="sim-fast", max_steps=30, max_steps_per_second=300, batch_steps=10,
+                          worker_port=worker_port, weights_port=weights_port, state_dir=tmp_path, flush_timeout_s=0.1,
+                          durable_spool=True, transport=TransportConfig(linger_ms=0),
+                          security=SecurityConfig(insecure=True))
+    Spool(10, 10_000_000, owner="old", directory=spool_directory(config)).add(10, [b"envelope", b"body"])
+    (tmp_path / "old.state.json").write_text(json_module.dumps({"worker_id": "old", "reserved_until": 10}))
+    with caplog.at_level("WARNING", logger="tmrl_worker.runtime"):
+        stats = run_worker(config)
+    assert stats.steps == 30 and stats.delivery["spool_batches"] >= 4  # the restored one and this run's
+    assert "the spool holds batch seq 10, at or above the state file's next number: numbering goes on from seq 11" \
+        in caplog.text
+    assert json_module.loads((tmp_path / "old.state.json").read_text())["reserved_until"] > 11
+
+
+def test_a_full_spool_and_failed_spool_writes_cost_a_line_per_burst_and_unwritten_batches_are_known(tmp_path, caplog,
+                                                                                                    monkeypatch):
+    """Worker persistence probe: 'spool full' was logged once per dropped batch (2,464 lines), and at stop the
+    worker said its unacknowledged batches were kept on disk when most had never been written (a full disk)."""
+    from tmrl_worker import spool as spool_module
+
+    spool = Spool(max_batches=2, max_bytes=10_000_000, owner="w", directory=tmp_path / "spool")
+    with caplog.at_level("WARNING", logger="tmrl_worker.spool"):
+        for seq in range(50):
+            spool.add(seq, frames(1))
+
+        def disk_full(path, data, mode=0o644):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(spool_module, "write_atomically", disk_full)
+        for seq in range(50, 60):
+            spool.add(seq, frames(1))
+    full = [r for r in caplog.records if "spool full" in r.getMessage()]
+    unwritable = [r for r in caplog.records if "could not write batch" in r.getMessage()]
+    assert len(full) == 1 and len(unwritable) == 1 and spool.counters.dropped == 58
+    assert spool.unwritten == {58, 59}  # the two still spooled; the dropped ones are forgotten
+    spool.ack([58])
+    assert spool.unwritten == {59}

@@ -223,3 +223,68 @@ def test_a_link_that_never_reached_the_relay_does_not_wait_out_its_flush_timeout
         assert link.snapshot()["spool_batches"] == 1  # still spooled, not dropped
     finally:
         link.stop()
+
+
+def test_a_new_batch_answered_duplicate_on_its_only_send_is_counted_lost_and_the_numbering_moves_on(context, tmp_path,
+                                                                                                   caplog):
+    """Worker persistence probe: a state file restored from an older copy made the worker reuse seqs; the trainer
+    answered 70 of 72 batches 'duplicate' (rows never stored) and the worker counted them acknowledged, silently."""
+    relay = FakeRelay(context)
+    link = make_link(context, relay.port, tmp_path, ack_timeout_s=60.0)
+    link.start()
+    try:
+        with caplog.at_level("ERROR", logger="tmrl_worker.relay_link"):
+            routing_id, _, _ = relay.receive_type(Hello)
+            link.submit(filled_builder(3), weights_version=1)
+            _, _, first = relay.receive_type(SampleBatch)
+            relay.ack(routing_id, "w-test", [first.seq], outcome="duplicate")  # the trainer had seq 0 from before
+            wait_for(lambda: link.snapshot()["seqs_reused"] == 1)
+            link.submit(filled_builder(3), weights_version=1)
+            _, _, second = relay.receive_type(SampleBatch)
+        assert second.seq >= time.time_ns() // 1000 - 60_000_000  # moved to the clock's microseconds
+        [line] = [r.getMessage() for r in caplog.records if "NOT stored" in r.getMessage()]
+        assert "batch seq 0, which this run built and sent once" in line and "w-test.state.json" in line
+        relay.ack(routing_id, "w-test", [second.seq])
+        assert link.flush(timeout=3.0) and link.snapshot()["seqs_reused"] == 1
+    finally:
+        link.stop()
+        relay.close()
+
+
+def test_a_resend_answered_duplicate_is_not_taken_for_a_reused_number(context, tmp_path):
+    relay = FakeRelay(context)
+    link = make_link(context, relay.port, tmp_path, ack_timeout_s=0.2)
+    link.start()
+    try:
+        routing_id, _, _ = relay.receive_type(Hello)
+        link.submit(filled_builder(3), weights_version=1)
+        relay.receive_type(SampleBatch)
+        _, _, again = relay.receive_type(SampleBatch, timeout_s=3.0)  # its ack was lost: resent
+        relay.ack(routing_id, "w-test", [again.seq], outcome="duplicate")
+        assert link.flush(timeout=3.0) and link.snapshot()["seqs_reused"] == 0
+    finally:
+        link.stop()
+        relay.close()
+
+
+def test_the_relays_repeated_errors_cost_one_line_per_reason_and_interval(context, tmp_path, caplog):
+    """Worker persistence probe: a connection displaced by a second process under its id was refused at every
+    resend, each refusal a warning line, for as long as it ran."""
+    from tmrl_common.protocol import Error, encode
+
+    relay = FakeRelay(context)
+    link = make_link(context, relay.port, tmp_path, ack_timeout_s=60.0)
+    link.start()
+    try:
+        with caplog.at_level("WARNING", logger="tmrl_worker.relay_link"):
+            routing_id, _, _ = relay.receive_type(Hello)
+            for seq in range(20):
+                refusal = Error(reason="unknown_sender", message="'w-test' said hello on another connection since "
+                                "this one did (two processes under one id?)", ref_type="sample_batch", ref_seq=seq)
+                relay.socket.send_multipart([routing_id, *encode(refusal, "relay")])
+            wait_for(lambda: link.snapshot()["errors_received"] == 20)
+        lines = [r.getMessage() for r in caplog.records if "relay rejected our" in r.getMessage()]
+        assert len(lines) == 1 and "[unknown_sender]" in lines[0]
+    finally:
+        link.stop()
+        relay.close()

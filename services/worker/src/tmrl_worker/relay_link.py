@@ -81,6 +81,9 @@ class LinkCounters:
     weights_received: int = 0
     batches_stored: int = 0
     """Batches the trainer answered ``stored`` or ``duplicate`` (delivered)."""
+    seqs_reused: int = 0
+    """Batches of this run the trainer answered ``duplicate`` on their only send: their seq had been used before (a
+    state file rolled back), so their rows are not stored (counted in ``batches_stored`` too, as answered)."""
     batches_rejected: int = 0
     """Batches refused for good (the trainer's ``rejected`` answer, or the relay's ``oversized``/``malformed``): never
     resent."""
@@ -155,6 +158,8 @@ class RelayLink:
         self.ack_timeout_s = ack_timeout_s
         self.counters = LinkCounters()
         self._resend_log = RateLimitedLog(log, interval_s=RESEND_LOG_INTERVAL_S)
+        self._reused_log = RateLimitedLog(log, interval_s=RESEND_LOG_INTERVAL_S)
+        self._relay_error_log = RateLimitedLog(log, interval_s=RESEND_LOG_INTERVAL_S)
         self.rejects: Counter[str] = Counter()
         """Batches refused for good, by reason."""
         self.refusals = RefusalStreak(max_consecutive_refusals)
@@ -305,6 +310,19 @@ class RelayLink:
                                      "up to send #%d)", self.worker_id, len(resent), seq_ranges(seqs),
                                      max(sends for _, sends in resent))
 
+    def _numbers_used_before(self, seqs: list[int]) -> None:
+        """A batch this run built and sent once cannot be a resend: answered ``duplicate``, its seq was used before
+        (the state file was restored from an older copy, or copied from another worker's ``state_dir``) and its rows
+        are not stored. Count it, say so, and move the numbering to the clock's microseconds, above any number a
+        state file started from the clock can have reached, so that the batches after it are stored."""
+        self.counters.seqs_reused += len(seqs)
+        moved = self.sequence.start_above(time.time_ns() // 1000)
+        self._reused_log.log(logging.ERROR, "reused", "%s: the trainer already held batch seq %s, which this run built and sent "
+                               "once: its number was used before (state file %s restored from an older copy, or "
+                               "copied from another worker), so its rows are NOT stored (%d batch(es) so far)%s",
+                               self.worker_id, seq_ranges(seqs), self.sequence.path, self.counters.seqs_reused,
+                               f"; numbering moves on from seq {self.sequence.next_seq}" if moved else "")
+
     def _send(self, frames: list[bytes]) -> bool:
         if not self._client.send(frames):  # refused (counted as send_blocked): keep it spooled, try again later
             return False
@@ -328,13 +346,21 @@ class RelayLink:
                 self._refused(message.seqs, message.reason, f"the trainer refused it: {message.detail}")
                 return
             with self._lock:
+                reused = ([seq for seq in message.seqs if seq >= self._first_seq_of_run and self.spool.sends_of(seq) == 1]
+                          if message.outcome == "duplicate" else [])
                 self.counters.batches_stored += self.spool.ack(message.seqs)
                 if message.outcome == "stored":  # not "duplicate": see RefusalStreak
                     self.refusals.stored()
+            if reused:
+                self._numbers_used_before(reused)
         elif isinstance(message, Error):
             self.counters.errors_received += 1
-            log.warning("%s: relay rejected our %s%s: [%s] %s", self.worker_id, message.ref_type or "message",
-                        f" seq {message.ref_seq}" if message.ref_seq is not None else "", message.reason, message.message)
+            # at most a line per reason every 10 s: a displaced connection (two processes under one id) is refused
+            # at every resend, for as long as it runs
+            self._relay_error_log.warning(("relay error", message.reason), "%s: relay rejected our %s%s: [%s] %s",
+                                          self.worker_id, message.ref_type or "message",
+                                          f" seq {message.ref_seq}" if message.ref_seq is not None else "",
+                                          message.reason, message.message)
             if message.ref_type == "sample_batch" and message.ref_seq is not None and message.reason in FINAL_AT_RELAY:
                 self._refused([message.ref_seq], message.reason, f"the relay refused it: {message.message}")
         elif isinstance(message, WeightsUpdate):

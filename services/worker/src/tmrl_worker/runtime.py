@@ -508,6 +508,9 @@ def _flush_before_stop(link: RelayLink | None, config: WorkerConfig) -> None:
     if link is not None and not link.flush(timeout=config.flush_timeout_s):
         fate = (f"kept in {link.spool.directory} for the next run" if link.spool.directory is not None
                 else "lost with this process; durable_spool keeps them on disk")
+        unwritten = len(link.spool.unwritten) if link.spool.directory is not None else 0
+        if unwritten:  # their spool files could not be written (a full disk, permissions, a file size limit)
+            fate += f", except {unwritten} whose spool file could not be written: lost with this process"
         log.warning("%s: stopping with %d unacknowledged batch(es) in the spool (%s)", config.worker_id,
                     link.snapshot()["spool_batches"], fate)
 
@@ -597,6 +600,15 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
             feed = WeightsFeed(config.worker_id, RelayEndpoint(config.relay_host, config.weights_port, config.transport,
                                                                config.security), context=context)
             feed.start()
+        # the state file and the spool before the progress file: a start that fails on them must not overwrite the
+        # record of what a killed run lost
+        sequence = SequenceCounter(config.state_dir, config.worker_id)
+        spool = Spool(config.spool_max_batches, config.spool_max_bytes, owner=config.worker_id,
+                      directory=spool_directory(config))
+        if spool.highest_restored is not None and sequence.start_above(spool.highest_restored):
+            log.warning("%s: the spool holds batch seq %d, at or above the state file's next number: numbering goes "
+                        "on from seq %d (the state file was older than the spool)", config.worker_id,
+                        spool.highest_restored, sequence.next_seq)
         if config.mode in ("train", "expert"):
             progress = open_progress_file(config)
         # every mode opens the samples link: the relay answers its hello with the latest weights (issue 14)
@@ -604,9 +616,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
             worker_id=config.worker_id,
             layout=env.layout,
             endpoint=RelayEndpoint(config.relay_host, config.worker_port, config.transport, config.security),
-            sequence=SequenceCounter(config.state_dir, config.worker_id),
-            spool=Spool(config.spool_max_batches, config.spool_max_bytes, owner=config.worker_id,
-                        directory=spool_directory(config)),
+            sequence=sequence,
+            spool=spool,
             ack_timeout_s=config.ack_timeout_s,
             heartbeat_interval_s=config.heartbeat_interval_s,
             context=context,

@@ -38,6 +38,7 @@ from pathlib import Path
 import msgpack
 from filelock import FileLock, Timeout
 from tmrl_common.atomic_file import write_atomically
+from tmrl_common.log_limit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ class Spool:
         self.counters = SpoolCounters()
         self._batches: OrderedDict[int, SpooledBatch] = OrderedDict()
         self._bytes = 0
+        self.unwritten: set[int] = set()
+        """Spooled seqs whose file could not be written (a full disk): held in memory only, lost if the process ends."""
+        self.highest_restored: int | None = None
+        """The highest seq restored from the directory: the sequence counter must hand out numbers above it."""
+        self._log = RateLimitedLog(log, interval_s=10.0)  # spool-full and write-error lines: one per burst
         self.directory = Path(directory).expanduser() if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -138,6 +144,7 @@ class Spool:
                 continue
             self._keep(seq, frames, write=False)
             self.counters.restored += 1
+            self.highest_restored = seq  # found is sorted
         if found:
             log.info("%s: %d unacknowledged batch(es) restored from %s, to be sent again", self.owner,
                      self.counters.restored, self.directory)
@@ -149,10 +156,12 @@ class Spool:
             write_atomically(self._file(seq), msgpack.packb(frames, use_bin_type=True))
         except OSError as exc:
             self.counters.write_errors += 1
-            log.warning("%s: could not write batch seq %d to the spool directory (%s); it is kept in memory only",
-                        self.owner, seq, exc)
+            self.unwritten.add(seq)
+            self._log.warning("write", "%s: could not write batch seq %d to the spool directory (%s); it is kept in "
+                              "memory only (%d batch(es) so far)", self.owner, seq, exc, self.counters.write_errors)
 
     def _forget(self, seq: int) -> None:
+        self.unwritten.discard(seq)
         if self.directory is not None:
             try:
                 self._file(seq).unlink(missing_ok=True)
@@ -190,8 +199,8 @@ class Spool:
             self.counters.dropped_bytes += old.nbytes
             dropped.append(old_seq)
         if dropped:
-            log.warning(
-                "%s: spool full (%d batches / %d bytes max): dropped %d oldest unacknowledged batch(es) seq %s; "
+            self._log.warning(
+                "full", "%s: spool full (%d batches / %d bytes max): dropped %d oldest unacknowledged batch(es) seq %s; "
                 "%d dropped in total", self.owner, self.max_batches, self.max_bytes, len(dropped),
                 seq_ranges(dropped), self.counters.dropped,
             )
@@ -200,6 +209,11 @@ class Spool:
         self._batches[seq] = SpooledBatch(seq=seq, frames=frames, nbytes=nbytes)
         self._bytes += nbytes
         return dropped
+
+    def sends_of(self, seq: int) -> int:
+        """How many times ``seq`` was sent by this process (0: not spooled, or not sent yet)."""
+        entry = self._batches.get(seq)
+        return 0 if entry is None else entry.sends
 
     def mark_sent(self, seq: int, now: float | None = None) -> None:
         entry = self._batches.get(seq)
@@ -330,6 +344,16 @@ class SequenceCounter:
         """The number the next :meth:`take` returns (announced in ``Hello.next_seq``)."""
         with self._lock:
             return self._next
+
+    def start_above(self, seq: int) -> bool:
+        """Never hand out ``seq`` or a lower number from now on (a durable spool's restored batch; numbers found to be
+        used before); True when the next number moved."""
+        with self._lock:
+            if self._next > seq:
+                return False
+            self._next = seq + 1
+            self._reserve()
+            return True
 
     def take(self) -> int:
         """A fresh sequence number; persists a new reservation when the current block is used up."""
