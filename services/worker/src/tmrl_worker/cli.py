@@ -126,6 +126,9 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
                     f"{delivery['spool_acked']} acknowledged, {delivery['spool_resent']} resent, "
                     f"{delivery['spool_dropped']} dropped, {delivery['spool_batches']} unacknowledged, "
                     f"{delivery['batches_rejected']} rejected")  # last: log parsers read the fields before it
+        if delivery.get("not_numbered"):
+            summary += (f"; {delivery['not_numbered']} batch(es) handed over were never numbered nor spooled (the "
+                        "sender thread was still behind when it stopped): lost")
         if delivery.get("seqs_reused"):
             summary += (f"; {delivery['seqs_reused']} of the acknowledged were NOT stored: their seq had been used "
                         "before (a state file restored from an older copy)")

@@ -215,6 +215,8 @@ class RelayLink:
             values["spool_bytes"] = self.spool.nbytes
             values.update({f"rejected.{reason}": count for reason, count in self.rejects.items()})
             values["refused_in_a_row"] = self.refusals.length
+            # handed over, not yet numbered and spooled by the sender thread (after it stopped: lost)
+            values["not_numbered"] = self._submitted - self.counters.batches_built
         values.update({f"handshake_{k}": v for k, v in asdict(self._client.handshake.counters).items()})
         return values
 

@@ -656,6 +656,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
             raise
         _flush_before_stop(link, config)
         if link is not None:
+            link.stop()  # the sender thread numbers and spools what is still in its inbox before it ends: count after
             stats.delivery = link.snapshot()
         loop.record_progress(running=False)
         if link is not None and link.gave_up is not None:
