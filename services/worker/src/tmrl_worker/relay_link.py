@@ -319,11 +319,11 @@ class RelayLink:
         state file started from the clock can have reached, so that the batches after it are stored."""
         self.counters.seqs_reused += len(seqs)
         moved = self.sequence.start_above(time.time_ns() // 1000)
-        self._reused_log.log(logging.ERROR, "reused", "%s: the trainer already held batch seq %s, which this run built and sent "
-                               "once: its number was used before (state file %s restored from an older copy, or "
-                               "copied from another worker), so its rows are NOT stored (%d batch(es) so far)%s",
-                               self.worker_id, seq_ranges(seqs), self.sequence.path, self.counters.seqs_reused,
-                               f"; numbering moves on from seq {self.sequence.next_seq}" if moved else "")
+        self._reused_log.log(logging.ERROR, "reused", "%s: the trainer already held batch seq %s, which this run "
+                             "built and sent once: its number was used before (state file %s restored from an older "
+                             "copy, or copied from another worker), so its rows are NOT stored (%d batch(es) so far)%s",
+                             self.worker_id, seq_ranges(seqs), self.sequence.path, self.counters.seqs_reused,
+                             f"; numbering moves on from seq {self.sequence.next_seq}" if moved else "")
 
     def _send(self, frames: list[bytes]) -> bool:
         if not self._client.send(frames):  # refused (counted as send_blocked): keep it spooled, try again later
