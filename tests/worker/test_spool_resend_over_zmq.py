@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import zmq
 from loopback_relay import FakeRelay, wait_for
 from tmrl_common.batching import SampleBatchBuilder
@@ -188,23 +189,35 @@ def test_a_batch_the_trainer_rejects_is_dropped_counted_by_reason_and_never_rese
         relay.close()
 
 
-def test_batches_resent_for_lack_of_acks_cost_one_log_line_per_interval_not_one_per_batch(context, tmp_path, caplog):
-    """An outside probe: a worker logged 3,627 'resending batch' lines in six minutes of trainer restarts."""
-    relay = FakeRelay(context)
-    link = make_link(context, relay.port, tmp_path, ack_timeout_s=0.1)
-    link.start()
-    try:
-        with caplog.at_level("INFO", logger="tmrl_worker.relay_link"):
-            relay.receive_type(Hello)
-            for _ in range(6):
-                link.submit(filled_builder(3), weights_version=1)
-            wait_for(lambda: link.snapshot()["spool_resent"] >= 18, timeout_s=8.0)  # every batch resent 3 times or so
-        lines = [r.getMessage() for r in caplog.records if "resending" in r.getMessage()]
-        assert len(lines) == 1, lines
-        assert lines[0].startswith("w-test: resending ") and "batch(es) with no ack yet (seq " in lines[0]
-    finally:
+@pytest.fixture
+def linked(context, tmp_path):
+    """``linked(ack_timeout_s)``: a fake relay and a started link to it, both closed after the test."""
+    made = []
+
+    def make(ack_timeout_s: float = 60.0) -> tuple[FakeRelay, RelayLink]:
+        relay = FakeRelay(context)
+        link = make_link(context, relay.port, tmp_path, ack_timeout_s=ack_timeout_s)
+        link.start()
+        made.append((relay, link))
+        return relay, link
+
+    yield make
+    for relay, link in made:
         link.stop()
         relay.close()
+
+
+def test_batches_resent_for_lack_of_acks_cost_one_log_line_per_interval_not_one_per_batch(linked, caplog):
+    """An outside probe: a worker logged 3,627 'resending batch' lines in six minutes of trainer restarts."""
+    relay, link = linked(ack_timeout_s=0.1)
+    with caplog.at_level("INFO", logger="tmrl_worker.relay_link"):
+        relay.receive_type(Hello)
+        for _ in range(6):
+            link.submit(filled_builder(3), weights_version=1)
+        wait_for(lambda: link.snapshot()["spool_resent"] >= 18, timeout_s=8.0)  # every batch resent 3 times or so
+    lines = [r.getMessage() for r in caplog.records if "resending" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("w-test: resending ") and "batch(es) with no ack yet (seq " in lines[0]
 
 
 def test_a_link_that_never_reached_the_relay_does_not_wait_out_its_flush_timeout(context, tmp_path):
@@ -225,66 +238,47 @@ def test_a_link_that_never_reached_the_relay_does_not_wait_out_its_flush_timeout
         link.stop()
 
 
-def test_a_new_batch_answered_duplicate_on_its_only_send_is_counted_lost_and_the_numbering_moves_on(context, tmp_path,
-                                                                                                   caplog):
+def test_a_new_batch_answered_duplicate_on_its_only_send_is_counted_lost_and_the_numbering_moves_on(linked, caplog):
     """Worker persistence probe: a state file restored from an older copy made the worker reuse seqs; the trainer
     answered 70 of 72 batches 'duplicate' (rows never stored) and the worker counted them acknowledged, silently."""
-    relay = FakeRelay(context)
-    link = make_link(context, relay.port, tmp_path, ack_timeout_s=60.0)
-    link.start()
-    try:
-        with caplog.at_level("ERROR", logger="tmrl_worker.relay_link"):
-            routing_id, _, _ = relay.receive_type(Hello)
-            link.submit(filled_builder(3), weights_version=1)
-            _, _, first = relay.receive_type(SampleBatch)
-            relay.ack(routing_id, "w-test", [first.seq], outcome="duplicate")  # the trainer had seq 0 from before
-            wait_for(lambda: link.snapshot()["seqs_reused"] == 1)
-            link.submit(filled_builder(3), weights_version=1)
-            _, _, second = relay.receive_type(SampleBatch)
-        assert second.seq >= time.time_ns() // 1000 - 60_000_000  # moved to the clock's microseconds
-        [line] = [r.getMessage() for r in caplog.records if "NOT stored" in r.getMessage()]
-        assert "batch seq 0, which this run built and sent once" in line and "w-test.state.json" in line
-        relay.ack(routing_id, "w-test", [second.seq])
-        assert link.flush(timeout=3.0) and link.snapshot()["seqs_reused"] == 1
-    finally:
-        link.stop()
-        relay.close()
-
-
-def test_a_resend_answered_duplicate_is_not_taken_for_a_reused_number(context, tmp_path):
-    relay = FakeRelay(context)
-    link = make_link(context, relay.port, tmp_path, ack_timeout_s=0.2)
-    link.start()
-    try:
+    relay, link = linked()
+    with caplog.at_level("ERROR", logger="tmrl_worker.relay_link"):
         routing_id, _, _ = relay.receive_type(Hello)
         link.submit(filled_builder(3), weights_version=1)
-        relay.receive_type(SampleBatch)
-        _, _, again = relay.receive_type(SampleBatch, timeout_s=3.0)  # its ack was lost: resent
-        relay.ack(routing_id, "w-test", [again.seq], outcome="duplicate")
-        assert link.flush(timeout=3.0) and link.snapshot()["seqs_reused"] == 0
-    finally:
-        link.stop()
-        relay.close()
+        _, _, first = relay.receive_type(SampleBatch)
+        relay.ack(routing_id, "w-test", [first.seq], outcome="duplicate")  # the trainer had seq 0 from before
+        wait_for(lambda: link.snapshot()["seqs_reused"] == 1)
+        link.submit(filled_builder(3), weights_version=1)
+        _, _, second = relay.receive_type(SampleBatch)
+    assert second.seq >= time.time_ns() // 1000 - 60_000_000  # moved to the clock's microseconds
+    [line] = [r.getMessage() for r in caplog.records if "NOT stored" in r.getMessage()]
+    assert "batch seq 0, which this run built and sent once" in line and "w-test.state.json" in line
+    relay.ack(routing_id, "w-test", [second.seq])
+    assert link.flush(timeout=3.0) and link.snapshot()["seqs_reused"] == 1
 
 
-def test_the_relays_repeated_errors_cost_one_line_per_reason_and_interval(context, tmp_path, caplog):
+def test_a_resend_answered_duplicate_is_not_taken_for_a_reused_number(linked):
+    relay, link = linked(ack_timeout_s=0.2)
+    routing_id, _, _ = relay.receive_type(Hello)
+    link.submit(filled_builder(3), weights_version=1)
+    relay.receive_type(SampleBatch)
+    _, _, again = relay.receive_type(SampleBatch, timeout_s=3.0)  # its ack was lost: resent
+    relay.ack(routing_id, "w-test", [again.seq], outcome="duplicate")
+    assert link.flush(timeout=3.0) and link.snapshot()["seqs_reused"] == 0
+
+
+def test_the_relays_repeated_errors_cost_one_line_per_reason_and_interval(linked, caplog):
     """Worker persistence probe: a connection displaced by a second process under its id was refused at every
     resend, each refusal a warning line, for as long as it ran."""
     from tmrl_common.protocol import Error, encode
 
-    relay = FakeRelay(context)
-    link = make_link(context, relay.port, tmp_path, ack_timeout_s=60.0)
-    link.start()
-    try:
-        with caplog.at_level("WARNING", logger="tmrl_worker.relay_link"):
-            routing_id, _, _ = relay.receive_type(Hello)
-            for seq in range(20):
-                refusal = Error(reason="unknown_sender", message="'w-test' said hello on another connection since "
-                                "this one did (two processes under one id?)", ref_type="sample_batch", ref_seq=seq)
-                relay.socket.send_multipart([routing_id, *encode(refusal, "relay")])
-            wait_for(lambda: link.snapshot()["errors_received"] == 20)
-        lines = [r.getMessage() for r in caplog.records if "relay rejected our" in r.getMessage()]
-        assert len(lines) == 1 and "[unknown_sender]" in lines[0]
-    finally:
-        link.stop()
-        relay.close()
+    relay, link = linked()
+    with caplog.at_level("WARNING", logger="tmrl_worker.relay_link"):
+        routing_id, _, _ = relay.receive_type(Hello)
+        for seq in range(20):
+            refusal = Error(reason="unknown_sender", message="'w-test' said hello on another connection since "
+                            "this one did (two processes under one id?)", ref_type="sample_batch", ref_seq=seq)
+            relay.socket.send_multipart([routing_id, *encode(refusal, "relay")])
+        wait_for(lambda: link.snapshot()["errors_received"] == 20)
+    lines = [r.getMessage() for r in caplog.records if "relay rejected our" in r.getMessage()]
+    assert len(lines) == 1 and "[unknown_sender]" in lines[0]
