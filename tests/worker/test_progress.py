@@ -205,7 +205,9 @@ def test_the_summary_of_a_worker_that_never_connected_names_the_handshake_that_f
     stats = RolloutStats(steps=40, delivery=delivery)  # nothing answered at all
     assert run_summary("w", stats).endswith("; it never connected to the relay (is it running, on this worker's "
                                             "relay_host and worker_port?)")
-    stats = RolloutStats(steps=40, delivery={**delivery, "connections": 1, "not_numbered": 5, "seqs_reused": 2})
+    stats = RolloutStats(steps=40, delivery={**delivery, "connections": 1, "not_numbered": 5, "seqs_reused": 2,
+                                             "batches_rejected": 1, "rejected.stale": 1})
     summary = run_summary("w", stats)
+    assert "1 rejected (stale: 1); 5 batch(es)" in summary  # the reasons stay beside the count they break down
     assert "; 5 batch(es) handed over were never numbered nor spooled (the sender thread was still behind" in summary
     assert "; 2 of the acknowledged were NOT stored: their seq had been used before" in summary

@@ -126,22 +126,22 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
                     f"{delivery['spool_acked']} acknowledged, {delivery['spool_resent']} resent, "
                     f"{delivery['spool_dropped']} dropped, {delivery['spool_batches']} unacknowledged, "
                     f"{delivery['batches_rejected']} rejected")  # last: log parsers read the fields before it
+        reasons = sorted((key.removeprefix("rejected."), count) for key, count in delivery.items()
+                         if key.startswith("rejected.") and count)
+        if reasons:
+            summary += f" ({', '.join(f'{reason}: {count}' for reason, count in reasons)})"
         if delivery.get("not_numbered"):
             summary += (f"; {delivery['not_numbered']} batch(es) handed over were never numbered nor spooled (the "
                         "sender thread was still behind when it stopped): lost")
         if delivery.get("seqs_reused"):
             summary += (f"; {delivery['seqs_reused']} of the acknowledged were NOT stored: their seq had been used "
                         "before (a state file restored from an older copy)")
-        reasons = sorted((key.removeprefix("rejected."), count) for key, count in delivery.items()
-                         if key.startswith("rejected.") and count)
-        if reasons:
-            summary += f" ({', '.join(f'{reason}: {count}' for reason, count in reasons)})"
         if not delivery.get("connections") and delivery["steps_submitted"] and not delivery.get("handshake_refused"):
-            failed = [(delivery.get(f"handshake_{kind}") or 0, why) for kind, why in (
-                ("dropped", "the relay dropped its CurveZMQ handshake: is server_public_key_file the relay's key?"),
-                ("mechanism", "one side runs --insecure, the other CurveZMQ"),
-                ("silent", "something answered TCP there but no ZeroMQ handshake: is it the relay's worker_port?"))]
-            failed = [f"{why} ({count} time(s))" for count, why in failed if count]
+            causes = (("dropped", "the relay dropped its CurveZMQ handshake: is server_public_key_file the relay's key?"),
+                      ("mechanism", "one side runs --insecure, the other CurveZMQ"),
+                      ("silent", "something answered TCP there but no ZeroMQ handshake: is it the relay's worker_port?"))
+            failed = [f"{why} ({delivery[f'handshake_{kind}']} time(s))" for kind, why in causes
+                      if delivery.get(f"handshake_{kind}")]
             summary += ("; it never connected to the relay: " + "; ".join(failed) if failed else
                         "; it never connected to the relay (is it running, on this worker's relay_host and "
                         "worker_port?)")
