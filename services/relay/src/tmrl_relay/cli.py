@@ -84,13 +84,13 @@ def serve(config: RelayConfig) -> int:
         try:
             server = MetricsServer(metrics, config.metrics_host, config.metrics_port)
         except OSError as exc:
-            hint = (" (another relay?): choose another with --metrics-port N (metrics_port in [relay]), or 0 to turn "
-                    "the metrics off") if exc.errno == errno.EADDRINUSE else ""
-            if exc.errno in _ADDRESS_NOT_UP_YET:
-                hint = _ADDRESS_NOT_UP_YET_HINT
+            not_up_yet = exc.errno in _ADDRESS_NOT_UP_YET
+            hint = _ADDRESS_NOT_UP_YET_HINT if not_up_yet else (
+                " (another relay?): choose another with --metrics-port N (metrics_port in [relay]), or 0 to turn the "
+                "metrics off") if exc.errno == errno.EADDRINUSE else ""
             typer.echo(f"tmrl-relay: cannot serve metrics on {config.metrics_host}:{config.metrics_port}: "
                        f"{exc.strerror or exc}{hint}", err=True)
-            return 1 if exc.errno in _ADDRESS_NOT_UP_YET else 2
+            return 1 if not_up_yet else 2
     try:
         ports = relay.bind()
     except (RelaySetupError, SecurityError, KeyFileError) as exc:
