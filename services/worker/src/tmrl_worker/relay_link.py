@@ -40,8 +40,9 @@ from tmrl_common.sockets import RelayEndpoint
 from tmrl_worker.spool import SequenceCounter, Spool, seq_ranges
 
 log = logging.getLogger(__name__)
-RESEND_LOG_INTERVAL_S = 10.0
-"""At most one line about resent batches per this long (the counters carry every resend)."""
+RATE_LOG_INTERVAL_S = 10.0
+"""At most one line per this long about resent batches, reused seqs, or each reason of the relay's errors (the
+counters carry every one)."""
 
 SOFTWARE = "tmrl-worker/0.1"
 FINAL_AT_RELAY = frozenset({"oversized", "malformed"})
@@ -157,9 +158,8 @@ class RelayLink:
         self.spool = spool
         self.ack_timeout_s = ack_timeout_s
         self.counters = LinkCounters()
-        self._resend_log = RateLimitedLog(log, interval_s=RESEND_LOG_INTERVAL_S)
-        self._reused_log = RateLimitedLog(log, interval_s=RESEND_LOG_INTERVAL_S)
-        self._relay_error_log = RateLimitedLog(log, interval_s=RESEND_LOG_INTERVAL_S)
+        self._rate_log = RateLimitedLog(log, interval_s=RATE_LOG_INTERVAL_S)
+        """Resends, reused seqs and the relay's errors: at most a line per kind (and reason) per interval."""
         self.rejects: Counter[str] = Counter()
         """Batches refused for good, by reason."""
         self.refusals = RefusalStreak(max_consecutive_refusals)
@@ -202,7 +202,7 @@ class RelayLink:
         if self._client.connected:
             return None
         with self._lock:
-            waiting = len(self.spool) + self._submitted - self.counters.batches_built
+            waiting = len(self.spool) + self._not_numbered()
         ever = "any more" if self.counters.connections else "yet"
         return (f"not connected to the relay at {self._client.describe()} {ever} (is it running there, on that port, "
                 f"with the same --insecure or keys?): {waiting} batch(es) waiting to be delivered")
@@ -215,10 +215,14 @@ class RelayLink:
             values["spool_bytes"] = self.spool.nbytes
             values.update({f"rejected.{reason}": count for reason, count in self.rejects.items()})
             values["refused_in_a_row"] = self.refusals.length
-            # handed over, not yet numbered and spooled by the sender thread (after it stopped: lost)
-            values["not_numbered"] = self._submitted - self.counters.batches_built
+            values["not_numbered"] = self._not_numbered()  # after the sender thread stopped: lost
         values.update({f"handshake_{k}": v for k, v in asdict(self._client.handshake.counters).items()})
         return values
+
+    def _not_numbered(self) -> int:
+        """Batches handed over by :meth:`submit` that the sender thread has not numbered and spooled yet (call with
+        ``_lock`` held)."""
+        return self._submitted - self.counters.batches_built
 
     def flush(self, timeout: float) -> bool:
         """Wait until every submitted batch is acknowledged (or ``timeout``); True when the spool is empty. A link
@@ -227,7 +231,7 @@ class RelayLink:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:  # every submitted builder is built and spooled, and the spool is empty
-                built = self.counters.batches_built == self._submitted
+                built = not self._not_numbered()
                 if built and not len(self.spool):
                     return True
                 if built and not self.counters.connections:  # never reached the relay: no ack can be on its way
@@ -306,11 +310,11 @@ class RelayLink:
                         resent.append((entry.seq, entry.sends + 1))
                     self.spool.mark_sent(entry.seq)
         finally:
-            if resent:  # one line per round, at most one every RESEND_LOG_INTERVAL_S (a trainer away for minutes)
+            if resent:  # one line per round, at most one every RATE_LOG_INTERVAL_S (a trainer away for minutes)
                 seqs = sorted(seq for seq, _ in resent)
-                self._resend_log.log(logging.INFO, "resend", "%s: resending %d batch(es) with no ack yet (seq %s, "
-                                     "up to send #%d)", self.worker_id, len(resent), seq_ranges(seqs),
-                                     max(sends for _, sends in resent))
+                self._rate_log.log(logging.INFO, "resend", "%s: resending %d batch(es) with no ack yet (seq %s, "
+                                   "up to send #%d)", self.worker_id, len(resent), seq_ranges(seqs),
+                                   max(sends for _, sends in resent))
 
     def _numbers_used_before(self, seqs: list[int]) -> None:
         """A batch this run built and sent once cannot be a resend: answered ``duplicate``, its seq was used before
@@ -319,11 +323,11 @@ class RelayLink:
         state file started from the clock can have reached, so that the batches after it are stored."""
         self.counters.seqs_reused += len(seqs)
         moved = self.sequence.start_above(time.time_ns() // 1000)
-        self._reused_log.log(logging.ERROR, "reused", "%s: the trainer already held batch seq %s, which this run "
-                             "built and sent once: its number was used before (state file %s restored from an older "
-                             "copy, or copied from another worker), so its rows are NOT stored (%d batch(es) so far)%s",
-                             self.worker_id, seq_ranges(seqs), self.sequence.path, self.counters.seqs_reused,
-                             f"; numbering moves on from seq {self.sequence.next_seq}" if moved else "")
+        self._rate_log.log(logging.ERROR, "reused", "%s: the trainer already held batch seq %s, which this run "
+                           "built and sent once: its number was used before (state file %s restored from an older "
+                           "copy, or copied from another worker), so its rows are NOT stored (%d batch(es) so far)%s",
+                           self.worker_id, seq_ranges(seqs), self.sequence.path, self.counters.seqs_reused,
+                           f"; numbering moves on from seq {self.sequence.next_seq}" if moved else "")
 
     def _send(self, frames: list[bytes]) -> bool:
         if not self._client.send(frames):  # refused (counted as send_blocked): keep it spooled, try again later
@@ -359,10 +363,10 @@ class RelayLink:
             self.counters.errors_received += 1
             # at most a line per reason every 10 s: a displaced connection (two processes under one id) is refused
             # at every resend, for as long as it runs
-            self._relay_error_log.warning(("relay error", message.reason), "%s: relay rejected our %s%s: [%s] %s",
-                                          self.worker_id, message.ref_type or "message",
-                                          f" seq {message.ref_seq}" if message.ref_seq is not None else "",
-                                          message.reason, message.message)
+            self._rate_log.warning(("relay error", message.reason), "%s: relay rejected our %s%s: [%s] %s",
+                                   self.worker_id, message.ref_type or "message",
+                                   f" seq {message.ref_seq}" if message.ref_seq is not None else "",
+                                   message.reason, message.message)
             if message.ref_type == "sample_batch" and message.ref_seq is not None and message.reason in FINAL_AT_RELAY:
                 self._refused([message.ref_seq], message.reason, f"the relay refused it: {message.message}")
         elif isinstance(message, WeightsUpdate):
