@@ -304,6 +304,29 @@ def test_a_trainer_key_copied_by_hand_into_the_worker_list_admits_no_one(context
         assert _admitted(context, relay, keys, "worker-2", "worker-2b")
 
 
+def test_the_relays_own_public_key_in_an_allow_list_is_logged_with_the_command_that_removes_it(context, tmp_path, keys,
+                                                                                              caplog):
+    """A deployment probe: `keys add relay.key` (the wrong file of the pair copied around) was accepted without a
+    word, and the client the operator meant stayed refused."""
+    caplog.set_level(logging.WARNING, logger="tmrl_relay.allowlist")
+    allow_key_for_role(tmp_path / "allow", keys["relay"].public_file, "worker")
+    with relay_in_thread(_config(tmp_path, keys, allowlist_reload_s=0.1)):
+        assert "allow/relay.key holds the relay's own public key" in caplog.text
+        assert f"keys remove relay --allow-dir {tmp_path / 'allow'}`" in caplog.text
+        caplog.clear()
+        (tmp_path / "allow" / "relay.key").unlink()
+        allow_key_for_role(tmp_path / "allow", keys["relay"].public_file, "trainer", name="relay-t")
+        wait_until(lambda: "trainers/relay-t.key holds the relay's own public key" in caplog.text, what="the reload")
+        assert "keys remove relay-t --allow-dir" in caplog.text and "--role trainer`" in caplog.text
+
+
+def test_a_relay_without_its_own_key_in_the_lists_logs_nothing_about_it(context, tmp_path, keys, caplog):
+    caplog.set_level(logging.WARNING, logger="tmrl_relay.allowlist")
+    with relay_in_thread(_config(tmp_path, keys)):
+        pass
+    assert "relay's own public key" not in caplog.text
+
+
 def test_a_removed_worker_keys_open_connection_gets_nothing_through(context, tmp_path, keys):
     """ZeroMQ authenticates a connection once; the relay checks each message's key against the reloaded list, so a
     revoked worker's batches stop at once instead of when its connection drops (an outside probe: they went on)."""

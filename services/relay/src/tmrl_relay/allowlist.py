@@ -6,7 +6,8 @@ trainer socket admits. The relay refuses to start with no trainer key. The direc
 ``allowlist_reload_s``: an added key connects from then on, a removed key's new connections are refused. A file that
 is not a valid key admits no one and is logged with the command that clears it; every other change applies all the
 same (a removal above all). A directory that cannot be listed keeps the previous lists (logged). A key in both the
-workers' and the trainer's list admits no one (one key, one role; logged).
+workers' and the trainer's list admits no one (one key, one role; logged). The relay's own public key in a list is
+logged too: it is the key clients check the relay by, not a client's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import time
 from pathlib import Path
 
 import zmq
-from tmrl_common.curve import KeyFileError, list_allowed_keys, reload_authenticator, start_authenticator
+from tmrl_common.curve import (
+    KeyFileError,
+    list_allowed_keys,
+    load_public_key,
+    reload_authenticator,
+    start_authenticator,
+)
 
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.metrics import RelayMetrics
@@ -59,6 +66,7 @@ class AllowlistWatcher:
         """Z85 public keys that may hold the trainer role."""
         self.worker_keys: frozenset[str] = frozenset()
         """Z85 public keys the workers' socket admits now (a removed key's open connection is refused by message)."""
+        self.relay_key_file = Path(security.secret_key_file) if security.secret_key_file is not None else None
         self._authenticator = None
         self._signature: tuple = ()
         self._checked = 0.0
@@ -142,3 +150,24 @@ class AllowlistWatcher:
                 self.trainer_keys = frozenset(key.decode("ascii") for key in keys)
             elif link == "workers":
                 self.worker_keys = frozenset(key.decode("ascii") for key in keys)
+        self._warn_if_own_key_allowed()
+
+    def _warn_if_own_key_allowed(self) -> None:
+        """Log the allow-list entries holding the relay's own public key: an operator who ran ``keys add relay.key``
+        meant a client's key (the relay's public key goes to the clients, as their ``--server-key``), and that
+        client will be refused until its own key is added."""
+        if self.relay_key_file is None:
+            return
+        try:
+            own = load_public_key(self.relay_key_file)
+            entries = [entry for directory in (self.worker_dir, self.trainer_dir) if directory.is_dir()
+                       for entry in list_allowed_keys(directory) if entry.public_key == own]
+        except (KeyFileError, OSError):  # the authenticator has logged an unreadable list; the relay's key loaded
+            return
+        for entry in entries:
+            role = "trainer" if entry.path.parent == self.trainer_dir else "worker"
+            log.warning("the allow-list entry %s holds the relay's own public key (from %s), not a client's: clients "
+                        "get the relay's public key as their --server-key; allow each client's own public key instead "
+                        "(`tmrl-relay keys remove %s --allow-dir %s%s`, then `tmrl-relay keys add CLIENT.key ...`)",
+                        entry.path, self.relay_key_file, entry.name, self.worker_dir,
+                        " --role trainer" if role == "trainer" else "")
