@@ -229,6 +229,51 @@ def test_a_checkpoint_whose_memory_file_is_unusable_resumes_the_learner_with_an_
         second.shutdown()
 
 
+def test_a_damaged_newest_memory_file_falls_back_to_the_older_checkpoints_memory_and_dedupe_window(tmp_path, caplog):
+    """A trainer-persistence probe: with only the newest memory file damaged, every row went, though the previous
+    checkpoint's memory file sat next to it intact."""
+    config = make_config(tmp_path, save_memory=True, checkpoint_every=4)
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=4) == 4  # checkpoint 4: 60 rows, seq 0 stored
+    second = TrainerService(config)
+    second.ingestor.handle(pendulum_batch("w1", 1, 40))
+    assert second.run(max_updates=8) == 8  # checkpoint 8: 100 rows, seqs 0 and 1 stored
+    checkpoints = first.run_dir / "checkpoints"
+    newest = checkpoints / "checkpoint-000000000008.memory.safetensors"
+    newest.write_bytes(newest.read_bytes()[:200])
+
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        third = TrainerService(config)
+    try:
+        assert third.learner.updates == 8 and len(third.memory) == 60
+        assert "could not be restored" in caplog.text and newest.name in caplog.text
+        assert "older checkpoint checkpoint-000000000004.safetensors (60 rows; 40 rows were added" in caplog.text
+        third.ingestor.handle(pendulum_batch("w1", 0, 60))  # in the older memory's dedupe window: a duplicate
+        third.ingestor.handle(pendulum_batch("w1", 1, 40))  # acknowledged after it, resent: stored again
+        assert third.ingestor.snapshot()["duplicates"] == 1 and len(third.memory) == 100
+    finally:
+        third.shutdown()
+
+
+def test_when_no_saved_memory_loads_the_trainer_says_the_memory_starts_empty(tmp_path, caplog):
+    config = make_config(tmp_path, save_memory=True, checkpoint_every=4)
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=8) == 8  # checkpoints 4 and 8
+    for updates in (4, 8):
+        memory_file = first.run_dir / "checkpoints" / f"checkpoint-{updates:012d}.memory.safetensors"
+        memory_file.write_bytes(memory_file.read_bytes()[:200])
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    try:
+        assert second.learner.updates == 8 and len(second.memory) == 0
+        assert "checkpoint-000000000004.memory.safetensors could not be restored either" in caplog.text
+        assert "the replay memory starts empty with a fresh dedupe window" in caplog.text
+    finally:
+        second.shutdown()
+
+
 def _saved_memory_then_resumed(tmp_path, caplog, **second_config):
     """A trainer saves 60 rows at 4 updates; a second one resumes that checkpoint (``second_config`` changed)."""
     first = TrainerService(make_config(tmp_path, save_memory=True))

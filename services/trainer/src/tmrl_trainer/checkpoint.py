@@ -243,6 +243,19 @@ def warn_of_changed_settings(path: str | Path, saved_config: Any, learner: Learn
                 path, _listed(differences), notes)
 
 
+def saved_memory_state(path: str | Path) -> dict[str, Any] | None:
+    """The ``extra`` state (dedupe window, ``memory_rows_added``) of checkpoint ``path`` when it was saved with a
+    replay memory, read without touching a learner; ``None`` when it was not, or when the file cannot be read."""
+    try:
+        _, document = read_file(path)
+    except (TensorFileError, OSError):
+        return None
+    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT or not document.get("memory"):
+        return None
+    extra = document.get("extra")
+    return extra if isinstance(extra, dict) and "dedupe" in extra else None
+
+
 def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | None = None) -> Checkpoint:
     """Restore ``learner`` (and ``memory`` when given and saved) from ``path``; raise :class:`CheckpointError`.
 

@@ -96,6 +96,7 @@ from tmrl_trainer.checkpoint import (
     load_checkpoint,
     memory_path_for,
     save_checkpoint,
+    saved_memory_state,
 )
 from tmrl_trainer.config import TrainerConfig
 from tmrl_trainer.cuda_graph import CudaGraphLearner
@@ -465,29 +466,58 @@ class TrainerService:
             self.link.publish(weights_update_from_actor(self.learner.actor, self.weights_version))
 
     def _restore_memory(self, path: Path, restored: Checkpoint) -> int:
-        """Load the memory and dedupe state saved with checkpoint ``path``; return the rows restored. Anything
-        missing or unreadable is logged as a warning and leaves the memory empty and the dedupe window fresh."""
+        """Load the memory and dedupe state saved with checkpoint ``path``; return the rows restored. Where that
+        memory cannot be, the newest older checkpoint's that can (its rows and dedupe window: rows acknowledged after
+        it are not in the memory); where none can, the memory starts empty with a fresh dedupe window. Logged."""
         memory_file = memory_path_for(path)
         if not restored.memory_saved or "dedupe" not in restored.extra:
             log.warning("checkpoint %s holds no replay memory (saved with save_memory off, or by local training): the "
                         "replay memory starts empty and the warm-up applies again", path)
             return 0
-        try:
-            # into the empty memory (no second allocation), its values held to the ingest's bounds before it replaces
-            self.memory.load(memory_file, bounds=self.ingestor.bounds)
-            expected = restored.extra.get("memory_rows_added")
-            if self.memory.rows_added != expected:
-                raise MemoryFileError(f"it holds {self.memory.rows_added} rows ever added where the checkpoint "
-                                      f"expects {expected} (not the memory saved with this checkpoint)")
-            self.ingestor.restore_dedupe(restored.extra["dedupe"])  # last: it changes nothing when it fails
-        except (OSError, MemoryFileError, DedupeStateError) as exc:
-            log.warning("replay memory %s could not be restored (%s); the learner is resumed, but the replay memory "
-                        "starts empty with a fresh dedupe window and the warm-up applies again", memory_file, exc)
-            self.memory = self._empty_memory()
-            return 0
+        problem = self._load_saved_memory(memory_file, restored.extra)
+        if problem is not None:
+            log.warning("replay memory %s could not be restored (%s)", memory_file, problem)
+            older = self._restore_older_memory(path)
+            if older is None:
+                log.warning("the learner is resumed from %s, but the replay memory starts empty with a fresh dedupe "
+                            "window and the warm-up applies again", path.name)
+                return 0
+            log.warning("the learner is resumed from %s with the replay memory saved with the older checkpoint %s "
+                        "(%d rows; %d rows were added between the two, which are not in the memory), and its dedupe "
+                        "window", path.name, older.name, len(self.memory),
+                        int(restored.extra.get("memory_rows_added", 0)) - self.memory.rows_added)
         credit = max(0, int(restored.counters.get("update_credit", 0)))
         self._carried_update_credit = min(credit, int(self.config.sac.utd * len(self.memory)))
         return len(self.memory)
+
+    def _load_saved_memory(self, memory_file: Path, extra: dict[str, Any]) -> str | None:
+        """Load one saved memory and the dedupe state saved with it (``extra``, its checkpoint's); why it could not
+        be, else ``None``. A failure leaves the memory empty and the dedupe window as it was."""
+        try:
+            # into the empty memory (no second allocation), its values held to the ingest's bounds before it replaces
+            self.memory.load(memory_file, bounds=self.ingestor.bounds)
+            expected = extra.get("memory_rows_added")
+            if self.memory.rows_added != expected:
+                raise MemoryFileError(f"it holds {self.memory.rows_added} rows ever added where the checkpoint "
+                                      f"expects {expected} (not the memory saved with this checkpoint)")
+            self.ingestor.restore_dedupe(extra["dedupe"])  # last: it changes nothing when it fails
+        except (OSError, MemoryFileError, DedupeStateError) as exc:
+            self.memory = self._empty_memory()
+            return str(exc)
+        return None
+
+    def _restore_older_memory(self, newest: Path) -> Path | None:
+        """Restore the memory of the newest checkpoint older than ``newest`` that saved one that loads; which one,
+        or ``None``. Each that does not load is logged (its files stay: pruning removes them in time)."""
+        for path in reversed([p for p in self._checkpoint_paths() if p.name < newest.name]):
+            extra = saved_memory_state(path)
+            if extra is None:
+                continue
+            problem = self._load_saved_memory(memory_path_for(path), extra)
+            if problem is None:
+                return path
+            log.warning("the older replay memory %s could not be restored either (%s)", memory_path_for(path), problem)
+        return None
 
     def _update_credit(self) -> int:
         """Updates this run may still make at the utd ratio (call with the memory lock held)."""
