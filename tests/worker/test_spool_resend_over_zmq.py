@@ -98,12 +98,35 @@ def test_full_spool_drops_the_oldest_while_the_relay_is_away(context, tmp_path):
     link = make_link(context, port, tmp_path, max_batches=3)
     link.start()
     try:
-        for _ in range(5):
+        for made in range(1, 6):  # one at a time: more than max_batches waiting for the thread is dropped before
             link.submit(filled_builder(3), weights_version=0)
+            wait_for(lambda made=made: link.snapshot()["batches_built"] == made, timeout_s=5.0)
         assert not link.flush(timeout=0.5)
         snapshot = link.snapshot()
         assert snapshot["batches_built"] == 5 and snapshot["spool_batches"] == 3 and snapshot["spool_dropped"] == 2
         assert [b.seq for b in link.spool.pending()] == [2, 3, 4]
+    finally:
+        link.stop()
+
+
+def test_batches_waiting_for_a_stalled_sender_thread_are_bounded_by_the_spool_keeping_the_newest(context, tmp_path,
+                                                                                                  caplog):
+    """Left undone from a worker-persistence probe: the builders waiting for the sender thread (stuck writing a
+    durable spool on a hung disk, say) piled up in memory without bound. A link not started plays the stalled thread."""
+    link = make_link(context, 1, tmp_path, max_batches=3)
+    with caplog.at_level("WARNING", logger="tmrl_worker.relay_link"):
+        for rows in (3, 4, 5, 6, 7):
+            link.submit(filled_builder(rows), weights_version=0)
+    snapshot = link.snapshot()
+    assert snapshot["waiting_dropped"] == 2 and snapshot["waiting_dropped_steps"] == 3 + 4
+    assert snapshot["not_numbered"] == 3  # the three newest still wait
+    assert "w-test: 3 batches wait for the sender thread, which has fallen behind: dropped the oldest" in caplog.text
+    assert len([r for r in caplog.records if "fallen behind" in r.getMessage()]) == 1  # one line per interval
+    link.start()
+    try:
+        wait_for(lambda: link.snapshot()["batches_built"] == 3, timeout_s=5.0)
+        snapshot = link.snapshot()
+        assert snapshot["steps_submitted"] == 5 + 6 + 7 and snapshot["not_numbered"] == 0
     finally:
         link.stop()
 

@@ -130,6 +130,10 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
                          if key.startswith("rejected.") and count)
         if reasons:
             summary += f" ({', '.join(f'{reason}: {count}' for reason, count in reasons)})"
+        if delivery.get("waiting_dropped"):
+            summary += (f"; {delivery['waiting_dropped']} batch(es) ({delivery['waiting_dropped_steps']} rows) dropped "
+                        "before they were numbered: the sender thread fell a whole spool behind (a slow or hung disk "
+                        "under the durable spool?)")
         if delivery.get("not_numbered"):
             summary += (f"; {delivery['not_numbered']} batch(es) handed over were never numbered nor spooled (the "
                         "sender thread was still behind when it stopped): lost")

@@ -88,6 +88,11 @@ class LinkCounters:
     batches_rejected: int = 0
     """Batches refused for good (the trainer's ``rejected`` answer, or the relay's ``oversized``/``malformed``): never
     resent."""
+    waiting_dropped: int = 0
+    """Batches handed over by :meth:`RelayLink.submit` and dropped before the sender thread took them: the spool's
+    batch bound of them were already waiting (the sender thread fell behind, writing a durable spool on a slow or hung
+    disk), and, as a full spool does, the link keeps the newest."""
+    waiting_dropped_steps: int = 0
 
 
 class RefusalStreak:
@@ -184,11 +189,31 @@ class RelayLink:
         self._client.start()
 
     def submit(self, builder: SampleBatchBuilder, weights_version: int) -> None:
-        """Queue a filled builder (the caller must use a new one afterwards). Never blocks."""
+        """Queue a filled builder (the caller must use a new one afterwards). Never blocks: where the spool's batch
+        bound of builders already wait for the sender thread, the oldest waiting one is dropped (counted, logged)."""
         if len(builder):
             self._submitted += 1
             self._inbox.put((builder, weights_version))
+            if self._inbox.qsize() > self.spool.max_batches:
+                self._drop_oldest_waiting()
             self._client.wake()  # spooled (on disk with durable_spool) now, not at the end of the sender's poll
+
+    def _drop_oldest_waiting(self) -> None:
+        """Drop the oldest builder the sender thread has not taken (it has fallen a whole spool behind: were it to
+        catch up, the spool would drop the same oldest batches to keep its bound)."""
+        try:
+            builder, _ = self._inbox.get_nowait()
+        except queue.Empty:  # the sender thread took them meanwhile
+            return
+        with self._lock:
+            self.counters.waiting_dropped += 1
+            self.counters.waiting_dropped_steps += len(builder)
+            dropped = self.counters.waiting_dropped
+        where = f" (its durable spool is in {self.spool.directory}: is that disk slow or hung?)" if (
+            self.spool.directory is not None) else ""
+        self._rate_log.log(logging.WARNING, "waiting", "%s: %d batches wait for the sender thread, which has fallen "
+                           "behind%s: dropped the oldest (%d steps); %d dropped so far", self.worker_id,
+                           self.spool.max_batches, where, len(builder), dropped)
 
     @property
     def connected(self) -> bool:
@@ -222,7 +247,7 @@ class RelayLink:
     def _not_numbered(self) -> int:
         """Batches handed over by :meth:`submit` that the sender thread has not numbered and spooled yet (call with
         ``_lock`` held)."""
-        return self._submitted - self.counters.batches_built
+        return self._submitted - self.counters.batches_built - self.counters.waiting_dropped
 
     def flush(self, timeout: float) -> bool:
         """Wait until every submitted batch is acknowledged (or ``timeout``); True when the spool is empty. A link
@@ -406,6 +431,7 @@ class RelayLink:
                 "steps": self.counters.steps_submitted,
                 "spooled": len(self.spool),
                 "dropped": self.spool.counters.dropped,
+                "dropped_waiting": self.counters.waiting_dropped,
                 "resent": self.spool.counters.resent,
                 "restored": self.spool.counters.restored,
                 "unreadable_spool_files": self.spool.counters.unreadable_files,
