@@ -372,18 +372,19 @@ class RelayLink:
                 self.counters.rejected_messages += 1
                 log.warning("%s: ignored an ack addressed to %s", self.worker_id, message.worker)
                 return
-            self.counters.acks_received += 1
             if message.outcome == "rejected":
                 self._refused(message.seqs, message.reason, f"the trainer refused it: {message.detail}")
-                return
-            with self._lock:
-                reused = ([seq for seq in message.seqs if seq >= self._first_seq_of_run and self.spool.sends_of(seq) == 1]
-                          if message.outcome == "duplicate" else [])
-                self.counters.batches_stored += self.spool.ack(message.seqs)
-                if message.outcome == "stored":  # not "duplicate": see RefusalStreak
-                    self.refusals.stored()
-            if reused:
-                self._numbers_used_before(reused)
+            else:
+                with self._lock:
+                    reused = ([seq for seq in message.seqs
+                               if seq >= self._first_seq_of_run and self.spool.sends_of(seq) == 1]
+                              if message.outcome == "duplicate" else [])
+                    self.counters.batches_stored += self.spool.ack(message.seqs)
+                    if message.outcome == "stored":  # not "duplicate": see RefusalStreak
+                        self.refusals.stored()
+                if reused:
+                    self._numbers_used_before(reused)
+            self.counters.acks_received += 1  # last: whoever waits for it sees what the answer did
         elif isinstance(message, Error):
             self.counters.errors_received += 1
             # at most a line per reason every 10 s: a displaced connection (two processes under one id) is refused
