@@ -411,6 +411,40 @@ def test_an_image_part_whose_values_uint8_cannot_hold_stops_the_env_at_the_reset
         handle.close()
 
 
+ENCODER = '''
+    class Encoder(OneActionInterface):
+        def __init__(self, ticks=10):
+            self.ticks = ticks
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-np.inf, np.inf, (1,), np.float32),))
+
+        def reset(self, seed=None, options=None):
+            return [np.array([self.ticks], dtype=np.int64)], {}
+
+        def get_obs_rew_terminated_info(self):
+            return [np.array([self.ticks], dtype=np.int64)], 0.0, False, {}
+'''
+
+
+@pytest.mark.parametrize("ticks", [2**24, 2**24 + 1])
+def test_integers_float32_would_round_are_logged_naming_the_part(plug_interface, ticks, caplog):
+    """A BYO-robot probe: an int64 encoder count (or a timestamp) was cast to float32 without a word, rounding it."""
+    handle = make_env(f"{plug_interface('encoder_robot', ENCODER)}:Encoder", time_step_duration=0.02,
+                      options={"ticks": ticks})
+    try:
+        with caplog.at_level("WARNING", logger="tmrl_worker.envs"):
+            handle.reset()
+            handle.step(np.zeros(1, np.float32))
+    finally:
+        handle.close()
+    lines = [r.getMessage() for r in caplog.records if "are rounded" in r.getMessage()]
+    if ticks <= 2**24:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and f"part 'part0' as int64 with values up to {ticks} at the reset" in lines[0]
+
+
 GLITCHY = '''
     class Glitchy(OneActionInterface):
         """Declares readings in [-1, 1]; its second and third steps read 1.5 and -7 (a sensor glitch)."""

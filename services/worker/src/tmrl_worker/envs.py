@@ -43,6 +43,8 @@ from tmrl_common.log_limit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 _clip_log = RateLimitedLog(log, interval_s=30.0)
+FLOAT32_EXACT_INTEGERS = 2**24
+"""The largest magnitude up to which float32 holds every integer: an int observation beyond it is rounded."""
 
 SIM_SPECS = ("sim", "sim-fast")
 TM20_SPECS = ("tm20-lidar", "tm20-lidar-progress", "tm20-full")
@@ -294,6 +296,13 @@ class EnvHandle:
                                      f"with values in [{low}, {high}] at {when}; its layout declares uint8 (an image, "
                                      "stored as whole numbers 0..255): return np.uint8 frames (e.g. (frame * 255)"
                                      ".astype(np.uint8) for frames in [0, 1]), or declare the part a float32 Box")
+            elif values.dtype.kind in "iu" and values.size and max(abs(int(values.min())), abs(int(values.max()))) > (
+                    FLOAT32_EXACT_INTEGERS):
+                _clip_log.warning(("inexact", self.spec, component.name), "env %r returned observation part %r as "
+                                  "%s with values up to %d at %s: as float32 (what the layout stores and the policy "
+                                  "reads) integers above 2**24 are rounded; rescale or offset them (a count since the "
+                                  "episode's start, not since 1970)", self.spec, component.name, values.dtype,
+                                  max(abs(int(values.min())), abs(int(values.max()))), when)
             parts[index] = values.astype(component.dtype)
         return self._within_bounds(parts, when)
 
