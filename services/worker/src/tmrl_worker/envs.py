@@ -296,13 +296,14 @@ class EnvHandle:
                                      f"with values in [{low}, {high}] at {when}; its layout declares uint8 (an image, "
                                      "stored as whole numbers 0..255): return np.uint8 frames (e.g. (frame * 255)"
                                      ".astype(np.uint8) for frames in [0, 1]), or declare the part a float32 Box")
-            elif values.dtype.kind in "iu" and values.size and max(abs(int(values.min())), abs(int(values.max()))) > (
-                    FLOAT32_EXACT_INTEGERS):
-                _clip_log.warning(("inexact", self.spec, component.name), "env %r returned observation part %r as "
-                                  "%s with values up to %d at %s: as float32 (what the layout stores and the policy "
-                                  "reads) integers above 2**24 are rounded; rescale or offset them (a count since the "
-                                  "episode's start, not since 1970)", self.spec, component.name, values.dtype,
-                                  max(abs(int(values.min())), abs(int(values.max()))), when)
+            elif values.dtype.kind in "iu" and values.size:
+                largest = max(abs(int(values.min())), abs(int(values.max())))
+                if largest > FLOAT32_EXACT_INTEGERS:
+                    _clip_log.warning(("inexact", self.spec, component.name), "env %r returned observation part %r "
+                                      "as %s with values up to %d at %s: as float32 (what the layout stores and the "
+                                      "policy reads) integers above 2**24 are rounded; rescale or offset them (a count "
+                                      "since the episode's start, not since 1970)", self.spec, component.name,
+                                      values.dtype, largest, when)
             parts[index] = values.astype(component.dtype)
         return self._within_bounds(parts, when)
 
