@@ -154,6 +154,29 @@ def test_a_worker_that_cannot_reach_the_relay_says_so_in_its_progress_line_and_s
     assert "it never connected to the relay" in run_summary("early", stats)
 
 
+@pytest.mark.parametrize("cap", [None, 300.0])
+def test_an_uncapped_synchronous_env_warns_at_start_that_it_may_outrun_the_first_weights(tmp_path, caplog, cap):
+    """A learning-quality probe: a `gym:` worker with no max_steps_per_second made all its 5,000 steps in about a
+    second, every one with the random policy (weights version 0), and nothing but the example config names the
+    setting that prevents it."""
+    from tmrl_common.sockets import SecurityConfig, TransportConfig
+    from tmrl_stack import free_ports
+    from tmrl_worker import runtime
+
+    worker_port, weights_port = free_ports(2)
+    config = WorkerConfig(worker_id="fast", env="sim-fast", max_steps=20, max_steps_per_second=cap, batch_steps=10,
+                          worker_port=worker_port, weights_port=weights_port, state_dir=tmp_path,
+                          flush_timeout_s=0.1, transport=TransportConfig(linger_ms=0),
+                          security=SecurityConfig(insecure=True))
+    with caplog.at_level("WARNING", logger="tmrl_worker.runtime"):
+        assert runtime.run_worker(config).steps == 20
+    warned = [r.getMessage() for r in caplog.records if "max_steps_per_second is not set" in r.getMessage()]
+    if cap is None:
+        assert len(warned) == 1 and warned[0].startswith("fast: the synchronous env sim-fast steps as fast as the CPU")
+    else:
+        assert warned == []
+
+
 SLOW_SENSOR = '''
     import time
 

@@ -413,7 +413,8 @@ class RolloutLoop:
 
     def _report(self, seconds: float, steps: int) -> None:
         recent = self.stats.recent_returns
-        mean = f"{sum(recent) / len(recent):.2f} over the last {len(recent)}" if recent else "n/a"
+        # the acting (exploring) policy's returns, warm-up episodes at random included: `tmrl-worker eval` scores a policy
+        mean = (f"{sum(recent) / len(recent):.2f} over the last {len(recent)} episode(s) as acted" if recent else "n/a")
         problems = [getattr(self.sink, "delivery_problem", lambda: None)()]  # a RelayLink says when it cannot deliver
         rate = steps / max(seconds, 1e-9)
         step_seconds = self.env.step_seconds if self.env.realtime else None
@@ -635,6 +636,12 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
         log.info("%s: %s mode on env %s (%s, layout %s), relay %s", config.worker_id, config.mode, env.spec,
                  "real time" if env.realtime else "synchronous",
                  [c.name for c in env.layout.components], config.relay_host)
+        if config.mode == "train" and not env.realtime and config.max_steps_per_second is None:
+            log.warning("%s: the synchronous env %s steps as fast as the CPU lets it (max_steps_per_second is not "
+                        "set): it may make most of its samples before the trainer's first weights arrive, every one "
+                        "of them with the random policy, and takes CPU from a trainer on the same machine; set "
+                        "max_steps_per_second (about the trainer's updates/s divided by its utd) to learn as it "
+                        "collects", config.worker_id, env.spec)
 
         def health_check() -> None:
             if link is not None and link.failure is not None:
