@@ -734,6 +734,9 @@ class TrainerService:
         return self.learner.updates
 
     def shutdown(self) -> None:
+        # the ingest thread first: a batch answered `stored` after the final checkpoint copied the memory would be in
+        # no memory (its worker drops an answered batch); one that arrives now stays unanswered, and is resent
+        self.link.stop()
         try:
             holds_memory = self.config.save_memory and self.memory.rows_added > (
                 self._resumed_memory[1] if self._resumed_memory is not None else 0)
