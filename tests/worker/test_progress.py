@@ -81,11 +81,25 @@ def test_a_restarted_worker_logs_what_a_killed_run_built_and_lost(tmp_path, capl
     ProgressFile(progress_path(tmp_path, "w7")).update(steps=310, resets=3, rows_built=313, rows_handed_over=300,
                                                       batches_handed_over=12, rows_unfinished=13)
     with caplog.at_level(logging.WARNING):
-        progress = open_progress_file(config)
+        progress = open_progress_file(config, restored_batches=2)
     progress.close()
     message = caplog.text
     assert "did not stop cleanly" in message and "built 313 rows, handed over 300 rows in 12 batches" in message
-    assert "13 rows in its unfinished batch (lost)" in message and "sent again now" in message
+    assert "13 rows in its unfinished batch (lost); the 2 unacknowledged batch(es) its durable spool kept on disk " \
+           "are sent again now" in message
+
+
+def test_a_restart_whose_durable_spool_kept_nothing_does_not_say_batches_are_resent(tmp_path, caplog):
+    """A chaos probe: after a SIGKILL with every batch acknowledged, the restart still said the batches 'spooled on
+    disk are sent again now', and its hello then said 0 to resend."""
+    config = WorkerConfig(worker_id="w8", state_dir=tmp_path, durable_spool=True)
+    ProgressFile(progress_path(tmp_path, "w8")).update(steps=100, resets=1, rows_built=101, rows_handed_over=100,
+                                                      batches_handed_over=2, rows_unfinished=1)
+    with caplog.at_level(logging.WARNING):
+        open_progress_file(config, restored_batches=0).close()
+    assert "are sent again" not in caplog.text
+    assert "its durable spool kept no unacknowledged batch on disk, so none is sent again" \
+        in caplog.text
 
 
 def test_a_clean_stop_is_not_reported_and_an_unreadable_file_is_overwritten(tmp_path, caplog):

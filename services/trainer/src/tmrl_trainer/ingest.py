@@ -611,9 +611,11 @@ class Ingestor:
                 stats.last_return = record.episode_return
         if ahead:
             self._ahead_log.warning(("ahead", worker), "%s: batch seq %d says it was collected with weights version "
-                                    "%d, but this trainer has published up to %d: the worker acts with another "
-                                    "trainer run's weights (it follows this one's as they come) or misreports its "
-                                    "version (stored; counted per worker as batches_ahead)", worker, seq,
+                                    "%d, but this trainer has published up to %d: the worker acts with weights this "
+                                    "process did not publish (a trainer killed after the checkpoint this one resumed "
+                                    "from had published further, or another run's trainer; it follows this one's as "
+                                    "they come) or misreports its version (stored; counted per worker as "
+                                    "batches_ahead)", worker, seq,
                                     batch.weights_version, published)
         for record in finished:
             log.debug("%s: episode return %.2f over %d steps (weights version %d)", worker, record.episode_return,

@@ -75,11 +75,16 @@ def read_progress(path: Path) -> WorkerProgress | None:
         raise ProgressFileError(f"progress file {path} holds no progress record: {exc}") from exc
 
 
-def describe_unclean_stop(previous: WorkerProgress, durable_spool: bool) -> str:
-    """What a run that did not stop cleanly had built and what it lost, for the log of the run after it."""
-    fate = ("the batches it handed over and had spooled on disk are sent again now" if durable_spool else
-            "the batches it handed over that were not acknowledged yet were in its in-memory spool and are lost "
-            "(durable_spool is off)")
+def describe_unclean_stop(previous: WorkerProgress, durable_spool: bool, restored_batches: int = 0) -> str:
+    """What a run that did not stop cleanly had built and what it lost, for the log of the run after it
+    (``restored_batches``: the unacknowledged batches the durable spool loaded from disk)."""
+    if not durable_spool:
+        fate = ("the batches it handed over that were not acknowledged yet were in its in-memory spool and are lost "
+                "(durable_spool is off)")
+    elif restored_batches:
+        fate = f"the {restored_batches} unacknowledged batch(es) its durable spool kept on disk are sent again now"
+    else:
+        fate = "its durable spool kept no unacknowledged batch on disk, so none is sent again"
     return (f"the previous run (pid {previous.pid}) did not stop cleanly; at its last step it had taken "
             f"{previous.steps} steps and {previous.resets} resets, built {previous.rows_built} rows, handed over "
             f"{previous.rows_handed_over} rows in {previous.batches_handed_over} batches, and had "

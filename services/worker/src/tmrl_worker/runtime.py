@@ -555,9 +555,9 @@ def spool_directory(config: WorkerConfig) -> Path | None:
     return Path(config.state_dir).expanduser() / f"{config.worker_id}.spool" if config.durable_spool else None
 
 
-def open_progress_file(config: WorkerConfig) -> ProgressFile:
+def open_progress_file(config: WorkerConfig, restored_batches: int = 0) -> ProgressFile:
     """The progress file of ``config.worker_id`` in ``state_dir``; first logs what the previous run lost if it did not
-    stop cleanly (killed, crashed, power cut)."""
+    stop cleanly (killed, crashed, power cut; ``restored_batches``: what the durable spool loaded)."""
     path = progress_path(config.state_dir, config.worker_id)
     try:
         previous = read_progress(path)
@@ -565,7 +565,7 @@ def open_progress_file(config: WorkerConfig) -> ProgressFile:
         log.warning("%s: %s; overwriting it", config.worker_id, exc)
         previous = None
     if previous is not None and previous.running:
-        log.warning("%s: %s", config.worker_id, describe_unclean_stop(previous, config.durable_spool))
+        log.warning("%s: %s", config.worker_id, describe_unclean_stop(previous, config.durable_spool, restored_batches))
     return ProgressFile(path)
 
 
@@ -611,7 +611,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
                         "on from seq %d (the state file was older than the spool)", config.worker_id,
                         spool.highest_restored, sequence.next_seq)
         if config.mode in ("train", "expert"):
-            progress = open_progress_file(config)
+            progress = open_progress_file(config, spool.counters.restored)
         # every mode opens the samples link: the relay answers its hello with the latest weights (issue 14)
         link = RelayLink(
             worker_id=config.worker_id,
