@@ -305,3 +305,31 @@ def test_the_relays_repeated_errors_cost_one_line_per_reason_and_interval(linked
         wait_for(lambda: link.snapshot()["errors_received"] == 20)
     lines = [r.getMessage() for r in caplog.records if "relay rejected our" in r.getMessage()]
     assert len(lines) == 1 and "[unknown_sender]" in lines[0]
+
+
+def test_a_worker_whose_id_another_connection_took_says_hello_again_and_resends(linked, caplog):
+    """An operator's-first-hour probe: a second process under the same worker id (another state_dir) took the id at
+    the relay; after it stopped, the first got `unknown_sender` for every batch for 5 minutes and never said hello
+    again, so training stalled with nothing above INFO in the worker's or the trainer's log."""
+    from tmrl_common.protocol import Error, encode
+
+    relay, link = linked(ack_timeout_s=60.0)
+    routing_id = relay.receive_type(Hello)[0]
+    link.submit(filled_builder(3), weights_version=1)
+    _, _, batch = relay.receive_type(SampleBatch)
+    taken = Error(reason="unknown_sender", ref_type="sample_batch", ref_seq=batch.seq,
+                  message="'w-test' said hello on another connection since this one did (two processes under one id?)")
+    with caplog.at_level("WARNING", logger="tmrl_worker.relay_link"):
+        relay.socket.send_multipart([routing_id, *encode(taken, "relay")])
+        relay.socket.send_multipart([routing_id, *encode(taken, "relay")])  # one hello scheduled, not two
+        started = time.monotonic()
+        _, _, hello = relay.receive_type(Hello, timeout_s=5.0)
+        waited = time.monotonic() - started
+    assert hello.next_seq == batch.seq and 0.8 <= waited < 3.0  # HELLO_AGAIN_FIRST_S, then the batch again
+    _, _, resent = relay.receive_type(SampleBatch)
+    assert resent.seq == batch.seq
+    relay.ack(routing_id, "w-test", [batch.seq])
+    wait_for(lambda: link.snapshot()["spool_acked"] == 1)
+    assert link.snapshot()["ids_lost"] == 2
+    lines = [r.getMessage() for r in caplog.records if "saying hello again in" in r.getMessage()]
+    assert len(lines) == 1 and "said hello on another connection" in lines[0] and "stop one" in lines[0]

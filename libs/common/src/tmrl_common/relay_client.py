@@ -261,3 +261,35 @@ class RelayClient:
                 return
             self.handshake.heard_from_relay()
             self._on_message(frames)
+
+
+class HelloBackoff:
+    """When to say hello again after the relay answered ``unknown_sender`` (this connection does not hold its id, or
+    the trainer role): the first refusal schedules a hello ``first_s`` later, each further one before an acceptance
+    doubles the wait up to ``max_s``. Used by the trainer's and the worker's links."""
+
+    def __init__(self, first_s: float = 0.2, max_s: float = 5.0) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.delay_s = first_s
+        self.due_at: float | None = None
+
+    def refused(self, now: float) -> float | None:
+        """Schedule a hello (unless one is scheduled); returns the wait, or None when one was already scheduled."""
+        if self.due_at is not None:
+            return None
+        wait, self.due_at = self.delay_s, now + self.delay_s
+        self.delay_s = min(self.delay_s * 2, self.max_s)
+        return wait
+
+    def take_due(self, now: float) -> bool:
+        """True once when the scheduled hello is due."""
+        if self.due_at is None or now < self.due_at:
+            return False
+        self.due_at = None
+        return True
+
+    def accepted(self) -> None:
+        """The relay treats this connection as the id's (or the role's) holder again: the next refusal waits
+        ``first_s``."""
+        self.delay_s = self.first_s

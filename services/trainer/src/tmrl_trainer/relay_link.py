@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import zmq
 from tmrl_common.errors import ConfigError, ProtocolError
 from tmrl_common.protocol import Error, Heartbeat, Hello, WeightsUpdate, decode, decode_envelope, encode
-from tmrl_common.relay_client import RelayClient
+from tmrl_common.relay_client import HelloBackoff, RelayClient
 from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
 
 from tmrl_trainer.ingest import Ingestor
@@ -58,36 +58,6 @@ class TrainerLinkCounters:
     hellos_sent: int = 0
     role_lost: int = 0
     """``unknown_sender`` errors from the relay: this connection did not hold the trainer role (a hello follows)."""
-
-
-class HelloBackoff:
-    """When to say hello again after the relay said this trainer does not hold the role: the first refusal
-    schedules a hello ``first_s`` later, each further one before an acceptance doubles the wait up to ``max_s``."""
-
-    def __init__(self, first_s: float = 0.2, max_s: float = 5.0) -> None:
-        self.first_s = first_s
-        self.max_s = max_s
-        self.delay_s = first_s
-        self.due_at: float | None = None
-
-    def refused(self, now: float) -> float | None:
-        """Schedule a hello (unless one is scheduled); returns the wait, or None when one was already scheduled."""
-        if self.due_at is not None:
-            return None
-        wait, self.due_at = self.delay_s, now + self.delay_s
-        self.delay_s = min(self.delay_s * 2, self.max_s)
-        return wait
-
-    def take_due(self, now: float) -> bool:
-        """True once when the scheduled hello is due."""
-        if self.due_at is None or now < self.due_at:
-            return False
-        self.due_at = None
-        return True
-
-    def accepted(self) -> None:
-        """The relay treats this connection as the trainer again: the next refusal waits ``first_s``."""
-        self.delay_s = self.first_s
 
 
 class TrainerLink:

@@ -34,13 +34,20 @@ from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.log_limit import RateLimitedLog
 from tmrl_common.protocol import Error, Heartbeat, Hello, SampleAck, WeightsUpdate, decode, encode
-from tmrl_common.relay_client import RelayClient
+from tmrl_common.relay_client import HelloBackoff, RelayClient
 from tmrl_common.sockets import RelayEndpoint
 
 from tmrl_worker.spool import SequenceCounter, Spool, seq_ranges
 
 log = logging.getLogger(__name__)
 RATE_LOG_INTERVAL_S = 10.0
+HELLO_AGAIN_FIRST_S, HELLO_AGAIN_MAX_S = 1.0, 30.0
+"""After the relay answers ``unknown_sender`` (its id was taken by another connection's hello, or the relay no longer
+knows this connection), the link says hello again this long after, doubling up to the maximum while it keeps
+happening: a second process under the same id (another ``state_dir``) is not fought every second, and once it
+stops this one takes its id back within half a minute."""
+HELLO_AGAIN_RESET_S = 60.0
+"""Acknowledgements this long after the last ``unknown_sender`` bring the wait back to its first value."""
 """At most one line per this long about resent batches, reused seqs, or each reason of the relay's errors (the
 counters carry every one)."""
 
@@ -82,6 +89,8 @@ class LinkCounters:
     weights_received: int = 0
     batches_stored: int = 0
     """Batches the trainer answered ``stored`` or ``duplicate`` (delivered)."""
+    ids_lost: int = 0
+    """``unknown_sender`` answers from the relay: this connection did not hold the worker id (a hello follows)."""
     seqs_reused: int = 0
     """Batches of this run the trainer answered ``duplicate`` on their only send: their seq had been used before (a
     state file rolled back), so their rows are not stored (counted in ``batches_stored`` too, as answered)."""
@@ -177,6 +186,8 @@ class RelayLink:
         self._submitted = 0  # builders handed over by submit(); written by the rollout thread only
         self._lock = threading.Lock()  # guards spool + counters against snapshot readers
         self._started_at = time.monotonic()
+        self._hello_again = HelloBackoff(HELLO_AGAIN_FIRST_S, HELLO_AGAIN_MAX_S)
+        self._id_lost_at = float("-inf")
         self._client = RelayClient(
             worker_id, "sender", endpoint, self.counters, on_connected=self._say_hello, on_message=self._on_message,
             on_turn=self._on_turn, send_heartbeat=self._send_heartbeat, while_away="spooling until it comes back",
@@ -303,6 +314,9 @@ class RelayLink:
     def _on_turn(self) -> None:
         self._take_submissions()
         if self._client.connected:
+            if self._hello_again.take_due(time.monotonic()):
+                log.info("%s: saying hello again to take back its worker id at the relay: %s", self.worker_id,
+                         self._say_hello())
             self._send_due()
 
     def _send_heartbeat(self) -> None:
@@ -384,6 +398,8 @@ class RelayLink:
                         self.refusals.stored()
                 if reused:
                     self._numbers_used_before(reused)
+            if time.monotonic() - self._id_lost_at >= HELLO_AGAIN_RESET_S:
+                self._hello_again.accepted()
             self.counters.acks_received += 1  # last: whoever waits for it sees what the answer did
         elif isinstance(message, Error):
             self.counters.errors_received += 1
@@ -395,6 +411,8 @@ class RelayLink:
                                    message.reason, message.message)
             if message.ref_type == "sample_batch" and message.ref_seq is not None and message.reason in FINAL_AT_RELAY:
                 self._refused([message.ref_seq], message.reason, f"the relay refused it: {message.message}")
+            if message.reason == "unknown_sender":
+                self._id_lost(message.message)
         elif isinstance(message, WeightsUpdate):
             self.counters.weights_received += 1
             if self.on_weights is not None:
@@ -424,6 +442,20 @@ class RelayLink:
             log.error("%s", self._gave_up)
             if self.on_give_up is not None:
                 self.on_give_up()
+
+    def _id_lost(self, detail: str) -> None:
+        """The relay does not take this connection's messages as this worker's (another connection said hello under
+        its id since, a restarted relay that missed the hello, a revoked key): say hello again after a wait, which
+        grows while it keeps happening (:data:`HELLO_AGAIN_FIRST_S`). Without it a worker displaced by a second
+        process under its id sent nothing any more, even after that process stopped."""
+        self.counters.ids_lost += 1
+        now = time.monotonic()
+        self._id_lost_at = now
+        wait = self._hello_again.refused(now)
+        if wait is not None:
+            log.warning("%s: the relay does not take this connection's messages as %s's (%s); saying hello again in "
+                        "%.0f s (if another process runs under this worker_id, they take the id from each other: "
+                        "stop one)", self.worker_id, self.worker_id, detail, wait)
 
     def _heartbeat(self) -> Heartbeat:
         with self._lock:
