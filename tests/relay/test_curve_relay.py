@@ -216,6 +216,24 @@ def test_the_relay_refuses_to_start_secure_without_a_trainer_key_and_says_what_t
         relay.bind()
 
 
+def test_a_public_certificate_given_as_the_relays_secret_key_is_the_one_error_shown(tmp_path, keys, caplog):
+    """An operator's-first-hour probe: `--secret-key keys/worker-1.key` (a public certificate, mode 644) warned to
+    chmod it and that the allow-list held 'the relay's own public key' before the error that it holds no secret."""
+    config = _config(tmp_path, keys)
+    config.security.secret_key_file = keys["worker-1"].public_file
+    with caplog.at_level("WARNING"), pytest.raises(RelaySetupError, match=r"worker-1.key holds no secret key: it is a "
+                                                                          r"public certificate"):
+        Relay(config).bind()
+    assert caplog.records == []
+
+
+def test_a_secret_key_others_can_read_is_warned_about_once_for_the_relays_three_sockets(tmp_path, keys, caplog):
+    keys["relay"].secret_file.chmod(0o644)
+    with caplog.at_level("WARNING"), relay_in_thread(_config(tmp_path, keys)):
+        pass
+    assert len([r for r in caplog.records if "has mode 644" in r.getMessage()]) == 1
+
+
 def test_an_explicit_trainer_allowlist_dir_overrides_the_default(context, tmp_path, keys):
     allow_public_key(tmp_path / "elsewhere", keys["trainer"].public_file)
     for key in (tmp_path / "allow" / "trainers").glob("*.key"):

@@ -123,7 +123,6 @@ def load_public_key(path: Path) -> bytes:
 def load_secret_key(path: Path) -> tuple[bytes, bytes]:
     """``(public, secret)`` Z85 keys from a ``.key_secret`` certificate; raises :class:`KeyFileError`."""
     public, secret = _read_certificate(Path(path))
-    _warn_if_others_may_read(Path(path))
     if not secret:
         raise KeyFileError(
             f"{path} holds no secret key: it is a public certificate; use the matching {SECRET_SUFFIX} file"
@@ -132,19 +131,25 @@ def load_secret_key(path: Path) -> tuple[bytes, bytes]:
     secret = _check_z85_key(secret, Path(path), "secret")
     if zmq.curve_public(secret) != public:
         raise KeyFileError(f"the public and secret keys in {path} do not belong together")
+    _warn_if_others_may_read(Path(path))  # a secret key only: a public certificate given by mistake is refused above
     return public, secret
 
 
+_WARNED_READABLE: set[tuple[str, int]] = set()
+"""(secret key file, mode) pairs warned about: a relay loads its key once per socket, and says it once."""
+
+
 def _warn_if_others_may_read(path: Path) -> None:
-    """Warn when a secret key file's mode lets its group or others in (POSIX; on Windows the folder's ACL decides,
-    docs/deployment.md): whoever can read it can act as that key."""
+    """Warn (once per file and mode) when a secret key file's mode lets its group or others in (POSIX; on Windows the
+    folder's ACL decides, docs/deployment.md): whoever can read it can act as that key."""
     if os.name != "posix":
         return
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:
         return
-    if mode & 0o077:
+    if mode & 0o077 and (str(path), mode) not in _WARNED_READABLE:
+        _WARNED_READABLE.add((str(path), mode))
         log.warning("secret key file %s has mode %03o: users other than its owner can read it and act as this key; "
                     "run `chmod 600 %s` as its owner", path, mode, path)
 

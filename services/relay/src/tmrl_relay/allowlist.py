@@ -20,7 +20,6 @@ import zmq
 from tmrl_common.curve import (
     KeyFileError,
     list_allowed_keys,
-    load_public_key,
     reload_authenticator,
     start_authenticator,
 )
@@ -55,7 +54,7 @@ def require_keys_configured(config: RelayConfig) -> None:
 class AllowlistWatcher:
     """Runs the ZAP authenticator over the allow-list directories and reloads it when they change."""
 
-    def __init__(self, config: RelayConfig, metrics: RelayMetrics) -> None:
+    def __init__(self, config: RelayConfig, metrics: RelayMetrics, relay_public_key: bytes | None = None) -> None:
         security = config.security
         assert security.allowlist_dir is not None
         self.worker_dir = Path(security.allowlist_dir)
@@ -66,7 +65,9 @@ class AllowlistWatcher:
         """Z85 public keys that may hold the trainer role."""
         self.worker_keys: frozenset[str] = frozenset()
         """Z85 public keys the workers' socket admits now (a removed key's open connection is refused by message)."""
-        self.relay_key_file = Path(security.secret_key_file) if security.secret_key_file is not None else None
+        self.relay_public_key = relay_public_key
+        """The relay's own public key (from its secret key file), which no allow-list should hold."""
+        self.relay_key_file = security.secret_key_file
         self._authenticator = None
         self._signature: tuple = ()
         self._checked = 0.0
@@ -156,13 +157,12 @@ class AllowlistWatcher:
         """Log the allow-list entries holding the relay's own public key: an operator who ran ``keys add relay.key``
         meant a client's key (the relay's public key goes to the clients, as their ``--server-key``), and that
         client will be refused until its own key is added."""
-        if self.relay_key_file is None:
+        if self.relay_public_key is None:
             return
         try:
-            own = load_public_key(self.relay_key_file)
             entries = [entry for directory in (self.worker_dir, self.trainer_dir) if directory.is_dir()
-                       for entry in list_allowed_keys(directory) if entry.public_key == own]
-        except (KeyFileError, OSError):  # the authenticator has logged an unreadable list; the relay's key loaded
+                       for entry in list_allowed_keys(directory) if entry.public_key == self.relay_public_key]
+        except (KeyFileError, OSError):  # the authenticator has logged an unreadable list
             return
         for entry in entries:
             role = "trainer" if entry.path.parent == self.trainer_dir else "worker"

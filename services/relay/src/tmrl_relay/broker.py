@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import zmq
+from tmrl_common.curve import KeyFileError, load_secret_key
 from tmrl_common.errors import ProtocolError
 from tmrl_common.log_limit import RateLimitedLog
 from tmrl_common.protocol import (
@@ -170,7 +171,11 @@ class Relay:
 
     def _start_authenticator(self) -> None:
         require_keys_configured(self.config)
-        self.allowlist = AllowlistWatcher(self.config, self.metrics)
+        try:  # the relay's own pair first: a public certificate given as its secret key is the error to show
+            relay_public_key, _ = load_secret_key(self.config.security.secret_key_file)
+        except KeyFileError as exc:
+            raise RelaySetupError(str(exc)) from exc
+        self.allowlist = AllowlistWatcher(self.config, self.metrics, relay_public_key)
         self.allowlist.start(self._context)
 
     def _router(self, link: str, port: int) -> zmq.Socket:
