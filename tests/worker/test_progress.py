@@ -229,16 +229,51 @@ def test_a_real_time_env_slower_than_its_time_step_is_named_in_the_progress_line
     assert "slower than the 50 steps/s of time_step_duration 0.02 s: the env's calls" in lines[-1].getMessage()
 
 
-def test_the_summary_of_a_worker_that_never_connected_names_the_handshake_that_failed():
-    """Deployment probe: after a wrong server key the summary still asked whether the relay was running."""
+@pytest.mark.parametrize("mistake", ["insecure worker", "wrong server key", "trainer port"])
+def test_the_summary_of_a_worker_that_never_connected_gives_its_failed_handshakes_cause_and_fix(tmp_path, mistake):
+    """Probes: after a wrong server key the summary asked whether the relay was running; a plain-text worker against
+    a CurveZMQ relay was asked about its server key (it has none); a worker given the trainer's port was told to
+    allow a key that was allowed (on the workers' port). The summary now ends with the error line its sender
+    logged."""
+    from relay.relay_harness import relay_in_thread
+    from tmrl_common.curve import generate_key_pair
+    from tmrl_common.sockets import SecurityConfig, TransportConfig
+    from tmrl_relay.config import RelayConfig
+    from tmrl_relay.keys import allow_key_for_role
+    from tmrl_stack import free_ports
+    from tmrl_worker import runtime
+    from tmrl_worker.cli import run_summary
+
+    keys = {name: generate_key_pair(tmp_path / "keys", name) for name in ("relay", "worker-1", "trainer", "stranger")}
+    allow_key_for_role(tmp_path / "allow", keys["worker-1"].public_file, "worker")
+    allow_key_for_role(tmp_path / "allow", keys["trainer"].public_file, "trainer")
+    relay_config = RelayConfig(bind_host="127.0.0.1", worker_port=0, trainer_port=0, weights_port=0, metrics_port=0,
+                               security=SecurityConfig(secret_key_file=keys["relay"].secret_file,
+                                                       allowlist_dir=tmp_path / "allow"))
+    with relay_in_thread(relay_config) as relay:
+        port = relay.ports.trainer_port if mistake == "trainer port" else relay.ports.worker_port
+        server_key = keys["stranger" if mistake == "wrong server key" else "relay"].public_file
+        security = (SecurityConfig(insecure=True) if mistake == "insecure worker" else
+                    SecurityConfig(secret_key_file=keys["worker-1"].secret_file, server_public_key_file=server_key))
+        [weights_port] = free_ports(1)
+        config = WorkerConfig(worker_id="worker-1", env="sim-fast", max_steps=150, max_steps_per_second=100,
+                              batch_steps=50, worker_port=port, weights_port=weights_port, state_dir=tmp_path,
+                              flush_timeout_s=0.2, transport=TransportConfig(linger_ms=0), security=security)
+        summary = run_summary("worker-1", runtime.run_worker(config))
+    expected = {"insecure worker": "speaks CurveZMQ, this worker plain text (--insecure): run both with --insecure",
+                "wrong server key": f"drops the CurveZMQ handshake: --server-key ({server_key}) is most likely not",
+                "trainer port": f"refused this worker's key {keys['worker-1'].public_file}: either port {port} is not "
+                                "the relay's worker_port"}[mistake]
+    assert expected in summary, summary
+    assert "retrying every" not in summary
+
+
+def test_the_summary_of_a_worker_that_never_connected_says_so_without_a_failed_handshake():
     from tmrl_worker.cli import run_summary
     from tmrl_worker.runtime import RolloutStats
 
     delivery = {"steps_submitted": 40, "batches_built": 2, "spool_acked": 0, "spool_resent": 0, "spool_dropped": 0,
                 "spool_batches": 2, "batches_rejected": 0, "connections": 0, "handshake_refused": 0}
-    stats = RolloutStats(steps=40, delivery={**delivery, "handshake_dropped": 3})
-    assert run_summary("w", stats).endswith("; it never connected to the relay: the relay dropped its CurveZMQ "
-                                            "handshake: is server_public_key_file the relay's key? (3 time(s))")
     stats = RolloutStats(steps=40, delivery=delivery)  # nothing answered at all
     assert run_summary("w", stats).endswith("; it never connected to the relay (is it running, on this worker's "
                                             "relay_host and worker_port?)")

@@ -95,6 +95,9 @@ class HandshakeWatch:
         self._quiet_since: float | None = None  # handshake done, nothing received since
         self._drops_in_a_row = 0  # dropped handshakes since the last success or new socket
         self._last_report: dict[str, float] = {}
+        self.last_failure: str | None = None
+        """The kind of the latest failed handshake (``refused``, ``mechanism``, ``dropped``, ``silent``...), for a
+        summary at the end: :meth:`advice` says what it means."""
         self.handshakes = 0
         """Handshakes this socket completed: after one, a relay that goes silent mid-handshake is the same relay
         paused, overloaded or restarting, not a wrong port."""
@@ -218,6 +221,7 @@ class HandshakeWatch:
         return secret.with_name(f"{name}{PUBLIC_SUFFIX}")
 
     def _say(self, kind: str, now: float) -> None:
+        self.last_failure = kind
         if not self.report or now - self._last_report.get(kind, float("-inf")) < self.report_every_s:
             return
         self._last_report[kind] = now

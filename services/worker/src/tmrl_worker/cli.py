@@ -140,19 +140,15 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
         if delivery.get("seqs_reused"):
             summary += (f"; {delivery['seqs_reused']} of the acknowledged were NOT stored: their seq had been used "
                         "before (a state file restored from an older copy)")
+        advice = stats.handshake_advice  # the error line of its latest failed handshake: cause and fix
         if not delivery.get("connections") and delivery["steps_submitted"] and not delivery.get("handshake_refused"):
-            causes = (("dropped", "the relay dropped its CurveZMQ handshake: is server_public_key_file the relay's key?"),
-                      ("mechanism", "one side runs --insecure, the other CurveZMQ"),
-                      ("silent", "something answered TCP there but no ZeroMQ handshake: is it the relay's worker_port?"))
-            failed = [f"{why} ({delivery[f'handshake_{kind}']} time(s))" for kind, why in causes
-                      if delivery.get(f"handshake_{kind}")]
-            summary += ("; it never connected to the relay: " + "; ".join(failed) if failed else
-                        "; it never connected to the relay (is it running, on this worker's relay_host and "
-                        "worker_port?)")
+            summary += (f"; it never connected to the relay: {advice}" if advice else "; it never connected to the "
+                        "relay (is it running, on this worker's relay_host and worker_port?)")
         if delivery.get("handshake_refused"):
             summary += f"; the relay refused this worker's key {delivery['handshake_refused']} time(s)"
             summary += (" (and allowed it at other times: the key was added late, or removed while this worker ran)"
-                        if delivery["spool_acked"] else ": allow it with `tmrl-relay keys add` on the relay host")
+                        if delivery["spool_acked"] else f": {advice}" if advice
+                        else ": allow it with `tmrl-relay keys add` on the relay host")
     return summary
 
 

@@ -230,6 +230,14 @@ class RelayLink:
     def connected(self) -> bool:
         return self._client.connected
 
+    def handshake_advice(self) -> str | None:
+        """What the latest failed handshake with the relay means and how to fix it (the error line it logged, without
+        its 'retrying'), for the worker's summary; ``None`` when none failed."""
+        watch = self._client.handshake
+        if watch.last_failure is None:
+            return None
+        return watch.advice(watch.last_failure).split("; retrying every", 1)[0]
+
     def wait_connected(self, timeout: float) -> bool:
         return self._client.wait_connected(timeout)
 

@@ -288,6 +288,8 @@ class RolloutStats:
     """Rows in the batches handed to the sink (the batch being filled holds the rest of the rows built)."""
     delivery: dict[str, int] = field(default_factory=dict)
     """The sender thread's counters at the end (:meth:`RelayLink.snapshot`); empty in test mode."""
+    handshake_advice: str | None = None
+    """What the sender's latest failed handshake with the relay means (:meth:`RelayLink.handshake_advice`)."""
 
 
 class BatchesRefused(RuntimeError):
@@ -665,6 +667,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
         if link is not None:
             link.stop()  # the sender thread numbers and spools what is still in its inbox before it ends: count after
             stats.delivery = link.snapshot()
+            stats.handshake_advice = link.handshake_advice()
         loop.record_progress(running=False)
         if link is not None and link.gave_up is not None:
             raise BatchesRefused(link.gave_up, stats)
