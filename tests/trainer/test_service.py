@@ -822,6 +822,32 @@ def test_the_progress_line_of_a_trainer_without_relay_names_where_it_looks_for_o
         with caplog.at_level("INFO", logger="tmrl_trainer.service"):
             service._report()
         assert "not connected to the relay at tcp://127.0.0.1:1 plain text (is it running there" in caplog.text
+        assert caplog.records[-1].levelname == "WARNING"  # as the worker's own line says it (a probe: INFO here)
+    finally:
+        service.shutdown()
+
+
+def test_the_progress_line_shows_the_warm_up_and_warns_once_no_batch_was_stored_for_a_minute(tmp_path, caplog):
+    """An operator's-first-hour probe: a run whose only worker had been displaced logged the same INFO line, updates
+    frozen, for five minutes; after a restart nothing said how far the warm-up was."""
+    from tmrl_trainer.service import NO_BATCH_WARNING_S
+
+    service = TrainerService(make_config(tmp_path))  # learning_starts 50
+    try:
+        def line() -> tuple[str, str]:
+            with caplog.at_level("INFO", logger="tmrl_trainer.service"):
+                service._report()
+            return caplog.records[-1].levelname, caplog.records[-1].getMessage()
+
+        service.ingestor.handle(pendulum_batch("w1", 0, 30))
+        _, message = line()
+        assert message.endswith("; warm-up: 30 of 50 rows stored before the first update")
+        service._batch_seen_at -= NO_BATCH_WARNING_S + 1  # a minute without a batch
+        level, message = line()
+        assert level == "WARNING" and "; no batch stored for 61 s: updates wait for samples" in message
+        service.ingestor.handle(pendulum_batch("w1", 1, 30))
+        _, message = line()
+        assert "no batch stored" not in message and "warm-up" not in message  # 60 rows: past the warm-up
     finally:
         service.shutdown()
 

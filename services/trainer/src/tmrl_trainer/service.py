@@ -119,6 +119,9 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 REFUSED_SUFFIX = ".refused"
 """Appended to a checkpoint refused on resume (unreadable or non-finite): kept for inspection, never tried again."""
 PROGRESS_EVERY_S = 10.0
+NO_BATCH_WARNING_S = 60.0
+"""The progress line turns into a warning when no batch has been stored for this long (workers stopped, displaced,
+refused, or the relay away): the updates wait for samples (``utd``), so the run has stalled."""
 WORKERS_SHOWN = 8
 """The progress line names at most this many workers (``status.json`` has every one)."""
 REPLAY_SYNC_EVERY = 8
@@ -280,6 +283,9 @@ class TrainerService:
         """Guards the memory and ``rows_received``; the ingestor also holds it from storing a batch to marking its seq
         (re-entered by :meth:`_store`), so a checkpoint copies memory and dedupe state from one moment."""
         self._waiting_log = RateLimitedLog(log, interval_s=30.0)
+        self._batches_seen = 0
+        self._batch_seen_at = time.monotonic()
+        """The ingest's ``batches_stored`` at the last progress line that saw it change, and when (stall warning)."""
         self.weights_version = 0
         self.rows_received = 0
         self.samples_before_run = 0
@@ -659,15 +665,31 @@ class TrainerService:
                       self.run_dir, lock_path)
 
     def _report(self) -> None:
+        """The progress line: a warning while the trainer is not connected to the relay or has stored no batch for
+        :data:`NO_BATCH_WARNING_S`, with the warm-up's progress until the first update."""
         self._check_run_directory()
         snapshot = self.ingestor.snapshot()
+        now = time.monotonic()
+        if snapshot["batches_stored"] != self._batches_seen:
+            self._batches_seen, self._batch_seen_at = snapshot["batches_stored"], now
+        notes = []
+        with self.memory_lock:
+            stored = len(self.memory)
+        if stored < self.config.sac.learning_starts:
+            notes.append(f"warm-up: {stored} of {self.config.sac.learning_starts} rows stored before the first update")
+        quiet = now - self._batch_seen_at
+        if quiet >= NO_BATCH_WARNING_S:
+            notes.append(f"no batch stored for {quiet:.0f} s: updates wait for samples; are the workers running, and "
+                         "connected (their logs, the relay's tmrl_relay_connected_workers and rejects)?")
         workers = workers_summary(snapshot["workers"])
-        log.info("%d updates, weights version %d, %d samples received (%d duplicates, %d rejected); %s",
-                 self.learner.updates, self.weights_version, self.rows_received, snapshot["duplicates"],
-                 sum(snapshot["rejects"].values()),
-                 workers or ("no worker yet" if self.link.connected else
-                             f"not connected to the relay at {self.link.describe()} (is it running there, on that port, "
-                             "with the same --insecure or keys?)"))
+        log.log(logging.WARNING if quiet >= NO_BATCH_WARNING_S or not self.link.connected else logging.INFO,
+                "%d updates, weights version %d, %d samples received (%d duplicates, %d rejected); %s%s",
+                self.learner.updates, self.weights_version, self.rows_received, snapshot["duplicates"],
+                sum(snapshot["rejects"].values()),
+                workers or ("no worker yet" if self.link.connected else
+                            f"not connected to the relay at {self.link.describe()} (is it running there, on that port, "
+                            "with the same --insecure or keys?)"),
+                "".join(f"; {note}" for note in notes))
 
     def _may_update(self) -> bool:
         sac = self.config.sac
@@ -687,6 +709,7 @@ class TrainerService:
                  describe_layout(self.layout), source, self.link.describe(), self.config.sac.learning_starts,
                  self.config.sac.utd, self.memory.n_step)
         next_report = time.monotonic() + PROGRESS_EVERY_S
+        self._batch_seen_at = time.monotonic()  # a trainer waiting for its first batch warns from NO_BATCH_WARNING_S
         try:
             while not stop.is_set() and (max_updates is None or self.learner.updates < max_updates):
                 if time.monotonic() >= next_report:
