@@ -115,12 +115,18 @@ def test_insecure_mode_sets_no_curve_options(context):
     assert server.recv_multipart()[1] == b"plain"
 
 
-def test_secure_socket_without_keys_says_how_to_generate_them(context):
+def test_secure_socket_without_keys_says_how_to_generate_them(context, tmp_path):
+    """An operator's-first-hour probe: the error named the config field only, where the Quick start passes flags."""
     socket = context.socket(zmq.ROUTER)
-    with pytest.raises(SecurityError, match="keys generate.*--insecure"):
+    with pytest.raises(SecurityError, match=r"secret key file is not set \(--secret-key FILE, or secret_key_file in "
+                                            r"the config's \[<service>.security\]\).*keys init.*--insecure"):
         secure_server_socket(socket, SecurityConfig())
     with pytest.raises(SecurityError, match="keys generate"):
         secure_client_socket(socket, SecurityConfig())
+    pair = generate_key_pair(tmp_path, "worker-1")
+    with pytest.raises(SecurityError, match=r"the relay's public key file is not set \(--server-key FILE, or "
+                                            r"server_public_key_file"):
+        secure_client_socket(socket, SecurityConfig(secret_key_file=pair.secret_file))
     socket.close()
 
 

@@ -113,11 +113,16 @@ class SecurityConfig(BaseModel):
         refuse_empty_path)
 
 
+_FLAGS = {"secret_key_file": "--secret-key", "server_public_key_file": "--server-key"}
+"""The ``run`` flag of each key file setting (the Quick start passes flags, not the config's field names)."""
+
+
 def _require(path: Path | None, what: str, field: str) -> Path:
     if path is None:
         raise SecurityError(
-            f"{what} is not set ({field}); generate keys with `tmrl-relay keys generate --dir DIR --name NAME` "
-            "and point the config at them, or pass --insecure for plain text on a trusted network"
+            f"{what} is not set ({_FLAGS[field]} FILE, or {field} in the config's [<service>.security]); generate keys "
+            "with `tmrl-relay keys init` (one machine) or `tmrl-relay keys generate --dir DIR --name NAME`, or pass "
+            "--insecure for plain text on a trusted network"
         )
     return path
 
