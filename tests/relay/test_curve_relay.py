@@ -132,6 +132,10 @@ def test_a_second_trainer_key_is_refused_while_the_trainer_is_alive(context, tmp
         other.hello("trainer")
         error = other.recv_type("error")[1]
         assert error.reason == "unknown_sender" and "alive" in error.message and error.ref_type == "hello"
+        # an operator's probe: two trainers both named 'trainer' read "trainer 'trainer' holds the role": the key tells
+        holder_key = load_public_key(keys["trainer"].public_file).decode()
+        assert error.message.startswith(f"trainer 'trainer-1' (another CurveZMQ key: {holder_key[:8]}...) holds the "
+                                        "trainer role and is alive; a relay serves one trainer at a time")
         assert value("tmrl_relay_role_refusals_total", {"link": "trainer", "why": "trainer_alive"}) == 1
         other.send(make_weights(5))
         assert other.recv_type("error")[1].reason == "unknown_sender"

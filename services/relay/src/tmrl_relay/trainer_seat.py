@@ -58,8 +58,11 @@ class TrainerSeat:
         if current is None or not self.holds_live(now):
             return False
         if _identity(sender, user_id) != _identity(current.sender, current.user_id):
-            raise RoleRefused("trainer_alive", f"trainer {current.sender!r} holds the trainer role and is alive; "
-                                               "another trainer may say hello once it is silent or gone")
+            holder = (f"trainer {current.sender!r} (another CurveZMQ key: {current.user_id[:8]}...)"
+                      if current.user_id is not None and current.user_id != user_id else f"trainer {current.sender!r}")
+            raise RoleRefused("trainer_alive", f"{holder} holds the trainer role and is alive; a relay serves one "
+                                               "trainer at a time: this one may take the role once that one is silent "
+                                               "or gone (stop one of them if both are meant to run)")
         return True
 
     def holds_live(self, now: float | None = None) -> bool:

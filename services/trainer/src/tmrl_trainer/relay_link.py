@@ -131,7 +131,7 @@ class TrainerLink:
     def _on_turn(self) -> None:
         if self._client.connected:
             if self._backoff.take_due(time.monotonic()):
-                log.info("%s: saying hello again to take back the trainer role", self.trainer_id)
+                log.info("%s: saying hello again to take the trainer role", self.trainer_id)
                 self._say_hello()
             self._send_weights()
 
