@@ -50,7 +50,7 @@ def test_a_finished_lap_beats_any_unfinished_episode_then_the_fewer_steps_win():
     assert EpisodeOutcome(-120.0, 200, None).rank() > EpisodeOutcome(-400.0, 200, None).rank()  # no finish: return
 
 
-def test_weights_wait_for_the_next_episode_and_the_best_whole_episode_is_kept(tmp_path):
+def test_weights_wait_for_the_next_episode_and_the_best_whole_episode_is_kept(tmp_path, caplog):
     pendulum = make_env("gym:Pendulum-v1")  # 200-step episodes, no finish line: ranked by return
     try:
         feed = WeightsFeed("tester")
@@ -61,9 +61,13 @@ def test_weights_wait_for_the_next_episode_and_the_best_whole_episode_is_kept(tm
         loop = RolloutLoop(OfferAt(pendulum, feed, updates), None, feed, UniformPolicy(1, seed=0), deterministic=True,
                            seed=5, worker_id="tester", best=keeper)
         loop.record_versions = True
-        stats = loop.run(max_steps=1000)
+        with caplog.at_level("INFO", logger="tmrl_worker.runtime"):
+            stats = loop.run(max_steps=1000)
     finally:
         pendulum.close()
+    # an operator's probe: the first, mixed episode was passed over without a word
+    [passed_over] = [r.getMessage() for r in caplog.records if "not a candidate" in r.getMessage()]
+    assert passed_over.startswith("tester: episode 1 (return ") and "weights versions [0, 1]" in passed_over
 
     versions = [loop.action_versions[start:start + 200] for start in range(0, 1000, 200)]
     # the random warm-up policy gives way at once; later weights wait for the next episode start

@@ -481,6 +481,11 @@ class RolloutLoop:
                     self.stats.recent_returns.append(self.stats.episode_return)
                     if self.best is not None and len(self._episode_versions) == 1:
                         self._keep_if_best(self.best, info)
+                    elif self.best is not None:
+                        log.info("%s: episode %d (return %.2f) was driven by weights versions %s (the random policy "
+                                 "gives way to the first weights mid-episode): not a candidate for the best policy",
+                                 self.worker_id, self.stats.episodes, self.stats.episode_return,
+                                 sorted(self._episode_versions))
                     log.debug("%s: episode %d ended after step %d: return %.2f (weights version %d)", self.worker_id,
                              self.stats.episodes, self.stats.steps, self.stats.episode_return, self.policy.version)
                     try:
