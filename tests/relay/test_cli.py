@@ -71,6 +71,7 @@ def test_relay_subprocess_forwards_serves_metrics_and_stops_cleanly_on_sigterm(c
 
         text = _scrape(metrics_port)
         assert "# TYPE tmrl_relay_batches_forwarded_total counter" in text
+        assert "_created" not in text  # an operator's probe: `grep tmrl_` showed a timestamp beside every counter
         assert _sample(text, "tmrl_relay_batches_forwarded_total") == 2
         assert _sample(text, "tmrl_relay_steps_forwarded_total") == 12
         assert _sample(text, "tmrl_relay_connected_workers") == 2

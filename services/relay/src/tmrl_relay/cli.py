@@ -69,9 +69,12 @@ _ADDRESS_NOT_UP_YET_HINT = (" (this machine has no such address or interface now
 
 def serve(config: RelayConfig) -> int:
     """Bind, serve until SIGINT/SIGTERM, shut down cleanly; returns the process exit code."""
+    import prometheus_client
+
     from tmrl_relay.broker import Relay, RelaySetupError
     from tmrl_relay.metrics import MetricsServer, RelayMetrics
 
+    prometheus_client.disable_created_metrics()  # no `_created` timestamp beside every counter: /metrics reads plainly
     metrics = RelayMetrics()
     relay = Relay(config, metrics)
     # Before bind: bind logs the "listening" line that launchers wait for, and a SIGTERM sent right after it must
