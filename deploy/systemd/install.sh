@@ -7,24 +7,31 @@
 # Environment: PYTHON (an interpreter >= 3.11, default python3), TORCH_SPEC (default torch==2.13.0),
 # TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cu128 for a CUDA build on the trainer).
 set -euo pipefail
-dry_run=no; [ "${1:-}" = --dry-run ] && { dry_run=yes; shift; }
+dry_run=no; roles=()
+for arg in "$@"; do [ "$arg" = --dry-run ] && dry_run=yes || roles+=("$arg"); done
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 prefix=/opt/tmrl
 python=${PYTHON:-python3}
-roles=("$@"); [ ${#roles[@]} -gt 0 ] || roles=(relay trainer)
+[ ${#roles[@]} -gt 0 ] || roles=(relay trainer)
 
 packages=("$repo/libs/common")
+units=()
 needs_torch=no
 for role in "${roles[@]}"; do
   case "$role" in
-    relay)   packages+=("$repo/services/relay") ;;
-    trainer) packages+=("$repo/services/trainer"); needs_torch=yes ;;
-    worker|worker:*) packages+=("$repo/services/worker"); needs_torch=yes ;;
+    relay)   packages+=("$repo/services/relay"); units+=(tmrl-relay.service) ;;
+    trainer) packages+=("$repo/services/trainer"); needs_torch=yes; units+=(tmrl-trainer.service) ;;
+    worker|worker:*) packages+=("$repo/services/worker"); needs_torch=yes; units+=(tmrl-worker@.service) ;;
     *) echo "unknown role '$role' (relay, trainer, worker)" >&2; exit 2 ;;
   esac
 done
 if [ "$dry_run" = yes ]; then  # what would be installed, for a look before the real run (and for the tests)
-  echo "torch: $needs_torch"; printf 'package: %s\n' "${packages[@]#"$repo"/}"; exit 0
+  echo "torch: $needs_torch"; printf 'package: %s\n' "${packages[@]#"$repo"/}"
+  printf 'unit: /etc/systemd/system/%s\n' "${units[@]}"
+  echo "venv: $prefix/.venv (with $python; a copy of docs/ and deploy/ in $prefix)"
+  echo "user: tmrl (system user, home /var/lib/tmrl), made if missing"
+  echo "config: /etc/tmrl/tmrl.toml and /etc/tmrl/tmrl.env (kept if present), keys folder /etc/tmrl/keys"
+  exit 0
 fi
 [ "$(id -u)" -eq 0 ] || { echo "run as root (sudo)" >&2; exit 1; }
 

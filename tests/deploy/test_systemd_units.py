@@ -100,9 +100,14 @@ def test_installer_puts_torch_only_where_a_role_needs_it() -> None:
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    assert plan("relay").splitlines() == ["torch: no", "package: libs/common", "package: services/relay"]
+    assert plan("relay").splitlines()[:4] == ["torch: no", "package: libs/common", "package: services/relay",
+                                              "unit: /etc/systemd/system/tmrl-relay.service"]
     assert plan("trainer").splitlines()[0] == "torch: yes"
     assert "package: services/worker" in plan("worker:worker-1")
+    # an operator's probe: the dry run named no unit, file or user, and took --dry-run as the first argument only
+    worker_plan = plan("worker", "--dry-run")
+    assert "unit: /etc/systemd/system/tmrl-worker@.service" in worker_plan and "user: tmrl" in worker_plan
+    assert "config: /etc/tmrl/tmrl.toml" in worker_plan
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed on this machine")
