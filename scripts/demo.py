@@ -155,7 +155,8 @@ def plot_learning_curve(metrics_path: Path, output: Path) -> bool:
         axis.set_ylabel("episode return")
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle("SAC on the simulated race track: episode return per worker")
+    figure.suptitle("SAC on the simulated race track: episode return per worker, as acted (the exploring policy of "
+                    "each moment)")
     figure.tight_layout()
     figure.savefig(output, dpi=110)
     plt.close(figure)
@@ -295,7 +296,8 @@ def main() -> int:
         console.print("[yellow]the trainer published no policy (warm-up not reached?): no policy animation[/]")
     else:
         console.print(f"policy drive: {out / 'policy_drive.gif'} and {out / 'policy_drive.png'} "
-                      f"(best of 3 starts: return {drive[0]:.1f} over {drive[1]} steps, seed {drive[2]})")
+                      f"(the final policy, deterministic, best of 3 starts: return {drive[0]:.1f} over {drive[1]} "
+                      f"steps, seed {drive[2]}; the learning curve shows the exploring policy's episodes)")
     console.print(f"trainer run (status.json, metrics.jsonl, tensorboard/, checkpoints/, policy.safetensors): {run_dir}")
     console.print(f"service logs: {logs}")
     shutil.rmtree(work, ignore_errors=True)
