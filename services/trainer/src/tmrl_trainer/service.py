@@ -199,7 +199,8 @@ def workers_summary(workers: dict[str, dict[str, Any]], shown: int = WORKERS_SHO
     if len(senders) > shown:
         parts.append(f"{len(senders) - shown} more worker(s) with batches (status.json lists every one)")
     if len(workers) > len(senders):
-        parts.append(f"{len(workers) - len(senders)} worker(s) without a stored batch yet")
+        parts.append(f"{len(workers) - len(senders)} worker(s) without a stored batch yet (starting, refused, or "
+                     "--test viewers, which send none)")
     return ", ".join(parts)
 
 
