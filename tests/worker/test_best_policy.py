@@ -85,6 +85,25 @@ def test_weights_wait_for_the_next_episode_and_the_best_whole_episode_is_kept(tm
         assert torch.equal(kept.state_dict()[name], tensor)
 
 
+def test_a_restarted_test_worker_competes_against_the_best_its_earlier_run_kept(tmp_path, caplog):
+    """An upgrade probe: the keeper started from nothing at every start, so the first whole episode after a restart
+    (or an upgrade) replaced the best so far, however much worse."""
+    from tmrl_worker.runtime import ActorPolicy
+
+    layout = tm20_lidar_layout()
+    earlier, worse, better = (ActorPolicy(small_actor(layout, seed), version) for seed, version in
+                              ((1, 70), (2, 80), (3, 90)))
+    assert BestPolicyKeeper(tmp_path, "viewer").consider(earlier, EpisodeOutcome(626.0, 1000, False))
+    with caplog.at_level("INFO", logger="tmrl_worker.runtime"):
+        restarted = BestPolicyKeeper(tmp_path, "viewer")
+    assert "an earlier run kept its best episode in" in caplog.text and "(weights version 70, return 626.00, " \
+        "1000 steps, not finished): an episode replaces it only by beating it" in caplog.text
+    assert not restarted.consider(worse, EpisodeOutcome(300.0, 1000, False))
+    assert read_policy_file(tmp_path / "viewer.best-policy.safetensors")[1] == 70  # still the earlier run's
+    assert restarted.consider(better, EpisodeOutcome(1030.0, 611, True))
+    assert json.loads((tmp_path / "viewer.best-policy.json").read_text())["version"] == 90
+
+
 def test_keep_best_outside_test_mode_is_refused():
     with pytest.raises(ValueError, match="keep_best needs test mode"):
         WorkerConfig(keep_best=True)

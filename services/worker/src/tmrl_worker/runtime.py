@@ -250,6 +250,27 @@ class BestPolicyKeeper:
         self.best_version: int | None = None
         self.saved = 0
         """Policies written so far (each one beat the one before)."""
+        self._restore(worker_id)
+
+    def _restore(self, worker_id: str) -> None:
+        """Compete against the best an earlier run of this worker kept (its files are the best *so far*: a restart,
+        an upgrade, must not replace them with a worse episode); said in the log, with how to start afresh."""
+        if not self.policy_path.is_file():
+            return
+        try:
+            saved = json.loads(self.summary_path.read_text())
+            best = EpisodeOutcome(float(saved["return"]), int(saved["steps"]),
+                                  None if saved["finished"] is None else bool(saved["finished"]))
+            version = int(saved["version"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: the kept best policy %s has no readable summary %s (%s): the first whole episode "
+                        "replaces it", worker_id, self.policy_path, self.summary_path, exc)
+            return
+        self.best, self.best_version = best, version
+        log.info("%s: an earlier run kept its best episode in %s (weights version %d, return %.2f, %d steps%s): an "
+                 "episode replaces it only by beating it (delete both best-policy files to start afresh)", worker_id,
+                 self.policy_path, version, best.episode_return, best.steps,
+                 {True: ", finished", False: ", not finished", None: ""}[best.finished])
 
     def consider(self, policy: Policy, outcome: EpisodeOutcome) -> bool:
         """Save ``policy`` when ``outcome`` (an episode it drove from start to end) beats the best so far; only a
