@@ -283,6 +283,9 @@ def test_the_summary_of_a_worker_that_never_connected_says_so_without_a_failed_h
     assert "1 rejected (stale: 1); 5 batch(es)" in summary  # the reasons stay beside the count they break down
     assert "; 5 batch(es) handed over were never numbered nor spooled (the sender thread was still behind" in summary
     assert "; 2 of the acknowledged were NOT stored: their seq had been used before" in summary
+    stats = RolloutStats(steps=40, delivery={**delivery, "connections": 1, "spool_restored": 30})
+    assert "; 30 batch(es) restored from the durable spool at start (an earlier run's: among the acknowledged" in (
+        run_summary("w", stats))  # an upgrade probe: 4258 rows in 46 batches, 76 acknowledged, with no word why
     stats = RolloutStats(steps=40, delivery={**delivery, "connections": 1, "waiting_dropped": 4,
                                              "waiting_dropped_steps": 200})
     assert "; 4 batch(es) (200 rows) dropped before they were numbered: the sender thread fell a whole spool" in (

@@ -130,6 +130,10 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
                          if key.startswith("rejected.") and count)
         if reasons:
             summary += f" ({', '.join(f'{reason}: {count}' for reason, count in reasons)})"
+        if delivery.get("spool_restored"):
+            summary += (f"; {delivery['spool_restored']} batch(es) restored from the durable spool at start (an earlier "
+                        "run's: among the acknowledged and unacknowledged above, not in its rows and "
+                        "batches)")
         if delivery.get("waiting_dropped"):
             summary += (f"; {delivery['waiting_dropped']} batch(es) ({delivery['waiting_dropped_steps']} rows) dropped "
                         "before they were numbered: the sender thread fell a whole spool behind (a slow or hung disk "
