@@ -268,7 +268,7 @@ def test_the_summary_of_a_worker_that_never_connected_gives_its_failed_handshake
     assert "retrying every" not in summary
 
 
-def test_the_summary_of_a_worker_that_never_connected_says_so_without_a_failed_handshake():
+def test_the_summary_says_what_became_of_its_batches_and_that_it_never_connected():
     from tmrl_worker.cli import run_summary
     from tmrl_worker.runtime import RolloutStats
 
