@@ -226,7 +226,7 @@ def test_a_frame_over_the_socket_cap_drops_the_connection_and_is_counted_as_a_di
     with relay_in_thread(insecure_config(**limits)) as relay:
         trainer = connected_trainer(context, relay)
         worker = connected_worker(context, relay, "worker-1")
-        assert relay.config.socket_frame_cap() == 131_072
+        assert relay.config.socket_frame_cap("workers") == 131_072
         worker.send_frames([encode_envelope("sample_batch", "worker-1"), b"\x00" * 1_000_000])  # ZeroMQ reads none of it
 
         def disconnects() -> float:

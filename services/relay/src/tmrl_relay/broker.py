@@ -182,7 +182,7 @@ class Relay:
         socket = self._context.socket(zmq.ROUTER)
         with self._closed_on_error(socket):
             apply_transport(socket, self.config.transport)
-            socket.setsockopt(zmq.MAXMSGSIZE, self.config.socket_frame_cap())
+            socket.setsockopt(zmq.MAXMSGSIZE, self.config.socket_frame_cap(link))
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises instead of dropping silently
         # no ROUTER_HANDOVER: clients never set a routing id (the relay makes one per connection; a reconnect is a new
         # connection that says hello again), so a connection claiming one already in use is refused, never given it
@@ -699,7 +699,7 @@ class Relay:
         self._rate_log.log(logging.INFO, ("disconnect", link), "%s link: a connection on %s closed (the peer left; or "
                            "it sent a frame over the %d-byte cap, which ZeroMQ drops unread; or it is not a %s socket, "
                            "the only kind this port takes)", link, endpoint.decode(errors="replace"),
-                           _SUBSCRIPTION_FRAME_CAP if link == "weights" else self.config.socket_frame_cap(),
+                           _SUBSCRIPTION_FRAME_CAP if link == "weights" else self.config.socket_frame_cap(link),
                            _PEER_SOCKET_TYPES[link])
         holder = self.trainer.peer
         if link == "trainer" and holder is not None and self.trainer.holds_live():

@@ -96,7 +96,11 @@ class RelayConfig(BaseModel):
         return DecodeLimits(max_body_bytes=max(self.max_weights_bytes, self.max_control_bytes),
                             max_array_bytes=self.max_weights_bytes, max_decoded_bytes=self.max_weights_bytes)
 
-    def socket_frame_cap(self) -> int:
-        """``ZMQ_MAXMSGSIZE`` for the ROUTER sockets: frames up to twice the largest limit are read and counted
-        as ``oversized``; anything larger makes ZeroMQ drop the connection without buffering it."""
-        return 2 * max(self.max_body_bytes, self.max_weights_bytes, self.max_control_bytes)
+    def socket_frame_cap(self, link: str = "workers") -> int:
+        """``ZMQ_MAXMSGSIZE`` for the ``link``'s ROUTER socket (``workers`` or ``trainer``): frames up to twice the
+        largest body that link takes (batches on the workers link, weights on the trainer's; control messages on
+        both) are read and counted as ``oversized``; anything larger makes ZeroMQ drop the connection without
+        buffering it. Per link: a worker's connection may not pin the weights' cap of memory with a frame it never
+        finishes."""
+        largest = self.max_weights_bytes if link == "trainer" else self.max_body_bytes
+        return 2 * max(largest, self.max_control_bytes)
