@@ -66,3 +66,26 @@ def test_threads_logging_and_flushing_at_once_lose_no_count(caplog):
     limited.flush()
     first, summary = messages(caplog)
     assert first.startswith("message ") and summary.endswith("(the last of 7999 like it in 0s)")
+
+
+def test_a_line_budget_takes_its_lines_per_window_then_refuses_until_the_window_moves():
+    from tmrl_common.log_limit import LineBudget
+
+    budget = LineBudget(lines=3, window_s=10.0)
+    assert [budget.take(now=t) for t in (0.0, 1.0, 2.0, 3.0, 9.9)] == [True, True, True, False, False]
+    assert budget.take(now=10.0) and not budget.take(now=10.5)  # the oldest line left the window: one more fits
+
+
+def test_a_flood_of_fresh_curve_keys_costs_a_bounded_number_of_lines(caplog):
+    """An overload probe: 200 handshakes a second with fresh keys logged 5,980 refusal lines in 30 s (one per key)."""
+    import zmq
+    from tmrl_common.curve import AllowedKeySets
+
+    sets = AllowedKeySets()
+    sets.replace({"tmrl-workers": frozenset()})
+    with caplog.at_level(logging.WARNING, logger="tmrl_common.curve"):
+        for _ in range(500):
+            public, _ = zmq.curve_keypair()
+            assert not sets.callback("tmrl-workers", public)
+    lines = [r.getMessage() for r in caplog.records if "refused the CurveZMQ key" in r.getMessage()]
+    assert len(lines) == 21 and "more than 20 refusals in 30 s" in lines[-1]

@@ -125,3 +125,19 @@ def test_a_peer_leaving_is_logged_at_info_not_warning(context, caplog):
         wait_until(lambda: any("a connection on" in r.getMessage() for r in caplog.records), what="the disconnect line")
     [line] = [r for r in caplog.records if "a connection on" in r.getMessage()]
     assert line.levelno == logging.INFO
+
+
+def test_a_churn_of_worker_hellos_costs_a_bounded_number_of_log_lines(context, caplog):
+    """An overload probe: 300 connections coming and going, each saying hello, logged 'worker ... said hello' 13,202
+    times in 40 s. Each hello is logged until 20 in 10 s; past that, one line per interval with the count."""
+    from .relay_harness import Peer
+
+    with caplog.at_level("INFO", logger="tmrl_relay.broker"), relay_in_thread(insecure_config()) as relay:
+        peers = [Peer(context, relay.ports.worker_port, f"churn-{index}") for index in range(60)]
+        for peer in peers:
+            peer.hello("worker")
+        wait_until(lambda: len(relay.workers.by_sender) == 60, what="60 hellos")
+        for peer in peers:
+            peer.close()
+    lines = [r.getMessage() for r in caplog.records if "said hello" in r.getMessage()]
+    assert len(lines) == 21 and "more than 20 hellos in 10 s: one line per interval" in lines[-1]

@@ -27,7 +27,7 @@ import zmq.auth
 from zmq.utils import z85
 
 from tmrl_common.atomic_file import write_atomically
-from tmrl_common.log_limit import RateLimitedLog
+from tmrl_common.log_limit import LineBudget, RateLimitedLog
 
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
@@ -240,6 +240,7 @@ class AllowedKeySets:
         self._keys: dict[str, frozenset[bytes]] = {}
         self._lock = threading.Lock()
         self._refusal_log = RateLimitedLog(log, interval_s=30.0)
+        self._refusal_budget = LineBudget(lines=20, window_s=30.0)  # a flood of fresh keys: one line per interval
 
     def replace(self, keys: dict[str, frozenset[bytes]]) -> None:
         with self._lock:
@@ -258,10 +259,13 @@ class AllowedKeySets:
         if key in keys.get(domain, frozenset()):
             return True
         elsewhere = sorted(other for other, allowed in keys.items() if other != domain and key in allowed)
-        self._refusal_log.warning((domain, key), "refused the CurveZMQ key %s on %s: not in its allow-list%s",
-                                  key.decode("ascii", errors="replace"), domain,
+        many = not self._refusal_budget.take()  # past it, every key shares one line per interval (and its count)
+        self._refusal_log.warning((domain, "many keys") if many else (domain, key), "refused the CurveZMQ key %s on "
+                                  "%s: not in its allow-list%s%s", key.decode("ascii", errors="replace"), domain,
                                   f" (allowed on {', '.join(elsewhere)}: a client pointed at the wrong port?)"
-                                  if elsewhere else "")
+                                  if elsewhere else "",
+                                  "; more than 20 refusals in 30 s: one line per 30 s for the keys past them" if many
+                                  else "")
         return False
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 LOG_EVERY_S = 5.0
@@ -62,3 +63,23 @@ class RateLimitedLog:
                 del self._held[key]
                 self._last[key] = (now, 0)
                 self.logger.log(level, message + f" (the last of {held} like it in {self.interval_s:.0f}s)", *args)
+
+
+class LineBudget:
+    """At most ``lines`` log lines per ``window_s`` for a group of keys that no one key's limit bounds, since a peer
+    can pick new keys (new worker ids, new CurveZMQ keys): :meth:`take` says whether one more fits; past the budget
+    the caller logs under one shared key of its :class:`RateLimitedLog` instead, so a flood costs a line per
+    interval. Thread-safe."""
+
+    def __init__(self, lines: int = 20, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._times: deque[float] = deque(maxlen=lines)
+        self._lock = threading.Lock()
+
+    def take(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if len(self._times) == self._times.maxlen and now - self._times[0] < self.window_s:
+                return False
+            self._times.append(now)
+            return True

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import zmq
 from tmrl_common.curve import KeyFileError, load_secret_key
 from tmrl_common.errors import ProtocolError
-from tmrl_common.log_limit import RateLimitedLog
+from tmrl_common.log_limit import LineBudget, RateLimitedLog
 from tmrl_common.protocol import (
     Error,
     Heartbeat,
@@ -115,6 +115,8 @@ class Relay:
         self.weights = WeightsCache(config.weights_min_interval_s)
         self._started = time.monotonic()
         self._rate_log = RateLimitedLog(log)
+        self._hello_lines = LineBudget(lines=20, window_s=10.0)
+        """Workers' hello lines: each is logged until a churn of connections (new ids) passes this many per window."""
         self._heartbeat_frames: list[bytes] | None = None
         self._heartbeat_built = 0.0
 
@@ -368,8 +370,14 @@ class Relay:
             assert isinstance(hello, Hello)
             self._check_hello_role(hello, "worker", "workers")
             peer, previous = self.workers.register(routing_id, fields.sender, user_id)
-            log.info("worker %s said hello (next_seq=%d, %s)%s", fields.sender, hello.next_seq, hello.software,
-                     " again on a new connection" if previous is not None and previous.routing_id != routing_id else "")
+            again = " again on a new connection" if previous is not None and previous.routing_id != routing_id else ""
+            if self._hello_lines.take():
+                log.info("worker %s said hello (next_seq=%d, %s)%s", fields.sender, hello.next_seq, hello.software,
+                         again)
+            else:  # hundreds of connections coming and going: one line per interval, with the count
+                self._rate_log.log(logging.INFO, ("hello", "many"), "worker %s said hello (next_seq=%d, %s)%s; more "
+                                   "than 20 hellos in 10 s: one line per interval from here", fields.sender,
+                                   hello.next_seq, hello.software, again)
             self.metrics.connected_workers.set(self.workers.alive(self.config.peer_timeout_s))
             self._pass_hello_to_trainer(envelope, body)
             self._hand_over_weights(peer)
