@@ -199,8 +199,10 @@ def test_full_interface_clips_gear_and_rpm_out_of_range_into_its_bounds_counting
             interface.close()
 
 
-def test_missing_reward_points_say_how_to_record_them(plugin):
-    with pytest.raises(TM20ConfigError, match="record-reward"):
+def test_missing_reward_points_say_how_to_record_them_and_how_to_give_them(plugin):
+    """A TrackMania-docs probe: the message named Python arguments (reward_path, reward=) to a `benchmark` user."""
+    with pytest.raises(TM20ConfigError, match=r"record-reward.*reward_path in \[worker.env_options\], --reward FILE "
+                                              r"for benchmark"):
         TM20LidarInterface(capture=RecordedFrames(corridor_frames()), controller=RecordingController(),
                            telemetry=TelemetryClient(plugin.port, start=False))
 

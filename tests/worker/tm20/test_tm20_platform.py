@@ -62,8 +62,10 @@ def test_xdotool_window_reads_the_client_area_and_sizes_the_window():
     assert commands[-1] == ["xdotool", "windowsize", "81788929", "256", "128", "windowmove", "81788929", "0", "0"]
 
 
-def test_missing_window_names_the_title():
-    with pytest.raises(WindowNotFoundError, match="no window titled 'Trackmania'"):
+def test_missing_window_names_the_title_and_where_to_set_it():
+    """A TrackMania-docs probe: `tmrl-worker run` was told to pass --window-title, a flag it does not have."""
+    with pytest.raises(WindowNotFoundError, match=r"no window titled 'Trackmania'.*env_options.window_title in "
+                                                  r"\[worker\], --window-title for check-env"):
         XdotoolGameWindow("Trackmania", run=lambda args: "")
 
 

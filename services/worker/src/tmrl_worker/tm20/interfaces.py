@@ -284,8 +284,9 @@ class TM20Interface(RealTimeGymInterface):
         """The frozen picture of the last stale-screen fault, until live frames come back."""
         if reward is None:
             if reward_path is None:
-                raise TM20ConfigError("a TrackMania environment needs reward points: pass reward_path (record them "
-                                      "with `tmrl-worker record-reward --output points.safetensors`) or reward=")
+                raise TM20ConfigError("a TrackMania environment needs reward points: record them with `tmrl-worker "
+                                      "record-reward --output points.safetensors`, then give the file (reward_path "
+                                      "in [worker.env_options], --reward FILE for benchmark; reward= in Python)")
             try:
                 reward = TrajectoryReward.from_file(reward_path, validated_settings(TrajectoryRewardConfig, reward_config,
                                                                             "reward_config"))

@@ -30,7 +30,8 @@ class WindowNotFoundError(RuntimeError):
     def __init__(self, title: str, detail: str = "", pid: int | None = None) -> None:
         if pid is None:
             message = (f"no window titled {title!r} is open: start TrackMania 2020 in windowed mode "
-                       f"(or pass the right --window-title)")
+                       f"(or give its title: env_options.window_title in [worker], --window-title for check-env "
+                       f"and benchmark)")
         else:
             message = (f"no visible window belongs to process {pid}: is it the game's process id (Task Manager, "
                        f"Details), and the game running in windowed mode? A restarted game has a new id")
