@@ -39,12 +39,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import gymnasium
 import numpy as np
 from gymnasium import spaces
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from rtgym import DEFAULT_CONFIG_DICT, RealTimeGymInterface
 from tmrl_common.config import MAX_DURATION_S, did_you_mean, validation_problems
 from tmrl_common.layout import (
@@ -194,6 +194,25 @@ def _setting_tables() -> dict[str, type[BaseModel]]:
 
 
 WORKER_SET_OPTIONS = {"time_step_duration": "worker.time_step_duration", "ep_max_length": "worker.max_episode_steps"}
+SCALAR_OPTIONS: dict[str, Any] = {
+    "telemetry_port": Annotated[int, Field(ge=1, le=65535)],
+    "telemetry_timeout": Annotated[float, Field(gt=0)],
+    "sleep_time_at_reset": Annotated[float, Field(ge=0)],
+    "start_obs_capture": Annotated[float, Field(ge=0)],
+    "time_step_timeout_factor": Annotated[float, Field(gt=0)],
+    "img_hist_len": Annotated[int, Field(ge=1)],
+    "act_buf_len": Annotated[int, Field(ge=1)],
+    "image_height": Annotated[int, Field(ge=1)],
+    "image_width": Annotated[int, Field(ge=1)],
+    "window_title": str,
+    "window_pid": Annotated[int, Field(ge=1)] | None,
+    "window_position": tuple[int, int],
+    "wait_on_done": bool,
+    "allow_non_windows": bool,
+}
+"""The plain (non-table) ``env_options`` a worker config may set, with their types and ranges: checked as the config
+is read (:func:`check_options`), so a port of 70000 or a reset sleep of ``"long"`` is one line at start, not a wait
+for ever or a traceback at the first reset."""
 """rtgym settings of a TrackMania env that come from the worker's own config, not from ``env_options``."""
 
 
@@ -227,6 +246,13 @@ def check_options(variant: str, options: Mapping[str, Any], prefix: str = "env_o
     for name, model in _setting_tables().items():
         if options.get(name) is not None:
             validated_settings(model, options[name], name)
+    for name, kind in SCALAR_OPTIONS.items():
+        if name in options:
+            try:
+                TypeAdapter(kind).validate_python(options[name])
+            except ValidationError as exc:
+                problem = "two integers, [x, y]" if name == "window_position" else exc.errors()[0]["msg"]
+                raise TM20ConfigError(f"{prefix}{name} = {options[name]!r}: {problem}") from exc
     check_device_names(options, prefix)
 
 
