@@ -229,6 +229,44 @@ def test_a_real_time_env_slower_than_its_time_step_is_named_in_the_progress_line
     assert "slower than the 50 steps/s of time_step_duration 0.02 s: the env's calls" in lines[-1].getMessage()
 
 
+SLOW_RESET = '''
+    import time
+
+
+    class WaitsForTheGame(OneActionInterface):
+        """Quick steps; each reset takes 0.8 s (a game coming back)."""
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-1.0, 1.0, (1,), np.float32),))
+
+        def reset(self, seed=None, options=None):
+            time.sleep(0.8)
+            return [np.zeros(1, dtype=np.float32)], {}
+
+        def get_obs_rew_terminated_info(self):
+            return [np.zeros(1, dtype=np.float32)], 0.0, False, {}
+'''
+
+
+def test_time_spent_in_resets_is_named_and_not_taken_for_slow_steps(plug_interface, monkeypatch, caplog):
+    """A TrackMania-docs probe: right after an 11.5 s wait for the game the progress line said '3 steps/s ... the
+    env's calls ... take longer than a step, about 0.319 s each'."""
+    from tmrl_worker import runtime
+
+    monkeypatch.setattr(runtime, "PROGRESS_EVERY_S", 1.5)
+    env = make_env(f"{plug_interface('waits_for_the_game', SLOW_RESET)}:WaitsForTheGame", time_step_duration=0.02,
+                   max_episode_steps=5)
+    loop = RolloutLoop(env, ListSink(), None, UniformPolicy(env.action_dim, seed=0), batch_steps=16, seed=0)
+    try:
+        with caplog.at_level("INFO", logger="tmrl_worker.runtime"):
+            loop.run(max_steps=25)
+    finally:
+        env.close()
+    lines = [r.getMessage() for r in caplog.records if "steps/s" in r.getMessage()]
+    assert lines and not any("slower than" in line for line in lines), lines
+    assert any("s in resets (the env waited, e.g. for the game)" in line for line in lines), lines
+
+
 @pytest.mark.parametrize("mistake", ["insecure worker", "wrong server key", "trainer port"])
 def test_the_summary_of_a_worker_that_never_connected_gives_its_failed_handshakes_cause_and_fix(tmp_path, mistake):
     """Probes: after a wrong server key the summary asked whether the relay was running; a plain-text worker against

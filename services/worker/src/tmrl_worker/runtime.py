@@ -304,6 +304,8 @@ class RolloutStats:
     recent_returns: deque = field(default_factory=lambda: deque(maxlen=20))
     step_seconds: float = 0.0
     """Total wall time spent inside ``env.step`` + inference, for steps/s reports."""
+    reset_seconds: float = 0.0
+    """Total wall time spent inside ``env.reset`` (a TrackMania reset may wait minutes for the game to come back)."""
     resets: int = 0
     rows_handed_over: int = 0
     """Rows in the batches handed to the sink (the batch being filled holds the rest of the rows built)."""
@@ -416,7 +418,11 @@ class RolloutLoop:
         self._builder = self._new_builder()
 
     def _reset(self, seed: int | None) -> tuple:
-        observation = self.env.reset(seed=seed)
+        started = time.monotonic()
+        try:
+            observation = self.env.reset(seed=seed)
+        finally:
+            self.stats.reset_seconds += time.monotonic() - started
         self.stats.episode_return = 0.0
         self._episode_steps = 0
         self._episode_versions = set()
@@ -434,18 +440,25 @@ class RolloutLoop:
                                  rows_handed_over=stats.rows_handed_over, batches_handed_over=stats.batches_submitted,
                                  rows_unfinished=unfinished, running=running)
 
-    def _report(self, seconds: float, steps: int) -> None:
+    def _report(self, seconds: float, steps: int, reset_seconds: float = 0.0) -> None:
+        """The progress line over the last ``seconds``, which held ``steps`` steps and ``reset_seconds`` of resets: a
+        real-time env slower than its time step is named, judged on the time outside resets (a reset that waited for
+        the game is no slow step)."""
         recent = self.stats.recent_returns
         # the acting (exploring) policy's returns, warm-up episodes at random included: `tmrl-worker eval` scores a policy
         mean = (f"{sum(recent) / len(recent):.2f} over the last {len(recent)} episode(s) as acted" if recent else "n/a")
         problems = [getattr(self.sink, "delivery_problem", lambda: None)()]  # a RelayLink says when it cannot deliver
         rate = steps / max(seconds, 1e-9)
         step_seconds = self.env.step_seconds if self.env.realtime else None
-        if step_seconds and steps >= 3 and rate < SLOW_STEPS_FRACTION / step_seconds:
+        stepping = max(seconds - reset_seconds, 1e-9)
+        if reset_seconds >= 1.0:
+            problems.append(f"{reset_seconds:.1f} s of the last {seconds:.0f} s in resets (the env waited, e.g. for "
+                            "the game)")
+        if step_seconds and steps >= 3 and steps / stepping < SLOW_STEPS_FRACTION / step_seconds:
             # rtgym stretches a step whose calls overran it (it warns at every such step: the CLI hides those)
             problems.append(f"slower than the {1 / step_seconds:.0f} steps/s of time_step_duration {step_seconds:g} "
                             f"s: the env's calls (get_obs_rew_terminated_info, send_control) or the policy take "
-                            f"longer than a step, about {seconds / steps:.3f} s each")
+                            f"longer than a step, about {stepping / steps:.3f} s each")
         problem = "; ".join(p for p in problems if p)
         log.log(logging.WARNING if problem else logging.INFO,
                 "%s: %d steps (%.0f steps/s), %d episodes, mean return %s, weights version %d, %d batches handed over%s",
@@ -474,6 +487,7 @@ class RolloutLoop:
         next_health = time.monotonic() + 1.0
         next_step_at = report_from = time.monotonic()
         next_report, report_steps = report_from + PROGRESS_EVERY_S, self.stats.steps
+        report_resets = self.stats.reset_seconds
         try:
             while (target is None or self.stats.steps < target) and not (stop is not None and stop.is_set()):
                 if self.min_step_interval:
@@ -521,8 +535,10 @@ class RolloutLoop:
                         health_check()
                     next_health = now + 1.0
                 if now >= next_report:
-                    self._report(now - report_from, self.stats.steps - report_steps)
+                    self._report(now - report_from, self.stats.steps - report_steps,
+                                 self.stats.reset_seconds - report_resets)
                     report_from, report_steps, next_report = now, self.stats.steps, now + PROGRESS_EVERY_S
+                    report_resets = self.stats.reset_seconds
         finally:
             self._flush()
             self.record_progress()
