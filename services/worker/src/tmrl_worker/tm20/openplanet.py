@@ -370,7 +370,8 @@ class TelemetryClient:
         return (f"the plugin on port {self.port} closed this connection {BUMPED_CLOSES} times within "
                 f"{BUMPED_WINDOW_S:.0f} s: it serves one client at a time and a newly connected one replaces the "
                 "other, so another client is most likely connected to the same port (a second worker, or check-env?); "
-                "give each worker its own game and plugin port (env_options telemetry_port)")
+                "give each worker its own game and plugin port (env_options telemetry_port); if none is, the plugin "
+                "itself is restarting or crashing (OpenPlanet's log says)")
 
     # consumer side ---------------------------------------------------------------------------------------------
     def _since(self) -> float:
