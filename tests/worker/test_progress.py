@@ -210,21 +210,26 @@ SLOW_SENSOR = '''
 '''
 
 
-def test_a_real_time_env_slower_than_its_time_step_is_named_in_the_progress_line(plug_interface, monkeypatch, caplog):
-    """An outside probe: 250 steps of an 80 ms sensor at 50 ms steps gave 496 lines of rtgym warnings and a progress
-    line of '8 steps/s' that never said it should have been 20."""
+def progress_records(spec: str, caplog, monkeypatch, every_s: float, max_episode_steps: int, max_steps: int) -> list:
+    """The progress lines (log records) of a rollout of the interface ``spec`` at 20 ms steps."""
     from tmrl_worker import runtime
 
-    monkeypatch.setattr(runtime, "PROGRESS_EVERY_S", 0.5)
-    env = make_env(f"{plug_interface('slow_sensor', SLOW_SENSOR)}:SlowSensor", time_step_duration=0.02,
-                   max_episode_steps=1000)
+    monkeypatch.setattr(runtime, "PROGRESS_EVERY_S", every_s)
+    env = make_env(spec, time_step_duration=0.02, max_episode_steps=max_episode_steps)
     loop = RolloutLoop(env, ListSink(), None, UniformPolicy(env.action_dim, seed=0), batch_steps=16, seed=0)
     try:
         with caplog.at_level("INFO", logger="tmrl_worker.runtime"):
-            loop.run(max_steps=40)
+            loop.run(max_steps=max_steps)
     finally:
         env.close()
-    lines = [r for r in caplog.records if "steps/s" in r.getMessage()]
+    return [r for r in caplog.records if "steps/s" in r.getMessage()]
+
+
+def test_a_real_time_env_slower_than_its_time_step_is_named_in_the_progress_line(plug_interface, monkeypatch, caplog):
+    """An outside probe: 250 steps of an 80 ms sensor at 50 ms steps gave 496 lines of rtgym warnings and a progress
+    line of '8 steps/s' that never said it should have been 20."""
+    lines = progress_records(f"{plug_interface('slow_sensor', SLOW_SENSOR)}:SlowSensor", caplog, monkeypatch,
+                             every_s=0.5, max_episode_steps=1000, max_steps=40)
     assert lines and all(r.levelname == "WARNING" for r in lines)
     assert "slower than the 50 steps/s of time_step_duration 0.02 s: the env's calls" in lines[-1].getMessage()
 
@@ -251,18 +256,9 @@ SLOW_RESET = '''
 def test_time_spent_in_resets_is_named_and_not_taken_for_slow_steps(plug_interface, monkeypatch, caplog):
     """A TrackMania-docs probe: right after an 11.5 s wait for the game the progress line said '3 steps/s ... the
     env's calls ... take longer than a step, about 0.319 s each'."""
-    from tmrl_worker import runtime
-
-    monkeypatch.setattr(runtime, "PROGRESS_EVERY_S", 1.5)
-    env = make_env(f"{plug_interface('waits_for_the_game', SLOW_RESET)}:WaitsForTheGame", time_step_duration=0.02,
-                   max_episode_steps=5)
-    loop = RolloutLoop(env, ListSink(), None, UniformPolicy(env.action_dim, seed=0), batch_steps=16, seed=0)
-    try:
-        with caplog.at_level("INFO", logger="tmrl_worker.runtime"):
-            loop.run(max_steps=25)
-    finally:
-        env.close()
-    lines = [r.getMessage() for r in caplog.records if "steps/s" in r.getMessage()]
+    lines = [r.getMessage() for r in progress_records(
+        f"{plug_interface('waits_for_the_game', SLOW_RESET)}:WaitsForTheGame", caplog, monkeypatch, every_s=1.5,
+        max_episode_steps=5, max_steps=25)]
     assert lines and not any("slower than" in line for line in lines), lines
     assert any("s in resets (the env waited, e.g. for the game)" in line for line in lines), lines
 
