@@ -16,6 +16,7 @@ import time
 import pytest
 from tmrl_stack import LocalStack, free_ports
 from tmrl_worker.sim.track import load_track
+from tmrl_worker.tm20.interfaces import RecoveryConfig
 
 DEADLINE_S = 90.0
 
@@ -94,4 +95,8 @@ def test_two_emulated_games_two_worker_processes_each_feeds_the_trainer_from_its
         assert restarts, f"{worker} logged no race restart:\n{stack.tail(worker)}"
         for port, *position in restarts:  # every episode of this worker started on its own game's start line
             assert int(port) == ports[worker]
-            assert [float(v) for v in position] == pytest.approx(start_line(track, height), abs=0.06)
+            # within restart_distance_m (1 m) of its start line, as the worker accepts a restart: on a loaded machine
+            # the car may roll 0.8 m before the packet showing the restart is read (a CI run saw it); the ports and
+            # heights (9 m and 20 m) still tell the games apart
+            assert [float(v) for v in position] == pytest.approx(start_line(track, height),
+                                                                 abs=RecoveryConfig().restart_distance_m)
