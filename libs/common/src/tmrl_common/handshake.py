@@ -172,9 +172,11 @@ class HandshakeWatch:
 
     # ------------------------------------------------------------------------------------------------ advice
 
-    def advice(self, kind: str) -> str:
-        """The error line for a failure ``kind``: what is wrong, the likely cause, the command that fixes it."""
+    def advice(self, kind: str, retrying: bool = True) -> str:
+        """The error line for a failure ``kind``: what is wrong, the likely cause, the command that fixes it, and
+        (``retrying``, the live log line's) when the client tries again."""
         where = tcp_endpoint(self.endpoint.host, self.endpoint.port)
+        retry = f"; retrying every {self.retry_s:.0f}s" if retrying else ""
         if kind == "refused":
             # A worker's key given to the trainer is refused the same way, and `keys add --role trainer` then refuses
             # it too (one key, one role): the trainer's advice names its own pair first.
@@ -188,20 +190,19 @@ class HandshakeWatch:
                     f"only; the relay's log names the port that allows this key), or the key is not in its "
                     f"{self.role} allow-list. {own_pair} the relay host run `tmrl-relay keys add "
                     f"{self._public_key_file()} --allow-dir ALLOW --role {self.role}` (ALLOW: the relay's "
-                    f"--allow-dir; from another host, copy that file there first); retrying every "
-                    f"{self.retry_s:.0f}s")
+                    f"--allow-dir; from another host, copy that file there first){retry}")
         if kind == "mechanism" or (kind == "dropped" and self.endpoint.security.insecure):
             # a plain-text client against a CurveZMQ relay sees a drop before the mechanism mismatch: no server key
             # is involved
             mine = "plain text (--insecure)" if self.endpoint.security.insecure else "CurveZMQ"
             theirs = "CurveZMQ" if self.endpoint.security.insecure else "plain text (--insecure)"
             return (f"the relay at {where} speaks {theirs}, this {self.role} {mine}: run both with --insecure or both "
-                    f"with keys; retrying every {self.retry_s:.0f}s")
+                    f"with keys{retry}")
         if kind == "dropped":
             return (f"the relay at {where} drops the CurveZMQ handshake: --server-key "
                     f"({self.endpoint.security.server_public_key_file}) is most likely not the public key of the "
                     f"relay's --secret-key (copy the relay's relay.key again: the file is read again every "
-                    f"{self.retry_s:.0f}s, no restart needed); retrying every {self.retry_s:.0f}s")
+                    f"{self.retry_s:.0f}s, no restart needed){retry}")
         if kind == "unanswered":
             return (f"connected to {where}, but the relay has not answered our hello and heartbeats for "
                     f"{self.reply_timeout_s:.0f}s: it drops what this {self.role} sends; its log (and "

@@ -236,7 +236,7 @@ class RelayLink:
         watch = self._client.handshake
         if watch.last_failure is None:
             return None
-        return watch.advice(watch.last_failure).split("; retrying every", 1)[0]
+        return watch.advice(watch.last_failure, retrying=False)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._client.wait_connected(timeout)
