@@ -149,7 +149,7 @@ def draw(output: Path) -> Path:
     arrow(ax, (ingest[0], 0.565), (r_weights[0] + r_weights[2], 0.235), WEIGHTS)
     label(ax, 1.06, 0.36, "weights_update", WEIGHTS, size=8)
 
-    ax.text(0.8, 0.015, "Every link: CurveZMQ (relay key pair + allow-list of client public keys), ZMTP heartbeats, "
+    ax.text(0.8, 0.015, "Every link: CurveZMQ (relay key pair + allow-list of client public keys), TCP keepalive, "
             "high-water marks, LINGER, automatic reconnection. Plain text only with --insecure.",
             ha="center", va="bottom", fontsize=9.5, color="#222222")
 

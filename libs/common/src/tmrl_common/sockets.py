@@ -2,7 +2,7 @@
 
 Every tmrl socket is configured the same way (see ``docs/architecture.md``):
 
-* :class:`TransportConfig` holds high-water marks, ``LINGER``, ZMTP heartbeats and reconnection intervals;
+* :class:`TransportConfig` holds high-water marks, ``LINGER``, TCP keepalive and reconnection intervals;
   :func:`apply_transport` sets them on a socket before it binds or connects.
 * :class:`SecurityConfig` says where the CurveZMQ key files are; :func:`secure_server_socket` (relay side) and
   :func:`secure_client_socket` (worker/trainer side) set the CURVE options, or nothing at all when
@@ -52,12 +52,25 @@ class TransportConfig(BaseModel):
     """Messages queued on receipt per peer before ZeroMQ stops reading from that peer (0 = unlimited)."""
     linger_ms: int = Field(default=500, ge=-1, le=ZMQ_INT_MAX)
     """How long ``close()`` waits to flush pending messages (-1 = forever; never use that in services)."""
-    heartbeat_ivl_ms: int = Field(default=1000, ge=0, le=ZMQ_INT_MAX)
-    """ZMTP PING interval (0 disables ZMTP heartbeats)."""
+    heartbeat_ivl_ms: int = Field(default=0, ge=0, le=ZMQ_INT_MAX)
+    """ZMTP PING interval; 0 (the default) sends none. Not recommended: libzmq 4.3.5 aborts the whole process
+    (``Assertion failed: !_io_error``, zeromq/libzmq#4767) when a connection whose received messages wait unread,
+    because the process is not reading that peer for a while, fails and a PING is due. TCP keepalive (below) finds
+    dead connections without that risk."""
     heartbeat_timeout_ms: int = Field(default=5000, ge=0, le=ZMQ_INT_MAX)
-    """A connection with no traffic for this long after a PING is closed (and reconnected by clients)."""
+    """With ZMTP heartbeats on: a connection with no traffic for this long after a PING is closed."""
     heartbeat_ttl_ms: int = Field(default=5000, ge=0, le=6_553_500)
-    """Asks the remote peer to drop the connection after this long without traffic (100 ms granularity)."""
+    """With ZMTP heartbeats on: asks the remote peer to drop the connection after this long without traffic."""
+    tcp_keepalive_idle_s: int = Field(default=5, ge=1, le=ZMQ_INT_MAX)
+    """TCP keepalive: an idle connection is probed after this many seconds..."""
+    tcp_keepalive_interval_s: int = Field(default=1, ge=1, le=ZMQ_INT_MAX)
+    """...then every this many seconds..."""
+    tcp_keepalive_count: int = Field(default=5, ge=1, le=ZMQ_INT_MAX)
+    """...and closed after this many unanswered probes (a dead host or a cut network: about 10 s by default; the
+    kernel does it, so it cannot stop a process). Clients then reconnect."""
+    tcp_max_retransmit_ms: int = Field(default=10_000, ge=0, le=ZMQ_INT_MAX)
+    """``ZMQ_TCP_MAXRT``: a connection whose sent data stays unacknowledged this long is closed (where keepalive
+    does not probe: a peer gone while data was on its way); 0 keeps the system's (minutes)."""
     reconnect_ivl_ms: int = Field(default=200, ge=0, le=ZMQ_INT_MAX)
     """First reconnection delay of a connecting socket."""
     reconnect_ivl_max_ms: int = Field(default=5000, ge=0, le=ZMQ_INT_MAX)
@@ -74,14 +87,30 @@ class TransportConfig(BaseModel):
         return self
 
 
+_warned_heartbeats = False
+
+
 def apply_transport(socket: zmq.Socket, transport: TransportConfig) -> None:
-    """Set HWMs, LINGER, ZMTP heartbeats, reconnection and max frame size on ``socket`` (call before bind/connect)."""
+    """Set HWMs, LINGER, TCP keepalive, ZMTP heartbeats (off unless asked for), reconnection and max frame size on
+    ``socket`` (call before bind/connect)."""
+    global _warned_heartbeats
+    if transport.heartbeat_ivl_ms and not _warned_heartbeats:
+        _warned_heartbeats = True
+        log.warning("transport.heartbeat_ivl_ms = %d turns ZMTP heartbeats on: libzmq %s can then abort this process "
+                    "(\"Assertion failed: !_io_error\", zeromq/libzmq#4767) when a peer's connection fails while its "
+                    "messages wait unread. Set heartbeat_ivl_ms = 0: TCP keepalive (transport.tcp_keepalive_*) finds "
+                    "dead connections without that risk", transport.heartbeat_ivl_ms, zmq.zmq_version())
     socket.setsockopt(zmq.SNDHWM, transport.send_hwm)
     socket.setsockopt(zmq.RCVHWM, transport.recv_hwm)
     socket.setsockopt(zmq.LINGER, transport.linger_ms)
     socket.setsockopt(zmq.HEARTBEAT_IVL, transport.heartbeat_ivl_ms)
     socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, transport.heartbeat_timeout_ms)
     socket.setsockopt(zmq.HEARTBEAT_TTL, transport.heartbeat_ttl_ms)
+    socket.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    socket.setsockopt(zmq.TCP_KEEPALIVE_IDLE, transport.tcp_keepalive_idle_s)
+    socket.setsockopt(zmq.TCP_KEEPALIVE_INTVL, transport.tcp_keepalive_interval_s)
+    socket.setsockopt(zmq.TCP_KEEPALIVE_CNT, transport.tcp_keepalive_count)
+    socket.setsockopt(zmq.TCP_MAXRT, transport.tcp_max_retransmit_ms)
     socket.setsockopt(zmq.RECONNECT_IVL, transport.reconnect_ivl_ms)
     socket.setsockopt(zmq.RECONNECT_IVL_MAX, transport.reconnect_ivl_max_ms)
     socket.setsockopt(zmq.MAXMSGSIZE, transport.max_frame_bytes)
