@@ -79,7 +79,7 @@ def value_of(cell: str) -> float:
 
 def code_default(code: str) -> float:
     """The default the ``code`` cell names: ``Config.field[.field]``, ``Config.method()``, ``Config.method("arg")``,
-    ``module.CONSTANT`` or
+    ``module.CONSTANT``, ``module.CONSTANT["key"]`` or
     ``max_length(Model.field)``."""
     code = code.strip("`")
     if code.startswith("max_length("):
@@ -95,6 +95,9 @@ def code_default(code: str) -> float:
             value = (getattr(value, call.group(1))(*filter(None, [call.group(2)])) if call else getattr(value, name))
         return value
     module, constant = code.rsplit(".", 1)
+    item = re.fullmatch(r'(\w+)\["(\w+)"\]', constant)  # CONSTANT["key"]: one entry of a dict
+    if item:
+        return getattr(importlib.import_module(module), item.group(1))[item.group(2)]
     return getattr(importlib.import_module(module), constant)
 
 

@@ -7,6 +7,8 @@ import time
 
 import zmq
 from tmrl_common.protocol import encode
+from tmrl_relay import subscriptions
+from tmrl_relay.subscriptions import SubscriptionLedger
 
 from .relay_harness import (
     Peer,
@@ -79,10 +81,12 @@ def test_a_flood_of_subscriptions_gives_a_good_subscriber_no_extra_copies(contex
     with relay_in_thread(insecure_config()) as relay:
         _, good = _published(context, relay, 1)
         hostile = _raw_xsub(context, relay)
-        for _ in range(2000):
-            hostile.send(b"\x01")  # subscribe to everything, again and again (XPUB_VERBOSE shows each)
+        for _ in range(300):
+            hostile.send(b"\x01")  # subscribe to everything, again and again (XPUB_VERBOSER shows each)
         value = relay.metrics.registry.get_sample_value
-        wait_until(lambda: value("tmrl_relay_weights_subscriptions_total") >= 2001, what="the flood to be read")
+        # read a bounded number per housekeeping turn: the flood takes a few turns
+        wait_until(lambda: value("tmrl_relay_weights_subscriptions_total") >= 301, timeout_s=20,
+                   what="the flood to be read")
         copies = len([t for t in good.types_within(2000) if t == "weights_update"])
         assert copies == 0
         assert value("tmrl_relay_weights_published_total") == 1
@@ -141,3 +145,71 @@ def test_non_subscription_messages_on_the_weights_socket_are_counted(context):
         (subscriber,) = _subscribers(context, relay, 1)
         trainer.send(make_weights(3))
         assert subscriber.recv_type("weights_update")[1].version == 3
+
+
+def test_subscriptions_to_topics_no_worker_uses_past_the_bound_reopen_the_weights_socket(context, monkeypatch, caplog):
+    """libzmq keeps every topic a connected peer subscribes to: past the bound the relay frees them by re-opening
+    the socket, says who sent them, and a worker's SUB reconnects on its own and gets the next weights."""
+    monkeypatch.setattr(subscriptions, "FOREIGN_TOPICS_MAX", 50)
+    with relay_in_thread(insecure_config(weights_min_interval_s=0)) as relay:
+        trainer, good = _published(context, relay, 1)
+        hostile = _raw_xsub(context, relay)
+        for i in range(200):
+            hostile.send(b"\x01" + f"fresh-topic-{i}".encode())
+        value = relay.metrics.registry.get_sample_value
+        wait_until(lambda: (value("tmrl_relay_weights_socket_reopened_total") or 0) >= 1, timeout_s=20,
+                   what="the weights socket to be re-opened")
+        assert value("tmrl_relay_weights_foreign_subscriptions_total") >= 51
+        lines = [r.getMessage() for r in caplog.records if "re-opening the socket" in r.getMessage()]
+        assert lines and "most from 127.0.0.1" in lines[0] and "topics no worker uses" in lines[0]
+        version, received = 2, None
+        deadline = time.monotonic() + 10
+        while received is None and time.monotonic() < deadline:  # until the good SUB has reconnected
+            trainer.send(make_weights(version))
+            for kind in good.types_within(200):
+                if kind == "weights_update":
+                    received = version
+            version += 1
+        assert received is not None, "the good subscriber got no weights after the re-opening (same port)"
+
+
+def test_a_peer_that_leaves_takes_its_topics_out_of_the_ledger(context):
+    with relay_in_thread(insecure_config()) as relay:
+        hostile = _raw_xsub(context, relay)
+        for i in range(10):
+            hostile.send(b"\x01" + f"topic-{i}".encode())
+        wait_until(lambda: relay.subscriptions.topics == 10, timeout_s=10, what="ten live topics")
+        hostile.close()
+        wait_until(lambda: relay.subscriptions.topics == 0, timeout_s=10, what="the topics to be cancelled")
+        assert relay.subscriptions.topic_bytes == 0
+
+
+def test_the_ledger_counts_a_topic_until_its_last_subscription_is_cancelled():
+    ledger = SubscriptionLedger(max_topics=2, max_bytes=1000)
+    ledger.subscribed(b"a", "peer-1")
+    ledger.subscribed(b"a", "peer-2")  # the same topic from another connection
+    ledger.cancelled(b"a")
+    assert ledger.topics == 1 and ledger.topic_bytes == 1  # still held for peer-1
+    ledger.cancelled(b"a")
+    assert ledger.topics == 0 and ledger.topic_bytes == 0
+
+
+def test_cancels_of_topics_never_subscribed_do_not_hide_live_ones():
+    ledger = SubscriptionLedger(max_topics=2, max_bytes=1000)
+    for topic in (b"x1", b"x2", b"x3"):
+        ledger.subscribed(topic, "peer")
+    for topic in (b"y1", b"y2", b"y3"):
+        ledger.cancelled(topic)  # libzmq shows these too (XPUB_VERBOSER); they free nothing
+    assert ledger.topics == 3 and ledger.over_limit()
+
+
+def test_subscribe_and_cancel_pairs_leave_nothing_live_and_the_busiest_peer_is_named():
+    ledger = SubscriptionLedger(max_topics=10, max_bytes=100)
+    for i in range(1000):
+        ledger.subscribed(b"t%d" % i, "10.0.0.9")
+        ledger.cancelled(b"t%d" % i)
+    ledger.subscribed(b"big" * 40, "10.0.0.7")  # 120 bytes: over the byte bound alone
+    assert ledger.topics == 1 and ledger.over_limit()
+    assert ledger.busiest_peer() == ("10.0.0.9", 1000)
+    ledger.reset()
+    assert ledger.topics == 0 and not ledger.over_limit() and ledger.busiest_peer() == ("?", 0)

@@ -7,7 +7,9 @@
 * ``weights`` (XPUB, ``weights_port``): every validated ``weights_update`` is cached and published, at most once per
   ``weights_min_interval_s``; subscriptions are counted and never cause a publication. A worker gets the latest
   weights at once over its own link after its ``hello`` (once per version and connection), not by a re-publication
-  to every subscriber.
+  to every subscriber. This socket is not polled: its subscriptions are read at each housekeeping turn, a bounded
+  number at a time, and the socket is re-opened when topics no worker uses pile up
+  (:class:`~tmrl_relay.subscriptions.SubscriptionLedger`).
 
 The state that belongs together lives in small objects with verbs: :class:`~tmrl_relay.trainer_seat.TrainerSeat`
 (who holds the trainer role, alive, back-pressured; role rules), :class:`~tmrl_relay.weights_cache.WeightsCache`
@@ -52,6 +54,7 @@ from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head
 from tmrl_relay.metrics import RelayMetrics
 from tmrl_relay.peers import Peer, PeerTable
 from tmrl_relay.pending import PendingBatch, PendingBatches
+from tmrl_relay.subscriptions import CANCEL, SUBSCRIBE, SubscriptionLedger
 from tmrl_relay.trainer_seat import RoleRefused, TrainerSeat
 from tmrl_relay.weights_cache import WeightsCache
 
@@ -66,10 +69,19 @@ _MAX_FRAMES = 4  # routing id + envelope + body, and one more to tell "too many 
 _IDLE_POLL_MS = 100
 _BACKPRESSURE_POLL_MS = 1
 _HOUSEKEEPING_S = 0.25
-_SUBSCRIBE, _UNSUBSCRIBE = 1, 0
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
-_SUBSCRIPTION_FRAME_CAP = 4096
-"""``ZMQ_MAXMSGSIZE`` of the weights socket: subscriptions are tiny, anything big is hostile."""
+_SUBSCRIPTION_FRAME_CAP = {"plain": 128, "curve": 512}
+"""``ZMQ_MAXMSGSIZE`` of the weights socket, per security mode. A worker's subscription is 1 or 10 bytes, but the cap
+applies to the handshake too (a plain-text READY is about 30 bytes, CurveZMQ's INITIATE about 300), and libzmq's
+subscription tree costs tens of bytes per byte of topic."""
+_SUBSCRIPTION_RCVHWM = 2
+"""``ZMQ_RCVHWM`` of the weights socket: what libzmq takes in from each peer at each of the relay's calls into the
+socket (a worker sends one subscription; a flood waits in its own socket and the kernel's buffers). Not 1: with ZAP
+(CurveZMQ), libzmq 4.3.5 then never delivers a subscriber's first subscription to an XPUB that is not polled."""
+_SUBSCRIPTION_DRAIN_BUDGET = 1024
+"""Subscription notifications read at one housekeeping turn at most (a quarter of a second: 4,096 a second, far
+more than workers reconnecting at once send). More waiting after that is a flood: libzmq takes in more from every
+peer at each read, faster than the relay can count it, so the socket is re-opened."""
 _PEER_SOCKET_TYPES = {"workers": "DEALER", "trainer": "DEALER", "weights": "SUB or XSUB"}
 """The ZeroMQ socket types each link's peers must use: ZeroMQ closes any other kind during the handshake, and says
 only that the connection closed."""
@@ -113,6 +125,9 @@ class Relay:
         self.trainer = TrainerSeat(config.peer_timeout_s)
         self.pending = PendingBatches(config.max_pending_bytes)
         self.weights = WeightsCache(config.weights_min_interval_s)
+        self.subscriptions = SubscriptionLedger()
+        self._poller = zmq.Poller()
+        self._monitor_links: dict[zmq.Socket, str] = {}
         self._started = time.monotonic()
         self._rate_log = RateLimitedLog(log)
         self._hello_lines = LineBudget(lines=20, window_s=10.0)
@@ -135,9 +150,9 @@ class Relay:
             self._close()
             raise
         self._monitors = {
-            link: socket.get_monitor_socket(sum(_HANDSHAKE_EVENTS) | zmq.EVENT_DISCONNECTED)
-            for link, socket in (("workers", self.workers_socket), ("trainer", self.trainer_socket),
-                                 ("weights", self.weights_socket))
+            link: self._monitor(socket) for link, socket in (("workers", self.workers_socket),
+                                                             ("trainer", self.trainer_socket),
+                                                             ("weights", self.weights_socket))
         }
         self._sockets_open = True
         self.ports = RelayPorts(self._port_of(self.workers_socket), self._port_of(self.trainer_socket),
@@ -196,10 +211,20 @@ class Relay:
         with self._closed_on_error(socket):
             apply_transport(socket, self.config.transport)
             socket.setsockopt(zmq.SNDHWM, self.config.weights_send_hwm)
-            socket.setsockopt(zmq.MAXMSGSIZE, _SUBSCRIPTION_FRAME_CAP)
-            socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only the first per topic
+            socket.setsockopt(zmq.RCVHWM, _SUBSCRIPTION_RCVHWM)
+            socket.setsockopt(zmq.MAXMSGSIZE, self._subscription_frame_cap)
+            # every subscribe and every cancel, also those of a peer that leaves: the ledger follows libzmq's tree
+            socket.setsockopt(zmq.XPUB_VERBOSER, 1)
         self._secure_and_bind(socket, "weights", port)
         return socket
+
+    @property
+    def _subscription_frame_cap(self) -> int:
+        return _SUBSCRIPTION_FRAME_CAP["curve" if self._secure else "plain"]
+
+    @staticmethod
+    def _monitor(socket: zmq.Socket) -> zmq.Socket:
+        return socket.get_monitor_socket(sum(_HANDSHAKE_EVENTS) | zmq.EVENT_DISCONNECTED)
 
     @staticmethod
     @contextlib.contextmanager
@@ -259,18 +284,18 @@ class Relay:
     # ------------------------------------------------------------------------------------------------- poll loop
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self.workers_socket, zmq.POLLIN)
         poller.register(self.trainer_socket, zmq.POLLIN)
-        poller.register(self.weights_socket, zmq.POLLIN)
-        monitors = {monitor: link for link, monitor in self._monitors.items()}
-        for monitor in monitors:
+        # not the weights socket: its subscriptions are read at housekeeping, a bounded number at a time
+        self._monitor_links = {monitor: link for link, monitor in self._monitors.items()}
+        for monitor in self._monitor_links:
             poller.register(monitor, zmq.POLLIN)
         reading_workers = True
         next_housekeeping = 0.0
         while not self._stop.is_set():
             try:
-                reading_workers, next_housekeeping = self._serve_once(poller, monitors, reading_workers, next_housekeeping)
+                reading_workers, next_housekeeping = self._serve_once(poller, reading_workers, next_housekeeping)
             except zmq.ContextTerminated:
                 return
             except Exception:  # never let one bad turn stop the relay: count, log, go on
@@ -278,8 +303,7 @@ class Relay:
                 log.exception("relay loop: unexpected error; continuing")
                 time.sleep(0.01)
 
-    def _serve_once(self, poller: zmq.Poller, monitors: dict, reading_workers: bool,
-                    next_housekeeping: float) -> tuple[bool, float]:
+    def _serve_once(self, poller: zmq.Poller, reading_workers: bool, next_housekeeping: float) -> tuple[bool, float]:
         """One turn of the poll loop; returns the loop state (are workers polled, next housekeeping time)."""
         events = dict(poller.poll(_BACKPRESSURE_POLL_MS if self.trainer.backpressured or self.weights.waiting
                                   else _IDLE_POLL_MS))
@@ -289,9 +313,7 @@ class Relay:
             self._flush_pending()
         if self.workers_socket in events and not self.trainer.backpressured:
             self._drain(self.workers_socket, self._on_worker_message, "workers")
-        if self.weights_socket in events:
-            self._drain_subscriptions()
-        for monitor, link in monitors.items():
+        for monitor, link in list(self._monitor_links.items()):
             if monitor in events:
                 self._on_monitor_events(monitor, link)
         if self.trainer.backpressured == reading_workers:  # stop polling the workers while the trainer is full
@@ -301,6 +323,7 @@ class Relay:
         if self.weights.publish_due(now):
             self._publish_weights(now)
         if now >= next_housekeeping:
+            self._drain_subscriptions()
             self._housekeeping(now)
             next_housekeeping = now + _HOUSEKEEPING_S
         return reading_workers, next_housekeeping
@@ -576,6 +599,8 @@ class Relay:
 
     def _publish_weights(self, now: float) -> None:
         assert self.weights.frames is not None
+        if self.weights_socket is None:  # being bound again: published once it is
+            return
         self.weights_socket.send_multipart(list(self.weights.frames), zmq.NOBLOCK, copy=False)  # XPUB drops at HWM
         self.weights.mark_published(now)
         self.metrics.weights_published.inc()
@@ -599,22 +624,111 @@ class Relay:
     # ------------------------------------------------------------------------------------------------ weights
 
     def _drain_subscriptions(self) -> None:
+        """Read the weights socket's subscription notifications, :data:`_SUBSCRIPTION_DRAIN_BUDGET` at most: count the
+        workers' (the empty topic), keep the others in the ledger, and re-open the socket when they pass its bound or
+        more than the budget waits (a flood)."""
         socket = self.weights_socket
-        for _ in range(_DRAIN_BUDGET):
+        if socket is None:
+            self._reopen_weights_socket("")
+            return
+        traffic = self.metrics.traffic
+        flooded = True
+        for _ in range(_SUBSCRIPTION_DRAIN_BUDGET + 1):  # one more than the budget tells a flood
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                frame = socket.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
-            self.metrics.traffic.received_messages["weights"] += 1
-            self.metrics.traffic.received_bytes["weights"] += sum(len(f) for f in frames)
-            if len(frames) == 1 and frames[0][:1] == bytes([_SUBSCRIBE]):
-                self.metrics.subscriptions.inc()  # never a publication: workers get the latest after hello
-            elif len(frames) == 1 and frames[0][:1] == bytes([_UNSUBSCRIBE]):
-                continue
+                flooded = False
+                break
+            traffic.received_messages["weights"] += 1
+            traffic.received_bytes["weights"] += len(frame)
+            data = frame.bytes
+            if frame.more:  # a multipart message from an XSUB: never a subscription
+                while frame.more:
+                    frame = socket.recv(zmq.NOBLOCK, copy=False)
+                self._not_a_subscription("a multipart message")
+            elif data[:1] == bytes([SUBSCRIBE]):
+                if len(data) == 1:
+                    self.metrics.subscriptions.inc()  # never a publication: workers get the latest after hello
+                else:
+                    self.metrics.foreign_subscriptions.inc()
+                    self.subscriptions.subscribed(data[1:], self._subscriber(frame))
+            elif data[:1] == bytes([CANCEL]):
+                if len(data) > 1:
+                    self.subscriptions.cancelled(data[1:])
             else:
-                self.metrics.reject("malformed", "weights")
-                self._rate_log.warning(("weights", "malformed"), "weights socket: ignored a %d-frame message that is "
-                                       "not a subscription", len(frames))
+                self._not_a_subscription(f"a {len(data)}-byte message")
+        if flooded:
+            self._reopen_weights_socket(f"more than {_SUBSCRIPTION_DRAIN_BUDGET} subscription messages waited at "
+                                        "once, more than workers ever send")
+        elif self.subscriptions.over_limit():
+            ledger = self.subscriptions
+            self._reopen_weights_socket(f"{ledger.topics} live subscriptions to topics no worker uses "
+                                        f"({ledger.topic_bytes} bytes), past the bound of {ledger.max_topics} topics "
+                                        f"or {ledger.max_bytes} bytes")
+
+    def _not_a_subscription(self, what: str) -> None:
+        self.metrics.reject("malformed", "weights")
+        self._rate_log.warning(("weights", "malformed"), "weights socket: ignored %s that is not a subscription", what)
+
+    def _subscriber(self, frame: zmq.Frame) -> str:
+        """Who sent a subscription: its address, and its key under CurveZMQ (for the log line that names it)."""
+        try:
+            who = frame.get("Peer-Address")
+        except zmq.ZMQError:
+            who = "?"
+        if self._secure:
+            with contextlib.suppress(zmq.ZMQError):
+                who = f"{who}, key {frame.get('User-Id')}"
+        return who
+
+    def _reopen_weights_socket(self, why: str) -> None:
+        """Close the weights socket and bind a new one on the same port. libzmq frees the old one's subscription tree
+        (the only way to drop what a connected peer subscribed); workers' SUB sockets reconnect and subscribe again,
+        and a worker that misses a publication meanwhile gets the next one."""
+        ledger = self.subscriptions
+        if self.weights_socket is not None:
+            peer, count = ledger.busiest_peer()
+            self._rate_log.warning(("weights", "reopened"), "weights socket: %s (subscriptions to topics no worker "
+                                   "uses: most from %s, %d since the socket opened): re-opening the socket to free "
+                                   "what libzmq keeps of them (subscribed workers reconnect on their own). A worker "
+                                   "never sends these: %s", why, peer, count,
+                                   "revoke that key (tmrl-relay keys remove)" if self._secure else
+                                   "keep untrusted hosts away from the weights port, or run with CurveZMQ")
+            monitor = self._monitors.pop("weights", None)
+            if monitor is not None:
+                self.weights_socket.disable_monitor()
+                self._monitor_links.pop(monitor, None)
+                with contextlib.suppress(KeyError):
+                    self._poller.unregister(monitor)
+                monitor.close(linger=0)
+            self.weights_socket.close(linger=0)
+            self.weights_socket = None
+            ledger.reset()
+        assert self.ports is not None
+        try:
+            socket = self._bind_weights_again(self.ports.weights_port)
+        except RelaySetupError as exc:
+            self._rate_log.warning(("weights", "rebind"), "weights socket: not bound again yet (%s); workers get the "
+                                   "latest weights after hello meanwhile; retrying at the next housekeeping turn", exc)
+            return
+        self.weights_socket = socket
+        self.metrics.weights_socket_reopened.inc()
+        monitor = self._monitor(socket)
+        self._monitors["weights"] = monitor
+        self._monitor_links[monitor] = "weights"
+        self._poller.register(monitor, zmq.POLLIN)
+
+    def _bind_weights_again(self, port: int) -> zmq.Socket:
+        """The weights socket on ``port`` again; libzmq closes the old listener on its own thread, so the port may
+        be taken for a moment (it is free again within a millisecond or two)."""
+        deadline = time.monotonic() + 0.1
+        while True:
+            try:
+                return self._xpub(port)
+            except RelaySetupError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     # ------------------------------------------------------------------------------------------------ replies
 
@@ -707,7 +821,7 @@ class Relay:
         self._rate_log.log(logging.INFO, ("disconnect", link), "%s link: a connection on %s closed (the peer left; or "
                            "it sent a frame over the %d-byte cap, which ZeroMQ drops unread; or it is not a %s socket, "
                            "the only kind this port takes)", link, endpoint.decode(errors="replace"),
-                           _SUBSCRIPTION_FRAME_CAP if link == "weights" else self.config.socket_frame_cap(link),
+                           self._subscription_frame_cap if link == "weights" else self.config.socket_frame_cap(link),
                            _PEER_SOCKET_TYPES[link])
         holder = self.trainer.peer
         if link == "trainer" and holder is not None and self.trainer.holds_live():

@@ -58,7 +58,9 @@ class RelayMetrics:
         self.acks_undeliverable = Counter("tmrl_relay_acks_undeliverable", "Sample acks whose worker is not connected (it resends; the trainer re-acks).", registry=r)
         self.weights_published = Counter("tmrl_relay_weights_published", "Weights messages published on the weights socket (new versions only, at most one per weights_min_interval_s).", registry=r)
         self.weights_handovers = Counter("tmrl_relay_weights_handovers", "Latest weights handed to a worker over its own link after hello, per result (sent, blocked = its queue was full).", ["result"], registry=r)
-        self.subscriptions = Counter("tmrl_relay_weights_subscriptions", "Subscriptions seen on the weights socket (they never cause a publication).", registry=r)
+        self.subscriptions = Counter("tmrl_relay_weights_subscriptions", "Workers' subscriptions (to the empty topic) read from the weights socket; they never cause a publication.", registry=r)
+        self.foreign_subscriptions = Counter("tmrl_relay_weights_foreign_subscriptions", "Subscriptions to a topic other than the empty one (workers never send these); past a bound of live ones the weights socket is re-opened.", registry=r)
+        self.weights_socket_reopened = Counter("tmrl_relay_weights_socket_reopened", "Times the weights socket was closed and bound again to free the subscriptions to topics no worker uses.", registry=r)
         self.role_refusals = Counter("tmrl_relay_role_refusals", "Hellos refused a role, per link and why (trainer_alive: another trainer holds the role; not_a_trainer_key; wrong_role: the hello names the other socket's role).", ["link", "why"], registry=r)
         self.handshake_failures = Counter("tmrl_relay_handshake_failures", "Connections refused during the ZMTP/CURVE handshake, per link and kind (auth = key not allow-listed).", ["link", "kind"], registry=r)
         self.disconnects = Counter("tmrl_relay_disconnects", "Connections that ended, per link: peers leaving, and peers "
