@@ -100,13 +100,16 @@ BAD_OPTIONS = [
     ("tm20-lidar", 'sleep_time_at_reset = "long"', "env_options.sleep_time_at_reset = 'long': Input should be a valid"),
     ("tm20-lidar", "window_position = [0]", "env_options.window_position = [0]: two integers, [x, y]"),
     ("tm20-full", "img_hist_len = 0", "env_options.img_hist_len = 0: Input should be greater than or equal to 1"),
+    ("tm20-lidar", "start_obs_capture = 0.08",
+     "env_options.start_obs_capture = 0.08 is after the end of the step (worker.time_step_duration = 0.05)"),
 ]
 
 
 @pytest.mark.parametrize(("env", "option", "message"), BAD_OPTIONS,
                          ids=["unknown-option", "unknown-recovery-field", "recovery-value", "table-not-a-table",
                               "lidar-beams", "emulated-game-field", "reward-config-field", "option-of-another-variant",
-                              "option-the-worker-sets", "port-range", "sleep-type", "window-position", "history"])
+                              "option-the-worker-sets", "port-range", "sleep-type", "window-position", "history",
+                              "capture-after-the-step"])
 @pytest.mark.parametrize("command", [["run", "--insecure"], ["layout"]])
 def test_a_bad_tm20_env_option_is_refused_in_one_line_when_the_config_is_read(command, env, option, message,
                                                                               no_devices, tmp_path, monkeypatch):
@@ -131,6 +134,15 @@ def test_every_documented_kind_of_tm20_env_option_is_accepted_when_the_config_is
                           '[worker.env_options.emulated_game]\ntrack = "oval"\n')
     loaded = load_config(WorkerConfig, "worker", config)
     assert loaded.env_options["recovery"] == {"give_up_after_s": 30} and loaded.env_options["image_height"] == 32
+
+
+def test_make_env_refuses_a_capture_time_past_a_slower_step_only_when_it_is_past_it(no_devices):
+    from tmrl_worker.envs import EnvSpecError, _make_tm20
+    from tmrl_worker.tm20.interfaces import check_options
+
+    check_options("tm20-lidar", {"start_obs_capture": 0.08}, time_step_duration=0.1)  # within a 10 Hz step
+    with pytest.raises(EnvSpecError, match=r"start_obs_capture = 0\.08 is after the end of the step"):
+        _make_tm20("tm20-lidar", 0.05, 100, {"start_obs_capture": 0.08, "emulated_game": {}})
 
 
 def test_make_env_refuses_an_unknown_option_before_starting_the_emulated_game(no_devices):

@@ -123,7 +123,8 @@ class WorkerConfig(BaseModel):
             return self
         from tmrl_worker.tm20.interfaces import check_options
 
-        check_options(self.env.strip(), self.env_options)  # a TM20ConfigError is a ValueError: one line
+        # a TM20ConfigError is a ValueError: one line
+        check_options(self.env.strip(), self.env_options, time_step_duration=self.time_step_duration)
         return self
 
     @model_validator(mode="after")

@@ -756,7 +756,7 @@ def _make_tm20(spec: str, time_step_duration: float, max_episode_steps: int, opt
     from tmrl_worker.tm20.interfaces import TM20ConfigError, check_options, tm20_rtgym_config
 
     try:
-        check_options(spec, options)
+        check_options(spec, options, time_step_duration=time_step_duration)
     except TM20ConfigError as exc:
         raise EnvSpecError(f"env {spec!r}: {exc}") from exc
     emulated = options.get("emulated_game")

@@ -230,12 +230,15 @@ def option_names(variant: str) -> set[str]:
     return names - set(WORKER_SET_OPTIONS)
 
 
-def check_options(variant: str, options: Mapping[str, Any], prefix: str = "env_options.") -> None:
+def check_options(variant: str, options: Mapping[str, Any], prefix: str = "env_options.",
+                  time_step_duration: float | None = None) -> None:
     """Raise :class:`TM20ConfigError` (one line) unless ``options`` can configure a TrackMania env of ``variant``:
     every key is one it takes (an unknown one is named with the closest known one), the settings tables
     (``recovery``, ``stale_frames``, ``lidar``, ``reward_config``, ``emulated_game``) validate, and the device names
     are known (:func:`check_device_names`). From the settings alone, nothing started: the worker runs it as its config
-    is read, so that a typo is reported before the plugin, the game window or the relay is reached."""
+    is read, so that a typo is reported before the plugin, the game window or the relay is reached. Given the step
+    (``time_step_duration``), a ``start_obs_capture`` past its end is refused too: rtgym would take each screenshot
+    in the next step, and every step would overrun."""
     known = option_names(variant)
     for name in options:
         if name in WORKER_SET_OPTIONS:
@@ -253,6 +256,11 @@ def check_options(variant: str, options: Mapping[str, Any], prefix: str = "env_o
             except ValidationError as exc:
                 problem = "two integers, [x, y]" if name == "window_position" else exc.errors()[0]["msg"]
                 raise TM20ConfigError(f"{prefix}{name} = {options[name]!r}: {problem}") from exc
+    capture = options.get("start_obs_capture")
+    if time_step_duration is not None and capture is not None and capture > time_step_duration:
+        raise TM20ConfigError(f"{prefix}start_obs_capture = {capture!r} is after the end of the step "
+                              f"(worker.time_step_duration = {time_step_duration!r}): the screenshot must be taken "
+                              f"within the step; use at most {time_step_duration!r} (left out: 0.8 x the step)")
     check_device_names(options, prefix)
 
 
