@@ -261,6 +261,16 @@ def test_restarts_failing_for_give_up_after_s_stop_the_env_with_what_to_check():
         assert 0.9 <= time.monotonic() - started < 4.0  # counted from the first failing respawn, not its failure
 
 
+def test_a_give_up_shorter_than_the_restart_timeout_gives_up_on_time():
+    """A TrackMania-docs probe: give_up_after_s = 5 gave up after 10 s, at the end of the first attempt's
+    restart_timeout_s."""
+    with car_down_the_track_with_a_dead_respawn(restart_timeout_s=5.0, give_up_after_s=0.6) as (_, interface):
+        started = time.monotonic()
+        with pytest.raises(RaceRestartError, match=r"gave up after 1 s of respawns, recovery.give_up_after_s = 0.6"):
+            interface.reset()
+        assert 0.5 <= time.monotonic() - started < 2.5
+
+
 def test_a_stop_request_ends_the_wait_for_the_race_to_restart_at_once():
     with car_down_the_track_with_a_dead_respawn(restart_timeout_s=30.0) as (_, interface):
         interface.stop_event = threading.Event()

@@ -372,6 +372,7 @@ class TM20Interface(RealTimeGymInterface):
         """What the interface is doing now, e.g. ``waiting for the game: ... (attempt 3)``; also logged."""
         self._pending_fault: str | None = None
         self._restart_failing_since: float | None = None
+        self._last_respawn_at = 0.0
         """When the respawn of the first of the race restarts failing in a row came (None: the last one worked)."""
         self._restart_failures = 0
         self._frame_shape: tuple[int, ...] | None = None
@@ -606,7 +607,7 @@ class TM20Interface(RealTimeGymInterface):
         now = time.monotonic()
         first = self._restart_failing_since is None
         if first:
-            self._restart_failing_since = now - self.recovery.restart_timeout_s  # when that attempt's respawn came
+            self._restart_failing_since = self._last_respawn_at  # when that attempt's respawn came
         trying = now - self._restart_failing_since
         give_up = self.recovery.give_up_after_s
         if give_up is not None and trying >= give_up:
@@ -716,12 +717,15 @@ class TM20Interface(RealTimeGymInterface):
         settings = self.recovery
         finished = self.last_telemetry is not None and self.last_telemetry.finished
         self.controller.apply(self._default_action)
-        pressed = time.monotonic()
+        pressed = self._last_respawn_at = time.monotonic()
         self.controller.respawn()
         if finished:  # the end-of-race pop-up takes a moment to accept input
             time.sleep(settings.popup_delay_s)
             self.controller.close_finish_popup()
         deadline = pressed + settings.restart_timeout_s
+        if settings.give_up_after_s is not None:  # a shorter give-up is not held up by the attempt's own timeout
+            streak_started = pressed if self._restart_failing_since is None else self._restart_failing_since
+            deadline = min(deadline, streak_started + settings.give_up_after_s)
         while True:
             if self.stop_event is not None and self.stop_event.is_set():
                 raise EnvInterrupted("stopped while waiting for the race to restart")
@@ -737,7 +741,7 @@ class TM20Interface(RealTimeGymInterface):
                 return
             if time.monotonic() >= deadline:
                 raise RaceRestartError(
-                    f"the race did not restart within {settings.restart_timeout_s:.0f} s of the respawn (last packet: "
+                    f"the race did not restart within {deadline - pressed:.0f} s of the respawn (last packet: "
                     f"finished={int(packet.finished)}, distance {packet.distance:.1f} m): is the game paused or a menu "
                     f"open? Otherwise check that the respawn control (gamepad B, keyboard Delete) restarts the run "
                     f"from the start line in the game's settings and that the finish pop-up closes with gamepad A / "
