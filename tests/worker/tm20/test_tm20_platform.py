@@ -69,6 +69,16 @@ def test_missing_window_names_the_title_and_where_to_set_it():
         XdotoolGameWindow("Trackmania", run=lambda args: "")
 
 
+def test_a_missing_xdotool_is_named_as_the_cause_not_a_missing_window(monkeypatch):
+    """A TrackMania-docs probe: without xdotool, check-env on Linux said no game window was open."""
+    monkeypatch.setattr("tmrl_worker.tm20.window.shutil.which", lambda name: None)
+    with pytest.raises(WindowNotFoundError) as caught:
+        XdotoolGameWindow("Trackmania")
+    message = str(caught.value)
+    assert message.startswith("cannot look for the game window: the xdotool command is not installed")
+    assert "apt install xdotool" in message and "no window titled" not in message
+
+
 def test_recorded_frames_replay_in_order_and_loop(tmp_path):
     frames = np.arange(3 * 4 * 5 * 3, dtype=np.uint8).reshape(3, 4, 5, 3)
     capture = RecordedFrames(frames)

@@ -40,6 +40,17 @@ class WindowNotFoundError(RuntimeError):
         self.pid = pid
 
 
+class WindowSearchUnavailableError(WindowNotFoundError):
+    """The tool that finds windows on this OS is missing: no window was looked for (not "no window is open")."""
+
+    def __init__(self, title: str, tool: str, install: str, pid: int | None = None) -> None:
+        RuntimeError.__init__(self, f"cannot look for the game window: the {tool} command is not installed "
+                                    f"({install}); on Linux the worker finds, places and focuses the game's window "
+                                    f"with it")
+        self.title = title
+        self.pid = pid
+
+
 @dataclass(frozen=True)
 class ClientArea:
     """A rectangle in screen pixels: the part of a window the game draws into."""
@@ -165,8 +176,7 @@ class XdotoolGameWindow:
     def __init__(self, title: str = DEFAULT_WINDOW_TITLE, run: Runner | None = None, pid: int | None = None) -> None:
         if run is None:
             if shutil.which("xdotool") is None:
-                raise WindowNotFoundError(title, "xdotool is not installed (apt install xdotool), or give the "
-                                                 "capture region explicitly", pid=pid)
+                raise WindowSearchUnavailableError(title, "xdotool", "apt install xdotool", pid=pid)
             run = _run_xdotool
         self._run = run
         self.title = title
