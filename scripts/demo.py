@@ -80,6 +80,13 @@ class MetricsTail:
         except FileNotFoundError:
             pass
 
+    def returns_line(self) -> str:
+        """Episodes so far and each worker's mean return over its last 10 episodes (as acted), for a plain line."""
+        if not self.recent:
+            return "no episode finished yet"
+        means = ", ".join(f"{worker} {sum(values) / len(values):.1f}" for worker, values in sorted(self.recent.items()))
+        return f"mean return of the last 10 episodes (as acted): {means}"
+
 
 def render_progress(status: dict, metrics: MetricsTail, elapsed: float, total: float, mode: str, dead: list[str]):
     from rich.console import Group
@@ -251,8 +258,10 @@ def main() -> int:
                 while time.monotonic() - started < total and (died := service_died()) is None:
                     if time.monotonic() >= next_line:
                         status = stack.status()
+                        metrics.poll()
                         console.print(f"{(time.monotonic() - started) / 60:4.1f} min: {status.get('updates', 0)} updates, "
-                                      f"{status.get('samples_received', 0)} samples, weights v{status.get('weights_version', 0)}")
+                                      f"{status.get('samples_received', 0)} samples, weights v{status.get('weights_version', 0)}"
+                                      f"; {metrics.returns_line()}")
                         next_line += 10
                     time.sleep(0.5)
             else:

@@ -6,6 +6,7 @@ full time and exited 0)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -61,3 +62,17 @@ def test_the_live_display_keeps_worker_names_whole_on_an_80_column_terminal():
     console.print(demo.render_progress(status, metrics, 61.0, 300.0, "real time, 20 Hz", []))
     text = console.export_text()
     assert all(name in text for name in demo.WORKERS), text
+
+
+def test_the_plain_progress_line_gives_each_workers_mean_return(tmp_path):
+    """An operator probe: `--no-display` lines showed updates and samples but no return, the one figure that says
+    whether the demo learns."""
+    demo = demo_module()
+    metrics_path = tmp_path / "metrics.jsonl"
+    metrics = demo.MetricsTail(metrics_path)
+    assert metrics.returns_line() == "no episode finished yet"
+    lines = [{"kind": "episode", "worker": "worker-1", "return": value} for value in (10.0, 20.0)]
+    lines += [{"kind": "train", "updates": 5}, {"kind": "episode", "worker": "worker-2", "return": -3.0}]
+    metrics_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    metrics.poll()
+    assert metrics.returns_line() == "mean return of the last 10 episodes (as acted): worker-1 15.0, worker-2 -3.0"
