@@ -105,3 +105,21 @@ def test_the_stopping_callback_names_what_asked_for_the_stop(caplog):
     assert stop.is_set()
     assert [record.getMessage() for record in caplog.records] == ["stdin closed by the supervisor: stopping",
                                                                   "signal 15: stopping"]
+
+
+def test_a_second_stop_request_says_the_service_is_already_stopping(caplog):
+    """An operator probe: a trainer logged "signal 15: stopping" twice, which read as two stops."""
+    import logging
+    import threading
+
+    from tmrl_common.stop_signals import stopping
+
+    stop = threading.Event()
+    on_signal = stopping(stop.set, logging.getLogger("stop-test"))
+    with caplog.at_level("INFO", logger="stop-test"):
+        on_signal(15)
+        on_signal(15)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == "signal 15: stopping"
+    assert lines[1].startswith("signal 15 again: already stopping")
+    assert stop.is_set()

@@ -98,13 +98,19 @@ def _watch_stdin(on_signal: Callable[[int], None]) -> None:
 
 def stopping(stop: Callable[[], None], logger: logging.Logger) -> Callable[[int], None]:
     """The ``on_signal`` of a service: log ``signal N: stopping`` to ``logger``, then call ``stop`` (an Event's
-    ``set``, a relay's ``stop``)."""
+    ``set``, a relay's ``stop``). A further request says the service is already stopping, rather than the same line
+    again (a supervisor and a shell both sending SIGTERM once read as two stops)."""
+    requests = 0
 
     def on_signal(signum: int) -> None:
-        if signum == STDIN_CLOSED:
-            logger.info("stdin closed by the supervisor: stopping")
+        nonlocal requests
+        requests += 1
+        cause = "stdin closed by the supervisor" if signum == STDIN_CLOSED else f"signal {signum}"
+        if requests == 1:
+            logger.info("%s: stopping", cause)
         else:
-            logger.info("signal %d: stopping", signum)
+            logger.info("%s again: already stopping (a trainer saves its final checkpoint first; SIGKILL would lose "
+                        "what it has not saved)", cause)
         stop()
 
     return on_signal
