@@ -52,3 +52,22 @@ def test_top_down_camera_shows_road_ahead_and_walls_beside():
     assert (frame[10] == WALL).sum() >= 2  # both walls cross the row
     turned = camera.frame(20.0, 0.0, np.pi / 2)  # facing the left wall, 6 m away = 8 pixels above the car
     assert (turned[:40, 32] == 0).any()
+
+
+def test_a_long_title_stays_on_the_canvas_beside_the_speed_colour_bar():
+    """An operator probe: render-track's PNG title was cut by the colour bar."""
+    from tmrl_worker.sim.render import track_figure
+    from tmrl_worker.sim.track import load_track
+
+    track = load_track("hairpins")
+    path = track.lap_path()
+    title = ("random-open:123456789: braking driver, did not finish in 1000 steps (50.00 s), 3 crash(es), "
+             "return -123.4")
+    figure = track_figure(track, path, title=title, speeds=np.linspace(0.0, 100.0, len(path)))
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)  # the constrained layout places everything at drawing time
+    canvas = figure.bbox
+    title_box = figure.axes[0].title.get_window_extent(renderer)
+    assert canvas.x0 <= title_box.x0 and title_box.x1 <= canvas.x1 and title_box.y1 <= canvas.y1
+    bar_box = figure.axes[1].get_window_extent(renderer)
+    assert title_box.x1 <= bar_box.x0  # not under the colour bar

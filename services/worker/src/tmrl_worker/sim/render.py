@@ -4,6 +4,7 @@ RGB frames / GIFs of an episode (pillow)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,14 @@ CAR = (220, 30, 30)
 def render_track_png(track: Track, path: str | Path, trajectory: np.ndarray | Sequence | None = None,
                      title: str | None = None, speeds: np.ndarray | Sequence | None = None) -> Path:
     """Save a PNG of ``track`` with an optional driven ``trajectory`` (``(N, 2)`` positions), coloured by ``speeds``."""
+    path = Path(path)
+    track_figure(track, trajectory, title, speeds).savefig(path, format="png")
+    return path
+
+
+def track_figure(track: Track, trajectory: np.ndarray | Sequence | None = None, title: str | None = None,
+                 speeds: np.ndarray | Sequence | None = None):
+    """The matplotlib ``Figure`` :func:`render_track_png` saves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +39,7 @@ def render_track_png(track: Track, path: str | Path, trajectory: np.ndarray | Se
     from matplotlib.figure import Figure
 
     left, right = track.walls()
-    figure = Figure(figsize=(8, 6), dpi=100)
+    figure = Figure(figsize=(8, 6), dpi=100, layout="constrained")  # the title and colour bar fit the canvas
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     if track.closed:  # a circuit: grey inside the outer wall, white inside the inner one
@@ -51,15 +60,14 @@ def render_track_png(track: Track, path: str | Path, trajectory: np.ndarray | Se
         points = np.asarray(trajectory, dtype=np.float64)
         if speeds is not None:
             scatter = axes.scatter(points[:, 0], points[:, 1], c=np.asarray(speeds), s=4, cmap="plasma", zorder=3)
-            figure.colorbar(scatter, ax=axes, label="speed (km/h)")
+            figure.colorbar(scatter, ax=axes, label="speed (km/h)", shrink=0.8)
         else:
             axes.plot(points[:, 0], points[:, 1], color="tab:red", linewidth=1.2, label="trajectory", zorder=3)
     axes.set_aspect("equal")
-    axes.set_title(title or f"track {track.name} ({track.length:.0f} m, {'closed' if track.closed else 'open'})")
+    text = title or f"track {track.name} ({track.length:.0f} m, {'closed' if track.closed else 'open'})"
+    axes.set_title("\n".join(textwrap.wrap(text, 70)))  # a long track name or outcome wraps instead of running off
     axes.legend(loc="best", fontsize=8)
-    path = Path(path)
-    figure.savefig(path, format="png")
-    return path
+    return figure
 
 
 def _area(loop: np.ndarray) -> float:
