@@ -80,17 +80,3 @@ def test_a_peer_dying_while_its_messages_wait_unread_does_not_abort_the_process(
     assert result.stdout.startswith("alive, read ")
     assert int(result.stdout.split()[-1]) >= 1
 
-
-def test_the_default_transport_sends_no_zmtp_heartbeats_and_probes_with_tcp_keepalive(context):
-    import zmq
-    from tmrl_common.sockets import TransportConfig, apply_transport
-
-    socket = context.socket(zmq.DEALER)
-    apply_transport(socket, TransportConfig())
-    assert socket.getsockopt(zmq.HEARTBEAT_IVL) == 0
-    assert socket.getsockopt(zmq.TCP_KEEPALIVE) == 1
-    assert socket.getsockopt(zmq.TCP_KEEPALIVE_IDLE) == 5
-    assert socket.getsockopt(zmq.TCP_KEEPALIVE_INTVL) == 1
-    assert socket.getsockopt(zmq.TCP_KEEPALIVE_CNT) == 5
-    assert socket.getsockopt(zmq.TCP_MAXRT) == 10_000
-    socket.close()

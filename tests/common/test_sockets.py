@@ -15,21 +15,38 @@ from tmrl_common.sockets import (
     tcp_endpoint,
 )
 
+OPTIONS = ("SNDHWM", "RCVHWM", "LINGER", "HEARTBEAT_IVL", "HEARTBEAT_TIMEOUT", "TCP_KEEPALIVE", "TCP_KEEPALIVE_IDLE",
+           "TCP_KEEPALIVE_INTVL", "TCP_KEEPALIVE_CNT", "TCP_MAXRT", "RECONNECT_IVL", "RECONNECT_IVL_MAX", "MAXMSGSIZE")
+
+
+def options_set_by(context, transport: TransportConfig) -> dict[str, int]:
+    socket = context.socket(zmq.DEALER)
+    try:
+        apply_transport(socket, transport)
+        return {name: socket.getsockopt(getattr(zmq, name)) for name in OPTIONS}
+    finally:
+        socket.close()
+
 
 def test_apply_transport_sets_every_option(context):
     transport = TransportConfig(send_hwm=11, recv_hwm=22, linger_ms=33, heartbeat_ivl_ms=444, heartbeat_timeout_ms=555,
-                                heartbeat_ttl_ms=600, reconnect_ivl_ms=77, reconnect_ivl_max_ms=888, max_frame_bytes=4096)
-    socket = context.socket(zmq.DEALER)
-    apply_transport(socket, transport)
-    assert socket.getsockopt(zmq.SNDHWM) == 11
-    assert socket.getsockopt(zmq.RCVHWM) == 22
-    assert socket.getsockopt(zmq.LINGER) == 33
-    assert socket.getsockopt(zmq.HEARTBEAT_IVL) == 444
-    assert socket.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 555
-    assert socket.getsockopt(zmq.RECONNECT_IVL) == 77
-    assert socket.getsockopt(zmq.RECONNECT_IVL_MAX) == 888
-    assert socket.getsockopt(zmq.MAXMSGSIZE) == 4096
-    socket.close()
+                                heartbeat_ttl_ms=600, tcp_keepalive_idle_s=7, tcp_keepalive_interval_s=2,
+                                tcp_keepalive_count=3, tcp_max_retransmit_ms=4000, reconnect_ivl_ms=77,
+                                reconnect_ivl_max_ms=888, max_frame_bytes=4096)
+    assert options_set_by(context, transport) == {
+        "SNDHWM": 11, "RCVHWM": 22, "LINGER": 33, "HEARTBEAT_IVL": 444, "HEARTBEAT_TIMEOUT": 555, "TCP_KEEPALIVE": 1,
+        "TCP_KEEPALIVE_IDLE": 7, "TCP_KEEPALIVE_INTVL": 2, "TCP_KEEPALIVE_CNT": 3, "TCP_MAXRT": 4000,
+        "RECONNECT_IVL": 77, "RECONNECT_IVL_MAX": 888, "MAXMSGSIZE": 4096}
+
+
+def test_the_default_transport_sends_no_zmtp_heartbeats_and_probes_with_tcp_keepalive(context):
+    """ZMTP pings can abort the process in libzmq 4.3.5 (tests/common/test_dead_peer_while_unread.py)."""
+    options = options_set_by(context, TransportConfig())
+    assert options["HEARTBEAT_IVL"] == 0
+    assert {name: options[name] for name in ("TCP_KEEPALIVE", "TCP_KEEPALIVE_IDLE", "TCP_KEEPALIVE_INTVL",
+                                             "TCP_KEEPALIVE_CNT", "TCP_MAXRT")} == {
+        "TCP_KEEPALIVE": 1, "TCP_KEEPALIVE_IDLE": 5, "TCP_KEEPALIVE_INTVL": 1, "TCP_KEEPALIVE_CNT": 5,
+        "TCP_MAXRT": 10_000}
 
 
 def test_reconnect_cap_below_first_interval_is_refused():
