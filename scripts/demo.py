@@ -81,7 +81,7 @@ class MetricsTail:
             pass
 
     def returns_line(self) -> str:
-        """Episodes so far and each worker's mean return over its last 10 episodes (as acted), for a plain line."""
+        """Each worker's mean return over its last 10 episodes (as acted), for the plain progress line."""
         if not self.recent:
             return "no episode finished yet"
         means = ", ".join(f"{worker} {sum(values) / len(values):.1f}" for worker, values in sorted(self.recent.items()))
