@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from loopback_relay import FakeRelay, wait_for
 from relay.relay_harness import Peer, insecure_config, relay_in_thread
 from tmrl_common.layout import layout_for_box
@@ -183,3 +184,29 @@ def test_relay_restarts_in_a_row_are_no_contest_for_the_trainer_role(context):
         assert link.contested is None and link.counters.connections >= 4
     finally:
         link.stop()
+
+
+def test_acks_queued_before_a_reconnection_and_refused_ahead_of_the_hello_start_no_second_hello(context, caplog):
+    """A chaos probe: after a relay restart the acks libzmq had queued went out ahead of the new hello; each refusal
+    logged "does not hold the trainer role ... saying hello again", though that hello was already on its way."""
+    relay = FakeRelay(context)
+    link = make_link(context, relay.port)
+    link.start()
+    try:
+        routing_id, _, _ = relay.receive_type(Hello)
+        with caplog.at_level("WARNING", logger="tmrl_trainer.relay_link"):
+            for _ in range(3):
+                relay.socket.send_multipart([routing_id, *not_the_trainer("sample_ack")])
+            wait_for(lambda: link.counters.stale_acks_refused == 3)
+            with pytest.raises(AssertionError, match="nothing received"):
+                relay.receive_type(Hello, timeout_s=0.6)  # the first hello stands: no second one
+        assert link.counters.role_lost == 0 and link.counters.hellos_sent == 1
+        assert "does not hold the trainer role" not in caplog.text
+        relay.socket.send_multipart([routing_id, *encode(Heartbeat(role="relay", uptime_s=1.0), "relay")])
+        wait_for(lambda: link._holding == link.counters.connections)  # now the holder on this connection
+        relay.socket.send_multipart([routing_id, *not_the_trainer("sample_ack")])
+        relay.receive_type(Hello)  # an ack refused from the holder means the role was lost: hello again
+        assert link.counters.role_lost == 1
+    finally:
+        link.stop()
+        relay.close()

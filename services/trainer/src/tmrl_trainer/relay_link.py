@@ -58,6 +58,10 @@ class TrainerLinkCounters:
     hellos_sent: int = 0
     role_lost: int = 0
     """``unknown_sender`` errors from the relay: this connection did not hold the trainer role (a hello follows)."""
+    stale_acks_refused: int = 0
+    """``unknown_sender`` answers to acks libzmq had queued before a reconnection and sent ahead of the new
+    connection's hello: the hello is already on its way, so they are counted (the workers resend those batches)
+    and start no second hello."""
 
 
 class TrainerLink:
@@ -203,6 +207,14 @@ class TrainerLink:
             log.warning("%s: ignored an undecodable error message from the relay: %s", self.trainer_id, exc)
             return
         assert isinstance(error, Error)
+        if (error.reason == "unknown_sender" and error.ref_type == "sample_ack"
+                and self._holding != self.counters.connections):
+            # not yet heard as the holder on this connection: an ack queued before the reconnection, sent ahead of
+            # this connection's hello (libzmq keeps a DEALER's queue across reconnections)
+            self.counters.stale_acks_refused += 1
+            log.debug("%s: the relay refused an ack sent ahead of this connection's hello: %s", self.trainer_id,
+                      error.message)
+            return
         if error.reason != "unknown_sender":
             log.warning("%s: relay rejected our %s: [%s] %s", self.trainer_id, error.ref_type or "message",
                         error.reason, error.message)
