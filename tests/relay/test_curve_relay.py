@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import pytest
 import zmq
@@ -419,3 +420,31 @@ def test_a_refused_key_is_logged_with_the_key_and_the_link_that_allows_it(contex
                "pointed at the wrong port?" in line for line in lines), lines
     assert any(intruder_key in line and "on tmrl-workers: not in its allow-list" in line and "allowed on" not in line
                for line in lines), lines
+
+
+def test_under_curvezmq_the_weights_socket_reopened_after_a_flood_admits_allowed_keys_again(context, tmp_path, keys,
+                                                                                            monkeypatch, caplog):
+    """The re-opened weights socket is secured like the first (ZAP domain, server key): an allowed worker's SUB
+    reconnects and gets weights, and the warning names the flooding key."""
+    from tmrl_relay import subscriptions
+
+    monkeypatch.setattr(subscriptions, "FOREIGN_TOPICS_MAX", 20)
+    with relay_in_thread(_config(tmp_path, keys, weights_min_interval_s=0)) as relay:
+        trainer = _trainer(context, relay, keys)
+        good = _peer(context, relay.ports.weights_port, keys, "worker-1", "worker-1", zmq.SUB)
+        hostile = _peer(context, relay.ports.weights_port, keys, "worker-2", "worker-2", zmq.XSUB)
+        for i in range(60):
+            hostile.socket.send(b"\x01" + f"topic-{i}".encode())
+        value = relay.metrics.registry.get_sample_value
+        wait_until(lambda: (value("tmrl_relay_weights_socket_reopened_total") or 0) >= 1, timeout_s=20,
+                   what="the weights socket to be re-opened")
+        worker_2_key = load_public_key(keys["worker-2"].public_file).decode()
+        assert any(f"key {worker_2_key}" in r.getMessage() for r in caplog.records if "re-opening" in r.getMessage())
+        hostile.socket.close(linger=0)
+        received, version = False, 1
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:  # until the SUB has reconnected
+            trainer.send(make_weights(version))
+            received = "weights_update" in good.types_within(200)
+            version += 1
+        assert received, "the allowed SUB got no weights from the re-opened socket"
