@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import zmq
-from tmrl_common.protocol import SampleAck, decode, encode
+from tmrl_common.protocol import Heartbeat, SampleAck, decode, encode
 
 
 def bind_router(context: zmq.Context, port: int = 0) -> tuple[zmq.Socket, int]:
@@ -62,6 +62,10 @@ class FakeRelay:
     def ack(self, routing_id: bytes, worker: str, seqs: list[int], outcome: str = "stored", reason: str = "") -> None:
         ack = SampleAck(worker=worker, seqs=seqs, outcome=outcome, reason=reason)
         self.socket.send_multipart([routing_id, *encode(ack, "relay")])
+
+    def heartbeat(self, routing_id: bytes) -> None:
+        """Answer as the relay answers a registered peer's heartbeat: the link then knows its hello was taken."""
+        self.socket.send_multipart([routing_id, *encode(Heartbeat(role="relay", uptime_s=1.0), "relay")])
 
     def close(self) -> None:
         self.socket.close(linger=0)

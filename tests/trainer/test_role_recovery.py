@@ -202,8 +202,8 @@ def test_acks_queued_before_a_reconnection_and_refused_ahead_of_the_hello_start_
                 relay.receive_type(Hello, timeout_s=0.6)  # the first hello stands: no second one
         assert link.counters.role_lost == 0 and link.counters.hellos_sent == 1
         assert "does not hold the trainer role" not in caplog.text
-        relay.socket.send_multipart([routing_id, *encode(Heartbeat(role="relay", uptime_s=1.0), "relay")])
-        wait_for(lambda: link._holding == link.counters.connections)  # now the holder on this connection
+        relay.heartbeat(routing_id)
+        wait_for(lambda: link._client.answered_since_connect)  # now the holder on this connection
         relay.socket.send_multipart([routing_id, *not_the_trainer("sample_ack")])
         relay.receive_type(Hello)  # an ack refused from the holder means the role was lost: hello again
         assert link.counters.role_lost == 1

@@ -298,6 +298,8 @@ def test_the_relays_repeated_errors_cost_one_line_per_reason_and_interval(linked
     relay, link = linked()
     with caplog.at_level("WARNING", logger="tmrl_worker.relay_link"):
         routing_id, _, _ = relay.receive_type(Hello)
+        relay.heartbeat(routing_id)  # the hello was taken: refusals from here on are news
+        wait_for(lambda: link._client.answered_since_connect)
         for seq in range(20):
             refusal = Error(reason="unknown_sender", message="'w-test' said hello on another connection since "
                             "this one did (two processes under one id?)", ref_type="sample_batch", ref_seq=seq)
@@ -315,6 +317,8 @@ def test_a_worker_whose_id_another_connection_took_says_hello_again_and_resends(
 
     relay, link = linked(ack_timeout_s=60.0)
     routing_id = relay.receive_type(Hello)[0]
+    relay.heartbeat(routing_id)  # the relay took this connection's hello before the other process took the id
+    wait_for(lambda: link._client.answered_since_connect)
     link.submit(filled_builder(3), weights_version=1)
     _, _, batch = relay.receive_type(SampleBatch)
     taken = Error(reason="unknown_sender", ref_type="sample_batch", ref_seq=batch.seq,
@@ -333,3 +337,28 @@ def test_a_worker_whose_id_another_connection_took_says_hello_again_and_resends(
     assert link.snapshot()["ids_lost"] == 2
     lines = [r.getMessage() for r in caplog.records if "saying hello again in" in r.getMessage()]
     assert len(lines) == 1 and "said hello on another connection" in lines[0] and "stop one" in lines[0]
+
+
+def test_batches_refused_ahead_of_a_new_connections_hello_start_no_second_hello(linked, caplog):
+    """A chaos probe: after a relay restart the batches libzmq had queued went out ahead of the worker's new hello;
+    each refusal logged "the relay does not take this connection's messages ... saying hello again", though that
+    hello was already on its way."""
+    from tmrl_common.protocol import Error, encode
+
+    relay, link = linked(ack_timeout_s=60.0)
+    routing_id = relay.receive_type(Hello)[0]
+    stale = Error(reason="unknown_sender", ref_type="sample_batch", ref_seq=7,
+                  message="'w-test' sent before saying hello on this connection")
+    with caplog.at_level("WARNING", logger="tmrl_worker.relay_link"):
+        for _ in range(3):
+            relay.socket.send_multipart([routing_id, *encode(stale, "relay")])
+        wait_for(lambda: link.snapshot()["stale_batches_refused"] == 3)
+        with pytest.raises(AssertionError, match="nothing received"):
+            relay.receive_type(Hello, timeout_s=1.5)  # past HELLO_AGAIN_FIRST_S: the first hello stands
+    assert link.snapshot()["ids_lost"] == 0
+    assert not [r for r in caplog.records if "saying hello again" in r.getMessage() or "rejected our" in r.getMessage()]
+    relay.heartbeat(routing_id)
+    wait_for(lambda: link._client.answered_since_connect)
+    relay.socket.send_multipart([routing_id, *encode(stale, "relay")])  # from the id's holder: the id was taken
+    relay.receive_type(Hello, timeout_s=5.0)
+    assert link.snapshot()["ids_lost"] == 1

@@ -45,6 +45,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from tmrl_common.handshake import WATCHED_EVENTS, HandshakeWatch
+from tmrl_common.protocol import Error
 from tmrl_common.sockets import RelayEndpoint
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ class RelayClient:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._failure: BaseException | None = None
+        self.answered_since_connect = False
+        """Set by the link (on the client's thread) when the relay answers on this connection as to a peer that said
+        hello (a heartbeat, an ack); cleared at each (re)connection. See :meth:`refused_before_hello`."""
         # a local socket pair the loop polls beside ZeroMQ: a byte written by wake() ends the current poll at once
         self._wake_reader, self._wake_writer = _socketlib.socketpair()
         self._wake_reader.setblocking(False)
@@ -168,6 +172,13 @@ class RelayClient:
             self.counters.send_blocked += 1
             return False
         return True
+
+    def refused_before_hello(self, error: Error, data_type: str) -> bool:
+        """An ``unknown_sender`` answer to a ``data_type`` message (the worker's batches, the trainer's acks) on a
+        connection the relay has not answered yet: libzmq keeps a DEALER's queue across reconnections, so messages
+        queued before this connection reach the relay ahead of its hello and are refused. That hello is on its way:
+        the link counts them and starts no second one (a refused heartbeat, sent after the hello, still does)."""
+        return error.reason == "unknown_sender" and error.ref_type == data_type and not self.answered_since_connect
 
     def _run(self) -> None:
         try:
@@ -242,6 +253,7 @@ class RelayClient:
             self.handshake.on_event(event, message["value"])
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.counters.connections += 1
+                self.answered_since_connect = False
                 detail = self._on_connected()
                 log.info("%s: connected to the relay (%s)%s", self.owner_id, self.describe(),
                          f"; {detail}" if detail else "")

@@ -166,6 +166,7 @@ class TrainerLink:
             self._on_error(frames)
             return
         if kind == "heartbeat":  # the relay answers heartbeats of the trainer that holds the role only
+            self._client.answered_since_connect = True
             self._backoff.accepted()
             self._holding = self.counters.connections
         try:
@@ -207,10 +208,7 @@ class TrainerLink:
             log.warning("%s: ignored an undecodable error message from the relay: %s", self.trainer_id, exc)
             return
         assert isinstance(error, Error)
-        if (error.reason == "unknown_sender" and error.ref_type == "sample_ack"
-                and self._holding != self.counters.connections):
-            # not yet heard as the holder on this connection: an ack queued before the reconnection, sent ahead of
-            # this connection's hello (libzmq keeps a DEALER's queue across reconnections)
+        if self._client.refused_before_hello(error, "sample_ack"):
             self.counters.stale_acks_refused += 1
             log.debug("%s: the relay refused an ack sent ahead of this connection's hello: %s", self.trainer_id,
                       error.message)

@@ -91,6 +91,10 @@ class LinkCounters:
     """Batches the trainer answered ``stored`` or ``duplicate`` (delivered)."""
     ids_lost: int = 0
     """``unknown_sender`` answers from the relay: this connection did not hold the worker id (a hello follows)."""
+    stale_batches_refused: int = 0
+    """``unknown_sender`` answers to batches libzmq had queued before a reconnection and sent ahead of the new
+    connection's hello (:meth:`RelayClient.refused_before_hello`): counted, resent after that hello like every
+    unacknowledged batch, and starting no second hello."""
     seqs_reused: int = 0
     """Batches of this run the trainer answered ``duplicate`` on their only send: their seq had been used before (a
     state file rolled back), so their rows are not stored (counted in ``batches_stored`` too, as answered)."""
@@ -389,6 +393,8 @@ class RelayLink:
             self.counters.rejected_messages += 1
             log.warning("%s: ignored a message from the relay: %s", self.worker_id, exc)
             return
+        if isinstance(message, SampleAck | Heartbeat):
+            self._client.answered_since_connect = True  # the relay takes this connection as this worker's
         if isinstance(message, SampleAck):
             if message.worker != self.worker_id:
                 self.counters.rejected_messages += 1
@@ -411,6 +417,11 @@ class RelayLink:
             self.counters.acks_received += 1  # last: whoever waits for it sees what the answer did
         elif isinstance(message, Error):
             self.counters.errors_received += 1
+            if self._client.refused_before_hello(message, "sample_batch"):
+                self.counters.stale_batches_refused += 1
+                log.debug("%s: the relay refused batch seq %s, sent ahead of this connection's hello: %s",
+                          self.worker_id, message.ref_seq, message.message)
+                return
             # at most a line per reason every 10 s: a displaced connection (two processes under one id) is refused
             # at every resend, for as long as it runs
             self._rate_log.warning(("relay error", message.reason), "%s: relay rejected our %s%s: [%s] %s",
