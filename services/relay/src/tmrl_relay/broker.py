@@ -127,7 +127,6 @@ class Relay:
         self.weights = WeightsCache(config.weights_min_interval_s)
         self.subscriptions = SubscriptionLedger()
         self._poller = zmq.Poller()
-        self._monitor_links: dict[zmq.Socket, str] = {}
         self._started = time.monotonic()
         self._rate_log = RateLimitedLog(log)
         self._hello_lines = LineBudget(lines=20, window_s=10.0)
@@ -288,8 +287,7 @@ class Relay:
         poller.register(self.workers_socket, zmq.POLLIN)
         poller.register(self.trainer_socket, zmq.POLLIN)
         # not the weights socket: its subscriptions are read at housekeeping, a bounded number at a time
-        self._monitor_links = {monitor: link for link, monitor in self._monitors.items()}
-        for monitor in self._monitor_links:
+        for monitor in self._monitors.values():
             poller.register(monitor, zmq.POLLIN)
         reading_workers = True
         next_housekeeping = 0.0
@@ -313,7 +311,7 @@ class Relay:
             self._flush_pending()
         if self.workers_socket in events and not self.trainer.backpressured:
             self._drain(self.workers_socket, self._on_worker_message, "workers")
-        for monitor, link in list(self._monitor_links.items()):
+        for link, monitor in self._monitors.items():
             if monitor in events:
                 self._on_monitor_events(monitor, link)
         if self.trainer.backpressured == reading_workers:  # stop polling the workers while the trainer is full
@@ -398,9 +396,9 @@ class Relay:
                 log.info("worker %s said hello (next_seq=%d, %s)%s", fields.sender, hello.next_seq, hello.software,
                          again)
             else:  # hundreds of connections coming and going: one line per interval, with the count
-                self._rate_log.log(logging.INFO, ("hello", "many"), "worker %s said hello (next_seq=%d, %s)%s; more "
-                                   "than 20 hellos in 10 s: one line per interval from here", fields.sender,
-                                   hello.next_seq, hello.software, again)
+                self._rate_log.log(logging.INFO, ("hello", "many"), "worker %s said hello (next_seq=%d, %s)%s; %s: "
+                                   "one line per interval from here", fields.sender, hello.next_seq, hello.software,
+                                   again, self._hello_lines.exceeded("hellos"))
             self.metrics.connected_workers.set(self.workers.alive(self.config.peer_timeout_s))
             self._pass_hello_to_trainer(envelope, body)
             self._hand_over_weights(peer)
@@ -629,7 +627,7 @@ class Relay:
         more than the budget waits (a flood)."""
         socket = self.weights_socket
         if socket is None:
-            self._reopen_weights_socket("")
+            self._bind_weights_socket()
             return
         traffic = self.metrics.traffic
         flooded = True
@@ -685,25 +683,28 @@ class Relay:
         """Close the weights socket and bind a new one on the same port. libzmq frees the old one's subscription tree
         (the only way to drop what a connected peer subscribed); workers' SUB sockets reconnect and subscribe again,
         and a worker that misses a publication meanwhile gets the next one."""
-        ledger = self.subscriptions
-        if self.weights_socket is not None:
-            peer, count = ledger.busiest_peer()
-            self._rate_log.warning(("weights", "reopened"), "weights socket: %s (subscriptions to topics no worker "
-                                   "uses: most from %s, %d since the socket opened): re-opening the socket to free "
-                                   "what libzmq keeps of them (subscribed workers reconnect on their own). A worker "
-                                   "never sends these: %s", why, peer, count,
-                                   "revoke that key (tmrl-relay keys remove)" if self._secure else
-                                   "keep untrusted hosts away from the weights port, or run with CurveZMQ")
-            monitor = self._monitors.pop("weights", None)
-            if monitor is not None:
-                self.weights_socket.disable_monitor()
-                self._monitor_links.pop(monitor, None)
-                with contextlib.suppress(KeyError):
-                    self._poller.unregister(monitor)
-                monitor.close(linger=0)
-            self.weights_socket.close(linger=0)
-            self.weights_socket = None
-            ledger.reset()
+        assert self.weights_socket is not None
+        peer, count = self.subscriptions.busiest_peer()
+        self._rate_log.warning(("weights", "reopened"), "weights socket: %s (subscriptions to topics no worker "
+                               "uses: most from %s, %d since the socket opened): re-opening the socket to free "
+                               "what libzmq keeps of them (subscribed workers reconnect on their own). A worker "
+                               "never sends these: %s", why, peer, count,
+                               "revoke that key (tmrl-relay keys remove)" if self._secure else
+                               "keep untrusted hosts away from the weights port, or run with CurveZMQ")
+        monitor = self._monitors.pop("weights", None)
+        if monitor is not None:
+            self.weights_socket.disable_monitor()
+            with contextlib.suppress(KeyError):
+                self._poller.unregister(monitor)
+            monitor.close(linger=0)
+        self.weights_socket.close(linger=0)
+        self.weights_socket = None
+        self.subscriptions.reset()
+        self._bind_weights_socket()
+
+    def _bind_weights_socket(self) -> None:
+        """Bind the weights socket again (after :meth:`_reopen_weights_socket` closed it), with its monitor; when the
+        port is not free yet, the next housekeeping turn tries again."""
         assert self.ports is not None
         try:
             socket = self._bind_weights_again(self.ports.weights_port)
@@ -715,7 +716,6 @@ class Relay:
         self.metrics.weights_socket_reopened.inc()
         monitor = self._monitor(socket)
         self._monitors["weights"] = monitor
-        self._monitor_links[monitor] = "weights"
         self._poller.register(monitor, zmq.POLLIN)
 
     def _bind_weights_again(self, port: int) -> zmq.Socket:
