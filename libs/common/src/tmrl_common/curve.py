@@ -264,8 +264,8 @@ class AllowedKeySets:
                                   "%s: not in its allow-list%s%s", key.decode("ascii", errors="replace"), domain,
                                   f" (allowed on {', '.join(elsewhere)}: a client pointed at the wrong port?)"
                                   if elsewhere else "",
-                                  "; more than 20 refusals in 30 s: one line per 30 s for the keys past them" if many
-                                  else "")
+                                  f"; {self._refusal_budget.exceeded('refusals')}: one line per "
+                                  f"{self._refusal_log.interval_s:.0f} s for the keys past them" if many else "")
         return False
 
 

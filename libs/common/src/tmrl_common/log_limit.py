@@ -76,6 +76,10 @@ class LineBudget:
         self._times: deque[float] = deque(maxlen=lines)
         self._lock = threading.Lock()
 
+    def exceeded(self, what: str) -> str:
+        """``more than 20 hellos in 10 s``: the words for a line logged past the budget."""
+        return f"more than {self._times.maxlen} {what} in {self.window_s:.0f} s"
+
     def take(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
         with self._lock:
