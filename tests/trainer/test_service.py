@@ -457,7 +457,7 @@ def test_a_trainer_fed_absurd_rewards_keeps_running_counts_rejected_updates_and_
         assert service.run(max_updates=10) == 10
     status = json.loads((service.run_dir / "status.json").read_text())
     assert status["learner"] == {"updates_rejected": 10, "publishes_refused": 0, "checkpoints_refused": 0,
-                                 "checkpoints_failed": 0}
+                                 "checkpoints_failed": 0, "policy_exports_failed": 0}
     trains = [json.loads(line) for line in (service.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["updates_rejected"] for r in trains if r["kind"] == "train"] == [5, 10]
     assert "5 SAC update(s) not applied" in caplog.text and "critic_loss inf" in caplog.text
@@ -483,7 +483,7 @@ def test_weights_holding_a_nan_are_neither_published_nor_checkpointed(tmp_path, 
         service._checkpoint()
     assert service.weights_version == 2 and _checkpoint_files(service) == saved
     assert service.snapshot()["learner"] == {"updates_rejected": 0, "publishes_refused": 1, "checkpoints_refused": 1,
-                                             "checkpoints_failed": 0}
+                                             "checkpoints_failed": 0, "policy_exports_failed": 0}
     assert "weights not published after 10 updates: actor tensor" in caplog.text
     assert "checkpoint at 10 updates not saved" in caplog.text and "non-finite" in caplog.text
 
@@ -509,6 +509,35 @@ def test_a_checkpoint_the_disk_refuses_is_logged_and_counted_and_training_goes_o
             "checkpoints are kept: free disk space") in caplog.text
     assert ("stopping without a final checkpoint (above): this run reached 20 updates, and no checkpoint was saved, "
             "a restart starts from scratch") in caplog.text
+
+
+def test_a_policy_file_the_disk_refuses_is_counted_and_training_and_publishing_go_on(tmp_path, caplog, monkeypatch):
+    """An outside probe filled the run directory's disk: the first ``policy.safetensors`` it refused stopped the
+    trainer with a traceback, though the workers had the weights already."""
+    from tmrl_trainer import service as service_module
+
+    service = TrainerService(make_config(tmp_path, checkpoint_every=1000))
+    service.ingestor.handle(pendulum_batch("w1", 0, 60))
+    real_export = service_module.export_policy
+    disk = {"full": True}
+
+    def export_on_a_full_disk(update, path):
+        if disk["full"]:
+            raise OSError(28, "No space left on device")
+        return real_export(update, path)
+
+    monkeypatch.setattr(service_module, "export_policy", export_on_a_full_disk)
+    policy = service.run_dir / "policy.safetensors"
+    with caplog.at_level("INFO", logger="tmrl_trainer.service"):
+        assert service.run(max_updates=20) == 20  # publications at 5, 10, 15 and 20 updates: all four refused
+        assert service.weights_version == 4 and not policy.exists()
+        assert service.snapshot()["learner"]["policy_exports_failed"] == 4
+        disk["full"] = False
+        service._publish()  # the next publication
+    assert service.weights_version == 5 and policy.exists()
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "policy.safetensors" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].exc_info is None and "No space left on device" in errors[0].getMessage()
+    assert "policy.safetensors written again after 4 failed attempt(s)" in caplog.text
 
 
 def test_a_final_checkpoint_that_fails_names_the_one_a_restart_resumes_from(tmp_path, caplog, monkeypatch):

@@ -109,6 +109,7 @@ from tmrl_trainer.relay_link import TrainerLink, TrainerRoleContested
 from tmrl_trainer.sac import resolve_device
 from tmrl_trainer.status import METRICS_FILE, STATUS_FILE, TENSORBOARD_DIR, RunRecorder, StatusFile
 from tmrl_trainer.tensor_file import write_atomically
+from tmrl_trainer.write_failures import WriteFailures
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,7 @@ class TrainerService:
         """Guards the memory and ``rows_received``; the ingestor also holds it from storing a batch to marking its seq
         (re-entered by :meth:`_store`), so a checkpoint copies memory and dedupe state from one moment."""
         self._waiting_log = RateLimitedLog(log, interval_s=30.0)
+        self._make_room_log = RateLimitedLog(log, interval_s=60.0)
         self._batches_seen = 0
         self._batch_seen_at = time.monotonic()
         """The ingest's ``batches_stored`` at the last progress line that saw it change, and when (stall warning)."""
@@ -306,8 +308,11 @@ class TrainerService:
         self.status = StatusFile(self.run_dir / STATUS_FILE, self.snapshot, config.status_interval_s)
         self.last_metrics: dict[str, float] = {}
         self.guard_counts = {"updates_rejected": 0, "publishes_refused": 0, "checkpoints_refused": 0,
-                             "checkpoints_failed": 0}
-        """The learner guard's counters as of the last report (``learner`` in ``status.json``)."""
+                             "checkpoints_failed": 0, "policy_exports_failed": 0}
+        """The learner guard's counters as of the last report, and the checkpoints and policy files the disk refused
+        (``learner`` in ``status.json``)."""
+        self._policy_file_failures = WriteFailures(
+            log, str(self.run_dir / POLICY_FILE), "the workers got these weights over the relay all the same")
         self._carried_update_credit = 0
         """Updates the checkpoint's run was still owed on the restored memory (see the module docstring)."""
         self._resumed_memory: tuple[Path, int] | None = None
@@ -603,9 +608,10 @@ class TrainerService:
         checkpoint can be tried once more: pruning otherwise follows a successful save, and a disk that cannot hold
         one more checkpoint beside the kept ones would never get a new one. Return whether anything was deleted."""
         deleted = self._prune_checkpoints(keep=1)
-        if deleted:
-            log.warning("checkpoint at %d updates could not be written (%s): deleted %s to make room, keeping the "
-                        "newest checkpoint, and trying once more", self.learner.updates, exc, ", ".join(deleted))
+        if deleted:  # at every checkpoint while the disk stays full: once a minute
+            self._make_room_log.warning("make room", "checkpoint at %d updates could not be written (%s): deleted %s "
+                                        "to make room, keeping the newest checkpoint, and trying once more",
+                                        self.learner.updates, exc, ", ".join(deleted))
         return bool(deleted)
 
     # ----------------------------------------------------------------------------------------------- reports
@@ -631,6 +637,7 @@ class TrainerService:
             "verification": verification,
             "metrics": self.last_metrics,
             "learner": dict(self.guard_counts),
+            "records": self.recorder.write_failures(),
             "link": vars(self.link.counters),
             **ingest,
         }
@@ -648,7 +655,13 @@ class TrainerService:
         self.weights_version += 1
         update = weights_update_from_actor(self.learner.actor, self.weights_version)
         self.link.publish(update)
-        export_policy(update, self.run_dir / POLICY_FILE)
+        try:
+            export_policy(update, self.run_dir / POLICY_FILE)
+        except OSError as exc:  # a full disk, a quota: the workers have the weights; the next publication tries again
+            self.guard_counts["policy_exports_failed"] += 1
+            self._policy_file_failures.failed(exc)
+        else:
+            self._policy_file_failures.succeeded()
         log.debug("published weights version %d after %d updates (%d samples received)", self.weights_version,
                  self.learner.updates, self.rows_received)
 

@@ -25,6 +25,7 @@ from typing import Any
 from tmrl_trainer.ingest import EpisodeRecord
 from tmrl_trainer.metrics import TrainingMetrics
 from tmrl_trainer.tensor_file import write_atomically
+from tmrl_trainer.write_failures import WriteFailures
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,33 @@ class RunRecorder:
         self._last_train_record = float("-inf")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._metrics = open(self.run_dir / METRICS_FILE, "a", buffering=1, encoding="utf-8")
+        path = self.run_dir / METRICS_FILE
+        self._metrics = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close(); unbuffered: see _write
+        self._torn = False
+        """Whether the file ends in part of a record (a write the disk cut short): the next record starts a line."""
+        self.lost = WriteFailures(log, str(path), "this record is lost")
         self._started = time.time()
         self._board = TrainingMetrics(self.run_dir / TENSORBOARD_DIR if tensorboard else None)
         self._samples = 0
 
     def _write(self, record: dict[str, Any]) -> None:
+        """Append one line. Unbuffered, so that a write the disk refuses (full, a quota) loses this record only, is
+        counted in :attr:`lost` and logged, and training goes on; a record cut short leaves a partial line, which
+        the next record ends first (:func:`read_metrics` skips it)."""
+        line = json.dumps(record, allow_nan=False).encode() + b"\n"
         with self._lock:
-            self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
+            data = b"\n" + line if self._torn else line
+            written = 0
+            try:
+                while written < len(data):
+                    written += self._metrics.write(memoryview(data)[written:])
+            except OSError as exc:
+                if written:
+                    self._torn = data[written - 1:written] != b"\n"
+                self.lost.failed(exc)
+                return
+            self._torn = False
+        self.lost.succeeded()
 
     def start(self, updates: int, weights_version: int, checkpoint: str | None) -> None:
         """A ``start`` record: where this process's records continue from. After a crash, the records the killed
@@ -76,10 +96,7 @@ class RunRecorder:
             "worker_steps": record.worker_steps, "weights_version": record.weights_version,
         })
         with self._lock:
-            self._board.log_episode(record.worker_steps, record.episode_return, record.length)
-            writer = self._board._writer
-            if writer is not None:
-                writer.add_scalar(f"episode_return/{record.worker}", record.episode_return, record.worker_steps)
+            self._board.log_episode(record.worker_steps, record.episode_return, record.length, worker=record.worker)
 
     def set_rate_baseline(self, updates: int, samples: int) -> None:
         """Measure the next rates from now and these running totals: call it once a resumed trainer knows the update
@@ -100,6 +117,11 @@ class RunRecorder:
         self._write({"kind": "train", "time": now, "elapsed_s": now - self._started, "updates": updates,
                      "samples": samples, "weights_version": weights_version, **finite, **rates})
 
+    def write_failures(self) -> dict[str, int]:
+        """What the disk refused so far (``records`` in ``status.json``): ``metrics_records_lost``, lines of
+        ``metrics.jsonl`` not written, and ``tensorboard_writes_failed``, TensorBoard writes that failed."""
+        return {"metrics_records_lost": self.lost.total, "tensorboard_writes_failed": self._board.failures.total}
+
     def close(self) -> None:
         with self._lock:
             self._metrics.close()
@@ -118,10 +140,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-ERROR_LOG_INTERVAL_S = 60.0
-"""A status file that cannot be written (a full disk) is logged at most once per this long, without a traceback."""
-
-
 class StatusFile:
     """Rewrites ``status.json`` atomically every ``interval_s`` seconds from ``snapshot()`` on its own thread."""
 
@@ -131,9 +149,7 @@ class StatusFile:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="status-file", daemon=True)
-        self._failures = 0
-        """Writes that failed in a row (a full disk, a folder gone read-only)."""
-        self._last_error_log = -math.inf
+        self.failures = WriteFailures(log, str(self.path), f"it is retried every {interval_s:g} s")
 
     def write_now(self) -> None:
         status = {"updated_at": time.time(), **self.snapshot()}
@@ -144,17 +160,9 @@ class StatusFile:
             try:
                 self.write_now()
             except Exception as exc:  # noqa: BLE001 - a full disk must not stop training: say so (once a minute), retry
-                self._failures += 1
-                now = time.monotonic()
-                if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
-                    self._last_error_log = now
-                    log.error("could not write %s (%s: %s); %d failure(s) in a row, retrying every %g s (said again "
-                              "at most once a minute)", self.path, type(exc).__name__, exc, self._failures,
-                              self.interval_s)
+                self.failures.failed(exc)
             else:
-                if self._failures:
-                    log.info("%s written again after %d failed attempt(s)", self.path, self._failures)
-                self._failures, self._last_error_log = 0, -math.inf
+                self.failures.succeeded()
 
     def start(self) -> None:
         self._thread.start()
