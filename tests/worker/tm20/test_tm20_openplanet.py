@@ -95,6 +95,17 @@ def test_a_packet_with_a_non_finite_gear_or_rpm_is_garbage_not_telemetry(field, 
     assert parser.garbage_bytes == PACKET_BYTES
 
 
+@pytest.mark.parametrize("distance", [3e38, -3e38, 2e7])
+def test_a_packet_with_an_impossible_distance_driven_is_garbage_not_a_restarted_race(distance):
+    """An outside probe: a plugin that sent 3e38 m once made the next, true packet look like a race restarted."""
+    assert decode_packet(encode_packet(1, distance=distance)) is None
+    assert decode_packet(encode_packet(1, distance=9.9e6)).distance == pytest.approx(9.9e6)
+    parser = PacketParser()
+    packets = parser.feed(encode_packet(1, distance=22.0) + encode_packet(2, distance=distance)
+                          + encode_packet(3, distance=22.5))
+    assert [p.distance for p in packets] == [22.0, 22.5] and parser.garbage_bytes == PACKET_BYTES
+
+
 def test_client_follows_a_live_stream_and_keeps_the_newest_packet():
     with TelemetryReplayServer(drive(50), rate_hz=200) as server, \
             TelemetryClient(server.port, timeout=2.0, reconnect_delay=0.05) as client:
@@ -208,6 +219,27 @@ def test_a_plugin_that_stops_sending_fails_a_step_read_as_its_packet_turns_stale
                                                          r"plugin stopped sending"):
             client.current(0.3)
         assert time.monotonic() - started < 0.05  # the read does not wait a further 0.3 s for a packet
+
+
+def test_a_step_read_while_the_connection_is_made_again_repeats_the_newest_packet_without_waiting():
+    """An outside probe: a connection the plugin dropped held the next 20 Hz step for up to its full telemetry
+    timeout (a 521 ms step for a 0.3 s reconnection; 24 of 140 steps 220 ms over with two clients on one port)."""
+    with TelemetryReplayServer(drive(1000), rate_hz=100) as server, \
+            TelemetryClient(server.port, timeout=2.0, reconnect_delay=1.0) as client:
+        wait_until(lambda: client.stats.packets >= 5)
+        server.disconnect_client()
+        wait_until(lambda: not client.stats.connected)  # the reader saw the close; it connects again in 1 s
+        held = client.current(0.3)
+        started = time.monotonic()
+        assert client.current(0.3) == held  # the lost connection's newest packet: a repeated step, paid nothing
+        assert time.monotonic() - started < 0.05
+        time.sleep(max(0.0, held.received_at + 0.35 - time.monotonic()))
+        started = time.monotonic()
+        with pytest.raises(TelemetryTimeoutError, match="the plugin closed the connection"):
+            client.current(0.3)  # too old now: the step fails at once, as for a plugin that stopped sending
+        assert time.monotonic() - started < 0.05
+        wait_until(lambda: client.stats.connects >= 2 and client.stats.packets > 5)
+        assert client.current(0.3).received_at > held.received_at  # fresh packets of the new connection
 
 
 def test_a_plugin_sending_only_invalid_bytes_is_told_apart_from_one_sending_nothing():

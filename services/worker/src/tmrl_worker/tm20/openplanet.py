@@ -28,7 +28,8 @@ slot  name         meaning
 ====  ===========  ==========================================================================
 
 Resynchronisation: a packet is accepted only if it starts with ``b"TMRL"``, ends with ``b"LRMT"``, has version 2,
-an integral sequence in range, 0/1 flags, finite values and a position within :data:`MAX_COORDINATE_M` of the origin. Anything else is garbage: the reader drops bytes up to
+an integral sequence in range, 0/1 flags, finite values, a position within :data:`MAX_COORDINATE_M` of the origin
+and a distance driven of at most :data:`MAX_DISTANCE_M`. Anything else is garbage: the reader drops bytes up to
 the next ``b"TMRL"`` and tries again, counting what it dropped (:attr:`TelemetryStats.garbage_bytes`).
 """
 
@@ -61,6 +62,9 @@ SEQUENCE_MODULO = 1 << 24
 MAX_COORDINATE_M = 1e6
 """A packet whose position is further than this from the map's origin on any axis is garbage (maps span a few
 kilometres; float32 can hold up to 3e38)."""
+MAX_DISTANCE_M = 1e7
+"""A packet whose distance driven is larger than this is garbage (10,000 km: no run is that long; one such packet
+would otherwise be read as a race restarted when the next, true one comes)."""
 _SLOT = {name: i for i, name in enumerate(FIELDS)}
 _PACKET = struct.Struct("<" + "f" * PACKET_FLOATS)
 log = logging.getLogger(__name__)
@@ -151,6 +155,8 @@ def decode_packet(data: bytes, received_at: float = 0.0) -> Telemetry | None:
         return None
     if not all(abs(v[_SLOT[axis]]) <= MAX_COORDINATE_M for axis in ("x", "y", "z")):
         return None  # no map is that large: a position there would be paid as progress along the whole path
+    if abs(v[_SLOT["distance"]]) > MAX_DISTANCE_M:
+        return None
     seq = v[_SLOT["sequence"]]
     if seq != int(seq) or not 0 <= seq < SEQUENCE_MODULO:
         return None
@@ -236,7 +242,9 @@ class TelemetryClient:
         self.stats = TelemetryStats()
         self._parser = PacketParser()
         self._latest: Telemetry | None = None
-        self._last_received_at: float | None = None
+        """The newest packet of the current connection (None: not connected, or nothing received on it yet)."""
+        self._newest: Telemetry | None = None
+        """The newest packet of any connection, this one or a lost one (None: nothing received yet)."""
         self._version_problem: PluginVersionError | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -299,8 +307,6 @@ class TelemetryClient:
                 sock.close()
                 with self._cond:  # what the lost connection sent is history now: latest() must not serve it
                     self.stats.connected = False
-                    if self._latest is not None:
-                        self._last_received_at = self._latest.received_at
                     self._latest = None
                 self.stats.disconnects += 1
                 self._parser.reset()
@@ -356,7 +362,7 @@ class TelemetryClient:
         if packets:
             with self._cond:
                 self.stats.packets += len(packets)
-                self._latest = packets[-1]
+                self._latest = self._newest = packets[-1]
                 self._garbage_at_latest = self._parser.garbage_bytes
                 self._cond.notify_all()
 
@@ -376,9 +382,7 @@ class TelemetryClient:
     # consumer side ---------------------------------------------------------------------------------------------
     def _since(self) -> float:
         """When the newest packet arrived (on this or the lost connection), or when the client was created."""
-        if self._latest is not None:
-            return self._latest.received_at
-        return self._last_received_at if self._last_received_at is not None else self._created
+        return self._newest.received_at if self._newest is not None else self._created
 
     def _connected_state(self) -> str:
         """Why a connected plugin gives no fresh packet: it stopped sending, sends only garbage, or sent nothing."""
@@ -413,28 +417,29 @@ class TelemetryClient:
             f"TMRL OpenPlanet plugin enabled, on port {self.port}?{hint}")
 
     def latest(self, timeout: float | None = None) -> Telemetry:
-        """The newest packet, waiting up to ``timeout`` (default: the client's) for one no older than that."""
+        """The newest packet of the current connection, waiting up to ``timeout`` (default: the client's) for one
+        no older than that; :class:`TelemetryTimeoutError` after that."""
         timeout = self.timeout if timeout is None else timeout
-        return self._fresh(timeout, wait_until=time.monotonic() + timeout)
-
-    def current(self, max_age: float) -> Telemetry:
-        """The newest packet if it is no older than ``max_age``; else wait for a fresh one only until the newest packet
-        received (on this connection or a lost one) is ``max_age`` old, then raise. Unlike :meth:`latest`, a plugin
-        silent for ``max_age`` fails at once: a real-time step is never held for a further ``max_age``."""
-        return self._fresh(max_age, wait_until=None)
-
-    def _fresh(self, max_age: float, wait_until: float | None) -> Telemetry:
-        """The newest packet once it is at most ``max_age`` old, waiting until ``wait_until`` (``None``: until the
-        newest packet received is ``max_age`` old); :class:`TelemetryTimeoutError` after that."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 now = time.monotonic()
-                if self._latest is not None and now - self._latest.received_at <= max_age:
+                if self._latest is not None and now - self._latest.received_at <= timeout:
                     return self._latest
-                deadline = self._since() + max_age if wait_until is None else wait_until
                 if now >= deadline:
                     raise self._timeout_error(now - self._since())
                 self._cond.wait(deadline - now)
+
+    def current(self, max_age: float) -> Telemetry:
+        """The newest packet received, on this connection or a lost one, if it is no older than ``max_age``; else
+        :class:`TelemetryTimeoutError` at once. A real-time step never waits here: a plugin that stalls or whose
+        connection drops (and is being made again) gives the same packet again, a repeated step, until that packet
+        is ``max_age`` old. Unlike :meth:`latest`, which waits for a packet of the current connection."""
+        with self._cond:
+            newest = self._newest
+            if newest is not None and time.monotonic() - newest.received_at <= max_age:
+                return newest
+            raise self._timeout_error(time.monotonic() - self._since())
 
     def newer_than(self, sequence: int | None, timeout: float | None = None) -> Telemetry:
         """The first packet whose sequence differs from ``sequence`` (a fresh game frame), waiting up to ``timeout``."""
