@@ -547,6 +547,8 @@ FAULTY = '''
                 return [np.zeros(2, dtype=np.float32)]
             if self.fault == "reset shape":
                 return [np.zeros(5, dtype=np.float32)], {}
+            if self.fault == "tuple observations":  # what a Tuple space's sample() gives
+                return (np.zeros(2, dtype=np.float32),), {}
             return [np.zeros(2, dtype=np.float32)], {}
 
         def get_obs_rew_terminated_info(self):
@@ -579,6 +581,8 @@ FAULTY = '''
                 return observation, np.array(0.5), np.bool_(False), {}
             if self.fault == "three values":
                 return observation, 0.0, False
+            if self.fault == "tuple observations":
+                return tuple(observation), 0.0, False, {}
             return observation, 0.0, False, {}
 '''
 
@@ -643,6 +647,41 @@ def test_numpy_rewards_and_a_terminated_of_0_or_1_are_taken_as_a_float_and_a_boo
                       options={"fault": fault})
     _, reward, terminated, truncated, _ = last_of_steps(handle, 3)  # rtgym returns what it captured a step earlier
     assert type(reward) is float and reward == 0.5 and terminated is False and truncated is False
+
+
+def test_observations_returned_as_tuples_are_taken_as_lists_at_the_reset_and_at_steps(plug_interface):
+    """An outside probe: a reset returning a tuple (as ``spaces.Tuple.sample()`` does) failed inside rtgym with
+    "can only concatenate tuple (not "list") to tuple", blamed on the interface's reset."""
+    handle = make_env(f"{plug_interface('faulty_robot', FAULTY)}:Faulty", time_step_duration=0.02,
+                      options={"fault": "tuple observations"})
+    try:
+        observation = handle.reset()
+        assert observation[0].shape == (2,)
+        for _ in range(3):
+            observation, reward, terminated, truncated, _ = handle.step(np.zeros(1, np.float32))
+        assert observation[0].shape == (2,) and reward == 0.0 and not (terminated or truncated)
+    finally:
+        handle.close()
+
+
+@pytest.mark.parametrize(("action", "message"), [
+    (np.array([np.nan], np.float32), r"an action of 1 value\(s\) \[nan\] was not applied: the action space takes 1"),
+    (np.array([np.inf], np.float32), r"\[inf\] was not applied"),
+    (np.zeros(3, np.float32), r"an action of 3 value\(s\) \[0.0, 0.0, 0.0\] was not applied: the action space takes 1"),
+])
+def test_an_action_of_the_wrong_size_or_not_finite_never_reaches_the_interface(plug_interface, action, message):
+    """An outside probe: an expert's NaN went through the clipping and rescaling to send_control, and three values
+    for a 1-D space ended in a reshape traceback."""
+    from tmrl_worker.envs import EnvFailure
+
+    handle = make_env(f"{plug_interface('faulty_robot', FAULTY)}:Faulty", time_step_duration=0.02)
+    try:
+        handle.reset()
+        with pytest.raises(EnvFailure, match=message):
+            handle.step(action)
+        handle.step(np.zeros(1, np.float32))  # nothing was applied: the env goes on
+    finally:
+        handle.close()
 
 
 def last_of_steps(handle, steps: int) -> tuple:

@@ -121,3 +121,51 @@ def test_exploration_noise_follows_the_workers_seed_and_nothing_else():
     assert same[0] == same[1]
     other = _exploring_actions(seed=4, global_seed=1)
     assert other != same[0]
+
+
+class Expert:
+    def __init__(self, action):
+        self.action = action
+
+    def expert_action(self, observation):
+        return self.action
+
+
+@pytest.mark.parametrize(("returned", "message"), [
+    (np.array([np.nan], np.float32), r"^Expert.expert_action returned a non-finite action \[nan\]: it was not applied$"),
+    (np.zeros(3, np.float32), r"^Expert.expert_action returned 3 value\(s\) \(shape \(3,\)\); the action space has 1$"),
+    ("full throttle", r"^Expert.expert_action returned a str, not an action of 1 numbers"),
+])
+def test_an_expert_action_that_is_not_finite_or_of_the_wrong_size_stops_the_worker_naming_the_expert(returned,
+                                                                                                      message):
+    """An outside probe: a NaN from an interface's ``expert_action`` reached the robot, then the worker died with a
+    pydantic traceback; three values for a 1-D action space ended in a reshape traceback."""
+    from tmrl_worker.envs import EnvFailure
+
+    policy = ScriptedPolicy(Expert(returned).expert_action, action_dim=1)
+    with pytest.raises(EnvFailure, match=message):
+        policy.act(())
+    assert ScriptedPolicy(Expert(np.array([0.5])).expert_action, action_dim=1).act(()).tolist() == [0.5]
+
+
+def test_a_time_limit_set_for_a_gymnasium_env_that_keeps_its_own_is_warned_about(tmp_path, caplog):
+    """An outside probe: ``max_episode_steps = 50`` gave MountainCar's 1000-step episodes without a word."""
+    from tmrl_common.config import load_config
+    from tmrl_worker.config import WorkerConfig
+    from tmrl_worker.runtime import warn_if_time_limit_unused
+
+    def warnings_for(worker_table: str) -> list[str]:
+        path = tmp_path / "tmrl.toml"
+        path.write_text("[worker]\n" + worker_table)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tmrl_worker.runtime"):
+            warn_if_time_limit_unused(load_config(WorkerConfig, "worker", path, environ={}))
+        return [r.getMessage() for r in caplog.records]
+
+    (message,) = warnings_for('env = "gym:MountainCarContinuous-v0"\nmax_episode_steps = 50\n')
+    assert message.startswith("max_episode_steps = 50 is not applied to gym:MountainCarContinuous-v0")
+    assert "[worker.env_options] (max_episode_steps = 50)" in message
+    assert warnings_for('env = "gym:Pendulum-v1"\n') == []  # the default: nothing was asked
+    assert warnings_for('env = "sim-fast"\nmax_episode_steps = 50\n') == []  # applied
+    assert warnings_for('env = "gym:Pendulum-v1"\nmax_episode_steps = 50\n'
+                        '[worker.env_options]\nmax_episode_steps = 50\n') == []

@@ -356,7 +356,13 @@ class EnvHandle:
 
         An rtgym interface can only end an episode through ``terminated``; one that ends it for a reason outside the
         task (the game's plugin or window went away) also sets ``info[TRUNCATED_REASON]``, and the step is then
-        reported as truncated, so the trainer bootstraps through it instead of learning a false terminal state."""
+        reported as truncated, so the trainer bootstraps through it instead of learning a false terminal state.
+        An action of another size than the action space's, or holding a NaN or an infinity, is an
+        :class:`EnvFailure`, and nothing reaches the env."""
+        values = np.asarray(action, dtype=np.float64).reshape(-1)
+        if values.size != self.action_dim or not np.isfinite(values).all():
+            raise EnvFailure(f"env {self.spec!r}: an action of {values.size} value(s) {values[:8].tolist()} was not "
+                             f"applied: the action space takes {self.action_dim} finite value(s)")
         observation, reward, terminated, truncated, info = self._unpacked(
             "step", self._call_env("step", self.env.step, self.to_env_action(action)),
             "(observation, reward, terminated, truncated, info)")
@@ -539,6 +545,8 @@ def _guarded_interface(interface: type) -> type:
         def reset(self, *args: Any, **kwargs: Any) -> Any:
             observation, info = _returned(f"{interface.__name__}.reset", super().reset(*args, **kwargs),
                                           "(observation list, info dict)")
+            if isinstance(observation, tuple):  # as a Tuple space's sample() gives it; rtgym appends a list to it
+                observation = list(observation)
             self._guard_last_observation = observation
             return observation, info
 
@@ -560,6 +568,8 @@ def _guarded_interface(interface: type) -> type:
                         _one_flag("terminated", result[2])
                     except ReturnedValueError as exc:
                         raise InterfaceReturnError(f"{method} returned {exc}") from exc
+                    if isinstance(result[0], tuple):  # as at reset
+                        result = (list(result[0]), *result[1:])
                     self._guard_last_observation = result[0]
                     return result
                 except Exception as exc:  # noqa: BLE001 - any error of the interface, reported by EnvHandle.step

@@ -85,14 +85,30 @@ class ActorPolicy:
 
 
 class ScriptedPolicy:
-    """The env's own expert (e.g. the simulator's pure-pursuit driver); version 0."""
+    """The env's own expert (e.g. the simulator's pure-pursuit driver, an interface's ``expert_action``); version 0.
+    What it returns must be ``action_dim`` finite numbers: anything else is an :class:`EnvFailure` naming the expert,
+    before it reaches the env (a NaN would go to the robot as a command)."""
 
-    def __init__(self, expert) -> None:
+    def __init__(self, expert, action_dim: int | None = None) -> None:
         self.version = 0
         self._expert = expert
+        self.action_dim = action_dim
+        self.name = getattr(expert, "__qualname__", None) or "the expert"
 
     def act(self, observation: tuple) -> np.ndarray:
-        return np.asarray(self._expert(observation), dtype=np.float32)
+        returned = self._expert(observation)
+        try:
+            action = np.asarray(returned, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise EnvFailure(f"{self.name} returned a {type(returned).__name__}, not an action of "
+                             f"{self.action_dim} numbers ({exc})") from exc
+        if self.action_dim is not None and action.size != self.action_dim:
+            raise EnvFailure(f"{self.name} returned {action.size} value(s) (shape {action.shape}); the action space "
+                             f"has {self.action_dim}")
+        if not np.isfinite(action).all():
+            raise EnvFailure(f"{self.name} returned a non-finite action {action.reshape(-1).tolist()}: it was not "
+                             "applied")
+        return action
 
 
 def describe_layout(layout: ObservationLayout) -> str:
@@ -580,6 +596,16 @@ def _end_a_stuck_rollout(stop: threading.Event, returned: threading.Event, env: 
     os._exit(1)
 
 
+def warn_if_time_limit_unused(config: WorkerConfig) -> None:
+    """A ``gym:<id>`` env keeps its own time limit: say so when ``max_episode_steps`` was set for one (an outside
+    probe's 50 gave MountainCar's 1000-step episodes without a word)."""
+    if config.env.strip().startswith("gym:") and "max_episode_steps" in config.model_fields_set \
+            and "max_episode_steps" not in config.env_options:
+        log.warning("max_episode_steps = %d is not applied to %s, which keeps its own time limit; to change that, "
+                    "set it in [worker.env_options] (max_episode_steps = %d), which goes to gymnasium.make",
+                    config.max_episode_steps, config.env.strip(), config.max_episode_steps)
+
+
 def initial_policy(mode: WorkerMode, env: EnvHandle, policy_file: Path | None, seed: int | None) -> Policy:
     """What acts before any weights arrive: the expert in expert mode, else uniform random."""
     if mode == "expert":
@@ -587,7 +613,7 @@ def initial_policy(mode: WorkerMode, env: EnvHandle, policy_file: Path | None, s
             return load_policy_file(policy_file, env.layout)
         if env.expert is None:
             raise PolicyFileError(f"env {env.spec!r} offers no scripted expert; give a trained policy with --policy FILE")
-        return ScriptedPolicy(env.expert)
+        return ScriptedPolicy(env.expert, env.action_dim)
     if policy_file is not None:  # a shared config file's, or --policy without --expert
         log.warning("policy_file %s is not used: only an expert worker (--expert) acts with a policy file; this %s "
                     "worker acts with the trainer's weights", policy_file, mode)
@@ -629,6 +655,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
     if stop is None:
         stop = threading.Event()  # still needed: the sender thread sets it when it gives up
     state_lock = lock_worker_state(config.state_dir, config.worker_id)  # one process per worker id and state folder
+    warn_if_time_limit_unused(config)
     try:
         env = make_env(config.env, time_step_duration=config.time_step_duration,
                        max_episode_steps=config.max_episode_steps, options=config.env_options)
