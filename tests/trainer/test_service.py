@@ -322,6 +322,29 @@ def test_a_memory_that_failed_to_load_once_is_not_replaced_by_an_empty_one(tmp_p
     assert _rows_restored_by_the_next_start(tmp_path) == 60
 
 
+def test_a_saved_memory_of_another_capacity_stops_the_start_instead_of_being_pruned_away(tmp_path):
+    """An outside probe restarted with memory_capacity 500 instead of 1,000,000: the trainer resumed with an empty
+    memory, and its next three checkpoints pruned every saved 1M-row memory, so that setting the capacity back, as
+    the warning advised, found nothing left to restore."""
+    from tmrl_trainer.checkpoint import CheckpointMismatchError
+
+    first = TrainerService(make_config(tmp_path, save_memory=True))
+    first.ingestor.handle(pendulum_batch("w1", 0, 60))
+    assert first.run(max_updates=4) == 4
+    capacity = first.config.memory_capacity
+    with pytest.raises(CheckpointMismatchError, match=(
+            rf"checkpoint-000000000004.safetensors \(checkpoint-000000000004.memory.safetensors\) was written with "
+            rf"memory_capacity = {capacity} .* this trainer has memory_capacity = 500: .* Set memory_capacity = "
+            rf"{capacity} to restore it; or, .* start once with save_memory = false")):
+        TrainerService(make_config(tmp_path, save_memory=True, memory_capacity=500))
+    assert _rows_restored_by_the_next_start(tmp_path) == 60  # nothing was lost; the lock was released
+    resumed = TrainerService(make_config(tmp_path, save_memory=False, memory_capacity=500))  # the way out it names
+    try:
+        assert resumed.learner.updates == 4 and len(resumed.memory) == 0
+    finally:
+        resumed.shutdown()
+
+
 def test_a_restart_with_new_rows_and_no_update_saves_them_over_its_checkpoint(tmp_path, caplog):
     _, second = _saved_memory_then_resumed(tmp_path, caplog, save_memory=True)
     assert len(second.memory) == 60

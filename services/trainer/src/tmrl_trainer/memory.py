@@ -72,6 +72,15 @@ class MemoryFileError(ValueError):
     """A saved replay memory could not be read back or does not fit this memory."""
 
 
+class MemoryMismatchError(MemoryFileError):
+    """A readable saved replay memory of another capacity or layout than this memory (a configuration change, not
+    damage: ``saved_capacity`` says what to set back)."""
+
+    def __init__(self, message: str, saved_capacity: int) -> None:
+        super().__init__(message)
+        self.saved_capacity = saved_capacity
+
+
 class NoTransitionYet(ValueError):
     """The memory holds rows but none ends a transition that can be sampled (every row starts an episode, follows a
     gap, or needs rows the ring has overwritten): wait for more rows, nothing is wrong with the learner."""
@@ -482,9 +491,9 @@ class ReplayMemory:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
             raise MemoryFileError(f"saved memory header is malformed: {type(exc).__name__}: {exc}") from exc
         if not same:
-            raise MemoryFileError(f"saved memory has a different layout or capacity than this one (saved capacity "
-                                  f"{meta['capacity']}, configured {self.capacity}; set memory_capacity back to "
-                                  "restore it: a memory cannot be resized on resume)")
+            raise MemoryMismatchError(f"saved memory has a different layout or capacity than this one (saved capacity "
+                                      f"{meta['capacity']}, configured {self.capacity}; set memory_capacity back to "
+                                      "restore it: a memory cannot be resized on resume)", int(meta["capacity"]))
         stored = min(total, self.capacity)
         targets = {f"frames.{name}": frames for name, frames in self._frames.items()}
         targets.update({name: getattr(self, f"_{name}") for name in

@@ -104,7 +104,7 @@ from tmrl_trainer.device_replay import DeviceReplay
 from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.ingest import DedupeStateError, Ingestor, ValueBounds
 from tmrl_trainer.learner import backend_name, make_learner
-from tmrl_trainer.memory import MemoryFileError, ReplayMemory
+from tmrl_trainer.memory import MemoryFileError, MemoryMismatchError, ReplayMemory
 from tmrl_trainer.relay_link import TrainerLink, TrainerRoleContested
 from tmrl_trainer.sac import resolve_device
 from tmrl_trainer.status import METRICS_FILE, STATUS_FILE, TENSORBOARD_DIR, RunRecorder, StatusFile
@@ -486,7 +486,17 @@ class TrainerService:
             log.warning("checkpoint %s holds no replay memory (saved with save_memory off, or by local training): the "
                         "replay memory starts empty and the warm-up applies again", path)
             return 0
-        problem = self._load_saved_memory(memory_file, restored.extra)
+        try:
+            problem = self._load_saved_memory(memory_file, restored.extra)
+        except MemoryMismatchError as exc:
+            # resumed with an empty memory, the next checkpoints would prune the saved one: the operator chooses
+            raise CheckpointMismatchError(
+                f"the replay memory saved with checkpoint {path.name} ({memory_file.name}) was written with "
+                f"memory_capacity = {exc.saved_capacity} (or another observation layout), and this trainer has "
+                f"memory_capacity = {self.config.memory_capacity}: a memory cannot be resized on resume. Set "
+                f"memory_capacity = {exc.saved_capacity} to restore it; or, to resume the learner with an empty "
+                "memory, start once with save_memory = false (the saved memory is then deleted as newer checkpoints "
+                "replace it) or give this trainer another run_dir") from exc
         if problem is not None:
             log.warning("replay memory %s could not be restored (%s)", memory_file, problem)
             older = self._restore_older_memory(path)
@@ -504,7 +514,8 @@ class TrainerService:
 
     def _load_saved_memory(self, memory_file: Path, extra: dict[str, Any]) -> str | None:
         """Load one saved memory and the dedupe state saved with it (``extra``, its checkpoint's); why it could not
-        be, else ``None``. A failure leaves the memory empty and the dedupe window as it was."""
+        be, else ``None``. A failure leaves the memory empty and the dedupe window as it was; a memory of another
+        capacity or layout raises :class:`MemoryMismatchError`."""
         try:
             # into the empty memory (no second allocation), its values held to the ingest's bounds before it replaces
             self.memory.load(memory_file, bounds=self.ingestor.bounds)
@@ -513,6 +524,8 @@ class TrainerService:
                 raise MemoryFileError(f"it holds {self.memory.rows_added} rows ever added where the checkpoint "
                                       f"expects {expected} (not the memory saved with this checkpoint)")
             self.ingestor.restore_dedupe(extra["dedupe"])  # last: it changes nothing when it fails
+        except MemoryMismatchError:
+            raise  # a configuration change, not damage: the caller decides (it loaded nothing)
         except (OSError, MemoryFileError, DedupeStateError) as exc:
             self.memory = self._empty_memory()
             return str(exc)
@@ -525,7 +538,10 @@ class TrainerService:
             extra = saved_memory_state(path)
             if extra is None:
                 continue
-            problem = self._load_saved_memory(memory_path_for(path), extra)
+            try:
+                problem = self._load_saved_memory(memory_path_for(path), extra)
+            except MemoryMismatchError as exc:  # an older configuration's: not this run's memory to restore
+                problem = str(exc)
             if problem is None:
                 return path
             log.warning("the older replay memory %s could not be restored either (%s)", memory_path_for(path), problem)
