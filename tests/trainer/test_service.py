@@ -692,6 +692,29 @@ def test_resume_refuses_a_non_finite_or_unreadable_checkpoint_and_uses_the_previ
         second.shutdown()
 
 
+@pytest.mark.timeout(60)
+def test_a_fifo_or_a_device_named_as_the_newest_checkpoint_is_refused_without_blocking(tmp_path, caplog):
+    """An outside probe: a FIFO named as the newest checkpoint hung the trainer at start for ever (a link to
+    /dev/zero would read without end)."""
+    import os
+
+    config, directory = checkpointed_every_4(tmp_path, updates=8)  # checkpoints at 4 and 8
+    good = directory / "checkpoint-000000000008.safetensors"
+    fifo = directory / "checkpoint-000000000012.safetensors"
+    os.mkfifo(fifo)
+    endless = directory / "checkpoint-000000000016.safetensors"
+    endless.symlink_to("/dev/zero")
+    with caplog.at_level("INFO", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    try:
+        assert second.learner.updates == 8
+        assert f"refusing checkpoint {endless}" in caplog.text and f"refusing checkpoint {fifo}" in caplog.text
+        assert "is not a regular file (a FIFO, a device or a socket)" in caplog.text
+        assert f"resumed from checkpoint {good}" in caplog.text
+    finally:
+        second.shutdown()
+
+
 def test_with_every_checkpoint_refused_the_trainer_starts_from_scratch_and_says_so(tmp_path, caplog):
     config, directory = checkpointed_every_4(tmp_path, updates=4)
     only = directory / "checkpoint-000000000004.safetensors"

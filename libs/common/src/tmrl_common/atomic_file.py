@@ -1,14 +1,40 @@
 """Crash-safe file writes: a reader sees the old content or the new one, never a torn file.
 
 Used for everything tmrl rewrites in place: checkpoints, ``status.json``, a worker's sequence-number state,
-allow-listed key certificates.
+allow-listed key certificates. And :func:`read_regular_file`, which reads back the files that hold state
+(checkpoints, replay memories, policy files) only when they are files.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+
+class NotARegularFileError(OSError):
+    """The path names a FIFO, a device or a socket: reading it could block for ever (a FIFO with no writer) or
+    never end (a link to ``/dev/zero``)."""
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file at ``path`` (links followed). :class:`NotARegularFileError` for a FIFO, a
+    device or a socket, found without blocking; :class:`IsADirectoryError` for a folder; :class:`FileNotFoundError`
+    when there is nothing."""
+    # O_NONBLOCK: a FIFO's open would wait for a writer; on a regular file it changes nothing
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        kind = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(kind):
+            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+        if not stat.S_ISREG(kind):
+            raise NotARegularFileError(errno.EINVAL, "is not a regular file (a FIFO, a device or a socket)", str(path))
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(descriptor)
 
 
 def write_atomically(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> Path:

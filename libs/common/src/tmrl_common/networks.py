@@ -20,7 +20,6 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -33,6 +32,7 @@ try:
 except ImportError as exc:  # the relay installs tmrl-common without the torch extra
     raise ImportError("tmrl_common.networks needs torch: install tmrl-common[torch] (the relay never needs it)") from exc
 
+from tmrl_common.atomic_file import read_regular_file
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationComponent, ObservationLayout
 from tmrl_common.protocol import ArchitectureValue, WeightsUpdate
@@ -776,7 +776,7 @@ def read_policy_file(path: str | os.PathLike[str]) -> tuple[Actor, int]:
     from safetensors import safe_open
 
     try:
-        data = Path(path).read_bytes()
+        data = read_regular_file(path)
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
     except OSError as exc:

@@ -53,6 +53,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from tmrl_common.atomic_file import read_regular_file
 from tmrl_common.layout import ObservationLayout, observation_digest
 from tmrl_common.protocol import SampleBatch, observation_bounds
 
@@ -565,7 +566,7 @@ class ReplayMemory:
 
     def load(self, path: str | Path, bounds: ValueBounds | None = None) -> None:
         """Read a memory written by :meth:`save` (checked as :meth:`load_bytes` says)."""
-        self.load_bytes(Path(path).read_bytes(), bounds)
+        self.load_bytes(read_regular_file(path), bounds)
 
 
 def _check_crc32(arrays: dict[str, np.ndarray], saved: object) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import zlib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_torch
 from safetensors.torch import save as save_torch
-from tmrl_common.atomic_file import write_atomically  # noqa: F401 - re-exported for checkpoint, memory, status
+from tmrl_common.atomic_file import read_regular_file, write_atomically  # noqa: F401 - write_atomically re-exported for checkpoint, memory, status
 
 METADATA_KEY = "tmrl"
 DOCUMENT_CRC_FIELD = "document_crc32"
@@ -91,4 +90,4 @@ def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], Any]:
 
 def read_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Any]:
     """:func:`unpack` the file at ``path``; a missing file raises :class:`FileNotFoundError`."""
-    return unpack(Path(path).read_bytes())
+    return unpack(read_regular_file(path))
