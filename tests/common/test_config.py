@@ -76,6 +76,26 @@ def test_env_vars_override_the_file_including_nested_fields(tmp_path):
     assert (config.port, config.sac.gamma, config.sac.hidden) == (7000, 0.5, [1])
 
 
+def test_a_tmrl_variable_no_table_reads_is_warned_about_once_with_the_name_meant(caplog, monkeypatch):
+    """An outside probe: ``TMRL_TRAINR__SEED=3`` and ``TMRL_TRAINER_SEED=3`` were ignored without a word, while a
+    misspelt table of the file is an error."""
+    import tmrl_common.config as config_module
+
+    monkeypatch.setattr(config_module, "_warned_env_names", set())
+    environ = {"TMRL_TRAINR__SEED": "3", "TMRL_TRAINER_SEED": "3", "TMRL_TRAINER__SEED": "5",
+               "TMRL_STOP_ON_STDIN_CLOSE": "1", "TMRL_EXAMPLE__PORT": "7000", "TMRL_EXAMPL__SAC__GAMMA": "0.5"}
+    with caplog.at_level("WARNING", logger="tmrl_common.config"):
+        assert load_config(ExampleConfig, "example", environ=environ).port == 7000
+        load_config(ExampleConfig, "example", environ=environ)  # said once per process
+    messages = sorted(r.getMessage() for r in caplog.records)
+    assert len(messages) == 3
+    assert messages[0].startswith("environment variable TMRL_EXAMPL__SAC__GAMMA sets nothing: tmrl reads "
+                                  "TMRL_<TABLE>__<FIELD> for the tables relay, worker, trainer, example")
+    assert messages[0].endswith("(did you mean TMRL_EXAMPLE__SAC__GAMMA?)")
+    assert messages[1].startswith("environment variable TMRL_TRAINER_SEED") and "TMRL_TRAINER__SEED?" in messages[1]
+    assert messages[2].startswith("environment variable TMRL_TRAINR__SEED") and "TMRL_TRAINER__SEED?" in messages[2]
+
+
 def test_env_values_are_parsed_as_json():
     environ = {"TMRL_EXAMPLE__VERBOSE": "true", "TMRL_EXAMPLE__SAC__HIDDEN": "[64, 32]",
                "TMRL_EXAMPLE__TAGS": '{"site": "lab"}', "TMRL_EXAMPLE__MAX_BATCHES": "null"}

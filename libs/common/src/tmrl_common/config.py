@@ -2,7 +2,7 @@
 
 Each service owns its config model (``tmrl_relay.config.RelayConfig`` ...) and reads its own table of one shared
 TOML file (``[relay]``, ``[worker]``, ``[trainer]``). Environment variables override file values:
-``TMRL_RELAY__SAMPLES_PORT=6000`` sets ``samples_port`` of the ``relay`` table, ``TMRL_TRAINER__SAC__GAMMA=0.99``
+``TMRL_RELAY__WORKER_PORT=6000`` sets ``worker_port`` of the ``relay`` table, ``TMRL_TRAINER__SAC__GAMMA=0.99``
 sets a nested field. Values are parsed as JSON when they parse (numbers, booleans, lists), else taken as strings;
 a field declared as ``str`` always gets the text as it is (``TMRL_WORKER__WORKER_ID=7`` is the string ``"7"``).
 
@@ -17,6 +17,7 @@ import collections.abc
 import difflib
 import enum
 import json
+import logging
 import math
 import os
 import re
@@ -32,11 +33,14 @@ from pydantic_core import to_jsonable_python
 
 from tmrl_common.errors import ConfigError
 
+log = logging.getLogger(__name__)
 ModelT = TypeVar("ModelT", bound=BaseModel)
 ENV_PREFIX = "TMRL_"
 NESTING = "__"
 SERVICE_SECTIONS = ("relay", "worker", "trainer")
 """The top-level tables of a tmrl config file; any other is reported (a misspelt ``[trainr]`` would be ignored)."""
+OTHER_ENV_NAMES = frozenset({"TMRL_STOP_ON_STDIN_CLOSE"})
+"""tmrl's environment variables that are no config field (:mod:`tmrl_common.stop_signals`)."""
 MAX_DURATION_S = 86_400.0
 """The longest any tmrl interval or timeout setting may be: a day. Longer is a typo, and past about 9.2e9 s Python's
 waits raise (``threading.TIMEOUT_MAX``) in a thread, far from the setting."""
@@ -106,6 +110,30 @@ def _env_overrides(section: str, environ: Mapping[str, str], model: type[BaseMod
         if names is not None:
             names[tuple(path)] = key
     return overrides
+
+
+_warned_env_names: set[str] = set()
+
+
+def _warn_of_unknown_env_names(environ: Mapping[str, str], sections: tuple[str, ...]) -> None:
+    """Warn (once per process and name) of each ``TMRL_*`` variable that no table reads: a misspelt table
+    (``TMRL_TRAINR__SEED``) or a single underscore (``TMRL_TRAINER_SEED``) would be ignored without a word, as a
+    misspelt table of the file is not."""
+    prefixes = [f"{ENV_PREFIX}{name.upper()}{NESTING}" for name in sections]
+    for key in sorted(environ):
+        if (not key.startswith(ENV_PREFIX) or key in OTHER_ENV_NAMES or key in _warned_env_names
+                or any(key.startswith(prefix) for prefix in prefixes)):
+            continue
+        _warned_env_names.add(key)
+        head = key[len(ENV_PREFIX):].split(NESTING)[0]
+        close = difflib.get_close_matches(head.upper(), [name.upper() for name in sections], n=1, cutoff=0.6)
+        guess = next((f"{ENV_PREFIX}{name.upper()}{NESTING}{head[len(name) + 1:]}" for name in sections
+                      if head.upper().startswith(f"{name.upper()}_") and len(head) > len(name) + 1), None)
+        if guess is None and close:
+            guess = f"{ENV_PREFIX}{close[0]}{NESTING}{NESTING.join(key[len(ENV_PREFIX):].split(NESTING)[1:])}"
+        hint = f" (did you mean {guess}?)" if guess else ""
+        log.warning("environment variable %s sets nothing: tmrl reads TMRL_<TABLE>__<FIELD> for the tables %s, "
+                    "with two underscores before each field%s", key, ", ".join(sections), hint)
 
 
 def _without_unset(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -262,7 +290,9 @@ def load_config(
     """
     file_data = _read_table(path, section, known_sections) if path is not None else {}
     env_names: dict[tuple[str, ...], str] = {}
-    env_data = _env_overrides(section, os.environ if environ is None else environ, model, env_names)
+    environ = os.environ if environ is None else environ
+    _warn_of_unknown_env_names(environ, tuple(dict.fromkeys((*known_sections, section))))
+    env_data = _env_overrides(section, environ, model, env_names)
     flag_data = _without_unset(overrides or {})
     data = _merge(_merge(file_data, env_data), flag_data)
     try:
