@@ -28,7 +28,7 @@ def read_regular_file(path: str | os.PathLike[str]) -> bytes:
     try:
         kind = os.fstat(descriptor).st_mode
         if stat.S_ISDIR(kind):
-            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(kind):
             raise NotARegularFileError(errno.EINVAL, "is not a regular file (a FIFO, a device or a socket)", str(path))
         with os.fdopen(descriptor, "rb", closefd=False) as handle:
