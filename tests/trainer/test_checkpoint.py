@@ -115,6 +115,34 @@ def test_loading_a_corrupt_missing_or_mismatched_checkpoint_raises_checkpoint_er
         load_checkpoint(path, redq)
 
 
+def _with_bounds(layout, name: str, low: float | None, high: float | None, scale: float | None = None):
+    components = [c.model_copy(update={"low": low, "high": high, **({"scale": scale} if scale else {})})
+                  if c.name == name else c for c in layout.components]
+    return layout.model_copy(update={"components": components})
+
+
+def test_a_checkpoint_whose_layout_differs_only_in_bounds_resumes_with_a_warning(tmp_path, caplog):
+    """An outside probe widened a layout's bounds, as the worker's clipping warning advises, and the trainer then
+    refused its checkpoint as "written for another policy architecture", though the networks are the same."""
+    memory, learner = _setup()
+    _train(learner, memory, 3)
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner, memory=memory)
+    config = SACConfig(hidden_sizes=[32, 32])
+    wider = _with_bounds(LAYOUT, "speed", -2000.0, 2000.0)
+    resumed = SACLearner(config, config.architecture(wider), device="cpu", seed=1)
+    wider_memory = ReplayMemory(wider, capacity=2500, seed=0)
+    with caplog.at_level("WARNING", logger="tmrl_trainer.checkpoint"):
+        load_checkpoint(path, resumed, memory=wider_memory)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.actor.state_dict().values(),
+                                                 learner.actor.state_dict().values(), strict=True))
+    assert len(wider_memory) == len(memory)
+    assert "other observation bounds (speed [-1000.0, 1000.0] -> [-2000.0, 2000.0])" in caplog.text
+    rescaled = _with_bounds(LAYOUT, "speed", -1000.0, 1000.0, scale=0.5)  # a scale changes the networks' inputs
+    other = SACLearner(config, config.architecture(rescaled), device="cpu", seed=1)
+    with pytest.raises(CheckpointMismatchError, match="another policy architecture .* or move its checkpoints"):
+        load_checkpoint(path, other)
+
+
 def test_a_memory_snapshot_and_extra_json_state_ride_along_with_a_checkpoint(tmp_path):
     memory, learner = _setup()
     extra = {"dedupe": {"workers": {"worker-1": [1, 2]}}, "note": "taken under the memory lock"}

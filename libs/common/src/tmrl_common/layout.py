@@ -117,6 +117,19 @@ class ObservationLayout(BaseModel):
         """Length of the observation once every part is flattened and concatenated (the MLP input size)."""
         return sum(math.prod(shape) for shape in self.observation_shapes())
 
+    def without_bounds(self) -> ObservationLayout:
+        """This layout with no component's ``low`` or ``high``: what the networks and the replay memory's arrays
+        depend on (bounds only decide which values are accepted; ``scale`` changes the networks' inputs and stays)."""
+        return self.model_copy(update={"components": [c.model_copy(update={"low": None, "high": None})
+                                                      for c in self.components]})
+
+    def bounds_changes(self, other: ObservationLayout) -> list[str]:
+        """``"name [low, high] -> [low, high]"`` for each component whose bounds differ in ``other`` (a layout
+        equal to this one :meth:`without_bounds`)."""
+        return [f"{mine.name} [{mine.low}, {mine.high}] -> [{theirs.low}, {theirs.high}]"
+                for mine, theirs in zip(self.components, other.components, strict=True)
+                if (mine.low, mine.high) != (theirs.low, theirs.high)]
+
 
 SPEED_BOUND = 1000.0
 """Speeds are in km/h within ``[-SPEED_BOUND, SPEED_BOUND]`` (TrackMania clips to it; the simulator stays below)."""

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
+from tmrl_common.layout import ObservationLayout
 
 from tmrl_trainer.guard import first_non_finite
 from tmrl_trainer.learner import Learner
@@ -256,6 +257,25 @@ def saved_memory_state(path: str | Path) -> dict[str, Any] | None:
     return extra if isinstance(extra, dict) and "dedupe" in extra else None
 
 
+def _only_bounds_changed(path: Path, saved: Any, current: dict[str, Any]) -> bool:
+    """Whether architecture ``saved`` differs from ``current`` only in the observation bounds of its layout (the
+    worker's clipping warning advises widening them): the networks are the same, so the checkpoint is resumed and
+    the change logged. False for anything else, or a saved layout that does not read."""
+    if not isinstance(saved, dict) or {k: v for k, v in saved.items() if k != "layout"} != \
+            {k: v for k, v in current.items() if k != "layout"}:
+        return False
+    try:
+        before = ObservationLayout.model_validate_json(saved["layout"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    now = ObservationLayout.model_validate_json(current["layout"])
+    if before.without_bounds() != now.without_bounds():
+        return False
+    log.warning("checkpoint %s was written with other observation bounds (%s): the networks are the same, so it is "
+                "resumed; batches are now held to the new bounds", path, "; ".join(before.bounds_changes(now)))
+    return True
+
+
 def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | None = None) -> Checkpoint:
     """Restore ``learner`` (and ``memory`` when given and saved) from ``path``; raise :class:`CheckpointError`.
 
@@ -274,13 +294,16 @@ def load_checkpoint(path: str | Path, learner: Learner, memory: ReplayMemory | N
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file")
     check_tensors(path, tensors, document)
     saved_architecture, current = document.get("architecture"), learner.architecture.to_flat_dict()
+    if saved_architecture != current and _only_bounds_changed(path, saved_architecture, current):
+        saved_architecture = current
     if saved_architecture != current:
         saved_architecture = saved_architecture if isinstance(saved_architecture, dict) else {}
         fields = "; ".join(f"{name} = {saved_architecture.get(name)!r} where the config has {current.get(name)!r}"
                            for name in sorted(set(saved_architecture) | set(current))
                            if saved_architecture.get(name) != current.get(name))
         raise CheckpointMismatchError(f"checkpoint {path} was written for another policy architecture ({fields}); "
-                                      "start with the same layout and hidden sizes, or from scratch")
+                                      "start with the same layout and hidden sizes, or from scratch (another "
+                                      "run_dir, or move its checkpoints folder elsewhere)")
     saved_config = document.get("sac_config")
     try:
         learner.load_state_dict(_join(document["learner"], tensors))

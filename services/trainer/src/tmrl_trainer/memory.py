@@ -482,7 +482,9 @@ class ReplayMemory:
         if not isinstance(meta, dict) or meta.get("format") != MEMORY_FORMAT:
             raise MemoryFileError(f"saved memory format is not {MEMORY_FORMAT!r}")
         try:
-            same = ObservationLayout.model_validate(meta["layout"]) == self.layout and meta["capacity"] == self.capacity
+            # bounds may change between runs (the values are checked against this memory's below); nothing else
+            saved_layout = ObservationLayout.model_validate(meta["layout"]).without_bounds()
+            same = saved_layout == self.layout.without_bounds() and meta["capacity"] == self.capacity
             total, orphan_rows = int(meta["total"]), int(meta["orphan_rows"])
             tails = {str(worker): {int(seq): _Tail([int(i) for i in saved[1:]], int(saved[0]))
                                    for seq, saved in by_seq.items()}
