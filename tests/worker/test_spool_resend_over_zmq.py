@@ -362,3 +362,24 @@ def test_batches_refused_ahead_of_a_new_connections_hello_start_no_second_hello(
     relay.socket.send_multipart([routing_id, *encode(stale, "relay")])  # from the id's holder: the id was taken
     relay.receive_type(Hello, timeout_s=5.0)
     assert link.snapshot()["ids_lost"] == 1
+
+
+def test_a_connected_link_whose_batches_get_no_answer_says_so_for_the_progress_line(linked, monkeypatch):
+    """An outside probe started a worker before the trainer: its progress lines said "14 batches handed over" and
+    nothing else for as long as no trainer came (the relay holds the batches and answers none)."""
+    import tmrl_worker.relay_link as relay_link_module
+
+    monkeypatch.setattr(relay_link_module, "NO_ACK_WARNING_S", 0.5)
+    relay, link = linked(ack_timeout_s=5.0)
+    routing_id, _, _ = relay.receive_type(Hello)
+    wait_for(lambda: link._client.connected)
+    link.submit(filled_builder(3), weights_version=0)
+    relay.receive_type(SampleBatch)
+    assert link.delivery_problem() is None  # just sent: no answer is due yet
+    time.sleep(0.6)
+    problem = link.delivery_problem()
+    assert problem is not None and problem.startswith("connected to the relay, but no answer from the trainer for ")
+    assert "1 batch(es) waiting to be acknowledged (is the trainer running and connected to this relay?" in problem
+    relay.ack(routing_id, "w-test", [0])
+    wait_for(lambda: link.snapshot()["spool_batches"] == 0)
+    assert link.delivery_problem() is None

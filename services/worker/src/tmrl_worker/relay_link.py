@@ -40,6 +40,9 @@ from tmrl_common.sockets import RelayEndpoint
 from tmrl_worker.spool import SequenceCounter, Spool, seq_ranges
 
 log = logging.getLogger(__name__)
+NO_ACK_WARNING_S = 30.0
+"""A batch unacknowledged this long while connected makes the worker's progress line a warning: no trainer is
+answering (:meth:`RelayLink.delivery_problem`)."""
 RATE_LOG_INTERVAL_S = 10.0
 HELLO_AGAIN_FIRST_S, HELLO_AGAIN_MAX_S = 1.0, 30.0
 """After the relay answers ``unknown_sender`` (its id was taken by another connection's hello, or the relay no longer
@@ -246,9 +249,17 @@ class RelayLink:
         return self._client.wait_connected(timeout)
 
     def delivery_problem(self) -> str | None:
-        """For the worker's progress line: None while connected to the relay, else that it is not and what waits."""
+        """For the worker's progress line: that the link is not connected to the relay and what waits; or, connected,
+        that a batch has waited :data:`NO_ACK_WARNING_S` for the trainer's answer (the relay holds batches while no
+        trainer is connected: without this, the line said only how many were handed over). None otherwise."""
         if self._client.connected:
-            return None
+            with self._lock:
+                waited, waiting = self.spool.oldest_wait(), len(self.spool)
+            if waited < NO_ACK_WARNING_S:
+                return None
+            return (f"connected to the relay, but no answer from the trainer for {waited:.0f} s: {waiting} batch(es) "
+                    "waiting to be acknowledged (is the trainer running and connected to this relay? the relay holds "
+                    "batches for it until it is)")
         with self._lock:
             waiting = len(self.spool) + self._not_numbered()
         ever = "any more" if self.counters.connections else "yet"

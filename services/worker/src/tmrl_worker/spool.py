@@ -59,6 +59,8 @@ class SpooledBatch:
     nbytes: int
     last_sent: float = 0.0
     sends: int = 0
+    spooled_at: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` when this process spooled it (built, or read back from the durable spool)."""
 
 
 @dataclass
@@ -254,6 +256,11 @@ class Spool:
         now = time.monotonic() if now is None else now
         return [b for b in self._batches.values()
                 if b.sends == 0 or now - b.last_sent >= ack_timeout_s * min(2 ** (b.sends - 1), MAX_BACKOFF)]
+
+    def oldest_wait(self, now: float | None = None) -> float:
+        """Seconds the oldest unacknowledged batch has been spooled (0 when none is)."""
+        oldest = next(iter(self._batches.values()), None)
+        return 0.0 if oldest is None else (time.monotonic() if now is None else now) - oldest.spooled_at
 
     def pending(self) -> list[SpooledBatch]:
         """Every unacknowledged batch, oldest first (resend them all after a reconnection)."""
