@@ -271,6 +271,46 @@ def test_a_plugin_of_another_version_or_a_stranger_on_the_port_is_refused_by_nam
             client.latest()
 
 
+def test_a_plugin_that_took_the_connection_but_did_not_greet_yet_is_tried_again_soon():
+    """An outside probe: a game frozen or loading takes the connection (the OS does) but its plugin greets only once
+    its script runs again; the client waited the 5 s meant for a plugin of another version before trying again."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    port = listener.getsockname()[1]
+    frozen, stop = threading.Event(), threading.Event()
+    frozen.set()
+
+    def game() -> None:
+        connections = []
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connections.append(connection)
+            if not frozen.is_set():  # running again: greet, then packets
+                connection.sendall(encode_hello() + b"".join(drive(20)))
+        for connection in connections:
+            connection.close()
+
+    server = threading.Thread(target=game, daemon=True)
+    server.start()
+    try:
+        with TelemetryClient(port, timeout=5.0, hello_timeout=0.3, reconnect_delay=0.05,
+                             version_retry_delay=30.0) as client:
+            wait_until(lambda: client.stats.version_errors >= 1)  # no greeting in 0.3 s
+            frozen.clear()
+            started = time.monotonic()
+            wait_until(lambda: client.stats.packets > 0, timeout=5.0)
+            assert time.monotonic() - started < 2.0  # not the 30 s kept for another version
+    finally:
+        stop.set()
+        server.join(timeout=2.0)
+        listener.close()
+
+
 def test_the_greeting_of_this_version_is_accepted_and_packets_right_behind_it_are_read():
     with TelemetryReplayServer(drive(5), rate_hz=200, loop=False) as server, \
             TelemetryClient(server.port, timeout=2.0) as client:

@@ -88,6 +88,11 @@ class PluginVersionError(TelemetryTimeoutError):
     so no telemetry can come from it."""
 
 
+class NoGreetingError(PluginVersionError):
+    """A connection was taken but no greeting came in time: a stranger on the port, or the TMRL plugin of a game that
+    is frozen or loading (its script does not run), which greets once it runs again: tried again soon."""
+
+
 def encode_hello(version: int = PROTOCOL_VERSION, packet_bytes: int | None = None) -> bytes:
     """The greeting the plugin writes to each new client (used by the fake plugin and tests)."""
     return _HELLO.pack(HELLO_MAGIC, version, PACKET_BYTES if packet_bytes is None else packet_bytes, HELLO_END)
@@ -295,7 +300,9 @@ class TelemetryClient:
                     self.stats.version_errors += 1
                 self._version_problem = exc if isinstance(exc, PluginVersionError) else None
                 self.stats.last_error = str(exc)
-                self._stop.wait(self.version_retry_delay if isinstance(exc, PluginVersionError) else self.reconnect_delay)
+                # another version does not change by itself; a frozen or loading game greets once it runs again
+                other_version = isinstance(exc, PluginVersionError) and not isinstance(exc, NoGreetingError)
+                self._stop.wait(self.version_retry_delay if other_version else self.reconnect_delay)
                 continue
             self.stats.connects += 1
             self._garbage_at_connect = self._parser.garbage_bytes
@@ -320,7 +327,7 @@ class TelemetryClient:
         while len(data) < HELLO_BYTES:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stop.is_set():
-                raise PluginVersionError(f"no greeting from port {self.port} in {self.hello_timeout:.0f} s: is the "
+                raise NoGreetingError(f"no greeting from port {self.port} in {self.hello_timeout:.0f} s: is the "
                                          f"TMRL plugin (protocol {PROTOCOL_VERSION}) the program listening there, and is the game "
                                          "not frozen or loading?")
             sock.settimeout(min(remaining, 0.25))
