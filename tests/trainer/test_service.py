@@ -644,8 +644,20 @@ def test_non_positive_layer_sizes_are_refused_as_config():
     from pydantic import ValidationError
     from tmrl_trainer.config import TrainerConfig
 
-    with pytest.raises(ValidationError, match=r"hidden_sizes \[0, -3\] .* must be positive"):
+    with pytest.raises(ValidationError, match=r"sac.hidden_sizes.0\n  Input should be greater than or equal to 1"):
         TrainerConfig.model_validate({"sac": {"hidden_sizes": [0, -3]}})
+
+
+def test_a_bad_layer_size_from_an_environment_variable_is_named_alone_with_the_variable(tmp_path):
+    """An outside probe: TMRL_TRAINER__SAC__HIDDEN_SIZES=[64,-1] was refused as "hidden_sizes [64, -1] and
+    conv_channels [16, 32, 64, 64] must be positive", naming the untouched default too and not the variable."""
+    from tmrl_common.config import load_config
+    from tmrl_trainer.config import TrainerConfig
+
+    with pytest.raises(ConfigError) as refused:
+        load_config(TrainerConfig, "trainer", environ={"TMRL_TRAINER__SAC__HIDDEN_SIZES": "[64, -1]"})
+    assert "TMRL_TRAINER__SAC__HIDDEN_SIZES" in str(refused.value) and "conv_channels" not in str(refused.value)
+    assert "greater than or equal to 1" in str(refused.value)
 
 
 def test_a_warm_up_larger_than_the_memory_is_said_at_start_since_such_a_trainer_never_trains(tmp_path, caplog):

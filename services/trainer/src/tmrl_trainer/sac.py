@@ -36,7 +36,7 @@ The update, whichever backend computes it (:func:`tmrl_trainer.learner.make_lear
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -79,9 +79,11 @@ class SACConfig(BaseModel):
     critic_lr: float = Field(default=1e-3, gt=0.0)
     alpha_lr: float = Field(default=1e-3, gt=0.0)
     batch_size: int = Field(default=256, ge=1, le=2**20)
-    hidden_sizes: list[int] = Field(default_factory=lambda: [256, 256], min_length=1, max_length=8)
+    hidden_sizes: list[Annotated[int, Field(ge=1, le=MAX_LAYER_WIDTH)]] = Field(
+        default_factory=lambda: [256, 256], min_length=1, max_length=8)
     activation: Activation = "relu"
-    conv_channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 64], min_length=1, max_length=8)
+    conv_channels: list[Annotated[int, Field(ge=1, le=MAX_CONV_CHANNELS)]] = Field(
+        default_factory=lambda: [16, 32, 64, 64], min_length=1, max_length=8)
     """Image observations only: output channels of each 4x4 stride-2 convolution of the CNNs (actor and each critic)."""
     init_alpha: float = Field(default=1.0, gt=0.0)
     learn_alpha: bool = True
@@ -120,11 +122,6 @@ class SACConfig(BaseModel):
     def _subset_fits(self) -> SACConfig:
         if self.redq_m > self.redq_n:
             raise ValueError(f"redq_m ({self.redq_m}) cannot exceed redq_n ({self.redq_n})")
-        if any(size < 1 for size in self.hidden_sizes) or any(channels < 1 for channels in self.conv_channels):
-            raise ValueError(f"hidden_sizes {self.hidden_sizes} and conv_channels {self.conv_channels} must be positive")
-        if max(self.hidden_sizes) > MAX_LAYER_WIDTH or max(self.conv_channels) > MAX_CONV_CHANNELS:
-            raise ValueError(f"hidden_sizes {self.hidden_sizes} and conv_channels {self.conv_channels} may be at most "
-                             f"{MAX_LAYER_WIDTH} and {MAX_CONV_CHANNELS} wide")
         return self
 
     def architecture(self, layout: ObservationLayout, **fields: Any) -> PolicyArchitecture:
