@@ -89,6 +89,8 @@ def test_committed_layout_file_is_the_interface_layout_and_the_trainer_reads_it(
 
     assert ObservationLayout.model_validate_json(LAYOUT_FILE.read_text()) == LAYOUT
     assert layout_for_env(SPEC, LAYOUT_FILE) == LAYOUT
+    # byte for byte what byo-robot.md's command writes (an outside probe ran it and got a diff against the file)
+    assert LAYOUT_FILE.read_text() == LAYOUT.model_dump_json(indent=2) + "\n"
 
 
 def test_rows_rebuild_the_env_observations_in_the_trainer_replay_memory(robot_env) -> None:

@@ -177,7 +177,8 @@ def layout_for_env(env: str, layout_file: Path | None = None) -> ObservationLayo
         finally:
             probe.close()
     raise ConfigError(f"env {env!r} has no built-in layout; use one of {sorted(_NAMED_LAYOUTS)} or gym:<id>, "
-                      "or set layout_file to a JSON ObservationLayout")
+                      "or set layout_file to a JSON ObservationLayout (`tmrl-worker layout -c CONFIG > layout.json` "
+                      "writes it from the worker's config, on any machine)")
 
 
 def describe_layout(layout: ObservationLayout) -> str:
