@@ -684,6 +684,34 @@ def test_an_action_of_the_wrong_size_or_not_finite_never_reaches_the_interface(p
         handle.close()
 
 
+def test_an_interface_whose_wait_raises_is_named_not_the_step_that_called_it(plug_interface):
+    """An outside probe: a ``wait()`` that raised (an e-stop not released) was reported as "its step raised"."""
+    from tmrl_worker.envs import EnvFailure
+
+    module = plug_interface("waiting_robot", """
+        class WaitRaises(OneActionInterface):
+            def get_observation_space(self):
+                return spaces.Tuple((spaces.Box(-10.0, 10.0, (2,), np.float32),))
+
+            def reset(self, seed=None, options=None):
+                return [np.zeros(2, dtype=np.float32)], {}
+
+            def get_obs_rew_terminated_info(self):
+                return [np.zeros(2, dtype=np.float32)], 0.0, True, {}  # every step ends the episode
+
+            def wait(self):
+                raise RuntimeError("e-stop not released")
+    """)
+    handle = make_env(f"{module}:WaitRaises", time_step_duration=0.02)
+    try:
+        with pytest.raises(EnvFailure, match=r"WaitRaises.wait raised RuntimeError: e-stop not released$"):
+            handle.reset()
+            for _ in range(3):
+                handle.step(np.zeros(1, np.float32))
+    finally:
+        handle.close()
+
+
 def last_of_steps(handle, steps: int) -> tuple:
     """Reset ``handle``, take ``steps`` steps of action 0, close it; return the last step's result."""
     try:

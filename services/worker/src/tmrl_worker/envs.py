@@ -239,7 +239,7 @@ class EnvHandle:
             return method(*args, **kwargs)
         except (EnvFailure, EnvInterrupted):
             raise
-        except InterfaceReturnError as exc:  # its message says it all
+        except (InterfaceReturnError, InterfaceCallError) as exc:  # its message says it all
             raise EnvFailure(f"env {self.spec!r}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - the env's own code: anything may go wrong in it
             log.error("env %r: its %s raised", self.spec, call, exc_info=exc)
@@ -509,6 +509,11 @@ class InterfaceReturnError(TypeError):
     """An rtgym interface method returned something rtgym cannot unpack (the message names the method)."""
 
 
+class InterfaceCallError(RuntimeError):
+    """An rtgym interface method that rtgym calls from inside the env's ``step`` or ``reset`` (``wait``) raised; the
+    message names the method, which the env's own call would not."""
+
+
 def _returned(method: str, result: Any, expected: str, expecting: str = "rtgym") -> tuple:
     """``result`` when it is a tuple (or list) of as many values as ``expected`` names; else
     :class:`InterfaceReturnError` saying what ``method`` returned and what ``expecting`` expects: for an rtgym
@@ -549,6 +554,14 @@ def _guarded_interface(interface: type) -> type:
                 observation = list(observation)
             self._guard_last_observation = observation
             return observation, info
+
+        def wait(self) -> None:
+            try:
+                super().wait()
+            except Exception as exc:  # rtgym calls it from its step and reset: name it, or they get the blame
+                log.error("%s.wait raised", interface.__name__, exc_info=exc)
+                raise InterfaceCallError(f"{interface.__name__}.wait raised {type(exc).__name__}: "
+                                         f"{one_line_message(exc)}") from exc
 
         def send_control(self, control: Any) -> None:
             if self.rtgym_thread_failure is None:
