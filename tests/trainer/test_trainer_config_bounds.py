@@ -21,6 +21,10 @@ from tmrl_trainer.config import TrainerConfig
     ("sac.batch_size", "1000000000000", "sac.batch_size"),
     ("transport.linger_ms", str(2**31), "transport.linger_ms"),
     ("run_dir", '""', "run_dir is empty: give a path, or leave the setting out"),
+    # ids and a device ending in a newline passed ($ matches before it): the ingest thread died on the id, exit 1
+    ("trainer_id", '"trainer\\n"', "trainer_id 'trainer\\n' must match"),
+    ("allowed_workers", '["w1\\n"]', "allowed_workers ['w1\\n'] can never match a worker"),
+    ("device", '"cpu\\n"', "device"),
 ])
 def test_a_setting_the_trainer_cannot_use_is_a_one_line_config_error(tmp_path, setting, value, says):
     assert_refused_in_one_line(TrainerConfig, "trainer", tmp_path, setting, value, says)

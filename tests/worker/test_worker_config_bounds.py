@@ -24,6 +24,8 @@ from tmrl_worker.config import WorkerConfig
     ("transport.recv_hwm", "3000000000", "transport.recv_hwm"),
     ("state_dir", '""', "state_dir is empty: give a path, or leave the setting out"),
     ("security.server_public_key_file", '""', "server_public_key_file is empty"),
+    # an outside probe's id ending in a newline passed ($ matches before it) and died in the sender thread, exit 1
+    ("worker_id", '"w9\\n"', "worker_id 'w9\\n' must match"),
 ])
 def test_a_setting_the_worker_cannot_use_is_a_one_line_config_error(tmp_path, setting, value, says):
     assert_refused_in_one_line(WorkerConfig, "worker", tmp_path, setting, value, says)

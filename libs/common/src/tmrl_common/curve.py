@@ -60,7 +60,7 @@ class AllowedKey:
 
 
 def _check_name(name: str) -> str:
-    if not KEY_NAME_PATTERN.match(name):
+    if not KEY_NAME_PATTERN.fullmatch(name):
         raise KeyFileError(f"key name {name!r} must match {KEY_NAME_PATTERN.pattern} (it becomes a file name)")
     return name
 

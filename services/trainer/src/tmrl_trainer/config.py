@@ -18,7 +18,7 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 def check_device(value: str) -> str:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, else a ValueError naming them (checked before torch sees it)."""
-    if not DEVICE_PATTERN.match(value):
+    if not DEVICE_PATTERN.fullmatch(value):
         raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N (N: the GPU's index)")
     return value
 
@@ -97,14 +97,14 @@ class TrainerConfig(BaseModel):
     @field_validator("trainer_id")
     @classmethod
     def _id_fits_the_wire(cls, value: str) -> str:
-        if not SENDER_PATTERN.match(value):
+        if not SENDER_PATTERN.fullmatch(value):
             raise ValueError(f"trainer_id {value!r} must match {SENDER_PATTERN.pattern}")
         return value
 
     @field_validator("allowed_workers")
     @classmethod
     def _worker_ids_fit_the_wire(cls, value: list[str]) -> list[str]:
-        unusable = [worker for worker in value if not SENDER_PATTERN.match(worker)]
+        unusable = [worker for worker in value if not SENDER_PATTERN.fullmatch(worker)]
         if unusable:  # no worker can say hello under such an id, so the entry could only be a typo
             raise ValueError(f"allowed_workers {unusable} can never match a worker: ids must match {SENDER_PATTERN.pattern}")
         return value

@@ -142,6 +142,6 @@ class WorkerConfig(BaseModel):
     @field_validator("worker_id")
     @classmethod
     def _id_fits_the_wire(cls, value: str) -> str:
-        if not SENDER_PATTERN.match(value):
+        if not SENDER_PATTERN.fullmatch(value):
             raise ValueError(f"worker_id {value!r} must match {SENDER_PATTERN.pattern}")
         return value

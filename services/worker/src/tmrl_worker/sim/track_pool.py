@@ -64,7 +64,7 @@ def parse_episode_tracks(spec: str) -> tuple[str | SeedRange, ...]:
     for text in (part.strip() for part in spec.split(",")):
         if not text:
             raise TrackError(f"episode_tracks {spec!r} has an empty item; write tracks separated by commas")
-        match = _RANGE.match(text)
+        match = _RANGE.fullmatch(text)
         if match:
             prefix, low, high = match.group(1), _range_bound(match.group(2), text), _range_bound(match.group(3), text)
             if high <= low:
@@ -84,7 +84,7 @@ def parse_episode_tracks(spec: str) -> tuple[str | SeedRange, ...]:
             raise TrackError(f"episode_tracks item {text!r} is not a track: use {', '.join(BUILTIN_TRACKS)}, "
                              "random:SEED, random-open:SEED (SEED in the digits 0-9), file:PATH or a range random:LOW-HIGH "
                              f"(HIGH at most {MAX_RANGE_HIGH})") from None
-        seed = _SEED.match(text)
+        seed = _SEED.fullmatch(text)
         if seed and int(seed.group(1)) in held_out:
             raise TrackError(f"episode_tracks item {text!r} is a held-out evaluation track (random:"
                              f"{held_out.start}..{held_out.stop - 1}); train on other seeds")
