@@ -383,3 +383,89 @@ def test_a_connected_link_whose_batches_get_no_answer_says_so_for_the_progress_l
     relay.ack(routing_id, "w-test", [0])
     wait_for(lambda: link.snapshot()["spool_batches"] == 0)
     assert link.delivery_problem() is None
+
+
+def test_a_state_file_that_cannot_be_written_holds_batches_unnumbered_instead_of_killing_the_sender(context, tmp_path,
+                                                                                                      caplog,
+                                                                                                      monkeypatch):
+    """An outside probe filled (then made read-only) the worker's state_dir: at the next block of sequence numbers
+    the sender thread died with a traceback, and the batches it held only in memory were lost without a word."""
+    import tmrl_worker.relay_link as relay_link_module
+    from tmrl_worker import spool as spool_module
+
+    monkeypatch.setattr(relay_link_module, "RESERVE_RETRY_S", 0.05)
+    real_write = spool_module.write_atomically
+    disk = {"full": False}
+
+    def write(path, data, *args, **kwargs):
+        if disk["full"]:
+            raise OSError(30, "Read-only file system")
+        return real_write(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(spool_module, "write_atomically", write)
+    relay = FakeRelay(context)
+    transport = TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200, linger_ms=0)
+    link = RelayLink(worker_id="w-test", layout=LAYOUT,
+                     endpoint=RelayEndpoint("127.0.0.1", relay.port, transport, SecurityConfig(insecure=True)),
+                     sequence=SequenceCounter(tmp_path, "w-test", block=2, first_seq=0),
+                     spool=Spool(100, 10_000_000, owner="w-test"), ack_timeout_s=30.0, heartbeat_interval_s=0.2,
+                     context=context)
+    link.start()
+    try:
+        routing_id, _, _ = relay.receive_type(Hello)
+        disk["full"] = True
+        with caplog.at_level("ERROR", logger="tmrl_worker.relay_link"):
+            for _ in range(4):
+                link.submit(filled_builder(3), weights_version=0)
+            assert sorted(relay.receive_type(SampleBatch)[2].seq for _ in range(2)) == [0, 1]  # the reserved block
+            wait_for(lambda: link.snapshot()["reservations_failed"] >= 3)
+        snapshot = link.snapshot()
+        assert link._client.is_alive() and snapshot["not_numbered"] == 2 and snapshot["batches_built"] == 2
+        errors = [r.getMessage() for r in caplog.records if "could not reserve sequence numbers" in r.getMessage()]
+        assert len(errors) == 1 and "Read-only file system; 2 batch(es) wait unnumbered in memory" in errors[0]
+        disk["full"] = False  # space back: numbering goes on where the reservation on disk ends
+        assert sorted(relay.receive_type(SampleBatch, timeout_s=3.0)[2].seq for _ in range(2)) == [2, 3]
+        relay.ack(routing_id, "w-test", [0, 1, 2, 3])
+        assert link.flush(timeout=3.0) and link.snapshot()["not_numbered"] == 0
+    finally:
+        link.stop()
+        relay.close()
+
+
+def test_the_run_summary_blames_the_state_file_for_batches_dropped_unnumbered_when_it_could_not_be_written():
+    from tmrl_worker.cli import run_summary
+    from tmrl_worker.runtime import RolloutStats
+
+    delivery = {"steps_submitted": 100, "batches_built": 10, "spool_acked": 10, "spool_resent": 0, "spool_dropped": 0,
+                "spool_batches": 0, "batches_rejected": 0, "connections": 1, "waiting_dropped": 3,
+                "waiting_dropped_steps": 30}
+    slow_disk = run_summary("w", RolloutStats(steps=130, delivery=delivery))
+    assert "dropped before they were numbered: the sender thread fell a whole spool behind" in slow_disk
+    full_disk = run_summary("w", RolloutStats(steps=130, delivery={**delivery, "reservations_failed": 7}))
+    assert ("3 batch(es) (30 rows) dropped before they were numbered: no sequence numbers could be reserved in the "
+            "state file (state_dir full or read-only) 7 time(s)") in full_disk
+
+
+def test_a_revoked_or_impersonated_worker_is_told_why_and_its_summary_says_it(context, tmp_path, caplog):
+    """An outside probe: a worker whose key was revoked, or whose id is bound to another key, ended with "10
+    unacknowledged" and no cause, and its log advised stopping a second process under its id that did not exist."""
+    from tmrl_worker.cli import run_summary
+    from tmrl_worker.relay_link import HELLO_AGAIN_FIRST_S, HELLO_AGAIN_MAX_S, HelloBackoff
+    from tmrl_worker.runtime import RolloutStats
+
+    link = make_link(context, 1, tmp_path)  # not started: only its bookkeeping is used
+    revoked = ("this connection's key was removed from the relay's worker allow-list; nothing it sends is accepted "
+               "(allow the key again, or stop this worker)")
+    with caplog.at_level("WARNING", logger="tmrl_worker.relay_link"):
+        link._id_lost(revoked)
+    assert revoked in caplog.text and "another process runs under this worker_id" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tmrl_worker.relay_link"):
+        link._hello_again = HelloBackoff(HELLO_AGAIN_FIRST_S, HELLO_AGAIN_MAX_S)  # as a fresh link's: it says so
+        link._id_lost("worker id 'w-test' said hello on another connection")
+    assert "another process runs under this worker_id" in caplog.text
+    delivery = {"steps_submitted": 100, "batches_built": 10, "spool_acked": 3, "spool_resent": 0, "spool_dropped": 0,
+                "spool_batches": 7, "batches_rejected": 0, "connections": 1, "ids_lost": 2}
+    summary = run_summary("w-test", RolloutStats(steps=100, delivery=delivery, id_refusal=link.id_refusal))
+    assert summary.endswith("; the relay refused this connection's messages as w-test's 2 time(s), last: worker id "
+                            "'w-test' said hello on another connection")

@@ -13,6 +13,9 @@ import stat
 import tempfile
 from pathlib import Path
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+"""The ``errno`` of a write that a full disk or a quota refused: passing, unlike a missing folder or permission."""
+
 
 class NotARegularFileError(OSError):
     """The path names a FIFO, a device or a socket: reading it could block for ever (a FIFO with no writer) or

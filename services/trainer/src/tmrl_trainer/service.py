@@ -58,7 +58,6 @@ speak, so one misconfigured worker cannot poison the replay memory; mismatching 
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -73,6 +72,7 @@ import torch
 import zmq
 from filelock import FileLock, Timeout
 from pydantic import ValidationError
+from tmrl_common.atomic_file import DISK_FULL_ERRNOS
 from tmrl_common.errors import ConfigError
 from tmrl_common.layout import (
     ObservationLayout,
@@ -115,8 +115,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 KEEP_CHECKPOINTS = 3
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-"""A checkpoint that fails with these is tried once more after deleting all but the newest checkpoint."""
 REFUSED_SUFFIX = ".refused"
 """Appended to a checkpoint refused on resume (unreadable or non-finite): kept for inspection, never tried again."""
 PROGRESS_EVERY_S = 10.0
@@ -578,7 +576,7 @@ class TrainerService:
             try:
                 save_checkpoint(path, self.learner, counters=counters, memory=memory, extra=extra)
             except OSError as exc:
-                if exc.errno not in DISK_FULL_ERRNOS or not self._make_room(exc):
+                if exc.errno not in DISK_FULL_ERRNOS or not self._make_room(exc):  # tried once more after pruning
                     raise
                 save_checkpoint(path, self.learner, counters=counters, memory=memory, extra=extra)
         except CheckpointError as exc:  # non-finite state: keep the previous checkpoints, say why

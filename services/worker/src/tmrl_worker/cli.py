@@ -135,15 +135,20 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
                         "run's: among the acknowledged and unacknowledged above, not in its rows and "
                         "batches)")
         if delivery.get("waiting_dropped"):
+            cause = ("no sequence numbers could be reserved in the state file (state_dir full or read-only) "
+                     f"{delivery['reservations_failed']} time(s)" if delivery.get("reservations_failed") else
+                     "the sender thread fell a whole spool behind (a slow or hung disk under the durable spool?)")
             summary += (f"; {delivery['waiting_dropped']} batch(es) ({delivery['waiting_dropped_steps']} rows) dropped "
-                        "before they were numbered: the sender thread fell a whole spool behind (a slow or hung disk "
-                        "under the durable spool?)")
+                        f"before they were numbered: {cause}")
         if delivery.get("not_numbered"):
             summary += (f"; {delivery['not_numbered']} batch(es) handed over were never numbered nor spooled (the "
                         "sender thread was still behind when it stopped): lost")
         if delivery.get("seqs_reused"):
             summary += (f"; {delivery['seqs_reused']} of the acknowledged were NOT stored: their seq had been used "
                         "before (a state file restored from an older copy)")
+        if delivery.get("ids_lost") and stats.id_refusal and delivery["spool_batches"]:
+            summary += (f"; the relay refused this connection's messages as {worker_id}'s {delivery['ids_lost']} "
+                        f"time(s), last: {stats.id_refusal}")
         advice = stats.handshake_advice  # the error line of its latest failed handshake: cause and fix
         if not delivery.get("connections") and delivery["steps_submitted"] and not delivery.get("handshake_refused"):
             summary += (f"; it never connected to the relay: {advice}" if advice else "; it never connected to the "

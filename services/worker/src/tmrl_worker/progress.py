@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from tmrl_common.atomic_file import read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def progress_path(state_dir: Path, worker_id: str) -> Path:
 def read_progress(path: Path) -> WorkerProgress | None:
     """The record in ``path``; ``None`` when there is no file (:class:`ProgressFileError` when it cannot be read)."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = read_regular_file(path).decode("utf-8")  # a FIFO there would block the start for ever
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:

@@ -37,9 +37,11 @@ from tmrl_common.protocol import Error, Heartbeat, Hello, SampleAck, WeightsUpda
 from tmrl_common.relay_client import HelloBackoff, RelayClient
 from tmrl_common.sockets import RelayEndpoint
 
-from tmrl_worker.spool import SequenceCounter, Spool, seq_ranges
+from tmrl_worker.spool import ReservationError, SequenceCounter, Spool, seq_ranges
 
 log = logging.getLogger(__name__)
+RESERVE_RETRY_S = 1.0
+"""After sequence numbers could not be reserved (a full disk), the sender thread tries again this often."""
 NO_ACK_WARNING_S = 30.0
 """A batch unacknowledged this long while connected makes the worker's progress line a warning: no trainer is
 answering (:meth:`RelayLink.delivery_problem`)."""
@@ -109,6 +111,9 @@ class LinkCounters:
     batch bound of them were already waiting (the sender thread fell behind, writing a durable spool on a slow or hung
     disk), and, as a full spool does, the link keeps the newest."""
     waiting_dropped_steps: int = 0
+    reservations_failed: int = 0
+    """Times a new block of sequence numbers could not be reserved in the state file (a full disk, a folder gone
+    read-only): the batches wait unnumbered, in memory, until it can be (:class:`~tmrl_worker.spool.ReservationError`)."""
 
 
 class RefusalStreak:
@@ -190,6 +195,14 @@ class RelayLink:
         are counted by reason but say nothing about the data made now, so they do not lengthen the streak."""
         self._gave_up: str | None = None
         self._inbox: queue.SimpleQueue[tuple[SampleBatchBuilder, int]] = queue.SimpleQueue()
+        self.id_refusal: str | None = None
+        """The relay's reason the last time it did not take this connection's messages as this worker's (a revoked
+        key, an id bound to another key, another process's hello): for the run's summary."""
+        self._unnumbered: tuple[SampleBatchBuilder, int] | None = None
+        """The builder the sender thread took but could not number (no sequence numbers could be reserved): it is
+        numbered first at the next turn. Counted in :meth:`_not_numbered` with those still in the inbox."""
+        self._reserve_again_at = float("-inf")
+        """After a failed reservation, the next try waits until then (:data:`RESERVE_RETRY_S`)."""
         self._submitted = 0  # builders handed over by submit(); written by the rollout thread only
         self._lock = threading.Lock()  # guards spool + counters against snapshot readers
         self._started_at = time.monotonic()
@@ -347,12 +360,30 @@ class RelayLink:
 
     def _take_submissions(self) -> None:
         while True:
+            if self._unnumbered is not None:
+                if time.monotonic() < self._reserve_again_at:
+                    return
+                (builder, version), self._unnumbered = self._unnumbered, None
+            else:
+                try:
+                    builder, version = self._inbox.get_nowait()
+                except queue.Empty:
+                    return
             try:
-                builder, version = self._inbox.get_nowait()
-            except queue.Empty:
+                seq = self.sequence.take()
+            except ReservationError as exc:  # a full disk or a read-only folder: keep it, try again next turn
+                self._unnumbered = (builder, version)
+                self._reserve_again_at = time.monotonic() + RESERVE_RETRY_S
+                with self._lock:
+                    self.counters.reservations_failed += 1
+                    waiting = self._not_numbered()
+                self._rate_log.log(logging.ERROR, "reserve", "%s: %s; %d batch(es) wait unnumbered in memory (the "
+                                   "oldest are dropped, counted, past the spool's bound) and numbering resumes once "
+                                   "the state file can be written: free disk space or fix %s", self.worker_id,
+                                   exc.strerror, waiting, self.sequence.state_dir)
                 return
             steps = len(builder)
-            batch = builder.build(seq=self.sequence.take(), weights_version=version)
+            batch = builder.build(seq=seq, weights_version=version)
             frames = encode(batch, self.worker_id)
             with self._lock:
                 self.spool.add(batch.seq, frames)
@@ -479,13 +510,16 @@ class RelayLink:
         grows while it keeps happening (:data:`HELLO_AGAIN_FIRST_S`). Without it a worker displaced by a second
         process under its id sent nothing any more, even after that process stopped."""
         self.counters.ids_lost += 1
+        self.id_refusal = detail
         now = time.monotonic()
         self._id_lost_at = now
         wait = self._hello_again.refused(now)
         if wait is not None:
+            # a key removed from the allow-list, or an id bound to another key, is not two processes trading the id
+            two_processes = ("" if "key" in detail else " (if another process runs under this worker_id, they take "
+                             "the id from each other: stop one)")
             log.warning("%s: the relay does not take this connection's messages as %s's (%s); saying hello again in "
-                        "%.0f s (if another process runs under this worker_id, they take the id from each other: "
-                        "stop one)", self.worker_id, self.worker_id, detail, wait)
+                        "%.0f s%s", self.worker_id, self.worker_id, detail, wait, two_processes)
 
     def _heartbeat(self) -> Heartbeat:
         with self._lock:

@@ -329,6 +329,8 @@ class RolloutStats:
     """The sender thread's counters at the end (:meth:`RelayLink.snapshot`); empty in test mode."""
     handshake_advice: str | None = None
     """What the sender's latest failed handshake with the relay means (:meth:`RelayLink.handshake_advice`)."""
+    id_refusal: str | None = None
+    """Why the relay last refused this connection's messages as this worker's (:attr:`RelayLink.id_refusal`)."""
 
 
 class BatchesRefused(RuntimeError):
@@ -737,6 +739,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
             link.stop()  # the sender thread numbers and spools what is still in its inbox before it ends: count after
             stats.delivery = link.snapshot()
             stats.handshake_advice = link.handshake_advice()
+            stats.id_refusal = link.id_refusal
         loop.record_progress(running=False)
         if link is not None and link.gave_up is not None:
             raise BatchesRefused(link.gave_up, stats)

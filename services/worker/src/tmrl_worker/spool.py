@@ -37,7 +37,7 @@ from pathlib import Path
 
 import msgpack
 from filelock import FileLock, Timeout
-from tmrl_common.atomic_file import write_atomically
+from tmrl_common.atomic_file import DISK_FULL_ERRNOS, NotARegularFileError, read_regular_file, write_atomically
 from tmrl_common.log_limit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,11 @@ MAX_BACKOFF = 8
 
 class StateFileError(RuntimeError):
     """The worker state file exists but cannot be read; fix or delete it (deleting it restarts the numbering from the clock)."""
+
+
+class ReservationError(OSError):
+    """A new block of sequence numbers could not be reserved in the state file (a full disk, a folder gone
+    read-only): no number past the last reservation is handed out, since a crash could then reuse it. Retry later."""
 
 
 @dataclass
@@ -132,7 +137,7 @@ class Spool:
                        if (m := _BATCH_FILE.match(path.name)))
         for seq, path in found:
             try:
-                frames = msgpack.unpackb(path.read_bytes(), raw=False)
+                frames = msgpack.unpackb(read_regular_file(path), raw=False)  # a FIFO there would block for ever
                 if not (isinstance(frames, list) and len(frames) == 2 and all(isinstance(f, bytes) for f in frames)):
                     raise ValueError("not an array of 2 byte strings")
             except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
@@ -167,8 +172,9 @@ class Spool:
         if self.directory is not None:
             try:
                 self._file(seq).unlink(missing_ok=True)
-            except OSError as exc:
-                log.warning("%s: could not delete spool file of seq %d: %s", self.owner, seq, exc)
+            except OSError as exc:  # a folder gone read-only: once per interval, not at every acknowledgement
+                self._log.warning("delete", "%s: could not delete spool file of seq %d: %s (a restart sends such a "
+                                  "batch again, and the trainer answers it as a duplicate)", self.owner, seq, exc)
 
     # --------------------------------------------------------------------------------------------------- bookkeeping
 
@@ -316,9 +322,14 @@ class SequenceCounter:
             self._next = self._load()
             self._reserved_until = self._next
             self._reserve()
-        except OSError as exc:  # a file where the folder should be, no permission, a read-only disk: one line
-            raise StateFileError(f"state_dir {self.state_dir} cannot hold this worker's state file: {exc} (set "
-                                 "[worker] state_dir to a folder this user can write)") from exc
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:  # a file where the folder should be, no permission, read-only
+                raise StateFileError(f"state_dir {self.state_dir} cannot hold this worker's state file: {exc} (set "
+                                     "[worker] state_dir to a folder this user can write)") from exc
+            # a full disk passes: a worker whose durable spool filled it frees it by delivering; no number is handed
+            # out before a reservation is written (take() retries it)
+            log.error("%s: could not reserve sequence numbers in %s (%s): the worker starts, and numbers its batches "
+                      "once the state file can be written (free disk space)", self.worker_id, self.path, exc)
 
     @property
     def path(self) -> Path:
@@ -326,15 +337,18 @@ class SequenceCounter:
 
     def _load(self) -> int:
         try:
-            text = self.path.read_text()
+            data = read_regular_file(self.path)  # a FIFO there would block the start for ever
         except FileNotFoundError:
             return time.time_ns() // 1000 if self.first_seq is None else self.first_seq
+        except NotARegularFileError as exc:
+            raise StateFileError(f"worker state file {self.path} {exc.strerror}: delete it (deleting it starts the "
+                                 "numbering again from the clock, above every number used before)") from exc
         try:
-            state = json.loads(text)
-            value = int(state["reserved_until"])
-            if value < 0 or state.get("worker_id") != self.worker_id:
-                raise ValueError(f"worker_id {state.get('worker_id')!r}, reserved_until {value}")
-        except (ValueError, KeyError, TypeError) as exc:
+            state = json.loads(data.decode("utf-8"))
+            value = state["reserved_until"]
+            if type(value) is not int or value < 0 or state.get("worker_id") != self.worker_id:
+                raise ValueError(f"worker_id {state.get('worker_id')!r}, reserved_until {value!r}")
+        except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise StateFileError(
                 f"worker state file {self.path} is unreadable ({exc}); fix it or delete it "
                 "(deleting it starts the numbering again from the clock, above every number used before)"
@@ -342,9 +356,11 @@ class SequenceCounter:
         return value
 
     def _reserve(self) -> None:
-        self._reserved_until = self._next + self.block
-        payload = json.dumps({"worker_id": self.worker_id, "reserved_until": self._reserved_until})
+        """Persist ``reserved_until = next + block``; only then take it (a failed write reserves nothing)."""
+        reserved_until = self._next + self.block
+        payload = json.dumps({"worker_id": self.worker_id, "reserved_until": reserved_until})
         write_atomically(self.path, payload.encode())
+        self._reserved_until = reserved_until
 
     @property
     def next_seq(self) -> int:
@@ -359,14 +375,22 @@ class SequenceCounter:
             if self._next > seq:
                 return False
             self._next = seq + 1
-            self._reserve()
+            try:
+                self._reserve()
+            except OSError:  # a full disk: take() reserves before it hands out a number at or past the reservation
+                pass
             return True
 
     def take(self) -> int:
-        """A fresh sequence number; persists a new reservation when the current block is used up."""
+        """A fresh sequence number; persists a new reservation when the current block is used up.
+        :class:`ReservationError` when that write fails: nothing is taken, and a later call tries again."""
         with self._lock:
             if self._next >= self._reserved_until:
-                self._reserve()
+                try:
+                    self._reserve()
+                except OSError as exc:
+                    raise ReservationError(exc.errno, f"could not reserve sequence numbers in {self.path}: "
+                                                      f"{exc.strerror or exc}") from exc
             seq = self._next
             self._next += 1
             return seq
