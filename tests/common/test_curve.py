@@ -143,3 +143,37 @@ def test_listing_reports_a_corrupt_allow_list_entry(tmp_path):
     (tmp_path / "broken.key").write_text("not a certificate\n")
     with pytest.raises(KeyFileError, match="broken.key"):
         list_allowed_keys(tmp_path)
+
+
+@pytest.mark.timeout(30)
+def test_entries_that_hold_no_key_admit_no_one_never_block_an_addition_and_can_be_removed(tmp_path):
+    """An outside probe left a link to nothing and a folder named *.key in the allow-list: `keys add` and `keys list`
+    then failed on them, `keys remove` (the relay log's advice) said there was no such key, and a 300 MB file named
+    *.key was read whole (5 s of the relay's main loop at each change) and taken as a valid key."""
+    import os
+
+    from tmrl_common.curve import read_allowed_keys
+
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    good = allow_public_key(allow, generate_key_pair(keys, "good").public_file)
+    (allow / "dangling.key").symlink_to(tmp_path / "nowhere")
+    (allow / "folder.key").mkdir()
+    os.mkfifo(allow / "pipe.key")
+    with open(allow / "huge.key", "wb") as huge:  # a certificate, then 100 MB more: sparse, never read
+        huge.write(good.path.read_bytes())
+        huge.truncate(100 * 2**20)
+    entries, problems = read_allowed_keys(allow)
+    assert [entry.name for entry in entries] == ["good"]
+    said = " | ".join(problems)
+    assert "dangling.key does not exist (a link to" in said and "folder.key is a folder, not a key file" in said
+    assert "pipe.key is not a regular file" in said and "huge.key is 104857600 bytes, not a key file" in said
+    assert all("`tmrl-relay keys remove" in problem for problem in problems)
+    assert allow_public_key(allow, generate_key_pair(keys, "late").public_file).name == "late"  # not blocked
+    for name in ("dangling", "folder", "pipe", "huge"):
+        revoke_public_key(allow, name)
+    assert read_allowed_keys(allow)[1] == []
+    assert [entry.name for entry in read_allowed_keys(allow)[0]] == ["good", "late"]
+    (allow / "full.key").mkdir()
+    (allow / "full.key" / "something").write_text("x")
+    with pytest.raises(KeyFileError, match="cannot remove .*full.key: .*remove it yourself"):
+        revoke_public_key(allow, "full")

@@ -138,6 +138,19 @@ def test_keys_commands_generate_add_list_remove(runner, tmp_path):
     assert list_allowed_keys(allow) == []
 
 
+def test_keys_list_shows_the_good_entries_and_says_which_hold_no_key(runner, tmp_path):
+    """An outside probe's link to nothing in the allow-list made `keys list` print nothing and exit 2."""
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    runner.invoke(app, ["keys", "generate", "--dir", str(keys), "--name", "worker-1"])
+    assert runner.invoke(app, ["keys", "add", "--allow-dir", str(allow), str(keys / "worker-1.key")]).exit_code == 0
+    (allow / "dangling.key").symlink_to(tmp_path / "nowhere")
+    listed = runner.invoke(app, ["keys", "list", "--allow-dir", str(allow)])
+    assert listed.exit_code == 1 and load_public_key(keys / "worker-1.key").decode() in listed.output
+    assert "error: key file" in listed.output and "dangling.key does not exist" in listed.output
+    assert runner.invoke(app, ["keys", "remove", "--allow-dir", str(allow), "dangling"]).exit_code == 0
+    assert runner.invoke(app, ["keys", "list", "--allow-dir", str(allow)]).exit_code == 0
+
+
 def test_keys_add_binds_a_role_to_a_key_and_refuses_one_key_in_both_roles(runner, tmp_path):
     keys, allow = tmp_path / "keys", tmp_path / "allow"
     for name in ("trainer", "worker-1"):

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -77,10 +78,28 @@ def _check_z85_key(key: bytes | None, path: Path, which: str) -> bytes:
     return key
 
 
+MAX_KEY_FILE_BYTES = 64 * 1024
+"""A key file larger than this is refused unread: certificates are under 1 KiB, and the relay reads its allow-list on
+its main loop (an outside probe's 300 MB file stalled it for 5 s at each change, and was taken as a valid key)."""
+
+
 def _read_certificate(path: Path) -> tuple[bytes | None, bytes | None]:
     path = Path(path)
-    if not path.is_file():
-        raise KeyFileError(f"key file {path} does not exist; create one with `tmrl-relay keys generate --dir DIR --name NAME`")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        target = f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
+        raise KeyFileError(f"key file {path} does not exist{target}; create one with `tmrl-relay keys generate --dir "
+                           "DIR --name NAME`") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise KeyFileError(f"{path} is a folder, not a key file")
+    if not stat.S_ISREG(info.st_mode):
+        raise KeyFileError(f"{path} is not a regular file (a FIFO, a device or a socket), not a key file")
+    if info.st_size > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{path} is {info.st_size} bytes, not a key file: a ZeroMQ certificate is under 1 KiB (files "
+                           f"over {MAX_KEY_FILE_BYTES} bytes are not read)")
     try:
         return zmq.auth.load_certificate(path)
     except ValueError as exc:
@@ -182,7 +201,7 @@ def allow_public_key(allowlist_dir: Path, public_key_file: Path, name: str | Non
         existing = load_public_key(target)
         if existing != public_key:
             raise KeyFileError(f"{target} already allows a different key; remove it first or choose another name")
-    for entry in list_allowed_keys(allowlist_dir):
+    for entry in read_allowed_keys(allowlist_dir)[0]:  # a broken entry admits no one: it must not block an addition
         if entry.public_key == public_key and entry.name != name:
             raise KeyFileError(f"this key is already allowed as {entry.name!r} ({entry.path})")
     _write_public_certificate(target, public_key, name)
@@ -190,11 +209,18 @@ def allow_public_key(allowlist_dir: Path, public_key_file: Path, name: str | Non
 
 
 def revoke_public_key(allowlist_dir: Path, name: str) -> Path:
-    """Remove ``<name>.key`` from the allow-list; the relay refuses that key from its next allow-list reload."""
+    """Remove ``<name>.key`` from the allow-list; the relay refuses that key from its next allow-list reload. Also
+    clears an entry that holds no key (a link to nothing, an empty folder, a FIFO), as the relay's log advises."""
     target = Path(allowlist_dir) / f"{_check_name(name)}{PUBLIC_SUFFIX}"
-    if not target.is_file():
+    if not target.is_symlink() and not target.exists():
         raise KeyFileError(f"no key named {name!r} in {allowlist_dir}")
-    target.unlink()
+    try:
+        if target.is_dir() and not target.is_symlink():
+            target.rmdir()
+        else:
+            target.unlink()
+    except OSError as exc:  # a folder holding files: not ours to delete
+        raise KeyFileError(f"cannot remove {target}: {exc.strerror or exc}; remove it yourself") from exc
     return target
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import zmq
 from tmrl_common.curve import (
     KeyFileError,
-    list_allowed_keys,
+    read_allowed_keys,
     reload_authenticator,
     start_authenticator,
 )
@@ -123,9 +123,10 @@ class AllowlistWatcher:
             keys, detail = [], " (the folder does not exist)"
         else:
             try:
-                keys, detail = list_allowed_keys(self.trainer_dir), ""
-            except KeyFileError as exc:  # a malformed file: say which
-                keys, detail = [], f" ({exc})"
+                keys, problems = read_allowed_keys(self.trainer_dir)
+            except KeyFileError as exc:  # the folder cannot be listed
+                keys, problems = [], [str(exc)]
+            detail = f" ({'; '.join(problems)})" if problems else ""
         if not keys:
             raise RelaySetupError(
                 f"CurveZMQ is on but no trainer key is allowed in {self.trainer_dir}{detail}. Only keys there may be "
@@ -159,9 +160,9 @@ class AllowlistWatcher:
         client will be refused until its own key is added."""
         if self.relay_public_key is None:
             return
-        try:
+        try:  # the good entries, whatever the broken ones (which admit no one, and are logged as such)
             entries = [entry for directory in (self.worker_dir, self.trainer_dir) if directory.is_dir()
-                       for entry in list_allowed_keys(directory) if entry.public_key == self.relay_public_key]
+                       for entry in read_allowed_keys(directory)[0] if entry.public_key == self.relay_public_key]
         except (KeyFileError, OSError):  # the authenticator has logged an unreadable list
             return
         for entry in entries:

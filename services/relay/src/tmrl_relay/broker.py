@@ -498,7 +498,8 @@ class Relay:
         peer = self.trainers.check(routing_id, fields.sender, user_id)
         if not self.trainer.holds(peer):
             raise ProtocolError("unknown_sender", f"trainer {fields.sender!r} does not hold the trainer role on this "
-                                                  "connection (another trainer took it, or it went silent); say hello again")
+                                                  "connection (another trainer took it, it went silent, or its key "
+                                                  "left the trainer allow-list); say hello again")
         if self.trainer.heard_from():
             log.info("trainer %s is back; %d held batch(es) to deliver", peer.sender, len(self.pending))
             self.metrics.trainer_connected.set(1)

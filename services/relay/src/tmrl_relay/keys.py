@@ -24,8 +24,8 @@ from tmrl_common.curve import (
     KeyPairFiles,
     allow_public_key,
     generate_key_pair,
-    list_allowed_keys,
     load_public_key,
+    read_allowed_keys,
     revoke_public_key,
 )
 from tmrl_common.errors import ConfigError
@@ -59,7 +59,7 @@ def allow_key_for_role(allow_dir: Path, public_key_file: Path, role: Role | KeyR
     key = load_public_key(public_key_file)
     other_dir = role_dir(allow_dir, other)
     if other_dir.is_dir():
-        for entry in list_allowed_keys(other_dir):
+        for entry in read_allowed_keys(other_dir)[0]:  # a broken entry admits no one: it must not block an addition
             if entry.public_key == key:
                 raise KeyFileError(f"this key is allowed as a {other.value} ({entry.path}); one key has one role: remove "
                                    f"it with `tmrl-relay keys remove {entry.name} --allow-dir {allow_dir} --role "
@@ -204,13 +204,17 @@ def list_keys(
     """List the allowed public keys of a role."""
     try:
         allow_dir = role_dir(allow_dir, role) if allow_dir is not None else _configured_allow_dir(config, role)
-        entries = list_allowed_keys(allow_dir)
+        entries, problems = read_allowed_keys(allow_dir)
     except (KeyFileError, ConfigError) as exc:
         raise _fail(exc) from exc
     for entry in entries:
         typer.echo(f"{entry.name}\t{entry.public_key.decode()}\t{entry.path}")
     if not entries:
         typer.echo(f"(no keys allowed in {allow_dir})", err=True)
+    for problem in problems:  # listed after the good ones, which still admit their clients
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(code=1)
 
 
 def _configured_allow_dir(config: Path | None, role: Role) -> Path:
