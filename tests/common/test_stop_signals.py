@@ -121,5 +121,24 @@ def test_a_second_stop_request_says_the_service_is_already_stopping(caplog):
         on_signal(15)
     lines = [record.getMessage() for record in caplog.records]
     assert lines[0] == "signal 15: stopping"
-    assert lines[1].startswith("signal 15 again: already stopping")
+    assert lines[1] == "signal 15 again: already stopping"
     assert stop.is_set()
+
+
+def test_a_second_stop_request_says_what_this_service_still_does_not_another_services(caplog):
+    """An outside probe's worker answered a second SIGTERM with the trainer's "saves its final checkpoint first"."""
+    import logging
+    import threading
+
+    from tmrl_common.stop_signals import stopping
+    from tmrl_trainer.cli import TRAINER_FINISHING
+    from tmrl_worker.cli import WORKER_FINISHING
+
+    for finishing in (WORKER_FINISHING, TRAINER_FINISHING):
+        on_signal = stopping(threading.Event().set, logging.getLogger("stop-test"), finishing)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="stop-test"):
+            on_signal(15)
+            on_signal(2)
+        assert caplog.records[1].getMessage() == f"signal 2 again: already stopping ({finishing})"
+    assert "checkpoint" in TRAINER_FINISHING and "checkpoint" not in WORKER_FINISHING

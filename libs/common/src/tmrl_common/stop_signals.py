@@ -96,10 +96,11 @@ def _watch_stdin(on_signal: Callable[[int], None]) -> None:
     _stdin_watcher.start()
 
 
-def stopping(stop: Callable[[], None], logger: logging.Logger) -> Callable[[int], None]:
+def stopping(stop: Callable[[], None], logger: logging.Logger, finishing: str = "") -> Callable[[int], None]:
     """The ``on_signal`` of a service: log ``signal N: stopping`` to ``logger``, then call ``stop`` (an Event's
-    ``set``, a relay's ``stop``). A further request says the service is already stopping, rather than the same line
-    again (a supervisor and a shell both sending SIGTERM once read as two stops)."""
+    ``set``, a relay's ``stop``). A further request says the service is already stopping, and ``finishing`` what it
+    still does before it exits (``"it saves its final checkpoint first"``), rather than the same line again (a
+    supervisor and a shell both sending SIGTERM once read as two stops)."""
     requests = 0
 
     def on_signal(signum: int) -> None:
@@ -109,8 +110,7 @@ def stopping(stop: Callable[[], None], logger: logging.Logger) -> Callable[[int]
         if requests == 1:
             logger.info("%s: stopping", cause)
         else:
-            logger.info("%s again: already stopping (a trainer saves its final checkpoint first; SIGKILL would lose "
-                        "what it has not saved)", cause)
+            logger.info("%s again: already stopping%s", cause, f" ({finishing})" if finishing else "")
         stop()
 
     return on_signal

@@ -11,6 +11,9 @@ from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
 from tmrl_trainer.config import TrainerConfig
 from tmrl_trainer.export_cli import export_command
 
+TRAINER_FINISHING = "it saves its final checkpoint first; SIGKILL would lose what it has not saved"
+"""What a trainer still does after a stop signal, said when another one comes."""
+
 app = typer.Typer(help="tmrl trainer: learns from worker samples with SAC and publishes policy weights.",
                   no_args_is_help=True)
 app.command("export")(export_command)  # ONNX / policy file from a run (tmrl_trainer.policy_export)
@@ -60,7 +63,7 @@ def run(
     stop = threading.Event()
     # first: a SIGTERM during the imports below stops the trainer cleanly instead of killing it; and never
     # stop.set() inside a signal handler, which can deadlock on the lock stop.wait() holds (tmrl_common.stop_signals)
-    install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_trainer")))
+    install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_trainer"), TRAINER_FINISHING))
     overrides = {
         "env": env, "relay_host": relay_host, "trainer_port": trainer_port, "run_dir": run_dir, "device": device,
         "seed": seed, "torch_threads": torch_threads, "save_memory": True if save_memory else None,
@@ -152,7 +155,7 @@ def train_local_command(
     from tmrl_common.stop_signals import ignore_stop_signals, install_stop_signals, stopping
 
     stop = threading.Event()  # first, as in run: a signal during the imports below stops the run cleanly
-    install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_trainer")))
+    install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_trainer"), TRAINER_FINISHING))
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from tmrl_common.errors import ConfigError

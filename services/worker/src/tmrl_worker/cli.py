@@ -16,6 +16,10 @@ from tmrl_worker.sim.cli import sim_app
 if TYPE_CHECKING:  # runtime imports torch: only the run command loads it
     from tmrl_worker.runtime import RolloutStats
 
+WORKER_FINISHING = ("it waits up to flush_timeout_s for its batches to be acknowledged first; SIGKILL would lose "
+                    "those not acknowledged, but for a durable spool's")
+"""What a worker still does after a stop signal, said when another one comes."""
+
 app = typer.Typer(help="tmrl rollout worker: runs a real-time environment and sends samples to the relay.",
                   no_args_is_help=True)
 app.add_typer(sim_app, name="sim")  # built-in race-track simulator tools
@@ -71,7 +75,7 @@ def run(
     # first: importing torch below takes seconds, and a SIGTERM then must stop the worker cleanly, not kill it; and
     # never stop.set() inside a signal handler, which can deadlock on the lock stop.wait() holds
     # (tmrl_common.stop_signals)
-    install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_worker")))
+    install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_worker"), WORKER_FINISHING))
 
     if test and expert:
         raise typer.BadParameter("--test and --expert exclude each other")
