@@ -43,3 +43,24 @@ def plug_interface(tmp_path, monkeypatch):
     yield plug
     for name in written:
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def refusing_disk(monkeypatch):
+    """The disk under ``tmrl_worker.spool``'s files (the state file, the durable spool): while ``.full`` is true,
+    every atomic write there raises ``.error`` (a full disk by default; set it to ``OSError(30, ...)`` for a
+    read-only folder); otherwise the writes go through."""
+    from types import SimpleNamespace
+
+    from tmrl_worker import spool as spool_module
+
+    disk = SimpleNamespace(full=False, error=OSError(28, "No space left on device"))
+    real_write = spool_module.write_atomically
+
+    def write(path, data, *args, **kwargs):
+        if disk.full:
+            raise disk.error
+        return real_write(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(spool_module, "write_atomically", write)
+    return disk

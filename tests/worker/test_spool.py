@@ -259,28 +259,19 @@ def test_a_full_spool_and_failed_spool_writes_cost_a_line_per_burst_and_unwritte
 
 
 def test_numbers_past_the_reservation_are_never_handed_out_while_the_state_file_cannot_be_written(tmp_path,
-                                                                                                  monkeypatch):
+                                                                                                  refusing_disk):
     """An outside probe filled the state_dir's disk: at the next block the reservation's write failed inside take(),
     after the counter had already moved its reservation forward in memory, and the sender thread died."""
-    from tmrl_worker import spool as spool_module
     from tmrl_worker.spool import ReservationError
 
     counter = SequenceCounter(tmp_path, "w", block=3, first_seq=0)
     assert [counter.take() for _ in range(3)] == [0, 1, 2]
-    real_write = spool_module.write_atomically
-    disk = {"full": True}
-
-    def write(path, data, *args, **kwargs):
-        if disk["full"]:
-            raise OSError(28, "No space left on device")
-        return real_write(path, data, *args, **kwargs)
-
-    monkeypatch.setattr(spool_module, "write_atomically", write)
+    refusing_disk.full = True
     for _ in range(2):  # refused each time, nothing taken
         with pytest.raises(ReservationError, match=r"could not reserve sequence numbers in .*w.state.json: No space"):
             counter.take()
     assert counter.next_seq == 3 and json.loads((tmp_path / "w.state.json").read_text())["reserved_until"] == 3
-    disk["full"] = False
+    refusing_disk.full = False
     assert counter.take() == 3
     assert json.loads((tmp_path / "w.state.json").read_text())["reserved_until"] == 6
 
@@ -321,30 +312,21 @@ def test_a_fifo_among_the_spool_files_or_as_the_progress_file_is_set_aside_not_r
         read_progress(tmp_path / "w1.progress.json")
 
 
-def test_a_worker_started_on_a_full_disk_starts_and_numbers_nothing_until_it_can_reserve(tmp_path, monkeypatch,
+def test_a_worker_started_on_a_full_disk_starts_and_numbers_nothing_until_it_can_reserve(tmp_path, refusing_disk,
                                                                                          caplog):
     """An outside probe's worker, whose durable spool had filled the disk, refused to start with exit 2 ("set
     state_dir to a folder this user can write"), which systemd does not retry: the spool it would deliver, freeing
     the disk, stayed there."""
-    from tmrl_worker import spool as spool_module
     from tmrl_worker.spool import ReservationError
 
     SequenceCounter(tmp_path, "w", block=3, first_seq=0).take()  # an earlier run reserved [0, 3)
-    real_write = spool_module.write_atomically
-    disk = {"full": True}
-
-    def write(path, data, *args, **kwargs):
-        if disk["full"]:
-            raise OSError(28, "No space left on device")
-        return real_write(path, data, *args, **kwargs)
-
-    monkeypatch.setattr(spool_module, "write_atomically", write)
+    refusing_disk.full = True
     with caplog.at_level("ERROR", logger="tmrl_worker.spool"):
         counter = SequenceCounter(tmp_path, "w", block=3)
     assert "could not reserve sequence numbers" in caplog.text and "the worker starts" in caplog.text
     with pytest.raises(ReservationError):
         counter.take()  # nothing reserved by this run: no number handed out
-    disk["full"] = False
+    refusing_disk.full = False
     assert counter.take() == 3
     with pytest.raises(StateFileError, match="cannot hold this worker's state file"):  # not a full disk: exit 2
         SequenceCounter(tmp_path / "w.state.json" / "below-a-file", "w")

@@ -387,22 +387,14 @@ def test_a_connected_link_whose_batches_get_no_answer_says_so_for_the_progress_l
 
 def test_a_state_file_that_cannot_be_written_holds_batches_unnumbered_instead_of_killing_the_sender(context, tmp_path,
                                                                                                       caplog,
-                                                                                                      monkeypatch):
+                                                                                                      monkeypatch,
+                                                                                                      refusing_disk):
     """An outside probe filled (then made read-only) the worker's state_dir: at the next block of sequence numbers
     the sender thread died with a traceback, and the batches it held only in memory were lost without a word."""
     import tmrl_worker.relay_link as relay_link_module
-    from tmrl_worker import spool as spool_module
 
     monkeypatch.setattr(relay_link_module, "RESERVE_RETRY_S", 0.05)
-    real_write = spool_module.write_atomically
-    disk = {"full": False}
-
-    def write(path, data, *args, **kwargs):
-        if disk["full"]:
-            raise OSError(30, "Read-only file system")
-        return real_write(path, data, *args, **kwargs)
-
-    monkeypatch.setattr(spool_module, "write_atomically", write)
+    refusing_disk.error = OSError(30, "Read-only file system")
     relay = FakeRelay(context)
     transport = TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200, linger_ms=0)
     link = RelayLink(worker_id="w-test", layout=LAYOUT,
@@ -413,7 +405,7 @@ def test_a_state_file_that_cannot_be_written_holds_batches_unnumbered_instead_of
     link.start()
     try:
         routing_id, _, _ = relay.receive_type(Hello)
-        disk["full"] = True
+        refusing_disk.full = True
         with caplog.at_level("ERROR", logger="tmrl_worker.relay_link"):
             for _ in range(4):
                 link.submit(filled_builder(3), weights_version=0)
@@ -423,7 +415,7 @@ def test_a_state_file_that_cannot_be_written_holds_batches_unnumbered_instead_of
         assert link._client.is_alive() and snapshot["not_numbered"] == 2 and snapshot["batches_built"] == 2
         errors = [r.getMessage() for r in caplog.records if "could not reserve sequence numbers" in r.getMessage()]
         assert len(errors) == 1 and "Read-only file system; 2 batch(es) wait unnumbered in memory" in errors[0]
-        disk["full"] = False  # space back: numbering goes on where the reservation on disk ends
+        refusing_disk.full = False  # space back: numbering goes on where the reservation on disk ends
         assert sorted(relay.receive_type(SampleBatch, timeout_s=3.0)[2].seq for _ in range(2)) == [2, 3]
         relay.ack(routing_id, "w-test", [0, 1, 2, 3])
         assert link.flush(timeout=3.0) and link.snapshot()["not_numbered"] == 0
