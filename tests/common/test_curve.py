@@ -177,3 +177,18 @@ def test_entries_that_hold_no_key_admit_no_one_never_block_an_addition_and_can_b
     (allow / "full.key" / "something").write_text("x")
     with pytest.raises(KeyFileError, match="cannot remove .*full.key: .*remove it yourself"):
         revoke_public_key(allow, "full")
+
+
+def test_a_server_key_file_holding_the_relays_secret_works_but_is_warned_about_once(tmp_path, caplog):
+    """An outside probe gave clients --server-key relay.key_secret without a word: the relay's secret key then sat
+    on every client host."""
+    from tmrl_common.curve import load_server_public_key
+
+    relay = generate_key_pair(tmp_path, "relay")
+    with caplog.at_level("WARNING", logger="tmrl_common.curve"):
+        assert load_server_public_key(relay.public_file) == load_public_key(relay.public_file)
+        assert caplog.text == ""
+        assert load_server_public_key(relay.secret_file) == load_public_key(relay.public_file)
+        load_server_public_key(relay.secret_file)
+    (warning,) = caplog.records
+    assert f"the server key file {relay.secret_file} holds the relay's secret key too" in warning.getMessage()

@@ -139,6 +139,23 @@ def load_public_key(path: Path) -> bytes:
     return _check_z85_key(public, Path(path), "public")
 
 
+_WARNED_SECRET_SERVER_KEYS: set[str] = set()
+"""Server key files warned about for holding a secret key (once per file: a client loads it once per socket)."""
+
+
+def load_server_public_key(path: Path) -> bytes:
+    """The relay's public key, for a client's ``--server-key`` (:func:`load_public_key`). A file that holds the secret
+    key too (the relay's ``.key_secret`` copied to the client) works, but whoever can read it there can act as the
+    relay: warned once per file."""
+    public, secret = _read_certificate(Path(path))
+    if secret and str(path) not in _WARNED_SECRET_SERVER_KEYS:
+        _WARNED_SECRET_SERVER_KEYS.add(str(path))
+        log.warning("the server key file %s holds the relay's secret key too: a client needs only the public file "
+                    "(relay%s), and whoever can read this copy can act as the relay; give the public file and delete "
+                    "this copy from this host", path, PUBLIC_SUFFIX)
+    return _check_z85_key(public, Path(path), "public")
+
+
 def load_secret_key(path: Path) -> tuple[bytes, bytes]:
     """``(public, secret)`` Z85 keys from a ``.key_secret`` certificate; raises :class:`KeyFileError`."""
     public, secret = _read_certificate(Path(path))

@@ -31,7 +31,7 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tmrl_common.config import refuse_empty_path
-from tmrl_common.curve import load_public_key, load_secret_key
+from tmrl_common.curve import load_secret_key, load_server_public_key
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def secure_client_socket(socket: zmq.Socket, security: SecurityConfig) -> None:
     if security.insecure:
         return
     public, secret = load_secret_key(_require(security.secret_key_file, "this client's secret key file", "secret_key_file"))
-    server_public = load_public_key(
+    server_public = load_server_public_key(
         _require(security.server_public_key_file, "the relay's public key file", "server_public_key_file")
     )
     socket.curve_secretkey = secret
