@@ -19,12 +19,15 @@ Run ``python scripts/demo.py --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from pathlib import Path
 
 from tmrl_stack import LocalStack, StackError, raise_on_sigterm
@@ -208,7 +211,15 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
     else:
         out = new_run_folder(Path("runs").resolve(), time.strftime("demo-%Y%m%d-%H%M%S"))
-    work = Path(tempfile.mkdtemp(prefix="tmrl-demo-"))
+    work = Path(tempfile.mkdtemp(prefix="tmrl-demo-"))  # keys (secret halves too), config, worker state
+    try:
+        return run_demo(args, out, work)
+    finally:  # whatever ends the demo, a second Ctrl-C included: no secret key left in the temporary folder
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_demo(args: argparse.Namespace, out: Path, work: Path) -> int:
+    """The demo in ``out`` with its keys, config and worker state in ``work`` (see :func:`main`)."""
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     config = args.config.resolve() if args.config else work / "tmrl.toml"
@@ -278,11 +289,12 @@ def main() -> int:
             console.print(f"[red]stopping early: {died}[/]")
         console.print("stopping workers, then trainer, then relay ...")
         codes: dict[str, int | str] = {}
-        for name in (*WORKERS, "trainer", "relay"):
-            try:
-                codes[name] = stack.stop(name, timeout=30.0)
-            except StackError:
-                codes[name] = "killed after 30 s"
+        with stop_requests_said_not_raised(console):  # a second Ctrl-C must not cut the trainer's final checkpoint
+            for name in (*WORKERS, "trainer", "relay"):
+                try:
+                    codes[name] = stack.stop(name, timeout=30.0)
+                except StackError:
+                    codes[name] = "killed after 30 s"
         unclean = {name: code for name, code in codes.items() if code != 0}
         if unclean:
             console.print(f"[yellow]exit codes: {unclean} (logs in {logs})[/]")
@@ -299,8 +311,12 @@ def main() -> int:
         console.print(f"learning curve: {curve}")
     else:
         console.print("[yellow]no finished episode was recorded: no learning curve[/]")
-    drive = render_policy_drive(run_dir / "policy.safetensors", out / "policy_drive.gif", out / "policy_drive.png",
-                                track="random:0" if args.episode_tracks else None)
+    try:
+        drive = render_policy_drive(run_dir / "policy.safetensors", out / "policy_drive.gif", out / "policy_drive.png",
+                                    track="random:0" if args.episode_tracks else None)
+    except KeyboardInterrupt:
+        console.print("interrupted: no policy animation")
+        return 130
     if drive is None:
         console.print("[yellow]the trainer published no policy (warm-up not reached?): no policy animation[/]")
     else:
@@ -309,10 +325,25 @@ def main() -> int:
                       f"steps, seed {drive[2]}; the learning curve shows the exploring policy's episodes)")
     console.print(f"trainer run (status.json, metrics.jsonl, tensorboard/, checkpoints/, policy.safetensors): {run_dir}")
     console.print(f"service logs: {logs}")
-    shutil.rmtree(work, ignore_errors=True)
     if stopped_by_user:
         return 130
     return 1 if unclean else 0
+
+
+@contextlib.contextmanager
+def stop_requests_said_not_raised(console) -> Iterator[None]:
+    """While the services stop in turn: Ctrl-C (and SIGTERM) print that the demo is already stopping instead of
+    raising out of the stop loop, which left a traceback, no learning curve and the services killed mid-save."""
+    def already_stopping(signum: int, frame: object) -> None:
+        console.print("already stopping: the workers deliver, then the trainer saves its final checkpoint (each "
+                      "service is killed after 30 s)")
+
+    previous = {signum: signal.signal(signum, already_stopping) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def new_run_folder(parent: Path, name: str) -> Path:

@@ -76,3 +76,42 @@ def test_the_plain_progress_line_gives_each_workers_mean_return(tmp_path):
     metrics_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     metrics.poll()
     assert metrics.returns_line() == "mean return of the last 10 episodes (as acted): worker-1 15.0, worker-2 -3.0"
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_the_demo_stops_is_said_and_leaves_no_traceback_nor_keys_behind(tmp_path):
+    """An outside probe pressed Ctrl-C twice: the second, during "stopping workers, then trainer, then relay", raised
+    out of the stop loop (a traceback, no learning curve) and left the demo's temporary folder, secret keys in it."""
+    import re
+    import signal
+    import threading
+
+    demo = subprocess.Popen([sys.executable, str(DEMO), "--minutes", "3", "--fast", "--no-display", "--out",
+                             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path, env={**os.environ, "COLUMNS": "400"}, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(demo.stdout), daemon=True)
+    reader.start()
+
+    def wait_for_line(text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in list(lines)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(text in line for line in list(lines)), "".join(lines)
+
+    try:
+        wait_for_line(" min: ", 120)  # training: the first progress line
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
+        wait_for_line("stopping workers, then trainer, then relay", 30)
+        os.killpg(demo.pid, signal.SIGINT)
+        demo.wait(timeout=120)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+    reader.join(timeout=5)
+    output = "".join(lines)
+    assert demo.returncode == 130, output
+    assert "already stopping: the workers deliver, then the trainer saves its final checkpoint" in output
+    assert "Traceback" not in output
+    keys = re.search(r"CurveZMQ keys in (\S+);", output)
+    assert keys is not None and not Path(keys.group(1)).exists(), output  # the temporary folder is gone
