@@ -32,9 +32,10 @@ help:
 
 install: $(STAMP)
 
-# torch==2.13.0 goes in first and alone: any looser spec may pull a multi-GB CUDA build.
+# torch==2.13.0 goes in first and alone: any looser spec may pull a multi-GB CUDA build. A venv without a working pip
+# (creation interrupted by Ctrl-C, or ensurepip missing: Debian's python3-venv) is made again, not used as it is.
 $(STAMP): $(foreach p,$(PACKAGES),$(p)/pyproject.toml) requirements-dev.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet hatchling editables
