@@ -51,9 +51,13 @@ def relay_in_thread(config: RelayConfig) -> Iterator[Relay]:
 
 
 @contextlib.contextmanager
-def relay_subprocess(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, dict[str, int]]]:
-    """``tmrl-relay run ARGS`` as a child process; yields it and the ports from its ready line."""
-    command = [sys.executable, "-c", "from tmrl_relay.cli import app; app()", "run", "--bind-host", "127.0.0.1",
+def relay_subprocess(*args: str, env: dict[str, str] | None = None,
+                     open_file_limit: int | None = None) -> Iterator[tuple[subprocess.Popen, dict[str, int]]]:
+    """``tmrl-relay run ARGS`` as a child process; yields it and the ports from its ready line. ``open_file_limit``:
+    its soft and hard ``RLIMIT_NOFILE`` (as under ``ulimit -Hn``), set before the relay starts."""
+    prelude = (f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({open_file_limit}, {open_file_limit})); "
+               if open_file_limit is not None else "")
+    command = [sys.executable, "-c", f"{prelude}from tmrl_relay.cli import app; app()", "run", "--bind-host", "127.0.0.1",
                "--worker-port", "0", "--trainer-port", "0", "--weights-port", "0", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, **(env or {})})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -226,3 +227,46 @@ def test_an_address_this_machine_does_not_have_exits_1_so_a_service_manager_retr
         assert "this machine has no such address or interface now" in run.stderr and "relay listening" not in run.stderr
     assert "cannot bind the workers socket on 192.0.2.99" in workers.stderr
     assert "cannot serve metrics on 192.0.2.99" in metrics.stderr
+
+
+@pytest.mark.slow
+def test_connections_near_the_open_file_limit_are_counted_and_warned_about_and_peers_get_in_after(context):
+    """An outside probe held 1,099 silent connections against a relay under `ulimit -n 1024`: no new peer got in
+    for 45 s, two cores spun in libzmq's accept loop, and neither a log line nor a metric said why."""
+    with relay_subprocess("--insecure", "--metrics-port", str(_free_port()), open_file_limit=512) as (process, ports):
+        silent = []
+        try:
+            for _ in range(445):  # connections that never send a byte, as the probe's; short of the limit, where
+                silent.append(socket.create_connection(("127.0.0.1", ports["worker_port"])))  # /metrics gets in too
+            wait_until(lambda: (_sample(_scrape(ports["metrics_port"]), "tmrl_relay_open_files") or 0) >= 0.9 * 512,
+                       what="the open files gauge", timeout_s=20)
+        finally:
+            for connection in silent:
+                connection.close()
+        wait_until(lambda: (_sample(_scrape(ports["metrics_port"]), "tmrl_relay_open_files") or 999) < 100,
+                   what="the connections closed", timeout_s=20)
+        worker = Peer(context, ports["worker_port"], "worker-1")  # a peer gets in once they are gone
+        worker.hello("worker")
+        worker.send(make_batch(0))
+        wait_until(lambda: _sample(_scrape(ports["metrics_port"]), "tmrl_relay_pending_batches") == 1,
+                   what="the batch held for the trainer")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    assert "the open-file limit is 512 (hard limit 512): the relay can hold about that many connections" in stderr
+    assert "open files of the limit 512: each connection holds one, and at the limit no new peer gets in" in stderr
+
+
+def test_the_relay_lifts_its_soft_open_file_limit_to_the_hard_one_up_to_what_the_systemd_unit_sets():
+    """`make run-relay` inherits the shell's soft limit, often 1,024 connections; only the systemd unit set more."""
+    import resource
+
+    from tmrl_relay.open_files import WANTED_OPEN_FILES
+
+    this_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    script = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, {hard})); "
+              "from tmrl_relay.open_files import raise_open_file_limit; "
+              "print(raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    for hard in (min(8192, this_hard), this_hard):  # a hard limit above the wanted one is not used whole
+        out = subprocess.run([sys.executable, "-c", script.format(hard=hard)], capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out == [str(min(WANTED_OPEN_FILES, hard))] * 2

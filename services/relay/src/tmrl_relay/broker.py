@@ -52,6 +52,7 @@ from tmrl_relay.allowlist import ZAP_DOMAINS, AllowlistWatcher, RelaySetupError,
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head, read_batch_seq
 from tmrl_relay.metrics import RelayMetrics
+from tmrl_relay.open_files import OpenFilesWatch, raise_open_file_limit
 from tmrl_relay.peers import Peer, PeerTable
 from tmrl_relay.pending import PendingBatch, PendingBatches
 from tmrl_relay.subscriptions import CANCEL, SUBSCRIBE, SubscriptionLedger
@@ -126,6 +127,8 @@ class Relay:
         self.pending = PendingBatches(config.max_pending_bytes)
         self.weights = WeightsCache(config.weights_min_interval_s)
         self.subscriptions = SubscriptionLedger()
+        self.open_files = OpenFilesWatch(raise_open_file_limit())
+        """Every connection holds a file: at the limit no new peer gets in (tmrl_relay.open_files)."""
         self._poller = zmq.Poller()
         self._started = time.monotonic()
         self._rate_log = RateLimitedLog(log)
@@ -832,6 +835,9 @@ class Relay:
     def _housekeeping(self, now: float) -> None:
         self._rate_log.flush(now)
         self.metrics.connected_workers.set(self.workers.alive(self.config.peer_timeout_s, now))
+        open_files = self.open_files.check(now)
+        if open_files is not None:
+            self.metrics.open_files.set(open_files)
         if self.trainer.is_silent(now):
             peer = self.trainer.peer
             assert peer is not None

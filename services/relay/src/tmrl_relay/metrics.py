@@ -74,6 +74,7 @@ class RelayMetrics:
         self.pending_bytes = Gauge("tmrl_relay_pending_bytes", "Bytes of sample batches held for the trainer.", registry=r)
         self.pending_batches = Gauge("tmrl_relay_pending_batches", "Sample batches held for the trainer.", registry=r)
         self.cached_weights_bytes = Gauge("tmrl_relay_cached_weights_bytes", "Bytes of the cached latest weights message.", registry=r)
+        self.open_files = Gauge("tmrl_relay_open_files", "Files the relay process holds open (one per connection, plus its own); at its open-file limit no new peer gets in. Linux only.", registry=r)
         self.allowed_keys = Gauge("tmrl_relay_allowed_keys", "Public keys in the allow-list, per link (0 in --insecure mode).", ["link"], registry=r)
 
     def reject(self, reason: str, link: str) -> None:
