@@ -238,6 +238,9 @@ def run_demo(args: argparse.Namespace, out: Path, work: Path) -> int:
     console.print(f"CurveZMQ keys in {stack.keys[0]}; allow-list {stack.keys[1]} (relay, trainer, {', '.join(WORKERS)})")
     stopped_by_user = False
     raise_on_sigterm(interrupt=True)  # `kill` stops the services as Ctrl-C does, instead of orphaning them
+    # Ctrl-C too, even where the demo was started with SIGINT ignored (a job started with `&` by a script, nohup):
+    # the services handle it themselves and stop, and the demo must stop them in order, not report them dead
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stack.start_relay()
         stack.start_trainer("--env", env_name)
