@@ -424,7 +424,7 @@ def test_a_state_file_that_cannot_be_written_holds_batches_unnumbered_instead_of
         relay.close()
 
 
-def test_the_run_summary_blames_the_state_file_for_batches_dropped_unnumbered_when_it_could_not_be_written():
+def test_the_run_summary_names_the_state_dir_for_unnumbered_drops_and_counts_the_spools_file_errors():
     from tmrl_worker.cli import run_summary
     from tmrl_worker.runtime import RolloutStats
 
@@ -433,9 +433,14 @@ def test_the_run_summary_blames_the_state_file_for_batches_dropped_unnumbered_wh
                 "waiting_dropped_steps": 30}
     slow_disk = run_summary("w", RolloutStats(steps=130, delivery=delivery))
     assert "dropped before they were numbered: the sender thread fell a whole spool behind" in slow_disk
-    full_disk = run_summary("w", RolloutStats(steps=130, delivery={**delivery, "reservations_failed": 7}))
+    full_disk = run_summary("w", RolloutStats(steps=130, delivery={**delivery, "reservations_failed": 7,
+                                                                    "spool_write_errors": 4,
+                                                                    "spool_unreadable_files": 2}))
     assert ("3 batch(es) (30 rows) dropped before they were numbered: no sequence numbers could be reserved in the "
             "state file (state_dir full or read-only) 7 time(s)") in full_disk
+    # counted until now only in heartbeats, which nothing exports (an outside probe)
+    assert "; 4 batch(es) could not be written to the durable spool (kept in memory only" in full_disk
+    assert "; 2 spool file(s) of an earlier run could not be read (renamed *.unreadable, not sent)" in full_disk
 
 
 def test_a_revoked_or_impersonated_worker_is_told_why_and_its_summary_says_it(context, tmp_path, caplog):

@@ -134,6 +134,12 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
                          if key.startswith("rejected.") and count)
         if reasons:
             summary += f" ({', '.join(f'{reason}: {count}' for reason, count in reasons)})"
+        if delivery.get("spool_write_errors"):
+            summary += (f"; {delivery['spool_write_errors']} batch(es) could not be written to the durable spool (kept "
+                        "in memory only, so a kill would have lost them: a full or read-only state_dir?)")
+        if delivery.get("spool_unreadable_files"):
+            summary += (f"; {delivery['spool_unreadable_files']} spool file(s) of an earlier run could not be read "
+                        "(renamed *.unreadable, not sent)")
         if delivery.get("spool_restored"):
             summary += (f"; {delivery['spool_restored']} batch(es) restored from the durable spool at start (an earlier "
                         "run's: among the acknowledged and unacknowledged above, not in its rows and "
