@@ -192,3 +192,18 @@ def test_a_server_key_file_holding_the_relays_secret_works_but_is_warned_about_o
         load_server_public_key(relay.secret_file)
     (warning,) = caplog.records
     assert f"the server key file {relay.secret_file} holds the relay's secret key too" in warning.getMessage()
+
+
+def test_a_secret_key_file_in_the_allow_list_folder_is_reported_not_read(tmp_path):
+    """An outside probe copied a client's .key_secret into the allow-list folder: ignored without a word, though
+    whoever can read that folder could then act as the client."""
+    from tmrl_common.curve import read_allowed_keys
+
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    worker = generate_key_pair(keys, "worker-1")
+    allow_public_key(allow, worker.public_file)
+    (allow / "worker-1.key_secret").write_bytes(worker.secret_file.read_bytes())
+    entries, problems = read_allowed_keys(allow)
+    assert [entry.name for entry in entries] == ["worker-1"]
+    (problem,) = problems
+    assert problem.startswith(f"{allow / 'worker-1.key_secret'} is a secret key file: an allow-list holds public")

@@ -251,12 +251,13 @@ def list_allowed_keys(allowlist_dir: Path) -> list[AllowedKey]:
 
 def read_allowed_keys(allowlist_dir: Path) -> tuple[list[AllowedKey], list[str]]:
     """The valid ``*.key`` entries of ``allowlist_dir`` sorted by name, and one line per entry that is not (a
-    malformed file, a folder, an unreadable file: it admits no one, and the line says how to clear it). Raises
+    malformed file, a folder, an unreadable file: it admits no one, and the line says how to clear it) and per secret
+    key file found there (never read, but a secret copied where it does not belong). Raises
     :class:`KeyFileError` when the directory itself cannot be listed (missing, unreadable): then nothing in it can
     be trusted to be complete."""
     allowlist_dir = Path(allowlist_dir)
     try:
-        names = sorted(name for name in os.listdir(allowlist_dir) if name.endswith(PUBLIC_SUFFIX))
+        listed = os.listdir(allowlist_dir)
     except FileNotFoundError as exc:
         raise KeyFileError(
             f"allow-list directory {allowlist_dir} does not exist; add a client with "
@@ -264,7 +265,12 @@ def read_allowed_keys(allowlist_dir: Path) -> tuple[list[AllowedKey], list[str]]
         ) from exc
     except OSError as exc:  # no permission, not a directory: os.listdir says so where Path.glob says nothing
         raise KeyFileError(f"allow-list directory {allowlist_dir} cannot be read: {exc.strerror or exc}") from exc
+    names = sorted(name for name in listed if name.endswith(PUBLIC_SUFFIX))
     keys, problems = [], []
+    for secret in sorted(name for name in listed if name.endswith(SECRET_SUFFIX)):  # read by no one here; a leak
+        problems.append(f"{allowlist_dir / secret} is a secret key file: an allow-list holds public {PUBLIC_SUFFIX} "
+                        f"files only, and a secret key belongs on its own host alone (move it out of {allowlist_dir}; "
+                        "whoever can read it can act as that key)")
     for file_name in names:
         path, name = allowlist_dir / file_name, file_name[: -len(PUBLIC_SUFFIX)]
         try:
