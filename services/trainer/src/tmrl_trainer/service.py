@@ -307,9 +307,9 @@ class TrainerService:
         self.status = StatusFile(self.run_dir / STATUS_FILE, self.snapshot, config.status_interval_s)
         self.last_metrics: dict[str, float] = {}
         self.guard_counts = {"updates_rejected": 0, "publishes_refused": 0, "checkpoints_refused": 0,
-                             "checkpoints_failed": 0, "policy_exports_failed": 0}
-        """The learner guard's counters as of the last report, and the checkpoints and policy files the disk refused
-        (``learner`` in ``status.json``)."""
+                             "checkpoints_failed": 0}
+        """The learner guard's counters as of the last report, and the checkpoints the disk refused (``learner`` in
+        ``status.json``, with ``policy_exports_failed`` from :attr:`_policy_file_failures`)."""
         self._policy_file_failures = WriteFailures(
             log, str(self.run_dir / POLICY_FILE), "the workers got these weights over the relay all the same")
         self._carried_update_credit = 0
@@ -651,7 +651,7 @@ class TrainerService:
             "samples_stored": stored,
             "verification": verification,
             "metrics": self.last_metrics,
-            "learner": dict(self.guard_counts),
+            "learner": {**self.guard_counts, "policy_exports_failed": self._policy_file_failures.total},
             "records": self.recorder.write_failures(),
             "link": vars(self.link.counters),
             **ingest,
@@ -673,7 +673,6 @@ class TrainerService:
         try:
             export_policy(update, self.run_dir / POLICY_FILE)
         except OSError as exc:  # a full disk, a quota: the workers have the weights; the next publication tries again
-            self.guard_counts["policy_exports_failed"] += 1
             self._policy_file_failures.failed(exc)
         else:
             self._policy_file_failures.succeeded()

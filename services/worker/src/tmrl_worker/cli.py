@@ -119,6 +119,23 @@ def run(
     typer.echo(run_summary(effective.worker_id, stats), err=True)
 
 
+_SPOOL_NOTES = (
+    ("spool_write_errors", "batch(es) could not be written to the durable spool (kept in memory only, so a kill would "
+                           "have lost them: a full or read-only state_dir?)"),
+    ("spool_unreadable_files", "spool file(s) of an earlier run could not be read (renamed *.unreadable, not sent)"),
+    ("spool_restored", "batch(es) restored from the durable spool at start (an earlier run's: among the acknowledged "
+                       "and unacknowledged above, not in its rows and batches)"),
+)
+"""(delivery count, what it means): each non-zero one adds ``; <count> <meaning>`` to the run's summary, in order."""
+_LOSS_NOTES = (
+    ("not_numbered", "batch(es) handed over were never numbered nor spooled (the sender thread was still behind when "
+                     "it stopped): lost"),
+    ("seqs_reused", "of the acknowledged were NOT stored: their seq had been used before (a state file restored from "
+                    "an older copy)"),
+)
+"""As :data:`_SPOOL_NOTES`, said after the batches dropped before they were numbered."""
+
+
 def run_summary(worker_id: str, stats: RolloutStats) -> str:
     """The line ``tmrl-worker run`` prints at the end: what the rollout did and, when it sent samples, what became of
     them (refused batches by reason)."""
@@ -134,28 +151,14 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
                          if key.startswith("rejected.") and count)
         if reasons:
             summary += f" ({', '.join(f'{reason}: {count}' for reason, count in reasons)})"
-        if delivery.get("spool_write_errors"):
-            summary += (f"; {delivery['spool_write_errors']} batch(es) could not be written to the durable spool (kept "
-                        "in memory only, so a kill would have lost them: a full or read-only state_dir?)")
-        if delivery.get("spool_unreadable_files"):
-            summary += (f"; {delivery['spool_unreadable_files']} spool file(s) of an earlier run could not be read "
-                        "(renamed *.unreadable, not sent)")
-        if delivery.get("spool_restored"):
-            summary += (f"; {delivery['spool_restored']} batch(es) restored from the durable spool at start (an earlier "
-                        "run's: among the acknowledged and unacknowledged above, not in its rows and "
-                        "batches)")
+        summary += "".join(f"; {delivery[key]} {what}" for key, what in _SPOOL_NOTES if delivery.get(key))
         if delivery.get("waiting_dropped"):
             cause = ("no sequence numbers could be reserved in the state file (state_dir full or read-only) "
                      f"{delivery['reservations_failed']} time(s)" if delivery.get("reservations_failed") else
                      "the sender thread fell a whole spool behind (a slow or hung disk under the durable spool?)")
             summary += (f"; {delivery['waiting_dropped']} batch(es) ({delivery['waiting_dropped_steps']} rows) dropped "
                         f"before they were numbered: {cause}")
-        if delivery.get("not_numbered"):
-            summary += (f"; {delivery['not_numbered']} batch(es) handed over were never numbered nor spooled (the "
-                        "sender thread was still behind when it stopped): lost")
-        if delivery.get("seqs_reused"):
-            summary += (f"; {delivery['seqs_reused']} of the acknowledged were NOT stored: their seq had been used "
-                        "before (a state file restored from an older copy)")
+        summary += "".join(f"; {delivery[key]} {what}" for key, what in _LOSS_NOTES if delivery.get(key))
         if delivery.get("ids_lost") and stats.id_refusal and delivery["spool_batches"]:
             summary += (f"; the relay refused this connection's messages as {worker_id}'s {delivery['ids_lost']} "
                         f"time(s), last: {stats.id_refusal}")
