@@ -276,7 +276,7 @@ def run_demo(args: argparse.Namespace, out: Path, work: Path) -> int:
                         console.print(f"{(time.monotonic() - started) / 60:4.1f} min: {status.get('updates', 0)} updates, "
                                       f"{status.get('samples_received', 0)} samples, weights v{status.get('weights_version', 0)}"
                                       f"; {metrics.returns_line()}")
-                        next_line += 10
+                        next_line = time.monotonic() + 10  # not += 10: a slow first line (torch's import) made three at once
                     time.sleep(0.5)
             else:
                 from rich.live import Live

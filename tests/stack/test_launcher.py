@@ -103,12 +103,18 @@ finally:
 """
 
 
-@pytest.mark.parametrize(("launcher_code", "interrupt", "exit_code"),
-                         [(WITH_STACK, False, 128 + signal.SIGTERM), (SCRIPT_WITH_FINALLY, False, 128 + signal.SIGTERM),
-                          (SCRIPT_WITH_FINALLY, True, 0)],
-                         ids=["with-LocalStack", "raise_on_sigterm", "raise_on_sigterm-as-Ctrl-C"])
-def test_a_launcher_stopped_by_sigterm_takes_its_services_down_with_it(tmp_path, launcher_code, interrupt, exit_code):
-    """``kill <launcher>`` (an operator, a CI timeout) used to end the launcher and leave its services running."""
+@pytest.mark.parametrize(("launcher_code", "interrupt", "signum", "exit_code"),
+                         [(WITH_STACK, False, signal.SIGTERM, 128 + signal.SIGTERM),
+                          (SCRIPT_WITH_FINALLY, False, signal.SIGTERM, 128 + signal.SIGTERM),
+                          (SCRIPT_WITH_FINALLY, True, signal.SIGTERM, 0),
+                          (WITH_STACK, False, signal.SIGHUP, 128 + signal.SIGHUP),
+                          (SCRIPT_WITH_FINALLY, True, signal.SIGHUP, 0)],
+                         ids=["with-LocalStack", "raise_on_sigterm", "raise_on_sigterm-as-Ctrl-C",
+                              "with-LocalStack-terminal-closed", "raise_on_sigterm-terminal-closed"])
+def test_a_launcher_stopped_by_a_signal_takes_its_services_down_with_it(tmp_path, launcher_code, interrupt, signum,
+                                                                        exit_code):
+    """``kill <launcher>`` (an operator, a CI timeout) used to end the launcher and leave its services running; so
+    does a closed terminal (SIGHUP) now that each service has a process group of its own."""
     import subprocess
     import sys
     import time
@@ -117,7 +123,7 @@ def test_a_launcher_stopped_by_sigterm_takes_its_services_down_with_it(tmp_path,
                f"root = Path({str(tmp_path)!r})\nINTERRUPT = {interrupt}\n")
     launcher = subprocess.Popen([sys.executable, "-c", prelude + launcher_code], stdout=subprocess.PIPE, text=True)
     child = int(launcher.stdout.readline())
-    launcher.send_signal(signal.SIGTERM)
+    launcher.send_signal(signum)
     assert launcher.wait(timeout=30) == exit_code
     assert ("interrupted" in launcher.stdout.read()) is interrupt  # as Ctrl-C: the script's own stopping path runs
     deadline = time.monotonic() + 10
@@ -126,17 +132,53 @@ def test_a_launcher_stopped_by_sigterm_takes_its_services_down_with_it(tmp_path,
     assert not _running(child)
 
 
-def test_the_stack_puts_the_previous_sigterm_handler_back_on_exit(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_the_stack_puts_the_previous_stop_signal_handler_back_on_exit(tmp_path, signum):
     def previous(signum, frame):
         pass
 
-    saved = signal.signal(signal.SIGTERM, previous)
+    saved = signal.signal(signum, previous)
     try:
         with LocalStack(tmp_path):
-            assert signal.getsignal(signal.SIGTERM) is not previous
-        assert signal.getsignal(signal.SIGTERM) is previous
+            assert signal.getsignal(signum) is not previous
+        assert signal.getsignal(signum) is previous
     finally:
-        signal.signal(signal.SIGTERM, saved)
+        signal.signal(signum, saved)
+
+
+CTRL_C_LAUNCHER = """
+with LocalStack(root) as stack:
+    stack.start("sleeper", sys.executable, "-c", "import time; time.sleep(120)")
+    print(stack.processes["sleeper"].pid, flush=True)
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:
+        time.sleep(0.5)  # a SIGINT that reached the sleeper too has ended it by now
+        print("sleeper", "running" if stack.processes["sleeper"].poll() is None else "gone", flush=True)
+        print("stopped with", stack.stop("sleeper", timeout=10), flush=True)
+"""
+
+
+def test_a_ctrl_c_at_the_terminal_reaches_the_launcher_and_not_its_services(tmp_path):
+    """The terminal sends Ctrl-C's SIGINT to its whole foreground process group: it reached the demo's services as
+    well as the demo, all stopped at once, and each worker lost the last batch the relay was no longer up to carry.
+    In process groups of their own, the services run on until the launcher stops them, in its order."""
+    import os
+    import subprocess
+    import sys
+
+    prelude = f"import sys, time\nfrom pathlib import Path\nfrom tmrl_stack import LocalStack\nroot = Path({str(tmp_path)!r})\n"
+    launcher = subprocess.Popen([sys.executable, "-c", prelude + CTRL_C_LAUNCHER], stdout=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own group, as a terminal's foreground job has
+    try:
+        sleeper = int(launcher.stdout.readline())
+        assert os.getpgid(sleeper) != launcher.pid
+        os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C
+        assert launcher.wait(timeout=30) == 0
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.stdout.read().splitlines() == ["sleeper running", f"stopped with {-signal.SIGTERM}"]
 
 
 def _running(pid: int) -> bool:

@@ -16,7 +16,10 @@ Every service is started from the console script installed next to the running P
 * **life cycle**: :meth:`LocalStack.wait_ready` (relay listening, trainer's first ``status.json``, worker connected),
   :meth:`LocalStack.stop` (a signal, then SIGKILL past a timeout, reported as :class:`StackError`),
   :meth:`LocalStack.kill_all`; used as a context manager it kills whatever is left on exit, also when the
-  launcher itself is stopped by SIGTERM (in the main thread, SIGTERM becomes ``SystemExit`` inside the ``with``).
+  launcher itself is stopped by SIGTERM or SIGHUP (in the main thread, they become ``SystemExit`` inside the
+  ``with``). Each service runs in a process group of its own, so a Ctrl-C at the terminal reaches the launcher only,
+  which stops them in its order (workers first, so that the relay is still up to carry their last batches: with
+  the terminal's SIGINT reaching all at once, each demo worker lost its last batch).
 
 A process that must stay up is checked by :func:`wait_until` while it polls; failures carry the tails of the logs.
 """
@@ -115,11 +118,17 @@ def _interrupt_on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""What stops a launcher besides Ctrl-C: ``kill`` or a CI timeout, and the terminal closing (the services, in
+process groups of their own, no longer get its SIGHUP themselves)."""
+
+
 def raise_on_sigterm(interrupt: bool = False) -> None:
-    """For a launcher script (call it in the main thread): SIGTERM raises ``SystemExit(143)``, or with ``interrupt``
-    ``KeyboardInterrupt`` as Ctrl-C would, so the script's ``finally`` and ``with`` blocks stop its services instead
-    of leaving them running after ``kill`` or a CI timeout."""
-    signal.signal(signal.SIGTERM, _interrupt_on_signal if interrupt else _exit_on_signal)
+    """For a launcher script (call it in the main thread): SIGTERM and SIGHUP raise ``SystemExit(128 + signal)``, or
+    with ``interrupt`` ``KeyboardInterrupt`` as Ctrl-C would, so the script's ``finally`` and ``with`` blocks stop its
+    services instead of leaving them running after ``kill``, a CI timeout or a closed terminal."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _interrupt_on_signal if interrupt else _exit_on_signal)
 
 
 class LocalStack:
@@ -147,19 +156,21 @@ class LocalStack:
         self.roles: dict[str, str] = {}
 
     def __enter__(self) -> LocalStack:
-        # SIGTERM to the launcher (``kill``, a CI timeout) would end it without running __exit__ and leave the
-        # services running; in the main thread it becomes SystemExit, so they are killed on the way out
-        self._previous_sigterm: Any = None
+        # SIGTERM or SIGHUP to the launcher (``kill``, a CI timeout, a closed terminal) would end it without running
+        # __exit__ and leave the services running; in the main thread they become SystemExit, so they are killed on
+        # the way out
+        self._previous_handlers: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_signal) or signal.SIG_DFL
+            for signum in STOP_SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, _exit_on_signal) or signal.SIG_DFL
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
             self.kill_all()
         finally:
-            if self._previous_sigterm is not None:  # None: not installed (not the main thread)
-                signal.signal(signal.SIGTERM, self._previous_sigterm)
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
 
     # ---------------------------------------------------------------------------------------------- starting
 
@@ -198,9 +209,10 @@ class LocalStack:
         """Any console script (``args[0]``) as process ``name``, appending to ``<logs>/<name>.log``."""
         log_path = self.logs_dir / f"{name}.log"
         with open(log_path, "ab") as log:
+            # process_group=0: a group of its own (module docstring: the terminal's Ctrl-C); ignored on Windows
             self.processes[name] = subprocess.Popen([str(console_script(args[0])), *args[1:]], stdout=log,
                                                     stderr=subprocess.STDOUT, cwd=self.root,
-                                                    env={**self.env, **(env or {})})
+                                                    env={**self.env, **(env or {})}, process_group=0)
         self.logs[name] = log_path
         self.roles[name] = role
 
