@@ -85,7 +85,14 @@ class EpisodeResult(BaseModel):
     lap_time_s: float | None
     """``seconds`` of a finished episode, else ``None``."""
     wall_contacts: int | None
-    """Physics ticks spent touching a wall (the simulator's ``info["wall_hits"]``); ``None`` when not reported."""
+    """Physics ticks spent touching a wall (the simulator's ``info["wall_hits"]``, 5 ticks per 20 Hz step: 1,000 in a
+    1,000-step episode is a quarter of its time on a wall); ``None`` when not reported."""
+    progress: float | None = None
+    """The fraction of the lap covered (the simulator's ``info["progress"]``): the figure to compare across tracks,
+    whose returns differ (2 per metre of centre line, plus 100 at the finish: a lap of ``hairpins`` returns 1030, one
+    of ``random:3`` 1366); ``None`` when not reported."""
+    track: str | None = None
+    """The simulator's track of this episode (``episode_tracks`` draws one per episode); ``None`` for other envs."""
 
 
 class EvalSummary(BaseModel):
@@ -97,6 +104,8 @@ class EvalSummary(BaseModel):
     evaluated_as: str
     """The env spec actually run (``sim`` is evaluated as ``sim-fast``)."""
     track: str | None
+    """The simulator's track, when every episode ran on it (``None`` for other envs, and when ``episode_tracks`` drew
+    several: each episode names its own)."""
     realtime: bool
     step_seconds: float | None
     seed: int
@@ -128,6 +137,9 @@ def evaluated_spec(config: EvalConfig) -> tuple[str, dict[str, Any]]:
         options.setdefault("time_step_duration", config.time_step_duration)
         if config.track is not None:
             options["track"] = config.track
+            # the track asked for, not a training config's pool of tracks drawn at each reset (which ran the
+            # episodes on random training tracks while the summary named the last of them)
+            options.pop("episode_tracks", None)
         return "sim-fast", options
     if config.track is not None:
         raise EnvSpecError(f"--track applies to the simulator (sim) only, not to env {spec!r}")
@@ -152,16 +164,20 @@ def run_episode(env: EnvHandle, policy: Policy, seed: int, on_frame: Callable[[]
             return total, steps, terminated, info
 
 
-def episode_result(index: int, seed: int, outcome: tuple[float, int, bool, dict], step_seconds: float | None) -> EpisodeResult:
-    """The :class:`EpisodeResult` of ``run_episode``'s ``outcome`` at ``step_seconds`` per step."""
+def episode_result(index: int, seed: int, outcome: tuple[float, int, bool, dict], step_seconds: float | None,
+                   track: str | None = None) -> EpisodeResult:
+    """The :class:`EpisodeResult` of ``run_episode``'s ``outcome`` at ``step_seconds`` per step, on ``track``."""
     total, steps, terminated, info = outcome
     finished = bool(info["finished"]) if "finished" in info else None
     seconds = steps * step_seconds if step_seconds else None
-    wall = info.get("wall_hits")
+    wall, progress = info.get("wall_hits"), info.get("progress")
     return EpisodeResult(episode=index, seed=seed, episode_return=total, steps=steps,
                          ended="terminated" if terminated else "truncated", finished=finished, seconds=seconds,
                          lap_time_s=seconds if finished else None,
-                         wall_contacts=int(wall) if isinstance(wall, (int, np.integer)) else None)
+                         wall_contacts=int(wall) if isinstance(wall, (int, np.integer)) else None,
+                         progress=float(progress) if isinstance(progress, (int, float, np.number))
+                         and not isinstance(progress, bool) and math.isfinite(progress) else None,
+                         track=track)
 
 
 def summarise(config: EvalConfig, spec: str, env: EnvHandle, policy: Policy,
@@ -172,7 +188,7 @@ def summarise(config: EvalConfig, spec: str, env: EnvHandle, policy: Policy,
     best = max(results, key=lambda r: (r.episode_return, -r.steps))  # equal returns: the quicker episode
     return EvalSummary(
         policy=str(config.policy), policy_version=policy.version, env=config.env, evaluated_as=spec,
-        track=env.env.unwrapped.track.name if spec == "sim-fast" else None, realtime=env.realtime,
+        track=tracks.pop() if len(tracks := {r.track for r in results}) == 1 else None, realtime=env.realtime,
         step_seconds=env.step_seconds, seed=config.seed, episodes=results, mean_return=statistics.fmean(returns),
         std_return=statistics.pstdev(returns), min_return=min(returns), max_return=max(returns),
         finished=len(finished) if reported else None,
@@ -266,7 +282,9 @@ def evaluate(config: EvalConfig, on_episode: Callable[[EpisodeResult], None] | N
         results = []
         for index in range(config.episodes):
             seed = config.seed + index
-            results.append(episode_result(index, seed, run_episode(env, policy, seed), env.step_seconds))
+            outcome = run_episode(env, policy, seed)
+            track = env.env.unwrapped.track.name if spec == "sim-fast" else None  # the episode's, after its reset
+            results.append(episode_result(index, seed, outcome, env.step_seconds, track))
             if on_episode is not None:
                 on_episode(results[-1])
         summary = summarise(config, spec, env, policy, results)
@@ -295,12 +313,14 @@ def episode_line(result: EpisodeResult) -> str:
     outcome = {True: "finished", False: "not finished", None: result.ended}[result.finished]
     line = f"episode {result.episode} (seed {result.seed}): return {result.episode_return:9.2f}, {outcome:12s} " \
            f"{result.steps:5d} steps"
+    if result.progress is not None and not result.finished:
+        line += f" ({100 * result.progress:.1f} % of the lap)"
     if result.lap_time_s is not None:
         line += f", lap {result.lap_time_s:.2f} s"
     elif result.seconds is not None:
         line += f", {result.seconds:.2f} s"
     if result.wall_contacts is not None:
-        line += f", {result.wall_contacts} wall contacts"
+        line += f", {result.wall_contacts} wall-contact ticks"
     return line
 
 
