@@ -60,9 +60,53 @@ def test_an_env_that_gives_up_stops_the_worker_only_after_the_relay_acknowledged
                               state_dir=tmp_path, durable_spool=True, flush_timeout_s=10.0,
                               transport=TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200, linger_ms=0),
                               security=SecurityConfig(insecure=True))
-        with pytest.raises(EnvFailure, match="the race did not restart"):
+        with pytest.raises(EnvFailure, match="the race did not restart") as raised:
             run_worker(config)
         answering.join(timeout=10.0)
         assert len(acked) == 1
         spooled = sorted((tmp_path / "w-gives-up.spool").glob("*"))
         assert spooled == []  # acknowledged before the worker stopped: nothing left to resend
+        # and the CLI's run summary says so (it printed only the env's line before)
+        stats = raised.value.stats
+        assert (stats.steps, stats.episodes) == (3, 1)
+        assert (stats.delivery["batches_built"], stats.delivery["spool_acked"], stats.delivery["spool_batches"]) == (1, 1, 0)
+
+
+def test_a_dead_sender_thread_stops_the_worker_with_what_it_had_delivered(context, tmp_path, monkeypatch):
+    """The sender thread dying on an unexpected error stopped the worker with one line and no count of what it
+    had sent, had acknowledged, or left unsent."""
+    from tmrl_worker.config import WorkerConfig
+    from tmrl_worker.relay_link import RelayLink, SenderFailure
+    from tmrl_worker.runtime import run_worker
+
+    stored: list[int] = []
+    real_heartbeat = RelayLink._heartbeat
+
+    def heartbeat_that_fails_once_a_batch_is_stored(self):
+        if stored:
+            raise RuntimeError("an unexpected bug in the sender thread")
+        return real_heartbeat(self)
+
+    monkeypatch.setattr(RelayLink, "_heartbeat", heartbeat_that_fails_once_a_batch_is_stored)
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+
+        def acknowledge_one() -> None:
+            envelope, batch = trainer.recv_type("sample_batch", timeout_ms=20_000)
+            trainer.send(SampleAck(worker=envelope.sender, seqs=[batch.seq], outcome="stored"))
+            threading.Event().wait(0.3)  # the ack reaches the worker before its next heartbeat fails
+            stored.append(batch.seq)
+
+        answering = threading.Thread(target=acknowledge_one, daemon=True)
+        answering.start()
+        config = WorkerConfig(worker_id="w-dead-sender", env="sim-fast", batch_steps=20, max_steps_per_second=200,
+                              heartbeat_interval_s=0.1, worker_port=relay.ports.worker_port,
+                              weights_port=relay.ports.weights_port, state_dir=tmp_path,
+                              transport=TransportConfig(reconnect_ivl_ms=50, reconnect_ivl_max_ms=200, linger_ms=0),
+                              security=SecurityConfig(insecure=True))
+        with pytest.raises(SenderFailure, match="an unexpected bug in the sender thread") as raised:
+            run_worker(config)
+        answering.join(timeout=10.0)
+    delivery = raised.value.stats.delivery
+    assert delivery["spool_acked"] >= 1 and delivery["batches_built"] >= delivery["spool_acked"]
+    assert raised.value.stats.steps >= 20

@@ -162,6 +162,21 @@ def test_an_env_that_gives_up_or_a_dead_sender_stops_the_worker_with_its_message
     assert result.exit_code == 1
     assert result.output.strip() == "tmrl-worker: the race did not restart within 10 s of the respawn"
 
+    def give_up_after_a_run(config, stop=None, exit_if_stuck=False):  # as run_worker does: what the run did
+        exc = error("the race did not restart within 10 s of the respawn")
+        exc.stats = runtime.RolloutStats(steps=60, episodes=1, batches_submitted=2, delivery={
+            "steps_submitted": 60, "batches_built": 2, "spool_acked": 2, "spool_resent": 0, "spool_dropped": 0,
+            "spool_batches": 0, "batches_rejected": 0, "connections": 1})
+        raise exc
+
+    monkeypatch.setattr(runtime, "run_worker", give_up_after_a_run)
+    result = CliRunner().invoke(app, ["run", "--env", "sim", "--insecure", "--worker-id", "w7"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "w7: 60 steps, 1 episodes, 2 batches, weights version 0; delivery: 60 rows in 2 batches, 2 acknowledged, "
+        "0 resent, 0 dropped, 0 unacknowledged, 0 rejected",
+        "tmrl-worker: the race did not restart within 10 s of the respawn"]
+
 
 def test_sim_fast_has_the_trackmania_lidar_layout_and_an_expert_that_drives():
     from tmrl_common.layout import tm20_lidar_layout

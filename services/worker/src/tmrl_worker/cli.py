@@ -113,7 +113,10 @@ def run(
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=1) from exc
     except (EnvFailure, SenderFailure) as exc:  # the env gave up while running (e.g. the game did not restart; what
-        # was sent is delivered first), or the sender thread died (its traceback is logged): one line, exit 1
+        # was sent is delivered first), or the sender thread died (its traceback is logged): what the run did and
+        # what became of its batches, then the cause in one line, exit 1
+        if getattr(exc, "stats", None) is not None:
+            typer.echo(run_summary(effective.worker_id, exc.stats), err=True)
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=1) from exc
     typer.echo(run_summary(effective.worker_id, stats), err=True)

@@ -313,9 +313,11 @@ class RelayLink:
             time.sleep(0.02)
         return False
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0, raise_failure: bool = True) -> None:
+        """Stop the sender thread (it numbers and spools what is still in its inbox first); :class:`SenderFailure` if
+        it had died on an error, unless ``raise_failure`` is off (the caller reports :attr:`failure` itself)."""
         self._client.stop(timeout)
-        if self.failure is not None:
+        if raise_failure and self.failure is not None:
             raise SenderFailure(f"{self.worker_id}: sender thread failed: {self.failure}") from self.failure
 
     @property

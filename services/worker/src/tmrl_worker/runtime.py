@@ -566,6 +566,15 @@ class RolloutLoop:
 # ------------------------------------------------------------------------------------------------------- service
 
 
+def _with_delivery(stats: RolloutStats, link: RelayLink | None) -> RolloutStats:
+    """``stats`` with the sender thread's counts, once it stopped (or died: its counts as it left them)."""
+    if link is not None:
+        stats.delivery = link.snapshot()
+        stats.handshake_advice = link.handshake_advice()
+        stats.id_refusal = link.id_refusal
+    return stats
+
+
 def _flush_before_stop(link: RelayLink | None, config: WorkerConfig) -> None:
     """Wait up to ``flush_timeout_s`` for the relay to acknowledge every batch sent; warn about what stays unacknowledged."""
     if link is not None and not link.flush(timeout=config.flush_timeout_s):
@@ -718,7 +727,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
 
         def health_check() -> None:
             if link is not None and link.failure is not None:
-                raise SenderFailure(f"{config.worker_id}: sender thread failed: {link.failure}")
+                raise SenderFailure(f"{config.worker_id}: sender thread failed: {link.failure}") from link.failure
 
         returned = threading.Event()
         env.attach_stop(stop)
@@ -730,17 +739,23 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
                 stats = loop.run(max_steps=config.max_steps, stop=stop, health_check=health_check)
             finally:
                 returned.set()
-        except EnvFailure:  # the env cannot go on: what was sent still reaches the trainer before the worker stops
-            _flush_before_stop(link, config)
+        except (EnvFailure, SenderFailure) as exc:  # the env cannot go on, or the sender thread died
+            if isinstance(exc, EnvFailure):  # what was sent reaches the trainer before the worker stops
+                _flush_before_stop(link, config)
+            if link is not None:
+                link.stop(raise_failure=False)  # a sender thread that died is logged where it did, with its traceback
+            exc.stats = _with_delivery(loop.stats, link)  # type: ignore[attr-defined]  # the CLI's run summary
             loop.record_progress(running=False)
             raise
         _flush_before_stop(link, config)
-        if link is not None:
-            link.stop()  # the sender thread numbers and spools what is still in its inbox before it ends: count after
-            stats.delivery = link.snapshot()
-            stats.handshake_advice = link.handshake_advice()
-            stats.id_refusal = link.id_refusal
+        if link is not None:  # the sender thread numbers and spools what is still in its inbox before it ends
+            link.stop(raise_failure=False)
+        _with_delivery(stats, link)  # so: counted after
         loop.record_progress(running=False)
+        if link is not None and link.failure is not None:  # it died after the last step
+            failure = SenderFailure(f"{config.worker_id}: sender thread failed: {link.failure}")
+            failure.stats = stats  # type: ignore[attr-defined]
+            raise failure from link.failure
         if link is not None and link.gave_up is not None:
             raise BatchesRefused(link.gave_up, stats)
         return stats
@@ -750,8 +765,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
         try:
             if feed is not None:
                 feed.stop()
-            if link is not None:
-                link.stop()
+            if link is not None:  # stopped above, unless the run ended on another error (a sender that died is
+                link.stop(raise_failure=False)  # logged where it did; raising here would hide that error)
         finally:
             env.close()
             context.destroy(linger=0)
