@@ -32,9 +32,17 @@ help:
 
 install: $(STAMP)
 
+# Two `make demo` started together in a fresh clone built the venv at once, and the second failed: the install runs
+# under a lock (flock, from util-linux; where there is none, as on macOS, unlocked), and a make that waited for it
+# checks the stamp again and finds the venv made.
+INSTALL_LOCK := $(if $(shell command -v flock 2>/dev/null),flock $(VENV).lock,)
+
 # torch==2.13.0 goes in first and alone: any looser spec may pull a multi-GB CUDA build. A venv without a working pip
 # (creation interrupted by Ctrl-C, or ensurepip missing: Debian's python3-venv) is made again, not used as it is.
 $(STAMP): $(foreach p,$(PACKAGES),$(p)/pyproject.toml) requirements-dev.txt
+ifeq ($(TMRL_INSTALL_LOCKED),)
+	@$(INSTALL_LOCK) $(MAKE) --no-print-directory TMRL_INSTALL_LOCKED=1 $(STAMP)
+else
 	$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
@@ -42,6 +50,7 @@ $(STAMP): $(foreach p,$(PACKAGES),$(p)/pyproject.toml) requirements-dev.txt
 	$(PIP) install --quiet --no-build-isolation $(foreach p,$(PACKAGES),-e $(p))
 	$(PIP) install --quiet -r requirements-dev.txt
 	touch $(STAMP)
+endif
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -74,4 +83,4 @@ install-systemd:
 	sudo bash deploy/systemd/install.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV).lock .pytest_cache .hypothesis
