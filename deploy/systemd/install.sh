@@ -3,7 +3,8 @@
 #   sudo bash deploy/systemd/install.sh [--dry-run] [relay] [trainer] [worker]
 # With no arguments, installs the relay and the trainer units. Nothing is started until you enable it:
 #   systemctl enable --now tmrl-relay tmrl-trainer tmrl-worker@worker-1
-# Each machine gets only what its roles need: the relay alone installs no torch.
+# Each machine gets only what its roles need: the relay alone installs no torch. Every machine gets tmrl-relay (no
+# torch, no unit unless the relay role is asked for): its `keys generate` makes each host's own key pair.
 # Environment: PYTHON (an interpreter >= 3.11, default python3), TORCH_SPEC (default torch==2.13.0),
 # TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cu128 for a CUDA build on the trainer).
 set -euo pipefail
@@ -14,12 +15,12 @@ prefix=/opt/tmrl
 python=${PYTHON:-python3}
 [ ${#roles[@]} -gt 0 ] || roles=(relay trainer)
 
-packages=("$repo/libs/common")
+packages=("$repo/libs/common" "$repo/services/relay")
 units=()
 needs_torch=no
 for role in "${roles[@]}"; do
   case "$role" in
-    relay)   packages+=("$repo/services/relay"); units+=(tmrl-relay.service) ;;
+    relay)   units+=(tmrl-relay.service) ;;
     trainer) packages+=("$repo/services/trainer"); needs_torch=yes; units+=(tmrl-trainer.service) ;;
     worker|worker:*) packages+=("$repo/services/worker"); needs_torch=yes; units+=(tmrl-worker@.service) ;;
     *) echo "unknown role '$role' (relay, trainer, worker)" >&2; exit 2 ;;

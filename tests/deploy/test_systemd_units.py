@@ -104,6 +104,10 @@ def test_installer_puts_torch_only_where_a_role_needs_it() -> None:
                                               "unit: /etc/systemd/system/tmrl-relay.service"]
     assert plan("trainer").splitlines()[0] == "torch: yes"
     assert "package: services/worker" in plan("worker:worker-1")
+    # a docs probe: deployment.md has the trainer and worker hosts run `tmrl-relay keys generate`, which only the
+    # relay's package installs: every host gets it (without its unit)
+    for role in ("trainer", "worker"):
+        assert "package: services/relay" in plan(role) and "tmrl-relay.service" not in plan(role)
     # an operator's probe: the dry run named no unit, file or user, and took --dry-run as the first argument only
     worker_plan = plan("worker", "--dry-run")
     assert "unit: /etc/systemd/system/tmrl-worker@.service" in worker_plan and "user: tmrl" in worker_plan

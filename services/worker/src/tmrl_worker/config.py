@@ -128,6 +128,30 @@ class WorkerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _sim_options_are_valid(self) -> WorkerConfig:
+        """The simulator's ``env_options`` (:class:`~tmrl_worker.sim.config.SimConfig` fields) are checked as the config
+        is read, as TrackMania's are: unchecked, an unknown option, a bad value or ``episode_tracks`` that draws a
+        held-out track passed ``--show-config`` and surfaced only when the env was built."""
+        from tmrl_worker.envs import SIM_SPECS, one_line_message
+
+        if self.env.strip() not in SIM_SPECS:
+            return self
+        from pydantic import ValidationError
+        from tmrl_common.config import did_you_mean
+
+        from tmrl_worker.sim.config import SimConfig
+
+        for name in self.env_options:
+            if name not in SimConfig.model_fields:
+                raise ValueError(f"env_options.{name}: unknown option for env {self.env.strip()!r}"
+                                 f"{did_you_mean(name, SimConfig.model_fields)}")
+        try:
+            SimConfig.model_validate(self.env_options)
+        except ValidationError as exc:
+            raise ValueError(f"env_options for env {self.env.strip()!r}: {one_line_message(exc)}") from None
+        return self
+
+    @model_validator(mode="after")
     def _distinct_ports(self) -> WorkerConfig:
         if self.worker_port == self.weights_port:
             raise ValueError(f"worker_port and weights_port must differ (both {self.worker_port}): the relay binds a "
