@@ -47,7 +47,7 @@ def test_role_dir_puts_trainers_in_their_own_folder():
 
 @pytest.mark.parametrize(("name", "expected", "absent"), [
     ("relay", "it is not added to the allow-list", "keys add"),
-    ("trainer", "keys add trainer.key --allow-dir ALLOW --role trainer", "--server-key relay.key\n"),
+    ("trainer", "keys add trainer.key --allow-dir ALLOW --role trainer", "--server-key relay.key "),
     ("worker-3", "keys add worker-3.key --allow-dir ALLOW --role worker)", "--role trainer"),
 ])
 def test_keys_generate_advice_fits_the_key_it_made(runner, tmp_path, name, expected, absent):
@@ -56,6 +56,8 @@ def test_keys_generate_advice_fits_the_key_it_made(runner, tmp_path, name, expec
     text = result.output.replace("\n", " ")
     assert expected in text
     assert absent not in result.output
+    if name != "relay":  # the relay's public key beside the pair, as `keys init` and deployment.md place it
+        assert f"--server-key {tmp_path / 'relay.key'} " in result.output, result.output
 
 
 def test_a_relay_on_the_keys_init_layout_admits_the_trainer_only_on_the_trainer_socket(context, tmp_path):
