@@ -105,6 +105,38 @@ def test_a_refused_handshake_is_logged_with_the_relays_own_endpoint_as_text(cont
     assert f"refused a connection on tcp://127.0.0.1:{relay.ports.trainer_port} " in line and "b'" not in line
 
 
+def test_a_refused_connection_is_one_log_line_not_a_second_that_guesses_why_it_closed(context, tmp_path, keys, caplog):
+    """An outside probe: every refused handshake was followed by an INFO line for the connection's close, guessing
+    "the peer left; or it sent a frame over the cap; or it is not a DEALER socket". The close is counted, not said
+    again; a peer that leaves after its handshake still is."""
+    caplog.set_level(logging.INFO, logger="tmrl_relay")
+    with relay_in_thread(_config(tmp_path, keys)) as relay:
+        value = relay.metrics.registry.get_sample_value
+
+        def failures() -> float:
+            return sum(value("tmrl_relay_handshake_failures_total", {"link": "workers", "kind": kind}) or 0
+                       for kind in ("auth", "protocol", "other"))
+
+        def closes() -> float:
+            return value("tmrl_relay_disconnects_total", {"link": "workers"}) or 0
+
+        intruder = _peer(context, relay.ports.worker_port, keys, "intruder", "worker-1")
+        intruder.try_send(Hello(role="worker", software="test"))
+        wait_until(lambda: closes() >= 1, what="the refused connection's close")
+        intruder.close()
+        wait_until(lambda: failures() == closes(), what="each refused connection closed")  # one of each per attempt
+        refused_closes = closes()
+        worker = _peer(context, relay.ports.worker_port, keys, "worker-1", "worker-1")
+        worker.hello("worker")
+        wait_until(lambda: "worker-1" in relay.workers.by_sender, what="the worker's hello")
+        worker.close()
+        wait_until(lambda: closes() == refused_closes + 1, what="the worker's close")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("during the handshake" in m for m in messages) == refused_closes >= 1, messages
+    [closed] = [i for i, m in enumerate(messages) if "a connection on" in m and "closed" in m]
+    [hello] = [i for i, m in enumerate(messages) if "worker worker-1 said hello" in m]
+    assert closed > hello, messages  # the one close said is the worker's
+
 def test_a_worker_key_on_the_trainer_port_is_refused_and_counted_by_default(context, tmp_path, keys):
     """Issue 14's takeover: an allow-listed worker key said hello as ``evil-trainer`` and published version 1e9."""
     with relay_in_thread(_config(tmp_path, keys)) as relay:

@@ -132,6 +132,9 @@ class Relay:
         self._poller = zmq.Poller()
         self._started = time.monotonic()
         self._rate_log = RateLimitedLog(log)
+        self._refused_not_closed: dict[str, int] = {}
+        """Per link, connections refused during the handshake whose close libzmq has not reported yet: that close is
+        the refused connection's, logged already (:meth:`_on_disconnect` says nothing more about it)."""
         self._hello_lines = LineBudget(lines=20, window_s=10.0)
         """Workers' hello lines: each is logged until a churn of connections (new ids) passes this many per window."""
         self._heartbeat_frames: list[bytes] | None = None
@@ -801,6 +804,7 @@ class Relay:
             if kind is None:
                 continue
             self.metrics.handshake_failures.labels(link=link, kind=kind).inc()
+            self._refused_not_closed[link] = self._refused_not_closed.get(link, 0) + 1
             # libzmq's endpoint is this relay's end of the connection; the client's address is not given
             self._rate_log.warning(("handshake", link, kind), "%s link: refused a connection on %s during the "
                                    "handshake (%s: %s)", link, event.get("endpoint", b"?").decode(errors="replace"),
@@ -821,12 +825,14 @@ class Relay:
         cap (:meth:`RelayConfig.socket_frame_cap`), which ZeroMQ drops unread together with the connection. Either way
         it is counted and logged here, so an oversized frame never goes unseen."""
         self.metrics.disconnects.labels(link=link).inc()
-        # INFO: a peer leaving is routine (a worker stopped, a trainer restarted); the oversized case is counted too
-        self._rate_log.log(logging.INFO, ("disconnect", link), "%s link: a connection on %s closed (the peer left; or "
-                           "it sent a frame over the %d-byte cap, which ZeroMQ drops unread; or it is not a %s socket, "
-                           "the only kind this port takes)", link, endpoint.decode(errors="replace"),
-                           self._subscription_frame_cap if link == "weights" else self.config.socket_frame_cap(link),
-                           _PEER_SOCKET_TYPES[link])
+        if self._refused_not_closed.get(link, 0) > 0:  # the close of a connection refused (and logged) as it shook
+            self._refused_not_closed[link] -= 1  # hands: the line below would only guess at causes for it
+        else:  # INFO: a peer leaving is routine (a worker stopped, a trainer restarted); the oversized case too
+            self._rate_log.log(logging.INFO, ("disconnect", link), "%s link: a connection on %s closed (the peer left; "
+                               "or it sent a frame over the %d-byte cap, which ZeroMQ drops unread; or it is not a %s "
+                               "socket, the only kind this port takes)", link, endpoint.decode(errors="replace"),
+                               self._subscription_frame_cap if link == "weights" else self.config.socket_frame_cap(link),
+                               _PEER_SOCKET_TYPES[link])
         holder = self.trainer.peer
         if link == "trainer" and holder is not None and self.trainer.holds_live():
             # the trainer that stopped cleanly, most often: say so now rather than "silent" peer_timeout_s later
