@@ -141,3 +141,24 @@ def test_a_churn_of_worker_hellos_costs_a_bounded_number_of_log_lines(context, c
             peer.close()
     lines = [r.getMessage() for r in caplog.records if "said hello" in r.getMessage()]
     assert len(lines) == 21 and "more than 20 hellos in 10 s: one line per interval" in lines[-1]
+
+
+def test_each_live_workers_own_heartbeat_counters_are_exported_by_name(context):
+    """A worker's spool drops and write errors reached its own log only (its heartbeats carried them to a relay that
+    read the role and nothing else). Only the schema's names are exported: a worker adds no labels of its choosing."""
+    with relay_in_thread(insecure_config(peer_timeout_s=0.5)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send(Heartbeat(role="worker", uptime_s=3.0, counters={
+            "spool_write_errors": 3, "dropped": 1, "batches": 40, "rejected.schema": 2, "made_up": 9}))
+        wait_until(lambda: value("tmrl_relay_worker_reported", {"worker": "worker-1", "counter": "batches"}) == 40,
+                   what="the heartbeat's counters")
+        assert value("tmrl_relay_worker_reported", {"worker": "worker-1", "counter": "spool_write_errors"}) == 3
+        assert value("tmrl_relay_worker_reported", {"worker": "worker-1", "counter": "dropped"}) == 1
+        samples = [s for metric in relay.metrics.registry.collect() if metric.name == "tmrl_relay_worker_reported"
+                   for s in metric.samples]
+        assert sorted(s.labels["counter"] for s in samples) == ["batches", "dropped", "spool_write_errors"]
+        # a worker silent past peer_timeout_s is no longer exported
+        wait_until(lambda: value("tmrl_relay_worker_reported", {"worker": "worker-1", "counter": "batches"}) is None,
+                   what="the silent worker's counters to go")
+

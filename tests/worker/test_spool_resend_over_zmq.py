@@ -466,3 +466,13 @@ def test_a_revoked_or_impersonated_worker_is_told_why_and_its_summary_says_it(co
     summary = run_summary("w-test", RolloutStats(steps=100, delivery=delivery, id_refusal=link.id_refusal))
     assert summary.endswith("; the relay refused this connection's messages as w-test's 2 time(s), last: worker id "
                             "'w-test' said hello on another connection")
+
+
+def test_the_heartbeat_carries_the_counters_the_schema_names(context, tmp_path):
+    """The worker's heartbeat and the relay's ``tmrl_relay_worker_reported`` share ``WORKER_HEARTBEAT_COUNTERS``: a
+    counter renamed on one side only would vanish from the metrics without a word."""
+    from tmrl_common.protocol import WORKER_HEARTBEAT_COUNTERS
+
+    link = make_link(context, 1, tmp_path)  # never started: only its heartbeat is built
+    counters = link._heartbeat().counters
+    assert set(counters) == set(WORKER_HEARTBEAT_COUNTERS)

@@ -298,6 +298,24 @@ class WeightsUpdate(Message):
         return cls(version=version, architecture=architecture, tensors=tensors, sha256=hashlib.sha256(tensors).hexdigest())
 
 
+WORKER_HEARTBEAT_COUNTERS: dict[str, str] = {
+    "batches": "batches built since the worker started",
+    "steps": "rows (environment steps) handed to the sender",
+    "spooled": "batches in its spool now, not yet acknowledged",
+    "dropped": "batches dropped from a full spool unacknowledged (oldest first)",
+    "dropped_waiting": "batches dropped before they were numbered (a full or read-only state_dir, a slow disk)",
+    "resent": "batches sent again (no answer in time, or after a reconnection)",
+    "restored": "batches restored from its durable spool at start",
+    "unreadable_spool_files": "durable-spool files of an earlier run that could not be read (set aside)",
+    "spool_write_errors": "batches whose durable-spool file could not be written (kept in memory only)",
+    "stored": "batches the trainer acknowledged as stored",
+    "rejected": "batches refused for good (each reason also as rejected.<reason>)",
+}
+"""The counters a worker's ``heartbeat`` carries (its own totals since it started), by name: what the relay exports
+per worker as ``tmrl_relay_worker_reported{worker,counter}``. A worker may send others (``rejected.<reason>``);
+the relay exports these names only, so a worker cannot add labels of its choosing."""
+
+
 class Heartbeat(Message):
     """Sent periodically by every peer; a peer silent for several intervals is considered gone."""
 

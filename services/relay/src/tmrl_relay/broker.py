@@ -35,6 +35,7 @@ from tmrl_common.curve import KeyFileError, load_secret_key
 from tmrl_common.errors import ProtocolError
 from tmrl_common.log_limit import LineBudget, RateLimitedLog
 from tmrl_common.protocol import (
+    WORKER_HEARTBEAT_COUNTERS,
     Error,
     Heartbeat,
     Hello,
@@ -51,7 +52,7 @@ from tmrl_relay import __version__
 from tmrl_relay.allowlist import ZAP_DOMAINS, AllowlistWatcher, RelaySetupError, require_keys_configured
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head, read_batch_seq
-from tmrl_relay.metrics import RelayMetrics
+from tmrl_relay.metrics import RelayMetrics, WorkerReports
 from tmrl_relay.open_files import OpenFilesWatch, raise_open_file_limit
 from tmrl_relay.peers import Peer, PeerTable
 from tmrl_relay.pending import PendingBatch, PendingBatches
@@ -122,6 +123,7 @@ class Relay:
         self._sockets_open = False
         self.ports: RelayPorts | None = None
         self.workers = PeerTable("worker", config.max_workers)
+        self.metrics.registry.register(WorkerReports(self.workers, config.peer_timeout_s))
         self.trainers = PeerTable("trainer", 8)
         self.trainer = TrainerSeat(config.peer_timeout_s)
         self.pending = PendingBatches(config.max_pending_bytes)
@@ -410,8 +412,11 @@ class Relay:
             self._hand_over_weights(peer)
         else:  # heartbeat
             peer = self.workers.check(routing_id, fields.sender, user_id)
-            self._check_heartbeat_role(self._decode_control(envelope, body), "worker", "workers")
+            heartbeat = self._decode_control(envelope, body)
+            self._check_heartbeat_role(heartbeat, "worker", "workers")
             peer.last_seen = time.monotonic()
+            peer.reported = {name: value for name, value in heartbeat.counters.items()
+                             if name in WORKER_HEARTBEAT_COUNTERS}
             self._send_heartbeat(self.workers_socket, routing_id)
 
     def _pass_hello_to_trainer(self, envelope: zmq.Frame, body: zmq.Frame) -> None:

@@ -6,10 +6,11 @@ Rates (samples/s, bytes/s) are the ``rate()`` of the ``_total`` counters, as Pro
 from __future__ import annotations
 
 import threading
+import time
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LINKS = ("workers", "trainer", "weights")
 
@@ -41,6 +42,34 @@ class TrafficCounters:
             received_messages.add_metric([link], self.received_messages[link])
         yield received_bytes
         yield received_messages
+
+
+class WorkerReports:
+    """Exports each live worker's own counters from its latest ``heartbeat`` (``Peer.reported``) as
+    ``tmrl_relay_worker_reported{worker,counter}``: what only the worker knows (its spool's drops and write errors,
+    batches resent), which otherwise reached only its own log. ``peers`` is the relay's worker table, read on the
+    HTTP thread: a copy of its entries, each ``reported`` dict replaced whole by the loop thread."""
+
+    def __init__(self, peers, timeout_s: float) -> None:
+        self.peers = peers
+        self.timeout_s = timeout_s
+
+    def describe(self):
+        return [GaugeMetricFamily("tmrl_relay_worker_reported", self.HELP, labels=["worker", "counter"])]
+
+    HELP = ("Each live worker's own totals from its latest heartbeat (batches, steps, spooled, dropped, "
+            "dropped_waiting, resent, restored, unreadable_spool_files, spool_write_errors, stored, rejected); "
+            "they restart with the worker.")
+
+    def collect(self):
+        family = GaugeMetricFamily("tmrl_relay_worker_reported", self.HELP, labels=["worker", "counter"])
+        now = time.monotonic()
+        for sender, peer in sorted(list(self.peers.by_sender.items())):
+            if now - peer.last_seen > self.timeout_s:
+                continue
+            for counter, value in sorted(peer.reported.items()):
+                family.add_metric([sender, counter], value)
+        yield family
 
 
 class RelayMetrics:

@@ -29,6 +29,9 @@ class Peer:
     last_seen: float = field(default_factory=time.monotonic)
     weights_version: int = -1
     """Latest weights version handed over on this connection (-1: none yet); each version at most once."""
+    reported: dict[str, int] = field(default_factory=dict)
+    """The counters of its latest ``heartbeat`` that the relay exports (a worker's: ``WORKER_HEARTBEAT_COUNTERS``);
+    replaced whole at each heartbeat, so the metrics thread reads one heartbeat's set."""
 
 
 class PeerTable:
