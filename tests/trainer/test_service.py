@@ -910,6 +910,14 @@ def test_the_progress_line_of_a_trainer_without_relay_names_where_it_looks_for_o
             service._report()
         assert "not connected to the relay at tcp://127.0.0.1:1 plain text (is it running there" in caplog.text
         assert caplog.records[-1].levelname == "WARNING"  # as the worker's own line says it (a probe: INFO here)
+        # a chaos probe: once workers had sent, a relay that went away turned the line into a WARNING that said why not
+        service.ingestor.handle(pendulum_batch("w1", 0, 30))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="tmrl_trainer.service"):
+            service._report()
+        record = caplog.records[-1]
+        assert record.levelname == "WARNING" and "w1: 1 batches" in record.getMessage()
+        assert "; not connected to the relay at tcp://127.0.0.1:1 plain text (is it running there" in record.getMessage()
     finally:
         service.shutdown()
 

@@ -29,8 +29,8 @@ class RateLimitedLog:
         self.interval_s = interval_s
         self._lock = threading.Lock()
         self._last: dict[Any, tuple[float, int]] = {}
-        self._held: dict[Any, tuple[int, str, tuple[Any, ...]]] = {}
-        """Key → the last message held back under it (level, format, arguments), until its count is reported."""
+        self._held: dict[Any, tuple[int, str, tuple[Any, ...], float]] = {}
+        """Key → the last message held back under it (level, format, arguments, when), until its count is reported."""
 
     def warning(self, key: Any, message: str, *args: Any) -> None:
         self.log(logging.WARNING, key, message, *args)
@@ -44,7 +44,7 @@ class RateLimitedLog:
             last, held = self._last.get(key, (float("-inf"), 0))
             if now - last < self.interval_s:
                 self._last[key] = (last, held + 1)
-                self._held[key] = (level, message, args)
+                self._held[key] = (level, message, args, now)
                 return
             self._last[key] = (now, 0)
             self._held.pop(key, None)
@@ -57,12 +57,15 @@ class RateLimitedLog:
             self._flush(time.monotonic() if now is None else now)
 
     def _flush(self, now: float, everything: bool = False) -> None:
-        for key, (level, message, args) in list(self._held.items()):
+        for key, (level, message, args, held_at) in list(self._held.items()):
             last, held = self._last.get(key, (now, 0))
             if everything or now - last >= self.interval_s:
                 del self._held[key]
                 self._last[key] = (now, 0)
-                self.logger.log(level, message + f" (the last of {held} like it in {self.interval_s:.0f}s)", *args)
+                # when it happened: a summary logged after the cause went away must not read as current (a chaos
+                # probe saw a worker's refusals reported 2 s after it had its id back)
+                self.logger.log(level, message + f" (the last of {held} like it in {self.interval_s:.0f}s, "
+                                f"{max(0.0, now - held_at):.1f} s ago)", *args)
 
 
 class LineBudget:

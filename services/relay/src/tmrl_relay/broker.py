@@ -834,8 +834,10 @@ class Relay:
             self._refused_not_closed[link] -= 1  # hands: the line below would only guess at causes for it
         else:  # INFO: a peer leaving is routine (a worker stopped, a trainer restarted); the oversized case too
             self._rate_log.log(logging.INFO, ("disconnect", link), "%s link: a connection on %s closed (the peer left; "
-                               "or it sent a frame over the %d-byte cap, which ZeroMQ drops unread; or it is not a %s "
-                               "socket, the only kind this port takes)", link, endpoint.decode(errors="replace"),
+                               "or it stopped reading for %g s, the relay's transport.tcp_max_retransmit_ms: a "
+                               "suspended or overloaded peer; or it sent a frame over the %d-byte cap, which ZeroMQ "
+                               "drops unread; or it is not a %s socket, the only kind this port takes)", link,
+                               endpoint.decode(errors="replace"), self.config.transport.tcp_max_retransmit_ms / 1000,
                                self._subscription_frame_cap if link == "weights" else self.config.socket_frame_cap(link),
                                _PEER_SOCKET_TYPES[link])
         holder = self.trainer.peer

@@ -710,13 +710,16 @@ class TrainerService:
             notes.append(f"no batch stored for {quiet:.0f} s: updates wait for samples; are the workers running, and "
                          "connected (their logs, the relay's tmrl_relay_connected_workers and rejects)?")
         workers = workers_summary(snapshot["workers"])
+        if not self.link.connected:  # the warning's cause, also once workers have sent (a relay that went away)
+            unconnected = (f"not connected to the relay at {self.link.describe()} (is it running there, on that port, "
+                           "with the same --insecure or keys?)")
+            if workers:
+                notes.insert(0, unconnected + ": the workers' batches wait in their spools and the relay")
         log.log(logging.WARNING if quiet >= NO_BATCH_WARNING_S or not self.link.connected else logging.INFO,
                 "%d updates, weights version %d, %d samples received (%d duplicates, %d rejected); %s%s",
                 self.learner.updates, self.weights_version, self.rows_received, snapshot["duplicates"],
                 sum(snapshot["rejects"].values()),
-                workers or ("no worker yet" if self.link.connected else
-                            f"not connected to the relay at {self.link.describe()} (is it running there, on that port, "
-                            "with the same --insecure or keys?)"),
+                workers or ("no worker yet" if self.link.connected else unconnected),
                 "".join(f"; {note}" for note in notes))
 
     def _may_update(self) -> bool:
