@@ -149,8 +149,8 @@ def test_the_stack_puts_the_previous_stop_signal_handler_back_on_exit(tmp_path, 
 CTRL_C_LAUNCHER = """
 with LocalStack(root) as stack:
     stack.start("sleeper", sys.executable, "-c", "import time; time.sleep(120)")
-    print(stack.processes["sleeper"].pid, flush=True)
-    try:
+    try:  # the pid is printed inside: the test's Ctrl-C may arrive as soon as it is read
+        print(stack.processes["sleeper"].pid, flush=True)
         time.sleep(120)
     except KeyboardInterrupt:
         time.sleep(0.5)  # a SIGINT that reached the sleeper too has ended it by now
