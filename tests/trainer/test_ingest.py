@@ -542,3 +542,45 @@ def test_a_batch_claiming_weights_newer_than_any_published_is_stored_counted_and
     assert stats["batches"] == 4 and stats["batches_ahead"] == 2 and stats["weights_version"] == 9
     lines = [r.getMessage() for r in caplog.records if "has published up to" in r.getMessage()]
     assert len(lines) == 1 and f"weights version {2**62}, but this trainer has published up to 7" in lines[0]
+
+
+def zlib_bomb_frames(worker: str, seq: int, parts: dict[str, list[int]], rows: int) -> list[bytes]:
+    """A sample batch whose observation ``parts`` ({name: frame shape}) are zlib streams of zeros: a few hundred KB
+    on the wire, ``rows`` x the frame's size when inflated."""
+    import zlib
+
+    def zeros(shape, dtype="float32", itemsize=4):
+        raw = b"\0" * (int(np.prod(shape)) * itemsize)
+        return {"dtype": dtype, "shape": shape, "codec": "zlib", "data": zlib.compress(raw, 9)}
+
+    body = {"seq": seq, "weights_version": 0, "first": zeros([rows], "bool", 1),
+            "observations": {name: zeros([rows, *shape]) for name, shape in parts.items()},
+            "actions": zeros([rows, 1]), "rewards": zeros([rows]), "terminated": zeros([rows], "bool", 1),
+            "truncated": zeros([rows], "bool", 1)}
+    from tmrl_common.protocol import encode_envelope
+
+    return [encode_envelope("sample_batch", worker), msgpack.packb(body, use_bin_type=True)]
+
+
+@pytest.mark.parametrize(("parts", "rows", "says"), [
+    ({"c0": [160], "c1": [160], "c2": [160], "c3": [160]}, 100_000, "batch has components ['c0', 'c1', 'c2', 'c3']"),
+    ({"obs": [4000]}, 10_000, "frames are float32[4000], layout expects float32[3]"),
+], ids=["other-parts", "other-frame-shape"])
+def test_a_batch_whose_headers_do_not_fit_the_layout_is_refused_before_any_array_is_inflated(
+        ingest, monkeypatch, parts, rows, says):
+    """An outside probe: 40 zlib bodies of 251 KB, each inflating to 256 MiB of parts no layout has, cost the trainer
+    1.75 s apiece before their refusal, and held up the honest workers' batches for 70 s."""
+    import tmrl_common.arrays
+
+    ingestor, memory, _ = ingest
+    inflated = []
+    real_decode = tmrl_common.arrays._decode
+    monkeypatch.setattr(tmrl_common.arrays, "_decode", lambda *a, **k: inflated.append(a[1]) or real_decode(*a, **k))
+    replies = ingestor.handle(zlib_bomb_frames("w1", 7, parts, rows))
+    assert answers(replies) == [("w1", [7], "rejected", "schema")]
+    assert inflated == [] and len(memory) == 0
+    assert ingestor.rejects["schema"] == 1
+    detail = decode(replies[0])[1].detail
+    assert says in detail, detail
+    # a batch that fits the layout still decodes and is stored as before
+    assert acked(ingestor.handle(batch_frames("w1", 8, [1.0]))) == [("w1", [8])]

@@ -518,7 +518,7 @@ class Ingestor:
     def handle(self, frames: list[bytes]) -> list[list[bytes]]:
         """Process one message from the relay; return the messages to send back (one answer per sample batch)."""
         try:
-            envelope, message = decode(frames, self.limits)
+            envelope, message = decode(frames, self.limits, self.layout)  # headers checked before any inflation
         except ProtocolError as exc:
             return self._refuse_undecodable(frames, exc)
         if isinstance(message, SampleBatch):
