@@ -584,3 +584,19 @@ def test_a_batch_whose_headers_do_not_fit_the_layout_is_refused_before_any_array
     assert says in detail, detail
     # a batch that fits the layout still decodes and is stored as before
     assert acked(ingestor.handle(batch_frames("w1", 8, [1.0]))) == [("w1", [8])]
+
+
+def test_a_flood_of_hellos_costs_a_line_per_worker_and_interval(ingest, caplog):
+    """An outside probe with one worker key: 5,000 hellos made 5,000 trainer log lines, and 2,000 announcing another
+    layout 1,996 warnings more (the relay held its own lines to one per interval)."""
+    ingestor, _, _ = ingest
+    other = layout_for_box(5, 1)
+    with caplog.at_level("INFO", logger="tmrl_trainer.ingest"):
+        for index in range(500):
+            ingestor.handle(encode(Hello(role="worker", software="x", next_seq=index), "w1"))
+            ingestor.handle(encode(Hello(role="worker", software="x", layout=other), "w2"))
+        ingestor.snapshot()  # flushes held-back counts only once their interval is over: none yet
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line for line in lines if line.startswith("w1 ")] == ["w1 said hello (next_seq 0)"]
+    assert sum(line.startswith("w2 announced an observation layout") for line in lines) == 1
+    assert ingestor.workers["w1"].hellos == 500  # counted all the same

@@ -426,6 +426,9 @@ class Ingestor:
         self.episodes = EpisodeTracker()
         self.rejects: Counter[str] = Counter()
         self._reject_log = RateLimitedLog(log)
+        self._hello_log = RateLimitedLog(log, interval_s=30.0)
+        """Per worker, its hello lines (a probe's 5,000 hellos were 5,000 lines here, while the relay held its own
+        to one per interval); the held-back count is said with the next one."""
         self.workers: dict[str, WorkerStats] = {}
         self.max_workers = max_workers
         """Worker ids this trainer keeps state for (stats, dedupe window, episode, batch tails); see
@@ -557,9 +560,11 @@ class Ingestor:
             differences, rejected = layout_differences(hello.layout, self.layout)
             consequence = ("its batches will be rejected (schema)" if rejected else "its batches still match the "
                            "trainer's frames and are judged by the trainer's layout (its histories, bounds and scales)")
-            log.warning("%s announced an observation layout that differs from the trainer's (worker vs trainer: %s); "
-                        "%s", envelope.sender, "; ".join(differences), consequence)
-        log.info("%s said hello (next_seq %d)", envelope.sender, hello.next_seq)
+            self._hello_log.warning((envelope.sender, "layout"), "%s announced an observation layout that differs "
+                                    "from the trainer's (worker vs trainer: %s); %s", envelope.sender,
+                                    "; ".join(differences), consequence)
+        self._hello_log.log(logging.INFO, (envelope.sender, "hello"), "%s said hello (next_seq %d)", envelope.sender,
+                            hello.next_seq)
 
     def _handle_batch(self, envelope: Envelope, batch: SampleBatch) -> list[list[bytes]]:
         worker, seq = envelope.sender, batch.seq
@@ -635,6 +640,7 @@ class Ingestor:
         """Counters and per-worker stats as plain JSON-ready values (and the held-back reject counts logged: the
         status writer and the heartbeat call this every few seconds)."""
         self._reject_log.flush()
+        self._hello_log.flush()
         with self._lock:
             return {
                 "batches_stored": self.batches_stored,
