@@ -18,6 +18,7 @@ from tmrl_common.curve import generate_key_pair, load_secret_key, reload_authent
 from tmrl_common.handshake import DROPS_BEFORE_PAUSE, HandshakeWatch
 from tmrl_common.relay_client import RelayClient
 from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
+from zmq.utils.monitor import recv_monitor_message
 
 from .test_relay_client import FAST, Counters
 
@@ -264,3 +265,30 @@ def test_a_client_given_the_relays_new_public_key_in_place_reconnects_without_a_
     shutil.copy(keys / "keys" / "relay.key", server_key)  # the operator copies the new one over it
     assert client.wait_connected(10), "the client kept the old server key"
     assert client.handshake.counters.new_sockets >= 1
+
+
+def test_libzmqs_handshake_time_limit_is_told_apart_from_a_mechanism_mismatch(context):
+    """A network probe black-holed a plain-text worker's path for 90 s: libzmq's handshake time limit (a drop with
+    EAGAIN) was reported as "the relay speaks CurveZMQ, this worker plain text: run both with --insecure"."""
+    with socketlib.socket() as listener:  # takes the TCP connection, never speaks ZMTP: as a path carrying nothing
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        endpoint = RelayEndpoint("127.0.0.1", listener.getsockname()[1], TransportConfig(), SecurityConfig(insecure=True))
+        watch = HandshakeWatch("worker-1", endpoint, "worker", report=False)
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.HANDSHAKE_IVL, 300)  # libzmq's limit, 30 s by default
+        monitor = dealer.get_monitor_socket()
+        dealer.connect(f"tcp://127.0.0.1:{listener.getsockname()[1]}")
+        try:
+            deadline = time.monotonic() + 5
+            while watch.counters.timed_out == 0 and time.monotonic() < deadline:
+                if monitor.poll(100):
+                    event = recv_monitor_message(monitor)
+                    watch.on_event(event["event"], event["value"])
+        finally:
+            dealer.disable_monitor()
+            monitor.close(linger=0)
+            dealer.close(linger=0)
+    assert (watch.counters.timed_out, watch.counters.dropped, watch.counters.mechanism) == (1, 0, 0)
+    advice = watch.advice(watch.last_failure)
+    assert "did not finish the handshake within libzmq's 30 s" in advice and "--insecure" not in advice

@@ -283,3 +283,49 @@ def test_a_key_file_that_breaks_before_a_socket_is_rebuilt_is_the_failure_report
         client.stop()
         router.close(linger=0)
     assert isinstance(client.failure, KeyFileError), client.failure
+
+
+def test_a_connection_the_relay_answered_on_then_left_silent_is_replaced(context, caplog):
+    """An outside probe held a worker's TCP connection open and stopped forwarding its bytes (a NAT or Wi-Fi link
+    that died): the worker noticed nothing in 30 s, and 43 s into 90 s. The relay answers every heartbeat, so a
+    connection it answered on and then left silent past ``silence_s`` is taken as dead and a new one connected."""
+    router, port = bind_router(context)
+    client, link, counters = make_client(context, port, heartbeat_interval_s=0.05)
+    client.silence_s = 0.5
+    caplog.set_level(logging.WARNING, logger="tmrl_common.relay_client")
+    client.start()
+    try:
+        first, frames = receive(router)
+        assert frames == [b"hello"]
+        for _ in range(3):  # answered for a while: heartbeats come and go
+            while receive(router)[1] != [b"heartbeat"]:
+                pass
+            router.send_multipart([first, b"answer"])
+        # then the path goes silent: nothing more from the "relay"; the client must give up on this connection
+        deadline = time.monotonic() + 10
+        while True:
+            routing_id, frames = receive(router, timeout_s=max(0.01, deadline - time.monotonic()))
+            if routing_id != first:
+                break
+        assert frames == [b"hello"]  # a new connection, greeted again
+        assert client.silent_links == 1 and counters.connections == 2
+        assert "no message from the relay" in caplog.text and "taken as dead" in caplog.text
+    finally:
+        client.stop()
+        router.close(linger=0)
+
+
+def test_a_connection_the_relay_never_answered_on_is_not_replaced_for_silence(context):
+    """Silence counts only once the relay has answered on a connection: one that never answers is the handshake
+    watch's ``unanswered`` case (the relay drops what this peer sends), not a dead path."""
+    router, port = bind_router(context)
+    client, link, counters = make_client(context, port, heartbeat_interval_s=0.05)
+    client.silence_s = 0.3
+    client.start()
+    try:
+        first, _ = receive(router)
+        time.sleep(1.0)  # heartbeats only, never answered
+        assert client.silent_links == 0 and counters.connections == 1
+    finally:
+        client.stop()
+        router.close(linger=0)

@@ -309,3 +309,36 @@ def test_acks_for_many_unknown_worker_ids_cost_one_log_line_not_one_per_id(conte
             trainer.close()
     lines = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
     assert 1 <= len(lines) <= 2 and "worker not connected" in lines[0]
+
+
+def test_a_connection_silent_through_the_handshake_time_limit_is_counted_as_a_timeout(context, caplog, monkeypatch):
+    """A network probe: connections whose path stopped carrying bytes mid-handshake were logged "not a DEALER socket,
+    or does not speak ZeroMQ's protocol". libzmq ends them at its handshake time limit with EAGAIN: kind ``timeout``."""
+    import socket
+    import threading
+
+    import tmrl_relay.broker
+    from tmrl_relay.broker import Relay
+    from tmrl_relay.metrics import RelayMetrics
+
+    def with_a_short_handshake_limit(socket, transport):  # libzmq's 30 s; set before bind, which copies the options
+        applied(socket, transport)
+        socket.setsockopt(zmq.HANDSHAKE_IVL, 300)
+
+    applied = tmrl_relay.broker.apply_transport
+    monkeypatch.setattr(tmrl_relay.broker, "apply_transport", with_a_short_handshake_limit)
+    caplog.set_level("INFO", logger="tmrl_relay.broker")
+    relay = Relay(insecure_config(), RelayMetrics())
+    relay.bind()
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", relay.ports.worker_port)):  # connects, never speaks
+            wait_until(lambda: relay.metrics.registry.get_sample_value(
+                "tmrl_relay_handshake_failures_total", {"link": "workers", "kind": "timeout"}) == 1,
+                what="the handshake time-out to be counted")
+    finally:
+        relay.stop()
+        thread.join(10)
+    lines = [r.getMessage() for r in caplog.records if "during the handshake" in r.getMessage()]
+    assert len(lines) == 1 and "(timeout: no handshake within 30 s" in lines[0], lines

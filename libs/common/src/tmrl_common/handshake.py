@@ -8,6 +8,9 @@ the cases apart (measured with libzmq 4.3.5):
 * ``HANDSHAKE_FAILED_PROTOCOL``: the two sides speak different mechanisms: one runs ``--insecure``, the other CurveZMQ;
 * ``HANDSHAKE_FAILED_NO_DETAIL``, again and again: the relay drops the connection during the handshake because it
   cannot read our ``HELLO``: ``--server-key`` is not the public key of the relay's ``--secret-key``;
+* ``HANDSHAKE_FAILED_NO_DETAIL`` with ``EAGAIN``: libzmq's own handshake time limit (30 s) passed with the relay
+  silent: a network path that carries no bytes, or a paused or overloaded relay (``timed_out``; an outside probe's
+  90 s partition was reported as "run both with --insecure" before this was told apart);
 * TCP connected but no handshake after ``handshake_timeout_s``: whatever listens there is not answering ZMTP;
 * handshake done, but nothing at all from the relay after ``reply_timeout_s`` (it answers every heartbeat): the relay
   drops what we send (its log and ``tmrl_relay_rejects_total`` say why).
@@ -28,6 +31,7 @@ worker's weights feed) feeds it every monitor event and asks it once per loop tu
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -60,12 +64,14 @@ FAILURE_KINDS = {
 @dataclass
 class HandshakeCounters:
     """Failed handshakes by kind: ``refused`` (key not allow-listed), ``mechanism`` (plain text against CurveZMQ),
-    ``dropped`` (the relay could not read our handshake), ``silent`` (TCP up, no handshake in time), ``unanswered``
-    (handshake done, no reply in time); ``new_sockets``: sockets rebuilt after libzmq gave one up."""
+    ``dropped`` (the relay could not read our handshake), ``timed_out`` (libzmq's handshake time limit passed),
+    ``silent`` (TCP up, no handshake in time), ``unanswered`` (handshake done, no reply in time); ``new_sockets``:
+    sockets rebuilt after libzmq gave one up."""
 
     refused: int = 0
     mechanism: int = 0
     dropped: int = 0
+    timed_out: int = 0
     silent: int = 0
     unanswered: int = 0
     new_sockets: int = 0
@@ -117,6 +123,8 @@ class HandshakeWatch:
             self._last_report.clear()  # a later failure is news again
         elif event in FAILURE_KINDS:
             kind = FAILURE_KINDS[event]
+            if kind == "dropped" and value == errno.EAGAIN:  # libzmq's handshake time limit, not a refusal: it
+                kind = "timed_out"  # reconnects by itself, with nothing to rebuild
             setattr(self.counters, kind, getattr(self.counters, kind) + 1)
             self._tcp_since = None
             if kind in ("refused", "mechanism"):
@@ -191,6 +199,10 @@ class HandshakeWatch:
                     f"{self.role} allow-list. {own_pair} the relay host run `tmrl-relay keys add "
                     f"{self._public_key_file()} --allow-dir ALLOW --role {self.role}` (ALLOW: the relay's "
                     f"--allow-dir; from another host, copy that file there first){retry}")
+        if kind == "timed_out":
+            return (f"the relay at {where} did not finish the handshake within libzmq's 30 s: the network path "
+                    "carries no bytes (a partition, a link that died without closing the connection), or the relay "
+                    f"is paused or overloaded{retry or '; libzmq retries by itself'}")
         if kind == "mechanism" or (kind == "dropped" and self.endpoint.security.insecure):
             # a plain-text client against a CurveZMQ relay sees a drop before the mechanism mismatch: no server key
             # is involved

@@ -16,6 +16,12 @@ that loop through four callables, each called on the client's thread:
 A connection that fails its handshake (key not allow-listed, wrong ``--server-key``, ``--insecure`` on one side only)
 or a relay that never answers is diagnosed by a :class:`~tmrl_common.handshake.HandshakeWatch` (``client.handshake``):
 one error line within seconds naming the cause and the fix; a socket libzmq gave up on is rebuilt every ``retry_s``.
+A connection the relay has answered on, then left silent for :func:`link_silence_s` (it answers every heartbeat), is
+taken as dead: a network path that stopped carrying bytes without closing the connection (a NAT or Wi-Fi link that
+died, a partition) goes unnoticed by TCP until its buffers fill, 43 s into a 90 s black hole in an outside probe and
+never in a 30 s one. The client says so (a warning) and connects a new socket (counted in
+:attr:`RelayClient.silent_links`); what the link had not had acknowledged is resent after its hello, as after any
+reconnection.
 
 The callables send with :meth:`RelayClient.send`, which never blocks: a send refused by ZeroMQ (high-water mark
 reached, no peer) is counted in ``counters.send_blocked`` and reported as ``False``. Connections and disconnections
@@ -49,6 +55,16 @@ from tmrl_common.protocol import Error
 from tmrl_common.sockets import RelayEndpoint
 
 log = logging.getLogger(__name__)
+
+SILENT_HEARTBEATS = 5
+"""Heartbeats left unanswered, in a row, after which a connection the relay had answered on is taken as dead."""
+
+
+def link_silence_s(heartbeat_interval_s: float) -> float:
+    """How long a connected client waits without any message from the relay before it takes the connection as dead:
+    :data:`SILENT_HEARTBEATS` heartbeat intervals, and at least 10 s (the relay's own ``peer_timeout_s``), so that a
+    relay busy for a few seconds (a backlog of held batches delivered at once) is not taken for a dead path."""
+    return max(10.0, SILENT_HEARTBEATS * heartbeat_interval_s)
 
 MONITOR_EVENTS = WATCHED_EVENTS
 """What the client watches: a handshake done is a (re)connection, a disconnection is the relay gone (for now), TCP
@@ -111,6 +127,12 @@ class RelayClient:
         self.answered_since_connect = False
         """Set by the link (on the client's thread) when the relay answers on this connection as to a peer that said
         hello (a heartbeat, an ack); cleared at each (re)connection. See :meth:`refused_before_hello`."""
+        self.silence_s = link_silence_s(heartbeat_interval_s)
+        self._heard_at: float | None = None
+        """When the relay last sent anything on the current connection; ``None`` until it has (the handshake watch's
+        ``unanswered`` covers a relay that never answers) and while not connected."""
+        self.silent_links = 0
+        """Connections taken as dead after :attr:`silence_s` without a message, and replaced."""
         # a local socket pair the loop polls beside ZeroMQ: a byte written by wake() ends the current poll at once
         self._wake_reader, self._wake_writer = _socketlib.socketpair()
         self._wake_reader.setblocking(False)
@@ -229,6 +251,14 @@ class RelayClient:
                 self._on_turn()
                 if self._connected.is_set():
                     now = time.monotonic()
+                    # (a message waiting unread is not silence: this thread may have been busy, or paused itself)
+                    if (self._heard_at is not None and now - self._heard_at >= self.silence_s
+                            and not socket.poll(0, zmq.POLLIN)):
+                        self._replace_silent_link(now)
+                        self._close(poller, socket, monitor)
+                        socket = monitor = None
+                        socket, monitor = self._open(poller)
+                        continue
                     if now >= next_heartbeat:
                         self._send_heartbeat()
                         next_heartbeat = now + self.heartbeat_interval_s
@@ -237,6 +267,15 @@ class RelayClient:
                 self._close(poller, socket, monitor)
             self._wake_reader.close()
             self._wake_writer.close()
+
+    def _replace_silent_link(self, now: float) -> None:
+        assert self._heard_at is not None
+        self.silent_links += 1
+        log.warning("%s: no message from the relay (%s) for %.0f s, though it answers every heartbeat (one each %g s): "
+                    "the connection is taken as dead (a network path that stopped carrying bytes without closing it, "
+                    "or a paused relay); connecting again, %s", self.owner_id, self.describe(), now - self._heard_at,
+                    self.heartbeat_interval_s, self.while_away)
+        self._heard_at = None
 
     def _drain_wake_ups(self) -> None:
         while True:
@@ -254,12 +293,14 @@ class RelayClient:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.counters.connections += 1
                 self.answered_since_connect = False
+                self._heard_at = None
                 detail = self._on_connected()
                 log.info("%s: connected to the relay (%s)%s", self.owner_id, self.describe(),
                          f"; {detail}" if detail else "")
                 self._connected.set()
             elif event == zmq.EVENT_DISCONNECTED:
                 self.counters.disconnections += 1
+                self._heard_at = None
                 if self._connected.is_set():
                     log.warning("%s: lost the relay connection (the relay stopped, or the network dropped%s); %s",
                                 self.owner_id, self.endpoint.frame_cap_hint(), self.while_away)
@@ -272,6 +313,7 @@ class RelayClient:
             except zmq.Again:
                 return
             self.handshake.heard_from_relay()
+            self._heard_at = time.monotonic()
             self._on_message(frames)
 
 

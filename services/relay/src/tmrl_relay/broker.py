@@ -24,6 +24,7 @@ one would reach every worker. Nothing a peer sends stops the loop.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 import time
@@ -808,6 +809,8 @@ class Relay:
             kind = _HANDSHAKE_EVENTS.get(event["event"])
             if kind is None:
                 continue
+            if kind == "other" and event.get("value") == errno.EAGAIN:  # libzmq's handshake time limit (30 s)
+                kind = "timeout"
             self.metrics.handshake_failures.labels(link=link, kind=kind).inc()
             self._refused_not_closed[link] = self._refused_not_closed.get(link, 0) + 1
             # libzmq's endpoint is this relay's end of the connection; the client's address is not given
@@ -820,6 +823,9 @@ class Relay:
         """What a handshake failure of ``kind`` on ``link`` most likely means, for its log line."""
         if kind == "auth":
             return "public key not in the allow-list"
+        if kind == "timeout":
+            return ("no handshake within 30 s: a connection that stays silent (a port scan, a network path that "
+                    "stopped carrying bytes) or a peer paused mid-handshake")
         if kind == "protocol":
             return ("the client's --server-key is not this relay's public key (after a relay key rotation: give "
                     "clients the new one), one side runs --insecure and the other CurveZMQ, or a malformed handshake")

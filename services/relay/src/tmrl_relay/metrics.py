@@ -91,7 +91,7 @@ class RelayMetrics:
         self.foreign_subscriptions = Counter("tmrl_relay_weights_foreign_subscriptions", "Subscriptions to a topic other than the empty one (workers never send these); past a bound of live ones the weights socket is re-opened.", registry=r)
         self.weights_socket_reopened = Counter("tmrl_relay_weights_socket_reopened", "Times the weights socket was closed and bound again to free the subscriptions to topics no worker uses.", registry=r)
         self.role_refusals = Counter("tmrl_relay_role_refusals", "Hellos refused a role, per link and why (trainer_alive: another trainer holds the role; not_a_trainer_key; wrong_role: the hello names the other socket's role).", ["link", "why"], registry=r)
-        self.handshake_failures = Counter("tmrl_relay_handshake_failures", "Connections refused during the ZMTP/CURVE handshake, per link and kind (auth = key not allow-listed).", ["link", "kind"], registry=r)
+        self.handshake_failures = Counter("tmrl_relay_handshake_failures", "Connections refused during the ZMTP/CURVE handshake, per link and kind (auth: key not allow-listed; protocol: wrong server key or mechanism; timeout: no handshake within 30 s; other).", ["link", "kind"], registry=r)
         self.disconnects = Counter("tmrl_relay_disconnects", "Connections that ended, per link: peers leaving, and peers "
                                    "dropped by ZeroMQ for a frame over the socket's cap (it does not tell which).",
                                    ["link"], registry=r)
