@@ -31,6 +31,33 @@ def test_a_batch_larger_than_the_bound_is_kept_alone():
     assert pending.peek().seq == 1
 
 
+def test_a_resend_of_a_held_batch_is_not_held_twice_and_the_seq_is_held_again_once_delivered():
+    pending = PendingBatches(max_bytes=250)
+    assert pending.append(_item(0, 100)) == [] and pending.append(_item(0, 100)) == []
+    assert (len(pending), pending.nbytes, pending.resends_not_held) == (1, 100, 1)
+    assert pending.append(PendingBatch("worker-2", 0, 1, b"e", b"b", 100)) == []  # another worker's seq 0
+    assert pending.pop().seq == 0 and len(pending) == 1
+    assert pending.append(_item(0, 100)) == [] and len(pending) == 2  # delivered: a later resend is held again
+
+
+def test_resends_while_the_trainer_is_away_take_no_room_from_distinct_batches(context):
+    """A network probe cut a trainer off for 90 s: the workers resent every unacknowledged batch each ack timeout,
+    and the relay held 308 copies of about 118 batches, each copy taking room the oldest distinct ones were dropped
+    for (max_pending_bytes)."""
+    one_batch = sum(len(f) for f in encode(make_batch(0, pad_bytes=4000), "worker-1"))
+    with relay_in_thread(insecure_config(max_pending_bytes=3 * one_batch + 10)) as relay:
+        worker = connected_worker(context, relay, "worker-1")
+        for _ in range(4):  # three batches, resent three times over
+            for seq in range(3):
+                worker.send(make_batch(seq, pad_bytes=4000))
+        value = relay.metrics.registry.get_sample_value
+        wait_until(lambda: value("tmrl_relay_held_resends_total") == 9, what="9 resends not held")
+        assert value("tmrl_relay_pending_batches") == 3 and value("tmrl_relay_dropped_batches_total") == 0
+        trainer = connected_trainer(context, relay)
+        assert [trainer.recv_type("sample_batch")[1].seq for _ in range(3)] == [0, 1, 2]
+        assert trainer.nothing_within(300)
+
+
 def test_batches_sent_before_the_trainer_connects_are_delivered_in_order_when_it_does(context):
     with relay_in_thread(insecure_config()) as relay:
         worker = connected_worker(context, relay, "worker-1")

@@ -474,7 +474,11 @@ class Relay:
         return True
 
     def _hold(self, batch: PendingBatch) -> None:
-        for dropped in self.pending.append(batch):
+        resends = self.pending.resends_not_held
+        dropped_now = self.pending.append(batch)
+        if self.pending.resends_not_held != resends:
+            self.metrics.held_resends.inc()
+        for dropped in dropped_now:
             self.metrics.dropped_batches.inc()
             self.metrics.dropped_bytes.inc(dropped.nbytes)
             self._rate_log.warning(

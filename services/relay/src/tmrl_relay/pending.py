@@ -21,25 +21,35 @@ class PendingBatch:
 
 class PendingBatches:
     """FIFO of :class:`PendingBatch` holding at most ``max_bytes`` (one batch larger than the bound is still kept
-    alone, so a trainer that comes back gets it)."""
+    alone, so a trainer that comes back gets it), each (worker, seq) once: a worker resends what is not acknowledged
+    (every ``ack_timeout_s``, and after each reconnection), and while the trainer is away every resend used to be
+    held as a new copy (a network probe: 308 held for about 118 distinct batches after 90 s, each copy taking room
+    that the oldest distinct batches were then dropped for). A resend of a batch held already is not held again
+    (:attr:`resends_not_held`); the trainer answers the one copy it gets, as it would a duplicate."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._queue: deque[PendingBatch] = deque()
+        self._held: set[tuple[str, int]] = set()
         self.nbytes = 0
+        self.resends_not_held = 0
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def append(self, batch: PendingBatch) -> list[PendingBatch]:
-        """Add ``batch`` at the back; return the batches dropped from the front to stay within the bound."""
+        """Add ``batch`` at the back (unless a copy is held already); return the batches dropped from the front to
+        stay within the bound."""
+        key = (batch.sender, batch.seq)
+        if key in self._held:
+            self.resends_not_held += 1
+            return []
         self._queue.append(batch)
+        self._held.add(key)
         self.nbytes += batch.nbytes
         dropped: list[PendingBatch] = []
         while self.nbytes > self.max_bytes and len(self._queue) > 1:
-            oldest = self._queue.popleft()
-            self.nbytes -= oldest.nbytes
-            dropped.append(oldest)
+            dropped.append(self.pop())
         return dropped
 
     def peek(self) -> PendingBatch:
@@ -47,5 +57,6 @@ class PendingBatches:
 
     def pop(self) -> PendingBatch:
         batch = self._queue.popleft()
+        self._held.discard((batch.sender, batch.seq))
         self.nbytes -= batch.nbytes
         return batch
