@@ -578,8 +578,11 @@ def _with_delivery(stats: RolloutStats, link: RelayLink | None) -> RolloutStats:
 def _flush_before_stop(link: RelayLink | None, config: WorkerConfig) -> None:
     """Wait up to ``flush_timeout_s`` for the relay to acknowledge every batch sent; warn about what stays unacknowledged."""
     if link is not None and not link.flush(timeout=config.flush_timeout_s):
+        # not acknowledged is not known to be lost: a batch the relay passed on may be stored, its answer on the way
+        # (a network probe: "lost" said of 4 batches the trainer had all stored)
         fate = (f"kept in {link.spool.directory} for the next run" if link.spool.directory is not None
-                else "lost with this process; durable_spool keeps them on disk")
+                else "any of them the trainer did not get are lost with this process (some may be stored, their "
+                "answers not back yet); durable_spool keeps them on disk")
         unwritten = len(link.spool.unwritten) if link.spool.directory is not None else 0
         if unwritten:  # their spool files could not be written (a full disk, permissions, a file size limit)
             fate += f", except {unwritten} whose spool file could not be written: lost with this process"
