@@ -84,3 +84,34 @@ def test_a_test_mode_worker_joining_late_acts_with_the_latest_weights_and_sends_
         assert value("tmrl_relay_weights_published_total") == 1
         assert value("tmrl_relay_weights_handovers_total", {"result": "sent"}) == 1
         assert (value("tmrl_relay_batches_forwarded_total") or 0) == 0 and relay.pending.nbytes == 0
+
+
+def test_a_silent_samples_link_makes_the_weights_feed_connect_again(context, tmp_path):
+    """A network probe black-holed a worker's path to the relay: its SUB socket, which sends nothing, never noticed,
+    and sat on the dead connection for 114 s while the weights moved on. When the samples link replaces a silent
+    connection, the feed connects a new socket too, and publications reach it on that one."""
+    torch.manual_seed(0)
+    actor = build_actor(PolicyArchitecture.for_layout(LAYOUT, hidden_sizes=[8]))
+    with relay_in_thread(insecure_config()) as relay:
+        trainer: Peer = connected_trainer(context, relay)
+        feed = WeightsFeed("w-feed", endpoint(relay.ports.weights_port), context=context)
+        link = RelayLink("w-feed", LAYOUT, endpoint(relay.ports.worker_port), SequenceCounter(tmp_path, "w-feed"),
+                         Spool(10, 1_000_000, owner="w-feed"), heartbeat_interval_s=0.05, context=context,
+                         on_weights=feed.hand_over, on_silent_link=feed.reconnect)
+        feed.start()
+        link.start()
+        try:
+            def subscriptions() -> float:
+                return relay.metrics.registry.get_sample_value("tmrl_relay_weights_subscriptions_total") or 0.0
+
+            wait_for(lambda: link.counters.connections == 1 and link._client.answered_since_connect
+                     and subscriptions() == 1)
+            link._client.silence_s = 0.0  # the next turn takes the answered connection as silent
+            wait_for(lambda: link._client.silent_links >= 1)
+            link._client.silence_s = 60.0
+            wait_for(lambda: feed.reconnections == 1 and subscriptions() == 2)  # the new socket subscribed
+            trainer.send(weights_update_from_actor(actor, version=7))
+            wait_for(lambda: (latest := feed.take_latest()) is not None and latest.version == 7, 10)
+        finally:
+            link.stop()
+            feed.stop()

@@ -96,13 +96,15 @@ class RelayClient:
         while_away: str = "waiting for it to come back",
         role: str = "worker",
         heartbeat_interval_s: float = 2.0,
+        on_silent_link: Callable[[], None] | None = None,
         poll_ms: int = 20,
         max_receive_per_turn: int = 1000,
         context: zmq.Context | None = None,
     ) -> None:
         """``owner_id`` (worker or trainer id) and ``thread_role`` ("sender", "ingest") name the thread and start every
         log line; ``while_away`` ends the ``lost the relay connection`` warning (what the link does meanwhile); ``role``
-        ("worker" or "trainer") names the allow-list in the advice logged when the relay refuses this client's key."""
+        ("worker" or "trainer") names the allow-list in the advice logged when the relay refuses this client's key;
+        ``on_silent_link`` (thread-safe, non-blocking) is called when a silent connection is replaced."""
         if max_receive_per_turn < 1:
             raise ValueError(f"max_receive_per_turn must be at least 1, got {max_receive_per_turn}")
         self.owner_id = owner_id
@@ -132,6 +134,7 @@ class RelayClient:
         """When the relay last sent anything on the current connection; ``None`` until it has (the handshake watch's
         ``unanswered`` covers a relay that never answers) and while not connected."""
         self.silent_links = 0
+        self._on_silent_link = on_silent_link
         """Connections taken as dead after :attr:`silence_s` without a message, and replaced."""
         # a local socket pair the loop polls beside ZeroMQ: a byte written by wake() ends the current poll at once
         self._wake_reader, self._wake_writer = _socketlib.socketpair()
@@ -276,6 +279,8 @@ class RelayClient:
                     "or a paused relay); connecting again, %s", self.owner_id, self.describe(), now - self._heard_at,
                     self.heartbeat_interval_s, self.while_away)
         self._heard_at = None
+        if self._on_silent_link is not None:  # e.g. the worker's weights feed, most likely on the same dead path
+            self._on_silent_link()
 
     def _drain_wake_ups(self) -> None:
         while True:

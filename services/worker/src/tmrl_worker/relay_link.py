@@ -172,6 +172,7 @@ class RelayLink:
         on_weights: Callable[[WeightsUpdate], None] | None = None,
         max_consecutive_refusals: int | None = None,
         on_give_up: Callable[[], None] | None = None,
+        on_silent_link: Callable[[], None] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.on_weights = on_weights
@@ -211,7 +212,8 @@ class RelayLink:
         self._client = RelayClient(
             worker_id, "sender", endpoint, self.counters, on_connected=self._say_hello, on_message=self._on_message,
             on_turn=self._on_turn, send_heartbeat=self._send_heartbeat, while_away="spooling until it comes back",
-            heartbeat_interval_s=heartbeat_interval_s, poll_ms=_POLL_MS, context=context,
+            heartbeat_interval_s=heartbeat_interval_s, on_silent_link=on_silent_link, poll_ms=_POLL_MS,
+            context=context,
         )
 
     # ---------------------------------------------------------------------------------------- rollout-thread side

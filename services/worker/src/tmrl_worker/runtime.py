@@ -710,6 +710,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
             on_weights=feed.hand_over if feed is not None else None,
             max_consecutive_refusals=config.max_consecutive_refusals,
             on_give_up=stop.set,  # the rollout loop and a waiting env see it as any stop request
+            on_silent_link=feed.reconnect if feed is not None else None,  # the feed's path is most likely dead too
         )
         link.start()
         samples_sink = None if config.mode == "test" else link  # a test worker sends no samples

@@ -80,6 +80,10 @@ class WeightsFeed:
         """The version the SUB socket delivered last (its order is the relay's)."""
         self._generation = 0
         self._stop = threading.Event()
+        self._reconnect = threading.Event()
+        """Set by :meth:`reconnect`: the feed's thread connects a new socket at its next turn."""
+        self.reconnections = 0
+        """Sockets replaced at :meth:`reconnect`'s request."""
         self._thread: threading.Thread | None = None
         self.handshake = HandshakeWatch(worker_id, endpoint, "worker", report=False) if endpoint is not None else None
 
@@ -131,6 +135,13 @@ class WeightsFeed:
         self._thread = threading.Thread(target=self._run, name=f"{self.worker_id}-weights", daemon=True)
         self._thread.start()
 
+    def reconnect(self) -> None:
+        """Connect a new socket (thread-safe, returns at once): the samples link found its connection to the relay
+        dead without a close (a network path that stopped carrying bytes). A SUB socket sends nothing, so it never
+        notices such a path itself: in a network probe a worker's feed sat on one for 114 s while the weights moved
+        on, its versions coming only from the relay's handover after each hello."""
+        self._reconnect.set()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._thread is not None and self._thread.is_alive():
@@ -151,6 +162,14 @@ class WeightsFeed:
                                                 self.endpoint.frame_cap_hint())
                 if self.handshake.pause_due():  # libzmq would retry a dropped handshake ~5 times a second
                     self.endpoint.stop_retrying(socket)
+                if self._reconnect.is_set():
+                    self._reconnect.clear()
+                    self.reconnections += 1
+                    log.info("%s: the weights feed connects again (the samples link found its path dead)",
+                             self.worker_id)
+                    self._close(socket, monitor)
+                    socket = monitor = None
+                    socket, monitor = self._connect()
                 if self.handshake.due_for_new_socket():  # a refused SUB is never reconnected by libzmq
                     self._close(socket, monitor)
                     socket = monitor = None  # if connecting again raises (a key file gone bad), that error stands
