@@ -202,7 +202,7 @@ class HandshakeWatch:
         if kind == "timed_out":
             return (f"the relay at {where} did not finish the handshake within libzmq's 30 s: the network path "
                     "carries no bytes (a partition, a link that died without closing the connection), or the relay "
-                    f"is paused or overloaded{retry or '; libzmq retries by itself'}")
+                    f"is paused or overloaded{retry}")
         if kind == "mechanism" or (kind == "dropped" and self.endpoint.security.insecure):
             # a plain-text client against a CurveZMQ relay sees a drop before the mechanism mismatch: no server key
             # is involved

@@ -60,11 +60,17 @@ SILENT_HEARTBEATS = 5
 """Heartbeats left unanswered, in a row, after which a connection the relay had answered on is taken as dead."""
 
 
+MIN_LINK_SILENCE_S = 20.0
+"""The least silence taken as a dead path. A live relay can leave a worker unanswered for a while: it stops reading
+workers while its trainer's queue is full, until the trainer drains it or has been silent for the relay's
+``peer_timeout_s`` (10 s), when it holds batches and reads again. Twice that, so such a pause is not taken for a dead
+path (which would only add a reconnection and resends to the load)."""
+
+
 def link_silence_s(heartbeat_interval_s: float) -> float:
     """How long a connected client waits without any message from the relay before it takes the connection as dead:
-    :data:`SILENT_HEARTBEATS` heartbeat intervals, and at least 10 s (the relay's own ``peer_timeout_s``), so that a
-    relay busy for a few seconds (a backlog of held batches delivered at once) is not taken for a dead path."""
-    return max(10.0, SILENT_HEARTBEATS * heartbeat_interval_s)
+    :data:`SILENT_HEARTBEATS` heartbeat intervals, and at least :data:`MIN_LINK_SILENCE_S`."""
+    return max(MIN_LINK_SILENCE_S, SILENT_HEARTBEATS * heartbeat_interval_s)
 
 MONITOR_EVENTS = WATCHED_EVENTS
 """What the client watches: a handshake done is a (re)connection, a disconnection is the relay gone (for now), TCP
@@ -134,8 +140,8 @@ class RelayClient:
         """When the relay last sent anything on the current connection; ``None`` until it has (the handshake watch's
         ``unanswered`` covers a relay that never answers) and while not connected."""
         self.silent_links = 0
-        self._on_silent_link = on_silent_link
         """Connections taken as dead after :attr:`silence_s` without a message, and replaced."""
+        self._on_silent_link = on_silent_link
         # a local socket pair the loop polls beside ZeroMQ: a byte written by wake() ends the current poll at once
         self._wake_reader, self._wake_writer = _socketlib.socketpair()
         self._wake_reader.setblocking(False)
