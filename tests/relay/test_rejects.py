@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import msgpack
 import pytest
 import zmq
@@ -342,3 +345,21 @@ def test_a_connection_silent_through_the_handshake_time_limit_is_counted_as_a_ti
         thread.join(10)
     lines = [r.getMessage() for r in caplog.records if "during the handshake" in r.getMessage()]
     assert len(lines) == 1 and "(timeout: no handshake within 30 s" in lines[0], lines
+
+
+def test_a_peer_that_closes_mid_handshake_is_not_only_called_the_wrong_socket_type(context, caplog):
+    """A network probe: a worker that stopped (or gave up on a stalled path) mid-handshake was logged as "a peer that
+    is not a DEALER socket, or does not speak ZeroMQ's protocol". The line now names the close first, and the errno."""
+    import socket
+
+    caplog.set_level("INFO", logger="tmrl_relay.broker")
+    with relay_in_thread(insecure_config()) as relay:
+        with socket.create_connection(("127.0.0.1", relay.ports.worker_port)) as peer:
+            peer.sendall(b"\xff" + b"\x00" * 8 + b"\x7f")  # ZMTP's signature, then gone
+            time.sleep(0.1)
+        wait_until(lambda: (relay.metrics.registry.get_sample_value(
+            "tmrl_relay_handshake_failures_total", {"link": "workers", "kind": "other"}) or 0) >= 1,
+            what="the failed handshake to be counted")
+    [line] = [r.getMessage() for r in caplog.records if "during the handshake" in r.getMessage()]
+    assert "the peer closed the connection before the handshake ended" in line and "not a DEALER socket" in line
+    assert re.search(r"; E[A-Z]+\)$", line), line

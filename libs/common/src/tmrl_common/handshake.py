@@ -202,7 +202,7 @@ class HandshakeWatch:
         if kind == "timed_out":
             return (f"the relay at {where} did not finish the handshake within libzmq's 30 s: the network path "
                     "carries no bytes (a partition, a link that died without closing the connection), or the relay "
-                    f"is paused or overloaded{retry}")
+                    f"is paused or overloaded{'; libzmq connects again by itself' if retrying else ''}")
         if kind == "mechanism" or (kind == "dropped" and self.endpoint.security.insecure):
             # a plain-text client against a CurveZMQ relay sees a drop before the mechanism mismatch: no server key
             # is involved
@@ -221,8 +221,8 @@ class HandshakeWatch:
                     "tmrl_relay_rejects_total) says why, e.g. a worker key on the trainer port")
         if self.handshakes:
             return (f"connected to {where} again, but the relay has not finished the handshake in "
-                    f"{self.handshake_timeout_s:.0f}s, as it did before: it is paused, overloaded or restarting; "
-                    "retrying")
+                    f"{self.handshake_timeout_s:.0f}s, as it did before: it is paused, overloaded or restarting, or "
+                    "the network path stopped carrying bytes; retrying")
         return (f"connected to {where}, but no handshake after {self.handshake_timeout_s:.0f}s: is a tmrl relay "
                 "listening on that port (not another service, not the relay's weights or metrics port)?")
 

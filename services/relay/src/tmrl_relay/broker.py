@@ -820,11 +820,12 @@ class Relay:
             # libzmq's endpoint is this relay's end of the connection; the client's address is not given
             self._rate_log.warning(("handshake", link, kind), "%s link: refused a connection on %s during the "
                                    "handshake (%s: %s)", link, event.get("endpoint", b"?").decode(errors="replace"),
-                                   kind, self._handshake_hint(link, kind))
+                                   kind, self._handshake_hint(link, kind, event.get("value")))
 
     @staticmethod
-    def _handshake_hint(link: str, kind: str) -> str:
-        """What a handshake failure of ``kind`` on ``link`` most likely means, for its log line."""
+    def _handshake_hint(link: str, kind: str, value: object = None) -> str:
+        """What a handshake failure of ``kind`` on ``link`` most likely means, for its log line (``value``: the
+        event's errno, named in the ``other`` case, where libzmq says no more)."""
         if kind == "auth":
             return "public key not in the allow-list"
         if kind == "timeout":
@@ -833,7 +834,11 @@ class Relay:
         if kind == "protocol":
             return ("the client's --server-key is not this relay's public key (after a relay key rotation: give "
                     "clients the new one), one side runs --insecure and the other CurveZMQ, or a malformed handshake")
-        return f"a peer that is not a {_PEER_SOCKET_TYPES[link]} socket, or does not speak ZeroMQ's protocol"
+        # a network probe: a worker that stopped, or gave up on a stalled path, mid-handshake was only ever called
+        # "not a DEALER socket"
+        code = errno.errorcode.get(value, str(value)) if isinstance(value, int) else "?"
+        return (f"the peer closed the connection before the handshake ended (it stopped, or gave up on a stalled "
+                f"path), is not a {_PEER_SOCKET_TYPES[link]} socket, or does not speak ZeroMQ's protocol; {code}")
 
     def _on_disconnect(self, link: str, endpoint: bytes) -> None:
         """A connection ended. ZeroMQ does not say why: the peer closed or died, or it sent a frame over the socket's
