@@ -329,3 +329,16 @@ def test_a_connection_the_relay_never_answered_on_is_not_replaced_for_silence(co
     finally:
         client.stop()
         router.close(linger=0)
+
+
+def test_after_a_silent_connection_the_status_hint_points_at_the_network_not_the_setup(context, unused_port):
+    """A second network probe: while a worker reconnected after its connection went silent, its status lines asked
+    "is it running there, on that port, with the same --insecure or keys?"."""
+    client, _, _ = make_client(context, unused_port)
+    try:
+        assert client.unconnected_hint() == "is it running there, on that port, with the same --insecure or keys?"
+        client._heard_at = time.monotonic() - 30.0  # answered once, then 30 s of nothing
+        client._replace_silent_link(time.monotonic())
+        assert client.silent_links == 1 and "went silent: a network path" in client.unconnected_hint()
+    finally:
+        client.stop()

@@ -121,6 +121,9 @@ class TrainerLink:
     def describe(self) -> str:
         return self.endpoint.describe()
 
+    def unconnected_hint(self) -> str:
+        return self._client.unconnected_hint()
+
     # ------------------------------------------------------------------------------------------------ thread
 
     def _say_hello(self) -> str:

@@ -711,8 +711,7 @@ class TrainerService:
                          "connected (their logs, the relay's tmrl_relay_connected_workers and rejects)?")
         workers = workers_summary(snapshot["workers"])
         if not self.link.connected:  # the warning's cause, also once workers have sent (a relay that went away)
-            unconnected = (f"not connected to the relay at {self.link.describe()} (is it running there, on that port, "
-                           "with the same --insecure or keys?)")
+            unconnected = f"not connected to the relay at {self.link.describe()} ({self.link.unconnected_hint()})"
             if workers:
                 notes.insert(0, unconnected + ": the workers' batches wait in their spools and the relay")
         log.log(logging.WARNING if quiet >= NO_BATCH_WARNING_S or not self.link.connected else logging.INFO,

@@ -278,8 +278,8 @@ class RelayLink:
         with self._lock:
             waiting = len(self.spool) + self._not_numbered()
         ever = "any more" if self.counters.connections else "yet"
-        return (f"not connected to the relay at {self._client.describe()} {ever} (is it running there, on that port, "
-                f"with the same --insecure or keys?): {waiting} batch(es) waiting to be delivered")
+        return (f"not connected to the relay at {self._client.describe()} {ever} ({self._client.unconnected_hint()}): "
+                f"{waiting} batch(es) waiting to be delivered")
 
     def snapshot(self) -> dict[str, int]:
         """Counters of the link, the spool (and its current size) and the handshake watch (``handshake_refused``...)."""
