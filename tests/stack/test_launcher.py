@@ -167,7 +167,10 @@ def test_a_ctrl_c_at_the_terminal_reaches_the_launcher_and_not_its_services(tmp_
     import subprocess
     import sys
 
-    prelude = f"import sys, time\nfrom pathlib import Path\nfrom tmrl_stack import LocalStack\nroot = Path({str(tmp_path)!r})\n"
+    # SIGINT as a terminal's foreground job has it: CI runs the tests under `nohup ... &`, which ignores it, and a
+    # child inherits that (the launcher then slept through the Ctrl-C)
+    prelude = (f"import signal, sys, time\nfrom pathlib import Path\nfrom tmrl_stack import LocalStack\n"
+               f"signal.signal(signal.SIGINT, signal.default_int_handler)\nroot = Path({str(tmp_path)!r})\n")
     launcher = subprocess.Popen([sys.executable, "-c", prelude + CTRL_C_LAUNCHER], stdout=subprocess.PIPE, text=True,
                                 start_new_session=True)  # its own group, as a terminal's foreground job has
     try:
