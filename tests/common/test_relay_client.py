@@ -340,5 +340,6 @@ def test_after_a_silent_connection_the_status_hint_points_at_the_network_not_the
         client._heard_at = time.monotonic() - 30.0  # answered once, then 30 s of nothing
         client._replace_silent_link(time.monotonic())
         assert client.silent_links == 1 and "went silent: a network path" in client.unconnected_hint()
+        assert client.handshake.path_down  # its handshake time-outs until the path is back are warnings
     finally:
         client.stop()

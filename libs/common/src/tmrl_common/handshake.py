@@ -104,6 +104,9 @@ class HandshakeWatch:
         self.last_failure: str | None = None
         """The kind of the latest failed handshake (``refused``, ``mechanism``, ``dropped``, ``silent``...), for a
         summary at the end: :meth:`advice` says what it means."""
+        self.path_down = False
+        """Set by the owner when it replaced a connection that went silent, cleared by the next handshake: the
+        handshake time-outs in between are logged as warnings."""
         self.handshakes = 0
         """Handshakes this socket completed: after one, a relay that goes silent mid-handshake is the same relay
         paused, overloaded or restarting, not a wrong port."""
@@ -117,6 +120,7 @@ class HandshakeWatch:
             self._tcp_since = now
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.handshakes += 1
+            self.path_down = False
             self._tcp_since = self._dead_since = None  # a dropped handshake that libzmq's retry got through
             self._drops_in_a_row = 0
             self._quiet_since = now
@@ -238,4 +242,8 @@ class HandshakeWatch:
         if not self.report or now - self._last_report.get(kind, float("-inf")) < self.report_every_s:
             return
         self._last_report[kind] = now
-        log.error("%s: %s", self.owner_id, self.advice(kind))
+        # while the path is known to be down (the owner replaced a silent connection, and said so), the handshakes
+        # that time out meanwhile are that same outage, not a new fault: warnings (a network probe counted 5 ERROR
+        # lines per 90 s black hole)
+        level = logging.WARNING if self.path_down and kind in ("silent", "timed_out") else logging.ERROR
+        log.log(level, "%s: %s", self.owner_id, self.advice(kind))

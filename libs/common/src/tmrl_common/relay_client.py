@@ -294,6 +294,7 @@ class RelayClient:
                     self.heartbeat_interval_s, self.while_away)
         self._heard_at = None
         self._went_silent = True
+        self.handshake.path_down = True  # its handshake time-outs until the path is back: warnings, not errors
         if self._on_silent_link is not None:  # e.g. the worker's weights feed, most likely on the same dead path
             self._on_silent_link()
 
