@@ -106,7 +106,7 @@ class HandshakeWatch:
         summary at the end: :meth:`advice` says what it means."""
         self.path_down = False
         """Set by the owner when it replaced a connection that went silent, cleared by the next handshake: the
-        handshake time-outs in between are logged as warnings."""
+        handshake time-outs in between are logged as warnings (and ``RelayClient.unconnected_hint`` names the path)."""
         self.handshakes = 0
         """Handshakes this socket completed: after one, a relay that goes silent mid-handshake is the same relay
         paused, overloaded or restarting, not a wrong port."""

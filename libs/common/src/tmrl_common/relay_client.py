@@ -142,7 +142,6 @@ class RelayClient:
         self.silent_links = 0
         """Connections taken as dead after :attr:`silence_s` without a message, and replaced."""
         self._on_silent_link = on_silent_link
-        self._went_silent = False
         # a local socket pair the loop polls beside ZeroMQ: a byte written by wake() ends the current poll at once
         self._wake_reader, self._wake_writer = _socketlib.socketpair()
         self._wake_reader.setblocking(False)
@@ -195,7 +194,7 @@ class RelayClient:
     def unconnected_hint(self) -> str:
         """What to check while not connected, for a status line: the network path when the last connection went
         silent (a network probe's status lines asked about ports and keys then), else the set-up."""
-        if self._went_silent:
+        if self.handshake.path_down:
             return "its last connection went silent: a network path that stopped carrying bytes, or a paused relay?"
         return "is it running there, on that port, with the same --insecure or keys?"
 
@@ -293,8 +292,8 @@ class RelayClient:
                     "or a paused relay); connecting again, %s", self.owner_id, self.describe(), now - self._heard_at,
                     self.heartbeat_interval_s, self.while_away)
         self._heard_at = None
-        self._went_silent = True
-        self.handshake.path_down = True  # its handshake time-outs until the path is back: warnings, not errors
+        # until the next handshake: its time-outs are warnings, and the status lines point at the network path
+        self.handshake.path_down = True
         if self._on_silent_link is not None:  # e.g. the worker's weights feed, most likely on the same dead path
             self._on_silent_link()
 
@@ -315,7 +314,6 @@ class RelayClient:
                 self.counters.connections += 1
                 self.answered_since_connect = False
                 self._heard_at = None
-                self._went_silent = False
                 detail = self._on_connected()
                 log.info("%s: connected to the relay (%s)%s", self.owner_id, self.describe(),
                          f"; {detail}" if detail else "")
