@@ -134,7 +134,7 @@ def generate(
         return
     typer.echo(f"public key: {files.public_file}  (copy it to the relay host, which allows this {role} with: "
                f"tmrl-relay keys add {files.public_file.name} --allow-dir ALLOW --role {role})")
-    relay_public = files.public_file.with_name(f"{RELAY_KEY_NAME}.key")  # where deployment.md copies it, as keys init
+    relay_public = files.public_file.with_name(f"{RELAY_KEY_NAME}{PUBLIC_SUFFIX}")  # where deployment.md copies it, as keys init
     typer.echo(f"run: tmrl-{role} run --secret-key {files.secret_file} --server-key {relay_public} ...  "
                f"({relay_public.name}: the relay's public key, copied from the relay host next to this pair)")
 

@@ -11,6 +11,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from tmrl_common.protocol import WORKER_HEARTBEAT_COUNTERS
 
 LINKS = ("workers", "trainer", "weights")
 
@@ -50,16 +51,15 @@ class WorkerReports:
     batches resent), which otherwise reached only its own log. ``peers`` is the relay's worker table, read on the
     HTTP thread: a copy of its entries, each ``reported`` dict replaced whole by the loop thread."""
 
+    HELP = (f"Each live worker's own totals from its latest heartbeat ({', '.join(WORKER_HEARTBEAT_COUNTERS)}); "
+            "they restart with the worker.")
+
     def __init__(self, peers, timeout_s: float) -> None:
         self.peers = peers
         self.timeout_s = timeout_s
 
     def describe(self):
         return [GaugeMetricFamily("tmrl_relay_worker_reported", self.HELP, labels=["worker", "counter"])]
-
-    HELP = ("Each live worker's own totals from its latest heartbeat (batches, steps, spooled, dropped, "
-            "dropped_waiting, resent, restored, unreadable_spool_files, spool_write_errors, stored, rejected); "
-            "they restart with the worker.")
 
     def collect(self):
         family = GaugeMetricFamily("tmrl_relay_worker_reported", self.HELP, labels=["worker", "counter"])

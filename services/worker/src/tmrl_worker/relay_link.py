@@ -319,7 +319,12 @@ class RelayLink:
         """Stop the sender thread (it numbers and spools what is still in its inbox first); :class:`SenderFailure` if
         it had died on an error, unless ``raise_failure`` is off (the caller reports :attr:`failure` itself)."""
         self._client.stop(timeout)
-        if raise_failure and self.failure is not None:
+        if raise_failure:
+            self.check_alive()
+
+    def check_alive(self) -> None:
+        """:class:`SenderFailure` (from the error) if the sender thread died on one, which it logged with its traceback."""
+        if self.failure is not None:
             raise SenderFailure(f"{self.worker_id}: sender thread failed: {self.failure}") from self.failure
 
     @property

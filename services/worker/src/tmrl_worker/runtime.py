@@ -730,8 +730,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
                         "collects", config.worker_id, env.spec)
 
         def health_check() -> None:
-            if link is not None and link.failure is not None:
-                raise SenderFailure(f"{config.worker_id}: sender thread failed: {link.failure}") from link.failure
+            if link is not None:
+                link.check_alive()
 
         returned = threading.Event()
         env.attach_stop(stop)
@@ -756,10 +756,12 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
             link.stop(raise_failure=False)
         _with_delivery(stats, link)  # so: counted after
         loop.record_progress(running=False)
-        if link is not None and link.failure is not None:  # it died after the last step
-            failure = SenderFailure(f"{config.worker_id}: sender thread failed: {link.failure}")
-            failure.stats = stats  # type: ignore[attr-defined]
-            raise failure from link.failure
+        if link is not None:
+            try:
+                link.check_alive()
+            except SenderFailure as failure:  # it died after the last step
+                failure.stats = stats  # type: ignore[attr-defined]
+                raise
         if link is not None and link.gave_up is not None:
             raise BatchesRefused(link.gave_up, stats)
         return stats
