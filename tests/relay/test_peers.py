@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import zmq
 from tmrl_common.errors import ProtocolError
-from tmrl_relay.peers import MAX_IDS_PER_KEY, PeerTable
+from tmrl_common.protocol import Heartbeat, Hello, encode
+from tmrl_relay.peers import MAX_IDS_PER_KEY, DisplacedConnection, PeerTable
 
-from .relay_harness import connected_trainer, connected_worker, insecure_config, make_batch, relay_in_thread, wait_until
+from .relay_harness import (
+    Peer,
+    connected_trainer,
+    connected_worker,
+    insecure_config,
+    make_batch,
+    relay_in_thread,
+    wait_until,
+)
 
 
 def test_an_id_stays_bound_to_its_first_key_across_reconnections():
@@ -30,6 +39,57 @@ def test_an_id_stays_bound_to_its_first_key_across_reconnections():
     assert table.check(b"conn-1", "worker-1", "KEY-A").routing_id == b"conn-1"
     with pytest.raises(ProtocolError, match="said hello on another connection since this one did"):
         table.check(b"conn-2", "worker-1", "KEY-A")  # and now the other one is the displaced one
+
+
+def test_a_displaced_connection_tells_its_late_bytes_from_a_second_process_by_the_senders_clock():
+    table = PeerTable("worker", max_peers=10)
+    table.register(b"conn-1", "worker-1", None, sent_at=1000.0)
+    table.register(b"conn-2", "worker-1", None, sent_at=1030.0)  # the peer took conn-1 as dead and connected again
+    with pytest.raises(DisplacedConnection) as displaced:
+        table.check(b"conn-1", "worker-1", None)
+    assert displaced.value.reason == "unknown_sender"
+    assert displaced.value.sent_before_replacement(1012.5) == 17.5  # sent on conn-1 before the new hello: late bytes
+    assert displaced.value.sent_before_replacement(1030.0) is None  # sent after it: another process under the id
+    assert displaced.value.sent_before_replacement(1031.0) is None
+    table.register(b"conn-3", "worker-1", None)  # a hello whose time is not known: never taken for late bytes
+    with pytest.raises(DisplacedConnection) as unknown:
+        table.check(b"conn-2", "worker-1", None)
+    assert unknown.value.sent_before_replacement(0.0) is None
+
+
+def test_late_bytes_of_a_replaced_connection_are_an_info_line_and_a_second_process_a_warning(caplog):
+    """Network probe: a worker that took a black-holed connection as dead connected again; when the path came back,
+    the relay got the heartbeats it had sent on the old connection, and warned "two processes under one id?" about
+    one process."""
+    caplog.set_level("INFO", logger="tmrl_relay.broker")
+    context = zmq.Context()
+    hello_at = 1_800_000_000.0
+
+    def lines_about(text: str) -> list:
+        return [record for record in caplog.records if text in record.getMessage()]
+
+    try:
+        with relay_in_thread(insecure_config()) as relay:
+            old = Peer(context, relay.ports.worker_port, "worker-1")
+            new = Peer(context, relay.ports.worker_port, "worker-1")
+            old.send_frames(encode(Hello(role="worker", software="test"), "worker-1", sent_at=hello_at - 40))
+            wait_until(lambda: "worker-1" in relay.workers.by_sender, what="the first hello")
+            first = relay.workers.by_sender["worker-1"].routing_id
+            new.send_frames(encode(Hello(role="worker", software="test"), "worker-1", sent_at=hello_at))
+            wait_until(lambda: relay.workers.by_sender["worker-1"].routing_id != first, what="the second hello")
+            old.send_frames(encode(Heartbeat(role="worker", uptime_s=1.0), "worker-1", sent_at=hello_at - 12.5))
+            wait_until(lambda: lines_about("ignored heartbeat from worker-1"), what="the late heartbeat's line")
+            late = lines_about("ignored heartbeat from worker-1")
+            assert [record.levelname for record in late] == ["INFO"]
+            assert "sent 12.5 s before it said hello on a new connection" in late[0].getMessage()
+            assert not lines_about("two processes")
+            assert relay.metrics.reject_count("unknown_sender", "workers") == 1  # rejected and counted all the same
+            old.send_frames(encode(Heartbeat(role="worker", uptime_s=2.0), "worker-1", sent_at=hello_at + 3))
+            wait_until(lambda: lines_about("two processes under one id?"), what="the second process's warning")
+            assert [record.levelname for record in lines_about("two processes")] == ["WARNING"]
+            assert relay.metrics.reject_count("unknown_sender", "workers") == 2
+    finally:
+        context.destroy(linger=0)
 
 
 def test_one_key_may_bind_a_bounded_number_of_ids():

@@ -52,10 +52,10 @@ from zmq.utils.monitor import parse_monitor_message
 from tmrl_relay import __version__
 from tmrl_relay.allowlist import ZAP_DOMAINS, AllowlistWatcher, RelaySetupError, require_keys_configured
 from tmrl_relay.config import RelayConfig
-from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head, read_batch_seq
+from tmrl_relay.envelope import EnvelopeChecker, check_envelope, read_batch_head, read_batch_seq, sent_at_of
 from tmrl_relay.metrics import RelayMetrics, WorkerReports
 from tmrl_relay.open_files import OpenFilesWatch, raise_open_file_limit
-from tmrl_relay.peers import Peer, PeerTable
+from tmrl_relay.peers import DisplacedConnection, Peer, PeerTable
 from tmrl_relay.pending import PendingBatch, PendingBatches
 from tmrl_relay.subscriptions import CANCEL, SUBSCRIBE, SubscriptionLedger
 from tmrl_relay.trainer_seat import RoleRefused, TrainerSeat
@@ -399,7 +399,7 @@ class Relay:
             hello = self._decode_control(envelope, body)
             assert isinstance(hello, Hello)
             self._check_hello_role(hello, "worker", "workers")
-            peer, previous = self.workers.register(routing_id, fields.sender, user_id)
+            peer, previous = self.workers.register(routing_id, fields.sender, user_id, sent_at_of(envelope.buffer))
             again = " again on a new connection" if previous is not None and previous.routing_id != routing_id else ""
             if self._hello_lines.take():
                 log.info("worker %s said hello (next_seq=%d, %s)%s", fields.sender, hello.next_seq, hello.software,
@@ -545,7 +545,7 @@ class Relay:
             self.metrics.role_refusals.labels(link="trainer", why=refused.why).inc()
             raise
         previous = self.trainer.peer
-        peer, _ = self.trainers.register(routing_id, sender, user_id)
+        peer, _ = self.trainers.register(routing_id, sender, user_id, sent_at_of(envelope.buffer))
         if restart and previous is not None and previous.routing_id != routing_id:
             log.warning("trainer %s said hello on a new connection with the same identity: a restart, it takes over "
                         "from its old connection", sender)
@@ -761,15 +761,22 @@ class Relay:
                     ref_seq = read_batch_seq(frames[2].buffer[:self.config.max_body_bytes])
             except ProtocolError:
                 pass
-        # limited per connection (the id it said hello with), never per envelope sender, which the peer chooses: a
-        # peer that varies it would otherwise get a log line per message
-        table = self.workers if link == "workers" else self.trainers if link == "trainer" else None
-        bound = table.by_routing_id.get(routing_id) if table is not None else None
-        connection = bound.sender if bound is not None else "?"
-        self._rate_log.warning((link, exc.reason, connection),
-                               "%s link: rejected %s%s from %s (routing id %s, said hello as %s): %s",
-                               link, ref_type or "a message", f" seq {ref_seq}" if ref_seq is not None else "", sender,
-                               routing_id.hex()[:16], connection, exc)
+        what = f"{ref_type or 'a message'}{f' seq {ref_seq}' if ref_seq is not None else ''}"
+        early = exc.sent_before_replacement(sent_at_of(frames[1].buffer)) if isinstance(exc, DisplacedConnection) else None
+        if early is not None:  # not a second process: what the peer sent before it replaced this connection (a
+            # network probe: a client that took a black-holed path as dead got "two processes under one id?" for it)
+            self._rate_log.log(logging.INFO, (link, "late", exc.sender), "%s link: ignored %s from %s, sent %.1f s "
+                               "before it said hello on a new connection and delivered only now on the one it "
+                               "replaced (a network path that stalled and came back)", link, what, exc.sender, early)
+        else:
+            # limited per connection (the id it said hello with), never per envelope sender, which the peer chooses:
+            # a peer that varies it would otherwise get a log line per message
+            table = self.workers if link == "workers" else self.trainers if link == "trainer" else None
+            bound = table.by_routing_id.get(routing_id) if table is not None else None
+            connection = bound.sender if bound is not None else "?"
+            self._rate_log.warning((link, exc.reason, connection),
+                                   "%s link: rejected %s from %s (routing id %s, said hello as %s): %s",
+                                   link, what, sender, routing_id.hex()[:16], connection, exc)
         error = Error(reason=exc.reason, message=exc.detail[:1024], ref_type=ref_type[:32], ref_seq=ref_seq)
         try:
             socket.send_multipart([routing_id, *encode(error, RELAY_SENDER)], zmq.NOBLOCK)

@@ -123,6 +123,12 @@ def check_envelope(frame: Any, limits: DecodeLimits) -> EnvelopeFields:
     return EnvelopeFields(type_name, sender)
 
 
+def sent_at_of(frame: Any) -> float:
+    """The ``sent_at`` of an envelope frame that :func:`check_envelope` accepted (decoded whole: the error path
+    reads it, never the routing path)."""
+    return float(msgpack.unpackb(frame, raw=False)["sent_at"])
+
+
 class BatchHead(NamedTuple):
     """``seq`` and step count of a ``sample_batch``, read from the head of its body."""
 

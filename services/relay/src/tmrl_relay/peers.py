@@ -34,6 +34,29 @@ class Peer:
     replaced whole at each heartbeat, so the metrics thread reads one heartbeat's set."""
 
 
+class DisplacedConnection(ProtocolError):
+    """A message on a connection whose sender id a newer connection has said hello with since: a second process
+    under one id, or bytes the peer sent on a connection it has replaced (a stalled network path delivering them
+    late). :meth:`late` tells the two apart by the message's ``sent_at``."""
+
+    def __init__(self, sender: str, replaced_at: float | None) -> None:
+        super().__init__("unknown_sender", f"{sender!r} said hello on another connection since this one did (two "
+                                           "processes under one id?); say hello again to take it back")
+        self.sender = sender
+        self.replaced_at = replaced_at
+        """The newer connection's hello's ``sent_at`` (None: not known)."""
+
+    def sent_before_replacement(self, sent_at: float) -> float | None:
+        """How long before the newer connection's hello a message sent at ``sent_at`` was sent, both by the sender's
+        clock; None when it was sent after it (two processes), or that is not known. A peer replaces a connection it
+        takes as dead (``tmrl_common.relay_client``) and does not send on it again, so such a message is late, not
+        a second process; two hosts' clocks apart by more than their messages' gaps would be taken for it only
+        until the other process's clock passes the hello's time."""
+        if self.replaced_at is None or sent_at >= self.replaced_at:
+            return None
+        return self.replaced_at - sent_at
+
+
 class PeerTable:
     """Registered peers of one link. ``max_peers`` bounds memory: the longest-silent peer is forgotten first."""
 
@@ -45,12 +68,15 @@ class PeerTable:
         self.key_of_sender: dict[str, str] = {}
         """Sender id → public key it was first registered with; a different key may never use that id."""
         self._ids_of_key: dict[str, set[str]] = {}
-        self._displaced: dict[bytes, str] = {}
-        """Routing id → the sender id a newer connection has said hello with since this one did: what it is told
-        when it sends again (two processes under one id), as against a connection that never said hello."""
+        self._displaced: dict[bytes, tuple[str, float | None]] = {}
+        """Routing id → the sender id a newer connection has said hello with since this one did, and that hello's
+        ``sent_at``: what it is told when it sends again (two processes under one id, or its own late bytes), as
+        against a connection that never said hello."""
 
-    def register(self, routing_id: bytes, sender: str, user_id: str | None) -> tuple[Peer, Peer | None]:
-        """Bind ``sender`` to this connection; returns the new peer and the one it replaced (a reconnection)."""
+    def register(self, routing_id: bytes, sender: str, user_id: str | None,
+                 sent_at: float | None = None) -> tuple[Peer, Peer | None]:
+        """Bind ``sender`` to this connection (its hello was sent at ``sent_at``, the sender's clock); returns the new
+        peer and the one it replaced (a reconnection)."""
         bound_key = self.key_of_sender.get(sender)
         if user_id is not None and bound_key is not None and bound_key != user_id:
             raise ProtocolError("unknown_sender", f"{self.role} id {sender!r} is bound to another CurveZMQ key")
@@ -64,7 +90,7 @@ class PeerTable:
         if previous is not None:
             self.by_routing_id.pop(previous.routing_id, None)
             if previous.routing_id != routing_id:
-                self._displaced[previous.routing_id] = sender
+                self._displaced[previous.routing_id] = (sender, sent_at)
                 while len(self._displaced) > MAX_DISPLACED:
                     del self._displaced[next(iter(self._displaced))]
         self._displaced.pop(routing_id, None)
@@ -87,9 +113,9 @@ class PeerTable:
         """The peer behind ``routing_id`` if it registered as ``sender`` with this key; else ``unknown_sender``."""
         peer = self.by_routing_id.get(routing_id)
         if peer is None:
-            if self._displaced.get(routing_id) == sender:  # its id was taken over by a newer connection's hello
-                raise ProtocolError("unknown_sender", f"{sender!r} said hello on another connection since this one did "
-                                                      "(two processes under one id?); say hello again to take it back")
+            displaced_by = self._displaced.get(routing_id)
+            if displaced_by is not None and displaced_by[0] == sender:  # a newer connection's hello took its id
+                raise DisplacedConnection(sender, displaced_by[1])
             raise ProtocolError("unknown_sender", f"{sender!r} sent before saying hello on this connection (every new "
                                                   "connection, a reconnection too, says hello first)")
         if peer.sender != sender:
