@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +119,38 @@ def test_record_reward_without_the_game_names_the_plugin_and_saves_nothing(tmp_p
     assert result.exit_code == 2
     assert f"TMRL OpenPlanet plugin enabled, on port {port}" in " ".join(result.output.split())
     assert not output.exists()
+
+
+def test_record_reward_save_unfinished_keeps_the_path_driven_before_the_telemetry_stopped(tmp_path):
+    """TrackMania probe: with --save-unfinished, a plugin that stopped sending mid-run lost the whole recording."""
+    half_lap = lap_with_a_respawn()[:40]  # the false start, the respawn and 12 m of the run: no finish
+    for save_unfinished, exit_code in ((False, 2), (True, 0)):
+        output = tmp_path / f"track-{save_unfinished}.safetensors"
+        with TelemetryReplayServer(half_lap, rate_hz=400, loop=False) as server:
+            result = CliRunner().invoke(app, ["record-reward", "-o", str(output), "--telemetry-port", str(server.port),
+                                              "--timeout", "0.5", "--spacing", "0.5"]
+                                        + (["--save-unfinished"] if save_unfinished else []))
+        assert result.exit_code == exit_code, result.output
+        assert "the plugin stopped sending" in " ".join(result.output.split())
+        assert output.exists() == save_unfinished
+    points = load_points(tmp_path / "track-True.safetensors")
+    assert len(points) == 25 and points[0].tolist() == [0.0, 0.0, 0.0]  # 12 m from the start line, every 0.5 m
+
+
+def test_record_reward_max_seconds_bounds_the_wait_for_a_plugin_that_sends_nothing(tmp_path):
+    """TrackMania probe: `--max-seconds 2` against a port that never greeted returned after 31 s (the 30 s
+    telemetry timeout)."""
+    with socket.socket() as silent:  # takes connections (the backlog) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        started = time.monotonic()
+        result = CliRunner().invoke(app, ["record-reward", "-o", str(tmp_path / "t.safetensors"), "--telemetry-port",
+                                          str(silent.getsockname()[1]), "--max-seconds", "1"])
+        took = time.monotonic() - started
+    assert result.exit_code == 2, result.output
+    assert took < 10.0, took  # the default --timeout is 30 s
+    assert "no telemetry from" in result.output
+    assert not (tmp_path / "t.safetensors").exists()
 
 
 def test_check_env_readings_show_lidar_speed_and_reward(tmp_path):

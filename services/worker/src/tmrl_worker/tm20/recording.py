@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tmrl_worker.reward import path_length, resample_path, save_points
-from tmrl_worker.tm20.openplanet import PacketParser, Telemetry, TelemetryClient, encode_packet
+from tmrl_worker.tm20.openplanet import PacketParser, Telemetry, TelemetryClient, TelemetryTimeoutError, encode_packet
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -38,6 +38,9 @@ class Demonstration:
     packets: list[Telemetry] = field(default_factory=list)
     finished: bool = False
     restarts: int = 0
+    telemetry_lost: TelemetryTimeoutError | None = None
+    """Why it ended early: the telemetry stopped (or never came) for the client's timeout. What was collected up
+    to then is kept (``record-reward --save-unfinished`` saves it)."""
 
     @property
     def length(self) -> float:
@@ -70,7 +73,8 @@ def load_packets(path: str | Path) -> list[bytes]:
 def record_demonstration(telemetry: TelemetryClient, *, max_seconds: float = 900.0, min_move: float = 0.05,
                          start_distance_m: float = 1.0, should_stop: Callable[[], bool] = lambda: False,
                          on_packet: Callable[[Telemetry, int], None] | None = None) -> Demonstration:
-    """Collect car positions from ``telemetry`` until the finish, ``should_stop()``, or ``max_seconds``.
+    """Collect car positions from ``telemetry`` until the finish, ``should_stop()``, ``max_seconds``, or the
+    telemetry's silence for the client's timeout (``telemetry_lost``; so too when no packet came by ``max_seconds``).
 
     Positions closer than ``min_move`` to the previous kept one are skipped (a car waiting at the start).
     Joined mid-run (the first packet more than ``start_distance_m`` into the run), or respawned at a checkpoint
@@ -84,8 +88,13 @@ def record_demonstration(telemetry: TelemetryClient, *, max_seconds: float = 900
     last: Telemetry | None = None
     mid_run = False
     deadline = time.monotonic() + max_seconds
-    while time.monotonic() < deadline and not should_stop():
-        packet = telemetry.newer_than(last.sequence if last else None)
+    while (left := deadline - time.monotonic()) > 0 and not should_stop():
+        try:  # max_seconds bounds the wait for a packet too (an outside probe: 31 s past --max-seconds 2)
+            packet = telemetry.newer_than(last.sequence if last else None, timeout=min(telemetry.timeout, left))
+        except TelemetryTimeoutError as exc:
+            if left < telemetry.timeout and last is not None:  # cut by max_seconds, not the telemetry's silence
+                break
+            return Demonstration(np.array(positions, dtype=np.float64).reshape(-1, 3), packets, False, restarts, exc)
         if last is None:
             mid_run = packet.distance > start_distance_m
         elif packet.distance < last.distance - 1.0:  # respawned: start over, from the start line only
@@ -126,8 +135,6 @@ def record_reward_tool(output: Path, *, telemetry_port: int, spacing: float = 0.
     """``tmrl-worker record-reward``: record while a person drives, save the points; returns the exit code."""
     from rich.console import Console
 
-    from tmrl_worker.tm20.openplanet import TelemetryTimeoutError
-
     console = console or Console(stderr=True)
     console.print(f"Recording from the TMRL OpenPlanet plugin on port {telemetry_port}. Drive the track from the start "
                   "to the finish line; a respawn starts the recording over; Ctrl-C aborts.")
@@ -145,13 +152,17 @@ def record_reward_tool(output: Path, *, telemetry_port: int, spacing: float = 0.
 
         try:
             demonstration = record_demonstration(client, max_seconds=max_seconds, on_packet=progress)
-        except TelemetryTimeoutError as exc:
-            console.print(f"[red]{exc}[/]")
-            return 2
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: nothing saved[/]")
             return 1
-    if not demonstration.finished and not save_unfinished:
+    lost = demonstration.telemetry_lost
+    if lost is not None:
+        console.print(f"[red]{lost}[/]")
+        if not save_unfinished or len(demonstration.positions) < 2:
+            return 2
+        console.print(f"[yellow]--save-unfinished: saving the {len(demonstration.positions)} positions recorded "
+                      "before the telemetry stopped[/]")
+    elif not demonstration.finished and not save_unfinished:
         console.print(f"[yellow]the finish line was not reached in {max_seconds:.0f} s: nothing saved "
                       "(--save-unfinished keeps a partial path)[/]")
         return 1
