@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from loopback_relay import wait_for
 from tmrl_common.layout import tm20_full_layout, tm20_pixel_lidar_layout, tm20_pixel_lidar_progress_layout
 from tmrl_common.protocol import observation_bounds
 from tmrl_trainer.ingest import ValueBounds
@@ -142,13 +143,13 @@ def test_reset_respawns_and_wait_releases_then_respawns(plugin):
 
 
 def test_game_finish_terminates_and_pays_the_finish_bonus_once():
-    drive = telemetry_source(finish_at=0.5)
+    drive = telemetry_source(finish_at=2.0)
     with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
         server.drive = drive
         interface = TM20LidarInterface(**devices(server))
         try:
             interface.reset()
-            deadline = time.monotonic() + 5.0  # 0.1 s drives 1 m, past the finish; a loaded machine may take longer
+            deadline = time.monotonic() + 5.0  # 0.2 s drives 2 m, to the finish; a loaded machine may take longer
             while not interface.telemetry.latest().finished and time.monotonic() < deadline:
                 time.sleep(0.01)
             _, reward, terminated, info = interface.get_obs_rew_terminated_info()
@@ -156,6 +157,26 @@ def test_game_finish_terminates_and_pays_the_finish_bonus_once():
             assert reward >= interface.reward.config.finish_bonus
             _, again, _, _ = interface.get_obs_rew_terminated_info()
             assert again < interface.reward.config.finish_bonus
+        finally:
+            interface.close()
+
+
+def test_a_finish_flag_within_the_restart_distance_of_the_start_pays_no_finish_bonus():
+    """TrackMania probe: a plugin raising the finish flag 0.1 m into a run (the last run's flag, not yet cleared)
+    got the episode terminated and paid the finish bonus, where record-reward ignores such a flag."""
+    drive = StraightDrive(speed=0.5, rate_hz=SERVER_HZ, z=5.0, finish_at=0.05)  # finished from 5 cm on
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        server.drive = drive
+        interface = TM20LidarInterface(**devices(server))
+        try:
+            interface.reset()
+            wait_for(lambda: interface.telemetry.latest().finished)
+            _, reward, terminated, info = interface.get_obs_rew_terminated_info()
+            assert interface.last_telemetry.finished and interface.last_telemetry.distance <= 1.0
+            assert not terminated and not info["finished_by_game"] and reward < interface.reward.config.finish_bonus
+            wait_for(lambda: interface.telemetry.latest().distance > 1.0, timeout_s=10.0)  # 2 s at 0.5 m/s
+            _, reward, terminated, info = interface.get_obs_rew_terminated_info()
+            assert terminated and info["finished_by_game"] and reward >= interface.reward.config.finish_bonus
         finally:
             interface.close()
 

@@ -24,6 +24,7 @@ from tmrl_worker.tm20.interfaces import (
     RaceRestartError,
     RewardPathMismatchError,
     TM20ConfigError,
+    TM20GameLostError,
     TM20LidarInterface,
     make_tm20_env,
 )
@@ -170,6 +171,26 @@ def test_capture_failure_during_a_step_truncates_the_episode_and_reset_waits_for
             env.close()
 
 
+def test_a_game_that_does_not_come_back_is_given_up_at_give_up_after_s_not_a_backoff_wait_later():
+    """TrackMania probe: with give_up_after_s = 4 and captures failing for good, the worker gave up after 7.8 s: the
+    last backoff wait (up to max_retry_s) ran past the give-up time."""
+    game = Game()
+    with game.serve() as server:
+        interface = TM20LidarInterface(capture=FlakyCapture(fail_from=1, failures=10**9),
+                                       telemetry=TelemetryClient(server.port), controller=game.controller(),
+                                       reward=straight_reward(), sleep_time_at_reset=0.0,
+                                       recovery={**FAST_RECOVERY, "first_retry_s": 0.6, "max_retry_s": 8.0,
+                                                 "give_up_after_s": 1.0})
+        try:
+            started = time.monotonic()
+            with pytest.raises(TM20GameLostError, match=r"did not come back in 1 s: capture: dxcam could not"):
+                interface.wait_for_game("capture failed")
+            took = time.monotonic() - started  # tries at 0, 0.6 and 1.0 s; before: 0, 0.6 and 1.8 s
+            assert 0.95 <= took < 1.6, took
+        finally:
+            interface.close()
+
+
 def test_a_bug_in_the_observation_path_ends_the_episode_instead_of_hanging_rtgym(monkeypatch):
     game = Game()
     with game.serve() as server:
@@ -197,14 +218,14 @@ def test_a_bug_in_the_observation_path_ends_the_episode_instead_of_hanging_rtgym
 
 
 def test_after_a_finish_reset_closes_the_popup_and_waits_for_the_race_to_restart():
-    game = Game(finish_at=1.0)
+    game = Game(finish_at=2.0)
     with game.serve() as server:
         interface = TM20LidarInterface(capture=RecordedFrames(corridor_frames()),
                                        telemetry=TelemetryClient(server.port), controller=game.controller(),
                                        reward=straight_reward(), sleep_time_at_reset=0.0, recovery=FAST_RECOVERY)
         try:
             interface.reset()
-            wait_for(lambda: interface.telemetry.latest().finished)  # the countdown, then 1 m: the finish line
+            wait_for(lambda: interface.telemetry.latest().finished)  # the countdown, then 2 m: the finish line
             _, reward, terminated, info = interface.get_obs_rew_terminated_info()
             assert terminated and info["finished_by_game"] and reward >= 100.0
             assert info["finished"]  # the game's finish, before the recorded path's end, is a finished lap

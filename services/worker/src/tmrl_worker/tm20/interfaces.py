@@ -557,8 +557,11 @@ class TM20Interface(RealTimeGymInterface):
             reward, terminated, info = self.reward.hold(self.last_telemetry.position)
         else:
             reward, terminated, info = self.reward.compute(self.last_telemetry.position)
-        info["finished_by_game"] = self.last_telemetry.finished
-        if self.last_telemetry.finished and not self.reward.finished:
+        # a finish flag within restart_distance_m of the start is the last run's, not yet cleared (record-reward
+        # ignores it likewise); an outside probe was paid the finish bonus 0.1 m into a run for one
+        finished_by_game = self.last_telemetry.finished and self.last_telemetry.distance > self.recovery.restart_distance_m
+        info["finished_by_game"] = finished_by_game
+        if finished_by_game and not self.reward.finished:
             self.reward.finished = True
             reward += self.reward.config.finish_bonus
             terminated = True
@@ -696,6 +699,8 @@ class TM20Interface(RealTimeGymInterface):
             self.status = (f"waiting for the game (attempt {attempt}, {waited:.0f} s so far, next try in {delay:.1f} s):"
                            f" {problem}")
             log.warning("tm20: %s", self.status)
+            if settings.give_up_after_s is not None:  # the last wait ends when giving up is due, not up to
+                delay = min(delay, max(settings.give_up_after_s - waited, 0.01))  # max_retry_s past it
             if self.stop_event is not None and self.stop_event.wait(delay):
                 raise EnvInterrupted(f"stopped while waiting for the game ({problem})")
             if self.stop_event is None:
