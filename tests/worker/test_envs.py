@@ -545,12 +545,13 @@ def test_an_action_space_that_cannot_be_rescaled_is_refused_when_the_env_is_buil
 
 FAULTY = '''
     class Faulty(OneActionInterface):
-        def __init__(self, fault="none", default_action_size=1):
+        def __init__(self, fault="none", default_action_size=1, default_action_value=0.0):
             self.fault = fault
             self.default_action_size = default_action_size
+            self.default_action_value = default_action_value
 
         def get_default_action(self):
-            return np.zeros(self.default_action_size, dtype=np.float32)
+            return np.full(self.default_action_size, self.default_action_value, dtype=np.float32)
 
         def get_observation_space(self):
             return spaces.Tuple((spaces.Box(-10.0, 10.0, (2,), np.float32),))
@@ -564,6 +565,8 @@ FAULTY = '''
                 return [np.zeros(5, dtype=np.float32)], {}
             if self.fault == "tuple observations":  # what a Tuple space's sample() gives
                 return (np.zeros(2, dtype=np.float32),), {}
+            if self.fault == "reset array":  # `return obs, {}` for `[obs], {}`
+                return np.zeros(2, dtype=np.float32), {}
             return [np.zeros(2, dtype=np.float32)], {}
 
         def get_obs_rew_terminated_info(self):
@@ -572,6 +575,8 @@ FAULTY = '''
                 observation = [np.zeros((3, 2), dtype=np.float32)]
             if self.fault == "extra part":
                 observation = [np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.float32)]
+            if self.fault == "step array":  # a BYO probe: `return o[0], ...` for `[o[0]]` was told of 4 parts
+                observation = np.zeros(2, dtype=np.float32)
             if self.fault == "reward None":
                 return observation, None, False, {}
             if self.fault == "reward array":
@@ -606,6 +611,8 @@ FAULTY = '''
     ("reset raises", r"its reset raised RuntimeError: homing failed$"),
     ("reset returns the observation alone", r"Faulty.reset returned 1 value\(s\); rtgym expects 2: \(observation list, info"),
     ("reset shape", r"returned observation part 'part0' of shape \(5,\) at the reset; its layout declares \(2,\)"),
+    ("reset array", r"Faulty.reset returned the observation as one numpy array of shape \(2,\): return a list of "
+                    r"arrays, one per part of the observation space's Tuple \(e.g. \[obs\] for one part\)$"),
 ])
 def test_a_reset_that_raises_or_returns_the_wrong_thing_stops_the_env_in_one_line(plug_interface, fault, message):
     """Not a traceback out of the rollout loop, nor a batch the trainer will refuse: EnvFailure, which the worker
@@ -637,6 +644,8 @@ def test_a_reset_that_raises_or_returns_the_wrong_thing_stops_the_env_in_one_lin
     ("terminated array", r"Faulty.get_obs_rew_terminated_info returned terminated array\(\[False, True\]\) \(a numpy "
                          r"array of shape \(2,\)\), which is not a bool: return True or False$"),
     ("three values", r"Faulty.get_obs_rew_terminated_info returned 3 value\(s\); rtgym expects 4"),
+    ("step array", r"Faulty.get_obs_rew_terminated_info returned the observation as one numpy array of shape \(2,\): "
+                   r"return a list of arrays"),
 ])
 def test_a_step_that_returns_the_wrong_thing_stops_the_env_in_one_line(plug_interface, fault, message):
     """Three values from get_obs_rew_terminated_info used to kill rtgym's thread and leave the worker waiting for
@@ -947,8 +956,12 @@ def test_a_history_that_does_not_shift_frame_by_frame_stops_the_env_naming_the_p
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"default_action_size": 3}, r"default action has 3 value\(s\), its action space .* has 1"),
+    # a BYO probe: [5.0] for a Box(-2, 2) was clipped silently, so the reset rows held +2, never applied
+    ({"default_action_value": 5.0}, r"default action \[5.0\] lies outside its action space .* in dimension\(s\) "
+                                    r"\[0\]: .* make get_default_action\(\) return an action within the bounds"),
+    ({"default_action_value": float("nan")}, r"default action \[nan\] lies outside its action space"),
 ])
-def test_a_default_action_of_the_wrong_size_is_refused_when_the_env_is_built(plug_interface, options, message):
+def test_a_default_action_of_the_wrong_size_or_out_of_bounds_is_refused_when_the_env_is_built(plug_interface, options, message):
     with pytest.raises(EnvSpecError, match=message):
         make_env(f"{plug_interface('faulty_robot', FAULTY)}:Faulty", time_step_duration=0.02, options=options)
 

@@ -102,6 +102,18 @@ def _one_flag(name: str, value: Any) -> bool:
     raise ReturnedValueError(f"{name} {short_repr(value)} (a {_kind(value)}), which is not a bool: return True or False")
 
 
+def _observation_list(method: str, observation: Any) -> Any:
+    """An rtgym interface's observation as rtgym needs it: a list of arrays, one per part (a tuple, as a Tuple
+    space's sample() gives it, becomes a list: rtgym appends a list to it). One numpy array is refused
+    (:class:`InterfaceReturnError`): rtgym would add the action buffer to it as numbers at a reset and split it
+    into its rows at a step (a BYO probe's `return o[0], ...` for `[o[0]]` was told of 5 parts where it had 1)."""
+    if isinstance(observation, np.ndarray):
+        raise InterfaceReturnError(f"{method} returned the observation as one numpy array of shape "
+                                   f"{observation.shape}: return a list of arrays, one per part of the observation "
+                                   "space's Tuple (e.g. [obs] for one part)")
+    return list(observation) if isinstance(observation, tuple) else observation
+
+
 def _spec_help() -> str:
     return "valid specs: " + ", ".join((*SIM_SPECS, *TM20_SPECS, "module:Class", "gym:<gymnasium id>"))
 
@@ -161,6 +173,14 @@ class EnvHandle:
         if env_default is not None and np.size(env_default) != low.size:
             raise EnvSpecError(f"env {self.spec!r}'s default action has {np.size(env_default)} value(s), its action "
                                f"space {space} has {low.size}: make get_default_action() return one value per action")
+        if env_default is not None:
+            values = np.asarray(env_default, dtype=np.float64).reshape(-1)
+            outside = ~np.isfinite(values) | (np.isfinite(low) & ((values < low) | (values > high)))
+            if outside.any():  # clipped, the reset rows and action buffer would hold an action the env never applied
+                raise EnvSpecError(f"env {self.spec!r}'s default action {values.tolist()} lies outside its action "
+                                   f"space {space} in dimension(s) {np.flatnonzero(outside).tolist()}: the policy's "
+                                   "action buffer and the reset rows would hold the bound instead; make "
+                                   "get_default_action() return an action within the bounds")
         self._default_action = (np.zeros(self.layout.action_dim, dtype=np.float32) if env_default is None
                                 else self.to_policy_action(env_default))
         self._action_buffer: deque = deque(maxlen=self.layout.action_history)
@@ -548,10 +568,9 @@ def _guarded_interface(interface: type) -> type:
                                              else f"{interface.__name__}.{method} raised {type(exc).__name__}: {exc}")
 
         def reset(self, *args: Any, **kwargs: Any) -> Any:
-            observation, info = _returned(f"{interface.__name__}.reset", super().reset(*args, **kwargs),
-                                          "(observation list, info dict)")
-            if isinstance(observation, tuple):  # as a Tuple space's sample() gives it; rtgym appends a list to it
-                observation = list(observation)
+            method = f"{interface.__name__}.reset"
+            observation, info = _returned(method, super().reset(*args, **kwargs), "(observation list, info dict)")
+            observation = _observation_list(method, observation)
             self._guard_last_observation = observation
             return observation, info
 
@@ -581,8 +600,7 @@ def _guarded_interface(interface: type) -> type:
                         _one_flag("terminated", result[2])
                     except ReturnedValueError as exc:
                         raise InterfaceReturnError(f"{method} returned {exc}") from exc
-                    if isinstance(result[0], tuple):  # as at reset
-                        result = (list(result[0]), *result[1:])
+                    result = (_observation_list(method, result[0]), *result[1:])
                     self._guard_last_observation = result[0]
                     return result
                 except Exception as exc:  # noqa: BLE001 - any error of the interface, reported by EnvHandle.step
