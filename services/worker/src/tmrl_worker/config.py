@@ -92,6 +92,9 @@ class WorkerConfig(BaseModel):
     to return: an env that blocks without seeing the stop (a robot interface waiting on its hardware) would otherwise
     keep the worker from stopping. Past it, the worker delivers what it sent (``flush_timeout_s``) and exits with
     status 1, naming the call it was stuck in."""
+    long_call_warning_s: float = Field(default=20.0, gt=0, le=MAX_DURATION_S)
+    """A reset or step of the env that has not returned for this long is logged as a warning (again each time the
+    wait doubles), and once it returns, how long it took: a blocking call stops the progress lines too."""
     state_dir: Path = Path("~/.local/state/tmrl/worker")
     """Holds ``<worker_id>.state.json`` (the sequence-number reservation that keeps ``seq`` unique across restarts),
     ``<worker_id>.progress.json`` (rewritten after every step; a restarted worker logs what a killed run lost) and,

@@ -29,6 +29,7 @@ import logging
 import math
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +142,8 @@ class EnvHandle:
     in_call: str | None = field(default=None, init=False)
     """``"reset"`` or ``"step"`` while the env is in that call (read by the worker's stop watchdog, which names the
     call an env is stuck in); ``None`` between calls."""
+    in_call_since: float = field(default=0.0, init=False)
+    """When (``time.monotonic()``) the current call began; meaningful while :attr:`in_call` is set."""
 
     def __post_init__(self) -> None:
         space = self.env.action_space
@@ -254,6 +257,7 @@ class EnvHandle:
         with any exception out of it but :class:`EnvFailure` and :class:`EnvInterrupted` turned into an
         :class:`EnvFailure` naming it (its traceback goes to the log, as the rtgym thread guard logs one): the worker
         then stops with one line, not a traceback."""
+        self.in_call_since = time.monotonic()
         self.in_call = call
         try:
             return method(*args, **kwargs)

@@ -305,6 +305,11 @@ class BestPolicyKeeper:
 
 SLOW_STEPS_FRACTION = 0.8
 """A real-time env stepping at less than this fraction of its rate (1 / time_step_duration) is reported as slow."""
+LATE_STEP_FACTOR = 1.5
+"""A real-time step (the policy's action and ``env.step``) that takes longer than this many time steps is late: rtgym
+stretched it because a call overran (it warns at each, which the CLI hides: the progress line counts them)."""
+LATE_STEPS_WARNING_FRACTION = 0.02
+"""Late steps are a warning from this share of a progress line's steps on; fewer are noted on its INFO line."""
 
 
 @dataclass
@@ -320,6 +325,8 @@ class RolloutStats:
     recent_returns: deque = field(default_factory=lambda: deque(maxlen=20))
     step_seconds: float = 0.0
     """Total wall time spent inside ``env.step`` + inference, for steps/s reports."""
+    late_steps: int = 0
+    """Real-time steps that took over ``LATE_STEP_FACTOR`` time steps (:data:`LATE_STEP_FACTOR`)."""
     reset_seconds: float = 0.0
     """Total wall time spent inside ``env.reset`` (a TrackMania reset may wait minutes for the game to come back)."""
     resets: int = 0
@@ -458,14 +465,17 @@ class RolloutLoop:
                                  rows_handed_over=stats.rows_handed_over, batches_handed_over=stats.batches_submitted,
                                  rows_unfinished=unfinished, running=running)
 
-    def _report(self, seconds: float, steps: int, reset_seconds: float = 0.0) -> None:
+    def _report(self, seconds: float, steps: int, reset_seconds: float = 0.0, late_steps: int = 0,
+                longest_step: float = 0.0) -> None:
         """The progress line over the last ``seconds``, which held ``steps`` steps and ``reset_seconds`` of resets: a
         real-time env slower than its time step is named, judged on the time outside resets (a reset that waited for
-        the game is no slow step)."""
+        the game is no slow step), and so are its ``late_steps`` (the longest: ``longest_step`` s), a warning from
+        :data:`LATE_STEPS_WARNING_FRACTION` of the steps on."""
         recent = self.stats.recent_returns
         # the acting (exploring) policy's returns, warm-up episodes at random included: `tmrl-worker eval` scores a policy
         mean = (f"{sum(recent) / len(recent):.2f} over the last {len(recent)} episode(s) as acted" if recent else "n/a")
         problems = [getattr(self.sink, "delivery_problem", lambda: None)()]  # a RelayLink says when it cannot deliver
+        notes: list[str] = []
         rate = steps / max(seconds, 1e-9)
         step_seconds = self.env.step_seconds if self.env.realtime else None
         stepping = max(seconds - reset_seconds, 1e-9)
@@ -477,11 +487,17 @@ class RolloutLoop:
             problems.append(f"slower than the {1 / step_seconds:.0f} steps/s of time_step_duration {step_seconds:g} "
                             f"s: the env's calls (get_obs_rew_terminated_info, send_control) or the policy take "
                             f"longer than a step, about {stepping / steps:.3f} s each")
-        problem = "; ".join(p for p in problems if p)
-        log.log(logging.WARNING if problem else logging.INFO,
+        if step_seconds and late_steps:  # a BYO probe: a 120 ms stall every 25th 50 ms step was never reported
+            late = (f"{late_steps} late step(s) of {steps} (over {LATE_STEP_FACTOR:g} time steps of {step_seconds:g} s, "
+                    f"the longest {longest_step:.3f} s: a call of the env or the policy overran its step now and then, "
+                    "and rtgym stretched it)")
+            (problems if late_steps >= LATE_STEPS_WARNING_FRACTION * steps else notes).append(late)
+        problems = [p for p in problems if p]
+        said = "; ".join(problems + notes)
+        log.log(logging.WARNING if problems else logging.INFO,
                 "%s: %d steps (%.0f steps/s), %d episodes, mean return %s, weights version %d, %d batches handed over%s",
                 self.worker_id, self.stats.steps, rate, self.stats.episodes, mean,
-                self.policy.version, self.stats.batches_submitted, f"; {problem}" if problem else "")
+                self.policy.version, self.stats.batches_submitted, f"; {said}" if said else "")
 
     def _keep_if_best(self, keeper: BestPolicyKeeper, info: dict) -> None:
         finished = info.get("finished")
@@ -505,7 +521,8 @@ class RolloutLoop:
         next_health = time.monotonic() + 1.0
         next_step_at = report_from = time.monotonic()
         next_report, report_steps = report_from + PROGRESS_EVERY_S, self.stats.steps
-        report_resets = self.stats.reset_seconds
+        report_resets, report_late, longest_step = self.stats.reset_seconds, self.stats.late_steps, 0.0
+        late_after = LATE_STEP_FACTOR * self.env.step_seconds if self.env.realtime and self.env.step_seconds else None
         try:
             while (target is None or self.stats.steps < target) and not (stop is not None and stop.is_set()):
                 if self.min_step_interval:
@@ -519,7 +536,11 @@ class RolloutLoop:
                 if self.record_versions:
                     self.action_versions.append(self.policy.version)
                 observation, reward, terminated, truncated, info = self.env.step(action)
-                self.stats.step_seconds += time.perf_counter() - started
+                took = time.perf_counter() - started
+                self.stats.step_seconds += took
+                if late_after is not None and took > late_after:
+                    self.stats.late_steps += 1
+                    longest_step = max(longest_step, took)
                 self.stats.steps += 1
                 self._episode_steps += 1
                 self._episode_versions.add(self.policy.version)
@@ -554,9 +575,10 @@ class RolloutLoop:
                     next_health = now + 1.0
                 if now >= next_report:
                     self._report(now - report_from, self.stats.steps - report_steps,
-                                 self.stats.reset_seconds - report_resets)
+                                 self.stats.reset_seconds - report_resets, self.stats.late_steps - report_late,
+                                 longest_step)
                     report_from, report_steps, next_report = now, self.stats.steps, now + PROGRESS_EVERY_S
-                    report_resets = self.stats.reset_seconds
+                    report_resets, report_late, longest_step = self.stats.reset_seconds, self.stats.late_steps, 0.0
         finally:
             self._flush()
             self.record_progress()
@@ -608,6 +630,29 @@ def _end_a_stuck_rollout(stop: threading.Event, returned: threading.Event, env: 
           "unacknowledged", file=sys.stderr, flush=True)
     logging.shutdown()
     os._exit(1)
+
+
+def _warn_of_long_env_calls(returned: threading.Event, env: EnvHandle, config: WorkerConfig) -> None:
+    """Until the rollout returns: warn when the env's current reset or step has not returned for
+    ``long_call_warning_s``, again each time that wait doubles, and say how long it took once it returns. A BYO probe:
+    an interface blocked in its reset left 53 s without a line (the progress lines come from the rollout loop)."""
+    call, since, warned_at = None, 0.0, 0.0
+    while not returned.wait(0.25):
+        current, started = env.in_call, env.in_call_since
+        if (current, started) != (call, since):  # another call, or none
+            if warned_at:
+                log.info("%s: the env's %s returned after %.0f s", config.worker_id, call, time.monotonic() - since)
+            call, since, warned_at = current, started, 0.0
+        if call is None:
+            continue
+        waited = time.monotonic() - since
+        if waited >= max(config.long_call_warning_s, 2 * warned_at):
+            warned_at = waited
+            log.warning("%s: the env's %s has not returned for %.0f s: the rollout waits for it (no progress lines "
+                        "meanwhile). An env that waits on purpose logs why (TrackMania: for the game); otherwise its "
+                        "%s may be blocked on the hardware or a lock (a stop request gives it stop_grace_s = %g s)",
+                        config.worker_id, call, waited, "reset" if call == "reset" else
+                        "get_obs_rew_terminated_info or send_control", config.stop_grace_s)
 
 
 def warn_if_time_limit_unused(config: WorkerConfig) -> None:
@@ -738,6 +783,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
         if exit_if_stuck:
             threading.Thread(target=_end_a_stuck_rollout, args=(stop, returned, env, link, config),
                              name="stop-watchdog", daemon=True).start()
+        threading.Thread(target=_warn_of_long_env_calls, args=(returned, env, config), name="env-call-watch",
+                         daemon=True).start()
         try:
             try:
                 stats = loop.run(max_steps=config.max_steps, stop=stop, health_check=health_check)
