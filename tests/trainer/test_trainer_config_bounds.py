@@ -41,3 +41,19 @@ def test_a_replay_memory_too_large_for_this_machine_is_a_one_line_error_with_sta
     assert result.exit_code == 2, result.output
     assert "tmrl-trainer: not enough memory for this config (Unable to allocate" in result.output
     assert "memory_capacity = 1000000000000 rows" in result.output and "Traceback" not in result.output
+
+
+def test_the_layout_file_can_be_given_on_the_command_line_beside_env():
+    """A BYO probe: `tmrl-trainer run --layout-file x` was 'No such option', leaving TMRL_TRAINER__LAYOUT_FILE as the
+    only way to give a module:Class env's layout without a config file."""
+    from pathlib import Path
+
+    from tmrl_trainer.cli import app
+    from typer.testing import CliRunner
+
+    layout = Path(__file__).parents[2] / "examples" / "byo_robot" / "layout.json"
+    result = CliRunner().invoke(app, ["run", "--show-config", "--env", "mybot.robot:Robot", "--layout-file", str(layout)])
+    assert result.exit_code == 0, result.output
+    assert f'layout_file = "{layout}"' in result.output and 'env = "mybot.robot:Robot"' in result.output
+    missing = CliRunner().invoke(app, ["run", "--show-config", "--layout-file", str(layout.with_name("none.json"))])
+    assert missing.exit_code == 2 and "does not exist" in " ".join(missing.output.split())

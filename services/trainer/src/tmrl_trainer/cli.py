@@ -35,6 +35,9 @@ def run(
     show_config: bool = ShowConfigOption,
     env: str | None = typer.Option(None, "--env", help=HELP["env"] + " The workers' env: it fixes the observation "
                                    "layout (module:Class envs need layout_file)."),
+    layout_file: Path | None = typer.Option(None, "--layout-file", exists=True, dir_okay=False, help="The workers' "
+                                            "observation layout (JSON, from `tmrl-worker layout --env ...`); "
+                                            "overrides the one --env implies. Needed for module:Class envs."),
     relay_host: str | None = typer.Option(None, "--relay-host", help=HELP["relay_host"]),
     trainer_port: int | None = typer.Option(None, "--trainer-port", help=HELP["trainer_port"]),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="status.json, metrics.jsonl, tensorboard/, checkpoints/."),
@@ -65,7 +68,7 @@ def run(
     # stop.set() inside a signal handler, which can deadlock on the lock stop.wait() holds (tmrl_common.stop_signals)
     install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_trainer"), TRAINER_FINISHING))
     overrides = {
-        "env": env, "relay_host": relay_host, "trainer_port": trainer_port, "run_dir": run_dir, "device": device,
+        "env": env, "layout_file": layout_file, "relay_host": relay_host, "trainer_port": trainer_port, "run_dir": run_dir, "device": device,
         "seed": seed, "torch_threads": torch_threads, "save_memory": True if save_memory else None,
         "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key},
     }
