@@ -85,6 +85,12 @@ def test_layout_file_overrides_the_env_name(tmp_path):
     path.write_text("{}")
     with pytest.raises(ConfigError, match="not a readable ObservationLayout"):
         layout_for_env("sim", path)
+    # a BYO probe: pydantic's multi-line message, links included, was the CLI's "one line"
+    path.write_text(layout_for_box(7, 2).model_dump_json().replace('"action_dim":2', '"action_dim":"x"'))
+    with pytest.raises(ConfigError) as bad_field:
+        layout_for_env("my_robot:Interface", path)
+    assert str(bad_field.value).endswith("is not a readable ObservationLayout JSON (`tmrl-worker layout -c CONFIG > "
+                                         "layout.json` writes one): action_dim = 'x': Input should be a valid integer")
 
 
 def test_a_relative_layout_file_that_is_missing_names_the_folder_it_was_looked_for_in(tmp_path, monkeypatch):

@@ -73,6 +73,7 @@ import zmq
 from filelock import FileLock, Timeout
 from pydantic import ValidationError
 from tmrl_common.atomic_file import DISK_FULL_ERRNOS
+from tmrl_common.config import validation_problems
 from tmrl_common.errors import ConfigError
 from tmrl_common.layout import (
     ObservationLayout,
@@ -144,8 +145,10 @@ def layout_for_env(env: str, layout_file: Path | None = None) -> ObservationLayo
         except (OSError, ValueError) as exc:
             where = "" if Path(layout_file).is_absolute() else f" ({Path(layout_file).absolute()}: a relative path is " \
                                                                  "read from the working directory, not the config's)"
-            raise ConfigError(f"layout_file {layout_file}{where} is not a readable ObservationLayout JSON: "
-                              f"{exc}") from exc
+            # pydantic's multi-line message on one line (a BYO probe), the JSON's own error or the field's
+            problem = validation_problems(ObservationLayout, exc) if isinstance(exc, ValidationError) else exc
+            raise ConfigError(f"layout_file {layout_file}{where} is not a readable ObservationLayout JSON "
+                              f"(`tmrl-worker layout -c CONFIG > layout.json` writes one): {problem}") from exc
         own = _NAMED_LAYOUTS[env]() if env in _NAMED_LAYOUTS else None
         if own is not None and own != layout:  # legitimate (a TrackMania image size), but never silent: --env says one
             log.warning("layout_file %s overrides the layout of env %r (%s) with %s: batches in that env's own "
