@@ -37,7 +37,7 @@ class Peer:
 class DisplacedConnection(ProtocolError):
     """A message on a connection whose sender id a newer connection has said hello with since: a second process
     under one id, or bytes the peer sent on a connection it has replaced (a stalled network path delivering them
-    late). :meth:`late` tells the two apart by the message's ``sent_at``."""
+    late). :meth:`sent_before_replacement` tells the two apart by the message's ``sent_at``."""
 
     def __init__(self, sender: str, replaced_at: float | None) -> None:
         super().__init__("unknown_sender", f"{sender!r} said hello on another connection since this one did (two "

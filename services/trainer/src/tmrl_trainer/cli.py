@@ -68,8 +68,8 @@ def run(
     # stop.set() inside a signal handler, which can deadlock on the lock stop.wait() holds (tmrl_common.stop_signals)
     install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_trainer"), TRAINER_FINISHING))
     overrides = {
-        "env": env, "layout_file": layout_file, "relay_host": relay_host, "trainer_port": trainer_port, "run_dir": run_dir, "device": device,
-        "seed": seed, "torch_threads": torch_threads, "save_memory": True if save_memory else None,
+        "env": env, "layout_file": layout_file, "relay_host": relay_host, "trainer_port": trainer_port,
+        "run_dir": run_dir, "device": device, "seed": seed, "torch_threads": torch_threads, "save_memory": True if save_memory else None,
         "security": {"insecure": True if insecure else None, "secret_key_file": secret_key, "server_public_key_file": server_key},
     }
     effective = load_config_for_command(TrainerConfig, "trainer", config, overrides=overrides, show_config=show_config)
