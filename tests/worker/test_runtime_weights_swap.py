@@ -225,34 +225,70 @@ def test_a_restarted_trainers_lower_versions_on_the_sub_socket_are_followed_and_
     assert loop.policy.version == 5 and loop.stats.weights_version == 5
 
 
-def test_weights_for_another_observation_layout_stop_the_worker_naming_both_layouts(pendulum):
+def test_weights_for_another_observation_layout_are_refused_and_the_current_policy_kept(pendulum, caplog):
+    """A weights probe: one forged weights_update for another layout stopped every worker that got it (and a restarted
+    worker again, from the relay's cache); a trainer started with another env did the same."""
+    import functools
+
     from tmrl_common.layout import layout_for_box
-    from tmrl_worker.runtime import WeightsLayoutError
-    from tmrl_worker.weights_feed import PreparedPolicy
+    from tmrl_worker.runtime import weights_layout_problem
 
-    class OneUpdate:
-        def take_latest(self):
-            return PreparedPolicy(version=3, actor=small_actor(layout_for_box(7, 1), seed=0))  # obs 7, not 3
+    feed = WeightsFeed("worker-t", layout_problem=functools.partial(weights_layout_problem, pendulum))
+    assert feed.offer(weights_update_from_actor(small_actor(pendulum.layout, seed=1), version=2))
+    assert feed.take_latest().version == 2
+    with caplog.at_level("ERROR", logger="tmrl_worker.weights_feed"):
+        assert not feed.offer(weights_update_from_actor(small_actor(layout_for_box(7, 1), seed=0), version=3))
+    assert feed.take_latest() is None and (feed.counters.rejected, feed.counters.wrong_layout) == (1, 1)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("worker-t: weights version 3 refused: the trainer's weights are for another observation "
+                           "layout than this worker's env: policy") and "same img_hist_len" in line
+    assert "keeps acting with the policy it has" in line
+    assert feed.offer(weights_update_from_actor(small_actor(pendulum.layout, seed=1), version=3))  # 3 was not taken
+    assert feed.take_latest().version == 3
 
-    loop = RolloutLoop(pendulum, None, OneUpdate(), UniformPolicy(pendulum.action_dim, seed=0))
-    with pytest.raises(WeightsLayoutError, match=r"weights \(version 3\) are for another observation layout .*"
-                                                 r"same img_hist_len"):
-        loop._swap_policy()
-    assert loop.policy.version == 0  # still the random policy: nothing was swapped in
 
-
-def test_for_a_module_class_env_the_layout_error_points_at_the_trainers_layout_file(pendulum, monkeypatch):
+def test_for_a_module_class_env_the_layout_problem_points_at_the_trainers_layout_file(pendulum, monkeypatch):
     """A robot author's usual cause (outside probe): an old layout_file the trainer still reads, not env options."""
     from tmrl_common.layout import layout_for_box
-    from tmrl_worker.runtime import WeightsLayoutError
-    from tmrl_worker.weights_feed import PreparedPolicy
+    from tmrl_worker.runtime import weights_layout_problem
 
-    class OneUpdate:
-        def take_latest(self):
-            return PreparedPolicy(version=3, actor=small_actor(layout_for_box(7, 1), seed=0))
-
+    assert weights_layout_problem(pendulum, pendulum.layout) is None
     monkeypatch.setattr(pendulum, "spec", "my_robot:CartInterface")
-    loop = RolloutLoop(pendulum, None, OneUpdate(), UniformPolicy(pendulum.action_dim, seed=0))
-    with pytest.raises(WeightsLayoutError, match=r"the trainer's layout_file is not your interface's layout: write it "
-                                                 r"again from the interface \(`tmrl-worker layout"):
-        loop._swap_policy()
+    assert "the trainer's layout_file is not your interface's layout: write it again from the interface " \
+           "(`tmrl-worker layout" in weights_layout_problem(pendulum, layout_for_box(7, 1))
+
+
+def test_a_lower_version_sent_later_than_the_newest_is_a_restarted_trainer_on_either_link(pendulum):
+    """A weights probe: a worker whose only weights came by hand-over (v1931, the old trainer's) took the new trainer's
+    versions as stale and acted with the old run's policy for over a minute; only versions above 1931 would do."""
+    feed = WeightsFeed("worker-t")
+
+    def update(version: int):
+        return weights_update_from_actor(small_actor(pendulum.layout, seed=version), version=version)
+
+    assert feed.offer(update(1931), sent_at=1000.0)  # handed over after the hello: the old run's latest
+    assert not feed.offer(update(1930), sent_at=990.0)  # sent before it (a SUB message behind the hand-over): stale
+    assert not feed.offer(update(1931), sent_at=1010.0)  # the same version again: stale
+    assert not feed.offer(update(5))  # no sent_at known: stale, as before
+    assert feed.counters.stale == 3 and feed.take_latest().generation == 0
+    assert feed.offer(update(1), sent_at=1100.0)  # the new trainer's first version, sent later: followed
+    prepared = feed.take_latest()
+    assert (prepared.version, prepared.generation, feed.counters.trainer_restarts) == (1, 1, 1)
+    assert feed.offer(update(2), sent_at=1105.0) and feed.take_latest().generation == 1
+
+
+def test_a_hand_over_then_a_restarted_trainers_publication_on_the_sub_socket_is_followed(pendulum, published_feed):
+    import time
+
+    from tmrl_common.protocol import encode
+
+    publish, feed = published_feed
+    feed.hand_over(weights_update_from_actor(small_actor(pendulum.layout, seed=9), version=1931), time.time() - 60)
+    assert latest_reaching(feed, 1931).generation == 0
+    first = weights_update_from_actor(small_actor(pendulum.layout, seed=1), version=1)
+    deadline = time.monotonic() + 10
+    while (prepared := feed.take_latest()) is None:  # PUB drops until the subscription is up: send until it lands
+        assert time.monotonic() < deadline, "the new trainer's version 1 was never taken"
+        publish.raw(encode(first, "trainer"))
+        time.sleep(0.05)
+    assert (prepared.version, prepared.generation) == (1, 1)

@@ -9,8 +9,9 @@ builds and encodes it (compression happens here, off the real-time loop), spools
 connected. A ``sample_ack`` removes batches from the spool; batches still unacknowledged after ``ack_timeout_s``
 are resent, and every unacknowledged batch is resent after a reconnection (after a fresh ``hello``).
 
-After each ``hello`` the relay hands the latest ``weights_update`` over this link; it goes to ``on_weights`` (the
-worker's :meth:`~tmrl_worker.weights_feed.WeightsFeed.hand_over`), or is counted and dropped when there is none.
+After each ``hello`` the relay hands the latest ``weights_update`` over this link; it goes to ``on_weights`` with its
+envelope's ``sent_at`` (the worker's :meth:`~tmrl_worker.weights_feed.WeightsFeed.hand_over`), or is counted and
+dropped when there is none.
 
 A batch refused for good (the trainer's ``rejected`` answer, or a relay ``error`` in :data:`FINAL_AT_RELAY`) is
 dropped and counted by reason. When ``max_consecutive_refusals`` of them come in a row with none stored in between
@@ -169,7 +170,7 @@ class RelayLink:
         ack_timeout_s: float = 10.0,
         heartbeat_interval_s: float = 2.0,
         context: zmq.Context | None = None,
-        on_weights: Callable[[WeightsUpdate], None] | None = None,
+        on_weights: Callable[[WeightsUpdate, float], None] | None = None,
         max_consecutive_refusals: int | None = None,
         on_give_up: Callable[[], None] | None = None,
         on_silent_link: Callable[[], None] | None = None,
@@ -486,7 +487,7 @@ class RelayLink:
         elif isinstance(message, WeightsUpdate):
             self.counters.weights_received += 1
             if self.on_weights is not None:
-                self.on_weights(message)
+                self.on_weights(message, envelope.sent_at)
         elif not isinstance(message, Heartbeat):
             self.counters.rejected_messages += 1
             log.warning("%s: unexpected %s from %s on the samples link", self.worker_id, envelope.type, envelope.sender)

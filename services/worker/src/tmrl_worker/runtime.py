@@ -14,6 +14,7 @@ Modes: ``train`` (samples sent, received weights used), ``test`` (no samples, re
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -191,9 +192,20 @@ def load_evaluated_policy(path: Path, layout: ObservationLayout) -> Policy:
     return load_policy_file(path, layout)
 
 
-class WeightsLayoutError(EnvFailure):
-    """The trainer publishes a policy for other observation shapes than this worker's env returns: the worker
-    delivers what it sent, then stops with the two layouts."""
+def weights_layout_problem(env: EnvHandle, policy_layout: ObservationLayout) -> str | None:
+    """Why a policy for ``policy_layout`` cannot act in ``env`` (other observation shapes or action count, e.g.
+    another ``img_hist_len``: it would fail at the first step), or None when it can. The worker's weights feed
+    refuses such weights (:class:`~tmrl_worker.weights_feed.WeightsFeed`)."""
+    env_layout = env.layout
+    if (policy_layout.observation_shapes(), policy_layout.action_dim) == (env_layout.observation_shapes(),
+                                                                          env_layout.action_dim):
+        return None
+    return (f"the trainer's weights are for another observation layout than this worker's env: policy "
+            f"{describe_layout(policy_layout)}; env {describe_layout(env_layout)}; " + (
+                "the trainer's layout_file is not your interface's layout: write it again from the interface "
+                "(`tmrl-worker layout --env ...`) and restart the trainer with a fresh run_dir"
+                if ":" in env.spec and not env.spec.startswith("gym:") else
+                "give the worker the env options the trainer's layout was made with (e.g. the same img_hist_len)"))
 
 
 def _refuse_layout(path: Path, policy_layout: ObservationLayout, env_layout: ObservationLayout) -> None:
@@ -404,21 +416,6 @@ class RolloutLoop:
     def _new_builder(self) -> SampleBatchBuilder:
         return SampleBatchBuilder(self.env.layout, codec=self.codec, digests=self.verify_observations)  # type: ignore[arg-type]
 
-    def _check_policy_layout(self, prepared: PreparedPolicy) -> None:
-        """Raise :class:`WeightsLayoutError` when the trainer's policy reads other observation shapes than this
-        worker's env returns (e.g. another ``img_hist_len``): acting with it would fail at the first step."""
-        policy_layout, env_layout = prepared.actor.architecture.layout, self.env.layout
-        if (policy_layout.observation_shapes(), policy_layout.action_dim) != (env_layout.observation_shapes(),
-                                                                              env_layout.action_dim):
-            raise WeightsLayoutError(
-                f"{self.worker_id}: the trainer's weights (version {prepared.version}) are for another observation "
-                f"layout than this worker's env: policy {describe_layout(policy_layout)}; env "
-                f"{describe_layout(env_layout)}; " + (
-                    "the trainer's layout_file is not your interface's layout: write it again from the interface "
-                    "(`tmrl-worker layout --env ...`) and restart the trainer with a fresh run_dir"
-                    if ":" in self.env.spec and not self.env.spec.startswith("gym:") else
-                    "give the worker the env options the trainer's layout was made with (e.g. the same img_hist_len)"))
-
     def _swap_policy(self) -> None:
         if self.feed is None:
             return
@@ -427,7 +424,6 @@ class RolloutLoop:
         prepared = self.feed.take_latest()
         if prepared is None or (prepared.generation, prepared.version) <= (self._generation, self.policy.version):
             return
-        self._check_policy_layout(prepared)
         self._generation = prepared.generation  # a restarted trainer's lower versions replace the old ones
         self.policy = ActorPolicy(prepared.actor, prepared.version, self.deterministic, self.noise)
         self.stats.swaps += 1
@@ -729,7 +725,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
         policy = initial_policy(config.mode, env, config.policy_file, config.seed)
         if config.mode in ("train", "test"):
             feed = WeightsFeed(config.worker_id, RelayEndpoint(config.relay_host, config.weights_port, config.transport,
-                                                               config.security), context=context)
+                                                               config.security), context=context,
+                               layout_problem=functools.partial(weights_layout_problem, env))
             feed.start()
         # the state file and the spool before the progress file: a start that fails on them must not overwrite the
         # record of what a killed run lost

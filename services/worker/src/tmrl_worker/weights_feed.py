@@ -15,18 +15,27 @@ from them at once. Both are prepared on this thread; a version already prepared 
 A trainer that restarts (from an older checkpoint, or a new run) publishes lower versions again, and the relay
 publishes them as they come. The SUB socket delivers in the relay's order, so a version lower than the previous one
 *on that socket* means a restarted trainer, not a late message: the feed then follows the new versions (a new
-:attr:`PreparedPolicy.generation`) and logs it, instead of ignoring every update until they pass the old peak.
+:attr:`PreparedPolicy.generation`) and logs it, instead of ignoring every update until they pass the old peak. So
+does a lower version that the trainer sent later (its envelope's ``sent_at``, the trainer's clock, kept by the relay
+on both paths) than the newest one prepared: a worker whose only weights came by hand-over, with no earlier version
+on its SUB socket to compare with, once stayed on the old run's policy while a new trainer's versions climbed.
+
+Weights for another observation layout than the worker's env (``layout_problem``) are refused and counted like any
+malformed update, and the worker keeps the policy it has: one such update, forged or from a trainer started with
+another env, used to stop every worker that received it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
 from tmrl_common.errors import ProtocolError
 from tmrl_common.handshake import WATCHED_EVENTS, HandshakeWatch
+from tmrl_common.layout import ObservationLayout
 from tmrl_common.log_limit import RateLimitedLog
 from tmrl_common.networks import Actor, actor_from_weights_update
 from tmrl_common.protocol import DecodeLimits, WeightsUpdate, decode
@@ -35,6 +44,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger(__name__)
 _disconnect_log = RateLimitedLog(log, interval_s=60.0)
+_layout_log = RateLimitedLog(log, interval_s=60.0)
 
 _POLL_MS = 50
 SUB_RCVHWM = 4
@@ -49,7 +59,9 @@ class FeedCounters:
     rejected: int = 0
     swapped: int = 0
     trainer_restarts: int = 0
-    """Times the SUB socket delivered a lower version than before it (a restarted trainer), followed since."""
+    """Times a restarted trainer's lower versions were taken up (module docstring), followed since."""
+    wrong_layout: int = 0
+    """Updates refused (also counted in ``rejected``) because their policy is for another observation layout."""
 
 
 @dataclass(frozen=True)
@@ -66,16 +78,21 @@ class WeightsFeed:
     """Mailbox of the newest prepared actor, filled by a SUB thread (:meth:`start`) or directly (:meth:`offer`)."""
 
     def __init__(self, worker_id: str, endpoint: RelayEndpoint | None = None, context: zmq.Context | None = None,
-                 limits: DecodeLimits | None = None) -> None:
+                 limits: DecodeLimits | None = None,
+                 layout_problem: Callable[[ObservationLayout], str | None] | None = None) -> None:
         self.worker_id = worker_id
         self.endpoint = endpoint
+        self.layout_problem = layout_problem
+        """Why a policy for a layout cannot act in this worker's env (None: it can): such weights are refused."""
         self.counters = FeedCounters()
         self.limits = limits or DecodeLimits()
         self._context = context or zmq.Context.instance()
         self._lock = threading.Lock()
         self._latest: PreparedPolicy | None = None
-        self._handed: WeightsUpdate | None = None
+        self._handed: tuple[WeightsUpdate, float | None] | None = None
         self._newest_version = -1
+        self._newest_sent_at: float | None = None
+        """The trainer's ``sent_at`` of the newest version prepared (None: not known)."""
         self._feed_version: int | None = None
         """The version the SUB socket delivered last (its order is the relay's)."""
         self._generation = 0
@@ -99,35 +116,51 @@ class WeightsFeed:
 
     # ------------------------------------------------------------------------------------------- feeding side
 
-    def offer(self, update: WeightsUpdate) -> bool:
-        """Build an actor from ``update`` (on the calling thread) and make it the latest; False when stale/invalid."""
+    def offer(self, update: WeightsUpdate, sent_at: float | None = None) -> bool:
+        """Build an actor from ``update`` (which the trainer sent at ``sent_at``, its envelope's) on the calling thread
+        and make it the latest; False when stale or refused."""
         self.counters.received += 1
         if update.version <= self._newest_version:
-            self.counters.stale += 1
-            return False
+            if not (update.version < self._newest_version and sent_at is not None and
+                    self._newest_sent_at is not None and sent_at > self._newest_sent_at):
+                self.counters.stale += 1
+                return False
+            self._follow_a_restart(update.version, self._newest_version, "was sent after it")
+            if self._feed_version is not None:  # the old run's order on the SUB socket says nothing of the new one's
+                self._feed_version = min(self._feed_version, update.version)
         try:
             actor = actor_from_weights_update(update)
         except ProtocolError as exc:
             self.counters.rejected += 1
             log.warning("%s: weights version %d rejected: %s", self.worker_id, update.version, exc)
             return False
+        problem = self.layout_problem(actor.architecture.layout) if self.layout_problem is not None else None
+        if problem is not None:
+            self.counters.rejected += 1
+            self.counters.wrong_layout += 1
+            _layout_log.log(logging.ERROR, "layout", "%s: weights version %d refused: %s. The worker keeps acting with "
+                            "the policy it has; a trainer with that layout refuses this worker's batches too, and "
+                            "the worker stops after max_consecutive_refusals of them", self.worker_id,
+                            update.version, problem)
+            return False
         actor.requires_grad_(False)
         with self._lock:
             self._newest_version = update.version
+            self._newest_sent_at = sent_at
             self._latest = PreparedPolicy(version=update.version, actor=actor, generation=self._generation)
             self.counters.prepared += 1
         log.debug("%s: weights version %d ready (%d bytes)", self.worker_id, update.version, len(update.tensors))
         return True
 
-    def hand_over(self, update: WeightsUpdate) -> None:
-        """Weights received another way than the SUB socket (the samples link): prepared on the weights thread, or
-        at once on the caller's thread when the feed has no thread. Never blocks on the network; newest wins."""
+    def hand_over(self, update: WeightsUpdate, sent_at: float | None = None) -> None:
+        """Weights received another way than the SUB socket (the samples link; ``sent_at``: the trainer's envelope's):
+        prepared on the weights thread, or at once on the caller's thread when the feed has no thread. Never blocks
+        on the network; the last handed over wins (the relay hands over its latest)."""
         if self._thread is None:
-            self._prepare(update)
+            self._prepare(update, sent_at)
             return
         with self._lock:
-            if self._handed is None or update.version > self._handed.version:
-                self._handed = update
+            self._handed = (update, sent_at)
 
     def start(self) -> None:
         if self.endpoint is None:
@@ -177,17 +210,17 @@ class WeightsFeed:
                 with self._lock:
                     handed, self._handed = self._handed, None
                 if handed is not None:
-                    self._prepare(handed)
+                    self._prepare(*handed)
                 newest = self._newest_queued(socket) if socket.poll(_POLL_MS) else None
                 if newest is not None:
-                    self._follow_published(newest)
-                    self._prepare(newest)
+                    self._follow_published(newest[0])
+                    self._prepare(*newest)
         finally:
             if socket is not None and monitor is not None:
                 self._close(socket, monitor)
 
-    def _newest_queued(self, socket: zmq.Socket) -> WeightsUpdate | None:
-        """Drain the SUB socket: only the newest queued update is worth building an actor for."""
+    def _newest_queued(self, socket: zmq.Socket) -> tuple[WeightsUpdate, float] | None:
+        """Drain the SUB socket: only the newest queued update (with its ``sent_at``) is worth building an actor for."""
         newest = None
         while True:
             try:
@@ -206,13 +239,19 @@ class WeightsFeed:
         trainer restarted, so versions start again from this one (module docstring)."""
         previous, self._feed_version = self._feed_version, update.version
         if previous is not None and update.version < previous:
-            self._generation += 1
-            self._newest_version = -1
-            with self._lock:
-                self._handed = None  # a hand-over still queued is the old run's latest
-            self.counters.trainer_restarts += 1
-            log.warning("%s: the relay now publishes weights version %d after %d: the trainer restarted; following "
-                        "its versions from here", self.worker_id, update.version, previous)
+            self._follow_a_restart(update.version, previous, "came after it on the weights socket")
+
+    def _follow_a_restart(self, version: int, previous: int, why: str) -> None:
+        """A restarted trainer's ``version`` (below ``previous``, and ``why`` that means a restart): its versions are
+        followed from here, as a new generation."""
+        self._generation += 1
+        self._newest_version = -1
+        self._newest_sent_at = None
+        with self._lock:
+            self._handed = None  # a hand-over still queued is the old run's latest
+        self.counters.trainer_restarts += 1
+        log.warning("%s: weights version %d %s version %d: the trainer restarted; following its versions from here",
+                    self.worker_id, version, why, previous)
 
     def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
         assert self.endpoint is not None
@@ -226,9 +265,9 @@ class WeightsFeed:
         monitor.close(linger=0)
         socket.close()
 
-    def _prepare(self, update: WeightsUpdate) -> None:
+    def _prepare(self, update: WeightsUpdate, sent_at: float | None = None) -> None:
         try:
-            self.offer(update)
+            self.offer(update, sent_at)
         except Exception:  # a broken update must not stop the feed; count it and keep listening
             self.counters.rejected += 1
             log.exception("%s: could not prepare weights version %d", self.worker_id, update.version)
@@ -238,7 +277,7 @@ class WeightsFeed:
         socket.setsockopt(zmq.RCVHWM, SUB_RCVHWM)
         socket.setsockopt(zmq.SUBSCRIBE, b"")
 
-    def _decode(self, frames: list[bytes]) -> WeightsUpdate | None:
+    def _decode(self, frames: list[bytes]) -> tuple[WeightsUpdate, float] | None:
         try:
             envelope, message = decode(frames, self.limits)
         except ProtocolError as exc:
@@ -249,4 +288,4 @@ class WeightsFeed:
             self.counters.rejected += 1
             log.warning("%s: ignored a %s from %s on the weights feed", self.worker_id, envelope.type, envelope.sender)
             return None
-        return message
+        return message, envelope.sent_at
