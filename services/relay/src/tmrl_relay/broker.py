@@ -177,7 +177,7 @@ class Relay:
         loopback = host in ("127.0.0.1", "::1", "localhost")
         log.warning("INSECURE: no CurveZMQ, no authentication, no encryption. Any process that reaches %s can send "
                     "samples, subscribe to weights and say hello as the trainer (which publishes the policy every "
-                    "worker runs).%s", host, "" if loopback else
+                    "worker runs, and takes the role from the running trainer, which stops).%s", host, "" if loopback else
                     f" {host} is NOT loopback: use this only on a network you fully trust, or drop --insecure "
                     "(docs/security.md)")
 
