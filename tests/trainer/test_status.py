@@ -151,6 +151,24 @@ def test_a_metrics_record_cut_short_by_a_full_disk_is_ended_by_the_next_one_and_
     assert "written again after 2 failed attempt(s)" in caplog.text
 
 
+def test_a_record_a_killed_run_cut_short_is_ended_by_the_next_runs_first_one(tmp_path):
+    """A storage probe: metrics.jsonl cut 20 bytes short (a run killed mid-write), then a restart; the new run's
+    `start` record went onto the broken line and was lost with it."""
+    first = RunRecorder(tmp_path, tensorboard=False)
+    first.training(100, 10, weights_version=1, metrics={})
+    first.training(200, 20, weights_version=2, metrics={})
+    first.close()
+    path = tmp_path / METRICS_FILE
+    path.write_bytes(path.read_bytes()[:-20])
+    second = RunRecorder(tmp_path, tensorboard=False)
+    second.start(updates=100, weights_version=1, checkpoint="checkpoint-000000000100.safetensors")
+    second.close()
+    kinds = [(record["kind"], record["weights_version"]) for record in read_metrics(path)]
+    assert kinds == [("train", 1), ("start", 1)]  # the cut record skipped, the new run's first one kept
+    RunRecorder(tmp_path, tensorboard=False).close()  # a file that ends a line gets no empty one
+    assert path.read_bytes().endswith(b'.safetensors"}\n') and b"\n\n" not in path.read_bytes()
+
+
 def test_a_tensorboard_writer_the_disk_stopped_is_dropped_and_a_new_event_file_tried_later(tmp_path, caplog,
                                                                                             monkeypatch):
     """An outside probe filled the run directory's disk: TensorBoard's writer thread died with a traceback on stderr,

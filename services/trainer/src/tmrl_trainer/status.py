@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,19 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether the file at ``path`` is not empty and its last byte is not a newline (False when it cannot be read:
+    the first write says what is wrong)."""
+    try:
+        with open(path, "rb") as file:
+            if file.seek(0, os.SEEK_END) == 0:
+                return False
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 class RunRecorder:
@@ -56,8 +70,10 @@ class RunRecorder:
         self._lock = threading.Lock()
         path = self.run_dir / METRICS_FILE
         self._metrics = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close(); unbuffered: see _write
-        self._torn = False
-        """Whether the file ends in part of a record (a write the disk cut short): the next record starts a line."""
+        self._torn = _ends_mid_line(path)
+        """Whether the file ends in part of a record (a write the disk cut short, this process's or a killed one's):
+        the next record starts a line. A storage probe: a previous run's cut-short last line took the next run's
+        ``start`` record with it."""
         self.lost = WriteFailures(log, str(path), "this record is lost")
         self._started = time.time()
         self._board = TrainingMetrics(self.run_dir / TENSORBOARD_DIR if tensorboard else None)
