@@ -989,19 +989,48 @@ def test_a_restart_after_a_kill_says_how_far_the_last_run_got_beyond_its_checkpo
     first.ingestor.handle(pendulum_batch("w1", 0, 100))
     assert first.run(max_updates=25) == 25  # checkpoints at 10, 20 and 25
     status = json.loads((first.run_dir / "status.json").read_text())
-    status.update(updates=37, weights_version=7)  # what a killed run's last status.json says: it got further
+    status.update(updates=37, weights_version=7, stopped=False)  # a killed run's last status.json: it got further
     (first.run_dir / "status.json").write_text(json.dumps(status))
     with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
         second = TrainerService(config)
     try:
         assert ("the last run reached 37 updates and weights version 7 (status.json), 100 samples received, but this "
-                "one resumes from 25 updates and version 5") in caplog.text
+                "one resumes from 25 updates and version 5: it did not stop cleanly") in caplog.text
     finally:
         second.shutdown()
     caplog.clear()
     with caplog.at_level("WARNING", logger="tmrl_trainer.service"):  # a clean stop loses nothing: no warning
         TrainerService(config).shutdown()
     assert "the last run reached" not in caplog.text
+
+
+def test_after_a_stop_whose_final_checkpoint_failed_the_lost_progress_is_not_blamed_on_an_unclean_stop(tmp_path,
+                                                                                                     caplog):
+    """A storage probe: a trainer stopped by SIGTERM on a full disk (its final checkpoint refused), then restarted, was
+    said not to have stopped cleanly; so was one whose newer checkpoints had been deleted."""
+    config = make_config(tmp_path)
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 100))
+    checkpoint = first._checkpoint
+    first._checkpoint = lambda final=False: False if final else checkpoint(final)  # the disk is full at the stop
+    assert first.run(max_updates=25) == 25 and first.final_checkpoint_missing  # checkpoints at 10 and 20 only
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    try:
+        assert ("the last run reached 25 updates and weights version 5 (status.json), 100 samples received, but this "
+                "one resumes from 20 updates and version 4: it stopped, but could not save its final checkpoint (its "
+                "log says why") in caplog.text
+    finally:
+        second.shutdown()  # stops cleanly at 20 (no new updates: no new checkpoint)
+    status = json.loads((second.run_dir / "status.json").read_text())
+    assert status["stopped"] and not status["final_checkpoint_missing"]
+    status.update(updates=30)  # as if it had got to 30, saved that and stopped: the 30 is then deleted
+    (second.run_dir / "status.json").write_text(json.dumps(status))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        TrainerService(config).shutdown()
+    assert (f"resumes from 20 updates and version 4: it stopped cleanly, so its newer checkpoints are gone from "
+            f"{second.checkpoint_dir} (deleted or moved?)") in caplog.text
 
 
 def test_a_second_trainer_in_a_run_directory_in_use_is_refused_until_the_first_stops(tmp_path):

@@ -325,6 +325,8 @@ class TrainerService:
         self.last_checkpoint_updates: int | None = None
         """Updates of the newest checkpoint saved or resumed by this service (None: none yet)."""
         self.final_checkpoint_missing = False
+        self._stopped = False
+        """Set by :meth:`shutdown` before the last status snapshot: this process stopped, not killed."""
         """True when the checkpoint at shutdown could not be saved (``tmrl-trainer run`` then exits with status 1)."""
         self._started = time.time()
         previous_run = read_previous_status(self.run_dir / STATUS_FILE)  # before this run's status replaces it
@@ -363,6 +365,12 @@ class TrainerService:
         if self._refused_on_resume:  # the last run may well have stopped cleanly: its newest checkpoints were refused
             cause = (f"the newer checkpoint(s) {', '.join(p.name for p in self._refused_on_resume)} were refused "
                      "(above), and what the last run learned and stored after the one resumed is lost")
+        elif previous_run.get("final_checkpoint_missing"):  # a storage probe: a full disk at the stop was "not clean"
+            cause = ("it stopped, but could not save its final checkpoint (its log says why: a full disk, a folder "
+                     "gone read-only), and what it learned and stored after its last checkpoint is lost")
+        elif previous_run.get("stopped"):
+            cause = (f"it stopped cleanly, so its newer checkpoints are gone from {self.checkpoint_dir} (deleted or "
+                     "moved?), and what it learned and stored after the one resumed is lost")
         else:
             cause = ("it did not stop cleanly, and what it learned and stored after its last checkpoint is lost (a "
                      "SIGTERM or Ctrl-C saves one; checkpoint_every sets how often)")
@@ -657,6 +665,9 @@ class TrainerService:
             "learner": {**self.guard_counts, "policy_exports_failed": self._policy_file_failures.total},
             "records": self.recorder.write_failures(),
             "link": vars(self.link.counters),
+            # the last snapshot (written at shutdown) says how this process ended, for the next one's "lost" warning
+            "stopped": self._stopped,
+            "final_checkpoint_missing": self.final_checkpoint_missing,
             **ingest,
         }
 
@@ -804,6 +815,7 @@ class TrainerService:
                 log.error("stopping without a final checkpoint (above): this run reached %d updates, and %s",
                           self.learner.updates, kept)
         finally:
+            self._stopped = True
             self.link.stop()
             self.status.stop()
             self.recorder.close()
