@@ -84,7 +84,7 @@ class RelayMetrics:
         self.dropped_batches = Counter("tmrl_relay_dropped_batches", "Pending batches dropped (oldest first) past max_pending_bytes.", registry=r)
         self.dropped_bytes = Counter("tmrl_relay_dropped_bytes", "Bytes of pending batches dropped.", registry=r)
         self.held_resends = Counter("tmrl_relay_held_resends", "Batches resent by their worker while a copy was already held for the trainer: not held twice.", registry=r)
-        self.acks = Counter("tmrl_relay_acks_forwarded", "Sample acks routed from the trainer to a worker.", registry=r)
+        self.acks = Counter("tmrl_relay_acks_forwarded", "Sample acks routed from the trainer to a worker's connection (queued on it: one queued when that connection closes is lost, and the worker resends and is acked again).", registry=r)
         self.acks_undeliverable = Counter("tmrl_relay_acks_undeliverable", "Sample acks whose worker is not connected (it resends; the trainer re-acks).", registry=r)
         self.weights_published = Counter("tmrl_relay_weights_published", "Weights messages published on the weights socket (new versions only, at most one per weights_min_interval_s).", registry=r)
         self.weights_handovers = Counter("tmrl_relay_weights_handovers", "Latest weights handed to a worker over its own link after hello, per result (sent, blocked = its queue was full).", ["result"], registry=r)
