@@ -600,3 +600,26 @@ def test_a_flood_of_hellos_costs_a_line_per_worker_and_interval(ingest, caplog):
     assert [line for line in lines if line.startswith("w1 ")] == ["w1 said hello (next_seq 0)"]
     assert sum(line.startswith("w2 announced an observation layout") for line in lines) == 1
     assert ingestor.workers["w1"].hellos == 500  # counted all the same
+
+
+def test_a_worker_whose_histories_differ_is_told_it_cannot_use_the_policy_though_its_batches_are_stored(caplog):
+    """A TrackMania probe: a worker with img_hist_len 8 beside a trainer with 4 had its batches stored, and the warning
+    said only that; the worker could never act with the policy trained on them."""
+    from tmrl_common.layout import tm20_pixel_lidar_layout
+
+    trainer_layout = tm20_pixel_lidar_layout(img_hist_len=4)
+    ingestor = Ingestor("trainer", trainer_layout, store=lambda batch: None)
+    with caplog.at_level("WARNING", logger="tmrl_trainer.ingest"):
+        ingestor.handle(encode(Hello(role="worker", software="x", layout=tm20_pixel_lidar_layout(img_hist_len=8)),
+                               "w8"))
+    [line] = [record.getMessage() for record in caplog.records]
+    assert "its batches still match the trainer's frames" in line
+    assert "but the policy trained on them reads other observation shapes than this worker's: it refuses the " \
+           "weights and stops" in line
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tmrl_trainer.ingest"):  # same shapes, other bounds: the policy fits
+        other_bounds = trainer_layout.model_copy(update={"components": [
+            component.model_copy(update={"high": 1.0}) if index == 0 else component
+            for index, component in enumerate(trainer_layout.components)]})
+        ingestor.handle(encode(Hello(role="worker", software="x", layout=other_bounds), "wb"))
+    assert caplog.records and "refuses the weights" not in caplog.text

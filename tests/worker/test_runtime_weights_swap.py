@@ -227,7 +227,8 @@ def test_a_restarted_trainers_lower_versions_on_the_sub_socket_are_followed_and_
 
 def test_weights_for_another_observation_layout_are_refused_and_the_current_policy_kept(pendulum, caplog):
     """A weights probe: one forged weights_update for another layout stopped every worker that got it (and a restarted
-    worker again, from the relay's cache); a trainer started with another env did the same."""
+    worker again, from the relay's cache). Now one is refused and the policy kept; a trainer that publishes only such
+    versions stops the worker after 3 (the next test)."""
     import functools
 
     from tmrl_common.layout import layout_for_box
@@ -242,9 +243,66 @@ def test_weights_for_another_observation_layout_are_refused_and_the_current_poli
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith("worker-t: weights version 3 refused: the trainer's weights are for another observation "
                            "layout than this worker's env: policy") and "same img_hist_len" in line
-    assert "keeps acting with the policy it has" in line
+    assert "keeps acting with the policy it has, and stops after 3 such versions in a row" in line
+    assert feed.wrong_layout_streak == 1 and "1 version(s) in a row for another" in feed.weights_problem()
+    assert not feed.offer(weights_update_from_actor(small_actor(layout_for_box(7, 1), seed=0), version=3))  # again
+    assert not feed.offer(weights_update_from_actor(small_actor(layout_for_box(7, 1), seed=0), version=4))
+    assert feed.wrong_layout_streak == 2  # versions 3 and 4: the other link's copy of 3 counts once
+    loop = RolloutLoop(pendulum, None, feed, UniformPolicy(pendulum.action_dim, seed=0))
+    with caplog.at_level("INFO", logger="tmrl_worker.runtime"):
+        loop._report(10.0, 200)  # the progress line says so while it lasts
+    [progress] = [r for r in caplog.records if "steps/s" in r.getMessage()]
+    assert progress.levelname == "WARNING" and progress.getMessage().endswith(
+        "weights version 0, 0 batches handed over; the trainer's weights are refused (2 version(s) in a row for "
+        "another observation layout, see the error above)")
     assert feed.offer(weights_update_from_actor(small_actor(pendulum.layout, seed=1), version=3))  # 3 was not taken
     assert feed.take_latest().version == 3
+    assert feed.wrong_layout_streak == 0 and feed.weights_problem() is None
+
+
+def test_a_worker_stops_after_three_weights_versions_in_a_row_it_cannot_use(tmp_path):
+    """A TrackMania probe: a worker with img_hist_len 8 beside a trainer with 4 (whose batches the trainer stores)
+    refused every weights version and drove at random for good, its progress lines saying nothing."""
+    import time
+
+    import zmq
+    from tmrl_common.layout import layout_for_box
+    from tmrl_common.protocol import encode
+    from tmrl_common.sockets import SecurityConfig, TransportConfig
+    from tmrl_stack import free_ports
+    from tmrl_worker.config import WorkerConfig
+    from tmrl_worker.runtime import WeightsLayoutError, run_worker
+
+    worker_port, weights_port = free_ports(2)
+    context = zmq.Context()
+    publisher = context.socket(zmq.PUB)
+    publisher.bind(f"tcp://127.0.0.1:{weights_port}")
+    stop = threading.Event()
+
+    def publish() -> None:  # the trainer of another layout: a new version every 0.2 s (PUB drops until subscribed)
+        version = 1
+        while not stop.wait(0.2):
+            publisher.send_multipart(encode(weights_update_from_actor(small_actor(layout_for_box(7, 1), seed=0),
+                                                                      version=version), "trainer"))
+            version += 1
+
+    config = WorkerConfig(worker_id="w-hist", env="gym:Pendulum-v1", max_steps_per_second=200.0, max_steps=100_000,
+                          worker_port=worker_port, weights_port=weights_port, state_dir=tmp_path, flush_timeout_s=0.1,
+                          transport=TransportConfig(linger_ms=0), security=SecurityConfig(insecure=True))
+    publishing = threading.Thread(target=publish, daemon=True)
+    publishing.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(WeightsLayoutError, match=r"w-hist: the trainer published [3-9] weights versions in a row that "
+                                                     r"this worker cannot use; the latest, weights version \d+: the "
+                                                     r"trainer's weights are for another observation layout"):
+            run_worker(config)
+    finally:
+        stop.set()
+        publishing.join()
+        publisher.close(linger=0)
+        context.term()
+    assert time.monotonic() - started < 30.0
 
 
 def test_for_a_module_class_env_the_layout_problem_points_at_the_trainers_layout_file(pendulum, monkeypatch):

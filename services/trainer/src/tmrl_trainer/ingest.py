@@ -560,6 +560,12 @@ class Ingestor:
             differences, rejected = layout_differences(hello.layout, self.layout)
             consequence = ("its batches will be rejected (schema)" if rejected else "its batches still match the "
                            "trainer's frames and are judged by the trainer's layout (its histories, bounds and scales)")
+            if not rejected and hello.layout.observation_shapes() != self.layout.observation_shapes():
+                # a TrackMania probe: img_hist_len 8 against the trainer's 4 trained a policy the worker never used
+                consequence += (", but the policy trained on them reads other observation shapes than this worker's: "
+                                "it refuses the weights and stops; make the two agree (the worker's `tmrl-worker "
+                                "layout -c CONFIG > layout.json` as the trainer's layout_file, or the worker's "
+                                "env_options as the trainer's layout has them)")
             self._hello_log.warning((envelope.sender, "layout"), "%s announced an observation layout that differs "
                                     "from the trainer's (worker vs trainer: %s); %s", envelope.sender,
                                     "; ".join(differences), consequence)

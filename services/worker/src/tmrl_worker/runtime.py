@@ -40,7 +40,7 @@ from tmrl_worker.envs import EnvFailure, EnvHandle, EnvInterrupted, make_env
 from tmrl_worker.progress import ProgressFile, ProgressFileError, describe_unclean_stop, progress_path, read_progress
 from tmrl_worker.relay_link import RelayLink, SenderFailure
 from tmrl_worker.spool import SequenceCounter, Spool, lock_worker_state
-from tmrl_worker.weights_feed import PreparedPolicy, WeightsFeed
+from tmrl_worker.weights_feed import WRONG_LAYOUT_VERSIONS_TO_STOP, PreparedPolicy, WeightsFeed
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,12 @@ def load_evaluated_policy(path: Path, layout: ObservationLayout) -> Policy:
     if Path(path).suffix.lower() == ".onnx":
         return load_onnx_policy(path, layout)
     return load_policy_file(path, layout)
+
+
+class WeightsLayoutError(EnvFailure):
+    """The trainer published :data:`~tmrl_worker.weights_feed.WRONG_LAYOUT_VERSIONS_TO_STOP` weights versions in a row
+    for other observation shapes than this worker's env returns, none usable in between: the worker delivers what it
+    sent, then stops with the two layouts."""
 
 
 def weights_layout_problem(env: EnvHandle, policy_layout: ObservationLayout) -> str | None:
@@ -470,7 +476,8 @@ class RolloutLoop:
         recent = self.stats.recent_returns
         # the acting (exploring) policy's returns, warm-up episodes at random included: `tmrl-worker eval` scores a policy
         mean = (f"{sum(recent) / len(recent):.2f} over the last {len(recent)} episode(s) as acted" if recent else "n/a")
-        problems = [getattr(self.sink, "delivery_problem", lambda: None)()]  # a RelayLink says when it cannot deliver
+        problems = [getattr(self.sink, "delivery_problem", lambda: None)(),  # a RelayLink says when it cannot deliver
+                    getattr(self.feed, "weights_problem", lambda: None)()]  # a WeightsFeed, when it refuses weights
         notes: list[str] = []
         rate = steps / max(seconds, 1e-9)
         step_seconds = self.env.step_seconds if self.env.realtime else None
@@ -774,6 +781,10 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
         def health_check() -> None:
             if link is not None:
                 link.check_alive()
+            if feed is not None and feed.wrong_layout_streak >= WRONG_LAYOUT_VERSIONS_TO_STOP:
+                raise WeightsLayoutError(f"{config.worker_id}: the trainer published {feed.wrong_layout_streak} weights "
+                                         f"versions in a row that this worker cannot use; the latest, "
+                                         f"{feed.wrong_layout_problem}")
 
         returned = threading.Event()
         env.attach_stop(stop)

@@ -21,8 +21,10 @@ on both paths) than the newest one prepared: a worker whose only weights came by
 on its SUB socket to compare with, once stayed on the old run's policy while a new trainer's versions climbed.
 
 Weights for another observation layout than the worker's env (``layout_problem``) are refused and counted like any
-malformed update, and the worker keeps the policy it has: one such update, forged or from a trainer started with
-another env, used to stop every worker that received it.
+malformed update, and the worker keeps the policy it has: one such update (forged, in a probe) used to stop every
+worker that received it. :attr:`WeightsFeed.wrong_layout_streak` counts such versions in a row, none usable in
+between: a trainer that trains for another layout publishes nothing else, and the worker stops at
+:data:`WRONG_LAYOUT_VERSIONS_TO_STOP` of them.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ _disconnect_log = RateLimitedLog(log, interval_s=60.0)
 _layout_log = RateLimitedLog(log, interval_s=60.0)
 
 _POLL_MS = 50
+WRONG_LAYOUT_VERSIONS_TO_STOP = 3
+"""Weights versions for another observation layout in a row, none usable in between, that stop the worker (the
+rollout's health check raises): its trainer trains a policy it cannot use."""
 SUB_RCVHWM = 4
 """Weights updates queued on receipt at most (each may be megabytes; only the newest matters)."""
 
@@ -93,6 +98,11 @@ class WeightsFeed:
         self._newest_version = -1
         self._newest_sent_at: float | None = None
         """The trainer's ``sent_at`` of the newest version prepared (None: not known)."""
+        self.wrong_layout_streak = 0
+        """Distinct weights versions refused for another layout since the last one prepared."""
+        self.wrong_layout_problem: str | None = None
+        """Why the latest of them was refused (:attr:`layout_problem`'s answer, its version first)."""
+        self._wrong_layout_version: int | None = None
         self._feed_version: int | None = None
         """The version the SUB socket delivered last (its order is the relay's)."""
         self._generation = 0
@@ -113,6 +123,13 @@ class WeightsFeed:
             if latest is not None:
                 self.counters.swapped += 1
             return latest
+
+    def weights_problem(self) -> str | None:
+        """For the worker's progress line: the trainer's latest weights were refused for another layout."""
+        if not self.wrong_layout_streak:
+            return None
+        return (f"the trainer's weights are refused ({self.wrong_layout_streak} version(s) in a row for another "
+                f"observation layout, see the error above)")
 
     # ------------------------------------------------------------------------------------------- feeding side
 
@@ -138,11 +155,15 @@ class WeightsFeed:
         if problem is not None:
             self.counters.rejected += 1
             self.counters.wrong_layout += 1
+            if update.version != self._wrong_layout_version:  # one version may come on both links
+                self._wrong_layout_version = update.version
+                self.wrong_layout_streak += 1
+            self.wrong_layout_problem = f"weights version {update.version}: {problem}"
             _layout_log.log(logging.ERROR, "layout", "%s: weights version %d refused: %s. The worker keeps acting with "
-                            "the policy it has; a trainer with that layout refuses this worker's batches too, and "
-                            "the worker stops after max_consecutive_refusals of them", self.worker_id,
-                            update.version, problem)
+                            "the policy it has, and stops after %d such versions in a row", self.worker_id,
+                            update.version, problem, WRONG_LAYOUT_VERSIONS_TO_STOP)
             return False
+        self.wrong_layout_streak, self.wrong_layout_problem = 0, None
         actor.requires_grad_(False)
         with self._lock:
             self._newest_version = update.version
