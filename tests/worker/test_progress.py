@@ -351,6 +351,23 @@ def test_time_spent_in_resets_is_named_and_not_taken_for_slow_steps(plug_interfa
     assert any("s in resets (the env waited, e.g. for the game)" in line for line in lines), lines
 
 
+@pytest.mark.parametrize(("reset_seconds", "level"), [(1.5, "INFO"), (6.0, "WARNING")])
+def test_resets_are_a_note_on_the_progress_line_until_they_take_half_its_time(caplog, reset_seconds, level):
+    """A TrackMania probe: each reset waits sleep_time_at_reset (1.5 s), so every healthy progress line was a
+    warning ('1.5 s of the last 10 s in resets')."""
+    env = make_env("gym:Pendulum-v1")
+    loop = RolloutLoop(env, None, None, UniformPolicy(env.action_dim, seed=0))
+    try:
+        with caplog.at_level("INFO", logger="tmrl_worker.runtime"):
+            loop._report(10.0, 100, reset_seconds=reset_seconds)
+    finally:
+        env.close()
+    [line] = [r for r in caplog.records if "steps/s" in r.getMessage()]
+    assert line.levelname == level
+    assert line.getMessage().endswith(f"; {reset_seconds:.1f} s of the last 10 s in resets (the env waited, e.g. for "
+                                      "the game)")
+
+
 @pytest.mark.parametrize("mistake", ["insecure worker", "wrong server key", "trainer port"])
 def test_the_summary_of_a_worker_that_never_connected_gives_its_failed_handshakes_cause_and_fix(tmp_path, mistake):
     """Probes: after a wrong server key the summary asked whether the relay was running; a plain-text worker against

@@ -323,6 +323,8 @@ class BestPolicyKeeper:
 
 SLOW_STEPS_FRACTION = 0.8
 """A real-time env stepping at less than this fraction of its rate (1 / time_step_duration) is reported as slow."""
+RESETS_WARNING_FRACTION = 0.5
+"""Time in resets is a warning from this share of a progress line's time on; less is noted on its INFO line."""
 LATE_STEP_FACTOR = 1.5
 """A real-time step (the policy's action and ``env.step``) that takes longer than this many time steps is late: rtgym
 stretched it because a call overran (it warns at each, which the CLI hides: the progress line counts them)."""
@@ -482,9 +484,10 @@ class RolloutLoop:
         rate = steps / max(seconds, 1e-9)
         step_seconds = self.env.step_seconds if self.env.realtime else None
         stepping = max(seconds - reset_seconds, 1e-9)
-        if reset_seconds >= 1.0:
-            problems.append(f"{reset_seconds:.1f} s of the last {seconds:.0f} s in resets (the env waited, e.g. for "
-                            "the game)")
+        if reset_seconds >= 1.0:  # a warning only past half the line's time: TrackMania's every reset waits 1.5 s
+            # (sleep_time_at_reset), and a probe found every healthy progress line a warning for it
+            (problems if reset_seconds >= RESETS_WARNING_FRACTION * seconds else notes).append(
+                f"{reset_seconds:.1f} s of the last {seconds:.0f} s in resets (the env waited, e.g. for the game)")
         if step_seconds and steps >= 3 and steps / stepping < SLOW_STEPS_FRACTION / step_seconds:
             # rtgym stretches a step whose calls overran it (it warns at every such step: the CLI hides those)
             problems.append(f"slower than the {1 / step_seconds:.0f} steps/s of time_step_duration {step_seconds:g} "
