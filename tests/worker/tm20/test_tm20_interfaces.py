@@ -193,6 +193,19 @@ def test_full_interface_stacks_64x64_gray_frames_with_speed_gear_and_rpm_unclipp
         interface.close()
 
 
+@pytest.mark.parametrize(("size", "warned"), [((128, 256), False), ((300, 500), True)])
+def test_full_interface_images_larger_than_the_captured_window_are_warned_about(plugin, caplog, size, warned):
+    """A TrackMania probe: image_height 300, image_width 500 gave images enlarged from the 256 x 128 client area with
+    no word."""
+    with caplog.at_level("WARNING", logger="tmrl_worker.tm20.interfaces"):
+        interface = TM20FullInterface(**devices(plugin), image_height=size[0], image_width=size[1])
+    interface.close()
+    lines = [r.getMessage() for r in caplog.records if "larger than" in r.getMessage()]
+    assert lines == ([f"tm20-full: image_height x image_width = {size[0]} x {size[1]} is larger than the 128 x 256 "
+                      "pixels captured from the game window: frames are enlarged, which adds no detail and costs the "
+                      "networks memory and time (at most 128 x 256 keeps every captured pixel)"] if warned else [])
+
+
 @pytest.mark.parametrize(("gear", "rpm", "clipped"), [
     (1e30, 1e9, (GEAR_BOUNDS[1], RPM_BOUNDS[1])),  # finite, far above what a car reports
     (-5.0, -300.0, (GEAR_BOUNDS[0], RPM_BOUNDS[0])),  # below: no gear or rpm is negative

@@ -224,7 +224,7 @@ def check_env(
     reward: Path | None = typer.Option(None, "--reward", help="Reward points file: also show rewards.", exists=True, dir_okay=False),
     capture: str = CaptureOption,
     window_title: str = WindowTitleOption,
-    save_frames: Path | None = typer.Option(None, "--save-frames", help="Folder for PNG frames with the LIDAR beams drawn.", file_okay=False),
+    save_frames: Path | None = typer.Option(None, "--save-frames", help="Folder for PNG frames with the LIDAR beams drawn (every 20th reading, the first included).", file_okay=False),
     synthetic: bool = SyntheticOption,
 ) -> None:
     """TrackMania 2020: show LIDAR, speed and rewards while you drive (nothing is sent to the game)."""

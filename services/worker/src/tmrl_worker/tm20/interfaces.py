@@ -805,6 +805,12 @@ class TM20FullInterface(TM20Interface):
     def __init__(self, *, image_height: int = 64, image_width: int = 64, **kwargs: Any) -> None:
         self.image_height, self.image_width = image_height, image_width
         super().__init__(**kwargs)
+        width, height = self.window_size
+        if image_height > height or image_width > width:  # a probe: 300 x 500 was enlarged from 128 x 256 unsaid
+            log.warning("tm20-full: image_height x image_width = %d x %d is larger than the %d x %d pixels captured "
+                        "from the game window: frames are enlarged, which adds no detail and costs the networks "
+                        "memory and time (at most %d x %d keeps every captured pixel)", image_height, image_width,
+                        height, width, height, width)
 
     @classmethod
     def layout_for(cls, *, img_hist_len: int = 4, act_buf_len: int = 2, image_height: int = 64, image_width: int = 64,
