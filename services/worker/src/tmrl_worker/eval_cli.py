@@ -24,7 +24,7 @@ def eval_command(
     gif: Path | None = typer.Option(None, "--gif", help="Write a GIF of the best episode here (sim, gym:<id>; a name "
                                     "ending in .gif, its folder created if missing).", dir_okay=False),
     json_output: bool = typer.Option(False, "--json", help="Print the JSON summary on stdout (episode lines go to stderr)."),
-    max_episode_steps: int | None = typer.Option(None, "--max-episode-steps", min=1, help="Truncate sim and module:Class "
+    max_episode_steps: int | None = typer.Option(None, "--max-episode-steps", min=1, help="Truncate sim, TrackMania and module:Class "
                                                  "episodes after this many steps (default: the config's, else 1000); a "
                                                  "gym:<id> env keeps its own time limit (env_options max_episode_steps "
                                                  "changes it)."),
