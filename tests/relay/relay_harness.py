@@ -189,6 +189,18 @@ def wait_until(predicate, timeout_s: float = 5.0, what: str = "condition") -> No
         time.sleep(0.01)
 
 
+def hello_until_it_takes_the_trainer_role(relay: Relay, trainer: Peer, replaced: bytes, timeout_s: float = 5.0) -> None:
+    """Say hello as the trainer every 0.2 s, as the trainer's link does after a refusal, until a connection other than
+    ``replaced`` (the routing id of a holder that stopped) holds the role: the relay lets a closed connection go at
+    its close, or at the next hello on another one."""
+    deadline = time.monotonic() + timeout_s
+    while not (relay.trainer.ready and relay.trainer.peer.routing_id != replaced):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{trainer.sender} never took the trainer role")
+        trainer.hello("trainer")
+        time.sleep(0.2)
+
+
 def connected_trainer(context: zmq.Context, relay: Relay, name: str = "trainer-1", **peer_options) -> Peer:
     trainer = Peer(context, relay.ports.trainer_port, name, **peer_options)
     trainer.hello("trainer")

@@ -16,7 +16,14 @@ from tmrl_relay.broker import Relay, RelaySetupError
 from tmrl_relay.config import RelayConfig
 from tmrl_relay.keys import allow_key_for_role
 
-from .relay_harness import Peer, make_batch, make_weights, relay_in_thread, wait_until
+from .relay_harness import (
+    Peer,
+    hello_until_it_takes_the_trainer_role,
+    make_batch,
+    make_weights,
+    relay_in_thread,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -176,20 +183,28 @@ def test_a_second_trainer_key_is_refused_while_the_trainer_is_alive(context, tmp
         trainer.close()
 
 
-def test_the_same_trainer_key_on_a_new_connection_takes_over_at_once(context, tmp_path, keys):
+def test_the_same_trainer_key_on_a_second_live_connection_waits_until_the_first_closes(context, tmp_path, keys):
+    """A storage probe started a second trainer with the same key and another run directory: it took the role at once,
+    and the first one, with all its training, lost it and stopped. A live connection under the key is a second
+    process; a restart's old connection is gone."""
     with relay_in_thread(_config(tmp_path, keys)) as relay:
         value = relay.metrics.registry.get_sample_value
         old = _trainer(context, relay, keys)
         old_routing_id = relay.trainer.peer.routing_id
-        restarted = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")  # old one still open
-        restarted.hello("trainer")
-        wait_until(lambda: relay.trainer.peer.routing_id != old_routing_id, what="the takeover")
+        second = _peer(context, relay.ports.trainer_port, keys, "trainer", "trainer-1")  # old one still open, alive
+        second.hello("trainer")
+        error = second.recv_type("error")[1]
+        assert error.reason == "unknown_sender" and error.message.startswith(
+            "trainer 'trainer-1' holds the trainer role with this CurveZMQ key on another connection and is alive: a "
+            "second process with the same key or id?")
+        assert value("tmrl_relay_role_refusals_total", {"link": "trainer", "why": "trainer_alive"}) == 1
+        assert relay.trainer.peer.routing_id == old_routing_id
+        old.close()  # the first one stops (or a restart's old process ended): its connection closes
+        hello_until_it_takes_the_trainer_role(relay, second, old_routing_id)
         worker = _peer(context, relay.ports.worker_port, keys, "worker-1", "worker-1")
         worker.hello("worker")
         worker.send(make_batch(3))
-        assert restarted.recv_type("sample_batch")[1].seq == 3
-        old.send(make_weights(7))  # the replaced connection is told so; it would say hello again
-        assert old.recv_type("error")[1].reason == "unknown_sender"
+        assert second.recv_type("sample_batch")[1].seq == 3
         assert value("tmrl_relay_weights_version") == -1
 
 

@@ -1,5 +1,6 @@
-"""The trainer role without CurveZMQ (the sender id is the identity): one trainer at a time, a restart takes over at
-once, another id is refused while the trainer is alive and counted, a hello naming the wrong role is counted."""
+"""The trainer role without CurveZMQ (the sender id is the identity): one trainer at a time; a hello on another
+connection, of another id or the same one, is refused while the trainer is alive and counted, and takes the role once
+the holder's connection is gone or silent; a hello naming the wrong role is counted."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .relay_harness import (
     Peer,
     connected_trainer,
     connected_worker,
+    hello_until_it_takes_the_trainer_role,
     insecure_config,
     make_batch,
     make_weights,
@@ -35,18 +37,22 @@ def test_another_trainer_id_is_refused_while_the_trainer_is_alive(context):
         assert trainer.recv_type("sample_batch")[1].seq == 4
 
 
-def test_the_same_trainer_id_on_a_new_connection_takes_over_at_once(context):
+def test_the_same_trainer_id_takes_over_once_its_old_connection_is_gone_not_while_it_is_alive(context):
     with relay_in_thread(insecure_config()) as relay:
         old = connected_trainer(context, relay, "trainer-1")
         old_routing_id = relay.trainer.peer.routing_id
         restarted = Peer(context, relay.ports.trainer_port, "trainer-1")
         restarted.hello("trainer")
-        wait_until(lambda: relay.trainer.peer.routing_id != old_routing_id, what="the takeover")
+        error = restarted.recv_type("error")[1]  # the old connection is open and alive: a second process
+        assert error.reason == "unknown_sender" and "with this id on another connection and is alive" in error.message
+        old.close()  # the old process ended
+        hello_until_it_takes_the_trainer_role(relay, restarted, old_routing_id)
         worker = connected_worker(context, relay, "worker-1")
         worker.send(make_batch(2))
         assert restarted.recv_type("sample_batch")[1].seq == 2
-        old.send(make_weights(3))
-        assert old.recv_type("error")[1].reason == "unknown_sender"  # a trainer link says hello again on it
+        restarted.hello("trainer")  # a hello again on the holder's own connection keeps the role
+        worker.send(make_batch(3))
+        assert restarted.recv_type("sample_batch")[1].seq == 3
 
 
 def test_a_hello_with_the_wrong_role_is_refused_and_counted_on_either_socket(context):

@@ -176,8 +176,8 @@ class Relay:
         host = self.config.bind_host
         loopback = host in ("127.0.0.1", "::1", "localhost")
         log.warning("INSECURE: no CurveZMQ, no authentication, no encryption. Any process that reaches %s can send "
-                    "samples, subscribe to weights and say hello as the trainer (which publishes the policy every "
-                    "worker runs, and takes the role from the running trainer, which stops).%s", host, "" if loopback else
+                    "samples, subscribe to weights and, once the running trainer is silent or gone, say hello as "
+                    "the trainer (which publishes the policy every worker runs).%s", host, "" if loopback else
                     f" {host} is NOT loopback: use this only on a network you fully trust, or drop --insecure "
                     "(docs/security.md)")
 
@@ -540,15 +540,11 @@ class Relay:
         if holder is not None and holder.routing_id != routing_id and self.trainer.holds_live():
             self._release_the_role_if_its_connection_is_gone(holder)
         try:
-            restart = self.trainer.check_claim(sender, user_id, trainer_keys)
+            self.trainer.check_claim(sender, user_id, trainer_keys, routing_id)
         except RoleRefused as refused:
             self.metrics.role_refusals.labels(link="trainer", why=refused.why).inc()
             raise
-        previous = self.trainer.peer
         peer, _ = self.trainers.register(routing_id, sender, user_id, sent_at_of(envelope.buffer))
-        if restart and previous is not None and previous.routing_id != routing_id:
-            log.warning("trainer %s said hello on a new connection with the same identity: a restart, it takes over "
-                        "from its old connection", sender)
         log.info("trainer %s said hello (%s); %d held batch(es) to deliver", sender, hello.software, len(self.pending))
         self.trainer.take(peer)
         self.metrics.trainer_connected.set(1)

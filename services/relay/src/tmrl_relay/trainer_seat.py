@@ -6,10 +6,14 @@ published its weights to every worker):
 * under CurveZMQ only a key of the trainer allow-list reaches the trainer socket at all (the ZAP domain of that
   socket lists those keys only); :meth:`TrainerSeat.claim` also refuses a key the relay does not know as a trainer
   key, should the lists ever overlap;
-* the **same identity** (the same CurveZMQ key; in ``--insecure`` mode the same sender id) saying hello again on a
-  new connection takes over at once: that is a restart, and the old connection is dead or about to be;
-* a **different identity** is refused while the current trainer is alive (heard from within ``peer_timeout_s``
-  and its connection not gone); once it is silent or gone, the first trainer to say hello takes the role.
+* any hello on another connection is refused while the current trainer is alive (heard from within
+  ``peer_timeout_s`` and its connection not gone: the relay asks the socket first), the **same identity** (the same
+  CurveZMQ key; in ``--insecure`` mode the same sender id) too: a live connection under it is a second process,
+  not a restart (a probe started a second trainer with the same config and another run directory; it took the
+  role, and the first, which had trained for an hour, stopped). A restarted trainer's old connection is gone (a
+  process that ends closes it) or silent, and the restart's hello, said again with backoff, gets the role then;
+* once the holder is silent or gone, the first trainer to say hello takes the role; a hello again on the holder's
+  own connection keeps it.
 
 Refusals raise :class:`RoleRefused` (a ``ProtocolError`` with reason ``unknown_sender``: the relay answers it with an
 ``error``, and a trainer that gets one says hello again with backoff), and carry a ``why`` for the
@@ -48,22 +52,26 @@ class TrainerSeat:
         self.backpressured = False
 
     def check_claim(self, sender: str, user_id: str | None, trainer_keys: frozenset[str] | None,
-                    now: float | None = None) -> bool:
-        """Raise :class:`RoleRefused` if this hello may not take the role; True when it replaces a live trainer
-        of the same identity (a restart)."""
+                    routing_id: bytes, now: float | None = None) -> None:
+        """Raise :class:`RoleRefused` if the hello of ``sender`` on connection ``routing_id`` may not take the role."""
         if trainer_keys is not None and user_id not in trainer_keys:
             raise RoleRefused("not_a_trainer_key", "this CurveZMQ key is not in the relay's trainer allow-list; add it "
                                                    "with `tmrl-relay keys add trainer.key --allow-dir DIR --role trainer`")
         current = self.peer
-        if current is None or not self.holds_live(now):
-            return False
-        if _identity(sender, user_id) != _identity(current.sender, current.user_id):
-            holder = (f"trainer {current.sender!r} (another CurveZMQ key: {current.user_id[:8]}...)"
-                      if current.user_id is not None and current.user_id != user_id else f"trainer {current.sender!r}")
-            raise RoleRefused("trainer_alive", f"{holder} holds the trainer role and is alive; a relay serves one "
-                                               "trainer at a time: this one may take the role once that one is silent "
-                                               "or gone (stop one of them if both are meant to run)")
-        return True
+        if current is None or current.routing_id == routing_id or not self.holds_live(now):
+            return
+        if _identity(sender, user_id) == _identity(current.sender, current.user_id):
+            raise RoleRefused("trainer_alive", f"trainer {current.sender!r} holds the trainer role with this "
+                                               f"{'CurveZMQ key' if user_id is not None else 'id'} on another "
+                                               "connection and is alive: a second process with the same key or id? "
+                                               "This one takes the role once that connection closes or is silent for "
+                                               f"{self.peer_timeout_s:g} s (a restarted trainer's old one does); stop "
+                                               "one of them if both are not meant to run")
+        holder = (f"trainer {current.sender!r} (another CurveZMQ key: {current.user_id[:8]}...)"
+                  if current.user_id is not None and current.user_id != user_id else f"trainer {current.sender!r}")
+        raise RoleRefused("trainer_alive", f"{holder} holds the trainer role and is alive; a relay serves one "
+                                           "trainer at a time: this one may take the role once that one is silent "
+                                           "or gone (stop one of them if both are meant to run)")
 
     def holds_live(self, now: float | None = None) -> bool:
         """A trainer holds the role and was heard from within ``peer_timeout_s``."""

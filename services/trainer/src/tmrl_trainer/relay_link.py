@@ -6,8 +6,9 @@ and sends back the acks it returns, sends heartbeats, and publishes the weights 
 restarted relay's weights cache is refilled at once).
 
 A trainer always recovers its role (issue 14): an ``error`` from the relay with reason ``unknown_sender`` means "you
-do not hold the trainer role on this connection now" (another trainer took it, the relay forgot this connection, or
-it refused this hello because another trainer is alive). The link logs why and says hello again after a backoff
+do not hold the trainer role on this connection now" (another trainer took it after this one was silent, the relay
+forgot this connection, or it refused this hello because a trainer is alive on another connection: another one, or
+a second process with this key). The link logs why and says hello again after a backoff
 (:class:`HelloBackoff`: 0.2 s, doubling up to 5 s, back to 0.2 s once the relay answers a heartbeat, which it only
 does for the trainer that holds the role). Other errors are logged and counted.
 
