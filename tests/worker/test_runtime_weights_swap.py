@@ -329,6 +329,9 @@ def test_a_lower_version_sent_later_than_the_newest_is_a_restarted_trainer_on_ei
     assert not feed.offer(update(1931), sent_at=1010.0)  # the same version again: stale
     assert not feed.offer(update(5))  # no sent_at known: stale, as before
     assert feed.counters.stale == 3 and feed.take_latest().generation == 0
+    broken = update(2).model_copy(update={"tensors": b"not safetensors"})
+    assert not feed.offer(broken, sent_at=1050.0)  # lower, sent later, but refused: no restart taken from it
+    assert feed.counters.trainer_restarts == 0
     assert feed.offer(update(1), sent_at=1100.0)  # the new trainer's first version, sent later: followed
     prepared = feed.take_latest()
     assert (prepared.version, prepared.generation, feed.counters.trainer_restarts) == (1, 1, 1)

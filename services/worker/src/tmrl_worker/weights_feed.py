@@ -137,14 +137,13 @@ class WeightsFeed:
         """Build an actor from ``update`` (which the trainer sent at ``sent_at``, its envelope's) on the calling thread
         and make it the latest; False when stale or refused."""
         self.counters.received += 1
+        restarted = False
         if update.version <= self._newest_version:
-            if not (update.version < self._newest_version and sent_at is not None and
-                    self._newest_sent_at is not None and sent_at > self._newest_sent_at):
+            restarted = (update.version < self._newest_version and sent_at is not None and
+                         self._newest_sent_at is not None and sent_at > self._newest_sent_at)
+            if not restarted:
                 self.counters.stale += 1
                 return False
-            self._follow_a_restart(update.version, self._newest_version, "was sent after it")
-            if self._feed_version is not None:  # the old run's order on the SUB socket says nothing of the new one's
-                self._feed_version = min(self._feed_version, update.version)
         try:
             actor = actor_from_weights_update(update)
         except ProtocolError as exc:
@@ -164,6 +163,10 @@ class WeightsFeed:
                             update.version, problem, WRONG_LAYOUT_VERSIONS_TO_STOP)
             return False
         self.wrong_layout_streak, self.wrong_layout_problem = 0, None
+        if restarted:  # only for weights that pass: a refused update says nothing of who publishes
+            self._follow_a_restart(update.version, self._newest_version, "was sent after it")
+            if self._feed_version is not None:  # the old run's order on the SUB socket says nothing of the new one's
+                self._feed_version = min(self._feed_version, update.version)
         actor.requires_grad_(False)
         with self._lock:
             self._newest_version = update.version
