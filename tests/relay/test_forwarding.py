@@ -95,6 +95,32 @@ def test_worker_hellos_are_passed_on_to_a_connected_trainer(context):
         assert envelope.sender == "worker-1" and hello.role == "worker"
 
 
+def test_a_trainer_that_comes_after_the_workers_gets_their_latest_hellos_before_the_held_batches(context):
+    """A TrackMania probe: a worker of another history length started 1 s before its trainer; its hello reached no
+    trainer, so the trainer never warned about its layout and stored its 418 samples without a word."""
+    from tmrl_common.layout import tm20_lidar_layout
+    from tmrl_common.protocol import Hello, decode
+
+    with relay_in_thread(insecure_config()) as relay:
+        first = connected_worker(context, relay, "worker-1")
+        first.send(Hello(role="worker", software="w", layout=tm20_lidar_layout(img_hist_len=8), next_seq=12))
+        second = connected_worker(context, relay, "worker-2")
+        wait_until(lambda: relay.workers.by_sender["worker-1"].hello is not None)
+        first.send(make_batch(12))
+        wait_until(lambda: len(relay.pending) == 1, what="the batch held for the trainer")
+        trainer = connected_trainer(context, relay)
+        received = []
+        while len(received) < 3:
+            assert trainer.socket.poll(5000), received
+            envelope, message = decode(trainer.socket.recv_multipart())
+            if envelope.type != "heartbeat":
+                received.append((envelope.type, envelope.sender, getattr(message, "layout", None)))
+        assert sorted(received[:2], key=lambda item: item[1]) == [
+            ("hello", "worker-1", tm20_lidar_layout(img_hist_len=8)), ("hello", "worker-2", None)]
+        assert received[2][:2] == ("sample_batch", "worker-1")  # the hellos came first
+        second.close()
+
+
 def test_a_connection_claiming_another_connections_routing_id_gets_nothing_of_it(context):
     import zmq
     from tmrl_common.protocol import Hello

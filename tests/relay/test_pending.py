@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tmrl_common.protocol import encode
+from tmrl_common.protocol import decode_envelope, encode
 from tmrl_relay.pending import PendingBatch, PendingBatches
 
 from .relay_harness import connected_trainer, connected_worker, insecure_config, make_batch, relay_in_thread, wait_until
@@ -68,6 +68,9 @@ def test_batches_sent_before_the_trainer_connects_are_delivered_in_order_when_it
         wait_until(lambda: value("tmrl_relay_pending_batches") == 4, what="4 held batches")
         assert value("tmrl_relay_trainer_connected") == 0
         trainer = connected_trainer(context, relay)
+        assert trainer.socket.poll(5000)
+        envelope = decode_envelope(trainer.socket.recv_multipart()[0])
+        assert (envelope.type, envelope.sender) == ("hello", "worker-1")  # the worker's hello, passed on first
         for frames in sent:
             assert trainer.socket.poll(5000)
             assert trainer.socket.recv_multipart() == frames

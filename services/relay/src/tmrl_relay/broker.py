@@ -409,6 +409,7 @@ class Relay:
                                    "one line per interval from here", fields.sender, hello.next_seq, hello.software,
                                    again, self._hello_lines.exceeded("hellos"))
             self.metrics.connected_workers.set(self.workers.alive(self.config.peer_timeout_s))
+            peer.hello = (envelope.bytes, body.bytes)  # at most max_control_bytes, one per registered worker
             self._pass_hello_to_trainer(envelope, body)
             self._hand_over_weights(peer)
         else:  # heartbeat
@@ -420,14 +421,24 @@ class Relay:
                              if name in WORKER_HEARTBEAT_COUNTERS}
             self._send_heartbeat(self.workers_socket, routing_id)
 
-    def _pass_hello_to_trainer(self, envelope: zmq.Frame, body: zmq.Frame) -> None:
-        """Workers' hellos go on to the trainer (best effort) so it can check their observation layout early."""
+    def _pass_hello_to_trainer(self, envelope: zmq.Frame | bytes, body: zmq.Frame | bytes) -> bool:
+        """Workers' hellos go on to the trainer (best effort) so it can check their observation layout early; False
+        when it cannot take one now."""
         if not self.trainer.ready:
-            return
+            return False
         try:
             self.trainer_socket.send_multipart([self.trainer.peer.routing_id, envelope, body], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
-            pass
+            return False
+        return True
+
+    def _pass_workers_hellos_to_the_new_trainer(self) -> None:
+        """A trainer that takes the role gets the latest hello of every registered worker, before any held batch: a
+        worker that said hello before the trainer came was otherwise never checked (a TrackMania probe: a worker of
+        another history length, started 1 s before its trainer, had 418 samples stored without a word)."""
+        for worker in list(self.workers.by_sender.values()):
+            if worker.hello is not None and not self._pass_hello_to_trainer(*worker.hello):
+                return
 
     def _user_id(self, frame: zmq.Frame) -> str | None:
         if not self._secure:
@@ -548,6 +559,7 @@ class Relay:
         log.info("trainer %s said hello (%s); %d held batch(es) to deliver", sender, hello.software, len(self.pending))
         self.trainer.take(peer)
         self.metrics.trainer_connected.set(1)
+        self._pass_workers_hellos_to_the_new_trainer()
         self._flush_pending()
 
     def _release_the_role_if_its_connection_is_gone(self, holder: Peer) -> None:

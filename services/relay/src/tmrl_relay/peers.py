@@ -29,6 +29,9 @@ class Peer:
     last_seen: float = field(default_factory=time.monotonic)
     weights_version: int = -1
     """Latest weights version handed over on this connection (-1: none yet); each version at most once."""
+    hello: tuple[bytes, bytes] | None = None
+    """The frames (envelope, body) of a worker's latest hello on this connection, passed to a trainer that takes the
+    role later (a worker started before its trainer was otherwise never seen to announce its layout)."""
     reported: dict[str, int] = field(default_factory=dict)
     """The counters of its latest ``heartbeat`` that the relay exports (a worker's: ``WORKER_HEARTBEAT_COUNTERS``);
     replaced whole at each heartbeat, so the metrics thread reads one heartbeat's set."""
