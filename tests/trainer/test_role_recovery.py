@@ -124,8 +124,8 @@ def test_the_trainer_keeps_its_role_against_a_hello_under_its_id_and_is_back_soo
 
 def test_a_second_live_trainer_under_one_identity_waits_as_a_standby_and_takes_over_when_the_first_stops(context):
     """An outside first-hour probe: two trainers with one key and two run_dirs took the role from each other 22 times
-    in 23 s, for ever; later a storage probe's second trainer took the role from a first that had trained for an
-    hour, which then stopped. A live connection under the holder's identity is now refused like another identity's:
+    in 23 s, for ever; later a storage probe's second trainer, with an empty run directory, took the role from the
+    first, which then stopped. A live connection under the holder's identity is now refused like another identity's:
     the second one waits beside a standby of another id, and one of them takes the role once the first stops."""
     config = insecure_config(peer_timeout_s=30.0)
     with relay_in_thread(config) as relay:

@@ -10,7 +10,7 @@ published its weights to every worker):
   ``peer_timeout_s`` and its connection not gone: the relay asks the socket first), the **same identity** (the same
   CurveZMQ key; in ``--insecure`` mode the same sender id) too: a live connection under it is a second process,
   not a restart (a probe started a second trainer with the same config and another run directory; it took the
-  role, and the first, which had trained for an hour, stopped). A restarted trainer's old connection is gone (a
+  role, and the first, having lost it three times, stopped). A restarted trainer's old connection is gone (a
   process that ends closes it) or silent, and the restart's hello, said again with backoff, gets the role then;
 * once the holder is silent or gone, the first trainer to say hello takes the role; a hello again on the holder's
   own connection keeps it.
