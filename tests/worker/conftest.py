@@ -24,14 +24,27 @@ ONE_ACTION_INTERFACE = textwrap.dedent('''
 
         def send_control(self, control):
             pass
+
+
+    class ZeroReadingInterface(OneActionInterface):
+        """One observation value, always 0, reward 0, never terminated: a subclass makes its calls slow or stuck."""
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-1.0, 1.0, (1,), np.float32),))
+
+        def reset(self, seed=None, options=None):
+            return [np.zeros(1, dtype=np.float32)], {}
+
+        def get_obs_rew_terminated_info(self):
+            return [np.zeros(1, dtype=np.float32)], 0.0, False, {}
 ''')
 
 
 @pytest.fixture
 def plug_interface(tmp_path, monkeypatch):
     """``plug_interface(module_name, classes_source)``: the module holds ``classes_source`` (dedented) after
-    ``OneActionInterface`` and the imports it uses (numpy as np, gymnasium's spaces); returns the module name. The
-    module is forgotten after the test."""
+    ``OneActionInterface``, ``ZeroReadingInterface`` and the imports they use (numpy as np, gymnasium's spaces);
+    returns the module name. The module is forgotten after the test."""
     written: list[str] = []
 
     def plug(module_name: str, classes_source: str) -> str:

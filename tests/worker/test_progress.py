@@ -196,18 +196,12 @@ SLOW_SENSOR = '''
     import time
 
 
-    class SlowSensor(OneActionInterface):
+    class SlowSensor(ZeroReadingInterface):
         """Its readings take 40 ms, at a 20 ms time step."""
-
-        def get_observation_space(self):
-            return spaces.Tuple((spaces.Box(-1.0, 1.0, (1,), np.float32),))
-
-        def reset(self, seed=None, options=None):
-            return [np.zeros(1, dtype=np.float32)], {}
 
         def get_obs_rew_terminated_info(self):
             time.sleep(0.04)
-            return [np.zeros(1, dtype=np.float32)], 0.0, False, {}
+            return super().get_obs_rew_terminated_info()
 '''
 
 
@@ -240,23 +234,17 @@ STALLING_SENSOR = '''
     import time
 
 
-    class StallingSensor(OneActionInterface):
+    class StallingSensor(ZeroReadingInterface):
         """Readings take no time, but every ``stall_every``-th takes 70 ms, at a 20 ms time step."""
 
         def __init__(self, stall_every=10):
             self.stall_every, self.readings = stall_every, 0
 
-        def get_observation_space(self):
-            return spaces.Tuple((spaces.Box(-1.0, 1.0, (1,), np.float32),))
-
-        def reset(self, seed=None, options=None):
-            return [np.zeros(1, dtype=np.float32)], {}
-
         def get_obs_rew_terminated_info(self):
             self.readings += 1
             if self.readings % self.stall_every == 0:
                 time.sleep(0.07)
-            return [np.zeros(1, dtype=np.float32)], 0.0, False, {}
+            return super().get_obs_rew_terminated_info()
 '''
 
 
@@ -279,23 +267,17 @@ BLOCKING_RESET = '''
     import time
 
 
-    class SlowHoming(OneActionInterface):
+    class SlowHoming(ZeroReadingInterface):
         """Its first reset takes 1.7 s (a robot homing, or a driver blocked for a while); steps take no time."""
 
         def __init__(self):
             self.resets = 0
 
-        def get_observation_space(self):
-            return spaces.Tuple((spaces.Box(-1.0, 1.0, (1,), np.float32),))
-
         def reset(self, seed=None, options=None):
             self.resets += 1
             if self.resets == 1:
                 time.sleep(1.7)
-            return [np.zeros(1, dtype=np.float32)], {}
-
-        def get_obs_rew_terminated_info(self):
-            return [np.zeros(1, dtype=np.float32)], 0.0, False, {}
+            return super().reset(seed, options)
 '''
 
 
@@ -326,18 +308,12 @@ SLOW_RESET = '''
     import time
 
 
-    class WaitsForTheGame(OneActionInterface):
+    class WaitsForTheGame(ZeroReadingInterface):
         """Quick steps; each reset takes 0.8 s (a game coming back)."""
-
-        def get_observation_space(self):
-            return spaces.Tuple((spaces.Box(-1.0, 1.0, (1,), np.float32),))
 
         def reset(self, seed=None, options=None):
             time.sleep(0.8)
-            return [np.zeros(1, dtype=np.float32)], {}
-
-        def get_obs_rew_terminated_info(self):
-            return [np.zeros(1, dtype=np.float32)], 0.0, False, {}
+            return super().reset(seed, options)
 '''
 
 

@@ -19,18 +19,12 @@ BLOCKS_IN_RESET = '''
     from pathlib import Path
 
 
-    class BlocksInReset(OneActionInterface):
+    class BlocksInReset(ZeroReadingInterface):
         """A reset that never returns and never looks at a stop event."""
-
-        def get_observation_space(self):
-            return spaces.Tuple((spaces.Box(-1.0, 1.0, (1,), np.float32),))
 
         def reset(self, seed=None, options=None):
             Path(__file__).with_suffix(".resetting").touch()
             threading.Event().wait()
-
-        def get_obs_rew_terminated_info(self):
-            return [np.zeros(1, dtype=np.float32)], 0.0, False, {}
 '''
 
 
