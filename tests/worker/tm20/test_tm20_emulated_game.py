@@ -227,3 +227,23 @@ def test_an_emulated_games_unknown_track_is_refused_when_its_config_is_read():
     with pytest.raises(ValidationError, match=r"unknown track 'nope'"):
         EmulatedGameConfig(track="nope")
     assert EmulatedGameConfig(track="random:5").track == "random:5"
+
+
+@pytest.mark.parametrize("option, value", [("telemetry_port", 9123), ("window_title", "Trackmania (2)"),
+                                           ("window_pid", 4242), ("window_position", [10, 20]),
+                                           ("capture_backend", "dxcam"), ("capture_output", 1),
+                                           ("controller_kind", "keyboard")])
+def test_a_real_game_device_option_beside_the_emulated_game_is_refused_before_anything_starts(option, value):
+    """Each of these was ignored beside ``emulated_game``; ``telemetry_port`` worse: the worker connected to that
+    port while the emulated plugin listened on its own, and waited for the game for ever."""
+    from tmrl_worker.envs import EnvSpecError
+
+    options = {"emulated_game": {"port": 0}, option: value}
+    started = time.monotonic()
+    with pytest.raises(EnvSpecError, match=rf"env_options\.{option} has no use with env_options\.emulated_game"):
+        make_env("tm20-lidar", options=options)
+    assert time.monotonic() - started < 5.0
+    expected_hint = {"telemetry_port": "emulated_game.port", "window_title": "emulated_game.window_title"}
+    if option in expected_hint:
+        with pytest.raises(EnvSpecError, match=expected_hint[option]):
+            make_env("tm20-lidar", options=options)

@@ -193,6 +193,17 @@ def test_check_env_and_benchmark_commands_run_on_a_synthetic_session():
         assert name in benched.output
 
 
+@pytest.mark.parametrize("command, option", [(["check-env"], ["--capture", "dxcam"]),
+                                             (["check-env"], ["--telemetry-port", "9100"]),
+                                             (["benchmark"], ["--window-title", "Trackmania (2)"]),
+                                             (["benchmark"], ["--controller", "keyboard"])])
+def test_a_game_option_beside_synthetic_is_refused_not_ignored(command, option):
+    result = CliRunner().invoke(app, [*command, "--synthetic", "--steps", "3", *option])
+    assert result.exit_code == 2, result.output
+    assert f"{option[0]} {option[1]} cannot be used with --synthetic" in result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+
+
 def test_benchmark_without_reward_points_says_how_to_record_them():
     result = CliRunner().invoke(app, ["benchmark", "--telemetry-port", str(free_port()), "--controller", "none",
                                       "--capture", "mss"])

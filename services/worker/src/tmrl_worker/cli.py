@@ -194,9 +194,26 @@ def _capture_backend(value: str) -> str:
         raise typer.Exit(code=2) from exc
 
 
+def _refuse_game_options_with_synthetic(synthetic: bool, given: dict[str, tuple[object, object]]) -> None:
+    """``--synthetic`` serves its own frames, telemetry and controls: a game option given beside it (``{flag: (value,
+    default)}``) would be ignored, so the command ends (one line, status 2) naming it."""
+    if not synthetic:
+        return
+    ignored = [f"{flag} {value}" for flag, (value, default) in given.items() if value != default]
+    if ignored:
+        typer.echo(f"tmrl-worker: {', '.join(ignored)} cannot be used with --synthetic (its frames, telemetry and "
+                   "controls are served over loopback, not taken from the game): drop one or the other", err=True)
+        raise typer.Exit(code=2)
+
+
 CaptureOption = typer.Option("auto", "--capture", callback=_capture_backend,
                              help="Screen capture: auto (dxcam on Windows, mss elsewhere), dxcam, mss.")
 WindowTitleOption = typer.Option("Trackmania", "--window-title", help="Title of the game window.")
+
+
+def _game_options(telemetry_port: int, capture: str, window_title: str) -> dict[str, tuple[object, object]]:
+    return {"--telemetry-port": (telemetry_port, TelemetryPortOption.default), "--capture": (capture, CaptureOption.default),
+            "--window-title": (window_title, WindowTitleOption.default)}
 
 
 @app.command("record-reward")
@@ -230,6 +247,8 @@ def check_env(
     """TrackMania 2020: show LIDAR, speed and rewards while you drive (nothing is sent to the game)."""
     from tmrl_worker.tm20.check_env import check_env_tool
 
+    _refuse_game_options_with_synthetic(synthetic, _game_options(telemetry_port, capture, window_title))
+
     raise typer.Exit(code=check_env_tool(steps=steps or None, telemetry_port=telemetry_port, reward_path=reward,
                                          capture_backend=capture, window_title=window_title, save_frames=save_frames,
                                          synthetic=synthetic))
@@ -249,6 +268,9 @@ def benchmark(
 ) -> None:
     """TrackMania 2020: run the env and print rtgym's timing statistics."""
     from tmrl_worker.tm20.benchmark import benchmark_tool
+
+    _refuse_game_options_with_synthetic(synthetic, {**_game_options(telemetry_port, capture, window_title),
+                                                    "--controller": (controller, "auto")})
 
     raise typer.Exit(code=benchmark_tool(variant=env, steps=steps, telemetry_port=telemetry_port, reward_path=reward,
                                          controller_kind=controller, capture_backend=capture, window_title=window_title,

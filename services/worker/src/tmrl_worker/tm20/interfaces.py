@@ -194,6 +194,17 @@ def _setting_tables() -> dict[str, type[BaseModel]]:
 
 
 WORKER_SET_OPTIONS = {"time_step_duration": "worker.time_step_duration", "ep_max_length": "worker.max_episode_steps"}
+EMULATED_GAME_DEVICE_OPTIONS = {
+    "telemetry_port": "set emulated_game.port (the emulated plugin listens there and the worker connects to it)",
+    "window_title": "set emulated_game.window_title",
+    "window_pid": "the emulated window has no process",
+    "window_position": "the emulated window is placed by the worker",
+    "capture_backend": "the emulated game renders its frames, nothing is captured from the screen",
+    "capture_output": "the emulated game renders its frames, nothing is captured from the screen",
+    "controller_kind": "the emulated game is driven through its own controller",
+}
+"""``env_options`` that name the real game's devices, which ``emulated_game`` replaces: with it they would be ignored
+(``telemetry_port`` worse: the worker would connect to another port than the emulated plugin's), so they are refused."""
 SCALAR_OPTIONS: dict[str, Any] = {
     "telemetry_port": Annotated[int, Field(ge=1, le=65535)],
     "telemetry_timeout": Annotated[float, Field(gt=0)],
@@ -234,7 +245,8 @@ def check_options(variant: str, options: Mapping[str, Any], prefix: str = "env_o
                   time_step_duration: float | None = None) -> None:
     """Raise :class:`TM20ConfigError` (one line) unless ``options`` can configure a TrackMania env of ``variant``:
     every key is one it takes (an unknown one is named with the closest known one), the settings tables
-    (``recovery``, ``stale_frames``, ``lidar``, ``reward_config``, ``emulated_game``) validate, and the device names
+    (``recovery``, ``stale_frames``, ``lidar``, ``reward_config``, ``emulated_game``) validate, none of the real
+    game's devices is set beside ``emulated_game`` (:data:`EMULATED_GAME_DEVICE_OPTIONS`), and the device names
     are known (:func:`check_device_names`). From the settings alone, nothing started: the worker runs it as its config
     is read, so that a typo is reported before the plugin, the game window or the relay is reached. Given the step
     (``time_step_duration``), a ``start_obs_capture`` past its end is refused too: rtgym would take each screenshot
@@ -246,6 +258,10 @@ def check_options(variant: str, options: Mapping[str, Any], prefix: str = "env_o
         if name not in known:
             raise TM20ConfigError(f"{prefix}{name}: unknown option for env tm20-{variant.removeprefix('tm20-')}"
                                   f"{did_you_mean(name, known)}")
+    if options.get("emulated_game") is not None:
+        for name, instead in EMULATED_GAME_DEVICE_OPTIONS.items():
+            if name in options:
+                raise TM20ConfigError(f"{prefix}{name} has no use with {prefix}emulated_game: {instead}")
     for name, model in _setting_tables().items():
         if options.get(name) is not None:
             validated_settings(model, options[name], name)
