@@ -109,17 +109,24 @@ def run(
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     except BatchesRefused as exc:  # nothing it sends can be stored: what it did, then why and what to fix; exit 1
-        typer.echo(run_summary(effective.worker_id, exc.stats), err=True)
+        _echo_summary(run_summary(effective.worker_id, exc.stats))
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=1) from exc
     except (EnvFailure, SenderFailure) as exc:  # the env gave up while running (e.g. the game did not restart; what
         # was sent is delivered first), or the sender thread died (its traceback is logged): what the run did and
         # what became of its batches, then the cause in one line, exit 1
         if getattr(exc, "stats", None) is not None:
-            typer.echo(run_summary(effective.worker_id, exc.stats), err=True)
+            _echo_summary(run_summary(effective.worker_id, exc.stats))
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=1) from exc
-    typer.echo(run_summary(effective.worker_id, stats), err=True)
+    _echo_summary(run_summary(effective.worker_id, stats))
+
+
+def _echo_summary(summary: str) -> None:
+    """The run's summary on stderr, stamped like the log lines before it (teardown's length shows between them)."""
+    import logging
+
+    typer.echo(f"{logging.Formatter().formatTime(logging.makeLogRecord({}))} {summary}", err=True)
 
 
 _SPOOL_NOTES = (
