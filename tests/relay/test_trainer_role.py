@@ -69,6 +69,25 @@ def test_a_hello_with_the_wrong_role_is_refused_and_counted_on_either_socket(con
         assert value("tmrl_relay_trainer_connected") in (None, 0)
 
 
+def test_a_worker_hello_under_the_relays_or_the_trainers_reserved_id_is_refused(context):
+    with relay_in_thread(insecure_config()) as relay:
+        value = relay.metrics.registry.get_sample_value
+        trainer = connected_trainer(context, relay, "trainer")
+        for reserved in ("relay", "trainer"):
+            impostor = Peer(context, relay.ports.worker_port, reserved)
+            impostor.hello("worker")
+            error = impostor.recv_type("error")[1]
+            assert error.reason == "unknown_sender" and f"worker id {reserved!r} is reserved" in error.message
+            impostor.send(make_batch(1))  # never registered, so nothing it sends is taken
+            assert impostor.recv_type("error")[1].reason == "unknown_sender"
+            assert reserved not in relay.workers.by_sender
+        assert value("tmrl_relay_rejects_total", {"reason": "unknown_sender", "link": "workers"}) == 4
+        assert trainer.nothing_within(300)
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send(make_batch(5))
+        assert trainer.recv_type("sample_batch")[1].seq == 5
+
+
 def test_an_insecure_relay_warns_loudly_at_start_and_louder_off_loopback(caplog):
     import logging
 

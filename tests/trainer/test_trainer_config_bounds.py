@@ -24,6 +24,8 @@ from tmrl_trainer.config import TrainerConfig
     # ids and a device ending in a newline passed ($ matches before it): the ingest thread died on the id, exit 1
     ("trainer_id", '"trainer\\n"', "trainer_id 'trainer\\n' must match"),
     ("allowed_workers", '["w1\\n"]', "allowed_workers ['w1\\n'] can never match a worker"),
+    ("trainer_id", '"relay"', "trainer_id 'relay' is reserved"),
+    ("allowed_workers", '["w1", "trainer"]', "allowed_workers ['trainer'] can never match a worker: those ids are reserved"),
     ("device", '"cpu\\n"', "device"),
 ])
 def test_a_setting_the_trainer_cannot_use_is_a_one_line_config_error(tmp_path, setting, value, says):

@@ -26,6 +26,9 @@ from tmrl_worker.config import WorkerConfig
     ("security.server_public_key_file", '""', "server_public_key_file is empty"),
     # an outside probe's id ending in a newline passed ($ matches before it) and died in the sender thread, exit 1
     ("worker_id", '"w9\\n"', "worker_id 'w9\\n' must match"),
+    # the relay's messages carry "relay" and "trainer" is the trainer's default id: logs and counts mixed them up
+    ("worker_id", '"relay"', "worker_id 'relay' is reserved"),
+    ("worker_id", '"trainer"', "worker_id 'trainer' is reserved"),
 ])
 def test_a_setting_the_worker_cannot_use_is_a_one_line_config_error(tmp_path, setting, value, says):
     assert_refused_in_one_line(WorkerConfig, "worker", tmp_path, setting, value, says)

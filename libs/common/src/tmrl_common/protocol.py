@@ -43,6 +43,9 @@ SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
 
 SENDER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 Role = Literal["worker", "trainer", "relay"]
+RESERVED_WORKER_IDS = frozenset({"relay", "trainer"})
+"""Sender ids no worker may take: the relay's own messages carry ``relay`` and ``trainer`` is the trainer's default id,
+so a worker under either would be mistaken for them in logs, metrics and the trainer's per-worker counts."""
 SeqNumber = Annotated[int, Field(ge=0, lt=2**63)]
 """A batch sequence number: non-negative, fits a signed 64-bit integer."""
 

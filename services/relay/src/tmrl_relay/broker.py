@@ -36,6 +36,7 @@ from tmrl_common.curve import KeyFileError, load_secret_key
 from tmrl_common.errors import ProtocolError
 from tmrl_common.log_limit import LineBudget, RateLimitedLog
 from tmrl_common.protocol import (
+    RESERVED_WORKER_IDS,
     WORKER_HEARTBEAT_COUNTERS,
     Error,
     Heartbeat,
@@ -399,6 +400,9 @@ class Relay:
             hello = self._decode_control(envelope, body)
             assert isinstance(hello, Hello)
             self._check_hello_role(hello, "worker", "workers")
+            if fields.sender in RESERVED_WORKER_IDS:
+                raise ProtocolError("unknown_sender", f"worker id {fields.sender!r} is reserved (the relay's and the "
+                                    "trainer's): this worker must take another worker_id")
             peer, previous = self.workers.register(routing_id, fields.sender, user_id, sent_at_of(envelope.buffer))
             again = " again on a new connection" if previous is not None and previous.routing_id != routing_id else ""
             if self._hello_lines.take():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tmrl_common.config import MAX_DURATION_S, MAX_SEED, refuse_empty_path
-from tmrl_common.protocol import SENDER_PATTERN
+from tmrl_common.protocol import RESERVED_WORKER_IDS, SENDER_PATTERN
 from tmrl_common.sockets import SecurityConfig, TransportConfig, check_host
 
 from tmrl_trainer.ingest import DEFAULT_MAX_WORKERS
@@ -99,6 +99,8 @@ class TrainerConfig(BaseModel):
     def _id_fits_the_wire(cls, value: str) -> str:
         if not SENDER_PATTERN.fullmatch(value):
             raise ValueError(f"trainer_id {value!r} must match {SENDER_PATTERN.pattern}")
+        if value == "relay":
+            raise ValueError("trainer_id 'relay' is reserved: the relay's own messages carry it")
         return value
 
     @field_validator("allowed_workers")
@@ -107,6 +109,9 @@ class TrainerConfig(BaseModel):
         unusable = [worker for worker in value if not SENDER_PATTERN.fullmatch(worker)]
         if unusable:  # no worker can say hello under such an id, so the entry could only be a typo
             raise ValueError(f"allowed_workers {unusable} can never match a worker: ids must match {SENDER_PATTERN.pattern}")
+        reserved = sorted(RESERVED_WORKER_IDS.intersection(value))
+        if reserved:
+            raise ValueError(f"allowed_workers {reserved} can never match a worker: those ids are reserved")
         return value
 
     @field_validator("relay_host")

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tmrl_common.config import MAX_DURATION_S, MAX_SEED, refuse_empty_path
-from tmrl_common.protocol import SENDER_PATTERN
+from tmrl_common.protocol import RESERVED_WORKER_IDS, SENDER_PATTERN
 from tmrl_common.sockets import SecurityConfig, TransportConfig, check_host
 
 WorkerMode = Literal["train", "test", "expert"]
@@ -171,4 +171,7 @@ class WorkerConfig(BaseModel):
     def _id_fits_the_wire(cls, value: str) -> str:
         if not SENDER_PATTERN.fullmatch(value):
             raise ValueError(f"worker_id {value!r} must match {SENDER_PATTERN.pattern}")
+        if value in RESERVED_WORKER_IDS:
+            raise ValueError(f"worker_id {value!r} is reserved (the relay's messages and the trainer's default id use "
+                             f"{' and '.join(sorted(RESERVED_WORKER_IDS))}): name the worker, e.g. worker-1")
         return value
