@@ -154,6 +154,30 @@ def test_a_second_live_trainer_under_one_identity_waits_as_a_standby_and_takes_o
                 link.stop()
 
 
+def test_a_refused_standby_trainer_sends_a_heartbeat_only_with_each_hello_not_each_interval(context):
+    """The chaos soak of the role rule: a second trainer's heartbeats, one per interval beside its hellos, were each
+    refused, answered and counted by the relay. While its hello is refused it now asks with that hello alone."""
+    with relay_in_thread(insecure_config(peer_timeout_s=30.0)) as relay:
+        value = relay.metrics.registry.get_sample_value
+        first = make_link(context, relay.ports.trainer_port, heartbeat_interval_s=0.1)
+        standby = TrainerLink("trainer-2", "127.0.0.1", relay.ports.trainer_port, FAST, SecurityConfig(insecure=True),
+                              Ingestor("trainer-2", LAYOUT, store=ReplayMemory(LAYOUT, capacity=100).add_batch),
+                              heartbeat_interval_s=0.1, context=context)
+        try:
+            first.start()
+            wait_for(lambda: _trainer_connected(relay))
+            standby.start()
+            wait_for(lambda: standby.counters.role_lost >= 1)
+            time.sleep(3.0)  # 30 intervals; hellos at 0.2, 0.4, 0.8, 1.6 s... of backoff
+            hellos = standby.counters.hellos_sent
+            refused = value("tmrl_relay_rejects_total", {"reason": "unknown_sender", "link": "trainer"})
+            assert 3 <= hellos <= 8 and first.counters.role_lost == 0
+            assert refused <= 2 * hellos + 1, (refused, hellos)  # each hello and its heartbeat, one periodic at most
+        finally:
+            standby.stop()
+            first.stop()
+
+
 def test_relay_restarts_in_a_row_are_no_contest_for_the_trainer_role(context):
     """Each restart ends the trainer's hold on a connection that then closes: the losses that count towards a
     contest are those on the connection that held the role, so a relay restarting three times within a minute does

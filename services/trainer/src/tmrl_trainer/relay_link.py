@@ -10,7 +10,8 @@ do not hold the trainer role on this connection now" (another trainer took it af
 forgot this connection, or it refused this hello because a trainer is alive on another connection: another one, or
 a second process with this key). The link logs why and says hello again after a backoff
 (:class:`HelloBackoff`: 0.2 s, doubling up to 5 s, back to 0.2 s once the relay answers a heartbeat, which it only
-does for the trainer that holds the role). Other errors are logged and counted.
+does for the trainer that holds the role; while refused, only the heartbeat sent with each hello asks). Other errors
+are logged and counted.
 
 The socket, its monitor, the thread, heartbeats and non-blocking sends are a :class:`~tmrl_common.relay_client.RelayClient`
 (shared with the worker's link); this module says what the trainer does on it.
@@ -88,7 +89,7 @@ class TrainerLink:
         self._backoff = HelloBackoff()
         self._client = RelayClient(
             trainer_id, "ingest", self.endpoint, self.counters, on_connected=self._say_hello,
-            on_message=self._on_message, on_turn=self._on_turn, send_heartbeat=self._send_heartbeat,
+            on_message=self._on_message, on_turn=self._on_turn, send_heartbeat=self._send_periodic_heartbeat,
             while_away="waiting for it to come back", role="trainer", heartbeat_interval_s=heartbeat_interval_s, poll_ms=_POLL_MS,
             context=context,
         )
@@ -142,6 +143,13 @@ class TrainerLink:
                 log.info("%s: saying hello again to take the trainer role", self.trainer_id)
                 self._say_hello()
             self._send_weights()
+
+    def _send_periodic_heartbeat(self) -> None:
+        """Every ``heartbeat_interval_s``, but not while refused: a hello is then scheduled, and its own heartbeat asks
+        whether it took the role. A standby trainer (another holds the role) sent one refused heartbeat each interval
+        besides its hellos, each answered, counted and logged at the relay."""
+        if self._backoff.due_at is None:
+            self._send_heartbeat()
 
     def _send_heartbeat(self) -> None:
         snapshot = self.ingestor.snapshot()
