@@ -189,11 +189,12 @@ def test_a_relay_that_stalls_mid_handshake_after_an_earlier_one_is_not_called_a_
     watch.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED, now=0.1)
     watch.on_event(zmq.EVENT_DISCONNECTED, now=50.0)
     watch.on_event(zmq.EVENT_CONNECTED, now=51.0)  # the paused relay's kernel still accepts the TCP connection
-    with caplog.at_level("ERROR", logger="tmrl_common.handshake"):
+    with caplog.at_level("WARNING", logger="tmrl_common.handshake"):
         watch.check(now=57.0)
     assert watch.counters.silent == 1
     assert "the relay has not finished the handshake in 5s, as it did before: it is paused, overloaded or " \
            "restarting" in caplog.text and "listening on that port" not in caplog.text
+    assert [r.levelname for r in caplog.records] == ["WARNING"]  # the lost connection was reported: its outage
 
 
 def test_a_dropped_handshake_rebuilds_the_socket_after_the_retry_delay_unless_a_retry_gets_through():
@@ -308,3 +309,35 @@ def test_handshake_time_outs_after_a_silent_connection_are_warnings_not_errors(c
     watch.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.EAGAIN, now=200.0)
     assert [(r.levelname, "within libzmq's 30 s" in r.getMessage()) for r in caplog.records] == [
         ("WARNING", True), ("ERROR", True)]
+
+
+def test_handshake_time_outs_after_a_lost_connection_are_warnings_and_without_one_errors(caplog):
+    """The same for a connection that closed after its handshake (the owner logs "lost the relay connection"): the
+    handshakes that then hang are that outage. A connection whose own handshake failed is no lost connection."""
+    endpoint = RelayEndpoint("127.0.0.1", 5555, TransportConfig(), SecurityConfig(insecure=True))
+    caplog.set_level(logging.WARNING, logger="tmrl_common.handshake")
+
+    def hang_twice(watch: HandshakeWatch, start: float) -> None:
+        watch.on_event(zmq.EVENT_CONNECTED, now=start)
+        watch.check(now=start + 6.0)  # TCP up, no handshake within 5 s: "silent"
+        watch.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.EAGAIN, now=start + 30.0)  # libzmq's limit
+        watch.on_event(zmq.EVENT_DISCONNECTED, now=start + 30.0)
+
+    lost = HandshakeWatch("worker-1", endpoint, "worker", report_every_s=0.0)
+    lost.on_event(zmq.EVENT_CONNECTED, now=0.0)
+    lost.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED, now=0.1)
+    lost.on_event(zmq.EVENT_DISCONNECTED, now=50.0)  # the relay's connection closed
+    hang_twice(lost, 51.0)
+    hang_twice(lost, 90.0)  # still the same outage: its own failed handshakes did not end it
+    assert lost.connection_lost
+    lost.on_event(zmq.EVENT_CONNECTED, now=130.0)
+    lost.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED, now=130.1)  # back
+    assert not lost.connection_lost
+    assert [r.levelname for r in caplog.records] == ["WARNING"] * 4
+    assert "as it did before" in caplog.records[0].getMessage()
+    assert "within libzmq's 30 s" in caplog.records[1].getMessage()
+    caplog.clear()
+    never = HandshakeWatch("worker-2", endpoint, "worker", report_every_s=0.0)  # never connected: maybe a wrong port
+    hang_twice(never, 0.0)
+    hang_twice(never, 40.0)
+    assert [r.levelname for r in caplog.records] == ["ERROR"] * 4 and not never.connection_lost

@@ -100,6 +100,7 @@ class HandshakeWatch:
         self._dead_since: float | None = None  # libzmq gave this socket up (refused, mechanism)
         self._quiet_since: float | None = None  # handshake done, nothing received since
         self._drops_in_a_row = 0  # dropped handshakes since the last success or new socket
+        self._established = False  # the socket's connection finished its handshake and has not closed since
         self._last_report: dict[str, float] = {}
         self.last_failure: str | None = None
         """The kind of the latest failed handshake (``refused``, ``mechanism``, ``dropped``, ``silent``...), for a
@@ -107,6 +108,9 @@ class HandshakeWatch:
         self.path_down = False
         """Set by the owner when it replaced a connection that went silent, cleared by the next handshake: the
         handshake time-outs in between are logged as warnings (and ``RelayClient.unconnected_hint`` names the path)."""
+        self.connection_lost = False
+        """A connection that had finished its handshake closed (the owner logs that as a lost connection); cleared by
+        the next handshake: like :attr:`path_down`, the time-outs in between are that outage, logged as warnings."""
         self.handshakes = 0
         """Handshakes this socket completed: after one, a relay that goes silent mid-handshake is the same relay
         paused, overloaded or restarting, not a wrong port."""
@@ -120,7 +124,8 @@ class HandshakeWatch:
             self._tcp_since = now
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.handshakes += 1
-            self.path_down = False
+            self.path_down = self.connection_lost = False
+            self._established = True
             self._tcp_since = self._dead_since = None  # a dropped handshake that libzmq's retry got through
             self._drops_in_a_row = 0
             self._quiet_since = now
@@ -143,6 +148,8 @@ class HandshakeWatch:
             self._say(kind, now)
 
         elif event == zmq.EVENT_DISCONNECTED:
+            if self._established:  # not a connection whose handshake failed
+                self.connection_lost, self._established = True, False
             self._tcp_since = self._quiet_since = None
 
     def heard_from_relay(self) -> None:
@@ -242,8 +249,9 @@ class HandshakeWatch:
         if not self.report or now - self._last_report.get(kind, float("-inf")) < self.report_every_s:
             return
         self._last_report[kind] = now
-        # while the path is known to be down (the owner replaced a silent connection, and said so), the handshakes
-        # that time out meanwhile are that same outage, not a new fault: warnings (a network probe counted 5 ERROR
-        # lines per 90 s black hole)
-        level = logging.WARNING if self.path_down and kind in ("silent", "timed_out") else logging.ERROR
+        # while the path is known to be down (the owner replaced a silent connection, or lost one, and said so), the
+        # handshakes that time out meanwhile are that same outage, not a new fault: warnings (a network probe counted
+        # 5 ERROR lines per 90 s black hole)
+        outage = self.path_down or self.connection_lost
+        level = logging.WARNING if outage and kind in ("silent", "timed_out") else logging.ERROR
         log.log(level, "%s: %s", self.owner_id, self.advice(kind))
