@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import zlib
 
 import msgpack
@@ -290,6 +291,46 @@ def test_body_fields_of_the_wrong_type_or_range_are_schema_errors(type_name, fie
     if type_name == "weights_update" and field != "sha256" and isinstance(body.get("tensors"), bytes):
         body["sha256"] = hashlib.sha256(body["tensors"]).hexdigest()
     assert body_reason(type_name, body) == "schema"
+
+
+MANY = 60_000
+
+
+@pytest.mark.parametrize("type_name,field,value", [
+    ("hello", None, {f"k{i}": None for i in range(MANY)}),  # the whole body one huge map
+    ("hello", "layout", {"components": [{f"k{i}": 1 for i in range(5_000)} for _ in range(10)], "action_dim": 3}),
+    ("heartbeat", "counters", {f"c{i}": "x" for i in range(MANY)}),
+    ("sample_batch", "observations", {f"o{i}": 1 for i in range(MANY)}),
+    ("weights_update", "architecture", {f"k{i}": 1 for i in range(65)}),
+])
+def test_a_map_larger_than_any_schema_takes_is_refused_before_its_entries_are_checked(type_name, field, value):
+    """A hostile-peer probe: hellos and heartbeats of 50,000-65,000 wrong map entries (0.3-0.5 MB, under the control
+    frame cap) made one validation error per entry and held the relay's loop 0.4-3 s each; 100 of them stalled it for
+    180 s. No schema takes a map of more than 64 entries, so the unpackers refuse one, on both decoding paths."""
+    case = {"hello": "hello_worker_with_layout", "heartbeat": "heartbeat", "sample_batch": "sample_batch_raw",
+            "weights_update": "weights_update"}[type_name]
+    body = value if field is None else {**body_map(case), field: value}
+    assert body_reason(type_name, body) == "malformed"
+    for zero_copy_min in (DecodeLimits().zero_copy_min_body_bytes, 0):
+        with pytest.raises(ProtocolError, match=r"exceeds max_map_len\(64\)"):
+            decode([pack(envelope_map(type_name)), pack(body)], DecodeLimits(zero_copy_min_body_bytes=zero_copy_min))
+
+
+@pytest.mark.parametrize("type_name,field,value", [
+    ("sample_ack", "seqs", ["a"] * 65_536),
+    ("weights_update", "architecture", {"hidden": ["x"] * MANY}),
+    ("weights_update", "architecture", {f"k{i}": ["x"] * 1_000 for i in range(64)}),
+])
+def test_a_long_list_of_wrong_entries_stops_at_the_first(type_name, field, value):
+    """65,536 string seqs made as many errors (0.3-2.2 s); a list in ``architecture`` too, through each of the
+    union's branches."""
+    case = {"sample_ack": "sample_ack", "weights_update": "weights_update"}[type_name]
+    body = {**body_map(case), field: value}
+    with pytest.raises(ProtocolError) as info:
+        decode([pack(envelope_map(type_name)), pack(body)])
+    assert info.value.reason == "schema"
+    errors = int(re.search(r"\((\d+) error\(s\)\)$", info.value.detail).group(1))
+    assert errors <= 6 * len(value if isinstance(value, dict) else [0]), info.value.detail
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

@@ -132,6 +132,20 @@ def test_batch_bodies_that_are_not_msgpack_maps_are_malformed(body):
     assert info.value.reason == "malformed"
 
 
+@pytest.mark.parametrize("huge", ["top", "nested"])
+def test_a_batch_holding_a_map_of_more_than_64_entries_is_malformed_at_the_relay_as_at_the_trainer(huge):
+    """The trainer's decoder refuses any map larger than a schema takes (a hostile-peer probe's 60,000-entry maps
+    cost it seconds): the relay reads a batch head with the same cap, so it refuses the body too, not forwards it."""
+    many = {f"k{i}": 1 for i in range(60_000)}
+    body = msgpack.packb({"seq": 3, **many} if huge == "top" else {"seq": 3, "first": many})
+    with pytest.raises(ProtocolError) as at_relay:
+        read_batch_head(body)
+    with pytest.raises(ProtocolError) as at_trainer:
+        decode([encode_envelope("sample_batch", "worker-1"), body])
+    assert at_relay.value.reason == at_trainer.value.reason == "malformed"
+    assert read_batch_seq(body) == batch_seq_of(body) == 3  # the refusal can still name the batch
+
+
 def test_the_malformed_message_says_what_the_body_is_instead_of_a_map():
     with pytest.raises(ProtocolError, match="must be a msgpack map, it starts with an array"):
         read_batch_head(msgpack.packb([1, 2]))

@@ -19,6 +19,7 @@ import msgpack
 from tmrl_common.errors import ProtocolError
 from tmrl_common.protocol import (
     DEFAULT_LIMITS,
+    MAX_MAP_ENTRIES,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     SENDER_PATTERN,
@@ -93,7 +94,7 @@ def check_envelope(frame: Any, limits: DecodeLimits) -> EnvelopeFields:
         raise ProtocolError("oversized", f"envelope frame is {size} bytes, limit {limits.max_envelope_bytes}")
     try:
         raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
-                              max_str_len=size, max_array_len=size, max_map_len=size,
+                              max_str_len=size, max_array_len=size, max_map_len=min(size, MAX_MAP_ENTRIES),
                               object_pairs_hook=dict_refusing_duplicate_keys)
     except DuplicateKeyError as exc:
         raise ProtocolError(exc.reason, f"envelope frame: {exc.detail}") from exc
@@ -182,10 +183,10 @@ def read_batch_seq(body: Any) -> int | None:
 
 def _unpacker(size: int) -> msgpack.Unpacker:
     """A C unpacker for a body of ``size`` bytes (fed whole or in part) with the caps of ``docs/protocol.md`` §2, those
-    of the trainer's decoder: no ext types; str up to 1 MiB, arrays up to 1 Mi elements, maps up to 65 536 entries."""
+    of the trainer's decoder: no ext types; str up to 1 MiB, arrays up to 1 Mi elements, maps up to 64 entries."""
     return msgpack.Unpacker(None, raw=False, strict_map_key=True, use_list=True, max_ext_len=0,
                             max_buffer_size=max(size, 1), max_str_len=min(size, 1 << 20),
-                            max_array_len=min(size, 1 << 20), max_map_len=min(size, 1 << 16))
+                            max_array_len=min(size, 1 << 20), max_map_len=min(size, MAX_MAP_ENTRIES))
 
 
 def _is_int63(value: Any) -> bool:
@@ -243,7 +244,7 @@ def _walk_batch_head(data: memoryview, size: int, max_steps: int, complete: bool
     seq: int | None = None
     steps: int | None = None
     try:
-        for _ in range(unpacker.read_map_header()):
+        for _ in range(_map_entries(unpacker)):
             key = unpacker.unpack()
             if key == "seq" and seq is None:  # a repeated key is skipped: the first one counts, as in batch_seq_of
                 seq = _checked_seq(unpacker.unpack())
@@ -269,6 +270,16 @@ def _walk_batch_head(data: memoryview, size: int, max_steps: int, complete: bool
     return BatchHead(seq, 0)  # no first field: the trainer refuses the batch, naming seq
 
 
+def _map_entries(unpacker: msgpack.Unpacker) -> int:
+    """The entries of the map whose header is next; more than any schema takes is ``malformed``, as the trainer's
+    decoder says (``read_map_header`` does not apply the unpacker's ``max_map_len``)."""
+    entries = unpacker.read_map_header()
+    if entries > MAX_MAP_ENTRIES:
+        raise ProtocolError("malformed", f"sample_batch body is not valid msgpack: a map of {entries} entries, limit "
+                                         f"{MAX_MAP_ENTRIES}")
+    return entries
+
+
 def _checked_seq(value: Any) -> int:
     if not _is_int63(value):
         raise ProtocolError("schema", f"sample_batch field seq must be an integer in [0, 2**63), got {type(value).__name__} "
@@ -282,7 +293,7 @@ def _first_steps(unpacker: msgpack.Unpacker, data: memoryview, max_steps: int) -
     if not _is_map(_next_byte(unpacker, data)):
         unpacker.skip()
         return 0, 0
-    entries = unpacker.read_map_header()
+    entries = _map_entries(unpacker)
     for index in range(entries):
         key = unpacker.unpack()
         if key == "shape":  # the first one counts, should the key be repeated
