@@ -37,6 +37,17 @@ def test_each_key_logs_its_first_message_and_counts_the_rest_of_the_interval(cap
     assert messages(caplog)[3:] == ["bad 11 (the last of 1 like it in 5s, 5.0 s ago)"]
 
 
+def test_due_says_whether_a_line_under_a_key_would_be_written_now(caplog, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("tmrl_common.log_limit.time.monotonic", lambda: clock[0])
+    limited = RateLimitedLog(log, interval_s=5.0)
+    assert limited.due("a")
+    limited.warning("a", "first")
+    assert not limited.due("a") and limited.due("b")
+    clock[0] += 5.0
+    assert limited.due("a")
+
+
 def test_past_max_keys_the_held_counts_are_reported_and_the_keys_forgotten(caplog, monkeypatch):
     caplog.set_level("INFO", logger=log.name)
     monkeypatch.setattr("tmrl_common.log_limit.MAX_KEYS", 3)

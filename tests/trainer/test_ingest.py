@@ -602,6 +602,24 @@ def test_a_flood_of_hellos_costs_a_line_per_worker_and_interval(ingest, caplog):
     assert ingestor.workers["w1"].hellos == 500  # counted all the same
 
 
+def test_a_flood_of_hellos_under_new_ids_costs_a_budget_of_lines_then_one_per_interval(ingest, caplog):
+    """A hostile-peer probe: 5,000 hellos under 5,000 invented ids (each a fresh key of the per-worker limit) made
+    5,252 trainer log lines, where the relay's budget for all ids together held its own to 22."""
+    ingestor, _, _ = ingest
+    ingestor.max_workers = 10_000
+    other = layout_for_box(5, 1)
+    with caplog.at_level("INFO", logger="tmrl_trainer.ingest"):
+        for index in range(3_000):
+            layout = other if index % 2 else None
+            ingestor.handle(encode(Hello(role="worker", software="x", layout=layout), f"flood-{index}"))
+    lines = [record.getMessage() for record in caplog.records]
+    said = [line for line in lines if " said hello " in line]
+    announced = [line for line in lines if " announced an observation layout " in line]
+    assert 20 <= len(said) <= 22 and len(announced) <= 11, (len(said), len(announced))
+    assert "more than 20 hellos in 10 s: one line per interval from here" in said[-1]
+    assert len(ingestor.workers) == 3_000  # each still counted
+
+
 def test_a_worker_whose_histories_differ_is_told_it_cannot_use_the_policy_though_its_batches_are_stored(caplog):
     """A TrackMania probe: a worker with img_hist_len 8 beside a trainer with 4 had its batches stored, and the warning
     said only that; the worker could never act with the policy trained on them."""

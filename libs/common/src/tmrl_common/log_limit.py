@@ -32,6 +32,12 @@ class RateLimitedLog:
         self._held: dict[Any, tuple[int, str, tuple[Any, ...], float]] = {}
         """Key → the last message held back under it (level, format, arguments, when), until its count is reported."""
 
+    def due(self, key: Any) -> bool:
+        """Whether a line under ``key`` would be logged now (not held back): e.g. to charge a :class:`LineBudget` only
+        for the lines that would be written."""
+        with self._lock:
+            return time.monotonic() - self._last.get(key, (float("-inf"), 0))[0] >= self.interval_s
+
     def warning(self, key: Any, message: str, *args: Any) -> None:
         self.log(logging.WARNING, key, message, *args)
 

@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
-from tmrl_common.log_limit import RateLimitedLog
+from tmrl_common.log_limit import LineBudget, RateLimitedLog
 from tmrl_common.protocol import (
     AckOutcome,
     DecodeLimits,
@@ -429,6 +429,9 @@ class Ingestor:
         self._hello_log = RateLimitedLog(log, interval_s=30.0)
         """Per worker, its hello lines (a probe's 5,000 hellos were 5,000 lines here, while the relay held its own
         to one per interval); the held-back count is said with the next one."""
+        self._hello_lines = LineBudget(lines=20, window_s=10.0)
+        """Hello lines of all workers together: an id is the sender's choice, so past this budget the lines go under
+        one shared key (a hostile-peer probe's 5,000 invented ids were 5,252 lines here, 22 at the relay)."""
         self.workers: dict[str, WorkerStats] = {}
         self.max_workers = max_workers
         """Worker ids this trainer keeps state for (stats, dedupe window, episode, batch tails); see
@@ -556,6 +559,10 @@ class Ingestor:
         with self._lock:
             stats.hellos += 1
             stats.next_seq = hello.next_seq
+        # a churn of new ids: past the budget their lines share one key, one per interval
+        shared = self._hello_log.due((envelope.sender, "hello")) and not self._hello_lines.take()
+        limit_key = "many workers" if shared else envelope.sender
+        flood = f"; {self._hello_lines.exceeded('hellos')}: one line per interval from here" if shared else ""
         if hello.layout is not None and hello.layout != self.layout:
             differences, rejected = layout_differences(hello.layout, self.layout)
             consequence = ("its batches will be rejected (schema)" if rejected else "its batches still match the "
@@ -566,11 +573,11 @@ class Ingestor:
                                 "it refuses the weights and stops; make the two agree (the worker's `tmrl-worker "
                                 "layout -c CONFIG > layout.json` as the trainer's layout_file, or the worker's "
                                 "env_options as the trainer's layout has them)")
-            self._hello_log.warning((envelope.sender, "layout"), "%s announced an observation layout that differs "
-                                    "from the trainer's (worker vs trainer: %s); %s", envelope.sender,
-                                    "; ".join(differences), consequence)
-        self._hello_log.log(logging.INFO, (envelope.sender, "hello"), "%s said hello (next_seq %d)", envelope.sender,
-                            hello.next_seq)
+            self._hello_log.warning((limit_key, "layout"), "%s announced an observation layout that differs from the "
+                                    "trainer's (worker vs trainer: %s); %s%s", envelope.sender,
+                                    "; ".join(differences), consequence, flood)
+        self._hello_log.log(logging.INFO, (limit_key, "hello"), "%s said hello (next_seq %d)%s", envelope.sender,
+                            hello.next_seq, flood)
 
     def _handle_batch(self, envelope: Envelope, batch: SampleBatch) -> list[list[bytes]]:
         worker, seq = envelope.sender, batch.seq
