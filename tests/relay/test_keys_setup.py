@@ -40,6 +40,22 @@ def test_keys_init_twice_keeps_the_existing_pairs(tmp_path):
     assert [entry.name for entry in list_allowed_keys(tmp_path / "allow")] == ["worker-1", "worker-2"]
 
 
+def test_keys_init_checks_every_name_before_it_writes_any_key(runner, tmp_path):
+    """A config probe: a bad last --worker name was refused after the relay's, the trainer's and the first worker's
+    pairs (and their allow-list entries) were written."""
+    result = runner.invoke(app, ["keys", "init", "--dir", str(tmp_path / "keys"), "--allow-dir", str(tmp_path / "allow"),
+                                 "--worker", "w1", "--worker", "bad id"])
+    assert result.exit_code == 2 and "key name 'bad id' must match" in result.output
+    assert not (tmp_path / "keys").exists() and not (tmp_path / "allow").exists()
+
+
+def test_keys_generate_into_a_file_says_so_in_one_line(runner, tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = runner.invoke(app, ["keys", "generate", "--dir", str(tmp_path / "afile" / "keys"), "--name", "w2"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # was FileExistsError's traceback
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in result.output
+
+
 def test_role_dir_puts_trainers_in_their_own_folder():
     assert role_dir(Path("allow"), "worker") == Path("allow")
     assert role_dir(Path("allow"), "trainer") == Path("allow/trainers")

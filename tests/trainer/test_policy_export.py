@@ -200,6 +200,8 @@ def test_export_never_writes_over_its_source_a_device_or_its_other_output(tmp_pa
         (["--onnx", str(tmp_path / "x.onnx"), "--policy-out", str(tmp_path / "x.onnx")], "is the other output"),
         (["--onnx", str(tmp_path / "model.bin")], "an ONNX file's name must end in .onnx"),
         (["--policy-out", "/dev/null"], "/dev/null exists and is not a regular file"),
+        # a config probe: "cannot write .../p.safetensors: File exists" did not say which part was wrong
+        (["--policy-out", str(checkpoint / "p.safetensors")], f"{checkpoint} is a file, not a folder"),
     ):
         result = runner.invoke(app, ["export", str(checkpoint), *arguments, "--no-check"])
         assert result.exit_code == 2 and says in result.stderr, (arguments, result.output)

@@ -270,7 +270,7 @@ def test_a_gif_folder_that_cannot_be_created_fails_before_any_episode(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     code, _, stderr = run_eval("--policy", str(policy), *SHORT_SIM, "--gif", str(blocker / "sub" / "best.gif"))
-    assert code == 2 and "cannot write the GIF there" in stderr
+    assert code == 2 and f"{str(blocker)!r} is a file, not a folder" in stderr  # was "cannot write ...: File exists"
     assert stderr.strip().count("\n") == 0 and "episode 0" not in stderr and "Traceback" not in stderr
     assert blocker.read_text() == "not a folder"
 

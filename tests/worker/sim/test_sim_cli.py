@@ -28,6 +28,23 @@ def test_render_track_writes_png_and_gif_of_a_driven_lap(tmp_path):
         assert image.format == "GIF" and image.n_frames > 10
 
 
+def test_render_and_record_refuse_an_output_they_cannot_write_in_one_line_before_the_drive(tmp_path):
+    """A config probe: a folder under a file ended render-track and record-demo in tracebacks (after the drive), a
+    negative --seed in numpy's, and ``-o t.txt`` wrote a PNG under that name."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cases = [(["render-track", "-o", str(blocker / "t.png"), "--no-drive"], "is a file, not a folder"),
+             (["render-track", "-o", str(tmp_path / "t.png"), "--gif", str(blocker / "x.gif")], "is a file, not a folder"),
+             (["render-track", "-o", str(tmp_path / "t.txt"), "--no-drive"], "its name must end in .png"),
+             (["record-demo", "-o", str(blocker / "d.safetensors"), "-t", "oval"], "is a file, not a folder"),
+             (["render-track", "-o", str(tmp_path / "t.png"), "--seed", "-1"], "--seed")]
+    for arguments, says in cases:
+        result = runner.invoke(sim_app, arguments)
+        assert result.exit_code == 2 and says in " ".join(result.output.split()), (arguments, result.output)
+        assert isinstance(result.exception, SystemExit) and "finished" not in result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]
+
+
 def test_drive_reports_the_lap_and_unknown_tracks_exit_with_code_2():
     result = runner.invoke(sim_app, ["drive", "-t", "oval"])
     assert result.exit_code == 0 and "finished" in result.output and "0 crash" in result.output

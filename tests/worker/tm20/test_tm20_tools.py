@@ -112,6 +112,26 @@ def test_record_reward_command_writes_points_from_the_plugin(tmp_path):
     assert TrajectoryReward.from_file(output).points.shape[1] == 3
 
 
+@pytest.mark.parametrize("where", ["output", "raw-telemetry"])
+def test_record_reward_refuses_an_output_it_cannot_write_before_the_drive(tmp_path, where):
+    """A config probe: an --output in a folder under a file was found at the save, after the whole lap, with a
+    traceback; --spacing 0 too (now refused as the options are read, as record-demo's)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    bad = blocker / "sub" / "track.safetensors"
+    output = bad if where == "output" else tmp_path / "track.safetensors"
+    with TelemetryReplayServer(lap_with_a_respawn(), rate_hz=400, loop=False) as server:
+        arguments = ["record-reward", "-o", str(output), "--telemetry-port", str(server.port)]
+        result = CliRunner().invoke(app, arguments + (["--raw-telemetry", str(bad)] if where != "output" else []))
+        assert result.exit_code == 2, result.output
+        assert f"{str(blocker)!r} is a file, not a folder" in " ".join(result.output.split())
+        assert "Recording from" not in result.output and "Traceback" not in result.output
+        spacing = CliRunner().invoke(app, ["record-reward", "-o", str(tmp_path / "t.safetensors"), "--telemetry-port",
+                                           str(server.port), "--spacing", "0"])
+    assert spacing.exit_code == 2 and "--spacing" in spacing.output and "Recording from" not in spacing.output
+    assert blocker.read_text() == "not a folder" and not (tmp_path / "track.safetensors").exists()
+
+
 def test_record_reward_without_the_game_names_the_plugin_and_saves_nothing(tmp_path):
     port = free_port()
     output = tmp_path / "track.safetensors"

@@ -72,3 +72,38 @@ def _sync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+class OutputPathError(ValueError):
+    """A file a command is to write cannot be written there (one line, naming the path and why)."""
+
+
+def file_on_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s folders that exists as something else (a file), or None: writing there fails with
+    "File exists" or "Not a directory", which says nothing of which part is wrong."""
+    return next((parent for parent in reversed(path.parents) if parent.exists() and not parent.is_dir()), None)
+
+
+def prepare_output_file(path: str | os.PathLike[str], what: str, suffix: str | None = None) -> Path:
+    """Check, before a command does its work, that it can write the file ``what`` (e.g. ``--output``) at ``path``:
+    the name ends in ``suffix`` when one is given, no folder on the way is a file, its folder exists or is created,
+    and a file can be created there (created and removed again when it did not exist). A recording or a drive is
+    otherwise lost to a typo in the folder at its end. Raises :class:`OutputPathError`."""
+    path = Path(path)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise OutputPathError(f"{what} {str(path)!r}: its name must end in {suffix} (the file is written in that format)")
+    if path.is_dir():
+        raise OutputPathError(f"{what} {str(path)!r} is a folder; give a file name")
+    blocking = file_on_the_way(path)
+    if blocking is not None:
+        raise OutputPathError(f"{what} {str(path)!r}: {str(blocking)!r} is a file, not a folder")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise OutputPathError(f"{what} {str(path)!r}: cannot write there: {exc.strerror or exc}") from exc
+    if not existed:
+        path.unlink(missing_ok=True)
+    return path

@@ -27,7 +27,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
-from tmrl_common.atomic_file import write_atomically
+from tmrl_common.atomic_file import file_on_the_way, write_atomically
 from tmrl_common.log_limit import LineBudget, RateLimitedLog
 
 PUBLIC_SUFFIX = ".key"
@@ -60,7 +60,7 @@ class AllowedKey:
     path: Path
 
 
-def _check_name(name: str) -> str:
+def check_key_name(name: str) -> str:
     if not KEY_NAME_PATTERN.fullmatch(name):
         raise KeyFileError(f"key name {name!r} must match {KEY_NAME_PATTERN.pattern} (it becomes a file name)")
     return name
@@ -113,9 +113,14 @@ def generate_key_pair(directory: Path, name: str, *, overwrite: bool = False) ->
 
     Refuses to replace an existing pair unless ``overwrite`` (a replaced key locks its owner out of the relay).
     """
-    _check_name(name)
+    check_key_name(name)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocking = file_on_the_way(directory / name)
+        why = f"{blocking} is a file, not a folder" if blocking is not None else exc.strerror or str(exc)
+        raise KeyFileError(f"cannot make the key folder {directory}: {why}") from exc
     public_file, secret_file = directory / f"{name}{PUBLIC_SUFFIX}", directory / f"{name}{SECRET_SUFFIX}"
     if not overwrite and (public_file.exists() or secret_file.exists()):
         raise KeyFileError(f"a key pair named {name!r} already exists in {directory}; pick another name or pass overwrite")
@@ -210,7 +215,7 @@ def allow_public_key(allowlist_dir: Path, public_key_file: Path, name: str | Non
     ``name`` defaults to the file's stem. Only the public key is copied, even from a ``.key_secret`` file.
     """
     public_key = load_public_key(public_key_file)
-    name = _check_name(name if name is not None else Path(public_key_file).name.split(".")[0])
+    name = check_key_name(name if name is not None else Path(public_key_file).name.split(".")[0])
     allowlist_dir = Path(allowlist_dir)
     allowlist_dir.mkdir(parents=True, exist_ok=True)
     target = allowlist_dir / f"{name}{PUBLIC_SUFFIX}"
@@ -228,7 +233,7 @@ def allow_public_key(allowlist_dir: Path, public_key_file: Path, name: str | Non
 def revoke_public_key(allowlist_dir: Path, name: str) -> Path:
     """Remove ``<name>.key`` from the allow-list; the relay refuses that key from its next allow-list reload. Also
     clears an entry that holds no key (a link to nothing, an empty folder, a FIFO), as the relay's log advises."""
-    target = Path(allowlist_dir) / f"{_check_name(name)}{PUBLIC_SUFFIX}"
+    target = Path(allowlist_dir) / f"{check_key_name(name)}{PUBLIC_SUFFIX}"
     if not target.is_symlink() and not target.exists():
         raise KeyFileError(f"no key named {name!r} in {allowlist_dir}")
     try:

@@ -23,6 +23,7 @@ from tmrl_common.curve import (
     KeyFileError,
     KeyPairFiles,
     allow_public_key,
+    check_key_name,
     generate_key_pair,
     load_public_key,
     read_allowed_keys,
@@ -91,6 +92,8 @@ def write_local_setup(keys_dir: Path, allow_dir: Path, workers: list[str], train
     if not workers:
         raise KeyFileError("name at least one worker (e.g. --worker worker-1)")
     keys_dir = Path(keys_dir)
+    for name in (trainer, *workers):  # all of them before any file is written (a bad last name left half a setup)
+        check_key_name(name)
     pairs: dict[str, KeyPairFiles] = {}
     kept: list[str] = []
     allowed: list[AllowedKey] = []

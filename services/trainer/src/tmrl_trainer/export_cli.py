@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+from tmrl_common.atomic_file import file_on_the_way
 
 
 def export_command(
@@ -75,6 +76,10 @@ def _refuse_clobbering(source: Path, outputs: list[Path]) -> None:
         resolved = output.resolve()
         if resolved in seen:
             typer.echo(f"tmrl-trainer export: {output} is {seen[resolved]}; write to another file", err=True)
+            raise typer.Exit(code=2)
+        blocking = file_on_the_way(output)
+        if blocking is not None:
+            typer.echo(f"tmrl-trainer export: {output}: {blocking} is a file, not a folder", err=True)
             raise typer.Exit(code=2)
         if output.exists() and not output.is_file():
             typer.echo(f"tmrl-trainer export: {output} exists and is not a regular file; write to a file", err=True)

@@ -185,7 +185,8 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
 
 
 # TrackMania 2020 tools (logic in tmrl_worker.tm20; these functions only parse arguments) -----------------------------
-TelemetryPortOption = typer.Option(9000, "--telemetry-port", help="Port of the TMRL OpenPlanet plugin on 127.0.0.1.")
+TelemetryPortOption = typer.Option(9000, "--telemetry-port", min=1, max=65535,
+                                   help="Port of the TMRL OpenPlanet plugin on 127.0.0.1.")
 SyntheticOption = typer.Option(False, "--synthetic", help="No game: synthetic frames and telemetry served over loopback.")
 
 
@@ -197,6 +198,17 @@ def _capture_backend(value: str) -> str:
     try:
         return check_capture_backend(value, "--capture")
     except CaptureError as exc:
+        typer.echo(f"tmrl-worker: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+
+
+def _controller_kind(value: str) -> str:
+    """``--controller``, checked as it is read, as ``--capture`` is."""
+    from tmrl_worker.tm20.control import ControlError, check_controller_kind
+
+    try:
+        return check_controller_kind(value, "--controller")
+    except ControlError as exc:
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=2) from exc
 
@@ -227,11 +239,12 @@ def _game_options(telemetry_port: int, capture: str, window_title: str) -> dict[
 def record_reward(
     output: Path = typer.Option(..., "--output", "-o", help="Reward points file to write (safetensors).", dir_okay=False),
     telemetry_port: int = TelemetryPortOption,
-    spacing: float = typer.Option(0.5, "--spacing", help="Distance between reward points (m)."),
-    max_seconds: float = typer.Option(900.0, "--max-seconds", help="Give up after this long."),
+    spacing: float = typer.Option(0.5, "--spacing", min=0.05, help="Distance between reward points (m)."),
+    max_seconds: float = typer.Option(900.0, "--max-seconds", min=1.0, max=86_400.0, help="Give up after this long (s)."),
     raw_telemetry: Path | None = typer.Option(None, "--raw-telemetry", help="Also save the raw packets (replayable).", dir_okay=False),
     save_unfinished: bool = typer.Option(False, "--save-unfinished", help="Save even if the finish line was not reached."),
-    timeout: float = typer.Option(30.0, "--timeout", help="Give up when no telemetry arrives for this long (s)."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.1, max=86_400.0,
+                                  help="Give up when no telemetry arrives for this long (s)."),
 ) -> None:
     """TrackMania 2020: record the reward path while you drive the track once, start to finish."""
     from tmrl_worker.tm20.recording import record_reward_tool
@@ -243,7 +256,7 @@ def record_reward(
 
 @app.command("check-env")
 def check_env(
-    steps: int = typer.Option(0, "--steps", help="Readings to show (0: until Ctrl-C)."),
+    steps: int = typer.Option(0, "--steps", min=0, help="Readings to show (0: until Ctrl-C)."),
     telemetry_port: int = TelemetryPortOption,
     reward: Path | None = typer.Option(None, "--reward", help="Reward points file: also show rewards.", exists=True, dir_okay=False),
     capture: str = CaptureOption,
@@ -264,13 +277,14 @@ def check_env(
 @app.command()
 def benchmark(
     env: str = typer.Option("tm20-lidar", "--env", help="tm20-lidar, tm20-lidar-progress or tm20-full."),
-    steps: int = typer.Option(200, "--steps", help="Time steps to run."),
+    steps: int = typer.Option(200, "--steps", min=1, help="Time steps to run."),
     reward: Path | None = typer.Option(None, "--reward", help="Reward points file (required with the game).", exists=True, dir_okay=False),
     telemetry_port: int = TelemetryPortOption,
-    controller: str = typer.Option("auto", "--controller", help="auto, gamepad, keyboard or none (drive nothing)."),
+    controller: str = typer.Option("auto", "--controller", callback=_controller_kind,
+                                   help="auto, gamepad, keyboard or none (drive nothing)."),
     capture: str = CaptureOption,
     window_title: str = WindowTitleOption,
-    time_step: float = typer.Option(0.05, "--time-step", help="Nominal time step (s)."),
+    time_step: float = typer.Option(0.05, "--time-step", min=0.001, max=60.0, help="Nominal time step (s)."),
     synthetic: bool = SyntheticOption,
 ) -> None:
     """TrackMania 2020: run the env and print rtgym's timing statistics."""
@@ -291,7 +305,7 @@ def emulate_game(
     window_title: str = WindowTitleOption,
     autodrive: bool = typer.Option(False, "--autodrive", help="The simulator's scripted driver drives laps (respawning after each finish)."),
     speedup: int = typer.Option(1, "--speedup", help="Simulated seconds per wall-clock second."),
-    seconds: float = typer.Option(0.0, "--seconds", help="Stop after this long (0: until Ctrl-C)."),
+    seconds: float = typer.Option(0.0, "--seconds", min=0.0, help="Stop after this long (0: until Ctrl-C)."),
 ) -> None:
     """TrackMania 2020 without the game: serve the OpenPlanet plugin protocol from a simulated car (e.g. to record a
     reward path with record-reward while --autodrive drives). A worker runs the emulated game itself with

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from tmrl_common.atomic_file import OutputPathError, prepare_output_file
 from tmrl_common.config import MAX_DURATION_S
 
 from tmrl_worker.envs import EnvHandle, EnvSpecError, make_env
@@ -212,22 +213,11 @@ def render_frame(env: EnvHandle) -> np.ndarray:
 def prepare_gif_path(path: Path) -> Path:
     """Check, before any episode runs, that the GIF can be written at ``path``: the name ends in ``.gif`` (the file is
     GIF data whatever its name), its folder exists or is created (as ``tmrl-trainer export`` creates its outputs'), and
-    a file can be created there (created and removed again when it did not exist). Raises :class:`GifPathError`."""
-    path = Path(path)
-    if path.suffix.lower() != ".gif":
-        raise GifPathError(f"--gif {str(path)!r}: the file is written as a GIF, so its name must end in .gif")
-    if path.is_dir():
-        raise GifPathError(f"--gif {str(path)!r} is a directory; give a file name ending in .gif")
-    existed = path.exists()
+    a file can be created there (:func:`~tmrl_common.atomic_file.prepare_output_file`). Raises :class:`GifPathError`."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab"):
-            pass
-    except OSError as exc:
-        raise GifPathError(f"--gif {str(path)!r}: cannot write the GIF there: {exc.strerror or exc}") from exc
-    if not existed:
-        path.unlink(missing_ok=True)
-    return path
+        return prepare_output_file(path, "--gif", ".gif")
+    except OutputPathError as exc:
+        raise GifPathError(str(exc)) from exc
 
 
 class GifReplayError(RuntimeError):

@@ -27,6 +27,17 @@ def tracks() -> None:
     typer.echo("file:PATH                        a track of your own, from a TOML file (docs/tuning.md)")
 
 
+def _writable(path: Path, what: str, suffix: str | None = None) -> None:
+    """End the command (one line, status 2) unless ``path`` can be written, before the drive."""
+    from tmrl_common.atomic_file import OutputPathError, prepare_output_file
+
+    try:
+        prepare_output_file(path, what, suffix)
+    except OutputPathError as exc:
+        typer.echo(f"tmrl-worker sim: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+
+
 @sim_app.command("render-track")
 def render_track(
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.", dir_okay=False)],
@@ -34,7 +45,7 @@ def render_track(
     drive: Annotated[bool, typer.Option("--drive/--no-drive", help="Draw the scripted driver's trajectory.")] = True,
     full_throttle: FullThrottleOption = False,
     gif: Annotated[Path | None, typer.Option("--gif", help="Also write a GIF of the episode.", dir_okay=False)] = None,
-    seed: Annotated[int, typer.Option("--seed", help=HELP["seed"])] = 0,
+    seed: Annotated[int, typer.Option("--seed", help=HELP["seed"], min=0, max=2**32 - 1)] = 0,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Stop the drive after this many steps.", min=1)] = 2000,
 ) -> None:
     """Write a PNG of a track (with a driven trajectory coloured by speed) and optionally a GIF of the drive."""
@@ -42,6 +53,9 @@ def render_track(
     from tmrl_worker.sim.rollout import render_drive
     from tmrl_worker.sim.track import TrackError, load_track
 
+    _writable(output, "--output", ".png")
+    if gif is not None:
+        _writable(gif, "--gif", ".gif")
     try:
         if not drive:
             render_track_png(load_track(track), output)
@@ -66,6 +80,7 @@ def record_demo_command(
     from tmrl_worker.sim.rollout import record_demo
     from tmrl_worker.sim.track import TrackError
 
+    _writable(output, "--output")
     try:
         record = record_demo(track, output, spacing=spacing)
     except (TrackError, RuntimeError) as exc:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tmrl_common.atomic_file import OutputPathError, prepare_output_file
 
 from tmrl_worker.reward import path_length, resample_path, save_points
 from tmrl_worker.tm20.openplanet import PacketParser, Telemetry, TelemetryClient, TelemetryTimeoutError, encode_packet
@@ -136,6 +137,13 @@ def record_reward_tool(output: Path, *, telemetry_port: int, spacing: float = 0.
     from rich.console import Console
 
     console = console or Console(stderr=True)
+    try:  # before the drive: a folder typo found at the save lost the whole lap (a probe)
+        prepare_output_file(output, "--output")
+        if raw_telemetry is not None:
+            prepare_output_file(raw_telemetry, "--raw-telemetry")
+    except OutputPathError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 2
     console.print(f"Recording from the TMRL OpenPlanet plugin on port {telemetry_port}. Drive the track from the start "
                   "to the finish line; a respawn starts the recording over; Ctrl-C aborts.")
     with TelemetryClient(telemetry_port, timeout=timeout) as client:
@@ -170,6 +178,9 @@ def record_reward_tool(output: Path, *, telemetry_port: int, spacing: float = 0.
         points = save_demonstration(demonstration, output, spacing, raw_telemetry)
     except (RecordingError, ValueError) as exc:
         console.print(f"[red]{exc}[/]")
+        return 1
+    except OSError as exc:  # checked at the start; a disk that filled up or a folder removed since
+        console.print(f"[red]cannot write {output}: {exc.strerror or exc}[/]")
         return 1
     console.print(f"saved {len(points)} points {spacing} m apart ({demonstration.length:.1f} m of track) to {output}"
                   + (f"; raw telemetry to {raw_telemetry}" if raw_telemetry else ""))
