@@ -217,7 +217,8 @@ def test_a_worker_whose_every_batch_is_refused_stops_after_5_with_status_1_its_s
                     r"\(reward_out_of_bounds: 5\); the last: batch seq \d+ \[reward_out_of_bounds\]: the trainer "
                     f"refused it: {re.escape(REWARD_DETAIL)}; ", lines[-1]), lines[-1]
     assert lines[-1].endswith("then restart the worker (max_consecutive_refusals = 5)")  # the default
-    summary = lines[-2]  # the run's summary, refused batches by reason last
+    stamp_date, stamp_time, summary = lines[-2].split(" ", 2)  # the run's summary (stamped), refused batches last
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", f"{stamp_date} {stamp_time}")
     assert re.match(r"w-refused: (\d+) steps, .*; delivery: .* 0 acknowledged, .* (\d+) rejected "
                     r"\(reward_out_of_bounds: \2\)$", summary), summary
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]

@@ -130,10 +130,13 @@ def test_every_documented_kind_of_tm20_env_option_is_accepted_when_the_config_is
                           'time_step_timeout_factor = 2.0\nwait_on_done = true\nbenchmark = false\n'
                           'allow_non_windows = true\n'
                           '[worker.env_options.recovery]\ngive_up_after_s = 30\n'
-                          '[worker.env_options.stale_frames]\n[worker.env_options.reward_config]\n'
-                          '[worker.env_options.emulated_game]\ntrack = "oval"\n')
+                          '[worker.env_options.stale_frames]\n[worker.env_options.reward_config]\n')
     loaded = load_config(WorkerConfig, "worker", config)
     assert loaded.env_options["recovery"] == {"give_up_after_s": 30} and loaded.env_options["image_height"] == 32
+    # the emulated game brings its own devices: beside it, the game's options above are refused (their own test)
+    emulated = write_config(tmp_path, '[worker]\nenv = "tm20-full"\n[worker.env_options]\nimg_hist_len = 2\n'
+                            'telemetry_timeout = 2.0\n[worker.env_options.emulated_game]\ntrack = "oval"\nport = 9001\n')
+    assert load_config(WorkerConfig, "worker", emulated).env_options["emulated_game"] == {"track": "oval", "port": 9001}
 
 
 def test_make_env_refuses_a_capture_time_past_a_slower_step_only_when_it_is_past_it(no_devices):

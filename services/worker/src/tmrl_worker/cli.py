@@ -185,7 +185,7 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
 
 
 # TrackMania 2020 tools (logic in tmrl_worker.tm20; these functions only parse arguments) -----------------------------
-TelemetryPortOption = typer.Option(9000, "--telemetry-port", min=1, max=65535,
+TelemetryPortOption = typer.Option(9000, "--telemetry-port", min=0, max=65535,
                                    help="Port of the TMRL OpenPlanet plugin on 127.0.0.1.")
 SyntheticOption = typer.Option(False, "--synthetic", help="No game: synthetic frames and telemetry served over loopback.")
 

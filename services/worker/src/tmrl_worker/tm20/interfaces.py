@@ -258,10 +258,6 @@ def check_options(variant: str, options: Mapping[str, Any], prefix: str = "env_o
         if name not in known:
             raise TM20ConfigError(f"{prefix}{name}: unknown option for env tm20-{variant.removeprefix('tm20-')}"
                                   f"{did_you_mean(name, known)}")
-    if options.get("emulated_game") is not None:
-        for name, instead in EMULATED_GAME_DEVICE_OPTIONS.items():
-            if name in options:
-                raise TM20ConfigError(f"{prefix}{name} has no use with {prefix}emulated_game: {instead}")
     for name, model in _setting_tables().items():
         if options.get(name) is not None:
             validated_settings(model, options[name], name)
@@ -278,6 +274,10 @@ def check_options(variant: str, options: Mapping[str, Any], prefix: str = "env_o
                               f"(worker.time_step_duration = {time_step_duration!r}): the screenshot must be taken "
                               f"within the step; use at most {time_step_duration!r} (left out: 0.8 x the step)")
     check_device_names(options, prefix)
+    if options.get("emulated_game") is not None:
+        for name, instead in EMULATED_GAME_DEVICE_OPTIONS.items():
+            if name in options:
+                raise TM20ConfigError(f"{prefix}{name} has no use with {prefix}emulated_game: {instead}")
 
 
 def check_device_names(settings: Mapping[str, Any], prefix: str = "") -> None:
