@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,44 @@ def test_a_second_stop_request_says_what_this_service_still_does_not_another_ser
             on_signal(2)
         assert caplog.records[1].getMessage() == f"signal 2 again: already stopping ({finishing})"
     assert "checkpoint" in TRAINER_FINISHING and "checkpoint" not in WORKER_FINISHING
+
+
+HELD_DURING_A_SLOW_IMPORT = """
+import signal, sys, time
+from tmrl_common.stop_signals import run_command_line
+signal.signal(signal.SIGTERM, signal.SIG_IGN) if "{ignored}" == "yes" else None
+
+def load_app():  # the CLI's imports, torch's among them, take a second or more
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.raise_signal(signum)
+    time.sleep(0.2)
+    return lambda: print("the command ran", flush=True)
+
+run_command_line("tmrl-test", load_app)
+"""
+
+
+@pytest.mark.parametrize("ignored", ["no", "yes"])
+def test_a_stop_signal_while_the_command_line_loads_ends_it_cleanly_after_the_imports(ignored):
+    """A first-hour probe: a Ctrl-C in the first second of `tmrl-trainer run` (inside torch's import) printed a
+    KeyboardInterrupt traceback, and once was swallowed by an import (the trainer ran on for ten minutes). Now the
+    signals are held while the CLI is imported, and one that came ends the command at once, with one line and status
+    128 + its number; a signal the process was started with ignored stays ignored."""
+    result = subprocess.run([sys.executable, "-c", HELD_DURING_A_SLOW_IMPORT.format(ignored=ignored)],
+                            capture_output=True, text=True, timeout=30)
+    signum = 2 if ignored == "yes" else 15  # the first held: SIGTERM, unless it was ignored
+    assert result.returncode == 128 + signum, result
+    assert result.stderr == f"tmrl-test: stopped by signal {signum} while starting\n" and result.stdout == ""
+
+
+def test_the_services_commands_load_their_cli_with_stop_signals_held():
+    from importlib.metadata import entry_points
+
+    scripts = {entry.name: entry.value for entry in entry_points(group="console_scripts")
+               if entry.name in ("tmrl-relay", "tmrl-worker", "tmrl-trainer")}
+    assert scripts == {"tmrl-relay": "tmrl_relay:main", "tmrl-worker": "tmrl_worker:main",
+                       "tmrl-trainer": "tmrl_trainer:main"}
+    for program in scripts:  # each loads its app and runs it
+        result = subprocess.run([str(Path(sys.executable).with_name(program)), "--help"], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0 and "Usage" in result.stdout, result

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 
@@ -122,6 +123,50 @@ def ignore_stop_signals() -> None:
     its exit status 0 into death by that signal)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+_held: list[int] = []
+"""Stop signals that came while :func:`hold_stop_signals` held them."""
+_before_hold: dict[int, object] = {}
+
+
+def hold_stop_signals() -> None:
+    """Until :func:`release_held_stop_signals`, a SIGINT or SIGTERM is noted, not acted on (one that the process was
+    started with ignored stays ignored). For a command's imports: torch's take a second or more, and a
+    KeyboardInterrupt raised inside them printed a traceback or, caught by an import, was lost (a first-hour probe's
+    trainer ran on for ten minutes after a Ctrl-C at 0.6 s)."""
+    for signum in STOP_SIGNALS:
+        previous = signal.getsignal(signum)
+        if previous is not signal.SIG_IGN:
+            _before_hold[signum] = previous
+            signal.signal(signum, _hold)
+
+
+def release_held_stop_signals(program: str) -> None:
+    """Put back the handlers :func:`hold_stop_signals` replaced; if a stop signal came meanwhile, end the process now
+    (nothing has started yet): one line on stderr, exit status 128 + the signal's number, as its default action
+    would give."""
+    for signum, previous in _before_hold.items():
+        signal.signal(signum, previous)  # type: ignore[arg-type]
+    _before_hold.clear()
+    if _held:
+        signum = _held[0]
+        print(f"{program}: stopped by signal {signum} while starting", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+
+def run_command_line(program: str, load_app: Callable[[], Callable[[], object]]) -> None:
+    """A service's console script: its CLI module (``load_app`` imports it and returns the typer app) is imported
+    with the stop signals held (:func:`hold_stop_signals`), then the app runs; its ``run`` commands install their own
+    handling (:func:`install_stop_signals`) first thing."""
+    hold_stop_signals()
+    app = load_app()
+    release_held_stop_signals(program)
+    app()
+
+
+def _hold(signum: int, frame: object) -> None:  # noqa: ARG001 - a list append: no lock, no I/O
+    _held.append(signum)
 
 
 def _do_nothing(signum: int, frame: object) -> None:  # noqa: ARG001 - takes no lock and does no I/O: module docstring
