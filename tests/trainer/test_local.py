@@ -221,6 +221,25 @@ def test_train_local_refuses_an_unusable_run_dir_or_env_module_before_training_i
     assert missing.exit_code == 2 and "gymnasium cannot make 'tmrl_worker.nosuch:X-v0'" in missing.output
 
 
+def test_train_local_checks_utd_and_a_memory_it_cannot_learn_from_before_it_starts(tmp_path):
+    """A config probe: --utd went around the config's checks (-1, nan and 0 ran without an update, exit 0; inf and
+    1e9 hung, deaf to Ctrl-C), and a memory smaller than learning_starts ran 600 steps with no update and no word."""
+    from tmrl_trainer.cli import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    small = tmp_path / "small.toml"
+    small.write_text("[trainer]\nmemory_capacity = 100\n[trainer.sac]\nlearning_starts = 500\n")
+    for arguments, says in ((["--utd", "inf"], "sac.utd = inf from the command line"),
+                            (["--utd", "-1"], "sac.utd = -1.0 from the command line"),
+                            (["--utd", "1e9"], "less than or equal to 1000"),
+                            (["--config", str(small)], "sac.learning_starts (500) exceeds memory_capacity (100)")):
+        result = runner.invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "50", "--run-dir",
+                                     str(tmp_path / "run"), "--device", "cpu", *arguments])
+        assert result.exit_code == 2 and says in " ".join(result.output.split()), (arguments, result.output)
+        assert "Traceback" not in result.output and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_local_training_builds_the_configured_backend_and_another_resumes_its_checkpoint(tmp_path, monkeypatch):
     from tmrl_trainer import local
     from tmrl_trainer.reference import ReferenceLearner

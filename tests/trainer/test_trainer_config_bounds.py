@@ -25,6 +25,14 @@ from tmrl_trainer.config import TrainerConfig
     ("trainer_id", '"trainer\\n"', "trainer_id 'trainer\\n' must match"),
     ("allowed_workers", '["w1\\n"]', "allowed_workers ['w1\\n'] can never match a worker"),
     ("trainer_id", '"relay"', "trainer_id 'relay' is reserved"),
+    # a config probe: each ran to exit 0 with every update thrown away, hung, or crashed libgomp
+    ("sac.utd", "1e9", "sac.utd"),
+    ("sac.actor_lr", "1e30", "sac.actor_lr"),
+    ("sac.critic_lr", "2.0", "sac.critic_lr"),
+    ("sac.init_alpha", "1e300", "sac.init_alpha"),
+    ("sac.reward_scale", "1e300", "sac.reward_scale"),
+    ("torch_threads", "1000000000", "torch_threads"),
+    ("sac.batch_size", "1048576", "sac.batch_size (1048576) exceeds memory_capacity (1000000)"),
     ("allowed_workers", '["w1", "trainer"]', "allowed_workers ['trainer'] can never match a worker: those ids are reserved"),
     ("device", '"cpu\\n"', "device"),
 ])

@@ -29,6 +29,8 @@ from tmrl_worker.config import WorkerConfig
     # the relay's messages carry "relay" and "trainer" is the trainer's default id: logs and counts mixed them up
     ("worker_id", '"relay"', "worker_id 'relay' is reserved"),
     ("worker_id", '"trainer"', "worker_id 'trainer' is reserved"),
+    # the real-time simulator's step: passed --show-config, refused only when the env was built (a config probe)
+    ("time_step_duration", "0.033", "time_step_duration (0.033 s) must be a whole number of physics ticks"),
 ])
 def test_a_setting_the_worker_cannot_use_is_a_one_line_config_error(tmp_path, setting, value, says):
     assert_refused_in_one_line(WorkerConfig, "worker", tmp_path, setting, value, says)
@@ -38,3 +40,16 @@ def test_the_largest_settings_a_worker_may_have_are_accepted(tmp_path):
     config = WorkerConfig(time_step_duration=86_400, stop_grace_s=86_400, flush_timeout_s=0, seed=2**62,
                           relay_host="relay-1.example.org", transport={"send_hwm": 2**31 - 1})
     assert config.seed == 2**62 and config.transport.send_hwm == 2**31 - 1
+
+
+def test_two_different_simulator_steps_are_refused_not_one_silently_kept(tmp_path):
+    from tmrl_common.config import load_config
+    from tmrl_common.errors import ConfigError
+
+    path = tmp_path / "worker.toml"
+    path.write_text("[worker]\ntime_step_duration = 0.1\nenv_options = { time_step_duration = 0.05 }\n")
+    with pytest.raises(ConfigError, match=r"time_step_duration = 0.1 and env_options.time_step_duration = 0.05 "
+                                          r"disagree"):
+        load_config(WorkerConfig, "worker", path, environ={})
+    path.write_text("[worker]\nenv_options = { time_step_duration = 0.1 }\n")  # given once: the option's
+    assert load_config(WorkerConfig, "worker", path, environ={}).env_options == {"time_step_duration": 0.1}

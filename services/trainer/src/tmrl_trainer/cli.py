@@ -160,7 +160,9 @@ def train_local_command(
     stop = threading.Event()  # first, as in run: a signal during the imports below stops the run cleanly
     install_stop_signals(stopping(stop.set, logging.getLogger("tmrl_trainer"), TRAINER_FINISHING))
     import torch
+    from pydantic import ValidationError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from tmrl_common.config import validation_problems
     from tmrl_common.errors import ConfigError
 
     from tmrl_trainer.local import (
@@ -171,7 +173,8 @@ def train_local_command(
     )
     from tmrl_trainer.service import writable_directory
 
-    overrides = {"device": device, "torch_threads": torch_threads, "seed": seed, "save_memory": True if save_memory else None}
+    overrides = {"device": device, "torch_threads": torch_threads, "seed": seed, "save_memory": True if save_memory else None,
+                 "sac": {"utd": utd}}  # checked with the config (a model_copy skipped it: --utd inf hung)
     trainer = load_config_for_command(TrainerConfig, "trainer", config, overrides=overrides, show_config=show_config)
     configure_logging(log_level)
     try:
@@ -183,8 +186,14 @@ def train_local_command(
         torch.set_num_threads(trainer.torch_threads)
     env = env.removeprefix("gym:")
     steps = max_steps
-    sac = trainer.sac if utd is None else trainer.sac.model_copy(update={"utd": utd})
     run_dir = run_dir or Path("runs/local") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', env)}-s{seed}"
+    try:
+        local = LocalTrainingConfig(sac=trainer.sac, memory_capacity=trainer.memory_capacity, device=trainer.device,
+                                    eval_episodes=eval_episodes, eval_every=eval_every, run_dir=run_dir,
+                                    checkpoint_every=checkpoint_every, save_memory=trainer.save_memory)
+    except ValidationError as exc:
+        typer.echo(f"tmrl-trainer train-local: {validation_problems(LocalTrainingConfig, exc)}", err=True)
+        raise typer.Exit(code=2) from exc
     earlier = run_dir / "checkpoints" / LATEST_LOCAL_CHECKPOINT
     if earlier.exists() and not overwrite:
         typer.echo(f"tmrl-trainer train-local: {run_dir} holds the checkpoint of an earlier run ({earlier}); "
@@ -197,9 +206,6 @@ def train_local_command(
     except ConfigError as exc:
         typer.echo(f"tmrl-trainer train-local: {exc}", err=True)
         raise typer.Exit(code=2) from exc
-    local = LocalTrainingConfig(sac=sac, memory_capacity=trainer.memory_capacity, device=trainer.device,
-                                eval_episodes=eval_episodes, eval_every=eval_every, run_dir=run_dir,
-                                checkpoint_every=checkpoint_every, save_memory=trainer.save_memory)
     last = {"episode": float("nan"), "eval": float("nan")}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("episode return {task.fields[episode]:9.1f}  eval {task.fields[eval]:9.1f}"),

@@ -5,13 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tmrl_common.config import MAX_DURATION_S, MAX_SEED, refuse_empty_path
 from tmrl_common.protocol import RESERVED_WORKER_IDS, SENDER_PATTERN
 from tmrl_common.sockets import SecurityConfig, TransportConfig, check_host
 
 from tmrl_trainer.ingest import DEFAULT_MAX_WORKERS
-from tmrl_trainer.sac import SACConfig
+from tmrl_trainer.sac import SACConfig, check_batch_fits_the_memory
+
+MAX_TORCH_THREADS = 1024
+"""More is a typo: a probe's 1,000,000,000 had libgomp ask for 216 GB, 100,000,000 crashed train-local."""
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -33,7 +36,7 @@ class TrainerConfig(BaseModel):
     trainer_port: int = Field(default=5556, ge=1, le=65535)
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``."""
-    torch_threads: int | None = Field(default=None, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1, le=MAX_TORCH_THREADS)
     """Intra-op threads for torch; ``None``: half the CPU cores (at least 1, at most 8), leaving the rest to the
     ingest thread and to workers on the same machine (oversubscribed cores make small SAC updates many times slower)."""
 
@@ -93,6 +96,11 @@ class TrainerConfig(BaseModel):
     @classmethod
     def _known_device(cls, value: str) -> str:
         return check_device(value)
+
+    @model_validator(mode="after")
+    def _batches_fit_the_memory(self) -> TrainerConfig:
+        check_batch_fits_the_memory(self.sac, self.memory_capacity)
+        return self
 
     @field_validator("trainer_id")
     @classmethod

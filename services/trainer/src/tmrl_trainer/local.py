@@ -19,7 +19,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import ObservationLayout, box_bounds, layout_for_box
 
@@ -27,7 +27,7 @@ from tmrl_trainer.checkpoint import save_checkpoint
 from tmrl_trainer.learner import make_learner
 from tmrl_trainer.memory import ReplayMemory
 from tmrl_trainer.metrics import TrainingMetrics
-from tmrl_trainer.sac import SACConfig
+from tmrl_trainer.sac import SACConfig, check_batch_fits_the_memory
 
 LOCAL_WORKER_ID = "local"
 LATEST_LOCAL_CHECKPOINT = "latest.safetensors"
@@ -58,6 +58,14 @@ class LocalTrainingConfig(BaseModel):
     """Environment steps between checkpoints (0: only at the end); needs ``run_dir``."""
     save_memory: bool = False
     """Save the replay memory next to each checkpoint."""
+
+    @model_validator(mode="after")
+    def _can_learn(self) -> LocalTrainingConfig:
+        if self.sac.learning_starts > self.memory_capacity:  # the service may only store; a local run must learn
+            raise ValueError(f"sac.learning_starts ({self.sac.learning_starts}) exceeds memory_capacity "
+                             f"({self.memory_capacity}): the memory never holds enough rows to start learning")
+        check_batch_fits_the_memory(self.sac, self.memory_capacity)
+        return self
 
 
 @dataclass
@@ -215,7 +223,7 @@ def train_local(
 
             if len(memory) >= config.sac.learning_starts:
                 update_debt += config.sac.utd
-                while update_debt >= 1.0:
+                while update_debt >= 1.0 and not (stop is not None and stop.is_set()):
                     update_debt -= 1.0
                     log_now = (learner.updates + 1) % config.log_every == 0
                     update_metrics = learner.update(memory.sample(config.sac.batch_size), with_metrics=log_now)

@@ -59,6 +59,15 @@ LEARNING_RATE_FIELDS = {"critics": "critic_lr", "actor": "actor_lr", "log_alpha"
 """The :class:`SACConfig` field holding the learning rate of each optimizer parameter group."""
 
 
+def check_batch_fits_the_memory(sac: SACConfig, memory_capacity: int) -> None:
+    """A ValueError when ``sac.batch_size`` exceeds ``memory_capacity`` and the trainer would learn (a probe's batch
+    of 1,048,576 from 1,000 rows ran 16 updates a minute, each repeating every row a thousand times). An ingest-only
+    trainer (``learning_starts`` above the capacity) never samples one."""
+    if sac.batch_size > memory_capacity >= sac.learning_starts:
+        raise ValueError(f"sac.batch_size ({sac.batch_size}) exceeds memory_capacity ({memory_capacity}): a minibatch "
+                         "cannot be larger than the replay memory it is drawn from")
+
+
 class SACConfig(BaseModel):
     """Hyperparameters of the learner (table ``[trainer.sac]``)."""
 
@@ -70,14 +79,15 @@ class SACConfig(BaseModel):
     ``gamma``, with ``gamma^k`` on the bootstrap; cut short where the episode ended: :mod:`tmrl_trainer.memory`).
     1: the one-step target of SAC. Larger values carry a reward back faster, at the price of a bias (the rewards
     are those of the policy that acted, not of the current one; nothing corrects for it)."""
-    reward_scale: float = Field(default=1.0, gt=0.0)
+    reward_scale: float = Field(default=1.0, gt=0.0, le=1e6)
     """Every reward is multiplied by this in the critics' target (the SAC paper's reward scale; Q values, and with a
     learned alpha alpha itself, come out in scaled units). 1: rewards as the env gives them."""
     tau: float = Field(default=0.005, gt=0.0, le=1.0)
     """Polyak coefficient of the target critics (1: hard copy every update)."""
-    actor_lr: float = Field(default=1e-3, gt=0.0)
-    critic_lr: float = Field(default=1e-3, gt=0.0)
-    alpha_lr: float = Field(default=1e-3, gt=0.0)
+    actor_lr: float = Field(default=1e-3, gt=0.0, le=1.0)
+    critic_lr: float = Field(default=1e-3, gt=0.0, le=1.0)
+    alpha_lr: float = Field(default=1e-3, gt=0.0, le=1.0)
+    """(Each at most 1: a probe's 1e30 had every update thrown away by the guard, the run exiting 0.)"""
     batch_size: int = Field(default=256, ge=1, le=2**20)
     hidden_sizes: list[Annotated[int, Field(ge=1, le=MAX_LAYER_WIDTH)]] = Field(
         default_factory=lambda: [256, 256], min_length=1, max_length=8)
@@ -85,7 +95,7 @@ class SACConfig(BaseModel):
     conv_channels: list[Annotated[int, Field(ge=1, le=MAX_CONV_CHANNELS)]] = Field(
         default_factory=lambda: [16, 32, 64, 64], min_length=1, max_length=8)
     """Image observations only: output channels of each 4x4 stride-2 convolution of the CNNs (actor and each critic)."""
-    init_alpha: float = Field(default=1.0, gt=0.0)
+    init_alpha: float = Field(default=1.0, gt=0.0, le=1e6)
     learn_alpha: bool = True
     target_entropy: float | None = None
     """Entropy the learned alpha steers towards; ``None`` means ``-action_dim``."""
@@ -98,7 +108,7 @@ class SACConfig(BaseModel):
     """Number of critics (2: twin critics of SAC)."""
     redq_m: int = Field(default=2, ge=1)
     """Critics the target takes the minimum over, drawn at random each update (``redq_m == redq_n``: plain SAC)."""
-    utd: float = Field(default=1.0, gt=0.0)
+    utd: float = Field(default=1.0, gt=0.0, le=1000.0)
     """Updates per environment step received (update-to-data ratio; REDQ uses large values like 20)."""
     learning_starts: int = Field(default=1000, ge=1)
     """Rows in the replay memory before the first update."""

@@ -148,8 +148,14 @@ class WorkerConfig(BaseModel):
             if name not in SimConfig.model_fields:
                 raise ValueError(f"env_options.{name}: unknown option for env {self.env.strip()!r}"
                                  f"{did_you_mean(name, SimConfig.model_fields)}")
+        options = dict(self.env_options)
+        if self.env.strip() == "sim":  # the real-time simulator steps at the worker's time_step_duration
+            given = options.setdefault("time_step_duration", self.time_step_duration)
+            if "time_step_duration" in self.model_fields_set and given != self.time_step_duration:
+                raise ValueError(f"time_step_duration = {self.time_step_duration!r} and env_options.time_step_duration "
+                                 f"= {given!r} disagree: set the step once (time_step_duration)")
         try:
-            SimConfig.model_validate(self.env_options)
+            SimConfig.model_validate(options)
         except ValidationError as exc:
             raise ValueError(f"env_options for env {self.env.strip()!r}: {one_line_message(exc)}") from None
         return self

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -740,12 +740,17 @@ def _make_gym(spec: str, gym_id: str, max_episode_steps: int | None, options: di
                      wrap_observation=wrap, step_seconds=_gym_step_seconds(env))
 
 
+def _message(error: Mapping[str, Any]) -> str:
+    return str(error["msg"]).removeprefix("Value error, ")  # a validator's own ValueError: its words alone
+
+
 def one_line_message(exc: Exception) -> str:
     """``exc``'s message on one line: a pydantic ValidationError's errors as ``field: message; ...``."""
     errors = getattr(exc, "errors", None)
     if callable(errors):
         try:
-            return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors())
+            return "; ".join(f"{'.'.join(map(str, e['loc']))}: {_message(e)}" if e["loc"] else _message(e)
+                             for e in errors())
         except (TypeError, KeyError):
             pass
     return " ".join(str(exc).split())
