@@ -112,5 +112,5 @@ def serve(config: RelayConfig) -> int:
             server.close()
     if threading.current_thread() is threading.main_thread():
         ignore_stop_signals()  # stopped cleanly: a repeated SIGTERM must not turn exit 0 into death by that signal
-    log.info("relay stopped")
+    log.info("relay stopped: %s", relay.metrics.summary())
     return 0

@@ -115,6 +115,20 @@ class RelayMetrics:
         value = self.registry.get_sample_value("tmrl_relay_rejects_total", {"reason": reason, "link": link})
         return value or 0.0
 
+    def summary(self) -> str:
+        """What this relay did, for its last log line (a soak probe: the workers and the trainer end with totals,
+        the relay said only "relay stopped")."""
+        def total(name: str) -> int:
+            return int(self.registry.get_sample_value(name) or 0)
+
+        rejected = sum(int(sample.value) for metric in self.rejects.collect() for sample in metric.samples
+                       if sample.name == "tmrl_relay_rejects_total")
+        held = int(self.registry.get_sample_value("tmrl_relay_pending_batches") or 0)
+        return (f"{self.traffic.batches} batches ({self.traffic.steps} steps) forwarded to the trainer, "
+                f"{total('tmrl_relay_acks_forwarded_total')} acks to workers, {total('tmrl_relay_dropped_batches_total')} "
+                f"batches dropped, {held} held for a trainer at the stop, {total('tmrl_relay_weights_published_total')} "
+                f"weights versions published, {rejected} messages rejected")
+
 
 class MetricsServer:
     """The HTTP endpoint serving a registry; :meth:`close` stops it."""
