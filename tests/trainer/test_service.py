@@ -678,6 +678,24 @@ def test_a_warm_up_larger_than_the_memory_is_said_at_start_since_such_a_trainer_
            "train" in caplog.text
 
 
+def test_a_replay_memory_larger_than_the_machine_is_said_at_start_not_hours_later(tmp_path, caplog, monkeypatch):
+    """A soak probe: the memory's zeroed arrays are committed as rows come (+17 MB an hour for 7 hours), so a
+    memory_capacity too large for the machine would fail hours into a run; the start line did not give its size."""
+    from tmrl_trainer import service as service_module
+
+    with caplog.at_level("INFO", logger="tmrl_trainer.service"):
+        service = TrainerService(make_config(tmp_path, memory_capacity=150))
+        full = service.memory.nbytes_when_full
+        service.shutdown()
+        assert "replay memory takes" not in caplog.text
+        monkeypatch.setattr(service_module, "physical_memory_bytes", lambda: full)  # a machine it would fill
+        service = TrainerService(make_config(tmp_path / "b", memory_capacity=150))
+        service.shutdown()
+    assert f"the replay memory takes {full / 2**20:.0f} MiB when full (memory_capacity = 150 rows), 100% of this " \
+           "machine's" in caplog.text and "lower memory_capacity" in caplog.text
+    assert full >= 150 * (4 * 3 + 4)  # the rows' actions and rewards at least
+
+
 def checkpointed_every_4(tmp_path, updates: int):
     """A trainer's config and checkpoint folder after ``updates`` updates with a checkpoint every 4."""
     config = make_config(tmp_path, checkpoint_every=4)

@@ -263,6 +263,15 @@ class ReplayMemory:
 
     # ---------------------------------------------------------------------------------------------------- storing
 
+    @property
+    def nbytes_when_full(self) -> int:
+        """Bytes of the memory's arrays once every row is written: they are allocated zeroed, so the operating system
+        commits their pages as rows come, and a trainer's memory grows for hours up to this (a soak probe: +17 MB an
+        hour over 7 h of the simulator at two workers, images far more)."""
+        arrays = (*self._frames.values(), self._actions, self._rewards, self._terminated, self._truncated, self._prev,
+                  self._next, self._known, self._complete, self._oldest)
+        return sum(array.nbytes for array in arrays)
+
     def __len__(self) -> int:
         """Rows currently stored."""
         return min(self._total, self.capacity)

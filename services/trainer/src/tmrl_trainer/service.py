@@ -223,6 +223,22 @@ def read_previous_status(path: Path) -> dict[str, Any] | None:
     return status if isinstance(status, dict) else None
 
 
+MEMORY_WARNING_FRACTION = 0.8
+"""A replay memory whose full size passes this share of the machine's RAM is warned of at start."""
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's RAM (None where ``os.sysconf`` cannot say, as on Windows)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _megabytes(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
 def writable_directory(directory: Path) -> None:
     """Create ``directory`` if needed and check that a file can be written in it; :class:`ConfigError` naming it
     (and the OS's reason) otherwise."""
@@ -345,6 +361,7 @@ class TrainerService:
         if config.sac.learning_starts > config.memory_capacity:  # an ingest-only trainer, or a typo: say which it is
             log.warning("sac.learning_starts (%d) exceeds memory_capacity (%d): this trainer stores samples but will "
                         "never train", config.sac.learning_starts, config.memory_capacity)
+        self._warn_of_a_memory_larger_than_this_machine()
         # the ratio counts the updates made beyond this baseline against this run's rows; a restored memory's unused
         # budget moves the baseline up, so that many updates come on top of utd * rows received
         self._ratio_baseline = self.learner.updates + self._carried_update_credit
@@ -693,6 +710,16 @@ class TrainerService:
         log.debug("published weights version %d after %d updates (%d samples received)", self.weights_version,
                  self.learner.updates, self.rows_received)
 
+    def _warn_of_a_memory_larger_than_this_machine(self) -> None:
+        """Its pages are committed as rows come: a memory that does not fit fails hours into a run, not at start."""
+        physical = physical_memory_bytes()
+        full = self.memory.nbytes_when_full
+        if physical is not None and full > MEMORY_WARNING_FRACTION * physical:
+            log.warning("the replay memory takes %s when full (memory_capacity = %d rows), %.0f%% of this machine's %s "
+                        "of RAM: it fills as samples come, so the trainer would run out of memory hours from now; "
+                        "lower memory_capacity", _megabytes(full), self.memory.capacity, 100 * full / physical,
+                        _megabytes(physical))
+
     def _check_run_directory(self) -> None:
         """Say so (an error, once) when the run directory or its lock file was deleted or replaced while this
         trainer runs: its later files go to a re-created folder, and another trainer could take that folder."""
@@ -749,9 +776,10 @@ class TrainerService:
         source = (f"layout_file {self.config.layout_file}" if self.config.layout_file is not None
                   else f"env {self.config.env!r}")
         log.info("trainer %s on %s (%s learner): layout %s from %s, relay %s; warm-up %d rows, at most %.2f updates "
-                 "per row, %d-step returns", self.config.trainer_id, self.device, backend_name(self.learner),
-                 describe_layout(self.layout), source, self.link.describe(), self.config.sac.learning_starts,
-                 self.config.sac.utd, self.memory.n_step)
+                 "per row, %d-step returns; replay memory of %d rows, %s when full", self.config.trainer_id, self.device,
+                 backend_name(self.learner), describe_layout(self.layout), source, self.link.describe(),
+                 self.config.sac.learning_starts, self.config.sac.utd, self.memory.n_step, self.memory.capacity,
+                 _megabytes(self.memory.nbytes_when_full))
         next_report = time.monotonic() + PROGRESS_EVERY_S
         self._batch_seen_at = time.monotonic()  # a trainer waiting for its first batch warns from NO_BATCH_WARNING_S
         try:
