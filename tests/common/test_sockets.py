@@ -136,9 +136,10 @@ def test_secure_socket_without_keys_says_how_to_generate_them(context, tmp_path)
     """An operator's-first-hour probe: the error named the config field only, where the Quick start passes flags."""
     socket = context.socket(zmq.ROUTER)
     with pytest.raises(SecurityError, match=r"secret key file is not set \(--secret-key FILE, or secret_key_file in "
-                                            r"the config's \[<service>.security\]\).*keys init.*--insecure"):
+                                            r"the config's \[relay.security\]\).*keys init.*--insecure"):
         secure_server_socket(socket, SecurityConfig())
-    with pytest.raises(SecurityError, match="keys generate"):
+    with pytest.raises(SecurityError, match=r"secret_key_file in the config's \[worker.security\] or "
+                                            r"\[trainer.security\]\).*keys generate"):  # was "[<service>.security]"
         secure_client_socket(socket, SecurityConfig())
     pair = generate_key_pair(tmp_path, "worker-1")
     with pytest.raises(SecurityError, match=r"the relay's public key file is not set \(--server-key FILE, or "

@@ -146,10 +146,13 @@ _FLAGS = {"secret_key_file": "--secret-key", "server_public_key_file": "--server
 """The ``run`` flag of each key file setting (the Quick start passes flags, not the config's field names)."""
 
 
-def _require(path: Path | None, what: str, field: str) -> Path:
+_CLIENT_TABLES = "[worker.security] or [trainer.security]"
+
+
+def _require(path: Path | None, what: str, field: str, table: str) -> Path:
     if path is None:
         raise SecurityError(
-            f"{what} is not set ({_FLAGS[field]} FILE, or {field} in the config's [<service>.security]); generate keys "
+            f"{what} is not set ({_FLAGS[field]} FILE, or {field} in the config's {table}); generate keys "
             "with `tmrl-relay keys init` (one machine) or `tmrl-relay keys generate --dir DIR --name NAME`, or pass "
             "--insecure for plain text on a trusted network"
         )
@@ -164,7 +167,8 @@ def secure_server_socket(socket: zmq.Socket, security: SecurityConfig) -> None:
     """
     if security.insecure:
         return
-    public, secret = load_secret_key(_require(security.secret_key_file, "the relay's secret key file", "secret_key_file"))
+    public, secret = load_secret_key(_require(security.secret_key_file, "the relay's secret key file", "secret_key_file",
+                                              "[relay.security]"))
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_server = True
@@ -174,9 +178,10 @@ def secure_client_socket(socket: zmq.Socket, security: SecurityConfig) -> None:
     """Make ``socket`` a CURVE client of the relay (call before connect). Does nothing when ``security.insecure``."""
     if security.insecure:
         return
-    public, secret = load_secret_key(_require(security.secret_key_file, "this client's secret key file", "secret_key_file"))
+    public, secret = load_secret_key(_require(security.secret_key_file, "this client's secret key file", "secret_key_file",
+                                              _CLIENT_TABLES))
     server_public = load_server_public_key(
-        _require(security.server_public_key_file, "the relay's public key file", "server_public_key_file")
+        _require(security.server_public_key_file, "the relay's public key file", "server_public_key_file", _CLIENT_TABLES)
     )
     socket.curve_secretkey = secret
     socket.curve_publickey = public
