@@ -162,3 +162,17 @@ def test_a_relay_host_name_that_does_not_resolve_is_warned_about_and_addresses_a
         assert not endpoint("relay-host.invalid").warn_if_unresolvable()  # .invalid never resolves (RFC 2606)
     [record] = caplog.records
     assert "relay_host 'relay-host.invalid' does not resolve" in record.getMessage()
+
+
+def test_a_client_told_insecure_says_the_key_files_it_was_given_are_not_used(caplog):
+    """A config probe: --insecure beside --secret-key and --server-key ran in plain text without a word of the keys."""
+    import logging
+
+    from tmrl_common.sockets import RelayEndpoint, SecurityConfig, TransportConfig
+
+    caplog.set_level(logging.WARNING, logger="tmrl_common.sockets")
+    RelayEndpoint("127.0.0.1", 5555, TransportConfig(), SecurityConfig(insecure=True)).check_security()
+    assert "not used" not in caplog.text
+    given = SecurityConfig(insecure=True, secret_key_file="keys/w.key_secret", server_public_key_file="keys/relay.key")
+    RelayEndpoint("127.0.0.1", 5555, TransportConfig(), given).check_security()
+    assert "the key settings given (secret_key_file, server_public_key_file) are not used" in caplog.text

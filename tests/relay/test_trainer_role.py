@@ -105,6 +105,13 @@ def test_an_insecure_relay_warns_loudly_at_start_and_louder_off_loopback(caplog)
         assert "say hello as the trainer" in warning
         assert ("NOT loopback" in warning) == (host == "0.0.0.0")
     assert RelayConfig().bind_host == "127.0.0.1"  # loopback unless told otherwise
+    caplog.clear()  # keys given with --insecure were not used without a word (a config probe)
+    relay = Relay(insecure_config(security={"insecure": True, "secret_key_file": "keys/relay.key_secret",
+                                            "allowlist_dir": "allow"}))
+    relay.bind()
+    relay.stop()
+    relay.run()
+    assert "--insecure: the key settings given (secret_key_file, allowlist_dir) are not used" in caplog.text
 
 
 def test_a_trainer_that_left_frees_the_role_for_another_id_without_waiting_for_the_peer_timeout(context):

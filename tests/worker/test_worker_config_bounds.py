@@ -31,6 +31,8 @@ from tmrl_worker.config import WorkerConfig
     ("worker_id", '"trainer"', "worker_id 'trainer' is reserved"),
     # the real-time simulator's step: passed --show-config, refused only when the env was built (a config probe)
     ("time_step_duration", "0.033", "time_step_duration (0.033 s) must be a whole number of physics ticks"),
+    # ignored without a word outside expert mode (a config probe's --test --policy FILE)
+    ("policy_file", '"policy.safetensors"', "policy_file is driven in expert mode only (--expert --policy FILE)"),
 ])
 def test_a_setting_the_worker_cannot_use_is_a_one_line_config_error(tmp_path, setting, value, says):
     assert_refused_in_one_line(WorkerConfig, "worker", tmp_path, setting, value, says)

@@ -141,6 +141,14 @@ class SecurityConfig(BaseModel):
     _paths_given = field_validator("secret_key_file", "server_public_key_file", "allowlist_dir", mode="before")(
         refuse_empty_path)
 
+    def unused_key_settings(self) -> str:
+        """With ``insecure``, the key settings given all the same (``"secret_key_file, allowlist_dir"``; empty when
+        none): they are not used, which a config probe's relay run with --insecure and its keys never said."""
+        if not self.insecure:
+            return ""
+        return ", ".join(name for name in ("secret_key_file", "server_public_key_file", "allowlist_dir")
+                         if getattr(self, name) is not None)
+
 
 _FLAGS = {"secret_key_file": "--secret-key", "server_public_key_file": "--server-key"}
 """The ``run`` flag of each key file setting (the Quick start passes flags, not the config's field names)."""
@@ -282,6 +290,9 @@ class RelayEndpoint:
         :class:`~tmrl_common.curve.KeyFileError`), so a misconfiguration stops the worker before it starts."""
         with zmq.Context() as context, context.socket(zmq.DEALER) as probe:
             secure_client_socket(probe, self.security)
+        unused = self.security.unused_key_settings()
+        if unused:
+            log.warning("--insecure: plain text to the relay; the key settings given (%s) are not used", unused)
 
     def connect(self, context: zmq.Context, socket_type: int, monitor_events: int = 0,
                 before_connect: Callable[[zmq.Socket], None] | None = None) -> tuple[zmq.Socket, zmq.Socket | None]:

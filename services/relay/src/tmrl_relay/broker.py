@@ -181,6 +181,9 @@ class Relay:
                     "the trainer (which publishes the policy every worker runs).%s", host, "" if loopback else
                     f" {host} is NOT loopback: use this only on a network you fully trust, or drop --insecure "
                     "(docs/security.md)")
+        unused = self.config.security.unused_key_settings()
+        if unused:
+            log.warning("--insecure: the key settings given (%s) are not used", unused)
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (thread- and signal-safe)."""

@@ -116,6 +116,14 @@ class WorkerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _policy_file_needs_expert_mode(self) -> WorkerConfig:
+        if self.policy_file is not None and self.mode != "expert":  # it was ignored without a word (a config probe)
+            raise ValueError(f"policy_file is driven in expert mode only (--expert --policy FILE), not {self.mode!r}: "
+                             "a train or test worker acts with the trainer's weights; to score a policy file, run "
+                             "`tmrl-worker eval --policy FILE`")
+        return self
+
+    @model_validator(mode="after")
     def _tm20_options_are_valid(self) -> WorkerConfig:
         """A TrackMania env's ``env_options`` are checked as the config is read (option names, the ``recovery``,
         ``stale_frames``, ``lidar``, ``reward_config`` and ``emulated_game`` tables, ``capture_backend`` and
