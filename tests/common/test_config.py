@@ -152,6 +152,16 @@ def test_a_misspelt_table_is_an_error_listing_the_known_tables(tmp_path):
     assert "[relay], [worker], [trainer], [example]" in str(info.value)
 
 
+def test_a_config_file_without_the_services_table_is_said_not_silently_taken_as_defaults(tmp_path, caplog):
+    """A config probe: a file with only [trainer] given to the relay ran it on its defaults without a word."""
+    caplog.set_level("WARNING", logger="tmrl_common.config")
+    load_config(ExampleConfig, "example", write(tmp_path, "[example]\nport = 1\n[trainer]\nx = 1\n"), environ={})
+    assert "has no [example] table" not in caplog.text
+    path = write(tmp_path, "[trainer]\nx = 1\n")
+    assert load_config(ExampleConfig, "example", path, environ={}) == ExampleConfig()
+    assert f"config file {path} has no [example] table: example runs on its defaults" in caplog.text
+
+
 def test_errors_name_the_env_variable_and_the_value_it_gave_not_the_file(tmp_path):
     path = write(tmp_path, "[example]\nport = 6000\n")
     with pytest.raises(ConfigError) as info:

@@ -171,6 +171,9 @@ def _read_table(path: Path, section: str, known_sections: tuple[str, ...]) -> di
         hints = [f"[{name}]{did_you_mean(name, known, '[{}]')}" for name in unknown]
         raise ConfigError(f"config file {path}: unknown table {', '.join(hints)}; the known tables are "
                           f"{', '.join(f'[{name}]' for name in known)}")
+    if section not in document:  # a config for the other services, most likely (a config probe: silent before)
+        log.warning("config file %s has no [%s] table: %s runs on its defaults, environment variables and flags",
+                    path, section, section)
     table = document.get(section, {})
     if not isinstance(table, dict):
         raise ConfigError(f"[{section}] in {path} must be a table")
