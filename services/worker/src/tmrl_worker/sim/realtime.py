@@ -22,6 +22,7 @@ import numpy as np
 import rtgym  # noqa: F401  (registers "real-time-gym-v1")
 from rtgym import DEFAULT_CONFIG_DICT, RealTimeGymInterface
 from tmrl_common.layout import ObservationLayout
+from tmrl_common.log_limit import RateLimitedLog
 
 from tmrl_worker.sim.car import Car, CarPose
 from tmrl_worker.sim.config import SimConfig
@@ -46,6 +47,9 @@ class PhysicsLoop:
         self.ticks = 0
         self.dropped_ticks = 0
         """Ticks skipped because the thread was starved for more than :data:`MAX_CATCH_UP_S`."""
+        self._starved_log = RateLimitedLog(logger, interval_s=30.0)
+        """A line per 30 s at most, with the count held back (a soak on a loaded 2-core machine logged 9 in 30
+        minutes, one per starvation)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -78,7 +82,9 @@ class PhysicsLoop:
             due = int((now - next_tick) / period) + 1
             if due > max_catch_up:
                 self.dropped_ticks += due - max_catch_up
-                logger.warning("physics thread starved for %.3f s; dropping %d ticks", now - next_tick, due - max_catch_up)
+                self._starved_log.warning("starved", "physics thread starved for %.3f s; dropping %d ticks (the "
+                                          "machine is short of CPU: the car's time then lags the wall clock)",
+                                          now - next_tick, due - max_catch_up)
                 next_tick = now
                 due = max_catch_up
             with self.lock:
