@@ -160,8 +160,10 @@ def run_command_line(program: str, load_app: Callable[[], Callable[[], object]])
     with the stop signals held (:func:`hold_stop_signals`), then the app runs; its ``run`` commands install their own
     handling (:func:`install_stop_signals`) first thing."""
     hold_stop_signals()
-    app = load_app()
-    release_held_stop_signals(program)
+    try:
+        app = load_app()
+    finally:  # an import that failed leaves the handlers as they were, and its error stands
+        release_held_stop_signals(program)
     app()
 
 
