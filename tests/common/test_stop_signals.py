@@ -148,7 +148,8 @@ def test_a_second_stop_request_says_what_this_service_still_does_not_another_ser
 HELD_DURING_A_SLOW_IMPORT = """
 import signal, sys, time
 from tmrl_common.stop_signals import run_command_line
-signal.signal(signal.SIGTERM, signal.SIG_IGN) if "{ignored}" == "yes" else None
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (a background job starts it ignored)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if "{ignored}" == "yes" else signal.SIG_DFL)
 
 def load_app():  # the CLI's imports, torch's among them, take a second or more
     for signum in (signal.SIGTERM, signal.SIGINT):

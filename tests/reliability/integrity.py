@@ -57,7 +57,14 @@ def relay_killed_holding_batches(root: Path, steps: int = 3000) -> dict:
         p.stack.stop("relay", sig=signal.SIGKILL)
         trainer.send_signal(signal.SIGCONT)
         time.sleep(1.0)  # the worker keeps stepping and spooling meanwhile
-        p.start_relay()
+        # paused while the relay starts again: on a loaded CI machine the restart once took longer than the rest of
+        # the worker's steps, and it ended before the relay was back
+        worker_process = p.stack.processes["w1"]
+        worker_process.send_signal(signal.SIGSTOP)
+        try:
+            p.start_relay()
+        finally:
+            worker_process.send_signal(signal.SIGCONT)
         assert p.stack.wait("w1", timeout=180) == 0, p.stack.tail("w1")
         worker = parse_summary(p.stack.logs["w1"].read_text())
         assert worker["dropped"] == worker["unacknowledged"] == 0 and worker["acknowledged"] == worker["batches"], worker
