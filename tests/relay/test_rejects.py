@@ -363,3 +363,53 @@ def test_a_peer_that_closes_mid_handshake_is_not_only_called_the_wrong_socket_ty
     [line] = [r.getMessage() for r in caplog.records if "during the handshake" in r.getMessage()]
     assert "the peer closed the connection before the handshake ended" in line and "not a DEALER socket" in line
     assert re.search(r"; E[A-Z]+\)$", line), line
+
+
+def _million_empty_lists_heartbeat(nbytes: int) -> bytes:
+    """A heartbeat body of ``nbytes`` whose ``uptime_s`` is a list of empty lists: a recheck probe's 1 MiB one took
+    the decoder 0.24 s (a body's cost grows with its bytes, not its fields)."""
+    n = nbytes - 64
+    return (b"\x83\xa4role\xa6worker\xa8uptime_s\xdd" + n.to_bytes(4, "big") + b"\x90" * n + b"\xa8counters\x80")
+
+
+def test_a_hello_or_heartbeat_over_64_kib_is_oversized_on_either_link_and_a_large_ack_still_passes(context):
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay, "trainer-1")
+        worker = connected_worker(context, relay, "worker-1")
+        worker.send_frames([encode_envelope("heartbeat", "worker-1"), _million_empty_lists_heartbeat(2**20)])
+        error = worker.recv_type("error")[1]
+        assert error.reason == "oversized" and "heartbeat body is 10485" in error.message and "limit 65536" in error.message
+        worker.send_frames([encode_envelope("hello", "worker-1"), b"\x82" + b"\x00" * 70_000])
+        assert worker.recv_type("error")[1].reason == "oversized"
+        other = Peer(context, relay.ports.trainer_port, "trainer-2")
+        other.send_frames([encode_envelope("hello", "trainer-2"), b"\x82" + b"\x00" * 70_000])
+        assert other.recv_type("error")[1].reason == "oversized"
+        trainer.send(SampleAck(worker="worker-1", seqs=list(range(2**62, 2**62 + 65_536))))  # about 590 KB
+        assert len(worker.recv_type("sample_ack")[1].seqs) == 65_536
+        assert relay.metrics.reject_count("oversized", "workers") == 2
+
+
+def test_a_drain_gives_the_loop_back_once_its_time_is_up(context, monkeypatch):
+    """A recheck probe's flood of slow-to-decode messages kept one drain of the workers' socket going for seconds: a
+    SIGTERM took 37 s to be seen, and the trainer's socket waited as long. A drain now ends when its time is up."""
+    from tmrl_relay import broker
+    from tmrl_relay.broker import Relay
+
+    relay = Relay(insecure_config())
+    relay.bind()
+    try:
+        flood = Peer(context, relay.ports.worker_port, "flood")
+        for _ in range(50):
+            flood.send(Heartbeat(role="worker", uptime_s=1.0))  # refused (no hello): cheap, but each is read
+        wait_until(lambda: relay.workers_socket.poll(0), what="the heartbeats arriving")
+        time.sleep(0.2)
+        monkeypatch.setattr(broker, "_DRAIN_TIME_S", 0.0)
+        relay._drain(relay.workers_socket, relay._on_worker_message, "workers")
+        assert relay.metrics.traffic.received_messages["workers"] == 1
+        monkeypatch.setattr(broker, "_DRAIN_TIME_S", 60.0)
+        relay._drain(relay.workers_socket, relay._on_worker_message, "workers")
+        assert relay.metrics.traffic.received_messages["workers"] == 50
+        flood.close()
+    finally:
+        relay.stop()
+        relay.run()

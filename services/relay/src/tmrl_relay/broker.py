@@ -69,6 +69,9 @@ SOFTWARE = f"tmrl-relay/{__version__}"
 WORKER_LINK_TYPES = frozenset({"hello", "sample_batch", "heartbeat"})
 TRAINER_LINK_TYPES = frozenset({"hello", "sample_ack", "weights_update", "heartbeat"})
 _DRAIN_BUDGET = 512  # messages read from one socket before the loop looks at the others
+_DRAIN_TIME_S = 0.05
+"""And the longest a socket is read before the loop looks at the others, housekeeping and a stop: a recheck probe's
+flood of slow-to-decode messages kept one drain going for seconds (a SIGTERM took 37 s to be seen)."""
 _MAX_FRAMES = 4  # routing id + envelope + body, and one more to tell "too many frames"
 _IDLE_POLL_MS = 100
 _BACKPRESSURE_POLL_MS = 1
@@ -342,6 +345,7 @@ class Relay:
     def _drain(self, socket: zmq.Socket, handle, link: str) -> None:
         traffic = self.metrics.traffic
         recv = socket.recv
+        deadline = time.monotonic() + _DRAIN_TIME_S
         for _ in range(_DRAIN_BUDGET):
             # recv + Frame.more instead of recv_multipart: a third of the per-message Python cost on the hot path.
             try:
@@ -367,6 +371,8 @@ class Relay:
                 self.metrics.reject("internal", link)
                 log.exception("%s link: unexpected error while handling a message; dropped", link)
             if self.trainer.backpressured and link == "workers":
+                return
+            if time.monotonic() > deadline or self._stop.is_set():
                 return
 
     # ------------------------------------------------------------------------------------------------ workers
@@ -400,7 +406,7 @@ class Relay:
                 self._hold(PendingBatch(fields.sender, seq, steps, envelope, body, nbytes))
                 self._flush_pending()
         elif fields.type == "hello":
-            hello = self._decode_control(envelope, body)
+            hello = self._decode_control(envelope, body, "hello")
             assert isinstance(hello, Hello)
             self._check_hello_role(hello, "worker", "workers")
             if fields.sender in RESERVED_WORKER_IDS:
@@ -416,12 +422,12 @@ class Relay:
                                    "one line per interval from here", fields.sender, hello.next_seq, hello.software,
                                    again, self._hello_lines.exceeded("hellos"))
             self.metrics.connected_workers.set(self.workers.alive(self.config.peer_timeout_s))
-            peer.hello = (envelope.bytes, body.bytes)  # at most max_control_bytes, one per registered worker
+            peer.hello = (envelope.bytes, body.bytes)  # at most max_hello_heartbeat_bytes, one per registered worker
             self._pass_hello_to_trainer(envelope, body)
             self._hand_over_weights(peer)
         else:  # heartbeat
             peer = self.workers.check(routing_id, fields.sender, user_id)
-            heartbeat = self._decode_control(envelope, body)
+            heartbeat = self._decode_control(envelope, body, "heartbeat")
             self._check_heartbeat_role(heartbeat, "worker", "workers")
             peer.last_seen = time.monotonic()
             peer.reported = {name: value for name, value in heartbeat.counters.items()
@@ -455,9 +461,12 @@ class Relay:
         except zmq.ZMQError as exc:
             raise ProtocolError("unknown_sender", "message carries no authenticated CurveZMQ key") from exc
 
-    def _decode_control(self, envelope: zmq.Frame, body: zmq.Frame):
-        if len(body) > self.config.max_control_bytes:
-            raise ProtocolError("oversized", f"control message body is {len(body)} bytes, limit {self.config.max_control_bytes}")
+    def _decode_control(self, envelope: zmq.Frame, body: zmq.Frame, type_name: str):
+        limit = self.config.max_control_bytes
+        if type_name in ("hello", "heartbeat"):
+            limit = min(limit, self.config.max_hello_heartbeat_bytes)
+        if len(body) > limit:
+            raise ProtocolError("oversized", f"{type_name} body is {len(body)} bytes, limit {limit}")
         return decode_body(decode_envelope(envelope.bytes, self.limits), body.buffer, self.limits)
 
     # ------------------------------------------------------------------------------------------- samples → trainer
@@ -538,19 +547,19 @@ class Relay:
             log.info("trainer %s is back; %d held batch(es) to deliver", peer.sender, len(self.pending))
             self.metrics.trainer_connected.set(1)
         if fields.type == "sample_ack":
-            ack = self._decode_control(envelope, body)
+            ack = self._decode_control(envelope, body, "sample_ack")
             assert isinstance(ack, SampleAck)
             self._route_ack(ack, envelope, body)
         elif fields.type == "weights_update":
             self._on_weights(envelope, body)
         else:  # heartbeat
-            self._check_heartbeat_role(self._decode_control(envelope, body), "trainer", "trainer")
+            self._check_heartbeat_role(self._decode_control(envelope, body, "heartbeat"), "trainer", "trainer")
             self._send_heartbeat(self.trainer_socket, routing_id)
 
     def _on_trainer_hello(self, routing_id: bytes, envelope: zmq.Frame, body: zmq.Frame, sender: str,
                           user_id: str | None) -> None:
         """Give the trainer role to this connection if the role rules allow it (:mod:`tmrl_relay.trainer_seat`)."""
-        hello = self._decode_control(envelope, body)
+        hello = self._decode_control(envelope, body, "hello")
         assert isinstance(hello, Hello)
         self._check_hello_role(hello, "trainer", "trainer")
         trainer_keys = self.allowlist.trainer_keys if self.allowlist is not None else None

@@ -45,7 +45,13 @@ class RelayConfig(BaseModel):
     max_weights_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=MAX_LIMIT_BYTES)
     """Largest ``weights_update`` body accepted from the trainer."""
     max_control_bytes: int = Field(default=1024 * 1024, ge=1024, le=MAX_LIMIT_BYTES)
-    """Largest body of the small messages (``hello``, ``heartbeat``, ``sample_ack``)."""
+    """Largest ``sample_ack`` body (65,536 seqs take about 590 KB), and the largest ``hello`` or ``heartbeat`` body
+    when it is smaller than ``max_hello_heartbeat_bytes``."""
+    max_hello_heartbeat_bytes: int = Field(default=64 * 1024, ge=1024, le=MAX_LIMIT_BYTES)
+    """Largest ``hello`` or ``heartbeat`` body, on either link (a hello with 16 layout components takes about 4 KB, a
+    heartbeat with 64 counters about 5 KB). Any peer may send these before its id is known, and a body's cost to
+    decode grows with its bytes, not its fields: a recheck probe's 1 MiB heartbeats of a million empty lists took
+    0.2 s each, and 10 s of them from 4 connections held the relay for minutes."""
     max_pending_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     """Sample batches held while no trainer is connected; past it the oldest are dropped (counted, logged).
     Workers keep their own spool and resend unacknowledged batches, so this is a cache, not the only copy."""
