@@ -615,8 +615,10 @@ def test_a_flood_of_hellos_under_new_ids_costs_a_budget_of_lines_then_one_per_in
     lines = [record.getMessage() for record in caplog.records]
     said = [line for line in lines if " said hello " in line]
     announced = [line for line in lines if " announced an observation layout " in line]
-    assert 20 <= len(said) <= 22 and len(announced) <= 11, (len(said), len(announced))
-    assert "more than 20 hellos in 10 s: one line per interval from here" in said[-1]
+    # every line is charged (a recheck probe: the layout warnings were not, 42 lines got through instead of 20),
+    # then one line per interval and kind under the shared key
+    assert len(said) + len(announced) <= 20 + 2, (len(said), len(announced))
+    assert "more than 20 hello lines in 10 s: one line per interval from here" in said[-1]
     assert len(ingestor.workers) == 3_000  # each still counted
 
 

@@ -216,7 +216,9 @@ def test_check_env_and_benchmark_commands_run_on_a_synthetic_session():
 @pytest.mark.parametrize("command, option", [(["check-env"], ["--capture", "dxcam"]),
                                              (["check-env"], ["--telemetry-port", "9100"]),
                                              (["benchmark"], ["--window-title", "Trackmania (2)"]),
-                                             (["benchmark"], ["--controller", "keyboard"])])
+                                             (["benchmark"], ["--controller", "keyboard"]),
+                                             # given, at its default value: ignored all the same (a recheck probe)
+                                             (["check-env"], ["--telemetry-port", "9000"])])
 def test_a_game_option_beside_synthetic_is_refused_not_ignored(command, option):
     result = CliRunner().invoke(app, [*command, "--synthetic", "--steps", "3", *option])
     assert result.exit_code == 2, result.output

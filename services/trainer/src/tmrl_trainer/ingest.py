@@ -559,10 +559,6 @@ class Ingestor:
         with self._lock:
             stats.hellos += 1
             stats.next_seq = hello.next_seq
-        # a churn of new ids: past the budget their lines share one key, one per interval
-        shared = self._hello_log.due((envelope.sender, "hello")) and not self._hello_lines.take()
-        limit_key = "many workers" if shared else envelope.sender
-        flood = f"; {self._hello_lines.exceeded('hellos')}: one line per interval from here" if shared else ""
         if hello.layout is not None and hello.layout != self.layout:
             differences, rejected = layout_differences(hello.layout, self.layout)
             consequence = ("its batches will be rejected (schema)" if rejected else "its batches still match the "
@@ -573,11 +569,20 @@ class Ingestor:
                                 "it refuses the weights and stops; make the two agree (the worker's `tmrl-worker "
                                 "layout -c CONFIG > layout.json` as the trainer's layout_file, or the worker's "
                                 "env_options as the trainer's layout has them)")
-            self._hello_log.warning((limit_key, "layout"), "%s announced an observation layout that differs from the "
-                                    "trainer's (worker vs trainer: %s); %s%s", envelope.sender,
-                                    "; ".join(differences), consequence, flood)
-        self._hello_log.log(logging.INFO, (limit_key, "hello"), "%s said hello (next_seq %d)%s", envelope.sender,
-                            hello.next_seq, flood)
+            key, flood = self._hello_line_key(envelope.sender, "layout")
+            self._hello_log.warning(key, "%s announced an observation layout that differs from the trainer's (worker "
+                                    "vs trainer: %s); %s%s", envelope.sender, "; ".join(differences), consequence,
+                                    flood)
+        key, flood = self._hello_line_key(envelope.sender, "hello")
+        self._hello_log.log(logging.INFO, key, "%s said hello (next_seq %d)%s", envelope.sender, hello.next_seq, flood)
+
+    def _hello_line_key(self, sender: str, kind: str) -> tuple[tuple[str, str], str]:
+        """The rate-limit key of a hello line of ``sender`` and what the line adds: its own, or past the budget of
+        all workers' lines a key they share (a churn of new ids: one line per interval), saying so. A line its own key
+        holds back costs no budget."""
+        if not self._hello_log.due((sender, kind)) or self._hello_lines.take():
+            return (sender, kind), ""
+        return ("many workers", kind), f"; {self._hello_lines.exceeded('hello lines')}: one line per interval from here"
 
     def _handle_batch(self, envelope: Envelope, batch: SampleBatch) -> list[list[bytes]]:
         worker, seq = envelope.sender, batch.seq

@@ -213,12 +213,15 @@ def _controller_kind(value: str) -> str:
         raise typer.Exit(code=2) from exc
 
 
-def _refuse_game_options_with_synthetic(synthetic: bool, given: dict[str, tuple[object, object]]) -> None:
-    """``--synthetic`` serves its own frames, telemetry and controls: a game option given beside it (``{flag: (value,
-    default)}``) would be ignored, so the command ends (one line, status 2) naming it."""
+def _refuse_game_options_with_synthetic(ctx: typer.Context, synthetic: bool, flags: dict[str, str]) -> None:
+    """``--synthetic`` serves its own frames, telemetry and controls: a game option given beside it (``{parameter:
+    flag}``; given on the command line or by an environment variable, at its default value too) would be ignored, so
+    the command ends (one line, status 2) naming it."""
     if not synthetic:
         return
-    ignored = [f"{flag} {value}" for flag, (value, default) in given.items() if value != default]
+    sources = {name: ctx.get_parameter_source(name) for name in flags}
+    ignored = [f"{flag} {ctx.params[name]}" for name, flag in flags.items()
+               if sources[name] is not None and sources[name].name != "DEFAULT"]
     if ignored:
         typer.echo(f"tmrl-worker: {', '.join(ignored)} cannot be used with --synthetic (its frames, telemetry and "
                    "controls are served over loopback, not taken from the game): drop one or the other", err=True)
@@ -230,9 +233,8 @@ CaptureOption = typer.Option("auto", "--capture", callback=_capture_backend,
 WindowTitleOption = typer.Option("Trackmania", "--window-title", help="Title of the game window.")
 
 
-def _game_options(telemetry_port: int, capture: str, window_title: str) -> dict[str, tuple[object, object]]:
-    return {"--telemetry-port": (telemetry_port, TelemetryPortOption.default), "--capture": (capture, CaptureOption.default),
-            "--window-title": (window_title, WindowTitleOption.default)}
+GAME_OPTIONS = {"telemetry_port": "--telemetry-port", "capture": "--capture", "window_title": "--window-title"}
+"""The TrackMania tools' options that name the real game's devices (``--synthetic`` brings its own)."""
 
 
 @app.command("record-reward")
@@ -256,6 +258,7 @@ def record_reward(
 
 @app.command("check-env")
 def check_env(
+    ctx: typer.Context,
     steps: int = typer.Option(0, "--steps", min=0, help="Readings to show (0: until Ctrl-C)."),
     telemetry_port: int = TelemetryPortOption,
     reward: Path | None = typer.Option(None, "--reward", help="Reward points file: also show rewards.", exists=True, dir_okay=False),
@@ -267,7 +270,7 @@ def check_env(
     """TrackMania 2020: show LIDAR, speed and rewards while you drive (nothing is sent to the game)."""
     from tmrl_worker.tm20.check_env import check_env_tool
 
-    _refuse_game_options_with_synthetic(synthetic, _game_options(telemetry_port, capture, window_title))
+    _refuse_game_options_with_synthetic(ctx, synthetic, GAME_OPTIONS)
 
     raise typer.Exit(code=check_env_tool(steps=steps or None, telemetry_port=telemetry_port, reward_path=reward,
                                          capture_backend=capture, window_title=window_title, save_frames=save_frames,
@@ -276,6 +279,7 @@ def check_env(
 
 @app.command()
 def benchmark(
+    ctx: typer.Context,
     env: str = typer.Option("tm20-lidar", "--env", help="tm20-lidar, tm20-lidar-progress or tm20-full."),
     steps: int = typer.Option(200, "--steps", min=1, help="Time steps to run."),
     reward: Path | None = typer.Option(None, "--reward", help="Reward points file (required with the game).", exists=True, dir_okay=False),
@@ -290,8 +294,7 @@ def benchmark(
     """TrackMania 2020: run the env and print rtgym's timing statistics."""
     from tmrl_worker.tm20.benchmark import benchmark_tool
 
-    _refuse_game_options_with_synthetic(synthetic, {**_game_options(telemetry_port, capture, window_title),
-                                                    "--controller": (controller, "auto")})
+    _refuse_game_options_with_synthetic(ctx, synthetic, {**GAME_OPTIONS, "controller": "--controller"})
 
     raise typer.Exit(code=benchmark_tool(variant=env, steps=steps, telemetry_port=telemetry_port, reward_path=reward,
                                          controller_kind=controller, capture_backend=capture, window_title=window_title,
