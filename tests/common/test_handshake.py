@@ -9,6 +9,8 @@ import errno
 import logging
 import shutil
 import socket as socketlib
+import struct
+import threading
 import time
 from pathlib import Path
 
@@ -146,6 +148,39 @@ def test_a_port_where_nothing_speaks_zmtp_is_reported_after_the_handshake_timeou
         wait_for(lambda: errors(caplog), 5)
         assert "no handshake after" in errors(caplog)[0]
         assert client.handshake.counters.silent == 1
+
+
+def test_a_listener_that_closes_connections_mid_handshake_is_not_blamed_on_the_mechanism(start_client, caplog):
+    """A connection reset during the handshake (ECONNRESET: a relay being stopped or restarted, or another service)
+    was reported to a plain-text client as "the relay speaks CurveZMQ"; a wrong --server-key gives EPIPE instead."""
+    with socketlib.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        closing = threading.Event()
+
+        def close_each_connection() -> None:
+            listener.settimeout(0.2)
+            while not closing.is_set():
+                try:
+                    connection = listener.accept()[0]
+                except OSError:
+                    continue
+                time.sleep(0.2)  # TCP up, then closed before any greeting: a reset during the handshake
+                connection.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.close()
+
+        thread = threading.Thread(target=close_each_connection, daemon=True)
+        thread.start()
+        try:
+            client = start_client(listener.getsockname()[1], SecurityConfig(insecure=True))
+            wait_for(lambda: client.handshake.counters.closed >= 1, 5)
+        finally:
+            closing.set()
+            thread.join(2)
+    message = errors(caplog)[-1]
+    assert "closed the connection during the handshake" in message and "is a tmrl relay listening" in message
+    assert "speaks CurveZMQ" not in " ".join(errors(caplog))
+    assert client.handshake.counters.dropped == 0
 
 
 def test_a_relay_that_never_answers_is_reported_and_one_that_answers_is_not(context, start_client, caplog):
@@ -341,3 +376,18 @@ def test_handshake_time_outs_after_a_lost_connection_are_warnings_and_without_on
     hang_twice(never, 0.0)
     hang_twice(never, 40.0)
     assert [r.levelname for r in caplog.records] == ["ERROR"] * 4 and not never.connection_lost
+
+
+def test_a_reset_mid_handshake_after_a_lost_connection_is_a_warning_naming_a_restart(caplog):
+    endpoint = RelayEndpoint("127.0.0.1", 5555, TransportConfig(), SecurityConfig(insecure=True))
+    watch = HandshakeWatch("worker-1", endpoint, "worker", report_every_s=0.0)
+    caplog.set_level(logging.WARNING, logger="tmrl_common.handshake")
+    watch.on_event(zmq.EVENT_CONNECTED, now=0.0)
+    watch.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED, now=0.1)
+    watch.on_event(zmq.EVENT_DISCONNECTED, now=50.0)  # the relay stopped
+    watch.on_event(zmq.EVENT_CONNECTED, now=51.0)
+    watch.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.ECONNRESET, now=51.1)  # killed again mid-handshake
+    assert [(r.levelname, "as a relay that is stopping or restarting does" in r.getMessage())
+            for r in caplog.records] == [("WARNING", True)]
+    assert (watch.counters.closed, watch.counters.dropped) == (1, 0)
+    assert not watch.due_for_new_socket(now=100.0)  # libzmq reconnects by itself: nothing to rebuild

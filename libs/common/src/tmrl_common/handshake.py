@@ -11,6 +11,9 @@ the cases apart (measured with libzmq 4.3.5):
 * ``HANDSHAKE_FAILED_NO_DETAIL`` with ``EAGAIN``: libzmq's own handshake time limit (30 s) passed with the relay
   silent: a network path that carries no bytes, or a paused or overloaded relay (``timed_out``; an outside probe's
   90 s partition was reported as "run both with --insecure" before this was told apart);
+* ``HANDSHAKE_FAILED_NO_DETAIL`` with ``ECONNRESET``: the other end closed the connection mid-handshake, as a relay
+  being stopped or restarted does (``closed``; a wrong ``--server-key`` gives ``EPIPE``, measured; a listener that
+  closed its connections was reported as "the relay speaks CurveZMQ" before);
 * TCP connected but no handshake after ``handshake_timeout_s``: whatever listens there is not answering ZMTP;
 * handshake done, but nothing at all from the relay after ``reply_timeout_s`` (it answers every heartbeat): the relay
   drops what we send (its log and ``tmrl_relay_rejects_total`` say why).
@@ -65,6 +68,7 @@ FAILURE_KINDS = {
 class HandshakeCounters:
     """Failed handshakes by kind: ``refused`` (key not allow-listed), ``mechanism`` (plain text against CurveZMQ),
     ``dropped`` (the relay could not read our handshake), ``timed_out`` (libzmq's handshake time limit passed),
+    ``closed`` (the other end closed the connection mid-handshake),
     ``silent`` (TCP up, no handshake in time), ``unanswered`` (handshake done, no reply in time); ``new_sockets``:
     sockets rebuilt after libzmq gave one up."""
 
@@ -74,6 +78,7 @@ class HandshakeCounters:
     timed_out: int = 0
     silent: int = 0
     unanswered: int = 0
+    closed: int = 0
     new_sockets: int = 0
 
 
@@ -134,6 +139,8 @@ class HandshakeWatch:
             kind = FAILURE_KINDS[event]
             if kind == "dropped" and value == errno.EAGAIN:  # libzmq's handshake time limit, not a refusal: it
                 kind = "timed_out"  # reconnects by itself, with nothing to rebuild
+            elif kind == "dropped" and value == errno.ECONNRESET:  # closed by the other end: libzmq reconnects
+                kind = "closed"
             setattr(self.counters, kind, getattr(self.counters, kind) + 1)
             self._tcp_since = None
             if kind in ("refused", "mechanism"):
@@ -214,6 +221,13 @@ class HandshakeWatch:
             return (f"the relay at {where} did not finish the handshake within libzmq's 30 s: the network path "
                     "carries no bytes (a partition, a link that died without closing the connection), or the relay "
                     f"is paused or overloaded{'; libzmq connects again by itself' if retrying else ''}")
+        if kind == "closed":
+            if self.handshakes:
+                return (f"the relay at {where} closed the connection during the handshake, as a relay that is stopping "
+                        f"or restarting does{'; libzmq connects again by itself' if retrying else ''}")
+            return (f"the other end at {where} closed the connection during the handshake: is a tmrl relay listening "
+                    "on that port (not another service), with the same --insecure or keys as this "
+                    f"{self.role}?{' libzmq connects again by itself' if retrying else ''}")
         if kind == "mechanism" or (kind == "dropped" and self.endpoint.security.insecure):
             # a plain-text client against a CurveZMQ relay sees a drop before the mechanism mismatch: no server key
             # is involved
@@ -253,5 +267,5 @@ class HandshakeWatch:
         # handshakes that time out meanwhile are that same outage, not a new fault: warnings (a network probe counted
         # 5 ERROR lines per 90 s black hole)
         outage = self.path_down or self.connection_lost
-        level = logging.WARNING if outage and kind in ("silent", "timed_out") else logging.ERROR
+        level = logging.WARNING if outage and kind in ("silent", "timed_out", "closed") else logging.ERROR
         log.log(level, "%s: %s", self.owner_id, self.advice(kind))
