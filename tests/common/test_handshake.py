@@ -391,3 +391,20 @@ def test_a_reset_mid_handshake_after_a_lost_connection_is_a_warning_naming_a_res
             for r in caplog.records] == [("WARNING", True)]
     assert (watch.counters.closed, watch.counters.dropped) == (1, 0)
     assert not watch.due_for_new_socket(now=100.0)  # libzmq reconnects by itself: nothing to rebuild
+
+
+def test_a_handshake_that_fails_long_after_its_connection_is_a_time_out_whatever_its_errno(caplog):
+    """A live check: a relay killed, then something on its port that accepts TCP and never speaks ZMTP. libzmq's 30 s
+    handshake limit came with errno 111 (the ECONNREFUSED of the connect before, stale), and a plain-text worker was
+    told 'the relay speaks CurveZMQ'. A relay refusing a key or a mechanism does so within milliseconds."""
+    endpoint = RelayEndpoint("127.0.0.1", 5555, TransportConfig(), SecurityConfig(insecure=True))
+    watch = HandshakeWatch("worker-1", endpoint, "worker", report_every_s=0.0)
+    caplog.set_level(logging.WARNING, logger="tmrl_common.handshake")
+    watch.on_event(zmq.EVENT_CONNECTED, now=0.0)
+    watch.check(now=6.0)  # "silent", said at 5 s
+    watch.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.ECONNREFUSED, now=30.0)
+    assert (watch.counters.timed_out, watch.counters.dropped) == (1, 0) and not watch.due_for_new_socket(now=60.0)
+    assert "within libzmq's 30 s" in caplog.records[-1].getMessage()
+    watch.on_event(zmq.EVENT_CONNECTED, now=70.0)  # a drop at once is still a drop (a wrong --server-key: EPIPE)
+    watch.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.EPIPE, now=70.01)
+    assert watch.counters.dropped == 1

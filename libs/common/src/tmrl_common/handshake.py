@@ -8,7 +8,8 @@ the cases apart (measured with libzmq 4.3.5):
 * ``HANDSHAKE_FAILED_PROTOCOL``: the two sides speak different mechanisms: one runs ``--insecure``, the other CurveZMQ;
 * ``HANDSHAKE_FAILED_NO_DETAIL``, again and again: the relay drops the connection during the handshake because it
   cannot read our ``HELLO``: ``--server-key`` is not the public key of the relay's ``--secret-key``;
-* ``HANDSHAKE_FAILED_NO_DETAIL`` with ``EAGAIN``: libzmq's own handshake time limit (30 s) passed with the relay
+* ``HANDSHAKE_FAILED_NO_DETAIL`` with ``EAGAIN``, or any failure ``handshake_timeout_s`` or more after the TCP
+  connection (libzmq's errno can then be a stale one): libzmq's own handshake time limit (30 s) passed with the relay
   silent: a network path that carries no bytes, or a paused or overloaded relay (``timed_out``; an outside probe's
   90 s partition was reported as "run both with --insecure" before this was told apart);
 * ``HANDSHAKE_FAILED_NO_DETAIL`` with ``ECONNRESET``: the other end closed the connection mid-handshake, as a relay
@@ -102,6 +103,7 @@ class HandshakeWatch:
         self.report = report
         self.counters = HandshakeCounters()
         self._tcp_since: float | None = None  # TCP connected, handshake not done yet
+        self._connected_at: float | None = None  # the latest TCP connection's start (kept after "silent" is said)
         self._dead_since: float | None = None  # libzmq gave this socket up (refused, mechanism)
         self._quiet_since: float | None = None  # handshake done, nothing received since
         self._drops_in_a_row = 0  # dropped handshakes since the last success or new socket
@@ -126,7 +128,7 @@ class HandshakeWatch:
         """Feed one monitor event (``zmq.EVENT_*``) of the watched socket."""
         now = time.monotonic() if now is None else now
         if event == zmq.EVENT_CONNECTED:
-            self._tcp_since = now
+            self._tcp_since = self._connected_at = now
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.handshakes += 1
             self.path_down = self.connection_lost = False
@@ -137,8 +139,12 @@ class HandshakeWatch:
             self._last_report.clear()  # a later failure is news again
         elif event in FAILURE_KINDS:
             kind = FAILURE_KINDS[event]
-            if kind == "dropped" and value == errno.EAGAIN:  # libzmq's handshake time limit, not a refusal: it
-                kind = "timed_out"  # reconnects by itself, with nothing to rebuild
+            waited = now - self._connected_at if self._connected_at is not None else 0.0
+            if kind == "dropped" and (value == errno.EAGAIN or waited >= self.handshake_timeout_s):
+                # libzmq's handshake time limit, not a refusal (a relay refuses a key within milliseconds): it
+                # reconnects by itself, with nothing to rebuild. Its errno can be a stale one: a live check saw the
+                # ECONNREFUSED of the connect before, 30 s after this connection's start
+                kind = "timed_out"
             elif kind == "dropped" and value == errno.ECONNRESET:  # closed by the other end: libzmq reconnects
                 kind = "closed"
             setattr(self.counters, kind, getattr(self.counters, kind) + 1)
