@@ -76,6 +76,23 @@ def test_dedupe_memory_stays_bounded_when_seqs_never_arrive():
     assert dedupe.status("w", 2) == "stale" and dedupe.status("w", 3) == "stale"  # too old to tell: never a duplicate
 
 
+def test_seqs_given_up_count_from_the_workers_lowest_and_are_said_once_per_interval(caplog):
+    """A spec probe: a worker numbering from 1000 was told '1000 of them, from 0 up, never arrived' when its window
+    first overflowed (clock-based seqs would count about 10^15), and each later gap wrote its own line (18 in a few
+    milliseconds)."""
+    dedupe = SeqDeduplicator(max_gaps=8)
+    start = 1_795_989_709_166_872  # a clock-based first seq, as the reference worker draws
+    with caplog.at_level("WARNING", logger="tmrl_trainer.ingest"):
+        for seq in range(start, start + 1000, 2):  # every other seq lost
+            dedupe.mark_stored("w", seq)
+    assert dedupe.given_up == 500 - 9 - 1  # 491 intervals closed, each gap below one a lost seq, none below the first
+    lines = [record.getMessage() for record in caplog.records if "refused as stale" in record.getMessage()]
+    assert len(lines) == 1 and f"(0 of them, from {start} up, never arrived)" in lines[0], lines
+    restored = SeqDeduplicator(max_gaps=4)
+    restored.restore(dedupe.state())  # a restored window closes its extra gaps: each one a real, single seq
+    assert restored.given_up == dedupe.given_up + 4
+
+
 def test_batches_are_stored_once_and_duplicates_acked_again(ingest):
     ingestor, memory, _ = ingest
     frames = batch_frames("w1", 0, [1.0, 2.0])

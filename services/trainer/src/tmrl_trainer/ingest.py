@@ -130,6 +130,15 @@ class _WorkerWindow:
     ends: list[int] = field(default_factory=list)
     forgotten: int = 0
     """Stored seqs in the intervals forgotten below the horizon (in this process), so counts stay whole."""
+    lowest: int | None = None
+    """The lowest seq ever stored (for a restored window: its first interval's start, or its horizon once raised):
+    the seqs below it were never numbered by the worker, so closing the lowest gap does not count them as lost (a
+    spec probe's worker starting at 1000 was told '1000 of them, from 0 up, never arrived'; with clock-based seqs
+    that would be about 10^15)."""
+
+    def __post_init__(self) -> None:
+        if self.lowest is None and self.starts:
+            self.lowest = self.starts[0] if self.horizon == 0 else self.horizon
 
     def status(self, seq: int) -> SeqStatus:
         if seq < self.horizon:
@@ -139,6 +148,8 @@ class _WorkerWindow:
 
     def add(self, seq: int) -> None:
         """Mark ``seq`` (status ``new``) stored, merging it with the intervals it touches."""
+        if self.lowest is None or seq < self.lowest:
+            self.lowest = seq
         starts, ends = self.starts, self.ends
         if ends and ends[-1] == seq:  # the usual case: the next seq in order
             ends[-1] += 1
@@ -157,13 +168,15 @@ class _WorkerWindow:
             starts.insert(index, seq)
             ends.insert(index, seq + 1)
 
-    def close_lowest_gap(self) -> int:
-        """Raise the horizon to the end of the lowest interval (forgetting it); return the never-stored seqs closed."""
-        gap = self.starts[0] - self.horizon
+    def close_lowest_gap(self) -> tuple[int, int]:
+        """Raise the horizon to the end of the lowest interval (forgetting it); return the never-stored seqs closed
+        and the first of them (the worker's seqs: none below the lowest it ever had stored)."""
+        first = self.horizon if self.lowest is None else max(self.horizon, self.lowest)
+        gap = max(0, self.starts[0] - first)
         self.forgotten += self.ends[0] - self.starts[0]
         self.horizon = self.ends[0]
         del self.starts[0], self.ends[0]
-        return gap
+        return gap, first
 
 
 class SeqDeduplicator:
@@ -184,6 +197,8 @@ class SeqDeduplicator:
         self.max_gaps = max_gaps
         self.given_up = 0
         self._windows: dict[str, _WorkerWindow] = {}
+        self._horizon_log = RateLimitedLog(log, interval_s=30.0)
+        """Per worker: a line per 30 s (a spec probe's gappy seqs wrote one per batch, 18 in a few milliseconds)."""
 
     def status(self, worker: str, seq: int) -> SeqStatus:
         window = self._windows.get(worker)
@@ -201,11 +216,15 @@ class SeqDeduplicator:
 
     def _bound(self, worker: str, window: _WorkerWindow) -> None:
         while len(window.starts) > self.max_gaps + 1:
-            below = window.horizon
-            closed = window.close_lowest_gap()
+            closed, first = window.close_lowest_gap()
             self.given_up += closed
-            log.warning("%s: more than %d gaps in the stored seqs; seqs below %d are now refused as stale "
-                        "(%d of them, from %d up, never arrived)", worker, self.max_gaps, window.horizon, closed, below)
+            self._horizon_log.warning((worker, "horizon"), "%s: more than %d gaps in the stored seqs; seqs below %d "
+                                      "are now refused as stale (%d of them, from %d up, never arrived)", worker,
+                                      self.max_gaps, window.horizon, closed, first)
+
+    def flush_log(self) -> None:
+        """Log the horizon lines held back whose interval is over (call now and then)."""
+        self._horizon_log.flush()
 
     def state(self) -> dict[str, Any]:
         """Everything :meth:`restore` needs, as plain JSON values (stored in the trainer's checkpoints)."""
@@ -659,6 +678,7 @@ class Ingestor:
         status writer and the heartbeat call this every few seconds)."""
         self._reject_log.flush()
         self._hello_log.flush()
+        self.dedupe.flush_log()
         with self._lock:
             return {
                 "batches_stored": self.batches_stored,
