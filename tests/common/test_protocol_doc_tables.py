@@ -270,3 +270,13 @@ def test_the_documented_maths_in_numpy_gives_the_torch_actors_action(layout, act
                                                strict=True)]
         np.testing.assert_allclose(documented_action(tensors, update.architecture, observation),
                                    actor.act(observation, deterministic=True), atol=2e-5, rtol=0)
+
+
+def test_the_heartbeat_counters_the_relay_exports_are_listed_as_the_code_has_them():
+    """A third-party worker written from the document alone named its counters batches_sent and acks: the relay
+    ignored them, and the document did not list the names it exports."""
+    from tmrl_common.protocol import WORKER_HEARTBEAT_COUNTERS
+
+    listed = re.search(r"named in `WORKER_HEARTBEAT_COUNTERS` \(([^)]*)\)", DOC)
+    assert listed is not None
+    assert re.findall(r"`(\w+)`", listed.group(1)) == list(WORKER_HEARTBEAT_COUNTERS)
