@@ -268,9 +268,7 @@ class ReplayMemory:
         """Bytes of the memory's arrays once every row is written: they are allocated zeroed, so the operating system
         commits their pages as rows come, and a trainer's memory grows for hours up to this (a soak probe: +17 MB an
         hour over 7 h of the simulator at two workers, images far more)."""
-        arrays = (*self._frames.values(), self._actions, self._rewards, self._terminated, self._truncated, self._prev,
-                  self._next, self._known, self._complete, self._oldest)
-        return sum(array.nbytes for array in arrays)
+        return sum(array.nbytes for array in self._saved_arrays().values()) + self._next.nbytes
 
     def __len__(self) -> int:
         """Rows currently stored."""
@@ -463,16 +461,20 @@ class ReplayMemory:
     def to_bytes(self) -> bytes:
         """The whole memory as a tensor file (:mod:`tmrl_trainer.tensor_file`): arrays plus counters and RNG state."""
         stored = len(self)
-        arrays = {f"frames.{name}": frames[:stored] for name, frames in self._frames.items()}
-        arrays.update(actions=self._actions[:stored], rewards=self._rewards[:stored], terminated=self._terminated[:stored],
-                      truncated=self._truncated[:stored], prev=self._prev[:stored], known=self._known[:stored], complete=self._complete[:stored],
-                      oldest=self._oldest[:stored])
+        arrays = {name: array[:stored] for name, array in self._saved_arrays().items()}
         tails = {worker: {str(seq): [tail.known, *tail.indices] for seq, tail in by_seq.items()}
                  for worker, by_seq in self._tails.items()}
         meta = {"format": MEMORY_FORMAT, "layout": self.layout.model_dump(mode="json"), "capacity": self.capacity,
                 "total": self._total, "tails": tails, "orphan_rows": self.orphan_rows,
                 "rng": self._rng.bit_generator.state, "crc32": {name: crc32_of(array) for name, array in arrays.items()}}
         return pack(arrays, meta)
+
+    def _saved_arrays(self) -> dict[str, np.ndarray]:
+        """The ring's arrays a saved memory holds, by their name in the file (``_next`` is rebuilt on load)."""
+        arrays = {f"frames.{name}": frames for name, frames in self._frames.items()}
+        arrays.update({name: getattr(self, f"_{name}") for name in
+                       ("actions", "rewards", "terminated", "truncated", "prev", "known", "complete", "oldest")})
+        return arrays
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_bytes` to ``path`` atomically."""
@@ -507,9 +509,7 @@ class ReplayMemory:
                                       f"{meta['capacity']}, configured {self.capacity}; set memory_capacity back to "
                                       "restore it: a memory cannot be resized on resume)", int(meta["capacity"]))
         stored = min(total, self.capacity)
-        targets = {f"frames.{name}": frames for name, frames in self._frames.items()}
-        targets.update({name: getattr(self, f"_{name}") for name in
-                        ("actions", "rewards", "terminated", "truncated", "prev", "known", "complete", "oldest")})
+        targets = self._saved_arrays()
         loaded = {}
         for name, target in targets.items():
             array = arrays[name].numpy() if name in arrays else None
