@@ -23,10 +23,12 @@ from tmrl_worker.tm20.interfaces import TM20LidarInterface
 from tmrl_worker.tm20.openplanet import (
     MAX_COORDINATE_M,
     PacketParser,
+    Telemetry,
     TelemetryClient,
     TelemetryTimeoutError,
     decode_packet,
     encode_packet,
+    position_jump,
 )
 from tmrl_worker.tm20.replay_server import TelemetryReplayServer
 from tmrl_worker.tm20.synthetic import StraightDrive
@@ -122,6 +124,62 @@ def test_a_race_restarted_outside_the_worker_ends_the_episode_as_truncated_with_
             assert not terminated
         finally:
             interface.close()
+
+
+class JumpingDrive(StraightDrive):
+    """A car driving along x whose position (not its distance driven) moves ``jump`` metres on at once when the test
+    says: a teleport, or a plugin that sends a wrong position."""
+
+    def __init__(self) -> None:
+        super().__init__(10.0, SERVER_HZ, z=5.0)
+        self.jump = 0.0
+
+    def packet(self, tick: int) -> bytes:
+        packet = decode_packet(super().packet(tick))
+        x, y, z = packet.position
+        return encode_packet(tick, speed=packet.speed, distance=packet.distance, position=(x + self.jump, y, z),
+                             gas=1.0)
+
+
+@pytest.mark.parametrize("jump", [60.0, 1e5])
+def test_a_position_jump_along_the_path_ends_the_episode_instead_of_being_paid_as_progress(jump):
+    """The TrackMania probe: x jumped to 100 km (or 500 m on) while the distance driven went on at 10 m/s; every step
+    was paid the reward's whole search window (100) and the 2 km path was finished, bonus included, in 40 steps."""
+    drive = JumpingDrive()
+    reward = TrajectoryReward.from_path([[0.0, 0.0, 5.0], [2000.0, 0.0, 5.0]], 0.5,
+                                        TrajectoryRewardConfig(grace_steps=0))
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        interface = lidar_interface(server, drive, reward=reward)
+        try:
+            interface.reset()
+            drive_until(interface, 2.0)
+            rewards = [interface.get_obs_rew_terminated_info()[1] for _ in range(3)]
+            assert max(rewards) < 10.0  # honest driving: a point (0.5 m) or so per step
+            drive.jump = jump
+            time.sleep(0.05)
+            _, reward_paid, terminated, info = interface.get_obs_rew_terminated_info()
+            assert terminated and reward_paid == 0.0 and interface.faults["jumped"] == 1
+            assert f"jumped {jump:.0f} m between two packets" in info[TRUNCATED_REASON]
+            assert "a jump is no progress" in info[TRUNCATED_REASON]
+        finally:
+            interface.close()
+
+
+def telemetry(position, distance=0.0, speed=0.0, received_at=0.0) -> Telemetry:
+    return Telemetry(sequence=0, speed=speed, distance=distance, position=position, steer=0.0, gas=0.0, brake=0.0,
+                     finished=False, gear=1.0, rpm=0.0, received_at=received_at)
+
+
+def test_a_move_is_a_jump_only_beyond_both_the_distance_driven_and_what_the_speed_covers():
+    start = telemetry((0.0, 0.0, 0.0), distance=100.0, speed=50.0, received_at=10.0)
+    driven = telemetry((80.0, 0.0, 0.0), distance=180.0, speed=50.0, received_at=10.05)  # odometer says 80 m
+    flown = telemetry((40.0, 0.0, 0.0), distance=100.0, speed=50.0, received_at=11.0)  # no distance, 1 s at 50 m/s
+    bumped = telemetry((9.0, 0.0, 0.0), distance=100.0, speed=0.0, received_at=10.0)  # within the slack
+    teleported = telemetry((0.0, 0.0, 300.0), distance=101.0, speed=50.0, received_at=11.0)
+    assert position_jump(start, driven) is None and position_jump(start, flown) is None
+    assert position_jump(start, bumped) is None
+    assert position_jump(start, teleported).startswith("the car's position jumped 300 m between two packets while "
+                                                       "it drove 1.0 m")
 
 
 @pytest.mark.parametrize(("replacement", "says"), [

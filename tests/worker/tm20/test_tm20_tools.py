@@ -102,6 +102,79 @@ def test_record_demonstration_ignores_a_respawn_at_a_checkpoint_and_a_finish_fla
     assert not partial.finished and len(partial.positions) == 0  # a lap from a checkpoint is no demonstration
 
 
+def lap_with_a_teleport(jump: float = 500.0) -> list[bytes]:
+    """The first 10 m of a run, then the position (not the distance driven) jumps ``jump`` m on for the rest."""
+    return [encode_packet(seq, speed=10.0, distance=0.5 * seq, position=(0.5 * seq + (jump if seq > 20 else 0.0),
+                                                                           0.0, 0.0), finished=(seq == 60))
+            for seq in range(61)]
+
+
+def test_record_demonstration_starts_over_after_a_position_jump_instead_of_saving_track_that_is_not_there():
+    """The TrackMania probe: a +500 m teleport on a 50 m lap was saved as 550 m of track, exit 0, without a word."""
+    tail = len(lap_with_a_teleport())
+    with TelemetryReplayServer(lap_with_a_teleport() + lap_with_a_respawn(first_seq=tail), rate_hz=400,
+                               loop=False) as server, TelemetryClient(server.port, timeout=2.0) as client:
+        said: list[str] = []
+        demonstration = record_demonstration(client, max_seconds=10, on_jump=said.append)
+    assert demonstration.finished and demonstration.jumps == 1 and demonstration.restarts == 3  # + two respawns
+    assert len(said) == 1 and said[0].startswith("the car's position jumped 500 m between two packets")
+    assert demonstration.length == pytest.approx(30.0, abs=0.6)  # the clean lap after the respawn, nothing else
+    assert np.all(demonstration.positions[:, 1] == 0.0) and demonstration.positions[:, 0].max() <= 20.0
+
+
+def test_record_reward_says_when_no_run_from_the_start_came_rather_than_a_finish_not_reached(tmp_path):
+    """The TrackMania probe: joined 10 m into a run that then finished, record-reward ended with `the finish line was
+    not reached` (it was), and the `--save-unfinished` it suggested would have kept nothing."""
+    under_way = [encode_packet(seq, speed=10.0, distance=10.0 + 0.5 * seq, position=(10.0 + 0.5 * seq, 0.0, 0.0),
+                               finished=(seq == 80)) for seq in range(81)]
+    teleport = tmp_path / "teleport.safetensors"
+    with TelemetryReplayServer(under_way, rate_hz=400, loop=False) as server:
+        joined = CliRunner().invoke(app, ["record-reward", "-o", str(tmp_path / "t.safetensors"), "--telemetry-port",
+                                          str(server.port), "--max-seconds", "1", "--timeout", "5"])
+    with TelemetryReplayServer(lap_with_a_teleport(), rate_hz=400, loop=False) as server:
+        jumped = CliRunner().invoke(app, ["record-reward", "-o", str(teleport), "--telemetry-port", str(server.port),
+                                          "--max-seconds", "1", "--timeout", "5"])
+    for result in (joined, jumped):
+        assert result.exit_code == 1, result.output
+        assert "no run from the start line in 1 s: nothing saved" in " ".join(result.output.split())
+    assert "jumped 500 m between two packets" in " ".join(jumped.output.split())
+    assert not (tmp_path / "t.safetensors").exists() and not teleport.exists()
+
+
+def interrupt_after(monkeypatch, packets: int) -> None:
+    """Ctrl-C while the driver is on the track: ``newer_than`` raises KeyboardInterrupt at its ``packets``-th call."""
+    calls = [0]
+    newer_than = TelemetryClient.newer_than
+
+    def interrupting(self, sequence, timeout=None):
+        calls[0] += 1
+        if calls[0] >= packets:
+            raise KeyboardInterrupt
+        return newer_than(self, sequence, timeout)
+    monkeypatch.setattr(TelemetryClient, "newer_than", interrupting)
+
+
+@pytest.mark.parametrize("save_unfinished", [False, True])
+def test_ctrl_c_with_save_unfinished_keeps_the_path_driven_so_far(tmp_path, monkeypatch, save_unfinished):
+    """The TrackMania probe: Ctrl-C, how a driver ends a partial recording, printed `interrupted: nothing saved` even
+    with --save-unfinished."""
+    interrupt_after(monkeypatch, 40)  # the false start, the respawn and 12 m of the run
+    output = tmp_path / "track.safetensors"
+    with TelemetryReplayServer(lap_with_a_respawn(), rate_hz=100, loop=False) as server:
+        result = CliRunner().invoke(app, ["record-reward", "-o", str(output), "--telemetry-port", str(server.port),
+                                          "--spacing", "0.5"] + (["--save-unfinished"] if save_unfinished else []))
+    said = " ".join(result.output.split())
+    assert "interrupted" in said and "Traceback" not in said
+    if save_unfinished:
+        assert result.exit_code == 0, result.output
+        assert "saving the" in said and "positions recorded before Ctrl-C" in said
+        points = load_points(output)
+        assert points[0].tolist() == [0.0, 0.0, 0.0] and 5 <= len(points) <= 40
+    else:
+        assert result.exit_code == 1, result.output
+        assert "nothing saved (--save-unfinished keeps a partial path)" in said and not output.exists()
+
+
 def test_record_reward_command_writes_points_from_the_plugin(tmp_path):
     output = tmp_path / "track.safetensors"
     with TelemetryReplayServer(lap_with_a_respawn(), rate_hz=400, loop=False) as server:

@@ -66,7 +66,7 @@ from tmrl_worker.tm20.capture import (
 )
 from tmrl_worker.tm20.control import ControlError, Controller, check_controller_kind, make_controller
 from tmrl_worker.tm20.lidar import Lidar, LidarConfig, LidarError
-from tmrl_worker.tm20.openplanet import DEFAULT_PORT, Telemetry, TelemetryClient, TelemetryError
+from tmrl_worker.tm20.openplanet import DEFAULT_PORT, Telemetry, TelemetryClient, TelemetryError, position_jump
 from tmrl_worker.tm20.stale_frames import StaleFrameConfig, StaleFrameDetector, StaleFrameError
 from tmrl_worker.tm20.window import GameWindow, WindowNotFoundError, find_game_window
 
@@ -108,6 +108,12 @@ class RaceRestartedError(TelemetryError):
     worker (by hand, by the game, by a plugin reload), so the episode ends before it mixes two runs."""
 
 
+class PositionJumpError(TelemetryError):
+    """Mid-episode, the car's position moved further between two steps than it drove and than its speed allows (a
+    respawn at a checkpoint, a teleport, a plugin sending a wrong position): the trajectory reward would pay the jump
+    as progress (up to its whole search window at every step until the car caught up), so the episode ends."""
+
+
 SIZE_CHECKS_BEFORE_ADOPTING = 3
 """The game probe's checks in a row that must see one new frame size before it is measured at (a window resized for
 good, or a first frame taken at a transient size); episodes never mix sizes."""
@@ -131,7 +137,7 @@ episode (truncated) instead of escaping rtgym's observation thread."""
 
 
 def _fault_kind(exc: BaseException) -> str:
-    kinds = ((RaceRestartedError, "restarted"), (TelemetryError, "telemetry"), (StaleFrameError, "stale"),
+    kinds = ((RaceRestartedError, "restarted"), (PositionJumpError, "jumped"), (TelemetryError, "telemetry"), (StaleFrameError, "stale"),
              (CaptureError, "capture"),
              (WindowNotFoundError, "window"), (LidarError, "frame"))
     return next((name for cls, name in kinds if isinstance(exc, cls)), "unexpected")
@@ -521,12 +527,18 @@ class TM20Interface(RealTimeGymInterface):
         return self._new_size_checks[1] >= SIZE_CHECKS_BEFORE_ADOPTING
 
     def _check_same_run(self, telemetry: Telemetry) -> None:
-        """Raise :class:`RaceRestartedError` when ``telemetry`` belongs to another run than the step before's."""
+        """Raise :class:`RaceRestartedError` when ``telemetry`` belongs to another run than the step before's, and
+        :class:`PositionJumpError` when the car got there by a jump rather than by driving."""
         previous = self.last_telemetry
-        if previous is not None and telemetry.distance < previous.distance - RUN_DISTANCE_SLACK_M:
+        if previous is None or telemetry is previous:
+            return
+        if telemetry.distance < previous.distance - RUN_DISTANCE_SLACK_M:
             raise RaceRestartedError(f"the race restarted outside the worker (distance driven {previous.distance:.1f} m,"
                                      f" then {telemetry.distance:.1f} m): a respawn by hand, the game, or a plugin "
                                      "reload; the episode ends here")
+        jump = position_jump(previous, telemetry)
+        if jump is not None:
+            raise PositionJumpError(f"{jump}: a jump is no progress, so the episode ends here")
 
     def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[list[np.ndarray], dict]:
         """Wait for the game if a device failed, bring its window to the front, restart the race and wait until

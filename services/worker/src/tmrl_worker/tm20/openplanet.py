@@ -132,6 +132,28 @@ class Telemetry:
     """``time.monotonic()`` when the packet was read."""
 
 
+JUMP_SLACK_M = 10.0
+"""How much further than it drove (and than its speed took it) the car may move between two packets before the move
+counts as a jump (:func:`position_jump`): room for rounding, a packet's timing and a bump off a wall."""
+
+
+def position_jump(previous: Telemetry, current: Telemetry) -> str | None:
+    """Why the move from ``previous`` to ``current`` cannot have been driven, or None when it can.
+
+    A car cannot get further from where it was than the distance it drove in between (the game's ``Distance``,
+    which the emulated game also counts), nor than its speed carried it in the time between the two packets' arrival
+    (should the game's distance not count a flight); a move beyond both, by more than :data:`JUMP_SLACK_M`, is a
+    jump. The env ends an episode on one; ``record-reward`` starts over, as after a respawn at a checkpoint."""
+    moved = math.dist(current.position, previous.position)
+    driven = abs(current.distance - previous.distance)
+    elapsed = max(current.received_at - previous.received_at, 0.0)
+    carried = 1.5 * max(abs(current.speed), abs(previous.speed)) * elapsed
+    if moved <= max(driven, carried) + JUMP_SLACK_M:
+        return None
+    return (f"the car's position jumped {moved:.0f} m between two packets while it drove {driven:.1f} m (a respawn "
+            "at a checkpoint, a teleport, or a wrong position from the plugin)")
+
+
 def encode_packet(sequence: int, speed: float = 0.0, distance: float = 0.0,
                   position: tuple[float, float, float] = (0.0, 0.0, 0.0), steer: float = 0.0, gas: float = 0.0,
                   brake: float = 0.0, finished: bool = False, gear: float = 1.0, rpm: float = 0.0) -> bytes:
