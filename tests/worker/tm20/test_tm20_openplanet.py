@@ -21,6 +21,7 @@ from tmrl_worker.tm20.openplanet import (
     decode_packet,
     encode_hello,
     encode_packet,
+    packet_problem,
 )
 from tmrl_worker.tm20.replay_server import TelemetryReplayServer
 
@@ -95,15 +96,49 @@ def test_a_packet_with_a_non_finite_gear_or_rpm_is_garbage_not_telemetry(field, 
     assert parser.garbage_bytes == PACKET_BYTES
 
 
-@pytest.mark.parametrize("distance", [3e38, -3e38, 2e7])
+@pytest.mark.parametrize("distance", [3e38, -3e38, 2e7, -5e6, -1.5])
 def test_a_packet_with_an_impossible_distance_driven_is_garbage_not_a_restarted_race(distance):
     """An outside probe: a plugin that sent 3e38 m once made the next, true packet look like a race restarted."""
     assert decode_packet(encode_packet(1, distance=distance)) is None
     assert decode_packet(encode_packet(1, distance=9.9e6)).distance == pytest.approx(9.9e6)
+    assert decode_packet(encode_packet(1, distance=-0.5)).distance == -0.5  # rounding at the start line
     parser = PacketParser()
     packets = parser.feed(encode_packet(1, distance=22.0) + encode_packet(2, distance=distance)
                           + encode_packet(3, distance=22.5))
     assert [p.distance for p in packets] == [22.0, 22.5] and parser.garbage_bytes == PACKET_BYTES
+
+
+def test_packet_problem_names_the_field_or_the_framing_that_makes_bytes_no_packet():
+    """The TrackMania probe: wrong-size packets and a NaN in any one field all read `packets holding NaN, infinite or
+    out-of-range values?`, so a plugin's author could not tell a framing error from a value."""
+    longer = MAGIC + encode_packet(1)[4:-4] + b"\0" * 4 + END  # a 64-byte packet of a plugin with one more field
+    assert packet_problem(encode_packet(1)) is None
+    assert packet_problem(encode_packet(1, gear=float("nan"))) == "gear is nan"
+    assert packet_problem(encode_packet(1, position=(0.0, 2e6, 0.0))) == "y is 2e+06 m, beyond the 1e+06 m any map spans"
+    assert packet_problem(encode_packet(1, distance=-5e6)) == "distance is -5e+06 m, outside [-1, 1e+07]"
+    assert packet_problem(longer).startswith(f"no {END!r} at byte 56 (packets of another size")
+    parser = PacketParser()
+    assert parser.feed(encode_packet(1, rpm=float("inf"))) == [] and parser.last_problem == "rpm is inf"
+    assert len(parser.feed(encode_packet(2))) == 1 and parser.last_problem is None  # only since the last valid one
+
+
+def test_a_plugin_sending_refused_packets_is_told_which_value_or_framing_is_wrong():
+    nan_gear = [encode_packet(i, gear=float("nan")) for i in range(5)]
+    with TelemetryReplayServer(nan_gear, rate_hz=100, loop=False) as server, \
+            TelemetryClient(server.port, timeout=0.3) as client:
+        wait_until(lambda: client.stats.garbage_bytes > 0)
+        with pytest.raises(TelemetryTimeoutError, match=r"are no valid packet \(the last one refused: gear is nan; "):
+            client.latest()
+
+
+def test_packets_whose_sequence_never_advances_are_not_reported_as_a_plugin_that_stopped_sending():
+    """The TrackMania probe: packets at 100 Hz, all with sequence 7, made record-reward say `no telemetry ... for
+    0.0 s (connected, but its newest packet is 0.0 s old: the plugin stopped sending ...)`."""
+    with TelemetryReplayServer(lambda tick: encode_packet(7, distance=0.01 * tick), rate_hz=100) as server, \
+            TelemetryClient(server.port, timeout=2.0) as client:
+        first = client.latest()
+        with pytest.raises(TelemetryTimeoutError, match="keep arriving, but their sequence has stayed at 7 for 0.3 s"):
+            client.newer_than(first.sequence, timeout=0.3)
 
 
 def test_client_follows_a_live_stream_and_keeps_the_newest_packet():

@@ -65,6 +65,9 @@ kilometres; float32 can hold up to 3e38)."""
 MAX_DISTANCE_M = 1e7
 """A packet whose distance driven is larger than this is garbage (10,000 km: no run is that long; one such packet
 would otherwise be read as a race restarted when the next, true one comes)."""
+MAX_NEGATIVE_DISTANCE_M = 1.0
+"""The distance driven counts up from 0; a packet more than this below 0 is garbage (a probe's -5,000 km passed as
+valid, and the race restart after it then failed for 25 s, blamed on a paused game)."""
 _SLOT = {name: i for i, name in enumerate(FIELDS)}
 _PACKET = struct.Struct("<" + "f" * PACKET_FLOATS)
 log = logging.getLogger(__name__)
@@ -172,24 +175,43 @@ def encode_packet(sequence: int, speed: float = 0.0, distance: float = 0.0,
     return bytes(packed)
 
 
-def decode_packet(data: bytes, received_at: float = 0.0) -> Telemetry | None:
-    """The packet in ``data[:PACKET_BYTES]``, or None when those bytes are not a valid packet."""
-    if len(data) < PACKET_BYTES or bytes(data[0:4]) != MAGIC or bytes(data[PACKET_BYTES - 4:PACKET_BYTES]) != END:
-        return None
+def packet_problem(data: bytes) -> str | None:
+    """Why ``data[:PACKET_BYTES]`` is no valid packet (e.g. ``"gear is nan"``), or None when it is one."""
+    if len(data) < PACKET_BYTES:
+        return f"{len(data)} bytes, short of a {PACKET_BYTES}-byte packet"
+    if bytes(data[0:4]) != MAGIC:
+        return f"it starts with {bytes(data[0:4])!r}, not {MAGIC!r}"
+    if bytes(data[PACKET_BYTES - 4:PACKET_BYTES]) != END:
+        return (f"no {END!r} at byte {PACKET_BYTES - 4} (packets of another size, {PACKET_BYTES} bytes each in "
+                f"protocol {PROTOCOL_VERSION}?)")
     v = _PACKET.unpack_from(data)
-    body = v[1:-1]
-    if not all(map(math.isfinite, body)) or v[_SLOT["version"]] != PROTOCOL_VERSION:
-        return None
-    if not all(abs(v[_SLOT[axis]]) <= MAX_COORDINATE_M for axis in ("x", "y", "z")):
-        return None  # no map is that large: a position there would be paid as progress along the whole path
-    if abs(v[_SLOT["distance"]]) > MAX_DISTANCE_M:
-        return None
+    for name, value in zip(FIELDS[1:-1], v[1:-1], strict=True):
+        if not math.isfinite(value):
+            return f"{name} is {value}"
+    if v[_SLOT["version"]] != PROTOCOL_VERSION:
+        return f"version is {v[_SLOT['version']]:g}, not {PROTOCOL_VERSION}"
+    for axis in ("x", "y", "z"):
+        if abs(v[_SLOT[axis]]) > MAX_COORDINATE_M:  # no map is that large: it would be paid as progress
+            return f"{axis} is {v[_SLOT[axis]]:g} m, beyond the {MAX_COORDINATE_M:g} m any map spans"
+    distance = v[_SLOT["distance"]]
+    if not -MAX_NEGATIVE_DISTANCE_M <= distance <= MAX_DISTANCE_M:
+        return f"distance is {distance:g} m, outside [{-MAX_NEGATIVE_DISTANCE_M:g}, {MAX_DISTANCE_M:g}]"
     seq = v[_SLOT["sequence"]]
     if seq != int(seq) or not 0 <= seq < SEQUENCE_MODULO:
+        return f"sequence is {seq:g}, not a whole number in [0, {SEQUENCE_MODULO})"
+    for flag in ("brake", "finished"):
+        if v[_SLOT[flag]] not in (0.0, 1.0):
+            return f"{flag} is {v[_SLOT[flag]]:g}, not 0 or 1"
+    return None
+
+
+def decode_packet(data: bytes, received_at: float = 0.0) -> Telemetry | None:
+    """The packet in ``data[:PACKET_BYTES]``, or None when those bytes are not a valid packet
+    (:func:`packet_problem` says why)."""
+    if packet_problem(data) is not None:
         return None
-    if v[_SLOT["brake"]] not in (0.0, 1.0) or v[_SLOT["finished"]] not in (0.0, 1.0):
-        return None
-    return Telemetry(sequence=int(seq), speed=v[_SLOT["speed"]], distance=v[_SLOT["distance"]],
+    v = _PACKET.unpack_from(data)
+    return Telemetry(sequence=int(v[_SLOT["sequence"]]), speed=v[_SLOT["speed"]], distance=v[_SLOT["distance"]],
                      position=(v[_SLOT["x"]], v[_SLOT["y"]], v[_SLOT["z"]]), steer=v[_SLOT["steer"]],
                      gas=v[_SLOT["gas"]], brake=v[_SLOT["brake"]], finished=v[_SLOT["finished"]] == 1.0,
                      gear=v[_SLOT["gear"]], rpm=v[_SLOT["rpm"]], received_at=received_at)
@@ -202,6 +224,9 @@ class PacketParser:
         self._buffer = bytearray()
         self.packets = 0
         self.garbage_bytes = 0
+        self.last_problem: str | None = None
+        """Why the last candidate packet (bytes from a ``b"TMRL"`` on) since the last valid one was refused (None:
+        none was), for the client's messages: a wrong size and a NaN in some field look alike otherwise."""
 
     def feed(self, data: bytes, received_at: float = 0.0) -> list[Telemetry]:
         """Add received bytes; returns the complete valid packets they finish, oldest first."""
@@ -220,11 +245,14 @@ class PacketParser:
             start = found
             if len(buf) - start < PACKET_BYTES:
                 break
-            packet = decode_packet(bytes(buf[start:start + PACKET_BYTES]), received_at)
+            candidate = bytes(buf[start:start + PACKET_BYTES])
+            packet = decode_packet(candidate, received_at)
             if packet is None:  # a false magic inside garbage: skip one byte and search again
+                self.last_problem = packet_problem(candidate)
                 self.garbage_bytes += 1
                 start += 1
                 continue
+            self.last_problem = None
             out.append(packet)
             self.packets += 1
             start += PACKET_BYTES
@@ -421,13 +449,18 @@ class TelemetryClient:
             since = self._parser.garbage_bytes - self._garbage_at_latest
             if since > 0:
                 return (f"connected, but its newest valid packet is {age:.1f} s old and the {since} bytes received "
-                        "since are no valid packet (packets holding NaN, infinite or out-of-range values?)")
+                        f"since are no valid packet ({self._refusal()})")
             return (f"connected, but its newest packet is {age:.1f} s old: the plugin stopped sending (game paused, "
                     "loading or frozen?)")
         if garbage > 0:
-            return (f"connected, but the {garbage} bytes received are no valid packet (another program on this port, "
-                    "or packets holding NaN or infinite values?)")
+            return (f"connected, but the {garbage} bytes received are no valid packet ({self._refusal()}; another "
+                    "program on this port?)")
         return "connected, but no packet arrived (is a map loaded and the car on track?)"
+
+    def _refusal(self) -> str:
+        """Why the bytes received since the last valid packet are none, as the parser saw them."""
+        problem = self._parser.last_problem
+        return f"the last one refused: {problem}" if problem else f"no {MAGIC!r} packet start among them"
 
     def _timeout_error(self, waited: float) -> TelemetryTimeoutError:
         state = self._connected_state() if self.stats.connected else self.stats.last_error or "not connected"
@@ -478,6 +511,12 @@ class TelemetryClient:
             while self._latest is None or self._latest.sequence == sequence:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    latest = self._latest
+                    if latest is not None and time.monotonic() - latest.received_at < min(timeout, 1.0):
+                        raise TelemetryTimeoutError(  # packets come, but never a new one: not a plugin gone quiet
+                            f"packets from 127.0.0.1:{self.port} keep arriving, but their sequence has stayed at "
+                            f"{sequence} for {timeout:.1f} s: the program there does not count its packets as the "
+                            f"TMRL plugin does ({PLUGIN_SOURCE}; a modified or another plugin?)")
                     raise self._timeout_error(time.monotonic() - self._since())
                 self._cond.wait(remaining)
             return self._latest
