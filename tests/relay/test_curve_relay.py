@@ -447,6 +447,33 @@ def test_a_revoked_workers_id_is_free_for_its_new_key_without_a_restart(context,
         assert not trainer.socket.poll(300)
 
 
+def test_a_rotated_trainer_key_takes_the_role_under_the_same_id_once_the_old_key_is_removed(context, tmp_path, keys,
+                                                                                            caplog):
+    """An outside probe rotated the trainer's key as an operator would (add the new key, stop the trainer, start it
+    with the new key, then remove the old key): the new key was refused (`trainer id 'trainer' is bound to another
+    CurveZMQ key`) until the relay restarted, and training stopped; the old key's removal freed nothing."""
+    _second_trainer_key(tmp_path, keys)
+    with caplog.at_level(logging.INFO), relay_in_thread(_config(tmp_path, keys, allowlist_reload_s=0.1)) as relay:
+        old = _trainer(context, relay, keys, sender="trainer")
+        old.socket.close(linger=0)  # the old trainer stopped
+        new = _peer(context, relay.ports.trainer_port, keys, "trainer-b", "trainer")
+        new.hello("trainer")
+        refusal = new.recv_type("error")[1]
+        assert refusal.reason == "unknown_sender" and "bound to another CurveZMQ key" in refusal.message
+        assert "`tmrl-relay keys remove --allow-dir ALLOW NAME --role trainer`" in refusal.message
+        (tmp_path / "allow" / "trainers" / "trainer.key").unlink()  # keys remove trainer --role trainer
+        wait_until(lambda: "trainer id(s) trainer: their key left the trainer allow-list" in caplog.text,
+                   what="the reload")
+        new.hello("trainer")
+        wait_until(lambda: relay.trainer.ready and relay.trainer.peer.user_id
+                   == load_public_key(keys["trainer-b"].public_file).decode(), what="the new key's hello")
+        worker = _peer(context, relay.ports.worker_port, keys, "worker-1", "worker-1")
+        worker.hello("worker")
+        wait_until(lambda: "worker-1" in relay.workers.by_sender, what="worker-1's hello")
+        worker.send(make_batch(4))
+        assert new.recv_type("sample_batch")[1].seq == 4
+
+
 def test_a_refused_key_is_logged_with_the_key_and_the_link_that_allows_it(context, tmp_path, keys, caplog):
     """Deployment probe: a refused handshake was logged without the client's key, so the operator could not tell
     which client it was, nor that it was an allowed worker pointed at the trainer's port."""

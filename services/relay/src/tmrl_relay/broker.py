@@ -906,10 +906,11 @@ class Relay:
             self.metrics.trainer_connected.set(0)
         if self.allowlist is not None and self.allowlist.maybe_reload(now):
             self._drop_revoked_trainer()
-            released = self.workers.release_keys(self.allowlist.worker_keys)
-            if released:
-                log.info("worker id(s) %s: their key left the worker allow-list; they can be used with a new key",
-                         ", ".join(sorted(released)))
+            for table, keys in ((self.workers, self.allowlist.worker_keys), (self.trainers, self.allowlist.trainer_keys)):
+                released = table.release_keys(keys)
+                if released:  # a rotated trainer key was refused for the relay's lifetime (an outside probe)
+                    log.info("%s id(s) %s: their key left the %s allow-list; they can be used with a new key",
+                             table.role, ", ".join(sorted(released)), table.role)
 
     def _drop_revoked_trainer(self) -> None:
         """A trainer whose key left the trainer allow-list loses the role now, on its open connection too."""

@@ -82,7 +82,11 @@ class PeerTable:
         peer and the one it replaced (a reconnection)."""
         bound_key = self.key_of_sender.get(sender)
         if user_id is not None and bound_key is not None and bound_key != user_id:
-            raise ProtocolError("unknown_sender", f"{self.role} id {sender!r} is bound to another CurveZMQ key")
+            role_flag = " --role trainer" if self.role == "trainer" else ""
+            raise ProtocolError("unknown_sender", f"{self.role} id {sender!r} is bound to another CurveZMQ key (a new "
+                                                  f"key pair for this {self.role}? remove the old key from the relay's "
+                                                  f"allow-list, `tmrl-relay keys remove --allow-dir ALLOW NAME"
+                                                  f"{role_flag}`, which frees the id at the relay's next reload)")
         if user_id is not None and bound_key is None:
             ids = self._ids_of_key.setdefault(user_id, set())
             if len(ids) >= MAX_IDS_PER_KEY:
