@@ -18,7 +18,14 @@ import zmq
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import tm20_lidar_layout
 from tmrl_common.protocol import Hello, Message, SampleBatch, WeightsUpdate, decode, encode
-from tmrl_common.sockets import SecurityConfig, TransportConfig, apply_transport, secure_client_socket, tcp_endpoint
+from tmrl_common.sockets import (
+    SecurityConfig,
+    TransportConfig,
+    apply_transport,
+    enable_ipv6_if_needed,
+    secure_client_socket,
+    tcp_endpoint,
+)
 from tmrl_common.weights import tensors_to_bytes
 from tmrl_relay.broker import Relay
 from tmrl_relay.config import RelayConfig
@@ -121,7 +128,8 @@ class Peer:
     """A DEALER (or SUB) connected to one relay port."""
 
     def __init__(self, context: zmq.Context, port: int, sender: str, kind: int = zmq.DEALER,
-                 security: SecurityConfig | None = None, transport: TransportConfig = CLIENT_TRANSPORT) -> None:
+                 security: SecurityConfig | None = None, transport: TransportConfig = CLIENT_TRANSPORT,
+                 host: str = "127.0.0.1") -> None:
         self.sender = sender
         self.socket = context.socket(kind)
         apply_transport(self.socket, transport)
@@ -129,7 +137,8 @@ class Peer:
         if kind == zmq.SUB:
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         self.socket.setsockopt(zmq.SNDTIMEO, 10_000)  # a send with nowhere to go fails the test instead of hanging it
-        self.socket.connect(tcp_endpoint("127.0.0.1", port))
+        enable_ipv6_if_needed(self.socket, host)
+        self.socket.connect(tcp_endpoint(host, port))
 
     def send(self, message: Message, sender: str | None = None) -> None:
         self.socket.send_multipart(encode(message, sender or self.sender))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from tmrl_common.protocol import Hello
 
 from .relay_harness import (
@@ -88,6 +89,18 @@ def test_a_worker_hello_under_the_relays_or_the_trainers_reserved_id_is_refused(
         assert trainer.recv_type("sample_batch")[1].seq == 5
 
 
+def ipv6_loopback() -> bool:
+    """Whether this machine can bind IPv6 loopback (some CI containers have no IPv6)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 def test_an_insecure_relay_warns_loudly_at_start_and_louder_off_loopback(caplog):
     import logging
 
@@ -95,7 +108,8 @@ def test_an_insecure_relay_warns_loudly_at_start_and_louder_off_loopback(caplog)
     from tmrl_relay.config import RelayConfig
 
     caplog.set_level(logging.WARNING, logger="tmrl_relay")
-    for host in ("127.0.0.1", "0.0.0.0"):
+    hosts = ("127.0.0.1", "127.0.0.2", "0.0.0.0") + (("[::1]", "::1") if ipv6_loopback() else ())
+    for host in hosts:  # an outside probe: [::1] and 127.0.0.2 were called NOT loopback, and [::1] on port 0 failed
         caplog.clear()
         relay = Relay(insecure_config(bind_host=host))
         relay.bind()
@@ -112,6 +126,17 @@ def test_an_insecure_relay_warns_loudly_at_start_and_louder_off_loopback(caplog)
     relay.stop()
     relay.run()
     assert "--insecure: the key settings given (secret_key_file, allowlist_dir) are not used" in caplog.text
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback to connect from")
+def test_a_relay_bound_on_every_interface_takes_ipv6_clients_as_well_as_ipv4(context):
+    """An outside probe: bind_host = "*", the address the docs give for every interface, logged `relay listening on *`
+    but took IPv4 only; a worker and a trainer given [::1] never connected."""
+    with relay_in_thread(insecure_config(bind_host="*")) as relay:
+        for host, sender in (("::1", "worker-v6"), ("127.0.0.1", "worker-v4")):
+            peer = Peer(context, relay.ports.worker_port, sender, host=host)
+            peer.hello("worker")
+            wait_until(lambda sender=sender: sender in relay.workers.by_sender, what=f"{sender}'s hello")
 
 
 def test_a_trainer_that_left_frees_the_role_for_another_id_without_waiting_for_the_peer_timeout(context):

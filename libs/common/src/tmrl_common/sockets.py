@@ -231,7 +231,12 @@ def tcp_endpoint(host: str, port: int) -> str:
 
 
 def enable_ipv6_if_needed(socket: zmq.Socket, host: str) -> None:
-    """Turn on ``ZMQ_IPV6`` when ``host`` is an IPv6 literal (ZeroMQ is IPv4-only otherwise)."""
+    """Turn on ``ZMQ_IPV6`` when ``host`` is an IPv6 literal, or ``*`` (every interface: the socket then takes IPv6
+    and IPv4 clients alike; libzmq falls back to IPv4 where the machine has no IPv6). ZeroMQ is IPv4-only otherwise:
+    a relay bound on ``*`` refused clients given ``[::1]`` (an outside probe)."""
+    if host == "*":
+        socket.setsockopt(zmq.IPV6, 1)
+        return
     try:
         if isinstance(ipaddress.ip_address(host.strip("[]")), ipaddress.IPv6Address):
             socket.setsockopt(zmq.IPV6, 1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import threading
 import time
@@ -178,7 +179,10 @@ class Relay:
 
     def _warn_insecure(self) -> None:
         host = self.config.bind_host
-        loopback = host in ("127.0.0.1", "::1", "localhost")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:  # "*" or a host name
+            loopback = False
         log.warning("INSECURE: no CurveZMQ, no authentication, no encryption. Any process that reaches %s can send "
                     "samples, subscribe to weights and, once the running trainer is silent or gone, say hello as "
                     "the trainer (which publishes the policy every worker runs).%s", host, "" if loopback else
@@ -260,7 +264,8 @@ class Relay:
                 secure_server_socket(socket, self.config.security)
             enable_ipv6_if_needed(socket, host)
             if port == 0:
-                socket.bind_to_random_port(f"tcp://{'[' + host + ']' if ':' in host else host}")
+                bare = host.strip("[]")  # "[::1]" was bracketed twice (an outside probe)
+                socket.bind_to_random_port(f"tcp://{'[' + bare + ']' if ':' in bare else bare}")
             else:
                 socket.bind(tcp_endpoint(host, port))
         except zmq.ZMQError as exc:

@@ -28,7 +28,8 @@ class RelayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite interval or timeout is a typo
 
     bind_host: str = "127.0.0.1"
-    """Interface the three sockets bind to (``*`` for every interface, ``127.0.0.1`` for loopback only)."""
+    """Interface the three sockets bind to (``*`` for every interface, IPv6 and IPv4 alike; ``127.0.0.1`` for loopback
+    only; an IPv6 address such as ``::1`` for that one)."""
     worker_port: int = Field(default=5555, ge=0, le=65535)
     """Workers connect here (ROUTER): hello/samples/heartbeats in, acks/errors/heartbeats out. 0 picks a free port."""
     trainer_port: int = Field(default=5556, ge=0, le=65535)
