@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from tmrl_worker.envs import make_env
 from tmrl_worker.sim import HELD_OUT_TRACK_SEEDS, RaceTrackEnv, RaceTrackInterface, SimConfig
 from tmrl_worker.sim.track import TrackError
-from tmrl_worker.sim.track_pool import SeedRange, TrackPool, parse_episode_tracks
+from tmrl_worker.sim.track_pool import TRACK_CACHE_SIZE, SeedRange, TrackPool, parse_episode_tracks
 
 
 def _seed(name: str) -> int:
@@ -41,6 +41,22 @@ def test_a_list_draws_each_item_and_a_range_item_a_seed_in_its_range():
     rng = np.random.default_rng(1)
     names = {pool.draw(rng) for _ in range(300)}
     assert names == {"hairpins", "circuit", "random-open:5", "random-open:6", "random-open:7"}
+
+
+def test_a_track_file_in_the_pool_is_read_once_so_an_edit_or_deletion_mid_run_changes_nothing(tmp_path):
+    """The tracks probe: with 60 items a file track fell out of the cache of built tracks and was read again; a file
+    edited mid-run (`width = "broken"`) then stopped the worker (`its reset raised TrackError`), and one edited into
+    another valid track would have changed what it trained on without a word."""
+    path = tmp_path / "mine.toml"
+    path.write_text('closed = true\nwidth = 12.0\ncentre = [[0, 0], [200, 0], [200, 120], [0, 120]]\n')
+    pool = TrackPool(f"file:{path},random:1000-100000")
+    first = pool.track(f"file:{path}")
+    for seed in range(1000, 1000 + 2 * TRACK_CACHE_SIZE):  # every other track the run drew since
+        pool.track(f"random:{seed}")
+    path.write_text('width = "broken"\n')
+    assert pool.track(f"file:{path}") is first
+    path.unlink()
+    assert pool.track(f"file:{path}") is first
 
 
 @pytest.mark.parametrize("spec", ["random:0-1000", "random:19-25", "random:5", "hairpins,random:12"])

@@ -108,6 +108,10 @@ class TrackPool:
         self.spec = spec
         self.items = parse_episode_tracks(spec)
         self._cache: OrderedDict[str, Track] = OrderedDict()
+        self._files = {item: load_track(item) for item in self.items
+                       if isinstance(item, str) and item.startswith(TRACK_FILE_PREFIX)}
+        """The ``file:`` tracks, read once here and never again: evicted from the cache and read anew, a file edited
+        or deleted mid-run stopped the worker hours in, or changed what it trained on without a word (a probe)."""
 
     def draw(self, rng: np.random.Generator) -> str:
         """The name of a track drawn with ``rng``: an item uniformly, then a seed uniformly within a range."""
@@ -115,7 +119,10 @@ class TrackPool:
         return item.draw(rng) if isinstance(item, SeedRange) else item
 
     def track(self, name: str) -> Track:
-        """The built track ``name`` (from the cache when it was built recently)."""
+        """The built track ``name`` (from the cache when it was built recently; a ``file:`` item as it was read at
+        the start)."""
+        if name in self._files:
+            return self._files[name]
         track = self._cache.pop(name, None) or load_track(name)
         self._cache[name] = track
         while len(self._cache) > TRACK_CACHE_SIZE:
