@@ -9,8 +9,9 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
+from gymnasium import spaces
 from tmrl_common.layout import ObservationLayout
-from tmrl_worker.envs import EnvSpecError, make_env
+from tmrl_worker.envs import EnvSpecError, layout_from_spaces, make_env
 
 PLUGGED_INTERFACE = textwrap.dedent('''
     import numpy as np
@@ -235,6 +236,42 @@ def test_layout_command_prints_json_the_trainer_accepts_as_layout_file(plugged_m
     assert layout.action_dim == 1 and layout.action_history == 2 and layout.components[0].frame_shape == [1]
     bad = CliRunner().invoke(app, ["layout", "--env", "nonsense"])
     assert bad.exit_code == 2 and "unknown env" in bad.output
+
+
+EMPTY_SPACES = '''
+    class NoAction(ZeroReadingInterface):
+        def get_action_space(self):
+            return spaces.Box(-1.0, 1.0, (0,), np.float32)
+
+
+    class EmptyPart(OneActionInterface):
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(-1.0, 1.0, (2,), np.float32), spaces.Box(-1.0, 1.0, (0,), np.float32)))
+
+
+    class EmptyImage(OneActionInterface):
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(0, 255, (3, 0), np.uint8),))
+'''
+
+
+@pytest.mark.parametrize(("interface", "says"), [
+    ("NoAction", "the action space (a Box of shape (0,)) holds no values; tmrl's SAC needs at least one action"),
+    ("EmptyPart", "observation part 'part1' (a Box of shape (0,)) holds no values"),
+    ("EmptyImage", "observation part 'part0' (a Box of shape (3, 0)) holds no values"),
+])
+def test_a_space_that_holds_no_values_is_refused_in_one_line(plug_interface, interface, says):
+    """The plug-ins probe: a zero-size action or observation space ended `layout` and `run` in a traceback (pydantic's
+    action_dim >= 1, numpy's zero-size reduction), where docs/byo-robot.md promises one line and exit status 2."""
+    from tmrl_worker.cli import app
+    from typer.testing import CliRunner
+
+    module = plug_interface("empty_spaces_robot", EMPTY_SPACES)
+    result = CliRunner().invoke(app, ["layout", "--env", f"{module}:{interface}"])
+    assert result.exit_code == 2, result.output
+    assert says in " ".join(result.output.split()) and "Traceback" not in result.output
+    with pytest.raises(EnvSpecError, match=r"the observation space \(a Box of shape \(0,\)\) holds no values"):
+        layout_from_spaces(spaces.Box(-1.0, 1.0, (0,), np.float32), spaces.Box(-1.0, 1.0, (1,), np.float32))
 
 
 FAILING_INTERFACES = '''

@@ -437,7 +437,11 @@ def layout_from_spaces(observation_space: spaces.Space, action_space: spaces.Spa
     if not isinstance(action_space, spaces.Box):
         raise EnvSpecError(f"action space {action_space} is not a Box; tmrl's SAC needs continuous actions")
     action_dim = math.prod(action_space.shape)
+    if action_dim == 0:  # a probe's Box(shape=(0,)) ended in a pydantic traceback
+        raise EnvSpecError(f"the action space (a Box of shape {action_space.shape}) holds no values; tmrl's SAC needs "
+                           "at least one action")
     if isinstance(observation_space, spaces.Box):
+        _check_not_empty("the observation space", observation_space)
         return layout_for_box(math.prod(observation_space.shape), action_dim,
                               *box_bounds(observation_space.low, observation_space.high)) if len(observation_space.shape) <= 1 else \
             ObservationLayout(components=[_component("obs", observation_space)], action_dim=action_dim)
@@ -452,7 +456,14 @@ def layout_from_spaces(observation_space: spaces.Space, action_space: spaces.Spa
     raise EnvSpecError(f"observation space {observation_space} must be a Box or a Tuple of Boxes")
 
 
+def _check_not_empty(what: str, box: spaces.Box) -> None:
+    if box.low.size == 0:  # numpy's "zero-size array to reduction operation" traceback otherwise (a probe)
+        raise EnvSpecError(f"{what} (a Box of shape {box.shape}) holds no values; drop it or give it a shape with "
+                           "no zero in it")
+
+
 def _component(name: str, box: spaces.Box) -> ObservationComponent:
+    _check_not_empty(f"observation part {name!r}", box)
     shape = [int(d) for d in box.shape] or [1]
     dtype = "uint8" if box.dtype == np.uint8 else "float32"
     low, high = box_bounds(box.low, box.high)
