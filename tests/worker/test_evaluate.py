@@ -159,8 +159,8 @@ def test_an_unfinished_episode_says_how_much_of_the_lap_it_covered():
     result = episode_result(1, 3, (1110.0, 1000, False, {"finished": False, "wall_hits": 1300, "progress": 0.8123}),
                             step_seconds=0.05, track="random:3")
     assert (result.progress, result.track) == (0.8123, "random:3")
-    assert episode_line(result) == ("episode 1 (seed 3): return   1110.00, not finished  1000 steps (81.2 % of the "
-                                    "lap), 50.00 s, 1300 wall-contact ticks")
+    assert episode_line(result) == ("episode 1 (seed 3, random:3): return   1110.00, not finished  1000 steps (81.2 % "
+                                    "of the lap), 50.00 s, 1300 wall-contact ticks")  # the tracks probe: no track named
     unreported = episode_result(0, 0, (1.0, 5, False, {"progress": float("nan")}), step_seconds=None)
     assert unreported.progress is None and episode_line(unreported) == \
         "episode 0 (seed 0): return      1.00, truncated        5 steps"
@@ -297,7 +297,7 @@ def test_a_gif_write_that_fails_after_the_episodes_is_one_line(tmp_path, monkeyp
     policy = policy_file(tmp_path / "sim.safetensors", tm20_lidar_layout())
     code, _, stderr = run_eval("--policy", str(policy), *SHORT_SIM, "--gif", str(tmp_path / "best.gif"))
     lines = stderr.strip().splitlines()
-    assert code == 2 and [line.split(":")[0] for line in lines[:2]] == ["episode 0 (seed 0)", "episode 1 (seed 1)"]
+    assert code == 2 and [line.split(":")[0] for line in lines[:2]] == ["episode 0 (seed 0, random", "episode 1 (seed 1, random"]
     assert lines[2:] == [f"tmrl-worker eval: --gif '{tmp_path / 'best.gif'}': writing the GIF failed after the "
                          "episodes: No space left on device"]
 

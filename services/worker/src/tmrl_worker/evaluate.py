@@ -299,10 +299,11 @@ def _stop_interface(env: EnvHandle) -> None:
 
 
 def episode_line(result: EpisodeResult) -> str:
-    """One human-readable line per episode."""
+    """One human-readable line per episode (naming its track on the simulator: a pool draws one per episode)."""
     outcome = {True: "finished", False: "not finished", None: result.ended}[result.finished]
-    line = f"episode {result.episode} (seed {result.seed}): return {result.episode_return:9.2f}, {outcome:12s} " \
-           f"{result.steps:5d} steps"
+    track = f", {result.track}" if result.track is not None else ""
+    line = f"episode {result.episode} (seed {result.seed}{track}): return {result.episode_return:9.2f}, " \
+           f"{outcome:12s} {result.steps:5d} steps"
     if result.progress is not None and not result.finished:
         line += f" ({100 * result.progress:.1f} % of the lap)"
     if result.lap_time_s is not None:
