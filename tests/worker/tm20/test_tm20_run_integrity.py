@@ -5,6 +5,7 @@ stop during the first wait for the game ends the worker cleanly."""
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import threading
@@ -12,14 +13,14 @@ import time
 
 import numpy as np
 import pytest
-from test_tm20_interfaces import SERVER_HZ, corridor_frames, straight_reward
+from test_tm20_interfaces import SERVER_HZ, FakeWindow, corridor_frames, straight_reward
 from test_tm20_recovery import FAST_RECOVERY
 from tmrl_worker.envs import TRUNCATED_REASON, make_env
 from tmrl_worker.reward import TrajectoryReward, TrajectoryRewardConfig
 from tmrl_worker.runtime import RolloutLoop, UniformPolicy
 from tmrl_worker.tm20.capture import RecordedFrames
 from tmrl_worker.tm20.control import RecordingController
-from tmrl_worker.tm20.interfaces import TM20LidarInterface
+from tmrl_worker.tm20.interfaces import BLIND_SCANS, TM20LidarInterface
 from tmrl_worker.tm20.openplanet import (
     MAX_COORDINATE_M,
     PacketParser,
@@ -31,7 +32,7 @@ from tmrl_worker.tm20.openplanet import (
     position_jump,
 )
 from tmrl_worker.tm20.replay_server import TelemetryReplayServer
-from tmrl_worker.tm20.synthetic import StraightDrive
+from tmrl_worker.tm20.synthetic import StraightDrive, winding_road_frames
 
 RECOVERY = {**FAST_RECOVERY, "step_telemetry_timeout_s": 1.0}  # six steps in a row fit within one packet's age
 
@@ -290,3 +291,54 @@ def test_a_new_frame_size_that_lasts_is_measured_at_from_the_next_episode_on(cap
             assert not terminated
         finally:
             interface.close()
+
+
+def flickering(value: int) -> np.ndarray:
+    """Two frames of one flat colour, one step apart in value: a picture that changes (no stale screen) but holds no
+    track."""
+    return np.stack([np.full((120, 160, 3), value, np.uint8), np.full((120, 160, 3), value + 1, np.uint8)])
+
+
+@pytest.mark.parametrize(("frames", "says"), [
+    (flickering(250), "no beam met a track border (a menu or a white screen"),
+    (flickering(0), "every beam met a border at its first sample (a black or dark screen"),
+    (corridor_frames(), None),
+])
+def test_lidar_scans_of_a_picture_without_a_track_are_warned_of(frames, says, caplog):
+    """The TrackMania probe: white, black and border-less frames that change gave LIDAR readings (all at the frame's
+    edge, or all 0) without a word; only frames that never changed were caught, as a frozen picture."""
+    drive = StraightDrive(10.0, SERVER_HZ, z=5.0)
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        interface = lidar_interface(server, drive, capture=RecordedFrames(frames))
+        try:
+            interface.reset()
+            with caplog.at_level(logging.WARNING, logger="tmrl_worker.tm20.interfaces"):
+                for _ in range(BLIND_SCANS + 5):
+                    assert not interface.get_obs_rew_terminated_info()[2]
+        finally:
+            interface.close()
+    warnings = [r.getMessage() for r in caplog.records if "LIDAR scans in a row" in r.getMessage()]
+    if says is None:
+        assert warnings == []
+    else:  # once, not at every scan after the 40th
+        assert len(warnings) == 1 and says in warnings[0] and "check-env --save-frames" in warnings[0]
+
+
+@pytest.mark.parametrize(("frames", "warned"), [(corridor_frames(), True), (winding_road_frames(2), False)])
+def test_frames_of_another_size_than_the_window_was_given_are_warned_of(frames, warned, caplog):
+    """The TrackMania probe: nothing checked that the window placed at 958x488 gave 958x488 frames (Windows display
+    scaling, a game keeping its own size), so the LIDAR would measure at another scale without a word."""
+    drive = StraightDrive(10.0, SERVER_HZ, z=5.0)
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        interface = TM20LidarInterface(capture=RecordedFrames(frames), telemetry=TelemetryClient(server.port, timeout=2.0),
+                                       controller=RecordingController(on_respawn=drive.respawn), window=FakeWindow(),
+                                       reward=straight_reward(), sleep_time_at_reset=0.0, recovery=RECOVERY)
+        try:
+            with caplog.at_level(logging.WARNING, logger="tmrl_worker.tm20.interfaces"):
+                interface.reset()
+        finally:
+            interface.close()
+    said = [r.getMessage() for r in caplog.records if "the game window was sized to 958x488" in r.getMessage()]
+    assert len(said) == int(warned)
+    if warned:
+        assert "but its frames are 160x120" in said[0]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -113,6 +114,11 @@ class PositionJumpError(TelemetryError):
     respawn at a checkpoint, a teleport, a plugin sending a wrong position): the trajectory reward would pay the jump
     as progress (up to its whole search window at every step until the car caught up), so the episode ends."""
 
+
+BLIND_SCANS = 40
+"""LIDAR scans in a row (2 s at 20 Hz) that met no border, or met one at every beam's first sample, before the worker
+warns that the picture is not the track (:meth:`TM20LidarInterface._check_feature`)."""
+BLIND_WARNING_EVERY_S = 60.0
 
 SIZE_CHECKS_BEFORE_ADOPTING = 3
 """The game probe's checks in a row that must see one new frame size before it is measured at (a window resized for
@@ -403,6 +409,9 @@ class TM20Interface(RealTimeGymInterface):
         self._new_size_checks: tuple[tuple[int, ...] | None, int] = (None, 0)
         self.repeated_packets = 0
         """Steps that got the same telemetry packet as the step before (no new game frame in between)."""
+        self._blind_kind: str | None = None
+        self._blind_scans = 0
+        self._blind_warned_at = -math.inf
         self._repeated_logged_at = float("-inf")
         self.stop_event: threading.Event | None = None
         """Set by the worker (``EnvHandle.attach_stop``): waiting for the game then ends with EnvInterrupted."""
@@ -441,6 +450,9 @@ class TM20Interface(RealTimeGymInterface):
     def frame_feature(self, frame: np.ndarray) -> np.ndarray:
         """What one screenshot contributes to the history (a LIDAR scan, a small gray image)."""
         raise NotImplementedError
+
+    def _check_feature(self, feature: np.ndarray) -> None:
+        """Look at a feature entering the history for signs that the picture is not the track (logged only)."""
 
     def _telemetry_part(self, name: str) -> np.ndarray:
         """Telemetry field ``name`` of the newest packet as a 1-value float32 observation part, clipped into
@@ -496,6 +508,7 @@ class TM20Interface(RealTimeGymInterface):
             self._stale_frame = frame
             raise
         feature = self.frame_feature(frame)
+        self._check_feature(feature)
         self.last_frame, self.last_telemetry = frame, telemetry
         self.history.append(feature)
 
@@ -507,6 +520,7 @@ class TM20Interface(RealTimeGymInterface):
                 else f"an array of shape {frame.shape}"
             raise CaptureError(f"the screen capture returned {got} instead of a frame")
         if self._frame_shape is None:
+            self._warn_of_another_size_than_the_window(frame)
             self._frame_shape = frame.shape
         elif frame.shape != self._frame_shape:
             raise CaptureError(f"the captured frame is {frame.shape[1]}x{frame.shape[0]} pixels, the first ones were "
@@ -514,6 +528,17 @@ class TM20Interface(RealTimeGymInterface):
                                f"screen's resolution or scaling changed); set it back, or the worker measures at the "
                                f"new size after {SIZE_CHECKS_BEFORE_ADOPTING} checks in a row")
         return frame
+
+    def _warn_of_another_size_than_the_window(self, frame: np.ndarray) -> None:
+        """Warn when the first frame of a window this interface sized is of another size: the LIDAR's distances in
+        pixels (the images' proportions) then differ from those of a policy trained at :attr:`window_size` (the
+        window's placement is not checked on Windows: display scaling, or a game that keeps its own size)."""
+        width, height = self.window_size
+        if self.window is not None and frame.shape[:2] != (height, width):
+            log.warning("tm20: the game window was sized to %dx%d but its frames are %dx%d (Windows display scaling "
+                        "other than 100 %%, or the game kept its own size?): the LIDAR measures at this size, so its "
+                        "distances in pixels differ from a policy's trained at %dx%d", width, height, frame.shape[1],
+                        frame.shape[0], width, height)
 
     def _adopt_a_lasting_size(self, frame: Any) -> bool:
         """Count the game probe's frames of one new size in a row; True at the :data:`SIZE_CHECKS_BEFORE_ADOPTING`-th
@@ -806,8 +831,24 @@ class TM20LidarInterface(TM20Interface):
     def frame_feature(self, frame: np.ndarray) -> np.ndarray:
         return self.lidar.measure(frame)
 
-    def render(self) -> np.ndarray | None:
-        return None if self.last_frame is None else self.lidar.draw(self.last_frame)
+    def _check_feature(self, feature: np.ndarray) -> None:
+        """Warn (at most every :data:`BLIND_WARNING_EVERY_S`) when :data:`BLIND_SCANS` scans in a row met no border
+        on any beam, or a border at the first sample of every beam: a menu, a white or black screen, another window,
+        or a ``lidar.threshold`` that does not fit the picture. Such scans look like numbers all the same (an outside
+        probe's white, black and border-less frames ran without a word while the picture changed)."""
+        borders = self.lidar.last_borders_met
+        blind = "none" if borders == 0 else "all-at-once" if borders == len(feature) and not feature.any() else None
+        count = self._blind_scans + 1 if blind is not None and blind == self._blind_kind else int(blind is not None)
+        self._blind_kind, self._blind_scans = blind, count
+        if count < BLIND_SCANS or time.monotonic() - self._blind_warned_at < BLIND_WARNING_EVERY_S:
+            return
+        self._blind_warned_at = time.monotonic()
+        seen = ("no beam met a track border (a menu or a white screen, another window in front, or lidar.threshold "
+                f"{self.lidar.config.threshold} too low: borders are pixels darker than it in every channel)"
+                if blind == "none" else "every beam met a border at its first sample (a black or dark screen, or "
+                f"lidar.threshold {self.lidar.config.threshold} too high for this picture)")
+        log.warning("tm20: for %d LIDAR scans in a row %s; `tmrl-worker check-env --save-frames DIR` shows what the "
+                    "beams see", count, seen)
 
 
 class TM20LidarProgressInterface(TM20LidarInterface):

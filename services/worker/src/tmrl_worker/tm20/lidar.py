@@ -68,6 +68,8 @@ class Lidar:
         self.config = config or LidarConfig()
         self._shape: tuple[int, int] | None = None
         self._rows = self._cols = self._flat = self._in_frame = self._exit = self._counts = None
+        self.last_borders_met = 0
+        """How many beams of the last :meth:`measure` met a border (the others read where they leave the frame)."""
 
     @property
     def beams(self) -> int:
@@ -162,7 +164,9 @@ class Lidar:
                 hits &= pixels[..., channel] < threshold
         hits &= in_frame
         first = hits.argmax(axis=1).astype(np.float32)
-        return np.where(hits.any(axis=1), first, self._exit)
+        met = hits.any(axis=1)
+        self.last_borders_met = int(met.sum())
+        return np.where(met, first, self._exit)
 
     def draw(self, frame: np.ndarray, distances: np.ndarray | None = None) -> np.ndarray:
         """A copy of ``frame`` (as RGB) with each beam drawn in red up to its measured distance, for ``check-env``."""
