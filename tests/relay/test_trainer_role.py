@@ -181,3 +181,18 @@ def test_a_trainer_that_stops_cleanly_is_said_to_have_left_at_once_not_to_be_sil
         time.sleep(1.5)  # past peer_timeout_s: a trainer still counted as holding the role would be called silent
     assert "trainer trainer-1: its connection closed (it stopped, or restarted); the trainer role is free" in caplog.text
     assert "silent for" not in caplog.text
+
+
+def test_weights_whose_version_went_back_are_published_with_a_warning_naming_the_trainer(context, caplog):
+    """The networking probe: a standby trainer with a run directory of its own took the role from scratch; the relay
+    only said `(trainer restarted?)` while every worker switched to the fresh policy."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="tmrl_relay"), relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay, "trainer-a")
+        trainer.send(make_weights(17))
+        wait_until(lambda: relay.weights.version == 17, what="version 17")
+        trainer.send(make_weights(1))
+        wait_until(lambda: relay.weights.version == 1, what="version 1, published all the same")
+    assert ("weights version went back from 17 to 1: trainer trainer-a resumed an older checkpoint, or started from "
+            "scratch (a run_dir of its own?); the workers get its policy from now on") in caplog.text

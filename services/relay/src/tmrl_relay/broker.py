@@ -631,9 +631,11 @@ class Relay:
             raise ProtocolError("oversized", f"weights_update body is {len(body)} bytes, limit {self.config.max_weights_bytes}")
         update = decode_body(decode_envelope(envelope.bytes, self.limits), body.buffer, self.limits)
         assert isinstance(update, WeightsUpdate)  # sha256 of the tensors checked by the model
-        if update.version < self.weights.version:
-            log.warning("weights version went back from %d to %d (trainer restarted?); publishing it",
-                        self.weights.version, update.version)
+        if update.version < self.weights.version:  # a standby of its own run_dir took over from scratch (a probe)
+            holder = self.trainer.peer
+            log.warning("weights version went back from %d to %d: trainer %s resumed an older checkpoint, or started "
+                        "from scratch (a run_dir of its own?); the workers get its policy from now on",
+                        self.weights.version, update.version, holder.sender if holder is not None else "?")
         self.weights.store(envelope, body, update.version)
         self.metrics.weights_version.set(update.version)
         self.metrics.cached_weights_bytes.set(len(envelope) + len(body))
