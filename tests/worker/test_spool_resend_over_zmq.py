@@ -385,6 +385,31 @@ def test_a_connected_link_whose_batches_get_no_answer_says_so_for_the_progress_l
     assert link.delivery_problem() is None
 
 
+def test_a_link_whose_id_the_relay_refuses_says_so_for_the_progress_line(linked):
+    """The networking probe restarted a worker with a new key pair: the relay refused its id (bound to the old key)
+    for 33 s, while its progress lines stayed plain INFO lines: `weights version 0, 33 batches handed over`."""
+    from tmrl_common.protocol import Error, encode
+
+    relay, link = linked(ack_timeout_s=60.0)
+    routing_id = relay.receive_type(Hello)[0]
+    relay.heartbeat(routing_id)
+    wait_for(lambda: link._client.answered_since_connect)
+    refusal = Error(reason="unknown_sender", ref_type="hello", message="worker id 'w-test' is bound to another "
+                    "CurveZMQ key (a new key pair for this worker? ...)")
+    relay.socket.send_multipart([routing_id, *encode(refusal, "relay")])
+    wait_for(lambda: link.snapshot()["ids_lost"] == 1)
+    link.submit(filled_builder(3), weights_version=0)
+    problem = link.delivery_problem()
+    assert problem is not None and problem.startswith("connected to the relay, but it does not take this connection's "
+                                                      "messages as w-test's (")
+    assert "is bound to another CurveZMQ key" in problem and "batch(es) waiting to be delivered" in problem
+    routing_id = relay.receive_type(Hello, timeout_s=5.0)[0]  # said again after HELLO_AGAIN_FIRST_S
+    batch = relay.receive_type(SampleBatch, timeout_s=5.0)[2]
+    relay.ack(routing_id, "w-test", [batch.seq])
+    wait_for(lambda: link.snapshot()["spool_batches"] == 0)
+    assert link.delivery_problem() is None
+
+
 def test_a_state_file_that_cannot_be_written_holds_batches_unnumbered_instead_of_killing_the_sender(context, tmp_path,
                                                                                                       caplog,
                                                                                                       monkeypatch,

@@ -210,6 +210,8 @@ class RelayLink:
         self._started_at = time.monotonic()
         self._hello_again = HelloBackoff(HELLO_AGAIN_FIRST_S, HELLO_AGAIN_MAX_S)
         self._id_lost_at = float("-inf")
+        self._acked_at = float("-inf")
+        """When the last acknowledgement came: an ``unknown_sender`` since then is the link's state, not history."""
         self._client = RelayClient(
             worker_id, "sender", endpoint, self.counters, on_connected=self._say_hello, on_message=self._on_message,
             on_turn=self._on_turn, send_heartbeat=self._send_heartbeat, while_away="spooling until it comes back",
@@ -271,6 +273,9 @@ class RelayLink:
         if self._client.connected:
             with self._lock:
                 waited, waiting = self.spool.oldest_wait(), len(self.spool)
+            if self._id_lost_at > self._acked_at and self.id_refusal is not None:  # no ack since the relay refused us
+                return (f"connected to the relay, but it does not take this connection's messages as "
+                        f"{self.worker_id}'s ({self.id_refusal}): {waiting} batch(es) waiting to be delivered")
             if waited < NO_ACK_WARNING_S:
                 return None
             return (f"connected to the relay, but no answer from the trainer for {waited:.0f} s: {waiting} batch(es) "
@@ -464,7 +469,8 @@ class RelayLink:
                         self.refusals.stored()
                 if reused:
                     self._numbers_used_before(reused)
-            if time.monotonic() - self._id_lost_at >= HELLO_AGAIN_RESET_S:
+            self._acked_at = time.monotonic()
+            if self._acked_at - self._id_lost_at >= HELLO_AGAIN_RESET_S:
                 self._hello_again.accepted()
             self.counters.acks_received += 1  # last: whoever waits for it sees what the answer did
         elif isinstance(message, Error):
