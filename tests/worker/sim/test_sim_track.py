@@ -183,7 +183,14 @@ BAD_TRACK_FILES = [
      "too tight for width"),
     ("width = 10\nclosed = true\npieces = [{straight = 50}, {radius = 20, degrees = 90}]\n", "must end at its start"),
     ("width = 10\nclosed = false\ncentre = [[0, 0], [50, 0], [50, 0], [100, 0]]\n", "the same point twice in a row"),
-    ("width = 10\nclosed = false\ncentre = [[0, 0], [2000, 0], [4000, 0]]\n", "a track file's points must fit in"),
+    ("width = 10\nclosed = false\ncentre = [[0, 0], [2000, 0], [4000, 0]]\n",
+     "its points span 4000 m; a track file's track must fit in 1000 m x 1000 m"),
+    # the tracks probe: these points fit, the curve through them does not, and the message said the points did not
+    ("width = 10\nclosed = false\ncentre = [[0, 0], [999, 0], [999, 999]]\n",
+     "the smooth line through its points (which swings out past them at sharp turns) span"),
+    # the tracks probe: a 0.5 m track was refused with "centre line must have shape (N>=3, 2), got (2, 2)"
+    ("width = 10\nclosed = false\npieces = [{straight = 0.5}]\n", "is too short: its centre line, sampled about every 1 m, "
+     "has 2 point(s), where a track needs 3"),
     ("width = 10\nclosed = false\npieces = [" + ", ".join(["{straight = 1000}"] * 6) + "]\n",
      "a track file may describe at most 5000 m"),
     ("width = 10\nclosed = false\npieces = [{straight = 100}, {radius = 20, degrees = 270}, {straight = 100}]\n",
@@ -193,8 +200,8 @@ BAD_TRACK_FILES = [
 
 @pytest.mark.parametrize(("text", "message"), BAD_TRACK_FILES,
                          ids=["missing", "not-toml", "no-shape", "bad-piece", "unknown-field", "bend-of-0-degrees",
-                              "turn-too-tight", "closed-not-closing", "repeated-point", "too-large", "too-long",
-                              "walls-overlap"])
+                              "turn-too-tight", "closed-not-closing", "repeated-point", "too-large", "curve-too-large",
+                              "too-short", "too-long", "walls-overlap"])
 def test_a_bad_track_file_is_a_one_line_track_error_naming_the_file(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     if text is not None:

@@ -104,7 +104,10 @@ class Track:
 
     def __post_init__(self) -> None:
         centre = np.asarray(self.centre, dtype=np.float64)
-        if centre.ndim != 2 or centre.shape[1] != 2 or len(centre) < 3:
+        if centre.ndim == 2 and centre.shape[1] == 2 and len(centre) < 3:  # a probe's 0.5 m straight said "shape"
+            raise TrackError(f"track {self.name!r} is too short: its centre line, sampled about every "
+                             f"{CENTRE_LINE_SPACING:g} m, has {len(centre)} point(s), where a track needs 3")
+        if centre.ndim != 2 or centre.shape[1] != 2:
             raise TrackError(f"track {self.name!r}: centre line must have shape (N>=3, 2), got {centre.shape}")
         self.centre = centre
         ends = np.roll(centre, -1, axis=0) if self.closed else centre[1:]
@@ -504,13 +507,14 @@ class TrackFile(BaseModel):
             centre = resample_path(dense, dense_spacing(dense)).astype(np.float64)[:-1]
         else:
             centre = resample_path(dense, CENTRE_LINE_SPACING).astype(np.float64)
-        _check_size(name, float(np.linalg.norm(np.diff(dense, axis=0), axis=1).sum()), dense)
+        _check_size(name, float(np.linalg.norm(np.diff(dense, axis=0), axis=1).sum()), dense,
+                    what="the smooth line through its points (which swings out past them at sharp turns)")
         track = Track(name, centre, self.width, self.closed)
         track.check()
         return track
 
 
-def _check_size(name: str, length: float, points: np.ndarray | None = None) -> None:
+def _check_size(name: str, length: float, points: np.ndarray | None = None, what: str = "its points") -> None:
     if length > MAX_TRACK_LENGTH_M:
         raise TrackError(f"track {name!r} is {length:.0f} m long; a track file may describe at most "
                          f"{MAX_TRACK_LENGTH_M:.0f} m")
@@ -518,7 +522,7 @@ def _check_size(name: str, length: float, points: np.ndarray | None = None) -> N
         return
     extent = float((points.max(axis=0) - points.min(axis=0)).max())
     if extent > MAX_TRACK_EXTENT_M:
-        raise TrackError(f"track {name!r} spans {extent:.0f} m; a track file's points must fit in "
+        raise TrackError(f"track {name!r}: {what} span {extent:.0f} m; a track file's track must fit in "
                          f"{MAX_TRACK_EXTENT_M:.0f} m x {MAX_TRACK_EXTENT_M:.0f} m")
 
 
