@@ -122,6 +122,39 @@ def test_a_module_interface_runs_in_real_time_from_the_worker_config(tmp_path, m
     assert all(e["finished"] is None and e["wall_contacts"] is None for e in summary["episodes"])
 
 
+SLOW_READING = '''
+    import time
+
+
+    class SlowReading(ZeroReadingInterface):
+        """Its observation takes three times the default time step (0.05 s): every step runs late."""
+
+        def get_obs_rew_terminated_info(self):
+            time.sleep(0.15)
+            return super().get_obs_rew_terminated_info()
+'''
+
+
+@pytest.mark.filterwarnings("always:Time-step timed out:UserWarning")  # pyproject ignores them in tests
+def test_late_time_steps_are_counted_in_the_summary_not_printed_between_the_episode_lines(tmp_path, plug_interface):
+    """The emulated-game probe: eval printed rtgym's `UserWarning: Time-step timed out. Elapsed since last time-step:
+    0.24...` eight times between its episode lines; run summarises late steps in one line."""
+    module = plug_interface("slow_reading_robot", SLOW_READING)
+    handle = make_env(f"{module}:SlowReading")
+    try:
+        layout = handle.layout
+    finally:
+        handle.close()
+    policy = policy_file(tmp_path / "slow.safetensors", layout)
+    code, summary, stderr = run_eval("--policy", str(policy), "--env", f"{module}:SlowReading", "--episodes", "2",
+                                     "--max-episode-steps", "4")
+    assert code == 0, stderr
+    assert "Time-step timed out" not in stderr and "UserWarning" not in stderr
+    assert [e["steps"] for e in summary["episodes"]] == [4, 4]
+    [last] = stderr.strip().splitlines()[-1:]
+    assert last.startswith("2 episodes: mean return") and "time step(s) ran late (rtgym's time-step time-out)" in last
+
+
 def test_a_policy_for_another_layout_is_a_one_line_error(tmp_path):
     policy = policy_file(tmp_path / "pendulum.safetensors", pendulum_layout())
     code, _, stderr = run_eval("--policy", str(policy), "--env", "sim", "--episodes", "1")

@@ -53,17 +53,48 @@ def eval_command(
         typer.echo(f"tmrl-worker eval: invalid settings: {one_line_message(exc)}", err=True)
         raise typer.Exit(code=2) from exc
     torch.set_num_threads(1)  # one observation at a time: extra threads only add latency
+    late_steps = _LateStepCount()
     try:
-        summary = evaluate(settings, on_episode=lambda result: typer.echo(episode_line(result), err=json_output))
+        with late_steps:
+            summary = evaluate(settings, on_episode=lambda result: typer.echo(episode_line(result), err=json_output))
     except (EnvSpecError, PolicyFileError, TrackError, GifPathError) as exc:
         typer.echo(f"tmrl-worker eval: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     except EnvFailure as exc:  # the env gave up while running (e.g. the game did not restart)
         typer.echo(f"tmrl-worker eval: {exc}", err=True)
         raise typer.Exit(code=1) from exc
-    typer.echo(summary_line(summary) + (f"; GIF: {summary.gif}" if summary.gif else ""), err=json_output)
+    late = f"; {late_steps.count} time step(s) ran late (rtgym's time-step time-out)" if late_steps.count else ""
+    typer.echo(summary_line(summary) + late + (f"; GIF: {summary.gif}" if summary.gif else ""), err=json_output)
     if json_output:
         typer.echo(summary.to_json())
     if summary.gif_error is not None:  # the results above stand, but the GIF asked for was not written
         typer.echo(f"tmrl-worker eval: no GIF written: {summary.gif_error}", err=True)
         raise typer.Exit(code=1)
+
+
+class _LateStepCount:
+    """Counts rtgym's "Time-step timed out" warnings instead of printing each between the episode lines (an
+    emulated-game probe saw eight of them in one evaluation's output); other warnings show as usual."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous = None
+
+    def __enter__(self) -> _LateStepCount:
+        import warnings
+
+        self._previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
+            if issubclass(category, UserWarning) and str(message).startswith("Time-step timed out"):
+                self.count += 1
+                return
+            self._previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import warnings
+
+        warnings.showwarning = self._previous

@@ -619,8 +619,10 @@ class TM20Interface(RealTimeGymInterface):
             reward += self.reward.config.finish_bonus
             terminated = True
             info["finished"] = True  # the game's finish is a finish, even where the recorded path ends later
-        if self.reward.finished:
-            log.info("tm20: finish line reached at step %d of the episode", self.reward.steps)
+        if self.reward.finished:  # which of the two: an emulated-game probe saw a bonus the game never confirmed
+            log.info("tm20: finish line reached at step %d of the episode (%s)", self.reward.steps,
+                     "the game's finish" if finished_by_game else
+                     "the reward path's last point; the game has not shown its finish yet")
         return self._observation(), reward, terminated, info
 
     def wait(self) -> None:
