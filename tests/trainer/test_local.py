@@ -10,7 +10,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tmrl_common.layout import ObservationComponent, ObservationLayout
 from tmrl_trainer.checkpoint import load_checkpoint
 from tmrl_trainer.cpu_fast import SACLearner
-from tmrl_trainer.local import LocalTrainingConfig, UnsupportedEnvironmentError, train_local
+from tmrl_trainer.local import (
+    EVAL_EPISODE_STEP_CAP,
+    LocalTrainingConfig,
+    UnsupportedEnvironmentError,
+    train_local,
+)
 from tmrl_trainer.sac import SACConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,6 +46,39 @@ class TupleLidarEnv(gym.Env):
 
 
 gym.register(id="tmrl-test/TupleLidar-v0", entry_point=TupleLidarEnv, max_episode_steps=30)
+
+
+class GlitchyEnv(gym.Env):
+    """A 2-value observation in [-1, 1], one action; at step ``fail_at`` of the run it raises, or returns a NaN
+    observation or reward; with ``overshoot`` it returns values up to 5 (outside its space); it never ends an
+    episode by itself."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, fail_at: int = 0, fault: str = "", overshoot: bool = False) -> None:
+        self.fail_at, self.fault, self.overshoot, self.steps = fail_at, fault, overshoot, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.steps += 1
+        observation = np.array([0.5, 5.0 if self.overshoot else 0.5], np.float32)
+        reward = -float(np.abs(action).sum())
+        if self.steps == self.fail_at:
+            if self.fault == "raise":
+                raise RuntimeError("sensor exploded")
+            if self.fault == "nan-observation":
+                observation[0] = np.nan
+            if self.fault == "nan-reward":
+                reward = float("nan")
+        return observation, reward, False, False, {}
+
+
+gym.register(id="tmrl-test/Glitchy-v0", entry_point=GlitchyEnv, max_episode_steps=50)
+gym.register(id="tmrl-test/Endless-v0", entry_point=GlitchyEnv)  # no time limit: episodes never end
 
 
 def _small(**fields) -> LocalTrainingConfig:
@@ -145,6 +183,10 @@ def test_train_local_command_trains_and_reports_the_final_return(tmp_path):
     over = runner.invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "5", "--seed", "1", "--eval-episodes",
                                "0", "--run-dir", str(tmp_path), "--device", "cpu", "--overwrite"])
     assert over.exit_code == 0 and "Pendulum-v1 seed 1: 5 steps" in over.output, over.output
+    [summary] = [line for line in over.output.splitlines() if line.startswith("Pendulum-v1 seed 1: 5 steps")]
+    assert summary.endswith("no final evaluation (--eval-episodes 0)")  # it read "return nan (mean of 0 episodes)"
+    # the train-local probe: --overwrite kept the earlier runs' event files, so their curves were drawn with its own
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 1
 
 
 def test_a_stop_ends_local_training_after_its_step_with_a_checkpoint_and_no_final_evaluation(tmp_path):
@@ -163,6 +205,80 @@ def test_a_stop_ends_local_training_after_its_step_with_a_checkpoint_and_no_fina
     learner = SACLearner(config.sac, config.sac.architecture(_pendulum_layout()), device="cpu")
     restored = load_checkpoint(result.checkpoint, learner)
     assert restored.counters["env_steps"] == 250 and learner.updates == 152
+
+
+@pytest.mark.parametrize(("fault", "says"), [
+    ("raise", "its step raised RuntimeError: sensor exploded"),
+    ("nan-observation", "returned NaN or infinite values in observation part 'obs'"),
+    ("nan-reward", "returned reward nan: NaN and infinite rewards cannot be learned from"),
+])
+def test_an_env_that_fails_mid_run_ends_it_in_one_line_with_the_steps_before_saved(tmp_path, fault, says):
+    """The train-local probe: an env raising in step, or returning one NaN, ended the run in a traceback (pydantic's
+    for a NaN) with no checkpoint: every step before it lost."""
+    from tmrl_trainer.cli import app
+    from typer.testing import CliRunner
+
+    env = f"tmrl-test/Glitchy-v0:{fault}"
+    gym.register(id=env.replace(":", "-"), entry_point=GlitchyEnv, max_episode_steps=50,
+                 kwargs={"fail_at": 120, "fault": fault})
+    result = CliRunner().invoke(app, ["train-local", "--env", f"{__name__}:{env.replace(':', '-')}", "--steps", "300",
+                                      "--run-dir", str(tmp_path), "--device", "cpu", "--eval-episodes", "1"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert says in said and "(at step 120); the learner after 119 steps is in" in said and "Traceback" not in said
+    learner = SACLearner(SACConfig(), SACConfig().architecture(_glitchy_layout()), device="cpu")
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.safetensors", learner).counters["env_steps"] == 119
+
+
+def _glitchy_layout() -> ObservationLayout:
+    from tmrl_common.layout import layout_for_box
+
+    return layout_for_box(2, 1, -1.0, 1.0)
+
+
+def test_an_evaluation_episode_the_env_never_ends_stops_at_the_cap_and_a_stop_ends_the_evaluation(tmp_path, caplog):
+    """The train-local probe: an env registered without max_episode_steps hung the final evaluation for good, deaf
+    to Ctrl-C and SIGTERM, with no checkpoint written (it came after the evaluation)."""
+    import threading
+
+    import tmrl_trainer.local as local
+
+    config = _small(run_dir=tmp_path, eval_episodes=2, learning_starts=40)
+    with caplog.at_level("WARNING", logger="tmrl_trainer.local"):
+        result = train_local("tmrl-test/Endless-v0", steps=60, seed=0, config=config)
+    assert len(result.final_returns) == 2 and EVAL_EPISODE_STEP_CAP == 10_000
+    assert caplog.text.count(f"ended at {EVAL_EPISODE_STEP_CAP} steps without the env ending it") == 2
+    stop = threading.Event()
+    original = local.evaluate
+
+    def stopped_meanwhile(*args, **kwargs):
+        stop.set()  # Ctrl-C as the final evaluation starts
+        return original(*args, **kwargs)
+
+    local.evaluate = stopped_meanwhile
+    try:
+        stopped = train_local("tmrl-test/Endless-v0", steps=60, seed=0, stop=stop,
+                              config=_small(run_dir=tmp_path / "stopped", eval_episodes=2, learning_starts=40))
+    finally:
+        local.evaluate = original
+    assert stopped.stopped and np.isnan(stopped.final_return) and stopped.checkpoint.exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*not within the observation space:UserWarning")  # gymnasium's checker
+def test_observations_outside_the_space_are_clipped_into_it_as_a_worker_would(caplog):
+    """The train-local probe: an env declaring [-1, 1] and returning 5 was trained on the raw values, which eval (and
+    a worker) clip: the policy learned from inputs it never sees."""
+    import tmrl_trainer.local as local
+
+    gym.register(id="tmrl-test/Overshoot-v0", entry_point=GlitchyEnv, max_episode_steps=50, kwargs={"overshoot": True})
+    adapter = local._EnvAdapter(gym.make("tmrl-test/Overshoot-v0"))
+    adapter.reset(seed=0)
+    with caplog.at_level("WARNING", logger="tmrl_trainer.local"):
+        seen = [adapter.step(np.zeros(1, np.float32))[0][0] for _ in range(3)]
+    assert [part.tolist() for part in seen] == [[0.5, 1.0]] * 3 and adapter.clipped == {"obs": 3}
+    assert caplog.text.count("outside its space's [-1.0, 1.0]: clipped into them") == 1
+    result = train_local("tmrl-test/Overshoot-v0", steps=20, seed=0, config=_small(eval_episodes=0))
+    assert result.steps == 20
 
 
 def test_train_local_command_stops_on_sigint_saves_its_checkpoint_and_exits_0(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import typer
@@ -126,6 +127,11 @@ def log_device(device: str) -> None:
     logging.getLogger("tmrl_trainer").info("training on %s (%s)", resolved, detail)
 
 
+def _return_text(value: float) -> str:
+    """A return to one decimal, or to four significant digits when that would round it to 0 (rewards of 1e-6)."""
+    return f"{value:.1f}" if abs(value) >= 1.0 or value == 0.0 else f"{value:.4g}"
+
+
 @app.command("train-local")
 def train_local_command(
     env: str = typer.Option("gym:Pendulum-v1", "--env", help="gym:<id>, any gymnasium env, e.g. gym:Pendulum-v1 or "
@@ -143,14 +149,17 @@ def train_local_command(
     save_memory: bool = typer.Option(False, "--save-memory", help=HELP["save_memory"] + " train-local never resumes "
                                      "from it: each run starts afresh."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run directory that holds a checkpoint "
-                                   "of an earlier run (replacing it); without it such a run directory is refused."),
+                                   "of an earlier run (replacing it and its TensorBoard logs); without it such a run "
+                                   "directory is refused."),
     torch_threads: int | None = typer.Option(None, "--torch-threads", "--threads", min=1, help=HELP["torch_threads"]),
     log_level: LogLevel = LogLevelOption,
 ) -> None:
     """Train SAC synchronously in one process on a gymnasium env (quick experiments; no relay, no workers).
 
     Ctrl-C (or SIGTERM) ends the run after the current step: it saves the checkpoint, skips the final evaluation and
-    exits 0."""
+    exits 0. An env that raises or returns a NaN or infinite value ends the run in one line, exit 1, with the
+    checkpoint of the steps before saved; observations outside the env's space are clipped into it, as a worker does;
+    an evaluation episode ends after 10,000 steps at most."""
     import logging
     import re
     import threading
@@ -167,6 +176,7 @@ def train_local_command(
 
     from tmrl_trainer.local import (
         LATEST_LOCAL_CHECKPOINT,
+        LocalEnvFailure,
         LocalTrainingConfig,
         UnsupportedEnvironmentError,
         train_local,
@@ -201,11 +211,18 @@ def train_local_command(
                    err=True)
         raise typer.Exit(code=2)
     try:  # before training, not at its end: a run directory that cannot hold the checkpoint loses the whole run
+        if earlier.exists():  # --overwrite: the earlier run's curves would be drawn with this one's (a probe)
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         for folder in (run_dir / "checkpoints", run_dir / "tensorboard"):
             writable_directory(folder)
     except ConfigError as exc:
         typer.echo(f"tmrl-trainer train-local: {exc}", err=True)
         raise typer.Exit(code=2) from exc
+    if steps < local.sac.learning_starts:  # an outside probe read the untrained policy's return as a result
+        logging.getLogger("tmrl_trainer").warning(
+            "--steps %d is below sac.learning_starts (%d rows of the replay memory, a reset's included): few or no "
+            "updates will be made, and the final evaluation measures a policy that has barely trained", steps,
+            local.sac.learning_starts)
     last = {"episode": float("nan"), "eval": float("nan")}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("episode return {task.fields[episode]:9.1f}  eval {task.fields[eval]:9.1f}"),
@@ -223,13 +240,18 @@ def train_local_command(
         except UnsupportedEnvironmentError as exc:
             typer.echo(f"tmrl-trainer train-local: {exc}", err=True)
             raise typer.Exit(code=2) from exc
+        except LocalEnvFailure as exc:  # the env failed mid-run: the steps before are saved, the line says where
+            progress.stop()
+            typer.echo(f"tmrl-trainer train-local: {exc}", err=True)
+            raise typer.Exit(code=1) from exc
         progress.update(task, completed=result.steps, eval=result.final_return)
     ignore_stop_signals()  # stopped cleanly: a repeated Ctrl-C must not turn exit 0 into death by that signal
     if result.stopped:
         typer.echo(f"{env} seed {seed}: stopped at step {result.steps} of {steps}, {result.updates} updates, "
                    f"{result.episodes} episodes in {result.wall_s:.1f} s (no final evaluation)")
     else:
+        final = (f"final deterministic return {_return_text(result.final_return)} (mean of "
+                 f"{len(result.final_returns)} episodes)" if result.final_returns else "no final evaluation (--eval-episodes 0)")
         typer.echo(f"{env} seed {seed}: {steps} steps, {result.updates} updates, {result.episodes} episodes in "
-                   f"{result.wall_s:.1f} s; final deterministic return {result.final_return:.1f} "
-                   f"(mean of {len(result.final_returns)} episodes)")
+                   f"{result.wall_s:.1f} s; {final}")
     typer.echo(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; checkpoint: {result.checkpoint}")

@@ -11,7 +11,7 @@ from tmrl_common.atomic_file import file_on_the_way
 
 
 def export_command(
-    source: Path = typer.Argument(..., help="A run's policy.safetensors, or a checkpoint (checkpoints/checkpoint-*.safetensors).",
+    source: Path = typer.Argument(..., help="A run's policy.safetensors, or a checkpoint (checkpoints/checkpoint-*.safetensors of a trainer service, checkpoints/latest.safetensors of train-local).",
                                   exists=True, dir_okay=False),
     onnx: Path | None = typer.Option(None, "--onnx", help="Write the deterministic actor as ONNX here (a name ending "
                                                           "in .onnx; its folder is created if missing).", dir_okay=False),

@@ -10,6 +10,8 @@ rescaled to the environment's ``Box`` bounds.
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +38,18 @@ LATEST_LOCAL_CHECKPOINT = "latest.safetensors"
 
 class UnsupportedEnvironmentError(ValueError):
     """The environment cannot be trained on locally (unsupported spaces, unknown id)."""
+
+
+class LocalEnvFailure(RuntimeError):
+    """The environment failed while running: its ``reset`` or ``step`` raised, or it returned a NaN or infinite
+    observation or reward. :func:`train_local` saves the checkpoint of the steps before, then raises it."""
+
+
+EVAL_EPISODE_STEP_CAP = 10_000
+"""An evaluation episode ends after this many steps: an env registered without ``max_episode_steps`` that never
+ends its episodes hung the final evaluation for good (an outside probe; Ctrl-C and SIGTERM were not looked at)."""
+
+log = logging.getLogger(__name__)
 
 
 class LocalTrainingConfig(BaseModel):
@@ -115,26 +129,77 @@ class _EnvAdapter:
                                    "ObservationLayout attribute 'layout' on the unwrapped environment")
         if self.layout.action_dim != space.shape[0]:
             raise UnsupportedEnvironmentError(f"layout action_dim {self.layout.action_dim} differs from the action space {space}")
+        self.clipped: dict[str, int] = {}
+        """Observations clipped into their part's bounds, by part name (the first of each part is logged)."""
 
     def observation(self, raw) -> tuple[np.ndarray, ...]:
-        return (np.asarray(raw, dtype=np.float32),) if self.flat else tuple(raw)
+        """The observation as the layout's parts; :class:`LocalEnvFailure` for NaN or infinite values; values outside
+        a part's declared bounds are clipped into them, as the worker does (the policy must learn from what a worker
+        on this env would send; an outside probe trained on raw values that ``eval`` then clipped)."""
+        parts = [np.asarray(raw, dtype=np.float32)] if self.flat else [np.asarray(part) for part in raw]
+        for index, component in enumerate(self.layout.components):
+            values = parts[index]
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                raise LocalEnvFailure(f"returned NaN or infinite values in observation part {component.name!r}: fix or "
+                                      "clip the env's observation")
+            low = -np.inf if component.low is None else component.low
+            high = np.inf if component.high is None else component.high
+            if values.size and values.dtype.kind in "fiu" and (values.min() < low or values.max() > high):
+                if component.name not in self.clipped:
+                    log.warning("the env returned observation part %r with values in [%.6g, %.6g], outside its "
+                                "space's [%s, %s]: clipped into them, as a worker would (logged once)", component.name,
+                                values.min(), values.max(), component.low, component.high)
+                self.clipped[component.name] = self.clipped.get(component.name, 0) + 1
+                parts[index] = np.clip(values, low, high).astype(values.dtype, copy=False)
+        return tuple(parts)
+
+    def step(self, action: np.ndarray) -> tuple[tuple[np.ndarray, ...], float, bool, bool]:
+        """One step of the env with a policy action in [-1, 1]: (observation, reward, terminated, truncated), or
+        :class:`LocalEnvFailure` when the env raised or returned a NaN or infinite value."""
+        try:
+            raw, reward, terminated, truncated, _ = self.env.step(self.env_action(action))
+        except Exception as exc:  # noqa: BLE001 - the env's own code
+            raise LocalEnvFailure(f"its step raised {type(exc).__name__}: {exc}") from exc
+        try:
+            reward = float(reward)
+        except (TypeError, ValueError) as exc:
+            raise LocalEnvFailure(f"returned a reward of type {type(reward).__name__}, not a number") from exc
+        if not math.isfinite(reward):
+            raise LocalEnvFailure(f"returned reward {reward}: NaN and infinite rewards cannot be learned from")
+        return self.observation(raw), reward, bool(terminated), bool(truncated)
+
+    def reset(self, seed: int | None = None) -> tuple[np.ndarray, ...]:
+        try:
+            raw, _ = self.env.reset(seed=seed)
+        except Exception as exc:  # noqa: BLE001 - the env's own code
+            raise LocalEnvFailure(f"its reset raised {type(exc).__name__}: {exc}") from exc
+        return self.observation(raw)
 
     def env_action(self, action: np.ndarray) -> np.ndarray:
         scaled = self.low + (np.asarray(action, dtype=np.float64) + 1.0) * 0.5 * (self.high - self.low)
         return np.clip(scaled, self.low, self.high).astype(self.env.action_space.dtype)
 
 
-def evaluate(actor, adapter: _EnvAdapter, episodes: int, seed: int) -> list[float]:
-    """Undiscounted returns of ``episodes`` deterministic episodes (reset seeds ``seed``, ``seed + 1``...)."""
+def evaluate(actor, adapter: _EnvAdapter, episodes: int, seed: int, stop: threading.Event | None = None,
+             step_cap: int = EVAL_EPISODE_STEP_CAP) -> list[float]:
+    """Undiscounted returns of ``episodes`` deterministic episodes (reset seeds ``seed``, ``seed + 1``...), each
+    ended after ``step_cap`` steps at the latest (logged); fewer returns when ``stop`` is set meanwhile."""
     returns = []
     for episode in range(episodes):
-        raw, _ = adapter.env.reset(seed=seed + episode)
-        total, done = 0.0, False
+        observation = adapter.reset(seed=seed + episode)
+        total, done, length = 0.0, False, 0
         while not done:
-            action = actor.act(adapter.observation(raw), deterministic=True)
-            raw, reward, terminated, truncated, _ = adapter.env.step(adapter.env_action(action))
-            total += float(reward)
+            if stop is not None and stop.is_set():
+                return returns
+            action = actor.act(observation, deterministic=True)
+            observation, reward, terminated, truncated = adapter.step(action)
+            total += reward
+            length += 1
             done = terminated or truncated
+            if not done and length >= step_cap:
+                log.warning("evaluation episode %d ended at %d steps without the env ending it (registered without "
+                            "max_episode_steps?): its return is that of its first %d steps", episode, length, length)
+                done = True
         returns.append(total)
     return returns
 
@@ -175,19 +240,20 @@ def train_local(
     result = LocalTrainingResult(final_return=float("nan"), final_returns=[])
     batches = 0
     update_debt = 0.0
-    raw, _ = env.reset(seed=seed)
-    observation = adapter.observation(raw)
-    builder.add_reset(observation)
     episode_return, episode_length = 0.0, 0
 
     def checkpoint(step: int) -> None:
         if checkpoint_path is not None:
-            counters = {"env_steps": step, "episodes": result.episodes, "updates": learner.updates}
+            # weights_version: what an exported policy file says it is (it said 0 for every local run)
+            counters = {"env_steps": step, "episodes": result.episodes, "updates": learner.updates,
+                        "weights_version": learner.updates}
             result.checkpoint = save_checkpoint(checkpoint_path, learner, counters,
                                                 memory if config.save_memory else None)
 
     def evaluation(step: int) -> float:
-        returns = evaluate(learner.actor, eval_adapter, config.eval_episodes, seed=seed + 1_000_000)
+        returns = evaluate(learner.actor, eval_adapter, config.eval_episodes, seed=seed + 1_000_000, stop=stop)
+        if len(returns) < config.eval_episodes:  # stopped meanwhile: no figure for a part of the episodes
+            return float("nan")
         mean = float(np.mean(returns))
         result.evaluations.append((step, mean))
         metrics.log_evaluation(step, mean)
@@ -195,53 +261,64 @@ def train_local(
         return mean
 
     try:
-        for step in range(1, steps + 1):
-            if stop is not None and stop.is_set():
-                result.stopped = True
-                break
-            result.steps = step
-            info: dict[str, float] = {}
-            if len(memory) < config.sac.learning_starts:
-                action = exploration.uniform(-1.0, 1.0, layout.action_dim).astype(np.float32)
-            else:
-                action = learner.actor.act(observation, deterministic=False)
-            raw, reward, terminated, truncated, _ = env.step(adapter.env_action(action))
-            observation = adapter.observation(raw)
-            builder.add_step(action, observation, float(reward), bool(terminated), bool(truncated))
-            episode_return += float(reward)
-            episode_length += 1
-            if terminated or truncated:
-                result.episodes += 1
-                metrics.log_episode(step, episode_return, episode_length)
-                info["episode_return"] = episode_return
-                raw, _ = env.reset()
-                observation = adapter.observation(raw)
-                builder.add_reset(observation)
-                episode_return, episode_length = 0.0, 0
-            memory.add_batch(LOCAL_WORKER_ID, builder.build(seq=batches, weights_version=learner.updates))
-            batches += 1
+        try:
+            observation = adapter.reset(seed=seed)
+            builder.add_reset(observation)
+            for step in range(1, steps + 1):
+                if stop is not None and stop.is_set():
+                    result.stopped = True
+                    break
+                result.steps = step
+                info: dict[str, float] = {}
+                if len(memory) < config.sac.learning_starts:
+                    action = exploration.uniform(-1.0, 1.0, layout.action_dim).astype(np.float32)
+                else:
+                    action = learner.actor.act(observation, deterministic=False)
+                observation, reward, terminated, truncated = adapter.step(action)
+                builder.add_step(action, observation, reward, terminated, truncated)
+                episode_return += reward
+                episode_length += 1
+                if terminated or truncated:
+                    result.episodes += 1
+                    metrics.log_episode(step, episode_return, episode_length)
+                    info["episode_return"] = episode_return
+                    observation = adapter.reset()
+                    builder.add_reset(observation)
+                    episode_return, episode_length = 0.0, 0
+                memory.add_batch(LOCAL_WORKER_ID, builder.build(seq=batches, weights_version=learner.updates))
+                batches += 1
 
-            if len(memory) >= config.sac.learning_starts:
-                update_debt += config.sac.utd
-                while update_debt >= 1.0 and not (stop is not None and stop.is_set()):
-                    update_debt -= 1.0
-                    log_now = (learner.updates + 1) % config.log_every == 0
-                    update_metrics = learner.update(memory.sample(config.sac.batch_size), with_metrics=log_now)
-                    if log_now:
-                        update_metrics["updates_rejected"] = learner.guard.report(learner.updates)
-                        metrics.log_update(step, update_metrics)
-                        metrics.log_rates(step, learner.updates, step)
+                if len(memory) >= config.sac.learning_starts:
+                    update_debt += config.sac.utd
+                    while update_debt >= 1.0 and not (stop is not None and stop.is_set()):
+                        update_debt -= 1.0
+                        log_now = (learner.updates + 1) % config.log_every == 0
+                        update_metrics = learner.update(memory.sample(config.sac.batch_size), with_metrics=log_now)
+                        if log_now:
+                            update_metrics["updates_rejected"] = learner.guard.report(learner.updates)
+                            metrics.log_update(step, update_metrics)
+                            metrics.log_rates(step, learner.updates, step)
 
-            if config.eval_every and step % config.eval_every == 0 and step != steps and config.eval_episodes:
-                info["eval_return"] = evaluation(step)
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step != steps:
-                checkpoint(step)
-            if on_progress is not None:
-                on_progress(step, info)
-
+                if config.eval_every and step % config.eval_every == 0 and step != steps and config.eval_episodes:
+                    info["eval_return"] = evaluation(step)
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step != steps:
+                    checkpoint(step)
+                if on_progress is not None:
+                    on_progress(step, info)
+        except LocalEnvFailure as exc:  # the steps before are learned from: keep them
+            done = max(result.steps - 1, 0)
+            checkpoint(done)
+            kept = (f"the learner after {done} steps is in {result.checkpoint}" if result.checkpoint
+                    else "nothing was saved (no run directory)")
+            raise LocalEnvFailure(f"env {env_id!r} {exc} (at step {result.steps}); {kept}") from exc
+        checkpoint(result.steps)  # before the final evaluation, which an env may fail or a stop may cut short
         if config.eval_episodes and not result.stopped:
-            result.final_return = evaluation(steps)
-        checkpoint(result.steps)
+            try:
+                result.final_return = evaluation(steps)
+            except LocalEnvFailure as exc:
+                raise LocalEnvFailure(f"env {env_id!r} {exc} in the final evaluation; the learner after "
+                                      f"{result.steps} steps is in {result.checkpoint}") from exc
+            result.stopped = stop is not None and stop.is_set() and math.isnan(result.final_return)
     finally:
         metrics.close()
         env.close()
