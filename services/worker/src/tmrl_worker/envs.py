@@ -909,7 +909,7 @@ def make_env(spec: str, time_step_duration: float = 0.05, max_episode_steps: int
     options = dict(options or {})
     if render_mode is not None and (spec == "sim" or spec in TM20_SPECS or (":" in spec and not spec.startswith("gym:"))):
         raise EnvSpecError(f"env {spec!r} runs through rtgym and draws no frames; rendering works with sim-fast "
-                           "and gym:<id> envs")
+                           "(what `eval --env sim` runs) and gym:<id> envs")
     if spec in SIM_SPECS:
         return _make_sim(spec, time_step_duration, max_episode_steps, options, render_mode)
     if spec in TM20_SPECS:
