@@ -342,3 +342,17 @@ def test_frames_of_another_size_than_the_window_was_given_are_warned_of(frames, 
     assert len(said) == int(warned)
     if warned:
         assert "but its frames are 160x120" in said[0]
+
+
+def test_the_lidar_interface_renders_its_frame_with_the_beams_drawn():
+    """Its render() draws the beams in red (lost once in this session's rework of the class, with no test to say)."""
+    drive = StraightDrive(10.0, SERVER_HZ, z=5.0)
+    with TelemetryReplayServer(drive.packet, rate_hz=SERVER_HZ) as server:
+        interface = lidar_interface(server, drive)
+        try:
+            interface.reset()
+            drawn = interface.render()
+        finally:
+            interface.close()
+    assert drawn.shape == interface.last_frame.shape
+    assert ((drawn == (255, 0, 0)).all(axis=-1)).sum() > 100 and not (interface.last_frame == (255, 0, 0)).all(axis=-1).any()

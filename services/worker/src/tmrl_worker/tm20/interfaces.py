@@ -143,8 +143,8 @@ episode (truncated) instead of escaping rtgym's observation thread."""
 
 
 def _fault_kind(exc: BaseException) -> str:
-    kinds = ((RaceRestartedError, "restarted"), (PositionJumpError, "jumped"), (TelemetryError, "telemetry"), (StaleFrameError, "stale"),
-             (CaptureError, "capture"),
+    kinds = ((RaceRestartedError, "restarted"), (PositionJumpError, "jumped"), (TelemetryError, "telemetry"),
+             (StaleFrameError, "stale"), (CaptureError, "capture"),
              (WindowNotFoundError, "window"), (LidarError, "frame"))
     return next((name for cls, name in kinds if isinstance(exc, cls)), "unexpected")
 
@@ -851,6 +851,9 @@ class TM20LidarInterface(TM20Interface):
                 f"lidar.threshold {self.lidar.config.threshold} too high for this picture)")
         log.warning("tm20: for %d LIDAR scans in a row %s; `tmrl-worker check-env --save-frames DIR` shows what the "
                     "beams see", count, seen)
+
+    def render(self) -> np.ndarray | None:
+        return None if self.last_frame is None else self.lidar.draw(self.last_frame)
 
 
 class TM20LidarProgressInterface(TM20LidarInterface):
