@@ -398,6 +398,10 @@ def test_a_link_whose_id_the_relay_refuses_says_so_for_the_progress_line(linked)
                     "CurveZMQ key (a new key pair for this worker? ...)")
     relay.socket.send_multipart([routing_id, *encode(refusal, "relay")])
     wait_for(lambda: link.snapshot()["ids_lost"] == 1)
+    heartbeat_refused = Error(reason="unknown_sender", ref_type="heartbeat", message="'w-test' sent before saying hello "
+                              "on this connection")  # what follows a refused hello: its reason must stay the one shown
+    relay.socket.send_multipart([routing_id, *encode(heartbeat_refused, "relay")])
+    wait_for(lambda: link.snapshot()["ids_lost"] == 2)
     link.submit(filled_builder(3), weights_version=0)
     problem = link.delivery_problem()
     assert problem is not None and problem.startswith("connected to the relay, but it does not take this connection's "

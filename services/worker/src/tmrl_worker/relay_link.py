@@ -489,7 +489,7 @@ class RelayLink:
             if message.ref_type == "sample_batch" and message.ref_seq is not None and message.reason in FINAL_AT_RELAY:
                 self._refused([message.ref_seq], message.reason, f"the relay refused it: {message.message}")
             if message.reason == "unknown_sender":
-                self._id_lost(message.message)
+                self._id_lost(message.message, from_hello=message.ref_type == "hello")
         elif isinstance(message, WeightsUpdate):
             self.counters.weights_received += 1
             if self.on_weights is not None:
@@ -520,13 +520,16 @@ class RelayLink:
             if self.on_give_up is not None:
                 self.on_give_up()
 
-    def _id_lost(self, detail: str) -> None:
+    def _id_lost(self, detail: str, from_hello: bool = False) -> None:
         """The relay does not take this connection's messages as this worker's (another connection said hello under
         its id since, a restarted relay that missed the hello, a revoked key): say hello again after a wait, which
         grows while it keeps happening (:data:`HELLO_AGAIN_FIRST_S`). Without it a worker displaced by a second
         process under its id sent nothing any more, even after that process stopped."""
         self.counters.ids_lost += 1
-        self.id_refusal = detail
+        if from_hello or self.id_refusal is None or self._id_lost_at <= self._acked_at:
+            # after a refused hello, the heartbeats' refusals only say "sent before saying hello": keep the hello's
+            # reason, which says what frees the id (a re-check probe saw it overwritten at every heartbeat)
+            self.id_refusal = detail
         now = time.monotonic()
         self._id_lost_at = now
         wait = self._hello_again.refused(now)
