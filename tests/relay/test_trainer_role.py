@@ -108,7 +108,7 @@ def test_an_insecure_relay_warns_loudly_at_start_and_louder_off_loopback(caplog)
     from tmrl_relay.config import RelayConfig
 
     caplog.set_level(logging.WARNING, logger="tmrl_relay")
-    hosts = ("127.0.0.1", "127.0.0.2", "0.0.0.0") + (("[::1]", "::1") if ipv6_loopback() else ())
+    hosts = ("127.0.0.1", "127.0.0.2", "0.0.0.0") + (("[::1]", "::1", "[::ffff:127.0.0.1]") if ipv6_loopback() else ())
     for host in hosts:  # an outside probe: [::1] and 127.0.0.2 were called NOT loopback, and [::1] on port 0 failed
         caplog.clear()
         relay = Relay(insecure_config(bind_host=host))

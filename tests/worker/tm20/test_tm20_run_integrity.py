@@ -299,10 +299,19 @@ def flickering(value: int) -> np.ndarray:
     return np.stack([np.full((120, 160, 3), value, np.uint8), np.full((120, 160, 3), value + 1, np.uint8)])
 
 
+def against_a_wall() -> np.ndarray:
+    """Road and sky above, a wall filling the bottom 40 % of the picture: the car right against it (every beam meets
+    it at its first sample, but the screen is not dark; the re-check probe's car reversed behind the start wall)."""
+    frames = flickering(180)
+    frames[:, 72:] = 0
+    return frames
+
+
 @pytest.mark.parametrize(("frames", "says"), [
     (flickering(250), "no beam met a track border (a menu or a white screen"),
     (flickering(0), "every beam met a border at its first sample (a black or dark screen"),
     (corridor_frames(), None),
+    (against_a_wall(), None),
 ])
 def test_lidar_scans_of_a_picture_without_a_track_are_warned_of(frames, says, caplog):
     """The TrackMania probe: white, black and border-less frames that change gave LIDAR readings (all at the frame's

@@ -180,7 +180,9 @@ class Relay:
     def _warn_insecure(self) -> None:
         host = self.config.bind_host
         try:
-            loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+            address = ipaddress.ip_address(host.strip("[]"))
+            mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback; Python says it is not
+            loopback = host == "localhost" or (mapped or address).is_loopback
         except ValueError:  # "*" or a host name
             loopback = False
         log.warning("INSECURE: no CurveZMQ, no authentication, no encryption. Any process that reaches %s can send "

@@ -119,6 +119,8 @@ BLIND_SCANS = 40
 """LIDAR scans in a row (2 s at 20 Hz) that met no border, or met one at every beam's first sample, before the worker
 warns that the picture is not the track (:meth:`TM20LidarInterface._check_feature`)."""
 BLIND_WARNING_EVERY_S = 60.0
+DARK_SCREEN_SHARE = 0.9
+"""The share of a frame's pixels that must read as border for beams all at 0 to count as a dark screen."""
 
 SIZE_CHECKS_BEFORE_ADOPTING = 3
 """The game probe's checks in a row that must see one new frame size before it is measured at (a window resized for
@@ -451,8 +453,9 @@ class TM20Interface(RealTimeGymInterface):
         """What one screenshot contributes to the history (a LIDAR scan, a small gray image)."""
         raise NotImplementedError
 
-    def _check_feature(self, feature: np.ndarray) -> None:
-        """Look at a feature entering the history for signs that the picture is not the track (logged only)."""
+    def _check_feature(self, feature: np.ndarray, frame: np.ndarray) -> None:
+        """Look at a feature entering the history (measured on ``frame``) for signs that the picture is not the track
+        (logged only)."""
 
     def _telemetry_part(self, name: str) -> np.ndarray:
         """Telemetry field ``name`` of the newest packet as a 1-value float32 observation part, clipped into
@@ -508,7 +511,7 @@ class TM20Interface(RealTimeGymInterface):
             self._stale_frame = frame
             raise
         feature = self.frame_feature(frame)
-        self._check_feature(feature)
+        self._check_feature(feature, frame)
         self.last_frame, self.last_telemetry = frame, telemetry
         self.history.append(feature)
 
@@ -833,13 +836,17 @@ class TM20LidarInterface(TM20Interface):
     def frame_feature(self, frame: np.ndarray) -> np.ndarray:
         return self.lidar.measure(frame)
 
-    def _check_feature(self, feature: np.ndarray) -> None:
+    def _check_feature(self, feature: np.ndarray, frame: np.ndarray) -> None:
         """Warn (at most every :data:`BLIND_WARNING_EVERY_S`) when :data:`BLIND_SCANS` scans in a row met no border
-        on any beam, or a border at the first sample of every beam: a menu, a white or black screen, another window,
-        or a ``lidar.threshold`` that does not fit the picture. Such scans look like numbers all the same (an outside
-        probe's white, black and border-less frames ran without a word while the picture changed)."""
+        on any beam, or a border at the first sample of every beam in a frame that is dark nearly all over: a menu, a
+        white or black screen, another window, or a ``lidar.threshold`` that does not fit the picture. Such scans look
+        like numbers all the same (an outside probe's white, black and border-less frames ran without a word while
+        the picture changed). A car against a wall also meets it at every beam's first sample, in a frame of road and
+        sky: no warning then (a re-check saw one for a car reversed behind the start line's wall)."""
         borders = self.lidar.last_borders_met
         blind = "none" if borders == 0 else "all-at-once" if borders == len(feature) and not feature.any() else None
+        if blind == "all-at-once" and self._dark_share(frame) < DARK_SCREEN_SHARE:
+            blind = None
         count = self._blind_scans + 1 if blind is not None and blind == self._blind_kind else int(blind is not None)
         self._blind_kind, self._blind_scans = blind, count
         if count < BLIND_SCANS or time.monotonic() - self._blind_warned_at < BLIND_WARNING_EVERY_S:
@@ -851,6 +858,12 @@ class TM20LidarInterface(TM20Interface):
                 f"lidar.threshold {self.lidar.config.threshold} too high for this picture)")
         log.warning("tm20: for %d LIDAR scans in a row %s; `tmrl-worker check-env --save-frames DIR` shows what the "
                     "beams see", count, seen)
+
+    def _dark_share(self, frame: np.ndarray) -> float:
+        """The share of ``frame``'s pixels (one in 16 on each axis) that the LIDAR reads as border."""
+        sample = np.asarray(frame)[::16, ::16]
+        dark = sample < self.lidar.config.threshold
+        return float((dark[..., :3].all(axis=-1) if dark.ndim == 3 else dark).mean())
 
     def render(self) -> np.ndarray | None:
         return None if self.last_frame is None else self.lidar.draw(self.last_frame)
