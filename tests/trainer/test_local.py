@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -185,8 +187,15 @@ def test_train_local_command_trains_and_reports_the_final_return(tmp_path):
     assert over.exit_code == 0 and "Pendulum-v1 seed 1: 5 steps" in over.output, over.output
     [summary] = [line for line in over.output.splitlines() if line.startswith("Pendulum-v1 seed 1: 5 steps")]
     assert summary.endswith("no final evaluation (--eval-episodes 0)")  # it read "return nan (mean of 0 episodes)"
-    # the train-local probe: --overwrite kept the earlier runs' event files, so their curves were drawn with its own
-    assert len(list((tmp_path / "tensorboard").iterdir())) == 1
+    # the train-local probe: --overwrite kept the earlier runs' event files, so their curves were drawn with its own;
+    # its re-check: the whole folder went, files of the user's own too
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    (tmp_path / "tensorboard" / "notes.txt").write_text("mine")
+    again = runner.invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "5", "--eval-episodes", "0",
+                                "--run-dir", str(tmp_path), "--device", "cpu", "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "tensorboard" / "notes.txt").read_text() == "mine"
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_a_stop_ends_local_training_after_its_step_with_a_checkpoint_and_no_final_evaluation(tmp_path):
@@ -234,6 +243,51 @@ def _glitchy_layout() -> ObservationLayout:
     from tmrl_common.layout import layout_for_box
 
     return layout_for_box(2, 1, -1.0, 1.0)
+
+
+class EmptyActionEnv(GlitchyEnv):
+    action_space = gym.spaces.Box(-1.0, 1.0, (0,), np.float32)
+
+
+class EmptyObservationEnv(GlitchyEnv):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (0,), np.float32)
+
+
+gym.register(id="tmrl-test/EmptyAction-v0", entry_point=EmptyActionEnv, max_episode_steps=5)
+gym.register(id="tmrl-test/EmptyObservation-v0", entry_point=EmptyObservationEnv, max_episode_steps=5)
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ("tmrl-test/EmptyAction-v0", "the action space (a Box of shape (0,)) holds no values"),
+    ("tmrl-test/EmptyObservation-v0", "the observation space (a Box of shape (0,)) holds no values"),
+])
+def test_a_space_that_holds_no_values_is_refused_by_both_trainer_commands(env, says):
+    """The re-check probe: the worker refused empty spaces in one line, train-local and `run --env gym:` crashed."""
+    from tmrl_common.errors import ConfigError
+    from tmrl_trainer.service import layout_for_env
+
+    with pytest.raises(UnsupportedEnvironmentError, match=re.escape(says)):
+        train_local(env, steps=5, config=_small())
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        layout_for_env(f"gym:{__name__}:{env}")
+
+
+def test_an_env_raising_keyboard_interrupt_in_its_step_keeps_the_steps_before(tmp_path):
+    """The re-check probe: KeyboardInterrupt (or SystemExit) out of the env's own step ended the run with no
+    checkpoint; a Ctrl-C (SIGINT) saves one."""
+
+    class Interrupting(GlitchyEnv):
+        def step(self, action):
+            if self.steps == 30:
+                raise KeyboardInterrupt
+            return super().step(action)
+
+    gym.register(id="tmrl-test/Interrupting-v0", entry_point=Interrupting, max_episode_steps=50)
+    with pytest.raises(KeyboardInterrupt):
+        train_local("tmrl-test/Interrupting-v0", steps=100, config=_small(run_dir=tmp_path, eval_episodes=0))
+    learner = SACLearner(SACConfig(hidden_sizes=[16, 16]), SACConfig(hidden_sizes=[16, 16]).architecture(
+        _glitchy_layout()), device="cpu")
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.safetensors", learner).counters["env_steps"] == 30
 
 
 def test_an_evaluation_episode_the_env_never_ends_stops_at_the_cap_and_a_stop_ends_the_evaluation(tmp_path, caplog):

@@ -255,6 +255,16 @@ def observation_digest(layout: ObservationLayout, observation: tuple | list) -> 
     return digest.digest()
 
 
+def empty_space_problem(observation_shape: tuple[int, ...], action_shape: tuple[int, ...]) -> str | None:
+    """Why Box spaces of these shapes cannot be learned from (one holds no values), or None: a zero-size space ended
+    the trainer's commands in a traceback (pydantic's ``action_dim >= 1``, numpy's zero-size reduction)."""
+    if math.prod(action_shape) == 0:
+        return f"the action space (a Box of shape {tuple(action_shape)}) holds no values; tmrl's SAC needs at least one action"
+    if math.prod(observation_shape) == 0:
+        return f"the observation space (a Box of shape {tuple(observation_shape)}) holds no values"
+    return None
+
+
 def box_bounds(low, high) -> tuple[float | None, float | None]:
     """Scalar bounds of a Box space (its smallest ``low``, its largest ``high``), ``None`` where infinite."""
     import numpy as np

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import typer
@@ -212,7 +211,16 @@ def train_local_command(
         raise typer.Exit(code=2)
     try:  # before training, not at its end: a run directory that cannot hold the checkpoint loses the whole run
         if earlier.exists():  # --overwrite: the earlier run's curves would be drawn with this one's (a probe)
-            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+            stale = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+            for path in stale:  # only TensorBoard's own files (a re-check: other files there went too)
+                try:
+                    path.unlink()
+                except OSError as exc:
+                    raise ConfigError(f"--overwrite: cannot remove the earlier run's {path}: "
+                                      f"{exc.strerror or exc}") from exc
+            if stale:
+                logging.getLogger("tmrl_trainer").info("--overwrite: removed the earlier run's %d TensorBoard event "
+                                                       "file(s) from %s", len(stale), run_dir / "tensorboard")
         for folder in (run_dir / "checkpoints", run_dir / "tensorboard"):
             writable_directory(folder)
     except ConfigError as exc:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tmrl_common.batching import SampleBatchBuilder
-from tmrl_common.layout import ObservationLayout, box_bounds, layout_for_box
+from tmrl_common.layout import ObservationLayout, box_bounds, empty_space_problem, layout_for_box
 
 from tmrl_trainer.checkpoint import save_checkpoint
 from tmrl_trainer.learner import make_learner
@@ -112,6 +112,9 @@ class _EnvAdapter:
         space = env.action_space
         if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
             raise UnsupportedEnvironmentError(f"local training needs a 1-D Box action space, {env.spec.id if env.spec else env} has {space}")
+        empty = empty_space_problem(getattr(env.observation_space, "shape", None) or (1,), space.shape)
+        if empty is not None:
+            raise UnsupportedEnvironmentError(empty)
         self.low = space.low.astype(np.float64)
         self.high = space.high.astype(np.float64)
         if not (np.isfinite(self.low).all() and np.isfinite(self.high).all()):
@@ -225,6 +228,7 @@ def train_local(
     except (gym.error.Error, ImportError) as exc:  # an unknown id, or gym:module:Id whose module does not import
         raise UnsupportedEnvironmentError(f"gymnasium cannot make {env_id!r}: {exc}") from exc
     adapter, eval_adapter = _EnvAdapter(env), _EnvAdapter(eval_env)
+    eval_adapter.clipped = adapter.clipped  # one count, and one log line per part, for both
     layout = adapter.layout
 
     learner = make_learner(config.sac, config.sac.architecture(layout), device=config.device, seed=seed)
@@ -305,6 +309,9 @@ def train_local(
                     checkpoint(step)
                 if on_progress is not None:
                     on_progress(step, info)
+        except (KeyboardInterrupt, SystemExit):  # raised by the env's own code: keep the steps before, then go on
+            checkpoint(max(result.steps - 1, 0))
+            raise
         except LocalEnvFailure as exc:  # the steps before are learned from: keep them
             done = max(result.steps - 1, 0)
             checkpoint(done)

@@ -78,6 +78,7 @@ from tmrl_common.errors import ConfigError
 from tmrl_common.layout import (
     ObservationLayout,
     box_bounds,
+    empty_space_problem,
     layout_for_box,
     tm20_full_layout,
     tm20_lidar_layout,
@@ -173,6 +174,9 @@ def layout_for_env(env: str, layout_file: Path | None = None) -> ObservationLayo
                 return declared
             if not isinstance(probe.observation_space, spaces.Box) or not isinstance(probe.action_space, spaces.Box):
                 raise ConfigError(f"env {env!r} needs Box observation and action spaces; set layout_file instead")
+            empty = empty_space_problem(probe.observation_space.shape, probe.action_space.shape)
+            if empty is not None:
+                raise ConfigError(f"env {env!r}: {empty}")
             return layout_for_box(math.prod(probe.observation_space.shape), math.prod(probe.action_space.shape),
                                   *box_bounds(probe.observation_space.low, probe.observation_space.high))
         finally:
