@@ -211,6 +211,7 @@ class RelayLink:
         self._hello_again = HelloBackoff(HELLO_AGAIN_FIRST_S, HELLO_AGAIN_MAX_S)
         self._id_lost_at = float("-inf")
         self._acked_at = float("-inf")
+        self._hello_refused_at = float("-inf")
         """When the last acknowledgement came: an ``unknown_sender`` since then is the link's state, not history."""
         self._client = RelayClient(
             worker_id, "sender", endpoint, self.counters, on_connected=self._say_hello, on_message=self._on_message,
@@ -526,10 +527,12 @@ class RelayLink:
         grows while it keeps happening (:data:`HELLO_AGAIN_FIRST_S`). Without it a worker displaced by a second
         process under its id sent nothing any more, even after that process stopped."""
         self.counters.ids_lost += 1
-        if from_hello or self.id_refusal is None or self._id_lost_at <= self._acked_at:
+        if from_hello or self._hello_refused_at <= self._acked_at:
             # after a refused hello, the heartbeats' refusals only say "sent before saying hello": keep the hello's
             # reason, which says what frees the id (a re-check probe saw it overwritten at every heartbeat)
             self.id_refusal = detail
+        if from_hello:
+            self._hello_refused_at = time.monotonic()
         now = time.monotonic()
         self._id_lost_at = now
         wait = self._hello_again.refused(now)
