@@ -211,8 +211,9 @@ class RelayLink:
         self._hello_again = HelloBackoff(HELLO_AGAIN_FIRST_S, HELLO_AGAIN_MAX_S)
         self._id_lost_at = float("-inf")
         self._acked_at = float("-inf")
-        self._hello_refused_at = float("-inf")
         """When the last acknowledgement came: an ``unknown_sender`` since then is the link's state, not history."""
+        self._hello_refused_at = float("-inf")
+        """When the relay last refused this link's hello: the refusals that follow it do not replace its reason."""
         self._client = RelayClient(
             worker_id, "sender", endpoint, self.counters, on_connected=self._say_hello, on_message=self._on_message,
             on_turn=self._on_turn, send_heartbeat=self._send_heartbeat, while_away="spooling until it comes back",
