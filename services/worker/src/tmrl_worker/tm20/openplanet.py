@@ -177,40 +177,49 @@ def encode_packet(sequence: int, speed: float = 0.0, distance: float = 0.0,
 
 def packet_problem(data: bytes) -> str | None:
     """Why ``data[:PACKET_BYTES]`` is no valid packet (e.g. ``"gear is nan"``), or None when it is one."""
+    return _checked_values(data)[1]
+
+
+def _checked_values(data: bytes) -> tuple[tuple[float, ...], None] | tuple[None, str]:
+    """``data[:PACKET_BYTES]`` unpacked, with None, when it is a valid packet; else None and why it is not (one
+    unpacking serves the check and the decoding)."""
     if len(data) < PACKET_BYTES:
-        return f"{len(data)} bytes, short of a {PACKET_BYTES}-byte packet"
+        return None, f"{len(data)} bytes, short of a {PACKET_BYTES}-byte packet"
     if bytes(data[0:4]) != MAGIC:
-        return f"it starts with {bytes(data[0:4])!r}, not {MAGIC!r}"
+        return None, f"it starts with {bytes(data[0:4])!r}, not {MAGIC!r}"
     if bytes(data[PACKET_BYTES - 4:PACKET_BYTES]) != END:
-        return (f"no {END!r} at byte {PACKET_BYTES - 4} (packets of another size, {PACKET_BYTES} bytes each in "
-                f"protocol {PROTOCOL_VERSION}?)")
+        return None, (f"no {END!r} at byte {PACKET_BYTES - 4} (packets of another size, {PACKET_BYTES} bytes each "
+                      f"in protocol {PROTOCOL_VERSION}?)")
     v = _PACKET.unpack_from(data)
     for name, value in zip(FIELDS[1:-1], v[1:-1], strict=True):
         if not math.isfinite(value):
-            return f"{name} is {value}"
+            return None, f"{name} is {value}"
     if v[_SLOT["version"]] != PROTOCOL_VERSION:
-        return f"version is {v[_SLOT['version']]:g}, not {PROTOCOL_VERSION}"
+        return None, f"version is {v[_SLOT['version']]:g}, not {PROTOCOL_VERSION}"
     for axis in ("x", "y", "z"):
         if abs(v[_SLOT[axis]]) > MAX_COORDINATE_M:  # no map is that large: it would be paid as progress
-            return f"{axis} is {v[_SLOT[axis]]:g} m, beyond the {MAX_COORDINATE_M:g} m any map spans"
+            return None, f"{axis} is {v[_SLOT[axis]]:g} m, beyond the {MAX_COORDINATE_M:g} m any map spans"
     distance = v[_SLOT["distance"]]
     if not -MAX_NEGATIVE_DISTANCE_M <= distance <= MAX_DISTANCE_M:
-        return f"distance is {distance:g} m, outside [{-MAX_NEGATIVE_DISTANCE_M:g}, {MAX_DISTANCE_M:g}]"
+        return None, f"distance is {distance:g} m, outside [{-MAX_NEGATIVE_DISTANCE_M:g}, {MAX_DISTANCE_M:g}]"
     seq = v[_SLOT["sequence"]]
     if seq != int(seq) or not 0 <= seq < SEQUENCE_MODULO:
-        return f"sequence is {seq:g}, not a whole number in [0, {SEQUENCE_MODULO})"
+        return None, f"sequence is {seq:g}, not a whole number in [0, {SEQUENCE_MODULO})"
     for flag in ("brake", "finished"):
         if v[_SLOT[flag]] not in (0.0, 1.0):
-            return f"{flag} is {v[_SLOT[flag]]:g}, not 0 or 1"
-    return None
+            return None, f"{flag} is {v[_SLOT[flag]]:g}, not 0 or 1"
+    return v, None
 
 
 def decode_packet(data: bytes, received_at: float = 0.0) -> Telemetry | None:
     """The packet in ``data[:PACKET_BYTES]``, or None when those bytes are not a valid packet
     (:func:`packet_problem` says why)."""
-    if packet_problem(data) is not None:
-        return None
-    v = _PACKET.unpack_from(data)
+    values, _ = _checked_values(data)
+    return None if values is None else _telemetry(values, received_at)
+
+
+def _telemetry(v: tuple[float, ...], received_at: float) -> Telemetry:
+    """The packet of unpacked values that :func:`_checked_values` passed."""
     return Telemetry(sequence=int(v[_SLOT["sequence"]]), speed=v[_SLOT["speed"]], distance=v[_SLOT["distance"]],
                      position=(v[_SLOT["x"]], v[_SLOT["y"]], v[_SLOT["z"]]), steer=v[_SLOT["steer"]],
                      gas=v[_SLOT["gas"]], brake=v[_SLOT["brake"]], finished=v[_SLOT["finished"]] == 1.0,
@@ -245,15 +254,14 @@ class PacketParser:
             start = found
             if len(buf) - start < PACKET_BYTES:
                 break
-            candidate = bytes(buf[start:start + PACKET_BYTES])
-            packet = decode_packet(candidate, received_at)
-            if packet is None:  # a false magic inside garbage: skip one byte and search again
-                self.last_problem = packet_problem(candidate)
+            values, problem = _checked_values(bytes(buf[start:start + PACKET_BYTES]))
+            if values is None:  # a false magic inside garbage: skip one byte and search again
+                self.last_problem = problem
                 self.garbage_bytes += 1
                 start += 1
                 continue
             self.last_problem = None
-            out.append(packet)
+            out.append(_telemetry(values, received_at))
             self.packets += 1
             start += PACKET_BYTES
         del buf[:start]
