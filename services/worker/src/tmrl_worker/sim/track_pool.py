@@ -56,9 +56,10 @@ class SeedRange:
         return f"{self.prefix}:{int(rng.integers(self.low, self.high))}"
 
 
-def parse_episode_tracks(spec: str) -> tuple[str | SeedRange, ...]:
+def parse_episode_tracks(spec: str, files: dict[str, Track] | None = None) -> tuple[str | SeedRange, ...]:
     """The items of an ``episode_tracks`` spec; :class:`TrackError` for an empty spec, an unknown track, an empty
-    seed range, one above :data:`MAX_RANGE_HIGH`, or one that includes a held-out seed (``random:0`` to ``random:19``)."""
+    seed range, one above :data:`MAX_RANGE_HIGH`, or one that includes a held-out seed (``random:0`` to ``random:19``).
+    A ``file:`` item is read and built to be checked; ``files``, when given, keeps those tracks by item."""
     held_out = HELD_OUT_TRACK_SEEDS
     items: list[str | SeedRange] = []
     for text in (part.strip() for part in spec.split(",")):
@@ -75,7 +76,9 @@ def parse_episode_tracks(spec: str) -> tuple[str | SeedRange, ...]:
             items.append(SeedRange(prefix, low, high))
             continue
         if text.startswith(TRACK_FILE_PREFIX):
-            check_track_name(text)  # its own error says what is wrong with the file
+            track = load_track(text)  # its own error says what is wrong with the file
+            if files is not None:
+                files[text] = track
             items.append(text)
             continue
         try:  # refused when the config is read
@@ -106,12 +109,12 @@ class TrackPool:
 
     def __init__(self, spec: str) -> None:
         self.spec = spec
-        self.items = parse_episode_tracks(spec)
+        self._files: dict[str, Track] = {}
+        """The ``file:`` tracks, read once (by the spec's check) and never again: evicted from the cache and read
+        anew, a file edited or deleted mid-run stopped the worker hours in, or changed what it trained on without a
+        word (a probe)."""
+        self.items = parse_episode_tracks(spec, self._files)
         self._cache: OrderedDict[str, Track] = OrderedDict()
-        self._files = {item: load_track(item) for item in self.items
-                       if isinstance(item, str) and item.startswith(TRACK_FILE_PREFIX)}
-        """The ``file:`` tracks, read once here and never again: evicted from the cache and read anew, a file edited
-        or deleted mid-run stopped the worker hours in, or changed what it trained on without a word (a probe)."""
 
     def draw(self, rng: np.random.Generator) -> str:
         """The name of a track drawn with ``rng``: an item uniformly, then a seed uniformly within a range."""
