@@ -39,7 +39,13 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 from tmrl_common.config import short_repr
-from tmrl_common.layout import ObservationComponent, ObservationLayout, box_bounds, layout_for_box
+from tmrl_common.layout import (
+    ObservationComponent,
+    ObservationLayout,
+    box_bounds,
+    empty_space_problem,
+    layout_for_box,
+)
 from tmrl_common.log_limit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -437,9 +443,9 @@ def layout_from_spaces(observation_space: spaces.Space, action_space: spaces.Spa
     if not isinstance(action_space, spaces.Box):
         raise EnvSpecError(f"action space {action_space} is not a Box; tmrl's SAC needs continuous actions")
     action_dim = math.prod(action_space.shape)
-    if action_dim == 0:  # a probe's Box(shape=(0,)) ended in a pydantic traceback
-        raise EnvSpecError(f"the action space (a Box of shape {action_space.shape}) holds no values; tmrl's SAC needs "
-                           "at least one action")
+    no_action = empty_space_problem((1,), action_space.shape)  # a probe's Box(shape=(0,)): a pydantic traceback
+    if no_action is not None:
+        raise EnvSpecError(no_action)
     if isinstance(observation_space, spaces.Box):
         _check_not_empty("the observation space", observation_space)
         return layout_for_box(math.prod(observation_space.shape), action_dim,
