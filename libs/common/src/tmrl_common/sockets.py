@@ -220,6 +220,12 @@ def tcp_endpoint(host: str, port: int) -> str:
     """``tcp://host:port`` for bind or connect; IPv6 literals are bracketed. ``*`` binds every interface."""
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is not in 1..65535")
+    return f"{tcp_address(host)}:{port}"
+
+
+def tcp_address(host: str) -> str:
+    """``tcp://host`` without a port (what ``bind_to_random_port`` takes); an IPv6 literal is bracketed once, given
+    with brackets or without."""
     if not host:
         raise ValueError("host is empty; use 127.0.0.1 for loopback or * for every interface")
     try:
@@ -227,7 +233,7 @@ def tcp_endpoint(host: str, port: int) -> str:
             host = f"[{host.strip('[]')}]"
     except ValueError:
         pass  # a host name or "*"
-    return f"tcp://{host}:{port}"
+    return f"tcp://{host}"
 
 
 def enable_ipv6_if_needed(socket: zmq.Socket, host: str) -> None:

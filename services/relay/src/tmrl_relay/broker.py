@@ -48,7 +48,13 @@ from tmrl_common.protocol import (
     decode_envelope,
     encode,
 )
-from tmrl_common.sockets import apply_transport, enable_ipv6_if_needed, secure_server_socket, tcp_endpoint
+from tmrl_common.sockets import (
+    apply_transport,
+    enable_ipv6_if_needed,
+    secure_server_socket,
+    tcp_address,
+    tcp_endpoint,
+)
 from zmq.utils.monitor import parse_monitor_message
 
 from tmrl_relay import __version__
@@ -266,8 +272,7 @@ class Relay:
                 secure_server_socket(socket, self.config.security)
             enable_ipv6_if_needed(socket, host)
             if port == 0:
-                bare = host.strip("[]")  # "[::1]" was bracketed twice (an outside probe)
-                socket.bind_to_random_port(f"tcp://{'[' + bare + ']' if ':' in bare else bare}")
+                socket.bind_to_random_port(tcp_address(host))  # "[::1]" was bracketed twice (an outside probe)
             else:
                 socket.bind(tcp_endpoint(host, port))
         except zmq.ZMQError as exc:
