@@ -210,7 +210,7 @@ def record_reward_tool(output: Path, *, telemetry_port: int, spacing: float = 0.
             return 2 if lost is not None else 1
         console.print(f"[yellow]--save-unfinished: saving the {partial} positions recorded before "
                       + ("the telemetry stopped[/]" if lost is not None else "Ctrl-C[/]"))
-    elif not demonstration.finished and demonstration.waiting_for_start and partial == 0:
+    elif not demonstration.finished and demonstration.waiting_for_start:  # it holds nothing then
         console.print(f"[yellow]no run from the start line in {max_seconds:.0f} s: nothing saved (the car was already "
                       "under way, or jumped; restart the race while record-reward runs)[/]")
         return 1
