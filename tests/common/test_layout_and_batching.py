@@ -15,6 +15,7 @@ from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import (
     ObservationComponent,
     ObservationLayout,
+    clipped_into_bounds,
     layout_for_box,
     newest_frames,
     tm20_image_layout,
@@ -258,3 +259,16 @@ def test_rebuilt_observations_equal_what_rtgym_returned_across_episode_boundarie
         assert len(rebuilt) == len(original) == 4, t
         for part_rebuilt, part_original in zip(rebuilt, original, strict=True):
             np.testing.assert_array_equal(part_rebuilt, np.asarray(part_original, dtype=np.float32), err_msg=f"row {t}")
+
+
+def test_clipped_into_bounds_clips_only_parts_outside_their_declared_bounds():
+    both = ObservationComponent(name="speed", frame_shape=[3], low=-1.0, high=1.0)
+    assert clipped_into_bounds(both, np.array([-1.0, 0.0, 1.0], dtype=np.float32)) is None
+    clipped = clipped_into_bounds(both, np.array([-3.0, 0.5, 2.0], dtype=np.float32))
+    assert clipped.dtype == np.float32 and clipped.tolist() == [-1.0, 0.5, 1.0]
+    above_only = ObservationComponent(name="lidar", frame_shape=[2], low=0.0)
+    assert clipped_into_bounds(above_only, np.array([5e9, 1.0], dtype=np.float32)) is None
+    assert clipped_into_bounds(above_only, np.array([-2.0, 1.0], dtype=np.float32)).tolist() == [0.0, 1.0]
+    undeclared = ObservationComponent(name="obs", frame_shape=[1])
+    assert clipped_into_bounds(undeclared, np.array([1e30], dtype=np.float32)) is None
+    assert clipped_into_bounds(both, np.zeros(0, dtype=np.float32)) is None

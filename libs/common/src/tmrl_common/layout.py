@@ -235,6 +235,22 @@ def newest_frames(layout: ObservationLayout, observation: tuple | list) -> dict[
     return frames
 
 
+def clipped_into_bounds(component: ObservationComponent, values: np.ndarray) -> np.ndarray | None:
+    """``values`` (one observation part) clipped into the component's declared ``low``/``high``, in its dtype; ``None``
+    when they already lie within, or the component declares no bound. The trainer refuses a batch holding a value
+    outside them (``observation_out_of_bounds``), so the worker clips its env's observations, and train-local does
+    the same to learn from what a worker would send; each logs in its own way."""
+    import numpy as np
+
+    if (component.low is None and component.high is None) or not values.size or values.dtype.kind not in "fiu":
+        return None
+    low = -np.inf if component.low is None else component.low
+    high = np.inf if component.high is None else component.high
+    if values.min() >= low and values.max() <= high:
+        return None
+    return np.clip(values, low, high).astype(values.dtype, copy=False)
+
+
 DIGEST_BYTES = 8
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tmrl_common.batching import SampleBatchBuilder
-from tmrl_common.layout import ObservationLayout, box_bounds, empty_space_problem, layout_for_box
+from tmrl_common.layout import ObservationLayout, box_bounds, clipped_into_bounds, empty_space_problem, layout_for_box
 
 from tmrl_trainer.checkpoint import save_checkpoint
 from tmrl_trainer.learner import make_learner
@@ -145,15 +145,14 @@ class _EnvAdapter:
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 raise LocalEnvFailure(f"returned NaN or infinite values in observation part {component.name!r}: fix or "
                                       "clip the env's observation")
-            low = -np.inf if component.low is None else component.low
-            high = np.inf if component.high is None else component.high
-            if values.size and values.dtype.kind in "fiu" and (values.min() < low or values.max() > high):
+            within = clipped_into_bounds(component, values)
+            if within is not None:
                 if component.name not in self.clipped:
                     log.warning("the env returned observation part %r with values in [%.6g, %.6g], outside its "
                                 "space's [%s, %s]: clipped into them, as a worker would (logged once)", component.name,
                                 values.min(), values.max(), component.low, component.high)
                 self.clipped[component.name] = self.clipped.get(component.name, 0) + 1
-                parts[index] = np.clip(values, low, high).astype(values.dtype, copy=False)
+                parts[index] = within
         return tuple(parts)
 
     def step(self, action: np.ndarray) -> tuple[tuple[np.ndarray, ...], float, bool, bool]:

@@ -43,6 +43,7 @@ from tmrl_common.layout import (
     ObservationComponent,
     ObservationLayout,
     box_bounds,
+    clipped_into_bounds,
     empty_space_problem,
     layout_for_box,
 )
@@ -344,18 +345,15 @@ class EnvHandle:
         policy acts on what the trainer stores."""
         clipped = False
         for index, component in enumerate(self.layout.components):
-            if component.low is None and component.high is None:
-                continue
             values = parts[index]
-            low = -np.inf if component.low is None else component.low
-            high = np.inf if component.high is None else component.high
-            if values.size and (values.min() < low or values.max() > high):
+            within = clipped_into_bounds(component, values)
+            if within is not None:
                 _clip_log.warning(("clip", self.spec, component.name), "env %r returned observation part %r with "
                                   "values in [%.6g, %.6g] at %s, outside its layout's [%s, %s]: clipped into them "
                                   "(%d observation(s) clipped so far); widen the bounds if such values are real",
                                   self.spec, component.name, values.min(), values.max(), when, component.low,
                                   component.high, self.clipped_observations + 1)
-                parts[index] = np.clip(values, low, high).astype(values.dtype, copy=False)
+                parts[index] = within
                 clipped = True
         self.clipped_observations += clipped
         return tuple(parts)
