@@ -155,6 +155,30 @@ def test_late_time_steps_are_counted_in_the_summary_not_printed_between_the_epis
     assert last.startswith("2 episodes: mean return") and "time step(s) ran late (rtgym's time-step time-out)" in last
 
 
+@pytest.mark.filterwarnings("ignore:Time-step timed out:UserWarning")
+def test_late_time_steps_are_counted_where_warnings_are_ignored_and_the_filters_come_back(tmp_path, plug_interface):
+    """A count read from the warnings shown said "no late step" under `-W ignore` (or pyproject's filter here);
+    eval counts every late step whatever the filters, and leaves them as they were."""
+    import warnings
+
+    module = plug_interface("slow_reading_robot_ignored", SLOW_READING)
+    handle = make_env(f"{module}:SlowReading")
+    try:
+        layout = handle.layout
+    finally:
+        handle.close()
+    policy = policy_file(tmp_path / "slow.safetensors", layout)
+    filters_before, show_before = list(warnings.filters), warnings.showwarning
+    code, summary, stderr = run_eval("--policy", str(policy), "--env", f"{module}:SlowReading", "--episodes", "1",
+                                     "--max-episode-steps", "4")
+    assert code == 0, stderr
+    assert "UserWarning" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    late = int(last.split("; ")[-1].split(" ")[0])
+    assert late >= 3 and "time step(s) ran late" in last  # the 4 steps' last three at least (0.15 s of a 0.05 s step)
+    assert warnings.filters == filters_before and warnings.showwarning is show_before
+
+
 def test_a_policy_for_another_layout_is_a_one_line_error(tmp_path):
     policy = policy_file(tmp_path / "pendulum.safetensors", pendulum_layout())
     code, _, stderr = run_eval("--policy", str(policy), "--env", "sim", "--episodes", "1")

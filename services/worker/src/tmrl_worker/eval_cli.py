@@ -74,27 +74,30 @@ def eval_command(
 
 class _LateStepCount:
     """Counts rtgym's "Time-step timed out" warnings instead of printing each between the episode lines (an
-    emulated-game probe saw eight of them in one evaluation's output); other warnings show as usual."""
+    emulated-game probe saw eight of them in one evaluation's output); other warnings show as usual. Inside,
+    ``warnings.catch_warnings`` makes every late step reach the count (whatever ``-W`` or an earlier identical warning
+    would have hidden) and restores the warning filters and display on the way out."""
 
     def __init__(self) -> None:
         self.count = 0
-        self._previous = None
+        self._caught = None
 
     def __enter__(self) -> _LateStepCount:
         import warnings
 
-        self._previous = warnings.showwarning
+        self._caught = warnings.catch_warnings()
+        self._caught.__enter__()
+        warnings.filterwarnings("always", message="Time-step timed out", category=UserWarning)
+        shown = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
             if issubclass(category, UserWarning) and str(message).startswith("Time-step timed out"):
                 self.count += 1
                 return
-            self._previous(message, category, filename, lineno, file, line)
+            shown(message, category, filename, lineno, file, line)
 
         warnings.showwarning = show
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import warnings
-
-        warnings.showwarning = self._previous
+        self._caught.__exit__(*exc)
