@@ -187,6 +187,27 @@ def test_a_policy_for_another_layout_is_a_one_line_error(tmp_path):
     assert "another observation layout" in stderr and "(3,) -> 1 action" in stderr and "(4, 19)" in stderr
 
 
+def test_a_policy_from_before_layouts_declared_bounds_is_evaluated_with_a_warning(tmp_path, caplog):
+    """An outside probe: a policy trained by a build whose layouts declared no bounds (2026-11-27) was refused by eval
+    ("component names, dtypes or value bounds differ"), though its networks are the env's; `export` of its checkpoint
+    carries the same layout, so there was no way to evaluate it. Bounds alone now give a warning; another scale, which
+    changes what the networks see, is still refused."""
+    from tmrl_common.layout import tm20_lidar_layout
+
+    unbounded = policy_file(tmp_path / "old.safetensors", tm20_lidar_layout().without_bounds())
+    with caplog.at_level("WARNING", logger="tmrl_worker.runtime"):
+        code, summary, stderr = run_eval("--policy", str(unbounded), "--env", "sim-fast", "--episodes", "1",
+                                         "--max-episode-steps", "20")
+    assert code == 0, stderr
+    assert summary["episodes"][0]["steps"] == 20
+    [warning] = [r.getMessage() for r in caplog.records if "other observation bounds" in r.getMessage()]
+    assert "speed [None, None] -> [-1000.0, 1000.0]" in warning and "lidar [None, None] -> [0.0, 10000.0]" in warning
+
+    scaled = policy_file(tmp_path / "scaled.safetensors", tm20_lidar_layout(lidar_scale=0.01))
+    code, _, stderr = run_eval("--policy", str(scaled), "--env", "sim-fast", "--episodes", "1")
+    assert code == 2 and "another observation layout" in stderr and "names, dtypes or scales differ" in stderr
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--env", "gym:Pendulum-v1", "--track", "oval"], "--track applies to the simulator"),
     (["--env", "sim", "--track", "nowhere"], "unknown track"),

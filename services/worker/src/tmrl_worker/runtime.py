@@ -124,8 +124,7 @@ def load_policy_file(path: Path, layout: ObservationLayout) -> ActorPolicy:
     from tmrl_common.networks import read_policy_file
 
     actor, version = read_policy_file(path)
-    if actor.architecture.layout != layout:
-        _refuse_layout(path, actor.architecture.layout, layout)
+    _check_policy_layout(path, actor.architecture.layout, layout)
     return ActorPolicy(actor, version=version, deterministic=True)
 
 
@@ -176,8 +175,7 @@ def load_onnx_policy(path: Path, layout: ObservationLayout) -> OnnxPolicy:
     except (ValueError, TypeError) as exc:
         raise PolicyFileError(f"{path}: its tmrl_architecture metadata is not a policy architecture: "
                               f"{str(exc).splitlines()[0]}") from None
-    if architecture.layout != layout:
-        _refuse_layout(path, architecture.layout, layout)
+    _check_policy_layout(path, architecture.layout, layout)
     expected = len(layout.observation_shapes())
     if len(session.get_inputs()) != expected:
         raise PolicyFileError(f"{path} takes {len(session.get_inputs())} inputs; its metadata's layout has {expected} parts")
@@ -214,9 +212,19 @@ def weights_layout_problem(env: EnvHandle, policy_layout: ObservationLayout) -> 
                 "give the worker the env options the trainer's layout was made with (e.g. the same img_hist_len)"))
 
 
-def _refuse_layout(path: Path, policy_layout: ObservationLayout, env_layout: ObservationLayout) -> None:
+def _check_policy_layout(path: Path, policy_layout: ObservationLayout, env_layout: ObservationLayout) -> None:
+    """Refuse (:class:`PolicyFileError`) a policy file trained for another layout than the env's; one that differs
+    only in the components' value bounds is used, with a warning naming them: the networks do not depend on bounds
+    (:meth:`ObservationLayout.without_bounds`), and policies written before the layouts declared bounds have none."""
+    if policy_layout == env_layout:
+        return
+    if policy_layout.without_bounds() == env_layout.without_bounds():
+        log.warning("policy file %s was trained with other observation bounds than this env's (%s): the networks are "
+                    "the same, so it is used; the env's observations are clipped into the env's bounds", path,
+                    "; ".join(policy_layout.bounds_changes(env_layout)))
+        return
     policy, env = describe_layout(policy_layout), describe_layout(env_layout)
-    detail = f"policy {policy}; env {env}" if policy != env else f"both {env}, but component names, dtypes or value bounds differ"
+    detail = f"policy {policy}; env {env}" if policy != env else f"both {env}, but component names, dtypes or scales differ"
     raise PolicyFileError(f"policy file {path} was trained for another observation layout than this env's: {detail}")
 
 
