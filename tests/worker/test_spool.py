@@ -8,11 +8,18 @@ import time
 
 import msgpack
 import pytest
+from relay.relay_harness import make_batch
+from tmrl_common.protocol import encode
 from tmrl_worker.spool import SequenceCounter, Spool, StateFileError
 
 
 def frames(n: int) -> list[bytes]:
     return [b"e" * 10, b"b" * (n - 10)]
+
+
+def batch_frames(seq: int, sender: str = "w1") -> list[bytes]:
+    """The frames of a real sample batch numbered ``seq``: what a durable spool restores (it reads the seq inside)."""
+    return encode(make_batch(seq), sender=sender)
 
 
 def test_spool_drops_oldest_when_count_bound_is_hit_and_counts_it(caplog):
@@ -131,15 +138,15 @@ def test_a_state_dir_that_cannot_be_a_folder_is_a_one_line_state_file_error(tmp_
 
 
 def test_a_durable_spool_keeps_unacknowledged_batches_on_disk_for_the_next_run(tmp_path):
-    first = Spool(max_batches=10, max_bytes=10_000, owner="w1", directory=tmp_path / "spool")
-    for seq in (3, 4, 5):
-        first.add(seq, [b"envelope-%d" % seq, b"body-%d" % seq])
+    first = Spool(max_batches=10, max_bytes=100_000, owner="w1", directory=tmp_path / "spool")
+    sent = {seq: batch_frames(seq) for seq in (3, 4, 5)}
+    for seq, batch in sent.items():
+        first.add(seq, batch)
     first.ack([4])
     assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["000000000003.batch", "000000000005.batch"]
 
-    second = Spool(max_batches=10, max_bytes=10_000, owner="w1", directory=tmp_path / "spool")  # the worker restarted
-    assert [(b.seq, b.frames, b.sends) for b in second.pending()] == [(3, [b"envelope-3", b"body-3"], 0),
-                                                                      (5, [b"envelope-5", b"body-5"], 0)]
+    second = Spool(max_batches=10, max_bytes=100_000, owner="w1", directory=tmp_path / "spool")  # the worker restarted
+    assert [(b.seq, b.frames, b.sends) for b in second.pending()] == [(3, sent[3], 0), (5, sent[5], 0)]
     assert second.counters.restored == 2 and second.nbytes == first.nbytes
     second.ack([3, 5])
     assert list((tmp_path / "spool").iterdir()) == []
@@ -154,22 +161,50 @@ def test_a_durable_spool_deletes_the_files_of_batches_it_drops_to_stay_within_bo
 
 
 def test_an_unreadable_spool_file_is_set_aside_counted_and_never_sent(tmp_path):
-    Spool(max_batches=10, max_bytes=10_000, directory=tmp_path).add(1, [b"e", b"b"])
+    Spool(max_batches=10, max_bytes=100_000, directory=tmp_path).add(1, batch_frames(1))
     (tmp_path / "000000000002.batch").write_bytes(b"\xc1 not msgpack")
     (tmp_path / "000000000003.batch").write_bytes(msgpack.packb(["a string", 7]))
     (tmp_path / "notes.txt").write_text("not a batch: ignored")
-    spool = Spool(max_batches=10, max_bytes=10_000, directory=tmp_path)
+    spool = Spool(max_batches=10, max_bytes=100_000, directory=tmp_path)
     assert [b.seq for b in spool.pending()] == [1]
     assert spool.counters.unreadable_files == 2 and spool.counters.restored == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "000000000001.batch", "000000000002.batch.unreadable", "000000000003.batch.unreadable", "notes.txt"]
 
 
+def test_a_spool_file_whose_name_is_not_its_batch_seq_is_set_aside_not_resent_for_ever(tmp_path, caplog):
+    """An outside probe renamed spool files (1000 -> 500, a copy of 1001 as 600): the worker keyed them by name, the
+    trainer acknowledged the seqs inside, so both were resent at every start and never left the spool; the hello's
+    next_seq fell to 500 with them."""
+    first = Spool(max_batches=10, max_bytes=100_000, owner="w1", directory=tmp_path)
+    for seq in (1000, 1001):
+        first.add(seq, batch_frames(seq))
+    (tmp_path / "000000001000.batch").rename(tmp_path / "000000000500.batch")
+    (tmp_path / "000000000600.batch").write_bytes((tmp_path / "000000001001.batch").read_bytes())
+    (tmp_path / "000000000700.batch").write_bytes(msgpack.packb([b"envelope", b"no batch body"]))
+    with caplog.at_level(logging.WARNING, logger="tmrl_worker.spool"):
+        spool = Spool(max_batches=10, max_bytes=100_000, owner="w1", directory=tmp_path)
+    assert [b.seq for b in spool.pending()] == [1001] and spool.highest_restored == 1001
+    assert spool.counters.unreadable_files == 3 and spool.counters.restored == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "000000000500.batch.unreadable", "000000000600.batch.unreadable", "000000000700.batch.unreadable",
+        "000000001001.batch"]
+    assert "its name says seq 500, but the batch inside holds seq 1000" in caplog.text
+    assert "its name says seq 700, but the batch inside holds no seq" in caplog.text
+
+
+def test_a_file_where_the_spool_directory_should_be_is_a_one_line_state_file_error(tmp_path):
+    (tmp_path / "w1.spool").write_text("a file, not the spool's folder")
+    with pytest.raises(StateFileError, match=r"spool directory .*w1.spool cannot be used: File exists \(move what is "
+                                             r"there aside, or set \[worker\] state_dir\)"):
+        Spool(max_batches=10, max_bytes=10_000, owner="w1", directory=tmp_path / "w1.spool")
+
+
 def test_a_write_cut_short_by_a_kill_leaves_no_temporary_file_behind_after_the_restart(tmp_path):
-    Spool(max_batches=10, max_bytes=10_000, directory=tmp_path).add(1, [b"e", b"b"])
+    Spool(max_batches=10, max_bytes=100_000, directory=tmp_path).add(1, batch_frames(1))
     (tmp_path / ".000000000002.batch.k3j9_x.tmp").write_bytes(b"\x92\xc4")  # killed between write and rename
     (tmp_path / ".notes.tmp").write_text("not the spool's: kept")
-    spool = Spool(max_batches=10, max_bytes=10_000, directory=tmp_path)
+    spool = Spool(max_batches=10, max_bytes=100_000, directory=tmp_path)
     assert [b.seq for b in spool.pending()] == [1] and spool.counters.unreadable_files == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "000000000001.batch"]
 
@@ -223,7 +258,7 @@ def test_a_state_file_older_than_the_durable_spool_moves_the_numbering_above_the
                           worker_port=worker_port, weights_port=weights_port, state_dir=tmp_path, flush_timeout_s=0.1,
                           durable_spool=True, transport=TransportConfig(linger_ms=0),
                           security=SecurityConfig(insecure=True))
-    Spool(10, 10_000_000, owner="old", directory=spool_directory(config)).add(10, [b"envelope", b"body"])
+    Spool(10, 10_000_000, owner="old", directory=spool_directory(config)).add(10, batch_frames(10, sender="old"))
     (tmp_path / "old.state.json").write_text(json_module.dumps({"worker_id": "old", "reserved_until": 10}))
     with caplog.at_level("WARNING", logger="tmrl_worker.runtime"):
         stats = run_worker(config)
@@ -303,9 +338,9 @@ def test_a_fifo_among_the_spool_files_or_as_the_progress_file_is_set_aside_not_r
     from tmrl_worker.progress import ProgressFileError, read_progress
 
     directory = tmp_path / "spool"
-    Spool(10, 10_000, owner="w1", directory=directory).add(3, [b"envelope", b"body"])
+    Spool(10, 100_000, owner="w1", directory=directory).add(3, batch_frames(3))
     os.mkfifo(directory / f"{4:012d}.batch")
-    restored = Spool(10, 10_000, owner="w1", directory=directory)
+    restored = Spool(10, 100_000, owner="w1", directory=directory)
     assert [entry.seq for entry in restored.pending()] == [3] and restored.counters.unreadable_files == 1
     os.mkfifo(tmp_path / "w1.progress.json")
     with pytest.raises(ProgressFileError, match="is not a regular file"):

@@ -9,8 +9,8 @@ With a ``directory`` (``durable_spool = true``), the spool also keeps each batch
 ``<seq>.batch`` holds the batch's frames as one msgpack array of byte strings (never pickle), written atomically
 (fsync, then rename) before the batch is first sent, and deleted when it is acknowledged or dropped. A worker that
 restarts with the same directory, after a crash or a SIGKILL, loads those files and resends them; the trainer
-stores each ``(worker, seq)`` once. A file that cannot be read is renamed ``<name>.unreadable``, counted and logged,
-never resent; a failed write is counted and logged, and that batch stays in memory only. The temporary file of a
+stores each ``(worker, seq)`` once. A file that cannot be read, or whose batch holds another seq than its name (it
+could never be acknowledged), is renamed ``<name>.unreadable``, counted and logged, never resent; a failed write is counted and logged, and that batch stays in memory only. The temporary file of a
 write that a kill cut short (before its rename, so the batch was never sent) is removed at the next start.
 
 :class:`SequenceCounter` hands out ``seq`` numbers that a worker id never reuses, restarts included. It persists a
@@ -39,6 +39,7 @@ import msgpack
 from filelock import FileLock, Timeout
 from tmrl_common.atomic_file import DISK_FULL_ERRNOS, NotARegularFileError, read_regular_file, write_atomically
 from tmrl_common.log_limit import RateLimitedLog
+from tmrl_common.protocol import batch_seq_of
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,11 @@ class Spool:
         self._log = RateLimitedLog(log, interval_s=10.0)  # spool-full and write-error lines: one per burst
         self.directory = Path(directory).expanduser() if directory is not None else None
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file where the folder should be: a traceback before (an outside probe)
+                raise StateFileError(f"spool directory {self.directory} cannot be used: {exc.strerror or exc} (move "
+                                     "what is there aside, or set [worker] state_dir)") from exc
             self._restore()
 
     # ------------------------------------------------------------------------------------------------- on disk
@@ -140,6 +145,10 @@ class Spool:
                 frames = msgpack.unpackb(read_regular_file(path), raw=False)  # a FIFO there would block for ever
                 if not (isinstance(frames, list) and len(frames) == 2 and all(isinstance(f, bytes) for f in frames)):
                     raise ValueError("not an array of 2 byte strings")
+                inside = batch_seq_of(frames[1])
+                if inside != seq:  # acknowledged by the seq inside, never by the name: it would be resent for ever
+                    raise ValueError(f"its name says seq {seq}, but the batch inside holds "
+                                     f"{'no seq' if inside is None else f'seq {inside}'}")
             except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
                 self.counters.unreadable_files += 1
                 log.warning("%s: spool file %s is unreadable (%s); renamed *.unreadable, not sent", self.owner, path,
