@@ -1065,6 +1065,17 @@ def test_a_second_trainer_in_a_run_directory_in_use_is_refused_until_the_first_s
     second.shutdown()
 
 
+def test_a_folder_where_the_lock_file_goes_is_a_one_line_config_error(tmp_path):
+    """An outside probe's folder at run_dir/trainer.lock ended the trainer in an IsADirectoryError traceback."""
+    config = make_config(tmp_path)
+    (tmp_path / "run" / "trainer.lock").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"cannot hold the trainer's lock file .*trainer.lock: Is a directory; move "
+                                          "what is there aside, or choose another run_dir"):
+        TrainerService(config)
+    (tmp_path / "run" / "trainer.lock").rmdir()
+    TrainerService(config).shutdown()
+
+
 @pytest.mark.parametrize("blocked", ["metrics.jsonl", "status.json", "policy.safetensors", "tensorboard"])
 def test_a_run_directory_whose_record_files_cannot_be_written_is_a_one_line_config_error(tmp_path, blocked):
     """A probe found a folder where metrics.jsonl, status.json or policy.safetensors go (or a file where tensorboard/

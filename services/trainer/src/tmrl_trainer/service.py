@@ -270,6 +270,9 @@ def lock_run_directory(run_dir: Path) -> FileLock:
     except Timeout as exc:
         raise ConfigError(f"run directory {run_dir} is in use by another trainer (it holds {run_dir / RUN_LOCK}): "
                           "stop that trainer first, or give this one another run_dir (--run-dir)") from exc
+    except OSError as exc:  # a folder where the lock file goes: a traceback before (an outside probe)
+        raise ConfigError(f"run directory {run_dir} cannot hold the trainer's lock file {run_dir / RUN_LOCK}: "
+                          f"{exc.strerror or exc}; move what is there aside, or choose another run_dir") from exc
     return lock
 
 
