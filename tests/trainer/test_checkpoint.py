@@ -378,3 +378,40 @@ def test_tensors_that_do_not_fit_a_matching_saved_config_are_summed_up_in_one_li
     message = _mismatch_message(path, _learner(redq_n=3))
     assert "\n" not in message and "its saved SAC config matches this learner's" in message
     assert "7 size mismatches" in message
+
+
+def test_a_checkpoint_whose_write_fails_leaves_no_memory_file_and_keeps_the_previous_pair(tmp_path, monkeypatch):
+    """Full-disk probe: the memory file was written first, so a checkpoint write that failed left a memory file
+    without its checkpoint (the trainer's 11-16 MB files held the space its next save needed), and train-local's
+    `latest` then paired the previous checkpoint with the newer memory (env_steps 900, memory total 1207)."""
+    from tmrl_trainer import checkpoint as checkpoint_module
+
+    memory, learner = _setup()
+    path = save_checkpoint(tmp_path / "latest.safetensors", learner, {"env_steps": 1500}, memory)
+    saved_memory = memory_path_for(path).read_bytes()
+    _train(learner, memory, 2)  # its sampling moves the memory's saved random state: the next memory file differs
+    assert memory.to_bytes() != saved_memory
+    real_write = checkpoint_module.write_atomically
+
+    def disk_full_for_checkpoints(target, data, mode=0o600):
+        if target.name.endswith(".safetensors") and not target.name.endswith(".tmp"):
+            raise OSError(28, "No space left on device")
+        return real_write(target, data, mode)
+
+    monkeypatch.setattr(checkpoint_module, "write_atomically", disk_full_for_checkpoints)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path / "latest.safetensors", learner, {"env_steps": 1800}, memory)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path / "checkpoint-2.safetensors", learner, {"env_steps": 1800}, memory)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.memory.safetensors", "latest.safetensors"]
+    assert memory_path_for(path).read_bytes() == saved_memory  # the pair on disk is still the first save's
+    monkeypatch.undo()
+
+    fresh_memory, fresh_learner = _setup()
+    restored = load_checkpoint(path, fresh_learner, fresh_memory)
+    assert restored.counters == {"env_steps": 1500} and restored.memory_restored and fresh_learner.updates == 0
+    path = save_checkpoint(tmp_path / "latest.safetensors", learner, {"env_steps": 1800}, memory)  # space came back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.memory.safetensors", "latest.safetensors"]
+    assert memory_path_for(path).read_bytes() == memory.to_bytes()
+    assert load_checkpoint(path, fresh_learner, fresh_memory).counters == {"env_steps": 1800}
+    assert fresh_learner.updates == 2

@@ -427,3 +427,39 @@ def test_local_training_builds_the_configured_backend_and_another_resumes_its_ch
     assert fast.updates == 52
     for name, tensor in reference.critics.state_dict().items():
         assert torch.equal(fast.critics.state_dict()[name], tensor), name
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_training_goes_on_and_the_run_exits_1(tmp_path, monkeypatch,
+                                                                                              caplog):
+    """Full-disk probe: train-local ended in an `OSError: No space left on device` traceback at its first checkpoint
+    that could not be written. Training now goes on, each failure is one warning naming the checkpoint kept, and a
+    run whose last state is not on disk ends with one line and exit 1."""
+    from tmrl_trainer import local as local_module
+    from tmrl_trainer.cli import app
+    from typer.testing import CliRunner
+
+    real_save = local_module.save_checkpoint
+    steps_asked = []
+
+    def disk_full_after_the_first(path, learner, counters, memory=None):
+        steps_asked.append(counters["env_steps"])
+        if len(steps_asked) > 1:
+            raise OSError(28, "No space left on device")
+        return real_save(path, learner, counters, memory)
+
+    monkeypatch.setattr(local_module, "save_checkpoint", disk_full_after_the_first)
+    with caplog.at_level("WARNING", logger="tmrl_trainer.local"):
+        result = CliRunner().invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "90", "--checkpoint-every",
+                                          "30", "--eval-episodes", "0", "--run-dir", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert steps_asked == [30, 60, 90] and "Traceback" not in result.output
+    latest = tmp_path / "checkpoints" / "latest.safetensors"
+    assert (f"the checkpoint at step 60 could not be written ([Errno 28] No space left on device); {latest} (step 30) "
+            "is kept, and training goes on") in caplog.text
+    said = " ".join(result.output.split())
+    assert (f"tmrl-trainer train-local: the checkpoint at step 90 could not be written ([Errno 28] No space left on "
+            f"device); the last one written is {latest} (step 30)") in said
+    assert "90 steps" in said  # the run itself went to its end
+    learner = SACLearner(SACConfig(), SACConfig().architecture(local_module._EnvAdapter(gym.make("Pendulum-v1")).layout),
+                         device="cpu")
+    assert load_checkpoint(latest, learner).counters["env_steps"] == 30

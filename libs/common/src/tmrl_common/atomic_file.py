@@ -62,6 +62,15 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, mode: int = 0o60
     return target
 
 
+def replace_atomically(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """``os.replace`` a file already written and synced (by :func:`write_atomically`) onto ``target`` in the same
+    folder, then fsync the folder: the second half of a write whose file must appear only after another one did."""
+    target = Path(target)
+    os.replace(source, target)
+    _sync_directory(target.parent)
+    return target
+
+
 def _sync_directory(directory: Path) -> None:
     """fsync ``directory`` so that a rename in it survives a power cut. POSIX only: Windows cannot open a directory
     as a file, and NTFS journals the rename itself."""

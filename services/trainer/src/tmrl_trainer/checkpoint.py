@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
+from tmrl_common.atomic_file import replace_atomically
 from tmrl_common.layout import ObservationLayout
 
 from tmrl_trainer.guard import first_non_finite
@@ -130,11 +131,21 @@ def save_checkpoint(path: str | Path, learner: Learner, counters: dict[str, int]
         "extra": extra or {},
         "crc32": {name: crc32_of(tensor) for name, tensor in tensors.items()},
     }
-    if isinstance(memory, bytes):
-        write_atomically(memory_path_for(path), memory)
-    elif memory is not None:
-        memory.save(memory_path_for(path))
-    return write_atomically(path, pack(tensors, document))
+    if memory is None:
+        return write_atomically(path, pack(tensors, document))
+    # the memory file takes its name only once the checkpoint is written: a checkpoint write that fails (a full
+    # disk) must neither leave a memory file without its checkpoint (it held the space the next save needed, an
+    # outside probe) nor pair the previous checkpoint of the same name with a newer memory (train-local's `latest`)
+    final = memory_path_for(path)
+    staged = write_atomically(final.with_name(f".{final.name}.staged.tmp"),
+                              memory if isinstance(memory, bytes) else memory.to_bytes())
+    try:
+        written = write_atomically(path, pack(tensors, document))
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    replace_atomically(staged, final)
+    return written
 
 
 def check_tensors(path: str | Path, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> None:

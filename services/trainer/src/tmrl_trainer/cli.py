@@ -263,3 +263,8 @@ def train_local_command(
         typer.echo(f"{env} seed {seed}: {steps} steps, {result.updates} updates, {result.episodes} episodes in "
                    f"{result.wall_s:.1f} s; {final}")
     typer.echo(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; checkpoint: {result.checkpoint}")
+    if result.checkpoint_error is not None:  # the run's last state is not on disk: not a success
+        kept = (f"the last one written is {result.checkpoint} (step {result.checkpoint_step})" if result.checkpoint
+                else "none was written")
+        typer.echo(f"tmrl-trainer train-local: {result.checkpoint_error}; {kept}", err=True)
+        raise typer.Exit(code=1)

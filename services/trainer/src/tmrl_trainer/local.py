@@ -102,6 +102,21 @@ class LocalTrainingResult:
     episodes: int = 0
     wall_s: float = 0.0
     checkpoint: Path | None = None
+    """The last checkpoint written (``None``: none, or no run directory)."""
+    checkpoint_step: int = 0
+    """The environment steps that checkpoint holds."""
+    checkpoint_error: str | None = None
+    """Why the last checkpoint write failed (a full disk...), when it failed: :attr:`checkpoint`, if any, is older."""
+
+
+def _saved(result: LocalTrainingResult) -> str:
+    """What a run that ends on an env failure kept, for its one-line message."""
+    if result.checkpoint_error is not None:
+        return result.checkpoint_error + (f"; the last one written is {result.checkpoint} (step "
+                                          f"{result.checkpoint_step})" if result.checkpoint else "")
+    if result.checkpoint is None:
+        return "nothing was saved (no run directory)"
+    return f"the learner after {result.checkpoint_step} steps is in {result.checkpoint}"
 
 
 class _EnvAdapter:
@@ -250,8 +265,16 @@ def train_local(
             # weights_version: what an exported policy file says it is (it said 0 for every local run)
             counters = {"env_steps": step, "episodes": result.episodes, "updates": learner.updates,
                         "weights_version": learner.updates}
-            result.checkpoint = save_checkpoint(checkpoint_path, learner, counters,
-                                                memory if config.save_memory else None)
+            try:
+                result.checkpoint = save_checkpoint(checkpoint_path, learner, counters,
+                                                    memory if config.save_memory else None)
+            except OSError as exc:  # a full disk: a traceback before, and a memory file newer than its checkpoint
+                result.checkpoint_error = f"the checkpoint at step {step} could not be written ({exc})"
+                kept = (f"{result.checkpoint} (step {result.checkpoint_step}) is kept" if result.checkpoint
+                        else "no earlier checkpoint of this run")
+                log.warning("%s; %s, and training goes on", result.checkpoint_error, kept)
+                return
+            result.checkpoint_step, result.checkpoint_error = step, None
 
     def evaluation(step: int) -> float:
         returns = evaluate(learner.actor, eval_adapter, config.eval_episodes, seed=seed + 1_000_000, stop=stop)
@@ -314,16 +337,13 @@ def train_local(
         except LocalEnvFailure as exc:  # the steps before are learned from: keep them
             done = max(result.steps - 1, 0)
             checkpoint(done)
-            kept = (f"the learner after {done} steps is in {result.checkpoint}" if result.checkpoint
-                    else "nothing was saved (no run directory)")
-            raise LocalEnvFailure(f"env {env_id!r} {exc} (at step {result.steps}); {kept}") from exc
+            raise LocalEnvFailure(f"env {env_id!r} {exc} (at step {result.steps}); {_saved(result)}") from exc
         checkpoint(result.steps)  # before the final evaluation, which an env may fail or a stop may cut short
         if config.eval_episodes and not result.stopped:
             try:
                 result.final_return = evaluation(steps)
             except LocalEnvFailure as exc:
-                raise LocalEnvFailure(f"env {env_id!r} {exc} in the final evaluation; the learner after "
-                                      f"{result.steps} steps is in {result.checkpoint}") from exc
+                raise LocalEnvFailure(f"env {env_id!r} {exc} in the final evaluation; {_saved(result)}") from exc
             result.stopped = stop is not None and stop.is_set() and math.isnan(result.final_return)
     finally:
         metrics.close()
