@@ -106,7 +106,26 @@ def test_the_longest_silent_peer_is_forgotten_past_max_peers():
     first.last_seen -= 100
     table.register(b"b", "w-b", None)
     table.register(b"c", "w-c", None)
-    assert sorted(table.by_sender) == ["w-b", "w-c"]
+    assert sorted(table.by_sender) == ["w-b", "w-c"] and table.forgotten_silent == 1
+
+
+def test_a_full_table_of_live_peers_refuses_a_new_one_and_forgets_only_one_silent_past_the_timeout():
+    """A scaling probe: 5 workers against max_workers = 3 forgot a live worker at each hello, so they displaced each
+    other in turn (4-6 hellos each in 90 s), each told it had "sent before saying hello"."""
+    table = PeerTable("worker", max_peers=3, live_within_s=10.0, limit_name="[relay] max_workers")
+    peers = [table.register(f"c{index}".encode(), f"w{index}", None)[0] for index in range(3)]
+    with pytest.raises(ProtocolError, match=r"\[unknown_sender\] the relay already registers 3 workers \(\[relay\] "
+                                            r"max_workers\), all heard from within 10 s: 'w3' is not registered; it may "
+                                            r"say hello again when one stops, or raise \[relay\] max_workers"):
+        table.register(b"c3", "w3", None)
+    assert sorted(table.by_sender) == ["w0", "w1", "w2"] and b"c3" not in table.by_routing_id
+    assert table.check(b"c1", "w1", None) is peers[1]  # the registered ones go on as before
+    table.register(b"c1-new", "w1", None)  # a registered id reconnecting is not a new peer
+    table.register(b"c2", "w2", None)  # nor a hello again on its connection
+    assert sorted(table.by_sender) == ["w0", "w1", "w2"] and table.forgotten_silent == 0
+    peers[0].last_seen -= 10.5  # w0 stopped: silent past the timeout
+    table.register(b"c3", "w3", None)
+    assert sorted(table.by_sender) == ["w1", "w2", "w3"] and table.forgotten_silent == 1
 
 
 def test_a_failing_handler_is_counted_and_the_relay_keeps_serving():
@@ -131,3 +150,27 @@ def test_a_failing_handler_is_counted_and_the_relay_keeps_serving():
             wait_until(lambda: relay.metrics.reject_count("internal", "workers") == 1, what="internal error counted")
     finally:
         context.destroy(linger=0)
+
+
+def test_a_relay_at_max_workers_refuses_a_new_worker_by_name_and_keeps_serving_the_registered_ones():
+    context = zmq.Context()
+    peers = []
+    try:
+        with relay_in_thread(insecure_config(max_workers=2)) as relay:
+            trainer = connected_trainer(context, relay)
+            first, second = connected_worker(context, relay, "w1"), connected_worker(context, relay, "w2")
+            third = Peer(context, relay.ports.worker_port, "w3")
+            peers = [trainer, first, second, third]
+            third.hello("worker")
+            _, error = third.recv_type("error")
+            assert error.reason == "unknown_sender" and "registers 2 workers ([relay] max_workers)" in error.message
+            assert "'w3' is not registered" in error.message
+            for seq, worker in enumerate((first, second, first), start=1):
+                worker.send(make_batch(seq))
+                envelope, batch = trainer.recv_type("sample_batch")
+                assert (envelope.sender, batch.seq) == (worker.sender, seq)
+            assert sorted(relay.workers.by_sender) == ["w1", "w2"]
+    finally:
+        for peer in peers:
+            peer.close()
+        context.term()

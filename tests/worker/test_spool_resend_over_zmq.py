@@ -490,11 +490,17 @@ def test_a_revoked_or_impersonated_worker_is_told_why_and_its_summary_says_it(co
         link._hello_again = HelloBackoff(HELLO_AGAIN_FIRST_S, HELLO_AGAIN_MAX_S)  # as a fresh link's: it says so
         link._id_lost("worker id 'w-test' said hello on another connection")
     assert "another process runs under this worker_id" in caplog.text
+    caplog.clear()
+    full = ("the relay already registers 3 workers ([relay] max_workers), all heard from within 10 s: 'w-test' is not "
+            "registered; it may say hello again when one stops, or raise [relay] max_workers")
+    with caplog.at_level("WARNING", logger="tmrl_worker.relay_link"):  # a scaling probe's worker blamed a twin
+        link._hello_again = HelloBackoff(HELLO_AGAIN_FIRST_S, HELLO_AGAIN_MAX_S)
+        link._id_lost(full, from_hello=True)
+    assert full in caplog.text and "another process runs under this worker_id" not in caplog.text
     delivery = {"steps_submitted": 100, "batches_built": 10, "spool_acked": 3, "spool_resent": 0, "spool_dropped": 0,
-                "spool_batches": 7, "batches_rejected": 0, "connections": 1, "ids_lost": 2}
+                "spool_batches": 7, "batches_rejected": 0, "connections": 1, "ids_lost": 3}
     summary = run_summary("w-test", RolloutStats(steps=100, delivery=delivery, id_refusal=link.id_refusal))
-    assert summary.endswith("; the relay refused this connection's messages as w-test's 2 time(s), last: worker id "
-                            "'w-test' said hello on another connection")
+    assert summary.endswith(f"; the relay refused this connection's messages as w-test's 3 time(s), last: {full}")
 
 
 def test_the_heartbeat_carries_the_counters_the_schema_names(context, tmp_path):

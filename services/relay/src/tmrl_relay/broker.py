@@ -134,7 +134,8 @@ class Relay:
         self.allowlist: AllowlistWatcher | None = None
         self._sockets_open = False
         self.ports: RelayPorts | None = None
-        self.workers = PeerTable("worker", config.max_workers)
+        self.workers = PeerTable("worker", config.max_workers, live_within_s=config.peer_timeout_s,
+                                 limit_name="[relay] max_workers")
         self.metrics.registry.register(WorkerReports(self.workers, config.peer_timeout_s))
         self.trainers = PeerTable("trainer", 8)
         self.trainer = TrainerSeat(config.peer_timeout_s)
@@ -424,7 +425,13 @@ class Relay:
             if fields.sender in RESERVED_WORKER_IDS:
                 raise ProtocolError("unknown_sender", f"worker id {fields.sender!r} is reserved (the relay's and the "
                                     "trainer's): this worker must take another worker_id")
+            forgotten = self.workers.forgotten_silent
             peer, previous = self.workers.register(routing_id, fields.sender, user_id, sent_at_of(envelope.buffer))
+            if self.workers.forgotten_silent > forgotten:
+                self._rate_log.log(logging.INFO, "forgot silent", "forgot a worker silent for more than %g s to "
+                                   "register %s (max_workers %d reached; %d forgotten so far)",
+                                   self.config.peer_timeout_s, fields.sender, self.config.max_workers,
+                                   self.workers.forgotten_silent)
             again = " again on a new connection" if previous is not None and previous.routing_id != routing_id else ""
             if self._hello_lines.take():
                 log.info("worker %s said hello (next_seq=%d, %s)%s", fields.sender, hello.next_seq, hello.software,

@@ -57,7 +57,9 @@ class RelayConfig(BaseModel):
     """Sample batches held while no trainer is connected; past it the oldest are dropped (counted, logged).
     Workers keep their own spool and resend unacknowledged batches, so this is a cache, not the only copy."""
     max_workers: int = Field(default=1024, ge=1)
-    """Registered worker ids kept at once; beyond it the longest-silent one is forgotten (it must say hello again)."""
+    """Registered worker ids kept at once; beyond it the longest-silent one is forgotten (it must say hello again) if
+    it has been silent for more than ``peer_timeout_s``; while every one is live, a new id's hello is refused, naming
+    this limit (the worker says hello again later)."""
     peer_timeout_s: float = Field(default=10.0, gt=0, le=MAX_DURATION_S)
     """A worker or trainer silent (no message, heartbeat included) for this long counts as disconnected."""
     weights_send_hwm: int = Field(default=4, ge=1, le=ZMQ_INT_MAX)

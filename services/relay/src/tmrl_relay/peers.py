@@ -61,11 +61,18 @@ class DisplacedConnection(ProtocolError):
 
 
 class PeerTable:
-    """Registered peers of one link. ``max_peers`` bounds memory: the longest-silent peer is forgotten first."""
+    """Registered peers of one link. ``max_peers`` bounds memory: beyond it the longest-silent peer is forgotten, if
+    it has been silent for more than ``live_within_s``; while every registered peer has been heard from within it, a
+    new peer's hello is refused instead (with ``live_within_s`` None, the longest-silent one is always forgotten)."""
 
-    def __init__(self, role: str, max_peers: int) -> None:
+    def __init__(self, role: str, max_peers: int, live_within_s: float | None = None, limit_name: str = "max_peers") -> None:
         self.role = role
         self.max_peers = max_peers
+        self.live_within_s = live_within_s
+        self.limit_name = limit_name
+        """The setting that sets ``max_peers``, named in the refusal (the relay's ``[relay] max_workers``)."""
+        self.forgotten_silent = 0
+        """Peers forgotten to make room for a new one (each silent for more than ``live_within_s``)."""
         self.by_routing_id: dict[bytes, Peer] = {}
         self.by_sender: dict[str, Peer] = {}
         self.key_of_sender: dict[str, str] = {}
@@ -87,6 +94,8 @@ class PeerTable:
                                                   f"key pair for this {self.role}? remove the old key from the relay's "
                                                   f"allow-list, `tmrl-relay keys remove --allow-dir ALLOW NAME"
                                                   f"{role_flag}`, which frees the id at the relay's next reload)")
+        if sender not in self.by_sender and routing_id not in self.by_routing_id:
+            self._make_room(sender)
         if user_id is not None and bound_key is None:
             ids = self._ids_of_key.setdefault(user_id, set())
             if len(ids) >= MAX_IDS_PER_KEY:
@@ -112,9 +121,22 @@ class PeerTable:
         self.by_sender[sender] = peer
         if user_id is not None:
             self.key_of_sender[sender] = user_id
-        while len(self.by_sender) > self.max_peers:
-            self.forget(min(self.by_sender.values(), key=lambda p: p.last_seen))
         return peer, previous
+
+    def _make_room(self, sender: str) -> None:
+        """Room for one more peer: forget the longest-silent one when the table is full, unless every peer was heard
+        from within ``live_within_s``: then refuse ``sender`` (``unknown_sender``). Forgetting a live peer instead
+        (as before) made a fleet larger than the limit displace each other in turn, each told it had "sent before
+        saying hello" (an outside probe: 5 workers against max_workers = 3, each re-registered 4-6 times in 90 s)."""
+        while len(self.by_sender) >= self.max_peers:
+            oldest = min(self.by_sender.values(), key=lambda p: p.last_seen)
+            silent_s = time.monotonic() - oldest.last_seen
+            if self.live_within_s is not None and silent_s <= self.live_within_s:
+                raise ProtocolError("unknown_sender", f"the relay already registers {self.max_peers} {self.role}s "
+                                    f"({self.limit_name}), all heard from within {self.live_within_s:g} s: {sender!r} is "
+                                    f"not registered; it may say hello again when one stops, or raise {self.limit_name}")
+            self.forget(oldest)
+            self.forgotten_silent += 1
 
     def check(self, routing_id: bytes, sender: str, user_id: str | None) -> Peer:
         """The peer behind ``routing_id`` if it registered as ``sender`` with this key; else ``unknown_sender``."""

@@ -539,8 +539,9 @@ class RelayLink:
         wait = self._hello_again.refused(now)
         if wait is not None:
             # a key removed from the allow-list, or an id bound to another key, is not two processes trading the id
-            two_processes = ("" if "key" in detail else " (if another process runs under this worker_id, they take "
-                             "the id from each other: stop one)")
+            # nor is a relay that registers as many workers as it may (max_workers)
+            two_processes = ("" if "key" in detail or "max_workers" in detail else " (if another process runs under "
+                             "this worker_id, they take the id from each other: stop one)")
             log.warning("%s: the relay does not take this connection's messages as %s's (%s); saying hello again in "
                         "%.0f s%s", self.worker_id, self.worker_id, detail, wait, two_processes)
 
