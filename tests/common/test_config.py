@@ -240,6 +240,18 @@ def test_invalid_toml_is_a_config_error(tmp_path):
         load_config(ExampleConfig, "example", write(tmp_path, "[example\nport = 1\n"), environ={})
 
 
+def test_a_config_file_that_is_not_utf8_or_not_a_file_is_a_config_error(tmp_path):
+    """A CLI probe's UTF-16 file (BOM ff fe) ended `run --show-config` in a UnicodeDecodeError traceback."""
+    utf16 = tmp_path / "utf16.toml"
+    utf16.write_bytes("[example]\nport = 1\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"utf16.toml is not UTF-8 text \(TOML files are\): byte 0xff at position 0"):
+        load_config(ExampleConfig, "example", utf16, environ={})
+    folder = tmp_path / "folder.toml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"folder.toml cannot be read: Is a directory"):
+        load_config(ExampleConfig, "example", folder, environ={})
+
+
 def test_a_section_that_is_not_a_table_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="must be a table"):
         load_config(ExampleConfig, "example", write(tmp_path, "example = 3\n"), environ={})

@@ -165,6 +165,11 @@ def _read_table(path: Path, section: str, known_sections: tuple[str, ...]) -> di
         raise ConfigError(f"config file {path} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # a traceback before (a probe's UTF-16 file); TOML is UTF-8 text
+        raise ConfigError(f"config file {path} is not UTF-8 text (TOML files are): byte {exc.object[exc.start]:#04x} "
+                          f"at position {exc.start}") from exc
+    except OSError as exc:  # a folder, a file this user may not read...
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
     known = (*known_sections, section) if section not in known_sections else known_sections
     unknown = [name for name in document if name not in known]
     if unknown:
