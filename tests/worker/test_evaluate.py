@@ -434,3 +434,34 @@ def test_settings_the_evaluation_refuses_are_one_line_errors(tmp_path, capsys):
     assert exit_info.value.exit_code == 2
     assert capsys.readouterr().err == "tmrl-worker eval: invalid settings: seed: Input should be greater than or " \
                                       "equal to 0\n"
+
+
+def test_a_gif_or_onnx_write_that_fails_leaves_the_earlier_file_as_it_was(tmp_path, monkeypatch):
+    """Full-disk probe: `eval --gif` and `export --onnx` wrote straight into their target, so a full disk (or a
+    file-size limit) turned a good GIF into a truncated one and a good model into a corrupt one."""
+    import os
+
+    import numpy as np
+    import onnx
+    from PIL import Image
+    from tmrl_common import atomic_file
+    from tmrl_worker.sim.render import write_gif
+
+    frames = [np.full((8, 8), value, dtype=np.uint8) for value in (0, 128, 255)]
+    gif = write_gif(frames, tmp_path / "best.gif")
+    model = onnx_export(policy_file(tmp_path / "policy.safetensors", tm20_lidar_layout()))
+    before = {path: path.read_bytes() for path in (gif, model)}
+
+    def disk_full(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic_file.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_gif(frames[::-1], gif)
+    with pytest.raises(OSError, match="No space left"):
+        onnx_export(policy_file(tmp_path / "policy.safetensors", tm20_lidar_layout(), seed=1))
+    monkeypatch.setattr(atomic_file.os, "fsync", os.fsync)
+    assert {path: path.read_bytes() for path in (gif, model)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.gif", "policy.onnx", "policy.safetensors"]
+    assert Image.open(gif).n_frames == 3
+    onnx.checker.check_model(onnx.load(str(model)))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tmrl_common.atomic_file import write_atomically
 from tmrl_common.errors import ProtocolError
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import Actor, PolicyArchitecture, PolicyFileError, build_actor
@@ -146,8 +147,9 @@ def export_onnx(actor: Actor, path: Path, version: int = 0) -> Path:
                        ("tmrl_version", str(version))):
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
-    onnx.save_model(model, str(path))
-    return path
+    # written atomically: a write that fails (a full disk, a file-size limit) must not leave a truncated model where
+    # a good one was (a full-disk probe's); a policy is far below protobuf's 2 GiB limit for one serialised message
+    return write_atomically(path, model.SerializeToString(), mode=0o644)
 
 
 def check_onnx(actor: Actor, path: Path, observations: int = 64, seed: int = 0) -> float:

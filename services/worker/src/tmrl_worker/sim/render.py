@@ -3,6 +3,7 @@ RGB frames / GIFs of an episode (pillow)."""
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tmrl_common.atomic_file import write_atomically
 
 from tmrl_worker.sim.car import CarPose
 from tmrl_worker.sim.track import Track
@@ -113,11 +115,13 @@ class TrackFrameRenderer:
 
 
 def write_gif(frames: Sequence[np.ndarray], path: str | Path, fps: float = 20.0) -> Path:
-    """Save uint8 frames (``(H, W)`` grayscale or ``(H, W, 3)`` RGB) as a looping GIF."""
+    """Save uint8 frames (``(H, W)`` grayscale or ``(H, W, 3)`` RGB) as a looping GIF, written atomically: a write
+    that fails (a full disk) leaves any earlier file at ``path`` as it was (a full-disk probe's good GIF became a
+    truncated one)."""
     if not frames:
         raise ValueError("a GIF needs at least one frame")
     images = [Image.fromarray(np.asarray(frame, dtype=np.uint8)) for frame in frames]
-    path = Path(path)
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
+    encoded = io.BytesIO()
+    images[0].save(encoded, format="GIF", save_all=True, append_images=images[1:],
                    duration=max(20, round(1000 / fps)), loop=0)
-    return path
+    return write_atomically(path, encoded.getvalue(), mode=0o644)
