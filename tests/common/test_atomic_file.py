@@ -49,3 +49,11 @@ def test_the_directory_is_synced_after_the_rename_so_the_new_name_survives_a_pow
     write_atomically(tmp_path / "checkpoint.safetensors", b"tensors")
     directory_sync = [("fsync", True)] if os.name == "posix" else []  # NTFS journals the rename itself
     assert synced == [("fsync", False), ("replace", False), *directory_sync]
+
+
+def test_a_name_too_long_for_the_file_system_is_an_output_path_error(tmp_path):
+    """A CLI probe: `eval --gif` with a 300-character name ended in an ENAMETOOLONG traceback from `is_dir()`."""
+    from tmrl_common.atomic_file import OutputPathError, prepare_output_file
+
+    with pytest.raises(OutputPathError, match=r"--gif '.*x{300}\.gif': cannot write there: File name too long"):
+        prepare_output_file(tmp_path / ("x" * 300 + ".gif"), "--gif", suffix=".gif")

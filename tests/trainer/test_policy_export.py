@@ -239,3 +239,24 @@ def test_check_asked_for_by_name_fails_without_onnxruntime_while_the_default_onl
     assert asked.stderr.strip().count("\n") == 0 and (tmp_path / "asked.onnx").stat().st_size > 0
     skipped = runner.invoke(app, ["export", str(policy), "--onnx", str(tmp_path / "skipped.onnx"), "--no-check"])
     assert skipped.exit_code == 0 and "onnxruntime" not in skipped.output
+
+
+def test_output_names_too_long_for_the_file_system_are_one_line_errors(tmp_path):
+    """A CLI probe: train-local's --run-dir and export's --onnx with a 300-character name ended in ENAMETOOLONG
+    tracebacks (`Path.exists()` raises it)."""
+    from tmrl_trainer.cli import app
+    from typer.testing import CliRunner
+
+    long_name = tmp_path / ("x" * 300)
+    runner = CliRunner()
+    local = runner.invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "5", "--run-dir", str(long_name)])
+    assert local.exit_code == 2 and "Traceback" not in local.output
+    assert f"tmrl-trainer train-local: cannot use --run-dir {long_name}: File name too long" in local.output
+    source = tmp_path / "policy.safetensors"
+    local = runner.invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "5", "--eval-episodes", "0",
+                                "--run-dir", str(tmp_path / "run")])
+    assert local.exit_code == 0, local.output
+    exported = runner.invoke(app, ["export", str(tmp_path / "run" / "checkpoints" / "latest.safetensors"),
+                                   "--policy-out", str(source), "--onnx", f"{long_name}.onnx"])
+    assert exported.exit_code == 2 and "Traceback" not in exported.output
+    assert f"tmrl-trainer export: cannot use {long_name}.onnx: File name too long" in exported.output

@@ -101,13 +101,13 @@ def prepare_output_file(path: str | os.PathLike[str], what: str, suffix: str | N
     path = Path(path)
     if suffix is not None and path.suffix.lower() != suffix:
         raise OutputPathError(f"{what} {str(path)!r}: its name must end in {suffix} (the file is written in that format)")
-    if path.is_dir():
-        raise OutputPathError(f"{what} {str(path)!r} is a folder; give a file name")
-    blocking = file_on_the_way(path)
-    if blocking is not None:
-        raise OutputPathError(f"{what} {str(path)!r}: {str(blocking)!r} is a file, not a folder")
-    existed = path.exists()
-    try:
+    try:  # a name longer than the file system takes (ENAMETOOLONG) raises from is_dir() and exists() too
+        if path.is_dir():
+            raise OutputPathError(f"{what} {str(path)!r} is a folder; give a file name")
+        blocking = file_on_the_way(path)
+        if blocking is not None:
+            raise OutputPathError(f"{what} {str(path)!r}: {str(blocking)!r} is a file, not a folder")
+        existed = path.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab"):
             pass

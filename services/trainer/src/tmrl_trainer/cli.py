@@ -204,13 +204,18 @@ def train_local_command(
         typer.echo(f"tmrl-trainer train-local: {validation_problems(LocalTrainingConfig, exc)}", err=True)
         raise typer.Exit(code=2) from exc
     earlier = run_dir / "checkpoints" / LATEST_LOCAL_CHECKPOINT
-    if earlier.exists() and not overwrite:
+    try:
+        had_earlier = earlier.exists()
+    except OSError as exc:  # a name longer than the file system takes: a traceback before (a CLI probe)
+        typer.echo(f"tmrl-trainer train-local: cannot use --run-dir {run_dir}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    if had_earlier and not overwrite:
         typer.echo(f"tmrl-trainer train-local: {run_dir} holds the checkpoint of an earlier run ({earlier}); "
                    "train-local does not resume: pass --overwrite to start over there, or give another --run-dir",
                    err=True)
         raise typer.Exit(code=2)
     try:  # before training, not at its end: a run directory that cannot hold the checkpoint loses the whole run
-        if earlier.exists():  # --overwrite: the earlier run's curves would be drawn with this one's (a probe)
+        if had_earlier:  # --overwrite: the earlier run's curves would be drawn with this one's (a probe)
             stale = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
             for path in stale:  # only TensorBoard's own files (a re-check: other files there went too)
                 try:

@@ -71,6 +71,15 @@ def _refuse_clobbering(source: Path, outputs: list[Path]) -> None:
     """Exit 2 before anything is written when an output is the source (a checkpoint would be replaced by its actor
     alone), both outputs are one file, or an output exists and is not a regular file (a device, a folder): the
     export replaces its output by renaming a new file over it."""
+    try:  # a name longer than the file system takes (ENAMETOOLONG) raises from resolve() and exists()
+        _check_outputs(source, outputs)
+    except OSError as exc:
+        typer.echo(f"tmrl-trainer export: cannot use {exc.filename or 'an output path'}: {exc.strerror or exc}",
+                   err=True)
+        raise typer.Exit(code=2) from exc
+
+
+def _check_outputs(source: Path, outputs: list[Path]) -> None:
     seen = {source.resolve(): "the source"}
     for output in outputs:
         resolved = output.resolve()
