@@ -193,3 +193,27 @@ def test_a_checkpoint_of_another_architecture_stops_the_trainer_in_one_line(runn
     assert result.exit_code == 2
     assert result.output.strip().startswith("tmrl-trainer: checkpoint-000000000010.safetensors was written for another")
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("service", "args", "option"), [
+    ("trainer", ["run", "--insecure", "--env", "sim", "--show-config", "--run-dir"], "--run-dir"),
+    ("trainer", ["train-local", "--steps", "5", "--run-dir"], "--run-dir"),
+    ("worker", ["run", "--show-config", "--state-dir"], "--state-dir"),
+    ("worker", ["check-env", "--save-frames"], "--save-frames"),
+    ("relay", ["run", "--show-config", "--allow-dir"], "--allow-dir"),
+    ("relay", ["keys", "init", "--allow-dir", "allow", "--worker", "w1", "--dir"], "--dir"),
+    ("relay", ["keys", "init", "--dir", "keys", "--worker", "w1", "--allow-dir"], "--allow-dir"),
+])
+def test_an_empty_or_file_folder_option_is_refused_before_anything_is_written(service, args, option, runner, tmp_path,
+                                                                             monkeypatch):
+    """A CLI probe: `Path("")` is the current folder, so `--run-dir ""` wrote a run into the repository root and
+    `keys init --dir ""` wrote the secret keys there, where the same value from a config file was refused."""
+    monkeypatch.chdir(tmp_path)
+    app, _ = SERVICES[service]
+    empty = runner.invoke(app, [*args, ""])
+    assert empty.exit_code == 2 and f"Invalid value for '{option}': is empty; give a folder" in " ".join(
+        empty.output.split()), empty.output
+    (tmp_path / "a-file").write_text("not a folder")
+    file = runner.invoke(app, [*args, "a-file"])
+    assert file.exit_code == 2 and "'a-file' is a file, not a folder" in " ".join(file.output.split()), file.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written in the current folder

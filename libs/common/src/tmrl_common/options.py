@@ -11,6 +11,7 @@ import faulthandler
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from tmrl_common.errors import ConfigError
 
@@ -66,3 +67,26 @@ def configure_logging(level: str) -> None:
             faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
         except (OSError, ValueError):  # no usable file descriptor: the service runs on without the dump
             pass
+
+
+def folder_value(value: str) -> Path:
+    """typer's ``parser`` for a folder option (:data:`FOLDER_OPTION`): the folder, refusing an empty value, which
+    ``Path("")`` turns into the current folder without a word (a CLI probe's ``--run-dir ""`` wrote a run into the
+    repository root, and ``keys init --dir ""`` the secret keys; the same value from a config file was refused), and
+    an existing file."""
+    import typer
+
+    if not value.strip():
+        raise typer.BadParameter('is empty; give a folder ("." for the current one)')
+    path = Path(value)
+    try:
+        is_a_file = path.exists() and not path.is_dir()
+    except OSError:  # a name too long for the file system...: the command's own checks say so
+        is_a_file = False
+    if is_a_file:
+        raise typer.BadParameter(f"{value!r} is a file, not a folder")
+    return path
+
+
+FOLDER_OPTION = {"parser": folder_value, "metavar": "<path>"}
+"""Keyword arguments of ``typer.Option`` for a folder: ``typer.Option(None, "--run-dir", **FOLDER_OPTION, ...)``."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from tmrl_common.config import load_config_for_command
 from tmrl_common.curve import KeyFileError
-from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
+from tmrl_common.options import FOLDER_OPTION, HELP, LogLevel, config_help, configure_logging
 from tmrl_common.sockets import SecurityError
 from tmrl_common.stop_signals import ignore_stop_signals, install_stop_signals, stopping
 
@@ -44,7 +44,7 @@ def run(
     weights_port: int | None = typer.Option(None, "--weights-port", help=HELP["weights_port"] + " 0: any free port."),
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="Prometheus HTTP port (0: disabled)."),
     secret_key: Path | None = typer.Option(None, "--secret-key", help=HELP["secret_key"], exists=True, dir_okay=False),
-    allow_dir: Path | None = typer.Option(None, "--allow-dir", help="Allow-list directory: workers' public keys in it, "
+    allow_dir: Path | None = typer.Option(None, "--allow-dir", **FOLDER_OPTION, help="Allow-list directory: workers' public keys in it, "
                                           "the trainer's in its trainers/ folder (`tmrl-relay keys init` / `keys add`)."),
     log_level: LogLevel = typer.Option(LogLevel.INFO, "--log-level", case_sensitive=False, help=HELP["log_level"]),
 ) -> None:

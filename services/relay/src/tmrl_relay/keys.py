@@ -30,6 +30,7 @@ from tmrl_common.curve import (
     revoke_public_key,
 )
 from tmrl_common.errors import ConfigError
+from tmrl_common.options import FOLDER_OPTION
 
 from tmrl_relay.config import TRAINER_ALLOWLIST_SUBDIR
 
@@ -115,7 +116,7 @@ def _fail(exc: Exception) -> typer.Exit:
 
 @keys_app.command("generate")
 def generate(
-    directory: Path = typer.Option(..., "--dir", help="Directory to write NAME.key (public) and NAME.key_secret into."),
+    directory: Path = typer.Option(..., "--dir", **FOLDER_OPTION, help="Directory to write NAME.key (public) and NAME.key_secret into."),
     name: str = typer.Option(..., "--name", help="Key name, e.g. relay, trainer, worker-1."),
     role: str | None = typer.Option(None, "--role", help="relay, trainer or worker: whose key it is, for the advice "
                                     "printed (default: from the name: relay*, trainer*, else worker)."),
@@ -144,8 +145,8 @@ def generate(
 
 @keys_app.command("init")
 def init(
-    directory: Path = typer.Option(Path("keys"), "--dir", help="Directory of the key pairs (relay, trainer, workers)."),
-    allow_dir: Path = typer.Option(Path("allow"), "--allow-dir",
+    directory: Path = typer.Option(Path("keys"), "--dir", **FOLDER_OPTION, help="Directory of the key pairs (relay, trainer, workers)."),
+    allow_dir: Path = typer.Option(Path("allow"), "--allow-dir", **FOLDER_OPTION,
                                    help="The relay's allow-list: workers in it, the trainer in its trainers/ folder."),
     workers: list[str] = typer.Option(["worker-1"], "--worker", help="A worker's name (repeat for more workers)."),
     trainer: str = typer.Option("trainer", "--trainer", help="The trainer's key name."),
@@ -170,7 +171,7 @@ def init(
 @keys_app.command("add")
 def add(
     public_key_file: Path = typer.Argument(..., help="A client's public certificate (NAME.key)."),
-    allow_dir: Path = typer.Option(..., "--allow-dir", help="The relay's allow-list directory."),
+    allow_dir: Path = typer.Option(..., "--allow-dir", **FOLDER_OPTION, help="The relay's allow-list directory."),
     name: str | None = typer.Option(None, "--name", help="Name in the allow-list (default: the file's name)."),
     force: bool = typer.Option(False, "--force", help="Replace a different key already allowed under that name."),
     role: Role = typer.Option(Role.worker, "--role", help="worker: workers and weights sockets; trainer: the trainer "
@@ -187,7 +188,7 @@ def add(
 @keys_app.command("remove")
 def remove(
     name: str = typer.Argument(..., help="Name of the allowed key."),
-    allow_dir: Path = typer.Option(..., "--allow-dir", help="The relay's allow-list directory."),
+    allow_dir: Path = typer.Option(..., "--allow-dir", **FOLDER_OPTION, help="The relay's allow-list directory."),
     role: Role = typer.Option(Role.worker, "--role", help="The role the key was added for."),
 ) -> None:
     """Remove a key from the allow-list (new connections with it are refused; open ones last until they drop)."""
@@ -200,7 +201,7 @@ def remove(
 
 @keys_app.command("list")
 def list_keys(
-    allow_dir: Path | None = typer.Option(None, "--allow-dir", help="The allow-list directory (default: from --config)."),
+    allow_dir: Path | None = typer.Option(None, "--allow-dir", **FOLDER_OPTION, help="The allow-list directory (default: from --config)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="Relay TOML config: security.allowlist_dir is listed.",
                                           exists=True, dir_okay=False),
     role: Role = typer.Option(Role.worker, "--role", help="Which role's keys to list."),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 from tmrl_common.config import load_config_for_command
-from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
+from tmrl_common.options import FOLDER_OPTION, HELP, LogLevel, config_help, configure_logging
 
 from tmrl_trainer.config import TrainerConfig
 from tmrl_trainer.export_cli import export_command
@@ -40,7 +40,7 @@ def run(
                                             "overrides the one --env implies. Needed for module:Class envs."),
     relay_host: str | None = typer.Option(None, "--relay-host", help=HELP["relay_host"]),
     trainer_port: int | None = typer.Option(None, "--trainer-port", help=HELP["trainer_port"]),
-    run_dir: Path | None = typer.Option(None, "--run-dir", help="status.json, metrics.jsonl, tensorboard/, checkpoints/."),
+    run_dir: Path | None = typer.Option(None, "--run-dir", **FOLDER_OPTION, help="status.json, metrics.jsonl, tensorboard/, checkpoints/."),
     device: str | None = typer.Option(None, "--device", help=HELP["device"]),
     max_updates: int | None = typer.Option(None, "--max-updates", min=1, help="Stop once the learner has made this many SAC "
                                              "updates in all (a resumed run counts its checkpoint's)."),
@@ -143,7 +143,7 @@ def train_local_command(
     utd: float | None = typer.Option(None, "--utd", help="Updates per environment step (default: sac.utd)."),
     eval_episodes: int = typer.Option(10, "--eval-episodes", min=0, help="Deterministic episodes of each evaluation."),
     eval_every: int = typer.Option(0, "--eval-every", min=0, help="Steps between evaluations (0: only at the end)."),
-    run_dir: Path | None = typer.Option(None, "--run-dir", help="tensorboard/ and checkpoints/ go here \\[runs/local/<env>-s<seed>]."),
+    run_dir: Path | None = typer.Option(None, "--run-dir", **FOLDER_OPTION, help="tensorboard/ and checkpoints/ go here \\[runs/local/<env>-s<seed>]."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Steps between checkpoints (0: at the end)."),
     save_memory: bool = typer.Option(False, "--save-memory", help=HELP["save_memory"] + " train-local never resumes "
                                      "from it: each run starts afresh."),

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 from tmrl_common.config import load_config_for_command
-from tmrl_common.options import HELP, LogLevel, config_help, configure_logging
+from tmrl_common.options import FOLDER_OPTION, HELP, LogLevel, config_help, configure_logging
 
 from tmrl_worker.config import WorkerConfig
 from tmrl_worker.eval_cli import eval_command
@@ -51,7 +51,7 @@ def run(
     policy: Path | None = typer.Option(None, "--policy", help="Safetensors policy file for --expert.", exists=True, dir_okay=False),
     max_steps: int | None = typer.Option(None, "--max-steps", help=HELP["max_steps"]),
     batch_steps: int | None = typer.Option(None, "--batch-steps", help="Send a batch every N steps (and at episode ends)."),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help="Keeps <worker-id>.state.json (sequence numbers "
+    state_dir: Path | None = typer.Option(None, "--state-dir", **FOLDER_OPTION, help="Keeps <worker-id>.state.json (sequence numbers "
                                           "unique across restarts), <worker-id>.progress.json (what a killed run lost) "
                                           "and, with durable_spool, <worker-id>.spool/ [~/.local/state/tmrl/worker]."),
     seed: int | None = typer.Option(None, "--seed", help=HELP["seed"] + " It draws environment resets and exploration."),
@@ -264,7 +264,7 @@ def check_env(
     reward: Path | None = typer.Option(None, "--reward", help="Reward points file: also show rewards.", exists=True, dir_okay=False),
     capture: str = CaptureOption,
     window_title: str = WindowTitleOption,
-    save_frames: Path | None = typer.Option(None, "--save-frames", help="Folder for PNG frames with the LIDAR beams drawn (every 20th reading, the first included).", file_okay=False),
+    save_frames: Path | None = typer.Option(None, "--save-frames", **FOLDER_OPTION, help="Folder for PNG frames with the LIDAR beams drawn (every 20th reading, the first included)."),
     synthetic: bool = SyntheticOption,
 ) -> None:
     """TrackMania 2020: show LIDAR, speed and rewards while you drive (nothing is sent to the game)."""
