@@ -329,3 +329,19 @@ def test_validation_problems_put_a_table_validated_apart_on_one_line_with_paths_
     assert len(parts[0].split(":")[0]) < 100  # a long value is cut, not quoted whole
     assert parts[1].startswith("env_options.example.port = 0: Input should be greater than or equal to 1")
     assert parts[2] == "env_options.example.sac.gama: unknown field (did you mean gamma?)"
+
+
+def test_true_or_false_for_a_number_is_refused_wherever_it_comes_from(tmp_path):
+    """A CLI probe: pydantic read `worker_port = false` as 0 (a random port), `publish_every = true` and
+    TMRL_WORKER__BATCH_STEPS=true as 1, without a word."""
+    path = write(tmp_path, "[example]\nport = false\nverbose = true\n[example.sac]\npolyak = true\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(ExampleConfig, "example", path, environ={"TMRL_EXAMPLE__MAX_BATCHES": "true"})
+    assert str(refused.value) == (
+        "invalid config [example]: "
+        f"\n  port = False in {path} [example]: a number is expected, not true or false"
+        f"\n  sac.polyak = True in {path} [example]: a number is expected, not true or false"
+        "\n  max_batches = True from environment variable TMRL_EXAMPLE__MAX_BATCHES: a number is expected, not true or "
+        "false")
+    assert load_config(ExampleConfig, "example", write(tmp_path, "[example]\nverbose = true\nport = 7\n"),
+                       environ={}).verbose  # a bool field takes them, a number field its numbers

@@ -26,7 +26,7 @@ import tomllib
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError, ValidationInfo
 from pydantic_core import to_jsonable_python
@@ -282,6 +282,37 @@ def _explain(model: type[BaseModel], error: Mapping[str, Any], sources: _Sources
     return f"{sources.describe(loc)}: {str(error['msg']).removeprefix('Value error, ')}"
 
 
+def _scalar_types(annotation: Any) -> set[Any]:
+    """The plain types a field's annotation admits (through ``Optional``/unions, ``Annotated`` and ``Literal``);
+    ``object`` for what is not judged here (``Any``, containers)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _scalar_types(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(_scalar_types(arg) for arg in get_args(annotation)))
+    if origin is Literal:
+        return {type(value) for value in get_args(annotation)}
+    return {annotation} if isinstance(annotation, type) else {object}
+
+
+def _booleans_for_numbers(model: type[BaseModel], data: Mapping[str, Any], loc: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Where ``data`` gives ``true``/``false`` to a number field: pydantic reads them as 1 and 0 (a CLI probe's
+    ``worker_port = false`` bound a random port, ``publish_every = true`` published at every update)."""
+    found = []
+    for name, value in data.items():
+        field = model.model_fields.get(name)
+        if field is None:
+            continue
+        admitted = _scalar_types(field.annotation)
+        if isinstance(value, bool) and admitted & {int, float} and not admitted & {bool, object}:
+            found.append((*loc, name))
+        elif isinstance(value, Mapping):
+            for nested in admitted:
+                if isinstance(nested, type) and issubclass(nested, BaseModel):
+                    found += _booleans_for_numbers(nested, value, (*loc, name))
+    return found
+
+
 def load_config(
     model: type[ModelT],
     section: str,
@@ -303,10 +334,15 @@ def load_config(
     env_data = _env_overrides(section, environ, model, env_names)
     flag_data = _without_unset(overrides or {})
     data = _merge(_merge(file_data, env_data), flag_data)
+    sources = _Sources(section, path, file_data, env_data, env_names, flag_data)
+    booleans = _booleans_for_numbers(model, data)
+    if booleans:
+        problems = [f"{sources.describe(loc)}: a number is expected, not true or false" for loc in booleans]
+        raise ConfigError(f"invalid config [{section}]: " + (problems[0] if len(problems) == 1 else
+                                                             "".join(f"\n  {problem}" for problem in problems)))
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        sources = _Sources(section, path, file_data, env_data, env_names, flag_data)
         problems = [_explain(model, e, sources) for e in exc.errors()]
         raise ConfigError(f"invalid config [{section}]: " + (problems[0] if len(problems) == 1 else
                                                              "".join(f"\n  {problem}" for problem in problems))) from exc
