@@ -372,6 +372,23 @@ def test_fields_a_saved_config_lacks_or_today_has_not_are_not_reported_as_differ
     assert warning.endswith("the config's are used from here on: tau: 0.005 -> 0.01")
 
 
+def test_a_checkpoint_from_before_update_order_is_compared_as_the_joint_order_it_trained_in(tmp_path, caplog):
+    """An upgrade probe: a checkpoint of 98305cb (2026-11-27, before `update_order`, when every update was `joint`)
+    resumed under today's default `critic-first` without a word, where deployment.md promises a warning for a
+    changed default."""
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", _learner(update_order="joint"))
+    _rewrite_saved_config(path, lambda config: {name: value for name, value in config.items()
+                                                if name != "update_order"})
+    with caplog.at_level("INFO", logger="tmrl_trainer.checkpoint"):
+        load_checkpoint(path, _learner())  # today's default order
+    [warning] = _warnings(caplog)
+    assert "update_order: 'joint' -> 'critic-first'" in warning and "the actor now learns against" in warning
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tmrl_trainer.checkpoint"):
+        load_checkpoint(path, _learner(update_order="joint"))
+    assert _warnings(caplog) == []
+
+
 def test_tensors_that_do_not_fit_a_matching_saved_config_are_summed_up_in_one_line(tmp_path):
     path = save_checkpoint(tmp_path / "ckpt.safetensors", _learner())
     _rewrite_saved_config(path, lambda config: {**config, "redq_n": 3})  # says 3 critics, holds 2

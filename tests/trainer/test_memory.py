@@ -215,6 +215,23 @@ def test_loading_a_memory_saved_with_another_capacity_or_a_corrupt_file_raises_m
         ReplayMemory(LAYOUT, capacity=150).load(tmp_path / "bad.safetensors")
 
 
+def test_a_memory_of_another_format_version_is_refused_naming_both_formats():
+    """An upgrade probe: a memory saved on 2026-11-27 ('tmrl-replay-memory-1') was refused as "saved memory format is
+    not 'tmrl-replay-memory-2'", without the format found or whether it could be converted."""
+    from tmrl_trainer.memory import MEMORY_FORMAT
+    from tmrl_trainer.tensor_file import pack, unpack
+
+    source = ReplayMemory(LAYOUT, capacity=150)
+    _fill(source, seed=7, workers=1, rows_per_worker=30)
+    arrays, meta = unpack(source.to_bytes())
+    with pytest.raises(MemoryFileError, match=rf"saved memory format 'tmrl-replay-memory-1' is not this build's "
+                                              rf"'{MEMORY_FORMAT}': a memory saved by another build of tmrl cannot be "
+                                              "converted"):
+        ReplayMemory(LAYOUT, capacity=150).load_bytes(pack(arrays, {**meta, "format": "tmrl-replay-memory-1"}))
+    with pytest.raises(MemoryFileError, match=rf"^saved memory format is not '{MEMORY_FORMAT}'$"):
+        ReplayMemory(LAYOUT, capacity=150).load_bytes(pack(arrays, {**meta, "format": "something else"}))
+
+
 @pytest.mark.parametrize("tamper", ["header key missing", "header value of the wrong type", "array missing",
                                     "array shorter than the header says", "array of another dtype"])
 def test_a_saved_memory_whose_header_and_arrays_disagree_raises_memory_file_error_and_loads_nothing(tmp_path, tamper):

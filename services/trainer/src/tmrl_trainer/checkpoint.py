@@ -180,17 +180,26 @@ WHY_IT_MATTERS = {
     "reward_scale": "the critics' targets change, so their Q values re-fit first",
     "redq_m": "the critics' targets change, so their Q values re-fit first",
     "target_entropy": "alpha moves towards the new entropy target",
+    "update_order": "the actor now learns against the critics as they are after their step (or before it)",
 }
 """A few words on what changing a field on a resumed run does, for the warning :func:`load_checkpoint` logs."""
+
+IMPLIED_WHEN_ABSENT = {"update_order": "joint"}
+"""What the code did before a field existed, for a checkpoint whose saved config lacks it: its value then. Only the
+fields whose default is not the earlier behaviour: ``update_order`` came in 65f6923 (2026-11-27) with ``joint``, the
+only order until then, and ``critic-first`` became the default in 327debc (2026-11-28). A field missing here and
+from the saved config is not compared (what the code did is not known, or it is the default)."""
 
 
 def config_differences(saved: Any, configured: SACConfig) -> dict[str, tuple[Any, Any]]:
     """``{field: (saved value, configured value)}`` for each field of ``configured`` that a checkpoint's saved
-    ``sac_config`` holds with another value. Not compared: a field today's :class:`SACConfig` does not have, one the
-    saved config lacks (it was written before the field existed; what the code then did is not known), and anything
-    when no config was saved."""
+    ``sac_config`` holds with another value; a field the saved config lacks (written before the field existed) is
+    compared with :data:`IMPLIED_WHEN_ABSENT`, what the code did then. Not compared: a field today's
+    :class:`SACConfig` does not have, one the saved config lacks and that table does not name, and anything when no
+    config was saved."""
     if not isinstance(saved, dict):
         return {}
+    saved = {**IMPLIED_WHEN_ABSENT, **saved}
     current = configured.model_dump(mode="json")
     return {name: (saved[name], value) for name, value in current.items() if name in saved and saved[name] != value}
 

@@ -491,6 +491,10 @@ class ReplayMemory:
         except TensorFileError as exc:
             raise MemoryFileError(f"not a saved tmrl replay memory: {exc}") from exc
         if not isinstance(meta, dict) or meta.get("format") != MEMORY_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            if isinstance(found, str) and found.startswith("tmrl-replay-memory-"):  # an upgrade probe's 11-27 memory
+                raise MemoryFileError(f"saved memory format {found[:40]!r} is not this build's {MEMORY_FORMAT!r}: a "
+                                      "memory saved by another build of tmrl cannot be converted")
             raise MemoryFileError(f"saved memory format is not {MEMORY_FORMAT!r}")
         try:
             # bounds may change between runs (the values are checked against this memory's below); nothing else

@@ -42,9 +42,10 @@ Replay memory across restarts:
   The memory file also records how many rows were ever added, checked against the checkpoint on restore (a memory file
   rewritten by a later save of the same name is not paired with an older dedupe state). On restart both come back
   from the latest checkpoint: a batch stored before it and resent afterwards is a duplicate, not stored twice. If that
-  checkpoint's memory file is missing or unreadable, the learner still resumes and the trainer warns and starts with
-  an empty memory and a fresh dedupe window (as with ``save_memory = false``); older checkpoints' memories are not
-  used, since the warning already says the restored state is incomplete and the rows refill from the workers.
+  checkpoint's memory file is missing or unreadable, the learner still resumes and the trainer warns and restores the
+  memory and dedupe window of the newest older checkpoint whose memory loads (naming the rows added between the two,
+  which it lacks); when none loads, it starts with an empty memory and a fresh dedupe window (as with
+  ``save_memory = false``), and the rows refill from the workers.
 * update budget with a restored memory: the warm-up is already met by the restored rows (when they are at least
   ``sac.learning_starts``). The ratio ``updates <= utd * rows_received`` counts this run's rows, plus the budget the
   previous run had not used at its checkpoint (``utd * rows received - updates``, saved as ``update_credit``), capped
