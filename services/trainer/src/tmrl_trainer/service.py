@@ -312,6 +312,7 @@ class TrainerService:
         (re-entered by :meth:`_store`), so a checkpoint copies memory and dedupe state from one moment."""
         self._waiting_log = RateLimitedLog(log, interval_s=30.0)
         self._make_room_log = RateLimitedLog(log, interval_s=60.0)
+        self._checkpoint_failed_log = RateLimitedLog(log, interval_s=60.0)
         self._batches_seen = 0
         self._batch_seen_at = time.monotonic()
         """The ingest's ``batches_stored`` at the last progress line that saw it change, and when (stall warning)."""
@@ -622,9 +623,14 @@ class TrainerService:
             return False
         except OSError as exc:  # a full disk, a quota, permissions: training goes on, the next checkpoint tries again
             self.guard_counts["checkpoints_failed"] += 1
-            log.error("checkpoint at %d updates could not be written (%s); the previous checkpoints are kept%s: free "
-                      "disk space or fix %s", self.learner.updates, exc, "" if final else " and training goes on",
-                      self.checkpoint_dir)
+            kept = "the previous checkpoints are kept" if self._checkpoint_paths() else "no checkpoint of this run is on disk yet"
+            message = "checkpoint at %d updates could not be written (%s); %s%s: free disk space or fix %s"
+            args = (self.learner.updates, exc, kept, "" if final else " and training goes on", self.checkpoint_dir)
+            if final:
+                log.error(message, *args)
+            else:  # a line per checkpoint while the disk stays full was 37 lines in a probe's minutes: once a minute
+                # with the count (status.json's checkpoints_failed counts each)
+                self._checkpoint_failed_log.log(logging.ERROR, "checkpoint failed", message, *args)
             return False
         self._prune_checkpoints(just_saved=path)
         self.last_checkpoint_updates = self.learner.updates
