@@ -35,6 +35,9 @@ def test_an_id_stays_bound_to_its_first_key_across_reconnections():
         table.register(b"conn-3", "worker-1", "KEY-B")
     with pytest.raises(ProtocolError, match="sent before saying hello on this connection"):
         table.check(b"conn-3", "worker-1", "KEY-B")  # its hello was refused: it never said one
+    # what the relay's reject lines say each connection said hello as (a scaling probe's read "said hello as ?")
+    assert [table.said_hello_as(c) for c in (b"conn-2", b"conn-1", b"conn-9")] == [
+        "worker-1", "worker-1, since taken by a newer connection", "nothing (no hello on it)"]
     table.register(b"conn-1", "worker-1", "KEY-A")  # the displaced connection takes its id back
     assert table.check(b"conn-1", "worker-1", "KEY-A").routing_id == b"conn-1"
     with pytest.raises(ProtocolError, match="said hello on another connection since this one did"):

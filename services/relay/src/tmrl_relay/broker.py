@@ -819,9 +819,10 @@ class Relay:
             table = self.workers if link == "workers" else self.trainers if link == "trainer" else None
             bound = table.by_routing_id.get(routing_id) if table is not None else None
             connection = bound.sender if bound is not None else "?"
+            said = table.said_hello_as(routing_id) if table is not None else "?"
             self._rate_log.warning((link, exc.reason, connection),
                                    "%s link: rejected %s from %s (routing id %s, said hello as %s): %s",
-                                   link, what, sender, routing_id.hex()[:16], connection, exc)
+                                   link, what, sender, routing_id.hex()[:16], said, exc)
         error = Error(reason=exc.reason, message=exc.detail[:1024], ref_type=ref_type[:32], ref_seq=ref_seq)
         try:
             socket.send_multipart([routing_id, *encode(error, RELAY_SENDER)], zmq.NOBLOCK)

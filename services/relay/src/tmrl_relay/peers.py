@@ -153,6 +153,17 @@ class PeerTable:
             raise ProtocolError("unknown_sender", f"{sender!r}: the connection's CurveZMQ key changed since hello")
         return peer
 
+    def said_hello_as(self, routing_id: bytes) -> str:
+        """What a connection said hello as, for a log line: the sender id bound to it, the id a newer connection has
+        taken from it since, or that it said none."""
+        peer = self.by_routing_id.get(routing_id)
+        if peer is not None:
+            return peer.sender
+        displaced = self._displaced.get(routing_id)
+        if displaced is not None:
+            return f"{displaced[0]}, since taken by a newer connection"
+        return "nothing (no hello on it)"
+
     def release_keys(self, allowed: frozenset[str]) -> list[str]:
         """Unbind every sender id bound to a key no longer in ``allowed`` (a revoked key): the id may then be used by
         the worker's new key pair, as docs/security.md advises after a revocation. Returns the ids released."""
