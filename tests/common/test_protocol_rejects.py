@@ -495,3 +495,15 @@ def test_a_heartbeat_counter_name_over_64_characters_is_rejected_at_decode():
     with pytest.raises(ProtocolError) as info:
         decode([frames[0], long_name])
     assert info.value.reason == "schema"
+
+
+@pytest.mark.parametrize("value", [-1, -2**63, 2**63, 2**64 - 1])
+def test_a_heartbeat_counter_outside_0_to_2_63_is_rejected_at_decode(value):
+    """A hostile-worker probe's `stored` = 2**64 - 1 and `batches` = -2**63 reached the relay's
+    tmrl_relay_worker_reported metrics as 1.8e19 and -9.2e18."""
+    frames = encode(Heartbeat(role="worker", uptime_s=1.0, counters={"stored": 2**63 - 1, "batches": 0}), "worker-1")
+    assert decode(frames)[1].counters == {"stored": 2**63 - 1, "batches": 0}
+    body = msgpack.packb({"role": "worker", "uptime_s": 1.0, "counters": {"stored": value}})
+    with pytest.raises(ProtocolError) as info:
+        decode([frames[0], body])
+    assert info.value.reason == "schema"

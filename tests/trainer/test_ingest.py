@@ -405,6 +405,26 @@ def test_finite_but_absurd_values_are_refused_with_their_own_reason_counted_and_
     assert acked(ingestor.handle(batch_frames("w", 5, [1.0]))) == [("w", [5])]  # the next honest batch is stored
 
 
+def test_a_value_just_past_a_bound_is_named_as_itself_not_as_the_bound():
+    """A hostile-worker probe: an action of nextafter(1) was refused as "actions hold values in [-1, 1], outside the
+    allowed [-1, 1]", and a speed of 1000.0001 as "[1000, 1000], outside the allowed [-1000, 1000]"."""
+    import re
+
+    from tmrl_common.errors import ProtocolError
+    from tmrl_common.protocol import decode
+
+    just_past = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+    _, batch = decode(corrupted_batch("w", 0, "actions", just_past))
+    with pytest.raises(ProtocolError, match=re.escape("actions hold values in [0, 1.0000001192092896], outside the "
+                                                      "allowed [-1, 1]")):
+        batch.check_bounds(LAYOUT, max_abs_reward=1e4, max_abs_observation=1e6)
+    layout = tm20_lidar_layout()
+    _, batch = decode(corrupted_batch("w", 1, "speed", 1000.0001, layout))
+    with pytest.raises(ProtocolError, match=re.escape("observations['speed'] hold values in [0.5, "
+                                                      "1000.0001220703125], outside the allowed [-1000, 1000]")):
+        batch.check_bounds(layout, max_abs_reward=1e4, max_abs_observation=1e6)
+
+
 def test_observation_bounds_declared_by_the_layout_are_enforced_per_component():
     layout = tm20_lidar_layout()
     memory = ReplayMemory(layout, capacity=100)

@@ -268,11 +268,19 @@ def observation_bounds(layout: ObservationLayout, max_abs_observation: float) ->
     return bounds
 
 
+def _value_text(value: float) -> str:
+    """``value`` short (``1000``, ``-0.5``) when that reads back as it, else in full: a value just past a bound must
+    not print as the bound (a probe's action nextafter(1) read "values in [-1, 1], outside the allowed [-1, 1]")."""
+    value = float(value)
+    short = f"{value:.6g}"
+    return short if float(short) == value else repr(value)
+
+
 def _check_range(values: WireArray, low: float, high: float, reason: RejectReason, what: str) -> None:
     smallest, largest = values.value_range()  # computed while decoding: no second pass over the data
     if smallest < low or largest > high:
-        raise ProtocolError(reason, f"{what} hold values in [{smallest:.6g}, {largest:.6g}], "
-                                    f"outside the allowed [{low:.6g}, {high:.6g}]")
+        raise ProtocolError(reason, f"{what} hold values in [{_value_text(smallest)}, {_value_text(largest)}], "
+                                    f"outside the allowed [{_value_text(low)}, {_value_text(high)}]")
 
 
 def _expect(array: WireArray, name: str, dtype: str, ndim: int, rows: int | None = None) -> None:
@@ -379,7 +387,9 @@ class Heartbeat(Message):
 
     role: Role
     uptime_s: float = Field(ge=0)
-    counters: dict[Annotated[str, Field(max_length=64)], int] = Field(default_factory=dict, max_length=64)
+    counters: dict[Annotated[str, Field(max_length=64)], Annotated[int, Field(ge=0, lt=2**63)]] = Field(
+        default_factory=dict, max_length=64)
+    """Counts, never negative (a probe's 2**64 - 1 and -2**63 went to the relay's metrics as they came)."""
 
 
 class Error(Message):
