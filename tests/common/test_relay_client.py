@@ -343,3 +343,40 @@ def test_after_a_silent_connection_the_status_hint_points_at_the_network_not_the
         assert client.handshake.path_down  # its handshake time-outs until the path is back are warnings
     finally:
         client.stop()
+
+
+def test_after_a_connection_the_kernel_closed_the_status_hint_points_at_the_relay_and_network(context, unused_port):
+    """A third network probe: a partition closed the connection at tcp_max_retransmit_ms (10 s), before the 20 s
+    silence check, so every status line of the outage asked about ports and keys on a link that had worked for
+    minutes."""
+    import zmq
+
+    client, _, _ = make_client(context, unused_port)
+    try:
+        client.handshake.on_event(zmq.EVENT_CONNECTED)
+        client.handshake.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        assert client.unconnected_hint() == "is it running there, on that port, with the same --insecure or keys?"
+        client.handshake.on_event(zmq.EVENT_DISCONNECTED)  # the kernel gave up on unacknowledged data
+        assert client.unconnected_hint() == ("it was reached until that connection closed: is the relay still "
+                                             "running, and the network up?")
+        client.handshake.on_event(zmq.EVENT_CONNECTED)
+        client.handshake.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED)  # back: a later failure is a set-up question again
+        assert client.unconnected_hint() == "is it running there, on that port, with the same --insecure or keys?"
+    finally:
+        client.stop()
+
+
+def test_every_client_socket_gives_up_a_connection_attempt_after_connect_timeout_ms(context):
+    """A network probe's trainer, whose path dropped every packet for 60 s, reconnected 21 s after it healed: its
+    connect waited out the kernel's SYN back-off. ZMQ_CONNECT_TIMEOUT bounds each attempt."""
+    import zmq
+    from tmrl_common.sockets import TransportConfig, apply_transport
+
+    socket = context.socket(zmq.DEALER)
+    try:
+        apply_transport(socket, TransportConfig())
+        assert socket.getsockopt(zmq.CONNECT_TIMEOUT) == 5000
+        apply_transport(socket, TransportConfig(connect_timeout_ms=1500))
+        assert socket.getsockopt(zmq.CONNECT_TIMEOUT) == 1500
+    finally:
+        socket.close(linger=0)

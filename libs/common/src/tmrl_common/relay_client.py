@@ -196,6 +196,9 @@ class RelayClient:
         silent (a network probe's status lines asked about ports and keys then), else the set-up."""
         if self.handshake.path_down:
             return "its last connection went silent: a network path that stopped carrying bytes, or a paused relay?"
+        if self.handshake.connection_lost:  # the kernel closed it first (tcp_max_retransmit_ms): a network probe's
+            # partitions were all reported as a set-up question about ports and keys
+            return "it was reached until that connection closed: is the relay still running, and the network up?"
         return "is it running there, on that port, with the same --insecure or keys?"
 
     # ----------------------------------------------------------------------------------------- client-thread side

@@ -75,6 +75,11 @@ class TransportConfig(BaseModel):
     """First reconnection delay of a connecting socket."""
     reconnect_ivl_max_ms: int = Field(default=5000, ge=0, le=ZMQ_INT_MAX)
     """Reconnection delay cap (exponential back-off up to it); 0 keeps ``reconnect_ivl_ms``."""
+    connect_timeout_ms: int = Field(default=5000, ge=0, le=ZMQ_INT_MAX)
+    """``ZMQ_CONNECT_TIMEOUT``: a connection attempt with no answer this long is given up and tried again after the
+    reconnection delay; 0 keeps the system's, whose SYN retries back off to 15-30 s, so a trainer whose path dropped
+    every packet for a minute reconnected 21 s after it healed (a network probe). Several round trips of the slowest
+    link fit in it."""
     max_frame_bytes: int = Field(default=-1, ge=-1, le=ZMQ_INT64_MAX)
     """``ZMQ_MAXMSGSIZE``: a peer sending a larger frame is disconnected by ZeroMQ (-1 = no limit)."""
 
@@ -113,6 +118,7 @@ def apply_transport(socket: zmq.Socket, transport: TransportConfig) -> None:
     socket.setsockopt(zmq.TCP_MAXRT, transport.tcp_max_retransmit_ms)
     socket.setsockopt(zmq.RECONNECT_IVL, transport.reconnect_ivl_ms)
     socket.setsockopt(zmq.RECONNECT_IVL_MAX, transport.reconnect_ivl_max_ms)
+    socket.setsockopt(zmq.CONNECT_TIMEOUT, transport.connect_timeout_ms)
     socket.setsockopt(zmq.MAXMSGSIZE, transport.max_frame_bytes)
 
 

@@ -32,7 +32,7 @@ class TrafficCounters:
         return list(self.collect())
 
     def collect(self):
-        yield CounterMetricFamily("tmrl_relay_batches_forwarded", "Sample batches forwarded to the trainer.", value=self.batches)
+        yield CounterMetricFamily("tmrl_relay_batches_forwarded", "Sample batches handed to the trainer's connection (one handed to a connection that then breaks never arrives; its worker resends it).", value=self.batches)
         yield CounterMetricFamily("tmrl_relay_steps_forwarded", "Environment steps (samples) in forwarded batches.", value=self.steps)
         yield CounterMetricFamily("tmrl_relay_batch_bytes_forwarded", "Bytes of sample batches forwarded (envelope + body).",
                                   value=self.batch_bytes)
