@@ -182,13 +182,19 @@ def test_a_spool_file_whose_name_is_not_its_batch_seq_is_set_aside_not_resent_fo
     (tmp_path / "000000001000.batch").rename(tmp_path / "000000000500.batch")
     (tmp_path / "000000000600.batch").write_bytes((tmp_path / "000000001001.batch").read_bytes())
     (tmp_path / "000000000700.batch").write_bytes(msgpack.packb([b"envelope", b"no batch body"]))
+    # a re-check probe: the same seq under another name (a leading zero) was restored and sent at every start, the
+    # ack deleting the name the spool writes; a name of 20 digits was left there without a word
+    (tmp_path / "0000000001001.batch").write_bytes((tmp_path / "000000001001.batch").read_bytes())
+    (tmp_path / "00000000000000001001.batch").write_bytes((tmp_path / "000000001001.batch").read_bytes())
     with caplog.at_level(logging.WARNING, logger="tmrl_worker.spool"):
         spool = Spool(max_batches=10, max_bytes=100_000, owner="w1", directory=tmp_path)
     assert [b.seq for b in spool.pending()] == [1001] and spool.highest_restored == 1001
-    assert spool.counters.unreadable_files == 3 and spool.counters.restored == 1
+    assert spool.counters.unreadable_files == 5 and spool.counters.restored == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "000000000500.batch.unreadable", "000000000600.batch.unreadable", "000000000700.batch.unreadable",
-        "000000001001.batch"]
+        "00000000000000001001.batch.unreadable", "0000000001001.batch.unreadable", "000000000500.batch.unreadable",
+        "000000000600.batch.unreadable", "000000000700.batch.unreadable", "000000001001.batch"]
+    assert "0000000001001.batch is unreadable (not a name this spool writes (000000001001.batch for its seq)" in \
+        caplog.text
     assert "its name says seq 500, but the batch inside holds seq 1000" in caplog.text
     assert "its name says seq 700, but the batch inside holds no seq" in caplog.text
 

@@ -89,7 +89,7 @@ class SpoolCounters:
     """Batches that could not be written to the spool directory (kept in memory only)."""
 
 
-_BATCH_FILE = re.compile(r"^(\d{1,19})\.batch$")
+_BATCH_FILE = re.compile(r"^(\d+)\.batch$")
 _UNFINISHED_WRITE = re.compile(r"^\.\d{1,19}\.batch\..+\.tmp$")
 """A temporary file of ``write_atomically`` that a killed run left before renaming it (never a complete batch)."""
 
@@ -142,6 +142,9 @@ class Spool:
                        if (m := _BATCH_FILE.match(path.name)))
         for seq, path in found:
             try:
+                if path.name != self._file(seq).name:  # 007.batch, a 20-digit name: an ack deletes the name it writes
+                    raise ValueError(f"not a name this spool writes ({self._file(seq).name} for its seq): it "
+                                     "would be sent at every start and never deleted")
                 frames = msgpack.unpackb(read_regular_file(path), raw=False)  # a FIFO there would block for ever
                 if not (isinstance(frames, list) and len(frames) == 2 and all(isinstance(f, bytes) for f in frames)):
                     raise ValueError("not an array of 2 byte strings")
