@@ -450,16 +450,24 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_training_goes_on_and_th
     monkeypatch.setattr(local_module, "save_checkpoint", disk_full_after_the_first)
     with caplog.at_level("WARNING", logger="tmrl_trainer.local"):
         result = CliRunner().invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "90", "--checkpoint-every",
-                                          "30", "--eval-episodes", "0", "--run-dir", str(tmp_path), "--device", "cpu"])
+                                          "15", "--eval-episodes", "0", "--run-dir", str(tmp_path), "--device", "cpu"])
     assert result.exit_code == 1, result.output
-    assert steps_asked == [30, 60, 90] and "Traceback" not in result.output
+    assert steps_asked == [15, 30, 45, 60, 75, 90] and "Traceback" not in result.output
     latest = tmp_path / "checkpoints" / "latest.safetensors"
-    assert (f"the checkpoint at step 60 could not be written ([Errno 28] No space left on device); {latest} (step 30) "
+    assert (f"the checkpoint at step 30 could not be written ([Errno 28] No space left on device); {latest} (step 15) "
             "is kept, and training goes on") in caplog.text
+    # the re-check probe's run that checkpointed every 5 steps on a full disk wrote 119 such lines: one a minute
+    assert caplog.text.count("could not be written") == 1
     said = " ".join(result.output.split())
     assert (f"tmrl-trainer train-local: the checkpoint at step 90 could not be written ([Errno 28] No space left on "
-            f"device); the last one written is {latest} (step 30)") in said
+            f"device); the last one written is {latest} (step 15)") in said
     assert "90 steps" in said  # the run itself went to its end
     learner = SACLearner(SACConfig(), SACConfig().architecture(local_module._EnvAdapter(gym.make("Pendulum-v1")).layout),
                          device="cpu")
-    assert load_checkpoint(latest, learner).counters["env_steps"] == 30
+    assert load_checkpoint(latest, learner).counters["env_steps"] == 15
+
+    steps_asked.append("the first one fails too")  # no checkpoint at all: the summary said "checkpoint: None"
+    result = CliRunner().invoke(app, ["train-local", "--env", "Pendulum-v1", "--steps", "10", "--eval-episodes", "0",
+                                      "--run-dir", str(tmp_path / "none"), "--device", "cpu"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "checkpoint: none written" in said and "device); none was written" in said

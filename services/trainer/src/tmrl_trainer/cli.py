@@ -267,7 +267,8 @@ def train_local_command(
                  f"{len(result.final_returns)} episodes)" if result.final_returns else "no final evaluation (--eval-episodes 0)")
         typer.echo(f"{env} seed {seed}: {steps} steps, {result.updates} updates, {result.episodes} episodes in "
                    f"{result.wall_s:.1f} s; {final}")
-    typer.echo(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; checkpoint: {result.checkpoint}")
+    typer.echo(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; checkpoint: "
+               f"{result.checkpoint or 'none written'}")
     if result.checkpoint_error is not None:  # the run's last state is not on disk: not a success
         kept = (f"the last one written is {result.checkpoint} (step {result.checkpoint_step})" if result.checkpoint
                 else "none was written")

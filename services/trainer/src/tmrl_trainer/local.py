@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tmrl_common.batching import SampleBatchBuilder
 from tmrl_common.layout import ObservationLayout, box_bounds, clipped_into_bounds, empty_space_problem, layout_for_box
+from tmrl_common.log_limit import RateLimitedLog
 
 from tmrl_trainer.checkpoint import save_checkpoint
 from tmrl_trainer.learner import make_learner
@@ -260,6 +261,8 @@ def train_local(
     update_debt = 0.0
     episode_return, episode_length = 0.0, 0
 
+    checkpoint_failed_log = RateLimitedLog(log, interval_s=60.0)
+
     def checkpoint(step: int) -> None:
         if checkpoint_path is not None:
             # weights_version: what an exported policy file says it is (it said 0 for every local run)
@@ -272,7 +275,9 @@ def train_local(
                 result.checkpoint_error = f"the checkpoint at step {step} could not be written ({exc})"
                 kept = (f"{result.checkpoint} (step {result.checkpoint_step}) is kept" if result.checkpoint
                         else "no earlier checkpoint of this run")
-                log.warning("%s; %s, and training goes on", result.checkpoint_error, kept)
+                # one line a minute with the count: a run checkpointing every 5 steps on a full disk wrote 119
+                checkpoint_failed_log.warning("checkpoint failed", "%s; %s, and training goes on",
+                                              result.checkpoint_error, kept)
                 return
             result.checkpoint_step, result.checkpoint_error = step, None
 
