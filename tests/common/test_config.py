@@ -345,3 +345,9 @@ def test_true_or_false_for_a_number_is_refused_wherever_it_comes_from(tmp_path):
         "false")
     assert load_config(ExampleConfig, "example", write(tmp_path, "[example]\nverbose = true\nport = 7\n"),
                        environ={}).verbose  # a bool field takes them, a number field its numbers
+    listed = write(tmp_path, "[example.sac]\nhidden = [true, 64]\n")  # the re-check probe's layer of one unit
+    with pytest.raises(ConfigError, match=r"sac.hidden = \[True, 64\] in .* a number is expected, not true or false"):
+        load_config(ExampleConfig, "example", listed, environ={})
+    with pytest.raises(ConfigError, match=r"from environment variable TMRL_EXAMPLE__SAC__HIDDEN: a number is expected"):
+        load_config(ExampleConfig, "example", environ={"TMRL_EXAMPLE__SAC__HIDDEN": "[64, false]"})
+    assert load_config(ExampleConfig, "example", environ={"TMRL_EXAMPLE__SAC__HIDDEN": "[64, 32]"}).sac.hidden == [64, 32]

@@ -295,21 +295,43 @@ def _scalar_types(annotation: Any) -> set[Any]:
     return {annotation} if isinstance(annotation, type) else {object}
 
 
-def _booleans_for_numbers(model: type[BaseModel], data: Mapping[str, Any], loc: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Where ``data`` gives ``true``/``false`` to a number field: pydantic reads them as 1 and 0 (a CLI probe's
-    ``worker_port = false`` bound a random port, ``publish_every = true`` published at every update)."""
+def _item_annotations(annotation: Any) -> list[Any]:
+    """The item types of the list, tuple or set types an annotation admits (``list[int] | None`` → ``[int]``)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _item_annotations(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [item for arg in get_args(annotation) for item in _item_annotations(arg)]
+    if origin in (list, tuple, set, frozenset, collections.abc.Sequence):
+        return [arg for arg in get_args(annotation) if arg is not Ellipsis]
+    return []
+
+
+def _boolean_for_a_number(annotation: Any, value: Any) -> bool:
+    admitted = _scalar_types(annotation)
+    return isinstance(value, bool) and bool(admitted & {int, float}) and not admitted & {bool, object}
+
+
+def _booleans_for_numbers(model: type[BaseModel], data: Mapping[str, Any], loc: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Where ``data`` gives ``true``/``false`` to a number field, or to a number in a list: pydantic reads them as 1
+    and 0 (a CLI probe's ``worker_port = false`` bound a random port, ``publish_every = true`` published at every
+    update, ``hidden_sizes = [true, 64]`` built a layer of one unit)."""
     found = []
     for name, value in data.items():
         field = model.model_fields.get(name)
         if field is None:
             continue
         admitted = _scalar_types(field.annotation)
-        if isinstance(value, bool) and admitted & {int, float} and not admitted & {bool, object}:
+        if _boolean_for_a_number(field.annotation, value):
             found.append((*loc, name))
         elif isinstance(value, Mapping):
             for nested in admitted:
                 if isinstance(nested, type) and issubclass(nested, BaseModel):
                     found += _booleans_for_numbers(nested, value, (*loc, name))
+        elif isinstance(value, list | tuple):
+            items = _item_annotations(field.annotation)
+            found += [(*loc, name, index) for index, item in enumerate(value)
+                      if items and all(_boolean_for_a_number(annotation, item) for annotation in items)]
     return found
 
 
