@@ -109,3 +109,15 @@ def test_a_relay_on_the_keys_init_layout_admits_the_trainer_only_on_the_trainer_
         assert relay.trainer.peer.sender == "trainer"
         for client in (trainer, worker, intruder):
             client.close()
+
+
+@pytest.mark.parametrize("command", [["keys", "init", "--allow-dir", "allow", "--worker", "w1", "--dir"],
+                                     ["keys", "generate", "--name", "worker-1", "--dir"],
+                                     ["keys", "init", "--dir", "keys", "--worker", "w1", "--allow-dir"]])
+def test_a_folder_name_too_long_for_the_file_system_is_one_line(runner, tmp_path, monkeypatch, command):
+    """The re-check probe: `keys init --dir <300 characters>` and `keys generate` ended in an ENAMETOOLONG traceback."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [*command, "k" * 300])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in said, result.output
+    assert said.startswith("error: cannot use ") and "k" * 300 in said and said.endswith(": File name too long")

@@ -110,7 +110,13 @@ def write_local_setup(keys_dir: Path, allow_dir: Path, workers: list[str], train
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
+    """One line and exit status 2; an OS error (a name too long for the file system: a traceback before, a re-check
+    probe) names the path and the reason."""
+    if isinstance(exc, OSError):
+        where = f"cannot use {exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+    else:
+        typer.echo(f"error: {exc}", err=True)
     return typer.Exit(code=2)
 
 
@@ -128,7 +134,7 @@ def generate(
         raise _fail(KeyFileError(f"--role must be relay, trainer or worker, got {role!r}"))
     try:
         files = generate_key_pair(directory, name, overwrite=force)
-    except KeyFileError as exc:
+    except (KeyFileError, OSError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"secret key: {files.secret_file}  (keep it on this machine only; mode 600)")
     if role == RELAY_KEY_NAME:
@@ -157,7 +163,7 @@ def init(
     where it runs (`keys generate`) and `keys add` its public key on the relay host instead."""
     try:
         setup = write_local_setup(directory, allow_dir, workers, trainer)
-    except KeyFileError as exc:
+    except (KeyFileError, OSError) as exc:
         raise _fail(exc) from exc
     for name, files in setup.pairs.items():
         typer.echo(f"{'kept' if name in setup.kept else 'made'} {files.public_file} + {files.secret_file.name}")
@@ -180,7 +186,7 @@ def add(
     """Allow a client's public key for a role; a running relay picks it up within allowlist_reload_s."""
     try:
         entry = allow_key_for_role(allow_dir, public_key_file, role, name, overwrite=force)
-    except KeyFileError as exc:
+    except (KeyFileError, OSError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"allowed {entry.name} as {role.value}: {entry.public_key.decode()} -> {entry.path}")
 
@@ -194,7 +200,7 @@ def remove(
     """Remove a key from the allow-list (new connections with it are refused; open ones last until they drop)."""
     try:
         path = revoke_public_key(role_dir(allow_dir, role), name)
-    except KeyFileError as exc:
+    except (KeyFileError, OSError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"removed {path}")
 
@@ -210,7 +216,7 @@ def list_keys(
     try:
         allow_dir = role_dir(allow_dir, role) if allow_dir is not None else _configured_allow_dir(config, role)
         entries, problems = read_allowed_keys(allow_dir)
-    except (KeyFileError, ConfigError) as exc:
+    except (KeyFileError, ConfigError, OSError) as exc:
         raise _fail(exc) from exc
     for entry in entries:
         typer.echo(f"{entry.name}\t{entry.public_key.decode()}\t{entry.path}")
