@@ -382,7 +382,7 @@ def test_a_checkpoint_from_before_update_order_is_compared_as_the_joint_order_it
     with caplog.at_level("INFO", logger="tmrl_trainer.checkpoint"):
         load_checkpoint(path, _learner())  # today's default order
     [warning] = _warnings(caplog)
-    assert "update_order: 'joint' -> 'critic-first'" in warning and "the actor now learns against" in warning
+    assert "update_order: 'joint' -> 'critic-first'" in warning and "after their step (critic-first)" in warning
     caplog.clear()
     with caplog.at_level("INFO", logger="tmrl_trainer.checkpoint"):
         load_checkpoint(path, _learner(update_order="joint"))

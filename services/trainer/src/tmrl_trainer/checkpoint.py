@@ -180,7 +180,8 @@ WHY_IT_MATTERS = {
     "reward_scale": "the critics' targets change, so their Q values re-fit first",
     "redq_m": "the critics' targets change, so their Q values re-fit first",
     "target_entropy": "alpha moves towards the new entropy target",
-    "update_order": "the actor now learns against the critics as they are after their step (or before it)",
+    "update_order": "from here on the actor learns against the critics after their step (critic-first) or before it "
+                    "(joint)",
 }
 """A few words on what changing a field on a resumed run does, for the warning :func:`load_checkpoint` logs."""
 
