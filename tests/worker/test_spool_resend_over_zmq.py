@@ -408,6 +408,7 @@ def test_a_link_whose_id_the_relay_refuses_says_so_for_the_progress_line(linked)
                                                       "messages as w-test's (")
     assert "is bound to another CurveZMQ key" in problem and "batch(es) waiting to be delivered" in problem
     routing_id = relay.receive_type(Hello, timeout_s=5.0)[0]  # said again after HELLO_AGAIN_FIRST_S
+    relay.heartbeat(routing_id)  # taken this time: the batches held since the refusal go out
     batch = relay.receive_type(SampleBatch, timeout_s=5.0)[2]
     relay.ack(routing_id, "w-test", [batch.seq])
     wait_for(lambda: link.snapshot()["spool_batches"] == 0)
@@ -511,3 +512,39 @@ def test_the_heartbeat_carries_the_counters_the_schema_names(context, tmp_path):
     link = make_link(context, 1, tmp_path)  # never started: only its heartbeat is built
     counters = link._heartbeat().counters
     assert set(counters) == set(WORKER_HEARTBEAT_COUNTERS)
+
+
+def test_after_a_refused_hello_batches_wait_until_a_hello_again_is_answered(context, tmp_path):
+    """The re-check probe's worker refused at max_workers kept sending its batches, each refused again (86 in 5 s at
+    the relay); they now wait in the spool until the relay answers a hello again as to a registered worker."""
+    from tmrl_common.protocol import Error, encode
+
+    relay = FakeRelay(context)
+    link = make_link(context, relay.port, tmp_path)
+    link.start()
+    try:
+        routing_id, _, _ = relay.receive_type(Hello)
+        full = Error(reason="unknown_sender", ref_type="hello", message="the relay already registers 1 workers "
+                     "([relay] max_workers), all heard from within 10 s: 'w-test' is not registered")
+        relay.socket.send_multipart([routing_id, *encode(full, "relay")])
+        wait_for(lambda: link.counters.ids_lost == 1)
+        link.submit(filled_builder(5), weights_version=0)
+        link.submit(filled_builder(5), weights_version=0)
+        received = []
+        deadline = time.monotonic() + 0.8  # before the hello again (1 s after the refusal); ack timeout 0.3 s
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                received.append(type(relay.receive(remaining)[2]).__name__)
+            except AssertionError:
+                break
+        assert "SampleBatch" not in received and link.snapshot()["spool_batches"] == 2
+        routing_id, _, _ = relay.receive_type(Hello, timeout_s=3.0)  # the hello again, after its back-off
+        relay.heartbeat(routing_id)  # taken: answered as a registered worker
+        _, _, first = relay.receive_type(SampleBatch, timeout_s=3.0)
+        _, _, second = relay.receive_type(SampleBatch, timeout_s=3.0)
+        assert [first.seq, second.seq] == [0, 1]
+        relay.ack(routing_id, "w-test", [0, 1])
+        assert link.flush(timeout=3.0)
+    finally:
+        link.stop()
+        relay.close()

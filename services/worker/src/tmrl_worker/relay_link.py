@@ -214,6 +214,9 @@ class RelayLink:
         """When the last acknowledgement came: an ``unknown_sender`` since then is the link's state, not history."""
         self._hello_refused_at = float("-inf")
         """When the relay last refused this link's hello: the refusals that follow it do not replace its reason."""
+        self._answered_at = float("-inf")
+        """When the relay last answered as to a registered worker (an ack, a heartbeat, weights): after a refused
+        hello, batches wait until then (:meth:`_on_turn`)."""
         self._client = RelayClient(
             worker_id, "sender", endpoint, self.counters, on_connected=self._say_hello, on_message=self._on_message,
             on_turn=self._on_turn, send_heartbeat=self._send_heartbeat, while_away="spooling until it comes back",
@@ -370,7 +373,11 @@ class RelayLink:
             if self._hello_again.take_due(time.monotonic()):
                 log.info("%s: saying hello again to take back its worker id at the relay: %s", self.worker_id,
                          self._say_hello())
-            self._send_due()
+            if self._hello_refused_at <= self._answered_at:
+                self._send_due()
+            # else the relay refused this worker's hello (max_workers reached, an id bound to another key) and has not
+            # answered it as registered since: every batch would be refused too (a re-check probe's refused worker
+            # sent 86 in 5 s); they wait in the spool until a hello again is answered
 
     def _send_heartbeat(self) -> None:
         self._send(encode(self._heartbeat(), self.worker_id))
@@ -452,6 +459,8 @@ class RelayLink:
             self.counters.rejected_messages += 1
             log.warning("%s: ignored a message from the relay: %s", self.worker_id, exc)
             return
+        if isinstance(message, SampleAck | Heartbeat | WeightsUpdate):
+            self._answered_at = time.monotonic()  # answered as a registered worker (weights: handed over at hello)
         if isinstance(message, SampleAck | Heartbeat):
             self._client.answered_since_connect = True  # the relay takes this connection as this worker's
         if isinstance(message, SampleAck):
