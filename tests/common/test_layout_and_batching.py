@@ -272,3 +272,31 @@ def test_clipped_into_bounds_clips_only_parts_outside_their_declared_bounds():
     undeclared = ObservationComponent(name="obs", frame_shape=[1])
     assert clipped_into_bounds(undeclared, np.array([1e30], dtype=np.float32)) is None
     assert clipped_into_bounds(both, np.zeros(0, dtype=np.float32)) is None
+
+
+def test_batch_steps_problem_says_the_largest_batch_that_builds_and_it_does():
+    """An image probe's worker (3x256x256 frames, batch_steps 400: 78.6 MB) stopped a few seconds in on a traceback
+    from the batch builder, losing its samples; compression does not help (the limits are on decoded sizes)."""
+    from tmrl_common.batching import batch_steps_problem
+
+    camera = ObservationLayout(components=[ObservationComponent(name="camera", frame_shape=[3, 256, 256],
+                                                                dtype="uint8")], action_dim=2)
+    problem = batch_steps_problem(camera, 400, compressed=True)
+    assert problem == ("batch_steps = 400 would make batches of 78,649,200 bytes (196,623 per row of this env's "
+                       "layout), its observations['camera'] array past the 67108864-byte limit of one array: set "
+                       "batch_steps to at most 341")
+    assert batch_steps_problem(camera, 341, compressed=True) is None
+    assert "at most 340" in batch_steps_problem(camera, 341, compressed=False)  # the raw body's 64 MiB and its map
+    assert batch_steps_problem(tm20_lidar_layout(), 100_000, compressed=False) is None
+
+    frame = np.zeros((3, 256, 256), np.uint8)
+    builder = SampleBatchBuilder(camera, codec="zlib")
+    builder.add_reset((frame,))
+    for _ in range(340):
+        builder.add_step(np.zeros(2, np.float32), (frame,), 0.0, False, False)
+    assert builder.build(seq=0, weights_version=0).steps == 341  # the largest it names builds
+    builder.add_reset((frame,))
+    for _ in range(341):
+        builder.add_step(np.zeros(2, np.float32), (frame,), 0.0, False, False)
+    with pytest.raises(ValueError, match="oversized"):  # one more row does not
+        builder.build(seq=1, weights_version=0)

@@ -110,3 +110,36 @@ def test_a_dead_sender_thread_stops_the_worker_with_what_it_had_delivered(contex
     delivery = raised.value.stats.delivery
     assert delivery["spool_acked"] >= 1 and delivery["batches_built"] >= delivery["spool_acked"]
     assert raised.value.stats.steps >= 20
+
+
+CAMERA_INTERFACE = '''
+    class BigCamera(OneActionInterface):
+        """A 3x256x256 camera frame per step (196,608 bytes)."""
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(0, 255, (3, 256, 256), np.uint8),))
+
+        def reset(self, seed=None, options=None):
+            return [np.zeros((3, 256, 256), np.uint8)], {}
+
+        def get_obs_rew_terminated_info(self):
+            return [np.zeros((3, 256, 256), np.uint8)], 0.0, False, {}
+'''
+
+
+def test_batches_too_large_for_the_protocol_are_refused_at_start_in_one_line(tmp_path, plug_interface):
+    """An image probe's camera worker (batch_steps 400 of 3x256x256 frames) ran 8 s, then its sender thread
+    stopped on a pydantic traceback and the 454 steps were lost, compress on or off."""
+    from tmrl_worker.cli import app
+    from typer.testing import CliRunner
+
+    module = plug_interface("big_camera_robot", CAMERA_INTERFACE)
+    result = CliRunner().invoke(app, ["run", "--env", f"{module}:BigCamera", "--insecure", "--batch-steps", "400",
+                                      "--worker-id", "camera", "--state-dir", str(tmp_path), "--max-steps", "5",
+                                      "--worker-port", "1", "--weights-port", "2"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in said, result.output
+    assert (f"env '{module}:BigCamera': batch_steps = 400 would make batches of 78,647,600 bytes (196,619 per row of "
+            "this env's layout), its observations['part0'] array past the 67108864-byte limit of one array: set "
+            "batch_steps to at most 341") in said
+    assert not (tmp_path / "camera.state.json").exists()  # refused before any step or sequence number

@@ -5,8 +5,40 @@ from __future__ import annotations
 import numpy as np
 
 from tmrl_common.arrays import Codec, WireArray
-from tmrl_common.layout import ObservationLayout, newest_frames, observation_digest
-from tmrl_common.protocol import SampleBatch
+from tmrl_common.layout import DIGEST_BYTES, ObservationLayout, newest_frames, observation_digest
+from tmrl_common.protocol import DEFAULT_LIMITS, DecodeLimits, SampleBatch
+
+_ROW_FLAG_BYTES = 1 + 1 + 1 + 4
+"""Per row besides the observations and actions: ``first``, ``terminated``, ``truncated`` (bool) and the reward."""
+_BODY_OVERHEAD_BYTES = 64 * 1024
+"""A margin for the body's msgpack map, array headers and names beside the arrays' bytes."""
+
+
+def batch_steps_problem(layout: ObservationLayout, batch_steps: int, compressed: bool, digests: bool = False,
+                        limits: DecodeLimits = DEFAULT_LIMITS) -> str | None:
+    """Why batches of ``batch_steps`` rows of ``layout`` would be refused (or not built at all), else ``None``: an
+    array past ``max_array_bytes`` or all of them past ``max_decoded_bytes`` (decoded sizes: compression does not
+    help), or, uncompressed, a body past ``max_body_bytes``. An image worker with ``batch_steps`` 400 of 3x256x256
+    frames (78.6 MB) stopped a few seconds in, on a traceback, losing its samples (an outside probe)."""
+    arrays = {f"observations[{c.name!r}]": c.frame_size * (1 if c.dtype == "uint8" else 4) for c in layout.components}
+    arrays["actions"] = 4 * layout.action_dim
+    if digests:
+        arrays["digests"] = DIGEST_BYTES
+    row_bytes = sum(arrays.values()) + _ROW_FLAG_BYTES
+    largest = max(arrays, key=arrays.__getitem__)
+    fits = {f"its {largest} array past the {limits.max_array_bytes}-byte limit of one array":
+            limits.max_array_bytes // arrays[largest],
+            f"its arrays past the {limits.max_decoded_bytes}-byte limit of a batch's decoded arrays":
+            limits.max_decoded_bytes // row_bytes}
+    if not compressed:
+        fits[f"its body past the {limits.max_body_bytes}-byte limit of a message body"] = (
+            limits.max_body_bytes - _BODY_OVERHEAD_BYTES) // row_bytes
+    why, most = min(fits.items(), key=lambda item: item[1])
+    if batch_steps <= most:
+        return None
+    return (f"batch_steps = {batch_steps} would make batches of {batch_steps * row_bytes:,} bytes ({row_bytes:,} per "
+            f"row of this env's layout), {why}: set batch_steps to at most {max(most, 1)}"
+            + ("" if most >= 1 else " (one row of this layout is already too large to send)"))
 
 
 class SampleBatchBuilder:

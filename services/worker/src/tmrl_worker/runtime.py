@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import zmq
 from tmrl_common.atomic_file import write_atomically
-from tmrl_common.batching import SampleBatchBuilder
+from tmrl_common.batching import SampleBatchBuilder, batch_steps_problem
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import PolicyFileError
 from tmrl_common.sockets import RelayEndpoint
 
 from tmrl_worker.config import WorkerConfig, WorkerMode
-from tmrl_worker.envs import EnvFailure, EnvHandle, EnvInterrupted, make_env
+from tmrl_worker.envs import EnvFailure, EnvHandle, EnvInterrupted, EnvSpecError, make_env
 from tmrl_worker.progress import ProgressFile, ProgressFileError, describe_unclean_stop, progress_path, read_progress
 from tmrl_worker.relay_link import RelayLink, SenderFailure
 from tmrl_worker.spool import SequenceCounter, Spool, lock_worker_state
@@ -732,6 +732,11 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
     try:
         env = make_env(config.env, time_step_duration=config.time_step_duration,
                        max_episode_steps=config.max_episode_steps, options=config.env_options)
+        too_large = (batch_steps_problem(env.layout, config.batch_steps, config.compress, config.verify_observations)
+                     if config.mode in ("train", "expert") else None)
+        if too_large is not None:  # before any step: such a batch stopped the sender thread mid-run, samples lost
+            env.close()
+            raise EnvSpecError(f"env {config.env!r}: {too_large}")
     except BaseException:
         state_lock.release()
         raise
