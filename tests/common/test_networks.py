@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -132,9 +134,29 @@ def test_a_channels_last_camera_frame_is_named_as_such():
     """An outside probe: a [64, 64, 3] frame was reported as an image of 64x3, too small, with a traceback."""
     camera = ObservationLayout(components=[ObservationComponent(name="cam", frame_shape=[64, 64, 3], dtype="uint8")],
                                action_dim=2)
-    with pytest.raises(ValueError, match=r"'cam' of 64x3 pixels .* looks like the channels of an \[H, W, C\] camera "
-                                         r"frame: frames are \[C, H, W\]"):
+    with pytest.raises(ValueError, match=r"part 'cam' has uint8 frames \[64, 64, 3\], whose last dimension looks like "
+                                         r"the channels of an \[H, W, C\] camera frame: frames are \[C, H, W\]"):
         PolicyArchitecture.for_layout(camera)
+
+
+@pytest.mark.parametrize("frame_shape", [[64, 64, 4], [96, 96, 1], [2, 3, 64, 64]])
+def test_a_frame_the_cnn_would_misread_is_refused_whatever_the_convolutions(frame_shape):
+    """An image probe: [64, 64, 4] with conv_channels [16] built a CNN of 64 input channels over 64x4 pixels (the
+    channels-last hint came only with frames too small), and stacked frames [2, 3, 64, 64] went to the MLP."""
+    from tmrl_common.layout import image_shape_problem
+
+    camera = ObservationLayout(components=[ObservationComponent(name="cam", frame_shape=frame_shape, dtype="uint8")],
+                               action_dim=2)
+    problem = image_shape_problem(camera)
+    assert problem is not None and problem.startswith("observation part 'cam' has uint8 frames")
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        PolicyArchitecture.for_layout(camera, conv_channels=[16])
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        PolicyArchitecture.for_layout(camera, kind="mlp")
+    for fine in ([3, 64, 64], [64, 64], [4, 64, 64]):
+        layout = ObservationLayout(components=[ObservationComponent(name="cam", frame_shape=fine, dtype="uint8")],
+                                   action_dim=2)
+        assert image_shape_problem(layout) is None and PolicyArchitecture.for_layout(layout).kind == "cnn"
 
 
 @pytest.mark.parametrize(("hidden_sizes", "members"), [([32, 32], 2), ([16, 24, 8], 3), ([16], 2)])

@@ -143,3 +143,32 @@ def test_batches_too_large_for_the_protocol_are_refused_at_start_in_one_line(tmp
             "this env's layout), its observations['part0'] array past the 67108864-byte limit of one array: set "
             "batch_steps to at most 341") in said
     assert not (tmp_path / "camera.state.json").exists()  # refused before any step or sequence number
+
+
+CHANNELS_LAST_INTERFACE = '''
+    class RgbCamera(OneActionInterface):
+        """An RGB camera frame as cameras give it: [H, W, C]."""
+
+        def get_observation_space(self):
+            return spaces.Tuple((spaces.Box(0, 255, (64, 64, 3), np.uint8),))
+
+        def reset(self, seed=None, options=None):
+            return [np.zeros((64, 64, 3), np.uint8)], {}
+
+        def get_obs_rew_terminated_info(self):
+            return [np.zeros((64, 64, 3), np.uint8)], 0.0, False, {}
+'''
+
+
+def test_a_channels_last_camera_is_refused_by_the_worker_not_only_by_the_trainer(plug_interface):
+    """An image probe: `tmrl-worker layout` and the worker took [64, 64, 3] frames without a word (only the trainer
+    refused them), so a worker started before its trainer spooled samples that could never be learned from."""
+    from tmrl_worker.cli import app
+    from typer.testing import CliRunner
+
+    module = plug_interface("rgb_camera_robot", CHANNELS_LAST_INTERFACE)
+    result = CliRunner().invoke(app, ["layout", "--env", f"{module}:RgbCamera"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in said, result.output
+    assert (f"env '{module}:RgbCamera': observation part 'part0' has uint8 frames [64, 64, 3], whose last dimension "
+            "looks like the channels of an [H, W, C] camera frame: frames are [C, H, W]") in said

@@ -281,6 +281,24 @@ def empty_space_problem(observation_shape: tuple[int, ...], action_shape: tuple[
     return None
 
 
+def image_shape_problem(layout: ObservationLayout) -> str | None:
+    """Why a uint8 part of ``layout`` cannot be the image the networks take, or None: 4 dimensions (the CNN takes
+    ``[H, W]`` or ``[C, H, W]`` frames; such a part went to the MLP without a word, an image probe's ``[2, 3, 64, 64]``
+    stacked camera frames), or an ``[H, W, C]`` frame (read as H channels of W x C pixels)."""
+    for component in layout.components:
+        shape = component.frame_shape
+        if component.dtype != "uint8":
+            continue
+        if len(shape) == 4:
+            return (f"observation part {component.name!r} has uint8 frames of 4 dimensions {shape}: the CNN takes "
+                    f"[H, W] or [C, H, W] frames; a stack of frames is the part's history (frame_shape {shape[1:]}, "
+                    f"history {shape[0]} in the env's declared layout), and data that is no image goes as float32")
+        if len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] > 4:
+            return (f"observation part {component.name!r} has uint8 frames {shape}, whose last dimension looks like "
+                    "the channels of an [H, W, C] camera frame: frames are [C, H, W] (np.transpose(frame, (2, 0, 1)))")
+    return None
+
+
 def box_bounds(low, high) -> tuple[float | None, float | None]:
     """Scalar bounds of a Box space (its smallest ``low``, its largest ``high``), ``None`` where infinite."""
     import numpy as np

@@ -34,7 +34,7 @@ except ImportError as exc:  # the relay installs tmrl-common without the torch e
 
 from tmrl_common.atomic_file import read_regular_file
 from tmrl_common.errors import ProtocolError
-from tmrl_common.layout import ObservationComponent, ObservationLayout
+from tmrl_common.layout import ObservationComponent, ObservationLayout, image_shape_problem
 from tmrl_common.protocol import ArchitectureValue, WeightsUpdate
 from tmrl_common.weights import tensors_from_bytes, tensors_to_bytes
 
@@ -89,6 +89,9 @@ class PolicyArchitecture(BaseModel):
                              f"{MAX_LAYER_WIDTH} and {MAX_CONV_CHANNELS} wide")
         if self.log_std_min >= self.log_std_max:
             raise ValueError(f"log_std_min {self.log_std_min} must be below log_std_max {self.log_std_max}")
+        image_problem = image_shape_problem(self.layout)
+        if image_problem is not None:
+            raise ValueError(image_problem)
         has_images = any(is_image_component(c) for c in self.layout.components)
         if self.kind == "cnn" and not has_images:
             raise ValueError("kind 'cnn' needs a uint8 image component ([H, W] or [C, H, W] frames) in the layout")

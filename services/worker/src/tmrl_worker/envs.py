@@ -45,6 +45,7 @@ from tmrl_common.layout import (
     box_bounds,
     clipped_into_bounds,
     empty_space_problem,
+    image_shape_problem,
     layout_for_box,
 )
 from tmrl_common.log_limit import RateLimitedLog
@@ -176,6 +177,9 @@ class EnvHandle:
         self._low = np.where(self._rescaled, low, -1.0)
         self._span = np.where(self._rescaled, high - low, 2.0)
         """``low`` and ``high - low`` of the rescaled dimensions, -1 and 2 (the identity) for the others."""
+        image_problem = image_shape_problem(self.layout)
+        if image_problem is not None:  # the trainer refuses such a layout: its samples could never be learned from
+            raise EnvSpecError(f"env {self.spec!r}: {image_problem}")
         if low.size != self.layout.action_dim:
             raise EnvSpecError(f"env {self.spec!r} has an action space of {low.size} value(s) {space}, but its layout "
                                f"declares action_dim {self.layout.action_dim}: make the two agree")
