@@ -142,6 +142,14 @@ def test_warm_up_then_at_most_utd_updates_per_sample_and_versioned_publishing(tm
     assert all(np.isfinite(r["critic_loss"]) for r in trains)
 
 
+def test_the_start_line_names_the_networks_kind(tmp_path, caplog):
+    """An image probe: nothing in any log said whether a layout got the CNN or the MLP."""
+    service = TrainerService(make_config(tmp_path))
+    with caplog.at_level("INFO", logger="tmrl_trainer.service"):
+        service.run(max_updates=0)
+    assert "(cpu-fast learner, mlp networks): layout " in caplog.text
+
+
 @pytest.mark.slow
 def test_checkpoint_is_saved_and_a_restarted_trainer_resumes_from_it(tmp_path):
     config = make_config(tmp_path)

@@ -789,9 +789,10 @@ class TrainerService:
         self.status.start()
         source = (f"layout_file {self.config.layout_file}" if self.config.layout_file is not None
                   else f"env {self.config.env!r}")
-        log.info("trainer %s on %s (%s learner): layout %s from %s, relay %s; warm-up %d rows, at most %.2f updates "
-                 "per row, %d-step returns; replay memory of %d rows, %s when full", self.config.trainer_id, self.device,
-                 backend_name(self.learner), describe_layout(self.layout), source, self.link.describe(),
+        log.info("trainer %s on %s (%s learner, %s networks): layout %s from %s, relay %s; warm-up %d rows, at most "
+                 "%.2f updates per row, %d-step returns; replay memory of %d rows, %s when full", self.config.trainer_id,
+                 self.device, backend_name(self.learner), self.architecture.kind, describe_layout(self.layout), source,
+                 self.link.describe(),
                  self.config.sac.learning_starts, self.config.sac.utd, self.memory.n_step, self.memory.capacity,
                  _megabytes(self.memory.nbytes_when_full))
         next_report = time.monotonic() + PROGRESS_EVERY_S
