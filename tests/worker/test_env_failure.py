@@ -112,18 +112,18 @@ def test_a_dead_sender_thread_stops_the_worker_with_what_it_had_delivered(contex
     assert raised.value.stats.steps >= 20
 
 
-CAMERA_INTERFACE = '''
-    class BigCamera(OneActionInterface):
-        """A 3x256x256 camera frame per step (196,608 bytes)."""
-
+def camera_interface(name: str, shape: tuple[int, ...]) -> str:
+    """The source of an interface ``name`` whose one observation part is a zero uint8 frame of ``shape``."""
+    return f'''
+    class {name}(OneActionInterface):
         def get_observation_space(self):
-            return spaces.Tuple((spaces.Box(0, 255, (3, 256, 256), np.uint8),))
+            return spaces.Tuple((spaces.Box(0, 255, {shape}, np.uint8),))
 
         def reset(self, seed=None, options=None):
-            return [np.zeros((3, 256, 256), np.uint8)], {}
+            return [np.zeros({shape}, np.uint8)], {{}}
 
         def get_obs_rew_terminated_info(self):
-            return [np.zeros((3, 256, 256), np.uint8)], 0.0, False, {}
+            return [np.zeros({shape}, np.uint8)], 0.0, False, {{}}
 '''
 
 
@@ -133,7 +133,7 @@ def test_batches_too_large_for_the_protocol_are_refused_at_start_in_one_line(tmp
     from tmrl_worker.cli import app
     from typer.testing import CliRunner
 
-    module = plug_interface("big_camera_robot", CAMERA_INTERFACE)
+    module = plug_interface("big_camera_robot", camera_interface("BigCamera", (3, 256, 256)))
     result = CliRunner().invoke(app, ["run", "--env", f"{module}:BigCamera", "--insecure", "--batch-steps", "400",
                                       "--worker-id", "camera", "--state-dir", str(tmp_path), "--max-steps", "5",
                                       "--worker-port", "1", "--weights-port", "2"])
@@ -145,28 +145,13 @@ def test_batches_too_large_for_the_protocol_are_refused_at_start_in_one_line(tmp
     assert not (tmp_path / "camera.state.json").exists()  # refused before any step or sequence number
 
 
-CHANNELS_LAST_INTERFACE = '''
-    class RgbCamera(OneActionInterface):
-        """An RGB camera frame as cameras give it: [H, W, C]."""
-
-        def get_observation_space(self):
-            return spaces.Tuple((spaces.Box(0, 255, (64, 64, 3), np.uint8),))
-
-        def reset(self, seed=None, options=None):
-            return [np.zeros((64, 64, 3), np.uint8)], {}
-
-        def get_obs_rew_terminated_info(self):
-            return [np.zeros((64, 64, 3), np.uint8)], 0.0, False, {}
-'''
-
-
 def test_a_channels_last_camera_is_refused_by_the_worker_not_only_by_the_trainer(plug_interface):
     """An image probe: `tmrl-worker layout` and the worker took [64, 64, 3] frames without a word (only the trainer
     refused them), so a worker started before its trainer spooled samples that could never be learned from."""
     from tmrl_worker.cli import app
     from typer.testing import CliRunner
 
-    module = plug_interface("rgb_camera_robot", CHANNELS_LAST_INTERFACE)
+    module = plug_interface("rgb_camera_robot", camera_interface("RgbCamera", (64, 64, 3)))  # as cameras give it
     result = CliRunner().invoke(app, ["layout", "--env", f"{module}:RgbCamera"])
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "Traceback" not in said, result.output

@@ -135,17 +135,22 @@ SLOW_READING = '''
 '''
 
 
-@pytest.mark.filterwarnings("always:Time-step timed out:UserWarning")  # pyproject ignores them in tests
-def test_late_time_steps_are_counted_in_the_summary_not_printed_between_the_episode_lines(tmp_path, plug_interface):
-    """The emulated-game probe: eval printed rtgym's `UserWarning: Time-step timed out. Elapsed since last time-step:
-    0.24...` eight times between its episode lines; run summarises late steps in one line."""
-    module = plug_interface("slow_reading_robot", SLOW_READING)
+def slow_reading_robot(tmp_path: Path, plug_interface, module_name: str) -> tuple[str, Path]:
+    """The module of :data:`SLOW_READING` plugged in as ``module_name``, and a policy file for its layout."""
+    module = plug_interface(module_name, SLOW_READING)
     handle = make_env(f"{module}:SlowReading")
     try:
         layout = handle.layout
     finally:
         handle.close()
-    policy = policy_file(tmp_path / "slow.safetensors", layout)
+    return module, policy_file(tmp_path / "slow.safetensors", layout)
+
+
+@pytest.mark.filterwarnings("always:Time-step timed out:UserWarning")  # pyproject ignores them in tests
+def test_late_time_steps_are_counted_in_the_summary_not_printed_between_the_episode_lines(tmp_path, plug_interface):
+    """The emulated-game probe: eval printed rtgym's `UserWarning: Time-step timed out. Elapsed since last time-step:
+    0.24...` eight times between its episode lines; run summarises late steps in one line."""
+    module, policy = slow_reading_robot(tmp_path, plug_interface, "slow_reading_robot")
     code, summary, stderr = run_eval("--policy", str(policy), "--env", f"{module}:SlowReading", "--episodes", "2",
                                      "--max-episode-steps", "4")
     assert code == 0, stderr
@@ -161,13 +166,7 @@ def test_late_time_steps_are_counted_where_warnings_are_ignored_and_the_filters_
     eval counts every late step whatever the filters, and leaves them as they were."""
     import warnings
 
-    module = plug_interface("slow_reading_robot_ignored", SLOW_READING)
-    handle = make_env(f"{module}:SlowReading")
-    try:
-        layout = handle.layout
-    finally:
-        handle.close()
-    policy = policy_file(tmp_path / "slow.safetensors", layout)
+    module, policy = slow_reading_robot(tmp_path, plug_interface, "slow_reading_robot_ignored")
     filters_before, show_before = list(warnings.filters), warnings.showwarning
     code, summary, stderr = run_eval("--policy", str(policy), "--env", f"{module}:SlowReading", "--episodes", "1",
                                      "--max-episode-steps", "4")
