@@ -186,15 +186,20 @@ def test_a_spool_file_whose_name_is_not_its_batch_seq_is_set_aside_not_resent_fo
     # ack deleting the name the spool writes; a name of 20 digits was left there without a word
     (tmp_path / "0000000001001.batch").write_bytes((tmp_path / "000000001001.batch").read_bytes())
     (tmp_path / "00000000000000001001.batch").write_bytes((tmp_path / "000000001001.batch").read_bytes())
+    for odd in ("+000000001001", " 000000001001", "000000001001.0", "000000001_001"):  # the second re-check's
+        (tmp_path / f"{odd}.batch").write_bytes((tmp_path / "000000001001.batch").read_bytes())
+    (tmp_path / "000000001001.BATCH").write_bytes((tmp_path / "000000001001.batch").read_bytes())
     with caplog.at_level(logging.WARNING, logger="tmrl_worker.spool"):
         spool = Spool(max_batches=10, max_bytes=100_000, owner="w1", directory=tmp_path)
     assert [b.seq for b in spool.pending()] == [1001] and spool.highest_restored == 1001
-    assert spool.counters.unreadable_files == 5 and spool.counters.restored == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert spool.counters.unreadable_files == 10 and spool.counters.restored == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        " 000000001001.batch.unreadable", "+000000001001.batch.unreadable", "000000001001.0.batch.unreadable",
+        "000000001001.BATCH.unreadable", "000000001_001.batch.unreadable",
         "00000000000000001001.batch.unreadable", "0000000001001.batch.unreadable", "000000000500.batch.unreadable",
-        "000000000600.batch.unreadable", "000000000700.batch.unreadable", "000000001001.batch"]
-    assert "0000000001001.batch is unreadable (not a name this spool writes (000000001001.batch for its seq)" in \
-        caplog.text
+        "000000000600.batch.unreadable", "000000000700.batch.unreadable", "000000001001.batch"])
+    assert "0000000001001.batch is unreadable (not a name this spool writes (<seq>.batch, the seq in 12 or more " \
+        "digits))" in caplog.text
     assert "its name says seq 500, but the batch inside holds seq 1000" in caplog.text
     assert "its name says seq 700, but the batch inside holds no seq" in caplog.text
 

@@ -89,7 +89,8 @@ class SpoolCounters:
     """Batches that could not be written to the spool directory (kept in memory only)."""
 
 
-_BATCH_FILE = re.compile(r"^(\d+)\.batch$")
+_BATCH_FILE = re.compile(r"^(.*)\.batch$", re.IGNORECASE)
+"""Any name ending in ``.batch``: the ones that are not ``<seq>.batch`` as the spool writes it are set aside."""
 _UNFINISHED_WRITE = re.compile(r"^\.\d{1,19}\.batch\..+\.tmp$")
 """A temporary file of ``write_atomically`` that a killed run left before renaming it (never a complete batch)."""
 
@@ -138,13 +139,13 @@ class Spool:
                              self.owner, path)
                 except OSError as exc:
                     log.warning("%s: could not remove the unfinished spool file %s: %s", self.owner, path, exc)
-        found = sorted((int(m.group(1)), path) for path in self.directory.iterdir()
-                       if (m := _BATCH_FILE.match(path.name)))
+        named = [(m.group(1), path) for path in self.directory.iterdir() if (m := _BATCH_FILE.match(path.name))]
+        found = sorted((int(stem) if stem.isascii() and stem.isdigit() else -1, path) for stem, path in named)
         for seq, path in found:
             try:
-                if path.name != self._file(seq).name:  # 007.batch, a 20-digit name: an ack deletes the name it writes
-                    raise ValueError(f"not a name this spool writes ({self._file(seq).name} for its seq): it "
-                                     "would be sent at every start and never deleted")
+                if seq < 0 or path.name != self._file(seq).name:  # 007.batch, +7.batch, 7.BATCH: an ack deletes
+                    # the name the spool writes, so such a file would be sent at every start and never deleted
+                    raise ValueError("not a name this spool writes (<seq>.batch, the seq in 12 or more digits)")
                 frames = msgpack.unpackb(read_regular_file(path), raw=False)  # a FIFO there would block for ever
                 if not (isinstance(frames, list) and len(frames) == 2 and all(isinstance(f, bytes) for f in frames)):
                     raise ValueError("not an array of 2 byte strings")
