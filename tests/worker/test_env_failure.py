@@ -157,3 +157,27 @@ def test_a_channels_last_camera_is_refused_by_the_worker_not_only_by_the_trainer
     assert result.exit_code == 2 and "Traceback" not in said, result.output
     assert (f"env '{module}:RgbCamera': observation part 'part0' has uint8 frames [64, 64, 3], whose last dimension "
             "looks like the channels of an [H, W, C] camera frame: frames are [C, H, W]") in said
+
+
+def test_a_spool_smaller_than_two_batches_is_warned_of_at_start(tmp_path, plug_interface, caplog):
+    """The second re-check: batches of 262 MB against the default 256 MiB spool; in an outage every batch but the
+    newest was dropped (4 of 5 in 60 s), which nothing had said could happen."""
+    from tmrl_common.sockets import SecurityConfig, TransportConfig
+    from tmrl_stack import free_ports
+    from tmrl_worker.config import WorkerConfig
+    from tmrl_worker.runtime import run_worker
+
+    module = plug_interface("mid_camera_robot", camera_interface("MidCamera", (3, 64, 64)))  # 12,299 bytes a row
+    worker_port, weights_port = free_ports(2)  # no relay: nothing is delivered, the warning comes at start
+    config = WorkerConfig(worker_id="camera", env=f"{module}:MidCamera", batch_steps=100, spool_max_bytes=2_000_000,
+                          max_steps=2, max_steps_per_second=200, worker_port=worker_port, weights_port=weights_port,
+                          state_dir=tmp_path, flush_timeout_s=0.1, transport=TransportConfig(linger_ms=0),
+                          security=SecurityConfig(insecure=True))
+    with caplog.at_level("WARNING", logger="tmrl_worker.runtime"):
+        run_worker(config)
+    assert ("camera: spool_max_bytes (2000000) holds fewer than two batches of 100 rows of this env's layout (up to "
+            "1229900 bytes each before compression)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tmrl_worker.runtime"):
+        run_worker(config.model_copy(update={"spool_max_bytes": 2_500_000}))
+    assert "holds fewer than two batches" not in caplog.text

@@ -14,17 +14,28 @@ _BODY_OVERHEAD_BYTES = 64 * 1024
 """A margin for the body's msgpack map, array headers and names beside the arrays' bytes."""
 
 
+def _array_row_bytes(layout: ObservationLayout, digests: bool) -> dict[str, int]:
+    """Bytes per row of each array of a batch of ``layout`` (decoded; the flags and the reward aside)."""
+    arrays = {f"observations[{c.name!r}]": c.frame_size * (1 if c.dtype == "uint8" else 4) for c in layout.components}
+    arrays["actions"] = 4 * layout.action_dim
+    if digests:
+        arrays["digests"] = DIGEST_BYTES
+    return arrays
+
+
+def batch_row_bytes(layout: ObservationLayout, digests: bool = False) -> int:
+    """Decoded bytes of one row of a batch of ``layout``: what a batch of N rows takes uncompressed, about."""
+    return sum(_array_row_bytes(layout, digests).values()) + _ROW_FLAG_BYTES
+
+
 def batch_steps_problem(layout: ObservationLayout, batch_steps: int, compressed: bool, digests: bool = False,
                         limits: DecodeLimits = DEFAULT_LIMITS) -> str | None:
     """Why batches of ``batch_steps`` rows of ``layout`` would be refused (or not built at all), else ``None``: an
     array past ``max_array_bytes`` or all of them past ``max_decoded_bytes`` (decoded sizes: compression does not
     help), or, uncompressed, a body past ``max_body_bytes``. An image worker with ``batch_steps`` 400 of 3x256x256
     frames (78.6 MB) stopped a few seconds in, on a traceback, losing its samples (an outside probe)."""
-    arrays = {f"observations[{c.name!r}]": c.frame_size * (1 if c.dtype == "uint8" else 4) for c in layout.components}
-    arrays["actions"] = 4 * layout.action_dim
-    if digests:
-        arrays["digests"] = DIGEST_BYTES
-    row_bytes = sum(arrays.values()) + _ROW_FLAG_BYTES
+    arrays = _array_row_bytes(layout, digests)
+    row_bytes = batch_row_bytes(layout, digests)
     largest = max(arrays, key=arrays.__getitem__)
     fits = {f"its {largest} array past the {limits.max_array_bytes}-byte limit of one array":
             limits.max_array_bytes // arrays[largest],

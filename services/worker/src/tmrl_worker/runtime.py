@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import zmq
 from tmrl_common.atomic_file import write_atomically
-from tmrl_common.batching import SampleBatchBuilder, batch_steps_problem
+from tmrl_common.batching import SampleBatchBuilder, batch_row_bytes, batch_steps_problem
 from tmrl_common.layout import ObservationLayout
 from tmrl_common.networks import PolicyFileError
 from tmrl_common.sockets import RelayEndpoint
@@ -737,6 +737,13 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
         if too_large is not None:  # before any step: such a batch stopped the sender thread mid-run, samples lost
             env.close()
             raise EnvSpecError(f"env {config.env!r}: {too_large}")
+        batch_bytes = config.batch_steps * batch_row_bytes(env.layout, config.verify_observations)
+        if config.mode in ("train", "expert") and config.spool_max_bytes < 2 * batch_bytes:
+            # a second re-check: 262 MB batches against the default 256 MiB spool dropped 4 of 5 in an outage
+            log.warning("%s: spool_max_bytes (%d) holds fewer than two batches of %d rows of this env's layout (up to "
+                        "%d bytes each before compression): while the relay or trainer is away, every batch but the "
+                        "newest is dropped; raise spool_max_bytes or lower batch_steps", config.worker_id,
+                        config.spool_max_bytes, config.batch_steps, batch_bytes)
     except BaseException:
         state_lock.release()
         raise
