@@ -179,6 +179,7 @@ def train_local_command(
         LocalTrainingConfig,
         UnsupportedEnvironmentError,
         train_local,
+        what_was_saved,
     )
     from tmrl_trainer.service import writable_directory
 
@@ -270,7 +271,5 @@ def train_local_command(
     typer.echo(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}; checkpoint: "
                f"{result.checkpoint or 'none written'}")
     if result.checkpoint_error is not None:  # the run's last state is not on disk: not a success
-        kept = (f"the last one written is {result.checkpoint} (step {result.checkpoint_step})" if result.checkpoint
-                else "none was written")
-        typer.echo(f"tmrl-trainer train-local: {result.checkpoint_error}; {kept}", err=True)
+        typer.echo(f"tmrl-trainer train-local: {what_was_saved(result)}", err=True)
         raise typer.Exit(code=1)

@@ -110,11 +110,12 @@ class LocalTrainingResult:
     """Why the last checkpoint write failed (a full disk...), when it failed: :attr:`checkpoint`, if any, is older."""
 
 
-def _saved(result: LocalTrainingResult) -> str:
-    """What a run that ends on an env failure kept, for its one-line message."""
+def what_was_saved(result: LocalTrainingResult) -> str:
+    """What a run kept on disk, for the one-line message of a run that ends on an env failure or on a checkpoint
+    that could not be written."""
     if result.checkpoint_error is not None:
         return result.checkpoint_error + (f"; the last one written is {result.checkpoint} (step "
-                                          f"{result.checkpoint_step})" if result.checkpoint else "")
+                                          f"{result.checkpoint_step})" if result.checkpoint else "; none was written")
     if result.checkpoint is None:
         return "nothing was saved (no run directory)"
     return f"the learner after {result.checkpoint_step} steps is in {result.checkpoint}"
@@ -342,13 +343,13 @@ def train_local(
         except LocalEnvFailure as exc:  # the steps before are learned from: keep them
             done = max(result.steps - 1, 0)
             checkpoint(done)
-            raise LocalEnvFailure(f"env {env_id!r} {exc} (at step {result.steps}); {_saved(result)}") from exc
+            raise LocalEnvFailure(f"env {env_id!r} {exc} (at step {result.steps}); {what_was_saved(result)}") from exc
         checkpoint(result.steps)  # before the final evaluation, which an env may fail or a stop may cut short
         if config.eval_episodes and not result.stopped:
             try:
                 result.final_return = evaluation(steps)
             except LocalEnvFailure as exc:
-                raise LocalEnvFailure(f"env {env_id!r} {exc} in the final evaluation; {_saved(result)}") from exc
+                raise LocalEnvFailure(f"env {env_id!r} {exc} in the final evaluation; {what_was_saved(result)}") from exc
             result.stopped = stop is not None and stop.is_set() and math.isnan(result.final_return)
     finally:
         metrics.close()
