@@ -405,3 +405,45 @@ def test_the_summary_says_what_became_of_its_batches_and_that_it_never_connected
                                              "waiting_dropped_steps": 200})
     assert "; 4 batch(es) (200 rows) dropped before they were numbered: the sender thread fell a whole spool" in (
         run_summary("w", stats))
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_run_that_never_reached_the_relay_ends_with_status_1_after_its_summary(tmp_path, durable):
+    """A probe: a worker pointed at a port where no relay listens made 300 steps, said in its summary that it never
+    connected, and exited 0, so neither a script nor a supervisor saw that nothing reached the trainer."""
+    from tmrl_stack import free_ports
+    from tmrl_worker.cli import app
+    from typer.testing import CliRunner
+
+    worker_port, weights_port = free_ports(2)  # nothing listens there
+    config = tmp_path / "tmrl.toml"
+    config.write_text(f'[worker]\nworker_id = "lonely"\nenv = "sim-fast"\nmax_steps = 120\nbatch_steps = 50\n'
+                      f'max_steps_per_second = 400\nrelay_host = "127.0.0.1"\nworker_port = {worker_port}\n'
+                      f'weights_port = {weights_port}\nstate_dir = "{tmp_path / "state"}"\nflush_timeout_s = 0.2\n'
+                      f'durable_spool = {str(durable).lower()}\n[worker.transport]\nlinger_ms = 0\n')
+    result = CliRunner().invoke(app, ["run", "--insecure", "--config", str(config)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert "it never connected to the relay" in lines[-2]  # the summary, then why the status is 1
+    kept = ("they wait in its durable spool for the next run" if durable else
+            "they are lost with this process (durable_spool would keep them on disk)")
+    assert re.fullmatch(r"tmrl-worker: none of the 12\d rows this run made was delivered: it never connected to the "
+                        rf"relay; {re.escape(kept)}.*", lines[-1]), lines[-1]
+    assert len(list((tmp_path / "state").glob("lonely.spool/*.batch"))) == (3 if durable else 0)
+
+
+def test_only_a_run_that_delivered_nothing_for_want_of_the_relay_or_its_key_counts_as_undelivered():
+    from tmrl_worker.cli import undelivered_run
+    from tmrl_worker.runtime import RolloutStats
+
+    delivery = {"steps_submitted": 40, "batches_built": 2, "spool_acked": 0, "spool_batches": 2, "connections": 0,
+                "handshake_refused": 0}
+    assert "it never connected to the relay" in undelivered_run(RolloutStats(steps=40, delivery=delivery), False)
+    refused = {**delivery, "connections": 3, "handshake_refused": 3}
+    assert "the relay refused its key every time" in undelivered_run(RolloutStats(steps=40, delivery=refused), False)
+    for fine in ({**delivery, "spool_acked": 1},  # something was stored
+                 {**delivery, "connections": 1},  # the relay was reached; no trainer answered yet
+                 {**delivery, "steps_submitted": 0}):  # nothing to deliver (a --test run)
+        assert undelivered_run(RolloutStats(steps=40, delivery=fine), True) is None
+    assert undelivered_run(RolloutStats(steps=40, delivery={}), False) is None

@@ -65,7 +65,9 @@ def run(
     If the relay refuses this worker's key (not in its allow-list), an error says so within a second with the
     `tmrl-relay keys add` command that fixes it, and the worker retries every 10 s (its batches wait in the spool).
     If `max_consecutive_refusals` batches in a row are refused for good (another layout, rewards out of bounds...),
-    the worker stops with its summary, one line naming the reasons and what to fix, and exit status 1."""
+    the worker stops with its summary, one line naming the reasons and what to fix, and exit status 1. A run that
+    made samples and delivered none of them (it never reached the relay, or its key was refused every time) also
+    ends with exit status 1, after its summary."""
     import logging
     import threading
 
@@ -120,6 +122,10 @@ def run(
         typer.echo(f"tmrl-worker: {exc}", err=True)
         raise typer.Exit(code=1) from exc
     _echo_summary(run_summary(effective.worker_id, stats))
+    nothing_delivered = undelivered_run(stats, effective.durable_spool)
+    if nothing_delivered:  # a supervisor or a script sees a worker that never reached the trainer
+        typer.echo(f"tmrl-worker: {nothing_delivered}", err=True)
+        raise typer.Exit(code=1)
 
 
 def _echo_summary(summary: str) -> None:
@@ -182,6 +188,25 @@ def run_summary(worker_id: str, stats: RolloutStats) -> str:
                         if delivery["spool_acked"] else f": {advice}" if advice
                         else ": allow it with `tmrl-relay keys add` on the relay host")
     return summary
+
+
+def undelivered_run(stats: RolloutStats, durable_spool: bool) -> str | None:
+    """Why a run that made samples delivered none of them, or None: it never connected to the relay, or the relay
+    refused its key every time. ``tmrl-worker run`` then exits with status 1 after its summary (which names the
+    cause and the fix), so that a supervisor restarts it and a script sees the failure. A run that reached the relay
+    but whose batches no trainer answered (none running yet) is not such a failure."""
+    delivery = stats.delivery
+    if not delivery or not delivery.get("steps_submitted") or delivery.get("spool_acked"):
+        return None
+    if delivery.get("handshake_refused"):
+        cause = "the relay refused its key every time"
+    elif not delivery.get("connections"):
+        cause = "it never connected to the relay"
+    else:
+        return None
+    kept = ("they wait in its durable spool for the next run with the same worker_id and state_dir" if durable_spool
+            else "they are lost with this process (durable_spool would keep them on disk)")
+    return f"none of the {delivery['steps_submitted']} rows this run made was delivered: {cause}; {kept}"
 
 
 # TrackMania 2020 tools (logic in tmrl_worker.tm20; these functions only parse arguments) -----------------------------
