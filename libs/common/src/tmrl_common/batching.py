@@ -35,7 +35,7 @@ def batch_steps_problem(layout: ObservationLayout, batch_steps: int, compressed:
     help), or, uncompressed, a body past ``max_body_bytes``. An image worker with ``batch_steps`` 400 of 3x256x256
     frames (78.6 MB) stopped a few seconds in, on a traceback, losing its samples (an outside probe)."""
     arrays = _array_row_bytes(layout, digests)
-    row_bytes = batch_row_bytes(layout, digests)
+    row_bytes = sum(arrays.values()) + _ROW_FLAG_BYTES  # as batch_row_bytes
     largest = max(arrays, key=arrays.__getitem__)
     fits = {f"its {largest} array past the {limits.max_array_bytes}-byte limit of one array":
             limits.max_array_bytes // arrays[largest],
