@@ -304,6 +304,8 @@ def test_benchmark_without_reward_points_says_how_to_record_them():
                                       "--capture", "mss"])
     assert result.exit_code == 2
     assert "record-reward" in result.output
+    # rich read `[worker.env_options]` as a markup tag and dropped it (`reward_path in , --reward FILE`, a probe)
+    assert "[worker.env_options]," in " ".join(result.output.split()), result.output
 
 
 @pytest.fixture

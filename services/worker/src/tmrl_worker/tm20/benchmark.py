@@ -60,6 +60,7 @@ def benchmark_tool(*, variant: str, steps: int, telemetry_port: int, reward_path
     from contextlib import ExitStack
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from tmrl_worker.envs import EnvFailure
@@ -88,7 +89,7 @@ def benchmark_tool(*, variant: str, steps: int, telemetry_port: int, reward_path
             result = run_benchmark(env, steps)
         except (TM20ConfigError, TelemetryTimeoutError, CaptureError, WindowNotFoundError, WindowsOnlyError, ControlError,
                 GamepadUnavailableError, EnvFailure) as exc:
-            console.print(f"[red]{exc}[/]")
+            console.print(f"[red]{escape(str(exc))}[/]")
             return 2
     table = Table(title=f"rtgym timings, {variant}{' (synthetic session)' if synthetic else ''}: "
                         f"{result['steps']} steps, {result['episodes']} episode(s), nominal step {1000 * time_step_duration:.0f} ms")

@@ -112,6 +112,7 @@ def check_env_tool(*, steps: int | None, telemetry_port: int, reward_path: Path 
     from contextlib import ExitStack
 
     from rich.console import Console
+    from rich.markup import escape
 
     from tmrl_worker.tm20.capture import CaptureError, check_capture_backend, make_capture
     from tmrl_worker.tm20.interfaces import LIDAR_WINDOW_SIZE
@@ -137,7 +138,7 @@ def check_env_tool(*, steps: int | None, telemetry_port: int, reward_path: Path 
                 telemetry = TelemetryClient(telemetry_port)
                 reward = TrajectoryReward.from_file(reward_path) if reward_path is not None else None
                 if not window.is_foreground():
-                    console.print(f"[yellow]warning: the game window {window_title!r} is not in front. check-env "
+                    console.print(f"[yellow]warning: the game window {escape(repr(window_title))} is not in front. check-env "
                                   f"only watches, but a worker's keyboard input goes to the focused window: the "
                                   f"worker brings the game to the front at every reset[/]")
             stack.callback(telemetry.close)
@@ -146,7 +147,7 @@ def check_env_tool(*, steps: int | None, telemetry_port: int, reward_path: Path 
                                     save_frames=save_frames, window=window):
                 console.print(describe(reading))
         except (TelemetryTimeoutError, CaptureError, WindowNotFoundError, WindowsOnlyError, ValueError) as exc:
-            console.print(f"[red]{exc}[/]")
+            console.print(f"[red]{escape(str(exc))}[/]")
             return 2
         except KeyboardInterrupt:
             return 0

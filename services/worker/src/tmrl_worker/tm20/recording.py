@@ -172,6 +172,7 @@ def record_reward_tool(output: Path, *, telemetry_port: int, spacing: float = 0.
                        console: Console | None = None) -> int:
     """``tmrl-worker record-reward``: record while a person drives, save the points; returns the exit code."""
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console(stderr=True)
     try:  # before the drive: a folder typo found at the save lost the whole lap (a probe)
@@ -179,7 +180,7 @@ def record_reward_tool(output: Path, *, telemetry_port: int, spacing: float = 0.
         if raw_telemetry is not None:
             prepare_output_file(raw_telemetry, "--raw-telemetry")
     except OutputPathError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         return 2
     console.print(f"Recording from the TMRL OpenPlanet plugin on port {telemetry_port}. Drive the track from the start "
                   "to the finish line; a respawn starts the recording over; Ctrl-C ends it"
@@ -197,14 +198,14 @@ def record_reward_tool(output: Path, *, telemetry_port: int, spacing: float = 0.
                 console.print(f"  {kept:6d} positions, distance {packet.distance:8.1f} m, speed {packet.speed:6.1f}")
 
         def jumped(why: str) -> None:
-            console.print(f"[yellow]  {why}: the recording starts over from the next run from the start line "
+            console.print(f"[yellow]  {escape(why)}: the recording starts over from the next run from the start line "
                           "(restart the race)[/]")
 
         demonstration = record_demonstration(client, max_seconds=max_seconds, on_packet=progress, on_jump=jumped)
     lost = demonstration.telemetry_lost
     partial = len(demonstration.positions)
     if lost is not None or demonstration.interrupted:
-        console.print(f"[red]{lost}[/]" if lost is not None else "[yellow]interrupted[/]")
+        console.print(f"[red]{escape(str(lost))}[/]" if lost is not None else "[yellow]interrupted[/]")
         if not save_unfinished or partial < 2:
             console.print("[yellow]nothing saved[/]" + (" (--save-unfinished keeps a partial path)" if partial >= 2 else ""))
             return 2 if lost is not None else 1
@@ -221,10 +222,10 @@ def record_reward_tool(output: Path, *, telemetry_port: int, spacing: float = 0.
     try:
         points = save_demonstration(demonstration, output, spacing, raw_telemetry)
     except (RecordingError, ValueError) as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         return 1
     except OSError as exc:  # checked at the start; a disk that filled up or a folder removed since
-        console.print(f"[red]cannot write {output}: {exc.strerror or exc}[/]")
+        console.print(f"[red]{escape(f'cannot write {output}: {exc.strerror or exc}')}[/]")
         return 1
     console.print(f"saved {len(points)} points {spacing} m apart ({demonstration.length:.1f} m of track) to {output}"
                   + (f"; raw telemetry to {raw_telemetry}" if raw_telemetry else ""))
