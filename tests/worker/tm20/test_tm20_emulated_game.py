@@ -77,7 +77,8 @@ def test_the_finish_popup_is_closed_and_the_race_restarted_before_the_next_episo
         heading = math.atan2(*(game.track.centre[-1] - game.track.centre[-2])[::-1])
         with game.lock:  # put the car 5 m before the finish line (the reward path's end), as if it drove there
             game.car.place(end[0] - 7 * math.cos(heading), end[1] - 7 * math.sin(heading), heading, speed=10.0)
-            game._lap_progress = game.distance = game.track.length - 7.0  # not a jump: a jump ends the episode
+            game._lap_progress = game.distance = game.track.length - 7.0
+        interface.last_telemetry = None  # not a jump (faster than any car: it would end the episode)
         interface.reward.index = interface.reward.last_index - 14
         for _ in range(40):
             _, reward, terminated, _, info = handle.step(GAS)

@@ -351,3 +351,37 @@ def test_the_greeting_of_this_version_is_accepted_and_packets_right_behind_it_ar
             TelemetryClient(server.port, timeout=2.0) as client:
         wait_until(lambda: client.stats.packets == 5)
         assert client.latest().sequence == 4 and client.stats.version_errors == 0
+
+
+def test_a_connection_waiting_for_the_greeting_is_not_said_to_be_unconnected():
+    """A probe's fake plugin accepted connections and sent nothing: the first time-out said `(not connected)`."""
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            TelemetryClient(listener.getsockname()[1], timeout=0.5, hello_timeout=5.0) as client:
+        wait_until(lambda: client._greeting_since is not None)
+        with pytest.raises(TelemetryTimeoutError, match=r"\(connected \d+\.\d s ago, waiting for the plugin's "
+                                                        r"greeting\)"):
+            client.latest()
+
+
+def test_packets_longer_than_the_protocol_says_are_logged_once_per_connection(caplog):
+    """A probe's plugin sent 64-byte packets (4 zero bytes after each): they passed the framing checks and the extra
+    bytes were dropped as garbage without a word."""
+    longer = [encode_packet(i, speed=5.0, distance=0.1 * i) + b"\0" * 4 for i in range(400)]
+    with caplog.at_level(logging.WARNING, logger="tmrl_worker.tm20.openplanet"), \
+            TelemetryReplayServer(longer, rate_hz=1000, loop=False) as server, \
+            TelemetryClient(server.port, timeout=2.0) as client:
+        wait_until(lambda: client.stats.packets >= 200)
+    warnings = [r.getMessage() for r in caplog.records if "bytes that are no packet came between" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "packets of another size than 60 bytes" in warnings[0]
+
+
+def test_a_few_garbage_bytes_among_many_packets_are_not_taken_for_packets_of_another_size(caplog):
+    packets = [encode_packet(i) for i in range(200)]
+    packets[3] = b"junk" + packets[3]
+    with caplog.at_level(logging.WARNING, logger="tmrl_worker.tm20.openplanet"), \
+            TelemetryReplayServer(packets, rate_hz=1000, loop=False) as server, \
+            TelemetryClient(server.port, timeout=2.0) as client:
+        wait_until(lambda: client.stats.packets >= 150)
+        assert client.stats.garbage_bytes == 4
+    assert not [r for r in caplog.records if "bytes that are no packet came between" in r.getMessage()]

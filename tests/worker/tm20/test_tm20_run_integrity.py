@@ -23,12 +23,14 @@ from tmrl_worker.tm20.control import RecordingController
 from tmrl_worker.tm20.interfaces import BLIND_SCANS, TM20LidarInterface
 from tmrl_worker.tm20.openplanet import (
     MAX_COORDINATE_M,
+    MAX_SPEED_M_S,
     PacketParser,
     Telemetry,
     TelemetryClient,
     TelemetryTimeoutError,
     decode_packet,
     encode_packet,
+    packet_problem,
     position_jump,
 )
 from tmrl_worker.tm20.replay_server import TelemetryReplayServer
@@ -173,7 +175,7 @@ def telemetry(position, distance=0.0, speed=0.0, received_at=0.0) -> Telemetry:
 
 def test_a_move_is_a_jump_only_beyond_both_the_distance_driven_and_what_the_speed_covers():
     start = telemetry((0.0, 0.0, 0.0), distance=100.0, speed=50.0, received_at=10.0)
-    driven = telemetry((80.0, 0.0, 0.0), distance=180.0, speed=50.0, received_at=10.05)  # odometer says 80 m
+    driven = telemetry((80.0, 0.0, 0.0), distance=180.0, speed=50.0, received_at=10.5)  # odometer says 80 m
     flown = telemetry((40.0, 0.0, 0.0), distance=100.0, speed=50.0, received_at=11.0)  # no distance, 1 s at 50 m/s
     bumped = telemetry((9.0, 0.0, 0.0), distance=100.0, speed=0.0, received_at=10.0)  # within the slack
     teleported = telemetry((0.0, 0.0, 300.0), distance=101.0, speed=50.0, received_at=11.0)
@@ -181,6 +183,15 @@ def test_a_move_is_a_jump_only_beyond_both_the_distance_driven_and_what_the_spee
     assert position_jump(start, bumped) is None
     assert position_jump(start, teleported).startswith("the car's position jumped 300 m between two packets while "
                                                        "it drove 1.0 m")
+    # a probe's plugin moved the car and its distance driven 50 m in one 50 ms step (1000 m/s), paid as progress
+    raced = telemetry((50.0, 0.0, 0.0), distance=150.0, speed=10.0, received_at=10.05)
+    assert position_jump(start, raced).startswith("the car's position moved 50 m in 0.05 s between two packets, "
+                                                  "faster than any car drives (500 m/s)")
+    # and a speed no car reaches excuses nothing: such a packet is garbage before it gets here
+    sped = telemetry((100.0, 0.0, 0.0), distance=100.0, speed=1e6, received_at=10.1)  # 1e6 m/s would cover it
+    assert position_jump(start, sped).startswith("the car's position jumped 100 m between two packets")
+    assert packet_problem(encode_packet(1, speed=-3e30)) == "speed is -3e+30 m/s, beyond the 500 m/s no car reaches"
+    assert decode_packet(encode_packet(1, speed=MAX_SPEED_M_S)) is not None
 
 
 @pytest.mark.parametrize(("replacement", "says"), [
@@ -213,8 +224,9 @@ def test_a_position_no_map_holds_is_garbage_not_progress():
 
 
 def test_a_plugin_sending_only_invalid_packets_is_said_to_do_so_not_to_have_stopped():
-    good, bad = encode_packet(1, position=(1.0, 0.0, 0.0)), encode_packet(2, speed=math.nan)
-    with TelemetryReplayServer(lambda tick: good if tick < 5 else bad, rate_hz=SERVER_HZ) as server:
+    bad = encode_packet(100, speed=math.nan)
+    with TelemetryReplayServer(lambda tick: encode_packet(tick, position=(1.0, 0.0, 0.0)) if tick < 5 else bad,
+                               rate_hz=SERVER_HZ) as server:
         client = TelemetryClient(server.port, timeout=2.0)
         try:
             client.latest()
@@ -365,3 +377,37 @@ def test_the_lidar_interface_renders_its_frame_with_the_beams_drawn():
             interface.close()
     assert drawn.shape == interface.last_frame.shape
     assert ((drawn == (255, 0, 0)).all(axis=-1)).sum() > 100 and not (interface.last_frame == (255, 0, 0)).all(axis=-1).any()
+
+
+def test_a_plugin_resending_one_packet_goes_stale_as_one_that_stopped_instead_of_ending_the_episode_as_terminated():
+    """A probe's plugin resent its last packet (same sequence, car standing) at 100 Hz: each step took it as a new
+    packet without progress, and after no_progress_steps the episode ended as terminated, a false terminal state.
+    The same sequence again is no new game frame: dropped and counted, so the steps repeat the last packet (paying
+    nothing, counting as no step without progress) and the episode is truncated once it is too old."""
+    drive = StraightDrive(10.0, SERVER_HZ, z=5.0)
+    frozen: dict = {"on": False, "packet": None}
+
+    def packet(tick: int) -> bytes:
+        if not frozen["on"]:
+            return drive.packet(tick)
+        frozen["packet"] = frozen["packet"] or drive.packet(tick)
+        return frozen["packet"]
+
+    with TelemetryReplayServer(packet, rate_hz=SERVER_HZ) as server:
+        interface = lidar_interface(server, drive)
+        try:
+            interface.reset()
+            frozen["on"] = True
+            outcomes = []
+            for _ in range(40):
+                time.sleep(0.05)
+                _, reward, terminated, info = interface.get_obs_rew_terminated_info()
+                outcomes.append((reward, terminated, info.get(TRUNCATED_REASON)))
+                if terminated:
+                    break
+            assert interface.telemetry.stats.repeated_packets > 0
+            reward, terminated, reason = outcomes[-1]
+            assert terminated and reason is not None and reward == 0.0, outcomes[-1]
+            assert "all repeat its sequence" in reason and "does not count its packets" in reason, reason
+        finally:
+            interface.close()

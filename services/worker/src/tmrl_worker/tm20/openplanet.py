@@ -28,9 +28,12 @@ slot  name         meaning
 ====  ===========  ==========================================================================
 
 Resynchronisation: a packet is accepted only if it starts with ``b"TMRL"``, ends with ``b"LRMT"``, has version 2,
-an integral sequence in range, 0/1 flags, finite values, a position within :data:`MAX_COORDINATE_M` of the origin
-and a distance driven of at most :data:`MAX_DISTANCE_M`. Anything else is garbage: the reader drops bytes up to
-the next ``b"TMRL"`` and tries again, counting what it dropped (:attr:`TelemetryStats.garbage_bytes`).
+an integral sequence in range, 0/1 flags, finite values, a speed of at most :data:`MAX_SPEED_M_S`, a position within
+:data:`MAX_COORDINATE_M` of the origin and a distance driven of at most :data:`MAX_DISTANCE_M`. Anything else is
+garbage: the reader drops bytes up to the next ``b"TMRL"`` and tries again, counting what it dropped
+(:attr:`TelemetryStats.garbage_bytes`). A valid packet whose sequence is the one of the packet before on the same
+connection is no new game frame (the plugin counts one per frame): the client drops it, counted in
+:attr:`TelemetryStats.repeated_packets`, so a plugin that resends one packet goes stale as one that stopped.
 """
 
 from __future__ import annotations
@@ -65,12 +68,22 @@ kilometres; float32 can hold up to 3e38)."""
 MAX_DISTANCE_M = 1e7
 """A packet whose distance driven is larger than this is garbage (10,000 km: no run is that long; one such packet
 would otherwise be read as a race restarted when the next, true one comes)."""
+MAX_SPEED_M_S = 500.0
+"""A packet whose speed is larger than this (1,800 km/h) is garbage: TrackMania's cars top out at 1,000 km/h (278 m/s).
+Such a speed would otherwise excuse any teleport (:func:`position_jump`) and reach the observation as the bound it
+is clipped to (a probe's plugin sent 1e6 m/s while the car drove at 10)."""
 MAX_NEGATIVE_DISTANCE_M = 1.0
 """The distance driven counts up from 0; a packet more than this below 0 is garbage (a probe's -5,000 km passed as
 valid, and the race restart after it then failed for 25 s, blamed on a paused game)."""
 _SLOT = {name: i for i, name in enumerate(FIELDS)}
 _PACKET = struct.Struct("<" + "f" * PACKET_FLOATS)
 log = logging.getLogger(__name__)
+
+INTERLEAVED_GARBAGE_PACKETS = 50
+"""After this many valid packets on one connection, at least one byte of garbage per packet on average is logged once
+(:meth:`TelemetryClient._warn_of_interleaved_garbage`): a plugin of another build whose packets are longer than
+:data:`PACKET_BYTES` passes the framing checks, its extra bytes dropped between packets without a word (a probe's
+64-byte packets)."""
 
 BUMPED_CLOSES = 3
 BUMPED_WINDOW_S = 10.0
@@ -146,15 +159,21 @@ def position_jump(previous: Telemetry, current: Telemetry) -> str | None:
     A car cannot get further from where it was than the distance it drove in between (the game's ``Distance``,
     which the emulated game also counts), nor than its speed carried it in the time between the two packets' arrival
     (should the game's distance not count a flight); a move beyond both, by more than :data:`JUMP_SLACK_M`, is a
-    jump. The env ends an episode on one; ``record-reward`` starts over, as after a respawn at a checkpoint."""
+    jump. Nor, whatever distance the packets report, faster than :data:`MAX_SPEED_M_S` (a probe's plugin moved the
+    car and its distance 50 m in one 50 ms step, paid as progress). The env ends an episode on one;
+    ``record-reward`` starts over, as after a respawn at a checkpoint."""
     moved = math.dist(current.position, previous.position)
     driven = abs(current.distance - previous.distance)
     elapsed = max(current.received_at - previous.received_at, 0.0)
-    carried = 1.5 * max(abs(current.speed), abs(previous.speed)) * elapsed
-    if moved <= max(driven, carried) + JUMP_SLACK_M:
-        return None
-    return (f"the car's position jumped {moved:.0f} m between two packets while it drove {driven:.1f} m (a respawn "
-            "at a checkpoint, a teleport, or a wrong position from the plugin)")
+    carried = 1.5 * min(max(abs(current.speed), abs(previous.speed)), MAX_SPEED_M_S) * elapsed
+    if moved > max(driven, carried) + JUMP_SLACK_M:
+        return (f"the car's position jumped {moved:.0f} m between two packets while it drove {driven:.1f} m (a "
+                "respawn at a checkpoint, a teleport, or a wrong position from the plugin)")
+    if moved > MAX_SPEED_M_S * elapsed + JUMP_SLACK_M:
+        return (f"the car's position moved {moved:.0f} m in {elapsed:.2f} s between two packets, faster than any car "
+                f"drives ({MAX_SPEED_M_S:g} m/s), though their distances driven say {driven:.1f} m (a teleport, or "
+                "wrong positions and distances from the plugin)")
+    return None
 
 
 def encode_packet(sequence: int, speed: float = 0.0, distance: float = 0.0,
@@ -196,6 +215,8 @@ def _checked_values(data: bytes) -> tuple[tuple[float, ...], None] | tuple[None,
             return None, f"{name} is {value}"
     if v[_SLOT["version"]] != PROTOCOL_VERSION:
         return None, f"version is {v[_SLOT['version']]:g}, not {PROTOCOL_VERSION}"
+    if abs(v[_SLOT["speed"]]) > MAX_SPEED_M_S:  # it would excuse any jump and be paid as progress
+        return None, f"speed is {v[_SLOT['speed']]:g} m/s, beyond the {MAX_SPEED_M_S:g} m/s no car reaches"
     for axis in ("x", "y", "z"):
         if abs(v[_SLOT[axis]]) > MAX_COORDINATE_M:  # no map is that large: it would be paid as progress
             return None, f"{axis} is {v[_SLOT[axis]]:g} m, beyond the {MAX_COORDINATE_M:g} m any map spans"
@@ -283,6 +304,9 @@ class TelemetryStats:
     connected: bool = False
     version_errors: int = 0
     """Connections refused because the plugin's greeting was missing or of another version."""
+    repeated_packets: int = 0
+    """Valid packets dropped because they repeated the sequence of the packet before them on their connection: no
+    new game frame (a plugin that resends one packet, or another program that does not count its packets)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -317,6 +341,14 @@ class TelemetryClient:
         """:attr:`PacketParser.garbage_bytes` when the current connection was made (what it sent that was no packet)."""
         self._garbage_at_latest = 0
         """:attr:`PacketParser.garbage_bytes` when the newest packet was delivered."""
+        self._repeats_since_latest = 0
+        """Packets dropped since the newest one was delivered, for repeating its sequence."""
+        self._packets_at_connect = 0
+        """:attr:`TelemetryStats.packets` when the current connection was made."""
+        self._garbage_warned = False
+        """Whether garbage between the current connection's packets was logged (once per connection)."""
+        self._greeting_since: float | None = None
+        """When the connection now waiting for the plugin's greeting was made (None: none is waiting)."""
         self._closed_by_plugin: deque[float] = deque(maxlen=BUMPED_CLOSES)
         """When the plugin last closed this client's connections (it replaces a client when another connects)."""
         self._bumped_warned_at = -math.inf
@@ -348,9 +380,11 @@ class TelemetryClient:
                 self.stats.last_error = f"connection to {self.host}:{self.port} failed: {exc}"
                 self._stop.wait(self.reconnect_delay)
                 continue
+            self._greeting_since = time.monotonic()
             try:
                 leftover = self._greeting(sock)
             except (PluginVersionError, OSError) as exc:
+                self._greeting_since = None
                 sock.close()
                 if isinstance(exc, PluginVersionError):
                     if str(exc) != self.stats.last_error:
@@ -362,8 +396,11 @@ class TelemetryClient:
                 other_version = isinstance(exc, PluginVersionError) and not isinstance(exc, NoGreetingError)
                 self._stop.wait(self.version_retry_delay if other_version else self.reconnect_delay)
                 continue
+            self._greeting_since = None
             self.stats.connects += 1
             self._garbage_at_connect = self._parser.garbage_bytes
+            self._packets_at_connect = self.stats.packets
+            self._garbage_warned = False
             self.stats.connected = True
             self._version_problem = None
             try:
@@ -424,12 +461,33 @@ class TelemetryClient:
 
     def _deliver(self, packets: list[Telemetry]) -> None:
         self.stats.garbage_bytes = self._parser.garbage_bytes
-        if packets:
+        sequence = self._latest.sequence if self._latest is not None else None
+        fresh = []
+        for packet in packets:  # the plugin counts one packet per game frame: the same sequence again is no new one
+            if packet.sequence == sequence:
+                self.stats.repeated_packets += 1
+                self._repeats_since_latest += 1
+                continue
+            fresh.append(packet)
+            sequence = packet.sequence
+        if fresh:
             with self._cond:
-                self.stats.packets += len(packets)
-                self._latest = self._newest = packets[-1]
+                self.stats.packets += len(fresh)
+                self._latest = self._newest = fresh[-1]
                 self._garbage_at_latest = self._parser.garbage_bytes
+                self._repeats_since_latest = 0
                 self._cond.notify_all()
+            self._warn_of_interleaved_garbage()
+
+    def _warn_of_interleaved_garbage(self) -> None:
+        packets = self.stats.packets - self._packets_at_connect
+        garbage = self._parser.garbage_bytes - self._garbage_at_connect
+        if not self._garbage_warned and packets >= INTERLEAVED_GARBAGE_PACKETS and garbage >= packets:
+            self._garbage_warned = True
+            log.warning("tm20 telemetry: %d bytes that are no packet came between the first %d valid packets from "
+                        "port %d (%s): packets of another size than %d bytes, from a plugin of another build? Install "
+                        "the plugin of this tmrl (%s); its values may be read wrong", garbage, packets, self.port,
+                        self._refusal(), PACKET_BYTES, PLUGIN_SOURCE)
 
     def _bumped(self) -> bool:
         """The plugin closed this client's connection :data:`BUMPED_CLOSES` times within :data:`BUMPED_WINDOW_S`:
@@ -454,6 +512,9 @@ class TelemetryClient:
         garbage = self._parser.garbage_bytes - self._garbage_at_connect
         if self._latest is not None:
             age = time.monotonic() - self._latest.received_at
+            if self._repeats_since_latest:
+                return (f"connected, but its newest new packet is {age:.1f} s old: the {self._repeats_since_latest} "
+                        f"received since all repeat its sequence {self._latest.sequence} ({self._not_counting()})")
             since = self._parser.garbage_bytes - self._garbage_at_latest
             if since > 0:
                 return (f"connected, but its newest valid packet is {age:.1f} s old and the {since} bytes received "
@@ -465,13 +526,20 @@ class TelemetryClient:
                     "program on this port?)")
         return "connected, but no packet arrived (is a map loaded and the car on track?)"
 
+    def _not_counting(self) -> str:
+        return (f"the program there does not count its packets as the TMRL plugin does, one per game frame "
+                f"({PLUGIN_SOURCE}; a modified or another plugin?)")
+
     def _refusal(self) -> str:
         """Why the bytes received since the last valid packet are none, as the parser saw them."""
         problem = self._parser.last_problem
         return f"the last one refused: {problem}" if problem else f"no {MAGIC!r} packet start among them"
 
     def _timeout_error(self, waited: float) -> TelemetryTimeoutError:
-        state = self._connected_state() if self.stats.connected else self.stats.last_error or "not connected"
+        greeting_since = self._greeting_since
+        state = (self._connected_state() if self.stats.connected else
+                 f"connected {time.monotonic() - greeting_since:.1f} s ago, waiting for the plugin's greeting"
+                 if greeting_since is not None else self.stats.last_error or "not connected")
         if self._version_problem is not None and not self.stats.connected:
             return PluginVersionError(f"no telemetry from 127.0.0.1:{self.port} for {waited:.1f} s: "
                                       f"{self._version_problem}")
@@ -519,12 +587,10 @@ class TelemetryClient:
             while self._latest is None or self._latest.sequence == sequence:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    latest = self._latest
-                    if latest is not None and time.monotonic() - latest.received_at < min(timeout, 1.0):
+                    if self._latest is not None and self._repeats_since_latest:
                         raise TelemetryTimeoutError(  # packets come, but never a new one: not a plugin gone quiet
                             f"packets from 127.0.0.1:{self.port} keep arriving, but their sequence has stayed at "
-                            f"{sequence} for {timeout:.1f} s: the program there does not count its packets as the "
-                            f"TMRL plugin does ({PLUGIN_SOURCE}; a modified or another plugin?)")
+                            f"{sequence} for {timeout:.1f} s: {self._not_counting()}")
                     raise self._timeout_error(time.monotonic() - self._since())
                 self._cond.wait(remaining)
             return self._latest
