@@ -507,3 +507,28 @@ def test_a_heartbeat_counter_outside_0_to_2_63_is_rejected_at_decode(value):
     with pytest.raises(ProtocolError) as info:
         decode([frames[0], body])
     assert info.value.reason == "schema"
+
+
+@pytest.mark.parametrize("bound", ["low", "high"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_layout_bound_in_a_hello_is_non_finite(bound, value):
+    """A new client written from protocol.md sent a layout bound of NaN and was answered `schema`, where §2 and §9
+    say NaN and infinity in a float field are `non_finite`."""
+    body = body_map("hello_worker_with_layout")
+    body["layout"]["components"][0][bound] = value
+    with pytest.raises(ProtocolError) as info:
+        decode([pack(envelope_map("hello")), pack(body)])
+    assert info.value.reason == "non_finite", info.value
+    assert "bounds must be finite (leave one out for none)" in info.value.detail
+    # outside a message it stays an ordinary ValueError with the same words (an env's declared layout)
+    with pytest.raises(ValueError, match=r"^1 validation error(.|\n)*bounds must be finite"):
+        ObservationComponent(name="speed", frame_shape=[1], **{bound: value})
+
+
+def test_a_batch_whose_actions_are_of_another_size_says_so():
+    """The same client sent actions of shape [50, 2] for an action size of 1: told `actions have 2 dims`."""
+    batch = sample_batch()
+    with pytest.raises(ProtocolError) as info:
+        batch.check_layout(tm20_lidar_layout().model_copy(update={"action_dim": 2}))
+    assert info.value.reason == "schema"
+    assert info.value.detail == "actions are [rows, 3]: action size 3, layout expects 2"

@@ -33,5 +33,10 @@ class ProtocolError(ValueError):
         self.detail = message
 
 
+class NonFiniteValue(ValueError):
+    """A model validator's refusal of a NaN or an infinity (a layout bound): a decoded message holding one is rejected
+    as ``non_finite``, as for a field pydantic checks itself; elsewhere an ordinary ``ValueError``."""
+
+
 class ConfigError(ValueError):
     """A configuration file or environment override could not be applied."""

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tmrl_common.errors import NonFiniteValue
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -73,7 +75,8 @@ class ObservationComponent(BaseModel):
     def _bounds_ordered(self) -> ObservationComponent:
         for bound in (self.low, self.high):
             if bound is not None and not math.isfinite(bound):
-                raise ValueError(f"component {self.name!r}: bounds must be finite (leave one out for none), got {bound}")
+                raise NonFiniteValue(f"component {self.name!r}: bounds must be finite (leave one out for none), got "
+                                     f"{bound}")
         if self.low is not None and self.high is not None and not self.low <= self.high:
             raise ValueError(f"component {self.name!r}: low {self.low} must not exceed high {self.high}")
         return self

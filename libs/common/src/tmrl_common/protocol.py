@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from tmrl_common.arrays import DecodeBudget, WireArray
-from tmrl_common.errors import ProtocolError, RejectReason
+from tmrl_common.errors import NonFiniteValue, ProtocolError, RejectReason
 from tmrl_common.layout import DIGEST_BYTES, ObservationLayout
 
 PROTOCOL_VERSION = 1
@@ -252,7 +252,8 @@ def _layout_mismatch(parts: dict[str, tuple[str, list[int]]], action_width: int 
             return (f"observations[{name!r}] frames are {dtype}{list(shape[1:])}, "
                     f"layout expects {component.dtype}{component.frame_shape}")
     if action_width != layout.action_dim:
-        return f"actions have {action_width} dims, layout expects {layout.action_dim}"
+        shape = f"[rows, {action_width}]" if action_width is not None else "not [rows, action size]"
+        return f"actions are {shape}: action size {action_width}, layout expects {layout.action_dim}"
     return None
 
 
@@ -653,6 +654,8 @@ def _schema_error(exc: ValidationError, what: str) -> ProtocolError:
         cause = (error.get("ctx") or {}).get("error")
         if isinstance(cause, ProtocolError):
             return ProtocolError(cause.reason, f"{what}: {cause.detail}")
+        if isinstance(cause, NonFiniteValue):  # a validator's own finiteness check (a layout's bounds)
+            return ProtocolError("non_finite", f"{what}: {cause}")
     non_finite = [e for e in errors if e["type"] == "finite_number"]
     first = non_finite[0] if non_finite else errors[0]  # NaN in a union field also fails its other branches
     where = ".".join(str(p) for p in first["loc"]) or "(root)"

@@ -821,7 +821,8 @@ class Relay:
             connection = bound.sender if bound is not None else "?"
             said = table.said_hello_as(routing_id) if table is not None else "?"
             self._rate_log.warning((link, exc.reason, connection),
-                                   "%s link: rejected %s from %s (routing id %s, said hello as %s): %s",
+                                   "%s link: rejected %s whose envelope says sender %s (routing id %s, said hello "
+                                   "as %s): %s",
                                    link, what, sender, routing_id.hex()[:16], said, exc)
         error = Error(reason=exc.reason, message=exc.detail[:1024], ref_type=ref_type[:32], ref_seq=ref_seq)
         try:
