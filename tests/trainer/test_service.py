@@ -1034,6 +1034,37 @@ def test_a_restart_after_a_kill_says_how_far_the_last_run_got_beyond_its_checkpo
     assert "the last run reached" not in caplog.text
 
 
+def test_rows_a_killed_trainer_stored_after_its_last_checkpoint_are_counted_lost_across_restarts(tmp_path, caplog):
+    """A restart probe: with save_memory, three SIGKILLs each lost the rows stored (and acknowledged to the workers)
+    since the last checkpoint, 300-869 a time, and no counter said so: samples_received_total went backwards."""
+    config = make_config(tmp_path, save_memory=True)
+    first = TrainerService(config)
+    first.ingestor.handle(pendulum_batch("w1", 0, 100))
+    assert first.run(max_updates=25) == 25  # its final checkpoint holds the 100 rows
+    killed = json.loads((first.run_dir / "status.json").read_text())
+    killed.update(updates=37, weights_version=7, samples_received_total=160, stopped=False)  # 60 rows more, then killed
+    (first.run_dir / "status.json").write_text(json.dumps(killed))
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        second = TrainerService(config)
+    assert ("the last run reached 37 updates and weights version 7 (status.json), 160 samples received (60 of them "
+            "after that checkpoint: acknowledged to their workers but in no saved memory, so lost; 60 so far in this "
+            "run directory, samples_lost_in_restarts in status.json), but this one resumes from 25 updates") in caplog.text
+    second.ingestor.handle(pendulum_batch("w1", 1, 20))
+    assert second.run(max_updates=30) == 30
+    status = json.loads((second.run_dir / "status.json").read_text())
+    assert (status["samples_lost_in_restarts"], status["samples_received_total"]) == (60, 120)
+    killed = {**status, "samples_received_total": 125, "stopped": False}  # killed again, 5 rows after its checkpoint
+    (second.run_dir / "status.json").write_text(json.dumps(killed))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        third = TrainerService(config)  # the same updates as its checkpoint: warned for the rows alone
+    try:
+        assert "(5 of them after that checkpoint" in caplog.text and "65 so far in this run directory" in caplog.text
+        assert third.snapshot()["samples_lost_in_restarts"] == 65
+    finally:
+        third.shutdown()
+
+
 def test_after_a_stop_whose_final_checkpoint_failed_the_lost_progress_is_not_blamed_on_an_unclean_stop(tmp_path,
                                                                                                      caplog):
     """A storage probe: a trainer stopped by SIGTERM on a full disk (its final checkpoint refused), then restarted, was

@@ -321,6 +321,10 @@ class TrainerService:
         self.samples_before_run = 0
         """Rows the runs before this one received (from the checkpoint resumed): ``updates`` counts across restarts,
         and ``samples_received_total`` with it."""
+        self.samples_lost_in_restarts = 0
+        """With ``save_memory``: rows earlier runs stored (and acknowledged to their workers) after the checkpoint the
+        next run resumed, so in no saved memory: lost with the process that held them (killed, crashed). Across
+        restarts, from the checkpoints' counters and the last run's ``status.json``."""
         self.recorder = self._run_recorder()
         self.ingestor = Ingestor(
             config.trainer_id, self.layout, store=self._store, on_episode=self.recorder.episode,
@@ -385,9 +389,14 @@ class TrainerService:
         if not previous_run:
             return
         updates, version = int(previous_run.get("updates", 0)), int(previous_run.get("weights_version", 0))
-        if updates <= self.learner.updates:
-            return
         samples = previous_run.get("samples_received_total", previous_run.get("samples_received"))
+        lost_rows = max(0, int(samples) - self.samples_before_run) if samples is not None else 0
+        if self.config.save_memory:  # without it every restart starts from an empty memory, by design
+            self.samples_lost_in_restarts += lost_rows
+        else:
+            lost_rows = 0
+        if updates <= self.learner.updates and not lost_rows:
+            return
         if self._refused_on_resume:  # the last run may well have stopped cleanly: its newest checkpoints were refused
             cause = (f"the newer checkpoint(s) {', '.join(p.name for p in self._refused_on_resume)} were refused "
                      "(above), and what the last run learned and stored after the one resumed is lost")
@@ -400,9 +409,12 @@ class TrainerService:
         else:
             cause = ("it did not stop cleanly, and what it learned and stored after its last checkpoint is lost (a "
                      "SIGTERM or Ctrl-C saves one; checkpoint_every sets how often)")
-        log.warning("the last run reached %d updates and weights version %d (status.json)%s, but this one resumes "
+        lost = (f" ({lost_rows} of them after that checkpoint: acknowledged to their workers but in no saved memory, "
+                f"so lost; {self.samples_lost_in_restarts} so far in this run directory, samples_lost_in_restarts in "
+                "status.json)" if lost_rows else "")
+        log.warning("the last run reached %d updates and weights version %d (status.json)%s%s, but this one resumes "
                     "from %d updates and version %d: %s", updates, version,
-                    f", {samples} samples received" if samples is not None else "", self.learner.updates,
+                    f", {samples} samples received" if samples is not None else "", lost, self.learner.updates,
                     self.weights_version, cause)
 
     def _empty_memory(self) -> ReplayMemory:
@@ -496,6 +508,7 @@ class TrainerService:
         self.last_checkpoint_updates = self.learner.updates
         self.weights_version = int(restored.counters.get("weights_version", 0))
         self.samples_before_run = int(restored.counters.get("samples_received", 0))
+        self.samples_lost_in_restarts = int(restored.counters.get("samples_lost_in_restarts", 0))
         memory = "the replay memory starts empty"
         if restored.memory_saved:
             self._resumed_memory = (path, int(restored.extra.get("memory_rows_added", 0)))
@@ -593,7 +606,8 @@ class TrainerService:
         saved, which is logged (``final``: at shutdown, where training does not go on). The previous ones stay."""
         path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.learner.updates:012d}.safetensors"
         counters = {"weights_version": self.weights_version,
-                    "samples_received": self.samples_before_run + self.rows_received}  # across restarts
+                    "samples_received": self.samples_before_run + self.rows_received,  # across restarts
+                    "samples_lost_in_restarts": self.samples_lost_in_restarts}
         memory: bytes | None = None
         extra: dict[str, Any] = {}
         if self.config.save_memory:
@@ -690,6 +704,7 @@ class TrainerService:
             "weights_version": self.weights_version,
             "samples_received": ingest["rows_stored"],  # this run's; same snapshot as the per-worker counts
             "samples_received_total": self.samples_before_run + ingest["rows_stored"],  # across restarts, as updates
+            "samples_lost_in_restarts": self.samples_lost_in_restarts,
             "samples_stored": stored,
             "verification": verification,
             "metrics": self.last_metrics,
