@@ -27,9 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LAYOUT = tm20_lidar_layout()
 
 
-def _setup(redq_n: int = 2, redq_m: int = 2, hidden: int = 32) -> tuple[ReplayMemory, SACLearner]:
+def _setup(redq_n: int = 2, redq_m: int = 2, hidden: int = 32, learn_alpha: bool = True) -> tuple[ReplayMemory, SACLearner]:
     memory = fill_with_random_episodes(ReplayMemory(LAYOUT, capacity=2500, seed=0), steps=1500, batch_rows=300)
-    config = SACConfig(hidden_sizes=[hidden, hidden], redq_n=redq_n, redq_m=redq_m)
+    config = SACConfig(hidden_sizes=[hidden, hidden], redq_n=redq_n, redq_m=redq_m, learn_alpha=learn_alpha)
     return memory, SACLearner(config, config.architecture(LAYOUT), device="cpu", seed=0)
 
 
@@ -263,6 +263,24 @@ def test_resuming_with_changed_learning_rates_uses_the_configs_and_logs_each_cha
     assert changed.learning_rates_overridden == {"actor_lr": (1e-3, 3e-4), "alpha_lr": (1e-3, 5e-4)}
     assert "the config's are used from here on: actor_lr: 0.001 -> 0.0003, alpha_lr: 0.001 -> 0.0005" in caplog.text
     assert "critic_lr" not in caplog.text
+
+
+@pytest.mark.parametrize("learn_alpha", [True, False])
+def test_resuming_with_another_init_alpha_says_it_is_not_used_and_which_alpha_goes_on(tmp_path, caplog, learn_alpha):
+    """A restart probe set init_alpha = 0.5 on resume: the warning listed the other changes, and not this one."""
+    memory, learner = _setup(learn_alpha=learn_alpha)
+    _train(learner, memory, 2)
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", learner)
+    saved_alpha = float(learner.log_alpha.detach().exp())
+    config = learner.config.model_copy(update={"init_alpha": 0.5})
+    changed = SACLearner(config, config.architecture(LAYOUT), device="cpu", seed=0)
+    with caplog.at_level("INFO", logger="tmrl_trainer.checkpoint"):
+        load_checkpoint(path, changed)
+    assert float(changed.log_alpha.detach().exp()) == pytest.approx(saved_alpha)
+    [line] = [r.getMessage() for r in caplog.records if "init_alpha" in r.getMessage()]
+    assert f"init_alpha {learner.config.init_alpha!r} -> 0.5 is not used: a resumed learner keeps the checkpoint's " \
+           f"alpha, {saved_alpha:.4g}" in line
+    assert ("it changes only in a new run_dir" in line) != learn_alpha
 
 
 def test_a_resumed_learner_steps_with_the_configured_rate_not_the_saved_one(tmp_path):

@@ -251,7 +251,15 @@ def mismatch_error(path: str | Path, saved_config: Any, learner: Learner, exc: B
 def warn_of_changed_settings(path: str | Path, saved_config: Any, learner: Learner) -> None:
     """Log one warning listing each setting the loaded ``learner`` uses in place of the checkpoint's (nothing when
     none differs). Learning rates come from what the learner replaced in the saved optimizer state."""
-    differences = {name: values for name, values in config_differences(saved_config, learner.config).items()
+    all_differences = config_differences(saved_config, learner.config)
+    if "init_alpha" in all_differences:  # a restart probe changed it on resume and heard nothing
+        saved, configured = all_differences["init_alpha"]
+        alpha = float(learner.log_alpha.detach().exp())
+        log.warning("checkpoint %s: init_alpha %r -> %r is not used: a resumed learner keeps the checkpoint's alpha, "
+                    "%.4g%s", path, saved, configured, alpha,
+                    " (fixed, learn_alpha being off: it changes only in a new run_dir)" if not learner.config.learn_alpha
+                    else ", and learns it on from there")
+    differences = {name: values for name, values in all_differences.items()
                    if name not in NOT_COMPARED_ON_RESUME | SHAPING_FIELDS | set(LEARNING_RATE_FIELDS.values())}
     differences.update(learner.learning_rates_overridden)
     if not differences:
