@@ -829,7 +829,8 @@ def test_the_lost_progress_warning_after_a_refused_checkpoint_names_it_instead_o
         second = TrainerService(config)
     try:
         assert second.learner.updates == 8
-        assert ("the last run reached 12 updates and weights version 2 (status.json), 60 samples received, but this "
+        # versions 1 and 2 published at 5 and 10 updates, 3 the final actor's (12 updates) at the stop
+        assert ("the last run reached 12 updates and weights version 3 (status.json), 60 samples received, but this "
                 "one resumes from 8 updates and version 1: the newer checkpoint(s) checkpoint-000000000012.safetensors "
                 "were refused (above)") in caplog.text
         assert "did not stop cleanly" not in caplog.text
@@ -842,6 +843,30 @@ def load_state(path) -> dict[str, torch.Tensor]:
 
     tensors, _ = read_file(path)
     return {k.removeprefix("learner.actor."): v for k, v in tensors.items() if k.startswith("learner.actor.")}
+
+
+def test_the_final_checkpoints_weights_version_labels_its_own_actor_as_the_policy_file_does(tmp_path):
+    """A restart probe exported a final checkpoint (24,162 updates) as `weights version 483`, the version published
+    at 24,150 updates, whose tensors differ by up to 0.0175: two actors under one label. At the stop, an actor
+    trained past its last publication now gets the next version, in policy.safetensors and the final checkpoint."""
+    from tmrl_common.networks import read_policy_file
+
+    config = make_config(tmp_path, publish_every=10, checkpoint_every=1000)
+    service = TrainerService(config)
+    service.ingestor.handle(pendulum_batch("w1", 0, 100))
+    assert service.run(max_updates=25) == 25  # published at 10 and 20 (versions 1, 2); stopped at 25
+    final = service.run_dir / "checkpoints" / "checkpoint-000000000025.safetensors"
+    actor, version = read_policy_file(service.run_dir / "policy.safetensors")
+    assert version == 3 == service.weights_version
+    saved = load_state(final)
+    for name, tensor in actor.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
+    resumed = TrainerService(config)
+    try:
+        assert (resumed.learner.updates, resumed.weights_version) == (25, 3)
+    finally:
+        resumed.shutdown()  # no update since: the same version, no new policy file
+    assert read_policy_file(service.run_dir / "policy.safetensors")[1] == 3
 
 
 def fresh_actor_state(config: TrainerConfig) -> dict[str, list]:

@@ -317,6 +317,8 @@ class TrainerService:
         self._batch_seen_at = time.monotonic()
         """The ingest's ``batches_stored`` at the last progress line that saw it change, and when (stall warning)."""
         self.weights_version = 0
+        self._published_at_updates = 0
+        """The update count of the actor the current weights version labels."""
         self.rows_received = 0
         self.samples_before_run = 0
         """Rows the runs before this one received (from the checkpoint resumed): ``updates`` counts across restarts,
@@ -507,6 +509,7 @@ class TrainerService:
         self._resumed_checkpoint = path.name
         self.last_checkpoint_updates = self.learner.updates
         self.weights_version = int(restored.counters.get("weights_version", 0))
+        self._published_at_updates = self.learner.updates  # a checkpoint's version labels its actor (shutdown)
         self.samples_before_run = int(restored.counters.get("samples_received", 0))
         self.samples_lost_in_restarts = int(restored.counters.get("samples_lost_in_restarts", 0))
         memory = "the replay memory starts empty"
@@ -719,7 +722,11 @@ class TrainerService:
 
     # -------------------------------------------------------------------------------------------------- loop
 
-    def _publish(self) -> None:
+    def _publish(self, publish: bool = True) -> None:
+        """Give the actor the next weights version: send it to the relay (``publish``) and write ``policy.safetensors``.
+        Without ``publish`` (at shutdown, the link stopped) only the file gets it, so that the final checkpoint's
+        version labels the very actor it holds (an export of a final checkpoint otherwise bore the version of an actor
+        published some updates before, with other tensors: a restart probe)."""
         bad = first_non_finite(self.learner.actor.state_dict())
         if bad is not None:  # the guard should make this impossible; if it happens, workers keep their weights
             self.guard_counts["publishes_refused"] += 1
@@ -728,8 +735,10 @@ class TrainerService:
                       self.guard_counts["publishes_refused"])
             return
         self.weights_version += 1
+        self._published_at_updates = self.learner.updates
         update = weights_update_from_actor(self.learner.actor, self.weights_version)
-        self.link.publish(update)
+        if publish:
+            self.link.publish(update)
         try:
             export_policy(update, self.run_dir / POLICY_FILE)
         except OSError as exc:  # a full disk, a quota: the workers have the weights; the next publication tries again
@@ -865,6 +874,8 @@ class TrainerService:
         try:
             holds_memory = self.config.save_memory and self.memory.rows_added > (
                 self._resumed_memory[1] if self._resumed_memory is not None else 0)
+            if self.learner.updates > self._published_at_updates:  # the final checkpoint's version: its own actor
+                self._publish(publish=False)
             if (self.learner.updates or holds_memory) and not self._checkpoint(final=True):
                 self.final_checkpoint_missing = True
                 kept = (f"a restart resumes from the newest one kept, at {self.last_checkpoint_updates} updates"
