@@ -121,6 +121,32 @@ def test_a_trainer_that_comes_after_the_workers_gets_their_latest_hellos_before_
         second.close()
 
 
+def test_a_new_trainer_gets_the_hellos_of_live_workers_only(context):
+    """A probe restarted the trainer beside a relay that had seen 20 short-lived workers: it was handed all their
+    hellos, listed them in status.json as seen at its restart and warned of the layouts of workers long gone."""
+    import time
+
+    from tmrl_common.protocol import decode
+
+    with relay_in_thread(insecure_config()) as relay:
+        live = connected_worker(context, relay, "worker-live")
+        gone = connected_worker(context, relay, "worker-gone")
+        wait_until(lambda: all(relay.workers.by_sender[w].hello is not None for w in ("worker-live", "worker-gone")))
+        gone.close()
+        relay.workers.by_sender["worker-gone"].last_seen -= relay.config.peer_timeout_s + 1  # silent that long
+        trainer = connected_trainer(context, relay)
+        live.send(make_batch(3))
+        received = []
+        while not received or received[-1][0] != "sample_batch":
+            assert trainer.socket.poll(5000), received
+            envelope, _ = decode(trainer.socket.recv_multipart())
+            if envelope.type != "heartbeat":
+                received.append((envelope.type, envelope.sender))
+        assert received == [("hello", "worker-live"), ("sample_batch", "worker-live")]
+        time.sleep(0.1)
+        live.close()
+
+
 def test_a_connection_claiming_another_connections_routing_id_gets_nothing_of_it(context):
     import zmq
     from tmrl_common.protocol import Hello

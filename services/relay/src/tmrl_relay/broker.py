@@ -467,8 +467,13 @@ class Relay:
     def _pass_workers_hellos_to_the_new_trainer(self) -> None:
         """A trainer that takes the role gets the latest hello of every registered worker, before any held batch: a
         worker that said hello before the trainer came was otherwise never checked (a TrackMania probe: a worker of
-        another history length, started 1 s before its trainer, had 418 samples stored without a word)."""
+        another history length, started 1 s before its trainer, had 418 samples stored without a word). Only of the
+        workers heard from within ``peer_timeout_s``: a trainer restarted beside a long-running relay was handed the
+        hellos of 20 workers gone for minutes, listed them as live and warned of their layouts (a probe)."""
+        now = time.monotonic()
         for worker in list(self.workers.by_sender.values()):
+            if now - worker.last_seen > self.config.peer_timeout_s:
+                continue
             if worker.hello is not None and not self._pass_hello_to_trainer(*worker.hello):
                 return
 
