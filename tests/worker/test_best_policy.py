@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from loopback_relay import wait_for
@@ -129,3 +130,21 @@ def test_a_test_worker_behind_a_real_relay_keeps_the_published_weights_it_drove(
     assert version == 7
     for name, tensor in published.state_dict().items():
         assert torch.equal(kept.state_dict()[name], tensor)
+
+
+@pytest.mark.parametrize(("value", "read"), [(True, True), (False, False), (1, True), (0, False),
+                                             (np.bool_(True), True), ("no", None), ("yes", None),
+                                             (2, None), (1.0, None), (None, None)])
+def test_only_true_or_false_in_info_finished_say_whether_an_episode_finished(value, read, caplog):
+    """A BYO probe's interface set info["finished"] = "no": read as true, its unfinished episodes outranked every
+    other as the best policy."""
+    from tmrl_worker import envs
+    from tmrl_worker.evaluate import episode_result
+
+    envs._odd_finished_flags.clear()
+    with caplog.at_level("WARNING", logger="tmrl_worker.envs"):
+        assert envs.finished_flag({"finished": value}) is read
+        assert episode_result(0, 0, (1.0, 10, True, {"finished": value}), 0.05).finished is read
+    warnings = [r.getMessage() for r in caplog.records if "info[\"finished\"]" in r.getMessage()]
+    assert len(warnings) == (0 if read is not None else 1), warnings  # once per type, not at every episode
+    assert envs.finished_flag({}) is None

@@ -64,6 +64,28 @@ TRUNCATED_REASON = "truncated_reason"
 
 ExpertPolicy = Callable[[tuple], np.ndarray]
 
+_odd_finished_flags: set[str] = set()
+"""Types of ``info["finished"]`` values already warned of (once per type and process)."""
+
+
+def finished_flag(info: Mapping[str, Any]) -> bool | None:
+    """``info["finished"]``: the env's word on whether the episode completed its task (the simulator's and
+    TrackMania's finish line), as ``True``/``False`` for a bool, a numpy bool, or 0 and 1; ``None`` when absent. Any
+    other value counts as not reported, with a warning once per type: a BYO probe's ``"no"`` was read as true, so
+    its unfinished episodes outranked every other as the best policy and were scored as finished laps."""
+    if "finished" not in info:
+        return None
+    value = info["finished"]
+    if isinstance(value, bool | np.bool_) or (isinstance(value, int | np.integer) and value in (0, 1)):
+        return bool(value)
+    kind = type(value).__name__
+    if kind not in _odd_finished_flags:
+        _odd_finished_flags.add(kind)
+        log.warning("the env's info[\"finished\"] is %s (a %s): only True or False say whether an episode finished its "
+                    "task, so such values count as not reported (episodes are then ranked by return alone)",
+                    short_repr(value), kind)
+    return None
+
 
 class EnvInterrupted(RuntimeError):
     """An env gave up waiting (e.g. for a lost game) because the worker is stopping; the rollout ends cleanly."""

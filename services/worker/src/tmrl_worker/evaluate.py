@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tmrl_common.atomic_file import OutputPathError, prepare_output_file
 from tmrl_common.config import MAX_DURATION_S
 
-from tmrl_worker.envs import EnvHandle, EnvSpecError, make_env
+from tmrl_worker.envs import EnvHandle, EnvSpecError, finished_flag, make_env
 from tmrl_worker.runtime import Policy, load_evaluated_policy
 
 GIF_MAX_FRAMES = 200
@@ -169,7 +169,7 @@ def episode_result(index: int, seed: int, outcome: tuple[float, int, bool, dict]
                    track: str | None = None) -> EpisodeResult:
     """The :class:`EpisodeResult` of ``run_episode``'s ``outcome`` at ``step_seconds`` per step, on ``track``."""
     total, steps, terminated, info = outcome
-    finished = bool(info["finished"]) if "finished" in info else None
+    finished = finished_flag(info)
     seconds = steps * step_seconds if step_seconds else None
     wall, progress = info.get("wall_hits"), info.get("progress")
     return EpisodeResult(episode=index, seed=seed, episode_return=total, steps=steps,

@@ -36,7 +36,7 @@ from tmrl_common.networks import PolicyFileError
 from tmrl_common.sockets import RelayEndpoint
 
 from tmrl_worker.config import WorkerConfig, WorkerMode
-from tmrl_worker.envs import EnvFailure, EnvHandle, EnvInterrupted, EnvSpecError, make_env
+from tmrl_worker.envs import EnvFailure, EnvHandle, EnvInterrupted, EnvSpecError, finished_flag, make_env
 from tmrl_worker.progress import ProgressFile, ProgressFileError, describe_unclean_stop, progress_path, read_progress
 from tmrl_worker.relay_link import RelayLink, SenderFailure
 from tmrl_worker.spool import SequenceCounter, Spool, lock_worker_state
@@ -514,9 +514,7 @@ class RolloutLoop:
                 self.policy.version, self.stats.batches_submitted, f"; {said}" if said else "")
 
     def _keep_if_best(self, keeper: BestPolicyKeeper, info: dict) -> None:
-        finished = info.get("finished")
-        outcome = EpisodeOutcome(self.stats.episode_return, self._episode_steps,
-                                 None if finished is None else bool(finished))
+        outcome = EpisodeOutcome(self.stats.episode_return, self._episode_steps, finished_flag(info))
         if keeper.consider(self.policy, outcome):
             ending = f"finished in {outcome.steps} steps" if outcome.finished else f"{outcome.steps} steps"
             log.info("%s: best episode so far (weights version %d, return %.2f, %s): policy kept in %s", self.worker_id,
