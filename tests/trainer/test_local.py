@@ -391,6 +391,46 @@ def test_train_local_refuses_an_unusable_run_dir_or_env_module_before_training_i
     assert missing.exit_code == 2 and "gymnasium cannot make 'tmrl_worker.nosuch:X-v0'" in missing.output
 
 
+class CartInterface:
+    """Stands for a user's rtgym interface (``module:Class``), which gymnasium cannot make."""
+
+    def get_obs_rew_terminated_info(self):
+        raise AssertionError("never built")
+
+
+@pytest.mark.parametrize("env", ["test_local:CartInterface", "gym:Pendulum-v1"])
+def test_train_local_says_an_rtgym_interface_runs_through_a_worker_and_leaves_nothing_behind(tmp_path, env,
+                                                                                           monkeypatch):
+    """A BYO probe gave train-local the cart example's interface: `Environment MyRobotInterface doesn't exist`, a
+    stray progress line, and checkpoints/ and tensorboard/ made in the run directory. An env whose action space does
+    not fit is refused as early (gym:Pendulum-v1 with a 2-D action space here)."""
+    import gymnasium as gym
+    from tmrl_trainer.cli import app
+    from typer.testing import CliRunner
+
+    if env.startswith("gym:"):  # spaces the adapter refuses: a 2-D action Box
+        real_make = gym.make
+        monkeypatch.setattr(gym, "make", lambda *a, **k: _with_action_space(real_make(*a, **k)))
+    result = CliRunner().invoke(app, ["train-local", "--env", env, "--steps", "50", "--run-dir",
+                                      str(tmp_path / "run"), "--device", "cpu"])
+    lines = [line for line in result.output.splitlines() if line.startswith("tmrl-trainer train-local:")]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    if env.startswith("test_local"):
+        assert lines[0].endswith("test_local:CartInterface is an rtgym interface, which train-local does not run: "
+                                 "train it with `tmrl-worker run --env test_local:CartInterface` beside a relay and a "
+                                 "trainer (docs/byo-robot.md)"), lines[0]
+    else:
+        assert "local training needs a 1-D Box action space" in lines[0]
+    assert "episode return" not in result.output and not (tmp_path / "run").exists()
+
+
+def _with_action_space(env):
+    import gymnasium as gym
+
+    env.action_space = gym.spaces.Box(-1.0, 1.0, shape=(1, 1))
+    return env
+
+
 def test_train_local_checks_utd_and_a_memory_it_cannot_learn_from_before_it_starts(tmp_path):
     """A config probe: --utd went around the config's checks (-1, nan and 0 ran without an update, exit 0; inf and
     1e9 hung, deaf to Ctrl-C), and a memory smaller than learning_starts ran 600 steps with no update and no word."""

@@ -178,6 +178,7 @@ def train_local_command(
         LocalEnvFailure,
         LocalTrainingConfig,
         UnsupportedEnvironmentError,
+        check_local_env,
         train_local,
         what_was_saved,
     )
@@ -203,6 +204,11 @@ def train_local_command(
                                     checkpoint_every=checkpoint_every, save_memory=trainer.save_memory)
     except ValidationError as exc:
         typer.echo(f"tmrl-trainer train-local: {validation_problems(LocalTrainingConfig, exc)}", err=True)
+        raise typer.Exit(code=2) from exc
+    try:  # before the run directory and the progress bar are made (a probe's module:Class left both behind)
+        check_local_env(env)
+    except UnsupportedEnvironmentError as exc:
+        typer.echo(f"tmrl-trainer train-local: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     earlier = run_dir / "checkpoints" / LATEST_LOCAL_CHECKPOINT
     try:

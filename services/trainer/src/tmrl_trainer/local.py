@@ -10,6 +10,7 @@ rescaled to the environment's ``Box`` bounds.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import threading
@@ -223,6 +224,41 @@ def evaluate(actor, adapter: _EnvAdapter, episodes: int, seed: int, stop: thread
     return returns
 
 
+def _make_env(env_id: str) -> gym.Env:
+    try:
+        return gym.make(env_id)
+    except (gym.error.Error, ImportError) as exc:  # an unknown id, or gym:module:Id whose module does not import
+        raise UnsupportedEnvironmentError(f"gymnasium cannot make {env_id!r}: {str(exc).rstrip('.')}"
+                                          f"{_interface_hint(env_id)}") from exc
+
+
+def _interface_hint(env_id: str) -> str:
+    """What to do instead when ``env_id`` names an rtgym interface (``module:Class``), which gymnasium cannot make:
+    a BYO probe ran train-local on the cart example's and was told only ``Environment `MyRobotInterface` doesn't
+    exist``."""
+    module_name, _, name = env_id.rpartition(":")
+    if not module_name or not name.isidentifier():
+        return ""
+    try:
+        found = getattr(importlib.import_module(module_name), name, None)
+    except Exception:  # noqa: BLE001 - any import failure: no hint, gymnasium's message stands
+        return ""
+    if not (isinstance(found, type) and hasattr(found, "get_obs_rew_terminated_info")):
+        return ""
+    return (f"; {env_id} is an rtgym interface, which train-local does not run: train it with `tmrl-worker run --env "
+            f"{env_id}` beside a relay and a trainer (docs/byo-robot.md)")
+
+
+def check_local_env(env_id: str) -> None:
+    """Raise :class:`UnsupportedEnvironmentError` now, before a run directory or a progress bar is made, when
+    ``env_id`` cannot be trained here (gymnasium cannot make it, or its spaces do not fit); the env is closed again."""
+    env = _make_env(env_id)
+    try:
+        _EnvAdapter(env)
+    finally:
+        env.close()
+
+
 def train_local(
     env_id: str,
     steps: int,
@@ -239,10 +275,7 @@ def train_local(
     """
     config = config or LocalTrainingConfig()
     started = time.perf_counter()
-    try:
-        env, eval_env = gym.make(env_id), gym.make(env_id)
-    except (gym.error.Error, ImportError) as exc:  # an unknown id, or gym:module:Id whose module does not import
-        raise UnsupportedEnvironmentError(f"gymnasium cannot make {env_id!r}: {exc}") from exc
+    env, eval_env = _make_env(env_id), _make_env(env_id)
     adapter, eval_adapter = _EnvAdapter(env), _EnvAdapter(eval_env)
     eval_adapter.clipped = adapter.clipped  # one count, and one log line per part, for both
     layout = adapter.layout
