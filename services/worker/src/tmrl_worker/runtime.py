@@ -500,7 +500,8 @@ class RolloutLoop:
             # rtgym stretches a step whose calls overran it (it warns at every such step: the CLI hides those)
             problems.append(f"slower than the {1 / step_seconds:.0f} steps/s of time_step_duration {step_seconds:g} "
                             f"s: the env's calls (get_obs_rew_terminated_info, send_control) or the policy take "
-                            f"longer than a step, about {stepping / steps:.3f} s each")
+                            f"longer than a step, which rtgym stretched to about {stepping / steps:.3f} s on average "
+                            "(more than the calls take: a step that overran also waits for its next start)")
         if step_seconds and late_steps:  # a BYO probe: a 120 ms stall every 25th 50 ms step was never reported
             late = (f"{late_steps} late step(s) of {steps} (over {LATE_STEP_FACTOR:g} time steps of {step_seconds:g} s, "
                     f"the longest {longest_step:.3f} s: a call of the env or the policy overran its step now and then, "
