@@ -1033,3 +1033,18 @@ def test_a_scalar_observation_part_is_sent_as_the_layouts_one_value_component(pl
         assert step_observation[0].shape == (1,)
     finally:
         handle.close()
+
+
+def test_an_interface_whose_constructor_raises_on_an_option_value_is_named_with_the_option_names(plug_interface):
+    """A BYO probe: TMRL_WORKER__ENV_OPTIONS__GAIN=abc and a constructor doing float(gain) gave `building it failed:
+    ValueError: could not convert string to float: 'abc'`, with nothing pointing at env_options."""
+    module = plug_interface("gain_robot", FAULTY + '''
+    class Gained(Faulty):
+        def __init__(self, gain=1.0, fault="none"):
+            self.gain = float(gain)
+            super().__init__(fault)
+    ''')
+    with pytest.raises(EnvSpecError) as raised:
+        make_env(f"{module}:Gained", time_step_duration=0.02, options={"gain": "abc", "fault": "none"})
+    assert str(raised.value) == (f"env '{module}:Gained': building it failed: ValueError: could not convert string to "
+                                 "float: 'abc' (its keyword arguments, from env_options: fault, gain)")

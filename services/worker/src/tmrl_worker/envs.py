@@ -684,6 +684,9 @@ def _rtgym_env(spec: str, config: dict, setup_errors: tuple[type[BaseException],
             given = ", ".join(sorted(config.get("interface_kwargs") or {})) or "none"
             raise EnvSpecError(f"env {spec!r}: building interface {config['interface'].__name__} raised TypeError: "
                                f"{_creator_type_error(exc)} (its keyword arguments, from env_options: {given})") from exc
+        given = config.get("interface_kwargs") or {}
+        if given and not hint:  # a BYO probe's float(gain) of "abc" was not traced back to the env_options it came from
+            hint = f" (its keyword arguments, from env_options: {', '.join(sorted(given))})"
         raise EnvSpecError(f"env {spec!r}: building it failed: {type(exc).__name__}: {one_line_message(exc)}"
                            f"{hint}") from exc
 
