@@ -380,3 +380,41 @@ def test_every_client_socket_gives_up_a_connection_attempt_after_connect_timeout
         assert socket.getsockopt(zmq.CONNECT_TIMEOUT) == 1500
     finally:
         socket.close(linger=0)
+
+
+class BulkLink(RecordingLink):
+    """Sends ``bulk`` 1 MB messages, one per turn, while connected."""
+
+    bulk: int = 0
+
+    def on_turn(self) -> None:
+        assert self.client is not None
+        if self.bulk and self.client.connected and self.client.send([b"bulk", bytes(1 << 20)]):
+            self.bulk -= 1
+
+
+def test_what_a_lost_connection_had_queued_never_goes_out_ahead_of_the_next_hello(context):
+    """A pause probe: libzmq kept a DEALER's queue across reconnections, so what a relay that stopped reading had not
+    taken (weights updates, acks, heartbeats) went out on the next connection ahead of its hello, each refused as
+    unknown_sender (233 weights updates after one pause), each refused ack costing a resend."""
+    router = context.socket(zmq.ROUTER)
+    router.linger, router.rcvhwm = 0, 1  # its own libzmq stops reading too: the client's queue holds what is unread
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    link, counters = BulkLink(), Counters()
+    link.per_turn.append(0)
+    client = link.client = RelayClient(
+        "peer-1", "test", RelayEndpoint("127.0.0.1", port, FAST, SecurityConfig(insecure=True)), counters,
+        on_connected=link.on_connected, on_message=link.on_message, on_turn=link.on_turn,
+        send_heartbeat=lambda: None, context=context)
+    client.start()
+    try:
+        assert receive(router)[1] == [b"hello"]
+        link.bulk = 40  # 40 MB the relay does not read: the kernel's buffers hold a few, libzmq's queue the rest
+        wait_for(lambda: link.bulk == 0)
+        router.close(linger=0)  # the relay goes away with them unread...
+        wait_for(lambda: counters.disconnections == 1)
+        router, _ = bind_router(context, port)  # ...and comes back: the first message of the new connection
+        assert receive(router)[1] == [b"hello"]
+    finally:
+        client.stop()
+        router.close(linger=0)

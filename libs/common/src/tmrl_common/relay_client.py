@@ -216,9 +216,10 @@ class RelayClient:
 
     def refused_before_hello(self, error: Error, data_type: str) -> bool:
         """An ``unknown_sender`` answer to a ``data_type`` message (the worker's batches, the trainer's acks) on a
-        connection the relay has not answered yet: libzmq keeps a DEALER's queue across reconnections, so messages
-        queued before this connection reach the relay ahead of its hello and are refused. That hello is on its way:
-        the link counts them and starts no second one (a refused heartbeat, sent after the hello, still does)."""
+        connection the relay has not answered yet: a message sent before this connection that reached the relay
+        ahead of its hello (ZMQ_IMMEDIATE leaves few: one in flight as the old connection broke). That hello is on
+        its way: the link counts them and starts no second one (a refused heartbeat, sent after the hello, still
+        does)."""
         return error.reason == "unknown_sender" and error.ref_type == data_type and not self.answered_since_connect
 
     def _run(self) -> None:
@@ -229,22 +230,31 @@ class RelayClient:
             self._failure = exc
 
     def _open(self, poller: zmq.Poller) -> tuple[zmq.Socket, zmq.Socket]:
-        # the monitor is attached before connect(): the first handshake's event must not be missed
-        socket, monitor = self.endpoint.connect(self._context, zmq.DEALER, MONITOR_EVENTS)
+        # the monitor is attached before connect(): the first handshake's event must not be missed. ZMQ_IMMEDIATE:
+        # libzmq queues nothing for a connection that is not up, and drops what a lost connection had queued, instead
+        # of keeping a DEALER's queue across reconnections, where it went out on the next connection ahead of its
+        # hello: heartbeats, acks and weights refused as unknown_sender (a pause probe: 233 weights updates and 44
+        # acks after a relay pause and restart, each ack costing a resend). A send while not connected is refused at
+        # once (counted as send_blocked): batches stay in the spool, the latest weights wait, acks are re-earned.
+        socket, monitor = self.endpoint.connect(self._context, zmq.DEALER, MONITOR_EVENTS,
+                                                before_connect=lambda new: new.setsockopt(zmq.IMMEDIATE, 1))
         assert monitor is not None
         self._socket = socket
         poller.register(socket, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         return socket, monitor
 
-    def _close(self, poller: zmq.Poller, socket: zmq.Socket, monitor: zmq.Socket) -> None:
+    def _close(self, poller: zmq.Poller, socket: zmq.Socket, monitor: zmq.Socket, replaced: bool = False) -> None:
+        """Close ``socket``; one being ``replaced`` by a new one drops what it still queues (linger 0): left to linger
+        on its old connection, it reached the relay after the new connection's hello (a relay paused past the
+        silence limit took 233 such weights updates from a connection that no longer held the trainer role)."""
         self._connected.clear()
         self._socket = None
         poller.unregister(socket)
         poller.unregister(monitor)
         socket.disable_monitor()
         monitor.close(linger=0)
-        socket.close()
+        socket.close(linger=0 if replaced else None)
 
     def _loop(self) -> None:
         poller = zmq.Poller()
@@ -264,7 +274,7 @@ class RelayClient:
                 if self.handshake.pause_due():  # libzmq would retry a dropped handshake ~5 times a second
                     self.endpoint.stop_retrying(socket)
                 if self.handshake.due_for_new_socket():  # libzmq never reconnects a refused socket: a new one
-                    self._close(poller, socket, monitor)
+                    self._close(poller, socket, monitor, replaced=True)
                     socket = monitor = None  # if opening the new one raises (a key file gone bad), that error stands
                     socket, monitor = self._open(poller)
                 self._on_turn()
@@ -274,7 +284,7 @@ class RelayClient:
                     if (self._heard_at is not None and now - self._heard_at >= self.silence_s
                             and not socket.poll(0, zmq.POLLIN)):
                         self._replace_silent_link(now)
-                        self._close(poller, socket, monitor)
+                        self._close(poller, socket, monitor, replaced=True)
                         socket = monitor = None
                         socket, monitor = self._open(poller)
                         continue
