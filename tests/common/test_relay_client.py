@@ -418,3 +418,26 @@ def test_what_a_lost_connection_had_queued_never_goes_out_ahead_of_the_next_hell
     finally:
         client.stop()
         router.close(linger=0)
+
+
+def test_a_process_that_did_not_run_says_so_instead_of_taking_the_relays_silence_for_a_dead_link(context, caplog,
+                                                                                                unused_port):
+    """A pause probe SIGSTOPped a worker for 30 s: once resumed it took the relay's silence over that time for a dead
+    connection ('... or a paused relay'), reconnected and resent. A poll that returns seconds past its time-out means
+    this process did not run: said once, and the relay's silence counts from then."""
+    from tmrl_common.relay_client import SUSPENDED_GAP_S
+
+    client, _, _ = make_client(context, unused_port)
+    caplog.set_level(logging.WARNING, logger="tmrl_common.relay_client")
+    client._heard_at = time.monotonic() - 31.0  # the relay's last message, before the pause
+    client._noticed_suspension(time.monotonic() - 1.0)  # a poll of 20 ms that took a second: starved, not stopped
+    assert client.suspensions == 0 and not caplog.records and client._suspended_note == ""
+    client._noticed_suspension(time.monotonic() - 30.0)  # one that took 30 s
+    assert client.suspensions == 1 and time.monotonic() - client._heard_at < 1.0
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("peer-1: this process did not run for 30 s (suspended: SIGSTOP") and SUSPENDED_GAP_S <= 30
+    assert client._suspended_note == ("; this process had just not run for 30 s, and the relay closes a connection "
+                                      "that stops reading")
+    client._noticed_suspension(time.monotonic())  # the next turn: back to normal
+    assert client._suspended_note == ""
+    client.stop()

@@ -196,3 +196,27 @@ def test_weights_whose_version_went_back_are_published_with_a_warning_naming_the
         wait_until(lambda: relay.weights.version == 1, what="version 1, published all the same")
     assert ("weights version went back from 17 to 1: trainer trainer-a resumed an older checkpoint, or started from "
             "scratch (a run_dir of its own?); the workers get its policy from now on") in caplog.text
+
+
+def test_a_relay_that_did_not_run_does_not_take_its_peers_for_silent(context, caplog):
+    """A pause probe SIGSTOPped the relay for 90 s: once resumed it logged `trainer trainer silent for 90.2s ...
+    (another trainer may take the role now)` and `trainer trainer is back` in the same millisecond. A poll that
+    returns seconds past its time-out is the relay's own pause: said once, and its peers' silence moves on by it."""
+    import logging
+
+    with relay_in_thread(insecure_config()) as relay:
+        trainer = connected_trainer(context, relay)
+        worker = connected_worker(context, relay, "worker-1")
+        wait_until(lambda: relay.trainer.peer is not None and "worker-1" in relay.workers.by_sender)
+        holder, registered = relay.trainer.peer, relay.workers.by_sender["worker-1"]
+        stopped_at = time.monotonic() - 90.2  # heard from last just before the relay was stopped for 90 s
+        holder.last_seen = registered.last_seen = stopped_at
+        with caplog.at_level(logging.WARNING, logger="tmrl_relay.broker"):
+            relay._resumed(90.0)
+        now = time.monotonic()
+        assert not relay.trainer.is_silent(now) and now - registered.last_seen < 1.0
+        assert relay.workers.alive(relay.config.peer_timeout_s, now) == 1
+        assert ("the relay did not run for 90 s (suspended: SIGSTOP, a paused VM or container, or a machine starved of "
+                "CPU)") in caplog.text
+        worker.close()
+        trainer.close()

@@ -169,6 +169,14 @@ class HandshakeWatch:
         """A message arrived: the relay answers."""
         self._quiet_since = None
 
+    def process_resumed(self, now: float) -> None:
+        """This process did not run until ``now`` (SIGSTOP, a paused VM): the handshake's and the first reply's waits
+        start again from now, since the relay could not be heard meanwhile."""
+        if self._tcp_since is not None:
+            self._tcp_since = now
+        if self._quiet_since is not None:
+            self._quiet_since = now
+
     def check(self, now: float | None = None) -> None:
         """Call once per loop turn: reports a connection without a handshake, or a relay that never answers."""
         now = time.monotonic() if now is None else now

@@ -65,6 +65,10 @@ MIN_LINK_SILENCE_S = 20.0
 workers while its trainer's queue is full, until the trainer drains it or has been silent for the relay's
 ``peer_timeout_s`` (10 s), when it holds batches and reads again. Twice that, so such a pause is not taken for a dead
 path (which would only add a reconnection and resends to the load)."""
+SUSPENDED_GAP_S = 5.0
+"""A loop turn that starts this long after the one before means this process did not run in between (SIGSTOP, a
+paused VM or container, a starved machine): the relay's silence over that time is not the relay's
+(:meth:`RelayClient._noticed_suspension`)."""
 
 
 def link_silence_s(heartbeat_interval_s: float) -> float:
@@ -141,6 +145,11 @@ class RelayClient:
         ``unanswered`` covers a relay that never answers) and while not connected."""
         self.silent_links = 0
         """Connections taken as dead after :attr:`silence_s` without a message, and replaced."""
+        self.suspensions = 0
+        """Times this process was seen not to have run for :data:`SUSPENDED_GAP_S` or more between two loop turns."""
+        self._suspended_note = ""
+        """Said with a disconnection noticed in the turn after a suspension: the relay drops a peer that stopped
+        reading, so a paused process otherwise blamed the relay or the network for its own pause (a pause probe)."""
         self._on_silent_link = on_silent_link
         # a local socket pair the loop polls beside ZeroMQ: a byte written by wake() ends the current poll at once
         self._wake_reader, self._wake_writer = _socketlib.socketpair()
@@ -263,7 +272,9 @@ class RelayClient:
         next_heartbeat = time.monotonic() + self.heartbeat_interval_s
         try:
             while not self._stop.is_set():
+                polled_at = time.monotonic()
                 events = dict(poller.poll(self.poll_ms))
+                self._noticed_suspension(polled_at)
                 if monitor in events:
                     self._on_monitor(monitor)
                 if socket in events:
@@ -296,6 +307,26 @@ class RelayClient:
                 self._close(poller, socket, monitor)
             self._wake_reader.close()
             self._wake_writer.close()
+
+    def _noticed_suspension(self, polled_at: float) -> None:
+        """Say so when a poll that began at ``polled_at`` returned :data:`SUSPENDED_GAP_S` or more past its time-out:
+        the process did not run (a pause probe's SIGSTOPped worker then took the relay's silence for a dead link and
+        reconnected, blaming "a paused relay"). The relay's silence is counted from now, and a disconnection seen in
+        this turn is said to follow the pause. Only the poll is timed: a turn's own work (a slow disk under the
+        durable spool) is no suspension."""
+        now = time.monotonic()
+        gap = now - polled_at - self.poll_ms / 1000
+        self._suspended_note = ""
+        if gap >= SUSPENDED_GAP_S:
+            self.suspensions += 1
+            log.warning("%s: this process did not run for %.0f s (suspended: SIGSTOP, a paused VM or container, or a "
+                        "machine starved of CPU); the relay's silence over that time is not the relay's", self.owner_id,
+                        gap)
+            if self._heard_at is not None:
+                self._heard_at = now
+            self.handshake.process_resumed(now)
+            self._suspended_note = (f"; this process had just not run for {gap:.0f} s, and the relay closes a "
+                                    "connection that stops reading")
 
     def _replace_silent_link(self, now: float) -> None:
         assert self._heard_at is not None
@@ -335,8 +366,8 @@ class RelayClient:
                 self.counters.disconnections += 1
                 self._heard_at = None
                 if self._connected.is_set():
-                    log.warning("%s: lost the relay connection (the relay stopped, or the network dropped%s); %s",
-                                self.owner_id, self.endpoint.frame_cap_hint(), self.while_away)
+                    log.warning("%s: lost the relay connection (the relay stopped, or the network dropped%s%s); %s",
+                                self.owner_id, self.endpoint.frame_cap_hint(), self._suspended_note, self.while_away)
                 self._connected.clear()
 
     def _receive(self, socket: zmq.Socket) -> None:

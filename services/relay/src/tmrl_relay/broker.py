@@ -82,6 +82,9 @@ flood of slow-to-decode messages kept one drain going for seconds (a SIGTERM too
 _MAX_FRAMES = 4  # routing id + envelope + body, and one more to tell "too many frames"
 _IDLE_POLL_MS = 100
 _BACKPRESSURE_POLL_MS = 1
+_SUSPENDED_GAP_S = 5.0
+"""A poll that returns this long past its time-out means the relay did not run in between (SIGSTOP, a paused VM or
+container): its peers could not be heard, so their silence over that time is not theirs (:meth:`Relay._resumed`)."""
 _HOUSEKEEPING_S = 0.25
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 _SUBSCRIPTION_FRAME_CAP = {"plain": 128, "curve": 512}
@@ -332,8 +335,12 @@ class Relay:
 
     def _serve_once(self, poller: zmq.Poller, reading_workers: bool, next_housekeeping: float) -> tuple[bool, float]:
         """One turn of the poll loop; returns the loop state (are workers polled, next housekeeping time)."""
-        events = dict(poller.poll(_BACKPRESSURE_POLL_MS if self.trainer.backpressured or self.weights.waiting
-                                  else _IDLE_POLL_MS))
+        timeout_ms = _BACKPRESSURE_POLL_MS if self.trainer.backpressured or self.weights.waiting else _IDLE_POLL_MS
+        polled_at = time.monotonic()
+        events = dict(poller.poll(timeout_ms))
+        gap = time.monotonic() - polled_at - timeout_ms / 1000
+        if gap >= _SUSPENDED_GAP_S:
+            self._resumed(gap)
         if self.trainer_socket in events:
             self._drain(self.trainer_socket, self._on_trainer_message, "trainer")
         if self.pending:
@@ -354,6 +361,19 @@ class Relay:
             self._housekeeping(now)
             next_housekeeping = now + _HOUSEKEEPING_S
         return reading_workers, next_housekeeping
+
+    def _resumed(self, gap: float) -> None:
+        """The relay did not run for ``gap`` seconds: say so, and move every peer's last-heard time on by as much. A
+        pause probe's relay, SIGSTOPped for 90 s, logged its trainer as silent for 90.2 s ("another trainer may take
+        the role now") and back in the same millisecond."""
+        log.warning("the relay did not run for %.0f s (suspended: SIGSTOP, a paused VM or container, or a machine "
+                    "starved of CPU); its peers' silence over that time is not theirs", gap)
+        for table in (self.workers, self.trainers):
+            for peer in table.by_sender.values():
+                peer.last_seen += gap
+        holder = self.trainer.peer
+        if holder is not None and all(holder is not peer for peer in self.trainers.by_sender.values()):
+            holder.last_seen += gap
 
     def _drain(self, socket: zmq.Socket, handle, link: str) -> None:
         traffic = self.metrics.traffic
