@@ -203,8 +203,11 @@ def main() -> int:
     parser.add_argument("--episode-tracks", default=None, metavar="SPEC",
                         help="a new track per episode for the workers (env_options.episode_tracks), e.g. "
                              "random:1000-100000; the final drive is then on the held-out track random:0")
-    parser.add_argument("--no-display", action="store_true", help="print a progress line every 10 s instead of the live display")
+    parser.add_argument("--no-display", action="store_true", help="print a progress line every 10 s instead of the live "
+                        "display (the default when the output is not a terminal)")
     args = parser.parse_args()
+    if not sys.stdout.isatty():  # a live display redrawn in a log file shows nothing until the end (an outside probe)
+        args.no_display = True
 
     if args.out is not None:
         out = args.out.resolve()

@@ -88,7 +88,9 @@ def test_ctrl_c_twice_stops_the_demo_in_order_with_every_batch_stored_and_no_key
     import signal
     import threading
 
-    demo = subprocess.Popen([sys.executable, str(DEMO), "--minutes", "3", "--fast", "--no-display", "--out",
+    # no --no-display: an output that is no terminal gets progress lines by itself (a probe's `make demo > log`
+    # showed nothing for 5 minutes, then the whole live display at once)
+    demo = subprocess.Popen([sys.executable, str(DEMO), "--minutes", "3", "--fast", "--out",
                              str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=tmp_path, env={**os.environ, "COLUMNS": "400"}, start_new_session=True)
     lines: list[str] = []
