@@ -522,3 +522,20 @@ def test_under_curvezmq_the_weights_socket_reopened_after_a_flood_admits_allowed
             received = "weights_update" in good.types_within(200)
             version += 1
         assert received, "the allowed SUB got no weights from the re-opened socket"
+
+
+def test_a_curve_client_of_an_insecure_relay_is_told_apart_from_a_wrong_server_key(context, keys, caplog):
+    """An operator probe forgot --insecure on the worker of an --insecure relay: the relay logged that the client's
+    --server-key was most likely wrong, which it cannot be (the relay has no key), and the worker said the same."""
+    from .relay_harness import insecure_config
+
+    caplog.set_level(logging.WARNING, logger="tmrl_relay")
+    with relay_in_thread(insecure_config()) as relay:
+        curve = _peer(context, relay.ports.worker_port, keys, "worker-1", "worker-1")
+        with contextlib.suppress(zmq.Again):
+            curve.socket.send_multipart(encode(Hello(role="worker", software="curve"), "worker-1"), zmq.NOBLOCK)
+        wait_until(lambda: any("during the handshake" in r.getMessage() for r in caplog.records), what="the log line")
+        curve.close()
+    [line] = [r.getMessage() for r in caplog.records if "during the handshake" in r.getMessage()]
+    assert line.endswith("(protocol: this relay runs --insecure (plain text) and the client speaks CurveZMQ: run both "
+                         "with --insecure or both with keys)"), line

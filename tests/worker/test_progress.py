@@ -384,6 +384,9 @@ def test_the_summary_of_a_worker_that_never_connected_gives_its_failed_handshake
                                 "the relay's worker_port"}[mistake]
     assert expected in summary, summary
     assert "retrying every" not in summary
+    if mistake == "wrong server key":  # an operator probe's CurveZMQ worker of an --insecure relay was told this too
+        assert "or the relay runs --insecure (then run this worker with --insecure too" in summary, summary
+        assert "copy the relay's public key, the .key file beside its --secret-key, over it again" in summary
 
 
 def test_the_summary_says_what_became_of_its_batches_and_that_it_never_connected():

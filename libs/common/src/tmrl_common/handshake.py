@@ -252,8 +252,9 @@ class HandshakeWatch:
         if kind == "dropped":
             return (f"the relay at {where} drops the CurveZMQ handshake: --server-key "
                     f"({self.endpoint.security.server_public_key_file}) is most likely not the public key of the "
-                    f"relay's --secret-key (copy the relay's relay.key again: the file is read again every "
-                    f"{self.retry_s:.0f}s, no restart needed){retry}")
+                    f"relay's --secret-key (copy the relay's public key, the .key file beside its --secret-key, over "
+                    f"it again: the file is read again every {self.retry_s:.0f}s, no restart needed), or the relay "
+                    f"runs --insecure (then run this {self.role} with --insecure too: its log says which){retry}")
         if kind == "unanswered":
             return (f"connected to {where}, but the relay has not answered our hello and heartbeats for "
                     f"{self.reply_timeout_s:.0f}s: it drops what this {self.role} sends; its log (and "

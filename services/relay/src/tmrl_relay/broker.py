@@ -901,12 +901,14 @@ class Relay:
                                    "handshake (%s: %s)", link, event.get("endpoint", b"?").decode(errors="replace"),
                                    kind, self._handshake_hint(link, kind, event.get("value")))
 
-    @staticmethod
-    def _handshake_hint(link: str, kind: str, value: object = None) -> str:
+    def _handshake_hint(self, link: str, kind: str, value: object = None) -> str:
         """What a handshake failure of ``kind`` on ``link`` most likely means, for its log line (``value``: the
         event's errno, named in the ``other`` case, where libzmq says no more)."""
         if kind == "auth":
             return "public key not in the allow-list"
+        if kind == "protocol" and not self._secure:  # an operator probe: both sides blamed the client's server key
+            return ("this relay runs --insecure (plain text) and the client speaks CurveZMQ: run both with --insecure "
+                    "or both with keys")
         if kind == "timeout":
             return ("no handshake within 30 s: a connection that stays silent (a port scan, a network path that "
                     "stopped carrying bytes) or a peer paused mid-handshake")
