@@ -26,31 +26,34 @@ for role in "${roles[@]}"; do
     *) echo "unknown role '$role' (relay, trainer, worker)" >&2; exit 2 ;;
   esac
 done
+# The interpreter, checked before the dry run's plan too (an operator probe's dry run said nothing of a pyenv python
+# under /root that the real run refuses): the real run stops at the first problem, a dry run lists them all.
+problems=()
+real_python=""
+if ! command -v "$python" >/dev/null; then
+  problems+=("no $python: install Python >= 3.11 or set PYTHON=/path/to/python3.11")
+elif ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  problems+=("$python is $("$python" -V 2>&1 || echo 'not a working Python'); tmrl needs >= 3.11: install python3.11 (or newer) and python3.11-venv, then run again with PYTHON=python3.11 (docs/deployment.md, Prerequisites)")
+else
+  "$python" -c 'import ensurepip, venv' 2>/dev/null || problems+=("$python cannot create virtual environments: install its venv package (Debian/Ubuntu: apt install python3-venv, or python3.11-venv for python3.11)")
+  # The venv's python is a link to this interpreter, which the units run as tmrl with ProtectHome=true: one under
+  # /root, /home or /run/user (pyenv, conda, uv) fails every unit with status 203/EXEC, so refuse it before installing.
+  real_python=$("$python" -c 'import os, sys; print(os.path.realpath(sys.executable))')
+  case "$real_python" in /root/*|/home/*|/run/user/*)
+    problems+=("$python is $real_python, in a home folder: the units (User=tmrl, ProtectHome=true) cannot run it. Install Python >= 3.11 system-wide (e.g. /usr/bin/python3.11) and run again with PYTHON=that path") ;;
+  esac
+fi
 if [ "$dry_run" = yes ]; then  # what would be installed, for a look before the real run (and for the tests)
   echo "torch: $needs_torch"; printf 'package: %s\n' "${packages[@]#"$repo"/}"
   printf 'unit: /etc/systemd/system/%s\n' "${units[@]}"
   echo "venv: $prefix/.venv (with $python; a copy of docs/ and deploy/ in $prefix)"
   echo "user: tmrl (system user, home /var/lib/tmrl), made if missing"
   echo "config: /etc/tmrl/tmrl.toml and /etc/tmrl/tmrl.env (kept if present), keys folder /etc/tmrl/keys"
+  for problem in ${problems[@]+"${problems[@]}"}; do echo "problem (the real run stops on it): $problem"; done
   exit 0
 fi
 [ "$(id -u)" -eq 0 ] || { echo "run as root (sudo)" >&2; exit 1; }
-
-command -v "$python" >/dev/null || { echo "no $python: install Python >= 3.11 or set PYTHON=/path/to/python3.11" >&2; exit 1; }
-"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
-  echo "$python is $("$python" -V 2>&1); tmrl needs >= 3.11: install python3.11 (or newer) and python3.11-venv," >&2
-  echo "then run again with PYTHON=python3.11 (docs/deployment.md, Prerequisites)" >&2; exit 1; }
-"$python" -c 'import ensurepip, venv' 2>/dev/null || {
-  echo "$python cannot create virtual environments: install its venv package (Debian/Ubuntu: apt install python3-venv," >&2
-  echo "or python3.11-venv for python3.11)" >&2; exit 1; }
-
-# The venv's python is a link to this interpreter, which the units run as tmrl with ProtectHome=true: one under /root,
-# /home or /run/user (pyenv, conda, uv) fails every unit with status 203/EXEC, so refuse it before installing anything.
-real_python=$("$python" -c 'import os, sys; print(os.path.realpath(sys.executable))')
-case "$real_python" in /root/*|/home/*|/run/user/*)
-  echo "$python is $real_python, in a home folder: the units (User=tmrl, ProtectHome=true) cannot run it. Install" >&2
-  echo "Python >= 3.11 system-wide (e.g. /usr/bin/python3.11) and run again with PYTHON=that path" >&2; exit 1 ;;
-esac
+[ ${#problems[@]} -eq 0 ] || { echo "${problems[0]}" >&2; exit 1; }
 id tmrl >/dev/null 2>&1 || useradd --system --home-dir /var/lib/tmrl --shell /usr/sbin/nologin tmrl
 runuser -u tmrl -- "$real_python" -c pass 2>/dev/null || {
   echo "user tmrl cannot run $real_python: make it (and its standard library) readable and executable by other" >&2

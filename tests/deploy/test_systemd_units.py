@@ -5,6 +5,7 @@ puts torch only where a role needs it."""
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import shutil
 import subprocess
@@ -124,3 +125,24 @@ def test_systemd_analyze_security_rates_the_unit_ok(unit: Path, tmp_path: Path) 
     score = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", result.stdout + result.stderr)
     assert score, result.stdout + result.stderr
     assert float(score.group(1)) <= 2.0 and score.group(2) == "OK", score.group(0)
+
+
+def test_the_installers_dry_run_names_the_interpreter_problems_the_real_run_stops_on(tmp_path: Path) -> None:
+    """An operator probe: the dry run printed its plan for a pyenv python under /root and exited 0 without a word,
+    where the real run refuses that interpreter."""
+    old = tmp_path / "python3.9"
+    old.write_text("#!/bin/sh\n[ \"$1\" = -V ] && echo 'Python 3.9.18' && exit 0\nexit 1\n")
+    old.chmod(0o755)
+    for python, says in ((str(tmp_path / "missing-python"), f"no {tmp_path / 'missing-python'}: install Python >= 3.11"),
+                         (str(old), f"{old} is Python 3.9.18; tmrl needs >= 3.11")):
+        result = subprocess.run(["bash", str(REPO / "deploy/systemd/install.sh"), "--dry-run", "relay"],
+                                capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHON": python})
+        assert result.returncode == 0, result.stderr
+        [line] = [line for line in result.stdout.splitlines() if line.startswith("problem")]
+        assert line.startswith(f"problem (the real run stops on it): {says}"), line
+    home = subprocess.run([sys.executable, "-c", "import os, sys; print(os.path.realpath(sys.executable))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    result = subprocess.run(["bash", str(REPO / "deploy/systemd/install.sh"), "--dry-run", "relay"],
+                            capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHON": sys.executable})
+    in_home = home.startswith(("/root/", "/home/", "/run/user/"))
+    assert ("in a home folder: the units (User=tmrl, ProtectHome=true) cannot run it" in result.stdout) == in_home
