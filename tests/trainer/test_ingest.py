@@ -180,6 +180,9 @@ def test_a_worker_layout_without_the_trainers_lidar_scale_is_named_and_its_batch
     ingestor = Ingestor("trainer", tm20_pixel_lidar_layout(), store=memory.add_batch)
     ingestor.handle(encode(Hello(role="worker", software="test", layout=tm20_lidar_layout(), next_seq=0), "w1"))
     assert "lidar.scale None vs 0.01" in caplog.text and "will be rejected" not in caplog.text
+    # an operator probe ran the trainer with --env tm20-lidar for sim workers and missed this line
+    assert ("which fits another env's units (the trainer's --env, or its layout_file, is not this worker's env? they "
+            "must be the same)") in caplog.text
 
 
 def test_a_hello_layout_with_other_frame_shapes_names_them_and_says_rejected(ingest, caplog):

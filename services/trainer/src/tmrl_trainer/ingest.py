@@ -588,6 +588,11 @@ class Ingestor:
                                 "it refuses the weights and stops; make the two agree (the worker's `tmrl-worker "
                                 "layout -c CONFIG > layout.json` as the trainer's layout_file, or the worker's "
                                 "env_options as the trainer's layout has them)")
+            elif not rejected and any(line.split(" ", 1)[0].endswith(".scale") for line in differences):
+                # an operator probe's trainer ran --env tm20-lidar for sim workers: one line, then 1,377 updates
+                consequence += (": the networks scale this worker's values as the trainer's layout says, which fits "
+                                "another env's units (the trainer's --env, or its layout_file, is not this worker's "
+                                "env? they must be the same)")
             key, flood = self._hello_line_key(envelope.sender, "layout")
             self._hello_log.warning(key, "%s announced an observation layout that differs from the trainer's (worker "
                                     "vs trainer: %s); %s%s", envelope.sender, "; ".join(differences), consequence,
