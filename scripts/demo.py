@@ -276,9 +276,10 @@ def run_demo(args: argparse.Namespace, out: Path, work: Path) -> int:
                     if time.monotonic() >= next_line:
                         status = stack.status()
                         metrics.poll()
+                        # one line each, whatever the width: a log file's reader greps them (a re-check)
                         console.print(f"{(time.monotonic() - started) / 60:4.1f} min: {status.get('updates', 0)} updates, "
                                       f"{status.get('samples_received', 0)} samples, weights v{status.get('weights_version', 0)}"
-                                      f"; {metrics.returns_line()}")
+                                      f"; {metrics.returns_line()}", soft_wrap=True)
                         next_line = time.monotonic() + 10  # not += 10: a slow first line (torch's import) made three at once
                     time.sleep(0.5)
             else:

@@ -38,8 +38,10 @@ else
   "$python" -c 'import ensurepip, venv' 2>/dev/null || problems+=("$python cannot create virtual environments: install its venv package (Debian/Ubuntu: apt install python3-venv, or python3.11-venv for python3.11)")
   # The venv's python is a link to this interpreter, which the units run as tmrl with ProtectHome=true: one under
   # /root, /home or /run/user (pyenv, conda, uv) fails every unit with status 203/EXEC, so refuse it before installing.
-  real_python=$("$python" -c 'import os, sys; print(os.path.realpath(sys.executable))')
-  case "$real_python" in /root/*|/home/*|/run/user/*)
+  real_python=$("$python" -c 'import os, sys; print(os.path.realpath(sys.executable))' 2>/dev/null || true)
+  case "$real_python" in
+  "") problems+=("$python is not a working Python (it printed no path for its interpreter): set PYTHON=/path/to/python3.11") ;;
+  /root/*|/home/*|/run/user/*)
     problems+=("$python is $real_python, in a home folder: the units (User=tmrl, ProtectHome=true) cannot run it. Install Python >= 3.11 system-wide (e.g. /usr/bin/python3.11) and run again with PYTHON=that path") ;;
   esac
 fi

@@ -134,7 +134,8 @@ def test_the_installers_dry_run_names_the_interpreter_problems_the_real_run_stop
     old.write_text("#!/bin/sh\n[ \"$1\" = -V ] && echo 'Python 3.9.18' && exit 0\nexit 1\n")
     old.chmod(0o755)
     for python, says in ((str(tmp_path / "missing-python"), f"no {tmp_path / 'missing-python'}: install Python >= 3.11"),
-                         (str(old), f"{old} is Python 3.9.18; tmrl needs >= 3.11")):
+                         (str(old), f"{old} is Python 3.9.18; tmrl needs >= 3.11"),
+                         ("/bin/true", "/bin/true is not a working Python")):  # a re-check's: every check passed
         result = subprocess.run(["bash", str(REPO / "deploy/systemd/install.sh"), "--dry-run", "relay"],
                                 capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHON": python})
         assert result.returncode == 0, result.stderr

@@ -236,7 +236,8 @@ def test_a_worker_cannot_take_over_another_workers_id(context, tmp_path, keys):
         assert trainer.recv_type("sample_batch")[1].seq == 1
 
 
-def test_a_plain_text_client_cannot_talk_to_a_curve_relay(context, tmp_path, keys):
+def test_a_plain_text_client_cannot_talk_to_a_curve_relay(context, tmp_path, keys, caplog):
+    caplog.set_level(logging.WARNING, logger="tmrl_relay")
     with relay_in_thread(_config(tmp_path, keys)) as relay:
         plain = Peer(context, relay.ports.worker_port, "worker-1")
         for message in (Hello(role="worker", software="plain"), make_batch(1)):
@@ -247,6 +248,10 @@ def test_a_plain_text_client_cannot_talk_to_a_curve_relay(context, tmp_path, key
         wait_until(lambda: sum(value("tmrl_relay_handshake_failures_total", {"link": "workers", "kind": k}) or 0
                                for k in ("auth", "protocol", "other")) >= 1, what="refused handshake")
         assert "worker-1" not in relay.workers.by_sender
+        wait_until(lambda: any("during the handshake" in r.getMessage() for r in caplog.records), what="the log line")
+    # a re-check: the relay's line for a plain-text client (libzmq's `other`, EPIPE) named no --insecure at all
+    lines = [r.getMessage() for r in caplog.records if "during the handshake" in r.getMessage()]
+    assert lines and all("runs --insecure" in line for line in lines), lines
 
 
 def test_keys_added_while_running_are_accepted_after_the_reload(context, tmp_path, keys):

@@ -1071,8 +1071,8 @@ def test_rows_a_killed_trainer_stored_after_its_last_checkpoint_are_counted_lost
     (first.run_dir / "status.json").write_text(json.dumps(killed))
     with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
         second = TrainerService(config)
-    assert ("the last run reached 37 updates and weights version 7 (status.json), 160 samples received (60 of them "
-            "after that checkpoint: acknowledged to their workers but in no saved memory, so lost; 60 so far in this "
+    assert ("the last run reached 37 updates and weights version 7 (status.json), 160 samples received (60 or more of "
+            "them after that checkpoint: acknowledged to their workers but in no saved memory, so lost; 60 so far in this "
             "run directory, samples_lost_in_restarts in status.json), but this one resumes from 25 updates") in caplog.text
     second.ingestor.handle(pendulum_batch("w1", 1, 20))
     assert second.run(max_updates=30) == 30
@@ -1084,10 +1084,25 @@ def test_rows_a_killed_trainer_stored_after_its_last_checkpoint_are_counted_lost
     with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
         third = TrainerService(config)  # the same updates as its checkpoint: warned for the rows alone
     try:
-        assert "(5 of them after that checkpoint" in caplog.text and "65 so far in this run directory" in caplog.text
+        assert "(5 or more of them after that checkpoint" in caplog.text and "65 so far in this run directory" in caplog.text
         assert third.snapshot()["samples_lost_in_restarts"] == 65
     finally:
         third.shutdown()
+
+
+def test_rows_of_a_run_killed_before_its_first_checkpoint_are_said_lost_without_a_checkpoint(tmp_path, caplog):
+    """A re-check: a trainer SIGKILLed before any checkpoint was told its rows came "after that checkpoint"."""
+    config = make_config(tmp_path, save_memory=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "status.json").write_text(json.dumps({"updates": 0, "weights_version": 0, "stopped": False,
+                                                              "samples_received_total": 80}))
+    with caplog.at_level("WARNING", logger="tmrl_trainer.service"):
+        service = TrainerService(config)
+    try:
+        assert "80 samples received (80 or more of them and no checkpoint was saved: acknowledged" in caplog.text
+        assert service.snapshot()["samples_lost_in_restarts"] == 80
+    finally:
+        service.shutdown()
 
 
 def test_after_a_stop_whose_final_checkpoint_failed_the_lost_progress_is_not_blamed_on_an_unclean_stop(tmp_path,

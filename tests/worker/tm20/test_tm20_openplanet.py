@@ -363,10 +363,11 @@ def test_a_connection_waiting_for_the_greeting_is_not_said_to_be_unconnected():
             client.latest()
 
 
-def test_packets_longer_than_the_protocol_says_are_logged_once_per_connection(caplog):
+@pytest.mark.parametrize("extra", [1, 4])
+def test_packets_longer_than_the_protocol_says_are_logged_once_per_connection(caplog, extra):
     """A probe's plugin sent 64-byte packets (4 zero bytes after each): they passed the framing checks and the extra
-    bytes were dropped as garbage without a word."""
-    longer = [encode_packet(i, speed=5.0, distance=0.1 * i) + b"\0" * 4 for i in range(400)]
+    bytes were dropped as garbage without a word. A re-check's 61-byte ones left one byte fewer than packets."""
+    longer = [encode_packet(i, speed=5.0, distance=0.1 * i) + b"\0" * extra for i in range(400)]
     with caplog.at_level(logging.WARNING, logger="tmrl_worker.tm20.openplanet"), \
             TelemetryReplayServer(longer, rate_hz=1000, loop=False) as server, \
             TelemetryClient(server.port, timeout=2.0) as client:

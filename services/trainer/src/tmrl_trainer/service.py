@@ -411,8 +411,11 @@ class TrainerService:
         else:
             cause = ("it did not stop cleanly, and what it learned and stored after its last checkpoint is lost (a "
                      "SIGTERM or Ctrl-C saves one; checkpoint_every sets how often)")
-        lost = (f" ({lost_rows} of them after that checkpoint: acknowledged to their workers but in no saved memory, "
-                f"so lost; {self.samples_lost_in_restarts} so far in this run directory, samples_lost_in_restarts in "
+        # at least: status.json is rewritten every status_interval_s, so rows of the last interval before a kill
+        # are in no count
+        where = ("after that checkpoint" if self._resumed_checkpoint is not None else "and no checkpoint was saved")
+        lost = (f" ({lost_rows} or more of them {where}: acknowledged to their workers but in no saved memory, so "
+                f"lost; {self.samples_lost_in_restarts} so far in this run directory, samples_lost_in_restarts in "
                 "status.json)" if lost_rows else "")
         log.warning("the last run reached %d updates and weights version %d (status.json)%s%s, but this one resumes "
                     "from %d updates and version %d: %s", updates, version,
