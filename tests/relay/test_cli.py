@@ -273,3 +273,17 @@ def test_the_relay_lifts_its_soft_open_file_limit_to_the_hard_one_up_to_what_the
         out = subprocess.run([sys.executable, "-c", script.format(hard=hard)], capture_output=True, text=True,
                              check=True).stdout.split()
         assert out == [str(min(WANTED_OPEN_FILES, hard))] * 2
+
+
+def test_keys_add_of_a_key_named_relay_warns_that_it_is_the_relays_own(runner, tmp_path):
+    """An operator probe ran `keys add keys/relay.key`: `allowed relay as worker`, exit 0, not a word until the relay
+    started. A client allowed with the relay's own key shares its identity."""
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    assert runner.invoke(app, ["keys", "generate", "--dir", str(keys), "--name", "relay"]).exit_code == 0
+    added = runner.invoke(app, ["keys", "add", "--allow-dir", str(allow), str(keys / "relay.key")])
+    assert added.exit_code == 0 and "allowed relay as worker" in added.output
+    assert "warning: 'relay' is the name of the relay's own key pair" in added.output
+    assert f"tmrl-relay keys remove relay --allow-dir {allow} --role worker" in " ".join(added.output.split())
+    assert runner.invoke(app, ["keys", "generate", "--dir", str(keys), "--name", "worker-1"]).exit_code == 0
+    worker = runner.invoke(app, ["keys", "add", "--allow-dir", str(allow), str(keys / "worker-1.key")])
+    assert worker.exit_code == 0 and "warning" not in worker.output

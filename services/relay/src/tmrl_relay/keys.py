@@ -189,6 +189,11 @@ def add(
     except (KeyFileError, OSError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"allowed {entry.name} as {role.value}: {entry.public_key.decode()} -> {entry.path}")
+    if entry.name == RELAY_KEY_NAME:  # an operator probe allowed keys/relay.key without a word (the relay warns later)
+        typer.echo(f"warning: {RELAY_KEY_NAME!r} is the name of the relay's own key pair (`keys init`, `keys generate "
+                   f"--name {RELAY_KEY_NAME}`): a client must have a pair of its own (`tmrl-relay keys generate --name "
+                   f"NAME`); if this is the relay's key, undo it with `tmrl-relay keys remove {RELAY_KEY_NAME} "
+                   f"--allow-dir {allow_dir} --role {role.value}`", err=True)
 
 
 @keys_app.command("remove")
