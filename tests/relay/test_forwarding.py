@@ -214,3 +214,28 @@ def test_each_live_workers_own_heartbeat_counters_are_exported_by_name(context):
         wait_until(lambda: value("tmrl_relay_worker_reported", {"worker": "worker-1", "counter": "batches"}) is None,
                    what="the silent worker's counters to go")
 
+
+
+def test_what_a_peer_sent_on_a_connection_it_replaced_is_ignored_and_counted_apart_not_rejected(context):
+    """A pause re-check: a relay SIGSTOPped past the workers' silence limit read, after their new hellos, the batches
+    they had sent on the connections they left: 106 unknown_sender rejects (an alert on rejects fired for a pause),
+    each answered with an error to a connection no one reads."""
+    import time
+
+    from tmrl_common.protocol import encode
+
+    with relay_in_thread(insecure_config()) as relay:
+        connected_trainer(context, relay)
+        old = connected_worker(context, relay, "worker-1")
+        old_routing_id = relay.workers.by_sender["worker-1"].routing_id
+        late = encode(make_batch(7), "worker-1")  # written (sent_at) before the new connection's hello
+        time.sleep(0.05)
+        new = connected_worker(context, relay, "worker-1")  # took the old connection as dead: hello on a new one
+        wait_until(lambda: relay.workers.by_sender["worker-1"].routing_id != old_routing_id, what="the new hello")
+        old.send_frames(late)
+        value = relay.metrics.registry.get_sample_value
+        wait_until(lambda: value("tmrl_relay_late_messages_total", {"link": "workers"}) == 1, what="late message")
+        assert (value("tmrl_relay_rejects_total", {"reason": "unknown_sender", "link": "workers"}) or 0) == 0
+        assert not old.socket.poll(300)  # no error sent back on the connection the worker left
+        new.close()
+        old.close()

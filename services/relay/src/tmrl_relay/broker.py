@@ -820,7 +820,10 @@ class Relay:
     # ------------------------------------------------------------------------------------------------ replies
 
     def _reject(self, socket: zmq.Socket, link: str, frames: list, exc: ProtocolError) -> None:
-        self.metrics.reject(exc.reason, link)
+        early = (exc.sent_before_replacement(sent_at_of(frames[1].buffer))
+                 if isinstance(exc, DisplacedConnection) and len(frames) >= 2 else None)
+        if early is None:
+            self.metrics.reject(exc.reason, link)
         routing_id = frames[0].bytes if frames else b""
         ref_type, ref_seq, sender = "", None, "?"
         if len(frames) >= 2:
@@ -832,12 +835,17 @@ class Relay:
             except ProtocolError:
                 pass
         what = f"{ref_type or 'a message'}{f' seq {ref_seq}' if ref_seq is not None else ''}"
-        early = exc.sent_before_replacement(sent_at_of(frames[1].buffer)) if isinstance(exc, DisplacedConnection) else None
         if early is not None:  # not a second process: what the peer sent before it replaced this connection (a
-            # network probe: a client that took a black-holed path as dead got "two processes under one id?" for it)
+            # network probe: a client that took a black-holed path as dead got "two processes under one id?" for it).
+            # Counted apart and not answered: the peer has left that connection, and what it holds it resends on the
+            # new one (a pause re-check: a relay paused past the clients' silence limit counted 106 such "rejects")
+            assert isinstance(exc, DisplacedConnection)
+            self.metrics.late_messages.labels(link=link).inc()
             self._rate_log.log(logging.INFO, (link, "late", exc.sender), "%s link: ignored %s from %s, sent %.1f s "
                                "before it said hello on a new connection and delivered only now on the one it "
-                               "replaced (a network path that stalled and came back)", link, what, exc.sender, early)
+                               "replaced (a network path that stalled and came back, or this relay did not run "
+                               "meanwhile)", link, what, exc.sender, early)
+            return
         else:
             # limited per connection (the id it said hello with), never per envelope sender, which the peer chooses:
             # a peer that varies it would otherwise get a log line per message

@@ -83,6 +83,7 @@ class RelayMetrics:
         self.rejects = Counter("tmrl_relay_rejects", "Messages rejected, per reason and link.", ["reason", "link"], registry=r)
         self.dropped_batches = Counter("tmrl_relay_dropped_batches", "Pending batches dropped (oldest first) past max_pending_bytes.", registry=r)
         self.dropped_bytes = Counter("tmrl_relay_dropped_bytes", "Bytes of pending batches dropped.", registry=r)
+        self.late_messages = Counter("tmrl_relay_late_messages", "Messages a peer sent on a connection before it replaced it with a new one (it took it as dead: a stalled network path, a paused relay) and read only after the new hello: ignored, neither rejected nor answered.", ["link"], registry=r)
         self.held_resends = Counter("tmrl_relay_held_resends", "Batches resent by their worker while a copy was already held for the trainer: not held twice.", registry=r)
         self.acks = Counter("tmrl_relay_acks_forwarded", "Sample acks routed from the trainer to a worker's connection (queued on it: one queued when that connection closes is lost, and the worker resends and is acked again).", registry=r)
         self.acks_undeliverable = Counter("tmrl_relay_acks_undeliverable", "Sample acks whose worker is not connected (it resends; the trainer re-acks).", registry=r)
