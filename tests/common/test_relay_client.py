@@ -436,8 +436,11 @@ def test_a_process_that_did_not_run_says_so_instead_of_taking_the_relays_silence
     assert client.suspensions == 1 and time.monotonic() - client._heard_at < 1.0
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith("peer-1: this process did not run for 30 s (suspended: SIGSTOP") and SUSPENDED_GAP_S <= 30
-    assert client._suspended_note == ("; this process had just not run for 30 s, and the relay closes a connection "
-                                      "that stops reading")
-    client._noticed_suspension(time.monotonic())  # the next turn: back to normal
+    assert client._suspended_note == ("; this process had just not run for 30 s, and a relay closes a connection "
+                                      "that stops reading, unless it stopped itself meanwhile")
+    client._noticed_suspension(time.monotonic())  # the next turn: the disconnection may be seen only now
+    assert client._suspended_note != ""
+    client._resumed_at -= 6.0  # 6 s later: a lost connection is no longer said to follow the pause
+    client._noticed_suspension(time.monotonic())
     assert client._suspended_note == ""
     client.stop()

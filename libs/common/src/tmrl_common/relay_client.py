@@ -41,6 +41,7 @@ Typical use (inside a link)::
 from __future__ import annotations
 
 import logging
+import math
 import socket as _socketlib
 import threading
 import time
@@ -65,6 +66,8 @@ MIN_LINK_SILENCE_S = 20.0
 workers while its trainer's queue is full, until the trainer drains it or has been silent for the relay's
 ``peer_timeout_s`` (10 s), when it holds batches and reads again. Twice that, so such a pause is not taken for a dead
 path (which would only add a reconnection and resends to the load)."""
+SUSPENDED_NOTE_S = 5.0
+"""How long after a suspension a lost connection is said to follow it (:attr:`RelayClient._suspended_note`)."""
 SUSPENDED_GAP_S = 5.0
 """A loop turn that starts this long after the one before means this process did not run in between (SIGSTOP, a
 paused VM or container, a starved machine): the relay's silence over that time is not the relay's
@@ -148,8 +151,11 @@ class RelayClient:
         self.suspensions = 0
         """Times this process was seen not to have run for :data:`SUSPENDED_GAP_S` or more between two loop turns."""
         self._suspended_note = ""
-        """Said with a disconnection noticed in the turn after a suspension: the relay drops a peer that stopped
-        reading, so a paused process otherwise blamed the relay or the network for its own pause (a pause probe)."""
+        """Said with a disconnection noticed within :data:`SUSPENDED_NOTE_S` of a suspension: the relay drops a peer
+        that stopped reading, so a paused process otherwise blamed the relay or the network for its own pause (a pause
+        probe)."""
+        self._resumed_at = -math.inf
+        """When the last suspension was noticed."""
         self._on_silent_link = on_silent_link
         # a local socket pair the loop polls beside ZeroMQ: a byte written by wake() ends the current poll at once
         self._wake_reader, self._wake_writer = _socketlib.socketpair()
@@ -316,8 +322,10 @@ class RelayClient:
         durable spool) is no suspension."""
         now = time.monotonic()
         gap = now - polled_at - self.poll_ms / 1000
-        self._suspended_note = ""
+        if now - self._resumed_at > SUSPENDED_NOTE_S:  # a re-check saw the disconnection come a turn after the resume
+            self._suspended_note = ""
         if gap >= SUSPENDED_GAP_S:
+            self._resumed_at = now
             self.suspensions += 1
             log.warning("%s: this process did not run for %.0f s (suspended: SIGSTOP, a paused VM or container, or a "
                         "machine starved of CPU); the relay's silence over that time is not the relay's", self.owner_id,
@@ -325,8 +333,8 @@ class RelayClient:
             if self._heard_at is not None:
                 self._heard_at = now
             self.handshake.process_resumed(now)
-            self._suspended_note = (f"; this process had just not run for {gap:.0f} s, and the relay closes a "
-                                    "connection that stops reading")
+            self._suspended_note = (f"; this process had just not run for {gap:.0f} s, and a relay closes a "
+                                    "connection that stops reading, unless it stopped itself meanwhile")
 
     def _replace_silent_link(self, now: float) -> None:
         assert self._heard_at is not None
