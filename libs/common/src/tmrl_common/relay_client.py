@@ -69,8 +69,8 @@ path (which would only add a reconnection and resends to the load)."""
 SUSPENDED_NOTE_S = 5.0
 """How long after a suspension a lost connection is said to follow it (:attr:`RelayClient._suspended_note`)."""
 SUSPENDED_GAP_S = 5.0
-"""A loop turn that starts this long after the one before means this process did not run in between (SIGSTOP, a
-paused VM or container, a starved machine): the relay's silence over that time is not the relay's
+"""A poll that returns this long past its time-out means this process did not run meanwhile (SIGSTOP, a paused VM or
+container, a starved machine): the relay's silence over that time is not the relay's
 (:meth:`RelayClient._noticed_suspension`)."""
 
 
@@ -149,7 +149,7 @@ class RelayClient:
         self.silent_links = 0
         """Connections taken as dead after :attr:`silence_s` without a message, and replaced."""
         self.suspensions = 0
-        """Times this process was seen not to have run for :data:`SUSPENDED_GAP_S` or more between two loop turns."""
+        """Times a poll returned :data:`SUSPENDED_GAP_S` or more past its time-out (this process did not run)."""
         self._suspended_note = ""
         """Said with a disconnection noticed within :data:`SUSPENDED_NOTE_S` of a suspension: the relay drops a peer
         that stopped reading, so a paused process otherwise blamed the relay or the network for its own pause (a pause
@@ -317,9 +317,9 @@ class RelayClient:
     def _noticed_suspension(self, polled_at: float) -> None:
         """Say so when a poll that began at ``polled_at`` returned :data:`SUSPENDED_GAP_S` or more past its time-out:
         the process did not run (a pause probe's SIGSTOPped worker then took the relay's silence for a dead link and
-        reconnected, blaming "a paused relay"). The relay's silence is counted from now, and a disconnection seen in
-        this turn is said to follow the pause. Only the poll is timed: a turn's own work (a slow disk under the
-        durable spool) is no suspension."""
+        reconnected, blaming "a paused relay"). The relay's silence is counted from now, and a disconnection seen
+        within :data:`SUSPENDED_NOTE_S` is said to follow the pause. Only the poll is timed: a turn's own work (a slow
+        disk under the durable spool) is no suspension."""
         now = time.monotonic()
         gap = now - polled_at - self.poll_ms / 1000
         if now - self._resumed_at > SUSPENDED_NOTE_S:  # a re-check saw the disconnection come a turn after the resume
