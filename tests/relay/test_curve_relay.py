@@ -541,6 +541,8 @@ def test_a_curve_client_of_an_insecure_relay_is_told_apart_from_a_wrong_server_k
             curve.socket.send_multipart(encode(Hello(role="worker", software="curve"), "worker-1"), zmq.NOBLOCK)
         wait_until(lambda: any("during the handshake" in r.getMessage() for r in caplog.records), what="the log line")
         curve.close()
-    [line] = [r.getMessage() for r in caplog.records if "during the handshake" in r.getMessage()]
-    assert line.endswith("(protocol: this relay runs --insecure (plain text) and the client speaks CurveZMQ: run both "
-                         "with --insecure or both with keys)"), line
+    lines = [r.getMessage() for r in caplog.records if "during the handshake" in r.getMessage()]
+    # libzmq reports a mechanism mismatch (`protocol`), or `other` (EPIPE) when the client closed first
+    says = ("(protocol: this relay runs --insecure (plain text) and the client speaks CurveZMQ: run both with "
+            "--insecure or both with keys)", ", speaks CurveZMQ to this --insecure relay, ")
+    assert lines and all(says[0] in line or says[1] in line for line in lines), lines

@@ -926,7 +926,8 @@ class Relay:
         # a network probe: a worker that stopped, or gave up on a stalled path, mid-handshake was only ever called
         # "not a DEALER socket"
         code = errno.errorcode.get(value, str(value)) if isinstance(value, int) else "?"
-        plain = ", runs --insecure (plain text) against this CurveZMQ relay" if self._secure else ""
+        plain = (", runs --insecure (plain text) against this CurveZMQ relay" if self._secure else
+                 ", speaks CurveZMQ to this --insecure relay")  # libzmq says `other` when the client closes first
         return (f"the peer closed the connection before the handshake ended (it stopped, or gave up on a stalled "
                 f"path), is not a {_PEER_SOCKET_TYPES[link]} socket{plain}, or does not speak ZeroMQ's protocol; "
                 f"{code}")
