@@ -111,8 +111,13 @@ def test_ctrl_c_twice_stops_the_demo_in_order_with_every_batch_stored_and_no_key
         os.killpg(demo.pid, signal.SIGINT)
         demo.wait(timeout=120)
     finally:
-        if demo.poll() is None:
-            os.killpg(demo.pid, signal.SIGKILL)
+        if demo.poll() is None:  # the test failed midway: a SIGTERM lets the demo stop its services (each in a
+            # process group of its own, so a SIGKILL of the demo's group orphaned a training stack for an hour)
+            demo.terminate()
+            try:
+                demo.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(demo.pid, signal.SIGKILL)
     reader.join(timeout=5)
     output = "".join(lines)
     assert demo.returncode == 130, output
