@@ -460,7 +460,10 @@ def test_a_rotated_trainer_key_takes_the_role_under_the_same_id_once_the_old_key
     _second_trainer_key(tmp_path, keys)
     with caplog.at_level(logging.INFO), relay_in_thread(_config(tmp_path, keys, allowlist_reload_s=0.1)) as relay:
         old = _trainer(context, relay, keys, sender="trainer")
-        old.socket.close(linger=0)  # the old trainer stopped
+        old.socket.close(linger=0)  # the old trainer stopped...
+        # ...and the relay saw it go: a hello in the same poll turn as the close was refused as a second live trainer
+        # (a fresh-clone CI run), not the rotation this test is about
+        wait_until(lambda: relay.trainer.peer is None, what="the old trainer's role released")
         new = _peer(context, relay.ports.trainer_port, keys, "trainer-b", "trainer")
         new.hello("trainer")
         refusal = new.recv_type("error")[1]
