@@ -846,17 +846,15 @@ class Relay:
                                "replaced (a network path that stalled and came back, or this relay did not run "
                                "meanwhile)", link, what, exc.sender, early)
             return
-        else:
-            # limited per connection (the id it said hello with), never per envelope sender, which the peer chooses:
-            # a peer that varies it would otherwise get a log line per message
-            table = self.workers if link == "workers" else self.trainers if link == "trainer" else None
-            bound = table.by_routing_id.get(routing_id) if table is not None else None
-            connection = bound.sender if bound is not None else "?"
-            said = table.said_hello_as(routing_id) if table is not None else "?"
-            self._rate_log.warning((link, exc.reason, connection),
-                                   "%s link: rejected %s whose envelope says sender %s (routing id %s, said hello "
-                                   "as %s): %s",
-                                   link, what, sender, routing_id.hex()[:16], said, exc)
+        # limited per connection (the id it said hello with), never per envelope sender, which the peer chooses: a
+        # peer that varies it would otherwise get a log line per message
+        table = self.workers if link == "workers" else self.trainers if link == "trainer" else None
+        bound = table.by_routing_id.get(routing_id) if table is not None else None
+        connection = bound.sender if bound is not None else "?"
+        said = table.said_hello_as(routing_id) if table is not None else "?"
+        self._rate_log.warning((link, exc.reason, connection),
+                               "%s link: rejected %s whose envelope says sender %s (routing id %s, said hello as %s): "
+                               "%s", link, what, sender, routing_id.hex()[:16], said, exc)
         error = Error(reason=exc.reason, message=exc.detail[:1024], ref_type=ref_type[:32], ref_seq=ref_seq)
         try:
             socket.send_multipart([routing_id, *encode(error, RELAY_SENDER)], zmq.NOBLOCK)

@@ -711,6 +711,22 @@ def open_progress_file(config: WorkerConfig, restored_batches: int = 0) -> Progr
     return ProgressFile(path)
 
 
+def _check_batch_size(env: EnvHandle, config: WorkerConfig) -> None:
+    """Before any step: refuse a ``batch_steps`` whose batches could not be sent (such a batch stopped the sender
+    thread mid-run, its samples lost), and warn of a spool that holds fewer than two batches."""
+    too_large = batch_steps_problem(env.layout, config.batch_steps, config.compress, config.verify_observations)
+    if too_large is not None:
+        env.close()
+        raise EnvSpecError(f"env {config.env!r}: {too_large}")
+    batch_bytes = config.batch_steps * batch_row_bytes(env.layout, config.verify_observations)
+    if config.spool_max_bytes < 2 * batch_bytes:
+        # a second re-check: 262 MB batches against the default 256 MiB spool dropped 4 of 5 in an outage
+        log.warning("%s: spool_max_bytes (%d) holds fewer than two batches of %d rows of this env's layout (up to "
+                    "%d bytes each before compression): while the relay or trainer is away, every batch but the "
+                    "newest is dropped; raise spool_max_bytes or lower batch_steps", config.worker_id,
+                    config.spool_max_bytes, config.batch_steps, batch_bytes)
+
+
 def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_if_stuck: bool = False) -> RolloutStats:
     """Build env, sender and weights threads from ``config`` and run the rollout loop until done or ``stop``.
 
@@ -731,18 +747,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None, exit_i
     try:
         env = make_env(config.env, time_step_duration=config.time_step_duration,
                        max_episode_steps=config.max_episode_steps, options=config.env_options)
-        too_large = (batch_steps_problem(env.layout, config.batch_steps, config.compress, config.verify_observations)
-                     if config.mode in ("train", "expert") else None)
-        if too_large is not None:  # before any step: such a batch stopped the sender thread mid-run, samples lost
-            env.close()
-            raise EnvSpecError(f"env {config.env!r}: {too_large}")
-        batch_bytes = config.batch_steps * batch_row_bytes(env.layout, config.verify_observations)
-        if config.mode in ("train", "expert") and config.spool_max_bytes < 2 * batch_bytes:
-            # a second re-check: 262 MB batches against the default 256 MiB spool dropped 4 of 5 in an outage
-            log.warning("%s: spool_max_bytes (%d) holds fewer than two batches of %d rows of this env's layout (up to "
-                        "%d bytes each before compression): while the relay or trainer is away, every batch but the "
-                        "newest is dropped; raise spool_max_bytes or lower batch_steps", config.worker_id,
-                        config.spool_max_bytes, config.batch_steps, batch_bytes)
+        if config.mode in ("train", "expert"):  # a --test worker sends no batch
+            _check_batch_size(env, config)
     except BaseException:
         state_lock.release()
         raise
